@@ -1,0 +1,23 @@
+"""curvscope: the direction (gradient) and shape (curvature) of a loss, for any PyTorch model
+or plain function — measured matrix-free, cheap enough to ask during training.
+
+>>> import torch, curvscope as cs
+>>> cs.hvp(lambda x: (x**3).sum(), torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0]))
+tensor([ 6., 12.])
+"""
+
+from curvscope import problems
+from curvscope.derivatives import DENSE_LIMIT, KINDS, Curvature, grad, hessian, hvp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DENSE_LIMIT",
+    "KINDS",
+    "Curvature",
+    "__version__",
+    "grad",
+    "hessian",
+    "hvp",
+    "problems",
+]

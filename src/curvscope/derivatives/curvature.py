@@ -1,0 +1,316 @@
+"""The curvature operator: Hessian, Gauss-Newton, Fisher and empirical Fisher as a linear map.
+
+``C = Curvature(model, loss_fn, data, kind=...)`` is the curvature of the mean loss over all the
+samples in ``data``, never stored: ``C @ v`` multiplies by it at the cost of a few gradients.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from curvscope.derivatives import kinds as _k
+from curvscope.derivatives._checks import (
+    check_dense_size,
+    check_finite,
+    check_point,
+    check_vector,
+)
+from curvscope.derivatives.functions import _grad_with_graph
+from curvscope.derivatives.objective import ModelObjective
+
+
+@dataclass(frozen=True)
+class KindInfo:
+    """What a kind of curvature is: its name, whether it is positive semi-definite, its formula."""
+
+    name: str
+    psd: bool
+    formula: str
+
+
+#: The kinds of curvature a model's loss has (name → description). The exact Hessian is
+#: indefinite away from a minimum; the Gauss-Newton family is PSD for convex losses.
+KINDS: dict[str, KindInfo] = {
+    "hessian": KindInfo("hessian", False, "H = ∂²L/∂θ²"),
+    "ggn": KindInfo("ggn", True, "G = Jᵀ (∂²ℓ/∂f²) J"),
+    "fisher": KindInfo("fisher", True, "F = E_{y~p(y|f)} Jᵀ ∇_f log p ∇_f log pᵀ J (Monte Carlo)"),
+    "empirical_fisher": KindInfo("empirical_fisher", True, "E = (1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ"),
+}
+
+
+class _FunctionSource:
+    """A plain function f: R^n -> R at a point x, seen as a one-batch objective."""
+
+    def __init__(self, f: Callable[[Tensor], Tensor], x: Tensor) -> None:
+        self.f, self.x = f, check_point(x)
+        self.num_params, self.dtype, self.device = x.numel(), x.dtype, x.device
+        self.names = ["x"]
+        self.notes: list[str] = []
+        self.in_memory = True
+
+    def versions(self) -> tuple[int, ...]:
+        return (self.x._version,)
+
+    def prepare(self, kind: str) -> Iterator[tuple[float, _k.PreparedProduct]]:
+        xl, g = _grad_with_graph(self.f, self.x)
+        yield 1.0, _k._HessianProduct([xl], [g])
+
+    def unflatten(self, flat: Tensor) -> list[Tensor]:
+        return [flat] if flat.ndim == 1 else [flat.T]
+
+    def flatten(self, blocks: list[Tensor], batched: bool = False) -> Tensor:
+        return blocks[0].T if batched else blocks[0]
+
+
+class _ModelSource:
+    """Prepares each batch's product for one kind of curvature of a :class:`ModelObjective`."""
+
+    def __init__(self, objective: ModelObjective, kind: str, mc_samples: int) -> None:
+        self.obj = objective
+        self.num_params, self.dtype, self.device = (
+            objective.num_params, objective.dtype, objective.device)
+        self.names = objective.names
+        self.notes = objective.notes
+        self.in_memory = objective.in_memory
+        self.unflatten, self.flatten = objective.unflatten, objective.flatten
+        if kind == "fisher":
+            lik = _k.likelihood_of(objective.loss_fn)
+            seed = objective.seed
+
+            def fisher(obj, batch):
+                return _k.prepare_fisher(obj, batch, lik, mc_samples, seed)
+
+            self._prepare = fisher
+        else:
+            self._prepare = {
+                "hessian": _k.prepare_hessian,
+                "ggn": _k.prepare_ggn,
+                "empirical_fisher": _k.prepare_empirical_fisher,
+            }[kind]
+
+    def versions(self) -> tuple[Any, ...]:
+        return (*self.obj.versions(), *(m.training for m in self.obj.model.modules()))
+
+    def prepare(self, kind: str) -> Iterator[tuple[float, _k.PreparedProduct]]:
+        total = self.obj.num_samples
+        for batch in self.obj.batches():
+            yield batch.size / total, self._prepare(self.obj, batch)
+
+
+class Curvature:
+    """The curvature of the mean loss over a dataset, as a matrix-free linear operator.
+
+    For parameters θ (all that require grad, or ``params=``), the mean loss
+    L(θ) = Σ_b (N_b/N) loss_fn(model(x_b; θ), y_b) over batches b of N_b samples, and ``kind``:
+
+    - ``"hessian"``: H = ∇²L, by Pearlmutter's double-backward product (exact).
+    - ``"ggn"``: generalized Gauss-Newton Jᵀ H_out J, H_out the Hessian of the loss in the
+      model's outputs (exact; PSD for a loss convex in the outputs: MSE, cross-entropy, BCE).
+    - ``"fisher"``: the Fisher Jᵀ E[g gᵀ] J with labels sampled from the model's predictive
+      distribution (``mc_samples`` per input, fixed by ``seed``, so the operator is fixed). For
+      ``nn.MSELoss``, ``nn.CrossEntropyLoss`` and ``nn.BCEWithLogitsLoss``; its expectation is
+      the GGN.
+    - ``"empirical_fisher"``: (1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ over the per-sample losses with the true
+      labels.
+
+    ``C @ v`` takes a flat vector of length ``C.num_params`` (the parameters' dtype and device,
+    in ``model.named_parameters()`` order) or a block (num_params, k) and returns the same shape.
+    The model is left exactly as found: parameters, ``.grad``, ``training`` flags, BatchNorm
+    statistics, ``requires_grad`` and the global RNG (dropout masks are fixed per batch by
+    ``seed``). Products use the parameters' current values: after an optimizer step, ``C``
+    is the curvature at the new point.
+
+    Args:
+        model: a ``torch.nn.Module`` (a ``DistributedDataParallel`` wrapper is unwrapped).
+        loss_fn: ``loss_fn(outputs, targets)`` -> the batch-mean loss.
+        data: an ``(inputs, targets)`` pair, a list of pairs, or a ``DataLoader``.
+        kind: ``"hessian"`` (default), ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
+        params: parameters or parameter names to restrict to (that block of the curvature).
+        seed: fixes dropout masks and the Fisher's sampled labels.
+        mc_samples: label samples per input for ``kind="fisher"``.
+        cache: keep each batch's autograd graph between products (about one gradient per
+            product instead of two; memory of one forward-backward graph per batch). Default:
+            on for data held in memory (a pair or a list), off for loaders.
+
+    Raises:
+        ValueError / TypeError: at construction for what can be seen without a forward pass
+        (no trainable parameter, empty data, unknown kind, bad params, NaN in the data); at
+        the first product for what needs one (non-scalar or non-mean loss, a loss that does not
+        depend on the parameters, non-finite values).
+
+    Example:
+        >>> import torch, curvscope as cs
+        >>> model = torch.nn.Linear(3, 1)
+        >>> X, y = torch.randn(32, 3), torch.randn(32, 1)
+        >>> C = cs.Curvature(model, torch.nn.MSELoss(), (X, y))
+        >>> (C @ torch.ones(C.num_params)).shape
+        torch.Size([4])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Tensor], Tensor],
+        data: Any,
+        kind: str = "hessian",
+        params: Iterable[nn.Parameter | str] | None = None,
+        *,
+        seed: int = 0,
+        mc_samples: int = 1,
+        cache: bool | None = None,
+    ) -> None:
+        self.kind = _check_kind(kind)
+        if not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+        objective = ModelObjective(model, loss_fn, data, params=params, seed=seed)
+        self._init(_ModelSource(objective, self.kind, mc_samples), cache)
+        self.objective = objective
+
+    @classmethod
+    def from_function(cls, f: Callable[[Tensor], Tensor], x: Tensor) -> Curvature:
+        """The Hessian of a plain function ``f: R^n -> R`` at ``x`` as a Curvature operator.
+
+        Example:
+            >>> import torch, curvscope as cs
+            >>> C = cs.Curvature.from_function(lambda x: (x**4).sum(), torch.ones(3))
+            >>> C @ torch.tensor([1.0, 0.0, 0.0])
+            tensor([12.,  0.,  0.])
+        """
+        self = cls.__new__(cls)
+        self.kind = "hessian"
+        self.objective = None
+        self._init(_FunctionSource(f, x), cache=True)
+        return self
+
+    def _init(self, source: _FunctionSource | _ModelSource, cache: bool | None) -> None:
+        self._source = source
+        self.num_params: int = source.num_params
+        self.dtype: torch.dtype = source.dtype
+        self.device: torch.device = source.device
+        self.cache = source.in_memory if cache is None else bool(cache)
+        self._cached: list[tuple[float, _k.PreparedProduct]] | None = None
+        self._cached_versions: tuple[Any, ...] | None = None
+        self.matvecs = 0
+        self.seconds = 0.0
+
+    # ------------------------------------------------------------------------ properties
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_params, self.num_params)
+
+    @property
+    def is_psd(self) -> bool:
+        """True for the Gauss-Newton family (for losses convex in the outputs)."""
+        return KINDS[self.kind].psd
+
+    @property
+    def param_names(self) -> list[str]:
+        """Names of the parameter blocks, in the order of the flat vectors."""
+        return list(self._source.names)
+
+    @property
+    def notes(self) -> list[str]:
+        """What the products do differently from a plain forward pass (fallback kernels)."""
+        return list(self._source.notes)
+
+    # -------------------------------------------------------------------------- products
+    def _products(self) -> Iterator[tuple[float, _k.PreparedProduct]]:
+        if not self.cache:
+            yield from self._source.prepare(self.kind)
+            return
+        versions = self._source.versions()
+        if self._cached is None or versions != self._cached_versions:
+            self._cached = None
+            built = list(self._source.prepare(self.kind))
+            self._cached, self._cached_versions = built, versions
+        yield from self._cached
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """C V for a block of vectors V of shape (num_params, k); counts k products."""
+        V = check_vector(V, self.num_params, self.dtype, self.device, name="V")
+        single = V.ndim == 1
+        start = time.perf_counter()
+        blocks = self._source.unflatten(V[:, None] if single else V)
+        total: list[Tensor] | None = None
+        for weight, product in self._products():
+            part = product.apply(blocks)
+            if total is None:
+                total = [weight * p for p in part]
+            else:
+                for t, p in zip(total, part, strict=True):
+                    t.add_(p, alpha=weight)
+        assert total is not None  # the data is never empty (checked at construction)
+        out = self._source.flatten([t.detach() for t in total], batched=True)
+        self.matvecs += V.shape[1] if V.ndim == 2 else 1
+        self.seconds += time.perf_counter() - start
+        out = check_finite(out, f"the {self.kind} product")
+        return out[:, 0] if single else out
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        return self.matmat(v)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """C v for one flat vector (same as ``C @ v``)."""
+        return self.matmat(v)
+
+    # ------------------------------------------------------------------ flat <-> named
+    def unflatten(self, v: Tensor) -> dict[str, Tensor]:
+        """A flat vector as a dict name → tensor shaped like that parameter."""
+        v = check_vector(v, self.num_params, self.dtype, self.device)
+        if v.ndim != 1:
+            raise ValueError(f"unflatten takes one flat vector, got shape {tuple(v.shape)}")
+        return dict(zip(self.param_names, self._source.unflatten(v), strict=True))
+
+    def flatten(self, tensors: dict[str, Tensor] | Iterable[Tensor]) -> Tensor:
+        """Per-parameter tensors (a dict by name, or a sequence in order) as one flat vector."""
+        if isinstance(tensors, dict):
+            missing = [n for n in self.param_names if n not in tensors]
+            if missing:
+                raise ValueError(f"flatten: missing entries for parameters {missing}")
+            tensors = [tensors[n] for n in self.param_names]
+        return self._source.flatten(list(tensors))
+
+    # ------------------------------------------------------------------------- exports
+    def to_dense(self, *, force: bool = False) -> Tensor:
+        """The (n, n) matrix, from n products; refuses n above ``DENSE_LIMIT`` unless forced."""
+        check_dense_size(self.num_params, self.dtype, force, f"the {self.kind} matrix")
+        eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
+        return self.matmat(eye)
+
+    def to_scipy(self) -> Any:
+        """A ``scipy.sparse.linalg.LinearOperator`` view: float64 in, float64 out.
+
+        Products run in the parameters' dtype on their device; for ``eigsh``, ``cg`` & co.
+        """
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(x: np.ndarray) -> np.ndarray:
+            t = torch.as_tensor(np.asarray(x, dtype=np.float64).reshape(self.num_params, -1))
+            out = self.matmat(t.to(dtype=self.dtype, device=self.device))
+            return out.detach().cpu().double().numpy()
+
+        return LinearOperator(
+            self.shape, matvec=lambda x: mv(x)[:, 0], matmat=mv, rmatvec=lambda x: mv(x)[:, 0],
+            rmatmat=mv, dtype=np.float64,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Curvature(kind={self.kind!r}, num_params={self.num_params}, dtype={self.dtype}, "
+            f"device={self.device}, matvecs={self.matvecs})"
+        )
+
+
+def _check_kind(kind: object) -> str:
+    if kind not in KINDS:
+        raise ValueError(
+            f"unknown kind {kind!r}; expected one of: " + ", ".join(repr(k) for k in KINDS)
+        )
+    return str(kind)

@@ -1,0 +1,109 @@
+"""Direction and shape of a plain function ``f: R^n -> R``.
+
+``grad`` is the direction (first derivative), ``hvp`` and ``hessian`` the shape (second
+derivative). ``f`` takes a 1-D tensor and returns a scalar tensor; it must be differentiable
+twice by torch autograd. Nothing here changes ``x`` or its ``.grad``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from curvscope.derivatives.kinds import _grad
+from curvscope.derivatives._checks import (
+    check_dense_size,
+    check_finite,
+    check_point,
+    check_scalar_loss,
+    check_vector,
+)
+
+Function = Callable[[Tensor], Tensor]
+
+
+def _value(f: Function, xl: Tensor) -> Tensor:
+    y = check_scalar_loss(f(xl), "f(x)")
+    if not y.requires_grad:
+        raise ValueError("f(x) does not depend on x: check that f uses its argument")
+    return y
+
+
+def _grad_with_graph(f: Function, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Return (leaf copy of x, ∇f(x) with its graph kept for a second derivative)."""
+    xl = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(_value(f, xl), xl, create_graph=True)
+    return xl, g
+
+
+def grad(f: Function, x: Tensor) -> Tensor:
+    """Gradient ∇f(x): the direction of steepest ascent.
+
+    Args:
+        f: maps a 1-D tensor to a scalar tensor.
+        x: the point, a 1-D floating tensor (not modified).
+
+    Returns:
+        A tensor like ``x``.
+
+    Example:
+        >>> import torch, curvscope as cs
+        >>> cs.grad(lambda x: (x**2).sum(), torch.tensor([1.0, 2.0]))
+        tensor([2., 4.])
+    """
+    x = check_point(x)
+    xl = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(_value(f, xl), xl)
+    return check_finite(g, "the gradient")
+
+
+def hvp(f: Function, x: Tensor, v: Tensor) -> Tensor:
+    """Hessian-vector product H(x) v = ∇(∇f(x)ᵀ v), by double backward (Pearlmutter 1994).
+
+    Costs about two gradients; the Hessian is never formed. ``v`` may also be a block of
+    vectors of shape (n, k), giving H V.
+
+    Example:
+        >>> import torch, curvscope as cs
+        >>> f = lambda x: x[0] ** 2 * x[1]
+        >>> cs.hvp(f, torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.0]))
+        tensor([4., 2.])
+    """
+    x = check_point(x)
+    v = check_vector(v, x.numel(), x.dtype, x.device)
+    xl, g = _grad_with_graph(f, x)
+    return check_finite(_hvp_from_grad(xl, g, v), "the Hessian-vector product")
+
+
+def _hvp_from_grad(xl: Tensor, g: Tensor, v: Tensor) -> Tensor:
+    """H v (v of shape (n,) or (n, k)) from a gradient graph kept by :func:`_grad_with_graph`."""
+    block = v[None] if v.ndim == 1 else v.T
+    (hv,) = _grad([g], [xl], [block])
+    return hv[0] if v.ndim == 1 else hv.T
+
+
+def hessian(f: Function, x: Tensor, *, force: bool = False) -> Tensor:
+    """Dense Hessian ∇²f(x), an (n, n) tensor, built from n Hessian-vector products.
+
+    Built column by column with double backward from one cached gradient graph — not with
+    ``torch.func.hessian``, which in torch 2.13 is wrong through LayerNorm and train-mode
+    BatchNorm.
+
+    Args:
+        f: maps a 1-D tensor to a scalar tensor.
+        x: the point, 1-D.
+        force: build it even when n exceeds ``DENSE_LIMIT`` (5,000).
+
+    Raises:
+        ValueError: n > 5,000 without ``force=True``; the message says how much memory it needs.
+    """
+    x = check_point(x)
+    n = x.numel()
+    check_dense_size(n, x.dtype, force, "the Hessian")
+    xl, g = _grad_with_graph(f, x)
+    eye = torch.eye(n, dtype=x.dtype, device=x.device)
+    return check_finite(_hvp_from_grad(xl, g, eye), "the Hessian")

@@ -1,0 +1,247 @@
+"""Per-batch curvature products: Hessian, generalized Gauss-Newton, Fisher, empirical Fisher.
+
+Each kind turns one batch into a *prepared product*: the autograd graph that one batch needs,
+built once, and a method ``apply(blocks)`` that multiplies per-parameter blocks of shape
+(k, *param.shape) by that batch's curvature of its mean loss. With the data held in memory the
+prepared products are cached, so each further product is a backward pass through a kept graph
+(the cheapest product there is: about one gradient); from a loader they are rebuilt per pass.
+
+The Gauss-Newton family is composed from one piece, :class:`_Jacobian` (Jv and Jᵀw of a
+function of the parameters by the double-vjp trick, which needs no forward-mode AD):
+
+- GGN              Jᵀ H_out J,         H_out = ∂²loss/∂out², by autograd, for any loss
+- Fisher           Jᵀ (c/M Σ_m g_m g_mᵀ) J,  g_m = ∂(−log p(y_m|out))/∂out, y_m ~ p(·|out)
+- empirical Fisher (1/N) J_ℓᵀ J_ℓ,     J_ℓ the Jacobian of the N per-sample losses
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from curvscope.derivatives.objective import Batch, ModelObjective
+
+
+class PreparedProduct(Protocol):
+    def apply(self, blocks: Sequence[Tensor]) -> list[Tensor]:
+        """Blocks of shape (k, *param.shape) in, the same out."""
+        ...
+
+
+def _grad(outputs: Sequence[Tensor], inputs: Sequence[Tensor], grad_outputs: Sequence[Tensor],
+          create_graph: bool = False) -> list[Tensor]:
+    """Σ_i (∂outputs_i/∂inputs)ᵀ grad_outputs_i, with zeros for inputs that take no part.
+
+    ``grad_outputs`` carry a leading batch dimension k; the k backward passes reuse the graph.
+    """
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if o.requires_grad]
+    k = grad_outputs[0].shape[0]
+    if not pairs:
+        return [torch.zeros(k, *x.shape, dtype=x.dtype, device=x.device) for x in inputs]
+    outs, gos = zip(*pairs, strict=True)
+    cols = []
+    for j in range(k):
+        g = torch.autograd.grad(outs, inputs, [go[j] for go in gos], retain_graph=True,
+                                create_graph=create_graph, allow_unused=True)
+        cols.append([torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, inputs,
+                                                                                strict=True)])
+    return [torch.stack(c) for c in zip(*cols, strict=True)]
+
+
+class _Jacobian:
+    """J v and Jᵀ w for y = y(θ), from one forward graph, without forward-mode AD.
+
+    Jᵀu is linear in u, so Jv = ∂(Jᵀu)ᵀv/∂u: one backward through a graph kept once.
+    """
+
+    def __init__(self, y: Tensor, leaves: Sequence[Tensor]) -> None:
+        self.y, self.leaves = y, list(leaves)
+        self.u = torch.zeros_like(y, requires_grad=True)
+        self.jt_u = _grad([y], self.leaves, [self.u[None]], create_graph=True)
+        self.jt_u = [t[0] for t in self.jt_u]
+
+    def jvp(self, blocks: Sequence[Tensor]) -> Tensor:
+        """(k, *y.shape)."""
+        (out,) = _grad(self.jt_u, [self.u], blocks)
+        return out
+
+    def vjp(self, w: Tensor) -> list[Tensor]:
+        """w of shape (k, *y.shape) -> blocks (k, *param.shape)."""
+        return _grad([self.y], self.leaves, [w])
+
+
+@dataclass
+class _HessianProduct:
+    leaves: list[Tensor]
+    grads: list[Tensor]
+
+    def apply(self, blocks: Sequence[Tensor]) -> list[Tensor]:
+        return _grad(self.grads, self.leaves, blocks)
+
+
+def prepare_hessian(obj: ModelObjective, batch: Batch) -> _HessianProduct:
+    """Pearlmutter's product by double backward: H v = ∂(∇Lᵀv)/∂θ, the gradient graph kept."""
+    theta = obj.leaves()
+    leaves = list(theta.values())
+    with obj.context(batch.index):
+        loss = obj.loss(obj.forward(theta, batch), batch)
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True)]
+    return _HessianProduct(leaves, grads)
+
+
+@dataclass
+class _GGNProduct:
+    jac: _Jacobian
+    out_leaf: Tensor
+    loss_grad: Tensor  # ∂loss/∂out with its graph: H_out w = ∂(loss_gradᵀ w)/∂out
+
+    def apply(self, blocks: Sequence[Tensor]) -> list[Tensor]:
+        jv = self.jac.jvp(blocks)
+        (h_jv,) = _grad([self.loss_grad], [self.out_leaf], [jv])
+        return self.jac.vjp(h_jv)
+
+
+def prepare_ggn(obj: ModelObjective, batch: Batch) -> _GGNProduct:
+    theta = obj.leaves()
+    with obj.context(batch.index):
+        out = obj.forward(theta, batch)
+        jac = _Jacobian(out, list(theta.values()))
+        out_leaf = out.detach().requires_grad_(True)
+        loss = obj.loss(out_leaf, batch)
+        (loss_grad,) = torch.autograd.grad(loss, out_leaf, create_graph=True)
+    return _GGNProduct(jac, out_leaf, loss_grad)
+
+
+# ------------------------------------------------------------------------------- Fisher
+@dataclass(frozen=True)
+class Likelihood:
+    """The predictive distribution whose negative log-likelihood a loss is (up to scale).
+
+    The outputs are viewed as a (terms, classes) matrix by ``as_terms``: one row per
+    log-likelihood term the loss averages (a sample, a token, a pixel, an output entry).
+    ``sample_grad(rows, generator, m)`` draws m label sets y ~ p(·|out) and returns the gradients
+    ∂(−log p(y|out))/∂out of each row, shape (m, terms, classes); their second moment is the
+    output Hessian of the loss, so the Fisher equals the GGN in expectation.
+    """
+
+    name: str
+    as_terms: Callable[[Tensor], Tensor]
+    sample_grad: Callable[[Tensor, torch.Generator, int], Tensor]
+
+
+def _classes_last(out: Tensor) -> Tensor:
+    return (out.movedim(1, -1) if out.ndim > 2 else out).reshape(-1, out.shape[1])
+
+
+def _entries(out: Tensor) -> Tensor:
+    return out.reshape(-1, 1)
+
+
+def _categorical_grad(rows: Tensor, gen: torch.Generator, m: int) -> Tensor:
+    p = rows.softmax(-1)
+    y = torch.multinomial(p, m, replacement=True, generator=gen).T  # (m, terms)
+    return p - F.one_hot(y, p.shape[-1]).to(p.dtype)
+
+
+def _bernoulli_grad(rows: Tensor, gen: torch.Generator, m: int) -> Tensor:
+    p = rows.sigmoid().expand(m, *rows.shape)
+    return p - torch.bernoulli(p, generator=gen)
+
+
+def _gaussian_grad(rows: Tensor, gen: torch.Generator, m: int) -> Tensor:
+    # (out − y)² = −log N(y; out, ½) + const: y = out + ε/√2, so ∂/∂out = −√2 ε
+    eps = torch.randn((m, *rows.shape), generator=gen, dtype=rows.dtype, device=rows.device)
+    return -math.sqrt(2.0) * eps
+
+
+LIKELIHOODS: dict[type, Likelihood] = {
+    nn.CrossEntropyLoss: Likelihood("categorical", _classes_last, _categorical_grad),
+    nn.BCEWithLogitsLoss: Likelihood("bernoulli", _entries, _bernoulli_grad),
+    nn.MSELoss: Likelihood("gaussian", _entries, _gaussian_grad),
+}
+
+
+def likelihood_of(loss_fn: object) -> Likelihood:
+    """The likelihood behind a torch loss, or a ValueError naming the supported ones."""
+    lik = LIKELIHOODS.get(type(loss_fn))
+    if lik is None:
+        names = ", ".join(f"nn.{t.__name__}" for t in LIKELIHOODS)
+        raise ValueError(
+            f"kind='fisher' samples labels from the model's predictive distribution, which is "
+            f"known for {names}; got {type(loss_fn).__name__}. Use one of those losses, or "
+            "kind='ggn' (equal to the Fisher in expectation for them) or kind='empirical_fisher'"
+        )
+    for attr, neutral in {"weight": None, "pos_weight": None, "label_smoothing": 0.0}.items():
+        value = getattr(loss_fn, attr, neutral)
+        if value is not None and not (isinstance(value, float) and value == neutral):
+            raise ValueError(
+                f"kind='fisher' does not support {type(loss_fn).__name__}({attr}=...): the loss "
+                f"is then not a log-likelihood; drop {attr} or use kind='ggn'"
+            )
+    return lik
+
+
+@dataclass
+class _FisherProduct:
+    jac: _Jacobian  # of the outputs viewed as (terms, classes)
+    sample_grads: Tensor  # (m, terms, classes)
+    scale: float  # 1 / (terms · m): the mean reduction, and the Monte-Carlo average
+
+    def apply(self, blocks: Sequence[Tensor]) -> list[Tensor]:
+        jv = self.jac.jvp(blocks)[:, None]  # (k, 1, terms, classes)
+        g = self.sample_grads[None]  # (1, m, terms, classes)
+        w = self.scale * ((jv * g).sum(-1, keepdim=True) * g).sum(1)
+        return self.jac.vjp(w)
+
+
+def prepare_fisher(obj: ModelObjective, batch: Batch, likelihood: Likelihood, mc_samples: int,
+                   seed: int) -> _FisherProduct:
+    theta = obj.leaves()
+    with obj.context(batch.index):
+        out = obj.forward(theta, batch)
+        obj.loss(out.detach().requires_grad_(True), batch)  # the checks every kind makes
+        rows = likelihood.as_terms(out)
+        jac = _Jacobian(rows, list(theta.values()))
+    gen = torch.Generator(device=out.device)
+    gen.manual_seed(seed * 7_919 + batch.index)
+    with torch.no_grad():
+        g = likelihood.sample_grad(rows.detach(), gen, mc_samples)
+    return _FisherProduct(jac, g, 1.0 / (rows.shape[0] * mc_samples))
+
+
+# --------------------------------------------------------------------- empirical Fisher
+def per_sample_losses(loss_fn: Callable, out: Tensor, targets: Tensor) -> Tensor:
+    """The N terms ℓ_i = loss_fn(out[i:i+1], targets[i:i+1]) whose mean is the batch loss."""
+    def one(o: Tensor, t: Tensor) -> Tensor:
+        return loss_fn(o[None], t[None])
+
+    try:
+        return torch.vmap(one)(out, targets)
+    except Exception:  # a loss without batching rules: loop instead
+        return torch.stack([loss_fn(out[i:i + 1], targets[i:i + 1]) for i in range(len(out))])
+
+
+@dataclass
+class _EmpiricalFisherProduct:
+    jac: _Jacobian
+    n: int
+
+    def apply(self, blocks: Sequence[Tensor]) -> list[Tensor]:
+        return self.jac.vjp(self.jac.jvp(blocks) / self.n)
+
+
+def prepare_empirical_fisher(obj: ModelObjective, batch: Batch) -> _EmpiricalFisherProduct:
+    theta = obj.leaves()
+    with obj.context(batch.index):
+        out = obj.forward(theta, batch)
+        obj.loss(out, batch)
+        losses = per_sample_losses(obj.loss_fn, out, batch.targets)
+        jac = _Jacobian(losses.reshape(-1), list(theta.values()))
+    return _EmpiricalFisherProduct(jac, losses.numel())
