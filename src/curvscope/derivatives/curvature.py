@@ -75,7 +75,10 @@ class _ModelSource:
     def __init__(self, objective: ModelObjective, kind: str, mc_samples: int) -> None:
         self.obj = objective
         self.num_params, self.dtype, self.device = (
-            objective.num_params, objective.dtype, objective.device)
+            objective.num_params,
+            objective.dtype,
+            objective.device,
+        )
         self.names = objective.names
         self.notes = objective.notes
         self.in_memory = objective.in_memory
@@ -297,8 +300,12 @@ class Curvature:
             return out.detach().cpu().double().numpy()
 
         return LinearOperator(
-            self.shape, matvec=lambda x: mv(x)[:, 0], matmat=mv, rmatvec=lambda x: mv(x)[:, 0],
-            rmatmat=mv, dtype=np.float64,
+            self.shape,
+            matvec=lambda x: mv(x)[:, 0],
+            matmat=mv,
+            rmatvec=lambda x: mv(x)[:, 0],
+            rmatmat=mv,
+            dtype=np.float64,
         )
 
     def __repr__(self) -> str:

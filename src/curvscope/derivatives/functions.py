@@ -12,7 +12,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from curvscope.derivatives.kinds import _grad
 from curvscope.derivatives._checks import (
     check_dense_size,
     check_finite,
@@ -20,6 +19,7 @@ from curvscope.derivatives._checks import (
     check_scalar_loss,
     check_vector,
 )
+from curvscope.derivatives.kinds import _grad
 
 Function = Callable[[Tensor], Tensor]
 

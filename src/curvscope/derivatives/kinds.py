@@ -34,8 +34,12 @@ class PreparedProduct(Protocol):
         ...
 
 
-def _grad(outputs: Sequence[Tensor], inputs: Sequence[Tensor], grad_outputs: Sequence[Tensor],
-          create_graph: bool = False) -> list[Tensor]:
+def _grad(
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    grad_outputs: Sequence[Tensor],
+    create_graph: bool = False,
+) -> list[Tensor]:
     """Σ_i (∂outputs_i/∂inputs)ᵀ grad_outputs_i, with zeros for inputs that take no part.
 
     ``grad_outputs`` carry a leading batch dimension k; the k backward passes reuse the graph.
@@ -47,10 +51,17 @@ def _grad(outputs: Sequence[Tensor], inputs: Sequence[Tensor], grad_outputs: Seq
     outs, gos = zip(*pairs, strict=True)
     cols = []
     for j in range(k):
-        g = torch.autograd.grad(outs, inputs, [go[j] for go in gos], retain_graph=True,
-                                create_graph=create_graph, allow_unused=True)
-        cols.append([torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, inputs,
-                                                                                strict=True)])
+        g = torch.autograd.grad(
+            outs,
+            inputs,
+            [go[j] for go in gos],
+            retain_graph=True,
+            create_graph=create_graph,
+            allow_unused=True,
+        )
+        cols.append(
+            [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, inputs, strict=True)]
+        )
     return [torch.stack(c) for c in zip(*cols, strict=True)]
 
 
@@ -201,8 +212,9 @@ class _FisherProduct:
         return self.jac.vjp(w)
 
 
-def prepare_fisher(obj: ModelObjective, batch: Batch, likelihood: Likelihood, mc_samples: int,
-                   seed: int) -> _FisherProduct:
+def prepare_fisher(
+    obj: ModelObjective, batch: Batch, likelihood: Likelihood, mc_samples: int, seed: int
+) -> _FisherProduct:
     theta = obj.leaves()
     with obj.context(batch.index):
         out = obj.forward(theta, batch)
@@ -219,13 +231,14 @@ def prepare_fisher(obj: ModelObjective, batch: Batch, likelihood: Likelihood, mc
 # --------------------------------------------------------------------- empirical Fisher
 def per_sample_losses(loss_fn: Callable, out: Tensor, targets: Tensor) -> Tensor:
     """The N terms ℓ_i = loss_fn(out[i:i+1], targets[i:i+1]) whose mean is the batch loss."""
+
     def one(o: Tensor, t: Tensor) -> Tensor:
         return loss_fn(o[None], t[None])
 
     try:
         return torch.vmap(one)(out, targets)
     except Exception:  # a loss without batching rules: loop instead
-        return torch.stack([loss_fn(out[i:i + 1], targets[i:i + 1]) for i in range(len(out))])
+        return torch.stack([loss_fn(out[i : i + 1], targets[i : i + 1]) for i in range(len(out))])
 
 
 @dataclass

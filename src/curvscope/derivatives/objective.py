@@ -50,9 +50,7 @@ class Batch:
 
 
 def _is_pair(data: object) -> bool:
-    return (
-        isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
-    )
+    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
 
 
 def _to_device(x: Any, device: torch.device) -> Any:
@@ -176,9 +174,7 @@ class ModelObjective:
         self.numels = [p.numel() for p in self.params.values()]
         self.num_params = sum(self.numels)
         selected = {id(p) for p in self.params.values()}
-        self._frozen_names = [
-            k for k, p in model.named_parameters() if id(p) not in selected
-        ]
+        self._frozen_names = [k for k, p in model.named_parameters() if id(p) not in selected]
         self._data = self._normalise_data(data)
         self.in_memory = isinstance(self._data, list)
         self.num_batches, self.num_samples = self._count()
@@ -335,8 +331,18 @@ class ModelObjective:
     def _fallback_notes(self) -> list[str]:
         notes = []
         kinds = {type(m) for m in self.model.modules()}
-        if any(issubclass(k, (nn.MultiheadAttention, nn.TransformerEncoderLayer,
-                              nn.TransformerDecoderLayer, nn.Transformer)) for k in kinds):
+        if any(
+            issubclass(
+                k,
+                (
+                    nn.MultiheadAttention,
+                    nn.TransformerEncoderLayer,
+                    nn.TransformerDecoderLayer,
+                    nn.Transformer,
+                ),
+            )
+            for k in kinds
+        ):
             notes.append(
                 "attention runs on the math backend of scaled_dot_product_attention during "
                 "curvature products (the fused kernels have no double backward or forward-mode AD)"

@@ -1,0 +1,471 @@
+"""The Curvature operator against dense float64 references and finite differences, its
+properties, its batching, and its promise to leave the user's model exactly as found."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import curvscope as cs
+from tests import cases
+
+CASES = dict(zip(cases.ALL_IDS, cases.ALL, strict=True))
+TOL = {"rtol": 1e-9, "atol": 1e-11}
+
+
+@pytest.fixture(params=cases.ALL_IDS)
+def case(request):
+    return CASES[request.param]()
+
+
+def test_hessian_matches_jacfwd_grad(case):
+    C = cs.Curvature(case.model, case.loss_fn, case.data)
+    H = C.to_dense()
+    torch.testing.assert_close(H, cases.dense_hessian(case), **TOL)
+    assert C.matvecs == C.num_params
+
+
+def test_hessian_matches_finite_differences_of_the_gradient(case):
+    """A guard independent of all second-derivative code: central differences of gradients."""
+    L, theta0 = cases.loss_fn_of_theta(case)
+    v = torch.randn(theta0.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    eps = 1e-5
+    fd = (torch.func.grad(L)(theta0 + eps * v) - torch.func.grad(L)(theta0 - eps * v)) / (2 * eps)
+    hv = cs.Curvature(case.model, case.loss_fn, case.data) @ v
+    torch.testing.assert_close(hv, fd, rtol=1e-6, atol=1e-7)
+
+
+def test_plain_function_hessian_is_right_through_layernorm_and_batchnorm():
+    """Regression pin: cs.hessian on a flattened model loss equals jacfwd(grad) where
+    torch.func.hessian (jacfwd(jacrev)) is wrong in torch 2.13."""
+    for case in (cases.residual_layernorm(), cases.batchnorm(train=True)):
+        L, theta0 = cases.loss_fn_of_theta(case)
+        torch.testing.assert_close(cs.hessian(L, theta0), cases.dense_hessian(case), **TOL)
+
+
+def test_ggn_matches_jacobian_reference(case):
+    G = cs.Curvature(case.model, case.loss_fn, case.data, kind="ggn").to_dense()
+    torch.testing.assert_close(G, cases.dense_ggn(case), **TOL)
+
+
+def test_empirical_fisher_is_mean_of_per_sample_gradient_outer_products():
+    for make in (
+        cases.mlp,
+        cases.mlp_mse,
+        cases.logreg_bce,
+        cases.cnn,
+        cases.transformer,
+        cases.tied,
+    ):
+        case = make()
+        E = cs.Curvature(case.model, case.loss_fn, case.data, kind="empirical_fisher").to_dense()
+        torch.testing.assert_close(E, cases.dense_empirical_fisher(case), **TOL)
+
+
+@pytest.mark.parametrize("make", [cases.mlp, cases.mlp_mse, cases.logreg_bce])
+def test_fisher_equals_ggn_in_expectation(make):
+    case = make()
+    G = cs.Curvature(case.model, case.loss_fn, case.data, kind="ggn").to_dense()
+    errs = []
+    for samples in (4, 64):
+        F = cs.Curvature(
+            case.model, case.loss_fn, case.data, kind="fisher", mc_samples=samples, seed=11
+        ).to_dense()
+        torch.testing.assert_close(F, F.T, rtol=1e-10, atol=1e-12)
+        errs.append(((F - G).norm() / G.norm()).item())
+    # Monte-Carlo error falls like 1/sqrt(samples): 16x the samples, about 4x smaller
+    assert errs[1] < 0.1
+    assert errs[1] < errs[0] / 2
+
+
+def test_fisher_is_fixed_by_seed_and_varies_with_it():
+    case = cases.mlp()
+    F1 = cs.Curvature(case.model, case.loss_fn, case.data, kind="fisher", seed=1).to_dense()
+    F1b = cs.Curvature(case.model, case.loss_fn, case.data, kind="fisher", seed=1).to_dense()
+    F2 = cs.Curvature(case.model, case.loss_fn, case.data, kind="fisher", seed=2).to_dense()
+    assert torch.equal(F1, F1b)
+    assert not torch.allclose(F1, F2)
+
+
+@pytest.mark.parametrize("kind", list(cs.KINDS))
+def test_psd_kinds_are_psd_and_all_are_symmetric(kind):
+    case = cases.cnn()
+    M = cs.Curvature(case.model, case.loss_fn, case.data, kind=kind).to_dense()
+    torch.testing.assert_close(M, M.T, rtol=1e-10, atol=1e-12)
+    lam = torch.linalg.eigvalsh(M)
+    if cs.KINDS[kind].psd:
+        assert lam.min() > -1e-10 * lam.abs().max()
+    else:  # the Hessian of a network at initialisation is indefinite
+        assert lam.min() < 0 < lam.max()
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    kind=st.sampled_from(list(cs.KINDS)),
+    seed=st.integers(0, 2**16),
+    a=st.floats(-2, 2),
+    b=st.floats(-2, 2),
+)
+def test_symmetry_and_linearity(kind, seed, a, b):
+    case = cases.residual_layernorm()
+    C = cs.Curvature(case.model, case.loss_fn, case.data, kind=kind)
+    gen = torch.Generator().manual_seed(seed)
+    u, v = (torch.randn(C.num_params, generator=gen, dtype=torch.float64) for _ in range(2))
+    cu, cv = C @ u, C @ v
+    torch.testing.assert_close(u @ cv, v @ cu, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(C @ (a * u + b * v), a * cu + b * cv, rtol=1e-9, atol=1e-10)
+
+
+def test_block_product_equals_single_products():
+    case = cases.mlp()
+    C = cs.Curvature(case.model, case.loss_fn, case.data)
+    V = torch.randn(
+        C.num_params, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    CV = C @ V
+    for j in range(4):
+        torch.testing.assert_close(CV[:, j], C @ V[:, j], **TOL)
+    assert C.matvecs == 8
+
+
+@pytest.mark.parametrize("kind", list(cs.KINDS))
+def test_uneven_batches_and_loader_give_the_full_batch_operator(kind):
+    case = cases.batchnorm(train=False)  # eval mode: the loss is a mean over independent samples
+    X, y = case.data
+    full = cs.Curvature(case.model, case.loss_fn, (X, y), kind=kind).to_dense()
+    pieces = [(X[:5], y[:5]), (X[5:7], y[5:7]), (X[7:], y[7:])]
+    listed = cs.Curvature(case.model, case.loss_fn, pieces, kind=kind).to_dense()
+    loader = DataLoader(TensorDataset(X, y), batch_size=5)  # 5, 5, 2: uneven last batch
+    streamed = cs.Curvature(case.model, case.loss_fn, loader, kind=kind)
+    assert not streamed.cache
+    if kind != "fisher":  # the Fisher's sampled labels depend on the batching
+        torch.testing.assert_close(listed, full, **TOL)
+        torch.testing.assert_close(streamed.to_dense(), full, **TOL)
+
+
+def test_params_subset_is_the_block_of_the_full_matrix():
+    case = cases.mlp()
+    full = cases.dense_hessian(case)
+    names = [k for k, _ in case.model.named_parameters()]
+    sizes = [p.numel() for p in case.model.parameters()]
+    start = sum(sizes[:2])  # the second layer
+    block = full[start:, start:]
+    by_name = cs.Curvature(case.model, case.loss_fn, case.data, params=names[2:])
+    by_param = cs.Curvature(
+        case.model, case.loss_fn, case.data, params=list(case.model.parameters())[2:]
+    )
+    assert by_name.param_names == names[2:]
+    torch.testing.assert_close(by_name.to_dense(), block, **TOL)
+    torch.testing.assert_close(by_param.to_dense(), block, **TOL)
+
+
+def test_frozen_parameters_are_left_out():
+    case = cases.mlp()
+    case.model[0].weight.requires_grad_(False)
+    C = cs.Curvature(case.model, case.loss_fn, case.data)
+    assert C.num_params == sum(p.numel() for p in case.model.parameters() if p.requires_grad)
+    torch.testing.assert_close(C.to_dense(), cases.dense_hessian(case), **TOL)
+
+
+def test_flatten_and_unflatten_round_trip():
+    case = cases.cnn()
+    C = cs.Curvature(case.model, case.loss_fn, case.data)
+    v = torch.arange(C.num_params, dtype=torch.float64)
+    named = C.unflatten(v)
+    assert list(named) == C.param_names
+    for (k, p), t in zip(case.model.named_parameters(), named.values(), strict=True):
+        assert t.shape == p.shape, k
+    assert torch.equal(C.flatten(named), v)
+    assert torch.equal(C.flatten(list(named.values())), v)
+
+
+def test_from_function_is_the_hessian_of_the_function():
+    p = cs.problems.get("rosenbrock", n=4)
+    C = cs.Curvature.from_function(p.f, p.x0)
+    assert isinstance(C, cs.Curvature)
+    torch.testing.assert_close(C.to_dense(), p.hess(p.x0), rtol=1e-12, atol=1e-10)
+    assert C.num_params == 4 and C.kind == "hessian" and C.matvecs == 4
+
+
+def test_to_scipy_eigsh_matches_eigvalsh():
+    from scipy.sparse.linalg import eigsh
+
+    case = cases.mlp()
+    C = cs.Curvature(case.model, case.loss_fn, case.data)
+    op = C.to_scipy()
+    assert op.shape == (C.num_params, C.num_params) and op.dtype == np.float64
+    top = eigsh(op, k=2, which="LA", return_eigenvectors=False, tol=1e-10)
+    ref = torch.linalg.eigvalsh(cases.dense_hessian(case)).numpy()
+    np.testing.assert_allclose(np.sort(top), ref[-2:], rtol=1e-8)
+    np.testing.assert_allclose(op @ np.eye(C.num_params)[:, :2], C.to_dense()[:, :2].numpy())
+
+
+def test_to_scipy_works_on_float32_models():
+    case = cases.mlp()
+    case.model.float()
+    op = cs.Curvature(case.model, case.loss_fn, (case.inputs.float(), case.targets)).to_scipy()
+    out = op.matvec(np.ones(op.shape[0]))
+    assert out.dtype == np.float64 and np.isfinite(out).all()
+
+
+def test_products_follow_the_current_parameters():
+    """Cached graphs are rebuilt when an optimizer changes the parameters in place."""
+    case = cases.mlp()
+    C = cs.Curvature(case.model, case.loss_fn, case.data)
+    H0 = C.to_dense()
+    with torch.no_grad():
+        for p in case.model.parameters():
+            p.mul_(1.5)
+    H1 = C.to_dense()
+    assert not torch.allclose(H0, H1)
+    torch.testing.assert_close(H1, cases.dense_hessian(case), **TOL)
+
+
+def test_to_dense_refuses_large_models():
+    model = nn.Linear(100, 60)
+    C = cs.Curvature(model, nn.MSELoss(), (torch.randn(4, 100), torch.randn(4, 60)))
+    with pytest.raises(ValueError, match="force=True"):
+        C.to_dense()
+
+
+def test_transformer_says_which_fallback_it_used():
+    case = cases.transformer()
+    C = cs.Curvature(case.model, case.loss_fn, case.data)
+    assert any("math backend" in n for n in C.notes)
+    plain = cases.mlp()
+    assert cs.Curvature(plain.model, plain.loss_fn, plain.data).notes == []
+
+
+def test_multi_input_and_keyword_models():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 2), nn.Linear(2, 2)
+
+        def forward(self, x, z):
+            return self.a(x) * torch.tanh(self.b(z))
+
+    model = TwoInputs().double()
+    gen = torch.Generator().manual_seed(0)
+    x, z = (
+        torch.randn(8, 3, generator=gen, dtype=torch.float64),
+        torch.randn(8, 2, generator=gen, dtype=torch.float64),
+    )
+    y = torch.randn(8, 2, generator=gen, dtype=torch.float64)
+    H_pos = cs.Curvature(model, nn.MSELoss(), ((x, z), y)).to_dense()
+    H_kw = cs.Curvature(model, nn.MSELoss(), ({"x": x, "z": z}, y)).to_dense()
+    torch.testing.assert_close(H_pos, H_kw)
+    L = cs.Curvature(model, nn.MSELoss(), [((x[:3], z[:3]), y[:3]), ((x[3:], z[3:]), y[3:])])
+    torch.testing.assert_close(L.to_dense(), H_pos, **TOL)
+
+
+# --------------------------------------------------------------- the model is left alone
+@pytest.mark.parametrize("kind", list(cs.KINDS))
+@pytest.mark.parametrize("cache", [True, False])
+def test_model_state_is_left_exactly_as_found(kind, cache):
+    case = cases.dropout_batchnorm()
+    model = case.model
+    # some .grad set, some None
+    loss = case.loss_fn(model(case.inputs), case.targets)
+    loss.backward()
+    model[4].bias.grad = None
+    model[1].eval()  # mixed modes across submodules
+    before = cases.snapshot(model)
+    C = cs.Curvature(model, case.loss_fn, case.data, kind=kind, cache=cache)
+    cases.assert_unchanged(before, cases.snapshot(model))
+    v = torch.randn(C.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    C @ v
+    C @ torch.stack([v, 2 * v], dim=1)
+    cases.assert_unchanged(before, cases.snapshot(model))
+
+
+@pytest.mark.parametrize("kind", list(cs.KINDS))
+def test_dropout_gives_one_fixed_linear_map(kind):
+    """Train-mode dropout: the same mask on every product, symmetric, and not the eval map."""
+    case = cases.dropout_batchnorm()
+    C = cs.Curvature(case.model, case.loss_fn, case.data, kind=kind, cache=False)
+    gen = torch.Generator().manual_seed(1)
+    u, v = (torch.randn(C.num_params, generator=gen, dtype=torch.float64) for _ in range(2))
+    torch.manual_seed(123)
+    first = C @ v
+    torch.manual_seed(456)  # the user's RNG state must not matter
+    assert torch.equal(C @ v, first)
+    torch.testing.assert_close(u @ (C @ v), v @ (C @ u), rtol=1e-9, atol=1e-11)
+    cached = cs.Curvature(case.model, case.loss_fn, case.data, kind=kind, cache=True)
+    torch.testing.assert_close(cached @ v, first, **TOL)
+    case.model.eval()
+    assert not torch.allclose(
+        cs.Curvature(case.model, case.loss_fn, case.data, kind=kind) @ v, first
+    )
+
+
+def test_dropout_hessian_matches_finite_differences_under_the_same_mask():
+    case = cases.dropout_batchnorm()
+    C = cs.Curvature(case.model, case.loss_fn, case.data, seed=5)
+    obj = C.objective
+    batch = next(obj.batches())
+
+    def gradient(flat):
+        theta = {
+            k: t.detach().requires_grad_(True)
+            for k, t in zip(obj.names, obj.unflatten(flat), strict=True)
+        }
+        with obj.context(batch.index):
+            loss = obj.loss(obj.forward(theta, batch), batch)
+        return obj.flatten(torch.autograd.grad(loss, list(theta.values())))
+
+    theta0, _, _ = cases.flat_params(case.model)
+    v = torch.randn(C.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    eps = 1e-5
+    fd = (gradient(theta0 + eps * v) - gradient(theta0 - eps * v)) / (2 * eps)
+    torch.testing.assert_close(C @ v, fd, rtol=1e-6, atol=1e-7)
+
+
+def test_batchnorm_train_uses_batch_statistics():
+    """The train-mode curvature is that of the training loss (batch statistics), not eval's."""
+    train = cases.batchnorm(train=True)
+    H = cs.Curvature(train.model, train.loss_fn, train.data).to_dense()
+    torch.testing.assert_close(H, cases.dense_hessian(train), **TOL)
+    train.model.eval()
+    assert not torch.allclose(H, cs.Curvature(train.model, train.loss_fn, train.data).to_dense())
+
+
+# ------------------------------------------------------------------------ bad input
+def _mlp_parts():
+    c = cases.mlp()
+    return c.model, c.loss_fn, c.data
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (lambda m, lf, d: cs.Curvature(m, lf, d, kind="hessain"), ValueError, "unknown kind"),
+        (lambda m, lf, d: cs.Curvature(m, lf, []), ValueError, "data is empty"),
+        (lambda m, lf, d: cs.Curvature(m, lf, (d[0][:0], d[1][:0])), ValueError, "no samples"),
+        (lambda m, lf, d: cs.Curvature(m, lf, (d[0] * float("nan"), d[1])), ValueError, "NaN"),
+        (lambda m, lf, d: cs.Curvature(m, lf, iter([d])), TypeError, "one-shot iterator"),
+        (lambda m, lf, d: cs.Curvature(m, lf, 3), TypeError, "pair"),
+        (lambda m, lf, d: cs.Curvature(m, lf, [d, (d[0],)]), TypeError, "batch 1"),
+        (
+            lambda m, lf, d: cs.Curvature(m.requires_grad_(False), lf, d),
+            ValueError,
+            "no parameter that requires grad",
+        ),
+        (lambda m, lf, d: cs.Curvature(m, lf, d, params=["x"]), ValueError, "no parameter named"),
+        (
+            lambda m, lf, d: cs.Curvature(m, lf, d, params=[torch.zeros(2)]),
+            ValueError,
+            "not a parameter",
+        ),
+        (
+            lambda m, lf, d: cs.Curvature(m, lf, d, params=[m[0].weight.requires_grad_(False)]),
+            ValueError,
+            "does not require grad",
+        ),
+        (lambda m, lf, d: cs.Curvature("model", lf, d), TypeError, "nn.Module"),
+        (lambda m, lf, d: cs.Curvature(m, "mse", d), TypeError, "callable"),
+        (lambda m, lf, d: cs.Curvature(m, nn.HuberLoss(), d, kind="fisher"), ValueError, "ggn"),
+        (
+            lambda m, lf, d: cs.Curvature(
+                m, nn.CrossEntropyLoss(label_smoothing=0.1), d, kind="fisher"
+            ),
+            ValueError,
+            "label_smoothing",
+        ),
+        (
+            lambda m, lf, d: cs.Curvature(m, lf, d, kind="fisher", mc_samples=0),
+            ValueError,
+            "mc_samples",
+        ),
+    ],
+)
+def test_construction_errors(build, error, match):
+    with pytest.raises(error, match=match):
+        build(*_mlp_parts())
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "error", "match"),
+    [
+        (nn.CrossEntropyLoss(reduction="none"), ValueError, "scalar.*reduction='mean'"),
+        (nn.CrossEntropyLoss(reduction="sum"), ValueError, "reduction='mean'"),
+        (
+            lambda out, y: torch.tensor(1.0, dtype=torch.float64),
+            ValueError,
+            "does not depend on the selected parameters",
+        ),
+        (lambda out, y: (out * float("inf")).sum(), FloatingPointError, "not finite"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_forward_errors_raise_at_the_first_product(loss_fn, error, match, kind):
+    model, _, data = _mlp_parts()
+    C = cs.Curvature(model, loss_fn, data, kind=kind)  # needs a forward pass: not raised yet
+    with pytest.raises(error, match=match):
+        C @ torch.ones(C.num_params, dtype=torch.float64)
+
+
+def test_non_finite_parameters_raise_at_the_first_product():
+    model, loss_fn, data = _mlp_parts()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    C = cs.Curvature(model, loss_fn, data)
+    with pytest.raises(FloatingPointError, match="NaN"):
+        C @ torch.ones(C.num_params, dtype=torch.float64)
+
+
+def test_outputs_that_ignore_the_selected_parameters():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(2, 1), nn.Linear(2, 1)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Unused().double()
+    data = (torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64))
+    C = cs.Curvature(model, nn.MSELoss(), data, params=["unused.weight"])
+    with pytest.raises(ValueError, match="do not depend on the selected parameters"):
+        C @ torch.ones(2, dtype=torch.float64)
+    # a block the loss uses only in part still works: the unused rows are zero
+    H = cs.Curvature(model, nn.MSELoss(), data).to_dense()
+    assert torch.equal(H[3:, :], torch.zeros(3, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("v", "error", "match"),
+    [
+        (torch.ones(5, dtype=torch.float64), ValueError, r"shape \(43,\) or \(43, k\)"),
+        (torch.ones(43, dtype=torch.float32), TypeError, "dtype torch.float64"),
+        (torch.ones(43, 2, 2, dtype=torch.float64), ValueError, "shape"),
+        (np.ones(43), TypeError, "torch.Tensor"),
+        (torch.ones(43, dtype=torch.float64, device="meta"), ValueError, "device"),
+    ],
+)
+def test_vector_errors(v, error, match):
+    C = cs.Curvature(*_mlp_parts())
+    assert C.num_params == 43
+    with pytest.raises(error, match=match):
+        C @ v
+
+
+def test_data_that_changes_between_passes_is_caught():
+    case = cases.mlp()
+    X, y = case.data
+
+    class Shrinking:  # a re-iterable source whose content changes, like a growing dataset
+        def __init__(self):
+            self.batches = [(X[:10], y[:10]), (X[10:], y[10:])]
+
+        def __iter__(self):
+            return iter(self.batches)
+
+    source = Shrinking()
+    C = cs.Curvature(case.model, case.loss_fn, source)
+    source.batches.pop()
+    with pytest.raises(RuntimeError, match="same data on every pass"):
+        C @ torch.ones(C.num_params, dtype=torch.float64)

@@ -1,0 +1,104 @@
+"""grad, hvp, hessian of plain functions against closed forms, jacfwd and finite differences."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import curvscope as cs
+from curvscope.problems import REGISTRY, FunctionProblem
+
+FUNCTION_PROBLEMS = [n for n, f in REGISTRY.items() if isinstance(f(), FunctionProblem)]
+
+
+@pytest.mark.parametrize("name", FUNCTION_PROBLEMS)
+def test_grad_and_hessian_match_closed_forms(name):
+    p = cs.problems.get(name)
+    gen = torch.Generator().manual_seed(0)
+    x = p.x0 + 0.3 * torch.randn(p.n, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(cs.grad(p.f, x), p.grad(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(cs.hessian(p.f, x), p.hess(x), rtol=1e-10, atol=1e-10)
+    v = torch.randn(p.n, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(cs.hvp(p.f, x, v), p.hess(x) @ v, rtol=1e-10, atol=1e-10)
+
+
+def test_hessian_against_jacfwd_grad_and_finite_differences():
+    def f(x):
+        return torch.log1p(x.exp()).sum() + (x[:-1] * x[1:] ** 3).sum() + torch.sin(x).prod()
+
+    x = torch.linspace(-0.9, 1.1, 7, dtype=torch.float64)  # no entry near 0, where prod's
+    # double backward divides by the entry and loses digits
+    ref = torch.func.jacfwd(torch.func.grad(f))(x)
+    H = cs.hessian(f, x)
+    torch.testing.assert_close(H, ref, rtol=1e-12, atol=1e-12)
+    eps, v = 1e-5, torch.cos(torch.arange(7, dtype=torch.float64))
+    fd = (cs.grad(f, x + eps * v) - cs.grad(f, x - eps * v)) / (2 * eps)
+    torch.testing.assert_close(cs.hvp(f, x, v), fd, rtol=1e-7, atol=1e-8)
+
+
+def test_block_hvp_equals_columns():
+    p = cs.problems.get("rosenbrock", n=5)
+    V = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    HV = cs.hvp(p.f, p.x0, V)
+    for j in range(3):
+        torch.testing.assert_close(HV[:, j], cs.hvp(p.f, p.x0, V[:, j]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.floats(-3, 3), st.floats(-3, 3))
+def test_hvp_symmetric_and_linear(seed, a, b):
+    p = cs.problems.get("rosenbrock", n=4)
+    gen = torch.Generator().manual_seed(seed)
+    x, u, v = (torch.randn(4, generator=gen, dtype=torch.float64) for _ in range(3))
+    hu, hv = cs.hvp(p.f, x, u), cs.hvp(p.f, x, v)
+    torch.testing.assert_close(u @ hv, v @ hu, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(
+        cs.hvp(p.f, x, a * u + b * v), a * hu + b * hv, rtol=1e-10, atol=1e-8
+    )
+
+
+def test_nothing_is_written_to_x():
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    x.grad = torch.tensor([5.0, 6.0], dtype=torch.float64)
+    cs.grad(lambda t: (t**2).sum(), x)
+    cs.hessian(lambda t: (t**3).sum(), x)
+    assert torch.equal(x.grad, torch.tensor([5.0, 6.0], dtype=torch.float64))
+    assert torch.equal(x.detach(), torch.tensor([1.0, 2.0], dtype=torch.float64))
+
+
+def test_affine_function_has_zero_hessian():
+    x = torch.ones(3, dtype=torch.float64)
+    assert torch.equal(cs.hessian(lambda t: t.sum() * 2, x), torch.zeros(3, 3, dtype=torch.float64))
+
+
+def test_hessian_refuses_large_n_with_memory_figure():
+    x = torch.zeros(cs.DENSE_LIMIT + 1)
+    with pytest.raises(ValueError, match=r"GiB.*force=True"):
+        cs.hessian(lambda t: (t**2).sum(), x)
+
+
+@pytest.mark.parametrize(
+    ("f", "x", "v", "error", "match"),
+    [
+        (lambda t: t**2, torch.ones(3), None, ValueError, "scalar"),
+        (lambda t: (t**2).sum(), torch.ones(2, 2), None, ValueError, "1-D"),
+        (lambda t: (t**2).sum(), [1.0, 2.0], None, TypeError, "torch.Tensor"),
+        (lambda t: (t**2).sum(), torch.tensor([1, 2]), None, TypeError, "floating"),
+        (lambda t: torch.log(t).sum(), -torch.ones(2), None, FloatingPointError, "not finite"),
+        (lambda t: torch.tensor(1.0), torch.ones(2), None, ValueError, "does not depend on x"),
+        (lambda t: (t**2).sum(), torch.ones(3), torch.ones(4), ValueError, r"shape \(3,\)"),
+        (
+            lambda t: (t**2).sum(),
+            torch.ones(3),
+            torch.ones(3, dtype=torch.float64),
+            TypeError,
+            "dtype",
+        ),
+    ],
+)
+def test_bad_input_gets_a_clear_error(f, x, v, error, match):
+    with pytest.raises(error, match=match):
+        if v is None:
+            cs.grad(f, x)
+        else:
+            cs.hvp(f, x, v)
