@@ -49,6 +49,19 @@ def _grad(
     if not pairs:
         return [torch.zeros(k, *x.shape, dtype=x.dtype, device=x.device) for x in inputs]
     outs, gos = zip(*pairs, strict=True)
+    if k == 1:  # the common case: no stacking copy
+        g = torch.autograd.grad(
+            outs,
+            inputs,
+            [go[0] for go in gos],
+            retain_graph=True,
+            create_graph=create_graph,
+            allow_unused=True,
+        )
+        return [
+            torch.zeros_like(x)[None] if gi is None else gi[None]
+            for gi, x in zip(g, inputs, strict=True)
+        ]
     cols = []
     for j in range(k):
         g = torch.autograd.grad(

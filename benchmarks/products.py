@@ -1,0 +1,153 @@
+"""Cost of one curvature product relative to one gradient, for every kind and implementation,
+with PyHessian's and curvlinops' products beside ours in the same run.
+
+    python benchmarks/products.py [--repeats 7] [--quick]
+
+Peers are optional (``pip install -e '.[bench]'``); a missing one is reported, not fatal.
+Prints a markdown table per workload: median seconds and the ratio to one gradient
+(forward + backward) measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from _common import (
+    Workload,
+    cnn_w3,
+    interleaved_medians,
+    markdown_table,
+    mlp_w2,
+    saved_tensor_mib,
+)
+from torch.func import functional_call, grad, jvp, vmap
+
+import curvscope as cs
+
+BLOCK = 16
+
+
+def _gradient(w: Workload):
+    params = list(w.model.parameters())
+
+    def run():
+        loss = w.loss_fn(w.model(w.inputs), w.targets)
+        return torch.autograd.grad(loss, params)
+
+    return run
+
+
+def _torch_func_products(w: Workload):
+    """Forward-over-reverse (jvp of grad) from scratch, single and vmapped: the alternative to
+    double backward that curvscope measured and did not choose."""
+    theta = {k: p.detach() for k, p in w.model.named_parameters()}
+
+    def loss(t):
+        return w.loss_fn(functional_call(w.model, t, (w.inputs,)), w.targets)
+
+    def hvp(v):
+        return jvp(grad(loss), (theta,), (v,))[1]
+
+    v = {k: torch.randn_like(p) for k, p in theta.items()}
+    vs = {k: torch.randn(BLOCK, *p.shape) for k, p in theta.items()}
+    return (lambda: hvp(v)), (lambda: vmap(hvp)(vs))
+
+
+def _peers(w: Workload, v: torch.Tensor) -> dict[str, object]:
+    runs: dict[str, object] = {}
+    try:
+        from pyhessian import hessian as PyHessian
+        from pyhessian.utils import hessian_vector_product
+
+        comp = PyHessian(w.model, w.loss_fn, data=w.data, cuda=False)
+        vs = list(torch.split(v, [p.numel() for p in comp.params]))
+        vs = [t.reshape(p.shape) for t, p in zip(vs, comp.params, strict=True)]
+        runs["PyHessian (gradient graph reused)"] = lambda: hessian_vector_product(
+            comp.gradsH, comp.params, vs
+        )
+    except ImportError as e:
+        runs["PyHessian"] = f"not installed ({e.name})"
+    try:
+        from curvlinops import HessianLinearOperator
+
+        op = HessianLinearOperator(w.model, w.loss_fn, list(w.model.parameters()), [w.data])
+        runs["curvlinops A @ v"] = lambda: op @ v
+        V = torch.randn(v.numel(), BLOCK)
+        runs[f"curvlinops A @ V, {BLOCK} vectors, per vector"] = (lambda: op @ V, BLOCK)
+    except ImportError as e:
+        runs["curvlinops"] = f"not installed ({e.name})"
+    return runs
+
+
+def _double_backward_from_scratch(w: Workload, v: torch.Tensor):
+    """The textbook product in plain torch: forward, gradient with graph, backward of gᵀv."""
+    params = list(w.model.parameters())
+    vs = [
+        t.reshape(p.shape)
+        for t, p in zip(torch.split(v, [p.numel() for p in params]), params, strict=True)
+    ]
+
+    def run():
+        loss = w.loss_fn(w.model(w.inputs), w.targets)
+        g = torch.autograd.grad(loss, params, create_graph=True)
+        return torch.autograd.grad(g, params, vs)
+
+    return run
+
+
+def bench(w: Workload, repeats: int) -> str:
+    torch.manual_seed(0)
+    n = w.num_params
+    v = torch.randn(n)
+    V = torch.randn(n, BLOCK)
+    fns: dict[str, object] = {"one gradient (forward + backward)": _gradient(w)}
+    per: dict[str, int] = {}
+    memory: dict[str, str] = {}
+    for kind in cs.KINDS:
+        C = cs.Curvature(w.model, w.loss_fn, w.data, kind=kind)
+        name = f"curvscope {kind}, cached graph"
+        memory[name] = f"{saved_tensor_mib(lambda C=C: C @ v):.0f} MiB graph kept"
+        fns[name] = lambda C=C: C @ v
+        fns[f"{name}, {BLOCK} vectors, per vector"] = lambda C=C: C @ V
+        per[f"{name}, {BLOCK} vectors, per vector"] = BLOCK
+        fresh = cs.Curvature(w.model, w.loss_fn, w.data, kind=kind, cache=False)
+        fns[f"curvscope {kind}, from scratch (data from a loader)"] = lambda C=fresh: C @ v
+    fns["plain torch double backward, from scratch"] = _double_backward_from_scratch(w, v)
+    single, block = _torch_func_products(w)
+    fns["torch.func jvp(grad), from scratch"] = single
+    fns[f"torch.func vmap(jvp(grad)), {BLOCK} vectors, per vector"] = block
+    per[f"torch.func vmap(jvp(grad)), {BLOCK} vectors, per vector"] = BLOCK
+    missing = []
+    for name, run in _peers(w, v).items():
+        if isinstance(run, str):
+            missing.append([name, run, "", ""])
+        elif isinstance(run, tuple):
+            fns[name], per[name] = run
+        else:
+            fns[name] = run
+    med = interleaved_medians(fns, repeats)
+    base = med["one gradient (forward + backward)"]
+    rows = []
+    for name, t in med.items():
+        t = t / per.get(name, 1)
+        rows.append([name, f"{t * 1e3:.1f}", f"{t / base:.2f}x", memory.get(name, "")])
+    header = ["product", "ms", "relative to a gradient", "memory"]
+    return f"### {w.name} ({n:,} parameters, float32)\n\n" + markdown_table(header, rows + missing)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="small batches, 3 repeats")
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    workloads = [mlp_w2(128), cnn_w3(32)] if args.quick else [mlp_w2(), cnn_w3()]
+    repeats = 3 if args.quick else args.repeats
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {repeats}\n")
+    for w in workloads:
+        print(bench(w, repeats), end="\n\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
