@@ -6,8 +6,9 @@ or plain function — measured matrix-free, cheap enough to ask during training.
 tensor([ 6., 12.])
 """
 
-from curvscope import problems
+from curvscope import problems, spectrum
 from curvscope.derivatives import DENSE_LIMIT, KINDS, Curvature, grad, hessian, hvp
+from curvscope.spectrum import density, diagonal, eigenvalues, trace, trace_of_square
 
 __version__ = "0.1.0"
 
@@ -16,8 +17,14 @@ __all__ = [
     "KINDS",
     "Curvature",
     "__version__",
+    "density",
+    "diagonal",
+    "eigenvalues",
     "grad",
     "hessian",
     "hvp",
     "problems",
+    "spectrum",
+    "trace",
+    "trace_of_square",
 ]

@@ -175,6 +175,15 @@ class Curvature:
         objective = ModelObjective(model, loss_fn, data, params=params, seed=seed)
         self._init(_ModelSource(objective, self.kind, mc_samples), cache)
         self.objective = objective
+        self._args = {
+            "model": model,
+            "loss_fn": loss_fn,
+            "data": data,
+            "kind": self.kind,
+            "seed": seed,
+            "mc_samples": mc_samples,
+            "cache": cache,
+        }
 
     @classmethod
     def from_function(cls, f: Callable[[Tensor], Tensor], x: Tensor) -> Curvature:
@@ -279,6 +288,13 @@ class Curvature:
                 raise ValueError(f"flatten: missing entries for parameters {missing}")
             tensors = [tensors[n] for n in self.param_names]
         return self._source.flatten(list(tensors))
+
+    def restrict(self, params: Iterable[nn.Parameter | str]) -> Curvature:
+        """The same curvature (model, loss, data, kind, seed) on a subset of the parameters:
+        the diagonal block for ``params``, computed with products over that block only."""
+        if self.objective is None:
+            raise TypeError("restrict() needs a Curvature built from a model")
+        return Curvature(**{**self._args, "params": params})
 
     # ------------------------------------------------------------------------- exports
     def to_dense(self, *, force: bool = False) -> Tensor:

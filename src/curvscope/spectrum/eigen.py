@@ -1,0 +1,269 @@
+"""Extreme eigenvalues of a curvature operator by (block) Lanczos, with error estimates."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvscope.spectrum._operator import as_operator, generator, progress
+from curvscope.spectrum.lanczos import Krylov, error_bounds
+
+WHICH = ("largest", "smallest", "both")
+
+#: Default accuracy: every returned eigenvalue within tol·|λ_max| of the truth.
+DEFAULT_TOL = 1e-3
+#: The residual is held to this share of tol: an eigenvalue that Lanczos has not yet resolved
+#: from its neighbour (closer than the residual) can pull a Ritz value between the two, so the
+#: other half of tol is left for that distance.
+RESIDUAL_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class LayerSpectrum:
+    """One parameter block's own top eigenvalue, and its share of the global top eigenvector."""
+
+    num_params: int
+    lambda_max: float
+    share: float
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """Extreme eigenvalues with what they cost and how good they are.
+
+    Attributes:
+        values: (k,) or (2k,) eigenvalues; ``values[0]`` is the most extreme asked for (the
+            largest, or the smallest for ``which="smallest"``); ``"both"`` is in descending order.
+        vectors: (n, len(values)) unit eigenvectors (columns), or None.
+        residuals: ‖A v − λ v‖ of each pair: some eigenvalue lies within it of each value.
+        errors: the estimated error of each value, min(r, r²/gap).
+        converged: per value, whether its residual met ``tol``/2·scale.
+        matvecs, seconds: the cost.
+        scale: the spectral scale the tolerance was relative to (max |Ritz value|).
+        message: a sentence: what happened and, if it did not converge, what to do.
+        layers: for ``by_layer=True``, block name -> :class:`LayerSpectrum`.
+    """
+
+    values: Tensor
+    vectors: Tensor | None
+    residuals: Tensor
+    errors: Tensor
+    converged: Tensor
+    matvecs: int
+    seconds: float
+    scale: float
+    message: str
+    layers: dict[str, LayerSpectrum] = field(default_factory=dict)
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all())
+
+
+def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
+    """Indices of the wanted Ritz values (theta ascending), most extreme first."""
+    m = theta.numel()
+    top = torch.arange(m - 1, max(m - 1 - k, -1), -1)
+    bottom = torch.arange(0, min(k, m))
+    if which == "largest":
+        return top
+    if which == "smallest":
+        return bottom
+    both = torch.cat([top, bottom.flip(0)])
+    return torch.unique(both, sorted=True).flip(0)
+
+
+def _validate(k: Any, which: Any, tol: Any, n: int) -> None:
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    need = 2 * k if which == "both" else k
+    if need > n:
+        raise ValueError(f"asked for {need} eigenvalues of a {n} x {n} operator; lower k")
+    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
+        raise ValueError(f"tol must be in (0, 1), got {tol!r}")
+
+
+def eigenvalues(
+    A: Any,
+    k: int = 1,
+    which: str = "largest",
+    *,
+    tol: float = DEFAULT_TOL,
+    max_matvecs: int | None = None,
+    max_basis: int | None = None,
+    block_size: int | None = None,
+    v0: Tensor | None = None,
+    return_vectors: bool = True,
+    by_layer: bool = False,
+    seed: int | torch.Generator | None = 0,
+    progress_bar: bool | None = None,
+) -> EigenResult:
+    """The k most extreme eigenvalues of a symmetric operator, by block Lanczos.
+
+    Lanczos with full reorthogonalization builds a Krylov space of A and reads eigenvalue
+    estimates (Ritz values) off the projected matrix QᵀAQ; each step costs one product per
+    block column. It stops when every wanted value's residual r = ‖Av − θv‖ is below
+    ``tol``/2 times the spectral scale (max |Ritz value|): some eigenvalue then lies within r of
+    each value (for an isolated one, within r²/gap — reported as ``errors``), and the other
+    half of ``tol`` covers an unresolved neighbour closer than r. When the
+    basis reaches ``max_basis`` vectors it is cut back to the wanted Ritz vectors (thick
+    restart), so memory stays O(max_basis·n).
+
+    Args:
+        A: a :class:`~curvscope.Curvature`, a square symmetric tensor, or an object with
+            ``matmat`` and ``num_params``.
+        k: how many eigenvalues (from each end for ``which="both"``).
+        which: ``"largest"`` | ``"smallest"`` (algebraic) | ``"both"`` (one Krylov space).
+        tol: relative accuracy; the default 1e-3 gives every returned value within
+            1e-3·|λ_max| of the truth (values are typically far more accurate: the error of
+            an isolated eigenvalue is about r²/gap). Eigenvalues closer together than that
+            are a cluster whose members are not told apart.
+        max_matvecs: cap on products (default: min(n, 100 + 40k) per requested end, and at
+            least enough for one pass over small operators).
+        max_basis: Krylov vectors kept before a restart (default min(n, max(60, 4k + 20))).
+        block_size: vectors per Lanczos step. Default: 1 for k=1 (the extreme value is found
+            whatever its multiplicity), 2 for k>1, the number of columns of ``v0`` for a warm
+            start. Lanczos from one vector cannot see a second copy of a repeated eigenvalue,
+            and it can converge before it resolves eigenvalues closer than ``tol``·|λ_max|, so
+            a top-k list could skip one; a block of b vectors resolves multiplicities up to b.
+            Raise it where you expect larger clusters.
+        v0: warm start — (n,) or (n, j) vectors, e.g. the eigenvectors of a previous probe;
+            a nearby operator then converges in a few products.
+        return_vectors: also return the eigenvectors (n, len(values)).
+        by_layer: also compute each parameter block's top eigenvalue (a Lanczos run on each
+            block of a Curvature, grouped by module) and the share of the global top
+            eigenvector's squared mass in each block: ``result.layers``.
+        seed: seed or generator for the random start (the global RNG is never used).
+        progress_bar: show a progress bar (default: on a terminal for long runs).
+
+    Returns:
+        :class:`EigenResult`.
+
+    Example:
+        >>> import torch, curvscope as cs
+        >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
+        >>> r = cs.eigenvalues(A, k=2)
+        >>> [round(v, 6) for v in r.values.tolist()], r.all_converged
+        ([100.0, 99.0], True)
+    """
+    op = as_operator(A)
+    _validate(k, which, tol, op.n)
+    ends = 2 if which == "both" else 1
+    gen = generator(seed, op.device)
+    if block_size is None:  # see the docstring: a block of 2 tells near-coincident values apart
+        block_size = (1 if k == 1 else 2) if v0 is None else (1 if v0.ndim == 1 else v0.shape[1])
+    if not isinstance(block_size, int) or not 1 <= block_size <= op.n:
+        raise ValueError(f"block_size must be an integer in [1, n], got {block_size!r}")
+    if max_basis is None:
+        max_basis = min(op.n, max(60, 4 * k * ends + 20, 3 * block_size))
+    if max_basis < min(op.n, k * ends + 2 * block_size):
+        raise ValueError(
+            f"max_basis={max_basis} is too small for k={k}, which={which!r}, block_size="
+            f"{block_size}: it must hold the wanted vectors plus two blocks"
+        )
+    if max_matvecs is None:
+        max_matvecs = max(min(op.n, (100 + 40 * k) * ends), min(op.n, 2 * max_basis))
+    start = time.perf_counter()
+    X0 = torch.randn(op.n, block_size, generator=gen, dtype=op.dtype, device=op.device)
+    if v0 is not None:
+        w = torch.as_tensor(v0).reshape(op.n, -1).to(dtype=op.dtype, device=op.device)
+        if not torch.isfinite(w).all() or (w.norm(dim=0) == 0).any():
+            raise ValueError("v0 must hold finite, non-zero vectors of length n")
+        w = w / w.norm(dim=0)
+        if w.shape[1] >= block_size:  # extra warm vectors are folded into the last column
+            X0 = w[:, :block_size].clone()
+            X0[:, -1] += w[:, block_size:].sum(dim=1)
+        else:
+            X0[:, : w.shape[1]] = w
+    used_before = op.matvecs
+    kry = Krylov.start(op, X0, gen)
+    with progress(max_matvecs, "Lanczos", progress_bar) as bar:
+        while True:
+            before = op.matvecs
+            kry.extend()
+            bar.update(op.matvecs - before)
+            theta, S, res = kry.ritz()
+            idx = _wanted(theta, k, which)
+            scale = float(theta.abs().max())
+            enough = kry.size >= min(op.n, k * ends + 1)
+            done = enough and bool((res[idx] <= RESIDUAL_SHARE * tol * max(scale, 1e-300)).all())
+            used = op.matvecs - used_before
+            if done or kry.size >= op.n or used >= max_matvecs or kry.X.shape[1] == 0:
+                break
+            if kry.size + kry.X.shape[1] > max_basis:
+                keep = _restart_set(theta, k, which, max_basis - 2 * kry.X.shape[1])
+                kry.restart(S[:, keep], theta[keep])
+    theta, S, res = kry.ritz()
+    idx = _wanted(theta, k, which)
+    scale = float(theta.abs().max())
+    err = error_bounds(theta, res)
+    converged = res[idx] <= RESIDUAL_SHARE * tol * max(scale, 1e-300)
+    if kry.size >= op.n:  # the full space: exact up to rounding
+        converged = torch.ones_like(converged)
+    vectors = kry.Q @ S[:, idx] if return_vectors or by_layer else None
+    used = op.matvecs - used_before
+    message = _message(bool(converged.all()), used, max_matvecs, res[idx], scale, tol)
+    layers = _by_layer(A, vectors[:, 0], tol, seed) if by_layer else {}
+    return EigenResult(
+        values=theta[idx].clone(),
+        vectors=vectors if return_vectors else None,
+        residuals=res[idx].clone(),
+        errors=err[idx].clone(),
+        converged=converged,
+        matvecs=used,
+        seconds=time.perf_counter() - start,
+        scale=scale,
+        message=message,
+        layers=layers,
+    )
+
+
+def _restart_set(theta: Tensor, k: int, which: str, room: int) -> Tensor:
+    """Ritz vectors kept at a restart: the wanted ones and their nearest neighbours."""
+    m = theta.numel()
+    extra = max(0, min(room, m) - (2 * k if which == "both" else k))
+    if which == "largest":
+        return torch.arange(m - (k + extra), m)
+    if which == "smallest":
+        return torch.arange(0, k + extra)
+    lo, hi = k + extra // 2, k + extra - extra // 2
+    return torch.cat([torch.arange(0, lo), torch.arange(m - hi, m)])
+
+
+def _message(ok: bool, used: int, cap: int, res: Tensor, scale: float, tol: float) -> str:
+    if ok:
+        return f"converged in {used} products (tolerance {tol:g} relative to {scale:.4g})"
+    worst = float(res.max()) / max(scale, 1e-300)
+    return (
+        f"not converged after {used} products (cap {cap}): the worst relative residual is "
+        f"{worst:.2g} > tol/2 = {tol / 2:g}; raise max_matvecs, or warm-start with "
+        "v0=result.vectors"
+    )
+
+
+def _layer_groups(names: list[str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.rsplit(".", 1)[0] if "." in name else name, []).append(name)
+    return groups
+
+
+def _by_layer(A: Any, top: Tensor, tol: float, seed: Any) -> dict[str, LayerSpectrum]:
+    from curvscope.derivatives import Curvature
+
+    if not isinstance(A, Curvature) or A.objective is None:
+        raise TypeError("by_layer=True needs a cs.Curvature built from a model")
+    named = A.unflatten(top)
+    out = {}
+    for layer, names in _layer_groups(A.param_names).items():
+        sub = A.restrict(names)
+        r = eigenvalues(sub, k=1, tol=tol, seed=seed, return_vectors=False)
+        share = sum(float(named[n].pow(2).sum()) for n in names)
+        out[layer] = LayerSpectrum(sub.num_params, float(r.values[0]), share)
+    return out

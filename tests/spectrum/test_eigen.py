@@ -1,0 +1,201 @@
+"""Extreme eigenvalues against torch.linalg.eigvalsh and scipy's eigsh, on prescribed spectra
+and on the Hessians of real small models."""
+
+import numpy as np
+import pytest
+import torch
+
+import curvscope as cs
+from tests import cases
+
+
+def with_spectrum(lam: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(lam), len(lam), generator=gen, dtype=torch.float64))
+    a = (q * lam) @ q.T
+    return (a + a.T) / 2
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+N = 240
+#: Spectra with the structures Lanczos finds hard at their ends. The filler is evenly spaced so
+#: that no accidental near-coincidence at the scale of the tolerance muddies the test.
+FILL = torch.linspace(0.0, 0.9, N, dtype=torch.float64)
+SPECTRA = {
+    "decaying": torch.logspace(-4, 0, N, dtype=torch.float64),
+    "indefinite": torch.linspace(-1.0, 2.0, N, dtype=torch.float64),
+    "tiny-gap": torch.cat([FILL[: N - 2], torch.tensor([1.0, 1.0 + 1e-4], dtype=torch.float64)]),
+    "clustered": torch.cat(
+        [
+            0.1 * torch.rand(N - 12, generator=_gen(2), dtype=torch.float64),
+            torch.tensor([3.0, 3.01, 3.02, 2.0, 2.01, 2.02], dtype=torch.float64),
+            -torch.tensor([1.0, 1.01, 1.02, 0.5, 0.51, 0.52], dtype=torch.float64),
+        ]
+    ),
+    "repeated": torch.cat(
+        [FILL[: N - 4], torch.tensor([2.0, 2.0, -1.0, -1.0], dtype=torch.float64)]
+    ),
+}
+#: The small end of a decaying PSD spectrum is a dense cluster of tiny values: no Krylov
+#: method resolves it cheaply (tested on its own below).
+HARD = {("decaying", "smallest")}
+
+
+def truth(ev, k, which):
+    desc = ev.flip(0)
+    if which == "largest":
+        return desc[:k]
+    if which == "smallest":
+        return ev[:k]
+    return torch.cat([desc[:k], ev[:k].flip(0)])
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+@pytest.mark.parametrize(
+    ("k", "which"), [(1, "largest"), (5, "largest"), (1, "smallest"), (3, "smallest"), (2, "both")]
+)
+def test_default_tolerance_gives_every_value_within_1e_3_of_lambda_max(name, k, which):
+    if (name, which) in HARD:
+        pytest.skip("see test_dense_small_end_of_a_decaying_spectrum")
+    lam = SPECTRA[name]
+    A = with_spectrum(lam)
+    ev = torch.linalg.eigvalsh(A)
+    r = cs.eigenvalues(A, k=k, which=which)  # defaults: block of 2 for k > 1
+    assert r.all_converged, r.message
+    assert (r.values - truth(ev, k, which)).abs().max() <= 1e-3 * ev.abs().max()
+    assert r.matvecs < N  # cheaper than forming the matrix
+    assert r.vectors.shape == (N, len(r.values))
+    # each pair's reported residual is its true residual
+    true_res = (A @ r.vectors - r.vectors * r.values).norm(dim=0)
+    torch.testing.assert_close(r.residuals, true_res, rtol=1e-6, atol=1e-9)
+    assert (r.errors <= r.residuals + 1e-15).all()
+
+
+def test_dense_small_end_of_a_decaying_spectrum():
+    """Either converged and right, or honestly not converged; a larger budget gets there."""
+    A = with_spectrum(SPECTRA["decaying"])
+    ev = torch.linalg.eigvalsh(A)
+    r = cs.eigenvalues(A, k=3, which="smallest", max_matvecs=60)
+    assert not r.all_converged and "not converged" in r.message
+    r = cs.eigenvalues(A, k=3, which="smallest", max_matvecs=N, max_basis=N)
+    assert r.all_converged
+    assert (r.values - ev[:3]).abs().max() <= 1e-3 * ev.abs().max()
+
+
+def test_ordering_conventions():
+    A = torch.diag(torch.arange(-5.0, 6.0, dtype=torch.float64))
+    assert cs.eigenvalues(A, k=3).values.tolist() == pytest.approx([5, 4, 3])
+    assert cs.eigenvalues(A, k=3, which="smallest").values.tolist() == pytest.approx([-5, -4, -3])
+    assert cs.eigenvalues(A, k=2, which="both").values.tolist() == pytest.approx([5, 4, -4, -5])
+
+
+@pytest.mark.parametrize("make", [cases.mlp, cases.cnn, cases.residual_layernorm])
+def test_hessians_of_real_models_match_eigvalsh_and_eigsh(make):
+    from scipy.sparse.linalg import eigsh
+
+    case = make()
+    C = cs.Curvature(case.model, case.loss_fn, case.data)
+    ev = torch.linalg.eigvalsh(cases.dense_hessian(case))
+    r = cs.eigenvalues(C, k=2, which="both")
+    assert (r.values - truth(ev, 2, "both")).abs().max() <= 1e-3 * ev.abs().max()
+    top = eigsh(C.to_scipy(), k=2, which="LA", return_eigenvectors=False, tol=1e-10)
+    np.testing.assert_allclose(
+        np.sort(top)[::-1], r.values[:2].numpy(), atol=1e-3 * float(ev.abs().max())
+    )
+
+
+def test_restarts_keep_accuracy_with_a_small_basis():
+    A = with_spectrum(SPECTRA["indefinite"])
+    ev = torch.linalg.eigvalsh(A)
+    r = cs.eigenvalues(A, k=3, which="smallest", max_basis=12, max_matvecs=2000)
+    assert r.all_converged, r.message
+    assert (r.values - ev[:3]).abs().max() <= 1e-3 * ev.abs().max()
+
+
+def test_warm_start_on_a_perturbed_operator_is_much_cheaper():
+    A = with_spectrum(SPECTRA["decaying"])
+    cold = cs.eigenvalues(A, k=3)
+    E = with_spectrum(1e-4 * torch.randn(N, generator=_gen(5), dtype=torch.float64), seed=7)
+    B = A + E
+    warm = cs.eigenvalues(B, k=3, v0=cold.vectors)
+    cold_b = cs.eigenvalues(B, k=3)
+    assert warm.all_converged
+    torch.testing.assert_close(warm.values, cold_b.values, atol=1e-3, rtol=0)
+    assert warm.matvecs <= cold_b.matvecs / 3
+
+
+def test_an_exact_eigenvector_as_warm_start_finds_the_rest():
+    A = torch.diag(torch.arange(1.0, 51.0, dtype=torch.float64))
+    e = torch.zeros(50, dtype=torch.float64)
+    e[10] = 1.0  # an eigenvector, but not the top one: an invariant subspace at once
+    r = cs.eigenvalues(A, k=1, v0=e)
+    assert r.values[0] == pytest.approx(50.0, abs=1e-3 * 50)
+
+
+def test_small_operators_are_solved_exactly():
+    A = with_spectrum(torch.tensor([3.0, -2.0, 1.0, 0.5], dtype=torch.float64))
+    r = cs.eigenvalues(A, k=2, which="both")
+    torch.testing.assert_close(r.values, torch.tensor([3.0, 1.0, 0.5, -2.0], dtype=torch.float64))
+    assert r.all_converged and r.matvecs == 4
+
+
+def test_not_converged_says_so_and_what_to_do():
+    A = with_spectrum(SPECTRA["tiny-gap"])
+    r = cs.eigenvalues(A, k=1, tol=1e-9, max_matvecs=5)
+    assert not r.all_converged and r.matvecs == 5
+    assert "not converged" in r.message and "max_matvecs" in r.message
+
+
+def test_seeded_reproducible_and_global_rng_untouched():
+    A = with_spectrum(SPECTRA["decaying"])
+    state = torch.get_rng_state()
+    a, b = cs.eigenvalues(A, k=2, seed=3), cs.eigenvalues(A, k=2, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a.values, b.values) and a.matvecs == b.matvecs
+
+
+def test_by_layer_tops_and_attribution():
+    case = cases.mlp()
+    C = cs.Curvature(case.model, case.loss_fn, case.data)
+    r = cs.eigenvalues(C, k=1, by_layer=True)
+    assert list(r.layers) == ["0", "2"]
+    assert sum(layer.share for layer in r.layers.values()) == pytest.approx(1.0)
+    H = cases.dense_hessian(case)
+    v = torch.linalg.eigh(H).eigenvectors[:, -1]
+    sizes = [p.numel() for p in case.model.parameters()]
+    first = sum(sizes[:2])
+    assert r.layers["0"].share == pytest.approx(float(v[:first].pow(2).sum()), abs=1e-4)
+    top0 = torch.linalg.eigvalsh(H[:first, :first])[-1]
+    top2 = torch.linalg.eigvalsh(H[first:, first:])[-1]
+    assert r.layers["0"].lambda_max == pytest.approx(float(top0), abs=1e-3 * float(top0.abs()))
+    assert r.layers["2"].lambda_max == pytest.approx(float(top2), abs=1e-3 * float(top2.abs()))
+    assert r.layers["0"].num_params == first
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"k": 0}, "positive integer"),
+        ({"which": "top"}, "which must be one of"),
+        ({"tol": 0.0}, "tol"),
+        ({"k": 30, "which": "both"}, "lower k"),
+        ({"block_size": 0}, "block_size"),
+        ({"max_basis": 2, "k": 3}, "max_basis"),
+        ({"v0": torch.zeros(50, dtype=torch.float64)}, "non-zero"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cs.eigenvalues(torch.eye(50, dtype=torch.float64), **kwargs)
+
+
+def test_rejects_what_is_not_an_operator():
+    with pytest.raises(TypeError, match="cs.Curvature"):
+        cs.eigenvalues([[1.0, 0.0], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="square"):
+        cs.eigenvalues(torch.ones(3, 2))
+    with pytest.raises(TypeError, match="by_layer"):
+        cs.eigenvalues(torch.eye(5, dtype=torch.float64), by_layer=True)
