@@ -193,7 +193,7 @@ def test_invalid_arguments(kwargs, match):
 
 
 def test_rejects_what_is_not_an_operator():
-    with pytest.raises(TypeError, match="cs.Curvature"):
+    with pytest.raises(TypeError, match=r"cs\.Curvature"):
         cs.eigenvalues([[1.0, 0.0], [0.0, 1.0]])
     with pytest.raises(ValueError, match="square"):
         cs.eigenvalues(torch.ones(3, 2))

@@ -93,12 +93,9 @@ class Krylov:
     def ritz(self) -> tuple[Tensor, Tensor, Tensor]:
         """Ritz values (ascending), their coordinates S in Q, and residual norms."""
         theta, S = torch.linalg.eigh(self.H)
-        b = self.R.shape[1]
-        if self.R.numel() == 0:
-            res = torch.zeros_like(theta)
-        else:
-            res = (self.R @ S[-b:, :]).norm(dim=0)
-        return theta, S, res
+        if self.R.numel() == 0:  # the whole space: exact
+            return theta, S, torch.zeros_like(theta)
+        return theta, S, (self.R @ S[-self.R.shape[1] :, :]).norm(dim=0)
 
     def restart(self, S_keep: Tensor, theta_keep: Tensor) -> None:
         """Cut the basis back to the Ritz vectors Q S_keep (thick restart); H becomes diagonal."""

@@ -182,8 +182,8 @@ def _hutchpp(
                 se,
                 "hutchinson",
                 (
-                    f"auto chose Hutchinson ({m} probes): a {s}-dimensional sketch would deflate only "
-                    f"{100 * (1 - phi):.0f}% of the squared Frobenius norm"
+                    f"auto chose Hutchinson ({m} probes): a {s}-dimensional sketch would "
+                    f"deflate only {100 * (1 - phi):.0f}% of the squared Frobenius norm"
                 ),
             )
     Q, _ = torch.linalg.qr(Y)
