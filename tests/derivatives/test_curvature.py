@@ -469,3 +469,15 @@ def test_data_that_changes_between_passes_is_caught():
     source.batches.pop()
     with pytest.raises(RuntimeError, match="same data on every pass"):
         C @ torch.ones(C.num_params, dtype=torch.float64)
+
+
+def test_restrict_gives_the_block_with_the_same_settings():
+    case = cases.mlp()
+    C = cs.Curvature(case.model, case.loss_fn, case.data, kind="ggn", seed=3)
+    names = C.param_names[:2]
+    sub = C.restrict(names)
+    assert sub.kind == "ggn" and sub.param_names == names
+    n = sub.num_params
+    torch.testing.assert_close(sub.to_dense(), C.to_dense()[:n, :n], **TOL)
+    with pytest.raises(TypeError, match="from a model"):
+        cs.Curvature.from_function(lambda x: (x**2).sum(), torch.ones(2)).restrict(["x"])

@@ -71,3 +71,26 @@ def test_progress_bar_can_be_shown_and_silenced(capsys):
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         cs.density(torch.eye(5, dtype=torch.float64), **kwargs)
+
+
+def test_three_term_and_reorthogonalized_lanczos_agree():
+    lam = torch.cat(
+        [
+            torch.linspace(-2.0, -0.5, 40, dtype=torch.float64),
+            torch.linspace(0.5, 4.0, 160, dtype=torch.float64),
+        ]
+    )
+    A = with_spectrum(lam, seed=4)
+    plain = cs.density(A, steps=60, probes=6, progress_bar=False)
+    ortho = cs.density(A, steps=60, probes=6, reorthogonalize=True, progress_bar=False)
+    assert plain.matvecs == ortho.matvecs == 360
+    assert abs(plain.negative_mass - ortho.negative_mass) < 0.02
+    assert float(torch.trapezoid((plain.values - ortho.values).abs(), plain.grid)) < 0.1
+
+
+def test_an_invariant_subspace_stops_early_without_breaking_the_quadrature():
+    A = torch.diag(torch.tensor([1.0, 1.0, 2.0, 2.0], dtype=torch.float64))  # 2 distinct values
+    d = cs.density(A, steps=4, probes=2, progress_bar=False)
+    assert d.matvecs < 8
+    torch.testing.assert_close(d.weights.sum(1), torch.ones(2, dtype=torch.float64))
+    assert d.negative_mass < 1e-6

@@ -111,3 +111,28 @@ def test_reproducible_and_the_global_rng_is_untouched():
 def test_invalid_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_estimators_accept_any_object_with_matmat_and_num_params():
+    class Diagonal:
+        num_params, dtype, device = 50, torch.float64, torch.device("cpu")
+
+        def __init__(self):
+            self.d = torch.linspace(1.0, 2.0, 50, dtype=torch.float64)
+
+        def matmat(self, V):
+            return self.d[:, None] * V
+
+    op = Diagonal()
+    assert cs.trace(op, method="exact").value == pytest.approx(75.0)
+    assert cs.eigenvalues(op, k=1).values[0] == pytest.approx(2.0, abs=1e-3)
+
+
+def test_auto_trace_on_real_curvature():
+    case = cases.cnn()
+    for kind in ("hessian", "ggn"):
+        C = cs.Curvature(case.model, case.loss_fn, case.data, kind=kind)
+        exact = cs.trace(C, method="exact").value
+        r = cs.trace(C, matvecs=30)
+        assert r.matvecs == 30
+        assert abs(r.value - exact) <= 4 * r.stderr + 1e-12

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from curvscope.spectrum._operator import as_operator, generator, progress, rademacher
-from curvscope.spectrum.lanczos import Krylov
+from curvscope.spectrum.lanczos import Krylov, tridiagonal
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ def density(
     *,
     grid_points: int = 512,
     sigma: float | None = None,
+    reorthogonalize: bool = False,
     seed: int | torch.Generator | None = 0,
     progress_bar: bool | None = True,
 ) -> DensityResult:
@@ -82,6 +83,10 @@ def density(
         probes: independent probes (the error bars of ``negative_mass`` come from them).
         grid_points: resolution of the returned curve.
         sigma: Gaussian broadening width.
+        reorthogonalize: keep the Lanczos basis orthogonal (memory O(steps·n) and O(n·steps)
+            work per step). Off by default: quadrature needs only the three-term recurrence
+            (memory O(n)), whose rounding-error "ghost" Ritz values share the weight of the
+            eigenvalue they copy and leave the density unchanged.
         seed: seed or generator of the probes.
         progress_bar: show a progress bar (default on; ``False`` for quiet, ``None`` only on a
             terminal).
@@ -106,13 +111,21 @@ def density(
     with progress(steps * probes, "density (SLQ)", progress_bar) as bar:
         for _ in range(probes):
             z = rademacher(op.n, 1, gen, op.dtype, op.device)
-            kry = Krylov.start(op, z, gen)
-            while kry.size < steps:
-                kry.extend()
-                bar.update(1)
-            theta, S = torch.linalg.eigh(kry.H)
-            all_nodes.append(theta)
-            all_weights.append(S[0, :] ** 2)
+            before = op.matvecs
+            if reorthogonalize:
+                kry = Krylov.start(op, z, gen)
+                while kry.size < steps:
+                    kry.extend()
+                T = kry.H.double().cpu()
+            else:
+                alpha, beta = tridiagonal(op, z, steps)
+                T = torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
+            bar.update(op.matvecs - before)
+            theta, S = torch.linalg.eigh(T)
+            # an early stop (invariant subspace) gives fewer nodes: pad with zero weight
+            pad = steps - theta.numel()
+            all_nodes.append(torch.cat([theta, theta[-1:].expand(pad)]))
+            all_weights.append(torch.cat([S[0, :] ** 2, torch.zeros(pad, dtype=S.dtype)]))
     nodes = torch.stack(all_nodes).double().cpu()
     weights = torch.stack(all_weights).double().cpu()
     weights = weights / weights.sum(dim=1, keepdim=True)

@@ -206,7 +206,7 @@ def eigenvalues(
     converged = res[idx] <= RESIDUAL_SHARE * tol * max(scale, 1e-300)
     if kry.size >= op.n:  # the full space: exact up to rounding
         converged = torch.ones_like(converged)
-    vectors = kry.Q @ S[:, idx] if return_vectors or by_layer else None
+    vectors = kry.vectors(S[:, idx]) if return_vectors or by_layer else None
     used = op.matvecs - used_before
     message = _message(bool(converged.all()), used, max_matvecs, res[idx], scale, tol)
     layers = _by_layer(A, vectors[:, 0], tol, seed) if by_layer else {}

@@ -10,8 +10,6 @@ pair (θ, Qs) has residual ‖A Qs − θ Qs‖ = ‖F s_last‖ — the number 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
@@ -41,49 +39,71 @@ def _orthonormalize(
     return Xn, R
 
 
-@dataclass
 class Krylov:
-    """A growing orthonormal basis Q of a Krylov space of A, and H = QᵀAQ."""
+    """A growing orthonormal basis Q of a Krylov space of A, and H = QᵀAQ.
 
-    op: Operator
-    gen: torch.Generator
-    Q: Tensor  # (n, m)
-    H: Tensor  # (m, m)
-    X: Tensor  # the next block, orthonormal and ⟂ Q
-    R: Tensor  # the residual block F = X R of the last step (A Q = Q H + X R E_lastᵀ)
-    scale: float = 0.0
+    The basis is stored as the rows of a preallocated buffer (Qᵀ, contiguous), which grows by
+    doubling: both projections Qᵀw and Q c then run on contiguous memory, and a step costs
+    O(n·m) for the orthogonalization and nothing for copying the basis.
+    """
+
+    def __init__(self, op: Operator, X0: Tensor, gen: torch.Generator) -> None:
+        self.op, self.gen = op, gen
+        self.X, _ = _orthonormalize(X0, None, gen, float(X0.abs().max()))
+        self._buf = torch.empty(max(8, 2 * X0.shape[1]), op.n, dtype=op.dtype, device=op.device)
+        self._m = 0
+        self.H = torch.zeros(0, 0, dtype=op.dtype, device=op.device)
+        self.R = torch.zeros(0, 0, dtype=op.dtype, device=op.device)  # F = X R (last step)
+        self.scale = 0.0
 
     @classmethod
     def start(cls, op: Operator, X0: Tensor, gen: torch.Generator) -> Krylov:
-        X, _ = _orthonormalize(X0, None, gen, float(X0.abs().max()))
-        empty = torch.zeros(op.n, 0, dtype=op.dtype, device=op.device)
-        h = torch.zeros(0, 0, dtype=op.dtype, device=op.device)
-        return cls(op, gen, empty, h, X, torch.zeros(0, 0, dtype=op.dtype, device=op.device))
+        return cls(op, X0, gen)
 
     @property
     def size(self) -> int:
-        return self.Q.shape[1]
+        return self._m
+
+    @property
+    def Q(self) -> Tensor:
+        """(n, m) view of the basis."""
+        return self._buf[: self._m].T
+
+    def _reserve(self, m: int) -> None:
+        if m > self._buf.shape[0]:
+            cap = min(self.op.n, max(m, 2 * self._buf.shape[0]))
+            buf = torch.empty(cap, self.op.n, dtype=self._buf.dtype, device=self._buf.device)
+            buf[: self._m] = self._buf[: self._m]
+            self._buf = buf
 
     def extend(self) -> None:
-        """One block step: W = A X, orthogonalize against [Q, X] twice, record H."""
+        """One block step: W = A X, orthogonalize against [Q, X], record H.
+
+        Classical Gram-Schmidt, repeated only when the first pass cancelled much of W
+        (the "twice is enough" test of Daniel, Gragg, Kaufman & Stewart 1976).
+        """
         X = self.X
+        m, b = self._m, X.shape[1]
         W = self.op(X)
-        basis = torch.cat([self.Q, X], dim=1)
-        coef = basis.T @ W
-        W = W - basis @ coef
-        c2 = basis.T @ W
-        W = W - basis @ c2
-        coef = coef + c2
-        m, b = self.size, X.shape[1]
+        self._reserve(m + b)
+        self._buf[m : m + b] = X.T
+        Bt = self._buf[: m + b]  # rows: the basis
+        before = W.norm(dim=0)
+        coef = Bt @ W
+        W = W - Bt.T @ coef
+        if bool((W.norm(dim=0) < 0.7 * before).any()):
+            c2 = Bt @ W
+            W = W - Bt.T @ c2
+            coef = coef + c2
         H = torch.zeros(m + b, m + b, dtype=self.H.dtype, device=self.H.device)
         H[:m, :m] = self.H
         H[:, m:] = coef
         H[m:, :m] = coef[:m].T
         H[m:, m:] = (coef[m:] + coef[m:].T) / 2
-        self.Q, self.H = basis, H
+        self._m, self.H = m + b, H
         self.scale = max(self.scale, float(H.abs().max()))
         if self.size < self.op.n:
-            self.X, self.R = _orthonormalize(W, basis, self.gen, self.scale)
+            self.X, self.R = _orthonormalize(W, Bt.T, self.gen, self.scale)
             keep = min(self.X.shape[1], self.op.n - self.size)
             self.X, self.R = self.X[:, :keep], self.R[:keep]
         else:  # the whole space: every Ritz pair is exact
@@ -97,12 +117,46 @@ class Krylov:
             return theta, S, torch.zeros_like(theta)
         return theta, S, (self.R @ S[-self.R.shape[1] :, :]).norm(dim=0)
 
+    def vectors(self, S: Tensor) -> Tensor:
+        """Ritz vectors Q S, (n, j)."""
+        return (S.T @ self._buf[: self._m]).T
+
     def restart(self, S_keep: Tensor, theta_keep: Tensor) -> None:
-        """Cut the basis back to the Ritz vectors Q S_keep (thick restart); H becomes diagonal."""
-        self.Q = self.Q @ S_keep
+        """Cut the basis back to the Ritz vectors Q S_keep (thick restart); H becomes diagonal.
+
+        The residual block stays the next block: A Y = Y Θ + X R E_lastᵀ S_keep, and the next
+        step's projections recover that coupling in H.
+        """
+        p = S_keep.shape[1]
+        self._buf[:p] = S_keep.T @ self._buf[: self._m]
+        self._m = p
         self.H = torch.diag(theta_keep)
-        # the residual block stays the next block: A Y = Y Θ + X R E_lastᵀ S_keep
         self.R = torch.zeros(0, 0, dtype=self.H.dtype, device=self.H.device)
+
+
+def tridiagonal(op: Operator, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """Plain three-term Lanczos from z, without reorthogonalization: (α, β) of the tridiagonal.
+
+    Memory O(n) and no O(n·m) projections. In finite precision the Ritz values acquire "ghost"
+    copies, but the Gauss quadrature the tridiagonal defines stays a good approximation of the
+    spectral measure (Knizhnerman 1996) — which is all stochastic Lanczos quadrature needs.
+    Stops early at an invariant subspace.
+    """
+    q = z[:, 0] / z.norm()
+    q_prev = torch.zeros_like(q)
+    alphas, betas = [], []
+    beta = 0.0
+    for _ in range(steps):
+        w = op(q[:, None])[:, 0] - beta * q_prev
+        alpha = float(q @ w)
+        w = w - alpha * q
+        alphas.append(alpha)
+        beta = float(w.norm())
+        if len(alphas) == steps or beta <= 1e3 * torch.finfo(w.dtype).eps * abs(alpha) + 1e-300:
+            break
+        betas.append(beta)
+        q_prev, q = q, w / beta
+    return torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas, dtype=torch.float64)
 
 
 def error_bounds(theta: Tensor, res: Tensor) -> Tensor:
