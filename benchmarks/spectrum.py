@@ -73,36 +73,26 @@ def _pyhessian_module():
     return sys.modules["pyhessian.hessian"]
 
 
-def pyhessian_eigs(w: Workload, top_n: int):
+def pyhessian_run(w: Workload, call: Callable):
+    """Build PyHessian on the workload and run ``call(hessian_object)``, counting its
+    Hessian-vector products; returns (result, products, seconds)."""
     ph = _pyhessian_module()
     counter = Counted(ph.hessian_vector_product)
     ph.hessian_vector_product = counter
     try:
-
-        def run():
-            comp = ph.hessian(w.model, w.loss_fn, data=w.data, cuda=False)
-            return comp.eigenvalues(top_n=top_n)[0]
-
-        vals, secs = timed(run)
+        out, secs = timed(lambda: call(ph.hessian(w.model, w.loss_fn, data=w.data, cuda=False)))
     finally:
         ph.hessian_vector_product = counter.fn
-    return sorted(vals, reverse=True), counter.calls, secs
+    return out, counter.calls, secs
+
+
+def pyhessian_eigs(w: Workload, top_n: int):
+    vals, calls, secs = pyhessian_run(w, lambda h: h.eigenvalues(top_n=top_n)[0])
+    return sorted(vals, reverse=True), calls, secs
 
 
 def pyhessian_trace(w: Workload):
-    ph = _pyhessian_module()
-    counter = Counted(ph.hessian_vector_product)
-    ph.hessian_vector_product = counter
-    try:
-
-        def run():
-            comp = ph.hessian(w.model, w.loss_fn, data=w.data, cuda=False)
-            return statistics.mean(comp.trace())
-
-        val, secs = timed(run)
-    finally:
-        ph.hessian_vector_product = counter.fn
-    return val, counter.calls, secs
+    return pyhessian_run(w, lambda h: statistics.mean(h.trace()))
 
 
 def eigenthings_op(w: Workload):
