@@ -104,6 +104,7 @@ def bench(w: Workload, repeats: int) -> str:
     fns: dict[str, object] = {"one gradient (forward + backward)": _gradient(w)}
     per: dict[str, int] = {}
     memory: dict[str, str] = {}
+    chosen: dict[str, tuple[cs.Curvature, str]] = {}  # row -> (operator, mode) for labels
     for kind in cs.KINDS:
         C = cs.Curvature(w.model, w.loss_fn, w.data, kind=kind)
         name = f"curvscope {kind}, cached graph"
@@ -111,8 +112,10 @@ def bench(w: Workload, repeats: int) -> str:
         fns[name] = lambda C=C: C @ v
         fns[f"{name}, {BLOCK} vectors, per vector"] = lambda C=C: C @ V
         per[f"{name}, {BLOCK} vectors, per vector"] = BLOCK
+        chosen[f"{name}, {BLOCK} vectors, per vector"] = (C, "block")
         fresh = cs.Curvature(w.model, w.loss_fn, w.data, kind=kind, cache=False)
         fns[f"curvscope {kind}, from scratch (data from a loader)"] = lambda C=fresh: C @ v
+        chosen[f"curvscope {kind}, from scratch (data from a loader)"] = (fresh, "single")
     fns["plain torch double backward, from scratch"] = _double_backward_from_scratch(w, v)
     single, block = _torch_func_products(w)
     fns["torch.func jvp(grad), from scratch"] = single
@@ -131,7 +134,11 @@ def bench(w: Workload, repeats: int) -> str:
     rows = []
     for name, t in med.items():
         t = t / per.get(name, 1)
-        rows.append([name, f"{t * 1e3:.1f}", f"{t / base:.2f}x", memory.get(name, "")])
+        label = name
+        if name in chosen and chosen[name][0].kind == "hessian":  # what backend="auto" kept
+            op, mode = chosen[name]
+            label += f" [auto: {op._chosen.get(mode, 'double_backward').replace('_', ' ')}]"
+        rows.append([label, f"{t * 1e3:.1f}", f"{t / base:.2f}x", memory.get(name, "")])
     header = ["product", "ms", "relative to a gradient", "memory"]
     return f"### {w.name} ({n:,} parameters, float32)\n\n" + markdown_table(header, rows + missing)
 

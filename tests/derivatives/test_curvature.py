@@ -119,16 +119,60 @@ def test_symmetry_and_linearity(kind, seed, a, b):
     torch.testing.assert_close(C @ (a * u + b * v), a * cu + b * cv, rtol=1e-9, atol=1e-10)
 
 
-def test_block_product_equals_single_products():
+def _vectors(n, k, seed=4):
+    return torch.randn(n, k, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("backend", cs.derivatives.BACKENDS)
+def test_block_product_equals_single_products(backend):
     case = cases.mlp()
-    C = cs.Curvature(case.model, case.loss_fn, case.data)
-    V = torch.randn(
-        C.num_params, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
-    )
+    C = cs.Curvature(case.model, case.loss_fn, case.data, backend=backend)
+    V = _vectors(C.num_params, 4)
     CV = C @ V
     for j in range(4):
         torch.testing.assert_close(CV[:, j], C @ V[:, j], **TOL)
-    assert C.matvecs == 8
+    # "auto" computes its first block both ways to choose, and counts both
+    assert C.matvecs == (12 if backend == "auto" else 8)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_forward_over_reverse_backend_matches_the_reference(case, cache):
+    C = cs.Curvature(
+        case.model, case.loss_fn, case.data, backend="forward_over_reverse", cache=cache
+    )
+    V = _vectors(C.num_params, 3)
+    H = cases.dense_hessian(case)
+    torch.testing.assert_close(C @ V, H @ V, **TOL)
+    torch.testing.assert_close(C @ V[:, 0], H @ V[:, 0], **TOL)
+
+
+def test_auto_backend_measures_once_and_says_what_it_chose():
+    case = cases.cnn()
+    C = cs.Curvature(case.model, case.loss_fn, case.data, cache=False)
+    V = _vectors(C.num_params, 3)
+    first = C @ V
+    assert C.matvecs == 6 and len(C.notes) == 1 and "block products" in C.notes[0]
+    torch.testing.assert_close(C @ V, first, **TOL)
+    assert C.matvecs == 9 and len(C.notes) == 1  # chosen once, then used
+    C @ V[:, 0]  # single products from scratch are measured too
+    assert C.matvecs == 11 and any("single products" in n for n in C.notes)
+
+
+def test_dropout_auto_backend_keeps_the_fixed_linear_map():
+    case = cases.dropout_batchnorm()
+    C = cs.Curvature(case.model, case.loss_fn, case.data, cache=False)
+    ref = cs.Curvature(case.model, case.loss_fn, case.data, backend="double_backward")
+    V = _vectors(C.num_params, 2)
+    torch.testing.assert_close(C @ V, ref @ V, **TOL)
+    torch.testing.assert_close(C @ V, ref @ V, **TOL)  # whichever backend it kept
+
+
+def test_backend_is_validated():
+    model, lf, data = _mlp_parts()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cs.Curvature(model, lf, data, backend="jvp")
+    with pytest.raises(ValueError, match="Jacobian products"):
+        cs.Curvature(model, lf, data, kind="ggn", backend="forward_over_reverse")
 
 
 @pytest.mark.parametrize("kind", list(cs.KINDS))

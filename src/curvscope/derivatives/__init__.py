@@ -2,7 +2,7 @@
 the :class:`Curvature` operator of a model's mean loss."""
 
 from curvscope.derivatives._checks import DENSE_LIMIT
-from curvscope.derivatives.curvature import KINDS, Curvature, KindInfo
+from curvscope.derivatives.curvature import BACKENDS, KINDS, Curvature, KindInfo
 from curvscope.derivatives.functions import grad, hessian, hvp
 
-__all__ = ["DENSE_LIMIT", "KINDS", "Curvature", "KindInfo", "grad", "hessian", "hvp"]
+__all__ = ["BACKENDS", "DENSE_LIMIT", "KINDS", "Curvature", "KindInfo", "grad", "hessian", "hvp"]

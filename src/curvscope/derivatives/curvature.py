@@ -35,6 +35,10 @@ class KindInfo:
     formula: str
 
 
+#: Ways to compute a Hessian product: "auto" measures both on the first product of each kind
+#: (single vector, block) that is not served by a kept graph, and keeps the faster.
+BACKENDS = ("auto", "double_backward", "forward_over_reverse")
+
 #: The kinds of curvature a model's loss has (name → description). The exact Hessian is
 #: indefinite away from a minimum; the Gauss-Newton family is PSD for convex losses.
 KINDS: dict[str, KindInfo] = {
@@ -58,7 +62,9 @@ class _FunctionSource:
     def versions(self) -> tuple[int, ...]:
         return (self.x._version,)
 
-    def prepare(self, kind: str) -> Iterator[tuple[float, _k.PreparedProduct]]:
+    def prepare(
+        self, kind: str, forward: bool = False
+    ) -> Iterator[tuple[float, _k.PreparedProduct]]:
         xl, g = _grad_with_graph(self.f, self.x)
         yield 1.0, _k._HessianProduct([xl], [g])
 
@@ -101,10 +107,13 @@ class _ModelSource:
     def versions(self) -> tuple[Any, ...]:
         return (*self.obj.versions(), *(m.training for m in self.obj.model.modules()))
 
-    def prepare(self, kind: str) -> Iterator[tuple[float, _k.PreparedProduct]]:
+    def prepare(
+        self, kind: str, forward: bool = False
+    ) -> Iterator[tuple[float, _k.PreparedProduct]]:
         total = self.obj.num_samples
+        prepare = _k.prepare_hessian_forward if forward else self._prepare
         for batch in self.obj.batches():
-            yield batch.size / total, self._prepare(self.obj, batch)
+            yield batch.size / total, prepare(self.obj, batch)
 
 
 class Curvature:
@@ -141,6 +150,13 @@ class Curvature:
         cache: keep each batch's autograd graph between products (about one gradient per
             product instead of two; memory of one forward-backward graph per batch). Default:
             on for data held in memory (a pair or a list), off for loaders.
+        backend: how Hessian products are computed: ``"double_backward"`` (reverse over
+            reverse; through the kept graph when cached), ``"forward_over_reverse"``
+            (``torch.func`` jvp of grad, vmapped over a block), or ``"auto"`` (default):
+            single products through a kept graph use double backward (the cheapest there
+            is); for a block of vectors, or for products from scratch, the first such product
+            is computed both ways and the faster is kept where the two agree (``C.notes``
+            says which and why; that first product counts twice in ``matvecs``).
 
     Raises:
         ValueError / TypeError: at construction for what can be seen without a forward pass
@@ -168,12 +184,20 @@ class Curvature:
         seed: int = 0,
         mc_samples: int = 1,
         cache: bool | None = None,
+        backend: str = "auto",
     ) -> None:
         self.kind = _check_kind(kind)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "forward_over_reverse" and self.kind != "hessian":
+            raise ValueError(
+                "backend='forward_over_reverse' computes Hessian products; the Gauss-Newton "
+                f"kinds use Jacobian products; got kind={kind!r}. Leave backend='auto'"
+            )
         if not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
         objective = ModelObjective(model, loss_fn, data, params=params, seed=seed)
-        self._init(_ModelSource(objective, self.kind, mc_samples), cache)
+        self._init(_ModelSource(objective, self.kind, mc_samples), cache, backend)
         self.objective = objective
         self._args = {
             "model": model,
@@ -183,6 +207,7 @@ class Curvature:
             "seed": seed,
             "mc_samples": mc_samples,
             "cache": cache,
+            "backend": backend,
         }
 
     @classmethod
@@ -198,11 +223,16 @@ class Curvature:
         self = cls.__new__(cls)
         self.kind = "hessian"
         self.objective = None
-        self._init(_FunctionSource(f, x), cache=True)
+        self._init(_FunctionSource(f, x), cache=True, backend="double_backward")
         return self
 
-    def _init(self, source: _FunctionSource | _ModelSource, cache: bool | None) -> None:
+    def _init(
+        self, source: _FunctionSource | _ModelSource, cache: bool | None, backend: str
+    ) -> None:
         self._source = source
+        self.backend = backend
+        self._chosen: dict[str, str] = {}  # "single" | "block" -> the backend measured faster
+        self._choice_notes: list[str] = []
         self.num_params: int = source.num_params
         self.dtype: torch.dtype = source.dtype
         self.device: torch.device = source.device
@@ -229,8 +259,9 @@ class Curvature:
 
     @property
     def notes(self) -> list[str]:
-        """What the products do differently from a plain forward pass (fallback kernels)."""
-        return list(self._source.notes)
+        """What the products do differently from a plain forward pass (fallback kernels), and
+        which backend the ``"auto"`` choice settled on, with the timings behind it."""
+        return list(self._source.notes) + self._choice_notes
 
     # -------------------------------------------------------------------------- products
     def _products(self) -> Iterator[tuple[float, _k.PreparedProduct]]:
@@ -248,10 +279,20 @@ class Curvature:
         """C V for a block of vectors V of shape (num_params, k); counts k products."""
         V = check_vector(V, self.num_params, self.dtype, self.device, name="V")
         single = V.ndim == 1
-        start = time.perf_counter()
         blocks = self._source.unflatten(V[:, None] if single else V)
+        k = blocks[0].shape[0]
+        impl = self._backend_for(k)
+        out = self._tune(blocks, k) if impl is None else self._apply(blocks, impl)
+        return out[:, 0] if single else out
+
+    def _apply(self, blocks: list[Tensor], impl: str) -> Tensor:
+        start = time.perf_counter()
+        if impl == "double_backward":
+            products = self._products()
+        else:
+            products = self._source.prepare(self.kind, forward=True)
         total: list[Tensor] | None = None
-        for weight, product in self._products():
+        for weight, product in products:
             part = product.apply(blocks)
             if total is None:
                 total = [weight * p for p in part]
@@ -260,10 +301,60 @@ class Curvature:
                     t.add_(p, alpha=weight)
         assert total is not None  # the data is never empty (checked at construction)
         out = self._source.flatten([t.detach() for t in total], batched=True)
-        self.matvecs += V.shape[1] if V.ndim == 2 else 1
+        self.matvecs += blocks[0].shape[0]
         self.seconds += time.perf_counter() - start
-        out = check_finite(out, f"the {self.kind} product")
-        return out[:, 0] if single else out
+        return check_finite(out, f"the {self.kind} product")
+
+    def _backend_for(self, k: int) -> str | None:
+        """The backend for a product of k vectors, or None when "auto" has yet to measure."""
+        if self.backend != "auto":
+            return self.backend
+        if self.kind != "hessian" or self.objective is None:
+            return "double_backward"
+        mode = "single" if k == 1 else "block"
+        if mode == "single" and self.cache:  # a backward through a kept graph is cheapest
+            return "double_backward"
+        return self._chosen.get(mode)
+
+    def _tune(self, blocks: list[Tensor], k: int) -> Tensor:
+        """Compute the first product of its kind both ways, keep the faster where they agree.
+
+        Double backward (through a kept graph, or from scratch) against forward-over-reverse
+        (vmapped over the block): which is faster depends on the model — on this project's
+        benchmarks vmapped blocks win on MLPs and lose several-fold on CNNs.
+        """
+        mode = "single" if k == 1 else "block"
+        if self.cache:
+            for _ in self._products():  # build the kept graphs outside the timing
+                pass
+        start = time.perf_counter()
+        a = self._apply(blocks, "double_backward")
+        t_db = time.perf_counter() - start
+        choice, why = "double_backward", ""
+        try:
+            start = time.perf_counter()
+            b = self._apply(blocks, "forward_over_reverse")
+            t_for = time.perf_counter() - start
+        except Exception as e:  # an op without forward-mode AD or a batching rule
+            why = f"forward-over-reverse failed ({type(e).__name__})"
+        else:
+            rtol = 1e-6 if self.dtype == torch.float64 else 1e-3
+            scale = float(a.abs().max()) or 1.0
+            if not torch.allclose(a, b, rtol=rtol, atol=rtol * scale):
+                why = "forward-over-reverse disagreed with double backward"
+            else:
+                why = (
+                    f"double backward {t_db * 1e3:.1f} ms, "
+                    f"forward-over-reverse {t_for * 1e3:.1f} ms"
+                )
+                if t_for < t_db:
+                    choice = "forward_over_reverse"
+        self._chosen[mode] = choice
+        self._choice_notes.append(
+            f"{'single' if k == 1 else 'block'} products ({k} vectors measured): "
+            f"{choice.replace('_', ' ')} ({why})"
+        )
+        return a
 
     def __matmul__(self, v: Tensor) -> Tensor:
         return self.matmat(v)
@@ -301,7 +392,9 @@ class Curvature:
         """The (n, n) matrix, from n products; refuses n above ``DENSE_LIMIT`` unless forced."""
         check_dense_size(self.num_params, self.dtype, force, f"the {self.kind} matrix")
         eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
-        return self.matmat(eye)
+        # n columns at once: no backend measurement, and no vmap over n (its memory is O(n²))
+        impl = "double_backward" if self.backend == "auto" else self.backend
+        return self._apply(self._source.unflatten(eye), impl)
 
     def to_scipy(self) -> Any:
         """A ``scipy.sparse.linalg.LinearOperator`` view: float64 in, float64 out.

@@ -285,16 +285,20 @@ class ModelObjective:
             torch.manual_seed(self.seed * _SEED_STRIDE + batch_index)
             yield
 
-    def forward(self, theta: Mapping[str, Tensor], batch: Batch) -> Tensor:
-        """Model outputs at parameters ``theta``; call inside :meth:`context`."""
+    def raw_forward(self, theta: Mapping[str, Tensor], batch: Batch) -> Any:
+        """Model outputs at parameters ``theta``, unchecked (usable inside torch.func
+        transforms); call inside :meth:`context`."""
         inputs = batch.inputs
         state = self._state(theta)
         if isinstance(inputs, Mapping):
-            out = functional_call(self.model, state, (), dict(inputs))
-        elif isinstance(inputs, (tuple, list)):
-            out = functional_call(self.model, state, tuple(inputs))
-        else:
-            out = functional_call(self.model, state, (inputs,))
+            return functional_call(self.model, state, (), dict(inputs))
+        if isinstance(inputs, (tuple, list)):
+            return functional_call(self.model, state, tuple(inputs))
+        return functional_call(self.model, state, (inputs,))
+
+    def forward(self, theta: Mapping[str, Tensor], batch: Batch) -> Tensor:
+        """Model outputs at parameters ``theta``, checked; call inside :meth:`context`."""
+        out = self.raw_forward(theta, batch)
         if not isinstance(out, Tensor):
             raise TypeError(
                 f"the model returned {type(out).__name__}, expected a tensor of outputs; wrap "
