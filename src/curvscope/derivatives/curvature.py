@@ -155,8 +155,9 @@ class Curvature:
             (``torch.func`` jvp of grad, vmapped over a block), or ``"auto"`` (default):
             single products through a kept graph use double backward (the cheapest there
             is); for a block of vectors, or for products from scratch, the first such product
-            is computed both ways and the faster is kept where the two agree (``C.notes``
-            says which and why; that first product counts twice in ``matvecs``).
+            is computed both ways (after one untimed warm-up vector) and the faster is kept
+            where the two agree; ``C.notes`` says which and why, and ``matvecs`` counts the
+            extra products.
 
     Raises:
         ValueError / TypeError: at construction for what can be seen without a forward pass
@@ -332,6 +333,8 @@ class Curvature:
         t_db = time.perf_counter() - start
         choice, why = "double_backward", ""
         try:
+            # one vector first, untimed: torch loads its forward-AD decompositions on first use
+            self._apply([blk[:1] for blk in blocks], "forward_over_reverse")
             start = time.perf_counter()
             b = self._apply(blocks, "forward_over_reverse")
             t_for = time.perf_counter() - start
