@@ -115,7 +115,11 @@ def bench(w: Workload, repeats: int) -> str:
         chosen[f"{name}, {BLOCK} vectors, per vector"] = (C, "block")
         fresh = cs.Curvature(w.model, w.loss_fn, w.data, kind=kind, cache=False)
         fns[f"curvscope {kind}, from scratch (data from a loader)"] = lambda C=fresh: C @ v
-        chosen[f"curvscope {kind}, from scratch (data from a loader)"] = (fresh, "single")
+        fresh_block = cs.Curvature(w.model, w.loss_fn, w.data, kind=kind, cache=False)
+        row = f"curvscope {kind}, from scratch, {BLOCK} vectors, per vector"
+        fns[row] = lambda C=fresh_block: C @ V
+        per[row] = BLOCK
+        chosen[row] = (fresh_block, "block")
     fns["plain torch double backward, from scratch"] = _double_backward_from_scratch(w, v)
     single, block = _torch_func_products(w)
     fns["torch.func jvp(grad), from scratch"] = single

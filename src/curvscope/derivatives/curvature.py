@@ -153,11 +153,9 @@ class Curvature:
         backend: how Hessian products are computed: ``"double_backward"`` (reverse over
             reverse; through the kept graph when cached), ``"forward_over_reverse"``
             (``torch.func`` jvp of grad, vmapped over a block), or ``"auto"`` (default):
-            single products through a kept graph use double backward (the cheapest there
-            is); for a block of vectors, or for products from scratch, the first such product
-            is computed both ways (after one untimed warm-up vector) and the faster is kept
-            where the two agree; ``C.notes`` says which and why, and ``matvecs`` counts the
-            extra products.
+            single products use double backward; the first block product is computed both
+            ways (each after an untimed warm-up vector) and the faster is kept where the two
+            agree. ``C.notes`` says which and why; ``matvecs`` counts the extra products.
 
     Raises:
         ValueError / TypeError: at construction for what can be seen without a forward pass
@@ -312,29 +310,27 @@ class Curvature:
             return self.backend
         if self.kind != "hessian" or self.objective is None:
             return "double_backward"
-        mode = "single" if k == 1 else "block"
-        if mode == "single" and self.cache:  # a backward through a kept graph is cheapest
+        if k == 1:  # measured: neither wins single products consistently; keep the default
             return "double_backward"
-        return self._chosen.get(mode)
+        return self._chosen.get("block")
 
     def _tune(self, blocks: list[Tensor], k: int) -> Tensor:
-        """Compute the first product of its kind both ways, keep the faster where they agree.
+        """Compute the first block product both ways, keep the faster where they agree.
 
-        Double backward (through a kept graph, or from scratch) against forward-over-reverse
-        (vmapped over the block): which is faster depends on the model — on this project's
-        benchmarks vmapped blocks win on MLPs and lose several-fold on CNNs.
+        Double backward (k backward passes, through the kept graph when cached) against
+        forward-over-reverse (one vmapped pass): which is faster depends on the model — on
+        this project's benchmarks vmapped blocks win on MLPs and lose several-fold on CNNs.
+        Both are warmed up on one vector first (the kept graph is built; torch loads its
+        forward-AD decompositions on first use), so that the timing compares steady states.
         """
-        mode = "single" if k == 1 else "block"
-        if self.cache:
-            for _ in self._products():  # build the kept graphs outside the timing
-                pass
+        one = [blk[:1] for blk in blocks]
+        self._apply(one, "double_backward")
         start = time.perf_counter()
         a = self._apply(blocks, "double_backward")
         t_db = time.perf_counter() - start
         choice, why = "double_backward", ""
         try:
-            # one vector first, untimed: torch loads its forward-AD decompositions on first use
-            self._apply([blk[:1] for blk in blocks], "forward_over_reverse")
+            self._apply(one, "forward_over_reverse")
             start = time.perf_counter()
             b = self._apply(blocks, "forward_over_reverse")
             t_for = time.perf_counter() - start
@@ -352,10 +348,9 @@ class Curvature:
                 )
                 if t_for < t_db:
                     choice = "forward_over_reverse"
-        self._chosen[mode] = choice
+        self._chosen["block"] = choice
         self._choice_notes.append(
-            f"{'single' if k == 1 else 'block'} products ({k} vectors measured): "
-            f"{choice.replace('_', ' ')} ({why})"
+            f"block products ({k} vectors measured): {choice.replace('_', ' ')} ({why})"
         )
         return a
 
@@ -382,6 +377,36 @@ class Curvature:
                 raise ValueError(f"flatten: missing entries for parameters {missing}")
             tensors = [tensors[n] for n in self.param_names]
         return self._source.flatten(list(tensors))
+
+    def loss_and_gradient(self) -> tuple[float, Tensor]:
+        """The mean loss and its flat gradient, on the same data, randomness and mode as the
+        products (one gradient per batch; the model is left as found)."""
+        if self.objective is None:
+            src = self._source
+            xl = src.x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                y = src.f(xl)
+                (g,) = torch.autograd.grad(y, xl)
+            return float(y), g.detach()
+        obj = self.objective
+        loss, total = 0.0, None
+        for batch in obj.batches():
+            theta = obj.leaves()
+            leaves = list(theta.values())
+            with obj.context(batch.index):
+                value = obj.loss(obj.forward(theta, batch), batch)
+                grads = torch.autograd.grad(value, leaves, allow_unused=True)
+            flat = obj.flatten(
+                [
+                    torch.zeros_like(x) if g is None else g
+                    for g, x in zip(grads, leaves, strict=True)
+                ]
+            )
+            w = batch.size / obj.num_samples
+            loss += w * float(value)
+            total = w * flat if total is None else total.add_(flat, alpha=w)
+        assert total is not None
+        return loss, total.detach()
 
     def restrict(self, params: Iterable[nn.Parameter | str]) -> Curvature:
         """The same curvature (model, loss, data, kind, seed) on a subset of the parameters:
