@@ -8,6 +8,7 @@ tensor([ 6., 12.])
 
 from curvscope import problems, spectrum
 from curvscope.derivatives import DENSE_LIMIT, KINDS, Curvature, grad, hessian, hvp
+from curvscope.diagnose import Diagnosis, Thresholds, diagnose, stability_limit
 from curvscope.spectrum import density, diagonal, eigenvalues, trace, trace_of_square
 
 __version__ = "0.1.0"
@@ -16,8 +17,11 @@ __all__ = [
     "DENSE_LIMIT",
     "KINDS",
     "Curvature",
+    "Diagnosis",
+    "Thresholds",
     "__version__",
     "density",
+    "diagnose",
     "diagonal",
     "eigenvalues",
     "grad",
@@ -25,6 +29,7 @@ __all__ = [
     "hvp",
     "problems",
     "spectrum",
+    "stability_limit",
     "trace",
     "trace_of_square",
 ]

@@ -387,7 +387,7 @@ class Curvature:
             with torch.enable_grad():
                 y = src.f(xl)
                 (g,) = torch.autograd.grad(y, xl)
-            return float(y), g.detach()
+            return float(y.detach()), g.detach()
         obj = self.objective
         loss, total = 0.0, None
         for batch in obj.batches():
@@ -403,7 +403,7 @@ class Curvature:
                 ]
             )
             w = batch.size / obj.num_samples
-            loss += w * float(value)
+            loss += w * float(value.detach())
             total = w * flat if total is None else total.add_(flat, alpha=w)
         assert total is not None
         return loss, total.detach()

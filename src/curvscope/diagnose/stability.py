@@ -91,7 +91,7 @@ def stability_limit(
     Example:
         >>> import torch, curvscope as cs
         >>> w = torch.nn.Parameter(torch.zeros(3))
-        >>> cs.stability_limit(torch.optim.SGD([w], lr=0.1, momentum=0.9)).limit
+        >>> round(cs.stability_limit(torch.optim.SGD([w], lr=0.1, momentum=0.9)).limit, 6)
         38.0
     """
     if (optimizer is None) == (lr is None):

@@ -93,7 +93,7 @@ def density(
 
     Example:
         >>> import torch, curvscope as cs
-        >>> A = torch.diag(torch.linspace(-1, 3, 200, dtype=torch.float64))
+        >>> A = torch.diag(torch.linspace(-1, 4, 200, dtype=torch.float64))  # 20% below 0
         >>> round(cs.density(A, steps=20, probes=8, progress_bar=False).negative_mass, 1)
         0.2
     """

@@ -1,0 +1,257 @@
+"""``diagnose()``: measure a model's loss where it stands, and say in words which state training
+is in, with the numbers behind it and what to do."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvscope.derivatives import Curvature
+from curvscope.diagnose.classify import DEFAULT_THRESHOLDS, Thresholds, classify
+from curvscope.diagnose.stability import StabilityLimit, stability_limit
+from curvscope.spectrum import Operator, eigenvalues
+from curvscope.spectrum.cg import cg
+
+#: The default cost of one diagnosis, in curvature products.
+DEFAULT_BUDGET = 80
+#: The share of the budget Lanczos may use; one product goes along the step, CG gets the rest.
+LANCZOS_SHARE = 0.6
+#: Eigenvalue accuracy of a diagnosis: 1% of |λ_max| is ample to tell the states apart.
+DIAGNOSIS_TOL = 1e-2
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """Which state training is in, why, and what to do.
+
+    Attributes:
+        state: ``"learning"`` | ``"unstable"`` | ``"edge_of_stability"`` | ``"flat"`` |
+            ``"saddle"`` | ``"minimum"`` | ``"diverged"``.
+        evidence: the numbers behind it — ``loss``, ``grad_norm``, ``sharpness``,
+            ``lambda_min``, ``stability_limit`` (None without optimizer or lr),
+            ``directional_curvature``, ``newton_decrement`` (None where undefined),
+            ``matvecs`` — and the thresholds, the learning rate and limit constant, the
+            stable learning rate, and whether each estimate converged.
+        reasons: the sentences that decided the state.
+        advice: actionable sentences.
+        confident: False when an estimate the verdict rests on did not converge.
+    """
+
+    state: str
+    evidence: Mapping[str, Any]
+    reasons: list[str]
+    advice: list[str]
+    confident: bool = True
+    vectors: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def __str__(self) -> str:
+        head = {
+            "learning": "Learning",
+            "unstable": "Unstable: the step overshoots sharp curvature",
+            "edge_of_stability": "At the edge of stability",
+            "flat": "Flat: a plateau",
+            "saddle": "At a saddle point",
+            "minimum": "At a minimum",
+            "diverged": "Diverged",
+        }[self.state]
+        text = f"{head}. " + " ".join(r[0].upper() + r[1:] + "." for r in self.reasons)
+        if self.advice:
+            text += " " + " ".join(self.advice)
+        if not self.confident:
+            text += " (Some estimates did not converge within the budget: treat this as tentative.)"
+        return text
+
+
+def _operator(C: Curvature, limit: StabilityLimit | None) -> Operator:
+    """The curvature the optimizer's step sees: S^½ (H + diag(l2)) S^½."""
+    half = None if limit is None or limit.scale is None else limit.scale.clamp_min(0).sqrt()
+    l2 = None if limit is None else limit.l2
+
+    def matmat(V: Tensor) -> Tensor:
+        W = V if half is None else half[:, None] * V
+        out = C.matmat(W)
+        if l2 is not None:
+            out = out + l2[:, None] * W
+        return out if half is None else half[:, None] * out
+
+    return Operator(matmat, C.num_params, C.dtype, C.device, C)
+
+
+def diagnose(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Tensor], Tensor],
+    data: Any,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    lr: float | None = None,
+    params: Iterable[nn.Parameter | str] | None = None,
+    budget: int = DEFAULT_BUDGET,
+    thresholds: Thresholds = DEFAULT_THRESHOLDS,
+    seed: int = 0,
+) -> Diagnosis:
+    """Say which state training is in, why, and what to do — from a few dozen curvature
+    products, judged against the optimizer's own stability limit.
+
+    It measures the loss and gradient (direction), the sharpness and the most negative
+    curvature of the curvature the optimizer sees (for Adam and RMSprop the preconditioned
+    P^-½ H P^-½, P from the optimizer's state), the curvature along the step direction, and the
+    Newton decrement δ² = gᵀH⁻¹g (by CG; how far the loss is above the bottom of the local
+    quadratic). Then :func:`~curvscope.diagnose.classify.classify` decides.
+
+    Args:
+        model, loss_fn, data: as for :class:`~curvscope.Curvature` (the model is left as found).
+        optimizer: a torch ``SGD``, ``Adam``, ``AdamW`` or ``RMSprop``: its learning rates,
+            momentum, weight decay and state set the limit.
+        lr: instead of an optimizer: plain gradient descent at this learning rate. With neither,
+            stability cannot be judged; the other states can.
+        params: restrict to some parameters (default: all that require grad).
+        budget: cap on curvature products (default 80): Lanczos for both ends, then one
+            product along the step direction, then CG with what is left.
+        thresholds: what "small" and "margin" mean.
+        seed: fixes the random start of Lanczos and the dropout masks.
+
+    Example:
+        >>> import torch, curvscope as cs
+        >>> p = cs.problems.get("breast-cancer-logreg")
+        >>> d = cs.diagnose(p.make_model(0), p.loss_fn, p.data, lr=1.0)
+        >>> d.state, round(d.evidence["stability_limit"], 3)
+        ('unstable', 2.0)
+    """
+    if not isinstance(budget, int) or budget < 8:
+        raise ValueError(f"budget must be an integer >= 8 (products), got {budget!r}")
+    if not isinstance(thresholds, Thresholds):
+        raise TypeError(f"thresholds must be a cs.Thresholds, got {type(thresholds).__name__}")
+    start = time.perf_counter()
+    C = Curvature(model, loss_fn, data, params=params, seed=seed)
+    limit = None
+    if optimizer is not None or lr is not None:
+        order = list(C.objective.params.values())
+        limit = stability_limit(optimizer, lr=lr, params=order)
+    evidence: dict[str, Any] = {
+        "loss": math.nan,
+        "grad_norm": math.nan,
+        "sharpness": None,
+        "lambda_min": None,
+        "stability_limit": None if limit is None else limit.limit,
+        "directional_curvature": None,
+        "newton_decrement": None,
+        "matvecs": 0,
+        "lr": None if limit is None else limit.lr,
+        "limit_constant": None if limit is None else limit.constant,
+        "optimizer": "none" if limit is None else limit.optimizer,
+        "preconditioned": bool(limit and limit.preconditioned),
+        "thresholds": thresholds.as_dict(),
+    }
+    try:
+        loss, g = C.loss_and_gradient()
+    except FloatingPointError:
+        loss, g = math.nan, None
+    evidence["loss"] = loss
+    evidence["grad_norm"] = math.nan if g is None else float(g.norm())
+    if g is None or not math.isfinite(loss) or not torch.isfinite(g).all():
+        return _finish("diverged", evidence, thresholds, limit, {}, True, start, C)
+    op = _operator(C, limit)
+    r = eigenvalues(
+        op,
+        k=1,
+        which="both",
+        tol=DIAGNOSIS_TOL,
+        max_matvecs=max(6, int(LANCZOS_SHARE * budget)),
+        seed=seed,
+    )
+    s, lmin = float(r.values[0]), float(r.values[-1])
+    evidence.update(
+        sharpness=s,
+        lambda_min=lmin,
+        sharpness_residual=float(r.residuals[0]),
+        lambda_min_residual=float(r.residuals[-1]),
+        eigen_converged=r.all_converged,
+    )
+    vectors = {"top": r.vectors[:, 0], "bottom": r.vectors[:, -1]}
+    # the step direction d (−d is taken): g for GD and SGD, S g for preconditioned methods
+    d = g if limit is None or limit.scale is None else limit.scale * g
+    gd = float(g @ d)
+    if gd > 0:
+        Hd = C.matvec(d) + (0 if limit is None or limit.l2 is None else limit.l2 * d)
+        evidence["directional_curvature"] = float(d @ Hd) / gd
+    left = budget - C.matvecs
+    decrement_converged = None
+    if left >= 2 and float(g.norm()) > 0:
+        sol = cg(C, g, tol=1e-2, max_matvecs=left)
+        if not sol.negative_curvature:
+            evidence["newton_decrement"] = float(g @ sol.x)
+            decrement_converged = sol.converged
+    evidence["decrement_converged"] = decrement_converged
+    if limit is not None:
+        evidence["stable_lr"] = limit.stable_lr(s)
+    confident = r.all_converged
+    return _finish(None, evidence, thresholds, limit, vectors, confident, start, C)
+
+
+def _finish(
+    state: str | None,
+    ev: dict[str, Any],
+    th: Thresholds,
+    limit: StabilityLimit | None,
+    vectors: dict[str, Tensor],
+    confident: bool,
+    start: float,
+    C: Curvature,
+) -> Diagnosis:
+    ev["matvecs"] = C.matvecs
+    ev["seconds"] = time.perf_counter() - start
+    state, reasons = classify(ev, th) if state is None else (state, classify(ev, th)[1])
+    return Diagnosis(state, ev, reasons, _advice(state, ev, limit), confident, vectors)
+
+
+def _advice(state: str, ev: Mapping[str, Any], limit: StabilityLimit | None) -> list[str]:
+    s, lr = ev.get("sharpness"), ev.get("lr")
+    stable = ev.get("stable_lr")
+    if state == "diverged":
+        return [
+            "Restore the last good checkpoint and lower the learning rate (or clip "
+            "gradients); look for NaN/Inf in the data and for overflow in the model."
+        ]
+    if state == "unstable":
+        tips = (
+            [
+                f"The largest stable learning rate here is {stable:.3g} (now {lr:.3g}): lower it "
+                "below that, or warm it up."
+            ]
+            if stable is not None and lr
+            else []
+        )
+        return [
+            *tips,
+            "A curvature-aware optimizer (trust-region Newton-CG) or gradient "
+            "clipping also keeps steps from overshooting.",
+        ]
+    if state == "saddle":
+        return [
+            f"Escape along the negative-curvature direction (λ_min = {ev['lambda_min']:.3g}, "
+            "its eigenvector is in diagnosis.vectors['bottom']): use saddle-free Newton or "
+            "cubic-regularized Newton, or add noise or momentum."
+        ]
+    if state == "flat":
+        return [
+            "Gradients and curvature are both tiny: a larger learning rate, momentum or "
+            "normalized gradient descent crosses a plateau faster; check for saturated or "
+            "dead units and for a vanishing loss signal."
+        ]
+    if state == "minimum":
+        return [
+            "Converged to a minimum: further steps only fine-tune. Lower the learning rate "
+            "to settle, or stop."
+        ]
+    if stable is not None and s is not None and s > 0 and lr:
+        return [
+            f"Steps are stable: the sharpness is {100 * s / limit.limit:.0f}% of the limit; "
+            f"the largest stable learning rate here is {stable:.3g} (now {lr:.3g})."
+        ]
+    return []

@@ -1,0 +1,156 @@
+"""diagnose() on cases whose true state is known."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import curvscope as cs
+from curvscope.diagnose import STATES
+from tests import cases
+
+
+class FunctionModel(nn.Module):
+    """A plain function f(x) of the parameter x, as a model whose loss is f."""
+
+    def __init__(self, f, x0):
+        super().__init__()
+        self.f = f
+        self.x = nn.Parameter(torch.as_tensor(x0, dtype=torch.float64).clone())
+
+    def forward(self, inputs):
+        return self.f(self.x).reshape(1).expand(len(inputs))
+
+
+DATA = (torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+
+
+def mean_loss(out, target):
+    return out.mean()
+
+
+def diag(f, x0, **kw):
+    model = FunctionModel(f, x0)
+    return cs.diagnose(model, mean_loss, DATA, **kw), model
+
+
+A = torch.diag(torch.tensor([10.0, 1.0, 0.1], dtype=torch.float64))
+
+
+def bowl(x):
+    return 0.5 * x @ (A @ x)
+
+
+FAR = [1.0, 1.0, 1.0]
+
+
+def test_quadratic_unstable_above_two_over_lambda_max_and_learning_below():
+    d, _ = diag(bowl, FAR, lr=0.25)  # 2/λ_max = 0.2
+    assert d.state == "unstable"
+    assert d.evidence["sharpness"] == pytest.approx(10.0, rel=1e-2)
+    assert d.evidence["stability_limit"] == pytest.approx(8.0)
+    assert d.evidence["stable_lr"] == pytest.approx(0.2, rel=1e-2)
+    assert "0.2" in str(d) and d.confident
+    d, _ = diag(bowl, FAR, lr=0.05)
+    assert d.state == "learning"
+
+
+def test_momentum_changes_the_limit():
+    m = FunctionModel(bowl, FAR)
+    plain = cs.diagnose(m, mean_loss, DATA, torch.optim.SGD(m.parameters(), lr=0.25))
+    heavy = cs.diagnose(m, mean_loss, DATA, torch.optim.SGD(m.parameters(), lr=0.25, momentum=0.9))
+    assert plain.state == "unstable" and heavy.state == "learning"
+    assert heavy.evidence["stability_limit"] == pytest.approx(3.8 / 0.25)
+
+
+def test_saddle_with_zero_gradient():
+    p = cs.problems.get("saddle")
+    d, _ = diag(p.f, [1e-6, 1e-6], lr=0.1)
+    assert d.state == "saddle"
+    assert d.evidence["lambda_min"] == pytest.approx(-2.0, rel=1e-2)
+    assert d.vectors["bottom"].abs()[1] == pytest.approx(1.0, abs=1e-3)  # escape along y
+    assert "saddle-free" in " ".join(d.advice)
+
+
+def test_bottom_of_a_convex_bowl_is_a_minimum():
+    d, _ = diag(bowl, [1e-7, -1e-7, 1e-7], lr=0.1)
+    assert d.state == "minimum"
+    assert d.evidence["newton_decrement"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_far_out_plateau_is_flat():
+    d, _ = diag(lambda x: 1 - torch.exp(-(x @ x)), [3.0, 0.0])
+    assert d.state == "flat"
+    assert d.evidence["loss"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_nan_is_diverged():
+    d, _ = diag(lambda x: torch.log(x).sum(), [-1.0, 2.0], lr=0.1)
+    assert d.state == "diverged" and math.isnan(d.evidence["loss"])
+    assert d.evidence["sharpness"] is None and "Restore" in d.advice[0]
+
+
+def test_adam_sharpness_is_the_preconditioned_one():
+    m = FunctionModel(bowl, FAR)
+    opt = torch.optim.Adam(m.parameters(), lr=0.01)
+    loss = mean_loss(m(DATA[0]), DATA[1])
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    d = cs.diagnose(m, mean_loss, DATA, opt)
+    v_hat = opt.state[m.x]["exp_avg_sq"] / (1 - 0.999)
+    p_inv = 1 / (v_hat.sqrt() + 1e-8)
+    expected = torch.linalg.eigvalsh(p_inv.sqrt()[:, None] * A * p_inv.sqrt()[None, :])[-1]
+    assert d.evidence["sharpness"] == pytest.approx(float(expected), rel=1e-2)
+    assert d.evidence["preconditioned"] and d.evidence["stability_limit"] == pytest.approx(3800)
+
+
+def test_l2_weight_decay_is_part_of_the_curvature():
+    m = FunctionModel(bowl, FAR)
+    d = cs.diagnose(m, mean_loss, DATA, torch.optim.SGD(m.parameters(), lr=0.01, weight_decay=0.5))
+    assert d.evidence["sharpness"] == pytest.approx(10.5, rel=1e-2)
+
+
+def test_evidence_has_the_contract_keys_and_the_cost():
+    case = cases.mlp()
+    d = cs.diagnose(case.model, case.loss_fn, case.data, lr=0.1)
+    for key in (
+        "loss",
+        "grad_norm",
+        "sharpness",
+        "lambda_min",
+        "stability_limit",
+        "directional_curvature",
+        "newton_decrement",
+        "matvecs",
+        "thresholds",
+    ):
+        assert key in d.evidence
+    assert 0 < d.evidence["matvecs"] <= cs.diagnose.__kwdefaults__["budget"]
+    assert d.state in STATES
+
+
+def test_budget_caps_the_products():
+    case = cases.residual_layernorm()
+    d = cs.diagnose(case.model, case.loss_fn, case.data, lr=0.1, budget=20)
+    assert d.evidence["matvecs"] <= 20
+    with pytest.raises(ValueError, match="budget"):
+        cs.diagnose(case.model, case.loss_fn, case.data, budget=3)
+
+
+def test_the_model_and_optimizer_are_left_as_found():
+    case = cases.dropout_batchnorm()
+    opt = torch.optim.Adam(case.model.parameters(), lr=1e-3)
+    case.loss_fn(case.model(case.inputs), case.targets).backward()
+    opt.step()
+    before = cases.snapshot(case.model)
+    state = {
+        k: {n: t.clone() for n, t in v.items() if torch.is_tensor(t)}
+        for k, v in ((id(p), opt.state[p]) for p in case.model.parameters())
+    }
+    cs.diagnose(case.model, case.loss_fn, case.data, opt)
+    cases.assert_unchanged(before, cases.snapshot(case.model))
+    for p in case.model.parameters():
+        for n, t in state[id(p)].items():
+            assert torch.equal(opt.state[p][n], t)
