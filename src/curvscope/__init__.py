@@ -8,7 +8,7 @@ tensor([ 6., 12.])
 
 from curvscope import problems, spectrum
 from curvscope.derivatives import DENSE_LIMIT, KINDS, Curvature, grad, hessian, hvp
-from curvscope.diagnose import Diagnosis, Thresholds, diagnose, stability_limit
+from curvscope.diagnose import Diagnosis, Monitor, Thresholds, diagnose, stability_limit
 from curvscope.spectrum import density, diagonal, eigenvalues, trace, trace_of_square
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "KINDS",
     "Curvature",
     "Diagnosis",
+    "Monitor",
     "Thresholds",
     "__version__",
     "density",

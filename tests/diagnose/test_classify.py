@@ -42,17 +42,28 @@ def test_diverged_first():
 
 def test_small_gradient_threshold_both_sides():
     th = cs.Thresholds()
-    # ½‖g‖²/max|λ| against small_gradient × loss scale (loss 1, |λ| 10)
-    g_edge = math.sqrt(2 * 10 * th.small_gradient * 1.0)
+    # ½‖g‖²/c against small_gradient × loss scale (loss 1, curvature along g: 5)
+    g_edge = math.sqrt(2 * 5 * th.small_gradient * 1.0)
     assert state(grad_norm=g_edge * 1.01) == "learning"
     assert state(grad_norm=g_edge * 0.99, lambda_min=0.1) == "minimum"
+
+
+def test_direction_floor_both_sides():
+    """Along a direction of almost no curvature a step still buys much: not small."""
+    th = cs.Thresholds()
+    floor = th.direction_floor * 10.0  # of max(|λ|) = 10
+    g = math.sqrt(2 * floor * th.small_gradient * 1.0) * 0.99  # small at the floor
+    assert state(grad_norm=g, directional_curvature=floor / 2, lambda_min=0.1) == "minimum"
+    g = math.sqrt(2 * floor * 2 * th.small_gradient) * 0.99  # small only along c = 2·floor
+    assert state(grad_norm=g, directional_curvature=floor * 2, lambda_min=0.1) == "minimum"
+    assert state(grad_norm=g, directional_curvature=floor, lambda_min=0.1) == "learning"
 
 
 def test_gradient_floor_and_loss_floor():
     th = cs.Thresholds()
     # at loss 0 the loss scale is the floor, not 0
     assert state(loss=0.0, grad_norm=th.gradient_floor / 2, lambda_min=0.1) == "minimum"
-    g = math.sqrt(2 * 10 * th.small_gradient * th.loss_floor)
+    g = math.sqrt(2 * 5 * th.small_gradient * th.loss_floor)
     assert state(loss=0.0, grad_norm=g * 0.9, lambda_min=0.1) == "minimum"
     assert state(loss=0.0, grad_norm=g * 1.1, lambda_min=0.1) == "learning"
 

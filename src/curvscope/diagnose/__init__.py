@@ -2,6 +2,7 @@
 
 from curvscope.diagnose.classify import DEFAULT_THRESHOLDS, STATES, Thresholds, classify
 from curvscope.diagnose.diagnosis import DEFAULT_BUDGET, Diagnosis, diagnose
+from curvscope.diagnose.monitor import Monitor, read_log
 from curvscope.diagnose.stability import StabilityLimit, stability_limit
 
 __all__ = [
@@ -9,9 +10,11 @@ __all__ = [
     "DEFAULT_THRESHOLDS",
     "STATES",
     "Diagnosis",
+    "Monitor",
     "StabilityLimit",
     "Thresholds",
     "classify",
     "diagnose",
+    "read_log",
     "stability_limit",
 ]

@@ -23,8 +23,10 @@ class Thresholds:
     max(|L|, loss_floor) or to the sharpness s, so that the rules hold at any scale.
 
     Attributes:
-        small_gradient: the gradient is small when the decrease a curvature-scaled step could
-            still buy, ½‖g‖²/max(|λ|), is at most this fraction of the loss scale.
+        small_gradient: the gradient is small when the decrease a step along −g could still
+            buy under the local quadratic, ½‖g‖²/c (c the curvature along g), is at most this
+            fraction of the loss scale.
+        direction_floor: c is taken as at least this fraction of max(|λ_max|, |λ_min|).
         gradient_floor: ‖g‖ at or below this is small whatever the scale.
         loss_floor: the loss scale never drops below this (a loss near 0 still has a scale).
         flat_curvature: curvature is negligible when max(|λ_max|, |λ_min|) is at most this
@@ -36,6 +38,7 @@ class Thresholds:
     """
 
     small_gradient: float = 1e-3
+    direction_floor: float = 1e-2
     gradient_floor: float = 1e-8
     loss_floor: float = 1e-3
     flat_curvature: float = 1e-2
@@ -76,12 +79,17 @@ def classify(
     s, lmin = evidence.get("sharpness"), evidence.get("lambda_min")
     scale = max(abs(loss), th.loss_floor)
     curv = max(abs(s or 0.0), abs(lmin or 0.0))
-    buyable = 0.5 * g * g / max(curv, 1e-300)
+    # the decrease one step along −g can still buy under the local quadratic, ½‖g‖²/c, with c
+    # the curvature along g (floored at a fraction of the extreme curvature: along a direction
+    # with almost none, the quadratic model stops being a guide)
+    c_dir = evidence.get("directional_curvature")
+    along = curv if c_dir is None else abs(c_dir)
+    buyable = 0.5 * g * g / max(along, th.direction_floor * curv, 1e-300)
     small = g <= th.gradient_floor or buyable <= th.small_gradient * scale
     if small:
         reasons = [
-            f"the gradient is small: ‖g‖ = {g:.3g}; a curvature-scaled step would lower the loss "
-            f"by at most {buyable:.3g}, ≤ {th.small_gradient:g} × loss scale {scale:.3g}"
+            f"the gradient is small: ‖g‖ = {g:.3g}; a step along it would lower the loss by at "
+            f"most {buyable:.3g}, ≤ {th.small_gradient:g} × loss scale {scale:.3g}"
         ]
         if curv <= th.flat_curvature * scale:
             return "flat", [

@@ -94,6 +94,7 @@ def diagnose(
     budget: int = DEFAULT_BUDGET,
     thresholds: Thresholds = DEFAULT_THRESHOLDS,
     seed: int = 0,
+    v0: Tensor | None = None,
 ) -> Diagnosis:
     """Say which state training is in, why, and what to do — from a few dozen curvature
     products, judged against the optimizer's own stability limit.
@@ -115,6 +116,9 @@ def diagnose(
             product along the step direction, then CG with what is left.
         thresholds: what "small" and "margin" mean.
         seed: fixes the random start of Lanczos and the dropout masks.
+        v0: warm start for Lanczos, e.g. ``previous.vectors["top"]`` and ``["bottom"]``
+            stacked as columns: a nearby point then costs a few products (the Monitor does
+            this).
 
     Example:
         >>> import torch, curvscope as cs
@@ -164,6 +168,7 @@ def diagnose(
         tol=DIAGNOSIS_TOL,
         max_matvecs=max(6, int(LANCZOS_SHARE * budget)),
         seed=seed,
+        v0=v0,
     )
     s, lmin = float(r.values[0]), float(r.values[-1])
     evidence.update(

@@ -1,0 +1,285 @@
+"""The Monitor: a diagnosis every few steps of the user's own training loop, with what only
+history shows (edge of stability, a loss that ran away), and a JSONL run log."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from torch import Tensor, nn
+
+from curvscope.diagnose.classify import DEFAULT_THRESHOLDS, Thresholds
+from curvscope.diagnose.diagnosis import DEFAULT_BUDGET, Diagnosis, diagnose
+
+logger = logging.getLogger(__name__)
+
+#: Version of the run-log format (the header line's ``"curvscope_log"``).
+LOG_VERSION = 1
+#: Edge of stability: the sharpness within this fraction of the limit ...
+EOS_BAND = 0.15
+#: ... at this many consecutive probes.
+EOS_PROBES = 3
+#: Diverged: the loss above this multiple of the first loss seen (or not finite).
+EXPLOSION = 1e3
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)  # "nan", "inf": JSON has no literal for them
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Tensor):
+        return _jsonable(x.tolist())
+    return x
+
+
+def _is_writer() -> bool:
+    """Only rank 0 writes under torch.distributed."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class Monitor:
+    """Diagnose training as it runs: ``mon.step(loss)`` in your loop.
+
+    Between probes a step only records the loss (no products). Every ``every`` steps a full
+    :func:`~curvscope.diagnose` runs on ``probe_data``, warm-started from the previous probe's
+    eigenvectors (so it costs a few products), and history refines its verdict:
+
+    - **diverged** when the loss is not finite or above ``EXPLOSION`` (1e3) times the first;
+    - **edge_of_stability** when the sharpness has been within ``EOS_BAND`` (±15%) of the
+      stability limit at ``EOS_PROBES`` (3) consecutive probes (Cohen et al. 2021): full-batch
+      training drives it there and holds it, the loss falling non-monotonically.
+
+    Each probe appends one JSON object to ``log`` (flushed, so a crash loses nothing): "step",
+    "state", "advice", "reasons" and the evidence keys at top level; the first line is a header
+    (``"curvscope_log": 1``, the version, the optimizer, the cadence). State *changes* go to
+    ``logging`` (logger ``curvscope.diagnose.monitor``) and to ``callback(diagnosis, previous)``.
+
+    Args:
+        model, loss_fn, probe_data: what to diagnose (a fixed probe batch or loader: the
+            curvature is measured on it).
+        optimizer: the live optimizer (its limit and preconditioner are read at each probe).
+        lr: instead, plain gradient descent at this rate.
+        every: steps between probes.
+        log: a path (or an open text file) for the JSONL run log, or None.
+        budget, thresholds, params, seed: as for :func:`~curvscope.diagnose`.
+        callback: called as ``callback(diagnosis, previous_state)`` when the state changes.
+
+    Example:
+        >>> import torch, curvscope as cs
+        >>> p = cs.problems.get("breast-cancer-logreg")
+        >>> model = p.make_model(0)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=5)
+        >>> for _ in range(10):
+        ...     opt.zero_grad()
+        ...     loss = p.loss_fn(model(p.data[0]), p.data[1])
+        ...     loss.backward()
+        ...     opt.step()
+        ...     d = mon.step(loss)
+        >>> mon.last.state
+        'learning'
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Tensor], Tensor],
+        probe_data: Any,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        lr: float | None = None,
+        every: int = 50,
+        log: str | Path | TextIO | None = None,
+        budget: int = DEFAULT_BUDGET,
+        thresholds: Thresholds = DEFAULT_THRESHOLDS,
+        params: Iterable[nn.Parameter | str] | None = None,
+        seed: int = 0,
+        callback: Callable[[Diagnosis, str | None], None] | None = None,
+    ) -> None:
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer (steps), got {every!r}")
+        if callback is not None and not callable(callback):
+            raise TypeError("callback must be callable as callback(diagnosis, previous_state)")
+        self.model, self.loss_fn, self.probe_data = model, loss_fn, probe_data
+        self.optimizer, self.lr = optimizer, lr
+        self.every, self.budget, self.thresholds = every, budget, thresholds
+        self.params = None if params is None else list(params)
+        self.seed, self.callback = seed, callback
+        self.steps = 0
+        self.history: list[Diagnosis] = []
+        self.losses: list[float] = []
+        self.first_loss: float | None = None
+        self._vectors: Tensor | None = None
+        self._file, self._owns = None, False
+        if log is not None and _is_writer():
+            if hasattr(log, "write"):
+                self._file = log
+            else:
+                self._file, self._owns = open(log, "w", encoding="utf-8"), True  # noqa: SIM115
+            self._write(
+                {
+                    "curvscope_log": LOG_VERSION,
+                    "version": _version(),
+                    "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "optimizer": type(optimizer).__name__
+                    if optimizer is not None
+                    else (f"gradient descent (lr={lr})" if lr is not None else "none"),
+                    "every": every,
+                    "budget": budget,
+                    "thresholds": thresholds.as_dict(),
+                }
+            )
+
+    # ----------------------------------------------------------------------------- use
+    @property
+    def last(self) -> Diagnosis | None:
+        return self.history[-1] if self.history else None
+
+    def step(self, loss: Tensor | float | None = None) -> Diagnosis | None:
+        """Record one training step; every ``every`` steps, probe. Returns the diagnosis at a
+        probe, None otherwise."""
+        self.steps += 1
+        if loss is not None:
+            value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+            self.losses.append(value)
+            if self.first_loss is None and math.isfinite(value):
+                self.first_loss = value
+        if self.steps % self.every:
+            return None
+        return self.probe()
+
+    def probe(self) -> Diagnosis:
+        """Diagnose now, whatever the step."""
+        d = diagnose(
+            self.model,
+            self.loss_fn,
+            self.probe_data,
+            self.optimizer,
+            lr=self.lr,
+            params=self.params,
+            budget=self.budget,
+            thresholds=self.thresholds,
+            seed=self.seed,
+            v0=self._vectors,
+        )
+        d = self._with_history(d)
+        if "top" in d.vectors:
+            self._vectors = torch.stack([d.vectors["top"], d.vectors["bottom"]], dim=1)
+        previous = self.last.state if self.history else None
+        self.history.append(d)
+        self._write(
+            {
+                "step": self.steps,
+                "state": d.state,
+                "advice": d.advice,
+                "reasons": d.reasons,
+                "confident": d.confident,
+                **d.evidence,
+            }
+        )
+        if d.state != previous:
+            logger.info("step %d: %s -> %s", self.steps, previous, d.state)
+            if self.callback is not None:
+                self.callback(d, previous)
+        return d
+
+    def _with_history(self, d: Diagnosis) -> Diagnosis:
+        ev = dict(d.evidence)
+        recent = [v for v in self.losses[-self.every :] if v is not None]
+        blown = self.first_loss is not None and any(
+            not math.isfinite(v) or v > EXPLOSION * max(abs(self.first_loss), 1e-12) for v in recent
+        )
+        if d.state != "diverged" and blown:
+            return Diagnosis(
+                "diverged",
+                ev,
+                [
+                    f"the training loss ran away: above {EXPLOSION:g} times its first value "
+                    f"{self.first_loss:.3g}, or not finite"
+                ],
+                ["Restore the last good checkpoint and lower the learning rate."],
+                d.confident,
+                d.vectors,
+            )
+        limit, s = ev.get("stability_limit"), ev.get("sharpness")
+        if limit is None or s is None or d.state not in ("learning", "unstable"):
+            return d
+        near = [abs(s / limit - 1) <= EOS_BAND]
+        for past in reversed(self.history[-(EOS_PROBES - 1) :]):
+            ps, pl = past.evidence.get("sharpness"), past.evidence.get("stability_limit")
+            near.append(ps is not None and pl is not None and abs(ps / pl - 1) <= EOS_BAND)
+        if len(near) < EOS_PROBES or not all(near):
+            return d
+        rising = _rises_and_falls(recent)
+        reasons = [
+            f"the sharpness has stayed within ±{100 * EOS_BAND:.0f}% of the stability limit "
+            f"for {EOS_PROBES} probes (now {s:.4g} against {limit:.4g})",
+            "the loss falls, not monotonically" if rising else "the loss still falls",
+        ]
+        advice = [
+            "Training is at the edge of stability: the learning rate, not the curvature, is "
+            "setting the sharpness. This is normal for full-batch and large-batch training; "
+            "lowering the learning rate lets the sharpness rise again, and a rising loss trend "
+            "would mean it has tipped over."
+        ]
+        return Diagnosis("edge_of_stability", ev, reasons, advice, d.confident, d.vectors)
+
+    # ---------------------------------------------------------------------------- log
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        self._file.write(json.dumps(_jsonable(record), ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        """Close the run log (if the Monitor opened it)."""
+        if self._owns and self._file is not None:
+            self._file.close()
+        self._file = None
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _rises_and_falls(losses: list[float]) -> bool:
+    diffs = [b - a for a, b in itertools.pairwise(losses)]
+    return any(d > 0 for d in diffs) and any(d < 0 for d in diffs)
+
+
+def _version() -> str:
+    from curvscope import __version__
+
+    return __version__
+
+
+def read_log(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Read a Monitor run log: (header, records). Non-finite numbers come back as floats."""
+    header: dict[str, Any] = {}
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            for k, v in obj.items():
+                if v in ("nan", "inf", "-inf"):
+                    obj[k] = float(v)
+            if "curvscope_log" in obj:
+                header = obj
+            else:
+                records.append(obj)
+    return header, records

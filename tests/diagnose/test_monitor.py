@@ -1,0 +1,128 @@
+"""The Monitor in a real training loop: the edge of stability on digits, the run log, state
+changes, and training that is bit-identical with and without probes."""
+
+import io
+import itertools
+import logging
+
+import pytest
+import torch
+
+import curvscope as cs
+from curvscope.diagnose import read_log
+from tests import cases
+
+
+def gd_on_digits(lr, steps, every, log=None, callback=None):
+    p = cs.problems.get("digits-mlp", hidden=32, n=500, loss="mse")
+    model = p.make_model(0)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    mon = cs.Monitor(
+        model, p.loss_fn, p.data, optimizer=opt, every=every, log=log, callback=callback
+    )
+    X, Y = p.data
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = p.loss_fn(model(X), Y)
+        loss.backward()
+        opt.step()
+        mon.step(loss)
+    mon.close()
+    return mon
+
+
+def test_full_batch_gd_reaches_and_holds_the_edge_of_stability():
+    """Cohen et al. 2021 on a tanh MLP with MSE on digits: sharpness rises to 2/η and hovers."""
+    mon = gd_on_digits(lr=1.0, steps=600, every=50)
+    last = mon.last
+    assert last.state == "edge_of_stability"
+    assert last.evidence["sharpness"] == pytest.approx(2.0, rel=0.15)
+    assert "edge of stability" in str(last).lower()
+
+
+def test_progressive_sharpening_below_the_limit():
+    mon = gd_on_digits(lr=0.5, steps=600, every=100)
+    sharp = [d.evidence["sharpness"] for d in mon.history]
+    assert sharp[-1] > 1.3 * sharp[0]  # rising towards 2/η = 4
+    assert all(d.state == "learning" for d in mon.history)
+
+
+def test_run_log_is_versioned_jsonl_flushed_per_record(tmp_path):
+    path = tmp_path / "run.jsonl"
+    mon = gd_on_digits(lr=1.0, steps=100, every=25, log=path)
+    header, records = read_log(path)
+    assert header["curvscope_log"] == 1 and header["every"] == 25
+    assert [r["step"] for r in records] == [25, 50, 75, 100]
+    for key in (
+        "state",
+        "advice",
+        "loss",
+        "grad_norm",
+        "sharpness",
+        "lambda_min",
+        "stability_limit",
+        "directional_curvature",
+        "newton_decrement",
+        "matvecs",
+    ):
+        assert key in records[0]
+    assert records[-1]["state"] == mon.last.state
+
+
+def test_state_changes_go_to_logging_and_the_callback(caplog):
+    seen = []
+    with caplog.at_level(logging.INFO, logger="curvscope.diagnose.monitor"):
+        mon = gd_on_digits(
+            lr=1.0, steps=600, every=50, callback=lambda d, prev: seen.append((prev, d.state))
+        )
+    changes = [
+        (a.state, b.state) for a, b in zip(mon.history, mon.history[1:]) if a.state != b.state
+    ]
+    assert seen[0][0] is None and len(seen) == len(changes) + 1
+    assert any("edge_of_stability" in r.getMessage() for r in caplog.records)
+
+
+def test_a_runaway_loss_is_diverged():
+    case = cases.mlp()
+    mon = cs.Monitor(case.model, case.loss_fn, case.data, lr=0.1, every=3)
+    for value in (1.0, 50.0, 5e3):
+        d = mon.step(value)
+    assert d.state == "diverged" and "ran away" in d.reasons[0]
+
+
+def test_probes_do_not_change_training():
+    """Same seed, same data: training with a Monitor is bit-identical to training without."""
+
+    def train(with_monitor):
+        case = cases.dropout_batchnorm()
+        opt = torch.optim.SGD(case.model.parameters(), lr=0.05, momentum=0.9)
+        mon = cs.Monitor(
+            case.model, case.loss_fn, case.data, optimizer=opt, every=3, log=io.StringIO()
+        )
+        torch.manual_seed(0)
+        for _ in range(10):
+            opt.zero_grad()
+            loss = case.loss_fn(case.model(case.inputs), case.targets)
+            loss.backward()
+            opt.step()
+            if with_monitor:
+                mon.step(loss)
+        return case.model, opt, len(mon.history)
+
+    a, opt_a, probes = train(True)
+    b, opt_b, none = train(False)
+    assert probes == 3 and none == 0
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    for ba, bb in zip(a.buffers(), b.buffers(), strict=True):
+        assert torch.equal(ba, bb)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(opt_a.state[pa]["momentum_buffer"], opt_b.state[pb]["momentum_buffer"])
+
+
+def test_invalid_arguments():
+    case = cases.mlp()
+    with pytest.raises(ValueError, match="every"):
+        cs.Monitor(case.model, case.loss_fn, case.data, every=0)
+    with pytest.raises(TypeError, match="callback"):
+        cs.Monitor(case.model, case.loss_fn, case.data, callback=3)
