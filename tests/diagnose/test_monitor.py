@@ -75,9 +75,7 @@ def test_state_changes_go_to_logging_and_the_callback(caplog):
         mon = gd_on_digits(
             lr=1.0, steps=600, every=50, callback=lambda d, prev: seen.append((prev, d.state))
         )
-    changes = [
-        (a.state, b.state) for a, b in zip(mon.history, mon.history[1:]) if a.state != b.state
-    ]
+    changes = [(a, b) for a, b in itertools.pairwise(mon.history) if a.state != b.state]
     assert seen[0][0] is None and len(seen) == len(changes) + 1
     assert any("edge_of_stability" in r.getMessage() for r in caplog.records)
 
