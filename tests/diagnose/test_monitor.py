@@ -4,6 +4,7 @@ changes, and training that is bit-identical with and without probes."""
 import io
 import itertools
 import logging
+import time
 
 import pytest
 import torch
@@ -124,3 +125,15 @@ def test_invalid_arguments():
         cs.Monitor(case.model, case.loss_fn, case.data, every=0)
     with pytest.raises(TypeError, match="callback"):
         cs.Monitor(case.model, case.loss_fn, case.data, callback=3)
+
+
+def test_default_cadence_keeps_probes_within_the_overhead_budget():
+    case = cases.mlp()
+    mon = cs.Monitor(case.model, case.loss_fn, case.data, lr=0.1)
+    assert mon.every is None
+    for _ in range(300):
+        time.sleep(0.002)  # a training step the Monitor can time
+        mon.step(1.0)
+    assert len(mon.history) >= 2
+    # at most the budget, plus the one probe that may overrun it (the first, or the last)
+    assert mon.probe_seconds <= mon.overhead * mon.train_seconds + mon._last_probe_seconds

@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
@@ -28,6 +29,10 @@ EOS_BAND = 0.15
 EOS_PROBES = 3
 #: Diverged: the loss above this multiple of the first loss seen (or not finite).
 EXPLOSION = 1e3
+#: Default cadence: probes take at most this share of the wall time ...
+OVERHEAD = 0.05
+#: ... and come at least this many steps apart (the first one after this many steps).
+MIN_EVERY = 10
 
 
 def _jsonable(x: Any) -> Any:
@@ -51,7 +56,7 @@ def _is_writer() -> bool:
 class Monitor:
     """Diagnose training as it runs: ``mon.step(loss)`` in your loop.
 
-    Between probes a step only records the loss (no products). Every ``every`` steps a full
+    Between probes a step only records the loss (no products). At each probe a full
     :func:`~curvscope.diagnose` runs on ``probe_data``, warm-started from the previous probe's
     eigenvectors (so it costs a few products), and history refines its verdict:
 
@@ -70,7 +75,9 @@ class Monitor:
             curvature is measured on it).
         optimizer: the live optimizer (its limit and preconditioner are read at each probe).
         lr: instead, plain gradient descent at this rate.
-        every: steps between probes.
+        every: steps between probes; by default (None) the cadence adapts so that probes take
+            at most ``overhead`` (5%) of the wall time, timing the loop and the probes.
+        overhead: the share of wall time the default cadence may spend on probes.
         log: a path (or an open text file) for the JSONL run log, or None.
         budget, thresholds, params, seed: as for :func:`~curvscope.diagnose`.
         callback: called as ``callback(diagnosis, previous_state)`` when the state changes.
@@ -99,7 +106,8 @@ class Monitor:
         optimizer: torch.optim.Optimizer | None = None,
         *,
         lr: float | None = None,
-        every: int = 50,
+        every: int | None = None,
+        overhead: float = OVERHEAD,
         log: str | Path | TextIO | None = None,
         budget: int = DEFAULT_BUDGET,
         thresholds: Thresholds = DEFAULT_THRESHOLDS,
@@ -107,13 +115,22 @@ class Monitor:
         seed: int = 0,
         callback: Callable[[Diagnosis, str | None], None] | None = None,
     ) -> None:
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive integer (steps), got {every!r}")
+        if every is not None and (not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be a positive integer (steps) or None, got {every!r}")
+        if not 0 < overhead < 1:
+            raise ValueError(f"overhead must be a fraction in (0, 1), got {overhead!r}")
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable as callback(diagnosis, previous_state)")
         self.model, self.loss_fn, self.probe_data = model, loss_fn, probe_data
         self.optimizer, self.lr = optimizer, lr
         self.every, self.budget, self.thresholds = every, budget, thresholds
+        self.overhead = overhead
+        self.train_seconds = 0.0  # wall time between step() calls, probes excluded
+        self.probe_seconds = 0.0
+        self._last_probe_seconds = 0.0
+        self._since_probe = 0
+        self._loss_mark = 0
+        self._clock: float | None = None
         self.params = None if params is None else list(params)
         self.seed, self.callback = seed, callback
         self.steps = 0
@@ -135,7 +152,7 @@ class Monitor:
                     "optimizer": type(optimizer).__name__
                     if optimizer is not None
                     else (f"gradient descent (lr={lr})" if lr is not None else "none"),
-                    "every": every,
+                    "every": every if every is not None else f"auto ({overhead:.0%} overhead)",
                     "budget": budget,
                     "thresholds": thresholds.as_dict(),
                 }
@@ -147,20 +164,38 @@ class Monitor:
         return self.history[-1] if self.history else None
 
     def step(self, loss: Tensor | float | None = None) -> Diagnosis | None:
-        """Record one training step; every ``every`` steps, probe. Returns the diagnosis at a
+        """Record one training step; probe when one is due. Returns the diagnosis at a
         probe, None otherwise."""
+        now = time.perf_counter()
+        if self._clock is not None:
+            self.train_seconds += now - self._clock
+        self._clock = now
         self.steps += 1
+        self._since_probe += 1
         if loss is not None:
             value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
             self.losses.append(value)
             if self.first_loss is None and math.isfinite(value):
                 self.first_loss = value
-        if self.steps % self.every:
+        if not self._due():
             return None
-        return self.probe()
+        d = self.probe()
+        self._clock = time.perf_counter()  # the probe is not training time
+        return d
+
+    def _due(self) -> bool:
+        if self.every is not None:
+            return self.steps % self.every == 0
+        if self._since_probe < MIN_EVERY:
+            return False
+        if not self.history:  # the first probe, after MIN_EVERY steps
+            return True
+        # keep the probes' share of the wall time at or below `overhead`
+        return self.probe_seconds + self._last_probe_seconds <= self.overhead * self.train_seconds
 
     def probe(self) -> Diagnosis:
         """Diagnose now, whatever the step."""
+        start = time.perf_counter()
         d = diagnose(
             self.model,
             self.loss_fn,
@@ -192,11 +227,15 @@ class Monitor:
             logger.info("step %d: %s -> %s", self.steps, previous, d.state)
             if self.callback is not None:
                 self.callback(d, previous)
+        self._last_probe_seconds = time.perf_counter() - start
+        self.probe_seconds += self._last_probe_seconds
+        self._since_probe = 0
+        self._loss_mark = len(self.losses)
         return d
 
     def _with_history(self, d: Diagnosis) -> Diagnosis:
         ev = dict(d.evidence)
-        recent = [v for v in self.losses[-self.every :] if v is not None]
+        recent = self.losses[self._loss_mark :]  # the losses since the previous probe
         blown = self.first_loss is not None and any(
             not math.isfinite(v) or v > EXPLOSION * max(abs(self.first_loss), 1e-12) for v in recent
         )
