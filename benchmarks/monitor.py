@@ -19,7 +19,7 @@ from _common import markdown_table
 import curvscope as cs
 
 
-def train(steps: int, batch: int, monitor: str) -> tuple[float, int]:
+def train(steps: int, batch: int, monitor: str) -> tuple[float, int, float]:
     p = cs.problems.get("digits-mlp", hidden=32, n=None)
     X, Y = p.data
     model = p.make_model(0)
@@ -40,33 +40,49 @@ def train(steps: int, batch: int, monitor: str) -> tuple[float, int]:
         opt.step()
         if mon is not None:
             mon.step(loss)
-    return time.perf_counter() - start, 0 if mon is None else len(mon.history)
+    share = 0.0 if mon is None else mon.probe_seconds / mon.train_seconds
+    return time.perf_counter() - start, 0 if mon is None else len(mon.history), share
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     modes = ["none", "default", "every 50"]
     times: dict[str, list[float]] = {m: [] for m in modes}
     probes: dict[str, int] = {}
+    shares: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(args.repeats):
         for m in modes:
-            t, n = train(args.steps, args.batch, m)
+            t, n, share = train(args.steps, args.batch, m)
             times[m].append(t)
             probes[m] = n
+            shares[m].append(share)
     base = statistics.median(times["none"])
     rows = []
     for m in modes:
         t = statistics.median(times[m])
-        rows.append([f"Monitor: {m}", str(probes[m]), f"{t:.2f}", f"{100 * (t / base - 1):+.1f}%"])
+        rows.append(
+            [
+                f"Monitor: {m}",
+                str(probes[m]),
+                f"{t:.2f}",
+                f"{100 * (t / base - 1):+.1f}%",
+                f"{100 * statistics.median(shares[m]):.1f}%",
+            ]
+        )
     print(
         f"### Monitor overhead: digits MLP 64-32-10, SGD momentum 0.9, batch {args.batch}, "
         f"{args.steps} steps, probe batch 512 (median of {args.repeats})\n"
     )
-    print(markdown_table(["run", "probes", "seconds", "overhead"], rows))
+    print(
+        markdown_table(
+            ["run", "probes", "seconds", "wall-time overhead vs none", "probe time / loop time"],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import curvscope as cs
-from curvscope.diagnose import STATES
+from curvscope.diagnose import STATES, classify
 from tests import cases
 
 
@@ -154,3 +154,35 @@ def test_the_model_and_optimizer_are_left_as_found():
     for p in case.model.parameters():
         for n, t in state[id(p)].items():
             assert torch.equal(opt.state[p][n], t)
+
+
+def test_batch_sharpness_is_the_mean_rayleigh_quotient_along_batch_gradients():
+    case = cases.mlp(n=24)
+    X, y = case.data
+    batches = [(X[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)]
+    d = cs.diagnose(case.model, case.loss_fn, case.data, lr=0.1, train_batches=batches)
+    expected = []
+    for xb, yb in batches:
+        sub = cases.Case("b", case.model, case.loss_fn, xb, yb)
+        L, theta0 = cases.loss_fn_of_theta(sub)
+        g = torch.func.grad(L)(theta0)
+        H = cases.dense_hessian(sub)
+        expected.append(float(g @ H @ g / (g @ g)))
+    assert d.evidence["batch_sharpness"] == pytest.approx(sum(expected) / 3, rel=1e-8)
+    assert d.evidence["batches"] == 3 and d.evidence["batch_sharpness_stderr"] > 0
+
+
+def test_batch_sharpness_above_the_limit_is_unstable():
+    s, reasons = classify(
+        {
+            "loss": 1.0,
+            "grad_norm": 1.0,
+            "sharpness": 10.0,
+            "lambda_min": 0.0,
+            "stability_limit": 20.0,
+            "lr": 0.1,
+            "limit_constant": 2.0,
+            "batch_sharpness": 23.0,
+        }
+    )
+    assert s == "unstable" and "batch sharpness" in reasons[-1]

@@ -127,6 +127,16 @@ def classify(
         return "learning", reasons
     reasons = [f"the gradient is not small: ‖g‖ = {g:.3g}"]
     limit, lr, const = (evidence.get(k) for k in ("stability_limit", "lr", "limit_constant"))
+    bs = evidence.get("batch_sharpness")
+    if limit is not None and bs is not None and bs > (1 + th.margin) * limit:
+        return "unstable", [
+            *reasons,
+            (
+                f"the batch sharpness {bs:.4g} (the curvature each mini-batch step meets along its "
+                f"own direction) exceeds the stability limit {limit:.4g} by "
+                f"{100 * (bs / limit - 1):.0f}%: mini-batch steps overshoot"
+            ),
+        ]
     if limit is not None and s is not None:
         if s > (1 + th.margin) * limit:
             return "unstable", [

@@ -95,6 +95,8 @@ def diagnose(
     thresholds: Thresholds = DEFAULT_THRESHOLDS,
     seed: int = 0,
     v0: Tensor | None = None,
+    train_batches: Iterable[Any] | None = None,
+    max_batches: int = 8,
 ) -> Diagnosis:
     """Say which state training is in, why, and what to do — from a few dozen curvature
     products, judged against the optimizer's own stability limit.
@@ -116,6 +118,14 @@ def diagnose(
             product along the step direction, then CG with what is left.
         thresholds: what "small" and "margin" mean.
         seed: fixes the random start of Lanczos and the dropout masks.
+        train_batches: for mini-batch training, the (inputs, targets) batches the optimizer
+            steps on (a DataLoader, or a few of its batches). Then the *batch sharpness*
+            E_B[d_Bᵀ H_B d_B / g_Bᵀ d_B] over up to ``max_batches`` of them — the curvature each
+            mini-batch step meets along its own direction, which is what hovers at the limit in
+            mini-batch training while the full-batch sharpness sits below it (Andreyev &
+            Beneventano 2024) — is measured and used for the unstable verdict. Costs one
+            gradient and one product per batch.
+        max_batches: how many of ``train_batches`` to use.
         v0: warm start for Lanczos, e.g. ``previous.vectors["top"]`` and ``["bottom"]``
             stacked as columns: a nearby point then costs a few products (the Monitor does
             this).
@@ -179,12 +189,7 @@ def diagnose(
         eigen_converged=r.all_converged,
     )
     vectors = {"top": r.vectors[:, 0], "bottom": r.vectors[:, -1]}
-    # the step direction d (−d is taken): g for GD and SGD, S g for preconditioned methods
-    d = g if limit is None or limit.scale is None else limit.scale * g
-    gd = float(g @ d)
-    if gd > 0:
-        Hd = C.matvec(d) + (0 if limit is None or limit.l2 is None else limit.l2 * d)
-        evidence["directional_curvature"] = float(d @ Hd) / gd
+    evidence["directional_curvature"] = _directional(C, g, limit)
     left = budget - C.matvecs
     decrement_converged = None
     if left >= 2 and float(g.norm()) > 0:
@@ -193,10 +198,52 @@ def diagnose(
             evidence["newton_decrement"] = float(g @ sol.x)
             decrement_converged = sol.converged
     evidence["decrement_converged"] = decrement_converged
+    if train_batches is not None:
+        bs, se, used = _batch_sharpness(
+            model, loss_fn, train_batches, max_batches, limit, params, seed
+        )
+        evidence.update(batch_sharpness=bs, batch_sharpness_stderr=se, batches=used)
     if limit is not None:
-        evidence["stable_lr"] = limit.stable_lr(s)
+        eff = evidence.get("batch_sharpness", s)
+        evidence["stable_lr"] = limit.stable_lr(eff if eff is not None else s)
     confident = r.all_converged
     return _finish(None, evidence, thresholds, limit, vectors, confident, start, C)
+
+
+def _step_direction(g: Tensor, limit: StabilityLimit | None) -> Tensor:
+    """The direction d whose negative the optimizer steps along: g, or S g when scaled."""
+    return g if limit is None or limit.scale is None else limit.scale * g
+
+
+def _directional(C: Curvature, g: Tensor, limit: StabilityLimit | None) -> float | None:
+    """c = dᵀ(H + l2)d / gᵀd along the step direction (one product), None if gᵀd ≤ 0."""
+    d = _step_direction(g, limit)
+    gd = float(g @ d)
+    if gd <= 0:
+        return None
+    Hd = C.matvec(d)
+    if limit is not None and limit.l2 is not None:
+        Hd = Hd + limit.l2 * d
+    return float(d @ Hd) / gd
+
+
+def _batch_sharpness(
+    model, loss_fn, batches, max_batches, limit, params, seed
+) -> tuple[float | None, float | None, int]:
+    values = []
+    for i, batch in enumerate(batches):
+        if i >= max_batches:
+            break
+        Cb = Curvature(model, loss_fn, batch, params=params, seed=seed + i)
+        _, gb = Cb.loss_and_gradient()
+        c = _directional(Cb, gb, limit)
+        if c is not None:
+            values.append(c)
+    if not values:
+        return None, None, 0
+    t = torch.tensor(values, dtype=torch.float64)
+    se = float(t.std() / math.sqrt(len(t))) if len(t) > 1 else math.inf
+    return float(t.mean()), se, len(values)
 
 
 def _finish(
@@ -209,7 +256,7 @@ def _finish(
     start: float,
     C: Curvature,
 ) -> Diagnosis:
-    ev["matvecs"] = C.matvecs
+    ev["matvecs"] = C.matvecs + ev.get("batches", 0)
     ev["seconds"] = time.perf_counter() - start
     state, reasons = classify(ev, th) if state is None else (state, classify(ev, th)[1])
     return Diagnosis(state, ev, reasons, _advice(state, ev, limit), confident, vectors)

@@ -81,6 +81,9 @@ class Monitor:
         log: a path (or an open text file) for the JSONL run log, or None.
         budget, thresholds, params, seed: as for :func:`~curvscope.diagnose`.
         callback: called as ``callback(diagnosis, previous_state)`` when the state changes.
+        train_batches: for mini-batch training, batches like those the optimizer steps on:
+            the batch sharpness is measured at each probe and is what the edge of stability
+            and the unstable verdict are judged on (see :func:`~curvscope.diagnose`).
 
     Example:
         >>> import torch, curvscope as cs
@@ -114,6 +117,7 @@ class Monitor:
         params: Iterable[nn.Parameter | str] | None = None,
         seed: int = 0,
         callback: Callable[[Diagnosis, str | None], None] | None = None,
+        train_batches: Iterable[Any] | None = None,
     ) -> None:
         if every is not None and (not isinstance(every, int) or every < 1):
             raise ValueError(f"every must be a positive integer (steps) or None, got {every!r}")
@@ -133,6 +137,7 @@ class Monitor:
         self._clock: float | None = None
         self.params = None if params is None else list(params)
         self.seed, self.callback = seed, callback
+        self.train_batches = train_batches
         self.steps = 0
         self.history: list[Diagnosis] = []
         self.losses: list[float] = []
@@ -207,6 +212,7 @@ class Monitor:
             thresholds=self.thresholds,
             seed=self.seed,
             v0=self._vectors,
+            train_batches=self.train_batches,
         )
         d = self._with_history(d)
         if "top" in d.vectors:
@@ -251,12 +257,13 @@ class Monitor:
                 d.confident,
                 d.vectors,
             )
-        limit, s = ev.get("stability_limit"), ev.get("sharpness")
+        limit = ev.get("stability_limit")
+        s = _effective_sharpness(ev)
         if limit is None or s is None or d.state not in ("learning", "unstable"):
             return d
         near = [abs(s / limit - 1) <= EOS_BAND]
         for past in reversed(self.history[-(EOS_PROBES - 1) :]):
-            ps, pl = past.evidence.get("sharpness"), past.evidence.get("stability_limit")
+            ps, pl = _effective_sharpness(past.evidence), past.evidence.get("stability_limit")
             near.append(ps is not None and pl is not None and abs(ps / pl - 1) <= EOS_BAND)
         if len(near) < EOS_PROBES or not all(near):
             return d
@@ -292,6 +299,12 @@ class Monitor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _effective_sharpness(ev: dict[str, Any]) -> float | None:
+    """The sharpness that meets the limit: the batch sharpness in mini-batch training."""
+    bs = ev.get("batch_sharpness")
+    return bs if bs is not None else ev.get("sharpness")
 
 
 def _rises_and_falls(losses: list[float]) -> bool:
