@@ -142,7 +142,8 @@ def diagnose(
     if not isinstance(thresholds, Thresholds):
         raise TypeError(f"thresholds must be a cs.Thresholds, got {type(thresholds).__name__}")
     start = time.perf_counter()
-    C = Curvature(model, loss_fn, data, params=params, seed=seed)
+    # double backward throughout: diagnose's blocks are small (a warm start of 2 vectors)
+    C = Curvature(model, loss_fn, data, params=params, seed=seed, backend="double_backward")
     limit = None
     if optimizer is not None or lr is not None:
         order = list(C.objective.params.values())
@@ -234,7 +235,9 @@ def _batch_sharpness(
     for i, batch in enumerate(batches):
         if i >= max_batches:
             break
-        Cb = Curvature(model, loss_fn, batch, params=params, seed=seed + i)
+        Cb = Curvature(
+            model, loss_fn, batch, params=params, seed=seed + i, backend="double_backward"
+        )
         _, gb = Cb.loss_and_gradient()
         c = _directional(Cb, gb, limit)
         if c is not None:

@@ -8,6 +8,7 @@ reproducible) and never touch the global RNG.
 """
 
 from curvscope.spectrum._operator import Operator, as_operator
+from curvscope.spectrum.cg import CGResult, cg
 from curvscope.spectrum.density import DensityResult, density
 from curvscope.spectrum.eigen import DEFAULT_TOL, EigenResult, LayerSpectrum, eigenvalues
 from curvscope.spectrum.trace import (
@@ -20,6 +21,7 @@ from curvscope.spectrum.trace import (
 
 __all__ = [
     "DEFAULT_TOL",
+    "CGResult",
     "DensityResult",
     "DiagonalResult",
     "EigenResult",
@@ -27,6 +29,7 @@ __all__ = [
     "Operator",
     "TraceResult",
     "as_operator",
+    "cg",
     "density",
     "diagonal",
     "eigenvalues",
