@@ -30,6 +30,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/products.py
 	$(BIN)/python benchmarks/spectrum.py
+	$(BIN)/python benchmarks/monitor.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

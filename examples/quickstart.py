@@ -46,9 +46,16 @@ if __name__ == "__main__":
     )
 
     mlp = cs.problems.get("digits-mlp", hidden=16)
-    lmin, _ = describe("tanh MLP, digits", mlp.make_model(0), mlp.loss_fn, mlp.data)
+    model = mlp.make_model(0)
+    lmin, _ = describe("tanh MLP, digits", model, mlp.loss_fn, mlp.data)
     print(
         "  non-convex: some directions curve down, a second-order method must handle them"
         if lmin < 0
         else "  no negative curvature at this point"
     )
+
+    # Diagnosis: what these numbers mean for a learning rate, in words.
+    for lr in (0.5, 4.0):
+        d = cs.diagnose(model, mlp.loss_fn, mlp.data, lr=lr)
+        print(f"\ngradient descent at lr={lr}: {d.state}")
+        print(f"  {d}")

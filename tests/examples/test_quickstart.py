@@ -18,3 +18,5 @@ def test_quickstart_runs_and_reports_direction_and_shape():
     assert "direction: gradient norm" in out and "shape:" in out
     assert "convex: no negative curvature" in out
     assert "non-convex" in out
+    assert "gradient descent at lr=0.5: learning" in out
+    assert "gradient descent at lr=4.0: unstable" in out

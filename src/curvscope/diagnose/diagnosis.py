@@ -306,7 +306,7 @@ def _advice(state: str, ev: Mapping[str, Any], limit: StabilityLimit | None) -> 
         ]
     if stable is not None and s is not None and s > 0 and lr:
         return [
-            f"Steps are stable: the sharpness is {100 * s / limit.limit:.0f}% of the limit; "
-            f"the largest stable learning rate here is {stable:.3g} (now {lr:.3g})."
+            f"Steps are stable; the largest stable learning rate here is {stable:.3g} "
+            f"(now {lr:.3g})."
         ]
     return []
