@@ -19,6 +19,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 DT = torch.float64
 
+#: The evidence keys DESIGN.md promises in every diagnosis and every run-log record.
+CONTRACT_KEYS = (
+    "loss",
+    "grad_norm",
+    "sharpness",
+    "lambda_min",
+    "stability_limit",
+    "directional_curvature",
+    "newton_decrement",
+    "matvecs",
+)
+
 
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
