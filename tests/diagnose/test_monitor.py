@@ -129,3 +129,23 @@ def test_default_cadence_keeps_probes_within_the_overhead_budget():
     assert len(mon.history) >= 2
     # at most the budget, plus the one probe that may overrun it (the first, or the last)
     assert mon.probe_seconds <= mon.overhead * mon.train_seconds + mon._last_probe_seconds
+
+
+def test_adam_preconditioned_sharpness_settles_near_38_over_lr():
+    """Cohen et al. 2022: Adam's preconditioned sharpness rises to (2 + 2β₁)/((1 − β₁)η)."""
+    p = cs.problems.get("digits-mlp", hidden=32, n=500, loss="mse")
+    X, Y = p.data
+    model = p.make_model(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=100)
+    for _ in range(1500):
+        opt.zero_grad()
+        loss = p.loss_fn(model(X), Y)
+        loss.backward()
+        opt.step()
+        mon.step(loss)
+    last = mon.last
+    assert last.evidence["preconditioned"]
+    assert last.evidence["stability_limit"] == pytest.approx(3800)
+    assert last.evidence["sharpness"] == pytest.approx(3800, rel=0.15)
+    assert last.state == "edge_of_stability"

@@ -23,9 +23,10 @@ class Thresholds:
     max(|L|, loss_floor) or to the sharpness s, so that the rules hold at any scale.
 
     Attributes:
-        small_gradient: the gradient is small when the decrease a step along −g could still
-            buy under the local quadratic, ½‖g‖²/c (c the curvature along g), is at most this
-            fraction of the loss scale.
+        small_gradient: the gradient is small when the decrease the best step along the
+            optimizer's direction d could still buy under the local quadratic, ½·gᵀd/c (c the
+            curvature along d; ½‖g‖²/c for gradient descent), is at most this fraction of the
+            loss scale.
         direction_floor: c is taken as at least this fraction of max(|λ_max|, |λ_min|).
         gradient_floor: ‖g‖ at or below this is small whatever the scale.
         loss_floor: the loss scale never drops below this (a loss near 0 still has a scale).
@@ -65,7 +66,8 @@ def classify(
     Args:
         evidence: at least ``loss``, ``grad_norm``, ``sharpness``, ``lambda_min``; optionally
             ``stability_limit`` (s*), ``lr``, ``limit_constant`` (c in s* = c/η),
-            ``directional_curvature`` (c_g = dᵀHd/gᵀd along the step direction) and
+            ``directional_curvature`` (c = dᵀHd/gᵀd along the step direction d),
+            ``grad_dot_step`` (gᵀd; ‖g‖² when absent) and
             ``newton_decrement`` (δ², None where H is not positive definite).
         thresholds: the :class:`Thresholds`.
 
@@ -79,12 +81,15 @@ def classify(
     s, lmin = evidence.get("sharpness"), evidence.get("lambda_min")
     scale = max(abs(loss), th.loss_floor)
     curv = max(abs(s or 0.0), abs(lmin or 0.0))
-    # the decrease one step along −g can still buy under the local quadratic, ½‖g‖²/c, with c
-    # the curvature along g (floored at a fraction of the extreme curvature: along a direction
-    # with almost none, the quadratic model stops being a guide)
+    # the decrease the best step along the optimizer's direction d can still buy under the local
+    # quadratic, ½·gᵀd/c (d = g for gradient descent: ½‖g‖²/c), with c the curvature along d,
+    # floored at a fraction of the extreme curvature (along a direction with almost none, the
+    # quadratic model stops being a guide)
     c_dir = evidence.get("directional_curvature")
+    gd = evidence.get("grad_dot_step")
+    gd = g * g if gd is None or not _finite(gd) else abs(gd)
     along = curv if c_dir is None else abs(c_dir)
-    buyable = 0.5 * g * g / max(along, th.direction_floor * curv, 1e-300)
+    buyable = 0.5 * gd / max(along, th.direction_floor * curv, 1e-300)
     small = g <= th.gradient_floor or buyable <= th.small_gradient * scale
     if small:
         reasons = [

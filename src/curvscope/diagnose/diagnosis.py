@@ -190,7 +190,7 @@ def diagnose(
         eigen_converged=r.all_converged,
     )
     vectors = {"top": r.vectors[:, 0], "bottom": r.vectors[:, -1]}
-    evidence["directional_curvature"] = _directional(C, g, limit)
+    evidence["directional_curvature"], evidence["grad_dot_step"] = _directional(C, g, limit)
     left = budget - C.matvecs
     decrement_converged = None
     if left >= 2 and float(g.norm()) > 0:
@@ -216,16 +216,19 @@ def _step_direction(g: Tensor, limit: StabilityLimit | None) -> Tensor:
     return g if limit is None or limit.scale is None else limit.scale * g
 
 
-def _directional(C: Curvature, g: Tensor, limit: StabilityLimit | None) -> float | None:
-    """c = dᵀ(H + l2)d / gᵀd along the step direction (one product), None if gᵀd ≤ 0."""
+def _directional(
+    C: Curvature, g: Tensor, limit: StabilityLimit | None
+) -> tuple[float | None, float]:
+    """(c, gᵀd): c = dᵀ(H + l2)d / gᵀd along the step direction d (one product; None if
+    gᵀd ≤ 0). A step −t·d then changes the loss by −t·gᵀd + ½t²·c·gᵀd."""
     d = _step_direction(g, limit)
     gd = float(g @ d)
     if gd <= 0:
-        return None
+        return None, gd
     Hd = C.matvec(d)
     if limit is not None and limit.l2 is not None:
         Hd = Hd + limit.l2 * d
-    return float(d @ Hd) / gd
+    return float(d @ Hd) / gd, gd
 
 
 def _batch_sharpness(
@@ -239,7 +242,7 @@ def _batch_sharpness(
             model, loss_fn, batch, params=params, seed=seed + i, backend="double_backward"
         )
         _, gb = Cb.loss_and_gradient()
-        c = _directional(Cb, gb, limit)
+        c, _ = _directional(Cb, gb, limit)
         if c is not None:
             values.append(c)
     if not values:
