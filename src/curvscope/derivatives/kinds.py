@@ -49,21 +49,8 @@ def _grad(
     if not pairs:
         return [torch.zeros(k, *x.shape, dtype=x.dtype, device=x.device) for x in inputs]
     outs, gos = zip(*pairs, strict=True)
-    if k == 1:  # the common case: no stacking copy
-        g = torch.autograd.grad(
-            outs,
-            inputs,
-            [go[0] for go in gos],
-            retain_graph=True,
-            create_graph=create_graph,
-            allow_unused=True,
-        )
-        return [
-            torch.zeros_like(x)[None] if gi is None else gi[None]
-            for gi, x in zip(g, inputs, strict=True)
-        ]
-    cols = []
-    for j in range(k):
+
+    def column(j: int) -> list[Tensor]:
         g = torch.autograd.grad(
             outs,
             inputs,
@@ -72,10 +59,11 @@ def _grad(
             create_graph=create_graph,
             allow_unused=True,
         )
-        cols.append(
-            [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, inputs, strict=True)]
-        )
-    return [torch.stack(c) for c in zip(*cols, strict=True)]
+        return [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, inputs, strict=True)]
+
+    if k == 1:  # the common case: no stacking copy
+        return [t[None] for t in column(0)]
+    return [torch.stack(c) for c in zip(*(column(j) for j in range(k)), strict=True)]
 
 
 class _Jacobian:
