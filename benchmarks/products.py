@@ -140,8 +140,8 @@ def bench(w: Workload, repeats: int) -> str:
         t = t / per.get(name, 1)
         label = name
         if name in chosen and chosen[name][0].kind == "hessian":  # what backend="auto" kept
-            op, mode = chosen[name]
-            label += f" [auto: {op._chosen.get(mode, 'double_backward').replace('_', ' ')}]"
+            op, _ = chosen[name]
+            label += f" [auto: {(op._block_backend or 'double_backward').replace('_', ' ')}]"
         rows.append([label, f"{t * 1e3:.1f}", f"{t / base:.2f}x", memory.get(name, "")])
     header = ["product", "ms", "relative to a gradient", "memory"]
     return f"### {w.name} ({n:,} parameters, float32)\n\n" + markdown_table(header, rows + missing)

@@ -236,7 +236,7 @@ class Curvature:
     ) -> None:
         self._source = source
         self.backend = backend
-        self._chosen: dict[str, str] = {}  # "single" | "block" -> the backend measured faster
+        self._block_backend: str | None = None  # what "auto" measured faster for blocks
         self._choice_notes: list[str] = []
         self.num_params: int = source.num_params
         self.dtype: torch.dtype = source.dtype
@@ -318,7 +318,7 @@ class Curvature:
             return "double_backward"
         if k < MIN_TUNED_BLOCK:  # measured: neither wins small blocks consistently
             return "double_backward"
-        return self._chosen.get("block")
+        return self._block_backend
 
     def _tune(self, blocks: list[Tensor], k: int) -> Tensor:
         """Compute the first block product both ways, keep the faster where they agree.
@@ -354,7 +354,7 @@ class Curvature:
                 )
                 if t_for < t_db:
                     choice = "forward_over_reverse"
-        self._chosen["block"] = choice
+        self._block_backend = choice
         self._choice_notes.append(
             f"block products ({k} vectors measured): {choice.replace('_', ' ')} ({why})"
         )
