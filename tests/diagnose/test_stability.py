@@ -84,3 +84,22 @@ def test_per_group_learning_rates_scale_the_curvature():
     r = cs.stability_limit(opt)
     assert r.lr == 0.1 and r.limit == pytest.approx(20.0)
     torch.testing.assert_close(r.scale, torch.tensor([1.0, 1.0, 0.5, 0.5, 0.5]))
+
+
+def test_a_zero_learning_rate_has_no_limit_and_foreign_parameters_are_refused():
+    p = params()
+    r = cs.stability_limit(torch.optim.SGD(p, lr=0.0))
+    assert r.limit == float("inf") and r.stable_lr(5.0) == float("inf")
+    with pytest.raises(ValueError, match="updates none of these parameters"):
+        cs.stability_limit(torch.optim.SGD(p, lr=0.1), params=params())
+
+
+def test_wrapped_optimizers_are_unwrapped():
+    class Wrapper(torch.optim.Optimizer):  # like accelerate's AcceleratedOptimizer
+        def __init__(self, inner):
+            self.optimizer = inner
+            self.param_groups = inner.param_groups
+            self.state = inner.state
+
+    inner = torch.optim.SGD(params(), lr=0.1, momentum=0.9)
+    assert cs.stability_limit(Wrapper(inner)).limit == pytest.approx(38.0)

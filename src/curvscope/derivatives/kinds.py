@@ -169,7 +169,7 @@ class _GGNProduct:
 def prepare_ggn(obj: ModelObjective, batch: Batch) -> _GGNProduct:
     theta = obj.leaves()
     with obj.context(batch.index):
-        out = obj.forward(theta, batch)
+        out = obj.forward(theta, batch, tensor=True)
         jac = _Jacobian(out, list(theta.values()))
         out_leaf = out.detach().requires_grad_(True)
         loss = obj.loss(out_leaf, batch)
@@ -264,7 +264,7 @@ def prepare_fisher(
 ) -> _FisherProduct:
     theta = obj.leaves()
     with obj.context(batch.index):
-        out = obj.forward(theta, batch)
+        out = obj.forward(theta, batch, tensor=True)
         obj.loss(out.detach().requires_grad_(True), batch)  # the checks every kind makes
         rows = likelihood.as_terms(out)
         jac = _Jacobian(rows, list(theta.values()))
@@ -300,7 +300,7 @@ class _EmpiricalFisherProduct:
 def prepare_empirical_fisher(obj: ModelObjective, batch: Batch) -> _EmpiricalFisherProduct:
     theta = obj.leaves()
     with obj.context(batch.index):
-        out = obj.forward(theta, batch)
+        out = obj.forward(theta, batch, tensor=True)
         obj.loss(out, batch)
         losses = per_sample_losses(obj.loss_fn, out, batch.targets)
         jac = _Jacobian(losses.reshape(-1), list(theta.values()))

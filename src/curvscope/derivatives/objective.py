@@ -296,14 +296,21 @@ class ModelObjective:
             return functional_call(self.model, state, tuple(inputs))
         return functional_call(self.model, state, (inputs,))
 
-    def forward(self, theta: Mapping[str, Tensor], batch: Batch) -> Tensor:
-        """Model outputs at parameters ``theta``, checked; call inside :meth:`context`."""
+    def forward(self, theta: Mapping[str, Tensor], batch: Batch, tensor: bool = False) -> Any:
+        """Model outputs at parameters ``theta``, checked; call inside :meth:`context`.
+
+        Any output the loss accepts will do for the Hessian (e.g. a Hugging Face
+        ``ModelOutput``); ``tensor=True`` demands a tensor, as the Gauss-Newton kinds need.
+        """
         out = self.raw_forward(theta, batch)
         if not isinstance(out, Tensor):
-            raise TypeError(
-                f"the model returned {type(out).__name__}, expected a tensor of outputs; wrap "
-                "the model so that it returns the tensor the loss is computed from"
-            )
+            if tensor:
+                raise TypeError(
+                    f"the model returned {type(out).__name__}; the Gauss-Newton and Fisher "
+                    "kinds need a tensor of outputs: wrap the model so that it returns the "
+                    "tensor the loss is computed from (kind='hessian' takes any output)"
+                )
+            return out
         if not out.requires_grad:
             raise ValueError(
                 "the model's outputs do not depend on the selected parameters; check params= "

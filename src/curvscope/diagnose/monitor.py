@@ -16,7 +16,7 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor, nn
 
-from curvscope.diagnose.classify import DEFAULT_THRESHOLDS, Thresholds
+from curvscope.diagnose.classify import DEFAULT_THRESHOLDS, STATES, Thresholds
 from curvscope.diagnose.diagnosis import DEFAULT_BUDGET, Diagnosis, diagnose
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,8 @@ class Monitor:
         log: a path (or an open text file) for the JSONL run log, or None.
         budget, thresholds, params, seed: as for :func:`~curvscope.diagnose`.
         callback: called as ``callback(diagnosis, previous_state)`` when the state changes.
+        tensorboard: a ``SummaryWriter`` (or a log directory) to receive ``curvscope/...``
+            scalars at each probe.
         train_batches: for mini-batch training, batches like those the optimizer steps on:
             the batch sharpness is measured at each probe and is what the edge of stability
             and the unstable verdict are judged on (see :func:`~curvscope.diagnose`).
@@ -118,6 +120,7 @@ class Monitor:
         seed: int = 0,
         callback: Callable[[Diagnosis, str | None], None] | None = None,
         train_batches: Iterable[Any] | None = None,
+        tensorboard: Any = None,
     ) -> None:
         if every is not None and (not isinstance(every, int) or every < 1):
             raise ValueError(f"every must be a positive integer (steps) or None, got {every!r}")
@@ -138,6 +141,19 @@ class Monitor:
         self.params = None if params is None else list(params)
         self.seed, self.callback = seed, callback
         self.train_batches = train_batches
+        self._writer = None
+        if tensorboard is not None and _is_writer():
+            if hasattr(tensorboard, "add_scalar"):
+                self._writer = tensorboard
+            else:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError as e:
+                    raise ImportError(
+                        "tensorboard= with a directory needs the tensorboard package: "
+                        "pip install tensorboard (or pass a SummaryWriter)"
+                    ) from e
+                self._writer = SummaryWriter(log_dir=str(tensorboard))
         self.steps = 0
         self.history: list[Diagnosis] = []
         self.losses: list[float] = []
@@ -229,6 +245,9 @@ class Monitor:
                 **d.evidence,
             }
         )
+        if self._writer is not None:
+            for key, value in scalars(d).items():
+                self._writer.add_scalar(f"curvscope/{key}", value, self.steps)
         if d.state != previous:
             logger.info("step %d: %s -> %s", self.steps, previous, d.state)
             if self.callback is not None:
@@ -289,16 +308,39 @@ class Monitor:
         self._file.flush()
 
     def close(self) -> None:
-        """Close the run log (if the Monitor opened it)."""
+        """Close the run log (if the Monitor opened it) and flush TensorBoard."""
         if self._owns and self._file is not None:
             self._file.close()
         self._file = None
+        if self._writer is not None:
+            self._writer.flush()
 
     def __enter__(self) -> Monitor:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def scalars(d: Diagnosis) -> dict[str, float]:
+    """The numbers of a diagnosis worth plotting over training (finite ones only), and the
+    state as its index in :data:`~curvscope.diagnose.STATES`."""
+    out = {"state_code": float(STATES.index(d.state))}
+    for key in (
+        "loss",
+        "grad_norm",
+        "sharpness",
+        "lambda_min",
+        "stability_limit",
+        "batch_sharpness",
+        "directional_curvature",
+        "newton_decrement",
+        "matvecs",
+    ):
+        value = d.evidence.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[key] = float(value)
+    return out
 
 
 def _effective_sharpness(ev: dict[str, Any]) -> float | None:

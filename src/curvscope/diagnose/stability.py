@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+_KNOWN = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
+
 
 @dataclass(frozen=True)
 class StabilityLimit:
@@ -78,7 +80,8 @@ def stability_limit(
     plain gradient descent with learning rate ``lr``.
 
     Args:
-        optimizer: a ``torch.optim.SGD``, ``Adam``, ``AdamW`` or ``RMSprop``.
+        optimizer: a ``torch.optim.SGD``, ``Adam``, ``AdamW`` or ``RMSprop`` (or a wrapper
+            holding one as ``.optimizer``, as accelerate and Lightning do).
         lr: instead of an optimizer: plain gradient descent at this learning rate.
         params: the parameters, in the order of the flat vectors the scale should follow
             (default: the optimizer's own order).
@@ -102,13 +105,29 @@ def stability_limit(
         return StabilityLimit(
             2.0 / lr, float(lr), 2.0, "gradient descent", False, None, None, "s* = 2/η"
         )
+    # wrappers (accelerate's AcceleratedOptimizer, Lightning's) hold the real one
+    while not isinstance(optimizer, _KNOWN) and isinstance(
+        getattr(optimizer, "optimizer", None), torch.optim.Optimizer
+    ):
+        optimizer = optimizer.optimizer
     if params is None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
     groups = _group_of(optimizer, params)
     lrs = [g["lr"] for g in groups if g is not None]
-    if not lrs or max(lrs) <= 0:
-        raise ValueError("the optimizer updates none of these parameters with a positive lr")
+    if not lrs:
+        raise ValueError("the optimizer updates none of these parameters: pass its model's")
     eta = float(max(lrs))
+    if eta <= 0:  # e.g. a schedule that has decayed to 0: no step can overshoot
+        return StabilityLimit(
+            math.inf,
+            0.0,
+            math.inf,
+            type(optimizer).__name__ + " (lr = 0)",
+            False,
+            None,
+            None,
+            "s* = ∞ at η = 0",
+        )
     ratio = [0.0 if g is None else g["lr"] / eta for g in groups]  # frozen: never stepped
     wd = [0.0 if g is None else g.get("weight_decay", 0.0) for g in groups]
     name = type(optimizer).__name__

@@ -1,0 +1,61 @@
+"""A PyTorch Lightning ``Callback`` that runs a :class:`curvscope.Monitor` during ``fit``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from curvscope.diagnose.monitor import Monitor, scalars
+
+try:
+    from lightning.pytorch.callbacks import Callback
+except ImportError as e:  # pragma: no cover - exercised only without lightning
+    raise ImportError(
+        "curvscope.integrations.lightning needs PyTorch Lightning: pip install lightning"
+    ) from e
+
+
+class CurvscopeCallback(Callback):
+    """Diagnose a LightningModule as it trains.
+
+    At the start of ``fit`` it builds a :class:`~curvscope.Monitor` on the module and the
+    trainer's first optimizer; after every training batch it records the loss, and at each
+    probe it logs the sharpness, stability limit and state code through ``pl_module.log``
+    (``curvscope/...``; states are numbered in :data:`curvscope.diagnose.STATES` order).
+
+    Args:
+        loss_fn: ``loss_fn(pl_module(inputs), targets)``, the batch-mean loss.
+        probe_data: an (inputs, targets) pair or batches the curvature is measured on.
+        **monitor_kwargs: passed to :class:`~curvscope.Monitor` (``every``, ``log``, ...).
+
+    Example:
+        >>> cb = CurvscopeCallback(loss_fn, probe)  # doctest: +SKIP
+        >>> trainer = lightning.Trainer(callbacks=[cb])  # doctest: +SKIP
+        >>> trainer.fit(module)  # doctest: +SKIP
+        >>> trainer.callbacks[0].monitor.last.state  # doctest: +SKIP
+    """
+
+    def __init__(self, loss_fn: Any, probe_data: Any, **monitor_kwargs: Any) -> None:
+        super().__init__()
+        self.loss_fn, self.probe_data, self.kwargs = loss_fn, probe_data, monitor_kwargs
+        self.monitor: Monitor | None = None
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        self.monitor = Monitor(
+            pl_module, self.loss_fn, self.probe_data, optimizer=optimizer, **self.kwargs
+        )
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.monitor is None:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        d = self.monitor.step(loss)
+        if d is not None:
+            for key, value in scalars(d).items():
+                pl_module.log(f"curvscope/{key}", value, on_step=True, on_epoch=False)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
