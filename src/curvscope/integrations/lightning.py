@@ -27,11 +27,11 @@ class CurvscopeCallback(Callback):
         probe_data: an (inputs, targets) pair or batches the curvature is measured on.
         **monitor_kwargs: passed to :class:`~curvscope.Monitor` (``every``, ``log``, ...).
 
-    Example:
-        >>> cb = CurvscopeCallback(loss_fn, probe)  # doctest: +SKIP
-        >>> trainer = lightning.Trainer(callbacks=[cb])  # doctest: +SKIP
-        >>> trainer.fit(module)  # doctest: +SKIP
-        >>> trainer.callbacks[0].monitor.last.state  # doctest: +SKIP
+    Example (a sketch; ``module``, ``loss_fn`` and ``probe`` are yours)::
+
+        callback = CurvscopeCallback(loss_fn, probe)
+        lightning.Trainer(callbacks=[callback]).fit(module)
+        callback.monitor.last.state
     """
 
     def __init__(self, loss_fn: Any, probe_data: Any, **monitor_kwargs: Any) -> None:
