@@ -529,3 +529,27 @@ def test_restrict_gives_the_block_with_the_same_settings():
     torch.testing.assert_close(sub.to_dense(), C.to_dense()[:n, :n], **TOL)
     with pytest.raises(TypeError, match="from a model"):
         cs.Curvature.from_function(lambda x: (x**2).sum(), torch.ones(2)).restrict(["x"])
+
+
+def test_any_model_output_for_the_hessian_a_tensor_for_gauss_newton():
+    class DictOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return {"logits": self.lin(x)}
+
+    model = DictOut().double()
+    X = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+
+    def loss_fn(out, t):
+        return nn.functional.cross_entropy(out["logits"], t)
+
+    H = cs.Curvature(model, loss_fn, (X, y)).to_dense()
+    plain = cs.Curvature(nn.Sequential(model.lin), nn.CrossEntropyLoss(), (X, y)).to_dense()
+    torch.testing.assert_close(H, plain, **TOL)
+    G = cs.Curvature(model, loss_fn, (X, y), kind="ggn")
+    with pytest.raises(TypeError, match="need a tensor of outputs"):
+        G @ torch.ones(G.num_params, dtype=torch.float64)
