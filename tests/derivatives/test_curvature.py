@@ -553,3 +553,20 @@ def test_any_model_output_for_the_hessian_a_tensor_for_gauss_newton():
     G = cs.Curvature(model, loss_fn, (X, y), kind="ggn")
     with pytest.raises(TypeError, match="need a tensor of outputs"):
         G @ torch.ones(G.num_params, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_loss_and_gradient_match_a_plain_computation(cache, kind):
+    case = cases.dropout_batchnorm()
+    case.model.eval()  # deterministic, so a plain forward is the reference
+    X, y = case.data
+    C = cs.Curvature(
+        case.model, case.loss_fn, [(X[:10], y[:10]), (X[10:], y[10:])], kind=kind, cache=cache
+    )
+    loss, g = C.loss_and_gradient()
+    L, theta0 = cases.loss_fn_of_theta(case)
+    assert loss == pytest.approx(float(L(theta0)), rel=1e-12)
+    torch.testing.assert_close(g, torch.func.grad(L)(theta0), **TOL)
+    f = cs.Curvature.from_function(lambda x: (x**3).sum(), torch.ones(2, dtype=torch.float64))
+    assert f.loss_and_gradient()[0] == 2.0

@@ -22,7 +22,7 @@ from curvscope.derivatives._checks import (
     check_point,
     check_vector,
 )
-from curvscope.derivatives.functions import _grad_with_graph
+from curvscope.derivatives.functions import _value
 from curvscope.derivatives.objective import ModelObjective
 
 
@@ -70,8 +70,11 @@ class _FunctionSource:
     def prepare(
         self, kind: str, forward: bool = False
     ) -> Iterator[tuple[float, _k.PreparedProduct]]:
-        xl, g = _grad_with_graph(self.f, self.x)
-        yield 1.0, _k._HessianProduct([xl], [g])
+        xl = self.x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = _value(self.f, xl)
+            (g,) = torch.autograd.grad(y, xl, create_graph=True)
+        yield 1.0, _k._HessianProduct([xl], [g], float(y.detach()))
 
     def unflatten(self, flat: Tensor) -> list[Tensor]:
         return [flat] if flat.ndim == 1 else [flat.T]
@@ -386,33 +389,29 @@ class Curvature:
 
     def loss_and_gradient(self) -> tuple[float, Tensor]:
         """The mean loss and its flat gradient, on the same data, randomness and mode as the
-        products (one gradient per batch; the model is left as found)."""
-        if self.objective is None:
-            src = self._source
-            xl = src.x.detach().requires_grad_(True)
-            with torch.enable_grad():
-                y = src.f(xl)
-                (g,) = torch.autograd.grad(y, xl)
-            return float(y.detach()), g.detach()
-        obj = self.objective
-        loss, total = 0.0, None
-        for batch in obj.batches():
-            theta = obj.leaves()
-            leaves = list(theta.values())
-            with obj.context(batch.index):
-                value = obj.loss(obj.forward(theta, batch), batch)
-                grads = torch.autograd.grad(value, leaves, allow_unused=True)
-            flat = obj.flatten(
-                [
-                    torch.zeros_like(x) if g is None else g
-                    for g, x in zip(grads, leaves, strict=True)
-                ]
-            )
-            w = batch.size / obj.num_samples
-            loss += w * float(value.detach())
-            total = w * flat if total is None else total.add_(flat, alpha=w)
-        assert total is not None
-        return loss, total.detach()
+        products; the model is left as found. For a cached Hessian they are read off the kept
+        gradient graphs (which the next products then reuse); otherwise one gradient a batch."""
+        if self.cache and self.kind == "hessian":
+            parts = [(w, p.loss, p.grads) for w, p in self._products()]
+        else:
+            obj = self.objective
+            parts = [
+                (b.size / obj.num_samples, *self._batch_loss_and_grad(b)) for b in obj.batches()
+            ]
+        loss = sum(w * value for w, value, _ in parts)
+        grad = sum(w * self._source.flatten([g.detach() for g in grads]) for w, _, grads in parts)
+        return float(loss), grad
+
+    def _batch_loss_and_grad(self, batch: Any) -> tuple[float, list[Tensor]]:
+        obj = self.objective  # a model's: a plain function's operator is always cached
+        theta = obj.leaves()
+        leaves = list(theta.values())
+        with obj.context(batch.index):
+            value = obj.loss(obj.forward(theta, batch), batch)
+            grads = torch.autograd.grad(value, leaves, allow_unused=True)
+        return float(value.detach()), [
+            torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True)
+        ]
 
     def restrict(self, params: Iterable[nn.Parameter | str]) -> Curvature:
         """The same curvature (model, loss, data, kind, seed) on a subset of the parameters:

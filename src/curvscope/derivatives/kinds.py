@@ -91,7 +91,8 @@ class _Jacobian:
 @dataclass
 class _HessianProduct:
     leaves: list[Tensor]
-    grads: list[Tensor]
+    grads: list[Tensor]  # ∇L of this batch, with its graph
+    loss: float = float("nan")  # L of this batch
 
     def apply(self, blocks: Sequence[Tensor]) -> list[Tensor]:
         return _grad(self.grads, self.leaves, blocks)
@@ -105,7 +106,7 @@ def prepare_hessian(obj: ModelObjective, batch: Batch) -> _HessianProduct:
         loss = obj.loss(obj.forward(theta, batch), batch)
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True)]
-    return _HessianProduct(leaves, grads)
+    return _HessianProduct(leaves, grads, float(loss.detach()))
 
 
 @dataclass
