@@ -104,7 +104,7 @@ def bench(w: Workload, repeats: int) -> str:
     fns: dict[str, object] = {"one gradient (forward + backward)": _gradient(w)}
     per: dict[str, int] = {}
     memory: dict[str, str] = {}
-    chosen: dict[str, tuple[cs.Curvature, str]] = {}  # row -> (operator, mode) for labels
+    chosen: dict[str, cs.Curvature] = {}  # row -> the operator whose "auto" choice labels it
     for kind in cs.KINDS:
         C = cs.Curvature(w.model, w.loss_fn, w.data, kind=kind)
         name = f"curvscope {kind}, cached graph"
@@ -112,14 +112,14 @@ def bench(w: Workload, repeats: int) -> str:
         fns[name] = lambda C=C: C @ v
         fns[f"{name}, {BLOCK} vectors, per vector"] = lambda C=C: C @ V
         per[f"{name}, {BLOCK} vectors, per vector"] = BLOCK
-        chosen[f"{name}, {BLOCK} vectors, per vector"] = (C, "block")
+        chosen[f"{name}, {BLOCK} vectors, per vector"] = C
         fresh = cs.Curvature(w.model, w.loss_fn, w.data, kind=kind, cache=False)
         fns[f"curvscope {kind}, from scratch (data from a loader)"] = lambda C=fresh: C @ v
         fresh_block = cs.Curvature(w.model, w.loss_fn, w.data, kind=kind, cache=False)
         row = f"curvscope {kind}, from scratch, {BLOCK} vectors, per vector"
         fns[row] = lambda C=fresh_block: C @ V
         per[row] = BLOCK
-        chosen[row] = (fresh_block, "block")
+        chosen[row] = fresh_block
     fns["plain torch double backward, from scratch"] = _double_backward_from_scratch(w, v)
     single, block = _torch_func_products(w)
     fns["torch.func jvp(grad), from scratch"] = single
@@ -139,8 +139,8 @@ def bench(w: Workload, repeats: int) -> str:
     for name, t in med.items():
         t = t / per.get(name, 1)
         label = name
-        if name in chosen and chosen[name][0].kind == "hessian":  # what backend="auto" kept
-            op, _ = chosen[name]
+        if name in chosen and chosen[name].kind == "hessian":  # what backend="auto" kept
+            op = chosen[name]
             label += f" [auto: {(op._block_backend or 'double_backward').replace('_', ' ')}]"
         rows.append([label, f"{t * 1e3:.1f}", f"{t / base:.2f}x", memory.get(name, "")])
     header = ["product", "ms", "relative to a gradient", "memory"]

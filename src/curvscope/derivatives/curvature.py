@@ -22,7 +22,7 @@ from curvscope.derivatives._checks import (
     check_point,
     check_vector,
 )
-from curvscope.derivatives.functions import _value
+from curvscope.derivatives.functions import _grad_with_graph
 from curvscope.derivatives.objective import ModelObjective
 
 
@@ -35,8 +35,8 @@ class KindInfo:
     formula: str
 
 
-#: Ways to compute a Hessian product: "auto" measures both on the first product of each kind
-#: (single vector, block) that is not served by a kept graph, and keeps the faster.
+#: Ways to compute a Hessian product: "auto" measures both on the first large block product
+#: and keeps the faster (see MIN_TUNED_BLOCK).
 BACKENDS = ("auto", "double_backward", "forward_over_reverse")
 #: "auto" measures blocks of at least this many vectors. Smaller ones use double backward: the
 #: vmapped pass gains little there, and once torch.func's forward-mode AD has run in a process,
@@ -67,14 +67,9 @@ class _FunctionSource:
     def versions(self) -> tuple[int, ...]:
         return (self.x._version,)
 
-    def prepare(
-        self, kind: str, forward: bool = False
-    ) -> Iterator[tuple[float, _k.PreparedProduct]]:
-        xl = self.x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            y = _value(self.f, xl)
-            (g,) = torch.autograd.grad(y, xl, create_graph=True)
-        yield 1.0, _k._HessianProduct([xl], [g], float(y.detach()))
+    def prepare(self, forward: bool = False) -> Iterator[tuple[float, _k.PreparedProduct]]:
+        xl, g, y = _grad_with_graph(self.f, self.x)
+        yield 1.0, _k._HessianProduct([xl], [g], y)
 
     def unflatten(self, flat: Tensor) -> list[Tensor]:
         return [flat] if flat.ndim == 1 else [flat.T]
@@ -115,9 +110,7 @@ class _ModelSource:
     def versions(self) -> tuple[Any, ...]:
         return (*self.obj.versions(), *(m.training for m in self.obj.model.modules()))
 
-    def prepare(
-        self, kind: str, forward: bool = False
-    ) -> Iterator[tuple[float, _k.PreparedProduct]]:
+    def prepare(self, forward: bool = False) -> Iterator[tuple[float, _k.PreparedProduct]]:
         total = self.obj.num_samples
         prepare = _k.prepare_hessian_forward if forward else self._prepare
         for batch in self.obj.batches():
@@ -274,12 +267,12 @@ class Curvature:
     # -------------------------------------------------------------------------- products
     def _products(self) -> Iterator[tuple[float, _k.PreparedProduct]]:
         if not self.cache:
-            yield from self._source.prepare(self.kind)
+            yield from self._source.prepare()
             return
         versions = self._source.versions()
         if self._cached is None or versions != self._cached_versions:
             self._cached = None
-            built = list(self._source.prepare(self.kind))
+            built = list(self._source.prepare())
             self._cached, self._cached_versions = built, versions
         yield from self._cached
 
@@ -298,7 +291,7 @@ class Curvature:
         if impl == "double_backward":
             products = self._products()
         else:
-            products = self._source.prepare(self.kind, forward=True)
+            products = self._source.prepare(forward=True)
         total: list[Tensor] | None = None
         for weight, product in products:
             part = product.apply(blocks)
@@ -392,26 +385,16 @@ class Curvature:
         products; the model is left as found. For a cached Hessian they are read off the kept
         gradient graphs (which the next products then reuse); otherwise one gradient a batch."""
         if self.cache and self.kind == "hessian":
-            parts = [(w, p.loss, p.grads) for w, p in self._products()]
-        else:
+            parts = [(w, p.grads, p.loss) for w, p in self._products()]
+        else:  # a model's (a plain function's operator is always cached)
             obj = self.objective
             parts = [
-                (b.size / obj.num_samples, *self._batch_loss_and_grad(b)) for b in obj.batches()
+                (b.size / obj.num_samples, *_k.batch_loss_and_grads(obj, b)[1:])
+                for b in obj.batches()
             ]
-        loss = sum(w * value for w, value, _ in parts)
-        grad = sum(w * self._source.flatten([g.detach() for g in grads]) for w, _, grads in parts)
+        loss = sum(w * value for w, _, value in parts)
+        grad = sum(w * self._source.flatten([g.detach() for g in grads]) for w, grads, _ in parts)
         return float(loss), grad
-
-    def _batch_loss_and_grad(self, batch: Any) -> tuple[float, list[Tensor]]:
-        obj = self.objective  # a model's: a plain function's operator is always cached
-        theta = obj.leaves()
-        leaves = list(theta.values())
-        with obj.context(batch.index):
-            value = obj.loss(obj.forward(theta, batch), batch)
-            grads = torch.autograd.grad(value, leaves, allow_unused=True)
-        return float(value.detach()), [
-            torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True)
-        ]
 
     def restrict(self, params: Iterable[nn.Parameter | str]) -> Curvature:
         """The same curvature (model, loss, data, kind, seed) on a subset of the parameters:

@@ -31,12 +31,13 @@ def _value(f: Function, xl: Tensor) -> Tensor:
     return y
 
 
-def _grad_with_graph(f: Function, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Return (leaf copy of x, ∇f(x) with its graph kept for a second derivative)."""
+def _grad_with_graph(f: Function, x: Tensor) -> tuple[Tensor, Tensor, float]:
+    """Return (leaf copy of x, ∇f(x) with its graph kept for a second derivative, f(x))."""
     xl = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        (g,) = torch.autograd.grad(_value(f, xl), xl, create_graph=True)
-    return xl, g
+        y = _value(f, xl)
+        (g,) = torch.autograd.grad(y, xl, create_graph=True)
+    return xl, g, float(y.detach())
 
 
 def grad(f: Function, x: Tensor) -> Tensor:
@@ -75,7 +76,7 @@ def hvp(f: Function, x: Tensor, v: Tensor) -> Tensor:
     """
     x = check_point(x)
     v = check_vector(v, x.numel(), x.dtype, x.device)
-    xl, g = _grad_with_graph(f, x)
+    xl, g, _ = _grad_with_graph(f, x)
     return check_finite(_hvp_from_grad(xl, g, v), "the Hessian-vector product")
 
 
@@ -104,6 +105,6 @@ def hessian(f: Function, x: Tensor, *, force: bool = False) -> Tensor:
     x = check_point(x)
     n = x.numel()
     check_dense_size(n, x.dtype, force, "the Hessian")
-    xl, g = _grad_with_graph(f, x)
+    xl, g, _ = _grad_with_graph(f, x)
     eye = torch.eye(n, dtype=x.dtype, device=x.device)
     return check_finite(_hvp_from_grad(xl, g, eye), "the Hessian")

@@ -98,15 +98,23 @@ class _HessianProduct:
         return _grad(self.grads, self.leaves, blocks)
 
 
-def prepare_hessian(obj: ModelObjective, batch: Batch) -> _HessianProduct:
-    """Pearlmutter's product by double backward: H v = ∂(∇Lᵀv)/∂θ, the gradient graph kept."""
+def batch_loss_and_grads(
+    obj: ModelObjective, batch: Batch, create_graph: bool = False
+) -> tuple[list[Tensor], list[Tensor], float]:
+    """(leaves, ∇L per parameter, L) of one batch, zeros for parameters the loss ignores;
+    ``create_graph`` keeps the gradient's graph for second derivatives."""
     theta = obj.leaves()
     leaves = list(theta.values())
     with obj.context(batch.index):
         loss = obj.loss(obj.forward(theta, batch), batch)
-        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True)]
-    return _HessianProduct(leaves, grads, float(loss.detach()))
+    return leaves, grads, float(loss.detach())
+
+
+def prepare_hessian(obj: ModelObjective, batch: Batch) -> _HessianProduct:
+    """Pearlmutter's product by double backward: H v = ∂(∇Lᵀv)/∂θ, the gradient graph kept."""
+    return _HessianProduct(*batch_loss_and_grads(obj, batch, create_graph=True))
 
 
 @dataclass

@@ -113,7 +113,7 @@ def density(
             z = rademacher(op.n, 1, gen, op.dtype, op.device)
             before = op.matvecs
             if reorthogonalize:
-                kry = Krylov.start(op, z, gen)
+                kry = Krylov(op, z, gen)
                 while kry.size < steps:
                     kry.extend()
                 T = kry.H.double().cpu()

@@ -182,7 +182,7 @@ def eigenvalues(
         else:
             X0[:, : w.shape[1]] = w
     used_before = op.matvecs
-    kry = Krylov.start(op, X0, gen)
+    kry = Krylov(op, X0, gen)
     with progress(max_matvecs, "Lanczos", progress_bar) as bar:
         while True:
             before = op.matvecs

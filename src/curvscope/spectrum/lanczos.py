@@ -56,10 +56,6 @@ class Krylov:
         self.R = torch.zeros(0, 0, dtype=op.dtype, device=op.device)  # F = X R (last step)
         self.scale = 0.0
 
-    @classmethod
-    def start(cls, op: Operator, X0: Tensor, gen: torch.Generator) -> Krylov:
-        return cls(op, X0, gen)
-
     @property
     def size(self) -> int:
         return self._m
