@@ -110,6 +110,13 @@ def test_l2_weight_decay_is_part_of_the_curvature():
     m = FunctionModel(bowl, FAR)
     d = cs.diagnose(m, mean_loss, DATA, torch.optim.SGD(m.parameters(), lr=0.01, weight_decay=0.5))
     assert d.evidence["sharpness"] == pytest.approx(10.5, rel=1e-2)
+    # the gradient, the step's curvature and the Newton decrement are the penalised objective's:
+    # g = (A + 0.5 I) x, δ² = gᵀ(A + 0.5 I)⁻¹g = Σ (a_i + 0.5) x_i² at x = (1, 1, 1)
+    g = torch.tensor([10.5, 1.5, 0.6], dtype=torch.float64)
+    assert d.evidence["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-10)
+    assert d.evidence["newton_decrement"] == pytest.approx(12.6, rel=1e-6)
+    c = float(g @ (torch.tensor([10.5, 1.5, 0.6], dtype=torch.float64) * g) / (g @ g))
+    assert d.evidence["directional_curvature"] == pytest.approx(c, rel=1e-10)
 
 
 def test_evidence_has_the_contract_keys_and_the_cost():

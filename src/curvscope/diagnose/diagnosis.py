@@ -68,19 +68,50 @@ class Diagnosis:
         return text
 
 
-def _operator(C: Curvature, limit: StabilityLimit | None) -> Operator:
-    """The curvature the optimizer's step sees: S^½ (H + diag(l2)) S^½."""
-    half = None if limit is None or limit.scale is None else limit.scale.clamp_min(0).sqrt()
-    l2 = None if limit is None else limit.l2
+class _Objective:
+    """The objective the optimizer actually steps on: the loss plus the L2 penalty
+    ½·Σ l2·θ² that torch's coupled ``weight_decay`` adds (none for AdamW or without decay).
+    Its gradient, curvature and every quantity derived from them come from here."""
 
-    def matmat(V: Tensor) -> Tensor:
-        W = V if half is None else half[:, None] * V
-        out = C.matmat(W)
-        if l2 is not None:
-            out = out + l2[:, None] * W
-        return out if half is None else half[:, None] * out
+    def __init__(self, C: Curvature, limit: StabilityLimit | None) -> None:
+        self.C = C
+        self.l2 = None if limit is None else limit.l2
+        self.scale = None if limit is None else limit.scale
+        self.theta = None
+        if self.l2 is not None:
+            self.theta = C.flatten([p.detach() for p in C.objective.params.values()])
 
-    return Operator(matmat, C.num_params, C.dtype, C.device, C)
+    def gradient(self) -> tuple[float, Tensor]:
+        """(the data loss, the gradient of the objective)."""
+        loss, g = self.C.loss_and_gradient()
+        return loss, g if self.l2 is None else g + self.l2 * self.theta
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """(H + diag(l2)) V."""
+        out = self.C.matmat(V)
+        return out if self.l2 is None else out + self.l2[:, None] * V
+
+    def operator(self) -> Operator:
+        """H + diag(l2) as an Operator (for CG)."""
+        C = self.C
+        return Operator(self.matmat, C.num_params, C.dtype, C.device)
+
+    def scaled(self) -> Operator:
+        """What the step sees: S^½ (H + diag(l2)) S^½ (S the optimizer's step factors)."""
+        if self.scale is None:
+            return self.operator()
+        half = self.scale.clamp_min(0).sqrt()[:, None]
+        C = self.C
+        return Operator(lambda V: half * self.matmat(half * V), C.num_params, C.dtype, C.device)
+
+    def directional(self, g: Tensor) -> tuple[float | None, float]:
+        """(c, gᵀd): c = dᵀ(H + l2)d / gᵀd along the step direction d = S g (one product;
+        None if gᵀd ≤ 0). A step −t·d changes the objective by −t·gᵀd + ½t²·c·gᵀd."""
+        d = g if self.scale is None else self.scale * g
+        gd = float(g @ d)
+        if gd <= 0:
+            return None, gd
+        return float(d @ self.matmat(d[:, None])[:, 0]) / gd, gd
 
 
 def diagnose(
@@ -163,17 +194,17 @@ def diagnose(
         "preconditioned": bool(limit and limit.preconditioned),
         "thresholds": thresholds.as_dict(),
     }
+    objective = _Objective(C, limit)
     try:
-        loss, g = C.loss_and_gradient()
+        loss, g = objective.gradient()
     except FloatingPointError:
         loss, g = math.nan, None
     evidence["loss"] = loss
     evidence["grad_norm"] = math.nan if g is None else float(g.norm())
     if g is None or not math.isfinite(loss) or not torch.isfinite(g).all():
-        return _finish("diverged", evidence, thresholds, limit, {}, True, start, C)
-    op = _operator(C, limit)
+        return _finish(evidence, thresholds, {}, True, start, C)
     r = eigenvalues(
-        op,
+        objective.scaled(),
         k=1,
         which="both",
         tol=DIAGNOSIS_TOL,
@@ -190,11 +221,11 @@ def diagnose(
         eigen_converged=r.all_converged,
     )
     vectors = {"top": r.vectors[:, 0], "bottom": r.vectors[:, -1]}
-    evidence["directional_curvature"], evidence["grad_dot_step"] = _directional(C, g, limit)
+    evidence["directional_curvature"], evidence["grad_dot_step"] = objective.directional(g)
     left = budget - C.matvecs
     decrement_converged = None
     if left >= 2 and float(g.norm()) > 0:
-        sol = cg(C, g, tol=1e-2, max_matvecs=left)
+        sol = cg(objective.operator(), g, tol=1e-2, max_matvecs=left)
         if not sol.negative_curvature:
             evidence["newton_decrement"] = float(g @ sol.x)
             decrement_converged = sol.converged
@@ -207,28 +238,7 @@ def diagnose(
     if limit is not None:
         eff = evidence.get("batch_sharpness", s)
         evidence["stable_lr"] = limit.stable_lr(eff if eff is not None else s)
-    confident = r.all_converged
-    return _finish(None, evidence, thresholds, limit, vectors, confident, start, C)
-
-
-def _step_direction(g: Tensor, limit: StabilityLimit | None) -> Tensor:
-    """The direction d whose negative the optimizer steps along: g, or S g when scaled."""
-    return g if limit is None or limit.scale is None else limit.scale * g
-
-
-def _directional(
-    C: Curvature, g: Tensor, limit: StabilityLimit | None
-) -> tuple[float | None, float]:
-    """(c, gᵀd): c = dᵀ(H + l2)d / gᵀd along the step direction d (one product; None if
-    gᵀd ≤ 0). A step −t·d then changes the loss by −t·gᵀd + ½t²·c·gᵀd."""
-    d = _step_direction(g, limit)
-    gd = float(g @ d)
-    if gd <= 0:
-        return None, gd
-    Hd = C.matvec(d)
-    if limit is not None and limit.l2 is not None:
-        Hd = Hd + limit.l2 * d
-    return float(d @ Hd) / gd, gd
+    return _finish(evidence, thresholds, vectors, r.all_converged, start, C)
 
 
 def _batch_sharpness(
@@ -241,8 +251,9 @@ def _batch_sharpness(
         Cb = Curvature(
             model, loss_fn, batch, params=params, seed=seed + i, backend="double_backward"
         )
-        _, gb = Cb.loss_and_gradient()
-        c, _ = _directional(Cb, gb, limit)
+        batch_objective = _Objective(Cb, limit)
+        _, gb = batch_objective.gradient()
+        c, _ = batch_objective.directional(gb)
         if c is not None:
             values.append(c)
     if not values:
@@ -253,10 +264,8 @@ def _batch_sharpness(
 
 
 def _finish(
-    state: str | None,
     ev: dict[str, Any],
     th: Thresholds,
-    limit: StabilityLimit | None,
     vectors: dict[str, Tensor],
     confident: bool,
     start: float,
@@ -264,11 +273,12 @@ def _finish(
 ) -> Diagnosis:
     ev["matvecs"] = C.matvecs + ev.get("batches", 0)
     ev["seconds"] = time.perf_counter() - start
-    state, reasons = classify(ev, th) if state is None else (state, classify(ev, th)[1])
-    return Diagnosis(state, ev, reasons, _advice(state, ev, limit), confident, vectors)
+    state, reasons = classify(ev, th)  # a non-finite loss or gradient classifies as diverged
+    return Diagnosis(state, ev, reasons, advice(state, ev), confident, vectors)
 
 
-def _advice(state: str, ev: Mapping[str, Any], limit: StabilityLimit | None) -> list[str]:
+def advice(state: str, ev: Mapping[str, Any]) -> list[str]:
+    """What to do, for a state and its evidence."""
     s, lr = ev.get("sharpness"), ev.get("lr")
     stable = ev.get("stable_lr")
     if state == "diverged":

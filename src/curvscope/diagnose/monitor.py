@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from curvscope.diagnose.classify import DEFAULT_THRESHOLDS, STATES, Thresholds
-from curvscope.diagnose.diagnosis import DEFAULT_BUDGET, Diagnosis, diagnose
+from curvscope.diagnose.diagnosis import DEFAULT_BUDGET, Diagnosis, advice, diagnose
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ class Monitor:
                     f"the training loss ran away: above {EXPLOSION:g} times its first value "
                     f"{self.first_loss:.3g}, or not finite"
                 ],
-                ["Restore the last good checkpoint and lower the learning rate."],
+                advice("diverged", ev),
                 d.confident,
                 d.vectors,
             )
@@ -292,13 +292,13 @@ class Monitor:
             f"for {EOS_PROBES} probes (now {s:.4g} against {limit:.4g})",
             "the loss falls, not monotonically" if rising else "the loss still falls",
         ]
-        advice = [
+        eos_advice = [
             "Training is at the edge of stability: the learning rate, not the curvature, is "
             "setting the sharpness. This is normal for full-batch and large-batch training; "
             "lowering the learning rate lets the sharpness rise again, and a rising loss trend "
             "would mean it has tipped over."
         ]
-        return Diagnosis("edge_of_stability", ev, reasons, advice, d.confident, d.vectors)
+        return Diagnosis("edge_of_stability", ev, reasons, eos_advice, d.confident, d.vectors)
 
     # ---------------------------------------------------------------------------- log
     def _write(self, record: dict[str, Any]) -> None:
