@@ -6,7 +6,7 @@ or plain function — measured matrix-free, cheap enough to ask during training.
 tensor([ 6., 12.])
 """
 
-from curvscope import problems, spectrum
+from curvscope import optim, problems, spectrum
 from curvscope.derivatives import DENSE_LIMIT, KINDS, Curvature, grad, hessian, hvp
 from curvscope.diagnose import Diagnosis, Monitor, Thresholds, diagnose, stability_limit
 from curvscope.spectrum import density, diagonal, eigenvalues, trace, trace_of_square
@@ -28,6 +28,7 @@ __all__ = [
     "grad",
     "hessian",
     "hvp",
+    "optim",
     "problems",
     "spectrum",
     "stability_limit",

@@ -4,6 +4,7 @@ Newton-type methods and the Newton decrement need."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,8 @@ class CGResult:
         direction: the negative-curvature direction, or None.
         residual: ‖b − Ax‖/‖b‖ at the end.
         iterations, matvecs, seconds: the cost (one product per iteration).
+        saved: (iteration, x, r) for the iterations asked for by ``save`` (r = b − (A+λI)x),
+            the last one always included — what Hessian-free's CG backtracking searches.
     """
 
     x: Tensor
@@ -35,10 +38,24 @@ class CGResult:
     iterations: int
     matvecs: int
     seconds: float
+    saved: tuple[tuple[int, Tensor, Tensor], ...] = ()
+
+
+#: Martens (2010) stops CG when the quadratic φ(x) = ½xᵀAx − bᵀx has improved by less than
+#: this share per iteration over the last max(10, 0.1·i) iterations.
+PROGRESS_WINDOW_MIN, PROGRESS_WINDOW_SHARE = 10, 0.1
 
 
 def cg(
-    A: Any, b: Tensor, *, tol: float = 1e-4, max_matvecs: int = 50, damping: float = 0.0
+    A: Any,
+    b: Tensor,
+    *,
+    tol: float = 1e-4,
+    max_matvecs: int = 50,
+    damping: float = 0.0,
+    x0: Tensor | None = None,
+    progress_tol: float | None = None,
+    save: Callable[[int], bool] | None = None,
 ) -> CGResult:
     """Solve (A + damping·I) x = b by conjugate gradients, stopping at negative curvature.
 
@@ -46,19 +63,29 @@ def cg(
         A: a :class:`~curvscope.Curvature`, a square tensor, or an object with ``matmat``.
         b: the right-hand side (n,).
         tol: relative residual to reach.
-        max_matvecs: cap on products (one per iteration).
+        max_matvecs: cap on products (one per iteration, one more for a nonzero ``x0``).
         damping: Levenberg-Marquardt shift added to A.
+        x0: a warm start (Hessian-free starts from the previous step, decayed).
+        progress_tol: also stop when φ(x) = ½xᵀ(A+λI)x − bᵀx improved by less than
+            ``progress_tol``·k per iteration over the last k = max(10, 0.1·i) iterations
+            (Martens 2010, §4.4: the residual is a poor guide to the progress on φ).
+        save: iteration -> whether to keep that iterate (with its residual) in ``saved``.
     """
     op = as_operator(A)
     if b.shape != (op.n,):
         raise ValueError(f"expected b of shape ({op.n},), got {tuple(b.shape)}")
     start, used_before = time.perf_counter(), op.matvecs
-    x = torch.zeros_like(b)
-    r = b.clone()
+    if x0 is None or not bool(x0.any()):
+        x, r = torch.zeros_like(b), b.clone()
+    else:
+        x = x0.to(b).clone()
+        r = b - op(x[:, None])[:, 0] - damping * x
     p = r.clone()
     bnorm = float(b.norm()) or 1.0
     rr = float(r @ r)
     it, neg, direction = 0, False, None
+    phis = [float(x @ (-r - b)) / 2]  # φ(x) = ½xᵀ(Ax − b) − ½bᵀx, with Ax − b = −r
+    saved = []
     while it < max_matvecs and rr**0.5 > tol * bnorm:
         Ap = op(p[:, None])[:, 0] + damping * p
         it += 1
@@ -72,6 +99,15 @@ def cg(
         rr_new = float(r @ r)
         p = r + (rr_new / rr) * p
         rr = rr_new
+        phis.append(float(x @ (-r - b)) / 2)
+        if save is not None and save(it):
+            saved.append((it, x.clone(), r.clone()))
+        if progress_tol is not None:
+            k = max(PROGRESS_WINDOW_MIN, int(PROGRESS_WINDOW_SHARE * it))
+            if it > k and phis[-1] < 0 and (phis[-1] - phis[-1 - k]) / phis[-1] < k * progress_tol:
+                break
+    if not saved or saved[-1][0] != it:
+        saved.append((it, x.clone(), r.clone()))
     res = rr**0.5 / bnorm
     return CGResult(
         x,
@@ -82,4 +118,5 @@ def cg(
         it,
         op.matvecs - used_before,
         time.perf_counter() - start,
+        tuple(saved),
     )

@@ -1,0 +1,55 @@
+"""Optimizers from first to second order on the ``torch.optim.Optimizer`` contract.
+
+Each is driven by a closure that re-evaluates the loss (``opt.step(closure)``); the
+optimizer differentiates it itself, so the user's loop never calls
+``backward(create_graph=True)``. Each keeps :class:`Counts` of its work in ``opt.counts``
+(also in ``state_dict()``) and a :class:`StepInfo` of its last step in ``opt.info``.
+
+>>> import torch, curvscope as cs
+>>> x = torch.tensor([-1.2, 1.0], dtype=torch.float64, requires_grad=True)
+>>> opt = cs.optim.NewtonCG([x])
+>>> for _ in range(30):
+...     loss = opt.step(lambda: cs.problems.get("rosenbrock").f(x))
+>>> cs.optim.stationary_point(lambda: cs.problems.get("rosenbrock").f(x), [x]).kind
+'minimum'
+"""
+
+from curvscope.optim._closure import Counts
+from curvscope.optim.base import CurvscopeOptimizer, StepInfo
+from curvscope.optim.diagonal import (
+    AdaHessian,
+    DiagonalEstimator,
+    GaussNewtonBartlett,
+    Hutchinson,
+    Sophia,
+)
+from curvscope.optim.first_order import NormalizedGD
+from curvscope.optim.hessian_free import HessianFree
+from curvscope.optim.krylov import CubicNewton, SaddleFreeNewton
+from curvscope.optim.newton import Newton, NewtonCG
+from curvscope.optim.registry import REGISTRY, OptimizerInfo, build, get, names
+from curvscope.optim.stationary import PointType, stationary_point
+
+__all__ = [
+    "REGISTRY",
+    "AdaHessian",
+    "Counts",
+    "CubicNewton",
+    "CurvscopeOptimizer",
+    "DiagonalEstimator",
+    "GaussNewtonBartlett",
+    "HessianFree",
+    "Hutchinson",
+    "Newton",
+    "NewtonCG",
+    "NormalizedGD",
+    "OptimizerInfo",
+    "PointType",
+    "SaddleFreeNewton",
+    "Sophia",
+    "StepInfo",
+    "build",
+    "get",
+    "names",
+    "stationary_point",
+]

@@ -1,0 +1,262 @@
+"""Diagonal-curvature optimizers: AdaHessian and Sophia, each a diagonal estimator (an injected
+component) plus a preconditioned momentum rule. The user's loop only passes a closure: the
+estimator takes its products from the closure's graph (no ``backward(create_graph=True)``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from curvscope.derivatives.kinds import likelihood_of
+from curvscope.optim._closure import Counts, Evaluation
+from curvscope.optim.base import (
+    CurvscopeOptimizer,
+    StepInfo,
+    check_betas,
+    check_int,
+    check_positive,
+)
+from curvscope.spectrum._operator import rademacher
+
+
+class DiagonalEstimator(Protocol):
+    """Estimates diag of the curvature at the closure's point: flat (n,)."""
+
+    def __call__(self, ev: Evaluation, generator: torch.Generator, counts: Counts) -> Tensor: ...
+
+
+class Hutchinson:
+    """diag(H) ≈ (1/m) Σ_j z_j ⊙ H z_j with Rademacher z_j (Bekas, Kokiopoulou & Saad 2007):
+    unbiased; m Hessian-vector products. Used by AdaHessian and Sophia-H."""
+
+    def __init__(self, samples: int = 1) -> None:
+        self.samples = check_int("samples", samples)
+
+    def __call__(self, ev: Evaluation, generator: torch.Generator, counts: Counts) -> Tensor:
+        g = ev.flat_grad
+        Z = rademacher(ev.n, self.samples, generator, g.dtype, g.device)
+        return (Z * ev.hvp(Z)).mean(dim=1)
+
+    def __repr__(self) -> str:
+        return f"Hutchinson(samples={self.samples})"
+
+
+class GaussNewtonBartlett:
+    """diag(G) ≈ N·ĝ⊙ĝ, ĝ the gradient of the loss on labels *sampled from the model*
+    (Liu et al. 2023, Sophia-G): for a loss that is a negative log-likelihood, E[N ĝĝᵀ] is the
+    Gauss-Newton matrix (Bartlett's second identity), so its diagonal costs one backward pass
+    and is never negative. The closure must return ``(loss, outputs)``; ``loss_fn`` names the
+    likelihood (``nn.CrossEntropyLoss``, ``nn.BCEWithLogitsLoss``, ``nn.MSELoss``)."""
+
+    def __init__(self, loss_fn: Any) -> None:
+        try:
+            self.likelihood = likelihood_of(loss_fn)
+        except ValueError as e:
+            raise ValueError(
+                f"GaussNewtonBartlett needs a loss that is a negative log-likelihood "
+                f"(nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.MSELoss), got {loss_fn!r}; "
+                "use Hutchinson() for any other loss"
+            ) from e
+        self.loss_fn = loss_fn
+
+    def __call__(self, ev: Evaluation, generator: torch.Generator, counts: Counts) -> Tensor:
+        if ev.outputs is None:
+            raise ValueError(
+                "GaussNewtonBartlett samples labels from the model's outputs: let the closure "
+                "return (loss, outputs)"
+            )
+        with torch.enable_grad():
+            rows = self.likelihood.as_terms(ev.outputs)
+            s = self.likelihood.sample_grad(rows.detach(), generator, 1)[0]
+            N = rows.shape[0]
+            g_hat = torch.autograd.grad(rows, ev.params, s / N, retain_graph=True)
+        counts.gradients += 1
+        return N * torch.cat([t.reshape(-1) for t in g_hat]) ** 2
+
+    def __repr__(self) -> str:
+        return f"GaussNewtonBartlett({self.loss_fn!r})"
+
+
+def _generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
+class _DiagonalMethod(CurvscopeOptimizer):
+    """Shared: evaluate the closure, refresh the diagonal estimate every ``update_every`` steps,
+    hand per-parameter (gradient, diagonal) to ``update_param``."""
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], estimator: Any) -> None:
+        check_int("update_every", defaults["update_every"])
+        if not isinstance(defaults["seed"], int):
+            raise ValueError(f"Invalid seed: {defaults['seed']!r} (expected an integer)")
+        if estimator is not None and not callable(estimator):
+            raise TypeError(f"estimator must be callable (e.g. Hutchinson()), got {estimator!r}")
+        super().__init__(params, defaults)
+        self.estimator = estimator if estimator is not None else Hutchinson()
+        self._global()["step"] = 0
+
+    def update_param(self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Tensor:  # type: ignore[override]
+        closure, counts = self._begin(closure)
+        st = self._global()
+        t = st["step"] = st["step"] + 1
+        refresh = (t - 1) % self.param_groups[0]["update_every"] == 0
+        params = self._params()
+        products_before = counts.products
+        ev = Evaluation(params, closure, counts, curvature=refresh)
+        diag = None
+        if refresh:
+            gen = _generator(self.param_groups[0]["seed"], t, ev.flat_grad.device)
+            diag = self.estimator(ev, gen, counts).detach()
+        i, step_sq = 0, 0.0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                k = p.numel()
+                g = ev.flat_grad[i : i + k].view_as(p)
+                d = None if diag is None else diag[i : i + k].view_as(p)
+                before = p.detach().clone()
+                self.update_param(p, g, d, group, t)
+                step_sq += float((p - before).pow(2).sum())
+                i += k
+        info = StepInfo(
+            ev.loss,
+            float(ev.flat_grad.norm()),
+            step_sq**0.5,
+            None,
+            None,
+            None,
+            True,
+            counts.products - products_before,
+            "curvature estimate refreshed" if refresh else "",
+        )
+        self._end(counts, info)
+        return ev.loss_tensor.detach()
+
+
+class AdaHessian(_DiagonalMethod):
+    """AdaHessian (Yao et al. 2021): Adam with the squared Hessian diagonal in place of g².
+
+    m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)D²,  D = the estimator's diag(H) (averaged over each
+    convolution kernel's spatial positions when ``spatial_average``);
+    θ ← θ − lr·( m̂ / (v̂^{k/2} + ε) + wd·θ ), m̂, v̂ bias-corrected, k = ``hessian_power``.
+
+    Args:
+        lr, betas, eps, weight_decay (decoupled), hessian_power: as in the paper (defaults its).
+        update_every: refresh D every this many steps (reusing it in between).
+        estimator: a :class:`DiagonalEstimator` (default ``Hutchinson()``).
+        seed: fixes the random probes (step t uses seed and t, so a resumed run repeats them).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.15,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-4,
+        weight_decay: float = 0.0,
+        hessian_power: float = 1.0,
+        update_every: int = 1,
+        spatial_average: bool = True,
+        estimator: DiagonalEstimator | None = None,
+        seed: int = 0,
+    ) -> None:
+        check_positive("learning rate", lr)
+        check_betas(betas)
+        check_positive("eps", eps)
+        check_positive("weight_decay", weight_decay, allow_zero=True)
+        if not isinstance(hessian_power, int | float) or not 0 < hessian_power <= 1:
+            raise ValueError(f"Invalid hessian_power: {hessian_power!r} (expected in (0, 1])")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            hessian_power=hessian_power,
+            update_every=update_every,
+            spatial_average=spatial_average,
+            seed=seed,
+        )
+        super().__init__(params, defaults, estimator)
+
+    def update_param(self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int) -> None:
+        st = self.state[p]
+        if not st:
+            st["exp_avg"] = torch.zeros_like(p)
+            st["exp_hessian_diag_sq"] = torch.zeros_like(p)
+            st["hessian_diag"] = torch.zeros_like(p)
+        if d is not None:
+            if group["spatial_average"] and p.ndim >= 3:
+                d = d.abs().mean(dim=tuple(range(2, p.ndim)), keepdim=True).expand_as(p)
+            st["hessian_diag"] = d.clone()
+        b1, b2 = group["betas"]
+        st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
+        st["exp_hessian_diag_sq"].mul_(b2).addcmul_(
+            st["hessian_diag"], st["hessian_diag"], value=1 - b2
+        )
+        m_hat = st["exp_avg"] / (1 - b1**t)
+        v_hat = st["exp_hessian_diag_sq"] / (1 - b2**t)
+        denom = v_hat.sqrt().pow(group["hessian_power"]).add_(group["eps"])
+        p.sub_(group["lr"] * (m_hat / denom + group["weight_decay"] * p))
+
+
+class Sophia(_DiagonalMethod):
+    """Sophia (Liu et al. 2023): momentum preconditioned by a diagonal curvature estimate and
+    clipped element-wise.
+
+    m ← β₁m + (1−β₁)g;  every k steps h ← β₂h + (1−β₂)ĥ (ĥ from the estimator);
+    θ ← θ(1 − lr·wd) − lr·sign(m)·min(|m| / max(ρ·h, ε), 1).
+
+    The clip bounds every coordinate's step by lr however flat or negative the estimate is.
+    Defaults are the paper's (ρ = 0.04, k = 10, β = (0.965, 0.99), wd = 0.1); the estimator is
+    ``Hutchinson()`` (Sophia-H) or ``GaussNewtonBartlett(loss_fn)`` (Sophia-G).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.965, 0.99),
+        rho: float = 0.04,
+        weight_decay: float = 0.1,
+        update_every: int = 10,
+        eps: float = 1e-12,
+        estimator: DiagonalEstimator | None = None,
+        seed: int = 0,
+    ) -> None:
+        check_positive("learning rate", lr)
+        check_betas(betas)
+        check_positive("rho", rho)
+        check_positive("weight_decay", weight_decay, allow_zero=True)
+        check_positive("eps", eps)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            rho=rho,
+            weight_decay=weight_decay,
+            update_every=update_every,
+            eps=eps,
+            seed=seed,
+        )
+        super().__init__(params, defaults, estimator)
+
+    def update_param(self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int) -> None:
+        st = self.state[p]
+        if not st:
+            st["exp_avg"] = torch.zeros_like(p)
+            st["hessian"] = torch.zeros_like(p)
+        b1, b2 = group["betas"]
+        if d is not None:
+            st["hessian"].mul_(b2).add_(d, alpha=1 - b2)
+        st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        m = st["exp_avg"]
+        ratio = (m.abs() / (group["rho"] * st["hessian"]).clamp_min(group["eps"])).clamp_max(1)
+        p.addcmul_(m.sign(), ratio, value=-group["lr"])

@@ -1,0 +1,74 @@
+"""Normalized gradient descent: the first-order method torch does not ship."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvscope.optim._closure import _split, check_closure
+from curvscope.optim.base import CurvscopeOptimizer, StepInfo, check_positive
+
+
+class NormalizedGD(CurvscopeOptimizer):
+    """Normalized gradient descent: θ ← θ − lr · g/‖g‖ — steps of fixed length ``lr``.
+
+    The step length does not depend on the gradient's size, so it neither stalls on plateaus
+    nor overshoots by the gradient's scale; what it cannot do is settle: near a minimum it
+    oscillates at distance ~lr (decay lr to converge). ‖g‖ is the norm over all parameters;
+    each group moves by its own lr. Like ``torch.optim.SGD``, it reads ``p.grad``: call
+    ``loss.backward()`` first, or pass a closure that does.
+
+    Example:
+        >>> import torch, curvscope as cs
+        >>> x = torch.tensor([3.0, 4.0], requires_grad=True)
+        >>> opt = cs.optim.NormalizedGD([x], lr=0.5)
+        >>> (x**2).sum().backward(); _ = opt.step()
+        >>> x.detach()
+        tensor([2.7000, 3.6000])
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-2, eps: float = 1e-12) -> None:
+        check_positive("learning rate", lr)
+        check_positive("eps", eps)
+        super().__init__(params, {"lr": lr, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Tensor | None:  # type: ignore[override]
+        counts, loss = self.counts, None
+        if closure is not None:
+            check_closure(closure, type(self).__name__)
+            with torch.enable_grad():
+                loss, _ = _split(closure())
+            counts.closure_calls += 1
+        params = [p for p in self._params() if p.grad is not None]
+        if not params:
+            raise ValueError(
+                "NormalizedGD found no gradient: call loss.backward() before step(), or pass "
+                "a closure that does"
+            )
+        counts.gradients += 1
+        norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        finite = norm == norm and norm != float("inf")
+        note = "" if finite else "skipped: the gradient is not finite"
+        if finite:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-group["lr"] / (norm + group["eps"]))
+        lr = self.param_groups[0]["lr"]
+        info = StepInfo(
+            float("nan") if loss is None else float(loss),
+            norm,
+            lr * norm / (norm + self.param_groups[0]["eps"]) if finite else 0.0,
+            None,
+            None,
+            None,
+            finite,
+            0,
+            note,
+        )
+        self._end(counts, info)
+        return loss

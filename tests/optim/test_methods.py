@@ -1,0 +1,273 @@
+"""Known answers for each method, the traps of scipy and torch reproduced and avoided, and the
+curvature pieces (products, estimators) against dense float64 references."""
+
+import math
+from itertools import pairwise
+
+import numpy as np
+import pytest
+import scipy.optimize as so
+import torch
+from torch import nn
+
+import curvscope as cs
+from curvscope.optim._closure import Counts, Evaluation
+from tests import cases
+
+DT = torch.float64
+
+
+def at(fn, x):
+    """The closure fn(x) (bound now, not at call time)."""
+    return lambda: fn(x)
+
+
+def minimize(opt, f, steps, gtol=None, grad=None):
+    for k in range(steps):
+        if gtol is not None and grad().norm() < gtol:
+            return k
+        opt.step(f)
+    return steps
+
+
+def test_newton_solves_a_convex_quadratic_in_one_step():
+    p = cs.problems.get("quadratic", n=30, condition=1e4)
+    x = p.x0.clone().requires_grad_()
+    cs.optim.Newton([x]).step(lambda: p.f(x))
+    assert torch.allclose(x.detach(), p.minima[0], atol=1e-8)
+
+
+def test_newton_cg_needs_no_more_iterations_than_scipy_trust_ncg_on_rosenbrock():
+    p = cs.problems.get("rosenbrock")
+    x = p.x0.clone().requires_grad_()
+    opt = cs.optim.NewtonCG([x])
+    ours = minimize(opt, lambda: p.f(x), 200, 1e-8, lambda: p.grad(x.detach()))
+    ref = so.minimize(
+        so.rosen,
+        np.array([-1.2, 1.0]),
+        jac=so.rosen_der,
+        hessp=so.rosen_hess_prod,
+        method="trust-ncg",
+        options={"gtol": 1e-8},
+    )
+    assert ref.success and p.grad(x.detach()).norm() < 1e-8
+    assert ours <= ref.nit
+    # and with fewer curvature products: the model value is carried along, not recomputed
+    assert opt.counts.products <= ref.nhev
+
+
+def test_newton_goes_to_the_saddle_and_the_saddle_escaping_methods_to_a_minimum():
+    p = cs.problems.get("saddle")
+    ends = {}
+    for name in ("pure-newton", "newton", "saddle-free-newton", "cubic-newton", "newton-cg"):
+        x = p.x0.clone().requires_grad_()
+        opt = cs.optim.build(name, [x])
+        minimize(opt, at(p.f, x), 60)
+        ends[name] = cs.optim.stationary_point(at(p.f, x), [x]).kind
+        if ends[name] == "minimum":
+            assert float(p.f(x.detach())) == pytest.approx(-1.0, abs=1e-10)
+    assert ends["pure-newton"] == "saddle"
+    assert ends["saddle-free-newton"] == ends["cubic-newton"] == "minimum"
+    assert ends["newton"] == ends["newton-cg"] == "minimum"
+
+
+def test_pure_newton_diverges_on_sqrt_one_plus_square_and_the_safeguarded_ones_decrease_it():
+    p = cs.problems.get("sqrt1px2")  # x0 = 1.5
+    x = p.x0.clone().requires_grad_()
+    pure = cs.optim.build("pure-newton", [x])
+    path = [abs(float(x.detach()))]
+    for _ in range(3):
+        pure.step(lambda: p.f(x))
+        path.append(abs(float(x.detach())))
+    assert path == sorted(path) and path[-1] > 1e4  # |x| ← |x|³
+    for name in ("newton", "newton-cg", "hessian-free", "saddle-free-newton", "cubic-newton"):
+        x = p.x0.clone().requires_grad_()
+        opt = cs.optim.build(name, [x])
+        values = []
+        for _ in range(30):
+            opt.step(at(p.f, x))
+            values.append(float(p.f(x.detach())))
+        assert all(b <= a for a, b in pairwise(values)), name
+        assert values[-1] == pytest.approx(1.0, abs=1e-10), name
+
+
+def _digits_split():
+    X, y = cs.problems.load_digits(None, DT)
+    return (X[:500], y[:500]), (X[500:], y[500:])
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("adahessian", {"lr": 0.1}),
+        ("sophia", {"lr": 0.01, "update_every": 5}),
+        ("sophia", {"lr": 0.01, "estimator": cs.optim.GaussNewtonBartlett(nn.CrossEntropyLoss())}),
+    ],
+)
+def test_adahessian_and_sophia_train_the_digits_mlp(name, kwargs):
+    (X, y), (Xt, yt) = _digits_split()
+    p = cs.problems.get("digits-mlp")
+    model = p.make_model(0)
+    opt = cs.optim.build(name, model.parameters(), **kwargs)
+
+    def closure():
+        out = model(X)
+        return p.loss_fn(out, y), out
+
+    for _ in range(100):
+        opt.step(closure)
+    with torch.no_grad():
+        train = (model(X).argmax(1) == y).double().mean()
+        test = (model(Xt).argmax(1) == yt).double().mean()
+    assert train >= 0.99 and test >= 0.88  # stated in the README
+
+
+def test_hessian_free_uses_gauss_newton_from_outputs_and_a_curvature_minibatch():
+    p = cs.problems.get("breast-cancer-logreg")
+    X, y = p.data
+    model = p.make_model(0)
+    opt = cs.optim.HessianFree(model.parameters())
+    losses = []
+    for k in range(15):
+
+        def closure():
+            out = model(X)
+            return p.loss_fn(out, y), out
+
+        def curvature_closure(k=k):
+            i = slice(64 * (k % 8), 64 * (k % 8) + 64)
+            out = model(X[i])
+            return p.loss_fn(out, y[i]), out
+
+        losses.append(float(opt.step(closure, curvature_closure=curvature_closure)))
+    assert losses[-1] < 0.1 * losses[0]
+    assert all(b <= a for a, b in pairwise(losses))
+    # one product per CG iteration, and one per warm start (every step after the first)
+    assert opt.counts.products == opt.counts.cg_iterations + 14
+
+
+# ------------------------------------------------------------------ traps of the anchors
+def test_scipy_newton_cg_declares_success_at_a_maximum_ours_says_maximum():
+    f_np = lambda z: np.cos(z[0]) + np.cos(z[1])  # noqa: E731
+    jac = lambda z: -np.sin(z)  # noqa: E731
+    hess = lambda z: np.diag(-np.cos(z))  # noqa: E731
+    ref = so.minimize(f_np, np.zeros(2), jac=jac, hess=hess, method="Newton-CG")
+    assert ref.success and np.allclose(ref.x, 0)  # scipy/scipy#20213
+    x = torch.zeros(2, dtype=DT, requires_grad=True)
+    point = cs.optim.stationary_point(lambda: torch.cos(x).sum(), [x])
+    assert point.kind == "maximum" and point.lambda_max == pytest.approx(-1.0)
+
+
+def wood(x):
+    return (
+        100 * (x[1] - x[0] ** 2) ** 2
+        + (1 - x[0]) ** 2
+        + 90 * (x[3] - x[2] ** 2) ** 2
+        + (1 - x[2]) ** 2
+        + 10.1 * ((x[1] - 1) ** 2 + (x[3] - 1) ** 2)
+        + 19.8 * (x[1] - 1) * (x[3] - 1)
+    )
+
+
+def test_lbfgsb_stops_at_a_saddle_of_wood_ours_reach_the_minimum_and_say_so():
+    def fg(z):
+        x = torch.tensor(z, requires_grad=True)
+        (g,) = torch.autograd.grad(wood(x), x)
+        return float(wood(x.detach())), g.numpy()
+
+    ref = so.minimize(fg, np.array([-3.0, -1.0, -3.0, -1.0]), jac=True, method="L-BFGS-B")
+    assert ref.success
+    x = torch.tensor(ref.x, requires_grad=True)
+    assert cs.optim.stationary_point(lambda: wood(x), [x], grad_tol=1e-3).kind == "saddle"
+    for name in ("newton-cg", "cubic-newton", "saddle-free-newton"):
+        x = torch.tensor([-3.0, -1.0, -3.0, -1.0], dtype=DT, requires_grad=True)
+        opt = cs.optim.build(name, [x])
+        minimize(opt, at(wood, x), 200)
+        point = cs.optim.stationary_point(at(wood, x), [x])
+        assert point.kind == "minimum" and point.loss < 1e-12, name
+
+
+def test_torch_lbfgs_writes_nan_ours_never_do():
+    def f(x):
+        return (x * torch.log(x)).sum()  # NaN for x < 0; minimum at 1/e
+
+    x = torch.full((1,), 2.0, dtype=DT, requires_grad=True)
+    lbfgs = torch.optim.LBFGS([x])
+
+    def closure():
+        lbfgs.zero_grad()
+        loss = f(x)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        lbfgs.step(closure)
+    assert torch.isnan(x).all()  # pytorch/pytorch#5953
+    for name in cs.optim.names("curvscope"):
+        if cs.optim.get(name).lr or name == "pure-newton":
+            continue
+        x = torch.full((1,), 2.0, dtype=DT, requires_grad=True)
+        opt = cs.optim.build(name, [x])
+        minimize(opt, at(f, x), 40)
+        assert float(x.detach()) == pytest.approx(math.exp(-1), abs=1e-8), name
+
+
+# ------------------------------------------------------- curvature pieces vs references
+def _evaluation(case):
+    params = list(case.model.parameters())
+
+    def closure():
+        out = case.model(case.inputs)
+        return case.loss_fn(out, case.targets), out
+
+    return Evaluation(params, closure, Counts())
+
+
+@pytest.mark.parametrize("make", [cases.mlp, cases.mlp_mse, cases.logreg_bce])
+def test_closure_products_match_dense_references(make):
+    case = make()
+    ev = _evaluation(case)
+    eye = torch.eye(ev.n, dtype=DT)
+    assert torch.allclose(ev.hvp(eye), cases.dense_hessian(case), atol=1e-10)
+    assert torch.allclose(ev.ggn(eye), cases.dense_ggn(case), atol=1e-10)
+    assert ev.counts.products == 2 * ev.n
+
+
+def test_diagonal_estimators_are_unbiased():
+    case = cases.mlp(n=12)
+    ev = _evaluation(case)
+    H, G = cases.dense_hessian(case), cases.dense_ggn(case)
+    gen = torch.Generator().manual_seed(0)
+    hutch = cs.optim.Hutchinson(samples=4000)(ev, gen, Counts())
+    gnb = torch.stack(
+        [cs.optim.GaussNewtonBartlett(case.loss_fn)(ev, gen, Counts()) for _ in range(4000)]
+    ).mean(0)
+    scale = float(H.diagonal().abs().max())
+    assert (hutch - H.diagonal()).abs().max() < 0.1 * scale
+    assert (gnb - G.diagonal()).abs().max() < 0.1 * float(G.diagonal().max())
+
+
+def test_gauss_newton_bartlett_needs_outputs_and_a_likelihood():
+    with pytest.raises(ValueError, match="Hutchinson"):
+        cs.optim.GaussNewtonBartlett(nn.L1Loss())
+    x = torch.ones(2, requires_grad=True)
+    opt = cs.optim.Sophia([x], estimator=cs.optim.GaussNewtonBartlett(nn.MSELoss()))
+    with pytest.raises(ValueError, match=r"return \(loss, outputs\)"):
+        opt.step(lambda: (x**2).sum())
+
+
+def test_a_rejected_step_leaves_parameters_bit_identical_and_flags_as_found():
+    case = cases.mlp()
+    model = case.model.train()
+    before = cases.snapshot(model)
+    x = torch.full((1,), 1.5, dtype=DT, requires_grad=True)
+    opt = cs.optim.NewtonCG([x], radius=100.0, max_radius=100.0)
+    opt.step(lambda: torch.sqrt(1 + x**2).sum())  # the Newton point −x³ is uphill
+    assert not opt.info.accepted and "ratio" in opt.info.note
+    assert float(x.detach()) == 1.5 and opt.info.step_norm == 0.0
+    assert opt.state_dict()["state"]["global"]["radius"] == 25.0
+    opt = cs.optim.NewtonCG(model.parameters())
+    opt.step(lambda: case.loss_fn(model(case.inputs), case.targets))
+    after = cases.snapshot(model)
+    assert after["training"] == before["training"]
+    assert after["requires_grad"] == before["requires_grad"]
