@@ -1,4 +1,4 @@
-# The two set-up commands (README): `make lab` runs the main job, `make test` runs the tests.
+# The two set-up commands (README): `make lab` runs the main job (`curvscope lab`), `make test` runs the tests.
 # Both create .venv on first use. torch is installed first and pinned: a range would make pip
 # fetch a multi-GB CUDA build instead of the CPU wheel this machine carries.
 PYTHON ?= python3
@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 lab: install
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/curvscope lab --out curvscope-lab
 
 test: install
 	$(BIN)/python -m pytest -q

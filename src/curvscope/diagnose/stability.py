@@ -110,6 +110,8 @@ def stability_limit(
         getattr(optimizer, "optimizer", None), torch.optim.Optimizer
     ):
         optimizer = optimizer.optimizer
+    if not isinstance(optimizer, _KNOWN):
+        raise _unknown(optimizer)
     if params is None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
     groups = _group_of(optimizer, params)
@@ -173,9 +175,13 @@ def stability_limit(
         decoupled = isinstance(optimizer, torch.optim.AdamW)
         l2 = None if decoupled or not any(wd) else _flat(wd, params)
         return StabilityLimit(c / eta, eta, c, what, True, scale, l2, formula)
-    raise TypeError(
-        f"stability_limit knows torch.optim.SGD, Adam, AdamW and RMSprop; got {name}. "
-        "Pass lr= to judge against plain gradient descent instead"
+    raise _unknown(optimizer)
+
+
+def _unknown(optimizer: object) -> TypeError:
+    return TypeError(
+        "stability_limit knows torch.optim.SGD, Adam, AdamW and RMSprop; got "
+        f"{type(optimizer).__name__}. Pass lr= to judge against plain gradient descent instead"
     )
 
 

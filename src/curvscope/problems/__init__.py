@@ -17,7 +17,9 @@ from typing import Any
 from curvscope.problems.data import (
     ModelProblem,
     digits_mlp,
+    least_squares,
     load_breast_cancer,
+    load_diabetes,
     load_digits,
     logistic_regression,
 )
@@ -42,6 +44,7 @@ REGISTRY: dict[str, Callable[..., Problem]] = {
     "saddle": saddle,
     "sqrt1px2": sqrt_one_plus_square,
     "breast-cancer-logreg": logistic_regression,
+    "least-squares": least_squares,
     "digits-mlp": digits_mlp,
 }
 
@@ -67,7 +70,9 @@ __all__ = [
     "digits_mlp",
     "get",
     "himmelblau",
+    "least_squares",
     "load_breast_cancer",
+    "load_diabetes",
     "load_digits",
     "logistic_regression",
     "names",

@@ -26,6 +26,17 @@ def load_breast_cancer(dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tens
     return x, y
 
 
+def load_diabetes(dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """Diabetes progression (442 samples, 10 features, standardised); targets standardised,
+    shape (442, 1), for ``nn.MSELoss``."""
+    from sklearn.datasets import load_diabetes as _load
+
+    d = _load()
+    x = _standardise(torch.as_tensor(d.data, dtype=dtype))
+    y = _standardise(torch.as_tensor(d.target, dtype=dtype).reshape(-1, 1))
+    return x, y
+
+
 def load_digits(
     n: int | None = None, dtype: torch.dtype = torch.float64, one_hot: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -95,6 +106,24 @@ def logistic_regression(dtype: torch.dtype = torch.float64) -> ModelProblem:
         data,
         "logistic regression on the breast-cancer data: convex and smooth, where Newton-type "
         "methods converge in a handful of steps",
+        well_behaved=True,
+    )
+
+
+def least_squares(dtype: torch.dtype = torch.float64) -> ModelProblem:
+    """Linear least squares on the diabetes data: a convex quadratic in 11 parameters, whose
+    Hessian is the (ill-conditioned) feature covariance — Newton solves it in one step."""
+    data = load_diabetes(dtype)
+
+    def make(seed: int = 0) -> nn.Module:
+        return _seeded(seed, lambda: nn.Linear(10, 1).to(dtype))
+
+    return ModelProblem(
+        "least-squares",
+        make,
+        nn.MSELoss(),
+        data,
+        "linear least squares on the diabetes data: a convex quadratic with correlated features",
         well_behaved=True,
     )
 

@@ -1,0 +1,14 @@
+"""The lab: optimizers side by side on problems with known answers (``curvscope lab``)."""
+
+from curvscope.lab.lab import performance_profile, run_lab
+from curvscope.lab.runner import DEFAULT_PROBLEMS, QUICK, Budget, Run, run_one
+
+__all__ = [
+    "DEFAULT_PROBLEMS",
+    "QUICK",
+    "Budget",
+    "Run",
+    "performance_profile",
+    "run_lab",
+    "run_one",
+]

@@ -1,0 +1,234 @@
+"""The lab: every selected optimizer on every selected problem, the performance profile, and
+what first-order methods learn about curvature — one JSON-able result."""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+
+from curvscope import optim, problems
+from curvscope.derivatives import Curvature
+from curvscope.lab.runner import (
+    BLOWUP,
+    DEFAULT_PROBLEMS,
+    GD_LR_FACTOR,
+    GRAD_TOL,
+    LEARNING_RATES,
+    PROBLEM_ARGS,
+    Budget,
+    Run,
+    Setup,
+    lambda_max_at_start,
+    make_setup,
+    run_one,
+)
+from curvscope.spectrum import density, diagonal, eigenvalues
+
+RESULTS_VERSION = 1
+#: A problem counts as solved by a run once f ≤ f_best + PROFILE_TOL·(f₀ − f_best), f_best the
+#: lowest loss any run reached (Moré & Wild's convergence test for data profiles).
+PROFILE_TOL = 1e-4
+#: The performance-profile axis: ratios τ to the best cost, 1 … 1000.
+TAUS = np.logspace(0, 3, 61)
+#: Diagnose the first-order runs on the MLP this many times along the way.
+MLP_PROBES = 5
+
+
+def check_names(asked: Sequence[str] | None, valid: Sequence[str], what: str) -> list[str]:
+    """The names asked for, or all; an unknown one gets the list of valid names."""
+    if not asked:
+        return list(valid)
+    bad = [a for a in asked if a not in valid]
+    if bad:
+        raise ValueError(
+            f"unknown {what} {', '.join(map(repr, bad))}; valid names: {', '.join(valid)}"
+        )
+    return list(asked)
+
+
+def _solve_cost(run: Run, target: float, axis: str) -> float:
+    if run.outcome in ("diverged", "skipped"):
+        return math.inf
+    xs = run.cost if axis == "cost" else run.seconds
+    for f, x in zip(run.losses, xs, strict=True):
+        if math.isfinite(f) and f <= target:
+            return float(max(x, 1e-9 if axis == "time" else 1))
+    return math.inf
+
+
+def performance_profile(runs: Sequence[Run], axis: str) -> dict[str, Any]:
+    """Dolan & Moré (2002): ρ_s(τ) = share of problems solver s solves within τ × the best cost."""
+    by_problem: dict[str, list[Run]] = {}
+    for r in runs:
+        by_problem.setdefault(r.problem, []).append(r)
+    solvers = sorted({r.optimizer for r in runs})
+    ratios: dict[str, list[float]] = {s: [] for s in solvers}
+    for rs in by_problem.values():
+        finals = [
+            min(f for f in r.losses if math.isfinite(f)) for r in rs if r.outcome != "skipped"
+        ]
+        f_best, f0 = min(finals), rs[0].losses[0]
+        target = f_best + PROFILE_TOL * (f0 - f_best)
+        costs = {r.optimizer: _solve_cost(r, target, axis) for r in rs}
+        best = min(costs.values())
+        for s in solvers:
+            c = costs.get(s, math.inf)
+            ratios[s].append(c / best if math.isfinite(c) and best > 0 else math.inf)
+    n = max(len(by_problem), 1)
+    curves = {s: [sum(r <= t for r in ratios[s]) / n for t in TAUS] for s in solvers}
+    return {"taus": TAUS.tolist(), "curves": curves, "ratios": ratios}
+
+
+def _curvature_learned(setups: dict[str, tuple[Setup, Any]]) -> dict[str, Any]:
+    """On the MLP: Adam's √v̂ against the Hessian diagonal; the effective steps of momentum and
+    normalized GD against 2/λ_max."""
+    out: dict[str, Any] = {}
+    if "adam" in setups:
+        setup, opt = setups["adam"]
+        sqrt_v, step = [], None
+        for p in setup.params:
+            st = opt.state[p]
+            step = float(st["step"])
+            b2 = opt.param_groups[0]["betas"][1]
+            sqrt_v.append((st["exp_avg_sq"] / (1 - b2**step)).sqrt().reshape(-1))
+        C = Curvature(setup.model, setup.loss_fn, setup.data)
+        diag = diagonal(C, matvecs=200, seed=0).value
+        v = torch.cat(sqrt_v)
+        a, b = torch.log(v.clamp_min(1e-12)), torch.log(diag.abs().clamp_min(1e-12))
+        pearson = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+        ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+        spearman = float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+        out["adam_vs_hessian"] = {
+            "sqrt_v": v.tolist(),
+            "hessian_diag": diag.tolist(),
+            "pearson_log": pearson,
+            "spearman": spearman,
+        }
+    steps = {}
+    for name, (setup, opt) in setups.items():
+        if name not in ("gd", "momentum", "normalized-gd") or opt is None:
+            continue
+        C = Curvature(setup.model, setup.loss_fn, setup.data)
+        lam = float(eigenvalues(C, k=1, tol=1e-3).values[0])
+        lr = opt.param_groups[0]["lr"]
+        if name == "momentum":
+            eff = lr / (1 - opt.param_groups[0]["momentum"])
+        elif name == "normalized-gd":
+            eff = lr / max(setup.grad_norm(), 1e-300)
+        else:
+            eff = lr
+        steps[name] = {"effective_lr": eff, "lambda_max": lam, "limit": 2 / lam}
+    out["effective_steps"] = steps
+    return out
+
+
+def _density_record(setup: Setup) -> dict[str, Any]:
+    C = Curvature(setup.model, setup.loss_fn, setup.data)
+    d = density(C, steps=40, probes=3, progress_bar=False)
+    return {
+        "grid": d.grid.tolist(),
+        "values": d.values.tolist(),
+        "negative_mass": d.negative_mass,
+    }
+
+
+def run_lab(
+    problem_names: Sequence[str] | None = None,
+    optimizer_names: Sequence[str] | None = None,
+    *,
+    budget: Budget | None = None,
+    on_run: Callable[[Run], None] | None = None,
+) -> dict[str, Any]:
+    """Run the lab and return its results (JSON-able).
+
+    Args:
+        problem_names: problems (default: :data:`DEFAULT_PROBLEMS`).
+        optimizer_names: registry names (default: all).
+        budget: steps and seconds per run (default :class:`Budget`; ``QUICK`` for smoke tests).
+        on_run: called after each run (progress display).
+    """
+    budget = budget or Budget()
+    pnames = check_names(problem_names, problems.names(), "problem")
+    if not problem_names:
+        pnames = list(DEFAULT_PROBLEMS)
+    onames = check_names(optimizer_names, optim.names(), "optimizer")
+    start = time.perf_counter()
+    runs: list[Run] = []
+    prob_info = []
+    mlp: dict[str, Any] = {}
+    for pname in pnames:
+        setup, prob = make_setup(pname)
+        lam0 = lambda_max_at_start(setup, prob)
+        lr_gd = GD_LR_FACTOR / lam0
+        prob_info.append(
+            {
+                "name": pname,
+                "description": prob.description,
+                "well_behaved": prob.well_behaved,
+                "n": setup.n,
+                "lambda_max0": lam0,
+                "gd_lr": lr_gd,
+                "args": PROBLEM_ARGS.get(pname, {}),
+            }
+        )
+        is_mlp = setup.model is not None and not prob.well_behaved
+        if is_mlp:
+            mlp["density_start"] = _density_record(setup)
+        kept: dict[str, tuple[Setup, Any]] = {}
+        for oname in onames:
+            steps = budget.model_steps
+            every = (
+                max(steps // MLP_PROBES, 1) if is_mlp and oname in ("gd", "momentum", "adam") else 0
+            )
+            run, s, opt = run_one(pname, oname, budget, probe_every=every, lr_gd=lr_gd)
+            runs.append(run)
+            if is_mlp and opt is not None and run.outcome != "diverged":
+                kept[oname] = (s, opt)
+            if on_run is not None:
+                on_run(run)
+        if is_mlp and kept:
+            end = kept.get("adam") or next(iter(kept.values()))
+            mlp["density_end"] = _density_record(end[0])
+            mlp["density_end_optimizer"] = "adam" if "adam" in kept else next(iter(kept))
+            mlp.update(_curvature_learned(kept))
+            mlp["problem"] = pname
+    return {
+        "version": RESULTS_VERSION,
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+        },
+        "budget": asdict(budget),
+        "rules": {
+            "learning_rates": LEARNING_RATES,
+            "gd_lr": f"{GD_LR_FACTOR} / lambda_max(theta_0)",
+            "grad_tol": GRAD_TOL,
+            "blowup": BLOWUP,
+            "profile_tol": PROFILE_TOL,
+        },
+        "problems": prob_info,
+        "optimizers": [
+            {
+                "name": n,
+                "description": optim.get(n).description,
+                "order": optim.get(n).order,
+                "source": optim.get(n).source,
+            }
+            for n in onames
+        ],
+        "runs": [asdict(r) for r in runs],
+        "profile": {
+            "cost": performance_profile(runs, "cost"),
+            "time": performance_profile(runs, "time"),
+        },
+        "mlp": mlp,
+        "seconds": time.perf_counter() - start,
+    }

@@ -1,0 +1,219 @@
+"""Plots of lab results and run logs (PNG files). Reads results and logs only; never a model."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COLORS = {
+    "gd": "#999999",
+    "momentum": "#666666",
+    "adam": "#1f77b4",
+    "lbfgs": "#17becf",
+    "normalized-gd": "#bcbd22",
+    "newton": "#d62728",
+    "pure-newton": "#ff9896",
+    "newton-cg": "#2ca02c",
+    "hessian-free": "#9467bd",
+    "saddle-free-newton": "#8c564b",
+    "cubic-newton": "#e377c2",
+    "adahessian": "#ff7f0e",
+    "sophia": "#7f7f7f",
+}
+
+
+def _plt() -> Any:
+    try:
+        import matplotlib
+    except ImportError as e:  # pragma: no cover - matplotlib is a dependency of the lab
+        raise ImportError("plots need matplotlib: pip install 'curvscope[plot]'") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    _plt().close(fig)
+    return path.name
+
+
+def _gap(losses: list[float], f_best: float) -> np.ndarray:
+    y = np.array([f if f is not None else np.nan for f in losses], dtype=float) - f_best
+    return np.where(np.isfinite(y), np.maximum(y, 1e-16), np.nan)
+
+
+def problem_curves(results: dict[str, Any], problem: str, out: Path) -> str:
+    """Loss − best loss against iteration and against derivative evaluations."""
+    plt = _plt()
+    runs = [r for r in results["runs"] if r["problem"] == problem and r["outcome"] != "skipped"]
+    finite = [f for r in runs for f in r["losses"] if f is not None and math.isfinite(f)]
+    f_best = min(finite) if finite else 0.0
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for r in runs:
+        y = _gap(r["losses"], f_best)
+        c = COLORS.get(r["optimizer"])
+        axes[0].plot(np.arange(len(y)), y, label=r["optimizer"], color=c)
+        axes[1].plot(r["cost"], y, color=c)
+    for ax, xl in zip(axes, ("iteration", "gradients + curvature products"), strict=True):
+        ax.set_yscale("log")
+        ax.set_xlabel(xl)
+        ax.set_ylabel("loss − best loss")
+    axes[1].set_xscale("symlog")
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(problem)
+    return _save(fig, out / f"curves-{problem}.png")
+
+
+def contour_paths(results: dict[str, Any], problem: str, f: Any, out: Path) -> str | None:
+    """A 2-D contour map of f with each optimizer's path (problems with two parameters)."""
+    runs = [r for r in results["runs"] if r["problem"] == problem and r["path"]]
+    if not runs or len(runs[0]["path"][0]) != 2:
+        return None
+    plt = _plt()
+    import torch
+
+    pts = np.array([p for r in runs for p in r["path"] if all(map(math.isfinite, p))])
+    lo, hi = pts.min(0), pts.max(0)
+    pad = 0.25 * np.maximum(hi - lo, 1.0)
+    lo, hi = np.maximum(lo - pad, -5), np.minimum(hi + pad, 5)
+    xs, ys = np.linspace(lo[0], hi[0], 160), np.linspace(lo[1], hi[1], 160)
+    Z = np.array([[float(f(torch.tensor([x, y], dtype=torch.float64))) for x in xs] for y in ys])
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    zmin = Z.min()
+    ax.contour(xs, ys, np.log1p(Z - zmin), levels=30, cmap="Greys", linewidths=0.6)
+    for r in runs:
+        p = np.array(r["path"], dtype=float)
+        p = p[np.isfinite(p).all(1)]
+        p = p[(p >= lo).all(1) & (p <= hi).all(1)]
+        if len(p):
+            ax.plot(
+                p[:, 0],
+                p[:, 1],
+                ".-",
+                ms=2.5,
+                lw=1,
+                label=r["optimizer"],
+                color=COLORS.get(r["optimizer"]),
+            )
+    ax.set_title(f"{problem}: paths (contours of log(1 + f − min))")
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, out / f"paths-{problem}.png")
+
+
+def performance_profiles(results: dict[str, Any], out: Path) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, axis in zip(axes, ("cost", "time"), strict=True):
+        prof = results["profile"][axis]
+        for name, curve in prof["curves"].items():
+            ax.step(prof["taus"], curve, where="post", label=name, color=COLORS.get(name))
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel(
+            "τ (times the best " + ("derivative count" if axis == "cost" else "time") + ")"
+        )
+        ax.set_ylabel("share of problems solved")
+        ax.set_title(f"performance profile ({axis})")
+    axes[0].legend(fontsize=7, ncol=2)
+    return _save(fig, out / "profile.png")
+
+
+def mlp_density(mlp: dict[str, Any], out: Path) -> str | None:
+    if "density_start" not in mlp:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for key, label in (("density_start", "at start"), ("density_end", "after training")):
+        if key in mlp:
+            d = mlp[key]
+            ax.plot(
+                d["grid"], d["values"], label=f"{label} (negative mass {d['negative_mass']:.2f})"
+            )
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=1e-6)
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density")
+    ax.set_title("Hessian spectrum of the MLP")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "mlp-density.png")
+
+
+def sharpness_vs_limit(
+    runs: list[dict[str, Any]], out: Path, name: str = "mlp-sharpness"
+) -> str | None:
+    """Sharpness and the optimizer's stability limit at each probe."""
+    rows = [(r["optimizer"], r["probes"]) for r in runs if r.get("probes")]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for opt_name, probes in rows:
+        steps = [p["step"] for p in probes]
+        s = [p["evidence"].get("sharpness") for p in probes]
+        lim = [p["evidence"].get("stability_limit") for p in probes]
+        c = COLORS.get(opt_name)
+        ax.plot(steps, s, "o-", color=c, label=f"{opt_name}: sharpness")
+        if any(v is not None for v in lim):
+            ax.plot(steps, lim, "--", color=c, label=f"{opt_name}: stability limit")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title("sharpness against the optimizer's stability limit")
+    ax.legend(fontsize=7)
+    return _save(fig, out / f"{name}.png")
+
+
+def adam_vs_hessian(mlp: dict[str, Any], out: Path) -> str | None:
+    d = mlp.get("adam_vs_hessian")
+    if not d:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    ax.loglog(np.abs(d["hessian_diag"]), d["sqrt_v"], ".", ms=2, alpha=0.5)
+    ax.set_xlabel("|Hessian diagonal| (Hutchinson, 200 probes)")
+    ax.set_ylabel("Adam's √v̂")
+    ax.set_title(f"Adam's preconditioner vs curvature (Spearman {d['spearman']:.2f})")
+    return _save(fig, out / "adam-vs-hessian.png")
+
+
+def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
+    """Loss, gradient norm, and sharpness against the stability limit, from a Monitor log."""
+    plt = _plt()
+    steps = [r["step"] for r in records]
+
+    def col(k: str) -> list[float]:
+        return [np.nan if r.get(k) is None else float(r[k]) for r in records]
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(steps, col("loss"), "o-")
+    axes[0].set_title("loss")
+    axes[1].plot(steps, col("grad_norm"), "o-")
+    axes[1].set_title("gradient norm")
+    axes[2].plot(steps, col("sharpness"), "o-", label="sharpness")
+    axes[2].plot(steps, col("stability_limit"), "--", label="stability limit")
+    axes[2].legend(fontsize=8)
+    axes[2].set_title("sharpness vs stability limit")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    return [_save(fig, out / "log.png")]
+
+
+def slices(data: dict[str, Any], out: Path) -> str | None:
+    """The loss along each direction (solid) with the local quadratic model (dashed)."""
+    if not data:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(data), figsize=(4.2 * len(data), 3.4))
+    for ax, (name, d) in zip(np.atleast_1d(axes), data.items(), strict=True):
+        ax.plot(d["t"], d["loss"], label="loss")
+        ax.plot(d["t"], d["quadratic"], "--", label="quadratic model")
+        ax.set_title(f"along the {name}\nslope {d['slope']:.3g}, curvature {d['curvature']:.3g}")
+        ax.set_xlabel("t")
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    return _save(fig, out / "slices.png")

@@ -1,0 +1,79 @@
+"""The lab's outcomes are read from the problems, and its profile is Dolan-Moré's."""
+
+import math
+
+import pytest
+
+from curvscope import lab
+from curvscope.lab.lab import performance_profile
+from curvscope.lab.runner import Run
+
+BUDGET = lab.Budget(function_steps=40, model_steps=10, seconds=2.0)
+
+
+def test_outcomes_on_known_cases():
+    outcome = {
+        (p, o): lab.run_one(p, o, BUDGET, lr_gd=1e-3)[0]
+        for p, o in [
+            ("quadratic", "newton"),
+            ("saddle", "pure-newton"),
+            ("sqrt1px2", "pure-newton"),
+            ("rosenbrock", "gd"),
+        ]
+    }
+    newton = outcome["quadratic", "newton"]
+    assert newton.outcome == "minimum" and newton.steps == 1 and newton.lambda_min > 0
+    assert outcome["saddle", "pure-newton"].outcome == "saddle"
+    div = outcome["sqrt1px2", "pure-newton"]
+    assert div.outcome == "diverged" and div.diverged_at is not None and div.peak_loss > 1e6
+    gd = outcome["rosenbrock", "gd"]
+    assert gd.outcome == "stalled" and gd.steps == 40 and len(gd.losses) == 41
+    assert len(gd.path) == 41 and gd.cost[-1] == 40
+
+
+def test_dense_newton_is_skipped_on_the_mlp_with_a_reason():
+    run, _, _ = lab.run_one("digits-mlp", "newton", BUDGET)
+    assert run.outcome == "skipped" and "dense Hessian" in run.note
+
+
+def _run(problem, opt, losses, cost, outcome="stalled"):
+    n = len(losses)
+    return Run(
+        problem,
+        opt,
+        outcome,
+        n - 1,
+        losses,
+        cost,
+        [0.1 * i for i in range(n)],
+        losses[-1],
+        0.0,
+        0,
+        0,
+        0,
+        0.0,
+        {},
+    )
+
+
+def test_performance_profile_by_hand():
+    runs = [
+        _run("p", "a", [1.0, 0.0], [0, 10]),
+        _run("p", "b", [1.0, 0.5, 0.0], [0, 10, 20]),
+        _run("q", "a", [1.0, 0.9], [0, 5]),  # never solves q
+        _run("q", "b", [1.0, 0.0], [0, 30]),
+    ]
+    prof = performance_profile(runs, "cost")
+    assert prof["ratios"]["a"] == [1.0, math.inf]
+    assert prof["ratios"]["b"] == [2.0, 1.0]
+    taus = prof["taus"]
+    at = lambda s, t: prof["curves"][s][min(range(len(taus)), key=lambda i: abs(taus[i] - t))]  # noqa: E731
+    assert at("a", 1.0) == 0.5 and at("a", 1000) == 0.5
+    assert at("b", 1.0) == 0.5 and at("b", 2.5) == 1.0
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(ValueError, match=r"valid names: .*rosenbrock"):
+        lab.run_lab(["rosenbrok"], ["gd"], budget=BUDGET)
+    with pytest.raises(ValueError, match="valid names: gd"):
+        lab.run_lab(["saddle"], ["sgd"], budget=BUDGET)
