@@ -149,7 +149,13 @@ def test_counts_and_step_info(name):
 BAD = {
     "newton": [{"damping": -1.0}],
     "pure-newton": [{"damping": float("nan")}],
-    "newton-cg": [{"radius": 0.0}, {"eta": 0.5}, {"max_cg": 0}, {"radius": 10, "max_radius": 1}],
+    "newton-cg": [
+        {"radius": 0.0},
+        {"eta": 0.5},
+        {"max_cg": 0},
+        {"radius": 10, "max_radius": 1},
+        {"tolerance_grad": -1.0},
+    ],
     "hessian-free": [{"damping": 0}, {"curvature": "fisher"}, {"decay": 1.5}],
     "saddle-free-newton": [{"krylov_dim": 0}, {"damping": -1}],
     "cubic-newton": [{"sigma": 0}, {"krylov_dim": 1.5}],
@@ -234,3 +240,14 @@ def test_normalized_gd_step_has_fixed_length():
     opt.step()
     assert float(opt.info.step_norm) == pytest.approx(0.1)
     assert torch.allclose(x.detach(), torch.tensor([29.94, 39.92]))
+
+
+@pytest.mark.parametrize("name", [n for n in CLOSURE_DRIVEN if REGISTRY[n].exact])
+def test_tolerance_grad_skips_the_step_at_a_converged_point(name):
+    p = cs.problems.get("quadratic", n=4, condition=10.0)
+    x = p.minima[0].clone().add_(1e-9).requires_grad_()
+    opt = build(name, [x], tolerance_grad=1e-6)
+    before = x.detach().clone()
+    opt.step(lambda: p.f(x))
+    assert torch.equal(x.detach(), before) and opt.counts.products == 0
+    assert "converged" in opt.info.note and opt.counts.gradients == 1

@@ -158,18 +158,8 @@ def test_scipy_newton_cg_declares_success_at_a_maximum_ours_says_maximum():
     assert point.kind == "maximum" and point.lambda_max == pytest.approx(-1.0)
 
 
-def wood(x):
-    return (
-        100 * (x[1] - x[0] ** 2) ** 2
-        + (1 - x[0]) ** 2
-        + 90 * (x[3] - x[2] ** 2) ** 2
-        + (1 - x[2]) ** 2
-        + 10.1 * ((x[1] - 1) ** 2 + (x[3] - 1) ** 2)
-        + 19.8 * (x[1] - 1) * (x[3] - 1)
-    )
-
-
 def test_lbfgsb_stops_at_a_saddle_of_wood_ours_reach_the_minimum_and_say_so():
+    wood = cs.problems.get("wood").f
     def fg(z):
         x = torch.tensor(z, requires_grad=True)
         (g,) = torch.autograd.grad(wood(x), x)

@@ -87,9 +87,9 @@ def check_int(name: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
-def check_unit(name: str, value: Any, *, closed: bool = False) -> float:
+def check_unit(name: str, value: Any) -> float:
     ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not ok or not (0 <= value < 1 or (closed and value == 1)):
+    if not ok or not 0 <= value < 1:
         raise ValueError(f"Invalid {name}: {value!r} (expected a number in [0, 1))")
     return float(value)
 
@@ -152,6 +152,13 @@ class ModelStepOptimizer(CurvscopeOptimizer):
 
     single_group = True
     _trial: Any = None
+
+    def __init__(
+        self, params: Iterable[Any], defaults: dict[str, Any], tolerance_grad: float = 0.0
+    ) -> None:
+        check_positive("tolerance_grad", tolerance_grad, allow_zero=True)
+        super().__init__(params, {**defaults, "tolerance_grad": tolerance_grad})
+
     #: Accept a step when ρ exceeds this (scipy's trust-ncg uses 0.15; ARC uses 0.1).
     accept_ratio: float = 0.0
 
@@ -180,8 +187,8 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         products_before = counts.products
         ev = Evaluation(params, closure, counts)
         gnorm = float(ev.flat_grad.norm())
-        if gnorm == 0.0:
-            note = "zero gradient: no step"
+        if gnorm <= self.param_groups[0]["tolerance_grad"]:
+            note = f"converged: ‖g‖ = {gnorm:.3g} <= tolerance_grad, no step"
             info = StepInfo(
                 ev.loss, 0.0, 0.0, 0.0, 0.0, None, False, 0, note, **self.search_state()
             )
@@ -237,7 +244,3 @@ class ModelStepOptimizer(CurvscopeOptimizer):
 def model_decrease(g: Tensor, s: Tensor, Hs: Tensor) -> float:
     """m(0) − m(s) for m(s) = gᵀs + ½ sᵀHs."""
     return -float(g @ s + 0.5 * (s @ Hs))
-
-
-def dtype_eps(t: Tensor) -> float:
-    return float(torch.finfo(t.dtype).eps)

@@ -47,6 +47,7 @@ class HessianFree(ModelStepOptimizer):
         decay: warm-start factor ζ for the previous CG solution.
         progress_tol: Martens' ε for the CG stopping rule.
         curvature: ``"auto"``, ``"ggn"`` or ``"hessian"``.
+        tolerance_grad: no step (and no products) when ‖g‖ ≤ this (torch LBFGS's option).
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class HessianFree(ModelStepOptimizer):
         decay: float = 0.95,
         progress_tol: float = 5e-4,
         curvature: str = "auto",
+        tolerance_grad: float = 0.0,
     ) -> None:
         check_positive("damping", damping)
         check_int("max_cg", max_cg)
@@ -71,7 +73,7 @@ class HessianFree(ModelStepOptimizer):
             progress_tol=progress_tol,
             curvature=curvature,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, tolerance_grad)
         self._global()["damping"] = float(damping)
         self._curvature_closure: Callable[[], Any] | None = None
         self._trial: Callable[[Tensor], float] | None = None

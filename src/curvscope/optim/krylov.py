@@ -45,12 +45,19 @@ class SaddleFreeNewton(_KrylovMethod):
     Args:
         krylov_dim: subspace dimension k (products per step).
         damping: initial μ, relative to the largest |θ|.
+        tolerance_grad: no step (and no products) when ‖g‖ ≤ this (torch LBFGS's option).
     """
 
-    def __init__(self, params: Iterable[Any], krylov_dim: int = 20, damping: float = 1e-3) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        krylov_dim: int = 20,
+        damping: float = 1e-3,
+        tolerance_grad: float = 0.0,
+    ) -> None:
         check_int("krylov_dim", krylov_dim)
         check_positive("damping", damping)
-        super().__init__(params, {"krylov_dim": krylov_dim, "damping": damping})
+        super().__init__(params, {"krylov_dim": krylov_dim, "damping": damping}, tolerance_grad)
         self._global()["mu"] = float(damping)
 
     def propose(self, ev: Evaluation, counts: Counts) -> Proposal:
@@ -88,6 +95,7 @@ class CubicNewton(_KrylovMethod):
         sigma: initial σ.
         krylov_dim: subspace dimension k (products per step).
         min_sigma: the smallest σ.
+        tolerance_grad: no step (and no products) when ‖g‖ ≤ this (torch LBFGS's option).
     """
 
     def __init__(
@@ -96,11 +104,13 @@ class CubicNewton(_KrylovMethod):
         sigma: float = 1.0,
         krylov_dim: int = 20,
         min_sigma: float = 1e-8,
+        tolerance_grad: float = 0.0,
     ) -> None:
         check_positive("sigma", sigma)
         check_int("krylov_dim", krylov_dim)
         check_positive("min_sigma", min_sigma)
-        super().__init__(params, {"sigma": sigma, "krylov_dim": krylov_dim, "min_sigma": min_sigma})
+        defaults = {"sigma": sigma, "krylov_dim": krylov_dim, "min_sigma": min_sigma}
+        super().__init__(params, defaults, tolerance_grad)
         self._global()["sigma"] = float(sigma)
 
     accept_ratio = 0.1

@@ -37,6 +37,7 @@ class Newton(ModelStepOptimizer):
         params: the parameters (one group; at most ``DENSE_LIMIT`` = 5,000 entries).
         damping: the Levenberg-Marquardt shift first applied when needed, relative to the
             Hessian's scale max|λ|; 0 for pure Newton.
+        tolerance_grad: no step (and no products) when ‖g‖ ≤ this (torch LBFGS's option).
 
     Example:
         >>> import torch, curvscope as cs
@@ -47,9 +48,11 @@ class Newton(ModelStepOptimizer):
         tensor([ 1., -2.], dtype=torch.float64)
     """
 
-    def __init__(self, params: Iterable[Any], damping: float = 1e-3) -> None:
+    def __init__(
+        self, params: Iterable[Any], damping: float = 1e-3, tolerance_grad: float = 0.0
+    ) -> None:
         check_positive("damping", damping, allow_zero=True)
-        super().__init__(params, {"damping": damping})
+        super().__init__(params, {"damping": damping}, tolerance_grad)
         n = sum(p.numel() for p in self._params())
         if n > DENSE_LIMIT:
             raise ValueError(
@@ -122,6 +125,7 @@ class NewtonCG(ModelStepOptimizer):
         max_radius: the largest radius.
         eta: acceptance threshold on ρ, in [0, ¼).
         max_cg: cap on CG iterations (= Hessian-vector products) per step.
+        tolerance_grad: no step (and no products) when ‖g‖ ≤ this (torch LBFGS's option).
 
     Example:
         >>> import torch, curvscope as cs
@@ -141,6 +145,7 @@ class NewtonCG(ModelStepOptimizer):
         max_radius: float = 1000.0,
         eta: float = 0.15,
         max_cg: int = 250,
+        tolerance_grad: float = 0.0,
     ) -> None:
         check_positive("radius", radius)
         check_positive("max_radius", max_radius)
@@ -150,7 +155,7 @@ class NewtonCG(ModelStepOptimizer):
             raise ValueError(f"Invalid eta: {eta!r} (expected a number in [0, 0.25))")
         check_int("max_cg", max_cg)
         defaults = {"radius": radius, "max_radius": max_radius, "eta": eta, "max_cg": max_cg}
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, tolerance_grad)
         self._global()["radius"] = float(radius)
 
     def propose(self, ev: Evaluation, counts: Counts) -> Proposal:

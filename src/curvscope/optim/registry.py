@@ -3,7 +3,6 @@ first-order ones included, used as torch ships them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,6 +165,3 @@ def get(name: str) -> OptimizerInfo:
 def build(name: str, params: Any, **kwargs: Any) -> Optimizer:
     """``get(name).build(params, **kwargs)``."""
     return get(name).build(params, **kwargs)
-
-
-OptimizerFactory = Callable[..., Optimizer]

@@ -6,7 +6,7 @@ that ship with scikit-learn.
 >>> float(p.f(p.minima[0]))
 0.0
 >>> sorted(cs.problems.names())[:3]
-['beale', 'breast-cancer-logreg', 'digits-mlp']
+['beale', 'breast-cancer-logreg', 'brown-badly-scaled']
 """
 
 from __future__ import annotations
@@ -32,6 +32,14 @@ from curvscope.problems.functions import (
     saddle,
     sqrt_one_plus_square,
 )
+from curvscope.problems.mgh import (
+    brown_badly_scaled,
+    extended_rosenbrock,
+    freudenstein_roth,
+    helical_valley,
+    powell_singular,
+    wood,
+)
 
 Problem = FunctionProblem | ModelProblem
 
@@ -43,6 +51,12 @@ REGISTRY: dict[str, Callable[..., Problem]] = {
     "himmelblau": himmelblau,
     "saddle": saddle,
     "sqrt1px2": sqrt_one_plus_square,
+    "freudenstein-roth": freudenstein_roth,
+    "brown-badly-scaled": brown_badly_scaled,
+    "helical-valley": helical_valley,
+    "powell-singular": powell_singular,
+    "wood": wood,
+    "extended-rosenbrock": extended_rosenbrock,
     "breast-cancer-logreg": logistic_regression,
     "least-squares": least_squares,
     "digits-mlp": digits_mlp,
@@ -67,8 +81,12 @@ __all__ = [
     "ModelProblem",
     "Problem",
     "beale",
+    "brown_badly_scaled",
     "digits_mlp",
+    "extended_rosenbrock",
+    "freudenstein_roth",
     "get",
+    "helical_valley",
     "himmelblau",
     "least_squares",
     "load_breast_cancer",
@@ -76,8 +94,10 @@ __all__ = [
     "load_digits",
     "logistic_regression",
     "names",
+    "powell_singular",
     "quadratic",
     "rosenbrock",
     "saddle",
     "sqrt_one_plus_square",
+    "wood",
 ]
