@@ -160,6 +160,7 @@ def test_scipy_newton_cg_declares_success_at_a_maximum_ours_says_maximum():
 
 def test_lbfgsb_stops_at_a_saddle_of_wood_ours_reach_the_minimum_and_say_so():
     wood = cs.problems.get("wood").f
+
     def fg(z):
         x = torch.tensor(z, requires_grad=True)
         (g,) = torch.autograd.grad(wood(x), x)
