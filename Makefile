@@ -31,6 +31,8 @@ bench: install
 	$(BIN)/python benchmarks/products.py
 	$(BIN)/python benchmarks/spectrum.py
 	$(BIN)/python benchmarks/monitor.py
+	$(BIN)/python benchmarks/optim.py
+	$(BIN)/python benchmarks/distributed.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -106,6 +106,7 @@ def test_report_renders_a_monitor_log(tmp_path, capsys):
     assert main(["report", str(log), "--out", str(tmp_path / "r")]) == 0
     html = (tmp_path / "r" / "report.html").read_text()
     assert "State timeline" in html and "data:image/png;base64," in html
+    assert (tmp_path / "r" / "layers.png").exists()  # per-layer attribution from the log
 
 
 def test_probe_on_a_built_in_problem(tmp_path, capsys):

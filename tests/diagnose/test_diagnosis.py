@@ -183,3 +183,14 @@ def test_batch_sharpness_above_the_limit_is_unstable():
         }
     )
     assert s == "unstable" and "batch sharpness" in reasons[-1]
+
+
+def test_layer_shares_are_the_top_eigenvectors_weight_per_block():
+    p = cs.problems.get("digits-mlp", hidden=8, n=100)
+    model = p.make_model(0)
+    d = cs.diagnose(model, p.loss_fn, p.data, lr=0.1)
+    shares = d.evidence["layer_shares"]
+    assert list(shares) == [n for n, _ in model.named_parameters()]
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
+    v = d.vectors["top"]
+    assert shares["0.weight"] == pytest.approx(float((v[: 64 * 8] ** 2).sum()), rel=1e-9)

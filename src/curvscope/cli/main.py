@@ -103,11 +103,27 @@ def _lab(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------- probe
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); under torchrun (WORLD_SIZE > 1) the process group is started here:
+    gloo on CPU, NCCL when CUDA is there."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
 def _probe(args: argparse.Namespace) -> int:
     import torch
 
     from curvscope import problems
     from curvscope.lab.probe import probe
+
+    rank, world = _distributed()
 
     if args.problem:
         try:
@@ -124,7 +140,8 @@ def _probe(args: argparse.Namespace) -> int:
                     if isinstance(problems.get(n), problems.ModelProblem)
                 )
             )
-        model, loss_fn, data = p.make_model(0), p.loss_fn, p.data
+        model, loss_fn, (X, y) = p.make_model(0), p.loss_fn, p.data
+        data = (X[rank::world], y[rank::world])  # this rank's shard (all of it in one process)
     else:
         if not (args.model and args.data):
             raise UsageError(
@@ -152,6 +169,9 @@ def _probe(args: argparse.Namespace) -> int:
     lr = args.lr if optimizer is None else None
     out = _writable(Path(args.report)) if args.report else None
     result = probe(model, loss_fn, data, lr=lr, optimizer=optimizer, slices=out is not None)
+    result["world_size"] = world
+    if rank != 0:  # every rank computed the same numbers; one speaks
+        return 0
     if out is not None:
         from curvscope.report.html import write_probe_report
 
@@ -207,7 +227,8 @@ def parser() -> argparse.ArgumentParser:
     pr = sub.add_parser(
         "probe",
         help="diagnose a model",
-        description="Diagnose a model. --model and --data IMPORT AND RUN your code.",
+        description="Diagnose a model. --model and --data IMPORT AND RUN your code. Runs under "
+        "torchrun --nproc_per_node=N (built-in problems are sharded by rank).",
     )
     pr.add_argument("--problem", help="a built-in model problem, e.g. digits-mlp")
     pr.add_argument(

@@ -22,6 +22,7 @@ from curvscope.derivatives._checks import (
     check_point,
     check_vector,
 )
+from curvscope.derivatives.distributed import all_reduce_sum, global_count, resolve_group
 from curvscope.derivatives.functions import _grad_with_graph
 from curvscope.derivatives.objective import ModelObjective
 
@@ -81,8 +82,12 @@ class _FunctionSource:
 class _ModelSource:
     """Prepares each batch's product for one kind of curvature of a :class:`ModelObjective`."""
 
-    def __init__(self, objective: ModelObjective, kind: str, mc_samples: int) -> None:
+    def __init__(
+        self, objective: ModelObjective, kind: str, mc_samples: int, group: Any = None
+    ) -> None:
         self.obj = objective
+        self.group = group
+        self.total = global_count(objective.num_samples, group, objective.device)
         self.num_params, self.dtype, self.device = (
             objective.num_params,
             objective.dtype,
@@ -111,7 +116,7 @@ class _ModelSource:
         return (*self.obj.versions(), *(m.training for m in self.obj.model.modules()))
 
     def prepare(self, forward: bool = False) -> Iterator[tuple[float, _k.PreparedProduct]]:
-        total = self.obj.num_samples
+        total = self.total  # over all ranks: the local sum is this rank's share of the mean
         prepare = _k.prepare_hessian_forward if forward else self._prepare
         for batch in self.obj.batches():
             yield batch.size / total, prepare(self.obj, batch)
@@ -158,6 +163,13 @@ class Curvature:
             block product is computed both ways (each after an untimed warm-up vector) and the
             faster is kept where the two agree. ``C.notes`` says which and why; ``matvecs``
             counts the extra products.
+        group: torch.distributed: with the default ``None``, inside an initialized process
+            group each rank passes its own shard of the data and every product, loss and
+            gradient is summed over the ranks weighted by the shards' sample counts — the
+            curvature of the global mean loss, the same on every rank (all ranks must build the
+            operator and take each product together). A ``ProcessGroup`` selects the group;
+            ``True`` requires an initialized one; ``False`` keeps the operator local. Under a
+            group, ``backend="auto"`` means double backward (no per-rank timing).
 
     Raises:
         ValueError / TypeError: at construction for what can be seen without a forward pass
@@ -186,6 +198,7 @@ class Curvature:
         mc_samples: int = 1,
         cache: bool | None = None,
         backend: str = "auto",
+        group: Any = None,
     ) -> None:
         self.kind = _check_kind(kind)
         if backend not in BACKENDS:
@@ -198,7 +211,11 @@ class Curvature:
         if not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
         objective = ModelObjective(model, loss_fn, data, params=params, seed=seed)
-        self._init(_ModelSource(objective, self.kind, mc_samples), cache, backend)
+        self.group = resolve_group(group)
+        if self.group is not None and backend == "auto":
+            backend = "double_backward"  # the same choice on every rank, without timing
+        source = _ModelSource(objective, self.kind, mc_samples, self.group)
+        self._init(source, cache, backend)
         self.objective = objective
         self._args = {
             "model": model,
@@ -209,6 +226,7 @@ class Curvature:
             "mc_samples": mc_samples,
             "cache": cache,
             "backend": backend,
+            "group": group,
         }
 
     @classmethod
@@ -224,6 +242,7 @@ class Curvature:
         self = cls.__new__(cls)
         self.kind = "hessian"
         self.objective = None
+        self.group = None
         self._init(_FunctionSource(f, x), cache=True, backend="double_backward")
         return self
 
@@ -302,6 +321,7 @@ class Curvature:
                     t.add_(p, alpha=weight)
         assert total is not None  # the data is never empty (checked at construction)
         out = self._source.flatten([t.detach() for t in total], batched=True)
+        out = all_reduce_sum(out, self.group)
         self.matvecs += blocks[0].shape[0]
         self.seconds += time.perf_counter() - start
         return check_finite(out, f"the {self.kind} product")
@@ -387,14 +407,12 @@ class Curvature:
         if self.cache and self.kind == "hessian":
             parts = [(w, p.grads, p.loss) for w, p in self._products()]
         else:  # a model's (a plain function's operator is always cached)
-            obj = self.objective
-            parts = [
-                (b.size / obj.num_samples, *_k.batch_loss_and_grads(obj, b)[1:])
-                for b in obj.batches()
-            ]
+            obj, total = self.objective, self._source.total
+            parts = [(b.size / total, *_k.batch_loss_and_grads(obj, b)[1:]) for b in obj.batches()]
         loss = sum(w * value for w, _, value in parts)
         grad = sum(w * self._source.flatten([g.detach() for g in grads]) for w, grads, _ in parts)
-        return float(loss), grad
+        both = all_reduce_sum(torch.cat([grad, grad.new_tensor([loss])]), self.group)
+        return float(both[-1]), both[:-1]
 
     def restrict(self, params: Iterable[nn.Parameter | str]) -> Curvature:
         """The same curvature (model, loss, data, kind, seed) on a subset of the parameters:

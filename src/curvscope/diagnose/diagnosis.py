@@ -221,6 +221,10 @@ def diagnose(
         eigen_converged=r.all_converged,
     )
     vectors = {"top": r.vectors[:, 0], "bottom": r.vectors[:, -1]}
+    # which parameter blocks carry the sharpest direction (free: the eigenvector is at hand)
+    evidence["layer_shares"] = {
+        name: float((block**2).sum()) for name, block in C.unflatten(vectors["top"]).items()
+    }
     evidence["directional_curvature"], evidence["grad_dot_step"] = objective.directional(g)
     left = budget - C.matvecs
     decrement_converged = None

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from curvscope import optim, problems
 from curvscope.derivatives import Curvature
-from curvscope.diagnose import diagnose
+from curvscope.diagnose import diagnose, stability_limit
 from curvscope.spectrum import eigenvalues
 
 #: The built-in problems: well-behaved first, then badly-behaved.
@@ -32,7 +32,8 @@ DEFAULT_PROBLEMS = (
     "sqrt1px2",
     "digits-mlp",
 )
-#: Learning rates of the methods that take one and do not derive it from the curvature.
+#: Learning rates of the methods that take one; the others (gd, momentum) get η from the
+#: curvature at the start (GD_LR_FACTOR / λ_max).
 LEARNING_RATES = {"adam": 0.01, "normalized-gd": 0.05, "adahessian": 0.1, "sophia": 0.01}
 #: Gradient descent and momentum get η = GD_LR_FACTOR / λ_max(θ₀): half the stability limit.
 GD_LR_FACTOR = 1.0
@@ -84,7 +85,7 @@ class Setup:
     def grad_norm(self) -> float:
         with torch.enable_grad():
             g = torch.autograd.grad(self.loss_tensor(), self.params, allow_unused=True)
-        return float(torch.sqrt(sum(((t**2).sum() for t in g if t is not None), torch.tensor(0.0))))
+        return float(torch.cat([t.reshape(-1) for t in g if t is not None]).norm())
 
     def point(self) -> list[float]:
         return torch.cat([p.detach().reshape(-1) for p in self.params]).tolist()
@@ -149,9 +150,10 @@ def diagnosis_record(setup: Setup, opt: Any) -> dict[str, Any]:
     """The diagnosis of a model setup as plain data; optimizer-aware where the diagnosis knows
     the optimizer (torch's SGD, Adam, ...), curvature-only otherwise."""
     try:
-        d = diagnose(setup.model, setup.loss_fn, setup.data, optimizer=opt)
-    except TypeError:
-        d = diagnose(setup.model, setup.loss_fn, setup.data)
+        stability_limit(opt)
+    except TypeError:  # an optimizer the stability limits do not cover: curvature only
+        opt = None
+    d = diagnose(setup.model, setup.loss_fn, setup.data, optimizer=opt)
     ev = {k: v for k, v in d.evidence.items() if isinstance(v, int | float | str | type(None))}
     return {"state": d.state, "text": str(d), "evidence": ev, "advice": list(d.advice)}
 
@@ -170,7 +172,7 @@ def run_one(
     info = optim.get(optimizer)
     kwargs: dict[str, Any] = dict(info.defaults)
     if info.lr:
-        kwargs["lr"] = lr_gd if optimizer in ("gd", "momentum") else LEARNING_RATES[optimizer]
+        kwargs["lr"] = LEARNING_RATES.get(optimizer, lr_gd)  # gd, momentum: from the curvature
     is_model = setup.model is not None
     steps = budget.model_steps if is_model else budget.function_steps
     f0 = setup.loss()

@@ -159,9 +159,6 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         check_positive("tolerance_grad", tolerance_grad, allow_zero=True)
         super().__init__(params, {**defaults, "tolerance_grad": tolerance_grad})
 
-    #: Accept a step when ρ exceeds this (scipy's trust-ncg uses 0.15; ARC uses 0.1).
-    accept_ratio: float = 0.0
-
     def propose(self, ev: Evaluation, counts: Counts) -> Proposal:
         """The step and its predicted decrease; ``self.trial(s)`` measures f(θ + s) if needed."""
         raise NotImplementedError
@@ -175,7 +172,8 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         """Adapt the search parameter from the ratio (also called for rejected steps)."""
 
     def accepts(self, ratio: float, actual: float) -> bool:
-        return ratio > self.accept_ratio
+        """Keep the step? By default when it reduced the loss; trust-region methods ask more."""
+        return actual > 0
 
     def search_state(self) -> dict[str, float | None]:
         return {}

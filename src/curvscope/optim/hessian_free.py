@@ -140,9 +140,6 @@ class HessianFree(ModelStepOptimizer):
         pred = -(float(g @ x) + 0.5 * xGx)
         return Proposal(x, pred, note, loss_at_step=f)
 
-    def accepts(self, ratio: float, actual: float) -> bool:
-        return actual > 0
-
     def update(self, ratio: float, proposal: Proposal) -> None:
         st = self._global()
         lam = st["damping"]

@@ -67,9 +67,6 @@ class SaddleFreeNewton(_KrylovMethod):
         pred = -float(w @ u + 0.5 * (theta * u * u).sum())
         return Proposal(QS @ u, pred, self._negative_note(theta))
 
-    def accepts(self, ratio: float, actual: float) -> bool:
-        return actual > 0
-
     def update(self, ratio: float, proposal: Proposal) -> None:
         st = self._global()
         if ratio < 0.25:
@@ -113,8 +110,6 @@ class CubicNewton(_KrylovMethod):
         super().__init__(params, defaults, tolerance_grad)
         self._global()["sigma"] = float(sigma)
 
-    accept_ratio = 0.1
-
     def propose(self, ev: Evaluation, counts: Counts) -> Proposal:
         QS, theta, w, _ = self._subspace(ev, counts)
         sigma = self._global()["sigma"]
@@ -123,7 +118,7 @@ class CubicNewton(_KrylovMethod):
         return Proposal(QS @ u, -cubic_model(theta, w, u, sigma), self._negative_note(theta))
 
     def accepts(self, ratio: float, actual: float) -> bool:
-        return ratio >= self.accept_ratio
+        return ratio >= 0.1
 
     def update(self, ratio: float, proposal: Proposal) -> None:
         st, group = self._global(), self.param_groups[0]

@@ -42,6 +42,13 @@ def _image(out: Path, name: str | None, caption: str) -> str:
     )
 
 
+def _settings(results: dict[str, Any]) -> str:
+    """The budget and the rules of the run, as a definition list."""
+    items = {**{f"budget: {k}": v for k, v in results["budget"].items()}, **results["rules"]}
+    rows = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in items.items())
+    return f"<details><summary>Budget and rules</summary><dl>{rows}</dl></details>"
+
+
 def runs_table(runs: list[dict[str, Any]]) -> str:
     head = (
         "<tr><th>problem</th><th>optimizer</th><th>outcome</th><th>steps</th><th>final loss</th>"
@@ -132,7 +139,7 @@ def write_lab(results: dict[str, Any], out: Path) -> Path:
         "unsafeguarded, go to saddles or blow up on badly-behaved ones; first-order methods "
         "take many cheap steps. Outcomes are read from the problem (the gradient norm and the "
         "extreme eigenvalues at the end), not from the optimizer's own word.</p>"
-        f"<p>Budget per run: {esc(results['budget'])}. Rules: {esc(results['rules'])}.</p>"
+        + _settings(results)
     )
     body = intro + runs_table(results["runs"]) + "".join(figs) + learned
     path = out / "report.html"
@@ -143,8 +150,9 @@ def write_lab(results: dict[str, Any], out: Path) -> Path:
 def write_log_report(header: dict[str, Any], records: list[dict[str, Any]], out: Path) -> Path:
     """The HTML report of a Monitor run log: curves, the state timeline, the changes."""
     out.mkdir(parents=True, exist_ok=True)
+    captions = ["loss, gradient norm, sharpness", "per-layer share of the sharpest direction"]
     imgs = "".join(
-        _image(out, n, "loss, gradient norm, sharpness") for n in plots.log_plots(records, out)
+        _image(out, n, c) for n, c in zip(plots.log_plots(records, out), captions, strict=False)
     )
     changes, last = [], None
     for r in records:

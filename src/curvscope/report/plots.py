@@ -49,18 +49,20 @@ def _gap(losses: list[float], f_best: float) -> np.ndarray:
 
 
 def problem_curves(results: dict[str, Any], problem: str, out: Path) -> str:
-    """Loss − best loss against iteration and against derivative evaluations."""
+    """Loss − best loss against iteration, derivative evaluations and wall time."""
     plt = _plt()
     runs = [r for r in results["runs"] if r["problem"] == problem and r["outcome"] != "skipped"]
     finite = [f for r in runs for f in r["losses"] if f is not None and math.isfinite(f)]
     f_best = min(finite) if finite else 0.0
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for r in runs:
         y = _gap(r["losses"], f_best)
         c = COLORS.get(r["optimizer"])
         axes[0].plot(np.arange(len(y)), y, label=r["optimizer"], color=c)
         axes[1].plot(r["cost"], y, color=c)
-    for ax, xl in zip(axes, ("iteration", "gradients + curvature products"), strict=True):
+        axes[2].plot(r["seconds"], y, color=c)
+    labels = ("iteration", "gradients + curvature products", "seconds")
+    for ax, xl in zip(axes, labels, strict=True):
         ax.set_yscale("log")
         ax.set_xlabel(xl)
         ax.set_ylabel("loss − best loss")
@@ -201,7 +203,20 @@ def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
     for ax in axes:
         ax.set_xlabel("step")
         ax.set_yscale("log")
-    return [_save(fig, out / "log.png")]
+    names = [_save(fig, out / "log.png")]
+    shares = [r.get("layer_shares") for r in records]
+    if any(isinstance(x, dict) and x for x in shares):
+        layers = sorted({k for x in shares if isinstance(x, dict) for k in x})
+        ys = [[float((x or {}).get(k, 0.0)) for x in shares] for k in layers]
+        fig, ax = plt.subplots(figsize=(8, 3.6))
+        ax.stackplot(steps, ys, labels=layers)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("share of the top eigenvector")
+        ax.set_title("which layers carry the sharpest direction")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+        names.append(_save(fig, out / "layers.png"))
+    return names
 
 
 def slices(data: dict[str, Any], out: Path) -> str | None:

@@ -1,0 +1,183 @@
+"""Two processes on CPU (gloo, loopback): products, eigenvalues, trace and the diagnosis over
+uneven data shards equal the single-process results on the full data; a DDP-wrapped model is
+left untouched; a rank that dies ends the other's product with a clear error, not a hang."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import curvscope as cs
+from curvscope.diagnose.monitor import read_log
+from tests import cases
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+SHARDS = (slice(0, 13), slice(13, 20))  # uneven: 13 and 7 samples
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=20))
+
+
+def _measure(model, loss_fn, data) -> dict:
+    C = cs.Curvature(model, loss_fn, data)
+    v = torch.randn(C.num_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    r = cs.eigenvalues(C, k=2, which="both", tol=1e-8)
+    t = cs.trace(C, matvecs=30, method="hutch++")
+    d = cs.diagnose(model, loss_fn, data, lr=0.5)
+    loss, g = C.loss_and_gradient()
+    return {
+        "hv": C @ v,
+        "eig": r.values,
+        "trace": torch.tensor(t.value),
+        "loss": torch.tensor(loss),
+        "grad": g,
+        "state": d.state,
+        "sharpness": torch.tensor(d.evidence["sharpness"]),
+    }
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    _init(rank, port)
+    case = cases.mlp(n=20)
+    X, y = case.data
+    s = SHARDS[rank]
+    # the shard as a list of two uneven batches, as a loader would give it
+    local = [(X[s][:4], y[s][:4]), (X[s][4:], y[s][4:])]
+    ddp = torch.nn.parallel.DistributedDataParallel(case.model)
+    result = _measure(ddp, case.loss_fn, local)
+    result["grads_untouched"] = all(p.grad is None for p in ddp.parameters())
+    # the Monitor in a DDP loop: every rank probes, only rank 0 writes the log
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    mon = cs.Monitor(
+        ddp, case.loss_fn, local, optimizer=opt, every=1, log=str(Path(out) / "run.jsonl")
+    )
+    for xb, yb in local:
+        opt.zero_grad()
+        loss = case.loss_fn(ddp(xb), yb)
+        loss.backward()
+        opt.step()
+        mon.step(loss)
+    mon.close()
+    result["monitor_states"] = [d.state for d in mon.history]
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_process_on_the_full_data(tmp_path):
+    case = cases.mlp(n=20)
+    reference = _measure(case.model, case.loss_fn, case.data)
+    mp.start_processes(
+        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn"
+    )
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert got["grads_untouched"]
+        assert got["state"] == reference["state"]
+        for key in ("hv", "eig", "trace", "loss", "grad", "sharpness"):
+            torch.testing.assert_close(got[key], reference[key], rtol=1e-10, atol=1e-12)
+        assert len(got["monitor_states"]) == 2
+    _, records = read_log(tmp_path / "run.jsonl")
+    assert [r["step"] for r in records] == [1, 2]  # written once, by rank 0
+
+
+def _dying_worker(rank: int, port: int, out: str) -> None:
+    _init(rank, port)
+    case = cases.mlp(n=20)
+    X, y = case.data
+    C = cs.Curvature(case.model, case.loss_fn, (X[SHARDS[rank]], y[SHARDS[rank]]))
+    if rank == 1:
+        os._exit(0)  # dies without a word, as a crashed or killed rank does
+    start = time.perf_counter()
+    try:
+        C @ torch.ones(C.num_params, dtype=torch.float64)
+        message = "no error"
+    except RuntimeError as e:
+        message = str(e)
+    (Path(out) / "rank0.txt").write_text(f"{time.perf_counter() - start:.1f}\n{message}")
+
+
+def test_a_failed_rank_ends_the_others_with_a_clear_error(tmp_path):
+    ctx = mp.start_processes(
+        _dying_worker,
+        args=(_free_port(), str(tmp_path)),
+        nprocs=WORLD,
+        start_method="spawn",
+        join=False,
+    )
+    deadline = time.time() + 90
+    while not ctx.join(timeout=1):
+        assert time.time() < deadline, "a rank hung"
+    seconds, message = (tmp_path / "rank0.txt").read_text().split("\n", 1)
+    assert "curvscope: the all-reduce over 2 ranks failed" in message
+    assert float(seconds) <= 25  # the peer's closed connection, or the 20 s group timeout
+
+
+def test_probe_under_torchrun_matches_one_process(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    argv = [
+        "-m",
+        "curvscope.cli",
+        "probe",
+        "--problem",
+        "breast-cancer-logreg",
+        "--lr",
+        "0.5",
+        "--json",
+    ]
+    one = subprocess.run(
+        [sys.executable, *argv], capture_output=True, text=True, timeout=120, check=True
+    )
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    )
+    a = json.loads(one.stdout)
+    lines = [ln for ln in two.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1  # only rank 0 prints
+    b = json.loads(lines[0])
+    assert b["world_size"] == 2 and a["world_size"] == 1 and a["state"] == b["state"]
+    for key in ("eigenvalues", "trace"):
+        torch.testing.assert_close(
+            torch.tensor(b[key]), torch.tensor(a[key]), rtol=1e-9, atol=1e-12
+        )
+
+
+def test_group_without_a_process_group_is_a_clear_error():
+    case = cases.mlp()
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="init_process_group"):
+        cs.Curvature(case.model, case.loss_fn, case.data, group=True)
+    C = cs.Curvature(case.model, case.loss_fn, case.data, group=False)
+    assert C.group is None
