@@ -128,6 +128,7 @@ def test_a_closure_that_calls_backward_gives_the_same_step(name):
         opt_x.step(f)
         opt_y.step(with_backward)
     assert torch.allclose(x, y, rtol=1e-12, atol=0)
+    assert opt_y.counts.gradients == opt_x.counts.gradients + 3  # the closure's own backward
     # .grad is what the closure computed: the gradient where the last step started
     assert y.grad is not None and torch.allclose(y.grad, p.grad(start), rtol=1e-10, atol=0)
 

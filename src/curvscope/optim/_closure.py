@@ -3,7 +3,8 @@ curvature products — all from one forward pass, without the user's loop doing 
 
 The closure is called with gradients enabled. If it calls ``loss.backward()`` itself (the
 ``torch.optim.LBFGS`` habit), that backward runs with ``retain_graph=True`` so that the graph is
-still there for our own derivatives; ``.grad`` is filled as the closure expects. Loss-only
+still there for our own derivatives; ``.grad`` is filled as the closure expects (that backward
+is an extra gradient, and counted as one). Loss-only
 evaluations (trial points of a trust region or line search) run under ``torch.no_grad()`` and
 turn such a ``backward()`` into a no-op: they are counted as closure calls, not gradients.
 
@@ -49,8 +50,9 @@ class Counts:
 
 
 @contextmanager
-def _backward_patched(mode: str) -> Iterator[None]:
-    """Within the closure: ``keep`` runs backward with the graph retained, ``skip`` skips it."""
+def _backward_patched(mode: str, counts: Counts | None = None) -> Iterator[None]:
+    """Within the closure: ``keep`` runs backward with the graph retained (and counts it as a
+    gradient in ``counts``), ``skip`` skips it."""
     original = torch.autograd.backward
 
     def backward(
@@ -58,6 +60,8 @@ def _backward_patched(mode: str) -> Iterator[None]:
     ) -> None:
         if mode == "skip":
             return None
+        if counts is not None:
+            counts.gradients += 1
         return original(tensors, grad_tensors, True, *args, **kw)
 
     torch.autograd.backward = backward  # Tensor.backward looks it up at each call
@@ -122,7 +126,7 @@ class Evaluation:
         self, params: Sequence[Tensor], closure: Closure, counts: Counts, curvature: bool = True
     ) -> None:
         self.params, self.counts = list(params), counts
-        with torch.enable_grad(), _backward_patched("keep"):
+        with torch.enable_grad(), _backward_patched("keep", counts):
             loss, outputs = _split(closure())
         counts.closure_calls += 1
         if not torch.isfinite(loss):
