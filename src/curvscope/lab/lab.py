@@ -86,7 +86,7 @@ def performance_profile(runs: Sequence[Run], axis: str) -> dict[str, Any]:
     return {"taus": TAUS.tolist(), "curves": curves, "ratios": ratios}
 
 
-def _curvature_learned(setups: dict[str, tuple[Setup, Any]]) -> dict[str, Any]:
+def _curvature_learned(setups: dict[str, tuple[Setup, Any]], budget: Budget) -> dict[str, Any]:
     """On the MLP: Adam's √v̂ against the Hessian diagonal; the effective steps of momentum and
     normalized GD against 2/λ_max."""
     out: dict[str, Any] = {}
@@ -99,7 +99,7 @@ def _curvature_learned(setups: dict[str, tuple[Setup, Any]]) -> dict[str, Any]:
             b2 = opt.param_groups[0]["betas"][1]
             sqrt_v.append((st["exp_avg_sq"] / (1 - b2**step)).sqrt().reshape(-1))
         C = Curvature(setup.model, setup.loss_fn, setup.data)
-        diag = diagonal(C, matvecs=200, seed=0).value
+        diag = diagonal(C, matvecs=budget.diagonal_probes, seed=0).value
         v = torch.cat(sqrt_v)
         a, b = torch.log(v.clamp_min(1e-12)), torch.log(diag.abs().clamp_min(1e-12))
         pearson = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
@@ -129,9 +129,9 @@ def _curvature_learned(setups: dict[str, tuple[Setup, Any]]) -> dict[str, Any]:
     return out
 
 
-def _density_record(setup: Setup) -> dict[str, Any]:
+def _density_record(setup: Setup, budget: Budget) -> dict[str, Any]:
     C = Curvature(setup.model, setup.loss_fn, setup.data)
-    d = density(C, steps=40, probes=3, progress_bar=False)
+    d = density(C, steps=budget.density_steps, probes=3, progress_bar=False)
     return {
         "grid": d.grid.tolist(),
         "values": d.values.tolist(),
@@ -180,7 +180,7 @@ def run_lab(
         )
         is_mlp = setup.model is not None and not prob.well_behaved
         if is_mlp:
-            mlp["density_start"] = _density_record(setup)
+            mlp["density_start"] = _density_record(setup, budget)
         kept: dict[str, tuple[Setup, Any]] = {}
         for oname in onames:
             steps = budget.model_steps
@@ -195,9 +195,9 @@ def run_lab(
                 on_run(run)
         if is_mlp and kept:
             end = kept.get("adam") or next(iter(kept.values()))
-            mlp["density_end"] = _density_record(end[0])
+            mlp["density_end"] = _density_record(end[0], budget)
             mlp["density_end_optimizer"] = "adam" if "adam" in kept else next(iter(kept))
-            mlp.update(_curvature_learned(kept))
+            mlp.update(_curvature_learned(kept, budget))
             mlp["problem"] = pname
     return {
         "version": RESULTS_VERSION,

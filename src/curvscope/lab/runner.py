@@ -57,9 +57,13 @@ class Budget:
     function_steps: int = 200
     model_steps: int = 150
     seconds: float = 3.0
+    #: Lanczos steps per probe of the MLP's spectral density, and Hutchinson probes for its
+    #: Hessian diagonal (against Adam's √v̂).
+    density_steps: int = 40
+    diagonal_probes: int = 200
 
 
-QUICK = Budget(function_steps=40, model_steps=20, seconds=0.4)
+QUICK = Budget(function_steps=40, model_steps=20, seconds=0.4, density_steps=15, diagonal_probes=50)
 
 
 @dataclass
