@@ -103,3 +103,26 @@ def test_wrapped_optimizers_are_unwrapped():
 
     inner = torch.optim.SGD(params(), lr=0.1, momentum=0.9)
     assert cs.stability_limit(Wrapper(inner)).limit == pytest.approx(38.0)
+
+
+def test_adahessian_limit_is_adams_on_its_hessian_preconditioner():
+    x = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = cs.optim.AdaHessian([x], lr=0.1, weight_decay=0.01)
+    with pytest.raises(ValueError, match="no step yet"):
+        cs.stability_limit(opt)
+    for _ in range(3):
+        opt.step(lambda: (x**2 * torch.tensor([1.0, 10.0], dtype=torch.float64)).sum())
+    lim = cs.stability_limit(opt)
+    assert lim.limit == pytest.approx(38 / 0.1) and lim.preconditioned
+    v_hat = opt.state[x]["exp_hessian_diag_sq"] / (1 - 0.999**3)
+    torch.testing.assert_close(lim.scale, 1 / (v_hat.sqrt() + 1e-4))
+    assert lim.l2 is None  # AdamW-style decoupled decay: not part of the curvature
+    # and the diagnosis reads it: the preconditioned sharpness against 38/η
+    model = torch.nn.Linear(2, 1).double()
+    X = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = X @ torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+    opt = cs.optim.AdaHessian(model.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.step(lambda: torch.nn.functional.mse_loss(model(X), y))
+    d = cs.diagnose(model, torch.nn.MSELoss(), (X, y), optimizer=opt)
+    assert d.evidence["preconditioned"] and d.evidence["stability_limit"] == pytest.approx(380)

@@ -21,7 +21,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-_KNOWN = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
+_TORCH = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
+
+
+def _known() -> tuple[type, ...]:
+    from curvscope.optim import AdaHessian  # a sibling part: imported when asked for
+
+    return (*_TORCH, AdaHessian)
 
 
 @dataclass(frozen=True)
@@ -80,8 +86,9 @@ def stability_limit(
     plain gradient descent with learning rate ``lr``.
 
     Args:
-        optimizer: a ``torch.optim.SGD``, ``Adam``, ``AdamW`` or ``RMSprop`` (or a wrapper
-            holding one as ``.optimizer``, as accelerate and Lightning do).
+        optimizer: a ``torch.optim.SGD``, ``Adam``, ``AdamW`` or ``RMSprop``, or curvscope's
+            ``AdaHessian`` (Adam's rule with P = (√v̂)^k + ε from the Hessian diagonal), or a
+            wrapper holding one as ``.optimizer``, as accelerate and Lightning do.
         lr: instead of an optimizer: plain gradient descent at this learning rate.
         params: the parameters, in the order of the flat vectors the scale should follow
             (default: the optimizer's own order).
@@ -106,11 +113,12 @@ def stability_limit(
             2.0 / lr, float(lr), 2.0, "gradient descent", False, None, None, "s* = 2/η"
         )
     # wrappers (accelerate's AcceleratedOptimizer, Lightning's) hold the real one
-    while not isinstance(optimizer, _KNOWN) and isinstance(
+    known = _known()
+    while not isinstance(optimizer, known) and isinstance(
         getattr(optimizer, "optimizer", None), torch.optim.Optimizer
     ):
         optimizer = optimizer.optimizer
-    if not isinstance(optimizer, _KNOWN):
+    if not isinstance(optimizer, known):
         raise _unknown(optimizer)
     if params is None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -148,14 +156,15 @@ def stability_limit(
         return StabilityLimit(
             c / eta, eta, c, what, False, scale, _flat(wd, params) if any(wd) else None, formula
         )
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)):
+    adaptive = (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, known[-1])
+    if isinstance(optimizer, adaptive):
         precond = []
         for p, g in zip(params, groups, strict=True):
             if g is None:
                 precond.append(torch.zeros_like(p))
                 continue
             state = optimizer.state.get(p, {})
-            if "square_avg" not in state and "exp_avg_sq" not in state:
+            if not {"square_avg", "exp_avg_sq", "exp_hessian_diag_sq"} & set(state):
                 raise ValueError(
                     f"{name} has taken no step yet, so its preconditioner √v̂ + ε does not exist; "
                     "diagnose after the first optimizer.step(), or pass lr= for plain GD"
@@ -172,7 +181,7 @@ def stability_limit(
             c = (2 + 2 * b1) / (1 - b1)
             formula = "s* = (2 + 2β₁)/((1 − β₁)·η) on the sharpness of P^-½ H P^-½, P = √v̂ + ε"
             what = f"{name} (β₁ = {b1:g})"
-        decoupled = isinstance(optimizer, torch.optim.AdamW)
+        decoupled = isinstance(optimizer, (torch.optim.AdamW, known[-1]))
         l2 = None if decoupled or not any(wd) else _flat(wd, params)
         return StabilityLimit(c / eta, eta, c, what, True, scale, l2, formula)
     raise _unknown(optimizer)
@@ -180,7 +189,7 @@ def stability_limit(
 
 def _unknown(optimizer: object) -> TypeError:
     return TypeError(
-        "stability_limit knows torch.optim.SGD, Adam, AdamW and RMSprop; got "
+        "stability_limit knows torch.optim.SGD, Adam, AdamW, RMSprop and cs.optim.AdaHessian; got "
         f"{type(optimizer).__name__}. Pass lr= to judge against plain gradient descent instead"
     )
 
@@ -193,8 +202,12 @@ def _inverse_preconditioner(opt: torch.optim.Optimizer, state: dict, group: dict
         if group.get("centered"):
             v = v - state["grad_avg"] ** 2
         return 1.0 / (v.sqrt() + eps)
-    step = float(state["step"])
     b2 = group["betas"][1]
+    if "exp_hessian_diag_sq" in state:  # AdaHessian: P = (√v̂)^k + ε, v̂ of the Hessian diagonal
+        step = float(opt.state["global"]["step"])
+        v_hat = state["exp_hessian_diag_sq"] / (1 - b2**step)
+        return 1.0 / (v_hat.sqrt().pow(group["hessian_power"]) + eps)
+    step = float(state["step"])
     v = state["exp_avg_sq"]
     if group.get("amsgrad") and "max_exp_avg_sq" in state:
         v = state["max_exp_avg_sq"]
