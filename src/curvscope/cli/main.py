@@ -103,27 +103,32 @@ def _lab(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------- probe
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); under torchrun (WORLD_SIZE > 1) the process group is started here:
-    gloo on CPU, NCCL when CUDA is there."""
+def _probe(args: argparse.Namespace) -> int:
+    """Under torchrun (WORLD_SIZE > 1) the process group is started here — gloo on CPU, NCCL
+    when CUDA is there — and ended here once every rank is done (a rank that exits with the
+    group alive aborts in gloo's threads)."""
     import os
 
     import torch
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    started = world > 1 and not dist.is_initialized()
+    if started:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+    try:
+        return _probe_on_rank(args, dist.get_rank() if world > 1 else 0, world)
+    finally:
+        if started:
+            dist.barrier()
+            dist.destroy_process_group()
 
 
-def _probe(args: argparse.Namespace) -> int:
+def _probe_on_rank(args: argparse.Namespace, rank: int, world: int) -> int:
     import torch
 
     from curvscope import problems
     from curvscope.lab.probe import probe
-
-    rank, world = _distributed()
 
     if args.problem:
         try:
