@@ -88,10 +88,37 @@ class _DiagonalMethod(CurvscopeOptimizer):
     """Shared: evaluate the closure, refresh the diagonal estimate every ``update_every`` steps,
     hand per-parameter (gradient, diagonal) to ``update_param``."""
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], estimator: Any) -> None:
-        check_int("update_every", defaults["update_every"])
-        if not isinstance(defaults["seed"], int):
-            raise ValueError(f"Invalid seed: {defaults['seed']!r} (expected an integer)")
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        estimator: Any,
+        *,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        update_every: int,
+        seed: int,
+    ) -> None:
+        """Checks and stores the hyperparameters both methods share; ``defaults`` holds the
+        method's own (already checked)."""
+        check_positive("learning rate", lr)
+        check_betas(betas)
+        check_positive("eps", eps)
+        check_positive("weight_decay", weight_decay, allow_zero=True)
+        check_int("update_every", update_every)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"Invalid seed: {seed!r} (expected an integer)")
+        defaults = dict(
+            defaults,
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            update_every=update_every,
+            seed=seed,
+        )
         if estimator is not None and not callable(estimator):
             raise TypeError(f"estimator must be callable (e.g. Hutchinson()), got {estimator!r}")
         super().__init__(params, defaults)
@@ -168,23 +195,19 @@ class AdaHessian(_DiagonalMethod):
         estimator: DiagonalEstimator | None = None,
         seed: int = 0,
     ) -> None:
-        check_positive("learning rate", lr)
-        check_betas(betas)
-        check_positive("eps", eps)
-        check_positive("weight_decay", weight_decay, allow_zero=True)
         if not isinstance(hessian_power, int | float) or not 0 < hessian_power <= 1:
             raise ValueError(f"Invalid hessian_power: {hessian_power!r} (expected in (0, 1])")
-        defaults = dict(
+        super().__init__(
+            params,
+            {"hessian_power": hessian_power, "spatial_average": spatial_average},
+            estimator,
             lr=lr,
-            betas=tuple(betas),
+            betas=betas,
             eps=eps,
             weight_decay=weight_decay,
-            hessian_power=hessian_power,
             update_every=update_every,
-            spatial_average=spatial_average,
             seed=seed,
         )
-        super().__init__(params, defaults, estimator)
 
     def update_param(self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int) -> None:
         st = self.state[p]
@@ -231,21 +254,18 @@ class Sophia(_DiagonalMethod):
         estimator: DiagonalEstimator | None = None,
         seed: int = 0,
     ) -> None:
-        check_positive("learning rate", lr)
-        check_betas(betas)
         check_positive("rho", rho)
-        check_positive("weight_decay", weight_decay, allow_zero=True)
-        check_positive("eps", eps)
-        defaults = dict(
+        super().__init__(
+            params,
+            {"rho": rho},
+            estimator,
             lr=lr,
-            betas=tuple(betas),
-            rho=rho,
+            betas=betas,
+            eps=eps,
             weight_decay=weight_decay,
             update_every=update_every,
-            eps=eps,
             seed=seed,
         )
-        super().__init__(params, defaults, estimator)
 
     def update_param(self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int) -> None:
         st = self.state[p]

@@ -92,39 +92,37 @@ class ModelProblem:
         return len(self.data[1])
 
 
-def logistic_regression(dtype: torch.dtype = torch.float64) -> ModelProblem:
-    """Logistic regression on breast cancer: convex, smooth, ill-conditioned (31 parameters)."""
-    data = load_breast_cancer(dtype)
+def _linear(
+    name: str, data: tuple[Tensor, Tensor], loss_fn: nn.Module, description: str
+) -> ModelProblem:
+    """A linear model (one output) on ``data``: a convex problem."""
+    X, _ = data
 
     def make(seed: int = 0) -> nn.Module:
-        return _seeded(seed, lambda: nn.Linear(30, 1).to(dtype))
+        return _seeded(seed, lambda: nn.Linear(X.shape[1], 1).to(X.dtype))
 
-    return ModelProblem(
+    return ModelProblem(name, make, loss_fn, data, description, well_behaved=True)
+
+
+def logistic_regression(dtype: torch.dtype = torch.float64) -> ModelProblem:
+    """Logistic regression on breast cancer: convex, smooth, ill-conditioned (31 parameters)."""
+    return _linear(
         "breast-cancer-logreg",
-        make,
+        load_breast_cancer(dtype),
         nn.BCEWithLogitsLoss(),
-        data,
         "logistic regression on the breast-cancer data: convex and smooth, where Newton-type "
         "methods converge in a handful of steps",
-        well_behaved=True,
     )
 
 
 def least_squares(dtype: torch.dtype = torch.float64) -> ModelProblem:
     """Linear least squares on the diabetes data: a convex quadratic in 11 parameters, whose
     Hessian is the (ill-conditioned) feature covariance — Newton solves it in one step."""
-    data = load_diabetes(dtype)
-
-    def make(seed: int = 0) -> nn.Module:
-        return _seeded(seed, lambda: nn.Linear(10, 1).to(dtype))
-
-    return ModelProblem(
+    return _linear(
         "least-squares",
-        make,
+        load_diabetes(dtype),
         nn.MSELoss(),
-        data,
         "linear least squares on the diabetes data: a convex quadratic with correlated features",
-        well_behaved=True,
     )
 
 
