@@ -8,6 +8,10 @@ is an extra gradient, and counted as one). Loss-only
 evaluations (trial points of a trust region or line search) run under ``torch.no_grad()`` and
 turn such a ``backward()`` into a no-op: they are counted as closure calls, not gradients.
 
+The interception swaps ``torch.autograd.backward`` for the duration of the closure call: another
+thread that calls ``backward`` at that very moment would see it too (optimizers are not used
+from several threads at once in practice; the swap is undone even when the closure raises).
+
 A closure may return the loss or a pair ``(loss, outputs)``; with the outputs, Gauss-Newton
 products (Jᵀ H_out J) and the Gauss-Newton-Bartlett estimator become available.
 """
