@@ -10,7 +10,7 @@ import curvscope as cs
 from curvscope.optim import REGISTRY
 
 OURS = [n for n, e in REGISTRY.items() if e.source == "curvscope"]
-CLOSURE_DRIVEN = [n for n in OURS if REGISTRY[n].cls is not cs.optim.NormalizedGD]
+CLOSURE_DRIVEN = [n for n in OURS if not REGISTRY[n].reads_grad]
 LR = {"normalized-gd": 0.3, "adahessian": 0.1, "sophia": 0.2}
 
 
@@ -23,7 +23,7 @@ def build(name, params, **kw):
 
 def run(name, opt, f, x, steps):
     for _ in range(steps):
-        if name == "normalized-gd":
+        if REGISTRY[name].reads_grad:
             opt.zero_grad()
             loss = f()
             loss.backward()

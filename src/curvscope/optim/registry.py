@@ -32,6 +32,8 @@ class OptimizerInfo:
         stochastic: draws random probes (seeded).
         exact: converges to a stationary point to machine precision on smooth problems.
         closure_returns_outputs: can use a closure returning (loss, outputs).
+        reads_grad: steps from ``p.grad`` like torch's own optimizers (the closure, if any,
+            must call ``backward()``); False: differentiates the closure's loss itself.
     """
 
     name: str
@@ -45,6 +47,7 @@ class OptimizerInfo:
     stochastic: bool = False
     exact: bool = False
     closure_returns_outputs: bool = False
+    reads_grad: bool = False
 
     def build(self, params: Any, **kwargs: Any) -> Optimizer:
         """The optimizer on ``params``, with this entry's defaults under ``kwargs``."""
@@ -52,7 +55,7 @@ class OptimizerInfo:
 
 
 _ENTRIES = [
-    OptimizerInfo("gd", torch.optim.SGD, 1, "torch", "gradient descent", lr=True),
+    OptimizerInfo("gd", torch.optim.SGD, 1, "torch", "gradient descent", lr=True, reads_grad=True),
     OptimizerInfo(
         "momentum",
         torch.optim.SGD,
@@ -61,8 +64,9 @@ _ENTRIES = [
         "heavy-ball momentum (β = 0.9)",
         {"momentum": 0.9},
         lr=True,
+        reads_grad=True,
     ),
-    OptimizerInfo("adam", torch.optim.Adam, 1, "torch", "Adam", lr=True),
+    OptimizerInfo("adam", torch.optim.Adam, 1, "torch", "Adam", lr=True, reads_grad=True),
     OptimizerInfo(
         "lbfgs",
         torch.optim.LBFGS,
@@ -70,9 +74,16 @@ _ENTRIES = [
         "torch",
         "torch's L-BFGS with strong-Wolfe line search (one step = up to 20 iterations)",
         {"line_search_fn": "strong_wolfe", "max_iter": 20},
+        reads_grad=True,
     ),
     OptimizerInfo(
-        "normalized-gd", NormalizedGD, 1, "curvscope", "steps of fixed length along −g/‖g‖", lr=True
+        "normalized-gd",
+        NormalizedGD,
+        1,
+        "curvscope",
+        "steps of fixed length along −g/‖g‖",
+        lr=True,
+        reads_grad=True,
     ),
     OptimizerInfo(
         "newton",
