@@ -60,18 +60,18 @@ def _lab(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from curvscope import lab, optim, problems, report
+    from curvscope import lab, report
 
-    problem_names, optimizer_names = _names(args.problems), _names(args.optimizers)
     try:
-        lab.lab.check_names(problem_names, problems.names(), "problem")
-        lab.lab.check_names(optimizer_names, optim.names(), "optimizer")
+        problem_names, optimizer_names = lab.selection(
+            _names(args.problems), _names(args.optimizers)
+        )
     except ValueError as e:
         raise UsageError(str(e)) from e
     out = _writable(Path(args.out))
     console = Console(width=None if sys.stdout.isatty() else 110)
     budget = lab.QUICK if args.quick else lab.Budget()
-    n_runs = len(problem_names or lab.DEFAULT_PROBLEMS) * len(optimizer_names or optim.names())
+    n_runs = len(problem_names) * len(optimizer_names)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("lab", total=n_runs)
 

@@ -1,6 +1,6 @@
 """The lab: optimizers side by side on problems with known answers (``curvscope lab``)."""
 
-from curvscope.lab.lab import performance_profile, run_lab
+from curvscope.lab.lab import performance_profile, run_lab, selection
 from curvscope.lab.runner import DEFAULT_PROBLEMS, QUICK, Budget, Run, run_one
 
 __all__ = [
@@ -11,4 +11,5 @@ __all__ = [
     "performance_profile",
     "run_lab",
     "run_one",
+    "selection",
 ]

@@ -41,10 +41,20 @@ TAUS = np.logspace(0, 3, 61)
 MLP_PROBES = 5
 
 
-def check_names(asked: Sequence[str] | None, valid: Sequence[str], what: str) -> list[str]:
-    """The names asked for, or all; an unknown one gets the list of valid names."""
+def selection(
+    problem_names: Sequence[str] | None, optimizer_names: Sequence[str] | None
+) -> tuple[list[str], list[str]]:
+    """The problems and optimizers a lab run covers: those asked for, else the built-in
+    problems and every registered optimizer; an unknown name gets the list of valid ones."""
+    return (
+        _check_names(problem_names, problems.names(), "problem") or list(DEFAULT_PROBLEMS),
+        _check_names(optimizer_names, optim.names(), "optimizer") or optim.names(),
+    )
+
+
+def _check_names(asked: Sequence[str] | None, valid: Sequence[str], what: str) -> list[str]:
     if not asked:
-        return list(valid)
+        return []
     bad = [a for a in asked if a not in valid]
     if bad:
         raise ValueError(
@@ -155,10 +165,7 @@ def run_lab(
         on_run: called after each run (progress display).
     """
     budget = budget or Budget()
-    pnames = check_names(problem_names, problems.names(), "problem")
-    if not problem_names:
-        pnames = list(DEFAULT_PROBLEMS)
-    onames = check_names(optimizer_names, optim.names(), "optimizer")
+    pnames, onames = selection(problem_names, optimizer_names)
     start = time.perf_counter()
     runs: list[Run] = []
     prob_info = []
