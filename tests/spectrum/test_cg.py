@@ -21,6 +21,8 @@ def test_stops_at_negative_curvature_with_the_direction():
     r = cs.spectrum.cg(A, torch.ones(3, dtype=torch.float64))
     assert r.negative_curvature and not r.converged
     assert float(r.direction @ A @ r.direction) <= 0
+    d = r.direction
+    assert r.direction_curvature == pytest.approx(float(d @ A @ d) / float(d @ d))
 
 
 def test_damping_and_errors():
@@ -29,3 +31,21 @@ def test_damping_and_errors():
     torch.testing.assert_close(r.x, torch.full((3,), 0.5, dtype=torch.float64))
     with pytest.raises(ValueError, match="shape"):
         cs.spectrum.cg(A, torch.ones(4, dtype=torch.float64))
+
+
+def test_warm_start_saved_iterates_and_the_progress_stop():
+    A = with_spectrum(torch.logspace(-3, 0, 60, dtype=torch.float64))
+    b = torch.ones(60, dtype=torch.float64)
+    exact = torch.linalg.solve(A + 0.01 * torch.eye(60, dtype=torch.float64), b)
+    cold = cs.spectrum.cg(A, b, tol=1e-10, max_matvecs=200, damping=0.01)
+    warm = cs.spectrum.cg(A, b, tol=1e-10, max_matvecs=200, damping=0.01, x0=0.99 * exact)
+    torch.testing.assert_close(warm.x, exact, rtol=1e-7, atol=1e-9)  # residual 1e-10, κ ≈ 100
+    assert warm.iterations < cold.iterations and warm.matvecs == warm.iterations + 1
+    assert cold.saved == ()  # nothing kept unless asked
+    r = cs.spectrum.cg(A, b, tol=1e-10, max_matvecs=200, damping=0.01, save={1, 2, 4}.__contains__)
+    its = [it for it, _, _ in r.saved]
+    assert its[:3] == [1, 2, 4] and its[-1] == r.iterations  # the last is always kept
+    for _, x, res in r.saved:
+        torch.testing.assert_close(res, b - A @ x - 0.01 * x, rtol=1e-8, atol=1e-10)
+    early = cs.spectrum.cg(A, b, tol=1e-10, max_matvecs=200, damping=0.01, progress_tol=5e-4)
+    assert 10 < early.iterations < cold.iterations and not early.converged

@@ -115,13 +115,12 @@ class HessianFree(ModelStepOptimizer):
             save=_KEPT.__contains__,
         )
         counts.cg_iterations += res.iterations
-        st["previous"] = res.x.clone()
+        st["previous"] = res.x
         note = ""
         if res.negative_curvature:
-            # only with the Hessian: raise λ past the curvature CG met
-            p = res.direction
-            assert p is not None
-            st["negative"] = -float(p @ op(p[:, None])[:, 0]) / float(p @ p)
+            # only with the Hessian: raise λ past the curvature CG met, pᵀHp/‖p‖² = that − λ
+            assert res.direction_curvature is not None
+            st["negative"] = lam - res.direction_curvature
             note = "negative curvature: damping raised"
         # walk back through the saved iterates while the loss keeps improving
         best: tuple[float, Tensor, Tensor] | None = None

@@ -24,10 +24,12 @@ class CGResult:
         negative_curvature: a direction p with pᵀAp ≤ 0 was met: A is not positive definite on
             the Krylov space, and ``x`` is the iterate before it (``direction`` holds p).
         direction: the negative-curvature direction, or None.
+        direction_curvature: its Rayleigh quotient pᵀ(A + damping·I)p/‖p‖² (≤ 0), or None.
         residual: ‖b − Ax‖/‖b‖ at the end.
         iterations, matvecs, seconds: the cost (one product per iteration).
-        saved: (iteration, x, r) for the iterations asked for by ``save`` (r = b − (A+λI)x),
-            the last one always included — what Hessian-free's CG backtracking searches.
+        saved: with ``save``, (iteration, x, r) for the iterations it asks for
+            (r = b − (A+λI)x), the last one always included — what Hessian-free's CG
+            backtracking searches; empty without.
     """
 
     x: Tensor
@@ -39,6 +41,7 @@ class CGResult:
     matvecs: int
     seconds: float
     saved: tuple[tuple[int, Tensor, Tensor], ...] = ()
+    direction_curvature: float | None = None
 
 
 #: Martens (2010) stops CG when the quadratic φ(x) = ½xᵀAx − bᵀx has improved by less than
@@ -83,15 +86,16 @@ def cg(
     p = r.clone()
     bnorm = float(b.norm()) or 1.0
     rr = float(r @ r)
-    it, neg, direction = 0, False, None
-    phis = [float(x @ (-r - b)) / 2]  # φ(x) = ½xᵀ(Ax − b) − ½bᵀx, with Ax − b = −r
-    saved = []
+    it, neg, direction, direction_curvature = 0, False, None, None
+    # φ(x) = ½xᵀ(Ax − b) − ½bᵀx = ½xᵀ(−r − b): tracked only for the progress test (a dot a step)
+    phis = [] if progress_tol is None else [float(x @ (-r - b)) / 2]
+    saved = []  # x, r and p are rebound each iteration, never written in place: no copies
     while it < max_matvecs and rr**0.5 > tol * bnorm:
         Ap = op(p[:, None])[:, 0] + damping * p
         it += 1
         curv = float(p @ Ap)
         if curv <= 0:
-            neg, direction = True, p.clone()
+            neg, direction, direction_curvature = True, p, curv / float(p @ p)
             break
         alpha = rr / curv
         x = x + alpha * p
@@ -99,15 +103,15 @@ def cg(
         rr_new = float(r @ r)
         p = r + (rr_new / rr) * p
         rr = rr_new
-        phis.append(float(x @ (-r - b)) / 2)
         if save is not None and save(it):
-            saved.append((it, x.clone(), r.clone()))
+            saved.append((it, x, r))
         if progress_tol is not None:
+            phis.append(float(x @ (-r - b)) / 2)
             k = max(PROGRESS_WINDOW_MIN, int(PROGRESS_WINDOW_SHARE * it))
             if it > k and phis[-1] < 0 and (phis[-1] - phis[-1 - k]) / phis[-1] < k * progress_tol:
                 break
-    if not saved or saved[-1][0] != it:
-        saved.append((it, x.clone(), r.clone()))
+    if save is not None and (not saved or saved[-1][0] != it):
+        saved.append((it, x, r))
     res = rr**0.5 / bnorm
     return CGResult(
         x,
@@ -119,4 +123,5 @@ def cg(
         op.matvecs - used_before,
         time.perf_counter() - start,
         tuple(saved),
+        direction_curvature,
     )
