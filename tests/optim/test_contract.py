@@ -145,6 +145,10 @@ def test_counts_and_step_info(name):
     if REGISTRY[name].dense:
         assert c.hessians == 2
     assert opt.state_dict()["state"]["counts"] == c.as_dict()
+    before = x.detach().clone()
+    run(name, opt, f, x, 1)
+    moved = float((x.detach() - before).norm())
+    assert opt.info.step_norm == pytest.approx(moved, rel=1e-9, abs=1e-15)
 
 
 BAD = {

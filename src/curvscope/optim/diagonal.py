@@ -125,7 +125,8 @@ class _DiagonalMethod(CurvscopeOptimizer):
         self.estimator = estimator if estimator is not None else Hutchinson()
         self._global()["step"] = 0
 
-    def update_param(self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int) -> None:
+    def update_param(self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int) -> Tensor:
+        """Update the method's state for ``p`` and return its step Δ (θ ← θ − Δ)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -149,9 +150,9 @@ class _DiagonalMethod(CurvscopeOptimizer):
                 k = p.numel()
                 g = ev.flat_grad[i : i + k].view_as(p)
                 d = None if diag is None else diag[i : i + k].view_as(p)
-                before = p.detach().clone()
-                self.update_param(p, g, d, group, t)
-                step_sq += float((p - before).pow(2).sum())
+                delta = self.update_param(p, g, d, group, t)
+                p.sub_(delta)
+                step_sq += float(delta.square().sum())
                 i += k
         info = StepInfo(
             ev.loss,
@@ -209,7 +210,7 @@ class AdaHessian(_DiagonalMethod):
             seed=seed,
         )
 
-    def update_param(self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int) -> None:
+    def update_param(self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int) -> Tensor:
         st = self.state[p]
         if not st:
             st["exp_avg"] = torch.zeros_like(p)
@@ -227,7 +228,7 @@ class AdaHessian(_DiagonalMethod):
         m_hat = st["exp_avg"] / (1 - b1**t)
         v_hat = st["exp_hessian_diag_sq"] / (1 - b2**t)
         denom = v_hat.sqrt().pow(group["hessian_power"]).add_(group["eps"])
-        p.sub_(group["lr"] * (m_hat / denom + group["weight_decay"] * p))
+        return group["lr"] * (m_hat / denom + group["weight_decay"] * p)
 
 
 class Sophia(_DiagonalMethod):
@@ -267,7 +268,7 @@ class Sophia(_DiagonalMethod):
             seed=seed,
         )
 
-    def update_param(self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int) -> None:
+    def update_param(self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int) -> Tensor:
         st = self.state[p]
         if not st:
             st["exp_avg"] = torch.zeros_like(p)
@@ -276,7 +277,6 @@ class Sophia(_DiagonalMethod):
         if d is not None:
             st["hessian"].mul_(b2).add_(d, alpha=1 - b2)
         st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
-        p.mul_(1 - group["lr"] * group["weight_decay"])
         m = st["exp_avg"]
         ratio = (m.abs() / (group["rho"] * st["hessian"]).clamp_min(group["eps"])).clamp_max(1)
-        p.addcmul_(m.sign(), ratio, value=-group["lr"])
+        return group["lr"] * (group["weight_decay"] * p + m.sign() * ratio)
