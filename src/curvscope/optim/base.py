@@ -216,7 +216,10 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         ratio = actual / pred if pred > 0 else (math.inf if actual > 0 else -math.inf)
         accepted = math.isfinite(actual) and self.accepts(ratio, actual)
         note = proposal.note
-        write_flat(params, x0 + s if accepted else x0)
+        if not accepted:
+            write_flat(params, x0)
+        elif proposal.loss_at_step is not None:  # the method's own trials may have moved on
+            write_flat(params, x0 + s)
         if not accepted:
             if not math.isfinite(f_new):
                 note = (note + "; " if note else "") + "rejected: the loss there is not finite"

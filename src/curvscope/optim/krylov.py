@@ -19,8 +19,9 @@ class _KrylovMethod(ModelStepOptimizer):
 
     def _subspace(self, ev: Evaluation, counts: Counts) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         dim = self.param_groups[0]["krylov_dim"]
-        seed = self.state["counts"]["gradients"]  # a fresh, reproducible continuation per step
-        Q, T = lanczos_subspace(ev.hvp, ev.flat_grad, dim, seed)
+        # the seed only matters if the Krylov space closes early (then a random direction
+        # continues it): a fresh, reproducible one per step
+        Q, T = lanczos_subspace(ev.hvp, ev.flat_grad, dim, seed=counts.gradients)
         counts.lanczos_iterations += Q.shape[1]
         theta, S = torch.linalg.eigh(T)
         w = S.T @ (Q.T @ ev.flat_grad)
