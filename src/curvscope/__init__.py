@@ -6,9 +6,16 @@ or plain function — measured matrix-free, cheap enough to ask during training.
 tensor([ 6., 12.])
 """
 
-from curvscope import optim, problems, spectrum
+from curvscope import diagnosis, optim, problems, spectrum
 from curvscope.derivatives import DENSE_LIMIT, KINDS, Curvature, grad, hessian, hvp
-from curvscope.diagnose import Diagnosis, Monitor, Thresholds, diagnose, stability_limit
+from curvscope.diagnosis import (
+    Diagnosis,
+    Monitor,
+    Thresholds,
+    diagnose,
+    read_log,
+    stability_limit,
+)
 from curvscope.spectrum import density, diagonal, eigenvalues, trace, trace_of_square
 
 __version__ = "0.1.0"
@@ -23,6 +30,7 @@ __all__ = [
     "__version__",
     "density",
     "diagnose",
+    "diagnosis",
     "diagonal",
     "eigenvalues",
     "grad",
@@ -30,6 +38,7 @@ __all__ = [
     "hvp",
     "optim",
     "problems",
+    "read_log",
     "spectrum",
     "stability_limit",
     "trace",

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import curvscope as cs
-from curvscope.diagnose.monitor import read_log
+from curvscope.diagnosis.monitor import read_log
 from tests import cases
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")

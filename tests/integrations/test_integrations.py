@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import curvscope as cs
-from curvscope.diagnose import STATES, read_log
+from curvscope.diagnosis import STATES, read_log
 from tests import cases
 
 pytest.importorskip("lightning")

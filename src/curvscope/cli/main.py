@@ -201,7 +201,7 @@ def _probe_on_rank(args: argparse.Namespace, rank: int, world: int) -> int:
 
 # --------------------------------------------------------------------------------- report
 def _report(args: argparse.Namespace) -> int:
-    from curvscope.diagnose.monitor import read_log
+    from curvscope.diagnosis.monitor import read_log
     from curvscope.report import write_log_report
 
     path = Path(args.log)

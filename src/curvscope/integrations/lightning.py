@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from curvscope.diagnose.monitor import Monitor, scalars
+from curvscope.diagnosis.monitor import Monitor, scalars
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -20,7 +20,7 @@ class CurvscopeCallback(Callback):
     At the start of ``fit`` it builds a :class:`~curvscope.Monitor` on the module and the
     trainer's first optimizer; after every training batch it records the loss, and at each
     probe it logs the sharpness, stability limit and state code through ``pl_module.log``
-    (``curvscope/...``; states are numbered in :data:`curvscope.diagnose.STATES` order).
+    (``curvscope/...``; states are numbered in :data:`curvscope.diagnosis.STATES` order).
 
     Args:
         loss_fn: ``loss_fn(pl_module(inputs), targets)``, the batch-mean loss.

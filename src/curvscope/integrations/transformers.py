@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from curvscope.diagnose.monitor import Monitor, scalars
+from curvscope.diagnosis.monitor import Monitor, scalars
 
 try:
     from transformers import TrainerCallback

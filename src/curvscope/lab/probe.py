@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from curvscope.derivatives import Curvature
-from curvscope.diagnose import diagnose
+from curvscope.diagnosis import diagnose
 from curvscope.spectrum import eigenvalues, trace
 
 #: Slice points t (the step along a unit direction is t · SLICE_SCALE / sqrt(max(|λ|, …))).

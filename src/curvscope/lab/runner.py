@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from curvscope import optim, problems
 from curvscope.derivatives import Curvature
-from curvscope.diagnose import diagnose, stability_limit
+from curvscope.diagnosis import diagnose, stability_limit
 from curvscope.spectrum import eigenvalues
 
 #: The built-in problems: well-behaved first, then badly-behaved.

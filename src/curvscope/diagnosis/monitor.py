@@ -16,8 +16,8 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor, nn
 
-from curvscope.diagnose.classify import DEFAULT_THRESHOLDS, STATES, Thresholds
-from curvscope.diagnose.diagnosis import DEFAULT_BUDGET, Diagnosis, advice, diagnose
+from curvscope.diagnosis.classify import DEFAULT_THRESHOLDS, STATES, Thresholds
+from curvscope.diagnosis.diagnosis import DEFAULT_BUDGET, Diagnosis, advice, diagnose
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Monitor:
     Each probe appends one JSON object to ``log`` (flushed, so a crash loses nothing): "step",
     "state", "advice", "reasons" and the evidence keys at top level; the first line is a header
     (``"curvscope_log": 1``, the version, the optimizer, the cadence). State *changes* go to
-    ``logging`` (logger ``curvscope.diagnose.monitor``) and to ``callback(diagnosis, previous)``.
+    ``logging`` (logger ``curvscope.diagnosis.monitor``) and to ``callback(diagnosis, previous)``.
 
     Args:
         model, loss_fn, probe_data: what to diagnose (a fixed probe batch or loader: the
@@ -324,7 +324,7 @@ class Monitor:
 
 def scalars(d: Diagnosis) -> dict[str, float]:
     """The numbers of a diagnosis worth plotting over training (finite ones only), and the
-    state as its index in :data:`~curvscope.diagnose.STATES`."""
+    state as its index in :data:`~curvscope.diagnosis.STATES`."""
     out = {"state_code": float(STATES.index(d.state))}
     for key in (
         "loss",

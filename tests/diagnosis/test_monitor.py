@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import curvscope as cs
-from curvscope.diagnose import read_log
+from curvscope.diagnosis import read_log
 from tests import cases
 
 
@@ -61,7 +61,7 @@ def test_run_log_is_versioned_jsonl_flushed_per_record(tmp_path):
 
 def test_state_changes_go_to_logging_and_the_callback(caplog):
     seen = []
-    with caplog.at_level(logging.INFO, logger="curvscope.diagnose.monitor"):
+    with caplog.at_level(logging.INFO, logger="curvscope.diagnosis.monitor"):
         mon = gd_on_digits(
             lr=1.0, steps=600, every=50, callback=lambda d, prev: seen.append((prev, d.state))
         )

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import curvscope as cs
-from curvscope.diagnose import STATES, classify
+from curvscope.diagnosis import STATES, classify
 from tests import cases
 
 

@@ -3,7 +3,7 @@
 import math
 
 import curvscope as cs
-from curvscope.diagnose import classify
+from curvscope.diagnosis import classify
 
 BASE = {
     "loss": 1.0,

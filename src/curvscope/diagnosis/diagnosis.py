@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from curvscope.derivatives import Curvature
-from curvscope.diagnose.classify import DEFAULT_THRESHOLDS, Thresholds, classify
-from curvscope.diagnose.stability import StabilityLimit, stability_limit
+from curvscope.diagnosis.classify import DEFAULT_THRESHOLDS, Thresholds, classify
+from curvscope.diagnosis.stability import StabilityLimit, stability_limit
 from curvscope.spectrum import Operator, eigenvalues
 from curvscope.spectrum.cg import cg
 
@@ -136,7 +136,7 @@ def diagnose(
     curvature of the curvature the optimizer sees (for Adam and RMSprop the preconditioned
     P^-½ H P^-½, P from the optimizer's state), the curvature along the step direction, and the
     Newton decrement δ² = gᵀH⁻¹g (by CG; how far the loss is above the bottom of the local
-    quadratic). Then :func:`~curvscope.diagnose.classify.classify` decides.
+    quadratic). Then :func:`~curvscope.diagnosis.classify.classify` decides.
 
     Args:
         model, loss_fn, data: as for :class:`~curvscope.Curvature` (the model is left as found).
