@@ -180,6 +180,9 @@ class ModelObjective:
         self.num_batches, self.num_samples = self._count()
         self.notes = self._fallback_notes()
         self._loss_checked = False
+        #: how loss_fn reduces over the samples of a batch: "mean" or "sum" (the curvature is
+        #: then that of the mean over all the data, or of the sum); settled by the first loss
+        self.reduction: str = "mean"
 
     # ----------------------------------------------------------------------------- data
     @staticmethod
