@@ -89,3 +89,29 @@ def check_dense_size(n: int, dtype: torch.dtype, force: bool, what: str) -> None
             f"the limit without force=True is n = {DENSE_LIMIT}. Use matrix-free products "
             "(hvp, Curvature @ v) and the spectrum estimators instead, or pass force=True"
         )
+
+
+def check_int(value: object, name: str, minimum: int | None = None) -> int:
+    """An integer argument (a bool or a float such as 1.7 is refused, not truncated)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        if hasattr(value, "__index__") and not isinstance(value, bool):
+            value = value.__index__()  # numpy and torch integer scalars
+        else:
+            raise TypeError(
+                f"expected {name} to be an integer, got {value!r} ({type(value).__name__}); "
+                f"pass a whole number, e.g. {name}=0"
+            )
+    if minimum is not None and value < minimum:
+        raise ValueError(f"expected {name} to be an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    """A seed: a non-negative integer. ``None`` is refused: the results are meant to be
+    reproducible, so there is no 'random' default (pass any fixed integer)."""
+    if seed is None:
+        raise TypeError(
+            f"{name}=None: curvscope's randomized results are reproducible by design; pass a "
+            f"fixed integer ({name}=0 is the default) or a torch.Generator where accepted"
+        )
+    return check_int(seed, name, minimum=0)
