@@ -256,3 +256,201 @@ def test_tolerance_grad_skips_the_step_at_a_converged_point(name):
     opt.step(lambda: p.f(x))
     assert torch.equal(x.detach(), before) and opt.counts.products == 0
     assert "converged" in opt.info.note and opt.counts.gradients == 1
+
+
+# ---------------------------------------------------------- a step is a transaction
+class Fault(BaseException):
+    """Raised at a planned point inside a step (a BaseException, like KeyboardInterrupt: the
+    transaction must hold for those too)."""
+
+
+class Plan:
+    """Counts the closure's calls and the curvature products through the loss; raises
+    :class:`Fault` at the armed closure call or product."""
+
+    def __init__(self):
+        self.call_at = self.product_at = None
+        self.calls = self.products = 0
+
+    def arm(self, call_at=None, product_at=None):
+        self.call_at, self.product_at = call_at, product_at
+        self.calls = self.products = 0
+
+    def call(self):
+        self.calls += 1
+        if self.calls == self.call_at:
+            raise Fault(f"closure call {self.calls}")
+
+    def product(self):
+        self.products += 1
+        if self.products == self.product_at:
+            raise Fault(f"curvature product {self.products}")
+
+
+class _Tripwire(torch.autograd.Function):
+    """The identity; differentiating its gradient (one curvature product: a Hessian-vector
+    product is the derivative of the gradient) goes through ``_TripwireBack.backward``."""
+
+    @staticmethod
+    def forward(ctx, x, plan):
+        ctx.plan = plan
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return _TripwireBack.apply(g, ctx.plan), None
+
+
+class _TripwireBack(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, plan):
+        ctx.plan = plan
+        return g.clone()
+
+    @staticmethod
+    def backward(ctx, gg):
+        ctx.plan.product()
+        return gg, None
+
+
+ROSEN6 = cs.problems.get("extended-rosenbrock", n=6)
+
+
+def faulty_setup(name, warm):
+    """x, its optimizer after ``warm`` clean steps, the plan and the closure (which calls
+    backward for the methods that read .grad)."""
+    x = ROSEN6.x0.clone().requires_grad_()
+    opt, plan = build(name, [x], **({"lr": 0.01} if REGISTRY[name].lr else {})), Plan()
+
+    def closure():
+        plan.call()
+        loss = ROSEN6.f(_Tripwire.apply(x, plan))
+        if REGISTRY[name].reads_grad:
+            opt.zero_grad()
+            loss.backward()
+        return loss
+
+    for _ in range(warm):
+        opt.step(closure)
+    return x, opt, plan, closure
+
+
+def same(a, b):
+    """Bit-identical: tensors by torch.equal (and dtype), containers entry by entry."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    if isinstance(a, float) and math.isnan(a):
+        return isinstance(b, float) and math.isnan(b)
+    return a == b
+
+
+@pytest.mark.parametrize("warm", [0, 2])
+@pytest.mark.parametrize("name", OURS)
+def test_a_step_that_raises_anywhere_leaves_parameters_and_state_as_before(name, warm):
+    # the reference never faults; its step warm+1 shows where the closure and products run
+    x_ref, opt_ref, plan, closure = faulty_setup(name, warm)
+    plan.arm()
+    opt_ref.step(closure)
+    calls, products = plan.calls, plan.products
+    opt_ref.step(closure)
+    faults = [{"call_at": k} for k in sorted({1, calls // 2 + 1, calls}) if k <= calls]
+    if products:
+        faults += [{"product_at": j} for j in sorted({1, products // 2 + 1, products})]
+    # faults at the first call, at a trial point, inside CG / Lanczos / the diagonal estimate
+    if REGISTRY[name].order == 2 and not REGISTRY[name].stochastic:
+        assert calls >= 2 and products >= 1, (calls, products)
+    if REGISTRY[name].order == 2 and warm == 0:
+        assert products >= 1
+
+    for fault in faults:
+        x, opt, plan, closure = faulty_setup(name, warm)
+        x0, sd0 = x.detach().clone(), copy.deepcopy(opt.state_dict())
+        counts0, info0 = opt.counts, opt.info
+        plan.arm(**fault)
+        with pytest.raises(Fault):
+            opt.step(closure)
+        assert torch.equal(x.detach(), x0), fault
+        assert same(opt.state_dict(), sd0), fault
+        assert opt.counts == counts0 and opt.info is info0
+        plan.arm()  # the retry: bit-identical to the run that never faulted
+        opt.step(closure)
+        opt.step(closure)
+        assert torch.equal(x.detach(), x_ref.detach()), fault
+        assert same(opt.state_dict(), opt_ref.state_dict()), fault
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_state_tensors_are_replaced_never_changed_in_place(name):
+    # the transaction keeps the state's tensors by reference: exact only if a step never
+    # writes into one
+    _, opt, _, closure = faulty_setup(name, 2)
+    versions = [
+        (t, t._version)
+        for st in opt.state.values()
+        if isinstance(st, dict)
+        for t in st.values()
+        if isinstance(t, torch.Tensor)
+    ]
+    opt.step(closure)
+    assert all(t._version == v for t, v in versions)
+
+
+def _other_type(name):
+    return next(n for n in OURS if REGISTRY[n].cls is not REGISTRY[name].cls)
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_load_state_dict_refuses_another_optimizers_state(name):
+    _, opt, _, closure = faulty_setup(name, 1)
+    other = _other_type(name)
+    _, donor, _, _ = faulty_setup(other, 1)
+    before = copy.deepcopy(opt.state_dict())
+    theirs, ours = REGISTRY[other].cls.__name__, REGISTRY[name].cls.__name__
+    with pytest.raises(ValueError, match=f"saved by {theirs}, not {ours}"):
+        opt.load_state_dict(donor.state_dict())
+    assert same(opt.state_dict(), before)  # refused before anything was loaded
+    opt.step(closure)  # and it goes on as before
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_load_state_dict_refuses_torch_optimizers_state(name):
+    x = torch.ones(3, requires_grad=True)
+    adam = torch.optim.Adam([x])
+    with pytest.raises(ValueError, match="not a curvscope one"):
+        build(name, [x]).load_state_dict(adam.state_dict())
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_load_state_dict_refuses_other_shapes_where_the_state_has_them(name):
+    _, opt, _, _ = faulty_setup(name, 2)  # 6 parameters
+    saved = opt.state_dict()
+    y = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    fresh = build(name, [y], **({"lr": 0.01} if REGISTRY[name].lr else {}))
+    shaped = any(
+        isinstance(t, torch.Tensor) and t.ndim > 0
+        for st in opt.state.values()
+        if isinstance(st, dict)
+        for t in st.values()
+    )
+    if shaped:  # AdaHessian, Sophia (per-parameter moments), Hessian-free (previous solution)
+        with pytest.raises(ValueError, match="another shape"):
+            fresh.load_state_dict(saved)
+    else:  # radius, damping, σ, counts: nothing depends on the shape, so it loads and runs
+        fresh.load_state_dict(saved)
+        run(name, fresh, lambda: (y - 1).square().sum(), y, 1)
+        assert float(y.detach().sum()) > 0
+
+
+def test_load_state_dict_refuses_other_parameter_groups():
+    a, b = torch.ones(2, requires_grad=True), torch.ones(3, requires_grad=True)
+    opt = cs.optim.AdaHessian([{"params": [a]}, {"params": [b]}])
+    with pytest.raises(ValueError, match="2 parameter group"):
+        cs.optim.AdaHessian([a, b]).load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="holds 1 parameters in the state dict and 2 here"):
+        cs.optim.AdaHessian([{"params": [a, b]}, {"params": []}]).load_state_dict(opt.state_dict())
+    with pytest.raises(TypeError, match=r"expected what AdaHessian\.state_dict"):
+        cs.optim.AdaHessian([a]).load_state_dict({"radius": 1.0})

@@ -14,6 +14,7 @@ from curvscope.derivatives.kinds import likelihood_of
 from curvscope.optim._closure import Counts, Evaluation
 from curvscope.optim.base import (
     CurvscopeOptimizer,
+    Snapshot,
     StepInfo,
     check_betas,
     check_int,
@@ -125,24 +126,29 @@ class _DiagonalMethod(CurvscopeOptimizer):
         self.estimator = estimator if estimator is not None else Hutchinson()
         self._global()["step"] = 0
 
-    def update_param(self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int) -> Tensor:
-        """Update the method's state for ``p`` and return its step Δ (θ ← θ − Δ)."""
+    def update_param(
+        self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The step Δ for ``p`` (θ ← θ − Δ) and its new state, from its state ``self.state[p]``
+        (read, never changed: the step commits the new one only when every value is finite)."""
         raise NotImplementedError
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Tensor:  # type: ignore[override]
+    #: the names of the per-parameter state tensors, in the order ``update_param`` reads them
+    STATE: tuple[str, ...] = ()
+
+    def _step(self, closure: Any, snapshot: Snapshot) -> Tensor:
         closure, counts = self._begin(closure)
         st = self._global()
-        t = st["step"] = st["step"] + 1
+        t = st["step"] + 1
         refresh = (t - 1) % self.param_groups[0]["update_every"] == 0
-        params = self._params()
+        params = snapshot.params
         products_before = counts.products
         ev = Evaluation(params, closure, counts, curvature=refresh)
         diag = None
         if refresh:
             gen = _generator(self.param_groups[0]["seed"], t, ev.flat_grad.device)
             diag = self.estimator(ev, gen, counts).detach()
-        i, step_sq = 0, 0.0
+        i, updates, step_sq = 0, [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if not p.requires_grad:
@@ -150,14 +156,16 @@ class _DiagonalMethod(CurvscopeOptimizer):
                 k = p.numel()
                 g = ev.flat_grad[i : i + k].view_as(p)
                 d = None if diag is None else diag[i : i + k].view_as(p)
-                delta = self.update_param(p, g, d, group, t)
-                p.sub_(delta)
-                step_sq += float(delta.square().sum())
+                delta, new_state = self.update_param(p, g, d, group, t)
+                updates.append((p, p - delta, new_state))
+                step_sq.append(delta.square().sum())
                 i += k
+        self._commit(updates)  # nothing is written unless every value is finite
+        st["step"] = t
         info = StepInfo(
             ev.loss,
             float(ev.flat_grad.norm()),
-            step_sq**0.5,
+            float(torch.stack(step_sq).sum()) ** 0.5 if step_sq else 0.0,
             None,
             None,
             None,
@@ -182,6 +190,9 @@ class AdaHessian(_DiagonalMethod):
         estimator: a :class:`DiagonalEstimator` (default ``Hutchinson()``).
         seed: fixes the random probes (step t uses seed and t, so a resumed run repeats them).
     """
+
+    #: per-parameter state: momentum m, the average v of D², the last estimate D
+    STATE = ("exp_avg", "exp_hessian_diag_sq", "hessian_diag")
 
     def __init__(
         self,
@@ -210,25 +221,23 @@ class AdaHessian(_DiagonalMethod):
             seed=seed,
         )
 
-    def update_param(self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int) -> Tensor:
-        st = self.state[p]
-        if not st:
-            st["exp_avg"] = torch.zeros_like(p)
-            st["exp_hessian_diag_sq"] = torch.zeros_like(p)
-            st["hessian_diag"] = torch.zeros_like(p)
+    def update_param(
+        self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        st = self.state.get(p) or {k: torch.zeros_like(p) for k in self.STATE}
+        m, v, D = (st[k] for k in self.STATE)
         if d is not None:
             if group["spatial_average"] and p.ndim >= 3:
                 d = d.abs().mean(dim=tuple(range(2, p.ndim)), keepdim=True).expand_as(p)
-            st["hessian_diag"] = d.clone()
+            D = d.clone()
         b1, b2 = group["betas"]
-        st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
-        st["exp_hessian_diag_sq"].mul_(b2).addcmul_(
-            st["hessian_diag"], st["hessian_diag"], value=1 - b2
-        )
-        m_hat = st["exp_avg"] / (1 - b1**t)
-        v_hat = st["exp_hessian_diag_sq"] / (1 - b2**t)
+        m = m.mul(b1).add_(g, alpha=1 - b1)
+        v = v.mul(b2).addcmul_(D, D, value=1 - b2)
+        m_hat = m / (1 - b1**t)
+        v_hat = v / (1 - b2**t)
         denom = v_hat.sqrt().pow(group["hessian_power"]).add_(group["eps"])
-        return group["lr"] * (m_hat / denom + group["weight_decay"] * p)
+        delta = group["lr"] * (m_hat / denom + group["weight_decay"] * p)
+        return delta, dict(zip(self.STATE, (m, v, D), strict=True))
 
 
 class Sophia(_DiagonalMethod):
@@ -242,6 +251,9 @@ class Sophia(_DiagonalMethod):
     Defaults are the paper's (ρ = 0.04, k = 10, β = (0.965, 0.99), wd = 0.1); the estimator is
     ``Hutchinson()`` (Sophia-H) or ``GaussNewtonBartlett(loss_fn)`` (Sophia-G).
     """
+
+    #: per-parameter state: momentum m, the curvature average h
+    STATE = ("exp_avg", "hessian")
 
     def __init__(
         self,
@@ -268,15 +280,15 @@ class Sophia(_DiagonalMethod):
             seed=seed,
         )
 
-    def update_param(self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int) -> Tensor:
-        st = self.state[p]
-        if not st:
-            st["exp_avg"] = torch.zeros_like(p)
-            st["hessian"] = torch.zeros_like(p)
+    def update_param(
+        self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        st = self.state.get(p) or {k: torch.zeros_like(p) for k in self.STATE}
+        m, h = (st[k] for k in self.STATE)
         b1, b2 = group["betas"]
         if d is not None:
-            st["hessian"].mul_(b2).add_(d, alpha=1 - b2)
-        st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
-        m = st["exp_avg"]
-        ratio = (m.abs() / (group["rho"] * st["hessian"]).clamp_min(group["eps"])).clamp_max(1)
-        return group["lr"] * (group["weight_decay"] * p + m.sign() * ratio)
+            h = h.mul(b2).add_(d, alpha=1 - b2)
+        m = m.mul(b1).add_(g, alpha=1 - b1)
+        ratio = (m.abs() / (group["rho"] * h).clamp_min(group["eps"])).clamp_max(1)
+        delta = group["lr"] * (group["weight_decay"] * p + m.sign() * ratio)
+        return delta, dict(zip(self.STATE, (m, h), strict=True))

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from curvscope.optim._closure import _split, check_closure
-from curvscope.optim.base import CurvscopeOptimizer, StepInfo, check_positive
+from curvscope.optim.base import CurvscopeOptimizer, Snapshot, StepInfo, check_positive
 
 
 class NormalizedGD(CurvscopeOptimizer):
@@ -35,8 +35,7 @@ class NormalizedGD(CurvscopeOptimizer):
         check_positive("eps", eps)
         super().__init__(params, {"lr": lr, "eps": eps})
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Tensor | None:  # type: ignore[override]
+    def _step(self, closure: Any, snapshot: Snapshot) -> Tensor | None:
         counts, loss = self.counts, None
         if closure is not None:
             check_closure(closure, type(self).__name__)
@@ -54,10 +53,14 @@ class NormalizedGD(CurvscopeOptimizer):
         finite = norm == norm and norm != float("inf")
         note = "" if finite else "skipped: the gradient is not finite"
         if finite:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.add_(p.grad, alpha=-group["lr"] / (norm + group["eps"]))
+            self._commit(
+                [
+                    (p, p.add(p.grad, alpha=-group["lr"] / (norm + group["eps"])), None)
+                    for group in self.param_groups
+                    for p in group["params"]
+                    if p.grad is not None
+                ]
+            )
         lr = self.param_groups[0]["lr"]
         info = StepInfo(
             float("nan") if loss is None else float(loss),
