@@ -51,6 +51,16 @@ def check_vector(v: object, n: int, dtype: torch.dtype, device: torch.device, na
             f"expected {name} on device {device} (where the parameters are), got {v.device}; "
             f"move it with {name}.to('{device}')"
         )
+    if v.ndim == 2 and v.shape[1] == 0:
+        raise ValueError(
+            f"expected {name} to hold at least one vector, got a block of shape {tuple(v.shape)}"
+        )
+    if not torch.isfinite(v).all():
+        bad = int((~torch.isfinite(v)).sum())
+        raise ValueError(
+            f"{name} has {bad} non-finite entries (NaN/Inf): the product would be NaN whatever "
+            f"the curvature; check how {name} was computed"
+        )
     return v
 
 

@@ -19,12 +19,18 @@ from curvscope.derivatives import kinds as _k
 from curvscope.derivatives._checks import (
     check_dense_size,
     check_finite,
+    check_int,
     check_point,
     check_vector,
 )
-from curvscope.derivatives.distributed import all_reduce_sum, global_count, resolve_group
+from curvscope.derivatives.distributed import (
+    all_reduce_sum,
+    check_same_on_ranks,
+    global_count,
+    resolve_group,
+)
 from curvscope.derivatives.functions import _grad_with_graph
-from curvscope.derivatives.objective import ModelObjective
+from curvscope.derivatives.objective import Batch, ModelObjective
 
 
 @dataclass(frozen=True)
@@ -65,8 +71,14 @@ class _FunctionSource:
         self.notes: list[str] = []
         self.in_memory = True
 
-    def versions(self) -> tuple[int, ...]:
-        return (self.x._version,)
+    def state_tensors(self) -> list[tuple[str, Tensor]]:
+        return [("x", self.x)]
+
+    def flags(self) -> tuple[Any, ...]:
+        return ()
+
+    def weight(self, batch: Any) -> float:
+        return 1.0
 
     def prepare(self, forward: bool = False) -> Iterator[tuple[float, _k.PreparedProduct]]:
         xl, g, y = _grad_with_graph(self.f, self.x)
@@ -112,21 +124,26 @@ class _ModelSource:
                 "empirical_fisher": _k.prepare_empirical_fisher,
             }[kind]
 
-    def versions(self) -> tuple[Any, ...]:
-        return (*self.obj.versions(), *(m.training for m in self.obj.model.modules()))
+        self.state_tensors, self.flags = objective.state_tensors, objective.flags
+
+    def weight(self, batch: Batch) -> float:
+        """A batch's weight in the operator: its share of all samples (over all ranks) for a
+        mean-reduced loss, 1 for a summed one. Known once the batch's loss has been taken."""
+        return batch.size / self.total if self.obj.reduction == "mean" else 1.0
 
     def prepare(self, forward: bool = False) -> Iterator[tuple[float, _k.PreparedProduct]]:
-        total = self.total  # over all ranks: the local sum is this rank's share of the mean
         prepare = _k.prepare_hessian_forward if forward else self._prepare
         for batch in self.obj.batches():
-            yield batch.size / total, prepare(self.obj, batch)
+            product = prepare(self.obj, batch)
+            yield self.weight(batch), product
 
 
 class Curvature:
-    """The curvature of the mean loss over a dataset, as a matrix-free linear operator.
+    """The curvature of the loss over a dataset, as a matrix-free linear operator.
 
-    For parameters θ (all that require grad, or ``params=``), the mean loss
-    L(θ) = Σ_b (N_b/N) loss_fn(model(x_b; θ), y_b) over batches b of N_b samples, and ``kind``:
+    For parameters θ (all that require grad, or ``params=``) and a mean-reduced loss, the mean
+    loss L(θ) = Σ_b (N_b/N) loss_fn(model(x_b; θ), y_b) over batches b of N_b samples; for a
+    summed loss (``reduction="sum"``) the sum L(θ) = Σ_b loss_fn(model(x_b; θ), y_b). ``kind``:
 
     - ``"hessian"``: H = ∇²L, by Pearlmutter's double-backward product (exact).
     - ``"ggn"``: generalized Gauss-Newton Jᵀ H_out J, H_out the Hessian of the loss in the
@@ -142,20 +159,27 @@ class Curvature:
     in ``model.named_parameters()`` order) or a block (num_params, k) and returns the same shape.
     The model is left exactly as found: parameters, ``.grad``, ``training`` flags, BatchNorm
     statistics, ``requires_grad`` and the global RNG (dropout masks are fixed per batch by
-    ``seed``). Products use the parameters' current values: after an optimizer step, ``C``
-    is the curvature at the new point.
+    ``seed``). Products use the parameters' current values: after an optimizer step, or any
+    other change of a parameter or buffer (``p.data.add_()``, ``vector_to_parameters``,
+    ``load_state_dict(..., assign=True)``), ``C`` is the curvature at the new point. Every pass
+    over a loader sees the same batches in the same order (its shuffling and worker seeds are
+    fixed from ``seed`` for the pass, the user's RNGs restored): ``C`` is one fixed matrix.
 
     Args:
         model: a ``torch.nn.Module`` (a ``DistributedDataParallel`` wrapper is unwrapped).
-        loss_fn: ``loss_fn(outputs, targets)`` -> the batch-mean loss.
+        loss_fn: ``loss_fn(outputs, targets)`` -> the batch loss, averaged or summed over the
+            batch's samples.
         data: an ``(inputs, targets)`` pair, a list of pairs, or a ``DataLoader``.
         kind: ``"hessian"`` (default), ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
         params: parameters or parameter names to restrict to (that block of the curvature).
-        seed: fixes dropout masks and the Fisher's sampled labels.
+        seed: a non-negative integer; fixes dropout masks, the Fisher's sampled labels and a
+            loader's shuffling.
         mc_samples: label samples per input for ``kind="fisher"``.
         cache: keep each batch's autograd graph between products (about one gradient per
             product instead of two; memory of one forward-backward graph per batch). Default:
-            on for data held in memory (a pair or a list), off for loaders.
+            on for data held in memory (a pair or a list), off for loaders. The cache also
+            keeps one copy of the model's parameters and buffers, compared with the model
+            before each product: any change rebuilds the graphs.
         backend: how Hessian products are computed: ``"double_backward"`` (reverse over
             reverse; through the kept graph when cached), ``"forward_over_reverse"``
             (``torch.func`` jvp of grad, vmapped over a block), or ``"auto"`` (default):
@@ -169,13 +193,19 @@ class Curvature:
             curvature of the global mean loss, the same on every rank (all ranks must build the
             operator and take each product together). A ``ProcessGroup`` selects the group;
             ``True`` requires an initialized one; ``False`` keeps the operator local. Under a
-            group, ``backend="auto"`` means double backward (no per-rank timing).
+            group, ``backend="auto"`` means double backward (no per-rank timing). The ranks'
+            operators are checked to agree (size, dtype, kind, parameters, seed) at
+            construction: a mismatch is the same clear error on every rank.
+        reduction: ``"mean"`` or ``"sum"``, how ``loss_fn`` reduces over a batch's samples;
+            ``None`` (default): a torch loss's own ``reduction``, else inferred at the first
+            product from the loss of a batch and of its halves (refused where undecidable).
 
     Raises:
         ValueError / TypeError: at construction for what can be seen without a forward pass
-        (no trainable parameter, empty data, unknown kind, bad params, NaN in the data); at
-        the first product for what needs one (non-scalar or non-mean loss, a loss that does not
-        depend on the parameters, non-finite values).
+        (no trainable parameter, empty data, unknown kind, bad params, NaN in the data, a
+        loader whose batches change between passes); at the first product for what needs one
+        (non-scalar loss, a reduction that cannot be told, outputs and targets counting
+        different samples, a loss that does not depend on the parameters, non-finite values).
 
     Example:
         >>> import torch, curvscope as cs
@@ -199,8 +229,13 @@ class Curvature:
         cache: bool | None = None,
         backend: str = "auto",
         group: Any = None,
+        reduction: str | None = None,
     ) -> None:
         self.kind = _check_kind(kind)
+        if cache is not None and not isinstance(cache, bool):
+            raise TypeError(
+                f"cache must be True, False or None (on for data in memory), got {cache!r}"
+            )
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "forward_over_reverse" and self.kind != "hessian":
@@ -208,10 +243,21 @@ class Curvature:
                 "backend='forward_over_reverse' computes Hessian products; the Gauss-Newton "
                 f"kinds use Jacobian products; got kind={kind!r}. Leave backend='auto'"
             )
-        if not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
-        objective = ModelObjective(model, loss_fn, data, params=params, seed=seed)
+        mc_samples = check_int(mc_samples, "mc_samples", minimum=1)
+        objective = ModelObjective(
+            model, loss_fn, data, params=params, seed=seed, reduction=reduction
+        )
         self.group = resolve_group(group)
+        check_same_on_ranks(
+            self.group,
+            num_params=objective.num_params,
+            dtype=objective.dtype,
+            kind=self.kind,
+            params=objective.names,
+            seed=objective.seed,
+            mc_samples=mc_samples,
+            backend=backend,
+        )
         if self.group is not None and backend == "auto":
             backend = "double_backward"  # the same choice on every rank, without timing
         source = _ModelSource(objective, self.kind, mc_samples, self.group)
@@ -227,6 +273,7 @@ class Curvature:
             "cache": cache,
             "backend": backend,
             "group": group,
+            "reduction": reduction,
         }
 
     @classmethod
@@ -258,7 +305,7 @@ class Curvature:
         self.device: torch.device = source.device
         self.cache = source.in_memory if cache is None else bool(cache)
         self._cached: list[tuple[float, _k.PreparedProduct]] | None = None
-        self._cached_versions: tuple[Any, ...] | None = None
+        self._snapshot: tuple[tuple[Any, ...], list[tuple[str, Tensor]]] | None = None
         self.matvecs = 0
         self.seconds = 0.0
 
@@ -288,12 +335,38 @@ class Curvature:
         if not self.cache:
             yield from self._source.prepare()
             return
-        versions = self._source.versions()
-        if self._cached is None or versions != self._cached_versions:
-            self._cached = None
-            built = list(self._source.prepare())
-            self._cached, self._cached_versions = built, versions
+        if self._cached is None or not self._unchanged():
+            self._cached = self._snapshot = None
+            snapshot = (
+                self._source.flags(),
+                [(k, t.detach().clone()) for k, t in self._source.state_tensors()],
+            )
+            self._cached = list(self._source.prepare())
+            self._snapshot = snapshot
         yield from self._cached
+
+    def _unchanged(self) -> bool:
+        """Whether the model is exactly as when the cached graphs were built: the same flags
+        and, for every parameter and buffer, the same name, shape, dtype and values.
+
+        Values are compared, not trusted to in-place version counters: ``p.data.add_()``,
+        ``vector_to_parameters`` and ``load_state_dict(..., assign=True)`` change parameters
+        without bumping the version the graph saw. The comparison reads the model's state once
+        (well under 2% of a cached product: ``benchmarks/products.py``).
+        """
+        assert self._snapshot is not None
+        flags, saved = self._snapshot
+        if self._source.flags() != flags:
+            return False
+        now = self._source.state_tensors()
+        if len(now) != len(saved):
+            return False
+        for (name, t), (name0, t0) in zip(now, saved, strict=True):
+            if name != name0 or t.shape != t0.shape or t.dtype != t0.dtype or t.device != t0.device:
+                return False
+            if not torch.equal(t.detach(), t0):
+                return False
+        return True
 
     def matmat(self, V: Tensor) -> Tensor:
         """C V for a block of vectors V of shape (num_params, k); counts k products."""
@@ -407,8 +480,11 @@ class Curvature:
         if self.cache and self.kind == "hessian":
             parts = [(w, p.grads, p.loss) for w, p in self._products()]
         else:  # a model's (a plain function's operator is always cached)
-            obj, total = self.objective, self._source.total
-            parts = [(b.size / total, *_k.batch_loss_and_grads(obj, b)[1:]) for b in obj.batches()]
+            obj, source = self.objective, self._source
+            parts = []
+            for b in obj.batches():
+                _, grads, value = _k.batch_loss_and_grads(obj, b)
+                parts.append((source.weight(b), grads, value))
         loss = sum(w * value for w, _, value in parts)
         grad = sum(w * self._source.flatten([g.detach() for g in grads]) for w, grads, _ in parts)
         both = all_reduce_sum(torch.cat([grad, grad.new_tensor([loss])]), self.group)

@@ -9,6 +9,7 @@ Nothing here is home-made: it is the process group the user's training already r
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import torch
@@ -62,3 +63,46 @@ def global_count(n: int, group: Any, device: torch.device) -> int:
     """The total number of samples over the ranks."""
     t = torch.tensor([float(n)], dtype=torch.float64, device=device)
     return int(all_reduce_sum(t, group).item())
+
+
+def check_same_on_ranks(group: Any, **fields: Any) -> None:
+    """Raise the same clear error on every rank when the ranks' operators differ in any field.
+
+    Each field is reduced to a number (integers as they are, anything else by a CRC-32 of its
+    ``repr``), and one all-reduce of (x, −x) with MAX gives every rank the maxima and minima:
+    a field differs somewhere exactly where they differ. Run at construction, before any
+    collective whose size depends on the fields (a mismatched all-reduce aborts gloo).
+    """
+    if group is None:
+        return
+    import torch.distributed as dist
+
+    def code(value: Any) -> float:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**52:
+            return float(value)
+        return float(zlib.crc32(repr(value).encode()))
+
+    x = torch.tensor([code(v) for v in fields.values()], dtype=torch.float64)
+    both = torch.cat([x, -x])
+    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    both = both.to(device)
+    try:
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    except RuntimeError as e:
+        raise RuntimeError(
+            "curvscope: checking that every rank builds the same operator failed — another "
+            "rank has failed or is not building a Curvature now; the process group said: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
+    n = len(fields)
+    high, low = both[:n].cpu(), -both[n:].cpu()
+    differ = [name for name, hi, lo in zip(fields, high, low, strict=True) if hi != lo]
+    if differ:
+        mine = ", ".join(f"{name}={fields[name]!r}" for name in differ if name != "params")
+        if "params" in differ:
+            mine += (", " if mine else "") + f"{len(fields['params'])} parameter tensors"
+        raise ValueError(
+            f"the ranks built different curvature operators: {', '.join(differ)} differ between "
+            f"ranks (this rank: {mine}). Every rank must build the same Curvature — the same "
+            "model, parameters, dtype, kind and seed — over its own shard of the data"
+        )

@@ -12,6 +12,13 @@ The rest of the model's state is protected as follows:
 - **randomness** (dropout): each batch is evaluated under a fixed seed derived from the
   operator's seed and the batch index, inside ``torch.random.fork_rng``, so every product sees
   the same mask (the operator is a fixed linear map) and the global RNG is left as found.
+- **the data**: every pass over a loader sees the same batches in the same order. The loader's
+  randomness (the sampler's permutation, the workers' base seed, the loader's or sampler's own
+  ``generator``, and main-process augmentation drawing from torch's, numpy's or Python's global
+  RNG) is seeded per operator for the pass and restored after it. Each batch's fingerprint is
+  recorded on the first pass and checked on every later one, so data that still varies (a
+  dataset with an RNG of its own, workers that keep their state across epochs) is refused
+  instead of silently changing the operator.
 - **fused kernels without second derivatives**: scaled-dot-product attention runs on its math
   backend and cuDNN is disabled during our forward passes, so double backward and forward-mode
   AD work through transformers and RNNs.
@@ -21,22 +28,73 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from curvscope.derivatives._checks import check_scalar_loss
+from curvscope.derivatives._checks import check_scalar_loss, check_seed
 
 logger = logging.getLogger(__name__)
 
 #: Running-statistics buffers of normalisation layers; not passed in train mode (so not updated).
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 _SEED_STRIDE = 1_000_003  # decorrelates the per-batch seeds of nearby base seeds
+_DATA_SEED_OFFSET = 104_729  # the data passes' seed, apart from the batches' forward seeds
+#: reductions over samples a loss may have; "mean" averages the samples of a batch, "sum" adds
+REDUCTIONS = ("mean", "sum")
+
+
+class _PassRandomness:
+    """The randomness of one pass over a loader, fixed by a seed and kept apart from the user's.
+
+    A loader draws its shuffling and its workers' base seed from its ``generator`` (or its
+    sampler's), else from torch's global RNG, and main-process augmentation draws from torch's,
+    numpy's or Python's global RNG. Around each step of the loader's iterator — and only there —
+    these are switched to this pass's states (seeded on the first step) and back to the
+    user's, so the user's states are never left changed, even when a product fails mid-pass.
+    """
+
+    def __init__(self, generators: list[torch.Generator], seed: int) -> None:
+        self.gens = [*generators, torch.random.default_generator]
+        self.seed = seed
+        self.state: tuple[Any, ...] | None = None  # (torch states, numpy, python) of the pass
+
+    def _get(self) -> tuple[Any, ...]:
+        return [g.get_state() for g in self.gens], np.random.get_state(), random.getstate()
+
+    def _set(self, state: tuple[Any, ...]) -> None:
+        for g, st in zip(self.gens, state[0], strict=True):
+            g.set_state(st)
+        np.random.set_state(state[1])
+        random.setstate(state[2])
+
+    def step(self, fn: Any) -> Any:
+        user = self._get()
+        try:
+            if self.state is None:
+                for g in self.gens:
+                    g.manual_seed(self.seed)
+                np.random.seed(self.seed % 2**32)
+                random.seed(self.seed)
+            else:
+                self._set(self.state)
+            return fn()
+        finally:
+            self.state = self._get()
+            self._set(user)
+
+    def iterate(self, data: Any) -> Iterator[Any]:
+        it = self.step(lambda: iter(data))
+        done = object()
+        while (item := self.step(lambda: next(it, done))) is not done:
+            yield item
 
 
 @dataclass(frozen=True)
@@ -61,6 +119,29 @@ def _to_device(x: Any, device: torch.device) -> Any:
     if isinstance(x, (tuple, list)):
         return type(x)(_to_device(v, device) for v in x)
     return x
+
+
+def _rows(x: Any, sl: slice, n: int) -> Any:
+    """Rows ``sl`` of every tensor in ``x`` whose first dimension counts the n samples."""
+    if isinstance(x, Tensor):
+        return x[sl] if x.ndim > 0 and x.shape[0] == n else x
+    if isinstance(x, Mapping):
+        return type(x)(**{k: _rows(v, sl, n) for k, v in x.items()})
+    if isinstance(x, (tuple, list)):
+        return type(x)(_rows(v, sl, n) for v in x)
+    return x
+
+
+def _fingerprint(inputs: Any, targets: Tensor) -> tuple[Any, ...]:
+    """Shape, dtype and two sums per tensor of a batch — one plain and one weighted by the
+    row's position — in float64: equal for the same batch, different (almost surely) for
+    other samples or another order."""
+    out: list[Any] = []
+    for t in (*_tensors(inputs), targets):
+        rows = t.detach().reshape(t.shape[0] if t.ndim else 1, -1).to(torch.float64).sum(1)
+        w = torch.arange(1, rows.numel() + 1, dtype=torch.float64, device=rows.device)
+        out += [tuple(t.shape), t.dtype, float(rows.sum()), float((w * rows).sum())]
+    return tuple(out)
 
 
 def _tensors(x: Any) -> Iterator[Tensor]:
@@ -131,12 +212,18 @@ class ModelObjective:
 
     Args:
         model: the user's module (never modified).
-        loss_fn: ``loss_fn(outputs, targets)`` returning the batch-mean loss.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch loss, averaged or summed over
+            the batch's samples (see ``reduction``).
         data: an ``(inputs, targets)`` pair, a list of pairs, or a re-iterable of pairs (a
             ``DataLoader``). ``inputs`` may be a tensor, a tuple (positional arguments) or a dict
             (keyword arguments); ``targets`` is a tensor whose first dimension counts samples.
         params: the parameters to differentiate (see :func:`select_parameters`).
-        seed: base seed of the per-batch randomness (dropout).
+        seed: base seed of the per-batch randomness (dropout) and of the loader's randomness.
+        reduction: ``"mean"`` or ``"sum"``: how ``loss_fn`` reduces over a batch's samples.
+            ``None`` (default) reads a torch loss's ``reduction`` attribute, and for any other
+            callable infers it at the first loss by comparing the loss of a batch with the
+            losses of its two halves (refused, with an error naming ``reduction``, where that
+            cannot decide).
     """
 
     def __init__(
@@ -146,6 +233,7 @@ class ModelObjective:
         data: Any,
         params: Iterable[nn.Parameter | str] | None = None,
         seed: int = 0,
+        reduction: str | None = None,
     ) -> None:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module  # never trigger DDP's gradient hooks
@@ -156,33 +244,88 @@ class ModelObjective:
                 f"expected loss_fn to be callable as loss_fn(outputs, targets), "
                 f"got {type(loss_fn).__name__}"
             )
+        if reduction is not None and reduction not in REDUCTIONS:
+            raise ValueError(
+                f"reduction must be 'mean', 'sum' or None (read from the loss), got {reduction!r}"
+            )
         self.model = model
         self.loss_fn = loss_fn
-        self.seed = int(seed)
-        self.params = select_parameters(model, params)
-        first = next(iter(self.params.values()))
+        self.seed = check_seed(seed)
+        self._params = select_parameters(model, params)
+        first = next(iter(self._params.values()))
         self.device, self.dtype = first.device, first.dtype
-        for name, p in self.params.items():
+        if self.device.type == "meta":
+            raise ValueError(
+                "the model's parameters are on the meta device: they have shapes but no values, "
+                "so there is no curvature to measure; materialise them first (e.g. "
+                "model.to_empty(device='cpu') and load the weights)"
+            )
+        for name, p in self._params.items():
             if p.dtype != self.dtype or p.device != self.device:
                 raise TypeError(
                     f"all selected parameters must share one dtype and device; {name!r} is "
                     f"{p.dtype} on {p.device}, others {self.dtype} on {self.device}; "
                     "convert the model with model.to(...) or select a uniform subset with params="
                 )
-        self.names = list(self.params)
-        self.shapes = [p.shape for p in self.params.values()]
-        self.numels = [p.numel() for p in self.params.values()]
+        self.names = list(self._params)
+        self.shapes = [p.shape for p in self._params.values()]
+        self.numels = [p.numel() for p in self._params.values()]
         self.num_params = sum(self.numels)
-        selected = {id(p) for p in self.params.values()}
-        self._frozen_names = [k for k, p in model.named_parameters() if id(p) not in selected]
+        self._selected = set(self.names)
         self._data = self._normalise_data(data)
         self.in_memory = isinstance(self._data, list)
+        self._fingerprints: list[tuple[Any, ...]] = []
         self.num_batches, self.num_samples = self._count()
+        self._check_repeatable()
         self.notes = self._fallback_notes()
         self._loss_checked = False
         #: how loss_fn reduces over the samples of a batch: "mean" or "sum" (the curvature is
         #: then that of the mean over all the data, or of the sum); settled by the first loss
-        self.reduction: str = "mean"
+        declared = reduction or getattr(loss_fn, "reduction", None)
+        self._declared = declared in REDUCTIONS or declared == "none"
+        self.reduction: str = declared if declared in REDUCTIONS else "mean"
+
+    # ----------------------------------------------------------------------- parameters
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """Name → the model's *current* parameter of that name.
+
+        Looked up on every access, so a parameter that was replaced (``load_state_dict(...,
+        assign=True)``, ``module.weight = nn.Parameter(...)``) is followed, not the old object.
+        """
+        named = dict(self.model.named_parameters(remove_duplicate=False))
+        current = {}
+        for name, old in self._params.items():
+            p = named.get(name)
+            if p is None:
+                raise RuntimeError(
+                    f"the model no longer has a parameter named {name!r}; build a new Curvature "
+                    "for the changed model"
+                )
+            if p is not old:
+                if p.shape != old.shape or p.dtype != old.dtype or p.device != old.device:
+                    raise RuntimeError(
+                        f"parameter {name!r} was replaced by one of shape {tuple(p.shape)}, "
+                        f"{p.dtype} on {p.device} (the operator was built for "
+                        f"{tuple(old.shape)}, {old.dtype} on {old.device}); build a new Curvature"
+                    )
+                self._params[name] = p
+            current[name] = p
+        return current
+
+    def state_tensors(self) -> list[tuple[str, Tensor]]:
+        """Every tensor a forward pass reads from the model — all parameters and buffers — for
+        the cache's check that nothing changed since a batch's graph was built."""
+        out = [(k, p) for k, p in self.model.named_parameters(remove_duplicate=False)]
+        out += [(k, b) for k, b in self.model.named_buffers() if b is not None]
+        return out
+
+    def flags(self) -> tuple[Any, ...]:
+        """The modules' training flags and which parameters require grad."""
+        return (
+            *(m.training for m in self.model.modules()),
+            *(p.requires_grad for p in self.model.parameters()),
+        )
 
     # ----------------------------------------------------------------------------- data
     @staticmethod
@@ -204,8 +347,31 @@ class ModelObjective:
             f"(a list, a DataLoader), got {type(data).__name__}"
         )
 
+    def _generators(self) -> list[torch.Generator]:
+        """The torch generators a loader draws its shuffling and worker seeds from."""
+        found: dict[int, torch.Generator] = {}
+        loader = self._data
+        for owner in (
+            loader,
+            getattr(loader, "sampler", None),
+            getattr(loader, "batch_sampler", None),
+            getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+        ):
+            g = getattr(owner, "generator", None)
+            if isinstance(g, torch.Generator):
+                found[id(g)] = g
+        return list(found.values())
+
+    def _data_is_list(self) -> bool:
+        return isinstance(self._data, list)
+
     def _raw_batches(self) -> Iterator[tuple[int, Any, Tensor]]:
-        for i, item in enumerate(self._data):
+        if self._data_is_list():
+            items: Iterator[Any] = iter(self._data)
+        else:
+            rng = _PassRandomness(self._generators(), self.seed * _SEED_STRIDE + _DATA_SEED_OFFSET)
+            items = rng.iterate(self._data)
+        for i, item in enumerate(items):
             if not _is_pair(item):
                 raise TypeError(
                     f"batch {i} of data is not an (inputs, targets) pair with a tensor of "
@@ -228,6 +394,8 @@ class ModelObjective:
                         f"batch {i} of data contains NaN or Inf; clean the data (e.g. "
                         "torch.nan_to_num) or drop those samples"
                     )
+            if not self._data_is_list():
+                self._fingerprints.append(_fingerprint(inputs, targets))
             batches += 1
             samples += targets.shape[0]
         if batches == 0:
@@ -237,18 +405,41 @@ class ModelObjective:
             )
         return batches, samples
 
+    def _check_repeatable(self) -> None:
+        """A loader's first batch, drawn again, must be the same: the cheap check that the
+        randomness curvscope fixes is all there is."""
+        if self._data_is_list():
+            return
+        with contextlib.closing(self._raw_batches()) as batches:
+            i, inputs, targets = next(batches)
+            self._check_fingerprint(i, inputs, targets)
+
+    def _check_fingerprint(self, i: int, inputs: Any, targets: Tensor) -> None:
+        if i < len(self._fingerprints) and _fingerprint(inputs, targets) != self._fingerprints[i]:
+            raise RuntimeError(
+                f"batch {i} of the data differs from the same batch on the first pass, although "
+                "curvscope fixes the loader's shuffling, worker seeds and the global RNGs for "
+                "every pass: something else draws randomness (a dataset with a random generator "
+                "of its own, or persistent_workers=True with random augmentation). A curvature "
+                "operator must be one fixed matrix: make the data deterministic (no augmentation "
+                "or a seeded one) or pass a list of batches drawn once"
+            )
+
     def batches(self) -> Iterator[Batch]:
-        """The batches on the parameters' device; raises if the data changed since construction."""
+        """The batches on the parameters' device, the same on every pass; raises if the data
+        changed since construction."""
         seen = 0
         for i, inputs, targets in self._raw_batches():
+            if not self._data_is_list():
+                self._check_fingerprint(i, inputs, targets)
             n = targets.shape[0]
             seen += n
             yield Batch(i, _to_device(inputs, self.device), targets.to(self.device), n)
         if seen != self.num_samples:
             raise RuntimeError(
                 f"the data yielded {seen} samples but {self.num_samples} when the operator was "
-                "built; a curvature operator needs the same data on every pass (no "
-                "drop_last with shuffling, no growing datasets)"
+                "built; a curvature operator needs the same data on every pass (no growing "
+                "or shrinking datasets)"
             )
 
     # -------------------------------------------------------------------------- forward
@@ -256,15 +447,11 @@ class ModelObjective:
         """Fresh differentiable copies (sharing storage) of the selected parameters."""
         return {k: p.detach().requires_grad_(True) for k, p in self.params.items()}
 
-    def versions(self) -> tuple[int, ...]:
-        """In-place versions of the selected parameters: they change when an optimizer steps."""
-        return tuple(p._version for p in self.params.values())
-
     def _state(self, theta: Mapping[str, Tensor]) -> dict[str, Tensor | None]:
-        named = dict(self.model.named_parameters())
         state: dict[str, Tensor | None] = dict(theta)
-        for k in self._frozen_names:
-            state[k] = named[k].detach()
+        for k, p in self.model.named_parameters():
+            if k not in self._selected:
+                state[k] = p.detach()
         for mod_name, mod in self.model.named_modules():
             is_norm_train = isinstance(mod, nn.modules.batchnorm._NormBase) and mod.training
             for b_name, b in mod.named_buffers(recurse=False):
@@ -277,16 +464,29 @@ class ModelObjective:
 
     @contextlib.contextmanager
     def context(self, batch_index: int) -> Iterator[None]:
-        """Fixed randomness per batch, global RNG restored, differentiable kernels."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        with (
-            torch.random.fork_rng(devices=devices),
-            sdpa_kernel([SDPBackend.MATH]),
-            torch.backends.cudnn.flags(enabled=False),
-            torch.enable_grad(),
-        ):
-            torch.manual_seed(self.seed * _SEED_STRIDE + batch_index)
-            yield
+        """Fixed randomness per batch, global RNG restored, differentiable kernels.
+
+        Only the generators a forward pass on this device draws from are seeded (the CPU's and,
+        on an accelerator, that device's), and exactly those are restored: seeding through
+        ``torch.manual_seed`` would reseed every CUDA device while restoring one.
+        """
+        gens = [torch.random.default_generator]
+        if self.device.type == "cuda":
+            index = torch.cuda.current_device() if self.device.index is None else self.device.index
+            gens.append(torch.cuda.default_generators[index])
+        saved = [g.get_state() for g in gens]
+        try:
+            with (
+                sdpa_kernel([SDPBackend.MATH]),
+                torch.backends.cudnn.flags(enabled=False),
+                torch.enable_grad(),
+            ):
+                for g in gens:
+                    g.manual_seed(self.seed * _SEED_STRIDE + batch_index)
+                yield
+        finally:
+            for g, state in zip(gens, saved, strict=True):
+                g.set_state(state)
 
     def raw_forward(self, theta: Mapping[str, Tensor], batch: Batch) -> Any:
         """Model outputs at parameters ``theta``, unchecked (usable inside torch.func
@@ -321,17 +521,23 @@ class ModelObjective:
             )
         return out
 
-    def loss(self, out: Tensor, batch: Batch) -> Tensor:
-        """``loss_fn(out, targets)``, checked: a finite scalar that is a mean over samples."""
-        loss = self.loss_fn(out, batch.targets)
+    def loss(self, out: Any, batch: Batch) -> Tensor:
+        """``loss_fn(out, targets)``, checked: a finite scalar; at the first call also that the
+        outputs and targets count the same samples, and (for a loss that does not declare it)
+        whether the loss averages or sums over them."""
         if not self._loss_checked:
-            reduction = getattr(self.loss_fn, "reduction", "mean")
-            if reduction != "mean" and isinstance(loss, Tensor) and loss.numel() == 1:
+            if isinstance(out, Tensor) and out.ndim > 0 and out.shape[0] != batch.size:
                 raise ValueError(
-                    f"loss_fn has reduction={reduction!r}; the curvature is that of the mean "
-                    "loss over samples, so construct the loss with reduction='mean'"
+                    f"the model's outputs have {out.shape[0]} rows but the targets "
+                    f"{batch.size} (shapes {tuple(out.shape)} and {tuple(batch.targets.shape)}); "
+                    "the first dimension of both counts the samples — a loss that broadcasts "
+                    "them would count the batch as one sample. Give targets one row per sample"
                 )
-        loss = check_scalar_loss(loss, "loss_fn(model(inputs), targets)")
+            if not self._declared:
+                self.reduction = self._infer_reduction(out, batch)
+        loss = check_scalar_loss(
+            self.loss_fn(out, batch.targets), "loss_fn(model(inputs), targets)"
+        )
         if not self._loss_checked:
             if not loss.requires_grad:
                 raise ValueError(
@@ -341,6 +547,45 @@ class ModelObjective:
                 )
             self._loss_checked = True
         return loss
+
+    def _infer_reduction(self, out: Any, batch: Batch) -> str:
+        """ "mean" or "sum", from the loss of a batch against the losses of its two halves: a
+        mean satisfies L = (n₁L₁ + n₂L₂)/n, a sum L = L₁ + L₂."""
+        n = batch.size
+        fix = (
+            "pass reduction='mean' (the loss averages over the samples of a batch) or "
+            "reduction='sum' (it adds them) to Curvature, diagnose or Monitor"
+        )
+        if n < 2:
+            raise ValueError(
+                f"cannot tell whether loss_fn averages or sums over samples from a batch of one "
+                f"sample; {fix}"
+            )
+        h = n // 2
+        with torch.no_grad():  # the whole batch's errors (NaN, not a scalar) are the loss's own
+            whole = float(check_scalar_loss(self.loss_fn(out, batch.targets)))
+            try:
+                first, second = (
+                    float(check_scalar_loss(self.loss_fn(_rows(out, sl, n), batch.targets[sl])))
+                    for sl in (slice(0, h), slice(h, None))
+                )
+            except Exception as e:
+                raise ValueError(
+                    f"cannot tell whether loss_fn averages or sums over samples (evaluating it "
+                    f"on half a batch failed: {type(e).__name__}: {e}); {fix}"
+                ) from e
+        scale = max(abs(whole), abs(first) + abs(second), 1e-30)
+        tol = max(64 * torch.finfo(self.dtype).eps, 1e-6)
+        is_mean = abs(whole - (h * first + (n - h) * second) / n) <= tol * scale
+        is_sum = abs(whole - (first + second)) <= tol * scale
+        if is_mean != is_sum:
+            return "mean" if is_mean else "sum"
+        raise ValueError(
+            f"cannot tell whether loss_fn averages or sums over samples: on a batch of {n} its "
+            f"value {whole:.6g} is {'both' if is_mean else 'neither'} the mean and "
+            f"{'' if is_mean else 'nor '}the sum of its values on the two halves "
+            f"({first:.6g}, {second:.6g}); {fix}"
+        )
 
     def _fallback_notes(self) -> list[str]:
         notes = []
@@ -361,6 +606,15 @@ class ModelObjective:
                 "attention runs on the math backend of scaled_dot_product_attention during "
                 "curvature products (the fused kernels have no double backward or forward-mode AD)"
             )
+        for name, m in self.model.named_modules():
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                key = f"{name}.weight" if name else "weight"
+                if key in self._selected:
+                    notes.append(
+                        f"{key}: row {m.padding_idx} is the padding row (padding_idx), which "
+                        "torch's gradient never updates; the operator is P·H·P, P the projection "
+                        "that zeroes that row, so its rows and columns of the curvature are 0"
+                    )
         if any(issubclass(k, nn.RNNBase) for k in kinds):
             notes.append(
                 "cuDNN is disabled during curvature products (cuDNN RNNs have no double backward)"
