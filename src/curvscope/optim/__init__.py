@@ -3,7 +3,9 @@
 Each is driven by a closure that re-evaluates the loss (``opt.step(closure)``); the
 optimizer differentiates it itself, so the user's loop never calls
 ``backward(create_graph=True)``. Each keeps :class:`Counts` of its work in ``opt.counts``
-(also in ``state_dict()``) and a :class:`StepInfo` of its last step in ``opt.info``.
+(also in ``state_dict()``) and a :class:`StepInfo` of its last step in ``opt.info``. Each step is
+a transaction: if anything raises inside it, the parameters, the state and the counts are put
+back as they were at its start before the exception propagates.
 
 >>> import torch, curvscope as cs
 >>> x = torch.tensor([-1.2, 1.0], dtype=torch.float64, requires_grad=True)

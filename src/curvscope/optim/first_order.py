@@ -55,7 +55,7 @@ class NormalizedGD(CurvscopeOptimizer):
         if finite:
             self._commit(
                 [
-                    (p, p.add(p.grad, alpha=-group["lr"] / (norm + group["eps"])), None)
+                    (p, p - p.grad * (group["lr"] / (norm + group["eps"])), None)
                     for group in self.param_groups
                     for p in group["params"]
                     if p.grad is not None

@@ -1,0 +1,172 @@
+"""A step is a transaction (issue 12.1): the cases the issue measured, reproduced; the refusal of
+non-finite updates; the guard behind the snapshot. The contract over every registered optimizer
+(faults at each closure call and product, retry bit-identical) is in test_contract.py."""
+
+import math
+
+import pytest
+import torch
+
+import curvscope as cs
+
+
+class Fault(RuntimeError):
+    pass
+
+
+def failing_at(call, f):
+    """f, but raising at its ``call``-th evaluation."""
+    n = [0]
+
+    def closure():
+        n[0] += 1
+        if n[0] == call:
+            raise Fault(f"evaluation {call}")
+        return f()
+
+    return closure
+
+
+def logreg():
+    p = cs.problems.get("breast-cancer-logreg")
+    (X, y), model = p.data, p.make_model(0)
+    return model, (lambda: p.loss_fn(model(X), y))
+
+
+def flat(model):
+    return torch.cat([q.detach().reshape(-1) for q in model.parameters()])
+
+
+@pytest.mark.parametrize("name", ["newton", "newton-cg", "cubic-newton", "saddle-free-newton"])
+def test_a_closure_failing_at_the_trial_point_leaves_the_model_where_it_was(name):
+    # the issue: newton left ‖θ − θ₀‖ = 6.9 (here: the logistic regression, loss 0.68 → 0.23),
+    # the others 0.4–1.7; now nothing moves and the loss is what it was
+    model, f = logreg()
+    theta0, loss0 = flat(model), float(f().detach())
+    twin, g = logreg()
+    cs.optim.build(name, twin.parameters()).step(g)
+    assert float((flat(twin) - theta0).norm()) > 0.3  # the step the trial was measuring
+    opt = cs.optim.build(name, model.parameters())
+    with pytest.raises(Fault, match="evaluation 2"):
+        opt.step(failing_at(2, f))
+    assert float((flat(model) - theta0).norm()) == 0.0 and float(f().detach()) == loss0
+    assert opt.counts == cs.optim.Counts() and opt.info is None
+
+
+def test_pure_newton_keeps_its_scale_when_the_step_fails():
+    model, f = logreg()
+    opt = cs.optim.build("pure-newton", model.parameters())
+    with pytest.raises(Fault):
+        opt.step(failing_at(2, f))
+    assert opt.state["global"] == {"mu": 0.0, "scale": 1.0}  # not the Hessian's scale, 2.93
+    opt.step(f)
+    assert opt.state["global"]["scale"] == pytest.approx(2.93, abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["adahessian", "sophia"])
+def test_a_failed_step_does_not_advance_the_step_counter_or_the_probes(name):
+    model, f = logreg()
+    opt = cs.optim.build(name, model.parameters(), lr=0.01)
+    opt.step(f)
+    with pytest.raises(Fault):
+        opt.step(failing_at(1, f))
+    assert opt.state["global"]["step"] == 1
+
+
+def test_hessian_free_restores_when_the_curvature_minibatch_fails():
+    model, f = logreg()
+    theta0 = flat(model)
+    opt = cs.optim.HessianFree(model.parameters())
+    with pytest.raises(Fault):
+        opt.step(f, curvature_closure=failing_at(1, f))
+    assert torch.equal(flat(model), theta0) and "previous" not in opt.state["global"]
+    assert opt._curvature_closure is None
+
+
+# ------------------------------------------------------------- non-finite updates refused
+@pytest.mark.parametrize("name", ["adahessian", "sophia", "normalized-gd"])
+def test_an_update_that_overflows_is_refused_and_nothing_is_written(name):
+    # lr = 1e39 is a finite Python float, but lr·step overflows float32: AdaHessian wrote 26
+    # Inf entries here (normalized GD's steps are lr·g/‖g‖, shorter: it overflows at 1e40)
+    x = torch.linspace(-1, 1, 26).requires_grad_()
+    opt = cs.optim.build(name, [x], lr=1e40 if name == "normalized-gd" else 1e39)
+    before, state = x.detach().clone(), dict(opt.state)
+
+    def closure():
+        loss = (x - 2).square().sum()
+        if name == "normalized-gd":
+            opt.zero_grad()
+            loss.backward()
+        return loss
+
+    with pytest.raises(FloatingPointError, match=r"26 non-finite entries.*lower the learning"):
+        opt.step(closure)
+    assert torch.equal(x.detach(), before) and opt.state == state
+
+
+def test_adahessian_refuses_a_curvature_estimate_that_overflows_its_state():
+    # |diag H| = 2e30 fits float32, its square does not: v would hold Inf for good
+    x = torch.ones(4, requires_grad=True)
+    opt = cs.optim.AdaHessian([x])
+    with pytest.raises(FloatingPointError, match=r"state 'exp_hessian_diag_sq'.*float64"):
+        opt.step(lambda: 1e30 * x.square().sum())
+    assert torch.equal(x.detach(), torch.ones(4)) and opt.state["global"]["step"] == 0
+    x64 = torch.ones(4, dtype=torch.float64, requires_grad=True)  # the remedy it names works
+    cs.optim.AdaHessian([x64]).step(lambda: 1e30 * x64.square().sum())
+    assert torch.isfinite(x64).all() and not torch.equal(x64.detach(), torch.ones(4).double())
+
+
+def test_no_partial_update_when_a_later_parameter_overflows():
+    a, b = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    opt = cs.optim.AdaHessian([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 1e39}])
+    with pytest.raises(FloatingPointError, match=r"parameter 1 \(shape \(3,\)"):
+        opt.step(lambda: (a.square() + b.square()).sum())
+    assert torch.equal(a.detach(), torch.ones(3)) and a not in opt.state
+
+
+# ------------------------------------------------------------------- the snapshot's guard
+class _MutatesInPlace(cs.optim.AdaHessian):
+    """A broken method: changes its state in place, then fails."""
+
+    def update_param(self, p, g, d, group, t):
+        if p in self.state:
+            self.state[p]["exp_avg"].add_(1.0)
+            raise Fault("after an in-place change")
+        return super().update_param(p, g, d, group, t)
+
+
+def test_a_state_changed_in_place_is_reported_not_restored_wrongly():
+    x = torch.ones(2, requires_grad=True)
+    opt = _MutatesInPlace([x])
+    opt.step(lambda: x.square().sum())
+    with pytest.raises(RuntimeError, match="changed a state tensor in place") as info:
+        opt.step(lambda: x.square().sum())
+    assert isinstance(info.value.__cause__, Fault)
+
+
+# ------------------------------------------------------ torch's own, as torch ships them
+def test_torch_optimizers_in_the_registry_are_not_transactions():
+    # what the README says of them: LBFGS stays where its line search was when the closure
+    # raises, SGD writes NaN from a NaN loss
+    x = torch.tensor([-1.2, 1.0], dtype=torch.float64, requires_grad=True)
+    lbfgs = cs.optim.build("lbfgs", [x])
+    rosen = cs.problems.get("rosenbrock").f
+    n = [0]
+
+    def closure():
+        n[0] += 1
+        if n[0] == 3:
+            raise Fault("inside the line search")
+        lbfgs.zero_grad()
+        loss = rosen(x)
+        loss.backward()
+        return loss
+
+    with pytest.raises(Fault):
+        lbfgs.step(closure)
+    assert not torch.equal(x.detach(), torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    y = torch.ones(2, requires_grad=True)
+    sgd = cs.optim.build("gd", [y], lr=0.1)
+    (y * math.nan).sum().backward()
+    sgd.step()
+    assert torch.isnan(y).all()
