@@ -1,0 +1,184 @@
+"""The HTML report escapes by construction: hostile text in every field of a run log, the lab's
+results and a probe comes out as text, and in a real browser no injected script runs."""
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from curvscope.diagnosis import LogFormatError, read_log
+from curvscope.report import html as report
+from tests.browser import needs_chromium, probe_page
+
+# each sets window.__pwned if it ever runs, as a script, a handler or markup
+PAYLOADS = [
+    "<script>window.__pwned = 1</script>",
+    '<img src="x" onerror="window.__pwned = 1">',
+    '"><svg onload="window.__pwned = 1">',
+    "</td></table></style></title><script>window.__pwned = 1</script>",
+    "' onmouseover='window.__pwned = 1",
+]
+
+
+def hostile_lines() -> list[dict]:
+    """A Monitor log with a payload in every field, ``step`` and header keys included."""
+    header = {
+        "curvscope_log": 1,
+        "version": PAYLOADS[0],
+        "started": PAYLOADS[1],
+        "optimizer": PAYLOADS[2],
+        "every": PAYLOADS[3],
+        PAYLOADS[4]: PAYLOADS[0],
+    }
+    records = [
+        {
+            "step": payload,
+            "state": ("learning", "unstable")[i % 2],
+            "advice": [payload, PAYLOADS[(i + 1) % len(PAYLOADS)]],
+            "reasons": [payload],
+            "loss": 1.0 / (i + 1),
+            "grad_norm": 0.5,
+            "sharpness": 2.0,
+            "stability_limit": 4.0,
+            "optimizer": payload,
+            "layer_shares": {payload: 1.0},
+            payload: payload,
+        }
+        for i, payload in enumerate(PAYLOADS)
+    ]
+    return [header, *records]
+
+
+def visible(html: str) -> str:
+    """The page's text as a browser shows it: tags dropped, entities decoded."""
+    import html as h
+
+    html = re.sub(r'src="data:image/png;base64,[^"]*"', "", html)
+    return h.unescape(re.sub(r"<[^>]+>", " ", html))
+
+
+class _Tags(HTMLParser):
+    """Every element and attribute of a page, as a browser's parser sees them."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, list[tuple[str, str | None]]]] = []
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, attrs))
+
+
+# what the templates write, and nothing else
+OUR_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "p", "table"}
+OUR_TAGS |= {"tr", "th", "td", "figure", "img", "figcaption", "details", "summary", "dl", "dt"}
+OUR_TAGS |= {"dd", "ul", "li", "b"}
+
+
+def assert_inert(html: str) -> None:
+    """No payload survived as markup: only the templates' elements, no event handler, no
+    script, and the only images are our embedded plots."""
+    tags = _Tags(html).tags
+    assert {t for t, _ in tags} <= OUR_TAGS
+    assert not [(t, a) for t, attrs in tags for a, _ in attrs if a.startswith("on")]
+    srcs = [dict(attrs).get("src") or "" for t, attrs in tags if t == "img"]
+    assert all(s.startswith("data:image/png;base64,") for s in srcs)
+
+
+def test_log_report_escapes_every_field(tmp_path):
+    """The issue's case: a log's ``step`` reached report.html unescaped. Rendered straight from
+    the lines (as the old reader let them through), every field is text."""
+    lines = hostile_lines()
+    path = report.write_log_report(lines[0], lines[1:], tmp_path)
+    html = path.read_text(encoding="utf-8")
+    assert_inert(html)
+    text = visible(html)
+    for payload in PAYLOADS:
+        assert payload in text  # shown to the reader, as text
+    assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" in html
+
+
+def test_read_log_refuses_the_hostile_step_and_the_report_escapes_what_it_accepts(tmp_path):
+    lines = hostile_lines()
+    log = tmp_path / "hostile.jsonl"
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    with pytest.raises(LogFormatError, match=r"line 2: 'step' must be a non-negative integer"):
+        read_log(log)
+    for i, record in enumerate(lines[1:]):
+        record["step"] = 10 * (i + 1)
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    header, records = read_log(log)
+    html = report.write_log_report(header, records, tmp_path / "r").read_text(encoding="utf-8")
+    assert_inert(html)
+    assert all(p in visible(html) for p in PAYLOADS)
+
+
+def test_log_report_says_when_records_were_lost(tmp_path):
+    lines = hostile_lines()[1:3]
+    lines[1]["records_lost"] = 2
+    html = report.write_log_report({}, lines, tmp_path).read_text(encoding="utf-8")
+    assert "2 probe record(s) could not be written" in html
+
+
+def test_lab_and_probe_reports_escape_their_text(tmp_path):
+    run = {
+        "problem": PAYLOADS[0],
+        "optimizer": PAYLOADS[1],
+        "outcome": PAYLOADS[2],
+        "steps": PAYLOADS[3],
+        "final_loss": PAYLOADS[4],
+        "final_grad_norm": 1.0,
+        "gradients": PAYLOADS[0],
+        "products": 0,
+        "wall": 0.1,
+    }
+    table = report.runs_table([run])
+    html = report.page(PAYLOADS[3], table)
+    assert_inert(html)
+    assert all(p in visible(html) for p in PAYLOADS)
+    assert "<table>" in html  # the template's own markup is kept
+    # a plain string body is text, not markup
+    assert "&lt;b&gt;" in report.page("t", "<b>bold</b>")
+    # the probe report
+    result = {"text": PAYLOADS[0], "advice": PAYLOADS[1:], "slices": {}}
+    html = report.write_probe_report(result, tmp_path).read_text(encoding="utf-8")
+    assert_inert(html)
+    assert all(p in visible(html) for p in PAYLOADS)
+
+
+def test_templates_escape_by_construction():
+    """Autoescaping is on, and no template opts out of it."""
+    env = report.environment()
+    assert env.autoescape is True
+    folder = Path(report.__file__).parent / "templates"
+    sources = {p.name: p.read_text() for p in folder.glob("*.html")}
+    assert {"base.html", "lab.html", "log.html", "probe.html", "macros.html"} <= set(sources)
+    for name, source in sources.items():
+        assert not re.search(r"\|\s*safe|autoescape\s+false|Markup", source), name
+    # and a missing value is an error, never an empty cell
+    with pytest.raises(Exception, match="undefined"):
+        report.render("probe.html", title="t")
+
+
+@needs_chromium
+def test_no_injected_script_runs_in_a_real_browser(tmp_path):
+    lines = hostile_lines()
+    page = report.write_log_report(lines[0], lines[1:], tmp_path)
+    script = (
+        "document.title = [window.__pwned === undefined, document.scripts.length,"
+        " [...document.querySelectorAll('*')].filter(e => [...e.attributes].some("
+        "a => a.name.startsWith('on'))).length,"
+        " document.querySelectorAll('svg').length,"
+        " [...document.images].every(i => i.complete && i.naturalWidth > 0),"
+        " document.body.innerText.includes('<script>window.__pwned = 1<\\/script>')].join('|')"
+    )
+    title, console = probe_page(page, script, tmp_path)
+    safe, scripts, handlers, svgs, images_ok, shown = title.split("|")
+    assert safe == "true"  # no payload ran
+    assert scripts == "1"  # only the probe itself
+    assert handlers == "0" and svgs == "0"
+    assert images_ok == "true" and shown == "true"  # the report works and shows the text
+    assert not console  # no script error, no message at all
