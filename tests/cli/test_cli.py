@@ -3,8 +3,10 @@ escaping hostile text, and one real-browser test of the lab's HTML report."""
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 
 import curvscope as cs
 from curvscope.cli import main
+from curvscope.cli.main import UsageError, parser
 from curvscope.report.html import page, runs_table
 
 
@@ -133,6 +136,335 @@ def test_probe_imports_the_users_model_and_checkpoint(tmp_path, capsys, monkeypa
     argv = ["probe", "--model", "usermod:model", "--data", "usermod:data", "--checkpoint", "ck.pt"]
     assert main(argv) == 0
     assert "cost:" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------- user errors: one line, exit 2
+USER_CODE = """
+import math
+import torch
+from torch import nn
+
+
+def _gen():
+    return torch.Generator().manual_seed(0)
+
+
+def model():
+    return nn.Linear(3, 2).double()
+
+
+def frozen():
+    return model().requires_grad_(False)
+
+
+def data():
+    g = _gen()
+    X = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    return X, torch.randint(0, 2, (20,), generator=g)
+
+
+def nan_data():
+    X, y = data()
+    X[3, 1] = float("nan")
+    return X, y
+
+
+def two_columns():
+    X, y = data()
+    return X[:, :2], y
+
+
+def not_data():
+    return "data.csv"
+
+
+def boom():
+    raise RuntimeError("the user's factory broke")
+
+
+def not_a_model():
+    return 42
+
+
+def not_a_loss():
+    return "cross-entropy"
+
+
+class RootSumLoss(nn.Module):
+    # neither a mean nor a sum over samples, under a name the library does not know
+    reduction = "rootsum"
+
+    def forward(self, out, y):
+        return nn.functional.cross_entropy(out, y, reduction="sum") / math.sqrt(len(y))
+
+
+def root_sum_loss():
+    return RootSumLoss()
+
+
+class TokenModel(nn.Module):
+    # a Hugging Face-like model: keyword inputs
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids) * attention_mask[..., None]
+        return self.head(torch.tanh(h.sum(1) / attention_mask.sum(1, keepdim=True)))
+
+
+def token_model():
+    torch.manual_seed(0)
+    return TokenModel().double()
+
+
+def token_data():
+    g = _gen()
+    ids = torch.randint(0, 7, (12, 5), generator=g)
+    mask = torch.ones(12, 5, dtype=torch.float64)
+    mask[::3, 3:] = 0
+    return {"input_ids": ids, "attention_mask": mask}, torch.randint(0, 2, (12,), generator=g)
+
+
+def two_batches():
+    X, y = data()
+    return [(X[:12], y[:12]), (X[12:], y[12:])]
+"""
+
+MOD = "curvscope_cli_user_code"  # a name no other test imports (modules are cached by name)
+
+
+class Evil:
+    """A pickle that would create a file if loaded unsafely."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.fixture
+def user_code(tmp_path, monkeypatch):
+    """The user's module and checkpoints in a fresh working directory."""
+    (tmp_path / f"{MOD}.py").write_text(USER_CODE)
+    monkeypatch.delitem(sys.modules, MOD, raising=False)
+    monkeypatch.chdir(tmp_path)
+    right = torch.nn.Linear(3, 2).double().state_dict()
+    torch.save(right, "right.pt")
+    torch.save({"weight": right["weight"]}, "missing-bias.pt")
+    torch.save({"weight": torch.zeros(4, 3), "bias": torch.zeros(4)}, "wide.pt")
+    torch.save(torch.zeros(2, 3), "bare-tensor.pt")
+    torch.save({"model": right, "epoch": 3}, "wrapped.pt")
+    torch.save(Evil(tmp_path / "pwned"), "evil.pt")
+    return tmp_path
+
+
+def _user(model="model", data="data", *more):
+    return ["probe", "--model", f"{MOD}:{model}", "--data", f"{MOD}:{data}", *more]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        # the fifteen of issue 12.4
+        (["probe", "--problem", "digits-mlp", "--lr", "0"], "--lr: must be a finite number > 0"),
+        (["probe", "--problem", "digits-mlp", "--lr=-1"], "got '-1'"),
+        (["probe", "--problem", "digits-mlp", "--lr", "nan"], "got 'nan'"),
+        (["probe", "--problem", "digits-mlp", "--lr", "inf"], "got 'inf'"),
+        (["probe", "--problem", "digits-mlp", "--optimizer", "momentum", "--lr=-1"], "--lr"),
+        (_user("model", "data", "--checkpoint", "missing-bias.pt"), "keys missing 'bias'"),
+        (_user("model", "data", "--checkpoint", "wide.pt"), "'weight' has shape (4, 3) there"),
+        (_user("model", "data", "--checkpoint", "bare-tensor.pt"), "holds a Tensor, not a"),
+        (_user("frozen"), "no parameter that requires grad"),
+        (_user("model", "nan_data"), "contains NaN or Inf"),
+        (_user("model", "data", "--loss", f"{MOD}:root_sum_loss"), "reduction"),
+        (_user("boom"), "raised RuntimeError: the user's factory broke"),
+        (_user("not_a_model"), "returned an int, not a torch.nn.Module"),
+        (_user("model", "not_data"), "not an (inputs, targets) pair"),
+        # the rest
+        (["probe", "--problem", "digits-mlp", "--checkpoint", "right.pt"], "--checkpoint would"),
+        (["lab", "--problems", ","], "--problems: expected comma-separated names"),
+        (["lab", "--optimizers", "gd,,adam"], "an empty name in 'gd,,adam'"),
+        (_user("model", "data", "--checkpoint", "wrapped.pt"), "look to be under 'model'"),
+        (_user("model", "data", "--checkpoint", "nothing.pt"), "no checkpoint file at"),
+        (_user("model", "two_columns"), "the model fails on the first batch"),
+        (_user("model", "data", "--loss", f"{MOD}:not_a_loss"), "returned a str, which cannot"),
+        (_user("model", "data", "--loss", f"{MOD}:not_a_model"), "returned an int, which"),
+        (_user("model", "data", "--optimizer", "gd"), "--optimizer gd needs --lr"),
+        (["probe", "--problem", "digits-mlp", "--optimizer", "adam", "--lr", "1"], "choose from"),
+        (["probe", "--problem", "digits-mlp", "--lr", "fast"], "expected a number, got 'fast'"),
+        (["probe", "--model", f"{MOD}:data_", "--data", f"{MOD}:data"], "has no attribute"),
+        (["probe", "--model", f"{MOD}:", "--data", f"{MOD}:data"], "pkg.module:name"),
+    ],
+)
+def test_every_user_error_is_one_line_and_exit_2(argv, message, user_code, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.count("\n") == 1 and err.endswith("\n"), err  # one line
+    assert err.startswith(f"curvscope {argv[0]}: error: "), err
+    assert message in err, err
+    assert "Traceback" not in err and captured.out == ""
+
+
+def test_a_malicious_checkpoint_is_refused_in_one_line(user_code, capsys):
+    assert main(_user("model", "data", "--checkpoint", "evil.pt")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was refused" in err and "system" in err
+    assert "weights_only" not in err  # no advice to load it unsafely
+    assert not (user_code / "pwned").exists()  # nothing in it ran
+
+
+def test_report_on_a_log_with_wrong_field_types(tmp_path, capsys):
+    log = tmp_path / "run.jsonl"
+    log.write_text(
+        '{"step": 1, "state": "learning", "loss": 1.0, "advice": 3}\n'
+        '{"step": 2, "state": "learning", "loss": 0.5, "advice": 3}\n'
+    )
+    assert main(["report", str(log), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("curvscope report: error: ")
+    assert "run.jsonl" in err and "advice" in err
+
+
+def test_debug_shows_the_traceback(user_code):
+    with pytest.raises(UsageError) as info:
+        main([*_user("model", "nan_data"), "--debug"])
+    assert isinstance(info.value.__cause__, ValueError)  # the library's refusal, chained
+    with pytest.raises(SystemExit):  # argparse's errors stay argparse's
+        parser().parse_args(["probe", "--lr", "0", "--debug"])
+
+
+def test_a_bug_with_a_built_in_problem_keeps_its_traceback(monkeypatch):
+    # with a built-in model and validated flags, a ValueError is curvscope's own bug: it
+    # propagates (a traceback, exit 1) instead of passing for the user's mistake
+    import curvscope.lab.probe
+
+    def buggy(*args, **kwargs):
+        raise ValueError("a bug in curvscope")
+
+    monkeypatch.setattr(curvscope.lab.probe, "probe", buggy)
+    with pytest.raises(ValueError, match="a bug in curvscope"):
+        main(["probe", "--problem", "breast-cancer-logreg", "--lr", "0.5"])
+
+
+def test_user_errors_end_to_end(user_code):
+    """The real entry point: one line on stderr (torch's warning about the pickle protocol of a
+    plain pickle silenced too), exit status 2, nothing on stdout, nothing run."""
+    with open(user_code / "evil.pkl", "wb") as f:
+        pickle.dump(Evil(user_code / "pwned"), f, protocol=4)
+    run = subprocess.run(
+        [sys.executable, "-m", "curvscope.cli", *_user("model", "data", "--checkpoint=evil.pkl")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=user_code,
+    )
+    assert run.returncode == 2 and run.stdout == ""
+    assert len(run.stderr.splitlines()) == 1, run.stderr
+    assert run.stderr.startswith("curvscope probe: error: the checkpoint 'evil.pkl' was refused")
+    assert not (user_code / "pwned").exists()
+
+
+# ---------------------------------------------------------------------- probe --report data
+def test_probe_report_with_dict_inputs(user_code, capsys):
+    """Hugging Face-style models take their inputs as keywords: the slices run them so."""
+    argv = _user("token_model", "token_data", "--report", "rep", "--json")
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["slices"]) == {"gradient", "top eigenvector", "bottom eigenvector"}
+    assert (user_code / "rep" / "slices.png").exists()
+
+
+def _flat_loss(model, loss_fn, batches):
+    """Σ_b (N_b/N) loss_b as a function of the flat parameter vector (the dense reference)."""
+    from torch.func import functional_call
+
+    names = [k for k, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    total = sum(len(y) for _, y in batches)
+
+    def f(theta):
+        params, i = {}, 0
+        for k, s in zip(names, shapes, strict=True):
+            params[k] = theta[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        return sum(
+            len(y) / total * loss_fn(functional_call(model, params, (X,)), y) for X, y in batches
+        )
+
+    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return f, theta0
+
+
+def test_probe_slices_of_a_list_of_two_batches_against_dense_references():
+    """A list of two (X, y) batches is two batches, not an (X, y) pair: the slices are the
+    loss over both (weighted by their sizes), the slope and curvature the dense ones."""
+    from torch.func import grad, jacfwd
+
+    from curvscope.lab.probe import SLICE_POINTS, probe, slice_losses
+
+    g = torch.Generator().manual_seed(1)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)
+    ).double()
+    X = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (20,), generator=g)
+    batches = [(X[:12], y[:12]), (X[12:], y[12:])]
+    loss_fn = torch.nn.CrossEntropyLoss()
+    res = probe(model, loss_fn, batches, lr=0.1, slices=True)
+
+    f, theta0 = _flat_loss(model, loss_fn, batches)
+    gradient = grad(f)(theta0)
+    H = jacfwd(grad(f))(theta0)
+    evals = torch.linalg.eigvalsh(H)
+    v = -gradient / gradient.norm()
+    along = res["slices"]["gradient"]
+    assert len(along["t"]) == len(along["loss"]) == SLICE_POINTS
+    assert abs(along["slope"] + float(gradient.norm())) < 1e-10
+    assert abs(along["curvature"] - float(v @ H @ v)) < 1e-10
+    for t, loss in zip(along["t"], along["loss"], strict=True):
+        assert abs(loss - float(f(theta0 + t * v))) < 1e-12
+    top, bottom = res["slices"]["top eigenvector"], res["slices"]["bottom eigenvector"]
+    assert abs(top["curvature"] - float(evals[-1])) < 1e-6 * float(evals.abs().max())
+    assert abs(bottom["curvature"] - float(evals[0])) < 1e-6 * float(evals.abs().max())
+    for s in (top, bottom):
+        assert abs(s["loss"][SLICE_POINTS // 2] - float(f(theta0))) < 1e-12  # t = 0
+
+    # and along any direction, over both batches
+    C = cs.Curvature(model, loss_fn, batches)
+    u = torch.randn(theta0.shape, generator=g, dtype=torch.float64)
+    ts = [-0.3, 0.0, 0.7]
+    expected = [float(f(theta0 + t * u)) for t in ts]
+    torch.testing.assert_close(slice_losses(C, theta0, u, ts), expected, rtol=0, atol=1e-12)
+
+
+def test_probe_slices_leave_the_model_as_found():
+    """BatchNorm in train mode and dropout: the slices' forward passes leave running
+    statistics, parameters, .grad, the training flag and the global RNG as they were."""
+    from curvscope.lab.probe import probe
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 6),
+        torch.nn.BatchNorm1d(6),
+        torch.nn.Tanh(),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(6, 2),
+    ).double()
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (16,), generator=g)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.random.get_rng_state()
+    res = probe(model, torch.nn.CrossEntropyLoss(), [(X[:8], y[:8]), (X[8:], y[8:])], slices=True)
+    assert "slices" in res
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters()) and model.training
+    assert torch.equal(torch.random.get_rng_state(), rng)
 
 
 def test_report_escapes_hostile_text():

@@ -1,26 +1,86 @@
 """``curvscope lab | probe | report``: thin commands over the lab, the diagnosis and the report.
 
-Errors a user can fix (an unknown name, a module that does not import, an unwritable output
-folder, a corrupt run log) print one line naming the problem and exit with status 2.
+Every error a user can fix prints one line, ``curvscope COMMAND: error: MESSAGE`` naming the
+problem (and the fix where there is one), on stderr, and exits with status 2 — argparse's own
+convention, which the argument errors follow too (one line, without the usage block). Which
+errors count as the user's:
+
+- the arguments: validated by argparse ``type=`` functions and the checks below;
+- the user's code: any exception raised while importing ``--model/--data/--loss`` modules or
+  calling their factories, or a factory returning the wrong kind of thing;
+- the user's files: a checkpoint that is missing, unreadable, not a state_dict of tensors, or
+  refused by the safe loader; a run log that is not one;
+- curvscope's refusals of the user's model, loss and data (``ValueError``, ``TypeError``,
+  ``FloatingPointError``: what the library raises for bad input) — caught only where the
+  model, the data or the log is the user's, so that with a built-in problem a genuine bug
+  keeps its traceback.
+
+``--debug`` re-raises instead, with the full traceback (and the chained cause).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import math
+import pickle
+import re
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+#: What curvscope raises when it refuses what it was given (STYLE.md: ValueError/TypeError that
+#: say "expected X, got Y"; FloatingPointError for non-finite values; read_log's format error is
+#: a ValueError). Turned into one line only around the user's model, data and log.
+REFUSALS = (ValueError, TypeError, FloatingPointError)
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
 
 
 class UsageError(Exception):
     """A problem with the user's input: printed as one line, exit status 2."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(_one_line(message))
 
-def _names(arg: str | None) -> list[str] | None:
-    return [a.strip() for a in arg.split(",") if a.strip()] if arg else None
+
+@contextlib.contextmanager
+def _refusals(where: str = "") -> Iterator[None]:
+    """curvscope's refusals of the user's model, data or log, as a UsageError."""
+    try:
+        yield
+    except REFUSALS as e:
+        raise UsageError(
+            f"{where}{_one_line(e) or type(e).__name__} (--debug shows the traceback)"
+        ) from e
+
+
+# ------------------------------------------------------------------ argparse type= checks
+def positive_float(text: str) -> float:
+    """A finite number > 0 (a learning rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def name_list(text: str) -> list[str]:
+    """Comma-separated names, none of them empty."""
+    names = [a.strip() for a in text.split(",")]
+    if not any(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"an empty name in {text!r}; drop the extra comma")
+    return names
 
 
 def _writable(out: Path) -> Path:
@@ -39,9 +99,9 @@ def _writable(out: Path) -> Path:
 
 def _import(spec: str, what: str) -> Any:
     """``pkg.module:attr`` -> the attribute (this imports and runs the user's module)."""
-    if ":" not in spec:
+    mod_name, _, attr = spec.partition(":")
+    if not (mod_name and attr):
         raise UsageError(f"{what} must look like pkg.module:name, got {spec!r}")
-    mod_name, attr = spec.split(":", 1)
     sys.path.insert(0, str(Path.cwd()))
     try:
         mod = importlib.import_module(mod_name)
@@ -54,6 +114,21 @@ def _import(spec: str, what: str) -> Any:
     return getattr(mod, attr)
 
 
+def _call(spec: str, what: str) -> Any:
+    """Import the factory ``pkg.module:name`` and call it: the user's code, whose every
+    exception is the user's."""
+    factory = _import(spec, what)
+    if not callable(factory):
+        raise UsageError(
+            f"{what} {spec} is {_a(factory)}, not a factory; point it at a "
+            "function that takes no arguments"
+        )
+    try:
+        return factory()
+    except Exception as e:
+        raise UsageError(f"{what} {spec} raised {type(e).__name__}: {e}") from e
+
+
 # ------------------------------------------------------------------------------------ lab
 def _lab(args: argparse.Namespace) -> int:
     from rich.console import Console
@@ -63,9 +138,7 @@ def _lab(args: argparse.Namespace) -> int:
     from curvscope import lab, report
 
     try:
-        problem_names, optimizer_names = lab.selection(
-            _names(args.problems), _names(args.optimizers)
-        )
+        problem_names, optimizer_names = lab.selection(args.problems, args.optimizers)
     except ValueError as e:
         raise UsageError(str(e)) from e
     out = _writable(Path(args.out))
@@ -103,6 +176,24 @@ def _lab(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------- probe
+def _check_probe_flags(args: argparse.Namespace) -> None:
+    if args.problem:
+        mixed = [f"--{k}" for k in ("model", "data", "loss", "checkpoint") if getattr(args, k)]
+        if mixed:
+            raise UsageError(
+                f"--problem brings its own model and data, so {', '.join(mixed)} would be "
+                "ignored; give either --problem NAME or --model and --data (with --loss, "
+                "--checkpoint)"
+            )
+    elif not (args.model and args.data):
+        raise UsageError(
+            "give --problem NAME, or --model pkg.module:factory and "
+            "--data pkg.module:loader_factory"
+        )
+    if args.optimizer and args.lr is None:
+        raise UsageError(f"--optimizer {args.optimizer} needs --lr")
+
+
 def _probe(args: argparse.Namespace) -> int:
     """Under torchrun (WORLD_SIZE > 1) the process group is started here — gloo on CPU, NCCL
     when CUDA is there — and ended here once every rank is done (a rank that exits with the
@@ -112,6 +203,7 @@ def _probe(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
+    _check_probe_flags(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     started = world > 1 and not dist.is_initialized()
     if started:
@@ -124,56 +216,153 @@ def _probe(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
-def _probe_on_rank(args: argparse.Namespace, rank: int, world: int) -> int:
+def _built_in(name: str, rank: int, world: int) -> tuple[Any, Any, Any]:
+    from curvscope import problems
+
+    try:
+        p = problems.get(name)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if not isinstance(p, problems.ModelProblem):
+        raise UsageError(
+            f"--problem needs a model problem, got the function {name!r}; model problems: "
+            + ", ".join(
+                n for n in problems.names() if isinstance(problems.get(n), problems.ModelProblem)
+            )
+        )
+    X, y = p.data
+    return p.make_model(0), p.loss_fn, (X[rank::world], y[rank::world])  # this rank's shard
+
+
+def _users(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    from torch import nn
+
+    model = _call(args.model, "--model")
+    if not isinstance(model, nn.Module):
+        raise UsageError(
+            f"--model {args.model} returned {_a(model)}, not a torch.nn.Module; "
+            "the factory must return the model"
+        )
+    data = _call(args.data, "--data")
+    if args.loss:
+        loss_fn = _call(args.loss, "--loss")
+        if not callable(loss_fn):
+            raise UsageError(
+                f"--loss {args.loss} returned {_a(loss_fn)}, which cannot be "
+                "called as loss(outputs, targets); return e.g. torch.nn.CrossEntropyLoss()"
+            )
+    else:
+        loss_fn = nn.CrossEntropyLoss()
+    if args.checkpoint:
+        _load_checkpoint(model, args.checkpoint)
+    return model, loss_fn, data
+
+
+def _refused_pickle(path: str, e: pickle.UnpicklingError) -> UsageError:
+    """torch's safe loader refused the file: say what it met, in one line, without torch's
+    advice to load it unsafely."""
+    text = str(e)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        why = (
+            f"it asks to import {found.group(1)}, which a state_dict never does (nothing in "
+            "it was run)"
+        )
+    else:
+        op = re.search(r"Unsupported operand \d+", text)
+        why = f"it is not a torch checkpoint ({op.group(0) if op else 'an unreadable pickle'})"
+    return UsageError(
+        f"the checkpoint {path!r} was refused: {why}; a checkpoint must hold the model's "
+        "state_dict, its tensors only: torch.save(model.state_dict(), path)"
+    )
+
+
+def _a(x: object) -> str:
+    """'an int', 'a list': the type of ``x`` with its article."""
+    name = type(x).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def _few(names: Sequence[str], k: int = 4) -> str:
+    shown = ", ".join(map(repr, names[:k]))
+    return shown + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def _load_checkpoint(model: Any, path: str) -> None:
+    """Load a state_dict with torch's safe loader (tensors and plain containers only) and check
+    it against the model's own before loading: every mismatch is one line."""
     import torch
 
-    from curvscope import problems
+    try:
+        with warnings.catch_warnings():  # e.g. a pickle protocol torch does not expect
+            warnings.simplefilter("ignore")
+            state = torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError as e:
+        raise UsageError(f"no checkpoint file at {path!r}") from e
+    except OSError as e:
+        raise UsageError(f"cannot read the checkpoint {path!r}: {e.strerror or e}") from e
+    except pickle.UnpicklingError as e:
+        raise _refused_pickle(path, e) from e
+    except EOFError as e:
+        raise UsageError(f"the checkpoint {path!r} is empty or cut short") from e
+    except Exception as e:  # the user's file: whatever torch cannot read in it
+        first = str(e).split(". ")[0] or type(e).__name__
+        raise UsageError(f"cannot load the checkpoint {path!r}: {first}") from e
+    fix = "save it with torch.save(model.state_dict(), path) from this model"
+    if not isinstance(state, Mapping):
+        raise UsageError(
+            f"the checkpoint {path!r} holds {_a(state)}, not a state_dict (a dict "
+            f"of parameter name -> tensor); {fix}"
+        )
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [str(k) for k in state if k not in own]
+    if missing or unexpected:
+        parts = ([f"missing {_few(missing)}"] if missing else []) + (
+            [f"unexpected {_few(unexpected)}"] if unexpected else []
+        )
+        nested = [k for k, v in state.items() if isinstance(v, Mapping) and set(own) <= set(v)]
+        hint = (
+            f"; the model's weights look to be under {nested[0]!r}: save that entry alone"
+            if nested
+            else f"; {fix}"
+        )
+        raise UsageError(
+            f"the checkpoint {path!r} does not fit the model: keys {'; '.join(parts)}{hint}"
+        )
+    for k, mine in own.items():
+        theirs = state[k]
+        if not isinstance(theirs, torch.Tensor):
+            raise UsageError(
+                f"the checkpoint {path!r} holds {_a(theirs)} for {k!r}, not a tensor; {fix}"
+            )
+        if theirs.shape != mine.shape:
+            raise UsageError(
+                f"the checkpoint {path!r} does not fit the model: {k!r} has shape "
+                f"{tuple(theirs.shape)} there and {tuple(mine.shape)} in the model; was it "
+                "saved from another configuration?"
+            )
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise UsageError(f"cannot load the checkpoint {path!r} into the model: {e}") from e
+
+
+def _probe_on_rank(args: argparse.Namespace, rank: int, world: int) -> int:
+    from curvscope import optim
     from curvscope.lab.probe import probe
 
-    if args.problem:
-        try:
-            p = problems.get(args.problem)
-        except ValueError as e:
-            raise UsageError(str(e)) from e
-        if not isinstance(p, problems.ModelProblem):
-            raise UsageError(
-                f"--problem needs a model problem, got the function {args.problem!r}; "
-                "model problems: "
-                + ", ".join(
-                    n
-                    for n in problems.names()
-                    if isinstance(problems.get(n), problems.ModelProblem)
-                )
-            )
-        model, loss_fn, (X, y) = p.make_model(0), p.loss_fn, p.data
-        data = (X[rank::world], y[rank::world])  # this rank's shard (all of it in one process)
-    else:
-        if not (args.model and args.data):
-            raise UsageError(
-                "give --problem NAME, or --model pkg.module:factory and "
-                "--data pkg.module:loader_factory"
-            )
-        model = _import(args.model, "--model")()
-        data = _import(args.data, "--data")()
-        loss_fn = _import(args.loss, "--loss")() if args.loss else torch.nn.CrossEntropyLoss()
-        if args.checkpoint:
-            try:
-                state = torch.load(args.checkpoint, weights_only=True, map_location="cpu")
-            except Exception as e:
-                raise UsageError(f"cannot load the checkpoint {args.checkpoint!r}: {e}") from e
-            model.load_state_dict(state)
-    optimizer = None
-    if args.optimizer:
-        if args.lr is None:
-            raise UsageError("--optimizer needs --lr")
-        from curvscope import optim
-
-        if args.optimizer not in ("gd", "momentum"):
-            raise UsageError(f"--optimizer must be gd or momentum, got {args.optimizer!r}")
-        optimizer = optim.build(args.optimizer, model.parameters(), lr=args.lr)
-    lr = args.lr if optimizer is None else None
+    users = not args.problem
+    model, loss_fn, data = _users(args) if users else _built_in(args.problem, rank, world)
     out = _writable(Path(args.report)) if args.report else None
-    result = probe(model, loss_fn, data, lr=lr, optimizer=optimizer, slices=out is not None)
+    # the user's model, loss and data: curvscope's refusals of them are one line; with a
+    # built-in problem and validated flags, any exception is a bug and keeps its traceback
+    with _refusals() if users else contextlib.nullcontext():
+        optimizer = (
+            optim.build(args.optimizer, model.parameters(), lr=args.lr) if args.optimizer else None
+        )
+        lr = args.lr if optimizer is None else None
+        result = probe(model, loss_fn, data, lr=lr, optimizer=optimizer, slices=out is not None)
     result["world_size"] = world
     if rank != 0:  # every rank computed the same numbers; one speaks
         return 0
@@ -209,28 +398,49 @@ def _report(args: argparse.Namespace) -> int:
         raise UsageError(f"no run log at {str(path)!r}")
     try:
         header, records = read_log(path)
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+    except OSError as e:
+        raise UsageError(f"cannot read the run log {str(path)!r}: {e.strerror or e}") from e
+    except (ValueError, TypeError, AttributeError) as e:  # LogFormatError is a ValueError
         raise UsageError(
             f"{str(path)!r} is not a curvscope run log (one JSON object a line): {e}"
         ) from e
     if not records or not all(isinstance(r, dict) and "step" in r for r in records):
         raise UsageError(f"{str(path)!r} has no probe records with a 'step': is it a Monitor log?")
     out = _writable(Path(args.out))
-    print(f"wrote {write_log_report(header, records, out)}")
+    with _refusals(f"cannot render the run log {str(path)!r}: "):
+        report = write_log_report(header, records, out)
+    print(f"wrote {report}")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, ``PROG: error: MESSAGE``, exit status 2 (its own
+    convention, without the usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="curvscope", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    ap = _Parser(prog="curvscope", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    lab = sub.add_parser("lab", help="run optimizers side by side on the built-in problems")
+    lab = sub.add_parser(
+        "lab", parents=[common], help="run optimizers side by side on the built-in problems"
+    )
     lab.add_argument("--out", default="curvscope-lab", help="output folder (default %(default)s)")
     lab.add_argument("--quick", action="store_true", help="small budgets (a smoke test, ~20 s)")
-    lab.add_argument("--problems", help="comma-separated problem names (default: the built-ins)")
-    lab.add_argument("--optimizers", help="comma-separated optimizer names (default: all)")
+    lab.add_argument(
+        "--problems", type=name_list, help="comma-separated problem names (default: built-ins)"
+    )
+    lab.add_argument(
+        "--optimizers", type=name_list, help="comma-separated optimizer names (default: all)"
+    )
     lab.set_defaults(func=_lab)
     pr = sub.add_parser(
         "probe",
+        parents=[common],
         help="diagnose a model",
         description="Diagnose a model. --model and --data IMPORT AND RUN your code. Runs under "
         "torchrun --nproc_per_node=N (built-in problems are sharded by rank).",
@@ -241,13 +451,17 @@ def parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--data", help="pkg.module:factory returning (inputs, targets) or a loader")
     pr.add_argument("--loss", help="pkg.module:factory returning the loss (default CrossEntropy)")
-    pr.add_argument("--checkpoint", help="a state_dict file, loaded with weights_only=True")
-    pr.add_argument("--lr", type=float, help="judge stability against gradient descent at this lr")
-    pr.add_argument("--optimizer", help="gd or momentum (with --lr)")
+    pr.add_argument(
+        "--checkpoint", help="a state_dict file for --model, loaded safely (tensors only)"
+    )
+    pr.add_argument(
+        "--lr", type=positive_float, help="judge stability against gradient descent at this lr"
+    )
+    pr.add_argument("--optimizer", choices=("gd", "momentum"), help="gd or momentum (with --lr)")
     pr.add_argument("--json", action="store_true", help="print one JSON object")
     pr.add_argument("--report", help="write an HTML report with loss slices into this folder")
     pr.set_defaults(func=_probe)
-    rp = sub.add_parser("report", help="render a Monitor run log (JSONL) as HTML")
+    rp = sub.add_parser("report", parents=[common], help="render a Monitor run log as HTML")
     rp.add_argument("log", help="the run log written by cs.Monitor(log=...)")
     rp.add_argument("--out", default="curvscope-report", help="output folder")
     rp.set_defaults(func=_report)
@@ -255,10 +469,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Run the command line; returns the exit status (0, or 2 for a user error)."""
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # argparse printed its one line (or --help)
+        return e.code if isinstance(e.code, int) else 2
     try:
         return int(args.func(args))
     except UsageError as e:
+        if args.debug:
+            raise
         print(f"curvscope {args.command}: error: {e}", file=sys.stderr)
         return 2
 

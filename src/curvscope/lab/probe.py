@@ -4,42 +4,99 @@ the gradient and the extreme eigenvectors with the local quadratic model over th
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from curvscope.derivatives import Curvature
+from curvscope.derivatives.distributed import all_reduce_sum, global_count
+from curvscope.derivatives.objective import ModelObjective
 from curvscope.diagnosis import diagnose
 from curvscope.spectrum import eigenvalues, trace
 
-#: Slice points t (the step along a unit direction is t · SLICE_SCALE / sqrt(max(|λ|, …))).
+#: Slice points t (the step along a unit direction runs over ±2/sqrt(max |λ|)).
 SLICE_POINTS = 41
 
 
-def _slice(
-    model: nn.Module,
-    loss_fn: Any,
-    data: Any,
-    C: Curvature,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    f0: float,
-    half_width: float,
-) -> dict[str, Any]:
-    from torch.func import functional_call
+def _describe(x: Any) -> str:
+    """A short description of a model's inputs or outputs for an error message."""
+    if isinstance(x, Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    if isinstance(x, Mapping):
+        return "a dict of " + ", ".join(f"{k}: {_describe(v)}" for k, v in x.items())
+    if isinstance(x, tuple | list):
+        return f"a {type(x).__name__} of " + ", ".join(_describe(v) for v in x)
+    return f"a {type(x).__name__}"
 
+
+def check_runs(model: nn.Module, loss_fn: Any, data: Any) -> None:
+    """Run the model and the loss once on the first batch, so that code that does not fit its
+    data fails with a message that says which part failed on what, before any curvature.
+
+    The forward pass is the curvature operator's own (``functional_call`` on copies: the
+    model, its buffers and the global RNG are left as found), without gradients.
+
+    Raises:
+        ValueError / TypeError: what :class:`~curvscope.Curvature` refuses at construction
+            (no trainable parameter, data that is not (inputs, targets) batches, NaN in the
+            data), or a ValueError naming the model or the loss when either raises on the first
+            batch (the cause chained).
+    """
+    obj = ModelObjective(model, loss_fn, data)
+    batch = next(obj.batches())
+    theta = {k: p.detach() for k, p in obj.params.items()}
+    with obj.context(batch.index), torch.no_grad():
+        try:
+            out = obj.raw_forward(theta, batch)
+        except Exception as e:  # the user's model on the user's data
+            raise ValueError(
+                f"the model fails on the first batch of the data (inputs: "
+                f"{_describe(batch.inputs)}): {type(e).__name__}: {e}; check that the model "
+                "and the data belong together"
+            ) from e
+        try:
+            loss_fn(out, batch.targets)
+        except Exception as e:  # the user's loss on the model's outputs
+            raise ValueError(
+                f"the loss fails on the model's outputs ({_describe(out)}) and the targets "
+                f"({_describe(batch.targets)}): {type(e).__name__}: {e}; give a loss that "
+                "takes (outputs, targets)"
+            ) from e
+
+
+def slice_losses(C: Curvature, theta: Tensor, v: Tensor, ts: list[float]) -> list[float]:
+    """The loss of ``C``'s model over all of ``C``'s data at the parameters θ + t·v, each t.
+
+    Evaluated exactly as the curvature is (the same batches, batch weights, randomness and
+    model mode, summed over the ranks of ``C.group``), so that at t = 0 it is
+    ``C.loss_and_gradient()[0]``; the model is left as found.
+    """
+    obj = C.objective
+    if obj is None:
+        raise TypeError("slice_losses needs a Curvature built from a model")
+    total = global_count(obj.num_samples, C.group, obj.device)
+    summed = getattr(obj, "reduction", "mean") == "sum"
+    losses = torch.zeros(len(ts), dtype=torch.float64, device=obj.device)
+    with torch.no_grad():
+        for batch in obj.batches():
+            weight = 1.0 if summed else batch.size / total
+            for i, t in enumerate(ts):
+                theta_t = dict(zip(obj.names, obj.unflatten(theta + t * v), strict=True))
+                with obj.context(batch.index):
+                    out = obj.raw_forward(theta_t, batch)
+                    losses[i] += weight * float(obj.loss_fn(out, batch.targets))
+    return all_reduce_sum(losses, C.group).tolist()
+
+
+def _slice(C: Curvature, v: Tensor, g: Tensor, f0: float, half_width: float) -> dict[str, Any]:
     v = v / v.norm()
     curv = float(v @ C.matmat(v[:, None])[:, 0])
     slope = float(g @ v)
-    theta = C.flatten({n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
-    ts = torch.linspace(-half_width, half_width, SLICE_POINTS, dtype=theta.dtype).tolist()
-    X, y = data
-    losses = []
-    with torch.no_grad():
-        for t in ts:
-            params = C.unflatten(theta + t * v)
-            losses.append(float(loss_fn(functional_call(model, params, (X,)), y)))
+    theta = torch.cat([p.detach().reshape(-1) for p in C.objective.params.values()])
+    ts = torch.linspace(-half_width, half_width, SLICE_POINTS, dtype=torch.float64).tolist()
+    losses = slice_losses(C, theta, v, ts)
     model_vals = [f0 + slope * t + 0.5 * curv * t * t for t in ts]
     return {"t": ts, "loss": losses, "quadratic": model_vals, "slope": slope, "curvature": curv}
 
@@ -54,8 +111,14 @@ def probe(
     slices: bool = False,
 ) -> dict[str, Any]:
     """The diagnosis, a spectrum summary, the cost next to the dense Hessian's, and (with
-    ``slices``) the loss along the gradient and the top and bottom eigenvectors."""
+    ``slices``) the loss along the gradient and the top and bottom eigenvectors.
+
+    ``data`` is anything :class:`~curvscope.Curvature` takes: an (inputs, targets) pair, a list
+    of such batches or a loader; inputs a tensor, a tuple or a dict (Hugging Face). The model
+    and the loss are first run once on the first batch (:func:`check_runs`).
+    """
     start = time.perf_counter()
+    check_runs(model, loss_fn, data)
     d = diagnose(model, loss_fn, data, optimizer=optimizer, lr=lr)
     C = Curvature(model, loss_fn, data)
     top = eigenvalues(C, k=3, which="both")
@@ -77,7 +140,7 @@ def probe(
         "seconds": time.perf_counter() - start,
         "dense_hessian_bytes": 8 * n * n,
     }
-    if slices and isinstance(data, tuple | list) and len(data) == 2:
+    if slices:
         f0, g = C.loss_and_gradient()
         lam = max(abs(v) for v in out["eigenvalues"]) or 1.0
         width = 2.0 / lam**0.5
@@ -86,7 +149,5 @@ def probe(
             "top eigenvector": top.vectors[:, 0],
             "bottom eigenvector": top.vectors[:, -1],
         }
-        out["slices"] = {
-            k: _slice(model, loss_fn, data, C, v, g, f0, width) for k, v in dirs.items()
-        }
+        out["slices"] = {k: _slice(C, v, g, f0, width) for k, v in dirs.items()}
     return out
