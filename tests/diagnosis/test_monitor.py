@@ -4,6 +4,7 @@ changes, and training that is bit-identical with and without probes."""
 import io
 import itertools
 import logging
+import os
 import time
 
 import pytest
@@ -57,6 +58,61 @@ def test_run_log_is_versioned_jsonl_flushed_per_record(tmp_path):
     for key in (*cases.CONTRACT_KEYS, "state", "advice"):
         assert key in records[0]
     assert records[-1]["state"] == mon.last.state
+
+
+def small_monitor(log, **kwargs):
+    case = cases.mlp()
+    return cs.Monitor(case.model, case.loss_fn, case.data, lr=0.1, every=1, log=log, **kwargs)
+
+
+def test_an_existing_log_is_never_truncated_silently(tmp_path):
+    """log_mode as for open(): "x" (default) refuses an existing file, "a" appends a new run
+    with its own header, "w" overwrites."""
+    path = tmp_path / "run.jsonl"
+    with small_monitor(path) as mon:
+        for _ in range(3):
+            mon.step(1.0)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="pass log_mode='a' to append a new run"):
+        small_monitor(path)
+    assert path.read_bytes() == before
+    with small_monitor(path, log_mode="a") as mon:
+        mon.step(1.0)
+    assert [r["step"] for r in read_log(path)[1]] == [1]  # the last run by default
+    assert [r["step"] for r in read_log(path, run=0)[1]] == [1, 2, 3]
+    with small_monitor(path, log_mode="w") as mon:
+        mon.step(1.0)
+        mon.step(1.0)
+    assert [r["step"] for r in read_log(path, run=0)[1]] == [1, 2]
+    with pytest.raises(ValueError, match="log_mode must be 'x'"):
+        small_monitor(path, log_mode="append")
+
+
+def test_a_second_monitor_on_the_same_log_is_refused(tmp_path):
+    path = tmp_path / "run.jsonl"
+    first = small_monitor(path)
+    with pytest.raises(cs.diagnosis.LogInUseError, match="Give each Monitor its own log path"):
+        small_monitor(path, log_mode="a")
+    first.step(1.0)
+    first.close()  # releases the lock
+    with small_monitor(path, log_mode="a") as second:
+        second.step(1.0)
+    assert len(read_log(path, run=0)[1]) == len(read_log(path, run=1)[1]) == 1
+
+
+def test_a_full_disk_does_not_stop_training(tmp_path):
+    """A write that fails (ENOSPC from /dev/full) warns once and is counted; the loop goes on."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux)")
+    with pytest.warns(cs.diagnosis.LogWriteWarning) as caught:
+        mon = small_monitor("/dev/full", log_mode="a")
+        for _ in range(3):
+            assert mon.step(1.0) is not None  # each probe still returns its diagnosis
+        mon.close()
+    assert mon.records_lost == 3 and len(mon.history) == 3
+    assert len(caught) == 2  # at the first failure, and the total at close
+    assert "No space left on device" in str(caught[0].message)
+    assert "3 of 3 probe records" in str(caught[1].message)
 
 
 def test_state_changes_go_to_logging_and_the_callback(caplog):

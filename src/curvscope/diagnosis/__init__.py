@@ -2,7 +2,14 @@
 
 from curvscope.diagnosis.classify import DEFAULT_THRESHOLDS, STATES, Thresholds, classify
 from curvscope.diagnosis.diagnosis import DEFAULT_BUDGET, Diagnosis, diagnose
-from curvscope.diagnosis.monitor import Monitor, read_log
+from curvscope.diagnosis.monitor import Monitor
+from curvscope.diagnosis.runlog import (
+    LogFormatError,
+    LogInUseError,
+    LogWriteWarning,
+    TornLogWarning,
+    read_log,
+)
 from curvscope.diagnosis.stability import StabilityLimit, stability_limit
 
 __all__ = [
@@ -10,9 +17,13 @@ __all__ = [
     "DEFAULT_THRESHOLDS",
     "STATES",
     "Diagnosis",
+    "LogFormatError",
+    "LogInUseError",
+    "LogWriteWarning",
     "Monitor",
     "StabilityLimit",
     "Thresholds",
+    "TornLogWarning",
     "classify",
     "diagnose",
     "read_log",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import itertools
-import json
 import logging
 import math
 import time
@@ -18,11 +17,11 @@ from torch import Tensor, nn
 
 from curvscope.diagnosis.classify import DEFAULT_THRESHOLDS, STATES, Thresholds
 from curvscope.diagnosis.diagnosis import DEFAULT_BUDGET, Diagnosis, advice, diagnose
+from curvscope.diagnosis.runlog import LOG_VERSION, RunLogWriter, check_log_mode
+from curvscope.diagnosis.runlog import read_log as read_log  # where it lived before runlog
 
 logger = logging.getLogger(__name__)
 
-#: Version of the run-log format (the header line's ``"curvscope_log"``).
-LOG_VERSION = 1
 #: Edge of stability: the sharpness within this fraction of the limit ...
 EOS_BAND = 0.15
 #: ... at this many consecutive probes.
@@ -33,18 +32,6 @@ EXPLOSION = 1e3
 OVERHEAD = 0.05
 #: ... and come at least this many steps apart (the first one after this many steps).
 MIN_EVERY = 10
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)  # "nan", "inf": JSON has no literal for them
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, Tensor):
-        return _jsonable(x.tolist())
-    return x
 
 
 def _is_writer() -> bool:
@@ -65,10 +52,15 @@ class Monitor:
       stability limit at ``EOS_PROBES`` (3) consecutive probes (Cohen et al. 2021): full-batch
       training drives it there and holds it, the loss falling non-monotonically.
 
-    Each probe appends one JSON object to ``log`` (flushed, so a crash loses nothing): "step",
-    "state", "advice", "reasons" and the evidence keys at top level; the first line is a header
-    (``"curvscope_log": 1``, the version, the optimizer, the cadence). State *changes* go to
+    Each probe appends one JSON object to ``log``: "step", "state", "advice", "reasons" and the
+    evidence keys at top level, after a header line (``"curvscope_log": 1``, the version, the
+    optimizer, the cadence) that starts the run. The log loses nothing
+    (:mod:`curvscope.diagnosis.runlog`): each line reaches the OS as it is made, a second writer
+    on the same file is refused (a lock, released at :meth:`close` or when the process dies),
+    and a failed write (disk full) warns once and is counted (:attr:`records_lost`) instead of
+    stopping training. :func:`~curvscope.read_log` reads it back. State *changes* go to
     ``logging`` (logger ``curvscope.diagnosis.monitor``) and to ``callback(diagnosis, previous)``.
+    Use the Monitor as a context manager, or call :meth:`close`, to close the log.
 
     Args:
         model, loss_fn, probe_data: what to diagnose (a fixed probe batch or loader: the
@@ -78,7 +70,9 @@ class Monitor:
         every: steps between probes; by default (None) the cadence adapts so that probes take
             at most ``overhead`` (5%) of the wall time, timing the loop and the probes.
         overhead: the share of wall time the default cadence may spend on probes.
-        log: a path (or an open text file) for the JSONL run log, or None.
+        log: a path (or an open text file, which you close) for the JSONL run log, or None.
+        log_mode: for a path, as for :func:`open`: ``"x"`` (default) refuses an existing file,
+            ``"a"`` appends a new run (with its own header) to it, ``"w"`` overwrites it.
         budget, thresholds, params, seed: as for :func:`~curvscope.diagnose`.
         callback: called as ``callback(diagnosis, previous_state)`` when the state changes.
         tensorboard: a ``SummaryWriter`` (or a log directory) to receive ``curvscope/...``
@@ -86,6 +80,11 @@ class Monitor:
         train_batches: for mini-batch training, batches like those the optimizer steps on:
             the batch sharpness is measured at each probe and is what the edge of stability
             and the unstable verdict are judged on (see :func:`~curvscope.diagnose`).
+
+    Raises:
+        ValueError, TypeError: an invalid argument (the message names it).
+        FileExistsError: ``log`` exists and ``log_mode="x"`` (the message names the options).
+        LogInUseError: another Monitor (in this or another process) writes to ``log``.
 
     Example:
         >>> import torch, curvscope as cs
@@ -114,6 +113,7 @@ class Monitor:
         every: int | None = None,
         overhead: float = OVERHEAD,
         log: str | Path | TextIO | None = None,
+        log_mode: str = "x",
         budget: int = DEFAULT_BUDGET,
         thresholds: Thresholds = DEFAULT_THRESHOLDS,
         params: Iterable[nn.Parameter | str] | None = None,
@@ -128,6 +128,7 @@ class Monitor:
             raise ValueError(f"overhead must be a fraction in (0, 1), got {overhead!r}")
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable as callback(diagnosis, previous_state)")
+        check_log_mode(log_mode)
         self.model, self.loss_fn, self.probe_data = model, loss_fn, probe_data
         self.optimizer, self.lr = optimizer, lr
         self.every, self.budget, self.thresholds = every, budget, thresholds
@@ -159,13 +160,11 @@ class Monitor:
         self.losses: list[float] = []
         self.first_loss: float | None = None
         self._vectors: Tensor | None = None
-        self._file, self._owns = None, False
+        self._log: RunLogWriter | None = None
         if log is not None and _is_writer():
-            if hasattr(log, "write"):
-                self._file = log
-            else:
-                self._file, self._owns = open(log, "w", encoding="utf-8"), True  # noqa: SIM115
-            self._write(
+            self._log = RunLogWriter(
+                log,
+                log_mode,
                 {
                     "curvscope_log": LOG_VERSION,
                     "version": _version(),
@@ -176,7 +175,7 @@ class Monitor:
                     "every": every if every is not None else f"auto ({overhead:.0%} overhead)",
                     "budget": budget,
                     "thresholds": thresholds.as_dict(),
-                }
+                },
             )
 
     # ----------------------------------------------------------------------------- use
@@ -302,16 +301,19 @@ class Monitor:
 
     # ---------------------------------------------------------------------------- log
     def _write(self, record: dict[str, Any]) -> None:
-        if self._file is None:
-            return
-        self._file.write(json.dumps(_jsonable(record), ensure_ascii=False) + "\n")
-        self._file.flush()
+        if self._log is not None and not self._log.closed:
+            self._log.write(record)  # never raises OSError: a failed write is counted
+
+    @property
+    def records_lost(self) -> int:
+        """Probe records that could not be written to the run log (e.g. disk full)."""
+        return 0 if self._log is None else self._log.lost
 
     def close(self) -> None:
-        """Close the run log (if the Monitor opened it) and flush TensorBoard."""
-        if self._owns and self._file is not None:
-            self._file.close()
-        self._file = None
+        """Close the run log (if the Monitor opened it: this releases its lock; warns if
+        records were lost) and flush TensorBoard. Probes after closing are not logged."""
+        if self._log is not None:
+            self._log.close()
         if self._writer is not None:
             self._writer.flush()
 
@@ -358,22 +360,3 @@ def _version() -> str:
     from curvscope import __version__
 
     return __version__
-
-
-def read_log(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Read a Monitor run log: (header, records). Non-finite numbers come back as floats."""
-    header: dict[str, Any] = {}
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            for k, v in obj.items():
-                if v in ("nan", "inf", "-inf"):
-                    obj[k] = float(v)
-            if "curvscope_log" in obj:
-                header = obj
-            else:
-                records.append(obj)
-    return header, records

@@ -1,0 +1,463 @@
+"""The JSONL run log: writing it so that nothing is lost, and reading it back, checked.
+
+The format (version :data:`LOG_VERSION`): one JSON object a line. A run starts with a header
+line holding ``"curvscope_log": <version>``; each probe then adds one record with ``"step"``,
+``"state"``, ``"advice"``, ``"reasons"`` and the evidence keys at top level. Non-finite
+numbers are written as the strings ``"nan"``, ``"inf"``, ``"-inf"`` (JSON has no literal for
+them) and read back as floats. A file may hold several runs (``log_mode="a"`` appends one).
+
+Writing (:class:`RunLogWriter`):
+
+- a path is opened following :func:`open`'s convention: ``"x"`` (the default) refuses an
+  existing file, ``"a"`` appends a new run with its own header, ``"w"`` overwrites;
+- the writer holds an exclusive lock on the file (``fcntl.flock``) from open to close, so a
+  second writer is refused instead of interleaving records; the operating system drops the
+  lock when the process dies. Where ``fcntl`` does not exist (Windows) no lock is taken:
+  do not point two Monitors at one path there;
+- each line goes to the operating system in one ``write`` as it is made (a killed process
+  loses at most the line being written, which then lacks its newline: :func:`read_log`
+  returns the records before it and warns). A power cut may still lose what the OS had not
+  yet put on disk (no ``fsync``: it would cost milliseconds a probe);
+- a write that fails (disk full, ``ENOSPC``; over a file size limit, ``EFBIG``) never
+  reaches the training loop: the part of the line already written is cut off again (the file
+  holds whole lines only), a :class:`LogWriteWarning` is issued once, the lost records are
+  counted, every record written after a loss carries ``"records_lost"`` (the count so far),
+  and closing warns with the total. A header that could not be written is retried before the
+  next record, so a run never loses its header.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from torch import Tensor
+
+from curvscope.diagnosis.classify import STATES
+
+try:  # POSIX; absent on Windows, where no lock is taken (see the module docstring)
+    import fcntl
+except ImportError:  # pragma: no cover - exercised only on Windows
+    fcntl = None  # type: ignore[assignment]
+
+#: Version of the run-log format (the header line's ``"curvscope_log"``).
+LOG_VERSION = 1
+#: The ways to open a log path, as for :func:`open`.
+LOG_MODES = ("x", "a", "w")
+
+
+class LogFormatError(ValueError):
+    """A file is not a run log this version of curvscope can read; the message is one line
+    that names the file, the line and what is wrong."""
+
+
+class LogInUseError(RuntimeError):
+    """Another writer (a Monitor in this or another process) holds the run log's lock."""
+
+
+class TornLogWarning(UserWarning):
+    """The last line of a run was cut off mid-write; the intact records were returned."""
+
+
+class LogWriteWarning(RuntimeWarning):
+    """A write to the run log failed (disk full); training goes on, the records are counted."""
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)  # "nan", "inf", "-inf": JSON has no literal for them
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Tensor):
+        return _jsonable(x.tolist())
+    return x
+
+
+def _line(record: dict[str, Any]) -> bytes:
+    # allow_nan=False: whatever _jsonable missed is an error here, never invalid JSON on disk
+    return (json.dumps(_jsonable(record), ensure_ascii=False, allow_nan=False) + "\n").encode()
+
+
+# ------------------------------------------------------------------------------- writing
+class RunLogWriter:
+    """Writes one run (a header, then records) to a path or to an open text file.
+
+    Args:
+        target: a path, or an open text file (written and flushed as it is; the caller opened
+            it, so the caller closes it, and it gets no lock).
+        mode: for a path: ``"x"`` (refuse an existing file), ``"a"`` (append a new run) or
+            ``"w"`` (overwrite).
+        header: the run's first line.
+
+    Raises:
+        ValueError: an unknown ``mode``.
+        FileExistsError: ``mode="x"`` and the file exists (the message names the options).
+        LogInUseError: another writer holds the file's lock.
+    """
+
+    def __init__(self, target: str | os.PathLike[str] | IO[str], mode: str, header: dict) -> None:
+        check_log_mode(mode)
+        self.name = str(getattr(target, "name", target))
+        self.lost = 0  # probe records that could not be written
+        self.written = 0  # probe records written
+        self._warned = False
+        self._first_error: OSError | None = None
+        self._raw: io.FileIO | None = None
+        self._text: IO[str] | None = None
+        if hasattr(target, "write"):
+            self._text = target  # type: ignore[assignment]
+        else:
+            self._raw = _open_locked(Path(target), mode)
+            if mode == "a" and not _ends_with_newline(self._raw):
+                # a previous writer was killed mid-line: end that line, and say so in the
+                # header, so that read_log knows the line before it was cut, not corrupt
+                self._raw.write(b"\n")
+                header = {**header, "previous_run_cut": True}
+        self._header: dict | None = header
+        self._write_header()
+
+    @property
+    def closed(self) -> bool:
+        return self._raw is None and self._text is None
+
+    def write(self, record: dict[str, Any]) -> bool:
+        """Append one probe record; True if it reached the file. Never raises ``OSError``."""
+        if self.closed:
+            raise ValueError(f"the run log {self.name!r} is closed")
+        if (self._header is None or self._write_header()) and self._put(
+            _line({**record, "records_lost": self.lost} if self.lost else record)
+        ):
+            self.written += 1
+            return True
+        self.lost += 1
+        return False
+
+    def close(self) -> None:
+        """Close the file (releasing the lock) if this writer opened it; warn if records were
+        lost. Idempotent."""
+        if self.closed:
+            return
+        if self._raw is not None:
+            self._raw.close()  # closing the descriptor releases the flock
+        self._raw = self._text = None
+        if self.lost:
+            warnings.warn(
+                f"{self.lost} of {self.lost + self.written} probe records could not be written "
+                f"to the run log {self.name!r} ({self._first_error}); the records written after "
+                "the first loss carry 'records_lost'",
+                LogWriteWarning,
+                stacklevel=3,
+            )
+
+    def __enter__(self) -> RunLogWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------ internals
+    def _write_header(self) -> bool:
+        assert self._header is not None
+        if self._put(_line(self._header)):
+            self._header = None
+            return True
+        return False
+
+    def _put(self, data: bytes) -> bool:
+        """Write whole lines or nothing: on a failure, cut off what part of it was written."""
+        try:
+            if self._text is not None:
+                self._text.write(data.decode())
+                self._text.flush()
+                return True
+            assert self._raw is not None
+            start = os.fstat(self._raw.fileno()).st_size
+            view = memoryview(data)
+            try:
+                while view:
+                    n = self._raw.write(view)
+                    if not n:  # pragma: no cover - a raw file in blocking mode never gives 0
+                        raise OSError(f"the file took no bytes of a {len(data)}-byte record")
+                    view = view[n:]
+            except OSError:
+                # the file holds whole lines only (/dev/full cannot be truncated: it kept nothing)
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._raw.fileno(), start)
+                raise
+            return True
+        except OSError as e:
+            if self._first_error is None:
+                self._first_error = e
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"could not write to the run log {self.name!r}: {e}. Training goes on; the "
+                    "records lost are counted (Monitor.records_lost, and 'records_lost' in the "
+                    "records written after), and closing the Monitor reports the total",
+                    LogWriteWarning,
+                    stacklevel=4,
+                )
+            return False
+
+
+def check_log_mode(mode: object) -> None:
+    if mode not in LOG_MODES:
+        raise ValueError(
+            "log_mode must be 'x' (a new file: refuse an existing one), 'a' (append a new run "
+            f"to an existing file) or 'w' (overwrite it), as for open(); got {mode!r}"
+        )
+
+
+def _open_locked(path: Path, mode: str) -> io.FileIO:
+    # O_APPEND: every write lands at the end; never O_TRUNC here: "w" truncates only once it
+    # holds the lock, so that a refused second writer destroys nothing
+    flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | (os.O_EXCL if mode == "x" else 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except FileExistsError:
+        raise FileExistsError(
+            f"the run log {str(path)!r} already exists and log_mode='x' (the default) never "
+            "overwrites: pass log_mode='a' to append a new run to it (cs.read_log reads the last "
+            "run by default), log_mode='w' to overwrite it, or choose another path"
+        ) from None
+    raw = io.FileIO(fd, "r+", closefd=True)
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raw.close()
+            raise LogInUseError(
+                f"the run log {str(path)!r} is being written by another Monitor (in this or "
+                "another process: it holds the file's lock); two writers would interleave their "
+                "records. Give each Monitor its own log path, or close the other one first"
+            ) from None
+    if mode == "w":
+        os.ftruncate(fd, 0)
+    return raw
+
+
+def _ends_with_newline(raw: io.FileIO) -> bool:
+    size = os.fstat(raw.fileno()).st_size
+    if size == 0:
+        return True
+    try:
+        return os.pread(raw.fileno(), 1, size - 1) == b"\n"
+    except OSError:  # pragma: no cover - not a regular file (a pipe, a device)
+        return True
+
+
+# ------------------------------------------------------------------------------- reading
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _number_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(_is_number(x) or x in _NONFINITE for x in v.values())
+
+
+_NUMBER = (_optional(lambda v: _is_number(v) or v in _NONFINITE), "a number, null or 'nan'")
+# the fields a reader relies on, and the type each must have where present
+RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "step": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "state": (lambda v: v in STATES, "one of " + ", ".join(STATES)),
+    "advice": (_str_list, "a list of strings"),
+    "reasons": (_str_list, "a list of strings"),
+    "confident": (lambda v: isinstance(v, bool), "true or false"),
+    "optimizer": (lambda v: isinstance(v, str), "a string"),
+    "thresholds": (lambda v: isinstance(v, dict), "an object"),
+    "layer_shares": (_number_map, "an object of numbers"),
+    "matvecs": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "batches": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "records_lost": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "preconditioned": (lambda v: isinstance(v, bool), "true or false"),
+    "eigen_converged": (_optional(lambda v: isinstance(v, bool)), "true, false or null"),
+    "decrement_converged": (_optional(lambda v: isinstance(v, bool)), "true, false or null"),
+    **dict.fromkeys(
+        (
+            "loss",
+            "grad_norm",
+            "sharpness",
+            "lambda_min",
+            "stability_limit",
+            "directional_curvature",
+            "newton_decrement",
+            "lr",
+            "limit_constant",
+            "sharpness_residual",
+            "lambda_min_residual",
+            "grad_dot_step",
+            "batch_sharpness",
+            "batch_sharpness_stderr",
+            "stable_lr",
+            "seconds",
+        ),
+        _NUMBER,
+    ),
+}
+HEADER_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "curvscope_log": (lambda v: _is_int(v) and v >= 1, "a positive integer (the format)"),
+    "version": (lambda v: isinstance(v, str), "a string"),
+    "started": (lambda v: isinstance(v, str), "a string"),
+    "optimizer": (lambda v: isinstance(v, str), "a string"),
+    "every": (lambda v: (_is_int(v) and v >= 1) or isinstance(v, str), "an integer or a string"),
+    "budget": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "thresholds": (lambda v: isinstance(v, dict), "an object"),
+    "previous_run_cut": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _check(obj: dict[str, Any], fields: dict, where: str) -> None:
+    for key, (ok, expected) in fields.items():
+        if key in obj and not ok(obj[key]):
+            value = json.dumps(obj[key], ensure_ascii=False)
+            value = value if len(value) <= 40 else value[:37] + "..."
+            raise LogFormatError(f"{where}: {key!r} must be {expected}, got {value}")
+
+
+def _restore_nonfinite(obj: dict[str, Any]) -> dict[str, Any]:
+    for k, v in obj.items():
+        if isinstance(v, str) and v in _NONFINITE and k not in ("state", "optimizer"):
+            obj[k] = _NONFINITE[v]
+        elif k == "layer_shares" and isinstance(v, dict):
+            obj[k] = {n: _NONFINITE.get(x, x) if isinstance(x, str) else x for n, x in v.items()}
+    return obj
+
+
+class _Run:
+    def __init__(self, header: dict[str, Any]) -> None:
+        self.header, self.records, self.cut_line = header, [], None
+
+
+def read_log(path: str | os.PathLike[str], *, run: int = -1) -> tuple[dict[str, Any], list]:
+    """Read a run log written by :class:`~curvscope.Monitor`: ``(header, records)``.
+
+    A file holds one run per header line (``log_mode="a"`` appends runs); ``run`` picks one
+    by index like a list: the last by default, ``0`` the first. Lines written before the first
+    header (a log without one) form a run with the header ``{}``. Non-finite numbers come back
+    as floats. The whole file is checked: the format version, and the type of every field a
+    reader relies on (``step`` an integer, ``state`` a known state, ``advice`` a list of
+    strings, the evidence numbers ...); unknown fields are kept as they are.
+
+    A line cut off mid-write (a killed writer leaves the last line without its newline) is
+    not an error: the intact records before it are returned and a :class:`TornLogWarning`
+    says which line was lost. Any other damage raises.
+
+    Raises:
+        LogFormatError: the file is not a run log this version reads (the one-line message
+            names the file, the line and the problem).
+        ValueError: ``run`` is out of range (the message says how many runs there are).
+        TypeError: ``run`` is not an integer.
+        OSError: the file cannot be read (e.g. ``FileNotFoundError``).
+
+    Example:
+        >>> import curvscope as cs, pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "run.jsonl"
+        >>> _ = path.write_text('{"curvscope_log": 1}\\n{"step": 5, "state": "learning"}\\n')
+        >>> cs.read_log(path)
+        ({'curvscope_log': 1}, [{'step': 5, 'state': 'learning'}])
+    """
+    if not _is_int(run):
+        raise TypeError(f"run must be an integer index (-1: the last run), got {run!r}")
+    name = str(path)
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LogFormatError(
+            f"{name}: not UTF-8 text (byte {e.start}); a run log is JSON lines"
+        ) from None
+    lines = text.split("\n")
+    complete = text.endswith("\n")  # else the last line lacks its newline
+    if complete:
+        lines.pop()
+    runs: list[_Run] = []
+    bad: tuple[int, json.JSONDecodeError] | None = None  # a line that did not parse
+
+    def fail_json(lineno: int, e: json.JSONDecodeError) -> LogFormatError:
+        return LogFormatError(
+            f"{name}, line {lineno}, column {e.colno}: not valid JSON ({e.msg}); a run log "
+            "holds one JSON object a line"
+        )
+
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            if bad is not None:
+                raise fail_json(*bad) from None
+            bad = (lineno, e)
+            continue
+        where = f"{name}, line {lineno}"
+        if not isinstance(obj, dict):
+            raise LogFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        if "curvscope_log" in obj:
+            _check(obj, HEADER_FIELDS, where)
+            version = obj["curvscope_log"]
+            if version > LOG_VERSION:
+                raise LogFormatError(
+                    f"{where}: log format {version} (written by curvscope "
+                    f"{obj.get('version', '?')}); this curvscope reads format {LOG_VERSION} "
+                    "and older: upgrade curvscope to read it"
+                )
+            if bad is not None:
+                if not (obj.get("previous_run_cut") and runs):
+                    raise fail_json(*bad) from None
+                runs[-1].cut_line, bad = bad[0], None  # the previous run's last line was cut
+            runs.append(_Run(_restore_nonfinite(obj)))
+            continue
+        if bad is not None:
+            raise fail_json(*bad) from None
+        _check(obj, RECORD_FIELDS, where)
+        if not runs:
+            runs.append(_Run({}))
+        runs[-1].records.append(_restore_nonfinite(obj))
+    if bad is not None:
+        if complete or bad[0] != len(lines):
+            raise fail_json(*bad) from None
+        if not runs:
+            runs.append(_Run({}))
+        runs[-1].cut_line = bad[0]  # the writer was killed before the line's newline
+    if not runs:
+        runs.append(_Run({}))  # an empty file: one empty run
+    if not -len(runs) <= run < len(runs):
+        raise ValueError(
+            f"run={run} is out of range: {name} holds {len(runs)} run(s), "
+            f"indices 0 to {len(runs) - 1} (or -1 for the last)"
+        )
+    chosen = runs[run]
+    if chosen.cut_line is not None:
+        index = runs.index(chosen)
+        warnings.warn(
+            f"{name}: line {chosen.cut_line}, the last of run {index}, was cut off mid-write "
+            "(the writing process was probably killed); returning the "
+            f"{len(chosen.records)} intact records before it",
+            TornLogWarning,
+            stacklevel=2,
+        )
+    return chosen.header, chosen.records
