@@ -370,7 +370,7 @@ class Curvature:
 
     def matmat(self, V: Tensor) -> Tensor:
         """C V for a block of vectors V of shape (num_params, k); counts k products."""
-        V = check_vector(V, self.num_params, self.dtype, self.device, name="V")
+        V = check_vector(V, self.num_params, self.dtype, self.device)
         single = V.ndim == 1
         blocks = self._source.unflatten(V[:, None] if single else V)
         k = blocks[0].shape[0]

@@ -2,16 +2,21 @@
 
 Each kind turns one batch into a *prepared product*: the autograd graph that one batch needs,
 built once, and a method ``apply(blocks)`` that multiplies per-parameter blocks of shape
-(k, *param.shape) by that batch's curvature of its mean loss. With the data held in memory the
-prepared products are cached, so each further product is a backward pass through a kept graph
-(the cheapest product there is: about one gradient); from a loader they are rebuilt per pass.
+(k, *param.shape) by that batch's curvature of its loss as the loss reduces it (the mean or the
+sum over the batch; ``ModelObjective.reduction``). With the data held in memory the prepared
+products are cached, so each further product is a backward pass through a kept graph (the
+cheapest product there is: about one gradient); from a loader they are rebuilt per pass.
 
 The Gauss-Newton family is composed from one piece, :class:`_Jacobian` (Jv and Jᵀw of a
 function of the parameters by the double-vjp trick, which needs no forward-mode AD):
 
-- GGN              Jᵀ H_out J,         H_out = ∂²loss/∂out², by autograd, for any loss
-- Fisher           Jᵀ (c/M Σ_m g_m g_mᵀ) J,  g_m = ∂(−log p(y_m|out))/∂out, y_m ~ p(·|out)
-- empirical Fisher (1/N) J_ℓᵀ J_ℓ,     J_ℓ the Jacobian of the N per-sample losses
+- GGN              Jᵀ H_out J,  H_out = ∂²loss/∂out², by autograd, for any loss
+- Fisher           (1/T) Σ_t J_tᵀ (1/M Σ_m g_mt g_mtᵀ) J_t,  g_mt = ∂ℓ_t(y_m)/∂out_t, y_m ~ p(·|out)
+- empirical Fisher (1/T) Σ_t J_tᵀ g_t g_tᵀ J_t,  g_t = ∂ℓ_t(y)/∂out_t with the true labels
+
+t runs over the likelihood terms ℓ_t the loss adds up (:class:`Likelihood`), T is what the mean
+divides their sum by (1 for a summed loss); the two Fishers are one product,
+:class:`_OuterProduct`, fed sampled or true-label gradient rows.
 """
 
 from __future__ import annotations
@@ -187,20 +192,43 @@ def prepare_ggn(obj: ModelObjective, batch: Batch) -> _GGNProduct:
 
 
 # ------------------------------------------------------------------------------- Fisher
+def _all_terms(loss_fn: object, rows: Tensor, targets: Tensor) -> Tensor:
+    return torch.ones(rows.shape[0], dtype=rows.dtype, device=rows.device)
+
+
+def _categorical_terms(loss_fn: object, rows: Tensor, targets: Tensor) -> Tensor:
+    """Each row's weight in the mean's divisor: 0 at ``ignore_index``, the class weight of its
+    label under ``weight=``, else 1 (targets given as class probabilities: 1 every row)."""
+    if targets.is_floating_point():
+        return _all_terms(loss_fn, rows, targets)
+    labels = targets.reshape(-1)
+    kept = labels != getattr(loss_fn, "ignore_index", -100)
+    counted = kept.to(rows.dtype)
+    weight = getattr(loss_fn, "weight", None)
+    if weight is not None:
+        counted = counted * weight.to(rows.dtype)[torch.where(kept, labels, 0)]
+    return counted
+
+
 @dataclass(frozen=True)
 class Likelihood:
     """The predictive distribution whose negative log-likelihood a loss is (up to scale).
 
-    The outputs are viewed as a (terms, classes) matrix by ``as_terms``: one row per
-    log-likelihood term the loss averages (a sample, a token, a pixel, an output entry).
+    The outputs are viewed as a (rows, classes) matrix by ``as_terms``: one row per
+    log-likelihood term the loss sums or averages (the class vector of a sample or of a
+    position for cross-entropy; each output entry for MSE and BCE).
     ``sample_grad(rows, generator, m)`` draws m label sets y ~ p(·|out) and returns the gradients
-    ∂(−log p(y|out))/∂out of each row, shape (m, terms, classes); their second moment is the
+    ∂(−log p(y|out))/∂out of each row, shape (m, rows, classes); their second moment is the
     output Hessian of the loss, so the Fisher equals the GGN in expectation.
+    ``counted(loss_fn, rows, targets)`` is each row's weight in the divisor of the loss's mean:
+    1 for a term, 0 for a row the loss skips (``ignore_index``), the class weight under
+    ``weight=``; the mean is then (Σ_t ℓ_t) / Σ_t counted_t.
     """
 
     name: str
     as_terms: Callable[[Tensor], Tensor]
     sample_grad: Callable[[Tensor, torch.Generator, int], Tensor]
+    counted: Callable[[object, Tensor, Tensor], Tensor] = _all_terms
 
 
 def _classes_last(out: Tensor) -> Tensor:
@@ -229,7 +257,9 @@ def _gaussian_grad(rows: Tensor, gen: torch.Generator, m: int) -> Tensor:
 
 
 LIKELIHOODS: dict[type, Likelihood] = {
-    nn.CrossEntropyLoss: Likelihood("categorical", _classes_last, _categorical_grad),
+    nn.CrossEntropyLoss: Likelihood(
+        "categorical", _classes_last, _categorical_grad, _categorical_terms
+    ),
     nn.BCEWithLogitsLoss: Likelihood("bernoulli", _entries, _bernoulli_grad),
     nn.MSELoss: Likelihood("gaussian", _entries, _gaussian_grad),
 }
@@ -255,38 +285,62 @@ def likelihood_of(loss_fn: object) -> Likelihood:
     return lik
 
 
+def _mean_divisor(obj: ModelObjective, counted: Tensor | int) -> Tensor | float:
+    """What the batch loss divides its sum of terms by: Σ counted for "mean", 1 for "sum"."""
+    if obj.reduction == "sum":
+        return 1.0
+    if obj.reduction != "mean":
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {obj.reduction!r}")
+    return counted.sum() if isinstance(counted, Tensor) else float(counted)
+
+
 @dataclass
-class _FisherProduct:
-    jac: _Jacobian  # of the outputs viewed as (terms, classes)
-    sample_grads: Tensor  # (m, terms, classes)
-    scale: float  # 1 / (terms · m): the mean reduction, and the Monte-Carlo average
+class _OuterProduct:
+    """Jᵀ (scale Σ_m Σ_t g_mt g_mtᵀ) J: the Fisher and the empirical Fisher alike.
+
+    ``jac`` is that of the outputs viewed as (rows, classes); ``grads`` (m, rows, classes) hold
+    one gradient row per term and draw — sampled labels (Fisher) or the true ones (empirical
+    Fisher, m = 1) — with zero rows for what the loss skips.
+    """
+
+    jac: _Jacobian
+    grads: Tensor  # (m, rows, classes)
+    scale: Tensor | float
 
     def apply(self, blocks: Sequence[Tensor]) -> list[Tensor]:
-        jv = self.jac.jvp(blocks)[:, None]  # (k, 1, terms, classes)
-        g = self.sample_grads[None]  # (1, m, terms, classes)
+        jv = self.jac.jvp(blocks)[:, None]  # (k, 1, rows, classes)
+        g = self.grads[None]  # (1, m, rows, classes)
         w = self.scale * ((jv * g).sum(-1, keepdim=True) * g).sum(1)
         return self.jac.vjp(w)
 
 
 def prepare_fisher(
     obj: ModelObjective, batch: Batch, likelihood: Likelihood, mc_samples: int, seed: int
-) -> _FisherProduct:
+) -> _OuterProduct:
+    """F = (1/T) Σ_t Jᵀ_t E[g_t g_tᵀ] J_t, by ``mc_samples`` draws of every term's label.
+
+    t runs over the likelihood terms the loss counts (rows at ``ignore_index`` are skipped),
+    T is their number for a mean-reduced loss and 1 for a summed one.
+    """
     theta = obj.leaves()
     with obj.context(batch.index):
         out = obj.forward(theta, batch, tensor=True)
         obj.loss(out.detach().requires_grad_(True), batch)  # the checks every kind makes
         rows = likelihood.as_terms(out)
         jac = _Jacobian(rows, list(theta.values()))
+    counted = likelihood.counted(obj.loss_fn, rows, batch.targets)
     gen = torch.Generator(device=out.device)
     gen.manual_seed(seed * 7_919 + batch.index)
     with torch.no_grad():
         g = likelihood.sample_grad(rows.detach(), gen, mc_samples)
-    return _FisherProduct(jac, g, 1.0 / (rows.shape[0] * mc_samples))
+        g = g * (counted > 0).to(g.dtype)[:, None]
+    return _OuterProduct(jac, g, 1.0 / (_mean_divisor(obj, counted) * mc_samples))
 
 
 # --------------------------------------------------------------------- empirical Fisher
 def per_sample_losses(loss_fn: Callable, out: Tensor, targets: Tensor) -> Tensor:
-    """The N terms ℓ_i = loss_fn(out[i:i+1], targets[i:i+1]) whose mean is the batch loss."""
+    """The N terms ℓ_i = loss_fn(out[i:i+1], targets[i:i+1]) whose mean (or sum) is the batch
+    loss."""
 
     def one(o: Tensor, t: Tensor) -> Tensor:
         return loss_fn(o[None], t[None])
@@ -297,20 +351,41 @@ def per_sample_losses(loss_fn: Callable, out: Tensor, targets: Tensor) -> Tensor
         return torch.stack([loss_fn(out[i : i + 1], targets[i : i + 1]) for i in range(len(out))])
 
 
-@dataclass
-class _EmpiricalFisherProduct:
-    jac: _Jacobian
-    n: int
+def prepare_empirical_fisher(obj: ModelObjective, batch: Batch) -> _OuterProduct:
+    """E = (1/T) Σ_t ∇ℓ_t ∇ℓ_tᵀ over the loss's likelihood terms, with the true labels.
 
-    def apply(self, blocks: Sequence[Tensor]) -> list[Tensor]:
-        return self.jac.vjp(self.jac.jvp(blocks) / self.n)
+    For ``nn.CrossEntropyLoss``, ``nn.BCEWithLogitsLoss`` and ``nn.MSELoss`` the terms ℓ_t are
+    the Fisher's (what ``reduction="none"`` returns: a class vector per sample or position for
+    cross-entropy, every output entry for MSE and BCE) and T is what the mean divides their sum
+    by (their number, less the rows at ``ignore_index``; the sum of the class weights under
+    ``weight=``), 1 for a summed loss. So E has the Fisher's structure with each term's sampled
+    gradient replaced by its true-label gradient g_t = ∂ℓ_t/∂out_t, and with labels drawn from
+    the model its expectation is the Fisher, hence the GGN.
 
+    The g_t come from autograd: ∂L/∂out of the batch loss L = (1/T) Σ_t ℓ_t is g_t/T row by
+    row, since each term depends on its own row only. That is the derivative of the loss as
+    the user configured it (label smoothing, targets as class probabilities, ``pos_weight``,
+    ``ignore_index``) with no formula to keep in step with torch's, for one backward pass
+    through the loss alone.
 
-def prepare_empirical_fisher(obj: ModelObjective, batch: Batch) -> _EmpiricalFisherProduct:
+    Any other loss (a custom function): the per-sample decomposition
+    E = (1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ, ℓ_i = loss_fn(out[i:i+1], targets[i:i+1]) (N → 1 when summed).
+    """
     theta = obj.leaves()
+    leaves = list(theta.values())
+    lik = LIKELIHOODS.get(type(obj.loss_fn))
     with obj.context(batch.index):
         out = obj.forward(theta, batch, tensor=True)
-        obj.loss(out, batch)
-        losses = per_sample_losses(obj.loss_fn, out, batch.targets)
-        jac = _Jacobian(losses.reshape(-1), list(theta.values()))
-    return _EmpiricalFisherProduct(jac, losses.numel())
+        if lik is None:
+            obj.loss(out, batch)  # the checks every kind makes
+            losses = per_sample_losses(obj.loss_fn, out, batch.targets).reshape(-1, 1)
+            jac = _Jacobian(losses, leaves)
+            ones = torch.ones(1, *losses.shape, dtype=out.dtype, device=out.device)
+            return _OuterProduct(jac, ones, 1.0 / _mean_divisor(obj, losses.shape[0]))
+        out_leaf = out.detach().requires_grad_(True)
+        (d_out,) = torch.autograd.grad(obj.loss(out_leaf, batch), out_leaf)
+        rows = lik.as_terms(out)
+        jac = _Jacobian(rows, leaves)
+    counted = lik.counted(obj.loss_fn, rows, batch.targets)
+    # ∂L/∂row_t = g_t / T: the outer products of these, times T, are (1/T) Σ_t g_t g_tᵀ
+    return _OuterProduct(jac, lik.as_terms(d_out)[None], _mean_divisor(obj, counted))

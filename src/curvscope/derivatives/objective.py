@@ -335,7 +335,7 @@ class ModelObjective:
         if isinstance(data, Sequence) and not isinstance(data, (str, bytes, Tensor)):
             return list(data)
         if isinstance(data, Iterable):
-            if iter(data) is data:
+            if isinstance(data, Iterator):  # iter(loader) would draw from the global RNG
                 raise TypeError(
                     "data is a one-shot iterator (a generator?): a curvature operator passes "
                     "over the data once per product; pass a list of (inputs, targets) pairs or "

@@ -1,0 +1,367 @@
+"""Issue 11: the same operator on every product, whatever the update path, the loader or the
+reduction — each reproducer of a silently wrong number, now a test."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import curvscope as cs
+from tests import cases
+
+DT = torch.float64
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _probe(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=DT)
+
+
+# ------------------------------------------------------ 1. parameters changed behind its back
+def _vector_to_parameters(model: nn.Module) -> None:
+    flat = nn.utils.parameters_to_vector(model.parameters())
+    nn.utils.vector_to_parameters(flat * 1.5 + 0.1, model.parameters())
+
+
+def _data_add(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.data.add_(0.3 * torch.ones_like(p))
+
+
+def _assign_state_dict(model: nn.Module) -> None:
+    sd = {k: v * 1.5 + 0.1 for k, v in model.state_dict().items()}
+    model.load_state_dict(sd, assign=True)
+
+
+def _replace_parameter(model: nn.Module) -> None:
+    model[0].weight = nn.Parameter(model[0].weight.detach() * -2.0)
+
+
+@pytest.mark.parametrize(
+    "change", [_vector_to_parameters, _data_add, _assign_state_dict, _replace_parameter]
+)
+def test_products_follow_parameter_changes_that_bump_no_version(change):
+    case = cases.mlp()
+    C = cs.Curvature(case.model, case.loss_fn, case.data)
+    v = _probe(C.num_params)
+    before, (loss0, _) = C @ v, C.loss_and_gradient()
+    change(case.model)
+    after, (loss1, grad1) = C @ v, C.loss_and_gradient()
+    fresh = cs.Curvature(case.model, case.loss_fn, case.data)
+    expected, (loss2, grad2) = fresh @ v, fresh.loss_and_gradient()
+    assert _rel(before, expected) > 0.05  # the change matters: a stale cache would be caught
+    torch.testing.assert_close(after, expected, rtol=1e-12, atol=1e-12)
+    assert loss1 == pytest.approx(loss2, rel=1e-12) and loss1 != pytest.approx(loss0, rel=1e-3)
+    torch.testing.assert_close(grad1, grad2)
+
+
+def test_products_follow_buffer_changes():
+    case = cases.batchnorm(train=False)  # eval mode: the running statistics enter the loss
+    C = cs.Curvature(case.model, case.loss_fn, case.data)
+    v = _probe(C.num_params)
+    before = C @ v
+    case.model.train()
+    with torch.no_grad():
+        case.model(case.inputs)  # a train-mode forward updates the running statistics
+    case.model.eval()
+    fresh = cs.Curvature(case.model, case.loss_fn, case.data)
+    assert _rel(before, fresh @ v) > 1e-3
+    torch.testing.assert_close(C @ v, fresh @ v)
+
+
+def test_unchanged_model_reuses_the_cached_graphs():
+    case = cases.mlp()
+    C = cs.Curvature(case.model, case.loss_fn, case.data)
+    v = _probe(C.num_params)
+    C @ v
+    cached = C._cached
+    C @ v
+    assert C._cached is cached  # the exact check found nothing changed: no rebuild
+    with torch.no_grad():
+        next(case.model.parameters()).add_(1e-3)
+    C @ v
+    assert C._cached is not cached
+
+
+def test_top_eigenvalue_after_vector_to_parameters_is_the_new_points():
+    """The issue's reproducer: λ_max answered for the old parameters (0.613 instead of 0.994)."""
+    case = cases.mlp()
+    C = cs.Curvature(case.model, case.loss_fn, case.data)
+    old = cs.eigenvalues(C, k=1).values[0]
+    _vector_to_parameters(case.model)
+    new = cs.eigenvalues(C, k=1).values[0]
+    truth = torch.linalg.eigvalsh(cases.dense_hessian(case))[-1]
+    assert abs(new - truth) <= 1e-3 * abs(truth) and abs(old - truth) > 1e-2 * abs(truth)
+
+
+# ---------------------------------------------------------- 2. every pass, the same batches
+def _loader(case: cases.Case, **kw) -> DataLoader:
+    return DataLoader(TensorDataset(case.inputs, case.targets), batch_size=5, **kw)
+
+
+def _rng_states(loader: DataLoader | None = None) -> tuple:
+    gen = None if loader is None or loader.generator is None else loader.generator.get_state()
+    return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate(), gen
+
+
+def _assert_same_states(a: tuple, b: tuple) -> None:
+    assert torch.equal(a[0], b[0]), "torch's global RNG changed"
+    assert np.array_equal(a[1], b[1]), "numpy's global RNG changed"
+    assert a[2] == b[2], "Python's random changed"
+    assert (a[3] is None) == (b[3] is None) and (a[3] is None or torch.equal(a[3], b[3]))
+
+
+@pytest.mark.parametrize("kind", ["hessian", "fisher", "ggn"])
+@pytest.mark.parametrize(
+    "loader_kw",
+    [
+        {"shuffle": True},
+        {"shuffle": True, "drop_last": True},
+        {"shuffle": True, "generator": torch.Generator().manual_seed(5)},
+    ],
+    ids=["shuffle", "drop_last", "own-generator"],
+)
+def test_a_shuffled_loader_gives_one_fixed_matrix(kind, loader_kw):
+    case = cases.dropout_batchnorm(n=23)  # train-mode BatchNorm and dropout: order matters
+    loader = _loader(case, **loader_kw)
+    states = _rng_states(loader)
+    C = cs.Curvature(case.model, case.loss_fn, loader, kind=kind)
+    v = _probe(C.num_params)
+    w = _probe(C.num_params, seed=1)
+    first, second, cw = C @ v, C @ v, C @ w
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    # a changing operator is not even symmetric: vᵀ(Cw) = wᵀ(Cv) holds for a fixed one only
+    assert float(v @ cw) == pytest.approx(float(w @ first), rel=1e-10)
+    _assert_same_states(states, _rng_states(loader))
+
+
+def test_a_shuffled_loader_equals_the_list_of_its_batches():
+    """The operator over a shuffled loader is the operator over one fixed order of it."""
+    case = cases.dropout_batchnorm(n=23)
+    loader = _loader(case, shuffle=True)
+    C = cs.Curvature(case.model, case.loss_fn, loader)
+    batches = [(b.inputs, b.targets) for b in C.objective.batches()]
+    assert not torch.equal(torch.cat([x for x, _ in batches]), case.inputs)  # shuffled
+    L = cs.Curvature(case.model, case.loss_fn, batches)
+    torch.testing.assert_close(C.to_dense(), L.to_dense())
+    r = cs.eigenvalues(C, k=1)
+    assert r.converged[0]
+    truth = torch.linalg.eigvalsh(L.to_dense())[-1]
+    assert abs(r.values[0] - truth) <= 1e-3 * abs(truth)
+
+
+def test_diagnosis_over_a_shuffled_loader_is_reproducible():
+    case = cases.dropout_batchnorm(n=23)
+    loader = _loader(case, shuffle=True)
+    a = cs.diagnose(case.model, case.loss_fn, loader, lr=0.3)
+    b = cs.diagnose(case.model, case.loss_fn, loader, lr=0.3)
+    assert a.state == b.state and a.evidence["sharpness"] == b.evidence["sharpness"]
+
+
+def test_an_unshuffled_loader_leaves_the_global_rng_as_found():
+    case = cases.mlp()
+    loader = _loader(case)
+    states = _rng_states()
+    C = cs.Curvature(case.model, case.loss_fn, loader)
+    C @ _probe(C.num_params)
+    C.loss_and_gradient()
+    _assert_same_states(states, _rng_states())
+
+
+def test_a_failing_product_leaves_the_global_rng_as_found():
+    case = cases.mlp()
+
+    def fails_on_second_batch(out, y):
+        if len(y) == 3:
+            raise RuntimeError("boom")
+        return F.cross_entropy(out, y)
+
+    loader = DataLoader(TensorDataset(case.inputs, case.targets), batch_size=7, shuffle=True)
+    states = _rng_states()
+    C = cs.Curvature(case.model, fails_on_second_batch, loader, reduction="mean")
+    with pytest.raises(RuntimeError, match="boom"):
+        C @ _probe(C.num_params)
+    _assert_same_states(states, _rng_states())
+
+
+def test_worker_processes_see_the_same_batches():
+    case = cases.mlp(n=20)
+    loader = _loader(case, shuffle=True, num_workers=2)
+    C = cs.Curvature(case.model, case.loss_fn, loader)
+    v = _probe(C.num_params)
+    torch.testing.assert_close(C @ v, C @ v, rtol=0, atol=0)
+
+
+class _NoisyDataset(Dataset):
+    """Random augmentation from an RNG of its own: what curvscope cannot fix."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+        self.rng = np.random.default_rng()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i] + float(self.rng.normal()), self.y[i]
+
+
+def test_data_that_still_varies_is_refused_at_construction():
+    case = cases.mlp()
+    loader = DataLoader(_NoisyDataset(case.inputs, case.targets), batch_size=6)
+    with pytest.raises(RuntimeError, match="differs from the same batch.*deterministic"):
+        cs.Curvature(case.model, case.loss_fn, loader)
+
+
+class _GlobalNoiseDataset(_NoisyDataset):
+    """Augmentation from torch's and numpy's global RNGs: fixed per pass by curvscope."""
+
+    def __getitem__(self, i: int):
+        noise = float(torch.randn(())) + float(np.random.normal()) + random.random()
+        return self.x[i] + noise, self.y[i]
+
+
+def test_augmentation_from_global_rngs_is_fixed_per_pass():
+    case = cases.mlp()
+    loader = DataLoader(_GlobalNoiseDataset(case.inputs, case.targets), batch_size=6)
+    states = _rng_states()
+    C = cs.Curvature(case.model, case.loss_fn, loader)
+    v = _probe(C.num_params)
+    torch.testing.assert_close(C @ v, C @ v, rtol=0, atol=0)
+    _assert_same_states(states, _rng_states())
+
+
+# ---------------------------------------------------------------- 5. reduction="sum"
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "fisher", "empirical_fisher"])
+def test_a_summed_loss_has_the_curvature_of_the_sum(kind):
+    case = cases.mlp(n=24)
+    batches = [(case.inputs[:10], case.targets[:10]), (case.inputs[10:], case.targets[10:])]
+    mean = cs.Curvature(case.model, nn.CrossEntropyLoss(), batches, kind=kind).to_dense()
+    total = cs.Curvature(case.model, nn.CrossEntropyLoss(reduction="sum"), batches, kind=kind)
+    torch.testing.assert_close(total.to_dense(), 24 * mean)
+    loss_mean = cs.Curvature(case.model, nn.CrossEntropyLoss(), batches).loss_and_gradient()[0]
+    assert total.loss_and_gradient()[0] == pytest.approx(24 * loss_mean, rel=1e-12)
+
+
+def test_the_hessian_of_a_summed_loss_against_the_dense_reference():
+    case = cases.mlp(n=24)
+    dense = cases.dense_hessian(case) * 24  # the reference differentiates the mean loss
+    C = cs.Curvature(case.model, nn.CrossEntropyLoss(reduction="sum"), case.data)
+    torch.testing.assert_close(C.to_dense(), dense)
+
+
+@pytest.mark.parametrize(
+    ("opaque", "reduction"),
+    [
+        (lambda o, y: F.cross_entropy(o, y, reduction="sum"), "sum"),
+        (lambda o, y: F.cross_entropy(o, y), "mean"),
+        (lambda o, y: ((o.softmax(-1) - F.one_hot(y, 3)) ** 2).sum(), "sum"),
+    ],
+    ids=["ce-sum", "ce-mean", "custom-sum"],
+)
+def test_the_reduction_of_an_opaque_loss_is_inferred(opaque, reduction):
+    """Summing lambdas were silently taken as means (51x and 192x off)."""
+    case = cases.mlp(n=24)
+    C = cs.Curvature(case.model, opaque, case.data)
+    v = _probe(C.num_params)
+    explicit = cs.Curvature(case.model, opaque, case.data, reduction=reduction)
+    torch.testing.assert_close(C @ v, explicit @ v)
+    assert C.objective.reduction == reduction
+
+
+def test_a_reduction_that_cannot_be_told_is_refused_naming_reduction():
+    case = cases.mlp(n=24)
+
+    def batch_dependent(o, y):  # neither a mean nor a sum of per-sample terms
+        return F.cross_entropy(o, y) * len(y) ** 0.5
+
+    n = sum(p.numel() for p in case.model.parameters())
+    with pytest.raises(ValueError, match="reduction='mean'.*reduction='sum'"):
+        cs.Curvature(case.model, batch_dependent, case.data) @ _probe(n)
+    one = [(case.inputs[i : i + 1], case.targets[i : i + 1]) for i in range(3)]
+    with pytest.raises(ValueError, match="batch of one sample.*reduction="):
+        cs.Curvature(case.model, lambda o, y: F.cross_entropy(o, y), one) @ _probe(n)
+    C = cs.Curvature(case.model, batch_dependent, case.data, reduction="mean")
+    assert torch.isfinite(C @ _probe(n)).all()
+
+
+def test_diagnose_judges_a_summed_loss_on_the_sum():
+    case = cases.mlp(n=24)
+    mean = cs.diagnose(case.model, nn.CrossEntropyLoss(), case.data, lr=0.1)
+    total = cs.diagnose(case.model, nn.CrossEntropyLoss(reduction="sum"), case.data, lr=0.1)
+    assert total.evidence["sharpness"] == pytest.approx(24 * mean.evidence["sharpness"], rel=1e-3)
+    assert total.evidence["loss"] == pytest.approx(24 * mean.evidence["loss"], rel=1e-9)
+
+
+# --------------------------------------------------------------------- 6. silent inputs
+def _mlp():
+    case = cases.mlp()
+    return case.model, case.loss_fn, case.data
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (lambda m, lf, d: cs.Curvature(m, lf, d, cache="no"), TypeError, "cache must be"),
+        (lambda m, lf, d: cs.Curvature(m, lf, d, seed=1.7), TypeError, "seed.*integer.*1.7"),
+        (lambda m, lf, d: cs.Curvature(m, lf, d, seed=None), TypeError, "seed=None"),
+        (lambda m, lf, d: cs.Curvature(m, lf, d, seed=-2), ValueError, "seed.*>= 0"),
+        (lambda m, lf, d: cs.Curvature(m, lf, d, reduction="avg"), ValueError, "reduction must"),
+        (lambda m, lf, d: cs.Curvature(m, lf, d, mc_samples=1.5), TypeError, "mc_samples"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_them(build, error, match):
+    with pytest.raises(error, match=match):
+        build(*_mlp())
+
+
+def test_targets_that_count_other_samples_are_refused():
+    case = cases.mlp_mse()
+    broadcast = (case.inputs, case.targets[:1])  # (1, 2) against (24, 2): MSE broadcasts
+    C = cs.Curvature(case.model, case.loss_fn, broadcast)
+    with pytest.raises(ValueError, match="24 rows but the targets 1.*one row per sample"):
+        C @ _probe(C.num_params)
+
+
+def test_bad_vectors_are_refused_naming_the_problem():
+    C = cs.Curvature(*_mlp())
+    v = _probe(C.num_params)
+    v[3] = float("nan")
+    with pytest.raises(ValueError, match="v has 1 non-finite"):
+        C.matvec(v)
+    with pytest.raises(ValueError, match="at least one vector.*\\(43, 0\\)"):
+        C @ torch.zeros(C.num_params, 0, dtype=DT)
+
+
+def test_a_meta_device_model_is_refused():
+    with torch.device("meta"):
+        model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="meta device.*to_empty"):
+        cs.Curvature(model, nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 2)))
+
+
+# --------------------------------------------------------------- 7. what the operator is
+def test_embedding_padding_row_is_projected_out_and_said():
+    torch.manual_seed(0)
+    emb = nn.Embedding(6, 3, padding_idx=0).double()
+    model = nn.Sequential(emb, nn.Flatten(), nn.Linear(6, 2).double())
+    x = torch.tensor([[0, 1], [2, 0], [3, 4], [5, 0]])
+    y = torch.tensor([0, 1, 1, 0])
+    C = cs.Curvature(model, nn.CrossEntropyLoss(), (x, y))
+    assert any("padding row" in n and "P·H·P" in n for n in C.notes)
+    plain = nn.Sequential(nn.Embedding(6, 3).double(), nn.Flatten(), nn.Linear(6, 2).double())
+    plain.load_state_dict(model.state_dict())
+    H = cs.Curvature(plain, nn.CrossEntropyLoss(), (x, y)).to_dense()
+    P = torch.ones(C.num_params, dtype=DT)
+    P[:3] = 0  # the padding row of the embedding comes first in the flat vector
+    torch.testing.assert_close(C.to_dense(), P[:, None] * H * P[None, :])
+    assert H[:3].abs().sum() > 0  # the row the projection removes is not zero without it
