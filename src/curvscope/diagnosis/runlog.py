@@ -420,10 +420,10 @@ def read_log(path: str | os.PathLike[str], *, run: int = -1) -> tuple[dict[str, 
             _check(obj, HEADER_FIELDS, where)
             version = obj["curvscope_log"]
             if version > LOG_VERSION:
+                by = f" (written by curvscope {obj['version']})" if "version" in obj else ""
                 raise LogFormatError(
-                    f"{where}: log format {version} (written by curvscope "
-                    f"{obj.get('version', '?')}); this curvscope reads format {LOG_VERSION} "
-                    "and older: upgrade curvscope to read it"
+                    f"{where}: log format {version}{by}; this curvscope reads format "
+                    f"{LOG_VERSION} and older: upgrade curvscope to read it"
                 )
             if bad is not None:
                 if not (obj.get("previous_run_cut") and runs):
@@ -452,11 +452,11 @@ def read_log(path: str | os.PathLike[str], *, run: int = -1) -> tuple[dict[str, 
         )
     chosen = runs[run]
     if chosen.cut_line is not None:
-        index = runs.index(chosen)
+        index, n = runs.index(chosen), len(chosen.records)
         warnings.warn(
             f"{name}: line {chosen.cut_line}, the last of run {index}, was cut off mid-write "
-            "(the writing process was probably killed); returning the "
-            f"{len(chosen.records)} intact records before it",
+            f"(the writing process was probably killed); returning the {n} intact "
+            f"record{'' if n == 1 else 's'} before it",
             TornLogWarning,
             stacklevel=2,
         )
