@@ -218,7 +218,7 @@ class _NoisyDataset(Dataset):
 def test_data_that_still_varies_is_refused_at_construction():
     case = cases.mlp()
     loader = DataLoader(_NoisyDataset(case.inputs, case.targets), batch_size=6)
-    with pytest.raises(RuntimeError, match="differs from the same batch.*deterministic"):
+    with pytest.raises(RuntimeError, match=r"differs from the same batch.*deterministic"):
         cs.Curvature(case.model, case.loss_fn, loader)
 
 
@@ -285,10 +285,10 @@ def test_a_reduction_that_cannot_be_told_is_refused_naming_reduction():
         return F.cross_entropy(o, y) * len(y) ** 0.5
 
     n = sum(p.numel() for p in case.model.parameters())
-    with pytest.raises(ValueError, match="reduction='mean'.*reduction='sum'"):
+    with pytest.raises(ValueError, match=r"reduction='mean'.*reduction='sum'"):
         cs.Curvature(case.model, batch_dependent, case.data) @ _probe(n)
     one = [(case.inputs[i : i + 1], case.targets[i : i + 1]) for i in range(3)]
-    with pytest.raises(ValueError, match="batch of one sample.*reduction="):
+    with pytest.raises(ValueError, match=r"batch of one sample.*reduction="):
         cs.Curvature(case.model, lambda o, y: F.cross_entropy(o, y), one) @ _probe(n)
     C = cs.Curvature(case.model, batch_dependent, case.data, reduction="mean")
     assert torch.isfinite(C @ _probe(n)).all()
@@ -328,7 +328,7 @@ def test_targets_that_count_other_samples_are_refused():
     case = cases.mlp_mse()
     broadcast = (case.inputs, case.targets[:1])  # (1, 2) against (24, 2): MSE broadcasts
     C = cs.Curvature(case.model, case.loss_fn, broadcast)
-    with pytest.raises(ValueError, match="24 rows but the targets 1.*one row per sample"):
+    with pytest.raises(ValueError, match=r"24 rows but the targets 1.*one row per sample"):
         C @ _probe(C.num_params)
 
 
@@ -338,14 +338,14 @@ def test_bad_vectors_are_refused_naming_the_problem():
     v[3] = float("nan")
     with pytest.raises(ValueError, match="v has 1 non-finite"):
         C.matvec(v)
-    with pytest.raises(ValueError, match="at least one vector.*\\(43, 0\\)"):
+    with pytest.raises(ValueError, match=r"at least one vector.*\(43, 0\)"):
         C @ torch.zeros(C.num_params, 0, dtype=DT)
 
 
 def test_a_meta_device_model_is_refused():
     with torch.device("meta"):
         model = nn.Linear(3, 2)
-    with pytest.raises(ValueError, match="meta device.*to_empty"):
+    with pytest.raises(ValueError, match=r"meta device.*to_empty"):
         cs.Curvature(model, nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 2)))
 
 

@@ -152,6 +152,31 @@ def test_a_failed_rank_ends_the_others_with_a_clear_error(tmp_path):
     assert float(seconds) <= 25  # the peer's closed connection, or the 20 s group timeout
 
 
+def _mismatched_worker(rank: int, port: int, out: str) -> None:
+    _init(rank, port)
+    case = cases.mlp(n=20) if rank == 0 else cases.mlp_mse(n=20)  # another model on rank 1
+    X, y = case.data
+    try:
+        cs.Curvature(case.model, case.loss_fn, (X[SHARDS[rank]], y[SHARDS[rank]]))
+        message = "no error"
+    except ValueError as e:
+        message = str(e)
+    (Path(out) / f"rank{rank}.txt").write_text(message)
+    _end()
+
+
+def test_ranks_that_build_different_operators_get_the_same_clear_error(tmp_path):
+    """Before: rank 1 died with SIGABRT (gloo's collective mismatch), rank 0 blamed a peer."""
+    mp.start_processes(
+        _mismatched_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn"
+    )
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)]
+    for m in messages:
+        assert m.startswith("the ranks built different curvature operators: num_params")
+        assert "Every rank must build the same Curvature" in m
+    assert "num_params=43" in messages[0] and "num_params=38" in messages[1]
+
+
 def test_probe_under_torchrun_matches_one_process(tmp_path):
     import json
     import subprocess

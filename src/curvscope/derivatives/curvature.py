@@ -57,7 +57,9 @@ KINDS: dict[str, KindInfo] = {
     "hessian": KindInfo("hessian", False, "H = ∂²L/∂θ²"),
     "ggn": KindInfo("ggn", True, "G = Jᵀ (∂²ℓ/∂f²) J"),
     "fisher": KindInfo("fisher", True, "F = E_{y~p(y|f)} Jᵀ ∇_f log p ∇_f log pᵀ J (Monte Carlo)"),
-    "empirical_fisher": KindInfo("empirical_fisher", True, "E = (1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ"),
+    "empirical_fisher": KindInfo(
+        "empirical_fisher", True, "E = (1/T) Σ_t ∇ℓ_t ∇ℓ_tᵀ over the likelihood terms"
+    ),
 }
 
 
@@ -152,8 +154,11 @@ class Curvature:
       distribution (``mc_samples`` per input, fixed by ``seed``, so the operator is fixed). For
       ``nn.MSELoss``, ``nn.CrossEntropyLoss`` and ``nn.BCEWithLogitsLoss``; its expectation is
       the GGN.
-    - ``"empirical_fisher"``: (1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ over the per-sample losses with the true
-      labels.
+    - ``"empirical_fisher"``: (1/T) Σ_t ∇ℓ_t ∇ℓ_tᵀ with the true labels, over the same
+      likelihood terms t as the Fisher (a class vector per sample or position for
+      cross-entropy, each output entry for MSE and BCE; T the number the mean divides by, 1
+      for a sum), so that with labels drawn from the model its expectation is the Fisher. For
+      a loss without a known likelihood: the per-sample terms, (1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ.
 
     ``C @ v`` takes a flat vector of length ``C.num_params`` (the parameters' dtype and device,
     in ``model.named_parameters()`` order) or a block (num_params, k) and returns the same shape.

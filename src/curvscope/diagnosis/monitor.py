@@ -73,7 +73,7 @@ class Monitor:
         log: a path (or an open text file, which you close) for the JSONL run log, or None.
         log_mode: for a path, as for :func:`open`: ``"x"`` (default) refuses an existing file,
             ``"a"`` appends a new run (with its own header) to it, ``"w"`` overwrites it.
-        budget, thresholds, params, seed: as for :func:`~curvscope.diagnose`.
+        budget, thresholds, params, seed, reduction: as for :func:`~curvscope.diagnose`.
         callback: called as ``callback(diagnosis, previous_state)`` when the state changes.
         tensorboard: a ``SummaryWriter`` (or a log directory) to receive ``curvscope/...``
             scalars at each probe.
@@ -118,6 +118,7 @@ class Monitor:
         thresholds: Thresholds = DEFAULT_THRESHOLDS,
         params: Iterable[nn.Parameter | str] | None = None,
         seed: int = 0,
+        reduction: str | None = None,
         callback: Callable[[Diagnosis, str | None], None] | None = None,
         train_batches: Iterable[Any] | None = None,
         tensorboard: Any = None,
@@ -140,7 +141,7 @@ class Monitor:
         self._loss_mark = 0
         self._clock: float | None = None
         self.params = None if params is None else list(params)
-        self.seed, self.callback = seed, callback
+        self.seed, self.callback, self.reduction = seed, callback, reduction
         self.train_batches = train_batches
         self._writer = None
         if tensorboard is not None and _is_writer():
@@ -226,6 +227,7 @@ class Monitor:
             budget=self.budget,
             thresholds=self.thresholds,
             seed=self.seed,
+            reduction=self.reduction,
             v0=self._vectors,
             train_batches=self.train_batches,
         )
