@@ -119,7 +119,7 @@ def test_adahessian_refuses_a_curvature_estimate_that_overflows_its_state():
 def test_no_partial_update_when_a_later_parameter_overflows():
     a, b = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
     opt = cs.optim.AdaHessian([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 1e39}])
-    with pytest.raises(FloatingPointError, match=r"parameter 1 \(shape \(3,\)"):
+    with pytest.raises(FloatingPointError, match=r"parameter 1 \(shape \(3,\).*lr = 1e\+39"):
         opt.step(lambda: (a.square() + b.square()).sum())
     assert torch.equal(a.detach(), torch.ones(3)) and a not in opt.state
 

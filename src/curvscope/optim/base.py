@@ -202,7 +202,8 @@ class CurvscopeOptimizer(Optimizer):
                 )
             if not bool(torch.isfinite(new).all()):
                 n_bad = int((~torch.isfinite(new)).sum())
-                lr = self.param_groups[0].get("lr")
+                group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+                lr = group.get("lr")
                 return (
                     f"{name} refused the step: the update would write {n_bad} non-finite "
                     f"entries into {where} — the step overflows {p.dtype} (lr = {lr!r}); lower "
