@@ -249,9 +249,10 @@ def _ends_with_newline(raw: io.FileIO) -> bool:
     size = os.fstat(raw.fileno()).st_size
     if size == 0:
         return True
-    try:
-        return os.pread(raw.fileno(), 1, size - 1) == b"\n"
-    except OSError:  # pragma: no cover - not a regular file (a pipe, a device)
+    try:  # (seek + read, not os.pread, which Windows lacks; writes go to the end anyway)
+        raw.seek(size - 1)
+        return raw.read(1) == b"\n"
+    except OSError:  # pragma: no cover - not a seekable file (a pipe)
         return True
 
 
