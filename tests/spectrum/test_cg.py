@@ -33,6 +33,26 @@ def test_damping_and_errors():
         cs.spectrum.cg(A, torch.ones(4, dtype=torch.float64))
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"b": torch.ones(4, dtype=torch.float64)}, ValueError, r"b of shape \(3,\)"),
+        ({"b": [1.0, 1.0, 1.0]}, TypeError, "b to be a floating-point torch.Tensor"),
+        ({"b": torch.ones(3, dtype=torch.long)}, TypeError, "got dtype torch.int64"),
+        ({"max_matvecs": 0}, ValueError, "max_matvecs to be an integer >= 1"),
+        ({"max_matvecs": 2.5}, TypeError, "max_matvecs to be an integer"),
+        ({"tol": -1.0}, ValueError, "tol to be a number >= 0"),
+        ({"damping": float("nan")}, ValueError, "damping to be a number >= 0"),
+        ({"x0": torch.ones(2, dtype=torch.float64)}, ValueError, r"x0 of shape \(3,\)"),
+    ],
+)
+def test_invalid_arguments(kwargs, error, match):
+    A = torch.eye(3, dtype=torch.float64)
+    kwargs = {"b": torch.ones(3, dtype=torch.float64), **kwargs}
+    with pytest.raises(error, match=match):
+        cs.spectrum.cg(A, **kwargs)
+
+
 def test_warm_start_saved_iterates_and_the_progress_stop():
     A = with_spectrum(torch.logspace(-3, 0, 60, dtype=torch.float64))
     b = torch.ones(60, dtype=torch.float64)

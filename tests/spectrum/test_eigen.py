@@ -177,20 +177,42 @@ def test_by_layer_tops_and_attribution():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"k": 0}, "positive integer"),
-        ({"which": "top"}, "which must be one of"),
-        ({"tol": 0.0}, "tol"),
-        ({"k": 30, "which": "both"}, "lower k"),
-        ({"block_size": 0}, "block_size"),
-        ({"max_basis": 2, "k": 3}, "max_basis"),
-        ({"v0": torch.zeros(50, dtype=torch.float64)}, "non-zero"),
+        ({"k": 0}, ValueError, "k to be an integer >= 1"),
+        ({"k": 1.5}, TypeError, "k to be an integer"),
+        ({"which": "top"}, ValueError, "which must be one of"),
+        ({"tol": 0.0}, ValueError, "tol"),
+        ({"k": 30, "which": "both"}, ValueError, "lower k"),
+        ({"block_size": 0}, ValueError, "block_size"),
+        ({"block_size": 51}, ValueError, "block_size"),
+        ({"block_size": 2.0}, TypeError, "block_size to be an integer"),
+        ({"max_basis": 2, "k": 3}, ValueError, "max_basis"),
+        ({"max_basis": 20.5}, TypeError, "max_basis to be an integer"),
+        ({"max_matvecs": 0}, ValueError, "max_matvecs to be an integer >= 1"),
+        ({"max_matvecs": -5}, ValueError, "max_matvecs to be an integer >= 1"),
+        ({"max_matvecs": 12.5}, TypeError, "max_matvecs to be an integer"),
+        ({"seed": None}, TypeError, "seed=None"),
+        ({"seed": 1.7}, TypeError, "seed to be an integer"),
+        ({"seed": -3}, ValueError, "seed to be an integer >= 0"),
+        ({"v0": torch.zeros(50, dtype=torch.float64)}, ValueError, "non-zero"),
+        ({"v0": torch.ones(10, dtype=torch.float64)}, ValueError, r"v0 of shape \(50,\)"),
+        ({"v0": torch.ones(10, 2, dtype=torch.float64)}, ValueError, r"got shape \(10, 2\)"),
+        ({"v0": torch.ones(50, 2, 1)}, ValueError, "v0 of shape"),
+        ({"v0": torch.ones(50, dtype=torch.long)}, TypeError, "v0 with a floating dtype"),
+        ({"v0": [1.0] * 50}, TypeError, "v0 to be a torch.Tensor"),
     ],
 )
-def test_invalid_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_invalid_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
         cs.eigenvalues(torch.eye(50, dtype=torch.float64), **kwargs)
+
+
+def test_a_seed_given_as_a_generator_or_a_numpy_integer_is_accepted():
+    A = with_spectrum(SPECTRA["decaying"])
+    a = cs.eigenvalues(A, k=2, seed=np.int64(3))
+    b = cs.eigenvalues(A, k=2, seed=torch.Generator().manual_seed(3))
+    assert torch.equal(a.values, b.values)
 
 
 def test_rejects_what_is_not_an_operator():

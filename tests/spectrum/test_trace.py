@@ -98,18 +98,28 @@ def test_reproducible_and_the_global_rng_is_untouched():
 
 
 @pytest.mark.parametrize(
-    ("call", "match"),
+    ("call", "error", "match"),
     [
-        (lambda: cs.trace(INDEFINITE, 10, "lanczos"), "method must be one of"),
-        (lambda: cs.trace(INDEFINITE, 1), "matvecs must be an integer >= 2"),
-        (lambda: cs.trace(INDEFINITE, 2, "hutch++"), ">= 3"),
-        (lambda: cs.trace(INDEFINITE, 10.5), "integer"),
-        (lambda: cs.diagonal(INDEFINITE, 10, "hutch++"), "hutchinson"),
-        (lambda: cs.trace_of_square(INDEFINITE, 0), "integer >= 2"),
+        (lambda: cs.trace(INDEFINITE, 10, "lanczos"), ValueError, "method must be one of"),
+        (
+            lambda: cs.trace(INDEFINITE, 1),
+            ValueError,
+            "trace: expected matvecs to be an integer >= 2",
+        ),
+        (lambda: cs.trace(INDEFINITE, 2, "hutch++"), ValueError, ">= 3"),
+        (lambda: cs.trace(INDEFINITE, 10.5), TypeError, "matvecs to be an integer, got 10.5"),
+        (lambda: cs.trace(INDEFINITE, 10, seed=None), TypeError, "seed=None"),
+        (lambda: cs.trace(INDEFINITE, 10, seed=1.7), TypeError, "seed to be an integer"),
+        (lambda: cs.diagonal(INDEFINITE, 10, "hutch++"), ValueError, "hutchinson"),
+        (lambda: cs.diagonal(INDEFINITE, 0), ValueError, "matvecs to be an integer >= 2"),
+        (lambda: cs.diagonal(INDEFINITE, 10, seed=None), TypeError, "seed=None"),
+        (lambda: cs.trace_of_square(INDEFINITE, 0), ValueError, "integer >= 2"),
+        (lambda: cs.trace_of_square(INDEFINITE, 5.0), TypeError, "matvecs to be an integer"),
+        (lambda: cs.trace_of_square(INDEFINITE, 5, seed=2.5), TypeError, "seed"),
     ],
 )
-def test_invalid_arguments(call, match):
-    with pytest.raises(ValueError, match=match):
+def test_invalid_arguments(call, error, match):
+    with pytest.raises(error, match=match):
         call()
 
 

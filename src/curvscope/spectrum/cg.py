@@ -11,12 +11,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvscope.spectrum._operator import as_operator
+from curvscope.derivatives._checks import check_int
+from curvscope.spectrum._operator import Operator, as_operator, autocast_off, working_dtype
 
 
 @dataclass(frozen=True)
 class CGResult:
     """x ≈ A⁻¹b from conjugate gradients.
+
+    The vectors (``x``, ``direction``, the saved iterates) are in the working dtype: the wider
+    of b's dtype and the operator's working dtype (float32 at least; float64 when either is).
 
     Attributes:
         x: the last iterate (the solution when ``converged``).
@@ -62,9 +66,13 @@ def cg(
 ) -> CGResult:
     """Solve (A + damping·I) x = b by conjugate gradients, stopping at negative curvature.
 
+    The iteration runs in the working dtype — the wider of b's and the operator's working
+    dtype, float32 at least — while each product runs in the operator's own dtype (a bfloat16
+    model's gradient can be passed as it is).
+
     Args:
         A: a :class:`~curvscope.Curvature`, a square tensor, or an object with ``matmat``.
-        b: the right-hand side (n,).
+        b: the right-hand side (n,), any floating dtype.
         tol: relative residual to reach.
         max_matvecs: cap on products (one per iteration, one more for a nonzero ``x0``).
         damping: Levenberg-Marquardt shift added to A.
@@ -75,8 +83,35 @@ def cg(
         save: iteration -> whether to keep that iterate (with its residual) in ``saved``.
     """
     op = as_operator(A)
+    if not isinstance(b, Tensor) or not b.is_floating_point():
+        raise TypeError(
+            f"expected b to be a floating-point torch.Tensor of shape ({op.n},), got "
+            + (f"dtype {b.dtype}" if isinstance(b, Tensor) else type(b).__name__)
+        )
     if b.shape != (op.n,):
         raise ValueError(f"expected b of shape ({op.n},), got {tuple(b.shape)}")
+    if x0 is not None and (not isinstance(x0, Tensor) or x0.shape != (op.n,)):
+        shape = tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__
+        raise ValueError(f"expected x0 of shape ({op.n},) like b, got {shape}")
+    max_matvecs = check_int(max_matvecs, "max_matvecs", minimum=1)
+    for name, value in (("tol", tol), ("damping", damping)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"expected {name} to be a number >= 0, got {value!r}")
+    dt = torch.promote_types(working_dtype(b.dtype), op.work_dtype)
+    with autocast_off(op.device):
+        return _cg(op, b.to(dt), tol, max_matvecs, damping, x0, progress_tol, save)
+
+
+def _cg(
+    op: Operator,
+    b: Tensor,
+    tol: float,
+    max_matvecs: int,
+    damping: float,
+    x0: Tensor | None,
+    progress_tol: float | None,
+    save: Callable[[int], bool] | None,
+) -> CGResult:
     start, used_before = time.perf_counter(), op.matvecs
     if x0 is None or not bool(x0.any()):
         x, r = torch.zeros_like(b), b.clone()

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvscope.spectrum._operator import as_operator, generator, progress
+from curvscope.derivatives._checks import check_int
+from curvscope.spectrum._operator import as_operator, autocast_off, generator, progress
 from curvscope.spectrum.lanczos import Krylov, error_bounds
 
 WHICH = ("largest", "smallest", "both")
@@ -20,6 +21,11 @@ DEFAULT_TOL = 1e-3
 #: from its neighbour (closer than the residual) can pull a Ritz value between the two, so the
 #: other half of tol is left for that distance.
 RESIDUAL_SHARE = 0.5
+#: The rounding error of one product, in units of eps(product dtype)·max|θ|, added to
+#: ``errors``: the residuals measure agreement with the *computed* products, and a bfloat16 or
+#: float16 model's products differ from its exact curvature's by about this much (measured at
+#: most 0.55 on the small models of tests/spectrum/test_precision.py).
+PRODUCT_ROUNDING = 1.0
 
 
 @dataclass(frozen=True)
@@ -35,12 +41,17 @@ class LayerSpectrum:
 class EigenResult:
     """Extreme eigenvalues with what they cost and how good they are.
 
+    Values, residuals, errors and vectors are in the operator's working dtype: float64 for a
+    float64 operator, float32 for float32, bfloat16 and float16 ones (their products run in
+    their own dtype, the Lanczos arithmetic in float32).
+
     Attributes:
         values: (k,) or (2k,) eigenvalues; ``values[0]`` is the most extreme asked for (the
             largest, or the smallest for ``which="smallest"``); ``"both"`` is in descending order.
         vectors: (n, len(values)) unit eigenvectors (columns), or None.
         residuals: ‖A v − λ v‖ of each pair: some eigenvalue lies within it of each value.
-        errors: the estimated error of each value, min(r, r²/gap).
+        errors: the estimated error of each value, min(r, r²/gap), plus the products' own
+            rounding, ``PRODUCT_ROUNDING``·eps(dtype)·scale (negligible in float32 and float64).
         converged: per value, whether its residual met ``tol``/2·scale.
         matvecs, seconds: the cost.
         scale: the spectral scale the tolerance was relative to (max |Ritz value|).
@@ -77,16 +88,36 @@ def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
     return torch.unique(both, sorted=True).flip(0)
 
 
-def _validate(k: Any, which: Any, tol: Any, n: int) -> None:
+def _validate(k: Any, which: Any, tol: Any, n: int) -> int:
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = check_int(k, "k", minimum=1)
     need = 2 * k if which == "both" else k
     if need > n:
         raise ValueError(f"asked for {need} eigenvalues of a {n} x {n} operator; lower k")
-    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
+    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and 0 < tol < 1):
         raise ValueError(f"tol must be in (0, 1), got {tol!r}")
+    return k
+
+
+def _warm_start(v0: Any, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """v0 as an (n, j) block of unit columns in the working dtype, or a clear error."""
+    if not isinstance(v0, Tensor):
+        raise TypeError(
+            f"expected v0 to be a torch.Tensor of shape ({n},) or ({n}, j), got "
+            f"{type(v0).__name__}; use torch.as_tensor(v0)"
+        )
+    if v0.ndim not in (1, 2) or v0.shape[0] != n or v0.numel() == 0:
+        raise ValueError(
+            f"expected v0 of shape ({n},) or ({n}, j) — one entry per parameter of the "
+            f"operator, j warm-start vectors as columns — got shape {tuple(v0.shape)}"
+        )
+    if not v0.is_floating_point():
+        raise TypeError(f"expected v0 with a floating dtype, got {v0.dtype}; use v0.float()")
+    w = v0.reshape(n, -1).to(dtype=dtype, device=device)
+    if not torch.isfinite(w).all() or (w.norm(dim=0) == 0).any():
+        raise ValueError("v0 must hold finite, non-zero vectors of length n")
+    return w / w.norm(dim=0)
 
 
 def eigenvalues(
@@ -123,7 +154,8 @@ def eigenvalues(
         tol: relative accuracy; the default 1e-3 gives every returned value within
             1e-3·|λ_max| of the truth (values are typically far more accurate: the error of
             an isolated eigenvalue is about r²/gap). Eigenvalues closer together than that
-            are a cluster whose members are not told apart.
+            are a cluster whose members are not told apart. Products in bfloat16 or float16 add
+            their own rounding, about eps(dtype)·|λ_max| (included in ``errors``).
         max_matvecs: cap on products (default: min(n, 100 + 40k) per requested end, and at
             least enough for one pass over small operators).
         max_basis: Krylov vectors kept before a restart (default min(n, max(60, 4k + 20))).
@@ -153,15 +185,19 @@ def eigenvalues(
         ([100.0, 99.0], True)
     """
     op = as_operator(A)
-    _validate(k, which, tol, op.n)
+    k = _validate(k, which, tol, op.n)
     ends = 2 if which == "both" else 1
     gen = generator(seed, op.device)
+    dt = op.work_dtype
+    w = None if v0 is None else _warm_start(v0, op.n, dt, op.device)
     if block_size is None:  # see the docstring: a block of 2 tells near-coincident values apart
-        block_size = (1 if k == 1 else 2) if v0 is None else (1 if v0.ndim == 1 else v0.shape[1])
-    if not isinstance(block_size, int) or not 1 <= block_size <= op.n:
-        raise ValueError(f"block_size must be an integer in [1, n], got {block_size!r}")
+        block_size = (1 if k == 1 else 2) if w is None else (1 if v0.ndim == 1 else w.shape[1])
+    block_size = check_int(block_size, "block_size", minimum=1)
+    if block_size > op.n:
+        raise ValueError(f"block_size must be an integer in [1, n={op.n}], got {block_size}")
     if max_basis is None:
         max_basis = min(op.n, max(60, 4 * k * ends + 20, 3 * block_size))
+    max_basis = check_int(max_basis, "max_basis", minimum=1)
     if max_basis < min(op.n, k * ends + 2 * block_size):
         raise ValueError(
             f"max_basis={max_basis} is too small for k={k}, which={which!r}, block_size="
@@ -169,47 +205,54 @@ def eigenvalues(
         )
     if max_matvecs is None:
         max_matvecs = max(min(op.n, (100 + 40 * k) * ends), min(op.n, 2 * max_basis))
+    max_matvecs = check_int(max_matvecs, "max_matvecs", minimum=1)
     start = time.perf_counter()
-    X0 = torch.randn(op.n, block_size, generator=gen, dtype=op.dtype, device=op.device)
-    if v0 is not None:
-        w = torch.as_tensor(v0).reshape(op.n, -1).to(dtype=op.dtype, device=op.device)
-        if not torch.isfinite(w).all() or (w.norm(dim=0) == 0).any():
-            raise ValueError("v0 must hold finite, non-zero vectors of length n")
-        w = w / w.norm(dim=0)
-        if w.shape[1] >= block_size:  # extra warm vectors are folded into the last column
-            X0 = w[:, :block_size].clone()
-            X0[:, -1] += w[:, block_size:].sum(dim=1)
-        else:
-            X0[:, : w.shape[1]] = w
-    used_before = op.matvecs
-    kry = Krylov(op, X0, gen)
-    with progress(max_matvecs, "Lanczos", progress_bar) as bar:
-        while True:
-            before = op.matvecs
-            kry.extend()
-            bar.update(op.matvecs - before)
-            theta, S, res = kry.ritz()
-            idx = _wanted(theta, k, which)
-            scale = float(theta.abs().max())
-            enough = kry.size >= min(op.n, k * ends + 1)
-            done = enough and bool((res[idx] <= RESIDUAL_SHARE * tol * max(scale, 1e-300)).all())
-            used = op.matvecs - used_before
-            if done or kry.size >= op.n or used >= max_matvecs or kry.X.shape[1] == 0:
-                break
-            if kry.size + kry.X.shape[1] > max_basis:
-                keep = _restart_set(theta, k, which, max_basis - 2 * kry.X.shape[1])
-                kry.restart(S[:, keep], theta[keep])
-    theta, S, res = kry.ritz()
-    idx = _wanted(theta, k, which)
-    scale = float(theta.abs().max())
-    err = error_bounds(theta, res)
-    converged = res[idx] <= RESIDUAL_SHARE * tol * max(scale, 1e-300)
-    if kry.size >= op.n:  # the full space: exact up to rounding
-        converged = torch.ones_like(converged)
-    vectors = kry.vectors(S[:, idx]) if return_vectors or by_layer else None
-    used = op.matvecs - used_before
-    message = _message(bool(converged.all()), used, max_matvecs, res[idx], scale, tol)
-    layers = _by_layer(A, vectors[:, 0], tol, seed) if by_layer else {}
+    with autocast_off(op.device):  # the products and the arithmetic in their dtypes
+        X0 = torch.randn(op.n, block_size, generator=gen, dtype=op.work_dtype, device=op.device)
+        if w is not None:
+            if w.shape[1] >= block_size:  # extra warm vectors are folded into the last column
+                X0 = w[:, :block_size].clone()
+                X0[:, -1] += w[:, block_size:].sum(dim=1)
+            else:
+                X0[:, : w.shape[1]] = w
+        used_before = op.matvecs
+        kry = Krylov(op, X0, gen)
+        with progress(max_matvecs, "Lanczos", progress_bar) as bar:
+            while True:
+                before = op.matvecs
+                kry.extend()
+                bar.update(op.matvecs - before)
+                theta, S, res = kry.ritz()
+                idx = _wanted(theta, k, which)
+                scale = float(theta.abs().max())
+                enough = kry.size >= min(op.n, k * ends + 1)
+                done = enough and bool(
+                    (res[idx] <= RESIDUAL_SHARE * tol * max(scale, 1e-300)).all()
+                )
+                used = op.matvecs - used_before
+                if done or kry.size >= op.n or used >= max_matvecs or kry.X.shape[1] == 0:
+                    break
+                if kry.size + kry.X.shape[1] > max_basis:
+                    keep = _restart_set(theta, k, which, max_basis - 2 * kry.X.shape[1])
+                    kry.restart(S[:, keep], theta[keep])
+        theta, S, res = kry.ritz()
+        idx = _wanted(theta, k, which)
+        scale = float(theta.abs().max())
+        rounding = PRODUCT_ROUNDING * torch.finfo(op.dtype).eps * scale
+        err = error_bounds(theta, res) + rounding
+        converged = res[idx] <= RESIDUAL_SHARE * tol * max(scale, 1e-300)
+        if kry.size >= op.n:  # the full space: exact up to rounding
+            converged = torch.ones_like(converged)
+        vectors = kry.vectors(S[:, idx]) if return_vectors or by_layer else None
+        used = op.matvecs - used_before
+        message = _message(bool(converged.all()), used, max_matvecs, res[idx], scale, tol)
+        if rounding > RESIDUAL_SHARE * tol * scale:
+            message += (
+                f"; the products run in {str(op.dtype).removeprefix('torch.')}, so the values "
+                f"are only as accurate as they are: about {rounding / max(scale, 1e-300):.2g}"
+                "·|λ_max| (included in errors)"
+            )
+        layers = _by_layer(A, vectors[:, 0], tol, seed) if by_layer else {}
     return EigenResult(
         values=theta[idx].clone(),
         vectors=vectors if return_vectors else None,
@@ -254,16 +297,24 @@ def _layer_groups(names: list[str]) -> dict[str, list[str]]:
     return groups
 
 
+def block_shares(C: Any, v: Tensor) -> dict[str, float]:
+    """Each parameter block's share Σ v_i² of a flat vector v of a Curvature, summed in v's own
+    dtype (``C.unflatten`` would round a float32 eigenvector of a bfloat16 model first)."""
+    sizes = [b.numel() for b in C.unflatten(torch.zeros(C.num_params, dtype=C.dtype)).values()]
+    squares = torch.split(v.detach().pow(2), sizes)
+    return {n: float(s.sum()) for n, s in zip(C.param_names, squares, strict=True)}
+
+
 def _by_layer(A: Any, top: Tensor, tol: float, seed: Any) -> dict[str, LayerSpectrum]:
     from curvscope.derivatives import Curvature
 
     if not isinstance(A, Curvature) or A.objective is None:
         raise TypeError("by_layer=True needs a cs.Curvature built from a model")
-    named = A.unflatten(top)
+    shares = block_shares(A, top)
     out = {}
     for layer, names in _layer_groups(A.param_names).items():
         sub = A.restrict(names)
         r = eigenvalues(sub, k=1, tol=tol, seed=seed, return_vectors=False)
-        share = sum(float(named[n].pow(2).sum()) for n in names)
+        share = sum(shares[n] for n in names)
         out[layer] = LayerSpectrum(sub.num_params, float(r.values[0]), share)
     return out

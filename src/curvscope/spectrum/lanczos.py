@@ -1,5 +1,7 @@
 """Block Lanczos with full reorthogonalization and thick restarts, in torch on the operator's
-device and dtype (no host round-trips but the small projected eigenproblem).
+device (no host round-trips but the small projected eigenproblem). The basis, the projected
+matrix and the recurrences are kept in the operator's working dtype (float32 at least); only
+the products run in the operator's own dtype.
 
 The basis Q grows a block at a time; the projected matrix H = QᵀAQ is filled from the
 orthogonalization coefficients themselves (classical Gram-Schmidt, twice), so it stays exact
@@ -49,11 +51,13 @@ class Krylov:
 
     def __init__(self, op: Operator, X0: Tensor, gen: torch.Generator) -> None:
         self.op, self.gen = op, gen
+        dt = op.work_dtype
+        X0 = X0.to(dtype=dt)
         self.X, _ = _orthonormalize(X0, None, gen, float(X0.abs().max()))
-        self._buf = torch.empty(max(8, 2 * X0.shape[1]), op.n, dtype=op.dtype, device=op.device)
+        self._buf = torch.empty(max(8, 2 * X0.shape[1]), op.n, dtype=dt, device=op.device)
         self._m = 0
-        self.H = torch.zeros(0, 0, dtype=op.dtype, device=op.device)
-        self.R = torch.zeros(0, 0, dtype=op.dtype, device=op.device)  # F = X R (last step)
+        self.H = torch.zeros(0, 0, dtype=dt, device=op.device)
+        self.R = torch.zeros(0, 0, dtype=dt, device=op.device)  # F = X R (last step)
         self.scale = 0.0
 
     @property
@@ -131,13 +135,16 @@ class Krylov:
 
 
 def tridiagonal(op: Operator, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-    """Plain three-term Lanczos from z, without reorthogonalization: (α, β) of the tridiagonal.
+    """Plain three-term Lanczos from z, without reorthogonalization: (α, β) of the tridiagonal,
+    float64; β holds one entry per α, the last being the coupling β_m to the next (unbuilt)
+    Lanczos vector (0 at an invariant subspace), so the off-diagonal is β[:-1].
 
     Memory O(n) and no O(n·m) projections. In finite precision the Ritz values acquire "ghost"
     copies, but the Gauss quadrature the tridiagonal defines stays a good approximation of the
     spectral measure (Knizhnerman 1996) — which is all stochastic Lanczos quadrature needs.
-    Stops early at an invariant subspace.
+    Stops early at an invariant subspace. Runs in the operator's working dtype.
     """
+    z = z.to(op.work_dtype)
     q = z[:, 0] / z.norm()
     q_prev = torch.zeros_like(q)
     alphas, betas = [], []
@@ -148,9 +155,12 @@ def tridiagonal(op: Operator, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
         w = w - alpha * q
         alphas.append(alpha)
         beta = float(w.norm())
-        if len(alphas) == steps or beta <= 1e3 * torch.finfo(w.dtype).eps * abs(alpha) + 1e-300:
+        if beta <= 1e3 * torch.finfo(w.dtype).eps * abs(alpha) + 1e-300:
+            betas.append(0.0)  # an invariant subspace: the quadrature is exact
             break
         betas.append(beta)
+        if len(alphas) == steps:
+            break
         q_prev, q = q, w / beta
     return torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas, dtype=torch.float64)
 

@@ -1,5 +1,8 @@
 """Trace and diagonal of a curvature operator: Hutchinson, Hutch++, an adaptive choice between
-them, and exact values for small n. Each result has a standard error and its exact cost."""
+them, and exact values for small n. Each result has a standard error and its exact cost.
+
+The probes and every sum over them are kept in the operator's working dtype (float32 at least:
+a bfloat16 or float16 model's products run in its own dtype, the statistics in float32)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from torch import Tensor
 from curvscope.spectrum._operator import (
     Operator,
     as_operator,
+    autocast_off,
     check_budget,
     generator,
     progress,
@@ -52,7 +56,8 @@ class TraceResult:
 
 @dataclass(frozen=True)
 class DiagonalResult:
-    """An estimate of diag(A): ``value`` and ``stderr`` are vectors of length n."""
+    """An estimate of diag(A): ``value`` and ``stderr`` are vectors of length n, in the
+    operator's working dtype (float32 for a bfloat16 or float16 operator)."""
 
     value: Tensor
     stderr: Tensor
@@ -78,10 +83,10 @@ def _mean_stderr(samples: Tensor) -> tuple[float, float]:
 
 
 def _exact_trace(op: Operator, bar: Any) -> tuple[float, Tensor]:
-    diag = torch.empty(op.n, dtype=op.dtype, device=op.device)
+    diag = torch.empty(op.n, dtype=op.work_dtype, device=op.device)
     for j in range(0, op.n, CHUNK):
         cols = torch.arange(j, min(j + CHUNK, op.n), device=op.device)
-        E = torch.zeros(op.n, cols.numel(), dtype=op.dtype, device=op.device)
+        E = torch.zeros(op.n, cols.numel(), dtype=op.work_dtype, device=op.device)
         E[cols, torch.arange(cols.numel(), device=op.device)] = 1
         diag[cols] = op(E)[cols, torch.arange(cols.numel(), device=op.device)]
         bar.update(cols.numel())
@@ -130,7 +135,7 @@ def trace(
     start = time.perf_counter()
     used_before = op.matvecs
     if method == "exact":
-        with progress(op.n, "trace (exact)", progress_bar) as bar:
+        with progress(op.n, "trace (exact)", progress_bar) as bar, autocast_off(op.device):
             value, _ = _exact_trace(op, bar)
         return TraceResult(
             value,
@@ -142,9 +147,9 @@ def trace(
         )
     check_budget(matvecs, 3 if method == "hutch++" else 2, "trace")
     gen = generator(seed, op.device)
-    with progress(matvecs, f"trace ({method})", progress_bar) as bar:
+    with progress(matvecs, f"trace ({method})", progress_bar) as bar, autocast_off(op.device):
         if method == "hutchinson":
-            Z = rademacher(op.n, matvecs, gen, op.dtype, op.device)
+            Z = rademacher(op.n, matvecs, gen, op.work_dtype, op.device)
             value, se = _mean_stderr((Z * _products(op, Z, bar)).sum(0))
             chosen, why = "hutchinson", f"{matvecs} Rademacher probes"
         else:
@@ -159,12 +164,12 @@ def _hutchpp(
 ) -> tuple[float, float, str, str]:
     s = max(1, m // 3)
     g = m - 2 * s
-    S = rademacher(op.n, s, gen, op.dtype, op.device)
+    S = rademacher(op.n, s, gen, op.work_dtype, op.device)
     Y = _products(op, S, bar)
     if adaptive and g >= 2:
         phi = _deflation_left(Y)
         if phi >= g / m:
-            Z = rademacher(op.n, m - s, gen, op.dtype, op.device)
+            Z = rademacher(op.n, m - s, gen, op.work_dtype, op.device)
             samples = torch.cat([(S * Y).sum(0), (Z * _products(op, Z, bar)).sum(0)])
             value, se = _mean_stderr(samples)
             return (
@@ -181,7 +186,7 @@ def _hutchpp(
     t_top = float((Q * AQ).sum())
     if g < 1:
         return t_top, math.inf, "hutch++", "hutch++ with no budget left for the remainder"
-    Z = rademacher(op.n, g, gen, op.dtype, op.device)
+    Z = rademacher(op.n, g, gen, op.work_dtype, op.device)
     Qt = Q.T.contiguous()  # projections on contiguous rows are several times faster
     Zp = Z - Qt.T @ (Qt @ Z)
     mean, se = _mean_stderr((Zp * _products(op, Zp, bar)).sum(0))  # zᵀ(I−P)A(I−P)z
@@ -237,8 +242,8 @@ def trace_of_square(
     start = time.perf_counter()
     used_before = op.matvecs
     gen = generator(seed, op.device)
-    with progress(matvecs, "trace of square", progress_bar) as bar:
-        Z = rademacher(op.n, matvecs, gen, op.dtype, op.device)
+    with progress(matvecs, "trace of square", progress_bar) as bar, autocast_off(op.device):
+        Z = rademacher(op.n, matvecs, gen, op.work_dtype, op.device)
         value, se = _mean_stderr(_products(op, Z, bar).pow(2).sum(0))
     return TraceResult(
         value,
@@ -270,7 +275,7 @@ def diagonal(
     start = time.perf_counter()
     used_before = op.matvecs
     if method == "exact":
-        with progress(op.n, "diagonal (exact)", progress_bar) as bar:
+        with progress(op.n, "diagonal (exact)", progress_bar) as bar, autocast_off(op.device):
             _, diag = _exact_trace(op, bar)
         return DiagonalResult(
             diag,
@@ -281,11 +286,11 @@ def diagonal(
         )
     check_budget(matvecs, 2, "diagonal")
     gen = generator(seed, op.device)
-    with progress(matvecs, "diagonal", progress_bar) as bar:
-        Z = rademacher(op.n, matvecs, gen, op.dtype, op.device)
+    with progress(matvecs, "diagonal", progress_bar) as bar, autocast_off(op.device):
+        Z = rademacher(op.n, matvecs, gen, op.work_dtype, op.device)
         samples = Z * _products(op, Z, bar)
-    value = samples.mean(dim=1)
-    stderr = samples.std(dim=1, unbiased=True) / math.sqrt(matvecs)
+        value = samples.mean(dim=1)
+        stderr = samples.std(dim=1, unbiased=True) / math.sqrt(matvecs)
     return DiagonalResult(
         value, stderr, op.matvecs - used_before, "hutchinson", time.perf_counter() - start
     )
