@@ -1,5 +1,6 @@
-"""Stochastic Lanczos quadrature: a density that integrates to 1 and a negative mass that
-matches the dense spectrum within its error bars."""
+"""Stochastic Lanczos quadrature: a density that integrates to 1, and a negative mass — the
+fraction of eigenvalues below -resolution — that matches the dense spectrum within its error
+bars and its quadrature bracket."""
 
 import matplotlib
 import pytest
@@ -37,13 +38,97 @@ def test_negative_mass_matches_the_dense_fraction():
     assert 0 < d.negative_mass_stderr < 0.1
 
 
-def test_negative_mass_of_a_real_hessian_matches_its_smoothed_spectrum():
+def test_negative_mass_of_a_real_hessian_is_its_fraction_below_minus_resolution():
     case = cases.residual_layernorm()
     C = cs.Curvature(case.model, case.loss_fn, case.data)
     ev = torch.linalg.eigvalsh(cases.dense_hessian(case))
     d = cs.density(C, steps=40, probes=8, progress_bar=False)
-    smoothed = float(torch.special.ndtr(-ev / d.sigma).mean())
-    assert abs(d.negative_mass - smoothed) <= 3 * d.negative_mass_stderr + 0.02
+    assert d.resolution == pytest.approx(0.01 * float(d.nodes.max() - d.nodes.min()))
+    truth = float((ev < -d.resolution).double().mean())
+    lower, upper = d.negative_mass_bounds
+    assert lower - 3 * d.negative_mass_stderr <= truth <= upper + 3 * d.negative_mass_stderr
+    assert abs(d.negative_mass - truth) <= 3 * d.negative_mass_stderr + 0.02
+    assert 0 < d.negative_mass_stderr < 0.1
+
+
+def test_a_psd_ggn_with_a_large_null_space_has_no_negative_mass():
+    """The GGN of 4 samples, 3 classes has rank <= 8 of 43: 81% of its eigenvalues are 0.
+
+    The smoothed curve splits that bulk in half (its mass below zero is about 0.4, what
+    negative_mass used to report); the nodes below -resolution weigh nothing."""
+    case = cases.mlp(n=4)
+    C = cs.Curvature(case.model, case.loss_fn, case.data, kind="ggn")
+    ev = torch.linalg.eigvalsh(cases.dense_ggn(case))
+    assert float((ev.abs() < 1e-10).double().mean()) > 0.8
+    d = cs.density(C, steps=30, probes=6, progress_bar=False)
+    below = d.grid < 0
+    assert float(torch.trapezoid(d.values[below], d.grid[below])) > 0.3
+    assert d.negative_mass == 0.0 and d.negative_mass_stderr == 0.0
+    assert d.negative_mass_bounds[1] < 1e-6
+
+
+BULK = torch.cat(
+    [
+        torch.linspace(-1.0, -0.2, 30, dtype=torch.float64),  # 10% clearly negative
+        1e-4 * torch.randn(210, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+        torch.linspace(0.5, 4.0, 60, dtype=torch.float64),
+    ]
+)
+
+
+@pytest.mark.parametrize("steps", [10, 40])
+def test_indefinite_spectrum_with_a_bulk_at_zero_against_eigvalsh(steps):
+    """70% of the eigenvalues within 1e-4 of zero (of both signs), 10% clearly negative.
+
+    With 40 steps the estimate is right and the quadrature's bracket is tight; with 10 it is
+    not resolved — and the bracket says so instead of hiding it."""
+    A = with_spectrum(BULK, seed=1)
+    d = cs.density(A, steps=steps, probes=8, progress_bar=False)
+    truth = float((torch.linalg.eigvalsh(A) < -d.resolution).double().mean())
+    assert truth == pytest.approx(0.1)
+    lower, upper = d.negative_mass_bounds
+    se = d.negative_mass_stderr
+    assert lower - 3 * se <= truth <= upper + 3 * se
+    assert lower <= d.negative_mass + 3 * se and d.negative_mass - 3 * se <= upper
+    if steps == 40:
+        assert upper - lower < 0.01
+        assert abs(d.negative_mass - truth) <= 3 * se + 0.01
+    else:
+        assert upper - lower > 0.2  # honest: the bulk at zero is not yet told from -resolution
+
+
+def test_the_resolution_is_a_threshold_the_caller_can_set():
+    A = with_spectrum(BULK, seed=1)
+    ev = torch.linalg.eigvalsh(A)
+    d = cs.density(A, steps=40, probes=8, resolution=0.5, progress_bar=False)
+    assert d.resolution == 0.5
+    truth = float((ev < -0.5).double().mean())  # 5/8 of the clearly negative tenth
+    assert abs(d.negative_mass - truth) <= 3 * d.negative_mass_stderr + 0.02
+    zero = cs.density(A, steps=40, probes=8, resolution=0.0, progress_bar=False)
+    assert zero.negative_mass > d.negative_mass  # below 0 itself: part of the bulk counts
+
+
+def test_the_quadrature_bracket_holds_for_every_threshold():
+    """For one probe, in float64 with a reorthogonalized recurrence, the probe's exact spectral
+    measure μ((-∞, x)) = Σ_{λ_i < x} (u_iᵀz)²/‖z‖² lies within cdf_bracket at every x."""
+    from curvscope.spectrum._operator import as_operator
+    from curvscope.spectrum.density import cdf_bracket
+    from curvscope.spectrum.lanczos import Krylov
+
+    lam = torch.cat([BULK[::3], torch.tensor([6.0], dtype=torch.float64)])
+    z = torch.randn(len(lam), 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    op = as_operator(torch.diag(lam))
+    kry = Krylov(op, z, torch.Generator().manual_seed(0))
+    while kry.size < 8:
+        kry.extend()
+    w = (z[:, 0] ** 2) / (z**2).sum()
+    widths = []
+    for x in torch.linspace(-1.5, 6.5, 81).tolist():
+        lower, upper = cdf_bracket(kry.H, float(kry.R.norm()), x)
+        truth = float(w[lam < x].sum())
+        assert lower - 1e-9 <= truth <= upper + 1e-9, (x, lower, truth, upper)
+        widths.append(upper - lower)
+    assert max(widths) < 1 and min(widths) < 1e-3  # informative, not vacuous
 
 
 def test_plot_linear_and_log(tmp_path):
@@ -65,12 +150,23 @@ def test_progress_bar_can_be_shown_and_silenced(capsys):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [({"steps": 0}, "steps"), ({"probes": -1}, "probes"), ({"sigma": 0.0}, "sigma")],
+    ("kwargs", "error", "match"),
+    [
+        ({"steps": 0}, ValueError, "steps to be an integer >= 1"),
+        ({"steps": 2.5}, TypeError, "steps to be an integer"),
+        ({"probes": -1}, ValueError, "probes"),
+        ({"grid_points": 1}, ValueError, "grid_points"),
+        ({"sigma": 0.0}, ValueError, "sigma"),
+        ({"sigma": float("nan")}, ValueError, "sigma"),
+        ({"resolution": -0.1}, ValueError, "resolution"),
+        ({"seed": None}, TypeError, "seed=None"),
+        ({"seed": 1.7}, TypeError, "seed to be an integer"),
+        ({"seed": -1}, ValueError, "seed to be an integer >= 0"),
+    ],
 )
-def test_invalid_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        cs.density(torch.eye(5, dtype=torch.float64), **kwargs)
+def test_invalid_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cs.density(torch.eye(5, dtype=torch.float64), progress_bar=False, **kwargs)
 
 
 def test_three_term_and_reorthogonalized_lanczos_agree():

@@ -11,8 +11,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvscope.spectrum._operator import as_operator, generator, progress, rademacher
+from curvscope.derivatives._checks import check_int
+from curvscope.spectrum._operator import (
+    as_operator,
+    autocast_off,
+    generator,
+    progress,
+    rademacher,
+)
 from curvscope.spectrum.lanczos import Krylov, tridiagonal
+
+#: Default resolution of ``negative_mass``: eigenvalues within this share of the spectral range
+#: of zero count as zero (the default smoothing width is the same 1%).
+RESOLUTION_SHARE = 0.01
+#: ... and never less than this many eps(dtype)·max|λ| for products in a low precision: the
+#: products' own rounding moves the nodes of a PSD operator this far below zero (measured about
+#: 0.5 eps(dtype)·‖H‖ on small bfloat16 and float16 models: see tests/spectrum/test_precision.py).
+ROUNDING_FLOOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -24,10 +39,18 @@ class DensityResult:
         values: (G,) density at the grid points; integrates to 1 over the grid.
         nodes, weights: (probes, steps) Gauss quadrature nodes (Ritz values) and weights of each
             probe; each probe's weights sum to 1.
-        negative_mass: the fraction of the spectrum below zero (the mass of the smoothed
-            density below 0), and ``negative_mass_stderr`` its standard error across probes.
-            Eigenvalues within about sigma of zero are split between the two sides.
-        sigma: the Gaussian broadening used.
+        negative_mass: the fraction of eigenvalues below −``resolution``: the Gauss weight of the
+            nodes below −resolution, averaged over the probes. Eigenvalues within
+            ``resolution`` of zero count as zero, so a PSD operator with a bulk at zero reads ≈ 0.
+        negative_mass_stderr: its standard error across probes (the sampling error).
+        negative_mass_bounds: (lower, upper): what the quadrature itself guarantees about the
+            probes' average fraction below −resolution — the Chebyshev–Markov–Stieltjes bounds
+            of a Gauss–Radau rule with a node at −resolution, averaged over the probes (exact
+            arithmetic; a wide bracket says more ``steps`` are needed to resolve the
+            spectrum near −resolution). The truth lies within about
+            [lower − 2·stderr, upper + 2·stderr].
+        resolution: τ, the threshold of ``negative_mass``.
+        sigma: the Gaussian broadening of the curve.
         matvecs, seconds: the cost.
     """
 
@@ -40,6 +63,8 @@ class DensityResult:
     sigma: float
     matvecs: int
     seconds: float
+    negative_mass_bounds: tuple[float, float] = (0.0, 1.0)
+    resolution: float = 0.0
 
     def plot(self, ax: Any = None, log: bool = False, **kwargs: Any) -> Any:
         """Plot the density (matplotlib, imported here); ``log=True`` for a log density axis,
@@ -55,7 +80,7 @@ class DensityResult:
         ax.axvline(0.0, color="0.6", lw=0.8, ls=":")
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("density" + (" (log)" if log else ""))
-        ax.set_title(f"spectral density ({self.negative_mass:.1%} below zero)")
+        ax.set_title(f"spectral density ({self.negative_mass:.1%} below −{self.resolution:.2g})")
         return ax
 
 
@@ -66,8 +91,9 @@ def density(
     *,
     grid_points: int = 512,
     sigma: float | None = None,
+    resolution: float | None = None,
     reorthogonalize: bool = False,
-    seed: int | torch.Generator | None = 0,
+    seed: int | torch.Generator = 0,
     progress_bar: bool | None = True,
 ) -> DensityResult:
     """Stochastic Lanczos quadrature: ``probes`` Lanczos runs of ``steps`` products each.
@@ -77,12 +103,20 @@ def density(
     Averaged over Rademacher probes it estimates the density; smoothed with a Gaussian of width
     ``sigma`` (default: 1% of the spectral range) it becomes a curve that integrates to 1.
 
+    ``negative_mass`` is read off the nodes, not the curve: the weight of the nodes below
+    −``resolution``, i.e. the fraction of eigenvalues clearly below zero. (The smoothed curve
+    splits every eigenvalue within sigma of zero in half: on a network, whose spectrum is mostly
+    a bulk at zero, its mass below zero reads ≈ 0.5 whatever the truth.)
+
     Args:
         A: a :class:`~curvscope.Curvature`, a square tensor, or an object with ``matmat``.
         steps: Lanczos steps per probe (resolution; capped at n).
         probes: independent probes (the error bars of ``negative_mass`` come from them).
         grid_points: resolution of the returned curve.
         sigma: Gaussian broadening width.
+        resolution: τ: eigenvalues within τ of zero count as zero in ``negative_mass``. Default:
+            1% of the spectral range, and at least 2·eps(dtype)·max|λ| for products in a low
+            precision (bfloat16: 1.6%), the rounding of the products themselves.
         reorthogonalize: keep the Lanczos basis orthogonal (memory O(steps·n) and O(n·steps)
             work per step). Off by default: quadrature needs only the three-term recurrence
             (memory O(n)), whose rounding-error "ghost" Ritz values share the weight of the
@@ -91,56 +125,79 @@ def density(
         progress_bar: show a progress bar (default on; ``False`` for quiet, ``None`` only on a
             terminal).
 
+    The products run in the operator's dtype, the recurrences in its working dtype (float32 at
+    least); nodes, weights, grid and curve are float64.
+
     Example:
         >>> import torch, curvscope as cs
         >>> A = torch.diag(torch.linspace(-1, 4, 200, dtype=torch.float64))  # 20% below 0
-        >>> round(cs.density(A, steps=20, probes=8, progress_bar=False).negative_mass, 1)
-        0.2
+        >>> d = cs.density(A, steps=20, probes=8, progress_bar=False)
+        >>> round(d.negative_mass, 2), d.resolution  # the fraction below -0.05
+        (0.19, 0.05)
     """
     op = as_operator(A)
-    for name, value in (("steps", steps), ("probes", probes), ("grid_points", grid_points)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if sigma is not None and not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma!r}")
+    steps = check_int(steps, "steps", minimum=1)
+    probes = check_int(probes, "probes", minimum=1)
+    grid_points = check_int(grid_points, "grid_points", minimum=2)
+    for name, value in (("sigma", sigma), ("resolution", resolution)):
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 <= value < math.inf
+            or (name == "sigma" and value == 0)
+        ):
+            rule = "positive" if name == "sigma" else ">= 0"
+            raise ValueError(f"expected {name} to be a finite number {rule} or None, got {value!r}")
     steps = min(steps, op.n)
     gen = generator(seed, op.device)
     start = time.perf_counter()
     used_before = op.matvecs
-    all_nodes, all_weights = [], []
-    with progress(steps * probes, "density (SLQ)", progress_bar) as bar:
+    jacobi = []  # (T, β_m) of each probe
+    with progress(steps * probes, "density (SLQ)", progress_bar) as bar, autocast_off(op.device):
         for _ in range(probes):
-            z = rademacher(op.n, 1, gen, op.dtype, op.device)
+            z = rademacher(op.n, 1, gen, op.work_dtype, op.device)
             before = op.matvecs
             if reorthogonalize:
                 kry = Krylov(op, z, gen)
-                while kry.size < steps:
+                while kry.size < steps and kry.X.shape[1]:
                     kry.extend()
                 T = kry.H.double().cpu()
+                beta_next = float(kry.R.norm()) if kry.X.shape[1] else 0.0
             else:
                 alpha, beta = tridiagonal(op, z, steps)
-                T = torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
+                off = beta[:-1]
+                T = torch.diag(alpha) + torch.diag(off, 1) + torch.diag(off, -1)
+                beta_next = float(beta[-1])
             bar.update(op.matvecs - before)
-            theta, S = torch.linalg.eigh(T)
-            # an early stop (invariant subspace) gives fewer nodes: pad with zero weight
-            pad = steps - theta.numel()
-            all_nodes.append(torch.cat([theta, theta[-1:].expand(pad)]))
-            all_weights.append(torch.cat([S[0, :] ** 2, torch.zeros(pad, dtype=S.dtype)]))
-    nodes = torch.stack(all_nodes).double().cpu()
-    weights = torch.stack(all_weights).double().cpu()
+            jacobi.append(((T + T.T) / 2, beta_next))
+    all_nodes, all_weights = [], []
+    for T, _ in jacobi:
+        theta, S = torch.linalg.eigh(T)
+        # an early stop (invariant subspace) gives fewer nodes: pad with zero weight
+        pad = steps - theta.numel()
+        all_nodes.append(torch.cat([theta, theta[-1:].expand(pad)]))
+        all_weights.append(torch.cat([S[0, :] ** 2, torch.zeros(pad, dtype=S.dtype)]))
+    nodes = torch.stack(all_nodes)
+    weights = torch.stack(all_weights)
     weights = weights / weights.sum(dim=1, keepdim=True)
     lo, hi = float(nodes.min()), float(nodes.max())
-    width = max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
+    scale = max(abs(lo), abs(hi))
+    width = max(hi - lo, 1e-12 * max(scale, 1.0))
     if sigma is None:
-        sigma = 0.01 * width
+        sigma = RESOLUTION_SHARE * width
+    if resolution is None:
+        resolution = max(
+            RESOLUTION_SHARE * width, ROUNDING_FLOOR * torch.finfo(op.dtype).eps * scale
+        )
     grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid_points, dtype=torch.float64)
     kernel = torch.exp(-0.5 * ((grid[:, None] - nodes.reshape(1, -1)) / sigma) ** 2)
     values = kernel @ weights.reshape(-1) / (probes * sigma * math.sqrt(2 * math.pi))
     values = values / torch.trapezoid(values, grid)
-    # the mass of each probe's smoothed density below zero: a node near 0 stands for
-    # eigenvalues on both sides of it, and is split as the plotted curve splits it
-    neg = (weights * torch.special.ndtr(-nodes / sigma)).sum(dim=1)
+    # each probe's Gauss weight below −τ, and the bracket the quadrature guarantees for it
+    neg = (weights * (nodes < -resolution)).sum(dim=1)
     neg_se = float(neg.std(unbiased=True) / math.sqrt(probes)) if probes > 1 else math.inf
+    brackets = torch.tensor([cdf_bracket(T, b, -resolution) for T, b in jacobi])
+    lower, upper = brackets.mean(dim=0).tolist()
     return DensityResult(
         grid,
         values,
@@ -151,4 +208,43 @@ def density(
         float(sigma),
         op.matvecs - used_before,
         time.perf_counter() - start,
+        (lower, upper),
+        float(resolution),
     )
+
+
+def cdf_bracket(T: Tensor, beta_next: float, x: float) -> tuple[float, float]:
+    """Bounds on μ((−∞, x)) for the spectral measure μ whose Lanczos recurrence gave T and β_m.
+
+    The Gauss–Radau rule with one node fixed at x (T extended by one row, its last diagonal
+    entry chosen so that x is an eigenvalue: Golub 1973) is exact for polynomials of degree 2m;
+    by the Chebyshev–Markov–Stieltjes inequalities every measure with those moments has
+    Σ_{ξ_j < x} w_j ≤ μ((−∞, x)) ≤ Σ_{ξ_j ≤ x} w_j: the bracket is the weight the rule puts at
+    x, the largest mass the moments allow there. When the Krylov space closed (β_m = 0) the
+    Gauss rule is the measure itself and the bracket is a point.
+    """
+    m = T.shape[0]
+    theta, S = torch.linalg.eigh(T)
+    w = S[0] ** 2
+    w = w / w.sum()
+    tiny = 1e-12 * max(float(theta.abs().max()), abs(x), 1e-300)
+    if beta_next <= tiny:
+        below = float(w[theta < x - tiny].sum())
+        return below, below + float(w[(theta - x).abs() <= tiny].sum())
+    e = torch.zeros(m, dtype=T.dtype)
+    e[-1] = beta_next**2
+    try:
+        delta = torch.linalg.solve(T - x * torch.eye(m, dtype=T.dtype), e)
+    except RuntimeError:  # x is a Ritz value: the Gauss rule already has a node at x
+        below = float(w[theta < x - tiny].sum())
+        return below, below + float(w[(theta - x).abs() <= tiny].sum())
+    R = torch.zeros(m + 1, m + 1, dtype=T.dtype)
+    R[:m, :m] = T
+    R[m, m - 1] = R[m - 1, m] = beta_next
+    R[m, m] = x + delta[-1]
+    xi, V = torch.linalg.eigh(R)
+    wr = V[0] ** 2
+    wr = wr / wr.sum()
+    at = int((xi - x).abs().argmin())
+    below = float(wr[xi < x].sum()) - (float(wr[at]) if xi[at] < x else 0.0)
+    return below, below + float(wr[at])
