@@ -16,7 +16,9 @@ from curvscope.derivatives import Curvature
 from curvscope.diagnosis.classify import DEFAULT_THRESHOLDS, Thresholds, classify
 from curvscope.diagnosis.stability import StabilityLimit, stability_limit
 from curvscope.spectrum import Operator, eigenvalues
+from curvscope.spectrum._operator import autocast_off, working_dtype
 from curvscope.spectrum.cg import cg
+from curvscope.spectrum.eigen import block_shares
 
 #: The default cost of one diagnosis, in curvature products.
 DEFAULT_BUDGET = 80
@@ -71,30 +73,37 @@ class Diagnosis:
 class _Objective:
     """The objective the optimizer actually steps on: the loss plus the L2 penalty
     ½·Σ l2·θ² that torch's coupled ``weight_decay`` adds (none for AdamW or without decay).
-    Its gradient, curvature and every quantity derived from them come from here."""
+    Its gradient, curvature and every quantity derived from them come from here.
+
+    Everything here is in the working dtype (float32 for a bfloat16 or float16 model, the
+    parameters' dtype otherwise): only the curvature products run in the parameters' dtype."""
 
     def __init__(self, C: Curvature, limit: StabilityLimit | None) -> None:
         self.C = C
-        self.l2 = None if limit is None else limit.l2
-        self.scale = None if limit is None else limit.scale
+        self.dtype = working_dtype(C.dtype)
+        self._product = Operator(C.matmat, C.num_params, C.dtype, C.device)  # casts V and back
+        self.l2 = None if limit is None or limit.l2 is None else limit.l2.to(self.dtype)
+        self.scale = None if limit is None or limit.scale is None else limit.scale.to(self.dtype)
         self.theta = None
         if self.l2 is not None:
-            self.theta = C.flatten([p.detach() for p in C.objective.params.values()])
+            theta = C.flatten([p.detach() for p in C.objective.params.values()])
+            self.theta = theta.to(self.dtype)
 
     def gradient(self) -> tuple[float, Tensor]:
         """(the data loss, the gradient of the objective)."""
         loss, g = self.C.loss_and_gradient()
+        g = g.to(self.dtype)
         return loss, g if self.l2 is None else g + self.l2 * self.theta
 
     def matmat(self, V: Tensor) -> Tensor:
         """(H + diag(l2)) V."""
-        out = self.C.matmat(V)
+        out = self._product(V)
         return out if self.l2 is None else out + self.l2[:, None] * V
 
     def operator(self) -> Operator:
         """H + diag(l2) as an Operator (for CG)."""
         C = self.C
-        return Operator(self.matmat, C.num_params, C.dtype, C.device)
+        return Operator(self.matmat, C.num_params, self.dtype, C.device)
 
     def scaled(self) -> Operator:
         """What the step sees: S^½ (H + diag(l2)) S^½ (S the optimizer's step factors)."""
@@ -102,7 +111,7 @@ class _Objective:
             return self.operator()
         half = self.scale.clamp_min(0).sqrt()[:, None]
         C = self.C
-        return Operator(lambda V: half * self.matmat(half * V), C.num_params, C.dtype, C.device)
+        return Operator(lambda V: half * self.matmat(half * V), C.num_params, self.dtype, C.device)
 
     def directional(self, g: Tensor) -> tuple[float | None, float]:
         """(c, gᵀd): c = dᵀ(H + l2)d / gᵀd along the step direction d = S g (one product;
@@ -125,6 +134,7 @@ def diagnose(
     budget: int = DEFAULT_BUDGET,
     thresholds: Thresholds = DEFAULT_THRESHOLDS,
     seed: int = 0,
+    reduction: str | None = None,
     v0: Tensor | None = None,
     train_batches: Iterable[Any] | None = None,
     max_batches: int = 8,
@@ -138,6 +148,12 @@ def diagnose(
     Newton decrement δ² = gᵀH⁻¹g (by CG; how far the loss is above the bottom of the local
     quadratic). Then :func:`~curvscope.diagnosis.classify.classify` decides.
 
+    Precision: the curvature products run in the parameters' dtype; everything else (gradient,
+    Lanczos, CG, the step factors) in float32 at least — a bfloat16 or float16 model is
+    measured about as well as its products allow (eps(dtype)·|λ|), and ``vectors`` are float32
+    for it (float64 for a float64 model). Inside ``torch.autocast`` the region is suspended for
+    the diagnosis: the model is measured in its parameters' dtype.
+
     Args:
         model, loss_fn, data: as for :class:`~curvscope.Curvature` (the model is left as found).
         optimizer: a torch ``SGD``, ``Adam``, ``AdamW`` or ``RMSprop``: its learning rates,
@@ -149,6 +165,9 @@ def diagnose(
             product along the step direction, then CG with what is left.
         thresholds: what "small" and "margin" mean.
         seed: fixes the random start of Lanczos and the dropout masks.
+        reduction: ``"mean"`` or ``"sum"``, how ``loss_fn`` reduces over a batch's samples
+            (default: read from the loss or inferred, as for :class:`~curvscope.Curvature`). A
+            summed loss is judged on the curvature of the sum, the one its steps follow.
         train_batches: for mini-batch training, the (inputs, targets) batches the optimizer
             steps on (a DataLoader, or a few of its batches). Then the *batch sharpness*
             E_B[d_Bᵀ H_B d_B / g_Bᵀ d_B] over up to ``max_batches`` of them — the curvature each
@@ -172,9 +191,53 @@ def diagnose(
         raise ValueError(f"budget must be an integer >= 8 (products), got {budget!r}")
     if not isinstance(thresholds, Thresholds):
         raise TypeError(f"thresholds must be a cs.Thresholds, got {type(thresholds).__name__}")
+    # an enclosing torch.autocast region is suspended: the diagnosis measures the model in its
+    # parameters' dtype, the loss and gradient as consistently as the curvature
+    first = next(iter(model.parameters()), None)
+    with autocast_off(first.device if first is not None else torch.device("cpu")):
+        return _diagnose(
+            model,
+            loss_fn,
+            data,
+            optimizer,
+            lr,
+            params,
+            budget,
+            thresholds,
+            seed,
+            reduction,
+            v0,
+            train_batches,
+            max_batches,
+        )
+
+
+def _diagnose(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Tensor], Tensor],
+    data: Any,
+    optimizer: torch.optim.Optimizer | None,
+    lr: float | None,
+    params: Iterable[nn.Parameter | str] | None,
+    budget: int,
+    thresholds: Thresholds,
+    seed: int,
+    reduction: str | None,
+    v0: Tensor | None,
+    train_batches: Iterable[Any] | None,
+    max_batches: int,
+) -> Diagnosis:
     start = time.perf_counter()
     # double backward throughout: diagnose's blocks are small (a warm start of 2 vectors)
-    C = Curvature(model, loss_fn, data, params=params, seed=seed, backend="double_backward")
+    C = Curvature(
+        model,
+        loss_fn,
+        data,
+        params=params,
+        seed=seed,
+        backend="double_backward",
+        reduction=reduction,
+    )
     limit = None
     if optimizer is not None or lr is not None:
         order = list(C.objective.params.values())
@@ -222,9 +285,7 @@ def diagnose(
     )
     vectors = {"top": r.vectors[:, 0], "bottom": r.vectors[:, -1]}
     # which parameter blocks carry the sharpest direction (free: the eigenvector is at hand)
-    evidence["layer_shares"] = {
-        name: float((block**2).sum()) for name, block in C.unflatten(vectors["top"]).items()
-    }
+    evidence["layer_shares"] = block_shares(C, vectors["top"])
     evidence["directional_curvature"], evidence["grad_dot_step"] = objective.directional(g)
     left = budget - C.matvecs
     decrement_converged = None
@@ -236,7 +297,7 @@ def diagnose(
     evidence["decrement_converged"] = decrement_converged
     if train_batches is not None:
         bs, se, used = _batch_sharpness(
-            model, loss_fn, train_batches, max_batches, limit, params, seed
+            model, loss_fn, train_batches, max_batches, limit, params, seed, C.objective.reduction
         )
         evidence.update(batch_sharpness=bs, batch_sharpness_stderr=se, batches=used)
     if limit is not None:
@@ -246,14 +307,20 @@ def diagnose(
 
 
 def _batch_sharpness(
-    model, loss_fn, batches, max_batches, limit, params, seed
+    model, loss_fn, batches, max_batches, limit, params, seed, reduction
 ) -> tuple[float | None, float | None, int]:
     values = []
     for i, batch in enumerate(batches):
         if i >= max_batches:
             break
         Cb = Curvature(
-            model, loss_fn, batch, params=params, seed=seed + i, backend="double_backward"
+            model,
+            loss_fn,
+            batch,
+            params=params,
+            seed=seed + i,
+            backend="double_backward",
+            reduction=reduction,
         )
         batch_objective = _Objective(Cb, limit)
         _, gb = batch_objective.gradient()
