@@ -136,7 +136,7 @@ class HessianFree(ModelStepOptimizer):
         f, x, r = best
         # (G + λI) x = −g − r  ⇒  xᵀGx = xᵀ(−g − r) − λ‖x‖²
         xGx = float(x @ (-g - r)) - lam * float(x @ x)
-        pred = -(float(g @ x) + 0.5 * xGx)
+        pred = -(float(g.to(x) @ x) + 0.5 * xGx)  # x: CG's working dtype (float32 for bf16)
         return Proposal(x, pred, note, loss_at_step=f)
 
     def update(self, ratio: float, proposal: Proposal) -> None:
