@@ -109,7 +109,7 @@ def check_int(value: object, name: str, minimum: int | None = None) -> int:
         else:
             raise TypeError(
                 f"expected {name} to be an integer, got {value!r} ({type(value).__name__}); "
-                f"pass a whole number, e.g. {name}=0"
+                f"pass a whole number, e.g. {name}={0 if minimum is None else max(minimum, 0)}"
             )
     if minimum is not None and value < minimum:
         raise ValueError(f"expected {name} to be an integer >= {minimum}, got {value}")

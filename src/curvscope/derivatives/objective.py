@@ -132,6 +132,17 @@ def _rows(x: Any, sl: slice, n: int) -> Any:
     return x
 
 
+def _float64(x: Any) -> Any:
+    """``x`` with every floating-point tensor in float64."""
+    if isinstance(x, Tensor):
+        return x.detach().double() if x.is_floating_point() else x
+    if isinstance(x, Mapping):
+        return type(x)(**{k: _float64(v) for k, v in x.items()})
+    if isinstance(x, (tuple, list)):
+        return type(x)(_float64(v) for v in x)
+    return x
+
+
 def _fingerprint(inputs: Any, targets: Tensor) -> tuple[Any, ...]:
     """Shape, dtype and two sums per tensor of a batch — one plain and one weighted by the
     row's position — in float64: equal for the same batch, different (almost surely) for
@@ -556,17 +567,28 @@ class ModelObjective:
             "pass reduction='mean' (the loss averages over the samples of a batch) or "
             "reduction='sum' (it adds them) to Curvature, diagnose or Monitor"
         )
+        if n < 2 and self.num_samples == 1:
+            return "mean"  # one sample in all: its mean and its sum are the same loss
         if n < 2:
             raise ValueError(
                 f"cannot tell whether loss_fn averages or sums over samples from a batch of one "
                 f"sample; {fix}"
             )
         h = n // 2
+        # in float64 where the loss allows (a bfloat16 loss rounds by 0.4%), else as given
+        precise = (_float64(out), _float64(batch.targets))
+        try:
+            with torch.no_grad():
+                self.loss_fn(*precise)
+            tol = 1e-9
+        except Exception:
+            precise, tol = (out, batch.targets), max(64 * torch.finfo(self.dtype).eps, 1e-6)
+        out, targets = precise
         with torch.no_grad():  # the whole batch's errors (NaN, not a scalar) are the loss's own
-            whole = float(check_scalar_loss(self.loss_fn(out, batch.targets)))
+            whole = float(check_scalar_loss(self.loss_fn(out, targets)))
             try:
                 first, second = (
-                    float(check_scalar_loss(self.loss_fn(_rows(out, sl, n), batch.targets[sl])))
+                    float(check_scalar_loss(self.loss_fn(_rows(out, sl, n), targets[sl])))
                     for sl in (slice(0, h), slice(h, None))
                 )
             except Exception as e:
@@ -575,7 +597,6 @@ class ModelObjective:
                     f"on half a batch failed: {type(e).__name__}: {e}); {fix}"
                 ) from e
         scale = max(abs(whole), abs(first) + abs(second), 1e-30)
-        tol = max(64 * torch.finfo(self.dtype).eps, 1e-6)
         is_mean = abs(whole - (h * first + (n - h) * second) / n) <= tol * scale
         is_sum = abs(whole - (first + second)) <= tol * scale
         if is_mean != is_sum:
