@@ -110,6 +110,14 @@ def test_report_renders_a_monitor_log(tmp_path, capsys):
     html = (tmp_path / "r" / "report.html").read_text()
     assert "State timeline" in html and "data:image/png;base64," in html
     assert (tmp_path / "r" / "layers.png").exists()  # per-layer attribution from the log
+    # a process killed mid-write: the intact records are reported, the cut one said in a line
+    capsys.readouterr()
+    with log.open("a") as f:
+        f.write('{"step": 20, "state": "lea')
+    assert main(["report", str(log), "--out", str(tmp_path / "r2")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("curvscope report: warning: ")
+    assert (tmp_path / "r2" / "report.html").exists()
 
 
 def test_probe_on_a_built_in_problem(tmp_path, capsys):

@@ -396,14 +396,25 @@ def _report(args: argparse.Namespace) -> int:
     path = Path(args.log)
     if not path.is_file():
         raise UsageError(f"no run log at {str(path)!r}")
+    from curvscope.diagnosis import LogFormatError, TornLogWarning
+
     try:
-        header, records = read_log(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TornLogWarning)
+            header, records = read_log(path)
     except OSError as e:
         raise UsageError(f"cannot read the run log {str(path)!r}: {e.strerror or e}") from e
-    except (ValueError, TypeError, AttributeError) as e:  # LogFormatError is a ValueError
+    except LogFormatError as e:  # its message names the file, the line and the field
+        raise UsageError(_one_line(str(e))) from e
+    except (ValueError, TypeError, AttributeError) as e:
         raise UsageError(
             f"{str(path)!r} is not a curvscope run log (one JSON object a line): {e}"
         ) from e
+    for w in caught:  # a torn last line: the intact records are reported, and that is said
+        if issubclass(w.category, TornLogWarning):
+            print(f"curvscope report: warning: {_one_line(str(w.message))}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not records or not all(isinstance(r, dict) and "step" in r for r in records):
         raise UsageError(f"{str(path)!r} has no probe records with a 'step': is it a Monitor log?")
     out = _writable(Path(args.out))
