@@ -86,7 +86,7 @@ def test_corrupt_run_log(tmp_path, capsys):
     log = tmp_path / "run.jsonl"
     log.write_text('{"step": 1, "state": "learning"}\n{not json\n')
     assert main(["report", str(log), "--out", str(tmp_path / "r")]) == 2
-    assert "is not a curvscope run log" in capsys.readouterr().err
+    assert "line 2, column 2: not valid JSON" in capsys.readouterr().err
     log.write_text('{"hello": 1}\n')
     assert main(["report", str(log), "--out", str(tmp_path / "r")]) == 2
     assert "no probe records" in capsys.readouterr().err
