@@ -23,9 +23,17 @@ lab: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# The gates: ruff, mypy at zero errors (configuration in pyproject.toml), and no function rated
+# D or worse by radon's cyclomatic complexity (radon prints nothing when every one is C or better).
 lint: install
 	$(BIN)/ruff check src tests examples benchmarks
 	$(BIN)/ruff format --check src tests examples benchmarks
+	$(BIN)/mypy src
+	@complex="$$($(BIN)/radon cc --min D --show-complexity src)"; \
+	if [ -n "$$complex" ]; then \
+		echo "radon: functions rated D or worse (cyclomatic complexity > 20); split them:"; \
+		echo "$$complex"; exit 1; \
+	fi; echo "radon: no function rated D or worse"
 
 bench: install
 	$(BIN)/python benchmarks/products.py
@@ -35,4 +43,4 @@ bench: install
 	$(BIN)/python benchmarks/distributed.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .mypy_cache
