@@ -229,7 +229,8 @@ def test_mini_batch_sgd_keeps_full_batch_sharpness_below_the_limit_the_more_the_
     """The half of Andreyev & Beneventano (2024) that reproduces at CI sizes: with mini-batch SGD
     the full-batch sharpness settles below 2/η, further below for smaller batches, where full-
     batch GD would hold it at 2/η. (Their other half — batch sharpness settling at 2/η — does
-    not show on this MLP: batch sharpness measured 0.6-1.25 against 2/η = 1.33; see README.)"""
+    not show on this MLP, where the loss interpolates first: batch sharpness measured 0.6-1.25
+    against 2/η = 1.33; it does on teacher data: test_edge_of_stochastic_stability.py.)"""
     limit = 2 / 1.5
     small, small_bs = _sgd_sharpness(8)
     large, large_bs = _sgd_sharpness(128)
