@@ -537,10 +537,11 @@ class ModelObjective:
         outputs and targets count the same samples, and (for a loss that does not declare it)
         whether the loss averages or sums over them."""
         if not self._loss_checked:
-            if isinstance(out, Tensor) and out.ndim > 0 and out.shape[0] != batch.size:
+            rows = batch.targets.shape[0]
+            if isinstance(out, Tensor) and out.ndim > 0 and out.shape[0] != rows:
                 raise ValueError(
                     f"the model's outputs have {out.shape[0]} rows but the targets "
-                    f"{batch.size} (shapes {tuple(out.shape)} and {tuple(batch.targets.shape)}); "
+                    f"{rows} (shapes {tuple(out.shape)} and {tuple(batch.targets.shape)}); "
                     "the first dimension of both counts the samples — a loss that broadcasts "
                     "them would count the batch as one sample. Give targets one row per sample"
                 )
