@@ -9,6 +9,7 @@ for the product and casts the result back.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,6 +42,23 @@ class Operator:
     ``matmat`` takes and returns (a Curvature's: its parameters'); calling the operator accepts
     any wider floating dtype (the estimators pass :attr:`work_dtype`), casts each column to
     ``dtype`` for the product and the result back.
+
+    Operators compose, as lineax's do: :meth:`shifted` (A + σI), :meth:`scaled` (cA),
+    :meth:`damped` (A + λD, the Levenberg-Marquardt damping) and :meth:`congruence` (DAD) return
+    new operators over this one. A composition runs its own arithmetic in the working dtype
+    (:attr:`work_dtype`) and calls this operator for the product, so the products still run in
+    the wrapped operator's dtype and are counted on it as well (``matvecs`` of a composition
+    counts the products taken through it; the wrapped operator's, and a Curvature's, count
+    them too). Every composition is symmetric again — there is deliberately no one-sided
+    diagonal scaling DA, which is not.
+
+    Tags (declared, as lineax's are; the estimators rely on symmetry, PSD is informative):
+        symmetric: Aᵀ = A. True for every Curvature and composition; for a dense tensor,
+            whether it equals its transpose to ``torch.allclose``'s default tolerance.
+        psd: A is declared positive semi-definite: a Curvature of the Gauss-Newton family
+            (``is_psd``), an object with a true ``is_psd``, and the compositions that keep it
+            (a shift, scale or damping by non-negative amounts, any congruence). False means
+            "not declared", not "indefinite".
     """
 
     matmat: Callable[[Tensor], Tensor]
@@ -49,6 +67,8 @@ class Operator:
     device: torch.device
     source: Any = None
     matvecs: int = 0
+    symmetric: bool = True
+    psd: bool = False
 
     @property
     def work_dtype(self) -> torch.dtype:
@@ -62,6 +82,106 @@ class Operator:
         if torch.finfo(V.dtype).bits <= torch.finfo(self.dtype).bits:
             return self.matmat(V.to(self.dtype)).to(V.dtype)
         return _narrowed_product(self.matmat, V, self.dtype)
+
+    # ------------------------------------------------------------------------ combinators
+    def _over(self, matmat: Callable[[Tensor], Tensor], psd: bool) -> Operator:
+        """A composition over this operator: same size and device, the working dtype."""
+        return Operator(matmat, self.n, self.work_dtype, self.device, self, 0, self.symmetric, psd)
+
+    def shifted(self, sigma: float | Tensor) -> Operator:
+        """A + σI for a number σ, or A + diag(σ) for a vector σ of length n.
+
+        Any real shift (a negative one too: A − σI moves the spectrum; :meth:`damped` is the
+        non-negative kind). PSD when A is declared PSD and σ ≥ 0 everywhere.
+
+        Example:
+            >>> import torch
+            >>> from curvscope.spectrum import as_operator
+            >>> A = as_operator(torch.diag(torch.tensor([1.0, 2.0]))).shifted(0.5)
+            >>> A(torch.eye(2))
+            tensor([[1.5000, 0.0000],
+                    [0.0000, 2.5000]])
+        """
+        if isinstance(sigma, Tensor):
+            d = _check_diagonal(sigma, self, "sigma", nonnegative=False)
+            return self._over(
+                lambda V: self(V) + _diag_times(d, V), self.psd and bool(d.min() >= 0)
+            )
+        s = _check_real(sigma, "sigma")
+        return self._over(lambda V: self(V) + s * V, self.psd and s >= 0)
+
+    def scaled(self, c: float) -> Operator:
+        """cA for a real number c. PSD when A is declared PSD and c ≥ 0."""
+        c = _check_real(c, "c")
+        return self._over(lambda V: c * self(V), self.psd and c >= 0)
+
+    def damped(self, lam: float, diagonal: Tensor | None = None) -> Operator:
+        """A + λD: Levenberg-Marquardt (Tikhonov) damping, λ ≥ 0.
+
+        D = I by default: then A + λI, the damping of Hessian-free and of ``cg(damping=λ)``
+        (Martens 2010), the same product as :meth:`shifted` by λ. With ``diagonal`` d ≥ 0
+        (length n), D = diag(d): Marquardt's (1963) scale-invariant damping, e.g. d = diag(A)
+        or d = 1/s² for parameters of typical size s, computed as A + diag(λ·d).
+
+        What sets it apart from :meth:`shifted`: a damping only adds curvature (λ ≥ 0, d ≥ 0
+        are checked), so it keeps a PSD operator PSD and is what regularizes a Newton step;
+        a shift may move the spectrum either way.
+        """
+        lam = _check_real(lam, "lam")
+        if lam < 0:
+            raise ValueError(
+                f"expected the damping lam to be >= 0, got {lam!r}; a damping adds curvature "
+                "(use shifted() to move the spectrum down)"
+            )
+        if diagonal is None:
+            return self.shifted(lam)
+        d = _check_diagonal(diagonal, self, "diagonal", nonnegative=True)
+        return self.shifted(lam * d)
+
+    def congruence(self, d: Tensor) -> Operator:
+        """DAD for D = diag(d), d a vector of length n: A seen in the coordinates x = Dy, e.g.
+        a diagonal preconditioner's P^-½ A P^-½ (d = P^-½). Symmetric again, and PSD when A
+        is declared PSD (yᵀDADy = (Dy)ᵀA(Dy))."""
+        dd = _check_diagonal(d, self, "d", nonnegative=False)
+        return self._over(lambda V: _diag_times(dd, self(_diag_times(dd, V))), self.psd)
+
+    def to_dense(self) -> Tensor:
+        """The (n, n) matrix in the working dtype, from n products (for small n and tests)."""
+        return self(torch.eye(self.n, dtype=self.work_dtype, device=self.device))
+
+
+def _diag_times(d: Tensor, V: Tensor) -> Tensor:
+    """diag(d) V for a vector (n,) or a block (n, k)."""
+    return d[:, None] * V if V.ndim == 2 else d * V
+
+
+def _check_real(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected {name} to be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"expected {name} to be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_diagonal(d: object, op: Operator, name: str, nonnegative: bool) -> Tensor:
+    """A diagonal as a vector (n,) of finite entries (≥ 0 if asked), in the working dtype."""
+    if not isinstance(d, Tensor):
+        raise TypeError(
+            f"expected {name} to be a torch.Tensor of shape ({op.n},), got {type(d).__name__}"
+        )
+    if d.shape != (op.n,) or not d.is_floating_point():
+        raise ValueError(
+            f"expected {name} to be a floating-point vector of shape ({op.n},), one entry per "
+            f"row of the operator, got {d.dtype} of shape {tuple(d.shape)}"
+        )
+    if not torch.isfinite(d).all():
+        raise ValueError(f"{name} has non-finite entries (NaN/Inf); check how it was computed")
+    if nonnegative and bool((d < 0).any()):
+        raise ValueError(
+            f"expected {name} >= 0 everywhere (a damping adds curvature), got a minimum of "
+            f"{float(d.min()):.3g}"
+        )
+    return d.to(dtype=op.work_dtype, device=op.device)
 
 
 def _narrowed_product(matmat: Callable[[Tensor], Tensor], V: Tensor, dtype: torch.dtype) -> Tensor:
@@ -78,16 +198,20 @@ def _narrowed_product(matmat: Callable[[Tensor], Tensor], V: Tensor, dtype: torc
 
 
 def as_operator(A: Any) -> Operator:
+    """``A`` as an :class:`Operator` (an Operator is returned as it is), with its tags: a
+    Curvature is PSD for the Gauss-Newton family; a tensor is tagged symmetric if it equals its
+    transpose to ``torch.allclose``'s tolerance; an object declares PSD by a true ``is_psd``."""
     if isinstance(A, Operator):
         return A
     if isinstance(A, Curvature):
-        return Operator(A.matmat, A.num_params, A.dtype, A.device, A)
+        return Operator(A.matmat, A.num_params, A.dtype, A.device, A, psd=A.is_psd)
     if isinstance(A, Tensor):
         if A.ndim != 2 or A.shape[0] != A.shape[1]:
             raise ValueError(f"expected a square matrix, got shape {tuple(A.shape)}")
         if not A.is_floating_point():
             raise TypeError(f"expected a floating-point matrix, got {A.dtype}")
-        return Operator(lambda V: A @ V, A.shape[0], A.dtype, A.device, A)
+        symmetric = torch.allclose(A, A.mT)
+        return Operator(lambda V: A @ V, A.shape[0], A.dtype, A.device, A, symmetric=symmetric)
     n = getattr(A, "num_params", None)
     mm = getattr(A, "matmat", None) or (lambda V: A @ V)
     if n is None or not (hasattr(A, "matmat") or hasattr(A, "__matmul__")):
@@ -95,9 +219,8 @@ def as_operator(A: Any) -> Operator:
             "expected a cs.Curvature, a square torch.Tensor, or an object with matmat/@ and "
             f"num_params; got {type(A).__name__}. Build one with cs.Curvature(model, loss_fn, data)"
         )
-    return Operator(
-        mm, int(n), getattr(A, "dtype", torch.float32), torch.device(getattr(A, "device", "cpu")), A
-    )
+    dtype, device = getattr(A, "dtype", torch.float32), torch.device(getattr(A, "device", "cpu"))
+    return Operator(mm, int(n), dtype, device, A, psd=getattr(A, "is_psd", False) is True)
 
 
 def generator(seed: int | torch.Generator, device: torch.device) -> torch.Generator:

@@ -75,7 +75,8 @@ def cg(
         b: the right-hand side (n,), any floating dtype.
         tol: relative residual to reach.
         max_matvecs: cap on products (one per iteration, one more for a nonzero ``x0``).
-        damping: Levenberg-Marquardt shift added to A.
+        damping: Levenberg-Marquardt shift λ ≥ 0 added to A: the same as passing
+            ``as_operator(A).damped(damping)`` (:meth:`~curvscope.spectrum.Operator.damped`).
         x0: a warm start (Hessian-free starts from the previous step, decayed).
         progress_tol: also stop when φ(x) = ½xᵀ(A+λI)x − bᵀx improved by less than
             ``progress_tol``·k per iteration over the last k = max(10, 0.1·i) iterations
@@ -98,8 +99,10 @@ def cg(
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise ValueError(f"expected {name} to be a number >= 0, got {value!r}")
     dt = torch.promote_types(working_dtype(b.dtype), op.work_dtype)
+    if damping:  # A + λI: the operator's own combinator, in the working dtype
+        op = op.damped(damping)
     with autocast_off(op.device):
-        return _cg(op, b.to(dt), tol, max_matvecs, damping, x0, progress_tol, save)
+        return _cg(op, b.to(dt), tol, max_matvecs, x0, progress_tol, save)
 
 
 def _cg(
@@ -107,7 +110,6 @@ def _cg(
     b: Tensor,
     tol: float,
     max_matvecs: int,
-    damping: float,
     x0: Tensor | None,
     progress_tol: float | None,
     save: Callable[[int], bool] | None,
@@ -117,16 +119,16 @@ def _cg(
         x, r = torch.zeros_like(b), b.clone()
     else:
         x = x0.to(b).clone()
-        r = b - op(x[:, None])[:, 0] - damping * x
+        r = b - op(x[:, None])[:, 0]
     p = r.clone()
     bnorm = float(b.norm()) or 1.0
     rr = float(r @ r)
     it, neg, direction, direction_curvature = 0, False, None, None
-    # φ(x) = ½xᵀ(Ax − b) − ½bᵀx = ½xᵀ(−r − b): tracked only for the progress test (a dot a step)
+    # φ(x) = ½xᵀ(Ax − b) − ½bᵀx = ½xᵀ(−r − b) (A damped already): for the progress test only
     phis = [] if progress_tol is None else [float(x @ (-r - b)) / 2]
     saved = []  # x, r and p are rebound each iteration, never written in place: no copies
     while it < max_matvecs and rr**0.5 > tol * bnorm:
-        Ap = op(p[:, None])[:, 0] + damping * p
+        Ap = op(p[:, None])[:, 0]
         it += 1
         curv = float(p @ Ap)
         if curv <= 0:

@@ -1,0 +1,161 @@
+"""Operator combinators (shifted, scaled, damped, congruence) against dense float64 matrices:
+the products, the tags they keep, the matvec counts they pass through, and bad arguments."""
+
+import pytest
+import torch
+from torch import nn
+
+import curvscope as cs
+from curvscope.spectrum import Operator, as_operator
+
+DT = torch.float64
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _spd(n=7, seed=0):
+    Q = torch.randn(n, n, generator=_gen(seed), dtype=DT)
+    return Q @ Q.T + 0.1 * torch.eye(n, dtype=DT)
+
+
+def _sym(n=7, seed=1):
+    Q = torch.randn(n, n, generator=_gen(seed), dtype=DT)
+    return Q + Q.T
+
+
+def _vec(n=7, seed=2, positive=False):
+    v = torch.randn(n, generator=_gen(seed), dtype=DT)
+    return v.abs() + 0.1 if positive else v
+
+
+def _curvature(kind):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    X = torch.randn(10, 3, generator=_gen(3), dtype=DT)
+    y = torch.randint(0, 2, (10,), generator=_gen(4))
+    return cs.Curvature(model, nn.CrossEntropyLoss(), (X, y), kind=kind, backend="double_backward")
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_each_combinator_is_the_dense_matrix_it_names():
+    A, s, d = _sym(), _vec(), _vec(positive=True)
+    op = as_operator(A)
+    eye = torch.eye(7, dtype=DT)
+    _close(op.shifted(0.7).to_dense(), A + 0.7 * eye)
+    _close(op.shifted(-2.5).to_dense(), A - 2.5 * eye)
+    _close(op.shifted(s).to_dense(), A + torch.diag(s))
+    _close(op.scaled(-3.0).to_dense(), -3.0 * A)
+    _close(op.damped(0.4).to_dense(), A + 0.4 * eye)
+    _close(op.damped(0.4, d).to_dense(), A + 0.4 * torch.diag(d))
+    _close(op.congruence(s).to_dense(), torch.diag(s) @ A @ torch.diag(s))
+
+
+def test_compositions_compose_and_take_single_vectors():
+    A, s, d = _spd(), _vec(), _vec(positive=True)
+    op = as_operator(A).damped(0.3, d).congruence(s).scaled(2.0).shifted(-1.0)
+    dense = 2.0 * torch.diag(s) @ (A + 0.3 * torch.diag(d)) @ torch.diag(s) - torch.eye(7, dtype=DT)
+    _close(op.to_dense(), dense)
+    v = _vec(seed=9)
+    _close(op(v), dense @ v)  # a flat vector in, a flat vector out
+    _close(op(v[:, None])[:, 0], dense @ v)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_a_curvature_composes_and_counts_every_product_on_itself_too(kind):
+    C = _curvature(kind)
+    H = C.to_dense()
+    C.matvecs = 0
+    base = as_operator(C)
+    l2 = torch.linspace(0.0, 0.2, C.num_params, dtype=DT)
+    half = torch.linspace(0.5, 1.5, C.num_params, dtype=DT)
+    op = base.shifted(l2).congruence(half)
+    _close(op.to_dense(), torch.diag(half) @ (H + torch.diag(l2)) @ torch.diag(half))
+    V = torch.randn(C.num_params, 3, generator=_gen(5), dtype=DT)
+    op(V)
+    n = C.num_params
+    assert op.matvecs == n + 3  # to_dense's n columns, then 3
+    assert base.matvecs == n + 3 and C.matvecs == n + 3  # passed through to the wrapped ones
+
+
+def test_the_cg_damping_is_the_damped_operator_bit_for_bit():
+    A, b = _sym(), _vec(seed=4)
+    for x0 in (None, _vec(seed=5)):
+        by_hand = cs.spectrum.cg(A, b, damping=9.0, x0=x0, tol=1e-12, max_matvecs=20)
+        composed = cs.spectrum.cg(as_operator(A).damped(9.0), b, x0=x0, tol=1e-12, max_matvecs=20)
+        assert torch.equal(by_hand.x, composed.x)
+        assert by_hand.iterations == composed.iterations and by_hand.matvecs == composed.matvecs
+    assert by_hand.converged
+    _close(by_hand.x, torch.linalg.solve(A + 9.0 * torch.eye(7, dtype=DT), b))
+
+
+def test_tags_psd_where_it_follows_and_symmetric_always():
+    psd = as_operator(_curvature("ggn"))
+    indefinite = as_operator(_curvature("hessian"))
+    assert psd.psd and not indefinite.psd
+    d = torch.ones(psd.n, dtype=DT)
+    kept = [psd.shifted(0.0), psd.shifted(1.0), psd.shifted(d), psd.scaled(2.0), psd.damped(0.1)]
+    kept += [psd.damped(0.1, d), psd.congruence(-d), psd.damped(1.0).congruence(d).scaled(0.5)]
+    assert all(op.psd and op.symmetric for op in kept)
+    lost = [psd.shifted(-0.1), psd.shifted(-d), psd.scaled(-1.0), indefinite.damped(1.0)]
+    assert not any(op.psd for op in lost) and all(op.symmetric for op in lost)
+    # a dense tensor is tagged by looking at it; PSD is never guessed
+    assert as_operator(_spd()).symmetric and not as_operator(_spd()).psd
+    assert not as_operator(torch.triu(_spd())).symmetric
+
+    class Declared:
+        num_params, is_psd = 3, True
+
+        def matmat(self, V):
+            return V
+
+    assert as_operator(Declared()).psd
+
+
+def test_compositions_compute_in_the_working_dtype_and_products_in_the_operators():
+    A = _spd(6).to(torch.bfloat16)
+    seen = []
+
+    def matmat(V):
+        seen.append(V.dtype)
+        return A @ V
+
+    op = Operator(matmat, 6, torch.bfloat16, torch.device("cpu")).shifted(0.5).scaled(3.0)
+    assert op.dtype == torch.float32  # the working dtype of bfloat16
+    V = torch.randn(6, 2, generator=_gen(6))
+    out = op(V)
+    assert seen == [torch.bfloat16] and out.dtype == torch.float32
+    expected = 3.0 * ((A @ V.to(torch.bfloat16)).float() + 0.5 * V)
+    assert torch.equal(out, expected)
+    assert op(V.double()).dtype == DT  # a wider vector comes back in its own dtype
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (lambda op: op.shifted("1"), TypeError, "sigma to be a real number, got str"),
+        (lambda op: op.shifted(True), TypeError, "sigma to be a real number, got bool"),
+        (lambda op: op.shifted(float("nan")), ValueError, "sigma to be a finite number"),
+        (lambda op: op.shifted(torch.ones(3, dtype=DT)), ValueError, r"sigma .* shape \(7,\)"),
+        (lambda op: op.shifted(torch.ones(7, dtype=torch.long)), ValueError, "floating-point"),
+        (lambda op: op.scaled(float("inf")), ValueError, "c to be a finite number"),
+        (lambda op: op.damped(-0.1), ValueError, "damping lam to be >= 0.*use shifted"),
+        (
+            lambda op: op.damped(0.1, -torch.ones(7, dtype=DT)),
+            ValueError,
+            "diagonal >= 0 everywhere.*minimum of -1",
+        ),
+        (
+            lambda op: op.damped(0.1, torch.full((7,), float("nan"), dtype=DT)),
+            ValueError,
+            "diagonal has non-finite entries",
+        ),
+        (lambda op: op.congruence([1.0] * 7), TypeError, r"d to be a torch.Tensor of shape \(7,\)"),
+    ],
+)
+def test_bad_arguments_are_named(build, error, match):
+    with pytest.raises(error, match=match):
+        build(as_operator(_sym()))
