@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from curvscope.derivatives import Curvature
 from curvscope.diagnosis.classify import DEFAULT_THRESHOLDS, Thresholds, classify
 from curvscope.diagnosis.stability import StabilityLimit, stability_limit
-from curvscope.spectrum import Operator, eigenvalues
+from curvscope.spectrum import Operator, as_operator, eigenvalues
 from curvscope.spectrum._operator import autocast_off, working_dtype
 from curvscope.spectrum.cg import cg
 from curvscope.spectrum.eigen import block_shares
@@ -75,43 +75,44 @@ class _Objective:
     ½·Σ l2·θ² that torch's coupled ``weight_decay`` adds (none for AdamW or without decay).
     Its gradient, curvature and every quantity derived from them come from here.
 
+    Its curvature is a composition of operators over C: the L2 term is a diagonal shift,
+    H + diag(l2) (:meth:`~curvscope.spectrum.Operator.shifted`), and what a step scaled by the
+    optimizer's step factors S sees is its congruence S^½ (H + diag(l2)) S^½
+    (:meth:`~curvscope.spectrum.Operator.congruence`).
+
     Everything here is in the working dtype (float32 for a bfloat16 or float16 model, the
     parameters' dtype otherwise): only the curvature products run in the parameters' dtype."""
 
     def __init__(self, C: Curvature, limit: StabilityLimit | None) -> None:
         self.C = C
         self.dtype = working_dtype(C.dtype)
-        self._product = Operator(C.matmat, C.num_params, C.dtype, C.device)  # casts V and back
-        self.l2 = None if limit is None or limit.l2 is None else limit.l2.to(self.dtype)
         self.scale = None if limit is None or limit.scale is None else limit.scale.to(self.dtype)
-        self.theta = None
-        if self.l2 is not None:
-            theta = C.flatten([p.detach() for p in C.objective.params.values()])
-            self.theta = theta.to(self.dtype)
+        self._curvature = as_operator(C)  # casts V to the parameters' dtype and back
+        self._l2_gradient: Tensor | None = None  # l2·θ
+        if limit is not None and limit.l2 is not None:
+            l2 = limit.l2.to(self.dtype)
+            self._curvature = self._curvature.shifted(l2)
+            model = C.objective
+            assert model is not None  # diagnose builds C from a model
+            theta = C.flatten([p.detach() for p in model.params.values()])
+            self._l2_gradient = l2 * theta.to(self.dtype)
+        self._seen = self._curvature
+        if self.scale is not None:
+            self._seen = self._curvature.congruence(self.scale.clamp_min(0).sqrt())
 
     def gradient(self) -> tuple[float, Tensor]:
         """(the data loss, the gradient of the objective)."""
         loss, g = self.C.loss_and_gradient()
         g = g.to(self.dtype)
-        return loss, g if self.l2 is None else g + self.l2 * self.theta
-
-    def matmat(self, V: Tensor) -> Tensor:
-        """(H + diag(l2)) V."""
-        out = self._product(V)
-        return out if self.l2 is None else out + self.l2[:, None] * V
+        return loss, g if self._l2_gradient is None else g + self._l2_gradient
 
     def operator(self) -> Operator:
         """H + diag(l2) as an Operator (for CG)."""
-        C = self.C
-        return Operator(self.matmat, C.num_params, self.dtype, C.device)
+        return self._curvature
 
     def scaled(self) -> Operator:
         """What the step sees: S^½ (H + diag(l2)) S^½ (S the optimizer's step factors)."""
-        if self.scale is None:
-            return self.operator()
-        half = self.scale.clamp_min(0).sqrt()[:, None]
-        C = self.C
-        return Operator(lambda V: half * self.matmat(half * V), C.num_params, self.dtype, C.device)
+        return self._seen
 
     def directional(self, g: Tensor) -> tuple[float | None, float]:
         """(c, gᵀd): c = dᵀ(H + l2)d / gᵀd along the step direction d = S g (one product;
@@ -120,7 +121,7 @@ class _Objective:
         gd = float(g @ d)
         if gd <= 0:
             return None, gd
-        return float(d @ self.matmat(d[:, None])[:, 0]) / gd, gd
+        return float(d @ self._curvature(d[:, None])[:, 0]) / gd, gd
 
 
 def diagnose(
