@@ -131,7 +131,10 @@ def test_the_quadrature_bracket_holds_for_every_threshold():
     assert max(widths) < 1 and min(widths) < 1e-3  # informative, not vacuous
 
 
-def test_plot_linear_and_log(tmp_path):
+def test_plot_linear_and_log_without_pyplot_state(tmp_path):
+    import matplotlib.pyplot as plt
+
+    backend, figures = matplotlib.get_backend(), plt.get_fignums()
     A = with_spectrum(torch.linspace(-1.0, 3.0, 100, dtype=torch.float64))
     d = cs.density(A, steps=20, probes=2, progress_bar=False)
     ax = d.plot(log=True)
@@ -139,6 +142,13 @@ def test_plot_linear_and_log(tmp_path):
     ax.figure.savefig(tmp_path / "density.png")
     assert (tmp_path / "density.png").stat().st_size > 1000
     assert d.plot().get_yscale() == "linear"
+    # the figures are objects of their own: no backend switched, no pyplot figure left open
+    assert matplotlib.get_backend() == backend and plt.get_fignums() == figures
+    fig, mine = plt.subplots()  # the caller's own axes are drawn on
+    try:
+        assert d.plot(ax=mine) is mine and len(mine.lines) == 2  # the curve and the zero line
+    finally:
+        plt.close(fig)
 
 
 def test_progress_bar_can_be_shown_and_silenced(capsys):
@@ -156,9 +166,12 @@ def test_progress_bar_can_be_shown_and_silenced(capsys):
         ({"steps": 2.5}, TypeError, "steps to be an integer"),
         ({"probes": -1}, ValueError, "probes"),
         ({"grid_points": 1}, ValueError, "grid_points"),
-        ({"sigma": 0.0}, ValueError, "sigma"),
-        ({"sigma": float("nan")}, ValueError, "sigma"),
-        ({"resolution": -0.1}, ValueError, "resolution"),
+        ({"sigma": 0.0}, ValueError, "expected sigma to be > 0, got 0.0"),
+        ({"sigma": float("nan")}, ValueError, "expected sigma to be a finite number"),
+        ({"sigma": "0.1"}, TypeError, "expected sigma to be a real number, got str"),
+        ({"sigma": True}, TypeError, "expected sigma to be a real number, got bool"),
+        ({"resolution": -0.1}, ValueError, "expected resolution to be >= 0, got -0.1"),
+        ({"resolution": float("inf")}, ValueError, "resolution to be a finite number"),
         ({"seed": None}, TypeError, "seed=None"),
         ({"seed": 1.7}, TypeError, "seed to be an integer"),
         ({"seed": -1}, ValueError, "seed to be an integer >= 0"),

@@ -1,7 +1,7 @@
 """Direction and shape: gradients, curvature-vector products, dense Hessians for small n, and
 the :class:`Curvature` operator of a model's mean loss."""
 
-from curvscope.derivatives._checks import DENSE_LIMIT
+from curvscope.derivatives.checks import DENSE_LIMIT
 from curvscope.derivatives.curvature import BACKENDS, KINDS, Curvature, KindInfo
 from curvscope.derivatives.functions import grad, hessian, hvp
 

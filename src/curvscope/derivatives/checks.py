@@ -1,9 +1,16 @@
-"""Input checks shared by the derivative functions and the curvature operator.
+"""The argument checks every part of curvscope shares: one set of validators.
 
-Every check raises with a message that says what was expected, what was given, and the fix.
+Every check raises with a message that says what was expected, what was given, and the fix:
+``TypeError`` for the wrong kind of value (a float where an integer is due, a string for a
+number), ``ValueError`` for a value of the right kind out of its range. A bool is never taken
+for a number. Internal but public: the subpackages import these from here, never from another
+subpackage's private module.
 """
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -102,18 +109,73 @@ def check_dense_size(n: int, dtype: torch.dtype, force: bool, what: str) -> None
 
 
 def check_int(value: object, name: str, minimum: int | None = None) -> int:
-    """An integer argument (a bool or a float such as 1.7 is refused, not truncated)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        if hasattr(value, "__index__") and not isinstance(value, bool):
-            value = value.__index__()  # numpy and torch integer scalars
-        else:
+    """An integer argument (a bool or a float such as 1.7 is refused, not truncated).
+
+    Example:
+        >>> check_int(3, "steps", minimum=1)
+        3
+        >>> check_int(1.7, "k")
+        Traceback (most recent call last):
+        ...
+        TypeError: expected k to be an integer, got 1.7 (float); pass a whole number, e.g. k=0
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = int(value)
+    else:
+        index = getattr(value, "__index__", None)  # numpy and torch integer scalars have one
+        if index is None or isinstance(value, bool):
             raise TypeError(
                 f"expected {name} to be an integer, got {value!r} ({type(value).__name__}); "
                 f"pass a whole number, e.g. {name}={0 if minimum is None else max(minimum, 0)}"
             )
-    if minimum is not None and value < minimum:
-        raise ValueError(f"expected {name} to be an integer >= {minimum}, got {value}")
-    return int(value)
+        number = int(index())
+    if minimum is not None and number < minimum:
+        raise ValueError(f"expected {name} to be an integer >= {minimum}, got {number}")
+    return number
+
+
+def check_real(
+    value: object,
+    name: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive: bool = False,
+) -> float:
+    """A finite real number (an int, a float or a numpy scalar; a bool or a string is refused),
+    within ``[minimum, maximum]`` — or ``(minimum, maximum)`` with ``exclusive=True`` — where
+    the bounds are given.
+
+    Example:
+        >>> check_real(0.5, "tol", minimum=0, maximum=1, exclusive=True)
+        0.5
+        >>> check_real(0, "tol", minimum=0, maximum=1, exclusive=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: expected tol to be in (0, 1), got 0
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"expected {name} to be a real number, got {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"expected {name} to be a finite number, got {value!r}")
+    low_ok = minimum is None or (number > minimum if exclusive else number >= minimum)
+    high_ok = maximum is None or (number < maximum if exclusive else number <= maximum)
+    if not (low_ok and high_ok):
+        raise ValueError(
+            f"expected {name} to be {_range(minimum, maximum, exclusive)}, got {value!r}"
+        )
+    return number
+
+
+def _range(minimum: float | None, maximum: float | None, exclusive: bool) -> str:
+    """'in [a, b]', 'in (a, b)', '>= a', '> a', '<= b' or '< b'."""
+    if minimum is not None and maximum is not None:
+        left, right = ("(", ")") if exclusive else ("[", "]")
+        return f"in {left}{minimum:g}, {maximum:g}{right}"
+    if minimum is not None:
+        return f"{'>' if exclusive else '>='} {minimum:g}"
+    return f"{'<' if exclusive else '<='} {maximum:g}"
 
 
 def check_seed(seed: object, name: str = "seed") -> int:

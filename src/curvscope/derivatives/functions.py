@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from curvscope.derivatives._checks import (
+from curvscope.derivatives.checks import (
     check_dense_size,
     check_finite,
     check_point,

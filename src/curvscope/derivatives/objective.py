@@ -39,14 +39,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from curvscope.derivatives._checks import check_scalar_loss, check_seed
+from curvscope.derivatives.checks import check_scalar_loss, check_seed
+from curvscope.derivatives.flat import flatten, unflatten
+from curvscope.derivatives.seeding import DATA, FORWARD
 
 logger = logging.getLogger(__name__)
 
 #: Running-statistics buffers of normalisation layers; not passed in train mode (so not updated).
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
-_SEED_STRIDE = 1_000_003  # decorrelates the per-batch seeds of nearby base seeds
-_DATA_SEED_OFFSET = 104_729  # the data passes' seed, apart from the batches' forward seeds
 #: reductions over samples a loss may have; "mean" averages the samples of a batch, "sum" adds
 REDUCTIONS = ("mean", "sum")
 
@@ -380,7 +380,7 @@ class ModelObjective:
         if self._data_is_list():
             items: Iterator[Any] = iter(self._data)
         else:
-            rng = _PassRandomness(self._generators(), self.seed * _SEED_STRIDE + _DATA_SEED_OFFSET)
+            rng = _PassRandomness(self._generators(), DATA.seed(self.seed))
             items = rng.iterate(self._data)
         for i, item in enumerate(items):
             if not _is_pair(item):
@@ -493,7 +493,7 @@ class ModelObjective:
                 torch.enable_grad(),
             ):
                 for g in gens:
-                    g.manual_seed(self.seed * _SEED_STRIDE + batch_index)
+                    g.manual_seed(FORWARD.seed(self.seed, batch_index))
                 yield
         finally:
             for g, state in zip(gens, saved, strict=True):
@@ -650,14 +650,8 @@ class ModelObjective:
         A 1-D input gives tensors shaped like the parameters; a 2-D input gives tensors of shape
         (k, *param.shape).
         """
-        chunks = torch.split(flat, self.numels, dim=0)
-        if flat.ndim == 1:
-            return [c.reshape(s) for c, s in zip(chunks, self.shapes, strict=True)]
-        k = flat.shape[1]
-        return [c.T.reshape(k, *s) for c, s in zip(chunks, self.shapes, strict=True)]
+        return unflatten(flat, self.shapes)
 
     def flatten(self, blocks: Sequence[Tensor], batched: bool = False) -> Tensor:
         """Inverse of :meth:`unflatten`."""
-        if not batched:
-            return torch.cat([b.reshape(-1) for b in blocks])
-        return torch.cat([b.reshape(b.shape[0], -1) for b in blocks], dim=1).T
+        return flatten(blocks, batched)

@@ -11,15 +11,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvscope.derivatives._checks import check_int
-from curvscope.spectrum._operator import (
-    as_operator,
-    autocast_off,
-    generator,
-    progress,
-    rademacher,
-)
+from curvscope.derivatives.checks import check_int, check_real
+from curvscope.derivatives.seeding import generator, rademacher
+from curvscope.spectrum._operator import as_operator, progress
 from curvscope.spectrum.lanczos import Krylov, tridiagonal
+from curvscope.spectrum.precision import autocast_off
 
 #: Default resolution of ``negative_mass``: eigenvalues within this share of the spectral range
 #: of zero count as zero (the default smoothing width is the same 1%).
@@ -67,12 +63,19 @@ class DensityResult:
     resolution: float = 0.0
 
     def plot(self, ax: Any = None, log: bool = False, **kwargs: Any) -> Any:
-        """Plot the density (matplotlib, imported here); ``log=True`` for a log density axis,
-        where the outliers that set the sharpness become visible beside the bulk."""
-        import matplotlib.pyplot as plt
+        """Plot the density on ``ax`` (matplotlib, imported here) and return the axes;
+        ``log=True`` for a log density axis, where the outliers that set the sharpness become
+        visible beside the bulk.
 
+        Without ``ax``, the plot is drawn on a new ``matplotlib.figure.Figure`` of its own,
+        which pyplot does not know: no backend is switched and no global figure is left open.
+        Save it with ``ax.figure.savefig(path)``; to draw into a pyplot figure (a notebook's
+        inline display), pass ``ax=plt.subplots()[1]``.
+        """
         if ax is None:
-            _, ax = plt.subplots(figsize=(6, 3.5))
+            from matplotlib.figure import Figure
+
+            ax = Figure(figsize=(6, 3.5)).subplots()
         ax.plot(self.grid.cpu().numpy(), self.values.cpu().numpy(), **kwargs)
         if log:
             ax.set_yscale("log")
@@ -139,15 +142,10 @@ def density(
     steps = check_int(steps, "steps", minimum=1)
     probes = check_int(probes, "probes", minimum=1)
     grid_points = check_int(grid_points, "grid_points", minimum=2)
-    for name, value in (("sigma", sigma), ("resolution", resolution)):
-        if value is not None and (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not 0 <= value < math.inf
-            or (name == "sigma" and value == 0)
-        ):
-            rule = "positive" if name == "sigma" else ">= 0"
-            raise ValueError(f"expected {name} to be a finite number {rule} or None, got {value!r}")
+    if sigma is not None:
+        sigma = check_real(sigma, "sigma", minimum=0, exclusive=True)
+    if resolution is not None:
+        resolution = check_real(resolution, "resolution", minimum=0)
     steps = min(steps, op.n)
     gen = generator(seed, op.device)
     start = time.perf_counter()

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from curvscope.derivatives._checks import check_int
-from curvscope.spectrum._operator import as_operator, autocast_off, generator, progress
+from curvscope.derivatives.checks import check_int, check_real
+from curvscope.derivatives.seeding import generator
+from curvscope.spectrum._operator import as_operator, progress
 from curvscope.spectrum.lanczos import Krylov, error_bounds
+from curvscope.spectrum.precision import autocast_off
 
 WHICH = ("largest", "smallest", "both")
 
@@ -95,8 +97,7 @@ def _validate(k: Any, which: Any, tol: Any, n: int) -> int:
     need = 2 * k if which == "both" else k
     if need > n:
         raise ValueError(f"asked for {need} eigenvalues of a {n} x {n} operator; lower k")
-    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and 0 < tol < 1):
-        raise ValueError(f"tol must be in (0, 1), got {tol!r}")
+    check_real(tol, "tol", minimum=0, maximum=1, exclusive=True)
     return k
 
 
@@ -186,84 +187,142 @@ def eigenvalues(
     """
     op = as_operator(A)
     k = _validate(k, which, tol, op.n)
-    ends = 2 if which == "both" else 1
     gen = generator(seed, op.device)
-    dt = op.work_dtype
-    w = None if v0 is None else _warm_start(v0, op.n, dt, op.device)
-    if block_size is None:  # see the docstring: a block of 2 tells near-coincident values apart
-        block_size = (1 if k == 1 else 2) if w is None else (1 if v0.ndim == 1 else w.shape[1])
-    block_size = check_int(block_size, "block_size", minimum=1)
-    if block_size > op.n:
-        raise ValueError(f"block_size must be an integer in [1, n={op.n}], got {block_size}")
-    if max_basis is None:
-        max_basis = min(op.n, max(60, 4 * k * ends + 20, 3 * block_size))
-    max_basis = check_int(max_basis, "max_basis", minimum=1)
-    if max_basis < min(op.n, k * ends + 2 * block_size):
-        raise ValueError(
-            f"max_basis={max_basis} is too small for k={k}, which={which!r}, block_size="
-            f"{block_size}: it must hold the wanted vectors plus two blocks"
-        )
-    if max_matvecs is None:
-        max_matvecs = max(min(op.n, (100 + 40 * k) * ends), min(op.n, 2 * max_basis))
-    max_matvecs = check_int(max_matvecs, "max_matvecs", minimum=1)
+    w = None if v0 is None else _warm_start(v0, op.n, op.work_dtype, op.device)
+    sizes = _sizes(op.n, k, which, block_size, max_basis, max_matvecs, w)
     start = time.perf_counter()
     with autocast_off(op.device):  # the products and the arithmetic in their dtypes
-        X0 = torch.randn(op.n, block_size, generator=gen, dtype=op.work_dtype, device=op.device)
-        if w is not None:
-            if w.shape[1] >= block_size:  # extra warm vectors are folded into the last column
-                X0 = w[:, :block_size].clone()
-                X0[:, -1] += w[:, block_size:].sum(dim=1)
-            else:
-                X0[:, : w.shape[1]] = w
+        X0 = _start_block(op, sizes.block_size, gen, w)
         used_before = op.matvecs
         kry = Krylov(op, X0, gen)
-        with progress(max_matvecs, "Lanczos", progress_bar) as bar:
-            while True:
-                before = op.matvecs
-                kry.extend()
-                bar.update(op.matvecs - before)
-                theta, S, res = kry.ritz()
-                idx = _wanted(theta, k, which)
-                scale = float(theta.abs().max())
-                enough = kry.size >= min(op.n, k * ends + 1)
-                done = enough and bool(
-                    (res[idx] <= RESIDUAL_SHARE * tol * max(scale, 1e-300)).all()
-                )
-                used = op.matvecs - used_before
-                if done or kry.size >= op.n or used >= max_matvecs or kry.X.shape[1] == 0:
-                    break
-                if kry.size + kry.X.shape[1] > max_basis:
-                    keep = _restart_set(theta, k, which, max_basis - 2 * kry.X.shape[1])
-                    kry.restart(S[:, keep], theta[keep])
-        theta, S, res = kry.ritz()
-        idx = _wanted(theta, k, which)
-        scale = float(theta.abs().max())
-        rounding = PRODUCT_ROUNDING * torch.finfo(op.dtype).eps * scale
-        err = error_bounds(theta, res) + rounding
-        converged = res[idx] <= RESIDUAL_SHARE * tol * max(scale, 1e-300)
-        if kry.size >= op.n:  # the full space: exact up to rounding
-            converged = torch.ones_like(converged)
-        vectors = kry.vectors(S[:, idx]) if return_vectors or by_layer else None
-        used = op.matvecs - used_before
-        message = _message(bool(converged.all()), used, max_matvecs, res[idx], scale, tol)
-        if rounding > RESIDUAL_SHARE * tol * scale:
-            message += (
-                f"; the products run in {str(op.dtype).removeprefix('torch.')}, so the values "
-                f"are only as accurate as they are: about {rounding / max(scale, 1e-300):.2g}"
-                "·|λ_max| (included in errors)"
-            )
-        layers = _by_layer(A, vectors[:, 0], tol, seed) if by_layer else {}
+        with progress(sizes.max_matvecs, "Lanczos", progress_bar) as bar:
+            while _extend(kry, k, which, tol, sizes, op.matvecs - used_before, bar):
+                pass
+        result = _result(
+            kry,
+            k,
+            which,
+            tol,
+            sizes.max_matvecs,
+            op.matvecs - used_before,
+            vectors=return_vectors or by_layer,
+        )
+        layers = {}
+        if by_layer:
+            assert result.vectors is not None  # computed for by_layer
+            layers = _by_layer(A, result.vectors[:, 0], tol, seed)
+    return replace(
+        result,
+        vectors=result.vectors if return_vectors else None,
+        seconds=time.perf_counter() - start,
+        layers=layers,
+    )
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    block_size: int
+    max_basis: int
+    max_matvecs: int
+
+
+def _sizes(
+    n: int,
+    k: int,
+    which: str,
+    block_size: object,
+    max_basis: object,
+    max_matvecs: object,
+    w: Tensor | None,
+) -> _Sizes:
+    """The block size, basis size and product budget: the caller's, checked, or the defaults
+    the docstring of :func:`eigenvalues` states."""
+    ends = 2 if which == "both" else 1
+    if block_size is None:  # see the docstring: a block of 2 tells near-coincident values apart
+        block_size = (1 if k == 1 else 2) if w is None else w.shape[1]
+    b = check_int(block_size, "block_size", minimum=1)
+    if b > n:
+        raise ValueError(f"block_size must be an integer in [1, n={n}], got {b}")
+    if max_basis is None:
+        max_basis = min(n, max(60, 4 * k * ends + 20, 3 * b))
+    basis = check_int(max_basis, "max_basis", minimum=1)
+    if basis < min(n, k * ends + 2 * b):
+        raise ValueError(
+            f"max_basis={basis} is too small for k={k}, which={which!r}, block_size="
+            f"{b}: it must hold the wanted vectors plus two blocks"
+        )
+    if max_matvecs is None:
+        max_matvecs = max(min(n, (100 + 40 * k) * ends), min(n, 2 * basis))
+    return _Sizes(b, basis, check_int(max_matvecs, "max_matvecs", minimum=1))
+
+
+def _start_block(op: Any, block_size: int, gen: torch.Generator, w: Tensor | None) -> Tensor:
+    """The starting block: random columns, the warm-start vectors in the first ones (extra
+    warm vectors are folded into the last column)."""
+    X0 = torch.randn(op.n, block_size, generator=gen, dtype=op.work_dtype, device=op.device)
+    if w is not None:
+        if w.shape[1] >= block_size:
+            X0 = w[:, :block_size].clone()
+            X0[:, -1] += w[:, block_size:].sum(dim=1)
+        else:
+            X0[:, : w.shape[1]] = w
+    return X0
+
+
+def _extend(
+    kry: Krylov, k: int, which: str, tol: float, sizes: _Sizes, used: int, bar: Any
+) -> bool:
+    """One Lanczos step (and a thick restart when the basis is full); False when done: every
+    wanted value converged, the space is the whole space, or the budget is spent."""
+    op = kry.op
+    before = op.matvecs
+    kry.extend()
+    bar.update(op.matvecs - before)
+    used += op.matvecs - before
+    theta, S, res = kry.ritz()
+    idx = _wanted(theta, k, which)
+    scale = float(theta.abs().max())
+    enough = kry.size >= min(op.n, k * (2 if which == "both" else 1) + 1)
+    done = enough and bool((res[idx] <= RESIDUAL_SHARE * tol * max(scale, 1e-300)).all())
+    if done or kry.size >= op.n or used >= sizes.max_matvecs or kry.X.shape[1] == 0:
+        return False
+    if kry.size + kry.X.shape[1] > sizes.max_basis:
+        keep = _restart_set(theta, k, which, sizes.max_basis - 2 * kry.X.shape[1])
+        kry.restart(S[:, keep], theta[keep])
+    return True
+
+
+def _result(
+    kry: Krylov, k: int, which: str, tol: float, cap: int, used: int, vectors: bool
+) -> EigenResult:
+    """The wanted Ritz pairs with their residuals, error estimates and a message (the
+    caller fills in the time and the layers)."""
+    op = kry.op
+    theta, S, res = kry.ritz()
+    idx = _wanted(theta, k, which)
+    scale = float(theta.abs().max())
+    rounding = PRODUCT_ROUNDING * torch.finfo(op.dtype).eps * scale
+    err = error_bounds(theta, res) + rounding
+    converged = res[idx] <= RESIDUAL_SHARE * tol * max(scale, 1e-300)
+    if kry.size >= op.n:  # the full space: exact up to rounding
+        converged = torch.ones_like(converged)
+    message = _message(bool(converged.all()), used, cap, res[idx], scale, tol)
+    if rounding > RESIDUAL_SHARE * tol * scale:
+        message += (
+            f"; the products run in {str(op.dtype).removeprefix('torch.')}, so the values "
+            f"are only as accurate as they are: about {rounding / max(scale, 1e-300):.2g}"
+            "·|λ_max| (included in errors)"
+        )
     return EigenResult(
         values=theta[idx].clone(),
-        vectors=vectors if return_vectors else None,
+        vectors=kry.vectors(S[:, idx]) if vectors else None,
         residuals=res[idx].clone(),
         errors=err[idx].clone(),
         converged=converged,
         matvecs=used,
-        seconds=time.perf_counter() - start,
+        seconds=0.0,
         scale=scale,
         message=message,
-        layers=layers,
     )
 
 

@@ -14,15 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvscope.spectrum._operator import (
-    Operator,
-    as_operator,
-    autocast_off,
-    check_budget,
-    generator,
-    progress,
-    rademacher,
-)
+from curvscope.derivatives.seeding import generator, rademacher
+from curvscope.spectrum._operator import Operator, as_operator, check_budget, progress
+from curvscope.spectrum.precision import autocast_off
 
 TRACE_METHODS = ("auto", "hutchinson", "hutch++", "exact")
 #: Probes multiplied per block product (memory: CHUNK vectors of n).

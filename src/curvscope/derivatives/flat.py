@@ -1,0 +1,43 @@
+"""Flat vectors and per-parameter blocks: the one flatten / unflatten.
+
+Parameters θ₁, …, θ_m of shapes s₁, …, s_m are one flat vector of n = Σ numel(s_i) entries:
+the blocks in order, each in row-major order. A block of k flat vectors is a matrix (n, k),
+whose per-parameter form is tensors of shape (k, *s_i) (the leading axis indexes the vectors,
+as ``torch.func`` and ``torch.autograd.grad(is_grads_batched=True)`` expect).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def flatten(blocks: Sequence[Tensor], batched: bool = False) -> Tensor:
+    """Per-parameter tensors as one flat vector (n,), or with ``batched=True`` blocks of shape
+    (k, *s_i) as the columns of an (n, k) matrix. The inverse of :func:`unflatten`.
+
+    Example:
+        >>> flatten([torch.ones(2, 2), torch.zeros(1)]).tolist()
+        [1.0, 1.0, 1.0, 1.0, 0.0]
+    """
+    if not batched:
+        return torch.cat([b.reshape(-1) for b in blocks])
+    return torch.cat([b.reshape(b.shape[0], -1) for b in blocks], dim=1).T
+
+
+def unflatten(flat: Tensor, shapes: Sequence[Sequence[int]]) -> list[Tensor]:
+    """A flat (n,) vector as tensors of the given shapes, or an (n, k) matrix as blocks of
+    shape (k, *s_i); views of ``flat`` where the layout allows. The inverse of :func:`flatten`.
+
+    Example:
+        >>> [t.shape for t in unflatten(torch.arange(5.0), [(2, 2), (1,)])]
+        [torch.Size([2, 2]), torch.Size([1])]
+    """
+    chunks = torch.split(flat, [math.prod(s) for s in shapes], dim=0)
+    if flat.ndim == 1:
+        return [c.reshape(s) for c, s in zip(chunks, shapes, strict=True)]
+    k = flat.shape[1]
+    return [c.T.reshape(k, *s) for c, s in zip(chunks, shapes, strict=True)]

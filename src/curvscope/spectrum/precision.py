@@ -1,0 +1,40 @@
+"""The estimators' precision rules, shared with the diagnosis: the working dtype and autocast.
+
+Products run in the operator's own dtype (a half or bfloat16 model's curvature is computed in
+half or bfloat16), but every estimator's own arithmetic — orthogonalization, projected
+eigenproblems, accumulations, probe statistics — runs in the *working dtype*, float32 at least
+(:func:`working_dtype`), outside any enclosing ``torch.autocast`` region (:func:`autocast_off`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an estimator computes in: float32 at least, float64 for a float64 operator.
+
+    bfloat16 keeps 8 significant bits and float16 11: a Gram-Schmidt, a sum over probes or a
+    projected eigenproblem in them loses what the products measured (and torch has no QR for
+    them on the CPU).
+
+    Example:
+        >>> working_dtype(torch.bfloat16), working_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
+@contextmanager
+def autocast_off(device: torch.device) -> Iterator[None]:
+    """Suspend an enclosing ``torch.autocast`` region: inside one, ``@`` would silently run the
+    estimators' own arithmetic in bfloat16 or float16, and the products in something other than
+    the parameters' dtype that the operator promises."""
+    if not torch.amp.is_autocast_available(device.type):
+        yield
+        return
+    with torch.autocast(device.type, enabled=False):
+        yield
