@@ -1,4 +1,4 @@
-"""What the curvature-using optimizers share: the closure contract, the cost counts, the
+"""What every curvscope optimizer shares: the closure contract, the cost counts, the
 per-step report, hyperparameter checks, the safeguard that a step making the loss
 non-finite is never written into the parameters, and the step as a transaction.
 
@@ -10,32 +10,27 @@ Lanczos, a refused non-finite update, a ``KeyboardInterrupt`` — parameters, st
 ``info`` are put back bit for bit before the exception propagates, so a retry repeats exactly
 the step that never happened.
 
-A second-order step is a *descent* (a proposed step s and the decrease its model predicts)
-paired with a *search* rule (trust radius, damping or cubic weight, updated from the ratio
-ρ = actual / predicted reduction). :class:`ModelStepOptimizer` runs that loop once per
-``step()``; each method supplies ``propose`` and ``update``.
+**The state.** ``Optimizer.state`` holds what torch's holds: per-parameter state (AdaHessian's
+and Sophia's moments), and, under ``"global"``, the state of the whole vector (trust radius,
+damping, σ, the step counter), replaced by each step rather than edited, so a ``state_dict()``
+is not changed by later steps. The counts and the optimizer's type are at the top level of
+``state_dict()``, beside ``"state"`` and ``"param_groups"``.
+
+The second-order methods compose a descent with a search: :mod:`curvscope.optim.model_step`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from curvscope.optim._closure import (
-    Closure,
-    Counts,
-    Evaluation,
-    check_closure,
-    flat_params,
-    loss_only,
-    write_flat,
-)
+from curvscope.optim._closure import Closure, Counts, check_closure, flat_params, write_flat
 
 
 @dataclass(frozen=True)
@@ -67,18 +62,6 @@ class StepInfo:
     radius: float | None = None
     damping: float | None = None
     sigma: float | None = None
-
-
-@dataclass(frozen=True)
-class Proposal:
-    """A step s and the decrease m(0) − m(s) its model predicts (positive)."""
-
-    step: Tensor
-    predicted: float
-    note: str = ""
-    boundary: bool = False
-    #: the loss at θ + s when the method already measured it (Hessian-free's backtracking)
-    loss_at_step: float | None = None
 
 
 def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
@@ -113,8 +96,8 @@ Update = tuple[Tensor, Tensor, dict[str, Tensor] | None]
 
 
 class CurvscopeOptimizer(Optimizer):
-    """Base: keeps :class:`Counts` in ``state["counts"]`` (so ``state_dict`` carries them) and the
-    last :class:`StepInfo` in ``info``."""
+    """Base: keeps :class:`Counts` (``counts``; at the top level of ``state_dict()``) and the last
+    :class:`StepInfo` (``info``); each ``step()`` is a transaction."""
 
     #: Whether the method treats all parameters as one vector (Newton-type) and so needs a single
     #: parameter group, like ``torch.optim.LBFGS``.
@@ -133,23 +116,27 @@ class CurvscopeOptimizer(Optimizer):
             for p in group["params"]:
                 if p.is_complex():
                     raise TypeError(f"{name} supports real parameters only, got {p.dtype}")
-        self.state["counts"] = Counts().as_dict()
-        #: the type that keeps this state: ``load_state_dict`` refuses another optimizer's
-        self.state["optimizer"] = name
+        self._counts = Counts()
         self.info: StepInfo | None = None
 
     @property
     def counts(self) -> Counts:
         """The work done so far: closure calls, gradients, products, dense Hessians, CG and
-        Lanczos iterations — each counted separately."""
-        return Counts(**self.state["counts"])
+        Lanczos iterations — each counted separately (a copy: changing it changes nothing)."""
+        return replace(self._counts)
 
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
     def _global(self) -> dict[str, Any]:
-        """Method state that belongs to the whole vector (radius, damping, previous step)."""
-        return self.state.setdefault("global", {})
+        """The state of the whole vector (radius, damping, σ, previous solution, step counter):
+        read it here, replace it with :meth:`_set_global`, never edit it in place."""
+        state: dict[Any, Any] = self.state  # torch types the keys as tensors; this one is a str
+        return state.get("global", {})
+
+    def _set_global(self, memory: dict[str, Any]) -> None:
+        state: dict[Any, Any] = self.state
+        state["global"] = memory
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Tensor | None:  # type: ignore[override]
@@ -168,15 +155,25 @@ class CurvscopeOptimizer(Optimizer):
         """The method's step; ``snapshot.flat()`` holds θ at its start (do not modify it)."""
         raise NotImplementedError
 
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict()`` with, at its top level, ``"counts"`` (the
+        :class:`Counts` as a dict) and ``"optimizer"`` (the type's name, which
+        ``load_state_dict`` checks). Later steps do not change it (they replace the state)."""
+        sd = super().state_dict()
+        return {**sd, "counts": self._counts.as_dict(), "optimizer": type(self).__name__}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, refusing a state dict this optimizer could
         not continue from: one saved by another optimizer type, for other parameter groups, or
-        for parameters of other shapes (checked before anything is loaded)."""
+        for parameters of other shapes (checked before anything is loaded). The layout before
+        curvscope 0.2, with the counts and the type inside ``"state"``, loads too."""
         check_loadable(self, state_dict)
-        super().load_state_dict(state_dict)
-        self.state["optimizer"] = type(self).__name__
+        counts = _saved(state_dict, "counts")
+        state = {k: v for k, v in state_dict["state"].items() if k not in TOP_LEVEL}
+        super().load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
+        self._counts = Counts(**counts)
 
-    def _commit(self, updates: list[Update]) -> None:
+    def _commit(self, updates: Sequence[Update]) -> None:
         """Write each (parameter, its new value, its new state or None) — after checking that
         every value is finite: one check for all, before anything is written, so a refused step
         writes nothing (not even to the parameters that came first)."""
@@ -188,7 +185,7 @@ class CurvscopeOptimizer(Optimizer):
                 self.state[p] = st
             p.copy_(new)
 
-    def _non_finite_message(self, updates: list[Update]) -> str:
+    def _non_finite_message(self, updates: Sequence[Update]) -> str:
         name = type(self).__name__
         for i, (p, new, st) in enumerate(updates):
             bad = [k for k, t in (st or {}).items() if not bool(torch.isfinite(t).all())]
@@ -216,104 +213,8 @@ class CurvscopeOptimizer(Optimizer):
         return check_closure(closure, type(self).__name__), self.counts
 
     def _end(self, counts: Counts, info: StepInfo) -> None:
-        self.state["counts"] = counts.as_dict()
+        self._counts = replace(counts)
         self.info = info
-
-
-class ModelStepOptimizer(CurvscopeOptimizer):
-    """One step: evaluate, propose s from a local model, measure the loss at θ + s, keep or undo
-    the step by the ratio test, update the search parameter. Non-finite trial losses are undone
-    whatever the method."""
-
-    single_group = True
-    _trial: Any = None
-
-    def __init__(
-        self, params: Iterable[Any], defaults: dict[str, Any], tolerance_grad: float = 0.0
-    ) -> None:
-        check_positive("tolerance_grad", tolerance_grad, allow_zero=True)
-        super().__init__(params, {**defaults, "tolerance_grad": tolerance_grad})
-
-    def propose(self, ev: Evaluation, counts: Counts) -> Proposal:
-        """The step and its predicted decrease; ``self.trial(s)`` measures f(θ + s) if needed."""
-        raise NotImplementedError
-
-    def trial(self, s: Tensor) -> float:
-        """The loss at θ + s (θ the point of this step); the parameters are left at θ + s."""
-        assert self._trial is not None, "trial() is only available inside propose()"
-        return self._trial(s)
-
-    def update(self, ratio: float, proposal: Proposal) -> None:
-        """Adapt the search parameter from the ratio (also called for rejected steps)."""
-
-    def accepts(self, ratio: float, actual: float) -> bool:
-        """Keep the step? By default when it reduced the loss; trust-region methods ask more."""
-        return actual > 0
-
-    def search_state(self) -> dict[str, float | None]:
-        return {}
-
-    def _step(self, closure: Any, snapshot: Snapshot) -> Tensor:
-        closure, counts = self._begin(closure)
-        params = snapshot.params
-        products_before = counts.products
-        ev = Evaluation(params, closure, counts)
-        gnorm = float(ev.flat_grad.norm())
-        if gnorm <= self.param_groups[0]["tolerance_grad"]:
-            note = f"converged: ‖g‖ = {gnorm:.3g} <= tolerance_grad, no step"
-            info = StepInfo(
-                ev.loss, 0.0, 0.0, 0.0, 0.0, None, False, 0, note, **self.search_state()
-            )
-            self._end(counts, info)
-            return ev.loss_tensor.detach()
-        x0 = snapshot.flat()  # θ at the start: the transaction's copy, not a second one
-
-        def trial(s: Tensor) -> float:
-            write_flat(params, x0 + s)
-            return loss_only(closure, params, counts)
-
-        self._trial = trial
-        try:
-            proposal = self.propose(ev, counts)
-        finally:
-            self._trial = None
-        f0, loss_out = ev.loss, ev.loss_tensor.detach()
-        del ev  # free the graph before the trial forward pass
-        s = proposal.step
-        f_new = proposal.loss_at_step
-        if f_new is None:
-            f_new = trial(s)
-        elif not math.isfinite(f_new):
-            f_new = math.inf
-        actual = f0 - f_new if math.isfinite(f_new) else -math.inf
-        pred = proposal.predicted
-        ratio = actual / pred if pred > 0 else (math.inf if actual > 0 else -math.inf)
-        accepted = math.isfinite(actual) and self.accepts(ratio, actual)
-        note = proposal.note
-        if not accepted:
-            write_flat(params, x0)
-        elif proposal.loss_at_step is not None:  # the method's own trials may have moved on
-            write_flat(params, x0 + s)
-        if not accepted:
-            if not math.isfinite(f_new):
-                note = (note + "; " if note else "") + "rejected: the loss there is not finite"
-            else:
-                note = (note + "; " if note else "") + "rejected by the ratio test"
-        self.update(ratio, proposal)
-        info = StepInfo(
-            f0,
-            gnorm,
-            float(s.norm()) if accepted else 0.0,
-            pred,
-            actual,
-            ratio,
-            accepted,
-            counts.products - products_before,
-            note,
-            **self.search_state(),
-        )
-        self._end(counts, info)
-        return loss_out
 
 
 class Snapshot:
@@ -333,7 +234,7 @@ class Snapshot:
         self._copies = None if self._flat is not None else [p.clone() for p in self.params]
         self._state = {k: _copy_containers(v) for k, v in opt.state.items()}
         self._versions = [(t, t._version) for t in _tensors(self._state)]
-        self._info = opt.info
+        self._counts, self._info = opt._counts, opt.info
 
     def flat(self) -> Tensor:
         """θ at the start of the step, flat (a promoted copy when the dtypes differ)."""
@@ -351,7 +252,7 @@ class Snapshot:
                 p.copy_(c)
         opt.state.clear()
         opt.state.update(self._state)
-        opt.info = self._info
+        opt._counts, opt.info = self._counts, self._info
         if any(t._version != v for t, v in self._versions):
             raise RuntimeError(
                 f"{type(opt).__name__} changed a state tensor in place during the failed step, "
@@ -379,6 +280,15 @@ def _tensors(obj: Any) -> Iterator[Tensor]:
             yield from _tensors(v)
 
 
+#: the entries of ``state_dict()`` beside "state" and "param_groups" (inside "state" before 0.2)
+TOP_LEVEL = ("counts", "optimizer")
+
+
+def _saved(state_dict: dict[str, Any], key: str) -> Any:
+    """A top-level entry of a state dict, or where the earlier layout kept it (in "state")."""
+    return state_dict[key] if key in state_dict else state_dict["state"].get(key)
+
+
 def check_loadable(opt: CurvscopeOptimizer, state_dict: Any) -> None:
     """Refuse, before loading, a state dict ``opt`` could not continue from (with the reason
     and the remedy): another optimizer type's, other parameter groups', other shapes'."""
@@ -388,8 +298,31 @@ def check_loadable(opt: CurvscopeOptimizer, state_dict: Any) -> None:
             f"{name}.load_state_dict expected what {name}.state_dict() returns (a dict with "
             f"'state' and 'param_groups'), got {type(state_dict).__name__}"
         )
-    state, groups = state_dict["state"], state_dict["param_groups"]
-    saved = state.get("optimizer")
+    _check_type(opt, _saved(state_dict, "optimizer"))
+    groups = state_dict["param_groups"]
+    if len(groups) != len(opt.param_groups):
+        raise ValueError(
+            f"{name}.load_state_dict: the state dict has {len(groups)} parameter group(s), this "
+            f"optimizer {len(opt.param_groups)}; build it on the parameters it was saved with"
+        )
+    counts = _saved(state_dict, "counts")
+    if not isinstance(counts, dict) or set(counts) != set(Counts().as_dict()):
+        raise ValueError(
+            f"{name}.load_state_dict: the state dict's 'counts' are not curvscope's Counts "
+            f"(got {counts!r}); was it edited by hand?"
+        )
+    state = state_dict["state"]
+    n = _check_parameter_state(name, state, groups, opt.param_groups)
+    for key, t in (state.get("global") or {}).items():
+        if isinstance(t, Tensor) and t.ndim > 0 and t.numel() != n:
+            raise ValueError(
+                f"{name}.load_state_dict: the saved {key!r} has {t.numel()} entries, the "
+                f"parameters {n}: the state dict belongs to a model of another shape"
+            )
+
+
+def _check_type(opt: CurvscopeOptimizer, saved: Any) -> None:
+    name = type(opt).__name__
     ours = [c.__name__ for c in type(opt).__mro__ if issubclass(c, CurvscopeOptimizer)]
     if saved not in ours:
         other = saved if isinstance(saved, str) else "another optimizer (not a curvscope one)"
@@ -398,19 +331,14 @@ def check_loadable(opt: CurvscopeOptimizer, state_dict: Any) -> None:
             f"state means something else here: load it into the optimizer type that saved it, "
             f"or start {name} afresh"
         )
-    if len(groups) != len(opt.param_groups):
-        raise ValueError(
-            f"{name}.load_state_dict: the state dict has {len(groups)} parameter group(s), this "
-            f"optimizer {len(opt.param_groups)}; build it on the parameters it was saved with"
-        )
-    counts = state.get("counts")
-    if not isinstance(counts, dict) or set(counts) != set(Counts().as_dict()):
-        raise ValueError(
-            f"{name}.load_state_dict: the state dict's 'counts' are not curvscope's Counts "
-            f"(got {counts!r}); was it edited by hand?"
-        )
+
+
+def _check_parameter_state(
+    name: str, state: dict[Any, Any], saved: list[dict[str, Any]], groups: list[dict[str, Any]]
+) -> int:
+    """Refuse per-parameter state of other shapes; the number of trainable entries."""
     params: list[Tensor] = []
-    for i, (g_saved, g_ours) in enumerate(zip(groups, opt.param_groups, strict=True)):
+    for i, (g_saved, g_ours) in enumerate(zip(saved, groups, strict=True)):
         if len(g_saved["params"]) != len(g_ours["params"]):
             raise ValueError(
                 f"{name}.load_state_dict: parameter group {i} holds {len(g_saved['params'])} "
@@ -426,15 +354,4 @@ def check_loadable(opt: CurvscopeOptimizer, state_dict: Any) -> None:
                         f"{len(params) - 1} has shape {tuple(t.shape)}, the parameter "
                         f"{tuple(p.shape)}: the state dict belongs to a model of another shape"
                     )
-    n = sum(p.numel() for p in params if p.requires_grad)
-    for key, t in (state.get("global") or {}).items():
-        if isinstance(t, Tensor) and t.ndim > 0 and t.numel() != n:
-            raise ValueError(
-                f"{name}.load_state_dict: the saved {key!r} has {t.numel()} entries, the "
-                f"parameters {n}: the state dict belongs to a model of another shape"
-            )
-
-
-def model_decrease(g: Tensor, s: Tensor, Hs: Tensor) -> float:
-    """m(0) − m(s) for m(s) = gᵀs + ½ sᵀHs."""
-    return -float(g @ s + 0.5 * (s @ Hs))
+    return sum(p.numel() for p in params if p.requires_grad)

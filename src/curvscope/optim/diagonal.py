@@ -16,6 +16,7 @@ from curvscope.optim.base import (
     CurvscopeOptimizer,
     Snapshot,
     StepInfo,
+    Update,
     check_betas,
     check_int,
     check_positive,
@@ -124,7 +125,7 @@ class _DiagonalMethod(CurvscopeOptimizer):
             raise TypeError(f"estimator must be callable (e.g. Hutchinson()), got {estimator!r}")
         super().__init__(params, defaults)
         self.estimator = estimator if estimator is not None else Hutchinson()
-        self._global()["step"] = 0
+        self._set_global({"step": 0})
 
     def update_param(
         self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int
@@ -138,8 +139,7 @@ class _DiagonalMethod(CurvscopeOptimizer):
 
     def _step(self, closure: Any, snapshot: Snapshot) -> Tensor:
         closure, counts = self._begin(closure)
-        st = self._global()
-        t = st["step"] + 1
+        t = self._global()["step"] + 1
         refresh = (t - 1) % self.param_groups[0]["update_every"] == 0
         params = snapshot.params
         products_before = counts.products
@@ -148,7 +148,7 @@ class _DiagonalMethod(CurvscopeOptimizer):
         if refresh:
             gen = _generator(self.param_groups[0]["seed"], t, ev.flat_grad.device)
             diag = self.estimator(ev, gen, counts).detach()
-        i, updates, step_sq = 0, [], []
+        i, updates, step_sq = 0, list[Update](), list[Tensor]()
         for group in self.param_groups:
             for p in group["params"]:
                 if not p.requires_grad:
@@ -161,7 +161,7 @@ class _DiagonalMethod(CurvscopeOptimizer):
                 step_sq.append(delta.square().sum())
                 i += k
         self._commit(updates)  # nothing is written unless every value is finite
-        st["step"] = t
+        self._set_global({**self._global(), "step": t})
         info = StepInfo(
             ev.loss,
             float(ev.flat_grad.norm()),

@@ -49,7 +49,11 @@ class NormalizedGD(CurvscopeOptimizer):
                 "a closure that does"
             )
         counts.gradients += 1
-        norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        norm = float(
+            torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in params if p.grad is not None])
+            )
+        )
         finite = norm == norm and norm != float("inf")
         note = "" if finite else "skipped: the gradient is not finite"
         if finite:

@@ -2,32 +2,25 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from curvscope.optim._closure import Counts, Evaluation
-from curvscope.optim.base import (
-    ModelStepOptimizer,
-    Proposal,
-    check_int,
-    check_positive,
-    check_unit,
-)
-from curvscope.spectrum._operator import Operator
-from curvscope.spectrum.cg import cg
+from curvscope.optim.base import check_int, check_positive, check_unit
+from curvscope.optim.descents import BACKTRACK_SPACING, GaussNewtonCG
+from curvscope.optim.model_step import ModelStepOptimizer
+from curvscope.optim.searches import MartensDamping
 
 CURVATURES = ("auto", "ggn", "hessian")
-#: Martens keeps the CG iterates at iterations ⌈γʲ⌉ for backtracking, γ = 1.3.
-BACKTRACK_SPACING = 1.3
-_KEPT = frozenset(math.ceil(BACKTRACK_SPACING**j) for j in range(80))
+__all__ = ["BACKTRACK_SPACING", "CURVATURES", "HessianFree"]
 
 
 class HessianFree(ModelStepOptimizer):
-    """Hessian-free optimization: CG on the damped Gauss-Newton system (G + λI) s = −g.
+    """Hessian-free optimization: CG on the damped Gauss-Newton system (G + λI) s = −g — the
+    :class:`~curvscope.optim.descents.GaussNewtonCG` descent sized by
+    :class:`~curvscope.optim.searches.MartensDamping`.
 
     Martens (2010), "Deep learning via Hessian-free optimization":
 
@@ -49,6 +42,9 @@ class HessianFree(ModelStepOptimizer):
         curvature: ``"auto"``, ``"ggn"`` or ``"hessian"``.
         tolerance_grad: no step (and no products) when ‖g‖ ≤ this (torch LBFGS's option).
     """
+
+    descent = GaussNewtonCG()
+    search = MartensDamping()
 
     def __init__(
         self,
@@ -74,14 +70,11 @@ class HessianFree(ModelStepOptimizer):
             curvature=curvature,
         )
         super().__init__(params, defaults, tolerance_grad)
-        self._global()["damping"] = float(damping)
-        self._curvature_closure: Callable[[], Any] | None = None
-        self._trial: Callable[[Tensor], float] | None = None
 
     @torch.no_grad()
     def step(  # type: ignore[override]
         self, closure: Any = None, curvature_closure: Callable[[], Any] | None = None
-    ) -> Tensor:
+    ) -> Tensor | None:
         """One Hessian-free step; ``curvature_closure`` (optional) evaluates the loss on the
         mini-batch the curvature products should use."""
         self._curvature_closure = curvature_closure
@@ -89,64 +82,3 @@ class HessianFree(ModelStepOptimizer):
             return super().step(closure)
         finally:
             self._curvature_closure = None
-
-    def _product(self, ev: Evaluation) -> Callable[[Tensor], Tensor]:
-        mode = self.param_groups[0]["curvature"]
-        if mode == "auto":
-            mode = "ggn" if ev.outputs is not None else "hessian"
-        return ev.ggn if mode == "ggn" else ev.hvp
-
-    def propose(self, ev: Evaluation, counts: Counts) -> Proposal:
-        group, st = self.param_groups[0], self._global()
-        cev = ev
-        if self._curvature_closure is not None:
-            cev = Evaluation(ev.params, self._curvature_closure, counts)
-        g, lam = ev.flat_grad, st["damping"]
-        op = Operator(self._product(cev), ev.n, g.dtype, g.device)
-        prev = st.get("previous")
-        res = cg(
-            op,
-            -g,
-            tol=1e-10,
-            max_matvecs=group["max_cg"],
-            damping=lam,
-            x0=None if prev is None else group["decay"] * prev.to(g),
-            progress_tol=group["progress_tol"],
-            save=_KEPT.__contains__,
-        )
-        counts.cg_iterations += res.iterations
-        st["previous"] = res.x
-        note = ""
-        if res.negative_curvature:
-            # only with the Hessian: raise λ past the curvature CG met, pᵀHp/‖p‖² = that − λ
-            assert res.direction_curvature is not None
-            st["negative"] = lam - res.direction_curvature
-            note = "negative curvature: damping raised"
-        # walk back through the saved iterates while the loss keeps improving
-        best: tuple[float, Tensor, Tensor] | None = None
-        for _, x, r in reversed(res.saved):
-            if not bool(x.any()):
-                continue
-            f = self.trial(x)
-            if best is not None and not f < best[0]:
-                break
-            best = (f, x, r)
-        if best is None:
-            return Proposal(torch.zeros_like(g), 0.0, note or "CG made no progress")
-        f, x, r = best
-        # (G + λI) x = −g − r  ⇒  xᵀGx = xᵀ(−g − r) − λ‖x‖²
-        xGx = float(x @ (-g - r)) - lam * float(x @ x)
-        pred = -(float(g.to(x) @ x) + 0.5 * xGx)  # x: CG's working dtype (float32 for bf16)
-        return Proposal(x, pred, note, loss_at_step=f)
-
-    def update(self, ratio: float, proposal: Proposal) -> None:
-        st = self._global()
-        lam = st["damping"]
-        if ratio < 0.25:
-            lam *= 1.5
-        elif ratio > 0.75:
-            lam *= 2 / 3
-        st["damping"] = max(lam, 1.5 * st.pop("negative", 0.0), 1e-12)
-
-    def search_state(self) -> dict[str, float | None]:
-        return {"damping": self._global()["damping"]}

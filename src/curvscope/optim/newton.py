@@ -1,27 +1,28 @@
-"""Newton's method, dense and safeguarded, and trust-region Newton-CG (matrix-free)."""
+"""Newton's method, dense and safeguarded, and trust-region Newton-CG (matrix-free): each a
+descent paired with a search (:mod:`curvscope.optim.model_step`)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
-import torch
+from curvscope.derivatives import DENSE_LIMIT
+from curvscope.optim.base import check_int, check_positive
+from curvscope.optim.descents import DenseNewton, SteihaugCG
+from curvscope.optim.model_step import Descent, ModelStepOptimizer, Search
+from curvscope.optim.searches import LevenbergMarquardt, TrustRadius, Unsafeguarded
 
-from curvscope.derivatives._checks import DENSE_LIMIT
-from curvscope.optim._closure import Counts, Evaluation
-from curvscope.optim.base import (
-    ModelStepOptimizer,
-    Proposal,
-    check_int,
-    check_positive,
-    model_decrease,
-)
-from curvscope.optim.subproblems import steihaug
+#: Newton: dense Newton with Levenberg-Marquardt damping, μ₀ = 0 (undamped while H is positive
+#: definite and the steps are trusted), kept when ρ > 1e-4
+DAMPED_NEWTON = (DenseNewton(), LevenbergMarquardt(initial=0.0, minimum=0.0, accept=1e-4))
+#: pure Newton (damping=0): the pseudo-inverse step, every finite one kept
+PURE_NEWTON = (DenseNewton(pure=True), Unsafeguarded())
 
 
 class Newton(ModelStepOptimizer):
-    """Newton's method with the dense Hessian (small n), safeguarded by Levenberg-Marquardt.
+    """Newton's method with the dense Hessian (small n), safeguarded by Levenberg-Marquardt —
+    the :class:`~curvscope.optim.descents.DenseNewton` descent sized by a
+    :class:`~curvscope.optim.searches.LevenbergMarquardt` search (pure: by none).
 
     Each step forms H from n Hessian-vector products and solves (H + μI) s = −g in H's
     eigenbasis. μ = 0 while the Hessian is positive definite and steps are trusted, so a convex
@@ -59,59 +60,24 @@ class Newton(ModelStepOptimizer):
                 f"Newton forms the dense {n}x{n} Hessian; above {DENSE_LIMIT:,} parameters use "
                 "NewtonCG (matrix-free trust region) or HessianFree"
             )
-        self._global().update(mu=0.0, scale=1.0)
 
     @property
     def pure(self) -> bool:
-        return self.param_groups[0]["damping"] == 0
+        return bool(self.param_groups[0]["damping"] == 0)
 
-    def propose(self, ev: Evaluation, counts: Counts) -> Proposal:
-        st = self._global()
-        n = ev.n
-        H = ev.hvp(torch.eye(n, dtype=ev.flat_grad.dtype, device=ev.flat_grad.device))
-        counts.hessians += 1
-        lam, V = torch.linalg.eigh((H + H.T) / 2)
-        scale = max(float(lam.abs().max()), torch.finfo(lam.dtype).tiny)
-        st["scale"] = scale
-        w = V.T @ ev.flat_grad
-        if self.pure:
-            keep = lam.abs() > n * torch.finfo(lam.dtype).eps * scale
-            inv = torch.where(keep, 1.0 / lam.where(keep, 1.0), torch.zeros_like(lam))
-            s = -V @ (inv * w)
-            note = "pure Newton step" + ("" if bool((lam > 0).all()) else " (indefinite Hessian)")
-        else:
-            mu = st["mu"]
-            floor = self.param_groups[0]["damping"] * scale
-            note = ""
-            if float(lam.min()) <= 0:
-                mu = max(mu, floor - float(lam.min()))
-                note = "indefinite Hessian: shifted to positive definite"
-            s = -V @ (w / (lam + mu))
-            st["mu_used"] = mu
-        return Proposal(s, model_decrease(ev.flat_grad, s, H @ s), note)
+    @property
+    def descent(self) -> Descent:
+        return (PURE_NEWTON if self.pure else DAMPED_NEWTON)[0]
 
-    def accepts(self, ratio: float, actual: float) -> bool:
-        return True if self.pure else ratio > 1e-4
-
-    def update(self, ratio: float, proposal: Proposal) -> None:
-        if self.pure:
-            return
-        st = self._global()
-        floor = self.param_groups[0]["damping"] * st["scale"]
-        mu = st.pop("mu_used", st["mu"])
-        if ratio < 0.25:
-            st["mu"] = max(4 * mu, floor)
-        elif ratio > 0.75:
-            st["mu"] = mu / 3 if mu > 1e-9 * floor else 0.0
-        else:
-            st["mu"] = mu
-
-    def search_state(self) -> dict[str, float | None]:
-        return {"damping": self._global()["mu"]}
+    @property
+    def search(self) -> Search:
+        return (PURE_NEWTON if self.pure else DAMPED_NEWTON)[1]
 
 
 class NewtonCG(ModelStepOptimizer):
-    """Trust-region Newton-CG (Steihaug-Toint): matrix-free Newton for any n.
+    """Trust-region Newton-CG (Steihaug-Toint): matrix-free Newton for any n — the
+    :class:`~curvscope.optim.descents.SteihaugCG` descent sized by a
+    :class:`~curvscope.optim.searches.TrustRadius`.
 
     Each step minimizes the quadratic model gᵀs + ½sᵀHs inside ‖s‖ ≤ Δ by truncated CG with
     Hessian-vector products, following negative curvature to the boundary. The radius follows
@@ -138,6 +104,9 @@ class NewtonCG(ModelStepOptimizer):
         True
     """
 
+    descent = SteihaugCG()
+    search = TrustRadius()
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -156,26 +125,3 @@ class NewtonCG(ModelStepOptimizer):
         check_int("max_cg", max_cg)
         defaults = {"radius": radius, "max_radius": max_radius, "eta": eta, "max_cg": max_cg}
         super().__init__(params, defaults, tolerance_grad)
-        self._global()["radius"] = float(radius)
-
-    def propose(self, ev: Evaluation, counts: Counts) -> Proposal:
-        group, radius = self.param_groups[0], self._global()["radius"]
-        g = ev.flat_grad
-        gnorm = float(g.norm())
-        tol = min(0.5, math.sqrt(gnorm)) * gnorm
-        t = steihaug(lambda v: ev.hvp(v[:, None])[:, 0], g, radius, tol, group["max_cg"])
-        counts.cg_iterations += t.iterations
-        return Proposal(t.step, model_decrease(g, t.step, t.Hs), t.note, t.boundary)
-
-    def accepts(self, ratio: float, actual: float) -> bool:
-        return ratio > self.param_groups[0]["eta"]
-
-    def update(self, ratio: float, proposal: Proposal) -> None:
-        st, group = self._global(), self.param_groups[0]
-        if ratio < 0.25:
-            st["radius"] *= 0.25
-        elif ratio > 0.75 and proposal.boundary:
-            st["radius"] = min(2 * st["radius"], group["max_radius"])
-
-    def search_state(self) -> dict[str, float | None]:
-        return {"radius": self._global()["radius"]}

@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 from curvscope.optim._closure import Counts, Evaluation
-from curvscope.spectrum._operator import Operator
-from curvscope.spectrum.eigen import eigenvalues
+from curvscope.spectrum import Operator, eigenvalues
 
 #: Above this many parameters the extreme eigenvalues come from Lanczos instead of eigvalsh.
 DENSE_EIGEN_LIMIT = 300

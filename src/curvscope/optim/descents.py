@@ -1,0 +1,239 @@
+"""Descents: the step a second-order method proposes from a local model of the loss, at the size
+its search sets (optimistix's descents).
+
+Each is a small frozen object: ``size`` names the number it takes ("radius": ‖s‖ ≤ Δ;
+"damping": a shift added to the curvature; "sigma": the weight of a cubic term), ``init`` its
+own entries in the method's state, and a call ``(local, size) -> Proposal``. Their
+hyperparameters (``max_cg``, ``krylov_dim``, …) are read from the parameter group at each step,
+as torch's optimizers read theirs. The linear algebra is in :mod:`curvscope.optim.subproblems`.
+
+- :class:`DenseNewton`: (H + μI) s = −g in H's eigenbasis, H dense from n products; pure:
+  s = −H⁺g.
+- :class:`SteihaugCG`: min gᵀs + ½sᵀHs in ‖s‖ ≤ Δ by truncated CG (Steihaug 1983).
+- :class:`LanczosSaddleFree`: s = −Q S (|Θ| + μ·max|θ|)⁻¹ Sᵀ Qᵀ g in a Lanczos subspace
+  (Dauphin et al. 2014).
+- :class:`LanczosCubic`: the minimizer of gᵀs + ½sᵀHs + σ/3‖s‖³ in a Lanczos subspace
+  (Cartis, Gould & Toint 2011).
+- :class:`GaussNewtonCG`: (G + λI) s = −g by CG, warm-started, stopped on progress, and
+  backtracked over its iterates (Martens 2010).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from curvscope.optim._closure import Evaluation
+from curvscope.optim.model_step import Local, Proposal, model_decrease
+from curvscope.optim.subproblems import (
+    cubic_in_eigenbasis,
+    cubic_model,
+    lanczos_subspace,
+    steihaug,
+)
+from curvscope.spectrum import Operator
+from curvscope.spectrum.cg import cg
+
+
+@dataclass(frozen=True)
+class DenseNewton:
+    """Newton's step with the dense Hessian H (n products), solved in its eigenbasis.
+
+    Damped: s = −(H + μI)⁻¹g, where an indefinite H first raises μ to damping·max|λ| − λ_min
+    (the step never goes uphill in the model); the proposal reports the μ used and that floor
+    (damping·max|λ|, ``damping`` read from the group). Pure (``pure=True``): s = −H⁺g, the
+    pseudo-inverse dropping eigenvalues below n·ε·max|λ|. Keeps max|λ| as ``scale``.
+    """
+
+    size: ClassVar[str] = "damping"
+    pure: bool = False
+
+    def init(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        return {"scale": 1.0}
+
+    def __call__(self, local: Local, mu: float) -> Proposal:
+        ev = local.ev
+        g, n = ev.flat_grad, ev.n
+        H = ev.hvp(torch.eye(n, dtype=g.dtype, device=g.device))
+        local.counts.hessians += 1
+        lam, V = torch.linalg.eigh((H + H.T) / 2)
+        scale = max(float(lam.abs().max()), torch.finfo(lam.dtype).tiny)
+        local.memory["scale"] = scale
+        w = V.T @ g
+        if self.pure:
+            keep = lam.abs() > n * torch.finfo(lam.dtype).eps * scale
+            inv = torch.where(keep, 1.0 / lam.where(keep, 1.0), torch.zeros_like(lam))
+            s = -V @ (inv * w)
+            note = "pure Newton step" + ("" if bool((lam > 0).all()) else " (indefinite Hessian)")
+            return Proposal(s, model_decrease(g, s, H @ s), note)
+        floor = local.group["damping"] * scale
+        note = ""
+        if float(lam.min()) <= 0:
+            mu = max(mu, floor - float(lam.min()))
+            note = "indefinite Hessian: shifted to positive definite"
+        s = -V @ (w / (lam + mu))
+        return Proposal(s, model_decrease(g, s, H @ s), note, used=mu, floor=floor)
+
+
+@dataclass(frozen=True)
+class SteihaugCG:
+    """min gᵀs + ½sᵀHs subject to ‖s‖ ≤ Δ by truncated CG (Steihaug-Toint), following negative
+    curvature to the boundary; stops at relative residual min(½, √‖g‖) (superlinear
+    convergence; Nocedal & Wright, Alg. 7.2) or after ``max_cg`` products (from the group)."""
+
+    size: ClassVar[str] = "radius"
+
+    def init(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def __call__(self, local: Local, radius: float) -> Proposal:
+        ev = local.ev
+        g = ev.flat_grad
+        gnorm = float(g.norm())
+        tol = min(0.5, math.sqrt(gnorm)) * gnorm
+        t = steihaug(lambda v: ev.hvp(v[:, None])[:, 0], g, radius, tol, local.group["max_cg"])
+        local.counts.cg_iterations += t.iterations
+        return Proposal(t.step, model_decrease(g, t.step, t.Hs), t.note, t.boundary)
+
+
+def krylov_model(local: Local) -> tuple[Tensor, Tensor, Tensor]:
+    """(QS, θ, w): the Lanczos basis Q of span{g, Hg, …} (``krylov_dim`` from the group),
+    T = QᵀHQ = S diag(θ) Sᵀ, and w = SᵀQᵀg — the quadratic model in T's eigenbasis."""
+    ev = local.ev
+    # the seed only matters if the Krylov space closes early (then a random direction
+    # continues it): a fresh, reproducible one per step
+    Q, T = lanczos_subspace(
+        ev.hvp, ev.flat_grad, local.group["krylov_dim"], seed=local.counts.gradients
+    )
+    local.counts.lanczos_iterations += Q.shape[1]
+    theta, S = torch.linalg.eigh(T)
+    w = S.T @ (Q.T @ ev.flat_grad)
+    return Q @ S, theta, w
+
+
+def _negative_note(theta: Tensor) -> str:
+    lo = float(theta.min())
+    return f"negative curvature used (λ_min ≈ {lo:.3g})" if lo < 0 else ""
+
+
+@dataclass(frozen=True)
+class LanczosSaddleFree:
+    """The Newton step with |H| in place of H, in a Lanczos subspace (Dauphin et al. 2014):
+    s = −Q S (|Θ| + μ·max|θ|)⁻¹ Sᵀ Qᵀ g. Along negative curvature it moves downhill, by as much
+    as the curvature's magnitude says; μ is relative to the largest |θ|."""
+
+    size: ClassVar[str] = "damping"
+
+    def init(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def __call__(self, local: Local, mu: float) -> Proposal:
+        QS, theta, w = krylov_model(local)
+        scale = max(float(theta.abs().max()), torch.finfo(theta.dtype).tiny)
+        u = -w / (theta.abs() + mu * scale)
+        pred = -float(w @ u + 0.5 * (theta * u * u).sum())
+        return Proposal(QS @ u, pred, _negative_note(theta))
+
+
+@dataclass(frozen=True)
+class LanczosCubic:
+    """The global minimizer of gᵀs + ½sᵀHs + σ/3‖s‖³ over a Lanczos subspace, exactly (the
+    secular equation in T's eigenbasis; Cartis, Gould & Toint 2011, §6): negative curvature
+    is followed, the cubic term bounds the step."""
+
+    size: ClassVar[str] = "sigma"
+
+    def init(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def __call__(self, local: Local, sigma: float) -> Proposal:
+        QS, theta, w = krylov_model(local)
+        u, _ = cubic_in_eigenbasis(theta, w, sigma)
+        u = u.to(w)
+        return Proposal(QS @ u, -cubic_model(theta, w, u, sigma), _negative_note(theta))
+
+
+#: Martens keeps the CG iterates at iterations ⌈γʲ⌉ for backtracking, γ = 1.3.
+BACKTRACK_SPACING = 1.3
+_KEPT = frozenset(math.ceil(BACKTRACK_SPACING**j) for j in range(80))
+
+
+@dataclass(frozen=True)
+class GaussNewtonCG:
+    """CG on the damped curvature system (G + λI) s = −g, as Hessian-free does (Martens 2010).
+
+    From the group: ``curvature`` ("ggn": G = JᵀH_out J from the closure's (loss, outputs);
+    "hessian"; "auto": G when the outputs are there), ``max_cg``, ``decay`` (the warm start
+    ζ·s_prev, the previous solution kept as ``previous``) and ``progress_tol`` (Martens' §4.4
+    stopping rule). Of the iterates kept at iterations ⌈1.3ʲ⌉, the one with the lowest loss
+    found walking back from the last is proposed. Negative curvature (the Hessian only) is
+    reported as the floor λ − pᵀ(H + λI)p/‖p‖² for the damping.
+    """
+
+    size: ClassVar[str] = "damping"
+    tol: float = 1e-10
+
+    def init(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        return {}
+
+    @staticmethod
+    def product(ev: Evaluation, curvature: str) -> Callable[[Tensor], Tensor]:
+        """The curvature products: Gauss-Newton or Hessian, as asked (``auto``: G when the
+        closure returned the outputs)."""
+        if curvature == "auto":
+            curvature = "ggn" if ev.outputs is not None else "hessian"
+        return ev.ggn if curvature == "ggn" else ev.hvp
+
+    def __call__(self, local: Local, lam: float) -> Proposal:
+        ev, counts, group = local.ev, local.counts, local.group
+        cev = ev
+        if local.curvature_closure is not None:
+            cev = Evaluation(ev.params, local.curvature_closure, counts)
+        g = ev.flat_grad
+        op = Operator(self.product(cev, group["curvature"]), ev.n, g.dtype, g.device)
+        prev = local.memory.get("previous")
+        res = cg(
+            op.damped(lam),
+            -g,
+            tol=self.tol,
+            max_matvecs=group["max_cg"],
+            x0=None if prev is None else group["decay"] * prev.to(g),
+            progress_tol=group["progress_tol"],
+            save=_KEPT.__contains__,
+        )
+        counts.cg_iterations += res.iterations
+        local.memory["previous"] = res.x
+        note, floor = "", 0.0
+        if res.negative_curvature:
+            # only with the Hessian: raise λ past the curvature CG met, pᵀHp/‖p‖² = that − λ
+            assert res.direction_curvature is not None
+            note, floor = "negative curvature: damping raised", lam - res.direction_curvature
+        best = _backtrack(res.saved, local.trial)
+        if best is None:
+            return Proposal(torch.zeros_like(g), 0.0, note or "CG made no progress", floor=floor)
+        f, x, r = best
+        # (G + λI) x = −g − r  ⇒  xᵀGx = xᵀ(−g − r) − λ‖x‖²
+        xGx = float(x @ (-g - r)) - lam * float(x @ x)
+        pred = -(float(g.to(x) @ x) + 0.5 * xGx)  # x: CG's working dtype (float32 for bf16)
+        return Proposal(x, pred, note, loss_at_step=f, floor=floor)
+
+
+def _backtrack(
+    saved: Sequence[tuple[int, Tensor, Tensor]], trial: Callable[[Tensor], float]
+) -> tuple[float, Tensor, Tensor] | None:
+    """(f, x, r) of the saved CG iterate with the lowest loss found walking back from the last
+    while the loss keeps improving; None when no iterate moved."""
+    best: tuple[float, Tensor, Tensor] | None = None
+    for _, x, r in reversed(saved):
+        if not bool(x.any()):
+            continue
+        f = trial(x)
+        if best is not None and not f < best[0]:
+            break
+        best = (f, x, r)
+    return best

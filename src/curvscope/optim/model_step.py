@@ -1,0 +1,256 @@
+"""A second-order step as a composition: a *descent* proposes a step s from a local model of the
+loss, a *search* sizes it (trust radius, damping or cubic weight) and judges it by the ratio
+ρ = actual / predicted reduction — optimistix's search × descent (Rader, Lyons & Kidger 2024).
+
+A named optimizer is one pairing, plus a constructor that checks the hyperparameters the two
+pieces read from the parameter group::
+
+    class NewtonCG(ModelStepOptimizer):
+        descent = SteihaugCG()   # min gᵀs + ½sᵀHs in ‖s‖ ≤ Δ by truncated CG
+        search = TrustRadius()   # Δ from ρ (Nocedal & Wright, Alg. 4.1)
+
+The step itself is written once, in :meth:`ModelStepOptimizer._step`: evaluate the closure at θ,
+ask the descent for s at the search's current size, measure f(θ + s), keep the step or undo it
+by the search's test, and update the size from ρ. The descents are in
+:mod:`curvscope.optim.descents`, the searches in :mod:`curvscope.optim.searches`.
+
+The size is one number in the method's state (``state["global"][search.key]``) and is reported
+in :class:`StepInfo` under what it means (``radius``, ``damping`` or ``sigma``); a descent and a
+search pair only when they agree on that meaning (checked when the optimizer is built).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from torch import Tensor
+
+from curvscope.optim._closure import (
+    Closure,
+    Counts,
+    Evaluation,
+    loss_only,
+    write_flat,
+)
+from curvscope.optim.base import CurvscopeOptimizer, Snapshot, StepInfo, check_positive
+
+#: what a size can mean: a bound on ‖s‖, a shift added to the curvature, a cubic term's weight
+SIZES = ("radius", "damping", "sigma")
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A step s and the decrease m(0) − m(s) its model predicts (positive).
+
+    Attributes:
+        step: s, flat.
+        predicted: m(0) − m(s).
+        note: what happened, in words (e.g. "negative curvature: followed to the trust
+            boundary").
+        boundary: the step lies on the trust region's boundary (a trust radius grows only then).
+        loss_at_step: f(θ + s) when the descent already measured it (Hessian-free's
+            backtracking), else None (the step measures it).
+        used: the size the descent actually used when it had to raise it (dense Newton shifts
+            an indefinite Hessian past its lowest eigenvalue), else None.
+        floor: the least size the curvature the descent met asks for: dense Newton's first
+            shift (damping × max|λ|), Hessian-free's damping past the negative curvature CG met.
+    """
+
+    step: Tensor
+    predicted: float
+    note: str = ""
+    boundary: bool = False
+    loss_at_step: float | None = None
+    used: float | None = None
+    floor: float = 0.0
+
+
+@dataclass(frozen=True)
+class Local:
+    """What a descent may use at the current point θ.
+
+    Attributes:
+        ev: the closure at θ: loss, gradient, curvature products (counted in ``counts``).
+        counts: the step's work counts; a descent adds its inner iterations (CG, Lanczos).
+        group: the hyperparameters (the one parameter group), read at each step as torch's
+            optimizers read theirs.
+        memory: the method's state for this step, where a descent keeps its own entries (dense
+            Newton's scale, Hessian-free's previous solution); committed when the step ends.
+        trial: s ↦ f(θ + s), a loss-only evaluation that leaves the parameters at θ + s (the
+            step puts them where they belong afterwards).
+        curvature_closure: a closure on the mini-batch the curvature products should come from
+            (Hessian-free's ``step(closure, curvature_closure=...)``), or None: ``ev``'s.
+    """
+
+    ev: Evaluation
+    counts: Counts
+    group: Mapping[str, Any]
+    memory: dict[str, Any]
+    trial: Callable[[Tensor], float]
+    curvature_closure: Closure | None = None
+
+
+class Descent(Protocol):
+    """Proposes the step from a local model of the loss, at a size set by a :class:`Search`."""
+
+    #: the size it takes: "radius", "damping" or "sigma" (see :data:`SIZES`)
+    size: ClassVar[str]
+
+    def init(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        """Its own entries in the method's state when the optimizer is built (usually none)."""
+        ...
+
+    def __call__(self, local: Local, size: float, /) -> Proposal:
+        """The step at θ for this size, and the decrease its model predicts."""
+        ...
+
+
+class Search(Protocol):
+    """Sizes a descent, keeps or refuses its step, and adapts the size from ρ."""
+
+    #: what its number means: "radius", "damping" or "sigma" (see :data:`SIZES`)
+    size: ClassVar[str]
+
+    @property
+    def key(self) -> str:
+        """The number's entry in the method's state (``state["global"]``)."""
+        ...
+
+    def init(self, group: Mapping[str, Any]) -> float:
+        """The number when the optimizer is built."""
+        ...
+
+    def accepts(self, ratio: float, actual: float, group: Mapping[str, Any]) -> bool:
+        """Keep the step? ``actual`` is f(θ) − f(θ + s) (finite here), ``ratio`` ρ."""
+        ...
+
+    def update(
+        self, value: float, ratio: float, proposal: Proposal, group: Mapping[str, Any]
+    ) -> float:
+        """The number for the next step (called for rejected steps too)."""
+        ...
+
+
+def check_pairing(name: str, descent: Descent, search: Search) -> None:
+    """Refuse a descent and a search that mean different things by the size."""
+    if descent.size != search.size or descent.size not in SIZES:
+        raise TypeError(
+            f"{name} pairs the descent {descent!r}, which takes a {descent.size}, with the search "
+            f"{search!r}, which sets a {search.size}; pair pieces that agree on the size (one of "
+            f"{', '.join(SIZES)})"
+        )
+
+
+class ModelStepOptimizer(CurvscopeOptimizer):
+    """One step: evaluate, propose s by the descent at the search's size, measure the loss at
+    θ + s, keep or undo the step by the search's test, update the size from ρ. Non-finite trial
+    losses are undone whatever the pairing.
+
+    A subclass names its pieces as the class attributes (or properties) ``descent`` and
+    ``search``, and checks in its ``__init__`` the hyperparameters they read from the group.
+    """
+
+    single_group = True
+    #: the closure the curvature products come from this step, when not the step's own
+    #: (set by Hessian-free's ``step(closure, curvature_closure=...)``)
+    _curvature_closure: Closure | None = None
+
+    @property
+    def descent(self) -> Descent:
+        """The piece that proposes the step."""
+        raise NotImplementedError
+
+    @property
+    def search(self) -> Search:
+        """The piece that sizes the step and judges it."""
+        raise NotImplementedError
+
+    def __init__(
+        self, params: Iterable[Any], defaults: dict[str, Any], tolerance_grad: float = 0.0
+    ) -> None:
+        check_positive("tolerance_grad", tolerance_grad, allow_zero=True)
+        super().__init__(params, {**defaults, "tolerance_grad": tolerance_grad})
+        descent, search = self.descent, self.search
+        check_pairing(type(self).__name__, descent, search)
+        group = self.param_groups[0]
+        self._set_global({search.key: search.init(group), **descent.init(group)})
+
+    def _step(self, closure: Any, snapshot: Snapshot) -> Tensor:
+        closure, counts = self._begin(closure)
+        descent, search, group = self.descent, self.search, self.param_groups[0]
+        memory = dict(self._global())  # committed at the end: the state is replaced, not edited
+        params = snapshot.params
+        products_before = counts.products
+        ev = Evaluation(params, closure, counts)
+        gnorm = float(ev.flat_grad.norm())
+        if gnorm <= group["tolerance_grad"]:
+            note = f"converged: ‖g‖ = {gnorm:.3g} <= tolerance_grad, no step"
+            size = {search.size: memory[search.key]}
+            self._end(counts, StepInfo(ev.loss, 0.0, 0.0, 0.0, 0.0, None, False, 0, note, **size))
+            return ev.loss_tensor.detach()
+        x0 = snapshot.flat()  # θ at the start: the transaction's copy, not a second one
+
+        def trial(s: Tensor) -> float:
+            write_flat(params, x0 + s)
+            return loss_only(closure, params, counts)
+
+        value = memory[search.key]
+        local = Local(ev, counts, group, memory, trial, self._curvature_closure)
+        proposal = descent(local, value)
+        f0, loss_out = ev.loss, ev.loss_tensor.detach()
+        del ev, local  # free the graph before the trial forward pass
+        actual, ratio, finite = _measure(proposal, f0, trial)
+        accepted = math.isfinite(actual) and search.accepts(ratio, actual, group)
+        if not accepted:
+            write_flat(params, x0)
+        elif proposal.loss_at_step is not None:  # the descent's own trials may have moved on
+            write_flat(params, x0 + proposal.step)
+        memory[search.key] = search.update(value, ratio, proposal, group)
+        self._set_global(memory)
+        info = StepInfo(
+            f0,
+            gnorm,
+            float(proposal.step.norm()) if accepted else 0.0,
+            proposal.predicted,
+            actual,
+            ratio,
+            accepted,
+            counts.products - products_before,
+            _note(proposal.note, accepted, finite),
+            **{search.size: memory[search.key]},
+        )
+        self._end(counts, info)
+        return loss_out
+
+
+def _measure(
+    proposal: Proposal, f0: float, trial: Callable[[Tensor], float]
+) -> tuple[float, float, bool]:
+    """(actual, ρ, finite): the measured decrease f(θ) − f(θ + s) (−inf where the loss there is
+    not finite), its ratio to the predicted one (±inf when nothing was predicted), and whether
+    the loss at θ + s is finite."""
+    f_new = proposal.loss_at_step
+    if f_new is None:
+        f_new = trial(proposal.step)
+    elif not math.isfinite(f_new):
+        f_new = math.inf
+    actual = f0 - f_new if math.isfinite(f_new) else -math.inf
+    pred = proposal.predicted
+    ratio = actual / pred if pred > 0 else (math.inf if actual > 0 else -math.inf)
+    return actual, ratio, math.isfinite(f_new)
+
+
+def _note(note: str, accepted: bool, finite: bool) -> str:
+    """The descent's note, and why a step was not taken."""
+    if accepted:
+        return note
+    why = "rejected by the ratio test" if finite else "rejected: the loss there is not finite"
+    return (note + "; " if note else "") + why
+
+
+def model_decrease(g: Tensor, s: Tensor, Hs: Tensor) -> float:
+    """m(0) − m(s) for m(s) = gᵀs + ½ sᵀHs."""
+    return -float(g @ s + 0.5 * (s @ Hs))
