@@ -85,6 +85,44 @@ def test_state_dict_round_trip_resumes_identically(name):
 
 
 @pytest.mark.parametrize("name", OURS)
+def test_a_state_dict_of_the_earlier_layout_loads(name):
+    # before issue 13 the counts and the type were kept inside "state"
+    p, x, f = quadratic()
+    opt = build(name, [x])
+    run(name, opt, f, x, 3)
+    sd = copy.deepcopy(opt.state_dict())
+    old = {
+        "state": {"counts": sd["counts"], "optimizer": sd["optimizer"], **sd["state"]},
+        "param_groups": sd["param_groups"],
+    }
+    saved_x = x.detach().clone()
+    run(name, opt, f, x, 2)
+    y = saved_x.clone().requires_grad_()
+    opt2 = build(name, [y])
+    opt2.load_state_dict(old)
+    assert "counts" not in opt2.state and "optimizer" not in opt2.state
+    assert opt2.state_dict()["counts"] == sd["counts"]
+    run(name, opt2, lambda: p.f(y), y, 2)
+    assert torch.equal(y.detach(), x.detach()) and opt2.counts == opt.counts
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_a_state_dict_is_not_changed_by_later_steps_nor_by_the_optimizer_that_loaded_it(name):
+    p, x, f = quadratic()
+    opt = build(name, [x])
+    run(name, opt, f, x, 2)
+    sd = opt.state_dict()
+    kept = copy.deepcopy(sd)
+    run(name, opt, f, x, 2)
+    assert same(sd, kept)
+    y = x.detach().clone().requires_grad_()
+    opt2 = build(name, [y])
+    opt2.load_state_dict(sd)
+    run(name, opt2, lambda: p.f(y), y, 2)
+    assert same(sd, kept)
+
+
+@pytest.mark.parametrize("name", OURS)
 def test_float32_parameters_and_state_stay_float32(name):
     _, x, f = quadratic(torch.float32)
     opt = build(name, [x])
