@@ -22,6 +22,10 @@ The rest of the model's state is protected as follows:
 - **fused kernels without second derivatives**: scaled-dot-product attention runs on its math
   backend and cuDNN is disabled during our forward passes, so double backward and forward-mode
   AD work through transformers and RNNs.
+
+Batches are ``(inputs, targets)`` pairs or dicts holding ``labels`` (the rest of the dict is the
+model's keyword arguments). ``loss_fn=None`` means the model computes its own loss (a Hugging
+Face model: :mod:`curvscope.derivatives.huggingface` adapts it to the rest).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvscope.derivatives.checks import check_scalar_loss, check_seed
 from curvscope.derivatives.flat import flatten, unflatten
+from curvscope.derivatives.huggingface import HuggingFaceLoss
 from curvscope.derivatives.seeding import DATA, FORWARD
 
 logger = logging.getLogger(__name__)
@@ -99,16 +104,37 @@ class _PassRandomness:
 
 @dataclass(frozen=True)
 class Batch:
-    """One (inputs, targets) pair, moved to the parameters' device, and its place in the data."""
+    """One batch, moved to the parameters' device, and its place in the data.
+
+    ``targets`` are what ``loss_fn(outputs, targets)`` takes (with ``loss_fn=None``, the labels
+    as the model's loss compares them with the logits: shifted and flattened for a causal LM);
+    ``labels`` the labels as the model takes them (``targets`` unless adapted); ``size`` what a
+    mean-reduced loss averages over in this batch — its samples, or with ``loss_fn=None`` its
+    target tokens for a language model — which weighs the batch in the mean over all the data.
+    """
 
     index: int
     inputs: Any
     targets: Tensor
     size: int
+    labels: Any = None
 
 
 def _is_pair(data: object) -> bool:
     return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
+
+
+def _split_dict(i: int, item: Mapping[str, Any]) -> tuple[dict[str, Any], Tensor]:
+    """A dict batch as (the model's keyword arguments, its ``labels``)."""
+    labels = item.get("labels")
+    if not isinstance(labels, Tensor):
+        raise TypeError(
+            f"batch {i} of data is a dict whose 'labels' is "
+            f"{'missing' if labels is None else type(labels).__name__} (keys: "
+            f"{', '.join(map(str, item))}); a dict batch holds the model's keyword arguments and "
+            "a tensor of 'labels', the targets of loss_fn(outputs, labels)"
+        )
+    return {k: v for k, v in item.items() if k != "labels"}, labels
 
 
 def _to_device(x: Any, device: torch.device) -> Any:
@@ -172,27 +198,30 @@ def select_parameters(
     """Name → parameter for the parameters the curvature is taken with respect to.
 
     ``params=None`` selects every parameter that requires grad (tied weights once). Otherwise a
-    list of parameters or of names from ``model.named_parameters()``.
+    list of parameters or of names from ``model.named_parameters(remove_duplicate=False)``: a
+    tied weight by any of its names (``lm_head.weight`` tied to ``transformer.wte.weight``), once.
     """
-    named = dict(model.named_parameters())
+    named: dict[str, Tensor] = dict(model.named_parameters())
     if params is None:
-        chosen = {k: p for k, p in named.items() if p.requires_grad}
-        if not chosen:
+        trainable = {k: p for k, p in named.items() if p.requires_grad}
+        if not trainable:
             raise ValueError(
                 "the model has no parameter that requires grad, so there is no curvature to "
                 "measure; unfreeze some (p.requires_grad_(True)) or pass params=[...]"
             )
-        return chosen
-    if isinstance(params, (str, Tensor)):
-        params = [params]
+        return trainable
+    wanted: Iterable[Tensor | str] = [params] if isinstance(params, (str, Tensor)) else params
     by_id = {id(p): k for k, p in named.items()}
-    chosen = {}
-    for p in params:
+    # tied weights by every name
+    every: dict[str, Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    chosen: dict[str, Tensor] = {}
+    taken: set[int] = set()
+    for p in wanted:
         if isinstance(p, str):
-            if p not in named:
+            if p not in every:
                 raise ValueError(
                     f"params: the model has no parameter named {p!r}; valid names: "
-                    + ", ".join(named)
+                    + ", ".join(every)
                 )
             name = p
         elif isinstance(p, Tensor):
@@ -207,15 +236,95 @@ def select_parameters(
             raise TypeError(
                 f"params: expected parameters or parameter names, got {type(p).__name__}"
             )
-        if not named[name].requires_grad:
+        param = every[name]
+        if not param.requires_grad:
             raise ValueError(
                 f"params: parameter {name!r} does not require grad; call "
                 f"requires_grad_(True) on it or leave it out of params"
             )
-        chosen[name] = named[name]
+        if id(param) not in taken:  # a tied weight named twice is one block
+            taken.add(id(param))
+            chosen[name] = param
     if not chosen:
         raise ValueError("params is empty: select at least one parameter, or pass params=None")
     return chosen
+
+
+_TORCH_ATTENTION = (
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.Transformer,
+)
+_MATH_NOTE = (
+    "attention runs on the math backend of scaled_dot_product_attention during curvature "
+    "products (the fused kernels have no double backward or forward-mode AD)"
+)
+
+
+def _attention_notes(model: nn.Module) -> list[str]:
+    """Where attention runs on its math backend: torch's attention modules, and attention
+    modules of other libraries (a class named ``...Attention``) unless the model's config
+    says they do not call scaled_dot_product_attention (Hugging Face's
+    ``attn_implementation``: "sdpa" does, "eager" does not, a fused kernel of its own —
+    flash attention — keeps it: said so, with the fix)."""
+    if any(isinstance(m, _TORCH_ATTENTION) for m in model.modules()):
+        return [_MATH_NOTE]
+    named = sorted(
+        {type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Attention")}
+    )
+    if not named:
+        return []
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    which = ", ".join(named[:3]) + (" …" if len(named) > 3 else "")
+    if impl is None or impl == "sdpa":
+        how = "" if impl is None else "attn_implementation='sdpa', "
+        return [f"{_MATH_NOTE[:-1]}; {how}{which})"]
+    if impl == "eager":
+        return []
+    return [
+        f"attention ({which}) runs on attn_implementation={impl!r}, whose kernels may have no "
+        "double backward or forward-mode AD; if a curvature product fails, load the model with "
+        "attn_implementation='sdpa' (curvscope runs it on its math backend) or 'eager'"
+    ]
+
+
+def _padding_notes(model: nn.Module, selected: Mapping[str, Tensor]) -> list[str]:
+    """The padding row of a selected embedding that torch's gradient never updates. Not for
+    a weight tied to another module (an output layer): that one's gradient updates the row."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    chosen = {id(p): k for k, p in selected.items()}
+    notes = []
+    for m in model.modules():
+        if not isinstance(m, nn.Embedding) or m.padding_idx is None:
+            continue
+        key = chosen.get(id(m.weight))
+        if key is not None and len(names[id(m.weight)]) == 1:
+            notes.append(
+                f"{key}: row {m.padding_idx} is the padding row (padding_idx), which "
+                "torch's gradient never updates; the operator is P·H·P, P the projection "
+                "that zeroes that row, so its rows and columns of the curvature are 0"
+            )
+    return notes
+
+
+def _check_loss(loss_fn: Any, reduction: str | None) -> None:
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(
+            f"expected loss_fn to be callable as loss_fn(outputs, targets), or None for a "
+            f"model that computes its own loss, got {type(loss_fn).__name__}"
+        )
+    if reduction is not None and reduction not in REDUCTIONS:
+        raise ValueError(
+            f"reduction must be 'mean', 'sum' or None (read from the loss), got {reduction!r}"
+        )
+    if loss_fn is None and reduction == "sum":
+        raise ValueError(
+            "reduction='sum' does not apply with loss_fn=None: the model's own loss averages "
+            "over its targets; leave reduction=None, or pass a summed loss_fn"
+        )
 
 
 class ModelObjective:
@@ -224,10 +333,14 @@ class ModelObjective:
     Args:
         model: the user's module (never modified).
         loss_fn: ``loss_fn(outputs, targets)`` returning the batch loss, averaged or summed over
-            the batch's samples (see ``reduction``).
-        data: an ``(inputs, targets)`` pair, a list of pairs, or a re-iterable of pairs (a
-            ``DataLoader``). ``inputs`` may be a tensor, a tuple (positional arguments) or a dict
-            (keyword arguments); ``targets`` is a tensor whose first dimension counts samples.
+            the batch's samples (see ``reduction``). ``None``: the model computes its own loss
+            (a Hugging Face ``*ForCausalLM``, ``*ForMaskedLM``, ``*ForSequenceClassification``
+            or ``*ForImageClassification``; :class:`~curvscope.derivatives.huggingface.
+            HuggingFaceLoss`), averaged over what that loss averages over (target tokens).
+        data: an ``(inputs, targets)`` pair, a dict batch, a list of them, or a re-iterable of
+            them (a ``DataLoader``). ``inputs`` may be a tensor, a tuple (positional arguments)
+            or a dict (keyword arguments); ``targets`` is a tensor whose first dimension counts
+            samples. A dict batch holds the keyword arguments and the targets as ``labels``.
         params: the parameters to differentiate (see :func:`select_parameters`).
         seed: base seed of the per-batch randomness (dropout) and of the loader's randomness.
         reduction: ``"mean"`` or ``"sum"``: how ``loss_fn`` reduces over a batch's samples.
@@ -250,16 +363,10 @@ class ModelObjective:
             model = model.module  # never trigger DDP's gradient hooks
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected model to be a torch.nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise TypeError(
-                f"expected loss_fn to be callable as loss_fn(outputs, targets), "
-                f"got {type(loss_fn).__name__}"
-            )
-        if reduction is not None and reduction not in REDUCTIONS:
-            raise ValueError(
-                f"reduction must be 'mean', 'sum' or None (read from the loss), got {reduction!r}"
-            )
+        _check_loss(loss_fn, reduction)
         self.model = model
+        #: loss_fn=None: the model's own loss, adapted (decides self.loss_fn with the data)
+        self.adapter = HuggingFaceLoss(model) if loss_fn is None else None
         self.loss_fn = loss_fn
         self.seed = check_seed(seed)
         self._params = select_parameters(model, params)
@@ -287,12 +394,14 @@ class ModelObjective:
         self.in_memory = isinstance(self._data, list)
         self._fingerprints: list[tuple[Any, ...]] = []
         self.num_batches, self.num_samples = self._count()
+        if self.adapter is not None:  # settled by the first batch's labels
+            self.loss_fn = self.adapter.loss_fn
         self._check_repeatable()
         self.notes = self._fallback_notes()
         self._loss_checked = False
         #: how loss_fn reduces over the samples of a batch: "mean" or "sum" (the curvature is
         #: then that of the mean over all the data, or of the sum); settled by the first loss
-        declared = reduction or getattr(loss_fn, "reduction", None)
+        declared = reduction or getattr(self.loss_fn, "reduction", None)
         self._declared = declared in REDUCTIONS or declared == "none"
         self.reduction: str = declared if declared in REDUCTIONS else "mean"
 
@@ -304,8 +413,8 @@ class ModelObjective:
         Looked up on every access, so a parameter that was replaced (``load_state_dict(...,
         assign=True)``, ``module.weight = nn.Parameter(...)``) is followed, not the old object.
         """
-        named = dict(self.model.named_parameters(remove_duplicate=False))
-        current = {}
+        named: dict[str, Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
+        current: dict[str, Tensor] = {}
         for name, old in self._params.items():
             p = named.get(name)
             if p is None:
@@ -327,7 +436,7 @@ class ModelObjective:
     def state_tensors(self) -> list[tuple[str, Tensor]]:
         """Every tensor a forward pass reads from the model — all parameters and buffers — for
         the cache's check that nothing changed since a batch's graph was built."""
-        out = [(k, p) for k, p in self.model.named_parameters(remove_duplicate=False)]
+        out: list[tuple[str, Tensor]] = list(self.model.named_parameters(remove_duplicate=False))
         out += [(k, b) for k, b in self.model.named_buffers() if b is not None]
         return out
 
@@ -343,6 +452,8 @@ class ModelObjective:
     def _normalise_data(data: Any) -> Any:
         if _is_pair(data):
             return [tuple(data)]
+        if isinstance(data, Mapping):  # one dict batch (a BatchEncoding is one too)
+            return [dict(data)]
         if isinstance(data, Sequence) and not isinstance(data, (str, bytes, Tensor)):
             return list(data)
         if isinstance(data, Iterable):
@@ -354,8 +465,8 @@ class ModelObjective:
                 )
             return data
         raise TypeError(
-            "expected data to be an (inputs, targets) pair or an iterable of such pairs "
-            f"(a list, a DataLoader), got {type(data).__name__}"
+            "expected data to be an (inputs, targets) pair, a dict batch with 'labels', or an "
+            f"iterable of such batches (a list, a DataLoader), got {type(data).__name__}"
         )
 
     def _generators(self) -> list[torch.Generator]:
@@ -376,24 +487,38 @@ class ModelObjective:
     def _data_is_list(self) -> bool:
         return isinstance(self._data, list)
 
-    def _raw_batches(self) -> Iterator[tuple[int, Any, Tensor]]:
+    def _raw_batches(self) -> Generator[tuple[int, Any, Tensor, Tensor], None, None]:
+        """(index, inputs, targets, labels) of every batch, in order."""
         if self._data_is_list():
             items: Iterator[Any] = iter(self._data)
         else:
             rng = _PassRandomness(self._generators(), DATA.seed(self.seed))
             items = rng.iterate(self._data)
         for i, item in enumerate(items):
-            if not _is_pair(item):
+            if isinstance(item, Mapping):
+                inputs, labels = _split_dict(i, item)
+            elif _is_pair(item):
+                inputs, labels = item[0], item[1]
+            else:
                 raise TypeError(
                     f"batch {i} of data is not an (inputs, targets) pair with a tensor of "
-                    f"targets (got {type(item).__name__}); a DataLoader over a TensorDataset "
-                    "of (inputs, targets) gives such pairs"
+                    f"targets, nor a dict batch with 'labels' (got {type(item).__name__}); a "
+                    "DataLoader over a TensorDataset of (inputs, targets) gives such pairs, a "
+                    "Hugging Face data collator such dicts"
                 )
-            yield i, item[0], item[1]
+            targets = labels if self.adapter is None else self.adapter.targets(i, labels)
+            yield i, inputs, targets, labels
+
+    def _size(self, targets: Tensor) -> int:
+        """What a mean-reduced loss averages over in a batch: its samples (the targets' rows),
+        or what the model's own loss averages over (target tokens) with loss_fn=None."""
+        return int(targets.shape[0]) if self.adapter is None else self.adapter.count(targets)
 
     def _count(self) -> tuple[int, int]:
         batches = samples = 0
-        for i, inputs, targets in self._raw_batches():
+        for i, inputs, targets, _ in self._raw_batches():
+            if self.adapter is not None and self._size(targets) == 0:
+                raise self.adapter.nothing_counted(i)
             if targets.ndim == 0 or targets.shape[0] == 0:
                 raise ValueError(
                     f"batch {i} has no samples (targets of shape {tuple(targets.shape)}); "
@@ -408,7 +533,7 @@ class ModelObjective:
             if not self._data_is_list():
                 self._fingerprints.append(_fingerprint(inputs, targets))
             batches += 1
-            samples += targets.shape[0]
+            samples += self._size(targets)
         if batches == 0:
             raise ValueError(
                 "data is empty: the curvature of the mean loss needs at least one "
@@ -421,9 +546,12 @@ class ModelObjective:
         randomness curvscope fixes is all there is."""
         if self._data_is_list():
             return
-        with contextlib.closing(self._raw_batches()) as batches:
-            i, inputs, targets = next(batches)
+        batches = self._raw_batches()
+        try:
+            i, inputs, targets, _ = next(batches)
             self._check_fingerprint(i, inputs, targets)
+        finally:
+            batches.close()
 
     def _check_fingerprint(self, i: int, inputs: Any, targets: Tensor) -> None:
         if i < len(self._fingerprints) and _fingerprint(inputs, targets) != self._fingerprints[i]:
@@ -440,12 +568,13 @@ class ModelObjective:
         """The batches on the parameters' device, the same on every pass; raises if the data
         changed since construction."""
         seen = 0
-        for i, inputs, targets in self._raw_batches():
+        for i, inputs, targets, labels in self._raw_batches():
             if not self._data_is_list():
                 self._check_fingerprint(i, inputs, targets)
-            n = targets.shape[0]
+            n = self._size(targets)
             seen += n
-            yield Batch(i, _to_device(inputs, self.device), targets.to(self.device), n)
+            dev = self.device
+            yield Batch(i, _to_device(inputs, dev), targets.to(dev), n, _to_device(labels, dev))
         if seen != self.num_samples:
             raise RuntimeError(
                 f"the data yielded {seen} samples but {self.num_samples} when the operator was "
@@ -458,10 +587,15 @@ class ModelObjective:
         """Fresh differentiable copies (sharing storage) of the selected parameters."""
         return {k: p.detach().requires_grad_(True) for k, p in self.params.items()}
 
-    def _state(self, theta: Mapping[str, Tensor]) -> dict[str, Tensor | None]:
-        state: dict[str, Tensor | None] = dict(theta)
+    def _state(self, theta: Mapping[str, Tensor]) -> dict[str, Any]:
+        """Every parameter and buffer a forward reads: ``theta`` for the selected parameters
+        (a tied weight under the name it was selected by: functional_call ties the others),
+        detached parameters and copied buffers for the rest (None: BatchNorm's running
+        statistics in train mode)."""
+        state: dict[str, Any] = dict(theta)
+        selected = {id(p) for p in self._params.values()}
         for k, p in self.model.named_parameters():
-            if k not in self._selected:
+            if id(p) not in selected:
                 state[k] = p.detach()
         for mod_name, mod in self.model.named_modules():
             is_norm_train = isinstance(mod, nn.modules.batchnorm._NormBase) and mod.training
@@ -499,16 +633,24 @@ class ModelObjective:
             for g, state in zip(gens, saved, strict=True):
                 g.set_state(state)
 
-    def raw_forward(self, theta: Mapping[str, Tensor], batch: Batch) -> Any:
-        """Model outputs at parameters ``theta``, unchecked (usable inside torch.func
-        transforms); call inside :meth:`context`."""
+    def _call(self, theta: Mapping[str, Tensor], batch: Batch, **extra: Any) -> Any:
+        """The model's own output on the batch at parameters ``theta`` (keyword arguments
+        ``extra`` added to the batch's)."""
         inputs = batch.inputs
         state = self._state(theta)
+        if self.adapter is not None:
+            extra = {**self.adapter.extra, **extra}
         if isinstance(inputs, Mapping):
-            return functional_call(self.model, state, (), dict(inputs))
-        if isinstance(inputs, (tuple, list)):
-            return functional_call(self.model, state, tuple(inputs))
-        return functional_call(self.model, state, (inputs,))
+            return functional_call(self.model, state, (), {**inputs, **extra})
+        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        return functional_call(self.model, state, args, extra or None)
+
+    def raw_forward(self, theta: Mapping[str, Tensor], batch: Batch) -> Any:
+        """Model outputs at parameters ``theta``, unchecked (usable inside torch.func
+        transforms); call inside :meth:`context`. With ``loss_fn=None`` the logits as the
+        model's own loss uses them (:meth:`HuggingFaceLoss.outputs`)."""
+        out = self._call(theta, batch)
+        return out if self.adapter is None else self.adapter.outputs(out)
 
     def forward(self, theta: Mapping[str, Tensor], batch: Batch, tensor: bool = False) -> Any:
         """Model outputs at parameters ``theta``, checked; call inside :meth:`context`.
@@ -557,8 +699,20 @@ class ModelObjective:
                     "from it to them); check that loss_fn uses the model's outputs and that "
                     "params= selects parameters the model uses"
                 )
+            if self.adapter is not None:
+                self._check_own_loss(batch, float(loss.detach()), loss.dtype)
             self._loss_checked = True
         return loss
+
+    def _check_own_loss(self, batch: Batch, ours: float, dtype: torch.dtype) -> None:
+        """With loss_fn=None: the adapted loss must be ``model(**batch).loss`` (one forward
+        with the labels, the same randomness, without gradients; the model's config, which its
+        first loss writes to, is left as found)."""
+        assert self.adapter is not None
+        theta = {k: p.detach() for k, p in self.params.items()}
+        with self.context(batch.index), torch.no_grad(), self.adapter.config_kept():
+            out = self._call(theta, batch, labels=batch.labels)
+        self.adapter.check(batch.index, ours, out, dtype)
 
     def _infer_reduction(self, out: Any, batch: Batch) -> str:
         """ "mean" or "sum", from the loss of a batch against the losses of its two halves: a
@@ -610,34 +764,8 @@ class ModelObjective:
         )
 
     def _fallback_notes(self) -> list[str]:
-        notes = []
-        kinds = {type(m) for m in self.model.modules()}
-        if any(
-            issubclass(
-                k,
-                (
-                    nn.MultiheadAttention,
-                    nn.TransformerEncoderLayer,
-                    nn.TransformerDecoderLayer,
-                    nn.Transformer,
-                ),
-            )
-            for k in kinds
-        ):
-            notes.append(
-                "attention runs on the math backend of scaled_dot_product_attention during "
-                "curvature products (the fused kernels have no double backward or forward-mode AD)"
-            )
-        for name, m in self.model.named_modules():
-            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
-                key = f"{name}.weight" if name else "weight"
-                if key in self._selected:
-                    notes.append(
-                        f"{key}: row {m.padding_idx} is the padding row (padding_idx), which "
-                        "torch's gradient never updates; the operator is P·H·P, P the projection "
-                        "that zeroes that row, so its rows and columns of the curvature are 0"
-                    )
-        if any(issubclass(k, nn.RNNBase) for k in kinds):
+        notes = _attention_notes(self.model) + _padding_notes(self.model, self._params)
+        if any(isinstance(m, nn.RNNBase) for m in self.model.modules()):
             notes.append(
                 "cuDNN is disabled during curvature products (cuDNN RNNs have no double backward)"
             )
