@@ -150,7 +150,8 @@ def token_batches(seed: int, masked: bool = False) -> list[dict[str, Tensor]]:
 
 def class_batches(seed: int, kind: str) -> list[dict[str, Tensor]]:
     """Token batches of 3 and 2 sequences with classification labels (single: one of the second
-    batch's −100, which the model's loss skips: 3 and 1 counted; multi: 0/1 floats per label; regression: floats)."""
+    batch's −100, which the model's loss skips, so 3 and 1 are counted; multi: 0/1 floats per
+    label; regression: floats)."""
     g = _gen(seed)
     out = []
     for b in token_batches(seed):
@@ -649,3 +650,16 @@ def test_half_precision_logits_are_upcast_as_the_models_loss_does():
     out = C @ torch.ones(C.num_params, dtype=torch.bfloat16)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert math.isfinite(C.loss_and_gradient()[0])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert-regression", "vit"])
+def test_forward_over_reverse_agrees_with_double_backward(name):
+    """The vmapped jvp-of-grad backend goes through the same adapted outputs and loss. Llama's
+    RMSNorm computes in float32 even in a float64 model (transformers casts), so there the two
+    AD paths agree to float32 rounding only."""
+    ref = reference(name)
+    V = torch.randn(len(ref.theta0), 3, generator=_gen(5), dtype=DT)
+    a = operator(name, "hessian", backend="forward_over_reverse") @ V
+    b = operator(name, "hessian", backend="double_backward") @ V
+    rtol = 1e-6 if name == "llama" else 1e-10
+    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
