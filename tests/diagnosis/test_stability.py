@@ -126,3 +126,76 @@ def test_adahessian_limit_is_adams_on_its_hessian_preconditioner():
         opt.step(lambda: torch.nn.functional.mse_loss(model(X), y))
     d = cs.diagnose(model, torch.nn.MSELoss(), (X, y), optimizer=opt)
     assert d.evidence["preconditioned"] and d.evidence["stability_limit"] == pytest.approx(380)
+
+
+# ------------------------------------------------------------- one rule per optimizer type
+def test_the_rules_are_a_table_and_declarations_and_the_module_imports_no_optimizer():
+    import ast
+    import inspect
+
+    from curvscope.diagnosis import stability
+
+    tree = ast.parse(inspect.getsource(stability))
+    imported = [
+        n.module if isinstance(n, ast.ImportFrom) else a.name
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Import | ast.ImportFrom)
+        for a in n.names
+    ]
+    assert not [m for m in imported if m and m.startswith("curvscope")]
+    assert set(stability.RULES) == {
+        torch.optim.SGD,
+        torch.optim.Adam,
+        torch.optim.AdamW,
+        torch.optim.RMSprop,
+    }
+    assert stability.rule_of(cs.optim.AdaHessian) is cs.optim.AdaHessian.stability_rule
+    assert stability.rule_of(cs.optim.Sophia) is None
+
+
+def test_a_class_declares_its_own_rule_and_a_subclass_inherits_its_bases():
+    from curvscope.diagnosis.stability import StabilityRule
+
+    class HalfStepSGD(torch.optim.SGD):  # lr/2 per step: stable below 4/η
+        stability_rule = StabilityRule(lambda name, group: (4.0, name, "s* = 4/η"))
+
+    class Quiet(torch.optim.Adam):  # no declaration: Adam's rule
+        pass
+
+    class Half2(HalfStepSGD):
+        pass
+
+    r = cs.stability_limit(HalfStepSGD(params(), lr=0.1, weight_decay=0.1))
+    assert r.limit == pytest.approx(40.0) and r.optimizer == "HalfStepSGD" and r.l2 is not None
+    assert cs.stability_limit(Half2(params(), lr=0.1)).limit == pytest.approx(40.0)
+    p = params()
+    quiet = _stepped(Quiet(p, lr=0.01), p, torch.ones(3, dtype=torch.float64))
+    r = cs.stability_limit(quiet)
+    assert r.limit == pytest.approx(38 / 0.01) and r.optimizer == "Quiet (β₁ = 0.9)"
+
+    class Wrong(torch.optim.SGD):
+        stability_rule = 2.0
+
+    with pytest.raises(TypeError, match=r"Wrong\.stability_rule must be a .*StabilityRule"):
+        cs.stability_limit(Wrong(params(), lr=0.1))
+
+
+def test_momentum_is_read_from_the_first_group_that_holds_a_parameter():
+    # RMSprop read it from the group of the first parameter passed, and took 0 when the
+    # optimizer did not hold that one (SGD and Adam already read the first group holding one)
+    held = params()
+    opt = _stepped(
+        torch.optim.RMSprop(held, lr=0.01, momentum=0.5), held, torch.ones(3, dtype=torch.float64)
+    )
+    r = cs.stability_limit(opt, params=params() + held)
+    assert r.limit == pytest.approx(3.0 / 0.01) and r.optimizer == "RMSprop (momentum 0.5)"
+    assert torch.equal(r.scale[:3], torch.zeros(3, dtype=torch.float64))
+
+
+def test_a_wrapper_that_holds_itself_is_refused_not_looped_over():
+    class Loop:
+        def __init__(self):
+            self.optimizer = self
+
+    with pytest.raises(TypeError, match="Pass lr="):
+        cs.stability_limit(Loop())

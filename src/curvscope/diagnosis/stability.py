@@ -11,23 +11,138 @@ Weight decay: torch's ``weight_decay`` in SGD, Adam and RMSprop is L2 regulariza
 the gradient, so it is part of the curvature the optimizer sees (H + λI): ``l2`` carries it.
 AdamW's decay is decoupled (θ ← θ − ηλθ, outside the gradient): it is not part of H, and it
 shrinks the limit by only λ per unit of preconditioned sharpness, which is ignored here.
+
+**One rule per optimizer type.** How c and S are read off an optimizer is a
+:class:`StabilityRule`: torch's SGD, Adam, AdamW and RMSprop have theirs in :data:`RULES`
+(below); any other optimizer class declares its own as the class attribute ``stability_rule``
+(curvscope's AdaHessian does), so this module imports no optimizer. A subclass uses its
+nearest base's rule; a wrapper holding the real optimizer as ``.optimizer`` (accelerate,
+Lightning) is unwrapped.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
-_TORCH = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
+#: (name of the optimizer's type, its first group holding a parameter) -> (c, description, formula)
+Constant = Callable[[str, Mapping[str, Any]], tuple[float, str, str]]
+#: (optimizer, the state of a parameter, its group) -> P⁻¹ for that parameter as the next step
+#: will use it, or None while that state does not exist yet (no step taken)
+InversePreconditioner = Callable[[Optimizer, Mapping[str, Any], Mapping[str, Any]], Tensor | None]
 
 
-def _known() -> tuple[type, ...]:
-    from curvscope.optim import AdaHessian  # a sibling part: imported when asked for
+@dataclass(frozen=True)
+class StabilityRule:
+    """How the stability limit s* = c/η of one optimizer type is read from its hyperparameters
+    and state.
 
-    return (*_TORCH, AdaHessian)
+    Attributes:
+        constant: c, a plain description and the formula, from the first parameter group that
+            holds one of the parameters (β, dampening, Nesterov live there).
+        preconditioner: per parameter, P⁻¹ (the step factor relative to η) for an adaptive
+            method, whose limit is then on the sharpness of S^½ H S^½; None for a method that
+            steps along the gradient itself.
+        decoupled_decay: whether ``weight_decay`` is applied outside the gradient (AdamW),
+            and so is not part of the curvature the optimizer sees.
+
+    Example:
+        >>> import torch, curvscope as cs
+        >>> from curvscope.diagnosis.stability import StabilityRule
+        >>> class HalfStepSGD(torch.optim.SGD):  # steps of lr/2: stable below 4/η
+        ...     stability_rule = StabilityRule(lambda name, group: (4.0, name, "s* = 4/η"))
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> cs.stability_limit(HalfStepSGD([w], lr=0.1)).limit
+        40.0
+    """
+
+    constant: Constant
+    preconditioner: InversePreconditioner | None = None
+    decoupled_decay: bool = False
+
+
+def sgd_constant(name: str, group: Mapping[str, Any]) -> tuple[float, str, str]:
+    """Gradient descent 2, heavy ball (2 + 2β)/(1 − dampening), Nesterov (2 + 2β)/(1 + 2β)."""
+    beta, damp, nesterov = group["momentum"], group["dampening"], group["nesterov"]
+    if nesterov:
+        formula = "s* = (2 + 2β)/((1 + 2β)·η)"
+        return (2 + 2 * beta) / (1 + 2 * beta), f"SGD (Nesterov, momentum {beta:g})", formula
+    if beta > 0:
+        formula = "s* = (2 + 2β)/η" + (" / (1 − dampening)" if damp else "")
+        return (2 + 2 * beta) / (1 - damp), f"SGD (momentum {beta:g})", formula
+    return 2.0, "SGD", "s* = 2/η"
+
+
+def adam_constant(name: str, group: Mapping[str, Any]) -> tuple[float, str, str]:
+    """Adam's (2 + 2β₁)/(1 − β₁) on the preconditioned sharpness (about 38 at β₁ = 0.9)."""
+    b1 = group["betas"][0]
+    formula = "s* = (2 + 2β₁)/((1 − β₁)·η) on the sharpness of P^-½ H P^-½, P = √v̂ + ε"
+    return (2 + 2 * b1) / (1 - b1), f"{name} (β₁ = {b1:g})", formula
+
+
+def rmsprop_constant(name: str, group: Mapping[str, Any]) -> tuple[float, str, str]:
+    """RMSprop's 2 + 2β (heavy-ball momentum β) on the preconditioned sharpness."""
+    beta = group["momentum"]
+    formula = "s* = (2 + 2β)/η on the sharpness of P^-½ H P^-½, P = √v + ε"
+    return 2 + 2 * beta, f"RMSprop (momentum {beta:g})" if beta else "RMSprop", formula
+
+
+def adam_preconditioner(
+    opt: Optimizer, state: Mapping[str, Any], group: Mapping[str, Any]
+) -> Tensor | None:
+    """P⁻¹ = 1/(√v̂ + ε), v̂ = v/(1 − β₂ᵗ) (the running maximum of v with ``amsgrad``)."""
+    if "exp_avg_sq" not in state:
+        return None
+    b2 = group["betas"][1]
+    step = float(state["step"])
+    v = state["exp_avg_sq"]
+    if group.get("amsgrad") and "max_exp_avg_sq" in state:
+        v = state["max_exp_avg_sq"]
+    return 1.0 / ((v / (1 - b2**step)).sqrt() + group["eps"])
+
+
+def rmsprop_preconditioner(
+    opt: Optimizer, state: Mapping[str, Any], group: Mapping[str, Any]
+) -> Tensor | None:
+    """P⁻¹ = 1/(√v + ε), v centered by the mean gradient's square when ``centered``."""
+    if "square_avg" not in state:
+        return None
+    v = state["square_avg"]
+    if group.get("centered"):
+        v = v - state["grad_avg"] ** 2
+    return 1.0 / (v.sqrt() + group["eps"])
+
+
+#: torch's optimizers, by type; any other optimizer class declares ``stability_rule``
+RULES: dict[type, StabilityRule] = {
+    torch.optim.SGD: StabilityRule(sgd_constant),
+    torch.optim.Adam: StabilityRule(adam_constant, adam_preconditioner),
+    torch.optim.AdamW: StabilityRule(adam_constant, adam_preconditioner, decoupled_decay=True),
+    torch.optim.RMSprop: StabilityRule(rmsprop_constant, rmsprop_preconditioner),
+}
+
+
+def rule_of(cls: type) -> StabilityRule | None:
+    """The rule of an optimizer type: its own or its nearest base's declaration
+    (``stability_rule``) or entry in :data:`RULES`; None when it has none."""
+    for base in cls.__mro__:
+        declared = base.__dict__.get("stability_rule")
+        if declared is not None:
+            if not isinstance(declared, StabilityRule):
+                raise TypeError(
+                    f"{base.__name__}.stability_rule must be a "
+                    f"curvscope.diagnosis.stability.StabilityRule, got {type(declared).__name__}"
+                )
+            return declared
+        if base in RULES:
+            return RULES[base]
+    return None
 
 
 @dataclass(frozen=True)
@@ -60,12 +175,12 @@ class StabilityLimit:
         return math.inf if sharpness <= 0 else self.constant / sharpness
 
 
-def _group_of(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[dict | None]:
+def _group_of(optimizer: Optimizer, params: list[Tensor]) -> list[dict[str, Any] | None]:
     by_id = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     return [by_id.get(id(p)) for p in params]
 
 
-def _flat(values: list[Tensor | float], params: list[Tensor]) -> Tensor:
+def _flat(values: Sequence[Tensor | float], params: list[Tensor]) -> Tensor:
     ref = params[0]
     parts = [
         (v.reshape(-1) if isinstance(v, Tensor) else torch.full((p.numel(),), float(v))).to(
@@ -77,7 +192,7 @@ def _flat(values: list[Tensor | float], params: list[Tensor]) -> Tensor:
 
 
 def stability_limit(
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Optimizer | None = None,
     *,
     lr: float | None = None,
     params: list[Tensor] | None = None,
@@ -86,15 +201,16 @@ def stability_limit(
     plain gradient descent with learning rate ``lr``.
 
     Args:
-        optimizer: a ``torch.optim.SGD``, ``Adam``, ``AdamW`` or ``RMSprop``, or curvscope's
-            ``AdaHessian`` (Adam's rule with P = (√v̂)^k + ε from the Hessian diagonal), or a
-            wrapper holding one as ``.optimizer``, as accelerate and Lightning do.
+        optimizer: a ``torch.optim.SGD``, ``Adam``, ``AdamW`` or ``RMSprop``, an optimizer whose
+            class declares a ``stability_rule`` (curvscope's ``AdaHessian``: Adam's rule with
+            P = (√v̂)^k + ε from the Hessian diagonal), or a wrapper holding one as
+            ``.optimizer``, as accelerate and Lightning do.
         lr: instead of an optimizer: plain gradient descent at this learning rate.
         params: the parameters, in the order of the flat vectors the scale should follow
             (default: the optimizer's own order).
 
     Raises:
-        TypeError: an optimizer this function does not know (pass ``lr=`` instead).
+        TypeError: an optimizer without a rule (pass ``lr=`` instead).
         ValueError: neither or both of optimizer and lr; a non-positive lr; Adam or RMSprop
             before their first step (their preconditioner does not exist yet).
 
@@ -107,108 +223,84 @@ def stability_limit(
     if (optimizer is None) == (lr is None):
         raise ValueError("give either optimizer= or lr= (for plain gradient descent), not both")
     if optimizer is None:
-        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
-        return StabilityLimit(
-            2.0 / lr, float(lr), 2.0, "gradient descent", False, None, None, "s* = 2/η"
-        )
-    # wrappers (accelerate's AcceleratedOptimizer, Lightning's) hold the real one
-    known = _known()
-    while not isinstance(optimizer, known) and isinstance(
-        getattr(optimizer, "optimizer", None), torch.optim.Optimizer
-    ):
-        optimizer = optimizer.optimizer
-    if not isinstance(optimizer, known):
-        raise _unknown(optimizer)
+        return _gradient_descent(lr)
+    optimizer, rule = _unwrapped(optimizer)
     if params is None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
     groups = _group_of(optimizer, params)
-    lrs = [g["lr"] for g in groups if g is not None]
-    if not lrs:
+    held = [g for g in groups if g is not None]
+    if not held:
         raise ValueError("the optimizer updates none of these parameters: pass its model's")
-    eta = float(max(lrs))
+    eta = float(max(g["lr"] for g in held))
     if eta <= 0:  # e.g. a schedule that has decayed to 0: no step can overshoot
-        return StabilityLimit(
-            math.inf,
-            0.0,
-            math.inf,
-            type(optimizer).__name__ + " (lr = 0)",
-            False,
-            None,
-            None,
-            "s* = ∞ at η = 0",
-        )
+        what = type(optimizer).__name__ + " (lr = 0)"
+        return StabilityLimit(math.inf, 0.0, math.inf, what, False, None, None, "s* = ∞ at η = 0")
+    return _limit(optimizer, rule, params, groups, eta)
+
+
+def _gradient_descent(lr: object) -> StabilityLimit:
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    return StabilityLimit(
+        2.0 / lr, float(lr), 2.0, "gradient descent", False, None, None, "s* = 2/η"
+    )
+
+
+def _limit(
+    optimizer: Optimizer,
+    rule: StabilityRule,
+    params: list[Tensor],
+    groups: list[dict[str, Any] | None],
+    eta: float,
+) -> StabilityLimit:
+    """s* = c/η by the optimizer's rule, with the step factors S and the L2 coefficients."""
     ratio = [0.0 if g is None else g["lr"] / eta for g in groups]  # frozen: never stepped
     wd = [0.0 if g is None else g.get("weight_decay", 0.0) for g in groups]
-    name = type(optimizer).__name__
-    if isinstance(optimizer, torch.optim.SGD):
-        g0 = next(g for g in groups if g is not None)
-        beta, damp, nesterov = g0["momentum"], g0["dampening"], g0["nesterov"]
-        if nesterov:
-            c, what = (2 + 2 * beta) / (1 + 2 * beta), f"SGD (Nesterov, momentum {beta:g})"
-            formula = "s* = (2 + 2β)/((1 + 2β)·η)"
-        elif beta > 0:
-            c, what = (2 + 2 * beta) / (1 - damp), f"SGD (momentum {beta:g})"
-            formula = "s* = (2 + 2β)/η" + (" / (1 − dampening)" if damp else "")
-        else:
-            c, what, formula = 2.0, "SGD", "s* = 2/η"
+    held = next(g for g in groups if g is not None)
+    c, what, formula = rule.constant(type(optimizer).__name__, held)
+    l2 = None if rule.decoupled_decay or not any(wd) else _flat(wd, params)
+    if rule.preconditioner is None:
         scale = None if all(r == 1.0 for r in ratio) else _flat(ratio, params)
-        return StabilityLimit(
-            c / eta, eta, c, what, False, scale, _flat(wd, params) if any(wd) else None, formula
-        )
-    adaptive = (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, known[-1])
-    if isinstance(optimizer, adaptive):
-        precond = []
-        for p, g in zip(params, groups, strict=True):
-            if g is None:
-                precond.append(torch.zeros_like(p))
-                continue
-            state = optimizer.state.get(p, {})
-            if not {"square_avg", "exp_avg_sq", "exp_hessian_diag_sq"} & set(state):
-                raise ValueError(
-                    f"{name} has taken no step yet, so its preconditioner √v̂ + ε does not exist; "
-                    "diagnose after the first optimizer.step(), or pass lr= for plain GD"
-                )
-            precond.append(_inverse_preconditioner(optimizer, state, g))
-        scale = _flat([r * q for r, q in zip(ratio, precond, strict=True)], params)
-        if isinstance(optimizer, torch.optim.RMSprop):
-            beta = groups[0]["momentum"] if groups[0] is not None else 0.0
-            c = 2 + 2 * beta
-            formula = "s* = (2 + 2β)/η on the sharpness of P^-½ H P^-½, P = √v + ε"
-            what = f"RMSprop (momentum {beta:g})" if beta else "RMSprop"
-        else:
-            b1 = next(g for g in groups if g is not None)["betas"][0]
-            c = (2 + 2 * b1) / (1 - b1)
-            formula = "s* = (2 + 2β₁)/((1 − β₁)·η) on the sharpness of P^-½ H P^-½, P = √v̂ + ε"
-            what = f"{name} (β₁ = {b1:g})"
-        decoupled = isinstance(optimizer, (torch.optim.AdamW, known[-1]))
-        l2 = None if decoupled or not any(wd) else _flat(wd, params)
-        return StabilityLimit(c / eta, eta, c, what, True, scale, l2, formula)
-    raise _unknown(optimizer)
+        return StabilityLimit(c / eta, eta, c, what, False, scale, l2, formula)
+    inverse = _preconditioners(optimizer, rule.preconditioner, params, groups)
+    scale = _flat([r * q for r, q in zip(ratio, inverse, strict=True)], params)
+    return StabilityLimit(c / eta, eta, c, what, True, scale, l2, formula)
 
 
-def _unknown(optimizer: object) -> TypeError:
-    return TypeError(
-        "stability_limit knows torch.optim.SGD, Adam, AdamW, RMSprop and cs.optim.AdaHessian; got "
+def _unwrapped(optimizer: object) -> tuple[Optimizer, StabilityRule]:
+    """The optimizer that has a rule, unwrapping ``.optimizer`` holders, and its rule."""
+    seen = set()
+    while id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        rule = rule_of(type(optimizer))
+        if rule is not None and isinstance(optimizer, Optimizer):
+            return optimizer, rule
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, Optimizer):
+            break
+        optimizer = inner
+    raise TypeError(
+        "stability_limit knows torch.optim.SGD, Adam, AdamW, RMSprop and the optimizers whose "
+        "class declares a stability_rule (cs.optim.AdaHessian); got "
         f"{type(optimizer).__name__}. Pass lr= to judge against plain gradient descent instead"
     )
 
 
-def _inverse_preconditioner(opt: torch.optim.Optimizer, state: dict, group: dict) -> Tensor:
-    """P⁻¹ = 1/(√v̂ + ε) from the optimizer's state, as its next step will use it."""
-    eps = group["eps"]
-    if isinstance(opt, torch.optim.RMSprop):
-        v = state["square_avg"]
-        if group.get("centered"):
-            v = v - state["grad_avg"] ** 2
-        return 1.0 / (v.sqrt() + eps)
-    b2 = group["betas"][1]
-    if "exp_hessian_diag_sq" in state:  # AdaHessian: P = (√v̂)^k + ε, v̂ of the Hessian diagonal
-        step = float(opt.state["global"]["step"])
-        v_hat = state["exp_hessian_diag_sq"] / (1 - b2**step)
-        return 1.0 / (v_hat.sqrt().pow(group["hessian_power"]) + eps)
-    step = float(state["step"])
-    v = state["exp_avg_sq"]
-    if group.get("amsgrad") and "max_exp_avg_sq" in state:
-        v = state["max_exp_avg_sq"]
-    return 1.0 / ((v / (1 - b2**step)).sqrt() + eps)
+def _preconditioners(
+    optimizer: Optimizer,
+    preconditioner: InversePreconditioner,
+    params: list[Tensor],
+    groups: list[dict[str, Any] | None],
+) -> list[Tensor]:
+    """P⁻¹ per parameter (0 for a parameter the optimizer does not hold)."""
+    inverse = []
+    for p, g in zip(params, groups, strict=True):
+        q = None if g is None else preconditioner(optimizer, optimizer.state.get(p, {}), g)
+        if g is not None and q is None:
+            raise ValueError(
+                f"{type(optimizer).__name__} has taken no step yet, so its preconditioner "
+                "√v̂ + ε does not exist; diagnose after the first optimizer.step(), or pass lr= "
+                "for plain GD"
+            )
+        inverse.append(torch.zeros_like(p) if q is None else q)
+    return inverse

@@ -4,13 +4,16 @@ estimator takes its products from the closure's graph (no ``backward(create_grap
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 from curvscope.derivatives.kinds import likelihood_of
+from curvscope.derivatives.seeding import STEP_PROBES, rademacher
+from curvscope.diagnosis.stability import StabilityRule, adam_constant
 from curvscope.optim._closure import Counts, Evaluation
 from curvscope.optim.base import (
     CurvscopeOptimizer,
@@ -21,7 +24,6 @@ from curvscope.optim.base import (
     check_int,
     check_positive,
 )
-from curvscope.spectrum._operator import rademacher
 
 
 class DiagonalEstimator(Protocol):
@@ -83,7 +85,8 @@ class GaussNewtonBartlett:
 
 
 def _generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+    """Step t's probes: the documented ``STEP_PROBES`` derivation (seed · 1,000,003 + t)."""
+    return torch.Generator(device=device).manual_seed(STEP_PROBES.seed(seed, step))
 
 
 class _DiagonalMethod(CurvscopeOptimizer):
@@ -177,6 +180,20 @@ class _DiagonalMethod(CurvscopeOptimizer):
         return ev.loss_tensor.detach()
 
 
+def _adahessian_preconditioner(
+    opt: Optimizer, state: Mapping[str, Any], group: Mapping[str, Any]
+) -> Tensor | None:
+    """AdaHessian's P⁻¹ = 1/((√v̂)^k + ε), v̂ the bias-corrected average of D², as its next step
+    will use it (None before its first step)."""
+    if "exp_hessian_diag_sq" not in state:
+        return None
+    b2 = group["betas"][1]
+    method_state: dict[Any, Any] = opt.state  # "global": the step counter, a str key
+    step = float(method_state["global"]["step"])
+    v_hat = state["exp_hessian_diag_sq"] / (1 - b2**step)
+    return 1.0 / (v_hat.sqrt().pow(group["hessian_power"]) + group["eps"])
+
+
 class AdaHessian(_DiagonalMethod):
     """AdaHessian (Yao et al. 2021): Adam with the squared Hessian diagonal in place of g².
 
@@ -193,6 +210,9 @@ class AdaHessian(_DiagonalMethod):
 
     #: per-parameter state: momentum m, the average v of D², the last estimate D
     STATE = ("exp_avg", "exp_hessian_diag_sq", "hessian_diag")
+    #: read by ``cs.stability_limit``: Adam's limit (2 + 2β₁)/((1 − β₁)·η) on the sharpness
+    #: preconditioned by P = (√v̂)^k + ε; the weight decay is decoupled (not in the gradient)
+    stability_rule = StabilityRule(adam_constant, _adahessian_preconditioner, decoupled_decay=True)
 
     def __init__(
         self,

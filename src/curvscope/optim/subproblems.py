@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from curvscope.spectrum._operator import Operator
+from curvscope.derivatives.seeding import generator
+from curvscope.spectrum import Operator
 from curvscope.spectrum.lanczos import Krylov
 
 
@@ -87,7 +88,7 @@ def lanczos_subspace(
     continued with a random direction (seeded), so m is always reached."""
     n = g.numel()
     op = Operator(matmat, n, g.dtype, g.device)
-    gen = torch.Generator(device=g.device).manual_seed(seed)
+    gen = generator(seed, g.device)  # the PROBES stream: the seed as it is
     kr = Krylov(op, g[:, None], gen)
     while kr.size < min(dim, n):
         kr.extend()
