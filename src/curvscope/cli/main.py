@@ -291,12 +291,27 @@ def _few(names: Sequence[str], k: int = 4) -> str:
 def _load_checkpoint(model: Any, path: str) -> None:
     """Load a state_dict with torch's safe loader (tensors and plain containers only) and check
     it against the model's own before loading: every mismatch is one line."""
+    state = _read_checkpoint(path)
+    own = model.state_dict()
+    _check_checkpoint(state, own, path)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise UsageError(f"cannot load the checkpoint {path!r} into the model: {e}") from e
+
+
+#: How to make a checkpoint that fits, said after every mismatch.
+_CHECKPOINT_FIX = "save it with torch.save(model.state_dict(), path) from this model"
+
+
+def _read_checkpoint(path: str) -> Any:
+    """The file's content through torch's safe loader; what it cannot read is one line."""
     import torch
 
     try:
         with warnings.catch_warnings():  # e.g. a pickle protocol torch does not expect
             warnings.simplefilter("ignore")
-            state = torch.load(path, weights_only=True, map_location="cpu")
+            return torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError as e:
         raise UsageError(f"no checkpoint file at {path!r}") from e
     except OSError as e:
@@ -308,33 +323,24 @@ def _load_checkpoint(model: Any, path: str) -> None:
     except Exception as e:  # the user's file: whatever torch cannot read in it
         first = str(e).split(". ")[0] or type(e).__name__
         raise UsageError(f"cannot load the checkpoint {path!r}: {first}") from e
-    fix = "save it with torch.save(model.state_dict(), path) from this model"
+
+
+def _check_checkpoint(state: Any, own: Mapping[str, Any], path: str) -> None:
+    """A state_dict with the model's keys, a tensor of the model's shape under each."""
+    import torch
+
     if not isinstance(state, Mapping):
         raise UsageError(
             f"the checkpoint {path!r} holds {_a(state)}, not a state_dict (a dict "
-            f"of parameter name -> tensor); {fix}"
+            f"of parameter name -> tensor); {_CHECKPOINT_FIX}"
         )
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [str(k) for k in state if k not in own]
-    if missing or unexpected:
-        parts = ([f"missing {_few(missing)}"] if missing else []) + (
-            [f"unexpected {_few(unexpected)}"] if unexpected else []
-        )
-        nested = [k for k, v in state.items() if isinstance(v, Mapping) and set(own) <= set(v)]
-        hint = (
-            f"; the model's weights look to be under {nested[0]!r}: save that entry alone"
-            if nested
-            else f"; {fix}"
-        )
-        raise UsageError(
-            f"the checkpoint {path!r} does not fit the model: keys {'; '.join(parts)}{hint}"
-        )
+    _check_checkpoint_keys(state, own, path)
     for k, mine in own.items():
         theirs = state[k]
         if not isinstance(theirs, torch.Tensor):
             raise UsageError(
-                f"the checkpoint {path!r} holds {_a(theirs)} for {k!r}, not a tensor; {fix}"
+                f"the checkpoint {path!r} holds {_a(theirs)} for {k!r}, not a tensor; "
+                f"{_CHECKPOINT_FIX}"
             )
         if theirs.shape != mine.shape:
             raise UsageError(
@@ -342,10 +348,27 @@ def _load_checkpoint(model: Any, path: str) -> None:
                 f"{tuple(theirs.shape)} there and {tuple(mine.shape)} in the model; was it "
                 "saved from another configuration?"
             )
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise UsageError(f"cannot load the checkpoint {path!r} into the model: {e}") from e
+
+
+def _check_checkpoint_keys(state: Mapping[Any, Any], own: Mapping[str, Any], path: str) -> None:
+    """The same keys as the model's state_dict, or one line naming the differences (and the
+    entry the weights look to be under, for a checkpoint that nests them)."""
+    missing = [k for k in own if k not in state]
+    unexpected = [str(k) for k in state if k not in own]
+    if not (missing or unexpected):
+        return
+    parts = ([f"missing {_few(missing)}"] if missing else []) + (
+        [f"unexpected {_few(unexpected)}"] if unexpected else []
+    )
+    nested = [k for k, v in state.items() if isinstance(v, Mapping) and set(own) <= set(v)]
+    hint = (
+        f"; the model's weights look to be under {nested[0]!r}: save that entry alone"
+        if nested
+        else f"; {_CHECKPOINT_FIX}"
+    )
+    raise UsageError(
+        f"the checkpoint {path!r} does not fit the model: keys {'; '.join(parts)}{hint}"
+    )
 
 
 def _probe_on_rank(args: argparse.Namespace, rank: int, world: int) -> int:
@@ -433,7 +456,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     ap = _Parser(prog="curvscope", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from curvscope import optim, problems
-from curvscope.derivatives import Curvature
 from curvscope.lab.runner import (
     BLOWUP,
     DEFAULT_PROBLEMS,
@@ -108,7 +107,7 @@ def _curvature_learned(setups: dict[str, tuple[Setup, Any]], budget: Budget) -> 
             step = float(st["step"])
             b2 = opt.param_groups[0]["betas"][1]
             sqrt_v.append((st["exp_avg_sq"] / (1 - b2**step)).sqrt().reshape(-1))
-        C = Curvature(setup.model, setup.loss_fn, setup.data)
+        C = setup.curvature()
         diag = diagonal(C, matvecs=budget.diagonal_probes, seed=0).value
         v = torch.cat(sqrt_v)
         a, b = torch.log(v.clamp_min(1e-12)), torch.log(diag.abs().clamp_min(1e-12))
@@ -125,7 +124,7 @@ def _curvature_learned(setups: dict[str, tuple[Setup, Any]], budget: Budget) -> 
     for name, (setup, opt) in setups.items():
         if name not in ("gd", "momentum", "normalized-gd") or opt is None:
             continue
-        C = Curvature(setup.model, setup.loss_fn, setup.data)
+        C = setup.curvature()
         lam = float(eigenvalues(C, k=1, tol=1e-3).values[0])
         lr = opt.param_groups[0]["lr"]
         if name == "momentum":
@@ -140,7 +139,7 @@ def _curvature_learned(setups: dict[str, tuple[Setup, Any]], budget: Budget) -> 
 
 
 def _density_record(setup: Setup, budget: Budget) -> dict[str, Any]:
-    C = Curvature(setup.model, setup.loss_fn, setup.data)
+    C = setup.curvature()
     d = density(C, steps=budget.density_steps, probes=3, progress_bar=False)
     return {
         "grid": d.grid.tolist(),

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from curvscope.derivatives import Curvature
 from curvscope.derivatives.distributed import all_reduce_sum, global_count
+from curvscope.derivatives.flat import flatten
 from curvscope.derivatives.objective import ModelObjective
 from curvscope.diagnosis import diagnose
 from curvscope.spectrum import eigenvalues, trace
@@ -66,6 +67,12 @@ def check_runs(model: nn.Module, loss_fn: Any, data: Any) -> None:
             ) from e
 
 
+def _objective(C: Curvature) -> ModelObjective:
+    if C.objective is None:
+        raise TypeError("loss slices need a Curvature built from a model")
+    return C.objective
+
+
 def slice_losses(C: Curvature, theta: Tensor, v: Tensor, ts: list[float]) -> list[float]:
     """The loss of ``C``'s model over all of ``C``'s data at the parameters θ + t·v, each t.
 
@@ -73,9 +80,7 @@ def slice_losses(C: Curvature, theta: Tensor, v: Tensor, ts: list[float]) -> lis
     model mode, summed over the ranks of ``C.group``), so that at t = 0 it is
     ``C.loss_and_gradient()[0]``; the model is left as found.
     """
-    obj = C.objective
-    if obj is None:
-        raise TypeError("slice_losses needs a Curvature built from a model")
+    obj = _objective(C)
     total = global_count(obj.num_samples, C.group, obj.device)
     summed = getattr(obj, "reduction", "mean") == "sum"
     losses = torch.zeros(len(ts), dtype=torch.float64, device=obj.device)
@@ -94,7 +99,7 @@ def _slice(C: Curvature, v: Tensor, g: Tensor, f0: float, half_width: float) -> 
     v = v / v.norm()
     curv = float(v @ C.matmat(v[:, None])[:, 0])
     slope = float(g @ v)
-    theta = torch.cat([p.detach().reshape(-1) for p in C.objective.params.values()])
+    theta = flatten([p.detach() for p in _objective(C).params.values()])
     ts = torch.linspace(-half_width, half_width, SLICE_POINTS, dtype=torch.float64).tolist()
     losses = slice_losses(C, theta, v, ts)
     model_vals = [f0 + slope * t + 0.5 * curv * t * t for t in ts]
@@ -144,10 +149,12 @@ def probe(
         f0, g = C.loss_and_gradient()
         lam = max(abs(v) for v in out["eigenvalues"]) or 1.0
         width = 2.0 / lam**0.5
+        vectors = top.vectors
+        assert vectors is not None  # eigenvalues returns them by default (return_vectors=True)
         dirs = {
             "gradient": -g,
-            "top eigenvector": top.vectors[:, 0],
-            "bottom eigenvector": top.vectors[:, -1],
+            "top eigenvector": vectors[:, 0],
+            "bottom eigenvector": vectors[:, -1],
         }
         out["slices"] = {k: _slice(C, v, g, f0, width) for k, v in dirs.items()}
     return out

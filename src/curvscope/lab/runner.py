@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from curvscope import optim, problems
 from curvscope.derivatives import Curvature
+from curvscope.derivatives.flat import flatten
 from curvscope.diagnosis import diagnose, stability_limit
 from curvscope.spectrum import eigenvalues
 
@@ -90,14 +91,26 @@ class Setup:
     def grad_norm(self) -> float:
         with torch.enable_grad():
             g = torch.autograd.grad(self.loss_tensor(), self.params, allow_unused=True)
-        return float(torch.cat([t.reshape(-1) for t in g if t is not None]).norm())
+        return float(flatten([t for t in g if t is not None]).norm())
 
     def point(self) -> list[float]:
-        return torch.cat([p.detach().reshape(-1) for p in self.params]).tolist()
+        return flatten([p.detach() for p in self.params]).tolist()
 
     @property
     def n(self) -> int:
         return sum(p.numel() for p in self.params)
+
+    def require_model(self) -> nn.Module:
+        """The model of a model problem (a TypeError for a plain function)."""
+        if self.model is None:
+            raise TypeError(
+                f"{self.name} is a plain function, not a model: it has no curvature operator"
+            )
+        return self.model
+
+    def curvature(self) -> Curvature:
+        """The Hessian operator of a model problem's loss over its data."""
+        return Curvature(self.require_model(), self.loss_fn, self.data)
 
 
 @functools.cache
@@ -126,8 +139,7 @@ def lambda_max_at_start(setup: Setup, prob: problems.Problem) -> float:
     """λ_max(H(θ₀)): exact from the closed form for functions, Lanczos for models."""
     if isinstance(prob, problems.FunctionProblem):
         return float(torch.linalg.eigvalsh(prob.hess(prob.x0)).max())
-    C = Curvature(setup.model, setup.loss_fn, setup.data)
-    return float(eigenvalues(C, k=1, tol=1e-3).values[0])
+    return float(eigenvalues(setup.curvature(), k=1, tol=1e-3).values[0])
 
 
 @dataclass
@@ -165,7 +177,7 @@ def diagnosis_record(setup: Setup, opt: Any) -> dict[str, Any]:
         stability_limit(opt)
     except TypeError:  # an optimizer the stability limits do not cover: curvature only
         opt = None
-    d = diagnose(setup.model, setup.loss_fn, setup.data, optimizer=opt)
+    d = diagnose(setup.require_model(), setup.loss_fn, setup.data, optimizer=opt)
     ev = {k: v for k, v in d.evidence.items() if isinstance(v, int | float | str | type(None))}
     return {"state": d.state, "text": str(d), "evidence": ev, "advice": list(d.advice)}
 
@@ -185,89 +197,128 @@ def run_one(
     kwargs: dict[str, Any] = dict(info.defaults)
     if info.lr:
         kwargs["lr"] = LEARNING_RATES.get(optimizer, lr_gd)  # gd, momentum: from the curvature
-    is_model = setup.model is not None
-    steps = budget.model_steps if is_model else budget.function_steps
     f0 = setup.loss()
     if info.dense and setup.n > DENSE_LAB_LIMIT:
-        note = f"skipped: the dense Hessian of {setup.n} parameters is too costly here"
-        nan = math.nan
         skipped = Run(
-            problem, optimizer, "skipped", 0, [f0], [0], [0.0], f0, nan, 0, 0, 0, 0.0, kwargs
+            problem, optimizer, "skipped", 0, [f0], [0], [0.0], f0, math.nan, 0, 0, 0, 0.0, kwargs
         )
-        skipped.note = note
+        skipped.note = f"skipped: the dense Hessian of {setup.n} parameters is too costly here"
         return skipped, setup, None
     opt = info.build(setup.params, **{k: v for k, v in kwargs.items() if k not in info.defaults})
-    calls = {"n": 0}
+    driver = _Driver(setup, opt, info.reads_grad)
+    steps = budget.model_steps if setup.model is not None else budget.function_steps
+    trace = _Trace([f0], [0], [0.0], [setup.point()] if setup.n <= 2 else [], peak=f0)
+    for k in range(1, steps + 1):
+        if _step(driver, trace, k, budget.seconds, probe_every):
+            break
+    return _record(problem, optimizer, kwargs, driver, trace), setup, opt
 
-    def with_backward() -> Tensor:
-        opt.zero_grad()
-        loss = setup.loss_tensor()
+
+class _Driver:
+    """Steps an optimizer on a setup and counts what it costs. Optimizers that read ``.grad``
+    (torch's) get a closure that calls ``backward()``, whose calls are counted here; the
+    others differentiate the setup's closure themselves and keep their own counts."""
+
+    def __init__(self, setup: Setup, opt: Any, reads_grad: bool) -> None:
+        # Any: torch types a step's closure as returning a float; a loss tensor is what they take
+        self.setup, self.opt, self.reads_grad = setup, opt, reads_grad
+        self.calls = 0
+
+    def _with_backward(self) -> Tensor:
+        self.opt.zero_grad()
+        loss = self.setup.loss_tensor()
         loss.backward()
-        calls["n"] += 1
+        self.calls += 1
         return loss
 
-    losses, cost, secs = [f0], [0], [0.0]
-    path = [setup.point()] if setup.n <= 2 else []
-    probes: list[dict[str, Any]] = []
-    outcome, diverged_at, peak = "stalled", None, f0
-    wall = 0.0  # the optimizer's own time: the lab's measurements below are not charged to it
-    k = 0
-    for k in range(1, steps + 1):
-        start = time.perf_counter()
-        if info.reads_grad:
-            opt.step(with_backward)
-        else:
-            opt.step(setup.closure)
-        wall += time.perf_counter() - start
-        f = setup.loss()
-        losses.append(f)
-        secs.append(wall)
-        if info.reads_grad:
-            cost.append(calls["n"])
-        else:
-            c = opt.counts  # type: ignore[attr-defined]
-            cost.append(c.gradients + c.products)
-        if setup.n <= 2:
-            path.append(setup.point())
-        if math.isfinite(f):
-            peak = max(peak, f)
-        if not math.isfinite(f) or f > BLOWUP * (abs(f0) + 1):
-            outcome, diverged_at = "diverged", k
-            break
-        if probe_every and is_model and k % probe_every == 0:
-            probes.append({"step": k, **diagnosis_record(setup, opt)})
-        if setup.grad_norm() <= GRAD_TOL * max(1.0, abs(f)):
-            outcome = "converged"
-            break
-        if wall > budget.seconds:
-            break
-    counts = None if info.reads_grad else opt.counts  # type: ignore[attr-defined]
+    def step(self) -> None:
+        self.opt.step(self._with_backward if self.reads_grad else self.setup.closure)
+
+    def counts(self) -> tuple[int, int, int]:
+        """(gradients, curvature products, closure evaluations) so far."""
+        if self.reads_grad:
+            return self.calls, 0, self.calls
+        c = self.opt.counts
+        return c.gradients, c.products, c.closure_calls
+
+
+@dataclass
+class _Trace:
+    """What a run records step by step, and how it ended."""
+
+    losses: list[float]
+    cost: list[int]  # gradients + curvature products after each step
+    seconds: list[float]
+    path: list[list[float]]
+    probes: list[dict[str, Any]] = field(default_factory=list)
+    outcome: str = "stalled"
+    diverged_at: int | None = None
+    peak: float = -math.inf
+    wall: float = 0.0  # the optimizer's own time: the lab's measurements are not charged to it
+    steps: int = 0
+
+
+def _step(driver: _Driver, trace: _Trace, k: int, seconds: float, probe_every: int) -> bool:
+    """Take step ``k`` and record it; True when the run is over (diverged, converged, or out
+    of time)."""
+    setup = driver.setup
+    start = time.perf_counter()
+    driver.step()
+    trace.wall += time.perf_counter() - start
+    trace.steps = k
+    f = setup.loss()
+    trace.losses.append(f)
+    trace.seconds.append(trace.wall)
+    gradients, products, _ = driver.counts()
+    trace.cost.append(gradients + products)
+    if setup.n <= 2:
+        trace.path.append(setup.point())
+    if math.isfinite(f):
+        trace.peak = max(trace.peak, f)
+    f0 = trace.losses[0]
+    if not math.isfinite(f) or f > BLOWUP * (abs(f0) + 1):
+        trace.outcome, trace.diverged_at = "diverged", k
+        return True
+    if probe_every and setup.model is not None and k % probe_every == 0:
+        trace.probes.append({"step": k, **diagnosis_record(setup, driver.opt)})
+    if setup.grad_norm() <= GRAD_TOL * max(1.0, abs(f)):
+        trace.outcome = "converged"
+        return True
+    return trace.wall > seconds
+
+
+def _record(
+    problem: str, optimizer: str, kwargs: dict[str, Any], driver: _Driver, trace: _Trace
+) -> Run:
+    """The run's record, with the type of the point it stopped at and its diagnosis."""
+    setup, outcome = driver.setup, trace.outcome
     finite = all(torch.isfinite(p).all() for p in setup.params)
+    gradients, products, evaluations = driver.counts()
     run = Run(
         problem,
         optimizer,
         outcome,
-        k,
-        losses,
-        cost,
-        secs,
-        losses[-1],
+        trace.steps,
+        trace.losses,
+        trace.cost,
+        trace.seconds,
+        trace.losses[-1],
         setup.grad_norm() if finite else math.nan,
-        calls["n"] if counts is None else counts.gradients,
-        0 if counts is None else counts.products,
-        calls["n"] if counts is None else counts.closure_calls,
-        wall,
+        gradients,
+        products,
+        evaluations,
+        trace.wall,
         kwargs,
-        diverged_at=diverged_at,
-        peak_loss=peak if outcome == "diverged" else None,
-        path=path,
-        probes=probes,
+        diverged_at=trace.diverged_at,
+        peak_loss=trace.peak if outcome == "diverged" else None,
+        path=trace.path,
+        probes=trace.probes,
     )
     if outcome != "diverged" and finite:
         point = optim.stationary_point(setup.loss_tensor, setup.params, grad_tol=1e-4)
         run.lambda_min, run.lambda_max = point.lambda_min, point.lambda_max
         if outcome == "converged":
             run.outcome = point.kind if point.kind != "not stationary" else "converged"
-    if is_model and finite and outcome != "diverged":
-        run.diagnosis = diagnosis_record(setup, opt)
-    return run, setup, opt
+        if setup.model is not None:
+            run.diagnosis = diagnosis_record(setup, driver.opt)
+    return run

@@ -58,7 +58,8 @@ def _image(out: Path, name: str | None, caption: str) -> dict[str, str] | None:
 
 def runs_table(runs: list[dict[str, Any]]) -> Markup:
     """The lab's table of runs, rendered (escaped) by the template macro."""
-    return environment().get_template("macros.html").module.runs_table(runs)
+    macros: Any = environment().get_template("macros.html").module  # its names are the macros
+    return macros.runs_table(runs)
 
 
 def page(title: str, body: Markup | str) -> str:

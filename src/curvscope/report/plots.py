@@ -25,23 +25,25 @@ COLORS = {
 }
 
 
-def _plt() -> Any:
+def _figure(ncols: int = 1, figsize: tuple[float, float] = (6.5, 3.6)) -> tuple[Any, Any]:
+    """A new figure and its axes (an array of them for ``ncols`` > 1), through matplotlib's
+    object API: a ``Figure`` of its own, which pyplot does not know — no backend is switched,
+    no global figure is kept, and nothing has to be closed (PNG output needs no GUI)."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - matplotlib is a dependency of the lab
         raise ImportError("plots need matplotlib: pip install 'curvscope[plot]'") from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(1, ncols)
 
 
 def _save(fig: Any, path: Path, right: float = 0.97) -> str:
     # fixed margins: tight_layout measured every tick label again and cost ~0.3 s a figure
     n = len(fig.axes)
-    fig.subplots_adjust(left=0.08 if n < 3 else 0.06, right=0.97, bottom=0.15, top=0.88, wspace=0.3)
+    fig.subplots_adjust(
+        left=0.08 if n < 3 else 0.06, right=right, bottom=0.15, top=0.88, wspace=0.3
+    )
     fig.savefig(path, dpi=90)
-    _plt().close(fig)
     return path.name
 
 
@@ -52,11 +54,10 @@ def _gap(losses: list[float], f_best: float) -> np.ndarray:
 
 def problem_curves(results: dict[str, Any], problem: str, out: Path) -> str:
     """Loss − best loss against iteration, derivative evaluations and wall time."""
-    plt = _plt()
     runs = [r for r in results["runs"] if r["problem"] == problem and r["outcome"] != "skipped"]
     finite = [f for r in runs for f in r["losses"] if f is not None and math.isfinite(f)]
     f_best = min(finite) if finite else 0.0
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    fig, axes = _figure(3, figsize=(14, 3.6))
     for r in runs:
         y = _gap(r["losses"], f_best)
         c = COLORS.get(r["optimizer"])
@@ -80,7 +81,6 @@ def contour_paths(results: dict[str, Any], problem: str, f: Any, out: Path) -> s
     runs = [r for r in results["runs"] if r["problem"] == problem and r["path"]]
     if not runs or len(runs[0]["path"][0]) != 2:
         return None
-    plt = _plt()
     import torch
 
     pts = np.array([p for r in runs for p in r["path"] if all(map(math.isfinite, p))])
@@ -92,7 +92,7 @@ def contour_paths(results: dict[str, Any], problem: str, f: Any, out: Path) -> s
     grid = torch.tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=torch.float64)
     with torch.no_grad():
         Z = torch.vmap(f)(grid).reshape(gx.shape).numpy()
-    fig, ax = plt.subplots(figsize=(6.5, 5))
+    fig, ax = _figure(figsize=(6.5, 5))
     zmin = Z.min()
     ax.contour(xs, ys, np.log1p(Z - zmin), levels=30, cmap="Greys", linewidths=0.6)
     for r in runs:
@@ -115,8 +115,7 @@ def contour_paths(results: dict[str, Any], problem: str, f: Any, out: Path) -> s
 
 
 def performance_profiles(results: dict[str, Any], out: Path) -> str:
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = _figure(2, figsize=(10, 3.8))
     for ax, axis in zip(axes, ("cost", "time"), strict=True):
         prof = results["profile"][axis]
         for name, curve in prof["curves"].items():
@@ -135,8 +134,7 @@ def performance_profiles(results: dict[str, Any], out: Path) -> str:
 def mlp_density(mlp: dict[str, Any], out: Path) -> str | None:
     if "density_start" not in mlp:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    fig, ax = _figure()
     for key, label in (("density_start", "at start"), ("density_end", "after training")):
         if key in mlp:
             d = mlp[key]
@@ -159,8 +157,7 @@ def sharpness_vs_limit(
     rows = [(r["optimizer"], r["probes"]) for r in runs if r.get("probes")]
     if not rows:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    fig, ax = _figure()
     for opt_name, probes in rows:
         steps = [p["step"] for p in probes]
         s = [p["evidence"].get("sharpness") for p in probes]
@@ -180,8 +177,7 @@ def adam_vs_hessian(mlp: dict[str, Any], out: Path) -> str | None:
     d = mlp.get("adam_vs_hessian")
     if not d:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    fig, ax = _figure(figsize=(5.5, 4.2))
     ax.loglog(np.abs(d["hessian_diag"]), d["sqrt_v"], ".", ms=2, alpha=0.5)
     ax.set_xlabel("|Hessian diagonal| (Hutchinson estimate)")
     ax.set_ylabel("Adam's √v̂")
@@ -191,13 +187,12 @@ def adam_vs_hessian(mlp: dict[str, Any], out: Path) -> str | None:
 
 def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
     """Loss, gradient norm, and sharpness against the stability limit, from a Monitor log."""
-    plt = _plt()
     steps = [r["step"] for r in records]
 
     def col(k: str) -> list[float]:
         return [np.nan if r.get(k) is None else float(r[k]) for r in records]
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = _figure(3, figsize=(13, 3.6))
     axes[0].plot(steps, col("loss"), "o-")
     axes[0].set_title("loss")
     axes[1].plot(steps, col("grad_norm"), "o-")
@@ -214,7 +209,7 @@ def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
     if any(isinstance(x, dict) and x for x in shares):
         layers = sorted({k for x in shares if isinstance(x, dict) for k in x})
         ys = [[float((x or {}).get(k, 0.0)) for x in shares] for k in layers]
-        fig, ax = plt.subplots(figsize=(8, 3.6))
+        fig, ax = _figure(figsize=(8, 3.6))
         ax.stackplot(steps, ys, labels=layers)
         ax.set_ylim(0, 1)
         ax.set_xlabel("step")
@@ -229,8 +224,7 @@ def slices(data: dict[str, Any], out: Path) -> str | None:
     """The loss along each direction (solid) with the local quadratic model (dashed)."""
     if not data:
         return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(data), figsize=(4.2 * len(data), 3.4))
+    fig, axes = _figure(len(data), figsize=(4.2 * len(data), 3.4))
     for ax, (name, d) in zip(np.atleast_1d(axes), data.items(), strict=True):
         ax.plot(d["t"], d["loss"], label="loss")
         ax.plot(d["t"], d["quadratic"], "--", label="quadratic model")

@@ -1,0 +1,54 @@
+"""The plots draw through matplotlib's object API: PNG files written, and neither the global
+backend nor pyplot's list of open figures changed by them."""
+
+import matplotlib
+import matplotlib.pyplot as plt
+
+from curvscope.report import plots
+
+
+def _records():
+    return [
+        {
+            "step": s,
+            "loss": 1.0 / s,
+            "grad_norm": 0.5 / s,
+            "sharpness": 1.5 + 0.1 * s,
+            "stability_limit": 2.0 if s > 1 else None,
+            "layer_shares": {"0": 0.7, "2": 0.3},
+        }
+        for s in (1, 2, 3)
+    ]
+
+
+def _slice():
+    ts = [-1.0, 0.0, 1.0]
+    return {
+        "t": ts,
+        "loss": [1.5, 1.0, 1.6],
+        "quadratic": [1.5, 1.0, 1.5],
+        "slope": 0.0,
+        "curvature": 1.0,
+    }
+
+
+def test_plots_write_pngs_without_touching_pyplot(tmp_path):
+    plt.close("all")
+    before = matplotlib.get_backend()
+    plt.switch_backend("svg")  # a user's backend, not the Agg the plots render with
+    try:
+        _plot_all(tmp_path)
+        assert matplotlib.get_backend() == "svg"
+        assert plt.get_fignums() == []
+    finally:
+        plt.switch_backend(before)
+
+
+def _plot_all(tmp_path):
+    names = plots.log_plots(_records(), tmp_path)
+    names.append(plots.slices({"gradient": _slice(), "top eigenvector": _slice()}, tmp_path))
+    (tmp_path / "one").mkdir()
+    names.append(plots.slices({"gradient": _slice()}, tmp_path / "one"))  # one axes, no array
+    assert names[:3] == ["log.png", "layers.png", "slices.png"]
+    for name in names[:3]:
+        assert (tmp_path / name).stat().st_size > 1000
