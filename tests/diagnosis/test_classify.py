@@ -1,9 +1,38 @@
-"""The pure decision, each threshold exercised on both sides."""
+"""The diagnosis vocabulary: the pure decision, each threshold exercised on both sides; the
+states (append-only codes, headlines, advice); the evidence record; the history rules; and
+adding a state from one module."""
 
+import ast
+import dataclasses
+import json
 import math
+import pathlib
+
+import pytest
 
 import curvscope as cs
-from curvscope.diagnosis import classify
+from curvscope.diagnosis import (
+    RULES,
+    STATES,
+    Diagnosis,
+    Evidence,
+    Rule,
+    State,
+    classify,
+    classify_history,
+)
+from curvscope.diagnosis.classify import (
+    ALWAYS,
+    EOS_BAND,
+    EOS_PROBES,
+    EXPLOSION,
+    Facts,
+    StateEnum,
+    as_state,
+    unique_codes,
+)
+from curvscope.diagnosis.monitor import scalars
+from curvscope.diagnosis.runlog import RunLogWriter, read_log
 
 BASE = {
     "loss": 1.0,
@@ -98,3 +127,261 @@ def test_thresholds_are_configurable():
 def test_reasons_carry_the_numbers():
     s, reasons = classify({**BASE, "sharpness": 30.0})
     assert s == "unstable" and any("30" in r and "20" in r for r in reasons)
+
+
+# ------------------------------------------------------------------------------ the states
+#: The code each state has had since it was first logged. Codes are append-only: a new state
+#: takes the next free code and adds a line here; changing or removing a line would change the
+#: meaning of every run log and TensorBoard curve written before, and fails this test.
+CODES = {
+    "learning": 0,
+    "unstable": 1,
+    "edge_of_stability": 2,
+    "flat": 3,
+    "saddle": 4,
+    "minimum": 5,
+    "diverged": 6,
+}
+
+
+def test_state_codes_are_append_only():
+    for name, code in CODES.items():
+        assert State(name).code == code, f"the code of {name!r} changed: codes are append-only"
+    codes = [s.code for s in State]
+    assert len(set(codes)) == len(codes)
+    new = [s for s in State if s.value not in CODES]
+    assert all(s.code > max(CODES.values()) for s in new), "a new state takes a new code"
+
+
+def test_the_logged_state_code_is_the_code_not_the_position():
+    ev = {**BASE, "matvecs": 3}
+    for state in State:
+        d = Diagnosis(state, ev, ["r"], state.advice(ev))
+        assert scalars(d)["state_code"] == CODES[state.value]
+
+
+def test_a_state_is_a_string():
+    assert State.UNSTABLE == "unstable" and isinstance(State.UNSTABLE, str)
+    assert f"{State.SADDLE}" == str(State.SADDLE) == "saddle"
+    assert json.dumps({"state": State.FLAT}) == '{"state": "flat"}'
+    assert "minimum" in STATES and tuple(State) == STATES
+    assert as_state("diverged") is State.DIVERGED and as_state(State.FLAT) is State.FLAT
+
+
+def test_every_state_has_its_headline_and_advice():
+    ev = {**BASE, "stable_lr": 0.15}
+    for state in State:
+        advice = state.advice(ev)
+        assert isinstance(advice, list) and all(isinstance(a, str) for a in advice)
+        d = Diagnosis(state, ev, ["the reason"], advice)
+        assert str(d).startswith(f"{state.headline}. The reason.")
+    assert State.LEARNING.advice(ev) == [
+        "Steps are stable; the largest stable learning rate here is 0.15 (now 0.1)."
+    ]
+    assert "0.15 (now 0.1)" in State.UNSTABLE.advice(ev)[0]
+    assert "λ_min = -0.5" in State.SADDLE.advice(ev)[0]
+    assert State.EDGE_OF_STABILITY.advice(ev)[0].startswith("Training is at the edge")
+
+
+def test_an_unknown_state_is_refused_with_the_states_named():
+    with pytest.raises(ValueError, match=r"unknown state 'overfitting': expected one of learning"):
+        Diagnosis("overfitting", BASE, [], [])
+    with pytest.raises(TypeError, match=r"a state is a curvscope\.diagnosis\.State or its name"):
+        as_state(3)
+    d = Diagnosis("saddle", BASE, [], [])  # a name is made the State
+    assert d.state is State.SADDLE
+
+
+def test_a_vocabulary_refuses_shared_codes():
+    with pytest.raises(ValueError, match=r"B and A share the code 0: codes are append-only"):
+
+        @unique_codes
+        class Twice(StateEnum):
+            A = "a", 0, "A", lambda ev: []
+            B = "b", 0, "B", lambda ev: []
+
+    with pytest.raises(TypeError, match="a state's code must be a non-negative integer"):
+
+        @unique_codes
+        class Negative(StateEnum):
+            A = "a", -1, "A", lambda ev: []
+
+
+def test_no_other_module_names_a_state():
+    """The vocabulary is one module: the diagnosis, its consumers and renderers read the
+    states from classify.py, never spell them (docstrings aside)."""
+    root = pathlib.Path(cs.__file__).parent
+    names = set(CODES)
+    for sub in ("diagnosis", "integrations", "report", "cli"):
+        for path in (root / sub).rglob("*.py"):
+            if path.name == "classify.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Constant) and node.value in names:
+                    raise AssertionError(f"{path}:{node.lineno} names the state {node.value!r}")
+
+
+# ---------------------------------------------------------------------------- the evidence
+FULL = {
+    "loss": 1.0,
+    "grad_norm": 0.5,
+    "sharpness": 3.0,
+    "lambda_min": -0.1,
+    "stability_limit": 20.0,
+    "directional_curvature": 2.0,
+    "newton_decrement": None,
+    "matvecs": 12,
+    "lr": 0.1,
+    "limit_constant": 2.0,
+    "optimizer": "SGD",
+    "preconditioned": False,
+    "thresholds": cs.Thresholds().as_dict(),
+    "eigen_converged": True,
+    "decrement_converged": None,
+    "stable_lr": 0.6,
+}
+
+
+def test_evidence_is_a_read_only_mapping_with_typed_fields():
+    ev = Evidence(**FULL)
+    assert dict(ev) == FULL and list(ev) == list(FULL) and ev == FULL  # keys, order, equality
+    assert ev["sharpness"] == ev.sharpness == 3.0 and ev.get("batch_sharpness") is None
+    assert {**ev, "step": 1}["matvecs"] == 12  # how the run log writes a record
+    assert "batch_sharpness" not in ev and len(ev) == len(FULL)
+    with pytest.raises(KeyError):
+        ev["batch_sharpness"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ev.loss = 2.0  # type: ignore[misc]
+    assert json.loads(json.dumps(dict(ev))) == FULL
+
+
+def test_which_keys_are_present_says_what_was_measured():
+    diverged = Evidence(loss=math.nan, grad_norm=math.nan, optimizer="none")
+    assert list(diverged) == [*ALWAYS, "optimizer"]  # the contract keys, None where undefined
+    assert diverged["sharpness"] is None
+    # decrement_converged belongs to the curvature measurement: present (None) once it ran
+    assert "decrement_converged" in Evidence(**FULL)
+    assert "decrement_converged" not in Evidence(loss=1.0, grad_norm=1.0)
+    # the batch sharpness belongs to the batches: present (None) when none gave a value
+    none = Evidence(loss=1.0, grad_norm=1.0, batches=0)
+    assert none["batch_sharpness"] is None and none["batch_sharpness_stderr"] is None
+
+
+def test_evidence_from_a_mapping_keeps_unknown_keys_and_needs_the_loss():
+    ev = Evidence.from_mapping({**FULL, "val_gap": 0.3})
+    assert ev["val_gap"] == 0.3 and list(ev)[-1] == "val_gap" and ev.extra == {"val_gap": 0.3}
+    assert Evidence.from_mapping(ev) is ev
+    with pytest.raises(ValueError, match=r"evidence needs loss and grad_norm; got the keys"):
+        Evidence.from_mapping({"sharpness": 1.0})
+    d = Diagnosis("learning", FULL, [], [])
+    assert isinstance(d.evidence, Evidence) and d.evidence == FULL
+
+
+def test_classify_reads_an_evidence_as_it_reads_a_dict():
+    for changes in ({}, {"sharpness": 30.0}, {"grad_norm": 1e-9, "lambda_min": 0.1}):
+        ev = {**FULL, **changes}
+        assert classify(Evidence(**ev)) == classify(ev)
+
+
+def test_classify_needs_a_rule_that_always_holds():
+    with pytest.raises(ValueError, match="no rule decided the state"):
+        classify(BASE, rules=RULES[:-1])
+
+
+# ------------------------------------------------------------------------------ history
+def near(s=2.05, limit=2.0, **extra):
+    return {**BASE, "sharpness": s, "stability_limit": limit, **extra}
+
+
+def history(evidence, past=(), losses=(0.5, 0.4), first_loss=1.0, state=None):
+    state = classify(evidence)[0] if state is None else state
+    return classify_history(
+        state, ["own"], evidence, past=past, losses=losses, first_loss=first_loss
+    )
+
+
+def test_edge_of_stability_needs_the_sharpness_at_the_limit_for_eos_probes():
+    assert EOS_PROBES == 3 and EOS_BAND == 0.15
+    state, reasons = history(near(), past=[near(), near(1.75)])
+    assert state is State.EDGE_OF_STABILITY
+    assert reasons == [
+        "the sharpness has stayed within ±15% of the stability limit for 3 probes "
+        "(now 2.05 against 2)",
+        "the loss still falls",
+    ]
+    assert history(near(), past=[near()]) == (State.LEARNING, ["own"])  # two probes only
+    assert history(near(), past=[near(1.65), near()])[0] is State.LEARNING  # one outside
+    assert history(near(), past=[near(1.65), near(), near()])[0] is State.EDGE_OF_STABILITY
+    assert history(near(2.35), past=[near(), near()])[0] is State.UNSTABLE  # 2.35: unstable
+    losses = [0.5, 0.6, 0.4]
+    assert history(near(), [near(), near()], losses)[1][1] == "the loss falls, not monotonically"
+
+
+def test_edge_of_stability_reads_the_batch_sharpness_where_measured():
+    mb = {"sharpness": 1.0, "batch_sharpness": 2.0}
+    assert history(near(**mb), past=[near(**mb), near(**mb)])[0] is State.EDGE_OF_STABILITY
+    assert history(near(1.0), past=[near(1.0), near(1.0)])[0] is State.LEARNING
+
+
+def test_only_learning_or_unstable_probes_can_be_at_the_edge():
+    saddle = near(grad_norm=1e-9, lambda_min=-1.0)
+    assert history(saddle, past=[near(), near()])[0] is State.SADDLE
+    assert history(near(limit=None), past=[near(), near()])[0] is State.LEARNING
+
+
+def test_a_loss_that_ran_away_is_diverged():
+    state, reasons = history(near(), losses=[2.0, EXPLOSION * 1.01])
+    assert state is State.DIVERGED
+    assert reasons == [
+        "the training loss ran away: above 1000 times its first value 1, or not finite"
+    ]
+    assert history(near(), losses=[math.nan])[0] is State.DIVERGED
+    assert history(near(), losses=[EXPLOSION * 0.99])[0] is State.LEARNING
+    assert history(near(), losses=[math.inf], first_loss=None)[0] is State.LEARNING  # unknown
+
+
+# ------------------------------------------------------------------------- adding a state
+def _overfitting_advice(ev):
+    return [f"Validation loss is {ev['val_gap']:.2f} above training: stop, or regularise."]
+
+
+class MoreStates(StateEnum):
+    """A state defined here, outside curvscope: what adding one to State takes."""
+
+    OVERFITTING = "overfitting", 7, "Overfitting: the validation loss rises", _overfitting_advice
+
+
+def _overfits(f: Facts):
+    gap = f.evidence.get("val_gap")
+    if gap is None or gap <= 0.1:
+        return None
+    return [f.gradient, f"the validation loss is {gap:.2f} above the training loss"]
+
+
+def test_a_state_defined_in_one_module_flows_through_classify_advice_and_str(tmp_path):
+    """A state and its rule, defined in this module, go through the decision, the advice,
+    ``Diagnosis.__str__``, the TensorBoard code and the run log's writer with no other file
+    touched: nothing else lists the states. (Added to State itself — classify.py and its test —
+    it is also one read_log accepts: the reader checks states against State, below.)"""
+    rules = (*RULES[:-1], Rule(MoreStates.OVERFITTING, _overfits), RULES[-1])
+    ev = {**BASE, "val_gap": 0.4}
+    state, reasons = classify(ev, rules=rules)
+    assert state is MoreStates.OVERFITTING and state == "overfitting"
+    assert classify({**ev, "val_gap": 0.0}, rules=rules)[0] is State.LEARNING
+    assert classify({**ev, "sharpness": 30.0}, rules=rules)[0] is State.UNSTABLE  # order kept
+    d = Diagnosis(state, ev, reasons, state.advice(ev))
+    assert d.state is MoreStates.OVERFITTING and d.evidence["val_gap"] == 0.4
+    assert str(d) == (
+        "Overfitting: the validation loss rises. The gradient is not small: ‖g‖ = 1. The "
+        "validation loss is 0.40 above the training loss. Validation loss is 0.40 above "
+        "training: stop, or regularise."
+    )
+    assert scalars(d)["state_code"] == 7.0
+    # the Monitor's record, as it writes it
+    path = tmp_path / "run.jsonl"
+    with RunLogWriter(path, "x", {"curvscope_log": 1}) as log:
+        log.write({"step": 1, "state": d.state, "advice": d.advice, **d.evidence})
+    record = json.loads(path.read_text().splitlines()[1])
+    assert record["state"] == "overfitting" and record["val_gap"] == 0.4
+    with pytest.raises(cs.diagnosis.LogFormatError, match="'state' must be one of learning"):
+        read_log(path)

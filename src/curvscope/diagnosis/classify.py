@@ -1,20 +1,32 @@
-"""The pure decision: evidence (numbers) in, a state and the reasons for it out.
+"""The diagnosis vocabulary, in one module: the states (each with its code, headline and
+advice), the evidence they are judged on, and the rules that decide them — :func:`classify`
+for one probe, :func:`classify_history` for what only a run of probes shows.
 
 The states are decided in this order, the first that holds wins: **diverged**; then, when the
 gradient is small, **flat** › **saddle** › **minimum**; otherwise **unstable** › **learning**
-(**edge_of_stability** needs a history of probes: the Monitor's). "Small" is judged against the
-curvature and the loss scale, with absolute floors, so that a saddle at loss ≈ 0 and a plateau
-at loss ≈ 1 are both recognised.
+(:data:`RULES`). "Small" is judged against the curvature and the loss scale, with absolute
+floors, so that a saddle at loss ≈ 0 and a plateau at loss ≈ 1 are both recognised. History
+adds **diverged** (the training loss ran away between probes) and **edge_of_stability** (the
+sharpness held at the limit over several probes): :func:`classify_history`.
+
+Adding a state is this module and its test: a member of :class:`State` with the next free code
+(codes are append-only: a logged ``state_code`` keeps its meaning), its headline and its advice;
+and its rule, in :data:`RULES` at its place in the order (or in :func:`classify_history` when
+only history shows it). Nothing else in curvscope lists the states: ``Diagnosis.__str__``, the
+advice, the Monitor, the run log's check and the TensorBoard ``state_code`` all read them here.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from functools import cached_property
+from typing import Any, TypeVar
 
-STATES = ("learning", "unstable", "edge_of_stability", "flat", "saddle", "minimum", "diverged")
+# ------------------------------------------------------------------------------ thresholds
 
 
 @dataclass(frozen=True)
@@ -53,113 +65,607 @@ class Thresholds:
 
 DEFAULT_THRESHOLDS = Thresholds()
 
+#: History, edge of stability: the sharpness within this fraction of the limit ...
+EOS_BAND = 0.15
+#: ... at this many consecutive probes.
+EOS_PROBES = 3
+#: History, diverged: a training loss above this multiple of the first loss (or not finite).
+EXPLOSION = 1e3
+
+# ------------------------------------------------------------------------------ the states
+
+#: What a state advises, from the evidence: actionable sentences.
+Advise = Callable[[Mapping[str, Any]], list[str]]
+
+
+class StateEnum(str, Enum):
+    """The base of a vocabulary of states (:class:`State` is curvscope's). Each member is a
+    string — its name in logs and JSON, so ``state == "learning"`` holds — that carries:
+
+    - ``code``: its number in logged scalars (``state_code``), fixed once given: codes are
+      append-only, never reused or renumbered (:func:`unique_codes` checks a vocabulary);
+    - ``headline``: the first words of ``str(diagnosis)``;
+    - :meth:`advice`: what to do, from the evidence.
+
+    A member is written ``NAME = "name", code, "Headline", advise``.
+    """
+
+    _value_: str
+    code: int
+    headline: str
+    _advise: Advise
+
+    def __new__(cls, value: str, code: int, headline: str, advise: Advise) -> StateEnum:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.code = code
+        member.headline = headline
+        member._advise = advise
+        return member
+
+    def advice(self, evidence: Mapping[str, Any]) -> list[str]:
+        """What to do in this state, with the numbers of ``evidence``."""
+        return self._advise(evidence)
+
+    def __str__(self) -> str:  # the name, as in logs (Python 3.12 would print "State.X")
+        return str.__str__(self)
+
+    def __format__(self, spec: str) -> str:
+        return str.__format__(self, spec)
+
+
+_Vocabulary = TypeVar("_Vocabulary", bound=type[StateEnum])
+
+
+def unique_codes(vocabulary: _Vocabulary) -> _Vocabulary:
+    """Class decorator: refuse a vocabulary in which two states share a code."""
+    seen: dict[int, StateEnum] = {}
+    for state in vocabulary:
+        if not isinstance(state.code, int) or isinstance(state.code, bool) or state.code < 0:
+            raise TypeError(
+                f"{vocabulary.__name__}.{state.name}: a state's code must be a non-negative "
+                f"integer, got {state.code!r}"
+            )
+        if state.code in seen:
+            raise ValueError(
+                f"{vocabulary.__name__}.{state.name} and {seen[state.code].name} share the code "
+                f"{state.code}: codes are append-only, give the new state the next free one "
+                f"({max(seen) + 1})"
+            )
+        seen[state.code] = state
+    return vocabulary
+
+
+def _learning_advice(ev: Mapping[str, Any]) -> list[str]:
+    s, lr, stable = ev.get("sharpness"), ev.get("lr"), ev.get("stable_lr")
+    if stable is not None and s is not None and s > 0 and lr:
+        return [
+            f"Steps are stable; the largest stable learning rate here is {stable:.3g} "
+            f"(now {lr:.3g})."
+        ]
+    return []
+
+
+def _unstable_advice(ev: Mapping[str, Any]) -> list[str]:
+    lr, stable = ev.get("lr"), ev.get("stable_lr")
+    tips = (
+        [
+            f"The largest stable learning rate here is {stable:.3g} (now {lr:.3g}): lower it "
+            "below that, or warm it up."
+        ]
+        if stable is not None and lr
+        else []
+    )
+    return [
+        *tips,
+        "A curvature-aware optimizer (trust-region Newton-CG) or gradient "
+        "clipping also keeps steps from overshooting.",
+    ]
+
+
+def _edge_advice(ev: Mapping[str, Any]) -> list[str]:
+    return [
+        "Training is at the edge of stability: the learning rate, not the curvature, is "
+        "setting the sharpness. This is normal for full-batch and large-batch training; "
+        "lowering the learning rate lets the sharpness rise again, and a rising loss trend "
+        "would mean it has tipped over."
+    ]
+
+
+def _flat_advice(ev: Mapping[str, Any]) -> list[str]:
+    return [
+        "Gradients and curvature are both tiny: a larger learning rate, momentum or "
+        "normalized gradient descent crosses a plateau faster; check for saturated or "
+        "dead units and for a vanishing loss signal."
+    ]
+
+
+def _saddle_advice(ev: Mapping[str, Any]) -> list[str]:
+    return [
+        f"Escape along the negative-curvature direction (λ_min = {ev['lambda_min']:.3g}, "
+        "its eigenvector is in diagnosis.vectors['bottom']): use saddle-free Newton or "
+        "cubic-regularized Newton, or add noise or momentum."
+    ]
+
+
+def _minimum_advice(ev: Mapping[str, Any]) -> list[str]:
+    return [
+        "Converged to a minimum: further steps only fine-tune. Lower the learning rate "
+        "to settle, or stop."
+    ]
+
+
+def _diverged_advice(ev: Mapping[str, Any]) -> list[str]:
+    return [
+        "Restore the last good checkpoint and lower the learning rate (or clip "
+        "gradients); look for NaN/Inf in the data and for overflow in the model."
+    ]
+
+
+@unique_codes
+class State(StateEnum):
+    """Which state training is in (the definitions: DESIGN.md, "The states, defined").
+
+    A string enum: ``State.UNSTABLE == "unstable"``, and it is written to logs and JSON as
+    ``"unstable"``. Each state knows its ``code`` (append-only), ``headline`` and
+    :meth:`~StateEnum.advice`.
+    """
+
+    LEARNING = "learning", 0, "Learning", _learning_advice
+    UNSTABLE = "unstable", 1, "Unstable: the step overshoots sharp curvature", _unstable_advice
+    EDGE_OF_STABILITY = "edge_of_stability", 2, "At the edge of stability", _edge_advice
+    FLAT = "flat", 3, "Flat: a plateau", _flat_advice
+    SADDLE = "saddle", 4, "At a saddle point", _saddle_advice
+    MINIMUM = "minimum", 5, "At a minimum", _minimum_advice
+    DIVERGED = "diverged", 6, "Diverged", _diverged_advice
+
+
+#: The states, in definition order (``"learning" in STATES`` holds). Their numbers in logs are
+#: their ``code``, not their place here.
+STATES: tuple[State, ...] = tuple(State)
+_BY_NAME: dict[str, State] = {state.value: state for state in State}
+
+
+def as_state(state: object) -> StateEnum:
+    """A state of a vocabulary as it is, or the :class:`State` named by a string.
+
+    Raises:
+        ValueError: a string that names no state (the message lists them).
+        TypeError: neither a state nor a string.
+    """
+    if isinstance(state, StateEnum):
+        return state
+    if isinstance(state, str):
+        if state not in _BY_NAME:
+            raise ValueError(
+                f"unknown state {state!r}: expected one of {', '.join(STATES)} (a new state is "
+                "a member of curvscope.diagnosis.State, with its rule in classify.RULES)"
+            )
+        return _BY_NAME[state]
+    raise TypeError(f"a state is a curvscope.diagnosis.State or its name, got {state!r}")
+
+
+# ---------------------------------------------------------------------------- the evidence
+
+
+def _always(**kw: Any) -> Any:
+    """A field that is always in the evidence mapping (None where undefined)."""
+    return field(metadata={"always": True}, **kw)
+
+
+def _with(stage: str) -> Any:
+    """A field in the mapping once the measurement it belongs to was made (``stage`` is not
+    None), even where its own value is None (undefined)."""
+    return field(default=None, metadata={"with": stage})
+
+
+@dataclass(frozen=True, eq=False)
+class Evidence(Mapping[str, Any]):
+    """The numbers behind a diagnosis: a typed, read-only record that is also the mapping
+    DESIGN.md promises — ``d.evidence["sharpness"]``, ``d.evidence.get("stable_lr")``,
+    ``dict(d.evidence)``, ``**d.evidence`` (the run log's records) — and reads as attributes,
+    ``d.evidence.sharpness``.
+
+    Which keys the mapping holds says what was measured. The contract keys (:data:`ALWAYS`:
+    loss, grad_norm, sharpness, lambda_min, stability_limit, directional_curvature,
+    newton_decrement, matvecs, and lr and limit_constant) are always there, None where
+    undefined. Every other field is there when it holds a value, or when the measurement it
+    belongs to was made: ``decrement_converged`` (None: CG was not run or met negative
+    curvature) with the curvature (``eigen_converged``), ``batch_sharpness`` and its stderr
+    (None: no batch gave one) with ``batches``. Past a non-finite loss nothing else is measured;
+    without ``train_batches`` no batch sharpness. Keys the record does not know (``extra``)
+    follow, as given. Equality is the mapping's.
+
+    Attributes:
+        loss: the data loss L (NaN if it could not be computed).
+        grad_norm: ‖g‖ of the objective the optimizer steps on (data loss plus L2).
+        sharpness: λ_max of the curvature the optimizer sees (preconditioned for Adam).
+        lambda_min: its most negative (smallest) eigenvalue.
+        stability_limit: s* = c/η, or None without an optimizer or learning rate.
+        directional_curvature: c = dᵀHd/gᵀd along the step direction d (None if gᵀd ≤ 0).
+        newton_decrement: δ² = gᵀH⁻¹g (None where CG meets negative curvature).
+        matvecs: curvature products spent (and one per train batch).
+        lr: the reference learning rate η; limit_constant: c in s* = c/η.
+        optimizer: the optimizer in words; preconditioned: whether the sharpness is
+            preconditioned; thresholds: the :class:`Thresholds` as a dict.
+        sharpness_residual, lambda_min_residual, eigen_converged: Lanczos's quality.
+        layer_shares: each parameter block's share of the top eigenvector.
+        grad_dot_step: gᵀd; decrement_converged: whether CG converged.
+        batch_sharpness, batch_sharpness_stderr, batches: the mini-batch sharpness, its
+            standard error and the batches it was measured on.
+        stable_lr: the largest stable learning rate at this sharpness.
+        seconds: the wall time of the diagnosis.
+        extra: any other keys (not produced by curvscope).
+    """
+
+    loss: float = _always()
+    grad_norm: float = _always()
+    sharpness: float | None = _always(default=None)
+    lambda_min: float | None = _always(default=None)
+    stability_limit: float | None = _always(default=None)
+    directional_curvature: float | None = _always(default=None)
+    newton_decrement: float | None = _always(default=None)
+    matvecs: int | None = _always(default=None)
+    lr: float | None = _always(default=None)
+    limit_constant: float | None = _always(default=None)
+    optimizer: str | None = None
+    preconditioned: bool | None = None
+    thresholds: dict[str, float] | None = None
+    sharpness_residual: float | None = None
+    lambda_min_residual: float | None = None
+    eigen_converged: bool | None = None
+    layer_shares: dict[str, float] | None = None
+    grad_dot_step: float | None = None
+    decrement_converged: bool | None = _with("eigen_converged")
+    batch_sharpness: float | None = _with("batches")
+    batch_sharpness_stderr: float | None = _with("batches")
+    batches: int | None = None
+    stable_lr: float | None = None
+    seconds: float | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, evidence: Mapping[str, Any]) -> Evidence:
+        """The record of a mapping (an :class:`Evidence` is returned as it is): the known
+        keys become fields, the others ``extra``.
+
+        Raises:
+            ValueError: ``loss`` or ``grad_norm`` is missing.
+        """
+        if isinstance(evidence, Evidence):
+            return evidence
+        missing = [k for k in ("loss", "grad_norm") if k not in evidence]
+        if missing:
+            raise ValueError(
+                f"evidence needs {' and '.join(missing)}; got the keys {sorted(evidence)}"
+            )
+        known = {k: v for k, v in evidence.items() if k in _FIELDS}
+        extra = {k: v for k, v in evidence.items() if k not in _FIELDS}
+        return cls(**known, extra=extra)
+
+    def _present(self, key: str) -> bool:
+        meta = _FIELDS[key]
+        if meta.get("always") or getattr(self, key) is not None:
+            return True
+        stage = meta.get("with")
+        return stage is not None and getattr(self, stage) is not None
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in _FIELDS:
+            return self.extra[key]
+        if not self._present(key):
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from (key for key in _FIELDS if self._present(key))
+        yield from self.extra
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+#: Each field of an :class:`Evidence` (but ``extra``), in order, with its presence rule.
+_FIELDS: dict[str, Mapping[str, Any]] = {
+    f.name: f.metadata for f in fields(Evidence) if f.name != "extra"
+}
+#: The evidence keys always in the mapping, None where undefined: the DESIGN.md contract, and
+#: the learning rate and limit constant the stability limit came from.
+ALWAYS: tuple[str, ...] = tuple(k for k, meta in _FIELDS.items() if meta.get("always"))
+
+# ------------------------------------------------------------------------------- the rules
+
+
+class Facts:
+    """The evidence of one probe with what the rules share, derived once (lazily, so that
+    a non-finite loss reaches the diverged rule before any arithmetic on it).
+
+    Attributes:
+        evidence, thresholds: as given; loss, g (‖g‖), s (λ_max), lmin (λ_min), limit (s*),
+        lr, const (c in s* = c/η), bs (batch sharpness), c_dir (curvature along the step),
+        dec (δ²): read from the evidence (None where absent).
+    """
+
+    def __init__(self, evidence: Mapping[str, Any], thresholds: Thresholds) -> None:
+        self.evidence, self.th = evidence, thresholds
+        self.loss, self.g = evidence["loss"], evidence["grad_norm"]
+        self.s, self.lmin = evidence.get("sharpness"), evidence.get("lambda_min")
+        self.limit = evidence.get("stability_limit")
+        self.lr, self.const = evidence.get("lr"), evidence.get("limit_constant")
+        self.bs = evidence.get("batch_sharpness")
+        self.c_dir = evidence.get("directional_curvature")
+        self.dec = evidence.get("newton_decrement")
+
+    @cached_property
+    def scale(self) -> float:
+        """The loss scale max(|L|, loss_floor)."""
+        return max(abs(self.loss), self.th.loss_floor)
+
+    @cached_property
+    def curv(self) -> float:
+        """The extreme curvature max(|λ_max|, |λ_min|)."""
+        return max(abs(self.s or 0.0), abs(self.lmin or 0.0))
+
+    @cached_property
+    def buyable(self) -> float:
+        """The decrease the best step along the optimizer's direction d can still buy under
+        the local quadratic, ½·gᵀd/c (d = g for gradient descent: ½‖g‖²/c), with c the
+        curvature along d, floored at a fraction of the extreme curvature (along a direction
+        with almost none, the quadratic model stops being a guide)."""
+        gd = self.evidence.get("grad_dot_step")
+        gd = self.g * self.g if gd is None or not _finite(gd) else abs(gd)
+        along = self.curv if self.c_dir is None else abs(self.c_dir)
+        return 0.5 * gd / max(along, self.th.direction_floor * self.curv, 1e-300)
+
+    @cached_property
+    def small(self) -> bool:
+        """Whether the gradient is small (at the floor, or buys little)."""
+        th = self.th
+        return self.g <= th.gradient_floor or self.buyable <= th.small_gradient * self.scale
+
+    @cached_property
+    def gradient(self) -> str:
+        """The sentence on the gradient every verdict past *diverged* starts with."""
+        if not self.small:
+            return f"the gradient is not small: ‖g‖ = {self.g:.3g}"
+        return (
+            f"the gradient is small: ‖g‖ = {self.g:.3g}; a step along it would lower the loss by "
+            f"at most {self.buyable:.3g}, ≤ {self.th.small_gradient:g} × loss scale "
+            f"{self.scale:.3g}"
+        )
+
+
+#: A rule's test: the reasons (sentences with the numbers) when its case holds, else None.
+Test = Callable[[Facts], "list[str] | None"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One line of the decision: when ``test`` finds its case in the facts, the state is
+    ``state``, for the reasons the test returns."""
+
+    state: StateEnum
+    test: Test
+
 
 def _finite(x: Any) -> bool:
     return x is not None and math.isfinite(x)
 
 
+def _diverged(f: Facts) -> list[str] | None:
+    if _finite(f.loss) and _finite(f.g):
+        return None
+    return [f"the loss ({f.loss}) or the gradient norm ({f.g}) is not finite"]
+
+
+def _flat(f: Facts) -> list[str] | None:
+    if not (f.small and f.curv <= f.th.flat_curvature * f.scale):
+        return None
+    return [
+        f.gradient,
+        (
+            f"curvature is negligible both ways: max(|λ|) = {f.curv:.3g} ≤ "
+            f"{f.th.flat_curvature:g} × loss scale"
+        ),
+    ]
+
+
+def _saddle(f: Facts) -> list[str] | None:
+    tau = f.th.negative_curvature
+    if not (f.small and f.lmin is not None and f.s is not None and f.lmin < -tau * abs(f.s)):
+        return None
+    return [
+        f.gradient,
+        f"but a direction curves down: λ_min = {f.lmin:.3g} < −{tau:g} × |λ_max| ({abs(f.s):.3g})",
+    ]
+
+
+def _minimum(f: Facts) -> list[str] | None:
+    dec = f.dec
+    if not (f.small and (dec is None or 0.5 * dec <= f.th.small_decrement * f.scale)):
+        return None
+    why = (
+        "no direction curves down"
+        if f.lmin is None or f.lmin >= 0
+        else f"λ_min = {f.lmin:.3g} is within −{f.th.negative_curvature:g}·|λ_max|"
+    )
+    extra = (
+        "" if dec is None else f"; the bottom of the local quadratic is ½δ² = {0.5 * dec:.3g} below"
+    )
+    return [f.gradient, why + extra]
+
+
+def _batch_overshoots(f: Facts) -> list[str] | None:
+    limit, bs = f.limit, f.bs
+    if f.small or limit is None or bs is None or not bs > (1 + f.th.margin) * limit:
+        return None
+    return [
+        f.gradient,
+        (
+            f"the batch sharpness {bs:.4g} (the curvature each mini-batch step meets along its "
+            f"own direction) exceeds the stability limit {limit:.4g} by "
+            f"{100 * (bs / limit - 1):.0f}%: mini-batch steps overshoot"
+        ),
+    ]
+
+
+def _too_sharp(f: Facts) -> list[str] | None:
+    limit, s, margin = f.limit, f.s, f.th.margin
+    if f.small or limit is None or s is None or not s > (1 + margin) * limit:
+        return None
+    return [
+        f.gradient,
+        (
+            f"the sharpness {s:.4g} exceeds the stability limit {limit:.4g} by "
+            f"{100 * (s / limit - 1):.0f}% (> {100 * margin:.0f}%): steps overshoot"
+        ),
+    ]
+
+
+def _step_overshoots(f: Facts) -> list[str] | None:
+    c, lr, const = f.c_dir, f.lr, f.const
+    if f.small or f.limit is None or f.s is None or c is None or lr is None or const is None:
+        return None
+    if not lr * c > const:
+        return None
+    return [
+        f.gradient,
+        (
+            f"along the step direction the curvature is {c:.4g}: "
+            f"η·c = {lr * c:.3g} > {const:.3g}, so the quadratic model predicts "
+            "the loss goes up"
+        ),
+    ]
+
+
+def _learning(f: Facts) -> list[str] | None:
+    if f.small and f.dec is not None:  # no plateau, no saddle, the bottom far: a long valley
+        return [
+            f.gradient,
+            (
+                f"but the bottom of the local quadratic is ½δ² = {0.5 * f.dec:.3g} below the "
+                f"loss (> {f.th.small_decrement:g} × loss scale): a long, shallow valley"
+            ),
+        ]
+    if f.small or f.limit is None or f.s is None:
+        return [f.gradient]
+    share = f"the sharpness {f.s:.4g} is {100 * f.s / f.limit:.0f}% of the limit {f.limit:.4g}"
+    return [f.gradient, share]
+
+
+#: The decision of one probe, in order: the first rule whose test holds decides. The last one
+#: always holds.
+RULES: tuple[Rule, ...] = (
+    Rule(State.DIVERGED, _diverged),
+    Rule(State.FLAT, _flat),
+    Rule(State.SADDLE, _saddle),
+    Rule(State.MINIMUM, _minimum),
+    Rule(State.UNSTABLE, _batch_overshoots),
+    Rule(State.UNSTABLE, _too_sharp),
+    Rule(State.UNSTABLE, _step_overshoots),
+    Rule(State.LEARNING, _learning),
+)
+
+
 def classify(
-    evidence: Mapping[str, Any], thresholds: Thresholds = DEFAULT_THRESHOLDS
-) -> tuple[str, list[str]]:
+    evidence: Mapping[str, Any],
+    thresholds: Thresholds = DEFAULT_THRESHOLDS,
+    rules: Sequence[Rule] = RULES,
+) -> tuple[StateEnum, list[str]]:
     """Decide the state from the evidence of one probe.
 
     Args:
         evidence: at least ``loss``, ``grad_norm``, ``sharpness``, ``lambda_min``; optionally
             ``stability_limit`` (s*), ``lr``, ``limit_constant`` (c in s* = c/η),
             ``directional_curvature`` (c = dᵀHd/gᵀd along the step direction d),
-            ``grad_dot_step`` (gᵀd; ‖g‖² when absent) and
+            ``grad_dot_step`` (gᵀd; ‖g‖² when absent), ``batch_sharpness`` and
             ``newton_decrement`` (δ², None where H is not positive definite).
         thresholds: the :class:`Thresholds`.
+        rules: the decision, in order (default :data:`RULES`); the first whose test holds
+            decides.
 
     Returns:
-        (state, reasons): one of :data:`STATES`, and sentences with the numbers that decided.
+        (state, reasons): a :class:`State` (a member of the rules' vocabulary), and sentences
+        with the numbers that decided.
+
+    Raises:
+        ValueError: no rule held (``rules`` must end with one that always holds).
     """
-    th = thresholds
-    loss, g = evidence["loss"], evidence["grad_norm"]
-    if not _finite(loss) or not _finite(g):
-        return "diverged", [f"the loss ({loss}) or the gradient norm ({g}) is not finite"]
-    s, lmin = evidence.get("sharpness"), evidence.get("lambda_min")
-    scale = max(abs(loss), th.loss_floor)
-    curv = max(abs(s or 0.0), abs(lmin or 0.0))
-    # the decrease the best step along the optimizer's direction d can still buy under the local
-    # quadratic, ½·gᵀd/c (d = g for gradient descent: ½‖g‖²/c), with c the curvature along d,
-    # floored at a fraction of the extreme curvature (along a direction with almost none, the
-    # quadratic model stops being a guide)
-    c_dir = evidence.get("directional_curvature")
-    gd = evidence.get("grad_dot_step")
-    gd = g * g if gd is None or not _finite(gd) else abs(gd)
-    along = curv if c_dir is None else abs(c_dir)
-    buyable = 0.5 * gd / max(along, th.direction_floor * curv, 1e-300)
-    small = g <= th.gradient_floor or buyable <= th.small_gradient * scale
-    if small:
-        reasons = [
-            f"the gradient is small: ‖g‖ = {g:.3g}; a step along it would lower the loss by at "
-            f"most {buyable:.3g}, ≤ {th.small_gradient:g} × loss scale {scale:.3g}"
-        ]
-        if curv <= th.flat_curvature * scale:
-            return "flat", [
-                *reasons,
-                (
-                    f"curvature is negligible both ways: max(|λ|) = {curv:.3g} ≤ "
-                    f"{th.flat_curvature:g} × loss scale"
-                ),
-            ]
-        if lmin is not None and s is not None and lmin < -th.negative_curvature * abs(s):
-            return "saddle", [
-                *reasons,
-                (
-                    f"but a direction curves down: λ_min = {lmin:.3g} < −{th.negative_curvature:g} "
-                    f"× |λ_max| ({abs(s):.3g})"
-                ),
-            ]
-        dec = evidence.get("newton_decrement")
-        if dec is None or 0.5 * dec <= th.small_decrement * scale:
-            why = (
-                "no direction curves down"
-                if lmin is None or lmin >= 0
-                else f"λ_min = {lmin:.3g} is within −{th.negative_curvature:g}·|λ_max|"
-            )
-            extra = (
-                ""
-                if dec is None
-                else f"; the bottom of the local quadratic is ½δ² = {0.5 * dec:.3g} below"
-            )
-            return "minimum", [*reasons, why + extra]
-        reasons.append(
-            f"but the bottom of the local quadratic is ½δ² = {0.5 * dec:.3g} below the loss "
-            f"(> {th.small_decrement:g} × loss scale): a long, shallow valley"
-        )
-        return "learning", reasons
-    reasons = [f"the gradient is not small: ‖g‖ = {g:.3g}"]
-    limit, lr, const = (evidence.get(k) for k in ("stability_limit", "lr", "limit_constant"))
+    facts = Facts(evidence, thresholds)
+    for rule in rules:
+        reasons = rule.test(facts)
+        if reasons is not None:
+            return rule.state, reasons
+    raise ValueError(
+        "no rule decided the state: the last of `rules` must always hold (RULES ends with learning)"
+    )
+
+
+# ------------------------------------------------------------------------------- history
+
+
+def effective_sharpness(evidence: Mapping[str, Any]) -> float | None:
+    """The sharpness that meets the limit: the batch sharpness in mini-batch training."""
     bs = evidence.get("batch_sharpness")
-    if limit is not None and bs is not None and bs > (1 + th.margin) * limit:
-        return "unstable", [
-            *reasons,
-            (
-                f"the batch sharpness {bs:.4g} (the curvature each mini-batch step meets along its "
-                f"own direction) exceeds the stability limit {limit:.4g} by "
-                f"{100 * (bs / limit - 1):.0f}%: mini-batch steps overshoot"
-            ),
+    return bs if bs is not None else evidence.get("sharpness")
+
+
+def _ran_away(losses: Sequence[float], first_loss: float | None) -> bool:
+    if first_loss is None:
+        return False
+    top = EXPLOSION * max(abs(first_loss), 1e-12)
+    return any(not math.isfinite(v) or v > top for v in losses)
+
+
+def _near_limit(evidence: Mapping[str, Any]) -> bool:
+    s, limit = effective_sharpness(evidence), evidence.get("stability_limit")
+    return s is not None and limit is not None and abs(s / limit - 1) <= EOS_BAND
+
+
+def _rises_and_falls(losses: Sequence[float]) -> bool:
+    diffs = [b - a for a, b in itertools.pairwise(losses)]
+    return any(d > 0 for d in diffs) and any(d < 0 for d in diffs)
+
+
+def classify_history(
+    state: StateEnum,
+    reasons: Sequence[str],
+    evidence: Mapping[str, Any],
+    *,
+    past: Sequence[Mapping[str, Any]] = (),
+    losses: Sequence[float] = (),
+    first_loss: float | None = None,
+) -> tuple[StateEnum, list[str]]:
+    """Refine one probe's verdict with what only history shows (the Monitor's rules).
+
+    - **diverged** when a training loss since the previous probe is not finite or above
+      :data:`EXPLOSION` (1e3) times the first loss of the run;
+    - **edge_of_stability** when a *learning* or *unstable* probe's sharpness (the batch
+      sharpness where measured) and those of the :data:`EOS_PROBES` − 1 probes before it are
+      all within :data:`EOS_BAND` (±15%) of their stability limits (Cohen et al. 2021).
+
+    Args:
+        state, reasons, evidence: the probe's verdict (from :func:`classify`) and evidence.
+        past: the evidence of the earlier probes, oldest first.
+        losses: the training losses since the previous probe.
+        first_loss: the first finite training loss of the run (None: not known yet).
+
+    Returns:
+        (state, reasons): the refined verdict; the probe's own when history changes nothing.
+    """
+    if state != State.DIVERGED and _ran_away(losses, first_loss):
+        return State.DIVERGED, [
+            f"the training loss ran away: above {EXPLOSION:g} times its first value "
+            f"{first_loss:.3g}, or not finite"
         ]
-    if limit is not None and s is not None:
-        if s > (1 + th.margin) * limit:
-            return "unstable", [
-                *reasons,
-                (
-                    f"the sharpness {s:.4g} exceeds the stability limit {limit:.4g} by "
-                    f"{100 * (s / limit - 1):.0f}% (> {100 * th.margin:.0f}%): steps overshoot"
-                ),
-            ]
-        c_dir = evidence.get("directional_curvature")
-        if c_dir is not None and lr is not None and const is not None and lr * c_dir > const:
-            return "unstable", [
-                *reasons,
-                (
-                    f"along the step direction the curvature is {c_dir:.4g}: "
-                    f"η·c = {lr * c_dir:.3g} > {const:.3g}, so the quadratic model predicts "
-                    "the loss goes up"
-                ),
-            ]
-        reasons.append(f"the sharpness {s:.4g} is {100 * s / limit:.0f}% of the limit {limit:.4g}")
-    return "learning", reasons
+    limit, s = evidence.get("stability_limit"), effective_sharpness(evidence)
+    if limit is None or s is None or state not in (State.LEARNING, State.UNSTABLE):
+        return state, list(reasons)
+    near = [_near_limit(ev) for ev in (evidence, *reversed(past[-(EOS_PROBES - 1) :]))]
+    if len(near) < EOS_PROBES or not all(near):
+        return state, list(reasons)
+    return State.EDGE_OF_STABILITY, [
+        f"the sharpness has stayed within ±{100 * EOS_BAND:.0f}% of the stability limit "
+        f"for {EOS_PROBES} probes (now {s:.4g} against {limit:.4g})",
+        "the loss falls, not monotonically" if _rises_and_falls(losses) else "the loss still falls",
+    ]

@@ -13,7 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from curvscope.derivatives import Curvature
-from curvscope.diagnosis.classify import DEFAULT_THRESHOLDS, Thresholds, classify
+from curvscope.diagnosis.classify import (
+    DEFAULT_THRESHOLDS,
+    Evidence,
+    StateEnum,
+    Thresholds,
+    as_state,
+    classify,
+)
 from curvscope.diagnosis.stability import StabilityLimit, stability_limit
 from curvscope.spectrum import Operator, as_operator, eigenvalues
 from curvscope.spectrum._operator import autocast_off, working_dtype
@@ -33,36 +40,40 @@ class Diagnosis:
     """Which state training is in, why, and what to do.
 
     Attributes:
-        state: ``"learning"`` | ``"unstable"`` | ``"edge_of_stability"`` | ``"flat"`` |
-            ``"saddle"`` | ``"minimum"`` | ``"diverged"``.
-        evidence: the numbers behind it — ``loss``, ``grad_norm``, ``sharpness``,
-            ``lambda_min``, ``stability_limit`` (None without optimizer or lr),
+        state: a :class:`~curvscope.diagnosis.State`, a string enum: ``"learning"`` |
+            ``"unstable"`` | ``"edge_of_stability"`` | ``"flat"`` | ``"saddle"`` |
+            ``"minimum"`` | ``"diverged"`` (``d.state == "learning"`` holds; given as a
+            string, it is made the State of that name).
+        evidence: the numbers behind it, an :class:`~curvscope.diagnosis.Evidence` (a
+            read-only mapping, with the keys as attributes too) — ``loss``, ``grad_norm``,
+            ``sharpness``, ``lambda_min``, ``stability_limit`` (None without optimizer or lr),
             ``directional_curvature``, ``newton_decrement`` (None where undefined),
             ``matvecs`` — and the thresholds, the learning rate and limit constant, the
-            stable learning rate, and whether each estimate converged.
+            stable learning rate, and whether each estimate converged. A mapping given here
+            is made an Evidence.
         reasons: the sentences that decided the state.
         advice: actionable sentences.
         confident: False when an estimate the verdict rests on did not converge.
+
+    Raises:
+        ValueError: a state name that is not a state, or evidence without loss or grad_norm.
     """
 
-    state: str
-    evidence: Mapping[str, Any]
+    state: StateEnum
+    evidence: Evidence
     reasons: list[str]
     advice: list[str]
     confident: bool = True
     vectors: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", as_state(self.state))
+        object.__setattr__(self, "evidence", Evidence.from_mapping(self.evidence))
+
     def __str__(self) -> str:
-        head = {
-            "learning": "Learning",
-            "unstable": "Unstable: the step overshoots sharp curvature",
-            "edge_of_stability": "At the edge of stability",
-            "flat": "Flat: a plateau",
-            "saddle": "At a saddle point",
-            "minimum": "At a minimum",
-            "diverged": "Diverged",
-        }[self.state]
-        text = f"{head}. " + " ".join(r[0].upper() + r[1:] + "." for r in self.reasons)
+        text = f"{self.state.headline}. " + " ".join(
+            r[0].upper() + r[1:] + "." for r in self.reasons
+        )
         if self.advice:
             text += " " + " ".join(self.advice)
         if not self.confident:
@@ -186,7 +197,9 @@ def diagnose(
         >>> p = cs.problems.get("breast-cancer-logreg")
         >>> d = cs.diagnose(p.make_model(0), p.loss_fn, p.data, lr=1.0)
         >>> d.state, round(d.evidence["stability_limit"], 3)
-        ('unstable', 2.0)
+        (<State.UNSTABLE: 'unstable'>, 2.0)
+        >>> d.state == "unstable"  # a string enum
+        True
     """
     if not isinstance(budget, int) or budget < 8:
         raise ValueError(f"budget must be an integer >= 8 (products), got {budget!r}")
@@ -239,25 +252,13 @@ def _diagnose(
         backend="double_backward",
         reduction=reduction,
     )
+    measured = C.objective
+    assert measured is not None  # C is built from a model
     limit = None
     if optimizer is not None or lr is not None:
-        order = list(C.objective.params.values())
+        order = list(measured.params.values())
         limit = stability_limit(optimizer, lr=lr, params=order)
-    evidence: dict[str, Any] = {
-        "loss": math.nan,
-        "grad_norm": math.nan,
-        "sharpness": None,
-        "lambda_min": None,
-        "stability_limit": None if limit is None else limit.limit,
-        "directional_curvature": None,
-        "newton_decrement": None,
-        "matvecs": 0,
-        "lr": None if limit is None else limit.lr,
-        "limit_constant": None if limit is None else limit.constant,
-        "optimizer": "none" if limit is None else limit.optimizer,
-        "preconditioned": bool(limit and limit.preconditioned),
-        "thresholds": thresholds.as_dict(),
-    }
+    evidence = _first_evidence(limit, thresholds)
     objective = _Objective(C, limit)
     try:
         loss, g = objective.gradient()
@@ -267,6 +268,45 @@ def _diagnose(
     evidence["grad_norm"] = math.nan if g is None else float(g.norm())
     if g is None or not math.isfinite(loss) or not torch.isfinite(g).all():
         return _finish(evidence, thresholds, {}, True, start, C)
+    vectors, converged = _measure_curvature(evidence, objective, C, g, budget, seed, v0)
+    if train_batches is not None:
+        bs, se, used = _batch_sharpness(
+            model, loss_fn, train_batches, max_batches, limit, params, seed, measured.reduction
+        )
+        evidence.update(batch_sharpness=bs, batch_sharpness_stderr=se, batches=used)
+    if limit is not None:
+        eff = evidence.get("batch_sharpness")
+        evidence["stable_lr"] = limit.stable_lr(eff if eff is not None else evidence["sharpness"])
+    return _finish(evidence, thresholds, vectors, converged, start, C)
+
+
+def _first_evidence(limit: StabilityLimit | None, thresholds: Thresholds) -> dict[str, Any]:
+    """The fields of an :class:`Evidence` known before measuring (the rest are filled in as
+    they are measured)."""
+    return {
+        "loss": math.nan,
+        "grad_norm": math.nan,
+        "stability_limit": None if limit is None else limit.limit,
+        "lr": None if limit is None else limit.lr,
+        "limit_constant": None if limit is None else limit.constant,
+        "optimizer": "none" if limit is None else limit.optimizer,
+        "preconditioned": bool(limit and limit.preconditioned),
+        "thresholds": thresholds.as_dict(),
+    }
+
+
+def _measure_curvature(
+    evidence: dict[str, Any],
+    objective: _Objective,
+    C: Curvature,
+    g: Tensor,
+    budget: int,
+    seed: int,
+    v0: Tensor | None,
+) -> tuple[dict[str, Tensor], bool]:
+    """Both ends of the spectrum (Lanczos), the layer shares of the top eigenvector, the
+    curvature along the step, and the Newton decrement by CG with the products left, into
+    ``evidence``. Returns the eigenvectors and whether Lanczos converged."""
     r = eigenvalues(
         objective.scaled(),
         k=1,
@@ -276,10 +316,10 @@ def _diagnose(
         seed=seed,
         v0=v0,
     )
-    s, lmin = float(r.values[0]), float(r.values[-1])
+    assert r.vectors is not None  # return_vectors defaults to True
     evidence.update(
-        sharpness=s,
-        lambda_min=lmin,
+        sharpness=float(r.values[0]),
+        lambda_min=float(r.values[-1]),
         sharpness_residual=float(r.residuals[0]),
         lambda_min_residual=float(r.residuals[-1]),
         eigen_converged=r.all_converged,
@@ -289,28 +329,25 @@ def _diagnose(
     evidence["layer_shares"] = block_shares(C, vectors["top"])
     evidence["directional_curvature"], evidence["grad_dot_step"] = objective.directional(g)
     left = budget - C.matvecs
-    decrement_converged = None
     if left >= 2 and float(g.norm()) > 0:
         sol = cg(objective.operator(), g, tol=1e-2, max_matvecs=left)
         if not sol.negative_curvature:
             evidence["newton_decrement"] = float(g @ sol.x)
-            decrement_converged = sol.converged
-    evidence["decrement_converged"] = decrement_converged
-    if train_batches is not None:
-        bs, se, used = _batch_sharpness(
-            model, loss_fn, train_batches, max_batches, limit, params, seed, C.objective.reduction
-        )
-        evidence.update(batch_sharpness=bs, batch_sharpness_stderr=se, batches=used)
-    if limit is not None:
-        eff = evidence.get("batch_sharpness", s)
-        evidence["stable_lr"] = limit.stable_lr(eff if eff is not None else s)
-    return _finish(evidence, thresholds, vectors, r.all_converged, start, C)
+            evidence["decrement_converged"] = sol.converged
+    return vectors, r.all_converged
 
 
 def _batch_sharpness(
-    model, loss_fn, batches, max_batches, limit, params, seed, reduction
+    model: nn.Module,
+    loss_fn: Callable[[Any, Tensor], Tensor],
+    batches: Iterable[Any],
+    max_batches: int,
+    limit: StabilityLimit | None,
+    params: Iterable[nn.Parameter | str] | None,
+    seed: int,
+    reduction: str,
 ) -> tuple[float | None, float | None, int]:
-    values = []
+    values: list[float] = []
     for i, batch in enumerate(batches):
         if i >= max_batches:
             break
@@ -345,53 +382,11 @@ def _finish(
 ) -> Diagnosis:
     ev["matvecs"] = C.matvecs + ev.get("batches", 0)
     ev["seconds"] = time.perf_counter() - start
-    state, reasons = classify(ev, th)  # a non-finite loss or gradient classifies as diverged
-    return Diagnosis(state, ev, reasons, advice(state, ev), confident, vectors)
+    evidence = Evidence(**ev)
+    state, reasons = classify(evidence, th)  # a non-finite loss or gradient: diverged
+    return Diagnosis(state, evidence, reasons, state.advice(evidence), confident, vectors)
 
 
 def advice(state: str, ev: Mapping[str, Any]) -> list[str]:
-    """What to do, for a state and its evidence."""
-    s, lr = ev.get("sharpness"), ev.get("lr")
-    stable = ev.get("stable_lr")
-    if state == "diverged":
-        return [
-            "Restore the last good checkpoint and lower the learning rate (or clip "
-            "gradients); look for NaN/Inf in the data and for overflow in the model."
-        ]
-    if state == "unstable":
-        tips = (
-            [
-                f"The largest stable learning rate here is {stable:.3g} (now {lr:.3g}): lower it "
-                "below that, or warm it up."
-            ]
-            if stable is not None and lr
-            else []
-        )
-        return [
-            *tips,
-            "A curvature-aware optimizer (trust-region Newton-CG) or gradient "
-            "clipping also keeps steps from overshooting.",
-        ]
-    if state == "saddle":
-        return [
-            f"Escape along the negative-curvature direction (λ_min = {ev['lambda_min']:.3g}, "
-            "its eigenvector is in diagnosis.vectors['bottom']): use saddle-free Newton or "
-            "cubic-regularized Newton, or add noise or momentum."
-        ]
-    if state == "flat":
-        return [
-            "Gradients and curvature are both tiny: a larger learning rate, momentum or "
-            "normalized gradient descent crosses a plateau faster; check for saturated or "
-            "dead units and for a vanishing loss signal."
-        ]
-    if state == "minimum":
-        return [
-            "Converged to a minimum: further steps only fine-tune. Lower the learning rate "
-            "to settle, or stop."
-        ]
-    if stable is not None and s is not None and s > 0 and lr:
-        return [
-            f"Steps are stable; the largest stable learning rate here is {stable:.3g} "
-            f"(now {lr:.3g})."
-        ]
-    return []
+    """What to do, for a state (or its name) and its evidence: ``state.advice(ev)``."""
+    return as_state(state).advice(ev)

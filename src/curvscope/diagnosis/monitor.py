@@ -4,7 +4,6 @@ history shows (edge of stability, a loss that ran away), and a JSONL run log."""
 from __future__ import annotations
 
 import datetime as _dt
-import itertools
 import logging
 import math
 import time
@@ -15,19 +14,22 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor, nn
 
-from curvscope.diagnosis.classify import DEFAULT_THRESHOLDS, STATES, Thresholds
-from curvscope.diagnosis.diagnosis import DEFAULT_BUDGET, Diagnosis, advice, diagnose
+from curvscope.diagnosis.classify import (
+    DEFAULT_THRESHOLDS,
+    EOS_BAND,
+    EOS_PROBES,
+    EXPLOSION,
+    Thresholds,
+    classify_history,
+)
+from curvscope.diagnosis.diagnosis import DEFAULT_BUDGET, Diagnosis, diagnose
 from curvscope.diagnosis.runlog import LOG_VERSION, RunLogWriter, check_log_mode
 from curvscope.diagnosis.runlog import read_log as read_log  # where it lived before runlog
 
 logger = logging.getLogger(__name__)
 
-#: Edge of stability: the sharpness within this fraction of the limit ...
-EOS_BAND = 0.15
-#: ... at this many consecutive probes.
-EOS_PROBES = 3
-#: Diverged: the loss above this multiple of the first loss seen (or not finite).
-EXPLOSION = 1e3
+__all__ = ["EOS_BAND", "EOS_PROBES", "EXPLOSION", "Monitor", "read_log", "scalars"]
+
 #: Default cadence: probes take at most this share of the wall time ...
 OVERHEAD = 0.05
 #: ... and come at least this many steps apart (the first one after this many steps).
@@ -45,7 +47,8 @@ class Monitor:
 
     Between probes a step only records the loss (no products). At each probe a full
     :func:`~curvscope.diagnose` runs on ``probe_data``, warm-started from the previous probe's
-    eigenvectors (so it costs a few products), and history refines its verdict:
+    eigenvectors (so it costs a few products), and history refines its verdict
+    (:func:`~curvscope.diagnosis.classify.classify_history`):
 
     - **diverged** when the loss is not finite or above ``EXPLOSION`` (1e3) times the first;
     - **edge_of_stability** when the sharpness has been within ``EOS_BAND`` (±15%) of the
@@ -99,7 +102,7 @@ class Monitor:
         ...     opt.step()
         ...     d = mon.step(loss)
         >>> mon.last.state
-        'learning'
+        <State.LEARNING: 'learning'>
     """
 
     def __init__(
@@ -234,7 +237,7 @@ class Monitor:
         d = self._with_history(d)
         if "top" in d.vectors:
             self._vectors = torch.stack([d.vectors["top"], d.vectors["bottom"]], dim=1)
-        previous = self.last.state if self.history else None
+        previous = self.history[-1].state if self.history else None
         self.history.append(d)
         self._write(
             {
@@ -260,46 +263,19 @@ class Monitor:
         return d
 
     def _with_history(self, d: Diagnosis) -> Diagnosis:
-        ev = dict(d.evidence)
-        recent = self.losses[self._loss_mark :]  # the losses since the previous probe
-        blown = self.first_loss is not None and any(
-            not math.isfinite(v) or v > EXPLOSION * max(abs(self.first_loss), 1e-12) for v in recent
+        """The probe's diagnosis, refined by what only history shows."""
+        state, reasons = classify_history(
+            d.state,
+            d.reasons,
+            d.evidence,
+            past=[h.evidence for h in self.history],
+            losses=self.losses[self._loss_mark :],  # the losses since the previous probe
+            first_loss=self.first_loss,
         )
-        if d.state != "diverged" and blown:
-            return Diagnosis(
-                "diverged",
-                ev,
-                [
-                    f"the training loss ran away: above {EXPLOSION:g} times its first value "
-                    f"{self.first_loss:.3g}, or not finite"
-                ],
-                advice("diverged", ev),
-                d.confident,
-                d.vectors,
-            )
-        limit = ev.get("stability_limit")
-        s = _effective_sharpness(ev)
-        if limit is None or s is None or d.state not in ("learning", "unstable"):
+        if state == d.state:
             return d
-        near = [abs(s / limit - 1) <= EOS_BAND]
-        for past in reversed(self.history[-(EOS_PROBES - 1) :]):
-            ps, pl = _effective_sharpness(past.evidence), past.evidence.get("stability_limit")
-            near.append(ps is not None and pl is not None and abs(ps / pl - 1) <= EOS_BAND)
-        if len(near) < EOS_PROBES or not all(near):
-            return d
-        rising = _rises_and_falls(recent)
-        reasons = [
-            f"the sharpness has stayed within ±{100 * EOS_BAND:.0f}% of the stability limit "
-            f"for {EOS_PROBES} probes (now {s:.4g} against {limit:.4g})",
-            "the loss falls, not monotonically" if rising else "the loss still falls",
-        ]
-        eos_advice = [
-            "Training is at the edge of stability: the learning rate, not the curvature, is "
-            "setting the sharpness. This is normal for full-batch and large-batch training; "
-            "lowering the learning rate lets the sharpness rise again, and a rising loss trend "
-            "would mean it has tipped over."
-        ]
-        return Diagnosis("edge_of_stability", ev, reasons, eos_advice, d.confident, d.vectors)
+        advice = state.advice(d.evidence)
+        return Diagnosis(state, d.evidence, reasons, advice, d.confident, d.vectors)
 
     # ---------------------------------------------------------------------------- log
     def _write(self, record: dict[str, Any]) -> None:
@@ -328,8 +304,8 @@ class Monitor:
 
 def scalars(d: Diagnosis) -> dict[str, float]:
     """The numbers of a diagnosis worth plotting over training (finite ones only), and the
-    state as its index in :data:`~curvscope.diagnosis.STATES`."""
-    out = {"state_code": float(STATES.index(d.state))}
+    state as its ``code`` (append-only: a code keeps its meaning across versions)."""
+    out = {"state_code": float(d.state.code)}
     for key in (
         "loss",
         "grad_norm",
@@ -345,17 +321,6 @@ def scalars(d: Diagnosis) -> dict[str, float]:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out[key] = float(value)
     return out
-
-
-def _effective_sharpness(ev: dict[str, Any]) -> float | None:
-    """The sharpness that meets the limit: the batch sharpness in mini-batch training."""
-    bs = ev.get("batch_sharpness")
-    return bs if bs is not None else ev.get("sharpness")
-
-
-def _rises_and_falls(losses: list[float]) -> bool:
-    diffs = [b - a for a, b in itertools.pairwise(losses)]
-    return any(d > 0 for d in diffs) and any(d < 0 for d in diffs)
 
 
 def _version() -> str:

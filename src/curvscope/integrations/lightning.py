@@ -20,7 +20,8 @@ class CurvscopeCallback(Callback):
     At the start of ``fit`` it builds a :class:`~curvscope.Monitor` on the module and the
     trainer's first optimizer; after every training batch it records the loss, and at each
     probe it logs the sharpness, stability limit and state code through ``pl_module.log``
-    (``curvscope/...``; states are numbered in :data:`curvscope.diagnosis.STATES` order).
+    (``curvscope/...``; ``state_code`` is the state's
+    :attr:`~curvscope.diagnosis.State.code`, append-only: a code keeps its meaning).
 
     Args:
         loss_fn: ``loss_fn(pl_module(inputs), targets)``, the batch-mean loss.
