@@ -3,6 +3,7 @@ truncated silently, a second writer is refused, a full disk is counted instead o
 reading checks the format version and the type of every field."""
 
 import contextlib
+import dataclasses
 import errno
 import io
 import json
@@ -17,8 +18,15 @@ import warnings
 import pytest
 
 import curvscope as cs
-from curvscope.diagnosis import LogFormatError, LogInUseError, LogWriteWarning, TornLogWarning
-from curvscope.diagnosis.runlog import RunLogWriter, read_log
+from curvscope.diagnosis import (
+    Evidence,
+    LogFormatError,
+    LogInUseError,
+    LogWriteWarning,
+    State,
+    TornLogWarning,
+)
+from curvscope.diagnosis.runlog import RECORD_FIELDS, RunLogWriter, read_log
 from tests import cases
 
 HEADER = {"curvscope_log": 1, "version": "0.1.0", "every": 1}
@@ -166,6 +174,15 @@ def test_unknown_fields_are_kept(tmp_path):
     write_lines(path, HEADER, record(1, note="warm restart", extra={"a": [1]}))
     _, (r,) = read_log(path)
     assert r["note"] == "warm restart" and r["extra"] == {"a": [1]}
+
+
+def test_every_evidence_field_and_state_is_checked_on_reading(tmp_path):
+    """The reader checks the type of every key a diagnosis writes, and knows every state."""
+    unchecked = [f.name for f in dataclasses.fields(Evidence) if f.name not in RECORD_FIELDS]
+    assert unchecked == ["extra"]  # the keys not produced by curvscope, kept as they are
+    path = tmp_path / "run.jsonl"
+    path.write_text("".join(json.dumps(record(i, state)) + "\n" for i, state in enumerate(State)))
+    assert [r["state"] for r in read_log(path)[1]] == list(State)
 
 
 # ------------------------------------------------------------------------------ writing

@@ -331,7 +331,9 @@ HEADER_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def _check(obj: dict[str, Any], fields: dict, where: str) -> None:
+def _check(
+    obj: dict[str, Any], fields: dict[str, tuple[Callable[[Any], bool], str]], where: str
+) -> None:
     for key, (ok, expected) in fields.items():
         if key in obj and not ok(obj[key]):
             value = json.dumps(obj[key], ensure_ascii=False)
@@ -350,10 +352,86 @@ def _restore_nonfinite(obj: dict[str, Any]) -> dict[str, Any]:
 
 class _Run:
     def __init__(self, header: dict[str, Any]) -> None:
-        self.header, self.records, self.cut_line = header, [], None
+        self.header = header
+        self.records: list[dict[str, Any]] = []
+        self.cut_line: int | None = None  # the line a killed writer cut off, if any
 
 
-def read_log(path: str | os.PathLike[str], *, run: int = -1) -> tuple[dict[str, Any], list]:
+class _Parser:
+    """Splits a log's lines into runs, checking each. A line that is not valid JSON is held
+    back until the next line says what it was: the cut-off last line of a run (the next run's
+    header says ``previous_run_cut``, or it was the file's last line and lacks its newline) or
+    damage (anything else raises)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.runs: list[_Run] = []
+        self.bad: tuple[int, json.JSONDecodeError] | None = None  # a line that did not parse
+
+    def fail(self) -> LogFormatError:
+        assert self.bad is not None
+        lineno, e = self.bad
+        return LogFormatError(
+            f"{self.name}, line {lineno}, column {e.colno}: not valid JSON ({e.msg}); a run log "
+            "holds one JSON object a line"
+        )
+
+    def feed(self, lineno: int, line: str) -> None:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            if self.bad is not None:
+                raise self.fail() from None
+            self.bad = (lineno, e)
+            return
+        where = f"{self.name}, line {lineno}"
+        if not isinstance(obj, dict):
+            raise LogFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        if "curvscope_log" in obj:
+            self._header(obj, where)
+        else:
+            self._record(obj, where)
+
+    def _header(self, obj: dict[str, Any], where: str) -> None:
+        _check(obj, HEADER_FIELDS, where)
+        version = obj["curvscope_log"]
+        if version > LOG_VERSION:
+            by = f" (written by curvscope {obj['version']})" if "version" in obj else ""
+            raise LogFormatError(
+                f"{where}: log format {version}{by}; this curvscope reads format "
+                f"{LOG_VERSION} and older: upgrade curvscope to read it"
+            )
+        if self.bad is not None:
+            if not (obj.get("previous_run_cut") and self.runs):
+                raise self.fail() from None
+            self.runs[-1].cut_line, self.bad = self.bad[0], None  # the previous run's last line
+        self.runs.append(_Run(_restore_nonfinite(obj)))
+
+    def _record(self, obj: dict[str, Any], where: str) -> None:
+        if self.bad is not None:
+            raise self.fail() from None
+        _check(obj, RECORD_FIELDS, where)
+        self._current().records.append(_restore_nonfinite(obj))
+
+    def _current(self) -> _Run:
+        if not self.runs:  # lines before any header (or an empty file) form a run of their own
+            self.runs.append(_Run({}))
+        return self.runs[-1]
+
+    def finish(self, complete: bool, last: int) -> list[_Run]:
+        """The runs, once the last line (number ``last``) has been fed; ``complete``: whether
+        the file ends with a newline."""
+        if self.bad is not None:
+            if complete or self.bad[0] != last:
+                raise self.fail() from None
+            self._current().cut_line = self.bad[0]  # the writer was killed before the newline
+        self._current()
+        return self.runs
+
+
+def read_log(
+    path: str | os.PathLike[str], *, run: int = -1
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Read a run log written by :class:`~curvscope.Monitor`: ``(header, records)``.
 
     A file holds one run per header line (``log_mode="a"`` appends runs); ``run`` picks one
@@ -395,57 +473,11 @@ def read_log(path: str | os.PathLike[str], *, run: int = -1) -> tuple[dict[str, 
     complete = text.endswith("\n")  # else the last line lacks its newline
     if complete:
         lines.pop()
-    runs: list[_Run] = []
-    bad: tuple[int, json.JSONDecodeError] | None = None  # a line that did not parse
-
-    def fail_json(lineno: int, e: json.JSONDecodeError) -> LogFormatError:
-        return LogFormatError(
-            f"{name}, line {lineno}, column {e.colno}: not valid JSON ({e.msg}); a run log "
-            "holds one JSON object a line"
-        )
-
+    parser = _Parser(name)
     for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            if bad is not None:
-                raise fail_json(*bad) from None
-            bad = (lineno, e)
-            continue
-        where = f"{name}, line {lineno}"
-        if not isinstance(obj, dict):
-            raise LogFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        if "curvscope_log" in obj:
-            _check(obj, HEADER_FIELDS, where)
-            version = obj["curvscope_log"]
-            if version > LOG_VERSION:
-                by = f" (written by curvscope {obj['version']})" if "version" in obj else ""
-                raise LogFormatError(
-                    f"{where}: log format {version}{by}; this curvscope reads format "
-                    f"{LOG_VERSION} and older: upgrade curvscope to read it"
-                )
-            if bad is not None:
-                if not (obj.get("previous_run_cut") and runs):
-                    raise fail_json(*bad) from None
-                runs[-1].cut_line, bad = bad[0], None  # the previous run's last line was cut
-            runs.append(_Run(_restore_nonfinite(obj)))
-            continue
-        if bad is not None:
-            raise fail_json(*bad) from None
-        _check(obj, RECORD_FIELDS, where)
-        if not runs:
-            runs.append(_Run({}))
-        runs[-1].records.append(_restore_nonfinite(obj))
-    if bad is not None:
-        if complete or bad[0] != len(lines):
-            raise fail_json(*bad) from None
-        if not runs:
-            runs.append(_Run({}))
-        runs[-1].cut_line = bad[0]  # the writer was killed before the line's newline
-    if not runs:
-        runs.append(_Run({}))  # an empty file: one empty run
+        if line.strip():
+            parser.feed(lineno, line)
+    runs = parser.finish(complete, len(lines))
     if not -len(runs) <= run < len(runs):
         raise ValueError(
             f"run={run} is out of range: {name} holds {len(runs)} run(s), "
