@@ -301,7 +301,11 @@ def _user(model="model", data="data", *more):
         (_user("model", "data", "--loss", f"{MOD}:not_a_loss"), "returned a str, which cannot"),
         (_user("model", "data", "--loss", f"{MOD}:not_a_model"), "returned an int, which"),
         (_user("model", "data", "--optimizer", "gd"), "--optimizer gd needs --lr"),
-        (["probe", "--problem", "digits-mlp", "--optimizer", "adam", "--lr", "1"], "choose from"),
+        (["probe", "--problem", "digits-mlp", "--optimizer", "lbfgs", "--lr", "1"], "choose from"),
+        (
+            ["probe", "--problem", "digits-mlp", "--optimizer", "adam", "--lr", "1"],
+            "--optimizer adam needs --optimizer-state FILE",
+        ),
         (["probe", "--problem", "digits-mlp", "--lr", "fast"], "expected a number, got 'fast'"),
         (["probe", "--model", f"{MOD}:data_", "--data", f"{MOD}:data"], "has no attribute"),
         (["probe", "--model", f"{MOD}:", "--data", f"{MOD}:data"], "pkg.module:name"),

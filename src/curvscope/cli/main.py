@@ -190,8 +190,19 @@ def _check_probe_flags(args: argparse.Namespace) -> None:
             "give --problem NAME, or --model pkg.module:factory and "
             "--data pkg.module:loader_factory"
         )
-    if args.optimizer and args.lr is None:
-        raise UsageError(f"--optimizer {args.optimizer} needs --lr")
+    if args.optimizer_state and not args.optimizer:
+        raise UsageError(
+            "--optimizer-state needs --optimizer (gd, momentum, adam or adamw: the optimizer "
+            "that saved it)"
+        )
+    if args.optimizer in ADAPTIVE and not args.optimizer_state:
+        raise UsageError(
+            f"--optimizer {args.optimizer} needs --optimizer-state FILE: its stability limit "
+            "is on the curvature its preconditioner √v̂ + ε scales, which lives in its state "
+            "(save it with torch.save(optimizer.state_dict(), FILE))"
+        )
+    if args.optimizer and args.lr is None and not args.optimizer_state:
+        raise UsageError(f"--optimizer {args.optimizer} needs --lr (or --optimizer-state)")
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -237,6 +248,8 @@ def _built_in(name: str, rank: int, world: int) -> tuple[Any, Any, Any]:
 def _users(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from torch import nn
 
+    from curvscope.derivatives.huggingface import is_hugging_face
+
     model = _call(args.model, "--model")
     if not isinstance(model, nn.Module):
         raise UsageError(
@@ -251,11 +264,138 @@ def _users(args: argparse.Namespace) -> tuple[Any, Any, Any]:
                 f"--loss {args.loss} returned {_a(loss_fn)}, which cannot be "
                 "called as loss(outputs, targets); return e.g. torch.nn.CrossEntropyLoss()"
             )
-    else:
-        loss_fn = nn.CrossEntropyLoss()
+    else:  # a Hugging Face model computes its own loss (loss_fn=None)
+        loss_fn = None if is_hugging_face(model) else nn.CrossEntropyLoss()
     if args.checkpoint:
         _load_checkpoint(model, args.checkpoint)
     return model, loss_fn, data
+
+
+# ----------------------------------------------------------------------- optimizer state
+#: The optimizers whose stability limit needs their state (the preconditioner).
+ADAPTIVE = ("adam", "adamw")
+#: What each optimizer keeps per parameter (a state that lacks it is another optimizer's).
+_STATE_KEY = {"momentum": "momentum_buffer", "adam": "exp_avg_sq", "adamw": "exp_avg_sq"}
+_STATE_FIX = "save it with torch.save(optimizer.state_dict(), FILE) from the run being judged"
+
+
+def _build_optimizer(args: argparse.Namespace, model: Any) -> Any:
+    """The optimizer ``--optimizer`` names over the model's trainable parameters, with the
+    state of ``--optimizer-state`` loaded (its learning rates unless ``--lr`` is given)."""
+    import torch
+
+    from curvscope import optim
+
+    if not args.optimizer:
+        return None
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    state = _read_optimizer_state(args.optimizer_state) if args.optimizer_state else None
+    groups = [[p for _, p in named]] if state is None else _state_groups(state, named, model, args)
+    params = [{"params": g} for g in groups]
+    lr = 1e-3 if args.lr is None else args.lr  # without --lr, the state's own replace it
+    if args.optimizer == "adamw":
+        optimizer: Any = torch.optim.AdamW(params, lr=lr)
+    else:
+        optimizer = optim.build(args.optimizer, params, lr=lr)
+    if state is not None:
+        try:
+            optimizer.load_state_dict(state)
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            raise UsageError(
+                f"cannot load the optimizer state {args.optimizer_state!r}: {e}; {_STATE_FIX}"
+            ) from e
+        if args.lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr
+    return optimizer
+
+
+def _read_optimizer_state(path: str) -> dict[str, Any]:
+    state = _read_checkpoint(path)
+    if not (isinstance(state, Mapping) and {"state", "param_groups"} <= set(state)):
+        what = "a model's state_dict" if isinstance(state, Mapping) else _a(state)
+        raise UsageError(
+            f"the optimizer state {path!r} holds {what}, not an optimizer's state_dict (a "
+            f"dict with 'state' and 'param_groups'); {_STATE_FIX}"
+        )
+    return dict(state)
+
+
+def _state_groups(
+    state: Mapping[str, Any], named: list[tuple[str, Any]], model: Any, args: argparse.Namespace
+) -> list[list[Any]]:
+    """The model's parameters in the saved parameter groups, checked against the state."""
+    path = args.optimizer_state
+    saved = state["param_groups"]
+    sizes = [len(g["params"]) for g in saved]
+    if sum(sizes) != len(named):
+        raise UsageError(
+            f"the optimizer state {path!r} is for {sum(sizes)} parameters, the model has "
+            f"{len(named)} that require grad; {_STATE_FIX}"
+        )
+    by_name = dict(named)
+    if all("param_names" in g for g in saved):  # torch's optimizers built on named_parameters
+        unknown = [n for g in saved for n in g["param_names"] if n not in by_name]
+        if unknown:
+            raise UsageError(
+                f"the optimizer state {path!r} names parameters the model does not have: "
+                f"{_few(unknown)}; {_STATE_FIX}"
+            )
+        groups = [[by_name[n] for n in g["param_names"]] for g in saved]
+    elif len(saved) == 1:
+        groups = [[p for _, p in named]]
+    else:
+        groups = _trainer_groups(model, sizes, path)
+    _check_state_shapes(state, saved, groups, {id(p): n for n, p in named}, args)
+    return groups
+
+
+def _trainer_groups(model: Any, sizes: list[int], path: str) -> list[list[Any]]:
+    """Several unnamed groups: the Hugging Face Trainer's (weight decay, then none), the
+    only grouping that can be recognised without names."""
+    from curvscope.derivatives.huggingface import trainer_parameter_groups
+
+    groups = trainer_parameter_groups(model)
+    if groups is None or [len(g) for g in groups] != sizes:
+        raise UsageError(
+            f"the optimizer state {path!r} has {len(sizes)} parameter groups of "
+            f"{', '.join(map(str, sizes))} parameters without their names, so which parameter "
+            "each state belongs to cannot be told; save the state of an optimizer built on "
+            "model.named_parameters() (torch then saves the names), or on model.parameters() "
+            "in one group"
+        )
+    return groups
+
+
+def _check_state_shapes(
+    state: Mapping[str, Any],
+    saved: list[Mapping[str, Any]],
+    groups: list[list[Any]],
+    names: dict[int, str],
+    args: argparse.Namespace,
+) -> None:
+    """Every saved per-parameter tensor has its parameter's shape, and the state is the kind
+    ``--optimizer`` keeps (Adam's exp_avg_sq, momentum's momentum_buffer)."""
+    import torch
+
+    path, key = args.optimizer_state, _STATE_KEY.get(args.optimizer)
+    per_param = state["state"]
+    for group, params in zip(saved, groups, strict=True):
+        for index, p in zip(group["params"], params, strict=True):
+            entry = per_param.get(index, {})
+            if key is not None and entry and key not in entry:
+                raise UsageError(
+                    f"the optimizer state {path!r} holds {', '.join(map(str, entry))} for "
+                    f"{names[id(p)]!r}, not {key!r}: it is not the state of --optimizer "
+                    f"{args.optimizer}; give the optimizer that saved it"
+                )
+            for k, v in entry.items():
+                if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape != p.shape:
+                    raise UsageError(
+                        f"the optimizer state {path!r} does not fit the model: its {k!r} for "
+                        f"{names[id(p)]!r} has shape {tuple(v.shape)}, the parameter "
+                        f"{tuple(p.shape)}; {_STATE_FIX}"
+                    )
 
 
 def _refused_pickle(path: str, e: pickle.UnpicklingError) -> UsageError:
@@ -372,7 +512,6 @@ def _check_checkpoint_keys(state: Mapping[Any, Any], own: Mapping[str, Any], pat
 
 
 def _probe_on_rank(args: argparse.Namespace, rank: int, world: int) -> int:
-    from curvscope import optim
     from curvscope.lab.probe import probe
 
     users = not args.problem
@@ -381,9 +520,7 @@ def _probe_on_rank(args: argparse.Namespace, rank: int, world: int) -> int:
     # the user's model, loss and data: curvscope's refusals of them are one line; with a
     # built-in problem and validated flags, any exception is a bug and keeps its traceback
     with _refusals() if users else contextlib.nullcontext():
-        optimizer = (
-            optim.build(args.optimizer, model.parameters(), lr=args.lr) if args.optimizer else None
-        )
+        optimizer = _build_optimizer(args, model)
         lr = args.lr if optimizer is None else None
         result = probe(model, loss_fn, data, lr=lr, optimizer=optimizer, slices=out is not None)
     result["world_size"] = world
@@ -484,14 +621,29 @@ def parser() -> argparse.ArgumentParser:
         "--model", help="pkg.module:factory returning the nn.Module (imports your code)"
     )
     pr.add_argument("--data", help="pkg.module:factory returning (inputs, targets) or a loader")
-    pr.add_argument("--loss", help="pkg.module:factory returning the loss (default CrossEntropy)")
+    pr.add_argument(
+        "--loss",
+        help="pkg.module:factory returning the loss (default: a Hugging Face model's own loss, "
+        "else CrossEntropy)",
+    )
     pr.add_argument(
         "--checkpoint", help="a state_dict file for --model, loaded safely (tensors only)"
     )
     pr.add_argument(
         "--lr", type=positive_float, help="judge stability against gradient descent at this lr"
     )
-    pr.add_argument("--optimizer", choices=("gd", "momentum"), help="gd or momentum (with --lr)")
+    pr.add_argument(
+        "--optimizer",
+        choices=("gd", "momentum", *ADAPTIVE),
+        help="judge against this optimizer's stability limit: gd or momentum (with --lr), adam "
+        "or adamw (with --optimizer-state)",
+    )
+    pr.add_argument(
+        "--optimizer-state",
+        metavar="FILE",
+        help="the optimizer's state_dict, torch.save(optimizer.state_dict(), FILE) (loaded "
+        "safely); its learning rates are used unless --lr is given",
+    )
     pr.add_argument("--json", action="store_true", help="print one JSON object")
     pr.add_argument("--report", help="write an HTML report with loss slices into this folder")
     pr.set_defaults(func=_probe)

@@ -58,7 +58,7 @@ def check_runs(model: nn.Module, loss_fn: Any, data: Any) -> None:
                 "and the data belong together"
             ) from e
         try:
-            loss_fn(out, batch.targets)
+            obj.loss_fn(out, batch.targets)  # with loss_fn=None, the model's own loss
         except Exception as e:  # the user's loss on the model's outputs
             raise ValueError(
                 f"the loss fails on the model's outputs ({_describe(out)}) and the targets "

@@ -185,6 +185,19 @@ def adam_vs_hessian(mlp: dict[str, Any], out: Path) -> str | None:
     return _save(fig, out / "adam-vs-hessian.png")
 
 
+def _sharpness_series(
+    ax: Any, steps: list[Any], sharpness: list[float], records: list[dict[str, Any]]
+) -> None:
+    """The sharpness of each record as the series it belongs to: that of the preconditioned
+    curvature P^-½ H P^-½ (Adam's) and that of H are two lines, never one through both (a
+    schedule to learning rate 0 switches a run from the first to the second)."""
+    pre = [bool(r.get("preconditioned")) for r in records]
+    for flag, label in ((True, "sharpness of P^-½ H P^-½ (preconditioned)"), (False, "sharpness")):
+        series = [v if p is flag else np.nan for v, p in zip(sharpness, pre, strict=True)]
+        if not np.isnan(series).all():
+            ax.plot(steps, series, "o-" if flag else "s-", label=label)
+
+
 def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
     """Loss, gradient norm, and sharpness against the stability limit, from a Monitor log."""
     steps = [r["step"] for r in records]
@@ -197,7 +210,7 @@ def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
     axes[0].set_title("loss")
     axes[1].plot(steps, col("grad_norm"), "o-")
     axes[1].set_title("gradient norm")
-    axes[2].plot(steps, col("sharpness"), "o-", label="sharpness")
+    _sharpness_series(axes[2], steps, col("sharpness"), records)
     axes[2].plot(steps, col("stability_limit"), "--", label="stability limit")
     axes[2].legend(fontsize=8)
     axes[2].set_title("sharpness vs stability limit")
