@@ -663,3 +663,15 @@ def test_forward_over_reverse_agrees_with_double_backward(name):
     b = operator(name, "hessian", backend="double_backward") @ V
     rtol = 1e-6 if name == "llama" else 1e-10
     torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
+
+
+def test_dropout_in_train_mode_is_one_fixed_mask_per_batch():
+    """GPT-2 trains with dropout 0.1: the check against model(**batch).loss runs under the
+    batch's own mask (else it would refuse the model), and every product sees the same one."""
+    model = model_of("gpt2").train()
+    assert model.config.resid_pdrop > 0
+    before = cases.snapshot(model)
+    C = cs.Curvature(model, None, token_batches(1), kind="ggn", params=["lm_head.weight"])
+    v = torch.randn(C.num_params, generator=_gen(2), dtype=DT)
+    torch.testing.assert_close(C @ v, C @ v, rtol=0, atol=0)
+    cases.assert_unchanged(before, cases.snapshot(model))
