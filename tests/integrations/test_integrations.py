@@ -1,6 +1,7 @@
 """The framework integrations, each with the real library: a Lightning Callback, a Hugging Face
 TrainerCallback on a tiny model built here (nothing downloaded), and TensorBoard scalars."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -120,3 +121,97 @@ def test_transformers_trainer_callback(tmp_path):
     assert len(cb.monitor.history) == 2
     assert cb.monitor.last.evidence["preconditioned"]  # AdamW: the preconditioned sharpness
     assert cb.monitor.last.state in STATES
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=13,
+        n_positions=16,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(config)
+
+
+def _lm_batches(sizes, seed):
+    """Dict batches as a collator makes them: (sequences, length, padded tail of the first)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n, s, pad in sizes:
+        ids = torch.randint(1, 13, (n, s), generator=g)
+        mask = torch.ones_like(ids)
+        if pad:
+            mask[0, s - pad :] = 0
+        out.append(
+            {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+        )
+    return out
+
+
+def test_transformers_trainer_with_the_models_own_loss_and_a_schedule_to_zero(
+    tmp_path, monkeypatch
+):
+    """loss_fn=None and dict batches through a real Trainer (AdamW, linear decay to 0): each
+    probe says which sharpness it holds; at learning rate 0 there is no limit to judge against
+    (said so, not "0% of the limit inf")."""
+    from transformers import Trainer, TrainingArguments
+
+    from curvscope.integrations.transformers import CurvscopeTrainerCallback
+
+    model = _tiny_gpt2()
+    train = [
+        {k: v[0] for k, v in b.items()} for b in _lm_batches([(1, 8, 0)] * 16, seed=1)
+    ]  # one example each, equal lengths: the Trainer's default collator stacks them
+    probe = _lm_batches([(3, 8, 3), (2, 5, 0)], seed=2)  # 18 and 8 target tokens
+    log = tmp_path / "run.jsonl"
+    cb = CurvscopeTrainerCallback(None, probe, every=2, log=log)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        lr_scheduler_type="linear",
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[cb])
+    trainer.train()
+    first, last = cb.monitor.history
+    assert first.evidence["preconditioned"] and first.evidence["lr"] > 0
+    assert not last.evidence["preconditioned"] and last.evidence["lr"] == 0
+    assert "learning rate 0: no stability limit" in last.reasons
+    assert not any("of the limit inf" in r for r in last.reasons)
+    logged = [r for r in trainer.state.log_history if "curvscope/preconditioned" in r]
+    assert [(r["step"], r["curvscope/preconditioned"]) for r in logged] == [(2, 1.0), (4, 0.0)]
+    _, records = read_log(log)
+    assert [r["preconditioned"] for r in records] == [True, False]
+    # the report plots the two sharpnesses apart: one series each, never one line through both
+    from curvscope.report import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path, right=0.97: figures.append(fig))
+    plots.log_plots(records, tmp_path)
+    lines = {ln.get_label(): ln.get_ydata() for ln in figures[0].axes[2].get_lines()}
+    pre, raw = lines["sharpness of P^-½ H P^-½ (preconditioned)"], lines["sharpness"]
+    assert list(np.isnan(pre)) == [False, True] and list(np.isnan(raw)) == [True, False]
+    # the loss of the last probe is the mean over all 26 target tokens of the probe batches
+    model.eval()
+    with torch.no_grad():
+        own = [(float(model(**b).loss), int((b["labels"][:, 1:] != -100).sum())) for b in probe]
+    tokens = sum(n for _, n in own)
+    assert tokens == 26
+    expected = sum(v * n for v, n in own) / tokens
+    assert last.evidence["loss"] == pytest.approx(expected, rel=1e-5)

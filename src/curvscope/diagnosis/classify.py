@@ -549,6 +549,8 @@ def _learning(f: Facts) -> list[str] | None:
         ]
     if f.small or f.limit is None or f.s is None:
         return [f.gradient]
+    if math.isinf(f.limit):  # a learning rate scheduled to 0: no step to overshoot
+        return [f.gradient, "learning rate 0: no stability limit"]
     share = f"the sharpness {f.s:.4g} is {100 * f.s / f.limit:.0f}% of the limit {f.limit:.4g}"
     return [f.gradient, share]
 

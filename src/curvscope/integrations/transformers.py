@@ -20,13 +20,27 @@ class CurvscopeTrainerCallback(TrainerCallback):
     The Monitor is built at ``on_train_begin`` on the Trainer's model and optimizer, records a
     step at every ``on_step_end`` (the loss the Trainer logs arrives through ``on_log``), and
     probes on its cadence. The diagnosis goes into the Trainer's log history as
-    ``curvscope/...`` entries at each probe.
+    ``curvscope/...`` entries at each probe, with ``curvscope/preconditioned`` saying which
+    sharpness the record holds: 1 for that of the preconditioned curvature P^-½ H P^-½ (Adam's,
+    once it has stepped), 0 for that of H itself (plain SGD, or a learning rate scheduled to 0,
+    where there is no step to judge and "learning rate 0: no stability limit" is said).
 
     Args:
-        loss_fn: ``loss_fn(model(**inputs), targets)`` — e.g. cross-entropy on
+        loss_fn: ``None`` (the model's own loss, as the Trainer trains it: causal and masked
+            LMs averaged over the target tokens of all of ``probe_data``, classifiers over the
+            samples), or ``loss_fn(model(**inputs), labels)`` — e.g. cross-entropy on
             ``output.logits``; any model output works for the Hessian.
-        probe_data: an ({input_ids, attention_mask, ...}, targets) pair, or a list of them.
+        probe_data: the batches the curvature is measured on: dict batches as a data collator
+            makes them (``input_ids``, ``attention_mask``, ``labels``; ``pixel_values`` and
+            ``labels``), ({input_ids, attention_mask, ...}, labels) pairs, or a list of either.
+            Draw them once (a collator that masks tokens at random would change them).
         **monitor_kwargs: passed to :class:`~curvscope.Monitor`.
+
+    Example (``model``, ``args``, ``train`` and ``probe_batches`` are yours)::
+
+        callback = CurvscopeTrainerCallback(None, probe_batches, every=50, log="run.jsonl")
+        Trainer(model=model, args=args, train_dataset=train, callbacks=[callback]).train()
+        callback.monitor.last.state
     """
 
     def __init__(self, loss_fn: Any, probe_data: Any, **monitor_kwargs: Any) -> None:
@@ -56,9 +70,9 @@ class CurvscopeTrainerCallback(TrainerCallback):
             return
         d = self.monitor.step(self._loss)
         if d is not None:
-            state.log_history.append(
-                {"step": state.global_step, **{f"curvscope/{k}": v for k, v in scalars(d).items()}}
-            )
+            record = {f"curvscope/{k}": v for k, v in scalars(d).items()}
+            record["curvscope/preconditioned"] = float(bool(d.evidence.get("preconditioned")))
+            state.log_history.append({"step": state.global_step, **record})
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is not None:
