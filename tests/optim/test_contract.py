@@ -123,6 +123,20 @@ def test_a_state_dict_is_not_changed_by_later_steps_nor_by_the_optimizer_that_lo
 
 
 @pytest.mark.parametrize("name", OURS)
+def test_a_copy_of_the_optimizer_keeps_its_counts_and_continues_identically(name):
+    # torch's Optimizer pickles defaults, state and param_groups only: the counts, the last
+    # StepInfo and the diagonal methods' estimator were lost by copy.deepcopy and pickle
+    p, x, f = quadratic()
+    opt = build(name, [x])
+    run(name, opt, f, x, 2)
+    x2, opt2 = copy.deepcopy((x, opt))
+    assert opt2.counts == opt.counts and opt2.info == opt.info
+    run(name, opt, f, x, 2)
+    run(name, opt2, lambda: p.f(x2), x2, 2)
+    assert torch.equal(x2.detach(), x.detach()) and opt2.counts == opt.counts
+
+
+@pytest.mark.parametrize("name", OURS)
 def test_float32_parameters_and_state_stay_float32(name):
     _, x, f = quadratic(torch.float32)
     opt = build(name, [x])

@@ -119,6 +119,13 @@ class CurvscopeOptimizer(Optimizer):
         self._counts = Counts()
         self.info: StepInfo | None = None
 
+    #: attributes a copy or a pickle keeps beside torch's own (defaults, state, param_groups)
+    _kept: tuple[str, ...] = ("_counts", "info")
+
+    def __getstate__(self) -> dict[str, Any]:
+        kept = {k: self.__dict__[k] for k in self._kept if k in self.__dict__}
+        return {**super().__getstate__(), **kept}
+
     @property
     def counts(self) -> Counts:
         """The work done so far: closure calls, gradients, products, dense Hessians, CG and

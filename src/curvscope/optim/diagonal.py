@@ -139,6 +139,7 @@ class _DiagonalMethod(CurvscopeOptimizer):
 
     #: the names of the per-parameter state tensors, in the order ``update_param`` reads them
     STATE: tuple[str, ...] = ()
+    _kept = (*CurvscopeOptimizer._kept, "estimator")
 
     def _step(self, closure: Any, snapshot: Snapshot) -> Tensor:
         closure, counts = self._begin(closure)
