@@ -35,11 +35,29 @@ from curvscope.derivatives.objective import Batch, ModelObjective
 
 @dataclass(frozen=True)
 class KindInfo:
-    """What a kind of curvature is: its name, whether it is positive semi-definite, its formula."""
+    """What a kind of curvature is, and how its products are made: the one table of kinds.
+
+    Attributes:
+        name: the ``kind=`` spelling.
+        psd: positive semi-definite (for losses convex in the outputs).
+        formula: the matrix, in one line.
+        prepare: its Preparer (``derivatives/kinds.py``): called with (objective, mc_samples)
+            when an operator is built (and may refuse the loss there), it returns the function
+            that prepares one batch's product.
+        forward: a forward-over-reverse preparation of one batch's product, or None (the
+            backends ``"forward_over_reverse"`` and ``"auto"`` choose between it and
+            ``prepare``; only the Hessian has one).
+        keeps_gradient: its prepared products keep the batch's loss and gradient graph (a
+            :class:`~curvscope.derivatives.kinds.HessianProduct`): a cached operator reads
+            ``loss_and_gradient()`` off them.
+    """
 
     name: str
     psd: bool
     formula: str
+    prepare: _k.Preparer
+    forward: _k.PrepareBatch | None = None
+    keeps_gradient: bool = False
 
 
 #: Ways to compute a Hessian product: "auto" measures both on the first large block product
@@ -51,14 +69,31 @@ BACKENDS = ("auto", "double_backward", "forward_over_reverse")
 #: a cost that a Monitor's small warm-start blocks must not impose on the user's loop.
 MIN_TUNED_BLOCK = 8
 
-#: The kinds of curvature a model's loss has (name → description). The exact Hessian is
-#: indefinite away from a minimum; the Gauss-Newton family is PSD for convex losses.
+#: The kinds of curvature a model's loss has (name → what it is and how its products are made):
+#: the only table of kinds. The exact Hessian is indefinite away from a minimum; the
+#: Gauss-Newton family is PSD for convex losses. A new kind is its ``prepare_*`` in
+#: ``kinds.py`` and an entry here.
 KINDS: dict[str, KindInfo] = {
-    "hessian": KindInfo("hessian", False, "H = ∂²L/∂θ²"),
-    "ggn": KindInfo("ggn", True, "G = Jᵀ (∂²ℓ/∂f²) J"),
-    "fisher": KindInfo("fisher", True, "F = E_{y~p(y|f)} Jᵀ ∇_f log p ∇_f log pᵀ J (Monte Carlo)"),
+    "hessian": KindInfo(
+        "hessian",
+        False,
+        "H = ∂²L/∂θ²",
+        _k.per_batch(_k.prepare_hessian),
+        forward=_k.prepare_hessian_forward,
+        keeps_gradient=True,
+    ),
+    "ggn": KindInfo("ggn", True, "G = Jᵀ (∂²ℓ/∂f²) J", _k.per_batch(_k.prepare_ggn)),
+    "fisher": KindInfo(
+        "fisher",
+        True,
+        "F = E_{y~p(y|f)} Jᵀ ∇_f log p ∇_f log pᵀ J (Monte Carlo)",
+        _k.fisher_preparer,
+    ),
     "empirical_fisher": KindInfo(
-        "empirical_fisher", True, "E = (1/T) Σ_t ∇ℓ_t ∇ℓ_tᵀ over the likelihood terms"
+        "empirical_fisher",
+        True,
+        "E = (1/T) Σ_t ∇ℓ_t ∇ℓ_tᵀ over the likelihood terms",
+        _k.per_batch(_k.prepare_empirical_fisher),
     ),
 }
 
@@ -84,7 +119,7 @@ class _FunctionSource:
 
     def prepare(self, forward: bool = False) -> Iterator[tuple[float, _k.PreparedProduct]]:
         xl, g, y = _grad_with_graph(self.f, self.x)
-        yield 1.0, _k._HessianProduct([xl], [g], y)
+        yield 1.0, _k.HessianProduct([xl], [g], y)
 
     def unflatten(self, flat: Tensor) -> list[Tensor]:
         return [flat] if flat.ndim == 1 else [flat.T]
@@ -111,21 +146,9 @@ class _ModelSource:
         self.notes = objective.notes
         self.in_memory = objective.in_memory
         self.unflatten, self.flatten = objective.unflatten, objective.flatten
-        if kind == "fisher":
-            lik = _k.likelihood_of(objective.loss_fn)
-            seed = objective.seed
-
-            def fisher(obj, batch):
-                return _k.prepare_fisher(obj, batch, lik, mc_samples, seed)
-
-            self._prepare = fisher
-        else:
-            self._prepare = {
-                "hessian": _k.prepare_hessian,
-                "ggn": _k.prepare_ggn,
-                "empirical_fisher": _k.prepare_empirical_fisher,
-            }[kind]
-
+        info = KINDS[kind]
+        self._prepare = info.prepare(objective, mc_samples)  # may refuse the loss here
+        self._forward = info.forward
         self.state_tensors, self.flags = objective.state_tensors, objective.flags
 
     def weight(self, batch: Batch) -> float:
@@ -134,7 +157,7 @@ class _ModelSource:
         return batch.size / self.total if self.obj.reduction == "mean" else 1.0
 
     def prepare(self, forward: bool = False) -> Iterator[tuple[float, _k.PreparedProduct]]:
-        prepare = _k.prepare_hessian_forward if forward else self._prepare
+        prepare = self._forward if forward and self._forward is not None else self._prepare
         for batch in self.obj.batches():
             product = prepare(self.obj, batch)
             yield self.weight(batch), product
@@ -243,7 +266,7 @@ class Curvature:
             )
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "forward_over_reverse" and self.kind != "hessian":
+        if backend == "forward_over_reverse" and KINDS[self.kind].forward is None:
             raise ValueError(
                 "backend='forward_over_reverse' computes Hessian products; the Gauss-Newton "
                 f"kinds use Jacobian products; got kind={kind!r}. Leave backend='auto'"
@@ -267,7 +290,8 @@ class Curvature:
             backend = "double_backward"  # the same choice on every rank, without timing
         source = _ModelSource(objective, self.kind, mc_samples, self.group)
         self._init(source, cache, backend)
-        self.objective = objective
+        #: the model's objective; None for an operator built from a plain function
+        self.objective: ModelObjective | None = objective
         self._args = {
             "model": model,
             "loss_fn": loss_fn,
@@ -408,7 +432,7 @@ class Curvature:
         """The backend for a product of k vectors, or None when "auto" has yet to measure."""
         if self.backend != "auto":
             return self.backend
-        if self.kind != "hessian" or self.objective is None:
+        if KINDS[self.kind].forward is None or self.objective is None:
             return "double_backward"
         if k < MIN_TUNED_BLOCK:  # measured: neither wins small blocks consistently
             return "double_backward"
@@ -482,16 +506,22 @@ class Curvature:
         """The mean loss and its flat gradient, on the same data, randomness and mode as the
         products; the model is left as found. For a cached Hessian they are read off the kept
         gradient graphs (which the next products then reuse); otherwise one gradient a batch."""
-        if self.cache and self.kind == "hessian":
-            parts = [(w, p.grads, p.loss) for w, p in self._products()]
-        else:  # a model's (a plain function's operator is always cached)
-            obj, source = self.objective, self._source
-            parts = []
+        parts: list[tuple[float, list[Tensor], float]] = []
+        if self.cache and KINDS[self.kind].keeps_gradient:
+            for w, product in self._products():
+                assert isinstance(product, _k.HessianProduct)  # what keeps_gradient promises
+                parts.append((w, product.grads, product.loss))
+        else:
+            obj = self.objective
+            assert obj is not None  # a plain function's operator is always cached
             for b in obj.batches():
                 _, grads, value = _k.batch_loss_and_grads(obj, b)
-                parts.append((source.weight(b), grads, value))
+                parts.append((self._source.weight(b), grads, value))
         loss = sum(w * value for w, _, value in parts)
-        grad = sum(w * self._source.flatten([g.detach() for g in grads]) for w, grads, _ in parts)
+        flat = [w * self._source.flatten([g.detach() for g in grads]) for w, grads, _ in parts]
+        grad = flat[0]
+        for f in flat[1:]:
+            grad = grad + f
         both = all_reduce_sum(torch.cat([grad, grad.new_tensor([loss])]), self.group)
         return float(both[-1]), both[:-1]
 

@@ -17,6 +17,11 @@ function of the parameters by the double-vjp trick, which needs no forward-mode 
 t runs over the likelihood terms ℓ_t the loss adds up (:class:`Likelihood`), T is what the mean
 divides their sum by (1 for a summed loss); the two Fishers are one product,
 :class:`_OuterProduct`, fed sampled or true-label gradient rows.
+
+The products are built here and only here: ``curvature.KINDS`` maps each kind's name to its
+preparation (a ``Preparer``), and the optimizers' closure evaluations take their Hessian and
+Gauss-Newton products from :func:`hessian_product` and :func:`ggn_product` on the graph their
+closure built. Adding a kind: its ``prepare_*`` here, its entry in ``curvature.KINDS``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,23 @@ class PreparedProduct(Protocol):
     def apply(self, blocks: Sequence[Tensor]) -> list[Tensor]:
         """Blocks of shape (k, *param.shape) in, the same out."""
         ...
+
+
+#: One batch's product: (objective, batch) -> the prepared product.
+PrepareBatch = Callable[[ModelObjective, Batch], PreparedProduct]
+#: A kind's preparation, called once when an operator is built: (objective, mc_samples) -> its
+#: PrepareBatch. What can be refused without a forward pass is refused here (the Fisher of a
+#: loss with no known likelihood).
+Preparer = Callable[[ModelObjective, int], PrepareBatch]
+
+
+def per_batch(prepare: PrepareBatch) -> Preparer:
+    """The Preparer of a kind whose batches need nothing decided up front."""
+
+    def preparer(objective: ModelObjective, mc_samples: int) -> PrepareBatch:
+        return prepare
+
+    return preparer
 
 
 def _grad(
@@ -94,13 +116,24 @@ class _Jacobian:
 
 
 @dataclass
-class _HessianProduct:
+class HessianProduct:
+    """H v = ∂(∇Lᵀv)/∂θ through a kept gradient graph (Pearlmutter 1994): one backward a vector.
+
+    ``grads`` is ∇L with respect to ``leaves``, computed with ``create_graph=True``."""
+
     leaves: list[Tensor]
     grads: list[Tensor]  # ∇L of this batch, with its graph
     loss: float = float("nan")  # L of this batch
 
     def apply(self, blocks: Sequence[Tensor]) -> list[Tensor]:
         return _grad(self.grads, self.leaves, blocks)
+
+
+def hessian_product(leaves: Sequence[Tensor], grads: Sequence[Tensor]) -> HessianProduct:
+    """The Hessian product of a loss whose gradient ``grads`` (one per leaf, ``None`` for none:
+    zeros) was taken with ``create_graph=True``: a closure's evaluation uses this one."""
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True)]
+    return HessianProduct(list(leaves), grads)
 
 
 def batch_loss_and_grads(
@@ -112,14 +145,14 @@ def batch_loss_and_grads(
     leaves = list(theta.values())
     with obj.context(batch.index):
         loss = obj.loss(obj.forward(theta, batch), batch)
-        grads = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
-    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True)]
+        raw = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(raw, leaves, strict=True)]
     return leaves, grads, float(loss.detach())
 
 
-def prepare_hessian(obj: ModelObjective, batch: Batch) -> _HessianProduct:
+def prepare_hessian(obj: ModelObjective, batch: Batch) -> HessianProduct:
     """Pearlmutter's product by double backward: H v = ∂(∇Lᵀv)/∂θ, the gradient graph kept."""
-    return _HessianProduct(*batch_loss_and_grads(obj, batch, create_graph=True))
+    return HessianProduct(*batch_loss_and_grads(obj, batch, create_graph=True))
 
 
 @dataclass
@@ -149,7 +182,7 @@ class _ForwardOverReverseProduct:
         g = torch.func.grad(loss_of)
 
         def hvp(*vs: Tensor) -> tuple[Tensor, ...]:
-            _, hv = torch.func.jvp(g, (theta,), (dict(zip(names, vs, strict=True)),))
+            hv = torch.func.jvp(g, (theta,), (dict(zip(names, vs, strict=True)),))[1]
             return tuple(hv[n] for n in names)
 
         with obj.context(batch.index):
@@ -180,15 +213,29 @@ class _GGNProduct:
         return self.jac.vjp(h_jv)
 
 
-def prepare_ggn(obj: ModelObjective, batch: Batch) -> _GGNProduct:
+def ggn_product(
+    outputs: Tensor, leaves: Sequence[Tensor], loss: Tensor, at: Tensor | None = None
+) -> PreparedProduct:
+    """Jᵀ H_out J for ``outputs`` computed from ``leaves`` and a scalar ``loss`` computed from
+    them: J the Jacobian of the outputs, H_out = ∂²loss/∂out² (by autograd, any loss).
+
+    ``at`` is the tensor the loss was computed from: the outputs themselves (the default: a
+    closure's evaluation), or a detached copy of them (:func:`prepare_ggn`), which keeps the
+    loss's graph apart from the model's.
+    """
+    at = outputs if at is None else at
+    jac = _Jacobian(outputs, leaves)
+    (loss_grad,) = torch.autograd.grad(loss, at, create_graph=True)
+    return _GGNProduct(jac, at, loss_grad)
+
+
+def prepare_ggn(obj: ModelObjective, batch: Batch) -> PreparedProduct:
     theta = obj.leaves()
     with obj.context(batch.index):
         out = obj.forward(theta, batch, tensor=True)
-        jac = _Jacobian(out, list(theta.values()))
         out_leaf = out.detach().requires_grad_(True)
         loss = obj.loss(out_leaf, batch)
-        (loss_grad,) = torch.autograd.grad(loss, out_leaf, create_graph=True)
-    return _GGNProduct(jac, out_leaf, loss_grad)
+        return ggn_product(out, list(theta.values()), loss, at=out_leaf)
 
 
 # ------------------------------------------------------------------------------- Fisher
@@ -335,6 +382,17 @@ def prepare_fisher(
         g = likelihood.sample_grad(rows.detach(), gen, mc_samples)
         g = g * (counted > 0).to(g.dtype)[:, None]
     return _OuterProduct(jac, g, 1.0 / (_mean_divisor(obj, counted) * mc_samples))
+
+
+def fisher_preparer(objective: ModelObjective, mc_samples: int) -> PrepareBatch:
+    """The Fisher's Preparer: the loss's likelihood is looked up when the operator is built (a
+    loss without one is refused there), the labels of each batch drawn from ``seed``."""
+    likelihood, seed = likelihood_of(objective.loss_fn), objective.seed
+
+    def prepare(obj: ModelObjective, batch: Batch) -> PreparedProduct:
+        return prepare_fisher(obj, batch, likelihood, mc_samples, seed)
+
+    return prepare
 
 
 # --------------------------------------------------------------------- empirical Fisher
