@@ -8,9 +8,15 @@ is an extra gradient, and counted as one). Loss-only
 evaluations (trial points of a trust region or line search) run under ``torch.no_grad()`` and
 turn such a ``backward()`` into a no-op: they are counted as closure calls, not gradients.
 
-The interception swaps ``torch.autograd.backward`` for the duration of the closure call: another
-thread that calls ``backward`` at that very moment would see it too (optimizers are not used
-from several threads at once in practice; the swap is undone even when the closure raises).
+The interception is local: a ``torch.overrides.TorchFunctionMode`` active around the closure
+call, on this thread only, catches ``Tensor.backward`` and ``torch.autograd.backward`` (both
+dispatch through ``__torch_function__`` in torch 2.13); nothing global is patched, so another
+thread's backward at that moment is untouched. What a mode costs: every torch call of the
+closure passes through one Python function (a few microseconds per call; a forward pass makes
+one call per module, not per tensor), and torch's fused inference paths that refuse
+``__torch_function__`` overrides (``nn.MultiheadAttention``'s and ``nn.TransformerEncoderLayer``'s
+fast path, taken only in eval mode without gradients) take their ordinary path inside it — the
+path the gradient evaluation takes, so trial losses and evaluated losses are computed alike.
 
 A closure may return the loss or a pair ``(loss, outputs)``; with the outputs, Gauss-Newton
 products (Jᵀ H_out J) and the Gauss-Newton-Bartlett estimator become available.
@@ -18,15 +24,15 @@ products (Jᵀ H_out J) and the Gauss-Newton-Bartlett estimator become available
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
-from curvscope.derivatives.kinds import _grad, _Jacobian
+from curvscope.derivatives.kinds import PreparedProduct, ggn_product, hessian_product
 
 Closure = Callable[[], Any]
 
@@ -53,26 +59,32 @@ class Counts:
         return dict(self.__dict__)
 
 
-@contextmanager
-def _backward_patched(mode: str, counts: Counts | None = None) -> Iterator[None]:
-    """Within the closure: ``keep`` runs backward with the graph retained (and counts it as a
-    gradient in ``counts``), ``skip`` skips it."""
-    original = torch.autograd.backward
+#: What a user's backward inside the closure goes through (``Tensor.backward`` dispatches to
+#: ``torch.autograd.backward``; a mode sees whichever the closure calls first).
+_BACKWARDS = (torch.Tensor.backward, torch.autograd.backward)
 
-    def backward(
-        tensors: Any, grad_tensors: Any = None, retain_graph: Any = None, *args: Any, **kw: Any
-    ) -> None:
-        if mode == "skip":
+
+class _ClosureBackward(TorchFunctionMode):
+    """Around a closure call, on this thread: ``keep`` runs a backward the closure calls with
+    the graph retained (and counts it as a gradient in ``counts``), ``skip`` makes it a no-op.
+    Every other torch call passes through unchanged."""
+
+    def __init__(self, mode: str, counts: Counts | None = None) -> None:
+        super().__init__()
+        self.mode, self.counts = mode, counts
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        if func not in _BACKWARDS:
+            return func(*args, **kwargs)
+        if self.mode == "skip":
             return None
-        if counts is not None:
-            counts.gradients += 1
-        return original(tensors, grad_tensors, True, *args, **kw)
-
-    torch.autograd.backward = backward  # Tensor.backward looks it up at each call
-    try:
-        yield
-    finally:
-        torch.autograd.backward = original
+        if self.counts is not None:
+            self.counts.gradients += 1
+        kwargs["retain_graph"] = True  # inside the handler the mode is off: the real backward
+        return func(*args, **kwargs)
 
 
 def _split(out: Any) -> tuple[Tensor, Tensor | None]:
@@ -110,7 +122,7 @@ def loss_only(closure: Closure, params: Sequence[Tensor], counts: Counts) -> flo
     """The closure's loss value at the current parameters, without any derivative; ``.grad``
     is left as it was (a closure's ``zero_grad()`` would otherwise clear it)."""
     grads = [p.grad for p in params]
-    with torch.no_grad(), _backward_patched("skip"):
+    with torch.no_grad(), _ClosureBackward("skip"):
         loss, _ = _split(closure())
     for p, g in zip(params, grads, strict=True):
         p.grad = g
@@ -123,14 +135,16 @@ class Evaluation:
 
     With ``curvature`` (the default) the gradient graph is kept (``create_graph=True``), so a
     Hessian-vector product is one more backward pass through it (Pearlmutter 1994); with the
-    closure's outputs, Gauss-Newton products come from the same forward pass.
+    closure's outputs, Gauss-Newton products come from the same forward pass. Both products
+    are ``derivatives.kinds``' own (:func:`~curvscope.derivatives.kinds.hessian_product`,
+    :func:`~curvscope.derivatives.kinds.ggn_product`), the ones ``cs.Curvature`` uses.
     """
 
     def __init__(
         self, params: Sequence[Tensor], closure: Closure, counts: Counts, curvature: bool = True
     ) -> None:
         self.params, self.counts = list(params), counts
-        with torch.enable_grad(), _backward_patched("keep", counts):
+        with torch.enable_grad(), _ClosureBackward("keep", counts):
             loss, outputs = _split(closure())
         counts.closure_calls += 1
         if not torch.isfinite(loss):
@@ -150,16 +164,15 @@ class Evaluation:
                 loss, self.params, create_graph=curvature, allow_unused=True
             )
         counts.gradients += 1
-        self.grads = [
-            torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params, strict=True)
-        ]
+        self._hessian = hessian_product(self.params, grads)
+        self.grads = self._hessian.grads
         self.flat_grad = torch.cat([g.detach().reshape(-1) for g in self.grads])
         if not torch.isfinite(self.flat_grad).all():
             raise FloatingPointError(
                 "the gradient has non-finite entries at the current parameters; "
                 "check the model for overflow (a smaller step, or float64)"
             )
-        self._jac: _Jacobian | None = None
+        self._ggn: PreparedProduct | None = None
 
     @property
     def n(self) -> int:
@@ -180,7 +193,7 @@ class Evaluation:
     def hvp(self, V: Tensor) -> Tensor:
         """H V for V of shape (n, k)."""
         with torch.enable_grad():
-            out = self._flat(_grad(self.grads, self.params, self._blocks(V.to(self.flat_grad))))
+            out = self._flat(self._hessian.apply(self._blocks(V.to(self.flat_grad))))
         self.counts.products += V.shape[1]
         return out
 
@@ -192,14 +205,9 @@ class Evaluation:
                 "(loss, outputs), or use curvature='hessian'"
             )
         with torch.enable_grad():
-            if self._jac is None:
-                self._jac = _Jacobian(self.outputs, self.params)
-                (self._out_grad,) = torch.autograd.grad(
-                    self.loss_tensor, self.outputs, create_graph=True
-                )
-            jv = self._jac.jvp(self._blocks(V.to(self.flat_grad)))
-            (hjv,) = _grad([self._out_grad], [self.outputs], [jv])
-            out = self._flat(self._jac.vjp(hjv))
+            if self._ggn is None:
+                self._ggn = ggn_product(self.outputs, self.params, self.loss_tensor)
+            out = self._flat(self._ggn.apply(self._blocks(V.to(self.flat_grad))))
         self.counts.products += V.shape[1]
         return out
 

@@ -1,0 +1,153 @@
+"""The closure evaluation: its products are the Curvature's own (one product path), and a
+closure's own ``backward()`` is intercepted locally — on the closure's thread, while it runs —
+not by patching ``torch.autograd.backward`` for the whole process."""
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import curvscope as cs
+from curvscope.optim._closure import Counts, Evaluation, loss_only
+from tests import cases
+
+DT = torch.float64
+
+
+def _closure(case, backward=None):
+    params = list(case.model.parameters())
+
+    def closure():
+        for p in params:
+            p.grad = None
+        out = case.model(case.inputs)
+        loss = case.loss_fn(out, case.targets)
+        if backward == "method":
+            loss.backward()
+        elif backward == "function":
+            torch.autograd.backward(loss)
+        return loss, out
+
+    return params, closure
+
+
+@pytest.mark.parametrize("make", [cases.mlp, cases.logreg_bce])
+def test_closure_products_are_the_curvature_products_bit_for_bit(make):
+    case = make()
+    params, closure = _closure(case)
+    ev = Evaluation(params, closure, Counts())
+    V = torch.randn(ev.n, 3, generator=torch.Generator().manual_seed(0), dtype=DT)
+    for kind, product in (("hessian", ev.hvp), ("ggn", ev.ggn)):
+        C = cs.Curvature(
+            case.model,
+            case.loss_fn,
+            (case.inputs, case.targets),
+            kind=kind,
+            backend="double_backward",
+        )
+        assert torch.equal(product(V), C @ V), kind
+    assert ev.counts.products == 6
+
+
+@pytest.mark.parametrize("backward", ["method", "function"])
+def test_a_closures_own_backward_keeps_the_graph_and_fills_grad(backward):
+    case = cases.mlp()
+    params, closure = _closure(case, backward)
+    counts = Counts()
+    ev = Evaluation(params, closure, counts)
+    assert torch.equal(torch.cat([p.grad.reshape(-1) for p in params]), ev.flat_grad)
+    plain = Evaluation(params, _closure(case)[1], Counts())
+    assert torch.equal(ev.flat_grad, plain.flat_grad)
+    eye = torch.eye(ev.n, dtype=DT)
+    torch.testing.assert_close(ev.hvp(eye), cases.dense_hessian(case), rtol=0, atol=1e-10)
+    assert counts.gradients == 2 and counts.closure_calls == 1  # its backward, and ours
+
+
+@pytest.mark.parametrize("backward", ["method", "function"])
+def test_a_loss_only_evaluation_makes_the_closures_backward_a_no_op(backward):
+    case = cases.mlp()
+    params, closure = _closure(case, backward)
+    for p in params:
+        p.grad = torch.full_like(p, 7.0)
+    counts = Counts()
+    value = loss_only(closure, params, counts)
+    with torch.no_grad():
+        expected = float(case.loss_fn(case.model(case.inputs), case.targets))
+    assert value == pytest.approx(expected)
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in params)
+    assert counts.gradients == 0 and counts.closure_calls == 1
+
+
+def test_nothing_global_is_patched_and_other_threads_are_untouched():
+    case = cases.mlp()
+    params, user_closure = _closure(case, "method")
+    original = torch.autograd.backward
+    seen = {}
+
+    def elsewhere():
+        # another thread's backward while the closure runs: torch's own, graph freed after it
+        w = torch.ones(3, dtype=DT, requires_grad=True)
+        y = (w**3).sum()
+        y.backward()
+        try:
+            y.backward()
+        except RuntimeError as e:
+            seen["second backward"] = str(e)
+
+    def closure():
+        seen["backward is torch's"] = torch.autograd.backward is original
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join()
+        return user_closure()
+
+    counts = Counts()
+    Evaluation(params, closure, counts)
+    assert seen["backward is torch's"]
+    assert "backward through the graph a second time" in seen["second backward"]
+    assert counts.gradients == 2  # the closure's backward and ours, not the other thread's
+    assert torch.autograd.backward is original
+
+
+def test_a_failing_closure_leaves_backward_as_torch_has_it():
+    original = torch.autograd.backward
+    x = torch.ones(2, dtype=DT, requires_grad=True)
+
+    def failing():
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        Evaluation([x], failing, Counts())
+    assert torch.autograd.backward is original
+    y = (x**2).sum()
+    y.backward()  # an ordinary backward afterwards frees its graph as usual
+    with pytest.raises(RuntimeError, match="second time"):
+        y.backward()
+
+
+def test_a_closure_without_outputs_has_no_gauss_newton_product():
+    x = torch.ones(2, dtype=DT, requires_grad=True)
+    ev = Evaluation([x], lambda: (x**4).sum(), Counts())
+    torch.testing.assert_close(ev.hvp(torch.eye(2, dtype=DT)), 12 * torch.eye(2, dtype=DT))
+    with pytest.raises(ValueError, match=r"return \(loss, outputs\)"):
+        ev.ggn(torch.eye(2, dtype=DT))
+
+
+def test_a_model_in_eval_mode_with_attention_gives_the_same_loss_for_trials_and_evaluations():
+    """Inside the closure's mode torch's fused attention fast path (eval, no grad) is off:
+    the trial loss is computed like the evaluated one (with the fast path, seed 4 differs in
+    the last bit)."""
+    X = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(1), dtype=DT)
+    for seed in range(5):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        model = layer.to(DT).eval()
+        params = list(model.parameters())
+
+        def closure(model=model):
+            return model(X).pow(2).mean()
+
+        evaluated = Evaluation(params, closure, Counts()).loss
+        assert loss_only(closure, params, Counts()) == evaluated, seed
