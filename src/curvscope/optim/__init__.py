@@ -7,6 +7,9 @@ optimizer differentiates it itself, so the user's loop never calls
 a transaction: if anything raises inside it, the parameters, the state and the counts are put
 back as they were at its start before the exception propagates.
 
+The second-order methods are each a *descent* (:mod:`curvscope.optim.descents`) paired with a
+*search* (:mod:`curvscope.optim.searches`) on :class:`ModelStepOptimizer`, which runs the step.
+
 >>> import torch, curvscope as cs
 >>> x = torch.tensor([-1.2, 1.0], dtype=torch.float64, requires_grad=True)
 >>> opt = cs.optim.NewtonCG([x])
@@ -16,6 +19,7 @@ back as they were at its start before the exception propagates.
 'minimum'
 """
 
+from curvscope.optim import descents, searches
 from curvscope.optim._closure import Counts
 from curvscope.optim.base import CurvscopeOptimizer, StepInfo
 from curvscope.optim.diagonal import (
@@ -28,6 +32,7 @@ from curvscope.optim.diagonal import (
 from curvscope.optim.first_order import NormalizedGD
 from curvscope.optim.hessian_free import HessianFree
 from curvscope.optim.krylov import CubicNewton, SaddleFreeNewton
+from curvscope.optim.model_step import ModelStepOptimizer
 from curvscope.optim.newton import Newton, NewtonCG
 from curvscope.optim.registry import REGISTRY, OptimizerInfo, build, get, names
 from curvscope.optim.stationary import PointType, stationary_point
@@ -42,6 +47,7 @@ __all__ = [
     "GaussNewtonBartlett",
     "HessianFree",
     "Hutchinson",
+    "ModelStepOptimizer",
     "Newton",
     "NewtonCG",
     "NormalizedGD",
@@ -51,7 +57,9 @@ __all__ = [
     "Sophia",
     "StepInfo",
     "build",
+    "descents",
     "get",
     "names",
+    "searches",
     "stationary_point",
 ]
