@@ -92,6 +92,27 @@ def test_the_cg_damping_is_the_damped_operator_bit_for_bit():
     _close(by_hand.x, torch.linalg.solve(A + 9.0 * torch.eye(7, dtype=DT), b))
 
 
+def test_a_damped_residual_is_formed_term_by_term_as_cg_always_formed_it():
+    A, B, X = _sym(), _vec(seed=6)[:, None], _vec(seed=7)[:, None]
+    base = as_operator(A)
+    op = base.damped(0.3).shifted(_vec(seed=8))
+    d = _vec(seed=8)[:, None]
+    assert torch.equal(op.residual(B, X), ((B - A @ X) - 0.3 * X) - d * X)
+    assert op.matvecs == base.matvecs == 1
+    scaled = base.scaled(2.0)  # not a shift: B − (cA)X in one piece
+    assert torch.equal(scaled.residual(B, X), B - 2.0 * (A @ X))
+
+
+def test_a_composition_never_narrows_the_vectors_it_is_given():
+    A = _spd(5).float()
+    base = as_operator(A)
+    op = base.shifted(0.25)
+    assert op.dtype == torch.float32
+    V = torch.randn(5, 2, generator=_gen(9), dtype=DT)
+    out = op(V)  # the product narrows to float32 inside; the shift is added in float64
+    assert out.dtype == DT and torch.equal(out, base(V) + 0.25 * V)
+
+
 def test_tags_psd_where_it_follows_and_symmetric_always():
     psd = as_operator(_curvature("ggn"))
     indefinite = as_operator(_curvature("hessian"))

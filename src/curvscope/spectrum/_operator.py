@@ -13,7 +13,7 @@ import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,12 +45,13 @@ class Operator:
 
     Operators compose, as lineax's do: :meth:`shifted` (A + σI), :meth:`scaled` (cA),
     :meth:`damped` (A + λD, the Levenberg-Marquardt damping) and :meth:`congruence` (DAD) return
-    new operators over this one. A composition runs its own arithmetic in the working dtype
-    (:attr:`work_dtype`) and calls this operator for the product, so the products still run in
-    the wrapped operator's dtype and are counted on it as well (``matvecs`` of a composition
-    counts the products taken through it; the wrapped operator's, and a Curvature's, count
-    them too). Every composition is symmetric again — there is deliberately no one-sided
-    diagonal scaling DA, which is not.
+    new operators over this one. A composition runs its own arithmetic in the dtype of the
+    vectors it is given, at least the working dtype (:attr:`work_dtype`; it never narrows them),
+    and calls this operator for the product, so the products still run in the wrapped
+    operator's dtype and are counted on it as well (``matvecs`` of a composition counts the
+    products taken through it; the wrapped operator's, and a Curvature's, count them too).
+    Every composition is symmetric again — there is deliberately no one-sided diagonal scaling
+    DA, which is not.
 
     Tags (declared, as lineax's are; the estimators rely on symmetry, PSD is informative):
         symmetric: Aᵀ = A. True for every Curvature and composition; for a dense tensor,
@@ -69,6 +70,10 @@ class Operator:
     matvecs: int = 0
     symmetric: bool = True
     psd: bool = False
+    #: a composition: computes in its vectors' dtype (at least ``dtype``), never narrows them
+    composed: bool = False
+    #: for a shifted composition, the term σX it adds to the wrapped operator's product
+    shift: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)
 
     @property
     def work_dtype(self) -> torch.dtype:
@@ -81,12 +86,32 @@ class Operator:
             return self.matmat(V)
         if torch.finfo(V.dtype).bits <= torch.finfo(self.dtype).bits:
             return self.matmat(V.to(self.dtype)).to(V.dtype)
+        if self.composed:  # its own arithmetic in V's dtype; the wrapped product narrows
+            return self.matmat(V)
         return _narrowed_product(self.matmat, V, self.dtype)
 
+    def residual(self, B: Tensor, X: Tensor) -> Tensor:
+        """B − AX for blocks of shape (n, k): one product a column.
+
+        For a shifted (or damped) operator A = S + σI it is (B − SX) − σX, term by term — the
+        order in which ``cg``'s damping always formed a warm start's residual, which
+        Hessian-free's damped solves follow to the last bit.
+        """
+        if self.shift is None:
+            return B - self(X)
+        self.matvecs += X.shape[1]
+        return self.source.residual(B, X) - self.shift(X)
+
     # ------------------------------------------------------------------------ combinators
-    def _over(self, matmat: Callable[[Tensor], Tensor], psd: bool) -> Operator:
+    def _over(
+        self,
+        matmat: Callable[[Tensor], Tensor],
+        psd: bool,
+        shift: Callable[[Tensor], Tensor] | None = None,
+    ) -> Operator:
         """A composition over this operator: same size and device, the working dtype."""
-        return Operator(matmat, self.n, self.work_dtype, self.device, self, 0, self.symmetric, psd)
+        dt, sym = self.work_dtype, self.symmetric
+        return Operator(matmat, self.n, dt, self.device, self, 0, sym, psd, True, shift)
 
     def shifted(self, sigma: float | Tensor) -> Operator:
         """A + σI for a number σ, or A + diag(σ) for a vector σ of length n.
@@ -102,13 +127,21 @@ class Operator:
             tensor([[1.5000, 0.0000],
                     [0.0000, 2.5000]])
         """
+        term: Callable[[Tensor], Tensor]
         if isinstance(sigma, Tensor):
             d = _check_diagonal(sigma, self, "sigma", nonnegative=False)
-            return self._over(
-                lambda V: self(V) + _diag_times(d, V), self.psd and bool(d.min() >= 0)
-            )
-        s = _check_real(sigma, "sigma")
-        return self._over(lambda V: self(V) + s * V, self.psd and s >= 0)
+            psd = self.psd and bool(d.min() >= 0)
+
+            def term(V: Tensor) -> Tensor:
+                return _diag_times(d, V)
+        else:
+            s = _check_real(sigma, "sigma")
+            psd = self.psd and s >= 0
+
+            def term(V: Tensor) -> Tensor:
+                return s * V
+
+        return self._over(lambda V: self(V) + term(V), psd, term)
 
     def scaled(self, c: float) -> Operator:
         """cA for a real number c. PSD when A is declared PSD and c ≥ 0."""

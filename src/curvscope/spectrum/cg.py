@@ -119,7 +119,7 @@ def _cg(
         x, r = torch.zeros_like(b), b.clone()
     else:
         x = x0.to(b).clone()
-        r = b - op(x[:, None])[:, 0]
+        r = op.residual(b[:, None], x[:, None])[:, 0]  # (b − Ax) − λx for a damped A
     p = r.clone()
     bnorm = float(b.norm()) or 1.0
     rr = float(r @ r)
