@@ -201,6 +201,40 @@ def test_worker_processes_see_the_same_batches():
     torch.testing.assert_close(C @ v, C @ v, rtol=0, atol=0)
 
 
+def test_persistent_workers_with_shuffling_give_one_fixed_matrix():
+    """Their first pass used to draw the workers' base seed and then the permutation, the later
+    passes (resets) only the permutation: refused as 'changing data'."""
+    case = cases.dropout_batchnorm(n=23)
+    loader = _loader(case, shuffle=True, num_workers=2, persistent_workers=True)
+    states = _rng_states(loader)
+    C = cs.Curvature(case.model, case.loss_fn, loader)
+    v = _probe(C.num_params)
+    torch.testing.assert_close(C @ v, C @ v, rtol=0, atol=0)
+    batches = [(b.inputs, b.targets) for b in C.objective.batches()]
+    L = cs.Curvature(case.model, case.loss_fn, batches)
+    torch.testing.assert_close(C @ v, L @ v)
+    _assert_same_states(states, _rng_states(loader))
+
+
+def test_train_batches_from_a_loader_leave_the_global_rng_as_found():
+    case = cases.dropout_batchnorm(n=23)
+    loader = _loader(case, shuffle=True)
+    states = _rng_states()
+    a = cs.diagnose(case.model, case.loss_fn, case.data, lr=0.1, train_batches=loader)
+    _assert_same_states(states, _rng_states())
+    b = cs.diagnose(case.model, case.loss_fn, case.data, lr=0.1, train_batches=loader)
+    assert a.evidence["batch_sharpness"] == b.evidence["batch_sharpness"]
+
+
+def test_a_model_converted_in_place_is_refused_naming_the_conversion():
+    case = cases.mlp()
+    C = cs.Curvature(case.model, case.loss_fn, case.data)
+    C @ _probe(C.num_params)
+    case.model.float()
+    with pytest.raises(ValueError, match=r"now torch.float32.*converted.*new Curvature"):
+        C @ _probe(C.num_params)
+
+
 class _NoisyDataset(Dataset):
     """Random augmentation from an RNG of its own: what curvscope cannot fix."""
 
@@ -218,7 +252,7 @@ class _NoisyDataset(Dataset):
 def test_data_that_still_varies_is_refused_at_construction():
     case = cases.mlp()
     loader = DataLoader(_NoisyDataset(case.inputs, case.targets), batch_size=6)
-    with pytest.raises(RuntimeError, match=r"differs from the same batch.*deterministic"):
+    with pytest.raises(ValueError, match=r"differs from the same batch.*deterministic"):
         cs.Curvature(case.model, case.loss_fn, loader)
 
 

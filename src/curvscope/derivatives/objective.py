@@ -56,6 +56,34 @@ _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 REDUCTIONS = ("mean", "sum")
 
 
+def _loader_generators(loader: Any) -> list[torch.Generator]:
+    """The torch generators a loader draws its shuffling and worker seeds from."""
+    found: dict[int, torch.Generator] = {}
+    for owner in (
+        loader,
+        getattr(loader, "sampler", None),
+        getattr(loader, "batch_sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+    ):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator):
+            found[id(g)] = g
+    return list(found.values())
+
+
+def fixed_pass(data: Iterable[Any], seed: int) -> Iterator[Any]:
+    """One pass over ``data`` with a loader's randomness (shuffling, worker seeds, main-process
+    augmentation) drawn from ``seed`` and the user's RNG states left as found — the same
+    batches for the same seed. A list or tuple is iterated as it is."""
+    if isinstance(data, (list, tuple)):
+        return iter(data)
+    return _PassRandomness(_loader_generators(data), DATA.seed(seed)).iterate(data)
+
+
+class DataChangedError(ValueError):
+    """The data of a pass differ from the first pass: the operator would not be one matrix."""
+
+
 class _PassRandomness:
     """The randomness of one pass over a loader, fixed by a seed and kept apart from the user's.
 
@@ -170,12 +198,16 @@ def _float64(x: Any) -> Any:
 
 
 def _fingerprint(inputs: Any, targets: Tensor) -> tuple[Any, ...]:
-    """Shape, dtype and two sums per tensor of a batch — one plain and one weighted by the
-    row's position — in float64: equal for the same batch, different (almost surely) for
-    other samples or another order."""
+    """Shape, dtype and two float64 sums per tensor of a batch over a strided sample of each
+    row (about 256 entries a row) — one plain, one weighted by the row's position: equal for the
+    same batch, different (almost surely) for other samples, another order, or augmentation
+    that moves the sampled entries (crops, flips, noise), at a cost that does not grow with the
+    size of a sample."""
     out: list[Any] = []
     for t in (*_tensors(inputs), targets):
-        rows = t.detach().reshape(t.shape[0] if t.ndim else 1, -1).to(torch.float64).sum(1)
+        flat = t.detach().reshape(t.shape[0] if t.ndim else 1, -1)
+        stride = max(1, flat.shape[1] // 256)
+        rows = flat[:, ::stride].to(torch.float64).sum(1)
         w = torch.arange(1, rows.numel() + 1, dtype=torch.float64, device=rows.device)
         out += [tuple(t.shape), t.dtype, float(rows.sum()), float((w * rows).sum())]
     return tuple(out)
@@ -422,8 +454,14 @@ class ModelObjective:
                     f"the model no longer has a parameter named {name!r}; build a new Curvature "
                     "for the changed model"
                 )
+            if p.dtype != self.dtype or p.device != self.device:
+                raise ValueError(
+                    f"parameter {name!r} is now {p.dtype} on {p.device}, but the operator was "
+                    f"built for {self.dtype} on {self.device} (the model was converted, e.g. "
+                    "model.double() or model.to(device)); build a new Curvature for it"
+                )
             if p is not old:
-                if p.shape != old.shape or p.dtype != old.dtype or p.device != old.device:
+                if p.shape != old.shape:
                     raise RuntimeError(
                         f"parameter {name!r} was replaced by one of shape {tuple(p.shape)}, "
                         f"{p.dtype} on {p.device} (the operator was built for "
@@ -470,28 +508,35 @@ class ModelObjective:
         )
 
     def _generators(self) -> list[torch.Generator]:
-        """The torch generators a loader draws its shuffling and worker seeds from."""
-        found: dict[int, torch.Generator] = {}
-        loader = self._data
-        for owner in (
-            loader,
-            getattr(loader, "sampler", None),
-            getattr(loader, "batch_sampler", None),
-            getattr(getattr(loader, "batch_sampler", None), "sampler", None),
-        ):
-            g = getattr(owner, "generator", None)
-            if isinstance(g, torch.Generator):
-                found[id(g)] = g
-        return list(found.values())
+        return _loader_generators(self._data)
 
     def _data_is_list(self) -> bool:
         return isinstance(self._data, list)
+
+    def _start_persistent_workers(self) -> None:
+        """Create a ``persistent_workers`` loader's iterator once, under the user's RNG states
+        (restored), so that every pass of ours is a reset of it. Otherwise the first pass would
+        draw the workers' base seed and then the sampler's permutation, and the later passes
+        (resets) only the permutation: the first pass's order would differ from all others."""
+        loader = self._data
+        if (
+            getattr(loader, "persistent_workers", False)
+            and getattr(loader, "num_workers", 0) > 0
+            and getattr(loader, "_iterator", None) is None
+        ):
+            keep = _PassRandomness(self._generators(), 0)
+            user = keep._get()
+            try:
+                iter(loader)
+            finally:
+                keep._set(user)
 
     def _raw_batches(self) -> Generator[tuple[int, Any, Tensor, Tensor], None, None]:
         """(index, inputs, targets, labels) of every batch, in order."""
         if self._data_is_list():
             items: Iterator[Any] = iter(self._data)
         else:
+            self._start_persistent_workers()
             rng = _PassRandomness(self._generators(), DATA.seed(self.seed))
             items = rng.iterate(self._data)
         for i, item in enumerate(items):
@@ -555,13 +600,15 @@ class ModelObjective:
 
     def _check_fingerprint(self, i: int, inputs: Any, targets: Tensor) -> None:
         if i < len(self._fingerprints) and _fingerprint(inputs, targets) != self._fingerprints[i]:
-            raise RuntimeError(
+            raise DataChangedError(
                 f"batch {i} of the data differs from the same batch on the first pass, although "
                 "curvscope fixes the loader's shuffling, worker seeds and the global RNGs for "
-                "every pass: something else draws randomness (a dataset with a random generator "
-                "of its own, or persistent_workers=True with random augmentation). A curvature "
-                "operator must be one fixed matrix: make the data deterministic (no augmentation "
-                "or a seeded one) or pass a list of batches drawn once"
+                "every pass: something else draws randomness or changed the data (a dataset "
+                "with a random generator of its own, random augmentation in persistent workers, "
+                "a sampler with an RNG of its own, DistributedSampler.set_epoch called since the "
+                "operator was built). A curvature operator must be one fixed matrix: make the "
+                "data deterministic (no augmentation or a seeded one), build a new Curvature "
+                "after set_epoch, or pass a list of batches drawn once"
             )
 
     def batches(self) -> Iterator[Batch]:
@@ -576,7 +623,7 @@ class ModelObjective:
             dev = self.device
             yield Batch(i, _to_device(inputs, dev), targets.to(dev), n, _to_device(labels, dev))
         if seen != self.num_samples:
-            raise RuntimeError(
+            raise DataChangedError(
                 f"the data yielded {seen} samples but {self.num_samples} when the operator was "
                 "built; a curvature operator needs the same data on every pass (no growing "
                 "or shrinking datasets)"
@@ -758,8 +805,8 @@ class ModelObjective:
             return "mean" if is_mean else "sum"
         raise ValueError(
             f"cannot tell whether loss_fn averages or sums over samples: on a batch of {n} its "
-            f"value {whole:.6g} is {'both' if is_mean else 'neither'} the mean and "
-            f"{'' if is_mean else 'nor '}the sum of its values on the two halves "
+            f"value {whole:.6g} is {'both' if is_mean else 'neither'} the mean "
+            f"{'and' if is_mean else 'nor'} the sum of its values on the two halves "
             f"({first:.6g}, {second:.6g}); {fix}"
         )
 

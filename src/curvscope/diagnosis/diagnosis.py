@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from curvscope.derivatives import Curvature
+from curvscope.derivatives.objective import fixed_pass
 from curvscope.diagnosis.classify import (
     DEFAULT_THRESHOLDS,
     Evidence,
@@ -348,7 +349,7 @@ def _batch_sharpness(
     reduction: str,
 ) -> tuple[float | None, float | None, int]:
     values: list[float] = []
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(fixed_pass(batches, seed)):  # the user's RNGs untouched
         if i >= max_batches:
             break
         Cb = Curvature(
