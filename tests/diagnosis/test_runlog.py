@@ -218,6 +218,29 @@ def test_a_second_writer_is_refused_and_destroys_nothing(tmp_path):
         pass
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork only")
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    """A DataLoader worker forked while a Monitor's log is open inherited the locked file: a
+    new Monitor on the path was refused after the first closed, while the worker lived."""
+    path = tmp_path / "run.jsonl"
+    first = RunLogWriter(path, "x", HEADER)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child outlives the parent's close(), like a persistent worker
+        os.close(write_end)
+        os.read(read_end, 1)
+        os._exit(0)
+    os.close(read_end)
+    try:
+        first.close()
+        with RunLogWriter(path, "a", HEADER):
+            pass
+    finally:
+        os.write(write_end, b"x")
+        os.close(write_end)
+        os.waitpid(pid, 0)
+
+
 CHILD = """
 import sys, time, torch, curvscope as cs
 model = torch.nn.Linear(2, 1)

@@ -147,6 +147,7 @@ class RunLogWriter:
         if self.closed:
             return
         if self._raw is not None:
+            _LOCKED.discard(self._raw.fileno())
             self._raw.close()  # closing the descriptor releases the flock
         self._raw = self._text = None
         if self.lost:
@@ -217,6 +218,32 @@ def check_log_mode(mode: object) -> None:
         )
 
 
+#: descriptors of the logs this process holds locked: a forked child (a DataLoader worker)
+#: inherits them, and with them the lock, which would outlive the writer's close()
+_LOCKED: set[int] = set()
+
+
+def _release_in_child() -> None:
+    """After a fork, point the child's copies of the locked descriptors at /dev/null: the
+    lock belongs to the open file, so the child's copy would keep it held after the parent
+    closes (a new Monitor on the path would be refused while a persistent worker lives). The
+    descriptor numbers stay valid, so nothing in the child closes an unrelated file later."""
+    if not _LOCKED:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in _LOCKED:
+            with contextlib.suppress(OSError):
+                os.dup2(null, fd)
+    finally:
+        os.close(null)
+    _LOCKED.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_release_in_child)
+
+
 def _open_locked(path: Path, mode: str) -> io.FileIO:
     # O_APPEND: every write lands at the end; never O_TRUNC here: "w" truncates only once it
     # holds the lock, so that a refused second writer destroys nothing
@@ -240,6 +267,7 @@ def _open_locked(path: Path, mode: str) -> io.FileIO:
                 "another process: it holds the file's lock); two writers would interleave their "
                 "records. Give each Monitor its own log path, or close the other one first"
             ) from None
+        _LOCKED.add(fd)
     if mode == "w":
         os.ftruncate(fd, 0)
     return raw
