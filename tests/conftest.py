@@ -1,0 +1,85 @@
+"""Shared test configuration: the ``slow`` marker, applied in one place.
+
+``pytest`` (``make test``, CI) runs every test. ``pytest -m "not slow"`` is the fast inner loop:
+it leaves out the tests listed in :data:`SLOW` and any test marked ``@pytest.mark.slow`` in its
+own file.
+
+An entry names a test function (``path::name``, all its parameter sets) or one parameter set
+(``path::name[id]``). The number beside it is the CPU seconds it took — the test process's and
+the child processes' it waits for (torchrun, the CLI), which a loaded machine does not inflate
+as it does wall time — measured over the whole suite on the 2-core machine; about 3 CPU seconds
+is 2 s of wall time alone. ``tests/test_conftest.py`` fails when an entry names a test that no
+longer exists, so a rename cannot silently put a slow test back into the fast loop.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+#: Tests that take more than about 2 s alone on 2 cores, with the CPU seconds measured.
+SLOW: dict[str, float] = {
+    # long training runs and real data
+    "tests/diagnosis/test_monitor.py::test_mini_batch_sgd_keeps_full_batch_sharpness_below_the_"
+    "limit_the_more_the_smaller_the_batch": 68.7,
+    "tests/examples/test_quickstart.py::test_quickstart_runs_and_reports_direction_and_shape": 22.9,
+    "tests/optim/test_methods.py::test_diagonal_estimators_are_unbiased": 18.6,
+    "tests/optim/test_methods.py::test_adahessian_and_sophia_train_the_digits_mlp": 14.5,
+    "tests/diagnosis/test_monitor.py::"
+    "test_adam_preconditioned_sharpness_settles_near_38_over_lr": 10.1,
+    "tests/diagnosis/test_monitor.py::"
+    "test_full_batch_gd_reaches_and_holds_the_edge_of_stability": 7.5,
+    "tests/diagnosis/test_precision.py::test_a_monitor_in_a_training_loop_under_autocast": 4.0,
+    # dense references of the larger models
+    "tests/derivatives/test_curvature.py::"
+    "test_empirical_fisher_is_mean_of_per_sample_gradient_outer_products": 15.9,
+    "tests/derivatives/test_curvature.py::test_hessian_matches_jacfwd_grad[transformer]": 13.9,
+    "tests/derivatives/test_curvature.py::test_ggn_matches_jacobian_reference[transformer]": 11.8,
+    "tests/derivatives/test_curvature.py::"
+    "test_uneven_batches_and_loader_give_the_full_batch_operator[empirical_fisher]": 3.7,
+    "tests/derivatives/test_trust.py::test_a_shuffled_loader_equals_the_list_of_its_batches": 13.7,
+    "tests/spectrum/test_precision.py::test_density[layernorm-fp16]": 5.5,
+    # other processes: torchrun, the command line, Hugging Face models, a browser
+    "tests/distributed/test_distributed.py::test_probe_under_torchrun_matches_one_process": 14.5,
+    "tests/distributed/test_distributed.py::test_two_ranks_equal_one_process_on_the_full_data": 6.6,
+    "tests/distributed/test_distributed.py::"
+    "test_a_failed_rank_ends_the_others_with_a_clear_error": 3.5,
+    "tests/distributed/test_distributed.py::"
+    "test_ranks_that_build_different_operators_get_the_same_clear_error": 3.2,
+    "tests/integrations/test_huggingface_probe.py::"
+    "test_probe_on_gpt2_with_its_own_loss_and_a_report": 25.6,
+    "tests/integrations/test_huggingface_probe.py::"
+    "test_probe_judges_adamw_by_a_trainer_checkpoint": 13.7,
+    "tests/integrations/test_integrations.py::test_transformers_trainer_callback": 3.5,
+    "tests/cli/test_cli.py::test_lab_writes_results_plots_and_report": 9.0,
+    "tests/cli/test_cli.py::test_report_renders_a_monitor_log": 8.8,
+    "tests/cli/test_cli.py::test_probe_on_a_built_in_problem": 3.4,
+    "tests/cli/test_cli.py::"
+    "test_probe_slices_of_a_list_of_two_batches_against_dense_references": 3.1,
+    "tests/cli/test_probe_optimizer_state.py::test_adam_is_judged_by_its_saved_state": 6.4,
+    "tests/cli/test_probe_optimizer_state.py::test_lr_replaces_the_saved_learning_rate": 4.7,
+    # Chromium's own time is not counted above: 4.4 and 1.6 s of wall time on the shared machine
+    "tests/cli/test_cli.py::test_report_in_a_real_browser": 1.9,
+    "tests/report/test_html.py::test_no_injected_script_runs_in_a_real_browser": 1.1,
+}
+
+
+def slow_key(nodeid: str) -> str:
+    """The :data:`SLOW` key of a collected test: its node id without the parameters."""
+    return nodeid.split("[", 1)[0]
+
+
+def is_listed(nodeid: str) -> bool:
+    """Whether :data:`SLOW` lists this test, by its function or by its parameter set."""
+    return nodeid in SLOW or slow_key(nodeid) in SLOW
+
+
+#: The node ids collected in this session, before ``-m``/``-k`` deselect any.
+COLLECTED = pytest.StashKey[frozenset[str]]()
+
+
+@pytest.hookimpl(tryfirst=True)  # before the deselection by -m "not slow"
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    config.stash[COLLECTED] = frozenset(item.nodeid for item in items)
+    for item in items:
+        if is_listed(item.nodeid):
+            item.add_marker(pytest.mark.slow)
