@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from curvscope.derivatives import kinds as _k
-from curvscope.derivatives._checks import (
+from curvscope.derivatives.checks import (
     check_dense_size,
     check_finite,
     check_int,

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvscope.derivatives.objective import Batch, ModelObjective
+from curvscope.derivatives.seeding import FISHER_LABELS, generator
 
 
 class PreparedProduct(Protocol):
@@ -376,8 +377,7 @@ def prepare_fisher(
         rows = likelihood.as_terms(out)
         jac = _Jacobian(rows, list(theta.values()))
     counted = likelihood.counted(obj.loss_fn, rows, batch.targets)
-    gen = torch.Generator(device=out.device)
-    gen.manual_seed(seed * 7_919 + batch.index)
+    gen = generator(seed, out.device, FISHER_LABELS, batch.index)
     with torch.no_grad():
         g = likelihood.sample_grad(rows.detach(), gen, mc_samples)
         g = g * (counted > 0).to(g.dtype)[:, None]

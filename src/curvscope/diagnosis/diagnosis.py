@@ -24,9 +24,9 @@ from curvscope.diagnosis.classify import (
 )
 from curvscope.diagnosis.stability import StabilityLimit, stability_limit
 from curvscope.spectrum import Operator, as_operator, eigenvalues
-from curvscope.spectrum._operator import autocast_off, working_dtype
 from curvscope.spectrum.cg import cg
 from curvscope.spectrum.eigen import block_shares
+from curvscope.spectrum.precision import autocast_off, working_dtype
 
 #: The default cost of one diagnosis, in curvature products.
 DEFAULT_BUDGET = 80

@@ -1,15 +1,16 @@
-"""What the estimators accept as an operator, and the pieces they share (probes, progress).
+"""What the estimators accept as an operator, its combinators, and the pieces the estimators
+share (budgets, progress).
 
-Precision: the products run in the operator's own dtype (a half or bfloat16 model's curvature is
-computed in half or bfloat16), but every estimator's own arithmetic — orthogonalization,
-projected eigenproblems, accumulations, probe statistics — runs in the *working dtype*, float32
-at least (:func:`working_dtype`). :class:`Operator` casts each block to the product dtype just
-for the product and casts the result back.
+Precision (:mod:`curvscope.spectrum.precision`): the products run in the operator's own dtype (a
+half or bfloat16 model's curvature is computed in half or bfloat16), but every estimator's own
+arithmetic — orthogonalization, projected eigenproblems, accumulations, probe statistics — runs
+in the *working dtype*, float32 at least (:func:`~curvscope.spectrum.precision.working_dtype`).
+:class:`Operator` casts each block to the product dtype just for the product and casts the
+result back.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,17 +21,10 @@ import torch
 from torch import Tensor
 
 from curvscope.derivatives import Curvature
-from curvscope.derivatives._checks import check_int, check_seed
+from curvscope.derivatives.checks import check_int, check_real
+from curvscope.spectrum.precision import autocast_off, working_dtype
 
-
-def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype an estimator computes in: float32 at least, float64 for a float64 operator.
-
-    bfloat16 keeps 8 significant bits and float16 11: a Gram-Schmidt, a sum over probes or a
-    projected eigenproblem in them loses what the products measured (and torch has no QR for
-    them on the CPU).
-    """
-    return torch.promote_types(dtype, torch.float32)
+__all__ = ["Operator", "as_operator", "autocast_off", "check_budget", "progress", "working_dtype"]
 
 
 @dataclass
@@ -135,7 +129,7 @@ class Operator:
             def term(V: Tensor) -> Tensor:
                 return _diag_times(d, V)
         else:
-            s = _check_real(sigma, "sigma")
+            s = check_real(sigma, "sigma")
             psd = self.psd and s >= 0
 
             def term(V: Tensor) -> Tensor:
@@ -145,7 +139,7 @@ class Operator:
 
     def scaled(self, c: float) -> Operator:
         """cA for a real number c. PSD when A is declared PSD and c ≥ 0."""
-        c = _check_real(c, "c")
+        c = check_real(c, "c")
         return self._over(lambda V: c * self(V), self.psd and c >= 0)
 
     def damped(self, lam: float, diagonal: Tensor | None = None) -> Operator:
@@ -160,7 +154,7 @@ class Operator:
         are checked), so it keeps a PSD operator PSD and is what regularizes a Newton step;
         a shift may move the spectrum either way.
         """
-        lam = _check_real(lam, "lam")
+        lam = check_real(lam, "lam")
         if lam < 0:
             raise ValueError(
                 f"expected the damping lam to be >= 0, got {lam!r}; a damping adds curvature "
@@ -186,14 +180,6 @@ class Operator:
 def _diag_times(d: Tensor, V: Tensor) -> Tensor:
     """diag(d) V for a vector (n,) or a block (n, k)."""
     return d[:, None] * V if V.ndim == 2 else d * V
-
-
-def _check_real(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"expected {name} to be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"expected {name} to be a finite number, got {value!r}")
-    return float(value)
 
 
 def _check_diagonal(d: object, op: Operator, name: str, nonnegative: bool) -> Tensor:
@@ -256,23 +242,6 @@ def as_operator(A: Any) -> Operator:
     return Operator(mm, int(n), dtype, device, A, psd=getattr(A, "is_psd", False) is True)
 
 
-def generator(seed: int | torch.Generator, device: torch.device) -> torch.Generator:
-    """A private generator: the global RNG is never touched. ``seed`` is a non-negative integer
-    (1.7 and None are refused, not truncated or replaced) or a ``torch.Generator``."""
-    if isinstance(seed, torch.Generator):
-        return seed
-    g = torch.Generator(device=device)
-    g.manual_seed(check_seed(seed))
-    return g
-
-
-def rademacher(
-    n: int, k: int, gen: torch.Generator, dtype: torch.dtype, device: torch.device
-) -> Tensor:
-    z = torch.randint(0, 2, (n, k), generator=gen, device=device)
-    return (2 * z - 1).to(dtype)
-
-
 def check_budget(matvecs: object, minimum: int, what: str) -> int:
     """A product budget: an integer >= minimum (TypeError for 10.5, ValueError for 1)."""
     try:
@@ -308,15 +277,3 @@ def progress(total: int, desc: str, enabled: bool | None) -> Iterator[_Progress]
         yield bar
     finally:
         bar.close()
-
-
-@contextmanager
-def autocast_off(device: torch.device) -> Iterator[None]:
-    """Suspend an enclosing ``torch.autocast`` region: inside one, ``@`` would silently run the
-    estimators' own arithmetic in bfloat16 or float16, and the products in something other than
-    the parameters' dtype that the operator promises."""
-    if not torch.amp.is_autocast_available(device.type):
-        yield
-        return
-    with torch.autocast(device.type, enabled=False):
-        yield

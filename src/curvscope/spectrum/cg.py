@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvscope.derivatives._checks import check_int
-from curvscope.spectrum._operator import Operator, as_operator, autocast_off, working_dtype
+from curvscope.derivatives.checks import check_int
+from curvscope.spectrum._operator import Operator, as_operator
+from curvscope.spectrum.precision import autocast_off, working_dtype
 
 
 @dataclass(frozen=True)
