@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from curvscope.derivatives import checks
 from curvscope.optim._closure import Closure, Counts, check_closure, flat_params, write_flat
 
 
@@ -64,25 +65,33 @@ class StepInfo:
     sigma: float | None = None
 
 
+# Hyperparameters are checked by the shared checks (curvscope.derivatives.checks) and refused
+# the way torch.optim refuses them: a ValueError "Invalid lr: -1 (expected ...)".
+
+
 def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
+    try:
+        return checks.check_real(value, name, minimum=0, exclusive=not allow_zero)
+    except (TypeError, ValueError):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"Invalid {name}: {value!r} (expected a finite number {bound})")
-    return float(value)
+        raise ValueError(f"Invalid {name}: {value!r} (expected a finite number {bound})") from None
 
 
 def check_int(name: str, value: Any, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= {minimum})")
-    return value
+    try:
+        return checks.check_int(value, name, minimum)
+    except (TypeError, ValueError):
+        raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= {minimum})") from None
 
 
 def check_unit(name: str, value: Any) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not ok or not 0 <= value < 1:
+    try:
+        number = checks.check_real(value, name, minimum=0)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not number < 1:
         raise ValueError(f"Invalid {name}: {value!r} (expected a number in [0, 1))")
-    return float(value)
+    return number
 
 
 def check_betas(betas: Any) -> tuple[float, float]:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from curvscope.derivatives.flat import flatten
 from curvscope.derivatives.kinds import likelihood_of
 from curvscope.derivatives.seeding import STEP_PROBES, rademacher
 from curvscope.diagnosis.stability import StabilityRule, adam_constant
@@ -78,7 +79,7 @@ class GaussNewtonBartlett:
             N = rows.shape[0]
             g_hat = torch.autograd.grad(rows, ev.params, s / N, retain_graph=True)
         counts.gradients += 1
-        return N * torch.cat([t.reshape(-1) for t in g_hat]) ** 2
+        return N * flatten(g_hat) ** 2
 
     def __repr__(self) -> str:
         return f"GaussNewtonBartlett({self.loss_fn!r})"
