@@ -515,7 +515,7 @@ def test_data_that_changes_between_passes_is_caught():
     source = Shrinking()
     C = cs.Curvature(case.model, case.loss_fn, source)
     source.batches.pop()
-    with pytest.raises(RuntimeError, match="same data on every pass"):
+    with pytest.raises(ValueError, match="same data on every pass"):
         C @ torch.ones(C.num_params, dtype=torch.float64)
 
 
