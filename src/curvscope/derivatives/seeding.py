@@ -16,7 +16,8 @@ stream             stride     offset   index        draws
 =================  =========  =======  ===========  =============================================
 ``PROBES``         1          0        (none)       the spectrum estimators' probes and random
                                                     starts; an optimizer's Lanczos start (its
-                                                    seed is its gradient count)
+                                                    seed is its gradient count); the quadratic
+                                                    test problem's eigenvectors and points
 ``FORWARD``        1_000_003  0        batch index  the user's forward pass on that batch
                                                     (dropout masks), inside ``fork_rng``
 ``DATA``           1_000_003  104_729  (none)       a pass over a loader: its shuffling and

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from curvscope.derivatives.seeding import generator
+
 Fn = Callable[[Tensor], Tensor]
 
 
@@ -108,7 +110,7 @@ def quadratic(
         eigenvalues: the spectrum λ (any signs: negative ones make a saddle).
         seed: fixes the eigenvectors Q, x* and x0.
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     if eigenvalues is None:
         if condition < 1:
             raise ValueError(f"condition must be >= 1, got {condition}")
