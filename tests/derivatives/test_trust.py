@@ -312,6 +312,20 @@ def test_the_reduction_of_an_opaque_loss_is_inferred(opaque, reduction):
     assert C.objective.reduction == reduction
 
 
+def test_forward_over_reverse_weighs_an_inferred_sum_from_the_first_product():
+    """Its loss runs inside the transformed product, after the batch's weight was read: the
+    first product weighted the first batch as a mean (0.22 off)."""
+    case = cases.mlp(n=24)
+    summing = lambda o, y: F.cross_entropy(o, y, reduction="sum")  # noqa: E731
+    batches = [(case.inputs[i : i + 6], case.targets[i : i + 6]) for i in range(0, 24, 6)]
+    C = cs.Curvature(case.model, summing, batches, backend="forward_over_reverse")
+    reference = cs.Curvature(case.model, summing, batches, backend="double_backward")
+    v = _probe(C.num_params)
+    first = C @ v
+    torch.testing.assert_close(first, reference @ v)
+    torch.testing.assert_close(first, C @ v)
+
+
 def test_a_reduction_that_cannot_be_told_is_refused_naming_reduction():
     case = cases.mlp(n=24)
 

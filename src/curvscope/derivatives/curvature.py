@@ -160,6 +160,8 @@ class _ModelSource:
         prepare = self._forward if forward and self._forward is not None else self._prepare
         for batch in self.obj.batches():
             product = prepare(self.obj, batch)
+            if not self.obj._loss_checked:  # a forward-over-reverse product defers its loss:
+                self._prepare(self.obj, batch)  # the plain one settles checks and reduction
             yield self.weight(batch), product
 
 
@@ -285,6 +287,8 @@ class Curvature:
             seed=objective.seed,
             mc_samples=mc_samples,
             backend=backend,
+            reduction=reduction,  # as declared; an inferred one is compared at the first product
+            device=objective.device,
         )
         if self.group is not None and backend == "auto":
             backend = "double_backward"  # the same choice on every rank, without timing
@@ -393,9 +397,12 @@ class Curvature:
         for (name, t), (name0, t0) in zip(now, saved, strict=True):
             if name != name0 or t.shape != t0.shape or t.dtype != t0.dtype or t.device != t0.device:
                 return False
-            if not torch.equal(t.detach(), t0):
-                return False
-        return True
+        pairs = [(t.detach(), t0) for (_, t), (_, t0) in zip(now, saved, strict=True)]
+        if self.device.type == "cpu":  # torch.equal stops at the first difference
+            return all(torch.equal(t, t0) for t, t0 in pairs)
+        # on an accelerator, one host synchronisation for all tensors, not one per tensor
+        differs = [torch.ne(t, t0).any() for t, t0 in pairs]
+        return not bool(torch.stack(differs).any()) if differs else True
 
     def matmat(self, V: Tensor) -> Tensor:
         """C V for a block of vectors V of shape (num_params, k); counts k products."""

@@ -65,7 +65,7 @@ def global_count(n: int, group: Any, device: torch.device) -> int:
     return int(all_reduce_sum(t, group).item())
 
 
-def check_same_on_ranks(group: Any, **fields: Any) -> None:
+def check_same_on_ranks(group: Any, device: Any = "cpu", **fields: Any) -> None:
     """Raise the same clear error on every rank when the ranks' operators differ in any field.
 
     Each field is reduced to a number (integers as they are, anything else by a CRC-32 of its
@@ -84,7 +84,8 @@ def check_same_on_ranks(group: Any, **fields: Any) -> None:
 
     x = torch.tensor([code(v) for v in fields.values()], dtype=torch.float64)
     both = torch.cat([x, -x])
-    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    if dist.get_backend(group) != "nccl":
+        device = "cpu"  # gloo and mpi reduce host tensors; NCCL the operator's device's
     both = both.to(device)
     try:
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
