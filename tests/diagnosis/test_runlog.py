@@ -225,19 +225,22 @@ def test_a_forked_child_does_not_keep_the_lock(tmp_path):
     path = tmp_path / "run.jsonl"
     first = RunLogWriter(path, "x", HEADER)
     read_end, write_end = os.pipe()
+    ready_read, ready_write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child outlives the parent's close(), like a persistent worker
-        os.close(write_end)
+        os.write(ready_write, b"r")  # the fork hooks have run by now
         os.read(read_end, 1)
         os._exit(0)
     os.close(read_end)
+    os.read(ready_read, 1)  # as a DataLoader worker would be: started well before the close
     try:
         first.close()
         with RunLogWriter(path, "a", HEADER):
             pass
     finally:
         os.write(write_end, b"x")
-        os.close(write_end)
+        for fd in (write_end, ready_read, ready_write):
+            os.close(fd)
         os.waitpid(pid, 0)
 
 
