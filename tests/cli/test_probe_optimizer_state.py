@@ -16,13 +16,7 @@ from curvscope.cli import main
 MOD = "curvscope_cli_optimizer_state_code"  # a name no other test imports
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: threads only add synchronisation (on a busy 2-core machine, tenfold)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 USER_CODE = """

@@ -36,14 +36,7 @@ V = 11  # vocabulary
 TIGHT = {"rtol": 1e-8, "atol": 1e-10}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models of a few hundred parameters: threads only add synchronisation (on a busy 2-core
-    machine, tenfold)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
