@@ -9,7 +9,8 @@ as ``torch.func`` and ``torch.autograd.grad(is_grads_batched=True)`` expect).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,3 +42,33 @@ def unflatten(flat: Tensor, shapes: Sequence[Sequence[int]]) -> list[Tensor]:
         return [c.reshape(s) for c, s in zip(chunks, shapes, strict=True)]
     k = flat.shape[1]
     return [c.T.reshape(k, *s) for c, s in zip(chunks, shapes, strict=True)]
+
+
+def tensors(x: Any) -> Iterator[Tensor]:
+    """Every tensor in a nest of mappings, tuples and lists, in order."""
+    if isinstance(x, Tensor):
+        yield x
+    elif isinstance(x, Mapping):
+        for v in x.values():
+            yield from tensors(v)
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            yield from tensors(v)
+
+
+def map_tensors(fn: Callable[[Tensor], Tensor], x: Any) -> Any:
+    """``x`` with ``fn`` applied to every tensor in it, the nest's types kept (a Hugging Face
+    ``ModelOutput`` or another mapping type is rebuilt from keywords); other leaves as they are."""
+    if isinstance(x, Tensor):
+        return fn(x)
+    if isinstance(x, Mapping):
+        items = {k: map_tensors(fn, v) for k, v in x.items()}
+        if type(x) is not dict:
+            try:
+                return type(x)(**items)
+            except TypeError:  # a mapping not built from keywords (e.g. BatchEncoding)
+                pass
+        return items
+    if isinstance(x, (tuple, list)):
+        return type(x)(map_tensors(fn, v) for v in x)
+    return x

@@ -35,6 +35,7 @@ import logging
 import random
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -44,7 +45,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvscope.derivatives.checks import check_scalar_loss, check_seed
-from curvscope.derivatives.flat import flatten, unflatten
+from curvscope.derivatives.flat import flatten, map_tensors, tensors, unflatten
 from curvscope.derivatives.huggingface import HuggingFaceLoss
 from curvscope.derivatives.seeding import DATA, FORWARD
 
@@ -165,36 +166,14 @@ def _split_dict(i: int, item: Mapping[str, Any]) -> tuple[dict[str, Any], Tensor
     return {k: v for k, v in item.items() if k != "labels"}, labels
 
 
-def _to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, Tensor):
-        return x.to(device)
-    if isinstance(x, Mapping):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to_device(v, device) for v in x)
-    return x
-
-
 def _rows(x: Any, sl: slice, n: int) -> Any:
     """Rows ``sl`` of every tensor in ``x`` whose first dimension counts the n samples."""
-    if isinstance(x, Tensor):
-        return x[sl] if x.ndim > 0 and x.shape[0] == n else x
-    if isinstance(x, Mapping):
-        return type(x)(**{k: _rows(v, sl, n) for k, v in x.items()})
-    if isinstance(x, (tuple, list)):
-        return type(x)(_rows(v, sl, n) for v in x)
-    return x
+    return map_tensors(lambda t: t[sl] if t.ndim > 0 and t.shape[0] == n else t, x)
 
 
 def _float64(x: Any) -> Any:
     """``x`` with every floating-point tensor in float64."""
-    if isinstance(x, Tensor):
-        return x.detach().double() if x.is_floating_point() else x
-    if isinstance(x, Mapping):
-        return type(x)(**{k: _float64(v) for k, v in x.items()})
-    if isinstance(x, (tuple, list)):
-        return type(x)(_float64(v) for v in x)
-    return x
+    return map_tensors(lambda t: t.detach().double() if t.is_floating_point() else t, x)
 
 
 def _fingerprint(inputs: Any, targets: Tensor) -> tuple[Any, ...]:
@@ -204,24 +183,13 @@ def _fingerprint(inputs: Any, targets: Tensor) -> tuple[Any, ...]:
     that moves the sampled entries (crops, flips, noise), at a cost that does not grow with the
     size of a sample."""
     out: list[Any] = []
-    for t in (*_tensors(inputs), targets):
+    for t in (*tensors(inputs), targets):
         flat = t.detach().reshape(t.shape[0] if t.ndim else 1, -1)
         stride = max(1, flat.shape[1] // 256)
         rows = flat[:, ::stride].to(torch.float64).sum(1)
         w = torch.arange(1, rows.numel() + 1, dtype=torch.float64, device=rows.device)
         out += [tuple(t.shape), t.dtype, float(rows.sum()), float((w * rows).sum())]
     return tuple(out)
-
-
-def _tensors(x: Any) -> Iterator[Tensor]:
-    if isinstance(x, Tensor):
-        yield x
-    elif isinstance(x, Mapping):
-        for v in x.values():
-            yield from _tensors(v)
-    elif isinstance(x, (tuple, list)):
-        for v in x:
-            yield from _tensors(v)
 
 
 def select_parameters(
@@ -569,7 +537,7 @@ class ModelObjective:
                     f"batch {i} has no samples (targets of shape {tuple(targets.shape)}); "
                     "the first dimension of the targets counts the samples"
                 )
-            for t in (*_tensors(inputs), targets):
+            for t in (*tensors(inputs), targets):
                 if t.is_floating_point() and not torch.isfinite(t).all():
                     raise ValueError(
                         f"batch {i} of data contains NaN or Inf; clean the data (e.g. "
@@ -615,13 +583,14 @@ class ModelObjective:
         """The batches on the parameters' device, the same on every pass; raises if the data
         changed since construction."""
         seen = 0
+        dev = self.device
+        move = partial(map_tensors, lambda t: t.to(dev))
         for i, inputs, targets, labels in self._raw_batches():
             if not self._data_is_list():
                 self._check_fingerprint(i, inputs, targets)
             n = self._size(targets)
             seen += n
-            dev = self.device
-            yield Batch(i, _to_device(inputs, dev), targets.to(dev), n, _to_device(labels, dev))
+            yield Batch(i, move(inputs), targets.to(dev), n, move(labels))
         if seen != self.num_samples:
             raise DataChangedError(
                 f"the data yielded {seen} samples but {self.num_samples} when the operator was "

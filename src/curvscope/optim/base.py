@@ -22,7 +22,7 @@ The second-order methods compose a descent with a search: :mod:`curvscope.optim.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from curvscope.derivatives import checks
+from curvscope.derivatives.flat import tensors
 from curvscope.optim._closure import Closure, Counts, check_closure, flat_params, write_flat
 
 
@@ -249,7 +250,7 @@ class Snapshot:
         self._flat = flat_params(self.params) if len(kinds) == 1 else None
         self._copies = None if self._flat is not None else [p.clone() for p in self.params]
         self._state = {k: _copy_containers(v) for k, v in opt.state.items()}
-        self._versions = [(t, t._version) for t in _tensors(self._state)]
+        self._versions = [(t, t._version) for t in tensors(self._state)]
         self._counts, self._info = opt._counts, opt.info
 
     def flat(self) -> Tensor:
@@ -283,17 +284,6 @@ def _copy_containers(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return type(obj)(_copy_containers(v) for v in obj)
     return obj
-
-
-def _tensors(obj: Any) -> Iterator[Tensor]:
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, list | tuple):
-        for v in obj:
-            yield from _tensors(v)
 
 
 #: the entries of ``state_dict()`` beside "state" and "param_groups" (inside "state" before 0.2)
