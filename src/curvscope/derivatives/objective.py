@@ -733,7 +733,7 @@ class ModelObjective:
     def _infer_reduction(self, out: Any, batch: Batch) -> str:
         """ "mean" or "sum", from the loss of a batch against the losses of its two halves: a
         mean satisfies L = (n₁L₁ + n₂L₂)/n, a sum L = L₁ + L₂."""
-        n = batch.size
+        n = batch.targets.shape[0]  # rows: what the halves split (batch.size may count tokens)
         fix = (
             "pass reduction='mean' (the loss averages over the samples of a batch) or "
             "reduction='sum' (it adds them) to Curvature, diagnose or Monitor"
@@ -746,17 +746,18 @@ class ModelObjective:
                 f"sample; {fix}"
             )
         h = n // 2
-        # in float64 where the loss allows (a bfloat16 loss rounds by 0.4%), else as given
-        precise = (_float64(out), _float64(batch.targets))
+        # in float64 where the loss accepts it (a bfloat16 loss rounds by 0.4%), else as given
+        out64, targets64 = _float64(out), _float64(batch.targets)
         try:
             with torch.no_grad():
-                self.loss_fn(*precise)
-            tol = 1e-9
+                whole64 = self.loss_fn(out64, targets64)
+            out, targets, tol = out64, targets64, 1e-9
         except Exception:
-            precise, tol = (out, batch.targets), max(64 * torch.finfo(self.dtype).eps, 1e-6)
-        out, targets = precise
+            targets, tol = batch.targets, max(64 * torch.finfo(self.dtype).eps, 1e-6)
         with torch.no_grad():  # the whole batch's errors (NaN, not a scalar) are the loss's own
-            whole = float(check_scalar_loss(self.loss_fn(out, targets)))
+            whole = float(
+                check_scalar_loss(whole64 if out is out64 else self.loss_fn(out, targets))
+            )
             try:
                 first, second = (
                     float(check_scalar_loss(self.loss_fn(_rows(out, sl, n), targets[sl])))
