@@ -160,8 +160,6 @@ class _ModelSource:
         prepare = self._forward if forward and self._forward is not None else self._prepare
         for batch in self.obj.batches():
             product = prepare(self.obj, batch)
-            if not self.obj._loss_checked:  # a forward-over-reverse product defers its loss:
-                self._prepare(self.obj, batch)  # the plain one settles checks and reduction
             yield self.weight(batch), product
 
 

@@ -170,8 +170,6 @@ class _ForwardOverReverseProduct:
 
     def apply(self, blocks: Sequence[Tensor]) -> list[Tensor]:
         obj, batch = self.obj, self.batch
-        if not obj._loss_checked:  # the checks need a plain forward, not a transformed one
-            prepare_hessian(obj, batch)
         theta = {k: p.detach() for k, p in obj.params.items()}
         names = obj.names
 
@@ -199,6 +197,8 @@ def _mse(out: Tensor, target: Tensor) -> Tensor:
 
 
 def prepare_hessian_forward(obj: ModelObjective, batch: Batch) -> _ForwardOverReverseProduct:
+    if not obj._loss_checked:  # the checks and the reduction need a plain forward, not a
+        prepare_hessian(obj, batch)  # transformed one; settled here, before the batch's weight
     return _ForwardOverReverseProduct(obj, batch)
 
 
