@@ -199,3 +199,114 @@ def test_a_wrapper_that_holds_itself_is_refused_not_looped_over():
 
     with pytest.raises(TypeError, match="Pass lr="):
         cs.stability_limit(Loop())
+
+
+# ------------------------------------- coordinates Adam has not scaled yet (v exactly 0)
+class BagOfTokens(torch.nn.Module):
+    """An embedding averaged over the sequence, then a linear classifier: the rows of tokens no
+    training batch has contained get no gradient, so Adam's v stays exactly 0 there."""
+
+    def __init__(self, vocab=12, width=3, classes=2):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.head = torch.nn.Linear(width, classes)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids).mean(dim=1))
+
+
+def _tokens(vocab, rows, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(vocab, (rows, length), generator=g)
+    return ids, (ids.float().mean(dim=1) >= (vocab - 1) / 2).long()
+
+
+def _trained_on_half_the_vocabulary(steps=3, lr=1e-2, warmup=None):
+    """AdamW steps on batches of tokens 0-5 only; the probe batch holds all 12 tokens."""
+    torch.manual_seed(0)
+    model = BagOfTokens().double()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = None
+    if warmup is not None:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / warmup))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    losses = []
+    for step in range(steps):
+        ids, y = _tokens(6, 8, 5, seed=step)
+        opt.zero_grad()
+        loss = loss_fn(model(ids), y)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(float(loss.detach()))
+    return model, opt, loss_fn, _tokens(12, 32, 5, seed=99), losses
+
+
+def _dense_hessian(model, loss_fn, data):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(flat):
+        params, at = {}, 0
+        for n, shape in zip(names, shapes, strict=True):
+            params[n] = flat[at : at + shape.numel()].reshape(shape)
+            at += shape.numel()
+        return loss_fn(torch.func.functional_call(model, params, (data[0],)), data[1])
+
+    return torch.func.jacfwd(torch.func.grad(f))(theta)
+
+
+def test_rows_adam_has_not_scaled_are_left_out_of_the_preconditioned_operator():
+    model, opt, loss_fn, probe, _ = _trained_on_half_the_vocabulary()
+    lim = cs.stability_limit(opt, params=list(model.parameters()))
+    v = torch.cat([opt.state[p]["exp_avg_sq"].reshape(-1) for p in model.parameters()])
+    unseen = v == 0
+    assert int(unseen.sum()) == 6 * 3 == lim.unscaled  # the rows of tokens 6-11
+    v_hat = v / (1 - 0.999**3)
+    expected = torch.where(unseen, torch.zeros_like(v), 1 / (v_hat.sqrt() + 1e-8))
+    torch.testing.assert_close(lim.scale, expected)
+    # the operator defined: S^½ H S^½ with S = 0 on the unseen rows; dense float64 reference
+    H = _dense_hessian(model, loss_fn, probe)
+    root = lim.scale.sqrt()
+    reference = torch.linalg.eigvalsh(root[:, None] * H * root[None, :])
+    d = cs.diagnose(model, loss_fn, probe, opt)
+    assert d.evidence["sharpness"] == pytest.approx(float(reference[-1]), rel=1e-6)
+    assert d.evidence["lambda_min"] == pytest.approx(float(reference[0]), rel=1e-6, abs=1e-9)
+    # the unseen rows do curve on the probe batch: at 1/ε they dominated the operator
+    assert H[unseen][:, unseen].abs().max() > 1e-4
+    # an optimizer whose every coordinate has a gradient leaves nothing out
+    full = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss_fn(model(probe[0]), probe[1]).backward()
+    full.step()
+    model.zero_grad()
+    assert cs.stability_limit(full).unscaled == 0
+
+
+@pytest.mark.parametrize("cls", [torch.optim.RMSprop, torch.optim.Adam])
+def test_a_zero_second_moment_has_step_factor_zero_in_every_variant(cls):
+    p = params()
+    opt = cls(
+        p, lr=0.01, **({"centered": True} if cls is torch.optim.RMSprop else {"amsgrad": True})
+    )
+    _stepped(opt, p, torch.tensor([0.0, 2.0, 0.0], dtype=torch.float64))
+    r = cs.stability_limit(opt)
+    assert r.unscaled == 2 and r.scale[0] == 0 == r.scale[2] and r.scale[1] > 0
+
+
+def test_unseen_embedding_rows_no_longer_make_a_healthy_adamw_run_unstable():
+    """The false alarm of issue 14 (a): AdamW with linear warm-up, the loss falling, a probe batch
+    with tokens no training batch held yet. At 1/ε their preconditioned curvature was 200 times
+    the limit and the probe said "unstable: lower the learning rate"."""
+    model, opt, loss_fn, probe, losses = _trained_on_half_the_vocabulary(steps=5, warmup=10)
+    assert losses[-1] < losses[0]
+    lim = cs.stability_limit(opt, params=list(model.parameters()))
+    H = _dense_hessian(model, loss_fn, probe)
+    as_before = torch.where(lim.scale == 0, torch.full_like(lim.scale, 1e8), lim.scale).sqrt()
+    before = torch.linalg.eigvalsh(as_before[:, None] * H * as_before[None, :])[-1]
+    assert before > 100 * lim.limit  # what the probe judged before: 217 times the limit
+    d = cs.diagnose(model, loss_fn, probe, opt)
+    assert d.state == "learning" and d.evidence["sharpness"] < lim.limit
+    mon = cs.Monitor(model, loss_fn, probe, optimizer=opt, every=1)
+    assert mon.probe().state == "learning"

@@ -7,6 +7,16 @@ the *preconditioned* curvature P^-½ H P^-½, P = diag(√v̂ + ε) read from th
 (Cohen et al. 2021, 2022). So the limit is s* = c/η on the sharpness of S^½ H S^½, where S holds
 each parameter's step factor relative to η (its group's learning rate ratio, times P⁻¹).
 
+Coordinates the preconditioner has not scaled yet: Adam's (and RMSprop's) second moment v of a
+coordinate stays exactly 0 until a gradient reaches it (an embedding row of a token no training
+batch has contained yet). Its "step factor" 1/(√v̂ + ε) = 1/ε is then no step factor at all:
+that coordinate has not moved (m = 0), and the first gradient g that reaches it sets v̂ ∝ g² in
+the same step, so its first move is η·m̂/√v̂, about η·sign(g) whatever the curvature — a bounded
+step that the linear stability analysis (a fixed P) does not describe. Such coordinates are left
+out of the preconditioned operator (step factor 0, as for a parameter the optimizer does not
+hold) and counted (:attr:`StabilityLimit.unscaled`); with 1/ε (1e8) they made the preconditioned
+sharpness of a healthy run that of the unseen rows' curvature times 1e8.
+
 Weight decay: torch's ``weight_decay`` in SGD, Adam and RMSprop is L2 regularization added to
 the gradient, so it is part of the curvature the optimizer sees (H + λI): ``l2`` carries it.
 AdamW's decay is decoupled (θ ← θ − ηλθ, outside the gradient): it is not part of H, and it
@@ -96,7 +106,8 @@ def rmsprop_constant(name: str, group: Mapping[str, Any]) -> tuple[float, str, s
 def adam_preconditioner(
     opt: Optimizer, state: Mapping[str, Any], group: Mapping[str, Any]
 ) -> Tensor | None:
-    """P⁻¹ = 1/(√v̂ + ε), v̂ = v/(1 − β₂ᵗ) (the running maximum of v with ``amsgrad``)."""
+    """P⁻¹ = 1/(√v̂ + ε), v̂ = v/(1 − β₂ᵗ) (the running maximum of v with ``amsgrad``); 0 where
+    v is exactly 0 (no gradient has reached the coordinate yet: see the module's docstring)."""
     if "exp_avg_sq" not in state:
         return None
     b2 = group["betas"][1]
@@ -104,19 +115,26 @@ def adam_preconditioner(
     v = state["exp_avg_sq"]
     if group.get("amsgrad") and "max_exp_avg_sq" in state:
         v = state["max_exp_avg_sq"]
-    return 1.0 / ((v / (1 - b2**step)).sqrt() + group["eps"])
+    return _unscaled_left_out(v, 1.0 / ((v / (1 - b2**step)).sqrt() + group["eps"]))
 
 
 def rmsprop_preconditioner(
     opt: Optimizer, state: Mapping[str, Any], group: Mapping[str, Any]
 ) -> Tensor | None:
-    """P⁻¹ = 1/(√v + ε), v centered by the mean gradient's square when ``centered``."""
+    """P⁻¹ = 1/(√v + ε), v centered by the mean gradient's square when ``centered``; 0 where
+    the running square is exactly 0 (no gradient has reached the coordinate yet)."""
     if "square_avg" not in state:
         return None
-    v = state["square_avg"]
+    square = v = state["square_avg"]
     if group.get("centered"):
         v = v - state["grad_avg"] ** 2
-    return 1.0 / (v.sqrt() + group["eps"])
+    return _unscaled_left_out(square, 1.0 / (v.sqrt() + group["eps"]))
+
+
+def _unscaled_left_out(second_moment: Tensor, inverse: Tensor) -> Tensor:
+    """P⁻¹ with the coordinates whose second moment is still exactly 0 set to 0: the
+    preconditioner has not scaled them yet (their 1/ε is not the step they will take)."""
+    return torch.where(second_moment == 0, torch.zeros_like(inverse), inverse)
 
 
 #: torch's optimizers, by type; any other optimizer class declares ``stability_rule``
@@ -159,6 +177,9 @@ class StabilityLimit:
             or None for the identity.
         l2: per-parameter L2 coefficients the optimizer adds to the gradient (flat), or None.
         formula: the limit in words and symbols.
+        unscaled: how many coordinates the optimizer holds that its preconditioner has not
+            scaled yet (Adam's v still exactly 0): left out of the preconditioned curvature
+            (their step factor is 0 in ``scale``).
     """
 
     limit: float
@@ -169,6 +190,7 @@ class StabilityLimit:
     scale: Tensor | None
     l2: Tensor | None
     formula: str
+    unscaled: int = 0
 
     def stable_lr(self, sharpness: float) -> float:
         """The largest learning rate that is stable at this (preconditioned) sharpness."""
@@ -264,7 +286,10 @@ def _limit(
         return StabilityLimit(c / eta, eta, c, what, False, scale, l2, formula)
     inverse = _preconditioners(optimizer, rule.preconditioner, params, groups)
     scale = _flat([r * q for r, q in zip(ratio, inverse, strict=True)], params)
-    return StabilityLimit(c / eta, eta, c, what, True, scale, l2, formula)
+    unscaled = sum(
+        int((q == 0).sum()) for q, g in zip(inverse, groups, strict=True) if g is not None
+    )
+    return StabilityLimit(c / eta, eta, c, what, True, scale, l2, formula, unscaled)
 
 
 def _unwrapped(optimizer: object) -> tuple[Optimizer, StabilityRule]:
