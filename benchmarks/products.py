@@ -2,10 +2,17 @@
 with PyHessian's and curvlinops' products beside ours in the same run.
 
     python benchmarks/products.py [--repeats 7] [--quick]
+    python benchmarks/products.py --small [--repeats 15]
 
 Peers are optional (``pip install -e '.[bench]'``); a missing one is reported, not fatal.
 Prints a markdown table per workload: median seconds and the ratio to one gradient
 (forward + backward) measured in the same run.
+
+``--small`` prices the fixed cost per product on small and recurrent models, where it is not
+hidden by the arithmetic: for each workload one Hessian product from scratch (``cache=False``:
+forward, gradient with its graph, backward) and through the kept gradient graph, curvscope's
+beside the same product in plain torch (``torch.autograd.grad`` twice, on the model itself: the
+floor of what a product can cost), each relative to one plain gradient; one thread.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from torch import nn
 from _common import (
     Workload,
     cnn_w3,
@@ -157,11 +165,140 @@ def bench(w: Workload, repeats: int) -> str:
     return f"### {w.name} ({n:,} parameters, float32)\n\n" + table + check
 
 
+# ----------------------------------------------------------------- small and recurrent models
+class _LSTMHead(nn.Module):
+    """An LSTM over a sequence and a linear head on its last state."""
+
+    def __init__(self, features: int, hidden: int, classes: int) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(features, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def _seeded(seed: int, build):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def small_workloads() -> list[Workload]:
+    """The digits MLP of ``cs.problems`` (float64, as it ships), a few-thousand-parameter MLP, a
+    tiny CNN and an LSTM with a linear head (float32)."""
+    digits = cs.problems.get("digits-mlp")
+    X, y = digits.data
+    g = torch.Generator().manual_seed(0)
+    mlp = _seeded(
+        0,
+        lambda: nn.Sequential(
+            nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1)
+        ),
+    )
+    cnn = _seeded(
+        0,
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(16 * 4 * 4, 10),
+        ),
+    )
+    return [
+        Workload(
+            f"digits MLP 64-32-10 (cs.problems, float64), batch {len(X)}",
+            digits.make_model(0),
+            digits.loss_fn,
+            X,
+            y,
+        ),
+        Workload(
+            "MLP 32-64-64-1, tanh, MSE, batch 256",
+            mlp,
+            nn.MSELoss(),
+            torch.randn(256, 32, generator=g),
+            torch.randn(256, 1, generator=g),
+        ),
+        Workload(
+            "CNN 1x8x8, conv 8, conv 16, linear, batch 128",
+            cnn,
+            nn.CrossEntropyLoss(),
+            torch.randn(128, 1, 8, 8, generator=g),
+            torch.randint(0, 10, (128,), generator=g),
+        ),
+        Workload(
+            "LSTM 16-64 + linear head, seq 32, batch 32",
+            _seeded(0, lambda: _LSTMHead(16, 64, 10)),
+            nn.CrossEntropyLoss(),
+            torch.randn(32, 32, 16, generator=g),
+            torch.randint(0, 10, (32,), generator=g),
+        ),
+    ]
+
+
+def _plain_cached(w: Workload, v: torch.Tensor):
+    """The product through a gradient graph kept once, in plain torch (PyHessian's product)."""
+    params = list(w.model.parameters())
+    vs = [
+        t.reshape(p.shape)
+        for t, p in zip(torch.split(v, [p.numel() for p in params]), params, strict=True)
+    ]
+    loss = w.loss_fn(w.model(w.inputs), w.targets)
+    g = torch.autograd.grad(loss, params, create_graph=True)
+    return lambda: torch.autograd.grad(g, params, vs, retain_graph=True)
+
+
+def bench_small(workloads: list[Workload], repeats: int) -> str:
+    """One row per workload: the fixed cost per product, relative to one gradient."""
+    rows = []
+    for w in workloads:
+        torch.manual_seed(0)
+        v = torch.randn(w.num_params, dtype=next(w.model.parameters()).dtype)
+        cached = cs.Curvature(w.model, w.loss_fn, w.data, cache=True)
+        fresh = cs.Curvature(w.model, w.loss_fn, w.data, cache=False)
+        fns = {
+            "gradient": _gradient(w),
+            "plain scratch": _double_backward_from_scratch(w, v),
+            "scratch": lambda C=fresh: C @ v,
+            "plain cached": _plain_cached(w, v),
+            "cached": lambda C=cached: C @ v,
+        }
+        med = interleaved_medians(fns, repeats)
+        base = med["gradient"]
+        rows.append(
+            [w.name, f"{w.num_params:,}", f"{base * 1e3:.2f}"]
+            + [f"{med[k] / base:.2f}x" for k in ("scratch", "plain scratch", "cached")]
+            + [f"{med['plain cached'] / base:.2f}x"]
+        )
+    header = [
+        "workload",
+        "parameters",
+        "gradient ms",
+        "curvscope from scratch",
+        "plain torch from scratch",
+        "curvscope cached",
+        "plain torch cached",
+    ]
+    return markdown_table(header, rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="small batches, 3 repeats")
+    ap.add_argument(
+        "--small", action="store_true", help="the fixed cost per product on small models"
+    )
     args = ap.parse_args()
+    if args.small:
+        torch.set_num_threads(1)
+        print(f"torch {torch.__version__}, 1 thread, median of {args.repeats} rounds\n")
+        print(bench_small(small_workloads(), args.repeats))
+        return
     torch.set_num_threads(torch.get_num_threads())
     workloads = [mlp_w2(128), cnn_w3(32)] if args.quick else [mlp_w2(), cnn_w3()]
     repeats = 3 if args.quick else args.repeats
