@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch import nn
 from _common import (
     Workload,
     cnn_w3,
@@ -29,6 +28,7 @@ from _common import (
     mlp_w2,
     saved_tensor_mib,
 )
+from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 import curvscope as cs
@@ -263,9 +263,9 @@ def bench_small(workloads: list[Workload], repeats: int) -> str:
         fns = {
             "gradient": _gradient(w),
             "plain scratch": _double_backward_from_scratch(w, v),
-            "scratch": lambda C=fresh: C @ v,
+            "scratch": lambda C=fresh, v=v: C @ v,
             "plain cached": _plain_cached(w, v),
-            "cached": lambda C=cached: C @ v,
+            "cached": lambda C=cached, v=v: C @ v,
         }
         med = interleaved_medians(fns, repeats)
         base = med["gradient"]
