@@ -48,6 +48,9 @@ class Thresholds:
         small_decrement: at a minimum the quadratic model's bottom, ½δ² (δ² = gᵀH⁻¹g), is at
             most this fraction of the loss scale below the loss.
         margin: "unstable" needs the sharpness above (1 + margin) times the limit.
+        confidence: z — an estimate with a standard error (the batch sharpness) exceeds the
+            limit's margin only when it does so by more than z standard errors, and sits in
+            the edge-of-stability band unless it is z standard errors outside it.
     """
 
     small_gradient: float = 1e-3
@@ -58,6 +61,7 @@ class Thresholds:
     negative_curvature: float = 1e-2
     small_decrement: float = 1e-3
     margin: float = 0.1
+    confidence: float = 2.0
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -71,6 +75,14 @@ EOS_BAND = 0.15
 EOS_PROBES = 3
 #: History, diverged: a training loss above this multiple of the first loss (or not finite).
 EXPLOSION = 1e3
+#: History, staying at the edge: once at the edge of stability, a probe whose sharpness swings
+#: out of the band but stays within this factor of the limit (0.5x-2x) ...
+EOS_SWING = 2.0
+#: ... while the training loss since the previous probe stays, on average, within this multiple
+#: of its lowest such average (its running minimum), is still at the edge: full-batch gradient
+#: descent there swings to 1.2-1.5x the limit and back while its loss never exceeds 1.6x its
+#: running minimum (Cohen et al. 2021; measured in benchmarks/verdicts.py).
+EOS_LOSS_RISE = 2.0
 
 # ------------------------------------------------------------------------------ the states
 
@@ -293,8 +305,13 @@ class Evidence(Mapping[str, Any]):
         grad_dot_step: gᵀd; decrement_converged: whether CG converged.
         batch_sharpness, batch_sharpness_stderr, batches: the mini-batch sharpness, its
             standard error and the batches it was measured on.
+        update_curvature: the curvature along the optimizer's last update u, uᵀHu / uᵀS⁻¹u
+            (S the optimizer's step factors; ‖u‖² for SGD), measured by the Monitor's cheap
+            tier between probes (present when the probe follows one).
         stable_lr: the largest stable learning rate at this sharpness.
         seconds: the wall time of the diagnosis.
+        unscaled_coordinates: coordinates the preconditioner has not scaled yet (Adam's v
+            still exactly 0), left out of the preconditioned sharpness.
         extra: any other keys (not produced by curvscope).
     """
 
@@ -320,8 +337,10 @@ class Evidence(Mapping[str, Any]):
     batch_sharpness: float | None = _with("batches")
     batch_sharpness_stderr: float | None = _with("batches")
     batches: int | None = None
+    update_curvature: float | None = None
     stable_lr: float | None = None
     seconds: float | None = None
+    unscaled_coordinates: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -382,8 +401,9 @@ class Facts:
 
     Attributes:
         evidence, thresholds: as given; loss, g (‖g‖), s (λ_max), lmin (λ_min), limit (s*),
-        lr, const (c in s* = c/η), bs (batch sharpness), c_dir (curvature along the step),
-        dec (δ²): read from the evidence (None where absent).
+        lr, const (c in s* = c/η), bs (batch sharpness) and bs_se (its standard error, 0
+        where not finite), c_dir (curvature along the step), c_update (along the last
+        update), dec (δ²): read from the evidence (None where absent).
     """
 
     def __init__(self, evidence: Mapping[str, Any], thresholds: Thresholds) -> None:
@@ -393,6 +413,9 @@ class Facts:
         self.limit = evidence.get("stability_limit")
         self.lr, self.const = evidence.get("lr"), evidence.get("limit_constant")
         self.bs = evidence.get("batch_sharpness")
+        se = evidence.get("batch_sharpness_stderr")
+        self.bs_se = se if _finite(se) else 0.0
+        self.c_update = evidence.get("update_curvature")
         self.c_dir = evidence.get("directional_curvature")
         self.dec = evidence.get("newton_decrement")
 
@@ -496,21 +519,29 @@ def _minimum(f: Facts) -> list[str] | None:
 
 
 def _batch_overshoots(f: Facts) -> list[str] | None:
-    limit, bs = f.limit, f.bs
-    if f.small or limit is None or bs is None or not bs > (1 + f.th.margin) * limit:
+    limit, bs, z = f.limit, f.bs, f.th.confidence
+    if f.small or limit is None or bs is None or not bs - z * f.bs_se > (1 + f.th.margin) * limit:
         return None
     return [
         f.gradient,
         (
-            f"the batch sharpness {bs:.4g} (the curvature each mini-batch step meets along its "
-            f"own direction) exceeds the stability limit {limit:.4g} by "
-            f"{100 * (bs / limit - 1):.0f}%: mini-batch steps overshoot"
+            f"the batch sharpness {_pm(bs, f.bs_se)} (the curvature each mini-batch step meets "
+            f"along its own direction) exceeds the stability limit {limit:.4g} by "
+            f"{100 * (bs / limit - 1):.0f}%, more than the {100 * f.th.margin:.0f}% margin by "
+            f"over {z:g} standard errors: mini-batch steps overshoot"
         ),
     ]
 
 
+def _pm(value: float, se: float) -> str:
+    """A value with its standard error, "12.3 ± 0.4" (the value alone without one)."""
+    return f"{value:.4g} ± {se:.2g}" if se > 0 else f"{value:.4g}"
+
+
 def _too_sharp(f: Facts) -> list[str] | None:
     limit, s, margin = f.limit, f.s, f.th.margin
+    if f.bs is not None:  # mini-batch steps meet the batch sharpness: _batch_overshoots judges
+        return None
     if f.small or limit is None or s is None or not s > (1 + margin) * limit:
         return None
     return [
@@ -524,6 +555,8 @@ def _too_sharp(f: Facts) -> list[str] | None:
 
 def _step_overshoots(f: Facts) -> list[str] | None:
     c, lr, const = f.c_dir, f.lr, f.const
+    if f.bs is not None:  # the full-batch gradient is not the direction mini-batch steps take
+        return None
     if f.small or f.limit is None or f.s is None or c is None or lr is None or const is None:
         return None
     if not lr * c > const:
@@ -534,6 +567,20 @@ def _step_overshoots(f: Facts) -> list[str] | None:
             f"along the step direction the curvature is {c:.4g}: "
             f"η·c = {lr * c:.3g} > {const:.3g}, so the quadratic model predicts "
             "the loss goes up"
+        ),
+    ]
+
+
+def _update_overshoots(f: Facts) -> list[str] | None:
+    c, limit = f.c_update, f.limit
+    if f.small or limit is None or c is None or not c > (1 + f.th.margin) * limit:
+        return None
+    return [
+        f.gradient,
+        (
+            f"along the optimizer's last update the curvature is {c:.4g}, "
+            f"{100 * (c / limit - 1):.0f}% above the stability limit {limit:.4g} "
+            f"(> {100 * f.th.margin:.0f}%): the next step overshoots along it"
         ),
     ]
 
@@ -551,8 +598,14 @@ def _learning(f: Facts) -> list[str] | None:
         return [f.gradient]
     if math.isinf(f.limit):  # a learning rate scheduled to 0: no step to overshoot
         return [f.gradient, "learning rate 0: no stability limit"]
-    share = f"the sharpness {f.s:.4g} is {100 * f.s / f.limit:.0f}% of the limit {f.limit:.4g}"
-    return [f.gradient, share]
+    full = f"the sharpness {f.s:.4g} is {100 * f.s / f.limit:.0f}% of the limit {f.limit:.4g}"
+    if f.bs is None:
+        return [f.gradient, full]
+    batch = (
+        f"the batch sharpness {_pm(f.bs, f.bs_se)} is {100 * f.bs / f.limit:.0f}% of the limit "
+        f"{f.limit:.4g} (the full-batch sharpness {f.s:.4g} is {100 * f.s / f.limit:.0f}%)"
+    )
+    return [f.gradient, batch]
 
 
 #: The decision of one probe, in order: the first rule whose test holds decides. The last one
@@ -565,6 +618,7 @@ RULES: tuple[Rule, ...] = (
     Rule(State.UNSTABLE, _batch_overshoots),
     Rule(State.UNSTABLE, _too_sharp),
     Rule(State.UNSTABLE, _step_overshoots),
+    Rule(State.UNSTABLE, _update_overshoots),
     Rule(State.LEARNING, _learning),
 )
 
@@ -619,14 +673,64 @@ def _ran_away(losses: Sequence[float], first_loss: float | None) -> bool:
     return any(not math.isfinite(v) or v > top for v in losses)
 
 
-def _near_limit(evidence: Mapping[str, Any]) -> bool:
+def _band(evidence: Mapping[str, Any], low: float, high: float, z: float) -> bool:
+    """Whether the effective sharpness is within [low, high] times the stability limit, or
+    not z standard errors outside it (the batch sharpness is an estimate)."""
     s, limit = effective_sharpness(evidence), evidence.get("stability_limit")
-    return s is not None and limit is not None and abs(s / limit - 1) <= EOS_BAND
+    if s is None or limit is None or not math.isfinite(limit) or limit <= 0:
+        return False
+    se = (
+        evidence.get("batch_sharpness_stderr")
+        if evidence.get("batch_sharpness") is not None
+        else None
+    )
+    noise = z * se if _finite(se) else 0.0
+    return s + noise >= low * limit and s - noise <= high * limit
+
+
+def _near_limit(evidence: Mapping[str, Any], z: float) -> bool:
+    return _band(evidence, 1 - EOS_BAND, 1 + EOS_BAND, z)
 
 
 def _rises_and_falls(losses: Sequence[float]) -> bool:
     diffs = [b - a for a, b in itertools.pairwise(losses)]
     return any(d > 0 for d in diffs) and any(d < 0 for d in diffs)
+
+
+def _window_mean(losses: Sequence[float]) -> float | None:
+    finite = [v for v in losses if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite and len(finite) == len(losses) else None
+
+
+def _stays_at_edge(
+    evidence: Mapping[str, Any],
+    losses: Sequence[float],
+    best_loss: float | None,
+    z: float,
+) -> list[str] | None:
+    """The reasons a probe of a run already at the edge is still there — its sharpness swung
+    out of the band but stays within a factor :data:`EOS_SWING` of the limit, while the mean
+    training loss since the previous probe is within :data:`EOS_LOSS_RISE` times its running
+    minimum — or None when it is not."""
+    if not _band(evidence, 1 / EOS_SWING, EOS_SWING, z):
+        return None
+    mean = _window_mean(losses)
+    if mean is not None and best_loss is not None and mean > EOS_LOSS_RISE * max(best_loss, 0):
+        return None
+    s, limit = effective_sharpness(evidence), evidence["stability_limit"]
+    held = (
+        "the loss has not risen"
+        if mean is None or best_loss is None
+        else f"the loss ({mean:.3g} on average since the previous probe) stays within "
+        f"{EOS_LOSS_RISE:g}x its running minimum {best_loss:.3g}"
+    )
+    assert s is not None  # _band holds
+    return [
+        f"training is at the edge of stability and stays there: the sharpness {s:.4g} swings "
+        f"around the stability limit {limit:.4g} (now {s / limit:.2f}x, within a factor "
+        f"{EOS_SWING:g})",
+        held,
+    ]
 
 
 def classify_history(
@@ -637,6 +741,9 @@ def classify_history(
     past: Sequence[Mapping[str, Any]] = (),
     losses: Sequence[float] = (),
     first_loss: float | None = None,
+    previous: StateEnum | str | None = None,
+    best_loss: float | None = None,
+    thresholds: Thresholds = DEFAULT_THRESHOLDS,
 ) -> tuple[StateEnum, list[str]]:
     """Refine one probe's verdict with what only history shows (the Monitor's rules).
 
@@ -644,13 +751,22 @@ def classify_history(
       :data:`EXPLOSION` (1e3) times the first loss of the run;
     - **edge_of_stability** when a *learning* or *unstable* probe's sharpness (the batch
       sharpness where measured) and those of the :data:`EOS_PROBES` − 1 probes before it are
-      all within :data:`EOS_BAND` (±15%) of their stability limits (Cohen et al. 2021).
+      all within :data:`EOS_BAND` (±15%) of their stability limits (Cohen et al. 2021) — for
+      the batch sharpness, not ``thresholds.confidence`` standard errors outside the band;
+    - and once there (``previous`` is edge_of_stability) it stays there while the sharpness
+      stays within a factor :data:`EOS_SWING` (2) of the limit and the mean training loss since the
+      previous probe stays within :data:`EOS_LOSS_RISE` (2x) of its running minimum
+      ``best_loss``: at the edge the sharpness swings past the limit and back, and a single
+      probe outside the band is not instability; a loss that rises is.
 
     Args:
         state, reasons, evidence: the probe's verdict (from :func:`classify`) and evidence.
         past: the evidence of the earlier probes, oldest first.
         losses: the training losses since the previous probe.
         first_loss: the first finite training loss of the run (None: not known yet).
+        previous: the previous probe's (refined) state, None for the first probe.
+        best_loss: the lowest mean training loss between two earlier probes (None: unknown).
+        thresholds: the :class:`Thresholds` (``confidence``).
 
     Returns:
         (state, reasons): the refined verdict; the probe's own when history changes nothing.
@@ -663,7 +779,12 @@ def classify_history(
     limit, s = evidence.get("stability_limit"), effective_sharpness(evidence)
     if limit is None or s is None or state not in (State.LEARNING, State.UNSTABLE):
         return state, list(reasons)
-    near = [_near_limit(ev) for ev in (evidence, *reversed(past[-(EOS_PROBES - 1) :]))]
+    z = thresholds.confidence
+    if previous is not None and as_state(previous) == State.EDGE_OF_STABILITY:
+        stays = _stays_at_edge(evidence, losses, best_loss, z)
+        if stays is not None:
+            return State.EDGE_OF_STABILITY, stays
+    near = [_near_limit(ev, z) for ev in (evidence, *reversed(past[-(EOS_PROBES - 1) :]))]
     if len(near) < EOS_PROBES or not all(near):
         return state, list(reasons)
     return State.EDGE_OF_STABILITY, [

@@ -4,6 +4,7 @@ is in, with the numbers behind it and what to do."""
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from curvscope.derivatives import Curvature
+from curvscope.derivatives.checks import check_int
 from curvscope.derivatives.objective import fixed_pass
 from curvscope.diagnosis.classify import (
     DEFAULT_THRESHOLDS,
@@ -34,6 +36,16 @@ DEFAULT_BUDGET = 80
 LANCZOS_SHARE = 0.6
 #: Eigenvalue accuracy of a diagnosis: 1% of |λ_max| is ample to tell the states apart.
 DIAGNOSIS_TOL = 1e-2
+#: The batch sharpness is measured on at least this many of ``train_batches`` ...
+MIN_BATCHES = 8
+#: ... and on more (up to ``max_batches``) until its standard error is at most this share of
+#: the stability limit: then "above the limit by more than the 10% margin" is more than the
+#: noise (the verdict asks for the excess beyond ``Thresholds.confidence`` standard errors).
+#: At the edge of stochastic stability one batch's value spreads by about 0.2 of the limit
+#: (teacher-student MLP, batch 8), so about 16 batches meet it.
+BATCH_SHARPNESS_SE = 0.05
+#: The default cap on the batches the batch sharpness is measured on.
+MAX_BATCHES = 32
 
 
 @dataclass(frozen=True)
@@ -150,7 +162,7 @@ def diagnose(
     reduction: str | None = None,
     v0: Tensor | None = None,
     train_batches: Iterable[Any] | None = None,
-    max_batches: int = 8,
+    max_batches: int = MAX_BATCHES,
 ) -> Diagnosis:
     """Say which state training is in, why, and what to do — from a few dozen curvature
     products, judged against the optimizer's own stability limit.
@@ -186,9 +198,11 @@ def diagnose(
             E_B[d_Bᵀ H_B d_B / g_Bᵀ d_B] over up to ``max_batches`` of them — the curvature each
             mini-batch step meets along its own direction, which is what hovers at the limit in
             mini-batch training while the full-batch sharpness sits below it (Andreyev &
-            Beneventano 2024) — is measured and used for the unstable verdict. Costs one
-            gradient and one product per batch.
-        max_batches: how many of ``train_batches`` to use.
+            Beneventano 2024) — is measured, with its standard error, and the verdict is
+            about it (the full-batch sharpness beside it). The sample is sized from its own
+            standard error: at least 8 batches, more until the standard error is at most 5%
+            of the limit. Costs one gradient and one product per batch.
+        max_batches: the most of ``train_batches`` to use (default 32).
         v0: warm start for Lanczos, e.g. ``previous.vectors["top"]`` and ``["bottom"]``
             stacked as columns: a nearby point then costs a few products (the Monitor does
             this).
@@ -206,6 +220,7 @@ def diagnose(
         raise ValueError(f"budget must be an integer >= 8 (products), got {budget!r}")
     if not isinstance(thresholds, Thresholds):
         raise TypeError(f"thresholds must be a cs.Thresholds, got {type(thresholds).__name__}")
+    check_int(max_batches, "max_batches", minimum=1)
     # an enclosing torch.autocast region is suspended: the diagnosis measures the model in its
     # parameters' dtype, the loss and gradient as consistently as the curvature
     first = next(iter(model.parameters()), None)
@@ -292,6 +307,7 @@ def _first_evidence(limit: StabilityLimit | None, thresholds: Thresholds) -> dic
         "limit_constant": None if limit is None else limit.constant,
         "optimizer": "none" if limit is None else limit.optimizer,
         "preconditioned": bool(limit and limit.preconditioned),
+        "unscaled_coordinates": limit.unscaled if limit is not None and limit.unscaled else None,
         "thresholds": thresholds.as_dict(),
     }
 
@@ -338,6 +354,70 @@ def _measure_curvature(
     return vectors, r.all_converged
 
 
+def update_curvature(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Tensor], Tensor],
+    data: Any,
+    before: Mapping[str, Tensor],
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    lr: float | None = None,
+    params: Iterable[nn.Parameter | str] | None = None,
+    seed: int = 0,
+    reduction: str | None = None,
+) -> float | None:
+    """The curvature along the optimizer's last update u = θ − θ_before, in the metric the
+    optimizer steps in: uᵀ(H + l2)u / uᵀS⁻¹u (S its step factors: uᵀHu/‖u‖² for SGD; the
+    Rayleigh quotient of the preconditioned P^-½ H P^-½ for Adam), from ONE curvature product
+    on ``data``. It is at most the sharpness the step sees, and above the stability limit it
+    says the next step overshoots along the direction training actually moves: the Monitor's
+    cheap tier between full diagnoses.
+
+    Args:
+        model, loss_fn, data, optimizer, lr, params, seed, reduction: as for :func:`diagnose`.
+        before: the parameters before the update, by name (``model.named_parameters()``).
+
+    Returns:
+        The curvature, or None when the update is zero (on the coordinates the step factors
+        scale).
+
+    Raises:
+        KeyError: ``before`` lacks a measured parameter (the message names it).
+    """
+    first = next(iter(model.parameters()), None)
+    with autocast_off(first.device if first is not None else torch.device("cpu")):
+        C = Curvature(
+            model,
+            loss_fn,
+            data,
+            params=params,
+            seed=seed,
+            backend="double_backward",
+            reduction=reduction,
+        )
+        measured = C.objective
+        assert measured is not None  # C is built from a model
+        missing = [name for name in measured.params if name not in before]
+        if missing:
+            raise KeyError(f"`before` has no value for the parameter(s) {missing}")
+        limit = None
+        if optimizer is not None or lr is not None:
+            limit = stability_limit(optimizer, lr=lr, params=list(measured.params.values()))
+        objective = _Objective(C, limit)
+        u = C.flatten(
+            [p.detach() - before[name].to(p.device) for name, p in measured.params.items()]
+        ).to(objective.dtype)
+        metric = u * u
+        if objective.scale is not None:  # uᵀS⁻¹u over the coordinates S scales
+            scaled = objective.scale > 0
+            u = torch.where(scaled, u, 0)
+            metric = torch.where(scaled, u * u / objective.scale.where(scaled, 1), 0)
+        norm = float(metric.sum())
+        if not norm > 0:
+            return None
+        return float(u @ objective.operator()(u[:, None])[:, 0]) / norm
+
+
 def _batch_sharpness(
     model: nn.Module,
     loss_fn: Callable[[Any, Tensor], Tensor],
@@ -348,9 +428,14 @@ def _batch_sharpness(
     seed: int,
     reduction: str,
 ) -> tuple[float | None, float | None, int]:
+    """(the batch sharpness, its standard error, the batches it was measured on).
+
+    The sample is sized from its own standard error: at least :data:`MIN_BATCHES` batches,
+    then more until the standard error is at most :data:`BATCH_SHARPNESS_SE` of the stability
+    limit (of the mean itself without one), or ``max_batches`` are used."""
     values: list[float] = []
     for i, batch in enumerate(fixed_pass(batches, seed)):  # the user's RNGs untouched
-        if i >= max_batches:
+        if i >= max_batches or _precise_enough(values, limit):
             break
         Cb = Curvature(
             model,
@@ -368,9 +453,24 @@ def _batch_sharpness(
             values.append(c)
     if not values:
         return None, None, 0
-    t = torch.tensor(values, dtype=torch.float64)
-    se = float(t.std() / math.sqrt(len(t))) if len(t) > 1 else math.inf
-    return float(t.mean()), se, len(values)
+    return statistics.fmean(values), _stderr(values), len(values)
+
+
+def _stderr(values: list[float]) -> float:
+    """The standard error of the mean of ``values`` (inf for fewer than two)."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.inf
+
+
+def _precise_enough(values: list[float], limit: StabilityLimit | None) -> bool:
+    """Whether the batch-sharpness sample is large enough: :data:`MIN_BATCHES` values whose
+    standard error is at most :data:`BATCH_SHARPNESS_SE` of the limit (of |mean| without a
+    finite one)."""
+    if len(values) < MIN_BATCHES:
+        return False
+    ref = limit.limit if limit is not None and math.isfinite(limit.limit) else None
+    if ref is None:
+        ref = abs(statistics.fmean(values))
+    return _stderr(values) <= BATCH_SHARPNESS_SE * ref
 
 
 def _finish(

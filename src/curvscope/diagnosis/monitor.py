@@ -14,15 +14,20 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor, nn
 
+from curvscope.derivatives.checks import check_int
 from curvscope.diagnosis.classify import (
     DEFAULT_THRESHOLDS,
     EOS_BAND,
     EOS_PROBES,
+    EOS_SWING,
     EXPLOSION,
+    Evidence,
+    State,
     Thresholds,
+    classify,
     classify_history,
 )
-from curvscope.diagnosis.diagnosis import DEFAULT_BUDGET, Diagnosis, diagnose
+from curvscope.diagnosis.diagnosis import DEFAULT_BUDGET, Diagnosis, diagnose, update_curvature
 from curvscope.diagnosis.runlog import LOG_VERSION, RunLogWriter, check_log_mode
 from curvscope.diagnosis.runlog import read_log as read_log  # where it lived before runlog
 
@@ -34,6 +39,10 @@ __all__ = ["EOS_BAND", "EOS_PROBES", "EXPLOSION", "Monitor", "read_log", "scalar
 OVERHEAD = 0.05
 #: ... and come at least this many steps apart (the first one after this many steps).
 MIN_EVERY = 10
+#: The cheap tier (the curvature along the last update, one product) may use at most this
+#: share of the overhead budget, and its checks come at least this many steps apart.
+UPDATE_SHARE = 0.5
+UPDATE_MIN_EVERY = 2
 
 
 def _is_writer() -> bool:
@@ -53,7 +62,18 @@ class Monitor:
     - **diverged** when the loss is not finite or above ``EXPLOSION`` (1e3) times the first;
     - **edge_of_stability** when the sharpness has been within ``EOS_BAND`` (±15%) of the
       stability limit at ``EOS_PROBES`` (3) consecutive probes (Cohen et al. 2021): full-batch
-      training drives it there and holds it, the loss falling non-monotonically.
+      training drives it there and holds it, the loss falling non-monotonically. Once there,
+      a probe whose sharpness swings past the band (within a factor ``EOS_SWING``, 2, of the
+      limit) while the loss has not risen to twice its running minimum is still at the edge.
+
+    Between probes, a **cheap tier** measures the curvature along the optimizer's last update,
+    uᵀHu/uᵀS⁻¹u (:func:`~curvscope.diagnosis.diagnosis.update_curvature`: one product on
+    ``probe_data``): the quantity that decides whether the next step overshoots. When it is
+    above the stability limit by the margin (and training is not already known to be at the
+    edge or unstable), a full probe runs at once, with it as evidence (``update_curvature``):
+    the unstable warning does not wait for the next scheduled probe. Each check takes a copy of
+    the parameters at one step and measures at the next; the values are in :attr:`updates`,
+    in the next probe's log record (``"updates"``: [step, curvature] pairs) and in TensorBoard.
 
     Each probe appends one JSON object to ``log``: "step", "state", "advice", "reasons" and the
     evidence keys at top level, after a header line (``"curvscope_log": 1``, the version, the
@@ -77,6 +97,10 @@ class Monitor:
         log_mode: for a path, as for :func:`open`: ``"x"`` (default) refuses an existing file,
             ``"a"`` appends a new run (with its own header) to it, ``"w"`` overwrites it.
         budget, thresholds, params, seed, reduction: as for :func:`~curvscope.diagnose`.
+        update_every: steps between the cheap tier's checks. By default (None) they adapt,
+            like the probes, within half the overhead budget — with the default cadence only:
+            a fixed ``every`` runs no cheap tier unless ``update_every`` is given too. 0 turns
+            the tier off.
         callback: called as ``callback(diagnosis, previous_state)`` when the state changes.
         tensorboard: a ``SummaryWriter`` (or a log directory) to receive ``curvscope/...``
             scalars at each probe.
@@ -114,6 +138,7 @@ class Monitor:
         *,
         lr: float | None = None,
         every: int | None = None,
+        update_every: int | None = None,
         overhead: float = OVERHEAD,
         log: str | Path | TextIO | None = None,
         log_mode: str = "x",
@@ -133,6 +158,8 @@ class Monitor:
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable as callback(diagnosis, previous_state)")
         check_log_mode(log_mode)
+        if update_every is not None:
+            check_int(update_every, "update_every", minimum=0)
         self.model, self.loss_fn, self.probe_data = model, loss_fn, probe_data
         self.optimizer, self.lr = optimizer, lr
         self.every, self.budget, self.thresholds = every, budget, thresholds
@@ -142,6 +169,17 @@ class Monitor:
         self._last_probe_seconds = 0.0
         self._since_probe = 0
         self._loss_mark = 0
+        self._window_means: list[float] = []  # the mean training loss between two probes
+        # the cheap tier: off with update_every=0, or with a fixed `every` and no update_every
+        self.update_every = update_every
+        self._updates_on = update_every != 0 and (every is None or update_every is not None)
+        self.update_seconds = 0.0
+        self._last_update_seconds = 0.0
+        self._since_update = 0
+        self._before: dict[str, Tensor] | None = None  # the parameters one step back
+        #: The cheap tier's checks: (step, curvature along the last update, stability limit).
+        self.updates: list[tuple[int, float, float | None]] = []
+        self._updates_mark = 0
         self._clock: float | None = None
         self.params = None if params is None else list(params)
         self.seed, self.callback, self.reduction = seed, callback, reduction
@@ -201,11 +239,72 @@ class Monitor:
             self.losses.append(value)
             if self.first_loss is None and math.isfinite(value):
                 self.first_loss = value
-        if not self._due():
-            return None
-        d = self.probe()
-        self._clock = time.perf_counter()  # the probe is not training time
+        d = self._probe_or_check()
+        self._clock = time.perf_counter()  # probes and checks are not training time
         return d
+
+    def _probe_or_check(self) -> Diagnosis | None:
+        if self._due():
+            self._before = None
+            return self.probe()
+        if not self._updates_on:
+            return None
+        self._since_update += 1
+        if self._before is not None:
+            return self._check_update()
+        if self._update_due():
+            self._before = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+        return None
+
+    def _update_due(self) -> bool:
+        if self.update_every is not None:
+            return self._since_update >= self.update_every
+        if self._since_update < UPDATE_MIN_EVERY or not self.history:
+            return False
+        spent = self.update_seconds + self._last_update_seconds
+        return spent <= UPDATE_SHARE * self.overhead * self.train_seconds
+
+    def _check_update(self) -> Diagnosis | None:
+        """The cheap tier: the curvature along the last update; a full probe at once when it
+        says the next step overshoots."""
+        start = time.perf_counter()
+        before, self._before = self._before, None
+        assert before is not None
+        c = update_curvature(
+            self.model,
+            self.loss_fn,
+            self.probe_data,
+            before,
+            self.optimizer,
+            lr=self.lr,
+            params=self.params,
+            seed=self.seed,
+            reduction=self.reduction,
+        )
+        self._since_update = 0
+        self._last_update_seconds = time.perf_counter() - start
+        self.update_seconds += self._last_update_seconds
+        if c is None:
+            return None
+        limit = self.history[-1].evidence.get("stability_limit") if self.history else None
+        self.updates.append((self.steps, c, limit))
+        if self._writer is not None:
+            self._writer.add_scalar("curvscope/update_curvature", c, self.steps)
+        if self._alarming(c, limit):
+            return self.probe(update=c)
+        return None
+
+    def _alarming(self, c: float, limit: float | None) -> bool:
+        """Whether a cheap check calls for a full probe now: the curvature along the update
+        is above the limit by the margin, and training is not already known to be unstable
+        or at the edge (where it swings past the limit: then only beyond EOS_SWING)."""
+        if limit is None or not math.isfinite(limit):
+            return False
+        last = self.history[-1].state if self.history else None
+        if last in (State.UNSTABLE, State.DIVERGED):
+            return False
+        bound = EOS_SWING if last == State.EDGE_OF_STABILITY else 1 + self.thresholds.margin
+        return c > bound * limit
 
     def _due(self) -> bool:
         if self.every is not None:
@@ -217,8 +316,9 @@ class Monitor:
         # keep the probes' share of the wall time at or below `overhead`
         return self.probe_seconds + self._last_probe_seconds <= self.overhead * self.train_seconds
 
-    def probe(self) -> Diagnosis:
-        """Diagnose now, whatever the step."""
+    def probe(self, update: float | None = None) -> Diagnosis:
+        """Diagnose now, whatever the step (``update``: the curvature along the last update,
+        from the cheap tier, as evidence)."""
         start = time.perf_counter()
         d = diagnose(
             self.model,
@@ -234,6 +334,10 @@ class Monitor:
             v0=self._vectors,
             train_batches=self.train_batches,
         )
+        if update is not None:
+            evidence = Evidence.from_mapping({**d.evidence, "update_curvature": update})
+            state, reasons = classify(evidence, self.thresholds)
+            d = Diagnosis(state, evidence, reasons, state.advice(evidence), d.confident, d.vectors)
         d = self._with_history(d)
         if "top" in d.vectors:
             self._vectors = torch.stack([d.vectors["top"], d.vectors["bottom"]], dim=1)
@@ -247,6 +351,7 @@ class Monitor:
                 "reasons": d.reasons,
                 "confident": d.confident,
                 **d.evidence,
+                **self._updates_since_last_probe(),
             }
         )
         if self._writer is not None:
@@ -259,8 +364,15 @@ class Monitor:
         self._last_probe_seconds = time.perf_counter() - start
         self.probe_seconds += self._last_probe_seconds
         self._since_probe = 0
+        window = [v for v in self.losses[self._loss_mark :] if math.isfinite(v)]
+        if window:
+            self._window_means.append(sum(window) / len(window))
         self._loss_mark = len(self.losses)
         return d
+
+    def _updates_since_last_probe(self) -> dict[str, Any]:
+        new, self._updates_mark = self.updates[self._updates_mark :], len(self.updates)
+        return {"updates": [[step, c] for step, c, _ in new]} if new else {}
 
     def _with_history(self, d: Diagnosis) -> Diagnosis:
         """The probe's diagnosis, refined by what only history shows."""
@@ -271,6 +383,9 @@ class Monitor:
             past=[h.evidence for h in self.history],
             losses=self.losses[self._loss_mark :],  # the losses since the previous probe
             first_loss=self.first_loss,
+            previous=self.history[-1].state if self.history else None,
+            best_loss=min(self._window_means) if self._window_means else None,
+            thresholds=self.thresholds,
         )
         if state == d.state:
             return d
@@ -313,6 +428,7 @@ def scalars(d: Diagnosis) -> dict[str, float]:
         "lambda_min",
         "stability_limit",
         "batch_sharpness",
+        "update_curvature",
         "directional_curvature",
         "newton_decrement",
         "matvecs",

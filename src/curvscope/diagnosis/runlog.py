@@ -308,6 +308,16 @@ def _number_map(v: Any) -> bool:
     return isinstance(v, dict) and all(_is_number(x) or x in _NONFINITE for x in v.values())
 
 
+def _update_pairs(v: Any) -> bool:
+    return isinstance(v, list) and all(
+        isinstance(x, list)
+        and len(x) == 2
+        and _is_int(x[0])
+        and (_is_number(x[1]) or x[1] in _NONFINITE)
+        for x in v
+    )
+
+
 _NUMBER = (_optional(lambda v: _is_number(v) or v in _NONFINITE), "a number, null or 'nan'")
 # the fields a reader relies on, and the type each must have where present
 RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -319,8 +329,10 @@ RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer": (lambda v: isinstance(v, str), "a string"),
     "thresholds": (lambda v: isinstance(v, dict), "an object"),
     "layer_shares": (_number_map, "an object of numbers"),
+    "updates": (_update_pairs, "a list of [step, curvature] pairs"),
     "matvecs": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "batches": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "unscaled_coordinates": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "records_lost": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "preconditioned": (lambda v: isinstance(v, bool), "true or false"),
     "eigen_converged": (_optional(lambda v: isinstance(v, bool)), "true, false or null"),
@@ -341,6 +353,7 @@ RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
             "grad_dot_step",
             "batch_sharpness",
             "batch_sharpness_stderr",
+            "update_curvature",
             "stable_lr",
             "seconds",
         ),
