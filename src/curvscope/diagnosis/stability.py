@@ -204,10 +204,12 @@ def _group_of(optimizer: Optimizer, params: list[Tensor]) -> list[dict[str, Any]
 
 def _flat(values: Sequence[Tensor | float], params: list[Tensor]) -> Tensor:
     ref = params[0]
+    # a number is filled in the parameters' dtype: through float32 first, a float64 model's
+    # weight decay 0.01 would become 0.0099999998
     parts = [
-        (v.reshape(-1) if isinstance(v, Tensor) else torch.full((p.numel(),), float(v))).to(
-            dtype=ref.dtype, device=ref.device
-        )
+        v.reshape(-1).to(dtype=ref.dtype, device=ref.device)
+        if isinstance(v, Tensor)
+        else torch.full((p.numel(),), float(v), dtype=ref.dtype, device=ref.device)
         for v, p in zip(values, params, strict=True)
     ]
     return torch.cat(parts)
