@@ -285,6 +285,44 @@ def test_transformer_says_which_fallback_it_used():
     assert cs.Curvature(plain.model, plain.loss_fn, plain.data).notes == []
 
 
+def _kernel_flags() -> tuple:
+    return (
+        torch.backends.mkldnn.enabled,
+        torch.backends.cudnn.enabled,
+        torch.backends.cuda.flash_sdp_enabled(),
+        torch.backends.cuda.mem_efficient_sdp_enabled(),
+        torch.backends.cuda.math_sdp_enabled(),
+    )
+
+
+def test_an_lstm_in_float32_runs_on_torchs_own_lstm_and_agrees_with_the_fused_one():
+    """For an RNN, oneDNN's fused LSTM is off during products (cheaper to differentiate twice);
+    the product equals plain torch's double backward through the fused kernel, and every
+    kernel switch is back as it was after a product, and after one that fails."""
+    case = cases.lstm(n=16)
+    model = case.model.float()
+    data = (case.inputs.float(), case.targets)
+    C = cs.Curvature(model, case.loss_fn, data, cache=False)
+    v = torch.randn(C.num_params, generator=torch.Generator().manual_seed(0))
+    params = list(model.parameters())
+    grads = torch.autograd.grad(case.loss_fn(model(data[0]), data[1]), params, create_graph=True)
+    sizes = [p.numel() for p in params]
+    blocks = [t.reshape(p.shape) for t, p in zip(v.split(sizes), params, strict=True)]
+    expected = torch.cat([h.reshape(-1) for h in torch.autograd.grad(grads, params, blocks)])
+    before = _kernel_flags()
+    torch.testing.assert_close(C @ v, expected, rtol=1e-4, atol=1e-5)
+    assert _kernel_flags() == before
+    assert any("cuDNN is disabled" in n for n in C.notes)
+
+    def failing(out, y):
+        assert not torch.backends.mkldnn.enabled and not torch.backends.cuda.flash_sdp_enabled()
+        raise RuntimeError("loss failed")
+
+    with pytest.raises(RuntimeError, match="loss failed"):
+        cs.Curvature(model, failing, data, reduction="mean") @ v
+    assert _kernel_flags() == before
+
+
 def test_multi_input_and_keyword_models():
     class TwoInputs(nn.Module):
         def __init__(self):

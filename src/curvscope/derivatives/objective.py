@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from curvscope.derivatives.checks import check_scalar_loss, check_seed
+from curvscope.derivatives.checks import all_finite, check_scalar_loss, check_seed
 from curvscope.derivatives.flat import flatten, map_tensors, tensors, unflatten
 from curvscope.derivatives.huggingface import HuggingFaceLoss
 from curvscope.derivatives.seeding import DATA, FORWARD
@@ -262,6 +262,32 @@ _MATH_NOTE = (
 )
 
 
+@contextlib.contextmanager
+def _differentiable_kernels(rnn: bool) -> Iterator[None]:
+    """Kernels with second derivatives for the forward passes of curvature products:
+    scaled-dot-product attention on its math backend (the fused ones have no double backward or
+    forward-mode AD), cuDNN off where torch has it (its RNNs have no double backward), and for
+    a model with an RNN, oneDNN (mkldnn) off: its fused CPU LSTM has no forward-mode AD, and
+    differentiating its backward with ``create_graph=True`` costs more than torch's own LSTM
+    (LSTM 16-64, seq 32, float32, one thread: a gradient with its graph 9.1 ms against 6.1 ms,
+    a backward through the kept graph 17.0 against 12.6 ms; ``benchmarks/products.py --small``).
+    Each switch is restored on exit."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        if torch.backends.cudnn.is_available():  # a CPU-only build has no cuDNN to turn off
+            stack.enter_context(torch.backends.cudnn.flags(enabled=False))
+        if not rnn:
+            yield
+            return
+        # torch.backends.mkldnn.flags() would also reset its TF32 and precision settings
+        mkldnn = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a ContextProp
+        try:
+            yield
+        finally:
+            torch.backends.mkldnn.enabled = mkldnn
+
+
 def _attention_notes(model: nn.Module) -> list[str]:
     """Where attention runs on its math backend: torch's attention modules, and attention
     modules of other libraries (a class named ``...Attention``) unless the model's config
@@ -397,7 +423,12 @@ class ModelObjective:
         if self.adapter is not None:  # settled by the first batch's labels
             self.loss_fn = self.adapter.loss_fn
         self._check_repeatable()
+        self._has_rnn = any(isinstance(m, nn.RNNBase) for m in model.modules())
         self.notes = self._fallback_notes()
+        self._forward_generators = [torch.random.default_generator]
+        if self.device.type == "cuda":
+            index = torch.cuda.current_device() if self.device.index is None else self.device.index
+            self._forward_generators.append(torch.cuda.default_generators[index])
         self._loss_checked = False
         #: how loss_fn reduces over the samples of a batch: "mean" or "sum" (the curvature is
         #: then that of the mean over all the data, or of the sum); settled by the first loss
@@ -538,7 +569,7 @@ class ModelObjective:
                     "the first dimension of the targets counts the samples"
                 )
             for t in (*tensors(inputs), targets):
-                if t.is_floating_point() and not torch.isfinite(t).all():
+                if not all_finite(t):
                     raise ValueError(
                         f"batch {i} of data contains NaN or Inf; clean the data (e.g. "
                         "torch.nan_to_num) or drop those samples"
@@ -631,17 +662,10 @@ class ModelObjective:
         on an accelerator, that device's), and exactly those are restored: seeding through
         ``torch.manual_seed`` would reseed every CUDA device while restoring one.
         """
-        gens = [torch.random.default_generator]
-        if self.device.type == "cuda":
-            index = torch.cuda.current_device() if self.device.index is None else self.device.index
-            gens.append(torch.cuda.default_generators[index])
+        gens = self._forward_generators
         saved = [g.get_state() for g in gens]
         try:
-            with (
-                sdpa_kernel([SDPBackend.MATH]),
-                torch.backends.cudnn.flags(enabled=False),
-                torch.enable_grad(),
-            ):
+            with _differentiable_kernels(self._has_rnn), torch.enable_grad():
                 for g in gens:
                     g.manual_seed(FORWARD.seed(self.seed, batch_index))
                 yield
@@ -782,7 +806,7 @@ class ModelObjective:
 
     def _fallback_notes(self) -> list[str]:
         notes = _attention_notes(self.model) + _padding_notes(self.model, self._params)
-        if any(isinstance(m, nn.RNNBase) for m in self.model.modules()):
+        if self._has_rnn:
             notes.append(
                 "cuDNN is disabled during curvature products (cuDNN RNNs have no double backward)"
             )
