@@ -1,0 +1,384 @@
+"""Hessian products by central differences of gradients: the path for any engine that computes
+gradients, models sharded over devices (FSDP2) included.
+
+    H v ≈ (∇L(θ + εv) − ∇L(θ − εv)) / (2ε)
+
+Each gradient is the model's *own* forward and ``loss.backward()`` — the pass a training step
+runs — so whatever the engine does there (FSDP2's all-gathers and reduce-scatters of
+``DTensor`` parameters, hooks, fused kernels) is done as in training. Nothing goes through
+``torch.func.functional_call``, which a sharded model does not support, and no second
+derivative is taken: the memory is that of a training step, plus one copy of the parameters.
+
+**The step.** With h = ε‖v‖ the step's length and v̂ = v/‖v‖, Taylor's theorem gives
+
+    (∇L(θ + εv) − ∇L(θ − εv)) / (2ε) = Hv + (ε²/6) ∇⁴L[v, v, v] + O(ε⁴‖v‖⁵),
+
+a truncation error of (h²/6)·M‖v‖, M = ‖∇⁴L[v̂, v̂, v̂]‖ (the third derivative of the gradient;
+the even terms cancel). Rounding adds, per unit of ‖v‖, about u·(γ + ‖H‖‖θ‖)/h: u the unit
+roundoff of the parameters' dtype, γ the size of the terms the gradient sums (≥ ‖∇L‖; each
+evaluation is off by about u·γ, and the difference is divided by 2ε), and ‖H‖‖θ‖ from storing
+θ ± εv in that dtype (each entry rounded by up to u|θᵢ|). The sum of the two is smallest at
+h ∝ (u·(γ + ‖H‖‖θ‖)/M)^(1/3). M and γ are not known without the derivatives being sought, so
+the default assumes the loss varies on the scale of the parameters themselves (M ≈ ‖H‖/‖θ‖²,
+γ ≈ ‖H‖‖θ‖), which gives the standard central-difference choice
+
+    h = u^(1/3)·‖θ‖,   i.e.   ε = u^(1/3)·‖θ‖/‖v‖       (fd_eps = u^(1/3): the relative step)
+
+(‖θ‖ over the selected parameters; 1 where it is 0). Both errors are then O(u^(2/3)·‖H‖‖v‖):
+about 4e-11·‖H‖‖v‖ in float64, 2.4e-5 in float32, 1e-3 in bfloat16 (bfloat16's u^(1/3) = 0.2
+is no longer a small step: finite differences need float32 or float64 parameters). The error
+is relative to ‖H‖‖v‖, not to ‖Hv‖: a vector that H nearly annihilates gets a product whose
+relative error is larger. Measured: ‖FD − Hv‖/(u^(2/3)·‖H‖₂‖v‖) was 0.1–0.5 on small tanh,
+softplus and cross-entropy MLPs, 2.5 with train-mode BatchNorm, 10 on a tied embedding (the
+largest seen), in float64 and float32 alike; the tests assert :data:`ACCURACY` = 100
+(tests/derivatives/test_finite_difference.py).
+
+**Kinks.** All this assumes a loss smooth along the segment θ ± εv. Through ReLU, max pooling
+or other piecewise-linear pieces, a unit that changes sides within the step adds its gradient's
+jump, divided by 2ε, to the difference; the exact backends differentiate one piece and never
+see it. In float64 (a relative step of 6e-6) few units change sides and the products agree with
+the exact ones to the accuracy above on this project's ReLU test models; in float32 (4.9e-3)
+the error was up to 0.1·‖H‖‖v‖ on a small ReLU transformer and 1·‖H‖‖v‖ on a ReLU MLP with
+BatchNorm, for some directions. For such models use float64 parameters, or smooth activations
+(GELU, SiLU, softplus, tanh: the common ones in today's transformers), or a smaller ``fd_eps``
+(measured: 1e-3 there gave errors near 1e-5·‖H‖‖v‖).
+
+Because ε scales as 1/‖v‖, the perturbation εv does not depend on the length of v: the product
+of 2v is exactly twice that of v; sums and symmetry hold within the accuracy above.
+
+**The model, as found.** Every evaluation sets each selected parameter from a kept copy
+(θ₀ + εv is computed from θ₀, never θ + εv − εv) through ``.data``, so its autograd version
+counter does not move (a graph the user holds stays valid), and after the product — also when
+the loss or the engine raises — the copy is copied back: the parameters are bit-for-bit as
+found. ``.grad`` of every parameter is the user's tensor again (ours are discarded), every
+buffer (BatchNorm's running statistics, which a train-mode forward updates) is restored before
+each evaluation and after the last, the training flags are never switched, and the global RNG
+is seeded per batch (dropout: the same masks for θ + εv and θ − εv, and as the exact backends
+draw them) and restored.
+
+**Ranks.** Plain parameters (one process, or DDP — curvscope differentiates the unwrapped
+module, whose backward does not all-reduce): each rank's gradients are local and the product is
+summed over the operator's process group, as for the exact backends. ``DTensor`` parameters
+(FSDP2's ``fully_shard``, HSDP): the engine itself reduces the gradients over its
+data-parallel ranks, dividing their sum by its gradient divide factor (the number of
+data-parallel ranks, unless ``set_gradient_divide_factor`` changed it); each rank's loss is
+multiplied by that factor so that the engine's result is the sum over the ranks, weighted by
+their sample counts, and the sharded gradient is gathered (``full_tensor``) into the flat
+product every rank holds. Flat vectors are full length on every rank: the parameters are
+sharded, the Krylov vectors are not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeGuard
+
+import torch
+from torch import Tensor, nn
+
+from curvscope.derivatives.distributed import all_reduce_sum
+from curvscope.derivatives.objective import Batch, ModelObjective
+from curvscope.derivatives.seeding import FORWARD
+
+#: The backend's name in ``Curvature(..., backend=...)``.
+BACKEND = "finite_difference"
+#: The accuracy the tests assert, for a smooth loss (see the module's docstring; measured up to
+#: 10): ‖FD product − Hv‖ ≤ ACCURACY·u^(2/3)·‖H‖₂‖v‖, u the parameters' dtype's unit roundoff.
+ACCURACY = 100.0
+
+try:  # torch.distributed is optional in torch builds
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - a torch built without distributed
+    DTensor = None  # type: ignore[assignment,misc]
+    distribute_tensor = None  # type: ignore[assignment]
+
+
+def default_step(dtype: torch.dtype) -> float:
+    """The default relative step u^(1/3) for parameters of ``dtype`` (u its unit roundoff):
+    about 6.1e-6 for float64, 4.9e-3 for float32.
+
+    Example:
+        >>> round(default_step(torch.float32), 5)
+        0.00492
+    """
+    return float(torch.finfo(dtype).eps) ** (1.0 / 3.0)
+
+
+def check_fd_eps(fd_eps: object, backend: str, kind: str) -> float | None:
+    """Validate ``fd_eps`` (the relative step ‖εv‖/‖θ‖) against the backend and the kind."""
+    if backend != BACKEND:
+        if fd_eps is not None:
+            raise ValueError(
+                f"fd_eps sets the step of backend='finite_difference', but backend={backend!r}; "
+                "pass backend='finite_difference' too, or leave fd_eps=None"
+            )
+        return None
+    if kind != "hessian":
+        raise ValueError(
+            f"backend='finite_difference' differences gradients, which gives Hessian products "
+            f"only; kind={kind!r} is a product of Jacobians. Use kind='hessian' with "
+            f"backend='finite_difference', or keep kind={kind!r} with backend='auto'"
+        )
+    if fd_eps is None:
+        return None
+    if isinstance(fd_eps, bool) or not isinstance(fd_eps, (int, float)):
+        raise TypeError(
+            f"expected fd_eps to be a number (the step relative to ‖θ‖, e.g. 1e-3) or None "
+            f"(chosen from the dtype), got {type(fd_eps).__name__}"
+        )
+    value = float(fd_eps)
+    if not (math.isfinite(value) and 0.0 < value < 1.0):
+        raise ValueError(
+            f"fd_eps is the step relative to the parameters' norm and must lie in (0, 1), got "
+            f"{fd_eps!r}; leave fd_eps=None for the default eps(dtype)^(1/3)"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class _Engine:
+    """How the gradients a backward pass leaves in ``.grad`` relate to the ranks' losses."""
+
+    #: the parameters are DTensors and the engine reduces their gradients over the ranks
+    sharded: bool
+    #: each rank's loss is multiplied by this (the engine divides the ranks' sum by it)
+    loss_scale: float
+
+
+def _is_dtensor(t: object) -> TypeGuard[DTensor]:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _divide_factor(model: nn.Module, ranks: int) -> float:
+    """What FSDP2 divides the ranks' summed gradients by: its ``set_gradient_divide_factor``
+    where one was set (read from its state), else the number of data-parallel ranks."""
+    factors: set[float] = set()
+    for m in model.modules():
+        state_of = getattr(m, "_get_fsdp_state", None)
+        if state_of is None:
+            continue
+        for group in getattr(state_of(), "_fsdp_param_groups", ()):
+            factor = getattr(group, "gradient_divide_factor", None)
+            factors.add(float(ranks) if factor is None else float(factor))
+    if len(factors) > 1:
+        raise ValueError(
+            "the model's FSDP modules divide their gradients by different factors "
+            f"({sorted(factors)}); finite-difference products need one: call "
+            "set_gradient_divide_factor with the same factor on every module, or not at all"
+        )
+    return factors.pop() if factors else float(ranks)
+
+
+def _engine(model: nn.Module, params: Mapping[str, Tensor], group: Any) -> _Engine:
+    sharded = [_is_dtensor(p) for p in params.values()]
+    if not any(sharded):
+        return _Engine(False, 1.0)
+    if not all(sharded):
+        plain = [k for k, s in zip(params, sharded, strict=True) if not s]
+        raise ValueError(
+            f"some selected parameters are sharded (DTensor) and others not ({plain[:3]}): "
+            "apply fully_shard to the root module too (fully_shard(model)), or select one kind "
+            "with params="
+        )
+    import torch.distributed as dist
+
+    first = next(iter(params.values()))
+    assert _is_dtensor(first)
+    ranks = first.device_mesh.size()
+    ours = 1 if group is None else dist.get_world_size(group)
+    if ranks != ours:
+        raise ValueError(
+            f"the model's parameters are sharded over {ranks} ranks, but the Curvature reduces "
+            f"over {ours}; build it in the same process group as the model (group=None uses "
+            "the default group) so that each rank passes its own shard of the data"
+        )
+    return _Engine(True, _divide_factor(model, ranks))
+
+
+@contextlib.contextmanager
+def _seeded(obj: ModelObjective, batch_index: int) -> Iterator[None]:
+    """The batch's fixed randomness (the seeds the exact backends use), gradients on, the
+    global generators restored. Unlike the exact backends' context, fused kernels are kept:
+    first derivatives are all a gradient needs."""
+    gens = [torch.random.default_generator]
+    if obj.device.type == "cuda":
+        index = torch.cuda.current_device() if obj.device.index is None else obj.device.index
+        gens.append(torch.cuda.default_generators[index])
+    saved = [g.get_state() for g in gens]
+    try:
+        with torch.enable_grad():
+            for g in gens:
+                g.manual_seed(FORWARD.seed(obj.seed, batch_index))
+            yield
+    finally:
+        for g, state in zip(gens, saved, strict=True):
+            g.set_state(state)
+
+
+class _Kept:
+    """The model's mutable state, kept on entry and put back by :meth:`restore`: the selected
+    parameters' values (a copy), every parameter's ``.grad`` (the tensor objects) and every
+    buffer (object and values)."""
+
+    def __init__(self, model: nn.Module, params: Mapping[str, Tensor]) -> None:
+        self.params = list(params.values())
+        self.values = [p.detach().clone() for p in self.params]
+        self.all_params = list(model.parameters())
+        self.grads = [p.grad for p in self.all_params]
+        self.buffers = [
+            (m, name, b, None if b is None else b.detach().clone())
+            for m in model.modules()
+            for name, b in m._buffers.items()
+        ]
+
+    def restore_buffers(self) -> None:
+        for m, name, b, value in self.buffers:
+            if m._buffers.get(name) is not b:
+                m._buffers[name] = b
+            if b is not None and value is not None:
+                b.data.copy_(value)
+
+    def clear_grads(self) -> None:
+        for p in self.all_params:
+            p.grad = None
+
+    def restore(self) -> None:
+        for p, value in zip(self.params, self.values, strict=True):
+            p.data.copy_(value)  # .data: no version-counter bump, bit for bit
+        for p, g in zip(self.all_params, self.grads, strict=True):
+            p.grad = g
+        self.restore_buffers()
+
+
+class FiniteDifferenceProducts:
+    """Hessian products of a :class:`ModelObjective` by central differences of the gradients
+    its model's own backward pass computes (see the module's docstring for the step, the
+    accuracy and what is restored).
+
+    Args:
+        objective: the model, loss and data.
+        weight: a batch's weight in the loss (its share of all samples for a mean, 1 for a
+            sum), known once the batch's loss has been taken.
+        group: the process group the products are summed over (None: one process).
+        fd_eps: the relative step ‖εv‖/‖θ‖; None: :func:`default_step` of the dtype.
+    """
+
+    def __init__(
+        self,
+        objective: ModelObjective,
+        weight: Callable[[Batch], float],
+        group: Any = None,
+        fd_eps: float | None = None,
+    ) -> None:
+        self.obj, self.weight, self.group = objective, weight, group
+        #: the relative step ‖εv‖/‖θ‖
+        self.step = default_step(objective.dtype) if fd_eps is None else float(fd_eps)
+
+    # ------------------------------------------------------------------------- gradients
+    def _outputs(self, batch: Batch) -> Any:
+        """The model's own forward on the batch (hooks and all)."""
+        obj, inputs = self.obj, batch.inputs
+        extra = {} if obj.adapter is None else dict(obj.adapter.extra)
+        if isinstance(inputs, Mapping):
+            out = obj.model(**{**inputs, **extra})
+        else:
+            args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+            out = obj.model(*args, **extra)
+        return out if obj.adapter is None else obj.adapter.outputs(out)
+
+    def _backward_pass(self, kept: _Kept, engine: _Engine) -> Tensor:
+        """One pass over the data: Σ_b w_b ∇L_b (times the engine's scale) left in ``.grad``
+        by ``backward()``; returns this rank's Σ_b w_b L_b."""
+        kept.clear_grads()
+        kept.restore_buffers()
+        total: Tensor | None = None
+        for batch in self.obj.batches():
+            with _seeded(self.obj, batch.index):
+                loss = self.obj.loss(self._outputs(batch), batch)
+                w = self.weight(batch)
+                (loss * (w * engine.loss_scale)).backward()
+            part = loss.detach() * w
+            total = part if total is None else total + part
+        assert total is not None  # the data is never empty (checked at construction)
+        return total
+
+    def _gradient(self, params: Mapping[str, Tensor], engine: _Engine) -> Tensor:
+        """The flat gradient the last backward pass left (gathered where sharded)."""
+        parts, found = [], False
+        for p in params.values():
+            g = p.grad
+            if g is None:
+                parts.append(torch.zeros(p.shape, dtype=p.dtype, device=self.obj.device))
+                continue
+            found = True
+            parts.append(g.full_tensor() if _is_dtensor(g) else g)
+        if not found:
+            raise RuntimeError(
+                "after loss.backward() no selected parameter has a .grad, so there is no "
+                "gradient to difference: the engine did not produce one (FSDP2 with "
+                "set_requires_gradient_sync(False)? re-enable gradient sync for the product)"
+            )
+        return self.obj.flatten(parts)
+
+    def _theta_norm(self, values: list[Tensor]) -> float:
+        sq = torch.zeros((), dtype=torch.float64, device=self.obj.device)
+        for t in values:
+            n = torch.linalg.vector_norm(t, dtype=torch.float64)
+            if _is_dtensor(n):
+                n = n.full_tensor()
+            sq = sq + n * n
+        norm = math.sqrt(float(sq))
+        return norm if norm > 0 else 1.0
+
+    def _set(self, kept: _Kept, v: Tensor, eps: float) -> None:
+        """Parameters := θ₀ + εv, computed from the kept copy θ₀."""
+        for p, value, b in zip(kept.params, kept.values, self.obj.unflatten(v), strict=True):
+            if _is_dtensor(p):  # this rank's shard of the block, without communication
+                b = distribute_tensor(b, p.device_mesh, p.placements, src_data_rank=None)
+            p.data.copy_(value)
+            p.data.add_(b, alpha=eps)
+
+    # -------------------------------------------------------------------------- products
+    def matmat(self, V: Tensor) -> Tensor:
+        """H V for an (n, k) block, two gradient passes a column; summed over the ranks."""
+        params = self.obj.params
+        engine = _engine(self.obj.model, params, self.group)
+        kept = _Kept(self.obj.model, params)
+        columns = []
+        try:
+            scale = self.step * self._theta_norm(kept.values)
+            for j in range(V.shape[1]):
+                v = V[:, j]
+                norm = float(torch.linalg.vector_norm(v))
+                if norm == 0.0:
+                    columns.append(torch.zeros_like(v))
+                    continue
+                eps = scale / norm
+                diff = []
+                for sign in (1.0, -1.0):
+                    self._set(kept, v, sign * eps)
+                    self._backward_pass(kept, engine)
+                    diff.append(self._gradient(params, engine))
+                columns.append((diff[0] - diff[1]) / (2.0 * eps))
+        finally:
+            kept.restore()
+        out = torch.stack(columns, dim=1)
+        return out if engine.sharded else all_reduce_sum(out, self.group)
+
+    def loss_and_gradient(self) -> tuple[float, Tensor]:
+        """The loss and its flat gradient at θ, by the model's own backward; as found after."""
+        params = self.obj.params
+        engine = _engine(self.obj.model, params, self.group)
+        kept = _Kept(self.obj.model, params)
+        try:
+            loss = self._backward_pass(kept, engine)
+            grad = self._gradient(params, engine)
+        finally:
+            kept.restore()
+        if engine.sharded:  # the engine reduced the gradient; the loss is this rank's
+            return float(all_reduce_sum(loss.reshape(1), self.group)[0]), grad
+        both = all_reduce_sum(torch.cat([grad, loss.reshape(1).to(grad.dtype)]), self.group)
+        return float(both[-1]), both[:-1]

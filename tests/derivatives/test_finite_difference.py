@@ -1,0 +1,260 @@
+"""Hessian products by central differences of the model's own gradients
+(``backend="finite_difference"``) against the exact product: the stated accuracy in float64 and
+float32, symmetry and linearity within it, and the model left bit for bit as found — also when
+the loss fails half-way through a product."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import curvscope as cs
+from curvscope.derivatives import finite_difference as fd
+from tests import cases
+
+FD = "finite_difference"
+
+
+def smooth(dtype: torch.dtype = torch.float64, n: int = 30, seed: int = 0) -> cases.Case:
+    """A small MLP with tanh and softplus (a smooth loss: the accuracy statement's setting)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(
+            nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6), nn.Softplus(), nn.Linear(6, 3)
+        ).to(dtype)
+    X = torch.randn(n, 4, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return cases.Case("smooth", model, nn.CrossEntropyLoss(), X, y)
+
+
+def smooth_dropout_batchnorm(n: int = 16, seed: int = 9) -> cases.Case:
+    """Train-mode BatchNorm and dropout around a smooth activation."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(
+            nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.3), nn.Linear(6, 3)
+        ).double()
+    X = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    return cases.Case("dropout-bn", model, nn.CrossEntropyLoss(), X, torch.randint(0, 3, (n,)))
+
+
+def as_float64(case: cases.Case) -> cases.Case:
+    """The same parameters (exactly: float32 → float64 is exact) and data in float64."""
+    return cases.Case(
+        case.name,
+        copy.deepcopy(case.model).double(),
+        case.loss_fn,
+        case.inputs.double(),
+        case.targets,
+    )
+
+
+@functools.cache
+def dense_hessian(dtype: torch.dtype) -> torch.Tensor:
+    """The float64 reference jacfwd(grad(L)) of :func:`smooth` in ``dtype`` (its parameters
+    and data taken exactly to float64), built once."""
+    return cases.dense_hessian(as_float64(smooth(dtype)))
+
+
+def bound(dtype: torch.dtype, H: torch.Tensor) -> float:
+    """The stated accuracy per unit ‖v‖: ACCURACY · u^(2/3) · ‖H‖₂."""
+    u = torch.finfo(dtype).eps
+    return fd.ACCURACY * u ** (2 / 3) * float(torch.linalg.matrix_norm(H, 2))
+
+
+def vectors(n: int, k: int, dtype=torch.float64, seed: int = 4) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, dtype=torch.float64, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_products_are_within_the_stated_accuracy_of_the_exact_product(dtype):
+    case = smooth(dtype)
+    H = dense_hessian(dtype)
+    C = cs.Curvature(case.model, case.loss_fn, case.data, backend=FD)
+    V = vectors(C.num_params, 6, dtype)
+    got = (C @ V).double()
+    want = H @ V.double()
+    errors = (got - want).norm(dim=0) / V.double().norm(dim=0)
+    assert float(errors.max()) <= bound(dtype, H)
+    # what that means against |Hv| for these random vectors
+    relative = float(((got - want).norm(dim=0) / want.norm(dim=0)).max())
+    assert relative < (1e-8 if dtype == torch.float64 else 1e-3)
+    assert C.matvecs == 6 and C.backend == FD
+
+
+def test_a_block_and_a_loader_of_uneven_batches_give_the_same_operator():
+    case = smooth(n=30)
+    X, y = case.data
+    batches = [(X[:7], y[:7]), (X[7:19], y[7:19]), (X[19:], y[19:])]
+    loader = DataLoader(TensorDataset(X, y), batch_size=8, shuffle=True)
+    H = dense_hessian(torch.float64)
+    V = vectors(H.shape[0], 3)
+    for data in (batches, loader):
+        C = cs.Curvature(case.model, case.loss_fn, data, backend=FD)
+        err = (C @ V - H @ V).norm(dim=0) / V.norm(dim=0)
+        assert float(err.max()) <= bound(torch.float64, H)
+        torch.testing.assert_close(C @ V[:, 1], (C @ V)[:, 1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_symmetric_and_linear_within_the_accuracy_and_exactly_homogeneous(dtype):
+    case = smooth(dtype)
+    H = dense_hessian(dtype)
+    C = cs.Curvature(case.model, case.loss_fn, case.data, backend=FD)
+    u, v = vectors(C.num_params, 2, dtype).unbind(1)
+    cu, cv = C @ u, C @ v
+    tol = bound(dtype, H)
+    asym = abs(float(u.double() @ cv.double() - v.double() @ cu.double()))
+    assert asym <= 2 * tol * float(u.double().norm() * v.double().norm())
+    a, b = 0.7, -1.9
+    w = a * u + b * v
+    lin = (C @ w).double() - (a * cu.double() + b * cv.double())
+    assert float(lin.norm()) <= 2 * tol * float(
+        abs(a) * u.double().norm() + abs(b) * v.double().norm()
+    )
+    # the perturbation εv does not depend on |v|: scaling v by 2 is exact
+    assert torch.equal(C @ (2 * v), 2 * cv)
+    assert torch.equal(C @ torch.zeros_like(v), torch.zeros_like(v))
+
+
+def test_train_mode_batchnorm_and_dropout_equal_the_exact_backend():
+    """The model's own forward in train mode: batch statistics (running ones restored), and
+    the same dropout masks as the exact backends draw."""
+    case = smooth_dropout_batchnorm()
+    exact = cs.Curvature(case.model, case.loss_fn, case.data, backend="double_backward")
+    H = exact.to_dense()
+    C = cs.Curvature(case.model, case.loss_fn, case.data, backend=FD)
+    V = vectors(C.num_params, 3)
+    err = (C @ V - H @ V).norm(dim=0) / V.norm(dim=0)
+    assert float(err.max()) <= bound(torch.float64, H)
+
+
+def test_loss_and_gradient_by_the_models_own_backward():
+    case = smooth_dropout_batchnorm()
+    exact = cs.Curvature(case.model, case.loss_fn, case.data, backend="double_backward")
+    C = cs.Curvature(case.model, case.loss_fn, case.data, backend=FD)
+    before = cases.snapshot(case.model)
+    loss, g = C.loss_and_gradient()
+    cases.assert_unchanged(before, cases.snapshot(case.model))
+    loss0, g0 = exact.loss_and_gradient()
+    assert loss == pytest.approx(loss0, rel=1e-13)
+    torch.testing.assert_close(g, g0, rtol=1e-12, atol=1e-14)
+
+
+def test_largest_eigenvalue_by_finite_difference_products():
+    case = smooth()
+    H = dense_hessian(torch.float64)
+    C = cs.Curvature(case.model, case.loss_fn, case.data, backend=FD)
+    r = cs.eigenvalues(C, k=1, which="largest")
+    lam = torch.linalg.eigvalsh(H)
+    assert r.converged
+    assert abs(float(r.values[0]) - float(lam[-1])) <= 1e-3 * float(lam.abs().max())
+    assert r.matvecs == C.matvecs
+
+
+def test_the_model_is_left_bit_for_bit_as_found():
+    case = smooth_dropout_batchnorm()
+    model = case.model
+    for p in model.parameters():  # the user's gradients, mid-accumulation
+        p.grad = torch.randn_like(p)
+    grads = [p.grad for p in model.parameters()]
+    before = cases.snapshot(model)
+    versions = [p._version for p in model.parameters()]
+    C = cs.Curvature(model, case.loss_fn, case.data, backend=FD)
+    C @ vectors(C.num_params, 2)
+    C.to_dense()
+    cases.assert_unchanged(before, cases.snapshot(model))
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads, strict=True))
+    assert [p._version for p in model.parameters()] == versions  # a held graph stays valid
+
+
+def test_a_graph_the_user_holds_stays_usable_across_a_product():
+    case = smooth()
+    loss = case.loss_fn(case.model(case.inputs), case.targets)
+    C = cs.Curvature(case.model, case.loss_fn, case.data, backend=FD)
+    C @ vectors(C.num_params, 1)[:, 0]
+    loss.backward()  # no "modified by an inplace operation"
+    assert all(p.grad is not None for p in case.model.parameters())
+
+
+class FailsAfter:
+    """A mean loss that raises on its n-th call: a product that fails half-way."""
+
+    reduction = "mean"
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, 0
+
+    def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError("the loss failed")
+        return nn.functional.cross_entropy(out, y)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 4, 6])
+def test_a_failing_loss_leaves_the_model_exactly_as_found(fail_at):
+    """Batches of the +εv evaluation (calls 1-2), of the −εv one (3-4), of the second vector."""
+    case = smooth_dropout_batchnorm()
+    X, y = case.data
+    model = case.model
+    model.train()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = cases.snapshot(model)
+    loss_fn = FailsAfter(fail_at)
+    C = cs.Curvature(model, loss_fn, [(X[:8], y[:8]), (X[8:], y[8:])], backend=FD)
+    with pytest.raises(RuntimeError, match="the loss failed"):
+        C @ vectors(C.num_params, 2)
+    cases.assert_unchanged(before, cases.snapshot(model))
+
+
+def test_restrict_keeps_the_backend_and_the_step():
+    case = smooth()
+    C = cs.Curvature(case.model, case.loss_fn, case.data, backend=FD, fd_eps=1e-5)
+    names = C.param_names[:2]
+    R = C.restrict(names)
+    assert R.backend == FD and R._differences is not None and R._differences.step == 1e-5
+    H = dense_hessian(torch.float64)
+    n = R.num_params
+    v = vectors(n, 1)[:, 0]
+    torch.testing.assert_close(R @ v, H[:n, :n] @ v, rtol=1e-8, atol=1e-9)
+
+
+def test_default_step_balances_truncation_and_rounding():
+    """u^(1/3): much smaller steps lose to rounding in float32, much larger to truncation."""
+    case = smooth(torch.float32)
+    H = dense_hessian(torch.float32)
+    v = vectors(H.shape[0], 1, torch.float32)[:, 0]
+    want = H @ v.double()
+
+    def error(step):
+        C = cs.Curvature(case.model, case.loss_fn, case.data, backend=FD, fd_eps=step)
+        return float(((C @ v).double() - want).norm())
+
+    default = error(None)
+    assert default < error(fd.default_step(torch.float32) / 300)
+    assert default < error(min(0.9, fd.default_step(torch.float32) * 100))
+
+
+def test_bad_arguments_name_the_fix():
+    case = smooth()
+    args = (case.model, case.loss_fn, case.data)
+    with pytest.raises(ValueError, match="kind='hessian' with backend='finite_difference'"):
+        cs.Curvature(*args, kind="ggn", backend=FD)
+    with pytest.raises(ValueError, match="pass backend='finite_difference' too"):
+        cs.Curvature(*args, fd_eps=1e-3)
+    for bad in (0.0, 1.5, float("nan"), -1e-3):
+        with pytest.raises(ValueError, match=r"must lie in \(0, 1\)"):
+            cs.Curvature(*args, backend=FD, fd_eps=bad)
+    for bad in ("1e-3", True):
+        with pytest.raises(TypeError, match="expected fd_eps to be a number"):
+            cs.Curvature(*args, backend=FD, fd_eps=bad)
