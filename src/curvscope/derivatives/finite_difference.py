@@ -79,7 +79,7 @@ from typing import Any, TypeGuard
 import torch
 from torch import Tensor, nn
 
-from curvscope.derivatives.distributed import all_reduce_sum
+from curvscope.derivatives.distributed import all_reduce_sum, check_same_on_ranks
 from curvscope.derivatives.objective import Batch, ModelObjective
 from curvscope.derivatives.seeding import FORWARD
 
@@ -262,7 +262,8 @@ class FiniteDifferenceProducts:
         objective: the model, loss and data.
         weight: a batch's weight in the loss (its share of all samples for a mean, 1 for a
             sum), known once the batch's loss has been taken.
-        group: the process group the products are summed over (None: one process).
+        group: the process group the products are summed over (None: one process). With
+            sharded parameters every rank must pass the same number of batches (checked).
         fd_eps: the relative step ‖εv‖/‖θ‖; None: :func:`default_step` of the dtype.
     """
 
@@ -276,6 +277,10 @@ class FiniteDifferenceProducts:
         self.obj, self.weight, self.group = objective, weight, group
         #: the relative step ‖εv‖/‖θ‖
         self.step = default_step(objective.dtype) if fd_eps is None else float(fd_eps)
+        if _engine(objective.model, objective.params, group).sharded:
+            # every forward and backward of a sharded model is a collective: a rank with more
+            # batches than another would wait for it forever
+            check_same_on_ranks(group, device=objective.device, num_batches=objective.num_batches)
 
     # ------------------------------------------------------------------------- gradients
     def _outputs(self, batch: Batch) -> Any:
