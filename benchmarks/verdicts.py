@@ -1,0 +1,900 @@
+"""Verdict accuracy: the Monitor against real training runs whose outcome is known.
+
+    python benchmarks/verdicts.py [--quick] [--every 10] [--only NAME ...]
+
+Each run is trained to its end (or to its blow-up) twice, with a :class:`curvscope.Monitor`
+at its default cadence (``every=None``: adaptive, probes at most 5% of the wall time, the first
+after 10 steps) and at a fixed cadence (``--every``, 10 by default). Training with a Monitor is
+bit-identical to training without, so both see the same run (checked: the two reference loss
+curves must agree). The script prints three markdown tables: the summary per cadence, the runs
+with their outcome and verdicts, and the probes that were wrong with their evidence.
+
+Ground truth, from each run itself. The reference loss L_k is the loss on the whole training
+set at the parameters θ_k after k optimizer steps (the training loss itself for full-batch runs;
+for mini-batch runs it is evaluated after each step, under no_grad, and its time is taken out of
+the Monitor's wall-time account so that the default cadence sees the loop it would see without
+it). A probe at Monitor step k measures θ_k.
+
+- **diverges** at the blow-up step k*: the first k with L_k > ``BLOWUP`` (10) × min_{j≤k} L_j,
+  or L_k not finite. A diverging run is stopped ``AFTER_BLOWUP`` steps after k*.
+- **healthy**: no blow-up, and the final loss at most ``HEALTHY_DROP`` (0.5) × L_0.
+- **stalled**: neither (reported; a run designed to be healthy that stalls is a bad run).
+- **saddle / plateau** runs (deep linear networks at small initialisation; one output, so one
+  escape): the escape step k_e is the first k at which the loss has made ``ESCAPE`` (10%) of its
+  total decrease, L_k ≤ L_0 − 0.1·(L_0 − min L). A probe at k < k_e is right when it says
+  ``saddle`` (the saddle run) or ``flat`` (the plateau run); at k ≥ k_e when it says
+  ``learning``, or ``minimum`` once the loss is within ``CONVERGED`` (1%) of the total decrease
+  of its minimum.
+
+Scores (per cadence):
+
+- **false alarms**: runs that end healthy (saddle and plateau runs included) with an
+  ``unstable`` or ``diverged`` probe anywhere — target 0;
+- **warned**: of the runs that diverge after their first probe, the share with an ``unstable``
+  probe at a step k < k*, and the lead k* − k of the first such probe; target ≥ 90% warned with
+  a median lead ≥ ¼ of (k* − first probe step). Runs that blow up before their first probe
+  cannot be warned by any Monitor and are listed, not scored;
+- **saddle / plateau**: the share of probes right by the definition above.
+
+The thresholds the verdicts use (read from :mod:`curvscope.diagnosis.classify` at run time and
+printed with the results; the numbers here are those of the code this was written against):
+``Thresholds`` (small_gradient 1e-3, direction_floor 1e-2, gradient_floor 1e-8, loss_floor 1e-3,
+flat_curvature 1e-2, negative_curvature 1e-2, small_decrement 1e-3, margin 0.1), ``EOS_BAND``
+0.15, ``EOS_PROBES`` 3, ``EXPLOSION`` 1e3. None of them was tuned on this suite; they came from
+the constructed cases of tests/diagnosis (quadratics above and below 2/λ, saddles, plateaus) and
+the digits edge-of-stability runs of tests/diagnosis/test_monitor.py (GD at η = 1 and 0.5, Adam
+at 1e-2), which are runs ``gd-mse-edge`` and ``adam-digits`` here. The ground-truth constants
+above (BLOWUP, HEALTHY_DROP, ESCAPE, CONVERGED) are definitions, not tuned either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import itertools
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import curvscope as cs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import markdown_table
+
+#: The module of the verdict's rules (``curvscope.diagnosis.classify`` is also a function's name)
+rules = importlib.import_module("curvscope.diagnosis.classify")
+
+#: Ground truth: the loss above this multiple of its running minimum is a blow-up ...
+BLOWUP = 10.0
+#: ... a healthy run ends at or below this fraction of its first loss ...
+HEALTHY_DROP = 0.5
+#: ... a saddle or plateau is escaped once the loss has made this share of its decrease ...
+ESCAPE = 0.1
+#: ... and has converged within this share of it.
+CONVERGED = 0.01
+#: A diverging run is stopped this many steps after its blow-up.
+AFTER_BLOWUP = 20
+#: The fixed cadence (steps between probes).
+EVERY = 10
+
+# ------------------------------------------------------------------------------- data
+
+
+def _standardise(x: Tensor) -> Tensor:
+    std = x.std(dim=0, keepdim=True)
+    return (x - x.mean(dim=0, keepdim=True)) / torch.where(std > 0, std, torch.ones_like(std))
+
+
+@functools.cache
+def digits(n: int = 500) -> tuple[Tensor, Tensor]:
+    return cs.problems.load_digits(n)
+
+
+@functools.cache
+def wine() -> tuple[Tensor, Tensor]:
+    from sklearn.datasets import load_wine
+
+    d = load_wine()
+    return _standardise(torch.as_tensor(d.data, dtype=torch.float64)), torch.as_tensor(d.target)
+
+
+@functools.cache
+def cancer_regression() -> tuple[Tensor, Tensor]:
+    """Breast cancer's 30 standardised features, its label standardised as a regression target:
+    one output, so a deep linear network escapes its saddle once."""
+    x, y = cs.problems.load_breast_cancer()
+    return x, _standardise(y)
+
+
+def zipf_tokens(rows: int, length: int, vocab: int, seed: int) -> Tensor:
+    """Token sequences with Zipf frequencies (token k ∝ 1/(k + 1)): the rare tokens' embedding
+    rows get their first gradient late, as in real text."""
+    g = torch.Generator().manual_seed(seed)
+    p = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)
+    return torch.multinomial(p / p.sum(), rows * length, replacement=True, generator=g).reshape(
+        rows, length
+    )
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def mlp(inputs: int, hidden: int, outputs: int, seed: int = 0) -> nn.Module:
+    return _seeded(
+        seed,
+        lambda: nn.Sequential(
+            nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, outputs)
+        ).double(),
+    )
+
+
+def cnn(seed: int = 0) -> nn.Module:
+    """conv 1→8, conv 8→16 (ReLU, max-pool each), linear 64→10 on 8x8 digits (2,018 params)."""
+    return _seeded(
+        seed,
+        lambda: nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64, 10),
+        ),
+    )
+
+
+class CausalLM(nn.Module):
+    """A tiny causal transformer: token and position embeddings, pre-LN encoder layers under a
+    causal mask, a linear head (no dropout)."""
+
+    def __init__(self, vocab: int, length: int, width: int = 32, layers: int = 1) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(0.1 * torch.randn(length, width))
+        layer = nn.TransformerEncoderLayer(
+            width, 2, 2 * width, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(width, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(length))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        n = ids.shape[1]
+        h = self.embed(ids) + self.pos[:n]
+        return self.head(self.body(h, mask=self.mask[:n, :n], is_causal=True))
+
+
+def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy over the predicted positions (targets −100 are not predicted)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def shift_task(rows: int, length: int, vocab: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Predict the previous token: targets[t] = ids[t − 1] (position 0 is not predicted)."""
+    ids = zipf_tokens(rows, length, vocab, seed)
+    targets = torch.full_like(ids, -100)
+    targets[:, 1:] = ids[:, :-1]
+    return ids, targets
+
+
+class DeepLinear(nn.Module):
+    """x ↦ W_L ⋯ W_1 x at small initialisation (each entry N(0, scale²)): the origin is a saddle
+    (two layers: strict, λ_min = −σ₁ of the input-output covariance) or, for three and more, a
+    plateau where the gradient and the curvature both vanish."""
+
+    def __init__(self, sizes: Sequence[int], scale: float, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weights = nn.ParameterList(
+            nn.Parameter(scale * torch.randn(b, a, generator=g, dtype=torch.float64))
+            for a, b in itertools.pairwise(sizes)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        for w in self.weights:
+            x = x @ w.T
+        return x
+
+
+# ------------------------------------------------------------------------------ runs
+
+
+@dataclass
+class Setup:
+    """One training run, built: the model, its loss and data, the optimizer and schedule, and
+    what the Monitor is given."""
+
+    model: nn.Module
+    loss_fn: Callable[[Any, Tensor], Tensor]
+    data: tuple[Any, Tensor]
+    optimizer: torch.optim.Optimizer
+    batch: int | None = None  # None: full batch
+    probe: Any = None  # the probe data (default: the whole training set)
+    train_batches: list[Any] | None = None
+    scheduler: Any = None
+    reduction: str | None = None
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A run of the suite: its name, what it trains, and how to build it."""
+
+    name: str
+    model: str
+    optimizer: str
+    lr: float
+    steps: int
+    build: Callable[[], Setup]
+    warmup: int = 0
+    batch: int | None = None
+    kind: str = "run"  # "saddle" and "plateau" runs are scored on those states too
+    quick: bool = False  # in the CI subset
+
+
+def _optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    if name == "GD":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "SGD+momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "Adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "AdamW":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def _warmup(opt: torch.optim.Optimizer, steps: int) -> Any:
+    """Linear warm-up from lr/steps to lr over ``steps`` steps, then constant (LambdaLR)."""
+    if not steps:
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / steps))
+
+
+def _batches(data: tuple[Any, Tensor], batch: int, count: int, seed: int) -> list[Any]:
+    g = torch.Generator().manual_seed(seed)
+    n = len(data[1])
+    return [_rows(data, torch.randint(0, n, (batch,), generator=g)) for _ in range(count)]
+
+
+def _rows(data: tuple[Any, Tensor], idx: Tensor) -> tuple[Any, Tensor]:
+    x, y = data
+    if isinstance(x, dict):
+        return {k: v[idx] for k, v in x.items()}, y[idx]
+    return x[idx], y[idx]
+
+
+def _setup(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Tensor], Tensor],
+    data: tuple[Any, Tensor],
+    opt: str,
+    lr: float,
+    warmup: int = 0,
+    batch: int | None = None,
+    probe_rows: int = 512,
+    **kw: Any,
+) -> Setup:
+    optimizer = _optimizer(opt, model.parameters(), lr)
+    probe, train_batches = data, None
+    if batch is not None:
+        n = len(data[1])
+        probe = data if n <= probe_rows else _rows(data, torch.arange(probe_rows))
+        train_batches = _batches(data, batch, 32, seed=12345)
+    return Setup(
+        model,
+        loss_fn,
+        data,
+        optimizer,
+        batch=batch,
+        probe=probe,
+        train_batches=train_batches,
+        scheduler=_warmup(optimizer, warmup),
+        **kw,
+    )
+
+
+def digits_mlp(opt: str, lr: float, warmup: int = 0, batch: int | None = None, loss="mse"):
+    x, y = digits(500)
+    if loss == "mse":
+        return _setup(
+            mlp(64, 32, 10), nn.MSELoss(), (x, F.one_hot(y, 10).double()), opt, lr, warmup, batch
+        )
+    return _setup(mlp(64, 32, 10), nn.CrossEntropyLoss(), (x, y), opt, lr, warmup, batch)
+
+
+def wine_mlp(opt: str, lr: float, warmup: int = 0, batch: int | None = None):
+    return _setup(mlp(13, 16, 3), nn.CrossEntropyLoss(), wine(), opt, lr, warmup, batch)
+
+
+def cancer_logreg(opt: str, lr: float, warmup: int = 0, batch: int | None = None):
+    p = cs.problems.get("breast-cancer-logreg")
+    return _setup(p.make_model(0), p.loss_fn, p.data, opt, lr, warmup, batch)
+
+
+def digits_cnn(opt: str, lr: float, warmup: int = 0, batch: int | None = None, loss="ce"):
+    x, y = digits(500)
+    if loss == "mse":
+        data = (x.float(), F.one_hot(y, 10).float())
+        return _setup(cnn(), nn.MSELoss(), data, opt, lr, warmup, batch, probe_rows=256)
+    return _setup(cnn(), nn.CrossEntropyLoss(), (x.float(), y), opt, lr, warmup, batch, 256)
+
+
+@functools.cache
+def diabetes_top_eigenvalue() -> float:
+    """λ_max of linear least squares on diabetes (the Hessian of the mean squared error)."""
+    x, _ = cs.problems.load_diabetes()
+    xb = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    return float(torch.linalg.eigvalsh(2 * xb.T @ xb / len(x))[-1])
+
+
+def diabetes_lsq(opt: str, lr: float, warmup: int = 0, batch: int | None = None):
+    """Linear least squares on diabetes at lr × 2/λ_max: a quadratic, so past 2/λ_max the top
+    direction grows by |1 − ηλ| a step from the start, slowly when just past."""
+    p = cs.problems.get("least-squares")
+    eta = lr * 2 / diabetes_top_eigenvalue()
+    return _setup(p.make_model(0), p.loss_fn, p.data, opt, eta, warmup, batch)
+
+
+def causal_lm(opt: str, lr: float, warmup: int = 0, batch: int | None = 32, vocab: int = 64):
+    data = shift_task(128, 8, vocab, seed=0)
+    model = _seeded(0, lambda: CausalLM(vocab, 8, width=16))
+    return _setup(
+        model, next_token_loss, data, opt, lr, warmup, batch, probe_rows=64, reduction="mean"
+    )
+
+
+def deep_linear(depth: int, scale: float, opt: str, lr: float):
+    x, y = cancer_regression()
+    sizes = [x.shape[1]] + [8] * (depth - 1) + [1]
+    return _setup(DeepLinear(sizes, scale), nn.MSELoss(), (x, y), opt, lr)
+
+
+def bert(opt: str, lr: float, warmup: int = 0, batch: int | None = 16):
+    """A tiny Hugging Face BERT (no download) classifying Zipf token sequences by whether their
+    first token is frequent: AdamW with a linear warm-up, as a Trainer runs it."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.BertConfig(
+        vocab_size=128,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=2,
+    )
+    model = _seeded(0, lambda: transformers.BertForSequenceClassification(config))
+    ids = zipf_tokens(256, 10, 128, seed=1)
+    labels = (ids[:, 0] < 4).long()
+    return _setup(
+        model,
+        lambda out, y: F.cross_entropy(out.logits, y),
+        ({"input_ids": ids}, labels),
+        opt,
+        lr,
+        warmup,
+        batch,
+        probe_rows=128,
+        reduction="mean",
+    )
+
+
+def _transformers_importable() -> bool:
+    """Whether a Hugging Face model class can be built here (transformers imports its models
+    lazily: the package may import while its models fail, e.g. on a torchvision built for
+    another torch)."""
+    try:
+        from transformers import BertForSequenceClassification  # noqa: F401
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
+def _spec(
+    name: str,
+    model: str,
+    opt: str,
+    lr: float,
+    steps: int,
+    build: Callable[..., Setup],
+    warmup: int = 0,
+    batch: int | None = None,
+    quick: bool = False,
+    **build_kw: Any,
+) -> Spec:
+    make = functools.partial(build, opt, lr, warmup, batch, **build_kw)
+    return Spec(name, model, opt, lr, steps, make, warmup, batch, quick=quick)
+
+
+def suite() -> list[Spec]:
+    """The runs. Names say what each was designed to show; the outcome is measured."""
+    runs = [
+        # full-batch gradient descent on a tanh MLP, MSE on 500 digits: below, at, past the edge
+        _spec("gd-mse-low", "MLP digits", "GD", 0.1, 300, digits_mlp, quick=True),
+        _spec("gd-mse-edge", "MLP digits", "GD", 1.0, 600, digits_mlp),
+        _spec("gd-mse-edge2", "MLP digits", "GD", 2.0, 600, digits_mlp),
+        _spec("gd-mse-warmup-past", "MLP digits", "GD", 12.0, 400, digits_mlp, 200, quick=True),
+        _spec("gd-wine", "MLP wine", "GD", 0.5, 300, wine_mlp),
+        _spec("gd-logreg-past", "logistic regression", "GD", 60.0, 300, cancer_logreg),
+        # lr given as a multiple of 2/λ_max of a quadratic: just past it
+        _spec("gd-lsq-past", "least squares", "GD", 1.02, 300, diabetes_lsq),
+        # heavy-ball momentum
+        _spec("momentum-ce", "MLP digits", "SGD+momentum", 0.05, 300, digits_mlp, loss="ce"),
+        _spec("momentum-warmup-past", "MLP digits", "SGD+momentum", 2.0, 300, digits_mlp, 150),
+        _spec("momentum-wine-high", "MLP wine", "SGD+momentum", 3.0, 300, wine_mlp, 150),
+        # Adam / AdamW
+        _spec("adam-digits", "MLP digits", "Adam", 1e-2, 300, digits_mlp),
+        _spec("adamw-warmup", "MLP digits", "AdamW", 3e-3, 300, digits_mlp, 50, batch=64),
+        _spec("adam-past", "MLP digits", "Adam", 0.3, 300, digits_mlp, 100),
+        # mini-batch SGD
+        _spec("sgd-batch32", "MLP digits", "GD", 0.5, 400, digits_mlp, batch=32),
+        _spec("sgd-batch16-edge", "MLP digits", "GD", 1.5, 400, digits_mlp, batch=16),
+        _spec("sgd-batch32-past", "MLP digits", "GD", 8.0, 300, digits_mlp, 150, batch=32),
+        # a small CNN on the 8x8 digit images
+        _spec("cnn-gd", "CNN digits", "GD", 0.1, 200, digits_cnn),
+        _spec("cnn-momentum", "CNN digits", "SGD+momentum", 0.02, 200, digits_cnn, batch=64),
+        _spec("cnn-adam", "CNN digits", "Adam", 3e-3, 200, digits_cnn, batch=64),
+        _spec("cnn-momentum-warmup-past", "CNN digits", "SGD+momentum", 2.0, 300, digits_cnn, 150),
+        # a small causal transformer (shift task, Zipf tokens): the embedding rows of rare tokens
+        # get their first gradient late (issue 14, cause a); AdamW with warm-up as in a Trainer
+        _spec("lm-adamw-warmup", "causal transformer", "AdamW", 3e-3, 200, causal_lm, 50, 32),
+        _spec("lm-adam", "causal transformer", "Adam", 2e-3, 200, causal_lm, 0, 32),
+        _spec("lm-adam-past", "causal transformer", "Adam", 0.1, 200, causal_lm, 50, 32),
+        _spec("lm-sgd-past", "causal transformer", "SGD+momentum", 3.0, 200, causal_lm, 100, 32),
+        # saddle and plateau starts: deep linear networks at small initialisation
+        Spec(
+            "saddle-2layer",
+            "linear 30-8-1",
+            "GD",
+            0.01,
+            400,
+            functools.partial(deep_linear, 2, 1e-6, "GD", 0.01),
+            kind="saddle",
+            quick=True,
+        ),
+        Spec(
+            "plateau-4layer",
+            "linear 30-8-8-8-1",
+            "GD",
+            0.2,
+            1200,
+            functools.partial(deep_linear, 4, 8e-3, "GD", 0.2),
+            kind="plateau",
+        ),
+    ]
+    if _transformers_importable():
+        runs.append(_spec("hf-bert-adamw-warmup", "HF BERT", "AdamW", 5e-3, 200, bert, warmup=40))
+    return runs
+
+
+# ---------------------------------------------------------------------------- training
+
+
+@dataclass
+class Probe:
+    """One probe of the Monitor: its step, state and the evidence numbers that decide."""
+
+    step: int
+    state: str
+    evidence: dict[str, Any]
+
+    def numbers(self) -> str:
+        """The evidence that decides stability, in one line."""
+        ev = self.evidence
+        parts = []
+        for key, label in (
+            ("loss", "L"),
+            ("sharpness", "s"),
+            ("batch_sharpness", "bs"),
+            ("stability_limit", "limit"),
+            ("directional_curvature", "c_dir"),
+            ("update_curvature", "c_upd"),
+            ("lr", "lr"),
+            ("grad_norm", "|g|"),
+            ("lambda_min", "lmin"),
+            ("unscaled_coordinates", "unscaled"),
+        ):
+            v = ev.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                parts.append(f"{label} {v:.3g}")
+        s, limit = rules.effective_sharpness(ev), ev.get("stability_limit")
+        if isinstance(s, (int, float)) and isinstance(limit, (int, float)) and limit > 0:
+            parts.append(f"s/limit {s / limit:.2f}")
+        return ", ".join(parts)
+
+
+@dataclass
+class Trace:
+    """A run as trained: its reference losses L_0..L_T and the Monitor's probes."""
+
+    spec: Spec
+    every: int | None
+    losses: list[float]
+    probes: list[Probe]
+    seconds: float
+    error: str | None = None
+    overhead: float = 0.0  # the Monitor's probe time over its loop time
+
+
+def _forward(model: nn.Module, x: Any) -> Any:
+    return model(**x) if isinstance(x, dict) else model(x)
+
+
+def _full_loss(s: Setup) -> float:
+    with torch.no_grad():
+        return float(s.loss_fn(_forward(s.model, s.data[0]), s.data[1]))
+
+
+def blowup_step(losses: Sequence[float]) -> int | None:
+    """The first k with L_k not finite or above BLOWUP × min_{j≤k} L_j (None: none)."""
+    low = math.inf
+    for k, v in enumerate(losses):
+        if not math.isfinite(v):
+            return k
+        low = min(low, v)
+        if v > BLOWUP * low:
+            return k
+    return None
+
+
+def _step(s: Setup, gen: torch.Generator) -> Tensor:
+    x, y = s.data
+    if s.batch is not None:
+        x, y = _rows(s.data, torch.randint(0, len(y), (s.batch,), generator=gen))
+    s.optimizer.zero_grad()
+    loss = s.loss_fn(_forward(s.model, x), y)
+    loss.backward()
+    s.optimizer.step()
+    if s.scheduler is not None:
+        s.scheduler.step()
+    return loss
+
+
+def train(spec: Spec, every: int | None) -> Trace:
+    """Train ``spec`` to its end (or AFTER_BLOWUP steps past its blow-up) under a Monitor."""
+    torch.manual_seed(0)
+    s = spec.build()
+    mon = cs.Monitor(
+        s.model,
+        s.loss_fn,
+        s.probe,
+        optimizer=s.optimizer,
+        every=every,
+        train_batches=s.train_batches,
+        reduction=s.reduction,
+    )
+    gen = torch.Generator().manual_seed(1)
+    # full batch: L_{k-1} is the loss of step k; mini-batch: L_k is evaluated after step k
+    losses = [] if s.batch is None else [_full_loss(s)]
+    probes: list[Probe] = []
+    error = None
+    start = time.perf_counter()
+    for _ in range(spec.steps):
+        loss = _step(s, gen)
+        if s.batch is None:
+            losses.append(float(loss.detach()))
+        try:
+            d = mon.step(loss)
+        except Exception as e:  # a Monitor that raises is a finding, not a crash of the suite
+            error = f"step {mon.steps}: {type(e).__name__}: {e}"
+            break
+        if d is not None:
+            probes.append(Probe(mon.steps, str(d.state), dict(d.evidence)))
+        if s.batch is not None:
+            tick = time.perf_counter()
+            losses.append(_full_loss(s))
+            mon.train_seconds -= time.perf_counter() - tick  # not the user's loop time
+        k = blowup_step(losses)
+        if k is not None and (mon.steps >= k + AFTER_BLOWUP or not math.isfinite(losses[-1])):
+            break
+    if s.batch is None:
+        losses.append(_full_loss(s))  # L_T
+    seconds = time.perf_counter() - start
+    overhead = mon.probe_seconds / mon.train_seconds if mon.train_seconds > 0 else math.nan
+    mon.close()
+    return Trace(spec, every, losses, probes, seconds, error, overhead)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class Outcome:
+    """A run's ground truth and how the Monitor did on it."""
+
+    trace: Trace
+    outcome: str  # "healthy" | "diverges" | "stalled"
+    blowup: int | None
+    escape: int | None = None  # saddle / plateau runs
+    false_alarms: list[Probe] = field(default_factory=list)
+    warning: Probe | None = None  # the first unstable probe before the blow-up
+    lead: int | None = None
+    right: int = 0  # saddle / plateau runs: probes right ...
+    judged: int = 0  # ... of these
+
+    @property
+    def first_probe(self) -> int | None:
+        return self.trace.probes[0].step if self.trace.probes else None
+
+    @property
+    def warnable(self) -> bool:
+        """A diverging run whose first probe came before its blow-up."""
+        first = self.first_probe
+        return self.outcome == "diverges" and first is not None and first < (self.blowup or 0)
+
+
+ALARMS = ("unstable", "diverged")
+
+
+def judge(trace: Trace) -> Outcome:
+    """The ground truth of a run, from its reference losses, and the Monitor's score on it."""
+    losses = trace.losses
+    k = blowup_step(losses)
+    if k is not None:
+        out = Outcome(trace, "diverges", k)
+        before = [p for p in trace.probes if p.step < k and p.state == "unstable"]
+        if before:
+            out.warning, out.lead = before[0], k - before[0].step
+        return out
+    healthy = losses[-1] <= HEALTHY_DROP * losses[0]
+    out = Outcome(trace, "healthy" if healthy else "stalled", None)
+    if healthy:
+        out.false_alarms = [p for p in trace.probes if p.state in ALARMS]
+    if trace.spec.kind in ("saddle", "plateau"):
+        _judge_escape(out)
+    return out
+
+
+def _judge_escape(out: Outcome) -> None:
+    losses = out.trace.losses
+    drop = losses[0] - min(losses)
+    if not drop > 0:
+        return
+    out.escape = next(k for k, v in enumerate(losses) if v <= losses[0] - ESCAPE * drop)
+    done = min(losses) + CONVERGED * drop
+    for p in out.trace.probes:
+        if p.step < out.escape:
+            ok = p.state in ("saddle", "flat")
+        else:
+            ok = p.state == "learning" or (p.state == "minimum" and losses[p.step] <= done)
+        out.right += ok
+        out.judged += 1
+
+
+def compress(states: Sequence[str]) -> str:
+    """["learning"] * 5 + ["unstable"] → "learning x5, unstable x1"."""
+    runs: list[list[Any]] = []
+    for st in states:
+        if runs and runs[-1][0] == st:
+            runs[-1][1] += 1
+        else:
+            runs.append([st, 1])
+    return ", ".join(f"{st} x{n}" for st, n in runs)
+
+
+@dataclass
+class Score:
+    """The suite's score at one cadence."""
+
+    healthy: int
+    false_alarm_runs: list[str]
+    warnable: int
+    warned: list[str]
+    leads: list[int]
+    lead_targets: list[float]  # ¼ of (blow-up − first probe) of each warned run
+    unwarnable: list[str]
+    saddle_right: int
+    saddle_judged: int
+
+    @property
+    def warned_share(self) -> float:
+        return len(self.warned) / self.warnable if self.warnable else math.nan
+
+    @property
+    def median_lead(self) -> float:
+        return statistics.median(self.leads) if self.leads else math.nan
+
+    @property
+    def median_lead_target(self) -> float:
+        return statistics.median(self.lead_targets) if self.lead_targets else math.nan
+
+
+def score(outcomes: Sequence[Outcome]) -> Score:
+    healthy = [o for o in outcomes if o.outcome == "healthy"]
+    warnable = [o for o in outcomes if o.warnable]
+    warned = [o for o in warnable if o.warning is not None]
+    return Score(
+        healthy=len(healthy),
+        false_alarm_runs=[o.trace.spec.name for o in healthy if o.false_alarms],
+        warnable=len(warnable),
+        warned=[o.trace.spec.name for o in warned],
+        leads=[o.lead for o in warned if o.lead is not None],
+        lead_targets=[0.25 * ((o.blowup or 0) - (o.first_probe or 0)) for o in warnable],
+        unwarnable=[
+            o.trace.spec.name for o in outcomes if o.outcome == "diverges" and not o.warnable
+        ],
+        saddle_right=sum(o.right for o in outcomes),
+        saddle_judged=sum(o.judged for o in outcomes),
+    )
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _cadence(every: int | None) -> str:
+    return "default (adaptive, 5%)" if every is None else f"every {every}"
+
+
+def summary_table(scores: dict[int | None, Score]) -> str:
+    rows = []
+    for every, sc in scores.items():
+        rows.append(
+            [
+                _cadence(every),
+                f"{len(sc.false_alarm_runs)} of {sc.healthy}"
+                + (f" ({', '.join(sc.false_alarm_runs)})" if sc.false_alarm_runs else ""),
+                f"{len(sc.warned)} of {sc.warnable} ({100 * sc.warned_share:.0f}%)"
+                if sc.warnable
+                else "-",
+                f"{sc.median_lead:g} (target ≥ {sc.median_lead_target:g})" if sc.leads else "-",
+                ", ".join(sc.unwarnable) or "none",
+                f"{sc.saddle_right} of {sc.saddle_judged}" if sc.saddle_judged else "-",
+            ]
+        )
+    header = [
+        "cadence",
+        "false alarms (healthy runs)",
+        "warned before blow-up",
+        "median lead, steps",
+        "blew up before the first probe",
+        "saddle/plateau probes right",
+    ]
+    return markdown_table(header, rows)
+
+
+def runs_table(outcomes: Sequence[Outcome]) -> str:
+    rows = []
+    for o in outcomes:
+        sp = o.trace.spec
+        truth = o.outcome + (f" at {o.blowup}" if o.blowup is not None else "")
+        if o.escape is not None:
+            truth += f" (escapes at {o.escape})"
+        rows.append(
+            [
+                sp.name,
+                sp.model,
+                sp.optimizer
+                + (f", warm-up {sp.warmup}" if sp.warmup else "")
+                + (f", batch {sp.batch}" if sp.batch else ""),
+                f"{sp.lr:g}",
+                truth,
+                f"{o.trace.losses[0]:.3g} → {o.trace.losses[-1]:.3g}",
+                str(o.first_probe) if o.first_probe is not None else "-",
+                compress([p.state for p in o.trace.probes]) + (" (error)" if o.trace.error else ""),
+                _warned_cell(o),
+            ]
+        )
+    header = ["run", "model", "optimizer", "lr", "outcome", "loss", "first probe", "verdicts"]
+    return markdown_table([*header, "warned (lead)"], rows)
+
+
+def _warned_cell(o: Outcome) -> str:
+    if o.outcome == "diverges":
+        if o.warning is not None:
+            return f"yes ({o.lead})"
+        return "no" if o.warnable else "no probe before"
+    if o.false_alarms:
+        return f"false alarm x{len(o.false_alarms)}"
+    if o.judged:
+        return f"{o.right}/{o.judged} right"
+    return ""
+
+
+def findings(outcomes: Sequence[Outcome]) -> list[str]:
+    """Each false alarm and missed warning with the evidence of the probe (for the rules)."""
+    lines = []
+    for o in outcomes:
+        name = f"{o.trace.spec.name} ({_cadence(o.trace.every)})"
+        for p in o.false_alarms[:3]:
+            lines.append(f"- false alarm, {name}, step {p.step}: {p.state}; {p.numbers()}")
+        if len(o.false_alarms) > 3:
+            lines.append(f"  (and {len(o.false_alarms) - 3} more probes of this run)")
+        if o.warnable and o.warning is None:
+            last = [p for p in o.trace.probes if p.step < (o.blowup or 0)][-1]
+            lines.append(
+                f"- missed warning, {name}, blow-up at {o.blowup}; last probe before it, step "
+                f"{last.step}: {last.state}; {last.numbers()}"
+            )
+        if o.trace.error:
+            lines.append(f"- the Monitor raised, {name}: {o.trace.error}")
+    return lines
+
+
+def thresholds_line() -> str:
+    th = rules.DEFAULT_THRESHOLDS.as_dict()
+    extra = {
+        k: getattr(rules, k)
+        for k in ("EOS_BAND", "EOS_PROBES", "EXPLOSION", "EOS_SWING", "EOS_LOSS_RISE")
+        if hasattr(rules, k)
+    }
+    return "Thresholds " + ", ".join(f"{k} {v:g}" for k, v in {**th, **extra}.items())
+
+
+def run_suite(
+    specs: Sequence[Spec], cadences: Sequence[int | None], echo: bool = False
+) -> dict[int | None, list[Outcome]]:
+    """Train every run at every cadence; the reference losses must not depend on the cadence."""
+    results: dict[int | None, list[Outcome]] = {c: [] for c in cadences}
+    for spec in specs:
+        traces = [train(spec, c) for c in cadences]
+        first = traces[0].losses
+        for t in traces[1:]:
+            n = min(len(first), len(t.losses))
+            if first[:n] != t.losses[:n]:
+                raise AssertionError(f"{spec.name}: the Monitor changed the training run")
+        for c, t in zip(cadences, traces, strict=True):
+            results[c].append(judge(t))
+        if echo:
+            print(
+                f"  {spec.name}: "
+                + "; ".join(
+                    f"{_cadence(c)} {t.seconds:.1f} s, {len(t.probes)} probes"
+                    for c, t in zip(cadences, traces, strict=True)
+                ),
+                file=sys.stderr,
+            )
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="only the CI subset")
+    ap.add_argument("--every", type=int, default=EVERY, help="the fixed cadence (steps)")
+    ap.add_argument("--only", nargs="*", help="run only these runs (by name)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    specs = [s for s in suite() if (s.quick or not args.quick)]
+    if args.only:
+        specs = [s for s in specs if s.name in args.only]
+    cadences: list[int | None] = [None, args.every]
+    start = time.process_time()
+    results = run_suite(specs, cadences, echo=True)
+    cpu = time.process_time() - start
+    print(f"### Verdict accuracy: {len(specs)} runs, {cpu:.0f} CPU-s\n")
+    print(summary_table({c: score(o) for c, o in results.items()}))
+    for c, outcomes in results.items():
+        print(f"\n#### Runs, Monitor {_cadence(c)}\n")
+        print(runs_table(outcomes))
+    lines = [line for outcomes in results.values() for line in findings(outcomes)]
+    if lines:
+        print("\n#### Wrong verdicts, with the evidence of the probe\n")
+        print("\n".join(lines))
+    print(f"\n{thresholds_line()}.")
+    if not _transformers_importable():
+        print("(transformers' models are not importable here: the Hugging Face run is left out)")
+
+
+if __name__ == "__main__":
+    main()
