@@ -1,7 +1,9 @@
 """FSDP2 (``fully_shard``) on two CPU processes (gloo): finite-difference Hessian products of
 the sharded model, over uneven data shards, equal the single-process exact product on the full
 data within the stated accuracy; λ_max by them; the sharded parameters, their gradients and the
-RNG left bit for bit as found; and the same for a plain (unsharded) model under the group."""
+RNG left bit for bit as found; and the same for a plain (unsharded) model under the group.
+A sharded model under a local operator, or ranks with different numbers of batches (each
+forward is a collective), get a clear error on every rank."""
 
 from __future__ import annotations
 
@@ -116,6 +118,11 @@ def _worker(rank: int, port: int, out: str) -> None:
         cs.Curvature(model, case.loss_fn, local, backend=FD, group=False)
     except ValueError as e:
         result["local_refused"] = str(e)
+    # ranks with different numbers of batches: each rank gets the same error, not a hang
+    try:
+        cs.Curvature(model, case.loss_fn, local if rank == 0 else local[:1], backend=FD)
+    except ValueError as e:
+        result["batches_refused"] = str(e)
     torch.save(result, Path(out) / f"rank{rank}.pt")
     _end()
 
@@ -155,3 +162,4 @@ def test_fsdp2_finite_difference_products_equal_the_exact_single_process_product
         assert got["failed_with"] == "the loss failed"
         assert got["failure_untouched"]
         assert "sharded over 2 ranks" in got["local_refused"]
+        assert "num_batches" in got["batches_refused"]
