@@ -635,23 +635,31 @@ class ModelObjective:
         return {k: p.detach().requires_grad_(True) for k, p in self.params.items()}
 
     def _state(self, theta: Mapping[str, Tensor]) -> dict[str, Any]:
-        """Every parameter and buffer a forward reads: ``theta`` for the selected parameters
-        (a tied weight under the name it was selected by: functional_call ties the others),
-        detached parameters and copied buffers for the rest (None: BatchNorm's running
-        statistics in train mode)."""
-        state: dict[str, Any] = dict(theta)
-        selected = {id(p) for p in self._params.values()}
-        for k, p in self.model.named_parameters():
-            if id(p) not in selected:
-                state[k] = p.detach()
-        for mod_name, mod in self.model.named_modules():
+        """Every parameter and buffer a forward reads, under each of its names (tied weights and
+        shared modules included, so that ``functional_call`` need not search the model for ties
+        again): ``theta`` for the selected parameters (every name of a tied one), detached
+        parameters and copied buffers for the rest (a buffer shared by two modules one copy;
+        None: BatchNorm's running statistics in train mode). One walk over the modules."""
+        params: list[tuple[str, Tensor]] = []
+        state: dict[str, Any] = {}
+        copies: dict[int, Tensor] = {}
+        for mod_name, mod in self.model.named_modules(remove_duplicate=False):
+            prefix = f"{mod_name}." if mod_name else ""
+            params += [(prefix + k, p) for k, p in mod._parameters.items() if p is not None]
             is_norm_train = isinstance(mod, nn.modules.batchnorm._NormBase) and mod.training
-            for b_name, b in mod.named_buffers(recurse=False):
-                key = f"{mod_name}.{b_name}" if mod_name else b_name
-                if is_norm_train and b_name in _RUNNING_STATS:
-                    state[key] = None  # batch statistics are used, nothing is updated
+            for name, b in mod._buffers.items():
+                if b is None:
+                    continue
+                if is_norm_train and name in _RUNNING_STATS:
+                    state[prefix + name] = None  # batch statistics are used, nothing is updated
                 else:
-                    state[key] = None if b is None else b.clone()
+                    if id(b) not in copies:
+                        copies[id(b)] = b.clone()
+                    state[prefix + name] = copies[id(b)]
+        tied = {id(p): theta[k] for k, p in params if k in theta}  # every name of a selected one
+        for k, p in params:
+            mine = tied.get(id(p))
+            state[k] = p.detach() if mine is None else mine
         return state
 
     @contextlib.contextmanager
@@ -681,9 +689,9 @@ class ModelObjective:
         if self.adapter is not None:
             extra = {**self.adapter.extra, **extra}
         if isinstance(inputs, Mapping):
-            return functional_call(self.model, state, (), {**inputs, **extra})
+            return functional_call(self.model, state, (), {**inputs, **extra}, tie_weights=False)
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        return functional_call(self.model, state, args, extra or None)
+        return functional_call(self.model, state, args, extra or None, tie_weights=False)
 
     def raw_forward(self, theta: Mapping[str, Tensor], batch: Batch) -> Any:
         """Model outputs at parameters ``theta``, unchecked (usable inside torch.func
