@@ -23,8 +23,11 @@ from curvscope.diagnosis import (
 )
 from curvscope.diagnosis.classify import (
     ALWAYS,
+    DEFAULT_THRESHOLDS,
     EOS_BAND,
+    EOS_LOSS_RISE,
     EOS_PROBES,
+    EOS_SWING,
     EXPLOSION,
     Facts,
     StateEnum,
@@ -385,3 +388,84 @@ def test_a_state_defined_in_one_module_flows_through_classify_advice_and_str(tmp
     assert record["state"] == "overfitting" and record["val_gap"] == 0.4
     with pytest.raises(cs.diagnosis.LogFormatError, match="'state' must be one of learning"):
         read_log(path)
+
+
+# --------------------------------------------------------- the batch sharpness and its noise
+def mini_batch(bs, se, **extra):
+    return {**BASE, "batch_sharpness": bs, "batch_sharpness_stderr": se, **extra}
+
+
+def test_the_batch_sharpness_is_unstable_only_beyond_the_margin_by_more_than_the_noise():
+    assert DEFAULT_THRESHOLDS.margin == 0.1 and DEFAULT_THRESHOLDS.confidence == 2.0
+    # limit 20: unstable needs bs − 2·se > 22
+    assert classify(mini_batch(23.0, 1.0))[0] is State.LEARNING  # 21 < 22: within the noise
+    state, reasons = classify(mini_batch(23.0, 0.2))  # 22.6 > 22
+    assert state is State.UNSTABLE
+    assert reasons[-1] == (
+        "the batch sharpness 23 ± 0.2 (the curvature each mini-batch step meets along its own "
+        "direction) exceeds the stability limit 20 by 15%, more than the 10% margin by over 2 "
+        "standard errors: mini-batch steps overshoot"
+    )
+    # one batch (stderr inf) or a stderr not given: the estimate as it is
+    assert classify(mini_batch(23.0, math.inf))[0] is State.UNSTABLE
+    assert classify({**BASE, "batch_sharpness": 23.0})[0] is State.UNSTABLE
+
+
+def test_mini_batch_verdicts_speak_of_the_batch_sharpness_with_the_full_batch_one_beside_it():
+    state, reasons = classify(mini_batch(18.2, 0.7, sharpness=3.3, directional_curvature=2.0))
+    assert state is State.LEARNING
+    assert reasons[-1] == (
+        "the batch sharpness 18.2 ± 0.7 is 91% of the limit 20 (the full-batch sharpness 3.3 "
+        "is 16%)"
+    )
+    # the full-batch sharpness and the full-batch step direction do not judge mini-batch steps
+    sharp = mini_batch(15.0, 0.5, sharpness=30.0, directional_curvature=25.0)
+    assert classify(sharp)[0] is State.LEARNING
+    assert classify({**sharp, "batch_sharpness": None})[0] is State.UNSTABLE
+
+
+def test_the_edge_band_takes_the_batch_sharpness_noise_into_account():
+    # limit 20, band 17-23: 15.6 ± 0.8 is within 2 standard errors of it, ± 0.1 is not
+    noisy = near(3.0, 20.0, batch_sharpness=15.6, batch_sharpness_stderr=0.8)
+    sure = {**noisy, "batch_sharpness_stderr": 0.1}
+    assert history(noisy, past=[noisy, noisy])[0] is State.EDGE_OF_STABILITY
+    assert history(sure, past=[sure, sure])[0] is State.LEARNING
+
+
+def test_at_the_edge_a_swing_past_the_band_stays_at_the_edge_while_the_loss_holds():
+    """Full-batch gradient descent at the edge swings to 1.2-1.5x the limit and back while its
+    loss never exceeds 1.6x its running minimum: that is the edge, not instability."""
+    assert (EOS_SWING, EOS_LOSS_RISE) == (2.0, 2.0)
+
+    def after_edge(s, losses=(0.5, 0.45), best=0.4):
+        ev = near(s)  # limit 2
+        state = classify(ev)[0]
+        return classify_history(
+            state,
+            ["own"],
+            ev,
+            past=[near(), near()],
+            losses=losses,
+            first_loss=1.0,
+            previous=State.EDGE_OF_STABILITY,
+            best_loss=best,
+        )
+
+    state, reasons = after_edge(2.9)  # 1.45x the limit: unstable on its own
+    assert classify(near(2.9))[0] is State.UNSTABLE and state is State.EDGE_OF_STABILITY
+    assert reasons == [
+        "training is at the edge of stability and stays there: the sharpness 2.9 swings around "
+        "the stability limit 2 (now 1.45x, within a factor 2)",
+        "the loss (0.475 on average since the previous probe) stays within 2x its running "
+        "minimum 0.4",
+    ]
+    assert after_edge(2.9, losses=(0.9, 0.85))[0] is State.UNSTABLE  # the loss rose: 0.875 > 0.8
+    assert after_edge(4.1)[0] is State.UNSTABLE  # beyond a factor 2
+    assert after_edge(1.2)[0] is State.EDGE_OF_STABILITY  # a dip to 0.6x
+    assert after_edge(0.9)[0] is State.LEARNING  # below half the limit: it has left the edge
+    assert after_edge(2.9, losses=(), best=None)[0] is State.EDGE_OF_STABILITY  # no loss known
+    # without the edge before, a swing is judged on its own
+    ev = near(2.9)
+    assert classify_history(State.UNSTABLE, ["own"], ev, past=[near(), near(1.0)])[0] is (
+        State.UNSTABLE
+    )

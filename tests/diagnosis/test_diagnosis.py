@@ -194,3 +194,32 @@ def test_layer_shares_are_the_top_eigenvectors_weight_per_block():
     assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
     v = d.vectors["top"]
     assert shares["0.weight"] == pytest.approx(float((v[: 64 * 8] ** 2).sum()), rel=1e-9)
+
+
+def test_the_batch_sharpness_sample_is_sized_from_its_standard_error():
+    """At least 8 batches; more until the standard error is at most 5% of the limit; at most
+    max_batches."""
+    case = cases.mlp(n=96)
+    X, y = case.data
+    same = [(X[:8], y[:8])] * 40  # no spread: 8 batches are enough
+    varied = [(X[i : i + 4], y[i : i + 4]) for i in range(0, 96, 4)]  # 24 small batches
+
+    def used(batches, lr, **kw):
+        d = cs.diagnose(case.model, case.loss_fn, case.data, lr=lr, train_batches=batches, **kw)
+        return d.evidence
+
+    assert used(same, 0.1)["batches"] == 8 and used(same, 0.1)["batch_sharpness_stderr"] == 0
+    loose, tight = used(varied, 1e-3), used(varied, 10.0)  # limits 2000 and 0.2
+    assert loose["batches"] == 8  # 5% of 2000 is far above any spread
+    assert tight["batches"] == 24  # all of them: the spread is large against 0.2
+    assert tight["batch_sharpness_stderr"] > 0.05 * 0.2
+    assert used(varied, 10.0, max_batches=12)["batches"] == 12
+
+
+@pytest.mark.parametrize(("value", "error"), [(0, ValueError), (2.5, TypeError)])
+def test_max_batches_is_checked(value, error):
+    case = cases.mlp(n=24)
+    with pytest.raises(error, match="max_batches"):
+        cs.diagnose(
+            case.model, case.loss_fn, case.data, lr=0.1, train_batches=[], max_batches=value
+        )

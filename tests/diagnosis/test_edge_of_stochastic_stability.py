@@ -89,3 +89,56 @@ def _train(seed: int, lr: float) -> tuple[float, float, float]:
         opt.step()
     batch = sum(e["batch_sharpness"] for e in late) / len(late)
     return batch, max(e["sharpness"] for e in late), start
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("seed", "lr"), [(0, 0.1), (1, 0.15)])
+def test_the_monitor_holds_the_edge_of_stochastic_stability(seed, lr):
+    """Three Monitors on one run, each measuring the batch sharpness on its own shuffle of the
+    training data (its seed): from step 1,750 on no probe flips to unstable on the noise of its
+    batch sample, and the last four (steps 2,250-3,000) say edge_of_stability, of the batch
+    sharpness, sized from its standard error (8-32 batches, stderr <= 5% of the limit where
+    32 batches allow it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        X, Y = _teacher_data(seed)
+        model = _student(seed)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(X, Y), batch_size=BATCH, shuffle=True
+        )
+        monitors = [
+            cs.Monitor(
+                model,
+                _squared_error,
+                (X, Y),
+                optimizer=opt,
+                every=250,
+                seed=k,
+                train_batches=loader,
+            )
+            for k in range(3)
+        ]
+        gen = torch.Generator().manual_seed(seed + 1)
+        for _ in range(STEPS):
+            i = torch.randint(0, N, (BATCH,), generator=gen)
+            opt.zero_grad()
+            loss = _squared_error(model(X[i]), Y[i])
+            loss.backward()
+            opt.step()
+            for mon in monitors:
+                mon.step(loss)
+    finally:
+        torch.set_num_threads(threads)
+    limit = 2 / lr
+    for mon in monitors:
+        assert len(mon.history) == 12  # every 250 steps
+        assert all(d.state != "unstable" for d in mon.history[6:])
+        assert [d.state for d in mon.history[-4:]] == ["edge_of_stability"] * 4
+        for d in mon.history[-4:]:
+            assert "the batch sharpness" in d.reasons[0]
+            ev = d.evidence
+            assert 8 <= ev["batches"] <= 32
+            assert ev["batches"] == 32 or ev["batch_sharpness_stderr"] <= 0.05 * limit
+            assert ev["batch_sharpness"] == pytest.approx(limit, rel=0.3)

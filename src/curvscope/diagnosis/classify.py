@@ -666,6 +666,10 @@ def effective_sharpness(evidence: Mapping[str, Any]) -> float | None:
     return bs if bs is not None else evidence.get("sharpness")
 
 
+def _sharpness_name(evidence: Mapping[str, Any]) -> str:
+    return "sharpness" if evidence.get("batch_sharpness") is None else "batch sharpness"
+
+
 def _ran_away(losses: Sequence[float], first_loss: float | None) -> bool:
     if first_loss is None:
         return False
@@ -726,7 +730,8 @@ def _stays_at_edge(
     )
     assert s is not None  # _band holds
     return [
-        f"training is at the edge of stability and stays there: the sharpness {s:.4g} swings "
+        f"training is at the edge of stability and stays there: the {_sharpness_name(evidence)} "
+        f"{s:.4g} swings "
         f"around the stability limit {limit:.4g} (now {s / limit:.2f}x, within a factor "
         f"{EOS_SWING:g})",
         held,
@@ -788,7 +793,8 @@ def classify_history(
     if len(near) < EOS_PROBES or not all(near):
         return state, list(reasons)
     return State.EDGE_OF_STABILITY, [
-        f"the sharpness has stayed within ±{100 * EOS_BAND:.0f}% of the stability limit "
+        f"the {_sharpness_name(evidence)} has stayed within ±{100 * EOS_BAND:.0f}% of the "
+        "stability limit "
         f"for {EOS_PROBES} probes (now {s:.4g} against {limit:.4g})",
         "the loss falls, not monotonically" if _rises_and_falls(losses) else "the loss still falls",
     ]

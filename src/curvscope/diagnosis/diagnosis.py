@@ -365,7 +365,7 @@ def update_curvature(
     params: Iterable[nn.Parameter | str] | None = None,
     seed: int = 0,
     reduction: str | None = None,
-) -> float | None:
+) -> tuple[float | None, float | None]:
     """The curvature along the optimizer's last update u = θ − θ_before, in the metric the
     optimizer steps in: uᵀ(H + l2)u / uᵀS⁻¹u (S its step factors: uᵀHu/‖u‖² for SGD; the
     Rayleigh quotient of the preconditioned P^-½ H P^-½ for Adam), from ONE curvature product
@@ -378,8 +378,8 @@ def update_curvature(
         before: the parameters before the update, by name (``model.named_parameters()``).
 
     Returns:
-        The curvature, or None when the update is zero (on the coordinates the step factors
-        scale).
+        (the curvature, or None when the update is zero on the coordinates the step factors
+        scale; the stability limit it meets, or None without optimizer or lr).
 
     Raises:
         KeyError: ``before`` lacks a measured parameter (the message names it).
@@ -413,9 +413,10 @@ def update_curvature(
             u = torch.where(scaled, u, 0)
             metric = torch.where(scaled, u * u / objective.scale.where(scaled, 1), 0)
         norm = float(metric.sum())
+        bound = None if limit is None else limit.limit
         if not norm > 0:
-            return None
-        return float(u @ objective.operator()(u[:, None])[:, 0]) / norm
+            return None, bound
+        return float(u @ objective.operator()(u[:, None])[:, 0]) / norm, bound
 
 
 def _batch_sharpness(

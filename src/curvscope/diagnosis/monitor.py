@@ -270,7 +270,7 @@ class Monitor:
         start = time.perf_counter()
         before, self._before = self._before, None
         assert before is not None
-        c = update_curvature(
+        c, limit = update_curvature(
             self.model,
             self.loss_fn,
             self.probe_data,
@@ -286,7 +286,6 @@ class Monitor:
         self.update_seconds += self._last_update_seconds
         if c is None:
             return None
-        limit = self.history[-1].evidence.get("stability_limit") if self.history else None
         self.updates.append((self.steps, c, limit))
         if self._writer is not None:
             self._writer.add_scalar("curvscope/update_curvature", c, self.steps)

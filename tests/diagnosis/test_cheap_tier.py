@@ -1,0 +1,201 @@
+"""The Monitor's cheap tier: the curvature along the optimizer's last update, uᵀHu / uᵀS⁻¹u,
+from one product between full probes — against a dense float64 reference, and what it does in
+a training loop (an early full probe when it says the next step overshoots)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jacfwd
+
+import curvscope as cs
+from curvscope.diagnosis import classify
+from curvscope.diagnosis.diagnosis import update_curvature
+
+
+def _problem():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    Y = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    return model, _mse, (X, Y)
+
+
+def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((out - y) ** 2).mean()  # written out: nn.MSELoss fails under jacfwd(grad) in 2.13
+
+
+def _dense_hessian(model, loss_fn, data) -> torch.Tensor:
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(flat):
+        chunks = flat.split([math.prod(s) for s in shapes])
+        params = {n: c.reshape(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
+        return loss_fn(functional_call(model, params, (data[0],)), data[1])
+
+    return jacfwd(grad(f))(theta)
+
+
+def _step(model, loss_fn, data, opt):
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    loss_fn(model(data[0]), data[1]).backward()
+    opt.step()
+    u = torch.cat([(p.detach() - before[n]).reshape(-1) for n, p in model.named_parameters()])
+    return before, u
+
+
+def test_sgd_update_curvature_is_the_rayleigh_quotient_of_h_plus_l2_along_the_update():
+    model, loss_fn, data = _problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    for _ in range(3):
+        before, u = _step(model, loss_fn, data, opt)
+    H = _dense_hessian(model, loss_fn, data) + 0.01 * torch.eye(len(u), dtype=torch.float64)
+    c, limit = update_curvature(model, loss_fn, data, before, opt)
+    assert c == pytest.approx(float(u @ H @ u / (u @ u)), rel=1e-10)
+    assert limit == pytest.approx((2 + 2 * 0.9) / 0.05)
+    eig = torch.linalg.eigvalsh(H)
+    assert eig[0] <= c <= eig[-1]  # a Rayleigh quotient: never above the sharpness
+
+
+def test_adam_update_curvature_is_measured_in_the_metric_adam_steps_in():
+    model, loss_fn, data = _problem()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(4):
+        before, u = _step(model, loss_fn, data, opt)
+    H = _dense_hessian(model, loss_fn, data)
+    # Adam's step factors S = 1/(√v̂ + ε): the metric uᵀS⁻¹u = Σ u²(√v̂ + ε)
+    sq = []
+    for p in model.parameters():
+        state = opt.state[p]
+        vhat = state["exp_avg_sq"] / (1 - 0.999 ** float(state["step"]))
+        sq.append((vhat.sqrt() + 1e-8).reshape(-1))
+    metric = float((u * u * torch.cat(sq)).sum())
+    c, limit = update_curvature(model, loss_fn, data, before, opt)
+    assert c == pytest.approx(float(u @ H @ u) / metric, rel=1e-8)
+    assert limit == pytest.approx(38 / 0.01)
+
+
+def test_a_zero_update_has_no_curvature_and_the_model_is_left_as_found():
+    model, loss_fn, data = _problem()
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    state = torch.get_rng_state()
+    assert update_curvature(model, loss_fn, data, before, lr=0.1) == (None, 20.0)
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert model.training and torch.equal(torch.get_rng_state(), state)
+    with pytest.raises(KeyError, match="no value for the parameter"):
+        update_curvature(model, loss_fn, data, {}, lr=0.1)
+
+
+# ------------------------------------------------------------------------------ the Monitor
+def _quadratic():
+    p = cs.problems.get("least-squares")  # a constant Hessian
+    return p, p.make_model(0)
+
+
+def _train(mon, p, model, opt, steps, lr_after=None, at=None):
+    losses = []
+    for step in range(steps):
+        if at is not None and step == at:
+            for group in opt.param_groups:
+                group["lr"] = lr_after
+        opt.zero_grad()
+        loss = p.loss_fn(model(p.data[0]), p.data[1])
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        mon.step(loss)
+    return losses
+
+
+def test_the_cheap_tier_warns_between_probes_when_the_update_overshoots(tmp_path):
+    """Gradient descent on a quadratic at a stable rate, then at 1.5x the largest stable one:
+    the error along the sharpest direction doubles each step, from almost nothing. The
+    scheduled probes are 500 steps apart; the cheap tier checks every 3 steps and calls a full
+    probe the moment the update's curvature passes the limit — before the loss has moved."""
+    p, model = _quadratic()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    s = cs.diagnose(model, p.loss_fn, p.data, lr=0.1).evidence["sharpness"]
+    log = tmp_path / "run.jsonl"
+    with cs.Monitor(
+        model, p.loss_fn, p.data, optimizer=opt, every=500, update_every=3, log=log
+    ) as mon:
+        losses = _train(mon, p, model, opt, 120, lr_after=1.5 * 2 / s, at=20)
+    first = mon.history[0]
+    assert first.state == "unstable"
+    assert first.evidence["update_curvature"] > 1.1 * first.evidence["stability_limit"]
+    step = json.loads(log.read_text().splitlines()[1])["step"]
+    running_min = [min(losses[: i + 1]) for i in range(len(losses))]
+    blow_up = next(i + 1 for i, v in enumerate(losses) if v > 10 * running_min[i])
+    assert 20 < step < blow_up  # warned between the scheduled probes, before the blow-up
+    assert max(losses[20:step]) < 1.01 * losses[20]  # the loss had not even started to rise
+    assert mon.updates and all(u[0] % 4 == 0 for u in mon.updates)  # measured one step on
+    _, records = cs.read_log(log)
+    assert records[0]["updates"][-1] == [step, first.evidence["update_curvature"]]
+
+
+def test_the_cheap_tier_does_not_alarm_on_a_stable_run_and_leaves_the_model_as_found():
+    p, model = _quadratic()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=25, update_every=3)
+    _train(mon, p, model, opt, 50)
+    assert [d.state for d in mon.history] == ["learning", "learning"]
+    assert len(mon.updates) >= 10
+    limit = mon.history[0].evidence["stability_limit"]
+    assert all(c < limit for _, c, _ in mon.updates)
+    # the checks changed nothing: the same run without them ends at the same parameters
+    p2, model2 = _quadratic()
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1)
+    _train(cs.Monitor(model2, p2.loss_fn, p2.data, optimizer=opt2, every=25), p2, model2, opt2, 50)
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_cheap_tier_runs_with_the_default_cadence_and_a_fixed_one_only_when_asked():
+    p, model = _quadratic()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fixed = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=5)
+    off = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, update_every=0)
+    _train(fixed, p, model, opt, 20)
+    assert fixed.updates == [] and not fixed._updates_on
+    assert not off._updates_on
+    assert cs.Monitor(model, p.loss_fn, p.data, optimizer=opt)._updates_on
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [(-1, ValueError, "update_every"), (1.5, TypeError, "update_every"), (True, TypeError, "")],
+)
+def test_update_every_is_checked(value, error, match):
+    p, model = _quadratic()
+    with pytest.raises(error, match=match):
+        cs.Monitor(model, p.loss_fn, p.data, lr=0.1, update_every=value)
+
+
+def test_an_update_curvature_above_the_limit_is_unstable_on_its_own():
+    evidence = {
+        "loss": 1.0,
+        "grad_norm": 1.0,
+        "sharpness": 1.0,  # an old sharpness estimate, below the limit
+        "lambda_min": 0.0,
+        "stability_limit": 2.0,
+        "update_curvature": 2.5,
+    }
+    state, reasons = classify(evidence)
+    assert state == "unstable"
+    assert reasons[-1] == (
+        "along the optimizer's last update the curvature is 2.5, 25% above the stability limit "
+        "2 (> 10%): the next step overshoots along it"
+    )
+    assert classify({**evidence, "update_curvature": 2.1})[0] == "learning"
