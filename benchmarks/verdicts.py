@@ -451,7 +451,9 @@ def suite() -> list[Spec]:
         # mini-batch SGD
         _spec("sgd-batch32", "MLP digits", "GD", 0.5, 400, digits_mlp, batch=32),
         _spec("sgd-batch16-edge", "MLP digits", "GD", 1.5, 400, digits_mlp, batch=16),
-        _spec("sgd-batch32-past", "MLP digits", "GD", 8.0, 300, digits_mlp, 150, batch=32),
+        _spec(
+            "sgd-batch32-past", "MLP digits", "GD", 8.0, 300, digits_mlp, 150, batch=32, quick=True
+        ),
         # a small CNN on the 8x8 digit images
         _spec("cnn-gd", "CNN digits", "GD", 0.1, 200, digits_cnn),
         _spec("cnn-momentum", "CNN digits", "SGD+momentum", 0.02, 200, digits_cnn, batch=64),
@@ -459,7 +461,17 @@ def suite() -> list[Spec]:
         _spec("cnn-momentum-warmup-past", "CNN digits", "SGD+momentum", 2.0, 300, digits_cnn, 150),
         # a small causal transformer (shift task, Zipf tokens): the embedding rows of rare tokens
         # get their first gradient late (issue 14, cause a); AdamW with warm-up as in a Trainer
-        _spec("lm-adamw-warmup", "causal transformer", "AdamW", 3e-3, 200, causal_lm, 50, 32),
+        _spec(
+            "lm-adamw-warmup",
+            "causal transformer",
+            "AdamW",
+            3e-3,
+            200,
+            causal_lm,
+            50,
+            32,
+            quick=True,
+        ),
         _spec("lm-adam", "causal transformer", "Adam", 2e-3, 200, causal_lm, 0, 32),
         _spec("lm-adam-past", "causal transformer", "Adam", 0.1, 200, causal_lm, 50, 32),
         _spec("lm-sgd-past", "causal transformer", "SGD+momentum", 3.0, 200, causal_lm, 100, 32),

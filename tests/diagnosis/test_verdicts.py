@@ -1,0 +1,82 @@
+"""The verdicts' regression test: the fast subset of benchmarks/verdicts.py (real training runs
+whose outcome is known by running them to the end), with the Monitor at a fixed cadence (the
+default one depends on wall time), held to the targets of issue 14: no unstable or diverged
+probe on a run that ends healthy, a warning before every blow-up with a lead of at least a
+quarter of the steps between the first probe and the blow-up, and a saddle start called a saddle
+while it lasts and learning after. The whole suite is ``python benchmarks/verdicts.py``."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+#: all slow (8.9 CPU-s, listed in tests/conftest.py): the tests share one module fixture's runs
+pytestmark = pytest.mark.slow
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def verdicts():
+    sys.path.insert(0, str(BENCHMARKS))  # for its _common
+    try:
+        spec = importlib.util.spec_from_file_location("verdicts", BENCHMARKS / "verdicts.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["verdicts"] = module  # its dataclasses look their module up
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+@pytest.fixture(scope="module")
+def outcomes(verdicts):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = [s for s in verdicts.suite() if s.quick]
+        return {s.name: verdicts.judge(verdicts.train(s, verdicts.EVERY)) for s in runs}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_subset_covers_every_kind_of_outcome(verdicts, outcomes):
+    assert {o.outcome for o in outcomes.values()} == {"healthy", "diverges"}
+    assert any(o.trace.spec.kind == "saddle" for o in outcomes.values())
+    assert any(o.trace.spec.optimizer == "AdamW" for o in outcomes.values())
+    assert all(o.trace.error is None for o in outcomes.values())
+    # the ground truth is the runs' own, as designed
+    assert outcomes["gd-mse-low"].outcome == "healthy"
+    assert outcomes["lm-adamw-warmup"].outcome == "healthy"
+    for name in ("gd-mse-warmup-past", "sgd-batch32-past"):
+        o = outcomes[name]
+        assert o.outcome == "diverges" and o.warnable, (name, o.blowup)
+
+
+def test_no_false_alarm_on_a_run_that_ends_healthy(verdicts, outcomes):
+    alarms = {
+        name: [f"step {p.step}: {p.state}; {p.numbers()}" for p in o.false_alarms]
+        for name, o in outcomes.items()
+        if o.outcome == "healthy" and o.false_alarms
+    }
+    assert not alarms
+
+
+def test_every_blow_up_is_warned_early(verdicts, outcomes):
+    for name, o in outcomes.items():
+        if o.outcome != "diverges":
+            continue
+        states = verdicts.compress([p.state for p in o.trace.probes])
+        assert o.warning is not None, (name, o.blowup, states)
+        assert o.lead >= 0.25 * (o.blowup - o.first_probe), (name, o.lead, o.blowup, states)
+
+
+def test_a_saddle_start_is_called_a_saddle_while_it_lasts_and_learning_after(verdicts, outcomes):
+    o = outcomes["saddle-2layer"]
+    assert o.escape is not None and o.escape > 100  # a long saddle, by the loss curve
+    before = [p.state for p in o.trace.probes if p.step < o.escape]
+    after = [p.state for p in o.trace.probes if p.step >= o.escape]
+    assert before[0] == "saddle" and set(after) == {"learning"}
+    assert o.right >= 0.85 * o.judged, verdicts.compress([p.state for p in o.trace.probes])
