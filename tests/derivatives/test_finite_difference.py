@@ -258,3 +258,21 @@ def test_bad_arguments_name_the_fix():
     for bad in ("1e-3", True):
         with pytest.raises(TypeError, match="expected fd_eps to be a number"):
             cs.Curvature(*args, backend=FD, fd_eps=bad)
+
+
+def test_a_hugging_face_model_with_its_own_loss():
+    """loss_fn=None: the model's own forward (with labels adapted) and its token-weighted loss,
+    against the exact product, a parameter subset selected."""
+    pytest.importorskip("transformers")
+    from tests.derivatives.test_huggingface import reference
+
+    ref = reference("gpt2")
+    params = list(ref.case.params)
+    exact = cs.Curvature(ref.model, None, ref.batches, params=params, backend="double_backward")
+    H = exact.to_dense()
+    before = cases.snapshot(ref.model)
+    C = cs.Curvature(ref.model, None, ref.batches, params=params, backend=FD)
+    V = vectors(C.num_params, 2)
+    err = (C @ V - H @ V).norm(dim=0) / V.norm(dim=0)
+    assert float(err.max()) <= bound(torch.float64, H)
+    cases.assert_unchanged(before, cases.snapshot(ref.model))
