@@ -92,6 +92,88 @@ def test_unchanged_model_reuses_the_cached_graphs():
     assert C._cached is not cached
 
 
+class _Scaled(nn.Module):
+    """A linear layer whose output is multiplied by a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3).double()
+        self.register_buffer("scale", torch.ones(3, dtype=DT))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.scale
+
+
+class _SharedTwice(nn.Module):
+    """One _Scaled module under two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = _Scaled()
+        self.again = self.first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.first(x)
+
+
+def _shared_scale(model: nn.Module) -> None:  # a buffer changed through a second name
+    model.again.scale.mul_(2.0)
+
+
+@pytest.mark.parametrize(
+    ("change", "rebuilt"),
+    [
+        (lambda m: None, False),
+        (lambda m: m.first.lin.bias.requires_grad_(False), True),
+        (lambda m: m.again.train(False), True),  # one module, through its second name
+        (lambda m: m.first.register_buffer("extra", torch.zeros(1)), True),
+        (lambda m: m.first.lin.register_parameter("bias", None), True),
+        (_shared_scale, True),
+        (lambda m: setattr(m.first.lin, "weight", nn.Parameter(m.first.lin.weight * 1)), False),
+    ],
+    ids=["nothing", "requires_grad", "train_flag", "new_buffer", "removed_bias", "shared", "same"],
+)
+def test_the_cache_check_sees_every_change_of_the_models_state(change, rebuilt):
+    """The check walks every module under every name (a shared module is two names) and
+    compares flags, names, layouts and values: a change anywhere rebuilds, an equal
+    replacement does not."""
+    model = _SharedTwice()
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randn(8, 4, generator=g, dtype=DT), torch.randn(8, 3, generator=g, dtype=DT))
+    C = cs.Curvature(model, nn.MSELoss(), data, params=["first.lin.weight"])
+    v = _probe(C.num_params)
+    C @ v
+    cached = C._cached
+    change(model)
+    after = C @ v
+    assert (C._cached is not cached) == rebuilt
+    torch.testing.assert_close(
+        after, cs.Curvature(model, nn.MSELoss(), data, params=["first.lin.weight"]) @ v
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "backend"),
+    [("hessian", "double_backward"), ("hessian", "forward_over_reverse"), ("ggn", "auto")],
+)
+def test_a_module_registered_under_two_names_is_left_as_found(kind, backend):
+    """torch's functional_call swaps a module's parameter once per name and restores the
+    second swap's tensor: handed both names, it left the model a detached, non-trainable
+    tensor in place of its parameter. Each module is reparametrized once."""
+    model = _SharedTwice()
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randn(8, 4, generator=g, dtype=DT), torch.randn(8, 3, generator=g, dtype=DT))
+    before = cases.snapshot(model)
+    params = dict(model.named_parameters())
+    C = cs.Curvature(model, nn.MSELoss(), data, kind=kind, backend=backend, cache=False)
+    v = _probe(C.num_params)
+    C @ v
+    C @ v
+    cases.assert_unchanged(before, cases.snapshot(model))
+    assert all(p is params[k] for k, p in model.named_parameters())
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+
+
 def test_top_eigenvalue_after_vector_to_parameters_is_the_new_points():
     """The issue's reproducer: λ_max answered for the old parameters (0.613 instead of 0.994)."""
     case = cases.mlp()

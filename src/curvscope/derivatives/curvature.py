@@ -111,11 +111,8 @@ class _FunctionSource:
         self.notes: list[str] = []
         self.in_memory = True
 
-    def state_tensors(self) -> list[tuple[str, Tensor]]:
-        return [("x", self.x)]
-
-    def flags(self) -> tuple[Any, ...]:
-        return ()
+    def model_state(self) -> tuple[tuple[bool, ...], list[tuple[str, Tensor]]]:
+        return (), [("x", self.x)]
 
     def weight(self, batch: Any) -> float:
         return 1.0
@@ -152,7 +149,7 @@ class _ModelSource:
         info = KINDS[kind]
         self._prepare = info.prepare(objective, mc_samples)  # may refuse the loss here
         self._forward = info.forward
-        self.state_tensors, self.flags = objective.state_tensors, objective.flags
+        self.model_state = objective.model_state
 
     def weight(self, batch: Batch) -> float:
         """A batch's weight in the operator: its share of all samples (over all ranks) for a
@@ -355,7 +352,8 @@ class Curvature:
         self.cache = source.in_memory if cache is None else bool(cache)
         self._cached: list[tuple[float, _k.PreparedProduct]] | None = None
         self._differences = None  # finite-difference products (set by __init__)
-        self._snapshot: tuple[tuple[Any, ...], list[tuple[str, Tensor]]] | None = None
+        #: the model's flags, tensor layout and values when the cached graphs were built
+        self._snapshot: tuple[tuple[bool, ...], list[tuple[Any, ...]], list[Tensor]] | None = None
         self.matvecs = 0
         self.seconds = 0.0
 
@@ -387,38 +385,30 @@ class Curvature:
             return
         if self._cached is None or not self._unchanged():
             self._cached = self._snapshot = None
-            snapshot = (
-                self._source.flags(),
-                [(k, t.detach().clone()) for k, t in self._source.state_tensors()],
-            )
+            flags, tensors = self._source.model_state()
+            snapshot = (flags, _layout(tensors), [t.detach().clone() for _, t in tensors])
             self._cached = list(self._source.prepare())
             self._snapshot = snapshot
         yield from self._cached
 
     def _unchanged(self) -> bool:
         """Whether the model is exactly as when the cached graphs were built: the same flags
-        and, for every parameter and buffer, the same name, shape, dtype and values.
+        and, for every parameter and buffer, the same name, shape, dtype, device and values.
 
         Values are compared, not trusted to in-place version counters: ``p.data.add_()``,
         ``vector_to_parameters`` and ``load_state_dict(..., assign=True)`` change parameters
-        without bumping the version the graph saw. The comparison reads the model's state once
-        (well under 2% of a cached product: ``benchmarks/products.py``).
+        without bumping the version the graph saw. The comparison reads the model's state once,
+        from one walk over its modules (``benchmarks/products.py`` prices it against a product).
         """
         assert self._snapshot is not None
-        flags, saved = self._snapshot
-        if self._source.flags() != flags:
+        flags, layout, saved = self._snapshot
+        now_flags, now = self._source.model_state()
+        if now_flags != flags or _layout(now) != layout:
             return False
-        now = self._source.state_tensors()
-        if len(now) != len(saved):
-            return False
-        for (name, t), (name0, t0) in zip(now, saved, strict=True):
-            if name != name0 or t.shape != t0.shape or t.dtype != t0.dtype or t.device != t0.device:
-                return False
-        pairs = [(t.detach(), t0) for (_, t), (_, t0) in zip(now, saved, strict=True)]
         if self.device.type == "cpu":  # torch.equal stops at the first difference
-            return all(torch.equal(t, t0) for t, t0 in pairs)
+            return all(torch.equal(t, t0) for (_, t), t0 in zip(now, saved, strict=True))
         # on an accelerator, one host synchronisation for all tensors, not one per tensor
-        differs = [torch.ne(t, t0).any() for t, t0 in pairs]
+        differs = [torch.ne(t.detach(), t0).any() for (_, t), t0 in zip(now, saved, strict=True)]
         return not bool(torch.stack(differs).any()) if differs else True
 
     def matmat(self, V: Tensor) -> Tensor:
@@ -442,17 +432,15 @@ class Curvature:
             products = self._products()
         else:
             products = self._source.prepare(forward=True)
-        total: list[Tensor] | None = None
-        for weight, product in products:
-            part = product.apply(blocks)
+        total: Tensor | None = None
+        for weight, product in products:  # Σ_b w_b C_b V, summed flat: one op a batch
+            part = self._source.flatten(product.apply(blocks), batched=True).detach()
             if total is None:
-                total = [weight * p for p in part]
+                total = part if weight == 1.0 else part.mul_(weight)
             else:
-                for t, p in zip(total, part, strict=True):
-                    t.add_(p, alpha=weight)
+                total.add_(part, alpha=weight)
         assert total is not None  # the data is never empty (checked at construction)
-        out = self._source.flatten([t.detach() for t in total], batched=True)
-        out = all_reduce_sum(out, self.group)
+        out = all_reduce_sum(total, self.group)
         self.matvecs += blocks[0].shape[0]
         self.seconds += time.perf_counter() - start
         return check_finite(out, f"the {self.kind} product")
@@ -598,6 +586,11 @@ class Curvature:
             f"Curvature(kind={self.kind!r}, num_params={self.num_params}, dtype={self.dtype}, "
             f"device={self.device}, matvecs={self.matvecs})"
         )
+
+
+def _layout(tensors: list[tuple[str, Tensor]]) -> list[tuple[Any, ...]]:
+    """Name, shape, dtype and device of each tensor: compared in one go."""
+    return [(k, t.shape, t.dtype, t.device) for k, t in tensors]
 
 
 def _check_kind(kind: object) -> str:

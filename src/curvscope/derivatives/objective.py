@@ -470,19 +470,21 @@ class ModelObjective:
             current[name] = p
         return current
 
-    def state_tensors(self) -> list[tuple[str, Tensor]]:
-        """Every tensor a forward pass reads from the model — all parameters and buffers — for
-        the cache's check that nothing changed since a batch's graph was built."""
-        out: list[tuple[str, Tensor]] = list(self.model.named_parameters(remove_duplicate=False))
-        out += [(k, b) for k, b in self.model.named_buffers() if b is not None]
-        return out
-
-    def flags(self) -> tuple[Any, ...]:
-        """The modules' training flags and which parameters require grad."""
-        return (
-            *(m.training for m in self.model.modules()),
-            *(p.requires_grad for p in self.model.parameters()),
-        )
+    def model_state(self) -> tuple[tuple[bool, ...], list[tuple[str, Tensor]]]:
+        """What the cache checks before every product, from one walk over the modules: the flags
+        (each module's ``training``, each parameter's ``requires_grad``) and every tensor a
+        forward pass reads from the model — all parameters and buffers — by name."""
+        flags: list[bool] = []
+        tensors: list[tuple[str, Tensor]] = []
+        for mod_name, mod in self.model.named_modules():
+            prefix = f"{mod_name}." if mod_name else ""
+            flags.append(mod.training)
+            for k, p in mod._parameters.items():
+                if p is not None:
+                    flags.append(p.requires_grad)
+                    tensors.append((prefix + k, p))
+            tensors += [(prefix + k, b) for k, b in mod._buffers.items() if b is not None]
+        return tuple(flags), tensors
 
     # ----------------------------------------------------------------------------- data
     @staticmethod
@@ -635,15 +637,18 @@ class ModelObjective:
         return {k: p.detach().requires_grad_(True) for k, p in self.params.items()}
 
     def _state(self, theta: Mapping[str, Tensor]) -> dict[str, Any]:
-        """Every parameter and buffer a forward reads, under each of its names (tied weights and
-        shared modules included, so that ``functional_call`` need not search the model for ties
-        again): ``theta`` for the selected parameters (every name of a tied one), detached
-        parameters and copied buffers for the rest (a buffer shared by two modules one copy;
-        None: BatchNorm's running statistics in train mode). One walk over the modules."""
+        """Every parameter and buffer a forward reads, in each module that holds it (a weight
+        tied between two modules under both names, so that ``functional_call`` need not search
+        the model for ties again): ``theta`` for the selected parameters (every name of a tied
+        one), detached parameters and copied buffers for the rest (a buffer shared by two
+        modules one copy; None: BatchNorm's running statistics in train mode). One walk over
+        the modules, each module once."""
         params: list[tuple[str, Tensor]] = []
         state: dict[str, Any] = {}
         copies: dict[int, Tensor] = {}
-        for mod_name, mod in self.model.named_modules(remove_duplicate=False):
+        # each module once: functional_call swaps a module registered under two names twice
+        # and restores the second swap's tensor, leaving the model a detached parameter
+        for mod_name, mod in self.model.named_modules():
             prefix = f"{mod_name}." if mod_name else ""
             params += [(prefix + k, p) for k, p in mod._parameters.items() if p is not None]
             is_norm_train = isinstance(mod, nn.modules.batchnorm._NormBase) and mod.training
