@@ -414,7 +414,7 @@ class Facts:
         self.lr, self.const = evidence.get("lr"), evidence.get("limit_constant")
         self.bs = evidence.get("batch_sharpness")
         se = evidence.get("batch_sharpness_stderr")
-        self.bs_se = se if _finite(se) else 0.0
+        self.bs_se: float = float(se) if se is not None and math.isfinite(se) else 0.0
         self.c_update = evidence.get("update_curvature")
         self.c_dir = evidence.get("directional_curvature")
         self.dec = evidence.get("newton_decrement")
@@ -688,7 +688,7 @@ def _band(evidence: Mapping[str, Any], low: float, high: float, z: float) -> boo
         if evidence.get("batch_sharpness") is not None
         else None
     )
-    noise = z * se if _finite(se) else 0.0
+    noise = z * float(se) if se is not None and math.isfinite(se) else 0.0
     return s + noise >= low * limit and s - noise <= high * limit
 
 

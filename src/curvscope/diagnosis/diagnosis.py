@@ -19,6 +19,7 @@ from curvscope.derivatives.objective import fixed_pass
 from curvscope.diagnosis.classify import (
     DEFAULT_THRESHOLDS,
     Evidence,
+    Facts,
     StateEnum,
     Thresholds,
     as_state,
@@ -36,6 +37,12 @@ DEFAULT_BUDGET = 80
 LANCZOS_SHARE = 0.6
 #: Eigenvalue accuracy of a diagnosis: 1% of |λ_max| is ample to tell the states apart.
 DIAGNOSIS_TOL = 1e-2
+#: An adaptive diagnosis (the Monitor's) first runs Lanczos to this accuracy (5% of |λ_max|:
+#: a Ritz value only underestimates λ_max) ...
+ROUGH_TOL = 5e-2
+#: ... and refines it to DIAGNOSIS_TOL when the gradient is small or the sharpness is within this
+#: share of the stability limit (the 10% margin and the 15% edge band, plus the rough error).
+NEAR_LIMIT = 0.35
 #: The batch sharpness is measured on at least this many of ``train_batches`` ...
 MIN_BATCHES = 8
 #: ... and on more (up to ``max_batches``) until its standard error is at most this share of
@@ -163,6 +170,7 @@ def diagnose(
     v0: Tensor | None = None,
     train_batches: Iterable[Any] | None = None,
     max_batches: int = MAX_BATCHES,
+    adaptive: bool = False,
 ) -> Diagnosis:
     """Say which state training is in, why, and what to do — from a few dozen curvature
     products, judged against the optimizer's own stability limit.
@@ -203,6 +211,10 @@ def diagnose(
             standard error: at least 8 batches, more until the standard error is at most 5%
             of the limit. Costs one gradient and one product per batch.
         max_batches: the most of ``train_batches`` to use (default 32).
+        adaptive: measure only what the verdict needs (the Monitor's probes): the Newton
+            decrement (CG, most of a diagnosis's products after Lanczos) only when the gradient
+            is small — where it tells a minimum from a long valley; otherwise
+            ``newton_decrement`` is None and ``decrement_converged`` None (not run).
         v0: warm start for Lanczos, e.g. ``previous.vectors["top"]`` and ``["bottom"]``
             stacked as columns: a nearby point then costs a few products (the Monitor does
             this).
@@ -239,6 +251,7 @@ def diagnose(
             v0,
             train_batches,
             max_batches,
+            adaptive,
         )
 
 
@@ -256,6 +269,7 @@ def _diagnose(
     v0: Tensor | None,
     train_batches: Iterable[Any] | None,
     max_batches: int,
+    adaptive: bool,
 ) -> Diagnosis:
     start = time.perf_counter()
     # double backward throughout: diagnose's blocks are small (a warm start of 2 vectors)
@@ -284,7 +298,9 @@ def _diagnose(
     evidence["grad_norm"] = math.nan if g is None else float(g.norm())
     if g is None or not math.isfinite(loss) or not torch.isfinite(g).all():
         return _finish(evidence, thresholds, {}, True, start, C)
-    vectors, converged = _measure_curvature(evidence, objective, C, g, budget, seed, v0)
+    vectors, converged = _measure_curvature(
+        evidence, objective, C, g, budget, seed, v0, thresholds if adaptive else None
+    )
     if train_batches is not None:
         bs, se, used = _batch_sharpness(
             model, loss_fn, train_batches, max_batches, limit, params, seed, measured.reduction
@@ -320,20 +336,57 @@ def _measure_curvature(
     budget: int,
     seed: int,
     v0: Tensor | None,
+    adaptive: Thresholds | None = None,
 ) -> tuple[dict[str, Tensor], bool]:
     """Both ends of the spectrum (Lanczos), the layer shares of the top eigenvector, the
     curvature along the step, and the Newton decrement by CG with the products left, into
-    ``evidence``. Returns the eigenvectors and whether Lanczos converged."""
+    ``evidence``. Returns the eigenvectors and whether Lanczos converged.
+
+    With ``adaptive`` (the thresholds), only to the accuracy the verdict needs: Lanczos first
+    to :data:`ROUGH_TOL`, refined to :data:`DIAGNOSIS_TOL` (warm-started from the rough
+    vectors) only when the gradient is small (then λ_min decides saddle against minimum) or
+    the sharpness is within :data:`NEAR_LIMIT` of the stability limit (where the margin and
+    the edge band are decided); CG only when the gradient is small. A warm start of several
+    columns (the previous top and bottom eigenvectors) is summed into one start vector."""
+    cap = max(6, int(LANCZOS_SHARE * budget))
+    tol = DIAGNOSIS_TOL if adaptive is None else ROUGH_TOL
+    if adaptive is not None and v0 is not None and v0.ndim == 2:
+        v0 = v0.sum(1)  # one start vector rich in both ends: a block of one, a product a step
     r = eigenvalues(
-        objective.scaled(),
-        k=1,
-        which="both",
-        tol=DIAGNOSIS_TOL,
-        max_matvecs=max(6, int(LANCZOS_SHARE * budget)),
-        seed=seed,
-        v0=v0,
+        objective.scaled(), k=1, which="both", tol=tol, max_matvecs=cap, seed=seed, v0=v0
     )
+    _record_spectrum(evidence, r)
+    evidence["directional_curvature"], evidence["grad_dot_step"] = objective.directional(g)
+    small = adaptive is not None and Facts(evidence, adaptive).small
+    if adaptive is not None and (small or _near_limit(evidence)) and cap > C.matvecs:
+        assert r.vectors is not None
+        r = eigenvalues(
+            objective.scaled(),
+            k=1,
+            which="both",
+            tol=DIAGNOSIS_TOL,
+            max_matvecs=max(2, cap - C.matvecs),
+            seed=seed,
+            v0=r.vectors,
+        )
+        _record_spectrum(evidence, r)
+        small = Facts(evidence, adaptive).small
     assert r.vectors is not None  # return_vectors defaults to True
+    vectors = {"top": r.vectors[:, 0], "bottom": r.vectors[:, -1]}
+    # which parameter blocks carry the sharpest direction (free: the eigenvector is at hand)
+    evidence["layer_shares"] = block_shares(C, vectors["top"])
+    left = budget - C.matvecs
+    if adaptive is not None and not small:
+        return vectors, r.all_converged
+    if left >= 2 and float(g.norm()) > 0:
+        sol = cg(objective.operator(), g, tol=1e-2, max_matvecs=left)
+        if not sol.negative_curvature:
+            evidence["newton_decrement"] = float(g @ sol.x)
+            evidence["decrement_converged"] = sol.converged
+    return vectors, r.all_converged
+
+
+def _record_spectrum(evidence: dict[str, Any], r: Any) -> None:
     evidence.update(
         sharpness=float(r.values[0]),
         lambda_min=float(r.values[-1]),
@@ -341,17 +394,14 @@ def _measure_curvature(
         lambda_min_residual=float(r.residuals[-1]),
         eigen_converged=r.all_converged,
     )
-    vectors = {"top": r.vectors[:, 0], "bottom": r.vectors[:, -1]}
-    # which parameter blocks carry the sharpest direction (free: the eigenvector is at hand)
-    evidence["layer_shares"] = block_shares(C, vectors["top"])
-    evidence["directional_curvature"], evidence["grad_dot_step"] = objective.directional(g)
-    left = budget - C.matvecs
-    if left >= 2 and float(g.norm()) > 0:
-        sol = cg(objective.operator(), g, tol=1e-2, max_matvecs=left)
-        if not sol.negative_curvature:
-            evidence["newton_decrement"] = float(g @ sol.x)
-            evidence["decrement_converged"] = sol.converged
-    return vectors, r.all_converged
+
+
+def _near_limit(evidence: Mapping[str, Any]) -> bool:
+    """Whether the sharpness is within :data:`NEAR_LIMIT` of the stability limit."""
+    limit = evidence.get("stability_limit")
+    if limit is None or not math.isfinite(limit) or limit <= 0:
+        return False
+    return abs(evidence["sharpness"] / limit - 1) <= NEAR_LIMIT
 
 
 def update_curvature(

@@ -54,9 +54,10 @@ def _is_writer() -> bool:
 class Monitor:
     """Diagnose training as it runs: ``mon.step(loss)`` in your loop.
 
-    Between probes a step only records the loss (no products). At each probe a full
-    :func:`~curvscope.diagnose` runs on ``probe_data``, warm-started from the previous probe's
-    eigenvectors (so it costs a few products), and history refines its verdict
+    Between probes a step records the loss (and, now and then, the cheap tier below). At each
+    probe :func:`~curvscope.diagnose` runs on ``probe_data``, warm-started from the previous
+    probe's eigenvectors and measuring only what the verdict needs (``adaptive``), so it costs
+    a few products; history refines its verdict
     (:func:`~curvscope.diagnosis.classify.classify_history`):
 
     - **diverged** when the loss is not finite or above ``EXPLOSION`` (1e3) times the first;
@@ -93,6 +94,11 @@ class Monitor:
         every: steps between probes; by default (None) the cadence adapts so that probes take
             at most ``overhead`` (5%) of the wall time, timing the loop and the probes.
         overhead: the share of wall time the default cadence may spend on probes.
+        adaptive: probes measure only what the verdict needs (``diagnose(adaptive=True)``:
+            the spectrum to 5% where the sharpness is far from the limit and the gradient not
+            small, no Newton decrement then; warm-started from the previous probe): about 30%
+            of a cold diagnosis's products (benchmarks/monitor.py). False: every probe is a
+            full diagnosis.
         log: a path (or an open text file, which you close) for the JSONL run log, or None.
         log_mode: for a path, as for :func:`open`: ``"x"`` (default) refuses an existing file,
             ``"a"`` appends a new run (with its own header) to it, ``"w"`` overwrites it.
@@ -140,6 +146,7 @@ class Monitor:
         every: int | None = None,
         update_every: int | None = None,
         overhead: float = OVERHEAD,
+        adaptive: bool = True,
         log: str | Path | TextIO | None = None,
         log_mode: str = "x",
         budget: int = DEFAULT_BUDGET,
@@ -163,7 +170,7 @@ class Monitor:
         self.model, self.loss_fn, self.probe_data = model, loss_fn, probe_data
         self.optimizer, self.lr = optimizer, lr
         self.every, self.budget, self.thresholds = every, budget, thresholds
-        self.overhead = overhead
+        self.overhead, self.adaptive = overhead, adaptive
         self.train_seconds = 0.0  # wall time between step() calls, probes excluded
         self.probe_seconds = 0.0
         self._last_probe_seconds = 0.0
@@ -332,6 +339,7 @@ class Monitor:
             reduction=self.reduction,
             v0=self._vectors,
             train_batches=self.train_batches,
+            adaptive=self.adaptive,
         )
         if update is not None:
             evidence = Evidence.from_mapping({**d.evidence, "update_curvature": update})
