@@ -6,13 +6,14 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from curvscope.derivatives.checks import check_int, check_real
 from curvscope.derivatives.seeding import generator
 from curvscope.spectrum._operator import as_operator, progress
-from curvscope.spectrum.lanczos import Krylov, error_bounds
+from curvscope.spectrum.lanczos import Krylov, error_bounds, to_device
 from curvscope.spectrum.precision import autocast_off
 
 WHICH = ("largest", "smallest", "both")
@@ -77,17 +78,16 @@ class EigenResult:
         return bool(self.converged.all())
 
 
-def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
+def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
     """Indices of the wanted Ritz values (theta ascending), most extreme first."""
-    m = theta.numel()
-    top = torch.arange(m - 1, max(m - 1 - k, -1), -1)
-    bottom = torch.arange(0, min(k, m))
+    m = theta.size
+    top = np.arange(m - 1, max(m - 1 - k, -1), -1)
+    bottom = np.arange(0, min(k, m))
     if which == "largest":
         return top
     if which == "smallest":
         return bottom
-    both = torch.cat([top, bottom.flip(0)])
-    return torch.unique(both, sorted=True).flip(0)
+    return np.unique(np.concatenate([top, bottom]))[::-1].copy()
 
 
 def _validate(k: Any, which: Any, tol: Any, n: int) -> int:
@@ -194,19 +194,11 @@ def eigenvalues(
     with autocast_off(op.device):  # the products and the arithmetic in their dtypes
         X0 = _start_block(op, sizes.block_size, gen, w)
         used_before = op.matvecs
-        kry = Krylov(op, X0, gen)
+        run = _Run(Krylov(op, X0, gen), k, which, tol, sizes)
         with progress(sizes.max_matvecs, "Lanczos", progress_bar) as bar:
-            while _extend(kry, k, which, tol, sizes, op.matvecs - used_before, bar):
+            while _extend(run, op.matvecs - used_before, bar):
                 pass
-        result = _result(
-            kry,
-            k,
-            which,
-            tol,
-            sizes.max_matvecs,
-            op.matvecs - used_before,
-            vectors=return_vectors or by_layer,
-        )
+        result = _result(run, op.matvecs - used_before, vectors=return_vectors or by_layer)
         layers = {}
         if by_layer:
             assert result.vectors is not None  # computed for by_layer
@@ -269,56 +261,72 @@ def _start_block(op: Any, block_size: int, gen: torch.Generator, w: Tensor | Non
     return X0
 
 
-def _extend(
-    kry: Krylov, k: int, which: str, tol: float, sizes: _Sizes, used: int, bar: Any
-) -> bool:
+@dataclass
+class _Run:
+    """One Lanczos run: the Krylov space, what is wanted, and the wanted values so far."""
+
+    kry: Krylov
+    k: int
+    which: str
+    tol: float
+    sizes: _Sizes
+
+    def errors(self, theta: np.ndarray, res: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The wanted values' indices, and whether each is converged: its residual below
+        tol/2·scale."""
+        idx = _wanted(theta, self.k, self.which)
+        limit = RESIDUAL_SHARE * self.tol * max(float(np.abs(theta).max()), 1e-300)
+        return idx, res[idx] <= limit
+
+
+def _extend(run: _Run, used: int, bar: Any) -> bool:
     """One Lanczos step (and a thick restart when the basis is full); False when done: every
-    wanted value converged, the space is the whole space, or the budget is spent."""
+    wanted value converged, the space is the whole space, or the budget is spent. One host
+    read (the step's, :meth:`Krylov.extend`)."""
+    kry, sizes = run.kry, run.sizes
     op = kry.op
     before = op.matvecs
     kry.extend()
     bar.update(op.matvecs - before)
     used += op.matvecs - before
     theta, S, res = kry.ritz()
-    idx = _wanted(theta, k, which)
-    scale = float(theta.abs().max())
-    enough = kry.size >= min(op.n, k * (2 if which == "both" else 1) + 1)
-    done = enough and bool((res[idx] <= RESIDUAL_SHARE * tol * max(scale, 1e-300)).all())
+    _, ok = run.errors(theta, res)
+    enough = kry.size >= min(op.n, run.k * (2 if run.which == "both" else 1) + 1)
+    done = enough and bool(ok.all())
     if done or kry.size >= op.n or used >= sizes.max_matvecs or kry.X.shape[1] == 0:
         return False
     if kry.size + kry.X.shape[1] > sizes.max_basis:
-        keep = _restart_set(theta, k, which, sizes.max_basis - 2 * kry.X.shape[1])
+        keep = _restart_set(theta, run.k, run.which, sizes.max_basis - 2 * kry.X.shape[1])
         kry.restart(S[:, keep], theta[keep])
     return True
 
 
-def _result(
-    kry: Krylov, k: int, which: str, tol: float, cap: int, used: int, vectors: bool
-) -> EigenResult:
+def _result(run: _Run, used: int, vectors: bool) -> EigenResult:
     """The wanted Ritz pairs with their residuals, error estimates and a message (the
     caller fills in the time and the layers)."""
+    kry, tol = run.kry, run.tol
     op = kry.op
     theta, S, res = kry.ritz()
-    idx = _wanted(theta, k, which)
-    scale = float(theta.abs().max())
+    idx, ok = run.errors(theta, res)
+    scale = float(np.abs(theta).max())
     rounding = PRODUCT_ROUNDING * torch.finfo(op.dtype).eps * scale
-    err = error_bounds(theta, res) + rounding
-    converged = res[idx] <= RESIDUAL_SHARE * tol * max(scale, 1e-300)
+    err = error_bounds(theta, res)[idx]
     if kry.size >= op.n:  # the full space: exact up to rounding
-        converged = torch.ones_like(converged)
-    message = _message(bool(converged.all()), used, cap, res[idx], scale, tol)
+        ok = np.ones_like(ok)
+    message = _message(bool(ok.all()), used, run.sizes.max_matvecs, res[idx], scale, tol)
     if rounding > RESIDUAL_SHARE * tol * scale:
         message += (
             f"; the products run in {str(op.dtype).removeprefix('torch.')}, so the values "
             f"are only as accurate as they are: about {rounding / max(scale, 1e-300):.2g}"
             "·|λ_max| (included in errors)"
         )
+    dt, dev = op.work_dtype, op.device
     return EigenResult(
-        values=theta[idx].clone(),
+        values=to_device(theta[idx], dt, dev),
         vectors=kry.vectors(S[:, idx]) if vectors else None,
-        residuals=res[idx].clone(),
-        errors=err[idx].clone(),
-        converged=converged,
+        residuals=to_device(res[idx], dt, dev),
+        errors=to_device(err + rounding, dt, dev),
+        converged=torch.as_tensor(ok, device=dev),
         matvecs=used,
         seconds=0.0,
         scale=scale,
@@ -326,19 +334,19 @@ def _result(
     )
 
 
-def _restart_set(theta: Tensor, k: int, which: str, room: int) -> Tensor:
+def _restart_set(theta: np.ndarray, k: int, which: str, room: int) -> np.ndarray:
     """Ritz vectors kept at a restart: the wanted ones and their nearest neighbours."""
-    m = theta.numel()
+    m = theta.size
     extra = max(0, min(room, m) - (2 * k if which == "both" else k))
     if which == "largest":
-        return torch.arange(m - (k + extra), m)
+        return np.arange(m - (k + extra), m)
     if which == "smallest":
-        return torch.arange(0, k + extra)
+        return np.arange(0, k + extra)
     lo, hi = k + extra // 2, k + extra - extra // 2
-    return torch.cat([torch.arange(0, lo), torch.arange(m - hi, m)])
+    return np.concatenate([np.arange(0, lo), np.arange(m - hi, m)])
 
 
-def _message(ok: bool, used: int, cap: int, res: Tensor, scale: float, tol: float) -> str:
+def _message(ok: bool, used: int, cap: int, res: np.ndarray, scale: float, tol: float) -> str:
     if ok:
         return f"converged in {used} products (tolerance {tol:g} relative to {scale:.4g})"
     worst = float(res.max()) / max(scale, 1e-300)

@@ -1,44 +1,71 @@
-"""Block Lanczos with full reorthogonalization and thick restarts, in torch on the operator's
-device (no host round-trips but the small projected eigenproblem). The basis, the projected
-matrix and the recurrences are kept in the operator's working dtype (float32 at least); only
-the products run in the operator's own dtype.
+"""Block Lanczos with full reorthogonalization and thick restarts: the basis and its products
+in torch on the operator's device, the small projected problem on the host. The basis and the
+recurrences are kept in the operator's working dtype (float32 at least); only the products run
+in the operator's own dtype. The projected matrix H and the residual coupling R are kept on the
+host in float64 (numpy): they are (m, m) and (b, b) for a basis of m vectors in blocks of b,
+and every decision a step makes (convergence, restarts, a vanished direction) is read off them,
+so a step reads the device once.
 
 The basis Q grows a block at a time; the projected matrix H = QᵀAQ is filled from the
 orthogonalization coefficients themselves (classical Gram-Schmidt, twice), so it stays exact
 after a thick restart (Wu & Simon 2000; Stewart's Krylov-Schur), when the basis is cut back to
 the wanted Ritz vectors. With F the residual block of the last step (A Q = Q H + F Eᵀ), a Ritz
 pair (θ, Qs) has residual ‖A Qs − θ Qs‖ = ‖F s_last‖ — the number every estimate reports.
+
+Host synchronisation: a *host read* is any read of a device tensor's values by Python
+(``.item()``, ``float()``, ``bool()``, ``.tolist()``, ``.numpy()``); on an accelerator each one
+waits for the queued work. :meth:`Krylov.extend` makes exactly one (the new column of H and the
+residual coupling, read together), the constructor one, :meth:`Krylov.restart` and
+:meth:`Krylov.vectors` none (they copy the small coefficients *to* the device without waiting
+on it), and :func:`tridiagonal` one per step. What the operator's own product reads comes on
+top: a :class:`~curvscope.Curvature` checks its input and output for NaN and, when cached, that
+the model is unchanged (three reads a product on an accelerator).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from curvscope.spectrum._operator import Operator
 
 
-def _orthonormalize(
-    X: Tensor, Q: Tensor | None, gen: torch.Generator, scale: float
-) -> tuple[Tensor, Tensor]:
-    """Orthonormal columns spanning X ⟂ Q, and R with X⊥ = Xn R.
+def host(t: Tensor) -> np.ndarray:
+    """The values of a device tensor on the host, float64: one host read (see the module
+    docstring)."""
+    return t.detach().to("cpu", torch.float64).numpy()
 
-    A column that vanishes (an invariant subspace was found) is replaced by a random direction
-    orthogonal to everything so far, with a zero row in R: the Krylov space continues.
-    """
-    Xn, R = torch.linalg.qr(X)
-    tiny = torch.finfo(X.dtype).eps * 100 * max(scale, 1e-300)
-    dead = R.diagonal().abs() <= tiny
-    if dead.any():
-        for j in torch.nonzero(dead).flatten().tolist():
-            r = torch.randn(X.shape[0], 1, generator=gen, dtype=X.dtype, device=X.device)
-            for basis in (Q, Xn[:, :j]):
-                if basis is not None and basis.numel():
-                    r -= basis @ (basis.T @ r)
-                    r -= basis @ (basis.T @ r)
-            Xn[:, j : j + 1] = r / r.norm()
-            R[j, :] = 0
-    return Xn, R
+
+def to_device(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A host array copied to the device without waiting for the device's queued work (pinned
+    memory and a non-blocking copy on CUDA)."""
+    t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _replace_dead(
+    Xn: Tensor, R: np.ndarray, dead: np.ndarray, Q: Tensor | None, gen: torch.Generator
+) -> None:
+    """Columns of Xn whose direction vanished (an invariant subspace was found) become random
+    directions orthogonal to everything so far, with zero rows in R: the Krylov space continues.
+    Device work only; the dead columns are known on the host."""
+    for j in np.flatnonzero(dead).tolist():
+        r = torch.randn(Xn.shape[0], 1, generator=gen, dtype=Xn.dtype, device=Xn.device)
+        for basis in (Q, Xn[:, :j]):
+            if basis is not None and basis.numel():
+                r -= basis @ (basis.T @ r)
+                r -= basis @ (basis.T @ r)
+        Xn[:, j : j + 1] = r / r.norm()
+        R[j, :] = 0
+
+
+def _dead(R: np.ndarray, dtype: torch.dtype, scale: float) -> np.ndarray:
+    """Which columns of a QR's R lost their direction: a diagonal at rounding level."""
+    tiny = torch.finfo(dtype).eps * 100 * max(scale, 1e-300)
+    return np.abs(np.diag(R)) <= tiny
 
 
 class Krylov:
@@ -46,18 +73,24 @@ class Krylov:
 
     The basis is stored as the rows of a preallocated buffer (Qᵀ, contiguous), which grows by
     doubling: both projections Qᵀw and Q c then run on contiguous memory, and a step costs
-    O(n·m) for the orthogonalization and nothing for copying the basis.
+    O(n·m) for the orthogonalization and nothing for copying the basis. H and R live on the
+    host (float64 numpy, :attr:`Hh`, :attr:`Rh`); :attr:`H` and :attr:`R` are device copies.
     """
 
     def __init__(self, op: Operator, X0: Tensor, gen: torch.Generator) -> None:
         self.op, self.gen = op, gen
         dt = op.work_dtype
         X0 = X0.to(dtype=dt)
-        self.X, _ = _orthonormalize(X0, None, gen, float(X0.abs().max()))
-        self._buf = torch.empty(max(8, 2 * X0.shape[1]), op.n, dtype=dt, device=op.device)
+        X, R = torch.linalg.qr(X0)
+        read = host(torch.cat([R.flatten(), X0.abs().max().reshape(1)]))  # the one read
+        b = X0.shape[1]
+        Rh = read[:-1].reshape(b, b)
+        _replace_dead(X, Rh, _dead(Rh, dt, float(read[-1])), None, gen)
+        self.X = X
+        self._buf = torch.empty(max(8, 2 * b), op.n, dtype=dt, device=op.device)
         self._m = 0
-        self.H = torch.zeros(0, 0, dtype=dt, device=op.device)
-        self.R = torch.zeros(0, 0, dtype=dt, device=op.device)  # F = X R (last step)
+        self.Hh = np.zeros((0, 0))
+        self.Rh = np.zeros((0, 0))  # F = X R (last step)
         self.scale = 0.0
 
     @property
@@ -69,6 +102,16 @@ class Krylov:
         """(n, m) view of the basis."""
         return self._buf[: self._m].T
 
+    @property
+    def H(self) -> Tensor:
+        """QᵀAQ (m, m) in the working dtype on the operator's device."""
+        return to_device(self.Hh, self.op.work_dtype, self.op.device)
+
+    @property
+    def R(self) -> Tensor:
+        """The residual coupling of the last step (F = X R), working dtype, on the device."""
+        return to_device(self.Rh, self.op.work_dtype, self.op.device)
+
     def _reserve(self, m: int) -> None:
         if m > self._buf.shape[0]:
             cap = min(self.op.n, max(m, 2 * self._buf.shape[0]))
@@ -77,10 +120,10 @@ class Krylov:
             self._buf = buf
 
     def extend(self) -> None:
-        """One block step: W = A X, orthogonalize against [Q, X], record H.
+        """One block step: W = A X, orthogonalize against [Q, X], record H. One host read.
 
-        Classical Gram-Schmidt, repeated only when the first pass cancelled much of W
-        (the "twice is enough" test of Daniel, Gragg, Kaufman & Stewart 1976).
+        Classical Gram-Schmidt twice, always ("twice is enough": Giraud, Langou & Rozložník
+        2005): deciding whether the second pass is needed would cost a host read.
         """
         X = self.X
         m, b = self._m, X.shape[1]
@@ -88,50 +131,59 @@ class Krylov:
         self._reserve(m + b)
         self._buf[m : m + b] = X.T
         Bt = self._buf[: m + b]  # rows: the basis
-        before = W.norm(dim=0)
         coef = Bt @ W
         W = W - Bt.T @ coef
-        if bool((W.norm(dim=0) < 0.7 * before).any()):
-            c2 = Bt @ W
-            W = W - Bt.T @ c2
-            coef = coef + c2
-        H = torch.zeros(m + b, m + b, dtype=self.H.dtype, device=self.H.device)
-        H[:m, :m] = self.H
-        H[:, m:] = coef
-        H[m:, :m] = coef[:m].T
-        H[m:, m:] = (coef[m:] + coef[m:].T) / 2
-        self._m, self.H = m + b, H
-        self.scale = max(self.scale, float(H.abs().max()))
-        if self.size < self.op.n:
-            self.X, self.R = _orthonormalize(W, Bt.T, self.gen, self.scale)
-            keep = min(self.X.shape[1], self.op.n - self.size)
-            self.X, self.R = self.X[:, :keep], self.R[:keep]
-        else:  # the whole space: every Ritz pair is exact
-            self.X = torch.zeros(self.op.n, 0, dtype=W.dtype, device=W.device)
-            self.R = torch.zeros(0, b, dtype=W.dtype, device=W.device)
+        c2 = Bt @ W
+        W = W - Bt.T @ c2
+        coef = coef + c2
+        whole = m + b >= self.op.n
+        if whole:  # the whole space: every Ritz pair is exact
+            read = host(coef).reshape(m + b, b)
+        else:
+            Xn, R = torch.linalg.qr(W)
+            read = host(torch.cat([coef.flatten(), R.flatten()]))
+        H = np.zeros((m + b, m + b))
+        H[:m, :m] = self.Hh
+        c = read[: (m + b) * b].reshape(m + b, b)
+        H[:, m:] = c
+        H[m:, :m] = c[:m].T
+        H[m:, m:] = (c[m:] + c[m:].T) / 2
+        self._m, self.Hh = m + b, H
+        self.scale = max(self.scale, float(np.abs(H).max()))
+        if whole:
+            self.X = W[:, :0]
+            self.Rh = np.zeros((0, b))
+            return
+        Rh = read[(m + b) * b :].reshape(b, b).copy()
+        _replace_dead(Xn, Rh, _dead(Rh, W.dtype, self.scale), Bt.T, self.gen)
+        keep = min(b, self.op.n - self._m)
+        self.X, self.Rh = Xn[:, :keep], Rh[:keep]
 
-    def ritz(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Ritz values (ascending), their coordinates S in Q, and residual norms."""
-        theta, S = torch.linalg.eigh(self.H)
-        if self.R.numel() == 0:  # the whole space: exact
-            return theta, S, torch.zeros_like(theta)
-        return theta, S, (self.R @ S[-self.R.shape[1] :, :]).norm(dim=0)
+    def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ritz values (ascending), their coordinates S in Q, and residual norms: host arrays
+        (float64), no host read."""
+        theta, S = np.linalg.eigh(self.Hh)
+        if self.Rh.size == 0:  # the whole space: exact
+            return theta, S, np.zeros_like(theta)
+        return theta, S, np.linalg.norm(self.Rh @ S[-self.Rh.shape[1] :, :], axis=0)
 
-    def vectors(self, S: Tensor) -> Tensor:
-        """Ritz vectors Q S, (n, j)."""
-        return (S.T @ self._buf[: self._m]).T
+    def vectors(self, S: np.ndarray) -> Tensor:
+        """Ritz vectors Q S, (n, j), for coordinates S on the host."""
+        St = to_device(S, self._buf.dtype, self._buf.device)
+        return (St.T @ self._buf[: self._m]).T
 
-    def restart(self, S_keep: Tensor, theta_keep: Tensor) -> None:
+    def restart(self, S_keep: np.ndarray, theta_keep: np.ndarray) -> None:
         """Cut the basis back to the Ritz vectors Q S_keep (thick restart); H becomes diagonal.
 
         The residual block stays the next block: A Y = Y Θ + X R E_lastᵀ S_keep, and the next
         step's projections recover that coupling in H.
         """
         p = S_keep.shape[1]
-        self._buf[:p] = S_keep.T @ self._buf[: self._m]
+        St = to_device(S_keep, self._buf.dtype, self._buf.device)
+        self._buf[:p] = St.T @ self._buf[: self._m]
         self._m = p
-        self.H = torch.diag(theta_keep)
-        self.R = torch.zeros(0, 0, dtype=self.H.dtype, device=self.H.device)
+        self.Hh = np.diag(np.asarray(theta_keep, dtype=np.float64))
+        self.Rh = np.zeros((0, 0))
 
 
 def tridiagonal(op: Operator, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
@@ -142,40 +194,44 @@ def tridiagonal(op: Operator, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
     Memory O(n) and no O(n·m) projections. In finite precision the Ritz values acquire "ghost"
     copies, but the Gauss quadrature the tridiagonal defines stays a good approximation of the
     spectral measure (Knizhnerman 1996) — which is all stochastic Lanczos quadrature needs.
-    Stops early at an invariant subspace. Runs in the operator's working dtype.
+    Stops early at an invariant subspace. Runs in the operator's working dtype; one host read a
+    step (α and β together), besides what the operator's product reads.
     """
     z = z.to(op.work_dtype)
     q = z[:, 0] / z.norm()
     q_prev = torch.zeros_like(q)
     alphas, betas = [], []
-    beta = 0.0
+    beta_t = torch.zeros((), dtype=q.dtype, device=q.device)
     for _ in range(steps):
-        w = op(q[:, None])[:, 0] - beta * q_prev
-        alpha = float(q @ w)
-        w = w - alpha * q
+        w = op(q[:, None])[:, 0] - beta_t * q_prev
+        alpha_t = q @ w
+        w = w - alpha_t * q
+        beta_t = w.norm()
+        alpha, beta = host(torch.stack([alpha_t, beta_t])).tolist()
         alphas.append(alpha)
-        beta = float(w.norm())
         if beta <= 1e3 * torch.finfo(w.dtype).eps * abs(alpha) + 1e-300:
             betas.append(0.0)  # an invariant subspace: the quadrature is exact
             break
         betas.append(beta)
         if len(alphas) == steps:
             break
-        q_prev, q = q, w / beta
+        q_prev, q = q, w / beta_t
     return torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas, dtype=torch.float64)
 
 
-def error_bounds(theta: Tensor, res: Tensor) -> Tensor:
-    """Estimated eigenvalue errors: min(r, r²/gap).
+def error_bounds(theta: np.ndarray, res: np.ndarray) -> np.ndarray:
+    """Estimated eigenvalue errors: min(r, r²/gap), on host arrays.
 
     r bounds the distance to *some* eigenvalue; r²/gap is the sharper bound for an isolated one
     (Parlett, The Symmetric Eigenvalue Problem, §11-7). The gap is taken to the nearest other
     Ritz value *less that value's own residual*: an unconverged neighbour may hide eigenvalues
     closer than it looks, and then the estimate falls back to r.
     """
-    if theta.numel() < 2:
-        return res.clone()
-    d = (theta[:, None] - theta[None, :]).abs() - res[None, :]
-    d.fill_diagonal_(float("inf"))
-    gap = d.min(dim=1).values.clamp_min(torch.finfo(theta.dtype).tiny)
-    return torch.minimum(res, res**2 / gap)
+    theta, res = np.asarray(theta, dtype=np.float64), np.asarray(res, dtype=np.float64)
+    if theta.size < 2:
+        return res.copy()
+    d = np.abs(theta[:, None] - theta[None, :]) - res[None, :]
+    np.fill_diagonal(d, np.inf)
+    gap = np.maximum(d.min(axis=1), np.finfo(np.float64).tiny)
+    with np.errstate(over="ignore"):  # r²/gap overflows to inf where the gap vanishes: then r
+        return np.minimum(res, res**2 / gap)
