@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/python benchmarks/monitor.py
 	$(BIN)/python benchmarks/optim.py
 	$(BIN)/python benchmarks/distributed.py
+	$(BIN)/python benchmarks/scale.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .mypy_cache
