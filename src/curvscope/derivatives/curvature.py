@@ -136,7 +136,11 @@ class _ModelSource:
     ) -> None:
         self.obj = objective
         self.group = group
-        self.total = global_count(objective.num_samples, group, objective.device)
+        self.total = (  # no tensor (a host-device round trip) for a single process
+            objective.num_samples
+            if group is None
+            else global_count(objective.num_samples, group, objective.device)
+        )
         self.num_params, self.dtype, self.device = (
             objective.num_params,
             objective.dtype,

@@ -29,19 +29,24 @@ def flatten(blocks: Sequence[Tensor], batched: bool = False) -> Tensor:
     return torch.cat([b.reshape(b.shape[0], -1) for b in blocks], dim=1).T
 
 
-def unflatten(flat: Tensor, shapes: Sequence[Sequence[int]]) -> list[Tensor]:
+def unflatten(
+    flat: Tensor, shapes: Sequence[Sequence[int]], sizes: Sequence[int] | None = None
+) -> list[Tensor]:
     """A flat (n,) vector as tensors of the given shapes, or an (n, k) matrix as blocks of
     shape (k, *s_i); views of ``flat`` where the layout allows. The inverse of :func:`flatten`.
+    ``sizes``, the number of entries of each shape, may be given to save computing them.
 
     Example:
         >>> [t.shape for t in unflatten(torch.arange(5.0), [(2, 2), (1,)])]
         [torch.Size([2, 2]), torch.Size([1])]
     """
-    chunks = torch.split(flat, [math.prod(s) for s in shapes], dim=0)
+    sizes = [math.prod(s) for s in shapes] if sizes is None else sizes
     if flat.ndim == 1:
+        chunks = flat.split_with_sizes(sizes)
         return [c.reshape(s) for c, s in zip(chunks, shapes, strict=True)]
-    k = flat.shape[1]
-    return [c.T.reshape(k, *s) for c, s in zip(chunks, shapes, strict=True)]
+    k = flat.shape[1]  # one split of the transposed block, not one transpose per chunk
+    chunks = flat.T.split_with_sizes(sizes, dim=1)
+    return [c.reshape(k, *s) for c, s in zip(chunks, shapes, strict=True)]
 
 
 def tensors(x: Any) -> Iterator[Tensor]:

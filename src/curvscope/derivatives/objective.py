@@ -288,17 +288,15 @@ def _differentiable_kernels(rnn: bool) -> Iterator[None]:
             torch.backends.mkldnn.enabled = mkldnn
 
 
-def _attention_notes(model: nn.Module) -> list[str]:
+def _attention_notes(model: nn.Module, modules: list[nn.Module]) -> list[str]:
     """Where attention runs on its math backend: torch's attention modules, and attention
     modules of other libraries (a class named ``...Attention``) unless the model's config
     says they do not call scaled_dot_product_attention (Hugging Face's
     ``attn_implementation``: "sdpa" does, "eager" does not, a fused kernel of its own —
     flash attention — keeps it: said so, with the fix)."""
-    if any(isinstance(m, _TORCH_ATTENTION) for m in model.modules()):
+    if any(isinstance(m, _TORCH_ATTENTION) for m in modules):
         return [_MATH_NOTE]
-    named = sorted(
-        {type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Attention")}
-    )
+    named = sorted({type(m).__name__ for m in modules if type(m).__name__.endswith("Attention")})
     if not named:
         return []
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
@@ -315,7 +313,9 @@ def _attention_notes(model: nn.Module) -> list[str]:
     ]
 
 
-def _padding_notes(model: nn.Module, selected: Mapping[str, Tensor]) -> list[str]:
+def _padding_notes(
+    model: nn.Module, modules: list[nn.Module], selected: Mapping[str, Tensor]
+) -> list[str]:
     """The padding row of a selected embedding that torch's gradient never updates. Not for
     a weight tied to another module (an output layer): that one's gradient updates the row."""
     names: dict[int, list[str]] = {}
@@ -323,7 +323,7 @@ def _padding_notes(model: nn.Module, selected: Mapping[str, Tensor]) -> list[str
         names.setdefault(id(p), []).append(name)
     chosen = {id(p): k for k, p in selected.items()}
     notes = []
-    for m in model.modules():
+    for m in modules:
         if not isinstance(m, nn.Embedding) or m.padding_idx is None:
             continue
         key = chosen.get(id(m.weight))
@@ -423,8 +423,9 @@ class ModelObjective:
         if self.adapter is not None:  # settled by the first batch's labels
             self.loss_fn = self.adapter.loss_fn
         self._check_repeatable()
-        self._has_rnn = any(isinstance(m, nn.RNNBase) for m in model.modules())
-        self.notes = self._fallback_notes()
+        modules = list(model.modules())  # one walk for the notes
+        self._has_rnn = any(isinstance(m, nn.RNNBase) for m in modules)
+        self.notes = self._fallback_notes(modules)
         self._forward_generators = [torch.random.default_generator]
         if self.device.type == "cuda":
             index = torch.cuda.current_device() if self.device.index is None else self.device.index
@@ -817,8 +818,9 @@ class ModelObjective:
             f"({first:.6g}, {second:.6g}); {fix}"
         )
 
-    def _fallback_notes(self) -> list[str]:
-        notes = _attention_notes(self.model) + _padding_notes(self.model, self._params)
+    def _fallback_notes(self, modules: list[nn.Module]) -> list[str]:
+        notes = _attention_notes(self.model, modules)
+        notes += _padding_notes(self.model, modules, self._params)
         if self._has_rnn:
             notes.append(
                 "cuDNN is disabled during curvature products (cuDNN RNNs have no double backward)"
@@ -832,7 +834,7 @@ class ModelObjective:
         A 1-D input gives tensors shaped like the parameters; a 2-D input gives tensors of shape
         (k, *param.shape).
         """
-        return unflatten(flat, self.shapes)
+        return unflatten(flat, self.shapes, self.numels)
 
     def flatten(self, blocks: Sequence[Tensor], batched: bool = False) -> Tensor:
         """Inverse of :meth:`unflatten`."""
