@@ -10,9 +10,11 @@ Prints a markdown table per workload: median seconds and the ratio to one gradie
 
 ``--small`` prices the fixed cost per product on small and recurrent models, where it is not
 hidden by the arithmetic: for each workload one Hessian product from scratch (``cache=False``:
-forward, gradient with its graph, backward) and through the kept gradient graph, curvscope's
-beside the same product in plain torch (``torch.autograd.grad`` twice, on the model itself: the
-floor of what a product can cost), each relative to one plain gradient; one thread.
+forward, gradient with its graph, backward), one from a new operator built for it (a new batch
+each time, as the Monitor's batch sharpness and cheap tier do), and one through the kept gradient
+graph, curvscope's beside the same product in plain torch (``torch.autograd.grad`` twice, on the
+model itself: the floor of what a product can cost), each relative to one plain gradient; one
+thread.
 """
 
 from __future__ import annotations
@@ -266,19 +268,23 @@ def bench_small(workloads: list[Workload], repeats: int) -> str:
             "scratch": lambda C=fresh, v=v: C @ v,
             "plain cached": _plain_cached(w, v),
             "cached": lambda C=cached, v=v: C @ v,
+            "new operator": lambda w=w, v=v: cs.Curvature(w.model, w.loss_fn, w.data) @ v,
         }
         med = interleaved_medians(fns, repeats)
         base = med["gradient"]
         rows.append(
             [w.name, f"{w.num_params:,}", f"{base * 1e3:.2f}"]
-            + [f"{med[k] / base:.2f}x" for k in ("scratch", "plain scratch", "cached")]
-            + [f"{med['plain cached'] / base:.2f}x"]
+            + [
+                f"{med[k] / base:.2f}x"
+                for k in ("scratch", "new operator", "plain scratch", "cached", "plain cached")
+            ]
         )
     header = [
         "workload",
         "parameters",
         "gradient ms",
         "curvscope from scratch",
+        "curvscope, a new operator per product",
         "plain torch from scratch",
         "curvscope cached",
         "plain torch cached",
