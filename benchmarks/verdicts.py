@@ -86,6 +86,26 @@ CONVERGED = 0.01
 AFTER_BLOWUP = 20
 #: The fixed cadence (steps between probes).
 EVERY = 10
+#: The cheap tier's cadence in the third configuration (a fixed cadence runs none by default).
+UPDATE_EVERY = 2
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """How often the Monitor looks: ``every`` steps between probes (None: its default, adaptive
+    cadence) and ``update_every`` steps between the cheap tier's checks (None: the Monitor's
+    default — adaptive with the default cadence, off with a fixed one)."""
+
+    every: int | None
+    update_every: int | None = None
+
+    @property
+    def label(self) -> str:
+        text = "default (adaptive, 5%)" if self.every is None else f"every {self.every}"
+        if self.update_every:
+            text += f" + cheap tier every {self.update_every}"
+        return text
+
 
 # ------------------------------------------------------------------------------- data
 
@@ -542,12 +562,12 @@ class Trace:
     """A run as trained: its reference losses L_0..L_T and the Monitor's probes."""
 
     spec: Spec
-    every: int | None
+    cadence: Cadence
     losses: list[float]
     probes: list[Probe]
     seconds: float
     error: str | None = None
-    overhead: float = 0.0  # the Monitor's probe time over its loop time
+    overhead: float = 0.0  # the Monitor's probe and check time over its loop time
 
 
 def _forward(model: nn.Module, x: Any) -> Any:
@@ -584,8 +604,10 @@ def _step(s: Setup, gen: torch.Generator) -> Tensor:
     return loss
 
 
-def train(spec: Spec, every: int | None) -> Trace:
+def train(spec: Spec, cadence: Cadence | int | None) -> Trace:
     """Train ``spec`` to its end (or AFTER_BLOWUP steps past its blow-up) under a Monitor."""
+    if not isinstance(cadence, Cadence):
+        cadence = Cadence(cadence)
     torch.manual_seed(0)
     s = spec.build()
     mon = cs.Monitor(
@@ -593,7 +615,8 @@ def train(spec: Spec, every: int | None) -> Trace:
         s.loss_fn,
         s.probe,
         optimizer=s.optimizer,
-        every=every,
+        every=cadence.every,
+        update_every=cadence.update_every,
         train_batches=s.train_batches,
         reduction=s.reduction,
     )
@@ -624,9 +647,10 @@ def train(spec: Spec, every: int | None) -> Trace:
     if s.batch is None:
         losses.append(_full_loss(s))  # L_T
     seconds = time.perf_counter() - start
-    overhead = mon.probe_seconds / mon.train_seconds if mon.train_seconds > 0 else math.nan
+    spent = mon.probe_seconds + mon.update_seconds
+    overhead = spent / mon.train_seconds if mon.train_seconds > 0 else math.nan
     mon.close()
-    return Trace(spec, every, losses, probes, seconds, error, overhead)
+    return Trace(spec, cadence, losses, probes, seconds, error, overhead)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -719,6 +743,7 @@ class Score:
     unwarnable: list[str]
     saddle_right: int
     saddle_judged: int
+    overheads: list[float]
 
     @property
     def warned_share(self) -> float:
@@ -749,22 +774,19 @@ def score(outcomes: Sequence[Outcome]) -> Score:
         ],
         saddle_right=sum(o.right for o in outcomes),
         saddle_judged=sum(o.judged for o in outcomes),
+        overheads=[o.trace.overhead for o in outcomes if math.isfinite(o.trace.overhead)],
     )
 
 
 # ----------------------------------------------------------------------------- report
 
 
-def _cadence(every: int | None) -> str:
-    return "default (adaptive, 5%)" if every is None else f"every {every}"
-
-
-def summary_table(scores: dict[int | None, Score]) -> str:
+def summary_table(scores: dict[Cadence, Score]) -> str:
     rows = []
-    for every, sc in scores.items():
+    for cadence, sc in scores.items():
         rows.append(
             [
-                _cadence(every),
+                cadence.label,
                 f"{len(sc.false_alarm_runs)} of {sc.healthy}"
                 + (f" ({', '.join(sc.false_alarm_runs)})" if sc.false_alarm_runs else ""),
                 f"{len(sc.warned)} of {sc.warnable} ({100 * sc.warned_share:.0f}%)"
@@ -773,6 +795,7 @@ def summary_table(scores: dict[int | None, Score]) -> str:
                 f"{sc.median_lead:g} (target ≥ {sc.median_lead_target:g})" if sc.leads else "-",
                 ", ".join(sc.unwarnable) or "none",
                 f"{sc.saddle_right} of {sc.saddle_judged}" if sc.saddle_judged else "-",
+                f"{100 * statistics.median(sc.overheads):.0f}%" if sc.overheads else "-",
             ]
         )
     header = [
@@ -782,6 +805,7 @@ def summary_table(scores: dict[int | None, Score]) -> str:
         "median lead, steps",
         "blew up before the first probe",
         "saddle/plateau probes right",
+        "Monitor time / loop time (median)",
     ]
     return markdown_table(header, rows)
 
@@ -828,7 +852,7 @@ def findings(outcomes: Sequence[Outcome]) -> list[str]:
     """Each false alarm and missed warning with the evidence of the probe (for the rules)."""
     lines = []
     for o in outcomes:
-        name = f"{o.trace.spec.name} ({_cadence(o.trace.every)})"
+        name = f"{o.trace.spec.name} ({o.trace.cadence.label})"
         for p in o.false_alarms[:3]:
             lines.append(f"- false alarm, {name}, step {p.step}: {p.state}; {p.numbers()}")
         if len(o.false_alarms) > 3:
@@ -855,10 +879,10 @@ def thresholds_line() -> str:
 
 
 def run_suite(
-    specs: Sequence[Spec], cadences: Sequence[int | None], echo: bool = False
-) -> dict[int | None, list[Outcome]]:
+    specs: Sequence[Spec], cadences: Sequence[Cadence], echo: bool = False
+) -> dict[Cadence, list[Outcome]]:
     """Train every run at every cadence; the reference losses must not depend on the cadence."""
-    results: dict[int | None, list[Outcome]] = {c: [] for c in cadences}
+    results: dict[Cadence, list[Outcome]] = {c: [] for c in cadences}
     for spec in specs:
         traces = [train(spec, c) for c in cadences]
         first = traces[0].losses
@@ -873,7 +897,7 @@ def run_suite(
             print(
                 f"  {spec.name}: "
                 + "; ".join(
-                    f"{_cadence(c)} {t.seconds:.1f} s, {len(t.probes)} probes"
+                    f"{c.label} {t.seconds:.1f} s, {len(t.probes)} probes"
                     for c, t in zip(cadences, traces, strict=True)
                 ),
                 file=sys.stderr,
@@ -885,20 +909,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only the CI subset")
     ap.add_argument("--every", type=int, default=EVERY, help="the fixed cadence (steps)")
+    ap.add_argument(
+        "--update-every",
+        type=int,
+        default=UPDATE_EVERY,
+        help="the cheap tier's cadence in the third configuration (steps)",
+    )
     ap.add_argument("--only", nargs="*", help="run only these runs (by name)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     specs = [s for s in suite() if (s.quick or not args.quick)]
     if args.only:
         specs = [s for s in specs if s.name in args.only]
-    cadences: list[int | None] = [None, args.every]
+    cadences = [Cadence(None), Cadence(args.every), Cadence(args.every, args.update_every)]
     start = time.process_time()
     results = run_suite(specs, cadences, echo=True)
     cpu = time.process_time() - start
     print(f"### Verdict accuracy: {len(specs)} runs, {cpu:.0f} CPU-s\n")
     print(summary_table({c: score(o) for c, o in results.items()}))
     for c, outcomes in results.items():
-        print(f"\n#### Runs, Monitor {_cadence(c)}\n")
+        print(f"\n#### Runs, Monitor {c.label}\n")
         print(runs_table(outcomes))
     lines = [line for outcomes in results.values() for line in findings(outcomes)]
     if lines:

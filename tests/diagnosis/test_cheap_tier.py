@@ -58,8 +58,10 @@ def test_sgd_update_curvature_is_the_rayleigh_quotient_of_h_plus_l2_along_the_up
     for _ in range(3):
         before, u = _step(model, loss_fn, data, opt)
     H = _dense_hessian(model, loss_fn, data) + 0.01 * torch.eye(len(u), dtype=torch.float64)
-    c, limit = update_curvature(model, loss_fn, data, before, opt)
+    v = torch.randn(len(u), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    c, limit, along = update_curvature(model, loss_fn, data, before, opt, top=v)
     assert c == pytest.approx(float(u @ H @ u / (u @ u)), rel=1e-10)
+    assert along == pytest.approx(float(v @ H @ v / (v @ v)), rel=1e-10)
     assert limit == pytest.approx((2 + 2 * 0.9) / 0.05)
     eig = torch.linalg.eigvalsh(H)
     assert eig[0] <= c <= eig[-1]  # a Rayleigh quotient: never above the sharpness
@@ -78,8 +80,11 @@ def test_adam_update_curvature_is_measured_in_the_metric_adam_steps_in():
         vhat = state["exp_avg_sq"] / (1 - 0.999 ** float(state["step"]))
         sq.append((vhat.sqrt() + 1e-8).reshape(-1))
     metric = float((u * u * torch.cat(sq)).sum())
-    c, limit = update_curvature(model, loss_fn, data, before, opt)
+    v = torch.randn(len(u), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    c, limit, along = update_curvature(model, loss_fn, data, before, opt, top=v)
     assert c == pytest.approx(float(u @ H @ u) / metric, rel=1e-8)
+    w = v / torch.cat(sq).sqrt()  # S^½ v: the step's curvature is S^½ H S^½
+    assert along == pytest.approx(float(w @ H @ w / (v @ v)), rel=1e-8)
     assert limit == pytest.approx(38 / 0.01)
 
 
@@ -90,7 +95,7 @@ def test_a_zero_update_has_no_curvature_and_the_model_is_left_as_found():
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     state = torch.get_rng_state()
-    assert update_curvature(model, loss_fn, data, before, lr=0.1) == (None, 20.0)
+    assert update_curvature(model, loss_fn, data, before, lr=0.1) == (None, 20.0, None)
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert model.training and torch.equal(torch.get_rng_state(), state)
@@ -199,3 +204,45 @@ def test_an_update_curvature_above_the_limit_is_unstable_on_its_own():
         "2 (> 10%): the next step overshoots along it"
     )
     assert classify({**evidence, "update_curvature": 2.1})[0] == "learning"
+
+
+def test_the_previous_top_eigenvector_warns_as_soon_as_the_limit_falls_below_the_sharpness():
+    """A learning rate raised past the limit (a warm-up overshooting): the update does not line
+    up with the sharpest direction until the overshoot along it dominates the gradient (about
+    40 steps here), but the curvature along the previous probe's top eigenvector is the
+    sharpness at once: the cheap tier's first check after the change calls a full probe."""
+    p, model = _quadratic()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    s = cs.diagnose(model, p.loss_fn, p.data, lr=0.1).evidence["sharpness"]
+    changes = []
+    mon = cs.Monitor(
+        model,
+        p.loss_fn,
+        p.data,
+        optimizer=opt,
+        every=500,
+        update_every=3,
+        callback=lambda d, previous: changes.append((mon.steps, d.state)),
+    )
+    mon_probe_at_10 = None
+    for step in range(1, 41):
+        if step == 21:
+            for group in opt.param_groups:
+                group["lr"] = 1.5 * 2 / s
+        opt.zero_grad()
+        loss = p.loss_fn(model(p.data[0]), p.data[1])
+        loss.backward()
+        opt.step()
+        if step == 10:
+            mon_probe_at_10 = mon.probe()  # the top eigenvector the checks start from
+        mon.step(loss)
+    assert mon_probe_at_10.state == "learning"
+    warned = [d for d in mon.history[1:] if d.state == "unstable"]
+    assert warned, "no escalated probe"
+    first = mon.history.index(warned[0])
+    assert first == 1
+    limit = warned[0].evidence["stability_limit"]
+    assert warned[0].evidence["sharpness"] > 1.4 * limit
+    assert changes[1][1] == "unstable" and 21 <= changes[1][0] <= 25  # the first check after
+    # the update's own curvature was still far below the limit then
+    assert all(c < 0.5 * lim for step, c, lim in mon.updates if step <= changes[1][0])

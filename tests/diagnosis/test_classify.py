@@ -22,9 +22,13 @@ from curvscope.diagnosis import (
     classify_history,
 )
 from curvscope.diagnosis.classify import (
+    ABSORB_END,
+    ABSORB_STEPS,
     ALWAYS,
     DEFAULT_THRESHOLDS,
     EOS_BAND,
+    EOS_FLOOR,
+    EOS_LIMIT_DRIFT,
     EOS_LOSS_RISE,
     EOS_PROBES,
     EOS_SWING,
@@ -418,10 +422,10 @@ def test_mini_batch_verdicts_speak_of_the_batch_sharpness_with_the_full_batch_on
         "the batch sharpness 18.2 ± 0.7 is 91% of the limit 20 (the full-batch sharpness 3.3 "
         "is 16%)"
     )
-    # the full-batch sharpness and the full-batch step direction do not judge mini-batch steps
-    sharp = mini_batch(15.0, 0.5, sharpness=30.0, directional_curvature=25.0)
-    assert classify(sharp)[0] is State.LEARNING
-    assert classify({**sharp, "batch_sharpness": None})[0] is State.UNSTABLE
+    # a full-batch sharpness above the limit is unstable whatever the batches say (Adam at a
+    # high rate can meet negative curvature along its batch steps and still overshoot)
+    sharp = mini_batch(-16.0, 0.5, sharpness=30.0, directional_curvature=2.0)
+    assert classify(sharp)[0] is State.UNSTABLE
 
 
 def test_the_edge_band_takes_the_batch_sharpness_noise_into_account():
@@ -430,12 +434,15 @@ def test_the_edge_band_takes_the_batch_sharpness_noise_into_account():
     sure = {**noisy, "batch_sharpness_stderr": 0.1}
     assert history(noisy, past=[noisy, noisy])[0] is State.EDGE_OF_STABILITY
     assert history(sure, past=[sure, sure])[0] is State.LEARNING
+    vague = {**noisy, "batch_sharpness_stderr": 2.0}  # ± 4 is wider than the band (± 3)
+    assert history(vague, past=[vague, vague])[0] is State.LEARNING
 
 
 def test_at_the_edge_a_swing_past_the_band_stays_at_the_edge_while_the_loss_holds():
-    """Full-batch gradient descent at the edge swings to 1.2-1.5x the limit and back while its
-    loss never exceeds 1.6x its running minimum: that is the edge, not instability."""
-    assert (EOS_SWING, EOS_LOSS_RISE) == (2.0, 2.0)
+    """Full-batch gradient descent at the edge swings past the limit and back while its loss
+    keeps falling (1.2-1.8x on MLPs, CNNs and deep linear networks, 2.8x on logistic
+    regression in benchmarks/verdicts.py): that is the edge, not instability."""
+    assert (EOS_FLOOR, EOS_SWING, EOS_LOSS_RISE) == (0.5, 3.0, 2.0)
 
     def after_edge(s, losses=(0.5, 0.45), best=0.4):
         ev = near(s)  # limit 2
@@ -455,12 +462,13 @@ def test_at_the_edge_a_swing_past_the_band_stays_at_the_edge_while_the_loss_hold
     assert classify(near(2.9))[0] is State.UNSTABLE and state is State.EDGE_OF_STABILITY
     assert reasons == [
         "training is at the edge of stability and stays there: the sharpness 2.9 swings around "
-        "the stability limit 2 (now 1.45x, within a factor 2)",
+        "the stability limit 2 (now 1.45x, within 0.5-3x)",
         "the loss (0.475 on average since the previous probe) stays within 2x its running "
         "minimum 0.4",
     ]
     assert after_edge(2.9, losses=(0.9, 0.85))[0] is State.UNSTABLE  # the loss rose: 0.875 > 0.8
-    assert after_edge(4.1)[0] is State.UNSTABLE  # beyond a factor 2
+    assert after_edge(5.9)[0] is State.EDGE_OF_STABILITY  # 2.95x
+    assert after_edge(6.1)[0] is State.UNSTABLE  # beyond 3x
     assert after_edge(1.2)[0] is State.EDGE_OF_STABILITY  # a dip to 0.6x
     assert after_edge(0.9)[0] is State.LEARNING  # below half the limit: it has left the edge
     assert after_edge(2.9, losses=(), best=None)[0] is State.EDGE_OF_STABILITY  # no loss known
@@ -469,3 +477,76 @@ def test_at_the_edge_a_swing_past_the_band_stays_at_the_edge_while_the_loss_hold
     assert classify_history(State.UNSTABLE, ["own"], ev, past=[near(), near(1.0)])[0] is (
         State.UNSTABLE
     )
+
+
+def _above(losses, past=(), previous_low=None, s=3.0, limit=2.0, best_loss=None, **extra):
+    ev = near(s, limit, **extra)
+    assert classify(ev)[0] is State.UNSTABLE
+    return classify_history(
+        State.UNSTABLE,
+        ["own"],
+        ev,
+        past=list(past),
+        losses=losses,
+        first_loss=1.0,
+        previous_low=previous_low,
+        best_loss=best_loss,
+    )
+
+
+def test_an_overshoot_the_loss_absorbs_is_the_edge_not_instability():
+    """Above the limit, losses that oscillate and reach a new low in their last 2 steps (a
+    catapult, a period-2 orbit whose low points fall) are the edge; a loss that falls
+    monotonically (the growing direction not yet visible) or whose newest losses are not its
+    lowest is not."""
+    assert (ABSORB_STEPS, ABSORB_END) == (4, 2)
+    orbit = [0.31, 0.354, 0.309, 0.354, 0.308]  # period 2, the low points falling
+    state, reasons = _above(orbit, previous_low=0.3095)
+    assert state is State.EDGE_OF_STABILITY
+    assert reasons == [
+        "the sharpness 3 is 1.50x the stability limit 2, yet the loss absorbs the overshoot: it "
+        "oscillates and its last steps reached a new low (0.308) — the edge of stability (a "
+        "catapult), not instability",
+        "a loss that stops reaching new lows would be instability",
+    ]
+    assert _above(orbit, previous_low=0.30)[0] is State.UNSTABLE  # no new low
+    rising = [0.4827, 0.4826, 0.4825, 0.4824, 0.4826, 0.4831]  # the growing direction shows
+    assert _above(rising)[0] is State.UNSTABLE
+    assert _above(orbit[:3])[0] is State.UNSTABLE  # too few losses to tell
+    # mini-batch losses oscillate by themselves: not read so
+    mini = {"batch_sharpness": 3.0, "batch_sharpness_stderr": 0.01}
+    assert _above(orbit, previous_low=0.3095, **mini)[0] is State.UNSTABLE
+
+
+def test_a_sharpness_that_rose_past_a_constant_limit_while_the_loss_fell_is_the_edge():
+    """Progressive sharpening meets the limit (cnn-gd in benchmarks/verdicts.py: 0.91x, then
+    1.20x with the loss falling from 1.11 to 0.83, then a catapult and the edge); a learning
+    rate that rose (a warm-up moves the limit) or a loss that rose is instability."""
+    falling = [1.113, 1.045, 0.948, 0.888, 0.832]
+    state, reasons = _above(falling, past=[near(1.82, 2.0)], s=2.4)
+    assert state is State.EDGE_OF_STABILITY
+    assert reasons == [
+        "the sharpness rose past the stability limit 2 at a constant learning rate (from 0.91x "
+        "at the previous probe to 1.20x) while the loss fell (1.113 to 0.832): training's own "
+        "sharpening meets the edge of stability, where it holds the sharpness rather than "
+        "diverging",
+        "a loss that rises would be instability",
+    ]
+    assert _above(falling, past=[near(1.82, 2.5)], s=2.4)[0] is State.UNSTABLE  # lr rose
+    assert _above(falling, past=[near(2.1, 2.0)], s=2.4)[0] is State.UNSTABLE  # already above
+    assert _above(falling[::-1], past=[near(1.82, 2.0)], s=2.4)[0] is State.UNSTABLE  # rising
+    assert _above(falling, past=[near(1.82, 2.0)], s=6.2)[0] is State.UNSTABLE  # beyond 3x
+    assert _above(falling, s=2.4)[0] is State.UNSTABLE  # no probe before
+    # a loss that rose to twice its running minimum: no edge by any rule
+    assert _above(falling, past=[near(1.82, 2.0)], s=2.4, best_loss=0.4)[0] is State.UNSTABLE
+
+
+def test_a_warm_up_moving_the_limit_through_the_sharpness_is_not_the_edge():
+    """Three probes near their limits, but the limits falling 7% a probe (a warm-up raising the
+    learning rate): a crossing on its way to instability (momentum-warmup-past in
+    benchmarks/verdicts.py), not the sharpness held at the limit."""
+    assert EOS_LIMIT_DRIFT == 0.05
+    ramp = [near(1.8, 2.0), near(1.8, 1.86), near(1.8, 1.73)]
+    assert history(ramp[-1], past=ramp[:-1])[0] is State.LEARNING
+    steady = [near(1.8, 2.0), near(1.8, 1.97), near(1.8, 1.93)]  # within 5%
+    assert history(steady[-1], past=steady[:-1])[0] is State.EDGE_OF_STABILITY

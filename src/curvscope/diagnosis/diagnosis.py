@@ -8,7 +8,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -404,6 +404,17 @@ def _near_limit(evidence: Mapping[str, Any]) -> bool:
     return abs(evidence["sharpness"] / limit - 1) <= NEAR_LIMIT
 
 
+class UpdateCheck(NamedTuple):
+    """What the Monitor's cheap tier measures (:func:`update_curvature`)."""
+
+    #: uᵀ(H + l2)u / uᵀS⁻¹u along the last update u (None: a zero update).
+    curvature: float | None
+    #: The stability limit (None without optimizer or lr).
+    limit: float | None
+    #: vᵀAv/vᵀv for the previous top eigenvector v of the curvature A the step sees.
+    top_curvature: float | None = None
+
+
 def update_curvature(
     model: nn.Module,
     loss_fn: Callable[[Any, Tensor], Tensor],
@@ -415,21 +426,28 @@ def update_curvature(
     params: Iterable[nn.Parameter | str] | None = None,
     seed: int = 0,
     reduction: str | None = None,
-) -> tuple[float | None, float | None]:
+    top: Tensor | None = None,
+) -> UpdateCheck:
     """The curvature along the optimizer's last update u = θ − θ_before, in the metric the
     optimizer steps in: uᵀ(H + l2)u / uᵀS⁻¹u (S its step factors: uᵀHu/‖u‖² for SGD; the
     Rayleigh quotient of the preconditioned P^-½ H P^-½ for Adam), from ONE curvature product
     on ``data``. It is at most the sharpness the step sees, and above the stability limit it
     says the next step overshoots along the direction training actually moves: the Monitor's
-    cheap tier between full diagnoses.
+    cheap tier between full diagnoses. With ``top`` (a previous diagnosis's
+    ``vectors["top"]``), one more product gives the curvature the step sees along that
+    eigenvector — a lower bound on today's sharpness, close to it while the eigenvector turns
+    slowly: the early warning, since the update itself lines up with the sharpest direction
+    only once an overshoot along it has grown to dominate the gradient.
 
     Args:
         model, loss_fn, data, optimizer, lr, params, seed, reduction: as for :func:`diagnose`.
         before: the parameters before the update, by name (``model.named_parameters()``).
+        top: a vector in the space of the curvature the step sees (S^½ (H + l2) S^½).
 
     Returns:
-        (the curvature, or None when the update is zero on the coordinates the step factors
-        scale; the stability limit it meets, or None without optimizer or lr).
+        An :class:`UpdateCheck`: the curvature along the update (None when the update is zero
+        on the coordinates the step factors scale), the stability limit it meets (None without
+        optimizer or lr), and the curvature along ``top`` (None without it).
 
     Raises:
         KeyError: ``before`` lacks a measured parameter (the message names it).
@@ -462,11 +480,16 @@ def update_curvature(
             scaled = objective.scale > 0
             u = torch.where(scaled, u, 0)
             metric = torch.where(scaled, u * u / objective.scale.where(scaled, 1), 0)
-        norm = float(metric.sum())
         bound = None if limit is None else limit.limit
+        along_top = None
+        if top is not None:
+            t = top.to(device=u.device, dtype=objective.dtype).reshape(-1)
+            along_top = float(t @ objective.scaled()(t[:, None])[:, 0]) / float(t @ t)
+        norm = float(metric.sum())
         if not norm > 0:
-            return None, bound
-        return float(u @ objective.operator()(u[:, None])[:, 0]) / norm, bound
+            return UpdateCheck(None, bound, along_top)
+        c = float(u @ objective.operator()(u[:, None])[:, 0]) / norm
+        return UpdateCheck(c, bound, along_top)
 
 
 def _batch_sharpness(

@@ -27,7 +27,13 @@ from curvscope.diagnosis.classify import (
     classify,
     classify_history,
 )
-from curvscope.diagnosis.diagnosis import DEFAULT_BUDGET, Diagnosis, diagnose, update_curvature
+from curvscope.diagnosis.diagnosis import (
+    DEFAULT_BUDGET,
+    Diagnosis,
+    UpdateCheck,
+    diagnose,
+    update_curvature,
+)
 from curvscope.diagnosis.runlog import LOG_VERSION, RunLogWriter, check_log_mode
 from curvscope.diagnosis.runlog import read_log as read_log  # where it lived before runlog
 
@@ -63,9 +69,10 @@ class Monitor:
     - **diverged** when the loss is not finite or above ``EXPLOSION`` (1e3) times the first;
     - **edge_of_stability** when the sharpness has been within ``EOS_BAND`` (±15%) of the
       stability limit at ``EOS_PROBES`` (3) consecutive probes (Cohen et al. 2021): full-batch
-      training drives it there and holds it, the loss falling non-monotonically. Once there,
-      a probe whose sharpness swings past the band (within a factor ``EOS_SWING``, 2, of the
-      limit) while the loss has not risen to twice its running minimum is still at the edge.
+      training drives it there and holds it, the loss falling non-monotonically; and where
+      an overshoot is seen absorbed, or the sharpness rose past a constant limit while the loss
+      fell — all while the loss has not risen to twice its running minimum (the rules:
+      :func:`~curvscope.diagnosis.classify.classify_history`).
 
     Between probes, a **cheap tier** measures the curvature along the optimizer's last update,
     uᵀHu/uᵀS⁻¹u (:func:`~curvscope.diagnosis.diagnosis.update_curvature`: one product on
@@ -177,6 +184,7 @@ class Monitor:
         self._since_probe = 0
         self._loss_mark = 0
         self._window_means: list[float] = []  # the mean training loss between two probes
+        self._low: float | None = None  # the lowest training loss before the current window
         # the cheap tier: off with update_every=0, or with a fixed `every` and no update_every
         self.update_every = update_every
         self._updates_on = update_every != 0 and (every is None or update_every is not None)
@@ -277,7 +285,7 @@ class Monitor:
         start = time.perf_counter()
         before, self._before = self._before, None
         assert before is not None
-        c, limit = update_curvature(
+        check = update_curvature(
             self.model,
             self.loss_fn,
             self.probe_data,
@@ -287,30 +295,34 @@ class Monitor:
             params=self.params,
             seed=self.seed,
             reduction=self.reduction,
+            top=None if self._vectors is None else self._vectors[:, 0],
         )
         self._since_update = 0
         self._last_update_seconds = time.perf_counter() - start
         self.update_seconds += self._last_update_seconds
-        if c is None:
-            return None
-        self.updates.append((self.steps, c, limit))
-        if self._writer is not None:
-            self._writer.add_scalar("curvscope/update_curvature", c, self.steps)
-        if self._alarming(c, limit):
+        c = check.curvature
+        if c is not None:
+            self.updates.append((self.steps, c, check.limit))
+            if self._writer is not None:
+                self._writer.add_scalar("curvscope/update_curvature", c, self.steps)
+        if self._alarming(check):
             return self.probe(update=c)
         return None
 
-    def _alarming(self, c: float, limit: float | None) -> bool:
-        """Whether a cheap check calls for a full probe now: the curvature along the update
-        is above the limit by the margin, and training is not already known to be unstable
-        or at the edge (where it swings past the limit: then only beyond EOS_SWING)."""
+    def _alarming(self, check: UpdateCheck) -> bool:
+        """Whether a cheap check calls for a full probe now: the curvature along the update,
+        or along the previous probe's top eigenvector, is above the limit by the margin, and
+        training is not already known to be unstable or at the edge (where the sharpness
+        swings past the limit: then only beyond EOS_SWING)."""
+        limit = check.limit
         if limit is None or not math.isfinite(limit):
             return False
         last = self.history[-1].state if self.history else None
         if last in (State.UNSTABLE, State.DIVERGED):
             return False
         bound = EOS_SWING if last == State.EDGE_OF_STABILITY else 1 + self.thresholds.margin
-        return c > bound * limit
+        seen = [c for c in (check.curvature, check.top_curvature) if c is not None]
+        return any(c > bound * limit for c in seen)
 
     def _due(self) -> bool:
         if self.every is not None:
@@ -374,6 +386,7 @@ class Monitor:
         window = [v for v in self.losses[self._loss_mark :] if math.isfinite(v)]
         if window:
             self._window_means.append(sum(window) / len(window))
+            self._low = min(window) if self._low is None else min(self._low, *window)
         self._loss_mark = len(self.losses)
         return d
 
@@ -392,6 +405,7 @@ class Monitor:
             first_loss=self.first_loss,
             previous=self.history[-1].state if self.history else None,
             best_loss=min(self._window_means) if self._window_means else None,
+            previous_low=self._low,
             thresholds=self.thresholds,
         )
         if state == d.state:
