@@ -454,10 +454,10 @@ def suite() -> list[Spec]:
         # full-batch gradient descent on a tanh MLP, MSE on 500 digits: below, at, past the edge
         _spec("gd-mse-low", "MLP digits", "GD", 0.1, 300, digits_mlp, quick=True),
         _spec("gd-mse-edge", "MLP digits", "GD", 1.0, 600, digits_mlp),
-        _spec("gd-mse-edge2", "MLP digits", "GD", 2.0, 600, digits_mlp),
+        _spec("gd-mse-edge2", "MLP digits", "GD", 2.0, 600, digits_mlp, quick=True),
         _spec("gd-mse-warmup-past", "MLP digits", "GD", 12.0, 400, digits_mlp, 200, quick=True),
         _spec("gd-wine", "MLP wine", "GD", 0.5, 300, wine_mlp),
-        _spec("gd-logreg-past", "logistic regression", "GD", 60.0, 300, cancer_logreg),
+        _spec("gd-logreg-past", "logistic regression", "GD", 60.0, 300, cancer_logreg, quick=True),
         # lr given as a multiple of 2/λ_max of a quadratic: just past it
         _spec("gd-lsq-past", "least squares", "GD", 1.02, 300, diabetes_lsq),
         # heavy-ball momentum

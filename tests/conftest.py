@@ -29,9 +29,9 @@ SLOW: dict[str, float] = {
     "tests/diagnosis/test_monitor.py::"
     "test_full_batch_gd_reaches_and_holds_the_edge_of_stability": 7.5,
     "tests/diagnosis/test_precision.py::test_a_monitor_in_a_training_loop_under_autocast": 4.0,
-    # the verdicts' five training runs, in a module fixture that the first test pays for (the
+    # the verdicts' seven training runs, in a module fixture that the first test pays for (the
     # module's other tests are marked slow in the file: they would pay for it instead)
-    "tests/diagnosis/test_verdicts.py::test_the_subset_covers_every_kind_of_outcome": 8.9,
+    "tests/diagnosis/test_verdicts.py::test_the_subset_covers_every_kind_of_outcome": 9.5,
     # dense references of the larger models
     "tests/derivatives/test_curvature.py::"
     "test_empirical_fisher_is_mean_of_per_sample_gradient_outer_products": 15.9,

@@ -49,6 +49,10 @@ def test_the_subset_covers_every_kind_of_outcome(verdicts, outcomes):
     assert all(o.trace.error is None for o in outcomes.values())
     # the ground truth is the runs' own, as designed
     assert outcomes["gd-mse-low"].outcome == "healthy"
+    # above the quadratic limit and still learning: a catapult (1.1-1.3x the limit for 220
+    # steps, then the edge) and logistic regression swinging to 2.8x; no alarm is right there
+    assert outcomes["gd-mse-edge2"].outcome == "healthy"
+    assert outcomes["gd-logreg-past"].outcome == "healthy"
     assert outcomes["lm-adamw-warmup"].outcome == "healthy"
     for name in ("gd-mse-warmup-past", "sgd-batch32-past"):
         o = outcomes[name]
@@ -80,3 +84,22 @@ def test_a_saddle_start_is_called_a_saddle_while_it_lasts_and_learning_after(ver
     after = [p.state for p in o.trace.probes if p.step >= o.escape]
     assert before[0] == "saddle" and set(after) == {"learning"}
     assert o.right >= 0.85 * o.judged, verdicts.compress([p.state for p in o.trace.probes])
+
+
+def test_the_cheap_tier_warns_of_a_blow_up_between_probes(verdicts):
+    """cnn-momentum-warmup-past blows up at step 25, five steps after a probe that saw 0.79x the
+    limit: every=10 alone cannot warn; with the cheap tier every 2 steps (the curvature along
+    the previous probe's top eigenvector passes the limit as the warm-up lowers it) a full
+    probe runs in between and says unstable."""
+    spec = next(s for s in verdicts.suite() if s.name == "cnn-momentum-warmup-past")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plain = verdicts.judge(verdicts.train(spec, verdicts.Cadence(10)))
+        cheap = verdicts.judge(verdicts.train(spec, verdicts.Cadence(10, 2)))
+    finally:
+        torch.set_num_threads(threads)
+    assert plain.outcome == cheap.outcome == "diverges"
+    assert plain.warning is None
+    assert cheap.warning is not None and cheap.lead >= 1
+    assert not [p for p in cheap.trace.probes if p.step % 10 and p.state != "unstable"]
