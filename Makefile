@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: install lab test lint bench clean
+.PHONY: install lab test lint bench peers clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ lint: install
 		echo "radon: functions rated D or worse (cyclomatic complexity > 20); split them:"; \
 		echo "$$complex"; exit 1; \
 	fi; echo "radon: no function rated D or worse"
+
+# The peers the benchmarks compare against. torchvision<0.29 (in the extra) keeps pip from
+# pulling a CUDA torch for backpack; 0.28 does not load beside the CPU torch, and transformers
+# would try to import it ("operator torchvision::nms does not exist"), so it is removed again:
+# no peer code path imports it.
+peers: install
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/pip uninstall --quiet -y torchvision
 
 bench: install
 	$(BIN)/python benchmarks/products.py
