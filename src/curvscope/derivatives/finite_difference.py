@@ -70,9 +70,8 @@ sharded, the Krylov vectors are not.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
@@ -81,7 +80,6 @@ from torch import Tensor, nn
 
 from curvscope.derivatives.distributed import all_reduce_sum, check_same_on_ranks
 from curvscope.derivatives.objective import Batch, ModelObjective
-from curvscope.derivatives.seeding import FORWARD
 
 #: The backend's name in ``Curvature(..., backend=...)``.
 BACKEND = "finite_difference"
@@ -198,26 +196,6 @@ def _engine(model: nn.Module, params: Mapping[str, Tensor], group: Any) -> _Engi
     return _Engine(True, _divide_factor(model, ranks))
 
 
-@contextlib.contextmanager
-def _seeded(obj: ModelObjective, batch_index: int) -> Iterator[None]:
-    """The batch's fixed randomness (the seeds the exact backends use), gradients on, the
-    global generators restored. Unlike the exact backends' context, fused kernels are kept:
-    first derivatives are all a gradient needs."""
-    gens = [torch.random.default_generator]
-    if obj.device.type == "cuda":
-        index = torch.cuda.current_device() if obj.device.index is None else obj.device.index
-        gens.append(torch.cuda.default_generators[index])
-    saved = [g.get_state() for g in gens]
-    try:
-        with torch.enable_grad():
-            for g in gens:
-                g.manual_seed(FORWARD.seed(obj.seed, batch_index))
-            yield
-    finally:
-        for g, state in zip(gens, saved, strict=True):
-            g.set_state(state)
-
-
 class _Kept:
     """The model's mutable state, kept on entry and put back by :meth:`restore`: the selected
     parameters' values (a copy), every parameter's ``.grad`` (the tensor objects) and every
@@ -301,7 +279,8 @@ class FiniteDifferenceProducts:
         kept.restore_buffers()
         total: Tensor | None = None
         for batch in self.obj.batches():
-            with _seeded(self.obj, batch.index):
+            # the exact backends' seeds; fused kernels kept: first derivatives are all it needs
+            with self.obj.context(batch.index, second_order=False):
                 loss = self.obj.loss(self._outputs(batch), batch)
                 w = self.weight(batch)
                 (loss * (w * engine.loss_scale)).backward()

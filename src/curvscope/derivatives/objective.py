@@ -34,6 +34,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -669,8 +670,10 @@ class ModelObjective:
         return state
 
     @contextlib.contextmanager
-    def context(self, batch_index: int) -> Iterator[None]:
-        """Fixed randomness per batch, global RNG restored, differentiable kernels.
+    def context(self, batch_index: int, second_order: bool = True) -> Iterator[None]:
+        """Fixed randomness per batch, global RNG restored, gradients on, and — for passes whose
+        second derivatives are taken (``second_order``) — differentiable kernels; a pass that
+        needs first derivatives only (the finite-difference backend) keeps the fused ones.
 
         Only the generators a forward pass on this device draws from are seeded (the CPU's and,
         on an accelerator, that device's), and exactly those are restored: seeding through
@@ -678,8 +681,9 @@ class ModelObjective:
         """
         gens = self._forward_generators
         saved = [g.get_state() for g in gens]
+        kernels = _differentiable_kernels(self._has_rnn) if second_order else nullcontext()
         try:
-            with _differentiable_kernels(self._has_rnn), torch.enable_grad():
+            with kernels, torch.enable_grad():
                 for g in gens:
                     g.manual_seed(FORWARD.seed(self.seed, batch_index))
                 yield

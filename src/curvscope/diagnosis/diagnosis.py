@@ -272,22 +272,10 @@ def _diagnose(
     adaptive: bool,
 ) -> Diagnosis:
     start = time.perf_counter()
-    # double backward throughout: diagnose's blocks are small (a warm start of 2 vectors)
-    C = Curvature(
-        model,
-        loss_fn,
-        data,
-        params=params,
-        seed=seed,
-        backend="double_backward",
-        reduction=reduction,
-    )
+    C = _curvature(model, loss_fn, data, params, seed, reduction)
     measured = C.objective
     assert measured is not None  # C is built from a model
-    limit = None
-    if optimizer is not None or lr is not None:
-        order = list(measured.params.values())
-        limit = stability_limit(optimizer, lr=lr, params=order)
+    limit = _limit(C, optimizer, lr)
     evidence = _first_evidence(limit, thresholds)
     objective = _Objective(C, limit)
     try:
@@ -310,6 +298,38 @@ def _diagnose(
         eff = evidence.get("batch_sharpness")
         evidence["stable_lr"] = limit.stable_lr(eff if eff is not None else evidence["sharpness"])
     return _finish(evidence, thresholds, vectors, converged, start, C)
+
+
+def _curvature(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Tensor], Tensor],
+    data: Any,
+    params: Iterable[nn.Parameter | str] | None,
+    seed: int,
+    reduction: str | None,
+) -> Curvature:
+    """The Hessian of the model's loss on ``data``, as the diagnosis measures it: by double
+    backward throughout (its blocks are small: a warm start of 2 vectors at most)."""
+    return Curvature(
+        model,
+        loss_fn,
+        data,
+        params=params,
+        seed=seed,
+        backend="double_backward",
+        reduction=reduction,
+    )
+
+
+def _limit(
+    C: Curvature, optimizer: torch.optim.Optimizer | None, lr: float | None
+) -> StabilityLimit | None:
+    """The optimizer's stability limit, its step factors in the order of ``C``'s parameters
+    (None without optimizer or lr)."""
+    if optimizer is None and lr is None:
+        return None
+    assert C.objective is not None  # C is built from a model
+    return stability_limit(optimizer, lr=lr, params=list(C.objective.params.values()))
 
 
 def _first_evidence(limit: StabilityLimit | None, thresholds: Thresholds) -> dict[str, Any]:
@@ -454,23 +474,13 @@ def update_curvature(
     """
     first = next(iter(model.parameters()), None)
     with autocast_off(first.device if first is not None else torch.device("cpu")):
-        C = Curvature(
-            model,
-            loss_fn,
-            data,
-            params=params,
-            seed=seed,
-            backend="double_backward",
-            reduction=reduction,
-        )
+        C = _curvature(model, loss_fn, data, params, seed, reduction)
         measured = C.objective
         assert measured is not None  # C is built from a model
         missing = [name for name in measured.params if name not in before]
         if missing:
             raise KeyError(f"`before` has no value for the parameter(s) {missing}")
-        limit = None
-        if optimizer is not None or lr is not None:
-            limit = stability_limit(optimizer, lr=lr, params=list(measured.params.values()))
+        limit = _limit(C, optimizer, lr)
         objective = _Objective(C, limit)
         u = C.flatten(
             [p.detach() - before[name].to(p.device) for name, p in measured.params.items()]
@@ -511,16 +521,9 @@ def _batch_sharpness(
     for i, batch in enumerate(fixed_pass(batches, seed)):  # the user's RNGs untouched
         if i >= max_batches or _precise_enough(values, limit):
             break
-        Cb = Curvature(
-            model,
-            loss_fn,
-            batch,
-            params=params,
-            seed=seed + i,
-            backend="double_backward",
-            reduction=reduction,
+        batch_objective = _Objective(
+            _curvature(model, loss_fn, batch, params, seed + i, reduction), limit
         )
-        batch_objective = _Objective(Cb, limit)
         _, gb = batch_objective.gradient()
         c, _ = batch_objective.directional(gb)
         if c is not None:
