@@ -246,3 +246,41 @@ def test_the_previous_top_eigenvector_warns_as_soon_as_the_limit_falls_below_the
     assert changes[1][1] == "unstable" and 21 <= changes[1][0] <= 25  # the first check after
     # the update's own curvature was still far below the limit then
     assert all(c < 0.5 * lim for step, c, lim in mon.updates if step <= changes[1][0])
+
+
+def test_a_warm_up_that_lowers_the_limit_under_the_sharpness_calls_a_probe_at_once():
+    """The Monitor reads the learning rate every step (free): once a schedule has moved the
+    limit 2/η under the last probe's sharpness by the margin, it probes at once — here at the
+    first step where η > 1.1 · 2/λ_max, long before the loss runs away."""
+    p, model = _quadratic()
+    s = cs.diagnose(model, p.loss_fn, p.data, lr=0.1).evidence["sharpness"]
+    opt = torch.optim.SGD(model.parameters(), lr=3 * 2 / s)
+    warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, 0.02 + k / 100))
+    steps = []
+    mon = cs.Monitor(
+        model,
+        p.loss_fn,
+        p.data,
+        optimizer=opt,
+        every=30,
+        update_every=0,
+        callback=lambda d, previous: steps.append((mon.steps, d.state)),
+    )
+    losses = []
+    for _ in range(80):
+        opt.zero_grad()
+        loss = p.loss_fn(model(p.data[0]), p.data[1])
+        loss.backward()
+        opt.step()
+        warm.step()
+        losses.append(float(loss.detach()))
+        mon.step(loss)
+    assert steps[0] == (30, "learning")  # η = 0.96 · 2/λ_max at step 30
+    unstable = [k for k, state in steps if state == "unstable"]
+    assert unstable, steps
+    lr_at = [3 * 2 / s * min(1.0, 0.02 + k / 100) for k in range(1, 81)]
+    first_past = next(k + 1 for k, lr in enumerate(lr_at) if lr * s / 2 > 1.1)
+    assert unstable[0] == first_past < 60  # the step whose scheduled rate crossed the margin
+    running_min = [min(losses[: i + 1]) for i in range(len(losses))]
+    blow_up = next((i + 1 for i, v in enumerate(losses) if v > 10 * running_min[i]), None)
+    assert blow_up is None or unstable[0] < blow_up

@@ -732,8 +732,7 @@ def _sharpened_into(
     evidence: Mapping[str, Any], past: Sequence[Mapping[str, Any]], losses: Sequence[float]
 ) -> list[str] | None:
     """The reasons a sharpness that rose past the limit is the edge, or None: at the previous
-    probe it was below the same limit (the learning rate has not changed: no warm-up or
-    schedule moved the limit under it), it is now within a factor :data:`EOS_SWING` of it, and
+    probe it was below its limit, it is now within a factor :data:`EOS_SWING` of it, and
     the loss since the previous probe has fallen. Gradient descent's own progressive
     sharpening meets the limit this way and then typically holds the sharpness there rather
     than diverging (Cohen et al. 2021); a quadratic has no sharpening, and a learning rate
@@ -743,17 +742,27 @@ def _sharpened_into(
     before = past[-1]
     s, limit = effective_sharpness(evidence), evidence["stability_limit"]
     s0, limit0 = effective_sharpness(before), before.get("stability_limit")
-    if s is None or s0 is None or limit0 is None or not math.isclose(limit, limit0, rel_tol=1e-9):
+    if s is None or s0 is None or limit0 is None:
         return None
     if not (s0 < limit0 and s <= EOS_SWING * limit and losses[-1] < losses[0]):
         return None
     return [
-        f"the sharpness rose past the stability limit {limit:.4g} at a constant learning rate "
+        f"the sharpness rose past the stability limit {limit:.4g} at a steady learning rate "
         f"(from {s0 / limit:.2f}x at the previous probe to {s / limit:.2f}x) while the loss "
         f"fell ({losses[0]:.4g} to {losses[-1]:.4g}): training's own sharpening meets the "
         "edge of stability, where it holds the sharpness rather than diverging",
         "a loss that rises would be instability",
     ]
+
+
+def _steady(evidence: Mapping[str, Any], past: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the stability limits of ``evidence`` and of the ``past`` probes given are within
+    :data:`EOS_LIMIT_DRIFT` of each other: no schedule is moving the limit (a warm-up lowering
+    it through the sharpness is a crossing, not the edge)."""
+    limits = [ev.get("stability_limit") for ev in (evidence, *past)]
+    if any(v is None or not math.isfinite(v) for v in limits):
+        return False
+    return max(limits) <= (1 + EOS_LIMIT_DRIFT) * min(limits)
 
 
 def _rose(losses: Sequence[float], best_loss: float | None) -> bool:
@@ -869,15 +878,14 @@ def classify_history(
         if stays is not None:
             return State.EDGE_OF_STABILITY, stays
     full_batch = evidence.get("batch_sharpness") is None  # its losses are not mini-batch noise
-    if state == State.UNSTABLE and full_batch:
+    if state == State.UNSTABLE and full_batch and _steady(evidence, past[-1:]):
         edge = _absorbed(evidence, losses, previous_low) or _sharpened_into(evidence, past, losses)
         if edge is not None:
             return State.EDGE_OF_STABILITY, edge
     recent = [evidence, *reversed(past[-(EOS_PROBES - 1) :])]
     if len(recent) < EOS_PROBES or not all(_near_limit(ev, z) for ev in recent):
         return state, list(reasons)
-    limits = [ev["stability_limit"] for ev in recent]
-    if max(limits) > (1 + EOS_LIMIT_DRIFT) * min(limits):  # a schedule moving the limit
+    if not _steady(evidence, recent[1:]):  # a schedule moving the limit
         return state, list(reasons)
     return State.EDGE_OF_STABILITY, [
         f"the {_sharpness_name(evidence)} has stayed within ±{100 * EOS_BAND:.0f}% of the "

@@ -26,6 +26,7 @@ from curvscope.diagnosis.classify import (
     Thresholds,
     classify,
     classify_history,
+    effective_sharpness,
 )
 from curvscope.diagnosis.diagnosis import (
     DEFAULT_BUDGET,
@@ -195,6 +196,7 @@ class Monitor:
         #: The cheap tier's checks: (step, curvature along the last update, stability limit).
         self.updates: list[tuple[int, float, float | None]] = []
         self._updates_mark = 0
+        self._probe_lr: float | None = None  # the learning rate at the last probe
         self._clock: float | None = None
         self.params = None if params is None else list(params)
         self.seed, self.callback, self.reduction = seed, callback, reduction
@@ -259,7 +261,7 @@ class Monitor:
         return d
 
     def _probe_or_check(self) -> Diagnosis | None:
-        if self._due():
+        if self._due() or self._limit_moved_under():
             self._before = None
             return self.probe()
         if not self._updates_on:
@@ -270,6 +272,30 @@ class Monitor:
         if self._update_due():
             self._before = {name: p.detach().clone() for name, p in self.model.named_parameters()}
         return None
+
+    def _current_lr(self) -> float | None:
+        """The optimizer's largest learning rate now (what its stability limit scales with)."""
+        groups = getattr(self.optimizer, "param_groups", None)
+        if not groups:
+            return None
+        return max(float(g["lr"]) for g in groups)
+
+    def _limit_moved_under(self) -> bool:
+        """Whether a learning-rate schedule has moved the stability limit (∝ 1/η) under the
+        last probe's sharpness, by the margin (by EOS_SWING at the edge), since that probe —
+        which saw it above: a warm-up overshooting. Free (it reads the learning rate), checked
+        every step; a probe that already saw the sharpness past the bound had its say."""
+        if not self.history or self._probe_lr is None:
+            return False
+        last = self.history[-1]
+        lr = self._current_lr()
+        if last.state in (State.UNSTABLE, State.DIVERGED) or lr is None or lr <= self._probe_lr:
+            return False
+        s, limit = effective_sharpness(last.evidence), last.evidence.get("stability_limit")
+        if s is None or limit is None or not math.isfinite(limit):
+            return False
+        bound = EOS_SWING if last.state == State.EDGE_OF_STABILITY else 1 + self.thresholds.margin
+        return s <= bound * limit < s * lr / self._probe_lr
 
     def _update_due(self) -> bool:
         if self.update_every is not None:
@@ -358,6 +384,7 @@ class Monitor:
             state, reasons = classify(evidence, self.thresholds)
             d = Diagnosis(state, evidence, reasons, state.advice(evidence), d.confident, d.vectors)
         d = self._with_history(d)
+        self._probe_lr = self._current_lr()
         if "top" in d.vectors:
             self._vectors = torch.stack([d.vectors["top"], d.vectors["bottom"]], dim=1)
         previous = self.history[-1].state if self.history else None
