@@ -83,6 +83,8 @@ class Monitor:
     the unstable warning does not wait for the next scheduled probe. Each check takes a copy of
     the parameters at one step and measures at the next; the values are in :attr:`updates`,
     in the next probe's log record (``"updates"``: [step, curvature] pairs) and in TensorBoard.
+    And every step, for free, it reads the optimizer's learning rate: when a schedule has
+    lowered the limit (∝ 1/η) under the sharpness the last probe saw, it probes at once.
 
     Each probe appends one JSON object to ``log``: "step", "state", "advice", "reasons" and the
     evidence keys at top level, after a header line (``"curvscope_log": 1``, the version, the
