@@ -32,6 +32,9 @@ SLOW: dict[str, float] = {
     # the verdicts' seven training runs, in a module fixture that the first test pays for (the
     # module's other tests are marked slow in the file: they would pay for it instead)
     "tests/diagnosis/test_verdicts.py::test_the_subset_covers_every_kind_of_outcome": 9.5,
+    # two processes whose loops run at different speeds, under the default cadence
+    "tests/distributed/test_distributed.py::"
+    "test_the_default_cadence_probes_at_the_same_steps_on_every_rank": 9.3,
     # dense references of the larger models
     "tests/derivatives/test_curvature.py::"
     "test_empirical_fisher_is_mean_of_per_sample_gradient_outer_products": 15.9,

@@ -4,6 +4,7 @@ a training loop (an early full probe when it says the next step overshoots)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -95,12 +96,12 @@ def test_a_zero_update_has_no_curvature_and_the_model_is_left_as_found():
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     state = torch.get_rng_state()
-    assert update_curvature(model, loss_fn, data, before, lr=0.1) == (None, 20.0, None)
+    assert update_curvature(model, loss_fn, data, before, lr=0.1) == (None, None, None)
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert model.training and torch.equal(torch.get_rng_state(), state)
-    with pytest.raises(KeyError, match="no value for the parameter"):
-        update_curvature(model, loss_fn, data, {}, lr=0.1)
+    # a parameter the copy lacks (added since): no update to measure, no error
+    assert update_curvature(model, loss_fn, data, {}, lr=0.1) == (None, None, None)
 
 
 # ------------------------------------------------------------------------------ the Monitor
@@ -145,9 +146,12 @@ def test_the_cheap_tier_warns_between_probes_when_the_update_overshoots(tmp_path
     blow_up = next(i + 1 for i, v in enumerate(losses) if v > 10 * running_min[i])
     assert 20 < step < blow_up  # warned between the scheduled probes, before the blow-up
     assert max(losses[20:step]) < 1.01 * losses[20]  # the loss had not even started to rise
-    assert mon.updates and all(u[0] % 4 == 0 for u in mon.updates)  # measured one step on
+    checked = [k for k, _ in mon.updates]
+    assert checked and {b - a for a, b in itertools.pairwise(checked)} <= {3}  # every 3 steps
     _, records = cs.read_log(log)
-    assert records[0]["updates"][-1] == [step, first.evidence["update_curvature"]]
+    warned = dict(mon.updates)[step]  # the check that called the probe
+    assert records[0]["updates"][-1] == [step, warned.curvature, warned.top_curvature]
+    assert warned.curvature == first.evidence["update_curvature"]
 
 
 def test_the_cheap_tier_does_not_alarm_on_a_stable_run_and_leaves_the_model_as_found():
@@ -158,7 +162,7 @@ def test_the_cheap_tier_does_not_alarm_on_a_stable_run_and_leaves_the_model_as_f
     assert [d.state for d in mon.history] == ["learning", "learning"]
     assert len(mon.updates) >= 10
     limit = mon.history[0].evidence["stability_limit"]
-    assert all(c < limit for _, c, _ in mon.updates)
+    assert all(check.curvature < limit for _, check in mon.updates)
     # the checks changed nothing: the same run without them ends at the same parameters
     p2, model2 = _quadratic()
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.1)
@@ -204,6 +208,10 @@ def test_an_update_curvature_above_the_limit_is_unstable_on_its_own():
         "2 (> 10%): the next step overshoots along it"
     )
     assert classify({**evidence, "update_curvature": 2.1})[0] == "learning"
+    # the update overshoots: unstable even where the gradient is small (no settling there)
+    small = {**evidence, "grad_norm": 1e-9, "update_curvature": None}
+    assert classify(small)[0] == "minimum"
+    assert classify({**small, "update_curvature": 2.5})[0] == "unstable"
 
 
 def test_the_previous_top_eigenvector_warns_as_soon_as_the_limit_falls_below_the_sharpness():
@@ -245,7 +253,9 @@ def test_the_previous_top_eigenvector_warns_as_soon_as_the_limit_falls_below_the
     assert warned[0].evidence["sharpness"] > 1.4 * limit
     assert changes[1][1] == "unstable" and 21 <= changes[1][0] <= 25  # the first check after
     # the update's own curvature was still far below the limit then
-    assert all(c < 0.5 * lim for step, c, lim in mon.updates if step <= changes[1][0])
+    assert all(
+        check.curvature < 0.5 * check.limit for k, check in mon.updates if k <= changes[1][0]
+    )
 
 
 def test_a_warm_up_that_lowers_the_limit_under_the_sharpness_calls_a_probe_at_once():
@@ -284,3 +294,32 @@ def test_a_warm_up_that_lowers_the_limit_under_the_sharpness_calls_a_probe_at_on
     running_min = [min(losses[: i + 1]) for i in range(len(losses))]
     blow_up = next((i + 1 for i, v in enumerate(losses) if v > 10 * running_min[i]), None)
     assert blow_up is None or unstable[0] < blow_up
+
+
+def test_the_checks_survive_parameters_frozen_or_added_and_copy_only_trainable_ones():
+    """A layer frozen, a parameter group added between checks: the checks and probes go on
+    (a warm start of another length is dropped, an update with a new parameter is not
+    measured), and a frozen backbone is never copied."""
+    torch.manual_seed(0)
+    X, Y = torch.randn(64, 6, dtype=torch.float64), torch.randn(64, 1, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1), nn.Linear(1, 1)).double()
+    model[3].requires_grad_(False)
+    opt = torch.optim.SGD([*model[0].parameters(), *model[2].parameters()], lr=0.05)
+    mon = cs.Monitor(model, _mse, (X, Y), optimizer=opt, every=5, update_every=2)
+    copies = []
+    for step in range(1, 21):
+        if step == 7:
+            model[0].requires_grad_(False)  # freeze a layer
+        if step == 12:
+            model[3].requires_grad_(True)
+            opt.add_param_group({"params": list(model[3].parameters())})
+        opt.zero_grad()
+        loss = _mse(model(X), Y)
+        loss.backward()
+        opt.step()
+        mon.step(loss)
+        if mon._before is not None:
+            copies.append(set(mon._before))
+    assert [d.state for d in mon.history] == ["learning"] * 4
+    assert copies[0] == {"0.weight", "0.bias", "2.weight", "2.bias"}  # not the frozen 3.*
+    assert {"2.weight", "2.bias"} in copies  # while layer 0 was frozen

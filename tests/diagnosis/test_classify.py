@@ -344,7 +344,11 @@ def test_a_loss_that_ran_away_is_diverged():
     ]
     assert history(near(), losses=[math.nan])[0] is State.DIVERGED
     assert history(near(), losses=[EXPLOSION * 0.99])[0] is State.LEARNING
-    assert history(near(), losses=[math.inf], first_loss=None)[0] is State.LEARNING  # unknown
+    # a non-finite loss is diverged even before a first finite one is known
+    assert history(near(), losses=[math.inf], first_loss=None) == (
+        State.DIVERGED,
+        ["the training loss is not finite"],
+    )
 
 
 # ------------------------------------------------------------------------- adding a state
@@ -410,9 +414,16 @@ def test_the_batch_sharpness_is_unstable_only_beyond_the_margin_by_more_than_the
         "direction) exceeds the stability limit 20 by 15%, more than the 10% margin by over 2 "
         "standard errors: mini-batch steps overshoot"
     )
-    # one batch (stderr inf) or a stderr not given: the estimate as it is
-    assert classify(mini_batch(23.0, math.inf))[0] is State.UNSTABLE
+    # a stderr not given: the estimate as it is; one batch (stderr inf): nothing to judge by
     assert classify({**BASE, "batch_sharpness": 23.0})[0] is State.UNSTABLE
+    state, reasons = classify(mini_batch(23.0, math.inf))
+    assert state is State.LEARNING
+    assert reasons[-1] == (
+        "the batch sharpness 23 (one batch: no standard error) is 115% of the limit 20 (the "
+        "full-batch sharpness 10 is 50%)"
+    )
+    one = near(3.0, 20.0, batch_sharpness=20.0, batch_sharpness_stderr=math.inf)
+    assert history(one, past=[one, one])[0] is State.LEARNING  # nor placed in the band
 
 
 def test_mini_batch_verdicts_speak_of_the_batch_sharpness_with_the_full_batch_one_beside_it():
@@ -556,3 +567,35 @@ def test_a_warm_up_moving_the_limit_through_the_sharpness_is_not_the_edge():
     assert history(ramp[-1], past=ramp[:-1])[0] is State.LEARNING
     steady = [near(1.8, 2.0), near(1.8, 1.97), near(1.8, 1.93)]  # within 5%
     assert history(steady[-1], past=steady[:-1])[0] is State.EDGE_OF_STABILITY
+
+
+def test_the_edge_rules_keep_their_bounds():
+    """Review findings: an absorbed overshoot is bounded like the other edge rules (50x the
+    limit is not the edge); a loss that climbs at every step has risen, however little; a
+    negative loss (a Gaussian NLL) is measured on its own scale, not as twice its minimum."""
+    orbit = [0.31, 0.354, 0.309, 0.354, 0.308]
+    assert _above(orbit, previous_low=0.3095, s=100.0)[0] is State.UNSTABLE  # 50x
+    assert _above(orbit, previous_low=0.3095, s=5.9)[0] is State.EDGE_OF_STABILITY  # 2.95x
+    climbing = [0.50, 0.51, 0.52, 0.53]
+    state = classify_history(
+        State.UNSTABLE,
+        ["own"],
+        near(2.9),
+        past=[near(), near()],
+        losses=climbing,
+        first_loss=1.0,
+        previous=State.EDGE_OF_STABILITY,
+        best_loss=0.45,
+    )[0]
+    assert state is State.UNSTABLE
+    negative = classify_history(
+        State.UNSTABLE,
+        ["own"],
+        near(2.9),
+        past=[near(), near()],
+        losses=[-10.5, -10.8],
+        first_loss=-2.0,
+        previous=State.EDGE_OF_STABILITY,
+        best_loss=-10.0,
+    )[0]
+    assert negative is State.EDGE_OF_STABILITY  # falling below its minimum is no rise

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import curvscope as cs
-from curvscope.diagnosis import read_log
+from curvscope.diagnosis import State, classify_history, read_log
 from tests import cases
 
 
@@ -177,14 +177,20 @@ def test_default_cadence_keeps_probes_within_the_overhead_budget():
     cs.diagnose(case.model, case.loss_fn, case.data, lr=0.1)  # one-time initialisation, untimed
     # a generous budget, so that the test holds on a loaded machine: probes must still come
     # more than once, and stay within it
-    mon = cs.Monitor(case.model, case.loss_fn, case.data, lr=0.1, overhead=0.3)
-    assert mon.every is None
-    for _ in range(400):
-        time.sleep(0.005)  # a training step the Monitor can time: 2 s of "training"
-        mon.step(1.0)
-    assert len(mon.history) >= 2
-    # at most the budget, plus the one probe that may overrun it (the first, or the last)
-    assert mon.probe_seconds <= mon.overhead * mon.train_seconds + mon._last_probe_seconds
+    for tier in (0, None):  # probes alone; probes and the cheap tier sharing the budget
+        mon = cs.Monitor(
+            case.model, case.loss_fn, case.data, lr=0.1, overhead=0.3, update_every=tier
+        )
+        assert mon.every is None
+        for _ in range(400):
+            time.sleep(0.005)  # a training step the Monitor can time: 2 s of "training"
+            mon.step(1.0)
+        assert len(mon.history) >= (2 if tier == 0 else 1)
+        assert (mon.update_seconds > 0) == (tier is None)
+        # at most the budget, plus the one probe and check that may overrun it
+        spent = mon.probe_seconds + mon.update_seconds
+        overrun = mon._last_probe_seconds + mon._last_update_seconds
+        assert spent <= mon.overhead * mon.train_seconds + overrun
 
 
 def test_adam_preconditioned_sharpness_settles_near_38_over_lr():
@@ -290,3 +296,48 @@ def test_an_adaptive_diagnosis_measures_all_it_needs_where_the_gradient_is_small
         full.evidence["newton_decrement"], rel=0.1, abs=1e-12
     )
     assert fast.evidence["sharpness"] == pytest.approx(full.evidence["sharpness"], rel=1e-2)
+
+
+def test_the_monitor_sees_whether_training_is_full_batch():
+    """The loss reported at the step after a probe was computed at the parameters the probe
+    measured: equal to the probe's loss on full-batch training, not on mini-batches. Only
+    full-batch losses are read for their shape (an overshoot absorbed, sharpening into the
+    edge): mini-batch noise would make up both."""
+    p = cs.problems.get("breast-cancer-logreg")
+    X, Y = p.data
+    seen = {}
+    for name, batch in (("full", None), ("mini", 64)):
+        model = p.make_model(0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=5, update_every=0)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(12):
+            idx = (
+                slice(None) if batch is None else torch.randint(0, len(X), (batch,), generator=gen)
+            )
+            opt.zero_grad()
+            loss = p.loss_fn(model(X[idx]), Y[idx])
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+        seen[name] = mon._seen_full_batch
+    assert seen == {"full": True, "mini": False}
+    orbit = [0.31, 0.354, 0.309, 0.354, 0.308]  # an overshoot absorbed, if full-batch
+    ev = {
+        "loss": 0.3,
+        "grad_norm": 1.0,
+        "sharpness": 3.0,
+        "lambda_min": 0.0,
+        "stability_limit": 2.0,
+    }
+    for full_batch, state in ((True, "edge_of_stability"), (False, "unstable")):
+        got = classify_history(
+            State.UNSTABLE,
+            ["own"],
+            ev,
+            losses=orbit,
+            first_loss=1.0,
+            previous_low=0.3095,
+            full_batch=full_batch,
+        )
+        assert got[0] == state

@@ -310,3 +310,22 @@ def test_unseen_embedding_rows_no_longer_make_a_healthy_adamw_run_unstable():
     assert d.state == "learning" and d.evidence["sharpness"] < lim.limit
     mon = cs.Monitor(model, loss_fn, probe, optimizer=opt, every=1)
     assert mon.probe().state == "learning"
+
+
+def test_a_parameter_adam_holds_without_state_is_left_out_not_an_error():
+    """A branch no gradient has reached yet has no Adam state (review finding): its step
+    factors are 0 and counted, like rows whose second moment is still 0; only an optimizer
+    with no state at all has taken no step."""
+    torch.manual_seed(0)
+    used, unused = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    opt = torch.optim.Adam([*used.parameters(), *unused.parameters()], lr=1e-2)
+    with pytest.raises(ValueError, match="has taken no step yet"):
+        cs.stability_limit(opt)
+    x = torch.randn(8, 3)
+    for _ in range(3):
+        opt.zero_grad()
+        used(x).pow(2).mean().backward()
+        opt.step()
+    limit = cs.stability_limit(opt)
+    assert limit.unscaled == 4  # the unused layer's 3 weights and bias
+    assert torch.count_nonzero(limit.scale[4:]) == 0 and bool((limit.scale[:4] > 0).all())

@@ -230,3 +230,36 @@ def test_group_without_a_process_group_is_a_clear_error():
         cs.Curvature(case.model, case.loss_fn, case.data, group=True)
     C = cs.Curvature(case.model, case.loss_fn, case.data, group=False)
     assert C.group is None
+
+
+def _cadence_worker(rank: int, port: int, out: str) -> None:
+    """The default (adaptive) cadence on two ranks whose loops run at different speeds: the
+    ranks agree on their timings at each probe and check, so they probe and check at the same
+    steps (a probe's products are collectives: a rank probing alone would hang)."""
+    _init(rank, port)
+    case = cases.mlp(n=20)
+    X, y = case.data
+    local = (X[SHARDS[rank]], y[SHARDS[rank]])
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.1)
+    cs.diagnose(case.model, case.loss_fn, local, lr=0.1)  # one-time initialisation, untimed
+    mon = cs.Monitor(case.model, case.loss_fn, local, optimizer=opt, overhead=0.5)
+    probes = []
+    for _ in range(150):
+        time.sleep(0.004 if rank == 0 else 0.02)  # rank 1's loop is five times slower
+        opt.zero_grad()
+        loss = case.loss_fn(case.model(local[0]), local[1])
+        loss.backward()
+        opt.step()
+        if mon.step(loss) is not None:
+            probes.append(mon.steps)
+    torch.save({"probes": probes, "checks": [k for k, _ in mon.updates]}, Path(out) / f"c{rank}.pt")
+    _end()
+
+
+def test_the_default_cadence_probes_at_the_same_steps_on_every_rank(tmp_path):
+    mp.start_processes(
+        _cadence_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn"
+    )
+    got = [torch.load(tmp_path / f"c{rank}.pt") for rank in range(WORLD)]
+    assert got[0] == got[1]
+    assert got[0]["probes"][0] == 10 and len(got[0]["probes"]) + len(got[0]["checks"]) >= 3

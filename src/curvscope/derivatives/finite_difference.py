@@ -252,6 +252,13 @@ class FiniteDifferenceProducts:
         group: Any = None,
         fd_eps: float | None = None,
     ) -> None:
+        if objective.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                "backend='finite_difference' needs float32 or float64 parameters: a difference "
+                f"of two {objective.dtype} gradients keeps about two significant digits. Measure "
+                "a float32 copy (model.float()), or use an exact backend, which multiplies in "
+                "the parameters' dtype"
+            )
         self.obj, self.weight, self.group = objective, weight, group
         #: the relative step ‖εv‖/‖θ‖
         self.step = default_step(objective.dtype) if fd_eps is None else float(fd_eps)

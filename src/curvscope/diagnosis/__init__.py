@@ -11,7 +11,13 @@ from curvscope.diagnosis.classify import (
     classify,
     classify_history,
 )
-from curvscope.diagnosis.diagnosis import DEFAULT_BUDGET, Diagnosis, diagnose
+from curvscope.diagnosis.diagnosis import (
+    DEFAULT_BUDGET,
+    Diagnosis,
+    UpdateCheck,
+    diagnose,
+    update_curvature,
+)
 from curvscope.diagnosis.monitor import Monitor
 from curvscope.diagnosis.runlog import (
     LogFormatError,
@@ -38,9 +44,11 @@ __all__ = [
     "State",
     "Thresholds",
     "TornLogWarning",
+    "UpdateCheck",
     "classify",
     "classify_history",
     "diagnose",
     "read_log",
     "stability_limit",
+    "update_curvature",
 ]

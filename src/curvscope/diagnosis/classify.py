@@ -2,12 +2,14 @@
 advice), the evidence they are judged on, and the rules that decide them — :func:`classify`
 for one probe, :func:`classify_history` for what only a run of probes shows.
 
-The states are decided in this order, the first that holds wins: **diverged**; then, when the
-gradient is small, **flat** › **saddle** › **minimum**; otherwise **unstable** › **learning**
-(:data:`RULES`). "Small" is judged against the curvature and the loss scale, with absolute
-floors, so that a saddle at loss ≈ 0 and a plateau at loss ≈ 1 are both recognised. History
-adds **diverged** (the training loss ran away between probes) and **edge_of_stability** (the
-sharpness held at the limit over several probes): :func:`classify_history`.
+The states are decided in this order, the first that holds wins: **diverged**; **unstable**
+when the optimizer's last update overshoots (the Monitor's cheap tier measured it); then, when
+the gradient is small, **flat** › **saddle** › **minimum**; otherwise **unstable** ›
+**learning** (:data:`RULES`). "Small" is judged against the curvature and the loss scale,
+with absolute floors, so that a saddle at loss ≈ 0 and a plateau at loss ≈ 1 are both
+recognised. History adds **diverged** (the training loss ran away between probes) and
+**edge_of_stability** (the sharpness held at the limit over several probes):
+:func:`classify_history`.
 
 Adding a state is this module and its test: a member of :class:`State` with the next free code
 (codes are append-only: a logged ``state_code`` keeps its meaning), its headline and its advice;
@@ -423,7 +425,7 @@ class Facts:
         self.lr, self.const = evidence.get("lr"), evidence.get("limit_constant")
         self.bs = evidence.get("batch_sharpness")
         se = evidence.get("batch_sharpness_stderr")
-        self.bs_se: float = float(se) if se is not None and math.isfinite(se) else 0.0
+        self.bs_se: float = _stderr_of(se)
         self.c_update = evidence.get("update_curvature")
         self.c_dir = evidence.get("directional_curvature")
         self.dec = evidence.get("newton_decrement")
@@ -543,8 +545,19 @@ def _batch_overshoots(f: Facts) -> list[str] | None:
 
 
 def _pm(value: float, se: float) -> str:
-    """A value with its standard error, "12.3 ± 0.4" (the value alone without one)."""
+    """A value with its standard error, "12.3 ± 0.4" (the value alone without one; "(one
+    batch)" where it has none to judge by)."""
+    if math.isinf(se):
+        return f"{value:.4g} (one batch: no standard error)"
     return f"{value:.4g} ± {se:.2g}" if se > 0 else f"{value:.4g}"
+
+
+def _stderr_of(se: Any) -> float:
+    """A batch-sharpness standard error for the rules: 0 when not given (the value taken as
+    it is), inf when not finite (one batch: nothing can be judged on it)."""
+    if se is None:
+        return 0.0
+    return float(se) if math.isfinite(se) else math.inf
 
 
 def _too_sharp(f: Facts) -> list[str] | None:
@@ -577,8 +590,10 @@ def _step_overshoots(f: Facts) -> list[str] | None:
 
 
 def _update_overshoots(f: Facts) -> list[str] | None:
+    """The step the optimizer actually took overshoots: unstable whatever the gradient's size
+    (a small gradient is no settling when the steps along it overshoot)."""
     c, limit = f.c_update, f.limit
-    if f.small or limit is None or c is None or not c > (1 + f.th.margin) * limit:
+    if limit is None or c is None or not c > (1 + f.th.margin) * limit:
         return None
     return [
         f.gradient,
@@ -617,13 +632,13 @@ def _learning(f: Facts) -> list[str] | None:
 #: always holds.
 RULES: tuple[Rule, ...] = (
     Rule(State.DIVERGED, _diverged),
+    Rule(State.UNSTABLE, _update_overshoots),
     Rule(State.FLAT, _flat),
     Rule(State.SADDLE, _saddle),
     Rule(State.MINIMUM, _minimum),
     Rule(State.UNSTABLE, _batch_overshoots),
     Rule(State.UNSTABLE, _too_sharp),
     Rule(State.UNSTABLE, _step_overshoots),
-    Rule(State.UNSTABLE, _update_overshoots),
     Rule(State.LEARNING, _learning),
 )
 
@@ -676,10 +691,12 @@ def _sharpness_name(evidence: Mapping[str, Any]) -> str:
 
 
 def _ran_away(losses: Sequence[float], first_loss: float | None) -> bool:
+    if any(not math.isfinite(v) for v in losses):
+        return True
     if first_loss is None:
         return False
     top = EXPLOSION * max(abs(first_loss), 1e-12)
-    return any(not math.isfinite(v) or v > top for v in losses)
+    return any(v > top for v in losses)
 
 
 def _band(evidence: Mapping[str, Any], low: float, high: float, z: float) -> bool:
@@ -694,7 +711,7 @@ def _band(evidence: Mapping[str, Any], low: float, high: float, z: float) -> boo
         if evidence.get("batch_sharpness") is not None
         else None
     )
-    noise = z * float(se) if se is not None and math.isfinite(se) else 0.0
+    noise = z * _stderr_of(se)
     if 2 * noise > (high - low) * limit:  # too uncertain to place in the band
         return False
     return s + noise >= low * limit and s - noise <= high * limit
@@ -709,17 +726,20 @@ def _absorbed(
 ) -> list[str] | None:
     """The reasons an overshoot is being absorbed, or None: the training losses since the
     previous probe oscillate (rise somewhere) and reach their lowest point in their last
-    :data:`ABSORB_END` steps, below every earlier loss (``previous_low``) — full-batch training
+    :data:`ABSORB_END` steps, below every earlier loss (``previous_low``), the sharpness above
+    the limit but within :data:`EOS_SWING` times it — full-batch training
     above its quadratic stability limit that still learns (the catapult of Lewkowycz et al.
     2020; the edge of stability of Cohen et al. 2021; a stable period-2 orbit whose low points
     fall). A loss that diverges from a quiet start falls monotonically until the growing
     direction shows, and from then on its newest losses are not its lowest."""
     if len(losses) < ABSORB_STEPS or not all(math.isfinite(v) for v in losses):
         return None
+    s, limit = effective_sharpness(evidence), evidence["stability_limit"]
+    if s is None or not limit < s <= EOS_SWING * limit:  # an overshoot of the sharpness, bounded
+        return None
     before = list(losses[:-ABSORB_END]) + ([] if previous_low is None else [previous_low])
     if not (_rises_and_falls(losses) and min(losses[-ABSORB_END:]) < min(before)):
         return None
-    s, limit = effective_sharpness(evidence), evidence["stability_limit"]
     return [
         f"the sharpness {s:.4g} is {s / limit:.2f}x the stability limit {limit:.4g}, yet the "
         f"loss absorbs the overshoot: it oscillates and its last steps reached a new low "
@@ -760,16 +780,32 @@ def _steady(evidence: Mapping[str, Any], past: Sequence[Mapping[str, Any]]) -> b
     :data:`EOS_LIMIT_DRIFT` of each other: no schedule is moving the limit (a warm-up lowering
     it through the sharpness is a crossing, not the edge)."""
     limits = [ev.get("stability_limit") for ev in (evidence, *past)]
-    if any(v is None or not math.isfinite(v) for v in limits):
-        return False
-    return max(limits) <= (1 + EOS_LIMIT_DRIFT) * min(limits)
+    finite = [float(v) for v in limits if v is not None and math.isfinite(v)]
+    return len(finite) == len(limits) and max(finite) <= (1 + EOS_LIMIT_DRIFT) * min(finite)
 
 
-def _rose(losses: Sequence[float], best_loss: float | None) -> bool:
-    """Whether the mean training loss since the previous probe is above :data:`EOS_LOSS_RISE`
-    times ``best_loss``."""
+def _rose(losses: Sequence[float], best_loss: float | None, floor: float) -> bool:
+    """Whether the mean training loss since the previous probe has risen above its running
+    minimum ``best_loss`` by more than (:data:`EOS_LOSS_RISE` − 1) times max(|best_loss|,
+    ``floor``) — twice it, for a positive loss; a loss that can be negative (a Gaussian
+    negative log-likelihood) is measured on the same scale. Or rises at every step of at least
+    :data:`ABSORB_STEPS`: a loss climbing, however little yet."""
+    if len(losses) >= ABSORB_STEPS and all(b > a for a, b in itertools.pairwise(losses)):
+        return True
     mean = _window_mean(losses)
-    return mean is not None and best_loss is not None and mean > EOS_LOSS_RISE * best_loss
+    if mean is None or best_loss is None:
+        return False
+    return mean - best_loss > (EOS_LOSS_RISE - 1) * max(abs(best_loss), floor)
+
+
+def _loss_trend(losses: Sequence[float]) -> str:
+    """The training losses since the previous probe, in words."""
+    if len(losses) < 2:
+        return "no training loss since the previous probe to judge by"
+    fell = losses[-1] < losses[0]
+    if _rises_and_falls(losses):
+        return "the loss falls, not monotonically" if fell else "the loss swings without falling"
+    return "the loss still falls" if fell else "the loss does not fall"
 
 
 def _rises_and_falls(losses: Sequence[float]) -> bool:
@@ -786,10 +822,8 @@ def _stays_at_edge(
     evidence: Mapping[str, Any], losses: Sequence[float], best_loss: float | None, z: float
 ) -> list[str] | None:
     """The reasons a probe of a run already at the edge is still there — its sharpness swung
-    out of the band but stays within :data:`EOS_FLOOR`-:data:`EOS_SWING` times the limit,
-    while the mean
-    training loss since the previous probe is within :data:`EOS_LOSS_RISE` times its running
-    minimum — or None when it is not."""
+    out of the band but stays within :data:`EOS_FLOOR`-:data:`EOS_SWING` times the limit (the
+    caller has checked that the loss has not risen) — or None when it is not."""
     if not _band(evidence, EOS_FLOOR, EOS_SWING, z):
         return None
     mean = _window_mean(losses)
@@ -822,6 +856,7 @@ def classify_history(
     best_loss: float | None = None,
     previous_low: float | None = None,
     thresholds: Thresholds = DEFAULT_THRESHOLDS,
+    full_batch: bool | None = None,
 ) -> tuple[StateEnum, list[str]]:
     """Refine one probe's verdict with what only history shows (the Monitor's rules).
 
@@ -857,12 +892,17 @@ def classify_history(
         previous: the previous probe's (refined) state, None for the first probe.
         best_loss: the lowest mean training loss between two earlier probes (None: unknown).
         previous_low: the lowest training loss before ``losses`` (None: unknown).
+        full_batch: whether ``losses`` are full-batch losses (None: unknown, taken as full
+            batch unless a batch sharpness was measured). Rules (c) and (d) read their shape,
+            which mini-batch noise would make up.
         thresholds: the :class:`Thresholds` (``confidence``).
 
     Returns:
         (state, reasons): the refined verdict; the probe's own when history changes nothing.
     """
     if state != State.DIVERGED and _ran_away(losses, first_loss):
+        if first_loss is None:
+            return State.DIVERGED, ["the training loss is not finite"]
         return State.DIVERGED, [
             f"the training loss ran away: above {EXPLOSION:g} times its first value "
             f"{first_loss:.3g}, or not finite"
@@ -870,25 +910,37 @@ def classify_history(
     limit, s = evidence.get("stability_limit"), effective_sharpness(evidence)
     if limit is None or s is None or state not in (State.LEARNING, State.UNSTABLE):
         return state, list(reasons)
-    if _rose(losses, best_loss):  # a loss that rose to twice its running minimum: no edge
+    if _rose(losses, best_loss, thresholds.loss_floor):  # a loss that rose: no edge
         return state, list(reasons)
     z = thresholds.confidence
+    edge = None
     if previous is not None and as_state(previous) == State.EDGE_OF_STABILITY:
-        stays = _stays_at_edge(evidence, losses, best_loss, z)
-        if stays is not None:
-            return State.EDGE_OF_STABILITY, stays
-    full_batch = evidence.get("batch_sharpness") is None  # its losses are not mini-batch noise
-    if state == State.UNSTABLE and full_batch and _steady(evidence, past[-1:]):
+        edge = _stays_at_edge(evidence, losses, best_loss, z)  # (b)
+    # (c) and (d) read the losses' shape: not where mini-batch noise shapes them
+    full_batch = (full_batch is None or full_batch) and evidence.get("batch_sharpness") is None
+    if edge is None and state == State.UNSTABLE and full_batch and _steady(evidence, past[-1:]):
         edge = _absorbed(evidence, losses, previous_low) or _sharpened_into(evidence, past, losses)
-        if edge is not None:
-            return State.EDGE_OF_STABILITY, edge
+    edge = edge or _held_at_edge(evidence, past, losses, z)  # (a)
+    return (State.EDGE_OF_STABILITY, edge) if edge else (state, list(reasons))
+
+
+def _held_at_edge(
+    evidence: Mapping[str, Any],
+    past: Sequence[Mapping[str, Any]],
+    losses: Sequence[float],
+    z: float,
+) -> list[str] | None:
+    """The reasons the sharpness is held at the limit (rule (a) of :func:`classify_history`),
+    or None: it and those of the :data:`EOS_PROBES` − 1 probes before it are near their limits,
+    which a schedule has not moved more than :data:`EOS_LIMIT_DRIFT`."""
     recent = [evidence, *reversed(past[-(EOS_PROBES - 1) :])]
     if len(recent) < EOS_PROBES or not all(_near_limit(ev, z) for ev in recent):
-        return state, list(reasons)
+        return None
     if not _steady(evidence, recent[1:]):  # a schedule moving the limit
-        return state, list(reasons)
-    return State.EDGE_OF_STABILITY, [
+        return None
+    s, limit = effective_sharpness(evidence), evidence["stability_limit"]
+    return [
         f"the {_sharpness_name(evidence)} has stayed within ±{100 * EOS_BAND:.0f}% of the "
         f"stability limit for {EOS_PROBES} probes (now {s:.4g} against {limit:.4g})",
-        "the loss falls, not monotonically" if _rises_and_falls(losses) else "the loss still falls",
+        _loss_trend(losses),
     ]

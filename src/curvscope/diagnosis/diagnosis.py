@@ -3,6 +3,7 @@ is in, with the numbers behind it and what to do."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -217,7 +218,7 @@ def diagnose(
             ``newton_decrement`` is None and ``decrement_converged`` None (not run).
         v0: warm start for Lanczos, e.g. ``previous.vectors["top"]`` and ``["bottom"]``
             stacked as columns: a nearby point then costs a few products (the Monitor does
-            this).
+            this). One of another length (the trainable parameters changed) is not used.
 
     Example:
         >>> import torch, curvscope as cs
@@ -233,10 +234,7 @@ def diagnose(
     if not isinstance(thresholds, Thresholds):
         raise TypeError(f"thresholds must be a cs.Thresholds, got {type(thresholds).__name__}")
     check_int(max_batches, "max_batches", minimum=1)
-    # an enclosing torch.autocast region is suspended: the diagnosis measures the model in its
-    # parameters' dtype, the loss and gradient as consistently as the curvature
-    first = next(iter(model.parameters()), None)
-    with autocast_off(first.device if first is not None else torch.device("cpu")):
+    with _autocast_suspended(model):
         return _diagnose(
             model,
             loss_fn,
@@ -287,7 +285,7 @@ def _diagnose(
     if g is None or not math.isfinite(loss) or not torch.isfinite(g).all():
         return _finish(evidence, thresholds, {}, True, start, C)
     vectors, converged = _measure_curvature(
-        evidence, objective, C, g, budget, seed, v0, thresholds if adaptive else None
+        evidence, objective, C, g, budget, seed, _fitting(v0, C), thresholds if adaptive else None
     )
     if train_batches is not None:
         bs, se, used = _batch_sharpness(
@@ -298,6 +296,12 @@ def _diagnose(
         eff = evidence.get("batch_sharpness")
         evidence["stable_lr"] = limit.stable_lr(eff if eff is not None else evidence["sharpness"])
     return _finish(evidence, thresholds, vectors, converged, start, C)
+
+
+def _fitting(v0: Tensor | None, C: Curvature) -> Tensor | None:
+    """The warm start, or None when its length is not the number of measured parameters (the
+    trainable parameters changed since the probe it came from)."""
+    return v0 if v0 is None or v0.shape[0] == C.num_params else None
 
 
 def _curvature(
@@ -378,7 +382,7 @@ def _measure_curvature(
     _record_spectrum(evidence, r)
     evidence["directional_curvature"], evidence["grad_dot_step"] = objective.directional(g)
     small = adaptive is not None and Facts(evidence, adaptive).small
-    if adaptive is not None and (small or _near_limit(evidence)) and cap > C.matvecs:
+    if adaptive is not None and (small or _worth_refining(evidence)) and cap > C.matvecs:
         assert r.vectors is not None
         r = eigenvalues(
             objective.scaled(),
@@ -416,8 +420,9 @@ def _record_spectrum(evidence: dict[str, Any], r: Any) -> None:
     )
 
 
-def _near_limit(evidence: Mapping[str, Any]) -> bool:
-    """Whether the sharpness is within :data:`NEAR_LIMIT` of the stability limit."""
+def _worth_refining(evidence: Mapping[str, Any]) -> bool:
+    """Whether the rough sharpness is within :data:`NEAR_LIMIT` of the stability limit, where
+    the verdict's margin and edge band are decided (an adaptive diagnosis refines it there)."""
     limit = evidence.get("stability_limit")
     if limit is None or not math.isfinite(limit) or limit <= 0:
         return False
@@ -467,24 +472,25 @@ def update_curvature(
     Returns:
         An :class:`UpdateCheck`: the curvature along the update (None when the update is zero
         on the coordinates the step factors scale), the stability limit it meets (None without
-        optimizer or lr), and the curvature along ``top`` (None without it).
-
-    Raises:
-        KeyError: ``before`` lacks a measured parameter (the message names it).
+        optimizer or lr), and the curvature along ``top`` (None without it, or when its length
+        is not the number of measured parameters: they changed). All None when nothing moved
+        (before the optimizer's first step) or ``before`` lacks a measured parameter (one added
+        since the copy): there is no update to measure.
     """
-    first = next(iter(model.parameters()), None)
-    with autocast_off(first.device if first is not None else torch.device("cpu")):
+    with _autocast_suspended(model):
         C = _curvature(model, loss_fn, data, params, seed, reduction)
         measured = C.objective
         assert measured is not None  # C is built from a model
-        missing = [name for name in measured.params if name not in before]
-        if missing:
-            raise KeyError(f"`before` has no value for the parameter(s) {missing}")
-        limit = _limit(C, optimizer, lr)
-        objective = _Objective(C, limit)
+        if any(name not in before for name in measured.params):
+            return UpdateCheck(None, None, None)  # a parameter new since the copy
         u = C.flatten(
             [p.detach() - before[name].to(p.device) for name, p in measured.params.items()]
-        ).to(objective.dtype)
+        )
+        if not bool(u.any()):
+            return UpdateCheck(None, None, None)  # nothing moved (before the first step)
+        limit = _limit(C, optimizer, lr)
+        objective = _Objective(C, limit)
+        u = u.to(objective.dtype)
         metric = u * u
         if objective.scale is not None:  # uᵀS⁻¹u over the coordinates S scales
             scaled = objective.scale > 0
@@ -492,7 +498,7 @@ def update_curvature(
             metric = torch.where(scaled, u * u / objective.scale.where(scaled, 1), 0)
         bound = None if limit is None else limit.limit
         along_top = None
-        if top is not None:
+        if top is not None and top.numel() == C.num_params:  # else: the parameters changed
             t = top.to(device=u.device, dtype=objective.dtype).reshape(-1)
             along_top = float(t @ objective.scaled()(t[:, None])[:, 0]) / float(t @ t)
         norm = float(metric.sum())
@@ -500,6 +506,14 @@ def update_curvature(
             return UpdateCheck(None, bound, along_top)
         c = float(u @ objective.operator()(u[:, None])[:, 0]) / norm
         return UpdateCheck(c, bound, along_top)
+
+
+def _autocast_suspended(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """An enclosing torch.autocast region suspended on the model's device: the diagnosis
+    measures the model in its parameters' dtype, the loss and gradient as consistently as the
+    curvature."""
+    first = next(iter(model.parameters()), None)
+    return autocast_off(first.device if first is not None else torch.device("cpu"))
 
 
 def _batch_sharpness(

@@ -46,8 +46,8 @@ __all__ = ["EOS_BAND", "EOS_PROBES", "EXPLOSION", "Monitor", "read_log", "scalar
 OVERHEAD = 0.05
 #: ... and come at least this many steps apart (the first one after this many steps).
 MIN_EVERY = 10
-#: The cheap tier (the curvature along the last update, one product) may use at most this
-#: share of the overhead budget, and its checks come at least this many steps apart.
+#: The cheap tier (two products a check) may use at most this share of the overhead budget,
+#: which it shares with the probes, and its checks come at least this many steps apart.
 UPDATE_SHARE = 0.5
 UPDATE_MIN_EVERY = 2
 
@@ -75,16 +75,18 @@ class Monitor:
       fell — all while the loss has not risen to twice its running minimum (the rules:
       :func:`~curvscope.diagnosis.classify.classify_history`).
 
-    Between probes, a **cheap tier** measures the curvature along the optimizer's last update,
-    uᵀHu/uᵀS⁻¹u (:func:`~curvscope.diagnosis.diagnosis.update_curvature`: one product on
-    ``probe_data``): the quantity that decides whether the next step overshoots. When it is
-    above the stability limit by the margin (and training is not already known to be at the
-    edge or unstable), a full probe runs at once, with it as evidence (``update_curvature``):
-    the unstable warning does not wait for the next scheduled probe. Each check takes a copy of
-    the parameters at one step and measures at the next; the values are in :attr:`updates`,
-    in the next probe's log record (``"updates"``: [step, curvature] pairs) and in TensorBoard.
-    And every step, for free, it reads the optimizer's learning rate: when a schedule has
-    lowered the limit (∝ 1/η) under the sharpness the last probe saw, it probes at once.
+    Between probes, a **cheap tier** (:func:`~curvscope.diagnosis.update_curvature`, two
+    products on ``probe_data``) measures the curvature along the optimizer's last update,
+    uᵀHu/uᵀS⁻¹u — the quantity that decides whether the next step overshoots — and along the
+    previous probe's top eigenvector (today's sharpness, nearly: the early warning). When
+    either is above the stability limit by the margin (and training is not already known to
+    be unstable, or at the edge — there only beyond EOS_SWING), a full probe runs at once,
+    with the update's curvature as evidence (``update_curvature``): the warning does not wait
+    for the next scheduled probe. Each check copies the trainable parameters at one step and
+    measures at the next; the values are in :attr:`updates`, in the next probe's log record
+    (``"updates"``: [step, curvature, top curvature] lists) and in TensorBoard. And every step,
+    for free, the Monitor reads the optimizer's learning rate: when a schedule has lowered the
+    limit (∝ 1/η) under the sharpness the last probe saw, it probes at once.
 
     Each probe appends one JSON object to ``log``: "step", "state", "advice", "reasons" and the
     evidence keys at top level, after a header line (``"curvscope_log": 1``, the version, the
@@ -104,6 +106,11 @@ class Monitor:
         every: steps between probes; by default (None) the cadence adapts so that probes take
             at most ``overhead`` (5%) of the wall time, timing the loop and the probes.
         overhead: the share of wall time the default cadence may spend on probes.
+        full_batch: whether the loop trains on the whole of ``probe_data`` each step (the
+            edge-of-stability rules that read the shape of the training loss apply only then).
+            By default (None) it is seen: the loss reported at the step after a probe was
+            computed at the parameters the probe measured, and equals the probe's loss on
+            full-batch training (to 1e-4), not on mini-batch training.
         adaptive: probes measure only what the verdict needs (``diagnose(adaptive=True)``:
             the spectrum to 5% where the sharpness is far from the limit and the gradient not
             small, no Newton decrement then; warm-started from the previous probe): about 30%
@@ -114,7 +121,8 @@ class Monitor:
             ``"a"`` appends a new run (with its own header) to it, ``"w"`` overwrites it.
         budget, thresholds, params, seed, reduction: as for :func:`~curvscope.diagnose`.
         update_every: steps between the cheap tier's checks. By default (None) they adapt,
-            like the probes, within half the overhead budget — with the default cadence only:
+            like the probes, within half of the overhead budget (the probes and the checks
+            together stay within ``overhead``) — with the default cadence only:
             a fixed ``every`` runs no cheap tier unless ``update_every`` is given too. 0 turns
             the tier off.
         callback: called as ``callback(diagnosis, previous_state)`` when the state changes.
@@ -157,6 +165,7 @@ class Monitor:
         update_every: int | None = None,
         overhead: float = OVERHEAD,
         adaptive: bool = True,
+        full_batch: bool | None = None,
         log: str | Path | TextIO | None = None,
         log_mode: str = "x",
         budget: int = DEFAULT_BUDGET,
@@ -181,10 +190,12 @@ class Monitor:
         self.optimizer, self.lr = optimizer, lr
         self.every, self.budget, self.thresholds = every, budget, thresholds
         self.overhead, self.adaptive = overhead, adaptive
+        self.full_batch = full_batch
+        self._seen_full_batch: bool | None = None
+        self._probe_loss: float | None = None  # to compare with the next step's loss
         self.train_seconds = 0.0  # wall time between step() calls, probes excluded
         self.probe_seconds = 0.0
         self._last_probe_seconds = 0.0
-        self._since_probe = 0
         self._loss_mark = 0
         self._window_means: list[float] = []  # the mean training loss between two probes
         self._low: float | None = None  # the lowest training loss before the current window
@@ -195,8 +206,10 @@ class Monitor:
         self._last_update_seconds = 0.0
         self._since_update = 0
         self._before: dict[str, Tensor] | None = None  # the parameters one step back
-        #: The cheap tier's checks: (step, curvature along the last update, stability limit).
-        self.updates: list[tuple[int, float, float | None]] = []
+        #: The cheap tier's checks: (step, :class:`~curvscope.diagnosis.diagnosis.UpdateCheck`).
+        self.updates: list[tuple[int, UpdateCheck]] = []
+        self._next_probe = MIN_EVERY  # the adaptive cadence's plan (see _plan)
+        self._next_update: int | None = None  # planned at the first probe
         self._updates_mark = 0
         self._probe_lr: float | None = None  # the learning rate at the last probe
         self._clock: float | None = None
@@ -252,12 +265,15 @@ class Monitor:
             self.train_seconds += now - self._clock
         self._clock = now
         self.steps += 1
-        self._since_probe += 1
         if loss is not None:
             value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
             self.losses.append(value)
             if self.first_loss is None and math.isfinite(value):
                 self.first_loss = value
+            if self._probe_loss is not None:  # this loss was computed where the probe measured
+                scale = max(abs(self._probe_loss), 1e-12)
+                self._seen_full_batch = abs(value - self._probe_loss) <= 1e-4 * scale
+        self._probe_loss = None
         d = self._probe_or_check()
         self._clock = time.perf_counter()  # probes and checks are not training time
         return d
@@ -272,8 +288,21 @@ class Monitor:
         if self._before is not None:
             return self._check_update()
         if self._update_due():
-            self._before = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+            self._before = self._trainable_copy()
+            self._since_update = 0  # update_every counts from the copy
         return None
+
+    def _trainable_copy(self) -> dict[str, Tensor]:
+        """A copy of the parameters the checks measure (those that require grad, of ``params``
+        where given): a frozen backbone is not copied."""
+        chosen = None
+        if self.params is not None:
+            chosen = {p if isinstance(p, str) else id(p) for p in self.params}
+        return {
+            name: p.detach().clone()
+            for name, p in self.model.named_parameters()
+            if p.requires_grad and (chosen is None or name in chosen or id(p) in chosen)
+        }
 
     def _current_lr(self) -> float | None:
         """The optimizer's largest learning rate now (what its stability limit scales with)."""
@@ -302,10 +331,40 @@ class Monitor:
     def _update_due(self) -> bool:
         if self.update_every is not None:
             return self._since_update >= self.update_every
-        if self._since_update < UPDATE_MIN_EVERY or not self.history:
-            return False
-        spent = self.update_seconds + self._last_update_seconds
-        return spent <= UPDATE_SHARE * self.overhead * self.train_seconds
+        return self._next_update is not None and self.steps >= self._next_update
+
+    def _plan(self) -> None:
+        """The adaptive cadence: the steps of the next probe and of the next cheap check, from
+        the timings so far, so that probes and checks together stay within ``overhead`` of the
+        wall time (checks within UPDATE_SHARE of it) as the loop keeps its pace. Under
+        torch.distributed the timings are agreed first (their maximum over the ranks, at a
+        probe or check, which every rank runs together), so every rank plans the same steps:
+        probes are collectives, and a rank that probed alone would hang."""
+        if self.every is not None and (self.update_every is not None or not self._updates_on):
+            return  # both cadences fixed: nothing to plan
+        spent, checks, last_probe, last_check, train = _agreed(
+            [
+                self.probe_seconds + self.update_seconds,
+                self.update_seconds,
+                self._last_probe_seconds,
+                self._last_update_seconds,
+                self.train_seconds,
+            ],
+            self.model,
+        )
+        step = train / max(self.steps, 1)  # the loop's seconds a step
+
+        def after(cost: float, least: int) -> int:
+            if step <= 0:
+                return self.steps + least
+            return self.steps + max(least, math.ceil(cost / step - train / step))
+
+        budget = self.overhead
+        self._next_probe = after((spent + last_probe) / budget, MIN_EVERY)
+        self._next_update = after(
+            max((checks + last_check) / (UPDATE_SHARE * budget), (spent + last_check) / budget),
+            UPDATE_MIN_EVERY,
+        )
 
     def _check_update(self) -> Diagnosis | None:
         """The cheap tier: the curvature along the last update; a full probe at once when it
@@ -325,16 +384,19 @@ class Monitor:
             reduction=self.reduction,
             top=None if self._vectors is None else self._vectors[:, 0],
         )
-        self._since_update = 0
         self._last_update_seconds = time.perf_counter() - start
         self.update_seconds += self._last_update_seconds
-        c = check.curvature
-        if c is not None:
-            self.updates.append((self.steps, c, check.limit))
-            if self._writer is not None:
-                self._writer.add_scalar("curvscope/update_curvature", c, self.steps)
+        self._plan()
+        if check.curvature is None and check.top_curvature is None:
+            return None
+        self.updates.append((self.steps, check))
+        if self._writer is not None:
+            for key in ("curvature", "top_curvature"):
+                value = getattr(check, key)
+                if value is not None:
+                    self._writer.add_scalar(f"curvscope/update_{key}", value, self.steps)
         if self._alarming(check):
-            return self.probe(update=c)
+            return self.probe(update=check.curvature)
         return None
 
     def _alarming(self, check: UpdateCheck) -> bool:
@@ -355,12 +417,7 @@ class Monitor:
     def _due(self) -> bool:
         if self.every is not None:
             return self.steps % self.every == 0
-        if self._since_probe < MIN_EVERY:
-            return False
-        if not self.history:  # the first probe, after MIN_EVERY steps
-            return True
-        # keep the probes' share of the wall time at or below `overhead`
-        return self.probe_seconds + self._last_probe_seconds <= self.overhead * self.train_seconds
+        return self.steps >= self._next_probe  # planned at the previous probe (the first: 10)
 
     def probe(self, update: float | None = None) -> Diagnosis:
         """Diagnose now, whatever the step (``update``: the curvature along the last update,
@@ -387,6 +444,7 @@ class Monitor:
             d = Diagnosis(state, evidence, reasons, state.advice(evidence), d.confident, d.vectors)
         d = self._with_history(d)
         self._probe_lr = self._current_lr()
+        self._probe_loss = d.evidence["loss"] if math.isfinite(d.evidence["loss"]) else None
         if "top" in d.vectors:
             self._vectors = torch.stack([d.vectors["top"], d.vectors["bottom"]], dim=1)
         previous = self.history[-1].state if self.history else None
@@ -411,7 +469,7 @@ class Monitor:
                 self.callback(d, previous)
         self._last_probe_seconds = time.perf_counter() - start
         self.probe_seconds += self._last_probe_seconds
-        self._since_probe = 0
+        self._plan()
         window = [v for v in self.losses[self._loss_mark :] if math.isfinite(v)]
         if window:
             self._window_means.append(sum(window) / len(window))
@@ -421,7 +479,9 @@ class Monitor:
 
     def _updates_since_last_probe(self) -> dict[str, Any]:
         new, self._updates_mark = self.updates[self._updates_mark :], len(self.updates)
-        return {"updates": [[step, c] for step, c, _ in new]} if new else {}
+        if not new:
+            return {}
+        return {"updates": [[step, c.curvature, c.top_curvature] for step, c in new]}
 
     def _with_history(self, d: Diagnosis) -> Diagnosis:
         """The probe's diagnosis, refined by what only history shows."""
@@ -435,6 +495,7 @@ class Monitor:
             previous=self.history[-1].state if self.history else None,
             best_loss=min(self._window_means) if self._window_means else None,
             previous_low=self._low,
+            full_batch=self.full_batch if self.full_batch is not None else self._seen_full_batch,
             thresholds=self.thresholds,
         )
         if state == d.state:
@@ -487,6 +548,20 @@ def scalars(d: Diagnosis) -> dict[str, float]:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out[key] = float(value)
     return out
+
+
+def _agreed(values: list[float], model: nn.Module) -> list[float]:
+    """``values`` as every rank sees them under torch.distributed: their maximum over the
+    ranks (one all-reduce; on the model's device for NCCL). As given in a single process."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return values
+    first = next(iter(model.parameters()), None)
+    nccl = dist.get_backend() == "nccl" and first is not None
+    device = first.device if nccl and first is not None else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [float(v) for v in t.tolist()]
 
 
 def _version() -> str:

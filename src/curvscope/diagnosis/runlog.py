@@ -309,11 +309,11 @@ def _number_map(v: Any) -> bool:
 
 
 def _update_pairs(v: Any) -> bool:
+    def value(x: Any) -> bool:
+        return x is None or _is_number(x) or x in _NONFINITE
+
     return isinstance(v, list) and all(
-        isinstance(x, list)
-        and len(x) == 2
-        and _is_int(x[0])
-        and (_is_number(x[1]) or x[1] in _NONFINITE)
+        isinstance(x, list) and len(x) in (2, 3) and _is_int(x[0]) and all(map(value, x[1:]))
         for x in v
     )
 
@@ -329,7 +329,7 @@ RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer": (lambda v: isinstance(v, str), "a string"),
     "thresholds": (lambda v: isinstance(v, dict), "an object"),
     "layer_shares": (_number_map, "an object of numbers"),
-    "updates": (_update_pairs, "a list of [step, curvature] pairs"),
+    "updates": (_update_pairs, "a list of [step, curvature, top curvature] lists"),
     "matvecs": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "batches": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "unscaled_coordinates": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),

@@ -115,7 +115,7 @@ def adam_preconditioner(
     v = state["exp_avg_sq"]
     if group.get("amsgrad") and "max_exp_avg_sq" in state:
         v = state["max_exp_avg_sq"]
-    return _unscaled_left_out(v, 1.0 / ((v / (1 - b2**step)).sqrt() + group["eps"]))
+    return unscaled_left_out(v, 1.0 / ((v / (1 - b2**step)).sqrt() + group["eps"]))
 
 
 def rmsprop_preconditioner(
@@ -128,10 +128,10 @@ def rmsprop_preconditioner(
     square = v = state["square_avg"]
     if group.get("centered"):
         v = v - state["grad_avg"] ** 2
-    return _unscaled_left_out(square, 1.0 / (v.sqrt() + group["eps"]))
+    return unscaled_left_out(square, 1.0 / (v.sqrt() + group["eps"]))
 
 
-def _unscaled_left_out(second_moment: Tensor, inverse: Tensor) -> Tensor:
+def unscaled_left_out(second_moment: Tensor, inverse: Tensor) -> Tensor:
     """P⁻¹ with the coordinates whose second moment is still exactly 0 set to 0: the
     preconditioner has not scaled them yet (their 1/ε is not the step they will take)."""
     return torch.where(second_moment == 0, torch.zeros_like(inverse), inverse)
@@ -319,15 +319,22 @@ def _preconditioners(
     params: list[Tensor],
     groups: list[dict[str, Any] | None],
 ) -> list[Tensor]:
-    """P⁻¹ per parameter (0 for a parameter the optimizer does not hold)."""
-    inverse = []
-    for p, g in zip(params, groups, strict=True):
-        q = None if g is None else preconditioner(optimizer, optimizer.state.get(p, {}), g)
-        if g is not None and q is None:
-            raise ValueError(
-                f"{type(optimizer).__name__} has taken no step yet, so its preconditioner "
-                "√v̂ + ε does not exist; diagnose after the first optimizer.step(), or pass lr= "
-                "for plain GD"
-            )
-        inverse.append(torch.zeros_like(p) if q is None else q)
-    return inverse
+    """P⁻¹ per parameter: 0 for a parameter the optimizer does not hold, and 0 for one it holds
+    but has no state for yet — no gradient has reached it (an unused branch, a head not in the
+    graph yet): like a row whose second moment is still 0, the optimizer has not scaled it
+    (counted in :attr:`StabilityLimit.unscaled`).
+
+    Raises:
+        ValueError: the optimizer has state for none of them: it has taken no step yet.
+    """
+    states = [
+        None if g is None else preconditioner(optimizer, optimizer.state.get(p, {}), g)
+        for p, g in zip(params, groups, strict=True)
+    ]
+    if all(q is None for q in states):
+        raise ValueError(
+            f"{type(optimizer).__name__} has taken no step yet, so its preconditioner "
+            "√v̂ + ε does not exist; diagnose after the first optimizer.step(), or pass lr= "
+            "for plain GD"
+        )
+    return [torch.zeros_like(p) if q is None else q for p, q in zip(params, states, strict=True)]

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from curvscope.derivatives.flat import flatten
 from curvscope.derivatives.kinds import likelihood_of
 from curvscope.derivatives.seeding import STEP_PROBES, rademacher
-from curvscope.diagnosis.stability import StabilityRule, adam_constant
+from curvscope.diagnosis.stability import StabilityRule, adam_constant, unscaled_left_out
 from curvscope.optim._closure import Counts, Evaluation
 from curvscope.optim.base import (
     CurvscopeOptimizer,
@@ -186,14 +186,15 @@ def _adahessian_preconditioner(
     opt: Optimizer, state: Mapping[str, Any], group: Mapping[str, Any]
 ) -> Tensor | None:
     """AdaHessian's P⁻¹ = 1/((√v̂)^k + ε), v̂ the bias-corrected average of D², as its next step
-    will use it (None before its first step)."""
+    will use it (None before its first step); 0 where v̂ is still exactly 0, as for Adam."""
     if "exp_hessian_diag_sq" not in state:
         return None
     b2 = group["betas"][1]
     method_state: dict[Any, Any] = opt.state  # "global": the step counter, a str key
     step = float(method_state["global"]["step"])
     v_hat = state["exp_hessian_diag_sq"] / (1 - b2**step)
-    return 1.0 / (v_hat.sqrt().pow(group["hessian_power"]) + group["eps"])
+    inverse = 1.0 / (v_hat.sqrt().pow(group["hessian_power"]) + group["eps"])
+    return unscaled_left_out(v_hat, inverse)  # a zero average: not scaled yet, not 1/ε
 
 
 class AdaHessian(_DiagonalMethod):

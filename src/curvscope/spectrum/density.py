@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -159,8 +160,8 @@ def density(
                 kry = Krylov(op, z, gen)
                 while kry.size < steps and kry.X.shape[1]:
                     kry.extend()
-                T = kry.H.double().cpu()
-                beta_next = float(kry.R.norm()) if kry.X.shape[1] else 0.0
+                T = torch.from_numpy(kry.Hh.copy())  # kept on the host in float64: no read
+                beta_next = float(np.linalg.norm(kry.Rh)) if kry.X.shape[1] else 0.0
             else:
                 alpha, beta = tridiagonal(op, z, steps)
                 off = beta[:-1]

@@ -271,7 +271,7 @@ class _Run:
     tol: float
     sizes: _Sizes
 
-    def errors(self, theta: np.ndarray, res: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def converged(self, theta: np.ndarray, res: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The wanted values' indices, and whether each is converged: its residual below
         tol/2·scale."""
         idx = _wanted(theta, self.k, self.which)
@@ -290,7 +290,7 @@ def _extend(run: _Run, used: int, bar: Any) -> bool:
     bar.update(op.matvecs - before)
     used += op.matvecs - before
     theta, S, res = kry.ritz()
-    _, ok = run.errors(theta, res)
+    _, ok = run.converged(theta, res)
     enough = kry.size >= min(op.n, run.k * (2 if run.which == "both" else 1) + 1)
     done = enough and bool(ok.all())
     if done or kry.size >= op.n or used >= sizes.max_matvecs or kry.X.shape[1] == 0:
@@ -307,7 +307,7 @@ def _result(run: _Run, used: int, vectors: bool) -> EigenResult:
     kry, tol = run.kry, run.tol
     op = kry.op
     theta, S, res = kry.ritz()
-    idx, ok = run.errors(theta, res)
+    idx, ok = run.converged(theta, res)
     scale = float(np.abs(theta).max())
     rounding = PRODUCT_ROUNDING * torch.finfo(op.dtype).eps * scale
     err = error_bounds(theta, res)[idx]
