@@ -571,23 +571,25 @@ def test_a_warm_up_moving_the_limit_through_the_sharpness_is_not_the_edge():
 
 def test_the_edge_rules_keep_their_bounds():
     """Review findings: an absorbed overshoot is bounded like the other edge rules (50x the
-    limit is not the edge); a loss that climbs at every step has risen, however little; a
-    negative loss (a Gaussian NLL) is measured on its own scale, not as twice its minimum."""
+    limit is not the edge); a negative loss (a Gaussian NLL) is measured on its own scale, not
+    as twice its minimum."""
     orbit = [0.31, 0.354, 0.309, 0.354, 0.308]
     assert _above(orbit, previous_low=0.3095, s=100.0)[0] is State.UNSTABLE  # 50x
     assert _above(orbit, previous_low=0.3095, s=5.9)[0] is State.EDGE_OF_STABILITY  # 2.95x
-    climbing = [0.50, 0.51, 0.52, 0.53]
+    # at the edge the loss climbs for a while and falls back (gd-mse-edge: 0.0264 to 0.0384
+    # over 10 steps at 1.06x the limit): still the edge while it stays within 2x its minimum
+    climbing = [0.0264, 0.0270, 0.0286, 0.0323, 0.0384]
     state = classify_history(
         State.UNSTABLE,
         ["own"],
-        near(2.9),
+        near(2.12),
         past=[near(), near()],
         losses=climbing,
         first_loss=1.0,
         previous=State.EDGE_OF_STABILITY,
-        best_loss=0.45,
+        best_loss=0.0262,
     )[0]
-    assert state is State.UNSTABLE
+    assert state is State.EDGE_OF_STABILITY
     negative = classify_history(
         State.UNSTABLE,
         ["own"],
