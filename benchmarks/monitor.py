@@ -25,7 +25,7 @@ from _common import markdown_table
 import curvscope as cs
 
 
-def train(steps: int, batch: int, monitor: str) -> tuple[float, int, float]:
+def train(steps: int, batch: int, monitor: str) -> tuple[float, str, float]:
     p = cs.problems.get("digits-mlp", hidden=32, n=None)
     X, Y = p.data
     model = p.make_model(0)
@@ -34,6 +34,8 @@ def train(steps: int, batch: int, monitor: str) -> tuple[float, int, float]:
     mon = None
     if monitor == "default":
         mon = cs.Monitor(model, p.loss_fn, probe, optimizer=opt)
+    elif monitor == "default, no cheap tier":
+        mon = cs.Monitor(model, p.loss_fn, probe, optimizer=opt, update_every=0)
     elif monitor == "every 50":
         mon = cs.Monitor(model, p.loss_fn, probe, optimizer=opt, every=50)
     gen = torch.Generator().manual_seed(0)
@@ -46,8 +48,9 @@ def train(steps: int, batch: int, monitor: str) -> tuple[float, int, float]:
         opt.step()
         if mon is not None:
             mon.step(loss)
-    share = 0.0 if mon is None else mon.probe_seconds / mon.train_seconds
-    return time.perf_counter() - start, 0 if mon is None else len(mon.history), share
+    share = 0.0 if mon is None else (mon.probe_seconds + mon.update_seconds) / mon.train_seconds
+    seconds = time.perf_counter() - start
+    return seconds, "0" if mon is None else f"{len(mon.history)} + {len(mon.updates)}", share
 
 
 class TinyCausalLM(torch.nn.Module):
@@ -168,8 +171,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--probe-cost-only", action="store_true")
+    ap.add_argument("--overhead-only", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if not args.overhead_only:
+        print_probe_cost()
+    if args.probe_cost_only:
+        return
+    print_overhead(args.steps, args.batch, args.repeats)
+
+
+def print_probe_cost() -> None:
     print("### Probe cost: a Monitor probe against a cold diagnosis at the same point\n")
     print(
         markdown_table(
@@ -185,16 +197,17 @@ def main() -> None:
             probe_cost(),
         )
     )
-    if args.probe_cost_only:
-        return
     print()
-    modes = ["none", "default", "every 50"]
+
+
+def print_overhead(steps: int, batch: int, repeats: int) -> None:
+    modes = ["none", "default", "default, no cheap tier", "every 50"]
     times: dict[str, list[float]] = {m: [] for m in modes}
-    probes: dict[str, int] = {}
+    probes: dict[str, str] = {}
     shares: dict[str, list[float]] = {m: [] for m in modes}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for m in modes:
-            t, n, share = train(args.steps, args.batch, m)
+            t, n, share = train(steps, batch, m)
             times[m].append(t)
             probes[m] = n
             shares[m].append(share)
@@ -205,19 +218,25 @@ def main() -> None:
         rows.append(
             [
                 f"Monitor: {m}",
-                str(probes[m]),
+                probes[m],
                 f"{t:.2f}",
                 f"{100 * (t / base - 1):+.1f}%",
                 f"{100 * statistics.median(shares[m]):.1f}%",
             ]
         )
     print(
-        f"### Monitor overhead: digits MLP 64-32-10, SGD momentum 0.9, batch {args.batch}, "
-        f"{args.steps} steps, probe batch 512 (median of {args.repeats})\n"
+        f"### Monitor overhead: digits MLP 64-32-10, SGD momentum 0.9, batch {batch}, "
+        f"{steps} steps, probe batch 512 (median of {repeats})\n"
     )
     print(
         markdown_table(
-            ["run", "probes", "seconds", "wall-time overhead vs none", "probe time / loop time"],
+            [
+                "run",
+                "probes + checks",
+                "seconds",
+                "wall-time overhead vs none",
+                "probe and check time / loop time",
+            ],
             rows,
         )
     )
