@@ -23,7 +23,10 @@ it). A probe at Monitor step k measures θ_k.
 - **saddle / plateau** runs (deep linear networks at small initialisation; one output, so one
   escape): the escape step k_e is the first k at which the loss has made ``ESCAPE`` (10%) of its
   total decrease, L_k ≤ L_0 − 0.1·(L_0 − min L). A probe at k < k_e is right when it says
-  ``saddle`` (the saddle run) or ``flat`` (the plateau run); at k ≥ k_e when it says
+  ``saddle`` or ``flat`` on either run (both sit near the saddle at the origin of a deep
+  linear network: the plateau run's flat start is that saddle's, with its gradient and
+  curvature smaller; the verdicts tell them apart on the sizes, and the plateau run is mostly
+  called saddle: flat x18 then saddle x85 before its escape); at k ≥ k_e when it says
   ``learning``, or ``minimum`` once the loss is within ``CONVERGED`` (1%) of the total decrease
   of its minimum.
 
