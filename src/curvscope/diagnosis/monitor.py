@@ -23,6 +23,7 @@ from curvscope.diagnosis.classify import (
     EXPLOSION,
     Evidence,
     State,
+    StateEnum,
     Thresholds,
     classify,
     classify_history,
@@ -212,6 +213,7 @@ class Monitor:
         self._next_update: int | None = None  # planned at the first probe
         self._updates_mark = 0
         self._probe_lr: float | None = None  # the learning rate at the last probe
+        self._state: StateEnum | None = None  # the last probe's state, as rank 0 decided it
         self._clock: float | None = None
         self.params = None if params is None else list(params)
         self.seed, self.callback, self.reduction = seed, callback, reduction
@@ -320,12 +322,12 @@ class Monitor:
             return False
         last = self.history[-1]
         lr = self._current_lr()
-        if last.state in (State.UNSTABLE, State.DIVERGED) or lr is None or lr <= self._probe_lr:
+        if self._state in (State.UNSTABLE, State.DIVERGED) or lr is None or lr <= self._probe_lr:
             return False
         s, limit = effective_sharpness(last.evidence), last.evidence.get("stability_limit")
         if s is None or limit is None or not math.isfinite(limit):
             return False
-        bound = EOS_SWING if last.state == State.EDGE_OF_STABILITY else 1 + self.thresholds.margin
+        bound = EOS_SWING if self._state == State.EDGE_OF_STABILITY else 1 + self.thresholds.margin
         return s <= bound * limit < s * lr / self._probe_lr
 
     def _update_due(self) -> bool:
@@ -407,10 +409,9 @@ class Monitor:
         limit = check.limit
         if limit is None or not math.isfinite(limit):
             return False
-        last = self.history[-1].state if self.history else None
-        if last in (State.UNSTABLE, State.DIVERGED):
+        if self._state in (State.UNSTABLE, State.DIVERGED):
             return False
-        bound = EOS_SWING if last == State.EDGE_OF_STABILITY else 1 + self.thresholds.margin
+        bound = EOS_SWING if self._state == State.EDGE_OF_STABILITY else 1 + self.thresholds.margin
         seen = [c for c in (check.curvature, check.top_curvature) if c is not None]
         return any(c > bound * limit for c in seen)
 
@@ -443,6 +444,12 @@ class Monitor:
             state, reasons = classify(evidence, self.thresholds)
             d = Diagnosis(state, evidence, reasons, state.advice(evidence), d.confident, d.vectors)
         d = self._with_history(d)
+        # what later steps decide on (an early probe, a check's alarm) is rank 0's verdict:
+        # each rank's history reads its own training losses, and every rank must decide alike
+        (code,) = _agreed([float(d.state.code)], self.model, op="rank0")
+        self._state = d.state
+        if int(code) != d.state.code:
+            self._state = next((x for x in State if x.code == int(code)), d.state)
         self._probe_lr = self._current_lr()
         self._probe_loss = d.evidence["loss"] if math.isfinite(d.evidence["loss"]) else None
         if "top" in d.vectors:
@@ -550,9 +557,10 @@ def scalars(d: Diagnosis) -> dict[str, float]:
     return out
 
 
-def _agreed(values: list[float], model: nn.Module) -> list[float]:
+def _agreed(values: list[float], model: nn.Module, op: str = "max") -> list[float]:
     """``values`` as every rank sees them under torch.distributed: their maximum over the
-    ranks (one all-reduce; on the model's device for NCCL). As given in a single process."""
+    ranks (``op="max"``, one all-reduce) or rank 0's (``op="rank0"``, one broadcast); on the
+    model's device for NCCL. As given in a single process."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return values
@@ -560,7 +568,10 @@ def _agreed(values: list[float], model: nn.Module) -> list[float]:
     nccl = dist.get_backend() == "nccl" and first is not None
     device = first.device if nccl and first is not None else torch.device("cpu")
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if op == "rank0":
+        dist.broadcast(t, src=0)
+    else:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [float(v) for v in t.tolist()]
 
 
