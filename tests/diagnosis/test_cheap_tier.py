@@ -100,8 +100,11 @@ def test_a_zero_update_has_no_curvature_and_the_model_is_left_as_found():
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert model.training and torch.equal(torch.get_rng_state(), state)
-    # a parameter the copy lacks (added since): no update to measure, no error
-    assert update_curvature(model, loss_fn, data, {}, lr=0.1) == (None, None, None)
+    with pytest.raises(KeyError, match="no value for the parameter"):
+        update_curvature(model, loss_fn, data, {}, lr=0.1)
+    moved = {n: t - 1e-3 for n, t in before.items()}
+    with pytest.raises(ValueError, match=r"expected top of shape \(50,\)"):
+        update_curvature(model, loss_fn, data, moved, lr=0.1, top=torch.ones(20))
 
 
 # ------------------------------------------------------------------------------ the Monitor

@@ -223,3 +223,12 @@ def test_max_batches_is_checked(value, error):
         cs.diagnose(
             case.model, case.loss_fn, case.data, lr=0.1, train_batches=[], max_batches=value
         )
+
+
+def test_a_warm_start_of_another_length_is_refused():
+    """diagnose's v0 must be over the measured parameters (the Monitor drops its own stale
+    vectors when parameters are frozen or added; a caller's mistake is named)."""
+    case = cases.mlp(n=24)
+    n = sum(p.numel() for p in case.model.parameters())
+    with pytest.raises(ValueError, match=rf"v0 of shape \({n},\)"):
+        cs.diagnose(case.model, case.loss_fn, case.data, lr=0.1, v0=torch.ones(n - 1, 2))

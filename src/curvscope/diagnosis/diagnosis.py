@@ -218,7 +218,7 @@ def diagnose(
             ``newton_decrement`` is None and ``decrement_converged`` None (not run).
         v0: warm start for Lanczos, e.g. ``previous.vectors["top"]`` and ``["bottom"]``
             stacked as columns: a nearby point then costs a few products (the Monitor does
-            this). One of another length (the trainable parameters changed) is not used.
+            this).
 
     Example:
         >>> import torch, curvscope as cs
@@ -285,7 +285,7 @@ def _diagnose(
     if g is None or not math.isfinite(loss) or not torch.isfinite(g).all():
         return _finish(evidence, thresholds, {}, True, start, C)
     vectors, converged = _measure_curvature(
-        evidence, objective, C, g, budget, seed, _fitting(v0, C), thresholds if adaptive else None
+        evidence, objective, C, g, budget, seed, v0, thresholds if adaptive else None
     )
     if train_batches is not None:
         bs, se, used = _batch_sharpness(
@@ -296,12 +296,6 @@ def _diagnose(
         eff = evidence.get("batch_sharpness")
         evidence["stable_lr"] = limit.stable_lr(eff if eff is not None else evidence["sharpness"])
     return _finish(evidence, thresholds, vectors, converged, start, C)
-
-
-def _fitting(v0: Tensor | None, C: Curvature) -> Tensor | None:
-    """The warm start, or None when its length is not the number of measured parameters (the
-    trainable parameters changed since the probe it came from)."""
-    return v0 if v0 is None or v0.shape[0] == C.num_params else None
 
 
 def _curvature(
@@ -472,17 +466,20 @@ def update_curvature(
     Returns:
         An :class:`UpdateCheck`: the curvature along the update (None when the update is zero
         on the coordinates the step factors scale), the stability limit it meets (None without
-        optimizer or lr), and the curvature along ``top`` (None without it, or when its length
-        is not the number of measured parameters: they changed). All None when nothing moved
-        (before the optimizer's first step) or ``before`` lacks a measured parameter (one added
-        since the copy): there is no update to measure.
+        optimizer or lr), and the curvature along ``top`` (None without it). All None when
+        nothing moved (before the optimizer's first step): there is no update to measure.
+
+    Raises:
+        KeyError: ``before`` lacks a measured parameter (the message names it).
+        ValueError: ``top`` is not a vector of the measured parameters' length.
     """
     with _autocast_suspended(model):
         C = _curvature(model, loss_fn, data, params, seed, reduction)
         measured = C.objective
         assert measured is not None  # C is built from a model
-        if any(name not in before for name in measured.params):
-            return UpdateCheck(None, None, None)  # a parameter new since the copy
+        missing = [name for name in measured.params if name not in before]
+        if missing:
+            raise KeyError(f"`before` has no value for the parameter(s) {missing}")
         u = C.flatten(
             [p.detach() - before[name].to(p.device) for name, p in measured.params.items()]
         )
@@ -498,8 +495,14 @@ def update_curvature(
             metric = torch.where(scaled, u * u / objective.scale.where(scaled, 1), 0)
         bound = None if limit is None else limit.limit
         along_top = None
-        if top is not None and top.numel() == C.num_params:  # else: the parameters changed
-            t = top.to(device=u.device, dtype=objective.dtype).reshape(-1)
+        if top is not None:
+            if top.ndim != 1 or top.numel() != C.num_params:
+                raise ValueError(
+                    f"expected top of shape ({C.num_params},) — one entry per measured "
+                    f"parameter — got shape {tuple(top.shape)}: a previous probe's "
+                    "vectors['top'] over the same parameters"
+                )
+            t = top.to(device=u.device, dtype=objective.dtype)
             along_top = float(t @ objective.scaled()(t[:, None])[:, 0]) / float(t @ t)
         norm = float(metric.sum())
         if not norm > 0:

@@ -236,6 +236,7 @@ class Monitor:
         self.losses: list[float] = []
         self.first_loss: float | None = None
         self._vectors: Tensor | None = None
+        self._vector_names: tuple[str, ...] = ()  # the parameters the vectors are over
         self._log: RunLogWriter | None = None
         if log is not None and _is_writer():
             self._log = RunLogWriter(
@@ -294,17 +295,31 @@ class Monitor:
             self._since_update = 0  # update_every counts from the copy
         return None
 
-    def _trainable_copy(self) -> dict[str, Tensor]:
-        """A copy of the parameters the checks measure (those that require grad, of ``params``
-        where given): a frozen backbone is not copied."""
+    def _trainable(self) -> list[tuple[str, Tensor]]:
+        """The parameters a probe and a check measure now: those that require grad, of
+        ``params`` where given."""
         chosen = None
         if self.params is not None:
             chosen = {p if isinstance(p, str) else id(p) for p in self.params}
-        return {
-            name: p.detach().clone()
+        return [
+            (name, p)
             for name, p in self.model.named_parameters()
             if p.requires_grad and (chosen is None or name in chosen or id(p) in chosen)
-        }
+        ]
+
+    def _trainable_names(self) -> list[str]:
+        return [name for name, _ in self._trainable()]
+
+    def _trainable_copy(self) -> dict[str, Tensor]:
+        """A copy of the parameters the checks measure: a frozen backbone is not copied."""
+        return {name: p.detach().clone() for name, p in self._trainable()}
+
+    def _warm_start(self) -> Tensor | None:
+        """The previous probe's eigenvectors, while they are over the parameters measured now
+        (none once a parameter was frozen or added)."""
+        if self._vectors is None or list(self._vector_names) != self._trainable_names():
+            return None
+        return self._vectors
 
     def _current_lr(self) -> float | None:
         """The optimizer's largest learning rate now (what its stability limit scales with)."""
@@ -374,6 +389,9 @@ class Monitor:
         start = time.perf_counter()
         before, self._before = self._before, None
         assert before is not None
+        if set(before) != set(self._trainable_names()):  # parameters frozen or added since
+            return None
+        warm = self._warm_start()
         check = update_curvature(
             self.model,
             self.loss_fn,
@@ -384,7 +402,7 @@ class Monitor:
             params=self.params,
             seed=self.seed,
             reduction=self.reduction,
-            top=None if self._vectors is None else self._vectors[:, 0],
+            top=None if warm is None else warm[:, 0],
         )
         self._last_update_seconds = time.perf_counter() - start
         self.update_seconds += self._last_update_seconds
@@ -435,7 +453,7 @@ class Monitor:
             thresholds=self.thresholds,
             seed=self.seed,
             reduction=self.reduction,
-            v0=self._vectors,
+            v0=self._warm_start(),
             train_batches=self.train_batches,
             adaptive=self.adaptive,
         )
@@ -454,6 +472,7 @@ class Monitor:
         self._probe_loss = d.evidence["loss"] if math.isfinite(d.evidence["loss"]) else None
         if "top" in d.vectors:
             self._vectors = torch.stack([d.vectors["top"], d.vectors["bottom"]], dim=1)
+            self._vector_names = tuple(d.evidence.get("layer_shares") or ())
         previous = self.history[-1].state if self.history else None
         self.history.append(d)
         self._write(
