@@ -430,6 +430,14 @@ class Facts:
         self.c_dir = evidence.get("directional_curvature")
         self.dec = evidence.get("newton_decrement")
 
+    def overshoots(self, value: float | None, se: float = 0.0) -> bool:
+        """Whether ``value`` (a curvature the steps meet) exceeds the stability limit by more
+        than the margin — an estimate with standard error ``se`` by more than
+        ``confidence`` standard errors beyond it."""
+        if self.limit is None or value is None:
+            return False
+        return value - self.th.confidence * se > (1 + self.th.margin) * self.limit
+
     @cached_property
     def scale(self) -> float:
         """The loss scale max(|L|, loss_floor)."""
@@ -531,7 +539,7 @@ def _minimum(f: Facts) -> list[str] | None:
 
 def _batch_overshoots(f: Facts) -> list[str] | None:
     limit, bs, z = f.limit, f.bs, f.th.confidence
-    if f.small or limit is None or bs is None or not bs - z * f.bs_se > (1 + f.th.margin) * limit:
+    if f.small or limit is None or bs is None or not f.overshoots(bs, f.bs_se):
         return None
     return [
         f.gradient,
@@ -562,7 +570,7 @@ def _stderr_of(se: Any) -> float:
 
 def _too_sharp(f: Facts) -> list[str] | None:
     limit, s, margin = f.limit, f.s, f.th.margin
-    if f.small or limit is None or s is None or not s > (1 + margin) * limit:
+    if f.small or limit is None or s is None or not f.overshoots(s):
         return None
     return [
         f.gradient,
@@ -593,7 +601,7 @@ def _update_overshoots(f: Facts) -> list[str] | None:
     """The step the optimizer actually took overshoots: unstable whatever the gradient's size
     (a small gradient is no settling when the steps along it overshoot)."""
     c, limit = f.c_update, f.limit
-    if limit is None or c is None or not c > (1 + f.th.margin) * limit:
+    if limit is None or c is None or not f.overshoots(c):
         return None
     return [
         f.gradient,

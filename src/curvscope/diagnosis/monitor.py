@@ -342,8 +342,13 @@ class Monitor:
         s, limit = effective_sharpness(last.evidence), last.evidence.get("stability_limit")
         if s is None or limit is None or not math.isfinite(limit):
             return False
-        bound = EOS_SWING if self._state == State.EDGE_OF_STABILITY else 1 + self.thresholds.margin
+        bound = self._alarm_bound()
         return s <= bound * limit < s * lr / self._probe_lr
+
+    def _alarm_bound(self) -> float:
+        """The multiple of the limit past which an early probe is called: the margin, and at
+        the edge (where the sharpness swings past the limit) EOS_SWING."""
+        return EOS_SWING if self._state == State.EDGE_OF_STABILITY else 1 + self.thresholds.margin
 
     def _update_due(self) -> bool:
         if self.update_every is not None:
@@ -429,7 +434,7 @@ class Monitor:
             return False
         if self._state in (State.UNSTABLE, State.DIVERGED):
             return False
-        bound = EOS_SWING if self._state == State.EDGE_OF_STABILITY else 1 + self.thresholds.margin
+        bound = self._alarm_bound()
         seen = [c for c in (check.curvature, check.top_curvature) if c is not None]
         return any(c > bound * limit for c in seen)
 
