@@ -270,13 +270,9 @@ class FiniteDifferenceProducts:
     # ------------------------------------------------------------------------- gradients
     def _outputs(self, batch: Batch) -> Any:
         """The model's own forward on the batch (hooks and all)."""
-        obj, inputs = self.obj, batch.inputs
-        extra = {} if obj.adapter is None else dict(obj.adapter.extra)
-        if isinstance(inputs, Mapping):
-            out = obj.model(**{**inputs, **extra})
-        else:
-            args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-            out = obj.model(*args, **extra)
+        obj = self.obj
+        args, kwargs = obj.arguments(batch)
+        out = obj.model(*args, **kwargs)
         return out if obj.adapter is None else obj.adapter.outputs(out)
 
     def _backward_pass(self, kept: _Kept, engine: _Engine) -> Tensor:

@@ -691,17 +691,23 @@ class ModelObjective:
             for g, state in zip(gens, saved, strict=True):
                 g.set_state(state)
 
-    def _call(self, theta: Mapping[str, Tensor], batch: Batch, **extra: Any) -> Any:
-        """The model's own output on the batch at parameters ``theta`` (keyword arguments
-        ``extra`` added to the batch's)."""
+    def arguments(self, batch: Batch, **extra: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The model's positional and keyword arguments for a batch: a mapping's items as
+        keywords, a tuple or list spread, anything else the one argument; the adapter's extra
+        keywords (Hugging Face) and ``extra`` added."""
         inputs = batch.inputs
-        state = self._state(theta)
         if self.adapter is not None:
             extra = {**self.adapter.extra, **extra}
         if isinstance(inputs, Mapping):
-            return functional_call(self.model, state, (), {**inputs, **extra}, tie_weights=False)
-        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        return functional_call(self.model, state, args, extra or None, tie_weights=False)
+            return (), {**inputs, **extra}
+        return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), extra
+
+    def _call(self, theta: Mapping[str, Tensor], batch: Batch, **extra: Any) -> Any:
+        """The model's own output on the batch at parameters ``theta`` (keyword arguments
+        ``extra`` added to the batch's)."""
+        args, kwargs = self.arguments(batch, **extra)
+        state = self._state(theta)
+        return functional_call(self.model, state, args, kwargs or None, tie_weights=False)
 
     def raw_forward(self, theta: Mapping[str, Tensor], batch: Batch) -> Any:
         """Model outputs at parameters ``theta``, unchecked (usable inside torch.func
