@@ -308,7 +308,7 @@ def _number_map(v: Any) -> bool:
     return isinstance(v, dict) and all(_is_number(x) or x in _NONFINITE for x in v.values())
 
 
-def _update_pairs(v: Any) -> bool:
+def _update_rows(v: Any) -> bool:
     def value(x: Any) -> bool:
         return x is None or _is_number(x) or x in _NONFINITE
 
@@ -329,7 +329,7 @@ RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer": (lambda v: isinstance(v, str), "a string"),
     "thresholds": (lambda v: isinstance(v, dict), "an object"),
     "layer_shares": (_number_map, "an object of numbers"),
-    "updates": (_update_pairs, "a list of [step, curvature, top curvature] lists"),
+    "updates": (_update_rows, "a list of [step, curvature, top curvature] lists"),
     "matvecs": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "batches": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "unscaled_coordinates": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
