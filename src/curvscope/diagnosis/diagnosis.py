@@ -146,14 +146,27 @@ class _Objective:
         """What the step sees: S^½ (H + diag(l2)) S^½ (S the optimizer's step factors)."""
         return self._seen
 
+    def along(self, u: Tensor) -> float | None:
+        """uᵀ(H + l2)u / uᵀS⁻¹u: the curvature along u in the metric the optimizer steps in
+        (uᵀ(H + l2)u/‖u‖² without step factors; the coordinates S does not scale left out),
+        from one product; None where u is 0 on the coordinates S scales."""
+        metric = u * u
+        if self.scale is not None:
+            scaled = self.scale > 0
+            u = torch.where(scaled, u, 0)
+            metric = torch.where(scaled, metric / self.scale.where(scaled, 1), 0)
+        norm = float(metric.sum())
+        if not norm > 0:
+            return None
+        return float(u @ self._curvature(u[:, None])[:, 0]) / norm
+
     def directional(self, g: Tensor) -> tuple[float | None, float]:
-        """(c, gᵀd): c = dᵀ(H + l2)d / gᵀd along the step direction d = S g (one product;
-        None if gᵀd ≤ 0). A step −t·d changes the objective by −t·gᵀd + ½t²·c·gᵀd."""
+        """(c, gᵀd): c = dᵀ(H + l2)d / gᵀd along the step direction d = S g — which is
+        :meth:`along` d, since dᵀS⁻¹d = gᵀd (one product; None if gᵀd ≤ 0). A step −t·d
+        changes the objective by −t·gᵀd + ½t²·c·gᵀd."""
         d = g if self.scale is None else self.scale * g
         gd = float(g @ d)
-        if gd <= 0:
-            return None, gd
-        return float(d @ self._curvature(d[:, None])[:, 0]) / gd, gd
+        return (self.along(d) if gd > 0 else None), gd
 
 
 def diagnose(
@@ -487,12 +500,6 @@ def update_curvature(
             return UpdateCheck(None, None, None)  # nothing moved (before the first step)
         limit = _limit(C, optimizer, lr)
         objective = _Objective(C, limit)
-        u = u.to(objective.dtype)
-        metric = u * u
-        if objective.scale is not None:  # uᵀS⁻¹u over the coordinates S scales
-            scaled = objective.scale > 0
-            u = torch.where(scaled, u, 0)
-            metric = torch.where(scaled, u * u / objective.scale.where(scaled, 1), 0)
         bound = None if limit is None else limit.limit
         along_top = None
         if top is not None:
@@ -504,11 +511,7 @@ def update_curvature(
                 )
             t = top.to(device=u.device, dtype=objective.dtype)
             along_top = float(t @ objective.scaled()(t[:, None])[:, 0]) / float(t @ t)
-        norm = float(metric.sum())
-        if not norm > 0:
-            return UpdateCheck(None, bound, along_top)
-        c = float(u @ objective.operator()(u[:, None])[:, 0]) / norm
-        return UpdateCheck(c, bound, along_top)
+        return UpdateCheck(objective.along(u.to(objective.dtype)), bound, along_top)
 
 
 def _autocast_suspended(model: nn.Module) -> contextlib.AbstractContextManager[None]:
