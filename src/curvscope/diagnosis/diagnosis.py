@@ -15,7 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from curvscope.derivatives import Curvature
+from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives.checks import check_int
+from curvscope.derivatives.curvature import BACKENDS as _PRODUCT_BACKENDS
 from curvscope.derivatives.objective import fixed_pass
 from curvscope.diagnosis.classify import (
     DEFAULT_THRESHOLDS,
@@ -26,7 +28,7 @@ from curvscope.diagnosis.classify import (
     as_state,
     classify,
 )
-from curvscope.diagnosis.stability import StabilityLimit, stability_limit
+from curvscope.diagnosis.stability import StabilityLimit, gathered, stability_limit
 from curvscope.spectrum import Operator, as_operator, eigenvalues
 from curvscope.spectrum.cg import cg
 from curvscope.spectrum.eigen import block_shares
@@ -54,6 +56,12 @@ MIN_BATCHES = 8
 BATCH_SHARPNESS_SE = 0.05
 #: The default cap on the batches the batch sharpness is measured on.
 MAX_BATCHES = 32
+#: How a diagnosis computes its Hessian products (``backend=``): ``"double_backward"``, exact
+#: (the default), or ``"finite_difference"``, central differences of the model's own gradients
+#: (for a model only its engine can differentiate: FSDP2). Curvature's ``"auto"`` and
+#: ``"forward_over_reverse"`` are refused: a diagnosis multiplies one or two vectors at a time,
+#: where "auto" is double backward anyway and a vmapped forward-over-reverse pass gains nothing.
+DIAGNOSIS_BACKENDS = ("double_backward", _fd.BACKEND)
 
 
 @dataclass(frozen=True)
@@ -126,7 +134,7 @@ class _Objective:
             self._curvature = self._curvature.shifted(l2)
             model = C.objective
             assert model is not None  # diagnose builds C from a model
-            theta = C.flatten([p.detach() for p in model.params.values()])
+            theta = C.flatten([gathered(p.detach()) for p in model.params.values()])
             self._l2_gradient = l2 * theta.to(self.dtype)
         self._seen = self._curvature
         if self.scale is not None:
@@ -185,6 +193,8 @@ def diagnose(
     train_batches: Iterable[Any] | None = None,
     max_batches: int = MAX_BATCHES,
     adaptive: bool = False,
+    backend: str = "double_backward",
+    fd_eps: float | None = None,
 ) -> Diagnosis:
     """Say which state training is in, why, and what to do — from a few dozen curvature
     products, judged against the optimizer's own stability limit.
@@ -232,6 +242,25 @@ def diagnose(
         v0: warm start for Lanczos, e.g. ``previous.vectors["top"]`` and ``["bottom"]``
             stacked as columns: a nearby point then costs a few products (the Monitor does
             this).
+        backend: how every Hessian product (the batch sharpness's too) is computed:
+            ``"double_backward"`` (default; exact) or ``"finite_difference"`` — central
+            differences (∇L(θ + εv) − ∇L(θ − εv))/(2ε) of the gradients the model's own forward
+            and ``loss.backward()`` compute, for a model only its engine can differentiate
+            (FSDP2's ``fully_shard``); each product is then off by O(eps(dtype)^(2/3)·‖H‖‖v‖)
+            (about 4e-11·‖H‖ in float64, 2.4e-5·‖H‖ in float32; README "Accuracy"), below the
+            1% of |λ_max| a diagnosis resolves, and costs two gradients; it needs float32 or
+            float64 parameters. Curvature's ``"auto"`` and ``"forward_over_reverse"`` are
+            refused: a diagnosis multiplies one or two vectors at a time, where ``"auto"``
+            is double backward and a vmapped forward pass gains nothing.
+        fd_eps: with ``backend="finite_difference"``, the step relative to the parameters'
+            norm (default None: eps(dtype)^(1/3)), as for :class:`~curvscope.Curvature`.
+
+    Raises:
+        ValueError: a budget under 8, a backend a diagnosis does not take, ``fd_eps`` without
+            ``backend="finite_difference"`` or outside (0, 1), a 16-bit model with
+            ``backend="finite_difference"``.
+        TypeError: thresholds that are not :class:`~curvscope.Thresholds`, a non-numeric
+            ``fd_eps``.
 
     Example:
         >>> import torch, curvscope as cs
@@ -247,6 +276,7 @@ def diagnose(
     if not isinstance(thresholds, Thresholds):
         raise TypeError(f"thresholds must be a cs.Thresholds, got {type(thresholds).__name__}")
     check_int(max_batches, "max_batches", minimum=1)
+    products = _Products.checked(backend, fd_eps)
     with _autocast_suspended(model):
         return _diagnose(
             model,
@@ -263,6 +293,7 @@ def diagnose(
             train_batches,
             max_batches,
             adaptive,
+            products,
         )
 
 
@@ -281,9 +312,10 @@ def _diagnose(
     train_batches: Iterable[Any] | None,
     max_batches: int,
     adaptive: bool,
+    products: _Products,
 ) -> Diagnosis:
     start = time.perf_counter()
-    C = _curvature(model, loss_fn, data, params, seed, reduction)
+    C = _curvature(model, loss_fn, data, params, seed, reduction, products)
     measured = C.objective
     assert measured is not None  # C is built from a model
     limit = _limit(C, optimizer, lr)
@@ -302,13 +334,44 @@ def _diagnose(
     )
     if train_batches is not None:
         bs, se, used = _batch_sharpness(
-            model, loss_fn, train_batches, max_batches, limit, params, seed, measured.reduction
+            model,
+            loss_fn,
+            train_batches,
+            max_batches,
+            limit,
+            params,
+            seed,
+            measured.reduction,
+            products,
         )
         evidence.update(batch_sharpness=bs, batch_sharpness_stderr=se, batches=used)
     if limit is not None:
         eff = evidence.get("batch_sharpness")
         evidence["stable_lr"] = limit.stable_lr(eff if eff is not None else evidence["sharpness"])
     return _finish(evidence, thresholds, vectors, converged, start, C)
+
+
+class _Products(NamedTuple):
+    """How a diagnosis computes its Hessian products: the backend and its step."""
+
+    backend: str = "double_backward"
+    fd_eps: float | None = None
+
+    @classmethod
+    def checked(cls, backend: object, fd_eps: object) -> _Products:
+        """Validated: a backend of :data:`DIAGNOSIS_BACKENDS`, and ``fd_eps`` as
+        :class:`~curvscope.Curvature` checks it."""
+        if backend not in DIAGNOSIS_BACKENDS:
+            if backend in _PRODUCT_BACKENDS:
+                raise ValueError(
+                    f"a diagnosis multiplies one or two vectors at a time, where backend="
+                    f"{backend!r} gains nothing over double backward; pass "
+                    "backend='double_backward' (exact, the default), or "
+                    "backend='finite_difference' for a model only its engine can differentiate "
+                    "(FSDP2)"
+                )
+            raise ValueError(f"backend must be one of {DIAGNOSIS_BACKENDS}, got {backend!r}")
+        return cls(str(backend), _fd.check_fd_eps(fd_eps, str(backend), "hessian"))
 
 
 def _curvature(
@@ -318,17 +381,20 @@ def _curvature(
     params: Iterable[nn.Parameter | str] | None,
     seed: int,
     reduction: str | None,
+    products: _Products,
 ) -> Curvature:
     """The Hessian of the model's loss on ``data``, as the diagnosis measures it: by double
-    backward throughout (its blocks are small: a warm start of 2 vectors at most)."""
+    backward (its blocks are small: a warm start of 2 vectors at most), or by finite
+    differences of the model's own gradients where asked."""
     return Curvature(
         model,
         loss_fn,
         data,
         params=params,
         seed=seed,
-        backend="double_backward",
+        backend=products.backend,
         reduction=reduction,
+        fd_eps=products.fd_eps,
     )
 
 
@@ -459,6 +525,8 @@ def update_curvature(
     seed: int = 0,
     reduction: str | None = None,
     top: Tensor | None = None,
+    backend: str = "double_backward",
+    fd_eps: float | None = None,
 ) -> UpdateCheck:
     """The curvature along the optimizer's last update u = θ − θ_before, in the metric the
     optimizer steps in: uᵀ(H + l2)u / uᵀS⁻¹u (S its step factors: uᵀHu/‖u‖² for SGD; the
@@ -472,7 +540,9 @@ def update_curvature(
     only once an overshoot along it has grown to dominate the gradient.
 
     Args:
-        model, loss_fn, data, optimizer, lr, params, seed, reduction: as for :func:`diagnose`.
+        model, loss_fn, data, optimizer, lr, params, seed, reduction, backend, fd_eps: as for
+            :func:`diagnose` (``backend="finite_difference"`` for a model only its engine can
+            differentiate).
         before: the parameters before the update, by name (``model.named_parameters()``).
         top: a vector in the space of the curvature the step sees (S^½ (H + l2) S^½).
 
@@ -484,17 +554,22 @@ def update_curvature(
 
     Raises:
         KeyError: ``before`` lacks a measured parameter (the message names it).
-        ValueError: ``top`` is not a vector of the measured parameters' length.
+        ValueError: ``top`` is not a vector of the measured parameters' length; a backend or
+            ``fd_eps`` that :func:`diagnose` refuses.
     """
+    products = _Products.checked(backend, fd_eps)
     with _autocast_suspended(model):
-        C = _curvature(model, loss_fn, data, params, seed, reduction)
+        C = _curvature(model, loss_fn, data, params, seed, reduction, products)
         measured = C.objective
         assert measured is not None  # C is built from a model
         missing = [name for name in measured.params if name not in before]
         if missing:
             raise KeyError(f"`before` has no value for the parameter(s) {missing}")
-        u = C.flatten(
-            [p.detach() - before[name].to(p.device) for name, p in measured.params.items()]
+        u = C.flatten(  # sharded (FSDP2) parameters and values gathered whole
+            [
+                gathered(p.detach()) - gathered(before[name]).to(p.device)
+                for name, p in measured.params.items()
+            ]
         )
         if not bool(u.any()):
             return UpdateCheck(None, None, None)  # nothing moved (before the first step)
@@ -531,6 +606,7 @@ def _batch_sharpness(
     params: Iterable[nn.Parameter | str] | None,
     seed: int,
     reduction: str,
+    products: _Products,
 ) -> tuple[float | None, float | None, int]:
     """(the batch sharpness, its standard error, the batches it was measured on).
 
@@ -542,7 +618,7 @@ def _batch_sharpness(
         if i >= max_batches or _precise_enough(values, limit):
             break
         batch_objective = _Objective(
-            _curvature(model, loss_fn, batch, params, seed + i, reduction), limit
+            _curvature(model, loss_fn, batch, params, seed + i, reduction, products), limit
         )
         _, gb = batch_objective.gradient()
         c, _ = batch_objective.directional(gb)

@@ -202,6 +202,13 @@ def _group_of(optimizer: Optimizer, params: list[Tensor]) -> list[dict[str, Any]
     return [by_id.get(id(p)) for p in params]
 
 
+def gathered(t: Tensor) -> Tensor:
+    """A sharded ``DTensor`` (FSDP2's parameters and their optimizer state) gathered whole on
+    every rank (a collective: every rank calls it together); a plain tensor as it is."""
+    full = getattr(t, "full_tensor", None)
+    return t if full is None else full()
+
+
 def _flat(values: Sequence[Tensor | float], params: list[Tensor]) -> Tensor:
     ref = params[0]
     # a number is filled in the parameters' dtype: through float32 first, a float64 model's
@@ -337,4 +344,8 @@ def _preconditioners(
             "√v̂ + ε does not exist; diagnose after the first optimizer.step(), or pass lr= "
             "for plain GD"
         )
-    return [torch.zeros_like(p) if q is None else q for p, q in zip(params, states, strict=True)]
+    # a sharded parameter's state is sharded like it: gathered, as the flat vectors are whole
+    return [
+        gathered(torch.zeros_like(p) if q is None else q)
+        for p, q in zip(params, states, strict=True)
+    ]
