@@ -49,6 +49,8 @@ SLOW: dict[str, float] = {
     "tests/distributed/test_distributed.py::test_two_ranks_equal_one_process_on_the_full_data": 6.6,
     "tests/distributed/test_fsdp.py::"
     "test_fsdp2_finite_difference_products_equal_the_exact_single_process_product": 7.5,
+    "tests/distributed/test_fsdp.py::"
+    "test_fsdp2_diagnose_by_finite_differences_equals_the_exact_single_process_diagnosis": 9.8,
     "tests/distributed/test_distributed.py::"
     "test_a_failed_rank_ends_the_others_with_a_clear_error": 3.5,
     "tests/distributed/test_distributed.py::"

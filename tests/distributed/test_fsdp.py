@@ -18,7 +18,9 @@ import torch.multiprocessing as mp
 
 import curvscope as cs
 from curvscope.derivatives import finite_difference as fd
+from tests import cases
 from tests.derivatives.test_finite_difference import smooth
+from tests.diagnosis.test_diagnose_backend import accuracy, assert_agrees, step_factor
 from tests.distributed.test_distributed import _end, _free_port
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
@@ -163,3 +165,122 @@ def test_fsdp2_finite_difference_products_equal_the_exact_single_process_product
         assert got["failure_untouched"]
         assert "sharded over 2 ranks" in got["local_refused"]
         assert "num_batches" in got["batches_refused"]
+
+
+# ----------------------------------------------------------------------------- diagnose
+#: the optimizers the sharded diagnosis is judged with (tests/diagnosis/test_diagnose_backend.py)
+JUDGED = ("gd", "momentum", "adam")
+
+
+def _judge(name: str, model: torch.nn.Module) -> dict:
+    """diagnose's keywords for an optimizer of ``model``: plain gradient descent, SGD with
+    momentum and weight decay (L2), or Adam (stepped by :func:`_adam_steps`)."""
+    if name == "gd":
+        return {"lr": 0.5}
+    if name == "momentum":
+        return {
+            "optimizer": torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.3)
+        }
+    return {"optimizer": torch.optim.Adam(model.parameters(), lr=0.01)}
+
+
+def _adam_steps(model, opt, loss_fn, batches, weight: float) -> dict:
+    """Three steps of ``opt`` on the gradient weight·Σ_b ∇L_b (under FSDP2 each rank passes its
+    own batches with weight 1 and the engine averages the ranks: one process passes all of them
+    with weight 1/2), then one more backward (a .grad the user holds); returns the parameters
+    before the last step, by name."""
+    for _ in range(3):
+        before = {k: p.detach().clone() for k, p in model.named_parameters()}
+        opt.zero_grad()
+        for x, t in batches:
+            (loss_fn(model(x), t) * weight).backward()
+        opt.step()
+    loss_fn(model(batches[0][0]), batches[0][1]).backward()
+    return before
+
+
+def _diagnose_all(model, loss_fn, data, batches, weight, train, measure=None, **backend) -> dict:
+    """The diagnoses with every optimizer of :data:`JUDGED` (Adam after its steps, with the
+    curvature along its last update), each with whether the model was left as found;
+    ``measure(name, kw)`` is called where each diagnosis stands (the reference's dense
+    Hessians)."""
+    out: dict = {}
+    for name in JUDGED:
+        kw = _judge(name, model)
+        if name == "adam":
+            before = _adam_steps(model, kw["optimizer"], loss_fn, batches, weight)
+        if measure is not None:
+            measure(name, kw)
+        found = _local_state(model)
+        d = cs.diagnose(model, loss_fn, data, train_batches=train, **kw, **backend)
+        out[name] = {"diagnosis": d, "untouched": _same(found, _local_state(model))}
+    u = cs.diagnosis.update_curvature(
+        model, loss_fn, data, before, kw["optimizer"], top=d.vectors["top"], **backend
+    )
+    out["update"] = u
+    out["update_untouched"] = _same(found, _local_state(model))
+    return out
+
+
+def _diagnose_worker(rank: int, port: int, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    case = smooth(n=N)
+    X, y = case.data
+    local = [(X[s], y[s]) for s in BATCHES[rank]]
+    model = case.model
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    case.loss_fn(model(local[0][0]), local[0][1]).backward()  # a sharded .grad the user holds
+    # each rank's i-th batch is its part of the i-th global mini-batch
+    result = _diagnose_all(model, case.loss_fn, local, local, 1.0, local, backend=FD)
+    result["sharded_params"] = type(next(model.parameters())).__name__
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    _end()
+
+
+def _union(i: int) -> torch.Tensor:
+    """The samples of the i-th global mini-batch: every rank's i-th local batch."""
+    return torch.cat([torch.arange(N)[BATCHES[r][i]] for r in range(WORLD)])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fsdp2_diagnose_by_finite_differences_equals_the_exact_single_process_diagnosis(tmp_path):
+    mp.start_processes(
+        _diagnose_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn"
+    )
+    # one process, exact products, all the data: the same points, the same Adam state
+    case = smooth(n=N)
+    X, y = case.data
+    model = case.model
+    every = [(X[s], y[s]) for r in range(WORLD) for s in BATCHES[r]]
+    train = [(X[_union(i)], y[_union(i)]) for i in range(len(BATCHES[0]))]
+    tolerance = {}  # name -> (H, the training batches' H, max(S)) where each diagnosis stands
+
+    def measure(name: str, kw: dict) -> None:
+        parts = [cases.dense_hessian(cases.Case("b", model, case.loss_fn, *b)) for b in train]
+        tolerance[name] = (cases.dense_hessian(case), parts, step_factor(model, kw))
+
+    want = _diagnose_all(model, case.loss_fn, case.data, every, 1.0 / WORLD, train, measure)
+    # H + 0.3·I is positive definite where SGD's diagnosis stands: its Newton decrement is compared
+    assert want["momentum"]["diagnosis"].evidence["newton_decrement"] is not None
+
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert got["sharded_params"] == "DTensor"
+        for name in JUDGED:
+            assert got[name]["untouched"], name
+            H, parts, scale = tolerance[name]
+            l2 = 0.3 if name == "momentum" else 0.0
+            assert_agrees(got[name]["diagnosis"], want[name]["diagnosis"], H, parts, scale, l2)
+        H, _, scale = tolerance["adam"]
+        u, v = got["update"], want["update"]
+        assert got["update_untouched"]
+        assert u.limit == v.limit
+        assert abs(u.curvature - v.curvature) <= scale * accuracy(H)
+        assert abs(u.top_curvature - v.top_curvature) <= scale * accuracy(H)
