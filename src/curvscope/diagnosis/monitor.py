@@ -51,6 +51,9 @@ MIN_EVERY = 10
 #: which it shares with the probes, and its checks come at least this many steps apart.
 UPDATE_SHARE = 0.5
 UPDATE_MIN_EVERY = 2
+#: A probe is due at once when a schedule has raised the learning rate this many times since
+#: the last probe (the limit halved: a warm-up), whatever the budget.
+LIMIT_HALVED = 2.0
 
 
 def _is_writer() -> bool:
@@ -86,8 +89,11 @@ class Monitor:
     for the next scheduled probe. Each check copies the trainable parameters at one step and
     measures at the next; the values are in :attr:`updates`, in the next probe's log record
     (``"updates"``: [step, curvature, top curvature] lists) and in TensorBoard. And every step,
-    for free, the Monitor reads the optimizer's learning rate: when a schedule has lowered the
-    limit (∝ 1/η) under the sharpness the last probe saw, it probes at once.
+    for free, the Monitor **forecasts**: it reads the optimizer's learning rate and probes at
+    once, whatever the cadence, when a schedule has halved the limit (∝ 1/η) since the last
+    probe (a warm-up), or when the sharpness the last probe saw, grown at the rate the last two
+    probes measured, has passed the alarm bound of the limit as the schedule moved it: a
+    verdict is looked at again when it has gone stale, not only when the budget allows.
 
     Each probe appends one JSON object to ``log``: "step", "state", "advice", "reasons" and the
     evidence keys at top level, after a header line (``"curvscope_log": 1``, the version, the
@@ -105,8 +111,10 @@ class Monitor:
         optimizer: the live optimizer (its limit and preconditioner are read at each probe).
         lr: instead, plain gradient descent at this rate.
         every: steps between probes; by default (None) the cadence adapts so that probes take
-            at most ``overhead`` (5%) of the wall time, timing the loop and the probes.
-        overhead: the share of wall time the default cadence may spend on probes.
+            at most ``overhead`` (5%) of the wall time, timing the loop and the probes. The
+            forecast's probes come on top, at any cadence: log₂(η_peak/η) of them in a warm-up
+            and one when the sharpness's growth is forecast to pass the limit.
+        overhead: the share of wall time the default cadence may spend on its planned probes.
         full_batch: whether the loop trains on the whole of ``probe_data`` each step (the
             edge-of-stability rules that read the shape of the training loss apply only then).
             By default (None) it is seen: the loss reported at the step after a probe was
@@ -212,7 +220,9 @@ class Monitor:
         self._next_probe = MIN_EVERY  # the adaptive cadence's plan (see _plan)
         self._next_update: int | None = None  # planned at the first probe
         self._updates_mark = 0
-        self._probe_lr: float | None = None  # the learning rate at the last probe
+        self._probe_lr: float | None = None  # the learning rate at the last probe ...
+        self._probe_steps: list[int] = []  # ... the steps of the probes in history ...
+        self._growth = 1.0  # ... and the sharpness's growth a step since the probe before
         self._state: StateEnum | None = None  # the last probe's state, as rank 0 decided it
         self._clock: float | None = None
         self.params = None if params is None else list(params)
@@ -282,7 +292,7 @@ class Monitor:
         return d
 
     def _probe_or_check(self) -> Diagnosis | None:
-        if self._due() or self._limit_moved_under():
+        if self._due() or self._forecast_due():
             self._before = None
             return self.probe()
         if not self._updates_on:
@@ -328,22 +338,34 @@ class Monitor:
             return None
         return max(float(g["lr"]) for g in groups)
 
-    def _limit_moved_under(self) -> bool:
-        """Whether a learning-rate schedule has moved the stability limit (∝ 1/η) under the
-        last probe's sharpness, by the margin (by EOS_SWING at the edge), since that probe —
-        which saw it above: a warm-up overshooting. Free (it reads the learning rate), checked
-        every step; a probe that already saw the sharpness past the bound had its say."""
+    def _forecast_due(self) -> bool:
+        """Whether the last verdict is stale, from what is free to know every step: the learning
+        rate (the limit ∝ 1/η) and the sharpness's growth between the last two probes.
+
+        A probe is due at once when (i) a schedule has halved the limit since the last probe
+        (η doubled: a warm-up) — the verdict was judged against a limit that no longer holds —
+        or (ii) the forecast sharpness s·g^Δk (g the growth per step the last two probes
+        measured, 1 when it did not grow or at the edge of stability) has crossed the alarm
+        bound (the margin; EOS_SWING at the edge) of the limit as the schedule moved it, from
+        below it at that probe: a probe that saw the sharpness past the bound had its say.
+        Both are bounded: (i) comes log₂(η_peak/η) times in a warm-up, and (ii) re-measures g,
+        so a forecast the probe does not confirm is not repeated."""
         if not self.history or self._probe_lr is None:
             return False
-        last = self.history[-1]
         lr = self._current_lr()
-        if self._state in (State.UNSTABLE, State.DIVERGED) or lr is None or lr <= self._probe_lr:
+        if self._state in (State.UNSTABLE, State.DIVERGED) or lr is None or lr <= 0:
             return False
+        if lr >= LIMIT_HALVED * self._probe_lr:
+            return True
+        last = self.history[-1]
         s, limit = effective_sharpness(last.evidence), last.evidence.get("stability_limit")
-        if s is None or limit is None or not math.isfinite(limit):
+        if s is None or limit is None or not math.isfinite(limit) or s <= 0:
             return False
-        bound = self._alarm_bound()
-        return s <= bound * limit < s * lr / self._probe_lr
+        bound = self._alarm_bound() * limit
+        if s > bound:
+            return False
+        since = self.steps - self._probe_steps[-1]
+        return s * self._growth**since * lr / self._probe_lr > bound
 
     def _alarm_bound(self) -> float:
         """The multiple of the limit past which an early probe is called: the margin, and at
@@ -473,6 +495,7 @@ class Monitor:
         self._state = d.state
         if int(code) != d.state.code:
             self._state = next((x for x in State if x.code == int(code)), d.state)
+        self._remember_growth(d)
         self._probe_lr = self._current_lr()
         self._probe_loss = d.evidence["loss"] if math.isfinite(d.evidence["loss"]) else None
         if "top" in d.vectors:
@@ -480,6 +503,7 @@ class Monitor:
             self._vector_names = tuple(d.evidence.get("layer_shares") or ())
         previous = self.history[-1].state if self.history else None
         self.history.append(d)
+        self._probe_steps.append(self.steps)
         self._write(
             {
                 "step": self.steps,
@@ -508,6 +532,18 @@ class Monitor:
         self._loss_mark = len(self.losses)
         return d
 
+    def _remember_growth(self, d: Diagnosis) -> None:
+        """The sharpness's growth per step from the previous probe to this one (for the
+        forecast; 1 when it did not grow, when either is unknown, and at the edge of
+        stability, where the sharpness swings rather than grows)."""
+        before = effective_sharpness(self.history[-1].evidence) if self.history else None
+        now = effective_sharpness(d.evidence)
+        since = self.steps - self._probe_steps[-1] if self._probe_steps else 0
+        self._growth = 1.0
+        grew = before is not None and now is not None and 0 < before < now and since > 0
+        if grew and self._state != State.EDGE_OF_STABILITY:
+            self._growth = (now / before) ** (1 / since)
+
     def _updates_since_last_probe(self) -> dict[str, Any]:
         new, self._updates_mark = self.updates[self._updates_mark :], len(self.updates)
         if not new:
@@ -528,6 +564,7 @@ class Monitor:
             previous_low=self._low,
             full_batch=self.full_batch if self.full_batch is not None else self._seen_full_batch,
             thresholds=self.thresholds,
+            steps=[*self._probe_steps, self.steps],
         )
         if state == d.state:
             return d

@@ -1,0 +1,103 @@
+"""The Monitor's forecast: a probe at once when the last verdict is stale by what is free to
+know every step — a schedule that halved the stability limit (a warm-up doubling the learning
+rate), or the sharpness's growth between the last two probes carried forward to the alarm
+bound — whatever the cadence's budget allows."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import curvscope as cs
+
+
+class _UV(nn.Module):
+    """f(x) = u·v·x fitted to 4 from u = v = 0.2: gradient descent sharpens from about 2.8 to
+    u² + v² = 8 on the way to the minimum manifold uv = 4 (progressive sharpening)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.u = nn.Parameter(torch.tensor([0.2], dtype=torch.float64))
+        self.v = nn.Parameter(torch.tensor([0.2], dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.u * self.v
+
+
+def _half_mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((out - y) ** 2).mean()
+
+
+def _loop(model, loss_fn, data, opt, mon, steps, schedule=None, probe_at=()):
+    """Train; ``mon.probe()`` by hand after the steps in ``probe_at``. Returns the steps at
+    which the Monitor probed by itself."""
+    own = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(model(data[0]), data[1])
+        loss.backward()
+        opt.step()
+        if schedule is not None:
+            schedule.step()
+        if mon.step(loss) is not None:
+            own.append(mon.steps)
+        if mon.steps in probe_at:
+            mon.probe()
+    return own
+
+
+def test_a_warm_up_probes_each_time_it_has_halved_the_limit():
+    """Least squares (a constant Hessian) under a linear warm-up that stays below the limit:
+    nothing else calls a probe, and one comes at each step where η first reaches twice the
+    rate of the previous probe — none once the warm-up has ended."""
+    p = cs.problems.get("least-squares")
+    model = p.make_model(0)
+    s = cs.diagnose(model, p.loss_fn, p.data, lr=0.1).evidence["sharpness"]
+    peak, warm = 0.5 * 2 / s, 60  # half the limit at the end of the warm-up
+    opt = torch.optim.SGD(model.parameters(), lr=peak)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm))
+    mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=1000, update_every=0)
+    own = _loop(model, p.loss_fn, p.data, opt, mon, 120, schedule, probe_at=(3,))
+    lr = [peak * min(1.0, (k + 1) / warm) for k in range(121)]  # the rate after step k
+    expected, last = [], lr[3]
+    for k in range(4, 121):
+        if lr[k] >= 2 * last:
+            expected.append(k)
+            last = lr[k]
+    assert own == expected == [7, 15, 31]  # 4/60 → 8/60 → 16/60 → 32/60 of the peak
+    assert {d.state for d in mon.history} == {"learning"}
+
+
+def test_the_sharpness_growth_between_two_probes_forecasts_the_crossing():
+    """Progressive sharpening at a constant rate: probes by hand at steps 10 and 20 measure the
+    growth g per step; the Monitor probes by itself at the first step k where s₂·g^(k−20)
+    passes the alarm bound 1.1 × the limit — and, that probe finding the sharpness levelling
+    off (the growth re-measured), not again."""
+    model = _UV()
+    data = (torch.ones(1, 1, dtype=torch.float64), torch.full((1, 1), 4.0, dtype=torch.float64))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)  # limit 40
+    mon = cs.Monitor(model, _half_mse, data, optimizer=opt, every=1000, update_every=0)
+    own = _loop(model, _half_mse, data, opt, mon, 100, probe_at=(10, 20))
+    (s1, s2), limit = [h.evidence["sharpness"] for h in mon.history[:2]], 40.0
+    assert mon.history[0].evidence["stability_limit"] == limit
+    growth = (s2 / s1) ** (1 / 10)
+    assert growth > 1.05  # sharpening: 2.8 → 7.7
+    bound = (1 + mon.thresholds.margin) * limit
+    crossing = next(k for k in range(21, 1000) if s2 * growth ** (k - 20) > bound)
+    assert own == [crossing]
+    assert mon.history[2].evidence["sharpness"] < 0.25 * limit  # not confirmed: levelled off
+    assert {d.state for d in mon.history} <= {"learning", "minimum"}
+
+
+def test_a_rising_rate_adds_no_probe_once_the_verdict_is_unstable():
+    """Past the limit the verdict already is unstable (the alarm is raised): a schedule that
+    keeps raising the rate adds no probe."""
+    p = cs.problems.get("least-squares")
+    model = p.make_model(0)
+    s = cs.diagnose(model, p.loss_fn, p.data, lr=0.1).evidence["sharpness"]
+    opt = torch.optim.SGD(model.parameters(), lr=1.5 * 2 / s)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 + k / 5)
+    mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=1000, update_every=0)
+    own = _loop(model, p.loss_fn, p.data, opt, mon, 12, schedule, probe_at=(1,))
+    assert mon.history[0].state == "unstable"
+    assert own == []
