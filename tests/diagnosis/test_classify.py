@@ -28,6 +28,7 @@ from curvscope.diagnosis.classify import (
     DEFAULT_THRESHOLDS,
     EOS_BAND,
     EOS_FLOOR,
+    EOS_HOLD,
     EOS_LIMIT_DRIFT,
     EOS_LOSS_RISE,
     EOS_PROBES,
@@ -319,9 +320,35 @@ def test_edge_of_stability_needs_the_sharpness_at_the_limit_for_eos_probes():
     assert history(near(), past=[near()]) == (State.LEARNING, ["own"])  # two probes only
     assert history(near(), past=[near(1.65), near()])[0] is State.LEARNING  # one outside
     assert history(near(), past=[near(1.65), near(), near()])[0] is State.EDGE_OF_STABILITY
-    assert history(near(2.35), past=[near(), near()])[0] is State.UNSTABLE  # 2.35: unstable
+    # 2.35 is outside the band: unstable (with a loss that did not fall: rule (d) aside)
+    assert history(near(2.35), past=[near(), near()], losses=(0.4, 0.41))[0] is State.UNSTABLE
     losses = [0.5, 0.6, 0.4]
     assert history(near(), [near(), near()], losses)[1][1] == "the loss falls, not monotonically"
+
+
+def test_with_the_probes_steps_the_edge_must_be_held_for_eos_hold_steps():
+    """Probes a step apart (the Monitor's forecast) do not show a sharpness *held* at the
+    limit: with ``steps`` rule (a) reads as many probes back as span EOS_HOLD steps."""
+    assert EOS_HOLD == 20
+
+    def at(steps, past):
+        return classify_history(
+            State.LEARNING,
+            ["own"],
+            near(),
+            past=past,
+            losses=(0.5, 0.4),
+            first_loss=1.0,
+            steps=steps,
+        )[0]
+
+    assert at([60, 80, 100], [near(), near()]) is State.EDGE_OF_STABILITY
+    assert at([98, 99, 100], [near(), near()]) is State.LEARNING  # near, not held
+    # extended back: the probe at step 70 is near too, the one at 50 is not
+    assert at([70, 98, 99, 100], [near(), near(), near()]) is State.EDGE_OF_STABILITY
+    assert at([50, 98, 99, 100], [near(1.5), near(), near()]) is State.LEARNING
+    with pytest.raises(ValueError, match="expected 3 steps, got 2"):
+        at([99, 100], [near(), near()])
 
 
 def test_edge_of_stability_reads_the_batch_sharpness_where_measured():
@@ -550,7 +577,9 @@ def test_a_sharpness_that_rose_past_a_constant_limit_while_the_loss_fell_is_the_
         "a loss that rises would be instability",
     ]
     assert _above(falling, past=[near(1.82, 2.5)], s=2.4)[0] is State.UNSTABLE  # lr rose
-    assert _above(falling, past=[near(2.1, 2.0)], s=2.4)[0] is State.UNSTABLE  # already above
+    assert _above(falling, past=[near(2.3, 2.0)], s=2.4)[0] is State.UNSTABLE  # already past
+    # just over the limit but within the margin (a forecast probe a few steps before; cnn-gd)
+    assert _above(falling, past=[near(2.1, 2.0)], s=2.4)[0] is State.EDGE_OF_STABILITY
     assert _above(falling[::-1], past=[near(1.82, 2.0)], s=2.4)[0] is State.UNSTABLE  # rising
     assert _above(falling, past=[near(1.82, 2.0)], s=6.2)[0] is State.UNSTABLE  # beyond 3x
     assert _above(falling, s=2.4)[0] is State.UNSTABLE  # no probe before

@@ -73,8 +73,13 @@ DEFAULT_THRESHOLDS = Thresholds()
 
 #: History, edge of stability: the sharpness within this fraction of the limit ...
 EOS_BAND = 0.15
-#: ... at this many consecutive probes.
+#: ... at this many consecutive probes ...
 EOS_PROBES = 3
+#: ... spanning at least this many steps where the probes' steps are known (the Monitor's: its
+#: forecast can probe a few steps apart, and a sharpness seen near the limit for three steps in
+#: a row has not been *held* there; 20 is the span of three probes at every=10, the cadence the
+#: rules were tuned at in benchmarks/verdicts.py) ...
+EOS_HOLD = 20
 #: ... at a steady learning rate: their stability limits within this fraction of each other
 #: (a warm-up that moves the limit down through the sharpness is a crossing, not the edge).
 EOS_LIMIT_DRIFT = 0.05
@@ -757,14 +762,18 @@ def _absorbed(
 
 
 def _sharpened_into(
-    evidence: Mapping[str, Any], past: Sequence[Mapping[str, Any]], losses: Sequence[float]
+    evidence: Mapping[str, Any],
+    past: Sequence[Mapping[str, Any]],
+    losses: Sequence[float],
+    margin: float,
 ) -> list[str] | None:
     """The reasons a sharpness that rose past the limit is the edge, or None: at the previous
-    probe it was below its limit, it is now within a factor :data:`EOS_SWING` of it, and
-    the loss since the previous probe has fallen. Gradient descent's own progressive
-    sharpening meets the limit this way and then typically holds the sharpness there rather
-    than diverging (Cohen et al. 2021); a quadratic has no sharpening, and a learning rate
-    raised past the limit moves the limit, not the sharpness."""
+    probe it was not past it by the margin (not unstable: below it, or, probed a few steps
+    earlier by the Monitor's forecast, just over it), it is now within a factor
+    :data:`EOS_SWING` of it, and the loss since the previous probe has fallen. Gradient
+    descent's own progressive sharpening meets the limit this way and then typically holds the
+    sharpness there rather than diverging (Cohen et al. 2021); a quadratic has no sharpening,
+    and a learning rate raised past the limit moves the limit, not the sharpness."""
     if not past or len(losses) < 2 or not all(math.isfinite(v) for v in losses):
         return None
     before = past[-1]
@@ -772,7 +781,7 @@ def _sharpened_into(
     s0, limit0 = effective_sharpness(before), before.get("stability_limit")
     if s is None or s0 is None or limit0 is None:
         return None
-    if not (s0 < limit0 and s <= EOS_SWING * limit and losses[-1] < losses[0]):
+    if not (s0 <= (1 + margin) * limit0 and s <= EOS_SWING * limit and losses[-1] < losses[0]):
         return None
     return [
         f"the sharpness rose past the stability limit {limit:.4g} at a steady learning rate "
@@ -864,6 +873,7 @@ def classify_history(
     previous_low: float | None = None,
     thresholds: Thresholds = DEFAULT_THRESHOLDS,
     full_batch: bool | None = None,
+    steps: Sequence[int] | None = None,
 ) -> tuple[StateEnum, list[str]]:
     """Refine one probe's verdict with what only history shows (the Monitor's rules).
 
@@ -877,7 +887,8 @@ def classify_history(
       stability limits (Cohen et al. 2021; for the batch sharpness: not
       ``thresholds.confidence`` standard errors outside the band, and known to within it),
       and those limits are within :data:`EOS_LIMIT_DRIFT` (5%) of each other (no warm-up
-      moving the limit through the sharpness);
+      moving the limit through the sharpness) — with ``steps``, as many probes back as it
+      takes to span :data:`EOS_HOLD` (20) steps: held, not seen three steps in a row;
       (b) the previous probe was at the edge and the sharpness stays within
       :data:`EOS_FLOOR`-:data:`EOS_SWING` (0.5-3) times the limit: at the edge it swings past
       the limit and back, and a single probe outside the band is not instability;
@@ -885,8 +896,9 @@ def classify_history(
       absorb the overshoot: they oscillate and reach a new low in their last
       :data:`ABSORB_END` steps (a catapult, a period-2 orbit whose low points fall);
       (d) for full-batch training, an *unstable* probe whose sharpness rose past the same
-      limit since the previous probe (no schedule moved it), to at most :data:`EOS_SWING`
-      times it, while the loss fell: progressive sharpening meeting the edge.
+      limit (no schedule moved it) since the previous probe, where it was not past it by the
+      margin, to at most :data:`EOS_SWING` times it, while the loss fell: progressive
+      sharpening meeting the edge.
 
     A run whose learning rate rises past its limit (a warm-up), or whose sharpness sits above
     the limit from the start (a quadratic), or whose loss stops falling, stays *unstable*.
@@ -903,6 +915,8 @@ def classify_history(
             batch unless a batch sharpness was measured). Rules (c) and (d) read their shape,
             which mini-batch noise would make up.
         thresholds: the :class:`Thresholds` (``confidence``).
+        steps: the steps of the ``past`` probes and of this one (None: rule (a) reads the last
+            :data:`EOS_PROBES` probes whatever their steps).
 
     Returns:
         (state, reasons): the refined verdict; the probe's own when history changes nothing.
@@ -926,8 +940,10 @@ def classify_history(
     # (c) and (d) read the losses' shape: not where mini-batch noise shapes them
     full_batch = (full_batch is None or full_batch) and evidence.get("batch_sharpness") is None
     if edge is None and state == State.UNSTABLE and full_batch and _steady(evidence, past[-1:]):
-        edge = _absorbed(evidence, losses, previous_low) or _sharpened_into(evidence, past, losses)
-    edge = edge or _held_at_edge(evidence, past, losses, z)  # (a)
+        edge = _absorbed(evidence, losses, previous_low) or _sharpened_into(
+            evidence, past, losses, thresholds.margin
+        )
+    edge = edge or _held_at_edge(evidence, past, losses, z, steps)  # (a)
     return (State.EDGE_OF_STABILITY, edge) if edge else (state, list(reasons))
 
 
@@ -936,11 +952,24 @@ def _held_at_edge(
     past: Sequence[Mapping[str, Any]],
     losses: Sequence[float],
     z: float,
+    steps: Sequence[int] | None,
 ) -> list[str] | None:
     """The reasons the sharpness is held at the limit (rule (a) of :func:`classify_history`),
-    or None: it and those of the :data:`EOS_PROBES` − 1 probes before it are near their limits,
-    which a schedule has not moved more than :data:`EOS_LIMIT_DRIFT`."""
-    recent = [evidence, *reversed(past[-(EOS_PROBES - 1) :])]
+    or None: it and those of the :data:`EOS_PROBES` − 1 probes before it — and, with ``steps``,
+    of as many more as it takes to span :data:`EOS_HOLD` steps — are near their limits, which
+    a schedule has not moved more than :data:`EOS_LIMIT_DRIFT`."""
+    back = EOS_PROBES - 1
+    if steps is not None:
+        if len(steps) != len(past) + 1:
+            raise ValueError(
+                f"steps must give the step of each past probe and of this one: expected "
+                f"{len(past) + 1} steps, got {len(steps)}"
+            )
+        while back < len(past) and steps[-1] - steps[-1 - back] < EOS_HOLD:
+            back += 1
+        if steps[-1] - steps[-1 - min(back, len(past))] < EOS_HOLD:
+            return None  # not held for long enough yet
+    recent = [evidence, *reversed(past[len(past) - back :])] if back else [evidence]
     if len(recent) < EOS_PROBES or not all(_near_limit(ev, z) for ev in recent):
         return None
     if not _steady(evidence, recent[1:]):  # a schedule moving the limit
