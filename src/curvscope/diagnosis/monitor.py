@@ -33,6 +33,7 @@ from curvscope.diagnosis.diagnosis import (
     DEFAULT_BUDGET,
     Diagnosis,
     UpdateCheck,
+    _Products,
     diagnose,
     update_curvature,
 )
@@ -140,6 +141,9 @@ class Monitor:
         train_batches: for mini-batch training, batches like those the optimizer steps on:
             the batch sharpness is measured at each probe and is what the edge of stability
             and the unstable verdict are judged on (see :func:`~curvscope.diagnose`).
+        backend, fd_eps: how the probes and the cheap tier compute their products, as for
+            :func:`~curvscope.diagnose`: ``"finite_difference"`` for a model only its engine
+            can differentiate (FSDP2).
 
     Raises:
         ValueError, TypeError: an invalid argument (the message names it).
@@ -185,6 +189,8 @@ class Monitor:
         callback: Callable[[Diagnosis, str | None], None] | None = None,
         train_batches: Iterable[Any] | None = None,
         tensorboard: Any = None,
+        backend: str = "double_backward",
+        fd_eps: float | None = None,
     ) -> None:
         if every is not None and (not isinstance(every, int) or every < 1):
             raise ValueError(f"every must be a positive integer (steps) or None, got {every!r}")
@@ -193,6 +199,7 @@ class Monitor:
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable as callback(diagnosis, previous_state)")
         check_log_mode(log_mode)
+        self._products = _Products.checked(backend, fd_eps)
         if update_every is not None:
             check_int(update_every, "update_every", minimum=0)
         self.model, self.loss_fn, self.probe_data = model, loss_fn, probe_data
@@ -430,6 +437,8 @@ class Monitor:
             seed=self.seed,
             reduction=self.reduction,
             top=None if warm is None else warm[:, 0],
+            backend=self._products.backend,
+            fd_eps=self._products.fd_eps,
         )
         self._last_update_seconds = time.perf_counter() - start
         self.update_seconds += self._last_update_seconds
@@ -483,6 +492,8 @@ class Monitor:
             v0=self._warm_start(),
             train_batches=self.train_batches,
             adaptive=self.adaptive,
+            backend=self._products.backend,
+            fd_eps=self._products.fd_eps,
         )
         if update is not None:
             evidence = Evidence.from_mapping({**d.evidence, "update_curvature": update})
