@@ -52,8 +52,12 @@ every 10): the absorbed overshoot (``ABSORB_STEPS`` 4, ``ABSORB_END`` 2) on ``gd
 ``plateau-4layer``; progressive sharpening into the edge on ``cnn-gd``; ``EOS_FLOOR`` 0.5 and
 ``EOS_SWING`` 3 (from 2) on ``gd-logreg-past``; ``EOS_LOSS_RISE`` 2 from the issue's measured
 1.6x; ``EOS_LIMIT_DRIFT`` 0.05 on ``momentum-warmup-past``; the full-batch sharpness judging
-mini-batch training too on ``lm-adam-past``. The ground-truth constants above (BLOWUP,
-HEALTHY_DROP, ESCAPE, CONVERGED) are definitions, not tuned.
+mini-batch training too on ``lm-adam-past``. Once the Monitor's forecast probed a few steps
+apart: rule (a) held over ``EOS_HOLD`` (20) steps, the span of three probes at every 10 (not
+tuned), on ``momentum-warmup-past``, and rule (d)'s previous probe allowed just over the limit
+within the margin on ``cnn-gd``; the forecast's ``LIMIT_HALVED`` (2) was the first value tried.
+The ground-truth constants above (BLOWUP, HEALTHY_DROP, ESCAPE, CONVERGED) are definitions, not
+tuned.
 
 The third cadence adds the Monitor's cheap tier every ``UPDATE_EVERY`` (2) steps: it shows what
 the tier does to the lead time and to false alarms.
