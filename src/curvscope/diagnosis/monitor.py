@@ -551,8 +551,9 @@ class Monitor:
         now = effective_sharpness(d.evidence)
         since = self.steps - self._probe_steps[-1] if self._probe_steps else 0
         self._growth = 1.0
-        grew = before is not None and now is not None and 0 < before < now and since > 0
-        if grew and self._state != State.EDGE_OF_STABILITY:
+        if before is None or now is None or self._state == State.EDGE_OF_STABILITY:
+            return
+        if 0 < before < now and since > 0:
             self._growth = (now / before) ** (1 / since)
 
     def _updates_since_last_probe(self) -> dict[str, Any]:
