@@ -886,11 +886,20 @@ def findings(outcomes: Sequence[Outcome]) -> list[str]:
 
 def thresholds_line() -> str:
     th = rules.DEFAULT_THRESHOLDS.as_dict()
-    extra = {
-        k: getattr(rules, k)
-        for k in ("EOS_BAND", "EOS_PROBES", "EXPLOSION", "EOS_SWING", "EOS_LOSS_RISE")
-        if hasattr(rules, k)
-    }
+    names = (
+        "EOS_BAND",
+        "EOS_PROBES",
+        "EOS_HOLD",
+        "EOS_LIMIT_DRIFT",
+        "EXPLOSION",
+        "EOS_FLOOR",
+        "EOS_SWING",
+        "EOS_LOSS_RISE",
+        "ABSORB_STEPS",
+        "ABSORB_END",
+    )
+    extra = {k: getattr(rules, k) for k in names if hasattr(rules, k)}
+    extra["LIMIT_HALVED"] = cs.diagnosis.monitor.LIMIT_HALVED  # the Monitor's forecast
     return "Thresholds " + ", ".join(f"{k} {v:g}" for k, v in {**th, **extra}.items())
 
 
