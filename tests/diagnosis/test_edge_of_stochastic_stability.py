@@ -133,10 +133,13 @@ def test_the_monitor_holds_the_edge_of_stochastic_stability(seed, lr):
         torch.set_num_threads(threads)
     limit = 2 / lr
     for mon in monitors:
-        assert len(mon.history) == 12  # every 250 steps
-        assert all(d.state != "unstable" for d in mon.history[6:])
-        assert [d.state for d in mon.history[-4:]] == ["edge_of_stability"] * 4
-        for d in mon.history[-4:]:
+        scheduled = [d for k, d in zip(mon.probe_steps, mon.history, strict=True) if k % 250 == 0]
+        assert len(scheduled) == 12  # every 250 steps ...
+        assert len(mon.history) <= 14  # ... and the forecast's: the batch sharpness grows 8-16x
+        late = [d for k, d in zip(mon.probe_steps, mon.history, strict=True) if k >= 1750]
+        assert all(d.state != "unstable" for d in late)
+        assert [d.state for d in scheduled[-4:]] == ["edge_of_stability"] * 4
+        for d in scheduled[-4:]:
             assert "the batch sharpness" in d.reasons[0]
             ev = d.evidence
             assert 8 <= ev["batches"] <= 32

@@ -66,6 +66,7 @@ def test_a_warm_up_probes_each_time_it_has_halved_the_limit():
             expected.append(k)
             last = lr[k]
     assert own == expected == [7, 15, 31]  # 4/60 → 8/60 → 16/60 → 32/60 of the peak
+    assert mon.probe_steps == [3, 7, 15, 31]  # the hand-made probe's step too
     assert {d.state for d in mon.history} == {"learning"}
 
 

@@ -228,7 +228,9 @@ class Monitor:
         self._next_update: int | None = None  # planned at the first probe
         self._updates_mark = 0
         self._probe_lr: float | None = None  # the learning rate at the last probe ...
-        self._probe_steps: list[int] = []  # ... the steps of the probes in history ...
+        #: The step of each diagnosis in :attr:`history` (the forecast's probes come between
+        #: the cadence's).
+        self.probe_steps: list[int] = []
         self._growth = 1.0  # ... and the sharpness's growth a step since the probe before
         self._state: StateEnum | None = None  # the last probe's state, as rank 0 decided it
         self._clock: float | None = None
@@ -371,7 +373,7 @@ class Monitor:
         bound = self._alarm_bound() * limit
         if s > bound:
             return False
-        since = self.steps - self._probe_steps[-1]
+        since = self.steps - self.probe_steps[-1]
         return s * self._growth**since * lr / self._probe_lr > bound
 
     def _alarm_bound(self) -> float:
@@ -514,7 +516,7 @@ class Monitor:
             self._vector_names = tuple(d.evidence.get("layer_shares") or ())
         previous = self.history[-1].state if self.history else None
         self.history.append(d)
-        self._probe_steps.append(self.steps)
+        self.probe_steps.append(self.steps)
         self._write(
             {
                 "step": self.steps,
@@ -549,7 +551,7 @@ class Monitor:
         stability, where the sharpness swings rather than grows)."""
         before = effective_sharpness(self.history[-1].evidence) if self.history else None
         now = effective_sharpness(d.evidence)
-        since = self.steps - self._probe_steps[-1] if self._probe_steps else 0
+        since = self.steps - self.probe_steps[-1] if self.probe_steps else 0
         self._growth = 1.0
         if before is None or now is None or self._state == State.EDGE_OF_STABILITY:
             return
@@ -576,7 +578,7 @@ class Monitor:
             previous_low=self._low,
             full_batch=self.full_batch if self.full_batch is not None else self._seen_full_batch,
             thresholds=self.thresholds,
-            steps=[*self._probe_steps, self.steps],
+            steps=[*self.probe_steps, self.steps],
         )
         if state == d.state:
             return d
