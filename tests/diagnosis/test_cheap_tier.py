@@ -187,7 +187,11 @@ def test_the_cheap_tier_runs_with_the_default_cadence_and_a_fixed_one_only_when_
 
 @pytest.mark.parametrize(
     ("value", "error", "match"),
-    [(-1, ValueError, "update_every"), (1.5, TypeError, "update_every"), (True, TypeError, "")],
+    [
+        (-1, ValueError, "update_every"),
+        (1.5, TypeError, "update_every"),
+        (True, TypeError, r"update_every.*bool"),
+    ],
 )
 def test_update_every_is_checked(value, error, match):
     p, model = _quadratic()
