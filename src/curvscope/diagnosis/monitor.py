@@ -227,11 +227,11 @@ class Monitor:
         self._next_probe = MIN_EVERY  # the adaptive cadence's plan (see _plan)
         self._next_update: int | None = None  # planned at the first probe
         self._updates_mark = 0
-        self._probe_lr: float | None = None  # the learning rate at the last probe ...
         #: The step of each diagnosis in :attr:`history` (the forecast's probes come between
         #: the cadence's).
         self.probe_steps: list[int] = []
-        self._growth = 1.0  # ... and the sharpness's growth a step since the probe before
+        self._probe_lr: float | None = None  # the learning rate at the last probe, and the
+        self._growth = 1.0  # sharpness's growth a step from the probe before to it (forecast)
         self._state: StateEnum | None = None  # the last probe's state, as rank 0 decided it
         self._clock: float | None = None
         self.params = None if params is None else list(params)
@@ -373,8 +373,10 @@ class Monitor:
         bound = self._alarm_bound() * limit
         if s > bound:
             return False
-        since = self.steps - self.probe_steps[-1]
-        return s * self._growth**since * lr / self._probe_lr > bound
+        since = self.steps - self.probe_steps[-1]  # in logs: g^Δk overflows a float
+        return math.log(s) + since * math.log(self._growth) + math.log(lr / self._probe_lr) > (
+            math.log(bound)
+        )
 
     def _alarm_bound(self) -> float:
         """The multiple of the limit past which an early probe is called: the margin, and at
