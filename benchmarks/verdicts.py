@@ -1,6 +1,7 @@
 """Verdict accuracy: the Monitor against real training runs whose outcome is known.
 
-    python benchmarks/verdicts.py [--quick] [--every 10] [--update-every 2] [--only NAME ...]
+    python benchmarks/verdicts.py [--quick | --held-out] [--every 10] [--update-every 2]
+                                  [--only NAME ...]
 
 Each run is trained to its end (or to its blow-up) three times, with a
 :class:`curvscope.Monitor` at its default cadence (``every=None``: adaptive, probes at most 5% of
@@ -61,6 +62,22 @@ tuned.
 
 The third cadence adds the Monitor's cheap tier every ``UPDATE_EVERY`` (2) steps: it shows what
 the tier does to the lead time and to false alarms.
+
+**Held-out runs** (``--held-out``, :func:`held_out`): 18 runs never used to tune anything, added
+with issue 14's out-of-sample measurement after the rules and the forecast above were final (on
+top of 9ebfb58). They differ from the suite in data (iris, breast cancer as two classes, wine
+under MSE, digits at 200, 300 and 1,000 rows, Gaussian teacher-student regression), models
+(ReLU and GELU MLPs, LayerNorm, a deeper MLP, a CNN with train-mode BatchNorm, an nn.GRU and
+an nn.LSTM reading a digit row by row), optimizers (Nesterov SGD, RMSprop, Adam with coupled
+weight decay), schedules (cosine and step decay, OneCycleLR, a manual jump of the rate
+mid-run) and batch sizes (8, 32, 64); 12 are designed healthy (well below the limit, a
+catapult, at the edge, mini-batch at the edge of stochastic stability) and 6 to diverge
+(warm-ups past the limit, a jump past it, Adam too fast). Each run's hyper-parameters were
+picked, and its outcome checked by the ground truth above, by training it without a Monitor
+(the edge runs also with a power iteration on Hessian-vector products, not curvscope's) before any Monitor
+looked at it; candidates that missed their design then (a BatchNorm CNN whose loss cannot blow
+up 10x, Adam whose "blow-up" was a 1e-12 loss moving) were replaced then, and no run was changed
+or dropped after its verdicts were seen. The same scores and tables are printed.
 """
 
 from __future__ import annotations
@@ -271,6 +288,44 @@ class Setup:
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """A learning-rate schedule of the held-out runs, after the run's linear warm-up if it has
+    one: ``cosine`` decay to 0 over the run, ``step`` decay (× ``factor`` each third of the run),
+    torch's ``onecycle`` (OneCycleLR to the run's lr, its default shape and momentum cycling), or
+    a manual ``jump`` of the rate to ``factor`` × lr at step ``at``."""
+
+    kind: str  # "cosine" | "step" | "onecycle" | "jump"
+    factor: float = 1.0
+    at: int = 0
+
+    def label(self, steps: int) -> str:
+        if self.kind == "cosine":
+            return "cosine decay"
+        if self.kind == "step":
+            return f"step decay x{self.factor:g} every {max(1, steps // 3)}"
+        if self.kind == "onecycle":
+            return "OneCycleLR"
+        return f"lr x{self.factor:g} at step {self.at}"
+
+    def build(self, opt: torch.optim.Optimizer, steps: int, warmup: int) -> Any:
+        if self.kind == "onecycle":
+            lr = max(float(g["lr"]) for g in opt.param_groups)
+            return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps + 1)
+        if self.kind not in ("cosine", "step", "jump"):
+            raise ValueError(f"unknown schedule {self.kind!r}")
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda t: min(1.0, (t + 1) / warmup if warmup else 1.0) * self.shape(t, steps)
+        )
+
+    def shape(self, t: int, steps: int) -> float:
+        if self.kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps))
+        if self.kind == "step":
+            return self.factor ** (t // max(1, steps // 3))
+        return self.factor if t >= self.at else 1.0
+
+
+@dataclass(frozen=True)
 class Spec:
     """A run of the suite: its name, what it trains, and how to build it."""
 
@@ -284,6 +339,7 @@ class Spec:
     batch: int | None = None
     kind: str = "run"  # "saddle" and "plateau" runs are scored on those states too
     quick: bool = False  # in the CI subset
+    schedule: Schedule | None = None  # held-out runs: a schedule other than a linear warm-up
 
 
 def _optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -295,6 +351,13 @@ def _optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torch.op
         return torch.optim.Adam(params, lr=lr)
     if name == "AdamW":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    # the held-out runs' optimizers
+    if name == "SGD+nesterov":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+    if name == "RMSprop":
+        return torch.optim.RMSprop(params, lr=lr)
+    if name == "Adam+wd":  # L2 in the gradient (coupled), not AdamW's decoupled decay
+        return torch.optim.Adam(params, lr=lr, weight_decay=1e-2)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -535,6 +598,349 @@ def suite() -> list[Spec]:
     if _transformers_importable():
         runs.append(_spec("hf-bert-adamw-warmup", "HF BERT", "AdamW", 5e-3, 200, bert, warmup=40))
     return runs
+
+
+# ----------------------------------------------------------------------------- held-out runs
+
+
+@functools.cache
+def iris() -> tuple[Tensor, Tensor]:
+    from sklearn.datasets import load_iris
+
+    d = load_iris()
+    return _standardise(torch.as_tensor(d.data, dtype=torch.float64)), torch.as_tensor(d.target)
+
+
+@functools.cache
+def cancer_classes() -> tuple[Tensor, Tensor]:
+    """Breast cancer's 30 standardised features, its label as a class index (for CE)."""
+    x, y = cs.problems.load_breast_cancer()
+    return x, y.reshape(-1).long()
+
+
+@functools.cache
+def teacher_student(n: int = 512, d: int = 16, width: int = 32, seed: int = 0):
+    """Gaussian inputs labelled by a fixed random ReLU teacher (2 hidden layers), the targets
+    standardised: tests/diagnosis/test_edge_of_stochastic_stability.py's task, smaller."""
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    teacher = act_mlp([d, width, width, 1], nn.ReLU, seed=10_000 + seed)
+    with torch.no_grad():
+        y = teacher(x)
+    return x, (y - y.mean(0)) / y.std(0)
+
+
+def act_mlp(
+    sizes: Sequence[int], act: Callable[[], nn.Module], seed: int = 0, norm: bool = False
+) -> nn.Module:
+    """Linear layers of ``sizes`` with ``act`` between them (LayerNorm before each if ``norm``),
+    in float64."""
+
+    def build() -> nn.Module:
+        layers: list[nn.Module] = []
+        for a, b in itertools.pairwise(sizes[:-1]):
+            layers += [nn.Linear(a, b), *([nn.LayerNorm(b)] if norm else []), act()]
+        layers.append(nn.Linear(sizes[-2], sizes[-1]))
+        return nn.Sequential(*layers).double()
+
+    return _seeded(seed, build)
+
+
+def bn_cnn(seed: int = 0) -> nn.Module:
+    """The suite's CNN with a BatchNorm after each convolution (trained in train mode)."""
+    return _seeded(
+        seed,
+        lambda: nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64, 10),
+        ),
+    )
+
+
+class RowRNN(nn.Module):
+    """A digit image read as a sequence of its 8 rows of 8 pixels by an nn.GRU or nn.LSTM; the
+    last hidden state classifies it."""
+
+    def __init__(self, cell: str, hidden: int = 16) -> None:
+        super().__init__()
+        self.rnn = (nn.GRU if cell == "gru" else nn.LSTM)(8, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x.reshape(-1, 8, 8))
+        return self.head(out[:, -1])
+
+
+def _held_setup(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Tensor], Tensor],
+    data: tuple[Any, Tensor],
+    opt: str,
+    lr: float,
+    warmup: int,
+    batch: int | None,
+    steps: int,
+    schedule: Schedule | None,
+    probe_rows: int = 512,
+) -> Setup:
+    s = _setup(model, loss_fn, data, opt, lr, warmup, batch, probe_rows)
+    if schedule is not None:
+        s.scheduler = schedule.build(s.optimizer, steps, warmup)
+    return s
+
+
+def _one_hot(data: tuple[Tensor, Tensor], classes: int) -> tuple[Tensor, Tensor]:
+    return data[0], F.one_hot(data[1], classes).to(data[0].dtype)
+
+
+def _float(data: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    return data[0].float(), data[1]
+
+
+def _held(
+    name: str,
+    model: str,
+    opt: str,
+    lr: float,
+    steps: int,
+    net: Callable[[], nn.Module],
+    loss_fn: Callable[[Any, Tensor], Tensor],
+    data: Callable[[], tuple[Any, Tensor]],
+    warmup: int = 0,
+    batch: int | None = None,
+    schedule: Schedule | None = None,
+    probe_rows: int = 512,
+) -> Spec:
+    def build() -> Setup:
+        return _held_setup(
+            net(), loss_fn, data(), opt, lr, warmup, batch, steps, schedule, probe_rows
+        )
+
+    return Spec(name, model, opt, lr, steps, build, warmup, batch, schedule=schedule)
+
+
+def held_out() -> list[Spec]:
+    """Runs never used to tune anything (added with issue 14's out-of-sample measurement, after
+    the rules and the forecast were final): other data, models, optimizers, schedules and batch
+    sizes than :func:`suite`'s. Each run's hyper-parameters were chosen, and its outcome checked
+    without a Monitor, before any Monitor looked at it; none was changed or dropped after."""
+    ce, mse = nn.CrossEntropyLoss(), nn.MSELoss()
+    relu, gelu, tanh = nn.ReLU, nn.GELU, nn.Tanh
+    return [
+        # healthy: well below the limit, other data and optimizers and schedules
+        _held(
+            "iris-relu-gd",
+            "ReLU MLP iris",
+            "GD",
+            0.5,
+            300,
+            lambda: act_mlp([4, 16, 3], relu),
+            ce,
+            iris,
+        ),
+        _held(
+            "iris-gelu-nesterov-cosine",
+            "GELU MLP iris",
+            "SGD+nesterov",
+            0.1,
+            300,
+            lambda: act_mlp([4, 32, 3], gelu),
+            ce,
+            iris,
+            schedule=Schedule("cosine"),
+        ),
+        _held(
+            "iris-gd-jump-safe",
+            "GELU MLP iris",
+            "GD",
+            0.05,
+            300,
+            lambda: act_mlp([4, 16, 3], gelu),
+            ce,
+            iris,
+            schedule=Schedule("jump", 4, 150),
+        ),
+        _held(
+            "cancer-gelu-adamwd",
+            "GELU MLP cancer",
+            "Adam+wd",
+            1e-2,
+            200,
+            lambda: act_mlp([30, 16, 2], gelu),
+            ce,
+            cancer_classes,
+        ),
+        _held(
+            "cancer-relu-rmsprop-b64",
+            "ReLU MLP cancer",
+            "RMSprop",
+            1e-3,
+            300,
+            lambda: act_mlp([30, 32, 2], relu),
+            ce,
+            cancer_classes,
+            batch=64,
+            schedule=Schedule("step", 0.3),
+        ),
+        _held(
+            "digits200-momentum-onecycle",
+            "tanh MLP digits 200",
+            "SGD+momentum",
+            0.5,
+            300,
+            lambda: act_mlp([64, 32, 10], tanh),
+            ce,
+            lambda: digits(200),
+            schedule=Schedule("onecycle"),
+        ),
+        _held(
+            "cnn-bn-nesterov-b32",
+            "BatchNorm CNN digits",
+            "SGD+nesterov",
+            0.05,
+            200,
+            bn_cnn,
+            ce,
+            lambda: _float(digits(500)),
+            batch=32,
+            schedule=Schedule("cosine"),
+            probe_rows=256,
+        ),
+        _held(
+            "gru-digits-adam-b64",
+            "GRU digit rows",
+            "Adam",
+            1e-2,
+            200,
+            lambda: _seeded(0, lambda: RowRNN("gru")),
+            ce,
+            lambda: _float(digits(500)),
+            batch=64,
+            probe_rows=256,
+        ),
+        # healthy above or at the limit: a catapult (1.27x the limit at the start, then far
+        # below), full-batch GD at the edge, mini-batch SGD at the edge of stochastic stability
+        _held(
+            "wine-layernorm-gd-catapult",
+            "LayerNorm MLP wine",
+            "GD",
+            1.0,
+            400,
+            lambda: act_mlp([13, 32, 3], tanh, norm=True),
+            ce,
+            wine,
+        ),
+        _held(
+            "wine-layernorm-mse-gd-edge",
+            "LayerNorm MLP wine",
+            "GD",
+            0.55,
+            400,
+            lambda: act_mlp([13, 32, 3], tanh, norm=True),
+            mse,
+            lambda: _one_hot(wine(), 3),
+        ),
+        _held(
+            "digits1000-deep-gd-edge",
+            "deep ReLU MLP digits 1000",
+            "GD",
+            1.0,
+            400,
+            lambda: act_mlp([64, 32, 32, 32, 10], relu),
+            mse,
+            lambda: _one_hot(digits(1000), 10),
+        ),
+        _held(
+            "teacher-sgd-b8-eoss",
+            "ReLU MLP teacher-student",
+            "GD",
+            0.15,
+            800,
+            lambda: act_mlp([16, 32, 32, 1], relu),
+            mse,
+            teacher_student,
+            batch=8,
+        ),
+        # diverging: warm-up past the limit, a mid-run jump past it, Adam too fast
+        _held(
+            "digits300-gelu-warmup-past",
+            "GELU MLP digits 300",
+            "GD",
+            20.0,
+            300,
+            lambda: act_mlp([64, 32, 10], gelu),
+            mse,
+            lambda: _one_hot(digits(300), 10),
+            warmup=100,
+        ),
+        _held(
+            "wine-nesterov-warmup-cosine-past",
+            "GELU MLP wine",
+            "SGD+nesterov",
+            2.0,
+            300,
+            lambda: act_mlp([13, 32, 3], gelu),
+            mse,
+            lambda: _one_hot(wine(), 3),
+            warmup=100,
+            schedule=Schedule("cosine"),
+        ),
+        _held(
+            "lstm-digits300-momentum-warmup-past",
+            "LSTM digit rows",
+            "SGD+momentum",
+            20.0,
+            300,
+            lambda: _seeded(0, lambda: RowRNN("lstm")),
+            ce,
+            lambda: _float(digits(300)),
+            warmup=100,
+            batch=64,
+            probe_rows=128,
+        ),
+        _held(
+            "iris-mse-jump-past",
+            "ReLU MLP iris",
+            "GD",
+            0.1,
+            300,
+            lambda: act_mlp([4, 16, 3], relu),
+            mse,
+            lambda: _one_hot(iris(), 3),
+            schedule=Schedule("jump", 50, 150),
+        ),
+        _held(
+            "teacher-rmsprop-jump-past",
+            "ReLU MLP teacher-student",
+            "RMSprop",
+            1e-3,
+            300,
+            lambda: act_mlp([16, 32, 32, 1], relu),
+            mse,
+            teacher_student,
+            batch=32,
+            schedule=Schedule("jump", 30, 150),
+        ),
+        _held(
+            "teacher-adam-warmup-past",
+            "ReLU MLP teacher-student",
+            "Adam",
+            0.3,
+            300,
+            lambda: act_mlp([16, 32, 32, 1], relu),
+            mse,
+            teacher_student,
+            warmup=50,
+        ),
+    ]
 
 
 # ---------------------------------------------------------------------------- training
@@ -839,6 +1245,7 @@ def runs_table(outcomes: Sequence[Outcome]) -> str:
                 sp.model,
                 sp.optimizer
                 + (f", warm-up {sp.warmup}" if sp.warmup else "")
+                + (f", {sp.schedule.label}" if sp.schedule else "")
                 + (f", batch {sp.batch}" if sp.batch else ""),
                 f"{sp.lr:g}",
                 truth,
@@ -941,16 +1348,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="the cheap tier's cadence in the third configuration (steps)",
     )
     ap.add_argument("--only", nargs="*", help="run only these runs (by name)")
+    ap.add_argument(
+        "--held-out",
+        action="store_true",
+        help="the held-out runs (never used to tune anything) instead of the suite",
+    )
     args = ap.parse_args(argv)
+    if args.held_out and args.quick:
+        ap.error("--quick selects the suite's CI subset; the held-out runs have none")
     torch.set_num_threads(1)
-    specs = [s for s in suite() if (s.quick or not args.quick)]
+    runs = held_out() if args.held_out else suite()
+    specs = [s for s in runs if (s.quick or not args.quick)]
     if args.only:
         specs = [s for s in specs if s.name in args.only]
     cadences = [Cadence(None), Cadence(args.every), Cadence(args.every, args.update_every)]
     start = time.process_time()
     results = run_suite(specs, cadences, echo=True)
     cpu = time.process_time() - start
-    print(f"### Verdict accuracy: {len(specs)} runs, {cpu:.0f} CPU-s\n")
+    title = "Verdict accuracy, held-out runs" if args.held_out else "Verdict accuracy"
+    print(f"### {title}: {len(specs)} runs, {cpu:.0f} CPU-s\n")
     print(summary_table({c: score(o) for c, o in results.items()}))
     for c, outcomes in results.items():
         print(f"\n#### Runs, Monitor {c.label}\n")
@@ -960,7 +1376,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("\n#### Wrong verdicts, with the evidence of the probe\n")
         print("\n".join(lines))
     print(f"\n{thresholds_line()}.")
-    if not _transformers_importable():
+    if not args.held_out and not _transformers_importable():
         print("(transformers' models are not importable here: the Hugging Face run is left out)")
 
 
