@@ -74,10 +74,10 @@ mid-run) and batch sizes (8, 32, 64); 12 are designed healthy (well below the li
 catapult, at the edge, mini-batch at the edge of stochastic stability) and 6 to diverge
 (warm-ups past the limit, a jump past it, Adam too fast). Each run's hyper-parameters were
 picked, and its outcome checked by the ground truth above, by training it without a Monitor
-(the edge runs also with a power iteration on Hessian-vector products, not curvscope's) before any Monitor
-looked at it; candidates that missed their design then (a BatchNorm CNN whose loss cannot blow
-up 10x, Adam whose "blow-up" was a 1e-12 loss moving) were replaced then, and no run was changed
-or dropped after its verdicts were seen. The same scores and tables are printed.
+(the edge runs also with a power iteration on Hessian-vector products, not curvscope's) before
+any Monitor looked at it; candidates that missed their design then (a BatchNorm CNN whose loss
+cannot blow up 10x, Adam whose "blow-up" was a 1e-12 loss moving) were replaced then, and no
+run was changed or dropped after its verdicts were seen. The same scores and tables are printed.
 """
 
 from __future__ import annotations
