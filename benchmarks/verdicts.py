@@ -812,7 +812,7 @@ def held_out() -> list[Spec]:
             lambda: _float(digits(500)),
             batch=32,
             schedule=Schedule("cosine"),
-            probe_rows=256,
+            probe_rows=128,
         ),
         _held(
             "gru-digits-adam-b64",
