@@ -70,6 +70,11 @@ SLOW: dict[str, float] = {
     # Chromium's own time is not counted above: 4.4 and 1.6 s of wall time on the shared machine
     "tests/cli/test_cli.py::test_report_in_a_real_browser": 1.9,
     "tests/report/test_html.py::test_no_injected_script_runs_in_a_real_browser": 1.1,
+    # four and two gloo processes (measured alone: 28 and 17 s of wall time)
+    "tests/distributed/test_meshes.py::"
+    "test_hsdp_products_equal_the_exact_single_process_ones": 22.0,
+    "tests/distributed/test_meshes.py::"
+    "test_tensor_parallel_products_are_not_summed_over_the_ranks": 11.6,
 }
 
 

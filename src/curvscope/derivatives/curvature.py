@@ -132,14 +132,20 @@ class _ModelSource:
     """Prepares each batch's product for one kind of curvature of a :class:`ModelObjective`."""
 
     def __init__(
-        self, objective: ModelObjective, kind: str, mc_samples: int, group: Any = None
+        self,
+        objective: ModelObjective,
+        kind: str,
+        mc_samples: int,
+        group: Any = None,
+        replicas: int = 1,
     ) -> None:
         self.obj = objective
         self.group = group
         self.total = (  # no tensor (a host-device round trip) for a single process
             objective.num_samples
             if group is None
-            else global_count(objective.num_samples, group, objective.device)
+            # ``replicas`` ranks hold each sample (tensor parallelism): counted once
+            else global_count(objective.num_samples, group, objective.device) // replicas
         )
         self.num_params, self.dtype, self.device = (
             objective.num_params,
@@ -303,7 +309,8 @@ class Curvature:
         )
         if self.group is not None and backend == "auto":
             backend = "double_backward"  # the same choice on every rank, without timing
-        source = _ModelSource(objective, self.kind, mc_samples, self.group)
+        replicas = _fd.replicas(objective, self.group) if backend == _fd.BACKEND else 1
+        source = _ModelSource(objective, self.kind, mc_samples, self.group, replicas)
         self._init(source, cache, backend)
         self._differences = (
             _fd.FiniteDifferenceProducts(objective, source.weight, self.group, fd_eps)

@@ -59,13 +59,20 @@ draw them) and restored.
 **Ranks.** Plain parameters (one process, or DDP — curvscope differentiates the unwrapped
 module, whose backward does not all-reduce): each rank's gradients are local and the product is
 summed over the operator's process group, as for the exact backends. ``DTensor`` parameters
-(FSDP2's ``fully_shard``, HSDP): the engine itself reduces the gradients over its
-data-parallel ranks, dividing their sum by its gradient divide factor (the number of
-data-parallel ranks, unless ``set_gradient_divide_factor`` changed it); each rank's loss is
-multiplied by that factor so that the engine's result is the sum over the ranks, weighted by
-their sample counts, and the sharded gradient is gathered (``full_tensor``) into the flat
-product every rank holds. Flat vectors are full length on every rank: the parameters are
-sharded, the Krylov vectors are not.
+(FSDP2's ``fully_shard``, HSDP on a 2-D (replicate, shard) mesh): the engine itself reduces the
+gradients over its data-parallel ranks (reduce-scatter over the shard dimension, all-reduce
+over the replicate dimension), dividing their sum by its gradient divide factor (the number of
+data-parallel ranks, shard × replicate, unless ``set_gradient_divide_factor`` changed it); each
+rank's loss is multiplied by that factor so that the engine's result is the sum over the ranks,
+weighted by their sample counts, and the sharded gradient is gathered (``full_tensor``) into
+the flat product every rank holds. Tensor parallelism (``parallelize_module``, no FSDP2): the
+ranks hold the same batches and compute one loss together; the gradient of each shard is that
+loss's, nothing is summed over the ranks, so each rank's loss has weight 1, the sample count is
+one rank's (:func:`replicas`) and the loss is not summed over the ranks either. Plain
+parameters next to tensor-parallel ones (a layer left unparallelized) have the same full
+gradient on every rank. FSDP2 and tensor parallelism on one mesh (2-D FSDP × TP) is refused
+(untested). Flat vectors are full length on every rank: the parameters are sharded, the Krylov
+vectors are not.
 """
 
 from __future__ import annotations
@@ -140,50 +147,56 @@ def check_fd_eps(fd_eps: object, backend: str, kind: str) -> float | None:
 class _Engine:
     """How the gradients a backward pass leaves in ``.grad`` relate to the ranks' losses."""
 
-    #: the parameters are DTensors and the engine reduces their gradients over the ranks
+    #: the engine's gradients (DTensor parameters, or any of a tensor-parallel model's): gathered
+    #: where sharded, never summed over the ranks by us
     sharded: bool
     #: each rank's loss is multiplied by this (the engine divides the ranks' sum by it)
     loss_scale: float
+    #: how many ranks of the group hold each sample: the tensor-parallel ranks, which pass the
+    #: same batches (1: every rank its own shard of the data)
+    replicas: int = 1
 
 
 def _is_dtensor(t: object) -> TypeGuard[DTensor]:
     return DTensor is not None and isinstance(t, DTensor)
 
 
-def _divide_factor(model: nn.Module, ranks: int) -> float:
-    """What FSDP2 divides the ranks' summed gradients by: its ``set_gradient_divide_factor``
-    where one was set (read from its state), else the number of data-parallel ranks."""
+def _data_parallel(model: nn.Module) -> tuple[int, float] | None:
+    """FSDP2's data-parallel ranks (shard × replicate: HSDP's 2-D mesh counts both) and what it
+    divides their summed gradients by — its ``set_gradient_divide_factor`` where one was set
+    (read from its state), else that number of ranks; None for a model FSDP2 does not manage."""
+    sizes: set[int] = set()
     factors: set[float] = set()
     for m in model.modules():
         state_of = getattr(m, "_get_fsdp_state", None)
         if state_of is None:
             continue
         for group in getattr(state_of(), "_fsdp_param_groups", ()):
+            info = group.mesh_info
+            size = getattr(info, "shard_mesh_size", 1) * getattr(info, "replicate_mesh_size", 1)
             factor = getattr(group, "gradient_divide_factor", None)
-            factors.add(float(ranks) if factor is None else float(factor))
-    if len(factors) > 1:
+            sizes.add(size)
+            factors.add(float(size) if factor is None else float(factor))
+    if len(factors) > 1 or len(sizes) > 1:
         raise ValueError(
             "the model's FSDP modules divide their gradients by different factors "
-            f"({sorted(factors)}); finite-difference products need one: call "
-            "set_gradient_divide_factor with the same factor on every module, or not at all"
+            f"({sorted(factors)}) or shard over meshes of different sizes ({sorted(sizes)}); "
+            "finite-difference products need one: shard every module over the same mesh, and "
+            "call set_gradient_divide_factor with the same factor on every module, or not at all"
         )
-    return factors.pop() if factors else float(ranks)
+    return (sizes.pop(), factors.pop()) if sizes else None
 
 
 def _engine(model: nn.Module, params: Mapping[str, Tensor], group: Any) -> _Engine:
     sharded = [_is_dtensor(p) for p in params.values()]
-    if not any(sharded):
+    fsdp = _data_parallel(model)
+    first = next((p for p in params.values() if _is_dtensor(p)), None)
+    if first is None and fsdp is None:  # plain parameters of a tensor-parallel model too
+        first = next((p for p in model.parameters() if _is_dtensor(p)), None)
+    if first is None:
         return _Engine(False, 1.0)
-    if not all(sharded):
-        plain = [k for k, s in zip(params, sharded, strict=True) if not s]
-        raise ValueError(
-            f"some selected parameters are sharded (DTensor) and others not ({plain[:3]}): "
-            "apply fully_shard to the root module too (fully_shard(model)), or select one kind "
-            "with params="
-        )
     import torch.distributed as dist
 
-    first = next(iter(params.values()))
     assert _is_dtensor(first)
     ranks = first.device_mesh.size()
     ours = 1 if group is None else dist.get_world_size(group)
@@ -193,7 +206,32 @@ def _engine(model: nn.Module, params: Mapping[str, Tensor], group: Any) -> _Engi
             f"over {ours}; build it in the same process group as the model (group=None uses "
             "the default group) so that each rank passes its own shard of the data"
         )
-    return _Engine(True, _divide_factor(model, ranks))
+    if fsdp is None:  # tensor parallelism alone: every rank the same batches, the same loss
+        return _Engine(True, 1.0, ranks)
+    if not all(sharded):
+        plain = [k for k, s in zip(params, sharded, strict=True) if not s]
+        raise ValueError(
+            f"some selected parameters are sharded (DTensor) and others not ({plain[:3]}): "
+            "apply fully_shard to the root module too (fully_shard(model)), or select one kind "
+            "with params="
+        )
+    size, factor = fsdp
+    if size != ranks:
+        raise ValueError(
+            f"the model's parameters are laid out over {ranks} ranks of which FSDP2 reduces "
+            f"the gradients over {size}: FSDP2 with tensor parallelism on one mesh (2-D FSDP × "
+            "TP) is not supported by backend='finite_difference' (its weighting is untested): "
+            "measure a copy parallelized by fully_shard alone (FSDP2 or HSDP), or by "
+            "parallelize_module alone"
+        )
+    return _Engine(True, factor)
+
+
+def replicas(objective: ModelObjective, group: Any) -> int:
+    """How many ranks of ``group`` hold each of the objective's samples: the tensor-parallel
+    ranks of a model parallelized by ``parallelize_module`` alone (they pass the same batches),
+    else 1. The operator's sample count is the ranks' sum divided by this."""
+    return _engine(objective.model, objective.params, group).replicas
 
 
 class _Kept:
@@ -262,7 +300,23 @@ class FiniteDifferenceProducts:
         self.obj, self.weight, self.group = objective, weight, group
         #: the relative step ‖εv‖/‖θ‖
         self.step = default_step(objective.dtype) if fd_eps is None else float(fd_eps)
-        if _engine(objective.model, objective.params, group).sharded:
+        engine = _engine(objective.model, objective.params, group)
+        if engine.replicas > 1:
+            # tensor-parallel ranks compute one forward together: they pass the same batches
+            try:
+                check_same_on_ranks(
+                    group,
+                    device=objective.device,
+                    num_batches=objective.num_batches,
+                    num_samples=objective.num_samples,
+                )
+            except ValueError as e:
+                raise ValueError(
+                    f"the model is tensor-parallel over {engine.replicas} ranks, which compute "
+                    "one forward together: every rank must pass the same batches, not a shard "
+                    f"of the data each ({e})"
+                ) from e
+        elif engine.sharded:
             # every forward and backward of a sharded model is a collective: a rank with more
             # batches than another would wait for it forever
             check_same_on_ranks(group, device=objective.device, num_batches=objective.num_batches)
@@ -366,6 +420,7 @@ class FiniteDifferenceProducts:
         finally:
             kept.restore()
         if engine.sharded:  # the engine reduced the gradient; the loss is this rank's
-            return float(all_reduce_sum(loss.reshape(1), self.group)[0]), grad
+            total = float(all_reduce_sum(loss.reshape(1), self.group)[0])
+            return total / engine.replicas, grad  # tensor-parallel ranks: one loss, held by all
         both = all_reduce_sum(torch.cat([grad, loss.reshape(1).to(grad.dtype)]), self.group)
         return float(both[-1]), both[:-1]
