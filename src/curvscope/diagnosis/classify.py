@@ -4,10 +4,11 @@ for one probe, :func:`classify_history` for what only a run of probes shows.
 
 The states are decided in this order, the first that holds wins: **diverged**; **unstable**
 when the optimizer's last update overshoots (the Monitor's cheap tier measured it); then, when
-the gradient is small, **flat** › **saddle** › **minimum**; otherwise **unstable** ›
-**learning** (:data:`RULES`). "Small" is judged against the curvature and the loss scale,
-with absolute floors, so that a saddle at loss ≈ 0 and a plateau at loss ≈ 1 are both
-recognised. History adds **diverged** (the training loss ran away between probes) and
+the gradient is small, **flat** › **saddle** › **minimum** (where the optimizer is stable: a
+sharpness past the limit by the margin is **unstable** whatever the gradient); otherwise
+**unstable** › **learning** (:data:`RULES`). "Small" is judged against the curvature and the
+loss scale, with absolute floors, so that a saddle at loss ≈ 0 and a plateau at loss ≈ 1 are
+both recognised. History adds **diverged** (the training loss ran away between probes) and
 **edge_of_stability** (the sharpness held at the limit over several probes):
 :func:`classify_history`.
 
@@ -528,8 +529,13 @@ def _saddle(f: Facts) -> list[str] | None:
 
 
 def _minimum(f: Facts) -> list[str] | None:
+    """A small gradient, no direction curving down, the bottom of the local quadratic near —
+    and the optimizer stable there: where its steps overshoot (the sharpness, or the batch
+    sharpness, past the limit by the margin) it cannot stay, and that is instability."""
     dec = f.dec
     if not (f.small and (dec is None or 0.5 * dec <= f.th.small_decrement * f.scale)):
+        return None
+    if f.overshoots(f.s) or f.overshoots(f.bs, f.bs_se):
         return None
     why = (
         "no direction curves down"
@@ -544,7 +550,7 @@ def _minimum(f: Facts) -> list[str] | None:
 
 def _batch_overshoots(f: Facts) -> list[str] | None:
     limit, bs, z = f.limit, f.bs, f.th.confidence
-    if f.small or limit is None or bs is None or not f.overshoots(bs, f.bs_se):
+    if limit is None or bs is None or not f.overshoots(bs, f.bs_se):
         return None
     return [
         f.gradient,
@@ -575,7 +581,7 @@ def _stderr_of(se: Any) -> float:
 
 def _too_sharp(f: Facts) -> list[str] | None:
     limit, s, margin = f.limit, f.s, f.th.margin
-    if f.small or limit is None or s is None or not f.overshoots(s):
+    if limit is None or s is None or not f.overshoots(s):
         return None
     return [
         f.gradient,
