@@ -341,7 +341,10 @@ class Monitor:
         return self._vectors
 
     def _current_lr(self) -> float | None:
-        """The optimizer's largest learning rate now (what its stability limit scales with)."""
+        """The optimizer's largest learning rate now (what its stability limit scales with);
+        ``lr`` for plain gradient descent without an optimizer."""
+        if self.optimizer is None:
+            return self.lr
         groups = getattr(self.optimizer, "param_groups", None)
         if not groups:
             return None
