@@ -981,8 +981,9 @@ def _held_at_edge(
     if not _steady(evidence, recent[1:]):  # a schedule moving the limit
         return None
     s, limit = effective_sharpness(evidence), evidence["stability_limit"]
+    span = "" if steps is None else f" over {steps[-1] - steps[-len(recent)]} steps"
     return [
         f"the {_sharpness_name(evidence)} has stayed within ±{100 * EOS_BAND:.0f}% of the "
-        f"stability limit for {EOS_PROBES} probes (now {s:.4g} against {limit:.4g})",
+        f"stability limit for {len(recent)} probes{span} (now {s:.4g} against {limit:.4g})",
         _loss_trend(losses),
     ]
