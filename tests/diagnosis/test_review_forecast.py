@@ -4,6 +4,7 @@ again, several parameter groups, evidence that is not a number."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import curvscope as cs
@@ -32,3 +33,73 @@ def test_a_monitor_given_lr_forecasts_the_growth_as_one_given_the_optimizer():
         crossing = next(k for k in range(21, 1000) if s2 * growth ** (k - 20) > bound)
         assert own[kind] == [crossing], kind
     assert own["lr"] == own["optimizer"]
+
+
+class _Scalars:
+    """A stand-in for a SummaryWriter that keeps what it is given (the Monitor's only use of
+    one is ``add_scalar`` and ``flush``)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, list[int]] = {}
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.steps.setdefault(tag, []).append(step)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_the_forecasts_probes_are_logged_and_plotted_at_their_own_steps(tmp_path):
+    """A warm-up's forecast probes come off the cadence: each is a log record (read back by
+    ``cs.read_log``) and a TensorBoard point at the step it was made, the steps of
+    ``probe_steps`` — not the cadence's multiples."""
+    p = cs.problems.get("least-squares")
+    model = p.make_model(0)
+    s = cs.diagnose(model, p.loss_fn, p.data, lr=0.1).evidence["sharpness"]
+    peak, warm = 0.5 * 2 / s, 60
+    opt = torch.optim.SGD(model.parameters(), lr=peak)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm))
+    board = _Scalars()
+    log = tmp_path / "run.jsonl"
+    with cs.Monitor(
+        model,
+        p.loss_fn,
+        p.data,
+        optimizer=opt,
+        every=25,
+        update_every=0,
+        log=log,
+        tensorboard=board,
+    ) as mon:
+        own = _loop(model, p.loss_fn, p.data, opt, mon, 60, schedule, probe_at=(3,))
+    assert own == [7, 15, 25, 50]  # 4/60 of the peak at the hand-made probe: 8/60, 16/60
+    assert mon.probe_steps == [3, *own]
+    _, records = cs.read_log(log)
+    assert [r["step"] for r in records] == mon.probe_steps
+    lr = [r["lr"] for r in records]
+    assert lr == pytest.approx([peak * (k + 1) / warm for k in mon.probe_steps], rel=1e-12)
+    assert board.steps["curvscope/state_code"] == mon.probe_steps
+
+
+def test_a_rate_set_to_zero_then_raised_probes_once_when_it_is_raised():
+    """A learning rate of 0 (a frozen phase: no stability limit, the verdict says so), then
+    raised: the limit came down from infinity, so the Monitor probes at the step the rate is
+    raised — once, not at every step after."""
+    p = cs.problems.get("least-squares")
+    model = p.make_model(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=10, update_every=0)
+    own = []
+    for k in range(1, 31):
+        opt.zero_grad()
+        loss = p.loss_fn(model(p.data[0]), p.data[1])
+        loss.backward()
+        opt.step()
+        if k == 13:
+            opt.param_groups[0]["lr"] = 0.01
+        if mon.step(loss) is not None:
+            own.append(mon.steps)
+    assert own == [10, 13, 20, 30]
+    assert mon.history[0].evidence["stability_limit"] == float("inf")
+    assert "learning rate 0" in mon.history[0].reasons[-1]
+    assert mon.history[1].evidence["stability_limit"] == 2 / 0.01
