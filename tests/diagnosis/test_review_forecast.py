@@ -103,3 +103,46 @@ def test_a_rate_set_to_zero_then_raised_probes_once_when_it_is_raised():
     assert mon.history[0].evidence["stability_limit"] == float("inf")
     assert "learning rate 0" in mon.history[0].reasons[-1]
     assert mon.history[1].evidence["stability_limit"] == 2 / 0.01
+
+
+def _ranks_worker(rank: int, port: int, out: str) -> None:
+    """Both ranks sharpen alike (the same data, the curvature summed over them), but rank 1's
+    loop reports a loss that ran away at step 15: its own history calls its probe at step 20
+    *diverged*, rank 0's *learning*. The forecast must still fire on both at the same step (a
+    probe is a collective: a rank probing alone would hang)."""
+    from tests.distributed.test_distributed import _end, _init
+
+    _init(rank, port)
+    model, data = _UV(), _uv_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = cs.Monitor(model, _half_mse, data, optimizer=opt, every=1000, update_every=0)
+    own = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = _half_mse(model(data[0]), data[1])
+        loss.backward()
+        opt.step()
+        reported = loss.detach() * 1e6 if rank == 1 and mon.steps + 1 == 15 else loss
+        if mon.step(reported) is not None:
+            own.append(mon.steps)
+        if mon.steps in (10, 20):
+            mon.probe()
+    torch.save(
+        {"own": own, "steps": mon.probe_steps, "states": [str(d.state) for d in mon.history]},
+        f"{out}/r{rank}.pt",
+    )
+    _end()
+
+
+def test_every_rank_forecasts_at_the_same_step_when_their_verdicts_differ(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.distributed.test_distributed import WORLD, _free_port
+
+    mp.start_processes(
+        _ranks_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn"
+    )
+    got = [torch.load(tmp_path / f"r{rank}.pt") for rank in range(WORLD)]
+    assert got[0]["states"][1] == "learning" and got[1]["states"][1] == "diverged"
+    assert got[0]["own"] == got[1]["own"] == [38]  # the single-process crossing step
+    assert got[0]["steps"] == got[1]["steps"] == [10, 20, 38]
