@@ -146,3 +146,29 @@ def test_every_rank_forecasts_at_the_same_step_when_their_verdicts_differ(tmp_pa
     assert got[0]["states"][1] == "learning" and got[1]["states"][1] == "diverged"
     assert got[0]["own"] == got[1]["own"] == [38]  # the single-process crossing step
     assert got[0]["steps"] == got[1]["steps"] == [10, 20, 38]
+
+
+class _Holder:
+    """An optimizer wrapper that holds it as ``.optimizer`` without ``param_groups`` of its own:
+    the form stability_limit (and so diagnose and the Monitor's probes) unwraps."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+
+def test_a_wrapped_optimizer_warm_up_is_forecast_as_the_optimizer_itself():
+    """The probes judge a wrapped optimizer by the one it holds; so does the forecast: the same
+    warm-up probes as the bare optimizer's (it read no rate through the wrapper, and was off)."""
+    p = cs.problems.get("least-squares")
+    s = cs.diagnose(p.make_model(0), p.loss_fn, p.data, lr=0.1).evidence["sharpness"]
+    peak, warm = 0.5 * 2 / s, 60
+    own = {}
+    for wrapped in (False, True):
+        model = p.make_model(0)
+        opt = torch.optim.SGD(model.parameters(), lr=peak)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm))
+        given = _Holder(opt) if wrapped else opt
+        mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=given, every=1000, update_every=0)
+        own[wrapped] = _loop(model, p.loss_fn, p.data, opt, mon, 40, schedule, probe_at=(3,))
+        assert mon.history[0].evidence["stability_limit"] == pytest.approx(2 / (peak * 4 / warm))
+    assert own[True] == own[False] == [7, 15, 31]

@@ -345,7 +345,12 @@ class Monitor:
         ``lr`` for plain gradient descent without an optimizer."""
         if self.optimizer is None:
             return self.lr
-        groups = getattr(self.optimizer, "param_groups", None)
+        opt: Any = self.optimizer
+        seen: set[int] = set()
+        while not hasattr(opt, "param_groups") and id(opt) not in seen:  # a wrapper holding it
+            seen.add(id(opt))  # as .optimizer, which the probes' stability_limit unwraps
+            opt = getattr(opt, "optimizer", None)
+        groups = getattr(opt, "param_groups", None)
         if not groups:
             return None
         return max(float(g["lr"]) for g in groups)
