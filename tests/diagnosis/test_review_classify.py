@@ -3,6 +3,8 @@ what rule (a)'s reasons say when it read more probes than three."""
 
 from __future__ import annotations
 
+import pytest
+
 from curvscope.diagnosis.classify import State, classify_history
 from tests.diagnosis.test_classify import near
 
@@ -32,3 +34,33 @@ def test_rule_a_says_how_many_probes_and_steps_it_read():
         "the sharpness has stayed within ±15% of the stability limit for 3 probes "
         "(now 2.05 against 2)"
     )
+
+
+def test_steps_of_the_wrong_length_or_order_are_refused_whatever_the_state():
+    """``steps`` that do not match the probes are the caller's mistake in every state: they were
+    refused only where rule (a) was reached (not for a *minimum*, a *diverged* loss, or an edge
+    that rule (b) already held), and steps that go back in time were not checked at all."""
+    past = [near(), near()]
+    cases = [
+        (State.MINIMUM, near(), (0.5, 0.4)),
+        (State.LEARNING, near(), (0.5, float("nan"))),  # diverged by the loss
+        (State.LEARNING, near(), (0.5, 0.4)),
+    ]
+    for state, evidence, losses in cases:
+        for steps, match in (([99, 100], "expected 3 steps, got 2"), ([50, 70, 60], "decrease")):
+            with pytest.raises(ValueError, match=match):
+                classify_history(
+                    state,
+                    ["own"],
+                    evidence,
+                    past=past,
+                    losses=losses,
+                    first_loss=1.0,
+                    previous=State.EDGE_OF_STABILITY,
+                    steps=steps,
+                )
+    # equal steps are allowed (a probe by hand at a step the Monitor probed)
+    ok = classify_history(
+        State.LEARNING, ["own"], near(), past=past, losses=(0.5, 0.4), steps=[60, 80, 80]
+    )
+    assert ok[0] is State.EDGE_OF_STABILITY  # three probes near the limit over 20 steps

@@ -926,7 +926,12 @@ def classify_history(
 
     Returns:
         (state, reasons): the refined verdict; the probe's own when history changes nothing.
+
+    Raises:
+        ValueError: ``steps`` not one for each past probe and this one, or decreasing.
     """
+    if steps is not None:
+        _check_steps(steps, len(past))
     if state != State.DIVERGED and _ran_away(losses, first_loss):
         if first_loss is None:
             return State.DIVERGED, ["the training loss is not finite"]
@@ -953,6 +958,16 @@ def classify_history(
     return (State.EDGE_OF_STABILITY, edge) if edge else (state, list(reasons))
 
 
+def _check_steps(steps: Sequence[int], past: int) -> None:
+    if len(steps) != past + 1:
+        raise ValueError(
+            f"steps must give the step of each past probe and of this one: expected "
+            f"{past + 1} steps, got {len(steps)}"
+        )
+    if any(b < a for a, b in itertools.pairwise(steps)):
+        raise ValueError(f"steps must not decrease (the probes' steps, oldest first): {steps}")
+
+
 def _held_at_edge(
     evidence: Mapping[str, Any],
     past: Sequence[Mapping[str, Any]],
@@ -966,11 +981,6 @@ def _held_at_edge(
     a schedule has not moved more than :data:`EOS_LIMIT_DRIFT`."""
     back = EOS_PROBES - 1
     if steps is not None:
-        if len(steps) != len(past) + 1:
-            raise ValueError(
-                f"steps must give the step of each past probe and of this one: expected "
-                f"{len(past) + 1} steps, got {len(steps)}"
-            )
         while back < len(past) and steps[-1] - steps[-1 - back] < EOS_HOLD:
             back += 1
         if steps[-1] - steps[-1 - min(back, len(past))] < EOS_HOLD:
