@@ -5,6 +5,10 @@ bound — whatever the cadence's budget allows."""
 
 from __future__ import annotations
 
+import io
+import json
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -57,7 +61,8 @@ def test_a_warm_up_probes_each_time_it_has_halved_the_limit():
     peak, warm = 0.5 * 2 / s, 60  # half the limit at the end of the warm-up
     opt = torch.optim.SGD(model.parameters(), lr=peak)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm))
-    mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=1000, update_every=0)
+    log = io.StringIO()
+    mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=1000, update_every=0, log=log)
     own = _loop(model, p.loss_fn, p.data, opt, mon, 120, schedule, probe_at=(3,))
     lr = [peak * min(1.0, (k + 1) / warm) for k in range(121)]  # the rate after step k
     expected, last = [], lr[3]
@@ -67,6 +72,11 @@ def test_a_warm_up_probes_each_time_it_has_halved_the_limit():
             last = lr[k]
     assert own == expected == [7, 15, 31]  # 4/60 → 8/60 → 16/60 → 32/60 of the peak
     assert mon.probe_steps == [3, 7, 15, 31]  # the hand-made probe's step too
+    assert mon.probe_causes == ["manual", "forecast", "forecast", "forecast"]
+    records = [json.loads(line) for line in log.getvalue().splitlines()[1:]]  # after the header
+    assert [(r["step"], r["cause"]) for r in records] == list(
+        zip(mon.probe_steps, mon.probe_causes, strict=True)
+    )
     assert {d.state for d in mon.history} == {"learning"}
 
 
@@ -142,3 +152,55 @@ def test_the_monitor_probes_and_checks_with_the_backend_it_is_given():
     p = cs.problems.get("least-squares")
     with pytest.raises(ValueError, match="backend='double_backward'"):
         cs.Monitor(p.make_model(0), p.loss_fn, p.data, lr=0.1, backend="auto")
+
+
+def test_the_limit_factor_is_the_hyperparameters_part_of_the_limit():
+    """c/η, read at every step: what a schedule moves (the rate, and β or the momentum where it
+    cycles them); 2/lr for plain gradient descent, inf at η = 0, None without a rule."""
+    from curvscope.diagnosis.stability import limit_factor
+
+    w = nn.Parameter(torch.zeros(2))
+    assert limit_factor(lr=0.1) == pytest.approx(20.0)
+    assert limit_factor(torch.optim.SGD([w], lr=0.1)) == pytest.approx(20.0)
+    heavy = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    assert limit_factor(heavy) == pytest.approx(cs.stability_limit(heavy).limit)  # 38
+    adam = torch.optim.Adam([w], lr=0.01, betas=(0.95, 0.999))
+    assert limit_factor(adam) == pytest.approx((2 + 2 * 0.95) / (1 - 0.95) / 0.01)
+
+    class Wrapper:  # accelerate's and Lightning's: the optimizer held as .optimizer
+        optimizer = heavy
+
+    assert limit_factor(Wrapper()) == limit_factor(heavy)
+    assert limit_factor(torch.optim.SGD([w], lr=0.0)) == math.inf
+    assert limit_factor(torch.optim.LBFGS([w])) is None
+    assert limit_factor() is None
+
+
+def test_a_schedule_that_lowers_adams_beta1_halves_its_limit_and_probes():
+    """OneCycleLR cycles Adam's β₁ as well as its rate: β₁ from 0.95 to 0.85 lowers the limit's
+    constant (2 + 2β₁)/(1 − β₁) from 78 to 24.7 at the same η — a halving the forecast sees (it
+    reads c/η, not η alone). And ``forecast=False`` keeps the probes to the cadence; each probe's
+    cause is recorded."""
+    p = cs.problems.get("least-squares")
+    steps = {}
+    for forecast in (True, False):
+        model = p.make_model(0)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.95, 0.999))
+        mon = cs.Monitor(
+            model, p.loss_fn, p.data, optimizer=opt, every=1000, update_every=0, forecast=forecast
+        )
+        for k in range(1, 13):
+            if k == 8:
+                opt.param_groups[0]["betas"] = (0.85, 0.999)
+            opt.zero_grad()
+            loss = p.loss_fn(model(p.data[0]), p.data[1])
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+            if k == 3:
+                mon.probe()
+        steps[forecast] = (mon.probe_steps, mon.probe_causes)
+    assert steps[True] == ([3, 8], ["manual", "forecast"])
+    assert steps[False] == ([3], ["manual"])
+    with pytest.raises(TypeError, match="forecast must be True or False"):
+        cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, forecast="yes")

@@ -39,6 +39,7 @@ from curvscope.diagnosis.diagnosis import (
 )
 from curvscope.diagnosis.runlog import LOG_VERSION, RunLogWriter, check_log_mode
 from curvscope.diagnosis.runlog import read_log as read_log  # where it lived before runlog
+from curvscope.diagnosis.stability import limit_factor
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,9 @@ class Monitor:
         backend, fd_eps: how the probes and the cheap tier compute their products, as for
             :func:`~curvscope.diagnose`: ``"finite_difference"`` for a model only its engine
             can differentiate (FSDP2).
+        forecast: probe off the cadence when the last verdict has gone stale (above; default
+            True). False keeps the probes to the cadence — e.g. a fixed ``every`` under a cyclic
+            schedule, whose every rise halves the limit several times over.
 
     Raises:
         ValueError, TypeError: an invalid argument (the message names it).
@@ -191,6 +195,7 @@ class Monitor:
         tensorboard: Any = None,
         backend: str = "double_backward",
         fd_eps: float | None = None,
+        forecast: bool = True,
     ) -> None:
         if every is not None and (not isinstance(every, int) or every < 1):
             raise ValueError(f"every must be a positive integer (steps) or None, got {every!r}")
@@ -200,6 +205,9 @@ class Monitor:
             raise TypeError("callback must be callable as callback(diagnosis, previous_state)")
         check_log_mode(log_mode)
         self._products = _Products.checked(backend, fd_eps)
+        if not isinstance(forecast, bool):
+            raise TypeError(f"forecast must be True or False, got {forecast!r}")
+        self.forecast = forecast
         if update_every is not None:
             check_int(update_every, "update_every", minimum=0)
         self.model, self.loss_fn, self.probe_data = model, loss_fn, probe_data
@@ -230,8 +238,12 @@ class Monitor:
         #: The step of each diagnosis in :attr:`history` (the forecast's probes come between
         #: the cadence's).
         self.probe_steps: list[int] = []
-        self._probe_lr: float | None = None  # the learning rate at the last probe, and the
+        #: Why each probe in :attr:`history` ran: "cadence", "forecast", "check" (the cheap
+        #: tier's alarm) or "manual" (:meth:`probe`); also each log record's ``"cause"``.
+        self.probe_causes: list[str] = []
+        self._probe_factor: float | None = None  # the limit's c/η at the last probe, and the
         self._growth = 1.0  # sharpness's growth a step from the probe before to it (forecast)
+        self._probe_sharpness: tuple[float | None, float | None] = (None, None)  # s, limit
         self._state: StateEnum | None = None  # the last probe's state, as rank 0 decided it
         self._clock: float | None = None
         self.params = None if params is None else list(params)
@@ -301,9 +313,10 @@ class Monitor:
         return d
 
     def _probe_or_check(self) -> Diagnosis | None:
-        if self._due() or self._forecast_due():
+        cause = "cadence" if self._due() else "forecast" if self._forecast_due() else None
+        if cause is not None:
             self._before = None
-            return self.probe()
+            return self._probe(cause)
         if not self._updates_on:
             return None
         self._since_update += 1
@@ -340,24 +353,15 @@ class Monitor:
             return None
         return self._vectors
 
-    def _current_lr(self) -> float | None:
-        """The optimizer's largest learning rate now (what its stability limit scales with);
-        ``lr`` for plain gradient descent without an optimizer."""
-        if self.optimizer is None:
-            return self.lr
-        opt: Any = self.optimizer
-        seen: set[int] = set()
-        while not hasattr(opt, "param_groups") and id(opt) not in seen:  # a wrapper holding it
-            seen.add(id(opt))  # as .optimizer, which the probes' stability_limit unwraps
-            opt = getattr(opt, "optimizer", None)
-        groups = getattr(opt, "param_groups", None)
-        if not groups:
-            return None
-        return max(float(g["lr"]) for g in groups)
+    def _limit_factor(self) -> float | None:
+        """The stability limit's hyperparameter part now, c/η (:func:`~curvscope.diagnosis.
+        stability.limit_factor`): what a schedule moves between probes."""
+        return limit_factor(self.optimizer, lr=self.lr)
 
     def _forecast_due(self) -> bool:
-        """Whether the last verdict is stale, from what is free to know every step: the learning
-        rate (the limit ∝ 1/η) and the sharpness's growth between the last two probes.
+        """Whether the last verdict is stale, from what is free to know every step: the limit's
+        hyperparameter part c/η (the learning rate, and β or the momentum where a schedule
+        cycles them) and the sharpness's growth between the last two probes.
 
         A probe is due at once when (i) a schedule has halved the limit since the last probe
         (η doubled: a warm-up) — the verdict was judged against a limit that no longer holds —
@@ -367,24 +371,24 @@ class Monitor:
         below it at that probe: a probe that saw the sharpness past the bound had its say.
         Both are bounded: (i) comes log₂(η_peak/η) times in a warm-up, and (ii) re-measures g,
         so a forecast the probe does not confirm is not repeated."""
-        if not self.history or self._probe_lr is None:
+        if not self.forecast or not self.history or self._probe_factor is None:
             return False
-        lr = self._current_lr()
-        if self._state in (State.UNSTABLE, State.DIVERGED) or lr is None or lr <= 0:
+        factor = self._limit_factor()
+        if self._state in (State.UNSTABLE, State.DIVERGED) or factor is None:
             return False
-        if lr >= LIMIT_HALVED * self._probe_lr:
+        if not 0 < factor < math.inf:  # η = 0: no step to overshoot
+            return False
+        if LIMIT_HALVED * factor <= self._probe_factor:
             return True
-        last = self.history[-1]
-        s, limit = effective_sharpness(last.evidence), last.evidence.get("stability_limit")
+        s, limit = self._probe_sharpness
         if s is None or limit is None or not math.isfinite(limit) or s <= 0:
             return False
         bound = self._alarm_bound() * limit
         if s > bound:
             return False
         since = self.steps - self.probe_steps[-1]  # in logs: g^Δk overflows a float
-        return math.log(s) + since * math.log(self._growth) + math.log(lr / self._probe_lr) > (
-            math.log(bound)
-        )
+        moved = math.log(self._probe_factor / factor)  # the limit fell by this (in logs)
+        return math.log(s) + since * math.log(self._growth) + moved > math.log(bound)
 
     def _alarm_bound(self) -> float:
         """The multiple of the limit past which an early probe is called: the margin, and at
@@ -464,7 +468,7 @@ class Monitor:
                 if value is not None:
                     self._writer.add_scalar(f"curvscope/update_{key}", value, self.steps)
         if self._alarming(check):
-            return self.probe(update=check.curvature)
+            return self._probe("check", update=check.curvature)
         return None
 
     def _alarming(self, check: UpdateCheck) -> bool:
@@ -488,7 +492,12 @@ class Monitor:
 
     def probe(self, update: float | None = None) -> Diagnosis:
         """Diagnose now, whatever the step (``update``: the curvature along the last update,
-        from the cheap tier, as evidence)."""
+        from the cheap tier, as evidence). Its log record's ``"cause"`` is ``"manual"``."""
+        return self._probe("manual", update)
+
+    def _probe(self, cause: str, update: float | None = None) -> Diagnosis:
+        """A probe, for ``cause``: "cadence", "forecast", "check" (the cheap tier's alarm) or
+        "manual" — written to the log record and :attr:`probe_causes`."""
         start = time.perf_counter()
         d = diagnose(
             self.model,
@@ -519,7 +528,11 @@ class Monitor:
         if int(code) != d.state.code:
             self._state = next((x for x in State if x.code == int(code)), d.state)
         self._remember_growth(d)
-        self._probe_lr = self._current_lr()
+        self._probe_factor = self._limit_factor()  # inf at η = 0: any rate halves it
+        self._probe_sharpness = (
+            effective_sharpness(d.evidence),
+            d.evidence.get("stability_limit"),
+        )
         self._probe_loss = d.evidence["loss"] if math.isfinite(d.evidence["loss"]) else None
         if "top" in d.vectors:
             self._vectors = torch.stack([d.vectors["top"], d.vectors["bottom"]], dim=1)
@@ -527,9 +540,11 @@ class Monitor:
         previous = self.history[-1].state if self.history else None
         self.history.append(d)
         self.probe_steps.append(self.steps)
+        self.probe_causes.append(cause)
         self._write(
             {
                 "step": self.steps,
+                "cause": cause,
                 "state": d.state,
                 "advice": d.advice,
                 "reasons": d.reasons,

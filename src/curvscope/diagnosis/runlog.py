@@ -318,11 +318,15 @@ def _update_rows(v: Any) -> bool:
     )
 
 
+#: Why a Monitor probed (a record's ``"cause"``): its cadence, its forecast, the cheap tier's
+#: alarm, or :meth:`Monitor.probe` called by hand.
+PROBE_CAUSES = ("cadence", "forecast", "check", "manual")
 _NUMBER = (_optional(lambda v: _is_number(v) or v in _NONFINITE), "a number, null or 'nan'")
 # the fields a reader relies on, and the type each must have where present
 RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "step": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "state": (lambda v: v in STATES, "one of " + ", ".join(STATES)),
+    "cause": (lambda v: v in PROBE_CAUSES, "one of " + ", ".join(PROBE_CAUSES)),
     "advice": (_str_list, "a list of strings"),
     "reasons": (_str_list, "a list of strings"),
     "confident": (lambda v: isinstance(v, bool), "true or false"),

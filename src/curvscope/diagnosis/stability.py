@@ -269,6 +269,30 @@ def stability_limit(
     return _limit(optimizer, rule, params, groups, eta)
 
 
+def limit_factor(optimizer: Optimizer | None = None, *, lr: float | None = None) -> float | None:
+    """The part of the stability limit s* = c/η that the hyperparameters set, c/η now — what a
+    schedule moves (the learning rate; β or the momentum where it cycles them) — without the
+    optimizer's state: cheap enough to read at every step (the Monitor's forecast). ``2/lr``
+    for plain gradient descent; inf at η = 0; None for an optimizer without a rule.
+
+    η is the largest learning rate of the optimizer's groups and c is read from its first
+    group (where :func:`stability_limit` reads the first group holding a measured parameter).
+    """
+    if optimizer is None:
+        return None if lr is None or lr <= 0 else 2.0 / lr
+    try:
+        inner, rule = _unwrapped(optimizer)
+    except TypeError:
+        return None
+    groups = inner.param_groups
+    if not groups:
+        return None
+    eta = max(float(g["lr"]) for g in groups)
+    if eta <= 0:
+        return math.inf
+    return rule.constant(type(inner).__name__, groups[0])[0] / eta
+
+
 def _gradient_descent(lr: object) -> StabilityLimit:
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
