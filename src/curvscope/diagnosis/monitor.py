@@ -197,19 +197,12 @@ class Monitor:
         fd_eps: float | None = None,
         forecast: bool = True,
     ) -> None:
-        if every is not None and (not isinstance(every, int) or every < 1):
-            raise ValueError(f"every must be a positive integer (steps) or None, got {every!r}")
-        if not 0 < overhead < 1:
-            raise ValueError(f"overhead must be a fraction in (0, 1), got {overhead!r}")
+        _check_cadence(every, update_every, overhead, forecast)
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable as callback(diagnosis, previous_state)")
         check_log_mode(log_mode)
         self._products = _Products.checked(backend, fd_eps)
-        if not isinstance(forecast, bool):
-            raise TypeError(f"forecast must be True or False, got {forecast!r}")
         self.forecast = forecast
-        if update_every is not None:
-            check_int(update_every, "update_every", minimum=0)
         self.model, self.loss_fn, self.probe_data = model, loss_fn, probe_data
         self.optimizer, self.lr = optimizer, lr
         self.every, self.budget, self.thresholds = every, budget, thresholds
@@ -633,6 +626,18 @@ class Monitor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_cadence(every: object, update_every: object, overhead: object, forecast: object) -> None:
+    """The Monitor's cadence arguments, each refused with what it must be."""
+    if every is not None and (not isinstance(every, int) or every < 1):
+        raise ValueError(f"every must be a positive integer (steps) or None, got {every!r}")
+    if update_every is not None:
+        check_int(update_every, "update_every", minimum=0)
+    if not isinstance(overhead, (int, float)) or not 0 < overhead < 1:
+        raise ValueError(f"overhead must be a fraction in (0, 1), got {overhead!r}")
+    if not isinstance(forecast, bool):
+        raise TypeError(f"forecast must be True or False, got {forecast!r}")
 
 
 def scalars(d: Diagnosis) -> dict[str, float]:
