@@ -166,11 +166,16 @@ def digits(n: int = 500) -> tuple[Tensor, Tensor]:
 
 
 @functools.cache
-def wine() -> tuple[Tensor, Tensor]:
-    from sklearn.datasets import load_wine
+def bundled(name: str) -> tuple[Tensor, Tensor]:
+    """A dataset scikit-learn ships (``load_<name>``): standardised features, class targets."""
+    import sklearn.datasets
 
-    d = load_wine()
+    d = getattr(sklearn.datasets, f"load_{name}")()
     return _standardise(torch.as_tensor(d.data, dtype=torch.float64)), torch.as_tensor(d.target)
+
+
+def wine() -> tuple[Tensor, Tensor]:
+    return bundled("wine")
 
 
 @functools.cache
@@ -615,12 +620,8 @@ def suite() -> list[Spec]:
 # ----------------------------------------------------------------------------- held-out runs
 
 
-@functools.cache
 def iris() -> tuple[Tensor, Tensor]:
-    from sklearn.datasets import load_iris
-
-    d = load_iris()
-    return _standardise(torch.as_tensor(d.data, dtype=torch.float64)), torch.as_tensor(d.target)
+    return bundled("iris")
 
 
 @functools.cache

@@ -79,12 +79,17 @@ def _same(a: dict, b: dict) -> bool:
     return tensors_equal and a["grad_ids"] == b["grad_ids"] and torch.equal(a["rng"], b["rng"])
 
 
+def _init(rank: int, port: int, world: int) -> None:
+    """This process's gloo rank, one thread."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    _init(rank, port, WORLD)
     case = smooth(n=N)
     X, y = case.data
     local = [(X[s], y[s]) for s in BATCHES[rank]]
@@ -228,9 +233,7 @@ def _diagnose_all(model, loss_fn, data, batches, weight, train, measure=None, **
 def _diagnose_worker(rank: int, port: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    _init(rank, port, WORLD)
     case = smooth(n=N)
     X, y = case.data
     local = [(X[s], y[s]) for s in BATCHES[rank]]

@@ -19,8 +19,6 @@ The dense references are jacfwd(grad(L)) and eigvalsh of the unsharded model on 
 
 from __future__ import annotations
 
-import os
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -34,7 +32,7 @@ from curvscope.derivatives import finite_difference as fd
 from tests import cases
 from tests.derivatives.test_finite_difference import smooth
 from tests.distributed.test_distributed import _end, _free_port
-from tests.distributed.test_fsdp import _local_state, _same, _vector
+from tests.distributed.test_fsdp import _init, _local_state, _same, _vector
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 N = 20
@@ -49,12 +47,6 @@ HSDP_BATCHES = (
 )
 #: what every tensor-parallel rank passes: all the data, as two batches
 TP_BATCHES = (slice(0, 13), slice(13, 20))
-
-
-def _init(rank: int, port: int, world: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
 
 
 def _tp_plan(last: bool = True) -> dict:
