@@ -985,7 +985,7 @@ def _held_at_edge(
             back += 1
         if steps[-1] - steps[-1 - min(back, len(past))] < EOS_HOLD:
             return None  # not held for long enough yet
-    recent = [evidence, *reversed(past[len(past) - back :])] if back else [evidence]
+    recent = [evidence, *reversed(past[max(len(past) - back, 0) :])]
     if len(recent) < EOS_PROBES or not all(_near_limit(ev, z) for ev in recent):
         return None
     if not _steady(evidence, recent[1:]):  # a schedule moving the limit
