@@ -6,11 +6,17 @@ reproduces one bug found there, with the real framework.
 - Lightning with gradient accumulation: the callback counts every micro-batch as a Monitor step,
   so ``every=``, the forecast's growth per step, the cheap tier's "one step later" and the run
   log's ``"step"`` are in micro-batches, not in the trainer's optimizer steps.
+- The cheap tier's check raises ``FloatingPointError`` out of ``mon.step`` once training has
+  overflowed (an infinite loss on the probe data), ending the user's loop where a probe would say
+  *diverged* (found under the default cadence on a warm-up past the limit; a fixed
+  ``update_every`` makes it deterministic).
 - The Hugging Face callback passes ``mon.step`` the last loss the Trainer *logged*, at every step
   until the next log: ``logging_steps`` copies of one window's mean, one step late (``on_log``
   runs after ``on_step_end``), and none at all before the first log — ``mon.losses``, which the
   history rules read as one training loss a step, holds values that no step had.
 """
+
+import math
 
 import pytest
 import torch
@@ -31,6 +37,27 @@ def test_a_monitor_given_both_an_optimizer_and_a_rate_is_refused_at_construction
     # took it and raised that at its first probe, in the middle of training
     with pytest.raises(ValueError, match="not both"):
         cs.Monitor(case.model, case.loss_fn, case.data, optimizer=opt, lr=0.1, every=1)
+
+
+def test_the_cheap_tier_does_not_raise_out_of_the_loop_when_training_overflows():
+    torch.manual_seed(0)
+    X = torch.randn(64, 8)
+    Y = X @ torch.randn(8, 1)
+    model = nn.Linear(8, 1)
+    loss_fn = nn.functional.mse_loss
+    sharpness = cs.diagnose(model, loss_fn, (X, Y), lr=0.01).evidence["sharpness"]
+    opt = torch.optim.SGD(model.parameters(), lr=10 / sharpness)  # 5x past 2/λ: overflows
+    mon = cs.Monitor(model, loss_fn, (X, Y), optimizer=opt, every=30, update_every=1)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = loss_fn(model(X), Y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        mon.step(loss)  # before: FloatingPointError at step 22 ("... is inf: not finite ...")
+    assert not math.isfinite(losses[-1])
+    assert mon.last.state == "diverged"
 
 
 def test_lightning_callback_counts_optimizer_steps_under_gradient_accumulation(tmp_path):
