@@ -18,7 +18,8 @@ class CurvscopeCallback(Callback):
     """Diagnose a LightningModule as it trains.
 
     At the start of ``fit`` it builds a :class:`~curvscope.Monitor` on the module and the
-    trainer's first optimizer; after every training batch it records the loss, and at each
+    trainer's first optimizer; after every optimizer step (under ``accumulate_grad_batches``,
+    every so many batches) it records the step with the mean loss of its batches, and at each
     probe it logs the sharpness, stability limit and state code through ``pl_module.log``
     (``curvscope/...``; ``state_code`` is the state's
     :attr:`~curvscope.diagnosis.State.code`, append-only: a code keeps its meaning).
@@ -39,12 +40,15 @@ class CurvscopeCallback(Callback):
         super().__init__()
         self.loss_fn, self.probe_data, self.kwargs = loss_fn, probe_data, monitor_kwargs
         self.monitor: Monitor | None = None
+        self._step = 0  # the trainer's optimizer steps the Monitor has seen
+        self._pending: list[float] = []  # the micro-batch losses since the last optimizer step
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self.monitor = Monitor(
             pl_module, self.loss_fn, self.probe_data, optimizer=optimizer, **self.kwargs
         )
+        self._step, self._pending = trainer.global_step, []
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -52,7 +56,14 @@ class CurvscopeCallback(Callback):
         if self.monitor is None:
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        d = self.monitor.step(loss)
+        if loss is not None:
+            self._pending.append(float(loss.detach()) if hasattr(loss, "detach") else float(loss))
+        if trainer.global_step == self._step:  # accumulating gradients: no optimizer step yet
+            return
+        self._step = trainer.global_step
+        pending, self._pending = self._pending, []
+        # one Monitor step per optimizer step, with the mean loss of its micro-batches
+        d = self.monitor.step(sum(pending) / len(pending) if pending else None)
         if d is not None:
             for key, value in scalars(d).items():
                 pl_module.log(f"curvscope/{key}", value, on_step=True, on_epoch=False)

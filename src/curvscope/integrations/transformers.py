@@ -18,8 +18,10 @@ class CurvscopeTrainerCallback(TrainerCallback):
     """Diagnose a ``transformers.Trainer`` run.
 
     The Monitor is built at ``on_train_begin`` on the Trainer's model and optimizer, records a
-    step at every ``on_step_end`` (the loss the Trainer logs arrives through ``on_log``), and
-    probes on its cadence. The diagnosis goes into the Trainer's log history as
+    step at every ``on_step_end``, and probes on its cadence. The loss reaches it as the
+    Trainer logs it (``on_log``, every ``logging_steps``: the mean of that window), once, at
+    the step after the log; the steps between record none (a callback does not see each
+    step's loss). The diagnosis goes into the Trainer's log history as
     ``curvscope/...`` entries at each probe, with ``curvscope/preconditioned`` saying which
     sharpness the record holds: 1 for that of the preconditioned curvature P^-½ H P^-½ (Adam's,
     once it has stepped), 0 for that of H itself (plain SGD, or a learning rate scheduled to 0,
@@ -68,7 +70,10 @@ class CurvscopeTrainerCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is None:
             return
-        d = self.monitor.step(self._loss)
+        # each logged loss once (the mean of its logging window), at the step after its log
+        # (the Trainer calls on_log after on_step_end); steps between logs record none
+        loss, self._loss = self._loss, None
+        d = self.monitor.step(loss)
         if d is not None:
             record = {f"curvscope/{k}": v for k, v in scalars(d).items()}
             record["curvscope/preconditioned"] = float(bool(d.evidence.get("preconditioned")))
