@@ -103,7 +103,8 @@ def test_the_sharpness_growth_between_two_probes_forecasts_the_crossing():
 
 def test_a_rising_rate_adds_no_probe_once_the_verdict_is_unstable():
     """Past the limit the verdict already is unstable (the alarm is raised): a schedule that
-    keeps raising the rate adds no probe."""
+    keeps raising the rate adds no forecast's probe — the loss running away past 1000x its
+    first value calls one (cause "loss"), which says diverged, and nothing after it."""
     p = cs.problems.get("least-squares")
     model = p.make_model(0)
     s = cs.diagnose(model, p.loss_fn, p.data, lr=0.1).evidence["sharpness"]
@@ -112,7 +113,10 @@ def test_a_rising_rate_adds_no_probe_once_the_verdict_is_unstable():
     mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=1000, update_every=0)
     own = _loop(model, p.loss_fn, p.data, opt, mon, 12, schedule, probe_at=(1,))
     assert mon.history[0].state == "unstable"
-    assert own == []
+    assert "forecast" not in mon.probe_causes
+    ran_away = next(k for k, v in enumerate(mon.losses, 1) if v > 1e3 * mon.first_loss)
+    assert own == [ran_away] and mon.probe_causes == ["manual", "loss"]
+    assert mon.history[-1].state == "diverged"
 
 
 def test_the_monitor_probes_and_checks_with_the_backend_it_is_given():
@@ -204,3 +208,43 @@ def test_a_schedule_that_lowers_adams_beta1_halves_its_limit_and_probes():
     assert steps[False] == ([3], ["manual"])
     with pytest.raises(TypeError, match="forecast must be True or False"):
         cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, forecast="yes")
+
+
+def test_a_loss_that_is_not_finite_calls_a_probe_at_once():
+    """Free, like the forecast: the step a non-finite training loss is reported, a probe runs
+    (cause "loss") and says diverged — not at the cadence's next probe, 1000 steps away — and
+    no other after it for the same reason."""
+    p = cs.problems.get("least-squares")
+    model = p.make_model(0)
+    mon = cs.Monitor(model, p.loss_fn, p.data, lr=0.01, every=1000, update_every=0)
+    for loss in (1.0, 0.9, math.nan, math.nan, 0.8):
+        mon.step(loss)
+    assert mon.probe_steps == [3] and mon.probe_causes == ["loss"]
+    assert mon.last.state == "diverged"
+    assert (
+        mon.last.reasons[0]
+        == "the training loss ran away: above 1000 times its first value 1, or not finite"
+    )
+
+
+def test_a_growth_within_what_a_probe_resolves_is_not_carried_forward():
+    """Two probes a step apart whose sharpness differs by less than GROWTH_FLOOR (5%, what an
+    adaptive probe resolves): no growth is forecast (before, 1.3e-4 between two probes of
+    unchanged parameters fired a probe 27,041 steps later)."""
+    from curvscope.diagnosis.monitor import GROWTH_FLOOR
+
+    assert GROWTH_FLOOR == 0.05
+    model = _UV()
+    data = (torch.ones(1, 1, dtype=torch.float64), torch.full((1, 1), 4.0, dtype=torch.float64))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = cs.Monitor(model, _half_mse, data, optimizer=opt, every=1000, update_every=0)
+    own = _loop(model, _half_mse, data, opt, mon, 60, probe_at=(30, 31))  # near uv = 4: 8.0
+    s1, s2 = (d.evidence["sharpness"] for d in mon.history)
+    assert s1 < s2 < (1 + GROWTH_FLOOR) * s1
+    assert own == [] and mon._growth == 1.0
+
+
+def test_every_must_be_a_whole_number_of_steps_not_a_bool():
+    p = cs.problems.get("least-squares")
+    with pytest.raises(ValueError, match="every must be a positive integer"):
+        cs.Monitor(p.make_model(0), p.loss_fn, p.data, lr=0.1, every=True)

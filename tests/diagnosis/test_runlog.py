@@ -144,7 +144,7 @@ def test_non_finite_numbers_come_back_as_floats(tmp_path):
         ),
         ([{"curvscope_log": "1"}], r"line 1: 'curvscope_log' must be a positive integer"),
         ([HEADER, record(1, state="exploding")], r"line 2: 'state' must be one of learning, "),
-        ([HEADER, record(1, cause="boredom")], r"'cause' must be one of cadence, forecast, "),
+        ([HEADER, record(1, cause="boredom")], r"'cause' must be one of cadence, loss, forecast, "),
         ([HEADER, record("<script>")], r"line 2: 'step' must be a non-negative integer, got "),
         ([HEADER, record(-1)], r"'step' must be a non-negative integer, got -1"),
         ([HEADER, record(1, advice="go slower")], r"'advice' must be a list of strings"),

@@ -25,6 +25,7 @@ from curvscope.diagnosis.classify import (
     State,
     StateEnum,
     Thresholds,
+    _ran_away,
     classify,
     classify_history,
     effective_sharpness,
@@ -39,7 +40,7 @@ from curvscope.diagnosis.diagnosis import (
 )
 from curvscope.diagnosis.runlog import LOG_VERSION, RunLogWriter, check_log_mode
 from curvscope.diagnosis.runlog import read_log as read_log  # where it lived before runlog
-from curvscope.diagnosis.stability import limit_factor
+from curvscope.diagnosis.stability import limit_factor, optimizer_name
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ UPDATE_MIN_EVERY = 2
 #: A probe is due at once when a schedule has raised the learning rate this many times since
 #: the last probe (the limit halved: a warm-up), whatever the budget.
 LIMIT_HALVED = 2.0
+#: ... and the forecast carries a sharpness's growth between two probes forward only when it
+#: grew by more than this (an adaptive probe resolves the spectrum to 5%: less is noise).
+GROWTH_FLOOR = 0.05
 
 
 def _is_writer() -> bool:
@@ -73,7 +77,9 @@ class Monitor:
     a few products; history refines its verdict
     (:func:`~curvscope.diagnosis.classify.classify_history`):
 
-    - **diverged** when the loss is not finite or above ``EXPLOSION`` (1e3) times the first;
+    - **diverged** when the loss is not finite or above ``EXPLOSION`` (1e3) times the first,
+      or when its mean since the previous probe is above ``RAN_AWAY`` (10) times its running
+      minimum and above the first loss (a blow-up stuck high);
     - **edge_of_stability** when the sharpness has been within ``EOS_BAND`` (±15%) of the
       stability limit at ``EOS_PROBES`` (3) consecutive probes (Cohen et al. 2021): full-batch
       training drives it there and holds it, the loss falling non-monotonically; and where
@@ -91,15 +97,18 @@ class Monitor:
     for the next scheduled probe. Each check copies the trainable parameters at one step and
     measures at the next; the values are in :attr:`updates`, in the next probe's log record
     (``"updates"``: [step, curvature, top curvature] lists) and in TensorBoard. And every step,
-    for free, the Monitor **forecasts**: it reads the optimizer's learning rate and probes at
-    once, whatever the cadence, when a schedule has halved the limit (∝ 1/η) since the last
-    probe (a warm-up), or when the sharpness the last probe saw, grown at the rate the last two
-    probes measured, has passed the alarm bound of the limit as the schedule moved it: a
-    verdict is looked at again when it has gone stale, not only when the budget allows.
+    for free, the Monitor **forecasts**: it reads the limit's hyperparameter part c/η (the
+    learning rate, β, the momentum) and probes at once, whatever the cadence, when a schedule
+    has halved the limit since the last probe (a warm-up), or when the sharpness the last probe
+    saw, grown at the rate the last two probes measured, has passed the alarm bound of the
+    limit as the schedule moved it: a verdict is looked at again when it has gone stale, not
+    only when the budget allows. (The default cadence charges these probes to its budget: the
+    next planned probe waits until it is repaid.) A training loss that is not finite, or above
+    EXPLOSION times the first, calls a probe at once too.
 
-    Each probe appends one JSON object to ``log``: "step", "state", "advice", "reasons" and the
-    evidence keys at top level, after a header line (``"curvscope_log": 1``, the version, the
-    optimizer, the cadence) that starts the run. The log loses nothing
+    Each probe appends one JSON object to ``log``: "step", "cause", "state", "advice", "reasons"
+    and the evidence keys at top level, after a header line (``"curvscope_log": 1``, the
+    version, the optimizer, the cadence) that starts the run. The log loses nothing
     (:mod:`curvscope.diagnosis.runlog`): each line reaches the OS as it is made, a second writer
     on the same file is refused (a lock, released at :meth:`close` or when the process dies),
     and a failed write (disk full) warns once and is counted (:attr:`records_lost`) instead of
@@ -114,8 +123,9 @@ class Monitor:
         lr: instead, plain gradient descent at this rate.
         every: steps between probes; by default (None) the cadence adapts so that probes take
             at most ``overhead`` (5%) of the wall time, timing the loop and the probes. The
-            forecast's probes come on top, at any cadence: log₂(η_peak/η) of them in a warm-up
-            and one when the sharpness's growth is forecast to pass the limit.
+            forecast's probes come between, at any cadence (log₂(η_peak/η) of them in a
+            warm-up, one when the sharpness's growth is forecast to pass the limit); the default
+            cadence counts them against its budget, a fixed ``every`` adds them.
         overhead: the share of wall time the default cadence may spend on its planned probes.
         full_batch: whether the loop trains on the whole of ``probe_data`` each step (the
             edge-of-stability rules that read the shape of the training loss apply only then).
@@ -198,6 +208,11 @@ class Monitor:
         forecast: bool = True,
     ) -> None:
         _check_cadence(every, update_every, overhead, forecast)
+        if optimizer is not None and lr is not None:
+            raise ValueError(
+                "give either optimizer= (its limit and preconditioner are read at each probe) "
+                "or lr= (plain gradient descent at that rate), not both"
+            )
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable as callback(diagnosis, previous_state)")
         check_log_mode(log_mode)
@@ -231,12 +246,15 @@ class Monitor:
         #: The step of each diagnosis in :attr:`history` (the forecast's probes come between
         #: the cadence's).
         self.probe_steps: list[int] = []
-        #: Why each probe in :attr:`history` ran: "cadence", "forecast", "check" (the cheap
-        #: tier's alarm) or "manual" (:meth:`probe`); also each log record's ``"cause"``.
+        #: Why each probe in :attr:`history` ran: "cadence", "loss" (a training loss not
+        #: finite or above EXPLOSION times the first), "forecast", "check" (the cheap tier's
+        #: alarm, or an overflow it met) or "manual" (:meth:`probe`); also each log record's
+        #: ``"cause"``.
         self.probe_causes: list[str] = []
         self._probe_factor: float | None = None  # the limit's c/η at the last probe, and the
         self._growth = 1.0  # sharpness's growth a step from the probe before to it (forecast)
         self._probe_sharpness: tuple[float | None, float | None] = (None, None)  # s, limit
+        self._last_loss_seen = True  # whether the last reported loss was looked at
         self._state: StateEnum | None = None  # the last probe's state, as rank 0 decided it
         self._clock: float | None = None
         self.params = None if params is None else list(params)
@@ -270,7 +288,7 @@ class Monitor:
                     "curvscope_log": LOG_VERSION,
                     "version": _version(),
                     "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "optimizer": type(optimizer).__name__
+                    "optimizer": optimizer_name(optimizer)
                     if optimizer is not None
                     else (f"gradient descent (lr={lr})" if lr is not None else "none"),
                     "every": every if every is not None else f"auto ({overhead:.0%} overhead)",
@@ -295,6 +313,7 @@ class Monitor:
         if loss is not None:
             value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
             self.losses.append(value)
+            self._last_loss_seen = False
             if self.first_loss is None and math.isfinite(value):
                 self.first_loss = value
             if self._probe_loss is not None:  # this loss was computed where the probe measured
@@ -306,7 +325,15 @@ class Monitor:
         return d
 
     def _probe_or_check(self) -> Diagnosis | None:
-        cause = "cadence" if self._due() else "forecast" if self._forecast_due() else None
+        cause = (
+            "cadence"
+            if self._due()
+            else "loss"
+            if self._loss_ran_away()
+            else "forecast"
+            if self._forecast_due()
+            else None
+        )
         if cause is not None:
             self._before = None
             return self._probe(cause)
@@ -319,6 +346,19 @@ class Monitor:
             self._before = self._trainable_copy()
             self._since_update = 0  # update_every counts from the copy
         return None
+
+    def _loss_ran_away(self) -> bool:
+        """Whether the loss just reported is not finite or above EXPLOSION times the first
+        (free: the diverged verdict need not wait for the next probe, which the budget may put
+        thousands of steps away); once the Monitor says diverged, not again. In one process
+        only: under torch.distributed each rank reports its own loss, and a probe is a
+        collective that every rank must call at the same step (the next probe judges it)."""
+        if not self.losses or self._state == State.DIVERGED or self._last_loss_seen:
+            return False
+        if _world_size() > 1:
+            return False
+        self._last_loss_seen = True
+        return _ran_away(self.losses[-1:], self.first_loss)
 
     def _trainable(self) -> list[tuple[str, Tensor]]:
         """The parameters a probe and a check measure now: those that require grad, of
@@ -435,23 +475,28 @@ class Monitor:
         if set(before) != set(self._trainable_names()):  # parameters frozen or added since
             return None
         warm = self._warm_start()
-        check = update_curvature(
-            self.model,
-            self.loss_fn,
-            self.probe_data,
-            before,
-            self.optimizer,
-            lr=self.lr,
-            params=self.params,
-            seed=self.seed,
-            reduction=self.reduction,
-            top=None if warm is None else warm[:, 0],
-            backend=self._products.backend,
-            fd_eps=self._products.fd_eps,
-        )
+        try:
+            check = update_curvature(
+                self.model,
+                self.loss_fn,
+                self.probe_data,
+                before,
+                self.optimizer,
+                lr=self.lr,
+                params=self.params,
+                seed=self.seed,
+                reduction=self.reduction,
+                top=None if warm is None else warm[:, 0],
+                backend=self._products.backend,
+                fd_eps=self._products.fd_eps,
+            )
+        except FloatingPointError:  # the loss or gradient on the probe data is not finite
+            check = None
         self._last_update_seconds = time.perf_counter() - start
         self.update_seconds += self._last_update_seconds
         self._plan()
+        if check is None:  # training has overflowed: a probe says so (diverged), not a raise
+            return self._probe("check")
         if check.curvature is None and check.top_curvature is None:
             return None
         self.updates.append((self.steps, check))
@@ -489,8 +534,8 @@ class Monitor:
         return self._probe("manual", update)
 
     def _probe(self, cause: str, update: float | None = None) -> Diagnosis:
-        """A probe, for ``cause``: "cadence", "forecast", "check" (the cheap tier's alarm) or
-        "manual" — written to the log record and :attr:`probe_causes`."""
+        """A probe, for ``cause`` (one of runlog.PROBE_CAUSES), written to the log record and
+        :attr:`probe_causes`."""
         start = time.perf_counter()
         d = diagnose(
             self.model,
@@ -565,15 +610,16 @@ class Monitor:
 
     def _remember_growth(self, d: Diagnosis) -> None:
         """The sharpness's growth per step from the previous probe to this one (for the
-        forecast; 1 when it did not grow, when either is unknown, and at the edge of
-        stability, where the sharpness swings rather than grows)."""
+        forecast; 1 when it grew by less than GROWTH_FLOOR — within what an adaptive probe
+        resolves —, when either is unknown, and at the edge of stability, where the sharpness
+        swings rather than grows)."""
         before = effective_sharpness(self.history[-1].evidence) if self.history else None
         now = effective_sharpness(d.evidence)
         since = self.steps - self.probe_steps[-1] if self.probe_steps else 0
         self._growth = 1.0
         if before is None or now is None or self._state == State.EDGE_OF_STABILITY:
             return
-        if 0 < before < now and since > 0:
+        if before > 0 and now > (1 + GROWTH_FLOOR) * before and since > 0:
             self._growth = (now / before) ** (1 / since)
 
     def _updates_since_last_probe(self) -> dict[str, Any]:
@@ -630,7 +676,7 @@ class Monitor:
 
 def _check_cadence(every: object, update_every: object, overhead: object, forecast: object) -> None:
     """The Monitor's cadence arguments, each refused with what it must be."""
-    if every is not None and (not isinstance(every, int) or every < 1):
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise ValueError(f"every must be a positive integer (steps) or None, got {every!r}")
     if update_every is not None:
         check_int(update_every, "update_every", minimum=0)
@@ -662,13 +708,19 @@ def scalars(d: Diagnosis) -> dict[str, float]:
     return out
 
 
+def _world_size() -> int:
+    """The number of torch.distributed ranks (1 without a process group)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _agreed(values: list[float], model: nn.Module, op: str = "max") -> list[float]:
     """``values`` as every rank sees them under torch.distributed: their maximum over the
     ranks (``op="max"``, one all-reduce) or rank 0's (``op="rank0"``, one broadcast); on the
     model's device for NCCL. As given in a single process."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+    if _world_size() < 2:
         return values
+    dist = torch.distributed
     first = next(iter(model.parameters()), None)
     nccl = dist.get_backend() == "nccl" and first is not None
     device = first.device if nccl and first is not None else torch.device("cpu")

@@ -318,9 +318,10 @@ def _update_rows(v: Any) -> bool:
     )
 
 
-#: Why a Monitor probed (a record's ``"cause"``): its cadence, its forecast, the cheap tier's
-#: alarm, or :meth:`Monitor.probe` called by hand.
-PROBE_CAUSES = ("cadence", "forecast", "check", "manual")
+#: Why a Monitor probed (a record's ``"cause"``): its cadence, a training loss that ran away
+#: (not finite, or above EXPLOSION times the first), its forecast, the cheap tier's alarm, or
+#: :meth:`Monitor.probe` called by hand.
+PROBE_CAUSES = ("cadence", "loss", "forecast", "check", "manual")
 _NUMBER = (_optional(lambda v: _is_number(v) or v in _NONFINITE), "a number, null or 'nan'")
 # the fields a reader relies on, and the type each must have where present
 RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {

@@ -293,6 +293,15 @@ def limit_factor(optimizer: Optimizer | None = None, *, lr: float | None = None)
     return rule.constant(type(inner).__name__, groups[0])[0] / eta
 
 
+def optimizer_name(optimizer: object) -> str:
+    """The optimizer's class name, through the wrappers that hold it as ``.optimizer``
+    (accelerate's ``AcceleratedOptimizer``: ``"AdamW"``); the wrapper's for one without a rule."""
+    try:
+        return type(_unwrapped(optimizer)[0]).__name__
+    except TypeError:
+        return type(optimizer).__name__
+
+
 def _gradient_descent(lr: object) -> StabilityLimit:
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
