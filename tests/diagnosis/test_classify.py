@@ -34,6 +34,7 @@ from curvscope.diagnosis.classify import (
     EOS_PROBES,
     EOS_SWING,
     EXPLOSION,
+    RAN_AWAY,
     Facts,
     StateEnum,
     as_state,
@@ -75,6 +76,9 @@ def test_no_limit_means_no_stability_verdict():
 def test_diverged_first():
     assert state(loss=math.nan) == "diverged"
     assert state(grad_norm=math.inf, sharpness=1e9) == "diverged"
+    # a finite loss and gradient, a curvature whose products overflowed
+    d = classify({**BASE, "sharpness": math.nan, "lambda_min": math.nan})
+    assert d[0] == "diverged" and "the curvature is not" in d[1][0]
 
 
 def test_small_gradient_threshold_both_sides():
@@ -380,6 +384,30 @@ def test_only_learning_or_unstable_probes_can_be_at_the_edge():
     saddle = near(grad_norm=1e-9, lambda_min=-1.0)
     assert history(saddle, past=[near(), near()])[0] is State.SADDLE
     assert history(near(limit=None), past=[near(), near()])[0] is State.LEARNING
+
+
+def test_a_loss_stuck_far_above_its_best_is_diverged():
+    """A run blown up into saturation (a new user's CyclicLR run: the loss at 15-298 against
+    a first loss of 2.28, the sharpness ~1e-7) read *learning*, "steps are stable": the mean
+    loss since the previous probe above RAN_AWAY (10) times its running minimum and above the
+    first loss is diverged, whatever the curvature says."""
+    assert RAN_AWAY == 10
+
+    def judged(losses, best, first=2.28):
+        return classify_history(
+            State.LEARNING, ["own"], near(0.0), losses=losses, first_loss=first, best_loss=best
+        )
+
+    state, reasons = judged([15.0, 298.0], best=0.5)
+    assert state is State.DIVERGED
+    assert reasons[0] == (
+        "the training loss ran away: its mean since the previous probe, 156.5, is above 10 "
+        "times its lowest such mean 0.5 and above its first value 2.28"
+    )
+    assert judged([4.0, 4.5], best=0.5)[0] is State.LEARNING  # 8.5x: under 10x
+    assert judged([1.9, 2.0], best=0.1, first=2.28)[0] is State.LEARNING  # 19.5x, under the start
+    assert judged([2.3, 2.5], best=0.1)[0] is State.DIVERGED
+    assert judged([15.0, 298.0], best=None)[0] is State.LEARNING  # no running minimum yet
 
 
 def test_a_loss_that_ran_away_is_diverged():

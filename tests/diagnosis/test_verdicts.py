@@ -115,6 +115,10 @@ def test_the_forecast_warns_of_a_blow_up_between_probes(verdicts):
         states = verdicts.compress([p.state for p in o.trace.probes])
         assert o.outcome == "diverges" and o.warning is not None, (name, o.blowup, states)
         assert o.lead >= 1
+        # the probe the loss's overflow calls (lm-sgd-past, step 34: a finite gradient, a
+        # non-finite curvature) says diverged instead of raising out of the loop
+        assert o.trace.error is None, o.trace.error
+    assert default["lm-sgd-past"].trace.probes[-1].state == "diverged"
 
 
 def test_held_out_runs_train_under_the_monitor_to_their_designed_outcome(verdicts):

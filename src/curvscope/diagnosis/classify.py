@@ -84,8 +84,13 @@ EOS_HOLD = 20
 #: ... at a steady learning rate: their stability limits within this fraction of each other
 #: (a warm-up that moves the limit down through the sharpness is a crossing, not the edge).
 EOS_LIMIT_DRIFT = 0.05
-#: History, diverged: a training loss above this multiple of the first loss (or not finite).
+#: History, diverged: a training loss above this multiple of the first loss (or not finite) ...
 EXPLOSION = 1e3
+#: ... or a mean training loss between two probes above this multiple of its running minimum
+#: (of such means) and above the first loss: a run blown up and stuck there (a saturated
+#: network whose curvature has collapsed reads as stable steps; the verdict suite's blow-up
+#: line is the same 10x).
+RAN_AWAY = 10.0
 #: History, staying at the edge: once at the edge of stability, a probe whose sharpness swings
 #: out of the band, down to EOS_FLOOR or up to EOS_SWING times the limit, ...
 EOS_FLOOR = 0.5
@@ -501,9 +506,14 @@ def _finite(x: Any) -> bool:
 
 
 def _diverged(f: Facts) -> list[str] | None:
-    if _finite(f.loss) and _finite(f.g):
-        return None
-    return [f"the loss ({f.loss}) or the gradient norm ({f.g}) is not finite"]
+    if not (_finite(f.loss) and _finite(f.g)):
+        return [f"the loss ({f.loss}) or the gradient norm ({f.g}) is not finite"]
+    if f.s is not None and not math.isfinite(f.s):  # measured, and overflowed
+        return [
+            f"the loss ({f.loss:.4g}) and the gradient are finite but the curvature is not: "
+            "its products overflowed, as they do once the parameters have run away"
+        ]
+    return None
 
 
 def _flat(f: Facts) -> list[str] | None:
@@ -835,6 +845,26 @@ def _rises_and_falls(losses: Sequence[float]) -> bool:
     return any(d > 0 for d in diffs) and any(d < 0 for d in diffs)
 
 
+def _stuck_high(
+    losses: Sequence[float], best_loss: float | None, first_loss: float | None, floor: float
+) -> list[str] | None:
+    """The reasons a run's loss ran away and stayed there, or None: the mean training loss
+    since the previous probe is above :data:`RAN_AWAY` times its running minimum ``best_loss``
+    (measured on max(|best_loss|, ``floor``), as :func:`_rose` does) and above the first loss."""
+    mean = _window_mean(losses)
+    if mean is None or best_loss is None or first_loss is None or mean <= first_loss:
+        return None
+    if mean - best_loss <= (RAN_AWAY - 1) * max(abs(best_loss), floor):
+        return None
+    return [
+        f"the training loss ran away: its mean since the previous probe, {mean:.4g}, is above "
+        f"{RAN_AWAY:g} times its lowest such mean {best_loss:.4g} and above its first value "
+        f"{first_loss:.4g}",
+        "stable-looking curvature there (a network blown into saturation has little) does not "
+        "make it learning",
+    ]
+
+
 def _window_mean(losses: Sequence[float]) -> float | None:
     finite = [v for v in losses if math.isfinite(v)]
     return sum(finite) / len(finite) if finite and len(finite) == len(losses) else None
@@ -884,7 +914,9 @@ def classify_history(
     """Refine one probe's verdict with what only history shows (the Monitor's rules).
 
     - **diverged** when a training loss since the previous probe is not finite or above
-      :data:`EXPLOSION` (1e3) times the first loss of the run;
+      :data:`EXPLOSION` (1e3) times the first loss of the run, or when their mean is above
+      :data:`RAN_AWAY` (10) times its running minimum ``best_loss`` and above the first loss (a
+      blow-up stuck high: a saturated network's collapsed curvature reads as stable steps);
     - otherwise a *learning* or *unstable* probe is **edge_of_stability** — never while the
       mean training loss since the previous probe is above :data:`EOS_LOSS_RISE` (2) times
       ``best_loss`` (a loss that rose) — when
@@ -939,6 +971,9 @@ def classify_history(
             f"the training loss ran away: above {EXPLOSION:g} times its first value "
             f"{first_loss:.3g}, or not finite"
         ]
+    stuck = _stuck_high(losses, best_loss, first_loss, thresholds.loss_floor)
+    if state != State.DIVERGED and stuck:
+        return State.DIVERGED, stuck
     limit, s = evidence.get("stability_limit"), effective_sharpness(evidence)
     if limit is None or s is None or state not in (State.LEARNING, State.UNSTABLE):
         return state, list(reasons)

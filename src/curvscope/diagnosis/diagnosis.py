@@ -329,9 +329,13 @@ def _diagnose(
     evidence["grad_norm"] = math.nan if g is None else float(g.norm())
     if g is None or not math.isfinite(loss) or not torch.isfinite(g).all():
         return _finish(evidence, thresholds, {}, True, start, C)
-    vectors, converged = _measure_curvature(
-        evidence, objective, C, g, budget, seed, v0, thresholds if adaptive else None
-    )
+    try:
+        vectors, converged = _measure_curvature(
+            evidence, objective, C, g, budget, seed, v0, thresholds if adaptive else None
+        )
+    except FloatingPointError:  # a finite gradient, an overflowing curvature: diverged too
+        evidence.update(sharpness=math.nan, lambda_min=math.nan)
+        return _finish(evidence, thresholds, {}, True, start, C)
     if train_batches is not None:
         bs, se, used = _batch_sharpness(
             model,
