@@ -845,6 +845,22 @@ def _rises_and_falls(losses: Sequence[float]) -> bool:
     return any(d > 0 for d in diffs) and any(d < 0 for d in diffs)
 
 
+def _loss_diverged(
+    losses: Sequence[float], first_loss: float | None, best_loss: float | None, floor: float
+) -> list[str] | None:
+    """The reasons the training losses since the previous probe say *diverged*, or None: one
+    not finite or above :data:`EXPLOSION` times the first, or their mean stuck far above the
+    running minimum (:func:`_stuck_high`)."""
+    if _ran_away(losses, first_loss):
+        if first_loss is None:
+            return ["the training loss is not finite"]
+        return [
+            f"the training loss ran away: above {EXPLOSION:g} times its first value "
+            f"{first_loss:.3g}, or not finite"
+        ]
+    return _stuck_high(losses, best_loss, first_loss, floor)
+
+
 def _stuck_high(
     losses: Sequence[float], best_loss: float | None, first_loss: float | None, floor: float
 ) -> list[str] | None:
@@ -964,16 +980,12 @@ def classify_history(
     """
     if steps is not None:
         _check_steps(steps, len(past))
-    if state != State.DIVERGED and _ran_away(losses, first_loss):
-        if first_loss is None:
-            return State.DIVERGED, ["the training loss is not finite"]
-        return State.DIVERGED, [
-            f"the training loss ran away: above {EXPLOSION:g} times its first value "
-            f"{first_loss:.3g}, or not finite"
-        ]
-    stuck = _stuck_high(losses, best_loss, first_loss, thresholds.loss_floor)
-    if state != State.DIVERGED and stuck:
-        return State.DIVERGED, stuck
+    floor = thresholds.loss_floor
+    ran_away = (
+        None if state == State.DIVERGED else _loss_diverged(losses, first_loss, best_loss, floor)
+    )
+    if ran_away:
+        return State.DIVERGED, ran_away
     limit, s = evidence.get("stability_limit"), effective_sharpness(evidence)
     if limit is None or s is None or state not in (State.LEARNING, State.UNSTABLE):
         return state, list(reasons)
