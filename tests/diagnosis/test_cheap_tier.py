@@ -332,3 +332,30 @@ def test_the_checks_survive_parameters_frozen_or_added_and_copy_only_trainable_o
     assert [d.state for d in mon.history] == ["learning"] * 4
     assert copies[0] == {"0.weight", "0.bias", "2.weight", "2.bias"}  # not the frozen 3.*
     assert {"2.weight", "2.bias"} in copies  # while layer 0 was frozen
+
+
+def test_a_check_that_meets_an_overflow_calls_a_probe_instead_of_raising():
+    """A new user's warm-up past the limit: once training overflows, the loss on the probe data
+    is inf and the check's products cannot be taken; it called FloatingPointError out of
+    mon.step (ending the user's loop) where a probe says diverged. SGD at 5x past 2/λ on a
+    linear regression, a check every step."""
+    torch.manual_seed(0)
+    X = torch.randn(64, 8)
+    Y = X @ torch.randn(8, 1)
+    model = nn.Linear(8, 1)
+    loss_fn = nn.functional.mse_loss
+    sharpness = cs.diagnose(model, loss_fn, (X, Y), lr=0.01).evidence["sharpness"]
+    opt = torch.optim.SGD(model.parameters(), lr=10 / sharpness)
+    mon = cs.Monitor(model, loss_fn, (X, Y), optimizer=opt, every=30, update_every=1)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = loss_fn(model(X), Y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        mon.step()  # no loss reported: the loss watch cannot see it (before: FloatingPointError)
+    assert not math.isfinite(losses[-1])
+    states = [(c, str(d.state)) for c, d in zip(mon.probe_causes, mon.history, strict=True)]
+    assert ("check", "diverged") in states, states  # the check met the overflow: a probe
+    assert mon.last.state == "diverged"

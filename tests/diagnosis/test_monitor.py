@@ -170,6 +170,10 @@ def test_invalid_arguments():
         cs.Monitor(case.model, case.loss_fn, case.data, every=0)
     with pytest.raises(TypeError, match="callback"):
         cs.Monitor(case.model, case.loss_fn, case.data, callback=3)
+    # refused at construction, not at the first probe in the middle of training
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="not both"):
+        cs.Monitor(case.model, case.loss_fn, case.data, optimizer=opt, lr=0.1, every=1)
 
 
 def test_default_cadence_keeps_probes_within_the_overhead_budget():

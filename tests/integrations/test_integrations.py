@@ -30,7 +30,9 @@ def test_tensorboard_scalars(tmp_path):
     assert [e.step for e in acc.Scalars("curvscope/sharpness")] == [2, 4]
 
 
-def test_lightning_callback(tmp_path):
+def _fit_lightning(tmp_path, max_steps, every, batch_size, accumulate=1):
+    """A LightningModule over the MLP of tests.cases (SGD with momentum) fitted with the
+    callback; returns (trainer, callback)."""
     import lightning
 
     from curvscope.integrations.lightning import CurvscopeCallback
@@ -52,10 +54,13 @@ def test_lightning_callback(tmp_path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*case.data), batch_size=8)
-    cb = CurvscopeCallback(nn.CrossEntropyLoss(), case.data, every=4, log=tmp_path / "run.jsonl")
+    data = torch.utils.data.TensorDataset(*case.data)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
+    log = tmp_path / "run.jsonl"
+    cb = CurvscopeCallback(nn.CrossEntropyLoss(), case.data, every=every, log=log)
     trainer = lightning.Trainer(
-        max_steps=12,
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
@@ -65,16 +70,30 @@ def test_lightning_callback(tmp_path):
         default_root_dir=tmp_path,
     )
     trainer.fit(Module(), loader)
+    return trainer, cb
+
+
+def test_lightning_callback(tmp_path):
+    _, cb = _fit_lightning(tmp_path, max_steps=12, every=4, batch_size=8)
     assert len(cb.monitor.history) == 3
     assert cb.monitor.last.evidence["stability_limit"] == pytest.approx(3.8 / 0.1)
     _, records = read_log(tmp_path / "run.jsonl")
     assert [r["step"] for r in records] == [4, 8, 12]
 
 
-def test_transformers_trainer_callback(tmp_path):
-    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+def test_lightning_callback_counts_optimizer_steps_under_gradient_accumulation(tmp_path):
+    """Under accumulate_grad_batches a Monitor step is an optimizer step (a new user's run:
+    one per micro-batch made every=, the forecast's growth per step and the cheap tier's "one
+    step later" count micro-batches), with the mean loss of its micro-batches."""
+    trainer, cb = _fit_lightning(tmp_path, max_steps=4, every=2, batch_size=4, accumulate=2)
+    assert trainer.global_step == cb.monitor.steps == 4  # before: 8, one per micro-batch
+    _, records = read_log(tmp_path / "run.jsonl")
+    assert [r["step"] for r in records] == [2, 4]
+    assert len(cb.monitor.losses) == 4
 
-    from curvscope.integrations.transformers import CurvscopeTrainerCallback
+
+def _tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(
         vocab_size=50,
@@ -87,7 +106,15 @@ def test_transformers_trainer_callback(tmp_path):
     )
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = BertForSequenceClassification(config)
+        return BertForSequenceClassification(config)
+
+
+def test_transformers_trainer_callback(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from curvscope.integrations.transformers import CurvscopeTrainerCallback
+
+    model = _tiny_bert()
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 50, (16, 8), generator=gen)
     labels = torch.randint(0, 2, (16,), generator=gen)
@@ -215,3 +242,35 @@ def test_transformers_trainer_with_the_models_own_loss_and_a_schedule_to_zero(
     assert tokens == 26
     expected = sum(v * n for v, n in own) / tokens
     assert last.evidence["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_transformers_callback_hands_each_logged_loss_over_once(tmp_path):
+    """The Trainer's callbacks see the loss only as it is logged (the mean over logging_steps,
+    after on_step_end): each logged loss reaches the Monitor once, at the step after its log
+    (a new user's run: logging_steps copies of one window's mean, one step late)."""
+    from transformers import Trainer, TrainingArguments
+
+    from curvscope.integrations.transformers import CurvscopeTrainerCallback
+
+    model = _tiny_bert()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (32, 8), generator=gen)
+    labels = torch.randint(0, 2, (32,), generator=gen)
+    train = [{"input_ids": ids[i], "labels": labels[i]} for i in range(32)]
+    cb = CurvscopeTrainerCallback(None, {"input_ids": ids[:8], "labels": labels[:8]}, every=5)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=10,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=5,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[cb])
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert cb.monitor.steps == 10
+    assert cb.monitor.losses == pytest.approx(logged[:1])  # step 5's, recorded at step 6
