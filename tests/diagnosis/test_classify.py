@@ -60,6 +60,13 @@ def state(**changes):
     return classify({**BASE, **changes})[0]
 
 
+def test_a_share_of_the_limit_under_one_percent_is_not_written_as_zero():
+    """A new user's Hugging Face run read "the sharpness ... is 0% of the limit"."""
+    _, reasons = classify({**BASE, "sharpness": 0.006})
+    assert reasons[-1] == "the sharpness 0.006 is 0.03% of the limit 20"
+    assert classify(BASE)[1][-1] == "the sharpness 10 is 50% of the limit 20"
+
+
 def test_learning_and_unstable_around_the_margin():
     th = cs.Thresholds()
     assert state() == "learning"

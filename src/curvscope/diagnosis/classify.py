@@ -634,6 +634,13 @@ def _update_overshoots(f: Facts) -> list[str] | None:
     ]
 
 
+def _share(value: float, limit: float) -> str:
+    """``value`` as a percentage of ``limit``: whole percents, two significant digits under 1%
+    (a sharpness at 0.03% of its limit is not "0%")."""
+    share = 100 * value / limit
+    return f"{share:.0f}%" if abs(share) >= 1 else f"{share:.2g}%"
+
+
 def _learning(f: Facts) -> list[str] | None:
     if f.small and f.dec is not None:  # no plateau, no saddle, the bottom far: a long valley
         return [
@@ -647,12 +654,12 @@ def _learning(f: Facts) -> list[str] | None:
         return [f.gradient]
     if math.isinf(f.limit):  # a learning rate scheduled to 0: no step to overshoot
         return [f.gradient, "learning rate 0: no stability limit"]
-    full = f"the sharpness {f.s:.4g} is {100 * f.s / f.limit:.0f}% of the limit {f.limit:.4g}"
+    full = f"the sharpness {f.s:.4g} is {_share(f.s, f.limit)} of the limit {f.limit:.4g}"
     if f.bs is None:
         return [f.gradient, full]
     batch = (
-        f"the batch sharpness {_pm(f.bs, f.bs_se)} is {100 * f.bs / f.limit:.0f}% of the limit "
-        f"{f.limit:.4g} (the full-batch sharpness {f.s:.4g} is {100 * f.s / f.limit:.0f}%)"
+        f"the batch sharpness {_pm(f.bs, f.bs_se)} is {_share(f.bs, f.limit)} of the limit "
+        f"{f.limit:.4g} (the full-batch sharpness {f.s:.4g} is {_share(f.s, f.limit)})"
     )
     return [f.gradient, batch]
 
