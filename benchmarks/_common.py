@@ -28,7 +28,8 @@ class Workload:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """A model built under a seed, the global RNG left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
@@ -37,7 +38,7 @@ def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
 def mlp_w2(batch: int = 1024) -> Workload:
     """MLP 784-256-256-10, ReLU, cross-entropy, float32 (269,322 parameters)."""
     g = torch.Generator().manual_seed(0)
-    model = _seeded(
+    model = seeded(
         0,
         lambda: nn.Sequential(
             nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
@@ -55,7 +56,7 @@ def mlp_w2(batch: int = 1024) -> Workload:
 def cnn_w3(batch: int = 256) -> Workload:
     """conv 3→16, conv 16→32 (ReLU + maxpool each), linear 2048→32→10; float32 (70,986)."""
     g = torch.Generator().manual_seed(1)
-    model = _seeded(
+    model = seeded(
         1,
         lambda: nn.Sequential(
             nn.Conv2d(3, 16, 3, padding=1),

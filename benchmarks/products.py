@@ -29,6 +29,7 @@ from _common import (
     markdown_table,
     mlp_w2,
     saved_tensor_mib,
+    seeded,
 )
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
@@ -180,25 +181,19 @@ class _LSTMHead(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
-def _seeded(seed: int, build):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
 def small_workloads() -> list[Workload]:
     """The digits MLP of ``cs.problems`` (float64, as it ships), a few-thousand-parameter MLP, a
     tiny CNN and an LSTM with a linear head (float32)."""
     digits = cs.problems.get("digits-mlp")
     X, y = digits.data
     g = torch.Generator().manual_seed(0)
-    mlp = _seeded(
+    mlp = seeded(
         0,
         lambda: nn.Sequential(
             nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1)
         ),
     )
-    cnn = _seeded(
+    cnn = seeded(
         0,
         lambda: nn.Sequential(
             nn.Conv2d(1, 8, 3, padding=1),
@@ -234,7 +229,7 @@ def small_workloads() -> list[Workload]:
         ),
         Workload(
             "LSTM 16-64 + linear head, seq 32, batch 32",
-            _seeded(0, lambda: _LSTMHead(16, 64, 10)),
+            seeded(0, lambda: _LSTMHead(16, 64, 10)),
             nn.CrossEntropyLoss(),
             torch.randn(32, 32, 16, generator=g),
             torch.randint(0, 10, (32,), generator=g),

@@ -114,7 +114,7 @@ from torch import Tensor, nn
 import curvscope as cs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table
+from _common import markdown_table, seeded
 
 #: The module of the verdict's rules (``curvscope.diagnosis.classify`` is also a function's name)
 rules = importlib.import_module("curvscope.diagnosis.classify")
@@ -199,14 +199,8 @@ def zipf_tokens(rows: int, length: int, vocab: int, seed: int) -> Tensor:
 # ----------------------------------------------------------------------------- models
 
 
-def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
 def mlp(inputs: int, hidden: int, outputs: int, seed: int = 0) -> nn.Module:
-    return _seeded(
+    return seeded(
         seed,
         lambda: nn.Sequential(
             nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, outputs)
@@ -214,20 +208,18 @@ def mlp(inputs: int, hidden: int, outputs: int, seed: int = 0) -> nn.Module:
     )
 
 
-def cnn(seed: int = 0) -> nn.Module:
-    """conv 1→8, conv 8→16 (ReLU, max-pool each), linear 64→10 on 8x8 digits (2,018 params)."""
-    return _seeded(
+def cnn(seed: int = 0, batchnorm: bool = False) -> nn.Module:
+    """conv 1→8, conv 8→16 (ReLU, max-pool each), linear 64→10 on 8x8 digits (2,018 params);
+    with ``batchnorm``, a BatchNorm after each convolution (trained in train mode)."""
+
+    def conv(a: int, b: int) -> list[nn.Module]:
+        norm = [nn.BatchNorm2d(b)] if batchnorm else []
+        return [nn.Conv2d(a, b, 3, padding=1), *norm, nn.ReLU(), nn.MaxPool2d(2)]
+
+    return seeded(
         seed,
         lambda: nn.Sequential(
-            nn.Unflatten(1, (1, 8, 8)),
-            nn.Conv2d(1, 8, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(64, 10),
+            nn.Unflatten(1, (1, 8, 8)), *conv(1, 8), *conv(8, 16), nn.Flatten(), nn.Linear(64, 10)
         ),
     )
 
@@ -472,7 +464,7 @@ def diabetes_lsq(opt: str, lr: float, warmup: int = 0, batch: int | None = None)
 
 def causal_lm(opt: str, lr: float, warmup: int = 0, batch: int | None = 32, vocab: int = 64):
     data = shift_task(128, 8, vocab, seed=0)
-    model = _seeded(0, lambda: CausalLM(vocab, 8, width=16))
+    model = seeded(0, lambda: CausalLM(vocab, 8, width=16))
     return _setup(
         model, next_token_loss, data, opt, lr, warmup, batch, probe_rows=64, reduction="mean"
     )
@@ -501,7 +493,7 @@ def bert(opt: str, lr: float, warmup: int = 0, batch: int | None = 16):
         attention_probs_dropout_prob=0.0,
         num_labels=2,
     )
-    model = _seeded(0, lambda: transformers.BertForSequenceClassification(config))
+    model = seeded(0, lambda: transformers.BertForSequenceClassification(config))
     ids = zipf_tokens(256, 10, 128, seed=1)
     labels = (ids[:, 0] < 4).long()
     return _setup(
@@ -655,27 +647,7 @@ def act_mlp(
         layers.append(nn.Linear(sizes[-2], sizes[-1]))
         return nn.Sequential(*layers).double()
 
-    return _seeded(seed, build)
-
-
-def bn_cnn(seed: int = 0) -> nn.Module:
-    """The suite's CNN with a BatchNorm after each convolution (trained in train mode)."""
-    return _seeded(
-        seed,
-        lambda: nn.Sequential(
-            nn.Unflatten(1, (1, 8, 8)),
-            nn.Conv2d(1, 8, 3, padding=1),
-            nn.BatchNorm2d(8),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1),
-            nn.BatchNorm2d(16),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(64, 10),
-        ),
-    )
+    return seeded(seed, build)
 
 
 class RowRNN(nn.Module):
@@ -820,7 +792,7 @@ def held_out() -> list[Spec]:
             "SGD+nesterov",
             0.05,
             200,
-            bn_cnn,
+            lambda: cnn(batchnorm=True),
             ce,
             lambda: _float(digits(500)),
             batch=32,
@@ -833,7 +805,7 @@ def held_out() -> list[Spec]:
             "Adam",
             1e-2,
             200,
-            lambda: _seeded(0, lambda: RowRNN("gru")),
+            lambda: seeded(0, lambda: RowRNN("gru")),
             ce,
             lambda: _float(digits(500)),
             batch=64,
@@ -925,7 +897,7 @@ def held_out() -> list[Spec]:
             "SGD+momentum",
             20.0,
             300,
-            lambda: _seeded(0, lambda: RowRNN("lstm")),
+            lambda: seeded(0, lambda: RowRNN("lstm")),
             ce,
             lambda: _float(digits(300)),
             warmup=100,
