@@ -466,6 +466,18 @@ class Monitor:
             UPDATE_MIN_EVERY,
         )
 
+    def _measuring(self) -> dict[str, Any]:
+        """What a probe and a cheap check measure alike: the rate without an optimizer, the
+        parameters, the seed, the loss's reduction and how the products are computed."""
+        return {
+            "lr": self.lr,
+            "params": self.params,
+            "seed": self.seed,
+            "reduction": self.reduction,
+            "backend": self._products.backend,
+            "fd_eps": self._products.fd_eps,
+        }
+
     def _check_update(self) -> Diagnosis | None:
         """The cheap tier: the curvature along the last update; a full probe at once when it
         says the next step overshoots."""
@@ -482,13 +494,8 @@ class Monitor:
                 self.probe_data,
                 before,
                 self.optimizer,
-                lr=self.lr,
-                params=self.params,
-                seed=self.seed,
-                reduction=self.reduction,
                 top=None if warm is None else warm[:, 0],
-                backend=self._products.backend,
-                fd_eps=self._products.fd_eps,
+                **self._measuring(),
             )
         except FloatingPointError:  # the loss or gradient on the probe data is not finite
             check = None
@@ -542,17 +549,12 @@ class Monitor:
             self.loss_fn,
             self.probe_data,
             self.optimizer,
-            lr=self.lr,
-            params=self.params,
             budget=self.budget,
             thresholds=self.thresholds,
-            seed=self.seed,
-            reduction=self.reduction,
             v0=self._warm_start(),
             train_batches=self.train_batches,
             adaptive=self.adaptive,
-            backend=self._products.backend,
-            fd_eps=self._products.fd_eps,
+            **self._measuring(),
         )
         if update is not None:
             evidence = Evidence.from_mapping({**d.evidence, "update_curvature": update})
