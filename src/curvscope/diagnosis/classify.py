@@ -831,10 +831,19 @@ def _rose(losses: Sequence[float], best_loss: float | None, floor: float) -> boo
     negative log-likelihood) is measured on the same scale. (Not a loss that merely climbs
     for a while: at the edge of stability it climbs over tens of steps — gd-mse-edge in
     benchmarks/verdicts.py, 1.45x over 10 — and falls back.)"""
+    return _risen_mean(losses, best_loss, EOS_LOSS_RISE, floor) is not None
+
+
+def _risen_mean(
+    losses: Sequence[float], best_loss: float | None, factor: float, floor: float
+) -> float | None:
+    """The mean of ``losses`` where it has risen above ``best_loss`` by more than
+    (``factor`` − 1) times max(|best_loss|, ``floor``) — ``factor`` times it, for a positive
+    loss; a loss that can be negative is measured on the same scale — else None."""
     mean = _window_mean(losses)
     if mean is None or best_loss is None:
-        return False
-    return mean - best_loss > (EOS_LOSS_RISE - 1) * max(abs(best_loss), floor)
+        return None
+    return mean if mean - best_loss > (factor - 1) * max(abs(best_loss), floor) else None
 
 
 def _loss_trend(losses: Sequence[float]) -> str:
@@ -873,11 +882,9 @@ def _stuck_high(
 ) -> list[str] | None:
     """The reasons a run's loss ran away and stayed there, or None: the mean training loss
     since the previous probe is above :data:`RAN_AWAY` times its running minimum ``best_loss``
-    (measured on max(|best_loss|, ``floor``), as :func:`_rose` does) and above the first loss."""
-    mean = _window_mean(losses)
+    (measured as :func:`_rose` measures a rise) and above the first loss."""
+    mean = _risen_mean(losses, best_loss, RAN_AWAY, floor)
     if mean is None or best_loss is None or first_loss is None or mean <= first_loss:
-        return None
-    if mean - best_loss <= (RAN_AWAY - 1) * max(abs(best_loss), floor):
         return None
     return [
         f"the training loss ran away: its mean since the previous probe, {mean:.4g}, is above "
