@@ -254,7 +254,6 @@ class Monitor:
         self._probe_factor: float | None = None  # the limit's c/η at the last probe, and the
         self._growth = 1.0  # sharpness's growth a step from the probe before to it (forecast)
         self._probe_sharpness: tuple[float | None, float | None] = (None, None)  # s, limit
-        self._last_loss_seen = True  # whether the last reported loss was looked at
         self._state: StateEnum | None = None  # the last probe's state, as rank 0 decided it
         self._clock: float | None = None
         self.params = None if params is None else list(params)
@@ -313,27 +312,18 @@ class Monitor:
         if loss is not None:
             value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
             self.losses.append(value)
-            self._last_loss_seen = False
             if self.first_loss is None and math.isfinite(value):
                 self.first_loss = value
             if self._probe_loss is not None:  # this loss was computed where the probe measured
                 scale = max(abs(self._probe_loss), 1e-12)
                 self._seen_full_batch = abs(value - self._probe_loss) <= 1e-4 * scale
         self._probe_loss = None
-        d = self._probe_or_check()
+        d = self._probe_or_check(reported=loss is not None)
         self._clock = time.perf_counter()  # probes and checks are not training time
         return d
 
-    def _probe_or_check(self) -> Diagnosis | None:
-        cause = (
-            "cadence"
-            if self._due()
-            else "loss"
-            if self._loss_ran_away()
-            else "forecast"
-            if self._forecast_due()
-            else None
-        )
+    def _probe_or_check(self, reported: bool) -> Diagnosis | None:
+        cause = self._probe_cause(reported)
         if cause is not None:
             self._before = None
             return self._probe(cause)
@@ -347,17 +337,23 @@ class Monitor:
             self._since_update = 0  # update_every counts from the copy
         return None
 
+    def _probe_cause(self, reported: bool) -> str | None:
+        """Why a probe is due at this step (``reported``: whether it reported a loss), or
+        None: the cadence, then a loss that ran away, then the forecast."""
+        if self._due():
+            return "cadence"
+        if reported and self._loss_ran_away():
+            return "loss"
+        return "forecast" if self._forecast_due() else None
+
     def _loss_ran_away(self) -> bool:
         """Whether the loss just reported is not finite or above EXPLOSION times the first
         (free: the diverged verdict need not wait for the next probe, which the budget may put
         thousands of steps away); once the Monitor says diverged, not again. In one process
         only: under torch.distributed each rank reports its own loss, and a probe is a
         collective that every rank must call at the same step (the next probe judges it)."""
-        if not self.losses or self._state == State.DIVERGED or self._last_loss_seen:
+        if self._state == State.DIVERGED or _world_size() > 1:
             return False
-        if _world_size() > 1:
-            return False
-        self._last_loss_seen = True
         return _ran_away(self.losses[-1:], self.first_loss)
 
     def _trainable(self) -> list[tuple[str, Tensor]]:
