@@ -41,7 +41,7 @@ class CurvscopeCallback(Callback):
         self.loss_fn, self.probe_data, self.kwargs = loss_fn, probe_data, monitor_kwargs
         self.monitor: Monitor | None = None
         self._step = 0  # the trainer's optimizer steps the Monitor has seen
-        self._pending: list[float] = []  # the micro-batch losses since the last optimizer step
+        self._pending: list[Any] = []  # the micro-batch losses since the last optimizer step
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
@@ -56,14 +56,14 @@ class CurvscopeCallback(Callback):
         if self.monitor is None:
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self._pending.append(float(loss.detach()) if hasattr(loss, "detach") else float(loss))
+        if loss is not None:  # kept on its device: read once an optimizer step is done
+            self._pending.append(loss.detach() if hasattr(loss, "detach") else loss)
         if trainer.global_step == self._step:  # accumulating gradients: no optimizer step yet
             return
         self._step = trainer.global_step
         pending, self._pending = self._pending, []
         # one Monitor step per optimizer step, with the mean loss of its micro-batches
-        d = self.monitor.step(sum(pending) / len(pending) if pending else None)
+        d = self.monitor.step(float(sum(pending)) / len(pending) if pending else None)
         if d is not None:
             for key, value in scalars(d).items():
                 pl_module.log(f"curvscope/{key}", value, on_step=True, on_epoch=False)
