@@ -232,3 +232,17 @@ def test_a_warm_start_of_another_length_is_refused():
     n = sum(p.numel() for p in case.model.parameters())
     with pytest.raises(ValueError, match=rf"v0 of shape \({n},\)"):
         cs.diagnose(case.model, case.loss_fn, case.data, lr=0.1, v0=torch.ones(n - 1, 2))
+
+
+def test_an_overflowing_training_batch_says_diverged_instead_of_raising():
+    """A probe never raises on overflow (the Monitor would end the user's loop): a training
+    batch whose loss overflows (finite inputs of 1e20 in float32, squared) makes the batch
+    sharpness NaN and the verdict diverged, the probe data's numbers kept."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    X, Y = torch.randn(16, 3), torch.randn(16, 1)
+    batches = [(X[:8], Y[:8]), (torch.full((8, 3), 1e20), Y[8:])]
+    d = cs.diagnose(model, torch.nn.functional.mse_loss, (X, Y), lr=0.1, train_batches=batches)
+    assert d.state == "diverged" and math.isnan(d.evidence["batch_sharpness"])
+    assert math.isfinite(d.evidence["sharpness"])
+    assert "the curvature is not" in d.reasons[0]

@@ -508,10 +508,11 @@ def _finite(x: Any) -> bool:
 def _diverged(f: Facts) -> list[str] | None:
     if not (_finite(f.loss) and _finite(f.g)):
         return [f"the loss ({f.loss}) or the gradient norm ({f.g}) is not finite"]
-    if f.s is not None and not math.isfinite(f.s):  # measured, and overflowed
+    if any(c is not None and not math.isfinite(c) for c in (f.s, f.bs)):  # overflowed
         return [
             f"the loss ({f.loss:.4g}) and the gradient are finite but the curvature is not: "
-            "its products overflowed, as they do once the parameters have run away"
+            "its products (or a training batch's loss, for the batch sharpness) overflowed, as "
+            "they do once the parameters have run away"
         ]
     return None
 

@@ -337,17 +337,20 @@ def _diagnose(
         evidence.update(sharpness=math.nan, lambda_min=math.nan)
         return _finish(evidence, thresholds, {}, True, start, C)
     if train_batches is not None:
-        bs, se, used = _batch_sharpness(
-            model,
-            loss_fn,
-            train_batches,
-            max_batches,
-            limit,
-            params,
-            seed,
-            measured.reduction,
-            products,
-        )
+        try:
+            bs, se, used = _batch_sharpness(
+                model,
+                loss_fn,
+                train_batches,
+                max_batches,
+                limit,
+                params,
+                seed,
+                measured.reduction,
+                products,
+            )
+        except FloatingPointError:  # a training batch's loss or curvature overflowed
+            bs, se, used = math.nan, math.inf, 1
         evidence.update(batch_sharpness=bs, batch_sharpness_stderr=se, batches=used)
     if limit is not None:
         eff = evidence.get("batch_sharpness")
