@@ -81,7 +81,8 @@ class Monitor:
       or when its mean since the previous probe is above ``RAN_AWAY`` (10) times its running
       minimum and above the first loss (a blow-up stuck high);
     - **edge_of_stability** when the sharpness has been within ``EOS_BAND`` (±15%) of the
-      stability limit at ``EOS_PROBES`` (3) consecutive probes (Cohen et al. 2021): full-batch
+      stability limit at ``EOS_PROBES`` (3) consecutive probes, over at least ``EOS_HOLD``
+      (20) steps (Cohen et al. 2021): full-batch
       training drives it there and holds it, the loss falling non-monotonically; and where
       an overshoot is seen absorbed, or the sharpness rose past a constant limit while the loss
       fell — all while the loss has not risen to twice its running minimum (the rules:
