@@ -223,3 +223,21 @@ def test_rejects_what_is_not_an_operator():
         cs.eigenvalues(torch.ones(3, 2))
     with pytest.raises(TypeError, match="by_layer"):
         cs.eigenvalues(torch.eye(5, dtype=torch.float64), by_layer=True)
+
+
+def test_a_basis_of_known_capacity_is_never_copied():
+    """On the CPU, eigenvalues allocates the whole basis (max_basis rows) at once: its pages
+    count as memory only once written, and no doubling copies the basis as it grows."""
+    from curvscope.spectrum._operator import as_operator
+    from curvscope.spectrum.lanczos import Krylov
+
+    op = as_operator(with_spectrum(SPECTRA["indefinite"]))
+    x0 = torch.randn(N, 1, generator=_gen(0), dtype=torch.float64)
+    fixed, growing = Krylov(op, x0, _gen(1), capacity=30), Krylov(op, x0, _gen(1))
+    where = fixed._buf.data_ptr()
+    for _ in range(25):
+        fixed.extend()
+        growing.extend()
+    assert fixed._buf.data_ptr() == where and fixed._buf.shape == (30, N)
+    assert growing._buf.shape[0] == 32  # 8 -> 16 -> 32: copied twice
+    np.testing.assert_allclose(fixed.Hh, growing.Hh, rtol=0, atol=1e-12)

@@ -194,7 +194,8 @@ def eigenvalues(
     with autocast_off(op.device):  # the products and the arithmetic in their dtypes
         X0 = _start_block(op, sizes.block_size, gen, w)
         used_before = op.matvecs
-        run = _Run(Krylov(op, X0, gen), k, which, tol, sizes)
+        capacity = sizes.max_basis if op.device.type == "cpu" else None
+        run = _Run(Krylov(op, X0, gen, capacity), k, which, tol, sizes)
         with progress(sizes.max_matvecs, "Lanczos", progress_bar) as bar:
             while _extend(run, op.matvecs - used_before, bar):
                 pass
