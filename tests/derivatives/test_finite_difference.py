@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import functools
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -229,20 +230,32 @@ def test_restrict_keeps_the_backend_and_the_step():
     torch.testing.assert_close(R @ v, H[:n, :n] @ v, rtol=1e-8, atol=1e-9)
 
 
-def test_default_step_balances_truncation_and_rounding():
-    """u^(1/3): much smaller steps lose to rounding in float32, much larger to truncation."""
+def test_a_step_too_large_is_halved_and_one_too_small_is_reported():
+    """fd_eps is where the step starts. From 100x the default the halvings bring the product
+    back within the accuracy; from 1/300 of it rounding dominates, which halving cannot mend,
+    and the product's estimated error (C.product_errors, relative to ‖v‖ times the scale seen)
+    says so, within a factor of 3 of the true error."""
     case = smooth(torch.float32)
     H = dense_hessian(torch.float32)
-    v = vectors(H.shape[0], 1, torch.float32)[:, 0]
-    want = H @ v.double()
+    norm_h = float(torch.linalg.matrix_norm(H, 2))
+    u = torch.finfo(torch.float32).eps
+    start = fd.default_step(torch.float32)
+    for v in vectors(H.shape[0], 3, torch.float32).T:
+        want = H @ v.double()
 
-    def error(step):
-        C = cs.Curvature(case.model, case.loss_fn, case.data, backend=FD, fd_eps=step)
-        return float(((C @ v).double() - want).norm())
+        def product(step):
+            C = cs.Curvature(case.model, case.loss_fn, case.data, backend=FD, fd_eps=step)
+            err = float(((C @ v).double() - want).norm())
+            estimate = C.product_errors[-1] * C._differences.scale * float(v.norm())
+            return err, estimate, C._differences.accepted
 
-    default = error(None)
-    assert default < error(fd.default_step(torch.float32) / 300)
-    assert default < error(min(0.9, fd.default_step(torch.float32) * 100))
+        default, _, _ = product(None)
+        large, _, accepted = product(100 * start)
+        assert max(default, large) <= fd.ACCURACY * u ** (2 / 3) * norm_h * float(v.norm())
+        assert accepted <= 100 * start / 16  # halved at least four times
+        small, estimate, _ = product(start / 300)
+        assert small > 10 * default
+        assert small / 3 <= estimate <= 3 * small
 
 
 def test_bad_arguments_name_the_fix():
@@ -258,6 +271,32 @@ def test_bad_arguments_name_the_fix():
     for bad in ("1e-3", True):
         with pytest.raises(TypeError, match="expected fd_eps to be a number"):
             cs.Curvature(*args, backend=FD, fd_eps=bad)
+    # a step below the dtype's resolution would difference rounding noise (it used to give a
+    # zero or a 2.6x wrong product silently); numpy's numbers are numbers
+    for bad in (1e-17, 1e-300):
+        with pytest.raises(ValueError, match="below the resolution of torch.float64"):
+            cs.Curvature(*args, backend=FD, fd_eps=bad)
+    case32 = smooth(torch.float32)
+    with pytest.raises(ValueError, match="below the resolution of torch.float32"):
+        cs.Curvature(case32.model, case32.loss_fn, case32.data, backend=FD, fd_eps=1e-9)
+    for ok in (np.float32(1e-3), np.float64(1e-3)):
+        assert cs.Curvature(*args, backend=FD, fd_eps=ok)._differences.step == pytest.approx(1e-3)
+
+
+def test_an_autocast_region_does_not_narrow_the_differences():
+    """Under torch.autocast(bfloat16) the gradients would be bfloat16's: the differences run
+    in the parameters' dtype (before: 8.2e-2 relative error against 2.7e-6 outside)."""
+    case = smooth(torch.float32)
+    H = dense_hessian(torch.float32)
+    v = vectors(H.shape[0], 1, torch.float32)[:, 0]
+    C = cs.Curvature(case.model, case.loss_fn, case.data, backend=FD)
+    outside = C @ v
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = C @ v
+    torch.testing.assert_close(inside, outside, rtol=0, atol=0)
+    u = torch.finfo(torch.float32).eps
+    bound = fd.ACCURACY * u ** (2 / 3) * float(torch.linalg.matrix_norm(H, 2) * v.norm())
+    assert float((inside.double() - H @ v.double()).norm()) <= bound
 
 
 def test_a_hugging_face_model_with_its_own_loss():

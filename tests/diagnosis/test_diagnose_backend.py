@@ -236,6 +236,18 @@ def test_a_16_bit_model_is_refused_by_finite_differences_with_the_fix(call):
         _call(call, case, backend=FD)
 
 
+def test_a_monitor_refuses_a_16_bit_model_at_construction_not_at_its_first_probe():
+    case = smooth(torch.bfloat16, n=8)
+    with pytest.raises(ValueError, match=r"float32 or float64.*model\.float\(\)"):
+        cs.Monitor(case.model, case.loss_fn, case.data, lr=0.1, backend=FD)
+    # selected float32 parameters of a mixed model are fine; an iterator of them is read once
+    mixed = smooth(n=8)
+    mixed.model[0].to(torch.bfloat16)
+    chosen = (p for p in mixed.model[2:].parameters())
+    mon = cs.Monitor(mixed.model, mixed.loss_fn, mixed.data, lr=0.1, backend=FD, params=chosen)
+    assert len(mon.params) == len(list(mixed.model[2:].parameters()))
+
+
 def _call(call: str, case: cases.Case, **options) -> object:
     if call == "diagnose":
         return cs.diagnose(case.model, case.loss_fn, case.data, lr=0.1, **options)

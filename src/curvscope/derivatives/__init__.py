@@ -4,5 +4,16 @@ the :class:`Curvature` operator of a model's mean loss."""
 from curvscope.derivatives.checks import DENSE_LIMIT
 from curvscope.derivatives.curvature import BACKENDS, KINDS, Curvature, KindInfo
 from curvscope.derivatives.functions import grad, hessian, hvp
+from curvscope.derivatives.sharded import ShardedCurvature
 
-__all__ = ["BACKENDS", "DENSE_LIMIT", "KINDS", "Curvature", "KindInfo", "grad", "hessian", "hvp"]
+__all__ = [
+    "BACKENDS",
+    "DENSE_LIMIT",
+    "KINDS",
+    "Curvature",
+    "KindInfo",
+    "ShardedCurvature",
+    "grad",
+    "hessian",
+    "hvp",
+]

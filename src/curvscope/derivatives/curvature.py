@@ -32,6 +32,7 @@ from curvscope.derivatives.distributed import (
 )
 from curvscope.derivatives.functions import _grad_with_graph
 from curvscope.derivatives.objective import Batch, ModelObjective
+from curvscope.derivatives.sharded import ShardedCurvature
 
 
 @dataclass(frozen=True)
@@ -386,8 +387,29 @@ class Curvature:
     @property
     def notes(self) -> list[str]:
         """What the products do differently from a plain forward pass (fallback kernels), and
-        which backend the ``"auto"`` choice settled on, with the timings behind it."""
-        return list(self._source.notes) + self._choice_notes
+        which backend the ``"auto"`` choice settled on, with the timings behind it; for
+        finite differences, how accurate the products so far are estimated to be."""
+        notes = list(self._source.notes)
+        fd = self._differences
+        if fd is None:
+            return notes + self._choice_notes
+        assert self.objective is not None  # finite differences need a model
+        kernels = self.objective.kernel_notes
+        worst = f"{max(fd.errors):.2g}" if fd.errors else "none yet"
+        return [n for n in notes if n not in kernels] + [
+            "finite-difference products: central differences of the model's own gradients "
+            "(its own kernels), extrapolated from two steps; the largest estimated error of "
+            f"a product so far, relative to ‖v‖ times the operator's scale: {worst} "
+            "(C.product_errors)",
+        ]
+
+    @property
+    def product_errors(self) -> list[float]:
+        """For ``backend="finite_difference"``: each product's estimated error, relative to
+        ‖v‖ times the operator's scale (the largest ‖Cv‖/‖v‖ seen), from the gap between its
+        two steps' differences (see :mod:`curvscope.derivatives.finite_difference`); empty for
+        the exact backends, whose products are exact to rounding."""
+        return [] if self._differences is None else list(self._differences.errors)
 
     # -------------------------------------------------------------------------- products
     def _products(self) -> Iterator[tuple[float, _k.PreparedProduct]]:
@@ -554,6 +576,13 @@ class Curvature:
             grad = grad + f
         both = all_reduce_sum(torch.cat([grad, grad.new_tensor([loss])]), self.group)
         return float(both[-1]), both[:-1]
+
+    def sharded(self) -> ShardedCurvature:
+        """This rank's part of the flat vectors, for a model sharded by FSDP2 with
+        ``backend="finite_difference"``: products of this rank's entries of vectors, so that
+        Krylov vectors are sharded like the parameters (:class:`ShardedCurvature`; every rank
+        calls it together). ``cs.eigenvalues`` takes it."""
+        return ShardedCurvature(self)
 
     def restrict(self, params: Iterable[nn.Parameter | str]) -> Curvature:
         """The same curvature (model, loss, data, kind, seed) on a subset of the parameters:

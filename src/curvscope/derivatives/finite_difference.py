@@ -29,9 +29,29 @@ about 4e-11·‖H‖‖v‖ in float64, 2.4e-5 in float32, 1e-3 in bfloat16 (bfl
 is no longer a small step: finite differences need float32 or float64 parameters). The error
 is relative to ‖H‖‖v‖, not to ‖Hv‖: a vector that H nearly annihilates gets a product whose
 relative error is larger. Measured: ‖FD − Hv‖/(u^(2/3)·‖H‖₂‖v‖) was 0.1–0.5 on small tanh,
-softplus and cross-entropy MLPs, 2.5 with train-mode BatchNorm, 10 on a tied embedding (the
-largest seen), in float64 and float32 alike; the tests assert :data:`ACCURACY` = 100
+softplus and cross-entropy MLPs, 2.5 with train-mode BatchNorm, 10 on a tied embedding, in
+float64 and float32 alike, for random directions; the tests assert :data:`ACCURACY` = 100
 (tests/derivatives/test_finite_difference.py).
+
+**Two steps, and what they say.** The default's assumption fails where it matters most: along
+the top eigenvector of a float32 transformer the loss is far from quadratic at that step (a
+tiny GPT-2: λ_max 18.6 against 26.4, the product 3·10⁴ times the bound above), and where
+embeddings dominate ‖θ‖ float32 gradients are too noisy for any step (the 2M causal transformer
+of ``benchmarks/scale.py``: at best 14% of ‖H‖ along its top eigenvector) — both were silent. So
+each product takes the difference D at two steps, ε and ε/2, and returns their Richardson
+extrapolation (4·D(ε/2) − D(ε))/3, whose ε² term cancels; the gap ‖D(ε) − D(ε/2)‖ estimates the
+error (truncation and rounding alike; an estimate, not a bound: 0.6–1.3 times the true error
+where measured — a small MLP, the GPT-2, the 2M transformer; the tests ask for 1/3 to 3). While that estimate exceeds
+:data:`TARGET` of ‖v‖ times the operator's scale (the largest ‖Hv‖/‖v‖ seen), the step is
+halved — up to :data:`HALVINGS` times, and not once halving has twice failed to halve the gap
+(rounding, which smaller steps only make worse); the best pair wins, and the next product starts
+near the step it took (:data:`STEP_GROWTH`). A product costs four gradient passes, more where
+the step shrinks; ``fd_eps`` is where the step starts. Each estimate is kept
+(``Curvature.product_errors``): ``cs.eigenvalues`` adds it to its ``errors`` and is not
+converged when it exceeds tol/2 (a diagnosis then says its curvature is not converged), and
+``C.notes`` states the largest. The GPT-2 above now gets λ_max within 3e-6 and its products
+within the bound; the 2M transformer's 0.9% error is reported as such (estimates up to 0.47·‖H‖),
+with the fix: float64 parameters or an exact backend (tests/derivatives/test_fd_transformers.py).
 
 **Kinks.** All this assumes a loss smooth along the segment θ ± εv. Through ReLU, max pooling
 or other piecewise-linear pieces, a unit that changes sides within the step adds its gradient's
@@ -43,8 +63,9 @@ BatchNorm, for some directions. For such models use float64 parameters, or smoot
 (GELU, SiLU, softplus, tanh: the common ones in today's transformers), or a smaller ``fd_eps``
 (measured: 1e-3 there gave errors near 1e-5·‖H‖‖v‖).
 
-Because ε scales as 1/‖v‖, the perturbation εv does not depend on the length of v: the product
-of 2v is exactly twice that of v; sums and symmetry hold within the accuracy above.
+Because ε scales as 1/‖v‖, the perturbation εv does not depend on the length of v, only on its
+direction and on the step the products before it settled on: the product of 2v is twice that of
+v, and sums and symmetry hold, within the accuracy above.
 
 **The model, as found.** Every evaluation sets each selected parameter from a kept copy
 (θ₀ + εv is computed from θ₀, never θ + εv − εv) through ``.data``, so its autograd version
@@ -78,7 +99,8 @@ vectors are not.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+import numbers
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
@@ -87,6 +109,15 @@ from torch import Tensor, nn
 
 from curvscope.derivatives.distributed import all_reduce_sum, check_same_on_ranks
 from curvscope.derivatives.objective import Batch, ModelObjective
+
+#: The estimated error a product aims below, relative to ‖v‖ times the operator's scale (the
+#: largest ‖Hv‖/‖v‖ seen): the step is halved until the two steps' difference says so.
+TARGET = 1e-4
+#: At most this many halvings of the step a product.
+HALVINGS = 8
+#: A product starts at this multiple of the last product's accepted step (at most the default),
+#: so that a Lanczos run pays a small step's halvings once, and can grow back.
+STEP_GROWTH = 4.0
 
 #: The backend's name in ``Curvature(..., backend=...)``.
 BACKEND = "finite_difference"
@@ -99,6 +130,17 @@ try:  # torch.distributed is optional in torch builds
 except ImportError:  # pragma: no cover - a torch built without distributed
     DTensor = None  # type: ignore[assignment,misc]
     distribute_tensor = None  # type: ignore[assignment]
+
+
+def check_dtype(dtype: torch.dtype) -> None:
+    """Refuse parameters too narrow to difference (bfloat16, float16), with the fix."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            "backend='finite_difference' needs float32 or float64 parameters: a difference "
+            f"of two {dtype} gradients keeps about two significant digits. Measure a float32 "
+            "copy (model.float()), or use an exact backend, which multiplies in the "
+            "parameters' dtype"
+        )
 
 
 def default_step(dtype: torch.dtype) -> float:
@@ -129,7 +171,7 @@ def check_fd_eps(fd_eps: object, backend: str, kind: str) -> float | None:
         )
     if fd_eps is None:
         return None
-    if isinstance(fd_eps, bool) or not isinstance(fd_eps, (int, float)):
+    if isinstance(fd_eps, bool) or not isinstance(fd_eps, numbers.Real):
         raise TypeError(
             f"expected fd_eps to be a number (the step relative to ‖θ‖, e.g. 1e-3) or None "
             f"(chosen from the dtype), got {type(fd_eps).__name__}"
@@ -159,6 +201,39 @@ class _Engine:
 
 def _is_dtensor(t: object) -> TypeGuard[DTensor]:
     return DTensor is not None and isinstance(t, DTensor)
+
+
+def local_shapes(params: Iterable[Tensor]) -> list[torch.Size]:
+    """The shapes of this rank's shards of the parameters (a DTensor's local tensor, a plain
+    tensor whole), in order: the layout of the local part of a flat vector."""
+    return [(p.to_local() if _is_dtensor(p) else p).shape for p in params]
+
+
+def shard_of(full: Tensor, like: Tensor) -> DTensor:
+    """This rank's shard of a full block laid out like the DTensor ``like``, as a DTensor; no
+    communication (every rank holds the full block)."""
+    assert _is_dtensor(like)
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def from_shard(local: Tensor, like: Tensor) -> DTensor:
+    """This rank's shard ``local`` as a DTensor laid out like ``like`` (no communication)."""
+    assert _is_dtensor(like)
+    return DTensor.from_local(
+        local,
+        like.device_mesh,
+        like.placements,
+        run_check=False,
+        shape=like.shape,
+        stride=like.stride(),
+    )
+
+
+def split_local(v: Tensor, params: Iterable[Tensor]) -> list[Tensor]:
+    """The local part of a flat vector as one block per parameter shard."""
+    shapes = local_shapes(params)
+    parts = v.split_with_sizes([math.prod(s) for s in shapes])
+    return [t.reshape(s) for t, s in zip(parts, shapes, strict=True)]
 
 
 def _data_parallel(model: nn.Module) -> tuple[int, float] | None:
@@ -290,16 +365,23 @@ class FiniteDifferenceProducts:
         group: Any = None,
         fd_eps: float | None = None,
     ) -> None:
-        if objective.dtype not in (torch.float32, torch.float64):
-            raise ValueError(
-                "backend='finite_difference' needs float32 or float64 parameters: a difference "
-                f"of two {objective.dtype} gradients keeps about two significant digits. Measure "
-                "a float32 copy (model.float()), or use an exact backend, which multiplies in "
-                "the parameters' dtype"
-            )
+        check_dtype(objective.dtype)
         self.obj, self.weight, self.group = objective, weight, group
-        #: the relative step ‖εv‖/‖θ‖
+        #: the relative step ‖εv‖/‖θ‖ a product starts at
         self.step = default_step(objective.dtype) if fd_eps is None else float(fd_eps)
+        resolution = float(torch.finfo(objective.dtype).eps)
+        if self.step < resolution:
+            raise ValueError(
+                f"fd_eps={fd_eps!r} is below the resolution of {objective.dtype} "
+                f"({resolution:.2g}): θ ± εv would round back to θ and the differences to "
+                "rounding noise; leave fd_eps=None (eps(dtype)^(1/3)) or pass a larger step"
+            )
+        #: the relative step the last product accepted
+        self.accepted = self.step
+        #: the operator's scale: the largest ‖Hv‖/‖v‖ of the products so far (≤ ‖H‖)
+        self.scale = 0.0
+        #: each product's estimated error ‖D(ε) − D(ε/2)‖ relative to ‖v‖·:attr:`scale`
+        self.errors: list[float] = []
         engine = _engine(objective.model, objective.params, group)
         if engine.replicas > 1:
             # tensor-parallel ranks compute one forward together: they pass the same batches
@@ -335,9 +417,13 @@ class FiniteDifferenceProducts:
         kept.clear_grads()
         kept.restore_buffers()
         total: Tensor | None = None
+        # in the parameters' dtype: under an autocast region (bfloat16) the differences would
+        # be of bfloat16 gradients, which keep two digits (check_dtype); a model's own autocast
+        # inside its forward stays on
+        no_autocast = torch.autocast(self.obj.device.type, enabled=False)
         for batch in self.obj.batches():
             # the exact backends' seeds; fused kernels kept: first derivatives are all it needs
-            with self.obj.context(batch.index, second_order=False):
+            with self.obj.context(batch.index, second_order=False), no_autocast:
                 loss = self.obj.loss(self._outputs(batch), batch)
                 w = self.weight(batch)
                 (loss * (w * engine.loss_scale)).backward()
@@ -346,16 +432,22 @@ class FiniteDifferenceProducts:
         assert total is not None  # the data is never empty (checked at construction)
         return total
 
-    def _gradient(self, params: Mapping[str, Tensor], engine: _Engine) -> Tensor:
-        """The flat gradient the last backward pass left (gathered where sharded)."""
+    def _gradient(
+        self, params: Mapping[str, Tensor], engine: _Engine, local: bool = False
+    ) -> Tensor:
+        """The flat gradient the last backward pass left: gathered where sharded, or with
+        ``local`` this rank's shards of it (:func:`local_shapes`' order)."""
         parts, found = [], False
         for p in params.values():
             g = p.grad
             if g is None:
-                parts.append(torch.zeros(p.shape, dtype=p.dtype, device=self.obj.device))
+                like = p.to_local() if local and _is_dtensor(p) else p
+                parts.append(torch.zeros(like.shape, dtype=p.dtype, device=self.obj.device))
                 continue
             found = True
-            parts.append(g.full_tensor() if _is_dtensor(g) else g)
+            if _is_dtensor(g):
+                g = g.to_local() if local else g.full_tensor()
+            parts.append(g)
         if not found:
             raise RuntimeError(
                 "after loss.backward() no selected parameter has a .grad, so there is no "
@@ -374,40 +466,102 @@ class FiniteDifferenceProducts:
         norm = math.sqrt(float(sq))
         return norm if norm > 0 else 1.0
 
-    def _set(self, kept: _Kept, v: Tensor, eps: float) -> None:
-        """Parameters := θ₀ + εv, computed from the kept copy θ₀."""
-        for p, value, b in zip(kept.params, kept.values, self.obj.unflatten(v), strict=True):
-            if _is_dtensor(p):  # this rank's shard of the block, without communication
-                b = distribute_tensor(b, p.device_mesh, p.placements, src_data_rank=None)
+    def _set(self, kept: _Kept, v: Tensor, eps: float, local: bool = False) -> None:
+        """Parameters := θ₀ + εv, computed from the kept copy θ₀; with ``local``, v holds this
+        rank's shards only (:func:`local_shapes`)."""
+        blocks = split_local(v, kept.params) if local else self.obj.unflatten(v)
+        for p, value, b in zip(kept.params, kept.values, blocks, strict=True):
+            if local:  # the shard as a DTensor laid out like p: adding it is local
+                b = from_shard(b, p)
+            elif _is_dtensor(p):  # this rank's shard of the block, without communication
+                b = shard_of(b, p)
             p.data.copy_(value)
             p.data.add_(b, alpha=eps)
 
     # -------------------------------------------------------------------------- products
-    def matmat(self, V: Tensor) -> Tensor:
-        """H V for an (n, k) block, two gradient passes a column; summed over the ranks."""
+    def matmat(self, V: Tensor, local: bool = False) -> Tensor:
+        """H V for an (n, k) block, each column by :meth:`_column`; summed over the ranks.
+        With ``local`` (FSDP2), V and H V hold this rank's shards of the vectors only."""
         params = self.obj.params
         engine = _engine(self.obj.model, params, self.group)
         kept = _Kept(self.obj.model, params)
         columns = []
         try:
-            scale = self.step * self._theta_norm(kept.values)
-            for j in range(V.shape[1]):
+            theta = self._theta_norm(kept.values)
+            norms = [float(x) for x in self._norms(V, local)]
+            for j, norm in enumerate(norms):
                 v = V[:, j]
-                norm = float(torch.linalg.vector_norm(v))
                 if norm == 0.0:
                     columns.append(torch.zeros_like(v))
                     continue
-                eps = scale / norm
-                diff = []
-                for sign in (1.0, -1.0):
-                    self._set(kept, v, sign * eps)
-                    self._backward_pass(kept, engine)
-                    diff.append(self._gradient(params, engine))
-                columns.append((diff[0] - diff[1]) / (2.0 * eps))
+                start = min(self.step, STEP_GROWTH * self.accepted) * theta / norm
+                hv, eps = self._column(kept, engine, params, v, norm, start, local)
+                self.accepted = eps * norm / theta
+                columns.append(hv)
         finally:
             kept.restore()
         out = torch.stack(columns, dim=1)
         return out if engine.sharded else all_reduce_sum(out, self.group)
+
+    def _norms(self, V: Tensor, local: bool) -> Tensor:
+        """The columns' norms, float64, over the ranks' shards where ``local``."""
+        sq = V.pow(2).sum(dim=0, dtype=torch.float64)
+        return (all_reduce_sum(sq, self.group) if local else sq).sqrt()
+
+    def _difference(
+        self,
+        kept: _Kept,
+        engine: _Engine,
+        params: Mapping[str, Tensor],
+        v: Tensor,
+        eps: float,
+        local: bool,
+    ) -> Tensor:
+        """(∇L(θ + εv) − ∇L(θ − εv)) / (2ε): two gradient passes."""
+        diff = []
+        for sign in (1.0, -1.0):
+            self._set(kept, v, sign * eps, local)
+            self._backward_pass(kept, engine)
+            diff.append(self._gradient(params, engine, local))
+        return (diff[0] - diff[1]) / (2.0 * eps)
+
+    def _column(
+        self,
+        kept: _Kept,
+        engine: _Engine,
+        params: Mapping[str, Tensor],
+        v: Tensor,
+        norm: float,
+        eps: float,
+        local: bool,
+    ) -> tuple[Tensor, float]:
+        """One product and the step it used: the differences D(ε) and D(ε/2) extrapolated,
+        (4·D(ε/2) − D(ε))/3 (Richardson: the ε² term of the truncation cancels), their gap
+        ‖D(ε) − D(ε/2)‖ the error estimate (:attr:`errors`); the step is halved while the
+        estimate exceeds :data:`TARGET` of ‖v‖ times the operator's scale and halving still
+        helps (a gap that does not shrink is rounding, which a smaller step makes worse), at
+        most :data:`HALVINGS` times; the best estimate wins. Every rank takes the same steps:
+        its norms are of the reduced gradient."""
+        wide = self._difference(kept, engine, params, v, eps, local)
+        best: tuple[float, Tensor, float] | None = None
+        stalled = 0
+        for _ in range(HALVINGS + 1):
+            narrow = self._difference(kept, engine, params, v, eps / 2, local)
+            value = (4.0 * narrow - wide) / 3.0
+            gap, size = self._norms(torch.stack([wide - narrow, value], dim=1), local).tolist()
+            self.scale = max(self.scale, size / norm)
+            rel = gap / (self.scale * norm) if self.scale > 0 else 0.0
+            # twice in a row not halved by halving the step: rounding, which smaller steps
+            # only make worse (once can be a large step's higher-order terms)
+            stalled = stalled + 1 if best is not None and rel > best[0] / 2 else 0
+            if best is None or rel < best[0]:
+                best = (rel, value, eps / 2)
+            if rel <= TARGET or stalled == 2:
+                break
+            wide, eps = narrow, eps / 2
+        assert best is not None
+        self.errors.append(best[0])
+        return best[1], best[2]
 
     def loss_and_gradient(self) -> tuple[float, Tensor]:
         """The loss and its flat gradient at θ, by the model's own backward; as found after."""

@@ -829,13 +829,15 @@ class ModelObjective:
         )
 
     def _fallback_notes(self, modules: list[nn.Module]) -> list[str]:
-        notes = _attention_notes(self.model, modules)
-        notes += _padding_notes(self.model, modules, self._params)
+        """The notes on what products do differently; sets :attr:`kernel_notes`, those about
+        the kernels switched for second derivatives (not said of finite differences, which
+        keep the model's own)."""
+        self.kernel_notes = _attention_notes(self.model, modules)
         if self._has_rnn:
-            notes.append(
+            self.kernel_notes.append(
                 "cuDNN is disabled during curvature products (cuDNN RNNs have no double backward)"
             )
-        return notes
+        return self.kernel_notes + _padding_notes(self.model, modules, self._params)
 
     # ------------------------------------------------------------------ flat <-> blocks
     def unflatten(self, flat: Tensor) -> list[Tensor]:

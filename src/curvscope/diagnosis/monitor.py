@@ -14,6 +14,7 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor, nn
 
+from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives.checks import check_int
 from curvscope.diagnosis.classify import (
     DEFAULT_THRESHOLDS,
@@ -218,6 +219,14 @@ class Monitor:
             raise TypeError("callback must be callable as callback(diagnosis, previous_state)")
         check_log_mode(log_mode)
         self._products = _Products.checked(backend, fd_eps)
+        params = None if params is None else list(params)  # an iterator is read once
+        if backend == _fd.BACKEND:  # refused now, not at the first probe steps later
+            named = dict(model.named_parameters())
+            chosen = model.parameters() if params is None else params
+            for p in chosen:
+                t = named.get(p) if isinstance(p, str) else p
+                if t is not None and t.requires_grad:
+                    _fd.check_dtype(t.dtype)
         self.forecast = forecast
         self.model, self.loss_fn, self.probe_data = model, loss_fn, probe_data
         self.optimizer, self.lr = optimizer, lr

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvscope.derivatives import Curvature
+from curvscope.derivatives import Curvature, ShardedCurvature
 from curvscope.derivatives.checks import check_int, check_real
+from curvscope.derivatives.sharded import rank_generator
 from curvscope.spectrum.precision import autocast_off, working_dtype
 
 __all__ = ["Operator", "as_operator", "autocast_off", "check_budget", "progress", "working_dtype"]
@@ -68,6 +69,35 @@ class Operator:
     composed: bool = False
     #: for a shifted composition, the term σX it adds to the wrapped operator's product
     shift: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)
+    #: sharded vectors (a :class:`~curvscope.derivatives.sharded.ShardedCurvature` below):
+    #: a vector holds this rank's ``n`` entries, and a sum over a vector's entries (an inner
+    #: product, a norm) is the ranks' partial sums reduced; None: whole vectors
+    shards: ShardedCurvature | None = field(default=None, repr=False)
+
+    @property
+    def dim(self) -> int:
+        """The operator's dimension: ``n``, or the full length of sharded vectors."""
+        return self.n if self.shards is None else self.shards.total_params
+
+    def dot(self, A: Tensor, B: Tensor) -> Tensor:
+        """AᵀB for blocks of vectors (n, a) and (n, b), summed over the ranks' shards."""
+        out = A.T @ B
+        return out if self.shards is None else self.shards.reduce_sum(out)
+
+    def generator(self, gen: torch.Generator) -> torch.Generator:
+        """The generator of this rank's entries of random vectors: ``gen`` for whole vectors;
+        for sharded ones a generator seeded from one draw of ``gen`` and the rank, so that the
+        ranks' entries are independent (:func:`~curvscope.derivatives.sharded.rank_generator`)."""
+        return gen if self.shards is None else rank_generator(gen, self.shards.group)
+
+    def require_whole(self, what: str) -> None:
+        """Refuse sharded vectors, with the fix, in an estimator that needs whole ones."""
+        if self.shards is not None:
+            raise TypeError(
+                f"{what} needs whole vectors; C.sharded() shards them over the ranks, which "
+                "cs.eigenvalues supports: call it with the Curvature C itself (full-length "
+                "vectors on every rank)"
+            )
 
     @property
     def work_dtype(self) -> torch.dtype:
@@ -105,7 +135,9 @@ class Operator:
     ) -> Operator:
         """A composition over this operator: same size and device, the working dtype."""
         dt, sym = self.work_dtype, self.symmetric
-        return Operator(matmat, self.n, dt, self.device, self, 0, sym, psd, True, shift)
+        return Operator(
+            matmat, self.n, dt, self.device, self, 0, sym, psd, True, shift, self.shards
+        )
 
     def shifted(self, sigma: float | Tensor) -> Operator:
         """A + σI for a number σ, or A + diag(σ) for a vector σ of length n.
@@ -174,6 +206,7 @@ class Operator:
 
     def to_dense(self) -> Tensor:
         """The (n, n) matrix in the working dtype, from n products (for small n and tests)."""
+        self.require_whole("to_dense()")
         return self(torch.eye(self.n, dtype=self.work_dtype, device=self.device))
 
 
@@ -224,6 +257,8 @@ def as_operator(A: Any) -> Operator:
         return A
     if isinstance(A, Curvature):
         return Operator(A.matmat, A.num_params, A.dtype, A.device, A, psd=A.is_psd)
+    if isinstance(A, ShardedCurvature):
+        return Operator(A.matmat, A.num_params, A.dtype, A.device, A, shards=A)
     if isinstance(A, Tensor):
         if A.ndim != 2 or A.shape[0] != A.shape[1]:
             raise ValueError(f"expected a square matrix, got shape {tuple(A.shape)}")

@@ -85,6 +85,7 @@ def cg(
         save: iteration -> whether to keep that iterate (with its residual) in ``saved``.
     """
     op = as_operator(A)
+    op.require_whole("cs.cg")
     if not isinstance(b, Tensor) or not b.is_floating_point():
         raise TypeError(
             f"expected b to be a floating-point torch.Tensor of shape ({op.n},), got "

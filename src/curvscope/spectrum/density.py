@@ -140,6 +140,7 @@ def density(
         (0.2, 0.05)
     """
     op = as_operator(A)
+    op.require_whole("cs.density")
     steps = check_int(steps, "steps", minimum=1)
     probes = check_int(probes, "probes", minimum=1)
     grid_points = check_int(grid_points, "grid_points", minimum=2)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from curvscope.derivatives.checks import check_int, check_real
 from curvscope.derivatives.seeding import generator
-from curvscope.spectrum._operator import as_operator, progress
+from curvscope.spectrum._operator import Operator, as_operator, progress
 from curvscope.spectrum.lanczos import Krylov, error_bounds, to_device
 from curvscope.spectrum.precision import autocast_off
 
@@ -101,24 +101,27 @@ def _validate(k: Any, which: Any, tol: Any, n: int) -> int:
     return k
 
 
-def _warm_start(v0: Any, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """v0 as an (n, j) block of unit columns in the working dtype, or a clear error."""
+def _warm_start(v0: Any, op: Operator) -> Tensor:
+    """v0 as an (n, j) block of unit columns in the working dtype, or a clear error (for
+    sharded vectors: this rank's entries of each vector)."""
+    n, dtype, device = op.n, op.work_dtype, op.device
     if not isinstance(v0, Tensor):
         raise TypeError(
             f"expected v0 to be a torch.Tensor of shape ({n},) or ({n}, j), got "
             f"{type(v0).__name__}; use torch.as_tensor(v0)"
         )
-    if v0.ndim not in (1, 2) or v0.shape[0] != n or v0.numel() == 0:
+    if v0.ndim not in (1, 2) or v0.shape[0] != n or (v0.ndim == 2 and v0.shape[1] == 0):
         raise ValueError(
             f"expected v0 of shape ({n},) or ({n}, j) — one entry per parameter of the "
             f"operator, j warm-start vectors as columns — got shape {tuple(v0.shape)}"
         )
     if not v0.is_floating_point():
         raise TypeError(f"expected v0 with a floating dtype, got {v0.dtype}; use v0.float()")
-    w = v0.reshape(n, -1).to(dtype=dtype, device=device)
-    if not torch.isfinite(w).all() or (w.norm(dim=0) == 0).any():
+    w = (v0[:, None] if v0.ndim == 1 else v0).to(dtype=dtype, device=device)
+    norms = op.dot(w, w).diagonal().sqrt()
+    if not torch.isfinite(norms).all() or (norms == 0).any():
         raise ValueError("v0 must hold finite, non-zero vectors of length n")
-    return w / w.norm(dim=0)
+    return w / norms
 
 
 def eigenvalues(
@@ -186,12 +189,16 @@ def eigenvalues(
         ([100.0, 99.0], True)
     """
     op = as_operator(A)
-    k = _validate(k, which, tol, op.n)
-    gen = generator(seed, op.device)
-    w = None if v0 is None else _warm_start(v0, op.n, op.work_dtype, op.device)
-    sizes = _sizes(op.n, k, which, block_size, max_basis, max_matvecs, w)
+    k = _validate(k, which, tol, op.dim)
+    if by_layer:
+        op.require_whole("by_layer=True")
+    gen = op.generator(generator(seed, op.device))
+    w = None if v0 is None else _warm_start(v0, op)
+    sizes = _sizes(op.dim, k, which, block_size, max_basis, max_matvecs, w)
     start = time.perf_counter()
     with autocast_off(op.device):  # the products and the arithmetic in their dtypes
+        products = _finite_differences(op)
+        seen = len(products.errors) if products is not None else 0
         X0 = _start_block(op, sizes.block_size, gen, w)
         used_before = op.matvecs
         capacity = sizes.max_basis if op.device.type == "cpu" else None
@@ -199,7 +206,13 @@ def eigenvalues(
         with progress(sizes.max_matvecs, "Lanczos", progress_bar) as bar:
             while _extend(run, op.matvecs - used_before, bar):
                 pass
-        result = _result(run, op.matvecs - used_before, vectors=return_vectors or by_layer)
+        products = _finite_differences(op)
+        result = _result(
+            run,
+            op.matvecs - used_before,
+            vectors=return_vectors or by_layer,
+            fd_error=max(products.errors[seen:], default=0.0) if products is not None else 0.0,
+        )
         layers = {}
         if by_layer:
             assert result.vectors is not None  # computed for by_layer
@@ -292,9 +305,9 @@ def _extend(run: _Run, used: int, bar: Any) -> bool:
     used += op.matvecs - before
     theta, S, res = kry.ritz()
     _, ok = run.converged(theta, res)
-    enough = kry.size >= min(op.n, run.k * (2 if run.which == "both" else 1) + 1)
+    enough = kry.size >= min(op.dim, run.k * (2 if run.which == "both" else 1) + 1)
     done = enough and bool(ok.all())
-    if done or kry.size >= op.n or used >= sizes.max_matvecs or kry.X.shape[1] == 0:
+    if done or kry.size >= op.dim or used >= sizes.max_matvecs or kry.X.shape[1] == 0:
         return False
     if kry.size + kry.X.shape[1] > sizes.max_basis:
         keep = _restart_set(theta, run.k, run.which, sizes.max_basis - 2 * kry.X.shape[1])
@@ -302,9 +315,20 @@ def _extend(run: _Run, used: int, bar: Any) -> bool:
     return True
 
 
-def _result(run: _Run, used: int, vectors: bool) -> EigenResult:
+def _finite_differences(op: Operator) -> Any:
+    """The finite-difference products behind an operator (through its compositions: a
+    Curvature's or a sharded view's), or None."""
+    source: Any = op
+    while isinstance(source, Operator):
+        source = source.source
+    return getattr(source, "_differences", None)
+
+
+def _result(run: _Run, used: int, vectors: bool, fd_error: float = 0.0) -> EigenResult:
     """The wanted Ritz pairs with their residuals, error estimates and a message (the
-    caller fills in the time and the layers)."""
+    caller fills in the time and the layers). ``fd_error``: the largest estimated error of
+    this run's finite-difference products, relative to the operator's scale — added to the
+    errors, and a run whose products are less accurate than tol/2 is not converged."""
     kry, tol = run.kry, run.tol
     op = kry.op
     theta, S, res = kry.ritz()
@@ -312,9 +336,16 @@ def _result(run: _Run, used: int, vectors: bool) -> EigenResult:
     scale = float(np.abs(theta).max())
     rounding = PRODUCT_ROUNDING * torch.finfo(op.dtype).eps * scale
     err = error_bounds(theta, res)[idx]
-    if kry.size >= op.n:  # the full space: exact up to rounding
+    if kry.size >= op.dim:  # the full space: exact up to rounding
         ok = np.ones_like(ok)
     message = _message(bool(ok.all()), used, run.sizes.max_matvecs, res[idx], scale, tol)
+    if fd_error > RESIDUAL_SHARE * tol:
+        ok = np.zeros_like(ok)
+        message = (
+            f"not accurate to tol={tol:g} after {used} products: the finite-difference products "
+            f"are only accurate to about {fd_error:.2g}·|λ_max| (estimated from two steps; "
+            "included in errors); use float64 parameters, or an exact backend"
+        )
     if rounding > RESIDUAL_SHARE * tol * scale:
         message += (
             f"; the products run in {str(op.dtype).removeprefix('torch.')}, so the values "
@@ -326,7 +357,7 @@ def _result(run: _Run, used: int, vectors: bool) -> EigenResult:
         values=to_device(theta[idx], dt, dev),
         vectors=kry.vectors(S[:, idx]) if vectors else None,
         residuals=to_device(res[idx], dt, dev),
-        errors=to_device(err + rounding, dt, dev),
+        errors=to_device(err + rounding + fd_error * scale, dt, dev),
         converged=torch.as_tensor(ok, device=dev),
         matvecs=used,
         seconds=0.0,

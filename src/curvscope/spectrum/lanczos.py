@@ -47,19 +47,45 @@ def to_device(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> Tensor
 
 
 def _replace_dead(
-    Xn: Tensor, R: np.ndarray, dead: np.ndarray, Q: Tensor | None, gen: torch.Generator
+    op: Operator,
+    Xn: Tensor,
+    R: np.ndarray,
+    dead: np.ndarray,
+    Q: Tensor | None,
+    gen: torch.Generator,
 ) -> None:
     """Columns of Xn whose direction vanished (an invariant subspace was found) become random
     directions orthogonal to everything so far, with zero rows in R: the Krylov space continues.
-    Device work only; the dead columns are known on the host."""
+    Device work only (and, for sharded vectors, collectives); the dead columns are known on the
+    host."""
     for j in np.flatnonzero(dead).tolist():
         r = torch.randn(Xn.shape[0], 1, generator=gen, dtype=Xn.dtype, device=Xn.device)
         for basis in (Q, Xn[:, :j]):
-            if basis is not None and basis.numel():
-                r -= basis @ (basis.T @ r)
-                r -= basis @ (basis.T @ r)
-        Xn[:, j : j + 1] = r / r.norm()
+            if basis is not None and basis.shape[1]:
+                r -= basis @ op.dot(basis, r)
+                r -= basis @ op.dot(basis, r)
+        Xn[:, j : j + 1] = r / op.dot(r, r).sqrt()
         R[j, :] = 0
+
+
+def _qr(op: Operator, W: Tensor) -> tuple[Tensor, Tensor]:
+    """W = QR with orthonormal columns Q: torch's Householder QR for whole vectors; for sharded
+    ones classical Gram-Schmidt twice over the block's columns, each inner product reduced over
+    the ranks (a dead column — R's diagonal at rounding level — is left for the caller)."""
+    if op.shards is None:
+        Q, R = torch.linalg.qr(W)
+        return Q, R
+    Q, R = W.clone(), W.new_zeros(W.shape[1], W.shape[1])
+    for j in range(W.shape[1]):
+        q = Q[:, j : j + 1]
+        for _ in range(2 if j else 0):
+            c = op.dot(Q[:, :j], q)
+            q -= Q[:, :j] @ c
+            R[:j, j : j + 1] += c
+        norm = op.dot(q, q).sqrt()
+        R[j, j] = norm[0, 0]
+        q /= torch.where(norm > 0, norm, torch.ones_like(norm))
+    return Q, R
 
 
 def _dead(R: np.ndarray, dtype: torch.dtype, scale: float) -> np.ndarray:
@@ -86,17 +112,20 @@ class Krylov:
         self.op, self.gen = op, gen
         dt = op.work_dtype
         X0 = X0.to(dtype=dt)
-        X, R = torch.linalg.qr(X0)
-        read = host(torch.cat([R.flatten(), X0.abs().max().reshape(1)]))  # the one read
+        X, R = _qr(op, X0)
+        # the scale below which a column is dead: its largest entry, or with sharded vectors
+        # the largest column norm (no further collective)
+        top = X0.abs().max() if op.shards is None else R.diagonal().abs().max()
+        read = host(torch.cat([R.flatten(), top.reshape(1)]))  # the one read
         b = X0.shape[1]
         Rh = read[:-1].reshape(b, b)
-        _replace_dead(X, Rh, _dead(Rh, dt, float(read[-1])), None, gen)
+        _replace_dead(op, X, Rh, _dead(Rh, dt, float(read[-1])), None, gen)
         self.X = X
         # ``capacity``: the largest basis the caller will keep, allocated at once — on the CPU
         # its pages are touched (and count as memory) only as the basis grows, and the basis is
         # never copied; without it (on accelerators) the buffer grows by doubling
         rows = max(8, 2 * b) if capacity is None else max(capacity, b)
-        self._buf = torch.empty(min(rows, op.n), op.n, dtype=dt, device=op.device)
+        self._buf = torch.empty(min(rows, op.dim), op.n, dtype=dt, device=op.device)
         self._m = 0
         self.Hh = np.zeros((0, 0))
         self.Rh = np.zeros((0, 0))  # F = X R (last step)
@@ -123,7 +152,7 @@ class Krylov:
 
     def _reserve(self, m: int) -> None:
         if m > self._buf.shape[0]:
-            cap = min(self.op.n, max(m, 2 * self._buf.shape[0]))
+            cap = min(self.op.dim, max(m, 2 * self._buf.shape[0]))
             buf = torch.empty(cap, self.op.n, dtype=self._buf.dtype, device=self._buf.device)
             buf[: self._m] = self._buf[: self._m]
             self._buf = buf
@@ -140,16 +169,17 @@ class Krylov:
         self._reserve(m + b)
         self._buf[m : m + b] = X.T
         Bt = self._buf[: m + b]  # rows: the basis
-        coef = Bt @ W
+        op = self.op
+        coef = op.dot(Bt.T, W)
         W = W - Bt.T @ coef
-        c2 = Bt @ W
+        c2 = op.dot(Bt.T, W)
         W = W - Bt.T @ c2
         coef = coef + c2
-        whole = m + b >= self.op.n
+        whole = m + b >= op.dim
         if whole:  # the whole space: every Ritz pair is exact
             read = host(coef).reshape(m + b, b)
         else:
-            Xn, R = torch.linalg.qr(W)
+            Xn, R = _qr(op, W)
             read = host(torch.cat([coef.flatten(), R.flatten()]))
         H = np.zeros((m + b, m + b))
         H[:m, :m] = self.Hh
@@ -164,8 +194,8 @@ class Krylov:
             self.Rh = np.zeros((0, b))
             return
         Rh = read[(m + b) * b :].reshape(b, b).copy()
-        _replace_dead(Xn, Rh, _dead(Rh, W.dtype, self.scale), Bt.T, self.gen)
-        keep = min(b, self.op.n - self._m)
+        _replace_dead(op, Xn, Rh, _dead(Rh, W.dtype, self.scale), Bt.T, self.gen)
+        keep = min(b, op.dim - self._m)
         self.X, self.Rh = Xn[:, :keep], Rh[:keep]
 
     def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -124,6 +124,7 @@ def trace(
         55.0
     """
     op = as_operator(A)
+    op.require_whole("cs.trace")
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")
     start = time.perf_counter()
@@ -232,6 +233,7 @@ def trace_of_square(
     curvature sum to nearly zero, tr(A²) still measures the size of the curvature.
     """
     op = as_operator(A)
+    op.require_whole("cs.trace_of_square")
     check_budget(matvecs, 2, "trace_of_square")
     start = time.perf_counter()
     used_before = op.matvecs
@@ -264,6 +266,7 @@ def diagonal(
     AdaHessian and Sophia use for their preconditioners.
     """
     op = as_operator(A)
+    op.require_whole("cs.diagonal")
     if method not in ("hutchinson", "exact"):
         raise ValueError(f"method must be 'hutchinson' or 'exact', got {method!r}")
     start = time.perf_counter()

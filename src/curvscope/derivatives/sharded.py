@@ -1,0 +1,178 @@
+"""Flat vectors sharded like the parameters: the Krylov vectors of a model larger than one
+device.
+
+A :class:`~curvscope.Curvature` over FSDP2-sharded parameters (``fully_shard``) with
+``backend="finite_difference"`` shards the *parameters*, but its flat vectors are full length on
+every rank: one vector is the whole model's size, and Lanczos keeps tens of them. Its
+:meth:`~curvscope.Curvature.sharded` view, a :class:`ShardedCurvature`, takes and returns only
+this rank's entries of each vector — for every parameter, in order, the entries of this rank's
+shard (its DTensor's local tensor, flattened) — so a vector costs 1/world of the model per rank,
+like the parameters. The products are the same central differences of the engine's own
+gradients (FSDP2's reduce-scatter leaves each rank the shard of the summed gradient it needs:
+nothing is gathered); what spans the ranks is a sum over a vector's entries, which the
+estimators take through :meth:`ShardedCurvature.reduce_sum`, one all-reduce of a few numbers.
+
+``cs.eigenvalues`` accepts the view (its eigenvectors come back sharded the same way); the
+other estimators and ``diagnose`` need full vectors and refuse it with that fix. FSDP2 over one
+mesh dimension only: on HSDP's 2-D mesh each shard is held by several ranks, whose entries a sum
+over all ranks would count more than once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from curvscope.derivatives import finite_difference as _fd
+from curvscope.derivatives.checks import check_vector
+from curvscope.derivatives.distributed import all_reduce_sum
+
+if TYPE_CHECKING:
+    from curvscope.derivatives.curvature import Curvature
+
+
+def _fix() -> str:
+    return (
+        "a sharded view needs cs.Curvature(model, loss_fn, data, backend='finite_difference') "
+        "over a model sharded by FSDP2's fully_shard (every selected parameter a DTensor "
+        "sharded over one mesh dimension, in the operator's process group)"
+    )
+
+
+class ShardedCurvature:
+    """This rank's part of the flat vectors of a finite-difference :class:`~curvscope.Curvature`
+    over FSDP2-sharded parameters; build it with ``C.sharded()`` (module docstring).
+
+    ``S @ v`` takes this rank's ``S.num_params`` entries of a vector (or an (n_local, k)
+    block) and returns this rank's entries of the product; every rank calls it together, as a
+    training step's forward and backward. ``S.total_params`` is the operator's dimension (the
+    full vector's length), ``S.shard(v)`` and ``S.gather(v)`` convert full vectors and local
+    parts, and ``S.reduce_sum(t)`` sums per-rank partial sums over the ranks (what an inner
+    product of two sharded vectors needs). A random vector whose entries each rank draws
+    independently is a random vector of the whole space.
+
+    Example (on every rank of a gloo or NCCL group)::
+
+        fully_shard(model)
+        C = cs.Curvature(model, loss_fn, my_batches, backend="finite_difference")
+        top = cs.eigenvalues(C.sharded())        # every rank: the same value
+        v = C.sharded().gather(top.vectors[:, 0])  # the full eigenvector, if it fits
+    """
+
+    def __init__(self, curvature: Curvature) -> None:
+        differences = curvature._differences
+        obj = curvature.objective
+        if differences is None or obj is None:
+            raise ValueError(
+                f"C.sharded(): this Curvature uses backend={curvature.backend!r}; {_fix()}"
+            )
+        params = list(obj.params.values())
+        plain = [k for k, p in obj.params.items() if not _fd._is_dtensor(p)]
+        if plain:
+            raise ValueError(
+                f"C.sharded(): parameters {plain[:3]} are not sharded (not DTensors); {_fix()}. "
+                "An unsharded model's vectors fit wherever the model does: use C itself"
+            )
+        meshes = {p.device_mesh.ndim for p in params if _fd._is_dtensor(p)}
+        if meshes != {1}:
+            raise ValueError(
+                "C.sharded(): the parameters are laid out over a 2-D mesh (HSDP, or FSDP2 with "
+                "tensor parallelism), where a shard is held by several ranks; sharded vectors "
+                "need FSDP2 over one mesh dimension — use C itself (full-length vectors)"
+            )
+        if curvature.group is None:
+            raise ValueError(f"C.sharded(): the Curvature is local to this process; {_fix()}")
+        self._curvature, self._differences = curvature, differences
+        self._params = params
+        self.group = curvature.group
+        self.kind = curvature.kind
+        self.dtype: torch.dtype = curvature.dtype
+        self.device: torch.device = curvature.device
+        self.is_psd = False
+        self._shapes = _fd.local_shapes(params)
+        #: this rank's entries of a flat vector
+        self.num_params: int = sum(math.prod(s) for s in self._shapes)
+        #: the operator's dimension: a full vector's length
+        self.total_params: int = curvature.num_params
+        self.matvecs = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The local block's shape: (num_params, total_params)."""
+        return (self.num_params, self.total_params)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """This rank's entries of C V for this rank's entries V, (n_local,) or (n_local, k);
+        counts k products (here and on the Curvature)."""
+        V = check_vector(V, self.num_params, self.dtype, self.device)
+        single = V.ndim == 1
+        out = self._differences.matmat(V[:, None] if single else V, local=True)
+        k = out.shape[1]
+        self.matvecs += k
+        self._curvature.matvecs += k
+        return out[:, 0] if single else out
+
+    def __matmul__(self, V: Tensor) -> Tensor:
+        return self.matmat(V)
+
+    def reduce_sum(self, t: Tensor) -> Tensor:
+        """``t`` summed over the ranks (a new tensor): each rank's partial sums over its
+        entries of the vectors become the sums over the whole vectors."""
+        return all_reduce_sum(t, self.group)
+
+    def shard(self, v: Tensor) -> Tensor:
+        """This rank's entries of a full flat vector (n,) or block (n, k) — no communication."""
+        v = check_vector(v, self.total_params, self.dtype, self.device)
+        obj = self._curvature.objective
+        assert obj is not None
+        cols = v[:, None] if v.ndim == 1 else v
+        parts = []
+        for j in range(cols.shape[1]):
+            blocks = obj.unflatten(cols[:, j])
+            local = [
+                _fd.shard_of(b, p).to_local().reshape(-1)
+                for b, p in zip(blocks, self._params, strict=True)
+            ]
+            parts.append(torch.cat(local) if local else cols.new_zeros(0))
+        out = torch.stack(parts, dim=1)
+        return out[:, 0] if v.ndim == 1 else out
+
+    def gather(self, v: Tensor) -> Tensor:
+        """The full flat vector (n,) or block (n, k) from every rank's entries: a collective
+        (all ranks call it), and the whole vector on every rank."""
+        v = check_vector(v, self.num_params, self.dtype, self.device)
+        cols = v[:, None] if v.ndim == 1 else v
+        out = []
+        for j in range(cols.shape[1]):
+            blocks = _fd.split_local(cols[:, j], self._params)
+            full = [
+                _fd.from_shard(b, p).full_tensor().reshape(-1)
+                for b, p in zip(blocks, self._params, strict=True)
+            ]
+            out.append(torch.cat(full))
+        flat = torch.stack(out, dim=1)
+        return flat[:, 0] if v.ndim == 1 else flat
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardedCurvature(kind={self.kind!r}, num_params={self.num_params} of "
+            f"{self.total_params}, dtype={self.dtype}, device={self.device}, "
+            f"matvecs={self.matvecs})"
+        )
+
+
+def rank_generator(gen: torch.Generator, group: Any) -> torch.Generator:
+    """A generator for this rank's entries of random vectors: seeded from one draw of ``gen``
+    (the same on every rank) and the rank, so that the ranks' entries are independent."""
+    import torch.distributed as dist
+
+    base = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
+    out = torch.Generator(device=gen.device)
+    out.manual_seed((base + 1_000_003 * dist.get_rank(group)) % 2**63)
+    return out
+
+
+__all__ = ["ShardedCurvature", "rank_generator"]

@@ -1,0 +1,101 @@
+"""Finite-difference products on float32 transformers, along the directions that matter.
+
+Two failures a user found (issue 16's outside trial), both silent before: on a tiny GPT-2 the
+loss is far from quadratic at the default step along the top eigenvector (truncation: λ_max
+came out 18.6 against 26.4, and a diagnosis said "learning" for "unstable"); on a causal
+transformer whose embeddings dominate ‖θ‖, float32 gradients are too noisy for any step
+(rounding: λ_max 3x off on the 2M model). Now each product halves its step while two steps
+disagree, and reports what it could not fix: the first is accurate, the second says it is not.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import curvscope as cs
+from curvscope.derivatives import finite_difference as fd
+
+FD = "finite_difference"
+
+
+def gpt2_tiny():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(
+        vocab_size=256,
+        n_positions=32,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(1, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    return model, {"input_ids": ids, "labels": ids}
+
+
+class CausalLM(nn.Module):
+    """An embedding (N(0, 1): it dominates ‖θ‖), two pre-norm encoder layers, a head."""
+
+    def __init__(self, vocab: int = 512, d: int = 64, t: int = 64) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True)
+        layer.norm_first = True
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(t))
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x), mask=self.mask, is_causal=True))
+
+
+def causal_lm(dtype):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CausalLM().to(dtype)
+    tokens = torch.randint(0, 512, (8, 65), generator=torch.Generator().manual_seed(0))
+
+    def loss_fn(out, y):
+        return nn.functional.cross_entropy(out.reshape(-1, 512), y.reshape(-1))
+
+    return model, loss_fn, (tokens[:, :-1], tokens[:, 1:])
+
+
+def test_gpt2_top_direction_is_accurate_in_float32():
+    model, batch = gpt2_tiny()
+    C = cs.Curvature(model, None, batch)
+    top = cs.eigenvalues(C, k=1)
+    lam, v = float(top.values[0]), top.vectors[:, 0]
+    F = cs.Curvature(model, None, batch, backend=FD)
+    u = torch.finfo(torch.float32).eps
+    err = float((F @ v - C @ v).norm())
+    assert err <= fd.ACCURACY * u ** (2 / 3) * lam  # was 29,499x that
+    r = cs.eigenvalues(F, k=1)
+    assert r.all_converged, r.message
+    assert abs(float(r.values[0]) - lam) <= 1e-3 * lam  # was 18.6 against 26.4
+    assert abs(float(r.values[0]) - lam) <= float(r.errors[0]) + 1e-3 * lam
+    d = cs.diagnose(model, None, batch, lr=0.1, backend=FD)
+    assert d.state == cs.diagnose(model, None, batch, lr=0.1).state == "unstable"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_float32_rounding_that_no_step_fixes_is_reported():
+    model, loss_fn, data = causal_lm(torch.float32)
+    lam = float(cs.eigenvalues(cs.Curvature(model, loss_fn, data), k=1).values[0])
+    F = cs.Curvature(model, loss_fn, data, backend=FD)
+    r = cs.eigenvalues(F, k=1)
+    off = abs(float(r.values[0]) - lam)
+    assert off > 1e-3 * lam  # float32 gradients of this model cannot do better
+    assert not r.all_converged
+    assert "only accurate to about" in r.message and "float64" in r.message
+    assert off <= float(r.errors[0])  # the reported error covers the truth
+    assert max(F.product_errors) > 1e-2 and any("finite-difference" in n for n in F.notes)
+    assert not any("math backend" in n for n in F.notes)  # its own kernels: no such note

@@ -1,0 +1,136 @@
+"""Sharded flat vectors (``C.sharded()``) of an FSDP2 model on two CPU processes (gloo): each
+rank holds its shard of every vector; the products, gathered, equal the full-vector
+finite-difference products of the same model and the exact single-process Hessian products on
+all the data; ``cs.eigenvalues`` on the sharded view finds the exact extreme eigenvalues with
+eigenvectors sharded the same way, the same values on every rank; the model is left as found;
+what needs whole vectors, or is not FSDP2-sharded, is refused with the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import curvscope as cs
+from curvscope.derivatives import finite_difference as fd
+from tests.derivatives.test_finite_difference import smooth
+from tests.distributed.test_distributed import _end, _free_port
+from tests.distributed.test_fsdp import BATCHES, FD, WORLD, N, _init, _local_state, _same
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+
+
+def _vectors(n: int) -> torch.Tensor:
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def _refusals(rank: int, model, plain, loss_fn, local) -> dict:
+    """The errors each refused use gives (message, or None if nothing was raised)."""
+
+    def message(fn):
+        try:
+            fn()
+        except (TypeError, ValueError) as e:
+            return str(e)
+        return None
+
+    exact = cs.Curvature(plain, loss_fn, local, backend="double_backward")
+    S = cs.Curvature(model, loss_fn, local, backend=FD).sharded()
+    return {
+        "exact": message(exact.sharded),
+        "unsharded": message(cs.Curvature(plain, loss_fn, local, backend=FD).sharded),
+        "trace": message(lambda: cs.trace(S, matvecs=4)),
+        "by_layer": message(lambda: cs.eigenvalues(S, by_layer=True)),
+        "length": message(lambda: S @ torch.zeros(S.num_params + 1, dtype=torch.float64)),
+    }
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    _init(rank, port, WORLD)
+    case, plain = smooth(n=N), smooth(n=N).model
+    X, y = case.data
+    local = [(X[s], y[s]) for s in BATCHES[rank]]
+    model = case.model
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    case.loss_fn(model(local[0][0]), local[0][1]).backward()  # a sharded .grad the user holds
+    before = _local_state(model)
+    C = cs.Curvature(model, case.loss_fn, local, backend=FD)
+    S = C.sharded()
+    V = _vectors(C.num_params)
+    result: dict = {"local": S.num_params, "total": S.total_params, "repr": repr(S)}
+    result["roundtrip"] = torch.equal(S.gather(S.shard(V)), V)
+    result["sharded_hv"] = S.gather(S @ S.shard(V))
+    result["single_hv"] = S.gather(S @ S.shard(V[:, 0]))
+    result["full_hv"] = C @ V
+    r = cs.eigenvalues(S, k=1, which="both", tol=1e-6, block_size=2)  # a sharded block QR
+    result["values"], result["converged"] = r.values, r.all_converged
+    result["vectors_shape"] = tuple(r.vectors.shape)
+    result["vectors"] = S.gather(r.vectors)
+    warm = cs.eigenvalues(S, k=1, v0=r.vectors[:, :1], tol=1e-6)
+    result["warm"] = (float(warm.values[0]), warm.matvecs)
+    result["untouched"] = _same(before, _local_state(model))
+    result["matvecs"] = (S.matvecs, C.matvecs)
+    result["refused"] = _refusals(rank, model, plain, case.loss_fn, local)
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    _end()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    case = smooth(n=N)
+    H = cs.Curvature(case.model, case.loss_fn, case.data, backend="double_backward").to_dense()
+    return {"H": H, "eig": torch.linalg.eigvalsh(H)}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_sharded_vectors_of_an_fsdp2_model(tmp_path, reference):
+    mp.start_processes(
+        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn"
+    )
+    H, eig = reference["H"], reference["eig"]
+    u = torch.finfo(torch.float64).eps
+    norm_h = float(torch.linalg.matrix_norm(H, 2))
+    bound = fd.ACCURACY * u ** (2 / 3) * norm_h
+    V = _vectors(H.shape[0])
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    # each rank holds its shard: the shards add up to the whole, and every rank holds less
+    assert sum(g["local"] for g in got) == H.shape[0] == got[0]["total"]
+    assert all(0 < g["local"] < g["total"] for g in got)
+    for g in got:
+        assert g["roundtrip"]
+        # the same central differences as the full-vector operator (up to the order of sums)
+        torch.testing.assert_close(g["sharded_hv"], g["full_hv"], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(g["single_hv"], g["full_hv"][:, 0], rtol=1e-9, atol=1e-12)
+        err = (g["sharded_hv"] - H @ V).norm(dim=0) / V.norm(dim=0)
+        assert float(err.max()) <= bound
+        # the extreme eigenvalues, and eigenvectors whose gathered residuals are small
+        assert g["converged"]
+        want = torch.stack([eig[-1], eig[0]])
+        assert (g["values"] - want).abs().max() <= 1e-6 * norm_h + bound
+        assert g["vectors_shape"] == (g["local"], 2)
+        Q = g["vectors"]
+        torch.testing.assert_close(Q.norm(dim=0), torch.ones(2, dtype=Q.dtype))
+        residual = (H @ Q - Q * g["values"]).norm(dim=0)
+        assert float(residual.max()) <= 1e-3 * norm_h
+        # warm-started from its own sharded eigenvector: a few products
+        assert abs(g["warm"][0] - float(eig[-1])) <= 1e-6 * norm_h + bound
+        assert g["warm"][1] <= 6
+        assert g["untouched"]
+        assert g["matvecs"][1] == g["matvecs"][0] + 2 > 2  # C counts its own 2 too
+        assert "of" in g["repr"] and str(g["total"]) in g["repr"]
+    # one operator: the ranks agree exactly
+    torch.testing.assert_close(got[0]["values"], got[1]["values"], rtol=0, atol=0)
+    refused = got[0]["refused"]
+    assert "backend='double_backward'" in refused["exact"]
+    assert "not sharded" in refused["unsharded"]
+    assert "cs.trace needs whole vectors" in refused["trace"]
+    assert "by_layer=True needs whole vectors" in refused["by_layer"]
+    assert refused["length"] is not None and "shape" in refused["length"]
