@@ -72,6 +72,13 @@ SLOW: dict[str, float] = {
     # Chromium's own time is not counted above: 4.4 and 1.6 s of wall time on the shared machine
     "tests/cli/test_cli.py::test_report_in_a_real_browser": 1.9,
     "tests/report/test_html.py::test_no_injected_script_runs_in_a_real_browser": 1.1,
+    # two gloo processes: sharded vectors (measured alone: 10 s of wall time)
+    "tests/distributed/test_sharded.py::test_sharded_vectors_of_an_fsdp2_model": 12.0,
+    # float32 transformers' finite differences against their exact products
+    "tests/derivatives/test_fd_transformers.py::"
+    "test_gpt2_top_direction_is_accurate_in_float32": 3.9,
+    "tests/derivatives/test_fd_transformers.py::"
+    "test_float32_rounding_that_no_step_fixes_is_reported": 2.6,
     # four and two gloo processes (measured alone: 28 and 17 s of wall time)
     "tests/distributed/test_meshes.py::"
     "test_hsdp_products_equal_the_exact_single_process_ones": 22.0,

@@ -243,7 +243,7 @@ def test_a_step_too_large_is_halved_and_one_too_small_is_reported():
     for v in vectors(H.shape[0], 3, torch.float32).T:
         want = H @ v.double()
 
-        def product(step):
+        def product(step, v=v, want=want):
             C = cs.Curvature(case.model, case.loss_fn, case.data, backend=FD, fd_eps=step)
             err = float(((C @ v).double() - want).norm())
             estimate = C.product_errors[-1] * C._differences.scale * float(v.norm())
@@ -274,10 +274,10 @@ def test_bad_arguments_name_the_fix():
     # a step below the dtype's resolution would difference rounding noise (it used to give a
     # zero or a 2.6x wrong product silently); numpy's numbers are numbers
     for bad in (1e-17, 1e-300):
-        with pytest.raises(ValueError, match="below the resolution of torch.float64"):
+        with pytest.raises(ValueError, match=r"below the resolution of torch\.float64"):
             cs.Curvature(*args, backend=FD, fd_eps=bad)
     case32 = smooth(torch.float32)
-    with pytest.raises(ValueError, match="below the resolution of torch.float32"):
+    with pytest.raises(ValueError, match=r"below the resolution of torch\.float32"):
         cs.Curvature(case32.model, case32.loss_fn, case32.data, backend=FD, fd_eps=1e-9)
     for ok in (np.float32(1e-3), np.float64(1e-3)):
         assert cs.Curvature(*args, backend=FD, fd_eps=ok)._differences.step == pytest.approx(1e-3)

@@ -92,8 +92,9 @@ loss's, nothing is summed over the ranks, so each rank's loss has weight 1, the 
 one rank's (:func:`replicas`) and the loss is not summed over the ranks either. Plain
 parameters next to tensor-parallel ones (a layer left unparallelized) have the same full
 gradient on every rank. FSDP2 and tensor parallelism on one mesh (2-D FSDP × TP) is refused
-(untested). Flat vectors are full length on every rank: the parameters are sharded, the Krylov
-vectors are not.
+(untested). A Curvature's flat vectors are full length on every rank; its ``sharded()`` view
+(:mod:`curvscope.derivatives.sharded`) takes this rank's entries of each vector only
+(``matmat(..., local=True)`` here: the shards set and read without gathering).
 """
 
 from __future__ import annotations
