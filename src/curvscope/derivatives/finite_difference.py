@@ -41,17 +41,18 @@ of ``benchmarks/scale.py``: at best 14% of ‖H‖ along its top eigenvector) �
 each product takes the difference D at two steps, ε and ε/2, and returns their Richardson
 extrapolation (4·D(ε/2) − D(ε))/3, whose ε² term cancels; the gap ‖D(ε) − D(ε/2)‖ estimates the
 error (truncation and rounding alike; an estimate, not a bound: 0.6–1.3 times the true error
-where measured — a small MLP, the GPT-2, the 2M transformer; the tests ask for 1/3 to 3). While that estimate exceeds
-:data:`TARGET` of ‖v‖ times the operator's scale (the largest ‖Hv‖/‖v‖ seen), the step is
-halved — up to :data:`HALVINGS` times, and not once halving has twice failed to halve the gap
-(rounding, which smaller steps only make worse); the best pair wins, and the next product starts
-near the step it took (:data:`STEP_GROWTH`). A product costs four gradient passes, more where
-the step shrinks; ``fd_eps`` is where the step starts. Each estimate is kept
-(``Curvature.product_errors``): ``cs.eigenvalues`` adds it to its ``errors`` and is not
-converged when it exceeds tol/2 (a diagnosis then says its curvature is not converged), and
-``C.notes`` states the largest. The GPT-2 above now gets λ_max within 3e-6 and its products
-within the bound; the 2M transformer's 0.9% error is reported as such (estimates up to 0.47·‖H‖),
-with the fix: float64 parameters or an exact backend (tests/derivatives/test_fd_transformers.py).
+where measured — a small MLP, the GPT-2, the 2M transformer; the tests ask for 1/3 to 3).
+While that estimate exceeds :data:`TARGET` of ‖v‖ times the operator's scale (the largest
+‖Hv‖/‖v‖ seen), the step is halved — up to :data:`HALVINGS` times, and not once halving has
+twice failed to halve the gap (rounding, which smaller steps only make worse); the best pair
+wins, and the next product starts near the step it took (:data:`STEP_GROWTH`). A product
+costs four gradient passes, more where the step shrinks; ``fd_eps`` is where the step starts.
+Each estimate is kept (``Curvature.product_errors``): ``cs.eigenvalues`` adds it to its
+``errors`` and is not converged when it exceeds tol/2 (a diagnosis then says its curvature is
+not converged), and ``C.notes`` states the largest. The GPT-2 above now gets λ_max within 3e-6
+and its products within the bound; the 2M transformer's 0.9% error is reported as such
+(estimates up to 0.47·‖H‖), with the fix: float64 parameters or an exact backend
+(tests/derivatives/test_fd_transformers.py).
 
 **Kinks.** All this assumes a loss smooth along the segment θ ± εv. Through ReLU, max pooling
 or other piecewise-linear pieces, a unit that changes sides within the step adds its gradient's

@@ -69,6 +69,16 @@ def _is_writer() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def _check_fd_dtypes(model: nn.Module, params: list[Any] | None) -> None:
+    """The finite-difference backend's dtype check (float32 or float64) of the parameters a
+    Monitor's probes will select (names or tensors; all that require grad by default)."""
+    named = dict(model.named_parameters())
+    for p in model.parameters() if params is None else params:
+        t = named.get(p) if isinstance(p, str) else p
+        if t is not None and t.requires_grad:
+            _fd.check_dtype(t.dtype)
+
+
 class Monitor:
     """Diagnose training as it runs: ``mon.step(loss)`` in your loop.
 
@@ -221,12 +231,7 @@ class Monitor:
         self._products = _Products.checked(backend, fd_eps)
         params = None if params is None else list(params)  # an iterator is read once
         if backend == _fd.BACKEND:  # refused now, not at the first probe steps later
-            named = dict(model.named_parameters())
-            chosen = model.parameters() if params is None else params
-            for p in chosen:
-                t = named.get(p) if isinstance(p, str) else p
-                if t is not None and t.requires_grad:
-                    _fd.check_dtype(t.dtype)
+            _check_fd_dtypes(model, params)
         self.forecast = forecast
         self.model, self.loss_fn, self.probe_data = model, loss_fn, probe_data
         self.optimizer, self.lr = optimizer, lr
