@@ -99,3 +99,5 @@ def test_float32_rounding_that_no_step_fixes_is_reported():
     assert off <= float(r.errors[0])  # the reported error covers the truth
     assert max(F.product_errors) > 1e-2 and any("finite-difference" in n for n in F.notes)
     assert not any("math backend" in n for n in F.notes)  # its own kernels: no such note
+    d = cs.diagnose(model, loss_fn, data, lr=0.1, backend=FD)  # not silently confident
+    assert not d.confident and "finite-difference products" in str(d)

@@ -82,7 +82,8 @@ class Diagnosis:
             is made an Evidence.
         reasons: the sentences that decided the state.
         advice: actionable sentences.
-        confident: False when an estimate the verdict rests on did not converge.
+        confident: False when an estimate the verdict rests on did not converge (within the
+            budget, or to the estimated accuracy of finite-difference products).
 
     Raises:
         ValueError: a state name that is not a state, or evidence without loss or grad_norm.
@@ -106,7 +107,10 @@ class Diagnosis:
         if self.advice:
             text += " " + " ".join(self.advice)
         if not self.confident:
-            text += " (Some estimates did not converge within the budget: treat this as tentative.)"
+            text += (
+                " (Some estimates did not converge, within the budget or to the accuracy of "
+                "finite-difference products: treat this as tentative.)"
+            )
         return text
 
 
