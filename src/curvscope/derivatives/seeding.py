@@ -97,6 +97,8 @@ def generator(
 def rademacher(
     n: int, k: int, gen: torch.Generator, dtype: torch.dtype, device: torch.device | str
 ) -> Tensor:
-    """An (n, k) block of independent ±1 entries drawn from ``gen``."""
-    z = torch.randint(0, 2, (n, k), generator=gen, device=device)
-    return (2 * z - 1).to(dtype)
+    """An (n, k) block of independent ±1 entries drawn from ``gen``, made in ``dtype`` in place:
+    drawn as int64 and mapped out of place, the block took five times its final memory at the
+    peak (4.5 GB for 100 probes of a 2M-parameter model). The same draws either way."""
+    z = torch.randint(0, 2, (n, k), generator=gen, device=device, dtype=dtype)
+    return z.mul_(2).sub_(1)

@@ -19,7 +19,8 @@ from curvscope.spectrum._operator import Operator, as_operator, check_budget, pr
 from curvscope.spectrum.precision import autocast_off
 
 TRACE_METHODS = ("auto", "hutchinson", "hutch++", "exact")
-#: Probes multiplied per block product (memory: CHUNK vectors of n).
+#: Probes multiplied per block product (memory: the probes, their products, and one block
+#: product's working memory of about 3 CHUNK vectors of n).
 CHUNK = 16
 
 
