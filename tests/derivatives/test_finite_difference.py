@@ -252,7 +252,7 @@ def test_a_step_too_large_is_halved_and_one_too_small_is_reported():
         default, _, _ = product(None)
         large, _, accepted = product(100 * start)
         assert max(default, large) <= fd.ACCURACY * u ** (2 / 3) * norm_h * float(v.norm())
-        assert accepted <= 100 * start / 16  # halved at least four times
+        assert accepted <= 100 * start / 4  # halved at least twice
         small, estimate, _ = product(start / 300)
         assert small > 10 * default
         assert small / 3 <= estimate <= 3 * small
@@ -327,3 +327,24 @@ def test_a_16_bit_model_is_refused_with_the_fix():
         cs.Curvature(model, case.loss_fn, data, backend=FD) @ torch.ones(
             sum(p.numel() for p in model.parameters()), dtype=torch.bfloat16
         )
+
+
+def test_a_warm_start_along_a_far_from_quadratic_direction_is_accurate():
+    """A fresh operator's first product along the top eigenvector of a tanh MLP with widely
+    scaled inputs: as the step halves, the gap first *grows* (the step is still too large for
+    the Taylor series), which the first stopping rule took for rounding — 67% off, and a warm
+    start 3.9% off (an outside review). Halving goes on until the gap shrinks, or it grows as
+    rounding does."""
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(100, 512), nn.Tanh(), nn.Linear(512, 10))
+    X = torch.randn(512, 100, generator=g) * torch.logspace(-1, 2, 100)
+    y = torch.randint(0, 10, (512,), generator=g)
+    args = (model, nn.CrossEntropyLoss(), (X, y))
+    exact = cs.eigenvalues(cs.Curvature(*args), k=1, tol=1e-6)
+    lam, top = float(exact.values[0]), exact.vectors[:, 0]
+    r = cs.eigenvalues(cs.Curvature(*args, backend=FD), k=1, v0=top)
+    assert r.all_converged, r.message
+    assert abs(float(r.values[0]) - lam) <= 1e-4 * lam
+    assert abs(float(r.values[0]) - lam) <= float(r.errors[0])

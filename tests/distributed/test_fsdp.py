@@ -48,6 +48,7 @@ def _measure(C: cs.Curvature) -> dict:
         "converged": r.converged,
         "loss": loss,
         "grad": g,
+        "errors": C.product_errors,
     }
 
 
@@ -173,6 +174,14 @@ def test_fsdp2_finite_difference_products_equal_the_exact_single_process_product
         assert got["failure_untouched"]
         assert "sharded over 2 ranks" in got["local_refused"]
         assert "num_batches" in got["batches_refused"]
+    # every rank took the same steps: the same products, estimates and values (a plain model's
+    # differences are summed over the ranks before the step is decided; before, each rank
+    # decided on its own partial product and they could take different numbers of passes)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for key in ("plain", "fsdp"):
+        assert got[0][key]["errors"] == got[1][key]["errors"]
+        assert torch.equal(got[0][key]["hv"], got[1][key]["hv"])
+        assert torch.equal(got[0][key]["lam"], got[1][key]["lam"])
 
 
 # ----------------------------------------------------------------------------- diagnose

@@ -7,6 +7,7 @@ what needs whole vectors, or is not FSDP2-sharded, is refused with the fix."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from curvscope.derivatives import finite_difference as fd
 from tests.derivatives.test_finite_difference import smooth
 from tests.distributed.test_distributed import _end, _free_port
 from tests.distributed.test_fsdp import BATCHES, FD, WORLD, N, _init, _local_state, _same
+from tests.distributed.test_meshes import _tp_plan
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 
@@ -27,7 +29,7 @@ def _vectors(n: int) -> torch.Tensor:
     return torch.randn(n, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
-def _refusals(rank: int, model, plain, loss_fn, local) -> dict:
+def _refusals(rank: int, model, plain, loss_fn, local, everything) -> dict:
     """The errors each refused use gives (message, or None if nothing was raised)."""
 
     def message(fn):
@@ -37,14 +39,28 @@ def _refusals(rank: int, model, plain, loss_fn, local) -> dict:
             return str(e)
         return None
 
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
     exact = cs.Curvature(plain, loss_fn, local, backend="double_backward")
     S = cs.Curvature(model, loss_fn, local, backend=FD).sharded()
+    # a tensor-parallel model: every parameter a DTensor on a 1-D mesh, but RowwiseParallel's
+    # bias replicated on both ranks (accepted before: lambda_max 2.9% off, "converged")
+    tp = copy.deepcopy(plain)
+    parallelize_module(tp, init_device_mesh("cpu", (WORLD,)), _tp_plan())
+    one_rank = S.num_params + (1 if rank == 1 else 0)  # only rank 1's vector is refused
     return {
         "exact": message(exact.sharded),
         "unsharded": message(cs.Curvature(plain, loss_fn, local, backend=FD).sharded),
+        # (tensor-parallel ranks pass the same batches)
+        "tensor_parallel": message(cs.Curvature(tp, loss_fn, everything, backend=FD).sharded),
         "trace": message(lambda: cs.trace(S, matvecs=4)),
         "by_layer": message(lambda: cs.eigenvalues(S, by_layer=True)),
-        "length": message(lambda: S @ torch.zeros(S.num_params + 1, dtype=torch.float64)),
+        # a check that fails on one rank only raises on both (before: the other one waited)
+        "one_rank": message(lambda: S @ torch.zeros(one_rank, dtype=torch.float64)),
+        "one_rank_v0": message(
+            lambda: cs.eigenvalues(S, v0=torch.ones(one_rank, dtype=torch.float64))
+        ),
     }
 
 
@@ -78,7 +94,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     result["warm"] = (float(warm.values[0]), warm.matvecs)
     result["untouched"] = _same(before, _local_state(model))
     result["matvecs"] = (S.matvecs, C.matvecs)
-    result["refused"] = _refusals(rank, model, plain, case.loss_fn, local)
+    result["refused"] = _refusals(rank, model, plain, case.loss_fn, local, (X, y))
     torch.save(result, Path(out) / f"rank{rank}.pt")
     _end()
 
@@ -133,4 +149,8 @@ def test_sharded_vectors_of_an_fsdp2_model(tmp_path, reference):
     assert "not sharded" in refused["unsharded"]
     assert "cs.trace needs whole vectors" in refused["trace"]
     assert "by_layer=True needs whole vectors" in refused["by_layer"]
-    assert refused["length"] is not None and "shape" in refused["length"]
+    assert "not sharded by FSDP2" in refused["tensor_parallel"]
+    assert "another rank's check failed" in refused["one_rank"]
+    assert "another rank's check failed" in refused["one_rank_v0"]
+    refused1 = got[1]["refused"]
+    assert "S.shard(v)" in refused1["one_rank"] and "S.shard(v)" in refused1["one_rank_v0"]

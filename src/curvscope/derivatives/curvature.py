@@ -395,7 +395,7 @@ class Curvature:
             return notes + self._choice_notes
         assert self.objective is not None  # finite differences need a model
         kernels = self.objective.kernel_notes
-        worst = f"{max(fd.errors):.2g}" if fd.errors else "none yet"
+        worst = f"{max(fd.relative_errors()):.2g}" if fd.errors else "none yet"
         return [n for n in notes if n not in kernels] + [
             "finite-difference products: central differences of the model's own gradients "
             "(its own kernels), extrapolated from two steps; the largest estimated error of "
@@ -406,10 +406,11 @@ class Curvature:
     @property
     def product_errors(self) -> list[float]:
         """For ``backend="finite_difference"``: each product's estimated error, relative to
-        ‖v‖ times the operator's scale (the largest ‖Cv‖/‖v‖ seen), from the gap between its
-        two steps' differences (see :mod:`curvscope.derivatives.finite_difference`); empty for
-        the exact backends, whose products are exact to rounding."""
-        return [] if self._differences is None else list(self._differences.errors)
+        ‖v‖ times the operator's scale (the largest ‖Cv‖/‖v‖ of its products so far), from the
+        gap between its two steps' differences (see
+        :mod:`curvscope.derivatives.finite_difference`); empty for the exact backends, whose
+        products are exact to rounding."""
+        return [] if self._differences is None else self._differences.relative_errors()
 
     # -------------------------------------------------------------------------- products
     def _products(self) -> Iterator[tuple[float, _k.PreparedProduct]]:

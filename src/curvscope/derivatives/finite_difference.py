@@ -39,19 +39,23 @@ tiny GPT-2: λ_max 18.6 against 26.4, the product 3·10⁴ times the bound above
 embeddings dominate ‖θ‖ float32 gradients are too noisy for any step (the 2M causal transformer
 of ``benchmarks/scale.py``: at best 14% of ‖H‖ along its top eigenvector) — both were silent. So
 each product takes the difference D at two steps, ε and ε/2, and returns their Richardson
-extrapolation (4·D(ε/2) − D(ε))/3, whose ε² term cancels; the gap ‖D(ε) − D(ε/2)‖ estimates the
-error (truncation and rounding alike; an estimate, not a bound: 0.6–1.3 times the true error
-where measured — a small MLP, the GPT-2, the 2M transformer; the tests ask for 1/3 to 3).
-While that estimate exceeds :data:`TARGET` of ‖v‖ times the operator's scale (the largest
-‖Hv‖/‖v‖ seen), the step is halved — up to :data:`HALVINGS` times, and not once halving has
-twice failed to halve the gap (rounding, which smaller steps only make worse); the best pair
-wins, and the next product starts near the step it took (:data:`STEP_GROWTH`). A product
-costs four gradient passes, more where the step shrinks; ``fd_eps`` is where the step starts.
+extrapolation (4·D(ε/2) − D(ε))/3, whose ε² term cancels. Its error is estimated by the gap
+‖D(ε) − D(ε/2)‖ (the error of D(ε/2), truncation and rounding alike) or, once the step has been
+halved, by how far the extrapolation moved from the previous pair's if that is less (where
+truncation dominates the extrapolation is far better than D(ε/2)); an estimate, not a bound —
+0.6–1.3 times the true error where rounding dominates, conservative where truncation does. While
+it exceeds :data:`TARGET` times the operator's scale (the largest ‖Hv‖/‖v‖ returned), the step
+is halved, up to :data:`HALVINGS` times, until halving stops helping (see :meth:`_column`: a
+gap that grows as rounding's does, 1/ε, or fails twice to halve once it has shrunk; a gap that
+grows more slowly at first is a step still too large); the best pair wins, and the next product
+starts near the step it took (:data:`STEP_GROWTH`). A product costs four gradient passes, more
+where the step shrinks; ``fd_eps`` is where the step starts. Every rank takes the same steps:
+the differences are summed over the ranks (or reduced by the engine) before a step is decided.
 Each estimate is kept (``Curvature.product_errors``): ``cs.eigenvalues`` adds it to its
-``errors`` and is not converged when it exceeds tol/2 (a diagnosis then says its curvature is
-not converged), and ``C.notes`` states the largest. The GPT-2 above now gets λ_max within 3e-6
-and its products within the bound; the 2M transformer's 0.9% error is reported as such
-(estimates up to 0.47·‖H‖), with the fix: float64 parameters or an exact backend
+``errors`` and is not converged when it exceeds tol/2 (a diagnosis is then not confident, and
+says why), and ``C.notes`` states the largest. The GPT-2 above now gets λ_max within 1e-6; the
+2M transformer's λ_max (0.9% off) is reported as not accurate to 1e-3, its products' errors
+estimated at up to 0.13·‖H‖, with the fix: float64 parameters or an exact backend
 (tests/derivatives/test_fd_transformers.py).
 
 **Kinks.** All this assumes a loss smooth along the segment θ ± εv. Through ReLU, max pooling
@@ -117,6 +121,9 @@ from curvscope.derivatives.objective import Batch, ModelObjective
 TARGET = 1e-4
 #: At most this many halvings of the step a product.
 HALVINGS = 8
+#: A gap that grows by this factor when the step is halved is rounding's (which grows as 1/ε:
+#: a factor of 2), not a step too large for the Taylor series.
+ROUNDING_GROWTH = 1.8
 #: A product starts at this multiple of the last product's accepted step (at most the default),
 #: so that a Lanczos run pays a small step's halvings once, and can grow back.
 STEP_GROWTH = 4.0
@@ -380,9 +387,9 @@ class FiniteDifferenceProducts:
             )
         #: the relative step the last product accepted
         self.accepted = self.step
-        #: the operator's scale: the largest ‖Hv‖/‖v‖ of the products so far (≤ ‖H‖)
+        #: the operator's scale: the largest ‖Hv‖/‖v‖ of the products returned so far (≤ ‖H‖)
         self.scale = 0.0
-        #: each product's estimated error ‖D(ε) − D(ε/2)‖ relative to ‖v‖·:attr:`scale`
+        #: each product's estimated error per unit of ‖v‖: ‖D(ε) − D(ε/2)‖/‖v‖
         self.errors: list[float] = []
         engine = _engine(objective.model, objective.params, group)
         if engine.replicas > 1:
@@ -502,8 +509,7 @@ class FiniteDifferenceProducts:
                 columns.append(hv)
         finally:
             kept.restore()
-        out = torch.stack(columns, dim=1)
-        return out if engine.sharded else all_reduce_sum(out, self.group)
+        return torch.stack(columns, dim=1)  # summed over the ranks already (_difference)
 
     def _norms(self, V: Tensor, local: bool) -> Tensor:
         """The columns' norms, float64, over the ranks' shards where ``local``."""
@@ -519,13 +525,16 @@ class FiniteDifferenceProducts:
         eps: float,
         local: bool,
     ) -> Tensor:
-        """(∇L(θ + εv) − ∇L(θ − εv)) / (2ε): two gradient passes."""
+        """(∇L(θ + εv) − ∇L(θ − εv)) / (2ε): two gradient passes; summed over the ranks where
+        the engine does not (plain parameters under a process group), so that every rank holds
+        the same difference and decides the same next step."""
         diff = []
         for sign in (1.0, -1.0):
             self._set(kept, v, sign * eps, local)
             self._backward_pass(kept, engine)
             diff.append(self._gradient(params, engine, local))
-        return (diff[0] - diff[1]) / (2.0 * eps)
+        out = (diff[0] - diff[1]) / (2.0 * eps)
+        return out if engine.sharded else all_reduce_sum(out, self.group)
 
     def _column(
         self,
@@ -539,31 +548,52 @@ class FiniteDifferenceProducts:
     ) -> tuple[Tensor, float]:
         """One product and the step it used: the differences D(ε) and D(ε/2) extrapolated,
         (4·D(ε/2) − D(ε))/3 (Richardson: the ε² term of the truncation cancels), their gap
-        ‖D(ε) − D(ε/2)‖ the error estimate (:attr:`errors`); the step is halved while the
-        estimate exceeds :data:`TARGET` of ‖v‖ times the operator's scale and halving still
-        helps (a gap that does not shrink is rounding, which a smaller step makes worse), at
-        most :data:`HALVINGS` times; the best estimate wins. Every rank takes the same steps:
-        its norms are of the reduced gradient."""
+        ‖D(ε) − D(ε/2)‖/‖v‖ the error estimate (:attr:`errors`) — or, from the second pair on,
+        how far the extrapolation moved from the previous pair's if that is smaller. The step
+        is halved while the estimate exceeds :data:`TARGET` times the operator's scale
+        (:attr:`scale`, or this product's own size if larger) and halving still helps, at most
+        :data:`HALVINGS` times; the pair with the smallest estimate wins. Halving has stopped
+        helping when it has twice in a row failed to halve the gap after the gap once shrank,
+        or when the gap grew by
+        :data:`ROUNDING_GROWTH` or more — rounding, whose share grows as 1/ε; a gap growing
+        more slowly before it ever shrank is a step still too large for the Taylor series.
+        Every rank takes the same steps: the differences it measures are the reduced ones."""
         wide = self._difference(kept, engine, params, v, eps, local)
         best: tuple[float, Tensor, float] | None = None
-        stalled = 0
+        previous: float | None = None
+        last: Tensor | None = None  # the previous pair's extrapolation
+        stalled, shrunk = 0, False
         for _ in range(HALVINGS + 1):
             narrow = self._difference(kept, engine, params, v, eps / 2, local)
             value = (4.0 * narrow - wide) / 3.0
-            gap, size = self._norms(torch.stack([wide - narrow, value], dim=1), local).tolist()
-            self.scale = max(self.scale, size / norm)
-            rel = gap / (self.scale * norm) if self.scale > 0 else 0.0
-            # twice in a row not halved by halving the step: rounding, which smaller steps
-            # only make worse (once can be a large step's higher-order terms)
-            stalled = stalled + 1 if best is not None and rel > best[0] / 2 else 0
-            if best is None or rel < best[0]:
-                best = (rel, value, eps / 2)
-            if rel <= TARGET or stalled == 2:
+            change = value - (value if last is None else last)
+            gap, size, moved = (
+                self._norms(torch.stack([wide - narrow, value, change], dim=1), local) / norm
+            ).tolist()
+            gap = gap if math.isfinite(gap) else math.inf
+            # the gap is D(ε/2)'s error; the extrapolation's is far smaller where truncation
+            # dominates (its ε² term cancels), and bounded by how far it moved since the last
+            # pair (which also carries the rounding of both)
+            estimate = gap if last is None else min(gap, moved if math.isfinite(moved) else gap)
+            if best is None or estimate < best[0]:
+                best = (estimate, value, eps / 2)
+            if previous is not None and gap <= previous / 2:
+                shrunk, stalled = True, 0
+            elif previous is not None and (shrunk or gap >= ROUNDING_GROWTH * previous):
+                stalled += 1
+            previous, last = gap, value
+            if estimate <= TARGET * max(self.scale, size) or stalled == 2:
                 break
             wide, eps = narrow, eps / 2
         assert best is not None
+        size = float(self._norms(best[1][:, None], local)[0]) / norm
+        self.scale = max(self.scale, size if math.isfinite(size) else 0.0)
         self.errors.append(best[0])
         return best[1], best[2]
+
+    def relative_errors(self) -> list[float]:
+        """:attr:`errors` relative to the operator's scale as it stands now."""
+        return [e / self.scale if self.scale > 0 else e for e in self.errors]
 
     def loss_and_gradient(self) -> tuple[float, Tensor]:
         """The loss and its flat gradient at θ, by the model's own backward; as found after."""

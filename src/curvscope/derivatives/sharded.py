@@ -21,17 +21,25 @@ over all ranks would count more than once.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from curvscope.derivatives import finite_difference as _fd
-from curvscope.derivatives.checks import check_vector
+from curvscope.derivatives.checks import check_finite, check_vector
 from curvscope.derivatives.distributed import all_reduce_sum
 
 if TYPE_CHECKING:
     from curvscope.derivatives.curvature import Curvature
+
+try:  # torch.distributed is optional in torch builds
+    from torch.distributed.tensor import Shard
+except ImportError:  # pragma: no cover - a torch built without distributed
+    Shard = None  # type: ignore[assignment,misc]
+
+T = TypeVar("T")
 
 
 def _fix() -> str:
@@ -83,6 +91,14 @@ class ShardedCurvature:
                 "tensor parallelism), where a shard is held by several ranks; sharded vectors "
                 "need FSDP2 over one mesh dimension — use C itself (full-length vectors)"
             )
+        if _fd._data_parallel(obj.model) is None or not all(
+            isinstance(pl, Shard) for p in params if _fd._is_dtensor(p) for pl in p.placements
+        ):  # tensor parallelism: replicated biases, one loss computed by all ranks together
+            raise ValueError(
+                "C.sharded(): the model is not sharded by FSDP2 (a tensor-parallel model "
+                "replicates some parameters on every rank, whose entries a sum over the ranks "
+                "would count more than once); use C itself (full-length vectors)"
+            )
         if curvature.group is None:
             raise ValueError(f"C.sharded(): the Curvature is local to this process; {_fix()}")
         self._curvature, self._differences = curvature, differences
@@ -98,6 +114,16 @@ class ShardedCurvature:
         #: the operator's dimension: a full vector's length
         self.total_params: int = curvature.num_params
         self.matvecs = 0
+        counted = all_reduce_sum(
+            torch.tensor([float(self.num_params)], dtype=torch.float64, device=self.device),
+            self.group,
+        )
+        if int(counted[0]) != self.total_params:  # a layout whose shards overlap or miss
+            raise ValueError(
+                f"C.sharded(): the ranks' shards hold {int(counted[0])} entries in all, but the "
+                f"operator has {self.total_params}: the parameters are not partitioned over "
+                "the operator's process group; use C itself (full-length vectors)"
+            )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -107,9 +133,14 @@ class ShardedCurvature:
     def matmat(self, V: Tensor) -> Tensor:
         """This rank's entries of C V for this rank's entries V, (n_local,) or (n_local, k);
         counts k products (here and on the Curvature)."""
-        V = check_vector(V, self.num_params, self.dtype, self.device)
+        V = together(
+            lambda: check_vector(V, self.num_params, self.dtype, self.device, name=_LOCAL_V),
+            self.group,
+            self.device,
+        )
         single = V.ndim == 1
         out = self._differences.matmat(V[:, None] if single else V, local=True)
+        out = together(lambda: check_finite(out, "the sharded product"), self.group, self.device)
         k = out.shape[1]
         self.matvecs += k
         self._curvature.matvecs += k
@@ -143,7 +174,11 @@ class ShardedCurvature:
     def gather(self, v: Tensor) -> Tensor:
         """The full flat vector (n,) or block (n, k) from every rank's entries: a collective
         (all ranks call it), and the whole vector on every rank."""
-        v = check_vector(v, self.num_params, self.dtype, self.device)
+        v = together(
+            lambda: check_vector(v, self.num_params, self.dtype, self.device, name=_LOCAL_V),
+            self.group,
+            self.device,
+        )
         cols = v[:, None] if v.ndim == 1 else v
         out = []
         for j in range(cols.shape[1]):
@@ -162,6 +197,33 @@ class ShardedCurvature:
             f"{self.total_params}, dtype={self.dtype}, device={self.device}, "
             f"matvecs={self.matvecs})"
         )
+
+
+#: what a vector's checks call it: this rank's entries, with the fix for a full-length vector
+_LOCAL_V = "V (this rank's entries of the vectors; S.shard(v) gives them from a full vector)"
+
+
+def together(check: Callable[[], T], group: Any, device: torch.device) -> T:
+    """``check()``'s result, or its error raised on *every* rank: a check that fails on one
+    rank alone (its shard of a vector) would otherwise leave the others waiting in the next
+    collective. The ranks whose check passed raise a ValueError naming the one that failed."""
+    import torch.distributed as dist
+
+    error: Exception | None = None
+    try:
+        result = check()
+    except (TypeError, ValueError, FloatingPointError) as e:
+        error = e
+    failed = torch.tensor([0.0 if error is None else 1.0], device=device)
+    failed = all_reduce_sum(failed, group)
+    if error is not None:
+        raise error
+    if float(failed[0]) > 0:
+        raise ValueError(
+            f"another rank's check failed (this is rank {dist.get_rank(group)}); its error "
+            "names the problem"
+        )
+    return result
 
 
 def rank_generator(gen: torch.Generator, group: Any) -> torch.Generator:

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from curvscope.derivatives.checks import check_int, check_real
 from curvscope.derivatives.seeding import generator
+from curvscope.derivatives.sharded import together
 from curvscope.spectrum._operator import Operator, as_operator, progress
 from curvscope.spectrum.lanczos import Krylov, error_bounds, to_device
 from curvscope.spectrum.precision import autocast_off
@@ -103,25 +104,39 @@ def _validate(k: Any, which: Any, tol: Any, n: int) -> int:
 
 def _warm_start(v0: Any, op: Operator) -> Tensor:
     """v0 as an (n, j) block of unit columns in the working dtype, or a clear error (for
-    sharded vectors: this rank's entries of each vector)."""
-    n, dtype, device = op.n, op.work_dtype, op.device
+    sharded vectors: this rank's entries of each vector, and an error every rank raises)."""
+    if op.shards is None:
+        w = _start_vectors(v0, op)
+    else:  # refused on one rank alone, it would leave the others in the next collective
+        w = together(lambda: _start_vectors(v0, op), op.shards.group, op.device)
+    norms = op.dot(w, w).diagonal().sqrt()  # the same on every rank
+    if not torch.isfinite(norms).all() or (norms == 0).any():
+        raise ValueError("v0 must hold finite, non-zero vectors of length n")
+    return w / norms
+
+
+def _start_vectors(v0: Any, op: Operator) -> Tensor:
+    """v0's checks that need no other rank: a floating tensor of this rank's length, as (n, j)
+    in the working dtype."""
+    n = op.n
     if not isinstance(v0, Tensor):
         raise TypeError(
             f"expected v0 to be a torch.Tensor of shape ({n},) or ({n}, j), got "
             f"{type(v0).__name__}; use torch.as_tensor(v0)"
         )
     if v0.ndim not in (1, 2) or v0.shape[0] != n or (v0.ndim == 2 and v0.shape[1] == 0):
+        whose = (
+            "one entry per parameter of the operator"
+            if op.shards is None
+            else "this rank's entries of the vectors (S.shard(v) gives them from a full one)"
+        )
         raise ValueError(
-            f"expected v0 of shape ({n},) or ({n}, j) — one entry per parameter of the "
-            f"operator, j warm-start vectors as columns — got shape {tuple(v0.shape)}"
+            f"expected v0 of shape ({n},) or ({n}, j) — {whose}, j warm-start vectors as "
+            f"columns — got shape {tuple(v0.shape)}"
         )
     if not v0.is_floating_point():
         raise TypeError(f"expected v0 with a floating dtype, got {v0.dtype}; use v0.float()")
-    w = (v0[:, None] if v0.ndim == 1 else v0).to(dtype=dtype, device=device)
-    norms = op.dot(w, w).diagonal().sqrt()
-    if not torch.isfinite(norms).all() or (norms == 0).any():
-        raise ValueError("v0 must hold finite, non-zero vectors of length n")
-    return w / norms
+    return (v0[:, None] if v0.ndim == 1 else v0).to(dtype=op.work_dtype, device=op.device)
 
 
 def eigenvalues(
@@ -211,7 +226,9 @@ def eigenvalues(
             run,
             op.matvecs - used_before,
             vectors=return_vectors or by_layer,
-            fd_error=max(products.errors[seen:], default=0.0) if products is not None else 0.0,
+            fd_error=0.0
+            if products is None
+            else max(products.relative_errors()[seen:], default=0.0),
         )
         layers = {}
         if by_layer:
