@@ -1,7 +1,7 @@
 """At scale: torch's own causal transformer at 0.2M to 8M parameters and a ResNet-style CNN with
 BatchNorm (train mode), against PyHessian and hessian-eigenthings in the same process.
 
-    python benchmarks/scale.py [--sizes 0.2M,0.5M,2M,8M,cnn] [--quick] [--threads N]
+    python benchmarks/scale.py [--sizes 0.2M,0.5M,2M,8M,cnn] [--quick] [--threads N] [--fd]
 
 Per model: one gradient (forward + backward, the default attention kernel); one Hessian
 product relative to it, curvscope's (``C @ v``, the cached gradient graph) and PyHessian's
@@ -20,6 +20,11 @@ random tokens, batch 8 x 64, CPU float32. Both peers fail on it unless attention
 math kernel (the fused kernels have no double backward), so they run under
 ``sdpa_kernel(SDPBackend.MATH)``; curvscope selects that kernel itself. The gradient is timed
 with torch's default kernel, the user's own training step.
+
+``--fd`` adds a second table: the finite-difference backend (``backend="finite_difference"``,
+the path for a model only its engine can differentiate) on the same float32 model — one
+product's cost in gradients, λ_max by its defaults with its error against the reference, the
+largest error its products estimated for themselves, and whether it says it converged.
 
 Each model runs in its own subprocess; the script prints a markdown table.
 """
@@ -156,7 +161,7 @@ def eigenthings_top(model: nn.Module, loss_fn, data, steps: int = 20) -> tuple[f
     return float(max(r.eigenvalues)), time.perf_counter() - start
 
 
-def one(name: str, threads: int, rounds: int) -> dict:
+def one(name: str, threads: int, rounds: int, fd: bool = False) -> dict:
     torch.set_num_threads(threads)
     model, loss_fn, data, desc = workload(name)
     params = [p for p in model.parameters()]
@@ -202,7 +207,49 @@ def one(name: str, threads: int, rounds: int) -> dict:
     out["cs_ratio"] = med["curvscope"] / med["gradient"]
     if "pyhessian" in med:
         out["ph_ratio"] = med["pyhessian"] / med["gradient"]
+    if fd:
+        out.update(finite_differences(model, loss_fn, data, out["ref"], gradient, v))
     return out
+
+
+def finite_differences(model, loss_fn, data, ref: float, gradient, v) -> dict:
+    """The finite-difference backend (the path for models only their engine differentiates)
+    on the same model in float32: λ_max by its defaults — products, seconds, error against the
+    exact reference, the largest estimated product error, whether it says it converged — and
+    one product's cost in gradients (its passes vary with the step it settles on)."""
+    F = cs.Curvature(model, loss_fn, data, backend="finite_difference")
+    r = cs.eigenvalues(F)
+    out = {
+        "fd_products": r.matvecs,
+        "fd_seconds": r.seconds,
+        "fd_err": rel(float(r.values[0]), ref),
+        "fd_estimate": max(F.product_errors),
+        "fd_converged": r.all_converged,
+    }
+    med = interleaved_medians({"gradient": gradient, "fd": lambda: F @ v}, rounds=3, inner=2)
+    out["fd_ratio"] = med["fd"] / med["gradient"]
+    return out
+
+
+def fd_row(o: dict) -> list[str]:
+    return [
+        f"{o['name']}: {o['desc']} ({o['params'] / 1e6:.2f}M)",
+        f"{o['fd_ratio']:.1f}x",
+        f"{o['fd_products']}, {o['fd_seconds']:.1f} s",
+        f"{o['fd_err']:.1e}",
+        f"{o['fd_estimate']:.1e}",
+        "yes" if o["fd_converged"] else "no (says so)",
+    ]
+
+
+FD_HEADER = [
+    "model",
+    "finite-difference product / gradient",
+    "λ_max: products, time",
+    "rel. error",
+    "largest estimated product error (of ‖H‖)",
+    "converged",
+]
 
 
 def row(o: dict) -> list[str]:
@@ -249,10 +296,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help=f"only {QUICK}, 3 rounds")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--fd", action="store_true", help="also the finite-difference backend (a second table)"
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one(args.one, args.threads, args.rounds)), flush=True)
+        result = one(args.one, args.threads, args.rounds, args.fd)
+        print("RESULT " + json.dumps(result), flush=True)
         return
     sizes = QUICK if args.quick else [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
@@ -260,17 +311,23 @@ def main() -> None:
         ap.error(f"unknown sizes {unknown}; choose from {SIZES}")
     rounds = 3 if args.quick else args.rounds
     print(f"torch {torch.__version__}, {args.threads} threads, medians of {rounds} rounds\n")
-    rows = []
+    rows, fd_rows = [], []
     for s in sizes:
         cmd = [sys.executable, __file__, "--one", s, "--threads", str(args.threads)]
-        proc = subprocess.run([*cmd, "--rounds", str(rounds)], capture_output=True, text=True)
+        cmd += ["--rounds", str(rounds), *(["--fd"] if args.fd else [])]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
             print(f"{s}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue
-        rows.append(row(json.loads(lines[-1][len("RESULT ") :])))
+        result = json.loads(lines[-1][len("RESULT ") :])
+        rows.append(row(result))
+        if args.fd:
+            fd_rows.append(fd_row(result))
         print(markdown_table(HEADER, rows[-1:]), flush=True)  # progress, one model at a time
     print("\n" + markdown_table(HEADER, rows))
+    if fd_rows:
+        print("\nfinite differences (float32):\n\n" + markdown_table(FD_HEADER, fd_rows))
 
 
 if __name__ == "__main__":

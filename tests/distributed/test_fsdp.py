@@ -239,19 +239,26 @@ def _diagnose_all(model, loss_fn, data, batches, weight, train, measure=None, **
     return out
 
 
-def _diagnose_worker(rank: int, port: int, out: str) -> None:
+def sharded_smooth(rank: int) -> tuple:
+    """:func:`smooth` sharded by FSDP2 (each Linear, then the root), this rank's batches of
+    :data:`BATCHES`, and a sharded ``.grad`` the user holds (one backward)."""
     from torch.distributed.fsdp import fully_shard
 
-    _init(rank, port, WORLD)
     case = smooth(n=N)
     X, y = case.data
     local = [(X[s], y[s]) for s in BATCHES[rank]]
-    model = case.model
-    for layer in model:
+    for layer in case.model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer)
-    fully_shard(model)
-    case.loss_fn(model(local[0][0]), local[0][1]).backward()  # a sharded .grad the user holds
+    fully_shard(case.model)
+    case.loss_fn(case.model(local[0][0]), local[0][1]).backward()
+    return case, local
+
+
+def _diagnose_worker(rank: int, port: int, out: str) -> None:
+    _init(rank, port, WORLD)
+    case, local = sharded_smooth(rank)
+    model = case.model
     # each rank's i-th batch is its part of the i-th global mini-batch
     result = _diagnose_all(model, case.loss_fn, local, local, 1.0, local, backend=FD)
     result["sharded_params"] = type(next(model.parameters())).__name__

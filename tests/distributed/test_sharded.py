@@ -19,7 +19,7 @@ import curvscope as cs
 from curvscope.derivatives import finite_difference as fd
 from tests.derivatives.test_finite_difference import smooth
 from tests.distributed.test_distributed import _end, _free_port
-from tests.distributed.test_fsdp import BATCHES, FD, WORLD, N, _init, _local_state, _same
+from tests.distributed.test_fsdp import FD, WORLD, N, _init, _local_state, _same, sharded_smooth
 from tests.distributed.test_meshes import _tp_plan
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
@@ -65,18 +65,10 @@ def _refusals(rank: int, model, plain, loss_fn, local, everything) -> dict:
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    from torch.distributed.fsdp import fully_shard
-
     _init(rank, port, WORLD)
-    case, plain = smooth(n=N), smooth(n=N).model
-    X, y = case.data
-    local = [(X[s], y[s]) for s in BATCHES[rank]]
+    case, local = sharded_smooth(rank)  # with a sharded .grad the user holds
+    plain, (X, y) = smooth(n=N).model, case.data
     model = case.model
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    case.loss_fn(model(local[0][0]), local[0][1]).backward()  # a sharded .grad the user holds
     before = _local_state(model)
     C = cs.Curvature(model, case.loss_fn, local, backend=FD)
     S = C.sharded()

@@ -121,6 +121,10 @@ from curvscope.derivatives.objective import Batch, ModelObjective
 TARGET = 1e-4
 #: At most this many halvings of the step a product.
 HALVINGS = 8
+#: Halvings in a row that may fail to improve the best estimate before the search ends: a
+#: step too large for the Taylor series can take four to turn the corner (measured), noise that
+#: grows more slowly than rounding never does.
+PATIENCE = 5
 #: A gap that grows by this factor when the step is halved is rounding's (which grows as 1/ε:
 #: a factor of 2), not a step too large for the Taylor series.
 ROUNDING_GROWTH = 1.8
@@ -556,13 +560,16 @@ class FiniteDifferenceProducts:
         helping when it has twice in a row failed to halve the gap after the gap once shrank,
         or when the gap grew by
         :data:`ROUNDING_GROWTH` or more — rounding, whose share grows as 1/ε; a gap growing
-        more slowly before it ever shrank is a step still too large for the Taylor series.
+        more slowly before it ever shrank is a step still too large for the Taylor series,
+        given :data:`PATIENCE` halvings to turn (a tanh MLP's top direction needed four), after
+        which noise that grows more slowly than rounding (√2 a halving on float32
+        transformers) ends the search.
         Every rank takes the same steps: the differences it measures are the reduced ones."""
         wide = self._difference(kept, engine, params, v, eps, local)
         best: tuple[float, Tensor, float] | None = None
         previous: float | None = None
         last: Tensor | None = None  # the previous pair's extrapolation
-        stalled, shrunk = 0, False
+        stalled, shrunk, since_best = 0, False, 0
         for _ in range(HALVINGS + 1):
             narrow = self._difference(kept, engine, params, v, eps / 2, local)
             value = (4.0 * narrow - wide) / 3.0
@@ -576,13 +583,15 @@ class FiniteDifferenceProducts:
             # pair (which also carries the rounding of both)
             estimate = gap if last is None else min(gap, moved if math.isfinite(moved) else gap)
             if best is None or estimate < best[0]:
-                best = (estimate, value, eps / 2)
+                best, since_best = (estimate, value, eps / 2), 0
+            else:
+                since_best += 1
             if previous is not None and gap <= previous / 2:
                 shrunk, stalled = True, 0
             elif previous is not None and (shrunk or gap >= ROUNDING_GROWTH * previous):
                 stalled += 1
             previous, last = gap, value
-            if estimate <= TARGET * max(self.scale, size) or stalled == 2:
+            if estimate <= TARGET * max(self.scale, size) or stalled == 2 or since_best == PATIENCE:
                 break
             wide, eps = narrow, eps / 2
         assert best is not None
