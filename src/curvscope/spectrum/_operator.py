@@ -12,6 +12,7 @@ result back.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -285,15 +286,38 @@ def check_budget(matvecs: object, minimum: int, what: str) -> int:
         raise type(e)(f"{what}: {e}") from None
 
 
-class _Progress:
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
+#: Unless asked (``progress_bar=True``/``False``), a bar appears on a terminal once a job has
+#: run AUTO_AFTER seconds and the rate so far says it will take AUTO_LONGER in all.
+AUTO_AFTER, AUTO_LONGER = 1.0, 2.0
 
-            self.bar = tqdm(total=total, desc=desc, unit="product", leave=False)
+
+class _Progress:
+    """A tqdm bar over products: shown at once (``enabled=True``), never (False), or — auto,
+    on a terminal — from the moment the job is seen to be long (an estimate from the products
+    so far: a few-second λ_max on a large model shows one, a fast one on a small model none)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool | None) -> None:
+        self.total, self.desc, self.done = total, desc, 0
+        self.auto = enabled is None and sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self.bar: Any = None
+        if enabled:
+            self._open()
+
+    def _open(self) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=self.total, initial=self.done, desc=self.desc, unit="product", leave=False
+        )
 
     def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is None and self.auto and self.done < self.total:
+            elapsed = time.perf_counter() - self.start
+            if elapsed >= AUTO_AFTER and elapsed * self.total / self.done >= AUTO_LONGER:
+                self._open()
+                return
         if self.bar is not None:
             self.bar.update(n)
 
@@ -304,9 +328,8 @@ class _Progress:
 
 @contextmanager
 def progress(total: int, desc: str, enabled: bool | None) -> Iterator[_Progress]:
-    """A progress bar over products; ``enabled=None`` shows it on a terminal for long jobs."""
-    if enabled is None:
-        enabled = total >= 200 and sys.stderr.isatty()
+    """A progress bar over products; ``enabled=None`` shows it on a terminal once the job is
+    seen to take more than :data:`AUTO_LONGER` seconds (:class:`_Progress`)."""
     bar = _Progress(total, desc, enabled)
     try:
         yield bar

@@ -98,7 +98,7 @@ def density(
     resolution: float | None = None,
     reorthogonalize: bool = False,
     seed: int | torch.Generator = 0,
-    progress_bar: bool | None = True,
+    progress_bar: bool | None = None,
 ) -> DensityResult:
     """Stochastic Lanczos quadrature: ``probes`` Lanczos runs of ``steps`` products each.
 
@@ -126,8 +126,9 @@ def density(
             (memory O(n)), whose rounding-error "ghost" Ritz values share the weight of the
             eigenvalue they copy and leave the density unchanged.
         seed: seed or generator of the probes.
-        progress_bar: show a progress bar (default on; ``False`` for quiet, ``None`` only on a
-            terminal).
+        progress_bar: show a progress bar (``True``), never (``False``), or — the default,
+            ``None`` — on a terminal once the run is seen to take more than two seconds (it
+            was on by default, which wrote the bar's lines into logs).
 
     The products run in the operator's dtype, the recurrences in its working dtype (float32 at
     least); nodes, weights, grid and curve are float64.

@@ -191,7 +191,8 @@ def eigenvalues(
             block of a Curvature, grouped by module) and the share of the global top
             eigenvector's squared mass in each block: ``result.layers``.
         seed: seed or generator for the random start (the global RNG is never used).
-        progress_bar: show a progress bar (default: on a terminal for long runs).
+        progress_bar: show a progress bar (default: on a terminal, once the run is seen to
+            take more than two seconds).
 
     Returns:
         :class:`EigenResult`.

@@ -116,7 +116,8 @@ def trace(
         matvecs: the budget (ignored by ``"exact"``).
         method: ``"auto"`` | ``"hutchinson"`` | ``"hutch++"`` | ``"exact"``.
         seed: seed or generator of the probes (the global RNG is never used).
-        progress_bar: show a progress bar (default: on a terminal for long runs).
+        progress_bar: show a progress bar (default: on a terminal, once the run is seen to
+            take more than two seconds).
 
     Example:
         >>> import torch, curvscope as cs
