@@ -20,6 +20,12 @@ residual coupling, read together), the constructor one, :meth:`Krylov.restart` a
 on it), and :func:`tridiagonal` one per step. What the operator's own product reads comes on
 top: a :class:`~curvscope.Curvature` checks its input and output for NaN and, when cached, that
 the model is unchanged (three reads a product on an accelerator).
+
+Sharded vectors (``Operator.shards``: each rank holds its entries of every vector) change only
+the inner products: each is this rank's partial sum, all-reduced over the ranks
+(:meth:`~curvscope.spectrum.Operator.dot`) — collectives, not host reads — and the block QR is
+Gram-Schmidt over the columns with reduced inner products; every rank then holds the same H and
+takes the same decisions.
 """
 
 from __future__ import annotations
