@@ -8,6 +8,7 @@ what needs whole vectors, or is not FSDP2-sharded, is refused with the fix."""
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,16 @@ def _refusals(rank: int, model, plain, loss_fn, local, everything) -> dict:
     def message(fn):
         try:
             fn()
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, FloatingPointError) as e:
             return str(e)
         return None
+
+    calls = []
+
+    def nan_on_rank_1(out, target):  # rank 1's loss turns NaN at its third evaluation
+        calls.append(1)
+        loss = loss_fn(out, target)
+        return loss * float("nan") if rank == 1 and len(calls) == 3 else loss
 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
@@ -61,7 +69,24 @@ def _refusals(rank: int, model, plain, loss_fn, local, everything) -> dict:
         "one_rank_v0": message(
             lambda: cs.eigenvalues(S, v0=torch.ones(one_rank, dtype=torch.float64))
         ),
+        # a loss that fails on one rank inside the products: every rank stops at once (before,
+        # the others waited in the engine's collective for the process group's timeout)
+        "nan_one_rank": timed(
+            lambda: message(
+                lambda: (
+                    cs.Curvature(model, nan_on_rank_1, local, backend=FD, reduction="mean")
+                    .sharded()
+                    .matmat(torch.ones(S.num_params, dtype=torch.float64))
+                )
+            )
+        ),
     }
+
+
+def timed(fn) -> tuple:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -142,7 +167,13 @@ def test_sharded_vectors_of_an_fsdp2_model(tmp_path, reference):
     assert "cs.trace needs whole vectors" in refused["trace"]
     assert "by_layer=True needs whole vectors" in refused["by_layer"]
     assert "not sharded by FSDP2" in refused["tensor_parallel"]
-    assert "another rank's check failed" in refused["one_rank"]
-    assert "another rank's check failed" in refused["one_rank_v0"]
+    assert "rank 1 failed (this is rank 0)" in refused["one_rank"]
+    assert "rank 1 failed (this is rank 0)" in refused["one_rank_v0"]
+    (said0, seconds0), (said1, seconds1) = (
+        got[0]["refused"]["nan_one_rank"],
+        got[1]["refused"]["nan_one_rank"],
+    )
+    assert "rank 1 failed (this is rank 0)" in said0 and "nan" in said1.lower()
+    assert max(seconds0, seconds1) < 20  # not the 60 s timeout of tests/distributed
     refused1 = got[1]["refused"]
     assert "S.shard(v)" in refused1["one_rank"] and "S.shard(v)" in refused1["one_rank_v0"]

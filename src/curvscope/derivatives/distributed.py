@@ -10,10 +10,13 @@ Nothing here is home-made: it is the process group the user's training already r
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+
+T = TypeVar("T")
 
 
 def resolve_group(group: Any) -> Any:
@@ -107,3 +110,34 @@ def check_same_on_ranks(group: Any, device: Any = "cpu", **fields: Any) -> None:
             f"ranks (this rank: {mine}). Every rank must build the same Curvature — the same "
             "model, parameters, dtype, kind and seed — over its own shard of the data"
         )
+
+
+def together(check: Callable[[], T], group: Any, device: torch.device) -> T:
+    """``check()``'s result, or its error raised on *every* rank of ``group`` (None: just
+    ``check()``): a check that fails on one rank alone — its shard of a vector, a loss that is
+    not finite on its batch — would otherwise leave the others waiting in the next collective
+    until the process group's timeout. ``check`` must not itself communicate. The ranks whose
+    check passed raise a ValueError naming the ranks that failed."""
+    if group is None:
+        return check()
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    error: Exception | None = None
+    try:
+        result = check()
+    except Exception as e:  # any error: the others must hear of it
+        error = e
+    failed = torch.zeros(world, device=device)
+    if error is not None:
+        failed[rank] = 1.0
+    failed = all_reduce_sum(failed, group)
+    if error is not None:
+        raise error
+    if bool(failed.any()):
+        which = ", ".join(str(i) for i in torch.nonzero(failed).flatten().tolist())
+        raise ValueError(
+            f"rank {which} failed (this is rank {rank}), and every rank stops with it: that "
+            "rank's error names the problem"
+        )
+    return result

@@ -45,12 +45,16 @@ halved, by how far the extrapolation moved from the previous pair's if that is l
 truncation dominates the extrapolation is far better than D(ε/2)); an estimate, not a bound —
 0.6–1.3 times the true error where rounding dominates, conservative where truncation does. While
 it exceeds :data:`TARGET` times the operator's scale (the largest ‖Hv‖/‖v‖ returned), the step
-is halved, up to :data:`HALVINGS` times, until halving stops helping (see :meth:`_column`: a
-gap that grows as rounding's does, 1/ε, or fails twice to halve once it has shrunk; a gap that
-grows more slowly at first is a step still too large); the best pair wins, and the next product
-starts near the step it took (:data:`STEP_GROWTH`). A product costs four gradient passes, more
+is halved, up to :data:`HALVINGS` times, until halving stops helping (see :class:`_Search`: a
+gap that grows as rounding's does, 1/ε, near rounding's expected level, or fails twice to halve
+once it has shrunk, or five halvings without a better estimate; a gap that grows far above
+rounding's level together with the product is a step so large that the gradient's change
+saturates, and halving goes on); the best pair wins, and the next product starts near the step
+it took (:data:`STEP_GROWTH`). A product costs four gradient passes, more
 where the step shrinks; ``fd_eps`` is where the step starts. Every rank takes the same steps:
-the differences are summed over the ranks (or reduced by the engine) before a step is decided.
+the differences are summed over the ranks (or reduced by the engine) before a step is decided,
+and a loss that fails on one rank (not finite, not a scalar) stops every rank at once
+(``distributed.together``) rather than leaving the others in the engine's next collective.
 Each estimate is kept (``Curvature.product_errors``): ``cs.eigenvalues`` adds it to its
 ``errors`` and is not converged when it exceeds tol/2 (a diagnosis is then not confident, and
 says why), and ``C.notes`` states the largest. The GPT-2 above now gets λ_max within 1e-6; the
@@ -108,12 +112,13 @@ import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor, nn
 
-from curvscope.derivatives.distributed import all_reduce_sum, check_same_on_ranks
+from curvscope.derivatives.distributed import all_reduce_sum, check_same_on_ranks, together
 from curvscope.derivatives.objective import Batch, ModelObjective
 
 #: The estimated error a product aims below, relative to ‖v‖ times the operator's scale (the
@@ -121,6 +126,10 @@ from curvscope.derivatives.objective import Batch, ModelObjective
 TARGET = 1e-4
 #: At most this many halvings of the step a product.
 HALVINGS = 8
+#: A gap that grows like rounding's counts as rounding only within this factor of the rounding
+#: level expected at that step (u·(‖∇L‖ + scale·‖θ‖)/(ε‖v‖)); far above it, a gap that doubles
+#: with each halving is a step so large that the gradient's change saturates (D ∝ 1/ε).
+ROUNDING_LEVEL = 100.0
 #: Halvings in a row that may fail to improve the best estimate before the search ends: a
 #: step too large for the Taylor series can take four to turn the corner (measured), noise that
 #: grows more slowly than rounding never does.
@@ -357,6 +366,40 @@ class _Kept:
         self.restore_buffers()
 
 
+@dataclass
+class _Search:
+    """Whether halving the step of one product still helps, from the gaps ‖D(ε) − D(ε/2)‖ and
+    the sizes of the pairs so far (see :meth:`FiniteDifferenceProducts._column`)."""
+
+    previous: float | None = None  # the last pair's gap
+    size: float = 0.0  # the last pair's ‖extrapolation‖/‖v‖
+    stalled: int = 0  # halvings in a row that did not halve the gap, where that means rounding
+    since_best: int = 0  # halvings in a row that did not improve the best estimate
+    shrunk: bool = False  # the gap has halved with the step at least once
+    saturating: bool = False  # the last pair was at a step far too large
+
+    def halving_helps(self, gap: float, size: float, improved: bool, rounding: float) -> bool:
+        previous, before = self.previous, self.size
+        self.previous, self.size = gap, size
+        if previous is None:
+            return True
+        grew = gap >= ROUNDING_GROWTH * previous
+        # at a step far too large the gradient's change saturates: the difference, its gap and
+        # the product all grow as 1/ε, far above rounding's level — smaller steps are the cure
+        self.saturating = (
+            grew and size >= ROUNDING_GROWTH * before and gap > ROUNDING_LEVEL * rounding
+        )
+        if gap <= previous / 2:
+            self.shrunk, self.stalled = True, 0
+        elif self.shrunk or (grew and gap <= ROUNDING_LEVEL * rounding):
+            self.stalled += 1
+        if improved:
+            self.since_best = 0
+        elif not self.saturating:
+            self.since_best += 1
+        return self.stalled < 2 and self.since_best < PATIENCE
+
+
 class FiniteDifferenceProducts:
     """Hessian products of a :class:`ModelObjective` by central differences of the gradients
     its model's own backward pass computes (see the module's docstring for the step, the
@@ -434,10 +477,14 @@ class FiniteDifferenceProducts:
         # be of bfloat16 gradients, which keep two digits (check_dtype); a model's own autocast
         # inside its forward stays on
         no_autocast = torch.autocast(self.obj.device.type, enabled=False)
+        # a sharded engine's every forward and backward is a collective: the ranks agree on each
+        # loss (finite, a scalar) before the backward, so that one rank's failure stops all
+        group = self.group if engine.sharded else None
         for batch in self.obj.batches():
             # the exact backends' seeds; fused kernels kept: first derivatives are all it needs
             with self.obj.context(batch.index, second_order=False), no_autocast:
-                loss = self.obj.loss(self._outputs(batch), batch)
+                out = self._outputs(batch)
+                loss = together(partial(self.obj.loss, out, batch), group, self.obj.device)
                 w = self.weight(batch)
                 (loss * (w * engine.loss_scale)).backward()
             part = loss.detach() * w
@@ -508,7 +555,7 @@ class FiniteDifferenceProducts:
                     columns.append(torch.zeros_like(v))
                     continue
                 start = min(self.step, STEP_GROWTH * self.accepted) * theta / norm
-                hv, eps = self._column(kept, engine, params, v, norm, start, local)
+                hv, eps = self._column(kept, engine, params, v, norm, start, local, theta)
                 self.accepted = eps * norm / theta
                 columns.append(hv)
         finally:
@@ -528,17 +575,25 @@ class FiniteDifferenceProducts:
         v: Tensor,
         eps: float,
         local: bool,
-    ) -> Tensor:
-        """(∇L(θ + εv) − ∇L(θ − εv)) / (2ε): two gradient passes; summed over the ranks where
+    ) -> tuple[Tensor, Tensor]:
+        """(∇L(θ + εv) − ∇L(θ − εv)) / (2ε) — two gradient passes; summed over the ranks where
         the engine does not (plain parameters under a process group), so that every rank holds
-        the same difference and decides the same next step."""
+        the same difference and decides the same next step — and ∇L(θ + εv) (this rank's)."""
         diff = []
         for sign in (1.0, -1.0):
             self._set(kept, v, sign * eps, local)
-            self._backward_pass(kept, engine)
+            self._pass(kept, engine)
             diff.append(self._gradient(params, engine, local))
         out = (diff[0] - diff[1]) / (2.0 * eps)
-        return out if engine.sharded else all_reduce_sum(out, self.group)
+        return out if engine.sharded else all_reduce_sum(out, self.group), diff[0]
+
+    def _pass(self, kept: _Kept, engine: _Engine) -> Tensor:
+        """:meth:`_backward_pass`, its failure on one rank raised on every rank: per batch for a
+        sharded engine (inside it), once for plain parameters under a group (whose ranks may
+        pass different numbers of batches, and communicate only after the pass)."""
+        if engine.sharded:
+            return self._backward_pass(kept, engine)
+        return together(lambda: self._backward_pass(kept, engine), self.group, self.obj.device)
 
     def _column(
         self,
@@ -549,6 +604,7 @@ class FiniteDifferenceProducts:
         norm: float,
         eps: float,
         local: bool,
+        theta: float = 1.0,
     ) -> tuple[Tensor, float]:
         """One product and the step it used: the differences D(ε) and D(ε/2) extrapolated,
         (4·D(ε/2) − D(ε))/3 (Richardson: the ε² term of the truncation cancels), their gap
@@ -565,13 +621,17 @@ class FiniteDifferenceProducts:
         which noise that grows more slowly than rounding (√2 a halving on float32
         transformers) ends the search.
         Every rank takes the same steps: the differences it measures are the reduced ones."""
-        wide = self._difference(kept, engine, params, v, eps, local)
+        wide, grad = self._difference(kept, engine, params, v, eps, local)
+        # rounding's share of a difference per unit of ‖v‖ at the step ε: about u·γ/(ε‖v‖), γ
+        # the size of the gradient's terms — at least ‖∇L‖ + ‖H‖‖θ‖ (module docstring)
+        u = float(torch.finfo(self.obj.dtype).eps) / 2
+        # (the same on every rank: summed over the ranks unless the engine gathered it whole)
+        gamma = float(self._norms(grad[:, None], local or not engine.sharded)[0])
         best: tuple[float, Tensor, float] | None = None
-        previous: float | None = None
         last: Tensor | None = None  # the previous pair's extrapolation
-        stalled, shrunk, since_best = 0, False, 0
+        search = _Search()
         for _ in range(HALVINGS + 1):
-            narrow = self._difference(kept, engine, params, v, eps / 2, local)
+            narrow = self._difference(kept, engine, params, v, eps / 2, local)[0]
             value = (4.0 * narrow - wide) / 3.0
             change = value - (value if last is None else last)
             gap, size, moved = (
@@ -582,16 +642,13 @@ class FiniteDifferenceProducts:
             # dominates (its ε² term cancels), and bounded by how far it moved since the last
             # pair (which also carries the rounding of both)
             estimate = gap if last is None else min(gap, moved if math.isfinite(moved) else gap)
-            if best is None or estimate < best[0]:
-                best, since_best = (estimate, value, eps / 2), 0
-            else:
-                since_best += 1
-            if previous is not None and gap <= previous / 2:
-                shrunk, stalled = True, 0
-            elif previous is not None and (shrunk or gap >= ROUNDING_GROWTH * previous):
-                stalled += 1
-            previous, last = gap, value
-            if estimate <= TARGET * max(self.scale, size) or stalled == 2 or since_best == PATIENCE:
+            rounding = u * (gamma + max(self.scale, size) * theta) / (eps / 2 * norm)
+            improved = best is None or estimate < best[0]
+            go_on = search.halving_helps(gap, size, improved, rounding)
+            if improved or search.saturating:  # a saturated pair's small gap means nothing
+                best = (estimate, value, eps / 2)
+            last = value
+            if estimate <= TARGET * max(self.scale, size) or not go_on:
                 break
             wide, eps = narrow, eps / 2
         assert best is not None
@@ -610,7 +667,7 @@ class FiniteDifferenceProducts:
         engine = _engine(self.obj.model, params, self.group)
         kept = _Kept(self.obj.model, params)
         try:
-            loss = self._backward_pass(kept, engine)
+            loss = self._pass(kept, engine)
             grad = self._gradient(params, engine)
         finally:
             kept.restore()

@@ -21,15 +21,14 @@ over all ranks would count more than once.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives.checks import check_finite, check_vector
-from curvscope.derivatives.distributed import all_reduce_sum
+from curvscope.derivatives.distributed import all_reduce_sum, together
 
 if TYPE_CHECKING:
     from curvscope.derivatives.curvature import Curvature
@@ -38,8 +37,6 @@ try:  # torch.distributed is optional in torch builds
     from torch.distributed.tensor import Shard
 except ImportError:  # pragma: no cover - a torch built without distributed
     Shard = None  # type: ignore[assignment,misc]
-
-T = TypeVar("T")
 
 
 def _fix() -> str:
@@ -203,29 +200,6 @@ class ShardedCurvature:
 _LOCAL_V = "V (this rank's entries of the vectors; S.shard(v) gives them from a full vector)"
 
 
-def together(check: Callable[[], T], group: Any, device: torch.device) -> T:
-    """``check()``'s result, or its error raised on *every* rank: a check that fails on one
-    rank alone (its shard of a vector) would otherwise leave the others waiting in the next
-    collective. The ranks whose check passed raise a ValueError naming the one that failed."""
-    import torch.distributed as dist
-
-    error: Exception | None = None
-    try:
-        result = check()
-    except (TypeError, ValueError, FloatingPointError) as e:
-        error = e
-    failed = torch.tensor([0.0 if error is None else 1.0], device=device)
-    failed = all_reduce_sum(failed, group)
-    if error is not None:
-        raise error
-    if float(failed[0]) > 0:
-        raise ValueError(
-            f"another rank's check failed (this is rank {dist.get_rank(group)}); its error "
-            "names the problem"
-        )
-    return result
-
-
 def rank_generator(gen: torch.Generator, group: Any) -> torch.Generator:
     """A generator for this rank's entries of random vectors: seeded from one draw of ``gen``
     (the same on every rank) and the rank, so that the ranks' entries are independent."""
@@ -237,4 +211,4 @@ def rank_generator(gen: torch.Generator, group: Any) -> torch.Generator:
     return out
 
 
-__all__ = ["ShardedCurvature", "rank_generator"]
+__all__ = ["ShardedCurvature", "rank_generator", "together"]

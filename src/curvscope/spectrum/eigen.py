@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from curvscope.derivatives.checks import check_int, check_real
+from curvscope.derivatives.distributed import together
 from curvscope.derivatives.seeding import generator
-from curvscope.derivatives.sharded import together
 from curvscope.spectrum._operator import Operator, as_operator, progress
 from curvscope.spectrum.lanczos import Krylov, error_bounds, to_device
 from curvscope.spectrum.precision import autocast_off
@@ -359,10 +359,15 @@ def _result(run: _Run, used: int, vectors: bool, fd_error: float = 0.0) -> Eigen
     message = _message(bool(ok.all()), used, run.sizes.max_matvecs, res[idx], scale, tol)
     if fd_error > RESIDUAL_SHARE * tol:
         ok = np.zeros_like(ok)
+        fix = (
+            "float64 parameters, or an exact backend"
+            if op.dtype != torch.float64
+            else "an exact backend, or another fd_eps (the step the products start at)"
+        )
         message = (
             f"not accurate to tol={tol:g} after {used} products: the finite-difference products "
             f"are only accurate to about {fd_error:.2g}·|λ_max| (estimated from two steps; "
-            "included in errors); use float64 parameters, or an exact backend"
+            f"included in errors); use {fix}"
         )
     if rounding > RESIDUAL_SHARE * tol * scale:
         message += (
