@@ -369,7 +369,16 @@ class _Kept:
 @dataclass
 class _Search:
     """Whether halving the step of one product still helps, from the gaps ‖D(ε) − D(ε/2)‖ and
-    the sizes of the pairs so far (see :meth:`FiniteDifferenceProducts._column`)."""
+    the sizes of the pairs so far (see :meth:`FiniteDifferenceProducts._column`).
+
+    It stops helping when the gap, having once halved with the step, twice fails to; when it
+    grows as rounding's share does (×:data:`ROUNDING_GROWTH` a halving, as 1/ε) within
+    :data:`ROUNDING_LEVEL` of rounding's expected level — twice; or after :data:`PATIENCE`
+    halvings without a better estimate (noise that grows more slowly than rounding, √2 a
+    halving on float32 transformers, never turns; a step still too large for the Taylor series
+    does, after up to four on a tanh MLP's top direction). A gap that grows as fast together
+    with the product, far above rounding's level, is a step so large that the gradient's change
+    saturates (D ∝ 1/ε): halving goes on, and such a pair is never kept for its small gap."""
 
     previous: float | None = None  # the last pair's gap
     size: float = 0.0  # the last pair's ‖extrapolation‖/‖v‖
@@ -607,19 +616,12 @@ class FiniteDifferenceProducts:
         theta: float = 1.0,
     ) -> tuple[Tensor, float]:
         """One product and the step it used: the differences D(ε) and D(ε/2) extrapolated,
-        (4·D(ε/2) − D(ε))/3 (Richardson: the ε² term of the truncation cancels), their gap
-        ‖D(ε) − D(ε/2)‖/‖v‖ the error estimate (:attr:`errors`) — or, from the second pair on,
-        how far the extrapolation moved from the previous pair's if that is smaller. The step
-        is halved while the estimate exceeds :data:`TARGET` times the operator's scale
-        (:attr:`scale`, or this product's own size if larger) and halving still helps, at most
-        :data:`HALVINGS` times; the pair with the smallest estimate wins. Halving has stopped
-        helping when it has twice in a row failed to halve the gap after the gap once shrank,
-        or when the gap grew by
-        :data:`ROUNDING_GROWTH` or more — rounding, whose share grows as 1/ε; a gap growing
-        more slowly before it ever shrank is a step still too large for the Taylor series,
-        given :data:`PATIENCE` halvings to turn (a tanh MLP's top direction needed four), after
-        which noise that grows more slowly than rounding (√2 a halving on float32
-        transformers) ends the search.
+        (4·D(ε/2) − D(ε))/3 (Richardson: the ε² term of the truncation cancels), with the error
+        estimate (:attr:`errors`, per unit of ‖v‖) the gap ‖D(ε) − D(ε/2)‖ — or, from the
+        second pair on, how far the extrapolation moved from the previous pair's, if less. The
+        step is halved while the estimate exceeds :data:`TARGET` times the operator's scale
+        (:attr:`scale`, or this product's own size if larger), at most :data:`HALVINGS` times,
+        and while halving helps (:class:`_Search`); the pair with the smallest estimate wins.
         Every rank takes the same steps: the differences it measures are the reduced ones."""
         wide, grad = self._difference(kept, engine, params, v, eps, local)
         # rounding's share of a difference per unit of ‖v‖ at the step ε: about u·γ/(ε‖v‖), γ
