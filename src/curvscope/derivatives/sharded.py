@@ -211,4 +211,4 @@ def rank_generator(gen: torch.Generator, group: Any) -> torch.Generator:
     return out
 
 
-__all__ = ["ShardedCurvature", "rank_generator", "together"]
+__all__ = ["ShardedCurvature", "rank_generator"]
