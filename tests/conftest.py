@@ -55,6 +55,8 @@ SLOW: dict[str, float] = {
     "test_a_failed_rank_ends_the_others_with_a_clear_error": 3.5,
     "tests/distributed/test_distributed.py::"
     "test_ranks_that_build_different_operators_get_the_same_clear_error": 3.2,
+    "tests/distributed/test_distributed.py::"
+    "test_data_refused_on_one_rank_stops_every_rank_at_once": 3.2,
     "tests/diagnosis/test_review_forecast.py::"
     "test_every_rank_forecasts_at_the_same_step_when_their_verdicts_differ": 4.7,
     "tests/integrations/test_huggingface_probe.py::"

@@ -165,6 +165,35 @@ def _mismatched_worker(rank: int, port: int, out: str) -> None:
     _end()
 
 
+def _nan_shard_worker(rank: int, port: int, out: str) -> None:
+    _init(rank, port)
+    case = cases.mlp(n=20)
+    X, y = case.data
+    X = X[SHARDS[rank]].clone()
+    if rank == 1:
+        X[0, 0] = float("nan")  # only rank 1's shard of the data is bad
+    start = time.perf_counter()
+    try:
+        cs.Curvature(case.model, case.loss_fn, (X, y[SHARDS[rank]]))
+        message = "no error"
+    except ValueError as e:
+        message = str(e)
+    (Path(out) / f"rank{rank}.txt").write_text(f"{time.perf_counter() - start}\n{message}")
+    _end()
+
+
+def test_data_refused_on_one_rank_stops_every_rank_at_once(tmp_path):
+    """Before: rank 1 raised, rank 0 waited in the 'every rank builds the same operator'
+    check until the process group's timeout (20 s here, 30 min by default)."""
+    mp.start_processes(
+        _nan_shard_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn"
+    )
+    said = [(tmp_path / f"rank{r}.txt").read_text().split("\n", 1) for r in range(WORLD)]
+    assert "contains NaN or Inf" in said[1][1]
+    assert "rank 1 failed (this is rank 0)" in said[0][1]
+    assert max(float(seconds) for seconds, _ in said) < 10
+
+
 def test_ranks_that_build_different_operators_get_the_same_clear_error(tmp_path):
     """Before: rank 1 died with SIGABRT (gloo's collective mismatch), rank 0 blamed a peer."""
     mp.start_processes(

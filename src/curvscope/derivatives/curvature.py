@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from curvscope.derivatives.distributed import (
     check_same_on_ranks,
     global_count,
     resolve_group,
+    together,
 )
 from curvscope.derivatives.functions import _grad_with_graph
 from curvscope.derivatives.objective import Batch, ModelObjective
@@ -292,10 +294,17 @@ class Curvature:
                 f"kinds use Jacobian products; got kind={kind!r}. Leave backend='auto'"
             )
         mc_samples = check_int(mc_samples, "mc_samples", minimum=1)
-        objective = ModelObjective(
-            model, loss_fn, data, params=params, seed=seed, reduction=reduction
-        )
         self.group = resolve_group(group)
+        # the data's and the model's checks may fail on one rank only (NaN in its shard): every
+        # rank raises then, instead of the others waiting in the next collective
+        where = _first_device(model) if self.group is not None else torch.device("cpu")
+        objective = together(
+            partial(
+                ModelObjective, model, loss_fn, data, params=params, seed=seed, reduction=reduction
+            ),
+            self.group,
+            where,
+        )
         check_same_on_ranks(
             self.group,
             num_params=objective.num_params,
@@ -627,6 +636,16 @@ class Curvature:
             f"Curvature(kind={self.kind!r}, num_params={self.num_params}, dtype={self.dtype}, "
             f"device={self.device}, matvecs={self.matvecs})"
         )
+
+
+def _first_device(model: Any) -> torch.device:
+    """Where a model's collectives run: its first parameter's device (the CPU for anything
+    else — a model with no parameters, on the meta device, or not a module: refused later)."""
+    parameters = getattr(model, "parameters", None)
+    first = next(iter(parameters()), None) if callable(parameters) else None
+    if not isinstance(first, Tensor) or first.device.type == "meta":
+        return torch.device("cpu")
+    return first.device
 
 
 def _layout(tensors: list[tuple[str, Tensor]]) -> list[tuple[Any, ...]]:
