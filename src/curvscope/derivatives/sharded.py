@@ -105,9 +105,8 @@ class ShardedCurvature:
         self.dtype: torch.dtype = curvature.dtype
         self.device: torch.device = curvature.device
         self.is_psd = False
-        self._shapes = _fd.local_shapes(params)
         #: this rank's entries of a flat vector
-        self.num_params: int = sum(math.prod(s) for s in self._shapes)
+        self.num_params: int = sum(math.prod(s) for s in _fd.local_shapes(params))
         #: the operator's dimension: a full vector's length
         self.total_params: int = curvature.num_params
         self.matvecs = 0
@@ -121,6 +120,11 @@ class ShardedCurvature:
                 f"operator has {self.total_params}: the parameters are not partitioned over "
                 "the operator's process group; use C itself (full-length vectors)"
             )
+
+    @property
+    def product_errors(self) -> list[float]:
+        """The estimated errors of the products so far (the Curvature's: they are its)."""
+        return self._curvature.product_errors
 
     @property
     def shape(self) -> tuple[int, int]:

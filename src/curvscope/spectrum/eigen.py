@@ -213,8 +213,7 @@ def eigenvalues(
     sizes = _sizes(op.dim, k, which, block_size, max_basis, max_matvecs, w)
     start = time.perf_counter()
     with autocast_off(op.device):  # the products and the arithmetic in their dtypes
-        products = _finite_differences(op)
-        seen = len(products.errors) if products is not None else 0
+        seen = len(_product_errors(op))
         X0 = _start_block(op, sizes.block_size, gen, w)
         used_before = op.matvecs
         capacity = sizes.max_basis if op.device.type == "cpu" else None
@@ -222,14 +221,11 @@ def eigenvalues(
         with progress(sizes.max_matvecs, "Lanczos", progress_bar) as bar:
             while _extend(run, op.matvecs - used_before, bar):
                 pass
-        products = _finite_differences(op)
         result = _result(
             run,
             op.matvecs - used_before,
             vectors=return_vectors or by_layer,
-            fd_error=0.0
-            if products is None
-            else max(products.relative_errors()[seen:], default=0.0),
+            fd_error=max(_product_errors(op)[seen:], default=0.0),
         )
         layers = {}
         if by_layer:
@@ -333,13 +329,14 @@ def _extend(run: _Run, used: int, bar: Any) -> bool:
     return True
 
 
-def _finite_differences(op: Operator) -> Any:
-    """The finite-difference products behind an operator (through its compositions: a
-    Curvature's or a sharded view's), or None."""
+def _product_errors(op: Operator) -> list[float]:
+    """The estimated relative errors of the products behind an operator so far, through its
+    compositions: the ``product_errors`` of a finite-difference Curvature or its sharded view
+    (none for exact products)."""
     source: Any = op
     while isinstance(source, Operator):
         source = source.source
-    return getattr(source, "_differences", None)
+    return list(getattr(source, "product_errors", None) or [])
 
 
 def _result(run: _Run, used: int, vectors: bool, fd_error: float = 0.0) -> EigenResult:
