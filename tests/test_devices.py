@@ -10,26 +10,25 @@ is moved to the CPU only to be compared.
 
 from __future__ import annotations
 
+import ast
 import copy
 import functools
+import pathlib
+import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import curvscope as cs
 from curvscope.derivatives import finite_difference as fd
 from tests import cases
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(
-            not torch.cuda.is_available(),
-            reason="no CUDA device here; benchmarks/gpu_check.sh runs these on a GPU machine",
-        ),
-    ),
-]
+CUDA_ONLY = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA device here; benchmarks/gpu_check.sh runs these on a GPU machine",
+)
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_ONLY)]
 TOL = {"rtol": 1e-9, "atol": 1e-11}
 #: A bfloat16 product's error against the float32 product of the same weights, in units of
 #: eps(bfloat16)·‖H‖₂‖v‖ (tests/spectrum/test_precision.py measured at most 0.55 for a
@@ -229,3 +228,162 @@ def test_products_under_bfloat16_autocast(device):
     err = float((got - want).norm())
     assert err <= _bf16_bound(exact.to_dense(), v)
     assert err > 0  # autocast did act: the bfloat16 matmuls rounded something
+
+
+def _cuda_waits(fn) -> tuple[int, object]:
+    """How many times ``fn`` made the host wait for the GPU, as CUDA's own bookkeeping counts
+    them (``torch.cuda.set_sync_debug_mode("warn")``: a warning at each synchronising call)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught), out
+
+
+def _waits_per_step(A, tag: str) -> float:
+    """Lanczos's synchronisations a step on ``A`` (k=1): the count at 20 steps less the count at
+    10 (what the start and the end cost cancels), after a run that warms the caches (the
+    pinned host buffers the coefficients travel through are allocated on first use)."""
+
+    def run(steps: int):
+        return cs.eigenvalues(A, k=1, tol=1e-12, max_matvecs=steps, max_basis=12)
+
+    run(10)
+    counts = {}
+    for steps in (10, 20):
+        counts[steps], r = _cuda_waits(lambda s=steps: run(s))
+        assert r.matvecs == steps
+    print(f"{tag}: {counts[10]} synchronisations in 10 steps, {counts[20]} in 20")
+    return (counts[20] - counts[10]) / 10
+
+
+@CUDA_ONLY
+def test_lanczos_waits_for_the_gpu_at_most_once_a_step():
+    """The host-read count of tests/spectrum/test_host_reads.py, on a real GPU as CUDA counts
+    it: Lanczos on a dense operator (whose product waits for nothing) synchronises at most once
+    a step, and a Curvature's product adds at most the three reads the lanczos module documents
+    (its input and output NaN checks and the cached graph's model check)."""
+    from curvscope.spectrum._operator import as_operator
+
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(200, 200, generator=gen, dtype=torch.float64))
+    A = ((q * torch.linspace(-1.0, 2.0, 200, dtype=torch.float64)) @ q.T).cuda()
+    assert _waits_per_step(as_operator((A + A.T) / 2), "dense operator") <= 1
+
+    case = cases.mlp()
+    model, data = on("cuda", case)
+    C = cs.Curvature(model, case.loss_fn, data)
+    assert _waits_per_step(C, "Curvature") <= 1 + 3
+
+
+OURS = [name for name, e in cs.optim.REGISTRY.items() if e.source == "curvscope"]
+
+
+def _trained(name: str, device: str, steps: int = 4) -> tuple[list[float], nn.Module]:
+    """``steps`` steps of optimizer ``name`` on the MLP case on ``device``: the losses and the
+    model."""
+    case = cases.mlp()
+    model, (x, y) = on(device, case)
+    info = cs.optim.REGISTRY[name]
+    torch.manual_seed(0)
+    opt = info.build(model.parameters(), **({"lr": 0.1} if info.lr else {}))
+
+    def loss() -> torch.Tensor:
+        return case.loss_fn(model(x), y)
+
+    losses = []
+    for _ in range(steps):
+        if info.reads_grad:
+            opt.zero_grad()
+            loss().backward()
+            opt.step()
+        else:
+            opt.step(loss)
+        losses.append(float(loss().detach()))
+    return losses, model
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", OURS)
+def test_optimizers(device, name):
+    """Every curvscope optimizer on the device: the parameters stay there, finite, and the loss
+    goes down (but for pure Newton, whose demonstration is that it need not); a deterministic
+    method's losses are the CPU run's (float64)."""
+    losses, model = _trained(name, device)
+    case = cases.mlp()
+    first = float(case.loss_fn(case.model(case.inputs), case.targets))
+    assert all(p.device.type == device for p in model.parameters())
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert losses[-1] < first or name == "pure-newton"
+    if device != "cpu" and not cs.optim.REGISTRY[name].stochastic:
+        want, _ = _trained(name, "cpu")
+        print(f"{name}: losses on {device} {losses}, on the CPU {want}")
+        assert losses == pytest.approx(want, rel=1e-6)
+
+
+#: torch's factory functions: a tensor made by one of these lands on the CPU unless told
+FACTORIES = {"zeros", "ones", "empty", "full", "randn", "rand", "randint", "randperm", "arange"}
+FACTORIES |= {"eye", "tensor", "as_tensor", "linspace", "logspace"}
+#: where the library makes host tensors on purpose (a location is ``path::Class.function``; an
+#: entry covers the locations it begins with), and why
+HOST_SIDE = {
+    "curvscope/problems/": "the built-in problems and data sets are made on the CPU",
+    "curvscope/report/": "plots are computed on the host",
+    "curvscope/derivatives/checks.py::check_dense_size": "reads a dtype's element size",
+    "curvscope/derivatives/curvature.py::Curvature.to_scipy": "scipy's vector, then .to(device)",
+    "curvscope/derivatives/distributed.py::check_same_on_ranks": "moved to NCCL's device below",
+    "curvscope/lab/probe.py::_slice": "the step sizes of a loss slice, read as floats",
+    "curvscope/spectrum/density.py::": "Gauss quadrature of the small tridiagonals, on the host",
+    "curvscope/spectrum/lanczos.py::tridiagonal": "the coefficients it read, kept on the host",
+}
+
+
+class _FactoryCalls(ast.NodeVisitor):
+    """The locations (``path::Class.function``) of the factory calls in one file that name no
+    device."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.scope, self.found = path, [], []
+
+    def visit_scope(self, node) -> None:
+        self.scope.append(node.name)
+        self.generic_visit(node)
+        self.scope.pop()
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = visit_scope
+
+    def visit_Call(self, node: ast.Call) -> None:
+        f = node.func
+        if (
+            isinstance(f, ast.Attribute)
+            and isinstance(f.value, ast.Name)
+            and f.value.id == "torch"
+            and f.attr in FACTORIES
+            and not any(k.arg == "device" for k in node.keywords)
+        ):
+            self.found.append((f"{self.path}::{'.'.join(self.scope)}", node.lineno, f.attr))
+        self.generic_visit(node)
+
+
+def test_every_tensor_the_library_makes_names_its_device():
+    """A tensor made without ``device=`` is a CPU tensor, and a CPU-only test run cannot see the
+    mismatch: ``diagnose`` and the Monitor failed on their first CUDA run (a CPU vector of zeros
+    in the layer shares). Every factory call in the library names its device, or is listed in
+    HOST_SIDE with the reason it belongs on the host (and every entry there is still needed)."""
+    root = pathlib.Path(cs.__file__).parent
+    calls = []
+    for path in sorted(root.rglob("*.py")):
+        visit = _FactoryCalls(path.relative_to(root.parent).as_posix())
+        visit.visit(ast.parse(path.read_text()))
+        calls += visit.found
+    unlisted = [
+        f"{where} (line {line}): torch.{name}"
+        for where, line, name in calls
+        if not any(where.startswith(place) for place in HOST_SIDE)
+    ]
+    assert unlisted == []
+    stale = [p for p in HOST_SIDE if not any(where.startswith(p) for where, _, _ in calls)]
+    assert stale == []

@@ -74,7 +74,7 @@ def rosenbrock(n: int = 2) -> FunctionProblem:
 
     def hess(x: Tensor) -> Tensor:
         h = torch.zeros(x.numel(), x.numel(), dtype=x.dtype, device=x.device)
-        i = torch.arange(x.numel() - 1)
+        i = torch.arange(x.numel() - 1, device=x.device)
         diag = torch.zeros_like(x)
         diag[:-1] += 1200.0 * x[:-1] ** 2 - 400.0 * x[1:] + 2.0
         diag[1:] += 200.0

@@ -418,10 +418,12 @@ def _layer_groups(names: list[str]) -> dict[str, list[str]]:
 
 def block_shares(C: Any, v: Tensor) -> dict[str, float]:
     """Each parameter block's share Σ v_i² of a flat vector v of a Curvature, summed in v's own
-    dtype (``C.unflatten`` would round a float32 eigenvector of a bfloat16 model first)."""
-    sizes = [b.numel() for b in C.unflatten(torch.zeros(C.num_params, dtype=C.dtype)).values()]
-    squares = torch.split(v.detach().pow(2), sizes)
-    return {n: float(s.sum()) for n, s in zip(C.param_names, squares, strict=True)}
+    dtype (``C.unflatten`` would round a float32 eigenvector of a bfloat16 model first); the
+    shares are read from the device at once (one host read, not one a block)."""
+    zeros = torch.zeros(C.num_params, dtype=C.dtype, device=C.device)
+    sizes = [b.numel() for b in C.unflatten(zeros).values()]
+    squares = torch.stack([s.sum() for s in torch.split(v.detach().pow(2), sizes)])
+    return dict(zip(C.param_names, squares.tolist(), strict=True))
 
 
 def _by_layer(A: Any, top: Tensor, tol: float, seed: Any) -> dict[str, LayerSpectrum]:
