@@ -3,29 +3,38 @@
 #
 #     bash benchmarks/gpu_check.sh            # on a machine with a CUDA device
 #
-# Run from anywhere, with the project's virtual environment already built (.venv; or set
-# PYTHON=/path/to/python): nothing is installed. Each part runs under its own timeout (the
-# caps add up to 480 s), writes its full output to $GPU_CHECK_LOGS (default: a fresh temporary
-# directory) and one line to the summary printed at the end; the exit status is 0 only when
-# every part passed.
+# Run from anywhere; nothing is installed. The Python is $PYTHON, else the project's virtual
+# environment (.venv) if there is one, else python3; the source tree is put on PYTHONPATH, so
+# an environment that has torch and pytest (and, for the peers' columns, pyhessian and
+# hessian_eigenthings) will do. Each part runs under its own timeout (the caps add up to
+# 420 s), writes its full output to $GPU_CHECK_LOGS (default: a fresh temporary directory) and
+# one line to the summary printed at the end; the exit status is 0 only when every part passed.
 #
 #   env        torch, CUDA and the device, and that CUDA works at all             30 s
 #   devices    tests/test_devices.py: every estimator, diagnose, the Monitor and
-#              bfloat16 products on cuda against the float64 CPU reference       150 s
-#   fd         finite-difference products, FSDP2 on two CPU (gloo) processes      90 s
+#              bfloat16 products on cuda against the float64 CPU reference, and
+#              Lanczos's synchronisations counted by CUDA itself                 150 s
 #   fsdp-cuda  FSDP2 (fully_shard, NCCL, one rank) on the GPU: the sharded
 #              model's finite-difference products against the exact product       60 s
-#   bench      a quick product benchmark on the GPU (benchmarks/scale.py --quick
-#              --device cuda instead, once scale.py takes --device)              150 s
+#   bench      benchmarks/scale.py --device cuda --fd: every size, the peers
+#              in the same process, finite differences in a second table         180 s
 #
+# The two-process FSDP2 runs (gloo, CPU) are in the test suite, which CI runs without a GPU.
+# GPU_CHECK_PARTS=env,devices (a comma list) runs only those parts.
 # GPU_CHECK_ALLOW_CPU=1 runs the same parts without a GPU (cpu in place of cuda): a dry run
 # of this script's own logic, not a check of anything CUDA.
 set -u
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
+if [ -n "${PYTHON:-}" ]; then
+    PY=$PYTHON
+elif [ -x .venv/bin/python ]; then
+    PY=.venv/bin/python
+else
+    PY=python3
+fi
 LOGS=${GPU_CHECK_LOGS:-$(mktemp -d -t curvscope-gpu-check.XXXXXX)}
 mkdir -p "$LOGS"
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=src:.${PYTHONPATH:+:$PYTHONPATH}
 SUMMARY=()
 FAILED=0
 
@@ -33,6 +42,10 @@ FAILED=0
 run_part() {
     local name=$1 limit=$2
     shift 2
+    case ",${GPU_CHECK_PARTS:-env,devices,fsdp-cuda,bench}," in
+    *",$name,"*) ;;
+    *) return 0 ;;
+    esac
     local start=$SECONDS rc
     echo "== $name (at most ${limit}s; log: $LOGS/$name.log)"
     timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
@@ -55,7 +68,15 @@ run_part() {
 run_part env 30 "$PY" - <<'EOF'
 import os, sys
 import torch
+import curvscope
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda)
+print("curvscope from", os.path.dirname(curvscope.__file__))
+for peer in ("pyhessian", "hessian_eigenthings"):
+    try:
+        __import__(peer)
+        print(peer, "importable: its columns of the benchmark will be filled")
+    except ImportError:
+        print(peer, "not importable: its columns of the benchmark will say so")
 if not torch.cuda.is_available():
     if os.environ.get("GPU_CHECK_ALLOW_CPU") == "1":
         print("no CUDA device: dry run on the CPU (GPU_CHECK_ALLOW_CPU=1)")
@@ -71,18 +92,14 @@ if [ $FAILED -ne 0 ]; then
 fi
 
 # -------------------------------------------------------------------------- devices
-# -rs lists the skipped ones: on a GPU machine no cuda instance may be skipped
-run_part devices 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_devices.py
+# -rs lists the skipped ones (on a GPU machine no cuda instance may be skipped); -rP shows what
+# the passing tests printed (the synchronisation counts)
+run_part devices 150 "$PY" -m pytest -q -p no:cacheprovider -rsP tests/test_devices.py
 if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
-    && grep -q "SKIPPED" "$LOGS/devices.log"; then
+    && [ -f "$LOGS/devices.log" ] && grep -q "SKIPPED" "$LOGS/devices.log"; then
     SUMMARY+=("FAIL    devices: cuda instances were skipped on a machine with CUDA")
     FAILED=1
 fi
-
-# ------------------------------------------------------------------- finite differences
-run_part fd 90 "$PY" -m pytest -q -p no:cacheprovider \
-    tests/derivatives/test_finite_difference.py tests/derivatives/test_fd_transformers.py \
-    tests/distributed/test_fsdp.py tests/distributed/test_sharded.py
 
 # --------------------------------------------------------------------- FSDP2 on CUDA
 run_part fsdp-cuda 60 "$PY" - <<'EOF'
@@ -139,85 +156,10 @@ finally:
 EOF
 
 # ---------------------------------------------------------------------------- bench
-# benchmarks/scale.py runs on the CPU (it has no --device yet): a GPU check that ran it would
-# measure the CPU, so the quick benchmark below runs unless scale.py learns --device
-if [ -f benchmarks/scale.py ] && "$PY" benchmarks/scale.py --help 2>/dev/null | grep -q -- "--device"; then
-    run_part bench 150 "$PY" benchmarks/scale.py --quick --device cuda
-else
-    run_part bench 150 "$PY" - <<'EOF'
-"""A quick product benchmark on the GPU (benchmarks/scale.py takes no --device): a causal
-transformer of about 2M parameters, float32, batch 8 x 64 tokens; medians of 10 after warm-up,
-each timing synchronised; one gradient against one Hessian product (cached graph, from scratch,
-finite differences) and lambda_max."""
-import statistics, time
-import torch
-from torch import nn
-import curvscope as cs
-
-device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-V_, D, L, T, B = 512, 192, 4, 64, 8
-
-
-class Causal(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(V_, D)
-        self.pos = nn.Parameter(torch.randn(T, D) * 0.02)
-        layer = nn.TransformerEncoderLayer(D, 4, 4 * D, dropout=0.0, batch_first=True,
-                                           activation="gelu")
-        self.enc = nn.TransformerEncoder(layer, L, enable_nested_tensor=False)
-        self.head = nn.Linear(D, V_)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(T))
-
-    def forward(self, x):
-        h = self.enc(self.emb(x) + self.pos, mask=self.mask, is_causal=True)
-        return self.head(h).reshape(-1, V_)
-
-
-torch.manual_seed(0)
-model = Causal().to(device)
-x = torch.randint(0, V_, (B, T), device=device)
-y = torch.randint(0, V_, (B * T,), device=device)
-loss_fn = nn.CrossEntropyLoss()
-n = sum(p.numel() for p in model.parameters())
-
-
-def median_ms(fn, reps=10):
-    fn(); sync()
-    times = []
-    for _ in range(reps):
-        sync(); t = time.perf_counter(); fn(); sync()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
-
-
-def gradient():
-    model.zero_grad(set_to_none=True)
-    loss_fn(model(x), y).backward()
-
-
-v = torch.randn(n, device=device)
-g_ms = median_ms(gradient)
-model.zero_grad(set_to_none=True)
-rows = []
-for name, kw in [("double backward, cached", {}), ("double backward, from scratch",
-                 {"cache": False}), ("finite difference", {"backend": "finite_difference"})]:
-    C = cs.Curvature(model, loss_fn, (x, y), **kw)
-    ms = median_ms(lambda: C @ v)
-    rows.append(f"| {name} | {ms:.2f} | {ms / g_ms:.2f}x |")
-C = cs.Curvature(model, loss_fn, (x, y))
-sync(); t = time.perf_counter()
-r = cs.eigenvalues(C, k=1, progress_bar=False)
-sync()
-print(f"{torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}, torch "
-      f"{torch.__version__}, causal transformer, {n / 1e6:.2f}M parameters, float32\n")
-print("| pass | ms (median of 10) | / one gradient |\n|---|---|---|")
-print(f"| one gradient | {g_ms:.2f} | 1x |")
-print("\n".join(rows))
-print(f"\nlambda_max {r.values[0].item():.5g}: {r.matvecs} products, "
-      f"{time.perf_counter() - t:.2f} s, converged {bool(torch.as_tensor(r.converged).all())}")
-EOF
+if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    run_part bench 180 "$PY" benchmarks/scale.py --device cuda --fd
+else  # the dry run: the smallest size, on the CPU
+    run_part bench 180 "$PY" benchmarks/scale.py --sizes 0.2M --rounds 2 --fd
 fi
 
 echo

@@ -2,6 +2,7 @@
 BatchNorm (train mode), against PyHessian and hessian-eigenthings in the same process.
 
     python benchmarks/scale.py [--sizes 0.2M,0.5M,2M,8M,cnn] [--quick] [--threads N] [--fd]
+                               [--device cuda]
 
 Per model: one gradient (forward + backward, the default attention kernel); one Hessian
 product relative to it, curvscope's (``C @ v``, the cached gradient graph) and PyHessian's
@@ -11,7 +12,9 @@ with 20 steps (seconds, error), against a reference of curvscope Lanczos at tol 
 large basis; and the peak memory of curvscope's λ_max run: the growth of the process's
 maximum resident set size (``getrusage``'s ``ru_maxrss``) over the peak of one plain gradient,
 measured first in a fresh process per model (torch's CPU allocator keeps no statistics, and
-tracemalloc does not see its allocations).
+tracemalloc does not see its allocations). With ``--device cuda`` everything (the peers too)
+runs on the GPU, every timing waits for the device (``torch.cuda.synchronize``) before it reads
+the clock, and the memory column is the growth of ``torch.cuda.max_memory_allocated`` instead.
 
 Transformer: token embedding and learned positions, ``nn.TransformerEncoder`` layers
 (pre-norm, ReLU, dropout 0 so that every tool sees one fixed matrix) under a
@@ -113,8 +116,14 @@ def resnet() -> nn.Module:
     )
 
 
-def workload(name: str):
-    """(model, loss_fn, (inputs, targets), description), seeded."""
+def workload(name: str, device: str = "cpu"):
+    """(model, loss_fn, (inputs, targets), description), seeded (drawn on the CPU, then moved
+    to ``device``: the same numbers on every device)."""
+    model, loss_fn, (x, y), desc = _workload(name)
+    return model.to(device), loss_fn, (x.to(device), y.to(device)), desc
+
+
+def _workload(name: str):
     gen = torch.Generator().manual_seed(0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -130,8 +139,25 @@ def workload(name: str):
     return model, lm_loss, (tokens[:, :-1], tokens[:, 1:]), desc
 
 
-def maxrss_mib() -> float:
+def peak_mib(device: torch.device) -> float:
+    """The process's peak memory so far: the device allocator's on CUDA, the maximum resident
+    set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def synced(fn, device: torch.device):
+    """``fn`` followed by a wait for the device, so that a timing covers the work it queued."""
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
 
 
 def rel(x: float, ref: float) -> float:
@@ -145,7 +171,8 @@ def pyhessian_product(model: nn.Module, loss_fn, data, v: torch.Tensor):
     from pyhessian.utils import hessian_vector_product
 
     with sdpa_kernel(SDPBackend.MATH):
-        comp = PyHessian(copy.deepcopy(model), loss_fn, data=data, cuda=False)
+        cuda = next(model.parameters()).is_cuda
+        comp = PyHessian(copy.deepcopy(model), loss_fn, data=data, cuda=cuda)
     sizes = [p.numel() for p in comp.params]
     vs = [t.reshape(p.shape) for t, p in zip(torch.split(v, sizes), comp.params, strict=True)]
     return lambda: hessian_vector_product(comp.gradsH, comp.params, vs)
@@ -161,17 +188,18 @@ def eigenthings_top(model: nn.Module, loss_fn, data, steps: int = 20) -> tuple[f
     return float(max(r.eigenvalues)), time.perf_counter() - start
 
 
-def one(name: str, threads: int, rounds: int, fd: bool = False) -> dict:
+def one(name: str, threads: int, rounds: int, fd: bool = False, device: str = "cpu") -> dict:
     torch.set_num_threads(threads)
-    model, loss_fn, data, desc = workload(name)
+    dev = torch.device(device)
+    model, loss_fn, data, desc = workload(name, device)
     params = [p for p in model.parameters()]
     out: dict = {"name": name, "desc": desc, "params": sum(p.numel() for p in params)}
     # a warm-up gradient (kernels loaded, as for the peers that run later), then curvscope's
     # λ_max first in this fresh process: the memory growth over a gradient's peak is its own
     torch.autograd.grad(loss_fn(model(data[0]), data[1]), params)
-    base = maxrss_mib()
+    base = peak_mib(dev)
     r = cs.eigenvalues(cs.Curvature(model, loss_fn, data))
-    out["cs_mem_mib"] = maxrss_mib() - base
+    out["cs_mem_mib"] = peak_mib(dev) - base
     out["cs_products"], out["cs_seconds"] = r.matvecs, r.seconds
     lam = float(r.values[0])
     ref = cs.eigenvalues(
@@ -186,12 +214,12 @@ def one(name: str, threads: int, rounds: int, fd: bool = False) -> dict:
     try:
         top, secs = eigenthings_top(copy.deepcopy(model), loss_fn, data)
         out["et_seconds"], out["et_err"] = secs, rel(top, out["ref"])
-        out["et_mem_mib"] = maxrss_mib() - base
+        out["et_mem_mib"] = peak_mib(dev) - base
     except ImportError as e:
         out["et_error"] = f"not installed ({e.name})"
     # products, round-robin in the same process
     C = cs.Curvature(model, loss_fn, data)
-    v = torch.randn(C.num_params, generator=torch.Generator().manual_seed(1))
+    v = torch.randn(C.num_params, generator=torch.Generator().manual_seed(1)).to(dev)
     C @ v  # builds and keeps the gradient graph
 
     def gradient():
@@ -202,6 +230,8 @@ def one(name: str, threads: int, rounds: int, fd: bool = False) -> dict:
         fns["pyhessian"] = pyhessian_product(model, loss_fn, data, v)
     except ImportError as e:
         out["ph_error"] = f"not installed ({e.name})"
+    fns = {k: synced(fn, dev) for k, fn in fns.items()}
+    gradient = fns["gradient"]
     med = interleaved_medians(fns, rounds=rounds, inner=2)
     out["grad_ms"] = 1e3 * med["gradient"]
     out["cs_ratio"] = med["curvscope"] / med["gradient"]
@@ -226,7 +256,8 @@ def finite_differences(model, loss_fn, data, ref: float, gradient, v) -> dict:
         "fd_estimate": max(F.product_errors),
         "fd_converged": r.all_converged,
     }
-    med = interleaved_medians({"gradient": gradient, "fd": lambda: F @ v}, rounds=3, inner=2)
+    fd_product = synced(lambda: F @ v, v.device)
+    med = interleaved_medians({"gradient": gradient, "fd": fd_product}, rounds=3, inner=2)
     out["fd_ratio"] = med["fd"] / med["gradient"]
     return out
 
@@ -286,7 +317,7 @@ HEADER = [
     "curvscope λ_max: products, time, rel. error",
     "eigenthings 20-step Lanczos: time, rel. error",
     "time: curvscope / eigenthings",
-    "curvscope λ_max peak RSS growth, MiB",
+    "curvscope λ_max peak memory growth, MiB",
 ]
 
 
@@ -299,10 +330,21 @@ def main() -> None:
     ap.add_argument(
         "--fd", action="store_true", help="also the finite-difference backend (a second table)"
     )
+    ap.add_argument(
+        "--device", default="cpu", help="cpu (default) or cuda: where the models and peers run"
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    try:
+        kind = torch.device(args.device).type
+    except RuntimeError:
+        kind = "unknown"
+    if kind not in ("cpu", "cuda"):
+        ap.error(f"--device {args.device}: choose cpu or cuda (cuda:N for another GPU)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch sees no CUDA device here")
     if args.one:
-        result = one(args.one, args.threads, args.rounds, args.fd)
+        result = one(args.one, args.threads, args.rounds, args.fd, args.device)
         print("RESULT " + json.dumps(result), flush=True)
         return
     sizes = QUICK if args.quick else [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -310,11 +352,16 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown sizes {unknown}; choose from {SIZES}")
     rounds = 3 if args.quick else args.rounds
-    print(f"torch {torch.__version__}, {args.threads} threads, medians of {rounds} rounds\n")
+    where = (
+        f"{torch.cuda.get_device_name(torch.device(args.device))}"
+        if args.device != "cpu"
+        else f"CPU, {args.threads} threads"
+    )
+    print(f"torch {torch.__version__}, {where}, medians of {rounds} rounds\n")
     rows, fd_rows = [], []
     for s in sizes:
         cmd = [sys.executable, __file__, "--one", s, "--threads", str(args.threads)]
-        cmd += ["--rounds", str(rounds), *(["--fd"] if args.fd else [])]
+        cmd += ["--rounds", str(rounds), "--device", args.device, *(["--fd"] if args.fd else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
