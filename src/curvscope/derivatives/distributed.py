@@ -68,24 +68,24 @@ def global_count(n: int, group: Any, device: torch.device) -> int:
     return int(all_reduce_sum(t, group).item())
 
 
-def check_same_on_ranks(group: Any, device: Any = "cpu", **fields: Any) -> None:
-    """Raise the same clear error on every rank when the ranks' operators differ in any field.
+def check_same_on_ranks(
+    group: Any, device: Any = "cpu", *, call: str | None = None, **fields: Any
+) -> None:
+    """Raise the same clear error on every rank when the ranks' operators differ in any field
+    (or, given ``call``, when the ranks made that call with different arguments).
 
-    Each field is reduced to a number (integers as they are, anything else by a CRC-32 of its
-    ``repr``), and one all-reduce of (x, −x) with MAX gives every rank the maxima and minima:
-    a field differs somewhere exactly where they differ. Run at construction, before any
-    collective whose size depends on the fields (a mismatched all-reduce aborts gloo).
+    Each field is reduced to a number — integers as they are, a tensor by a CRC-32 of its bytes,
+    a ``torch.Generator`` by one of its state, anything else by one of its ``repr`` — and one
+    all-reduce of (x, −x) with MAX gives every rank the maxima and minima: a field differs
+    somewhere exactly where they differ. Run before any collective whose size or meaning
+    depends on the fields (a mismatched all-reduce aborts gloo; products of different vectors
+    summed over the ranks are silently wrong).
     """
     if group is None:
         return
     import torch.distributed as dist
 
-    def code(value: Any) -> float:
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**52:
-            return float(value)
-        return float(zlib.crc32(repr(value).encode()))
-
-    x = torch.tensor([code(v) for v in fields.values()], dtype=torch.float64)
+    x = torch.tensor([_code(v) for v in fields.values()], dtype=torch.float64)
     both = torch.cat([x, -x])
     if dist.get_backend(group) != "nccl":
         device = "cpu"  # gloo and mpi reduce host tensors; NCCL the operator's device's
@@ -94,22 +94,57 @@ def check_same_on_ranks(group: Any, device: Any = "cpu", **fields: Any) -> None:
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     except RuntimeError as e:
         raise RuntimeError(
-            "curvscope: checking that every rank builds the same operator failed — another "
-            "rank has failed or is not building a Curvature now; the process group said: "
-            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            f"curvscope: checking that every rank {'calls ' + call if call else 'builds'} the "
+            "same operator failed — another rank has failed or is not doing the same now; the "
+            f"process group said: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from e
     n = len(fields)
     high, low = both[:n].cpu(), -both[n:].cpu()
     differ = [name for name, hi, lo in zip(fields, high, low, strict=True) if hi != lo]
-    if differ:
-        mine = ", ".join(f"{name}={fields[name]!r}" for name in differ if name != "params")
-        if "params" in differ:
-            mine += (", " if mine else "") + f"{len(fields['params'])} parameter tensors"
+    if not differ:
+        return
+    verb = "differs" if len(differ) == 1 else "differ"
+    mine = ", ".join(f"{name}={_shown(fields[name])}" for name in differ if name != "params")
+    if "params" in differ:
+        mine += (", " if mine else "") + f"{len(fields['params'])} parameter tensors"
+    if call is not None:
         raise ValueError(
-            f"the ranks built different curvature operators: {', '.join(differ)} differ between "
-            f"ranks (this rank: {mine}). Every rank must build the same Curvature — the same "
-            "model, parameters, dtype, kind and seed — over its own shard of the data"
+            f"the ranks called {call} differently: {', '.join(differ)} {verb} between ranks "
+            f"(this rank: {mine}). Under a process group every rank takes each product "
+            "together, so every rank must make the same call — the same arguments, the same "
+            "integer seed (not one per rank) and the same vectors: otherwise the products sum "
+            "different vectors over the ranks (the results are wrong) or the ranks wait for "
+            "each other until the group's timeout"
         )
+    raise ValueError(
+        f"the ranks built different curvature operators: {', '.join(differ)} {verb} between "
+        f"ranks (this rank: {mine}). Every rank must build the same Curvature — the same "
+        "model, parameters, dtype, kind and seed — over its own shard of the data"
+    )
+
+
+def _code(value: Any) -> float:
+    """A number that differs between two values that differ (up to CRC-32 collisions)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**52:
+        return float(value)
+    if isinstance(value, torch.Generator):
+        value = value.get_state()
+    if isinstance(value, Tensor):
+        raw = value.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy()
+        return float(
+            zlib.crc32(raw.tobytes()) ^ zlib.crc32(repr((value.shape, value.dtype)).encode())
+        )
+    return float(zlib.crc32(repr(value).encode()))
+
+
+def _shown(value: Any) -> str:
+    """A field's value as the error shows it (a tensor or generator by what it is, not its
+    entries)."""
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, torch.Generator):
+        return f"a torch.Generator with seed {value.initial_seed()}"
+    return repr(value)
 
 
 def together(check: Callable[[], T], group: Any, device: torch.device) -> T:

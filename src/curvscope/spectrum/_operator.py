@@ -23,6 +23,7 @@ from torch import Tensor
 
 from curvscope.derivatives import Curvature, ShardedCurvature
 from curvscope.derivatives.checks import check_int, check_real
+from curvscope.derivatives.distributed import check_same_on_ranks
 from curvscope.derivatives.sharded import rank_generator
 from curvscope.spectrum.precision import autocast_off, working_dtype
 
@@ -90,6 +91,23 @@ class Operator:
         for sharded ones a generator seeded from one draw of ``gen`` and the rank, so that the
         ranks' entries are independent (:func:`~curvscope.derivatives.sharded.rank_generator`)."""
         return gen if self.shards is None else rank_generator(gen, self.shards.group)
+
+    @property
+    def group(self) -> Any:
+        """The process group whose ranks take each product together (a Curvature's or a sharded
+        view's, through any composition), or None."""
+        if self.shards is not None:
+            return self.shards.group
+        return getattr(self.source, "group", None)
+
+    def same_on_ranks(self, call: str, **arguments: Any) -> None:
+        """Under a process group, raise on every rank unless every rank called ``call`` with
+        the same ``arguments`` (one all-reduce; tensors and generators compared by their bytes).
+        Each product sums the ranks' products of *their* vectors: a seed or a start vector that
+        differs between ranks (``seed=rank``) gave a silently wrong, "converged" λ_max, and a
+        differing ``k`` or budget a hang in the next collective."""
+        if self.group is not None:
+            check_same_on_ranks(self.group, self.device, call=call, **arguments)
 
     def require_whole(self, what: str) -> None:
         """Refuse sharded vectors, with the fix, in an estimator that needs whole ones."""

@@ -86,6 +86,15 @@ def cg(
     """
     op = as_operator(A)
     op.require_whole("cs.cg")
+    op.same_on_ranks(
+        "cs.cg",
+        b=b,
+        tol=tol,
+        max_matvecs=max_matvecs,
+        damping=damping,
+        x0=x0,
+        progress_tol=progress_tol,
+    )
     if not isinstance(b, Tensor) or not b.is_floating_point():
         raise TypeError(
             f"expected b to be a floating-point torch.Tensor of shape ({op.n},), got "

@@ -142,6 +142,16 @@ def density(
     """
     op = as_operator(A)
     op.require_whole("cs.density")
+    op.same_on_ranks(
+        "cs.density",
+        steps=steps,
+        probes=probes,
+        grid_points=grid_points,
+        sigma=sigma,
+        resolution=resolution,
+        reorthogonalize=reorthogonalize,
+        seed=seed,
+    )
     steps = check_int(steps, "steps", minimum=1)
     probes = check_int(probes, "probes", minimum=1)
     grid_points = check_int(grid_points, "grid_points", minimum=2)

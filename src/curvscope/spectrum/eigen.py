@@ -205,6 +205,19 @@ def eigenvalues(
         ([100.0, 99.0], True)
     """
     op = as_operator(A)
+    op.same_on_ranks(
+        "cs.eigenvalues",
+        k=k,
+        which=which,
+        tol=tol,
+        max_matvecs=max_matvecs,
+        max_basis=max_basis,
+        block_size=block_size,
+        v0=v0 if op.shards is None or not isinstance(v0, Tensor) else v0.shape[1:],
+        return_vectors=return_vectors,
+        by_layer=by_layer,
+        seed=seed,
+    )
     k = _validate(k, which, tol, op.dim)
     if by_layer:
         op.require_whole("by_layer=True")

@@ -127,6 +127,7 @@ def trace(
     """
     op = as_operator(A)
     op.require_whole("cs.trace")
+    op.same_on_ranks("cs.trace", matvecs=matvecs, method=method, seed=seed)
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")
     start = time.perf_counter()
@@ -236,6 +237,7 @@ def trace_of_square(
     """
     op = as_operator(A)
     op.require_whole("cs.trace_of_square")
+    op.same_on_ranks("cs.trace_of_square", matvecs=matvecs, seed=seed)
     check_budget(matvecs, 2, "trace_of_square")
     start = time.perf_counter()
     used_before = op.matvecs
@@ -269,6 +271,7 @@ def diagonal(
     """
     op = as_operator(A)
     op.require_whole("cs.diagonal")
+    op.same_on_ranks("cs.diagonal", matvecs=matvecs, method=method, seed=seed)
     if method not in ("hutchinson", "exact"):
         raise ValueError(f"method must be 'hutchinson' or 'exact', got {method!r}")
     start = time.perf_counter()

@@ -1,0 +1,89 @@
+"""Under a process group every rank takes each product together, so every rank must call an
+estimator the same way. Measured before the check (two gloo ranks, the MLP case): with
+``seed=rank`` ``cs.eigenvalues`` returned λ_max 0.7768 on one rank and 0.7647 on the other for
+0.7715, both "converged" at tol 1e-6, and ``cs.trace`` 2.01 and 0.74 for 2.72 — the all-reduce
+summed the ranks' products of *different* probes; a ``k`` that differs between the ranks left
+them waiting in a collective until the group's timeout. Now every rank raises at once, naming
+what differs. Each call below is made with a difference on rank 1 only."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import curvscope as cs
+from tests import cases
+from tests.distributed.test_distributed import SHARDS, WORLD, _end, _free_port, _init
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+
+
+#: each call, and the field its error must name (None: the same call on every rank)
+NAMES = {
+    "seed": "seed",
+    "generator": "seed",
+    "k": "k",
+    "v0": "v0",
+    "diagonal": "matvecs",
+    "density": "seed",
+    "cg": "b",
+    "same": None,
+}
+
+
+def _calls(C: cs.Curvature, rank: int) -> dict:
+    """Each call of :data:`NAMES`, with rank 1's difference."""
+    n = C.num_params
+    b = torch.ones(n, dtype=torch.float64)
+    v0 = torch.randn(n, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+    return {
+        "seed": lambda: cs.eigenvalues(C, k=1, seed=rank),
+        "generator": lambda: cs.trace(C, matvecs=6, seed=torch.Generator().manual_seed(rank)),
+        "k": lambda: cs.eigenvalues(C, k=1 + rank),
+        "v0": lambda: cs.eigenvalues(C, k=1, v0=v0),
+        "diagonal": lambda: cs.diagonal(C, matvecs=4 + rank),
+        "density": lambda: cs.density(C, steps=5, probes=1, seed=rank),
+        "cg": lambda: cs.spectrum.cg(C, b * (1 + rank), max_matvecs=3),
+        "same": lambda: cs.eigenvalues(C, k=1, v0=b),
+    }
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    _init(rank, port)
+    case = cases.mlp(n=20)
+    X, y = case.data
+    C = cs.Curvature(case.model, case.loss_fn, (X[SHARDS[rank]], y[SHARDS[rank]]))
+    lines = []
+    for name, call in _calls(C, rank).items():
+        start = time.perf_counter()
+        try:
+            call()
+            message = "no error"
+        except ValueError as e:
+            message = str(e)
+        lines.append(f"{name}\t{time.perf_counter() - start:.2f}\t{message}")
+    (Path(out) / f"rank{rank}.txt").write_text("\n".join(lines))
+    _end()
+
+
+def test_a_call_that_differs_between_ranks_is_refused_on_every_rank(tmp_path):
+    mp.start_processes(
+        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn"
+    )
+    for rank in range(WORLD):
+        lines = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
+        got = {name: (float(t), message) for name, t, message in (x.split("\t") for x in lines)}
+        assert set(got) == set(NAMES)
+        for name, want in NAMES.items():
+            seconds, message = got[name]
+            assert seconds < 5  # at once, not at the group's 20-s timeout
+            if want is None:
+                assert message == "no error", name
+            else:
+                assert "differently" in message and f"{want} differ" in message, (name, message)
+                assert "same integer seed" in message
