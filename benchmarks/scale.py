@@ -1,7 +1,9 @@
 """At scale: torch's own causal transformer at 0.2M to 8M parameters and a ResNet-style CNN with
-BatchNorm (train mode), against PyHessian and hessian-eigenthings in the same process.
+BatchNorm (train mode; ``cnn-eval``: in eval mode, the matrix PyHessian computes, which
+switches every model to eval mode), against PyHessian and hessian-eigenthings in the same
+process.
 
-    python benchmarks/scale.py [--sizes 0.2M,0.5M,2M,8M,cnn] [--quick] [--threads N] [--fd]
+    python benchmarks/scale.py [--sizes 0.2M,0.5M,2M,8M,cnn,cnn-eval] [--quick] [--threads N] [--fd]
                                [--device cuda]
 
 Per model: one gradient (forward + backward, the default attention kernel); one Hessian
@@ -57,7 +59,7 @@ TRANSFORMERS = {
     "2M": (192, 4, 768, 6),
     "8M": (384, 4, 1792, 6),
 }
-SIZES = [*TRANSFORMERS, "cnn"]
+SIZES = [*TRANSFORMERS, "cnn", "cnn-eval"]
 QUICK = ["0.2M", "0.5M"]
 
 
@@ -127,11 +129,12 @@ def _workload(name: str):
     gen = torch.Generator().manual_seed(0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        if name == "cnn":
-            model = resnet().train()
+        if name.startswith("cnn"):
+            model = resnet().train(name == "cnn")
             x = torch.randn(64, 3, 32, 32, generator=gen)
             y = torch.randint(0, 10, (64,), generator=gen)
-            return model, nn.CrossEntropyLoss(), (x, y), "ResNet (BatchNorm, train), batch 64"
+            mode = "train" if model.training else "eval, as PyHessian runs it"
+            return model, nn.CrossEntropyLoss(), (x, y), f"ResNet (BatchNorm, {mode}), batch 64"
         model = CausalLM(*TRANSFORMERS[name]).train()
     tokens = torch.randint(0, VOCAB, (BATCH, T + 1), generator=gen)
     d, layers, ff, heads = TRANSFORMERS[name]
