@@ -89,6 +89,35 @@ def timed(fn) -> tuple:
     return out, time.perf_counter() - start
 
 
+def _still_held(S) -> dict:
+    """How many of the tensors curvscope handed to the process group were still held by it
+    when the call that handed them returned. Gloo's worker thread lets go of a collective's
+    tensors after the caller's wait has returned, taking the GIL to do it; a script's
+    ``dist.barrier()`` right after kept such a work until the barrier's own was dropped, on the
+    worker, and when that raced the interpreter's exit the process aborted ("terminate called
+    without an active exception", 6 of 36 runs of the README's FSDP2 script). Without the wait
+    in ``distributed.released``, 13-20% of the reductions were still held on return."""
+    handed: list[torch.Tensor] = []
+    real = dist.all_reduce
+
+    def recording(tensor, *args, **kwargs):
+        handed.append(tensor)
+        return real(tensor, *args, **kwargs)
+
+    dist.all_reduce = recording
+    try:
+        # each checked at once (the next call's wait would let the worker catch up)
+        held_sums = sum(
+            S.reduce_sum(torch.ones(3, dtype=torch.float64))._use_count() > 1 for _ in range(60)
+        )
+        before = len(handed)
+        cs.eigenvalues(S, k=1)
+        held_eig = sum(t._use_count() > 1 for t in handed[before:])
+    finally:
+        dist.all_reduce = real
+    return {"sums": (held_sums, 60), "eigenvalues": (held_eig, len(handed) - before)}
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     _init(rank, port, WORLD)
     case, local = sharded_smooth(rank)  # with a sharded .grad the user holds
@@ -112,6 +141,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     result["untouched"] = _same(before, _local_state(model))
     result["matvecs"] = (S.matvecs, C.matvecs)
     result["refused"] = _refusals(rank, model, plain, case.loss_fn, local, (X, y))
+    result["still_held"] = _still_held(S)
     torch.save(result, Path(out) / f"rank{rank}.pt")
     _end()
 
@@ -159,6 +189,10 @@ def test_sharded_vectors_of_an_fsdp2_model(tmp_path, reference):
         assert g["untouched"]
         assert g["matvecs"][1] == g["matvecs"][0] + 2 > 2  # C counts its own 2 too
         assert "of" in g["repr"] and str(g["total"]) in g["repr"]
+        # every reduction's tensor let go of by the process group before the call returned
+        assert g["still_held"]["sums"] == (0, 60)
+        held, handed = g["still_held"]["eigenvalues"]
+        assert held == 0 and handed > 10
     # one operator: the ranks agree exactly
     torch.testing.assert_close(got[0]["values"], got[1]["values"], rtol=0, atol=0)
     refused = got[0]["refused"]
@@ -177,3 +211,30 @@ def test_sharded_vectors_of_an_fsdp2_model(tmp_path, reference):
     assert max(seconds0, seconds1) < 20  # not the 60 s timeout of tests/distributed
     refused1 = got[1]["refused"]
     assert "S.shard(v)" in refused1["one_rank"] and "S.shard(v)" in refused1["one_rank_v0"]
+
+
+def test_released_waits_only_while_another_reference_holds_the_tensor(caplog):
+    """``distributed.released`` returns at once for a tensor nothing else holds, and gives up
+    after its timeout (a debug line, no error) when something keeps holding it — here the
+    autograd graph, which saves the tensor for the backward pass."""
+    import logging
+
+    from curvscope.derivatives.distributed import references, released
+
+    t = torch.ones(3, requires_grad=True)
+    holders = references(t)
+    assert holders == 1
+    start = time.perf_counter()
+    released(t, holders)
+    assert time.perf_counter() - start < 0.05
+    y = (t * t).sum()  # the graph holds t
+    assert references(t) > holders
+    with caplog.at_level(logging.DEBUG, logger="curvscope.derivatives.distributed"):
+        start = time.perf_counter()
+        released(t, holders, timeout=0.05)
+        waited = time.perf_counter() - start
+    assert 0.05 <= waited < 1.0
+    assert "still held after" in caplog.text
+    del y
+    released(t, holders, timeout=5.0)  # the graph is gone: nothing else holds it
+    assert references(t) == holders

@@ -9,6 +9,8 @@ Nothing here is home-made: it is the process group the user's training already r
 
 from __future__ import annotations
 
+import logging
+import time
 import zlib
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -17,6 +19,11 @@ import torch
 from torch import Tensor
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
+#: seconds :func:`released` waits at most for a process group to let go of a collective's tensor
+RELEASE_TIMEOUT = 1.0
 
 
 def resolve_group(group: Any) -> Any:
@@ -50,6 +57,7 @@ def all_reduce_sum(t: Tensor, group: Any) -> Tensor:
     import torch.distributed as dist
 
     out = t.contiguous().clone()
+    holders = references(out)
     try:
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
     except RuntimeError as e:  # gloo/NCCL errors when a peer has died or timed out
@@ -59,7 +67,42 @@ def all_reduce_sum(t: Tensor, group: Any) -> Tensor:
             "Curvature and compute each product together); the process group said: "
             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from e
+    released(out, holders)
     return out
+
+
+def references(t: Tensor) -> int:
+    """How many C++ references hold ``t``'s tensor (0 where torch does not say)."""
+    use_count = getattr(t, "_use_count", None)
+    return int(use_count()) if use_count is not None else 0
+
+
+def released(t: Tensor, holders: int, timeout: float = RELEASE_TIMEOUT) -> None:
+    """Return once no more than ``holders`` references hold ``t`` (what held it before it was
+    handed to a collective that has now finished): the process group has let go of it. Host
+    tensors only; at most ``timeout`` seconds (then a debug log, and nothing else changes).
+
+    Why: gloo runs each collective on a worker thread of the process group, and the worker
+    drops its reference to the tensors *after* the caller's wait has returned. For a tensor
+    Python knows, that takes the GIL on the worker — and a thread that reaches for the GIL
+    while the interpreter shuts down is ended by Python mid-destructor: ``terminate called
+    without an active exception`` (SIGABRT) on one rank, after its results. A script's
+    ``dist.barrier()`` called while a worker still held curvscope's last all-reduce kept that
+    work alive until the barrier's own work was dropped — on the worker, racing the exit
+    (README, "Sharded vectors"). Waiting here, the GIL released, until the worker has let go
+    (well under a millisecond) leaves no collective of curvscope's behind when a call returns.
+    Device tensors are not waited for (NCCL's watchdog thread releases works on its own
+    schedule, and waiting would synchronize with the device).
+    """
+    if t.device.type != "cpu" or holders == 0:
+        return
+    start, pause = time.perf_counter(), 0.0
+    while references(t) > holders:
+        if time.perf_counter() - start > timeout:
+            logger.debug("a collective's tensor was still held after %.1f s; going on", timeout)
+            return
+        time.sleep(pause)  # releases the GIL, which the worker may need to let go
+        pause = min(2 * pause + 1e-6, 1e-3)
 
 
 def global_count(n: int, group: Any, device: torch.device) -> int:
@@ -90,6 +133,7 @@ def check_same_on_ranks(
     if dist.get_backend(group) != "nccl":
         device = "cpu"  # gloo and mpi reduce host tensors; NCCL the operator's device's
     both = both.to(device)
+    holders = references(both)
     try:
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     except RuntimeError as e:
@@ -98,6 +142,7 @@ def check_same_on_ranks(
             "same operator failed — another rank has failed or is not doing the same now; the "
             f"process group said: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from e
+    released(both, holders)
     n = len(fields)
     high, low = both[:n].cpu(), -both[n:].cpu()
     differ = [name for name, hi, lo in zip(fields, high, low, strict=True) if hi != lo]
