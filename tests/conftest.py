@@ -14,6 +14,8 @@ longer exists, so a rename cannot silently put a slow test back into the fast lo
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 #: Tests that take more than about 2 s alone on 2 cores, with the CPU seconds measured.
@@ -113,6 +115,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if is_listed(item.nodeid):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker gets its share of the cores, not all of them.
+
+    torch sizes its intra-op thread pool to the whole machine in every process, and kernels
+    as small as BatchNorm, softmax, cross-entropy, tanh and a 1x1 Conv1d on these tests' tiny
+    tensors each open an OpenMP parallel region whose threads spin-wait at its barrier. With
+    every worker spinning a full pool the regions stall: ``-n 2 -m "not slow" tests/derivatives
+    tests/diagnosis`` on the 2-core machine took 224-255 s with two threads a worker and
+    20-49 s with one (the tests' CPU seconds 184-193 against 15-17), single tests 25-80x their
+    time alone (0.11 s -> 7-9 s); under ``-n 16`` on a 16-core machine four such tests failed
+    ``--timeout 120`` and passed alone. Without xdist nothing changes."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
 
 
 @pytest.fixture(scope="module")
