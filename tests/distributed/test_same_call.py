@@ -81,7 +81,7 @@ def test_a_call_that_differs_between_ranks_is_refused_on_every_rank(tmp_path):
         assert set(got) == set(NAMES)
         for name, want in NAMES.items():
             seconds, message = got[name]
-            assert seconds < 5  # at once, not at the group's 20-s timeout
+            assert seconds < 10  # at once (well under a second alone), not at the 20-s timeout
             if want is None:
                 assert message == "no error", name
             else:
