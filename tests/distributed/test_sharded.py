@@ -111,11 +111,21 @@ def _still_held(S) -> dict:
             S.reduce_sum(torch.ones(3, dtype=torch.float64))._use_count() > 1 for _ in range(60)
         )
         before = len(handed)
-        cs.eigenvalues(S, k=1)
+        r = cs.eigenvalues(S, k=1)
         held_eig = sum(t._use_count() > 1 for t in handed[before:])
+        # gather too (before, DTensor's all-gather: 2 of 24 runs aborted so when it came last)
+        gathers = len(handed)
+        held_gather = 0
+        for _ in range(20):
+            S.gather(r.vectors[:, 0])
+            held_gather += handed[-1]._use_count() > 1
     finally:
         dist.all_reduce = real
-    return {"sums": (held_sums, 60), "eigenvalues": (held_eig, len(handed) - before)}
+    return {
+        "sums": (held_sums, 60),
+        "eigenvalues": (held_eig, gathers - before),
+        "gather": (held_gather, len(handed) - gathers),
+    }
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -193,6 +203,7 @@ def test_sharded_vectors_of_an_fsdp2_model(tmp_path, reference):
         assert g["still_held"]["sums"] == (0, 60)
         held, handed = g["still_held"]["eigenvalues"]
         assert held == 0 and handed > 10
+        assert g["still_held"]["gather"] == (0, 40)  # the check every rank passes, and the sum
     # one operator: the ranks agree exactly
     torch.testing.assert_close(got[0]["values"], got[1]["values"], rtol=0, atol=0)
     refused = got[0]["refused"]

@@ -174,23 +174,34 @@ class ShardedCurvature:
 
     def gather(self, v: Tensor) -> Tensor:
         """The full flat vector (n,) or block (n, k) from every rank's entries: a collective
-        (all ranks call it), and the whole vector on every rank."""
+        (all ranks call it), and the whole vector on every rank.
+
+        Each rank writes its entries where they sit in the full vector (zeros elsewhere: the
+        shards partition it, so the sum is exact) and one all-reduce sums them — curvscope's
+        own, which returns only once the process group has let go of its tensor. (DTensor's
+        ``full_tensor`` all-gathers instead, and gloo's worker could still hold that tensor
+        when a script's ``dist.barrier()`` came next: an abort at exit, 2 of 24 runs.)"""
         v = together(
             lambda: check_vector(v, self.num_params, self.dtype, self.device, name=_LOCAL_V),
             self.group,
             self.device,
         )
         cols = v[:, None] if v.ndim == 1 else v
-        out = []
-        for j in range(cols.shape[1]):
-            blocks = _fd.split_local(cols[:, j], self._params)
-            full = [
-                _fd.from_shard(b, p).full_tensor().reshape(-1)
-                for b, p in zip(blocks, self._params, strict=True)
-            ]
-            out.append(torch.cat(full))
-        flat = torch.stack(out, dim=1)
+        full = cols.new_zeros(self.total_params, cols.shape[1])
+        full[self._positions()] = cols
+        flat = all_reduce_sum(full, self.group)
         return flat[:, 0] if v.ndim == 1 else flat
+
+    def _positions(self) -> Tensor:
+        """Where this rank's entries sit in a full flat vector (int64, in the local order)."""
+        obj = self._curvature.objective
+        assert obj is not None
+        index = torch.arange(self.total_params, device=self.device)
+        local = [
+            _fd.shard_of(b, p).to_local().reshape(-1)
+            for b, p in zip(obj.unflatten(index), self._params, strict=True)
+        ]
+        return torch.cat(local) if local else index[:0]
 
     def __repr__(self) -> str:
         return (
