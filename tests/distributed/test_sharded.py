@@ -222,6 +222,8 @@ def test_sharded_vectors_of_an_fsdp2_model(tmp_path, reference):
     assert max(seconds0, seconds1) < 20  # not the 60 s timeout of tests/distributed
     refused1 = got[1]["refused"]
     assert "S.shard(v)" in refused1["one_rank"] and "S.shard(v)" in refused1["one_rank_v0"]
+    assert "one entry per entry of this rank's parameter shards" in refused1["one_rank"]
+    assert "per parameter —" not in refused1["one_rank"]
 
 
 def test_released_waits_only_while_another_reference_holds_the_tensor(caplog):

@@ -53,8 +53,16 @@ def check_point(x: object, name: str = "x") -> Tensor:
     return x
 
 
-def check_vector(v: object, n: int, dtype: torch.dtype, device: torch.device, name="v") -> Tensor:
-    """Check a flat vector (n,) or a block of vectors (n, k) against the operator's size."""
+def check_vector(
+    v: object,
+    n: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    name: str = "v",
+    entries: str = "one entry per parameter",
+) -> Tensor:
+    """Check a flat vector (n,) or a block of vectors (n, k) against the operator's size
+    (``entries`` says what its n entries are)."""
     if not isinstance(v, Tensor):
         raise TypeError(
             f"expected {name} to be a torch.Tensor of shape ({n},) or ({n}, k), "
@@ -62,8 +70,7 @@ def check_vector(v: object, n: int, dtype: torch.dtype, device: torch.device, na
         )
     if v.ndim not in (1, 2) or v.shape[0] != n:
         raise ValueError(
-            f"expected {name} of shape ({n},) or ({n}, k) — one entry per parameter — "
-            f"got shape {tuple(v.shape)}"
+            f"expected {name} of shape ({n},) or ({n}, k) — {entries} — got shape {tuple(v.shape)}"
         )
     if v.dtype != dtype:
         raise TypeError(

@@ -134,11 +134,7 @@ class ShardedCurvature:
     def matmat(self, V: Tensor) -> Tensor:
         """This rank's entries of C V for this rank's entries V, (n_local,) or (n_local, k);
         counts k products (here and on the Curvature)."""
-        V = together(
-            lambda: check_vector(V, self.num_params, self.dtype, self.device, name=_LOCAL_V),
-            self.group,
-            self.device,
-        )
+        V = self._local(V)
         single = V.ndim == 1
         out = self._differences.matmat(V[:, None] if single else V, local=True)
         out = together(lambda: check_finite(out, "the sharded product"), self.group, self.device)
@@ -181,16 +177,23 @@ class ShardedCurvature:
         own, which returns only once the process group has let go of its tensor. (DTensor's
         ``full_tensor`` all-gathers instead, and gloo's worker could still hold that tensor
         when a script's ``dist.barrier()`` came next: an abort at exit, 2 of 24 runs.)"""
-        v = together(
-            lambda: check_vector(v, self.num_params, self.dtype, self.device, name=_LOCAL_V),
-            self.group,
-            self.device,
-        )
+        v = self._local(v)
         cols = v[:, None] if v.ndim == 1 else v
         full = cols.new_zeros(self.total_params, cols.shape[1])
         full[self._positions()] = cols
         flat = all_reduce_sum(full, self.group)
         return flat[:, 0] if v.ndim == 1 else flat
+
+    def _local(self, V: object) -> Tensor:
+        """``V`` checked as this rank's entries of vectors, on every rank at once (a vector
+        refused on one rank alone raises on all of them)."""
+        return together(
+            lambda: check_vector(
+                V, self.num_params, self.dtype, self.device, _LOCAL_V, _LOCAL_ENTRIES
+            ),
+            self.group,
+            self.device,
+        )
 
     def _positions(self) -> Tensor:
         """Where this rank's entries sit in a full flat vector (int64, in the local order)."""
@@ -213,6 +216,7 @@ class ShardedCurvature:
 
 #: what a vector's checks call it: this rank's entries, with the fix for a full-length vector
 _LOCAL_V = "V (this rank's entries of the vectors; S.shard(v) gives them from a full vector)"
+_LOCAL_ENTRIES = "one entry per entry of this rank's parameter shards"
 
 
 def rank_generator(gen: torch.Generator, group: Any) -> torch.Generator:
