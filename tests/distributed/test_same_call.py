@@ -33,6 +33,10 @@ NAMES = {
     "density": "seed",
     "cg": "b",
     "same": None,
+    # different estimators at once: before, a check of another size aborted gloo (SIGABRT),
+    # and one of the same size (trace and diagonal: three fields each) passed
+    "estimator": "call",
+    "same_size": "call",
 }
 
 
@@ -50,6 +54,8 @@ def _calls(C: cs.Curvature, rank: int) -> dict:
         "density": lambda: cs.density(C, steps=5, probes=1, seed=rank),
         "cg": lambda: cs.spectrum.cg(C, b * (1 + rank), max_matvecs=3),
         "same": lambda: cs.eigenvalues(C, k=1, v0=b),
+        "estimator": lambda: cs.eigenvalues(C, k=1) if rank == 0 else cs.trace(C, matvecs=6),
+        "same_size": lambda: (cs.trace if rank == 0 else cs.diagonal)(C, matvecs=6),
     }
 
 
@@ -84,6 +90,57 @@ def test_a_call_that_differs_between_ranks_is_refused_on_every_rank(tmp_path):
             assert seconds < 10  # at once (well under a second alone), not at the 20-s timeout
             if want is None:
                 assert message == "no error", name
+            elif want == "call":  # each rank names its own call
+                mine = {
+                    "estimator": ("cs.eigenvalues", "cs.trace"),
+                    "same_size": ("cs.trace", "cs.diagonal"),
+                }[name][rank]
+                assert f"different calls at once: this rank called {mine}," in message, message
+                assert "same integer seed" in message
             else:
                 assert "differently" in message and f"{want} differ" in message, (name, message)
                 assert "same integer seed" in message
+
+
+def test_every_check_reduces_the_same_number_of_values():
+    """A check of any number of fields reduces :data:`_SLOTS` numbers (the call's first), so
+    ranks making different calls meet in one all-reduce of one size; fields past the last slot
+    share it, and a change in any of them still changes the fingerprint."""
+    from curvscope.derivatives.distributed import _SLOTS, _fingerprint
+
+    few = _fingerprint("cs.trace", {"matvecs": 6, "method": "hutchinson", "seed": 0})
+    assert len(few) == _SLOTS and few[4:] == [0.0] * (_SLOTS - 4)
+    assert few != _fingerprint("cs.diagonal", {"matvecs": 6, "method": "hutchinson", "seed": 0})
+    many = {f"f{i}": i for i in range(2 * _SLOTS)}
+    assert len(_fingerprint("x", many)) == _SLOTS
+    changed = _fingerprint("x", {**many, f"f{2 * _SLOTS - 1}": -1})
+    base = _fingerprint("x", many)
+    assert changed[:-1] == base[:-1] and changed[-1] != base[-1]
+
+
+def test_a_value_is_fingerprinted_by_what_it_is_not_how_it_was_written():
+    """Numbers by value (an int, a float, a numpy scalar of the same value match: a rank whose
+    k came from numpy is not refused), tensors by their bytes — read in place: no copy of the
+    vector on the host, whose size is the model's."""
+    import tracemalloc
+
+    import numpy as np
+
+    from curvscope.derivatives.distributed import _code
+
+    assert _code(np.int64(3)) == _code(3) == _code(3.0) != _code(4)
+    assert _code(1e-3) == _code(0.001) == _code(np.float64(0.001)) != _code(0.002)
+    assert _code(float("nan")) == _code(float("nan")) and _code(True) != _code(1)
+    assert _code(2**60) != _code(2**60 + 1)
+    x = torch.randn(1_000_000)
+    assert _code(x) == _code(x.clone()) != _code(x.double())
+    y = x.clone()
+    y[-1] += 1
+    assert _code(y) != _code(x)
+    tracemalloc.start()
+    try:
+        _code(x)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < x.numel() * x.element_size() / 4, peak

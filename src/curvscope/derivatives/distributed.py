@@ -10,6 +10,7 @@ Nothing here is home-made: it is the process group the user's training already r
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 import zlib
 from collections.abc import Callable
@@ -122,13 +123,16 @@ def check_same_on_ranks(
     all-reduce of (x, −x) with MAX gives every rank the maxima and minima: a field differs
     somewhere exactly where they differ. Run before any collective whose size or meaning
     depends on the fields (a mismatched all-reduce aborts gloo; products of different vectors
-    summed over the ranks are silently wrong).
+    summed over the ranks are silently wrong). The first number names the call itself, and
+    every check reduces :data:`_SLOTS` numbers whatever it compares: ranks that make different
+    calls at once (``cs.eigenvalues`` on one, ``cs.trace`` on another) get this error too, not
+    an all-reduce of mismatched sizes (SIGABRT in gloo) nor a check that happens to pass.
     """
     if group is None:
         return
     import torch.distributed as dist
 
-    x = torch.tensor([_code(v) for v in fields.values()], dtype=torch.float64)
+    x = torch.tensor(_fingerprint(call, fields), dtype=torch.float64)
     both = torch.cat([x, -x])
     if dist.get_backend(group) != "nccl":
         device = "cpu"  # gloo and mpi reduce host tensors; NCCL the operator's device's
@@ -143,11 +147,23 @@ def check_same_on_ranks(
             f"process group said: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from e
     released(both, holders)
-    n = len(fields)
-    high, low = both[:n].cpu(), -both[n:].cpu()
-    differ = [name for name, hi, lo in zip(fields, high, low, strict=True) if hi != lo]
+    high, low = both[:_SLOTS].cpu(), -both[_SLOTS:].cpu()
+    if high[0] != low[0]:
+        raise ValueError(
+            "the ranks made different calls at once: this rank called "
+            f"{call if call else 'cs.Curvature (building the operator)'}, another rank "
+            "something else. Under a process group every rank takes each product together, so "
+            "every rank must make the same calls in the same order — the same arguments, the "
+            "same integer seed (not one per rank) and the same vectors"
+        )
+    names = list(fields)
+    if len(names) > _SLOTS - 1:  # the fields that share the last slot
+        names[_SLOTS - 2 :] = [", ".join(names[_SLOTS - 2 :])]
+    used = slice(1, 1 + len(names))
+    differ = [n for n, hi, lo in zip(names, high[used], low[used], strict=True) if hi != lo]
     if not differ:
         return
+    differ = [name for part in differ for name in part.split(", ")]
     verb = "differs" if len(differ) == 1 else "differ"
     mine = ", ".join(f"{name}={_shown(fields[name])}" for name in differ if name != "params")
     if "params" in differ:
@@ -168,17 +184,32 @@ def check_same_on_ranks(
     )
 
 
+#: how many numbers :func:`check_same_on_ranks` reduces: the call's, then one a field (fields
+#: past the last slot share it)
+_SLOTS = 16
+
+
+def _fingerprint(call: str | None, fields: dict[str, Any]) -> list[float]:
+    """The :data:`_SLOTS` numbers of a call and its fields (zeros after the last field)."""
+    codes = [_code(value) for value in fields.values()]
+    if len(codes) > _SLOTS - 1:
+        codes[_SLOTS - 2 :] = [float(zlib.crc32(repr(codes[_SLOTS - 2 :]).encode()))]
+    return [_code(call or "cs.Curvature"), *codes] + [0.0] * (_SLOTS - 1 - len(codes))
+
+
 def _code(value: Any) -> float:
-    """A number that differs between two values that differ (up to CRC-32 collisions)."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**52:
-        return float(value)
+    """A number that differs between two values that differ (up to CRC-32 collisions): a real
+    number by its value (``3``, ``3.0`` and ``numpy.int64(3)`` alike), a tensor by a CRC-32 of
+    its bytes (read in place on the host: no copy), anything else by one of its ``repr``."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        exact = float(value)
+        if exact == value and abs(exact) < 2**52:  # NaN, huge integers: by their repr below
+            return exact
     if isinstance(value, torch.Generator):
         value = value.get_state()
     if isinstance(value, Tensor):
         raw = value.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy()
-        return float(
-            zlib.crc32(raw.tobytes()) ^ zlib.crc32(repr((value.shape, value.dtype)).encode())
-        )
+        return float(zlib.crc32(raw.data) ^ zlib.crc32(repr((value.shape, value.dtype)).encode()))
     return float(zlib.crc32(repr(value).encode()))
 
 
