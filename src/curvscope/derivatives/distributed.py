@@ -57,13 +57,35 @@ def all_reduce_sum(t: Tensor, group: Any) -> Tensor:
         return t
     import torch.distributed as dist
 
+    return _collective(
+        t, group, "all-reduce", lambda out: dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    )
+
+
+def from_first_rank(t: Tensor, group: Any) -> Tensor:
+    """The first rank's ``t`` on every rank of ``group`` (a broadcast into a contiguous copy);
+    ``t`` itself when local. For what any rank's copy would do as well — a warm start — where
+    the ranks' copies may differ in their last bits."""
+    if group is None:
+        return t
+    import torch.distributed as dist
+
+    src = dist.get_global_rank(group, 0)
+    return _collective(t, group, "broadcast", lambda out: dist.broadcast(out, src=src, group=group))
+
+
+def _collective(t: Tensor, group: Any, what: str, run: Callable[[Tensor], Any]) -> Tensor:
+    """``run`` (a collective, in place) on a contiguous copy of ``t``, which is returned once the
+    process group has let go of it (:func:`released`); a failed peer's error made clear."""
+    import torch.distributed as dist
+
     out = t.contiguous().clone()
     holders = references(out)
     try:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        run(out)
     except RuntimeError as e:  # gloo/NCCL errors when a peer has died or timed out
         raise RuntimeError(
-            f"curvscope: the all-reduce over {dist.get_world_size(group)} ranks failed — another "
+            f"curvscope: the {what} over {dist.get_world_size(group)} ranks failed — another "
             "rank has failed, left, or did not take this product (every rank must build the "
             "Curvature and compute each product together); the process group said: "
             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"

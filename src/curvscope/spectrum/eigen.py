@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from curvscope.derivatives.checks import check_int, check_real
-from curvscope.derivatives.distributed import together
+from curvscope.derivatives.distributed import from_first_rank, together
 from curvscope.derivatives.seeding import generator
 from curvscope.spectrum._operator import Operator, as_operator, progress
 from curvscope.spectrum.lanczos import Krylov, error_bounds, to_device
@@ -102,13 +102,27 @@ def _validate(k: Any, which: Any, tol: Any, n: int) -> int:
     return k
 
 
+def _shape(v0: Any, op: Operator) -> Any:
+    """What the ranks must agree on about a warm start: its shape (its columns, for sharded
+    vectors, whose lengths differ by rank) — not its values. A warm start is any start, and
+    every rank starts from the first rank's: eigenvectors the ranks computed alike can differ
+    in their last bits (non-deterministic kernels, other hardware), which must not stop a run."""
+    if not isinstance(v0, Tensor):
+        return v0
+    return tuple(v0.shape) if op.shards is None else tuple(v0.shape[1:])
+
+
 def _warm_start(v0: Any, op: Operator) -> Tensor:
-    """v0 as an (n, j) block of unit columns in the working dtype, or a clear error (for
-    sharded vectors: this rank's entries of each vector, and an error every rank raises)."""
-    if op.shards is None:
+    """v0 as an (n, j) block of unit columns in the working dtype, or a clear error (under a
+    process group, an error every rank raises; for sharded vectors: this rank's entries of
+    each vector; for whole ones: the first rank's, :func:`_shape`)."""
+    group = op.group
+    if group is None:
         w = _start_vectors(v0, op)
     else:  # refused on one rank alone, it would leave the others in the next collective
-        w = together(lambda: _start_vectors(v0, op), op.shards.group, op.device)
+        w = together(lambda: _start_vectors(v0, op), group, op.device)
+    if op.shards is None:
+        w = from_first_rank(w, group)
     norms = op.dot(w, w).diagonal().sqrt()  # the same on every rank
     if not torch.isfinite(norms).all() or (norms == 0).any():
         raise ValueError("v0 must hold finite, non-zero vectors of length n")
@@ -185,7 +199,8 @@ def eigenvalues(
             a top-k list could skip one; a block of b vectors resolves multiplicities up to b.
             Raise it where you expect larger clusters.
         v0: warm start — (n,) or (n, j) vectors, e.g. the eigenvectors of a previous probe;
-            a nearby operator then converges in a few products.
+            a nearby operator then converges in a few products. Under a process group every
+            rank starts from the first rank's (whole vectors; sharded ones: each its entries).
         return_vectors: also return the eigenvectors (n, len(values)).
         by_layer: also compute each parameter block's top eigenvalue (a Lanczos run on each
             block of a Curvature, grouped by module) and the share of the global top
@@ -213,7 +228,7 @@ def eigenvalues(
         max_matvecs=max_matvecs,
         max_basis=max_basis,
         block_size=block_size,
-        v0=v0 if op.shards is None or not isinstance(v0, Tensor) else v0.shape[1:],
+        v0=_shape(v0, op),
         return_vectors=return_vectors,
         by_layer=by_layer,
         seed=seed,
