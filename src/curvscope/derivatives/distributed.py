@@ -9,9 +9,9 @@ Nothing here is home-made: it is the process group the user's training already r
 
 from __future__ import annotations
 
-import logging
 import numbers
 import time
+import warnings
 import zlib
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -21,10 +21,10 @@ from torch import Tensor
 
 T = TypeVar("T")
 
-logger = logging.getLogger(__name__)
-
 #: seconds :func:`released` waits at most for a process group to let go of a collective's tensor
 RELEASE_TIMEOUT = 1.0
+#: whether :func:`released` still waits (False once a wait timed out: it warned then)
+_waiting = True
 
 
 def resolve_group(group: Any) -> Any:
@@ -103,7 +103,9 @@ def references(t: Tensor) -> int:
 def released(t: Tensor, holders: int, timeout: float = RELEASE_TIMEOUT) -> None:
     """Return once no more than ``holders`` references hold ``t`` (what held it before it was
     handed to a collective that has now finished): the process group has let go of it. Host
-    tensors only; at most ``timeout`` seconds (then a debug log, and nothing else changes).
+    tensors only; at most ``timeout`` seconds — then a warning, once, and no more waiting in
+    this process (something that holds such tensors for good, a future torch or a profiler,
+    must not cost every collective a second).
 
     Why: gloo runs each collective on a worker thread of the process group, and the worker
     drops its reference to the tensors *after* the caller's wait has returned. For a tensor
@@ -117,12 +119,21 @@ def released(t: Tensor, holders: int, timeout: float = RELEASE_TIMEOUT) -> None:
     Device tensors are not waited for (NCCL's watchdog thread releases works on its own
     schedule, and waiting would synchronize with the device).
     """
-    if t.device.type != "cpu" or holders == 0:
+    global _waiting
+    if t.device.type != "cpu" or holders == 0 or not _waiting:
         return
     start, pause = time.perf_counter(), 0.0
     while references(t) > holders:
         if time.perf_counter() - start > timeout:
-            logger.debug("a collective's tensor was still held after %.1f s; going on", timeout)
+            _waiting = False
+            warnings.warn(
+                f"curvscope: the process group still held a collective's tensor {timeout:g} s "
+                "after the collective; curvscope no longer waits for it in this process (a "
+                "gloo script may then abort at exit: end it with dist.barrier() and "
+                "dist.destroy_process_group())",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return
         time.sleep(pause)  # releases the GIL, which the worker may need to let go
         pause = min(2 * pause + 1e-6, 1e-3)
