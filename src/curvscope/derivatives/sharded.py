@@ -20,6 +20,7 @@ over all ranks would count more than once.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -180,7 +181,7 @@ class ShardedCurvature:
         v = self._local(v)
         cols = v[:, None] if v.ndim == 1 else v
         full = cols.new_zeros(self.total_params, cols.shape[1])
-        full[self._positions()] = cols
+        full[self._positions] = cols
         flat = all_reduce_sum(full, self.group)
         return flat[:, 0] if v.ndim == 1 else flat
 
@@ -195,8 +196,10 @@ class ShardedCurvature:
             self.device,
         )
 
+    @functools.cached_property
     def _positions(self) -> Tensor:
-        """Where this rank's entries sit in a full flat vector (int64, in the local order)."""
+        """Where this rank's entries sit in a full flat vector (int64, in the local order;
+        computed once per view: the layout does not change)."""
         obj = self._curvature.objective
         assert obj is not None
         index = torch.arange(self.total_params, device=self.device)
