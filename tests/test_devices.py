@@ -314,7 +314,7 @@ def test_optimizers(device, name):
     method's losses are the CPU run's (float64)."""
     losses, model = _trained(name, device)
     case = cases.mlp()
-    first = float(case.loss_fn(case.model(case.inputs), case.targets))
+    first = float(case.loss_fn(case.model(case.inputs), case.targets).detach())
     assert all(p.device.type == device for p in model.parameters())
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert losses[-1] < first or name == "pure-newton"
