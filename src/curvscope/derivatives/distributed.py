@@ -53,13 +53,12 @@ def resolve_group(group: Any) -> Any:
 
 def all_reduce_sum(t: Tensor, group: Any) -> Tensor:
     """Σ over the ranks of ``t`` (in place on a contiguous copy); ``t`` itself when local."""
-    if group is None:
-        return t
-    import torch.distributed as dist
+    return _reduce(t, group, "SUM")
 
-    return _collective(
-        t, group, "all-reduce", lambda out: dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-    )
+
+def all_reduce_max(t: Tensor, group: Any) -> Tensor:
+    """The elementwise maximum over the ranks of ``t`` (a contiguous copy); ``t`` when local."""
+    return _reduce(t, group, "MAX")
 
 
 def from_first_rank(t: Tensor, group: Any) -> Tensor:
@@ -71,25 +70,43 @@ def from_first_rank(t: Tensor, group: Any) -> Tensor:
     import torch.distributed as dist
 
     src = dist.get_global_rank(group, 0)
-    return _collective(t, group, "broadcast", lambda out: dist.broadcast(out, src=src, group=group))
+    return _collective(
+        t, lambda out: dist.broadcast(out, src=src, group=group), _failed("broadcast", group)
+    )
 
 
-def _collective(t: Tensor, group: Any, what: str, run: Callable[[Tensor], Any]) -> Tensor:
-    """``run`` (a collective, in place) on a contiguous copy of ``t``, which is returned once the
-    process group has let go of it (:func:`released`); a failed peer's error made clear."""
+def _reduce(t: Tensor, group: Any, op: str) -> Tensor:
+    if group is None:
+        return t
     import torch.distributed as dist
 
+    how = getattr(dist.ReduceOp, op)
+    return _collective(
+        t, lambda out: dist.all_reduce(out, op=how, group=group), _failed("all-reduce", group)
+    )
+
+
+def _failed(what: str, group: Any) -> str:
+    import torch.distributed as dist
+
+    return (
+        f"the {what} over {dist.get_world_size(group)} ranks failed — another rank has failed, "
+        "left, or did not take this product (every rank must build the Curvature and compute "
+        "each product together)"
+    )
+
+
+def _collective(t: Tensor, run: Callable[[Tensor], Any], failed: str) -> Tensor:
+    """``run`` (a collective, in place) on a contiguous copy of ``t``, which is returned once the
+    process group has let go of it (:func:`released`); a peer's failure raised as ``failed``
+    says, with what the process group said."""
     out = t.contiguous().clone()
     holders = references(out)
     try:
         run(out)
     except RuntimeError as e:  # gloo/NCCL errors when a peer has died or timed out
-        raise RuntimeError(
-            f"curvscope: the {what} over {dist.get_world_size(group)} ranks failed — another "
-            "rank has failed, left, or did not take this product (every rank must build the "
-            "Curvature and compute each product together); the process group said: "
-            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        ) from e
+        said = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RuntimeError(f"curvscope: {failed}; the process group said: {said}") from e
     released(out, holders)
     return out
 
@@ -169,17 +186,13 @@ def check_same_on_ranks(
     both = torch.cat([x, -x])
     if dist.get_backend(group) != "nccl":
         device = "cpu"  # gloo and mpi reduce host tensors; NCCL the operator's device's
-    both = both.to(device)
-    holders = references(both)
-    try:
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-    except RuntimeError as e:
-        raise RuntimeError(
-            f"curvscope: checking that every rank {'calls ' + call if call else 'builds'} the "
-            "same operator failed — another rank has failed or is not doing the same now; the "
-            f"process group said: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        ) from e
-    released(both, holders)
+    doing = f"calls {call}" if call else "builds the same operator"
+    both = _collective(
+        both.to(device),
+        lambda out: dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group),
+        f"checking that every rank {doing} failed — another rank has failed or is not doing "
+        "the same now",
+    )
     high, low = both[:_SLOTS].cpu(), -both[_SLOTS:].cpu()
     if high[0] != low[0]:
         raise ValueError(

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives.checks import check_int
-from curvscope.derivatives.distributed import references, released
+from curvscope.derivatives.distributed import all_reduce_max, from_first_rank
 from curvscope.diagnosis.classify import (
     DEFAULT_THRESHOLDS,
     EOS_BAND,
@@ -739,13 +739,8 @@ def _agreed(values: list[float], model: nn.Module, op: str = "max") -> list[floa
     nccl = dist.get_backend() == "nccl" and first is not None
     device = first.device if nccl and first is not None else torch.device("cpu")
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    holders = references(t)
-    if op == "rank0":
-        dist.broadcast(t, src=0)
-    else:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    released(t, holders)  # gloo lets go of t after the wait: not at the interpreter's exit
-    return [float(v) for v in t.tolist()]
+    agree = from_first_rank if op == "rank0" else all_reduce_max
+    return [float(v) for v in agree(t, dist.group.WORLD).tolist()]
 
 
 def _version() -> str:
