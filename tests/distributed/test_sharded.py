@@ -3,11 +3,14 @@ rank holds its shard of every vector; the products, gathered, equal the full-vec
 finite-difference products of the same model and the exact single-process Hessian products on
 all the data; ``cs.eigenvalues`` on the sharded view finds the exact extreme eigenvalues with
 eigenvectors sharded the same way, the same values on every rank; the model is left as found;
-what needs whole vectors, or is not FSDP2-sharded, is refused with the fix."""
+``cs.trace``, ``trace_of_square`` and ``diagonal`` estimate by Hutchinson probes whose entries
+each rank draws for itself; what needs whole vectors, or is not FSDP2-sharded, is refused with
+the fix."""
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 
@@ -62,7 +65,8 @@ def _refusals(rank: int, model, plain, loss_fn, local, everything) -> dict:
         "unsharded": message(cs.Curvature(plain, loss_fn, local, backend=FD).sharded),
         # (tensor-parallel ranks pass the same batches)
         "tensor_parallel": message(cs.Curvature(tp, loss_fn, everything, backend=FD).sharded),
-        "trace": message(lambda: cs.trace(S, matvecs=4)),
+        "trace": message(lambda: cs.trace(S, matvecs=4, method="hutch++")),
+        "density": message(lambda: cs.density(S, steps=3)),
         "by_layer": message(lambda: cs.eigenvalues(S, by_layer=True)),
         # a check that fails on one rank only raises on both (before: the other one waited)
         "one_rank": message(lambda: S @ torch.zeros(one_rank, dtype=torch.float64)),
@@ -148,6 +152,13 @@ def _worker(rank: int, port: int, out: str) -> None:
     result["vectors"] = S.gather(r.vectors)
     warm = cs.eigenvalues(S, k=1, v0=r.vectors[:, :1], tol=1e-6)
     result["warm"] = (float(warm.values[0]), warm.matvecs)
+    # Hutchinson on sharded probes: each rank draws its own entries, sums reduced
+    t = cs.trace(S, matvecs=24)
+    t2 = cs.trace_of_square(S, matvecs=24)
+    d = cs.diagonal(S, matvecs=24)
+    result["trace"] = (t.value, t.stderr, t.method)
+    result["trace_of_square"] = (t2.value, t2.stderr)
+    result["diagonal"] = (d.value.shape[0], S.gather(d.value), S.gather(d.stderr))
     result["untouched"] = _same(before, _local_state(model))
     result["matvecs"] = (S.matvecs, C.matvecs)
     result["refused"] = _refusals(rank, model, plain, case.loss_fn, local, (X, y))
@@ -196,6 +207,15 @@ def test_sharded_vectors_of_an_fsdp2_model(tmp_path, reference):
         # warm-started from its own sharded eigenvector: a few products
         assert abs(g["warm"][0] - float(eig[-1])) <= 1e-6 * norm_h + bound
         assert g["warm"][1] <= 6
+        # trace, tr(H²) and diag(H) by sharded Hutchinson probes, within 6 standard errors
+        value, se, method = g["trace"]
+        assert method == "hutchinson" and 0 < se < math.inf
+        assert abs(value - float(torch.trace(H))) <= 6 * se + bound * H.shape[0]
+        value, se = g["trace_of_square"]
+        assert abs(value - float((H * H).sum())) <= 6 * se
+        n_local, diag, diag_se = g["diagonal"]
+        assert n_local == g["local"]
+        assert bool(((diag - H.diagonal()).abs() <= 6 * diag_se + 1e-9).all())
         assert g["untouched"]
         assert g["matvecs"][1] == g["matvecs"][0] + 2 > 2  # C counts its own 2 too
         assert "of" in g["repr"] and str(g["total"]) in g["repr"]
@@ -209,7 +229,9 @@ def test_sharded_vectors_of_an_fsdp2_model(tmp_path, reference):
     refused = got[0]["refused"]
     assert "backend='double_backward'" in refused["exact"]
     assert "not sharded" in refused["unsharded"]
-    assert "cs.trace needs whole vectors" in refused["trace"]
+    assert "cs.trace(method='hutch++') needs whole vectors" in refused["trace"]
+    assert "method='hutchinson'" in refused["trace"]
+    assert "cs.density needs whole vectors" in refused["density"]
     assert "by_layer=True needs whole vectors" in refused["by_layer"]
     assert "not sharded by FSDP2" in refused["tensor_parallel"]
     assert "rank 1 failed (this is rank 0)" in refused["one_rank"]

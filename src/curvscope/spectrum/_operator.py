@@ -114,8 +114,9 @@ class Operator:
         if self.shards is not None:
             raise TypeError(
                 f"{what} needs whole vectors; C.sharded() shards them over the ranks, which "
-                "cs.eigenvalues supports: call it with the Curvature C itself (full-length "
-                "vectors on every rank)"
+                "cs.eigenvalues, cs.trace and cs.trace_of_square (Hutchinson) and cs.diagonal "
+                "support: call it with the Curvature C itself (full-length vectors on every "
+                "rank)"
             )
 
     @property

@@ -70,6 +70,12 @@ def _products(op: Operator, Z: Tensor, bar: Any) -> Tensor:
     return torch.cat(outs, dim=1) if outs else Z[:, :0]
 
 
+def _column_sums(op: Operator, X: Tensor) -> Tensor:
+    """Each column's sum over all its entries (for sharded vectors, every rank's summed)."""
+    sums = X.sum(0)
+    return sums if op.shards is None else op.shards.reduce_sum(sums)
+
+
 def _mean_stderr(samples: Tensor) -> tuple[float, float]:
     m = samples.numel()
     mean = float(samples.mean())
@@ -111,6 +117,10 @@ def trace(
       the probes) otherwise.
     - ``"exact"``: n products with unit vectors (no budget; for small n).
 
+    With sharded vectors (``C.sharded()``, FSDP2) the estimate is Hutchinson's (``"auto"``
+    means it there): each rank draws its own entries of the probes, and zᵀAz is its partial
+    sums reduced over the ranks; every rank gets the same value.
+
     Args:
         A: a :class:`~curvscope.Curvature`, a square tensor, or an object with ``matmat``.
         matvecs: the budget (ignored by ``"exact"``).
@@ -126,10 +136,15 @@ def trace(
         55.0
     """
     op = as_operator(A)
-    op.require_whole("cs.trace")
     op.same_on_ranks("cs.trace", matvecs=matvecs, method=method, seed=seed)
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")
+    if op.shards is not None and method not in ("auto", "hutchinson"):
+        raise ValueError(
+            f"cs.trace(method={method!r}) needs whole vectors; with sharded ones (C.sharded()) "
+            "it estimates by Hutchinson's probes: method='hutchinson' (or 'auto', which means "
+            "it there), or call it with the Curvature C itself (full-length vectors)"
+        )
     start = time.perf_counter()
     used_before = op.matvecs
     if method == "exact":
@@ -144,11 +159,11 @@ def trace(
             f"exact: {op.n} products",
         )
     check_budget(matvecs, 3 if method == "hutch++" else 2, "trace")
-    gen = generator(seed, op.device)
+    gen = op.generator(generator(seed, op.device))
     with progress(matvecs, f"trace ({method})", progress_bar) as bar, autocast_off(op.device):
-        if method == "hutchinson":
+        if method == "hutchinson" or op.shards is not None:
             Z = rademacher(op.n, matvecs, gen, op.work_dtype, op.device)
-            value, se = _mean_stderr((Z * _products(op, Z, bar)).sum(0))
+            value, se = _mean_stderr(_column_sums(op, Z * _products(op, Z, bar)))
             chosen, why = "hutchinson", f"{matvecs} Rademacher probes"
         else:
             value, se, chosen, why = _hutchpp(op, matvecs, gen, bar, adaptive=method == "auto")
@@ -236,15 +251,14 @@ def trace_of_square(
     curvature sum to nearly zero, tr(A²) still measures the size of the curvature.
     """
     op = as_operator(A)
-    op.require_whole("cs.trace_of_square")
     op.same_on_ranks("cs.trace_of_square", matvecs=matvecs, seed=seed)
     check_budget(matvecs, 2, "trace_of_square")
     start = time.perf_counter()
     used_before = op.matvecs
-    gen = generator(seed, op.device)
+    gen = op.generator(generator(seed, op.device))
     with progress(matvecs, "trace of square", progress_bar) as bar, autocast_off(op.device):
         Z = rademacher(op.n, matvecs, gen, op.work_dtype, op.device)
-        value, se = _mean_stderr(_products(op, Z, bar).pow(2).sum(0))
+        value, se = _mean_stderr(_column_sums(op, _products(op, Z, bar).pow(2)))
     return TraceResult(
         value,
         se,
@@ -267,13 +281,16 @@ def diagonal(
 
     Entry i has variance Σ_{j≠i} A_ij² per probe; ``stderr`` is the per-entry sample standard
     error. ``method="exact"`` uses n unit-vector products (no budget). This is the estimator
-    AdaHessian and Sophia use for their preconditioners.
+    AdaHessian and Sophia use for their preconditioners. With sharded vectors
+    (``C.sharded()``) ``value`` and ``stderr`` are this rank's entries (``S.gather`` for the
+    whole); ``"exact"`` needs whole vectors.
     """
     op = as_operator(A)
-    op.require_whole("cs.diagonal")
     op.same_on_ranks("cs.diagonal", matvecs=matvecs, method=method, seed=seed)
     if method not in ("hutchinson", "exact"):
         raise ValueError(f"method must be 'hutchinson' or 'exact', got {method!r}")
+    if method == "exact":
+        op.require_whole("cs.diagonal(method='exact')")
     start = time.perf_counter()
     used_before = op.matvecs
     if method == "exact":
@@ -287,7 +304,7 @@ def diagonal(
             time.perf_counter() - start,
         )
     check_budget(matvecs, 2, "diagonal")
-    gen = generator(seed, op.device)
+    gen = op.generator(generator(seed, op.device))
     with progress(matvecs, "diagonal", progress_bar) as bar, autocast_off(op.device):
         Z = rademacher(op.n, matvecs, gen, op.work_dtype, op.device)
         samples = Z * _products(op, Z, bar)
