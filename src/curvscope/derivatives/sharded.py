@@ -12,10 +12,11 @@ gradients (FSDP2's reduce-scatter leaves each rank the shard of the summed gradi
 nothing is gathered); what spans the ranks is a sum over a vector's entries, which the
 estimators take through :meth:`ShardedCurvature.reduce_sum`, one all-reduce of a few numbers.
 
-``cs.eigenvalues`` accepts the view (its eigenvectors come back sharded the same way); the
-other estimators and ``diagnose`` need full vectors and refuse it with that fix. FSDP2 over one
-mesh dimension only: on HSDP's 2-D mesh each shard is held by several ranks, whose entries a sum
-over all ranks would count more than once.
+``cs.eigenvalues`` accepts the view (its eigenvectors come back sharded the same way), and
+so do ``cs.trace``, ``cs.trace_of_square`` (Hutchinson) and ``cs.diagonal`` (this rank's
+entries); the other estimators and ``diagnose`` need full vectors and refuse it with the fix.
+FSDP2 over one mesh dimension only: on HSDP's 2-D mesh each shard is held by several ranks,
+whose entries a sum over all ranks would count more than once.
 """
 
 from __future__ import annotations
