@@ -1,11 +1,11 @@
-"""Sharded flat vectors (``C.sharded()``) of an FSDP2 model on two CPU processes (gloo): each
-rank holds its shard of every vector; the products, gathered, equal the full-vector
-finite-difference products of the same model and the exact single-process Hessian products on
-all the data; ``cs.eigenvalues`` on the sharded view finds the exact extreme eigenvalues with
-eigenvectors sharded the same way, the same values on every rank; the model is left as found;
-``cs.trace``, ``trace_of_square`` and ``diagonal`` estimate by Hutchinson probes whose entries
-each rank draws for itself; what needs whole vectors, or is not FSDP2-sharded, is refused with
-the fix."""
+"""Sharded flat vectors (``C.sharded()``) of an FSDP2 model on two CPU processes (gloo): each rank
+holds its shard of every vector; the products, gathered, equal the full-vector finite-difference
+products of the same model and the exact single-process Hessian products on all the data;
+``cs.eigenvalues`` on the sharded view finds the exact extreme eigenvalues with eigenvectors
+sharded the same way, the same values on every rank; the model is left as found; ``cs.trace``,
+``trace_of_square`` and ``diagonal`` estimate by Hutchinson probes whose entries each rank draws
+for itself, and CG solves a damped system with reduced inner products; what needs whole vectors,
+or is not FSDP2-sharded, is refused with the fix."""
 
 from __future__ import annotations
 
@@ -159,6 +159,11 @@ def _worker(rank: int, port: int, out: str) -> None:
     result["trace"] = (t.value, t.stderr, t.method)
     result["trace_of_square"] = (t2.value, t2.stderr)
     result["diagonal"] = (d.value.shape[0], S.gather(d.value), S.gather(d.stderr))
+    # CG on sharded vectors, damped past the most negative eigenvalue: (H + δI) x = b
+    damping = 2 * abs(float(r.values[-1])) + 1.0
+    b = S.shard(V[:, 0])
+    sol = cs.spectrum.cg(S, b, tol=1e-10, max_matvecs=200, damping=damping)
+    result["cg"] = (damping, S.gather(sol.x), sol.converged, sol.matvecs)
     result["untouched"] = _same(before, _local_state(model))
     result["matvecs"] = (S.matvecs, C.matvecs)
     result["refused"] = _refusals(rank, model, plain, case.loss_fn, local, (X, y))
@@ -213,6 +218,10 @@ def test_sharded_vectors_of_an_fsdp2_model(tmp_path, reference):
         assert abs(value - float(torch.trace(H))) <= 6 * se + bound * H.shape[0]
         value, se = g["trace_of_square"]
         assert abs(value - float((H * H).sum())) <= 6 * se
+        damping, x, converged, used = g["cg"]
+        want = torch.linalg.solve(H + damping * torch.eye(H.shape[0], dtype=H.dtype), V[:, 0])
+        assert converged and used < 200
+        assert float((x - want).norm() / want.norm()) <= 1e-8 + 2 * bound / damping
         n_local, diag, diag_se = g["diagonal"]
         assert n_local == g["local"]
         assert bool(((diag - H.diagonal()).abs() <= 6 * diag_se + 1e-9).all())

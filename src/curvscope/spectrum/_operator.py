@@ -109,14 +109,22 @@ class Operator:
         if self.group is not None:
             check_same_on_ranks(self.group, self.device, call=call, **arguments)
 
+    def alike(self, v: Any) -> Any:
+        """What every rank must hold alike of a vector argument (for :meth:`same_on_ranks`):
+        the vector itself, or for sharded vectors, whose entries differ by rank, its shape
+        past the first dimension."""
+        if self.shards is None or not isinstance(v, Tensor):
+            return v
+        return tuple(v.shape[1:])
+
     def require_whole(self, what: str) -> None:
         """Refuse sharded vectors, with the fix, in an estimator that needs whole ones."""
         if self.shards is not None:
             raise TypeError(
                 f"{what} needs whole vectors; C.sharded() shards them over the ranks, which "
-                "cs.eigenvalues, cs.trace and cs.trace_of_square (Hutchinson) and cs.diagonal "
-                "support: call it with the Curvature C itself (full-length vectors on every "
-                "rank)"
+                "cs.eigenvalues, cs.trace and cs.trace_of_square (Hutchinson), cs.diagonal and "
+                "cs.spectrum.cg support: call it with the Curvature C itself (full-length "
+                "vectors on every rank)"
             )
 
     @property

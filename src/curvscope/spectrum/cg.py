@@ -69,7 +69,9 @@ def cg(
 
     The iteration runs in the working dtype — the wider of b's and the operator's working
     dtype, float32 at least — while each product runs in the operator's own dtype (a bfloat16
-    model's gradient can be passed as it is).
+    model's gradient can be passed as it is). With sharded vectors (``C.sharded()``, FSDP2)
+    ``b``, ``x0`` and the solution are this rank's entries, and the inner products are reduced
+    over the ranks: every rank takes the same steps.
 
     Args:
         A: a :class:`~curvscope.Curvature`, a square tensor, or an object with ``matmat``.
@@ -85,14 +87,13 @@ def cg(
         save: iteration -> whether to keep that iterate (with its residual) in ``saved``.
     """
     op = as_operator(A)
-    op.require_whole("cs.cg")
     op.same_on_ranks(
         "cs.cg",
-        b=b,
+        b=op.alike(b),
         tol=tol,
         max_matvecs=max_matvecs,
         damping=damping,
-        x0=x0,
+        x0=op.alike(x0),
         progress_tol=progress_tol,
     )
     if not isinstance(b, Tensor) or not b.is_floating_point():
@@ -101,7 +102,8 @@ def cg(
             + (f"dtype {b.dtype}" if isinstance(b, Tensor) else type(b).__name__)
         )
     if b.shape != (op.n,):
-        raise ValueError(f"expected b of shape ({op.n},), got {tuple(b.shape)}")
+        whose = "" if op.shards is None else " (this rank's entries: S.shard(b) from a full b)"
+        raise ValueError(f"expected b of shape ({op.n},){whose}, got {tuple(b.shape)}")
     if x0 is not None and (not isinstance(x0, Tensor) or x0.shape != (op.n,)):
         shape = tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__
         raise ValueError(f"expected x0 of shape ({op.n},) like b, got {shape}")
@@ -126,35 +128,39 @@ def _cg(
     save: Callable[[int], bool] | None,
 ) -> CGResult:
     start, used_before = time.perf_counter(), op.matvecs
-    if x0 is None or not bool(x0.any()):
+
+    def dot(u: Tensor, v: Tensor) -> float:  # over all entries: reduced for sharded vectors
+        return float(op.dot(u[:, None], v[:, None])[0, 0])
+
+    if x0 is None or not dot(x0, x0) > 0:
         x, r = torch.zeros_like(b), b.clone()
     else:
         x = x0.to(b).clone()
         r = op.residual(b[:, None], x[:, None])[:, 0]  # (b − Ax) − λx for a damped A
     p = r.clone()
-    bnorm = float(b.norm()) or 1.0
-    rr = float(r @ r)
+    bnorm = dot(b, b) ** 0.5 or 1.0
+    rr = dot(r, r)
     it, neg, direction, direction_curvature = 0, False, None, None
     # φ(x) = ½xᵀ(Ax − b) − ½bᵀx = ½xᵀ(−r − b) (A damped already): for the progress test only
-    phis = [] if progress_tol is None else [float(x @ (-r - b)) / 2]
+    phis = [] if progress_tol is None else [dot(x, -r - b) / 2]
     saved = []  # x, r and p are rebound each iteration, never written in place: no copies
     while it < max_matvecs and rr**0.5 > tol * bnorm:
         Ap = op(p[:, None])[:, 0]
         it += 1
-        curv = float(p @ Ap)
+        curv = dot(p, Ap)
         if curv <= 0:
-            neg, direction, direction_curvature = True, p, curv / float(p @ p)
+            neg, direction, direction_curvature = True, p, curv / dot(p, p)
             break
         alpha = rr / curv
         x = x + alpha * p
         r = r - alpha * Ap
-        rr_new = float(r @ r)
+        rr_new = dot(r, r)
         p = r + (rr_new / rr) * p
         rr = rr_new
         if save is not None and save(it):
             saved.append((it, x, r))
         if progress_tol is not None:
-            phis.append(float(x @ (-r - b)) / 2)
+            phis.append(dot(x, -r - b) / 2)
             k = max(PROGRESS_WINDOW_MIN, int(PROGRESS_WINDOW_SHARE * it))
             if it > k and phis[-1] < 0 and (phis[-1] - phis[-1 - k]) / phis[-1] < k * progress_tol:
                 break
