@@ -29,6 +29,10 @@ from tests.distributed.test_meshes import _tp_plan
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 
 
+#: Lanczos steps of the density's probes
+N_STEPS = 12
+
+
 def _vectors(n: int) -> torch.Tensor:
     return torch.randn(n, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
@@ -66,7 +70,6 @@ def _refusals(rank: int, model, plain, loss_fn, local, everything) -> dict:
         # (tensor-parallel ranks pass the same batches)
         "tensor_parallel": message(cs.Curvature(tp, loss_fn, everything, backend=FD).sharded),
         "trace": message(lambda: cs.trace(S, matvecs=4, method="hutch++")),
-        "density": message(lambda: cs.density(S, steps=3)),
         "by_layer": message(lambda: cs.eigenvalues(S, by_layer=True)),
         # a check that fails on one rank only raises on both (before: the other one waited)
         "one_rank": message(lambda: S @ torch.zeros(one_rank, dtype=torch.float64)),
@@ -164,6 +167,14 @@ def _worker(rank: int, port: int, out: str) -> None:
     b = S.shard(V[:, 0])
     sol = cs.spectrum.cg(S, b, tol=1e-10, max_matvecs=200, damping=damping)
     result["cg"] = (damping, S.gather(sol.x), sol.converged, sol.matvecs)
+    # the spectral density by SLQ on sharded probes: plain and reorthogonalized Lanczos
+    result["density"] = [
+        (dens.nodes, dens.weights)
+        for dens in (
+            cs.density(S, steps=N_STEPS, probes=2, progress_bar=False),
+            cs.density(S, steps=N_STEPS, probes=2, reorthogonalize=True, progress_bar=False),
+        )
+    ]
     result["untouched"] = _same(before, _local_state(model))
     result["matvecs"] = (S.matvecs, C.matvecs)
     result["refused"] = _refusals(rank, model, plain, case.loss_fn, local, (X, y))
@@ -222,6 +233,10 @@ def test_sharded_vectors_of_an_fsdp2_model(tmp_path, reference):
         want = torch.linalg.solve(H + damping * torch.eye(H.shape[0], dtype=H.dtype), V[:, 0])
         assert converged and used < 200
         assert float((x - want).norm() / want.norm()) <= 1e-8 + 2 * bound / damping
+        for nodes, weights in g["density"]:  # Gauss nodes inside the spectrum, weights sum 1
+            assert float(nodes.min()) >= float(eig[0]) - 1e-6 * norm_h - bound
+            assert float(nodes.max()) <= float(eig[-1]) + 1e-6 * norm_h + bound
+            torch.testing.assert_close(weights.sum(-1), torch.ones(2, dtype=weights.dtype))
         n_local, diag, diag_se = g["diagonal"]
         assert n_local == g["local"]
         assert bool(((diag - H.diagonal()).abs() <= 6 * diag_se + 1e-9).all())
@@ -235,12 +250,13 @@ def test_sharded_vectors_of_an_fsdp2_model(tmp_path, reference):
         assert g["still_held"]["gather"] == (0, 40)  # the check every rank passes, and the sum
     # one operator: the ranks agree exactly
     torch.testing.assert_close(got[0]["values"], got[1]["values"], rtol=0, atol=0)
+    for (n0, w0), (n1, w1) in zip(got[0]["density"], got[1]["density"], strict=True):
+        assert torch.equal(n0, n1) and torch.equal(w0, w1)
     refused = got[0]["refused"]
     assert "backend='double_backward'" in refused["exact"]
     assert "not sharded" in refused["unsharded"]
     assert "cs.trace(method='hutch++') needs whole vectors" in refused["trace"]
     assert "method='hutchinson'" in refused["trace"]
-    assert "cs.density needs whole vectors" in refused["density"]
     assert "by_layer=True needs whole vectors" in refused["by_layer"]
     assert "not sharded by FSDP2" in refused["tensor_parallel"]
     assert "rank 1 failed (this is rank 0)" in refused["one_rank"]

@@ -591,8 +591,8 @@ class Curvature:
         """This rank's part of the flat vectors, for a model sharded by FSDP2 with
         ``backend="finite_difference"``: products of this rank's entries of vectors, so that
         Krylov vectors are sharded like the parameters (:class:`ShardedCurvature`; every rank
-        calls it together). ``cs.eigenvalues``, ``cs.trace``, ``cs.trace_of_square`` and
-        ``cs.diagonal`` take it."""
+        calls it together). ``cs.eigenvalues``, ``cs.trace``, ``cs.trace_of_square``,
+        ``cs.diagonal``, ``cs.density`` and ``cs.spectrum.cg`` take it."""
         return ShardedCurvature(self)
 
     def restrict(self, params: Iterable[nn.Parameter | str]) -> Curvature:

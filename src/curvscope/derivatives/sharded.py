@@ -13,8 +13,9 @@ nothing is gathered); what spans the ranks is a sum over a vector's entries, whi
 estimators take through :meth:`ShardedCurvature.reduce_sum`, one all-reduce of a few numbers.
 
 ``cs.eigenvalues`` accepts the view (its eigenvectors come back sharded the same way), and
-so do ``cs.trace``, ``cs.trace_of_square`` (Hutchinson) and ``cs.diagonal`` (this rank's
-entries); the other estimators and ``diagnose`` need full vectors and refuse it with the fix.
+so do ``cs.trace``, ``cs.trace_of_square`` (Hutchinson), ``cs.diagonal`` (this rank's
+entries), ``cs.density`` and ``cs.spectrum.cg``; ``by_layer=True`` refuses it with the fix,
+and ``diagnose`` and the Monitor still use whole vectors.
 FSDP2 over one mesh dimension only: on HSDP's 2-D mesh each shard is held by several ranks,
 whose entries a sum over all ranks would count more than once.
 """

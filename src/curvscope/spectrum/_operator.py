@@ -122,9 +122,9 @@ class Operator:
         if self.shards is not None:
             raise TypeError(
                 f"{what} needs whole vectors; C.sharded() shards them over the ranks, which "
-                "cs.eigenvalues, cs.trace and cs.trace_of_square (Hutchinson), cs.diagonal and "
-                "cs.spectrum.cg support: call it with the Curvature C itself (full-length "
-                "vectors on every rank)"
+                "cs.eigenvalues, cs.trace and cs.trace_of_square (Hutchinson), cs.diagonal, "
+                "cs.density and cs.spectrum.cg support: call it with the Curvature C itself "
+                "(full-length vectors on every rank)"
             )
 
     @property

@@ -141,7 +141,6 @@ def density(
         (0.2, 0.05)
     """
     op = as_operator(A)
-    op.require_whole("cs.density")
     op.same_on_ranks(
         "cs.density",
         steps=steps,
@@ -159,8 +158,8 @@ def density(
         sigma = check_real(sigma, "sigma", minimum=0, exclusive=True)
     if resolution is not None:
         resolution = check_real(resolution, "resolution", minimum=0)
-    steps = min(steps, op.n)
-    gen = generator(seed, op.device)
+    steps = min(steps, op.dim)
+    gen = op.generator(generator(seed, op.device))
     start = time.perf_counter()
     used_before = op.matvecs
     jacobi = []  # (T, β_m) of each probe
