@@ -81,10 +81,19 @@ class Operator:
         """The operator's dimension: ``n``, or the full length of sharded vectors."""
         return self.n if self.shards is None else self.shards.total_params
 
+    def total(self, t: Tensor) -> Tensor:
+        """Sums over vectors' entries made whole: ``t`` as it is for whole vectors; for sharded
+        ones ``t`` holds this rank's partial sums, which are summed over the ranks (the one
+        place an estimator's arithmetic crosses ranks)."""
+        return t if self.shards is None else self.shards.reduce_sum(t)
+
     def dot(self, A: Tensor, B: Tensor) -> Tensor:
         """AᵀB for blocks of vectors (n, a) and (n, b), summed over the ranks' shards."""
-        out = A.T @ B
-        return out if self.shards is None else self.shards.reduce_sum(out)
+        return self.total(A.T @ B)
+
+    def norm(self, v: Tensor) -> Tensor:
+        """‖v‖ of one vector (n,) over all its entries (a 0-d tensor: no host read)."""
+        return v.norm() if self.shards is None else self.total(v @ v).sqrt()
 
     def generator(self, gen: torch.Generator) -> torch.Generator:
         """The generator of this rank's entries of random vectors: ``gen`` for whole vectors;

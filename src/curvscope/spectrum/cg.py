@@ -130,7 +130,7 @@ def _cg(
     start, used_before = time.perf_counter(), op.matvecs
 
     def dot(u: Tensor, v: Tensor) -> float:  # over all entries: reduced for sharded vectors
-        return float(op.dot(u[:, None], v[:, None])[0, 0])
+        return float(op.total(u @ v))
 
     if x0 is None or not dot(x0, x0) > 0:
         x, r = torch.zeros_like(b), b.clone()
@@ -138,7 +138,7 @@ def _cg(
         x = x0.to(b).clone()
         r = op.residual(b[:, None], x[:, None])[:, 0]  # (b − Ax) − λx for a damped A
     p = r.clone()
-    bnorm = dot(b, b) ** 0.5 or 1.0
+    bnorm = float(op.norm(b)) or 1.0
     rr = dot(r, r)
     it, neg, direction, direction_curvature = 0, False, None, None
     # φ(x) = ½xᵀ(Ax − b) − ½bᵀx = ½xᵀ(−r − b) (A damped already): for the progress test only

@@ -243,15 +243,15 @@ def tridiagonal(op: Operator, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
     step (α and β together), besides what the operator's product reads.
     """
     z = z.to(op.work_dtype)
-    q = z[:, 0] / _norm(op, z[:, 0])
+    q = z[:, 0] / op.norm(z[:, 0])
     q_prev = torch.zeros_like(q)
     alphas, betas = [], []
     beta_t = torch.zeros((), dtype=q.dtype, device=q.device)
     for _ in range(steps):
         w = op(q[:, None])[:, 0] - beta_t * q_prev
-        alpha_t = q @ w if op.shards is None else op.dot(q[:, None], w[:, None])[0, 0]
+        alpha_t = op.total(q @ w)
         w = w - alpha_t * q
-        beta_t = _norm(op, w)
+        beta_t = op.norm(w)
         alpha, beta = host(torch.stack([alpha_t, beta_t])).tolist()
         alphas.append(alpha)
         if beta <= 1e3 * torch.finfo(w.dtype).eps * abs(alpha) + 1e-300:
@@ -262,11 +262,6 @@ def tridiagonal(op: Operator, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
             break
         q_prev, q = q, w / beta_t
     return torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas, dtype=torch.float64)
-
-
-def _norm(op: Operator, v: Tensor) -> Tensor:
-    """‖v‖ over all its entries (for sharded vectors, every rank's summed squares)."""
-    return v.norm() if op.shards is None else op.dot(v[:, None], v[:, None])[0, 0].sqrt()
 
 
 def error_bounds(theta: np.ndarray, res: np.ndarray) -> np.ndarray:

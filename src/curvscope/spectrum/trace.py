@@ -70,12 +70,6 @@ def _products(op: Operator, Z: Tensor, bar: Any) -> Tensor:
     return torch.cat(outs, dim=1) if outs else Z[:, :0]
 
 
-def _column_sums(op: Operator, X: Tensor) -> Tensor:
-    """Each column's sum over all its entries (for sharded vectors, every rank's summed)."""
-    sums = X.sum(0)
-    return sums if op.shards is None else op.shards.reduce_sum(sums)
-
-
 def _mean_stderr(samples: Tensor) -> tuple[float, float]:
     m = samples.numel()
     mean = float(samples.mean())
@@ -163,7 +157,7 @@ def trace(
     with progress(matvecs, f"trace ({method})", progress_bar) as bar, autocast_off(op.device):
         if method == "hutchinson" or op.shards is not None:
             Z = rademacher(op.n, matvecs, gen, op.work_dtype, op.device)
-            value, se = _mean_stderr(_column_sums(op, Z * _products(op, Z, bar)))
+            value, se = _mean_stderr(op.total((Z * _products(op, Z, bar)).sum(0)))
             chosen, why = "hutchinson", f"{matvecs} Rademacher probes"
         else:
             value, se, chosen, why = _hutchpp(op, matvecs, gen, bar, adaptive=method == "auto")
@@ -258,7 +252,7 @@ def trace_of_square(
     gen = op.generator(generator(seed, op.device))
     with progress(matvecs, "trace of square", progress_bar) as bar, autocast_off(op.device):
         Z = rademacher(op.n, matvecs, gen, op.work_dtype, op.device)
-        value, se = _mean_stderr(_column_sums(op, _products(op, Z, bar).pow(2)))
+        value, se = _mean_stderr(op.total(_products(op, Z, bar).pow(2).sum(0)))
     return TraceResult(
         value,
         se,
