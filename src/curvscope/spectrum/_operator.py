@@ -24,6 +24,7 @@ from torch import Tensor
 from curvscope.derivatives import Curvature, ShardedCurvature
 from curvscope.derivatives.checks import check_int, check_real
 from curvscope.derivatives.distributed import check_same_on_ranks
+from curvscope.derivatives.seeding import generator
 from curvscope.derivatives.sharded import rank_generator
 from curvscope.spectrum.precision import autocast_off, working_dtype
 
@@ -95,10 +96,13 @@ class Operator:
         """‖v‖ of one vector (n,) over all its entries (a 0-d tensor: no host read)."""
         return v.norm() if self.shards is None else self.total(v @ v).sqrt()
 
-    def generator(self, gen: torch.Generator) -> torch.Generator:
-        """The generator of this rank's entries of random vectors: ``gen`` for whole vectors;
-        for sharded ones a generator seeded from one draw of ``gen`` and the rank, so that the
-        ranks' entries are independent (:func:`~curvscope.derivatives.sharded.rank_generator`)."""
+    def generator(self, seed: object) -> torch.Generator:
+        """The generator of this rank's entries of an estimator's random vectors, from its
+        ``seed`` (:func:`~curvscope.derivatives.seeding.generator` on this device; a generator
+        is used as it is): for whole vectors that one; for sharded ones a generator seeded from
+        one draw of it and the rank, so that the ranks' entries are independent
+        (:func:`~curvscope.derivatives.sharded.rank_generator`)."""
+        gen = generator(seed, self.device)
         return gen if self.shards is None else rank_generator(gen, self.shards.group)
 
     @property

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from curvscope.derivatives.checks import check_int, check_real
-from curvscope.derivatives.seeding import generator, rademacher
+from curvscope.derivatives.seeding import rademacher
 from curvscope.spectrum._operator import as_operator, progress
 from curvscope.spectrum.lanczos import Krylov, tridiagonal
 from curvscope.spectrum.precision import autocast_off
@@ -159,7 +159,7 @@ def density(
     if resolution is not None:
         resolution = check_real(resolution, "resolution", minimum=0)
     steps = min(steps, op.dim)
-    gen = op.generator(generator(seed, op.device))
+    gen = op.generator(seed)
     start = time.perf_counter()
     used_before = op.matvecs
     jacobi = []  # (T, β_m) of each probe

@@ -12,7 +12,6 @@ from torch import Tensor
 
 from curvscope.derivatives.checks import check_int, check_real
 from curvscope.derivatives.distributed import from_first_rank, together
-from curvscope.derivatives.seeding import generator
 from curvscope.spectrum._operator import Operator, as_operator, progress
 from curvscope.spectrum.lanczos import Krylov, error_bounds, to_device
 from curvscope.spectrum.precision import autocast_off
@@ -236,7 +235,7 @@ def eigenvalues(
     k = _validate(k, which, tol, op.dim)
     if by_layer:
         op.require_whole("by_layer=True")
-    gen = op.generator(generator(seed, op.device))
+    gen = op.generator(seed)
     w = None if v0 is None else _warm_start(v0, op)
     sizes = _sizes(op.dim, k, which, block_size, max_basis, max_matvecs, w)
     start = time.perf_counter()

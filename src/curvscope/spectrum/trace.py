@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvscope.derivatives.seeding import generator, rademacher
+from curvscope.derivatives.seeding import rademacher
 from curvscope.spectrum._operator import Operator, as_operator, check_budget, progress
 from curvscope.spectrum.precision import autocast_off
 
@@ -153,7 +153,7 @@ def trace(
             f"exact: {op.n} products",
         )
     check_budget(matvecs, 3 if method == "hutch++" else 2, "trace")
-    gen = op.generator(generator(seed, op.device))
+    gen = op.generator(seed)
     with progress(matvecs, f"trace ({method})", progress_bar) as bar, autocast_off(op.device):
         if method == "hutchinson" or op.shards is not None:
             Z = rademacher(op.n, matvecs, gen, op.work_dtype, op.device)
@@ -249,7 +249,7 @@ def trace_of_square(
     check_budget(matvecs, 2, "trace_of_square")
     start = time.perf_counter()
     used_before = op.matvecs
-    gen = op.generator(generator(seed, op.device))
+    gen = op.generator(seed)
     with progress(matvecs, "trace of square", progress_bar) as bar, autocast_off(op.device):
         Z = rademacher(op.n, matvecs, gen, op.work_dtype, op.device)
         value, se = _mean_stderr(op.total(_products(op, Z, bar).pow(2).sum(0)))
@@ -298,7 +298,7 @@ def diagonal(
             time.perf_counter() - start,
         )
     check_budget(matvecs, 2, "diagonal")
-    gen = op.generator(generator(seed, op.device))
+    gen = op.generator(seed)
     with progress(matvecs, "diagonal", progress_bar) as bar, autocast_off(op.device):
         Z = rademacher(op.n, matvecs, gen, op.work_dtype, op.device)
         samples = Z * _products(op, Z, bar)
