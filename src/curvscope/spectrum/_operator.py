@@ -122,13 +122,16 @@ class Operator:
         if self.group is not None:
             check_same_on_ranks(self.group, self.device, call=call, **arguments)
 
-    def alike(self, v: Any) -> Any:
+    def alike(self, v: Any, values: bool = True) -> Any:
         """What every rank must hold alike of a vector argument (for :meth:`same_on_ranks`):
-        the vector itself, or for sharded vectors, whose entries differ by rank, its shape
-        past the first dimension."""
-        if self.shards is None or not isinstance(v, Tensor):
+        a whole vector itself (its shape only, with ``values=False``: where the first rank's
+        is taken), a sharded one — whose entries and length differ by rank — its shape past
+        the first dimension; anything else as it is."""
+        if not isinstance(v, Tensor):
             return v
-        return tuple(v.shape[1:])
+        if self.shards is not None:
+            return tuple(v.shape[1:])
+        return v if values else tuple(v.shape)
 
     def require_whole(self, what: str) -> None:
         """Refuse sharded vectors, with the fix, in an estimator that needs whole ones."""

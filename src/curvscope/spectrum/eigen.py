@@ -101,20 +101,12 @@ def _validate(k: Any, which: Any, tol: Any, n: int) -> int:
     return k
 
 
-def _shape(v0: Any, op: Operator) -> Any:
-    """What the ranks must agree on about a warm start: its shape (its columns, for sharded
-    vectors, whose lengths differ by rank) — not its values. A warm start is any start, and
-    every rank starts from the first rank's: eigenvectors the ranks computed alike can differ
-    in their last bits (non-deterministic kernels, other hardware), which must not stop a run."""
-    if not isinstance(v0, Tensor):
-        return v0
-    return tuple(v0.shape) if op.shards is None else tuple(v0.shape[1:])
-
-
 def _warm_start(v0: Any, op: Operator) -> Tensor:
     """v0 as an (n, j) block of unit columns in the working dtype, or a clear error (under a
     process group, an error every rank raises; for sharded vectors: this rank's entries of
-    each vector; for whole ones: the first rank's, :func:`_shape`)."""
+    each vector; for whole ones: the first rank's — a warm start is any start, and
+    eigenvectors the ranks computed alike can differ in their last bits (non-deterministic
+    kernels, other hardware), which must not stop a run)."""
     group = op.group
     if group is None:
         w = _start_vectors(v0, op)
@@ -227,7 +219,7 @@ def eigenvalues(
         max_matvecs=max_matvecs,
         max_basis=max_basis,
         block_size=block_size,
-        v0=_shape(v0, op),
+        v0=op.alike(v0, values=False),  # its shape: every rank starts from the first's
         return_vectors=return_vectors,
         by_layer=by_layer,
         seed=seed,
