@@ -629,7 +629,7 @@ class FiniteDifferenceProducts:
         u = float(torch.finfo(self.obj.dtype).eps) / 2
         # (the same on every rank: summed over the ranks unless the engine gathered it whole)
         gamma = float(self._norms(grad[:, None], local or not engine.sharded)[0])
-        best: tuple[float, Tensor, float] | None = None
+        best: tuple[float, Tensor, float, float] | None = None  # estimate, value, step, size
         last: Tensor | None = None  # the previous pair's extrapolation
         search = _Search()
         for _ in range(HALVINGS + 1):
@@ -648,16 +648,16 @@ class FiniteDifferenceProducts:
             improved = best is None or estimate < best[0]
             go_on = search.halving_helps(gap, size, improved, rounding)
             if improved or search.saturating:  # a saturated pair's small gap means nothing
-                best = (estimate, value, eps / 2)
+                best = (estimate, value, eps / 2, size)
             last = value
             if estimate <= TARGET * max(self.scale, size) or not go_on:
                 break
             wide, eps = narrow, eps / 2
         assert best is not None
-        size = float(self._norms(best[1][:, None], local)[0]) / norm
+        estimate, value, eps, size = best
         self.scale = max(self.scale, size if math.isfinite(size) else 0.0)
-        self.errors.append(best[0])
-        return best[1], best[2]
+        self.errors.append(estimate)
+        return value, eps
 
     def relative_errors(self) -> list[float]:
         """:attr:`errors` relative to the operator's scale as it stands now."""
