@@ -28,6 +28,7 @@ from curvscope.derivatives.checks import (
 from curvscope.derivatives.distributed import (
     all_reduce_sum,
     check_same_on_ranks,
+    first_device,
     global_count,
     resolve_group,
     together,
@@ -297,7 +298,7 @@ class Curvature:
         self.group = resolve_group(group)
         # the data's and the model's checks may fail on one rank only (NaN in its shard): every
         # rank raises then, instead of the others waiting in the next collective
-        where = _first_device(model) if self.group is not None else torch.device("cpu")
+        where = first_device(model) if self.group is not None else torch.device("cpu")
         objective = together(
             partial(
                 ModelObjective, model, loss_fn, data, params=params, seed=seed, reduction=reduction
@@ -637,16 +638,6 @@ class Curvature:
             f"Curvature(kind={self.kind!r}, num_params={self.num_params}, dtype={self.dtype}, "
             f"device={self.device}, matvecs={self.matvecs})"
         )
-
-
-def _first_device(model: Any) -> torch.device:
-    """Where a model's collectives run: its first parameter's device (the CPU for anything
-    else — a model with no parameters, on the meta device, or not a module: refused later)."""
-    parameters = getattr(model, "parameters", None)
-    first = next(iter(parameters()), None) if callable(parameters) else None
-    if not isinstance(first, Tensor) or first.device.type == "meta":
-        return torch.device("cpu")
-    return first.device
 
 
 def _layout(tensors: list[tuple[str, Tensor]]) -> list[tuple[Any, ...]]:

@@ -51,6 +51,24 @@ def resolve_group(group: Any) -> Any:
     return dist.group.WORLD if group is None else group
 
 
+def first_device(model: Any) -> torch.device:
+    """Where a model's collectives run: its first parameter's device (the CPU for anything
+    else — a model with no parameters, on the meta device, or not a module: refused later)."""
+    parameters = getattr(model, "parameters", None)
+    first = next(iter(parameters()), None) if callable(parameters) else None
+    if not isinstance(first, Tensor) or first.device.type == "meta":
+        return torch.device("cpu")
+    return first.device
+
+
+def collective_device(group: Any, device: Any) -> torch.device:
+    """Where a small collective's tensor (a check, agreed numbers) lives: on the host for gloo
+    and MPI, on ``device`` (the model's GPU) for NCCL, which reduces device tensors only."""
+    import torch.distributed as dist
+
+    return torch.device(device if dist.get_backend(group) == "nccl" else "cpu")
+
+
 def all_reduce_sum(t: Tensor, group: Any) -> Tensor:
     """Σ over the ranks of ``t`` (in place on a contiguous copy); ``t`` itself when local."""
     return _reduce(t, group, "SUM")
@@ -184,11 +202,9 @@ def check_same_on_ranks(
 
     x = torch.tensor(_fingerprint(call, fields), dtype=torch.float64)
     both = torch.cat([x, -x])
-    if dist.get_backend(group) != "nccl":
-        device = "cpu"  # gloo and mpi reduce host tensors; NCCL the operator's device's
     doing = f"calls {call}" if call else "builds the same operator"
     both = _collective(
-        both.to(device),
+        both.to(collective_device(group, device)),
         lambda out: dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group),
         f"checking that every rank {doing} failed — another rank has failed or is not doing "
         "the same now",

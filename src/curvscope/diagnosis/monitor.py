@@ -16,7 +16,12 @@ from torch import Tensor, nn
 
 from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives.checks import check_int
-from curvscope.derivatives.distributed import all_reduce_max, from_first_rank
+from curvscope.derivatives.distributed import (
+    all_reduce_max,
+    collective_device,
+    first_device,
+    from_first_rank,
+)
 from curvscope.diagnosis.classify import (
     DEFAULT_THRESHOLDS,
     EOS_BAND,
@@ -734,13 +739,11 @@ def _agreed(values: list[float], model: nn.Module, op: str = "max") -> list[floa
     model's device for NCCL. As given in a single process."""
     if _world_size() < 2:
         return values
-    dist = torch.distributed
-    first = next(iter(model.parameters()), None)
-    nccl = dist.get_backend() == "nccl" and first is not None
-    device = first.device if nccl and first is not None else torch.device("cpu")
+    world = torch.distributed.group.WORLD
+    device = collective_device(world, first_device(model))
     t = torch.tensor(values, dtype=torch.float64, device=device)
     agree = from_first_rank if op == "rank0" else all_reduce_max
-    return [float(v) for v in agree(t, dist.group.WORLD).tolist()]
+    return [float(v) for v in agree(t, world).tolist()]
 
 
 def _version() -> str:
