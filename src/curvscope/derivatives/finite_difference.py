@@ -525,13 +525,20 @@ class FiniteDifferenceProducts:
             )
         return self.obj.flatten(parts)
 
-    def _theta_norm(self, values: list[Tensor]) -> float:
+    def _theta_norm(self, values: list[Tensor], local: bool = False) -> float:
+        """‖θ‖ over every rank's parameters (1 for θ = 0). With ``local`` (FSDP2 over one mesh
+        dimension: the shards partition θ), one all-reduce of the shards' sum of squares;
+        otherwise each DTensor's norm is reduced by DTensor (replicated entries once)."""
         sq = torch.zeros((), dtype=torch.float64, device=self.obj.device)
         for t in values:
+            if local and _is_dtensor(t):
+                t = t.to_local()
             n = torch.linalg.vector_norm(t, dtype=torch.float64)
             if _is_dtensor(n):
                 n = n.full_tensor()
             sq = sq + n * n
+        if local:
+            sq = all_reduce_sum(sq.reshape(1), self.group)[0]
         norm = math.sqrt(float(sq))
         return norm if norm > 0 else 1.0
 
@@ -556,7 +563,7 @@ class FiniteDifferenceProducts:
         kept = _Kept(self.obj.model, params)
         columns = []
         try:
-            theta = self._theta_norm(kept.values)
+            theta = self._theta_norm(kept.values, local)
             norms = [float(x) for x in self._norms(V, local)]
             for j, norm in enumerate(norms):
                 v = V[:, j]
@@ -663,14 +670,15 @@ class FiniteDifferenceProducts:
         """:attr:`errors` relative to the operator's scale as it stands now."""
         return [e / self.scale if self.scale > 0 else e for e in self.errors]
 
-    def loss_and_gradient(self) -> tuple[float, Tensor]:
-        """The loss and its flat gradient at θ, by the model's own backward; as found after."""
+    def loss_and_gradient(self, local: bool = False) -> tuple[float, Tensor]:
+        """The loss and its flat gradient at θ, by the model's own backward; as found after.
+        With ``local`` (FSDP2), this rank's shards of the gradient only (nothing gathered)."""
         params = self.obj.params
         engine = _engine(self.obj.model, params, self.group)
         kept = _Kept(self.obj.model, params)
         try:
             loss = self._pass(kept, engine)
-            grad = self._gradient(params, engine)
+            grad = self._gradient(params, engine, local)
         finally:
             kept.restore()
         if engine.sharded:  # the engine reduced the gradient; the loss is this rank's
