@@ -15,7 +15,8 @@
 #              bfloat16 products on cuda against the float64 CPU reference, and
 #              Lanczos's synchronisations counted by CUDA itself                 150 s
 #   fsdp-cuda  FSDP2 (fully_shard, NCCL, one rank) on the GPU: the sharded
-#              model's finite-difference products against the exact product       60 s
+#              model's finite-difference products against the exact product,
+#              and λ_max and diagnose(sharded=True) on sharded vectors            60 s
 #   bench      benchmarks/scale.py --device cuda --fd: every size, the peers
 #              in the same process, finite differences in a second table         180 s
 #
@@ -150,6 +151,19 @@ try:
               f"(dense {lam_ref:.6g}); shards restored bit for bit: {same}")
         assert err <= bound and same
         assert abs(lam - lam_ref) <= 1e-3 * abs(lam_ref) + 2 * bound
+        # sharded vectors (one rank: its shard is the whole), and the diagnosis on them
+        lam_s = cs.eigenvalues(C.sharded(), k=1, progress_bar=False).values[0].item()
+        d = cs.diagnose(model, case.loss_fn, data, lr=0.5, backend="finite_difference",
+                        sharded=True)
+        want = cs.diagnose(plain, case.loss_fn, data, lr=0.5)
+        s, s_ref = d.evidence["sharpness"], want.evidence["sharpness"]
+        same = all(torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters()))
+        print(f"  sharded: lambda_max {lam_s:.6g}; diagnose(sharded=True) {d.state.value}, "
+              f"sharpness {s:.6g} (exact, whole vectors: {want.state.value}, {s_ref:.6g}); "
+              f"shards restored: {same}")
+        assert abs(lam_s - lam_ref) <= 1e-3 * abs(lam_ref) + 2 * bound
+        assert d.state == want.state and same
+        assert abs(s - s_ref) <= 1e-2 * abs(s_ref) + 2 * bound
     print("fsdp-cuda: ok")
 finally:
     dist.destroy_process_group()

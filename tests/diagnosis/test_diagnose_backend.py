@@ -219,6 +219,14 @@ def test_a_finite_difference_diagnosis_leaves_the_model_as_found():
         ({"fd_eps": 1e-3}, ValueError, "pass backend='finite_difference' too"),
         ({"backend": FD, "fd_eps": 2.0}, ValueError, r"must lie in \(0, 1\)"),
         ({"backend": FD, "fd_eps": "small"}, TypeError, "expected fd_eps to be a number"),
+        ({"sharded": True}, ValueError, "pass backend='finite_difference' with it"),
+        ({"backend": FD, "sharded": 1}, TypeError, "sharded must be True or False"),
+        # sharded vectors need a model sharded by FSDP2 (here: one process, plain parameters)
+        (
+            {"backend": FD, "sharded": True},
+            ValueError,
+            r"sharded=True: .*are not sharded.*drop sharded=True",
+        ),
     ],
 )
 def test_bad_backends_and_steps_are_refused_with_the_fix(call, options, error, match):

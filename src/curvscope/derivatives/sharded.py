@@ -14,8 +14,8 @@ estimators take through :meth:`ShardedCurvature.reduce_sum`, one all-reduce of a
 
 ``cs.eigenvalues`` accepts the view (its eigenvectors come back sharded the same way), and
 so do ``cs.trace``, ``cs.trace_of_square`` (Hutchinson), ``cs.diagonal`` (this rank's
-entries), ``cs.density`` and ``cs.spectrum.cg``; ``by_layer=True`` refuses it with the fix,
-and ``diagnose`` and the Monitor still use whole vectors.
+entries), ``cs.density`` and ``cs.spectrum.cg``; ``by_layer=True`` refuses it with the fix.
+``diagnose``, ``update_curvature`` and the Monitor use it with ``sharded=True``.
 FSDP2 over one mesh dimension only: on HSDP's 2-D mesh each shard is held by several ranks,
 whose entries a sum over all ranks would count more than once.
 """
@@ -60,7 +60,8 @@ class ShardedCurvature:
     full vector's length), ``S.shard(v)`` and ``S.gather(v)`` convert full vectors and local
     parts, and ``S.reduce_sum(t)`` sums per-rank partial sums over the ranks (what an inner
     product of two sharded vectors needs). A random vector whose entries each rank draws
-    independently is a random vector of the whole space.
+    independently is a random vector of the whole space. On a single rank (FSDP2 over a
+    world of one) the shard is the whole vector.
 
     Example (on every rank of a gloo or NCCL group)::
 
@@ -99,8 +100,6 @@ class ShardedCurvature:
                 "replicates some parameters on every rank, whose entries a sum over the ranks "
                 "would count more than once); use C itself (full-length vectors)"
             )
-        if curvature.group is None:
-            raise ValueError(f"C.sharded(): the Curvature is local to this process; {_fix()}")
         self._curvature, self._differences = curvature, differences
         self._params = params
         self.group = curvature.group
@@ -148,6 +147,35 @@ class ShardedCurvature:
 
     def __matmul__(self, V: Tensor) -> Tensor:
         return self.matmat(V)
+
+    @property
+    def param_names(self) -> list[str]:
+        """The measured parameters' names, in the order of a vector's blocks."""
+        return self._curvature.param_names
+
+    @property
+    def block_sizes(self) -> list[int]:
+        """How many of this rank's entries each parameter's block holds, in order."""
+        return [math.prod(s) for s in _fd.local_shapes(self._params)]
+
+    def loss_and_gradient(self) -> tuple[float, Tensor]:
+        """The loss (the same on every rank) and this rank's entries of its gradient, by the
+        engine's own backward: nothing is gathered (a collective: every rank calls it)."""
+        return self._differences.loss_and_gradient(local=True)
+
+    def flatten(self, tensors: list[Tensor]) -> Tensor:
+        """This rank's entries of one tensor per parameter (each a DTensor laid out like its
+        parameter — a parameter itself, its optimizer state — or already its local shard), as a
+        flat vector in the view's order; no communication."""
+        if len(tensors) != len(self._params):
+            raise ValueError(
+                f"expected one tensor per measured parameter ({len(self._params)}), got "
+                f"{len(tensors)}"
+            )
+        parts = [
+            (t.to_local() if _fd._is_dtensor(t) else t).reshape(-1).to(self.device) for t in tensors
+        ]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=self.dtype, device=self.device)
 
     def reduce_sum(self, t: Tensor) -> Tensor:
         """``t`` summed over the ranks (a new tensor): each rank's partial sums over its
@@ -226,7 +254,10 @@ _LOCAL_ENTRIES = "one entry per entry of this rank's parameter shards"
 
 def rank_generator(gen: torch.Generator, group: Any) -> torch.Generator:
     """A generator for this rank's entries of random vectors: seeded from one draw of ``gen``
-    (the same on every rank) and the rank, so that the ranks' entries are independent."""
+    (the same on every rank) and the rank, so that the ranks' entries are independent; ``gen``
+    itself for a single process (one rank's shard is the whole vector)."""
+    if group is None:
+        return gen
     import torch.distributed as dist
 
     base = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))

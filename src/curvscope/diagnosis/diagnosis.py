@@ -8,7 +8,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -18,7 +18,9 @@ from curvscope.derivatives import Curvature
 from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives.checks import check_int
 from curvscope.derivatives.curvature import BACKENDS as _PRODUCT_BACKENDS
+from curvscope.derivatives.distributed import all_reduce_sum, together
 from curvscope.derivatives.objective import fixed_pass
+from curvscope.derivatives.sharded import ShardedCurvature
 from curvscope.diagnosis.classify import (
     DEFAULT_THRESHOLDS,
     Evidence,
@@ -28,7 +30,7 @@ from curvscope.diagnosis.classify import (
     as_state,
     classify,
 )
-from curvscope.diagnosis.stability import StabilityLimit, gathered, stability_limit
+from curvscope.diagnosis.stability import StabilityLimit, gathered, limit_of
 from curvscope.spectrum import Operator, as_operator, eigenvalues
 from curvscope.spectrum.cg import cg
 from curvscope.spectrum.eigen import block_shares
@@ -125,30 +127,51 @@ class _Objective:
     (:meth:`~curvscope.spectrum.Operator.congruence`).
 
     Everything here is in the working dtype (float32 for a bfloat16 or float16 model, the
-    parameters' dtype otherwise): only the curvature products run in the parameters' dtype."""
+    parameters' dtype otherwise): only the curvature products run in the parameters' dtype.
 
-    def __init__(self, C: Curvature, limit: StabilityLimit | None) -> None:
+    Over a sharded view (``space=C.sharded()``: an FSDP2 model, finite-difference products),
+    every vector here — the gradient, l2·θ, the step factors, the eigenvectors — holds this
+    rank's entries only, and every sum over a vector's entries is made whole over the ranks
+    (:meth:`total`): nothing the size of the model is gathered."""
+
+    def __init__(
+        self, C: Curvature, limit: StabilityLimit | None, space: _Space | None = None
+    ) -> None:
         self.C = C
+        #: what the vectors are over: the Curvature, or this rank's part of it (``C.sharded()``)
+        self.space: _Space = C if space is None else space
         self.dtype = working_dtype(C.dtype)
         self.scale = None if limit is None or limit.scale is None else limit.scale.to(self.dtype)
-        self._curvature = as_operator(C)  # casts V to the parameters' dtype and back
+        self._curvature = as_operator(self.space)  # casts V to the parameters' dtype and back
         self._l2_gradient: Tensor | None = None  # l2·θ
         if limit is not None and limit.l2 is not None:
             l2 = limit.l2.to(self.dtype)
             self._curvature = self._curvature.shifted(l2)
             model = C.objective
             assert model is not None  # diagnose builds C from a model
-            theta = C.flatten([gathered(p.detach()) for p in model.params.values()])
+            theta = _flatten(self.space, [p.detach() for p in model.params.values()])
             self._l2_gradient = l2 * theta.to(self.dtype)
         self._seen = self._curvature
         if self.scale is not None:
             self._seen = self._curvature.congruence(self.scale.clamp_min(0).sqrt())
 
+    def total(self, t: Tensor) -> float:
+        """A partial sum over this rank's entries made whole (as it is for whole vectors)."""
+        return float(self._curvature.total(t))
+
     def gradient(self) -> tuple[float, Tensor]:
         """(the data loss, the gradient of the objective)."""
-        loss, g = self.C.loss_and_gradient()
+        loss, g = self.space.loss_and_gradient()
         g = g.to(self.dtype)
         return loss, g if self._l2_gradient is None else g + self._l2_gradient
+
+    def finite(self, g: Tensor) -> bool:
+        """Whether every entry of g is finite (on every rank: they decide alike)."""
+        return self.total((~torch.isfinite(g)).sum().to(self.dtype)) == 0
+
+    def norm(self, g: Tensor) -> float:
+        """‖g‖ over the whole vector."""
+        return float(self._curvature.norm(g))
 
     def operator(self) -> Operator:
         """H + diag(l2) as an Operator (for CG)."""
@@ -167,18 +190,30 @@ class _Objective:
             scaled = self.scale > 0
             u = torch.where(scaled, u, 0)
             metric = torch.where(scaled, metric / self.scale.where(scaled, 1), 0)
-        norm = float(metric.sum())
+        norm = self.total(metric.sum())
         if not norm > 0:
             return None
-        return float(u @ self._curvature(u[:, None])[:, 0]) / norm
+        return self.total(u @ self._curvature(u[:, None])[:, 0]) / norm
 
     def directional(self, g: Tensor) -> tuple[float | None, float]:
         """(c, gᵀd): c = dᵀ(H + l2)d / gᵀd along the step direction d = S g — which is
         :meth:`along` d, since dᵀS⁻¹d = gᵀd (one product; None if gᵀd ≤ 0). A step −t·d
         changes the objective by −t·gᵀd + ½t²·c·gᵀd."""
         d = g if self.scale is None else self.scale * g
-        gd = float(g @ d)
+        gd = self.total(g @ d)
         return (self.along(d) if gd > 0 else None), gd
+
+
+#: What a diagnosis's vectors are over: the whole Curvature, or this rank's part of it.
+_Space = Curvature | ShardedCurvature
+
+
+def _flatten(space: _Space, tensors: list[Tensor]) -> Tensor:
+    """One tensor per measured parameter (sharded like it under FSDP2) as a vector of
+    ``space``: gathered whole, or this rank's entries for a sharded view."""
+    if isinstance(space, ShardedCurvature):
+        return space.flatten(tensors)
+    return space.flatten([gathered(t) for t in tensors])
 
 
 def diagnose(
@@ -199,6 +234,7 @@ def diagnose(
     adaptive: bool = False,
     backend: str = "double_backward",
     fd_eps: float | None = None,
+    sharded: bool = False,
 ) -> Diagnosis:
     """Say which state training is in, why, and what to do — from a few dozen curvature
     products, judged against the optimizer's own stability limit.
@@ -258,13 +294,22 @@ def diagnose(
             is double backward and a vmapped forward pass gains nothing.
         fd_eps: with ``backend="finite_difference"``, the step relative to the parameters'
             norm (default None: eps(dtype)^(1/3)), as for :class:`~curvscope.Curvature`.
+        sharded: for a model larger than one device (FSDP2's ``fully_shard`` over one mesh
+            dimension, with ``backend="finite_difference"``; every rank calls it together):
+            every vector of the diagnosis — the gradient, the optimizer's step factors, the
+            Lanczos and CG vectors — holds only this rank's entries (``C.sharded()``'s layout),
+            so nothing the size of the model is gathered on one device. The evidence and the
+            verdict are the same on every rank and equal the whole-vector diagnosis's (within
+            the products' accuracy); ``vectors`` (and ``v0``) then hold this rank's entries
+            (``cs.Curvature(...).sharded().gather(v)`` makes one whole).
 
     Raises:
         ValueError: a budget under 8, a backend a diagnosis does not take, ``fd_eps`` without
             ``backend="finite_difference"`` or outside (0, 1), a 16-bit model with
-            ``backend="finite_difference"``.
+            ``backend="finite_difference"``, ``sharded=True`` without
+            ``backend="finite_difference"`` or on a model that is not sharded by FSDP2.
         TypeError: thresholds that are not :class:`~curvscope.Thresholds`, a non-numeric
-            ``fd_eps``.
+            ``fd_eps``, a ``sharded`` that is not a bool.
 
     Example:
         >>> import torch, curvscope as cs
@@ -280,7 +325,7 @@ def diagnose(
     if not isinstance(thresholds, Thresholds):
         raise TypeError(f"thresholds must be a cs.Thresholds, got {type(thresholds).__name__}")
     check_int(max_batches, "max_batches", minimum=1)
-    products = _Products.checked(backend, fd_eps)
+    products = _Products.checked(backend, fd_eps, sharded)
     with _autocast_suspended(model):
         return _diagnose(
             model,
@@ -322,16 +367,16 @@ def _diagnose(
     C = _curvature(model, loss_fn, data, params, seed, reduction, products)
     measured = C.objective
     assert measured is not None  # C is built from a model
-    limit = _limit(C, optimizer, lr)
+    limit = _limit(C, optimizer, lr, products.sharded)
     evidence = _first_evidence(limit, thresholds)
-    objective = _Objective(C, limit)
+    objective = _Objective(C, limit, products.space(C))
     try:
         loss, g = objective.gradient()
     except FloatingPointError:
         loss, g = math.nan, None
     evidence["loss"] = loss
-    evidence["grad_norm"] = math.nan if g is None else float(g.norm())
-    if g is None or not math.isfinite(loss) or not torch.isfinite(g).all():
+    evidence["grad_norm"] = math.nan if g is None else objective.norm(g)
+    if g is None or not math.isfinite(loss) or not objective.finite(g):
         return _finish(evidence, thresholds, {}, True, start, C)
     try:
         vectors, converged = _measure_curvature(
@@ -363,15 +408,26 @@ def _diagnose(
 
 
 class _Products(NamedTuple):
-    """How a diagnosis computes its Hessian products: the backend and its step."""
+    """How a diagnosis computes its Hessian products: the backend and its step, and whether
+    its vectors are sharded over the ranks like the parameters."""
 
     backend: str = "double_backward"
     fd_eps: float | None = None
+    sharded: bool = False
 
     @classmethod
-    def checked(cls, backend: object, fd_eps: object) -> _Products:
-        """Validated: a backend of :data:`DIAGNOSIS_BACKENDS`, and ``fd_eps`` as
-        :class:`~curvscope.Curvature` checks it."""
+    def checked(cls, backend: object, fd_eps: object, sharded: object = False) -> _Products:
+        """Validated: a backend of :data:`DIAGNOSIS_BACKENDS`, ``fd_eps`` as
+        :class:`~curvscope.Curvature` checks it, and ``sharded`` only with finite
+        differences."""
+        if not isinstance(sharded, bool):
+            raise TypeError(f"sharded must be True or False, got {sharded!r}")
+        if sharded and backend != _fd.BACKEND:
+            raise ValueError(
+                "sharded=True shards the diagnosis's vectors like the parameters of a model "
+                "sharded by FSDP2, whose products only finite differences of its own gradients "
+                "give: pass backend='finite_difference' with it"
+            )
         if backend not in DIAGNOSIS_BACKENDS:
             if backend in _PRODUCT_BACKENDS:
                 raise ValueError(
@@ -382,7 +438,19 @@ class _Products(NamedTuple):
                     "(FSDP2)"
                 )
             raise ValueError(f"backend must be one of {DIAGNOSIS_BACKENDS}, got {backend!r}")
-        return cls(str(backend), _fd.check_fd_eps(fd_eps, str(backend), "hessian"))
+        return cls(str(backend), _fd.check_fd_eps(fd_eps, str(backend), "hessian"), sharded)
+
+    def space(self, C: Curvature) -> _Space:
+        """What the vectors are over: C, or this rank's part of it (a collective)."""
+        if not self.sharded:
+            return C
+        try:
+            return C.sharded()
+        except ValueError as e:
+            raise ValueError(
+                f"sharded=True: {e} (here: drop sharded=True, and the diagnosis gathers its "
+                "vectors whole)"
+            ) from e
 
 
 def _curvature(
@@ -410,14 +478,19 @@ def _curvature(
 
 
 def _limit(
-    C: Curvature, optimizer: torch.optim.Optimizer | None, lr: float | None
+    C: Curvature, optimizer: torch.optim.Optimizer | None, lr: float | None, sharded: bool
 ) -> StabilityLimit | None:
     """The optimizer's stability limit, its step factors in the order of ``C``'s parameters
-    (None without optimizer or lr)."""
+    (None without optimizer or lr); ``sharded``: this rank's entries of them, and the
+    unscaled coordinates counted over all the ranks."""
     if optimizer is None and lr is None:
         return None
     assert C.objective is not None  # C is built from a model
-    return stability_limit(optimizer, lr=lr, params=list(C.objective.params.values()))
+    limit = limit_of(optimizer, lr, list(C.objective.params.values()), local=sharded)
+    if sharded and limit.preconditioned:  # every rank alike: the same optimizer
+        count = torch.tensor([float(limit.unscaled)], dtype=torch.float64, device=C.device)
+        limit = replace(limit, unscaled=int(all_reduce_sum(count, C.group)[0]))
+    return limit
 
 
 def _first_evidence(limit: StabilityLimit | None, thresholds: Thresholds) -> dict[str, Any]:
@@ -482,14 +555,14 @@ def _measure_curvature(
     assert r.vectors is not None  # return_vectors defaults to True
     vectors = {"top": r.vectors[:, 0], "bottom": r.vectors[:, -1]}
     # which parameter blocks carry the sharpest direction (free: the eigenvector is at hand)
-    evidence["layer_shares"] = block_shares(C, vectors["top"])
+    evidence["layer_shares"] = block_shares(objective.space, vectors["top"])
     left = budget - C.matvecs
     if adaptive is not None and not small:
         return vectors, r.all_converged
-    if left >= 2 and float(g.norm()) > 0:
+    if left >= 2 and objective.norm(g) > 0:
         sol = cg(objective.operator(), g, tol=1e-2, max_matvecs=left)
         if not sol.negative_curvature:
-            evidence["newton_decrement"] = float(g @ sol.x)
+            evidence["newton_decrement"] = objective.total(g @ sol.x)
             evidence["decrement_converged"] = sol.converged
     return vectors, r.all_converged
 
@@ -538,6 +611,7 @@ def update_curvature(
     top: Tensor | None = None,
     backend: str = "double_backward",
     fd_eps: float | None = None,
+    sharded: bool = False,
 ) -> UpdateCheck:
     """The curvature along the optimizer's last update u = θ − θ_before, in the metric the
     optimizer steps in: uᵀ(H + l2)u / uᵀS⁻¹u (S its step factors: uᵀHu/‖u‖² for SGD; the
@@ -551,11 +625,14 @@ def update_curvature(
     only once an overshoot along it has grown to dominate the gradient.
 
     Args:
-        model, loss_fn, data, optimizer, lr, params, seed, reduction, backend, fd_eps: as for
-            :func:`diagnose` (``backend="finite_difference"`` for a model only its engine can
-            differentiate).
-        before: the parameters before the update, by name (``model.named_parameters()``).
-        top: a vector in the space of the curvature the step sees (S^½ (H + l2) S^½).
+        model, loss_fn, data, optimizer, lr, params, seed, reduction, backend, fd_eps, sharded:
+            as for :func:`diagnose` (``backend="finite_difference"`` for a model only its
+            engine can differentiate; ``sharded=True`` for one larger than one device, whose
+            ``before`` and ``top`` are then sharded: nothing is gathered).
+        before: the parameters before the update, by name (``model.named_parameters()``;
+            under FSDP2, copies of its sharded parameters).
+        top: a vector in the space of the curvature the step sees (S^½ (H + l2) S^½): this
+            rank's entries of it with ``sharded=True``.
 
     Returns:
         An :class:`UpdateCheck`: the curvature along the update (None when the update is zero
@@ -568,7 +645,7 @@ def update_curvature(
         ValueError: ``top`` is not a vector of the measured parameters' length; a backend or
             ``fd_eps`` that :func:`diagnose` refuses.
     """
-    products = _Products.checked(backend, fd_eps)
+    products = _Products.checked(backend, fd_eps, sharded)
     with _autocast_suspended(model):
         C = _curvature(model, loss_fn, data, params, seed, reduction, products)
         measured = C.objective
@@ -576,28 +653,35 @@ def update_curvature(
         missing = [name for name in measured.params if name not in before]
         if missing:
             raise KeyError(f"`before` has no value for the parameter(s) {missing}")
-        u = C.flatten(  # sharded (FSDP2) parameters and values gathered whole
-            [
-                gathered(p.detach()) - gathered(before[name]).to(p.device)
-                for name, p in measured.params.items()
-            ]
+        space = products.space(C)
+        # sharded (FSDP2) parameters and values gathered whole, or this rank's entries
+        u = _flatten(space, [p.detach() for p in measured.params.values()]) - _flatten(
+            space, [before[name].to(p.device) for name, p in measured.params.items()]
         )
-        if not bool(u.any()):
+        if not float(as_operator(space).total(u.ne(0).sum().to(torch.float64))) > 0:
             return UpdateCheck(None, None, None)  # nothing moved (before the first step)
-        limit = _limit(C, optimizer, lr)
-        objective = _Objective(C, limit)
+        limit = _limit(C, optimizer, lr, sharded)
+        objective = _Objective(C, limit, space)
         bound = None if limit is None else limit.limit
         along_top = None
         if top is not None:
-            if top.ndim != 1 or top.numel() != C.num_params:
-                raise ValueError(
-                    f"expected top of shape ({C.num_params},) — one entry per measured "
-                    f"parameter — got shape {tuple(top.shape)}: a previous probe's "
-                    "vectors['top'] over the same parameters"
-                )
-            t = top.to(device=u.device, dtype=objective.dtype)
-            along_top = float(t @ objective.scaled()(t[:, None])[:, 0]) / float(t @ t)
+            t = together(lambda: _top(top, space, objective.dtype), C.group, C.device)
+            seen = objective.scaled()(t[:, None])[:, 0]
+            along_top = objective.total(t @ seen) / objective.total(t @ t)
         return UpdateCheck(objective.along(u.to(objective.dtype)), bound, along_top)
+
+
+def _top(top: Tensor, space: _Space, dtype: torch.dtype) -> Tensor:
+    """``update_curvature``'s ``top`` checked against the vectors' space, in ``dtype``."""
+    n = space.num_params
+    if top.ndim != 1 or top.numel() != n:
+        whose = " of this rank's shards" if isinstance(space, ShardedCurvature) else ""
+        raise ValueError(
+            f"expected top of shape ({n},) — one entry per measured parameter{whose} — got "
+            f"shape {tuple(top.shape)}: a previous probe's vectors['top'] over the same "
+            "parameters"
+        )
+    return top.to(device=space.device, dtype=dtype)
 
 
 def _autocast_suspended(model: nn.Module) -> contextlib.AbstractContextManager[None]:
@@ -628,9 +712,8 @@ def _batch_sharpness(
     for i, batch in enumerate(fixed_pass(batches, seed)):  # the user's RNGs untouched
         if i >= max_batches or _precise_enough(values, limit):
             break
-        batch_objective = _Objective(
-            _curvature(model, loss_fn, batch, params, seed + i, reduction, products), limit
-        )
+        Cb = _curvature(model, loss_fn, batch, params, seed + i, reduction, products)
+        batch_objective = _Objective(Cb, limit, products.space(Cb))
         _, gb = batch_objective.gradient()
         c, _ = batch_objective.directional(gb)
         if c is not None:

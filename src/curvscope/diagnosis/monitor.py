@@ -173,6 +173,10 @@ class Monitor:
         backend, fd_eps: how the probes and the cheap tier compute their products, as for
             :func:`~curvscope.diagnose`: ``"finite_difference"`` for a model only its engine
             can differentiate (FSDP2).
+        sharded: with ``backend="finite_difference"`` on a model sharded by FSDP2, the probes'
+            and the checks' vectors hold this rank's entries only, as for
+            :func:`~curvscope.diagnose` (for a model larger than one device: nothing the size
+            of the model is gathered); the warm start is kept sharded too.
         forecast: probe off the cadence when the last verdict has gone stale (above; default
             True). False keeps the probes to the cadence — e.g. a fixed ``every`` under a cyclic
             schedule, whose every rise halves the limit several times over.
@@ -224,6 +228,7 @@ class Monitor:
         backend: str = "double_backward",
         fd_eps: float | None = None,
         forecast: bool = True,
+        sharded: bool = False,
     ) -> None:
         _check_cadence(every, update_every, overhead, forecast)
         if optimizer is not None and lr is not None:
@@ -234,7 +239,7 @@ class Monitor:
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable as callback(diagnosis, previous_state)")
         check_log_mode(log_mode)
-        self._products = _Products.checked(backend, fd_eps)
+        self._products = _Products.checked(backend, fd_eps, sharded)
         params = None if params is None else list(params)  # an iterator is read once
         if backend == _fd.BACKEND:  # refused now, not at the first probe steps later
             _check_fd_dtypes(model, params)
@@ -493,6 +498,7 @@ class Monitor:
             "reduction": self.reduction,
             "backend": self._products.backend,
             "fd_eps": self._products.fd_eps,
+            "sharded": self._products.sharded,
         }
 
     def _check_update(self) -> Diagnosis | None:

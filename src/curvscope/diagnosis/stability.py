@@ -209,14 +209,28 @@ def gathered(t: Tensor) -> Tensor:
     return t if full is None else full()
 
 
-def _flat(values: Sequence[Tensor | float], params: list[Tensor]) -> Tensor:
+def local_shard(t: Tensor) -> Tensor:
+    """This rank's shard of a sharded ``DTensor`` (no communication); a plain tensor as it is."""
+    local = getattr(t, "to_local", None)
+    return t if local is None else local()
+
+
+def _flat(values: Sequence[Tensor | float], params: list[Tensor], local: bool) -> Tensor:
+    """One flat vector of per-parameter values (tensors shaped like the parameters, or numbers
+    filled in): whole, or with ``local`` this rank's entries of sharded parameters."""
     ref = params[0]
+    part = local_shard if local else gathered
     # a number is filled in the parameters' dtype: through float32 first, a float64 model's
     # weight decay 0.01 would become 0.0099999998
     parts = [
-        v.reshape(-1).to(dtype=ref.dtype, device=ref.device)
+        part(v).reshape(-1).to(dtype=ref.dtype, device=ref.device)
         if isinstance(v, Tensor)
-        else torch.full((p.numel(),), float(v), dtype=ref.dtype, device=ref.device)
+        else torch.full(
+            ((local_shard(p) if local else p).numel(),),
+            float(v),
+            dtype=ref.dtype,
+            device=ref.device,
+        )
         for v, p in zip(values, params, strict=True)
     ]
     return torch.cat(parts)
@@ -251,6 +265,18 @@ def stability_limit(
         >>> round(cs.stability_limit(torch.optim.SGD([w], lr=0.1, momentum=0.9)).limit, 6)
         38.0
     """
+    return limit_of(optimizer, lr, params)
+
+
+def limit_of(
+    optimizer: Optimizer | None,
+    lr: float | None,
+    params: list[Tensor] | None,
+    local: bool = False,
+) -> StabilityLimit:
+    """:func:`stability_limit`; with ``local``, the step factors and L2 coefficients hold this
+    rank's entries of FSDP2-sharded parameters (a sharded diagnosis's vectors: nothing
+    gathered), and ``unscaled`` counts this rank's coordinates."""
     if (optimizer is None) == (lr is None):
         raise ValueError("give either optimizer= or lr= (for plain gradient descent), not both")
     if optimizer is None:
@@ -266,7 +292,7 @@ def stability_limit(
     if eta <= 0:  # e.g. a schedule that has decayed to 0: no step can overshoot
         what = type(optimizer).__name__ + " (lr = 0)"
         return StabilityLimit(math.inf, 0.0, math.inf, what, False, None, None, "s* = ∞ at η = 0")
-    return _limit(optimizer, rule, params, groups, eta)
+    return _limit(optimizer, rule, params, groups, eta, local)
 
 
 def limit_factor(optimizer: Optimizer | None = None, *, lr: float | None = None) -> float | None:
@@ -316,18 +342,21 @@ def _limit(
     params: list[Tensor],
     groups: list[dict[str, Any] | None],
     eta: float,
+    local: bool,
 ) -> StabilityLimit:
-    """s* = c/η by the optimizer's rule, with the step factors S and the L2 coefficients."""
+    """s* = c/η by the optimizer's rule, with the step factors S and the L2 coefficients
+    (whole, or this rank's entries with ``local``)."""
     ratio = [0.0 if g is None else g["lr"] / eta for g in groups]  # frozen: never stepped
     wd = [0.0 if g is None else g.get("weight_decay", 0.0) for g in groups]
     held = next(g for g in groups if g is not None)
     c, what, formula = rule.constant(type(optimizer).__name__, held)
-    l2 = None if rule.decoupled_decay or not any(wd) else _flat(wd, params)
+    l2 = None if rule.decoupled_decay or not any(wd) else _flat(wd, params, local)
     if rule.preconditioner is None:
-        scale = None if all(r == 1.0 for r in ratio) else _flat(ratio, params)
+        scale = None if all(r == 1.0 for r in ratio) else _flat(ratio, params, local)
         return StabilityLimit(c / eta, eta, c, what, False, scale, l2, formula)
-    inverse = _preconditioners(optimizer, rule.preconditioner, params, groups)
-    scale = _flat([r * q for r, q in zip(ratio, inverse, strict=True)], params)
+    part = local_shard if local else gathered
+    inverse = [part(q) for q in _preconditioners(optimizer, rule.preconditioner, params, groups)]
+    scale = _flat([r * q for r, q in zip(ratio, inverse, strict=True)], params, local)
     unscaled = sum(
         int((q == 0).sum()) for q, g in zip(inverse, groups, strict=True) if g is not None
     )
@@ -377,8 +406,5 @@ def _preconditioners(
             "√v̂ + ε does not exist; diagnose after the first optimizer.step(), or pass lr= "
             "for plain GD"
         )
-    # a sharded parameter's state is sharded like it: gathered, as the flat vectors are whole
-    return [
-        gathered(torch.zeros_like(p) if q is None else q)
-        for p, q in zip(params, states, strict=True)
-    ]
+    # a sharded parameter's state is sharded like it (the caller gathers it or takes its shard)
+    return [torch.zeros_like(p) if q is None else q for p, q in zip(params, states, strict=True)]

@@ -438,10 +438,19 @@ def _layer_groups(names: list[str]) -> dict[str, list[str]]:
 def block_shares(C: Any, v: Tensor) -> dict[str, float]:
     """Each parameter block's share Σ v_i² of a flat vector v of a Curvature, summed in v's own
     dtype (``C.unflatten`` would round a float32 eigenvector of a bfloat16 model first); the
-    shares are read from the device at once (one host read, not one a block)."""
-    zeros = torch.zeros(C.num_params, dtype=C.dtype, device=C.device)
-    sizes = [b.numel() for b in C.unflatten(zeros).values()]
+    shares are read from the device at once (one host read, not one a block). For a sharded
+    view (``C.sharded()``), v holds this rank's entries: each rank sums its own, and one
+    all-reduce makes the shares whole (the same on every rank)."""
+    from curvscope.derivatives.sharded import ShardedCurvature
+
+    if isinstance(C, ShardedCurvature):
+        sizes = C.block_sizes
+    else:
+        zeros = torch.zeros(C.num_params, dtype=C.dtype, device=C.device)
+        sizes = [b.numel() for b in C.unflatten(zeros).values()]
     squares = torch.stack([s.sum() for s in torch.split(v.detach().pow(2), sizes)])
+    if isinstance(C, ShardedCurvature):
+        squares = C.reduce_sum(squares)
     return dict(zip(C.param_names, squares.tolist(), strict=True))
 
 
