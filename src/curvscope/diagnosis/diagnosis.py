@@ -86,6 +86,10 @@ class Diagnosis:
         advice: actionable sentences.
         confident: False when an estimate the verdict rests on did not converge (within the
             budget, or to the estimated accuracy of finite-difference products).
+        vectors: the top and bottom eigenvectors of the curvature the step sees, ``"top"`` and
+            ``"bottom"`` (flat, over the measured parameters; this rank's entries of them with
+            ``sharded=True``) — a warm start for the next diagnosis; empty where none was
+            measured (diverged).
 
     Raises:
         ValueError: a state name that is not a state, or evidence without loss or grad_norm.
