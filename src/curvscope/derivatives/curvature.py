@@ -36,6 +36,7 @@ from curvscope.derivatives.distributed import (
 from curvscope.derivatives.functions import _grad_with_graph
 from curvscope.derivatives.objective import Batch, ModelObjective
 from curvscope.derivatives.sharded import ShardedCurvature
+from curvscope.derivatives.zero3 import check_backend
 
 
 @dataclass(frozen=True)
@@ -318,6 +319,7 @@ class Curvature:
             reduction=reduction,  # as declared; an inferred one is compared at the first product
             device=objective.device,
         )
+        check_backend(list(objective.params.values()), backend)  # DeepSpeed ZeRO-3
         if self.group is not None and backend == "auto":
             backend = "double_backward"  # the same choice on every rank, without timing
         replicas = _fd.replicas(objective, self.group) if backend == _fd.BACKEND else 1

@@ -101,7 +101,14 @@ loss's, nothing is summed over the ranks, so each rank's loss has weight 1, the 
 one rank's (:func:`replicas`) and the loss is not summed over the ranks either. Plain
 parameters next to tensor-parallel ones (a layer left unparallelized) have the same full
 gradient on every rank. FSDP2 and tensor parallelism on one mesh (2-D FSDP × TP) is refused
-(untested). A Curvature's flat vectors are full length on every rank; its ``sharded()`` view
+(untested). DeepSpeed ZeRO-3 (the engine ``deepspeed.initialize`` returns, passed as the model):
+θ₀ + εv is written into each rank's partition of the parameters (and into the persistent ones
+the engine keeps gathered), the gradient is the engine's ``engine.backward``, which averages
+over the ranks — so each rank's loss is multiplied by their number, as for FSDP2's divide
+factor — and is read from this rank's partitions of it; the engine's gradient partitions and
+micro-step counter are put back with the parameters (:mod:`curvscope.derivatives.zero3`). Its
+gradients are float32 even for float64 parameters: the step and the accuracy are float32's.
+A Curvature's flat vectors are full length on every rank; its ``sharded()`` view
 (:mod:`curvscope.derivatives.sharded`) takes this rank's entries of each vector only
 (``matmat(..., local=True)`` here: the shards set and read without gathering).
 """
@@ -118,6 +125,7 @@ from typing import Any, TypeGuard
 import torch
 from torch import Tensor, nn
 
+from curvscope.derivatives import zero3
 from curvscope.derivatives.distributed import all_reduce_sum, check_same_on_ranks, together
 from curvscope.derivatives.objective import Batch, ModelObjective
 
@@ -219,6 +227,8 @@ class _Engine:
     #: how many ranks of the group hold each sample: the tensor-parallel ranks, which pass the
     #: same batches (1: every rank its own shard of the data)
     replicas: int = 1
+    #: a DeepSpeed ZeRO-3 engine: where its partitions are set and read (:mod:`.zero3`)
+    zero3: zero3.Zero3 | None = None
 
 
 def _is_dtensor(t: object) -> TypeGuard[DTensor]:
@@ -226,8 +236,13 @@ def _is_dtensor(t: object) -> TypeGuard[DTensor]:
 
 
 def local_shapes(params: Iterable[Tensor]) -> list[torch.Size]:
-    """The shapes of this rank's shards of the parameters (a DTensor's local tensor, a plain
-    tensor whole), in order: the layout of the local part of a flat vector."""
+    """The shapes of this rank's shards of the parameters (a DTensor's local tensor, a ZeRO-3
+    parameter's partition without its padding, flat; a plain tensor whole), in order: the
+    layout of the local part of a flat vector."""
+    params = list(params)
+    if params and zero3.is_partitioned(params[0]):
+        spans = zero3.Zero3.spans_of(params)
+        return [torch.Size([hi - lo]) for lo, hi in spans]
     return [(p.to_local() if _is_dtensor(p) else p).shape for p in params]
 
 
@@ -285,6 +300,9 @@ def _data_parallel(model: nn.Module) -> tuple[int, float] | None:
 
 
 def _engine(model: nn.Module, params: Mapping[str, Tensor], group: Any) -> _Engine:
+    partitions = zero3.find(model, list(params.values()), group)
+    if partitions is not None:  # the engine averages the ranks' gradients
+        return _Engine(True, partitions.loss_scale, 1, partitions)
     sharded = [_is_dtensor(p) for p in params.values()]
     fsdp = _data_parallel(model)
     first = next((p for p in params.values() if _is_dtensor(p)), None)
@@ -334,11 +352,16 @@ def replicas(objective: ModelObjective, group: Any) -> int:
 class _Kept:
     """The model's mutable state, kept on entry and put back by :meth:`restore`: the selected
     parameters' values (a copy), every parameter's ``.grad`` (the tensor objects) and every
-    buffer (object and values)."""
+    buffer (object and values); for a ZeRO-3 engine its partitions and gradient state
+    (:class:`.zero3.Zero3State`), whose ``values`` are this rank's entries of θ₀."""
 
-    def __init__(self, model: nn.Module, params: Mapping[str, Tensor]) -> None:
+    def __init__(self, model: nn.Module, params: Mapping[str, Tensor], engine: _Engine) -> None:
         self.params = list(params.values())
-        self.values = [p.detach().clone() for p in self.params]
+        self.zero3 = None if engine.zero3 is None else engine.zero3.keep()
+        if self.zero3 is None:
+            self.values = [p.detach().clone() for p in self.params]
+        else:
+            self.values = self.zero3.zero3.values(self.zero3)
         self.all_params = list(model.parameters())
         self.grads = [p.grad for p in self.all_params]
         self.buffers = [
@@ -355,12 +378,17 @@ class _Kept:
                 b.data.copy_(value)
 
     def clear_grads(self) -> None:
+        if self.zero3 is not None:
+            self.zero3.zero3.clear_grads()
         for p in self.all_params:
             p.grad = None
 
     def restore(self) -> None:
-        for p, value in zip(self.params, self.values, strict=True):
-            p.data.copy_(value)  # .data: no version-counter bump, bit for bit
+        if self.zero3 is not None:
+            self.zero3.restore()
+        else:
+            for p, value in zip(self.params, self.values, strict=True):
+                p.data.copy_(value)  # .data: no version-counter bump, bit for bit
         for p, g in zip(self.all_params, self.grads, strict=True):
             p.grad = g
         self.restore_buffers()
@@ -430,14 +458,20 @@ class FiniteDifferenceProducts:
         group: Any = None,
         fd_eps: float | None = None,
     ) -> None:
-        check_dtype(objective.dtype)
+        engine = _engine(objective.model, objective.params, group)
+        #: the dtype the gradients are differenced in: the parameters', or a ZeRO-3 engine's
+        #: gradients' where coarser (float32, for float64 parameters too)
+        self.dtype = objective.dtype
+        if engine.zero3 is not None and engine.zero3.gradient_dtype.itemsize < self.dtype.itemsize:
+            self.dtype = engine.zero3.gradient_dtype
+        check_dtype(self.dtype)
         self.obj, self.weight, self.group = objective, weight, group
         #: the relative step ‖εv‖/‖θ‖ a product starts at
-        self.step = default_step(objective.dtype) if fd_eps is None else float(fd_eps)
-        resolution = float(torch.finfo(objective.dtype).eps)
+        self.step = default_step(self.dtype) if fd_eps is None else float(fd_eps)
+        resolution = float(torch.finfo(self.dtype).eps)
         if self.step < resolution:
             raise ValueError(
-                f"fd_eps={fd_eps!r} is below the resolution of {objective.dtype} "
+                f"fd_eps={fd_eps!r} is below the resolution of {self.dtype} "
                 f"({resolution:.2g}): θ ± εv would round back to θ and the differences to "
                 "rounding noise; leave fd_eps=None (eps(dtype)^(1/3)) or pass a larger step"
             )
@@ -447,7 +481,6 @@ class FiniteDifferenceProducts:
         self.scale = 0.0
         #: each product's estimated error per unit of ‖v‖: ‖D(ε) − D(ε/2)‖/‖v‖
         self.errors: list[float] = []
-        engine = _engine(objective.model, objective.params, group)
         if engine.replicas > 1:
             # tensor-parallel ranks compute one forward together: they pass the same batches
             try:
@@ -495,7 +528,11 @@ class FiniteDifferenceProducts:
                 out = self._outputs(batch)
                 loss = together(partial(self.obj.loss, out, batch), group, self.obj.device)
                 w = self.weight(batch)
-                (loss * (w * engine.loss_scale)).backward()
+                scaled = loss * (w * engine.loss_scale)
+                if engine.zero3 is None:
+                    scaled.backward()
+                else:  # the engine's own backward: its reduce-scatter into the partitions
+                    engine.zero3.backward(scaled)
             part = loss.detach() * w
             total = part if total is None else total + part
         assert total is not None  # the data is never empty (checked at construction)
@@ -506,6 +543,8 @@ class FiniteDifferenceProducts:
     ) -> Tensor:
         """The flat gradient the last backward pass left: gathered where sharded, or with
         ``local`` this rank's shards of it (:func:`local_shapes`' order)."""
+        if engine.zero3 is not None:
+            return engine.zero3.gradient(local)
         parts, found = [], False
         for p in params.values():
             g = p.grad
@@ -546,6 +585,9 @@ class FiniteDifferenceProducts:
         """Parameters := θ₀ + εv, computed from the kept copy θ₀; with ``local``, v holds this
         rank's shards only (:func:`local_shapes`)."""
         blocks = split_local(v, kept.params) if local else self.obj.unflatten(v)
+        if kept.zero3 is not None:
+            kept.zero3.zero3.set(kept.zero3, blocks, eps, local)
+            return
         for p, value, b in zip(kept.params, kept.values, blocks, strict=True):
             if local:  # the shard as a DTensor laid out like p: adding it is local
                 b = from_shard(b, p)
@@ -560,10 +602,10 @@ class FiniteDifferenceProducts:
         With ``local`` (FSDP2), V and H V hold this rank's shards of the vectors only."""
         params = self.obj.params
         engine = _engine(self.obj.model, params, self.group)
-        kept = _Kept(self.obj.model, params)
+        kept = _Kept(self.obj.model, params, engine)
         columns = []
-        try:
-            theta = self._theta_norm(kept.values, local)
+        try:  # a ZeRO-3 engine's values are this rank's partitions: their norms are summed
+            theta = self._theta_norm(kept.values, local or engine.zero3 is not None)
             norms = [float(x) for x in self._norms(V, local)]
             for j, norm in enumerate(norms):
                 v = V[:, j]
@@ -633,7 +675,7 @@ class FiniteDifferenceProducts:
         wide, grad = self._difference(kept, engine, params, v, eps, local)
         # rounding's share of a difference per unit of ‖v‖ at the step ε: about u·γ/(ε‖v‖), γ
         # the size of the gradient's terms — at least ‖∇L‖ + ‖H‖‖θ‖ (module docstring)
-        u = float(torch.finfo(self.obj.dtype).eps) / 2
+        u = float(torch.finfo(self.dtype).eps) / 2
         # (the same on every rank: summed over the ranks unless the engine gathered it whole)
         gamma = float(self._norms(grad[:, None], local or not engine.sharded)[0])
         best: tuple[float, Tensor, float, float] | None = None  # estimate, value, step, size
@@ -675,7 +717,7 @@ class FiniteDifferenceProducts:
         With ``local`` (FSDP2), this rank's shards of the gradient only (nothing gathered)."""
         params = self.obj.params
         engine = _engine(self.obj.model, params, self.group)
-        kept = _Kept(self.obj.model, params)
+        kept = _Kept(self.obj.model, params, engine)
         try:
             loss = self._pass(kept, engine)
             grad = self._gradient(params, engine, local)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
@@ -49,6 +50,7 @@ from curvscope.derivatives.checks import all_finite, check_scalar_loss, check_se
 from curvscope.derivatives.flat import flatten, map_tensors, tensors, unflatten
 from curvscope.derivatives.huggingface import HuggingFaceLoss
 from curvscope.derivatives.seeding import DATA, FORWARD
+from curvscope.derivatives.zero3 import full_shape
 
 logger = logging.getLogger(__name__)
 
@@ -413,8 +415,9 @@ class ModelObjective:
                     "convert the model with model.to(...) or select a uniform subset with params="
                 )
         self.names = list(self._params)
-        self.shapes = [p.shape for p in self._params.values()]
-        self.numels = [p.numel() for p in self._params.values()]
+        # a ZeRO-3 parameter's own shape, not its empty .data's (derivatives/zero3.py)
+        self.shapes = [full_shape(p) for p in self._params.values()]
+        self.numels = [math.prod(s) for s in self.shapes]
         self.num_params = sum(self.numels)
         self._selected = set(self.names)
         self._data = self._normalise_data(data)

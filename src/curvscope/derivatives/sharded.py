@@ -17,7 +17,10 @@ so do ``cs.trace``, ``cs.trace_of_square`` (Hutchinson), ``cs.diagonal`` (this r
 entries), ``cs.density`` and ``cs.spectrum.cg``; ``by_layer=True`` refuses it with the fix.
 ``diagnose``, ``update_curvature`` and the Monitor use it with ``sharded=True``.
 FSDP2 over one mesh dimension only: on HSDP's 2-D mesh each shard is held by several ranks,
-whose entries a sum over all ranks would count more than once.
+whose entries a sum over all ranks would count more than once. A DeepSpeed ZeRO-3 engine's
+vectors are laid out the same way, its partition of each parameter in place of the shard: the
+flattened parameter's entries [r·m, r·m + m) on rank r, without the padding
+(:mod:`curvscope.derivatives.zero3`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from torch import Tensor
 
 from curvscope.derivatives import finite_difference as _fd
+from curvscope.derivatives import zero3 as _zero3
 from curvscope.derivatives.checks import check_finite, check_vector
 from curvscope.derivatives.distributed import all_reduce_sum, together
 
@@ -46,8 +50,34 @@ def _fix() -> str:
     return (
         "a sharded view needs cs.Curvature(model, loss_fn, data, backend='finite_difference') "
         "over a model sharded by FSDP2's fully_shard (every selected parameter a DTensor "
-        "sharded over one mesh dimension, in the operator's process group)"
+        "sharded over one mesh dimension, in the operator's process group), or over a "
+        "DeepSpeed ZeRO-3 engine"
     )
+
+
+def _check_fsdp(model: Any, params: list[Tensor], named: dict[str, Tensor]) -> None:
+    """Refuse, with the fix, parameters that FSDP2 does not shard over one mesh dimension."""
+    plain = [k for k, p in named.items() if not _fd._is_dtensor(p)]
+    if plain:
+        raise ValueError(
+            f"C.sharded(): parameters {plain[:3]} are not sharded (not DTensors); {_fix()}. "
+            "An unsharded model's vectors fit wherever the model does: use C itself"
+        )
+    meshes = {p.device_mesh.ndim for p in params if _fd._is_dtensor(p)}
+    if meshes != {1}:
+        raise ValueError(
+            "C.sharded(): the parameters are laid out over a 2-D mesh (HSDP, or FSDP2 with "
+            "tensor parallelism), where a shard is held by several ranks; sharded vectors "
+            "need FSDP2 over one mesh dimension — use C itself (full-length vectors)"
+        )
+    if _fd._data_parallel(model) is None or not all(
+        isinstance(pl, Shard) for p in params if _fd._is_dtensor(p) for pl in p.placements
+    ):  # tensor parallelism: replicated biases, one loss computed by all ranks together
+        raise ValueError(
+            "C.sharded(): the model is not sharded by FSDP2 (a tensor-parallel model "
+            "replicates some parameters on every rank, whose entries a sum over the ranks "
+            "would count more than once); use C itself (full-length vectors)"
+        )
 
 
 class ShardedCurvature:
@@ -79,27 +109,11 @@ class ShardedCurvature:
                 f"C.sharded(): this Curvature uses backend={curvature.backend!r}; {_fix()}"
             )
         params = list(obj.params.values())
-        plain = [k for k, p in obj.params.items() if not _fd._is_dtensor(p)]
-        if plain:
-            raise ValueError(
-                f"C.sharded(): parameters {plain[:3]} are not sharded (not DTensors); {_fix()}. "
-                "An unsharded model's vectors fit wherever the model does: use C itself"
-            )
-        meshes = {p.device_mesh.ndim for p in params if _fd._is_dtensor(p)}
-        if meshes != {1}:
-            raise ValueError(
-                "C.sharded(): the parameters are laid out over a 2-D mesh (HSDP, or FSDP2 with "
-                "tensor parallelism), where a shard is held by several ranks; sharded vectors "
-                "need FSDP2 over one mesh dimension — use C itself (full-length vectors)"
-            )
-        if _fd._data_parallel(obj.model) is None or not all(
-            isinstance(pl, Shard) for p in params if _fd._is_dtensor(p) for pl in p.placements
-        ):  # tensor parallelism: replicated biases, one loss computed by all ranks together
-            raise ValueError(
-                "C.sharded(): the model is not sharded by FSDP2 (a tensor-parallel model "
-                "replicates some parameters on every rank, whose entries a sum over the ranks "
-                "would count more than once); use C itself (full-length vectors)"
-            )
+        #: a ZeRO-3 engine's parameters: this rank's entries [lo, hi) of each (its partition,
+        #: without the padding); None for FSDP2's DTensors
+        self._spans = _zero3.Zero3.spans_of(params) if _zero3.is_partitioned(params[0]) else None
+        if self._spans is None:
+            _check_fsdp(obj.model, params, obj.params)
         self._curvature, self._differences = curvature, differences
         self._params = params
         self.group = curvature.group
@@ -165,16 +179,14 @@ class ShardedCurvature:
 
     def flatten(self, tensors: list[Tensor]) -> Tensor:
         """This rank's entries of one tensor per parameter (each a DTensor laid out like its
-        parameter — a parameter itself, its optimizer state — or already its local shard), as a
-        flat vector in the view's order; no communication."""
+        parameter — a parameter itself, its optimizer state — a ZeRO-3 parameter itself, or
+        already its local shard), as a flat vector in the view's order; no communication."""
         if len(tensors) != len(self._params):
             raise ValueError(
                 f"expected one tensor per measured parameter ({len(self._params)}), got "
                 f"{len(tensors)}"
             )
-        parts = [
-            (t.to_local() if _fd._is_dtensor(t) else t).reshape(-1).to(self.device) for t in tensors
-        ]
+        parts = [_entries(t).reshape(-1).to(self.device) for t in tensors]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=self.dtype, device=self.device)
 
     def reduce_sum(self, t: Tensor) -> Tensor:
@@ -191,10 +203,7 @@ class ShardedCurvature:
         parts = []
         for j in range(cols.shape[1]):
             blocks = obj.unflatten(cols[:, j])
-            local = [
-                _fd.shard_of(b, p).to_local().reshape(-1)
-                for b, p in zip(blocks, self._params, strict=True)
-            ]
+            local = self._local_blocks(blocks)
             parts.append(torch.cat(local) if local else cols.new_zeros(0))
         out = torch.stack(parts, dim=1)
         return out[:, 0] if v.ndim == 1 else out
@@ -233,11 +242,18 @@ class ShardedCurvature:
         obj = self._curvature.objective
         assert obj is not None
         index = torch.arange(self.total_params, device=self.device)
-        local = [
-            _fd.shard_of(b, p).to_local().reshape(-1)
-            for b, p in zip(obj.unflatten(index), self._params, strict=True)
-        ]
+        local = self._local_blocks(obj.unflatten(index))
         return torch.cat(local) if local else index[:0]
+
+    def _local_blocks(self, blocks: list[Tensor]) -> list[Tensor]:
+        """This rank's entries of one full block per parameter, flat: its DTensor shard's, or
+        its ZeRO-3 partition's (without the padding); no communication."""
+        if self._spans is not None:
+            return [b.reshape(-1)[lo:hi] for b, (lo, hi) in zip(blocks, self._spans, strict=True)]
+        return [
+            _fd.shard_of(b, p).to_local().reshape(-1)
+            for b, p in zip(blocks, self._params, strict=True)
+        ]
 
     def __repr__(self) -> str:
         return (
@@ -245,6 +261,17 @@ class ShardedCurvature:
             f"{self.total_params}, dtype={self.dtype}, device={self.device}, "
             f"matvecs={self.matvecs})"
         )
+
+
+def _entries(t: Tensor) -> Tensor:
+    """This rank's entries of a DTensor, of a ZeRO-3 parameter (its partition without the
+    padding), or a plain tensor's own."""
+    if _fd._is_dtensor(t):
+        return t.to_local()
+    if _zero3.is_partitioned(t):
+        (lo, hi), *_ = _zero3.Zero3.spans_of([t])
+        return t.ds_tensor.detach()[: hi - lo]  # type: ignore[attr-defined]
+    return t
 
 
 #: what a vector's checks call it: this rank's entries, with the fix for a full-length vector

@@ -1,0 +1,354 @@
+"""DeepSpeed ZeRO-3 for the finite-difference backend: where an engine keeps its parameters and
+gradients, and what of its state a product must put back.
+
+``deepspeed.initialize`` with ``"zero_optimization": {"stage": 3}`` partitions every parameter
+over the data-parallel ranks: ``p.data`` is an empty tensor between passes (``p.ds_shape`` is
+the parameter's shape), this rank's slice of the flattened parameter lives in ``p.ds_tensor``
+(padded to ⌈numel/world⌉ entries; rank r holds entries [r·m, r·m + m) of the m-entry slices,
+clipped at ``p.ds_numel``), and the forward all-gathers it. Small parameters are *persistent*
+(``stage3_param_persistence_threshold``, 1e5 entries by default): they stay gathered in
+``p.data``, which the forward reads instead of ``p.ds_tensor``. The backward — the engine's,
+``engine.backward(loss)`` — reduce-scatters each gradient, *averaged* over the ranks, into the
+optimizer's flat buffer of gradient partitions (float32 even for float64 parameters), and adds
+to it from the second backward after ``zero_grad`` on (gradient accumulation); ``p.grad`` stays
+None. The optimizer's float32 master copy is separate, and only ``engine.step()`` writes it back
+into the partitions.
+
+So a product here (:class:`Zero3`, used by :mod:`curvscope.derivatives.finite_difference`)
+writes θ₀ + εv into ``p.ds_tensor`` — this rank's entries, the padding left as found — and,
+for a persistent parameter, into its full ``p.data`` (the ranks' entries gathered by one
+all-reduce when only this rank's are given); runs the engine's own forward and
+``engine.backward`` for each batch, the loss multiplied by the number of ranks (undoing the
+average; ``scale_wrt_gas=False``: the gradient accumulation steps do not divide it); and reads
+this rank's gradient partition without its padding. The user's state is kept on entry and put
+back bit for bit after each product and on failure: the partitions and persistent parameters,
+the buffer of gradient partitions, the micro-step counter and the backward bookkeeping the next
+``engine.backward`` or ``engine.step()`` reads. The master copy and the optimizer's state are
+never touched. The tests (tests/distributed/test_deepspeed.py) check that ``engine.step()``
+after curvscope's products — also in the middle of a gradient accumulation — gives the same
+parameters, bit for bit, as without them.
+
+Refused, with the fix: the engine's ``module`` instead of the engine (its backward is the
+engine's), ZeRO stages 0–2, fp16/bf16 engines (their gradients keep two or three digits),
+optimizer or parameter offload and sequence parallelism (untested).
+
+DeepSpeed is never imported here: a model it manages was built after the user imported it
+(``deepspeed.initialize`` patches torch process-wide), and is recognised by its attributes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvscope.derivatives.distributed import all_reduce_sum
+
+#: what an engine must be, in the refusals' fixes
+_CALL = (
+    "engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config={..., "
+    "'zero_optimization': {'stage': 3}}); cs.Curvature(engine, loss_fn, data, "
+    "backend='finite_difference')"
+)
+
+
+def is_partitioned(p: Tensor) -> bool:
+    """Whether ``p`` is a parameter partitioned by DeepSpeed's ZeRO-3."""
+    return hasattr(p, "ds_tensor") and hasattr(p, "ds_numel")
+
+
+def full_shape(p: Tensor) -> torch.Size:
+    """A parameter's shape: a ZeRO-3 parameter's own (``ds_shape``), not its empty ``.data``'s."""
+    return torch.Size(p.ds_shape) if is_partitioned(p) else p.shape  # type: ignore[attr-defined]
+
+
+def is_engine(model: object) -> bool:
+    """Whether ``model`` is a ``deepspeed.DeepSpeedEngine`` (without importing DeepSpeed)."""
+    module = sys.modules.get("deepspeed.runtime.engine")
+    cls = getattr(module, "DeepSpeedEngine", None)
+    return cls is not None and isinstance(model, cls)
+
+
+def check_backend(params: list[Tensor], backend: str) -> None:
+    """Refuse a backend other than finite differences for ZeRO-3 parameters, with the fix: the
+    exact backends call the model with the parameters' values, which the engine does not hold
+    whole."""
+    if backend != "finite_difference" and any(is_partitioned(p) for p in params):
+        raise ValueError(
+            f"backend={backend!r} differentiates the model's parameters as tensors, but a "
+            "DeepSpeed ZeRO-3 engine keeps only this rank's partition of each; use "
+            "backend='finite_difference', which differences the engine's own gradients"
+        )
+
+
+def _refuse_config(engine: Any) -> None:
+    """Refuse an engine whose gradients or state this module does not handle, with the fix."""
+    stage = int(engine.zero_optimization_stage())
+    if stage != 3:
+        raise ValueError(
+            f"backend='finite_difference' measures DeepSpeed engines with ZeRO stage 3, but this "
+            f"engine uses stage {stage}, whose gradients live in the optimizer's own buffers "
+            "between its hooks: measure with 'zero_optimization': {'stage': 3}, or measure a "
+            "copy of the model outside DeepSpeed"
+        )
+    if engine.fp16_enabled() or engine.bfloat16_enabled():
+        raise ValueError(
+            "backend='finite_difference' needs float32 (or float64) parameters, but this "
+            "DeepSpeed engine trains in fp16/bf16: a difference of two half-precision "
+            "gradients keeps two or three digits. Measure an engine built without 'fp16' and "
+            "'bf16' in its config (from a float32 copy of the model)"
+        )
+    optimizer = engine.optimizer
+    if getattr(optimizer, "offload_optimizer", False) or getattr(optimizer, "offload_param", False):
+        raise ValueError(
+            "backend='finite_difference' does not support DeepSpeed's optimizer or parameter "
+            "offload (its gradients then live in the offloaded float32 buffers; untested): "
+            "measure an engine without 'offload_optimizer' and 'offload_param'"
+        )
+    if int(getattr(optimizer, "sequence_parallel_size", 1)) != 1:
+        raise ValueError(
+            "backend='finite_difference' does not support DeepSpeed's sequence parallelism "
+            "(untested): measure an engine without it"
+        )
+    if getattr(optimizer, "grad_partitions_flat_buffer", None) is None:
+        raise ValueError(
+            "the DeepSpeed engine keeps no buffer of gradient partitions (was it built without "
+            f"an optimizer?); backend='finite_difference' needs its backward: {_CALL}"
+        )
+
+
+def find(model: nn.Module, params: list[Tensor], group: Any) -> Zero3 | None:
+    """The ZeRO-3 engine ``model`` with the selected ``params``; None where neither ``model`` is
+    a DeepSpeed engine nor any parameter partitioned. Refuses, with the fix, what this module
+    does not handle (``engine.module`` passed instead of the engine, stages 0–2, ...)."""
+    engine = is_engine(model)
+    partitioned = [is_partitioned(p) for p in params]
+    if not engine and not any(partitioned):
+        return None
+    if not engine:
+        raise ValueError(
+            "the model's parameters are partitioned by DeepSpeed ZeRO-3, but the model is not "
+            "the DeepSpeed engine (engine.module?): the gradients are the engine's backward's "
+            f"(engine.backward(loss)). Pass the engine itself: {_CALL}"
+        )
+    _refuse_config(model)
+    if not all(partitioned):
+        raise ValueError(
+            "some selected parameters of the DeepSpeed engine are not partitioned by ZeRO-3; "
+            "select the parameters the engine manages (params=None: every trainable one)"
+        )
+    return Zero3(model, params, group)
+
+
+class Zero3:
+    """The selected parameters of a ZeRO-3 engine: this rank's entries of each (its partition
+    without the padding), how the engine weighs the ranks, and its state kept and put back
+    (:meth:`keep`)."""
+
+    def __init__(self, engine: Any, params: list[Tensor], group: Any) -> None:
+        import torch.distributed as dist
+
+        self.engine, self.optimizer, self.params, self.group = (
+            engine,
+            engine.optimizer,
+            params,
+            group,
+        )
+        ours = 1 if group is None else dist.get_world_size(group)
+        sizes = {dist.get_world_size(p.ds_process_group) for p in params}  # type: ignore[attr-defined]
+        if sizes != {ours}:
+            raise ValueError(
+                f"the DeepSpeed engine partitions its parameters over {sorted(sizes)} ranks, but "
+                f"the Curvature reduces over {ours}; build it in the engine's data-parallel "
+                "process group (group=None uses the default group) so that each rank passes its "
+                "own shard of the data"
+            )
+        #: the engine averages the ranks' gradients: each rank's loss is multiplied by this
+        self.loss_scale = float(ours)
+        #: this rank's entries [lo, hi) of each parameter's flattened block
+        self.spans = self.spans_of(params)
+        self.numels = [math.prod(full_shape(p)) for p in params]
+        #: where this rank's entries sit in a full flat vector, in order
+        offsets = [0, *torch.tensor(self.numels).cumsum(0).tolist()]
+        self.positions = torch.cat(
+            [
+                torch.arange(o + lo, o + hi, device=params[0].device)
+                for o, (lo, hi) in zip(offsets, self.spans, strict=False)
+            ]
+        )
+        #: the dtype the gradients are accumulated in (float32 for float64 parameters too)
+        self.gradient_dtype: torch.dtype = self.optimizer.gradient_accumulation_dtype
+
+    @staticmethod
+    def spans_of(params: list[Tensor]) -> list[tuple[int, int]]:
+        """This rank's entries [lo, hi) of each ZeRO-3 parameter's flattened block: rank r of
+        its partition group holds [r·m, r·m + m) clipped at its size, m its partition's size."""
+        import torch.distributed as dist
+
+        spans = []
+        for p in params:
+            m, n = p.ds_tensor.numel(), p.ds_numel  # type: ignore[attr-defined]
+            lo = min(dist.get_rank(p.ds_process_group) * m, n)  # type: ignore[attr-defined]
+            spans.append((lo, min(lo + m, n)))
+        return spans
+
+    @property
+    def local_numels(self) -> list[int]:
+        """How many entries of each parameter this rank holds (its partition, unpadded)."""
+        return [hi - lo for lo, hi in self.spans]
+
+    def _whole(self, p: Tensor) -> bool:
+        """A parameter the forward reads whole from ``p.data``: a persistent one, gathered."""
+        return p.data.numel() == p.ds_numel  # type: ignore[attr-defined]
+
+    def keep(self) -> Zero3State:
+        """The engine's state as it is now, to be put back by :meth:`Zero3State.restore`."""
+        return Zero3State(self)
+
+    # ------------------------------------------------------------------------- values
+    def set(self, state: Zero3State, blocks: list[Tensor], eps: float, local: bool) -> None:
+        """The partitions (and persistent parameters) := θ₀ + ε·block, from the kept θ₀.
+        ``blocks``: one per parameter, the full block, or with ``local`` this rank's entries."""
+        flat = [b.reshape(-1) for b in blocks]
+        local_blocks = (
+            flat if local else [b[lo:hi] for b, (lo, hi) in zip(flat, self.spans, strict=True)]
+        )
+        full: list[Tensor | None] = list(flat) if not local else [None] * len(flat)
+        if local and any(w is not None for w in state.whole):
+            full = self._gather_persistent(local_blocks, state)
+        state.reset_layout()
+        for i, p in enumerate(self.params):
+            part = p.ds_tensor.data  # type: ignore[attr-defined]
+            part.copy_(state.partitions[i])
+            n = self.local_numels[i]
+            part[:n].add_(local_blocks[i].to(part.dtype), alpha=eps)
+            whole = state.whole[i]
+            if whole is not None:
+                block = full[i]
+                assert block is not None
+                p.data.copy_(whole)
+                p.data.view(-1).add_(block.to(p.dtype), alpha=eps)
+
+    def _gather_persistent(self, local: list[Tensor], state: Zero3State) -> list[Tensor | None]:
+        """The full blocks of the persistent parameters from every rank's entries: each rank
+        writes its own where they sit (zeros elsewhere: the partitions are disjoint) and one
+        all-reduce sums them."""
+        which = [i for i, w in enumerate(state.whole) if w is not None]
+        sizes = [self.numels[i] for i in which]
+        buf = local[which[0]].new_zeros(sum(sizes))
+        start = 0
+        for i, size in zip(which, sizes, strict=True):
+            lo, hi = self.spans[i]
+            buf[start + lo : start + hi] = local[i]
+            start += size
+        summed = all_reduce_sum(buf, self.group).split(sizes)
+        out: list[Tensor | None] = [None] * len(local)
+        for i, block in zip(which, summed, strict=True):
+            out[i] = block
+        return out
+
+    def values(self, state: Zero3State) -> list[Tensor]:
+        """This rank's entries of θ₀ (the kept partitions without their padding)."""
+        return [t[:n] for t, n in zip(state.partitions, self.local_numels, strict=True)]
+
+    # ---------------------------------------------------------------------- gradients
+    def clear_grads(self) -> None:
+        """Before a pass: the next backward copies into the gradient partitions instead of
+        adding (the optimizer's ``zero_grad``: its micro-step counter back to 0), and a
+        parameter the pass leaves without a gradient reads 0."""
+        self.optimizer.zero_grad()
+        self.optimizer.grad_partitions_flat_buffer.zero_()
+
+    def backward(self, loss: Tensor) -> None:
+        """The engine's backward: its reduce-scatter of the gradients into the partitions."""
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def gradient(self, local: bool) -> Tensor:
+        """The gradient the last pass left: this rank's entries (``local``) in the order of
+        :attr:`local_numels`, or the full flat vector on every rank (one all-reduce)."""
+        read: Callable[[Tensor], Tensor] = importlib.import_module(
+            "deepspeed.utils"
+        ).safe_get_local_grad
+        parts = [read(p)[:n] for p, n in zip(self.params, self.local_numels, strict=True)]
+        mine = torch.cat(parts).to(self.params[0].dtype)  # float32 for float64 parameters
+        if local:
+            return mine
+        full = mine.new_zeros(sum(self.numels))
+        full[self.positions] = mine
+        return all_reduce_sum(full, self.group)
+
+
+class Zero3State:
+    """A ZeRO-3 engine's state that a product changes, kept on entry: this rank's partitions
+    (with their padding), the persistent parameters' full values, the buffer of gradient
+    partitions and the optimizer's backward bookkeeping (micro-step counter, hook state, the
+    gradient lists and flags its ``step`` reads)."""
+
+    def __init__(self, zero3: Zero3) -> None:
+        self.zero3 = zero3
+        opt = zero3.optimizer
+        self.partitions = [p.ds_tensor.detach().clone() for p in zero3.params]  # type: ignore[attr-defined]
+        self.whole = [p.data.detach().clone() if zero3._whole(p) else None for p in zero3.params]
+        # a persistent parameter the engine has not gathered yet (empty .data) is gathered by
+        # the first forward and kept so: put back as found, or the next forward would read the
+        # values of θ₀ + εv there instead of gathering the partitions
+        self.layout = [(p.data, p.ds_status) for p in zero3.params]  # type: ignore[attr-defined]
+        self.grads = opt.grad_partitions_flat_buffer.detach().clone()
+        self.attributes = {k: _copy(getattr(opt, k)) for k in _OPTIMIZER_STATE if hasattr(opt, k)}
+        hooks = getattr(opt, "_backward_hook_state", None)
+        self.hooks = None if hooks is None else dict(vars(hooks))
+
+    def reset_layout(self) -> None:
+        """Each parameter's ``.data`` (whole or empty) and gathering status as kept."""
+        for p, (data, status) in zip(self.zero3.params, self.layout, strict=True):
+            p.data = data
+            p.ds_status = status  # type: ignore[attr-defined]
+
+    def restore(self) -> None:
+        """Everything kept, back bit for bit (``.data``: no version-counter bump)."""
+        zero3, opt = self.zero3, self.zero3.optimizer
+        self.reset_layout()
+        for p, part, whole in zip(zero3.params, self.partitions, self.whole, strict=True):
+            p.ds_tensor.data.copy_(part)  # type: ignore[attr-defined]
+            if whole is not None:
+                p.data.copy_(whole)
+        opt.grad_partitions_flat_buffer.copy_(self.grads)
+        for k, v in self.attributes.items():
+            setattr(opt, k, _copy(v))
+        if self.hooks is not None:
+            vars(opt._backward_hook_state).update(self.hooks)
+
+
+#: the optimizer's attributes a backward changes and its next backward or step reads
+_OPTIMIZER_STATE = (
+    "micro_step_id",
+    "averaged_gradients",
+    "params_already_reduced",
+    "_is_gradient_accumulation_boundary",
+    "_offload_boundary_param_ids",
+)
+
+
+def _copy(value: Any) -> Any:
+    """A shallow copy of a container (its tensors shared: they are views of kept buffers)."""
+    if isinstance(value, dict):
+        return {k: list(v) if isinstance(v, list) else v for k, v in value.items()}
+    if isinstance(value, (list, set)):
+        return type(value)(value)
+    return value
+
+
+__all__ = [
+    "Zero3",
+    "Zero3State",
+    "check_backend",
+    "find",
+    "full_shape",
+    "is_engine",
+    "is_partitioned",
+]
