@@ -256,6 +256,12 @@ def test_a_monitor_refuses_a_16_bit_model_at_construction_not_at_its_first_probe
     assert len(mon.params) == len(list(mixed.model[2:].parameters()))
 
 
+def test_a_monitor_refuses_sharded_vectors_of_an_unsharded_model_at_construction():
+    case = smooth(n=8)
+    with pytest.raises(ValueError, match=r"sharded=True: parameters \['0.weight'.*drop sharded"):
+        cs.Monitor(case.model, case.loss_fn, case.data, lr=0.1, backend=FD, sharded=True)
+
+
 def _call(call: str, case: cases.Case, **options) -> object:
     if call == "diagnose":
         return cs.diagnose(case.model, case.loss_fn, case.data, lr=0.1, **options)

@@ -185,9 +185,20 @@ def _worker(rank: int, port: int, out: str) -> None:
     except RuntimeError as e:
         result["failed_with"] = str(e)
     result["failure_untouched"] = _same(found, _state(engine))
-    # the user's training goes on: the second micro-batch and the update, on both engines
+    # the user's training goes on: the second micro-batch and the update, on both engines;
+    # the Monitor's copy of the parameters before it (this rank's partitions: .data is empty)
+    mon = cs.Monitor(engine, loss_fn, local, lr=LR, backend=FD, sharded=True)
+    before = mon._trainable_copy()
     for e in (engine, twin):
         _user_step(e, loss_fn, local[1])
+    # the curvature along the update, on sharded vectors and on whole ones
+    result["update"] = [
+        cs.diagnosis.update_curvature(
+            engine, loss_fn, local, before, lr=LR, backend=FD, sharded=sharded
+        ).curvature
+        for sharded in (True, False)
+    ]
+    result["theta"] = [S.gather(S.flatten(list(before.values()))), S.gather(S.flatten(params))]
     # (the partitions' padding left out: torch.empty's, different in the two engines)
     result["stepped_alike"] = _same(_state(engine, padding=False), _state(twin, padding=False))
     result["moved"] = not torch.equal(found["partitions"][0], _state(engine)["partitions"][0])
@@ -255,11 +266,28 @@ def test_zero3_products_equal_the_exact_single_process_product(tmp_path, referen
             assert r[key], key
         assert r["failed_with"] == "the loss failed"
         assert r["moved"] and r["stepped_alike"]
+        # the curvature along the update uᵀHu/uᵀu, H where the update ended (float64, exact)
+        H_after, u = _hessian_at(r["theta"][1]), (r["theta"][1] - r["theta"][0]).double()
+        want_u = float(u @ H_after @ u / (u @ u))
+        norm = float(torch.linalg.matrix_norm(H_after, 2))
+        for got_u in r["update"]:
+            assert (
+                abs(got_u - want_u)
+                <= fd.ACCURACY * torch.finfo(torch.float32).eps ** (2 / 3) * norm
+            ), (got_u, want_u)
         assert "engine.module" in r["module_refused"]
         assert "deepspeed.initialize" in r["module_refused"]
     # every rank took the same steps: the same products and values
     assert got[0]["errors"] == got[1]["errors"]
     assert torch.equal(got[0]["hv"], got[1]["hv"])
+
+
+def _hessian_at(theta: torch.Tensor) -> torch.Tensor:
+    """The exact float64 Hessian of :func:`smooth`'s loss on all the data at the float32
+    parameters ``theta`` (flat)."""
+    case = as_float64(smooth(torch.float32, n=N))
+    torch.nn.utils.vector_to_parameters(theta.double(), case.model.parameters())
+    return cases.dense_hessian(case)
 
 
 def _refusals_worker(rank: int, port: int, out: str) -> None:
@@ -280,6 +308,16 @@ def _refusals_worker(rank: int, port: int, out: str) -> None:
         cs.Curvature(engine, loss_fn, local)
     except ValueError as e:
         result["exact"] = str(e)
+    # the stability limit cannot read the engine's optimizer (its own flat partitions): refused
+    # with the fix, by diagnose and — at construction — by the Monitor
+    for name, call in (
+        ("diagnose", lambda: cs.diagnose(engine, loss_fn, local, engine.optimizer, backend=FD)),
+        ("monitor", lambda: cs.Monitor(engine, loss_fn, local, engine.optimizer, backend=FD)),
+    ):
+        try:
+            call()
+        except ValueError as e:
+            result[name] = str(e)
     torch.save(result, Path(out) / f"rank{rank}.pt")
     dist.barrier()
     os._exit(0)
@@ -294,3 +332,5 @@ def test_what_zero3_products_do_not_support_is_refused_with_the_fix(tmp_path):
         assert "stage 2" in got["stage2"] and "'stage': 3" in got["stage2"]
         assert "bf16" in got["bf16"] and "float32" in got["bf16"]
         assert "backend='finite_difference'" in got["exact"]
+        for name in ("diagnose", "monitor"):
+            assert "ZeRO-3" in got[name] and "pass lr=" in got[name], name

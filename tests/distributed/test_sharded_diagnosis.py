@@ -112,6 +112,22 @@ def _worker(rank: int, port: int, out: str) -> None:
             sharded=True,
         )
     result["update_untouched"] = _same(found, _local_state(model))
+    # a user's mistakes, refused with the fix on every rank: whole parameters as `before`, a
+    # sharded vector as the warm start of a whole-vector diagnosis
+    whole = {k: v.full_tensor() for k, v in before.items()}
+    for name, call in (
+        (
+            "whole_before",
+            lambda: cs.diagnosis.update_curvature(
+                model, loss_fn, local, whole, lr=0.5, backend=FD, sharded=True
+            ),
+        ),
+        ("sharded_v0", lambda: cs.diagnose(model, loss_fn, local, lr=0.5, backend=FD, v0=v0)),
+    ):
+        try:
+            call()
+        except ValueError as e:
+            result[name] = str(e)
     result["sizes"], result["gathers"] = spy.sizes, spy.gathers
     result["n"] = S.total_params
     torch.save(result, Path(out) / f"rank{rank}.pt")
@@ -175,6 +191,8 @@ def test_a_sharded_diagnosis_equals_the_exact_one_without_gathering_the_model(tm
         assert u.limit == update.limit
         assert abs(u.curvature - update.curvature) <= scale * accuracy(H)
         assert abs(u.top_curvature - update.top_curvature) <= scale * accuracy(H)
+        assert "pass copies of the sharded parameters" in result["whole_before"]
+        assert "C.sharded().gather(v) makes it whole" in result["sharded_v0"]
         # nothing the size of the model was gathered or summed over the ranks: the largest
         # all-reduce is a block of Krylov inner products or the argument check's 16 numbers
         assert result["gathers"] == 0

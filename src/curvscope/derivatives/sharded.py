@@ -180,13 +180,29 @@ class ShardedCurvature:
     def flatten(self, tensors: list[Tensor]) -> Tensor:
         """This rank's entries of one tensor per parameter (each a DTensor laid out like its
         parameter — a parameter itself, its optimizer state — a ZeRO-3 parameter itself, or
-        already its local shard), as a flat vector in the view's order; no communication."""
+        already its local shard), as a flat vector in the view's order. Every rank calls it
+        together: a value that does not fit this rank's shard is refused on every rank."""
+        return together(lambda: self._flatten(tensors), self.group, self.device)
+
+    def _flatten(self, tensors: list[Tensor]) -> Tensor:
         if len(tensors) != len(self._params):
             raise ValueError(
                 f"expected one tensor per measured parameter ({len(self._params)}), got "
                 f"{len(tensors)}"
             )
-        parts = [_entries(t).reshape(-1).to(self.device) for t in tensors]
+        shapes = _fd.local_shapes(self._params)
+        parts = [
+            local_entries(t, p).reshape(-1).to(self.device)
+            for t, p in zip(tensors, self._params, strict=True)
+        ]
+        for name, part, shape in zip(self.param_names, parts, shapes, strict=True):
+            if part.numel() != math.prod(shape):
+                raise ValueError(
+                    f"the value given for {name!r} holds {part.numel()} entries on this rank, "
+                    f"but this rank's shard of the parameter holds {math.prod(shape)} "
+                    f"{tuple(shape)}: pass copies of the sharded parameters themselves "
+                    "(p.detach().clone() of an FSDP2 DTensor, or its to_local()), not whole ones"
+                )
         return torch.cat(parts) if parts else torch.zeros(0, dtype=self.dtype, device=self.device)
 
     def reduce_sum(self, t: Tensor) -> Tensor:
@@ -263,15 +279,19 @@ class ShardedCurvature:
         )
 
 
-def _entries(t: Tensor) -> Tensor:
+def local_entries(t: Tensor, param: Tensor | None = None) -> Tensor:
     """This rank's entries of a DTensor, of a ZeRO-3 parameter (its partition without the
-    padding), or a plain tensor's own."""
+    padding), or a plain tensor's own (detached) — given the ZeRO-3 ``param`` it is a value of,
+    a copy of its padded partition (``p.ds_tensor.clone()``) without the padding."""
     if _fd._is_dtensor(t):
-        return t.to_local()
+        return t.to_local().detach()
     if _zero3.is_partitioned(t):
-        (lo, hi), *_ = _zero3.Zero3.spans_of([t])
-        return t.ds_tensor.detach()[: hi - lo]  # type: ignore[attr-defined]
-    return t
+        param, t = t, t.ds_tensor  # type: ignore[attr-defined]
+    if param is not None and _zero3.is_partitioned(param):
+        (lo, hi), *_ = _zero3.Zero3.spans_of([param])
+        if t.numel() == param.ds_tensor.numel():  # type: ignore[attr-defined]
+            return t.detach().reshape(-1)[: hi - lo]
+    return t.detach()
 
 
 #: what a vector's checks call it: this rank's entries, with the fix for a full-length vector
@@ -293,4 +313,4 @@ def rank_generator(gen: torch.Generator, group: Any) -> torch.Generator:
     return out
 
 
-__all__ = ["ShardedCurvature", "rank_generator"]
+__all__ = ["ShardedCurvature", "local_entries", "rank_generator"]

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from curvscope.derivatives import Curvature
 from curvscope.derivatives import finite_difference as _fd
+from curvscope.derivatives import zero3 as _zero3
 from curvscope.derivatives.checks import check_int
 from curvscope.derivatives.curvature import BACKENDS as _PRODUCT_BACKENDS
 from curvscope.derivatives.distributed import all_reduce_sum, together
@@ -153,7 +154,7 @@ class _Objective:
             self._curvature = self._curvature.shifted(l2)
             model = C.objective
             assert model is not None  # diagnose builds C from a model
-            theta = _flatten(self.space, [p.detach() for p in model.params.values()])
+            theta = _flatten(self.space, list(model.params.values()))
             self._l2_gradient = l2 * theta.to(self.dtype)
         self._seen = self._curvature
         if self.scale is not None:
@@ -161,7 +162,7 @@ class _Objective:
 
     def total(self, t: Tensor) -> float:
         """A partial sum over this rank's entries made whole (as it is for whole vectors)."""
-        return float(self._curvature.total(t))
+        return _total(self.space, t)
 
     def gradient(self) -> tuple[float, Tensor]:
         """(the data loss, the gradient of the objective)."""
@@ -213,11 +214,28 @@ _Space = Curvature | ShardedCurvature
 
 
 def _flatten(space: _Space, tensors: list[Tensor]) -> Tensor:
-    """One tensor per measured parameter (sharded like it under FSDP2) as a vector of
-    ``space``: gathered whole, or this rank's entries for a sharded view."""
+    """One tensor per measured parameter (sharded like it under FSDP2 or DeepSpeed ZeRO-3) as
+    a vector of ``space``: gathered whole, or this rank's entries for a sharded view. A ZeRO-3
+    engine's parameters hold only this rank's partition: whole, from every rank's entries (a
+    collective)."""
     if isinstance(space, ShardedCurvature):
         return space.flatten(tensors)
-    return space.flatten([gathered(t) for t in tensors])
+    if _zero3_params(space):
+        view = space.sharded()
+        return view.gather(view.flatten(tensors))
+    return space.flatten([gathered(t).detach() for t in tensors])
+
+
+def _total(space: _Space, t: Tensor) -> float:
+    """A sum over a vector's entries: this rank's partial sum made whole over the ranks for a
+    sharded view; as it is for whole vectors (every rank holds them all)."""
+    return float(space.reduce_sum(t) if isinstance(space, ShardedCurvature) else t)
+
+
+def _zero3_params(C: Curvature) -> bool:
+    """Whether the measured parameters are a DeepSpeed ZeRO-3 engine's (partitioned)."""
+    model = C.objective
+    return model is not None and any(_zero3.is_partitioned(p) for p in model.params.values())
 
 
 def diagnose(
@@ -299,7 +317,8 @@ def diagnose(
         fd_eps: with ``backend="finite_difference"``, the step relative to the parameters'
             norm (default None: eps(dtype)^(1/3)), as for :class:`~curvscope.Curvature`.
         sharded: for a model larger than one device (FSDP2's ``fully_shard`` over one mesh
-            dimension, with ``backend="finite_difference"``; every rank calls it together):
+            dimension, or a DeepSpeed ZeRO-3 engine, with ``backend="finite_difference"``;
+            every rank calls it together):
             every vector of the diagnosis — the gradient, the optimizer's step factors, the
             Lanczos and CG vectors — holds only this rank's entries (``C.sharded()``'s layout),
             so nothing the size of the model is gathered on one device. The evidence and the
@@ -311,7 +330,9 @@ def diagnose(
         ValueError: a budget under 8, a backend a diagnosis does not take, ``fd_eps`` without
             ``backend="finite_difference"`` or outside (0, 1), a 16-bit model with
             ``backend="finite_difference"``, ``sharded=True`` without
-            ``backend="finite_difference"`` or on a model that is not sharded by FSDP2.
+            ``backend="finite_difference"`` or on a model that is not sharded (by FSDP2 or
+            DeepSpeed ZeRO-3), an ``optimizer`` of a ZeRO-3 engine (its state lives in the
+            engine's own partitions: pass ``lr=``).
         TypeError: thresholds that are not :class:`~curvscope.Thresholds`, a non-numeric
             ``fd_eps``, a ``sharded`` that is not a bool.
 
@@ -371,9 +392,10 @@ def _diagnose(
     C = _curvature(model, loss_fn, data, params, seed, reduction, products)
     measured = C.objective
     assert measured is not None  # C is built from a model
+    space = products.space(C)  # refused here, before any collective, if it cannot be
     limit = _limit(C, optimizer, lr, products.sharded)
     evidence = _first_evidence(limit, thresholds)
-    objective = _Objective(C, limit, products.space(C))
+    objective = _Objective(C, limit, space)
     try:
         loss, g = objective.gradient()
     except FloatingPointError:
@@ -457,6 +479,18 @@ class _Products(NamedTuple):
             ) from e
 
 
+def check_optimizer(optimizer: object, params: Iterable[Tensor]) -> None:
+    """Refuse, with the fix, an optimizer whose state the stability limit cannot read: a
+    DeepSpeed ZeRO-3 engine's, which keeps its parameters and state in its own flat partitions
+    (every rank alike: it depends on the model's structure only)."""
+    if optimizer is not None and any(_zero3.is_partitioned(p) for p in params):
+        raise ValueError(
+            "a DeepSpeed ZeRO-3 engine keeps its optimizer's parameters and state in its own "
+            "flat partitions, which the stability limit does not read (yet): pass lr= instead "
+            "of optimizer= — the limit 2/lr of plain gradient descent at the engine's rate"
+        )
+
+
 def _curvature(
     model: nn.Module,
     loss_fn: Callable[[Any, Tensor], Tensor],
@@ -490,6 +524,7 @@ def _limit(
     if optimizer is None and lr is None:
         return None
     assert C.objective is not None  # C is built from a model
+    check_optimizer(optimizer, C.objective.params.values())
     limit = limit_of(optimizer, lr, list(C.objective.params.values()), local=sharded)
     if sharded and limit.preconditioned:  # every rank alike: the same optimizer
         count = torch.tensor([float(limit.unscaled)], dtype=torch.float64, device=C.device)
@@ -646,8 +681,11 @@ def update_curvature(
 
     Raises:
         KeyError: ``before`` lacks a measured parameter (the message names it).
-        ValueError: ``top`` is not a vector of the measured parameters' length; a backend or
-            ``fd_eps`` that :func:`diagnose` refuses.
+        ValueError: ``top`` is not a vector of the measured parameters' length (of this rank's
+            entries with ``sharded=True``); a ``before`` value that does not fit this rank's
+            shard; a backend, ``fd_eps`` or ``sharded`` that :func:`diagnose` refuses; an
+            optimizer of a DeepSpeed ZeRO-3 engine (pass ``lr=``).
+        TypeError: a ``sharded`` that is not a bool.
     """
     products = _Products.checked(backend, fd_eps, sharded)
     with _autocast_suspended(model):
@@ -659,10 +697,10 @@ def update_curvature(
             raise KeyError(f"`before` has no value for the parameter(s) {missing}")
         space = products.space(C)
         # sharded (FSDP2) parameters and values gathered whole, or this rank's entries
-        u = _flatten(space, [p.detach() for p in measured.params.values()]) - _flatten(
+        u = _flatten(space, list(measured.params.values())) - _flatten(
             space, [before[name].to(p.device) for name, p in measured.params.items()]
         )
-        if not float(as_operator(space).total(u.ne(0).sum().to(torch.float64))) > 0:
+        if not _total(space, u.ne(0).sum().to(torch.float64)) > 0:
             return UpdateCheck(None, None, None)  # nothing moved (before the first step)
         limit = _limit(C, optimizer, lr, sharded)
         objective = _Objective(C, limit, space)

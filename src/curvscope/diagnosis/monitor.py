@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from curvscope.derivatives import finite_difference as _fd
+from curvscope.derivatives import zero3 as _zero3
 from curvscope.derivatives.checks import check_int
 from curvscope.derivatives.distributed import (
     all_reduce_max,
@@ -22,6 +23,7 @@ from curvscope.derivatives.distributed import (
     first_device,
     from_first_rank,
 )
+from curvscope.derivatives.sharded import local_entries
 from curvscope.diagnosis.classify import (
     DEFAULT_THRESHOLDS,
     EOS_BAND,
@@ -42,6 +44,7 @@ from curvscope.diagnosis.diagnosis import (
     Diagnosis,
     UpdateCheck,
     _Products,
+    check_optimizer,
     diagnose,
     update_curvature,
 )
@@ -75,14 +78,33 @@ def _is_writer() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _check_fd_dtypes(model: nn.Module, params: list[Any] | None) -> None:
-    """The finite-difference backend's dtype check (float32 or float64) of the parameters a
-    Monitor's probes will select (names or tensors; all that require grad by default)."""
+def _selected(model: nn.Module, params: list[Any] | None) -> list[Tensor]:
+    """The parameters a Monitor's probes will select (names or tensors; all that require grad
+    by default)."""
     named = dict(model.named_parameters())
-    for p in model.parameters() if params is None else params:
-        t = named.get(p) if isinstance(p, str) else p
-        if t is not None and t.requires_grad:
-            _fd.check_dtype(t.dtype)
+    chosen = (named.get(p) if isinstance(p, str) else p for p in (params or named.values()))
+    return [t for t in chosen if t is not None and t.requires_grad]
+
+
+def _check_finite_difference(
+    model: nn.Module, params: list[Any] | None, products: _Products, optimizer: object
+) -> None:
+    """What the probes would refuse at the first probe, refused at construction: the
+    finite-difference backend's dtypes (float32 or float64), ``sharded=True`` on parameters
+    that are not sharded (FSDP2's DTensors or a DeepSpeed ZeRO-3 engine's), an optimizer whose
+    state the limit cannot read (ZeRO-3's)."""
+    selected = _selected(model, params)
+    for t in selected:
+        _fd.check_dtype(t.dtype)
+    plain = [t for t in selected if not _fd._is_dtensor(t) and not _zero3.is_partitioned(t)]
+    if products.sharded and plain:
+        names = {id(p): k for k, p in model.named_parameters()}
+        raise ValueError(
+            f"sharded=True: parameters {[names.get(id(t)) for t in plain[:3]]} are not sharded "
+            "(neither FSDP2's DTensors nor a DeepSpeed ZeRO-3 engine's): an unsharded model's "
+            "vectors fit wherever the model does — drop sharded=True"
+        )
+    check_optimizer(optimizer, selected)
 
 
 class Monitor:
@@ -242,7 +264,7 @@ class Monitor:
         self._products = _Products.checked(backend, fd_eps, sharded)
         params = None if params is None else list(params)  # an iterator is read once
         if backend == _fd.BACKEND:  # refused now, not at the first probe steps later
-            _check_fd_dtypes(model, params)
+            _check_finite_difference(model, params, self._products, optimizer)
         self.forecast = forecast
         self.model, self.loss_fn, self.probe_data = model, loss_fn, probe_data
         self.optimizer, self.lr = optimizer, lr
@@ -398,8 +420,13 @@ class Monitor:
         return [name for name, _ in self._trainable()]
 
     def _trainable_copy(self) -> dict[str, Tensor]:
-        """A copy of the parameters the checks measure: a frozen backbone is not copied."""
-        return {name: p.detach().clone() for name, p in self._trainable()}
+        """A copy of the parameters the checks measure: a frozen backbone is not copied; of a
+        DeepSpeed ZeRO-3 engine's, this rank's entries (its ``.data`` is empty between
+        passes)."""
+        return {
+            name: local_entries(p).clone() if _zero3.is_partitioned(p) else p.detach().clone()
+            for name, p in self._trainable()
+        }
 
     def _warm_start(self) -> Tensor | None:
         """The previous probe's eigenvectors, while they are over the parameters measured now

@@ -126,11 +126,17 @@ class Operator:
         """What every rank must hold alike of a vector argument (for :meth:`same_on_ranks`):
         a whole vector itself (its shape only, with ``values=False``: where the first rank's
         is taken), a sharded one — whose entries and length differ by rank — its shape past
-        the first dimension; anything else as it is."""
+        the first dimension (its length is checked on each rank, and a rank that refuses it
+        stops them all); anything else as it is. A whole vector of the wrong length is refused
+        by the estimator's own check, which says why: the lengths of a sharded vector given
+        where whole ones go, different on every rank, are not called a difference between the
+        ranks' calls."""
         if not isinstance(v, Tensor):
             return v
         if self.shards is not None:
             return tuple(v.shape[1:])
+        if v.ndim == 0 or v.shape[0] != self.n:
+            return "a vector of another length"
         return v if values else tuple(v.shape)
 
     def require_whole(self, what: str) -> None:

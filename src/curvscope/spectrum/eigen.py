@@ -131,9 +131,11 @@ def _start_vectors(v0: Any, op: Operator) -> Tensor:
         )
     if v0.ndim not in (1, 2) or v0.shape[0] != n or (v0.ndim == 2 and v0.shape[1] == 0):
         whose = (
-            "one entry per parameter of the operator"
+            "one entry per parameter of the operator (this rank's entries of a sharded vector? "
+            "C.sharded().gather(v) makes it whole)"
             if op.shards is None
-            else "this rank's entries of the vectors (S.shard(v) gives them from a full one)"
+            else "this rank's entries of the vectors (S.shard(v) gives them from a full one, "
+            "S = C.sharded(); a diagnosis's sharded=True vectors hold them)"
         )
         raise ValueError(
             f"expected v0 of shape ({n},) or ({n}, j) — {whose}, j warm-start vectors as "
@@ -443,13 +445,14 @@ def block_shares(C: Any, v: Tensor) -> dict[str, float]:
     all-reduce makes the shares whole (the same on every rank)."""
     from curvscope.derivatives.sharded import ShardedCurvature
 
-    if isinstance(C, ShardedCurvature):
+    sharded = isinstance(C, ShardedCurvature)
+    if sharded:
         sizes = C.block_sizes
     else:
         zeros = torch.zeros(C.num_params, dtype=C.dtype, device=C.device)
         sizes = [b.numel() for b in C.unflatten(zeros).values()]
     squares = torch.stack([s.sum() for s in torch.split(v.detach().pow(2), sizes)])
-    if isinstance(C, ShardedCurvature):
+    if sharded:
         squares = C.reduce_sum(squares)
     return dict(zip(C.param_names, squares.tolist(), strict=True))
 
