@@ -85,6 +85,13 @@ SLOW: dict[str, float] = {
     "test_gpt2_top_direction_is_accurate_in_float32": 3.9,
     "tests/derivatives/test_fd_transformers.py::"
     "test_float32_rounding_that_no_step_fixes_is_reported": 8.7,
+    "tests/derivatives/test_fd_transformers.py::"
+    "test_float32_differences_under_adam_are_never_confidently_wrong": 9.4,
+    # two gloo processes: the diagnosis and the Monitor on sharded vectors (wall time)
+    "tests/distributed/test_sharded_diagnosis.py::"
+    "test_a_sharded_diagnosis_equals_the_exact_one_without_gathering_the_model": 21.3,
+    "tests/distributed/test_sharded_diagnosis.py::"
+    "test_a_sharded_monitor_says_what_a_whole_vector_one_says_without_gathering": 9.8,
     "tests/derivatives/test_finite_difference.py::"
     "test_a_warm_start_along_a_far_from_quadratic_direction_is_accurate": 3.5,
     # four and two gloo processes (measured alone: 28 and 17 s of wall time)
