@@ -144,8 +144,9 @@ def test_float32_differences_under_adam_are_never_confidently_wrong():
     """Adam's step factors S multiply a product's error (max(S)·u^(2/3)·‖H‖ against a
     sharpness of S^½HS^½ far below max(S)‖H‖): on this transformer after five AdamW steps the
     exact sharpness is 555.3 and float32 finite differences gave 554.1, 623.5, 7939, 552.0 and
-    1328 for seeds 0–4 (measured), none of them confident. Whatever value a seed gives, the diagnosis must say when it is not
-    confident: a confident sharpness is within the diagnosis's 1% of the exact one."""
+    1328 for seeds 0–4 (measured), none of them confident. Whatever value a seed gives, the
+    diagnosis must say when it is not confident: a confident sharpness is within the
+    diagnosis's 1% of the exact one."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = _SmallLM()
