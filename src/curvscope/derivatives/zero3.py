@@ -39,6 +39,7 @@ DeepSpeed is never imported here: a model it manages was built after the user im
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import sys
 from collections.abc import Callable
@@ -174,7 +175,7 @@ class Zero3:
         self.spans = self.spans_of(params)
         self.numels = [math.prod(full_shape(p)) for p in params]
         #: where this rank's entries sit in a full flat vector, in order
-        offsets = [0, *torch.tensor(self.numels).cumsum(0).tolist()]
+        offsets = [0, *itertools.accumulate(self.numels)]
         self.positions = torch.cat(
             [
                 torch.arange(o + lo, o + hi, device=params[0].device)
