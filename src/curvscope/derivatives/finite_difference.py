@@ -110,7 +110,9 @@ micro-step counter are put back with the parameters (:mod:`curvscope.derivatives
 gradients are float32 even for float64 parameters: the step and the accuracy are float32's.
 A Curvature's flat vectors are full length on every rank; its ``sharded()`` view
 (:mod:`curvscope.derivatives.sharded`) takes this rank's entries of each vector only
-(``matmat(..., local=True)`` here: the shards set and read without gathering).
+(``matmat(..., local=True)`` here: the shards set and read without gathering, and a sum over
+their entries — a norm — reduced over :func:`shard_group`: the operator's group, or HSDP's
+shard dimension, whose replicas hold the same entries).
 """
 
 from __future__ import annotations
@@ -156,9 +158,10 @@ BACKEND = "finite_difference"
 ACCURACY = 100.0
 
 try:  # torch.distributed is optional in torch builds
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 except ImportError:  # pragma: no cover - a torch built without distributed
     DTensor = None  # type: ignore[assignment,misc]
+    Replicate = Shard = None  # type: ignore[assignment,misc]
     distribute_tensor = None  # type: ignore[assignment]
 
 
@@ -271,6 +274,25 @@ def split_local(v: Tensor, params: Iterable[Tensor]) -> list[Tensor]:
     shapes = local_shapes(params)
     parts = v.split_with_sizes([math.prod(s) for s in shapes])
     return [t.reshape(s) for t, s in zip(parts, shapes, strict=True)]
+
+
+def shard_group(params: Iterable[Tensor], group: Any) -> Any:
+    """The process group over whose ranks this rank's shards partition the parameters: the
+    group a sum over the entries of a sharded vector (this rank's entries of each parameter,
+    :func:`local_shapes`) reduces over. ``group`` itself for FSDP2 over one mesh dimension and
+    for DeepSpeed ZeRO-3 (partitioned over all its ranks); for HSDP — DTensors on a 2-D
+    (replicate, shard) mesh, placed ``Replicate()`` on one dimension and ``Shard`` on the
+    other — the shard dimension's group: the ranks of one replica, which hold each entry once
+    (a sum over all the ranks would count it once per replica). Any other layout: ``group``
+    (the sharded view refuses it). No communication: the mesh made its groups."""
+    first = next((p for p in params if _is_dtensor(p)), None)
+    if first is None or group is None or first.device_mesh.ndim != 2:
+        return group
+    dims = [i for i, pl in enumerate(first.placements) if type(pl) is Shard]
+    kept = [i for i, pl in enumerate(first.placements) if type(pl) is Replicate]
+    if len(dims) != 1 or len(kept) != 1:
+        return group
+    return first.device_mesh.get_group(dims[0])
 
 
 def _data_parallel(model: nn.Module) -> tuple[int, float] | None:
@@ -466,6 +488,10 @@ class FiniteDifferenceProducts:
             self.dtype = engine.zero3.gradient_dtype
         check_dtype(self.dtype)
         self.obj, self.weight, self.group = objective, weight, group
+        #: the group a sum over this rank's entries of sharded vectors reduces over
+        #: (:func:`shard_group`: HSDP's shard dimension; else ``group``) — the local path's
+        #: norms here, and every sum of ``ShardedCurvature``, which takes it from here
+        self.sum_group = shard_group(objective.params.values(), group)
         #: the relative step ‖εv‖/‖θ‖ a product starts at
         self.step = default_step(self.dtype) if fd_eps is None else float(fd_eps)
         resolution = float(torch.finfo(self.dtype).eps)
@@ -565,8 +591,8 @@ class FiniteDifferenceProducts:
         return self.obj.flatten(parts)
 
     def _theta_norm(self, values: list[Tensor], local: bool = False) -> float:
-        """‖θ‖ over every rank's parameters (1 for θ = 0). With ``local`` (FSDP2 over one mesh
-        dimension: the shards partition θ), one all-reduce of the shards' sum of squares;
+        """‖θ‖ over every rank's parameters (1 for θ = 0). With ``local`` (the shards partition
+        θ over :attr:`sum_group`), one all-reduce of the shards' sum of squares over it;
         otherwise each DTensor's norm is reduced by DTensor (replicated entries once)."""
         sq = torch.zeros((), dtype=torch.float64, device=self.obj.device)
         for t in values:
@@ -577,7 +603,7 @@ class FiniteDifferenceProducts:
                 n = n.full_tensor()
             sq = sq + n * n
         if local:
-            sq = all_reduce_sum(sq.reshape(1), self.group)[0]
+            sq = all_reduce_sum(sq.reshape(1), self.sum_group)[0]
         norm = math.sqrt(float(sq))
         return norm if norm > 0 else 1.0
 
@@ -606,7 +632,7 @@ class FiniteDifferenceProducts:
         columns = []
         try:  # a ZeRO-3 engine's values are this rank's partitions: their norms are summed
             theta = self._theta_norm(kept.values, local or engine.zero3 is not None)
-            norms = [float(x) for x in self._norms(V, local)]
+            norms = [float(x) for x in self._norms(V, self._entries(local))]
             for j, norm in enumerate(norms):
                 v = V[:, j]
                 if norm == 0.0:
@@ -620,10 +646,16 @@ class FiniteDifferenceProducts:
             kept.restore()
         return torch.stack(columns, dim=1)  # summed over the ranks already (_difference)
 
-    def _norms(self, V: Tensor, local: bool) -> Tensor:
-        """The columns' norms, float64, over the ranks' shards where ``local``."""
+    def _entries(self, local: bool) -> Any:
+        """What a sum over a vector's entries reduces over: with ``local`` (this rank's shards
+        of the vectors) :attr:`sum_group`; whole vectors: nothing (every rank holds them)."""
+        return self.sum_group if local else None
+
+    def _norms(self, V: Tensor, over: Any) -> Tensor:
+        """The columns' norms, float64, their squares summed over the ranks of ``over`` (None:
+        this rank's entries are the whole vectors)."""
         sq = V.pow(2).sum(dim=0, dtype=torch.float64)
-        return (all_reduce_sum(sq, self.group) if local else sq).sqrt()
+        return all_reduce_sum(sq, over).sqrt()
 
     def _difference(
         self,
@@ -673,11 +705,14 @@ class FiniteDifferenceProducts:
         and while halving helps (:class:`_Search`); the pair with the smallest estimate wins.
         Every rank takes the same steps: the differences it measures are the reduced ones."""
         wide, grad = self._difference(kept, engine, params, v, eps, local)
+        entries = self._entries(local)
         # rounding's share of a difference per unit of ‖v‖ at the step ε: about u·γ/(ε‖v‖), γ
         # the size of the gradient's terms — at least ‖∇L‖ + ‖H‖‖θ‖ (module docstring)
         u = float(torch.finfo(self.dtype).eps) / 2
-        # (the same on every rank: summed over the ranks unless the engine gathered it whole)
-        gamma = float(self._norms(grad[:, None], local or not engine.sharded)[0])
+        # (the same on every rank: summed over the ranks unless the engine gathered it whole —
+        # plain parameters' gradients are this rank's, summed over the operator's group)
+        over = self.group if not (local or engine.sharded) else self._entries(local)
+        gamma = float(self._norms(grad[:, None], over)[0])
         best: tuple[float, Tensor, float, float] | None = None  # estimate, value, step, size
         last: Tensor | None = None  # the previous pair's extrapolation
         search = _Search()
@@ -686,7 +721,7 @@ class FiniteDifferenceProducts:
             value = (4.0 * narrow - wide) / 3.0
             change = value - (value if last is None else last)
             gap, size, moved = (
-                self._norms(torch.stack([wide - narrow, value, change], dim=1), local) / norm
+                self._norms(torch.stack([wide - narrow, value, change], dim=1), entries) / norm
             ).tolist()
             gap = gap if math.isfinite(gap) else math.inf
             # the gap is D(ε/2)'s error; the extrapolation's is far smaller where truncation

@@ -16,8 +16,22 @@ estimators take through :meth:`ShardedCurvature.reduce_sum`, one all-reduce of a
 so do ``cs.trace``, ``cs.trace_of_square`` (Hutchinson), ``cs.diagonal`` (this rank's
 entries), ``cs.density`` and ``cs.spectrum.cg``; ``by_layer=True`` refuses it with the fix.
 ``diagnose``, ``update_curvature`` and the Monitor use it with ``sharded=True``.
-FSDP2 over one mesh dimension only: on HSDP's 2-D mesh each shard is held by several ranks,
-whose entries a sum over all ranks would count more than once. A DeepSpeed ZeRO-3 engine's
+
+HSDP (``fully_shard`` over a 2-D (replicate, shard) mesh) too: each shard is held by the
+``replicate`` ranks of one coordinate of the shard dimension, so a sum over a vector's entries
+reduces over the shard dimension's process group only (:attr:`ShardedCurvature.sum_group`,
+:func:`~curvscope.derivatives.finite_difference.shard_group`) — over all the ranks it would
+count each entry once per replica — and a random vector's entries are drawn from the rank in
+that group (:func:`rank_generator`), so that the replicas of a shard draw the same ones. The
+replicas then hold the same entries of every vector, bit for bit: the engine all-reduces the
+gradient over the replicate dimension (every replica gets the same shard of it) and every
+other step is the same arithmetic on the same numbers. (The alternative — sums over all the
+ranks divided by the number of replicas — would also agree on every rank, but it is exact only
+while the replicas' entries are, and for a replicate size that is a power of two.) What every
+rank must agree on — the checks that the ranks made the same call, a loss that fails on one
+rank — still spans all the ranks (:attr:`ShardedCurvature.group`). Tensor parallelism, alone or
+with FSDP2 on one mesh, replicates some entries within a shard group: refused. A DeepSpeed
+ZeRO-3 engine's
 vectors are laid out the same way, its partition of each parameter in place of the shard: the
 flattened parameter's entries [r·m, r·m + m) on rank r, without the padding
 (:mod:`curvscope.derivatives.zero3`).
@@ -41,43 +55,63 @@ if TYPE_CHECKING:
     from curvscope.derivatives.curvature import Curvature
 
 try:  # torch.distributed is optional in torch builds
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Replicate, Shard
 except ImportError:  # pragma: no cover - a torch built without distributed
-    Shard = None  # type: ignore[assignment,misc]
+    Replicate = Shard = None  # type: ignore[assignment,misc]
 
 
 def _fix() -> str:
     return (
         "a sharded view needs cs.Curvature(model, loss_fn, data, backend='finite_difference') "
-        "over a model sharded by FSDP2's fully_shard (every selected parameter a DTensor "
-        "sharded over one mesh dimension, in the operator's process group), or over a "
-        "DeepSpeed ZeRO-3 engine"
+        "over a model sharded by FSDP2's fully_shard (every selected parameter a DTensor in "
+        "the operator's process group, sharded over a 1-D mesh, or over the shard dimension "
+        "of HSDP's 2-D (replicate, shard) mesh), or over a DeepSpeed ZeRO-3 engine"
     )
 
 
+def _layout_refused(p: Any) -> bool:
+    """Whether a DTensor is laid out otherwise than FSDP2 lays out a parameter: ``Shard`` over
+    a 1-D mesh, or HSDP's ``Replicate()`` on one dimension of a 2-D mesh and ``Shard`` on the
+    other (FSDP2 × TP's ``_StridedShard`` is not a ``Shard``)."""
+    kinds = [type(pl) for pl in p.placements]
+    return kinds not in ([Shard], [Replicate, Shard], [Shard, Replicate])
+
+
+def _layout(p: Any) -> tuple[Any, int]:
+    """A DTensor's mesh and the mesh dimension it is sharded over."""
+    return p.device_mesh, next(i for i, pl in enumerate(p.placements) if type(pl) is Shard)
+
+
 def _check_fsdp(model: Any, params: list[Tensor], named: dict[str, Tensor]) -> None:
-    """Refuse, with the fix, parameters that FSDP2 does not shard over one mesh dimension."""
+    """Refuse, with the fix, parameters that FSDP2 does not shard over one mesh dimension
+    (a 1-D mesh, or HSDP's shard dimension), all over one mesh and dimension."""
     plain = [k for k, p in named.items() if not _fd._is_dtensor(p)]
     if plain:
         raise ValueError(
             f"C.sharded(): parameters {plain[:3]} are not sharded (not DTensors); {_fix()}. "
             "An unsharded model's vectors fit wherever the model does: use C itself"
         )
-    meshes = {p.device_mesh.ndim for p in params if _fd._is_dtensor(p)}
-    if meshes != {1}:
-        raise ValueError(
-            "C.sharded(): the parameters are laid out over a 2-D mesh (HSDP, or FSDP2 with "
-            "tensor parallelism), where a shard is held by several ranks; sharded vectors "
-            "need FSDP2 over one mesh dimension — use C itself (full-length vectors)"
-        )
-    if _fd._data_parallel(model) is None or not all(
-        isinstance(pl, Shard) for p in params if _fd._is_dtensor(p) for pl in p.placements
-    ):  # tensor parallelism: replicated biases, one loss computed by all ranks together
+    if _fd._data_parallel(model) is None:  # tensor parallelism: one loss, replicated biases
         raise ValueError(
             "C.sharded(): the model is not sharded by FSDP2 (a tensor-parallel model "
             "replicates some parameters on every rank, whose entries a sum over the ranks "
             "would count more than once); use C itself (full-length vectors)"
         )
+    first: Any = params[0]
+    for name, p in named.items():
+        dt: Any = p
+        odd = _layout_refused(dt)
+        if odd or _layout(dt) != _layout(first):
+            raise ValueError(
+                f"C.sharded(): parameter {name!r} is laid out as {tuple(dt.placements)} over "
+                f"a mesh of shape {tuple(dt.device_mesh.shape)}"
+                + ("" if odd else ", unlike the first parameter")
+                + ": sharded vectors need every parameter sharded by FSDP2 over one mesh "
+                "dimension, the same one — Shard over a 1-D mesh, or (Replicate(), Shard) over "
+                "HSDP's (replicate, shard) mesh (a layout with tensor parallelism, 2-D FSDP × "
+                "TP, replicates entries within a shard group). Use C itself (full-length "
+                "vectors)"
+            )
 
 
 class ShardedCurvature:
@@ -88,10 +122,11 @@ class ShardedCurvature:
     block) and returns this rank's entries of the product; every rank calls it together, as a
     training step's forward and backward. ``S.total_params`` is the operator's dimension (the
     full vector's length), ``S.shard(v)`` and ``S.gather(v)`` convert full vectors and local
-    parts, and ``S.reduce_sum(t)`` sums per-rank partial sums over the ranks (what an inner
-    product of two sharded vectors needs). A random vector whose entries each rank draws
-    independently is a random vector of the whole space. On a single rank (FSDP2 over a
-    world of one) the shard is the whole vector.
+    parts, and ``S.reduce_sum(t)`` sums per-rank partial sums over the ranks of
+    ``S.sum_group`` (what an inner product of two sharded vectors needs: the operator's group,
+    or HSDP's shard dimension). A random vector whose entries each shard draws independently
+    is a random vector of the whole space (HSDP's replicas of a shard draw the same). On a
+    single rank (FSDP2 over a world of one) the shard is the whole vector.
 
     Example (on every rank of a gloo or NCCL group)::
 
@@ -116,7 +151,14 @@ class ShardedCurvature:
             _check_fsdp(obj.model, params, obj.params)
         self._curvature, self._differences = curvature, differences
         self._params = params
+        #: the operator's process group: every rank takes each product, and makes each call,
+        #: together (the checks that the ranks' calls agree span it)
         self.group = curvature.group
+        #: the group a sum over a vector's entries reduces over: the ranks whose shards
+        #: partition the parameters — ``group`` itself, or HSDP's shard dimension, whose
+        #: replicas hold the same entries (:func:`~.finite_difference.shard_group`); the
+        #: products' own norms reduce over the same group
+        self.sum_group: Any = differences.sum_group
         self.kind = curvature.kind
         self.dtype: torch.dtype = curvature.dtype
         self.device: torch.device = curvature.device
@@ -128,13 +170,15 @@ class ShardedCurvature:
         self.matvecs = 0
         counted = all_reduce_sum(
             torch.tensor([float(self.num_params)], dtype=torch.float64, device=self.device),
-            self.group,
+            self.sum_group,
         )
+        # (the count is the same on every rank whatever the layout: a refusal is everyone's)
         if int(counted[0]) != self.total_params:  # a layout whose shards overlap or miss
             raise ValueError(
                 f"C.sharded(): the ranks' shards hold {int(counted[0])} entries in all, but the "
                 f"operator has {self.total_params}: the parameters are not partitioned over "
-                "the operator's process group; use C itself (full-length vectors)"
+                "the operator's process group (or HSDP's shard dimension); use C itself "
+                "(full-length vectors)"
             )
 
     @property
@@ -206,9 +250,11 @@ class ShardedCurvature:
         return torch.cat(parts) if parts else torch.zeros(0, dtype=self.dtype, device=self.device)
 
     def reduce_sum(self, t: Tensor) -> Tensor:
-        """``t`` summed over the ranks (a new tensor): each rank's partial sums over its
-        entries of the vectors become the sums over the whole vectors."""
-        return all_reduce_sum(t, self.group)
+        """``t`` summed over the ranks of :attr:`sum_group` (a new tensor, or ``t`` itself on a
+        single process): each rank's partial sums over its entries of the vectors become the
+        sums over the whole vectors — on every rank, HSDP's replicas included (each replica
+        sums over its own shard dimension, and they hold the same entries)."""
+        return all_reduce_sum(t, self.sum_group)
 
     def shard(self, v: Tensor) -> Tensor:
         """This rank's entries of a full flat vector (n,) or block (n, k) — no communication."""
@@ -237,7 +283,7 @@ class ShardedCurvature:
         cols = v[:, None] if v.ndim == 1 else v
         full = cols.new_zeros(self.total_params, cols.shape[1])
         full[self._positions] = cols
-        flat = all_reduce_sum(full, self.group)
+        flat = all_reduce_sum(full, self.sum_group)
         return flat[:, 0] if v.ndim == 1 else flat
 
     def _local(self, V: object) -> Tensor:
@@ -301,8 +347,11 @@ _LOCAL_ENTRIES = "one entry per entry of this rank's parameter shards"
 
 def rank_generator(gen: torch.Generator, group: Any) -> torch.Generator:
     """A generator for this rank's entries of random vectors: seeded from one draw of ``gen``
-    (the same on every rank) and the rank, so that the ranks' entries are independent; ``gen``
-    itself for a single process (one rank's shard is the whole vector)."""
+    (the same on every rank) and the rank in ``group`` — a sharded view's
+    :attr:`~ShardedCurvature.sum_group`, whose ranks hold different entries — so that the
+    shards' entries are independent, and HSDP's replicas of a shard (one rank each in their
+    shard groups) draw the same ones; ``gen`` itself for a single process (one rank's shard
+    is the whole vector)."""
     if group is None:
         return gen
     import torch.distributed as dist

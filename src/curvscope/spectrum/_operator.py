@@ -84,8 +84,9 @@ class Operator:
 
     def total(self, t: Tensor) -> Tensor:
         """Sums over vectors' entries made whole: ``t`` as it is for whole vectors; for sharded
-        ones ``t`` holds this rank's partial sums, which are summed over the ranks (the one
-        place an estimator's arithmetic crosses ranks)."""
+        ones ``t`` holds this rank's partial sums, which are summed over the ranks whose shards
+        partition the vectors (``ShardedCurvature.reduce_sum``: the operator's group, or HSDP's
+        shard dimension) — the one place an estimator's arithmetic crosses ranks."""
         return t if self.shards is None else self.shards.reduce_sum(t)
 
     def dot(self, A: Tensor, B: Tensor) -> Tensor:
@@ -100,10 +101,11 @@ class Operator:
         """The generator of this rank's entries of an estimator's random vectors, from its
         ``seed`` (:func:`~curvscope.derivatives.seeding.generator` on this device; a generator
         is used as it is): for whole vectors that one; for sharded ones a generator seeded from
-        one draw of it and the rank, so that the ranks' entries are independent
+        one draw of it and the rank in the group the vectors' sums reduce over, so that the
+        shards' entries are independent and HSDP's replicas of a shard draw the same ones
         (:func:`~curvscope.derivatives.sharded.rank_generator`)."""
         gen = generator(seed, self.device)
-        return gen if self.shards is None else rank_generator(gen, self.shards.group)
+        return gen if self.shards is None else rank_generator(gen, self.shards.sum_group)
 
     @property
     def group(self) -> Any:
