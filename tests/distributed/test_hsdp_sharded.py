@@ -54,6 +54,21 @@ def _hsdp_model(rank: int) -> tuple:
     return case, local
 
 
+def _unscaled(model: nn.Module, C: cs.Curvature, S) -> tuple[int, int]:
+    """The coordinates Adam has not scaled yet, as the sharded diagnosis counts them (this
+    rank's, summed over the view) and as ``cs.stability_limit`` does (gathered), after one Adam
+    step with
+    two entries of each rank's shard of every second moment zeroed (the model is stepped:
+    after the checks that it was left as found)."""
+    from curvscope.diagnosis.diagnosis import _limit
+
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    opt.step()  # on the user's .grad
+    for state in opt.state.values():
+        state["exp_avg_sq"].to_local().view(-1)[:2] = 0.0
+    return _limit(C, opt, None, S).unscaled, cs.stability_limit(opt).unscaled
+
+
 def _mixed_meshes_refused(loss_fn, local) -> str | None:
     """``C.sharded()``'s error for a model whose first layer HSDP shards over the (2, 2) mesh
     and the others FSDP2 over a 1-D mesh of the same four ranks (a sum over the first
@@ -102,6 +117,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     result["diagnosis"] = (d.state, dict(d.evidence), d.vectors)
     result["untouched"] = _same(before, _local_state(model))
     result["mixed_refused"] = _mixed_meshes_refused(case.loss_fn, local)
+    result["unscaled"] = _unscaled(model, C, S)
     torch.save(result, Path(out) / f"rank{rank}.pt")
     _end()
 
@@ -152,6 +168,8 @@ def test_sharded_vectors_of_an_hsdp_model(tmp_path):
         assert torch.equal(g["draw"], other["draw"])
         for key, vector in g["diagnosis"][2].items():
             assert vector.shape == (g["local"],) and torch.equal(vector, other["diagnosis"][2][key])
+        sharded, whole = g["unscaled"]
+        assert sharded == whole > 0, (sharded, whole)  # each counted once, not per replica
         refused = g["mixed_refused"]
         assert refused is not None and "unlike the first parameter" in refused, refused
         assert "(Replicate(), Shard)" in refused and "Use C itself" in refused
