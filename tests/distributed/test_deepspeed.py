@@ -6,8 +6,12 @@ of each parameter) gives the same products; ``diagnose(..., sharded=True)`` the 
 diagnosis's verdict and sharpness; the engine is left bit for bit as found — partitions, the
 user's gradient partitions, the micro-step counter, so that ``engine.step()`` after curvscope's
 products, in the middle of a gradient accumulation, gives the same parameters as without them
-— also when the loss fails. What is not supported is refused with the fix: ``engine.module``
-passed instead of the engine, ZeRO stage 2, bf16.
+— also when the loss fails. The engine's optimizer (torch SGD, Adam, AdamW in its flat
+partitions) gives the stability limit, step factors and L2 coefficients of a twin trained in one
+process, and the diagnosis, the Monitor's probe and the curvature along an update with it those
+of the exact diagnosis of the twin. What is not supported is refused with the fix:
+``engine.module`` passed instead of the engine, ZeRO stage 2, bf16; for the limit, an optimizer
+not the engine's, one without a rule, optimizer offload.
 
 DeepSpeed is imported only in the spawned workers (with DS_ACCELERATOR=cpu and without its
 shm op, which would need a compiler): ``deepspeed.initialize`` patches torch process-wide."""
@@ -77,10 +81,42 @@ def _deepspeed(rank: int, port: int) -> object:
     return deepspeed
 
 
-def _engine(deepspeed, config: dict, dtype: torch.dtype = torch.float32):
-    """A fresh engine over :func:`smooth`'s model and this rank's batches."""
+def _optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The user's torch optimizer: ``"momentum"`` (SGD, momentum 0.9); SGD with momentum and
+    L2 weight decay on the weights, the biases at half the rate (``"sgd"``); Adam likewise
+    (``"adam"``); AdamW with decoupled decay, one group (``"adamw"``)."""
+    if kind == "momentum":
+        return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    if kind == "adamax":  # no stability rule
+        return torch.optim.Adamax(model.parameters(), lr=0.01)
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if n.endswith("weight")], "weight_decay": 0.01},
+        {
+            "params": [p for n, p in named if n.endswith("bias")],
+            "lr": 0.05 if kind == "sgd" else 0.005,
+        },
+    ]
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    return torch.optim.Adam(groups, lr=0.01)
+
+
+def _case(dtype: torch.dtype, kind: str) -> cases.Case:
+    """:func:`smooth`'s model and data; for ``"adamw"`` its last input feature always 0: the
+    first layer's weights on it get no gradient, their second moment stays 0 (unscaled)."""
     case = smooth(dtype, n=N)
-    opt = torch.optim.SGD(case.model.parameters(), lr=0.1, momentum=0.9)
+    if kind == "adamw":
+        case.inputs[:, -1] = 0
+    return case
+
+
+def _engine(deepspeed, config: dict, dtype: torch.dtype = torch.float32, kind: str = "momentum"):
+    """A fresh engine over :func:`_case`'s model and this rank's batches."""
+    case = _case(dtype, kind)
+    opt = _optimizer(kind, case.model)
     engine, _, _, _ = deepspeed.initialize(model=case.model, optimizer=opt, config=config)
     X, y = case.data
     local = [(X[s], y[s]) for s in BATCHES[dist.get_rank()]]
@@ -125,12 +161,14 @@ def _same(a: dict, b: dict) -> bool:
     ) == (b["micro_step"], b["epilogue"])
 
 
-def _user_step(engine, loss_fn, batch) -> None:
+def _user_step(engine, loss_fn, batch) -> float:
     """One micro-batch of the user's training: forward, the engine's backward and its step
     (which updates the parameters every ``gradient_accumulation_steps`` micro-batches)."""
     x, t = batch
-    engine.backward(loss_fn(engine(x), t))
+    loss = loss_fn(engine(x), t)
+    engine.backward(loss)
     engine.step()
+    return float(loss)
 
 
 def _vector(n: int) -> torch.Tensor:
@@ -308,19 +346,44 @@ def _refusals_worker(rank: int, port: int, out: str) -> None:
         cs.Curvature(engine, loss_fn, local)
     except ValueError as e:
         result["exact"] = str(e)
-    # the stability limit cannot read the engine's optimizer (its own flat partitions): refused
-    # with the fix, by diagnose and — at construction — by the Monitor
-    for name, call in (
-        ("diagnose", lambda: cs.diagnose(engine, loss_fn, local, engine.optimizer, backend=FD)),
-        ("monitor", lambda: cs.Monitor(engine, loss_fn, local, engine.optimizer, backend=FD)),
-    ):
-        try:
-            call()
-        except ValueError as e:
-            result[name] = str(e)
+    # the stability limit reads the engine's own optimizer only: another one over the same
+    # parameters holds no state for them — refused with the fix by diagnose and, at
+    # construction, by the Monitor
+    other = torch.optim.SGD(engine.module.parameters(), lr=0.1)
+    result["other"] = [
+        _error(lambda: cs.diagnose(engine, loss_fn, local, other, backend=FD)),
+        _error(lambda: cs.Monitor(engine, loss_fn, local, other, backend=FD)),
+    ]
+    # parameters of the engine with one it does not partition
+    plain = torch.nn.Parameter(torch.zeros(2))
+    result["mixed"] = _error(
+        lambda: cs.stability_limit(engine.optimizer, params=[*engine.module.parameters(), plain])
+    )
+    # an engine whose optimizer's state is offloaded to the host; one without a rule
+    off = _config(zero_force_ds_cpu_optimizer=False)
+    off["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    engine, loss_fn, local = _engine(deepspeed, off)
+    result["offload"] = [
+        _error(lambda: cs.stability_limit(engine.optimizer)),
+        _error(lambda: cs.Monitor(engine, loss_fn, local, engine.optimizer, backend=FD)),
+    ]
+    engine, loss_fn, local = _engine(deepspeed, _config(), kind="adamax")
+    result["no_rule"] = [
+        _error(lambda: cs.diagnose(engine, loss_fn, local, engine.optimizer, backend=FD)),
+        _error(lambda: cs.Monitor(engine, loss_fn, local, engine.optimizer, backend=FD)),
+    ]
     torch.save(result, Path(out) / f"rank{rank}.pt")
     dist.barrier()
     os._exit(0)
+
+
+def _error(call) -> tuple[type, str]:
+    """The type and message of the error ``call`` raises (it must raise)."""
+    try:
+        call()
+    except (TypeError, ValueError) as e:
+        return type(e), str(e)
+    raise AssertionError("not refused")
 
 
 def test_what_zero3_products_do_not_support_is_refused_with_the_fix(tmp_path):
@@ -332,5 +395,216 @@ def test_what_zero3_products_do_not_support_is_refused_with_the_fix(tmp_path):
         assert "stage 2" in got["stage2"] and "'stage': 3" in got["stage2"]
         assert "bf16" in got["bf16"] and "float32" in got["bf16"]
         assert "backend='finite_difference'" in got["exact"]
-        for name in ("diagnose", "monitor"):
-            assert "ZeRO-3" in got[name] and "pass lr=" in got[name], name
+        for kind, message in got["other"]:
+            assert kind is ValueError and "engine.optimizer" in message, message
+        assert got["mixed"][0] is ValueError and "some not" in got["mixed"][1]
+        for kind, message in got["offload"]:
+            assert kind is ValueError, message
+            assert "'offload_optimizer'" in message and "pass lr=" in message, message
+        for kind, message in got["no_rule"]:
+            assert kind is TypeError and "Adamax" in message and "Pass lr=" in message, message
+            assert "'torch_adam': True" in message
+
+
+# ------------------------------------------------------------ the engine's optimizer's limit
+#: the engine's optimizer steps taken before the limit is read (each two micro-batches)
+STEPS = 3
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def _limit_record(limit) -> dict:
+    return {
+        "limit": limit.limit,
+        "optimizer": limit.optimizer,
+        "preconditioned": limit.preconditioned,
+        "unscaled": limit.unscaled,
+        "scale": limit.scale,
+        "l2": limit.l2,
+    }
+
+
+def _optimizer_worker(rank: int, port: int, out: str) -> None:
+    deepspeed = _deepspeed(rank, port)
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from curvscope.derivatives.zero3 import Zero3
+    from curvscope.diagnosis.stability import limit_of
+
+    result: dict = {}
+    for kind in OPTIMIZERS:
+        config = _config()
+        if kind == "adam":  # the weights' group split into sub-groups of ~40 entries a rank
+            config["zero_optimization"]["sub_group_size"] = 40
+        engine, loss_fn, local = _engine(deepspeed, config, kind=kind)
+        params = list(engine.module.parameters())
+        r: dict = {"spans": Zero3.spans_of(params)}
+        if kind == "adam":
+            r["sub_groups"] = len(engine.optimizer.fp16_groups)
+            # before the first step Adam's preconditioner does not exist: refused with the fix
+            try:
+                cs.stability_limit(engine.optimizer, params=params)
+            except ValueError as e:
+                r["no_step"] = str(e)
+        for _ in range(STEPS):
+            for batch in local:
+                _user_step(engine, loss_fn, batch)
+        r["theta"] = torch.cat([safe_get_full_fp32_param(p).reshape(-1) for p in params])
+        # whole vectors (gathered: a collective), the engine's optimizer or the user's inside it
+        r["whole"] = _limit_record(cs.stability_limit(engine.optimizer, params=params))
+        r["inner"] = _limit_record(cs.stability_limit(engine.optimizer.optimizer, params=params))
+        r["default_params"] = _limit_record(cs.stability_limit(engine.optimizer))["limit"]
+        # this rank's entries (a sharded diagnosis's)
+        r["local"] = _limit_record(limit_of(engine.optimizer, None, params, local=True))
+        if kind != "adamw":
+            d = cs.diagnose(engine, loss_fn, local, engine.optimizer, backend=FD, sharded=True)
+            r["diagnosis"] = (d.state, d.evidence["sharpness"], d.confident, d.evidence)
+            mon = cs.Monitor(
+                engine, loss_fn, local, engine.optimizer, backend=FD, sharded=True, every=1
+            )
+            before = mon._trainable_copy()
+            losses = [_user_step(engine, loss_fn, batch) for batch in local]
+            r["update"] = [
+                cs.diagnosis.update_curvature(
+                    engine, loss_fn, local, before, engine.optimizer, backend=FD, sharded=sharded
+                )
+                for sharded in (True, False)
+            ]
+            probe = mon.step(losses[-1])
+            assert probe is not None
+            r["probe"] = probe.evidence
+            r["theta_after"] = torch.cat([safe_get_full_fp32_param(p).reshape(-1) for p in params])
+        result[kind] = r
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    dist.barrier()
+    os._exit(0)
+
+
+def _twin_step(case, opt) -> None:
+    """One step of the engine's training in one process: the gradient the engine averages,
+    the mean over the ranks and their micro-batches of each micro-batch's mean loss."""
+    X, y = case.data
+    opt.zero_grad()
+    batches = [s for r in range(WORLD) for s in BATCHES[r]]
+    loss = sum(case.loss_fn(case.model(X[s]), y[s]) for s in batches) / len(batches)
+    loss.backward()
+    opt.step()
+
+
+def _in_float64(case, kind: str, opt):
+    """The twin in float64 (its float32 values taken exactly), with its optimizer's state."""
+    case64 = as_float64(case)
+    opt64 = _optimizer(kind, case64.model)
+    opt64.load_state_dict(opt.state_dict())  # the state cast to the parameters' float64
+    return case64, opt64
+
+
+def test_the_engines_optimizer_gives_the_stability_limit_of_a_twin_trained_in_one_process(
+    tmp_path,
+):
+    """SGD (momentum, L2 on the weights, biases at half the rate), Adam (likewise, its group
+    split by ZeRO-3 into sub-groups) and AdamW, each after three steps of a two-micro-batch
+    accumulation on two ranks: the limit, the unscaled count, the step factors S and the L2
+    coefficients, whole (one all-reduce) and this rank's entries, are those of a twin trained
+    in one process on the same micro-batches. Not bit for bit: the engine reduce-scatters and
+    averages the ranks' gradients and accumulates the micro-batches' in its own order, so its
+    float32 master copy and optimizer state differ from the twin's in their last bits; S is
+    compared to float32's tolerance. The sharded diagnosis with ``optimizer=`` (and the
+    Monitor's probe, and the curvature along the next update) are the exact float64
+    diagnosis's of the twin: under SGD within its 1%; under Adam a confident one is."""
+    mp.start_processes(
+        _optimizer_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn"
+    )
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for kind in OPTIMIZERS:
+        case = _case(torch.float32, kind)
+        opt = _optimizer(kind, case.model)
+        for _ in range(STEPS):
+            _twin_step(case, opt)
+        params = list(case.model.parameters())
+        theta = torch.cat([p.detach().reshape(-1) for p in params])
+        want = cs.stability_limit(opt, params=params)
+        for rank, result in enumerate(got):
+            r = result[kind]
+            # the engine trained as the twin did, to float32's rounding
+            torch.testing.assert_close(r["theta"], theta, rtol=1e-5, atol=1e-6)
+            for key in ("whole", "inner"):
+                g = r[key]
+                assert g["limit"] == pytest.approx(want.limit, rel=1e-12), (kind, key)
+                assert r["default_params"] == pytest.approx(want.limit, rel=1e-12)
+                assert (g["optimizer"], g["preconditioned"], g["unscaled"]) == (
+                    want.optimizer,
+                    want.preconditioned,
+                    want.unscaled,
+                ), (kind, key)
+                for field in ("scale", "l2"):
+                    w, v = getattr(want, field), g[field]
+                    assert (w is None) == (v is None), (kind, key, field)
+                    if w is not None and (field == "l2" or not want.preconditioned):
+                        assert torch.equal(v, w), (kind, key, field)  # numbers filled in
+                    elif w is not None:
+                        torch.testing.assert_close(v, w, rtol=1e-5, atol=0, msg=(kind, field))
+            # this rank's entries of the whole vectors, exactly
+            idx = torch.cat(
+                [
+                    torch.arange(o + lo, o + hi)
+                    for o, (lo, hi) in zip(
+                        [0, *torch.tensor([p.numel() for p in params]).cumsum(0).tolist()],
+                        r["spans"],
+                        strict=False,
+                    )
+                ]
+            )
+            for field in ("scale", "l2"):
+                whole, mine = r["whole"][field], r["local"][field]
+                assert (whole is None) == (mine is None)
+                if whole is not None:
+                    assert torch.equal(mine, whole[idx]), (kind, field, rank)
+        if want.preconditioned:
+            assert sum(res[kind]["local"]["unscaled"] for res in got) == want.unscaled
+        if kind == "adam":
+            for res in got:
+                assert res[kind]["sub_groups"] > 2  # the weights' group split
+                assert "no step yet" in res[kind]["no_step"]
+        if kind == "adamw":
+            assert want.l2 is None and want.preconditioned and want.unscaled == 8
+            continue
+        # the sharded diagnosis against the exact one of the twin in float64
+        case64, opt64 = _in_float64(case, kind, opt)
+        exact = cs.diagnose(case64.model, case64.loss_fn, case64.data, opt64)
+        t = exact.evidence["sharpness"]
+        for res in got:
+            state, s, confident, evidence = res[kind]["diagnosis"]
+            assert evidence["stability_limit"] == pytest.approx(want.limit, rel=1e-12)
+            assert evidence["preconditioned"] == want.preconditioned
+            assert evidence.get("unscaled_coordinates") == exact.evidence.get(
+                "unscaled_coordinates"
+            )
+            if kind == "sgd":
+                assert confident
+            if confident:
+                assert state == exact.state, (kind, state, exact.state)
+                assert abs(s - t) <= DIAGNOSIS_TOL * abs(t), (kind, s, t)
+        # one more step; the curvature along it, and the Monitor's probe after it
+        before = {n: p.detach().double().clone() for n, p in case.model.named_parameters()}
+        _twin_step(case, opt)
+        after = torch.cat([p.detach().reshape(-1) for p in case.model.parameters()])
+        case64, opt64 = _in_float64(case, kind, opt)
+        check = cs.diagnosis.update_curvature(
+            case64.model, case64.loss_fn, case64.data, before, opt64
+        )
+        limit = cs.stability_limit(opt, params=list(case.model.parameters()))
+        # the products' error, through the metric uᵀS⁻¹u the curvature is divided by
+        u = after.double() - torch.cat([b.reshape(-1) for b in before.values()])
+        S = torch.ones_like(u) if limit.scale is None else limit.scale.double()
+        metric = float((u[S > 0] ** 2 / S[S > 0]).sum())
+        H = cases.dense_hessian(case64)
+        bound = fd.ACCURACY * torch.finfo(torch.float32).eps ** (2 / 3)
+        bound *= float(torch.linalg.matrix_norm(H, 2)) * float(u @ u) / metric
+        for res in got:
+            r = res[kind]
+            torch.testing.assert_close(r["theta_after"], after, rtol=1e-5, atol=1e-6)
+            for c in r["update"]:
+                assert c.limit == pytest.approx(limit.limit, rel=1e-12)
+                assert abs(c.curvature - check.curvature) <= bound, (kind, c, check, bound)
+            assert r["probe"]["stability_limit"] == pytest.approx(limit.limit, rel=1e-12)
+            assert r["probe"]["preconditioned"] == limit.preconditioned

@@ -28,9 +28,23 @@ never touched. The tests (tests/distributed/test_deepspeed.py) check that ``engi
 after curvscope's products — also in the middle of a gradient accumulation — gives the same
 parameters, bit for bit, as without them.
 
+The stability limit reads the engine's optimizer here too (:class:`PartitionedState`, used by
+:mod:`curvscope.diagnosis.stability`). ZeRO-3 hands the user's torch optimizer
+(``engine.optimizer.optimizer``) one flat float32 partition per *sub-group* — a parameter group
+split where its partitions pass ``sub_group_size`` entries — as the only parameter of the
+group it came from, and only while it steps it: the group's ``params`` are empty in between, and
+its state (``step``, ``exp_avg_sq``, ``momentum_buffer``, ...) is keyed by the flat partition.
+Where a parameter sits is the engine's ``grad_position[p.ds_id]``: (sub-group, offset, padded
+partition size); its group is ``param_groups[sub_group_to_group_id[sub-group]]``. So a
+parameter's state is its sub-group's tensors narrowed to [offset, offset + its entries) — the
+padding (zeros that no gradient reaches) left out — and its step count is its sub-group's.
+Vectors over the parameters hold this rank's entries, or the whole vector on every rank by one
+all-reduce (each rank writing its entries, zeros elsewhere).
+
 Refused, with the fix: the engine's ``module`` instead of the engine (its backward is the
 engine's), ZeRO stages 0–2, fp16/bf16 engines (their gradients keep two or three digits),
-optimizer or parameter offload and sequence parallelism (untested).
+optimizer or parameter offload and sequence parallelism (untested); for the stability limit, an
+optimizer that is not the engine's, and the engine's with optimizer offload.
 
 DeepSpeed is never imported here: a model it manages was built after the user imported it
 (``deepspeed.initialize`` patches torch process-wide), and is recognised by its attributes.
@@ -175,13 +189,7 @@ class Zero3:
         self.spans = self.spans_of(params)
         self.numels = [math.prod(full_shape(p)) for p in params]
         #: where this rank's entries sit in a full flat vector, in order
-        offsets = [0, *itertools.accumulate(self.numels)]
-        self.positions = torch.cat(
-            [
-                torch.arange(o + lo, o + hi, device=params[0].device)
-                for o, (lo, hi) in zip(offsets, self.spans, strict=False)
-            ]
-        )
+        self.positions = _positions(self.numels, self.spans, params[0].device)
         #: the dtype the gradients are accumulated in (float32 for float64 parameters too)
         self.gradient_dtype: torch.dtype = self.optimizer.gradient_accumulation_dtype
 
@@ -325,6 +333,157 @@ class Zero3State:
             vars(opt._backward_hook_state).update(self.hooks)
 
 
+def _positions(numels: list[int], spans: list[tuple[int, int]], device: Any) -> Tensor:
+    """Where this rank's entries [lo, hi) of each block sit in the full flat vector."""
+    offsets = [0, *itertools.accumulate(numels)]
+    return torch.cat(
+        [
+            torch.arange(o + lo, o + hi, device=device)
+            for o, (lo, hi) in zip(offsets, spans, strict=False)
+        ]
+    )
+
+
+def _engine_optimizer(optimizer: object) -> Any | None:
+    """The ZeRO-3 optimizer (``DeepSpeedZeroOptimizer_Stage3``) that ``optimizer`` is or wraps
+    as ``.optimizer``; None if it is neither."""
+    seen = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        if hasattr(optimizer, "fp32_partitioned_groups_flat") and hasattr(
+            optimizer, "grad_position"
+        ):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
+def optimizer_params(optimizer: object) -> list[Tensor] | None:
+    """The parameters a ZeRO-3 engine's optimizer steps (its sub-groups', in order); None for
+    an optimizer that is not one."""
+    engine_optimizer = _engine_optimizer(optimizer)
+    if engine_optimizer is None:
+        return None
+    return [p for sub_group in engine_optimizer.fp16_groups for p in sub_group]
+
+
+def optimizer_state(
+    optimizer: object, inner: torch.optim.Optimizer, params: list[Tensor], local: bool
+) -> PartitionedState | None:
+    """Where the ZeRO-3 engine's optimizer keeps the groups and state of ``params`` (with
+    ``local``, vectors of this rank's entries); None when no parameter is partitioned.
+    ``optimizer`` is what the user passed, ``inner`` the torch optimizer with a stability
+    rule found in it. Refuses, with the fix, another optimizer than the engine's, and the
+    engine's with its state offloaded."""
+    partitioned = [is_partitioned(p) for p in params]
+    if not any(partitioned):
+        return None
+    if not all(partitioned):
+        raise ValueError(
+            "some of the parameters are partitioned by DeepSpeed ZeRO-3 and some not: measure "
+            "the parameters one engine manages (params=None: every trainable one)"
+        )
+    owners = {id(getattr(p, "_z3_optimizer", None)) for p in params}
+    engine_optimizer = getattr(params[0], "_z3_optimizer", None)
+    if len(owners) != 1 or engine_optimizer is None or engine_optimizer.optimizer is not inner:
+        raise ValueError(
+            f"optimizer= ({type(optimizer).__name__}) is not the optimizer of the DeepSpeed "
+            "ZeRO-3 engine that partitions these parameters, which keeps their state: pass "
+            "the engine's (engine.optimizer, the optimizer deepspeed.initialize returned)"
+        )
+    if getattr(engine_optimizer, "offload_optimizer", False) or getattr(
+        engine_optimizer, "swap_optimizer", False
+    ):
+        raise ValueError(
+            "the DeepSpeed engine offloads its optimizer's state ('offload_optimizer'), which "
+            "the stability limit does not read (untested): pass lr= instead of optimizer= "
+            "(the limit 2/lr of plain gradient descent), or build the engine without "
+            "'offload_optimizer'"
+        )
+    return PartitionedState(engine_optimizer, params, local)
+
+
+class PartitionedState:
+    """The groups and state of ZeRO-3 parameters in their engine's optimizer (see the module's
+    docstring), in the form :func:`curvscope.diagnosis.stability.limit_of` reads any
+    optimizer's: per parameter its group and its state, and flat vectors over the parameters —
+    this rank's entries (``local``) or whole on every rank (one all-reduce)."""
+
+    def __init__(self, engine_optimizer: Any, params: list[Tensor], local: bool) -> None:
+        self.engine_optimizer, self.params, self.local = engine_optimizer, params, local
+        self.spans = Zero3.spans_of(params)
+        self.numels = [math.prod(full_shape(p)) for p in params]
+        self.device = params[0].ds_tensor.device  # type: ignore[attr-defined]
+        #: the engine's data-parallel group, over which the parameters are partitioned
+        self.group = params[0].ds_process_group  # type: ignore[attr-defined]
+        #: (sub-group, offset in its flat partition) of each parameter; None: not stepped
+        self.where: list[tuple[int, int] | None] = []
+        for p in params:
+            at = engine_optimizer.grad_position.get(engine_optimizer.get_param_id(p))
+            self.where.append(None if at is None else (int(at[0]), int(at[1])))
+        groups = engine_optimizer.optimizer.param_groups
+        to_group = engine_optimizer.sub_group_to_group_id
+        #: each parameter's group in the torch optimizer (None: one it does not step)
+        self.groups: list[dict[str, Any] | None] = [
+            None if at is None else groups[to_group[at[0]]] for at in self.where
+        ]
+
+    def state(self, i: int) -> dict[str, Any]:
+        """Parameter ``i``'s state: its sub-group's, each tensor over the sub-group's flat
+        partition narrowed to this rank's entries of the parameter (no padding); the rest (the
+        step count) as it is."""
+        at = self.where[i]
+        if at is None:
+            return {}
+        sub_group, offset = at
+        flat = self.engine_optimizer.fp32_partitioned_groups_flat[sub_group]
+        lo, hi = self.spans[i]
+        return {
+            key: value.narrow(0, offset, hi - lo)
+            if isinstance(value, Tensor) and value.ndim == 1 and value.numel() == flat.numel()
+            else value
+            for key, value in self.engine_optimizer.optimizer.state.get(flat, {}).items()
+        }
+
+    def zeros(self, i: int) -> Tensor:
+        """Zeros over this rank's entries of parameter ``i``."""
+        lo, hi = self.spans[i]
+        return torch.zeros(hi - lo, device=self.device)
+
+    def entries(self, t: Tensor) -> Tensor:
+        """P⁻¹ from :meth:`state`: already this rank's entries."""
+        return t
+
+    def flat(self, values: list[Tensor | float]) -> Tensor:
+        """One flat vector of per-parameter values (this rank's entries, as :meth:`state`
+        gives them, or numbers filled in), in the parameters' dtype: this rank's entries with
+        ``local``, else whole on every rank."""
+        dtype = self.params[0].dtype
+        parts = [
+            v.reshape(-1).to(dtype=dtype, device=self.device)
+            if isinstance(v, Tensor)
+            else torch.full((hi - lo,), float(v), dtype=dtype, device=self.device)
+            for v, (lo, hi) in zip(values, self.spans, strict=True)
+        ]
+        mine = torch.cat(parts)
+        if self.local:
+            return mine
+        full = mine.new_zeros(sum(self.numels))
+        full[_positions(self.numels, self.spans, self.device)] = mine
+        return all_reduce_sum(full, self.group)
+
+    def unscaled(self, inverse: list[Tensor]) -> int:
+        """How many entries of the stepped parameters have P⁻¹ = 0 (their second moment still
+        0): this rank's with ``local``, else all the ranks'."""
+        mine = sum(
+            int((q == 0).sum()) for q, g in zip(inverse, self.groups, strict=True) if g is not None
+        )
+        if self.local:
+            return mine
+        count = torch.tensor([float(mine)], dtype=torch.float64, device=self.device)
+        return int(all_reduce_sum(count, self.group)[0])
+
+
 #: the optimizer's attributes a backward changes and its next backward or step reads
 _OPTIMIZER_STATE = (
     "micro_step_id",
@@ -345,6 +504,7 @@ def _copy(value: Any) -> Any:
 
 
 __all__ = [
+    "PartitionedState",
     "Zero3",
     "Zero3State",
     "check_backend",
@@ -352,4 +512,6 @@ __all__ = [
     "full_shape",
     "is_engine",
     "is_partitioned",
+    "optimizer_params",
+    "optimizer_state",
 ]

@@ -19,7 +19,7 @@ from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives import zero3 as _zero3
 from curvscope.derivatives.checks import check_int
 from curvscope.derivatives.curvature import BACKENDS as _PRODUCT_BACKENDS
-from curvscope.derivatives.distributed import together
+from curvscope.derivatives.distributed import all_reduce_sum, together
 from curvscope.derivatives.objective import fixed_pass
 from curvscope.derivatives.sharded import ShardedCurvature
 from curvscope.diagnosis.classify import (
@@ -31,7 +31,7 @@ from curvscope.diagnosis.classify import (
     as_state,
     classify,
 )
-from curvscope.diagnosis.stability import StabilityLimit, gathered, limit_of
+from curvscope.diagnosis.stability import StabilityLimit, check_readable, gathered, limit_of
 from curvscope.spectrum import Operator, as_operator, eigenvalues
 from curvscope.spectrum.cg import cg
 from curvscope.spectrum.eigen import block_shares
@@ -393,7 +393,7 @@ def _diagnose(
     measured = C.objective
     assert measured is not None  # C is built from a model
     space = products.space(C)  # refused here, before any collective, if it cannot be
-    limit = _limit(C, optimizer, lr, space)
+    limit = _limit(C, optimizer, lr, products.sharded)
     evidence = _first_evidence(limit, thresholds)
     objective = _Objective(C, limit, space)
     try:
@@ -480,15 +480,11 @@ class _Products(NamedTuple):
 
 
 def check_optimizer(optimizer: object, params: Iterable[Tensor]) -> None:
-    """Refuse, with the fix, an optimizer whose state the stability limit cannot read: a
-    DeepSpeed ZeRO-3 engine's, which keeps its parameters and state in its own flat partitions
-    (every rank alike: it depends on the model's structure only)."""
-    if optimizer is not None and any(_zero3.is_partitioned(p) for p in params):
-        raise ValueError(
-            "a DeepSpeed ZeRO-3 engine keeps its optimizer's parameters and state in its own "
-            "flat partitions, which the stability limit does not read (yet): pass lr= instead "
-            "of optimizer= — the limit 2/lr of plain gradient descent at the engine's rate"
-        )
+    """Refuse at once, with the fix, an optimizer whose state the stability limit cannot read
+    for a DeepSpeed ZeRO-3 engine's parameters (another than the engine's, one without a
+    rule, the engine's with its state offloaded): what the first probe would refuse (every
+    rank alike: it depends on the engine's configuration only)."""
+    check_readable(optimizer, list(params))
 
 
 def _curvature(
@@ -516,21 +512,18 @@ def _curvature(
 
 
 def _limit(
-    C: Curvature, optimizer: torch.optim.Optimizer | None, lr: float | None, space: _Space
+    C: Curvature, optimizer: torch.optim.Optimizer | None, lr: float | None, sharded: bool
 ) -> StabilityLimit | None:
     """The optimizer's stability limit, its step factors in the order of ``C``'s parameters
-    (None without optimizer or lr); over a sharded ``space``: this rank's entries of them,
-    and the unscaled coordinates counted over the whole vector (``space.reduce_sum``: over
-    HSDP's shard dimension, not once per replica)."""
-    sharded = isinstance(space, ShardedCurvature)
+    (None without optimizer or lr); ``sharded``: this rank's entries of them, and the
+    unscaled coordinates counted over all the ranks."""
     if optimizer is None and lr is None:
         return None
     assert C.objective is not None  # C is built from a model
-    check_optimizer(optimizer, C.objective.params.values())
     limit = limit_of(optimizer, lr, list(C.objective.params.values()), local=sharded)
     if sharded and limit.preconditioned:  # every rank alike: the same optimizer
-        count = torch.tensor(float(limit.unscaled), dtype=torch.float64, device=C.device)
-        limit = replace(limit, unscaled=int(_total(space, count)))
+        count = torch.tensor([float(limit.unscaled)], dtype=torch.float64, device=C.device)
+        limit = replace(limit, unscaled=int(all_reduce_sum(count, C.group)[0]))
     return limit
 
 
@@ -704,7 +697,7 @@ def update_curvature(
         )
         if not _total(space, u.ne(0).sum().to(torch.float64)) > 0:
             return UpdateCheck(None, None, None)  # nothing moved (before the first step)
-        limit = _limit(C, optimizer, lr, space)
+        limit = _limit(C, optimizer, lr, sharded)
         objective = _Objective(C, limit, space)
         bound = None if limit is None else limit.limit
         along_top = None

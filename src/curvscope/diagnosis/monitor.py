@@ -92,7 +92,7 @@ def _check_finite_difference(
     """What the probes would refuse at the first probe, refused at construction: the
     finite-difference backend's dtypes (float32 or float64), ``sharded=True`` on parameters
     that are not sharded (FSDP2's DTensors or a DeepSpeed ZeRO-3 engine's), an optimizer whose
-    state the limit cannot read (ZeRO-3's)."""
+    state the limit cannot read (for a ZeRO-3 engine: another than its own, or offloaded)."""
     selected = _selected(model, params)
     for t in selected:
         _fd.check_dtype(t.dtype)

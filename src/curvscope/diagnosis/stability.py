@@ -27,7 +27,13 @@ shrinks the limit by only λ per unit of preconditioned sharpness, which is igno
 (below); any other optimizer class declares its own as the class attribute ``stability_rule``
 (curvscope's AdaHessian does), so this module imports no optimizer. A subclass uses its
 nearest base's rule; a wrapper holding the real optimizer as ``.optimizer`` (accelerate,
-Lightning) is unwrapped.
+Lightning, DeepSpeed) is unwrapped.
+
+**Where the state is.** A torch optimizer keys its state by the parameters it steps
+(:class:`_Held`; FSDP2's sharded parameters have sharded state, gathered or taken as this rank's
+shard). A DeepSpeed ZeRO-3 engine's optimizer steps flat partitions of its own instead:
+:class:`curvscope.derivatives.zero3.PartitionedState` finds each parameter's group and state
+there. Both answer :class:`StateLayout`.
 """
 
 from __future__ import annotations
@@ -35,11 +41,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from curvscope.derivatives import zero3 as _zero3
 
 #: (name of the optimizer's type, its first group holding a parameter) -> (c, description, formula)
 Constant = Callable[[str, Mapping[str, Any]], tuple[float, str, str]]
@@ -197,9 +205,62 @@ class StabilityLimit:
         return math.inf if sharpness <= 0 else self.constant / sharpness
 
 
-def _group_of(optimizer: Optimizer, params: list[Tensor]) -> list[dict[str, Any] | None]:
-    by_id = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    return [by_id.get(id(p)) for p in params]
+class StateLayout(Protocol):
+    """Where an optimizer keeps the groups and state of the measured parameters, and how flat
+    vectors over them are laid out (whole, or this rank's entries)."""
+
+    #: each parameter's group (None: the optimizer does not step it)
+    groups: list[dict[str, Any] | None]
+
+    def state(self, i: int) -> Mapping[str, Any]:
+        """Parameter ``i``'s state (empty before the optimizer has stepped it)."""
+        ...
+
+    def zeros(self, i: int) -> Tensor:
+        """P⁻¹ = 0 for parameter ``i`` (one the optimizer holds no state for)."""
+        ...
+
+    def entries(self, t: Tensor) -> Tensor:
+        """A parameter's P⁻¹ as computed from its state, as :meth:`flat` and :meth:`unscaled`
+        take it (a sharded one gathered, or this rank's shard)."""
+        ...
+
+    def flat(self, values: list[Tensor | float]) -> Tensor:
+        """One flat vector of per-parameter values (tensors as :meth:`state` holds them, or
+        numbers filled in)."""
+        ...
+
+    def unscaled(self, inverse: list[Tensor]) -> int:
+        """How many coordinates of the stepped parameters have P⁻¹ = 0."""
+        ...
+
+
+class _Held:
+    """A torch optimizer's groups and state, keyed by the parameters themselves; a sharded
+    parameter's (FSDP2's DTensor) state is sharded like it: gathered whole, or with ``local``
+    this rank's shard."""
+
+    def __init__(self, optimizer: Optimizer, params: list[Tensor], local: bool) -> None:
+        self.optimizer, self.params, self.local = optimizer, params, local
+        by_id = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        self.groups: list[dict[str, Any] | None] = [by_id.get(id(p)) for p in params]
+
+    def state(self, i: int) -> Mapping[str, Any]:
+        return self.optimizer.state.get(self.params[i], {})
+
+    def zeros(self, i: int) -> Tensor:
+        return torch.zeros_like(self.params[i])
+
+    def entries(self, t: Tensor) -> Tensor:
+        return local_shard(t) if self.local else gathered(t)
+
+    def flat(self, values: list[Tensor | float]) -> Tensor:
+        return _flat(values, self.params, self.local)
+
+    def unscaled(self, inverse: list[Tensor]) -> int:
+        return sum(
+            int((q == 0).sum()) for q, g in zip(inverse, self.groups, strict=True) if g is not None
+        )
 
 
 def gathered(t: Tensor) -> Tensor:
@@ -249,15 +310,19 @@ def stability_limit(
         optimizer: a ``torch.optim.SGD``, ``Adam``, ``AdamW`` or ``RMSprop``, an optimizer whose
             class declares a ``stability_rule`` (curvscope's ``AdaHessian``: Adam's rule with
             P = (√v̂)^k + ε from the Hessian diagonal), or a wrapper holding one as
-            ``.optimizer``, as accelerate and Lightning do.
+            ``.optimizer``, as accelerate and Lightning do; a DeepSpeed ZeRO-3 engine's
+            (``engine.optimizer`` around a torch optimizer: its state read from the engine's
+            partitions, the vectors gathered whole by one all-reduce — a collective: every
+            rank calls it).
         lr: instead of an optimizer: plain gradient descent at this learning rate.
         params: the parameters, in the order of the flat vectors the scale should follow
-            (default: the optimizer's own order).
+            (default: the optimizer's own order; a ZeRO-3 engine's: its sub-groups' order).
 
     Raises:
         TypeError: an optimizer without a rule (pass ``lr=`` instead).
         ValueError: neither or both of optimizer and lr; a non-positive lr; Adam or RMSprop
-            before their first step (their preconditioner does not exist yet).
+            before their first step (their preconditioner does not exist yet); for ZeRO-3
+            parameters, another optimizer than their engine's, or its state offloaded.
 
     Example:
         >>> import torch, curvscope as cs
@@ -275,24 +340,38 @@ def limit_of(
     local: bool = False,
 ) -> StabilityLimit:
     """:func:`stability_limit`; with ``local``, the step factors and L2 coefficients hold this
-    rank's entries of FSDP2-sharded parameters (a sharded diagnosis's vectors: nothing
-    gathered), and ``unscaled`` counts this rank's coordinates."""
+    rank's entries of FSDP2-sharded parameters or of a DeepSpeed ZeRO-3 engine's partitions (a
+    sharded diagnosis's vectors: nothing gathered), and ``unscaled`` counts this rank's
+    coordinates."""
     if (optimizer is None) == (lr is None):
         raise ValueError("give either optimizer= or lr= (for plain gradient descent), not both")
     if optimizer is None:
         return _gradient_descent(lr)
-    optimizer, rule = _unwrapped(optimizer)
+    inner, rule = _unwrapped(optimizer)
     if params is None:
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-    groups = _group_of(optimizer, params)
-    held = [g for g in groups if g is not None]
+        params = _zero3.optimizer_params(optimizer) or [
+            p for g in inner.param_groups for p in g["params"]
+        ]
+    layout: StateLayout | None = _zero3.optimizer_state(optimizer, inner, params, local)
+    if layout is None:
+        layout = _Held(inner, params, local)
+    held = [g for g in layout.groups if g is not None]
     if not held:
         raise ValueError("the optimizer updates none of these parameters: pass its model's")
     eta = float(max(g["lr"] for g in held))
     if eta <= 0:  # e.g. a schedule that has decayed to 0: no step can overshoot
-        what = type(optimizer).__name__ + " (lr = 0)"
+        what = type(inner).__name__ + " (lr = 0)"
         return StabilityLimit(math.inf, 0.0, math.inf, what, False, None, None, "s* = ∞ at η = 0")
-    return _limit(optimizer, rule, params, groups, eta, local)
+    return _limit(inner, rule, layout, eta)
+
+
+def check_readable(optimizer: object, params: list[Tensor]) -> None:
+    """Refuse at once, with the fix, what :func:`limit_of` would refuse for a DeepSpeed ZeRO-3
+    engine's parameters — an optimizer without a rule, another than the engine's, the engine's
+    with its state offloaded — without reading any state (no collective)."""
+    if optimizer is not None and any(_zero3.is_partitioned(p) for p in params):
+        inner, _ = _unwrapped(optimizer)
+        _zero3.optimizer_state(optimizer, inner, params, local=True)
 
 
 def limit_factor(optimizer: Optimizer | None = None, *, lr: float | None = None) -> float | None:
@@ -337,29 +416,22 @@ def _gradient_descent(lr: object) -> StabilityLimit:
 
 
 def _limit(
-    optimizer: Optimizer,
-    rule: StabilityRule,
-    params: list[Tensor],
-    groups: list[dict[str, Any] | None],
-    eta: float,
-    local: bool,
+    optimizer: Optimizer, rule: StabilityRule, layout: StateLayout, eta: float
 ) -> StabilityLimit:
-    """s* = c/η by the optimizer's rule, with the step factors S and the L2 coefficients
-    (whole, or this rank's entries with ``local``)."""
+    """s* = c/η by the optimizer's rule, with the step factors S and the L2 coefficients laid
+    out as ``layout``'s flat vectors (whole, or this rank's entries)."""
+    groups = layout.groups
     ratio = [0.0 if g is None else g["lr"] / eta for g in groups]  # frozen: never stepped
     wd = [0.0 if g is None else g.get("weight_decay", 0.0) for g in groups]
     held = next(g for g in groups if g is not None)
     c, what, formula = rule.constant(type(optimizer).__name__, held)
-    l2 = None if rule.decoupled_decay or not any(wd) else _flat(wd, params, local)
+    l2 = None if rule.decoupled_decay or not any(wd) else layout.flat(list(wd))
     if rule.preconditioner is None:
-        scale = None if all(r == 1.0 for r in ratio) else _flat(ratio, params, local)
+        scale = None if all(r == 1.0 for r in ratio) else layout.flat(list(ratio))
         return StabilityLimit(c / eta, eta, c, what, False, scale, l2, formula)
-    part = local_shard if local else gathered
-    inverse = [part(q) for q in _preconditioners(optimizer, rule.preconditioner, params, groups)]
-    scale = _flat([r * q for r, q in zip(ratio, inverse, strict=True)], params, local)
-    unscaled = sum(
-        int((q == 0).sum()) for q, g in zip(inverse, groups, strict=True) if g is not None
-    )
+    inverse = [layout.entries(q) for q in _preconditioners(optimizer, rule.preconditioner, layout)]
+    scale = layout.flat([r * q for r, q in zip(ratio, inverse, strict=True)])
+    unscaled = layout.unscaled(inverse)
     return StabilityLimit(c / eta, eta, c, what, True, scale, l2, formula, unscaled)
 
 
@@ -378,15 +450,14 @@ def _unwrapped(optimizer: object) -> tuple[Optimizer, StabilityRule]:
     raise TypeError(
         "stability_limit knows torch.optim.SGD, Adam, AdamW, RMSprop and the optimizers whose "
         "class declares a stability_rule (cs.optim.AdaHessian); got "
-        f"{type(optimizer).__name__}. Pass lr= to judge against plain gradient descent instead"
+        f"{type(optimizer).__name__}. Pass lr= to judge against plain gradient descent instead "
+        "(DeepSpeed's own Adam, FusedAdam: 'torch_adam': True in its config's params makes it "
+        "torch's)"
     )
 
 
 def _preconditioners(
-    optimizer: Optimizer,
-    preconditioner: InversePreconditioner,
-    params: list[Tensor],
-    groups: list[dict[str, Any] | None],
+    optimizer: Optimizer, preconditioner: InversePreconditioner, layout: StateLayout
 ) -> list[Tensor]:
     """P⁻¹ per parameter: 0 for a parameter the optimizer does not hold, and 0 for one it holds
     but has no state for yet — no gradient has reached it (an unused branch, a head not in the
@@ -397,8 +468,8 @@ def _preconditioners(
         ValueError: the optimizer has state for none of them: it has taken no step yet.
     """
     states = [
-        None if g is None else preconditioner(optimizer, optimizer.state.get(p, {}), g)
-        for p, g in zip(params, groups, strict=True)
+        None if g is None else preconditioner(optimizer, layout.state(i), g)
+        for i, g in enumerate(layout.groups)
     ]
     if all(q is None for q in states):
         raise ValueError(
@@ -406,5 +477,5 @@ def _preconditioners(
             "√v̂ + ε does not exist; diagnose after the first optimizer.step(), or pass lr= "
             "for plain GD"
         )
-    # a sharded parameter's state is sharded like it (the caller gathers it or takes its shard)
-    return [torch.zeros_like(p) if q is None else q for p, q in zip(params, states, strict=True)]
+    # a sharded parameter's state is sharded like it (the layout gathers it or takes its shard)
+    return [layout.zeros(i) if q is None else q for i, q in enumerate(states)]
