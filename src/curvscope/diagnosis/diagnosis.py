@@ -19,7 +19,7 @@ from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives import zero3 as _zero3
 from curvscope.derivatives.checks import check_int
 from curvscope.derivatives.curvature import BACKENDS as _PRODUCT_BACKENDS
-from curvscope.derivatives.distributed import all_reduce_sum, together
+from curvscope.derivatives.distributed import together
 from curvscope.derivatives.objective import fixed_pass
 from curvscope.derivatives.sharded import ShardedCurvature
 from curvscope.diagnosis.classify import (
@@ -393,7 +393,7 @@ def _diagnose(
     measured = C.objective
     assert measured is not None  # C is built from a model
     space = products.space(C)  # refused here, before any collective, if it cannot be
-    limit = _limit(C, optimizer, lr, products.sharded)
+    limit = _limit(C, optimizer, lr, space)
     evidence = _first_evidence(limit, thresholds)
     objective = _Objective(C, limit, space)
     try:
@@ -512,18 +512,20 @@ def _curvature(
 
 
 def _limit(
-    C: Curvature, optimizer: torch.optim.Optimizer | None, lr: float | None, sharded: bool
+    C: Curvature, optimizer: torch.optim.Optimizer | None, lr: float | None, space: _Space
 ) -> StabilityLimit | None:
     """The optimizer's stability limit, its step factors in the order of ``C``'s parameters
-    (None without optimizer or lr); ``sharded``: this rank's entries of them, and the
-    unscaled coordinates counted over all the ranks."""
+    (None without optimizer or lr); over a sharded ``space``: this rank's entries of them,
+    and the unscaled coordinates counted over the whole vector (``space.reduce_sum``: over
+    HSDP's shard dimension, not once per replica)."""
+    sharded = isinstance(space, ShardedCurvature)
     if optimizer is None and lr is None:
         return None
     assert C.objective is not None  # C is built from a model
     limit = limit_of(optimizer, lr, list(C.objective.params.values()), local=sharded)
     if sharded and limit.preconditioned:  # every rank alike: the same optimizer
-        count = torch.tensor([float(limit.unscaled)], dtype=torch.float64, device=C.device)
-        limit = replace(limit, unscaled=int(all_reduce_sum(count, C.group)[0]))
+        count = torch.tensor(float(limit.unscaled), dtype=torch.float64, device=C.device)
+        limit = replace(limit, unscaled=int(_total(space, count)))
     return limit
 
 
@@ -697,7 +699,7 @@ def update_curvature(
         )
         if not _total(space, u.ne(0).sum().to(torch.float64)) > 0:
             return UpdateCheck(None, None, None)  # nothing moved (before the first step)
-        limit = _limit(C, optimizer, lr, sharded)
+        limit = _limit(C, optimizer, lr, space)
         objective = _Objective(C, limit, space)
         bound = None if limit is None else limit.limit
         along_top = None
