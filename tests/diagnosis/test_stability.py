@@ -333,3 +333,13 @@ def test_a_parameter_adam_holds_without_state_is_left_out_not_an_error():
     limit = cs.stability_limit(opt)
     assert limit.unscaled == 4  # the unused layer's 3 weights and bias
     assert torch.count_nonzero(limit.scale[4:]) == 0 and bool((limit.scale[:4] > 0).all())
+
+
+def test_an_optimizer_whose_groups_hold_no_parameters_gets_the_deepspeed_fix():
+    """The torch optimizer a DeepSpeed ZeRO-3 engine wraps has empty groups between its steps
+    (the engine hands it flat partitions only while it steps): say so, not "pass its model's"."""
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    opt.param_groups[0]["params"] = []
+    with pytest.raises(ValueError, match=r"hold no parameters.*pass engine\.optimizer"):
+        cs.stability_limit(opt)

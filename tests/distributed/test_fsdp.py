@@ -80,6 +80,20 @@ def _same(a: dict, b: dict) -> bool:
     return tensors_equal and a["grad_ids"] == b["grad_ids"] and torch.equal(a["rng"], b["rng"])
 
 
+def failing_loss(loss_fn):
+    """``loss_fn`` that raises "the loss failed" at its third call: a product's −εv
+    evaluation's first batch (two batches a pass)."""
+    calls = []
+
+    def failing(out, target):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the loss failed")
+        return loss_fn(out, target)
+
+    return failing
+
+
 def _init(rank: int, port: int, world: int) -> None:
     """This process's gloo rank, one thread."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -110,15 +124,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     result["fsdp"] = _measure(C)
     result["fsdp_untouched"] = _same(before, _local_state(model))
     # a failing loss leaves the shards as found too
-    calls = []
-
-    def failing(out, target):
-        calls.append(1)
-        if len(calls) == 3:  # the −εv evaluation's first batch
-            raise RuntimeError("the loss failed")
-        return case.loss_fn(out, target)
-
-    F = cs.Curvature(model, failing, local, backend=FD, reduction="mean")
+    F = cs.Curvature(model, failing_loss(case.loss_fn), local, backend=FD, reduction="mean")
     try:
         F @ _vector(F.num_params)[:, 0]
     except RuntimeError as e:

@@ -135,6 +135,72 @@ def _refuse_config(engine: Any) -> None:
             "the DeepSpeed engine keeps no buffer of gradient partitions (was it built without "
             f"an optimizer?); backend='finite_difference' needs its backward: {_CALL}"
         )
+    _refuse_features(engine)
+    missing = [k for k in _REQUIRED if not hasattr(optimizer, k)]
+    if missing:  # what a product must put back: without it, the next step would be wrong
+        raise ValueError(
+            f"the DeepSpeed engine's optimizer has no {missing}, which a finite-difference "
+            "product must put back as found; this DeepSpeed version is not supported "
+            f"(tested: {TESTED_VERSION})"
+        )
+
+
+#: The DeepSpeed version the tests ran (tests/distributed/test_deepspeed.py).
+TESTED_VERSION = "0.19.8"
+#: The optimizer's bookkeeping a product changes and must put back (see :data:`_OPTIMIZER_STATE`).
+_REQUIRED = ("micro_step_id", "averaged_gradients", "params_already_reduced")
+
+#: ZeRO-3 features under which the forward does not read the partitions a product sets, or the
+#: gradients are not the float32 ones it differences: (the engine's query, what it is, the fix)
+_FEATURES = (
+    (
+        "zero_hpz_partition_size",
+        "ZeRO++'s hierarchical partitioning (zero_hpz_partition_size > 1): the forward gathers "
+        "a secondary copy of the partitions, refreshed only by engine.step()",
+        "'zero_hpz_partition_size': 1",
+    ),
+    (
+        "zero_quantized_weights",
+        "ZeRO++'s quantized weights: θ ± εv all-gathered in int8",
+        "'zero_quantized_weights': false",
+    ),
+    (
+        "zero_quantized_nontrainable_weights",
+        "ZeRO++'s quantized non-trainable weights",
+        "'zero_quantized_nontrainable_weights': false",
+    ),
+    (
+        "zero_quantized_gradients",
+        "ZeRO++'s quantized gradients: reduced in int4",
+        "'zero_quantized_gradients': false",
+    ),
+    (
+        "torch_autocast_enabled",
+        "the engine's torch_autocast: its forward runs in 16 bits whatever curvscope asks",
+        "no 'torch_autocast' section",
+    ),
+    (
+        "is_deepcompile_enabled",
+        "DeepCompile: it replaces the backward hooks the products rely on (untested)",
+        "no 'compile' deepcompile section",
+    ),
+)
+
+
+def _refuse_features(engine: Any) -> None:
+    """Refuse, with the fix, a ZeRO-3 feature under which a finite-difference product would be
+    silently wrong (:data:`_FEATURES`; a ZeRO++ hierarchical partition gave ‖Hv‖ 0.76 for
+    0.93, its error estimated at 4e-5: confidently wrong)."""
+    for query, what, fix in _FEATURES:
+        ask = getattr(engine, query, None)
+        value = ask() if callable(ask) else None
+        if query == "zero_hpz_partition_size":
+            value = value is not None and int(value) > 1
+        if value:
+            raise ValueError(
+                f"backend='finite_difference' cannot measure this DeepSpeed engine: {what}. "
+                f"Measure an engine built with {fix} in its config"
+            )
 
 
 def find(model: nn.Module, params: list[Tensor], group: Any) -> Zero3 | None:
@@ -285,11 +351,7 @@ class Zero3:
         ).safe_get_local_grad
         parts = [read(p)[:n] for p, n in zip(self.params, self.local_numels, strict=True)]
         mine = torch.cat(parts).to(self.params[0].dtype)  # float32 for float64 parameters
-        if local:
-            return mine
-        full = mine.new_zeros(sum(self.numels))
-        full[self.positions] = mine
-        return all_reduce_sum(full, self.group)
+        return mine if local else _whole_vector(mine, self.positions, sum(self.numels), self.group)
 
 
 class Zero3State:
@@ -308,7 +370,10 @@ class Zero3State:
         # values of θ₀ + εv there instead of gathering the partitions
         self.layout = [(p.data, p.ds_status) for p in zero3.params]  # type: ignore[attr-defined]
         self.grads = opt.grad_partitions_flat_buffer.detach().clone()
-        self.attributes = {k: _copy(getattr(opt, k)) for k in _OPTIMIZER_STATE if hasattr(opt, k)}
+        # each attribute's object and a copy of what it holds: put back as that same object
+        # (whatever holds it sees the restored contents), refilled in place
+        held = {k: getattr(opt, k) for k in _OPTIMIZER_STATE if hasattr(opt, k)}
+        self.attributes = {k: (v, _copy(v)) for k, v in held.items()}
         hooks = getattr(opt, "_backward_hook_state", None)
         self.hooks = None if hooks is None else dict(vars(hooks))
 
@@ -327,8 +392,8 @@ class Zero3State:
             if whole is not None:
                 p.data.copy_(whole)
         opt.grad_partitions_flat_buffer.copy_(self.grads)
-        for k, v in self.attributes.items():
-            setattr(opt, k, _copy(v))
+        for k, (kept, contents) in self.attributes.items():
+            setattr(opt, k, _refilled(kept, contents))
         if self.hooks is not None:
             vars(opt._backward_hook_state).update(self.hooks)
 
@@ -342,6 +407,15 @@ def _positions(numels: list[int], spans: list[tuple[int, int]], device: Any) -> 
             for o, (lo, hi) in zip(offsets, spans, strict=False)
         ]
     )
+
+
+def _whole_vector(mine: Tensor, positions: Tensor, n: int, group: Any) -> Tensor:
+    """The whole flat vector on every rank from each rank's entries ``mine`` (at
+    ``positions``): each rank writes its own, zeros elsewhere — the partitions are disjoint —
+    and one all-reduce sums them."""
+    full = mine.new_zeros(n)
+    full[positions] = mine
+    return all_reduce_sum(full, group)
 
 
 def _engine_optimizer(optimizer: object) -> Any | None:
@@ -468,9 +542,8 @@ class PartitionedState:
         mine = torch.cat(parts)
         if self.local:
             return mine
-        full = mine.new_zeros(sum(self.numels))
-        full[_positions(self.numels, self.spans, self.device)] = mine
-        return all_reduce_sum(full, self.group)
+        positions = _positions(self.numels, self.spans, self.device)
+        return _whole_vector(mine, positions, sum(self.numels), self.group)
 
     def unscaled(self, inverse: list[Tensor]) -> int:
         """How many entries of the stepped parameters have P⁻¹ = 0 (their second moment still
@@ -492,6 +565,22 @@ _OPTIMIZER_STATE = (
     "_is_gradient_accumulation_boundary",
     "_offload_boundary_param_ids",
 )
+
+
+def _refilled(kept: Any, contents: Any) -> Any:
+    """``kept`` (a dict, list or set) holding ``contents`` again, refilled in place; a value
+    that is not a container: ``contents`` itself."""
+    if isinstance(kept, dict):
+        kept.clear()
+        kept.update(_copy(contents))
+    elif isinstance(kept, list):
+        kept[:] = contents
+    elif isinstance(kept, set):
+        kept.clear()
+        kept.update(contents)
+    else:
+        return contents
+    return kept
 
 
 def _copy(value: Any) -> Any:

@@ -357,6 +357,12 @@ def limit_of(
         layout = _Held(inner, params, local)
     held = [g for g in layout.groups if g is not None]
     if not held:
+        if not any(g["params"] for g in inner.param_groups):  # DeepSpeed empties them
+            raise ValueError(
+                "the optimizer's parameter groups hold no parameters — the torch optimizer a "
+                "DeepSpeed ZeRO-3 engine steps between its steps? pass engine.optimizer (the "
+                "optimizer deepspeed.initialize returned) and the model's parameters"
+            )
         raise ValueError("the optimizer updates none of these parameters: pass its model's")
     eta = float(max(g["lr"] for g in held))
     if eta <= 0:  # e.g. a schedule that has decayed to 0: no step can overshoot
