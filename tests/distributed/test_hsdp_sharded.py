@@ -115,6 +115,13 @@ def _worker(rank: int, port: int, out: str) -> None:
     result["draw"] = torch.randn(S.num_params, generator=gen, dtype=torch.float64)
     d = cs.diagnose(model, case.loss_fn, local, lr=LR, backend=FD, sharded=True)
     result["diagnosis"] = (d.state, dict(d.evidence), d.vectors)
+    # a start vector drawn per rank: the replicas of a shard would set θ ± εv at different
+    # points, which the engine averages — silently wrong before; refused on every rank now
+    mine = torch.randn(S.num_params, generator=torch.Generator().manual_seed(rank), dtype=V.dtype)
+    try:
+        cs.eigenvalues(S, k=1, v0=mine)
+    except ValueError as e:
+        result["replicas_refused"] = str(e)
     result["untouched"] = _same(before, _local_state(model))
     result["mixed_refused"] = _mixed_meshes_refused(case.loss_fn, local)
     result["unscaled"] = _unscaled(model, C, S)
@@ -157,6 +164,8 @@ def test_sharded_vectors_of_an_hsdp_model(tmp_path):
         want = exact.evidence["sharpness"]
         assert abs(evidence["sharpness"] - want) <= DIAGNOSIS_TOL * abs(want)
         assert g["untouched"]
+        # every replica group differs: each rank names the problem
+        assert "replicate dimension" in g.get("replicas_refused", ""), g.get("replicas_refused")
         # every rank decided alike, to the last bit (but the clock)
         theirs = got[0]["diagnosis"][1]
         assert {k for k in evidence if evidence[k] != theirs[k]} <= {"seconds"}

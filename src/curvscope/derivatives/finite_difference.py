@@ -285,14 +285,28 @@ def shard_group(params: Iterable[Tensor], group: Any) -> Any:
     other — the shard dimension's group: the ranks of one replica, which hold each entry once
     (a sum over all the ranks would count it once per replica). Any other layout: ``group``
     (the sharded view refuses it). No communication: the mesh made its groups."""
+    hsdp = _hsdp(params, group)
+    return group if hsdp is None else hsdp[0].get_group(hsdp[1])
+
+
+def replica_group(params: Iterable[Tensor], group: Any) -> Any:
+    """HSDP's replicate dimension's group — the ranks that hold the same shard, and must hold
+    the same entries of every sharded vector — or None for any other layout."""
+    hsdp = _hsdp(params, group)
+    return None if hsdp is None else hsdp[0].get_group(hsdp[2])
+
+
+def _hsdp(params: Iterable[Tensor], group: Any) -> tuple[Any, int, int] | None:
+    """(mesh, shard dimension, replicate dimension) of DTensors on HSDP's 2-D mesh (placed
+    ``Shard`` on one dimension and ``Replicate()`` on the other); None for any other layout."""
     first = next((p for p in params if _is_dtensor(p)), None)
     if first is None or group is None or first.device_mesh.ndim != 2:
-        return group
+        return None
     dims = [i for i, pl in enumerate(first.placements) if type(pl) is Shard]
     kept = [i for i, pl in enumerate(first.placements) if type(pl) is Replicate]
     if len(dims) != 1 or len(kept) != 1:
-        return group
-    return first.device_mesh.get_group(dims[0])
+        return None
+    return first.device_mesh, dims[0], kept[0]
 
 
 def _data_parallel(model: nn.Module) -> tuple[int, float] | None:

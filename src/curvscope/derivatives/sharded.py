@@ -49,7 +49,7 @@ from torch import Tensor
 from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives import zero3 as _zero3
 from curvscope.derivatives.checks import check_finite, check_vector
-from curvscope.derivatives.distributed import all_reduce_sum, together
+from curvscope.derivatives.distributed import all_reduce_max, all_reduce_sum, together
 
 if TYPE_CHECKING:
     from curvscope.derivatives.curvature import Curvature
@@ -159,6 +159,8 @@ class ShardedCurvature:
         #: replicas hold the same entries (:func:`~.finite_difference.shard_group`); the
         #: products' own norms reduce over the same group
         self.sum_group: Any = differences.sum_group
+        #: HSDP's replicate dimension: ranks holding the same shard (None for other layouts)
+        self._replicas = _fd.replica_group(params, self.group)
         self.kind = curvature.kind
         self.dtype: torch.dtype = curvature.dtype
         self.device: torch.device = curvature.device
@@ -288,14 +290,39 @@ class ShardedCurvature:
 
     def _local(self, V: object) -> Tensor:
         """``V`` checked as this rank's entries of vectors, on every rank at once (a vector
-        refused on one rank alone raises on all of them)."""
-        return together(
+        refused on one rank alone raises on all of them); on HSDP's mesh, the same on the
+        replicas of this rank's shard."""
+        out = together(
             lambda: check_vector(
                 V, self.num_params, self.dtype, self.device, _LOCAL_V, _LOCAL_ENTRIES
             ),
             self.group,
             self.device,
         )
+        if self._replicas is not None:
+            self._same_on_replicas(out)
+        return out
+
+    def _same_on_replicas(self, V: Tensor) -> None:
+        """Raise on every rank unless the replicas of each shard hold the same entries of V
+        (one all-reduce of its sum and sum of squares over the replicate dimension): they set
+        θ ± εV on the same shard, and the engine averages their gradients — different
+        entries (a start vector drawn per rank) would mix two points into one product,
+        silently wrong. Vectors curvscope returns, and ``S.shard(v)``, are the same there."""
+        stats = torch.stack([V.sum(), V.pow(2).sum()]).to(torch.float64)
+        spread = all_reduce_max(torch.cat([stats, -stats]), self._replicas)
+        differs = bool((spread[:2] != -spread[2:]).any())
+
+        def check() -> None:
+            if differs:
+                raise ValueError(
+                    "the replicas of a shard (HSDP's replicate dimension) hold different "
+                    "entries of a vector: each rank of a replica group must pass the same "
+                    "entries — S.shard(v) of one full vector, or the vectors curvscope returned "
+                    "— not vectors drawn per rank"
+                )
+
+        together(check, self.group, self.device)
 
     @functools.cached_property
     def _positions(self) -> Tensor:
