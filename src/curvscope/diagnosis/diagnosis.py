@@ -31,7 +31,7 @@ from curvscope.diagnosis.classify import (
     as_state,
     classify,
 )
-from curvscope.diagnosis.stability import StabilityLimit, check_readable, gathered, limit_of
+from curvscope.diagnosis.stability import StabilityLimit, gathered, limit_of
 from curvscope.spectrum import Operator, as_operator, eigenvalues
 from curvscope.spectrum.cg import cg
 from curvscope.spectrum.eigen import block_shares
@@ -331,8 +331,8 @@ def diagnose(
             ``backend="finite_difference"`` or outside (0, 1), a 16-bit model with
             ``backend="finite_difference"``, ``sharded=True`` without
             ``backend="finite_difference"`` or on a model that is not sharded (by FSDP2 or
-            DeepSpeed ZeRO-3), an ``optimizer`` of a ZeRO-3 engine (its state lives in the
-            engine's own partitions: pass ``lr=``).
+            DeepSpeed ZeRO-3); for a ZeRO-3 engine's parameters, an ``optimizer`` that is
+            not the engine's, or whose state it offloads.
         TypeError: thresholds that are not :class:`~curvscope.Thresholds`, a non-numeric
             ``fd_eps``, a ``sharded`` that is not a bool.
 
@@ -451,8 +451,8 @@ class _Products(NamedTuple):
         if sharded and backend != _fd.BACKEND:
             raise ValueError(
                 "sharded=True shards the diagnosis's vectors like the parameters of a model "
-                "sharded by FSDP2, whose products only finite differences of its own gradients "
-                "give: pass backend='finite_difference' with it"
+                "sharded by FSDP2 or DeepSpeed ZeRO-3, whose products only finite differences "
+                "of its own gradients give: pass backend='finite_difference' with it"
             )
         if backend not in DIAGNOSIS_BACKENDS:
             if backend in _PRODUCT_BACKENDS:
@@ -477,14 +477,6 @@ class _Products(NamedTuple):
                 f"sharded=True: {e} (here: drop sharded=True, and the diagnosis gathers its "
                 "vectors whole)"
             ) from e
-
-
-def check_optimizer(optimizer: object, params: Iterable[Tensor]) -> None:
-    """Refuse at once, with the fix, an optimizer whose state the stability limit cannot read
-    for a DeepSpeed ZeRO-3 engine's parameters (another than the engine's, one without a
-    rule, the engine's with its state offloaded): what the first probe would refuse (every
-    rank alike: it depends on the engine's configuration only)."""
-    check_readable(optimizer, list(params))
 
 
 def _curvature(
@@ -681,7 +673,7 @@ def update_curvature(
         ValueError: ``top`` is not a vector of the measured parameters' length (of this rank's
             entries with ``sharded=True``); a ``before`` value that does not fit this rank's
             shard; a backend, ``fd_eps`` or ``sharded`` that :func:`diagnose` refuses; an
-            optimizer of a DeepSpeed ZeRO-3 engine (pass ``lr=``).
+            optimizer that is not the DeepSpeed ZeRO-3 engine's, or whose state it offloads.
         TypeError: a ``sharded`` that is not a bool.
     """
     products = _Products.checked(backend, fd_eps, sharded)

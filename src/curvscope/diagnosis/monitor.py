@@ -44,13 +44,12 @@ from curvscope.diagnosis.diagnosis import (
     Diagnosis,
     UpdateCheck,
     _Products,
-    check_optimizer,
     diagnose,
     update_curvature,
 )
 from curvscope.diagnosis.runlog import LOG_VERSION, RunLogWriter, check_log_mode
 from curvscope.diagnosis.runlog import read_log as read_log  # where it lived before runlog
-from curvscope.diagnosis.stability import limit_factor, optimizer_name
+from curvscope.diagnosis.stability import check_readable, limit_factor, optimizer_name
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ def _check_finite_difference(
             "(neither FSDP2's DTensors nor a DeepSpeed ZeRO-3 engine's): an unsharded model's "
             "vectors fit wherever the model does — drop sharded=True"
         )
-    check_optimizer(optimizer, selected)
+    check_readable(optimizer, selected)
 
 
 class Monitor:
