@@ -344,6 +344,15 @@ def _refusals_worker(rank: int, port: int, out: str) -> None:
         cs.Curvature(engine, loss_fn, local)
     except ValueError as e:
         result["exact"] = str(e)
+    # a persistent parameter held whole on one rank only (before any forward none is gathered:
+    # rank 0's is made whole by hand) cannot be set alike — refused on both ranks, not a hang
+    persistent = next(p for p in engine.module.parameters() if p.ds_persist)
+    empty = persistent.data
+    if rank == 0:
+        persistent.data = torch.zeros(persistent.ds_shape)
+    S = cs.Curvature(engine, loss_fn, local, backend=FD).sharded()
+    result["one_rank_whole"] = _error(lambda: S @ torch.ones(S.num_params))
+    persistent.data = empty
     # the stability limit reads the engine's own optimizer only: another one over the same
     # parameters holds no state for them — refused with the fix by diagnose and, at
     # construction, by the Monitor
@@ -395,6 +404,7 @@ def test_what_zero3_products_do_not_support_is_refused_with_the_fix(tmp_path):
         assert "secondary copy" in got["hpz"] and "'zero_hpz_partition_size': 1" in got["hpz"]
         assert "torch_autocast" in got["autocast"] and "16 bits" in got["autocast"]
         assert "backend='finite_difference'" in got["exact"]
+        assert "gathered on some ranks and not on others" in got["one_rank_whole"][1]
         for kind, message in got["other"]:
             assert kind is ValueError and "engine.optimizer" in message, message
         assert got["mixed"][0] is ValueError and "some not" in got["mixed"][1]

@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvscope.derivatives.distributed import all_reduce_sum
+from curvscope.derivatives.distributed import all_reduce_max, all_reduce_sum
 
 #: what an engine must be, in the refusals' fixes
 _CALL = (
@@ -255,7 +255,9 @@ class Zero3:
         self.spans = self.spans_of(params)
         self.numels = [math.prod(full_shape(p)) for p in params]
         #: where this rank's entries sit in a full flat vector, in order
-        self.positions = _positions(self.numels, self.spans, params[0].device)
+        #: where the partitions (and the small collectives about them) live
+        self.device: torch.device = params[0].ds_tensor.device  # type: ignore[attr-defined]
+        self.positions = _positions(self.numels, self.spans, self.device)
         #: the dtype the gradients are accumulated in (float32 for float64 parameters too)
         self.gradient_dtype: torch.dtype = self.optimizer.gradient_accumulation_dtype
 
@@ -294,7 +296,7 @@ class Zero3:
             flat if local else [b[lo:hi] for b, (lo, hi) in zip(flat, self.spans, strict=True)]
         )
         full: list[Tensor | None] = list(flat) if not local else [None] * len(flat)
-        if local and any(w is not None for w in state.whole):
+        if local and self._whole_on_every_rank(state):
             full = self._gather_persistent(local_blocks, state)
         state.reset_layout()
         for i, p in enumerate(self.params):
@@ -308,6 +310,25 @@ class Zero3:
                 assert block is not None
                 p.data.copy_(whole)
                 p.data.view(-1).add_(block.to(p.dtype), alpha=eps)
+
+    def _whole_on_every_rank(self, state: Zero3State) -> bool:
+        """Whether some parameters are held whole (persistent, gathered) — the same ones on
+        every rank, checked once per kept state (one all-reduce): which ones are whole is read
+        off this rank's ``.data``, and ranks that disagreed would enter the gather below with
+        different sizes, or not at all (a hang)."""
+        if state.agreed is None:
+            flags = torch.tensor(
+                [float(w is not None) for w in state.whole], dtype=torch.float64, device=self.device
+            )
+            spread = all_reduce_max(torch.cat([flags, -flags]), self.group)
+            if bool((spread[: len(flags)] != -spread[len(flags) :]).any()):
+                raise ValueError(
+                    "the DeepSpeed engine holds some persistent parameters gathered on some "
+                    "ranks and not on others, which a finite-difference product cannot set "
+                    "alike; run one forward of the engine on every rank first"
+                )
+            state.agreed = bool(flags.any())
+        return state.agreed
 
     def _gather_persistent(self, local: list[Tensor], state: Zero3State) -> list[Tensor | None]:
         """The full blocks of the persistent parameters from every rank's entries: each rank
@@ -365,6 +386,8 @@ class Zero3State:
         opt = zero3.optimizer
         self.partitions = [p.ds_tensor.detach().clone() for p in zero3.params]  # type: ignore[attr-defined]
         self.whole = [p.data.detach().clone() if zero3._whole(p) else None for p in zero3.params]
+        #: whether some are whole, once every rank agreed on which (Zero3._whole_on_every_rank)
+        self.agreed: bool | None = None
         # a persistent parameter the engine has not gathered yet (empty .data) is gathered by
         # the first forward and kept so: put back as found, or the next forward would read the
         # values of θ₀ + εv there instead of gathering the partitions
