@@ -244,7 +244,7 @@ def local_shapes(params: Iterable[Tensor]) -> list[torch.Size]:
     layout of the local part of a flat vector."""
     params = list(params)
     if params and zero3.is_partitioned(params[0]):
-        spans = zero3.Zero3.spans_of(params)
+        spans = zero3.Partitions.spans_of(params)
         return [torch.Size([hi - lo]) for lo, hi in spans]
     return [(p.to_local() if _is_dtensor(p) else p).shape for p in params]
 

@@ -146,7 +146,8 @@ class ShardedCurvature:
         params = list(obj.params.values())
         #: a ZeRO-3 engine's parameters: this rank's entries [lo, hi) of each (its partition,
         #: without the padding); None for FSDP2's DTensors
-        self._spans = _zero3.Zero3.spans_of(params) if _zero3.is_partitioned(params[0]) else None
+        partitioned = _zero3.is_partitioned(params[0])
+        self._spans = _zero3.Partitions.spans_of(params) if partitioned else None
         if self._spans is None:
             _check_fsdp(obj.model, params, obj.params)
         self._curvature, self._differences = curvature, differences
@@ -361,7 +362,7 @@ def local_entries(t: Tensor, param: Tensor | None = None) -> Tensor:
     if _zero3.is_partitioned(t):
         param, t = t, t.ds_tensor  # type: ignore[attr-defined]
     if param is not None and _zero3.is_partitioned(param):
-        (lo, hi), *_ = _zero3.Zero3.spans_of([param])
+        (lo, hi), *_ = _zero3.Partitions.spans_of([param])
         if t.numel() == param.ds_tensor.numel():  # type: ignore[attr-defined]
             return t.detach().reshape(-1)[: hi - lo]
     return t.detach()

@@ -52,6 +52,7 @@ DeepSpeed is never imported here: a model it manages was built after the user im
 
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
 import math
@@ -226,40 +227,19 @@ def find(model: nn.Module, params: list[Tensor], group: Any) -> Zero3 | None:
     return Zero3(model, params, group)
 
 
-class Zero3:
-    """The selected parameters of a ZeRO-3 engine: this rank's entries of each (its partition
-    without the padding), how the engine weighs the ranks, and its state kept and put back
-    (:meth:`keep`)."""
+class Partitions:
+    """Where this rank's entries of ZeRO-3 parameters are: [lo, hi) of each flattened parameter
+    (its partition without the padding), and the whole flat vector assembled from every rank's
+    entries over ``group`` (one all-reduce). Shared by the products (:class:`Zero3`) and the
+    optimizer's state (:class:`PartitionedState`)."""
 
-    def __init__(self, engine: Any, params: list[Tensor], group: Any) -> None:
-        import torch.distributed as dist
-
-        self.engine, self.optimizer, self.params, self.group = (
-            engine,
-            engine.optimizer,
-            params,
-            group,
-        )
-        ours = 1 if group is None else dist.get_world_size(group)
-        sizes = {dist.get_world_size(p.ds_process_group) for p in params}  # type: ignore[attr-defined]
-        if sizes != {ours}:
-            raise ValueError(
-                f"the DeepSpeed engine partitions its parameters over {sorted(sizes)} ranks, but "
-                f"the Curvature reduces over {ours}; build it in the engine's data-parallel "
-                "process group (group=None uses the default group) so that each rank passes its "
-                "own shard of the data"
-            )
-        #: the engine averages the ranks' gradients: each rank's loss is multiplied by this
-        self.loss_scale = float(ours)
+    def __init__(self, params: list[Tensor], group: Any) -> None:
+        self.params, self.group = params, group
         #: this rank's entries [lo, hi) of each parameter's flattened block
         self.spans = self.spans_of(params)
         self.numels = [math.prod(full_shape(p)) for p in params]
-        #: where this rank's entries sit in a full flat vector, in order
         #: where the partitions (and the small collectives about them) live
         self.device: torch.device = params[0].ds_tensor.device  # type: ignore[attr-defined]
-        self.positions = _positions(self.numels, self.spans, self.device)
-        #: the dtype the gradients are accumulated in (float32 for float64 parameters too)
-        self.gradient_dtype: torch.dtype = self.optimizer.gradient_accumulation_dtype
 
     @staticmethod
     def spans_of(params: list[Tensor]) -> list[tuple[int, int]]:
@@ -278,6 +258,50 @@ class Zero3:
     def local_numels(self) -> list[int]:
         """How many entries of each parameter this rank holds (its partition, unpadded)."""
         return [hi - lo for lo, hi in self.spans]
+
+    @functools.cached_property
+    def positions(self) -> Tensor:
+        """Where this rank's entries sit in a full flat vector, in order."""
+        offsets = [0, *itertools.accumulate(self.numels)]
+        return torch.cat(
+            [
+                torch.arange(o + lo, o + hi, device=self.device)
+                for o, (lo, hi) in zip(offsets, self.spans, strict=False)
+            ]
+        )
+
+    def whole(self, mine: Tensor) -> Tensor:
+        """The whole flat vector on every rank from each rank's entries ``mine``: each rank
+        writes its own, zeros elsewhere — the partitions are disjoint — and one all-reduce
+        sums them."""
+        full = mine.new_zeros(sum(self.numels))
+        full[self.positions] = mine
+        return all_reduce_sum(full, self.group)
+
+
+class Zero3(Partitions):
+    """The selected parameters of a ZeRO-3 engine: this rank's entries of each (its partition
+    without the padding), how the engine weighs the ranks, and its state kept and put back
+    (:meth:`keep`)."""
+
+    def __init__(self, engine: Any, params: list[Tensor], group: Any) -> None:
+        import torch.distributed as dist
+
+        super().__init__(params, group)
+        self.engine, self.optimizer = engine, engine.optimizer
+        ours = 1 if group is None else dist.get_world_size(group)
+        sizes = {dist.get_world_size(p.ds_process_group) for p in params}  # type: ignore[attr-defined]
+        if sizes != {ours}:
+            raise ValueError(
+                f"the DeepSpeed engine partitions its parameters over {sorted(sizes)} ranks, but "
+                f"the Curvature reduces over {ours}; build it in the engine's data-parallel "
+                "process group (group=None uses the default group) so that each rank passes its "
+                "own shard of the data"
+            )
+        #: the engine averages the ranks' gradients: each rank's loss is multiplied by this
+        self.loss_scale = float(ours)
+        #: the dtype the gradients are accumulated in (float32 for float64 parameters too)
+        self.gradient_dtype: torch.dtype = self.optimizer.gradient_accumulation_dtype
 
     def _whole(self, p: Tensor) -> bool:
         """A parameter the forward reads whole from ``p.data``: a persistent one, gathered."""
@@ -372,7 +396,7 @@ class Zero3:
         ).safe_get_local_grad
         parts = [read(p)[:n] for p, n in zip(self.params, self.local_numels, strict=True)]
         mine = torch.cat(parts).to(self.params[0].dtype)  # float32 for float64 parameters
-        return mine if local else _whole_vector(mine, self.positions, sum(self.numels), self.group)
+        return mine if local else self.whole(mine)
 
 
 class Zero3State:
@@ -419,26 +443,6 @@ class Zero3State:
             setattr(opt, k, _refilled(kept, contents))
         if self.hooks is not None:
             vars(opt._backward_hook_state).update(self.hooks)
-
-
-def _positions(numels: list[int], spans: list[tuple[int, int]], device: Any) -> Tensor:
-    """Where this rank's entries [lo, hi) of each block sit in the full flat vector."""
-    offsets = [0, *itertools.accumulate(numels)]
-    return torch.cat(
-        [
-            torch.arange(o + lo, o + hi, device=device)
-            for o, (lo, hi) in zip(offsets, spans, strict=False)
-        ]
-    )
-
-
-def _whole_vector(mine: Tensor, positions: Tensor, n: int, group: Any) -> Tensor:
-    """The whole flat vector on every rank from each rank's entries ``mine`` (at
-    ``positions``): each rank writes its own, zeros elsewhere — the partitions are disjoint —
-    and one all-reduce sums them."""
-    full = mine.new_zeros(n)
-    full[positions] = mine
-    return all_reduce_sum(full, group)
 
 
 def _engine_optimizer(optimizer: object) -> Any | None:
@@ -500,19 +504,16 @@ def optimizer_state(
     return PartitionedState(engine_optimizer, params, local)
 
 
-class PartitionedState:
+class PartitionedState(Partitions):
     """The groups and state of ZeRO-3 parameters in their engine's optimizer (see the module's
     docstring), in the form :func:`curvscope.diagnosis.stability.limit_of` reads any
     optimizer's: per parameter its group and its state, and flat vectors over the parameters —
     this rank's entries (``local``) or whole on every rank (one all-reduce)."""
 
     def __init__(self, engine_optimizer: Any, params: list[Tensor], local: bool) -> None:
-        self.engine_optimizer, self.params, self.local = engine_optimizer, params, local
-        self.spans = Zero3.spans_of(params)
-        self.numels = [math.prod(full_shape(p)) for p in params]
-        self.device = params[0].ds_tensor.device  # type: ignore[attr-defined]
-        #: the engine's data-parallel group, over which the parameters are partitioned
-        self.group = params[0].ds_process_group  # type: ignore[attr-defined]
+        # over the engine's data-parallel group, which partitions the parameters
+        super().__init__(params, params[0].ds_process_group)  # type: ignore[attr-defined]
+        self.engine_optimizer, self.local = engine_optimizer, local
         #: (sub-group, offset in its flat partition) of each parameter; None: not stepped
         self.where: list[tuple[int, int] | None] = []
         for p in params:
@@ -563,10 +564,7 @@ class PartitionedState:
             for v, (lo, hi) in zip(values, self.spans, strict=True)
         ]
         mine = torch.cat(parts)
-        if self.local:
-            return mine
-        positions = _positions(self.numels, self.spans, self.device)
-        return _whole_vector(mine, positions, sum(self.numels), self.group)
+        return mine if self.local else self.whole(mine)
 
     def unscaled(self, inverse: list[Tensor]) -> int:
         """How many entries of the stepped parameters have P⁻¹ = 0 (their second moment still
@@ -617,6 +615,7 @@ def _copy(value: Any) -> Any:
 
 __all__ = [
     "PartitionedState",
+    "Partitions",
     "Zero3",
     "Zero3State",
     "check_backend",
