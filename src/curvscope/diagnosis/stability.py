@@ -48,6 +48,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from curvscope.derivatives import zero3 as _zero3
+from curvscope.derivatives.sharded import local_entries
 
 #: (name of the optimizer's type, its first group holding a parameter) -> (c, description, formula)
 Constant = Callable[[str, Mapping[str, Any]], tuple[float, str, str]]
@@ -252,7 +253,7 @@ class _Held:
         return torch.zeros_like(self.params[i])
 
     def entries(self, t: Tensor) -> Tensor:
-        return local_shard(t) if self.local else gathered(t)
+        return local_entries(t) if self.local else gathered(t)
 
     def flat(self, values: list[Tensor | float]) -> Tensor:
         return _flat(values, self.params, self.local)
@@ -270,24 +271,18 @@ def gathered(t: Tensor) -> Tensor:
     return t if full is None else full()
 
 
-def local_shard(t: Tensor) -> Tensor:
-    """This rank's shard of a sharded ``DTensor`` (no communication); a plain tensor as it is."""
-    local = getattr(t, "to_local", None)
-    return t if local is None else local()
-
-
 def _flat(values: Sequence[Tensor | float], params: list[Tensor], local: bool) -> Tensor:
     """One flat vector of per-parameter values (tensors shaped like the parameters, or numbers
     filled in): whole, or with ``local`` this rank's entries of sharded parameters."""
     ref = params[0]
-    part = local_shard if local else gathered
+    part = local_entries if local else gathered
     # a number is filled in the parameters' dtype: through float32 first, a float64 model's
     # weight decay 0.01 would become 0.0099999998
     parts = [
         part(v).reshape(-1).to(dtype=ref.dtype, device=ref.device)
         if isinstance(v, Tensor)
         else torch.full(
-            ((local_shard(p) if local else p).numel(),),
+            ((local_entries(p) if local else p).numel(),),
             float(v),
             dtype=ref.dtype,
             device=ref.device,
