@@ -24,14 +24,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import curvscope as cs
 from curvscope.derivatives import finite_difference as fd
 from curvscope.diagnosis.diagnosis import DIAGNOSIS_TOL
 from tests import cases
 from tests.derivatives.test_finite_difference import as_float64, smooth
-from tests.distributed.test_distributed import _free_port
+from tests.distributed.test_distributed import run_ranks
 from tests.distributed.test_fsdp import BATCHES, FD, WORLD, N, _union, failing_loss
 
 pytestmark = [
@@ -257,16 +256,13 @@ def reference():
 
 
 def test_zero3_products_equal_the_exact_single_process_product(tmp_path, reference):
-    mp.start_processes(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn"
-    )
+    got = run_ranks(_worker, tmp_path, WORLD)
     H = reference["H"]
     # float32's bound: the gradients are float32 (ZeRO-3 reduces and accumulates them so)
     bound = fd.ACCURACY * torch.finfo(torch.float32).eps ** (2 / 3)
     bound *= float(torch.linalg.matrix_norm(H, 2))
     V = _vector(H.shape[0]).float().double()
     want = H @ V
-    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for r in got:
         assert r["persistent"] == [
             (False, False),
@@ -394,11 +390,7 @@ def _error(call) -> tuple[type, str]:
 
 
 def test_what_zero3_products_do_not_support_is_refused_with_the_fix(tmp_path):
-    mp.start_processes(
-        _refusals_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn"
-    )
-    for rank in range(WORLD):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+    for got in run_ranks(_refusals_worker, tmp_path, WORLD):
         assert "stage 2" in got["stage2"] and "'stage': 3" in got["stage2"]
         assert "bf16" in got["bf16"] and "float32" in got["bf16"]
         assert "secondary copy" in got["hpz"] and "'zero_hpz_partition_size': 1" in got["hpz"]
@@ -521,10 +513,7 @@ def test_the_engines_optimizer_gives_the_stability_limit_of_a_twin_trained_in_on
     compared to float32's tolerance. The sharded diagnosis with ``optimizer=`` (and the
     Monitor's probe, and the curvature along the next update) are the exact float64
     diagnosis's of the twin: under SGD within its 1%; under Adam a confident one is."""
-    mp.start_processes(
-        _optimizer_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn"
-    )
-    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    got = run_ranks(_optimizer_worker, tmp_path, WORLD)
     for kind in OPTIMIZERS:
         case = _case(torch.float32, kind)
         opt = _optimizer(kind, case.model)

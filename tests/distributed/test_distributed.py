@@ -30,6 +30,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_ranks(worker, tmp_path: Path, nprocs: int) -> list[dict]:
+    """``worker(rank, port, out)`` on ``nprocs`` spawned processes, each saving its results as
+    ``out/rank{rank}.pt``; returns them in rank order."""
+    mp.start_processes(
+        worker, args=(_free_port(), str(tmp_path)), nprocs=nprocs, start_method="spawn"
+    )
+    return [torch.load(Path(tmp_path) / f"rank{r}.pt", weights_only=False) for r in range(nprocs)]
+
+
 def _init(rank: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import curvscope as cs
@@ -25,7 +24,7 @@ from curvscope.derivatives import finite_difference as fd
 from curvscope.diagnosis.diagnosis import DIAGNOSIS_TOL
 from curvscope.spectrum import as_operator
 from tests.derivatives.test_finite_difference import smooth
-from tests.distributed.test_distributed import _end, _free_port
+from tests.distributed.test_distributed import _end, run_ranks
 from tests.distributed.test_fsdp import _init, _local_state, _same, _vector
 from tests.distributed.test_meshes import FD, HSDP_BATCHES, N
 
@@ -131,9 +130,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.usefixtures("one_thread")
 def test_sharded_vectors_of_an_hsdp_model(tmp_path):
-    mp.start_processes(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn"
-    )
+    got = run_ranks(_worker, tmp_path, WORLD)
     case = smooth(n=N)
     H = cs.Curvature(case.model, case.loss_fn, case.data, backend="double_backward").to_dense()
     eig = torch.linalg.eigvalsh(H)
@@ -141,7 +138,6 @@ def test_sharded_vectors_of_an_hsdp_model(tmp_path):
     bound = fd.ACCURACY * torch.finfo(torch.float64).eps ** (2 / 3) * norm_h
     exact = cs.diagnose(case.model, case.loss_fn, case.data, lr=LR)
     V = _vector(H.shape[0])
-    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     # each shard group (one replica) partitions the vectors: two ranks of four hold them all
     assert got[0]["local"] + got[1]["local"] == H.shape[0] == got[0]["total"]
     for rank, g in enumerate(got):

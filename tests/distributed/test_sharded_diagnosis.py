@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import curvscope as cs
 from curvscope.diagnosis.diagnosis import DIAGNOSIS_TOL
 from tests import cases
 from tests.derivatives.test_finite_difference import smooth
 from tests.diagnosis.test_diagnose_backend import accuracy, assert_agrees, step_factor
-from tests.distributed.test_distributed import _end, _free_port
+from tests.distributed.test_distributed import _end, run_ranks
 from tests.distributed.test_fsdp import (
     BATCHES,
     FD,
@@ -136,9 +135,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.usefixtures("one_thread")
 def test_a_sharded_diagnosis_equals_the_exact_one_without_gathering_the_model(tmp_path):
-    mp.start_processes(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn"
-    )
+    got = run_ranks(_worker, tmp_path, WORLD)
     # one process, exact products, all the data, whole vectors: the same points and starts
     case = smooth(n=N)
     X, y = case.data
@@ -158,7 +155,6 @@ def test_a_sharded_diagnosis_equals_the_exact_one_without_gathering_the_model(tm
         model, loss_fn, case.data, before, kw["optimizer"], top=want["adam"].vectors["top"]
     )
 
-    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for rank, result in enumerate(got):
         assert result["sharded_params"] == "DTensor"
         for name in JUDGED:
@@ -240,10 +236,7 @@ def test_a_sharded_monitor_says_what_a_whole_vector_one_says_without_gathering(t
     """A Monitor with sharded=True beside one with whole vectors, on the same FSDP2 training
     run: the same probes, verdicts and cheap-tier checks (within the probes' accuracy: each
     draws its own start), its warm start kept as this rank's entries, nothing gathered."""
-    mp.start_processes(
-        _monitor_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn"
-    )
-    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    got = run_ranks(_monitor_worker, tmp_path, WORLD)
     n = sum(p.numel() for p in smooth(n=N).model.parameters())
     for result in got:
         assert result["gathers"] == 0
@@ -279,10 +272,7 @@ def _one_rank_worker(rank: int, port: int, out: str) -> None:
 def test_on_one_rank_the_shard_is_the_whole_vector(tmp_path):
     """FSDP2 over a world of one (a script tried on one device first): sharded=True is taken,
     draws the same start as whole vectors, and diagnoses alike."""
-    mp.start_processes(
-        _one_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=1, start_method="spawn"
-    )
-    got = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    (got,) = run_ranks(_one_rank_worker, tmp_path, 1)
     d, whole = got["sharded"], got["whole"]
     assert d.state == whole.state
     assert d.evidence["matvecs"] == whole.evidence["matvecs"]
