@@ -106,6 +106,8 @@ SLOW: dict[str, float] = {
     "test_zero3_products_equal_the_exact_single_process_product": 20.4,
     "tests/distributed/test_deepspeed.py::"
     "test_what_zero3_products_do_not_support_is_refused_with_the_fix": 13.3,
+    "tests/distributed/test_deepspeed.py::"
+    "test_an_engine_that_leaves_the_accumulation_to_the_user_counts_only_its_micro_batches": 8.9,
     # (CPU seconds, load 3.7: three engines trained, two diagnosed, a Monitor's probe)
     "tests/distributed/test_deepspeed.py::"
     "test_the_engines_optimizer_gives_the_stability_limit_of_a_twin_trained_in_one_process": 21.3,

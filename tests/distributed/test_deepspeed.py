@@ -6,12 +6,13 @@ of each parameter) gives the same products; ``diagnose(..., sharded=True)`` the 
 diagnosis's verdict and sharpness; the engine is left bit for bit as found — partitions, the
 user's gradient partitions, the micro-step counter, so that ``engine.step()`` after curvscope's
 products, in the middle of a gradient accumulation, gives the same parameters as without them
-— also when the loss fails. The engine's optimizer (torch SGD, Adam, AdamW in its flat
-partitions) gives the stability limit, step factors and L2 coefficients of a twin trained in one
-process, and the diagnosis, the Monitor's probe and the curvature along an update with it those
-of the exact diagnosis of the twin. What is not supported is refused with the fix:
-``engine.module`` passed instead of the engine, ZeRO stage 2, bf16; for the limit, an optimizer
-not the engine's, one without a rule, optimizer offload.
+— also when the loss fails, and with ``managed_gradient_accumulation: false`` the engine's
+count of micro-batches, which ``step()`` adds to ``global_samples``. The engine's optimizer
+(torch SGD, Adam, AdamW in its flat partitions) gives the stability limit, step factors and L2
+coefficients of a twin trained in one process, and the diagnosis, the Monitor's probe and the
+curvature along an update with it those of the exact diagnosis of the twin. What is not
+supported is refused with the fix: ``engine.module`` passed instead of the engine, ZeRO stage
+2, bf16; for the limit, an optimizer not the engine's, one without a rule, optimizer offload.
 
 DeepSpeed is imported only in the spawned workers (with DS_ACCELERATOR=cpu and without its
 shm op, which would need a compiler): ``deepspeed.initialize`` patches torch process-wide."""
@@ -406,6 +407,45 @@ def test_what_zero3_products_do_not_support_is_refused_with_the_fix(tmp_path):
         for kind, message in got["no_rule"]:
             assert kind is TypeError and "Adamax" in message and "Pass lr=" in message, message
             assert "'torch_adam': True" in message
+
+
+def _unmanaged_worker(rank: int, port: int, out: str) -> None:
+    """An engine that leaves the accumulation boundary to the user
+    (``managed_gradient_accumulation: false``: ``step()`` adds one micro-batch to
+    ``global_samples`` per ``engine.backward`` since the last step) and its twin, both
+    mid-accumulation; products on the first, then the user's second micro-batch and step on
+    both."""
+    deepspeed = _deepspeed(rank, port)
+    managed, loss_fn, local = _engine(deepspeed, _config())
+    unmanaged = _config(managed_gradient_accumulation=False)
+    engine, twin = (_engine(deepspeed, unmanaged)[0] for _ in range(2))
+    V = _vector(sum(p.ds_numel for p in engine.module.parameters())).float()
+    result = {"managed": cs.Curvature(managed, loss_fn, local, backend=FD) @ V}
+    for e in (engine, twin):
+        x, t = local[0]
+        e.backward(loss_fn(e(x), t))
+    result["hv"] = cs.Curvature(engine, loss_fn, local, backend=FD) @ V
+    for e in (engine, twin):
+        x, t = local[1]
+        e.backward(loss_fn(e(x), t))
+        e.step()
+    result["samples"] = [engine.global_samples, twin.global_samples]
+    result["stepped_alike"] = _same(_state(engine, padding=False), _state(twin, padding=False))
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    dist.barrier()
+    os._exit(0)
+
+
+def test_an_engine_that_leaves_the_accumulation_to_the_user_counts_only_its_micro_batches(
+    tmp_path,
+):
+    # each product runs the engine's backward twice per vector: uncounted, or the next step()
+    # would add them to global_samples (144 samples for 16 before this was restored)
+    for got in run_ranks(_unmanaged_worker, tmp_path, WORLD):
+        assert torch.equal(got["hv"], got["managed"])
+        samples, twin_samples = got["samples"]
+        assert samples == twin_samples == 2 * 4 * WORLD
+        assert got["stepped_alike"]
 
 
 # ------------------------------------------------------------ the engine's optimizer's limit

@@ -402,8 +402,9 @@ class Zero3(Partitions):
 class Zero3State:
     """A ZeRO-3 engine's state that a product changes, kept on entry: this rank's partitions
     (with their padding), the persistent parameters' full values, the buffer of gradient
-    partitions and the optimizer's backward bookkeeping (micro-step counter, hook state, the
-    gradient lists and flags its ``step`` reads)."""
+    partitions, the optimizer's backward bookkeeping (micro-step counter, hook state, the
+    gradient lists and flags its ``step`` reads) and the engine's count of backward passes
+    (:data:`_ENGINE_COUNTERS`)."""
 
     def __init__(self, zero3: Zero3) -> None:
         self.zero3 = zero3
@@ -421,6 +422,8 @@ class Zero3State:
         # (whatever holds it sees the restored contents), refilled in place
         held = {k: getattr(opt, k) for k in _OPTIMIZER_STATE if hasattr(opt, k)}
         self.attributes = {k: (v, _copy(v)) for k, v in held.items()}
+        engine = zero3.engine
+        self.counters = {k: getattr(engine, k) for k in _ENGINE_COUNTERS if hasattr(engine, k)}
         hooks = getattr(opt, "_backward_hook_state", None)
         self.hooks = None if hooks is None else dict(vars(hooks))
 
@@ -441,6 +444,8 @@ class Zero3State:
         opt.grad_partitions_flat_buffer.copy_(self.grads)
         for k, (kept, contents) in self.attributes.items():
             setattr(opt, k, _refilled(kept, contents))
+        for k, count in self.counters.items():
+            setattr(zero3.engine, k, count)
         if self.hooks is not None:
             vars(opt._backward_hook_state).update(self.hooks)
 
@@ -586,6 +591,12 @@ _OPTIMIZER_STATE = (
     "_is_gradient_accumulation_boundary",
     "_offload_boundary_param_ids",
 )
+
+
+#: the engine's own counters its backward advances: with ``managed_gradient_accumulation``
+#: false, each ``engine.backward`` counts a micro-batch that ``engine.step()`` adds to
+#: ``global_samples`` (two uncounted products would have added four)
+_ENGINE_COUNTERS = ("_unmanaged_backward_count",)
 
 
 def _refilled(kept: Any, contents: Any) -> Any:
