@@ -323,6 +323,59 @@ def test_an_lstm_in_float32_runs_on_torchs_own_lstm_and_agrees_with_the_fused_on
     assert _kernel_flags() == before
 
 
+def _attention_flags() -> dict[str, bool]:
+    """Every scaled-dot-product-attention backend switch this torch has, by name."""
+    return {
+        n: getattr(torch._C, n)()
+        for n in dir(torch._C)
+        if n.startswith("_get_") and n.endswith("_sdp_enabled")
+    }
+
+
+def test_products_run_attention_on_the_math_backend_only_and_put_the_users_switches_back():
+    """Whatever backends the user enabled — here the math one off, flash and FlashAttention-3
+    on — a product's forward sees only the math backend on (every other switch torch has off:
+    ``sdpa_kernel`` left FlashAttention-3's, which has no double backward), and the user's
+    switches are back after the product, also when it fails."""
+    case = cases.mlp()
+    seen = []
+
+    def loss_fn(out, y):
+        seen.append(_attention_flags())
+        return case.loss_fn(out, y)
+
+    # math off, flash on, and FlashAttention-3 on where this torch has its switch
+    user = {
+        n: n != "_get_math_sdp_enabled"
+        for n in ("_get_math_sdp_enabled", "_get_flash_sdp_enabled", "_get_fa3_sdp_enabled")
+        if hasattr(torch._C, n)
+    }
+    was = _attention_flags()
+    for name, on in user.items():
+        getattr(torch._C, name.replace("_get_", "_set_sdp_use_").removesuffix("_sdp_enabled"))(on)
+    try:
+        found = _attention_flags()
+        assert found.items() >= user.items()
+        C = cs.Curvature(case.model, loss_fn, case.data, reduction="mean", cache=False)
+        C @ torch.ones(C.num_params, dtype=cases.DT)
+        assert _attention_flags() == found
+        assert seen and all(
+            flags == {n: n == "_get_math_sdp_enabled" for n in flags} for flags in seen
+        )
+        failing = cs.Curvature(case.model, failing_loss, case.data, reduction="mean")
+        with pytest.raises(RuntimeError, match="loss failed"):
+            failing @ torch.ones(C.num_params, dtype=cases.DT)
+        assert _attention_flags() == found
+    finally:
+        for name in user:
+            setter = name.replace("_get_", "_set_sdp_use_").removesuffix("_sdp_enabled")
+            getattr(torch._C, setter)(was[name])
+
+
+def failing_loss(out, y):
+    raise RuntimeError("loss failed")
+
+
 def test_multi_input_and_keyword_models():
     class TwoInputs(nn.Module):
         def __init__(self):

@@ -265,8 +265,33 @@ _MATH_NOTE = (
 )
 
 
-@contextlib.contextmanager
-def _differentiable_kernels(rnn: bool) -> Iterator[None]:
+def _attention_switches() -> list[tuple[Any, Any, bool]]:
+    """(get, set, wanted) for each of torch's scaled-dot-product-attention backends, only math
+    wanted. Read off torch's own flag functions (``_get_<name>_sdp_enabled`` /
+    ``_set_sdp_use_<name>``), which ``sdpa_kernel`` switches from a fixed list of names: every
+    backend this torch has is turned off (torch 2.13's FlashAttention-3 switch too, which that
+    list lacks), and setting the flags directly costs 2 µs where ``sdpa_kernel`` costs 30 (a
+    product of a small model costs 1 ms). Empty if torch no longer has a math switch there."""
+    names = [
+        n.removeprefix("_set_sdp_use_") for n in dir(torch._C) if n.startswith("_set_sdp_use_")
+    ]
+    switches = [
+        (
+            getattr(torch._C, f"_get_{n}_sdp_enabled"),
+            getattr(torch._C, f"_set_sdp_use_{n}"),
+            n == "math",
+        )
+        for n in sorted(names)
+        if hasattr(torch._C, f"_get_{n}_sdp_enabled")
+    ]
+    return switches if any(wanted for _, _, wanted in switches) else []
+
+
+_ATTENTION_SWITCHES = _attention_switches()
+_HAS_CUDNN = torch.backends.cudnn.is_available()  # a CPU-only build has no cuDNN to turn off
+
+
+class _DifferentiableKernels:
     """Kernels with second derivatives for the forward passes of curvature products:
     scaled-dot-product attention on its math backend (the fused ones have no double backward or
     forward-mode AD), cuDNN off where torch has it (its RNNs have no double backward), and for
@@ -274,21 +299,35 @@ def _differentiable_kernels(rnn: bool) -> Iterator[None]:
     differentiating its backward with ``create_graph=True`` costs more than torch's own LSTM
     (LSTM 16-64, seq 32, float32, one thread: a gradient with its graph 9.1 ms against 6.1 ms,
     a backward through the kept graph 17.0 against 12.6 ms; ``benchmarks/products.py --small``).
-    Each switch is restored on exit."""
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-        if torch.backends.cudnn.is_available():  # a CPU-only build has no cuDNN to turn off
-            stack.enter_context(torch.backends.cudnn.flags(enabled=False))
-        if not rnn:
-            yield
-            return
-        # torch.backends.mkldnn.flags() would also reset its TF32 and precision settings
-        mkldnn = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a ContextProp
-        try:
-            yield
-        finally:
-            torch.backends.mkldnn.enabled = mkldnn
+    Each switch is restored on exit (only ``enabled`` of cuDNN and oneDNN: their other
+    settings are left alone)."""
+
+    def __init__(self, rnn: bool) -> None:
+        self.rnn = rnn
+
+    def __enter__(self) -> None:
+        self.saved = [get() for get, _, _ in _ATTENTION_SWITCHES]
+        self.cudnn = torch.backends.cudnn.enabled if _HAS_CUDNN else None
+        self.mkldnn = torch.backends.mkldnn.enabled if self.rnn else None
+        self.sdpa = None if _ATTENTION_SWITCHES else sdpa_kernel([SDPBackend.MATH])
+        if self.sdpa is not None:
+            self.sdpa.__enter__()
+        for _, switch, wanted in _ATTENTION_SWITCHES:
+            switch(wanted)
+        if _HAS_CUDNN:
+            torch.backends.cudnn.enabled = False  # type: ignore[assignment]  # a ContextProp
+        if self.rnn:
+            torch.backends.mkldnn.enabled = False  # type: ignore[assignment]
+
+    def __exit__(self, *exc: object) -> None:
+        for (_, switch, _), was in zip(_ATTENTION_SWITCHES, self.saved, strict=True):
+            switch(was)
+        if self.cudnn is not None:
+            torch.backends.cudnn.enabled = self.cudnn  # type: ignore[assignment]
+        if self.mkldnn is not None:
+            torch.backends.mkldnn.enabled = self.mkldnn  # type: ignore[assignment]
+        if self.sdpa is not None:
+            self.sdpa.__exit__(*exc)
 
 
 def _attention_notes(model: nn.Module, modules: list[nn.Module]) -> list[str]:
@@ -684,7 +723,7 @@ class ModelObjective:
         """
         gens = self._forward_generators
         saved = [g.get_state() for g in gens]
-        kernels = _differentiable_kernels(self._has_rnn) if second_order else nullcontext()
+        kernels = _DifferentiableKernels(self._has_rnn) if second_order else nullcontext()
         try:
             with kernels, torch.enable_grad():
                 for g in gens:
