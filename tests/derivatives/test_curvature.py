@@ -372,6 +372,26 @@ def test_products_run_attention_on_the_math_backend_only_and_put_the_users_switc
             getattr(torch._C, setter)(was[name])
 
 
+def test_a_torch_without_the_attention_switches_falls_back_to_sdpa_kernel(monkeypatch):
+    """Where torch's flag functions are not found, ``sdpa_kernel([MATH])`` switches the
+    backends: the math one on and the fused ones off during the product, the user's back."""
+    from curvscope.derivatives import objective
+
+    monkeypatch.setattr(objective, "_ATTENTION_SWITCHES", [])
+    case = cases.mlp()
+    seen = []
+
+    def loss_fn(out, y):
+        seen.append(_attention_flags())
+        return case.loss_fn(out, y)
+
+    found = _attention_flags()
+    C = cs.Curvature(case.model, loss_fn, case.data, reduction="mean", cache=False)
+    C @ torch.ones(C.num_params, dtype=cases.DT)
+    assert _attention_flags() == found
+    assert seen[-1]["_get_math_sdp_enabled"] and not seen[-1]["_get_flash_sdp_enabled"]
+
+
 def failing_loss(out, y):
     raise RuntimeError("loss failed")
 

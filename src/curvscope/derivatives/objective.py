@@ -309,25 +309,24 @@ class _DifferentiableKernels:
         self.saved = [get() for get, _, _ in _ATTENTION_SWITCHES]
         self.cudnn = torch.backends.cudnn.enabled if _HAS_CUDNN else None
         self.mkldnn = torch.backends.mkldnn.enabled if self.rnn else None
-        self.sdpa = None if _ATTENTION_SWITCHES else sdpa_kernel([SDPBackend.MATH])
-        if self.sdpa is not None:
-            self.sdpa.__enter__()
+        self.sdpa = contextlib.ExitStack()  # sdpa_kernel only where the switches were not found
+        if not _ATTENTION_SWITCHES:
+            self.sdpa.enter_context(sdpa_kernel([SDPBackend.MATH]))
         for _, switch, wanted in _ATTENTION_SWITCHES:
             switch(wanted)
         if _HAS_CUDNN:
-            torch.backends.cudnn.enabled = False  # type: ignore[assignment]  # a ContextProp
+            torch.backends.cudnn.enabled = False
         if self.rnn:
-            torch.backends.mkldnn.enabled = False  # type: ignore[assignment]
+            torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a ContextProp
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         for (_, switch, _), was in zip(_ATTENTION_SWITCHES, self.saved, strict=True):
             switch(was)
         if self.cudnn is not None:
-            torch.backends.cudnn.enabled = self.cudnn  # type: ignore[assignment]
+            torch.backends.cudnn.enabled = self.cudnn
         if self.mkldnn is not None:
-            torch.backends.mkldnn.enabled = self.mkldnn  # type: ignore[assignment]
-        if self.sdpa is not None:
-            self.sdpa.__exit__(*exc)
+            torch.backends.mkldnn.enabled = self.mkldnn
+        self.sdpa.__exit__(*exc)
 
 
 def _attention_notes(model: nn.Module, modules: list[nn.Module]) -> list[str]:
