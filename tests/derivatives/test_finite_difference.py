@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 
 import numpy as np
 import pytest
@@ -327,6 +328,51 @@ def test_a_16_bit_model_is_refused_with_the_fix():
         cs.Curvature(model, case.loss_fn, data, backend=FD) @ torch.ones(
             sum(p.numel() for p in model.parameters()), dtype=torch.bfloat16
         )
+
+
+class _Bfloat16Linear(torch.nn.Linear):
+    """A float32 layer whose forward computes in bfloat16 (as a hand-written mixed-precision
+    or quantized layer does): it does not see a change of its weights below 2^-8 of them."""
+
+    def forward(self, x):
+        w, b = self.weight.bfloat16(), self.bias.bfloat16()
+        return torch.nn.functional.linear(x.bfloat16(), w, b).float()
+
+
+def test_steps_the_forward_does_not_see_are_of_unknown_accuracy_not_exact():
+    """Where the model's gradient is exactly the same at θ ± εv for every step the search takes
+    but not at a step of SEEN_STEP·‖θ‖, the product's error is unknown (inf), not 0: before,
+    a float32 MLP computing in bfloat16 gave products of exactly 0 (the exact ones 7–10 in
+    norm) with an estimated error of 0, and λ_max 0 "converged in 2 products" (exact 4.09)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_Bfloat16Linear(8, 16), torch.nn.Tanh(), _Bfloat16Linear(16, 1))
+    data = (torch.randn(64, 8), torch.randn(64, 1))
+    C = cs.Curvature(model, torch.nn.MSELoss(), data, backend=FD)
+    V = vectors(C.num_params, 3, torch.float32, seed=1)
+    HV = C @ V
+    unseen = [j for j in range(3) if not HV[:, j].any()]
+    assert unseen, "no product lost its step: the test no longer tests the guard"
+    assert all(math.isinf(C.product_errors[j]) for j in unseen)
+    assert any("unknown accuracy" in n and "use an exact backend" in n for n in C.notes)
+    top = cs.eigenvalues(C)
+    assert not top.all_converged and "unknown accuracy" in top.message
+    assert "exact backend" in top.message
+    d = cs.diagnose(model, torch.nn.MSELoss(), data, lr=0.1, backend=FD)
+    assert not d.confident
+
+
+def test_a_product_that_is_exactly_zero_is_exact():
+    """v on a parameter the loss does not use: every difference is exactly 0 also at the large
+    step, and the product 0 is reported exact (error 0), not unknown."""
+    case = smooth()
+    model = copy.deepcopy(case.model)
+    model.register_parameter("unused", torch.nn.Parameter(torch.ones(3, dtype=torch.float64)))
+    C = cs.Curvature(model, case.loss_fn, case.data, backend=FD)
+    blocks = C.unflatten(torch.zeros(C.num_params, dtype=torch.float64))
+    blocks["unused"] = torch.ones(3, dtype=torch.float64)
+    v = C.flatten(blocks)
+    assert float((C @ v).abs().max()) == 0.0
+    assert C.product_errors == [0.0] and C._differences.unseen == 0
 
 
 def test_a_warm_start_along_a_far_from_quadratic_direction_is_accurate():

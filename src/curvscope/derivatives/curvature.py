@@ -408,11 +408,23 @@ class Curvature:
         assert self.objective is not None  # finite differences need a model
         kernels = self.objective.kernel_notes
         worst = f"{max(fd.relative_errors()):.2g}" if fd.errors else "none yet"
+        unseen = (
+            [
+                f"{fd.unseen} finite-difference products are of unknown accuracy (error inf): "
+                "the model's gradient did not change between θ ± εv at any step the products "
+                f"took, but did at a step of {_fd.SEEN_STEP:g}·‖θ‖ — its forward computes in a "
+                "narrower dtype than its parameters (a cast to bfloat16, quantized weights) "
+                "and does not see small steps; use an exact backend"
+            ]
+            if fd.unseen
+            else []
+        )
         return [n for n in notes if n not in kernels] + [
             "finite-difference products: central differences of the model's own gradients "
             "(its own kernels), extrapolated from two steps; the largest estimated error of "
             f"a product so far, relative to ‖v‖ times the operator's scale: {worst} "
             "(C.product_errors)",
+            *unseen,
         ]
 
     @property

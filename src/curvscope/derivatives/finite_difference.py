@@ -72,6 +72,17 @@ BatchNorm, for some directions. For such models use float64 parameters, or smoot
 (GELU, SiLU, softplus, tanh: the common ones in today's transformers), or a smaller ``fd_eps``
 (measured: 1e-3 there gave errors near 1e-5·‖H‖‖v‖).
 
+**Steps the forward does not see.** All this also assumes the forward computes with θ ± εv
+as stored. One that computes in a narrower dtype (FSDP2's ``MixedPrecisionPolicy`` with a
+bfloat16 ``param_dtype``, a layer that casts its weights, quantized weights) rounds a step
+below that dtype's resolution away: the two gradients are then the same to the bit, every
+difference is exactly 0, and so is the product's estimated error — FSDP2 under a bfloat16
+policy gave λ_max 0 "converged" for 1.857. FSDP2 policies narrower than the parameters are
+refused (:func:`_check_precision`); for the rest, a product whose differences are all exactly
+zero takes one more at the step :data:`SEEN_STEP`·‖θ‖, and if the gradient changes there the
+product's error is unknown (inf: not converged, not confident), else 0 is exact (the loss does
+not depend on θ along v).
+
 Because ε scales as 1/‖v‖, the perturbation εv does not depend on the length of v, only on its
 direction and on the step the products before it settled on: the product of 2v is twice that of
 v, and sums and symmetry hold, within the accuracy above.
@@ -150,6 +161,12 @@ ROUNDING_GROWTH = 1.8
 #: A product starts at this multiple of the last product's accepted step (at most the default),
 #: so that a Lanczos run pays a small step's halvings once, and can grow back.
 STEP_GROWTH = 4.0
+
+#: Where every difference of a product is exactly zero, the relative step ‖εv‖/‖θ‖ of one more
+#: difference that tells a gradient that does not change along v (the product is 0) from a
+#: forward that does not see steps as small as the search's (it computes in a narrower dtype
+#: than the parameters: bfloat16 keeps 2^-8 of an entry, int8 weights 1/127).
+SEEN_STEP = 0.1
 
 #: The backend's name in ``Curvature(..., backend=...)``.
 BACKEND = "finite_difference"
@@ -319,7 +336,9 @@ def _data_parallel(model: nn.Module) -> tuple[int, float] | None:
         state_of = getattr(m, "_get_fsdp_state", None)
         if state_of is None:
             continue
-        for group in getattr(state_of(), "_fsdp_param_groups", ()):
+        state = state_of()
+        _check_precision(m, getattr(state, "_mp_policy", None))
+        for group in getattr(state, "_fsdp_param_groups", ()):
             info = group.mesh_info
             size = getattr(info, "shard_mesh_size", 1) * getattr(info, "replicate_mesh_size", 1)
             factor = getattr(group, "gradient_divide_factor", None)
@@ -333,6 +352,31 @@ def _data_parallel(model: nn.Module) -> tuple[int, float] | None:
             "call set_gradient_divide_factor with the same factor on every module, or not at all"
         )
     return (sizes.pop(), factors.pop()) if sizes else None
+
+
+def _check_precision(module: nn.Module, policy: Any) -> None:
+    """Refuse an FSDP2 ``MixedPrecisionPolicy`` that computes, reduces or returns in a dtype
+    narrower than the parameters' (bfloat16 for float32 parameters): the forward then sees
+    θ ± εv rounded to it, and a step below its resolution vanishes — measured on a float32 MLP
+    under ``param_dtype=torch.bfloat16``: products 13–89% of ‖H‖‖v‖ off, two of three
+    estimated exact, λ_max 0 reported converged (the differences were exactly zero)."""
+    dtype = next((p.dtype for p in module.parameters()), None)
+    if policy is None or dtype is None:
+        return
+    for field in ("param_dtype", "reduce_dtype", "output_dtype"):
+        narrow = getattr(policy, field, None)
+        if narrow is None or not narrow.is_floating_point:
+            continue
+        if torch.finfo(narrow).eps > torch.finfo(dtype).eps:
+            raise ValueError(
+                f"backend='finite_difference' cannot measure this FSDP2 model: its "
+                f"MixedPrecisionPolicy has {field}={narrow}, narrower than its {dtype} "
+                "parameters, so the gradients it differences see θ ± εv rounded to "
+                f"{narrow} and a difference of two of them keeps about two digits. Measure "
+                "the same weights in a model sharded by fully_shard(..., "
+                "mp_policy=MixedPrecisionPolicy()) (its shards are in the parameters' dtype "
+                "already: load the state dict into it)"
+            )
 
 
 def _engine(model: nn.Module, params: Mapping[str, Tensor], group: Any) -> _Engine:
@@ -519,8 +563,10 @@ class FiniteDifferenceProducts:
         self.accepted = self.step
         #: the operator's scale: the largest ‖Hv‖/‖v‖ of the products returned so far (≤ ‖H‖)
         self.scale = 0.0
-        #: each product's estimated error per unit of ‖v‖: ‖D(ε) − D(ε/2)‖/‖v‖
+        #: each product's estimated error per unit of ‖v‖: ‖D(ε) − D(ε/2)‖/‖v‖ (inf: unknown)
         self.errors: list[float] = []
+        #: products whose steps the model's forward did not see (:data:`SEEN_STEP`)
+        self.unseen = 0
         if engine.replicas > 1:
             # tensor-parallel ranks compute one forward together: they pass the same batches
             try:
@@ -753,6 +799,12 @@ class FiniteDifferenceProducts:
             wide, eps = narrow, eps / 2
         assert best is not None
         estimate, value, eps, size = best
+        if size == 0.0 and estimate == 0.0:  # exactly zero at every step: seen, or not?
+            big = SEEN_STEP * theta / norm
+            seen = self._difference(kept, engine, params, v, big, local)[0]
+            if float(self._norms(seen[:, None], entries)[0]) > 0.0:
+                estimate = math.inf  # the gradient changes, but not at the steps the search took
+                self.unseen += 1
         self.scale = max(self.scale, size if math.isfinite(size) else 0.0)
         self.errors.append(estimate)
         return value, eps
