@@ -201,10 +201,11 @@ class Curvature:
     ``C @ v`` takes a flat vector of length ``C.num_params`` (the parameters' dtype and device,
     in ``model.named_parameters()`` order) or a block (num_params, k) and returns the same shape.
     The model is left exactly as found: parameters, ``.grad``, ``training`` flags, BatchNorm
-    statistics, ``requires_grad`` and the global RNG (dropout masks are fixed per batch by
-    ``seed``). Products use the parameters' current values: after an optimizer step, or any
-    other change of a parameter or buffer (``p.data.add_()``, ``vector_to_parameters``,
-    ``load_state_dict(..., assign=True)``), ``C`` is the curvature at the new point. Every pass
+    statistics, ``requires_grad`` and the global RNGs — torch's, numpy's, Python's (dropout
+    masks and other draws are fixed per batch by ``seed``). Products use the parameters'
+    current values: after an optimizer step, or any other change of a parameter or buffer
+    (``p.data.add_()``, ``vector_to_parameters``, ``load_state_dict(..., assign=True)``),
+    ``C`` is the curvature at the new point. Every pass
     over a loader sees the same batches in the same order (its shuffling and worker seeds are
     fixed from ``seed`` for the pass, the user's RNGs restored): ``C`` is one fixed matrix.
 

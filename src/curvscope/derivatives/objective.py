@@ -88,6 +88,27 @@ class DataChangedError(ValueError):
     """The data of a pass differ from the first pass: the operator would not be one matrix."""
 
 
+def rng_states(gens: Sequence[torch.Generator]) -> tuple[Any, ...]:
+    """The states of the torch generators ``gens``, numpy's global RNG and Python's."""
+    return [g.get_state() for g in gens], np.random.get_state(), random.getstate()
+
+
+def set_rng_states(gens: Sequence[torch.Generator], state: tuple[Any, ...]) -> None:
+    """Put back what :func:`rng_states` read."""
+    for g, st in zip(gens, state[0], strict=True):
+        g.set_state(st)
+    np.random.set_state(state[1])
+    random.setstate(state[2])
+
+
+def seed_rngs(gens: Sequence[torch.Generator], seed: int) -> None:
+    """Seed the torch generators ``gens``, numpy's global RNG and Python's with ``seed``."""
+    for g in gens:
+        g.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 class _PassRandomness:
     """The randomness of one pass over a loader, fixed by a seed and kept apart from the user's.
 
@@ -103,29 +124,17 @@ class _PassRandomness:
         self.seed = seed
         self.state: tuple[Any, ...] | None = None  # (torch states, numpy, python) of the pass
 
-    def _get(self) -> tuple[Any, ...]:
-        return [g.get_state() for g in self.gens], np.random.get_state(), random.getstate()
-
-    def _set(self, state: tuple[Any, ...]) -> None:
-        for g, st in zip(self.gens, state[0], strict=True):
-            g.set_state(st)
-        np.random.set_state(state[1])
-        random.setstate(state[2])
-
     def step(self, fn: Any) -> Any:
-        user = self._get()
+        user = rng_states(self.gens)
         try:
             if self.state is None:
-                for g in self.gens:
-                    g.manual_seed(self.seed)
-                np.random.seed(self.seed % 2**32)
-                random.seed(self.seed)
+                seed_rngs(self.gens, self.seed)
             else:
-                self._set(self.state)
+                set_rng_states(self.gens, self.state)
             return fn()
         finally:
-            self.state = self._get()
-            self._set(user)
+            self.state = rng_states(self.gens)
+            set_rng_states(self.gens, user)
 
     def iterate(self, data: Any) -> Iterator[Any]:
         it = self.step(lambda: iter(data))
@@ -568,12 +577,12 @@ class ModelObjective:
             and getattr(loader, "num_workers", 0) > 0
             and getattr(loader, "_iterator", None) is None
         ):
-            keep = _PassRandomness(self._generators(), 0)
-            user = keep._get()
+            gens = [*self._generators(), torch.random.default_generator]
+            user = rng_states(gens)
             try:
                 iter(loader)
             finally:
-                keep._set(user)
+                set_rng_states(gens, user)
 
     def _raw_batches(self) -> Generator[tuple[int, Any, Tensor, Tensor], None, None]:
         """(index, inputs, targets, labels) of every batch, in order."""
@@ -716,21 +725,24 @@ class ModelObjective:
         second derivatives are taken (``second_order``) — differentiable kernels; a pass that
         needs first derivatives only (the finite-difference backend) keeps the fused ones.
 
-        Only the generators a forward pass on this device draws from are seeded (the CPU's and,
-        on an accelerator, that device's), and exactly those are restored: seeding through
-        ``torch.manual_seed`` would reseed every CUDA device while restoring one.
+        Only the torch generators a forward pass on this device draws from are seeded (the
+        CPU's and, on an accelerator, that device's), and exactly those are restored: seeding
+        through ``torch.manual_seed`` would reseed every CUDA device while restoring one. numpy's
+        and Python's global RNGs are seeded and restored too: a forward that draws from them
+        (Hugging Face's LayerDrop in wav2vec2 draws from numpy) would otherwise change the
+        operator between products — two products of one vector 56% apart, λ_max 1.67 to 2.88
+        with the seed, each "converged" — and advance the user's RNGs (about 70 µs a forward,
+        numpy's state being 2.5 kB). A generator the model holds itself is not seen.
         """
         gens = self._forward_generators
-        saved = [g.get_state() for g in gens]
+        saved = rng_states(gens)
         kernels = _DifferentiableKernels(self._has_rnn) if second_order else nullcontext()
         try:
             with kernels, torch.enable_grad():
-                for g in gens:
-                    g.manual_seed(FORWARD.seed(self.seed, batch_index))
+                seed_rngs(gens, FORWARD.seed(self.seed, batch_index))
                 yield
         finally:
-            for g, state in zip(gens, saved, strict=True):
-                g.set_state(state)
+            set_rng_states(gens, saved)
 
     def arguments(self, batch: Batch, **extra: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The model's positional and keyword arguments for a batch: a mapping's items as
