@@ -314,7 +314,9 @@ def test_fsdp2_diagnose_by_finite_differences_equals_the_exact_single_process_di
         assert abs(u.top_curvature - v.top_curvature) <= scale * accuracy(H)
 
 
-def _precision_worker(rank: int, port: int, out: str) -> None:
+def _one_rank_worker(rank: int, port: int, out: str) -> None:
+    """FSDP2 on a world of one: the model under mixed-precision policies, and measured after an
+    evaluation forward (no backward), against a twin that is not measured."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     _init(rank, port, 1)
@@ -333,21 +335,74 @@ def _precision_worker(rank: int, port: int, out: str) -> None:
             result[name] = float(cs.eigenvalues(C, k=1).values[0])
         except ValueError as e:
             result[name] = str(e)
+    # an evaluation forward under no_grad leaves fully_shard's root with plain unsharded
+    # parameters (their storage freed by the next forward): measured through them, a product
+    # wrote into freed memory (a segfault) — now the modules are resharded first
+    models = []
+    for _ in range(2):
+        case = smooth(n=N)
+        fully_shard(case.model)
+        opt = torch.optim.SGD(case.model.parameters(), lr=0.1)
+        case.loss_fn(case.model(case.inputs), case.targets).backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            case.model(case.inputs)
+        models.append((case, opt))
+    (case, _), (twin, _) = models
+    result["unsharded"] = [type(p).__name__ for p in case.model.parameters()]
+    C = cs.Curvature(case.model, case.loss_fn, case.data, backend=FD)
+    result["eval_hv"] = C @ _vector(C.num_params)
+    result["eval_diagnosis"] = cs.diagnose(
+        case.model, case.loss_fn, case.data, lr=0.5, backend=FD, sharded=True
+    )
+    for c, o in models:  # the user's training goes on
+        c.loss_fn(c.model(c.inputs), c.targets).backward()
+        o.step()
+    result["stepped_alike"] = all(
+        torch.equal(a.full_tensor(), b.full_tensor())
+        for a, b in zip(case.model.parameters(), twin.model.parameters(), strict=True)
+    )
     torch.save(result, Path(out) / f"rank{rank}.pt")
     _end()
 
 
-def test_a_mixed_precision_policy_narrower_than_the_parameters_is_refused_with_the_fix(tmp_path):
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory) -> dict:
+    (got,) = run_ranks(_one_rank_worker, tmp_path_factory.mktemp("one_rank"), 1)
+    return got
+
+
+def test_a_mixed_precision_policy_narrower_than_the_parameters_is_refused_with_the_fix(one_rank):
     """FSDP2 computing (or reducing, or returning) in 16 bits rounds θ ± εv and the gradients:
     refused at construction with the fix — before, a float32 MLP under param_dtype=bfloat16
     gave products 13–89% of ‖H‖‖v‖ off, two of three estimated exact, and λ_max 0 "converged"
     (exact 1.857). The default policy (the parameters' dtype throughout) is measured."""
-    (got,) = run_ranks(_precision_worker, tmp_path, 1)
     for field in ("param_dtype", "reduce_dtype", "output_dtype"):
-        message = got[field]
+        message = one_rank[field]
         assert isinstance(message, str), field
         assert f"MixedPrecisionPolicy has {field}=torch." in message
         assert "mp_policy=MixedPrecisionPolicy()" in message and "load the state dict" in message
     case = smooth(torch.float32, n=N)
     exact = cs.eigenvalues(cs.Curvature(case.model, case.loss_fn, case.data)).values[0]
-    assert got["none"] == pytest.approx(float(exact), rel=1e-3)
+    assert one_rank["none"] == pytest.approx(float(exact), rel=1e-3)
+
+
+def test_a_model_measured_after_an_evaluation_forward_is_resharded_first(one_rank):
+    """After a no_grad forward the root's parameters were plain unsharded tensors (a segfault
+    when measured): the products and the sharded diagnosis equal the exact ones at the same
+    point, and the user's next step equals a twin's that was not measured."""
+    assert one_rank["unsharded"] == ["Parameter"] * len(one_rank["unsharded"])
+    case = smooth(n=N)
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.1)
+    case.loss_fn(case.model(case.inputs), case.targets).backward()
+    opt.step()
+    H = cases.dense_hessian(case)
+    V = _vector(H.shape[0])
+    err = (one_rank["eval_hv"] - H @ V).norm(dim=0) / V.norm(dim=0)
+    assert float(err.max()) <= accuracy(H)
+    d = one_rank["eval_diagnosis"]
+    assert d.state == cs.diagnose(case.model, case.loss_fn, case.data, lr=0.5).state
+    top = float(torch.linalg.eigvalsh(H)[-1])
+    assert d.evidence["sharpness"] == pytest.approx(top, rel=1e-6)
+    assert one_rank["stepped_alike"]

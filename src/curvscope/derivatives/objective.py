@@ -403,6 +403,15 @@ def _check_loss(loss_fn: Any, reduction: str | None) -> None:
         )
 
 
+def _reshard(modules: list[nn.Module]) -> None:
+    """Register FSDP2's sharded parameters on each of its modules (``reshard()``: the values are
+    the same, the unsharded copies are freed). After a forward that is not followed by a
+    backward — an evaluation under ``torch.no_grad()`` — ``fully_shard``'s root (and any module
+    with ``reshard_after_forward=False``) keeps plain unsharded parameters, whose storage the
+    next forward frees: measured through them, a product wrote into freed memory (a segfault)."""
+    for m in modules:
+        m.reshard()  # type: ignore[operator]
+
 class ModelObjective:
     """Evaluates ``loss_fn(model(inputs), targets)`` per batch at parameters given as a dict.
 
@@ -441,6 +450,9 @@ class ModelObjective:
             raise TypeError(f"expected model to be a torch.nn.Module, got {type(model).__name__}")
         _check_loss(loss_fn, reduction)
         self.model = model
+        #: FSDP2's modules, resharded before the parameters are read (:meth:`params`)
+        self._fsdp = [m for m in model.modules() if callable(getattr(m, "_get_fsdp_state", None))]
+        _reshard(self._fsdp)
         #: loss_fn=None: the model's own loss, adapted (decides self.loss_fn with the data)
         self.adapter = HuggingFaceLoss(model) if loss_fn is None else None
         self.loss_fn = loss_fn
@@ -496,6 +508,7 @@ class ModelObjective:
         Looked up on every access, so a parameter that was replaced (``load_state_dict(...,
         assign=True)``, ``module.weight = nn.Parameter(...)``) is followed, not the old object.
         """
+        _reshard(self._fsdp)
         named: dict[str, Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
         current: dict[str, Tensor] = {}
         for name, old in self._params.items():
