@@ -363,6 +363,36 @@ def _one_rank_worker(rank: int, port: int, out: str) -> None:
         torch.equal(a.full_tensor(), b.full_tensor())
         for a, b in zip(case.model.parameters(), twin.model.parameters(), strict=True)
     )
+    # a gradient accumulation in progress, one of its switches off: refused before any pass,
+    # and the user's accumulation and step are a twin's
+    for setter in (
+        "set_is_last_backward",
+        "set_requires_gradient_sync",
+        "set_reshard_after_backward",
+    ):
+        pair = []
+        for _ in range(2):
+            case = smooth(n=N)
+            fully_shard(case.model)
+            opt = torch.optim.SGD(case.model.parameters(), lr=0.1)
+            getattr(case.model, setter)(False)
+            case.loss_fn(case.model(case.inputs[:10]), case.targets[:10]).backward()
+            pair.append((case, opt))
+        try:
+            cs.Curvature(case.model, case.loss_fn, case.data, backend=FD)
+            result[setter] = "not refused"
+        except ValueError as e:
+            result[setter] = str(e)
+        for c, o in pair:
+            getattr(c.model, setter)(True)
+            c.loss_fn(c.model(c.inputs[10:]), c.targets[10:]).backward()
+            o.step()
+        result[setter + " stepped alike"] = all(
+            torch.equal(a.full_tensor(), b.full_tensor())
+            for a, b in zip(
+                pair[0][0].model.parameters(), pair[1][0].model.parameters(), strict=True
+            )
+        )
     torch.save(result, Path(out) / f"rank{rank}.pt")
     _end()
 
@@ -406,3 +436,16 @@ def test_a_model_measured_after_an_evaluation_forward_is_resharded_first(one_ran
     top = float(torch.linalg.eigvalsh(H)[-1])
     assert d.evidence["sharpness"] == pytest.approx(top, rel=1e-6)
     assert one_rank["stepped_alike"]
+
+
+@pytest.mark.parametrize(
+    "setter", ["set_is_last_backward", "set_requires_gradient_sync", "set_reshard_after_backward"]
+)
+def test_a_gradient_accumulation_in_progress_is_refused_before_any_pass(one_rank, setter):
+    """With one of FSDP2's accumulation switches off, a product was wrong and said converged
+    (set_is_last_backward(False): λ_max 0.58 for 1.85), or refused only after its backward had
+    been added to the user's accumulated gradient (set_requires_gradient_sync(False)): now it is
+    refused at construction with the fix, and the user's step equals a twin's."""
+    message = one_rank[setter]
+    assert f"{setter}(False) is in effect" in message and f"{setter}(True) is back" in message
+    assert one_rank[setter + " stepped alike"]

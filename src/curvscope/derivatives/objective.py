@@ -408,9 +408,13 @@ def _reshard(modules: list[nn.Module]) -> None:
     the same, the unsharded copies are freed). After a forward that is not followed by a
     backward — an evaluation under ``torch.no_grad()`` — ``fully_shard``'s root (and any module
     with ``reshard_after_forward=False``) keeps plain unsharded parameters, whose storage the
-    next forward frees: measured through them, a product wrote into freed memory (a segfault)."""
+    next forward frees: measured through them, a product wrote into freed memory (a segfault).
+    A module kept unsharded on purpose (``set_reshard_after_backward(False)``: a gradient
+    accumulation reusing them) is left as it is; the finite-difference backend refuses it."""
     for m in modules:
-        m.reshard()  # type: ignore[operator]
+        groups = getattr(m._get_fsdp_state(), "_fsdp_param_groups", ())  # type: ignore[operator]
+        if all(getattr(g, "reshard_after_backward", True) for g in groups):
+            m.reshard()  # type: ignore[operator]
 
 class ModelObjective:
     """Evaluates ``loss_fn(model(inputs), targets)`` per batch at parameters given as a dict.
