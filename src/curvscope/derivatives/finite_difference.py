@@ -431,6 +431,7 @@ def _check_modes(state: Any) -> None:
                 f"{setter}(True) is back (after the optimizer step)"
             )
 
+
 def _engine(model: nn.Module, params: Mapping[str, Tensor], group: Any) -> _Engine:
     partitions = zero3.find(model, list(params.values()), group)
     if partitions is not None:  # the engine averages the ranks' gradients
@@ -664,7 +665,9 @@ class FiniteDifferenceProducts:
             # the exact backends' seeds; fused kernels kept: first derivatives are all it needs
             with self.obj.context(batch.index, second_order=False), no_autocast:
                 out = self._outputs(batch)
-                loss = together(partial(self.obj.loss, out, batch), group, self.obj.device)
+                loss = together(
+                    partial(self.obj.loss, out, batch, at_copies=False), group, self.obj.device
+                )
                 w = self.weight(batch)
                 scaled = loss * (w * engine.loss_scale)
                 if engine.zero3 is None:

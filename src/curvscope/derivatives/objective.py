@@ -50,6 +50,11 @@ from curvscope.derivatives.checks import all_finite, check_scalar_loss, check_se
 from curvscope.derivatives.flat import flatten, map_tensors, tensors, unflatten
 from curvscope.derivatives.huggingface import HuggingFaceLoss
 from curvscope.derivatives.seeding import DATA, FORWARD
+from curvscope.derivatives.substitutes import (
+    WEIGHT_NORM_NOTE,
+    WrittenOutWeightNorm,
+    uses_weight_norm,
+)
 from curvscope.derivatives.zero3 import full_shape
 
 logger = logging.getLogger(__name__)
@@ -416,6 +421,25 @@ def _reshard(modules: list[nn.Module]) -> None:
         if all(getattr(g, "reshard_after_backward", True) for g in groups):
             m.reshard()  # type: ignore[operator]
 
+
+def _reads_parameters(loss: Tensor, params: Mapping[str, Tensor]) -> str | None:
+    """The name of a parameter among ``params`` (the model's own tensors) that the loss's graph
+    reaches as a leaf, or None: one walk over the graph, at the first loss only."""
+    ids = {id(p): name for name, p in params.items()}
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf tensor
+        if leaf is not None and id(leaf) in ids:
+            return ids[id(leaf)]
+        stack.extend(child for child, _ in node.next_functions)
+    return None
+
+
 class ModelObjective:
     """Evaluates ``loss_fn(model(inputs), targets)`` per batch at parameters given as a dict.
 
@@ -492,6 +516,8 @@ class ModelObjective:
         self._check_repeatable()
         modules = list(model.modules())  # one walk for the notes
         self._has_rnn = any(isinstance(m, nn.RNNBase) for m in modules)
+        #: torch's weight norm is computed written out during products (derivatives/substitutes)
+        self._weight_norm = uses_weight_norm(modules)
         self.notes = self._fallback_notes(modules)
         self._forward_generators = [torch.random.default_generator]
         if self.device.type == "cuda":
@@ -754,8 +780,12 @@ class ModelObjective:
         gens = self._forward_generators
         saved = rng_states(gens)
         kernels = _DifferentiableKernels(self._has_rnn) if second_order else nullcontext()
+        # first derivatives (finite differences) are right through torch's own weight norm
+        written_out = (
+            WrittenOutWeightNorm() if second_order and self._weight_norm else nullcontext()
+        )
         try:
-            with kernels, torch.enable_grad():
+            with kernels, written_out, torch.enable_grad():
                 seed_rngs(gens, FORWARD.seed(self.seed, batch_index))
                 yield
         finally:
@@ -808,10 +838,12 @@ class ModelObjective:
             )
         return out
 
-    def loss(self, out: Any, batch: Batch) -> Tensor:
+    def loss(self, out: Any, batch: Batch, at_copies: bool = True) -> Tensor:
         """``loss_fn(out, targets)``, checked: a finite scalar; at the first call also that the
-        outputs and targets count the same samples, and (for a loss that does not declare it)
-        whether the loss averages or sums over them."""
+        outputs and targets count the same samples, (for a loss that does not declare it)
+        whether the loss averages or sums over them, and — for outputs computed at copies of the
+        parameters (``at_copies``: the exact backends) — that the loss does not also read the
+        model's own parameters (:func:`_reads_parameters`)."""
         if not self._loss_checked:
             rows = batch.targets.shape[0]
             if isinstance(out, Tensor) and out.ndim > 0 and out.shape[0] != rows:
@@ -832,6 +864,18 @@ class ModelObjective:
                     "the loss does not depend on the selected parameters (no gradient flows "
                     "from it to them); check that loss_fn uses the model's outputs and that "
                     "params= selects parameters the model uses"
+                )
+            read = _reads_parameters(loss, self.params) if at_copies else None
+            if read is not None:
+                raise ValueError(
+                    f"the loss reads the model's parameter {read!r} itself, outside the forward "
+                    "pass — e.g. an L2 penalty over model.parameters() in loss_fn — while "
+                    "curvature products differentiate copies of the parameters passed through "
+                    "the forward: that term would count in the loss but not in the gradient or "
+                    "the curvature (an L2 penalty of 0.05 took λ_max 0.72 for 0.82 before this "
+                    "was refused). Leave the penalty to the optimizer (weight_decay: diagnose "
+                    "and the Monitor read it from there), or measure with "
+                    "backend='finite_difference', which differentiates the parameters themselves"
                 )
             if self.adapter is not None:
                 self._check_own_loss(batch, float(loss.detach()), loss.dtype)
@@ -907,6 +951,8 @@ class ModelObjective:
             self.kernel_notes.append(
                 "cuDNN is disabled during curvature products (cuDNN RNNs have no double backward)"
             )
+        if self._weight_norm:
+            self.kernel_notes.append(WEIGHT_NORM_NOTE)
         return self.kernel_notes + _padding_notes(self.model, modules, self._params)
 
     # ------------------------------------------------------------------ flat <-> blocks

@@ -34,6 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 from curvscope.derivatives.flat import flatten, unflatten
 from curvscope.derivatives.kinds import PreparedProduct, ggn_product, hessian_product
+from curvscope.derivatives.substitutes import substitute
 
 Closure = Callable[[], Any]
 
@@ -79,7 +80,8 @@ class _ClosureBackward(TorchFunctionMode):
     ) -> Any:
         kwargs = dict(kwargs or {})
         if func not in _BACKWARDS:
-            return func(*args, **kwargs)
+            # torch's weight norm has a wrong double backward: the formula written out instead
+            return (substitute(func) or func)(*args, **kwargs)
         if self.mode == "skip":
             return None
         if self.counts is not None:
