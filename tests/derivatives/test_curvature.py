@@ -580,6 +580,29 @@ def test_a_loss_that_reads_the_parameters_itself_is_refused_and_differences_meas
     assert float(top.values[0]) == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-6)
 
 
+def test_a_compiled_model_is_measured_through_its_module():
+    """torch.compile(model) (AOTAutograd graphs have no double backward: it failed with
+    torch's bare error): the products are its module's, run eagerly, and the notes say so."""
+    case = cases.mlp()
+    compiled = torch.compile(case.model, backend="aot_eager")
+    C = cs.Curvature(compiled, case.loss_fn, case.data)
+    v = torch.randn(C.num_params, generator=torch.Generator().manual_seed(0), dtype=cases.DT)
+    torch.testing.assert_close(C @ v, cases.dense_hessian(case) @ v, **TOL)
+    assert any("torch.compile'd" in n for n in C.notes)
+    assert cs.diagnose(compiled, case.loss_fn, case.data, lr=0.1).confident
+
+
+def test_inside_inference_mode_the_error_says_so():
+    """Under torch.inference_mode() nothing records a graph: the error said the loss did not
+    depend on the parameters; it names inference mode and the fix."""
+    case = cases.mlp()
+    C = cs.Curvature(case.model, case.loss_fn, case.data)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"inside torch\.inference_mode"):
+        C @ torch.ones(C.num_params, dtype=cases.DT)
+    with torch.no_grad():  # fine: curvscope turns gradients on itself
+        C @ torch.ones(C.num_params, dtype=cases.DT)
+
+
 # ------------------------------------------------------------------------ bad input
 def _mlp_parts():
     c = cases.mlp()

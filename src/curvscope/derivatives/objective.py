@@ -408,6 +408,13 @@ def _check_loss(loss_fn: Any, reduction: str | None) -> None:
         )
 
 
+def _is_compiled(model: Any) -> bool:
+    """Whether ``model`` is ``torch.compile(module)`` (an ``OptimizedModule``), told without
+    importing torch._dynamo."""
+    return type(model).__name__ == "OptimizedModule" and isinstance(
+        getattr(model, "_orig_mod", None), nn.Module
+    )
+
 def _reshard(modules: list[nn.Module]) -> None:
     """Register FSDP2's sharded parameters on each of its modules (``reshard()``: the values are
     the same, the unsharded copies are freed). After a forward that is not followed by a
@@ -474,6 +481,10 @@ class ModelObjective:
     ) -> None:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module  # never trigger DDP's gradient hooks
+        #: a torch.compile'd model's compiled graphs have no double backward: its module, eager
+        self.compiled = _is_compiled(model)
+        if self.compiled:
+            model = getattr(model, "_orig_mod")  # noqa: B009  (typed as a Module, not a Tensor)
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected model to be a torch.nn.Module, got {type(model).__name__}")
         _check_loss(loss_fn, reduction)
@@ -777,6 +788,12 @@ class ModelObjective:
         with the seed, each "converged" — and advance the user's RNGs (about 70 µs a forward,
         numpy's state being 2.5 kB). A generator the model holds itself is not seen.
         """
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "curvscope was called inside torch.inference_mode(), under which no tensor "
+                "records a graph, so no derivative can be taken; call it outside that block "
+                "(torch.no_grad() around the call is fine: curvscope turns gradients on itself)"
+            )
         gens = self._forward_generators
         saved = rng_states(gens)
         kernels = _DifferentiableKernels(self._has_rnn) if second_order else nullcontext()
@@ -953,6 +970,12 @@ class ModelObjective:
             )
         if self._weight_norm:
             self.kernel_notes.append(WEIGHT_NORM_NOTE)
+        if self.compiled:
+            self.kernel_notes.append(
+                "the model is torch.compile'd: products run its original module eagerly "
+                "(graphs compiled with AOTAutograd have no double backward); the compiled "
+                "model itself is untouched"
+            )
         return self.kernel_notes + _padding_notes(self.model, modules, self._params)
 
     # ------------------------------------------------------------------ flat <-> blocks
