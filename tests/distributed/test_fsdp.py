@@ -140,6 +140,13 @@ def _worker(rank: int, port: int, out: str) -> None:
         cs.Curvature(model, case.loss_fn, local if rank == 0 else local[:1], backend=FD)
     except ValueError as e:
         result["batches_refused"] = str(e)
+    # likewise train_batches (each measured by all ranks): one rank returned a verdict and the
+    # other waited for it until the process group's timeout
+    try:
+        train = local if rank == 0 else local[:1]
+        cs.diagnose(model, case.loss_fn, local, lr=0.5, backend=FD, train_batches=train)
+    except ValueError as e:
+        result["train_batches_refused"] = str(e)
     torch.save(result, Path(out) / f"rank{rank}.pt")
     _end()
 
@@ -180,6 +187,7 @@ def test_fsdp2_finite_difference_products_equal_the_exact_single_process_product
         assert got["failure_untouched"]
         assert "sharded over 2 ranks" in got["local_refused"]
         assert "num_batches" in got["batches_refused"]
+        assert "train_batches ran out on 1 of 2 ranks" in got["train_batches_refused"]
     # every rank took the same steps: the same products, estimates and values (a plain model's
     # differences are summed over the ranks before the step is decided; before, each rank
     # decided on its own partial product and they could take different numbers of passes)

@@ -13,7 +13,7 @@ import numbers
 import time
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -178,6 +178,38 @@ def global_count(n: int, group: Any, device: torch.device) -> int:
     """The total number of samples over the ranks."""
     t = torch.tensor([float(n)], dtype=torch.float64, device=device)
     return int(all_reduce_sum(t, group).item())
+
+
+def in_step(items: Iterable[T], group: Any, device: Any, what: str) -> Iterator[T]:
+    """``items`` one at a time while every rank of ``group`` has one, for a loop whose every
+    step is a collective: each step the ranks count who has an item (one all-reduce) — all:
+    it is yielded; none: the loop ends; some: a ValueError on every rank, where the ranks with
+    more would otherwise wait for the others forever. Without a group, ``items`` as they are."""
+    done = object()
+    it = iter(items)
+    while True:
+        item = next(it, done)
+        if group is None:
+            if item is done:
+                return
+        else:
+            has = torch.tensor([float(item is not done)], device=collective_device(group, device))
+            count = int(all_reduce_sum(has, group)[0])
+            if count == 0:
+                return
+            if count < _world(group):
+                raise ValueError(
+                    f"{what} ran out on {_world(group) - count} of {_world(group)} ranks before "
+                    "the others: every rank must pass the same number of batches (each is "
+                    "measured by all ranks together)"
+                )
+        yield item  # type: ignore[misc]  # not `done`: checked above
+
+
+def _world(group: Any) -> int:
+    import torch.distributed as dist
+
+    return int(dist.get_world_size(group))
 
 
 def check_same_on_ranks(

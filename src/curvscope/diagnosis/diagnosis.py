@@ -19,7 +19,7 @@ from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives import zero3 as _zero3
 from curvscope.derivatives.checks import check_int
 from curvscope.derivatives.curvature import BACKENDS as _PRODUCT_BACKENDS
-from curvscope.derivatives.distributed import together
+from curvscope.derivatives.distributed import in_step, together
 from curvscope.derivatives.objective import fixed_pass
 from curvscope.derivatives.sharded import ShardedCurvature
 from curvscope.diagnosis.classify import (
@@ -423,6 +423,8 @@ def _diagnose(
                 seed,
                 measured.reduction,
                 products,
+                C.group,
+                C.device,
             )
         except FloatingPointError:  # a training batch's loss or curvature overflowed
             bs, se, used = math.nan, math.inf, 1
@@ -733,6 +735,8 @@ def _batch_sharpness(
     seed: int,
     reduction: str,
     products: _Products,
+    group: Any = None,
+    device: torch.device | None = None,
 ) -> tuple[float | None, float | None, int]:
     """(the batch sharpness, its standard error, the batches it was measured on).
 
@@ -740,7 +744,9 @@ def _batch_sharpness(
     then more until the standard error is at most :data:`BATCH_SHARPNESS_SE` of the stability
     limit (of the mean itself without one), or ``max_batches`` are used."""
     values: list[float] = []
-    for i, batch in enumerate(fixed_pass(batches, seed)):  # the user's RNGs untouched
+    # the user's RNGs untouched; under a process group each batch is measured by all ranks
+    steps = in_step(fixed_pass(batches, seed), group, device, "train_batches")
+    for i, batch in enumerate(steps):
         if i >= max_batches or _precise_enough(values, limit):
             break
         Cb = _curvature(model, loss_fn, batch, params, seed + i, reduction, products)
