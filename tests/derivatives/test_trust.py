@@ -356,6 +356,51 @@ def test_augmentation_from_global_rngs_is_fixed_per_pass():
     _assert_same_states(states, _rng_states())
 
 
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        nn.CrossEntropyLoss(ignore_index=-100),
+        nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)),
+        nn.CrossEntropyLoss(
+            weight=torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64), label_smoothing=0.1
+        ),
+    ],
+    ids=["ignore_index", "class-weights", "class-weights-smoothed"],
+)
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "empirical_fisher"])
+def test_batches_of_a_mean_cross_entropy_weigh_as_its_counted_labels(loss_fn, kind):
+    """A mean cross-entropy divides by its counted labels (less those at ignore_index, weighed
+    by the class weights), not by its rows: batches weighted by their rows gave, through a
+    loader, λ_max 0.90 where the same data as one batch gave 0.75. The same data batched
+    differently is now one operator, the one batch's."""
+    case = cases.mlp(n=30)
+    labels = case.targets.clone()
+    labels[:9] = -100  # ignored (every CrossEntropyLoss's default ignore_index)
+    labels[1] = case.targets[1]  # the first batch keeps one counted label
+    whole = cs.Curvature(case.model, loss_fn, (case.inputs, labels), kind=kind)
+    loader = DataLoader(TensorDataset(case.inputs, labels), batch_size=10)
+    batched = cs.Curvature(case.model, loss_fn, loader, kind=kind)
+    torch.testing.assert_close(batched.to_dense(), whole.to_dense(), rtol=1e-9, atol=1e-12)
+    assert batched.loss_and_gradient()[0] == pytest.approx(whole.loss_and_gradient()[0], rel=1e-12)
+    if kind == "hessian":
+        torch.testing.assert_close(
+            whole.to_dense(),
+            cases.dense_hessian(cases.Case("ce", case.model, loss_fn, case.inputs, labels)),
+        )
+
+
+def test_a_batch_whose_every_label_is_ignored_is_refused():
+    case = cases.mlp(n=20)
+    labels = case.targets.clone()
+    labels[:10] = -100
+    with pytest.raises(ValueError, match="batch 0 has no label the loss counts"):
+        cs.Curvature(
+            case.model,
+            nn.CrossEntropyLoss(),
+            DataLoader(TensorDataset(case.inputs, labels), batch_size=10),
+        )
+
+
 # ---------------------------------------------------------------- 5. reduction="sum"
 @pytest.mark.parametrize("kind", ["hessian", "ggn", "fisher", "empirical_fisher"])
 def test_a_summed_loss_has_the_curvature_of_the_sum(kind):

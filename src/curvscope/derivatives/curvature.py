@@ -150,7 +150,7 @@ class _ModelSource:
             objective.num_samples
             if group is None
             # ``replicas`` ranks hold each sample (tensor parallelism): counted once
-            else global_count(objective.num_samples, group, objective.device) // replicas
+            else global_count(objective.num_samples, group, objective.device) / replicas
         )
         self.num_params, self.dtype, self.device = (
             objective.num_params,
@@ -182,8 +182,10 @@ class Curvature:
     """The curvature of the loss over a dataset, as a matrix-free linear operator.
 
     For parameters θ (all that require grad, or ``params=``) and a mean-reduced loss, the mean
-    loss L(θ) = Σ_b (N_b/N) loss_fn(model(x_b; θ), y_b) over batches b of N_b samples; for a
-    summed loss (``reduction="sum"``) the sum L(θ) = Σ_b loss_fn(model(x_b; θ), y_b). ``kind``:
+    loss L(θ) = Σ_b (N_b/N) loss_fn(model(x_b; θ), y_b) over batches b of N_b samples (for
+    torch's mean cross-entropy with class labels, N_b counts its labels less those at
+    ``ignore_index``, weighed by ``weight=``: what its mean divides by); for a summed loss
+    (``reduction="sum"``) the sum L(θ) = Σ_b loss_fn(model(x_b; θ), y_b). ``kind``:
 
     - ``"hessian"``: H = ∇²L, by Pearlmutter's double-backward product (exact).
     - ``"ggn"``: generalized Gauss-Newton Jᵀ H_out J, H_out the Hessian of the loss in the

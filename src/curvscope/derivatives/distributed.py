@@ -174,10 +174,12 @@ def released(t: Tensor, holders: int, timeout: float = RELEASE_TIMEOUT) -> None:
         pause = min(2 * pause + 1e-6, 1e-3)
 
 
-def global_count(n: int, group: Any, device: torch.device) -> int:
-    """The total number of samples over the ranks."""
+def global_count(n: float, group: Any, device: torch.device) -> float:
+    """The total over the ranks of what their losses average over (samples, counted labels:
+    a float where class weights count)."""
     t = torch.tensor([float(n)], dtype=torch.float64, device=device)
-    return int(all_reduce_sum(t, group).item())
+    total = float(all_reduce_sum(t, group).item())
+    return int(total) if total == int(total) else total
 
 
 def in_step(items: Iterable[T], group: Any, device: Any, what: str) -> Iterator[T]:

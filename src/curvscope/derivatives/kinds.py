@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvscope.derivatives.objective import Batch, ModelObjective
+from curvscope.derivatives.objective import Batch, ModelObjective, counted_labels
 from curvscope.derivatives.seeding import FISHER_LABELS, generator
 
 
@@ -245,17 +245,11 @@ def _all_terms(loss_fn: object, rows: Tensor, targets: Tensor) -> Tensor:
 
 
 def _categorical_terms(loss_fn: object, rows: Tensor, targets: Tensor) -> Tensor:
-    """Each row's weight in the mean's divisor: 0 at ``ignore_index``, the class weight of its
-    label under ``weight=``, else 1 (targets given as class probabilities: 1 every row)."""
+    """Each row's weight in the mean's divisor (:func:`~curvscope.derivatives.objective.
+    counted_labels`; targets given as class probabilities: 1 every row)."""
     if targets.is_floating_point():
         return _all_terms(loss_fn, rows, targets)
-    labels = targets.reshape(-1)
-    kept = labels != getattr(loss_fn, "ignore_index", -100)
-    counted = kept.to(rows.dtype)
-    weight = getattr(loss_fn, "weight", None)
-    if weight is not None:
-        counted = counted * weight.to(rows.dtype)[torch.where(kept, labels, 0)]
-    return counted
+    return counted_labels(loss_fn, targets, rows.dtype)
 
 
 @dataclass(frozen=True)

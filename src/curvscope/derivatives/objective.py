@@ -155,14 +155,15 @@ class Batch:
     ``targets`` are what ``loss_fn(outputs, targets)`` takes (with ``loss_fn=None``, the labels
     as the model's loss compares them with the logits: shifted and flattened for a causal LM);
     ``labels`` the labels as the model takes them (``targets`` unless adapted); ``size`` what a
-    mean-reduced loss averages over in this batch — its samples, or with ``loss_fn=None`` its
-    target tokens for a language model — which weighs the batch in the mean over all the data.
+    mean-reduced loss averages over in this batch — its samples; for torch's mean cross-entropy
+    its counted labels (:func:`counted_labels`); with ``loss_fn=None`` its target tokens for a
+    language model — which weighs the batch in the mean over all the data.
     """
 
     index: int
     inputs: Any
     targets: Tensor
-    size: int
+    size: float
     labels: Any = None
 
 
@@ -415,6 +416,29 @@ def _is_compiled(model: Any) -> bool:
         getattr(model, "_orig_mod", None), nn.Module
     )
 
+
+def counted_labels(loss_fn: Any, labels: Tensor, dtype: torch.dtype) -> Tensor:
+    """Each class label's weight in the divisor of a mean cross-entropy (``nn.CrossEntropyLoss``,
+    ``nn.NLLLoss``), flattened: 0 at ``ignore_index``, the class weight of the label under
+    ``weight=``, else 1; the mean is (Σ_t ℓ_t) / Σ_t counted_t."""
+    flat = labels.reshape(-1)
+    kept = flat != getattr(loss_fn, "ignore_index", -100)
+    counted = kept.to(dtype)
+    weight = getattr(loss_fn, "weight", None)
+    if weight is not None:
+        counted = counted * weight.to(dtype)[torch.where(kept, flat, 0)]
+    return counted
+
+
+def _divides_by_labels(loss_fn: Any, targets: Tensor) -> bool:
+    """Whether a batch's mean loss divides by its counted class labels (:func:`counted_labels`)
+    rather than by its rows: torch's mean cross-entropy with class-index targets."""
+    return (
+        isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss))
+        and loss_fn.reduction == "mean"
+        and not targets.is_floating_point()
+    )
+
 def _reshard(modules: list[nn.Module]) -> None:
     """Register FSDP2's sharded parameters on each of its modules (``reshard()``: the values are
     the same, the unsharded copies are freed). After a forward that is not followed by a
@@ -661,13 +685,23 @@ class ModelObjective:
             targets = labels if self.adapter is None else self.adapter.targets(i, labels)
             yield i, inputs, targets, labels
 
-    def _size(self, targets: Tensor) -> int:
-        """What a mean-reduced loss averages over in a batch: its samples (the targets' rows),
-        or what the model's own loss averages over (target tokens) with loss_fn=None."""
-        return int(targets.shape[0]) if self.adapter is None else self.adapter.count(targets)
+    def _size(self, targets: Tensor) -> float:
+        """What a mean-reduced loss averages over in a batch, its weight in the mean over all
+        the data: its samples (the targets' rows); for torch's mean cross-entropy with class
+        labels its counted labels (positions too, for (N, d…) labels: less those at
+        ``ignore_index``, weighed by ``weight=``; float with class weights), so that the same
+        data batched differently is the same loss — before, batches were weighted by their
+        rows, and a loader gave λ_max 0.90 where the same data as one batch gave 0.75; with
+        loss_fn=None what the model's own loss averages over (target tokens)."""
+        if self.adapter is not None:
+            return self.adapter.count(targets)
+        if not _divides_by_labels(self.loss_fn, targets):
+            return int(targets.shape[0])
+        total = float(counted_labels(self.loss_fn, targets, torch.float64).sum())
+        return int(total) if getattr(self.loss_fn, "weight", None) is None else total
 
-    def _count(self) -> tuple[int, int]:
-        batches = samples = 0
+    def _count(self) -> tuple[int, float]:
+        batches, samples = 0, 0.0
         for i, inputs, targets, _ in self._raw_batches():
             if self.adapter is not None and self._size(targets) == 0:
                 raise self.adapter.nothing_counted(i)
@@ -675,6 +709,11 @@ class ModelObjective:
                 raise ValueError(
                     f"batch {i} has no samples (targets of shape {tuple(targets.shape)}); "
                     "the first dimension of the targets counts the samples"
+                )
+            if self._size(targets) == 0:
+                raise ValueError(
+                    f"batch {i} has no label the loss counts (each is its ignore_index, or "
+                    "of a class whose weight is 0): its mean loss is 0/0; drop the batch"
                 )
             for t in (*tensors(inputs), targets):
                 if not all_finite(t):
@@ -686,6 +725,8 @@ class ModelObjective:
                 self._fingerprints.append(_fingerprint(inputs, targets))
             batches += 1
             samples += self._size(targets)
+        if samples == int(samples):
+            samples = int(samples)  # a count: said as one
         if batches == 0:
             raise ValueError(
                 "data is empty: the curvature of the mean loss needs at least one "
@@ -721,7 +762,7 @@ class ModelObjective:
     def batches(self) -> Iterator[Batch]:
         """The batches on the parameters' device, the same on every pass; raises if the data
         changed since construction."""
-        seen = 0
+        seen = 0.0
         dev = self.device
         move = partial(map_tensors, lambda t: t.to(dev))
         for i, inputs, targets, labels in self._raw_batches():
