@@ -439,6 +439,7 @@ def _divides_by_labels(loss_fn: Any, targets: Tensor) -> bool:
         and not targets.is_floating_point()
     )
 
+
 def _reshard(modules: list[nn.Module]) -> None:
     """Register FSDP2's sharded parameters on each of its modules (``reshard()``: the values are
     the same, the unsharded copies are freed). After a forward that is not followed by a
