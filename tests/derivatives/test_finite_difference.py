@@ -340,8 +340,9 @@ class _Bfloat16Linear(torch.nn.Linear):
 
 
 def test_steps_the_forward_does_not_see_are_of_unknown_accuracy_not_exact():
-    """Where the model's gradient is exactly the same at θ ± εv for every step the search takes
-    but not at a step of SEEN_STEP·‖θ‖, the product's error is unknown (inf), not 0: before,
+    """Where the model's gradient and loss are the same to the bit at θ ± εv although the
+    loss's slope along v says it should have moved, the product's error is unknown (inf), not
+    0: before,
     a float32 MLP computing in bfloat16 gave products of exactly 0 (the exact ones 7–10 in
     norm) with an estimated error of 0, and λ_max 0 "converged in 2 products" (exact 4.09)."""
     torch.manual_seed(0)
@@ -362,8 +363,16 @@ def test_steps_the_forward_does_not_see_are_of_unknown_accuracy_not_exact():
 
 
 def test_a_product_that_is_exactly_zero_is_exact():
-    """v on a parameter the loss does not use: every difference is exactly 0 also at the large
-    step, and the product 0 is reported exact (error 0), not unknown."""
+    """v on a parameter the loss does not use (no slope along v), or a piecewise-linear loss
+    (L1 of a linear model: its gradient is piecewise constant, its Hessian 0, its loss moves
+    along v): every difference is exactly 0 and the product 0 is exact (error 0), not of
+    unknown accuracy (a first version of the guard said so of the L1 loss: a review)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 1).double()
+    data = (torch.randn(32, 8, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64))
+    L1 = cs.Curvature(linear, torch.nn.L1Loss(), data, backend=FD)
+    assert not (L1 @ vectors(L1.num_params, 1)[:, 0]).any()
+    assert L1.product_errors == [0.0] and L1._differences.unseen == 0
     case = smooth()
     model = copy.deepcopy(case.model)
     model.register_parameter("unused", torch.nn.Parameter(torch.ones(3, dtype=torch.float64)))

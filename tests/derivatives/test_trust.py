@@ -389,6 +389,21 @@ def test_batches_of_a_mean_cross_entropy_weigh_as_its_counted_labels(loss_fn, ki
         )
 
 
+def test_a_subclass_of_cross_entropy_weighs_its_batches_by_their_rows():
+    """Only torch's own classes are known to divide by their counted labels: a subclass with
+    its own forward (a mean over rows) keeps its batches weighted by their rows (a review)."""
+
+    class RowMean(nn.CrossEntropyLoss):
+        def forward(self, out, y):
+            return F.cross_entropy(out, y.clamp(min=0), reduction="none").mean()
+
+    case = cases.mlp(n=30)
+    labels = case.targets.clone()
+    labels[:5] = -100
+    C = cs.Curvature(case.model, RowMean(), DataLoader(TensorDataset(case.inputs, labels), 10))
+    assert [b.size for b in C.objective.batches()] == [10, 10, 10]
+
+
 def test_a_batch_whose_every_label_is_ignored_is_refused():
     case = cases.mlp(n=20)
     labels = case.targets.clone()

@@ -322,6 +322,15 @@ def test_fsdp2_diagnose_by_finite_differences_equals_the_exact_single_process_di
         assert abs(u.top_curvature - v.top_curvature) <= scale * accuracy(H)
 
 
+#: FSDP2's switches of a gradient accumulation in progress (finite_difference._MODES)
+SWITCHES = (
+    "set_is_last_backward",
+    "set_requires_gradient_sync",
+    "set_requires_all_reduce",
+    "set_reshard_after_backward",
+)
+
+
 def _one_rank_worker(rank: int, port: int, out: str) -> None:
     """FSDP2 on a world of one: the model under mixed-precision policies, and measured after an
     evaluation forward (no backward), against a twin that is not measured."""
@@ -373,11 +382,7 @@ def _one_rank_worker(rank: int, port: int, out: str) -> None:
     )
     # a gradient accumulation in progress, one of its switches off: refused before any pass,
     # and the user's accumulation and step are a twin's
-    for setter in (
-        "set_is_last_backward",
-        "set_requires_gradient_sync",
-        "set_reshard_after_backward",
-    ):
+    for setter in SWITCHES:
         pair = []
         for _ in range(2):
             case = smooth(n=N)
@@ -446,9 +451,7 @@ def test_a_model_measured_after_an_evaluation_forward_is_resharded_first(one_ran
     assert one_rank["stepped_alike"]
 
 
-@pytest.mark.parametrize(
-    "setter", ["set_is_last_backward", "set_requires_gradient_sync", "set_reshard_after_backward"]
-)
+@pytest.mark.parametrize("setter", SWITCHES)
 def test_a_gradient_accumulation_in_progress_is_refused_before_any_pass(one_rank, setter):
     """With one of FSDP2's accumulation switches off, a product was wrong and said converged
     (set_is_last_backward(False): λ_max 0.58 for 1.85), or refused only after its backward had

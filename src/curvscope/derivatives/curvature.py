@@ -414,10 +414,11 @@ class Curvature:
         unseen = (
             [
                 f"{fd.unseen} finite-difference products are of unknown accuracy (error inf): "
-                "the model's gradient did not change between θ ± εv at any step the products "
-                f"took, but did at a step of {_fd.SEEN_STEP:g}·‖θ‖ — its forward computes in a "
-                "narrower dtype than its parameters (a cast to bfloat16, quantized weights) "
-                "and does not see small steps; use an exact backend"
+                "every difference was exactly zero, and at a step where the loss's slope "
+                "along v says it must move the loss did not, or the gradient changed — the "
+                "model's forward does not see steps that small (it computes in a narrower "
+                "dtype than its parameters: a cast to bfloat16, quantized weights); use an "
+                "exact backend"
             ]
             if fd.unseen
             else []

@@ -178,8 +178,7 @@ def global_count(n: float, group: Any, device: torch.device) -> float:
     """The total over the ranks of what their losses average over (samples, counted labels:
     a float where class weights count)."""
     t = torch.tensor([float(n)], dtype=torch.float64, device=device)
-    total = float(all_reduce_sum(t, group).item())
-    return int(total) if total == int(total) else total
+    return float(all_reduce_sum(t, group).item())
 
 
 def in_step(items: Iterable[T], group: Any, device: Any, what: str) -> Iterator[T]:

@@ -79,9 +79,12 @@ below that dtype's resolution away: the two gradients are then the same to the b
 difference is exactly 0, and so is the product's estimated error — FSDP2 under a bfloat16
 policy gave λ_max 0 "converged" for 1.857. FSDP2 policies narrower than the parameters are
 refused (:func:`_check_precision`); for the rest, a product whose differences are all exactly
-zero takes one more at the step :data:`SEEN_STEP`·‖θ‖, and if the gradient changes there the
-product's error is unknown (inf: not converged, not confident), else 0 is exact (the loss does
-not depend on θ along v).
+zero takes one more at a step where the loss, by its slope along v, must move by a thousand
+times its rounding (:meth:`FiniteDifferenceProducts._unseen`): if it moved and the gradient
+stayed the same to the bit (a piecewise-linear loss: L1, hinge) — or the loss has no slope
+along v (a parameter it does not use) — 0 is exact; if the loss did not move, or the gradient
+changed, the zero was the forward's and the product's error is unknown (inf: not converged, not
+confident).
 
 Because ε scales as 1/‖v‖, the perturbation εv does not depend on the length of v, only on its
 direction and on the step the products before it settled on: the product of 2v is twice that of
@@ -162,11 +165,12 @@ ROUNDING_GROWTH = 1.8
 #: so that a Lanczos run pays a small step's halvings once, and can grow back.
 STEP_GROWTH = 4.0
 
-#: Where every difference of a product is exactly zero, the relative step ‖εv‖/‖θ‖ of one more
-#: difference that tells a gradient that does not change along v (the product is 0) from a
-#: forward that does not see steps as small as the search's (it computes in a narrower dtype
-#: than the parameters: bfloat16 keeps 2^-8 of an entry, int8 weights 1/127).
-SEEN_STEP = 0.1
+#: Where every difference of a product is exactly zero, one more is taken at the step where
+#: the loss's slope along v, 2ε|∇L·v|, is this many times its rounding u·|L| — a change the
+#: loss shows if the forward sees the step (:meth:`FiniteDifferenceProducts._unseen`) ...
+UNSEEN_LEVEL = 1000.0
+#: ... and that step is at most this share of ‖θ‖ (the relative step ‖εv‖/‖θ‖).
+UNSEEN_LARGEST = 0.1
 
 #: The backend's name in ``Curvature(..., backend=...)``.
 BACKEND = "finite_difference"
@@ -373,7 +377,7 @@ def _check_precision(module: nn.Module, policy: Any) -> None:
                 f"backend='finite_difference' cannot measure this FSDP2 model: its "
                 f"MixedPrecisionPolicy has {field}={narrow}, narrower than its {dtype} "
                 "parameters, so the gradients it differences see θ ± εv rounded to "
-                f"{narrow} and a difference of two of them keeps about two digits. Measure "
+                f"{narrow}, and a step below its resolution vanishes. Measure "
                 "the same weights in a model sharded by fully_shard(..., "
                 "mp_policy=MixedPrecisionPolicy()) (its shards are in the parameters' dtype "
                 "already: load the state dict into it)"
@@ -780,17 +784,18 @@ class FiniteDifferenceProducts:
         v: Tensor,
         eps: float,
         local: bool,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
         """(∇L(θ + εv) − ∇L(θ − εv)) / (2ε) — two gradient passes; summed over the ranks where
         the engine does not (plain parameters under a process group), so that every rank holds
-        the same difference and decides the same next step — and ∇L(θ + εv) (this rank's)."""
-        diff = []
+        the same difference and decides the same next step — ∇L(θ + εv) (this rank's), and
+        this rank's losses at θ + εv and θ − εv."""
+        diff, losses = [], []
         for sign in (1.0, -1.0):
             self._set(kept, v, sign * eps, local)
-            self._pass(kept, engine)
+            losses.append(self._pass(kept, engine))
             diff.append(self._gradient(params, engine, local))
         out = (diff[0] - diff[1]) / (2.0 * eps)
-        return out if engine.sharded else all_reduce_sum(out, self.group), diff[0]
+        return out if engine.sharded else all_reduce_sum(out, self.group), diff[0], losses
 
     def _pass(self, kept: _Kept, engine: _Engine) -> Tensor:
         """:meth:`_backward_pass`, its failure on one rank raised on every rank: per batch for a
@@ -819,7 +824,7 @@ class FiniteDifferenceProducts:
         (:attr:`scale`, or this product's own size if larger), at most :data:`HALVINGS` times,
         and while halving helps (:class:`_Search`); the pair with the smallest estimate wins.
         Every rank takes the same steps: the differences it measures are the reduced ones."""
-        wide, grad = self._difference(kept, engine, params, v, eps, local)
+        wide, grad, _ = self._difference(kept, engine, params, v, eps, local)
         entries = self._entries(local)
         # rounding's share of a difference per unit of ‖v‖ at the step ε: about u·γ/(ε‖v‖), γ
         # the size of the gradient's terms — at least ‖∇L‖ + ‖H‖‖θ‖ (module docstring)
@@ -829,10 +834,11 @@ class FiniteDifferenceProducts:
         over = self.group if not (local or engine.sharded) else self._entries(local)
         gamma = float(self._norms(grad[:, None], over)[0])
         best: tuple[float, Tensor, float, float] | None = None  # estimate, value, step, size
+        best_losses: list[Tensor] = []  # the losses at θ ± εv of the best pair's smaller step
         last: Tensor | None = None  # the previous pair's extrapolation
         search = _Search()
         for _ in range(HALVINGS + 1):
-            narrow = self._difference(kept, engine, params, v, eps / 2, local)[0]
+            narrow, _, losses = self._difference(kept, engine, params, v, eps / 2, local)
             value = (4.0 * narrow - wide) / 3.0
             change = value - (value if last is None else last)
             gap, size, moved = (
@@ -847,22 +853,53 @@ class FiniteDifferenceProducts:
             improved = best is None or estimate < best[0]
             go_on = search.halving_helps(gap, size, improved, rounding)
             if improved or search.saturating:  # a saturated pair's small gap means nothing
-                best = (estimate, value, eps / 2, size)
+                best, best_losses = (estimate, value, eps / 2, size), losses
             last = value
             if estimate <= TARGET * max(self.scale, size) or not go_on:
                 break
             wide, eps = narrow, eps / 2
         assert best is not None
         estimate, value, eps, size = best
-        if size == 0.0 and estimate == 0.0:  # exactly zero at every step: seen, or not?
-            big = SEEN_STEP * theta / norm
-            seen = self._difference(kept, engine, params, v, big, local)[0]
-            if float(self._norms(seen[:, None], entries)[0]) > 0.0:
-                estimate = math.inf  # the gradient changes, but not at the steps the search took
+        # exactly zero at every step: a Hessian product of 0, or steps the forward did not see
+        if size == 0.0 and estimate == 0.0:
+            probe = partial(self._difference, kept, engine, params, v, local=local)
+            largest = UNSEEN_LARGEST * theta / norm
+            if self._unseen(probe, best_losses, grad, v, (over, entries), u, largest):
+                estimate = math.inf
                 self.unseen += 1
         self.scale = max(self.scale, size if math.isfinite(size) else 0.0)
         self.errors.append(estimate)
         return value, eps
+
+    def _unseen(
+        self,
+        probe: Callable[[float], tuple[Tensor, Tensor, list[Tensor]]],
+        losses: list[Tensor],
+        grad: Tensor,
+        v: Tensor,
+        sums: tuple[Any, Any],
+        u: float,
+        largest: float,
+    ) -> bool:
+        """Whether a product whose differences were all exactly zero is of steps the model's
+        forward did not see. A loss with no slope along v (a parameter it does not use) has a
+        Hessian product of 0 indeed; otherwise one more difference (``probe(ε)``) at the step
+        where the loss's slope, 2ε|∇L·v|, is :data:`UNSEEN_LEVEL` times its rounding u·|L|
+        (at most ``largest``): a forward that sees the step moves the loss there, and a
+        gradient constant along v (piecewise linear: L1, hinge, units that stay dead) stays
+        the same to the bit — then 0 is exact; a loss the same to the bit, or a gradient that
+        changed, says the zero was the forward's: of unknown accuracy. ``losses``: this rank's
+        at θ ± εv of the zero pair; ``sums``: what a sum over ∇L's entries and over a
+        difference's reduce over (as in :meth:`_column`)."""
+        over, entries = sums
+        slope = abs(float(all_reduce_sum((grad.double() @ v.double()).reshape(1), over)[0]))
+        if slope == 0.0:
+            return False
+        level = abs(float(all_reduce_sum(losses[0].double().reshape(1), self.group)[0]))
+        diff, _, (plus, minus) = probe(min(UNSEEN_LEVEL * u * level / (2 * slope), largest))
+        moved = float(all_reduce_sum((plus != minus).double().reshape(1), self.group)[0])
+        changed = float(self._norms(diff[:, None], entries)[0])
+        return moved == 0.0 or changed != 0.0
 
     def relative_errors(self) -> list[float]:
         """:attr:`errors` relative to the operator's scale as it stands now."""

@@ -426,15 +426,15 @@ def counted_labels(loss_fn: Any, labels: Tensor, dtype: torch.dtype) -> Tensor:
     counted = kept.to(dtype)
     weight = getattr(loss_fn, "weight", None)
     if weight is not None:
-        counted = counted * weight.to(dtype)[torch.where(kept, flat, 0)]
+        counted = counted * weight.to(device=flat.device, dtype=dtype)[torch.where(kept, flat, 0)]
     return counted
 
 
 def _divides_by_labels(loss_fn: Any, targets: Tensor) -> bool:
     """Whether a batch's mean loss divides by its counted class labels (:func:`counted_labels`)
     rather than by its rows: torch's mean cross-entropy with class-index targets."""
-    return (
-        isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss))
+    return (  # the classes themselves: a subclass may average otherwise
+        type(loss_fn) in (nn.CrossEntropyLoss, nn.NLLLoss)
         and loss_fn.reduction == "mean"
         and not targets.is_floating_point()
     )
@@ -504,12 +504,16 @@ class ModelObjective:
         seed: int = 0,
         reduction: str | None = None,
     ) -> None:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module  # never trigger DDP's gradient hooks
         #: a torch.compile'd model's compiled graphs have no double backward: its module, eager
-        self.compiled = _is_compiled(model)
-        if self.compiled:
-            model = getattr(model, "_orig_mod")  # noqa: B009  (typed as a Module, not a Tensor)
+        self.compiled = False
+        while True:  # torch.compile(DDP(model)), DDP(torch.compile(model)): each unwrapped
+            if isinstance(model, nn.parallel.DistributedDataParallel):
+                model = model.module  # never trigger DDP's gradient hooks
+            elif _is_compiled(model):
+                self.compiled = True
+                model = getattr(model, "_orig_mod")  # noqa: B009  (typed a Module, not a Tensor)
+            else:
+                break
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected model to be a torch.nn.Module, got {type(model).__name__}")
         _check_loss(loss_fn, reduction)
@@ -695,23 +699,23 @@ class ModelObjective:
         rows, and a loader gave λ_max 0.90 where the same data as one batch gave 0.75; with
         loss_fn=None what the model's own loss averages over (target tokens)."""
         if self.adapter is not None:
-            return self.adapter.count(targets)
+            return float(self.adapter.count(targets))
         if not _divides_by_labels(self.loss_fn, targets):
-            return int(targets.shape[0])
-        total = float(counted_labels(self.loss_fn, targets, torch.float64).sum())
-        return int(total) if getattr(self.loss_fn, "weight", None) is None else total
+            return float(targets.shape[0])
+        return float(counted_labels(self.loss_fn, targets, torch.float64).sum())
 
     def _count(self) -> tuple[int, float]:
         batches, samples = 0, 0.0
         for i, inputs, targets, _ in self._raw_batches():
-            if self.adapter is not None and self._size(targets) == 0:
+            size = self._size(targets) if targets.ndim else 0.0
+            if self.adapter is not None and size == 0:
                 raise self.adapter.nothing_counted(i)
             if targets.ndim == 0 or targets.shape[0] == 0:
                 raise ValueError(
                     f"batch {i} has no samples (targets of shape {tuple(targets.shape)}); "
                     "the first dimension of the targets counts the samples"
                 )
-            if self._size(targets) == 0:
+            if size == 0:
                 raise ValueError(
                     f"batch {i} has no label the loss counts (each is its ignore_index, or "
                     "of a class whose weight is 0): its mean loss is 0/0; drop the batch"
@@ -725,9 +729,7 @@ class ModelObjective:
             if not self._data_is_list():
                 self._fingerprints.append(_fingerprint(inputs, targets))
             batches += 1
-            samples += self._size(targets)
-        if samples == int(samples):
-            samples = int(samples)  # a count: said as one
+            samples += size
         if batches == 0:
             raise ValueError(
                 "data is empty: the curvature of the mean loss needs at least one "
@@ -774,7 +776,7 @@ class ModelObjective:
             yield Batch(i, move(inputs), targets.to(dev), n, move(labels))
         if seen != self.num_samples:
             raise DataChangedError(
-                f"the data yielded {seen} samples but {self.num_samples} when the operator was "
+                f"the data yielded {seen:g} samples but {self.num_samples:g} when the operator was "
                 "built; a curvature operator needs the same data on every pass (no growing "
                 "or shrinking datasets)"
             )
@@ -927,14 +929,15 @@ class ModelObjective:
             read = _reads_parameters(loss, self.params) if at_copies else None
             if read is not None:
                 raise ValueError(
-                    f"the loss reads the model's parameter {read!r} itself, outside the forward "
-                    "pass — e.g. an L2 penalty over model.parameters() in loss_fn — while "
-                    "curvature products differentiate copies of the parameters passed through "
-                    "the forward: that term would count in the loss but not in the gradient or "
-                    "the curvature (an L2 penalty of 0.05 took λ_max 0.72 for 0.82 before this "
-                    "was refused). Leave the penalty to the optimizer (weight_decay: diagnose "
-                    "and the Monitor read it from there), or measure with "
-                    "backend='finite_difference', which differentiates the parameters themselves"
+                    f"the loss reads the model's parameter {read!r} itself, not the copy "
+                    "curvature products pass through the forward — an L2 penalty over "
+                    "model.parameters() in loss_fn, or a hook or attribute of the model that "
+                    "holds the Parameter — so that use would count in the loss but not in the "
+                    "gradient or the curvature (an L2 penalty of 0.05 took λ_max 0.72 for 0.82 "
+                    "before this was refused). Leave a penalty to the optimizer (weight_decay: "
+                    "diagnose and the Monitor read it from there), leave that parameter out with "
+                    "params=, or measure with backend='finite_difference', which differentiates "
+                    "the parameters themselves"
                 )
             if self.adapter is not None:
                 self._check_own_loss(batch, float(loss.detach()), loss.dtype)
@@ -1012,13 +1015,16 @@ class ModelObjective:
             )
         if self._weight_norm:
             self.kernel_notes.append(WEIGHT_NORM_NOTE)
-        if self.compiled:
-            self.kernel_notes.append(
-                "the model is torch.compile'd: products run its original module eagerly "
-                "(graphs compiled with AOTAutograd have no double backward); the compiled "
-                "model itself is untouched"
-            )
-        return self.kernel_notes + _padding_notes(self.model, modules, self._params)
+        compiled = [
+            "the model is torch.compile'd: products run its original module eagerly "
+            "(graphs compiled with AOTAutograd have no double backward); the compiled "
+            "model itself is untouched"
+        ]
+        return (
+            self.kernel_notes
+            + (compiled if self.compiled else [])
+            + _padding_notes(self.model, modules, self._params)
+        )
 
     # ------------------------------------------------------------------ flat <-> blocks
     def unflatten(self, flat: Tensor) -> list[Tensor]:

@@ -388,10 +388,9 @@ def _result(run: _Run, used: int, vectors: bool, fd_error: float = 0.0) -> Eigen
             f"are only accurate to about {fd_error:.2g}·|λ_max| (estimated from two steps; "
             f"included in errors); use {fix}"
             if math.isfinite(fd_error)
-            else f"of unknown accuracy after {used} products: the model's gradient did not "
-            "change at the finite-difference products' steps but did at a larger one — its "
-            "forward computes in a narrower dtype than its parameters (C.notes); use an exact "
-            "backend"
+            else f"of unknown accuracy after {used} products: some finite-difference "
+            "products were exactly zero where the model's forward seems not to see steps that "
+            "small (a narrower dtype than its parameters; C.notes); use an exact backend"
         )
     if rounding > RESIDUAL_SHARE * tol * scale:
         message += (
