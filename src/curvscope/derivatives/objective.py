@@ -829,7 +829,7 @@ class ModelObjective:
         and Python's global RNGs are seeded and restored too: a forward that draws from them
         (Hugging Face's LayerDrop in wav2vec2 draws from numpy) would otherwise change the
         operator between products — two products of one vector 56% apart, λ_max 1.67 to 2.88
-        with the seed, each "converged" — and advance the user's RNGs (about 70 µs a forward,
+        with the seed, each "converged" — and advance the user's RNGs (about 80 µs a forward,
         numpy's state being 2.5 kB). A generator the model holds itself is not seen.
         """
         if torch.is_inference_mode_enabled():
