@@ -409,12 +409,20 @@ def _check_loss(loss_fn: Any, reduction: str | None) -> None:
         )
 
 
-def _is_compiled(model: Any) -> bool:
-    """Whether ``model`` is ``torch.compile(module)`` (an ``OptimizedModule``), told without
-    importing torch._dynamo."""
-    return type(model).__name__ == "OptimizedModule" and isinstance(
-        getattr(model, "_orig_mod", None), nn.Module
-    )
+def _unwrapped(model: Any) -> tuple[Any, bool]:
+    """The module inside ``DistributedDataParallel`` (whose gradient hooks a product must never
+    trigger) and ``torch.compile`` wrappers, in any nesting, and whether one was compiled (an
+    ``OptimizedModule``, told without importing torch._dynamo)."""
+    compiled = False
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_orig_mod", None), nn.Module
+        ):
+            model, compiled = model._orig_mod, True
+        else:
+            return model, compiled
 
 
 def counted_labels(loss_fn: Any, labels: Tensor, dtype: torch.dtype) -> Tensor:
@@ -505,15 +513,7 @@ class ModelObjective:
         reduction: str | None = None,
     ) -> None:
         #: a torch.compile'd model's compiled graphs have no double backward: its module, eager
-        self.compiled = False
-        while True:  # torch.compile(DDP(model)), DDP(torch.compile(model)): each unwrapped
-            if isinstance(model, nn.parallel.DistributedDataParallel):
-                model = model.module  # never trigger DDP's gradient hooks
-            elif _is_compiled(model):
-                self.compiled = True
-                model = getattr(model, "_orig_mod")  # noqa: B009  (typed a Module, not a Tensor)
-            else:
-                break
+        model, self.compiled = _unwrapped(model)
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected model to be a torch.nn.Module, got {type(model).__name__}")
         _check_loss(loss_fn, reduction)
