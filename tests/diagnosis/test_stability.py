@@ -343,3 +343,88 @@ def test_an_optimizer_whose_groups_hold_no_parameters_gets_the_deepspeed_fix():
     opt.param_groups[0]["params"] = []
     with pytest.raises(ValueError, match=r"hold no parameters.*pass engine\.optimizer"):
         cs.stability_limit(opt)
+
+
+def _diverges(make, curvatures, steps=300) -> list[bool]:
+    """Whether each coordinate of the quadratic ½ Σ s_i x_i² blows up under the optimizer
+    ``make(params)`` (one parameter per coordinate, in its own group)."""
+    xs = [torch.nn.Parameter(torch.ones(1, dtype=torch.float64)) for _ in curvatures]
+    opt = make(xs)
+    for _ in range(steps):
+        opt.zero_grad()
+        sum(0.5 * s * (x**2).sum() for s, x in zip(curvatures, xs, strict=True)).backward()
+        opt.step()
+    return [float(x.abs()) > 1e3 for x in xs]
+
+
+@pytest.mark.parametrize(
+    ("groups", "curvatures"),
+    [
+        # the first group heavy ball (c = 3.8), the second plain (c = 2): 0.1·21 = 2.1 > 2
+        ([{"momentum": 0.9}, {"momentum": 0.0}], [1.0, 21.0]),
+        # the reverse: the sharp direction in the heavy-ball group, stable (2.1 < 3.8)
+        ([{"momentum": 0.0}, {"momentum": 0.9}], [1.0, 21.0]),
+        # heavy ball and Nesterov (c = 3.8/2.8 = 1.36): 0.1·15 = 1.5 > 1.36
+        ([{"momentum": 0.9}, {"momentum": 0.9, "nesterov": True}], [1.0, 15.0]),
+    ],
+    ids=["plain-group-sharp", "momentum-group-sharp", "nesterov-group-sharp"],
+)
+def test_each_groups_constant_is_its_own(groups, curvatures):
+    """The limit's constant was read from the first group only: a diverging group read as
+    learning, a stable one as unstable (a review). On a diagonal quadratic each group's
+    coordinate diverges exactly where its scaled curvature exceeds the limit."""
+
+    def make(xs):
+        return torch.optim.SGD(
+            [{"params": [x], **g} for x, g in zip(xs, groups, strict=True)], lr=0.1
+        )
+
+    r = cs.stability_limit(make(params(1) + params(1)))
+    scaled = [float(r.scale[i]) * s if r.scale is not None else s for i, s in enumerate(curvatures)]
+    assert [v > r.limit for v in scaled] == _diverges(make, curvatures)
+    # the forecast's factor is the most constrained group's c_g/η_g
+    consts = [
+        (2 + 2 * g["momentum"]) / (1 + 2 * g["momentum"] if g.get("nesterov") else 1)
+        if g["momentum"]
+        else 2.0
+        for g in groups
+    ]
+    assert cs.diagnosis.stability.limit_factor(make(params(1) + params(1))) == pytest.approx(
+        min(consts) / 0.1
+    )
+
+
+def test_an_optimizer_that_maximizes_is_refused_with_the_fix():
+    """maximize=True climbs the loss: judged as descent, a run blowing up read as learning and
+    a maximum as a saddle (a review)."""
+    for opt in (
+        torch.optim.SGD(params(), lr=0.1, maximize=True),
+        torch.optim.Adam(params(), lr=0.1, maximize=True),
+    ):
+        with pytest.raises(ValueError, match=r"maximize=True.*negated objective"):
+            cs.stability_limit(opt)
+
+
+def test_adam_with_decoupled_weight_decay_is_adamw():
+    """torch 2.13's Adam(decoupled_weight_decay=True) is AdamW: its decay is not part of the
+    curvature (it was taken as L2: sharpness 160x too large, a false unstable)."""
+    p = params()
+    opt = _stepped(
+        torch.optim.Adam(p, lr=0.1, weight_decay=0.1, decoupled_weight_decay=True),
+        p,
+        torch.ones(3, dtype=torch.float64),
+    )
+    assert cs.stability_limit(opt).l2 is None
+
+
+def test_learning_rates_given_as_tensors():
+    """torch accepts a tensor lr per group: read as numbers (two groups failed with a shape
+    error)."""
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD(
+        [{"params": [a], "lr": torch.tensor(0.1)}, {"params": [b], "lr": torch.tensor(0.05)}],
+        lr=0.1,
+    )
+    r = cs.stability_limit(opt)
+    assert r.limit == pytest.approx(20.0)
+    torch.testing.assert_close(r.scale, torch.tensor([1.0, 1.0, 0.5, 0.5, 0.5]))

@@ -359,7 +359,7 @@ def limit_of(
                 "optimizer deepspeed.initialize returned) and the model's parameters"
             )
         raise ValueError("the optimizer updates none of these parameters: pass its model's")
-    eta = float(max(g["lr"] for g in held))
+    eta = max(float(g["lr"]) for g in held)
     if eta <= 0:  # e.g. a schedule that has decayed to 0: no step can overshoot
         what = type(inner).__name__ + " (lr = 0)"
         return StabilityLimit(math.inf, 0.0, math.inf, what, False, None, None, "s* = ∞ at η = 0")
@@ -381,8 +381,8 @@ def limit_factor(optimizer: Optimizer | None = None, *, lr: float | None = None)
     optimizer's state: cheap enough to read at every step (the Monitor's forecast). ``2/lr``
     for plain gradient descent; inf at η = 0; None for an optimizer without a rule.
 
-    η is the largest learning rate of the optimizer's groups and c is read from its first
-    group (where :func:`stability_limit` reads the first group holding a measured parameter).
+    Over the optimizer's groups, the smallest c_g/η_g (each group's constant and learning
+    rate): the limit of its most constrained group, as :func:`stability_limit` weighs them.
     """
     if optimizer is None:
         return None if lr is None or lr <= 0 else 2.0 / lr
@@ -390,13 +390,11 @@ def limit_factor(optimizer: Optimizer | None = None, *, lr: float | None = None)
         inner, rule = _unwrapped(optimizer)
     except TypeError:
         return None
-    groups = inner.param_groups
-    if not groups:
-        return None
-    eta = max(float(g["lr"]) for g in groups)
-    if eta <= 0:
-        return math.inf
-    return rule.constant(type(inner).__name__, groups[0])[0] / eta
+    name = type(inner).__name__
+    stepping = [g for g in inner.param_groups if float(g["lr"]) > 0]
+    if not stepping:
+        return math.inf if inner.param_groups else None
+    return min(rule.constant(name, g)[0] / float(g["lr"]) for g in stepping)
 
 
 def optimizer_name(optimizer: object) -> str:
@@ -422,11 +420,23 @@ def _limit(
     """s* = c/η by the optimizer's rule, with the step factors S and the L2 coefficients laid
     out as ``layout``'s flat vectors (whole, or this rank's entries)."""
     groups = layout.groups
-    ratio = [0.0 if g is None else g["lr"] / eta for g in groups]  # frozen: never stepped
-    wd = [0.0 if g is None else g.get("weight_decay", 0.0) for g in groups]
+    name = type(optimizer).__name__
+    _check_descends(name, [g for g in groups if g is not None])
     held = next(g for g in groups if g is not None)
-    c, what, formula = rule.constant(type(optimizer).__name__, held)
-    l2 = None if rule.decoupled_decay or not any(wd) else layout.flat(list(wd))
+    c, what, formula = rule.constant(name, held)
+    # each group's step relative to η, and to its own constant c_g (momentum, β₁, Nesterov):
+    # a group is stable where lr_g·s < c_g, i.e. (lr_g/η)(c/c_g)·s < c/η (frozen: never stepped)
+    ratio = [
+        0.0 if g is None else float(g["lr"]) / eta * c / rule.constant(name, g)[0] for g in groups
+    ]
+    if any(g is not None and rule.constant(name, g)[0] != c for g in groups):
+        what += ", each group's constant by its own hyperparameters"
+    wd = [0.0 if g is None else float(g.get("weight_decay", 0.0)) for g in groups]
+    # Adam(decoupled_weight_decay=True) is AdamW (torch 2.13): its decay is outside the gradient
+    decoupled = rule.decoupled_decay or any(
+        g is not None and g.get("decoupled_weight_decay") for g in groups
+    )
+    l2 = None if decoupled or not any(wd) else layout.flat(list(wd))
     if rule.preconditioner is None:
         scale = None if all(r == 1.0 for r in ratio) else layout.flat(list(ratio))
         return StabilityLimit(c / eta, eta, c, what, False, scale, l2, formula)
@@ -434,6 +444,19 @@ def _limit(
     scale = layout.flat([r * q for r, q in zip(ratio, inverse, strict=True)])
     unscaled = layout.unscaled(inverse)
     return StabilityLimit(c / eta, eta, c, what, True, scale, l2, formula, unscaled)
+
+
+def _check_descends(name: str, groups: list[Mapping[str, Any]]) -> None:
+    """Refuse an optimizer that ascends (``maximize=True``): its steps follow −∇L, so its
+    stability is that of descending −L, whose curvature is −H — judged against H, a run blowing
+    up read as learning and a maximum as a saddle."""
+    if any(g.get("maximize") for g in groups):
+        raise ValueError(
+            f"the {name} maximizes (maximize=True): it climbs the loss, whose curvature along "
+            "its steps is that of −loss, and curvscope judges descent on loss_fn. Diagnose the "
+            "negated objective — loss_fn returning −reward — with an optimizer that minimizes "
+            "it (the same steps)"
+        )
 
 
 def _unwrapped(optimizer: object) -> tuple[Optimizer, StabilityRule]:
