@@ -176,6 +176,22 @@ def test_the_cheap_tier_does_not_alarm_on_a_stable_run_and_leaves_the_model_as_f
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize(("every", "update_every"), [(4, 3), (6, 5), (10, 9), (5, 2)])
+def test_a_copy_due_the_step_before_a_probe_waits_for_the_probe(every, update_every):
+    """The copy is checked at the next step, which a probe's step skipped: update_every =
+    every - 1 ran no check in 60 steps (a review). Now the copy waits until after the probe:
+    a check every update_every + 1 steps, one fewer per probe it meets."""
+    p, model = _quadratic()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = cs.Monitor(
+        model, p.loss_fn, p.data, optimizer=opt, every=every, update_every=update_every
+    )
+    _train(mon, p, model, opt, 60)
+    checked = [step for step, _ in mon.updates]
+    assert len(checked) >= 60 // max(every, update_every + 2) - 1
+    assert all(step % every for step in checked)  # never at a probe's step
+
+
 def test_the_cheap_tier_runs_with_the_default_cadence_and_a_fixed_one_only_when_asked():
     p, model = _quadratic()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

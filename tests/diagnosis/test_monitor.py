@@ -369,3 +369,19 @@ def test_the_monitor_sees_whether_training_is_full_batch():
             full_batch=full_batch,
         )
         assert got[0] == state
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda ps: torch.optim.NAdam(ps, lr=0.01), TypeError, r"NAdam.*lr="),
+        (lambda ps: torch.optim.Adagrad(ps, lr=0.01), TypeError, r"Adagrad.*lr="),
+        (lambda ps: torch.optim.SGD(ps, lr=0.01, maximize=True), ValueError, "maximize=True"),
+    ],
+)
+def test_an_optimizer_no_probe_can_judge_is_refused_at_construction(make, error, match):
+    """The first probe refused them — at step 10 or thousands of steps into a run (a review):
+    now the Monitor's construction does, with the same fix."""
+    case = cases.mlp()
+    with pytest.raises(error, match=match):
+        cs.Monitor(case.model, case.loss_fn, case.data, optimizer=make(case.model.parameters()))

@@ -49,7 +49,12 @@ from curvscope.diagnosis.diagnosis import (
 )
 from curvscope.diagnosis.runlog import LOG_VERSION, RunLogWriter, check_log_mode
 from curvscope.diagnosis.runlog import read_log as read_log  # where it lived before runlog
-from curvscope.diagnosis.stability import check_readable, limit_factor, optimizer_name
+from curvscope.diagnosis.stability import (
+    check_judgeable,
+    check_readable,
+    limit_factor,
+    optimizer_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +267,9 @@ class Monitor:
         check_log_mode(log_mode)
         self._products = _Products.checked(backend, fd_eps, sharded)
         params = None if params is None else list(params)  # an iterator is read once
-        if backend == _fd.BACKEND:  # refused now, not at the first probe steps later
+        if optimizer is not None:  # an optimizer without a rule, or one that maximizes:
+            check_judgeable(optimizer)  # refused now, not at the first probe steps later
+        if backend == _fd.BACKEND:
             _check_finite_difference(model, params, self._products, optimizer)
         self.forecast = forecast
         self.model, self.loss_fn, self.probe_data = model, loss_fn, probe_data
@@ -379,7 +386,9 @@ class Monitor:
         self._since_update += 1
         if self._before is not None:
             return self._check_update()
-        if self._update_due():
+        # the copy is checked at the next step: not when that step is a probe's, which drops
+        # it (update_every = every - 1 never ran a check); it is taken after the probe instead
+        if self._update_due() and not self._due(self.steps + 1):
             self._before = self._trainable_copy()
             self._since_update = 0  # update_every counts from the copy
         return None
@@ -579,10 +588,12 @@ class Monitor:
         seen = [c for c in (check.curvature, check.top_curvature) if c is not None]
         return any(c > bound * limit for c in seen)
 
-    def _due(self) -> bool:
+    def _due(self, step: int | None = None) -> bool:
+        """Whether the cadence puts a probe at ``step`` (default: this step)."""
+        step = self.steps if step is None else step
         if self.every is not None:
-            return self.steps % self.every == 0
-        return self.steps >= self._next_probe  # planned at the previous probe (the first: 10)
+            return step % self.every == 0
+        return step >= self._next_probe  # planned at the previous probe (the first: 10)
 
     def probe(self, update: float | None = None) -> Diagnosis:
         """Diagnose now, whatever the step (``update``: the curvature along the last update,

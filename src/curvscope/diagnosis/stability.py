@@ -446,6 +446,14 @@ def _limit(
     return StabilityLimit(c / eta, eta, c, what, True, scale, l2, formula, unscaled)
 
 
+def check_judgeable(optimizer: object) -> None:
+    """Refuse, without reading any state, an optimizer :func:`stability_limit` has no rule for
+    (TypeError, naming ``lr=``) or one that maximizes (ValueError): what a Monitor's first probe
+    would refuse, at its construction."""
+    inner, _ = _unwrapped(optimizer)
+    _check_descends(type(inner).__name__, list(inner.param_groups))
+
+
 def _check_descends(name: str, groups: list[Mapping[str, Any]]) -> None:
     """Refuse an optimizer that ascends (``maximize=True``): its steps follow −∇L, so its
     stability is that of descending −L, whose curvature is −H — judged against H, a run blowing
