@@ -595,6 +595,50 @@ def test_a_model_with_a_loss_of_its_own_is_refused_at_the_first_product():
         C @ torch.ones(C.num_params, dtype=DT)
 
 
+def test_a_loss_of_its_own_that_agrees_on_the_first_batch_only_is_refused_at_the_next():
+    """The model's own loss was checked on the first batch only: a loss_function averaging
+    per sequence agrees with the token mean where the sequences are as long (here batch 0,
+    unpadded) and not elsewhere — λ_max 4.48 for the model's 10.27, converged (a review)."""
+    model = model_of("gpt2").eval()
+
+    def per_sequence(logits, labels, vocab_size, **kw):
+        losses = F.cross_entropy(
+            logits[:, :-1].reshape(-1, vocab_size), labels[:, 1:].reshape(-1), reduction="none"
+        ).reshape(labels.shape[0], -1)
+        counted = (labels[:, 1:] != -100).sum(1)
+        return (losses.sum(1) / counted).mean()
+
+    model.loss_function = per_sequence
+    padded, unpadded = token_batches(1)  # the second: no padding, the two agree there
+    C = cs.Curvature(model, None, [unpadded, padded], params=["lm_head.weight"])
+    with pytest.raises(ValueError, match=r"on batch 1,.*computes a loss of its own"):
+        C @ torch.ones(C.num_params, dtype=DT)
+
+
+def _without_dropout(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+@pytest.mark.parametrize("params", [None, ["transformer.h.0.mlp.c_proj.weight"]])
+def test_gradient_checkpointing_in_train_mode(params):
+    """Hugging Face's gradient checkpointing recomputes the forward in the backward: the
+    product's backward ran outside the forward's kernels (sdpa took a fused kernel there), and
+    parameters not selected were constants in the forward but the model's own, requiring grad,
+    in the recomputation — torch's CheckpointError either way (a review). The products equal
+    the same model's without checkpointing."""
+    plain = _without_dropout(model_of("gpt2").train())
+    checkpointed = _without_dropout(model_of("gpt2").train())
+    checkpointed.gradient_checkpointing_enable()
+    batches = token_batches(2)
+    C, D = (cs.Curvature(m, None, batches, params=params) for m in (plain, checkpointed))
+    V = _probes(C.num_params)
+    torch.testing.assert_close(D @ V, C @ V, rtol=1e-10, atol=1e-12)
+    assert all(p.grad is None for p in checkpointed.parameters())
+
+
 @pytest.mark.parametrize(
     "batch,message",
     [

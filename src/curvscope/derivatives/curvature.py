@@ -6,6 +6,7 @@ samples in ``data``, never stored: ``C @ v`` multiplies by it at the cost of a f
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -119,6 +120,9 @@ class _FunctionSource:
     def model_state(self) -> tuple[tuple[bool, ...], list[tuple[str, Tensor]]]:
         return (), [("x", self.x)]
 
+    def kernels(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
     def weight(self, batch: Any) -> float:
         return 1.0
 
@@ -165,6 +169,7 @@ class _ModelSource:
         self._prepare = info.prepare(objective, mc_samples)  # may refuse the loss here
         self._forward = info.forward
         self.model_state = objective.model_state
+        self.kernels = objective.kernels
 
     def weight(self, batch: Batch) -> float:
         """A batch's weight in the operator: its share of all samples (over all ranks) for a
@@ -496,7 +501,9 @@ class Curvature:
             products = self._source.prepare(forward=True)
         total: Tensor | None = None
         for weight, product in products:  # Σ_b w_b C_b V, summed flat: one op a batch
-            part = self._source.flatten(product.apply(blocks), batched=True).detach()
+            with self._source.kernels():  # as the forward ran: checkpointing recomputes it
+                applied = product.apply(blocks)
+            part = self._source.flatten(applied, batched=True).detach()
             if total is None:
                 total = part if weight == 1.0 else part.mul_(weight)
             else:

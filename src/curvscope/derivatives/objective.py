@@ -558,12 +558,19 @@ class ModelObjective:
         self._has_rnn = any(isinstance(m, nn.RNNBase) for m in modules)
         #: torch's weight norm is computed written out during products (derivatives/substitutes)
         self._weight_norm = uses_weight_norm(modules)
+        #: a model that recomputes its forward in the backward (Hugging Face's gradient
+        #: checkpointing): the recomputation reads the model's own parameters, so parameters
+        #: not selected are passed requiring grad like them, or its tensors' metadata differs
+        #: from the forward's (torch's CheckpointError)
+        self._checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
         self.notes = self._fallback_notes(modules)
         self._forward_generators = [torch.random.default_generator]
         if self.device.type == "cuda":
             index = torch.cuda.current_device() if self.device.index is None else self.device.index
             self._forward_generators.append(torch.cuda.default_generators[index])
         self._loss_checked = False
+        #: the batches whose adapted loss was checked against the model's own (loss_fn=None)
+        self._own_checked: set[int] = set()
         #: how loss_fn reduces over the samples of a batch: "mean" or "sum" (the curvature is
         #: then that of the mean over all the data, or of the sum); settled by the first loss
         declared = reduction or getattr(self.loss_fn, "reduction", None)
@@ -814,7 +821,11 @@ class ModelObjective:
         tied = {id(p): theta[k] for k, p in params if k in theta}  # every name of a selected one
         for k, p in params:
             mine = tied.get(id(p))
-            state[k] = p.detach() if mine is None else mine
+            if mine is None:  # not selected: a constant, unless a recomputation must match it
+                mine = p.detach()
+                if self._checkpointing and p.requires_grad:  # (never inside torch.func)
+                    mine.requires_grad_(True)
+            state[k] = mine
         return state
 
     @contextlib.contextmanager
@@ -851,6 +862,16 @@ class ModelObjective:
                 yield
         finally:
             set_rng_states(gens, saved)
+
+    def kernels(self) -> contextlib.ExitStack:
+        """The kernel switches of :meth:`context` alone, for the backward passes of a product
+        through a kept graph: a forward recomputed there (activation checkpointing) must run
+        on the kernels the forward did, or its tensors differ from the forward's."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(_DifferentiableKernels(self._has_rnn))
+        if self._weight_norm:
+            stack.enter_context(WrittenOutWeightNorm())
+        return stack
 
     def arguments(self, batch: Batch, **extra: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The model's positional and keyword arguments for a batch: a mapping's items as
@@ -939,9 +960,12 @@ class ModelObjective:
                     "params=, or measure with backend='finite_difference', which differentiates "
                     "the parameters themselves"
                 )
-            if self.adapter is not None:
-                self._check_own_loss(batch, float(loss.detach()), loss.dtype)
             self._loss_checked = True
+        if self.adapter is not None and batch.index not in self._own_checked:
+            # every batch once: a model's own loss may agree on one batch and not another (a
+            # loss_function averaging per sequence agrees where the sequences are as long)
+            self._check_own_loss(batch, float(loss.detach()), loss.dtype)
+            self._own_checked.add(batch.index)
         return loss
 
     def _check_own_loss(self, batch: Batch, ours: float, dtype: torch.dtype) -> None:
