@@ -422,21 +422,11 @@ def _limit(
     groups = layout.groups
     name = type(optimizer).__name__
     _check_descends(name, [g for g in groups if g is not None])
-    held = next(g for g in groups if g is not None)
-    c, what, formula = rule.constant(name, held)
-    # each group's step relative to η, and to its own constant c_g (momentum, β₁, Nesterov):
-    # a group is stable where lr_g·s < c_g, i.e. (lr_g/η)(c/c_g)·s < c/η (frozen: never stepped)
-    ratio = [
-        0.0 if g is None else float(g["lr"]) / eta * c / rule.constant(name, g)[0] for g in groups
-    ]
-    if any(g is not None and rule.constant(name, g)[0] != c for g in groups):
+    c, what, formula = rule.constant(name, next(g for g in groups if g is not None))
+    ratio, own = _group_ratios(name, rule, groups, eta, c)
+    if own:
         what += ", each group's constant by its own hyperparameters"
-    wd = [0.0 if g is None else float(g.get("weight_decay", 0.0)) for g in groups]
-    # Adam(decoupled_weight_decay=True) is AdamW (torch 2.13): its decay is outside the gradient
-    decoupled = rule.decoupled_decay or any(
-        g is not None and g.get("decoupled_weight_decay") for g in groups
-    )
-    l2 = None if decoupled or not any(wd) else layout.flat(list(wd))
+    l2 = _l2(rule, groups, layout)
     if rule.preconditioner is None:
         scale = None if all(r == 1.0 for r in ratio) else layout.flat(list(ratio))
         return StabilityLimit(c / eta, eta, c, what, False, scale, l2, formula)
@@ -444,6 +434,31 @@ def _limit(
     scale = layout.flat([r * q for r, q in zip(ratio, inverse, strict=True)])
     unscaled = layout.unscaled(inverse)
     return StabilityLimit(c / eta, eta, c, what, True, scale, l2, formula, unscaled)
+
+
+def _group_ratios(
+    name: str, rule: StabilityRule, groups: list[Any], eta: float, c: float
+) -> tuple[list[float], bool]:
+    """Each group's step relative to η and to its own constant c_g (momentum, β₁, Nesterov): a
+    group is stable where lr_g·s < c_g, i.e. (lr_g/η)(c/c_g)·s < c/η (0 for a frozen one: never
+    stepped); and whether the groups' constants differ."""
+    consts = [None if g is None else rule.constant(name, g)[0] for g in groups]
+    ratio = [
+        0.0 if g is None or k is None else float(g["lr"]) / eta * c / k
+        for g, k in zip(groups, consts, strict=True)
+    ]
+    return ratio, any(k is not None and k != c for k in consts)
+
+
+def _l2(rule: StabilityRule, groups: list[Any], layout: StateLayout) -> Tensor | None:
+    """The L2 coefficients added to the gradient (torch's ``weight_decay`` in SGD, Adam,
+    RMSprop), or None where the decay is decoupled — AdamW's, and Adam's with
+    ``decoupled_weight_decay=True`` (torch 2.13: the same optimizer) — or absent."""
+    wd = [0.0 if g is None else float(g.get("weight_decay", 0.0)) for g in groups]
+    decoupled = rule.decoupled_decay or any(
+        g is not None and g.get("decoupled_weight_decay") for g in groups
+    )
+    return None if decoupled or not any(wd) else layout.flat(list(wd))
 
 
 def check_judgeable(optimizer: object) -> None:
