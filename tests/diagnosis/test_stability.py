@@ -354,7 +354,7 @@ def _diverges(make, curvatures, steps=300) -> list[bool]:
         opt.zero_grad()
         sum(0.5 * s * (x**2).sum() for s, x in zip(curvatures, xs, strict=True)).backward()
         opt.step()
-    return [float(x.abs()) > 1e3 for x in xs]
+    return [float(x.detach().abs()) > 1e3 for x in xs]
 
 
 @pytest.mark.parametrize(

@@ -425,6 +425,15 @@ def _unwrapped(model: Any) -> tuple[Any, bool]:
             return model, compiled
 
 
+def _recomputes(model: nn.Module) -> bool:
+    """Whether a Hugging Face model recomputes its forward in the backward (activation, or
+    gradient, checkpointing — transformers 5 renamed the attribute and warns on the old name)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
 def counted_labels(loss_fn: Any, labels: Tensor, dtype: torch.dtype) -> Tensor:
     """Each class label's weight in the divisor of a mean cross-entropy (``nn.CrossEntropyLoss``,
     ``nn.NLLLoss``), flattened: 0 at ``ignore_index``, the class weight of the label under
@@ -562,7 +571,7 @@ class ModelObjective:
         #: checkpointing): the recomputation reads the model's own parameters, so parameters
         #: not selected are passed requiring grad like them, or its tensors' metadata differs
         #: from the forward's (torch's CheckpointError)
-        self._checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+        self._checkpointing = _recomputes(model)
         self.notes = self._fallback_notes(modules)
         self._forward_generators = [torch.random.default_generator]
         if self.device.type == "cuda":
