@@ -72,6 +72,18 @@ def test_performance_profile_by_hand():
     assert at("b", 1.0) == 0.5 and at("b", 2.5) == 1.0
 
 
+def test_a_problem_every_run_skipped_is_solved_by_none():
+    """Every run on a problem skipped (Newton on the digits MLP, too large for it): the profile
+    crashed the lab (min() of nothing, an empty output folder; a review); the problem counts as
+    solved by no solver."""
+    runs = [
+        _run("p", "a", [1.0, 0.0], [0, 10]),
+        _run("q", "a", [1.0], [0], outcome="skipped"),
+    ]
+    prof = performance_profile(runs, "cost")
+    assert prof["ratios"]["a"] == [1.0, math.inf]
+
+
 def test_unknown_names_list_the_valid_ones():
     with pytest.raises(ValueError, match=r"valid names: .*rosenbrock"):
         lab.run_lab(["rosenbrok"], ["gd"], budget=BUDGET)

@@ -80,10 +80,13 @@ def performance_profile(runs: Sequence[Run], axis: str) -> dict[str, Any]:
     solvers = sorted({r.optimizer for r in runs})
     ratios: dict[str, list[float]] = {s: [] for s in solvers}
     for rs in by_problem.values():
-        finals = [
-            min(f for f in r.losses if math.isfinite(f)) for r in rs if r.outcome != "skipped"
-        ]
-        f_best, f0 = min(finals), rs[0].losses[0]
+        ran = [r for r in rs if r.outcome != "skipped" and r.losses]
+        finals = [min((f for f in r.losses if math.isfinite(f)), default=math.inf) for r in ran]
+        if not finals or not math.isfinite(min(finals)):  # every run skipped or never finite:
+            for s in solvers:  # no solver solves this problem (it crashed the lab before)
+                ratios[s].append(math.inf)
+            continue
+        f_best, f0 = min(finals), ran[0].losses[0]
         target = f_best + PROFILE_TOL * (f0 - f_best)
         costs = {r.optimizer: _solve_cost(r, target, axis) for r in rs}
         best = min(costs.values())
