@@ -120,6 +120,28 @@ def test_report_renders_a_monitor_log(tmp_path, capsys):
     assert (tmp_path / "r2" / "report.html").exists()
 
 
+def test_report_of_a_log_holding_several_runs_says_which_and_picks_with_run(tmp_path, capsys):
+    """Appended runs: the page showed the last without saying the file held others, and a last
+    run killed before its first probe refused the whole file as "not a Monitor log" (a
+    review). Now the report says which run it shows, --run picks one, and an empty last run
+    names --run."""
+    log = tmp_path / "runs.jsonl"
+    header = '{"curvscope_log": 1}\n'
+    probe = '{"step": %d, "state": "learning", "cause": "cadence"}\n'
+    log.write_text(header + probe % 5 + probe % 10 + header + probe % 5)
+    capsys.readouterr()
+    assert main(["report", str(log), "--out", str(tmp_path / "a")]) == 0
+    assert "holds 2 runs; reporting run 1 (--run 0 to 1" in capsys.readouterr().err
+    assert main(["report", str(log), "--run", "0", "--out", str(tmp_path / "b")]) == 0
+    assert "reporting run 0" in capsys.readouterr().err
+    assert main(["report", str(log), "--run", "2", "--out", str(tmp_path / "c")]) == 2
+    assert "--run 2:" in capsys.readouterr().err
+    with log.open("a") as f:  # a third run, killed before its first probe
+        f.write(header)
+    assert main(["report", str(log), "--out", str(tmp_path / "d")]) == 2
+    assert "run 2 of the 3" in capsys.readouterr().err
+
+
 def test_probe_on_a_built_in_problem(tmp_path, capsys):
     assert main(["probe", "--problem", "breast-cancer-logreg", "--lr", "0.5", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)

@@ -551,6 +551,7 @@ def _probe_on_rank(args: argparse.Namespace, rank: int, world: int) -> int:
 # --------------------------------------------------------------------------------- report
 def _report(args: argparse.Namespace) -> int:
     from curvscope.diagnosis.monitor import read_log
+    from curvscope.diagnosis.runlog import count_runs
     from curvscope.report import write_log_report
 
     path = Path(args.log)
@@ -561,7 +562,13 @@ def _report(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", TornLogWarning)
-            header, records = read_log(path)
+            runs = count_runs(path)
+            if not -runs <= args.run < runs:
+                raise UsageError(
+                    f"--run {args.run}: {str(path)!r} holds {runs} run(s), 0 to {runs - 1} "
+                    "(or -1 for the last)"
+                )
+            header, records = read_log(path, run=args.run)
     except OSError as e:
         raise UsageError(f"cannot read the run log {str(path)!r}: {e.strerror or e}") from e
     except LogFormatError as e:  # its message names the file, the line and the field
@@ -575,7 +582,19 @@ def _report(args: argparse.Namespace) -> int:
             print(f"curvscope report: warning: {_one_line(str(w.message))}", file=sys.stderr)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    index = args.run % runs
+    if runs > 1:  # the page is of one run: say which, and how to see the others
+        print(
+            f"curvscope report: {str(path)!r} holds {runs} runs; reporting run {index} "
+            f"(--run 0 to {runs - 1} picks another)",
+            file=sys.stderr,
+        )
     if not records or not all(isinstance(r, dict) and "step" in r for r in records):
+        if runs > 1:
+            raise UsageError(
+                f"run {index} of the {runs} in {str(path)!r} has no probe records yet (killed "
+                "before its first probe, or still running): pick another with --run"
+            )
         raise UsageError(f"{str(path)!r} has no probe records with a 'step': is it a Monitor log?")
     out = _writable(Path(args.out))
     with _refusals(f"cannot render the run log {str(path)!r}: "):
@@ -650,6 +669,12 @@ def parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", parents=[common], help="render a Monitor run log as HTML")
     rp.add_argument("log", help="the run log written by cs.Monitor(log=...)")
     rp.add_argument("--out", default="curvscope-report", help="output folder")
+    rp.add_argument(
+        "--run",
+        type=int,
+        default=-1,
+        help="which run of a log holding several (log_mode='a'): 0 the first, -1 the last",
+    )
     rp.set_defaults(func=_report)
     return ap
 

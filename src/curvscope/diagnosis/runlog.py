@@ -508,22 +508,7 @@ def read_log(
     if not _is_int(run):
         raise TypeError(f"run must be an integer index (-1: the last run), got {run!r}")
     name = str(path)
-    raw = Path(path).read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise LogFormatError(
-            f"{name}: not UTF-8 text (byte {e.start}); a run log is JSON lines"
-        ) from None
-    lines = text.split("\n")
-    complete = text.endswith("\n")  # else the last line lacks its newline
-    if complete:
-        lines.pop()
-    parser = _Parser(name)
-    for lineno, line in enumerate(lines, 1):
-        if line.strip():
-            parser.feed(lineno, line)
-    runs = parser.finish(complete, len(lines))
+    runs = _runs(path)
     if not -len(runs) <= run < len(runs):
         raise ValueError(
             f"run={run} is out of range: {name} holds {len(runs)} run(s), "
@@ -540,3 +525,38 @@ def read_log(
             stacklevel=2,
         )
     return chosen.header, chosen.records
+
+
+def count_runs(path: str | os.PathLike[str]) -> int:
+    """How many runs a run log holds (one per header line: ``log_mode="a"`` appends them), for
+    :func:`read_log`'s ``run``; raises what :func:`read_log` raises for a file that is not one.
+
+    Example:
+        >>> import pathlib, tempfile, curvscope as cs
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "run.jsonl"
+        >>> _ = path.write_text('{"curvscope_log": 1}\n{"step": 5}\n{"curvscope_log": 1}\n')
+        >>> cs.diagnosis.runlog.count_runs(path)
+        2
+    """
+    return len(_runs(path))
+
+
+def _runs(path: str | os.PathLike[str]) -> list[_Run]:
+    """Every run of a log file, parsed and checked."""
+    name = str(path)
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LogFormatError(
+            f"{name}: not UTF-8 text (byte {e.start}); a run log is JSON lines"
+        ) from None
+    lines = text.split("\n")
+    complete = text.endswith("\n")  # else the last line lacks its newline
+    if complete:
+        lines.pop()
+    parser = _Parser(name)
+    for lineno, line in enumerate(lines, 1):
+        if line.strip():
+            parser.feed(lineno, line)
+    return parser.finish(complete, len(lines))
