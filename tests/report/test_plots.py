@@ -52,3 +52,23 @@ def _plot_all(tmp_path):
     assert names[:3] == ["log.png", "layers.png", "slices.png"]
     for name in names[:3]:
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_values_a_log_scale_cannot_draw_are_drawn_or_counted(tmp_path):
+    """Every panel of a run log's plots was on a log scale: a negative loss or sharpness (a
+    maximum's) vanished and NaN/inf left gaps, without a word (a review). Where a value is 0
+    or negative the scale is symlog; the title counts what is not finite."""
+    from matplotlib.figure import Figure
+
+    for values, scale, title in (
+        ([1.0, 0.5, 0.1], "log", "loss"),
+        ([1.0, -0.5, 0.0], "symlog", "loss"),
+        ([1.0, float("nan"), float("inf")], "log", "loss (2 not finite, not drawn)"),
+    ):
+        ax = Figure().add_subplot()
+        plots._value_scale(ax, "loss", values)
+        assert (ax.get_yscale(), ax.get_title()) == (scale, title)
+    records = _records()
+    records[0]["loss"] = -1.0
+    records[1]["sharpness"] = float("nan")
+    assert plots.log_plots(records, tmp_path)  # drawn, without matplotlib's warning

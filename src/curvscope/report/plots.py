@@ -198,6 +198,25 @@ def _sharpness_series(
             ax.plot(steps, series, "o-" if flag else "s-", label=label)
 
 
+def _present(v: float) -> bool:
+    """A value the record has (None came back as NaN from ``col``, which is left out)."""
+    return not (isinstance(v, float) and math.isnan(v))
+
+
+def _value_scale(ax: Any, title: str, values: list[float]) -> None:
+    """A log scale where every value is positive; symlog where some are zero or negative (a
+    maximum's negative sharpness, a loss below 0: a log scale dropped them without a word — a
+    review); the title counts the values that are not finite, which no scale can draw."""
+    finite = [v for v in values if math.isfinite(v)]
+    if finite and min(finite) > 0:
+        ax.set_yscale("log")
+    elif finite:
+        nonzero = [abs(v) for v in finite if v != 0]
+        ax.set_yscale("symlog", linthresh=min(nonzero) if nonzero else 1.0)
+    missing = len(values) - len(finite)
+    ax.set_title(title + (f" ({missing} not finite, not drawn)" if missing else ""))
+
+
 def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
     """Loss, gradient norm, and sharpness against the stability limit, from a Monitor log."""
     steps = [r["step"] for r in records]
@@ -207,16 +226,18 @@ def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
 
     fig, axes = _figure(3, figsize=(13, 3.6))
     axes[0].plot(steps, col("loss"), "o-")
-    axes[0].set_title("loss")
     axes[1].plot(steps, col("grad_norm"), "o-")
-    axes[1].set_title("gradient norm")
     _sharpness_series(axes[2], steps, col("sharpness"), records)
     axes[2].plot(steps, col("stability_limit"), "--", label="stability limit")
     axes[2].legend(fontsize=8)
-    axes[2].set_title("sharpness vs stability limit")
-    for ax in axes:
+    shown = (
+        ("loss", ["loss"]),
+        ("gradient norm", ["grad_norm"]),
+        ("sharpness vs stability limit", ["sharpness", "stability_limit"]),
+    )
+    for ax, (title, keys) in zip(axes, shown, strict=True):
         ax.set_xlabel("step")
-        ax.set_yscale("log")
+        _value_scale(ax, title, [v for k in keys for v in col(k) if _present(v)])
     names = [_save(fig, out / "log.png")]
     shares = [r.get("layer_shares") for r in records]
     if any(isinstance(x, dict) and x for x in shares):
