@@ -142,6 +142,19 @@ def test_report_of_a_log_holding_several_runs_says_which_and_picks_with_run(tmp_
     assert "run 2 of the 3" in capsys.readouterr().err
 
 
+def test_probe_json_is_valid_json_when_a_number_is_not_finite(capsys):
+    """A learning rate of 1e-320 has an infinite limit: --json printed Infinity, which JSON
+    does not have (a review); non-finite numbers are their strings, as in the run log."""
+    args = ["probe", "--problem", "breast-cancer-logreg", "--lr", "1e-320", "--json"]
+    assert main(args) == 0
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    res = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert res["evidence"]["stability_limit"] == "inf"
+
+
 def test_probe_on_a_built_in_problem(tmp_path, capsys):
     assert main(["probe", "--problem", "breast-cancer-logreg", "--lr", "0.5", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)

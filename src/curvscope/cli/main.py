@@ -531,7 +531,10 @@ def _probe_on_rank(args: argparse.Namespace, rank: int, world: int) -> int:
 
         result["report"] = str(write_probe_report(result, out))
     if args.json:
-        print(json.dumps(result, default=str))
+        from curvscope.diagnosis.runlog import jsonable
+
+        # valid JSON: a non-finite number (a limit at lr 1e-320) as its string, never Infinity
+        print(json.dumps(jsonable(result), default=str, allow_nan=False))
         return 0
     n, mb = result["num_params"], result["dense_hessian_bytes"] / 2**20
     print(result["text"])

@@ -70,21 +70,24 @@ class LogWriteWarning(RuntimeWarning):
     """A write to the run log failed (disk full); training goes on, the records are counted."""
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+    """``x`` with its non-finite floats as the strings "nan", "inf", "-inf" (JSON has no
+    literal for them: Python's ``json`` writes ``NaN``/``Infinity``, which other readers
+    refuse) and tensors as lists — for the run log and the command line's ``--json``."""
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)  # "nan", "inf", "-inf": JSON has no literal for them
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, Tensor):
-        return _jsonable(x.tolist())
+        return jsonable(x.tolist())
     return x
 
 
 def _line(record: dict[str, Any]) -> bytes:
-    # allow_nan=False: whatever _jsonable missed is an error here, never invalid JSON on disk
-    return (json.dumps(_jsonable(record), ensure_ascii=False, allow_nan=False) + "\n").encode()
+    # allow_nan=False: whatever jsonable missed is an error here, never invalid JSON on disk
+    return (json.dumps(jsonable(record), ensure_ascii=False, allow_nan=False) + "\n").encode()
 
 
 # ------------------------------------------------------------------------------- writing
