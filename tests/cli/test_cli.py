@@ -155,6 +155,37 @@ def test_probe_json_is_valid_json_when_a_number_is_not_finite(capsys):
     assert res["evidence"]["stability_limit"] == "inf"
 
 
+def test_an_output_file_that_cannot_be_overwritten_is_one_line(tmp_path, capsys, monkeypatch):
+    """A report.html in the output folder that is not ours to overwrite (another user's, in a
+    shared folder) was a traceback (a review): one line naming the file and --out."""
+    from curvscope import report as reports
+
+    log = tmp_path / "run.jsonl"
+    log.write_text('{"curvscope_log": 1}\n{"step": 5, "state": "learning", "cause": "cadence"}\n')
+
+    def refused(*args, **kwargs):  # what writing over a file mode 444 of another user raises
+        raise PermissionError(13, "Permission denied", str(tmp_path / "r" / "report.html"))
+
+    monkeypatch.setattr(reports, "write_log_report", refused)
+    capsys.readouterr()
+    assert main(["report", str(log), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write" in err and "report.html" in err
+    assert "Permission denied" in err and "--out" in err
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
+    """Ctrl-C during the lab printed a KeyboardInterrupt traceback (a review)."""
+    from curvscope import lab
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lab, "run_lab", interrupted)
+    assert main(["lab", "--quick", "--problems", "quadratic", "--optimizers", "gd"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
 def test_probe_on_a_built_in_problem(tmp_path, capsys):
     assert main(["probe", "--problem", "breast-cancer-logreg", "--lr", "0.5", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)

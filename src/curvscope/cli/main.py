@@ -83,6 +83,20 @@ def name_list(text: str) -> list[str]:
     return names
 
 
+@contextlib.contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """Writing into the output folder: an OSError there — a file in it that is not ours to
+    overwrite, a full disk — as one line naming the file and the fix (it was a traceback)."""
+    try:
+        yield
+    except OSError as e:
+        name = str(e.filename or out)
+        raise UsageError(
+            f"cannot write {name!r}: {e.strerror or e}; choose another folder with --out (what "
+            "was written there before the failure may be incomplete)"
+        ) from e
+
+
 def _writable(out: Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -152,7 +166,8 @@ def _lab(args: argparse.Namespace) -> int:
             bar.update(task, advance=1, description=f"{run.problem}: {run.optimizer}")
 
         results = lab.run_lab(problem_names, optimizer_names, budget=budget, on_run=on_run)
-    path = report.write_lab(results, out)
+    with _writing(out):
+        path = report.write_lab(results, out)
     table = Table(title="curvscope lab")
     for col in ("problem", "optimizer", "outcome", "steps", "final loss", "grads", "products", "s"):
         table.add_column(
@@ -529,7 +544,8 @@ def _probe_on_rank(args: argparse.Namespace, rank: int, world: int) -> int:
     if out is not None:
         from curvscope.report.html import write_probe_report
 
-        result["report"] = str(write_probe_report(result, out))
+        with _writing(out):
+            result["report"] = str(write_probe_report(result, out))
     if args.json:
         from curvscope.diagnosis.runlog import jsonable
 
@@ -600,7 +616,7 @@ def _report(args: argparse.Namespace) -> int:
             )
         raise UsageError(f"{str(path)!r} has no probe records with a 'step': is it a Monitor log?")
     out = _writable(Path(args.out))
-    with _refusals(f"cannot render the run log {str(path)!r}: "):
+    with _refusals(f"cannot render the run log {str(path)!r}: "), _writing(out):
         report = write_log_report(header, records, out)
     print(f"wrote {report}")
     return 0
@@ -695,6 +711,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"curvscope {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT
+        if args.debug:
+            raise
+        print(f"curvscope {args.command}: interrupted; nothing more was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
