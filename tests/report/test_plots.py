@@ -72,3 +72,23 @@ def test_values_a_log_scale_cannot_draw_are_drawn_or_counted(tmp_path):
     records[0]["loss"] = -1.0
     records[1]["sharpness"] = float("nan")
     assert plots.log_plots(records, tmp_path)  # drawn, without matplotlib's warning
+
+
+def test_a_write_that_fails_half_way_leaves_the_old_file_not_a_truncated_one(tmp_path):
+    """A full disk left a report.html cut mid-image (a review): files are written beside
+    their name and renamed over it once whole."""
+    import pytest
+
+    path = tmp_path / "report.html"
+    path.write_text("the old report")
+
+    def half_then_full(tmp):
+        tmp.write_text("the new rep")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        plots.replace_atomically(path, half_then_full)
+    assert path.read_text() == "the old report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+    plots.replace_atomically(path, lambda tmp: tmp.write_text("the new report"))
+    assert path.read_text() == "the new report"

@@ -73,7 +73,6 @@ def write_lab(results: dict[str, Any], out: Path) -> Path:
     from curvscope import problems
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     sections = []
     for p in results["problems"]:
         name = p["name"]
@@ -119,7 +118,10 @@ def write_lab(results: dict[str, Any], out: Path) -> Path:
         mlp=mlp_view,
     )
     path = out / "report.html"
-    path.write_text(html, encoding="utf-8")
+    plots.replace_atomically(path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
+    # the data last: a results.json beside a report says the report was written in full
+    text = json.dumps(results, indent=1, default=str)
+    plots.replace_atomically(out / "results.json", lambda tmp: tmp.write_text(text))
     return path
 
 
@@ -149,7 +151,7 @@ def write_log_report(header: dict[str, Any], records: list[dict[str, Any]], out:
         changes=changes,
     )
     path = out / "report.html"
-    path.write_text(html, encoding="utf-8")
+    plots.replace_atomically(path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
     return path
 
 
@@ -164,5 +166,5 @@ def write_probe_report(result: dict[str, Any], out: Path) -> Path:
         slices=_image(out, plots.slices(result.get("slices", {}), out), "loss slices"),
     )
     path = out / "report.html"
-    path.write_text(html, encoding="utf-8")
+    plots.replace_atomically(path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
     return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,26 @@ def _figure(ncols: int = 1, figsize: tuple[float, float] = (6.5, 3.6)) -> tuple[
     return fig, fig.subplots(1, ncols)
 
 
+def replace_atomically(path: Path, write: Any) -> None:
+    """``write(tmp)`` into a hidden file beside ``path``, then rename it over ``path`` (one
+    step on POSIX): a write that fails half-way — a full disk, a killed process — leaves the
+    old file or none, never a truncated one (a report.html cut mid-image was left before: a
+    review); the hidden file is removed on failure."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _save(fig: Any, path: Path, right: float = 0.97) -> str:
     # fixed margins: tight_layout measured every tick label again and cost ~0.3 s a figure
     n = len(fig.axes)
     fig.subplots_adjust(
         left=0.08 if n < 3 else 0.06, right=right, bottom=0.15, top=0.88, wspace=0.3
     )
-    fig.savefig(path, dpi=90)
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     return path.name
 
 
