@@ -531,7 +531,7 @@ def read_log(
 
 
 def count_runs(path: str | os.PathLike[str]) -> int:
-    """How many runs a run log holds (one per header line: ``log_mode="a"`` appends them), for
+    r"""How many runs a run log holds (one per header line: ``log_mode="a"`` appends them), for
     :func:`read_log`'s ``run``; raises what :func:`read_log` raises for a file that is not one.
 
     Example:

@@ -72,6 +72,17 @@ def _solve_cost(run: Run, target: float, axis: str) -> float:
     return math.inf
 
 
+def _profile_target(runs: list[Run]) -> float | None:
+    """The loss a run must reach to count as solving the problem: f_best + tol·(f₀ − f_best)
+    over the runs that ran; None when every run was skipped or never had a finite loss."""
+    ran = [r for r in runs if r.outcome != "skipped" and r.losses]
+    finals = [min((f for f in r.losses if math.isfinite(f)), default=math.inf) for r in ran]
+    if not finals or not math.isfinite(min(finals)):
+        return None
+    f_best, f0 = min(finals), ran[0].losses[0]
+    return f_best + PROFILE_TOL * (f0 - f_best)
+
+
 def performance_profile(runs: Sequence[Run], axis: str) -> dict[str, Any]:
     """Dolan & Moré (2002): ρ_s(τ) = share of problems solver s solves within τ × the best cost."""
     by_problem: dict[str, list[Run]] = {}
@@ -80,14 +91,11 @@ def performance_profile(runs: Sequence[Run], axis: str) -> dict[str, Any]:
     solvers = sorted({r.optimizer for r in runs})
     ratios: dict[str, list[float]] = {s: [] for s in solvers}
     for rs in by_problem.values():
-        ran = [r for r in rs if r.outcome != "skipped" and r.losses]
-        finals = [min((f for f in r.losses if math.isfinite(f)), default=math.inf) for r in ran]
-        if not finals or not math.isfinite(min(finals)):  # every run skipped or never finite:
-            for s in solvers:  # no solver solves this problem (it crashed the lab before)
+        target = _profile_target(rs)
+        if target is None:  # no solver solves this problem (it crashed the lab before)
+            for s in solvers:
                 ratios[s].append(math.inf)
             continue
-        f_best, f0 = min(finals), ran[0].losses[0]
-        target = f_best + PROFILE_TOL * (f0 - f_best)
         costs = {r.optimizer: _solve_cost(r, target, axis) for r in rs}
         best = min(costs.values())
         for s in solvers:
