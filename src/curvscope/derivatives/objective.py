@@ -314,19 +314,24 @@ class _DifferentiableKernels:
     differentiating its backward with ``create_graph=True`` costs more than torch's own LSTM
     (LSTM 16-64, seq 32, float32, one thread: a gradient with its graph 9.1 ms against 6.1 ms,
     a backward through the kept graph 17.0 against 12.6 ms; ``benchmarks/products.py --small``).
-    Each switch is restored on exit (only ``enabled`` of cuDNN and oneDNN: their other
-    settings are left alone)."""
+    With ``weight_norm``, torch's weight norm is computed written out too (its double
+    backward is wrong in torch 2.13: :mod:`curvscope.derivatives.substitutes`). Each switch is
+    restored on exit (only ``enabled`` of cuDNN and oneDNN: their other settings are left
+    alone)."""
 
-    def __init__(self, rnn: bool) -> None:
-        self.rnn = rnn
+    def __init__(self, rnn: bool, weight_norm: bool = False) -> None:
+        self.rnn, self.weight_norm = rnn, weight_norm
 
     def __enter__(self) -> None:
         self.saved = [get() for get, _, _ in _ATTENTION_SWITCHES]
         self.cudnn = torch.backends.cudnn.enabled if _HAS_CUDNN else None
         self.mkldnn = torch.backends.mkldnn.enabled if self.rnn else None
-        self.sdpa = contextlib.ExitStack()  # sdpa_kernel only where the switches were not found
+        # the modes: sdpa_kernel only where the switches were not found, the weight norm's
+        self.modes = contextlib.ExitStack()
         if not _ATTENTION_SWITCHES:
-            self.sdpa.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            self.modes.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        if self.weight_norm:
+            self.modes.enter_context(WrittenOutWeightNorm())
         for _, switch, wanted in _ATTENTION_SWITCHES:
             switch(wanted)
         if _HAS_CUDNN:
@@ -341,7 +346,7 @@ class _DifferentiableKernels:
             torch.backends.cudnn.enabled = self.cudnn
         if self.mkldnn is not None:
             torch.backends.mkldnn.enabled = self.mkldnn
-        self.sdpa.__exit__(*exc)
+        self.modes.__exit__(*exc)
 
 
 def _attention_notes(model: nn.Module, modules: list[nn.Module]) -> list[str]:
@@ -860,27 +865,21 @@ class ModelObjective:
             )
         gens = self._forward_generators
         saved = rng_states(gens)
-        kernels = _DifferentiableKernels(self._has_rnn) if second_order else nullcontext()
-        # first derivatives (finite differences) are right through torch's own weight norm
-        written_out = (
-            WrittenOutWeightNorm() if second_order and self._weight_norm else nullcontext()
-        )
+        # first derivatives (finite differences) are right through the fused kernels
+        kernels = self.kernels() if second_order else nullcontext()
         try:
-            with kernels, written_out, torch.enable_grad():
+            with kernels, torch.enable_grad():
                 seed_rngs(gens, FORWARD.seed(self.seed, batch_index))
                 yield
         finally:
             set_rng_states(gens, saved)
 
-    def kernels(self) -> contextlib.ExitStack:
-        """The kernel switches of :meth:`context` alone, for the backward passes of a product
-        through a kept graph: a forward recomputed there (activation checkpointing) must run
-        on the kernels the forward did, or its tensors differ from the forward's."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(_DifferentiableKernels(self._has_rnn))
-        if self._weight_norm:
-            stack.enter_context(WrittenOutWeightNorm())
-        return stack
+    def kernels(self) -> contextlib.AbstractContextManager[None]:
+        """The kernel switches a second-order forward runs under (in :meth:`context`), alone
+        also for the backward passes of a product through a kept graph: a forward recomputed
+        there (activation checkpointing) must run on the kernels the forward did, or its
+        tensors differ from the forward's."""
+        return _DifferentiableKernels(self._has_rnn, self._weight_norm)
 
     def arguments(self, batch: Batch, **extra: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The model's positional and keyword arguments for a batch: a mapping's items as
