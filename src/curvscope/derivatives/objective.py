@@ -726,6 +726,10 @@ class ModelObjective:
         return float(counted_labels(self.loss_fn, targets, torch.float64).sum())
 
     def _count(self) -> tuple[int, float]:
+        """(batches, samples) of the data; each batch's rows and size kept (:meth:`batches`)."""
+        #: per batch, its rows and what a mean loss averages over in it (:meth:`_size`): read
+        #: once, not on every pass (counting labels reads the targets' values)
+        self._sizes: list[tuple[int, float]] = []
         batches, samples = 0, 0.0
         for i, inputs, targets, _ in self._raw_batches():
             size = self._size(targets) if targets.ndim else 0.0
@@ -749,6 +753,7 @@ class ModelObjective:
                     )
             if not self._data_is_list():
                 self._fingerprints.append(_fingerprint(inputs, targets))
+            self._sizes.append((int(targets.shape[0]), size))
             batches += 1
             samples += size
         if batches == 0:
@@ -786,21 +791,28 @@ class ModelObjective:
     def batches(self) -> Iterator[Batch]:
         """The batches on the parameters' device, the same on every pass; raises if the data
         changed since construction."""
-        seen = 0.0
         dev = self.device
         move = partial(map_tensors, lambda t: t.to(dev))
+        count = 0
         for i, inputs, targets, labels in self._raw_batches():
             if not self._data_is_list():
                 self._check_fingerprint(i, inputs, targets)
-            n = self._size(targets)
-            seen += n
-            yield Batch(i, move(inputs), targets.to(dev), n, move(labels))
-        if seen != self.num_samples:
-            raise DataChangedError(
-                f"the data yielded {seen:g} samples but {self.num_samples:g} when the operator was "
-                "built; a curvature operator needs the same data on every pass (no growing "
-                "or shrinking datasets)"
-            )
+            rows = int(targets.shape[0])
+            if i >= len(self._sizes) or rows != self._sizes[i][0]:
+                raise self._changed(f"batch {i} has {rows} samples")
+            count += 1
+            yield Batch(i, move(inputs), targets.to(dev), self._sizes[i][1], move(labels))
+        if count != len(self._sizes):
+            raise self._changed(f"the data yielded {count} batches")
+
+    def _changed(self, now: str) -> DataChangedError:
+        """The data differ in size from when the operator was built."""
+        rows = sum(r for r, _ in self._sizes)
+        return DataChangedError(
+            f"{now}, but the data had {len(self._sizes)} batches of {rows} samples when the "
+            "operator was built; a curvature operator needs the same data on every pass (no "
+            "growing or shrinking datasets)"
+        )
 
     # -------------------------------------------------------------------------- forward
     def leaves(self) -> dict[str, Tensor]:
