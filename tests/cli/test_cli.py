@@ -415,6 +415,21 @@ def test_debug_shows_the_traceback(user_code):
         parser().parse_args(["probe", "--lr", "0", "--debug"])
 
 
+def test_debug_before_the_command_counts_too(tmp_path):
+    # `curvscope --debug report ...` as well as `curvscope report ... --debug`
+    missing = str(tmp_path / "none.jsonl")
+    for argv in (["--debug", "report", missing], ["report", missing, "--debug"]):
+        with pytest.raises(UsageError, match="no run log"):
+            main(argv)
+    assert main(["report", missing]) == 2  # and without it, one line
+
+
+def test_version_names_curvscope_and_torch(capsys):
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == f"curvscope {cs.__version__} (torch {torch.__version__})"
+
+
 def test_a_bug_with_a_built_in_problem_keeps_its_traceback(monkeypatch):
     # with a built-in model and validated flags, a ValueError is curvscope's own bug: it
     # propagates (a traceback, exit 1) instead of passing for the user's mistake

@@ -630,10 +630,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
+def _version() -> str:
+    """curvscope's version and the torch it runs on (what a bug report needs)."""
+    import torch
+
+    from curvscope import __version__
+
+    return f"curvscope {__version__} (torch {torch.__version__})"
+
+
 def parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    debug = "on an error, show the full traceback"
+    common = _Parser(add_help=False)  # a subcommand's --debug: unset unless given (SUPPRESS),
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     ap = _Parser(prog="curvscope", description=__doc__.splitlines()[0])
+    ap.add_argument("--debug", action="store_true", help=debug)  # so it may come first too
+    ap.add_argument("--version", action="version", version=_version())
     sub = ap.add_subparsers(dest="command", required=True)
     lab = sub.add_parser(
         "lab", parents=[common], help="run optimizers side by side on the built-in problems"
