@@ -134,6 +134,9 @@ def test_report_of_a_log_holding_several_runs_says_which_and_picks_with_run(tmp_
     assert "holds 2 runs; reporting run 1 (--run 0 to 1" in capsys.readouterr().err
     assert main(["report", str(log), "--run", "0", "--out", str(tmp_path / "b")]) == 0
     assert "reporting run 0" in capsys.readouterr().err
+    for folder, run in (("a", 1), ("b", 0)):  # the page says it too, not only stderr
+        page = (tmp_path / folder / "report.html").read_text(encoding="utf-8")
+        assert f"{run} of the 2 in this log" in page
     assert main(["report", str(log), "--run", "2", "--out", str(tmp_path / "c")]) == 2
     assert "--run 2:" in capsys.readouterr().err
     with log.open("a") as f:  # a third run, killed before its first probe

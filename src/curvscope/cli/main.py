@@ -617,7 +617,7 @@ def _report(args: argparse.Namespace) -> int:
         raise UsageError(f"{str(path)!r} has no probe records with a 'step': is it a Monitor log?")
     out = _writable(Path(args.out))
     with _refusals(f"cannot render the run log {str(path)!r}: "), _writing(out):
-        report = write_log_report(header, records, out)
+        report = write_log_report(header, records, out, run=(index, runs))
     print(f"wrote {report}")
     return 0
 

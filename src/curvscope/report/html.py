@@ -125,8 +125,18 @@ def write_lab(results: dict[str, Any], out: Path) -> Path:
     return path
 
 
-def write_log_report(header: dict[str, Any], records: list[dict[str, Any]], out: Path) -> Path:
-    """The HTML report of a Monitor run log: curves, the state timeline, the changes."""
+def write_log_report(
+    header: dict[str, Any],
+    records: list[dict[str, Any]],
+    out: Path,
+    *,
+    run: tuple[int, int] | None = None,
+) -> Path:
+    """The HTML report of a Monitor run log: curves, the state timeline, the changes.
+
+    ``run``: (index, count) when the log holds several runs (``log_mode="a"``): the page says
+    which one it shows (index from 0, as ``curvscope report --run`` counts).
+    """
     out.mkdir(parents=True, exist_ok=True)
     captions = ["loss, gradient norm, sharpness", "per-layer share of the sharpest direction"]
     images = [
@@ -141,6 +151,8 @@ def write_log_report(header: dict[str, Any], records: list[dict[str, Any]], out:
         (k, v if isinstance(v, str) else json.dumps(v, default=str, ensure_ascii=False))
         for k, v in header.items()
     ]
+    if run is not None and run[1] > 1:
+        shown.insert(0, ("run", f"{run[0]} of the {run[1]} in this log (0 the first)"))
     lost = max((r.get("records_lost") or 0 for r in records), default=0)
     html = render(
         "log.html",
