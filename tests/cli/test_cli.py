@@ -56,6 +56,17 @@ def test_lab_writes_results_plots_and_report(quick_lab, capsys):
     assert "data:image/png;base64," in html and "diverged at step" in html
 
 
+def test_a_lab_rerun_on_fewer_problems_leaves_none_of_the_old_plots(quick_lab, tmp_path):
+    """The plots of problems not run this time stayed beside the new report (a review)."""
+    out = tmp_path / "lab"
+    shutil.copytree(quick_lab, out)
+    (out / "mine.png").write_bytes(b"the user's")
+    argv = ["lab", "--quick", "--out", str(out), "--problems", "sqrt1px2", "--optimizers", "gd"]
+    assert main(argv) == 0
+    assert (out / "mine.png").read_bytes() == b"the user's"
+    assert {p.name for p in out.glob("*.png")} == {"curves-sqrt1px2.png", "profile.png", "mine.png"}
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
@@ -118,6 +129,16 @@ def test_report_renders_a_monitor_log(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("curvscope report: warning: ")
     assert (tmp_path / "r2" / "report.html").exists()
+    # a second report into the same folder, of a log without per-layer shares: the first's
+    # layers.png went (it sat beside the new page as if it were its); a file of the user's stays
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    lines = [json.loads(line) for line in log.read_text().splitlines()[:-1]]
+    bare = tmp_path / "bare.jsonl"
+    kept = [{k: v for k, v in r.items() if k != "layer_shares"} for r in lines]
+    bare.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    assert main(["report", str(bare), "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "log.png").exists() and (tmp_path / "r" / "notes.txt").exists()
+    assert not (tmp_path / "r" / "layers.png").exists()
 
 
 def test_report_of_a_log_holding_several_runs_says_which_and_picks_with_run(tmp_path, capsys):

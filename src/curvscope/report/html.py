@@ -53,7 +53,31 @@ def _num(x: Any, fmt: str = ".3g") -> str:
 def _image(out: Path, name: str | None, caption: str) -> dict[str, str] | None:
     if not name:
         return None
-    return {"caption": caption, "data": base64.b64encode((out / name).read_bytes()).decode()}
+    data = base64.b64encode((out / name).read_bytes()).decode()
+    return {"caption": caption, "data": data, "name": name}
+
+
+#: The files the last report written into a folder wrote there, one name a line (hidden).
+MANIFEST = ".curvscope-report-files"
+
+
+def _written(out: Path, images: list[dict[str, str] | None], *files: str) -> None:
+    """Record what this report wrote into ``out``, and remove what the previous report there
+    wrote and this one did not: a lab rerun on fewer problems, or a run log without per-layer
+    shares, left the older plots beside the new page as if they were its (a review). Only names
+    the manifest lists are removed — files curvscope wrote itself — so nothing of the user's in
+    the folder is touched; the manifest is replaced once the report is whole."""
+    names = {i["name"] for i in images if i} | set(files)
+    manifest = out / MANIFEST
+    try:
+        before = set(manifest.read_text(encoding="utf-8").split("\n"))
+    except (OSError, UnicodeDecodeError):
+        before = set()
+    for name in sorted(before - names):
+        if name and name == Path(name).name and not name.startswith("."):  # a plain file name
+            (out / name).unlink(missing_ok=True)
+    text = "\n".join(sorted(names))
+    plots.replace_atomically(manifest, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def runs_table(runs: list[dict[str, Any]]) -> Markup:
@@ -108,12 +132,13 @@ def write_lab(results: dict[str, Any], out: Path) -> Path:
         }
     settings = [(f"budget: {k}", v) for k, v in results["budget"].items()]
     settings += list(results["rules"].items())
+    profile = _image(out, plots.performance_profiles(results, out), "Performance profiles")
     html = render(
         "lab.html",
         title="curvscope lab",
         settings=settings,
         runs=results["runs"],
-        profile=_image(out, plots.performance_profiles(results, out), "Performance profiles"),
+        profile=profile,
         problems=sections,
         mlp=mlp_view,
     )
@@ -122,6 +147,8 @@ def write_lab(results: dict[str, Any], out: Path) -> Path:
     # the data last: a results.json beside a report says the report was written in full
     text = json.dumps(results, indent=1, default=str)
     plots.replace_atomically(out / "results.json", lambda tmp: tmp.write_text(text))
+    images = [profile, *(i for p in sections for i in p["images"])]
+    _written(out, images + (mlp_view["images"] if mlp_view else []), path.name, "results.json")
     return path
 
 
@@ -164,19 +191,22 @@ def write_log_report(
     )
     path = out / "report.html"
     plots.replace_atomically(path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
+    _written(out, images, path.name)
     return path
 
 
 def write_probe_report(result: dict[str, Any], out: Path) -> Path:
     """The HTML of ``curvscope probe --report``: the diagnosis and the loss slices."""
     out.mkdir(parents=True, exist_ok=True)
+    slices = _image(out, plots.slices(result.get("slices", {}), out), "loss slices")
     html = render(
         "probe.html",
         title="curvscope probe",
         text=result["text"],
         advice=result["advice"],
-        slices=_image(out, plots.slices(result.get("slices", {}), out), "loss slices"),
+        slices=slices,
     )
     path = out / "report.html"
     plots.replace_atomically(path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
+    _written(out, [slices], path.name)
     return path
