@@ -210,6 +210,42 @@ def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
     assert "interrupted" in capsys.readouterr().err
 
 
+def test_ctrl_c_mid_lab_keeps_the_finished_runs(tmp_path, capsys, monkeypatch):
+    """Ctrl-C twenty minutes into the lab lost every finished run (a review): now the report
+    and results.json hold them, say that the lab was interrupted, and the status is 130."""
+    from curvscope.lab import lab as lab_module
+
+    calls, real = [], lab_module.run_one
+
+    def run_one(*args, **kwargs):
+        calls.append(args[:2])
+        if len(calls) == 3:  # the first run of the second problem
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lab_module, "run_one", run_one)
+    out = tmp_path / "lab"
+    argv = ["lab", "--quick", "--out", str(out), "--problems", "quadratic,saddle"]
+    assert main([*argv, "--optimizers", "gd,adam"]) == 130
+    assert "interrupted after 2 of 4 runs; wrote the finished ones" in capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert res["interrupted"] == {"runs_done": 2, "runs_planned": 4}
+    assert [(r["problem"], r["optimizer"]) for r in res["runs"]] == [
+        ("quadratic", "gd"),
+        ("quadratic", "adam"),
+    ]
+    assert [p["name"] for p in res["problems"]] == ["quadratic"]  # none of saddle's finished
+    assert "Interrupted (Ctrl-C) after 2 of the 4 runs" in (out / "report.html").read_text()
+    calls[:] = [None, None]  # the next run is interrupted: run_lab raises a KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt) as info:
+        lab_module.run_lab(["saddle"], ["gd"], budget=cs.lab.QUICK)
+    assert info.value.results["runs"] == [] and info.value.results["problems"] == []
+    calls[:] = [None, None]  # no run finished: nothing is written
+    assert main(["lab", "--quick", "--out", str(tmp_path / "none"), "--problems", "saddle"]) == 130
+    assert "nothing more was written" in capsys.readouterr().err
+    assert not (tmp_path / "none" / "results.json").exists()
+
+
 def test_probe_on_a_built_in_problem(tmp_path, capsys):
     assert main(["probe", "--problem", "breast-cancer-logreg", "--lr", "0.5", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)

@@ -165,9 +165,22 @@ def _lab(args: argparse.Namespace) -> int:
         def on_run(run: lab.Run) -> None:
             bar.update(task, advance=1, description=f"{run.problem}: {run.optimizer}")
 
-        results = lab.run_lab(problem_names, optimizer_names, budget=budget, on_run=on_run)
+        try:
+            results = lab.run_lab(problem_names, optimizer_names, budget=budget, on_run=on_run)
+        except lab.LabInterrupted as stop:  # Ctrl-C: the finished runs are kept, said so
+            if not stop.results["runs"]:
+                raise KeyboardInterrupt from None  # none finished: nothing to write
+            results = stop.results
     with _writing(out):
         path = report.write_lab(results, out)
+    if results["interrupted"]:
+        n = results["interrupted"]
+        print(
+            f"curvscope lab: interrupted after {n['runs_done']} of {n['runs_planned']} runs; "
+            f"wrote the finished ones to {path}",
+            file=sys.stderr,
+        )
+        return 130
     table = Table(title="curvscope lab")
     for col in ("problem", "optimizer", "outcome", "steps", "final loss", "grads", "products", "s"):
         table.add_column(

@@ -159,6 +159,20 @@ def _density_record(setup: Setup, budget: Budget) -> dict[str, Any]:
     }
 
 
+class LabInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_lab`, carrying what was finished before it.
+
+    A ``KeyboardInterrupt`` still (a caller that does not know this class stops as before);
+    ``results`` is what :func:`run_lab` returns, for the runs that finished, with
+    ``results["interrupted"]`` = {"runs_done": k, "runs_planned": n}. A problem none of whose
+    runs finished is left out, and the MLP's curvature section unless its analysis finished.
+    """
+
+    def __init__(self, results: dict[str, Any]) -> None:
+        super().__init__()
+        self.results = results
+
+
 def run_lab(
     problem_names: Sequence[str] | None = None,
     optimizer_names: Sequence[str] | None = None,
@@ -173,13 +187,38 @@ def run_lab(
         optimizer_names: registry names (default: all).
         budget: steps and seconds per run (default :class:`Budget`; ``QUICK`` for smoke tests).
         on_run: called after each run (progress display).
+
+    Raises:
+        LabInterrupted: on Ctrl-C, with the results of the runs finished before it.
     """
     budget = budget or Budget()
     pnames, onames = selection(problem_names, optimizer_names)
     start = time.perf_counter()
     runs: list[Run] = []
-    prob_info = []
+    prob_info: list[dict[str, Any]] = []
     mlp: dict[str, Any] = {}
+    try:
+        _run_problems(pnames, onames, budget, on_run, runs, prob_info, mlp)
+    except KeyboardInterrupt:
+        done = {r.problem for r in runs}
+        prob_info = [p for p in prob_info if p["name"] in done]
+        partial = _results(onames, budget, runs, prob_info, mlp if "problem" in mlp else {}, start)
+        partial["interrupted"] = {"runs_done": len(runs), "runs_planned": len(pnames) * len(onames)}
+        raise LabInterrupted(partial) from None
+    return _results(onames, budget, runs, prob_info, mlp, start)
+
+
+def _run_problems(
+    pnames: list[str],
+    onames: list[str],
+    budget: Budget,
+    on_run: Callable[[Run], None] | None,
+    runs: list[Run],
+    prob_info: list[dict[str, Any]],
+    mlp: dict[str, Any],
+) -> None:
+    """Every optimizer on every problem, filling ``runs``, ``prob_info`` and ``mlp`` as it goes
+    (so that what finished before a Ctrl-C is kept)."""
     for pname in pnames:
         setup, prob = make_setup(pname)
         lam0 = lambda_max_at_start(setup, prob)
@@ -215,7 +254,18 @@ def run_lab(
             mlp["density_end"] = _density_record(end[0], budget)
             mlp["density_end_optimizer"] = "adam" if "adam" in kept else next(iter(kept))
             mlp.update(_curvature_learned(kept, budget))
-            mlp["problem"] = pname
+            mlp["problem"] = pname  # last: the section is whole
+
+
+def _results(
+    onames: list[str],
+    budget: Budget,
+    runs: list[Run],
+    prob_info: list[dict[str, Any]],
+    mlp: dict[str, Any],
+    start: float,
+) -> dict[str, Any]:
+    """What :func:`run_lab` returns (JSON-able)."""
     return {
         "version": RESULTS_VERSION,
         "environment": {
@@ -248,4 +298,5 @@ def run_lab(
         },
         "mlp": mlp,
         "seconds": time.perf_counter() - start,
+        "interrupted": None,
     }

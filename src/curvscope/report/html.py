@@ -141,6 +141,7 @@ def write_lab(results: dict[str, Any], out: Path) -> Path:
         profile=profile,
         problems=sections,
         mlp=mlp_view,
+        interrupted=results.get("interrupted"),
     )
     path = out / "report.html"
     plots.replace_atomically(path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
