@@ -92,3 +92,22 @@ def test_a_write_that_fails_half_way_leaves_the_old_file_not_a_truncated_one(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
     plots.replace_atomically(path, lambda tmp: tmp.write_text("the new report"))
     assert path.read_text() == "the new report"
+
+
+def test_many_layers_are_the_nine_largest_and_one_band_for_the_rest(tmp_path):
+    """A transformer's hundred parameter blocks made the per-layer legend taller than the
+    figure (a review): the plot names the nine with the largest share and sums the rest."""
+    names = [f"block{i:02d}.weight" for i in range(30)]
+    shares = []
+    for s in range(3):
+        raw = [1.0 + i + (20 if i == 5 and s == 2 else 0) for i in range(30)]  # block05: one peak
+        shares.append({k: v / sum(raw) for k, v in zip(names, raw, strict=True)})
+    layers, ys = plots._top_layers(shares)
+    assert len(layers) == plots.SHOWN_LAYERS + 1 and layers[-1] == "other (21 blocks)"
+    assert layers[:-1] == sorted([*names[22:], "block05.weight"])  # largest at any probe
+    for j, x in enumerate(shares):  # every probe's shares add up as before
+        assert abs(sum(y[j] for y in ys) - sum(x.values())) < 1e-12
+    records = [{**r, "layer_shares": x} for r, x in zip(_records(), shares, strict=True)]
+    assert plots.log_plots(records, tmp_path) == ["log.png", "layers.png"]
+    few, _ = plots._top_layers([{"0": 0.7, "2": 0.3}])
+    assert few == ["0", "2"]  # no "other" band when every layer is named

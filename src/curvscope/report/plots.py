@@ -253,10 +253,9 @@ def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
         ax.set_xlabel("step")
         _value_scale(ax, title, [v for k in keys for v in col(k) if _present(v)])
     names = [_save(fig, out / "log.png")]
-    shares = [r.get("layer_shares") for r in records]
-    if any(isinstance(x, dict) and x for x in shares):
-        layers = sorted({k for x in shares if isinstance(x, dict) for k in x})
-        ys = [[float((x or {}).get(k, 0.0)) for x in shares] for k in layers]
+    shares = [x if isinstance(x, dict) else {} for x in (r.get("layer_shares") for r in records)]
+    if any(shares):
+        layers, ys = _top_layers(shares)
         fig, ax = _figure(figsize=(8, 3.6))
         ax.stackplot(steps, ys, labels=layers)
         ax.set_ylim(0, 1)
@@ -266,6 +265,31 @@ def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
         names.append(_save(fig, out / "layers.png", right=0.72))
     return names
+
+
+#: The per-layer plot names this many layers; the rest are one band, "other".
+SHOWN_LAYERS = 9
+
+
+def _top_layers(shares: list[dict[str, Any]]) -> tuple[list[str], list[list[float]]]:
+    """The layers to draw and their shares at each probe: the SHOWN_LAYERS with the largest
+    share at any probe, in name order, and the rest summed into one band (a transformer's
+    hundred parameter blocks made a legend taller than the figure and bands too thin to tell
+    apart: a review)."""
+
+    def share(x: dict[str, Any], k: str) -> float:
+        v = x.get(k)
+        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else 0.0
+
+    names = sorted({k for x in shares for k in x})
+    peak = {k: max(share(x, k) for x in shares) for k in names}
+    top = sorted(sorted(names, key=lambda k: -peak[k])[:SHOWN_LAYERS])
+    ys = [[share(x, k) for x in shares] for k in top]
+    rest = sorted(set(names) - set(top))
+    if rest:
+        top.append(f"other ({len(rest)} blocks)")
+        ys.append([sum(share(x, k) for k in rest) for x in shares])
+    return top, ys
 
 
 def slices(data: dict[str, Any], out: Path) -> str | None:
