@@ -58,6 +58,18 @@ def test_run_log_is_versioned_jsonl_flushed_per_record(tmp_path):
     for key in (*cases.CONTRACT_KEYS, "state", "advice"):
         assert key in records[0]
     assert records[-1]["state"] == mon.last.state
+    assert all(r["train_mode"] is True for r in records)  # the mode the probe measured in
+
+
+def test_a_probe_logs_the_mode_it_found_the_model_in(tmp_path):
+    p = cs.problems.get("digits-mlp", hidden=8, n=100)
+    model = p.make_model(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, log=tmp_path / "r.jsonl") as mon:
+        mon.probe()
+        model.eval()
+        mon.probe()
+    assert [r["train_mode"] for r in read_log(tmp_path / "r.jsonl")[1]] == [True, False]
 
 
 def small_monitor(log, **kwargs):

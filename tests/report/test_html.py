@@ -182,3 +182,19 @@ def test_no_injected_script_runs_in_a_real_browser(tmp_path):
     assert handlers == "0" and svgs == "0"
     assert images_ok == "true" and shown == "true"  # the report works and shows the text
     assert not console  # no script error, no message at all
+
+
+def test_log_report_says_which_probes_measured_the_model_in_eval_mode(tmp_path):
+    """A probe measures the model in the mode it finds: a loop that evaluates and forgets
+    model.train() gets eval-mode curvature, which the page now says, with the steps."""
+    lines = [{"step": s, "state": "learning", "train_mode": s != 20} for s in (10, 20, 30)]
+    html = report.write_log_report({}, lines, tmp_path / "a").read_text(encoding="utf-8")
+    assert "1 of the 3 probes (steps 20) found the model in eval mode" in html
+    for line in lines:
+        line["train_mode"] = False
+    html = report.write_log_report({}, lines, tmp_path / "b").read_text(encoding="utf-8")
+    assert "Every probe found the model in eval mode" in html
+    for line in lines:
+        line["train_mode"] = True
+    html = report.write_log_report({}, lines, tmp_path / "c").read_text(encoding="utf-8")
+    assert "eval mode" not in html

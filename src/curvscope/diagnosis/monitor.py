@@ -150,7 +150,8 @@ class Monitor:
     next planned probe waits until it is repaid.) A training loss that is not finite, or above
     EXPLOSION times the first, calls a probe at once too.
 
-    Each probe appends one JSON object to ``log``: "step", "cause", "state", "advice", "reasons"
+    Each probe appends one JSON object to ``log``: "step", "cause", "state", "advice", "reasons",
+    "train_mode" (the model's ``training`` flag: the curvature is measured in the mode found)
     and the evidence keys at top level, after a header line (``"curvscope_log": 1``, the
     version, the optimizer, the cadence) that starts the run. The log loses nothing
     (:mod:`curvscope.diagnosis.runlog`): each line reaches the OS as it is made, a second writer
@@ -649,6 +650,7 @@ class Monitor:
                 "advice": d.advice,
                 "reasons": d.reasons,
                 "confident": d.confident,
+                "train_mode": self.model.training,  # dropout and BatchNorm measured as in it
                 **d.evidence,
                 **self._updates_since_last_probe(),
             }

@@ -182,11 +182,14 @@ def write_log_report(
     if run is not None and run[1] > 1:
         shown.insert(0, ("run", f"{run[0]} of the {run[1]} in this log (0 the first)"))
     lost = max((r.get("records_lost") or 0 for r in records), default=0)
+    # a probe measures the model in the mode it finds it in: eval mode is another matrix
+    in_eval = [r["step"] for r in records if r.get("train_mode") is False]
     html = render(
         "log.html",
         title="curvscope run report",
         header=shown,
         records_lost=lost,
+        in_eval=(in_eval, len(records)),
         images=images,
         changes=changes,
     )
