@@ -111,16 +111,16 @@ def write_lab(results: dict[str, Any], out: Path) -> Path:
         sections.append({**p, "images": images})
     mlp = results.get("mlp", {})
     mlp_view = None
+    mlp_images: list[dict[str, str] | None] = []
     if mlp:
         mlp_runs = [r for r in results["runs"] if r["problem"] == mlp.get("problem")]
+        mlp_images = [
+            _image(out, plots.mlp_density(mlp, out), "Hessian spectral density"),
+            _image(out, plots.sharpness_vs_limit(mlp_runs, out), "Sharpness vs stability limit"),
+            _image(out, plots.adam_vs_hessian(mlp, out), "Adam's √v̂ vs |diag H|"),
+        ]
         mlp_view = {
-            "images": [
-                _image(out, plots.mlp_density(mlp, out), "Hessian spectral density"),
-                _image(
-                    out, plots.sharpness_vs_limit(mlp_runs, out), "Sharpness vs stability limit"
-                ),
-                _image(out, plots.adam_vs_hessian(mlp, out), "Adam's √v̂ vs |diag H|"),
-            ],
+            "images": mlp_images,
             "adam": mlp.get("adam_vs_hessian") or None,
             "effective_steps": [
                 (k, v["effective_lr"], v["limit"], v["effective_lr"] / v["limit"])
@@ -148,8 +148,8 @@ def write_lab(results: dict[str, Any], out: Path) -> Path:
     # the data last: a results.json beside a report says the report was written in full
     text = json.dumps(results, indent=1, default=str)
     plots.replace_atomically(out / "results.json", lambda tmp: tmp.write_text(text))
-    images = [profile, *(i for p in sections for i in p["images"])]
-    _written(out, images + (mlp_view["images"] if mlp_view else []), path.name, "results.json")
+    images = [profile, *(i for p in sections for i in p["images"]), *mlp_images]
+    _written(out, images, path.name, "results.json")
     return path
 
 
