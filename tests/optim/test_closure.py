@@ -65,18 +65,75 @@ def test_a_closures_own_backward_keeps_the_graph_and_fills_grad(backward):
 
 
 @pytest.mark.parametrize("backward", ["method", "function"])
-def test_a_loss_only_evaluation_makes_the_closures_backward_a_no_op(backward):
+def test_a_loss_only_evaluation_runs_the_closure_as_written_and_undoes_it(backward):
+    """A trial point's closure runs as written — its backward too (counted), so a closure that
+    reads .grad finds it (it crashed on None: a review) — and .grad is put back: the same
+    tensors, not zeroed in place by the closure's zero_grad(set_to_none=False) (they were)."""
     case = cases.mlp()
-    params, closure = _closure(case, backward)
-    for p in params:
-        p.grad = torch.full_like(p, 7.0)
+    params = list(case.model.parameters())
+    seen = []
+
+    def closure():
+        for p in params:
+            if p.grad is not None:
+                p.grad.zero_()  # zero_grad(set_to_none=False)
+        loss = case.loss_fn(case.model(case.inputs), case.targets)
+        (loss.backward() if backward == "method" else torch.autograd.backward(loss))
+        seen.append(sum(float(p.grad.norm()) for p in params))  # logging the gradient
+        return loss
+
+    before = [torch.full_like(p, 7.0) for p in params]
+    for p, g in zip(params, before, strict=True):
+        p.grad = g
     counts = Counts()
     value = loss_only(closure, params, counts)
     with torch.no_grad():
         expected = float(case.loss_fn(case.model(case.inputs), case.targets))
-    assert value == pytest.approx(expected)
-    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in params)
-    assert counts.gradients == 0 and counts.closure_calls == 1
+    assert value == pytest.approx(expected) and seen[0] > 0
+    assert all(p.grad is g and bool((g == 7.0).all()) for p, g in zip(params, before, strict=True))
+    assert counts.gradients == 1 and counts.closure_calls == 1
+
+
+def test_a_loss_that_differentiates_itself_works_at_trial_points():
+    """A physics-informed residual (u'' + u = 0, by autograd.grad inside the loss) failed at
+    every second-order method's trial point, evaluated under no_grad (a review)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    x = torch.linspace(0, 3, 30, dtype=DT).reshape(-1, 1)
+
+    def closure():
+        t = x.clone().requires_grad_()
+        u = net(t)
+        du = torch.autograd.grad(u.sum(), t, create_graph=True)[0]
+        d2u = torch.autograd.grad(du.sum(), t, create_graph=True)[0]
+        return ((d2u + u) ** 2).mean() + (net(torch.zeros(1, 1, dtype=DT)) - 1).pow(2).sum()
+
+    for opt in (cs.optim.NewtonCG(net.parameters()), cs.optim.HessianFree(net.parameters())):
+        first = float(opt.step(closure))
+        for _ in range(4):
+            last = float(opt.step(closure))
+        assert last < first
+
+
+def test_trial_points_leave_batchnorm_statistics_as_found():
+    """A trial point (often rejected) is not a training step: the running statistics moved at
+    every trial and backtracking evaluation, at parameters the step then threw away (a review).
+    Now a step updates them once, at the evaluation where it starts, as a first-order step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).double()
+    X, y = torch.randn(32, 4, dtype=DT), torch.randn(32, 1, dtype=DT)
+    bn = model[1]
+    for make in (cs.optim.NewtonCG, cs.optim.HessianFree, cs.optim.CubicNewton):
+        opt = make(model.parameters())
+        tracked = int(bn.num_batches_tracked)
+        opt.step(lambda: nn.functional.mse_loss(model(X), y))
+        assert int(bn.num_batches_tracked) == tracked + 1, make.__name__
+    # the statistics after a step are those of the one evaluation at its start
+    opt = cs.optim.NewtonCG(model.parameters())
+    with torch.no_grad():
+        expected = (1 - bn.momentum) * bn.running_mean + bn.momentum * model[0](X).mean(dim=0)
+    opt.step(lambda: nn.functional.mse_loss(model(X), y))
+    torch.testing.assert_close(bn.running_mean, expected, rtol=0, atol=1e-12)
 
 
 def test_nothing_global_is_patched_and_other_threads_are_untouched():
@@ -151,3 +208,16 @@ def test_a_model_in_eval_mode_with_attention_gives_the_same_loss_for_trials_and_
 
         evaluated = Evaluation(params, closure, Counts()).loss
         assert loss_only(closure, params, Counts()) == evaluated, seed
+
+
+def test_a_compiled_module_in_the_closure_is_named_with_the_fix():
+    """torch.compile's graphs have no double backward: every second-order step failed with
+    torch's bare error (a review); the message now names the module and model._orig_mod."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    compiled = torch.compile(model, backend="aot_eager")
+    X, y = torch.randn(8, 3), torch.randn(8, 1)
+    opt = cs.optim.NewtonCG(model.parameters())
+    with pytest.raises(RuntimeError, match=r"torch.compile'd module.*model._orig_mod"):
+        opt.step(lambda: nn.functional.mse_loss(compiled(X), y))
+    opt.step(lambda: nn.functional.mse_loss(compiled._orig_mod(X), y))  # the fix works

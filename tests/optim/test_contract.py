@@ -180,7 +180,8 @@ def test_a_closure_that_calls_backward_gives_the_same_step(name):
         opt_x.step(f)
         opt_y.step(with_backward)
     assert torch.allclose(x, y, rtol=1e-12, atol=0)
-    assert opt_y.counts.gradients == opt_x.counts.gradients + 3  # the closure's own backward
+    # the closure's own backward, at every call (trial points too: it runs as written)
+    assert opt_y.counts.gradients == opt_x.counts.gradients + opt_y.counts.closure_calls
     # .grad is what the closure computed: the gradient where the last step started
     assert y.grad is not None and torch.allclose(y.grad, p.grad(start), rtol=1e-10, atol=0)
 
@@ -216,9 +217,9 @@ BAD = {
     ],
     "hessian-free": [{"damping": 0}, {"curvature": "fisher"}, {"decay": 1.5}],
     "saddle-free-newton": [{"krylov_dim": 0}, {"damping": -1}],
-    "cubic-newton": [{"sigma": 0}, {"krylov_dim": 1.5}],
+    "cubic-newton": [{"sigma": 0}, {"krylov_dim": 1.5}, {"sigma": 1e-9, "min_sigma": 1e-3}],
     "adahessian": [{"lr": -1}, {"betas": (1.0, 0.9)}, {"hessian_power": 2}, {"update_every": 0}],
-    "sophia": [{"lr": 0}, {"rho": -1}, {"betas": (0.9,)}, {"seed": "a"}],
+    "sophia": [{"lr": -1e-3}, {"rho": -1}, {"betas": (0.9,)}, {"seed": "a"}],
     "normalized-gd": [{"lr": -0.1}, {"eps": 0}],
 }
 
@@ -507,3 +508,112 @@ def test_load_state_dict_refuses_other_parameter_groups():
         cs.optim.AdaHessian([{"params": [a, b]}, {"params": []}]).load_state_dict(opt.state_dict())
     with pytest.raises(TypeError, match=r"expected what AdaHessian\.state_dict"):
         cs.optim.AdaHessian([a]).load_state_dict({"radius": 1.0})
+
+
+@pytest.mark.parametrize("name", ["adahessian", "sophia"])
+def test_a_parameter_the_loss_does_not_use_is_left_alone(name):
+    """torch's optimizers skip a parameter whose .grad is None (a conditional head, an idle
+    expert); AdaHessian and Sophia moved it by weight decay and old momentum (a review)."""
+    torch.manual_seed(0)
+    heads = torch.nn.ModuleList(torch.nn.Linear(3, 1).double() for _ in range(2))
+    X, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+    opt = build(name, heads.parameters(), weight_decay=0.1)
+    for head in (0, 1, 0, 0):  # head 1 is used once, then not
+        before = [p.detach().clone() for p in heads[1 - head].parameters()]
+        opt.step(lambda h=head: torch.nn.functional.mse_loss(heads[h](X), y))
+        after = list(heads[1 - head].parameters())
+        assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "name", ["newton", "newton-cg", "hessian-free", "saddle-free-newton", "cubic-newton"]
+)
+def test_a_16_bit_model_steps_with_its_dense_algebra_in_float32(name, dtype):
+    """Dense Newton's eigh has no bfloat16, and the Lanczos methods mixed their float32 basis
+    with the 16-bit gradient: torch's bare dtype errors (a review)."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    model = model.to(dtype)
+    X, y = torch.randn(64, 4), torch.randn(64, 1)
+    opt = build(name, model.parameters())
+
+    def f():
+        return torch.nn.functional.mse_loss(model(X.to(dtype)).float(), y)
+
+    first = float(f())
+    for _ in range(4):
+        opt.step(f)
+    assert float(f()) < first and all(p.dtype == dtype for p in model.parameters())
+
+
+def test_a_one_group_method_refuses_add_param_group_and_survives_a_frozen_layer():
+    """add_param_group was accepted and its options ignored (HessianFree then failed with "x0
+    of shape (29,)"); freezing a layer mid-training failed the same way (a review)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    model = model.double()
+    X, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+    extra = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    for name in ("newton-cg", "hessian-free", "newton"):
+        opt = build(name, model.parameters())
+        with pytest.raises(ValueError, match="takes one parameter group; to train more"):
+            opt.add_param_group({"params": [extra]})
+    opt = cs.optim.HessianFree(model.parameters())
+
+    def closure():
+        out = model(X)
+        return torch.nn.functional.mse_loss(out, y), out
+
+    opt.step(closure)
+    model[0].requires_grad_(False)  # fine-tuning: the first layer frozen
+    frozen = model[0].weight.detach().clone()
+    loss = float(closure()[0])
+    opt.step(closure)  # CG starts cold: its warm start was for 21 entries, now 5
+    assert float(closure()[0]) < loss and torch.equal(model[0].weight, frozen)
+
+
+@pytest.mark.parametrize(
+    "make,key", [(cs.optim.NewtonCG, "radius"), (cs.optim.CubicNewton, "sigma")]
+)
+def test_editing_the_groups_size_between_steps_takes_effect(make, key):
+    """The radius, damping or σ in param_groups were read once, at construction; editing them
+    did nothing (a review). Torch reads its lr at each step: so now do these."""
+    steps = {}
+    for edited in (False, True):
+        _, x, f = quadratic()
+        opt = make([x])
+        opt.step(f)
+        if edited:
+            opt.param_groups[0][key] = 1e-4 if key == "radius" else 1e8
+        before = x.detach().clone()
+        opt.step(f)
+        steps[edited] = float((x.detach() - before).norm())
+    assert steps[True] < 1e-2 * steps[False]  # a radius of 1e-4, or σ = 1e8: a tiny step
+    if key == "radius":
+        assert steps[True] <= 1e-4 * (1 + 1e-9)
+    assert opt.state_dict()["param_groups"][0][key] == opt.param_groups[0][key]
+
+
+@pytest.mark.parametrize("name", ["adahessian", "sophia"])
+def test_a_gradient_clipped_or_masked_in_the_closure_is_the_one_stepped_along(name):
+    """torch's habit — clip or mask .grad between backward and step — was ignored: AdaHessian
+    moved a weight whose .grad the closure had zeroed by 11.4 (a review). When the closure runs
+    its own backward, the first moment reads .grad as the closure left it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1).double()
+    X, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+    opt = build(name, model.parameters(), weight_decay=0.0)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(X), y)
+        loss.backward()
+        model.weight.grad.zero_()  # masked: the weight must not move
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        return loss
+
+    weight, bias = model.weight.detach().clone(), model.bias.detach().clone()
+    opt.step(closure)
+    assert torch.equal(model.weight, weight) and not torch.equal(model.bias, bias)
+    assert opt.info.grad_norm == pytest.approx(1e-3, rel=1e-6)  # the clipped gradient's

@@ -5,7 +5,9 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
+import curvscope as cs
 from curvscope.optim.base import check_int, check_positive, check_unit
 
 
@@ -46,3 +48,32 @@ def test_good_values_pass_as_plain_python_numbers():
     assert check_positive("eps", 0, allow_zero=True) == 0.0
     assert check_int("krylov_dim", np.int64(3)) == 3 and type(check_int("k", 3)) is int
     assert check_unit("beta1", 0) == 0.0 and check_unit("beta2", 0.999) == 0.999
+
+
+def test_review_findings_on_hyperparameters():
+    """lr = 0 is accepted as torch accepts it; σ below min_sigma, and a second group with its
+    own update_every or seed (the method's, read from group 0 only), are refused (a review)."""
+    x = torch.zeros(2, requires_grad=True)
+    y = torch.zeros(2, requires_grad=True)
+    for make in (cs.optim.AdaHessian, cs.optim.Sophia, cs.optim.NormalizedGD):
+        make([x], lr=0.0)
+    with pytest.raises(ValueError, match="below min_sigma"):
+        cs.optim.CubicNewton([x], sigma=1e-10, min_sigma=1.0)
+    for key, value in (("update_every", 3), ("seed", 7)):
+        with pytest.raises(ValueError, match=f"{key}={value} in a parameter group differs"):
+            cs.optim.Sophia([{"params": [x]}, {"params": [y], key: value}])
+        opt = cs.optim.AdaHessian([x])
+        with pytest.raises(ValueError, match="it is the method's, not a group's"):
+            opt.add_param_group({"params": [y], key: value})
+    cs.optim.Sophia([{"params": [x]}, {"params": [y], "lr": 0.1}])  # a group's own lr is fine
+
+
+def test_normalized_gd_reports_the_step_it_took_with_per_group_rates():
+    x = torch.tensor([3.0, 4.0], requires_grad=True)
+    y = torch.tensor([1.0], requires_grad=True)
+    opt = cs.optim.NormalizedGD([{"params": [x], "lr": 1.0}, {"params": [y], "lr": 0.1}])
+    before = torch.cat([x.detach(), y.detach()])
+    ((x**2).sum() + (y**2).sum()).backward()
+    opt.step()
+    taken = float((torch.cat([x.detach(), y.detach()]) - before).norm())
+    assert opt.info.step_norm == pytest.approx(taken, rel=1e-6)

@@ -4,9 +4,19 @@ curvature products — all from one forward pass, without the user's loop doing 
 The closure is called with gradients enabled. If it calls ``loss.backward()`` itself (the
 ``torch.optim.LBFGS`` habit), that backward runs with ``retain_graph=True`` so that the graph is
 still there for our own derivatives; ``.grad`` is filled as the closure expects (that backward
-is an extra gradient, and counted as one). Loss-only
-evaluations (trial points of a trust region or line search) run under ``torch.no_grad()`` and
-turn such a ``backward()`` into a no-op: they are counted as closure calls, not gradients.
+is an extra gradient, and counted as one). Loss-only evaluations (trial points of a trust
+region or line search) run the closure as written too — gradients enabled, so a loss that
+differentiates itself (a physics-informed residual, a gradient penalty) works, and its own
+``backward()``, if it calls one, run and counted as a gradient, so a closure that reads
+``.grad`` finds it — and then undo what it did to the model: ``.grad`` is put back as it was,
+and so are the running statistics of the normalization layers that ran (a trial point, often
+rejected, is not a training step; the evaluation at the start of the step updates them once,
+as a first-order step does).
+
+Under torch.distributed (``group``: :func:`~curvscope.derivatives.distributed.resolve_group`)
+each rank's closure computes its own shard's loss, as under DDP; the loss, the gradient, every
+curvature product and every trial loss are averaged over the ranks (DDP's mean), so every rank
+takes the same step and the replicas stay equal.
 
 The interception is local: a ``torch.overrides.TorchFunctionMode`` active around the closure
 call, on this thread only, catches ``Tensor.backward`` and ``torch.autograd.backward`` (both
@@ -24,14 +34,16 @@ products (Jᵀ H_out J) and the Gauss-Newton-Bartlett estimator become available
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from curvscope.derivatives.distributed import all_reduce_sum, collective_device
 from curvscope.derivatives.flat import flatten, unflatten
 from curvscope.derivatives.kinds import PreparedProduct, ggn_product, hessian_product
 from curvscope.derivatives.substitutes import substitute
@@ -67,11 +79,12 @@ _BACKWARDS = (torch.Tensor.backward, torch.autograd.backward)
 
 
 class _ClosureBackward(TorchFunctionMode):
-    """Around a closure call, on this thread: ``keep`` runs a backward the closure calls with
-    the graph retained (and counts it as a gradient in ``counts``), ``skip`` makes it a no-op.
-    Every other torch call passes through unchanged."""
+    """Around a closure call, on this thread: a backward the closure calls is counted as a
+    gradient in ``counts`` and run — with the graph retained (``keep``: our derivatives follow
+    through it) or as the closure wrote it (``run``). Every other torch call passes through
+    unchanged (but for the weight norm's substitute)."""
 
-    def __init__(self, mode: str, counts: Counts | None = None) -> None:
+    def __init__(self, mode: str, counts: Counts) -> None:
         super().__init__()
         self.mode, self.counts = mode, counts
 
@@ -82,12 +95,46 @@ class _ClosureBackward(TorchFunctionMode):
         if func not in _BACKWARDS:
             # torch's weight norm has a wrong double backward: the formula written out instead
             return (substitute(func) or func)(*args, **kwargs)
-        if self.mode == "skip":
-            return None
-        if self.counts is not None:
-            self.counts.gradients += 1
-        kwargs["retain_graph"] = True  # inside the handler the mode is off: the real backward
+        self.counts.gradients += 1
+        if self.mode == "keep":
+            kwargs["retain_graph"] = True  # inside the handler the mode is off: the real one
         return func(*args, **kwargs)
+
+
+class _KeptStatistics:
+    """Around a trial evaluation: the running statistics (and batch counts) of every
+    normalization layer that runs inside, on this thread, are put back on exit. Found by a
+    global forward pre-hook, there only while the evaluation runs; another thread's modules
+    are left alone."""
+
+    def __enter__(self) -> _KeptStatistics:
+        self.saved: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {}
+        self.thread = threading.get_ident()
+        self.handle = nn.modules.module.register_module_forward_pre_hook(self._seen)
+        return self
+
+    def _seen(self, module: nn.Module, args: Any) -> None:
+        if threading.get_ident() != self.thread or module in self.saved:
+            return
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            buffers = module.buffers(recurse=False)
+            self.saved[module] = [(b, b.detach().clone()) for b in buffers if b is not None]
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+        with torch.no_grad():
+            for kept in self.saved.values():
+                for buffer, value in kept:
+                    buffer.copy_(value)
+
+
+def average(t: Tensor, group: Any) -> Tensor:
+    """The mean of ``t`` over the ranks of ``group`` (``t`` itself for a single process)."""
+    if group is None:
+        return t
+    import torch.distributed as dist
+
+    return all_reduce_sum(t, group) / dist.get_world_size(group)
 
 
 def _split(out: Any) -> tuple[Tensor, Tensor | None]:
@@ -121,16 +168,35 @@ def check_closure(closure: Any, name: str) -> Closure:
     return closure
 
 
-def loss_only(closure: Closure, params: Sequence[Tensor], counts: Counts) -> float:
-    """The closure's loss value at the current parameters, without any derivative; ``.grad``
-    is left as it was (a closure's ``zero_grad()`` would otherwise clear it)."""
+def loss_only(
+    closure: Closure, params: Sequence[Tensor], counts: Counts, group: Any = None
+) -> float:
+    """The closure's loss at the current parameters (a trial point; the mean over ``group``),
+    the closure run as written (see the module's docstring) and its traces undone: ``.grad``
+    is the same tensors as before — taken out of the closure's reach while it runs, so its
+    ``zero_grad()`` cannot zero them in place — and the normalization layers' running
+    statistics are as before."""
     grads = [p.grad for p in params]
-    with torch.no_grad(), _ClosureBackward("skip"):
-        loss, _ = _split(closure())
-    for p, g in zip(params, grads, strict=True):
-        p.grad = g
+    for p in params:
+        p.grad = None
+    try:
+        with torch.enable_grad(), _ClosureBackward("run", counts), _KeptStatistics():
+            loss, _ = _split(closure())
+        value = average(loss.detach(), group)
+    finally:
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
     counts.closure_calls += 1
-    return float(loss)
+    return float(value)
+
+
+#: A compiled module's graphs have no double backward: torch's bare error, explained.
+COMPILED = (
+    "the closure runs a torch.compile'd module, whose compiled graphs have no double backward "
+    "(torch.compile with aot_autograd), so no curvature product can go through it: call the "
+    "original module in the closure — model._orig_mod, the one torch.compile wrapped, which "
+    "shares its parameters — for the second-order optimizers"
+)
 
 
 class Evaluation:
@@ -144,15 +210,29 @@ class Evaluation:
     """
 
     def __init__(
-        self, params: Sequence[Tensor], closure: Closure, counts: Counts, curvature: bool = True
+        self,
+        params: Sequence[Tensor],
+        closure: Closure,
+        counts: Counts,
+        curvature: bool = True,
+        group: Any = None,
     ) -> None:
-        self.params, self.counts = list(params), counts
+        self.params, self.counts, self.group = list(params), counts, group
+        backwards = counts.gradients
         with torch.enable_grad(), _ClosureBackward("keep", counts):
             loss, outputs = _split(closure())
         counts.closure_calls += 1
-        if not torch.isfinite(loss):
+        #: ``.grad`` as a closure that runs its own backward left it — clipped, masked — for
+        #: the methods that step along the gradient (AdaHessian's and Sophia's first moment,
+        #: as torch's optimizers read it); None when the closure ran none
+        self.closure_grad: Tensor | None = None
+        if counts.gradients > backwards:
+            left = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            self.closure_grad = average(flatten([g.detach() for g in left]), group)
+        mean = average(loss.detach(), group)  # every rank sees the same: a non-finite one too
+        if not torch.isfinite(mean):
             raise FloatingPointError(
-                f"the closure returned a non-finite loss ({float(loss.detach())}) at the current "
+                f"the closure returned a non-finite loss ({float(mean)}) at the current "
                 "parameters: nothing to optimize from; check the data and the initialisation"
             )
         if not loss.requires_grad:
@@ -161,15 +241,20 @@ class Evaluation:
                 "compute it from the model inside the closure"
             )
         self.loss_tensor, self.outputs = loss, outputs
-        self.loss = float(loss.detach())
+        self.loss = float(mean)
         with torch.enable_grad():
             grads = torch.autograd.grad(
                 loss, self.params, create_graph=curvature, allow_unused=True
             )
         counts.gradients += 1
+        #: per parameter, whether the loss uses it (on some rank): torch's optimizers skip a
+        #: parameter whose .grad is None, and the first-order updates here do too
+        where = "cpu" if group is None else collective_device(group, self.params[0].device)
+        used = torch.tensor([float(g is not None) for g in grads], device=where)
+        self.used = [bool(u > 0) for u in all_reduce_sum(used, group).tolist()]
         self._hessian = hessian_product(self.params, grads)
         self.grads = self._hessian.grads
-        self.flat_grad = flatten([g.detach() for g in self.grads])
+        self.flat_grad = average(flatten([g.detach() for g in self.grads]), group)
         if not torch.isfinite(self.flat_grad).all():
             raise FloatingPointError(
                 "the gradient has non-finite entries at the current parameters; "
@@ -184,7 +269,13 @@ class Evaluation:
     def _product(self, product: PreparedProduct, V: Tensor) -> Tensor:
         """A prepared product of V (n, k), through per-parameter blocks (k, *shape)."""
         blocks = unflatten(V.to(self.flat_grad), [p.shape for p in self.params])
-        out = flatten(product.apply(blocks), batched=True)
+        try:
+            applied = product.apply(blocks)
+        except RuntimeError as e:
+            if "does not currently support double backward" in str(e):
+                raise RuntimeError(COMPILED) from e
+            raise
+        out = average(flatten(applied, batched=True), self.group)
         self.counts.products += V.shape[1]
         return out
 

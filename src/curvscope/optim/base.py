@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from curvscope.derivatives import checks
+from curvscope.derivatives.distributed import resolve_group
 from curvscope.derivatives.flat import tensors
 from curvscope.optim._closure import Closure, Counts, check_closure, flat_params, write_flat
 
@@ -113,8 +114,11 @@ class CurvscopeOptimizer(Optimizer):
     #: parameter group, like ``torch.optim.LBFGS``.
     single_group: bool = False
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+    def __init__(
+        self, params: Iterable[Any], defaults: dict[str, Any], *, group: Any = None
+    ) -> None:
         super().__init__(params, defaults)
+        self._group = resolve_group(group)
         name = type(self).__name__
         if self.single_group and len(self.param_groups) != 1:
             raise ValueError(
@@ -129,12 +133,30 @@ class CurvscopeOptimizer(Optimizer):
         self._counts = Counts()
         self.info: StepInfo | None = None
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group``; refused by the methods that take one
+        group (it was accepted, and the new group's options silently ignored: a review)."""
+        if self.single_group and "_counts" in self.__dict__:  # built: no second group
+            name = type(self).__name__
+            raise ValueError(
+                f"{name} treats all parameters as one vector and takes one parameter group; "
+                f"to train more parameters build a new {name} on all of them (its radius, "
+                "damping or σ start afresh)"
+            )
+        super().add_param_group(param_group)
+
     #: attributes a copy or a pickle keeps beside torch's own (defaults, state, param_groups)
     _kept: tuple[str, ...] = ("_counts", "info")
 
     def __getstate__(self) -> dict[str, Any]:
         kept = {k: self.__dict__[k] for k in self._kept if k in self.__dict__}
         return {**super().__getstate__(), **kept}
+
+    @property
+    def group(self) -> Any:
+        """The process group whose ranks' losses, gradients and products a step averages (None:
+        this process alone). Not pickled: a copy is a single process's optimizer."""
+        return self.__dict__.get("_group")
 
     @property
     def counts(self) -> Counts:

@@ -58,8 +58,9 @@ class DenseNewton:
 
     def __call__(self, local: Local, mu: float) -> Proposal:
         ev = local.ev
-        g, n = ev.flat_grad, ev.n
-        H = ev.hvp(torch.eye(n, dtype=g.dtype, device=g.device))
+        n = ev.n
+        H = ev.hvp(torch.eye(n, dtype=ev.flat_grad.dtype, device=ev.flat_grad.device))
+        g, H = _at_least_float32(ev.flat_grad), _at_least_float32(H)  # eigh has no bfloat16
         local.counts.hessians += 1
         lam, V = torch.linalg.eigh((H + H.T) / 2)
         scale = max(float(lam.abs().max()), torch.finfo(lam.dtype).tiny)
@@ -112,8 +113,14 @@ def krylov_model(local: Local) -> tuple[Tensor, Tensor, Tensor]:
     )
     local.counts.lanczos_iterations += Q.shape[1]
     theta, S = torch.linalg.eigh(T)
-    w = S.T @ (Q.T @ ev.flat_grad)
+    w = S.T @ (Q.T @ ev.flat_grad.to(Q.dtype))  # Lanczos works in float32 for a 16-bit model
     return Q @ S, theta, w
+
+
+def _at_least_float32(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is in a 16-bit float (the dense linear algebra of a bfloat16 or
+    float16 model's step; the step is written back in the parameters' dtype)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _negative_note(theta: Tensor) -> str:
@@ -193,10 +200,12 @@ class GaussNewtonCG:
         ev, counts, group = local.ev, local.counts, local.group
         cev = ev
         if local.curvature_closure is not None:
-            cev = Evaluation(ev.params, local.curvature_closure, counts)
+            cev = Evaluation(ev.params, local.curvature_closure, counts, group=ev.group)
         g = ev.flat_grad
         op = Operator(self.product(cev, group["curvature"]), ev.n, g.dtype, g.device)
         prev = local.memory.get("previous")
+        if prev is not None and prev.numel() != ev.n:  # the trainable set changed: cold start
+            prev = None
         res = cg(
             op.damped(lam),
             -g,

@@ -15,7 +15,7 @@ from curvscope.derivatives.flat import flatten
 from curvscope.derivatives.kinds import likelihood_of
 from curvscope.derivatives.seeding import STEP_PROBES, rademacher
 from curvscope.diagnosis.stability import StabilityRule, adam_constant, unscaled_left_out
-from curvscope.optim._closure import Counts, Evaluation
+from curvscope.optim._closure import Counts, Evaluation, average
 from curvscope.optim.base import (
     CurvscopeOptimizer,
     Snapshot,
@@ -106,10 +106,11 @@ class _DiagonalMethod(CurvscopeOptimizer):
         weight_decay: float,
         update_every: int,
         seed: int,
+        group: Any = None,
     ) -> None:
         """Checks and stores the hyperparameters both methods share; ``defaults`` holds the
         method's own (already checked)."""
-        check_positive("learning rate", lr)
+        check_positive("learning rate", lr, allow_zero=True)  # torch's optimizers accept 0
         check_betas(betas)
         check_positive("eps", eps)
         check_positive("weight_decay", weight_decay, allow_zero=True)
@@ -127,9 +128,27 @@ class _DiagonalMethod(CurvscopeOptimizer):
         )
         if estimator is not None and not callable(estimator):
             raise TypeError(f"estimator must be callable (e.g. Hutchinson()), got {estimator!r}")
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, group=group)
         self.estimator = estimator if estimator is not None else Hutchinson()
         self._set_global({"step": 0})
+
+    #: options of the whole method, not of a group: one estimate refreshes every parameter
+    SHARED = ("update_every", "seed")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group``, refusing a group whose ``update_every``
+        or ``seed`` differs from the others': one diagonal estimate, drawn from one seed,
+        refreshes every parameter at once (a second group's own value was ignored)."""
+        if self.param_groups:
+            for key in self.SHARED:
+                first, own = self.param_groups[0][key], param_group.get(key, self.defaults[key])
+                if own != first:
+                    raise ValueError(
+                        f"{type(self).__name__}: {key}={own!r} in a parameter group differs "
+                        f"from the others' {first!r}; it is the method's, not a group's: one "
+                        "diagonal estimate refreshes every parameter at once"
+                    )
+        super().add_param_group(param_group)
 
     def update_param(
         self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int
@@ -148,18 +167,24 @@ class _DiagonalMethod(CurvscopeOptimizer):
         refresh = (t - 1) % self.param_groups[0]["update_every"] == 0
         params = snapshot.params
         products_before = counts.products
-        ev = Evaluation(params, closure, counts, curvature=refresh)
+        ev = Evaluation(params, closure, counts, curvature=refresh, group=self.group)
         diag = None
         if refresh:
             gen = _generator(self.param_groups[0]["seed"], t, ev.flat_grad.device)
-            diag = self.estimator(ev, gen, counts).detach()
+            # the ranks' estimates averaged (a Gauss-Newton-Bartlett one is each rank's own)
+            diag = average(self.estimator(ev, gen, counts).detach(), self.group)
         i, updates, step_sq = 0, list[Update](), list[Tensor]()
+        used = iter(ev.used)
+        grad = ev.flat_grad if ev.closure_grad is None else ev.closure_grad.to(ev.flat_grad)
         for group in self.param_groups:
             for p in group["params"]:
                 if not p.requires_grad:
                     continue
                 k = p.numel()
-                g = ev.flat_grad[i : i + k].view_as(p)
+                if not next(used):  # the loss does not use it: left as it is, as torch does
+                    i += k
+                    continue
+                g = grad[i : i + k].view_as(p)
                 d = None if diag is None else diag[i : i + k].view_as(p)
                 delta, new_state = self.update_param(p, g, d, group, t)
                 updates.append((p, p - delta, new_state))
@@ -169,7 +194,7 @@ class _DiagonalMethod(CurvscopeOptimizer):
         self._set_global({**self._global(), "step": t})
         info = StepInfo(
             ev.loss,
-            float(ev.flat_grad.norm()),
+            float(grad.norm()),
             float(torch.stack(step_sq).sum()) ** 0.5 if step_sq else 0.0,
             None,
             None,
@@ -209,6 +234,10 @@ class AdaHessian(_DiagonalMethod):
         update_every: refresh D every this many steps (reusing it in between).
         estimator: a :class:`DiagonalEstimator` (default ``Hutchinson()``).
         seed: fixes the random probes (step t uses seed and t, so a resumed run repeats them).
+        group: torch.distributed: by default (None) inside an initialized process group the
+            loss, gradient, products and trial losses are averaged over its ranks (each
+            closure computes its own shard's, as under DDP), so the replicas stay equal;
+            a ``ProcessGroup`` selects the group, ``False`` keeps each process alone.
     """
 
     #: per-parameter state: momentum m, the average v of D², the last estimate D
@@ -229,6 +258,8 @@ class AdaHessian(_DiagonalMethod):
         spatial_average: bool = True,
         estimator: DiagonalEstimator | None = None,
         seed: int = 0,
+        *,
+        group: Any = None,
     ) -> None:
         if not isinstance(hessian_power, int | float) or not 0 < hessian_power <= 1:
             raise ValueError(f"Invalid hessian_power: {hessian_power!r} (expected in (0, 1])")
@@ -236,6 +267,7 @@ class AdaHessian(_DiagonalMethod):
             params,
             {"hessian_power": hessian_power, "spatial_average": spatial_average},
             estimator,
+            group=group,
             lr=lr,
             betas=betas,
             eps=eps,
@@ -273,6 +305,15 @@ class Sophia(_DiagonalMethod):
     The clip bounds every coordinate's step by lr however flat or negative the estimate is.
     Defaults are the paper's (ρ = 0.04, k = 10, β = (0.965, 0.99), wd = 0.1); the estimator is
     ``Hutchinson()`` (Sophia-H) or ``GaussNewtonBartlett(loss_fn)`` (Sophia-G).
+
+    Args:
+        lr, betas, rho, weight_decay (decoupled), update_every, eps: as above.
+        estimator: a :class:`DiagonalEstimator` (default ``Hutchinson()``).
+        seed: fixes the random probes (step t uses seed and t, so a resumed run repeats them).
+        group: torch.distributed: by default (None) inside an initialized process group the
+            loss, gradient, products and trial losses are averaged over its ranks (each
+            closure computes its own shard's, as under DDP), so the replicas stay equal;
+            a ``ProcessGroup`` selects the group, ``False`` keeps each process alone.
     """
 
     #: per-parameter state: momentum m, the curvature average h
@@ -289,12 +330,15 @@ class Sophia(_DiagonalMethod):
         eps: float = 1e-12,
         estimator: DiagonalEstimator | None = None,
         seed: int = 0,
+        *,
+        group: Any = None,
     ) -> None:
         check_positive("rho", rho)
         super().__init__(
             params,
             {"rho": rho},
             estimator,
+            group=group,
             lr=lr,
             betas=betas,
             eps=eps,

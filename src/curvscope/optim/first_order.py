@@ -31,7 +31,7 @@ class NormalizedGD(CurvscopeOptimizer):
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, eps: float = 1e-12) -> None:
-        check_positive("learning rate", lr)
+        check_positive("learning rate", lr, allow_zero=True)  # torch's optimizers accept 0
         check_positive("eps", eps)
         super().__init__(params, {"lr": lr, "eps": eps})
 
@@ -56,20 +56,20 @@ class NormalizedGD(CurvscopeOptimizer):
         )
         finite = norm == norm and norm != float("inf")
         note = "" if finite else "skipped: the gradient is not finite"
+        updates = [
+            (p, p.grad * (group["lr"] / (norm + group["eps"])))
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None and p.requires_grad
+        ]
         if finite:
-            self._commit(
-                [
-                    (p, p - p.grad * (group["lr"] / (norm + group["eps"])), None)
-                    for group in self.param_groups
-                    for p in group["params"]
-                    if p.grad is not None
-                ]
-            )
-        lr = self.param_groups[0]["lr"]
+            self._commit([(p, p - delta, None) for p, delta in updates])
+        # the step taken, each group at its own lr (it was group 0's lr for all: a review)
+        taken = float(torch.stack([d.square().sum() for _, d in updates]).sum()) ** 0.5
         info = StepInfo(
             float("nan") if loss is None else float(loss),
             norm,
-            lr * norm / (norm + self.param_groups[0]["eps"]) if finite else 0.0,
+            taken if finite else 0.0,
             None,
             None,
             None,

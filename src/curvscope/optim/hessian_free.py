@@ -41,6 +41,10 @@ class HessianFree(ModelStepOptimizer):
         progress_tol: Martens' ε for the CG stopping rule.
         curvature: ``"auto"``, ``"ggn"`` or ``"hessian"``.
         tolerance_grad: no step (and no products) when ‖g‖ ≤ this (torch LBFGS's option).
+        group: torch.distributed: by default (None) inside an initialized process group the
+            loss, gradient, products and trial losses are averaged over its ranks (each
+            closure computes its own shard's, as under DDP), so the replicas stay equal;
+            a ``ProcessGroup`` selects the group, ``False`` keeps each process alone.
     """
 
     descent = GaussNewtonCG()
@@ -55,6 +59,8 @@ class HessianFree(ModelStepOptimizer):
         progress_tol: float = 5e-4,
         curvature: str = "auto",
         tolerance_grad: float = 0.0,
+        *,
+        group: Any = None,
     ) -> None:
         check_positive("damping", damping)
         check_int("max_cg", max_cg)
@@ -69,7 +75,7 @@ class HessianFree(ModelStepOptimizer):
             progress_tol=progress_tol,
             curvature=curvature,
         )
-        super().__init__(params, defaults, tolerance_grad)
+        super().__init__(params, defaults, tolerance_grad, group=group)
 
     @torch.no_grad()
     def step(  # type: ignore[override]

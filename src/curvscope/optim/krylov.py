@@ -29,6 +29,10 @@ class SaddleFreeNewton(ModelStepOptimizer):
         krylov_dim: subspace dimension k (products per step).
         damping: initial μ, relative to the largest |θ|.
         tolerance_grad: no step (and no products) when ‖g‖ ≤ this (torch LBFGS's option).
+        group: torch.distributed: by default (None) inside an initialized process group the
+            loss, gradient, products and trial losses are averaged over its ranks (each
+            closure computes its own shard's, as under DDP), so the replicas stay equal;
+            a ``ProcessGroup`` selects the group, ``False`` keeps each process alone.
     """
 
     descent = LanczosSaddleFree()
@@ -40,10 +44,13 @@ class SaddleFreeNewton(ModelStepOptimizer):
         krylov_dim: int = 20,
         damping: float = 1e-3,
         tolerance_grad: float = 0.0,
+        *,
+        group: Any = None,
     ) -> None:
         check_int("krylov_dim", krylov_dim)
         check_positive("damping", damping)
-        super().__init__(params, {"krylov_dim": krylov_dim, "damping": damping}, tolerance_grad)
+        defaults = {"krylov_dim": krylov_dim, "damping": damping}
+        super().__init__(params, defaults, tolerance_grad, group=group)
 
 
 class CubicNewton(ModelStepOptimizer):
@@ -62,6 +69,10 @@ class CubicNewton(ModelStepOptimizer):
         krylov_dim: subspace dimension k (products per step).
         min_sigma: the smallest σ.
         tolerance_grad: no step (and no products) when ‖g‖ ≤ this (torch LBFGS's option).
+        group: torch.distributed: by default (None) inside an initialized process group the
+            loss, gradient, products and trial losses are averaged over its ranks (each
+            closure computes its own shard's, as under DDP), so the replicas stay equal;
+            a ``ProcessGroup`` selects the group, ``False`` keeps each process alone.
     """
 
     descent = LanczosCubic()
@@ -74,9 +85,13 @@ class CubicNewton(ModelStepOptimizer):
         krylov_dim: int = 20,
         min_sigma: float = 1e-8,
         tolerance_grad: float = 0.0,
+        *,
+        group: Any = None,
     ) -> None:
         check_positive("sigma", sigma)
         check_int("krylov_dim", krylov_dim)
         check_positive("min_sigma", min_sigma)
+        if sigma < min_sigma:
+            raise ValueError(f"Invalid sigma: {sigma} is below min_sigma={min_sigma}")
         defaults = {"sigma": sigma, "krylov_dim": krylov_dim, "min_sigma": min_sigma}
-        super().__init__(params, defaults, tolerance_grad)
+        super().__init__(params, defaults, tolerance_grad, group=group)

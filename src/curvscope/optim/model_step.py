@@ -169,22 +169,32 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         raise NotImplementedError
 
     def __init__(
-        self, params: Iterable[Any], defaults: dict[str, Any], tolerance_grad: float = 0.0
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        tolerance_grad: float = 0.0,
+        *,
+        group: Any = None,
     ) -> None:
         check_positive("tolerance_grad", tolerance_grad, allow_zero=True)
-        super().__init__(params, {**defaults, "tolerance_grad": tolerance_grad})
+        super().__init__(params, {**defaults, "tolerance_grad": tolerance_grad}, group=group)
         descent, search = self.descent, self.search
         check_pairing(type(self).__name__, descent, search)
         group = self.param_groups[0]
-        self._set_global({search.key: search.init(group), **descent.init(group)})
+        asked = search.init(group)
+        self._set_global({search.key: asked, "asked": asked, **descent.init(group)})
 
     def _step(self, closure: Any, snapshot: Snapshot) -> Tensor:
         closure, counts = self._begin(closure)
         descent, search, group = self.descent, self.search, self.param_groups[0]
         memory = dict(self._global())  # committed at the end: the state is replaced, not edited
+        asked = search.init(group)  # the group's radius, damping or σ, as torch reads its lr
+        if memory.get("asked", asked) != asked:  # edited since the last step: start from it
+            memory[search.key] = asked
+        memory["asked"] = asked
         params = snapshot.params
         products_before = counts.products
-        ev = Evaluation(params, closure, counts)
+        ev = Evaluation(params, closure, counts, group=self.group)
         gnorm = float(ev.flat_grad.norm())
         if gnorm <= group["tolerance_grad"]:
             note = f"converged: ‖g‖ = {gnorm:.3g} <= tolerance_grad, no step"
@@ -195,7 +205,7 @@ class ModelStepOptimizer(CurvscopeOptimizer):
 
         def trial(s: Tensor) -> float:
             write_flat(params, x0 + s)
-            return loss_only(closure, params, counts)
+            return loss_only(closure, params, counts, self.group)
 
         value = memory[search.key]
         local = Local(ev, counts, group, memory, trial, self._curvature_closure)

@@ -39,6 +39,10 @@ class Newton(ModelStepOptimizer):
         damping: the Levenberg-Marquardt shift first applied when needed, relative to the
             Hessian's scale max|λ|; 0 for pure Newton.
         tolerance_grad: no step (and no products) when ‖g‖ ≤ this (torch LBFGS's option).
+        group: torch.distributed: by default (None) inside an initialized process group the
+            loss, gradient, products and trial losses are averaged over its ranks (each
+            closure computes its own shard's, as under DDP), so the replicas stay equal;
+            a ``ProcessGroup`` selects the group, ``False`` keeps each process alone.
 
     Example:
         >>> import torch, curvscope as cs
@@ -50,10 +54,15 @@ class Newton(ModelStepOptimizer):
     """
 
     def __init__(
-        self, params: Iterable[Any], damping: float = 1e-3, tolerance_grad: float = 0.0
+        self,
+        params: Iterable[Any],
+        damping: float = 1e-3,
+        tolerance_grad: float = 0.0,
+        *,
+        group: Any = None,
     ) -> None:
         check_positive("damping", damping, allow_zero=True)
-        super().__init__(params, {"damping": damping}, tolerance_grad)
+        super().__init__(params, {"damping": damping}, tolerance_grad, group=group)
         n = sum(p.numel() for p in self._params())
         if n > DENSE_LIMIT:
             raise ValueError(
@@ -92,6 +101,10 @@ class NewtonCG(ModelStepOptimizer):
         eta: acceptance threshold on ρ, in [0, ¼).
         max_cg: cap on CG iterations (= Hessian-vector products) per step.
         tolerance_grad: no step (and no products) when ‖g‖ ≤ this (torch LBFGS's option).
+        group: torch.distributed: by default (None) inside an initialized process group the
+            loss, gradient, products and trial losses are averaged over its ranks (each
+            closure computes its own shard's, as under DDP), so the replicas stay equal;
+            a ``ProcessGroup`` selects the group, ``False`` keeps each process alone.
 
     Example:
         >>> import torch, curvscope as cs
@@ -115,6 +128,8 @@ class NewtonCG(ModelStepOptimizer):
         eta: float = 0.15,
         max_cg: int = 250,
         tolerance_grad: float = 0.0,
+        *,
+        group: Any = None,
     ) -> None:
         check_positive("radius", radius)
         check_positive("max_radius", max_radius)
@@ -124,4 +139,4 @@ class NewtonCG(ModelStepOptimizer):
             raise ValueError(f"Invalid eta: {eta!r} (expected a number in [0, 0.25))")
         check_int("max_cg", max_cg)
         defaults = {"radius": radius, "max_radius": max_radius, "eta": eta, "max_cg": max_cg}
-        super().__init__(params, defaults, tolerance_grad)
+        super().__init__(params, defaults, tolerance_grad, group=group)
