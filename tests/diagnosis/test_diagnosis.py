@@ -246,3 +246,16 @@ def test_an_overflowing_training_batch_says_diverged_instead_of_raising():
     assert d.state == "diverged" and math.isnan(d.evidence["batch_sharpness"])
     assert math.isfinite(d.evidence["sharpness"])
     assert "the curvature is not" in d.reasons[0]
+
+
+def test_a_verdict_without_an_optimizer_says_stability_was_not_judged():
+    """Without an optimizer or lr there is no stability limit: "learning" said nothing of it,
+    so a Monitor built without either looked like one that had judged the steps stable."""
+    from curvscope.diagnosis.classify import NOT_JUDGED
+
+    p = cs.problems.get("digits-mlp", hidden=8, n=100)
+    model = p.make_model(0)
+    bare = cs.diagnose(model, p.loss_fn, p.data)
+    assert bare.state == "learning" and NOT_JUDGED in bare.reasons
+    judged = cs.diagnose(model, p.loss_fn, p.data, lr=0.1)
+    assert judged.state == "learning" and NOT_JUDGED not in judged.reasons

@@ -642,6 +642,12 @@ def _share(value: float, limit: float) -> str:
     return f"{share:.0f}%" if abs(share) >= 1 else f"{share:.2g}%"
 
 
+#: Why a "learning" verdict says nothing of stability: the limit needs the step's rule.
+NOT_JUDGED = (
+    "stability not judged: no optimizer or learning rate was given (pass optimizer= or lr=)"
+)
+
+
 def _learning(f: Facts) -> list[str] | None:
     if f.small and f.dec is not None:  # no plateau, no saddle, the bottom far: a long valley
         return [
@@ -651,6 +657,8 @@ def _learning(f: Facts) -> list[str] | None:
                 f"loss (> {f.th.small_decrement:g} × loss scale): a long, shallow valley"
             ),
         ]
+    if not f.small and f.limit is None:  # said, not silently skipped
+        return [f.gradient, NOT_JUDGED]
     if f.small or f.limit is None or f.s is None:
         return [f.gradient]
     if math.isinf(f.limit):  # a learning rate scheduled to 0: no step to overshoot
