@@ -78,3 +78,87 @@ def test_the_replicas_stay_equal_and_equal_one_process_on_all_the_data(tmp_path)
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
         moved = cases.mlp(n=N).model.parameters()
         assert any(not torch.equal(a, m) for a, m in zip(ranks[0][name], moved, strict=True))
+
+
+def _faults_worker(rank: int, port: int, out: str) -> None:
+    _init(rank, port)
+    case = cases.mlp(n=N)
+    shard = slice(rank * N // 2, (rank + 1) * N // 2)
+    X, y = case.inputs[shard], case.targets[shard]
+    loss_fn = nn.CrossEntropyLoss()
+    result = {}
+    # a closure that raises at a trial point on rank 1 only: every rank raises, and a retry
+    # of the step repeats it on both (the others waited in a collective paired with the
+    # wrong one before: a mixed loss, then gloo's abort)
+    model = cases.mlp(n=N).model
+    opt = cs.optim.NewtonCG(model.parameters())
+    calls = [0]
+
+    def flaky():
+        calls[0] += 1
+        if rank == 1 and calls[0] == 2:
+            raise MemoryError("out of memory (rank 1 only)")
+        return loss_fn(model(X), y)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        opt.step(flaky)
+    except Exception as e:  # what each rank raised is the result
+        result["raised"] = f"{type(e).__name__}: {e}"
+    result["restored"] = all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True)
+    )
+    opt.step(flaky)
+    result["after retry"] = [p.detach().clone() for p in model.parameters()]
+    # a closure that runs its own backward on rank 0 only: both ranks finish, replicas equal
+    model = cases.mlp(n=N).model
+    opt = cs.optim.AdaHessian(model.parameters(), lr=0.1)
+
+    def half():
+        loss = loss_fn(model(X), y)
+        if rank == 0:
+            opt.zero_grad()
+            loss.backward()
+        return loss
+
+    opt.step(half)
+    result["one rank's backward"] = [p.detach().clone() for p in model.parameters()]
+    # DDP with gradient_as_bucket_view: .grad after a step is the gradient where it started
+    # (the trial's backward wrote into DDP's buckets, which .grad views, before)
+    ddp = nn.parallel.DistributedDataParallel(cases.mlp(n=N).model, gradient_as_bucket_view=True)
+    opt = cs.optim.NewtonCG(ddp.parameters())
+
+    def with_backward():
+        opt.zero_grad()
+        loss = loss_fn(ddp(X), y)
+        loss.backward()
+        return loss
+
+    start = [p.detach().clone() for p in ddp.parameters()]
+    opt.step(with_backward)
+    result["grad"] = [p.grad.clone() for p in ddp.parameters()]
+    result["start"] = start
+    torch.save(result, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_faults_on_one_rank_and_closures_that_differ_between_ranks(tmp_path):
+    ranks = run_ranks(_faults_worker, tmp_path, 2)
+    assert ranks[1]["raised"] == "MemoryError: out of memory (rank 1 only)"
+    assert "the closure raised on 1 other rank(s)" in ranks[0]["raised"]
+    assert ranks[0]["restored"] and ranks[1]["restored"]
+    for key in ("after retry", "one rank's backward"):
+        assert all(torch.equal(a, b) for a, b in zip(ranks[0][key], ranks[1][key], strict=True)), (
+            key
+        )
+    # the gradient at the step's start over all the data (the ranks' mean, as DDP gives it)
+    case = cases.mlp(n=N)
+    model = case.model
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), ranks[0]["start"], strict=True):
+            p.copy_(s)
+    loss = nn.CrossEntropyLoss()(model(case.inputs), case.targets)
+    expected = torch.autograd.grad(loss, list(model.parameters()))
+    for rank in ranks:
+        for g, e in zip(rank["grad"], expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-12)

@@ -2,6 +2,7 @@
 closure's own ``backward()`` is intercepted locally — on the closure's thread, while it runs —
 not by patching ``torch.autograd.backward`` for the whole process."""
 
+import copy
 import threading
 
 import pytest
@@ -221,3 +222,83 @@ def test_a_compiled_module_in_the_closure_is_named_with_the_fix():
     with pytest.raises(RuntimeError, match=r"torch.compile'd module.*model._orig_mod"):
         opt.step(lambda: nn.functional.mse_loss(compiled(X), y))
     opt.step(lambda: nn.functional.mse_loss(compiled._orig_mod(X), y))  # the fix works
+
+
+def test_a_trial_points_backward_touches_only_the_optimized_parameters():
+    """A body trained by another optimizer, and an input that requires grad: a trial point's
+    backward added into their .grad (2.98 gradients after one step: a review). It now fills the
+    optimized parameters' .grad only (fresh tensors, put back after)."""
+    torch.manual_seed(0)
+    body, head = nn.Linear(3, 4).double(), nn.Linear(4, 1).double()
+    X = torch.randn(16, 3, dtype=DT, requires_grad=True)
+    y = torch.randn(16, 1, dtype=DT)
+    opt = cs.optim.HessianFree(head.parameters())
+
+    def closure():
+        opt.zero_grad()  # the head's: the body's and the input's accumulate, as torch's do
+        out = head(torch.tanh(body(X)))
+        loss = nn.functional.mse_loss(out, y)
+        loss.backward()
+        return loss, out
+
+    closure()
+    once = [body.weight.grad.clone(), X.grad.clone()]
+    body.zero_grad()
+    X.grad = None
+    opt.step(closure)  # one evaluation where the step starts adds once; trial points never
+    assert opt.counts.closure_calls > 1  # trial points ran the closure, backward and all
+    torch.testing.assert_close(body.weight.grad, once[0], rtol=0, atol=0)
+    torch.testing.assert_close(X.grad, once[1], rtol=0, atol=0)
+
+
+def test_a_parameter_masked_by_a_none_grad_is_not_stepped():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    X, y = torch.randn(16, 3, dtype=DT), torch.randn(16, 1, dtype=DT)
+    opt = cs.optim.AdaHessian(model.parameters(), lr=0.1, weight_decay=0.1)
+    bias = model.bias.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(X), y)
+        loss.backward()
+        model.bias.grad = None  # torch's way to leave a parameter out of a step
+        return loss
+
+    opt.step(closure)
+    assert torch.equal(model.bias, bias)
+
+
+def test_newton_switched_to_pure_by_its_damping_reports_no_damping():
+    """Editing damping to 0 switches Newton to the pure step; it reported the old μ (1.55)."""
+    p = cs.problems.get("rosenbrock")
+    x = torch.tensor([-0.5, 1.5], dtype=DT, requires_grad=True)  # an indefinite Hessian
+    opt = cs.optim.Newton([x])
+    opt.step(lambda: p.f(x))
+    assert opt.info.damping > 0
+    opt.param_groups[0]["damping"] = 0.0
+    opt.step(lambda: p.f(x))
+    assert opt.pure and opt.info.damping == 0.0
+
+
+def test_hessian_free_on_a_curvature_mini_batch_updates_batchnorm_once_and_keeps_grad():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).double()
+    X, y = torch.randn(32, 4, dtype=DT), torch.randn(32, 1, dtype=DT)
+    opt = cs.optim.HessianFree(model.parameters())
+
+    def closure(rows=slice(None)):
+        opt.zero_grad()
+        out = model(X[rows])
+        loss = nn.functional.mse_loss(out, y[rows])
+        loss.backward()
+        return loss, out
+
+    tracked = int(model[1].num_batches_tracked)
+    opt.step(closure, curvature_closure=lambda: closure(slice(0, 8)))
+    assert int(model[1].num_batches_tracked) == tracked + 1  # was + 2
+    twin = copy.deepcopy(model)  # the point where the next step starts, BatchNorm and all
+    opt.step(closure, curvature_closure=lambda: closure(slice(0, 8)))
+    expected = torch.autograd.grad(nn.functional.mse_loss(twin(X), y), list(twin.parameters()))
+    for p, g in zip(model.parameters(), expected, strict=True):  # not the mini-batch's
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-12)

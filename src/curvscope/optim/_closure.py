@@ -34,8 +34,9 @@ products (Jᵀ H_out J) and the Gauss-Newton-Bartlett estimator become available
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,13 +81,18 @@ _BACKWARDS = (torch.Tensor.backward, torch.autograd.backward)
 
 class _ClosureBackward(TorchFunctionMode):
     """Around a closure call, on this thread: a backward the closure calls is counted as a
-    gradient in ``counts`` and run — with the graph retained (``keep``: our derivatives follow
-    through it) or as the closure wrote it (``run``). Every other torch call passes through
-    unchanged (but for the weight norm's substitute)."""
+    gradient in ``counts`` and run, the graph retained for our own derivatives, as ``mode``
+    says. ``keep`` (the evaluation where a step starts): torch's own backward, so ``.grad`` is
+    filled as the closure expects — every leaf's, DDP's hooks included. ``contained`` (trial
+    points, a curvature mini-batch): the closure's backward differentiates into the optimized
+    ``params`` only, as fresh ``.grad`` tensors (accumulated, as backward accumulates), and
+    touches nothing else — not another module's or an input's ``.grad``, not DDP's gradient
+    buckets. Every other torch call passes through unchanged (but for the weight norm's
+    substitute)."""
 
-    def __init__(self, mode: str, counts: Counts) -> None:
+    def __init__(self, mode: str, counts: Counts, params: Sequence[Tensor] = ()) -> None:
         super().__init__()
-        self.mode, self.counts = mode, counts
+        self.mode, self.counts, self.params = mode, counts, params
 
     def __torch_function__(
         self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None
@@ -98,14 +104,46 @@ class _ClosureBackward(TorchFunctionMode):
         self.counts.gradients += 1
         if self.mode == "keep":
             kwargs["retain_graph"] = True  # inside the handler the mode is off: the real one
-        return func(*args, **kwargs)
+            return func(*args, **kwargs)
+        self._contained(func, list(args), kwargs)
+        return None
+
+    def _contained(self, func: Any, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """``Tensor.backward(gradient, retain_graph, create_graph)`` or ``autograd.backward(
+        tensors, grad_tensors, retain_graph, create_graph)`` into ``params`` only."""
+        names = ("tensors", "grad_tensors", "retain_graph", "create_graph")
+        if func is torch.Tensor.backward:
+            names = ("tensors", "gradient", "retain_graph", "create_graph")
+        given = dict(zip(names, args, strict=False)) | kwargs
+        outputs, grads = given["tensors"], given.get(names[1])
+        outputs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+        grads = [grads] if grads is None or isinstance(grads, Tensor) else list(grads)
+        if len(grads) == 1 and grads[0] is None:
+            grads = grads * len(outputs)
+        wanted = [p for p in self.params if p.requires_grad]
+        found = torch.autograd.grad(
+            outputs,
+            wanted,
+            grads,
+            retain_graph=True,
+            create_graph=bool(given.get("create_graph", False)),
+            allow_unused=True,
+        )
+        for p, g in zip(wanted, found, strict=True):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
 
 
 class _KeptStatistics:
-    """Around a trial evaluation: the running statistics (and batch counts) of every
-    normalization layer that runs inside, on this thread, are put back on exit. Found by a
-    global forward pre-hook, there only while the evaluation runs; another thread's modules
-    are left alone."""
+    """Around an evaluation that is not the step's own: the running statistics (and batch
+    counts) of every normalization layer that runs inside, on this thread, are put back — on
+    exit, or with ``later=True`` at :meth:`restore`, once the evaluation's graph is no longer
+    differentiated through (a graph kept for products saved the buffers: putting them back in
+    place earlier would fail its backward). Found by a global forward pre-hook, there only
+    while the evaluation runs; another thread's modules are left alone."""
+
+    def __init__(self, later: bool = False) -> None:
+        self.later = later
 
     def __enter__(self) -> _KeptStatistics:
         self.saved: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {}
@@ -122,10 +160,16 @@ class _KeptStatistics:
 
     def __exit__(self, *exc: object) -> None:
         self.handle.remove()
+        if not self.later or exc[0] is not None:
+            self.restore()
+
+    def restore(self) -> None:
+        """Put the statistics back (once)."""
         with torch.no_grad():
             for kept in self.saved.values():
                 for buffer, value in kept:
                     buffer.copy_(value)
+        self.saved = {}
 
 
 def average(t: Tensor, group: Any) -> Tensor:
@@ -168,26 +212,94 @@ def check_closure(closure: Any, name: str) -> Closure:
     return closure
 
 
-def loss_only(
-    closure: Closure, params: Sequence[Tensor], counts: Counts, group: Any = None
-) -> float:
-    """The closure's loss at the current parameters (a trial point; the mean over ``group``),
-    the closure run as written (see the module's docstring) and its traces undone: ``.grad``
-    is the same tensors as before — taken out of the closure's reach while it runs, so its
-    ``zero_grad()`` cannot zero them in place — and the normalization layers' running
-    statistics are as before."""
+@contextlib.contextmanager
+def _undone(params: Sequence[Tensor]) -> Iterator[None]:
+    """Around an evaluation that is not the step's own (a trial point, a curvature
+    mini-batch): ``.grad`` of ``params`` is the same tensors afterwards — taken out of the
+    closure's reach while it runs, so its ``zero_grad()`` cannot zero them in place."""
     grads = [p.grad for p in params]
     for p in params:
         p.grad = None
     try:
-        with torch.enable_grad(), _ClosureBackward("run", counts), _KeptStatistics():
-            loss, _ = _split(closure())
-        value = average(loss.detach(), group)
+        yield
     finally:
         for p, g in zip(params, grads, strict=True):
             p.grad = g
+
+
+@dataclass
+class _Called:
+    """A closure call: its loss and outputs, the loss's mean over the group, and whether the
+    closure ran its own backward here and on any rank."""
+
+    loss: Tensor
+    outputs: Tensor | None
+    mean: Tensor
+    ran_here: bool
+    ran_anywhere: bool
+
+
+def _call(
+    closure: Closure,
+    counts: Counts,
+    params: Sequence[Tensor],
+    mode: str,
+    group: Any,
+    needs_graph: bool = False,
+) -> _Called:
+    """Call the closure (gradients enabled, its backward as ``mode`` says). Under a group the
+    ranks first agree, in the one all-reduce of [loss, failed, ran a backward] that averages
+    the loss, on whether every rank's call succeeded: a closure that raises on one rank — an
+    out-of-memory error at a trial point, a bad shard — raises there and, naming it, on every
+    other rank, where before the others went on into a collective paired with the wrong one
+    (an outside review: a mixed loss, then gloo's abort)."""
+    backwards = counts.gradients
     counts.closure_calls += 1
-    return float(value)
+    error: Exception | None = None
+    loss = outputs = None
+    try:
+        with torch.enable_grad(), _ClosureBackward(mode, counts, params):
+            loss, outputs = _split(closure())
+        if needs_graph and not loss.requires_grad:
+            raise ValueError(
+                "the closure's loss does not depend on the optimized parameters; "
+                "compute it from the model inside the closure"
+            )
+    except Exception as e:
+        if group is None:
+            raise
+        error = e
+    ran = counts.gradients > backwards
+    if group is None:
+        assert loss is not None
+        return _Called(loss, outputs, loss.detach(), ran, ran)
+    import torch.distributed as dist
+
+    where = collective_device(group, params[0].device)
+    value = torch.zeros((), dtype=torch.float64) if loss is None else loss.detach().double()
+    mine = torch.stack([value.to(where), *torch.tensor([error is not None, ran]).to(value)])
+    total = all_reduce_sum(mine, group)
+    if error is not None:
+        raise error
+    if float(total[1]) > 0:
+        raise RuntimeError(
+            f"curvscope: the closure raised on {int(total[1])} other rank(s) at this "
+            "evaluation (their error is theirs to show): every rank stops the step, and its "
+            "transaction puts the parameters and the state back"
+        )
+    assert loss is not None
+    mean = (total[0] / dist.get_world_size(group)).to(loss.device)
+    return _Called(loss, outputs, mean, ran, float(total[2]) > 0)
+
+
+def loss_only(
+    closure: Closure, params: Sequence[Tensor], counts: Counts, group: Any = None
+) -> float:
+    """The closure's loss at the current parameters (a trial point; the mean over ``group``),
+    the closure run as written (see the module's docstring) and its traces undone:
+    ``.grad`` (:func:`_undone`) and the normalization layers' statistics."""
+    with _undone(params), _KeptStatistics():
+        return float(_call(closure, counts, params, "contained", group).mean)
 
 
 #: A compiled module's graphs have no double backward: torch's bare error, explained.
@@ -216,50 +328,86 @@ class Evaluation:
         counts: Counts,
         curvature: bool = True,
         group: Any = None,
+        undone: bool = False,
     ) -> None:
+        """``undone``: an evaluation that is not the step's own (Hessian-free's curvature
+        mini-batch): the closure's backward is contained and its traces undone, as at a trial
+        point (:func:`_undone`)."""
         self.params, self.counts, self.group = list(params), counts, group
-        backwards = counts.gradients
-        with torch.enable_grad(), _ClosureBackward("keep", counts):
-            loss, outputs = _split(closure())
-        counts.closure_calls += 1
-        #: ``.grad`` as a closure that runs its own backward left it — clipped, masked — for
-        #: the methods that step along the gradient (AdaHessian's and Sophia's first moment,
-        #: as torch's optimizers read it); None when the closure ran none
-        self.closure_grad: Tensor | None = None
-        if counts.gradients > backwards:
-            left = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            self.closure_grad = average(flatten([g.detach() for g in left]), group)
-        mean = average(loss.detach(), group)  # every rank sees the same: a non-finite one too
-        if not torch.isfinite(mean):
+        self._kept = _KeptStatistics(later=True) if undone else None
+        with (
+            _undone(self.params) if undone else contextlib.nullcontext(),
+            self._kept or contextlib.nullcontext(),
+        ):
+            called = _call(
+                closure, counts, self.params, "contained" if undone else "keep", group, True
+            )
+            left = None if undone or not called.ran_here else [p.grad for p in self.params]
+        try:
+            self._derive(called, left, curvature, undone)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Done with the products: an ``undone`` evaluation's statistics are put back."""
+        if self._kept is not None:
+            self._kept.restore()
+
+    def _derive(
+        self, called: _Called, left: list[Tensor | None] | None, curvature: bool, undone: bool
+    ) -> None:
+        """The loss, the gradient (kept for products with ``curvature``), which parameters are
+        stepped along, and the gradient the closure left."""
+        group, counts = self.group, self.counts
+        if not torch.isfinite(called.mean):  # every rank sees the same: a non-finite one too
             raise FloatingPointError(
-                f"the closure returned a non-finite loss ({float(mean)}) at the current "
+                f"the closure returned a non-finite loss ({float(called.mean)}) at the current "
                 "parameters: nothing to optimize from; check the data and the initialisation"
             )
-        if not loss.requires_grad:
-            raise ValueError(
-                "the closure's loss does not depend on the optimized parameters; "
-                "compute it from the model inside the closure"
-            )
-        self.loss_tensor, self.outputs = loss, outputs
-        self.loss = float(mean)
+        loss = called.loss
+        self.loss_tensor, self.outputs = loss, called.outputs
+        self.loss = float(called.mean)
         with torch.enable_grad():
             grads = torch.autograd.grad(
                 loss, self.params, create_graph=curvature, allow_unused=True
             )
         counts.gradients += 1
-        #: per parameter, whether the loss uses it (on some rank): torch's optimizers skip a
-        #: parameter whose .grad is None, and the first-order updates here do too
+        #: per parameter, whether it is stepped along (on some rank): used by the loss, and not
+        #: masked by a closure that set its ``.grad`` to None after its backward — torch's
+        #: optimizers skip a parameter whose ``.grad`` is None, and the first-order updates
+        #: here do too
+        masked = [False] * len(grads) if left is None else [g is None for g in left]
         where = "cpu" if group is None else collective_device(group, self.params[0].device)
-        used = torch.tensor([float(g is not None) for g in grads], device=where)
+        used = torch.tensor(
+            [float(g is not None and not m) for g, m in zip(grads, masked, strict=True)],
+            device=where,
+        )
         self.used = [bool(u > 0) for u in all_reduce_sum(used, group).tolist()]
         self._hessian = hessian_product(self.params, grads)
         self.grads = self._hessian.grads
-        self.flat_grad = average(flatten([g.detach() for g in self.grads]), group)
+        own = [g.detach() for g in self.grads]
+        self.flat_grad = average(flatten(own), group)
         if not torch.isfinite(self.flat_grad).all():
             raise FloatingPointError(
                 "the gradient has non-finite entries at the current parameters; "
                 "check the model for overflow (a smaller step, or float64)"
             )
+        #: ``.grad`` as a closure that runs its own backward left it — clipped, masked — for
+        #: the methods that step along the gradient (AdaHessian's and Sophia's first moment,
+        #: as torch's optimizers read it); a rank whose closure ran none gives its own
+        #: gradient; None when no rank's closure ran one
+        self.closure_grad: Tensor | None = None
+        if called.ran_anywhere and not undone:
+            mine = (
+                own
+                if left is None
+                else [
+                    torch.zeros_like(p) if g is None else g.detach()
+                    for g, p in zip(left, self.params, strict=True)
+                ]
+            )
+            self.closure_grad = average(flatten(mine), group)
         self._ggn: PreparedProduct | None = None
 
     @property

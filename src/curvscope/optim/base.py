@@ -118,6 +118,7 @@ class CurvscopeOptimizer(Optimizer):
         self, params: Iterable[Any], defaults: dict[str, Any], *, group: Any = None
     ) -> None:
         super().__init__(params, defaults)
+        self._alone = group is False
         self._group = resolve_group(group)
         name = type(self).__name__
         if self.single_group and len(self.param_groups) != 1:
@@ -146,7 +147,7 @@ class CurvscopeOptimizer(Optimizer):
         super().add_param_group(param_group)
 
     #: attributes a copy or a pickle keeps beside torch's own (defaults, state, param_groups)
-    _kept: tuple[str, ...] = ("_counts", "info")
+    _kept: tuple[str, ...] = ("_counts", "info", "_alone")
 
     def __getstate__(self) -> dict[str, Any]:
         kept = {k: self.__dict__[k] for k in self._kept if k in self.__dict__}
@@ -155,8 +156,12 @@ class CurvscopeOptimizer(Optimizer):
     @property
     def group(self) -> Any:
         """The process group whose ranks' losses, gradients and products a step averages (None:
-        this process alone). Not pickled: a copy is a single process's optimizer."""
-        return self.__dict__.get("_group")
+        this process alone). A process group does not pickle: a copy (``copy.deepcopy``, a
+        pickle) takes the default group where it is used, as a new optimizer would, unless
+        built with ``group=False``."""
+        if "_group" not in self.__dict__:
+            self._group = resolve_group(False if self.__dict__.get("_alone") else None)
+        return self._group
 
     @property
     def counts(self) -> Counts:

@@ -200,21 +200,25 @@ class GaussNewtonCG:
         ev, counts, group = local.ev, local.counts, local.group
         cev = ev
         if local.curvature_closure is not None:
-            cev = Evaluation(ev.params, local.curvature_closure, counts, group=ev.group)
+            cev = Evaluation(
+                ev.params, local.curvature_closure, counts, group=ev.group, undone=True
+            )
         g = ev.flat_grad
         op = Operator(self.product(cev, group["curvature"]), ev.n, g.dtype, g.device)
         prev = local.memory.get("previous")
-        if prev is not None and prev.numel() != ev.n:  # the trainable set changed: cold start
-            prev = None
-        res = cg(
-            op.damped(lam),
-            -g,
-            tol=self.tol,
-            max_matvecs=group["max_cg"],
-            x0=None if prev is None else group["decay"] * prev.to(g),
-            progress_tol=group["progress_tol"],
-            save=_KEPT.__contains__,
-        )
+        try:
+            res = cg(
+                op.damped(lam),
+                -g,
+                tol=self.tol,
+                max_matvecs=group["max_cg"],
+                x0=None if prev is None else group["decay"] * prev.to(g),
+                progress_tol=group["progress_tol"],
+                save=_KEPT.__contains__,
+            )
+        finally:
+            if cev is not ev:  # its products done: the mini-batch's statistics put back
+                cev.close()
         counts.cg_iterations += res.iterations
         local.memory["previous"] = res.x
         note, floor = "", 0.0

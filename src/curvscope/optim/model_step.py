@@ -181,17 +181,38 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         descent, search = self.descent, self.search
         check_pairing(type(self).__name__, descent, search)
         group = self.param_groups[0]
-        asked = search.init(group)
-        self._set_global({search.key: asked, "asked": asked, **descent.init(group)})
+        self._set_global({search.key: search.init(group), **descent.init(group)})
+        self._set_global({**self._global(), **self._asked()})
+
+    def _asked(self) -> dict[str, Any]:
+        """What the group asks for now — the search (Newton's pairing follows its damping), its
+        starting size (radius, damping or σ, read as torch reads its lr) — and which
+        parameters are trained: compared with the last step's, to see an edit."""
+        search, group = self.search, self.param_groups[0]
+        return {
+            "asked": search.init(group),
+            "search": type(search).__name__,
+            "trainable": [p.requires_grad for p in group["params"]],
+        }
+
+    def _restarted(self, memory: dict[str, Any]) -> dict[str, Any]:
+        """The state with the group's edits since the last step applied: the size starts from
+        what the group asks (it was read once, at construction: an outside review), and a warm
+        start made for another set of trained parameters is dropped (a layer frozen or
+        unfrozen: HessianFree failed on it, or warm-started from a misaligned vector). A state
+        saved before these entries existed counts as unedited."""
+        asked = self._asked()
+        memory = dict(memory)
+        if memory.get("trainable", asked["trainable"]) != asked["trainable"]:
+            memory.pop("previous", None)
+        if any(memory.get(k, asked[k]) != asked[k] for k in ("asked", "search")):
+            memory[self.search.key] = asked["asked"]
+        return {**memory, **asked}
 
     def _step(self, closure: Any, snapshot: Snapshot) -> Tensor:
         closure, counts = self._begin(closure)
         descent, search, group = self.descent, self.search, self.param_groups[0]
-        memory = dict(self._global())  # committed at the end: the state is replaced, not edited
-        asked = search.init(group)  # the group's radius, damping or σ, as torch reads its lr
-        if memory.get("asked", asked) != asked:  # edited since the last step: start from it
-            memory[search.key] = asked
-        memory["asked"] = asked
+        memory = self._restarted(self._global())  # committed at the end: replaced, not edited
         params = snapshot.params
         products_before = counts.products
         ev = Evaluation(params, closure, counts, group=self.group)
