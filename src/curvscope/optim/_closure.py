@@ -276,8 +276,9 @@ def _call(
     import torch.distributed as dist
 
     where = collective_device(group, params[0].device)
-    value = torch.zeros((), dtype=torch.float64) if loss is None else loss.detach().double()
-    mine = torch.stack([value.to(where), *torch.tensor([error is not None, ran]).to(value)])
+    flags = torch.tensor([error is not None, ran], dtype=torch.float64, device=where)
+    value = flags.new_zeros(1) if loss is None else loss.detach().reshape(1).to(flags)
+    mine = torch.cat([value, flags])  # [loss, failed, ran a backward]
     total = all_reduce_sum(mine, group)
     if error is not None:
         raise error
