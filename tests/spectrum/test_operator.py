@@ -180,3 +180,165 @@ def test_compositions_compute_in_the_working_dtype_and_products_in_the_operators
 def test_bad_arguments_are_named(build, error, match):
     with pytest.raises(error, match=match):
         build(as_operator(_sym()))
+
+
+# --------------------------------------------------------- what the estimators refuse, and why
+def _asymmetric(n=40, seed=5):
+    return _sym(n, seed) + torch.triu(torch.ones(n, n, dtype=DT))
+
+
+NEEDS_SYMMETRY = {
+    "cs.eigenvalues": lambda A: cs.eigenvalues(A),
+    "cs.density": lambda A: cs.density(A, steps=5, probes=2),
+    "cs.spectrum.cg": lambda A: cs.spectrum.cg(A, torch.ones(A.shape[0], dtype=A.dtype)),
+    "cs.trace_of_square": lambda A: cs.trace_of_square(A, 10),
+}
+
+
+@pytest.mark.parametrize("name", NEEDS_SYMMETRY)
+def test_a_non_symmetric_matrix_is_refused_where_symmetry_is_assumed(name):
+    """It used to be accepted silently: eigenvalues gave 51.1 for a matrix whose symmetric
+    part has λ_max 3 (review e3)."""
+    with pytest.raises(
+        ValueError, match=rf"{name} needs a symmetric.*‖_F = 0\.\d+.*\(A \+ A\.T\) / 2"
+    ):
+        NEEDS_SYMMETRY[name](_asymmetric())
+
+
+def test_trace_and_diagonal_take_any_square_matrix():
+    A = _asymmetric()
+    assert cs.trace(A, method="exact").value == pytest.approx(float(torch.trace(A)))
+    torch.testing.assert_close(cs.diagonal(A, method="exact").value, A.diagonal())
+    r = cs.trace(A, 30, method="hutchinson")
+    assert abs(r.value - float(torch.trace(A))) <= 5 * r.stderr
+
+
+def test_float32_matrices_symmetric_up_to_rounding_are_accepted():
+    """B QΛQᵀ Bᵀ formed in float32 is symmetric to about 5 eps only (torch.allclose said no);
+    an asymmetry of 1e-4, far above rounding, is refused."""
+    n = 300
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=_gen(0)))
+    B = torch.randn(n, n, generator=_gen(1)) / n**0.5
+    A = B @ (q * torch.linspace(-1.0, 1.0, n)) @ q.T @ B.T
+    assert not torch.equal(A, A.T)
+    op = as_operator(A)
+    assert op.symmetric and 0 < op.asymmetry < 20 * torch.finfo(torch.float32).eps
+    ref = torch.linalg.eigvalsh(((A + A.T) / 2).double())
+    r = cs.eigenvalues(A, k=1, which="both")
+    torch.testing.assert_close(r.values.double(), ref[[-1, 0]], atol=2e-3, rtol=0)
+    E = torch.randn(n, n, generator=_gen(2))
+    with pytest.raises(ValueError, match="not symmetric"):
+        cs.eigenvalues(A + 1e-4 * A.norm() / E.norm() * E)
+
+
+def _with_nan(value):
+    A = _spd(20)
+    A[3, 3] = value
+    return A
+
+
+ESTIMATORS = {
+    "eigenvalues": lambda A: cs.eigenvalues(A),
+    "density": lambda A: cs.density(A, steps=5, probes=2),
+    "trace": lambda A: cs.trace(A, 10),
+    "trace exact": lambda A: cs.trace(A, method="exact"),
+    "trace_of_square": lambda A: cs.trace_of_square(A, 10),
+    "diagonal": lambda A: cs.diagonal(A, 10),
+    "cg": lambda A: cs.spectrum.cg(A, torch.ones(20, dtype=DT)),
+}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_a_matrix_with_nan_or_inf_is_named_by_every_estimator(name, value):
+    """It gave numpy's LinAlgError (eigenvalues), a silent 0.0 (density) or nan (trace)."""
+    with pytest.raises(FloatingPointError, match=r"20 x 20 matrix has \d NaN and \d Inf"):
+        ESTIMATORS[name](_with_nan(value))
+
+
+class Custom:
+    """An operator of the user's own: ``matmat`` and ``num_params``, and what it declares."""
+
+    def __init__(self, A, num_params=None, dtype="unset", out=None):
+        self.A, self.num_params, self.out = A, num_params or A.shape[0], out
+        if dtype != "unset":
+            self.dtype = dtype
+
+    def matmat(self, V):
+        return self.A @ V if self.out is None else self.out(self.A, V)
+
+
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_a_custom_product_with_nan_is_named_by_every_estimator(name):
+    op = Custom(_spd(20), dtype=DT, out=lambda A, V: (A @ V) * float("nan"))
+    with pytest.raises(FloatingPointError, match=r"Custom\.matmat returned \d+ non-finite"):
+        ESTIMATORS[name](op)
+
+
+def test_a_float64_operator_without_dtype_says_to_declare_it():
+    with pytest.raises(RuntimeError, match=r"assumed: it has no dtype.*dtype = torch\.float64"):
+        cs.eigenvalues(Custom(_spd(20)))
+    ref = torch.linalg.eigvalsh(_spd(20))[-1]
+    r = cs.eigenvalues(Custom(_spd(20), dtype="float64"))  # a dtype's name is taken
+    assert r.values.dtype == DT and r.values[0] == pytest.approx(float(ref), rel=1e-3)
+    with pytest.raises(TypeError, match=r"Custom\.dtype to be a floating torch\.dtype"):
+        cs.eigenvalues(Custom(_spd(20), dtype="double precision"))
+    with pytest.raises(TypeError, match=r"Custom\.dtype to be a floating torch\.dtype"):
+        cs.eigenvalues(Custom(_spd(20), dtype=torch.int64))
+
+
+@pytest.mark.parametrize(
+    ("op", "error", "match"),
+    [
+        (
+            Custom(_spd(20), num_params=15, dtype=DT),
+            RuntimeError,
+            "declares num_params=15.*num_params",
+        ),
+        (
+            Custom(_spd(20), num_params=2.5, dtype=DT),
+            TypeError,
+            "Custom: expected num_params to be an integer",
+        ),
+        (Custom(_spd(20), num_params=-3, dtype=DT), ValueError, "num_params to be an integer >= 1"),
+        (
+            Custom(_spd(20), dtype=DT, out=lambda A, V: (A @ V)[:, 0]),
+            ValueError,
+            r"returned shape \(20,\) for a block of shape \(20, 1\).*check num_params",
+        ),
+        (
+            Custom(_spd(20), dtype=DT, out=lambda A, V: torch.cat([A @ V, V[:1]])),
+            ValueError,
+            r"returned shape \(21, 1\)",
+        ),
+        (Custom(_spd(20), dtype=DT, out=lambda A, V: (A @ V).tolist()), TypeError, "returned list"),
+    ],
+)
+def test_a_custom_operator_that_does_not_match_its_declaration_is_named(op, error, match):
+    """These gave raw torch or QR errors (review e4)."""
+    with pytest.raises(error, match=match):
+        cs.eigenvalues(op)
+
+
+@pytest.mark.parametrize("bad", ["no", 0.0, 1, "False"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda pb: cs.eigenvalues(_spd(), progress_bar=pb),
+        lambda pb: cs.trace(_spd(), 10, progress_bar=pb),
+        lambda pb: cs.trace_of_square(_spd(), 10, progress_bar=pb),
+        lambda pb: cs.diagonal(_spd(), 10, progress_bar=pb),
+        lambda pb: cs.density(_spd(), steps=3, progress_bar=pb),
+    ],
+)
+def test_progress_bar_takes_true_false_or_none(call, bad):
+    """ "no" read as true and showed a bar (review p1)."""
+    with pytest.raises(TypeError, match=r"progress_bar to be True .*False .*None.*got"):
+        call(bad)
+
+
+def test_cg_refuses_a_right_hand_side_with_nan():
+    b = torch.ones(7, dtype=DT)
+    b[2] = float("nan")
+    with pytest.raises(ValueError, match="b has non-finite entries"):
+        cs.spectrum.cg(_spd(), b)

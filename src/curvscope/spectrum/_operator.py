@@ -11,6 +11,7 @@ result back.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,13 +23,22 @@ import torch
 from torch import Tensor
 
 from curvscope.derivatives import Curvature, ShardedCurvature
-from curvscope.derivatives.checks import check_int, check_real
+from curvscope.derivatives.checks import all_finite, check_int, check_real
 from curvscope.derivatives.distributed import check_same_on_ranks
 from curvscope.derivatives.seeding import generator
 from curvscope.derivatives.sharded import rank_generator
 from curvscope.spectrum.precision import autocast_off, working_dtype
 
-__all__ = ["Operator", "as_operator", "autocast_off", "check_budget", "progress", "working_dtype"]
+__all__ = [
+    "Operator",
+    "as_operator",
+    "autocast_off",
+    "check_budget",
+    "check_progress_bar",
+    "progress",
+    "symmetry_tolerance",
+    "working_dtype",
+]
 
 
 @dataclass
@@ -53,7 +63,10 @@ class Operator:
 
     Tags (declared, as lineax's are; the estimators rely on symmetry, PSD is informative):
         symmetric: Aᵀ = A. True for every Curvature and composition; for a dense tensor,
-            whether it equals its transpose to ``torch.allclose``'s default tolerance.
+            whether it equals its transpose up to rounding: ``asymmetry`` at most
+            :func:`symmetry_tolerance` (cs.eigenvalues, cs.density, cs.spectrum.cg and
+            cs.trace_of_square refuse an operator that is not; cs.trace and cs.diagonal need
+            no symmetry).
         psd: A is declared positive semi-definite: a Curvature of the Gauss-Newton family
             (``is_psd``), an object with a true ``is_psd``, and the compositions that keep it
             (a shift, scale or damping by non-negative amounts, any congruence). False means
@@ -76,6 +89,12 @@ class Operator:
     #: a vector holds this rank's ``n`` entries, and a sum over a vector's entries (an inner
     #: product, a norm) is the ranks' partial sums reduced; None: whole vectors
     shards: ShardedCurvature | None = field(default=None, repr=False)
+    #: for a dense tensor, ‖A − Aᵀ‖_F / ‖A‖_F (0 for everything else)
+    asymmetry: float = 0.0
+    #: check every product for NaN/Inf (one host read a product): an object's own ``matmat``
+    #: and a float16 matrix's (whose products can overflow); a Curvature checks its own, a
+    #: float32/float64 matrix is checked once, when it is wrapped
+    check_products: bool = field(default=False, repr=False)
 
     @property
     def dim(self) -> int:
@@ -141,6 +160,18 @@ class Operator:
             return "a vector of another length"
         return v if values else tuple(v.shape)
 
+    def require_symmetric(self, what: str) -> None:
+        """Refuse an operator not tagged symmetric, with its asymmetry and the fix."""
+        if not self.symmetric:
+            tolerance = symmetry_tolerance(self.dtype, self.dim)
+            raise ValueError(
+                f"{what} needs a symmetric operator, and this matrix is not symmetric: "
+                f"‖A − Aᵀ‖_F/‖A‖_F = {self.asymmetry:.3g}, more than rounding explains (at most "
+                f"{tolerance:.2g} for a {self.dim} x {self.dim} {_dtype_name(self.dtype)} "
+                "matrix); pass its symmetric part (A + A.T) / 2 (cs.trace and cs.diagonal take "
+                "any square matrix)"
+            )
+
     def require_whole(self, what: str) -> None:
         """Refuse sharded vectors, with the fix, in an estimator that needs whole ones."""
         if self.shards is not None:
@@ -157,7 +188,22 @@ class Operator:
         return working_dtype(self.dtype)
 
     def __call__(self, V: Tensor) -> Tensor:
-        self.matvecs += V.shape[1] if V.ndim == 2 else 1
+        """A V, in V's dtype: the product runs in :attr:`dtype` (see the class docstring).
+
+        Counts on :attr:`matvecs` every product the call causes: V's columns, or more where
+        the wrapped object counts more (a Curvature with ``backend="auto"`` times its first
+        large block both ways; a composition passes its wrapped operator's count on).
+        """
+        before = _count(self.source)
+        out = self._product(V)
+        cols = V.shape[1] if V.ndim == 2 else 1
+        after = _count(self.source)
+        self.matvecs += cols if before is None or after is None else max(cols, after - before)
+        if self.check_products and not all_finite(out):
+            raise FloatingPointError(_non_finite(self.source, out, V))
+        return out
+
+    def _product(self, V: Tensor) -> Tensor:
         if V.dtype == self.dtype:
             return self.matmat(V)
         if torch.finfo(V.dtype).bits <= torch.finfo(self.dtype).bits:
@@ -175,8 +221,10 @@ class Operator:
         """
         if self.shift is None:
             return B - self(X)
-        self.matvecs += X.shape[1]
-        return self.source.residual(B, X) - self.shift(X)
+        before = self.source.matvecs
+        out = self.source.residual(B, X) - self.shift(X)
+        self.matvecs += max(X.shape[1], self.source.matvecs - before)
+        return out
 
     # ------------------------------------------------------------------------ combinators
     def _over(
@@ -188,7 +236,18 @@ class Operator:
         """A composition over this operator: same size and device, the working dtype."""
         dt, sym = self.work_dtype, self.symmetric
         return Operator(
-            matmat, self.n, dt, self.device, self, 0, sym, psd, True, shift, self.shards
+            matmat,
+            self.n,
+            dt,
+            self.device,
+            self,
+            0,
+            sym,
+            psd,
+            True,
+            shift,
+            self.shards,
+            self.asymmetry,
         )
 
     def shifted(self, sigma: float | Tensor) -> Operator:
@@ -304,7 +363,16 @@ def _narrowed_product(matmat: Callable[[Tensor], Tensor], V: Tensor, dtype: torc
 def as_operator(A: Any) -> Operator:
     """``A`` as an :class:`Operator` (an Operator is returned as it is), with its tags: a
     Curvature is PSD for the Gauss-Newton family; a tensor is tagged symmetric if it equals its
-    transpose to ``torch.allclose``'s tolerance; an object declares PSD by a true ``is_psd``."""
+    transpose up to rounding (:func:`symmetry_tolerance`); an object declares PSD by a true
+    ``is_psd``.
+
+    Raises:
+        FloatingPointError: a tensor with NaN or Inf entries (and, later, a product of an
+            object's ``matmat`` or of a float16 matrix that is not finite).
+        TypeError, ValueError: what is neither a Curvature, a square floating tensor, nor an
+            object with ``matmat`` (or ``@``) and a positive integer ``num_params``, or such an
+            object's ``dtype`` that is not a floating torch dtype.
+    """
     if isinstance(A, Operator):
         return A
     if isinstance(A, Curvature):
@@ -312,21 +380,187 @@ def as_operator(A: Any) -> Operator:
     if isinstance(A, ShardedCurvature):
         return Operator(A.matmat, A.num_params, A.dtype, A.device, A, shards=A)
     if isinstance(A, Tensor):
-        if A.ndim != 2 or A.shape[0] != A.shape[1]:
-            raise ValueError(f"expected a square matrix, got shape {tuple(A.shape)}")
-        if not A.is_floating_point():
-            raise TypeError(f"expected a floating-point matrix, got {A.dtype}")
-        symmetric = torch.allclose(A, A.mT)
-        return Operator(lambda V: A @ V, A.shape[0], A.dtype, A.device, A, symmetric=symmetric)
+        return _dense_operator(A)
     n = getattr(A, "num_params", None)
-    mm = getattr(A, "matmat", None) or (lambda V: A @ V)
     if n is None or not (hasattr(A, "matmat") or hasattr(A, "__matmul__")):
         raise TypeError(
             "expected a cs.Curvature, a square torch.Tensor, or an object with matmat/@ and "
             f"num_params; got {type(A).__name__}. Build one with cs.Curvature(model, loss_fn, data)"
         )
-    dtype, device = getattr(A, "dtype", torch.float32), torch.device(getattr(A, "device", "cpu"))
-    return Operator(mm, int(n), dtype, device, A, psd=getattr(A, "is_psd", False) is True)
+    try:
+        n = check_int(n, "num_params", minimum=1)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{type(A).__name__}: {e} (the operator's size: A is n x n)") from None
+    dtype, assumed = _object_dtype(A)
+    device = torch.device(getattr(A, "device", "cpu"))
+    product = _ObjectProduct(A, n, dtype, assumed)
+    psd = getattr(A, "is_psd", False) is True
+    return Operator(product, n, dtype, device, A, psd=psd, check_products=True)
+
+
+#: A dense matrix counts as symmetric when ‖A − Aᵀ‖_F ≤ SYMMETRY_ROUNDING·√n·eps(dtype)·‖A‖_F:
+#: the rounding of a matrix built by products of inner dimension n grows like √n·eps (measured
+#: at most 0.4·√n·eps for a chain of four float64 factors, n = 10 to 3000, and 6·eps in float32).
+SYMMETRY_ROUNDING = 4.0
+
+
+def symmetry_tolerance(dtype: torch.dtype, n: int) -> float:
+    """The largest ‖A − Aᵀ‖_F / ‖A‖_F that rounding explains for an n x n matrix of ``dtype``:
+    ``SYMMETRY_ROUNDING``·√n·eps(dtype).
+
+    Example:
+        >>> f"{symmetry_tolerance(torch.float32, 100):.2g}"
+        '4.8e-06'
+    """
+    return SYMMETRY_ROUNDING * math.sqrt(n) * torch.finfo(dtype).eps
+
+
+def _dense_operator(A: Tensor) -> Operator:
+    """A square floating tensor as an Operator: its entries checked finite and its asymmetry
+    measured once, here (two reductions over A, one host read)."""
+    if A.ndim != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f"expected a square matrix, got shape {tuple(A.shape)}")
+    if not A.is_floating_point():
+        raise TypeError(f"expected a floating-point matrix, got {A.dtype}")
+    M = A.detach()
+    norms = torch.stack(
+        [
+            torch.linalg.vector_norm(M - M.mT, dtype=torch.float64),
+            torch.linalg.vector_norm(M, dtype=torch.float64),
+        ]
+    ).tolist()
+    if not all(math.isfinite(x) for x in norms):
+        nan, inf = int(torch.isnan(M).sum()), int(torch.isinf(M).sum())
+        if nan or inf:
+            raise FloatingPointError(
+                f"the {A.shape[0]} x {A.shape[1]} matrix has {nan} NaN and {inf} Inf entries: "
+                "no spectrum, trace or solve is defined; check how it was computed"
+            )
+        scale = float(M.abs().max())  # finite entries whose norm overflows: scale them
+        norms = [
+            float(torch.linalg.vector_norm((M - M.mT) / scale, dtype=torch.float64)),
+            float(torch.linalg.vector_norm(M / scale, dtype=torch.float64)),
+        ]
+    asymmetry = norms[0] / norms[1] if norms[1] > 0 else 0.0
+    symmetric = asymmetry <= symmetry_tolerance(A.dtype, A.shape[0])
+    return Operator(
+        lambda V: A @ V,
+        A.shape[0],
+        A.dtype,
+        A.device,
+        A,
+        symmetric=symmetric,
+        asymmetry=asymmetry,
+        check_products=A.dtype == torch.float16,  # 65504: a product can overflow
+    )
+
+
+def _object_dtype(A: Any) -> tuple[torch.dtype, bool]:
+    """An object's ``dtype`` (a torch dtype or its name, "float64"), and whether it was assumed
+    (no attribute: float32)."""
+    dtype = getattr(A, "dtype", None)
+    if dtype is None:
+        return torch.float32, True
+    if isinstance(dtype, str):
+        named = getattr(torch, dtype.removeprefix("torch."), None)
+        dtype = named if isinstance(named, torch.dtype) else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            f"expected {type(A).__name__}.dtype to be a floating torch.dtype (the dtype its "
+            f"matmat takes and returns), got {dtype!r}; set it to e.g. torch.float64"
+        )
+    return dtype, False
+
+
+class _ObjectProduct:
+    """An object's ``matmat`` (or ``@``), checked: a failure says what the object declared
+    (``num_params``, ``dtype``) and how to fix it, and a result of the wrong shape or kind is
+    refused before it reaches an estimator's arithmetic."""
+
+    def __init__(self, A: Any, n: int, dtype: torch.dtype, assumed: bool) -> None:
+        self.A, self.n, self.dtype, self.assumed = A, n, dtype, assumed
+        self.name = f"{type(A).__name__}.matmat" if hasattr(A, "matmat") else "A @ V"
+        self.mm: Callable[[Tensor], Any] = getattr(A, "matmat", None) or (lambda V: A @ V)
+
+    def _declared(self) -> str:
+        dt = _dtype_name(self.dtype)
+        return f"num_params={self.n}, dtype {dt}" + (
+            " (assumed: it has no dtype attribute)" if self.assumed else ""
+        )
+
+    def __call__(self, V: Tensor) -> Tensor:
+        try:
+            out = self.mm(V)
+        except Exception as e:  # the object's own code: say what it was given and declared
+            fix = (
+                "if its matmat computes in another dtype, give it a dtype attribute "
+                "(e.g. dtype = torch.float64)"
+                if self.assumed
+                else "check num_params (its size) and dtype (what matmat takes and returns)"
+            )
+            raise _again(
+                e,
+                f"{self.name} failed on a block of shape {tuple(V.shape)} and dtype "
+                f"{_dtype_name(V.dtype)} — the operator declares {self._declared()}; {fix}. "
+                f"It raised {type(e).__name__}: {e}",
+            ) from e
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            got = f"a {out.dtype} tensor" if isinstance(out, Tensor) else type(out).__name__
+            raise TypeError(
+                f"{self.name} returned {got}; it must return A @ V as a floating-point tensor"
+            )
+        if out.shape != V.shape:
+            raise ValueError(
+                f"{self.name} returned shape {tuple(out.shape)} for a block of shape "
+                f"{tuple(V.shape)}: it must return A @ V, of V's shape (n, k) — the operator "
+                f"declares {self._declared()}; check num_params"
+            )
+        return out
+
+
+def _again(e: Exception, message: str) -> Exception:
+    """An exception of e's type with ``message`` (a RuntimeError where that type cannot be
+    built from one string)."""
+    try:
+        return type(e)(message)
+    except Exception:
+        return RuntimeError(message)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _count(source: Any) -> int | None:
+    """The product counter of what an operator wraps (a Curvature's, an Operator's, an
+    object's own ``matvecs``), or None."""
+    count = getattr(source, "matvecs", None)
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
+
+
+def _non_finite(source: Any, out: Tensor, V: Tensor) -> str:
+    """The message of a product with NaN/Inf entries: which operator, and whether its input
+    was finite (an error path: the entries are counted)."""
+    what = (
+        f"the {source.shape[0]} x {source.shape[1]} {_dtype_name(source.dtype)} matrix's product"
+        if isinstance(source, Tensor)
+        else f"{type(source).__name__}.matmat"
+    )
+    bad = int((~torch.isfinite(out)).sum())
+    if not all_finite(V):
+        return (
+            f"{what} was given a block with NaN/Inf entries (and returned {bad}): a vector "
+            "passed in (b, x0, v0) or an earlier product was not finite"
+        )
+    hint = (
+        "it overflowed the float16 range (65504): use A.float()"
+        if isinstance(source, Tensor)
+        else "the operator is not defined there; check it"
+    )
+    return (
+        f"{what} returned {bad} non-finite entries (NaN/Inf) for a finite block of shape "
+        f"{tuple(V.shape)}: {hint}"
+    )
 
 
 def check_budget(matvecs: object, minimum: int, what: str) -> int:
@@ -348,6 +582,7 @@ class _Progress:
     so far: a few-second λ_max on a large model shows one, a fast one on a small model none)."""
 
     def __init__(self, total: int, desc: str, enabled: bool | None) -> None:
+        check_progress_bar(enabled)
         self.total, self.desc, self.done = total, desc, 0
         self.auto = enabled is None and sys.stderr.isatty()
         self.start = time.perf_counter()
@@ -375,6 +610,15 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def check_progress_bar(enabled: object) -> None:
+    """``progress_bar`` is True, False or None (a string such as "no" would read as true)."""
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(
+            "expected progress_bar to be True (always), False (never) or None (on a terminal "
+            f"once the run is seen to be long), got {enabled!r} ({type(enabled).__name__})"
+        )
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvscope.derivatives.checks import check_int
+from curvscope.derivatives.checks import all_finite, check_int
 from curvscope.spectrum._operator import Operator, as_operator
 from curvscope.spectrum.precision import autocast_off, working_dtype
 
@@ -74,8 +74,9 @@ def cg(
     over the ranks: every rank takes the same steps.
 
     Args:
-        A: a :class:`~curvscope.Curvature`, a square tensor, or an object with ``matmat``.
-        b: the right-hand side (n,), any floating dtype.
+        A: a :class:`~curvscope.Curvature`, a square symmetric tensor, or an object with
+            ``matmat``.
+        b: the right-hand side (n,), any floating dtype, finite.
         tol: relative residual to reach.
         max_matvecs: cap on products (one per iteration, one more for a nonzero ``x0``).
         damping: Levenberg-Marquardt shift λ ≥ 0 added to A: the same as passing
@@ -107,6 +108,10 @@ def cg(
     if x0 is not None and (not isinstance(x0, Tensor) or x0.shape != (op.n,)):
         shape = tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__
         raise ValueError(f"expected x0 of shape ({op.n},) like b, got {shape}")
+    op.require_symmetric("cs.spectrum.cg")
+    for name, v in (("b", b), ("x0", x0)):
+        if v is not None and not all_finite(v):
+            raise ValueError(f"{name} has non-finite entries (NaN/Inf); check how it was computed")
     max_matvecs = check_int(max_matvecs, "max_matvecs", minimum=1)
     for name, value in (("tol", tol), ("damping", damping)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:

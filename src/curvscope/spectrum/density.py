@@ -113,7 +113,8 @@ def density(
     a bulk at zero, its mass below zero reads ≈ 0.5 whatever the truth.)
 
     Args:
-        A: a :class:`~curvscope.Curvature`, a square tensor, or an object with ``matmat``.
+        A: a :class:`~curvscope.Curvature`, a square symmetric tensor, or an object with
+            ``matmat``.
         steps: Lanczos steps per probe (resolution; capped at n).
         probes: independent probes (the error bars of ``negative_mass`` come from them).
         grid_points: resolution of the returned curve.
@@ -151,6 +152,7 @@ def density(
         reorthogonalize=reorthogonalize,
         seed=seed,
     )
+    op.require_symmetric("cs.density")
     steps = check_int(steps, "steps", minimum=1)
     probes = check_int(probes, "probes", minimum=1)
     grid_points = check_int(grid_points, "grid_points", minimum=2)

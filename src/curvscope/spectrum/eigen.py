@@ -34,7 +34,8 @@ PRODUCT_ROUNDING = 1.0
 
 @dataclass(frozen=True)
 class LayerSpectrum:
-    """One parameter block's own top eigenvalue, and its share of the global top eigenvector."""
+    """One parameter block's own top eigenvalue, and its share of the global top eigenvector
+    (the eigenvector of the largest eigenvalue, whatever ``which`` asked for)."""
 
     num_params: int
     lambda_max: float
@@ -53,11 +54,22 @@ class EigenResult:
         values: (k,) or (2k,) eigenvalues; ``values[0]`` is the most extreme asked for (the
             largest, or the smallest for ``which="smallest"``); ``"both"`` is in descending order.
         vectors: (n, len(values)) unit eigenvectors (columns), or None.
-        residuals: ‖A v − λ v‖ of each pair: some eigenvalue lies within it of each value.
-        errors: the estimated error of each value, min(r, r²/gap), plus the products' own
+        residuals: r = ‖A v − λ v‖ of each pair — the rigorous bound: some eigenvalue of A lies
+            within r of each value (of the operator the products compute: see ``errors`` for
+            their rounding).
+        errors: an *estimate* of each value's error, min(r, r²/gap), plus the products' own
             rounding, ``PRODUCT_ROUNDING``·eps(dtype)·scale (negligible in float32 and float64).
-        converged: per value, whether its residual met ``tol``/2·scale.
-        matvecs, seconds: the cost.
+            r²/gap assumes that no eigenvalue Lanczos has not resolved lies within the gap (the
+            distance to the nearest other Ritz value, less its residual); a cluster closer
+            together than r breaks that assumption, and the true error can then exceed
+            ``errors`` by orders of magnitude (six eigenvalues within 1e-4 of λ_max: up to
+            4000x) while staying within the residual of some eigenvalue, and within ``tol``
+            of the value asked for.
+        converged: per value, whether its residual met ``tol``/2·scale — and, where the Krylov
+            space became invariant, whether the fresh directions Lanczos continued with were
+            explored without bringing a new value (otherwise the message says so).
+        matvecs, seconds: the cost: every product the call caused, ``by_layer``'s runs and
+            a Curvature's backend tuning included.
         scale: the spectral scale the tolerance was relative to (max |Ritz value|).
         message: a sentence: what happened and, if it did not converge, what to do.
         layers: for ``by_layer=True``, block name -> :class:`LayerSpectrum`.
@@ -184,7 +196,10 @@ def eigenvalues(
             are a cluster whose members are not told apart. Products in bfloat16 or float16 add
             their own rounding, about eps(dtype)·|λ_max| (included in ``errors``).
         max_matvecs: cap on products (default: min(n, 100 + 40k) per requested end, and at
-            least enough for one pass over small operators).
+            least enough for one pass over small operators). A block step costs
+            ``block_size`` products, so the cap must allow one, and the run stops before a
+            step that would pass it (products a Curvature spends tuning its backend on its
+            first block of 8 or more are counted too, and can take a run past it).
         max_basis: Krylov vectors kept before a restart (default min(n, max(60, 4k + 20))).
         block_size: vectors per Lanczos step. Default: 1 for k=1 (the extreme value is found
             whatever its multiplicity), 2 for k>1, the number of columns of ``v0`` for a warm
@@ -198,10 +213,20 @@ def eigenvalues(
         return_vectors: also return the eigenvectors (n, len(values)).
         by_layer: also compute each parameter block's top eigenvalue (a Lanczos run on each
             block of a Curvature, grouped by module) and the share of the global top
-            eigenvector's squared mass in each block: ``result.layers``.
+            eigenvector's squared mass in each block: ``result.layers``. The top eigenvector
+            is the largest eigenvalue's for every ``which`` (for ``"smallest"`` one more
+            Lanczos run finds it); all these products are counted in ``matvecs``.
         seed: seed or generator for the random start (the global RNG is never used).
-        progress_bar: show a progress bar (default: on a terminal, once the run is seen to
-            take more than two seconds).
+        progress_bar: ``True`` (always), ``False`` (never) or ``None`` (default: on a
+            terminal, once the run is seen to take more than two seconds).
+
+    Invariant subspaces: where the Krylov space becomes invariant (a breakdown: a start
+    vector in an invariant subspace, or a PSD operator whose range is exhausted — a GGN with
+    fewer samples than parameters), Lanczos continues with fresh random directions. An
+    invariant space grown from b vectors holds at most b copies of a repeated eigenvalue, so
+    the run does not stop there: it stops once the part grown from the fresh directions has
+    converged at the wanted end and, where the next step breaks down again, once exploring
+    fresh directions left the wanted values unchanged.
 
     Returns:
         :class:`EigenResult`.
@@ -228,6 +253,7 @@ def eigenvalues(
         seed=seed,
     )
     k = _validate(k, which, tol, op.dim)
+    op.require_symmetric("cs.eigenvalues")
     if by_layer:
         op.require_whole("by_layer=True")
     gen = op.generator(seed)
@@ -243,19 +269,22 @@ def eigenvalues(
         with progress(sizes.max_matvecs, "Lanczos", progress_bar) as bar:
             while _extend(run, op.matvecs - used_before, bar):
                 pass
+        top_vector = by_layer and which != "smallest"  # values[0] is the largest one
         result = _result(
             run,
             op.matvecs - used_before,
-            vectors=return_vectors or by_layer,
+            vectors=return_vectors or top_vector,
             fd_error=max(_product_errors(op)[seen:], default=0.0),
         )
-        layers = {}
+        layers: dict[str, LayerSpectrum] = {}
+        extra = 0
         if by_layer:
-            assert result.vectors is not None  # computed for by_layer
-            layers = _by_layer(A, result.vectors[:, 0], tol, seed)
+            top = result.vectors[:, 0] if top_vector and result.vectors is not None else None
+            layers, extra = _by_layer(A, top, tol, seed, progress_bar)
     return replace(
         result,
         vectors=result.vectors if return_vectors else None,
+        matvecs=result.matvecs + extra,
         seconds=time.perf_counter() - start,
         layers=layers,
     )
@@ -295,7 +324,14 @@ def _sizes(
         )
     if max_matvecs is None:
         max_matvecs = max(min(n, (100 + 40 * k) * ends), min(n, 2 * basis))
-    return _Sizes(b, basis, check_int(max_matvecs, "max_matvecs", minimum=1))
+    cap = check_int(max_matvecs, "max_matvecs", minimum=1)
+    if cap < b:
+        raise ValueError(
+            f"max_matvecs={cap} is less than one block step: a step multiplies a block of "
+            f"block_size={b} vectors (the columns of v0, where given); raise max_matvecs to "
+            f"at least {b}, or lower block_size"
+        )
+    return _Sizes(b, basis, cap)
 
 
 def _start_block(op: Any, block_size: int, gen: torch.Generator, w: Tensor | None) -> Tensor:
@@ -313,20 +349,67 @@ def _start_block(op: Any, block_size: int, gen: torch.Generator, w: Tensor | Non
 
 @dataclass
 class _Run:
-    """One Lanczos run: the Krylov space, what is wanted, and the wanted values so far."""
+    """One Lanczos run: the Krylov space, what is wanted, and what the breakdowns left to
+    explore.
+
+    ``fresh`` weighs each basis vector by how much of it was built since the latest
+    breakdown (1 for a vector added since, 0 before; a thick restart's Ritz vectors carry
+    their share). ``previous`` holds the wanted values after the last step, ``broke`` whether
+    that step broke down, ``confirmed`` whether the last step's exploration allows a stop.
+    """
 
     kry: Krylov
     k: int
     which: str
     tol: float
     sizes: _Sizes
+    fresh: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    previous: np.ndarray | None = None
+    broke: bool = False
+    confirmed: bool = True
+
+    def limit(self, theta: np.ndarray) -> float:
+        """The residual a converged value may have: tol/2·scale."""
+        return RESIDUAL_SHARE * self.tol * max(float(np.abs(theta).max()), 1e-300)
 
     def converged(self, theta: np.ndarray, res: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The wanted values' indices, and whether each is converged: its residual below
         tol/2·scale."""
         idx = _wanted(theta, self.k, self.which)
-        limit = RESIDUAL_SHARE * self.tol * max(float(np.abs(theta).max()), 1e-300)
-        return idx, res[idx] <= limit
+        return idx, res[idx] <= self.limit(theta)
+
+    def grown(self, added: int, after_breakdown: bool) -> None:
+        """A step added ``added`` vectors; after a breakdown they start the part to explore."""
+        if after_breakdown:
+            self.fresh = np.zeros_like(self.fresh)
+        self.fresh = np.concatenate([self.fresh, np.ones(added)])
+
+    def explored(self, theta: np.ndarray, S: np.ndarray, res: np.ndarray) -> bool:
+        """Whether the part built since the latest breakdown has converged at the wanted end:
+        of the Ritz pairs whose vectors lie mostly in it, the k most extreme asked for. (A new
+        Krylov space grown from random directions beside an invariant one: until its own
+        extreme values converge, one of them can still rise past a wanted value. Without a
+        breakdown that part is the whole space, and this is the usual test.)"""
+        mine = np.flatnonzero((S**2).T @ self.fresh >= 0.5)
+        if mine.size == 0:
+            return True
+        pick = mine[_wanted(theta[mine], self.k, self.which)]
+        return bool((res[pick] <= self.limit(theta)).all())
+
+    def settle(self, theta: np.ndarray, S: np.ndarray, res: np.ndarray, idx: np.ndarray) -> None:
+        """Decide whether this step's state allows a stop (``confirmed``): the part explored
+        since the latest breakdown converged and, if this step broke down again (its fresh
+        directions still unexplored), the previous one did too and exploring its fresh
+        directions left the wanted values where they were."""
+        broke, values = self.kry.replaced > 0, theta[idx]
+        stable = (
+            self.broke
+            and self.previous is not None
+            and self.previous.shape == values.shape
+            and float(np.abs(values - self.previous).max()) <= self.limit(theta)
+        )
+        self.confirmed = self.explored(theta, S, res) and (not broke or stable)
+        self.previous, self.broke = values, broke
 
 
 def _extend(run: _Run, used: int, bar: Any) -> bool:
@@ -335,19 +418,24 @@ def _extend(run: _Run, used: int, bar: Any) -> bool:
     read (the step's, :meth:`Krylov.extend`)."""
     kry, sizes = run.kry, run.sizes
     op = kry.op
-    before = op.matvecs
+    before, size, after_breakdown = op.matvecs, kry.size, kry.replaced > 0
     kry.extend()
     bar.update(op.matvecs - before)
     used += op.matvecs - before
+    run.grown(kry.size - size, after_breakdown)
     theta, S, res = kry.ritz()
-    _, ok = run.converged(theta, res)
+    idx, ok = run.converged(theta, res)
+    run.settle(theta, S, res, idx)
     enough = kry.size >= min(op.dim, run.k * (2 if run.which == "both" else 1) + 1)
-    done = enough and bool(ok.all())
-    if done or kry.size >= op.dim or used >= sizes.max_matvecs or kry.X.shape[1] == 0:
+    done = enough and bool(ok.all()) and run.confirmed
+    if done or kry.size >= op.dim or kry.X.shape[1] == 0:
+        return False
+    if used + kry.X.shape[1] > sizes.max_matvecs:  # the next step would pass the cap
         return False
     if kry.size + kry.X.shape[1] > sizes.max_basis:
         keep = _restart_set(theta, run.k, run.which, sizes.max_basis - 2 * kry.X.shape[1])
         kry.restart(S[:, keep], theta[keep])
+        run.fresh = (S[:, keep] ** 2).T @ run.fresh
     return True
 
 
@@ -373,9 +461,13 @@ def _result(run: _Run, used: int, vectors: bool, fd_error: float = 0.0) -> Eigen
     scale = float(np.abs(theta).max())
     rounding = PRODUCT_ROUNDING * torch.finfo(op.dtype).eps * scale
     err = error_bounds(theta, res)[idx]
-    if kry.size >= op.dim:  # the full space: exact up to rounding
+    whole = kry.size >= op.dim
+    if whole:  # the full space: exact up to rounding
         ok = np.ones_like(ok)
     message = _message(bool(ok.all()), used, run.sizes.max_matvecs, res[idx], scale, tol)
+    if not (whole or run.confirmed):  # a value may be missing, whatever the residuals say
+        message = message if not ok.all() else _unexplored(used, run.sizes.max_matvecs)
+        ok = np.zeros_like(ok)
     if fd_error > RESIDUAL_SHARE * tol:
         ok = np.zeros_like(ok)
         fix = (
@@ -424,6 +516,15 @@ def _restart_set(theta: np.ndarray, k: int, which: str, room: int) -> np.ndarray
     return np.concatenate([np.arange(0, lo), np.arange(m - hi, m)])
 
 
+def _unexplored(used: int, cap: int) -> str:
+    return (
+        f"not converged after {used} products (cap {cap}): the Krylov space became invariant "
+        "(a repeated eigenvalue, or a PSD operator's range exhausted) and the fresh directions "
+        "Lanczos continued with were not explored to the end; raise max_matvecs (or "
+        "block_size, to see more copies of a repeated eigenvalue at once)"
+    )
+
+
 def _message(ok: bool, used: int, cap: int, res: np.ndarray, scale: float, tol: float) -> str:
     if ok:
         return f"converged in {used} products (tolerance {tol:g} relative to {scale:.4g})"
@@ -462,16 +563,29 @@ def block_shares(C: Any, v: Tensor) -> dict[str, float]:
     return dict(zip(C.param_names, squares.tolist(), strict=True))
 
 
-def _by_layer(A: Any, top: Tensor, tol: float, seed: Any) -> dict[str, LayerSpectrum]:
+def _by_layer(
+    A: Any, top: Tensor | None, tol: float, seed: Any, progress_bar: bool | None
+) -> tuple[dict[str, LayerSpectrum], int]:
+    """Each module's own top eigenvalue and its share of the global top eigenvector ``top``
+    (the largest eigenvalue's; for ``which="smallest"``, None: one more run finds it), and the
+    products all these runs took."""
     from curvscope.derivatives import Curvature
 
     if not isinstance(A, Curvature) or A.objective is None:
         raise TypeError("by_layer=True needs a cs.Curvature built from a model")
+    used = 0
+    if top is None:
+        r = eigenvalues(A, k=1, tol=tol, seed=seed, progress_bar=progress_bar)
+        assert r.vectors is not None
+        top, used = r.vectors[:, 0], r.matvecs
     shares = block_shares(A, top)
     out = {}
     for layer, names in _layer_groups(A.param_names).items():
         sub = A.restrict(names)
-        r = eigenvalues(sub, k=1, tol=tol, seed=seed, return_vectors=False)
+        r = eigenvalues(
+            sub, k=1, tol=tol, seed=seed, return_vectors=False, progress_bar=progress_bar
+        )
+        used += r.matvecs
         share = sum(shares[n] for n in names)
         out[layer] = LayerSpectrum(sub.num_params, float(r.values[0]), share)
-    return out
+    return out, used
