@@ -108,7 +108,14 @@ Update = tuple[Tensor, Tensor, dict[str, Tensor] | None]
 
 class CurvscopeOptimizer(Optimizer):
     """Base: keeps :class:`Counts` (``counts``; at the top level of ``state_dict()``) and the last
-    :class:`StepInfo` (``info``); each ``step()`` is a transaction."""
+    :class:`StepInfo` (``info``); each ``step()`` is a transaction.
+
+    ``group`` (every optimizer's keyword): under torch.distributed, by default (None) inside an
+    initialized process group, the loss, gradient, curvature products, diagonal estimates and
+    trial losses are averaged over its ranks — each rank's closure computes its own shard's
+    loss, as under DDP — so every rank takes the same step and the replicas stay equal; a
+    ``ProcessGroup`` selects the group, ``False`` keeps each process alone.
+    """
 
     #: Whether the method treats all parameters as one vector (Newton-type) and so needs a single
     #: parameter group, like ``torch.optim.LBFGS``.

@@ -234,10 +234,8 @@ class AdaHessian(_DiagonalMethod):
         update_every: refresh D every this many steps (reusing it in between).
         estimator: a :class:`DiagonalEstimator` (default ``Hutchinson()``).
         seed: fixes the random probes (step t uses seed and t, so a resumed run repeats them).
-        group: torch.distributed: by default (None) inside an initialized process group the
-            loss, gradient, products and trial losses are averaged over its ranks (each
-            closure computes its own shard's, as under DDP), so the replicas stay equal;
-            a ``ProcessGroup`` selects the group, ``False`` keeps each process alone.
+        group: the process group to average over (default: the initialized one; ``False``:
+            this process alone): :class:`~curvscope.optim.base.CurvscopeOptimizer`.
     """
 
     #: per-parameter state: momentum m, the average v of D², the last estimate D
@@ -310,10 +308,8 @@ class Sophia(_DiagonalMethod):
         lr, betas, rho, weight_decay (decoupled), update_every, eps: as above.
         estimator: a :class:`DiagonalEstimator` (default ``Hutchinson()``).
         seed: fixes the random probes (step t uses seed and t, so a resumed run repeats them).
-        group: torch.distributed: by default (None) inside an initialized process group the
-            loss, gradient, products and trial losses are averaged over its ranks (each
-            closure computes its own shard's, as under DDP), so the replicas stay equal;
-            a ``ProcessGroup`` selects the group, ``False`` keeps each process alone.
+        group: the process group to average over (default: the initialized one; ``False``:
+            this process alone): :class:`~curvscope.optim.base.CurvscopeOptimizer`.
     """
 
     #: per-parameter state: momentum m, the curvature average h

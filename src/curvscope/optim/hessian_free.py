@@ -41,10 +41,8 @@ class HessianFree(ModelStepOptimizer):
         progress_tol: Martens' ε for the CG stopping rule.
         curvature: ``"auto"``, ``"ggn"`` or ``"hessian"``.
         tolerance_grad: no step (and no products) when ‖g‖ ≤ this (torch LBFGS's option).
-        group: torch.distributed: by default (None) inside an initialized process group the
-            loss, gradient, products and trial losses are averaged over its ranks (each
-            closure computes its own shard's, as under DDP), so the replicas stay equal;
-            a ``ProcessGroup`` selects the group, ``False`` keeps each process alone.
+        group: the process group to average over (default: the initialized one; ``False``:
+            this process alone): :class:`~curvscope.optim.base.CurvscopeOptimizer`.
     """
 
     descent = GaussNewtonCG()

@@ -29,10 +29,8 @@ class SaddleFreeNewton(ModelStepOptimizer):
         krylov_dim: subspace dimension k (products per step).
         damping: initial μ, relative to the largest |θ|.
         tolerance_grad: no step (and no products) when ‖g‖ ≤ this (torch LBFGS's option).
-        group: torch.distributed: by default (None) inside an initialized process group the
-            loss, gradient, products and trial losses are averaged over its ranks (each
-            closure computes its own shard's, as under DDP), so the replicas stay equal;
-            a ``ProcessGroup`` selects the group, ``False`` keeps each process alone.
+        group: the process group to average over (default: the initialized one; ``False``:
+            this process alone): :class:`~curvscope.optim.base.CurvscopeOptimizer`.
     """
 
     descent = LanczosSaddleFree()
@@ -69,10 +67,8 @@ class CubicNewton(ModelStepOptimizer):
         krylov_dim: subspace dimension k (products per step).
         min_sigma: the smallest σ.
         tolerance_grad: no step (and no products) when ‖g‖ ≤ this (torch LBFGS's option).
-        group: torch.distributed: by default (None) inside an initialized process group the
-            loss, gradient, products and trial losses are averaged over its ranks (each
-            closure computes its own shard's, as under DDP), so the replicas stay equal;
-            a ``ProcessGroup`` selects the group, ``False`` keeps each process alone.
+        group: the process group to average over (default: the initialized one; ``False``:
+            this process alone): :class:`~curvscope.optim.base.CurvscopeOptimizer`.
     """
 
     descent = LanczosCubic()

@@ -39,10 +39,8 @@ class Newton(ModelStepOptimizer):
         damping: the Levenberg-Marquardt shift first applied when needed, relative to the
             Hessian's scale max|λ|; 0 for pure Newton.
         tolerance_grad: no step (and no products) when ‖g‖ ≤ this (torch LBFGS's option).
-        group: torch.distributed: by default (None) inside an initialized process group the
-            loss, gradient, products and trial losses are averaged over its ranks (each
-            closure computes its own shard's, as under DDP), so the replicas stay equal;
-            a ``ProcessGroup`` selects the group, ``False`` keeps each process alone.
+        group: the process group to average over (default: the initialized one; ``False``:
+            this process alone): :class:`~curvscope.optim.base.CurvscopeOptimizer`.
 
     Example:
         >>> import torch, curvscope as cs
@@ -101,10 +99,8 @@ class NewtonCG(ModelStepOptimizer):
         eta: acceptance threshold on ρ, in [0, ¼).
         max_cg: cap on CG iterations (= Hessian-vector products) per step.
         tolerance_grad: no step (and no products) when ‖g‖ ≤ this (torch LBFGS's option).
-        group: torch.distributed: by default (None) inside an initialized process group the
-            loss, gradient, products and trial losses are averaged over its ranks (each
-            closure computes its own shard's, as under DDP), so the replicas stay equal;
-            a ``ProcessGroup`` selects the group, ``False`` keeps each process alone.
+        group: the process group to average over (default: the initialized one; ``False``:
+            this process alone): :class:`~curvscope.optim.base.CurvscopeOptimizer`.
 
     Example:
         >>> import torch, curvscope as cs
