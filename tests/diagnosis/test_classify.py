@@ -414,7 +414,15 @@ def test_a_loss_stuck_far_above_its_best_is_diverged():
     assert judged([4.0, 4.5], best=0.5)[0] is State.LEARNING  # 8.5x: under 10x
     assert judged([1.9, 2.0], best=0.1, first=2.28)[0] is State.LEARNING  # 19.5x, under the start
     assert judged([2.3, 2.5], best=0.1)[0] is State.DIVERGED
-    assert judged([15.0, 298.0], best=None)[0] is State.LEARNING  # no running minimum yet
+    # before the first probe there is no running minimum: the first loss is the baseline (a
+    # run blown up 100x before its first probe read *learning* at every probe: a review)
+    state, reasons = judged([15.0, 298.0], best=None)
+    assert state is State.DIVERGED and reasons[0] == (
+        "the training loss ran away: its mean since the previous probe, 156.5, is above 10 "
+        "times its first value 2.28"
+    )
+    assert judged([15.0, 298.0], best=40.0)[0] is State.DIVERGED  # the first is lower
+    assert judged([2.3, 5.0], best=None)[0] is State.LEARNING  # 1.6x its first: no blow-up
 
 
 def test_a_loss_that_ran_away_is_diverged():
@@ -424,7 +432,10 @@ def test_a_loss_that_ran_away_is_diverged():
         "the training loss ran away: above 1000 times its first value 1, or not finite"
     ]
     assert history(near(), losses=[math.nan])[0] is State.DIVERGED
-    assert history(near(), losses=[EXPLOSION * 0.99])[0] is State.LEARNING
+    # under the explosion bound the window's mean decides: 990x its first is stuck high
+    state, reasons = history(near(), losses=[EXPLOSION * 0.99])
+    assert state is State.DIVERGED and "is above 10 times its first value 1" in reasons[0]
+    assert history(near(), losses=[9.0])[0] is State.LEARNING
     # a non-finite loss is diverged even before a first finite one is known
     assert history(near(), losses=[math.inf], first_loss=None) == (
         State.DIVERGED,

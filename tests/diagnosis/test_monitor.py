@@ -397,3 +397,47 @@ def test_an_optimizer_no_probe_can_judge_is_refused_at_construction(make, error,
     case = cases.mlp()
     with pytest.raises(error, match=match):
         cs.Monitor(case.model, case.loss_fn, case.data, optimizer=make(case.model.parameters()))
+
+
+def _digits_mlp():
+    p = cs.problems.get("digits-mlp", hidden=32, n=512)
+    return p, p.make_model(0)
+
+
+def test_a_blow_up_before_the_first_probe_is_diverged():
+    """SGD at lr 20: the loss 2.3 -> 199 in 8 steps, then 100x its start for good; the only
+    probe said *learning* ("the largest stable learning rate is 1.45e+03"): with no earlier
+    window, nothing was low enough to compare with (an outside review)."""
+    p, model = _digits_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=20.0)
+    X, y = p.data
+    with cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=20) as mon:
+        for _ in range(40):
+            opt.zero_grad()
+            loss = p.loss_fn(model(X), y)
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+    assert mon.losses[0] < 3 and min(mon.losses[10:]) > 30  # blown up, and stuck there
+    assert [d.state for d in mon.history] == ["diverged", "diverged"]
+
+
+def test_a_nan_in_adams_state_is_diverged_not_an_error():
+    """A NaN weight reached Adam's moments: mon.step raised the preconditioner's ValueError
+    ("d has non-finite entries") and stopped the training loop (an outside review)."""
+    p, model = _digits_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    X, y = p.data
+    mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=5)
+    for t in range(10):
+        opt.zero_grad()
+        loss = p.loss_fn(model(X), y)
+        loss.backward()
+        if t == 6:
+            with torch.no_grad():
+                model[0].weight[0, 0] = float("nan")
+        opt.step()
+        mon.step(loss)
+    assert mon.last.state == "diverged"
+    d = cs.diagnose(model, p.loss_fn, p.data, optimizer=opt)
+    assert d.state == "diverged"

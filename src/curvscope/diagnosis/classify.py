@@ -506,6 +506,12 @@ def _finite(x: Any) -> bool:
 
 
 def _diverged(f: Facts) -> list[str] | None:
+    if f.limit is not None and math.isnan(f.limit):  # what diagnose sets it to: see there
+        return [
+            "the optimizer's state is not finite: a NaN or Inf gradient reached its moments "
+            "(its preconditioner has non-finite entries), so its next step writes them into "
+            "the parameters"
+        ]
     if not (_finite(f.loss) and _finite(f.g)):
         return [f"the loss ({f.loss}) or the gradient norm ({f.g}) is not finite"]
     if any(c is not None and not math.isfinite(c) for c in (f.s, f.bs)):  # overflowed
@@ -890,15 +896,25 @@ def _stuck_high(
     losses: Sequence[float], best_loss: float | None, first_loss: float | None, floor: float
 ) -> list[str] | None:
     """The reasons a run's loss ran away and stayed there, or None: the mean training loss
-    since the previous probe is above :data:`RAN_AWAY` times its running minimum ``best_loss``
-    (measured as :func:`_rose` measures a rise) and above the first loss."""
-    mean = _risen_mean(losses, best_loss, RAN_AWAY, floor)
-    if mean is None or best_loss is None or first_loss is None or mean <= first_loss:
+    since the previous probe is above :data:`RAN_AWAY` times the lower of its running minimum
+    ``best_loss`` and its first value (measured as :func:`_rose` measures a rise), and above
+    the first loss. The first value counts because a run can blow up before its first probe:
+    its windows' means are then all high, and a 100x blow-up read as *learning* at every probe
+    (an outside review)."""
+    if first_loss is None:
         return None
+    low = first_loss if best_loss is None else min(best_loss, first_loss)
+    mean = _risen_mean(losses, low, RAN_AWAY, floor)
+    if mean is None or mean <= first_loss:
+        return None
+    above = (
+        f"its first value {first_loss:.4g}"
+        if low == first_loss
+        else f"its lowest such mean {low:.4g} and above its first value {first_loss:.4g}"
+    )
     return [
         f"the training loss ran away: its mean since the previous probe, {mean:.4g}, is above "
-        f"{RAN_AWAY:g} times its lowest such mean {best_loss:.4g} and above its first value "
-        f"{first_loss:.4g}",
+        f"{RAN_AWAY:g} times {above}",
         "stable-looking curvature there (a network blown into saturation has little) does not "
         "make it learning",
     ]

@@ -395,6 +395,12 @@ def _diagnose(
     space = products.space(C)  # refused here, before any collective, if it cannot be
     limit = _limit(C, optimizer, lr, space)
     evidence = _first_evidence(limit, thresholds)
+    if _state_not_finite(limit, space):
+        # a NaN gradient reached the optimizer's moments (Adam's v): its next step writes NaN
+        # into the parameters — diverged, with no limit to measure against (it raised the
+        # preconditioner's ValueError from inside mon.step before: an outside review)
+        evidence["stability_limit"] = math.nan
+        return _finish(evidence, thresholds, {}, True, start, C)
     objective = _Objective(C, limit, space)
     try:
         loss, g = objective.gradient()
@@ -433,6 +439,13 @@ def _diagnose(
         eff = evidence.get("batch_sharpness")
         evidence["stable_lr"] = limit.stable_lr(eff if eff is not None else evidence["sharpness"])
     return _finish(evidence, thresholds, vectors, converged, start, C)
+
+
+def _state_not_finite(limit: StabilityLimit | None, space: _Space) -> bool:
+    """Whether the optimizer's preconditioner has NaN/Inf entries (on any rank)."""
+    if limit is None or limit.scale is None:
+        return False
+    return _total(space, (~torch.isfinite(limit.scale)).sum().to(limit.scale.dtype)) > 0
 
 
 class _Products(NamedTuple):
