@@ -441,3 +441,36 @@ def test_a_nan_in_adams_state_is_diverged_not_an_error():
     assert mon.last.state == "diverged"
     d = cs.diagnose(model, p.loss_fn, p.data, optimizer=opt)
     assert d.state == "diverged"
+
+
+def test_what_a_probe_would_refuse_steps_later_is_refused_when_the_monitor_is_built():
+    p, model = _digits_mlp()
+    other = p.make_model(1)
+    with pytest.raises(ValueError, match="steps on none of the model's parameters"):
+        cs.Monitor(model, p.loss_fn, p.data, optimizer=torch.optim.SGD(other.parameters(), 0.1))
+    X, y = p.data
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        cs.Monitor(model, p.loss_fn, iter([(X, y)]), lr=0.1)
+    mon = cs.Monitor(model, p.loss_fn, p.data, lr=0.1)
+    with pytest.raises(ValueError, match=r"as one number, got a tensor of shape \(512,\)"):
+        mon.step(torch.nn.functional.cross_entropy(model(X), y, reduction="none"))
+    with pytest.raises(TypeError, match="got dict"):
+        mon.step({"loss": 1.0})
+
+
+def test_a_loss_on_another_scale_than_the_probes_is_warned_about_once():
+    """mon.step(scaler.scale(loss)) — a GradScaler's scaled loss — was taken silently; as the
+    scale grew, the divergence rules called a falling loss *diverged* (an outside review)."""
+    p, model = _digits_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    X, y = p.data
+    mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=3)
+    with pytest.warns(UserWarning, match="GradScaler's scaled loss") as caught:
+        for _ in range(6):
+            opt.zero_grad()
+            loss = p.loss_fn(model(X), y)
+            loss.backward()
+            opt.step()
+            mon.step(loss * 65536.0)  # what scaler.scale(loss) returns
+    assert len([w for w in caught if "GradScaler" in str(w.message)]) == 1
+    assert caught[0].filename == __file__  # pointed at the caller of mon.step

@@ -644,6 +644,13 @@ class ModelObjective:
 
     # ----------------------------------------------------------------------------- data
     @staticmethod
+    def check_data(data: Any) -> None:
+        """Refuse what a curvature operator cannot pass over more than once — a one-shot
+        iterator — or cannot read at all, with the fix (what :meth:`_normalise_data` refuses),
+        for a caller that builds its operators later (the Monitor, at its probes)."""
+        ModelObjective._normalise_data(data)
+
+    @staticmethod
     def _normalise_data(data: Any) -> Any:
         if _is_pair(data):
             return [tuple(data)]

@@ -7,6 +7,7 @@ import datetime as _dt
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
@@ -23,6 +24,7 @@ from curvscope.derivatives.distributed import (
     first_device,
     from_first_rank,
 )
+from curvscope.derivatives.objective import ModelObjective
 from curvscope.derivatives.sharded import local_entries
 from curvscope.diagnosis.classify import (
     DEFAULT_THRESHOLDS,
@@ -269,7 +271,8 @@ class Monitor:
         self._products = _Products.checked(backend, fd_eps, sharded)
         params = None if params is None else list(params)  # an iterator is read once
         if optimizer is not None:  # an optimizer without a rule, or one that maximizes:
-            check_judgeable(optimizer)  # refused now, not at the first probe steps later
+            check_judgeable(optimizer, model)  # refused now, not at the first probe
+        ModelObjective.check_data(probe_data)  # a generator: refused now, not at a probe
         if backend == _fd.BACKEND:
             _check_finite_difference(model, params, self._products, optimizer)
         self.forecast = forecast
@@ -280,6 +283,7 @@ class Monitor:
         self.full_batch = full_batch
         self._seen_full_batch: bool | None = None
         self._probe_loss: float | None = None  # to compare with the next step's loss
+        self._scale_checked = False  # whether the reported losses' scale was compared
         self.train_seconds = 0.0  # wall time between step() calls, probes excluded
         self.probe_seconds = 0.0
         self._last_probe_seconds = 0.0
@@ -365,7 +369,7 @@ class Monitor:
         self._clock = now
         self.steps += 1
         if loss is not None:
-            value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+            value = _scalar_loss(loss)
             self.losses.append(value)
             if self.first_loss is None and math.isfinite(value):
                 self.first_loss = value
@@ -621,6 +625,7 @@ class Monitor:
             evidence = Evidence.from_mapping({**d.evidence, "update_curvature": update})
             state, reasons = classify(evidence, self.thresholds)
             d = Diagnosis(state, evidence, reasons, state.advice(evidence), d.confident, d.vectors)
+        self._check_loss_scale(d.evidence["loss"])
         d = self._with_history(d)
         # what later steps decide on (an early probe, a check's alarm) is rank 0's verdict:
         # each rank's history reads its own training losses, and every rank must decide alike
@@ -671,6 +676,27 @@ class Monitor:
             self._low = min(window) if self._low is None else min(self._low, *window)
         self._loss_mark = len(self.losses)
         return d
+
+    def _check_loss_scale(self, probed: float) -> None:
+        """Warn, once (at the first probe with a training loss to compare), when the losses
+        passed to :meth:`step` are on another scale than the probe's own loss: a GradScaler's
+        scaled loss (``scaler.scale(loss)``) was taken silently, and as the scale grew the
+        divergence rules called a falling loss *diverged* (an outside review)."""
+        if self._scale_checked or not self.losses:
+            return
+        self._scale_checked = True
+        reported = self.losses[-1]
+        if not (math.isfinite(reported) and math.isfinite(probed) and reported * probed > 0):
+            return
+        ratio = max(reported / probed, probed / reported)
+        if ratio > LOSS_SCALE_MISMATCH:
+            warnings.warn(
+                f"the training loss passed to mon.step ({reported:.4g}) is {ratio:.3g} times "
+                f"the loss the probe measured ({probed:.4g}): if it is a GradScaler's scaled "
+                "loss, pass the loss itself (mon.step(loss), not scaler.scale(loss)) — the "
+                "divergence rules read it",
+                stacklevel=5,  # the caller of mon.step (through _probe_or_check, _probe)
+            )
 
     def _remember_growth(self, d: Diagnosis) -> None:
         """The sharpness's growth per step from the previous probe to this one (for the
@@ -736,6 +762,28 @@ class Monitor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: A training loss this many times the probe's own (or its inverse) is on another scale.
+LOSS_SCALE_MISMATCH = 100.0
+
+
+def _scalar_loss(loss: Tensor | float) -> float:
+    """The training loss :meth:`Monitor.step` records, refused with the fix when it is not one
+    number (a per-sample vector raised torch's "only one element tensors" before)."""
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(
+                f"mon.step expects the training loss as one number, got a tensor of shape "
+                f"{tuple(loss.shape)}: reduce it (loss.mean()), as the optimizer's loss is"
+            )
+        return float(loss.detach())
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+        raise TypeError(
+            f"mon.step expects the training loss (a scalar tensor or a number), got "
+            f"{type(loss).__name__}"
+        )
+    return float(loss)
 
 
 def _check_cadence(every: object, update_every: object, overhead: object, forecast: object) -> None:

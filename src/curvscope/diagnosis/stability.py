@@ -461,15 +461,27 @@ def _l2(rule: StabilityRule, groups: list[Any], layout: StateLayout) -> Tensor |
     return None if decoupled or not any(wd) else layout.flat(list(wd))
 
 
-def check_judgeable(optimizer: object) -> None:
+def check_judgeable(optimizer: object, model: Any = None) -> None:
     """Refuse, without reading any state, an optimizer :func:`stability_limit` has no rule for
-    (TypeError, naming ``lr=``) or one that maximizes (ValueError): what a Monitor's first probe
-    would refuse, at its construction."""
+    (TypeError, naming ``lr=``), one that maximizes (ValueError), and — given the ``model`` —
+    one that steps on none of its parameters (ValueError: built for another model, or a copy
+    of this one; its limit and state would be read for parameters the probes do not measure):
+    what a Monitor's first probe would refuse, at its construction."""
     inner, _ = _unwrapped(optimizer)
-    _check_descends(type(inner).__name__, list(inner.param_groups))
+    groups = list(inner.param_groups)
+    _check_descends(type(inner).__name__, groups)
+    if model is not None:
+        own = {id(p) for p in model.parameters()}
+        stepped = [p for g in groups for p in g["params"]]
+        if stepped and not any(id(p) in own for p in stepped):
+            raise ValueError(
+                f"the optimizer ({type(inner).__name__}) steps on none of the model's "
+                "parameters: it was built for another model (or a copy of this one); pass "
+                "the optimizer that trains this model"
+            )
 
 
-def _check_descends(name: str, groups: list[Mapping[str, Any]]) -> None:
+def _check_descends(name: str, groups: Sequence[Mapping[str, Any]]) -> None:
     """Refuse an optimizer that ascends (``maximize=True``): its steps follow −∇L, so its
     stability is that of descending −L, whose curvature is −H — judged against H, a run blowing
     up read as learning and a maximum as a saddle."""
