@@ -342,3 +342,35 @@ def test_cg_refuses_a_right_hand_side_with_nan():
     b[2] = float("nan")
     with pytest.raises(ValueError, match="b has non-finite entries"):
         cs.spectrum.cg(_spd(), b)
+
+
+def test_a_bfloat16_matrix_that_is_not_symmetric_is_refused_at_any_size():
+    """4·√n·eps passed √2 for bfloat16 at n = 2000: random and triangular matrices counted as
+    symmetric (a review); the tolerance is capped at SYMMETRY_MOST."""
+    from curvscope.spectrum._operator import SYMMETRY_MOST, symmetry_tolerance
+
+    assert symmetry_tolerance(torch.bfloat16, 3000) == SYMMETRY_MOST
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(3000, 3000, generator=g).bfloat16()
+    with pytest.raises(ValueError, match="not symmetric"):
+        cs.eigenvalues(A, k=1)
+    S = (A.float() @ A.float().T / 3000).bfloat16()  # symmetric up to bfloat16 rounding
+    assert as_operator(S).symmetric
+
+
+def test_an_objects_own_matvecs_attribute_is_not_read_as_products():
+    """An object whose matvecs counted 64 a column stopped a run at its cap (a review): only a
+    Curvature's or an Operator's counter counts products."""
+    A = torch.diag(torch.arange(1.0, 31.0, dtype=torch.float64))
+
+    class Op:
+        num_params, dtype, matvecs = 30, torch.float64, 0
+
+        def matmat(self, V):
+            self.matvecs += 64 * V.shape[1]
+            return A @ V
+
+    r = cs.eigenvalues(Op(), k=1)
+    assert r.all_converged and r.values[0] == pytest.approx(30.0)
+    assert r.matvecs < 64
+    assert cs.trace(Op(), 20, "hutchinson").matvecs == 20

@@ -195,12 +195,12 @@ def test_the_interval_is_students_t_for_the_probes_averaged():
         assert hi - r.value == pytest.approx(t.ppf(0.975, r.dof) * r.stderr)
         lo90, _ = r.interval(level=0.9)
         assert r.value - lo90 == pytest.approx(t.ppf(0.95, r.dof) * r.stderr)
-        lo, hi = r.interval(1.96)  # the earlier signature: a normal interval at z
+        lo, hi = r.interval(z=1.96)  # the earlier signature's z: a normal interval
         assert (r.value - lo, hi - r.value) == pytest.approx((1.96 * r.stderr,) * 2)
     exact = cs.trace(INDEFINITE, method="exact")
     assert exact.interval() == (exact.value, exact.value)
-    with pytest.raises(ValueError, match="level"):
-        pp.interval(level=1.5)
+    with pytest.raises(ValueError, match=r"pass z= \(interval\(z=1.96\)\)"):
+        pp.interval(1.96)  # the earlier positional z: refused, naming z=, never misread
 
 
 def _rank_one(n=N):

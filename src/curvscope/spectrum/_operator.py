@@ -404,15 +404,20 @@ def as_operator(A: Any) -> Operator:
 SYMMETRY_ROUNDING = 4.0
 
 
+#: ...and never more than this: a relative asymmetry of 5% is no rounding in any dtype (the
+#: √n term passed √2 for bfloat16 at n = 2000, accepting random and triangular matrices).
+SYMMETRY_MOST = 0.05
+
+
 def symmetry_tolerance(dtype: torch.dtype, n: int) -> float:
     """The largest ‖A − Aᵀ‖_F / ‖A‖_F that rounding explains for an n x n matrix of ``dtype``:
-    ``SYMMETRY_ROUNDING``·√n·eps(dtype).
+    ``SYMMETRY_ROUNDING``·√n·eps(dtype), at most ``SYMMETRY_MOST``.
 
     Example:
         >>> f"{symmetry_tolerance(torch.float32, 100):.2g}"
         '4.8e-06'
     """
-    return SYMMETRY_ROUNDING * math.sqrt(n) * torch.finfo(dtype).eps
+    return min(SYMMETRY_ROUNDING * math.sqrt(n) * torch.finfo(dtype).eps, SYMMETRY_MOST)
 
 
 def _dense_operator(A: Tensor) -> Operator:
@@ -532,8 +537,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _count(source: Any) -> int | None:
-    """The product counter of what an operator wraps (a Curvature's, an Operator's, an
-    object's own ``matvecs``), or None."""
+    """The product counter of what an operator wraps — a Curvature's or an Operator's, whose
+    counts are products; an object's own ``matvecs`` may count anything (it read 64 a column
+    and stopped a run at its cap: a review), so it is not read — or None."""
+    if not isinstance(source, (Operator, Curvature, ShardedCurvature)):
+        return None
     count = getattr(source, "matvecs", None)
     return count if isinstance(count, int) and not isinstance(count, bool) else None
 

@@ -65,9 +65,7 @@ class EigenResult:
             ``errors`` by orders of magnitude (six eigenvalues within 1e-4 of λ_max: up to
             4000x) while staying within the residual of some eigenvalue, and within ``tol``
             of the value asked for.
-        converged: per value, whether its residual met ``tol``/2·scale — and, where the Krylov
-            space became invariant, whether the fresh directions Lanczos continued with were
-            explored without bringing a new value (otherwise the message says so).
+        converged: per value, whether its residual met ``tol``/2·scale.
         matvecs, seconds: the cost: every product the call caused, ``by_layer``'s runs and
             a Curvature's backend tuning included.
         scale: the spectral scale the tolerance was relative to (max |Ritz value|).
@@ -206,7 +204,10 @@ def eigenvalues(
             start. Lanczos from one vector cannot see a second copy of a repeated eigenvalue,
             and it can converge before it resolves eigenvalues closer than ``tol``·|λ_max|, so
             a top-k list could skip one; a block of b vectors resolves multiplicities up to b.
-            Raise it where you expect larger clusters.
+            Raise it where you expect larger clusters. For an operator declared PSD (the GGN,
+            the Fisher) with ``which="smallest"`` or ``"both"`` the default is at least k: its
+            null space (a GGN of fewer samples than parameters) is a repeated 0 (the three
+            smallest of such a GGN came out 0, 0 and 0.0023, converged, with a block of 2).
         v0: warm start — (n,) or (n, j) vectors, e.g. the eigenvectors of a previous probe;
             a nearby operator then converges in a few products. Under a process group every
             rank starts from the first rank's (whole vectors; sharded ones: each its entries).
@@ -219,14 +220,6 @@ def eigenvalues(
         seed: seed or generator for the random start (the global RNG is never used).
         progress_bar: ``True`` (always), ``False`` (never) or ``None`` (default: on a
             terminal, once the run is seen to take more than two seconds).
-
-    Invariant subspaces: where the Krylov space becomes invariant (a breakdown: a start
-    vector in an invariant subspace, or a PSD operator whose range is exhausted — a GGN with
-    fewer samples than parameters), Lanczos continues with fresh random directions. An
-    invariant space grown from b vectors holds at most b copies of a repeated eigenvalue, so
-    the run does not stop there: it stops once the part grown from the fresh directions has
-    converged at the wanted end and, where the next step breaks down again, once exploring
-    fresh directions left the wanted values unchanged.
 
     Returns:
         :class:`EigenResult`.
@@ -258,7 +251,7 @@ def eigenvalues(
         op.require_whole("by_layer=True")
     gen = op.generator(seed)
     w = None if v0 is None else _warm_start(v0, op)
-    sizes = _sizes(op.dim, k, which, block_size, max_basis, max_matvecs, w)
+    sizes = _sizes(op.dim, k, which, block_size, max_basis, max_matvecs, w, op.psd)
     start = time.perf_counter()
     with autocast_off(op.device):  # the products and the arithmetic in their dtypes
         seen = len(_product_errors(op))
@@ -305,12 +298,16 @@ def _sizes(
     max_basis: object,
     max_matvecs: object,
     w: Tensor | None,
+    psd: bool = False,
 ) -> _Sizes:
     """The block size, basis size and product budget: the caller's, checked, or the defaults
     the docstring of :func:`eigenvalues` states."""
     ends = 2 if which == "both" else 1
+    given = block_size is not None
     if block_size is None:  # see the docstring: a block of 2 tells near-coincident values apart
         block_size = (1 if k == 1 else 2) if w is None else w.shape[1]
+        if w is None and psd and which != "largest":
+            block_size = max(block_size, k)  # a null space: k copies of 0 to see (docstring)
     b = check_int(block_size, "block_size", minimum=1)
     if b > n:
         raise ValueError(f"block_size must be an integer in [1, n={n}], got {b}")
@@ -325,6 +322,8 @@ def _sizes(
     if max_matvecs is None:
         max_matvecs = max(min(n, (100 + 40 * k) * ends), min(n, 2 * basis))
     cap = check_int(max_matvecs, "max_matvecs", minimum=1)
+    if not given and w is not None and w.shape[1] > cap:  # the warm columns folded to fit
+        b = cap
     if cap < b:
         raise ValueError(
             f"max_matvecs={cap} is less than one block step: a step multiplies a block of "
@@ -349,24 +348,13 @@ def _start_block(op: Any, block_size: int, gen: torch.Generator, w: Tensor | Non
 
 @dataclass
 class _Run:
-    """One Lanczos run: the Krylov space, what is wanted, and what the breakdowns left to
-    explore.
-
-    ``fresh`` weighs each basis vector by how much of it was built since the latest
-    breakdown (1 for a vector added since, 0 before; a thick restart's Ritz vectors carry
-    their share). ``previous`` holds the wanted values after the last step, ``broke`` whether
-    that step broke down, ``confirmed`` whether the last step's exploration allows a stop.
-    """
+    """One Lanczos run: the Krylov space, what is wanted, and the wanted values so far."""
 
     kry: Krylov
     k: int
     which: str
     tol: float
     sizes: _Sizes
-    fresh: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    previous: np.ndarray | None = None
-    broke: bool = False
-    confirmed: bool = True
 
     def limit(self, theta: np.ndarray) -> float:
         """The residual a converged value may have: tol/2·scale."""
@@ -378,39 +366,6 @@ class _Run:
         idx = _wanted(theta, self.k, self.which)
         return idx, res[idx] <= self.limit(theta)
 
-    def grown(self, added: int, after_breakdown: bool) -> None:
-        """A step added ``added`` vectors; after a breakdown they start the part to explore."""
-        if after_breakdown:
-            self.fresh = np.zeros_like(self.fresh)
-        self.fresh = np.concatenate([self.fresh, np.ones(added)])
-
-    def explored(self, theta: np.ndarray, S: np.ndarray, res: np.ndarray) -> bool:
-        """Whether the part built since the latest breakdown has converged at the wanted end:
-        of the Ritz pairs whose vectors lie mostly in it, the k most extreme asked for. (A new
-        Krylov space grown from random directions beside an invariant one: until its own
-        extreme values converge, one of them can still rise past a wanted value. Without a
-        breakdown that part is the whole space, and this is the usual test.)"""
-        mine = np.flatnonzero((S**2).T @ self.fresh >= 0.5)
-        if mine.size == 0:
-            return True
-        pick = mine[_wanted(theta[mine], self.k, self.which)]
-        return bool((res[pick] <= self.limit(theta)).all())
-
-    def settle(self, theta: np.ndarray, S: np.ndarray, res: np.ndarray, idx: np.ndarray) -> None:
-        """Decide whether this step's state allows a stop (``confirmed``): the part explored
-        since the latest breakdown converged and, if this step broke down again (its fresh
-        directions still unexplored), the previous one did too and exploring its fresh
-        directions left the wanted values where they were."""
-        broke, values = self.kry.replaced > 0, theta[idx]
-        stable = (
-            self.broke
-            and self.previous is not None
-            and self.previous.shape == values.shape
-            and float(np.abs(values - self.previous).max()) <= self.limit(theta)
-        )
-        self.confirmed = self.explored(theta, S, res) and (not broke or stable)
-        self.previous, self.broke = values, broke
-
 
 def _extend(run: _Run, used: int, bar: Any) -> bool:
     """One Lanczos step (and a thick restart when the basis is full); False when done: every
@@ -418,16 +373,14 @@ def _extend(run: _Run, used: int, bar: Any) -> bool:
     read (the step's, :meth:`Krylov.extend`)."""
     kry, sizes = run.kry, run.sizes
     op = kry.op
-    before, size, after_breakdown = op.matvecs, kry.size, kry.replaced > 0
+    before = op.matvecs
     kry.extend()
     bar.update(op.matvecs - before)
     used += op.matvecs - before
-    run.grown(kry.size - size, after_breakdown)
     theta, S, res = kry.ritz()
-    idx, ok = run.converged(theta, res)
-    run.settle(theta, S, res, idx)
+    _, ok = run.converged(theta, res)
     enough = kry.size >= min(op.dim, run.k * (2 if run.which == "both" else 1) + 1)
-    done = enough and bool(ok.all()) and run.confirmed
+    done = enough and bool(ok.all())
     if done or kry.size >= op.dim or kry.X.shape[1] == 0:
         return False
     if used + kry.X.shape[1] > sizes.max_matvecs:  # the next step would pass the cap
@@ -435,7 +388,6 @@ def _extend(run: _Run, used: int, bar: Any) -> bool:
     if kry.size + kry.X.shape[1] > sizes.max_basis:
         keep = _restart_set(theta, run.k, run.which, sizes.max_basis - 2 * kry.X.shape[1])
         kry.restart(S[:, keep], theta[keep])
-        run.fresh = (S[:, keep] ** 2).T @ run.fresh
     return True
 
 
@@ -461,13 +413,9 @@ def _result(run: _Run, used: int, vectors: bool, fd_error: float = 0.0) -> Eigen
     scale = float(np.abs(theta).max())
     rounding = PRODUCT_ROUNDING * torch.finfo(op.dtype).eps * scale
     err = error_bounds(theta, res)[idx]
-    whole = kry.size >= op.dim
-    if whole:  # the full space: exact up to rounding
+    if kry.size >= op.dim:  # the full space: exact up to rounding
         ok = np.ones_like(ok)
     message = _message(bool(ok.all()), used, run.sizes.max_matvecs, res[idx], scale, tol)
-    if not (whole or run.confirmed):  # a value may be missing, whatever the residuals say
-        message = message if not ok.all() else _unexplored(used, run.sizes.max_matvecs)
-        ok = np.zeros_like(ok)
     if fd_error > RESIDUAL_SHARE * tol:
         ok = np.zeros_like(ok)
         fix = (
@@ -514,15 +462,6 @@ def _restart_set(theta: np.ndarray, k: int, which: str, room: int) -> np.ndarray
         return np.arange(0, k + extra)
     lo, hi = k + extra // 2, k + extra - extra // 2
     return np.concatenate([np.arange(0, lo), np.arange(m - hi, m)])
-
-
-def _unexplored(used: int, cap: int) -> str:
-    return (
-        f"not converged after {used} products (cap {cap}): the Krylov space became invariant "
-        "(a repeated eigenvalue, or a PSD operator's range exhausted) and the fresh directions "
-        "Lanczos continued with were not explored to the end; raise max_matvecs (or "
-        "block_size, to see more copies of a repeated eigenvalue at once)"
-    )
 
 
 def _message(ok: bool, used: int, cap: int, res: np.ndarray, scale: float, tol: float) -> str:

@@ -57,11 +57,12 @@ class TraceResult:
     message: str
     dof: float = math.inf
 
-    def interval(self, z: float | None = None, level: float = 0.95) -> tuple[float, float]:
+    def interval(self, level: float = 0.95, *, z: float | None = None) -> tuple[float, float]:
         """The two-sided confidence interval at ``level``: value ± q·stderr, q the Student-t
         quantile for :attr:`dof` degrees of freedom (the variance is estimated from that few
         probes: Hutch++ on 10 products has 3, q = 3.18 where the normal 1.96 covered 80%).
-        ``z`` (the earlier signature) gives value ± z·stderr instead.
+        ``z=`` (the earlier signature's argument, now by keyword) gives value ± z·stderr
+        instead; a level outside (0, 1) is refused, naming ``z=``.
 
         Example:
             >>> r = TraceResult(1.0, 0.1, 10, "hutchinson", 0.0, "", dof=9)
@@ -71,6 +72,11 @@ class TraceResult:
         if z is not None:
             z = check_real(z, "z", minimum=0)
             return self.value - z * self.stderr, self.value + z * self.stderr
+        if isinstance(level, (int, float)) and not 0 < level < 1:
+            raise ValueError(
+                f"level must be a probability in (0, 1), got {level!r}; for the normal interval "
+                f"value ± z·stderr pass z= (interval(z={level!r}))"
+            )
         level = check_real(level, "level", minimum=0, maximum=1, exclusive=True)
         if self.stderr == 0:
             return self.value, self.value
@@ -167,8 +173,10 @@ def trace(
     sums reduced over the ranks; every rank gets the same value.
 
     ``result.interval()`` is a Student-t interval for the probes actually averaged
-    (:meth:`TraceResult.interval`): 95% covers the truth about 95% of the time (tested over
-    seeds, budgets 10 to 99, flat, decaying and low-rank spectra).
+    (:meth:`TraceResult.interval`): with ``method="auto"`` the 95% interval covers the truth
+    87–100% of the time (tested over seeds, budgets 10 to 99, flat, decaying and low-rank
+    spectra; the low end at budget 10); a method named on a spectrum it suits badly covers
+    less (Hutchinson with one dominant eigenvalue, Hutch++ on a low-rank matrix: 84–91%).
 
     Args:
         A: a :class:`~curvscope.Curvature`, a square tensor (symmetric or not: the estimators
