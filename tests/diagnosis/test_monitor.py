@@ -138,6 +138,7 @@ def test_state_changes_go_to_logging_and_the_callback(caplog):
     assert any("edge_of_stability" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.filterwarnings("ignore:the training loss passed to mon.step")  # made-up losses
 def test_a_runaway_loss_is_diverged():
     case = cases.mlp()
     mon = cs.Monitor(case.model, case.loss_fn, case.data, lr=0.1, every=3)
