@@ -374,3 +374,31 @@ def test_an_objects_own_matvecs_attribute_is_not_read_as_products():
     assert r.all_converged and r.values[0] == pytest.approx(30.0)
     assert r.matvecs < 64
     assert cs.trace(Op(), 20, "hutchinson").matvecs == 20
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_a_sparse_matrix_is_an_operator_checked_like_a_dense_one(layout):
+    """A sparse matrix raised torch's NotImplementedError from the symmetry check (a review):
+    its stored values are checked, and its products are torch's sparse ones."""
+    n = 60
+    i = torch.arange(n)
+    rows, cols = torch.cat([i, i[:-1], i[1:]]), torch.cat([i, i[1:], i[:-1]])
+    vals = torch.cat([2 * torch.ones(n), -torch.ones(n - 1), -torch.ones(n - 1)]).double()
+    L = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n, n)).coalesce()
+
+    def sparse(M):
+        return M.to_sparse() if layout == "coo" else M.to_sparse_csr()
+
+    dense = L.to_dense()
+    ev = torch.linalg.eigvalsh(dense)
+    r = cs.eigenvalues(sparse(dense), k=2, tol=1e-8)
+    torch.testing.assert_close(r.values, ev[-2:].flip(0), rtol=0, atol=1e-6)
+    assert cs.trace(sparse(dense), method="exact").value == pytest.approx(2.0 * n)
+    skew = dense.clone()
+    skew[0, 5] = 3.0
+    with pytest.raises(ValueError, match="not symmetric"):
+        cs.eigenvalues(sparse(skew), k=1)
+    bad = dense.clone()
+    bad[3, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="1 NaN"):
+        cs.eigenvalues(sparse(bad), k=1)

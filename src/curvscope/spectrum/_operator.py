@@ -427,10 +427,10 @@ def _dense_operator(A: Tensor) -> Operator:
         raise ValueError(f"expected a square matrix, got shape {tuple(A.shape)}")
     if not A.is_floating_point():
         raise TypeError(f"expected a floating-point matrix, got {A.dtype}")
-    M = A.detach()
+    M, skew = _entries(A)
     norms = torch.stack(
         [
-            torch.linalg.vector_norm(M - M.mT, dtype=torch.float64),
+            torch.linalg.vector_norm(skew, dtype=torch.float64),
             torch.linalg.vector_norm(M, dtype=torch.float64),
         ]
     ).tolist()
@@ -443,7 +443,7 @@ def _dense_operator(A: Tensor) -> Operator:
             )
         scale = float(M.abs().max())  # finite entries whose norm overflows: scale them
         norms = [
-            float(torch.linalg.vector_norm((M - M.mT) / scale, dtype=torch.float64)),
+            float(torch.linalg.vector_norm(skew / scale, dtype=torch.float64)),
             float(torch.linalg.vector_norm(M / scale, dtype=torch.float64)),
         ]
     asymmetry = norms[0] / norms[1] if norms[1] > 0 else 0.0
@@ -458,6 +458,17 @@ def _dense_operator(A: Tensor) -> Operator:
         asymmetry=asymmetry,
         check_products=A.dtype == torch.float16,  # 65504: a product can overflow
     )
+
+
+def _entries(A: Tensor) -> tuple[Tensor, Tensor]:
+    """The entries of A and of A − Aᵀ (what their norms and finiteness are read from): the
+    matrices themselves, or for a sparse matrix (COO, CSR, CSC) its stored values (norms of a
+    sparse tensor raised torch's NotImplementedError: a review)."""
+    if A.layout == torch.strided:
+        M = A.detach()
+        return M, M - M.mT
+    C = A.detach().to_sparse_coo().coalesce()
+    return C.values(), (C - C.t()).coalesce().values()
 
 
 def _object_dtype(A: Any) -> tuple[torch.dtype, bool]:
