@@ -560,6 +560,7 @@ def test_an_explicit_loss_with_dict_batches_takes_labels_as_targets():
     torch.testing.assert_close(explicit, own, **TIGHT)
 
 
+@pytest.mark.filterwarnings("ignore:the model is in eval mode at this probe")  # as built
 def test_diagnose_and_a_monitor_take_loss_fn_none(tmp_path):
     model = model_of("gpt2").eval()
     data = token_batches(1)

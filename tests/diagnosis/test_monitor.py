@@ -68,8 +68,11 @@ def test_a_probe_logs_the_mode_it_found_the_model_in(tmp_path):
     with cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, log=tmp_path / "r.jsonl") as mon:
         mon.probe()
         model.eval()
-        mon.probe()
-    assert [r["train_mode"] for r in read_log(tmp_path / "r.jsonl")[1]] == [True, False]
+        with pytest.warns(UserWarning, match=r"eval mode at this probe \(step 0\)") as caught:
+            mon.probe()
+            mon.probe()  # warned once
+    assert len(caught) == 1 and caught[0].filename == __file__  # at the caller's line
+    assert [r["train_mode"] for r in read_log(tmp_path / "r.jsonl")[1]] == [True, False, False]
 
 
 def small_monitor(log, **kwargs):

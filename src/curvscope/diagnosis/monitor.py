@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import math
+import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -284,6 +286,7 @@ class Monitor:
         self._seen_full_batch: bool | None = None
         self._probe_loss: float | None = None  # to compare with the next step's loss
         self._scale_checked = False  # whether the reported losses' scale was compared
+        self._eval_warned = False  # whether a probe in eval mode was warned about
         self.train_seconds = 0.0  # wall time between step() calls, probes excluded
         self.probe_seconds = 0.0
         self._last_probe_seconds = 0.0
@@ -626,6 +629,7 @@ class Monitor:
             state, reasons = classify(evidence, self.thresholds)
             d = Diagnosis(state, evidence, reasons, state.advice(evidence), d.confident, d.vectors)
         self._check_loss_scale(d.evidence["loss"])
+        self._check_mode()
         d = self._with_history(d)
         # what later steps decide on (an early probe, a check's alarm) is rank 0's verdict:
         # each rank's history reads its own training losses, and every rank must decide alike
@@ -695,8 +699,23 @@ class Monitor:
                 f"the loss the probe measured ({probed:.4g}): if it is a GradScaler's scaled "
                 "loss, pass the loss itself (mon.step(loss), not scaler.scale(loss)) — the "
                 "divergence rules read it",
-                stacklevel=5,  # the caller of mon.step (through _probe_or_check, _probe)
+                stacklevel=_callers_level(),
             )
+
+    def _check_mode(self) -> None:
+        """Warn, once, when a probe finds the model in eval mode: a loop that evaluates and
+        forgets ``model.train()`` trains — and is measured — without dropout and with
+        BatchNorm on its running statistics; the log's ``train_mode`` and the report said so,
+        the run did not (an outside review)."""
+        if self.model.training or self._eval_warned:
+            return
+        self._eval_warned = True
+        warnings.warn(
+            f"the model is in eval mode at this probe (step {self.steps}): the curvature is "
+            "measured as the model is found — no dropout, BatchNorm on its running statistics; "
+            "if training runs in train mode, call model.train() after evaluating",
+            stacklevel=_callers_level(),
+        )
 
     def _remember_growth(self, d: Diagnosis) -> None:
         """The sharpness's growth per step from the previous probe to this one (for the
@@ -762,6 +781,16 @@ class Monitor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` of the first frame outside curvscope's diagnosis package, for a
+    warning issued from one of its functions (a probe is reached by several paths)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 #: A training loss this many times the probe's own (or its inverse) is on another scale.
