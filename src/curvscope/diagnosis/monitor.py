@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import time
+import types
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -787,7 +788,8 @@ def _callers_level() -> int:
     """The ``stacklevel`` of the first frame outside curvscope's diagnosis package, for a
     warning issued from one of its functions (a probe is reached by several paths)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(1), 1
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
         frame, level = frame.f_back, level + 1
     return level
