@@ -408,20 +408,28 @@ def _digits_mlp():
     return p, p.make_model(0)
 
 
+def _train(p, model, opt, mon, steps, report=lambda loss: loss, before_step=None):
+    """Full-batch steps on the problem's data, each loss reported as ``report(loss)``;
+    ``before_step(t)`` runs between the backward and the optimizer's step."""
+    X, y = p.data
+    for t in range(steps):
+        opt.zero_grad()
+        loss = p.loss_fn(model(X), y)
+        loss.backward()
+        if before_step is not None:
+            before_step(t)
+        opt.step()
+        mon.step(report(loss))
+
+
 def test_a_blow_up_before_the_first_probe_is_diverged():
     """SGD at lr 20: the loss 2.3 -> 199 in 8 steps, then 100x its start for good; the only
     probe said *learning* ("the largest stable learning rate is 1.45e+03"): with no earlier
     window, nothing was low enough to compare with (an outside review)."""
     p, model = _digits_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=20.0)
-    X, y = p.data
     with cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=20) as mon:
-        for _ in range(40):
-            opt.zero_grad()
-            loss = p.loss_fn(model(X), y)
-            loss.backward()
-            opt.step()
-            mon.step(loss)
+        _train(p, model, opt, mon, 40)
     assert mon.losses[0] < 3 and min(mon.losses[10:]) > 30  # blown up, and stuck there
     assert [d.state for d in mon.history] == ["diverged", "diverged"]
 
@@ -431,17 +439,14 @@ def test_a_nan_in_adams_state_is_diverged_not_an_error():
     ("d has non-finite entries") and stopped the training loop (an outside review)."""
     p, model = _digits_mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    X, y = p.data
     mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=5)
-    for t in range(10):
-        opt.zero_grad()
-        loss = p.loss_fn(model(X), y)
-        loss.backward()
+
+    def poison(t):
         if t == 6:
             with torch.no_grad():
                 model[0].weight[0, 0] = float("nan")
-        opt.step()
-        mon.step(loss)
+
+    _train(p, model, opt, mon, 10, before_step=poison)
     assert mon.last.state == "diverged"
     d = cs.diagnose(model, p.loss_fn, p.data, optimizer=opt)
     assert d.state == "diverged"
@@ -467,14 +472,8 @@ def test_a_loss_on_another_scale_than_the_probes_is_warned_about_once():
     scale grew, the divergence rules called a falling loss *diverged* (an outside review)."""
     p, model = _digits_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    X, y = p.data
     mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=3)
     with pytest.warns(UserWarning, match="GradScaler's scaled loss") as caught:
-        for _ in range(6):
-            opt.zero_grad()
-            loss = p.loss_fn(model(X), y)
-            loss.backward()
-            opt.step()
-            mon.step(loss * 65536.0)  # what scaler.scale(loss) returns
+        _train(p, model, opt, mon, 6, report=lambda loss: loss * 65536.0)  # scaler.scale(loss)
     assert len([w for w in caught if "GradScaler" in str(w.message)]) == 1
     assert caught[0].filename == __file__  # pointed at the caller of mon.step
