@@ -5,28 +5,30 @@ The closure is called with gradients enabled. If it calls ``loss.backward()`` it
 ``torch.optim.LBFGS`` habit), that backward runs with ``retain_graph=True`` so that the graph is
 still there for our own derivatives; ``.grad`` is filled as the closure expects (that backward
 is an extra gradient, and counted as one). Loss-only evaluations (trial points of a trust
-region or line search) run the closure as written too — gradients enabled, so a loss that
-differentiates itself (a physics-informed residual, a gradient penalty) works, and its own
-``backward()``, if it calls one, run and counted as a gradient, so a closure that reads
-``.grad`` finds it — and then undo what it did to the model: ``.grad`` is put back as it was,
-and so are the running statistics of the normalization layers that ran (a trial point, often
-rejected, is not a training step; the evaluation at the start of the step updates them once,
-as a first-order step does).
+region or line search, Hessian-free's curvature mini-batch) run the closure as written too —
+gradients enabled, so a loss that differentiates itself (a physics-informed residual, a
+gradient penalty) works, and its own ``backward()``, if it calls one, counted as a gradient
+and run into the optimized parameters' ``.grad`` only, so a closure that reads ``.grad`` finds
+it — and then undo what it did: ``.grad`` is put back as it was, and so are the running
+statistics of the normalization layers that ran (a trial point, often rejected, is not a
+training step; the evaluation at the start of the step updates them once, as a first-order
+step does).
 
 Under torch.distributed (``group``: :func:`~curvscope.derivatives.distributed.resolve_group`)
 each rank's closure computes its own shard's loss, as under DDP; the loss, the gradient, every
 curvature product and every trial loss are averaged over the ranks (DDP's mean), so every rank
-takes the same step and the replicas stay equal.
+takes the same step and the replicas stay equal, and the ranks agree on each evaluation's
+success before anything else (:func:`_call`).
 
 The interception is local: a ``torch.overrides.TorchFunctionMode`` active around the closure
 call, on this thread only, catches ``Tensor.backward`` and ``torch.autograd.backward`` (both
 dispatch through ``__torch_function__`` in torch 2.13); nothing global is patched, so another
 thread's backward at that moment is untouched. What a mode costs: every torch call of the
 closure passes through one Python function (1.4-1.8 µs a call measured on a CPU; a forward
-pass makes about one call per module, not per tensor), and torch's fused inference paths that refuse
-``__torch_function__`` overrides (``nn.MultiheadAttention``'s and ``nn.TransformerEncoderLayer``'s
-fast path, taken only in eval mode without gradients) take their ordinary path inside it — the
-path the gradient evaluation takes, so trial losses and evaluated losses are computed alike.
+pass makes about one call per module, not per tensor). Every evaluation runs with gradients
+enabled, so torch's fused inference paths (``nn.MultiheadAttention``'s and
+``nn.TransformerEncoderLayer``'s fast path, taken only in eval mode without gradients) are not
+taken: trial losses and evaluated losses are computed alike.
 
 A closure may return the loss or a pair ``(loss, outputs)``; with the outputs, Gauss-Newton
 products (Jᵀ H_out J) and the Gauss-Newton-Bartlett estimator become available.
