@@ -33,8 +33,12 @@ def test_plain_gradient_descent_and_argument_errors():
         cs.stability_limit(torch.optim.SGD(params(), lr=0.1), lr=0.1)
     with pytest.raises(ValueError, match="positive number"):
         cs.stability_limit(lr=-1.0)
-    with pytest.raises(TypeError, match="Pass lr="):
+    with pytest.raises(TypeError, match="Pass lr=") as info:
         cs.stability_limit(torch.optim.Adagrad(params(), lr=0.1))
+    # an adaptive method's steps are no gradient descent's at any lr: the message says so,
+    # and what to do instead (it pointed every user to lr=: a review)
+    assert "no lr makes its steps gradient descent's" in str(info.value)
+    assert "leave out optimizer= and lr=" in str(info.value)
 
 
 def _stepped(opt, p, grad):

@@ -510,8 +510,11 @@ def _unwrapped(optimizer: object) -> tuple[Optimizer, StabilityRule]:
         "stability_limit knows torch.optim.SGD, Adam, AdamW, RMSprop and the optimizers whose "
         "class declares a stability_rule (cs.optim.AdaHessian); got "
         f"{type(optimizer).__name__}. Pass lr= to judge against plain gradient descent instead "
-        "(DeepSpeed's own Adam, FusedAdam: 'torch_adam': True in its config's params makes it "
-        "torch's)"
+        "where the method steps as gradient descent does; an adaptive one (Adagrad, NAdam, "
+        "RAdam, Adamax) rescales each coordinate, so no lr makes its steps gradient descent's: "
+        "leave out optimizer= and lr= to read the curvature alone, or declare a StabilityRule "
+        "on a subclass (DeepSpeed's own Adam, FusedAdam: 'torch_adam': True in its config's "
+        "params makes it torch's)"
     )
 
 
