@@ -25,6 +25,14 @@ def test_sgd_limits(make, limit):
     assert not r.preconditioned and r.scale is None and r.l2 is None
 
 
+def test_the_label_names_sgds_dampening():
+    """The limit counted the dampening; the label left it out (a review)."""
+    damped = torch.optim.SGD(params(), lr=0.1, momentum=0.5, dampening=0.5)
+    assert cs.stability_limit(damped).optimizer == "SGD (momentum 0.5, dampening 0.5)"
+    plain = torch.optim.SGD(params(), lr=0.1, momentum=0.9)
+    assert cs.stability_limit(plain).optimizer == "SGD (momentum 0.9)"
+
+
 def test_plain_gradient_descent_and_argument_errors():
     assert cs.stability_limit(lr=0.5).limit == 4.0
     with pytest.raises(ValueError, match="either optimizer= or lr="):

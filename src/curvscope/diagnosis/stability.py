@@ -94,7 +94,8 @@ def sgd_constant(name: str, group: Mapping[str, Any]) -> tuple[float, str, str]:
         return (2 + 2 * beta) / (1 + 2 * beta), f"SGD (Nesterov, momentum {beta:g})", formula
     if beta > 0:
         formula = "s* = (2 + 2β)/η" + (" / (1 − dampening)" if damp else "")
-        return (2 + 2 * beta) / (1 - damp), f"SGD (momentum {beta:g})", formula
+        label = f"SGD (momentum {beta:g}" + (f", dampening {damp:g})" if damp else ")")
+        return (2 + 2 * beta) / (1 - damp), label, formula
     return 2.0, "SGD", "s* = 2/η"
 
 
