@@ -477,3 +477,25 @@ def test_a_loss_on_another_scale_than_the_probes_is_warned_about_once():
         _train(p, model, opt, mon, 6, report=lambda loss: loss * 65536.0)  # scaler.scale(loss)
     assert len([w for w in caught if "GradScaler" in str(w.message)]) == 1
     assert caught[0].filename == __file__  # pointed at the caller of mon.step
+
+
+def test_a_resumed_run_continues_its_step_count(tmp_path):
+    """A new Monitor after resuming restarted at step 0, and its appended log's step axis with
+    it (a review): start_step continues the count, the fixed cadence and the log."""
+    p, model = _digits_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    log = tmp_path / "run.jsonl"
+    with cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=5, log=log) as mon:
+        _train(p, model, opt, mon, 10)
+    with cs.Monitor(
+        model, p.loss_fn, p.data, optimizer=opt, every=5, log=log, log_mode="a", start_step=10
+    ) as resumed:
+        _train(p, model, opt, resumed, 10)
+    assert resumed.probe_steps == [15, 20] and resumed.steps == 20
+    header, records = read_log(log)  # the last run
+    assert header["start_step"] == 10 and [r["step"] for r in records] == [15, 20]
+    auto = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, start_step=100)
+    _train(p, model, opt, auto, 10)
+    assert auto.probe_steps == [110]  # the default cadence's first probe: 10 steps in
+    with pytest.raises(ValueError, match="start_step"):
+        cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, start_step=-1)

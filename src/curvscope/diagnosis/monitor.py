@@ -212,6 +212,10 @@ class Monitor:
         forecast: probe off the cadence when the last verdict has gone stale (above; default
             True). False keeps the probes to the cadence — e.g. a fixed ``every`` under a cyclic
             schedule, whose every rise halves the limit several times over.
+        start_step: the steps already taken before this Monitor (a resumed run): its step
+            count, the log's and TensorBoard's step axis and a fixed ``every`` continue from
+            there (a resumed run's log restarted at step 0 before: a review); the first probe of
+            the default cadence still comes 10 steps in.
 
     Raises:
         ValueError, TypeError: an invalid argument (the message names it).
@@ -261,6 +265,7 @@ class Monitor:
         fd_eps: float | None = None,
         forecast: bool = True,
         sharded: bool = False,
+        start_step: int = 0,
     ) -> None:
         _check_cadence(every, update_every, overhead, forecast)
         if optimizer is not None and lr is not None:
@@ -335,7 +340,8 @@ class Monitor:
                         "pip install tensorboard (or pass a SummaryWriter)"
                     ) from e
                 self._writer = SummaryWriter(log_dir=str(tensorboard))
-        self.steps = 0
+        self.steps = self._start = check_int(start_step, "start_step", minimum=0)
+        self._next_probe += self._start
         self.history: list[Diagnosis] = []
         self.losses: list[float] = []
         self.first_loss: float | None = None
@@ -355,6 +361,7 @@ class Monitor:
                     else (f"gradient descent (lr={lr})" if lr is not None else "none"),
                     "every": every if every is not None else f"auto ({overhead:.0%} overhead)",
                     "budget": budget,
+                    "start_step": self._start,
                     "thresholds": thresholds.as_dict(),
                 },
             )
@@ -518,7 +525,7 @@ class Monitor:
             ],
             self.model,
         )
-        step = train / max(self.steps, 1)  # the loop's seconds a step
+        step = train / max(self.steps - self._start, 1)  # the loop's seconds a step
 
         def after(cost: float, least: int) -> int:
             if step <= 0:
