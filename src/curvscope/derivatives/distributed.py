@@ -74,6 +74,11 @@ def all_reduce_sum(t: Tensor, group: Any) -> Tensor:
     return _reduce(t, group, "SUM")
 
 
+def all_reduce_mean(t: Tensor, group: Any) -> Tensor:
+    """The mean over the ranks of ``t`` (a contiguous copy); ``t`` itself when local."""
+    return t if group is None else all_reduce_sum(t, group) / _world(group)
+
+
 def all_reduce_max(t: Tensor, group: Any) -> Tensor:
     """The elementwise maximum over the ranks of ``t`` (a contiguous copy); ``t`` when local."""
     return _reduce(t, group, "MAX")

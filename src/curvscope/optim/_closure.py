@@ -37,6 +37,7 @@ products (Jᵀ H_out J) and the Gauss-Newton-Bartlett estimator become available
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from curvscope.derivatives.distributed import all_reduce_sum, collective_device
+from curvscope.derivatives.distributed import all_reduce_mean, all_reduce_sum, collective_device
 from curvscope.derivatives.flat import flatten, unflatten
 from curvscope.derivatives.kinds import PreparedProduct, ggn_product, hessian_product
 from curvscope.derivatives.substitutes import substitute
@@ -174,15 +175,6 @@ class _KeptStatistics:
         self.saved = {}
 
 
-def average(t: Tensor, group: Any) -> Tensor:
-    """The mean of ``t`` over the ranks of ``group`` (``t`` itself for a single process)."""
-    if group is None:
-        return t
-    import torch.distributed as dist
-
-    return all_reduce_sum(t, group) / dist.get_world_size(group)
-
-
 def _split(out: Any) -> tuple[Tensor, Tensor | None]:
     if isinstance(out, tuple | list) and len(out) == 2:
         loss, outputs = out
@@ -236,7 +228,7 @@ class _Called:
 
     loss: Tensor
     outputs: Tensor | None
-    mean: Tensor
+    mean: float
     ran_here: bool
     ran_anywhere: bool
 
@@ -274,25 +266,23 @@ def _call(
     ran = counts.gradients > backwards
     if group is None:
         assert loss is not None
-        return _Called(loss, outputs, loss.detach(), ran, ran)
-    import torch.distributed as dist
-
+        return _Called(loss, outputs, float(loss.detach()), ran, ran)
     where = collective_device(group, params[0].device)
     flags = torch.tensor([error is not None, ran], dtype=torch.float64, device=where)
     value = flags.new_zeros(1) if loss is None else loss.detach().reshape(1).to(flags)
-    mine = torch.cat([value, flags])  # [loss, failed, ran a backward]
-    total = all_reduce_sum(mine, group)
+    # [Σ loss, how many failed, how many ran a backward]: one collective, one read
+    total, failed, ran_anywhere = all_reduce_sum(torch.cat([value, flags]), group).tolist()
     if error is not None:
         raise error
-    if float(total[1]) > 0:
+    if failed > 0:
         raise RuntimeError(
-            f"curvscope: the closure raised on {int(total[1])} other rank(s) at this "
+            f"curvscope: the closure raised on {int(failed)} other rank(s) at this "
             "evaluation (their error is theirs to show): every rank stops the step, and its "
             "transaction puts the parameters and the state back"
         )
     assert loss is not None
-    mean = (total[0] / dist.get_world_size(group)).to(loss.device)
-    return _Called(loss, outputs, mean, ran, float(total[2]) > 0)
+    world = int(torch.distributed.get_world_size(group))
+    return _Called(loss, outputs, total / world, ran, ran_anywhere > 0)
 
 
 def loss_only(
@@ -302,7 +292,7 @@ def loss_only(
     the closure run as written (see the module's docstring) and its traces undone:
     ``.grad`` (:func:`_undone`) and the normalization layers' statistics."""
     with _undone(params), _KeptStatistics():
-        return float(_call(closure, counts, params, "contained", group).mean)
+        return _call(closure, counts, params, "contained", group).mean
 
 
 #: A compiled module's graphs have no double backward: torch's bare error, explained.
@@ -332,10 +322,14 @@ class Evaluation:
         curvature: bool = True,
         group: Any = None,
         undone: bool = False,
+        first_order: bool = False,
     ) -> None:
         """``undone``: an evaluation that is not the step's own (Hessian-free's curvature
         mini-batch): the closure's backward is contained and its traces undone, as at a trial
-        point (:func:`_undone`)."""
+        point (:func:`_undone`), and only its products serve (its gradient stays this rank's,
+        unchecked). ``first_order``: also which parameters are stepped along (:attr:`used`)
+        and the gradient a closure's own backward left (:attr:`closure_grad`), for the methods
+        that step along the gradient (AdaHessian, Sophia)."""
         self.params, self.counts, self.group = list(params), counts, group
         self._kept = _KeptStatistics(later=True) if undone else None
         with (
@@ -345,9 +339,9 @@ class Evaluation:
             called = _call(
                 closure, counts, self.params, "contained" if undone else "keep", group, True
             )
-            left = None if undone or not called.ran_here else [p.grad for p in self.params]
+            left = [p.grad for p in self.params] if first_order and called.ran_here else None
         try:
-            self._derive(called, left, curvature, undone)
+            self._derive(called, left, curvature, undone, first_order)
         except BaseException:
             self.close()
             raise
@@ -358,28 +352,62 @@ class Evaluation:
             self._kept.restore()
 
     def _derive(
-        self, called: _Called, left: list[Tensor | None] | None, curvature: bool, undone: bool
+        self,
+        called: _Called,
+        left: list[Tensor | None] | None,
+        curvature: bool,
+        undone: bool,
+        first_order: bool,
     ) -> None:
-        """The loss, the gradient (kept for products with ``curvature``), which parameters are
-        stepped along, and the gradient the closure left."""
+        """The loss, the gradient (kept for products with ``curvature``) and, ``first_order``,
+        which parameters are stepped along and the gradient the closure left."""
         group, counts = self.group, self.counts
-        if not torch.isfinite(called.mean):  # every rank sees the same: a non-finite one too
+        if not math.isfinite(called.mean):  # every rank sees the same: a non-finite one too
             raise FloatingPointError(
-                f"the closure returned a non-finite loss ({float(called.mean)}) at the current "
+                f"the closure returned a non-finite loss ({called.mean}) at the current "
                 "parameters: nothing to optimize from; check the data and the initialisation"
             )
         loss = called.loss
-        self.loss_tensor, self.outputs = loss, called.outputs
-        self.loss = float(called.mean)
+        self.loss_tensor, self.outputs, self.loss = loss, called.outputs, called.mean
         with torch.enable_grad():
             grads = torch.autograd.grad(
                 loss, self.params, create_graph=curvature, allow_unused=True
             )
         counts.gradients += 1
-        #: per parameter, whether it is stepped along (on some rank): used by the loss, and not
-        #: masked by a closure that set its ``.grad`` to None after its backward — torch's
-        #: optimizers skip a parameter whose ``.grad`` is None, and the first-order updates
-        #: here do too
+        self._hessian = hessian_product(self.params, grads)
+        self.grads = self._hessian.grads
+        own = [g.detach() for g in self.grads]
+        self._ggn: PreparedProduct | None = None
+        #: per parameter, whether it is stepped along (first_order only)
+        self.used: list[bool] | None = None
+        #: ``.grad`` as a closure's own backward left it (first_order only)
+        self.closure_grad: Tensor | None = None
+        if undone:  # only its products serve: the step's own evaluation has the gradient
+            self.flat_grad = flatten(own)
+            return
+        self.flat_grad = all_reduce_mean(flatten(own), group)
+        if not torch.isfinite(self.flat_grad).all():
+            raise FloatingPointError(
+                "the gradient has non-finite entries at the current parameters; "
+                "check the model for overflow (a smaller step, or float64)"
+            )
+        if first_order:
+            self._first_order(grads, left, own, called.ran_anywhere)
+
+    def _first_order(
+        self,
+        grads: Sequence[Tensor | None],
+        left: list[Tensor | None] | None,
+        own: list[Tensor],
+        ran_anywhere: bool,
+    ) -> None:
+        """:attr:`used`: whether each parameter is stepped along (on some rank) — used by the
+        loss, and not masked by a closure that set its ``.grad`` to None after its backward:
+        torch's optimizers skip a parameter whose ``.grad`` is None, and AdaHessian and Sophia
+        do too. :attr:`closure_grad`: ``.grad`` as a closure that runs its own backward left
+        it — clipped, masked — for their first moment, as torch's optimizers read it (a rank
+        whose closure ran none gives its own gradient); None when no rank's ran one."""
+        group = self.group
         masked = [False] * len(grads) if left is None else [g is None for g in left]
         where = "cpu" if group is None else collective_device(group, self.params[0].device)
         used = torch.tensor(
@@ -387,21 +415,7 @@ class Evaluation:
             device=where,
         )
         self.used = [bool(u > 0) for u in all_reduce_sum(used, group).tolist()]
-        self._hessian = hessian_product(self.params, grads)
-        self.grads = self._hessian.grads
-        own = [g.detach() for g in self.grads]
-        self.flat_grad = average(flatten(own), group)
-        if not torch.isfinite(self.flat_grad).all():
-            raise FloatingPointError(
-                "the gradient has non-finite entries at the current parameters; "
-                "check the model for overflow (a smaller step, or float64)"
-            )
-        #: ``.grad`` as a closure that runs its own backward left it — clipped, masked — for
-        #: the methods that step along the gradient (AdaHessian's and Sophia's first moment,
-        #: as torch's optimizers read it); a rank whose closure ran none gives its own
-        #: gradient; None when no rank's closure ran one
-        self.closure_grad: Tensor | None = None
-        if called.ran_anywhere and not undone:
+        if ran_anywhere:
             mine = (
                 own
                 if left is None
@@ -410,8 +424,7 @@ class Evaluation:
                     for g, p in zip(left, self.params, strict=True)
                 ]
             )
-            self.closure_grad = average(flatten(mine), group)
-        self._ggn: PreparedProduct | None = None
+            self.closure_grad = all_reduce_mean(flatten(mine), group)
 
     @property
     def n(self) -> int:
@@ -426,7 +439,7 @@ class Evaluation:
             if "does not currently support double backward" in str(e):
                 raise RuntimeError(COMPILED) from e
             raise
-        out = average(flatten(applied, batched=True), self.group)
+        out = all_reduce_mean(flatten(applied, batched=True), self.group)
         self.counts.products += V.shape[1]
         return out
 

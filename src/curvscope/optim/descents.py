@@ -38,6 +38,7 @@ from curvscope.optim.subproblems import (
 )
 from curvscope.spectrum import Operator
 from curvscope.spectrum.cg import cg
+from curvscope.spectrum.precision import working_dtype
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class DenseNewton:
         ev = local.ev
         n = ev.n
         H = ev.hvp(torch.eye(n, dtype=ev.flat_grad.dtype, device=ev.flat_grad.device))
-        g, H = _at_least_float32(ev.flat_grad), _at_least_float32(H)  # eigh has no bfloat16
+        g, H = ev.flat_grad.to(working_dtype(H.dtype)), H.to(working_dtype(H.dtype))  # no bf16 eigh
         local.counts.hessians += 1
         lam, V = torch.linalg.eigh((H + H.T) / 2)
         scale = max(float(lam.abs().max()), torch.finfo(lam.dtype).tiny)
@@ -115,12 +116,6 @@ def krylov_model(local: Local) -> tuple[Tensor, Tensor, Tensor]:
     theta, S = torch.linalg.eigh(T)
     w = S.T @ (Q.T @ ev.flat_grad.to(Q.dtype))  # Lanczos works in float32 for a 16-bit model
     return Q @ S, theta, w
-
-
-def _at_least_float32(t: Tensor) -> Tensor:
-    """``t`` in float32 if it is in a 16-bit float (the dense linear algebra of a bfloat16 or
-    float16 model's step; the step is written back in the parameters' dtype)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _negative_note(theta: Tensor) -> str:

@@ -11,11 +11,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from curvscope.derivatives.distributed import all_reduce_mean
 from curvscope.derivatives.flat import flatten
 from curvscope.derivatives.kinds import likelihood_of
 from curvscope.derivatives.seeding import STEP_PROBES, rademacher
 from curvscope.diagnosis.stability import StabilityRule, adam_constant, unscaled_left_out
-from curvscope.optim._closure import Counts, Evaluation, average
+from curvscope.optim._closure import Counts, Evaluation
 from curvscope.optim.base import (
     CurvscopeOptimizer,
     Snapshot,
@@ -30,7 +31,11 @@ from curvscope.optim.base import (
 class DiagonalEstimator(Protocol):
     """Estimates diag of the curvature at the closure's point: flat (n,)."""
 
-    def __call__(self, ev: Evaluation, generator: torch.Generator, counts: Counts) -> Tensor: ...
+    def __call__(self, ev: Evaluation, generator: torch.Generator, counts: Counts) -> Tensor:
+        """The estimate, the same on every rank of ``ev.group``: products through ``ev`` are the
+        ranks' mean already; derivatives an estimator takes itself must be averaged by it
+        (:func:`~curvscope.derivatives.distributed.all_reduce_mean`)."""
+        ...
 
 
 class Hutchinson:
@@ -79,7 +84,9 @@ class GaussNewtonBartlett:
             N = rows.shape[0]
             g_hat = torch.autograd.grad(rows, ev.params, s / N, retain_graph=True)
         counts.gradients += 1
-        return N * flatten(g_hat) ** 2
+        # each rank's own labels and gradient: the ranks' estimates averaged (a product
+        # through ``ev`` is the ranks' mean already, so Hutchinson's needs none)
+        return all_reduce_mean(N * flatten(g_hat) ** 2, ev.group)
 
     def __repr__(self) -> str:
         return f"GaussNewtonBartlett({self.loss_fn!r})"
@@ -167,13 +174,15 @@ class _DiagonalMethod(CurvscopeOptimizer):
         refresh = (t - 1) % self.param_groups[0]["update_every"] == 0
         params = snapshot.params
         products_before = counts.products
-        ev = Evaluation(params, closure, counts, curvature=refresh, group=self.group)
+        ev = Evaluation(
+            params, closure, counts, curvature=refresh, group=self.group, first_order=True
+        )
         diag = None
         if refresh:
             gen = _generator(self.param_groups[0]["seed"], t, ev.flat_grad.device)
-            # the ranks' estimates averaged (a Gauss-Newton-Bartlett one is each rank's own)
-            diag = average(self.estimator(ev, gen, counts).detach(), self.group)
+            diag = self.estimator(ev, gen, counts).detach()
         i, updates, step_sq = 0, list[Update](), list[Tensor]()
+        assert ev.used is not None  # first_order
         used = iter(ev.used)
         grad = ev.flat_grad if ev.closure_grad is None else ev.closure_grad.to(ev.flat_grad)
         for group in self.param_groups:

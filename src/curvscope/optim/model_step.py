@@ -181,8 +181,8 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         descent, search = self.descent, self.search
         check_pairing(type(self).__name__, descent, search)
         group = self.param_groups[0]
-        self._set_global({search.key: search.init(group), **descent.init(group)})
-        self._set_global({**self._global(), **self._asked()})
+        asked = self._asked()
+        self._set_global({search.key: asked["asked"], **descent.init(group), **asked})
 
     def _asked(self) -> dict[str, Any]:
         """What the group asks for now — the search (Newton's pairing follows its damping), its
