@@ -167,7 +167,7 @@ class Operator:
             raise ValueError(
                 f"{what} needs a symmetric operator, and this matrix is not symmetric: "
                 f"‖A − Aᵀ‖_F/‖A‖_F = {self.asymmetry:.3g}, more than rounding explains (at most "
-                f"{tolerance:.2g} for a {self.dim} x {self.dim} {_dtype_name(self.dtype)} "
+                f"{tolerance:.2g} for a {self.dim} x {self.dim} {dtype_name(self.dtype)} "
                 "matrix); pass its symmetric part (A + A.T) / 2 (cs.trace and cs.diagonal take "
                 "any square matrix)"
             )
@@ -196,9 +196,7 @@ class Operator:
         """
         before = _count(self.source)
         out = self._product(V)
-        cols = V.shape[1] if V.ndim == 2 else 1
-        after = _count(self.source)
-        self.matvecs += cols if before is None or after is None else max(cols, after - before)
+        self._tally(V.shape[1] if V.ndim == 2 else 1, before)
         if self.check_products and not all_finite(out):
             raise FloatingPointError(_non_finite(self.source, out, V))
         return out
@@ -221,10 +219,17 @@ class Operator:
         """
         if self.shift is None:
             return B - self(X)
-        before = self.source.matvecs
+        before = _count(self.source)
         out = self.source.residual(B, X) - self.shift(X)
-        self.matvecs += max(X.shape[1], self.source.matvecs - before)
+        self._tally(X.shape[1], before)
         return out
+
+    def _tally(self, columns: int, before: int | None) -> None:
+        """Count a call's products: its ``columns``, or what the wrapped operator counted
+        since ``before`` where it counted more (a Curvature's backend tuning)."""
+        after = _count(self.source)
+        delta = 0 if before is None or after is None else after - before
+        self.matvecs += max(columns, delta)
 
     # ------------------------------------------------------------------------ combinators
     def _over(
@@ -499,7 +504,7 @@ class _ObjectProduct:
         self.mm: Callable[[Tensor], Any] = getattr(A, "matmat", None) or (lambda V: A @ V)
 
     def _declared(self) -> str:
-        dt = _dtype_name(self.dtype)
+        dt = dtype_name(self.dtype)
         return f"num_params={self.n}, dtype {dt}" + (
             " (assumed: it has no dtype attribute)" if self.assumed else ""
         )
@@ -517,7 +522,7 @@ class _ObjectProduct:
             raise _again(
                 e,
                 f"{self.name} failed on a block of shape {tuple(V.shape)} and dtype "
-                f"{_dtype_name(V.dtype)} — the operator declares {self._declared()}; {fix}. "
+                f"{dtype_name(V.dtype)} — the operator declares {self._declared()}; {fix}. "
                 f"It raised {type(e).__name__}: {e}",
             ) from e
         if not isinstance(out, Tensor) or not out.is_floating_point():
@@ -543,7 +548,8 @@ def _again(e: Exception, message: str) -> Exception:
         return RuntimeError(message)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as messages name it: "float32", not "torch.float32"."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -561,7 +567,7 @@ def _non_finite(source: Any, out: Tensor, V: Tensor) -> str:
     """The message of a product with NaN/Inf entries: which operator, and whether its input
     was finite (an error path: the entries are counted)."""
     what = (
-        f"the {source.shape[0]} x {source.shape[1]} {_dtype_name(source.dtype)} matrix's product"
+        f"the {source.shape[0]} x {source.shape[1]} {dtype_name(source.dtype)} matrix's product"
         if isinstance(source, Tensor)
         else f"{type(source).__name__}.matmat"
     )

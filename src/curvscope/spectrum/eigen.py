@@ -13,7 +13,7 @@ from torch import Tensor
 
 from curvscope.derivatives.checks import check_int, check_real
 from curvscope.derivatives.distributed import from_first_rank, together
-from curvscope.spectrum._operator import Operator, as_operator, progress
+from curvscope.spectrum._operator import Operator, as_operator, dtype_name, progress
 from curvscope.spectrum.lanczos import Krylov, error_bounds, to_device
 from curvscope.spectrum.precision import autocast_off
 
@@ -434,7 +434,7 @@ def _result(run: _Run, used: int, vectors: bool, fd_error: float = 0.0) -> Eigen
         )
     if rounding > RESIDUAL_SHARE * tol * scale:
         message += (
-            f"; the products run in {str(op.dtype).removeprefix('torch.')}, so the values "
+            f"; the products run in {dtype_name(op.dtype)}, so the values "
             f"are only as accurate as they are: about {rounding / max(scale, 1e-300):.2g}"
             "·|λ_max| (included in errors)"
         )

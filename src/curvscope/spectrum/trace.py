@@ -113,7 +113,8 @@ def _terms(op: Operator, U: Tensor, AU: Tensor) -> tuple[Tensor, Tensor]:
     """Per column u of U: uᵀAu, and Σ|u_i (Au)_i| — the size of the terms the sum adds, which
     bounds its rounding (sums over sharded vectors reduced over the ranks)."""
     products = U * AU
-    return op.total(products.sum(0)), op.total(products.abs().sum(0))
+    sums, sizes = op.total(torch.stack([products.sum(0), products.abs().sum(0)]))  # one reduce
+    return sums, sizes
 
 
 def _rounding(op: Operator, size: Tensor) -> Tensor:
