@@ -319,7 +319,7 @@ class _DifferentiableKernels:
     restored on exit (only ``enabled`` of cuDNN and oneDNN: their other settings are left
     alone)."""
 
-    def __init__(self, rnn: bool, weight_norm: bool = False) -> None:
+    def __init__(self, rnn: bool, weight_norm: bool) -> None:
         self.rnn, self.weight_norm = rnn, weight_norm
 
     def __enter__(self) -> None:
