@@ -10,8 +10,8 @@ The rest of the model's state is protected as follows:
   but its running statistics are not passed in, so they are not updated; other buffers are
   passed as copies, so an in-place update lands on the copy.
 - **randomness** (dropout): each batch is evaluated under a fixed seed derived from the
-  operator's seed and the batch index, inside ``torch.random.fork_rng``, so every product sees
-  the same mask (the operator is a fixed linear map) and the global RNG is left as found.
+  operator's seed and the batch index, so every product sees the same mask (the operator is a
+  fixed linear map), and the global RNGs are put back as found (:mod:`curvscope.derivatives.rng`).
 - **the data**: every pass over a loader sees the same batches in the same order. The loader's
   randomness (the sampler's permutation, the workers' base seed, the loader's or sampler's own
   ``generator``, and main-process augmentation drawing from torch's, numpy's or Python's global
@@ -33,14 +33,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -49,6 +47,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from curvscope.derivatives.checks import all_finite, check_scalar_loss, check_seed
 from curvscope.derivatives.flat import flatten, map_tensors, tensors, unflatten
 from curvscope.derivatives.huggingface import HuggingFaceLoss
+from curvscope.derivatives.rng import rng_states, seed_rngs, set_rng_states
 from curvscope.derivatives.seeding import DATA, FORWARD
 from curvscope.derivatives.substitutes import (
     WEIGHT_NORM_NOTE,
@@ -91,27 +90,6 @@ def fixed_pass(data: Iterable[Any], seed: int) -> Iterator[Any]:
 
 class DataChangedError(ValueError):
     """The data of a pass differ from the first pass: the operator would not be one matrix."""
-
-
-def rng_states(gens: Sequence[torch.Generator]) -> tuple[Any, ...]:
-    """The states of the torch generators ``gens``, numpy's global RNG and Python's."""
-    return [g.get_state() for g in gens], np.random.get_state(), random.getstate()
-
-
-def set_rng_states(gens: Sequence[torch.Generator], state: tuple[Any, ...]) -> None:
-    """Put back what :func:`rng_states` read."""
-    for g, st in zip(gens, state[0], strict=True):
-        g.set_state(st)
-    np.random.set_state(state[1])
-    random.setstate(state[2])
-
-
-def seed_rngs(gens: Sequence[torch.Generator], seed: int) -> None:
-    """Seed the torch generators ``gens``, numpy's global RNG and Python's with ``seed``."""
-    for g in gens:
-        g.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 class _PassRandomness:
@@ -873,8 +851,8 @@ class ModelObjective:
         and Python's global RNGs are seeded and restored too: a forward that draws from them
         (Hugging Face's LayerDrop in wav2vec2 draws from numpy) would otherwise change the
         operator between products — two products of one vector 56% apart, λ_max 1.67 to 2.88
-        with the seed, each "converged" — and advance the user's RNGs (about 80 µs a forward,
-        numpy's state being 2.5 kB). A generator the model holds itself is not seen.
+        with the seed, each "converged" — and advance the user's RNGs (a few µs a forward:
+        :mod:`curvscope.derivatives.rng`). A generator the model holds itself is not seen.
         """
         if torch.is_inference_mode_enabled():
             raise RuntimeError(

@@ -1,9 +1,10 @@
 """Seeded randomness: the one place where a user's seed becomes a random stream.
 
 curvscope never draws from (or seeds) the global RNG for its own randomness: every random draw
-comes from a private ``torch.Generator`` made by :func:`generator` (the global generators are
-seeded only inside ``torch.random.fork_rng`` for the user's own forward pass, with a seed from
-:func:`derive_seed`, and restored after it).
+comes from a private ``torch.Generator`` made by :func:`generator` (the global generators —
+torch's, numpy's, Python's — are seeded only around the user's own forward pass and a pass over
+their loader, with a seed from a stream below, and put back after it:
+:mod:`curvscope.derivatives.rng`).
 
 One seed feeds several independent purposes, so each purpose derives its own seed by one
 documented affine map, ``seed · stride + offset + index`` (a :class:`Stream`). The strides are
@@ -19,7 +20,7 @@ stream             stride     offset   index        draws
                                                     seed is its gradient count); the quadratic
                                                     test problem's eigenvectors and points
 ``FORWARD``        1_000_003  0        batch index  the user's forward pass on that batch
-                                                    (dropout masks), inside ``fork_rng``
+                                                    (dropout masks; numpy, ``random``)
 ``DATA``           1_000_003  104_729  (none)       a pass over a loader: its shuffling and
                                                     workers' base seed, ``random``, numpy
 ``FISHER_LABELS``  7_919      0        batch index  the Fisher's labels sampled from the model
