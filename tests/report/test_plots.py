@@ -111,3 +111,30 @@ def test_many_layers_are_the_nine_largest_and_one_band_for_the_rest(tmp_path):
     assert plots.log_plots(records, tmp_path) == ["log.png", "layers.png"]
     few, _ = plots._top_layers([{"0": 0.7, "2": 0.3}])
     assert few == ["0", "2"]  # no "other" band when every layer is named
+
+
+def test_a_clipped_runs_limit_is_labelled_as_that_of_the_clipped_rate(tmp_path, monkeypatch):
+    """With gradient clipping the limit drawn is c/(s·η), which moves with the clip factor:
+    the legend says whose limit it is."""
+    legends = []
+
+    def keep(fig, path, right=0.97):
+        legends.append(
+            [
+                t.get_text()
+                for ax in fig.axes
+                if ax.get_legend()
+                for t in ax.get_legend().get_texts()
+            ]
+        )
+        return path.name
+
+    monkeypatch.setattr(plots, "_save", keep)
+    records = _records()
+    plots.log_plots(records, tmp_path)
+    assert "stability limit" in legends[0]
+    for r in records:
+        r["clip_factor"] = 0.5
+    legends.clear()
+    plots.log_plots(records, tmp_path)
+    assert "stability limit of the clipped rate s·η" in legends[0]

@@ -331,6 +331,9 @@ class Evidence(Mapping[str, Any]):
             (S the optimizer's step factors; ‖u‖² for SGD), measured by the Monitor's cheap
             tier between probes (present when the probe follows one).
         stable_lr: the largest stable learning rate at this sharpness.
+        clip_factor: the fraction s of the gradient the optimizer was given (gradient
+            clipping; the Monitor's median since the previous probe), when it was told
+            (``diagnose(..., clip_factor=s)``): the stability limit is then c/(s·η).
         seconds: the wall time of the diagnosis.
         unscaled_coordinates: coordinates the preconditioner has not scaled yet (Adam's v
             still exactly 0), left out of the preconditioned sharpness.
@@ -361,6 +364,7 @@ class Evidence(Mapping[str, Any]):
     batches: int | None = None
     update_curvature: float | None = None
     stable_lr: float | None = None
+    clip_factor: float | None = None
     seconds: float | None = None
     unscaled_coordinates: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -434,6 +438,8 @@ class Facts:
         self.s, self.lmin = evidence.get("sharpness"), evidence.get("lambda_min")
         self.limit = evidence.get("stability_limit")
         self.lr, self.const = evidence.get("lr"), evidence.get("limit_constant")
+        clip = evidence.get("clip_factor")
+        self.clip: float = 1.0 if clip is None else clip
         self.bs = evidence.get("batch_sharpness")
         se = evidence.get("batch_sharpness_stderr")
         self.bs_se: float = _stderr_of(se)
@@ -475,6 +481,16 @@ class Facts:
         """Whether the gradient is small (at the floor, or buys little)."""
         th = self.th
         return self.g <= th.gradient_floor or self.buyable <= th.small_gradient * self.scale
+
+    @property
+    def clipping(self) -> str | None:
+        """The sentence on gradient clipping, when it moved the limit."""
+        if self.clip == 1.0 or self.limit is None:
+            return None
+        return (
+            f"gradient clipping gives the optimizer s = {self.clip:.3g} of the gradient: the "
+            f"limit is that of the rate s·η, {self.limit:.4g}"
+        )
 
     @cached_property
     def gradient(self) -> str:
@@ -613,13 +629,14 @@ def _step_overshoots(f: Facts) -> list[str] | None:
     c, lr, const = f.c_dir, f.lr, f.const
     if f.small or f.limit is None or f.s is None or c is None or lr is None or const is None:
         return None
-    if not lr * c > const:
+    rate, eta = lr * f.clip, "η" if f.clip == 1.0 else "s·η"
+    if not rate * c > const:
         return None
     return [
         f.gradient,
         (
             f"along the step direction the curvature is {c:.4g}: "
-            f"η·c = {lr * c:.3g} > {const:.3g}, so the quadratic model predicts "
+            f"{eta}·c = {rate * c:.3g} > {const:.3g}, so the quadratic model predicts "
             "the loss goes up"
         ),
     ]
@@ -722,7 +739,8 @@ def classify(
     for rule in rules:
         reasons = rule.test(facts)
         if reasons is not None:
-            return rule.state, reasons
+            clipping = facts.clipping
+            return rule.state, reasons if clipping is None else [*reasons, clipping]
     raise ValueError(
         "no rule decided the state: the last of `rules` must always hold (RULES ends with learning)"
     )

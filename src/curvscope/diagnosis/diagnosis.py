@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from curvscope.derivatives import Curvature
 from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives import zero3 as _zero3
-from curvscope.derivatives.checks import check_int
+from curvscope.derivatives.checks import check_int, check_real
 from curvscope.derivatives.curvature import BACKENDS as _PRODUCT_BACKENDS
 from curvscope.derivatives.distributed import in_step, together
 from curvscope.derivatives.objective import fixed_pass
@@ -257,6 +257,7 @@ def diagnose(
     backend: str = "double_backward",
     fd_eps: float | None = None,
     sharded: bool = False,
+    clip_factor: float | None = None,
 ) -> Diagnosis:
     """Say which state training is in, why, and what to do — from a few dozen curvature
     products, judged against the optimizer's own stability limit.
@@ -316,6 +317,12 @@ def diagnose(
             is double backward and a vmapped forward pass gains nothing.
         fd_eps: with ``backend="finite_difference"``, the step relative to the parameters'
             norm (default None: eps(dtype)^(1/3)), as for :class:`~curvscope.Curvature`.
+        clip_factor: for clipped gradients, the fraction s in (0, 1] of the gradient the
+            optimizer is given — ``clip_grad_norm_(params, max_norm)`` scales it by s =
+            min(1, max_norm/‖g‖) — so that its steps are those of the rate s·η and the limit is
+            c/(s·η) (:meth:`~curvscope.diagnosis.stability.StabilityLimit.clipped`); in the
+            evidence as ``clip_factor``. The Monitor passes the median over the steps since its
+            previous probe when given ``max_grad_norm``. Default None: unclipped steps.
         sharded: for a model larger than one device (FSDP2's ``fully_shard`` over one mesh
             dimension, or a DeepSpeed ZeRO-3 engine, with ``backend="finite_difference"``;
             every rank calls it together):
@@ -350,6 +357,7 @@ def diagnose(
     if not isinstance(thresholds, Thresholds):
         raise TypeError(f"thresholds must be a cs.Thresholds, got {type(thresholds).__name__}")
     check_int(max_batches, "max_batches", minimum=1)
+    clip = None if clip_factor is None else check_clip_factor(clip_factor)
     products = _Products.checked(backend, fd_eps, sharded)
     with _autocast_suspended(model):
         return _diagnose(
@@ -368,7 +376,19 @@ def diagnose(
             max_batches,
             adaptive,
             products,
+            clip,
         )
+
+
+def check_clip_factor(value: object, name: str = "clip_factor") -> float:
+    """A fraction of the gradient in (0, 1], checked (0 would be no step at all)."""
+    fraction = check_real(value, name, minimum=0, maximum=1)
+    if fraction == 0:
+        raise ValueError(
+            f"expected {name} in (0, 1] (the fraction of the gradient the optimizer is given), "
+            "got 0: a step of nothing has no stability limit"
+        )
+    return fraction
 
 
 def _diagnose(
@@ -387,6 +407,7 @@ def _diagnose(
     max_batches: int,
     adaptive: bool,
     products: _Products,
+    clip: float | None,
 ) -> Diagnosis:
     start = time.perf_counter()
     C = _curvature(model, loss_fn, data, params, seed, reduction, products)
@@ -394,7 +415,11 @@ def _diagnose(
     assert measured is not None  # C is built from a model
     space = products.space(C)  # refused here, before any collective, if it cannot be
     limit = _limit(C, optimizer, lr, space)
+    if limit is not None and clip is not None:
+        limit = limit.clipped(clip)
     evidence = _first_evidence(limit, thresholds)
+    if limit is not None and clip is not None:
+        evidence["clip_factor"] = clip
     if _state_not_finite(limit, space):
         # a NaN gradient reached the optimizer's moments (Adam's v): its next step writes NaN
         # into the parameters — diverged, with no limit to measure against (it raised the

@@ -7,6 +7,7 @@ import datetime as _dt
 import logging
 import math
 import os
+import statistics
 import sys
 import time
 import types
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives import zero3 as _zero3
-from curvscope.derivatives.checks import check_int
+from curvscope.derivatives.checks import check_int, check_real
 from curvscope.derivatives.distributed import (
     all_reduce_max,
     collective_device,
@@ -212,6 +213,13 @@ class Monitor:
         forecast: probe off the cadence when the last verdict has gone stale (above; default
             True). False keeps the probes to the cadence — e.g. a fixed ``every`` under a cyclic
             schedule, whose every rise halves the limit several times over.
+        max_grad_norm: the ``max_norm`` your loop clips the gradient's norm to
+            (``torch.nn.utils.clip_grad_norm_``), for a clipped run: :meth:`step` then takes
+            the norm before clipping, ``mon.step(loss, grad_norm=clip_grad_norm_(...))``, and a
+            probe judges the steps by the rate they took, s·η, s = min(1, max_norm/‖g‖) the
+            median over the steps since the previous probe that reported a norm
+            (``diagnose(..., clip_factor=s)``; the cheap tier too). None (default): unclipped
+            steps.
         start_step: the steps already taken before this Monitor (a resumed run): its step
             count, the log's and TensorBoard's step axis and a fixed ``every`` continue from
             there (a resumed run's log restarted at step 0 before: a review); the first probe of
@@ -266,6 +274,7 @@ class Monitor:
         forecast: bool = True,
         sharded: bool = False,
         start_step: int = 0,
+        max_grad_norm: float | None = None,
     ) -> None:
         _check_cadence(every, update_every, overhead, forecast)
         if optimizer is not None and lr is not None:
@@ -284,6 +293,7 @@ class Monitor:
         if backend == _fd.BACKEND:
             _check_finite_difference(model, params, self._products, optimizer)
         self.forecast = forecast
+        self._init_clipping(max_grad_norm)
         self.model, self.loss_fn, self.probe_data = model, loss_fn, probe_data
         self.optimizer, self.lr = optimizer, lr
         self.every, self.budget, self.thresholds = every, budget, thresholds
@@ -362,6 +372,7 @@ class Monitor:
                     "every": every if every is not None else f"auto ({overhead:.0%} overhead)",
                     "budget": budget,
                     "start_step": self._start,
+                    **self._clipping_header(),
                     "thresholds": thresholds.as_dict(),
                 },
             )
@@ -371,9 +382,14 @@ class Monitor:
     def last(self) -> Diagnosis | None:
         return self.history[-1] if self.history else None
 
-    def step(self, loss: Tensor | float | None = None) -> Diagnosis | None:
+    def step(
+        self, loss: Tensor | float | None = None, *, grad_norm: Tensor | float | None = None
+    ) -> Diagnosis | None:
         """Record one training step; probe when one is due. Returns the diagnosis at a
-        probe, None otherwise."""
+        probe, None otherwise. ``grad_norm``: with ``max_grad_norm``, the gradient's norm
+        before clipping (what ``clip_grad_norm_`` returns), at every step or at some (the
+        median over those since the previous probe is the probe's clip factor)."""
+        self._record_clip(grad_norm)
         now = time.perf_counter()
         if self._clock is not None:
             self.train_seconds += now - self._clock
@@ -391,6 +407,59 @@ class Monitor:
         d = self._probe_or_check(reported=loss is not None)
         self._clock = time.perf_counter()  # probes and checks are not training time
         return d
+
+    def _init_clipping(self, max_grad_norm: object) -> None:
+        self.max_grad_norm = (
+            None
+            if max_grad_norm is None
+            else check_real(max_grad_norm, "max_grad_norm", minimum=0, exclusive=True)
+        )
+        #: each step's fraction of the gradient clipping left, min(1, max_norm/‖g‖)
+        self._clips: list[float] = []
+        self._clip_mark = 0  # where the current window of steps starts in _clips
+        self._clip_warned = False  # whether a probe without any norm was warned about
+
+    def _clipping_header(self) -> dict[str, float]:
+        """The log header's record of the clipping (nothing for unclipped steps)."""
+        return {} if self.max_grad_norm is None else {"max_grad_norm": self.max_grad_norm}
+
+    def _record_clip(self, grad_norm: Tensor | float | None) -> None:
+        """The fraction of this step's gradient that clipping left (torch's clip
+        coefficient max_norm/(‖g‖ + 1e-6), at most 1); a norm that is not finite is not
+        counted (the loss watch and the next probe judge such a step)."""
+        if self.max_grad_norm is None:
+            if grad_norm is not None:
+                raise ValueError(
+                    "mon.step(grad_norm=...) needs the norm the gradient is clipped to: pass "
+                    "Monitor(..., max_grad_norm=max_norm), the max_norm of your clip_grad_norm_"
+                )
+            return
+        if grad_norm is None:  # a step that did not say (a Trainer says at its logging steps)
+            return
+        norm = _scalar_loss(grad_norm, "grad_norm", "the total norm clip_grad_norm_ returns")
+        if math.isfinite(norm):
+            self._clips.append(min(1.0, self.max_grad_norm / (norm + 1e-6)))
+
+    def _clip_factor(self) -> float | None:
+        """The median fraction of the gradient the steps since the previous probe took (of
+        those that reported their norm; the latest known before then; None: no clipping
+        declared, or no finite norm reported yet — warned once, at a probe)."""
+        window = self._clips[self._clip_mark :] or self._clips[-1:]
+        return statistics.median(window) if window else None
+
+    def _check_clipping(self) -> None:
+        """Warn, once, at a probe of a Monitor given ``max_grad_norm`` that no step has
+        reported its gradient norm: the probe judges unclipped steps."""
+        if self.max_grad_norm is None or self._clips or self._clip_warned:
+            return
+        self._clip_warned = True
+        warnings.warn(
+            f"Monitor(max_grad_norm={self.max_grad_norm:g}) has had no gradient norm yet, so "
+            "this probe judges unclipped steps: pass each step's norm before clipping, "
+            "mon.step(loss, grad_norm=torch.nn.utils.clip_grad_norm_(params, max_norm)) (the "
+            "Hugging Face callback passes the norm the Trainer logs, every logging_steps)",
+            stacklevel=_callers_level(),
+        )
 
     def _probe_or_check(self, reported: bool) -> Diagnosis | None:
         cause = self._probe_cause(reported)
@@ -592,12 +661,15 @@ class Monitor:
 
     def _alarming(self, check: UpdateCheck) -> bool:
         """Whether a cheap check calls for a full probe now: the curvature along the update,
-        or along the previous probe's top eigenvector, is above the limit by the margin, and
-        training is not already known to be unstable or at the edge (where the sharpness
-        swings past the limit: then only beyond EOS_SWING)."""
-        limit = check.limit
+        or along the previous probe's top eigenvector, is above the limit (of the clipped
+        steps' rate, with ``max_grad_norm``) by the margin, and training is not already known
+        to be unstable or at the edge (where the sharpness swings past the limit: then only
+        beyond EOS_SWING)."""
+        limit, clip = check.limit, self._clip_factor()
         if limit is None or not math.isfinite(limit):
             return False
+        if clip is not None:
+            limit /= clip
         if self._state in (State.UNSTABLE, State.DIVERGED):
             return False
         bound = self._alarm_bound()
@@ -620,6 +692,7 @@ class Monitor:
         """A probe, for ``cause`` (one of runlog.PROBE_CAUSES), written to the log record and
         :attr:`probe_causes`."""
         start = time.perf_counter()
+        self._check_clipping()
         d = diagnose(
             self.model,
             self.loss_fn,
@@ -630,8 +703,10 @@ class Monitor:
             v0=self._warm_start(),
             train_batches=self.train_batches,
             adaptive=self.adaptive,
+            clip_factor=self._clip_factor(),
             **self._measuring(),
         )
+        self._clip_mark = len(self._clips)
         if update is not None:
             evidence = Evidence.from_mapping({**d.evidence, "update_curvature": update})
             state, reasons = classify(evidence, self.thresholds)
@@ -806,20 +881,24 @@ def _callers_level() -> int:
 LOSS_SCALE_MISMATCH = 100.0
 
 
-def _scalar_loss(loss: Tensor | float) -> float:
-    """The training loss :meth:`Monitor.step` records, refused with the fix when it is not one
-    number (a per-sample vector raised torch's "only one element tensors" before)."""
+def _scalar_loss(
+    loss: Tensor | float,
+    what: str = "the training loss",
+    fix: str = "reduce it (loss.mean()), as the optimizer's loss is",
+) -> float:
+    """The training loss (or another number, ``what``) :meth:`Monitor.step` records, refused
+    with the fix when it is not one number (a per-sample vector raised torch's "only one element
+    tensors" before)."""
     if isinstance(loss, Tensor):
         if loss.numel() != 1:
             raise ValueError(
-                f"mon.step expects the training loss as one number, got a tensor of shape "
-                f"{tuple(loss.shape)}: reduce it (loss.mean()), as the optimizer's loss is"
+                f"mon.step expects {what} as one number, got a tensor of shape "
+                f"{tuple(loss.shape)}: {fix}"
             )
         return float(loss.detach())
     if isinstance(loss, bool) or not isinstance(loss, (int, float)):
         raise TypeError(
-            f"mon.step expects the training loss (a scalar tensor or a number), got "
-            f"{type(loss).__name__}"
+            f"mon.step expects {what} (a scalar tensor or a number), got {type(loss).__name__}"
         )
     return float(loss)
 
@@ -846,6 +925,7 @@ def scalars(d: Diagnosis) -> dict[str, float]:
         "sharpness",
         "lambda_min",
         "stability_limit",
+        "clip_factor",
         "batch_sharpness",
         "update_curvature",
         "directional_curvature",

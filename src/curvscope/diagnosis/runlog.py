@@ -363,6 +363,7 @@ RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
             "batch_sharpness_stderr",
             "update_curvature",
             "stable_lr",
+            "clip_factor",
             "seconds",
         ),
         _NUMBER,
@@ -377,6 +378,7 @@ HEADER_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "budget": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "thresholds": (lambda v: isinstance(v, dict), "an object"),
     "previous_run_cut": (lambda v: isinstance(v, bool), "true or false"),
+    "max_grad_norm": _NUMBER,
 }
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -190,6 +190,8 @@ class StabilityLimit:
         unscaled: how many coordinates the optimizer holds that its preconditioner has not
             scaled yet (Adam's v still exactly 0): left out of the preconditioned curvature
             (their step factor is 0 in ``scale``).
+        clip: the fraction s of the gradient the optimizer is given (gradient clipping,
+            :meth:`clipped`; 1: all of it): the limit is then c/(s·η).
     """
 
     limit: float
@@ -201,10 +203,34 @@ class StabilityLimit:
     l2: Tensor | None
     formula: str
     unscaled: int = 0
+    clip: float = 1.0
 
     def stable_lr(self, sharpness: float) -> float:
-        """The largest learning rate that is stable at this (preconditioned) sharpness."""
-        return math.inf if sharpness <= 0 else self.constant / sharpness
+        """The largest learning rate that is stable at this (preconditioned) sharpness (for
+        clipped steps, at this clipping: c/(s·λ))."""
+        return math.inf if sharpness <= 0 else self.constant / (self.clip * sharpness)
+
+    def clipped(self, fraction: float) -> StabilityLimit:
+        """The limit of steps that take ``fraction`` s of the gradient, s* = c/(s·η): what
+        ``clip_grad_norm_(params, max_norm)`` does when it scales the gradient g by s =
+        max_norm/‖g‖ before the optimizer sees it. A step linear in the gradient given the
+        optimizer's state (SGD's momentum, Adam's moments over its own clipped history) is
+        then the step of learning rate s·η.
+
+        Example:
+            >>> w = torch.nn.Parameter(torch.zeros(3))
+            >>> limit = stability_limit(torch.optim.SGD([w], lr=0.1)).clipped(0.25)
+            >>> round(limit.limit, 6), limit.stable_lr(40.0)
+            (80.0, 0.2)
+        """
+        if fraction == 1.0:
+            return self
+        return replace(
+            self,
+            limit=self.limit / fraction,
+            clip=self.clip * fraction,
+            formula=f"{self.formula}, η·s for steps clipped to s = {fraction:.3g} of the gradient",
+        )
 
 
 class StateLayout(Protocol):

@@ -242,7 +242,9 @@ def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
     axes[0].plot(steps, col("loss"), "o-")
     axes[1].plot(steps, col("grad_norm"), "o-")
     _sharpness_series(axes[2], steps, col("sharpness"), records)
-    axes[2].plot(steps, col("stability_limit"), "--", label="stability limit")
+    clipped = any(r.get("clip_factor") is not None for r in records)  # c/(s·η): see README
+    label = "stability limit of the clipped rate s·η" if clipped else "stability limit"
+    axes[2].plot(steps, col("stability_limit"), "--", label=label)
     axes[2].legend(fontsize=8)
     shown = (
         ("loss", ["loss"]),

@@ -1,0 +1,173 @@
+"""Gradient clipping: a clipped step is the step of the rate s·η (s = max_norm/‖g‖ where
+``clip_grad_norm_`` clipped), so the limit the verdict judges by is c/(s·η). Without it, a
+clipped run whose loss falls read *unstable* at 3-11x its limit at every probe."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+import torch
+
+import curvscope as cs
+from curvscope.diagnosis import classify
+from curvscope.diagnosis.diagnosis import UpdateCheck
+from curvscope.diagnosis.stability import stability_limit
+
+LR, MAX_NORM, EVERY, STEPS = 10.0, 0.05, 25, 100
+
+
+def test_a_clipped_limit_is_that_of_the_rate_s_eta():
+    w = torch.nn.Parameter(torch.zeros(3))
+    limit = stability_limit(torch.optim.SGD([w], lr=0.1, momentum=0.9))
+    clipped = limit.clipped(0.25)
+    assert clipped.limit == pytest.approx(limit.limit / 0.25)
+    assert clipped.stable_lr(10.0) == pytest.approx(limit.stable_lr(10.0) / 0.25)
+    assert clipped.clip == 0.25 and "clipped to s = 0.25" in clipped.formula
+    assert limit.clipped(1.0) is limit
+
+
+def test_diagnose_judges_clipped_steps_by_their_rate():
+    """Logistic regression at lr 1: unstable (sharpness 2.93, limit 2); with steps clipped to a
+    tenth, the limit is 20 and the steps are stable — the largest stable rate 10x as large."""
+    p = cs.problems.get("breast-cancer-logreg")
+    plain = cs.diagnose(p.make_model(0), p.loss_fn, p.data, lr=1.0)
+    clipped = cs.diagnose(p.make_model(0), p.loss_fn, p.data, lr=1.0, clip_factor=0.1)
+    assert plain.state == "unstable" and clipped.state == "learning"
+    assert "clip_factor" not in plain.evidence and clipped.evidence["clip_factor"] == 0.1
+    assert clipped.evidence["stability_limit"] == pytest.approx(20.0)
+    assert clipped.evidence["stable_lr"] == pytest.approx(10 * plain.evidence["stable_lr"])
+    assert clipped.evidence["lr"] == 1.0  # the user's rate, as set
+    assert any("gradient clipping" in r and "s = 0.1 " in r for r in clipped.reasons)
+    assert not any("clipping gives" in r for r in plain.reasons)
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, 1.5, -0.2, math.nan, math.inf, "0.5", True])
+def test_a_clip_factor_outside_0_1_is_refused(bad):
+    p = cs.problems.get("breast-cancer-logreg")
+    error = TypeError if isinstance(bad, (str, bool)) else ValueError
+    with pytest.raises(error, match="clip_factor"):
+        cs.diagnose(p.make_model(0), p.loss_fn, p.data, lr=1.0, clip_factor=bad)
+
+
+def test_the_step_along_the_direction_overshoots_at_the_clipped_rate():
+    ev = {
+        "loss": 1.0,
+        "grad_norm": 1.0,
+        "sharpness": 3.0,
+        "lambda_min": 0.0,
+        "stability_limit": 2.0,
+        "lr": 1.0,
+        "limit_constant": 2.0,
+        "directional_curvature": 3.0,
+    }
+    assert classify(ev)[0] == "unstable"  # η·c = 3 > 2 (and the sharpness too)
+    state, reasons = classify({**ev, "stability_limit": 2.0 / 0.5, "clip_factor": 0.5})
+    assert state == "learning" and "s = 0.5" in reasons[-1]  # s·η·c = 1.5 < 2
+    # the sharpness within the margin of 2/0.9: the step along its direction decides
+    state, reasons = classify(
+        {**ev, "sharpness": 2.3, "stability_limit": 2.0 / 0.9, "clip_factor": 0.9}
+    )
+    assert state == "unstable" and any("s·η·c = 2.7 > 2" in r for r in reasons)
+
+
+def _clipped_run(monitor: bool, **kw) -> tuple[cs.Monitor, list[float], list[float]]:
+    """Full-batch SGD at lr 10 on the digits MLP, its gradient clipped to norm 0.05 (1-11x
+    below its norm in these steps): the loss falls from 2.3 to 0.04 in 100 steps."""
+    torch.manual_seed(0)
+    p = cs.problems.get("digits-mlp")
+    X, y = p.data
+    model = p.make_model(0)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    clip = {"max_grad_norm": MAX_NORM} if monitor else {}
+    mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=EVERY, **clip, **kw)
+    losses, norms = [], []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss = p.loss_fn(model(X), y)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+        opt.step()
+        losses.append(float(loss.detach()))
+        norms.append(float(norm))
+        mon.step(loss, grad_norm=norm) if monitor else mon.step(loss)
+    return mon, losses, norms
+
+
+def test_a_monitor_told_of_clipping_finds_the_clipped_run_at_its_limit(tmp_path):
+    """The unclipped reading puts the sharpness at 3-11x the limit 2/η = 0.2 at every probe
+    while the loss falls 60-fold; told max_grad_norm, the Monitor judges by the rate the clipped
+    steps took, and the sharpness sits within 0.95-1.25x of that limit, where clipping holds
+    it (an edge of stability of its own). The clip factor is the median of the window's."""
+    plain, losses, norms = _clipped_run(False)
+    assert losses[-1] < losses[0] / 50
+    ratios = [d.evidence["sharpness"] / d.evidence["stability_limit"] for d in plain.history]
+    assert all(r > 3 for r in ratios) and all(d.state == "unstable" for d in plain.history)
+
+    mon, losses2, _ = _clipped_run(True, log=tmp_path / "run.jsonl")
+    assert losses2 == losses  # the Monitor changes nothing in the run
+    for k, d in enumerate(mon.history):
+        window = norms[k * EVERY : (k + 1) * EVERY]
+        s = statistics.median(min(1.0, MAX_NORM / (n + 1e-6)) for n in window)
+        assert d.evidence["clip_factor"] == pytest.approx(s, rel=1e-12)
+        assert d.evidence["stability_limit"] == pytest.approx(2 / (LR * s))
+    ratios = [d.evidence["sharpness"] / d.evidence["stability_limit"] for d in mon.history]
+    assert all(0.95 < r < 1.25 for r in ratios[:4]), ratios
+    mon.close()
+    header, records = cs.read_log(tmp_path / "run.jsonl")
+    assert header["max_grad_norm"] == MAX_NORM
+    assert [r["clip_factor"] for r in records] == [d.evidence["clip_factor"] for d in mon.history]
+
+
+def test_the_cheap_tier_alarms_at_the_clipped_limit():
+    """A check's curvature along the update is compared with the limit of the clipped rate:
+    1.5x the unclipped limit alarms an unclipped Monitor, not one whose steps took a quarter of
+    their gradient (the median of the window: 0.25)."""
+    p = cs.problems.get("breast-cancer-logreg")
+    model = p.make_model(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    plain = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=1000)
+    clipped = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=1000, max_grad_norm=0.5)
+    for norm in (2.0, 2.0, 0.1):  # clipped to 0.25, 0.25; unclipped (1)
+        plain.step(1.0)
+        clipped.step(1.0, grad_norm=norm)
+    assert clipped._clip_factor() == pytest.approx(0.25, rel=1e-5)
+    check = UpdateCheck(curvature=1.5 * 20, limit=20.0)
+    assert plain._alarming(check) and not clipped._alarming(check)
+    assert clipped._alarming(UpdateCheck(curvature=1.2 * 80, limit=20.0))
+
+
+def test_the_monitor_asks_for_what_it_needs():
+    p = cs.problems.get("breast-cancer-logreg")
+    model = p.make_model(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=100)
+    with pytest.raises(ValueError, match="max_grad_norm="):
+        mon.step(1.0, grad_norm=3.0)
+    clipped = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=2, max_grad_norm=1)
+    clipped.step(1.0)
+    with pytest.warns(UserWarning, match=r"no gradient norm yet.*grad_norm=") as caught:
+        clipped.step(1.0)  # a probe: no step has said how much clipping took
+    assert caught[0].filename == __file__  # at the caller's line
+    assert clipped.last is not None and "clip_factor" not in clipped.last.evidence
+    with pytest.raises(ValueError, match="grad_norm as one number"):
+        clipped.step(1.0, grad_norm=torch.ones(3))
+    clipped.step(1.0, grad_norm=math.inf)  # a norm that is not finite is not counted
+    assert clipped._clip_factor() is None
+    for bad, error in (
+        (0, ValueError),
+        (-1.0, ValueError),
+        (math.nan, ValueError),
+        ("1", TypeError),
+    ):
+        with pytest.raises(error, match="max_grad_norm"):
+            cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, max_grad_norm=bad)
+
+
+def test_a_log_with_a_bad_max_grad_norm_is_refused(tmp_path):
+    path = tmp_path / "run.jsonl"
+    path.write_text(json.dumps({"curvscope_log": 1, "max_grad_norm": "big"}) + "\n")
+    with pytest.raises(cs.diagnosis.LogFormatError, match="max_grad_norm"):
+        cs.read_log(path)
