@@ -1,6 +1,8 @@
 """The framework integrations, each with the real library: a Lightning Callback, a Hugging Face
 TrainerCallback on a tiny model built here (nothing downloaded), and TensorBoard scalars."""
 
+import statistics
+
 import numpy as np
 import pytest
 import torch
@@ -30,9 +32,11 @@ def test_tensorboard_scalars(tmp_path):
     assert [e.step for e in acc.Scalars("curvscope/sharpness")] == [2, 4]
 
 
-def _fit_lightning(tmp_path, max_steps, every, batch_size, accumulate=1):
+def _fit_lightning(tmp_path, max_steps, every, batch_size, accumulate=1, clip=None, norms=None):
     """A LightningModule over the MLP of tests.cases (SGD with momentum) fitted with the
-    callback; returns (trainer, callback)."""
+    callback (``clip``: the trainer's gradient_clip_val; ``norms``: a list the module appends
+    each optimizer step's gradient norm to, before Lightning clips); returns (trainer,
+    callback)."""
     import lightning
 
     from curvscope.integrations.lightning import CurvscopeCallback
@@ -54,6 +58,11 @@ def _fit_lightning(tmp_path, max_steps, every, batch_size, accumulate=1):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
+        def on_before_optimizer_step(self, optimizer):
+            if norms is not None:
+                grads = [p.grad.reshape(-1) for p in self.parameters() if p.grad is not None]
+                norms.append(float(torch.cat(grads).norm()))
+
     data = torch.utils.data.TensorDataset(*case.data)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
     log = tmp_path / "run.jsonl"
@@ -61,6 +70,7 @@ def _fit_lightning(tmp_path, max_steps, every, batch_size, accumulate=1):
     trainer = lightning.Trainer(
         max_steps=max_steps,
         accumulate_grad_batches=accumulate,
+        gradient_clip_val=clip,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
@@ -90,6 +100,25 @@ def test_lightning_callback_counts_optimizer_steps_under_gradient_accumulation(t
     _, records = read_log(tmp_path / "run.jsonl")
     assert [r["step"] for r in records] == [2, 4]
     assert len(cb.monitor.losses) == 4
+
+
+def _medians_of_clip_factors(norms, max_norm, windows):
+    """The clip factor min(1, max_norm/(‖g‖ + 1e-6)) of each step, its median per window."""
+    factors = [min(1.0, max_norm / (n + 1e-6)) for n in norms]
+    return [statistics.median(factors[a:b]) for a, b in windows]
+
+
+def test_lightning_callback_tells_the_monitor_of_norm_clipping(tmp_path):
+    """gradient_clip_val (norm): the Monitor gets max_grad_norm and each optimizer step's
+    gradient norm before clipping; each probe judges the steps by the rate they took."""
+    norms = []
+    _, cb = _fit_lightning(tmp_path, max_steps=12, every=4, batch_size=8, clip=0.05, norms=norms)
+    assert cb.monitor.max_grad_norm == 0.05 and len(norms) == 12
+    expected = _medians_of_clip_factors(norms, 0.05, [(0, 4), (4, 8), (8, 12)])
+    assert expected[0] < 1  # the clipping took part of the gradient
+    for d, s in zip(cb.monitor.history, expected, strict=True):
+        assert d.evidence["clip_factor"] == pytest.approx(s, rel=1e-5)
+        assert d.evidence["stability_limit"] == pytest.approx(3.8 / (0.1 * s), rel=1e-5)
 
 
 def _tiny_bert():
@@ -242,6 +271,50 @@ def test_transformers_trainer_with_the_models_own_loss_and_a_schedule_to_zero(
     assert tokens == 26
     expected = sum(v * n for v, n in own) / tokens
     assert last.evidence["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_transformers_callback_tells_the_monitor_of_the_trainers_clipping(tmp_path):
+    """The Trainer clips to args.max_grad_norm: the Monitor gets it, and each logged grad_norm
+    (the norm before clipping) with the loss, at the step after its log; without clipping
+    (max_grad_norm=0), no clip factor."""
+    from transformers import Trainer, TrainingArguments
+
+    from curvscope.integrations.transformers import CurvscopeTrainerCallback
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (16, 8), generator=gen)
+    labels = torch.randint(0, 2, (16,), generator=gen)
+    train = [{"input_ids": ids[i], "labels": labels[i]} for i in range(16)]
+    for max_norm in (0.01, 0.0):
+        cb = CurvscopeTrainerCallback(None, {"input_ids": ids[:8], "labels": labels[:8]}, every=2)
+        args = TrainingArguments(
+            output_dir=str(tmp_path),
+            max_steps=4,
+            per_device_train_batch_size=4,
+            learning_rate=1e-3,
+            lr_scheduler_type="constant",
+            max_grad_norm=max_norm,
+            report_to=[],
+            use_cpu=True,
+            logging_steps=1,
+            save_strategy="no",
+            disable_tqdm=True,
+        )
+        trainer = Trainer(model=_tiny_bert(), args=args, train_dataset=train, callbacks=[cb])
+        trainer.train()
+        if not max_norm:
+            assert cb.monitor.max_grad_norm is None
+            assert all("clip_factor" not in d.evidence for d in cb.monitor.history)
+            continue
+        norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+        assert cb.monitor.max_grad_norm == 0.01 and len(norms) == 4
+        # step k's norm reaches the Monitor at step k + 1: the probe at 2 has step 1's, the
+        # probe at 4 those of steps 2 and 3
+        expected = _medians_of_clip_factors(norms, 0.01, [(0, 1), (1, 3)])
+        assert expected[0] < 1
+        for d, s in zip(cb.monitor.history, expected, strict=True):
+            assert d.evidence["clip_factor"] == pytest.approx(s, rel=1e-9)
+            assert d.evidence["stability_limit"] == pytest.approx(38 / (1e-3 * s), rel=1e-9)
 
 
 def test_transformers_callback_hands_each_logged_loss_over_once(tmp_path):

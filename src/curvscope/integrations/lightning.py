@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from curvscope.diagnosis.monitor import Monitor, scalars
 
 try:
@@ -22,7 +24,11 @@ class CurvscopeCallback(Callback):
     every so many batches) it records the step with the mean loss of its batches, and at each
     probe it logs the sharpness, stability limit and state code through ``pl_module.log``
     (``curvscope/...``; ``state_code`` is the state's
-    :attr:`~curvscope.diagnosis.State.code`, append-only: a code keeps its meaning).
+    :attr:`~curvscope.diagnosis.State.code`, append-only: a code keeps its meaning). A trainer
+    that clips the gradient's norm (``gradient_clip_val`` with the default
+    ``gradient_clip_algorithm="norm"``) gives the Monitor its ``max_grad_norm`` and, before
+    each optimizer step (``on_before_optimizer_step``, before Lightning clips), the norm of the
+    optimizer's gradients: the probes judge the steps by the rate the clipped steps took.
 
     Args:
         loss_fn: ``loss_fn(pl_module(inputs), targets)``, the batch-mean loss.
@@ -42,13 +48,32 @@ class CurvscopeCallback(Callback):
         self.monitor: Monitor | None = None
         self._step = 0  # the trainer's optimizer steps the Monitor has seen
         self._pending: list[Any] = []  # the micro-batch losses since the last optimizer step
+        self._norm: torch.Tensor | None = None  # the gradient's norm before clipping
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        kwargs = dict(self.kwargs)
+        clip = _norm_clipping(trainer)
+        if clip is not None:
+            kwargs.setdefault("max_grad_norm", clip)
         self.monitor = Monitor(
-            pl_module, self.loss_fn, self.probe_data, optimizer=optimizer, **self.kwargs
+            pl_module, self.loss_fn, self.probe_data, optimizer=optimizer, **kwargs
         )
-        self._step, self._pending = trainer.global_step, []
+        self._step, self._pending, self._norm = trainer.global_step, [], None
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        """The norm of the gradients Lightning is about to clip (of ``optimizer``'s
+        parameters, as its clipping takes them), when the Monitor was told the clipping."""
+        if self.monitor is None or self.monitor.max_grad_norm is None:
+            return
+        norms = [
+            torch.linalg.vector_norm(p.grad.detach())
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        if norms:  # kept on its device: read once, at the Monitor's step
+            self._norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -63,7 +88,10 @@ class CurvscopeCallback(Callback):
         self._step = trainer.global_step
         pending, self._pending = self._pending, []
         # one Monitor step per optimizer step, with the mean loss of its micro-batches
-        d = self.monitor.step(float(sum(pending)) / len(pending) if pending else None)
+        norm, self._norm = self._norm, None
+        d = self.monitor.step(
+            float(sum(pending)) / len(pending) if pending else None, grad_norm=norm
+        )
         if d is not None:
             for key, value in scalars(d).items():
                 pl_module.log(f"curvscope/{key}", value, on_step=True, on_epoch=False)
@@ -71,3 +99,13 @@ class CurvscopeCallback(Callback):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.monitor is not None:
             self.monitor.close()
+
+
+def _norm_clipping(trainer: Any) -> float | None:
+    """The norm a trainer clips the gradient to (``gradient_clip_val`` with the "norm"
+    algorithm), or None."""
+    value = getattr(trainer, "gradient_clip_val", None)
+    algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm")
+    if not value or value <= 0 or not algorithm.lower().endswith("norm"):
+        return None
+    return float(value)

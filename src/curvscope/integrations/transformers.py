@@ -26,6 +26,10 @@ class CurvscopeTrainerCallback(TrainerCallback):
     sharpness the record holds: 1 for that of the preconditioned curvature P^-½ H P^-½ (Adam's,
     once it has stepped), 0 for that of H itself (plain SGD, or a learning rate scheduled to 0,
     where there is no step to judge and "learning rate 0: no stability limit" is said).
+    The Trainer clips the gradient's norm to ``args.max_grad_norm`` (1.0 by default): the
+    Monitor is given it, and the norm before clipping as the Trainer logs it (``grad_norm``, at
+    its logging steps, reaching the Monitor with the loss), so that the probes judge the steps
+    by the rate the clipped steps took.
 
     Args:
         loss_fn: ``None`` (the model's own loss, as the Trainer trains it: causal and masked
@@ -49,6 +53,7 @@ class CurvscopeTrainerCallback(TrainerCallback):
         self.loss_fn, self.probe_data, self.kwargs = loss_fn, probe_data, monitor_kwargs
         self.monitor: Monitor | None = None
         self._loss: float | None = None
+        self._grad_norm: float | None = None
 
     def on_train_begin(
         self,
@@ -59,13 +64,19 @@ class CurvscopeTrainerCallback(TrainerCallback):
         optimizer: Any = None,
         **kwargs: Any,
     ) -> None:
+        monitor_kwargs = dict(self.kwargs)
+        clip = getattr(args, "max_grad_norm", None)
+        if clip is not None and clip > 0:  # the Trainer clips only then
+            monitor_kwargs.setdefault("max_grad_norm", float(clip))
         self.monitor = Monitor(
-            model, self.loss_fn, self.probe_data, optimizer=optimizer, **self.kwargs
+            model, self.loss_fn, self.probe_data, optimizer=optimizer, **monitor_kwargs
         )
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
         if logs and "loss" in logs:
             self._loss = float(logs["loss"])
+        if logs and logs.get("grad_norm") is not None:
+            self._grad_norm = float(logs["grad_norm"])
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is None:
@@ -73,7 +84,9 @@ class CurvscopeTrainerCallback(TrainerCallback):
         # each logged loss once (the mean of its logging window), at the step after its log
         # (the Trainer calls on_log after on_step_end); steps between logs record none
         loss, self._loss = self._loss, None
-        d = self.monitor.step(loss)
+        norm, self._grad_norm = self._grad_norm, None
+        clipped = self.monitor.max_grad_norm is not None
+        d = self.monitor.step(loss, grad_norm=norm if clipped else None)
         if d is not None:
             record = {f"curvscope/{k}": v for k, v in scalars(d).items()}
             record["curvscope/preconditioned"] = float(bool(d.evidence.get("preconditioned")))
