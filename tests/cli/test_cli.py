@@ -166,6 +166,21 @@ def test_report_of_a_log_holding_several_runs_says_which_and_picks_with_run(tmp_
     assert "run 2 of the 3" in capsys.readouterr().err
 
 
+def test_report_reads_a_log_once(tmp_path, monkeypatch):
+    """A long log was parsed twice (once to count its runs, once to read one)."""
+    from curvscope.diagnosis import runlog
+
+    log = tmp_path / "runs.jsonl"
+    header = '{"curvscope_log": 1}\n'
+    probe = '{"step": %d, "state": "learning", "cause": "cadence"}\n'
+    log.write_text(header + probe % 5 + header + probe % 5 + probe % 10)
+    fed = []
+    feed = runlog._Parser.feed
+    monkeypatch.setattr(runlog._Parser, "feed", lambda self, *a: fed.append(a) or feed(self, *a))
+    assert main(["report", str(log), "--run", "0", "--out", str(tmp_path / "r")]) == 0
+    assert len(fed) == 5  # each line once
+
+
 def test_probe_json_is_valid_json_when_a_number_is_not_finite(capsys):
     """A learning rate of 1e-320 has an infinite limit: --json printed Infinity, which JSON
     does not have (a review); non-finite numbers are their strings, as in the run log."""

@@ -582,25 +582,16 @@ def _probe_on_rank(args: argparse.Namespace, rank: int, world: int) -> int:
 
 # --------------------------------------------------------------------------------- report
 def _report(args: argparse.Namespace) -> int:
-    from curvscope.diagnosis.monitor import read_log
-    from curvscope.diagnosis.runlog import count_runs
+    from curvscope.diagnosis.runlog import read_runs
     from curvscope.report import write_log_report
 
     path = Path(args.log)
     if not path.is_file():
         raise UsageError(f"no run log at {str(path)!r}")
-    from curvscope.diagnosis import LogFormatError, TornLogWarning
+    from curvscope.diagnosis import LogFormatError
 
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", TornLogWarning)
-            runs = count_runs(path)
-            if not -runs <= args.run < runs:
-                raise UsageError(
-                    f"--run {args.run}: {str(path)!r} holds {runs} run(s), 0 to {runs - 1} "
-                    "(or -1 for the last)"
-                )
-            header, records = read_log(path, run=args.run)
+        all_runs = read_runs(path)  # parsed once: a long log took two full parses
     except OSError as e:
         raise UsageError(f"cannot read the run log {str(path)!r}: {e.strerror or e}") from e
     except LogFormatError as e:  # its message names the file, the line and the field
@@ -609,12 +600,18 @@ def _report(args: argparse.Namespace) -> int:
         raise UsageError(
             f"{str(path)!r} is not a curvscope run log (one JSON object a line): {e}"
         ) from e
-    for w in caught:  # a torn last line: the intact records are reported, and that is said
-        if issubclass(w.category, TornLogWarning):
-            print(f"curvscope report: warning: {_one_line(str(w.message))}", file=sys.stderr)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    runs = len(all_runs)
+    if not -runs <= args.run < runs:
+        raise UsageError(
+            f"--run {args.run}: {str(path)!r} holds {runs} run(s), 0 to {runs - 1} "
+            "(or -1 for the last)"
+        )
     index = args.run % runs
+    chosen = all_runs[index]
+    header, records = chosen.header, chosen.records
+    torn = chosen.torn_message(str(path), index)
+    if torn is not None:  # a torn last line: the intact records are reported, and that is said
+        print(f"curvscope report: warning: {_one_line(torn)}", file=sys.stderr)
     if runs > 1:  # the page is of one run: say which, and how to see the others
         print(
             f"curvscope report: {str(path)!r} holds {runs} runs; reporting run {index} "

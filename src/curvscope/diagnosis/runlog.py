@@ -401,11 +401,27 @@ def _restore_nonfinite(obj: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
-class _Run:
+class Run:
+    """One run of a log (:func:`read_runs`): its ``header`` (``{}`` for lines before any
+    header), its ``records``, and ``cut_line``, the line a killed writer cut off at its end
+    (None: none)."""
+
     def __init__(self, header: dict[str, Any]) -> None:
         self.header = header
         self.records: list[dict[str, Any]] = []
         self.cut_line: int | None = None  # the line a killed writer cut off, if any
+
+    def torn_message(self, name: str, index: int) -> str | None:
+        """What :class:`TornLogWarning` says of this run (run ``index`` of the file ``name``),
+        or None when no line of it was cut."""
+        if self.cut_line is None:
+            return None
+        n = len(self.records)
+        return (
+            f"{name}: line {self.cut_line}, the last of run {index}, was cut off mid-write "
+            f"(the writing process was probably killed); returning the {n} intact "
+            f"record{'' if n == 1 else 's'} before it"
+        )
 
 
 class _Parser:
@@ -416,7 +432,7 @@ class _Parser:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.runs: list[_Run] = []
+        self.runs: list[Run] = []
         self.bad: tuple[int, json.JSONDecodeError] | None = None  # a line that did not parse
 
     def fail(self) -> LogFormatError:
@@ -456,7 +472,7 @@ class _Parser:
             if not (obj.get("previous_run_cut") and self.runs):
                 raise self.fail() from None
             self.runs[-1].cut_line, self.bad = self.bad[0], None  # the previous run's last line
-        self.runs.append(_Run(_restore_nonfinite(obj)))
+        self.runs.append(Run(_restore_nonfinite(obj)))
 
     def _record(self, obj: dict[str, Any], where: str) -> None:
         if self.bad is not None:
@@ -464,12 +480,12 @@ class _Parser:
         _check(obj, RECORD_FIELDS, where)
         self._current().records.append(_restore_nonfinite(obj))
 
-    def _current(self) -> _Run:
+    def _current(self) -> Run:
         if not self.runs:  # lines before any header (or an empty file) form a run of their own
-            self.runs.append(_Run({}))
+            self.runs.append(Run({}))
         return self.runs[-1]
 
-    def finish(self, complete: bool, last: int) -> list[_Run]:
+    def finish(self, complete: bool, last: int) -> list[Run]:
         """The runs, once the last line (number ``last``) has been fed; ``complete``: whether
         the file ends with a newline."""
         if self.bad is not None:
@@ -513,22 +529,16 @@ def read_log(
     if not _is_int(run):
         raise TypeError(f"run must be an integer index (-1: the last run), got {run!r}")
     name = str(path)
-    runs = _runs(path)
+    runs = read_runs(path)
     if not -len(runs) <= run < len(runs):
         raise ValueError(
             f"run={run} is out of range: {name} holds {len(runs)} run(s), "
             f"indices 0 to {len(runs) - 1} (or -1 for the last)"
         )
     chosen = runs[run]
-    if chosen.cut_line is not None:
-        index, n = runs.index(chosen), len(chosen.records)
-        warnings.warn(
-            f"{name}: line {chosen.cut_line}, the last of run {index}, was cut off mid-write "
-            f"(the writing process was probably killed); returning the {n} intact "
-            f"record{'' if n == 1 else 's'} before it",
-            TornLogWarning,
-            stacklevel=2,
-        )
+    torn = chosen.torn_message(name, run % len(runs))
+    if torn is not None:
+        warnings.warn(torn, TornLogWarning, stacklevel=2)
     return chosen.header, chosen.records
 
 
@@ -543,11 +553,13 @@ def count_runs(path: str | os.PathLike[str]) -> int:
         >>> cs.diagnosis.runlog.count_runs(path)
         2
     """
-    return len(_runs(path))
+    return len(read_runs(path))
 
 
-def _runs(path: str | os.PathLike[str]) -> list[_Run]:
-    """Every run of a log file, parsed and checked."""
+def read_runs(path: str | os.PathLike[str]) -> list[Run]:
+    """Every run of a log file, parsed and checked once (:func:`read_log` picks one of them and
+    warns of its cut line; ``curvscope report`` reads a file once through this). Raises what
+    :func:`read_log` raises for a file that is not a run log."""
     name = str(path)
     raw = Path(path).read_bytes()
     try:
