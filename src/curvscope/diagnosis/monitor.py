@@ -706,6 +706,7 @@ class Monitor:
             clip_factor=self._clip_factor(),
             **self._measuring(),
         )
+        self._clips = self._clips[-1:]  # the window starts anew; its latest kept as a fallback
         self._clip_mark = len(self._clips)
         if update is not None:
             evidence = Evidence.from_mapping({**d.evidence, "update_curvature": update})
