@@ -10,9 +10,12 @@ as raw bytes instead, through numpy's public ``bit_generator.ctypes.state_addres
 checked once against ``bit_generator.state``), in under a µs. The one part of the legacy state
 outside those bytes is the second gaussian its polar method keeps for the next draw
 (``has_gauss``, ``gauss``); it is read by one draw — a kept gaussian comes back without moving
-the bit generator — and written back through ``set_state`` only when there was one. A global
-bit generator other than MT19937 (``np.random.set_bit_generator``) is saved and restored through
-``get_state(legacy=False)``.
+the bit generator — and written back by ``set_state`` with a constant list for the words (a
+list is read fast, an array word by word), which the saved bytes then replace. A global bit
+generator other than MT19937 (``np.random.set_bit_generator``) is saved and restored through
+``get_state(legacy=False)``; in both cases a bit generator replaced meanwhile (a forward that
+calls ``np.random.set_bit_generator``) is put back, the user's own object. As numpy's own
+``set_state`` was, this is not atomic against another thread drawing at the same moment.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ _LEGACY = np.random.mtrand._rand  # the RandomState behind np.random.seed, np.ra
 #: an MT19937's state in memory: ``uint32_t key[624]; int pos`` (numpy's mt19937_state)
 _MT_WORDS = 624
 _MT_BYTES = _MT_WORDS * 4 + ctypes.sizeof(ctypes.c_int)
+_ANY_WORDS = [0] * _MT_WORDS  # set_state's words, replaced at once by the saved bytes
 
 
 @functools.cache
@@ -40,7 +44,10 @@ def _raw_layout_holds() -> bool:
         bg = np.random.MT19937(20241129)
         bg.random_raw(7)
         raw = ctypes.string_at(bg.ctypes.state_address, _MT_BYTES)
-        state = bg.state["state"]
+        full = bg.state
+        state = full["state"]
+        if set(full) != {"bit_generator", "state"} or set(state) != {"key", "pos"}:
+            return False  # a field beyond the words and their position: not all in the bytes
         expected = np.asarray(state["key"], dtype=np.uint32).tobytes()
         return raw == expected + bytes(ctypes.c_int(int(state["pos"])))
     except Exception:  # no ctypes interface, another layout: numpy's own copies serve
@@ -48,22 +55,23 @@ def _raw_layout_holds() -> bool:
 
 
 class _NumpyState(NamedTuple):
-    """numpy's legacy global state as raw MT19937 bytes and the kept gaussian (None: none)."""
+    """numpy's legacy global state: its bit generator, and its MT19937 state as raw bytes and
+    the kept gaussian (None: none) — or, for another bit generator, numpy's own state dict."""
 
-    bit_generator: Any  # numpy's MT19937
-    raw: bytes
-    gauss: float | None
+    bit_generator: Any
+    raw: bytes | dict[str, Any]
+    gauss: float | None = None
 
 
 def _fast(bg: Any) -> bool:
     return type(bg) is np.random.MT19937 and _raw_layout_holds()
 
 
-def numpy_state() -> _NumpyState | dict[str, Any]:
+def numpy_state() -> _NumpyState:
     """numpy's legacy global RNG state (draws one number from it, which the state excludes)."""
     bg = _LEGACY._bit_generator
     if not _fast(bg):
-        return _LEGACY.get_state(legacy=False)
+        return _NumpyState(bg, _LEGACY.get_state(legacy=False))
     address = bg.ctypes.state_address
     raw = ctypes.string_at(address, _MT_BYTES)
     drawn = float(_LEGACY.standard_normal())
@@ -71,20 +79,18 @@ def numpy_state() -> _NumpyState | dict[str, Any]:
     return _NumpyState(bg, raw, drawn if kept else None)
 
 
-def set_numpy_state(state: _NumpyState | dict[str, Any]) -> None:
+def set_numpy_state(state: _NumpyState) -> None:
     """Put back what :func:`numpy_state` read."""
-    if isinstance(state, dict):
-        _LEGACY.set_state(state)
-        return
-    if _LEGACY._bit_generator is not state.bit_generator:  # replaced meanwhile (numpy >= 1.25)
+    if _LEGACY._bit_generator is not state.bit_generator:  # a forward replaced it
         np.random.mtrand.set_bit_generator(state.bit_generator)
-    if state.gauss is None:
-        _LEGACY.seed(0)  # drops a kept gaussian (the bytes below replace the seeded words)
-        ctypes.memmove(state.bit_generator.ctypes.state_address, state.raw, _MT_BYTES)
-    else:
-        key = np.frombuffer(state.raw, dtype=np.uint32, count=_MT_WORDS)
-        pos = ctypes.c_int.from_buffer_copy(state.raw, _MT_WORDS * 4).value
-        _LEGACY.set_state(("MT19937", key, pos, 1, state.gauss))
+    if isinstance(state.raw, dict):
+        _LEGACY.set_state(state.raw)
+        return
+    # the kept gaussian, and words the bytes below replace (numpy's stubs ask for an array)
+    words: Any = _ANY_WORDS
+    gauss = 0.0 if state.gauss is None else state.gauss
+    _LEGACY.set_state(("MT19937", words, 0, int(state.gauss is not None), gauss))
+    ctypes.memmove(state.bit_generator.ctypes.state_address, state.raw, _MT_BYTES)
 
 
 def seed_numpy(seed: int) -> None:
@@ -103,11 +109,15 @@ def rng_states(gens: Sequence[torch.Generator]) -> tuple[Any, ...]:
 
 
 def set_rng_states(gens: Sequence[torch.Generator], state: tuple[Any, ...]) -> None:
-    """Put back what :func:`rng_states` read."""
-    for g, st in zip(gens, state[0], strict=True):
-        g.set_state(st)
-    set_numpy_state(state[1])
-    random.setstate(state[2])
+    """Put back what :func:`rng_states` read: each RNG, whatever another raises."""
+    try:
+        for g, st in zip(gens, state[0], strict=True):
+            g.set_state(st)
+    finally:
+        try:
+            set_numpy_state(state[1])
+        finally:
+            random.setstate(state[2])
 
 
 def seed_rngs(gens: Sequence[torch.Generator], seed: int) -> None:
