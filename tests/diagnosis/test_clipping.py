@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,10 +117,14 @@ def test_a_monitor_told_of_clipping_finds_the_clipped_run_at_its_limit(tmp_path)
         assert d.evidence["stability_limit"] == pytest.approx(2 / (LR * s))
     ratios = [d.evidence["sharpness"] / d.evidence["stability_limit"] for d in mon.history]
     assert all(0.95 < r < 1.25 for r in ratios[:4]), ratios
+    # held there while the loss falls: the edge of stability, once three probes saw it (the
+    # limit of the rate set, c/η, is steady; the clipped one moves with the gradient's norm)
+    assert [d.state for d in mon.history][2:] == ["edge_of_stability"] * 2
     mon.close()
     header, records = cs.read_log(tmp_path / "run.jsonl")
     assert header["max_grad_norm"] == MAX_NORM
     assert [r["clip_factor"] for r in records] == [d.evidence["clip_factor"] for d in mon.history]
+    assert [r["clip_norms"] for r in records] == [EVERY] * len(records)  # each window's norms
 
 
 def test_the_cheap_tier_alarms_at_the_clipped_limit():
@@ -148,7 +154,9 @@ def test_the_monitor_asks_for_what_it_needs():
         mon.step(1.0, grad_norm=3.0)
     clipped = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=2, max_grad_norm=1)
     clipped.step(1.0)
-    with pytest.warns(UserWarning, match=r"no gradient norm yet.*grad_norm=") as caught:
+    with pytest.warns(
+        UserWarning, match=r"no finite gradient norm yet.*grad_norm=.*logging_steps"
+    ) as caught:
         clipped.step(1.0)  # a probe: no step has said how much clipping took
     assert caught[0].filename == __file__  # at the caller's line
     assert clipped.last is not None and "clip_factor" not in clipped.last.evidence
@@ -171,3 +179,59 @@ def test_a_log_with_a_bad_max_grad_norm_is_refused(tmp_path):
     path.write_text(json.dumps({"curvscope_log": 1, "max_grad_norm": "big"}) + "\n")
     with pytest.raises(cs.diagnosis.LogFormatError, match="max_grad_norm"):
         cs.read_log(path)
+
+
+def test_advice_to_a_clipped_run_is_to_clip_harder():
+    """A run that clips was told to clip (an outside review): the advice names the max_grad_norm
+    that holds the steps below the limit, limit/sharpness times the present one."""
+    ev = {
+        "loss": 1.0,
+        "grad_norm": 1.0,
+        "sharpness": 3.0,
+        "lambda_min": 0.0,
+        "stability_limit": 2.0,
+        "lr": 1.0,
+        "limit_constant": 2.0,
+        "stable_lr": 2.0 / 3.0,
+    }
+    plain = classify(ev)[0].advice(ev)
+    assert any("gradient clipping also keeps" in a for a in plain)
+    clipped = {**ev, "clip_factor": 0.5, "stability_limit": 4.0, "sharpness": 6.0}
+    advice = classify(clipped)[0].advice(clipped)
+    assert not any("gradient clipping also keeps" in a for a in advice)
+    assert any("clip harder" in a and "0.67x the present one" in a for a in advice)
+    diverged = {**clipped, "loss": math.nan}
+    assert "smaller max_grad_norm" in " ".join(classify(diverged)[0].advice(diverged))
+
+
+def test_clipped_takes_only_a_fraction_of_the_gradient():
+    w = torch.nn.Parameter(torch.zeros(3))
+    limit = stability_limit(torch.optim.SGD([w], lr=0.1))
+    for bad in (0.0, -1.0, 2.0, math.nan):
+        with pytest.raises(ValueError, match=r"in \(0, 1\].*max_norm"):
+            limit.clipped(bad)
+
+
+def test_a_clip_factor_without_an_optimizer_is_refused():
+    p = cs.problems.get("breast-cancer-logreg")
+    with pytest.raises(ValueError, match=r"clip_factor.*optimizer"):
+        cs.diagnose(p.make_model(0), p.loss_fn, p.data, clip_factor=0.5)
+    with pytest.raises(ValueError, match=r"max_grad_norm.*no optimizer"):
+        cs.Monitor(p.make_model(0), p.loss_fn, p.data, max_grad_norm=1.0)
+
+
+def test_norms_as_numpy_numbers_and_an_infinite_max_norm():
+    """numpy's float32 (what some loops hold) and 0-d arrays are numbers; max_grad_norm=inf
+    (clip_grad_norm_'s idiom for measuring only) never clips: s = 1, and no warning."""
+    p = cs.problems.get("breast-cancer-logreg")
+    model = p.make_model(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=3, max_grad_norm=math.inf)
+    mon.step(np.float32(0.7), grad_norm=np.float32(5.0))
+    mon.step(np.array(0.7), grad_norm=np.array(5.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = mon.step(0.7, grad_norm=5.0)
+    assert d is not None and d.evidence["clip_factor"] == 1.0
+    with pytest.raises(ValueError, match="not negative"):
+        mon.step(0.7, grad_norm=-1.0)

@@ -301,3 +301,28 @@ def test_the_default_cadence_probes_at_the_same_steps_on_every_rank(tmp_path):
     got = [torch.load(tmp_path / f"c{rank}.pt") for rank in range(WORLD)]
     assert got[0] == got[1]
     assert got[0]["probes"][0] == 10 and len(got[0]["probes"]) + len(got[0]["checks"]) >= 3
+
+
+def _clip_worker(rank: int, port: int, out: str) -> None:
+    """Ranks whose clipping left different shares of the gradient (rank 0: 0.5, rank 1: 0.25)
+    judge by one limit, rank 0's: a probe (and a cheap check's alarm, which calls one) is a
+    collective, and ranks that judged different limits would call them at different steps."""
+    _init(rank, port)
+    case = cases.mlp(n=20)
+    local = (case.data[0][SHARDS[rank]], case.data[1][SHARDS[rank]])
+    mon = cs.Monitor(case.model, case.loss_fn, local, lr=0.1, every=2, max_grad_norm=1.0)
+    for _ in range(4):
+        mon.step(1.0, grad_norm=2.0 if rank == 0 else 4.0)
+    limits = [(d.evidence["clip_factor"], d.evidence["stability_limit"]) for d in mon.history]
+    torch.save(limits, Path(out) / f"clip{rank}.pt")
+    _end()
+
+
+def test_ranks_judge_clipped_steps_by_one_clip_factor(tmp_path):
+    mp.start_processes(
+        _clip_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn"
+    )
+    got = [torch.load(tmp_path / f"clip{rank}.pt") for rank in range(WORLD)]
+    assert got[0] == got[1] and len(got[0]) == 2
+    assert all(c == pytest.approx(0.5, rel=1e-5) for c, _ in got[0])
+    assert all(lim == pytest.approx(2 / (0.1 * 0.5), rel=1e-5) for _, lim in got[0])

@@ -32,7 +32,9 @@ def test_tensorboard_scalars(tmp_path):
     assert [e.step for e in acc.Scalars("curvscope/sharpness")] == [2, 4]
 
 
-def _fit_lightning(tmp_path, max_steps, every, batch_size, accumulate=1, clip=None, norms=None):
+def _fit_lightning(
+    tmp_path, max_steps, every, batch_size, accumulate=1, clip=None, norms=None, algorithm=None
+):
     """A LightningModule over the MLP of tests.cases (SGD with momentum) fitted with the
     callback (``clip``: the trainer's gradient_clip_val; ``norms``: a list the module appends
     each optimizer step's gradient norm to, before Lightning clips); returns (trainer,
@@ -71,6 +73,7 @@ def _fit_lightning(tmp_path, max_steps, every, batch_size, accumulate=1, clip=No
         max_steps=max_steps,
         accumulate_grad_batches=accumulate,
         gradient_clip_val=clip,
+        gradient_clip_algorithm=algorithm,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
@@ -119,6 +122,17 @@ def test_lightning_callback_tells_the_monitor_of_norm_clipping(tmp_path):
     for d, s in zip(cb.monitor.history, expected, strict=True):
         assert d.evidence["clip_factor"] == pytest.approx(s, rel=1e-5)
         assert d.evidence["stability_limit"] == pytest.approx(3.8 / (0.1 * s), rel=1e-5)
+
+
+def test_lightning_callback_with_clipping_it_does_not_model(tmp_path):
+    """Clipping by value is said, once, and the steps judged unclipped; an infinite norm (the
+    idiom for measuring only) is no clipping — it stopped training at its start before."""
+    with pytest.warns(UserWarning, match="by value.*unclipped"):
+        _, cb = _fit_lightning(tmp_path, 4, 2, 8, clip=0.05, algorithm="value")
+    assert cb.monitor.max_grad_norm is None and len(cb.monitor.history) == 2
+    (tmp_path / "inf").mkdir()
+    _, cb = _fit_lightning(tmp_path / "inf", 4, 2, 8, clip=float("inf"))
+    assert cb.monitor.max_grad_norm is None and len(cb.monitor.history) == 2
 
 
 def _tiny_bert():
@@ -275,8 +289,8 @@ def test_transformers_trainer_with_the_models_own_loss_and_a_schedule_to_zero(
 
 def test_transformers_callback_tells_the_monitor_of_the_trainers_clipping(tmp_path):
     """The Trainer clips to args.max_grad_norm: the Monitor gets it, and each logged grad_norm
-    (the norm before clipping) with the loss, at the step after its log; without clipping
-    (max_grad_norm=0), no clip factor."""
+    (the norm before clipping) with the loss, at the step it was logged; without clipping
+    (max_grad_norm=0, or inf: the Trainer then only measures the norm), no clip factor."""
     from transformers import Trainer, TrainingArguments
 
     from curvscope.integrations.transformers import CurvscopeTrainerCallback
@@ -285,7 +299,7 @@ def test_transformers_callback_tells_the_monitor_of_the_trainers_clipping(tmp_pa
     ids = torch.randint(0, 50, (16, 8), generator=gen)
     labels = torch.randint(0, 2, (16,), generator=gen)
     train = [{"input_ids": ids[i], "labels": labels[i]} for i in range(16)]
-    for max_norm in (0.01, 0.0):
+    for max_norm in (0.01, 0.0, float("inf")):
         cb = CurvscopeTrainerCallback(None, {"input_ids": ids[:8], "labels": labels[:8]}, every=2)
         args = TrainingArguments(
             output_dir=str(tmp_path),
@@ -302,15 +316,14 @@ def test_transformers_callback_tells_the_monitor_of_the_trainers_clipping(tmp_pa
         )
         trainer = Trainer(model=_tiny_bert(), args=args, train_dataset=train, callbacks=[cb])
         trainer.train()
-        if not max_norm:
+        if max_norm in (0.0, float("inf")):  # no clipping (inf: the norm only measured)
             assert cb.monitor.max_grad_norm is None
             assert all("clip_factor" not in d.evidence for d in cb.monitor.history)
             continue
         norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
         assert cb.monitor.max_grad_norm == 0.01 and len(norms) == 4
-        # step k's norm reaches the Monitor at step k + 1: the probe at 2 has step 1's, the
-        # probe at 4 those of steps 2 and 3
-        expected = _medians_of_clip_factors(norms, 0.01, [(0, 1), (1, 3)])
+        # each step's norm reaches the Monitor at that step: the probe at 2 has steps 1 and 2's
+        expected = _medians_of_clip_factors(norms, 0.01, [(0, 2), (2, 4)])
         assert expected[0] < 1
         for d, s in zip(cb.monitor.history, expected, strict=True):
             assert d.evidence["clip_factor"] == pytest.approx(s, rel=1e-9)
@@ -319,8 +332,9 @@ def test_transformers_callback_tells_the_monitor_of_the_trainers_clipping(tmp_pa
 
 def test_transformers_callback_hands_each_logged_loss_over_once(tmp_path):
     """The Trainer's callbacks see the loss only as it is logged (the mean over logging_steps,
-    after on_step_end): each logged loss reaches the Monitor once, at the step after its log
-    (a new user's run: logging_steps copies of one window's mean, one step late)."""
+    after on_step_end): each logged loss reaches the Monitor once, at the step it was logged
+    (a new user's run: logging_steps copies of one window's mean, one step late; then one
+    step late, once — an outside review: the first probe of a clipped run had no norm yet)."""
     from transformers import Trainer, TrainingArguments
 
     from curvscope.integrations.transformers import CurvscopeTrainerCallback
@@ -330,7 +344,8 @@ def test_transformers_callback_hands_each_logged_loss_over_once(tmp_path):
     ids = torch.randint(0, 50, (32, 8), generator=gen)
     labels = torch.randint(0, 2, (32,), generator=gen)
     train = [{"input_ids": ids[i], "labels": labels[i]} for i in range(32)]
-    cb = CurvscopeTrainerCallback(None, {"input_ids": ids[:8], "labels": labels[:8]}, every=5)
+    probe = {"input_ids": ids[:8], "labels": labels[:8]}
+    cb = CurvscopeTrainerCallback(None, probe, every=5, log=tmp_path / "hf.jsonl")
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=10,
@@ -346,4 +361,7 @@ def test_transformers_callback_hands_each_logged_loss_over_once(tmp_path):
     trainer.train()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert cb.monitor.steps == 10
-    assert cb.monitor.losses == pytest.approx(logged[:1])  # step 5's, recorded at step 6
+    assert cb.monitor.losses == pytest.approx(logged)  # steps 5's and 10's, at steps 5 and 10
+    _, records = read_log(tmp_path / "hf.jsonl")
+    assert [r["step"] for r in records] == [5, 10]
+    assert all(r["clip_norms"] == 1 and r["clip_factor"] is not None for r in records)

@@ -190,6 +190,16 @@ def _unstable_advice(ev: Mapping[str, Any]) -> list[str]:
         if stable is not None and lr
         else []
     )
+    clip, limit, s = ev.get("clip_factor"), ev.get("stability_limit"), effective_sharpness(ev)
+    if clip is not None and clip < 1 and limit is not None and s is not None and s > 0:
+        # already clipped: clip harder (a max_norm that many times the present one)
+        return [
+            *tips,
+            f"Or clip harder: the steps took s = {clip:.3g} of the gradient; a max_grad_norm "
+            f"about {limit / s:.2g}x the present one holds them below the limit. A "
+            "curvature-aware optimizer (trust-region Newton-CG) also keeps steps from "
+            "overshooting.",
+        ]
     return [
         *tips,
         "A curvature-aware optimizer (trust-region Newton-CG) or gradient "
@@ -230,9 +240,10 @@ def _minimum_advice(ev: Mapping[str, Any]) -> list[str]:
 
 
 def _diverged_advice(ev: Mapping[str, Any]) -> list[str]:
+    clip = "clip harder: a smaller max_grad_norm" if ev.get("clip_factor") else "clip gradients"
     return [
-        "Restore the last good checkpoint and lower the learning rate (or clip "
-        "gradients); look for NaN/Inf in the data and for overflow in the model."
+        f"Restore the last good checkpoint and lower the learning rate (or {clip}); look for "
+        "NaN/Inf in the data and for overflow in the model."
     ]
 
 
@@ -851,10 +862,20 @@ def _sharpened_into(
 def _steady(evidence: Mapping[str, Any], past: Sequence[Mapping[str, Any]]) -> bool:
     """Whether the stability limits of ``evidence`` and of the ``past`` probes given are within
     :data:`EOS_LIMIT_DRIFT` of each other: no schedule is moving the limit (a warm-up lowering
-    it through the sharpness is a crossing, not the edge)."""
-    limits = [ev.get("stability_limit") for ev in (evidence, *past)]
+    it through the sharpness is a crossing, not the edge). For clipped steps, the limits of
+    the rate set, c/η: the clipping's own share moves with the gradient, which is how it holds
+    the sharpness at the limit of the clipped rate (an outside review: a clipped run held there
+    never read edge_of_stability)."""
+    limits = [_set_limit(ev) for ev in (evidence, *past)]
     finite = [float(v) for v in limits if v is not None and math.isfinite(v)]
     return len(finite) == len(limits) and max(finite) <= (1 + EOS_LIMIT_DRIFT) * min(finite)
+
+
+def _set_limit(evidence: Mapping[str, Any]) -> float | None:
+    """The stability limit of the learning rate as set, c/η: ``stability_limit`` times the clip
+    factor s where the steps were clipped (their limit is c/(s·η))."""
+    limit, clip = evidence.get("stability_limit"), evidence.get("clip_factor")
+    return limit if limit is None or clip is None else limit * clip
 
 
 def _rose(losses: Sequence[float], best_loss: float | None, floor: float) -> bool:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from curvscope.derivatives import Curvature
 from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives import zero3 as _zero3
-from curvscope.derivatives.checks import check_int, check_real
+from curvscope.derivatives.checks import check_int
 from curvscope.derivatives.curvature import BACKENDS as _PRODUCT_BACKENDS
 from curvscope.derivatives.distributed import in_step, together
 from curvscope.derivatives.objective import fixed_pass
@@ -31,7 +31,7 @@ from curvscope.diagnosis.classify import (
     as_state,
     classify,
 )
-from curvscope.diagnosis.stability import StabilityLimit, gathered, limit_of
+from curvscope.diagnosis.stability import StabilityLimit, check_clip_factor, gathered, limit_of
 from curvscope.spectrum import Operator, as_operator, eigenvalues
 from curvscope.spectrum.cg import cg
 from curvscope.spectrum.eigen import block_shares
@@ -358,6 +358,11 @@ def diagnose(
         raise TypeError(f"thresholds must be a cs.Thresholds, got {type(thresholds).__name__}")
     check_int(max_batches, "max_batches", minimum=1)
     clip = None if clip_factor is None else check_clip_factor(clip_factor)
+    if clip is not None and optimizer is None and lr is None:
+        raise ValueError(
+            "clip_factor scales the stability limit of an optimizer (or of lr=), and there is "
+            "neither: pass the optimizer that takes the clipped steps"
+        )
     products = _Products.checked(backend, fd_eps, sharded)
     with _autocast_suspended(model):
         return _diagnose(
@@ -378,17 +383,6 @@ def diagnose(
             products,
             clip,
         )
-
-
-def check_clip_factor(value: object, name: str = "clip_factor") -> float:
-    """A fraction of the gradient in (0, 1], checked (0 would be no step at all)."""
-    fraction = check_real(value, name, minimum=0, maximum=1)
-    if fraction == 0:
-        raise ValueError(
-            f"expected {name} in (0, 1] (the fraction of the gradient the optimizer is given), "
-            "got 0: a step of nothing has no stability limit"
-        )
-    return fraction
 
 
 def _diagnose(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import math
+import numbers
 import os
 import statistics
 import sys
@@ -16,12 +17,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives import zero3 as _zero3
-from curvscope.derivatives.checks import check_int, check_real
+from curvscope.derivatives.checks import check_int
 from curvscope.derivatives.distributed import (
     all_reduce_max,
     collective_device,
@@ -293,9 +295,9 @@ class Monitor:
         if backend == _fd.BACKEND:
             _check_finite_difference(model, params, self._products, optimizer)
         self.forecast = forecast
-        self._init_clipping(max_grad_norm)
         self.model, self.loss_fn, self.probe_data = model, loss_fn, probe_data
         self.optimizer, self.lr = optimizer, lr
+        self._init_clipping(max_grad_norm)
         self.every, self.budget, self.thresholds = every, budget, thresholds
         self.overhead, self.adaptive = overhead, adaptive
         self.full_batch = full_batch
@@ -409,11 +411,12 @@ class Monitor:
         return d
 
     def _init_clipping(self, max_grad_norm: object) -> None:
-        self.max_grad_norm = (
-            None
-            if max_grad_norm is None
-            else check_real(max_grad_norm, "max_grad_norm", minimum=0, exclusive=True)
-        )
+        self.max_grad_norm = _checked_max_norm(max_grad_norm)
+        if self.max_grad_norm is not None and self.optimizer is None and self.lr is None:
+            raise ValueError(
+                "max_grad_norm= says how the optimizer's steps are clipped, and this Monitor has "
+                "no optimizer (nor lr=): pass the optimizer, or leave max_grad_norm out"
+            )
         #: each step's fraction of the gradient clipping left, min(1, max_norm/‖g‖)
         self._clips: list[float] = []
         self._clip_mark = 0  # where the current window of steps starts in _clips
@@ -437,6 +440,11 @@ class Monitor:
         if grad_norm is None:  # a step that did not say (a Trainer says at its logging steps)
             return
         norm = _scalar_loss(grad_norm, "grad_norm", "the total norm clip_grad_norm_ returns")
+        if norm < 0:
+            raise ValueError(
+                f"mon.step got grad_norm={norm:g}: a norm is not negative — pass the total norm "
+                "clip_grad_norm_ returns"
+            )
         if math.isfinite(norm):
             self._clips.append(min(1.0, self.max_grad_norm / (norm + 1e-6)))
 
@@ -447,17 +455,28 @@ class Monitor:
         window = self._clips[self._clip_mark :] or self._clips[-1:]
         return statistics.median(window) if window else None
 
+    def _agreed_clip(self) -> float | None:
+        """:meth:`_clip_factor` as rank 0 has it (one broadcast under torch.distributed, where
+        ranks whose norms differ would otherwise judge different limits and call probes — a
+        collective — at different steps); no collective without ``max_grad_norm``."""
+        if self.max_grad_norm is None:
+            return None
+        clip = self._clip_factor()
+        (agreed,) = _agreed([math.nan if clip is None else clip], self.model, op="rank0")
+        return None if math.isnan(agreed) else agreed
+
     def _check_clipping(self) -> None:
-        """Warn, once, at a probe of a Monitor given ``max_grad_norm`` that no step has
-        reported its gradient norm: the probe judges unclipped steps."""
-        if self.max_grad_norm is None or self._clips or self._clip_warned:
+        """Warn, once, at a probe of a Monitor given ``max_grad_norm`` (a finite one) that no
+        step has reported a finite gradient norm: the probe judges unclipped steps."""
+        if self.max_grad_norm in (None, math.inf) or self._clips or self._clip_warned:
             return
         self._clip_warned = True
         warnings.warn(
-            f"Monitor(max_grad_norm={self.max_grad_norm:g}) has had no gradient norm yet, so "
-            "this probe judges unclipped steps: pass each step's norm before clipping, "
-            "mon.step(loss, grad_norm=torch.nn.utils.clip_grad_norm_(params, max_norm)) (the "
-            "Hugging Face callback passes the norm the Trainer logs, every logging_steps)",
+            f"Monitor(max_grad_norm={self.max_grad_norm:g}) has had no finite gradient norm "
+            "yet, so this probe judges unclipped steps: pass each step's norm before clipping, "
+            "mon.step(loss, grad_norm=torch.nn.utils.clip_grad_norm_(params, max_norm)); under "
+            "the Hugging Face callback, which passes the norm the Trainer logs, log at least "
+            "as often as the Monitor probes (TrainingArguments(logging_steps=...))",
             stacklevel=_callers_level(),
         )
 
@@ -665,7 +684,7 @@ class Monitor:
         steps' rate, with ``max_grad_norm``) by the margin, and training is not already known
         to be unstable or at the edge (where the sharpness swings past the limit: then only
         beyond EOS_SWING)."""
-        limit, clip = check.limit, self._clip_factor()
+        limit, clip = check.limit, self._agreed_clip()
         if limit is None or not math.isfinite(limit):
             return False
         if clip is not None:
@@ -703,9 +722,10 @@ class Monitor:
             v0=self._warm_start(),
             train_batches=self.train_batches,
             adaptive=self.adaptive,
-            clip_factor=self._clip_factor(),
+            clip_factor=self._agreed_clip(),
             **self._measuring(),
         )
+        norms = len(self._clips) - self._clip_mark  # the window's reported norms
         self._clips = self._clips[-1:]  # the window starts anew; its latest kept as a fallback
         self._clip_mark = len(self._clips)
         if update is not None:
@@ -744,6 +764,7 @@ class Monitor:
                 "reasons": d.reasons,
                 "confident": d.confident,
                 "train_mode": self.model.training,  # dropout and BatchNorm measured as in it
+                **({} if self.max_grad_norm is None else {"clip_norms": norms}),
                 **d.evidence,
                 **self._updates_since_last_probe(),
             }
@@ -897,11 +918,30 @@ def _scalar_loss(
                 f"{tuple(loss.shape)}: {fix}"
             )
         return float(loss.detach())
-    if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+    if isinstance(loss, np.ndarray) and loss.size == 1:  # a 0-d array, numpy's float
+        return float(loss.reshape(()))
+    if isinstance(loss, bool) or not isinstance(loss, numbers.Real):
         raise TypeError(
             f"mon.step expects {what} (a scalar tensor or a number), got {type(loss).__name__}"
         )
     return float(loss)
+
+
+def _checked_max_norm(value: object) -> float | None:
+    """``max_grad_norm``: None, or a positive number (inf: the norm is measured, never
+    clipped)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"expected max_grad_norm to be a number (the max_norm of clip_grad_norm_), got "
+            f"{type(value).__name__}"
+        )
+    if not float(value) > 0:  # NaN too
+        raise ValueError(
+            f"expected max_grad_norm > 0 (the max_norm of clip_grad_norm_), got {value!r}"
+        )
+    return float(value)
 
 
 def _check_cadence(every: object, update_every: object, overhead: object, forecast: object) -> None:

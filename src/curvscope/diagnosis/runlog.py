@@ -340,6 +340,7 @@ RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "updates": (_update_rows, "a list of [step, curvature, top curvature] lists"),
     "matvecs": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "batches": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "clip_norms": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "unscaled_coordinates": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "records_lost": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "preconditioned": (lambda v: isinstance(v, bool), "true or false"),

@@ -39,6 +39,7 @@ there. Both answer :class:`StateLayout`.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -223,6 +224,7 @@ class StabilityLimit:
             >>> round(limit.limit, 6), limit.stable_lr(40.0)
             (80.0, 0.2)
         """
+        fraction = check_clip_factor(fraction, "fraction")
         if fraction == 1.0:
             return self
         return replace(
@@ -231,6 +233,20 @@ class StabilityLimit:
             clip=self.clip * fraction,
             formula=f"{self.formula}, η·s for steps clipped to s = {fraction:.3g} of the gradient",
         )
+
+
+def check_clip_factor(value: object, name: str = "clip_factor") -> float:
+    """A fraction of the gradient in (0, 1], checked: what ``clip_grad_norm_`` leaves of it,
+    min(1, max_norm/‖g‖) (0 would be no step at all)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"expected {name} to be a real number, got {type(value).__name__}")
+    fraction = float(value)
+    if not 0 < fraction <= 1:  # NaN too
+        raise ValueError(
+            f"expected {name} in (0, 1] — the fraction min(1, max_norm/‖g‖) of the gradient the "
+            f"optimizer is given — got {value!r}"
+        )
+    return fraction
 
 
 class StateLayout(Protocol):

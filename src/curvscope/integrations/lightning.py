@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any
 
 import torch
@@ -28,7 +30,9 @@ class CurvscopeCallback(Callback):
     that clips the gradient's norm (``gradient_clip_val`` with the default
     ``gradient_clip_algorithm="norm"``) gives the Monitor its ``max_grad_norm`` and, before
     each optimizer step (``on_before_optimizer_step``, before Lightning clips), the norm of the
-    optimizer's gradients: the probes judge the steps by the rate the clipped steps took.
+    optimizer's gradients: the probes judge the steps by the rate the clipped steps took. The
+    norm is of the gradients each rank holds: the whole gradient under DDP, a shard under FSDP
+    (where the probes take rank 0's clip factor, that of its shard, not the whole gradient's).
 
     Args:
         loss_fn: ``loss_fn(pl_module(inputs), targets)``, the batch-mean loss.
@@ -103,9 +107,17 @@ class CurvscopeCallback(Callback):
 
 def _norm_clipping(trainer: Any) -> float | None:
     """The norm a trainer clips the gradient to (``gradient_clip_val`` with the "norm"
-    algorithm), or None."""
+    algorithm), or None (no clipping, or an infinite norm: none); clipping by value is said
+    in a warning: it is not modelled."""
     value = getattr(trainer, "gradient_clip_val", None)
+    if not value or not 0 < float(value) < math.inf:
+        return None
     algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm")
-    if not value or value <= 0 or not algorithm.lower().endswith("norm"):
+    if not algorithm.lower().endswith("norm"):
+        warnings.warn(
+            f"the trainer clips gradients by value ({algorithm}, {value:g}): curvscope models "
+            "clipping by norm only, so the probes judge the steps as unclipped",
+            stacklevel=2,
+        )
         return None
     return float(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from curvscope.diagnosis.monitor import Monitor, scalars
@@ -18,18 +19,19 @@ class CurvscopeTrainerCallback(TrainerCallback):
     """Diagnose a ``transformers.Trainer`` run.
 
     The Monitor is built at ``on_train_begin`` on the Trainer's model and optimizer, records a
-    step at every ``on_step_end``, and probes on its cadence. The loss reaches it as the
-    Trainer logs it (``on_log``, every ``logging_steps``: the mean of that window), once, at
-    the step after the log; the steps between record none (a callback does not see each
-    step's loss). The diagnosis goes into the Trainer's log history as
+    step at every optimizer step, and probes on its cadence. The loss reaches it as the
+    Trainer logs it (every ``logging_steps``: the mean of that window): a step the Trainer is
+    about to log is recorded at its ``on_log``, with that loss, the others at ``on_step_end``
+    with none (a callback does not see each step's loss; the logged loss reached the Monitor
+    one step late before). The diagnosis goes into the Trainer's log history as
     ``curvscope/...`` entries at each probe, with ``curvscope/preconditioned`` saying which
     sharpness the record holds: 1 for that of the preconditioned curvature P^-½ H P^-½ (Adam's,
     once it has stepped), 0 for that of H itself (plain SGD, or a learning rate scheduled to 0,
     where there is no step to judge and "learning rate 0: no stability limit" is said).
     The Trainer clips the gradient's norm to ``args.max_grad_norm`` (1.0 by default): the
-    Monitor is given it, and the norm before clipping as the Trainer logs it (``grad_norm``, at
-    its logging steps, reaching the Monitor with the loss), so that the probes judge the steps
-    by the rate the clipped steps took.
+    Monitor is given it, and the norm before clipping as the Trainer logs it (``grad_norm``,
+    with the loss), so that the probes judge the steps by the rate the clipped steps took: log
+    at least as often as the Monitor probes for a current clip factor.
 
     Args:
         loss_fn: ``None`` (the model's own loss, as the Trainer trains it: causal and masked
@@ -52,8 +54,7 @@ class CurvscopeTrainerCallback(TrainerCallback):
     def __init__(self, loss_fn: Any, probe_data: Any, **monitor_kwargs: Any) -> None:
         self.loss_fn, self.probe_data, self.kwargs = loss_fn, probe_data, monitor_kwargs
         self.monitor: Monitor | None = None
-        self._loss: float | None = None
-        self._grad_norm: float | None = None
+        self._deferred = False  # a step waiting for the Trainer's log of it
 
     def on_train_begin(
         self,
@@ -66,27 +67,38 @@ class CurvscopeTrainerCallback(TrainerCallback):
     ) -> None:
         monitor_kwargs = dict(self.kwargs)
         clip = getattr(args, "max_grad_norm", None)
-        if clip is not None and clip > 0:  # the Trainer clips only then
+        if clip is not None and 0 < clip < math.inf:  # the Trainer clips only then
             monitor_kwargs.setdefault("max_grad_norm", float(clip))
         self.monitor = Monitor(
             model, self.loss_fn, self.probe_data, optimizer=optimizer, **monitor_kwargs
         )
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-        if logs and "loss" in logs:
-            self._loss = float(logs["loss"])
-        if logs and logs.get("grad_norm") is not None:
-            self._grad_norm = float(logs["grad_norm"])
-
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is None:
             return
-        # each logged loss once (the mean of its logging window), at the step after its log
-        # (the Trainer calls on_log after on_step_end); steps between logs record none
-        loss, self._loss = self._loss, None
-        norm, self._grad_norm = self._grad_norm, None
-        clipped = self.monitor.max_grad_norm is not None
-        d = self.monitor.step(loss, grad_norm=norm if clipped else None)
+        self._flush(state)  # a step whose log never came
+        if control.should_log:  # the Trainer logs this step next (on_log): step with its log
+            self._deferred = True
+            return
+        self._step(state, None, None)  # between logs: no loss, no norm
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if not self._deferred or not logs or "loss" not in logs:  # not the training log
+            return
+        self._deferred = False
+        self._step(state, float(logs["loss"]), logs.get("grad_norm"))
+
+    def _flush(self, state: Any) -> None:
+        if self._deferred:
+            self._deferred = False
+            self._step(state, None, None)
+
+    def _step(self, state: Any, loss: float | None, norm: Any) -> None:
+        """One Monitor step: the logged loss (the mean of its logging window) and, for a
+        clipped run, the logged norm before clipping, at the step they were logged."""
+        assert self.monitor is not None
+        clipped = self.monitor.max_grad_norm is not None and norm is not None
+        d = self.monitor.step(loss, grad_norm=float(norm) if clipped else None)
         if d is not None:
             record = {f"curvscope/{k}": v for k, v in scalars(d).items()}
             record["curvscope/preconditioned"] = float(bool(d.evidence.get("preconditioned")))
@@ -94,4 +106,5 @@ class CurvscopeTrainerCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is not None:
+            self._flush(state)
             self.monitor.close()
