@@ -54,17 +54,21 @@ def test_a_clip_factor_outside_0_1_is_refused(bad):
         cs.diagnose(p.make_model(0), p.loss_fn, p.data, lr=1.0, clip_factor=bad)
 
 
+#: the evidence of an unstable step: sharpness 3 against the limit 2 of gradient descent at lr 1
+UNSTABLE = {
+    "loss": 1.0,
+    "grad_norm": 1.0,
+    "sharpness": 3.0,
+    "lambda_min": 0.0,
+    "stability_limit": 2.0,
+    "lr": 1.0,
+    "limit_constant": 2.0,
+    "stable_lr": 2.0 / 3.0,
+}
+
+
 def test_the_step_along_the_direction_overshoots_at_the_clipped_rate():
-    ev = {
-        "loss": 1.0,
-        "grad_norm": 1.0,
-        "sharpness": 3.0,
-        "lambda_min": 0.0,
-        "stability_limit": 2.0,
-        "lr": 1.0,
-        "limit_constant": 2.0,
-        "directional_curvature": 3.0,
-    }
+    ev = {**UNSTABLE, "directional_curvature": 3.0}
     assert classify(ev)[0] == "unstable"  # η·c = 3 > 2 (and the sharpness too)
     state, reasons = classify({**ev, "stability_limit": 2.0 / 0.5, "clip_factor": 0.5})
     assert state == "learning" and "s = 0.5" in reasons[-1]  # s·η·c = 1.5 < 2
@@ -184,16 +188,7 @@ def test_a_log_with_a_bad_max_grad_norm_is_refused(tmp_path):
 def test_advice_to_a_clipped_run_is_to_clip_harder():
     """A run that clips was told to clip (an outside review): the advice names the max_grad_norm
     that holds the steps below the limit, limit/sharpness times the present one."""
-    ev = {
-        "loss": 1.0,
-        "grad_norm": 1.0,
-        "sharpness": 3.0,
-        "lambda_min": 0.0,
-        "stability_limit": 2.0,
-        "lr": 1.0,
-        "limit_constant": 2.0,
-        "stable_lr": 2.0 / 3.0,
-    }
+    ev = UNSTABLE
     plain = classify(ev)[0].advice(ev)
     assert any("gradient clipping also keeps" in a for a in plain)
     clipped = {**ev, "clip_factor": 0.5, "stability_limit": 4.0, "sharpness": 6.0}

@@ -152,8 +152,27 @@ def _tiny_bert():
         return BertForSequenceClassification(config)
 
 
+def _four_logged_steps(tmp_path, **kw):
+    """TrainingArguments of four steps of 4 samples at lr 1e-3, each step logged."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        **kw,
+    )
+
+
 def test_transformers_trainer_callback(tmp_path):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from curvscope.integrations.transformers import CurvscopeTrainerCallback
 
@@ -175,18 +194,7 @@ def test_transformers_trainer_callback(tmp_path):
         return nn.functional.cross_entropy(output.logits, y)
 
     cb = CurvscopeTrainerCallback(loss_fn, probe, every=2)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        lr_scheduler_type="constant",
-        report_to=[],
-        use_cpu=True,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
+    args = _four_logged_steps(tmp_path)
     Trainer(model=model, args=args, train_dataset=train, callbacks=[cb]).train()
     assert len(cb.monitor.history) == 2
     assert cb.monitor.last.evidence["preconditioned"]  # AdamW: the preconditioned sharpness
@@ -291,7 +299,7 @@ def test_transformers_callback_tells_the_monitor_of_the_trainers_clipping(tmp_pa
     """The Trainer clips to args.max_grad_norm: the Monitor gets it, and each logged grad_norm
     (the norm before clipping) with the loss, at the step it was logged; without clipping
     (max_grad_norm=0, or inf: the Trainer then only measures the norm), no clip factor."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from curvscope.integrations.transformers import CurvscopeTrainerCallback
 
@@ -301,19 +309,7 @@ def test_transformers_callback_tells_the_monitor_of_the_trainers_clipping(tmp_pa
     train = [{"input_ids": ids[i], "labels": labels[i]} for i in range(16)]
     for max_norm in (0.01, 0.0, float("inf")):
         cb = CurvscopeTrainerCallback(None, {"input_ids": ids[:8], "labels": labels[:8]}, every=2)
-        args = TrainingArguments(
-            output_dir=str(tmp_path),
-            max_steps=4,
-            per_device_train_batch_size=4,
-            learning_rate=1e-3,
-            lr_scheduler_type="constant",
-            max_grad_norm=max_norm,
-            report_to=[],
-            use_cpu=True,
-            logging_steps=1,
-            save_strategy="no",
-            disable_tqdm=True,
-        )
+        args = _four_logged_steps(tmp_path, max_grad_norm=max_norm)
         trainer = Trainer(model=_tiny_bert(), args=args, train_dataset=train, callbacks=[cb])
         trainer.train()
         if max_norm in (0.0, float("inf")):  # no clipping (inf: the norm only measured)

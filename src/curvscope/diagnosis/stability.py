@@ -231,7 +231,7 @@ class StabilityLimit:
             self,
             limit=self.limit / fraction,
             clip=self.clip * fraction,
-            formula=f"{self.formula}, η·s for steps clipped to s = {fraction:.3g} of the gradient",
+            formula=f"{self.formula}, with s·η for η: steps clipped to s = {fraction:.3g}",
         )
 
 
