@@ -198,3 +198,21 @@ def test_log_report_says_which_probes_measured_the_model_in_eval_mode(tmp_path):
         line["train_mode"] = True
     html = report.write_log_report({}, lines, tmp_path / "c").read_text(encoding="utf-8")
     assert "eval mode" not in html
+
+
+def test_log_report_says_how_much_clipping_took(tmp_path):
+    """A clipped run's page says the range of its clip factors, and the probes that had none."""
+    header = {"curvscope_log": 1, "max_grad_norm": 0.05}
+    records = [
+        {"step": 5, "state": "learning"},
+        {"step": 10, "state": "learning", "clip_factor": 0.25},
+        {"step": 15, "state": "unstable", "clip_factor": 0.5},
+    ]
+    html = report.write_log_report(header, records, tmp_path / "a").read_text(encoding="utf-8")
+    assert "Gradient clipping to a norm of 0.05: the steps took 0.25 to 0.5" in html
+    assert "1 probe(s) had no gradient norm" in html
+    bare = [{"step": 5, "state": "learning"}]
+    html = report.write_log_report(header, bare, tmp_path / "b").read_text(encoding="utf-8")
+    assert "no probe had a gradient norm to go by" in html
+    html = report.write_log_report({}, records, tmp_path / "c").read_text(encoding="utf-8")
+    assert "Gradient clipping" not in html

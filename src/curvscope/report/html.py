@@ -190,6 +190,7 @@ def write_log_report(
         header=shown,
         records_lost=lost,
         in_eval=(in_eval, len(records)),
+        clipping=_clipping(header, records),
         images=images,
         changes=changes,
     )
@@ -197,6 +198,20 @@ def write_log_report(
     plots.replace_atomically(path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
     _written(out, images, path.name)
     return path
+
+
+def _clipping(header: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the page says of a clipped run (``max_grad_norm`` in the header): the range of the
+    probes' clip factors, and how many probes had none (no norm reported yet)."""
+    if header.get("max_grad_norm") is None:
+        return None
+    factors = [r["clip_factor"] for r in records if r.get("clip_factor") is not None]
+    return {
+        "max_norm": _num(header["max_grad_norm"]),
+        "low": _num(min(factors)) if factors else None,
+        "high": _num(max(factors)) if factors else None,
+        "unknown": len(records) - len(factors),
+    }
 
 
 def write_probe_report(result: dict[str, Any], out: Path) -> Path:
