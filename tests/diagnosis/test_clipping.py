@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import curvscope as cs
-from curvscope.diagnosis import classify
+from curvscope.diagnosis import State, classify
+from curvscope.diagnosis.classify import classify_history
 from curvscope.diagnosis.diagnosis import UpdateCheck
 from curvscope.diagnosis.stability import stability_limit
 
@@ -227,6 +228,48 @@ def test_norms_as_numpy_numbers_and_an_infinite_max_norm():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         d = mon.step(0.7, grad_norm=5.0)
-    assert d is not None and d.evidence["clip_factor"] == 1.0
+    assert d is not None and "clip_factor" not in d.evidence  # as if unclipped
     with pytest.raises(ValueError, match="not negative"):
         mon.step(0.7, grad_norm=-1.0)
+
+
+def test_clip_harder_by_the_curvature_that_decided():
+    """An unstable verdict from the curvature along the last update, the sharpness below the
+    limit: the multiple was limit/sharpness, 1.3x — advice to raise max_grad_norm (a second
+    review). Now by the largest curvature met, and no multiple where none is above the limit."""
+    ev = {**UNSTABLE, "sharpness": 30.0, "stability_limit": 40.0, "clip_factor": 0.5}
+    ev["update_curvature"] = 50.0
+    state = classify(ev)[0]
+    assert state == "unstable"
+    assert any("(about 0.8x the present one)" in a for a in state.advice(ev))
+    quiet = {**ev, "update_curvature": None, "directional_curvature": 20.0}
+    advice = " ".join(State.UNSTABLE.advice(quiet))
+    assert "clip harder" in advice and "present one" not in advice
+
+
+def test_a_clipped_edge_is_not_held_while_the_gradient_grows():
+    """At a steady η the limit of the rate set, c/η, is always steady; a clip factor falling 16x
+    over three probes (the gradient's norm growing 16x) with the sharpness tracking the clipped
+    limit read edge_of_stability (a second review's synthetic run). It must not fall more than
+    EOS_CLIP_RISE (2x) across the probes that hold the edge."""
+
+    def probe(clip):
+        return {
+            **UNSTABLE,
+            "sharpness": 2.05 / clip,
+            "stability_limit": 2.0 / clip,
+            "clip_factor": clip,
+        }
+
+    relaxing = [probe(0.4), probe(0.3)]  # the clipping relaxes as the loss falls: an edge
+    state = classify_history(State.LEARNING, [], probe(0.5), past=relaxing, losses=(0.5, 0.4))[0]
+    assert state == "edge_of_stability"
+    growing = [probe(1.0), probe(0.25)]
+    state = classify_history(State.LEARNING, [], probe(1 / 16), past=growing, losses=(0.5, 0.4))[0]
+    assert state == "learning"
+
+
+def test_a_clip_factor_may_be_a_one_number_tensor():
+    p = cs.problems.get("breast-cancer-logreg")
+    d = cs.diagnose(p.make_model(0), p.loss_fn, p.data, lr=1.0, clip_factor=torch.tensor(0.1))
+    assert d.evidence["clip_factor"] == pytest.approx(0.1)

@@ -33,12 +33,20 @@ def test_tensorboard_scalars(tmp_path):
 
 
 def _fit_lightning(
-    tmp_path, max_steps, every, batch_size, accumulate=1, clip=None, norms=None, algorithm=None
+    tmp_path,
+    max_steps,
+    every,
+    batch_size,
+    accumulate=1,
+    clip=None,
+    norms=None,
+    algorithm=None,
+    ckpt_path=None,
 ):
     """A LightningModule over the MLP of tests.cases (SGD with momentum) fitted with the
     callback (``clip``: the trainer's gradient_clip_val; ``norms``: a list the module appends
-    each optimizer step's gradient norm to, before Lightning clips); returns (trainer,
-    callback)."""
+    each optimizer step's gradient norm to, before Lightning clips; ``ckpt_path``: a checkpoint
+    to resume from); returns (trainer, callback)."""
     import lightning
 
     from curvscope.integrations.lightning import CurvscopeCallback
@@ -82,7 +90,7 @@ def _fit_lightning(
         callbacks=[cb],
         default_root_dir=tmp_path,
     )
-    trainer.fit(Module(), loader)
+    trainer.fit(Module(), loader, ckpt_path=ckpt_path)
     return trainer, cb
 
 
@@ -103,6 +111,17 @@ def test_lightning_callback_counts_optimizer_steps_under_gradient_accumulation(t
     _, records = read_log(tmp_path / "run.jsonl")
     assert [r["step"] for r in records] == [2, 4]
     assert len(cb.monitor.losses) == 4
+
+
+def test_lightning_callback_follows_a_resumed_run(tmp_path):
+    """ckpt_path: the Monitor's steps go on from the trainer's global step."""
+    trainer, _ = _fit_lightning(tmp_path, max_steps=4, every=2, batch_size=8)
+    trainer.save_checkpoint(tmp_path / "four.ckpt")
+    (tmp_path / "resumed").mkdir()
+    ckpt = tmp_path / "four.ckpt"
+    trainer, cb = _fit_lightning(tmp_path / "resumed", 8, 2, 8, ckpt_path=ckpt)
+    assert trainer.global_step == cb.monitor.steps == 8
+    assert cb.monitor.probe_steps == [6, 8]
 
 
 def _medians_of_clip_factors(norms, max_norm, windows):
@@ -153,22 +172,22 @@ def _tiny_bert():
 
 
 def _four_logged_steps(tmp_path, **kw):
-    """TrainingArguments of four steps of 4 samples at lr 1e-3, each step logged."""
+    """TrainingArguments of four steps of 4 samples at lr 1e-3, each step logged (``kw``
+    overrides)."""
     from transformers import TrainingArguments
 
-    return TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        lr_scheduler_type="constant",
-        report_to=[],
-        use_cpu=True,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        **kw,
-    )
+    settings = {
+        "max_steps": 4,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "lr_scheduler_type": "constant",
+        "report_to": [],
+        "use_cpu": True,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+    }
+    return TrainingArguments(output_dir=str(tmp_path), **{**settings, **kw})
 
 
 def test_transformers_trainer_callback(tmp_path):
@@ -361,3 +380,54 @@ def test_transformers_callback_hands_each_logged_loss_over_once(tmp_path):
     _, records = read_log(tmp_path / "hf.jsonl")
     assert [r["step"] for r in records] == [5, 10]
     assert all(r["clip_norms"] == 1 and r["clip_factor"] is not None for r in records)
+
+
+def test_transformers_callback_takes_epoch_logs_at_the_next_step(tmp_path):
+    """logging_strategy="epoch" logs at on_epoch_end, after the step was recorded: its loss and
+    norm reach the Monitor at the next step (a second review: they were dropped, every probe
+    judged unclipped steps and no loss was read)."""
+    from transformers import Trainer
+
+    from curvscope.integrations.transformers import CurvscopeTrainerCallback
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (16, 8), generator=gen)
+    labels = torch.randint(0, 2, (16,), generator=gen)
+    train = [{"input_ids": ids[i], "labels": labels[i]} for i in range(16)]
+    cb = CurvscopeTrainerCallback(None, {"input_ids": ids[:8], "labels": labels[:8]}, every=4)
+    # three epochs of four steps
+    args = _four_logged_steps(tmp_path, max_steps=12, max_grad_norm=0.01, logging_strategy="epoch")
+    trainer = Trainer(model=_tiny_bert(), args=args, train_dataset=train, callbacks=[cb])
+    with pytest.warns(UserWarning, match="no finite gradient norm"):  # the probe at step 4
+        trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h and "grad_norm" in h]
+    assert [h["step"] for h in logged] == [4, 8, 12]
+    assert cb.monitor.steps == 12 and cb.monitor.losses == pytest.approx(
+        [logged[0]["loss"], logged[1]["loss"]]
+    )
+    clips = [d.evidence.get("clip_factor") for d in cb.monitor.history]
+    assert clips[0] is None and clips[1] == pytest.approx(
+        min(1, 0.01 / (logged[0]["grad_norm"] + 1e-6))
+    )
+
+
+def test_transformers_callback_follows_a_resumed_run(tmp_path):
+    """resume_from_checkpoint: the Monitor's steps go on from the Trainer's (its log records
+    were at steps 2 and 4 of a run resumed at 6 before: a second review)."""
+    from transformers import Trainer
+
+    from curvscope.integrations.transformers import CurvscopeTrainerCallback
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (48, 8), generator=gen)
+    labels = torch.randint(0, 2, (48,), generator=gen)
+    train = [{"input_ids": ids[i], "labels": labels[i]} for i in range(48)]
+    saving = {"save_strategy": "steps", "save_steps": 6, "logging_steps": 2}
+    args = _four_logged_steps(tmp_path, max_steps=6, **saving)
+    Trainer(model=_tiny_bert(), args=args, train_dataset=train).train()
+    cb = CurvscopeTrainerCallback(None, {"input_ids": ids[:8], "labels": labels[:8]}, every=2)
+    args = _four_logged_steps(tmp_path, max_steps=10, **saving)
+    trainer = Trainer(model=_tiny_bert(), args=args, train_dataset=train, callbacks=[cb])
+    trainer.train(resume_from_checkpoint=True)
+    assert cb.monitor.steps == trainer.state.global_step == 10
+    assert cb.monitor.probe_steps == [8, 10]

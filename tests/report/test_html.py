@@ -205,12 +205,14 @@ def test_log_report_says_how_much_clipping_took(tmp_path):
     header = {"curvscope_log": 1, "max_grad_norm": 0.05}
     records = [
         {"step": 5, "state": "learning"},
-        {"step": 10, "state": "learning", "clip_factor": 0.25},
-        {"step": 15, "state": "unstable", "clip_factor": 0.5},
+        {"step": 10, "state": "learning", "clip_factor": 0.25, "clip_norms": 5},
+        {"step": 15, "state": "unstable", "clip_factor": 0.5, "clip_norms": 5},
+        {"step": 20, "state": "unstable", "clip_factor": 0.5, "clip_norms": 0},
     ]
     html = report.write_log_report(header, records, tmp_path / "a").read_text(encoding="utf-8")
     assert "Gradient clipping to a norm of 0.05: the steps took 0.25 to 0.5" in html
     assert "1 probe(s) had no gradient norm" in html
+    assert "1 probe(s) had no norm in their window and took the latest earlier one" in html
     bare = [{"step": 5, "state": "learning"}]
     html = report.write_log_report(header, bare, tmp_path / "b").read_text(encoding="utf-8")
     assert "no probe had a gradient norm to go by" in html

@@ -220,8 +220,8 @@ class Monitor:
             the norm before clipping, ``mon.step(loss, grad_norm=clip_grad_norm_(...))``, and a
             probe judges the steps by the rate they took, s·η, s = min(1, max_norm/‖g‖) the
             median over the steps since the previous probe that reported a norm
-            (``diagnose(..., clip_factor=s)``; the cheap tier too). None (default): unclipped
-            steps.
+            (``diagnose(..., clip_factor=s)``; the cheap tier too). None (default), or
+            ``math.inf`` (``clip_grad_norm_``'s idiom for measuring only): unclipped steps.
         start_step: the steps already taken before this Monitor (a resumed run): its step
             count, the log's and TensorBoard's step axis and a fixed ``every`` continue from
             there (a resumed run's log restarted at step 0 before: a review); the first probe of
@@ -424,7 +424,13 @@ class Monitor:
 
     def _clipping_header(self) -> dict[str, float]:
         """The log header's record of the clipping (nothing for unclipped steps)."""
-        return {} if self.max_grad_norm is None else {"max_grad_norm": self.max_grad_norm}
+        norm = self.max_grad_norm
+        return {"max_grad_norm": norm} if norm is not None and self._clipped else {}
+
+    @property
+    def _clipped(self) -> bool:
+        """Whether the steps may be clipped: a finite ``max_grad_norm`` (inf measures only)."""
+        return self.max_grad_norm is not None and self.max_grad_norm < math.inf
 
     def _record_clip(self, grad_norm: Tensor | float | None) -> None:
         """The fraction of this step's gradient that clipping left (torch's clip
@@ -445,7 +451,7 @@ class Monitor:
                 f"mon.step got grad_norm={norm:g}: a norm is not negative — pass the total norm "
                 "clip_grad_norm_ returns"
             )
-        if math.isfinite(norm):
+        if math.isfinite(norm) and self._clipped:
             self._clips.append(min(1.0, self.max_grad_norm / (norm + 1e-6)))
 
     def _clip_factor(self) -> float | None:
@@ -459,7 +465,7 @@ class Monitor:
         """:meth:`_clip_factor` as rank 0 has it (one broadcast under torch.distributed, where
         ranks whose norms differ would otherwise judge different limits and call probes — a
         collective — at different steps); no collective without ``max_grad_norm``."""
-        if self.max_grad_norm is None:
+        if not self._clipped:
             return None
         clip = self._clip_factor()
         (agreed,) = _agreed([math.nan if clip is None else clip], self.model, op="rank0")
@@ -468,7 +474,7 @@ class Monitor:
     def _check_clipping(self) -> None:
         """Warn, once, at a probe of a Monitor given ``max_grad_norm`` (a finite one) that no
         step has reported a finite gradient norm: the probe judges unclipped steps."""
-        if self.max_grad_norm in (None, math.inf) or self._clips or self._clip_warned:
+        if not self._clipped or self._clips or self._clip_warned:
             return
         self._clip_warned = True
         warnings.warn(
@@ -764,7 +770,7 @@ class Monitor:
                 "reasons": d.reasons,
                 "confident": d.confident,
                 "train_mode": self.model.training,  # dropout and BatchNorm measured as in it
-                **({} if self.max_grad_norm is None else {"clip_norms": norms}),
+                **({"clip_norms": norms} if self._clipped else {}),
                 **d.evidence,
                 **self._updates_since_last_probe(),
             }

@@ -238,6 +238,8 @@ class StabilityLimit:
 def check_clip_factor(value: object, name: str = "clip_factor") -> float:
     """A fraction of the gradient in (0, 1], checked: what ``clip_grad_norm_`` leaves of it,
     min(1, max_norm/‖g‖) (0 would be no step at all)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"expected {name} to be a real number, got {type(value).__name__}")
     fraction = float(value)

@@ -60,6 +60,7 @@ class CurvscopeCallback(Callback):
         clip = _norm_clipping(trainer)
         if clip is not None:
             kwargs.setdefault("max_grad_norm", clip)
+        kwargs.setdefault("start_step", trainer.global_step)  # a resumed run goes on
         self.monitor = Monitor(
             pl_module, self.loss_fn, self.probe_data, optimizer=optimizer, **kwargs
         )
@@ -112,7 +113,8 @@ def _norm_clipping(trainer: Any) -> float | None:
     value = getattr(trainer, "gradient_clip_val", None)
     if not value or not 0 < float(value) < math.inf:
         return None
-    algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm")
+    algorithm = getattr(trainer, "gradient_clip_algorithm", None) or "norm"
+    algorithm = str(getattr(algorithm, "value", algorithm))  # Lightning's enum, or a string
     if not algorithm.lower().endswith("norm"):
         warnings.warn(
             f"the trainer clips gradients by value ({algorithm}, {value:g}): curvscope models "

@@ -55,6 +55,7 @@ class CurvscopeTrainerCallback(TrainerCallback):
         self.loss_fn, self.probe_data, self.kwargs = loss_fn, probe_data, monitor_kwargs
         self.monitor: Monitor | None = None
         self._deferred = False  # a step waiting for the Trainer's log of it
+        self._late: Any = None  # a training log that came after its step was recorded
 
     def on_train_begin(
         self,
@@ -69,6 +70,7 @@ class CurvscopeTrainerCallback(TrainerCallback):
         clip = getattr(args, "max_grad_norm", None)
         if clip is not None and 0 < clip < math.inf:  # the Trainer clips only then
             monitor_kwargs.setdefault("max_grad_norm", float(clip))
+        monitor_kwargs.setdefault("start_step", state.global_step)  # a resumed run goes on
         self.monitor = Monitor(
             model, self.loss_fn, self.probe_data, optimizer=optimizer, **monitor_kwargs
         )
@@ -80,25 +82,33 @@ class CurvscopeTrainerCallback(TrainerCallback):
         if control.should_log:  # the Trainer logs this step next (on_log): step with its log
             self._deferred = True
             return
-        self._step(state, None, None)  # between logs: no loss, no norm
+        self._step(state)  # between logs: no loss, no norm (but one logged late)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-        if not self._deferred or not logs or "loss" not in logs:  # not the training log
+        if not logs or "loss" not in logs:  # not a training log (an evaluation's)
             return
-        self._deferred = False
-        self._step(state, float(logs["loss"]), logs.get("grad_norm"))
+        if self._deferred:
+            self._deferred = False
+            self._step(state, logs)
+        else:  # logged after its step was recorded (logging_strategy="epoch", whose log comes
+            self._late = logs  # at on_epoch_end; another callback's should_log): the next step
 
     def _flush(self, state: Any) -> None:
         if self._deferred:
             self._deferred = False
-            self._step(state, None, None)
+            self._step(state)
 
-    def _step(self, state: Any, loss: float | None, norm: Any) -> None:
+    def _step(self, state: Any, logs: Any = None) -> None:
         """One Monitor step: the logged loss (the mean of its logging window) and, for a
-        clipped run, the logged norm before clipping, at the step they were logged."""
+        clipped run, the logged norm before clipping — at the step they were logged, or at the
+        next one for a log that came after its step."""
         assert self.monitor is not None
-        clipped = self.monitor.max_grad_norm is not None and norm is not None
-        d = self.monitor.step(loss, grad_norm=float(norm) if clipped else None)
+        logs, self._late = logs or self._late, None
+        loss = None if logs is None else float(logs["loss"])
+        norm = None if logs is None else logs.get("grad_norm")
+        if self.monitor.max_grad_norm is None or norm is None:
+            norm = None  # an unclipped run's Monitor takes no norm
+        d = self.monitor.step(loss, grad_norm=None if norm is None else float(norm))
         if d is not None:
             record = {f"curvscope/{k}": v for k, v in scalars(d).items()}
             record["curvscope/preconditioned"] = float(bool(d.evidence.get("preconditioned")))

@@ -202,7 +202,8 @@ def write_log_report(
 
 def _clipping(header: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """What the page says of a clipped run (``max_grad_norm`` in the header): the range of the
-    probes' clip factors, and how many probes had none (no norm reported yet)."""
+    probes' clip factors, how many probes had no norm in their window (and took the latest
+    earlier one), and how many had none at all (no norm reported yet)."""
     if header.get("max_grad_norm") is None:
         return None
     factors = [r["clip_factor"] for r in records if r.get("clip_factor") is not None]
@@ -210,6 +211,9 @@ def _clipping(header: dict[str, Any], records: list[dict[str, Any]]) -> dict[str
         "max_norm": _num(header["max_grad_norm"]),
         "low": _num(min(factors)) if factors else None,
         "high": _num(max(factors)) if factors else None,
+        "stale": sum(
+            r.get("clip_factor") is not None and r.get("clip_norms") == 0 for r in records
+        ),
         "unknown": len(records) - len(factors),
     }
 
