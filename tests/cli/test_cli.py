@@ -167,18 +167,23 @@ def test_report_of_a_log_holding_several_runs_says_which_and_picks_with_run(tmp_
 
 
 def test_report_reads_a_log_once(tmp_path, monkeypatch):
-    """A long log was parsed twice (once to count its runs, once to read one)."""
-    from curvscope.diagnosis import runlog
+    """A long log was read and parsed twice (once to count its runs, once to read one)."""
+    import pathlib
 
     log = tmp_path / "runs.jsonl"
     header = '{"curvscope_log": 1}\n'
     probe = '{"step": %d, "state": "learning", "cause": "cadence"}\n'
     log.write_text(header + probe % 5 + header + probe % 5 + probe % 10)
-    fed = []
-    feed = runlog._Parser.feed
-    monkeypatch.setattr(runlog._Parser, "feed", lambda self, *a: fed.append(a) or feed(self, *a))
+    reads = []
+    read_bytes = pathlib.Path.read_bytes
+
+    def counted(self):
+        reads.append(self)
+        return read_bytes(self)
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", counted)
     assert main(["report", str(log), "--run", "0", "--out", str(tmp_path / "r")]) == 0
-    assert len(fed) == 5  # each line once
+    assert reads.count(log) == 1
 
 
 def test_probe_json_is_valid_json_when_a_number_is_not_finite(capsys):

@@ -218,19 +218,25 @@ def test_a_clip_factor_without_an_optimizer_is_refused():
 
 def test_norms_as_numpy_numbers_and_an_infinite_max_norm():
     """numpy's float32 (what some loops hold) and 0-d arrays are numbers; max_grad_norm=inf
-    (clip_grad_norm_'s idiom for measuring only) never clips: s = 1, and no warning."""
+    (clip_grad_norm_'s idiom for measuring only) never clips: no clip factor, no warning, and
+    the norms are not read."""
     p = cs.problems.get("breast-cancer-logreg")
     model = p.make_model(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=3, max_grad_norm=math.inf)
+    mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=3, max_grad_norm=1.0)
     mon.step(np.float32(0.7), grad_norm=np.float32(5.0))
-    mon.step(np.array(0.7), grad_norm=np.array(5.0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        d = mon.step(0.7, grad_norm=5.0)
-    assert d is not None and "clip_factor" not in d.evidence  # as if unclipped
+    mon.step(np.array(0.7), grad_norm=np.array(4.0))
+    d = mon.step(0.7, grad_norm=torch.tensor(2.0))
+    assert d is not None and d.evidence["clip_factor"] == pytest.approx(0.25, rel=1e-5)
     with pytest.raises(ValueError, match="not negative"):
         mon.step(0.7, grad_norm=-1.0)
+    never = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=3, max_grad_norm=math.inf)
+    assert mon.clipped and not never.clipped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            d = never.step(0.7, grad_norm=5.0)
+    assert d is not None and "clip_factor" not in d.evidence  # as if unclipped
 
 
 def test_clip_harder_by_the_curvature_that_decided():
@@ -251,7 +257,7 @@ def test_a_clipped_edge_is_not_held_while_the_gradient_grows():
     """At a steady η the limit of the rate set, c/η, is always steady; a clip factor falling 16x
     over three probes (the gradient's norm growing 16x) with the sharpness tracking the clipped
     limit read edge_of_stability (a second review's synthetic run). It must not fall more than
-    EOS_CLIP_RISE (2x) across the probes that hold the edge."""
+    EOS_CLIP_FALL (2x) across the probes that hold the edge."""
 
     def probe(clip):
         return {

@@ -171,9 +171,18 @@ def _tiny_bert():
         return BertForSequenceClassification(config)
 
 
-def _four_logged_steps(tmp_path, **kw):
-    """TrainingArguments of four steps of 4 samples at lr 1e-3, each step logged (``kw``
-    overrides)."""
+def _hf_data(n):
+    """(ids, labels, train): n token sequences of 8 for the tiny BERT, their labels, and the
+    Trainer's dataset of them."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (n, 8), generator=gen)
+    labels = torch.randint(0, 2, (n,), generator=gen)
+    return ids, labels, [{"input_ids": ids[i], "labels": labels[i]} for i in range(n)]
+
+
+def _hf_args(tmp_path, **kw):
+    """TrainingArguments: four steps of 4 samples at a constant lr 1e-3, each logged, nothing
+    saved (``kw`` overrides)."""
     from transformers import TrainingArguments
 
     settings = {
@@ -213,7 +222,7 @@ def test_transformers_trainer_callback(tmp_path):
         return nn.functional.cross_entropy(output.logits, y)
 
     cb = CurvscopeTrainerCallback(loss_fn, probe, every=2)
-    args = _four_logged_steps(tmp_path)
+    args = _hf_args(tmp_path)
     Trainer(model=model, args=args, train_dataset=train, callbacks=[cb]).train()
     assert len(cb.monitor.history) == 2
     assert cb.monitor.last.evidence["preconditioned"]  # AdamW: the preconditioned sharpness
@@ -322,13 +331,10 @@ def test_transformers_callback_tells_the_monitor_of_the_trainers_clipping(tmp_pa
 
     from curvscope.integrations.transformers import CurvscopeTrainerCallback
 
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 50, (16, 8), generator=gen)
-    labels = torch.randint(0, 2, (16,), generator=gen)
-    train = [{"input_ids": ids[i], "labels": labels[i]} for i in range(16)]
+    ids, labels, train = _hf_data(16)
     for max_norm in (0.01, 0.0, float("inf")):
         cb = CurvscopeTrainerCallback(None, {"input_ids": ids[:8], "labels": labels[:8]}, every=2)
-        args = _four_logged_steps(tmp_path, max_grad_norm=max_norm)
+        args = _hf_args(tmp_path, max_grad_norm=max_norm)
         trainer = Trainer(model=_tiny_bert(), args=args, train_dataset=train, callbacks=[cb])
         trainer.train()
         if max_norm in (0.0, float("inf")):  # no clipping (inf: the norm only measured)
@@ -355,10 +361,7 @@ def test_transformers_callback_hands_each_logged_loss_over_once(tmp_path):
     from curvscope.integrations.transformers import CurvscopeTrainerCallback
 
     model = _tiny_bert()
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 50, (32, 8), generator=gen)
-    labels = torch.randint(0, 2, (32,), generator=gen)
-    train = [{"input_ids": ids[i], "labels": labels[i]} for i in range(32)]
+    ids, labels, train = _hf_data(32)
     probe = {"input_ids": ids[:8], "labels": labels[:8]}
     cb = CurvscopeTrainerCallback(None, probe, every=5, log=tmp_path / "hf.jsonl")
     args = TrainingArguments(
@@ -390,13 +393,10 @@ def test_transformers_callback_takes_epoch_logs_at_the_next_step(tmp_path):
 
     from curvscope.integrations.transformers import CurvscopeTrainerCallback
 
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 50, (16, 8), generator=gen)
-    labels = torch.randint(0, 2, (16,), generator=gen)
-    train = [{"input_ids": ids[i], "labels": labels[i]} for i in range(16)]
+    ids, labels, train = _hf_data(16)
     cb = CurvscopeTrainerCallback(None, {"input_ids": ids[:8], "labels": labels[:8]}, every=4)
     # three epochs of four steps
-    args = _four_logged_steps(tmp_path, max_steps=12, max_grad_norm=0.01, logging_strategy="epoch")
+    args = _hf_args(tmp_path, max_steps=12, max_grad_norm=0.01, logging_strategy="epoch")
     trainer = Trainer(model=_tiny_bert(), args=args, train_dataset=train, callbacks=[cb])
     with pytest.warns(UserWarning, match="no finite gradient norm"):  # the probe at step 4
         trainer.train()
@@ -418,15 +418,12 @@ def test_transformers_callback_follows_a_resumed_run(tmp_path):
 
     from curvscope.integrations.transformers import CurvscopeTrainerCallback
 
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 50, (48, 8), generator=gen)
-    labels = torch.randint(0, 2, (48,), generator=gen)
-    train = [{"input_ids": ids[i], "labels": labels[i]} for i in range(48)]
+    ids, labels, train = _hf_data(48)
     saving = {"save_strategy": "steps", "save_steps": 6, "logging_steps": 2}
-    args = _four_logged_steps(tmp_path, max_steps=6, **saving)
+    args = _hf_args(tmp_path, max_steps=6, **saving)
     Trainer(model=_tiny_bert(), args=args, train_dataset=train).train()
     cb = CurvscopeTrainerCallback(None, {"input_ids": ids[:8], "labels": labels[:8]}, every=2)
-    args = _four_logged_steps(tmp_path, max_steps=10, **saving)
+    args = _hf_args(tmp_path, max_steps=10, **saving)
     trainer = Trainer(model=_tiny_bert(), args=args, train_dataset=train, callbacks=[cb])
     trainer.train(resume_from_checkpoint=True)
     assert cb.monitor.steps == trainer.state.global_step == 10

@@ -851,7 +851,7 @@ class ModelObjective:
         and Python's global RNGs are seeded and restored too: a forward that draws from them
         (Hugging Face's LayerDrop in wav2vec2 draws from numpy) would otherwise change the
         operator between products — two products of one vector 56% apart, λ_max 1.67 to 2.88
-        with the seed, each "converged" — and advance the user's RNGs (a few µs a forward:
+        with the seed, each "converged" — and advance the user's RNGs (about 26 µs a forward:
         :mod:`curvscope.derivatives.rng`). A generator the model holds itself is not seen.
         """
         if torch.is_inference_mode_enabled():
@@ -861,9 +861,9 @@ class ModelObjective:
                 "(torch.no_grad() around the call is fine: curvscope turns gradients on itself)"
             )
         gens = self._forward_generators
-        saved = rng_states(gens)
         # first derivatives (finite differences) are right through the fused kernels
         kernels = self.kernels() if second_order else nullcontext()
+        saved = rng_states(gens)  # (numpy's has moved: restored in the finally below)
         try:
             with kernels, torch.enable_grad():
                 seed_rngs(gens, FORWARD.seed(self.seed, batch_index))

@@ -317,12 +317,6 @@ def diagnose(
             is double backward and a vmapped forward pass gains nothing.
         fd_eps: with ``backend="finite_difference"``, the step relative to the parameters'
             norm (default None: eps(dtype)^(1/3)), as for :class:`~curvscope.Curvature`.
-        clip_factor: for clipped gradients, the fraction s in (0, 1] of the gradient the
-            optimizer is given — ``clip_grad_norm_(params, max_norm)`` scales it by s =
-            min(1, max_norm/‖g‖) — so that its steps are those of the rate s·η and the limit is
-            c/(s·η) (:meth:`~curvscope.diagnosis.stability.StabilityLimit.clipped`); in the
-            evidence as ``clip_factor``. The Monitor passes the median over the steps since its
-            previous probe when given ``max_grad_norm``. Default None: unclipped steps.
         sharded: for a model larger than one device (FSDP2's ``fully_shard`` over one mesh
             dimension, or a DeepSpeed ZeRO-3 engine, with ``backend="finite_difference"``;
             every rank calls it together):
@@ -332,6 +326,12 @@ def diagnose(
             verdict are the same on every rank and equal the whole-vector diagnosis's (within
             the products' accuracy); ``vectors`` (and ``v0``) then hold this rank's entries
             (``cs.Curvature(...).sharded().gather(v)`` makes one whole).
+        clip_factor: for clipped gradients, the fraction s in (0, 1] of the gradient the
+            optimizer is given — ``clip_grad_norm_(params, max_norm)`` scales it by s =
+            min(1, max_norm/‖g‖) — so that its steps are those of the rate s·η and the limit is
+            c/(s·η) (:meth:`~curvscope.diagnosis.stability.StabilityLimit.clipped`); in the
+            evidence as ``clip_factor``. The Monitor passes the median over the steps since its
+            previous probe when given ``max_grad_norm``. Default None: unclipped steps.
 
     Raises:
         ValueError: a budget under 8, a backend a diagnosis does not take, ``fd_eps`` without

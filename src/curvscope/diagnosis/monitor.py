@@ -417,19 +417,21 @@ class Monitor:
                 "max_grad_norm= says how the optimizer's steps are clipped, and this Monitor has "
                 "no optimizer (nor lr=): pass the optimizer, or leave max_grad_norm out"
             )
-        #: each step's fraction of the gradient clipping left, min(1, max_norm/‖g‖)
-        self._clips: list[float] = []
-        self._clip_mark = 0  # where the current window of steps starts in _clips
+        #: the fraction of the gradient clipping left, min(1, max_norm/‖g‖), of each step
+        #: since the previous probe that reported its norm; and the latest of any step
+        self._window: list[float] = []
+        self._latest_clip: float | None = None
         self._clip_warned = False  # whether a probe without any norm was warned about
 
     def _clipping_header(self) -> dict[str, float]:
         """The log header's record of the clipping (nothing for unclipped steps)."""
         norm = self.max_grad_norm
-        return {"max_grad_norm": norm} if norm is not None and self._clipped else {}
+        return {"max_grad_norm": norm} if norm is not None and self.clipped else {}
 
     @property
-    def _clipped(self) -> bool:
-        """Whether the steps may be clipped: a finite ``max_grad_norm`` (inf measures only)."""
+    def clipped(self) -> bool:
+        """Whether the probes judge clipped steps: a finite ``max_grad_norm`` (``math.inf``
+        measures the norm only)."""
         return self.max_grad_norm is not None and self.max_grad_norm < math.inf
 
     def _record_clip(self, grad_norm: Tensor | float | None) -> None:
@@ -443,29 +445,29 @@ class Monitor:
                     "Monitor(..., max_grad_norm=max_norm), the max_norm of your clip_grad_norm_"
                 )
             return
-        if grad_norm is None:  # a step that did not say (a Trainer says at its logging steps)
-            return
+        if grad_norm is None or not self.clipped:  # a step that did not say (a Trainer says at
+            return  # its logging steps), or one never clipped: nothing to read
         norm = _scalar_loss(grad_norm, "grad_norm", "the total norm clip_grad_norm_ returns")
         if norm < 0:
             raise ValueError(
                 f"mon.step got grad_norm={norm:g}: a norm is not negative — pass the total norm "
                 "clip_grad_norm_ returns"
             )
-        if math.isfinite(norm) and self._clipped:
-            self._clips.append(min(1.0, self.max_grad_norm / (norm + 1e-6)))
+        if math.isfinite(norm):
+            self._latest_clip = min(1.0, self.max_grad_norm / (norm + 1e-6))
+            self._window.append(self._latest_clip)
 
     def _clip_factor(self) -> float | None:
         """The median fraction of the gradient the steps since the previous probe took (of
         those that reported their norm; the latest known before then; None: no clipping
         declared, or no finite norm reported yet — warned once, at a probe)."""
-        window = self._clips[self._clip_mark :] or self._clips[-1:]
-        return statistics.median(window) if window else None
+        return statistics.median(self._window) if self._window else self._latest_clip
 
     def _agreed_clip(self) -> float | None:
         """:meth:`_clip_factor` as rank 0 has it (one broadcast under torch.distributed, where
         ranks whose norms differ would otherwise judge different limits and call probes — a
         collective — at different steps); no collective without ``max_grad_norm``."""
-        if not self._clipped:
+        if not self.clipped:
             return None
         clip = self._clip_factor()
         (agreed,) = _agreed([math.nan if clip is None else clip], self.model, op="rank0")
@@ -474,7 +476,7 @@ class Monitor:
     def _check_clipping(self) -> None:
         """Warn, once, at a probe of a Monitor given ``max_grad_norm`` (a finite one) that no
         step has reported a finite gradient norm: the probe judges unclipped steps."""
-        if not self._clipped or self._clips or self._clip_warned:
+        if not self.clipped or self._latest_clip is not None or self._clip_warned:
             return
         self._clip_warned = True
         warnings.warn(
@@ -731,9 +733,7 @@ class Monitor:
             clip_factor=self._agreed_clip(),
             **self._measuring(),
         )
-        norms = len(self._clips) - self._clip_mark  # the window's reported norms
-        self._clips = self._clips[-1:]  # the window starts anew; its latest kept as a fallback
-        self._clip_mark = len(self._clips)
+        norms, self._window = len(self._window), []  # the window's reported norms; a new one
         if update is not None:
             evidence = Evidence.from_mapping({**d.evidence, "update_curvature": update})
             state, reasons = classify(evidence, self.thresholds)
@@ -770,7 +770,7 @@ class Monitor:
                 "reasons": d.reasons,
                 "confident": d.confident,
                 "train_mode": self.model.training,  # dropout and BatchNorm measured as in it
-                **({"clip_norms": norms} if self._clipped else {}),
+                **({"clip_norms": norms} if self.clipped else {}),
                 **d.evidence,
                 **self._updates_since_last_probe(),
             }

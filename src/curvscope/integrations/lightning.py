@@ -69,7 +69,7 @@ class CurvscopeCallback(Callback):
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         """The norm of the gradients Lightning is about to clip (of ``optimizer``'s
         parameters, as its clipping takes them), when the Monitor was told the clipping."""
-        if self.monitor is None or self.monitor.max_grad_norm is None:
+        if self.monitor is None or not self.monitor.clipped:
             return
         norms = [
             torch.linalg.vector_norm(p.grad.detach())
@@ -77,7 +77,7 @@ class CurvscopeCallback(Callback):
             for p in group["params"]
             if p.grad is not None
         ]
-        if norms:  # kept on its device: read once, at the Monitor's step
+        if norms:  # kept on its device: read at the Monitor's step, with the loss
             self._norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
     def on_train_batch_end(

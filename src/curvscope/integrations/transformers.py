@@ -87,11 +87,13 @@ class CurvscopeTrainerCallback(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
         if not logs or "loss" not in logs:  # not a training log (an evaluation's)
             return
+        # a log after its step was recorded (logging_strategy="epoch", whose log comes at
+        # on_epoch_end; another callback's should_log) reaches the next step
         if self._deferred:
             self._deferred = False
             self._step(state, logs)
-        else:  # logged after its step was recorded (logging_strategy="epoch", whose log comes
-            self._late = logs  # at on_epoch_end; another callback's should_log): the next step
+        else:
+            self._late = logs
 
     def _flush(self, state: Any) -> None:
         if self._deferred:
@@ -105,9 +107,7 @@ class CurvscopeTrainerCallback(TrainerCallback):
         assert self.monitor is not None
         logs, self._late = logs or self._late, None
         loss = None if logs is None else float(logs["loss"])
-        norm = None if logs is None else logs.get("grad_norm")
-        if self.monitor.max_grad_norm is None or norm is None:
-            norm = None  # an unclipped run's Monitor takes no norm
+        norm = logs.get("grad_norm") if logs is not None and self.monitor.clipped else None
         d = self.monitor.step(loss, grad_norm=None if norm is None else float(norm))
         if d is not None:
             record = {f"curvscope/{k}": v for k, v in scalars(d).items()}
