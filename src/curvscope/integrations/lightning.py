@@ -71,14 +71,14 @@ class CurvscopeCallback(Callback):
         parameters, as its clipping takes them), when the Monitor was told the clipping."""
         if self.monitor is None or not self.monitor.clipped:
             return
-        norms = [
-            torch.linalg.vector_norm(p.grad.detach())
+        grads = [
+            p.grad.detach()
             for group in optimizer.param_groups
             for p in group["params"]
             if p.grad is not None
         ]
-        if norms:  # kept on its device: read at the Monitor's step, with the loss
-            self._norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+        if grads:  # kept on its device: read at the Monitor's step, with the loss
+            self._norm = _total_norm(grads)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -104,6 +104,17 @@ class CurvscopeCallback(Callback):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.monitor is not None:
             self.monitor.close()
+
+
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all of ``grads``, as ``clip_grad_norm_`` computes it (torch's fused
+    ``get_total_norm`` where it has one, from torch 2.6)."""
+    total = getattr(torch.nn.utils, "get_total_norm", None)
+    if total is not None:
+        return total(grads)
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g).float() for g in grads])
+    )
 
 
 def _norm_clipping(trainer: Any) -> float | None:
