@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives import zero3 as _zero3
-from curvscope.derivatives.checks import check_int
+from curvscope.derivatives.checks import check_int, check_real
 from curvscope.derivatives.distributed import (
     all_reduce_max,
     collective_device,
@@ -935,19 +935,12 @@ def _scalar_loss(
 
 def _checked_max_norm(value: object) -> float | None:
     """``max_grad_norm``: None, or a positive number (inf: the norm is measured, never
-    clipped)."""
+    clipped — ``clip_grad_norm_``'s idiom, which :func:`check_real` would refuse)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"expected max_grad_norm to be a number (the max_norm of clip_grad_norm_), got "
-            f"{type(value).__name__}"
-        )
-    if not float(value) > 0:  # NaN too
-        raise ValueError(
-            f"expected max_grad_norm > 0 (the max_norm of clip_grad_norm_), got {value!r}"
-        )
-    return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and value == math.inf:
+        return math.inf
+    return check_real(value, "max_grad_norm", minimum=0, exclusive=True)
 
 
 def _check_cadence(every: object, update_every: object, overhead: object, forecast: object) -> None:
