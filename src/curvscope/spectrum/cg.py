@@ -3,6 +3,7 @@ Newton-type methods and the Newton decrement need."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvscope.derivatives.checks import all_finite, check_int
+from curvscope.derivatives.checks import check_int
 from curvscope.spectrum._operator import Operator, as_operator
 from curvscope.spectrum.precision import autocast_off, working_dtype
 
@@ -109,9 +110,6 @@ def cg(
         shape = tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__
         raise ValueError(f"expected x0 of shape ({op.n},) like b, got {shape}")
     op.require_symmetric("cs.spectrum.cg")
-    for name, v in (("b", b), ("x0", x0)):
-        if v is not None and not all_finite(v):
-            raise ValueError(f"{name} has non-finite entries (NaN/Inf); check how it was computed")
     max_matvecs = check_int(max_matvecs, "max_matvecs", minimum=1)
     for name, value in (("tol", tol), ("damping", damping)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
@@ -121,6 +119,16 @@ def cg(
         op = op.damped(damping)
     with autocast_off(op.device):
         return _cg(op, b.to(dt), tol, max_matvecs, x0, progress_tol, save)
+
+
+def _finite(value: float, name: str) -> float:
+    """``value``, a norm of ``name`` over all its entries, refused where it is not finite."""
+    if not math.isfinite(value):
+        raise ValueError(
+            f"{name} has non-finite entries (NaN/Inf, or entries too large to square in its "
+            "dtype); check how it was computed"
+        )
+    return value
 
 
 def _cg(
@@ -137,13 +145,16 @@ def _cg(
     def dot(u: Tensor, v: Tensor) -> float:  # over all entries: reduced for sharded vectors
         return float(op.total(u @ v))
 
-    if x0 is None or not dot(x0, x0) > 0:
+    # b's and x0's finiteness from the norms read anyway: reduced over the ranks, so every rank
+    # refuses together (a rank checking its own shard alone left the others in a collective)
+    bnorm = _finite(float(op.norm(b)), "b")
+    if x0 is None or not _finite(dot(x0, x0), "x0") > 0:
         x, r = torch.zeros_like(b), b.clone()
     else:
         x = x0.to(b).clone()
         r = op.residual(b[:, None], x[:, None])[:, 0]  # (b − Ax) − λx for a damped A
     p = r.clone()
-    bnorm = float(op.norm(b)) or 1.0
+    bnorm = bnorm or 1.0
     rr = dot(r, r)
     it, neg, direction, direction_curvature = 0, False, None, None
     # φ(x) = ½xᵀ(Ax − b) − ½bᵀx = ½xᵀ(−r − b) (A damped already): for the progress test only
