@@ -135,20 +135,29 @@ def test_a_monitor_told_of_clipping_finds_the_clipped_run_at_its_limit(tmp_path)
 
 def test_the_cheap_tier_alarms_at_the_clipped_limit():
     """A check's curvature along the update is compared with the limit of the clipped rate:
-    1.5x the unclipped limit alarms an unclipped Monitor, not one whose steps took a quarter of
-    their gradient (the median of the window: 0.25)."""
+    update_curvature is given the window's clip factor (0.25 here), so 1.5x the unclipped limit
+    alarms an unclipped Monitor, not one whose steps took a quarter of their gradient."""
     p = cs.problems.get("breast-cancer-logreg")
+    X, y = p.data
     model = p.make_model(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    plain = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=1000)
-    clipped = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=1000, max_grad_norm=0.5)
-    for norm in (2.0, 2.0, 0.1):  # clipped to 0.25, 0.25; unclipped (1)
+    plain = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=1000, update_every=1)
+    clipped = cs.Monitor(
+        model, p.loss_fn, p.data, optimizer=opt, every=1000, update_every=1, max_grad_norm=0.5
+    )
+    for _ in range(4):
+        opt.zero_grad()
+        p.loss_fn(model(X), y).backward()
+        opt.step()
         plain.step(1.0)
-        clipped.step(1.0, grad_norm=norm)
+        clipped.step(1.0, grad_norm=2.0)  # clipped to 0.25
     assert clipped._clip_factor() == pytest.approx(0.25, rel=1e-5)
-    check = UpdateCheck(curvature=1.5 * 20, limit=20.0)
-    assert plain._alarming(check) and not clipped._alarming(check)
-    assert clipped._alarming(UpdateCheck(curvature=1.2 * 80, limit=20.0))
+    assert plain.updates and clipped.updates
+    assert plain.updates[-1][1].limit == pytest.approx(20.0)  # 2/η
+    assert clipped.updates[-1][1].limit == pytest.approx(80.0, rel=1e-5)  # 2/(s·η)
+    assert plain._alarming(UpdateCheck(curvature=1.5 * 20, limit=20.0))
+    assert not clipped._alarming(UpdateCheck(curvature=1.5 * 20, limit=80.0))
+    assert clipped._alarming(UpdateCheck(curvature=1.2 * 80, limit=80.0))
 
 
 def test_the_monitor_asks_for_what_it_needs():
@@ -335,3 +344,11 @@ def test_adamw_clipped_is_judged_by_its_clipped_rate():
     assert losses[149] < losses[0] / 100
     assert all(r > 3 for r in ratios[False]) and states[False] == ["unstable"] * 3
     assert all(r < 0.9 for r in ratios[True]) and states[True] == ["learning"] * 3
+
+
+def test_a_diverged_optimizer_state_gets_no_clipping_sentence():
+    """A non-finite optimizer state marks the limit NaN: "the limit is that of the rate s·η,
+    nan" was appended to its reasons."""
+    ev = {**UNSTABLE, "grad_norm": math.nan, "stability_limit": math.nan, "clip_factor": 0.5}
+    state, reasons = classify(ev)
+    assert state == "diverged" and not any("clipping" in r for r in reasons)

@@ -500,8 +500,9 @@ class Facts:
 
     @property
     def clipping(self) -> str | None:
-        """The sentence on gradient clipping, when it moved the limit."""
-        if self.clip == 1.0 or self.limit is None:
+        """The sentence on gradient clipping, when it moved a limit there is (not the NaN of an
+        optimizer state that is not finite)."""
+        if self.clip == 1.0 or self.limit is None or not math.isfinite(self.limit):
             return None
         return (
             f"gradient clipping gives the optimizer s = {self.clip:.3g} of the gradient: the "

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from curvscope.derivatives import Curvature
 from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives import zero3 as _zero3
-from curvscope.derivatives.checks import check_int
+from curvscope.derivatives.checks import all_finite, check_int
 from curvscope.derivatives.curvature import BACKENDS as _PRODUCT_BACKENDS
 from curvscope.derivatives.distributed import in_step, together
 from curvscope.derivatives.objective import fixed_pass
@@ -172,7 +172,7 @@ class _Objective:
 
     def finite(self, g: Tensor) -> bool:
         """Whether every entry of g is finite (on every rank: they decide alike)."""
-        return self.total((~torch.isfinite(g)).sum().to(self.dtype)) == 0
+        return _finite_everywhere(self.space, g)
 
     def norm(self, g: Tensor) -> float:
         """‖g‖ over the whole vector."""
@@ -230,6 +230,13 @@ def _total(space: _Space, t: Tensor) -> float:
     """A sum over a vector's entries: this rank's partial sum made whole over the ranks for a
     sharded view; as it is for whole vectors (every rank holds them all)."""
     return float(space.reduce_sum(t) if isinstance(space, ShardedCurvature) else t)
+
+
+def _finite_everywhere(space: _Space, t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite, on every rank (they decide alike): from one
+    sum locally (:func:`all_finite`), the verdicts summed over a sharded view's ranks."""
+    bad = 0.0 if all_finite(t) else 1.0
+    return _total(space, torch.tensor(bad, dtype=torch.float64, device=t.device)) == 0
 
 
 def _zero3_params(C: Curvature) -> bool:
@@ -464,7 +471,7 @@ def _state_not_finite(limit: StabilityLimit | None, space: _Space) -> bool:
     """Whether the optimizer's preconditioner has NaN/Inf entries (on any rank)."""
     if limit is None or limit.scale is None:
         return False
-    return _total(space, (~torch.isfinite(limit.scale)).sum().to(limit.scale.dtype)) > 0
+    return not _finite_everywhere(space, limit.scale)
 
 
 class _Products(NamedTuple):
@@ -674,6 +681,7 @@ def update_curvature(
     backend: str = "double_backward",
     fd_eps: float | None = None,
     sharded: bool = False,
+    clip_factor: float | None = None,
 ) -> UpdateCheck:
     """The curvature along the optimizer's last update u = θ − θ_before, in the metric the
     optimizer steps in: uᵀ(H + l2)u / uᵀS⁻¹u (S its step factors: uᵀHu/‖u‖² for SGD; the
@@ -687,10 +695,11 @@ def update_curvature(
     only once an overshoot along it has grown to dominate the gradient.
 
     Args:
-        model, loss_fn, data, optimizer, lr, params, seed, reduction, backend, fd_eps, sharded:
-            as for :func:`diagnose` (``backend="finite_difference"`` for a model only its
-            engine can differentiate; ``sharded=True`` for one larger than one device, whose
-            ``before`` and ``top`` are then sharded: nothing is gathered).
+        model, loss_fn, data, optimizer, lr, params, seed, reduction, backend, fd_eps, sharded,
+            clip_factor: as for :func:`diagnose` (``backend="finite_difference"`` for a model
+            only its engine can differentiate; ``sharded=True`` for one larger than one device,
+            whose ``before`` and ``top`` are then sharded: nothing is gathered; ``clip_factor``
+            for clipped steps: the limit returned is that of the clipped rate).
         before: the parameters before the update, by name (``model.named_parameters()``;
             under FSDP2, copies of its sharded parameters).
         top: a vector in the space of the curvature the step sees (S^½ (H + l2) S^½): this
@@ -726,6 +735,8 @@ def update_curvature(
         if not _total(space, u.ne(0).sum().to(torch.float64)) > 0:
             return UpdateCheck(None, None, None)  # nothing moved (before the first step)
         limit = _limit(C, optimizer, lr, space)
+        if limit is not None and clip_factor is not None:
+            limit = limit.clipped(clip_factor)
         objective = _Objective(C, limit, space)
         bound = None if limit is None else limit.limit
         along_top = None

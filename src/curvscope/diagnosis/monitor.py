@@ -422,11 +422,13 @@ class Monitor:
         self._window: list[float] = []
         self._latest_clip: float | None = None
         self._clip_warned = False  # whether a probe without any norm was warned about
+        self._agreed_at: int = -1  # the step _agreed_clip last agreed at, and its value
+        self._agreed: float | None = None
 
     def _clipping_header(self) -> dict[str, float]:
         """The log header's record of the clipping (nothing for unclipped steps)."""
         norm = self.max_grad_norm
-        return {"max_grad_norm": norm} if norm is not None and self.clipped else {}
+        return {"max_grad_norm": norm} if self.clipped and norm is not None else {}
 
     @property
     def clipped(self) -> bool:
@@ -469,9 +471,11 @@ class Monitor:
         collective — at different steps); no collective without ``max_grad_norm``."""
         if not self.clipped:
             return None
-        clip = self._clip_factor()
-        (agreed,) = _agreed([math.nan if clip is None else clip], self.model, op="rank0")
-        return None if math.isnan(agreed) else agreed
+        if self._agreed_at != self.steps:  # once a step: a check that calls a probe reuses it
+            clip = self._clip_factor()
+            (agreed,) = _agreed([math.nan if clip is None else clip], self.model, op="rank0")
+            self._agreed_at, self._agreed = self.steps, None if math.isnan(agreed) else agreed
+        return self._agreed
 
     def _check_clipping(self) -> None:
         """Warn, once, at a probe of a Monitor given ``max_grad_norm`` (a finite one) that no
@@ -665,6 +669,7 @@ class Monitor:
                 before,
                 self.optimizer,
                 top=None if warm is None else warm[:, 0],
+                clip_factor=self._agreed_clip(),
                 **self._measuring(),
             )
         except FloatingPointError:  # the loss or gradient on the probe data is not finite
@@ -689,14 +694,12 @@ class Monitor:
     def _alarming(self, check: UpdateCheck) -> bool:
         """Whether a cheap check calls for a full probe now: the curvature along the update,
         or along the previous probe's top eigenvector, is above the limit (of the clipped
-        steps' rate, with ``max_grad_norm``) by the margin, and training is not already known
-        to be unstable or at the edge (where the sharpness swings past the limit: then only
-        beyond EOS_SWING)."""
-        limit, clip = check.limit, self._agreed_clip()
+        steps' rate, with ``max_grad_norm``: :func:`update_curvature` was given it) by the
+        margin, and training is not already known to be unstable or at the edge (where the
+        sharpness swings past the limit: then only beyond EOS_SWING)."""
+        limit = check.limit
         if limit is None or not math.isfinite(limit):
             return False
-        if clip is not None:
-            limit /= clip
         if self._state in (State.UNSTABLE, State.DIVERGED):
             return False
         bound = self._alarm_bound()
