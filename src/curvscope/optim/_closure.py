@@ -139,14 +139,11 @@ class _ClosureBackward(TorchFunctionMode):
 
 class _KeptStatistics:
     """Around an evaluation that is not the step's own: the running statistics (and batch
-    counts) of every normalization layer that runs inside, on this thread, are put back — on
-    exit, or with ``later=True`` at :meth:`restore`, once the evaluation's graph is no longer
-    differentiated through (a graph kept for products saved the buffers: putting them back in
-    place earlier would fail its backward). Found by a global forward pre-hook, there only
-    while the evaluation runs; another thread's modules are left alone."""
-
-    def __init__(self, later: bool = False) -> None:
-        self.later = later
+    counts) of every normalization layer that runs inside, on this thread, are put back on
+    exit — through ``.data``, which leaves the buffers' version counters alone: a graph kept
+    for products saved them (a train-mode backward does not read their values), and an
+    in-place write it could see would fail its backward. Found by a global forward pre-hook,
+    there only while the evaluation runs; another thread's modules are left alone."""
 
     def __enter__(self) -> _KeptStatistics:
         self.saved: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {}
@@ -163,16 +160,9 @@ class _KeptStatistics:
 
     def __exit__(self, *exc: object) -> None:
         self.handle.remove()
-        if not self.later or exc[0] is not None:
-            self.restore()
-
-    def restore(self) -> None:
-        """Put the statistics back (once)."""
-        with torch.no_grad():
-            for kept in self.saved.values():
-                for buffer, value in kept:
-                    buffer.copy_(value)
-        self.saved = {}
+        for kept in self.saved.values():
+            for buffer, value in kept:
+                buffer.data.copy_(value)
 
 
 def _split(out: Any) -> tuple[Tensor, Tensor | None]:
@@ -331,25 +321,15 @@ class Evaluation:
         and the gradient a closure's own backward left (:attr:`closure_grad`), for the methods
         that step along the gradient (AdaHessian, Sophia)."""
         self.params, self.counts, self.group = list(params), counts, group
-        self._kept = _KeptStatistics(later=True) if undone else None
         with (
             _undone(self.params) if undone else contextlib.nullcontext(),
-            self._kept or contextlib.nullcontext(),
+            _KeptStatistics() if undone else contextlib.nullcontext(),
         ):
             called = _call(
                 closure, counts, self.params, "contained" if undone else "keep", group, True
             )
             left = [p.grad for p in self.params] if first_order and called.ran_here else None
-        try:
-            self._derive(called, left, curvature, undone, first_order)
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        """Done with the products: an ``undone`` evaluation's statistics are put back."""
-        if self._kept is not None:
-            self._kept.restore()
+        self._derive(called, left, curvature, undone, first_order)
 
     def _derive(
         self,

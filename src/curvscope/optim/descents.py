@@ -201,19 +201,15 @@ class GaussNewtonCG:
         g = ev.flat_grad
         op = Operator(self.product(cev, group["curvature"]), ev.n, g.dtype, g.device)
         prev = local.memory.get("previous")
-        try:
-            res = cg(
-                op.damped(lam),
-                -g,
-                tol=self.tol,
-                max_matvecs=group["max_cg"],
-                x0=None if prev is None else group["decay"] * prev.to(g),
-                progress_tol=group["progress_tol"],
-                save=_KEPT.__contains__,
-            )
-        finally:
-            if cev is not ev:  # its products done: the mini-batch's statistics put back
-                cev.close()
+        res = cg(
+            op.damped(lam),
+            -g,
+            tol=self.tol,
+            max_matvecs=group["max_cg"],
+            x0=None if prev is None else group["decay"] * prev.to(g),
+            progress_tol=group["progress_tol"],
+            save=_KEPT.__contains__,
+        )
         counts.cg_iterations += res.iterations
         local.memory["previous"] = res.x
         note, floor = "", 0.0
