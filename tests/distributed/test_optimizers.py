@@ -50,6 +50,35 @@ def _train(model, X, y, name, group) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
+def _collectives_a_step(name: str, backward: bool) -> int:
+    """How many all-reduces one step of optimizer ``name`` makes, its closure running its own
+    backward or not, counted by wrapping torch.distributed's."""
+    case = cases.mlp(n=N)
+    opt = _optimizers(case.model.parameters, None)[name]
+
+    def closure():
+        opt.zero_grad()
+        out = case.model(case.inputs)
+        loss = nn.CrossEntropyLoss()(out, case.targets)
+        if backward:
+            loss.backward()
+        return loss, out
+
+    opt.step(closure)  # the first step sets the state up
+    real, calls = dist.all_reduce, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        opt.step(closure)
+    finally:
+        dist.all_reduce = real
+    return len(calls)
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     _init(rank, port)
     case = cases.mlp(n=N)
@@ -62,14 +91,22 @@ def _worker(rank: int, port: int, out: str) -> None:
         result[name] = _train(ddp, X[shard], y[shard], name, None)  # the default group
         # the same optimizer on one process and all the data (group=False: this process alone)
         result[name + " alone"] = _train(cases.mlp(n=N).model, X, y, name, False)
+    result["collectives"] = {
+        (name, backward): _collectives_a_step(name, backward)
+        for name in ("adahessian", "sophia-h")
+        for backward in (False, True)
+    }
     torch.save(result, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
 def test_the_replicas_stay_equal_and_equal_one_process_on_all_the_data(tmp_path):
     ranks = run_ranks(_worker, tmp_path, 2)
+    # AdaHessian and Sophia: the ranks' agreement on the loss, one all-reduce of the gradient
+    # with which parameters are used and the closure's own gradient (three before), the product
+    assert ranks[0]["collectives"] == dict.fromkeys(ranks[0]["collectives"], 3)
     for name in ranks[0]:
-        if name.endswith(" alone"):
+        if name.endswith(" alone") or name == "collectives":
             continue
         for a, b in zip(ranks[0][name], ranks[1][name], strict=True):
             assert torch.equal(a, b), name  # bit for bit: every rank takes the same step

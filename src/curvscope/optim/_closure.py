@@ -365,14 +365,15 @@ class Evaluation:
         if undone:  # only its products serve: the step's own evaluation has the gradient
             self.flat_grad = flatten(own)
             return
-        self.flat_grad = all_reduce_mean(flatten(own), group)
+        if first_order:
+            self._first_order(grads, left, own, called.ran_anywhere)
+        else:
+            self.flat_grad = all_reduce_mean(flatten(own), group)
         if not torch.isfinite(self.flat_grad).all():
             raise FloatingPointError(
                 "the gradient has non-finite entries at the current parameters; "
                 "check the model for overflow (a smaller step, or float64)"
             )
-        if first_order:
-            self._first_order(grads, left, own, called.ran_anywhere)
 
     def _first_order(
         self,
@@ -381,20 +382,17 @@ class Evaluation:
         own: list[Tensor],
         ran_anywhere: bool,
     ) -> None:
-        """:attr:`used`: whether each parameter is stepped along (on some rank) — used by the
-        loss, and not masked by a closure that set its ``.grad`` to None after its backward:
-        torch's optimizers skip a parameter whose ``.grad`` is None, and AdaHessian and Sophia
-        do too. :attr:`closure_grad`: ``.grad`` as a closure that runs its own backward left
-        it — clipped, masked — for their first moment, as torch's optimizers read it (a rank
-        whose closure ran none gives its own gradient); None when no rank's ran one."""
-        group = self.group
+        """The gradient's mean over the ranks, with :attr:`used`: whether each parameter is
+        stepped along (on some rank) — used by the loss, and not masked by a closure that set
+        its ``.grad`` to None after its backward: torch's optimizers skip a parameter whose
+        ``.grad`` is None, and AdaHessian and Sophia do too — and :attr:`closure_grad`:
+        ``.grad`` as a closure that runs its own backward left it — clipped, masked — for
+        their first moment, as torch's optimizers read it (a rank whose closure ran none gives
+        its own gradient); None when no rank's ran one. Under a group all three are one
+        all-reduce of their concatenation (three before, each a synchronisation)."""
         masked = [False] * len(grads) if left is None else [g is None for g in left]
-        where = "cpu" if group is None else collective_device(group, self.params[0].device)
-        used = torch.tensor(
-            [float(g is not None and not m) for g, m in zip(grads, masked, strict=True)],
-            device=where,
-        )
-        self.used = [bool(u > 0) for u in all_reduce_sum(used, group).tolist()]
+        used = [float(g is not None and not m) for g, m in zip(grads, masked, strict=True)]
+        parts = [flatten(own)]
         if ran_anywhere:
             mine = (
                 own
@@ -404,7 +402,16 @@ class Evaluation:
                     for g, p in zip(left, self.params, strict=True)
                 ]
             )
-            self.closure_grad = all_reduce_mean(flatten(mine), group)
+            parts.append(flatten(mine))
+        if self.group is not None:  # a parameter is used if it is on any rank: mean > 0
+            parts.append(parts[0].new_tensor(used))
+            parts = list(
+                all_reduce_mean(torch.cat(parts), self.group).split([t.numel() for t in parts])
+            )
+            used = parts.pop().tolist()
+        self.used = [u > 0 for u in used]
+        self.flat_grad = parts[0]
+        self.closure_grad = parts[1] if ran_anywhere else None
 
     @property
     def n(self) -> int:
