@@ -152,6 +152,26 @@ def test_the_cache_check_sees_every_change_of_the_models_state(change, rebuilt):
     )
 
 
+def test_a_product_inside_autocast_does_not_leave_its_graph_to_the_next():
+    """The caller's autocast state is one of the cache's flags: a product inside a bfloat16
+    region runs its forward there, and the next one outside (or an estimator, which suspends
+    the region) builds a float32 graph again — it took the bfloat16 graph, λ_max 1.3e-3 off
+    reported converged to 9e-7 (an outside review)."""
+    case = cases.mlp()
+    model = case.model.float()
+    data = (case.inputs.float(), case.targets)
+    C = cs.Curvature(model, case.loss_fn, data)
+    v = _probe(C.num_params).float()
+    want = cs.Curvature(model, case.loss_fn, data) @ v
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = C @ v
+        in_estimator = cs.eigenvalues(C, k=1, tol=1e-5)
+    assert float((inside - want).norm()) > 1e-3 * float(want.norm())  # the region acted
+    assert torch.equal(C @ v, want)
+    ref = cs.eigenvalues(cs.Curvature(model, case.loss_fn, data), k=1, tol=1e-5)
+    torch.testing.assert_close(in_estimator.values, ref.values)
+
+
 @pytest.mark.parametrize(
     ("kind", "backend"),
     [("hessian", "double_backward"), ("hessian", "forward_over_reverse"), ("ggn", "auto")],

@@ -33,7 +33,10 @@ def autocast_off(device: torch.device) -> Iterator[None]:
     """Suspend an enclosing ``torch.autocast`` region: inside one, ``@`` would silently run the
     estimators' own arithmetic in bfloat16 or float16, and the products in something other than
     the parameters' dtype that the operator promises."""
-    if not torch.amp.is_autocast_available(device.type):
+    # (no region open — nearly always: a flag read, not a context entered and left)
+    if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(
+        device.type
+    ):
         yield
         return
     with torch.autocast(device.type, enabled=False):
