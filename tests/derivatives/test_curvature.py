@@ -592,6 +592,66 @@ def test_a_compiled_model_is_measured_through_its_module():
     assert cs.diagnose(compiled, case.loss_fn, case.data, lr=0.1).confident
 
 
+class _Block(nn.Module):  # a custom module: dynamo compiles it (it skips nn.Sequential)
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x))
+
+
+class _WithBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.blk, self.b = nn.Linear(4, 5), _Block(), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.b(self.blk(torch.tanh(self.a(x))))
+
+
+@pytest.mark.parametrize("how", ["wrapped", "in_place"])
+def test_a_compiled_submodule_runs_eagerly_in_products(how):
+    """A submodule compiled by torch.compile (wrapped, or by ``module.compile()``): its
+    AOTAutograd graphs have no double backward — torch's bare error before. Products run it
+    under the compiler's force_eager stance: the dense Hessian's products, said in the notes,
+    and the compiled module compiles nothing again afterwards."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = _WithBlock().double()
+    plain = _WithBlock().double()
+    plain.load_state_dict(model.state_dict())
+    if how == "wrapped":
+        model.blk = torch.compile(model.blk, backend="aot_eager")
+    else:
+        model.blk.compile(backend="aot_eager")
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(16, 4, generator=g, dtype=cases.DT), torch.randint(0, 2, (16,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    loss_fn(model(X), y).backward()  # compiled once, as in training
+    model.zero_grad(set_to_none=True)
+    compiled = counters["frames"]["ok"]
+    assert compiled >= 1
+    C = cs.Curvature(model, loss_fn, (X, y))
+    v = torch.randn(C.num_params, generator=g, dtype=cases.DT)
+    torch.testing.assert_close(C @ v, cs.Curvature(plain, loss_fn, (X, y)).to_dense() @ v, **TOL)
+    assert any("run eagerly" in n and "'blk'" in n for n in C.notes)
+    loss_fn(model(X), y).backward()
+    assert counters["frames"]["ok"] == compiled  # no recompilation
+
+
+def test_params_by_the_names_a_compile_wrapper_gives_them():
+    """``torch.compile(model).named_parameters()`` prefixes ``_orig_mod.``: those names select
+    the same parameters, named as the module names them."""
+    case = cases.mlp()
+    compiled = torch.compile(case.model, backend="aot_eager")
+    wrapped = [n for n, _ in compiled.named_parameters()][:2]
+    assert wrapped[0].startswith("_orig_mod.")
+    C = cs.Curvature(compiled, case.loss_fn, case.data, params=wrapped)
+    assert C.param_names == [n for n, _ in case.model.named_parameters()][:2]
+
+
 def test_inside_inference_mode_the_error_says_so():
     """Under torch.inference_mode() nothing records a graph: the error said the loss did not
     depend on the parameters; it names inference mode and the fix."""

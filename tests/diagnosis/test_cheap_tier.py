@@ -176,6 +176,34 @@ def test_the_cheap_tier_does_not_alarm_on_a_stable_run_and_leaves_the_model_as_f
         assert torch.equal(a, b)
 
 
+def test_a_compiled_model_is_checked_and_warm_started_as_its_module_is():
+    """A Monitor on ``torch.compile(model)``: the cheap tier keyed the parameters before the
+    update by the wrapper's names (``_orig_mod.*``) where the check names them as the module
+    does — a KeyError at the first check — and the warm start never matched, so each probe
+    paid a cold start (an outside review: 11–15 products against 4–5). Now both runs are the
+    same: the same checks, the same products a probe."""
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model, loss_fn, data = _problem()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        watched = torch.compile(model, backend="aot_eager") if compiled else model
+        mon = cs.Monitor(watched, loss_fn, data, optimizer=opt, every=5, update_every=2)
+        for _ in range(20):
+            opt.zero_grad()
+            loss = loss_fn(watched(data[0]), data[1])
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+        runs.append(mon)
+    plain, compiled_run = runs
+    assert len(compiled_run.updates) == len(plain.updates) >= 4
+    assert [d.evidence.matvecs for d in compiled_run.history] == [
+        d.evidence.matvecs for d in plain.history
+    ]
+    assert plain.history[-1].evidence.matvecs < plain.history[0].evidence.matvecs  # warm
+
+
 @pytest.mark.parametrize(("every", "update_every"), [(4, 3), (6, 5), (10, 9), (5, 2)])
 def test_a_copy_due_the_step_before_a_probe_waits_for_the_probe(every, update_every):
     """The copy is checked at the next step, which a probe's step skipped: update_every =

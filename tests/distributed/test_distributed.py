@@ -84,12 +84,19 @@ def _worker(rank: int, port: int, out: str) -> None:
         result["hv"].numel(), generator=torch.Generator().manual_seed(1), dtype=torch.float64
     )
     result["hv_sampler"] = cs.Curvature(ddp, case.loss_fn, loader) @ v
-    # the Monitor in a DDP loop: every rank probes, only rank 0 writes the log
+    # the Monitor in a DDP loop: every rank probes, only rank 0 writes the log; the cheap tier
+    # between probes (it keyed the parameters by DDP's names, module.*, and raised a KeyError)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     mon = cs.Monitor(
-        ddp, case.loss_fn, local, optimizer=opt, every=1, log=str(Path(out) / "run.jsonl")
+        ddp,
+        case.loss_fn,
+        local,
+        optimizer=opt,
+        every=4,
+        update_every=1,
+        log=str(Path(out) / "run.jsonl"),
     )
-    for xb, yb in local:
+    for xb, yb in local * 4:
         opt.zero_grad()
         loss = case.loss_fn(ddp(xb), yb)
         loss.backward()
@@ -97,6 +104,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         mon.step(loss)
     mon.close()
     result["monitor_states"] = [d.state for d in mon.history]
+    result["checks"] = len(mon.updates)
     torch.save(result, Path(out) / f"rank{rank}.pt")
     _end()
 
@@ -123,9 +131,10 @@ def test_two_ranks_equal_one_process_on_the_full_data(tmp_path):
         for key in ("hv", "eig", "trace", "loss", "grad", "sharpness"):
             torch.testing.assert_close(got[key], reference[key], rtol=1e-10, atol=1e-12)
         assert len(got["monitor_states"]) == 2
+        assert got["checks"] >= 1
         torch.testing.assert_close(got["hv_sampler"], reference["hv"], rtol=1e-10, atol=1e-12)
     _, records = read_log(tmp_path / "run.jsonl")
-    assert [r["step"] for r in records] == [1, 2]  # written once, by rank 0
+    assert [r["step"] for r in records] == [4, 8]  # written once, by rank 0
 
 
 def _dying_worker(rank: int, port: int, out: str) -> None:

@@ -453,8 +453,8 @@ class Curvature:
             return
         if self._cached is None or not self._unchanged():
             self._cached = self._snapshot = None
-            flags, tensors = self._source.model_state()
-            flags = (*flags, _autocast_state(self.device))
+            model_flags, tensors = self._source.model_state()
+            flags = (*model_flags, _autocast_state(self.device))
             snapshot = (flags, _layout(tensors), [t.detach().clone() for _, t in tensors])
             self._cached = list(self._source.prepare())
             self._snapshot = snapshot
@@ -474,9 +474,8 @@ class Curvature:
         """
         assert self._snapshot is not None
         flags, layout, saved = self._snapshot
-        now_flags, now = self._source.model_state()
-        now_flags = (*now_flags, _autocast_state(self.device))
-        if now_flags != flags or _layout(now) != layout:
+        model_flags, now = self._source.model_state()
+        if (*model_flags, _autocast_state(self.device)) != flags or _layout(now) != layout:
             return False
         if self.device.type == "cpu":  # torch.equal stops at the first difference
             return all(torch.equal(t, t0) for (_, t), t0 in zip(now, saved, strict=True))

@@ -189,13 +189,15 @@ def _fingerprint(inputs: Any, targets: Tensor) -> tuple[Any, ...]:
 
 
 def select_parameters(
-    model: nn.Module, params: Iterable[nn.Parameter | str] | None
+    model: nn.Module, params: Iterable[nn.Parameter | str] | None, prefix: str = ""
 ) -> dict[str, Tensor]:
     """Name → parameter for the parameters the curvature is taken with respect to.
 
     ``params=None`` selects every parameter that requires grad (tied weights once). Otherwise a
     list of parameters or of names from ``model.named_parameters(remove_duplicate=False)``: a
     tied weight by any of its names (``lm_head.weight`` tied to ``transformer.wte.weight``), once.
+    ``prefix``: what the wrappers of ``model`` add to its names (:func:`unwrapped`), taken off a
+    name given with it — ``_orig_mod.0.weight`` of a compiled model is ``0.weight``.
     """
     named: dict[str, Tensor] = dict(model.named_parameters())
     if params is None:
@@ -214,6 +216,8 @@ def select_parameters(
     taken: set[int] = set()
     for p in wanted:
         if isinstance(p, str):
+            if p not in every:
+                p = inner_name(p, prefix)
             if p not in every:
                 raise ValueError(
                     f"params: the model has no parameter named {p!r}; valid names: "
@@ -293,12 +297,15 @@ class _DifferentiableKernels:
     (LSTM 16-64, seq 32, float32, one thread: a gradient with its graph 9.1 ms against 6.1 ms,
     a backward through the kept graph 17.0 against 12.6 ms; ``benchmarks/products.py --small``).
     With ``weight_norm``, torch's weight norm is computed written out too (its double
-    backward is wrong in torch 2.13: :mod:`curvscope.derivatives.substitutes`). Each switch is
-    restored on exit (only ``enabled`` of cuDNN and oneDNN: their other settings are left
-    alone)."""
+    backward is wrong in torch 2.13: :mod:`curvscope.derivatives.substitutes`). With
+    ``compiled`` (torch.compile'd submodules, or a module compiled in place by
+    ``module.compile()``), the compiler's stance is ``force_eager``: graphs compiled with
+    AOTAutograd have no double backward, so those modules run their own eager code (70 µs to
+    enter and leave: only for such a model). Each switch is restored on exit (only ``enabled``
+    of cuDNN and oneDNN: their other settings are left alone)."""
 
-    def __init__(self, rnn: bool, weight_norm: bool) -> None:
-        self.rnn, self.weight_norm = rnn, weight_norm
+    def __init__(self, rnn: bool, weight_norm: bool, compiled: bool = False) -> None:
+        self.rnn, self.weight_norm, self.compiled = rnn, weight_norm, compiled
 
     def __enter__(self) -> None:
         self.saved = [get() for get, _, _ in _ATTENTION_SWITCHES]
@@ -310,6 +317,8 @@ class _DifferentiableKernels:
             self.modes.enter_context(sdpa_kernel([SDPBackend.MATH]))
         if self.weight_norm:
             self.modes.enter_context(WrittenOutWeightNorm())
+        if self.compiled:
+            self.modes.enter_context(torch.compiler.set_stance("force_eager"))
         for _, switch, wanted in _ATTENTION_SWITCHES:
             switch(wanted)
         if _HAS_CUDNN:
@@ -392,20 +401,29 @@ def _check_loss(loss_fn: Any, reduction: str | None) -> None:
         )
 
 
-def _unwrapped(model: Any) -> tuple[Any, bool]:
+def inner_name(name: str, prefix: str) -> str:
+    """A parameter's name as the wrapped module names it: the wrappers' ``prefix``
+    (:func:`unwrapped`) taken off where the name starts with it."""
+    return name[len(prefix) :] if prefix and name.startswith(prefix) else name
+
+
+def unwrapped(model: Any) -> tuple[Any, bool, str]:
     """The module inside ``DistributedDataParallel`` (whose gradient hooks a product must never
-    trigger) and ``torch.compile`` wrappers, in any nesting, and whether one was compiled (an
-    ``OptimizedModule``, told without importing torch._dynamo)."""
-    compiled = False
+    trigger) and ``torch.compile`` wrappers, in any nesting; whether one was compiled (an
+    ``OptimizedModule``, told without importing torch._dynamo); and the prefix the wrappers add
+    to its parameters' names (``module.`` for DDP, ``_orig_mod.`` for torch.compile, nested:
+    ``module._orig_mod.``). curvscope names parameters as the module inside does, and takes
+    the wrappers' names too (:func:`select_parameters`)."""
+    compiled, prefix = False, ""
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
+            model, prefix = model.module, prefix + "module."
         elif type(model).__name__ == "OptimizedModule" and isinstance(
             getattr(model, "_orig_mod", None), nn.Module
         ):
-            model, compiled = model._orig_mod, True
+            model, compiled, prefix = model._orig_mod, True, prefix + "_orig_mod."
         else:
-            return model, compiled
+            return model, compiled, prefix
 
 
 def _recomputes(model: nn.Module) -> bool:
@@ -505,7 +523,7 @@ class ModelObjective:
         reduction: str | None = None,
     ) -> None:
         #: a torch.compile'd model's compiled graphs have no double backward: its module, eager
-        model, self.compiled = _unwrapped(model)
+        model, self.compiled, prefix = unwrapped(model)
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected model to be a torch.nn.Module, got {type(model).__name__}")
         _check_loss(loss_fn, reduction)
@@ -517,7 +535,7 @@ class ModelObjective:
         self.adapter = HuggingFaceLoss(model) if loss_fn is None else None
         self.loss_fn = loss_fn
         self.seed = check_seed(seed)
-        self._params = select_parameters(model, params)
+        self._params = select_parameters(model, params, prefix)
         first = next(iter(self._params.values()))
         self.device, self.dtype = first.device, first.dtype
         if self.device.type == "meta":
@@ -550,6 +568,13 @@ class ModelObjective:
         self._has_rnn = any(isinstance(m, nn.RNNBase) for m in modules)
         #: torch's weight norm is computed written out during products (derivatives/substitutes)
         self._weight_norm = uses_weight_norm(modules)
+        #: torch.compile'd modules inside the model (the wrapper around it is taken off)
+        self._compiled_inside = [
+            name
+            for name, m in model.named_modules()
+            if type(m).__name__ == "OptimizedModule"
+            or getattr(m, "_compiled_call_impl", None) is not None
+        ]
         #: a model that recomputes its forward in the backward (Hugging Face's gradient
         #: checkpointing): the recomputation reads the model's own parameters, so parameters
         #: not selected are passed requiring grad like them, or its tensors' metadata differs
@@ -876,7 +901,7 @@ class ModelObjective:
         also for the backward passes of a product through a kept graph: a forward recomputed
         there (activation checkpointing) must run on the kernels the forward did, or its
         tensors differ from the forward's."""
-        return _DifferentiableKernels(self._has_rnn, self._weight_norm)
+        return _DifferentiableKernels(self._has_rnn, self._weight_norm, bool(self._compiled_inside))
 
     def arguments(self, batch: Batch, **extra: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The model's positional and keyword arguments for a batch: a mapping's items as
@@ -1049,6 +1074,14 @@ class ModelObjective:
             "(graphs compiled with AOTAutograd have no double backward); the compiled "
             "model itself is untouched"
         ]
+        if self._compiled_inside:
+            inside = self._compiled_inside
+            which = ", ".join(repr(n or "the model") for n in inside[:3])
+            self.kernel_notes.append(
+                f"torch.compile'd module(s) {which}{' …' if len(inside) > 3 else ''} run "
+                "eagerly during curvature products (torch.compiler.set_stance('force_eager'): "
+                "graphs compiled with AOTAutograd have no double backward)"
+            )
         return (
             self.kernel_notes
             + (compiled if self.compiled else [])

@@ -20,7 +20,7 @@ from curvscope.derivatives import zero3 as _zero3
 from curvscope.derivatives.checks import all_finite, check_int
 from curvscope.derivatives.curvature import BACKENDS as _PRODUCT_BACKENDS
 from curvscope.derivatives.distributed import in_step, together
-from curvscope.derivatives.objective import fixed_pass
+from curvscope.derivatives.objective import fixed_pass, inner_name, unwrapped
 from curvscope.derivatives.sharded import ShardedCurvature
 from curvscope.diagnosis.classify import (
     DEFAULT_THRESHOLDS,
@@ -700,8 +700,9 @@ def update_curvature(
             only its engine can differentiate; ``sharded=True`` for one larger than one device,
             whose ``before`` and ``top`` are then sharded: nothing is gathered; ``clip_factor``
             for clipped steps: the limit returned is that of the clipped rate).
-        before: the parameters before the update, by name (``model.named_parameters()``;
-            under FSDP2, copies of its sharded parameters).
+        before: the parameters before the update, by name (``model.named_parameters()``, of
+            the model or of the module a DDP or torch.compile wrapper holds; under FSDP2,
+            copies of its sharded parameters).
         top: a vector in the space of the curvature the step sees (S^½ (H + l2) S^½): this
             rank's entries of it with ``sharded=True``.
 
@@ -724,6 +725,8 @@ def update_curvature(
         C = _curvature(model, loss_fn, data, params, seed, reduction, products)
         measured = C.objective
         assert measured is not None  # C is built from a model
+        prefix = unwrapped(model)[2]  # keys as a DDP or torch.compile wrapper names them too
+        before = {inner_name(k, prefix): t for k, t in before.items()}
         missing = [name for name in measured.params if name not in before]
         if missing:
             raise KeyError(f"`before` has no value for the parameter(s) {missing}")

@@ -30,7 +30,7 @@ from curvscope.derivatives.distributed import (
     first_device,
     from_first_rank,
 )
-from curvscope.derivatives.objective import ModelObjective
+from curvscope.derivatives.objective import ModelObjective, inner_name, unwrapped
 from curvscope.derivatives.sharded import local_entries
 from curvscope.diagnosis.classify import (
     DEFAULT_THRESHOLDS,
@@ -93,9 +93,24 @@ def _is_writer() -> bool:
 def _selected(model: nn.Module, params: list[Any] | None) -> list[Tensor]:
     """The parameters a Monitor's probes will select (names or tensors; all that require grad
     by default)."""
-    named = dict(model.named_parameters())
-    chosen = (named.get(p) if isinstance(p, str) else p for p in (params or named.values()))
-    return [t for t in chosen if t is not None and t.requires_grad]
+    return [p for _, p in _named_selection(model, params)]
+
+
+def _named_selection(model: nn.Module, params: list[Any] | None) -> list[tuple[str, Tensor]]:
+    """The parameters that require grad, of ``params`` where given, named as the probes'
+    Curvature names them: as the module inside a DDP or torch.compile wrapper does (a name with
+    the wrapper's prefix is taken too) — the wrapper's names made the cheap tier's check fail
+    (the parameters before the update were keyed ``module.0.weight``, the check's ``0.weight``)
+    and the warm start never match."""
+    inner, _, prefix = unwrapped(model)
+    chosen = None
+    if params is not None:
+        chosen = {inner_name(p, prefix) if isinstance(p, str) else id(p) for p in params}
+    return [
+        (name, p)
+        for name, p in inner.named_parameters()
+        if p.requires_grad and (chosen is None or name in chosen or id(p) in chosen)
+    ]
 
 
 def _check_finite_difference(
@@ -531,14 +546,7 @@ class Monitor:
     def _trainable(self) -> list[tuple[str, Tensor]]:
         """The parameters a probe and a check measure now: those that require grad, of
         ``params`` where given."""
-        chosen = None
-        if self.params is not None:
-            chosen = {p if isinstance(p, str) else id(p) for p in self.params}
-        return [
-            (name, p)
-            for name, p in self.model.named_parameters()
-            if p.requires_grad and (chosen is None or name in chosen or id(p) in chosen)
-        ]
+        return _named_selection(self.model, self.params)
 
     def _trainable_names(self) -> list[str]:
         return [name for name, _ in self._trainable()]
