@@ -652,6 +652,53 @@ def test_params_by_the_names_a_compile_wrapper_gives_them():
     assert C.param_names == [n for n, _ in case.model.named_parameters()][:2]
 
 
+class _Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__()
+        self.reentrant = reentrant  # None: no checkpointing
+        self.a, self.blk, self.b = nn.Linear(4, 5), _Block(), nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.reentrant is None:
+            h = self.blk(h)
+        else:
+            h = torch.utils.checkpoint.checkpoint(self.blk, h, use_reentrant=self.reentrant)
+        return self.b(h)
+
+
+def _checkpointed(reentrant):
+    torch.manual_seed(0)
+    model = _Checkpointed(reentrant).double()
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(16, 4, generator=g, dtype=cases.DT), torch.randint(0, 2, (16,), generator=g)
+    return model, nn.CrossEntropyLoss(), (X, y)
+
+
+@pytest.mark.parametrize("params", [None, ["blk.lin.weight", "b.weight"]])
+def test_activation_checkpointing_is_measured_or_refused_with_the_fix(params):
+    """torch.utils.checkpoint inside the model. Non-reentrant: the products are the
+    uncheckpointed model's — with ``params=`` leaving the block's input layer out too, where
+    the recomputation met constants the forward had not (torch's CheckpointError): those
+    parameters are now passed requiring grad. Reentrant: refused naming use_reentrant=False
+    and the finite-difference backend (which runs it) — with ``params=`` it gave the block's
+    parameters a gradient and curvature of exactly 0, and a verdict on that."""
+    model, loss_fn, data = _checkpointed(None)
+    want = cs.Curvature(model, loss_fn, data, params=params).to_dense()
+    model, loss_fn, data = _checkpointed(False)
+    torch.testing.assert_close(
+        cs.Curvature(model, loss_fn, data, params=params).to_dense(), want, **TOL
+    )
+    model, loss_fn, data = _checkpointed(True)
+    with pytest.raises(RuntimeError, match=r"use_reentrant=False.*finite_difference"):
+        cs.Curvature(model, loss_fn, data, params=params).loss_and_gradient()
+    with pytest.raises(RuntimeError, match=r"use_reentrant=False"):
+        cs.diagnose(model, loss_fn, data, lr=0.1, params=params)
+    fd = cs.Curvature(model, loss_fn, data, params=params, backend="finite_difference")
+    e = torch.eye(want.shape[0], dtype=cases.DT)
+    torch.testing.assert_close(fd @ e, want, rtol=1e-6, atol=1e-8)
+
+
 def test_inside_inference_mode_the_error_says_so():
     """Under torch.inference_mode() nothing records a graph: the error said the loss did not
     depend on the parameters; it names inference mode and the fix."""

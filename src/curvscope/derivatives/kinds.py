@@ -144,9 +144,14 @@ def batch_loss_and_grads(
     ``create_graph`` keeps the gradient's graph for second derivatives."""
     theta = obj.leaves()
     leaves = list(theta.values())
-    with obj.context(batch.index):
-        loss = obj.loss(obj.forward(theta, batch), batch)
-        raw = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
+    try:
+        with obj.context(batch.index):
+            loss = obj.loss(obj.forward(theta, batch), batch)
+            raw = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
+    except RuntimeError as e:  # checkpointing that recomputes with the left-out parameters
+        if not obj.recompute_found(e):
+            raise
+        return batch_loss_and_grads(obj, batch, create_graph)
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(raw, leaves, strict=True)]
     return leaves, grads, float(loss.detach())
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -490,6 +491,40 @@ def _reads_parameters(loss: Tensor, params: Mapping[str, Tensor]) -> str | None:
     return None
 
 
+#: torch's reentrant activation checkpointing, refused with the fixes: ``torch.autograd.grad``
+#: cannot go through it, and a checkpointed block whose inputs do not require grad (its first
+#: layer left out by ``params=``) gave its parameters a gradient and curvature of exactly 0,
+#: with only torch's warning (an outside review: λ_max 0.103 for 0.165, a verdict on it).
+REENTRANT_CHECKPOINT = (
+    "the model runs torch.utils.checkpoint(..., use_reentrant=True), which curvature products "
+    "cannot differentiate through (torch.autograd.grad is not supported by it, and a "
+    "checkpointed block whose inputs do not require grad gives its parameters no gradient at "
+    "all); checkpoint with use_reentrant=False (torch's recommendation), or measure with "
+    "backend='finite_difference', which runs the model's own backward"
+)
+#: what torch says of the two (its warning for a block whose inputs need no grad, its error)
+_REENTRANT_SAID = (
+    "None of the inputs have requires_grad=True",
+    "torch.utils.checkpoint is incompatible with .grad()",
+)
+
+
+def _checkpoint_error(e: BaseException) -> Exception | None:
+    """curvscope's error, with the fixes, for torch's own from activation checkpointing (None
+    for any other): the reentrant kind's, and the recomputation's mismatch (CheckpointError)."""
+    if isinstance(e, RuntimeError) and _REENTRANT_SAID[1] in str(e):
+        return RuntimeError(REENTRANT_CHECKPOINT)
+    if type(e).__name__ == "CheckpointError":
+        said = str(e).splitlines()[0] if str(e) else "CheckpointError"
+        return RuntimeError(
+            "activation checkpointing recomputed the model's forward with tensors other than "
+            f"the product's forward saw (torch: {said}); measure with params=None (every "
+            "parameter), or with backend='finite_difference', which runs the model's own "
+            "backward"
+        )
+    return None
+
+
 class ModelObjective:
     """Evaluates ``loss_fn(model(inputs), targets)`` per batch at parameters given as a dict.
 
@@ -586,6 +621,7 @@ class ModelObjective:
             index = torch.cuda.current_device() if self.device.index is None else self.device.index
             self._forward_generators.append(torch.cuda.default_generators[index])
         self._loss_checked = False
+        self._first_call = True
         #: the batches whose adapted loss was checked against the model's own (loss_fn=None)
         self._own_checked: set[int] = set()
         #: how loss_fn reduces over the samples of a batch: "mean" or "sum" (the curvature is
@@ -864,6 +900,17 @@ class ModelObjective:
             state[k] = mine
         return state
 
+    def recompute_found(self, e: BaseException) -> bool:
+        """Whether ``e`` is activation checkpointing's recomputation failing to match a forward
+        that passed the parameters left out by ``params=`` as constants (torch's
+        CheckpointError, as :meth:`context` raised it) for the first time: from now on they are
+        passed requiring grad, as for Hugging Face's gradient checkpointing, and the pass can be
+        run again."""
+        if self._checkpointing or type(e.__cause__).__name__ != "CheckpointError":
+            return False
+        self._checkpointing = True
+        return True
+
     @contextlib.contextmanager
     def context(self, batch_index: int, second_order: bool = True) -> Iterator[None]:
         """Fixed randomness per batch, global RNG restored, gradients on, and — for passes whose
@@ -893,6 +940,11 @@ class ModelObjective:
             with kernels, torch.enable_grad():
                 seed_rngs(gens, FORWARD.seed(self.seed, batch_index))
                 yield
+        except RuntimeError as e:
+            ours = _checkpoint_error(e)
+            if ours is None:
+                raise
+            raise ours from e
         finally:
             set_rng_states(gens, saved)
 
@@ -919,6 +971,16 @@ class ModelObjective:
         ``extra`` added to the batch's)."""
         args, kwargs = self.arguments(batch, **extra)
         state = self._state(theta)
+        if self._first_call:  # once: torch's warning of a reentrant checkpoint, heard
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                out = functional_call(self.model, state, args, kwargs or None, tie_weights=False)
+            self._first_call = False
+            if any(_REENTRANT_SAID[0] in str(w.message) for w in said):
+                raise RuntimeError(REENTRANT_CHECKPOINT)
+            for w in said:  # the model's other warnings, as they were
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            return out
         return functional_call(self.model, state, args, kwargs or None, tie_weights=False)
 
     def raw_forward(self, theta: Mapping[str, Tensor], batch: Batch) -> Any:
