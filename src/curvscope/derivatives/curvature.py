@@ -435,6 +435,7 @@ class Curvature:
             f"a product so far, relative to ‖v‖ times the operator's scale: {worst} "
             "(C.product_errors)",
             *unseen,
+            *fd.notes,
         ]
 
     @property

@@ -3,9 +3,12 @@ gradients, models sharded over devices (FSDP2) included.
 
     H v ≈ (∇L(θ + εv) − ∇L(θ − εv)) / (2ε)
 
-Each gradient is the model's *own* forward and ``loss.backward()`` — the pass a training step
-runs — so whatever the engine does there (FSDP2's all-gathers and reduce-scatters of
-``DTensor`` parameters, hooks, fused kernels) is done as in training. Nothing goes through
+Each gradient is the model's *own* forward and backward — the pass a training step runs — so
+whatever the engine does there (FSDP2's all-gathers and reduce-scatters of ``DTensor``
+parameters, hooks, fused kernels) is done as in training: the engine's ``loss.backward()``
+(FSDP2, tensor parallelism, DeepSpeed's ``engine.backward``), and for plain parameters
+``torch.autograd.grad`` over the selected ones, which writes no ``.grad`` elsewhere
+(:func:`_accumulate`). Nothing goes through
 ``torch.func.functional_call``, which a sharded model does not support, and no second
 derivative is taken: the memory is that of a training step, plus one copy of the parameters.
 
@@ -133,6 +136,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -531,6 +535,99 @@ class _Kept:
         self.restore_buffers()
 
 
+def _check_aliases(model: nn.Module, params: Mapping[str, Tensor], engine: _Engine) -> None:
+    """Refuse a selected plain parameter whose memory another parameter of the model shares
+    (``dec.weight = nn.Parameter(enc.weight.data.t())``, a tie by storage rather than by one
+    Parameter): θ ± εv is written into the parameters' memory, so a step along one moves the
+    other too, which the exact backends hold fixed (an outside review: products 56% off,
+    estimated exact; λ_max 0.503 for 0.519, converged)."""
+    if engine.sharded or engine.zero3 is not None:
+        return
+    spans = [(name, *_span(p)) for name, p in model.named_parameters() if not _is_dtensor(p)]
+    for key, p in params.items():
+        if _is_dtensor(p) or p.numel() == 0:
+            continue
+        lo, hi = _span(p)
+        shared = [name for name, a, b in spans if a < hi and lo < b]
+        if len(shared) > 1:
+            raise ValueError(
+                f"parameters {shared} are different Parameters sharing memory, and {key!r} is "
+                "selected: backend='finite_difference' writes θ ± εv into the parameters' "
+                "memory, so a step along one would move the others too. Tie them as one "
+                "Parameter (dec.weight = enc.weight), leave all of them out with params=, or "
+                "use an exact backend, which treats them as separate parameters"
+            )
+
+
+def _hooked(params: Mapping[str, Tensor]) -> list[str]:
+    """A note, and a warning, for selected parameters with gradient hooks of their own
+    (``p.register_hook``: a gradient scaled, clipped or masked per parameter). The differences
+    are of the gradient as those hooks leave it, where the exact backends differentiate the
+    loss itself (an outside review: a hook scaling by 0.1 gave products 52–56% off the exact
+    ones, estimated exact, and an asymmetric operator)."""
+    hooked = [k for k, p in params.items() if getattr(p, "_backward_hooks", None)]
+    if not hooked:
+        return []
+    note = (
+        f"parameters {hooked[:3]}{' …' if len(hooked) > 3 else ''} have gradient hooks "
+        "(Tensor.register_hook): the finite differences are of the gradient as the hooks leave "
+        "it, not of the loss's — the exact backends ignore those hooks. Remove them while "
+        "measuring, or use an exact backend"
+    )
+    warnings.warn(note, stacklevel=4)
+    return [note]
+
+
+def _span(t: Tensor) -> tuple[int, int]:
+    """The bytes a tensor's elements occupy, [first, past the last) (empty for no elements)."""
+    start = t.data_ptr()
+    if t.numel() == 0:
+        return start, start
+    extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) + 1
+    return start, start + extent * t.element_size()
+
+
+def _accumulate(params: list[Tensor], loss: Tensor, reentrant: bool) -> None:
+    """``.grad`` += ∇loss for plain parameters, by ``torch.autograd.grad`` over them alone: a
+    ``backward()`` also wrote ``.grad`` into every other leaf the loss reaches — inputs that
+    require grad, a loss module's own parameters (a learnable temperature) — and ran the
+    parameters' post-accumulate hooks (an optimizer stepped in backward); the exact backends
+    touch neither (an outside review). A graph through torch's reentrant checkpointing
+    (``reentrant``, :func:`_graph`), which ``torch.autograd.grad`` cannot go through, runs
+    ``backward()``, the other leaves' ``.grad`` put back after it."""
+    if reentrant:
+        mine = {id(p) for p in params}
+        others = [(t, t.grad) for t in _graph(loss)[1] if id(t) not in mine]
+        try:
+            loss.backward()
+        finally:
+            for t, g in others:
+                t.grad = g
+        return
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for p, g in zip(params, grads, strict=True):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
+
+
+def _graph(loss: Tensor) -> tuple[bool, list[Tensor]]:
+    """Whether ``loss``'s graph goes through torch's reentrant checkpointing, and the leaves it
+    reaches (outside any checkpointed block): one walk over its nodes."""
+    seen, stack, leaves, reentrant = set(), [loss.grad_fn], [], False
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        name = type(node).__name__
+        if name == "CheckpointFunctionBackward":
+            reentrant = True
+        elif name == "AccumulateGrad":
+            leaves.append(node.variable)  # type: ignore[attr-defined]  # AccumulateGrad
+        stack.extend(f for f, _ in node.next_functions)
+    return reentrant, leaves
+
+
 @dataclass
 class _Search:
     """Whether halving the step of one product still helps, from the gaps ‖D(ε) − D(ε/2)‖ and
@@ -603,6 +700,15 @@ class FiniteDifferenceProducts:
             self.dtype = engine.zero3.gradient_dtype
         check_dtype(self.dtype)
         self.obj, self.weight, self.group = objective, weight, group
+        #: per selected parameter, an embedding's padding row (:func:`.objective.padding_rows`):
+        #: its gradient is always 0 there, so a step along it would give P·H, not the exact
+        #: backends' P·H·P (an outside review: 48% off, asymmetric, estimated exact)
+        self._rows = [objective.padding.get(k) for k in objective.params]
+        _check_aliases(objective.model, objective.params, engine)
+        #: whether the model's graph goes through reentrant checkpointing (:func:`_accumulate`)
+        self._reentrant: bool | None = None
+        #: what these products differ in from the exact backends' (``C.notes``)
+        self.notes = _hooked(objective.params)
         #: the group a sum over this rank's entries of sharded vectors reduces over
         #: (:func:`shard_group`: HSDP's shard dimension; else ``group``) — the local path's
         #: norms here, and every sum of ``ShardedCurvature``, which takes it from here
@@ -674,10 +780,14 @@ class FiniteDifferenceProducts:
                 )
                 w = self.weight(batch)
                 scaled = loss * (w * engine.loss_scale)
-                if engine.zero3 is None:
-                    scaled.backward()
-                else:  # the engine's own backward: its reduce-scatter into the partitions
+                if engine.zero3 is not None:  # the engine's own: its reduce-scatter
                     engine.zero3.backward(scaled)
+                elif engine.sharded:  # FSDP2's or tensor parallelism's hooks reduce
+                    scaled.backward()
+                else:
+                    if self._reentrant is None:  # the model's graph, walked once
+                        self._reentrant = _graph(scaled)[0]
+                    _accumulate(kept.params, scaled, self._reentrant)
             part = loss.detach() * w
             total = part if total is None else total + part
         assert total is not None  # the data is never empty (checked at construction)
@@ -733,11 +843,14 @@ class FiniteDifferenceProducts:
         if kept.zero3 is not None:
             kept.zero3.zero3.set(kept.zero3, blocks, eps, local)
             return
-        for p, value, b in zip(kept.params, kept.values, blocks, strict=True):
+        for p, value, b, row in zip(kept.params, kept.values, blocks, self._rows, strict=True):
             if local:  # the shard as a DTensor laid out like p: adding it is local
                 b = from_shard(b, p)
             elif _is_dtensor(p):  # this rank's shard of the block, without communication
                 b = shard_of(b, p)
+            elif row is not None:  # an embedding's padding row stays: the operator is P·H·P
+                b = b.clone()
+                b[row] = 0
             p.data.copy_(value)
             p.data.add_(b, alpha=eps)
 

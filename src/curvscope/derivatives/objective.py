@@ -362,27 +362,34 @@ def _attention_notes(model: nn.Module, modules: list[nn.Module]) -> list[str]:
     ]
 
 
-def _padding_notes(
+def padding_rows(
     model: nn.Module, modules: list[nn.Module], selected: Mapping[str, Tensor]
-) -> list[str]:
-    """The padding row of a selected embedding that torch's gradient never updates. Not for
-    a weight tied to another module (an output layer): that one's gradient updates the row."""
+) -> dict[str, int]:
+    """Selected parameter → its padding row: the row of an embedding (``nn.Embedding`` or
+    ``nn.EmbeddingBag`` with ``padding_idx``) that torch's gradient never updates, so the
+    operator is P·H·P. Not for a weight tied to another module (an output layer): that one's
+    gradient updates the row."""
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
     chosen = {id(p): k for k, p in selected.items()}
-    notes = []
+    rows = {}
     for m in modules:
-        if not isinstance(m, nn.Embedding) or m.padding_idx is None:
+        if not isinstance(m, (nn.Embedding, nn.EmbeddingBag)) or m.padding_idx is None:
             continue
         key = chosen.get(id(m.weight))
         if key is not None and len(names[id(m.weight)]) == 1:
-            notes.append(
-                f"{key}: row {m.padding_idx} is the padding row (padding_idx), which "
-                "torch's gradient never updates; the operator is P·H·P, P the projection "
-                "that zeroes that row, so its rows and columns of the curvature are 0"
-            )
-    return notes
+            rows[key] = m.padding_idx % m.num_embeddings
+    return rows
+
+
+def _padding_notes(rows: Mapping[str, int]) -> list[str]:
+    return [
+        f"{key}: row {row} is the padding row (padding_idx), which torch's gradient never "
+        "updates; the operator is P·H·P, P the projection that zeroes that row, so its rows "
+        "and columns of the curvature are 0"
+        for key, row in rows.items()
+    ]
 
 
 def _check_loss(loss_fn: Any, reduction: str | None) -> None:
@@ -615,6 +622,8 @@ class ModelObjective:
         #: not selected are passed requiring grad like them, or its tensors' metadata differs
         #: from the forward's (torch's CheckpointError)
         self._checkpointing = _recomputes(model)
+        #: selected embeddings' padding rows (their curvature is P·H·P: :func:`padding_rows`)
+        self.padding = padding_rows(model, modules, self._params)
         self.notes = self._fallback_notes(modules)
         self._forward_generators = [torch.random.default_generator]
         if self.device.type == "cuda":
@@ -1145,9 +1154,7 @@ class ModelObjective:
                 "graphs compiled with AOTAutograd have no double backward)"
             )
         return (
-            self.kernel_notes
-            + (compiled if self.compiled else [])
-            + _padding_notes(self.model, modules, self._params)
+            self.kernel_notes + (compiled if self.compiled else []) + _padding_notes(self.padding)
         )
 
     # ------------------------------------------------------------------ flat <-> blocks
