@@ -256,6 +256,73 @@ def test_a_parameters_own_gradient_hook_is_said():
     assert any("'0.weight'" in n and "register_hook" in n for n in C.notes)
 
 
+def _relu_batchnorm(dtype: torch.dtype, seed: int = 0):
+    """A float32 ReLU MLP with BatchNorm (its kinks and the bias before the BatchNorm, whose
+    gradient is 0, make finite differences inaccurate), after five Adam steps."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3))
+    model = model.to(dtype)
+    X, y = torch.randn(128, 10, dtype=dtype), torch.randint(3, (128,))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+    return model, nn.CrossEntropyLoss(), (X, y), opt
+
+
+def test_a_preconditioner_multiplies_the_products_errors_it_is_judged_by():
+    """Adam's preconditioned curvature S^½HS^½ multiplies the error of H(S^½u) by S^½ on the
+    way out — up to 1e8 here, on the bias before the BatchNorm. The errors were judged
+    relative to H's own scale: a sharpness 30% off, confident (an outside review). Each
+    composition now maps its products' error vectors (``Operator.product_errors``): the
+    float32 verdict says it is not confident; float64's, accurate, still is."""
+    from curvscope.spectrum import as_operator
+
+    model, loss_fn, data, opt = _relu_batchnorm(torch.float32)
+    d = cs.diagnose(model, loss_fn, data, opt, backend=FD)
+    exact = cs.diagnose(model, loss_fn, data, opt)
+    off = abs(d.evidence.sharpness - exact.evidence.sharpness) / exact.evidence.sharpness
+    assert off > 0.1 and not d.confident
+    model, loss_fn, data, opt = _relu_batchnorm(torch.float64)
+    d = cs.diagnose(model, loss_fn, data, opt, backend=FD)
+    exact = cs.diagnose(model, loss_fn, data, opt)
+    assert d.confident
+    assert d.evidence.sharpness == pytest.approx(exact.evidence.sharpness, rel=1e-6)
+    # the map itself: a congruence's error is D times that of the product of D u
+    case = smooth(torch.float32)
+    C = cs.Curvature(case.model, case.loss_fn, case.data, backend=FD)
+    scale = torch.logspace(-2, 3, C.num_params)
+    u = vectors(C.num_params, 2, torch.float32)
+    op = as_operator(C).congruence(scale)
+    op(u)
+    inner = torch.stack(C._differences.error_vectors, dim=1)
+    want = (scale[:, None] * inner).norm(dim=0) / u.norm(dim=0)
+    torch.testing.assert_close(op.product_errors[-1], want)
+    unmapped = inner.norm(dim=0) / (scale[:, None] * u).norm(dim=0)  # H's relative errors
+    assert float(want.max()) > 10 * float(unmapped.max())
+
+
+def test_trace_and_diagonal_count_the_products_errors():
+    """cs.trace and cs.diagonal took finite-difference products as exact: an exact trace of
+    this float32 model came out 47.8 for 8.25 with a standard error of 0. The products'
+    estimated errors now enter the standard errors (n × their mean for a trace, each unit
+    vector's for the exact diagonal) and the message."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 24), nn.BatchNorm1d(24), nn.ReLU(), nn.Linear(24, 3))
+    data, loss_fn = (torch.randn(128, 10), torch.randint(3, (128,))), nn.CrossEntropyLoss()
+    C = cs.Curvature(model, loss_fn, data, backend=FD)
+    ref = copy.deepcopy(model).double()
+    E = cs.Curvature(ref, loss_fn, (data[0].double(), data[1]))
+    t, t_exact = cs.trace(C, method="exact"), cs.trace(E, method="exact").value
+    assert t.stderr >= abs(t.value - t_exact) > 1.0
+    assert "finite-difference" in t.message
+    assert cs.trace(E, method="exact").stderr == 0.0  # exact products: nothing added
+    diag = cs.diagonal(C, method="exact")
+    assert float(diag.stderr.min()) > 0.0
+    assert float(cs.diagonal(C, 10).stderr.min()) > 0.0
+
+
 def test_a_graph_the_user_holds_stays_usable_across_a_product():
     case = smooth()
     loss = case.loss_fn(case.model(case.inputs), case.targets)

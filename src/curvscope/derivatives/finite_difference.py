@@ -728,6 +728,10 @@ class FiniteDifferenceProducts:
         self.scale = 0.0
         #: each product's estimated error per unit of ‖v‖: ‖D(ε) − D(ε/2)‖/‖v‖ (inf: unknown)
         self.errors: list[float] = []
+        #: the last block's estimated error vectors, one a column (absolute: ‖e‖ is the
+        #: estimate times ‖v‖; inf where unknown; 0 for a zero column): what the compositions
+        #: of an operator map to their own products' errors (``spectrum.Operator``)
+        self.error_vectors: list[Tensor] = []
         #: products whose steps the model's forward did not see (:data:`SEEN_STEP`)
         self.unseen = 0
         if engine.replicas > 1:
@@ -861,7 +865,7 @@ class FiniteDifferenceProducts:
         params = self.obj.params
         engine = _engine(self.obj.model, params, self.group)
         kept = _Kept(self.obj.model, params, engine)
-        columns = []
+        columns, self.error_vectors = [], []
         try:  # a ZeRO-3 engine's values are this rank's partitions: their norms are summed
             theta = self._theta_norm(kept.values, local or engine.zero3 is not None)
             norms = [float(x) for x in self._norms(V, self._entries(local))]
@@ -869,6 +873,8 @@ class FiniteDifferenceProducts:
                 v = V[:, j]
                 if norm == 0.0:
                     columns.append(torch.zeros_like(v))
+                    self.error_vectors.append(torch.zeros_like(v))
+                    self.errors.append(0.0)  # exact: one entry a product, in order
                     continue
                 start = min(self.step, STEP_GROWTH * self.accepted) * theta / norm
                 hv, eps = self._column(kept, engine, params, v, norm, start, local, theta)
@@ -947,6 +953,7 @@ class FiniteDifferenceProducts:
         over = self.group if not (local or engine.sharded) else self._entries(local)
         gamma = float(self._norms(grad[:, None], over)[0])
         best: tuple[float, Tensor, float, float] | None = None  # estimate, value, step, size
+        best_error = v  # the best pair's error vector: the estimate's, ‖·‖ = estimate·‖v‖
         best_losses: list[Tensor] = []  # the losses at θ ± εv of the best pair's smaller step
         last: Tensor | None = None  # the previous pair's extrapolation
         search = _Search()
@@ -961,12 +968,14 @@ class FiniteDifferenceProducts:
             # the gap is D(ε/2)'s error; the extrapolation's is far smaller where truncation
             # dominates (its ε² term cancels), and bounded by how far it moved since the last
             # pair (which also carries the rounding of both)
-            estimate = gap if last is None else min(gap, moved if math.isfinite(moved) else gap)
+            use_moved = last is not None and math.isfinite(moved) and moved < gap
+            estimate = moved if use_moved else gap
             rounding = u * (gamma + max(self.scale, size) * theta) / (eps / 2 * norm)
             improved = best is None or estimate < best[0]
             go_on = search.halving_helps(gap, size, improved, rounding)
             if improved or search.saturating:  # a saturated pair's small gap means nothing
                 best, best_losses = (estimate, value, eps / 2, size), losses
+                best_error = change if use_moved else wide - narrow
             last = value
             if estimate <= TARGET * max(self.scale, size) or not go_on:
                 break
@@ -979,9 +988,11 @@ class FiniteDifferenceProducts:
             largest = UNSEEN_LARGEST * theta / norm
             if self._unseen(probe, best_losses, grad, v, (over, entries), u, largest):
                 estimate = math.inf
+                best_error = torch.full_like(v, math.inf)
                 self.unseen += 1
         self.scale = max(self.scale, size if math.isfinite(size) else 0.0)
         self.errors.append(estimate)
+        self.error_vectors.append(best_error)
         return value, eps
 
     def _unseen(

@@ -254,7 +254,7 @@ def eigenvalues(
     sizes = _sizes(op.dim, k, which, block_size, max_basis, max_matvecs, w, op.psd)
     start = time.perf_counter()
     with autocast_off(op.device):  # the products and the arithmetic in their dtypes
-        seen = len(_product_errors(op))
+        seen = len(op.product_errors)
         X0 = _start_block(op, sizes.block_size, gen, w)
         used_before = op.matvecs
         capacity = sizes.max_basis if op.device.type == "cpu" else None
@@ -267,7 +267,7 @@ def eigenvalues(
             run,
             op.matvecs - used_before,
             vectors=return_vectors or top_vector,
-            fd_error=max(_product_errors(op)[seen:], default=0.0),
+            fd_error=max(op.errors_since(seen), default=0.0),
         )
         layers: dict[str, LayerSpectrum] = {}
         extra = 0
@@ -391,26 +391,19 @@ def _extend(run: _Run, used: int, bar: Any) -> bool:
     return True
 
 
-def _product_errors(op: Operator) -> list[float]:
-    """The estimated relative errors of the products behind an operator so far, through its
-    compositions: the ``product_errors`` of a finite-difference Curvature or its sharded view
-    (none for exact products)."""
-    source: Any = op
-    while isinstance(source, Operator):
-        source = source.source
-    return list(getattr(source, "product_errors", None) or [])
-
-
 def _result(run: _Run, used: int, vectors: bool, fd_error: float = 0.0) -> EigenResult:
     """The wanted Ritz pairs with their residuals, error estimates and a message (the
     caller fills in the time and the layers). ``fd_error``: the largest estimated error of
-    this run's finite-difference products, relative to the operator's scale — added to the
-    errors, and a run whose products are less accurate than tol/2 is not converged."""
+    this run's finite-difference products per unit of a vector's norm, as the operator's
+    products have it (``Operator.product_errors``: through a preconditioner too) — added to
+    the errors, and a run whose products are less accurate than tol/2 of its scale is not
+    converged."""
     kry, tol = run.kry, run.tol
     op = kry.op
     theta, S, res = kry.ritz()
     idx, ok = run.converged(theta, res)
     scale = float(np.abs(theta).max())
+    fd_error = fd_error / scale if scale > 0 else (math.inf if fd_error > 0 else 0.0)
     rounding = PRODUCT_ROUNDING * torch.finfo(op.dtype).eps * scale
     err = error_bounds(theta, res)[idx]
     if kry.size >= op.dim:  # the full space: exact up to rounding

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -206,17 +206,21 @@ def trace(
             "it there), or call it with the Curvature C itself (full-length vectors)"
         )
     start = time.perf_counter()
-    used_before = op.matvecs
+    used_before, seen = op.matvecs, len(op.product_errors)
     if method == "exact":
         with progress(op.n, "trace (exact)", progress_bar) as bar, autocast_off(op.device):
             value, _ = _exact_trace(op, bar)
-        return TraceResult(
-            value,
-            0.0,
-            op.matvecs - used_before,
-            "exact",
-            time.perf_counter() - start,
-            f"exact: {op.n} products",
+        return _with_differences(
+            op,
+            seen,
+            TraceResult(
+                value,
+                0.0,
+                op.matvecs - used_before,
+                "exact",
+                time.perf_counter() - start,
+                f"exact: {op.n} products",
+            ),
         )
     check_budget(matvecs, 3 if method == "hutch++" else 2, "trace")
     gen = op.generator(seed)
@@ -228,9 +232,30 @@ def trace(
             chosen, why = "hutchinson", f"{matvecs} Rademacher probes"
         else:
             value, se, dof, chosen, why = _hutchpp(op, matvecs, gen, bar, adaptive=method == "auto")
-    return TraceResult(
+    result = TraceResult(
         value, se, op.matvecs - used_before, chosen, time.perf_counter() - start, why, dof
     )
+    return _with_differences(op, seen, result)
+
+
+def _with_differences(op: Operator, seen: int, result: TraceResult) -> TraceResult:
+    """``result`` with its finite-difference products' error (``Operator.product_errors``,
+    none for exact products) combined into its standard error, in quadrature as the rounding
+    floor is, and said. Each uᵀAu term is off by at most ‖u‖²·e, e its product's error per unit
+    of ‖u‖, ‖u‖² being 1 for a unit vector and n for a probe: n·mean(e) in all. An exact trace
+    of a float32 ReLU model with BatchNorm came out 47.8 for 8.25 with a standard error of 0
+    (an outside review)."""
+    errors = op.errors_since(seen)
+    if not errors:
+        return result
+    bias = op.dim * sum(errors) / len(errors)
+    said = (
+        f"; the finite-difference products' estimated errors can move it by up to {bias:.3g} "
+        "(included in stderr)"
+        if math.isfinite(bias)
+        else "; some finite-difference products are of unknown accuracy (C.notes): stderr inf"
+    )
+    return replace(result, stderr=math.hypot(result.stderr, bias), message=result.message + said)
 
 
 def _hutchpp(
@@ -365,13 +390,15 @@ def diagonal(
     if method == "exact":
         op.require_whole("cs.diagonal(method='exact')")
     start = time.perf_counter()
-    used_before = op.matvecs
+    used_before, seen = op.matvecs, len(op.product_errors)
     if method == "exact":
         with progress(op.n, "diagonal (exact)", progress_bar) as bar, autocast_off(op.device):
             _, diag = _exact_trace(op, bar)
+        # finite differences: entry i is off by at most its unit vector's product error
+        errors = op.errors_since(seen)
         return DiagonalResult(
             diag,
-            torch.zeros_like(diag),
+            diag.new_tensor(errors) if errors else torch.zeros_like(diag),
             op.matvecs - used_before,
             "exact",
             time.perf_counter() - start,
@@ -383,6 +410,10 @@ def diagonal(
         samples = Z * _products(op, Z, bar)
         value = samples.mean(dim=1)
         stderr = samples.std(dim=1, unbiased=True) / math.sqrt(matvecs)
+    errors = op.errors_since(seen)
+    if errors:  # finite differences: |z_i (Ez)_i| ≤ ‖Ez‖ = √n·e for each entry, on average
+        floor = math.sqrt(op.dim) * sum(errors) / len(errors)
+        stderr = stderr.pow(2).add(floor**2).sqrt() if math.isfinite(floor) else stderr + floor
     return DiagonalResult(
         value, stderr, op.matvecs - used_before, "hutchinson", time.perf_counter() - start
     )
