@@ -1,6 +1,8 @@
 """The Curvature operator against dense float64 references and finite differences, its
 properties, its batching, and its promise to leave the user's model exactly as found."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -697,6 +699,37 @@ def test_activation_checkpointing_is_measured_or_refused_with_the_fix(params):
     fd = cs.Curvature(model, loss_fn, data, params=params, backend="finite_difference")
     e = torch.eye(want.shape[0], dtype=cases.DT)
     torch.testing.assert_close(fd @ e, want, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", ["auto", "finite_difference"])
+def test_a_sparse_embedding_is_measured_with_dense_gradients(backend):
+    """``nn.Embedding(sparse=True)``: torch's bare "reshape is not implemented for sparse
+    tensors" before; its gradient is the same dense, which the passes use (the module's flag
+    put back after)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 3, sparse=True), nn.Flatten(), nn.Linear(6, 2))
+    model = model.double()
+    dense = copy.deepcopy(model)
+    dense[0].sparse = False
+    x, y = torch.tensor([[0, 1], [2, 3], [4, 5], [1, 4]]), torch.tensor([0, 1, 1, 0])
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=cases.DT)
+    got = cs.Curvature(model, nn.CrossEntropyLoss(), (x, y), backend=backend) @ v
+    want = cs.Curvature(dense, nn.CrossEntropyLoss(), (x, y)) @ v
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+    assert model[0].sparse
+
+
+def test_module_backward_hooks_are_said_in_the_notes():
+    """A module's full backward hook runs in every backward a product takes (a hook halving
+    grad_input gave an operator equal to none of H, DH, DHD, without a word)."""
+    case = cases.mlp()
+    case.model[0].register_full_backward_hook(lambda m, gi, go: tuple(0.5 * g for g in gi))
+    C = cs.Curvature(case.model, case.loss_fn, case.data)
+    assert any("backward hooks" in n and "'0'" in n for n in C.notes)
+    plain = cases.mlp()
+    assert not any(
+        "backward hooks" in n for n in cs.Curvature(plain.model, plain.loss_fn, plain.data).notes
+    )
 
 
 def test_inside_inference_mode_the_error_says_so():

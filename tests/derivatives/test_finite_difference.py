@@ -323,6 +323,31 @@ def test_trace_and_diagonal_count_the_products_errors():
     assert float(cs.diagonal(C, 10).stderr.min()) > 0.0
 
 
+class _LogScale(nn.Module):
+    """A learned scale near the edge of its logarithm's domain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+        self.sigma = nn.Parameter(torch.tensor([2e-3]))
+
+    def forward(self, x):
+        return self.lin(x) * (1 - 0.01 * torch.log(self.sigma))
+
+
+def test_a_step_out_of_the_losss_domain_names_the_step_and_fd_eps():
+    """A float32 step that takes a scale of 2e-3 below 0 made the loss NaN, and the error said
+    to check the inputs and parameters for NaN/Inf (an outside review): it names the step."""
+    torch.manual_seed(0)
+    model = _LogScale()
+    data = (torch.randn(16, 6), torch.randint(3, (16,)))
+    C = cs.Curvature(model, nn.CrossEntropyLoss(), data, backend=FD)
+    v = C.flatten({n: torch.ones_like(p) * (n == "sigma") for n, p in model.named_parameters()})
+    with pytest.raises(FloatingPointError, match=r"finite-difference step .* smaller fd_eps"):
+        C @ v
+    assert float(model.sigma) == pytest.approx(2e-3)
+
+
 def test_a_graph_the_user_holds_stays_usable_across_a_product():
     case = smooth()
     loss = case.loss_fn(case.model(case.inputs), case.targets)

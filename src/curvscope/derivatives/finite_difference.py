@@ -911,7 +911,15 @@ class FiniteDifferenceProducts:
         diff, losses = [], []
         for sign in (1.0, -1.0):
             self._set(kept, v, sign * eps, local)
-            losses.append(self._pass(kept, engine))
+            try:
+                losses.append(self._pass(kept, engine))
+            except FloatingPointError as e:  # said where: at a step from the parameters
+                raise FloatingPointError(
+                    f"{e} — at θ {'+' if sign > 0 else '−'} εv, a finite-difference step of "
+                    f"ε‖v‖ = {eps * float(v.norm()):.3g} from the parameters: where the loss is "
+                    "finite at them, the step leaves its domain (a parameter near the edge of "
+                    "a log or a square root); pass a smaller fd_eps, or use an exact backend"
+                ) from e
             diff.append(self._gradient(params, engine, local))
         out = (diff[0] - diff[1]) / (2.0 * eps)
         return out if engine.sharded else all_reduce_sum(out, self.group), diff[0], losses

@@ -383,6 +383,27 @@ def padding_rows(
     return rows
 
 
+def _backward_hook_notes(model: nn.Module) -> list[str]:
+    """Modules with backward hooks (``register_full_backward_hook`` / ``_pre_hook``), which run
+    in every backward curvscope takes: what is differentiated is the gradient as they leave it
+    (an outside review: a hook halving grad_input gave products equal to none of H, DH or
+    DHD, without a word)."""
+    hooked = [
+        name or "the model"
+        for name, m in model.named_modules()
+        if m._backward_hooks or m._backward_pre_hooks
+    ]
+    if not hooked:
+        return []
+    return [
+        f"module(s) {hooked[:3]}{' …' if len(hooked) > 3 else ''} have backward hooks "
+        "(register_full_backward_hook / _pre_hook), which run in every backward curvscope "
+        "takes: the gradient and the products are those of the gradient as the hooks leave it "
+        "(a hook that rescales grad_input gives an operator that is neither H nor a rescaling "
+        "of it); remove them while measuring"
+    ]
+
+
 def _padding_notes(rows: Mapping[str, int]) -> list[str]:
     return [
         f"{key}: row {row} is the padding row (padding_idx), which torch's gradient never "
@@ -610,6 +631,15 @@ class ModelObjective:
         self._has_rnn = any(isinstance(m, nn.RNNBase) for m in modules)
         #: torch's weight norm is computed written out during products (derivatives/substitutes)
         self._weight_norm = uses_weight_norm(modules)
+        #: embeddings with sparse gradients (``sparse=True``), switched to dense ones during
+        #: curvscope's passes (:meth:`context`): the same values, where torch has neither a
+        #: double backward nor a flat view of a sparse gradient (its bare "reshape is not
+        #: implemented for sparse tensors" before)
+        self._sparse = [
+            m
+            for m in modules
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "sparse", False)
+        ]
         #: torch.compile'd modules inside the model (the wrapper around it is taken off)
         self._compiled_inside = [
             name
@@ -945,6 +975,8 @@ class ModelObjective:
         # first derivatives (finite differences) are right through the fused kernels
         kernels = self.kernels() if second_order else nullcontext()
         saved = rng_states(gens)  # (numpy's has moved: restored in the finally below)
+        for m in self._sparse:  # the same gradient, dense: sparse ones have no derivatives
+            m.sparse = False
         try:
             with kernels, torch.enable_grad():
                 seed_rngs(gens, FORWARD.seed(self.seed, batch_index))
@@ -956,6 +988,8 @@ class ModelObjective:
             raise ours from e
         finally:
             set_rng_states(gens, saved)
+            for m in self._sparse:
+                m.sparse = True
 
     def kernels(self) -> contextlib.AbstractContextManager[None]:
         """The kernel switches a second-order forward runs under (in :meth:`context`), alone
@@ -1154,7 +1188,10 @@ class ModelObjective:
                 "graphs compiled with AOTAutograd have no double backward)"
             )
         return (
-            self.kernel_notes + (compiled if self.compiled else []) + _padding_notes(self.padding)
+            self.kernel_notes
+            + (compiled if self.compiled else [])
+            + _padding_notes(self.padding)
+            + _backward_hook_notes(self.model)
         )
 
     # ------------------------------------------------------------------ flat <-> blocks
