@@ -285,6 +285,12 @@ def loss_only(
         return _call(closure, counts, params, "contained", group).mean
 
 
+#: What torch says of a backward through a compiled graph taken with ``create_graph=True``
+#: (which of the two depends on what dynamo compiled before: both were seen in one session).
+_COMPILED_SAID = (
+    "does not currently support double backward",
+    "compiled with non-empty donated buffers",
+)
 #: A compiled module's graphs have no double backward: torch's bare error, explained.
 COMPILED = (
     "the closure runs a torch.compile'd module, whose compiled graphs have no double backward "
@@ -292,6 +298,18 @@ COMPILED = (
     "original module in the closure — model._orig_mod, the one torch.compile wrapped, which "
     "shares its parameters — for the second-order optimizers"
 )
+
+
+@contextlib.contextmanager
+def _compiled_named() -> Iterator[None]:
+    """torch's error for a backward with ``create_graph=True`` through a compiled graph, as
+    :data:`COMPILED` (the module named, with the fix)."""
+    try:
+        yield
+    except RuntimeError as e:
+        if any(said in str(e) for said in _COMPILED_SAID):
+            raise RuntimeError(COMPILED) from e
+        raise
 
 
 class Evaluation:
@@ -349,7 +367,7 @@ class Evaluation:
             )
         loss = called.loss
         self.loss_tensor, self.outputs, self.loss = loss, called.outputs, called.mean
-        with torch.enable_grad():
+        with torch.enable_grad(), _compiled_named():
             grads = torch.autograd.grad(
                 loss, self.params, create_graph=curvature, allow_unused=True
             )
@@ -420,12 +438,8 @@ class Evaluation:
     def _product(self, product: PreparedProduct, V: Tensor) -> Tensor:
         """A prepared product of V (n, k), through per-parameter blocks (k, *shape)."""
         blocks = unflatten(V.to(self.flat_grad), [p.shape for p in self.params])
-        try:
+        with _compiled_named():
             applied = product.apply(blocks)
-        except RuntimeError as e:
-            if "does not currently support double backward" in str(e):
-                raise RuntimeError(COMPILED) from e
-            raise
         out = all_reduce_mean(flatten(applied, batched=True), self.group)
         self.counts.products += V.shape[1]
         return out
