@@ -652,6 +652,12 @@ def test_params_by_the_names_a_compile_wrapper_gives_them():
     assert wrapped[0].startswith("_orig_mod.")
     C = cs.Curvature(compiled, case.loss_fn, case.data, params=wrapped)
     assert C.param_names == [n for n, _ in case.model.named_parameters()][:2]
+    # a name the module itself has is kept, though it starts with the prefix (DDP over a model
+    # whose child is called "module": "module.0.weight" is the child's)
+    from curvscope.derivatives.objective import inner_name
+
+    assert inner_name("module.0.weight", "module.", {"module.0.weight"}) == "module.0.weight"
+    assert inner_name("module.0.weight", "module.", {"0.weight"}) == "0.weight"
 
 
 class _Checkpointed(nn.Module):
@@ -717,6 +723,10 @@ def test_a_sparse_embedding_is_measured_with_dense_gradients(backend):
     want = cs.Curvature(dense, nn.CrossEntropyLoss(), (x, y)) @ v
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
     assert model[0].sparse
+    C = cs.Curvature(model, nn.CrossEntropyLoss(), (x, y), backend=backend)
+    model[0].sparse = False  # the user's later choice is what is put back
+    C @ v
+    assert not model[0].sparse
 
 
 def test_module_backward_hooks_are_said_in_the_notes():

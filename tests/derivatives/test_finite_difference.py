@@ -289,18 +289,21 @@ def test_a_preconditioner_multiplies_the_products_errors_it_is_judged_by():
     exact = cs.diagnose(model, loss_fn, data, opt)
     assert d.confident
     assert d.evidence.sharpness == pytest.approx(exact.evidence.sharpness, rel=1e-6)
-    # the map itself: a congruence's error is D times that of the product of D u
+    # the map itself: a congruence's estimated error against its true error (the float64
+    # exact product): 0.6-1.6 times it here, where the products' own estimates, relative to
+    # H's scale, were 4·10⁴ times too small for a scaling from 1e-2 to 1e3
     case = smooth(torch.float32)
     C = cs.Curvature(case.model, case.loss_fn, case.data, backend=FD)
+    exact = cs.Curvature(as_float64(case).model, case.loss_fn, as_float64(case).data)
     scale = torch.logspace(-2, 3, C.num_params)
-    u = vectors(C.num_params, 2, torch.float32)
+    u = vectors(C.num_params, 3, torch.float32)
     op = as_operator(C).congruence(scale)
-    op(u)
-    inner = torch.stack(C._differences.error_vectors, dim=1)
-    want = (scale[:, None] * inner).norm(dim=0) / u.norm(dim=0)
-    torch.testing.assert_close(op.product_errors[-1], want)
-    unmapped = inner.norm(dim=0) / (scale[:, None] * u).norm(dim=0)  # H's relative errors
-    assert float(want.max()) > 10 * float(unmapped.max())
+    got = op(u).double()
+    d = scale.double()[:, None]
+    true = (got - d * (exact @ (d * u.double()))).norm(dim=0) / u.double().norm(dim=0)
+    ratio = op.error_norms[-1] / true
+    assert float(ratio.min()) > 1 / 3 and float(ratio.max()) < 3, ratio
+    assert op.last_errors is None and as_operator(C).last_errors is None  # nothing kept
 
 
 def test_trace_and_diagonal_count_the_products_errors():
@@ -318,8 +321,10 @@ def test_trace_and_diagonal_count_the_products_errors():
     assert t.stderr >= abs(t.value - t_exact) > 1.0
     assert "finite-difference" in t.message
     assert cs.trace(E, method="exact").stderr == 0.0  # exact products: nothing added
-    diag = cs.diagonal(C, method="exact")
-    assert float(diag.stderr.min()) > 0.0
+    diag, diag_exact = cs.diagonal(C, method="exact"), cs.diagonal(E, method="exact").value
+    covered = (diag.stderr.double() >= (diag.value.double() - diag_exact).abs()).double().mean()
+    assert float(covered) >= 0.9  # estimates, not bounds: most entries' errors are covered
+    assert float(cs.diagonal(E, method="exact").stderr.abs().max()) == 0.0
     assert float(cs.diagonal(C, 10).stderr.min()) > 0.0
 
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
+import types
 
 import torch
 from torch import Tensor
@@ -212,3 +215,18 @@ def check_seed(seed: object, name: str = "seed") -> int:
             f"fixed integer ({name}=0 is the default) or a torch.Generator where accepted"
         )
     return check_int(seed, name, minimum=0)
+
+
+#: curvscope's own directory: what a warning's stack level skips (:func:`callers_level`)
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def callers_level(inside: str = PACKAGE, start: int = 1) -> int:
+    """The ``stacklevel`` of the first frame outside the directory ``inside`` (curvscope's, by
+    default), for a warning issued from a function of it that several paths reach: called by
+    that function (``start`` 1), or through ``start - 1`` helpers."""
+    frame: types.FrameType | None = sys._getframe(start)
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -455,7 +455,7 @@ class Curvature:
         if self._cached is None or not self._unchanged():
             self._cached = self._snapshot = None
             model_flags, tensors = self._source.model_state()
-            flags = (*model_flags, _autocast_state(self.device))
+            flags = (*model_flags, autocast_state(self.device))
             snapshot = (flags, _layout(tensors), [t.detach().clone() for _, t in tensors])
             self._cached = list(self._source.prepare())
             self._snapshot = snapshot
@@ -476,7 +476,7 @@ class Curvature:
         assert self._snapshot is not None
         flags, layout, saved = self._snapshot
         model_flags, now = self._source.model_state()
-        if (*model_flags, _autocast_state(self.device)) != flags or _layout(now) != layout:
+        if (*model_flags, autocast_state(self.device)) != flags or _layout(now) != layout:
             return False
         if self.device.type == "cpu":  # torch.equal stops at the first difference
             return all(torch.equal(t, t0) for (_, t), t0 in zip(now, saved, strict=True))
@@ -671,8 +671,9 @@ class Curvature:
         )
 
 
-def _autocast_state(device: torch.device) -> tuple[bool, torch.dtype | None]:
-    """Whether a ``torch.autocast`` region is open for the device's type, and its dtype."""
+def autocast_state(device: torch.device) -> tuple[bool, torch.dtype | None]:
+    """Whether a ``torch.autocast`` region is open for the device's type, and its dtype (a
+    flag read: no context entered)."""
     if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(
         device.type
     ):

@@ -146,8 +146,9 @@ import torch
 from torch import Tensor, nn
 
 from curvscope.derivatives import zero3
+from curvscope.derivatives.checks import callers_level
 from curvscope.derivatives.distributed import all_reduce_sum, check_same_on_ranks, together
-from curvscope.derivatives.objective import Batch, ModelObjective
+from curvscope.derivatives.objective import Batch, ModelObjective, few
 
 #: The estimated error a product aims below, relative to ‖v‖ times the operator's scale (the
 #: largest ‖Hv‖/‖v‖ seen): the step is halved until the two steps' difference says so.
@@ -543,13 +544,26 @@ def _check_aliases(model: nn.Module, params: Mapping[str, Tensor], engine: _Engi
     estimated exact; λ_max 0.503 for 0.519, converged)."""
     if engine.sharded or engine.zero3 is not None:
         return
-    spans = [(name, *_span(p)) for name, p in model.named_parameters() if not _is_dtensor(p)]
-    for key, p in params.items():
-        if _is_dtensor(p) or p.numel() == 0:
-            continue
-        lo, hi = _span(p)
-        shared = [name for name, a, b in spans if a < hi and lo < b]
-        if len(shared) > 1:
+    # groups of parameters whose memory overlaps: one sweep over their spans, sorted
+    spans = sorted(
+        (p.device.type, p.device.index or 0, *_span(p), name)
+        for name, p in model.named_parameters()
+        if not _is_dtensor(p) and p.numel() > 0
+    )
+    groups: list[list[str]] = []
+    end, where = -1, None
+    for kind, index, lo, hi, name in spans:
+        if (kind, index) == where and lo < end:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+            where = (kind, index)
+            end = hi
+        end = max(end, hi)
+    selected = set(params)
+    for shared in groups:
+        if len(shared) > 1 and selected.intersection(shared):
+            key = next(n for n in shared if n in selected)
             raise ValueError(
                 f"parameters {shared} are different Parameters sharing memory, and {key!r} is "
                 "selected: backend='finite_difference' writes θ ± εv into the parameters' "
@@ -569,12 +583,11 @@ def _hooked(params: Mapping[str, Tensor]) -> list[str]:
     if not hooked:
         return []
     note = (
-        f"parameters {hooked[:3]}{' …' if len(hooked) > 3 else ''} have gradient hooks "
-        "(Tensor.register_hook): the finite differences are of the gradient as the hooks leave "
-        "it, not of the loss's — the exact backends ignore those hooks. Remove them while "
-        "measuring, or use an exact backend"
+        f"parameters {few(hooked)} have gradient hooks (Tensor.register_hook): the finite "
+        "differences are of the gradient as the hooks leave it, not of the loss's — the exact "
+        "backends ignore those hooks. Remove them while measuring, or use an exact backend"
     )
-    warnings.warn(note, stacklevel=4)
+    warnings.warn(note, stacklevel=callers_level())
     return [note]
 
 
@@ -728,10 +741,14 @@ class FiniteDifferenceProducts:
         self.scale = 0.0
         #: each product's estimated error per unit of ‖v‖: ‖D(ε) − D(ε/2)‖/‖v‖ (inf: unknown)
         self.errors: list[float] = []
-        #: the last block's estimated error vectors, one a column (absolute: ‖e‖ is the
-        #: estimate times ‖v‖; inf where unknown; 0 for a zero column): what the compositions
-        #: of an operator map to their own products' errors (``spectrum.Operator``)
+        #: with :attr:`keep_vectors`, the last block's estimated error vectors, one a column,
+        #: per unit of its norm (‖e‖ is the column's entry of :attr:`errors`; inf where
+        #: unknown, 0 for a zero column): what the compositions of an operator map to their
+        #: own products' errors, and estimators read (``spectrum.Operator.last_errors``)
         self.error_vectors: list[Tensor] = []
+        #: record :attr:`error_vectors` (set by an operator that reads them; a vector of the
+        #: parameters' size a column, so not by default)
+        self.keep_vectors = False
         #: products whose steps the model's forward did not see (:data:`SEEN_STEP`)
         self.unseen = 0
         if engine.replicas > 1:
@@ -873,8 +890,9 @@ class FiniteDifferenceProducts:
                 v = V[:, j]
                 if norm == 0.0:
                     columns.append(torch.zeros_like(v))
-                    self.error_vectors.append(torch.zeros_like(v))
                     self.errors.append(0.0)  # exact: one entry a product, in order
+                    if self.keep_vectors:
+                        self.error_vectors.append(torch.zeros_like(v))
                     continue
                 start = min(self.step, STEP_GROWTH * self.accepted) * theta / norm
                 hv, eps = self._column(kept, engine, params, v, norm, start, local, theta)
@@ -983,7 +1001,8 @@ class FiniteDifferenceProducts:
             go_on = search.halving_helps(gap, size, improved, rounding)
             if improved or search.saturating:  # a saturated pair's small gap means nothing
                 best, best_losses = (estimate, value, eps / 2, size), losses
-                best_error = change if use_moved else wide - narrow
+                if self.keep_vectors:
+                    best_error = change if use_moved else wide - narrow
             last = value
             if estimate <= TARGET * max(self.scale, size) or not go_on:
                 break
@@ -996,11 +1015,12 @@ class FiniteDifferenceProducts:
             largest = UNSEEN_LARGEST * theta / norm
             if self._unseen(probe, best_losses, grad, v, (over, entries), u, largest):
                 estimate = math.inf
-                best_error = torch.full_like(v, math.inf)
+                best_error = torch.full_like(v, math.inf)  # (kept only with keep_vectors)
                 self.unseen += 1
         self.scale = max(self.scale, size if math.isfinite(size) else 0.0)
         self.errors.append(estimate)
-        self.error_vectors.append(best_error)
+        if self.keep_vectors:
+            self.error_vectors.append(best_error / norm)
         return value, eps
 
     def _unseen(

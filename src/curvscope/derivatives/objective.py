@@ -34,7 +34,7 @@ import contextlib
 import logging
 import math
 import warnings
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Container, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -217,14 +217,12 @@ def select_parameters(
     taken: set[int] = set()
     for p in wanted:
         if isinstance(p, str):
-            if p not in every:
-                p = inner_name(p, prefix)
-            if p not in every:
+            name = inner_name(p, prefix, every)
+            if name not in every:
                 raise ValueError(
                     f"params: the model has no parameter named {p!r}; valid names: "
                     + ", ".join(every)
                 )
-            name = p
         elif isinstance(p, Tensor):
             if id(p) not in by_id:
                 raise ValueError(
@@ -318,7 +316,7 @@ class _DifferentiableKernels:
             self.modes.enter_context(sdpa_kernel([SDPBackend.MATH]))
         if self.weight_norm:
             self.modes.enter_context(WrittenOutWeightNorm())
-        if self.compiled:
+        if self.compiled and hasattr(torch.compiler, "set_stance"):  # torch >= 2.6
             self.modes.enter_context(torch.compiler.set_stance("force_eager"))
         for _, switch, wanted in _ATTENTION_SWITCHES:
             switch(wanted)
@@ -383,6 +381,11 @@ def padding_rows(
     return rows
 
 
+def few(names: Sequence[str]) -> str:
+    """The first three of ``names`` for a message, and "…" where there are more."""
+    return f"{list(names[:3])}{' …' if len(names) > 3 else ''}"
+
+
 def _backward_hook_notes(model: nn.Module) -> list[str]:
     """Modules with backward hooks (``register_full_backward_hook`` / ``_pre_hook``), which run
     in every backward curvscope takes: what is differentiated is the gradient as they leave it
@@ -396,7 +399,7 @@ def _backward_hook_notes(model: nn.Module) -> list[str]:
     if not hooked:
         return []
     return [
-        f"module(s) {hooked[:3]}{' …' if len(hooked) > 3 else ''} have backward hooks "
+        f"module(s) {few(hooked)} have backward hooks "
         "(register_full_backward_hook / _pre_hook), which run in every backward curvscope "
         "takes: the gradient and the products are those of the gradient as the hooks leave it "
         "(a hook that rescales grad_input gives an operator that is neither H nor a rescaling "
@@ -430,10 +433,14 @@ def _check_loss(loss_fn: Any, reduction: str | None) -> None:
         )
 
 
-def inner_name(name: str, prefix: str) -> str:
-    """A parameter's name as the wrapped module names it: the wrappers' ``prefix``
-    (:func:`unwrapped`) taken off where the name starts with it."""
-    return name[len(prefix) :] if prefix and name.startswith(prefix) else name
+def inner_name(name: str, prefix: str, known: Container[str]) -> str:
+    """A parameter's name as the wrapped module names it: ``name`` itself where it is one of
+    the module's (``known``), else with the wrappers' ``prefix`` (:func:`unwrapped`) taken off
+    where it starts with it — a module whose child is called ``module`` keeps its names under
+    DDP."""
+    if name in known or not (prefix and name.startswith(prefix)):
+        return name
+    return name[len(prefix) :]
 
 
 def unwrapped(model: Any) -> tuple[Any, bool, str]:
@@ -635,11 +642,7 @@ class ModelObjective:
         #: curvscope's passes (:meth:`context`): the same values, where torch has neither a
         #: double backward nor a flat view of a sparse gradient (its bare "reshape is not
         #: implemented for sparse tensors" before)
-        self._sparse = [
-            m
-            for m in modules
-            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "sparse", False)
-        ]
+        self._sparse = [m for m in modules if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
         #: torch.compile'd modules inside the model (the wrapper around it is taken off)
         self._compiled_inside = [
             name
@@ -975,6 +978,7 @@ class ModelObjective:
         # first derivatives (finite differences) are right through the fused kernels
         kernels = self.kernels() if second_order else nullcontext()
         saved = rng_states(gens)  # (numpy's has moved: restored in the finally below)
+        sparse = [m.sparse for m in self._sparse]
         for m in self._sparse:  # the same gradient, dense: sparse ones have no derivatives
             m.sparse = False
         try:
@@ -988,8 +992,8 @@ class ModelObjective:
             raise ours from e
         finally:
             set_rng_states(gens, saved)
-            for m in self._sparse:
-                m.sparse = True
+            for m, was in zip(self._sparse, sparse, strict=True):
+                m.sparse = was
 
     def kernels(self) -> contextlib.AbstractContextManager[None]:
         """The kernel switches a second-order forward runs under (in :meth:`context`), alone
@@ -1014,7 +1018,9 @@ class ModelObjective:
         ``extra`` added to the batch's)."""
         args, kwargs = self.arguments(batch, **extra)
         state = self._state(theta)
-        if self._first_call:  # once: torch's warning of a reentrant checkpoint, heard
+        # once per operator: torch's warning of a reentrant checkpoint, heard (a model that
+        # checkpoints only in some batches or modes is judged by its first forward)
+        if self._first_call:
             with warnings.catch_warnings(record=True) as said:
                 warnings.simplefilter("always")
                 out = functional_call(self.model, state, args, kwargs or None, tie_weights=False)
@@ -1180,12 +1186,11 @@ class ModelObjective:
             "model itself is untouched"
         ]
         if self._compiled_inside:
-            inside = self._compiled_inside
-            which = ", ".join(repr(n or "the model") for n in inside[:3])
+            which = few([n or "the model" for n in self._compiled_inside])
             self.kernel_notes.append(
-                f"torch.compile'd module(s) {which}{' …' if len(inside) > 3 else ''} run "
-                "eagerly during curvature products (torch.compiler.set_stance('force_eager'): "
-                "graphs compiled with AOTAutograd have no double backward)"
+                f"torch.compile'd module(s) {which} run eagerly during curvature products "
+                "(torch.compiler.set_stance('force_eager'): graphs compiled with AOTAutograd "
+                "have no double backward)"
             )
         return (
             self.kernel_notes

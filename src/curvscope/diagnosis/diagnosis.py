@@ -725,8 +725,9 @@ def update_curvature(
         C = _curvature(model, loss_fn, data, params, seed, reduction, products)
         measured = C.objective
         assert measured is not None  # C is built from a model
-        prefix = unwrapped(model)[2]  # keys as a DDP or torch.compile wrapper names them too
-        before = {inner_name(k, prefix): t for k, t in before.items()}
+        inner, _, prefix = unwrapped(model)  # keys as a DDP or torch.compile wrapper names them
+        known = dict(inner.named_parameters())
+        before = {inner_name(k, prefix, known): t for k, t in before.items()}
         missing = [name for name in measured.params if name not in before]
         if missing:
             raise KeyError(f"`before` has no value for the parameter(s) {missing}")

@@ -9,9 +9,7 @@ import math
 import numbers
 import os
 import statistics
-import sys
 import time
-import types
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,7 +21,7 @@ from torch import Tensor, nn
 
 from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives import zero3 as _zero3
-from curvscope.derivatives.checks import check_int, check_real
+from curvscope.derivatives.checks import callers_level, check_int, check_real
 from curvscope.derivatives.distributed import (
     all_reduce_max,
     collective_device,
@@ -103,12 +101,14 @@ def _named_selection(model: nn.Module, params: list[Any] | None) -> list[tuple[s
     (the parameters before the update were keyed ``module.0.weight``, the check's ``0.weight``)
     and the warm start never match."""
     inner, _, prefix = unwrapped(model)
+    named = list(inner.named_parameters())
     chosen = None
     if params is not None:
-        chosen = {inner_name(p, prefix) if isinstance(p, str) else id(p) for p in params}
+        known = {name for name, _ in named}
+        chosen = {inner_name(p, prefix, known) if isinstance(p, str) else id(p) for p in params}
     return [
         (name, p)
-        for name, p in inner.named_parameters()
+        for name, p in named
         if p.requires_grad and (chosen is None or name in chosen or id(p) in chosen)
     ]
 
@@ -908,12 +908,7 @@ class Monitor:
 def _callers_level() -> int:
     """The ``stacklevel`` of the first frame outside curvscope's diagnosis package, for a
     warning issued from one of its functions (a probe is reached by several paths)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    frame: types.FrameType | None = sys._getframe(1)
-    level = 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
-        frame, level = frame.f_back, level + 1
-    return level
+    return callers_level(os.path.dirname(os.path.abspath(__file__)), 2)
 
 
 #: A training loss this many times the probe's own (or its inverse) is on another scale.

@@ -102,9 +102,14 @@ class Operator:
     #: over finite-difference products (a Curvature with ``backend="finite_difference"``
     #: below): each call's estimated product errors, one a column, per unit of the column's
     #: norm — as this operator's products have them (a preconditioner's large factors
-    #: multiply them). Tensors: read once, by the estimator that asks
-    product_errors: list[Tensor] = field(default_factory=list, repr=False)
-    _last_errors: Tensor | None = field(default=None, repr=False)
+    #: multiply them). Tensors: read once, by the estimator that asks (:meth:`errors_since`)
+    error_norms: list[Tensor] = field(default_factory=list, repr=False)
+    #: whether the last call's error vectors are kept (:attr:`last_errors`): for a
+    #: composition over this operator, which maps them, or an estimator that reads them
+    keep_errors: bool = field(default=False, repr=False)
+    #: the last call's estimated error vectors, (n, k), absolute for its input (with
+    #: :attr:`keep_errors`; a composition takes its wrapped operator's, leaving None)
+    last_errors: Tensor | None = field(default=None, repr=False)
 
     @property
     def dim(self) -> int:
@@ -213,33 +218,62 @@ class Operator:
         return out
 
     def _record_errors(self, V: Tensor) -> None:
-        """Over finite-difference products, this call's estimated errors (:attr:`product_errors`):
-        the products' own error vectors (``FiniteDifferenceProducts.error_vectors``), through
-        every composition's :attr:`errors_map` — a diagonal preconditioner's congruence
-        S^½ H S^½ multiplies the error of H(S^½v) by S^½ on the way out, which a relative error
-        of H's products missed (an outside review: Adam's step factors up to 1e8 on a bias before
-        BatchNorm, float32, a sharpness 30% off reported confident). Nothing for exact ones."""
-        if self.errors_map is not None:
-            inner = getattr(self.source, "_last_errors", None)
-            if inner is None:
-                return
-            E = self.errors_map(inner)
-            E = torch.where(torch.isnan(E), math.inf, E)  # 0·inf: an unknown error stays unknown
-        else:
-            fd = getattr(self.source, "_differences", None)
-            if fd is None or not fd.error_vectors:
-                return
-            E = torch.stack(fd.error_vectors, dim=1)
-        self._last_errors = E
+        """Over finite-difference products, this call's estimated errors (:attr:`error_norms`,
+        and with :attr:`keep_errors` the vectors, :attr:`last_errors`): the products' own
+        (``FiniteDifferenceProducts.errors``, per unit of ‖v‖), through every composition's
+        :attr:`errors_map` — a diagonal preconditioner's congruence S^½ H S^½ multiplies the
+        error of H(S^½v) by S^½ on the way out, which a relative error of H's products missed
+        (an outside review: Adam's step factors up to 1e8 on a bias before BatchNorm, float32,
+        a sharpness 30% off reported confident). Nothing for exact products."""
         block = V if V.ndim == 2 else V[:, None]
+        k = block.shape[1]
+        if self.errors_map is None:
+            fd = getattr(self.source, "_differences", None)
+            if fd is None:
+                return
+            self.error_norms.append(torch.tensor(fd.errors[-k:], dtype=torch.float64))
+            if self.keep_errors:  # per unit of each column: made absolute for this V
+                unit, fd.error_vectors = torch.stack(fd.error_vectors, dim=1), []
+                self.last_errors = unit * self.total((block * block).sum(0)).sqrt().to(unit)
+            return
+        inner = getattr(self.source, "last_errors", None)
+        if inner is None:
+            return
+        self.source.last_errors = None  # taken: the wrapped operator keeps no copy
+        E = self.errors_map(inner)
+        E = torch.where(torch.isnan(E), math.inf, E)  # 0·inf: an unknown error stays unknown
         sums = self.total(torch.stack([(E * E).sum(0), (block * block).sum(0).to(E.dtype)]))
-        self.product_errors.append(torch.where(sums[1] > 0, (sums[0] / sums[1]).sqrt(), 0.0))
+        self.error_norms.append(torch.where(sums[1] > 0, (sums[0] / sums[1]).sqrt(), 0.0))
+        if self.keep_errors:
+            self.last_errors = E
 
     def errors_since(self, seen: int) -> list[float]:
         """The estimated product errors (per unit of a column's norm) of the calls after the
-        first ``seen`` (``len(op.product_errors)`` before them): one host read."""
-        fresh = self.product_errors[seen:]
-        return torch.cat(fresh).double().cpu().tolist() if fresh else []
+        first ``seen`` (``len(op.error_norms)`` before them): one host read."""
+        fresh = self.error_norms[seen:]
+        return torch.cat([t.double().cpu() for t in fresh]).tolist() if fresh else []
+
+    def _keep_errors(self) -> None:
+        """Keep each call's error vectors (:attr:`last_errors`), and have a finite-difference
+        Curvature below record them."""
+        self.keep_errors = True
+        fd = getattr(self.source, "_differences", None)
+        if self.errors_map is None and fd is not None:
+            fd.keep_vectors = True
+
+    @contextmanager
+    def errors_kept(self) -> Iterator[None]:
+        """Within: :attr:`last_errors` after each call (for an estimator that reads them); as
+        it was after, with nothing kept."""
+        fd = getattr(self.source, "_differences", None) if self.errors_map is None else None
+        was = self.keep_errors, None if fd is None else fd.keep_vectors
+        self._keep_errors()
+        try:
+            yield
+        finally:
+            self.keep_errors, self.last_errors = was[0], None
+            if fd is not None:
+                fd.keep_vectors = was[1]
 
     def _product(self, V: Tensor) -> Tensor:
         if V.dtype == self.dtype:
@@ -280,7 +314,9 @@ class Operator:
         errors_map: Callable[[Tensor], Tensor] = lambda E: E,
     ) -> Operator:
         """A composition over this operator: same size and device, the working dtype;
-        ``errors_map``: how this operator's product errors become the composition's."""
+        ``errors_map``: how this operator's product errors become the composition's (which
+        takes this operator's error vectors after each of its calls)."""
+        self._keep_errors()
         dt, sym = self.work_dtype, self.symmetric
         return Operator(
             matmat,

@@ -254,7 +254,7 @@ def eigenvalues(
     sizes = _sizes(op.dim, k, which, block_size, max_basis, max_matvecs, w, op.psd)
     start = time.perf_counter()
     with autocast_off(op.device):  # the products and the arithmetic in their dtypes
-        seen = len(op.product_errors)
+        seen = len(op.error_norms)
         X0 = _start_block(op, sizes.block_size, gen, w)
         used_before = op.matvecs
         capacity = sizes.max_basis if op.device.type == "cpu" else None
@@ -395,7 +395,7 @@ def _result(run: _Run, used: int, vectors: bool, fd_error: float = 0.0) -> Eigen
     """The wanted Ritz pairs with their residuals, error estimates and a message (the
     caller fills in the time and the layers). ``fd_error``: the largest estimated error of
     this run's finite-difference products per unit of a vector's norm, as the operator's
-    products have it (``Operator.product_errors``: through a preconditioner too) — added to
+    products have it (``Operator.error_norms``: through a preconditioner too) — added to
     the errors, and a run whose products are less accurate than tol/2 of its scale is not
     converged."""
     kry, tol = run.kry, run.tol

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 
 import torch
 
+from curvscope.derivatives.curvature import autocast_state
+
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype an estimator computes in: float32 at least, float64 for a float64 operator.
@@ -33,10 +35,7 @@ def autocast_off(device: torch.device) -> Iterator[None]:
     """Suspend an enclosing ``torch.autocast`` region: inside one, ``@`` would silently run the
     estimators' own arithmetic in bfloat16 or float16, and the products in something other than
     the parameters' dtype that the operator promises."""
-    # (no region open — nearly always: a flag read, not a context entered and left)
-    if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(
-        device.type
-    ):
+    if not autocast_state(device)[0]:  # no region open, nearly always: nothing to enter
         yield
         return
     with torch.autocast(device.type, enabled=False):

@@ -100,21 +100,48 @@ class DiagonalResult:
     seconds: float
 
 
-def _products(op: Operator, Z: Tensor, bar: Any) -> Tensor:
-    """A Z in chunks (one block product each), counting progress."""
-    outs = []
+@dataclass
+class _Applied:
+    """A block's products AU, and over finite-difference products their estimated errors:
+    ``errors`` per column (absolute, ‖error of Au‖), ``vectors`` the error vectors (inside
+    :meth:`Operator.errors_kept` only); None for exact products."""
+
+    AU: Tensor
+    errors: Tensor | None = None
+    vectors: Tensor | None = None
+
+
+def _products(op: Operator, Z: Tensor, bar: Any) -> _Applied:
+    """A Z in chunks (one block product each), counting progress, with the products' estimated
+    errors where they have any (:class:`_Applied`)."""
+    outs, vectors = [], []
+    seen = len(op.error_norms)
     for j in range(0, Z.shape[1], CHUNK):
         outs.append(op(Z[:, j : j + CHUNK]))
+        if op.last_errors is not None:
+            vectors.append(op.last_errors)
         bar.update(outs[-1].shape[1])
-    return torch.cat(outs, dim=1) if outs else Z[:, :0]
+    if not outs:
+        return _Applied(Z[:, :0])
+    norms = op.error_norms[seen:]
+    errors = None
+    if norms:  # per unit of each column: times its norm
+        errors = torch.cat([t.to(Z) for t in norms]) * op.total(Z.pow(2).sum(0)).sqrt()
+    return _Applied(torch.cat(outs, dim=1), errors, torch.cat(vectors, dim=1) if vectors else None)
 
 
-def _terms(op: Operator, U: Tensor, AU: Tensor) -> tuple[Tensor, Tensor]:
-    """Per column u of U: uᵀAu, and Σ|u_i (Au)_i| — the size of the terms the sum adds, which
-    bounds its rounding (sums over sharded vectors reduced over the ranks)."""
-    products = U * AU
-    sums, sizes = op.total(torch.stack([products.sum(0), products.abs().sum(0)]))  # one reduce
-    return sums, sizes
+def _terms(op: Operator, U: Tensor, AU: _Applied) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per column u of U: uᵀAu, Σ|u_i (Au)_i| — the size of the terms the sum adds, which
+    bounds its rounding — and, over finite-difference products, ‖u‖·‖e‖, e the product's
+    estimated error: a bound on that term's error as the estimate has it (Cauchy-Schwarz: at
+    kinks, where the estimates fall short and the errors line up with u, the direct uᵀe
+    covered less than half of an exact trace's error). Sums over sharded vectors reduced
+    over the ranks, in one reduce."""
+    products = U * AU.AU
+    sums, sizes, norms = op.total(
+        torch.stack([products.sum(0), products.abs().sum(0), U.pow(2).sum(0)])
+    )
+    return sums, sizes, (None if AU.errors is None else norms.sqrt() * AU.errors)
 
 
 def _rounding(op: Operator, size: Tensor) -> Tensor:
@@ -135,15 +162,21 @@ def _mean_stderr(
     return value, math.hypot(se, floor), float(m - 1)
 
 
-def _exact_trace(op: Operator, bar: Any) -> tuple[float, Tensor]:
+def _exact_trace(op: Operator, bar: Any) -> tuple[float, Tensor, Tensor | None]:
+    """tr(A) and diag(A) from unit vectors, and over finite-difference products each entry's
+    estimated error: ‖e_i‖, e_i the error of the product of the i-th unit vector."""
     diag = torch.empty(op.n, dtype=op.work_dtype, device=op.device)
+    seen = len(op.error_norms)
     for j in range(0, op.n, CHUNK):
         cols = torch.arange(j, min(j + CHUNK, op.n), device=op.device)
+        at = (cols, torch.arange(cols.numel(), device=op.device))
         E = torch.zeros(op.n, cols.numel(), dtype=op.work_dtype, device=op.device)
-        E[cols, torch.arange(cols.numel(), device=op.device)] = 1
-        diag[cols] = op(E)[cols, torch.arange(cols.numel(), device=op.device)]
+        E[at] = 1
+        diag[cols] = op(E)[at]
         bar.update(cols.numel())
-    return float(diag.sum()), diag
+    norms = op.error_norms[seen:]
+    errors = torch.cat([t.to(diag) for t in norms]) if norms else None
+    return float(diag.sum()), diag, errors
 
 
 def trace(
@@ -206,51 +239,48 @@ def trace(
             "it there), or call it with the Curvature C itself (full-length vectors)"
         )
     start = time.perf_counter()
-    used_before, seen = op.matvecs, len(op.product_errors)
+    used_before = op.matvecs
     if method == "exact":
         with progress(op.n, "trace (exact)", progress_bar) as bar, autocast_off(op.device):
-            value, _ = _exact_trace(op, bar)
-        return _with_differences(
-            op,
-            seen,
-            TraceResult(
-                value,
-                0.0,
-                op.matvecs - used_before,
-                "exact",
-                time.perf_counter() - start,
-                f"exact: {op.n} products",
-            ),
+            value, _, errors = _exact_trace(op, bar)
+        result = TraceResult(
+            value,
+            0.0,
+            op.matvecs - used_before,
+            "exact",
+            time.perf_counter() - start,
+            f"exact: {op.n} products",
         )
+        return _with_differences(result, None if errors is None else float(errors.sum()))
     check_budget(matvecs, 3 if method == "hutch++" else 2, "trace")
     gen = op.generator(seed)
     with progress(matvecs, f"trace ({method})", progress_bar) as bar, autocast_off(op.device):
         if method == "hutchinson" or op.shards is not None:
             Z = rademacher(op.n, matvecs, gen, op.work_dtype, op.device)
-            samples, sizes = _terms(op, Z, _products(op, Z, bar))
+            samples, sizes, errs = _terms(op, Z, _products(op, Z, bar))
             value, se, dof = _mean_stderr(samples, _rounding(op, sizes.mean()))
             chosen, why = "hutchinson", f"{matvecs} Rademacher probes"
+            bias = None if errs is None else float(errs.mean())
         else:
-            value, se, dof, chosen, why = _hutchpp(op, matvecs, gen, bar, adaptive=method == "auto")
+            value, se, dof, chosen, why, bias = _hutchpp(
+                op, matvecs, gen, bar, adaptive=method == "auto"
+            )
     result = TraceResult(
         value, se, op.matvecs - used_before, chosen, time.perf_counter() - start, why, dof
     )
-    return _with_differences(op, seen, result)
+    return _with_differences(result, bias)
 
 
-def _with_differences(op: Operator, seen: int, result: TraceResult) -> TraceResult:
-    """``result`` with its finite-difference products' error (``Operator.product_errors``,
-    none for exact products) combined into its standard error, in quadrature as the rounding
-    floor is, and said. Each uᵀAu term is off by at most ‖u‖²·e, e its product's error per unit
-    of ‖u‖, ‖u‖² being 1 for a unit vector and n for a probe: n·mean(e) in all. An exact trace
-    of a float32 ReLU model with BatchNorm came out 47.8 for 8.25 with a standard error of 0
-    (an outside review)."""
-    errors = op.errors_since(seen)
-    if not errors:
+def _with_differences(result: TraceResult, bias: float | None) -> TraceResult:
+    """``result`` with its finite-difference products' estimated error ``bias`` (None for exact
+    products) combined into its standard error, in quadrature as the rounding floor is, and
+    said: the sum over unit vectors of their products' estimated errors, or the probes' mean
+    of ‖z‖·‖error of Az‖ (:func:`_terms`). An exact trace of a float32 ReLU model with
+    BatchNorm came out 47.8 for 8.25 with a standard error of 0 (an outside review)."""
+    if bias is None:
         return result
-    bias = op.dim * sum(errors) / len(errors)
     said = (
-        f"; the finite-difference products' estimated errors can move it by up to {bias:.3g} "
+        f"; the finite-difference products' estimated errors can move it by {bias:.3g} "
         "(included in stderr)"
         if math.isfinite(bias)
         else "; some finite-difference products are of unknown accuracy (C.notes): stderr inf"
@@ -260,46 +290,54 @@ def _with_differences(op: Operator, seen: int, result: TraceResult) -> TraceResu
 
 def _hutchpp(
     op: Operator, m: int, gen: torch.Generator, bar: Any, adaptive: bool
-) -> tuple[float, float, float, str, str]:
+) -> tuple[float, float, float, str, str, float | None]:
     """Hutch++ on a budget of m products (or, adaptive, Hutchinson where the sketch would
-    deflate too little): (value, stderr, dof, the method, why)."""
+    deflate too little): (value, stderr, dof, the method, why, and over finite-difference
+    products their estimated error in the value: the sketch's own products only choose Q)."""
     s = max(1, m // 3)
     g = m - 2 * s
     S = rademacher(op.n, s, gen, op.work_dtype, op.device)
     Y = _products(op, S, bar)
     if adaptive and g >= 2:
-        phi = _deflation_left(Y)
+        phi = _deflation_left(Y.AU)
         if phi >= g / m:
             Z = rademacher(op.n, m - s, gen, op.work_dtype, op.device)
-            first, first_sizes = _terms(op, S, Y)
-            rest, rest_sizes = _terms(op, Z, _products(op, Z, bar))
+            first, first_sizes, first_errs = _terms(op, S, Y)
+            rest, rest_sizes, rest_errs = _terms(op, Z, _products(op, Z, bar))
             sizes = torch.cat([first_sizes, rest_sizes]).mean()
             value, se, dof = _mean_stderr(torch.cat([first, rest]), _rounding(op, sizes))
             why = (
                 f"auto chose Hutchinson ({m} probes): a {s}-dimensional sketch would "
                 f"deflate only {100 * (1 - phi):.0f}% of the squared Frobenius norm"
             )
-            return value, se, dof, "hutchinson", why
-    Q, _ = torch.linalg.qr(Y)
+            bias = None
+            if first_errs is not None and rest_errs is not None:
+                bias = float(torch.cat([first_errs, rest_errs]).mean())
+            return value, se, dof, "hutchinson", why, bias
+    Q, _ = torch.linalg.qr(Y.AU)
     AQ = _products(op, Q, bar)
-    top, top_sizes = _terms(op, Q, AQ)
+    top, top_sizes, top_errs = _terms(op, Q, AQ)
+    top_bias = None if top_errs is None else float(top_errs.sum())
     if g < 1:
         why = "hutch++ with no budget left for the remainder"
-        return float(top.sum()), math.inf, 0.0, "hutch++", why
+        return float(top.sum()), math.inf, 0.0, "hutch++", why, top_bias
     Z = rademacher(op.n, g, gen, op.work_dtype, op.device)
     Qt = Q.T.contiguous()  # projections on contiguous rows are several times faster
     Zp = Z - Qt.T @ (Qt @ Z)
-    rest, rest_sizes = _terms(op, Zp, _products(op, Zp, bar))  # zᵀ(I−P)A(I−P)z
+    rest, rest_sizes, rest_errs = _terms(op, Zp, _products(op, Zp, bar))  # zᵀ(I−P)A(I−P)z
     # tr(QᵀAQ) is exact but for rounding: its sums', and each sketch product's own, about
     # eps·⌈log₂ n⌉·‖A‖ (‖A‖ ≈ the largest ‖Aq‖), adding up over the s vectors as √s; measured
     # on rank-1 and rank-5 matrices: at most 4·√s·eps·‖A‖₂, growing with s
-    largest = op.total(AQ.pow(2).sum(0)).max().sqrt()
+    largest = op.total(AQ.AU.pow(2).sum(0)).max().sqrt()
     rounding = _rounding(op, top_sizes.sum() + math.sqrt(s) * largest + rest_sizes.mean())
     mean, se, dof = _mean_stderr(rest, rounding, offset=top.sum())
     why = f"hutch++: {s}-dimensional sketch, {g} probes on the remainder"
     if adaptive:
         why = "auto chose " + why
-    return mean, se, dof, "hutch++", why
+    bias = None
+    if top_bias is not None and rest_errs is not None:
+        bias = top_bias + float(rest_errs.mean())
+    return mean, se, dof, "hutch++", why, bias
 
 
 def _deflation_left(Y: Tensor) -> float:
@@ -354,9 +392,14 @@ def trace_of_square(
     gen = op.generator(seed)
     with progress(matvecs, "trace of square", progress_bar) as bar, autocast_off(op.device):
         Z = rademacher(op.n, matvecs, gen, op.work_dtype, op.device)
-        samples = op.total(_products(op, Z, bar).pow(2).sum(0))  # positive terms: their size
+        AZ = _products(op, Z, bar)
+        samples = op.total(AZ.AU.pow(2).sum(0))  # positive terms: their size
         value, se, dof = _mean_stderr(samples, _rounding(op, samples.mean()))
-    return TraceResult(
+        bias = None
+        if AZ.errors is not None:  # |‖Az + e‖² − ‖Az‖²| ≤ 2‖Az‖‖e‖ + ‖e‖²
+            e = AZ.errors
+            bias = float((2 * samples.sqrt() * e + e * e).mean())
+    result = TraceResult(
         value,
         se,
         op.matvecs - used_before,
@@ -365,6 +408,7 @@ def trace_of_square(
         f"{matvecs} Rademacher probes of ‖Az‖²",
         dof,
     )
+    return _with_differences(result, bias)
 
 
 def diagonal(
@@ -390,30 +434,31 @@ def diagonal(
     if method == "exact":
         op.require_whole("cs.diagonal(method='exact')")
     start = time.perf_counter()
-    used_before, seen = op.matvecs, len(op.product_errors)
+    used_before = op.matvecs
     if method == "exact":
         with progress(op.n, "diagonal (exact)", progress_bar) as bar, autocast_off(op.device):
-            _, diag = _exact_trace(op, bar)
-        # finite differences: entry i is off by at most its unit vector's product error
-        errors = op.errors_since(seen)
-        return DiagonalResult(
+            _, diag, errors = _exact_trace(op, bar)
+        return DiagonalResult(  # over finite differences: each entry's estimated error
             diag,
-            diag.new_tensor(errors) if errors else torch.zeros_like(diag),
+            torch.zeros_like(diag) if errors is None else errors,
             op.matvecs - used_before,
             "exact",
             time.perf_counter() - start,
         )
     check_budget(matvecs, 2, "diagonal")
     gen = op.generator(seed)
-    with progress(matvecs, "diagonal", progress_bar) as bar, autocast_off(op.device):
+    with (
+        progress(matvecs, "diagonal", progress_bar) as bar,
+        autocast_off(op.device),
+        op.errors_kept(),
+    ):
         Z = rademacher(op.n, matvecs, gen, op.work_dtype, op.device)
-        samples = Z * _products(op, Z, bar)
+        AZ = _products(op, Z, bar)
+        samples = Z * AZ.AU
         value = samples.mean(dim=1)
         stderr = samples.std(dim=1, unbiased=True) / math.sqrt(matvecs)
-    errors = op.errors_since(seen)
-    if errors:  # finite differences: |z_i (Ez)_i| ≤ ‖Ez‖ = √n·e for each entry, on average
-        floor = math.sqrt(op.dim) * sum(errors) / len(errors)
-        stderr = stderr.pow(2).add(floor**2).sqrt() if math.isfinite(floor) else stderr + floor
+        if AZ.vectors is not None:  # finite differences: entry i of z ⊙ (Az + e) is off by |e_i|
+            stderr = torch.hypot(stderr, AZ.vectors.abs().mean(dim=1).to(stderr))
     return DiagonalResult(
         value, stderr, op.matvecs - used_before, "hutchinson", time.perf_counter() - start
     )
