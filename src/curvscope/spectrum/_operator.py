@@ -231,7 +231,7 @@ class Operator:
             fd = getattr(self.source, "_differences", None)
             if fd is None:
                 return
-            self.error_norms.append(torch.tensor(fd.errors[-k:], dtype=torch.float64))
+            self.error_norms.append(torch.tensor(fd.errors[-k:], dtype=torch.float64, device="cpu"))
             if self.keep_errors:  # per unit of each column: made absolute for this V
                 unit, fd.error_vectors = torch.stack(fd.error_vectors, dim=1), []
                 self.last_errors = unit * self.total((block * block).sum(0)).sqrt().to(unit)
