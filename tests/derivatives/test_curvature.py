@@ -697,6 +697,9 @@ def test_activation_checkpointing_is_measured_or_refused_with_the_fix(params):
     torch.testing.assert_close(
         cs.Curvature(model, loss_fn, data, params=params).to_dense(), want, **TOL
     )
+    forward = cs.Curvature(model, loss_fn, data, params=params, backend="forward_over_reverse")
+    with pytest.raises(RuntimeError, match=r"saved-tensor hooks.*'double_backward'"):
+        forward @ torch.ones(forward.num_params, dtype=cases.DT)  # torch.func's bare error
     model, loss_fn, data = _checkpointed(True)
     with pytest.raises(RuntimeError, match=r"use_reentrant=False.*finite_difference"):
         cs.Curvature(model, loss_fn, data, params=params).loss_and_gradient()

@@ -546,9 +546,17 @@ _REENTRANT_SAID = (
 
 def _checkpoint_error(e: BaseException) -> Exception | None:
     """curvscope's error, with the fixes, for torch's own from activation checkpointing (None
-    for any other): the reentrant kind's, and the recomputation's mismatch (CheckpointError)."""
+    for any other): the reentrant kind's, torch.func's (forward-over-reverse) and the
+    recomputation's mismatch (CheckpointError)."""
     if isinstance(e, RuntimeError) and _REENTRANT_SAID[1] in str(e):
         return RuntimeError(REENTRANT_CHECKPOINT)
+    if "don't yet support saved tensor hooks" in str(e):  # torch.func under checkpointing
+        return RuntimeError(
+            "the model runs activation checkpointing (torch.utils.checkpoint, or Hugging Face's "
+            "gradient checkpointing), whose saved-tensor hooks torch.func's transforms do not "
+            "support, so backend='forward_over_reverse' cannot go through it: use "
+            "backend='double_backward' (or 'auto'), or turn checkpointing off while measuring"
+        )
     if type(e).__name__ == "CheckpointError":
         said = str(e).splitlines()[0] if str(e) else "CheckpointError"
         return RuntimeError(

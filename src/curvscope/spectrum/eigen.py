@@ -195,8 +195,9 @@ def eigenvalues(
             what the start holds: an eigenvector the start barely holds (a random start holds
             about 1/√n of each) can be missed, and the next eigenvalue returned in its place —
             measured with two eigenvalues 0.7% apart and a component of 1e-4 or less; from
-            about 1e8 parameters pass ``v0=`` the gradient (README, *At scale*). Products in bfloat16 or float16 add
-            their own rounding, about eps(dtype)·|λ_max| (included in ``errors``).
+            about 1e8 parameters pass ``v0=`` the gradient (README, *At scale*). Products in
+            bfloat16 or float16 add their own rounding, about eps(dtype)·|λ_max| (included in
+            ``errors``).
         max_matvecs: cap on products (default: min(n, 100 + 40k) per requested end, and at
             least enough for one pass over small operators). A block step costs
             ``block_size`` products, so the cap must allow one, and the run stops before a
