@@ -573,6 +573,17 @@ def _check_aliases(model: nn.Module, params: Mapping[str, Tensor], engine: _Engi
             )
 
 
+def _estimate(gap: float, moved: float, apart: Tensor, change: Tensor) -> tuple[float, Tensor]:
+    """A pair's error estimate and its vector: the gap ‖D(ε) − D(ε/2)‖ (``apart``), D(ε/2)'s
+    error — or, where less, how far the extrapolation moved since the previous pair
+    (``moved``, ``change``; NaN for the first pair), which bounds the extrapolation's, far
+    smaller where truncation dominates (its ε² term cancels), rounding of both included."""
+    gap = gap if math.isfinite(gap) else math.inf
+    if math.isfinite(moved) and moved < gap:
+        return moved, change
+    return gap, apart
+
+
 def _hooked(params: Mapping[str, Tensor]) -> list[str]:
     """A note, and a warning, for selected parameters with gradient hooks of their own
     (``p.register_hook``: a gradient scaled, clipped or masked per parameter). The differences
@@ -978,8 +989,8 @@ class FiniteDifferenceProducts:
         # plain parameters' gradients are this rank's, summed over the operator's group)
         over = self.group if not (local or engine.sharded) else self._entries(local)
         gamma = float(self._norms(grad[:, None], over)[0])
-        best: tuple[float, Tensor, float, float] | None = None  # estimate, value, step, size
-        best_error = v  # the best pair's error vector: the estimate's, ‖·‖ = estimate·‖v‖
+        # estimate, value, step, size, and the estimate's vector (‖·‖ = estimate·‖v‖)
+        best: tuple[float, Tensor, float, float, Tensor] | None = None
         best_losses: list[Tensor] = []  # the losses at θ ± εv of the best pair's smaller step
         last: Tensor | None = None  # the previous pair's extrapolation
         search = _Search()
@@ -987,40 +998,33 @@ class FiniteDifferenceProducts:
             narrow, _, losses = self._difference(kept, engine, params, v, eps / 2, local)
             value = (4.0 * narrow - wide) / 3.0
             change = value - (value if last is None else last)
+            apart = wide - narrow
             gap, size, moved = (
-                self._norms(torch.stack([wide - narrow, value, change], dim=1), entries) / norm
+                self._norms(torch.stack([apart, value, change], dim=1), entries) / norm
             ).tolist()
-            gap = gap if math.isfinite(gap) else math.inf
-            # the gap is D(ε/2)'s error; the extrapolation's is far smaller where truncation
-            # dominates (its ε² term cancels), and bounded by how far it moved since the last
-            # pair (which also carries the rounding of both)
-            use_moved = last is not None and math.isfinite(moved) and moved < gap
-            estimate = moved if use_moved else gap
+            estimate, error = _estimate(gap, moved if last is not None else math.nan, apart, change)
             rounding = u * (gamma + max(self.scale, size) * theta) / (eps / 2 * norm)
             improved = best is None or estimate < best[0]
             go_on = search.halving_helps(gap, size, improved, rounding)
             if improved or search.saturating:  # a saturated pair's small gap means nothing
-                best, best_losses = (estimate, value, eps / 2, size), losses
-                if self.keep_vectors:
-                    best_error = change if use_moved else wide - narrow
+                best, best_losses = (estimate, value, eps / 2, size, error), losses
             last = value
             if estimate <= TARGET * max(self.scale, size) or not go_on:
                 break
             wide, eps = narrow, eps / 2
         assert best is not None
-        estimate, value, eps, size = best
+        estimate, value, eps, size, error = best
         # exactly zero at every step: a Hessian product of 0, or steps the forward did not see
         if size == 0.0 and estimate == 0.0:
             probe = partial(self._difference, kept, engine, params, v, local=local)
             largest = UNSEEN_LARGEST * theta / norm
             if self._unseen(probe, best_losses, grad, v, (over, entries), u, largest):
-                estimate = math.inf
-                best_error = torch.full_like(v, math.inf)  # (kept only with keep_vectors)
+                estimate, error = math.inf, torch.full_like(v, math.inf)
                 self.unseen += 1
         self.scale = max(self.scale, size if math.isfinite(size) else 0.0)
         self.errors.append(estimate)
         if self.keep_vectors:
-            self.error_vectors.append(best_error / norm)
+            self.error_vectors.append(error / norm)
         return value, eps
 
     def _unseen(

@@ -433,6 +433,15 @@ def _check_loss(loss_fn: Any, reduction: str | None) -> None:
         )
 
 
+def _compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is torch.compile's wrapper or was compiled in place
+    (``module.compile()``)."""
+    return (
+        type(module).__name__ == "OptimizedModule"
+        or getattr(module, "_compiled_call_impl", None) is not None
+    )
+
+
 def inner_name(name: str, prefix: str, known: Container[str]) -> str:
     """A parameter's name as the wrapped module names it: ``name`` itself where it is one of
     the module's (``known``), else with the wrappers' ``prefix`` (:func:`unwrapped`) taken off
@@ -642,30 +651,7 @@ class ModelObjective:
         if self.adapter is not None:  # settled by the first batch's labels
             self.loss_fn = self.adapter.loss_fn
         self._check_repeatable()
-        modules = list(model.modules())  # one walk for the notes
-        self._has_rnn = any(isinstance(m, nn.RNNBase) for m in modules)
-        #: torch's weight norm is computed written out during products (derivatives/substitutes)
-        self._weight_norm = uses_weight_norm(modules)
-        #: embeddings with sparse gradients (``sparse=True``), switched to dense ones during
-        #: curvscope's passes (:meth:`context`): the same values, where torch has neither a
-        #: double backward nor a flat view of a sparse gradient (its bare "reshape is not
-        #: implemented for sparse tensors" before)
-        self._sparse = [m for m in modules if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
-        #: torch.compile'd modules inside the model (the wrapper around it is taken off)
-        self._compiled_inside = [
-            name
-            for name, m in model.named_modules()
-            if type(m).__name__ == "OptimizedModule"
-            or getattr(m, "_compiled_call_impl", None) is not None
-        ]
-        #: a model that recomputes its forward in the backward (Hugging Face's gradient
-        #: checkpointing): the recomputation reads the model's own parameters, so parameters
-        #: not selected are passed requiring grad like them, or its tensors' metadata differs
-        #: from the forward's (torch's CheckpointError)
-        self._checkpointing = _recomputes(model)
-        #: selected embeddings' padding rows (their curvature is P·H·P: :func:`padding_rows`)
-        self.padding = padding_rows(model, modules, self._params)
-        self.notes = self._fallback_notes(modules)
+        self._read_modules(model)
         self._forward_generators = [torch.random.default_generator]
         if self.device.type == "cuda":
             index = torch.cuda.current_device() if self.device.index is None else self.device.index
@@ -949,6 +935,29 @@ class ModelObjective:
                     mine.requires_grad_(True)
             state[k] = mine
         return state
+
+    def _read_modules(self, model: nn.Module) -> None:
+        """What the model's modules ask of a product's passes, from one walk over them, and
+        the notes that say so."""
+        modules = list(model.modules())
+        self._has_rnn = any(isinstance(m, nn.RNNBase) for m in modules)
+        #: torch's weight norm is computed written out during products (derivatives/substitutes)
+        self._weight_norm = uses_weight_norm(modules)
+        #: embeddings, whose sparse gradients (``sparse=True``) are dense during curvscope's
+        #: passes (:meth:`context`): the same values, where torch has neither a double backward
+        #: nor a flat view of a sparse gradient (its bare "reshape is not implemented for
+        #: sparse tensors" before)
+        self._sparse = [m for m in modules if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+        #: torch.compile'd modules inside the model (the wrapper around it is taken off)
+        self._compiled_inside = [name for name, m in model.named_modules() if _compiled(m)]
+        #: a model that recomputes its forward in the backward (Hugging Face's gradient
+        #: checkpointing): the recomputation reads the model's own parameters, so parameters
+        #: not selected are passed requiring grad like them, or its tensors' metadata differs
+        #: from the forward's (torch's CheckpointError)
+        self._checkpointing = _recomputes(model)
+        #: selected embeddings' padding rows (their curvature is P·H·P: :func:`padding_rows`)
+        self.padding = padding_rows(model, modules, self._params)
+        self.notes = self._fallback_notes(modules)
 
     def recompute_found(self, e: BaseException) -> bool:
         """Whether ``e`` is activation checkpointing's recomputation failing to match a forward
