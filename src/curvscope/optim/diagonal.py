@@ -62,6 +62,12 @@ class GaussNewtonBartlett:
     likelihood (``nn.CrossEntropyLoss``, ``nn.BCEWithLogitsLoss``, ``nn.MSELoss``)."""
 
     def __init__(self, loss_fn: Any) -> None:
+        if getattr(loss_fn, "reduction", "mean") not in ("mean", "sum"):
+            raise ValueError(
+                f"GaussNewtonBartlett needs the loss's reduction, 'mean' or 'sum', to scale its "
+                f"estimate; got reduction={loss_fn.reduction!r}: pass the loss the closure "
+                "returns (reduced)"
+            )
         try:
             self.likelihood = likelihood_of(loss_fn)
         except ValueError as e:
@@ -81,12 +87,31 @@ class GaussNewtonBartlett:
         with torch.enable_grad():
             rows = self.likelihood.as_terms(ev.outputs)
             s = self.likelihood.sample_grad(rows.detach(), generator, 1)[0]
-            N = rows.shape[0]
-            g_hat = torch.autograd.grad(rows, ev.params, s / N, retain_graph=True)
+            counted = self._counted(ev, rows)
+            s = s * counted[:, None]
+            # ĝ = (1/T) Σ_t J_tᵀ s_t; E[T ĝĝᵀ] = (1/T) Σ_t J_tᵀ F_t J_t: the Fisher of the loss,
+            # T its divisor — the counted terms for a mean, 1 for a sum (it was the rows always:
+            # 1/N too small for a summed loss, padding rows counted)
+            T = counted.sum().clamp_min(1) if self.loss_fn.reduction == "mean" else 1.0
+            g_hat = torch.autograd.grad(rows, ev.params, s / T, retain_graph=True)
         counts.gradients += 1
         # each rank's own labels and gradient: the ranks' estimates averaged (a product
         # through ``ev`` is the ranks' mean already, so Hutchinson's needs none)
-        return all_reduce_mean(N * flatten(g_hat) ** 2, ev.group)
+        return all_reduce_mean(T * flatten(g_hat) ** 2, ev.group)
+
+    def _counted(self, ev: Evaluation, rows: Tensor) -> Tensor:
+        """1 for each term the loss counts, 0 for one it skips: for cross-entropy, a row whose
+        gradient in the loss is exactly 0 (``ignore_index``: a padding position; its labels
+        were sampled all the same before); every term for the others."""
+        if self.likelihood.name != "categorical":
+            return rows.new_ones(rows.shape[0])
+        assert ev.outputs is not None  # checked by the caller
+        (read,) = torch.autograd.grad(
+            ev.loss_tensor, ev.outputs, retain_graph=True, allow_unused=True
+        )
+        if read is None:  # outputs of another forward than the loss's: every row counted
+            return rows.new_ones(rows.shape[0])
+        return self.likelihood.as_terms(read).ne(0).any(-1).to(rows.dtype)
 
     def __repr__(self) -> str:
         return f"GaussNewtonBartlett({self.loss_fn!r})"
@@ -168,21 +193,36 @@ class _DiagonalMethod(CurvscopeOptimizer):
     STATE: tuple[str, ...] = ()
     _kept = (*CurvscopeOptimizer._kept, "estimator")
 
+    def _needs_estimate(self, p: Tensor) -> bool:
+        """Whether ``p`` has no curvature estimate of its own yet, which a step must not be
+        taken without (AdaHessian's: its step divides by it)."""
+        return False
+
     def _step(self, closure: Any, snapshot: Snapshot) -> Tensor:
         closure, counts = self._begin(closure)
         t = self._global()["step"] + 1
-        refresh = (t - 1) % self.param_groups[0]["update_every"] == 0
+        scheduled = (t - 1) % self.param_groups[0]["update_every"] == 0
         params = snapshot.params
+        # a parameter used without an estimate of its own (new, or unused when the last one
+        # was made) refreshes it now: AdaHessian stepped it by m/ε, 500-2000 times lr
+        waiting = [p for p in params if self._needs_estimate(p)]
         products_before = counts.products
         ev = Evaluation(
-            params, closure, counts, curvature=refresh, group=self.group, first_order=True
+            params,
+            closure,
+            counts,
+            curvature=scheduled or bool(waiting),
+            group=self.group,
+            first_order=True,
         )
+        assert ev.used is not None  # first_order
+        used_now = {id(p) for p, u in zip(params, ev.used, strict=True) if u}
+        refresh = scheduled or any(id(p) in used_now for p in waiting)
         diag = None
         if refresh:
             gen = _generator(self.param_groups[0]["seed"], t, ev.flat_grad.device)
             diag = self.estimator(ev, gen, counts).detach()
         i, updates, step_sq = 0, list[Update](), list[Tensor]()
-        assert ev.used is not None  # first_order
         used = iter(ev.used)
         grad = ev.flat_grad if ev.closure_grad is None else ev.closure_grad.to(ev.flat_grad)
         for group in self.param_groups:
@@ -226,6 +266,8 @@ def _adahessian_preconditioner(
     b2 = group["betas"][1]
     method_state: dict[Any, Any] = opt.state  # "global": the step counter, a str key
     step = float(method_state["global"]["step"])
+    if "step" in state:  # this parameter's own count (a state from before: the method's)
+        step = state["step"]
     v_hat = state["exp_hessian_diag_sq"] / (1 - b2**step)
     inverse = 1.0 / (v_hat.sqrt().pow(group["hessian_power"]) + group["eps"])
     return unscaled_left_out(v_hat, inverse)  # a zero average: not scaled yet, not 1/ε
@@ -235,8 +277,15 @@ class AdaHessian(_DiagonalMethod):
     """AdaHessian (Yao et al. 2021): Adam with the squared Hessian diagonal in place of g².
 
     m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)D²,  D = the estimator's diag(H) (averaged over each
-    convolution kernel's spatial positions when ``spatial_average``);
-    θ ← θ − lr·( m̂ / (v̂^{k/2} + ε) + wd·θ ), m̂, v̂ bias-corrected, k = ``hessian_power``.
+    convolution kernel's spatial positions when ``spatial_average``: 4-D and 5-D parameters,
+    Conv2d's and Conv3d's, as the paper's code; a 3-D one may be a Conv1d kernel, a (1, T, d)
+    position embedding or (E, d_in, d_out) experts, whose entries are not positions of one
+    kernel, and is not averaged);
+    θ ← θ − lr·( m̂ / (v̂^{k/2} + ε) + wd·θ ), m̂, v̂ bias-corrected by each parameter's own step
+    count (as torch's Adam: a group added, or a layer unfrozen, after 3000 steps took a first
+    step of 3·lr), k = ``hessian_power``. A parameter is never stepped without its own estimate
+    of D: one used for the first time, or first since an estimate it missed, refreshes the
+    estimate at that step (it stepped by m/ε, hundreds of lr, with ``update_every`` > 1).
 
     Args:
         lr, betas, eps, weight_decay (decoupled), hessian_power: as in the paper (defaults its).
@@ -247,8 +296,9 @@ class AdaHessian(_DiagonalMethod):
             this process alone): :class:`~curvscope.optim.base.CurvscopeOptimizer`.
     """
 
-    #: per-parameter state: momentum m, the average v of D², the last estimate D
-    STATE = ("exp_avg", "exp_hessian_diag_sq", "hessian_diag")
+    #: per-parameter state: momentum m, the average v of D², the last estimate D, and the
+    #: parameter's own step count (a 0-d tensor)
+    STATE = ("exp_avg", "exp_hessian_diag_sq", "hessian_diag", "step")
     #: read by ``cs.stability_limit``: Adam's limit (2 + 2β₁)/((1 − β₁)·η) on the sharpness
     #: preconditioned by P = (√v̂)^k + ε; the weight decay is decoupled (not in the gradient)
     stability_rule = StabilityRule(adam_constant, _adahessian_preconditioner, decoupled_decay=True)
@@ -283,23 +333,31 @@ class AdaHessian(_DiagonalMethod):
             seed=seed,
         )
 
+    def _needs_estimate(self, p: Tensor) -> bool:
+        return "hessian_diag" not in self.state.get(p, {})
+
     def update_param(
         self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        st = self.state.get(p) or {k: torch.zeros_like(p) for k in self.STATE}
-        m, v, D = (st[k] for k in self.STATE)
+        st = self.state.get(p, {})
+        m = st.get("exp_avg", torch.zeros_like(p))
+        v = st.get("exp_hessian_diag_sq", torch.zeros_like(p))
+        # its own count: 1 for a new parameter; a state saved before counts kept the method's
+        count = st.get("step", torch.tensor(float(t - 1 if st else 0), device=p.device)) + 1
         if d is not None:
-            if group["spatial_average"] and p.ndim >= 3:
+            if group["spatial_average"] and p.ndim in (4, 5):
                 d = d.abs().mean(dim=tuple(range(2, p.ndim)), keepdim=True).expand_as(p)
             D = d.clone()
+        else:  # an estimate of its own, made at an earlier step (_needs_estimate)
+            D = st["hessian_diag"]
         b1, b2 = group["betas"]
         m = m.mul(b1).add_(g, alpha=1 - b1)
         v = v.mul(b2).addcmul_(D, D, value=1 - b2)
-        m_hat = m / (1 - b1**t)
-        v_hat = v / (1 - b2**t)
+        m_hat = m / (1 - b1**count)
+        v_hat = v / (1 - b2**count)
         denom = v_hat.sqrt().pow(group["hessian_power"]).add_(group["eps"])
         delta = group["lr"] * (m_hat / denom + group["weight_decay"] * p)
-        return delta, dict(zip(self.STATE, (m, v, D), strict=True))
+        return delta, dict(zip(self.STATE, (m, v, D, count), strict=True))
 
 
 class Sophia(_DiagonalMethod):
