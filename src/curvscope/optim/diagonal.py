@@ -58,8 +58,10 @@ class GaussNewtonBartlett:
     """diag(G) ≈ N·ĝ⊙ĝ, ĝ the gradient of the loss on labels *sampled from the model*
     (Liu et al. 2023, Sophia-G): for a loss that is a negative log-likelihood, E[N ĝĝᵀ] is the
     Gauss-Newton matrix (Bartlett's second identity), so its diagonal costs one backward pass
-    and is never negative. The closure must return ``(loss, outputs)``; ``loss_fn`` names the
-    likelihood (``nn.CrossEntropyLoss``, ``nn.BCEWithLogitsLoss``, ``nn.MSELoss``)."""
+    and is never negative. The closure must return ``(loss, outputs)``, the outputs the loss
+    was computed from (its rows at ``ignore_index`` are then told, and skipped); ``loss_fn``
+    names the likelihood (``nn.CrossEntropyLoss``, ``nn.BCEWithLogitsLoss``, ``nn.MSELoss``)
+    and the reduction ("mean": divided by the counted terms; "sum": not)."""
 
     def __init__(self, loss_fn: Any) -> None:
         if getattr(loss_fn, "reduction", "mean") not in ("mean", "sum"):
