@@ -77,3 +77,45 @@ def test_normalized_gd_reports_the_step_it_took_with_per_group_rates():
     opt.step()
     taken = float((torch.cat([x.detach(), y.detach()]) - before).norm())
     assert opt.info.step_norm == pytest.approx(taken, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("make", "group", "match"),
+    [
+        (cs.optim.AdaHessian, {"lr": -1.0}, "Invalid learning rate: -1.0"),
+        (cs.optim.AdaHessian, {"betas": (0.9,)}, "Invalid betas"),
+        (cs.optim.AdaHessian, {"hessian_power": 3.0}, "Invalid hessian_power: 3.0"),
+        (cs.optim.AdaHessian, {"eps": 0.0}, "Invalid eps: 0.0"),
+        (cs.optim.Sophia, {"rho": -0.1}, "Invalid rho"),
+    ],
+)
+def test_a_groups_own_values_are_checked_as_the_constructors(make, group, match):
+    """``add_param_group`` (and a group passed to the constructor as a dict) took its own
+    values unchecked: hessian_power=3, eps=0, lr=-1; betas failed only at the step."""
+    x, w = (torch.ones(2, requires_grad=True) for _ in range(2))
+    opt = make([x])
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group({"params": [w], **group})
+    with pytest.raises(ValueError, match=match):
+        make([{"params": [w], **group}])
+
+
+def test_a_parameter_listed_twice_is_refused():
+    """torch only warns; AdaHessian stepped it twice and diverged to 1e8 on a quadratic."""
+    x = torch.ones(2, requires_grad=True)
+    with pytest.raises(ValueError, match="appears twice"):
+        cs.optim.AdaHessian([x, x])
+
+
+def test_newton_checks_its_size_at_every_step():
+    """Newton refused more than DENSE_LIMIT parameters when built only: a layer unfrozen
+    later asked for a 10,201 x 10,201 Hessian."""
+    from curvscope.derivatives import DENSE_LIMIT
+
+    small = torch.ones(10, dtype=torch.float64, requires_grad=True)
+    big = torch.ones(DENSE_LIMIT, dtype=torch.float64, requires_grad=False)
+    opt = cs.optim.Newton([small, big])
+    big.requires_grad_(True)
+    with pytest.raises(ValueError, match="dense"):
+        opt.step(lambda: (small**2).sum() + (big**2).sum())
+    assert torch.equal(small, torch.ones(10, dtype=torch.float64))

@@ -151,7 +151,18 @@ class CurvscopeOptimizer(Optimizer):
                 f"to train more parameters build a new {name} on all of them (its radius, "
                 "damping or σ start afresh)"
             )
-        super().add_param_group(param_group)
+        params = param_group.get("params")
+        if isinstance(params, set):  # torch's own error: parameters need an order
+            super().add_param_group(param_group)
+            return
+        listed = [params] if isinstance(params, Tensor) else list(params or [])
+        if len({id(p) for p in listed}) != len(listed):  # torch only warns
+            raise ValueError(
+                f"{type(self).__name__}: a parameter appears twice in one parameter group, so "
+                "its step would be applied twice (AdaHessian diverged to 1e8 on a quadratic); "
+                "pass each parameter once"
+            )
+        super().add_param_group({**param_group, "params": listed})
 
     #: attributes a copy or a pickle keeps beside torch's own (defaults, state, param_groups)
     _kept: tuple[str, ...] = ("_counts", "info", "_alone")

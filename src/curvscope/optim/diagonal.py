@@ -143,11 +143,7 @@ class _DiagonalMethod(CurvscopeOptimizer):
         group: Any = None,
     ) -> None:
         """Checks and stores the hyperparameters both methods share; ``defaults`` holds the
-        method's own (already checked)."""
-        check_positive("learning rate", lr, allow_zero=True)  # torch's optimizers accept 0
-        check_betas(betas)
-        check_positive("eps", eps)
-        check_positive("weight_decay", weight_decay, allow_zero=True)
+        method's own (checked with every group's, :meth:`_check_group`)."""
         check_int("update_every", update_every)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"Invalid seed: {seed!r} (expected an integer)")
@@ -169,10 +165,21 @@ class _DiagonalMethod(CurvscopeOptimizer):
     #: options of the whole method, not of a group: one estimate refreshes every parameter
     SHARED = ("update_every", "seed")
 
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        """A group's hyperparameters, checked as the constructor's are — a group's own
+        (``add_param_group``, or a dict passed to the constructor) was taken unchecked:
+        ``hessian_power=3``, ``eps=0``, ``lr=-1``, and betas that failed only at the step."""
+        check_positive("learning rate", group["lr"], allow_zero=True)  # torch's accept 0
+        check_betas(group["betas"])
+        check_positive("eps", group["eps"])
+        check_positive("weight_decay", group["weight_decay"], allow_zero=True)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """``torch.optim.Optimizer.add_param_group``, refusing a group whose ``update_every``
-        or ``seed`` differs from the others': one diagonal estimate, drawn from one seed,
-        refreshes every parameter at once (a second group's own value was ignored)."""
+        """``torch.optim.Optimizer.add_param_group``, its values checked (:meth:`_check_group`),
+        refusing a group whose ``update_every`` or ``seed`` differs from the others': one
+        diagonal estimate, drawn from one seed, refreshes every parameter at once (a second
+        group's own value was ignored)."""
+        self._check_group({**self.defaults, **param_group})
         if self.param_groups:
             for key in self.SHARED:
                 first, own = self.param_groups[0][key], param_group.get(key, self.defaults[key])
@@ -320,8 +327,6 @@ class AdaHessian(_DiagonalMethod):
         *,
         group: Any = None,
     ) -> None:
-        if not isinstance(hessian_power, int | float) or not 0 < hessian_power <= 1:
-            raise ValueError(f"Invalid hessian_power: {hessian_power!r} (expected in (0, 1])")
         super().__init__(
             params,
             {"hessian_power": hessian_power, "spatial_average": spatial_average},
@@ -334,6 +339,12 @@ class AdaHessian(_DiagonalMethod):
             update_every=update_every,
             seed=seed,
         )
+
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        super()._check_group(group)
+        power = group["hessian_power"]
+        if isinstance(power, bool) or not isinstance(power, int | float) or not 0 < power <= 1:
+            raise ValueError(f"Invalid hessian_power: {power!r} (expected in (0, 1])")
 
     def _needs_estimate(self, p: Tensor) -> bool:
         return "hessian_diag" not in self.state.get(p, {})
@@ -398,7 +409,6 @@ class Sophia(_DiagonalMethod):
         *,
         group: Any = None,
     ) -> None:
-        check_positive("rho", rho)
         super().__init__(
             params,
             {"rho": rho},
@@ -411,6 +421,10 @@ class Sophia(_DiagonalMethod):
             update_every=update_every,
             seed=seed,
         )
+
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        super()._check_group(group)
+        check_positive("rho", group["rho"])
 
     def update_param(
         self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from torch import Tensor
+
 from curvscope.derivatives import DENSE_LIMIT
 from curvscope.optim.base import check_int, check_positive
 from curvscope.optim.descents import DenseNewton, SteihaugCG
@@ -61,12 +63,21 @@ class Newton(ModelStepOptimizer):
     ) -> None:
         check_positive("damping", damping, allow_zero=True)
         super().__init__(params, {"damping": damping}, tolerance_grad, group=group)
+        self._check_size()
+
+    def _check_size(self) -> None:
+        """Refuse more than ``DENSE_LIMIT`` trainable entries — at construction and at every
+        step: a layer unfrozen later asked for a 10,201 x 10,201 Hessian (an outside review)."""
         n = sum(p.numel() for p in self._params())
         if n > DENSE_LIMIT:
             raise ValueError(
                 f"Newton forms the dense {n}x{n} Hessian; above {DENSE_LIMIT:,} parameters use "
                 "NewtonCG (matrix-free trust region) or HessianFree"
             )
+
+    def _step(self, closure: Any, snapshot: Any) -> Tensor:
+        self._check_size()
+        return super()._step(closure, snapshot)
 
     @property
     def pure(self) -> bool:
