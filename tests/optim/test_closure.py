@@ -302,3 +302,40 @@ def test_hessian_free_on_a_curvature_mini_batch_updates_batchnorm_once_and_keeps
     expected = torch.autograd.grad(nn.functional.mse_loss(twin(X), y), list(twin.parameters()))
     for p, g in zip(model.parameters(), expected, strict=True):  # not the mini-batch's
         torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-12)
+
+
+def test_a_metric_returned_as_the_outputs_is_named_with_the_fix():
+    """``return loss, accuracy``: the second value is the outputs Gauss-Newton products and
+    Sophia-G's labels go through — torch's "One of the differentiated Tensors does not require
+    grad" (HessianFree) and an IndexError (Sophia-G) before."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    X, y = torch.randn(8, 3, dtype=DT), torch.randint(0, 2, (8,))
+
+    def closure():
+        out = model(X)
+        return nn.functional.cross_entropy(out, y), (out.argmax(1) == y).double().mean()
+
+    for opt in (
+        cs.optim.HessianFree(model.parameters()),
+        cs.optim.Sophia(
+            model.parameters(), estimator=cs.optim.GaussNewtonBartlett(nn.CrossEntropyLoss())
+        ),
+    ):
+        with pytest.raises(ValueError, match="a metric"):
+            opt.step(closure)
+
+
+def test_sparse_gradients_and_a_non_finite_normalized_gradient_are_refused():
+    """A sparse embedding's gradient gave torch's "reshape is not implemented for sparse
+    tensors"; NormalizedGD skipped a NaN gradient silently where AdaHessian and Sophia raise."""
+    emb = nn.Embedding(5, 2, sparse=True).double()
+    idx = torch.tensor([0, 1, 3])
+    with pytest.raises(TypeError, match="sparse=False"):
+        cs.optim.AdaHessian(emb.parameters()).step(lambda: emb(idx).pow(2).sum())
+    x = torch.ones(2, requires_grad=True)
+    opt = cs.optim.NormalizedGD([x], lr=0.1)
+    x.grad = torch.tensor([float("nan"), 1.0])
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        opt.step()
+    assert torch.equal(x, torch.ones(2))

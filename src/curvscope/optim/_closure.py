@@ -182,6 +182,18 @@ def _split(out: Any) -> tuple[Tensor, Tensor | None]:
         )
     if outputs is not None and not isinstance(outputs, Tensor):
         raise TypeError(f"the closure's second value must be the outputs tensor, got {outputs!r}")
+    if (
+        outputs is not None
+        and loss.requires_grad
+        and (not outputs.requires_grad or outputs.ndim == 0)
+    ):
+        raise ValueError(
+            "the closure's second value is taken as the model's outputs (Gauss-Newton products "
+            "and Sophia-G's sampled labels go through them), and this one "
+            + ("does not depend on the parameters" if not outputs.requires_grad else "is 0-d")
+            + " — a metric (an accuracy) or a detached copy? Return the loss alone, or "
+            "(loss, outputs) with the outputs the loss was computed from"
+        )
     return loss.reshape(()), outputs
 
 
@@ -372,6 +384,12 @@ class Evaluation:
                 loss, self.params, create_graph=curvature, allow_unused=True
             )
         counts.gradients += 1
+        if any(g is not None and g.is_sparse for g in grads):
+            raise TypeError(
+                "a parameter's gradient is sparse (nn.Embedding(..., sparse=True)): curvscope's "
+                "optimizers take dense gradients, as their curvature products need; build the "
+                "embedding with sparse=False (the same values)"
+            )
         self._hessian = hessian_product(self.params, grads)
         self.grads = self._hessian.grads
         own = [g.detach() for g in self.grads]

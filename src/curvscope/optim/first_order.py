@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -54,28 +55,31 @@ class NormalizedGD(CurvscopeOptimizer):
                 torch.stack([p.grad.norm() for p in params if p.grad is not None])
             )
         )
-        finite = norm == norm and norm != float("inf")
-        note = "" if finite else "skipped: the gradient is not finite"
+        if not math.isfinite(norm):  # as AdaHessian and Sophia: it skipped the step silently
+            raise FloatingPointError(
+                "NormalizedGD: the gradient has non-finite entries (its norm is "
+                f"{norm}); nothing was written — check the model for overflow (a smaller step, "
+                "or float64), or skip the step yourself as torch.amp.GradScaler does"
+            )
         updates = [
             (p, p.grad * (group["lr"] / (norm + group["eps"])))
             for group in self.param_groups
             for p in group["params"]
             if p.grad is not None and p.requires_grad
         ]
-        if finite:
-            self._commit([(p, p - delta, None) for p, delta in updates])
+        self._commit([(p, p - delta, None) for p, delta in updates])
         # the step taken, each group at its own lr (it was group 0's lr for all: a review)
         taken = float(torch.stack([d.square().sum() for _, d in updates]).sum()) ** 0.5
         info = StepInfo(
             float("nan") if loss is None else float(loss),
             norm,
-            taken if finite else 0.0,
+            taken,
             None,
             None,
             None,
-            finite,
+            True,
             0,
-            note,
+            "",
         )
         self._end(counts, info)
         return loss
