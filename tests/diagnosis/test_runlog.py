@@ -76,6 +76,22 @@ def test_a_torn_last_line_costs_only_itself(monitor_log, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
 
 
+def test_a_line_cut_inside_a_character_is_torn_too(monitor_log, tmp_path):
+    """A cut inside a multi-byte character (the ‖ of "‖g‖" in a record's reasons) made the whole
+    file "not UTF-8 text": every record lost (an outside review). It is a torn line like any
+    other; a bad byte anywhere before the last line is still refused."""
+    start = monitor_log.rstrip(b"\n").rfind(b"\n") + 1
+    cut = monitor_log.index("‖".encode(), start) + 1  # one byte of three
+    path = tmp_path / "run.jsonl"
+    path.write_bytes(monitor_log[:cut])
+    with pytest.warns(TornLogWarning, match="line 6, the last of run 0"):
+        _, records = read_log(path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    path.write_bytes(monitor_log[:cut] + b"\n")
+    with pytest.raises(LogFormatError, match="not UTF-8"):
+        read_log(path)
+
+
 def test_a_damaged_line_elsewhere_is_an_error_that_names_it(monitor_log, tmp_path):
     path = tmp_path / "run.jsonl"
     lines = monitor_log.split(b"\n")

@@ -218,3 +218,23 @@ def test_log_report_says_how_much_clipping_took(tmp_path):
     assert "no probe had a gradient norm to go by" in html
     html = report.write_log_report({}, records, tmp_path / "c").read_text(encoding="utf-8")
     assert "Gradient clipping" not in html
+
+
+def test_a_report_refuses_a_folder_that_holds_another_kinds(tmp_path):
+    """`curvscope report log --out <a lab's folder>` replaced the lab's report.html and removed
+    its results.json and plots as files of its own (an outside review). A folder keeps the kind
+    of report it holds; a report of the same kind replaces its own files, as before."""
+    lines = hostile_lines()[1:3]
+    for i, r in enumerate(lines):
+        r["step"] = i + 1
+    (tmp_path / "results.json").write_text("{}", encoding="utf-8")
+    (tmp_path / report.MANIFEST).write_text("#lab\nreport.html\nresults.json", encoding="utf-8")
+    with pytest.raises(FileExistsError, match="holds a lab report"):
+        report.write_log_report({}, lines, tmp_path)
+    assert (tmp_path / "results.json").exists()
+    other = tmp_path / "logs"
+    report.write_log_report({}, lines, other)
+    report.write_log_report({}, lines, other)  # its own kind: replaced
+    assert (other / report.MANIFEST).read_text(encoding="utf-8").startswith("#log\n")
+    with pytest.raises(FileExistsError, match="holds a run log's report"):
+        report.write_probe_report({"text": "t", "advice": [], "slices": {}}, other)

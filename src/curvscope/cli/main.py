@@ -91,9 +91,13 @@ def _writing(out: Path) -> Iterator[None]:
         yield
     except OSError as e:
         name = str(e.filename or out)
+        written = (  # a refusal (FileExistsError) comes before anything is written
+            ""
+            if isinstance(e, FileExistsError)
+            else " (what was written there before the failure may be incomplete)"
+        )
         raise UsageError(
-            f"cannot write {name!r}: {e.strerror or e}; choose another folder with --out (what "
-            "was written there before the failure may be incomplete)"
+            f"cannot write {name!r}: {e.strerror or e}; choose another folder with --out{written}"
         ) from e
 
 

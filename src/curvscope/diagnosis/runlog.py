@@ -566,9 +566,13 @@ def read_runs(path: str | os.PathLike[str]) -> list[Run]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise LogFormatError(
-            f"{name}: not UTF-8 text (byte {e.start}); a run log is JSON lines"
-        ) from None
+        if raw.endswith(b"\n") or e.start <= raw.rfind(b"\n"):
+            raise LogFormatError(
+                f"{name}: not UTF-8 text (byte {e.start}); a run log is JSON lines"
+            ) from None
+        # the last line, unterminated, was cut inside a character (a killed writer, or one
+        # read mid-write): a torn line like any other, not a file that is not a log
+        text = raw.decode("utf-8", errors="replace")
     lines = text.split("\n")
     complete = text.endswith("\n")  # else the last line lacks its newline
     if complete:

@@ -9,6 +9,7 @@ themselves write. No template uses ``|safe`` and no Python code builds HTML from
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import math
 from functools import cache
@@ -57,27 +58,54 @@ def _image(out: Path, name: str | None, caption: str) -> dict[str, str] | None:
     return {"caption": caption, "data": data, "name": name}
 
 
-#: The files the last report written into a folder wrote there, one name a line (hidden).
+#: The files the last report written into a folder wrote there, one name a line, after a first
+#: line "#<kind>" naming the kind of report (hidden).
 MANIFEST = ".curvscope-report-files"
+#: What each kind of report is, for the refusal of another kind's folder.
+_KINDS = {
+    "lab": "a lab report (report.html, results.json, its plots)",
+    "log": "a run log's report (report.html, its plots)",
+    "probe": "a probe's report (report.html, its plot)",
+}
 
 
-def _written(out: Path, images: list[dict[str, str] | None], *files: str) -> None:
+def _manifest(out: Path) -> tuple[str | None, set[str]]:
+    """The kind of report the folder's manifest says was written there last (None: unknown)
+    and the files it wrote."""
+    try:
+        lines = (out / MANIFEST).read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError):
+        return None, set()
+    kind = lines[0][1:] if lines and lines[0].startswith("#") else None
+    return kind, {n for n in lines if n and not n.startswith("#")}
+
+
+def _claim(out: Path, kind: str) -> None:
+    """Refuse to write a report of ``kind`` into a folder that holds another kind's: a run
+    log's report written into a lab's folder replaced its report.html and removed its
+    results.json and plots as its own (an outside review)."""
+    found, _ = _manifest(out)
+    if found is not None and found != kind and found in _KINDS:
+        raise FileExistsError(
+            errno.EEXIST,
+            f"the folder holds {_KINDS[found]}, which {_KINDS[kind].split(' (')[0]} would replace",
+            str(out / "report.html"),
+        )
+
+
+def _written(out: Path, images: list[dict[str, str] | None], *files: str, kind: str) -> None:
     """Record what this report wrote into ``out``, and remove what the previous report there
     wrote and this one did not: a lab rerun on fewer problems, or a run log without per-layer
     shares, left the older plots beside the new page as if they were its (a review). Only names
     the manifest lists are removed — files curvscope wrote itself — so nothing of the user's in
     the folder is touched; the manifest is replaced once the report is whole."""
     names = {i["name"] for i in images if i} | set(files)
-    manifest = out / MANIFEST
-    try:
-        before = set(manifest.read_text(encoding="utf-8").split("\n"))
-    except (OSError, UnicodeDecodeError):
-        before = set()
+    _, before = _manifest(out)
     for name in sorted(before - names):
-        if name and name == Path(name).name and not name.startswith("."):  # a plain file name
+        if name == Path(name).name and not name.startswith("."):  # a plain file name
             (out / name).unlink(missing_ok=True)
-    text = "\n".join(sorted(names))
-    plots.replace_atomically(manifest, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    text = "\n".join([f"#{kind}", *sorted(names)])
+    plots.replace_atomically(out / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def runs_table(runs: list[dict[str, Any]]) -> Markup:
@@ -97,6 +125,7 @@ def write_lab(results: dict[str, Any], out: Path) -> Path:
     from curvscope import problems
 
     out.mkdir(parents=True, exist_ok=True)
+    _claim(out, "lab")
     sections = []
     for p in results["problems"]:
         name = p["name"]
@@ -149,7 +178,7 @@ def write_lab(results: dict[str, Any], out: Path) -> Path:
     text = json.dumps(results, indent=1, default=str)
     plots.replace_atomically(out / "results.json", lambda tmp: tmp.write_text(text))
     images = [profile, *(i for p in sections for i in p["images"]), *mlp_images]
-    _written(out, images, path.name, "results.json")
+    _written(out, images, path.name, "results.json", kind="lab")
     return path
 
 
@@ -166,6 +195,7 @@ def write_log_report(
     which one it shows (index from 0, as ``curvscope report --run`` counts).
     """
     out.mkdir(parents=True, exist_ok=True)
+    _claim(out, "log")
     captions = ["loss, gradient norm, sharpness", "per-layer share of the sharpest direction"]
     images = [
         _image(out, n, c) for n, c in zip(plots.log_plots(records, out), captions, strict=False)
@@ -196,7 +226,7 @@ def write_log_report(
     )
     path = out / "report.html"
     plots.replace_atomically(path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
-    _written(out, images, path.name)
+    _written(out, images, path.name, kind="log")
     return path
 
 
@@ -221,6 +251,7 @@ def _clipping(header: dict[str, Any], records: list[dict[str, Any]]) -> dict[str
 def write_probe_report(result: dict[str, Any], out: Path) -> Path:
     """The HTML of ``curvscope probe --report``: the diagnosis and the loss slices."""
     out.mkdir(parents=True, exist_ok=True)
+    _claim(out, "probe")
     slices = _image(out, plots.slices(result.get("slices", {}), out), "loss slices")
     html = render(
         "probe.html",
@@ -231,5 +262,5 @@ def write_probe_report(result: dict[str, Any], out: Path) -> Path:
     )
     path = out / "report.html"
     plots.replace_atomically(path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
-    _written(out, [slices], path.name)
+    _written(out, [slices], path.name, kind="probe")
     return path
