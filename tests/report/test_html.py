@@ -134,6 +134,7 @@ def test_lab_and_probe_reports_escape_their_text(tmp_path):
         "gradients": PAYLOADS[0],
         "products": 0,
         "wall": 0.1,
+        "note": PAYLOADS[4],  # a run's note (a stop by the time budget) is shown, as text
     }
     table = report.runs_table([run])
     html = report.page(PAYLOADS[3], table)

@@ -256,6 +256,7 @@ class _Trace:
     peak: float = -math.inf
     wall: float = 0.0  # the optimizer's own time: the lab's measurements are not charged to it
     steps: int = 0
+    out_of_time: bool = False  # stopped by the budget's seconds, before its steps
 
 
 def _step(driver: _Driver, trace: _Trace, k: int, seconds: float, probe_every: int) -> bool:
@@ -284,7 +285,8 @@ def _step(driver: _Driver, trace: _Trace, k: int, seconds: float, probe_every: i
     if setup.grad_norm() <= GRAD_TOL * max(1.0, abs(f)):
         trace.outcome = "converged"
         return True
-    return trace.wall > seconds
+    trace.out_of_time = trace.wall > seconds
+    return trace.out_of_time
 
 
 def _record(
@@ -314,6 +316,11 @@ def _record(
         path=trace.path,
         probes=trace.probes,
     )
+    if trace.out_of_time and outcome == "stalled":  # said: a busy machine ends runs sooner
+        run.note = (
+            f"stopped by the time budget after {trace.steps} steps ({trace.wall:.2g} s), before "
+            "its step budget: a slower or busier machine ends such a run sooner"
+        )
     if outcome != "diverged" and finite:
         point = optim.stationary_point(setup.loss_tensor, setup.params, grad_tol=1e-4)
         run.lambda_min, run.lambda_max = point.lambda_min, point.lambda_max
