@@ -92,6 +92,27 @@ def test_a_line_cut_inside_a_character_is_torn_too(monitor_log, tmp_path):
         read_log(path)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("loss", 10**400, "'loss' must be a number"),
+        ("layer_shares", {"0.weight": 10**400}, "'layer_shares' must be an object of numbers"),
+        ("step", 2**64, "'step' must be a non-negative integer"),
+    ],
+)
+def test_numbers_beyond_float_or_int64_are_named(monitor_log, tmp_path, field, value, match):
+    """A 401-digit loss or share raised OverflowError (a traceback from `curvscope report`), a
+    step of 2⁶⁴ "ufunc 'isfinite' not supported" (an outside review)."""
+    lines = monitor_log.decode().split("\n")
+    record = json.loads(lines[2])
+    record[field] = value
+    lines[2] = json.dumps(record)
+    path = tmp_path / "run.jsonl"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(LogFormatError, match=match):
+        read_log(path)
+
+
 def test_a_damaged_line_elsewhere_is_an_error_that_names_it(monitor_log, tmp_path):
     path = tmp_path / "run.jsonl"
     lines = monitor_log.split(b"\n")

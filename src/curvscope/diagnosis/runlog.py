@@ -33,6 +33,7 @@ import io
 import json
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -292,11 +293,16 @@ _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer a count or a step can be (int64: numpy's, which the plots use; a step of
+    2⁶⁴ gave "ufunc 'isfinite' not supported")."""
+    return isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A float, or an integer a float can hold (a 401-digit loss raised OverflowError)."""
+    if isinstance(v, float):
+        return True
+    return isinstance(v, int) and not isinstance(v, bool) and abs(v) <= sys.float_info.max
 
 
 def _str_list(v: Any) -> bool:
