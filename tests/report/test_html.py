@@ -239,3 +239,21 @@ def test_a_report_refuses_a_folder_that_holds_another_kinds(tmp_path):
     assert (other / report.MANIFEST).read_text(encoding="utf-8").startswith("#log\n")
     with pytest.raises(FileExistsError, match="holds a run log's report"):
         report.write_probe_report({"text": "t", "advice": [], "slices": {}}, other)
+
+
+def test_long_layer_names_fit_the_legend_and_stay_apart():
+    """A BERT's "model.encoder.layer.10.attention.self.query.weight" was cut at the image's
+    edge, query, key and value alike (an outside review): the shared front is said once, as
+    the legend's title, and what is left fits and tells the layers apart."""
+    from curvscope.report.plots import LABEL_CHARS, _legend_labels
+
+    names = [
+        f"model.encoder.layer.{i}.attention.self.{k}.weight"
+        for i in (10, 11)
+        for k in ("query", "key", "value")
+    ]
+    prefix, labels = _legend_labels([*names, "other (40 blocks)"])
+    assert prefix == "model.encoder.layer."
+    assert labels[0] == "10.attention.self.query.weight" and labels[-1] == "other (40 blocks)"
+    assert len(set(labels)) == len(labels) and max(map(len, labels)) <= LABEL_CHARS
+    assert _legend_labels(["0.weight", "2.weight"]) == ("", ["0.weight", "2.weight"])

@@ -258,13 +258,20 @@ def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
     shares = [x if isinstance(x, dict) else {} for x in (r.get("layer_shares") for r in records)]
     if any(shares):
         layers, ys = _top_layers(shares)
+        prefix, labels = _legend_labels(layers)
         fig, ax = _figure(figsize=(8, 3.6))
-        ax.stackplot(steps, ys, labels=layers)
+        ax.stackplot(steps, ys, labels=labels)
         ax.set_ylim(0, 1)
         ax.set_xlabel("step")
         ax.set_ylabel("share of the top eigenvector")
         ax.set_title("which layers carry the sharpest direction")
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+        ax.legend(
+            fontsize=7,
+            loc="center left",
+            bbox_to_anchor=(1, 0.5),
+            title=f"{prefix}…" if prefix else None,
+            title_fontsize=7,
+        )
         names.append(_save(fig, out / "layers.png", right=0.72))
     return names
 
@@ -292,6 +299,38 @@ def _top_layers(shares: list[dict[str, Any]]) -> tuple[list[str], list[list[floa
         top.append(f"other ({len(rest)} blocks)")
         ys.append([sum(share(x, k) for k in rest) for x in shares])
     return top, ys
+
+
+#: The longest legend label that fits beside the per-layer plot (7-point type, 28% of 8 in).
+LABEL_CHARS = 30
+
+
+def _legend_labels(names: list[str]) -> tuple[str, list[str]]:
+    """The per-layer legend's labels: the dotted components every layer name shares in front
+    taken off (said once, as the legend's title), and a name still too long kept at its first
+    component and its end — a BERT's "model.encoder.layer.10.attention.self.query.weight" was
+    cut at the image's edge, query, key and value alike (an outside review). The full names
+    where the shortened ones would collide."""
+    layers = [n for n in names if not n.startswith("other (")]
+    parts = [n.split(".") for n in layers]
+    common = 0
+    while parts and all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    prefix = ".".join(parts[0][:common]) + "." if common else ""
+
+    def short(name: str) -> str:
+        if name.startswith("other ("):
+            return name
+        name = name[len(prefix) :]
+        if len(name) <= LABEL_CHARS:
+            return name
+        head = name.split(".")[0]
+        return f"{head}.…{name[-(LABEL_CHARS - len(head) - 2) :]}"
+
+    labels = [short(n) for n in names]
+    if len(set(labels)) < len(labels):
+        return "", names
+    return prefix, labels
 
 
 def slices(data: dict[str, Any], out: Path) -> str | None:
