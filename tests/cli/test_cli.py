@@ -91,6 +91,10 @@ def test_unwritable_output_folder(tmp_path, capsys):
     blocker.write_text("")
     assert main(["lab", "--quick", "--out", str(blocker / "sub"), "--problems", "saddle"]) == 2
     assert "cannot write to the output folder" in capsys.readouterr().err
+    # probe's folder is --report's: the error said "choose another with --out" (a review)
+    argv = ["probe", "--problem", "digits-mlp", "--report", str(blocker / "sub")]
+    assert main(argv) == 2
+    assert "choose another with --report" in capsys.readouterr().err
 
 
 def test_corrupt_run_log(tmp_path, capsys):

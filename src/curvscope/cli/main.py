@@ -84,7 +84,7 @@ def name_list(text: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def _writing(out: Path) -> Iterator[None]:
+def _writing(out: Path, flag: str = "--out") -> Iterator[None]:
     """Writing into the output folder: an OSError there — a file in it that is not ours to
     overwrite, a full disk — as one line naming the file and the fix (it was a traceback)."""
     try:
@@ -97,11 +97,11 @@ def _writing(out: Path) -> Iterator[None]:
             else " (what was written there before the failure may be incomplete)"
         )
         raise UsageError(
-            f"cannot write {name!r}: {e.strerror or e}; choose another folder with --out{written}"
+            f"cannot write {name!r}: {e.strerror or e}; choose another folder with {flag}{written}"
         ) from e
 
 
-def _writable(out: Path) -> Path:
+def _writable(out: Path, flag: str = "--out") -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".curvscope-write-test"
@@ -110,7 +110,7 @@ def _writable(out: Path) -> Path:
     except OSError as e:
         raise UsageError(
             f"cannot write to the output folder {str(out)!r}: {e.strerror}; "
-            "choose another with --out"
+            f"choose another with {flag}"
         ) from e
     return out
 
@@ -548,7 +548,7 @@ def _probe_on_rank(args: argparse.Namespace, rank: int, world: int) -> int:
 
     users = not args.problem
     model, loss_fn, data = _users(args) if users else _built_in(args.problem, rank, world)
-    out = _writable(Path(args.report)) if args.report else None
+    out = _writable(Path(args.report), "--report") if args.report else None
     # the user's model, loss and data: curvscope's refusals of them are one line; with a
     # built-in problem and validated flags, any exception is a bug and keeps its traceback
     with _refusals() if users else contextlib.nullcontext():
@@ -561,7 +561,7 @@ def _probe_on_rank(args: argparse.Namespace, rank: int, world: int) -> int:
     if out is not None:
         from curvscope.report.html import write_probe_report
 
-        with _writing(out):
+        with _writing(out, "--report"):
             result["report"] = str(write_probe_report(result, out))
     if args.json:
         from curvscope.diagnosis.runlog import jsonable
