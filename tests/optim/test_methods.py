@@ -284,9 +284,10 @@ def test_adahessian_steps_a_parameter_only_with_its_own_estimate_and_step_count(
     """A parameter without a Hessian-diagonal estimate of its own — unused at the refresh step
     and used at the next (an idle expert), or added mid-cycle with ``update_every`` > 1 —
     was stepped by m/ε: 526 and 2105 for lr 0.1 (an outside review); one added after 3000
-    steps took 3·lr (the method's step count in its bias correction). Each now refreshes the
-    estimate where it is first used and counts its own steps, as torch's Adam: a first step
-    of lr, like a fresh optimizer's."""
+    steps took 3·lr (the method's step count in its bias correction). Now such a parameter is
+    left as it is at a step that does not refresh the estimate, the next step refreshes it, and
+    each parameter counts its own steps, as torch's Adam: its first step is lr, like a fresh
+    optimizer's."""
     x, w = _pair()
     use_w = [False]
     closure = _quadratic_closure(x, w, use_w)
@@ -301,12 +302,34 @@ def test_adahessian_steps_a_parameter_only_with_its_own_estimate_and_step_count(
     use_w[0] = True
     before = w.detach().clone()
     opt.step(closure)
-    torch.testing.assert_close(
-        (before - w.detach()).abs(), torch.full((2,), 0.1, dtype=torch.float64), atol=2e-3, rtol=0
-    )
-    torch.testing.assert_close(
-        opt.state[w]["hessian_diag"].abs(), torch.tensor([1.0, 4.0], dtype=torch.float64)
-    )
+    if how != "added_late":  # no refresh at this step: w waits for its estimate
+        assert torch.equal(w.detach(), before) and w not in opt.state
+        opt.step(closure)
+    step = (before - w.detach()).abs()
+    torch.testing.assert_close(step, torch.full((2,), 0.1, dtype=torch.float64), atol=2e-3, rtol=0)
+    D = opt.state[w]["hessian_diag"].abs()
+    torch.testing.assert_close(D, torch.tensor([1.0, 4.0], dtype=torch.float64))
+
+
+def test_adahessian_resumes_a_state_saved_before_per_parameter_counts():
+    """A state dict saved before each parameter kept its own step count (no "step" entry) resumes
+    with the method's count, as it stepped before; and a parameter the loss never uses does not
+    force the curvature graph at every step."""
+    x, w = _pair()
+    closure = _quadratic_closure(x, w, [False])
+    opt = cs.optim.AdaHessian([x, w], lr=0.1, update_every=3)
+    for _ in range(4):
+        opt.step(closure)
+    saved = opt.state_dict()
+    for key, entry in saved["state"].items():
+        if key != "global":  # the method's own count stays
+            entry.pop("step", None)
+    again = cs.optim.AdaHessian([x, w], lr=0.1, update_every=3)
+    again.load_state_dict(saved)
+    products = again.counts.products
+    again.step(closure)
+    assert float(again.state[x]["step"]) == 5.0
+    assert again.counts.products == products  # step 5: no refresh, w (never used) asks none
 
 
 def test_adahessian_averages_only_conv2d_and_conv3d_kernels_over_positions():

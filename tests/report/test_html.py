@@ -239,6 +239,10 @@ def test_a_report_refuses_a_folder_that_holds_another_kinds(tmp_path):
     assert (other / report.MANIFEST).read_text(encoding="utf-8").startswith("#log\n")
     with pytest.raises(FileExistsError, match="holds a run log's report"):
         report.write_probe_report({"text": "t", "advice": [], "slices": {}}, other)
+    # a manifest from before it named its kind: a lab's, by its results.json
+    (tmp_path / report.MANIFEST).write_text("report.html\nresults.json", encoding="utf-8")
+    with pytest.raises(FileExistsError, match="holds a lab report"):
+        report.write_log_report({}, lines, tmp_path)
 
 
 def test_long_layer_names_fit_the_legend_and_stay_apart():
@@ -257,3 +261,6 @@ def test_long_layer_names_fit_the_legend_and_stay_apart():
     assert labels[0] == "10.attention.self.query.weight" and labels[-1] == "other (40 blocks)"
     assert len(set(labels)) == len(labels) and max(map(len, labels)) <= LABEL_CHARS
     assert _legend_labels(["0.weight", "2.weight"]) == ("", ["0.weight", "2.weight"])
+    long_head = ["a" * 40 + ".block.weight", "b" * 40 + ".block.weight"]
+    _, labels = _legend_labels(long_head)
+    assert max(map(len, labels)) <= LABEL_CHARS  # a long first component: the end alone

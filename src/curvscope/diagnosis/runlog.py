@@ -28,6 +28,7 @@ Writing (:class:`RunLogWriter`):
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import io
 import json
@@ -570,15 +571,14 @@ def read_runs(path: str | os.PathLike[str]) -> list[Run]:
     name = str(path)
     raw = Path(path).read_bytes()
     try:
-        text = raw.decode("utf-8")
+        # final=False: a character cut at the very end (a killed writer, or a log read
+        # mid-write) is left out — the line is torn like any other — where it made the whole
+        # file "not UTF-8 text"; a bad byte anywhere else is still an error
+        text = codecs.getincrementaldecoder("utf-8")().decode(raw, final=False)
     except UnicodeDecodeError as e:
-        if raw.endswith(b"\n") or e.start <= raw.rfind(b"\n"):
-            raise LogFormatError(
-                f"{name}: not UTF-8 text (byte {e.start}); a run log is JSON lines"
-            ) from None
-        # the last line, unterminated, was cut inside a character (a killed writer, or one
-        # read mid-write): a torn line like any other, not a file that is not a log
-        text = raw.decode("utf-8", errors="replace")
+        raise LogFormatError(
+            f"{name}: not UTF-8 text (byte {e.start}); a run log is JSON lines"
+        ) from None
     lines = text.split("\n")
     complete = text.endswith("\n")  # else the last line lacks its newline
     if complete:

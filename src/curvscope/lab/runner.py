@@ -202,7 +202,7 @@ def run_one(
         skipped = Run(
             problem, optimizer, "skipped", 0, [f0], [0], [0.0], f0, math.nan, 0, 0, 0, 0.0, kwargs
         )
-        skipped.note = f"skipped: the dense Hessian of {setup.n} parameters is too costly here"
+        skipped.note = f"the dense Hessian of {setup.n} parameters is too costly here"
         return skipped, setup, None
     opt = info.build(setup.params, **{k: v for k, v in kwargs.items() if k not in info.defaults})
     driver = _Driver(setup, opt, info.reads_grad)
@@ -210,6 +210,7 @@ def run_one(
     trace = _Trace([f0], [0], [0.0], [setup.point()] if setup.n <= 2 else [], peak=f0)
     for k in range(1, steps + 1):
         if _step(driver, trace, k, budget.seconds, probe_every):
+            trace.out_of_time = trace.out_of_time and k < steps  # its steps were spent too
             break
     return _record(problem, optimizer, kwargs, driver, trace), setup, opt
 

@@ -182,19 +182,28 @@ def _split(out: Any) -> tuple[Tensor, Tensor | None]:
         )
     if outputs is not None and not isinstance(outputs, Tensor):
         raise TypeError(f"the closure's second value must be the outputs tensor, got {outputs!r}")
-    if (
-        outputs is not None
-        and loss.requires_grad
-        and (not outputs.requires_grad or outputs.ndim == 0)
-    ):
+    return loss.reshape(()), outputs
+
+
+def model_outputs(ev: Any) -> Tensor:
+    """The closure's outputs, where a method goes through them (Gauss-Newton products,
+    Sophia-G's sampled labels): refused, with the fix, when there are none or they are not the
+    model's — a metric returned second, ``(loss, accuracy)``, gave torch's "One of the
+    differentiated Tensors does not require grad" and an IndexError (an outside review)."""
+    outputs = ev.outputs
+    if outputs is None:
+        raise ValueError(
+            "this method goes through the model's outputs: let the closure return "
+            "(loss, outputs), or use curvature='hessian'"
+        )
+    if not outputs.requires_grad and ev.loss_tensor.requires_grad:
         raise ValueError(
             "the closure's second value is taken as the model's outputs (Gauss-Newton products "
-            "and Sophia-G's sampled labels go through them), and this one "
-            + ("does not depend on the parameters" if not outputs.requires_grad else "is 0-d")
-            + " — a metric (an accuracy) or a detached copy? Return the loss alone, or "
-            "(loss, outputs) with the outputs the loss was computed from"
+            "and Sophia-G's sampled labels go through them), and this one does not depend on "
+            "the parameters — a metric (an accuracy) or a detached copy? Return (loss, outputs) "
+            "with the outputs the loss was computed from, or the loss alone"
         )
-    return loss.reshape(()), outputs
+    return outputs
 
 
 def check_closure(closure: Any, name: str) -> Closure:
@@ -469,14 +478,10 @@ class Evaluation:
 
     def ggn(self, V: Tensor) -> Tensor:
         """Jᵀ H_out J V: the Gauss-Newton product, from the closure's (loss, outputs)."""
-        if self.outputs is None:
-            raise ValueError(
-                "Gauss-Newton products need the model's outputs: let the closure return "
-                "(loss, outputs), or use curvature='hessian'"
-            )
+        outputs = model_outputs(self)
         with torch.enable_grad():
             if self._ggn is None:
-                self._ggn = ggn_product(self.outputs, self.params, self.loss_tensor)
+                self._ggn = ggn_product(outputs, self.params, self.loss_tensor)
             return self._product(self._ggn, V)
 
 

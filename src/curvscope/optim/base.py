@@ -239,7 +239,10 @@ class CurvscopeOptimizer(Optimizer):
         """Write each (parameter, its new value, its new state or None) — after checking that
         every value is finite: one check for all, before anything is written, so a refused step
         writes nothing (not even to the parameters that came first)."""
-        tensors = [t for _, new, st in updates for t in (new, *(st or {}).values())]
+        # (a step count is a CPU tensor, as torch's Adam keeps it: not stacked with the rest)
+        tensors = [new for _, new, _ in updates] + [
+            v for _, _, st in updates for k, v in (st or {}).items() if k != "step"
+        ]
         if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
             raise FloatingPointError(self._non_finite_message(updates))
         for p, new, st in updates:

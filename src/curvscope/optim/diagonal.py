@@ -16,7 +16,7 @@ from curvscope.derivatives.flat import flatten
 from curvscope.derivatives.kinds import likelihood_of
 from curvscope.derivatives.seeding import STEP_PROBES, rademacher
 from curvscope.diagnosis.stability import StabilityRule, adam_constant, unscaled_left_out
-from curvscope.optim._closure import Counts, Evaluation
+from curvscope.optim._closure import Counts, Evaluation, model_outputs
 from curvscope.optim.base import (
     CurvscopeOptimizer,
     Snapshot,
@@ -55,7 +55,7 @@ class Hutchinson:
 
 
 class GaussNewtonBartlett:
-    """diag(G) ≈ N·ĝ⊙ĝ, ĝ the gradient of the loss on labels *sampled from the model*
+    """diag(G) ≈ T·ĝ⊙ĝ, ĝ the gradient of the loss on labels *sampled from the model*
     (Liu et al. 2023, Sophia-G): for a loss that is a negative log-likelihood, E[N ĝĝᵀ] is the
     Gauss-Newton matrix (Bartlett's second identity), so its diagonal costs one backward pass
     and is never negative. The closure must return ``(loss, outputs)``, the outputs the loss
@@ -64,10 +64,11 @@ class GaussNewtonBartlett:
     and the reduction ("mean": divided by the counted terms; "sum": not)."""
 
     def __init__(self, loss_fn: Any) -> None:
-        if getattr(loss_fn, "reduction", "mean") not in ("mean", "sum"):
+        self.reduction = getattr(loss_fn, "reduction", "mean")
+        if self.reduction not in ("mean", "sum"):
             raise ValueError(
                 f"GaussNewtonBartlett needs the loss's reduction, 'mean' or 'sum', to scale its "
-                f"estimate; got reduction={loss_fn.reduction!r}: pass the loss the closure "
+                f"estimate; got reduction={self.reduction!r}: pass the loss the closure "
                 "returns (reduced)"
             )
         try:
@@ -81,20 +82,15 @@ class GaussNewtonBartlett:
         self.loss_fn = loss_fn
 
     def __call__(self, ev: Evaluation, generator: torch.Generator, counts: Counts) -> Tensor:
-        if ev.outputs is None:
-            raise ValueError(
-                "GaussNewtonBartlett samples labels from the model's outputs: let the closure "
-                "return (loss, outputs)"
-            )
         with torch.enable_grad():
-            rows = self.likelihood.as_terms(ev.outputs)
+            rows = self.likelihood.as_terms(model_outputs(ev))
             s = self.likelihood.sample_grad(rows.detach(), generator, 1)[0]
             counted = self._counted(ev, rows)
             s = s * counted[:, None]
             # ĝ = (1/T) Σ_t J_tᵀ s_t; E[T ĝĝᵀ] = (1/T) Σ_t J_tᵀ F_t J_t: the Fisher of the loss,
             # T its divisor — the counted terms for a mean, 1 for a sum (it was the rows always:
             # 1/N too small for a summed loss, padding rows counted)
-            T = counted.sum().clamp_min(1) if self.loss_fn.reduction == "mean" else 1.0
+            T = counted.sum().clamp_min(1) if self.reduction == "mean" else 1.0
             g_hat = torch.autograd.grad(rows, ev.params, s / T, retain_graph=True)
         counts.gradients += 1
         # each rank's own labels and gradient: the ranks' estimates averaged (a product
@@ -104,10 +100,11 @@ class GaussNewtonBartlett:
     def _counted(self, ev: Evaluation, rows: Tensor) -> Tensor:
         """1 for each term the loss counts, 0 for one it skips: for cross-entropy, a row whose
         gradient in the loss is exactly 0 (``ignore_index``: a padding position; its labels
-        were sampled all the same before); every term for the others."""
+        were sampled all the same before); every term for the others. (A row so confident that
+        its float16 gradient underflows to 0 counts as skipped too: T is then a little small.)"""
         if self.likelihood.name != "categorical":
             return rows.new_ones(rows.shape[0])
-        assert ev.outputs is not None  # checked by the caller
+        assert ev.outputs is not None  # model_outputs checked it
         (read,) = torch.autograd.grad(
             ev.loss_tensor, ev.outputs, retain_graph=True, allow_unused=True
         )
@@ -150,7 +147,7 @@ class _DiagonalMethod(CurvscopeOptimizer):
         defaults = dict(
             defaults,
             lr=lr,
-            betas=tuple(betas),
+            betas=tuple(betas) if isinstance(betas, tuple | list) else betas,
             eps=eps,
             weight_decay=weight_decay,
             update_every=update_every,
@@ -204,36 +201,35 @@ class _DiagonalMethod(CurvscopeOptimizer):
 
     def _needs_estimate(self, p: Tensor) -> bool:
         """Whether ``p`` has no curvature estimate of its own yet, which a step must not be
-        taken without (AdaHessian's: its step divides by it)."""
+        taken without (AdaHessian's: its step divides by it). Such a parameter, used at a step
+        that does not refresh the estimate, is left as it is there, and the next step refreshes
+        it — with ``update_every`` > 1 it was stepped by m/ε, 500–2,000 times lr; and a
+        parameter the loss never uses costs no refresh."""
         return False
 
     def _step(self, closure: Any, snapshot: Snapshot) -> Tensor:
         closure, counts = self._begin(closure)
-        t = self._global()["step"] + 1
-        scheduled = (t - 1) % self.param_groups[0]["update_every"] == 0
+        method = self._global()
+        t = method["step"] + 1
+        # a refresh on schedule, or the one a parameter without an estimate of its own asked
+        # for at the last step (:meth:`_needs_estimate`)
+        refresh = (t - 1) % self.param_groups[0]["update_every"] == 0 or bool(
+            method.get("refresh", False)
+        )
         params = snapshot.params
-        # a parameter used without an estimate of its own (new, or unused when the last one
-        # was made) refreshes it now: AdaHessian stepped it by m/ε, 500-2000 times lr
-        waiting = [p for p in params if self._needs_estimate(p)]
         products_before = counts.products
         ev = Evaluation(
-            params,
-            closure,
-            counts,
-            curvature=scheduled or bool(waiting),
-            group=self.group,
-            first_order=True,
+            params, closure, counts, curvature=refresh, group=self.group, first_order=True
         )
-        assert ev.used is not None  # first_order
-        used_now = {id(p) for p, u in zip(params, ev.used, strict=True) if u}
-        refresh = scheduled or any(id(p) in used_now for p in waiting)
         diag = None
         if refresh:
             gen = _generator(self.param_groups[0]["seed"], t, ev.flat_grad.device)
             diag = self.estimator(ev, gen, counts).detach()
         i, updates, step_sq = 0, list[Update](), list[Tensor]()
+        assert ev.used is not None  # first_order
         used = iter(ev.used)
         grad = ev.flat_grad if ev.closure_grad is None else ev.closure_grad.to(ev.flat_grad)
+        waiting = False  # a parameter used without an estimate of its own: refresh next step
         for group in self.param_groups:
             for p in group["params"]:
                 if not p.requires_grad:
@@ -242,6 +238,9 @@ class _DiagonalMethod(CurvscopeOptimizer):
                 if not next(used):  # the loss does not use it: left as it is, as torch does
                     i += k
                     continue
+                if diag is None and self._needs_estimate(p):  # none of its own: waits a step
+                    waiting, i = True, i + k
+                    continue
                 g = grad[i : i + k].view_as(p)
                 d = None if diag is None else diag[i : i + k].view_as(p)
                 delta, new_state = self.update_param(p, g, d, group, t)
@@ -249,7 +248,7 @@ class _DiagonalMethod(CurvscopeOptimizer):
                 step_sq.append(delta.square().sum())
                 i += k
         self._commit(updates)  # nothing is written unless every value is finite
-        self._set_global({**self._global(), "step": t})
+        self._set_global({**method, "step": t, "refresh": waiting})
         info = StepInfo(
             ev.loss,
             float(grad.norm()),
@@ -276,7 +275,7 @@ def _adahessian_preconditioner(
     method_state: dict[Any, Any] = opt.state  # "global": the step counter, a str key
     step = float(method_state["global"]["step"])
     if "step" in state:  # this parameter's own count (a state from before: the method's)
-        step = state["step"]
+        step = float(state["step"])
     v_hat = state["exp_hessian_diag_sq"] / (1 - b2**step)
     inverse = 1.0 / (v_hat.sqrt().pow(group["hessian_power"]) + group["eps"])
     return unscaled_left_out(v_hat, inverse)  # a zero average: not scaled yet, not 1/ε
@@ -293,8 +292,9 @@ class AdaHessian(_DiagonalMethod):
     θ ← θ − lr·( m̂ / (v̂^{k/2} + ε) + wd·θ ), m̂, v̂ bias-corrected by each parameter's own step
     count (as torch's Adam: a group added, or a layer unfrozen, after 3000 steps took a first
     step of 3·lr), k = ``hessian_power``. A parameter is never stepped without its own estimate
-    of D: one used for the first time, or first since an estimate it missed, refreshes the
-    estimate at that step (it stepped by m/ε, hundreds of lr, with ``update_every`` > 1).
+    of D: one used for the first time at a step that does not refresh it — added mid-cycle, or
+    idle at the last refresh — is left as it is there and the next step refreshes the estimate
+    (it stepped by m/ε, hundreds of lr, with ``update_every`` > 1).
 
     Args:
         lr, betas, eps, weight_decay (decoupled), hessian_power: as in the paper (defaults its).
@@ -353,10 +353,12 @@ class AdaHessian(_DiagonalMethod):
         self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int
     ) -> tuple[Tensor, dict[str, Tensor]]:
         st = self.state.get(p, {})
-        m = st.get("exp_avg", torch.zeros_like(p))
-        v = st.get("exp_hessian_diag_sq", torch.zeros_like(p))
-        # its own count: 1 for a new parameter; a state saved before counts kept the method's
-        count = st.get("step", torch.tensor(float(t - 1 if st else 0), device=p.device)) + 1
+        m = st["exp_avg"] if "exp_avg" in st else torch.zeros_like(p)
+        v = st["exp_hessian_diag_sq"] if "exp_hessian_diag_sq" in st else torch.zeros_like(p)
+        # its own count, as torch's Adam keeps it (a CPU tensor: read without a device sync);
+        # 1 for a new parameter, and a state saved before counts kept the method's
+        before = float(st["step"]) if "step" in st else float(t - 1 if st else 0)
+        count = torch.tensor(before + 1, dtype=torch.float32, device="cpu")
         if d is not None:
             if group["spatial_average"] and p.ndim in (4, 5):
                 d = d.abs().mean(dim=tuple(range(2, p.ndim)), keepdim=True).expand_as(p)
@@ -366,8 +368,8 @@ class AdaHessian(_DiagonalMethod):
         b1, b2 = group["betas"]
         m = m.mul(b1).add_(g, alpha=1 - b1)
         v = v.mul(b2).addcmul_(D, D, value=1 - b2)
-        m_hat = m / (1 - b1**count)
-        v_hat = v / (1 - b2**count)
+        m_hat = m / (1 - b1 ** float(count))
+        v_hat = v / (1 - b2 ** float(count))
         denom = v_hat.sqrt().pow(group["hessian_power"]).add_(group["eps"])
         delta = group["lr"] * (m_hat / denom + group["weight_decay"] * p)
         return delta, dict(zip(self.STATE, (m, v, D, count), strict=True))

@@ -325,6 +325,8 @@ def _legend_labels(names: list[str]) -> tuple[str, list[str]]:
         if len(name) <= LABEL_CHARS:
             return name
         head = name.split(".")[0]
+        if len(head) > LABEL_CHARS // 2:  # a long first component: the end alone
+            return f"…{name[-(LABEL_CHARS - 1) :]}"
         return f"{head}.…{name[-(LABEL_CHARS - len(head) - 2) :]}"
 
     labels = [short(n) for n in names]
