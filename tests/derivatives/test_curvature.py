@@ -703,6 +703,12 @@ def test_activation_checkpointing_is_measured_or_refused_with_the_fix(params):
     model, loss_fn, data = _checkpointed(True)
     with pytest.raises(RuntimeError, match=r"use_reentrant=False.*finite_difference"):
         cs.Curvature(model, loss_fn, data, params=params).loss_and_gradient()
+    # Hugging Face makes the checkpointed blocks' inputs require grad (enable_input_require_
+    # grads): torch then does not warn, and the block's parameters got a curvature of exactly
+    # 0 — "flat", λ_max 0 converged (a review); the reentrant node on the graph is refused
+    model.a.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+    with pytest.raises(RuntimeError, match=r"use_reentrant=False"):
+        cs.Curvature(model, loss_fn, data, params=params).loss_and_gradient()
     with pytest.raises(RuntimeError, match=r"use_reentrant=False"):
         cs.diagnose(model, loss_fn, data, lr=0.1, params=params)
     fd = cs.Curvature(model, loss_fn, data, params=params, backend="finite_difference")

@@ -148,7 +148,7 @@ from torch import Tensor, nn
 from curvscope.derivatives import zero3
 from curvscope.derivatives.checks import callers_level
 from curvscope.derivatives.distributed import all_reduce_sum, check_same_on_ranks, together
-from curvscope.derivatives.objective import Batch, ModelObjective, few
+from curvscope.derivatives.objective import Batch, ModelObjective, few, walk_graph
 
 #: The estimated error a product aims below, relative to ‖v‖ times the operator's scale (the
 #: largest ‖Hv‖/‖v‖ seen): the step is halved until the two steps' difference says so.
@@ -617,11 +617,11 @@ def _accumulate(params: list[Tensor], loss: Tensor, reentrant: bool) -> None:
     require grad, a loss module's own parameters (a learnable temperature) — and ran the
     parameters' post-accumulate hooks (an optimizer stepped in backward); the exact backends
     touch neither (an outside review). A graph through torch's reentrant checkpointing
-    (``reentrant``, :func:`_graph`), which ``torch.autograd.grad`` cannot go through, runs
-    ``backward()``, the other leaves' ``.grad`` put back after it."""
+    (``reentrant``, :func:`.objective.walk_graph`), which ``torch.autograd.grad`` cannot go
+    through, runs ``backward()``, the other leaves' ``.grad`` put back after it."""
     if reentrant:
         mine = {id(p) for p in params}
-        others = [(t, t.grad) for t in _graph(loss)[1] if id(t) not in mine]
+        others = [(t, t.grad) for t in walk_graph(loss).leaves if id(t) not in mine]
         try:
             loss.backward()
         finally:
@@ -632,24 +632,6 @@ def _accumulate(params: list[Tensor], loss: Tensor, reentrant: bool) -> None:
     for p, g in zip(params, grads, strict=True):
         if g is not None:
             p.grad = g if p.grad is None else p.grad + g
-
-
-def _graph(loss: Tensor) -> tuple[bool, list[Tensor]]:
-    """Whether ``loss``'s graph goes through torch's reentrant checkpointing, and the leaves it
-    reaches (outside any checkpointed block): one walk over its nodes."""
-    seen, stack, leaves, reentrant = set(), [loss.grad_fn], [], False
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        name = type(node).__name__
-        if name == "CheckpointFunctionBackward":
-            reentrant = True
-        elif name == "AccumulateGrad":
-            leaves.append(node.variable)  # type: ignore[attr-defined]  # AccumulateGrad
-        stack.extend(f for f, _ in node.next_functions)
-    return reentrant, leaves
 
 
 @dataclass
@@ -818,7 +800,7 @@ class FiniteDifferenceProducts:
                     scaled.backward()
                 else:
                     if self._reentrant is None:  # the model's graph, walked once
-                        self._reentrant = _graph(scaled)[0]
+                        self._reentrant = walk_graph(scaled).reentrant
                     _accumulate(kept.params, scaled, self._reentrant)
             part = loss.detach() * w
             total = part if total is None else total + part

@@ -517,22 +517,38 @@ def _reshard(modules: list[nn.Module]) -> None:
             m.reshard()  # type: ignore[operator]
 
 
-def _reads_parameters(loss: Tensor, params: Mapping[str, Tensor]) -> str | None:
-    """The name of a parameter among ``params`` (the model's own tensors) that the loss's graph
-    reaches as a leaf, or None: one walk over the graph, at the first loss only."""
-    ids = {id(p): name for name, p in params.items()}
+@dataclass
+class GraphSeen:
+    """What one walk over a loss's autograd graph found (:func:`walk_graph`)."""
+
+    #: the leaf tensors it reaches (AccumulateGrad nodes), outside any reentrant checkpoint
+    leaves: list[Tensor]
+    #: whether it goes through torch's reentrant checkpointing (a CheckpointFunction node)
+    reentrant: bool
+
+
+def walk_graph(loss: Tensor) -> GraphSeen:
+    """One walk over ``loss``'s graph: its leaves and whether a reentrant checkpoint is on it."""
     seen: set[Any] = set()
-    stack = [loss.grad_fn]
+    stack, leaves, reentrant = [loss.grad_fn], [], False
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
         leaf = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf tensor
-        if leaf is not None and id(leaf) in ids:
-            return ids[id(leaf)]
+        if leaf is not None:
+            leaves.append(leaf)
+        reentrant = reentrant or type(node).__name__ == "CheckpointFunctionBackward"
         stack.extend(child for child, _ in node.next_functions)
-    return None
+    return GraphSeen(leaves, reentrant)
+
+
+def _reads_parameters(seen: GraphSeen, params: Mapping[str, Tensor]) -> str | None:
+    """The name of a parameter among ``params`` (the model's own tensors) that the loss's graph
+    reaches as a leaf, or None."""
+    ids = {id(p): name for name, p in params.items()}
+    return next((ids[id(t)] for t in seen.leaves if id(t) in ids), None)
 
 
 #: torch's reentrant activation checkpointing, refused with the fixes: ``torch.autograd.grad``
@@ -1105,7 +1121,10 @@ class ModelObjective:
                     "from it to them); check that loss_fn uses the model's outputs and that "
                     "params= selects parameters the model uses"
                 )
-            read = _reads_parameters(loss, self.params) if at_copies else None
+            seen = walk_graph(loss) if at_copies else None  # once: at the first loss
+            if seen is not None and seen.reentrant:  # Hugging Face's makes its inputs require
+                raise RuntimeError(REENTRANT_CHECKPOINT)  # grad: no warning, the gradient 0
+            read = None if seen is None else _reads_parameters(seen, self.params)
             if read is not None:
                 raise ValueError(
                     f"the loss reads the model's parameter {read!r} itself, not the copy "
