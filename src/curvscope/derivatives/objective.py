@@ -386,15 +386,13 @@ def few(names: Sequence[str]) -> str:
     return f"{list(names[:3])}{' …' if len(names) > 3 else ''}"
 
 
-def _backward_hook_notes(model: nn.Module) -> list[str]:
+def _backward_hook_notes(named: list[tuple[str, nn.Module]]) -> list[str]:
     """Modules with backward hooks (``register_full_backward_hook`` / ``_pre_hook``), which run
     in every backward curvscope takes: what is differentiated is the gradient as they leave it
     (an outside review: a hook halving grad_input gave products equal to none of H, DH or
     DHD, without a word)."""
     hooked = [
-        name or "the model"
-        for name, m in model.named_modules()
-        if m._backward_hooks or m._backward_pre_hooks
+        name or "the model" for name, m in named if m._backward_hooks or m._backward_pre_hooks
     ]
     if not hooked:
         return []
@@ -955,7 +953,8 @@ class ModelObjective:
     def _read_modules(self, model: nn.Module) -> None:
         """What the model's modules ask of a product's passes, from one walk over them, and
         the notes that say so."""
-        modules = list(model.modules())
+        named = list(model.named_modules())  # one walk, names and modules
+        modules = [m for _, m in named]
         self._has_rnn = any(isinstance(m, nn.RNNBase) for m in modules)
         #: torch's weight norm is computed written out during products (derivatives/substitutes)
         self._weight_norm = uses_weight_norm(modules)
@@ -965,7 +964,7 @@ class ModelObjective:
         #: sparse tensors" before)
         self._sparse = [m for m in modules if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
         #: torch.compile'd modules inside the model (the wrapper around it is taken off)
-        self._compiled_inside = [name for name, m in model.named_modules() if _compiled(m)]
+        self._compiled_inside = [name for name, m in named if _compiled(m)]
         #: a model that recomputes its forward in the backward (Hugging Face's gradient
         #: checkpointing): the recomputation reads the model's own parameters, so parameters
         #: not selected are passed requiring grad like them, or its tensors' metadata differs
@@ -973,7 +972,7 @@ class ModelObjective:
         self._checkpointing = _recomputes(model)
         #: selected embeddings' padding rows (their curvature is P·H·P: :func:`padding_rows`)
         self.padding = padding_rows(model, modules, self._params)
-        self.notes = self._fallback_notes(modules)
+        self.notes = self._fallback_notes(named)
 
     def recompute_found(self, e: BaseException) -> bool:
         """Whether ``e`` is activation checkpointing's recomputation failing to match a forward
@@ -1205,11 +1204,11 @@ class ModelObjective:
             f"({first:.6g}, {second:.6g}); {fix}"
         )
 
-    def _fallback_notes(self, modules: list[nn.Module]) -> list[str]:
+    def _fallback_notes(self, named: list[tuple[str, nn.Module]]) -> list[str]:
         """The notes on what products do differently; sets :attr:`kernel_notes`, those about
         the kernels switched for second derivatives (not said of finite differences, which
         keep the model's own)."""
-        self.kernel_notes = _attention_notes(self.model, modules)
+        self.kernel_notes = _attention_notes(self.model, [m for _, m in named])
         if self._has_rnn:
             self.kernel_notes.append(
                 "cuDNN is disabled during curvature products (cuDNN RNNs have no double backward)"
@@ -1232,7 +1231,7 @@ class ModelObjective:
             self.kernel_notes
             + (compiled if self.compiled else [])
             + _padding_notes(self.padding)
-            + _backward_hook_notes(self.model)
+            + _backward_hook_notes(named)
         )
 
     # ------------------------------------------------------------------ flat <-> blocks
