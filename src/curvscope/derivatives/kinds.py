@@ -332,12 +332,13 @@ def likelihood_of(loss_fn: object) -> Likelihood:
     return lik
 
 
-def _mean_divisor(obj: ModelObjective, counted: Tensor | int) -> Tensor | float:
-    """What the batch loss divides its sum of terms by: Σ counted for "mean", 1 for "sum"."""
-    if obj.reduction == "sum":
+def mean_divisor(reduction: str, counted: Tensor | int) -> Tensor | float:
+    """What a batch loss of ``reduction`` divides its sum of terms by: Σ counted for "mean",
+    1 for "sum" (also Sophia-G's estimator's scale: ``optim.diagonal``)."""
+    if reduction == "sum":
         return 1.0
-    if obj.reduction != "mean":
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {obj.reduction!r}")
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     return counted.sum() if isinstance(counted, Tensor) else float(counted)
 
 
@@ -380,7 +381,7 @@ def prepare_fisher(
     with torch.no_grad():
         g = likelihood.sample_grad(rows.detach(), gen, mc_samples)
         g = g * (counted > 0).to(g.dtype)[:, None]
-    return _OuterProduct(jac, g, 1.0 / (_mean_divisor(obj, counted) * mc_samples))
+    return _OuterProduct(jac, g, 1.0 / (mean_divisor(obj.reduction, counted) * mc_samples))
 
 
 def fisher_preparer(objective: ModelObjective, mc_samples: int) -> PrepareBatch:
@@ -438,11 +439,11 @@ def prepare_empirical_fisher(obj: ModelObjective, batch: Batch) -> _OuterProduct
             losses = per_sample_losses(obj.loss_fn, out, batch.targets).reshape(-1, 1)
             jac = _Jacobian(losses, leaves)
             ones = torch.ones(1, *losses.shape, dtype=out.dtype, device=out.device)
-            return _OuterProduct(jac, ones, 1.0 / _mean_divisor(obj, losses.shape[0]))
+            return _OuterProduct(jac, ones, 1.0 / mean_divisor(obj.reduction, losses.shape[0]))
         out_leaf = out.detach().requires_grad_(True)
         (d_out,) = torch.autograd.grad(obj.loss(out_leaf, batch), out_leaf)
         rows = lik.as_terms(out)
         jac = _Jacobian(rows, leaves)
     counted = lik.counted(obj.loss_fn, rows, batch.targets)
     # ∂L/∂row_t = g_t / T: the outer products of these, times T, are (1/T) Σ_t g_t g_tᵀ
-    return _OuterProduct(jac, lik.as_terms(d_out)[None], _mean_divisor(obj, counted))
+    return _OuterProduct(jac, lik.as_terms(d_out)[None], mean_divisor(obj.reduction, counted))

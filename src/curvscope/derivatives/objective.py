@@ -1010,8 +1010,8 @@ class ModelObjective:
         # first derivatives (finite differences) are right through the fused kernels
         kernels = self.kernels() if second_order else nullcontext()
         saved = rng_states(gens)  # (numpy's has moved: restored in the finally below)
-        sparse = [m.sparse for m in self._sparse]
-        for m in self._sparse:  # the same gradient, dense: sparse ones have no derivatives
+        sparse = [m for m in self._sparse if m.sparse]  # as they are now: put back as found
+        for m in sparse:  # the same gradient, dense: sparse ones have no derivatives
             m.sparse = False
         try:
             with kernels, torch.enable_grad():
@@ -1024,8 +1024,8 @@ class ModelObjective:
             raise ours from e
         finally:
             set_rng_states(gens, saved)
-            for m, was in zip(self._sparse, sparse, strict=True):
-                m.sparse = was
+            for m in sparse:
+                m.sparse = True
 
     def kernels(self) -> contextlib.AbstractContextManager[None]:
         """The kernel switches a second-order forward runs under (in :meth:`context`), alone

@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from curvscope.derivatives.distributed import all_reduce_mean
 from curvscope.derivatives.flat import flatten
-from curvscope.derivatives.kinds import likelihood_of
+from curvscope.derivatives.kinds import likelihood_of, mean_divisor
 from curvscope.derivatives.seeding import STEP_PROBES, rademacher
 from curvscope.diagnosis.stability import StabilityRule, adam_constant, unscaled_left_out
 from curvscope.optim._closure import Counts, Evaluation, model_outputs
@@ -90,7 +90,9 @@ class GaussNewtonBartlett:
             # ĝ = (1/T) Σ_t J_tᵀ s_t; E[T ĝĝᵀ] = (1/T) Σ_t J_tᵀ F_t J_t: the Fisher of the loss,
             # T its divisor — the counted terms for a mean, 1 for a sum (it was the rows always:
             # 1/N too small for a summed loss, padding rows counted)
-            T = counted.sum().clamp_min(1) if self.reduction == "mean" else 1.0
+            T = mean_divisor(self.reduction, counted)
+            if isinstance(T, Tensor):  # every row skipped: no term, no estimate (not 0/0)
+                T = T.clamp_min(1)
             g_hat = torch.autograd.grad(rows, ev.params, s / T, retain_graph=True)
         counts.gradients += 1
         # each rank's own labels and gradient: the ranks' estimates averaged (a product

@@ -225,12 +225,12 @@ class Operator:
         error of H(S^½v) by S^½ on the way out, which a relative error of H's products missed
         (an outside review: Adam's step factors up to 1e8 on a bias before BatchNorm, float32,
         a sharpness 30% off reported confident). Nothing for exact products."""
-        block = V if V.ndim == 2 else V[:, None]
-        k = block.shape[1]
         if self.errors_map is None:
             fd = getattr(self.source, "_differences", None)
-            if fd is None:
+            if fd is None:  # exact products: nothing more on this hot path
                 return
+            block = V if V.ndim == 2 else V[:, None]
+            k = block.shape[1]
             self.error_norms.append(torch.tensor(fd.errors[-k:], dtype=torch.float64, device="cpu"))
             if self.keep_errors:  # per unit of each column: made absolute for this V
                 unit, fd.error_vectors = torch.stack(fd.error_vectors, dim=1), []
@@ -240,6 +240,7 @@ class Operator:
         if inner is None:
             return
         self.source.last_errors = None  # taken: the wrapped operator keeps no copy
+        block = V if V.ndim == 2 else V[:, None]
         E = self.errors_map(inner)
         E = torch.where(torch.isnan(E), math.inf, E)  # 0·inf: an unknown error stays unknown
         sums = self.total(torch.stack([(E * E).sum(0), (block * block).sum(0).to(E.dtype)]))

@@ -103,8 +103,8 @@ class DiagonalResult:
 @dataclass
 class _Applied:
     """A block's products AU, and over finite-difference products their estimated errors:
-    ``errors`` per column (absolute, ‖error of Au‖), ``vectors`` the error vectors (inside
-    :meth:`Operator.errors_kept` only); None for exact products."""
+    ``errors`` per column, per unit of its norm (``Operator.error_norms``), ``vectors`` the
+    error vectors (inside :meth:`Operator.errors_kept` only); None for exact products."""
 
     AU: Tensor
     errors: Tensor | None = None
@@ -124,24 +124,23 @@ def _products(op: Operator, Z: Tensor, bar: Any) -> _Applied:
     if not outs:
         return _Applied(Z[:, :0])
     norms = op.error_norms[seen:]
-    errors = None
-    if norms:  # per unit of each column: times its norm
-        errors = torch.cat([t.to(Z) for t in norms]) * op.total(Z.pow(2).sum(0)).sqrt()
+    errors = torch.cat([t.to(Z) for t in norms]) if norms else None
     return _Applied(torch.cat(outs, dim=1), errors, torch.cat(vectors, dim=1) if vectors else None)
 
 
 def _terms(op: Operator, U: Tensor, AU: _Applied) -> tuple[Tensor, Tensor, Tensor | None]:
     """Per column u of U: uᵀAu, Σ|u_i (Au)_i| — the size of the terms the sum adds, which
-    bounds its rounding — and, over finite-difference products, ‖u‖·‖e‖, e the product's
-    estimated error: a bound on that term's error as the estimate has it (Cauchy-Schwarz: at
-    kinks, where the estimates fall short and the errors line up with u, the direct uᵀe
-    covered less than half of an exact trace's error). Sums over sharded vectors reduced
-    over the ranks, in one reduce."""
+    bounds its rounding — and, over finite-difference products, ‖u‖·‖e‖ = ‖u‖²·(e per unit of
+    ‖u‖), e the product's estimated error: a bound on that term's error as the estimate has it
+    (Cauchy-Schwarz: at kinks, where the estimates fall short and the errors line up with u,
+    the direct uᵀe covered less than half of an exact trace's error). Sums over sharded vectors
+    reduced over the ranks, in one reduce."""
     products = U * AU.AU
-    sums, sizes, norms = op.total(
-        torch.stack([products.sum(0), products.abs().sum(0), U.pow(2).sum(0)])
-    )
-    return sums, sizes, (None if AU.errors is None else norms.sqrt() * AU.errors)
+    rows = [products.sum(0), products.abs().sum(0)]
+    if AU.errors is not None:
+        rows.append(U.pow(2).sum(0))
+    summed = op.total(torch.stack(rows))
+    return summed[0], summed[1], (None if AU.errors is None else summed[2] * AU.errors)
 
 
 def _rounding(op: Operator, size: Tensor) -> Tensor:
@@ -393,11 +392,15 @@ def trace_of_square(
     with progress(matvecs, "trace of square", progress_bar) as bar, autocast_off(op.device):
         Z = rademacher(op.n, matvecs, gen, op.work_dtype, op.device)
         AZ = _products(op, Z, bar)
-        samples = op.total(AZ.AU.pow(2).sum(0))  # positive terms: their size
+        rows = [AZ.AU.pow(2).sum(0)]  # positive terms: their size
+        if AZ.errors is not None:
+            rows.append(Z.pow(2).sum(0))
+        summed = op.total(torch.stack(rows))
+        samples = summed[0]
         value, se, dof = _mean_stderr(samples, _rounding(op, samples.mean()))
         bias = None
-        if AZ.errors is not None:  # |‖Az + e‖² − ‖Az‖²| ≤ 2‖Az‖‖e‖ + ‖e‖²
-            e = AZ.errors
+        if AZ.errors is not None:  # |‖Az + e‖² − ‖Az‖²| ≤ 2‖Az‖‖e‖ + ‖e‖², ‖e‖ = e·‖z‖
+            e = AZ.errors * summed[1].sqrt()
             bias = float((2 * samples.sqrt() * e + e * e).mean())
     result = TraceResult(
         value,
