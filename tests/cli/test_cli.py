@@ -545,6 +545,19 @@ def test_user_errors_end_to_end(user_code):
     assert not (user_code / "pwned").exists()
 
 
+def test_python_dash_m_curvscope_is_the_command_line():
+    """``python -m curvscope`` is the ``curvscope`` script (it was "No module named
+    curvscope.__main__"; only ``python -m curvscope.cli`` ran)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "curvscope", "probe", "--problem", "no-such-problem", "--lr", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and run.stdout == "", run.stderr
+    assert run.stderr.startswith("curvscope probe: error:"), run.stderr
+
+
 # ---------------------------------------------------------------------- probe --report data
 def test_probe_report_with_dict_inputs(user_code, capsys):
     """Hugging Face-style models take their inputs as keywords: the slices run them so."""
