@@ -229,6 +229,36 @@ def test_transformers_trainer_callback(tmp_path):
     assert cb.monitor.last.state in STATES
 
 
+@pytest.mark.parametrize("kwargs", [{"use_reentrant": True}, {"preserve_rng_state": True}])
+def test_transformers_callback_refuses_reentrant_checkpointing_before_training(tmp_path, kwargs):
+    """Gradient checkpointing of torch's reentrant kind (asked for, or torch's default when
+    ``use_reentrant`` is left out) is refused at ``on_train_begin``, before any step: it was
+    refused only at the first probe, ``every`` steps into the run. The non-reentrant kind,
+    Hugging Face's default, trains and probes."""
+    from transformers import Trainer
+
+    from curvscope.integrations.transformers import CurvscopeTrainerCallback
+
+    ids, labels, train = _hf_data(8)
+    probe = ({"input_ids": ids}, labels)
+    loss_fn = lambda output, y: nn.functional.cross_entropy(output.logits, y)  # noqa: E731
+    model = _tiny_bert()
+    cb = CurvscopeTrainerCallback(loss_fn, probe, every=2)
+    args = _hf_args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs=kwargs)
+    trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[cb])
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        trainer.train()
+    assert cb.monitor is None
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+    model = _tiny_bert()
+    cb = CurvscopeTrainerCallback(loss_fn, probe, every=2)
+    args = _hf_args(tmp_path, gradient_checkpointing=True)
+    Trainer(model=model, args=args, train_dataset=train, callbacks=[cb]).train()
+    assert len(cb.monitor.history) == 2
+
+
 def _tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 

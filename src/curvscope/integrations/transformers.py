@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from curvscope.derivatives.objective import REENTRANT_CHECKPOINT
 from curvscope.diagnosis.monitor import Monitor, scalars
 
 try:
@@ -66,6 +67,8 @@ class CurvscopeTrainerCallback(TrainerCallback):
         optimizer: Any = None,
         **kwargs: Any,
     ) -> None:
+        if _checkpoints_reentrantly(model):  # refused now, not at the first probe, steps later
+            raise RuntimeError(REENTRANT_CHECKPOINT)
         monitor_kwargs = dict(self.kwargs)
         clip = getattr(args, "max_grad_norm", None)
         if clip is not None and 0 < clip < math.inf:  # the Trainer clips only then
@@ -118,3 +121,17 @@ class CurvscopeTrainerCallback(TrainerCallback):
         if self.monitor is not None:
             self._flush(state)
             self.monitor.close()
+
+
+def _checkpoints_reentrantly(model: Any) -> bool:
+    """Whether Hugging Face's gradient checkpointing is on in ``model`` with torch's reentrant
+    kind: a module's ``gradient_checkpointing`` flag set and its checkpoint function a
+    ``functools.partial`` of torch's whose ``use_reentrant`` is True or left out (torch's
+    default then). A function of another make is left to the first probe's own check."""
+    for module in model.modules() if model is not None else ():
+        if getattr(module, "gradient_checkpointing", False) is not True:
+            continue
+        keywords = getattr(getattr(module, "_gradient_checkpointing_func", None), "keywords", None)
+        if isinstance(keywords, dict) and keywords.get("use_reentrant", True) is not False:
+            return True
+    return False
