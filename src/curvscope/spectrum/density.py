@@ -49,6 +49,10 @@ class DensityResult:
         resolution: τ, the threshold of ``negative_mass``.
         sigma: the Gaussian broadening of the curve.
         matvecs, seconds: the cost.
+        product_error: the largest estimated error of a product, per unit of ‖v‖
+            (finite-difference products; 0 for exact ones). Each probe's nodes are within
+            √steps times it of eigenvalues of the operator's compression, so the default
+            ``resolution`` is at least that: a node closer to zero cannot be told from it.
     """
 
     grid: Tensor
@@ -62,6 +66,7 @@ class DensityResult:
     seconds: float
     negative_mass_bounds: tuple[float, float] = (0.0, 1.0)
     resolution: float = 0.0
+    product_error: float = 0.0
 
     def plot(self, ax: Any = None, log: bool = False, **kwargs: Any) -> Any:
         """Plot the density on ``ax`` (matplotlib, imported here) and return the axes;
@@ -121,7 +126,9 @@ def density(
         sigma: Gaussian broadening width.
         resolution: τ: eigenvalues within τ of zero count as zero in ``negative_mass``. Default:
             1% of the spectral range, and at least 2·eps(dtype)·max|λ| for products in a low
-            precision (bfloat16: 1.6%), the rounding of the products themselves.
+            precision (bfloat16: 1.6%), the rounding of the products themselves, and at least
+            √steps times the largest estimated error of a finite-difference product (the
+            bound on how far those errors move a node: ``product_error``).
         reorthogonalize: keep the Lanczos basis orthogonal (memory O(steps·n) and O(n·steps)
             work per step). Off by default: quadrature needs only the three-term recurrence
             (memory O(n)), whose rounding-error "ghost" Ritz values share the weight of the
@@ -163,7 +170,7 @@ def density(
     steps = min(steps, op.dim)
     gen = op.generator(seed)
     start = time.perf_counter()
-    used_before = op.matvecs
+    used_before, seen = op.matvecs, len(op.error_norms)
     jacobi = []  # (T, β_m) of each probe
     with progress(steps * probes, "density (SLQ)", progress_bar) as bar, autocast_off(op.device):
         for _ in range(probes):
@@ -197,9 +204,13 @@ def density(
     width = max(hi - lo, 1e-12 * max(scale, 1.0))
     if sigma is None:
         sigma = RESOLUTION_SHARE * width
+    # A V = V T + r eₘᵀ + F with F's columns the products' errors: T moves by at most ‖F‖ ≤ √m·e
+    product_error = max(op.errors_since(seen), default=0.0)
     if resolution is None:
         resolution = max(
-            RESOLUTION_SHARE * width, ROUNDING_FLOOR * torch.finfo(op.dtype).eps * scale
+            RESOLUTION_SHARE * width,
+            ROUNDING_FLOOR * torch.finfo(op.dtype).eps * scale,
+            math.sqrt(steps) * product_error,
         )
     grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid_points, dtype=torch.float64)
     kernel = torch.exp(-0.5 * ((grid[:, None] - nodes.reshape(1, -1)) / sigma) ** 2)
@@ -222,6 +233,7 @@ def density(
         time.perf_counter() - start,
         (lower, upper),
         float(resolution),
+        product_error,
     )
 
 
