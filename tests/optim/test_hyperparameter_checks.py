@@ -68,6 +68,29 @@ def test_review_findings_on_hyperparameters():
     cs.optim.Sophia([{"params": [x]}, {"params": [y], "lr": 0.1}])  # a group's own lr is fine
 
 
+@pytest.mark.parametrize("key", ["update_every", "seed"])
+def test_the_methods_own_value_edited_in_one_group_after_construction_is_refused(key):
+    """``update_every`` and ``seed`` edited in a second group after construction were ignored
+    (group 0's was read): the step refuses the disagreement, before it moves anything; edited
+    in every group they take effect."""
+    x = torch.ones(2, requires_grad=True)
+    y = torch.ones(2, requires_grad=True)
+
+    def closure():  # the loss only: the method takes its own derivatives
+        return (x**4).sum() + (y**4).sum()
+
+    opt = cs.optim.AdaHessian([{"params": [x]}, {"params": [y]}], lr=0.1)
+    opt.step(closure)
+    opt.param_groups[1][key] = 5
+    before = (x.detach().clone(), y.detach().clone())
+    with pytest.raises(ValueError, match=f"{key}=5 in a parameter group differs.*every group"):
+        opt.step(closure)
+    assert torch.equal(x, before[0]) and torch.equal(y, before[1])
+    opt.param_groups[0][key] = 5
+    opt.step(closure)
+    assert not torch.equal(x, before[0])
+
+
 def test_normalized_gd_reports_the_step_it_took_with_per_group_rates():
     x = torch.tensor([3.0, 4.0], requires_grad=True)
     y = torch.tensor([1.0], requires_grad=True)

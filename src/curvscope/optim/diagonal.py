@@ -181,14 +181,22 @@ class _DiagonalMethod(CurvscopeOptimizer):
         self._check_group({**self.defaults, **param_group})
         if self.param_groups:
             for key in self.SHARED:
-                first, own = self.param_groups[0][key], param_group.get(key, self.defaults[key])
-                if own != first:
-                    raise ValueError(
-                        f"{type(self).__name__}: {key}={own!r} in a parameter group differs "
-                        f"from the others' {first!r}; it is the method's, not a group's: one "
-                        "diagonal estimate refreshes every parameter at once"
-                    )
+                self._same(key, param_group.get(key, self.defaults[key]))
         super().add_param_group(param_group)
+
+    def _same(self, key: str, own: Any = None) -> Any:
+        """The method's ``key`` (one of :attr:`SHARED`): group 0's, refused where another group
+        holds (or ``own``, a group being added, would hold) another value — a group edited
+        after construction was ignored. Edit every group's to change it."""
+        first = self.param_groups[0][key]
+        for value in [own] if own is not None else [g[key] for g in self.param_groups[1:]]:
+            if value != first:
+                raise ValueError(
+                    f"{type(self).__name__}: {key}={value!r} in a parameter group differs "
+                    f"from the others' {first!r}; it is the method's, not a group's: one "
+                    "diagonal estimate refreshes every parameter at once (set it in every group)"
+                )
+        return first
 
     def update_param(
         self, p: Tensor, g: Tensor, d: Tensor | None, group: dict, t: int
@@ -215,9 +223,7 @@ class _DiagonalMethod(CurvscopeOptimizer):
         t = method["step"] + 1
         # a refresh on schedule, or the one a parameter without an estimate of its own asked
         # for at the last step (:meth:`_needs_estimate`)
-        refresh = (t - 1) % self.param_groups[0]["update_every"] == 0 or bool(
-            method.get("refresh", False)
-        )
+        refresh = (t - 1) % self._same("update_every") == 0 or bool(method.get("refresh", False))
         params = snapshot.params
         products_before = counts.products
         ev = Evaluation(
@@ -225,7 +231,7 @@ class _DiagonalMethod(CurvscopeOptimizer):
         )
         diag = None
         if refresh:
-            gen = _generator(self.param_groups[0]["seed"], t, ev.flat_grad.device)
+            gen = _generator(self._same("seed"), t, ev.flat_grad.device)
             diag = self.estimator(ev, gen, counts).detach()
         i, updates, step_sq = 0, list[Update](), list[Tensor]()
         assert ev.used is not None  # first_order
