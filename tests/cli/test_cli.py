@@ -168,6 +168,10 @@ def test_report_of_a_log_holding_several_runs_says_which_and_picks_with_run(tmp_
         f.write(header)
     assert main(["report", str(log), "--out", str(tmp_path / "d")]) == 2
     assert "run 2 of the 3" in capsys.readouterr().err
+    log.write_text(header)  # one run, killed before its first probe: it is a Monitor log
+    assert main(["report", str(log), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "the run in" in err and "no probe records yet" in err and "Monitor log?" not in err
 
 
 def test_report_reads_a_log_once(tmp_path, monkeypatch):
@@ -445,6 +449,7 @@ def _user(model="model", data="data", *more):
         (["probe", "--problem", "digits-mlp", "--checkpoint", "right.pt"], "--checkpoint would"),
         (["lab", "--problems", ","], "--problems: expected comma-separated names"),
         (["lab", "--optimizers", "gd,,adam"], "an empty name in 'gd,,adam'"),
+        (["lab", "--problems", "saddle,rosenbrock,saddle"], "saddle named twice in"),
         (_user("model", "data", "--checkpoint", "wrapped.pt"), "look to be under 'model'"),
         (_user("model", "data", "--checkpoint", "nothing.pt"), "no checkpoint file at"),
         (_user("model", "two_columns"), "the model fails on the first batch"),

@@ -259,3 +259,17 @@ def test_a_verdict_without_an_optimizer_says_stability_was_not_judged():
     assert bare.state == "learning" and NOT_JUDGED in bare.reasons
     judged = cs.diagnose(model, p.loss_fn, p.data, lr=0.1)
     assert judged.state == "learning" and NOT_JUDGED not in judged.reasons
+
+
+def test_a_learning_rate_too_small_for_a_finite_limit_is_not_called_zero():
+    """At lr = 1e-320 the limit 2/η overflows to ∞, and the reason read "learning rate 0: no
+    stability limit" beside "(now 1e-320)" in the advice; an SGD whose lr is 0 still reads so."""
+    p = cs.problems.get("digits-mlp", hidden=8, n=100)
+    model = p.make_model(0)
+    for lr, said in (
+        (1e-320, "learning rate 1e-320: no finite stability limit"),
+        (0.0, "learning rate 0: no stability limit"),
+    ):
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        d = cs.diagnose(model, p.loss_fn, p.data, optimizer=opt)
+        assert d.state == "learning" and said in d.reasons, d.reasons

@@ -240,6 +240,9 @@ def test_modes_follow_open(tmp_path):
     assert path.read_text().count("curvscope_log") == 1 and read_log(path)[1] == [record(3)]
     with pytest.raises(ValueError, match=r"log_mode must be 'x' .* got 'r\+'"):
         RunLogWriter(path, "r+", HEADER)
+    for mode in "xaw":  # a folder: "already exists, pass log_mode='a'" was no fix
+        with pytest.raises(IsADirectoryError, match=r"is a directory: .*run\.jsonl"):
+            RunLogWriter(tmp_path, mode, HEADER)
 
 
 def test_a_second_writer_is_refused_and_destroys_nothing(tmp_path):

@@ -74,12 +74,15 @@ def positive_float(text: str) -> float:
 
 
 def name_list(text: str) -> list[str]:
-    """Comma-separated names, none of them empty."""
+    """Comma-separated names, none of them empty or named twice."""
     names = [a.strip() for a in text.split(",")]
     if not any(names):
         raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
     if not all(names):
         raise argparse.ArgumentTypeError(f"an empty name in {text!r}; drop the extra comma")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # it was run twice, its rows side by side in the table and the plots
+        raise argparse.ArgumentTypeError(f"{', '.join(twice)} named twice in {text!r}")
     return names
 
 
@@ -623,10 +626,12 @@ def _report(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if not records or not all(isinstance(r, dict) and "step" in r for r in records):
-        if runs > 1:
+        if runs > 1 or not records:  # a Monitor's header, and no probe after it
+            which = f"run {index} of the {runs} in" if runs > 1 else "the run in"
             raise UsageError(
-                f"run {index} of the {runs} in {str(path)!r} has no probe records yet (killed "
-                "before its first probe, or still running): pick another with --run"
+                f"{which} {str(path)!r} has no probe records yet (killed before its first "
+                "probe, or still running): "
+                + ("pick another with --run" if runs > 1 else "report it once a probe is logged")
             )
         raise UsageError(f"{str(path)!r} has no probe records with a 'step': is it a Monitor log?")
     out = _writable(Path(args.out))

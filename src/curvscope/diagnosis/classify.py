@@ -702,6 +702,8 @@ def _learning(f: Facts) -> list[str] | None:
     if f.small or f.limit is None or f.s is None:
         return [f.gradient]
     if math.isinf(f.limit):  # a learning rate scheduled to 0: no step to overshoot
+        if f.lr:  # one so small that c/η overflows (it read "learning rate 0" for 1e-320)
+            return [f.gradient, f"learning rate {f.lr:.3g}: no finite stability limit"]
         return [f.gradient, "learning rate 0: no stability limit"]
     full = f"the sharpness {f.s:.4g} is {_share(f.s, f.limit)} of the limit {f.limit:.4g}"
     if f.bs is None:

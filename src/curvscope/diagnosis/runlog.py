@@ -253,6 +253,11 @@ def _open_locked(path: Path, mode: str) -> io.FileIO:
     # O_APPEND: every write lands at the end; never O_TRUNC here: "w" truncates only once it
     # holds the lock, so that a refused second writer destroys nothing
     flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | (os.O_EXCL if mode == "x" else 0)
+    if path.is_dir():  # the advice below (another log_mode) would not help
+        raise IsADirectoryError(
+            f"the run log {str(path)!r} is a directory: pass the path of a file, e.g. "
+            f"log={str(path / 'run.jsonl')!r}"
+        )
     try:
         fd = os.open(path, flags, 0o666)
     except FileExistsError:
