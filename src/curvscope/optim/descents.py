@@ -79,7 +79,8 @@ class DenseNewton:
             mu = max(mu, floor - float(lam.min()))
             note = "indefinite Hessian: shifted to positive definite"
         s = -V @ (w / (lam + mu))
-        return Proposal(s, model_decrease(g, s, H @ s), note, used=mu, floor=floor)
+        lowest = float(lam.min())
+        return Proposal(s, model_decrease(g, s, H @ s), note, used=mu, floor=floor, lowest=lowest)
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,8 @@ class Proposal:
             an indefinite Hessian past its lowest eigenvalue), else None.
         floor: the least size the curvature the descent met asks for: dense Newton's first
             shift (damping × max|λ|), Hessian-free's damping past the negative curvature CG met.
+        lowest: the curvature's lowest eigenvalue where the descent knows it (dense Newton),
+            else None.
     """
 
     step: Tensor
@@ -66,6 +68,7 @@ class Proposal:
     loss_at_step: float | None = None
     used: float | None = None
     floor: float = 0.0
+    lowest: float | None = None
 
 
 @dataclass(frozen=True)

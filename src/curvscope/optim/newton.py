@@ -30,7 +30,9 @@ class Newton(ModelStepOptimizer):
     eigenbasis. μ = 0 while the Hessian is positive definite and steps are trusted, so a convex
     quadratic is solved in one step; where H is indefinite μ > −λ_min (the step never goes
     uphill in the model), and μ grows on a step the model did not predict (ratio ρ < ¼) and
-    shrinks on a good one (ρ > ¾), as in Levenberg (1944) and Marquardt (1963).
+    shrinks on a good one (ρ > ¾), as in Levenberg (1944) and Marquardt (1963): ÷3, and to
+    μ²/λ_min once below λ_min/3, so that the convergence near a minimum is quadratic again
+    after a rejected step.
 
     ``damping=0`` is *pure* Newton: s = −H⁻¹g (pseudo-inverse where singular), always taken
     unless the loss there is not finite — it converges to saddles and maxima and can diverge,
