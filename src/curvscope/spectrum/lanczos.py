@@ -31,6 +31,8 @@ takes the same decisions.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -71,12 +73,32 @@ def _replace_dead(
     for j in np.flatnonzero(dead).tolist():
         r = torch.randn(Xn.shape[0], 1, generator=gen, dtype=Xn.dtype, device=Xn.device)
         final = [i for i in range(Xn.shape[1]) if i != j and (i < j or not dead[i])]
-        for basis in (Q, Xn[:, final]):
-            if basis is not None and basis.shape[1]:
-                r -= basis @ op.dot(basis, r)
-                r -= basis @ op.dot(basis, r)
-        Xn[:, j : j + 1] = r / op.dot(r, r).sqrt()
+        Xn[:, j : j + 1] = _orthonormal(op, r, Q, Xn[:, final])
         R[j, :] = 0
+
+
+def _orthonormal(op: Operator, r: Tensor, Q: Tensor | None, others: Tensor) -> Tensor:
+    """r orthogonalized twice against Q and the block's other columns, and normalized."""
+    for basis in (Q, others):
+        if basis is not None and basis.shape[1]:
+            r = r - basis @ op.dot(basis, r)
+            r = r - basis @ op.dot(basis, r)
+    return r / op.dot(r, r).sqrt()
+
+
+def _polish_weak(
+    op: Operator, Xn: Tensor, R: np.ndarray, dead: np.ndarray, Q: Tensor, scale: float
+) -> None:
+    """Columns that nearly died — R's diagonal below √eps of the scale but above rounding's
+    level — are orthogonalized again after their normalization: dividing by so small a norm
+    magnifies what the two passes left of the basis (eps·‖AX‖/r_jj), and the basis lost its
+    orthogonality (a PSD matrix of rank 4 gave Ritz values down to −720 once the run went on
+    past its invariant subspace)."""
+    tiny = math.sqrt(torch.finfo(Xn.dtype).eps) * max(scale, 1e-300)
+    weak = (np.abs(np.diag(R)) < tiny) & ~dead
+    for j in np.flatnonzero(weak).tolist():
+        others = [i for i in range(Xn.shape[1]) if i != j]
+        Xn[:, j : j + 1] = _orthonormal(op, Xn[:, j : j + 1].clone(), Q, Xn[:, others])
 
 
 def _qr(op: Operator, W: Tensor) -> tuple[Tensor, Tensor]:
@@ -141,6 +163,9 @@ class Krylov:
         self.Hh = np.zeros((0, 0))
         self.Rh = np.zeros((0, 0))  # F = X R (last step)
         self.scale = 0.0
+        #: whether the last step found an invariant subspace (a direction of the block died
+        #: and a fresh random one, not yet multiplied, took its place)
+        self.broke = False
 
     @property
     def size(self) -> int:
@@ -208,8 +233,11 @@ class Krylov:
             self.Rh = np.zeros((0, b))
             return
         Rh = read[(m + b) * b :].reshape(b, b).copy()
-        _replace_dead(op, Xn, Rh, _dead(Rh, W.dtype, self.scale), Bt.T, self.gen)
         keep = min(b, op.dim - self._m)
+        dead = _dead(Rh, W.dtype, self.scale)
+        _polish_weak(op, Xn, Rh, dead, Bt.T, self.scale)
+        _replace_dead(op, Xn, Rh, dead, Bt.T, self.gen)
+        self.broke = bool(dead[:keep].any())
         self.X, self.Rh = Xn[:, :keep], Rh[:keep]
 
     def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
