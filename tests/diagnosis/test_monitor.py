@@ -130,6 +130,19 @@ def test_a_full_disk_does_not_stop_training(tmp_path):
     assert "3 of 3 probe records" in str(caught[1].message)
 
 
+def test_probes_after_close_are_counted_lost_and_said_once(tmp_path):
+    """A loop that outlives its with block: the probes go on, their records were dropped with
+    records_lost 0 and no word (an outside review). Now the first warns and each is counted."""
+    path = tmp_path / "run.jsonl"
+    with small_monitor(path) as mon:
+        mon.step(1.0)
+    with pytest.warns(UserWarning, match="run log is closed .* step 2 and any later one") as said:
+        mon.step(1.0)
+        mon.step(1.0)
+    assert len(said) == 1 and mon.records_lost == 2 and len(mon.history) == 3
+    assert [r["step"] for r in read_log(path)[1]] == [1]
+
+
 def test_state_changes_go_to_logging_and_the_callback(caplog):
     seen = []
     with caplog.at_level(logging.INFO, logger="curvscope.diagnosis.monitor"):
@@ -477,6 +490,12 @@ def test_a_loss_on_another_scale_than_the_probes_is_warned_about_once():
         _train(p, model, opt, mon, 6, report=lambda loss: loss * 65536.0)  # scaler.scale(loss)
     assert len([w for w in caught if "GradScaler" in str(w.message)]) == 1
     assert caught[0].filename == __file__  # pointed at the caller of mon.step
+    # the other way round (a loss far below the probe's): said as a fraction, no GradScaler
+    # named — it read "7.68e+03 times" for 1/7680 of a diverging run's probe loss
+    mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=3)
+    with pytest.warns(UserWarning, match=r"is 1/\d+ of the loss the probe") as caught:
+        _train(p, model, opt, mon, 3, report=lambda loss: loss / 1000.0)
+    assert not any("GradScaler" in str(w.message) for w in caught)
 
 
 def test_a_resumed_run_continues_its_step_count(tmp_path):

@@ -139,6 +139,24 @@ def test_appending_after_a_torn_line_keeps_both_runs(monitor_log, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
 
 
+def test_appending_after_a_header_cut_short_keeps_the_new_run(monitor_log, tmp_path):
+    """A writer killed while writing its header, then resumed with log_mode="a": the new
+    header says previous_run_cut, yet read_log (and `curvscope report`) failed on line 1, "not
+    valid JSON", and the resumed run's intact records were unreadable (an outside review). The
+    cut line is a run of its own, with nothing in it."""
+    path = tmp_path / "run.jsonl"
+    path.write_bytes(monitor_log[: monitor_log.index(b"\n") // 2])
+    with RunLogWriter(path, "a", HEADER) as log:
+        log.write(record(9))
+        log.write(record(12))
+    with no_warnings():
+        header, records = read_log(path)
+    assert header["previous_run_cut"] is True and [r["step"] for r in records] == [9, 12]
+    with pytest.warns(TornLogWarning, match="line 1"):
+        header, records = read_log(path, run=0)
+    assert header == {} and records == []
+
+
 # --------------------------------------------------------------------------------- runs
 def test_runs_by_index(tmp_path):
     path = tmp_path / "run.jsonl"

@@ -375,6 +375,7 @@ class Monitor:
         self._vectors: Tensor | None = None
         self._vector_names: tuple[str, ...] = ()  # the parameters the vectors are over
         self._log: RunLogWriter | None = None
+        self._after_close = 0  # probe records after close(): not written
         if log is not None and _is_writer():
             self._log = RunLogWriter(
                 log,
@@ -815,14 +816,22 @@ class Monitor:
         if not (math.isfinite(reported) and math.isfinite(probed) and reported * probed > 0):
             return
         ratio = max(reported / probed, probed / reported)
-        if ratio > LOSS_SCALE_MISMATCH:
-            warnings.warn(
-                f"the training loss passed to mon.step ({reported:.4g}) is {ratio:.3g} times "
-                f"the loss the probe measured ({probed:.4g}): if it is a GradScaler's scaled "
-                "loss, pass the loss itself (mon.step(loss), not scaler.scale(loss)) — the "
-                "divergence rules read it",
-                stacklevel=_callers_level(),
+        if ratio <= LOSS_SCALE_MISMATCH:
+            return
+        said = f"the training loss passed to mon.step ({reported:.4g}) is "
+        if reported > probed:  # a GradScaler's scale is >= 1: its loss is the larger one
+            said += (
+                f"{ratio:.3g} times the loss the probe measured ({probed:.4g}): if it is a "
+                "GradScaler's scaled loss, pass the loss itself (mon.step(loss), not "
+                "scaler.scale(loss)) — the divergence rules read it"
             )
+        else:  # it read "7.68e+03 times" for 1/7680, and named a GradScaler there was none
+            said += (
+                f"1/{ratio:.3g} of the loss the probe measured ({probed:.4g}): the loss rose "
+                "that much since it was computed (a diverging step), or it is on another "
+                "scale than the Monitor's loss_fn (a mean where that is a sum)"
+            )
+        warnings.warn(said, stacklevel=_callers_level())
 
     def _check_mode(self) -> None:
         """Warn, once, when a probe finds the model in eval mode: a loop that evaluates and
@@ -882,17 +891,32 @@ class Monitor:
 
     # ---------------------------------------------------------------------------- log
     def _write(self, record: dict[str, Any]) -> None:
-        if self._log is not None and not self._log.closed:
+        if self._log is None:
+            return
+        if not self._log.closed:
             self._log.write(record)  # never raises OSError: a failed write is counted
+            return
+        # a probe after close(): lost, and said once (they were dropped unsaid, records_lost 0)
+        self._after_close += 1
+        if self._after_close == 1:
+            warnings.warn(
+                f"the Monitor's run log is closed (close(), or the end of its with block): the "
+                f"probe record of step {record.get('step')} and any later one are not written "
+                "(counted in records_lost); keep the training loop inside the with block, or "
+                "call close() after it",
+                stacklevel=_callers_level(),
+            )
 
     @property
     def records_lost(self) -> int:
-        """Probe records that could not be written to the run log (e.g. disk full)."""
-        return 0 if self._log is None else self._log.lost
+        """Probe records that could not be written to the run log (e.g. disk full), and those
+        of probes after :meth:`close`."""
+        return 0 if self._log is None else self._log.lost + self._after_close
 
     def close(self) -> None:
         """Close the run log (if the Monitor opened it: this releases its lock; warns if
-        records were lost) and flush TensorBoard. Probes after closing are not logged."""
+        records were lost) and flush TensorBoard. Probes after closing are not logged: the
+        first such probe warns, and each counts in :attr:`records_lost`."""
         if self._log is not None:
             self._log.close()
         if self._writer is not None:

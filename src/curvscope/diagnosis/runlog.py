@@ -482,9 +482,11 @@ class _Parser:
                 f"{LOG_VERSION} and older: upgrade curvscope to read it"
             )
         if self.bad is not None:
-            if not (obj.get("previous_run_cut") and self.runs):
+            if not obj.get("previous_run_cut"):
                 raise self.fail() from None
-            self.runs[-1].cut_line, self.bad = self.bad[0], None  # the previous run's last line
+            # the previous run's last line — its header, when the writer was killed while
+            # writing that (the resumed run's records were unreadable then): a run of its own
+            self._current().cut_line, self.bad = self.bad[0], None
         self.runs.append(Run(_restore_nonfinite(obj)))
 
     def _record(self, obj: dict[str, Any], where: str) -> None:
