@@ -1162,6 +1162,18 @@ class ModelObjective:
             "pass reduction='mean' (the loss averages over the samples of a batch) or "
             "reduction='sum' (it adds them) to Curvature, diagnose or Monitor"
         )
+        t = batch.targets
+        if isinstance(t, Tensor) and not t.is_floating_point() and bool((t < 0).any()):
+            # a mean over the counted labels, which a function does not say how it counts:
+            # weighed by rows, batches with more ignored labels than others were 6% off in
+            # the sharpness, 14% in the gradient's norm, without a word (an outside review)
+            raise ValueError(
+                f"loss_fn does not declare its reduction and the labels hold {int(t.min())} "
+                "(an ignore_index): its mean is over the counted labels, which curvscope cannot "
+                "count through a function to weigh the batches. Pass it as nn.CrossEntropyLoss("
+                "ignore_index=...) or nn.NLLLoss, whose counted labels weigh the batches, or "
+                "pass reduction='sum' if it adds them"
+            )
         if n < 2 and self.num_samples == 1:
             return "mean"  # one sample in all: its mean and its sum are the same loss
         if n < 2:
