@@ -84,6 +84,14 @@ def test_hessian_refuses_large_n_with_memory_figure():
         (lambda t: (t**2).sum(), torch.ones(2, 2), None, ValueError, "1-D"),
         (lambda t: (t**2).sum(), [1.0, 2.0], None, TypeError, "torch.Tensor"),
         (lambda t: (t**2).sum(), torch.tensor([1, 2]), None, TypeError, "floating"),
+        # complex: x.double() was the advice, which drops the imaginary part
+        (
+            lambda t: t.abs().sum(),
+            torch.ones(2, dtype=torch.cfloat),
+            None,
+            TypeError,
+            "view_as_real",
+        ),
         (lambda t: torch.log(t).sum(), -torch.ones(2), None, FloatingPointError, "not finite"),
         (lambda t: torch.tensor(1.0), torch.ones(2), None, ValueError, "does not depend on x"),
         (lambda t: (t**2).sum(), torch.ones(3), torch.ones(4), ValueError, r"shape \(3,\)"),

@@ -287,3 +287,16 @@ def test_a_new_pairing_is_one_class_and_keeps_the_contract():
     assert losses[-1] < 0.5 * losses[0] and all(b <= a for a, b in pairwise(losses))
     assert opt.state["global"]["damping"] == dampings[-1] and len(set(dampings)) > 1
     assert opt.counts.cg_iterations > 0 and opt.state_dict()["optimizer"] == opt.__class__.__name__
+
+
+def test_a_model_step_method_at_an_exact_saddle_says_stationary_not_converged():
+    """At g = 0 a model-step method takes no step; its note read "converged" at a saddle too,
+    even for cubic Newton, documented to escape saddles (an outside review)."""
+    x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    for make in (cs.optim.CubicNewton, cs.optim.Newton, cs.optim.SaddleFreeNewton):
+        opt = make([x])
+        opt.step(lambda: x[0] ** 2 - x[1] ** 2)
+        assert opt.info.note.startswith("stationary") and "stationary_point" in opt.info.note
+        assert torch.equal(x.detach(), torch.zeros(2, dtype=torch.float64))
+    point = cs.optim.stationary_point(lambda: x[0] ** 2 - x[1] ** 2, [x])
+    assert point.kind == "saddle"

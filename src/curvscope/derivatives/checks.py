@@ -49,6 +49,12 @@ def check_point(x: object, name: str = "x") -> Tensor:
             f"expected {name} to be a 1-D tensor, got shape {tuple(x.shape)}; "
             f"flatten it with {name}.reshape(-1)"
         )
+    if x.is_complex():  # .double() would drop the imaginary part, silently
+        raise TypeError(
+            f"expected {name} to have a real floating dtype, got {x.dtype}: the curvature of a "
+            f"real function of complex numbers is that of their real and imaginary parts; pass "
+            f"torch.view_as_real({name}).reshape(-1) and rebuild the complex value inside f"
+        )
     if not x.is_floating_point():
         raise TypeError(
             f"expected {name} to have a floating dtype, got {x.dtype}; use {name}.double()"

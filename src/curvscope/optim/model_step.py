@@ -221,7 +221,10 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         ev = Evaluation(params, closure, counts, group=self.group)
         gnorm = float(ev.flat_grad.norm())
         if gnorm <= group["tolerance_grad"]:
-            note = f"converged: ‖g‖ = {gnorm:.3g} <= tolerance_grad, no step"
+            note = (  # "converged" it read, at a saddle too (even for the cubic method)
+                f"stationary: ‖g‖ = {gnorm:.3g} <= tolerance_grad, no step (a minimum, saddle or "
+                "maximum: cs.optim.stationary_point tells which)"
+            )
             size = {search.size: memory[search.key]}
             self._end(counts, StepInfo(ev.loss, 0.0, 0.0, 0.0, 0.0, None, False, 0, note, **size))
             return ev.loss_tensor.detach()
