@@ -208,6 +208,12 @@ def test_params_subset_is_the_block_of_the_full_matrix():
     assert by_name.param_names == names[2:]
     torch.testing.assert_close(by_name.to_dense(), block, **TOL)
     torch.testing.assert_close(by_param.to_dense(), block, **TOL)
+    # flat vectors follow params='s order (C.param_names), not named_parameters()' (the
+    # docstring said the latter: an outside review)
+    swapped = cs.Curvature(case.model, case.loss_fn, case.data, params=[names[3], names[2]])
+    assert swapped.param_names == [names[3], names[2]]
+    order = torch.cat([torch.arange(sizes[2], sum(sizes[2:4])), torch.arange(sizes[2])])
+    torch.testing.assert_close(swapped.to_dense(), block[order][:, order], **TOL)
 
 
 def test_frozen_parameters_are_left_out():

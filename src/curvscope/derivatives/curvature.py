@@ -206,7 +206,8 @@ class Curvature:
       a loss without a known likelihood: the per-sample terms, (1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ.
 
     ``C @ v`` takes a flat vector of length ``C.num_params`` (the parameters' dtype and device,
-    in ``model.named_parameters()`` order) or a block (num_params, k) and returns the same shape.
+    in the order of ``C.param_names``: ``model.named_parameters()`` order, or with ``params=``
+    the order given there) or a block (num_params, k) and returns the same shape.
     The model is left exactly as found: parameters, ``.grad``, ``training`` flags, BatchNorm
     statistics, ``requires_grad`` and the global RNGs — torch's, numpy's, Python's (dropout
     masks and other draws are fixed per batch by ``seed``). Products use the parameters'
@@ -222,7 +223,8 @@ class Curvature:
             batch's samples.
         data: an ``(inputs, targets)`` pair, a list of pairs, or a ``DataLoader``.
         kind: ``"hessian"`` (default), ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
-        params: parameters or parameter names to restrict to (that block of the curvature).
+        params: parameters or parameter names to restrict to (that block of the curvature),
+            laid out in flat vectors in the order given (``C.param_names``).
         seed: a non-negative integer; fixes dropout masks, the Fisher's sampled labels and a
             loader's shuffling.
         mc_samples: label samples per input for ``kind="fisher"``.
