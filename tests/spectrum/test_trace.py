@@ -81,12 +81,25 @@ def test_trace_of_square_is_the_squared_frobenius_norm():
 
 def test_hutchinson_diagonal_is_unbiased_and_its_errors_are_honest():
     A = INDEFINITE
-    r = cs.diagonal(A, 400, seed=0)
-    assert r.matvecs == 400 and r.value.shape == (N,)
+    r = cs.diagonal(A, 400, "hutchinson", seed=0)
+    assert r.matvecs == 400 and r.value.shape == (N,) and r.method == "hutchinson"
     z = (r.value - A.diagonal()) / r.stderr
     assert float((z.abs() <= 1.96).double().mean()) >= 0.88
     mean = torch.stack([cs.diagonal(A, 20, seed=s).value for s in range(200)]).mean(0)
     assert float((mean - A.diagonal()).abs().max()) < 0.1 * float(A.diagonal().abs().max() + 1)
+
+
+def test_a_budget_that_pays_for_the_exact_answer_gets_it():
+    """n = 200: a budget of 200 or more bought 200+ noisy probes (the diagonal) or Hutch++'s
+    sketch (the trace: 93 products for n = 26), where n unit vectors are exact. "auto", the
+    default of both, now takes the exact answer then; a named method is kept."""
+    for budget in (N, 2 * N):
+        d, t = cs.diagonal(INDEFINITE, budget), cs.trace(INDEFINITE, budget)
+        assert d.method == t.method == "exact" and d.matvecs == t.matvecs == N
+        torch.testing.assert_close(d.value, INDEFINITE.diagonal())
+        assert abs(t.value - float(INDEFINITE.trace())) < 1e-10 and float(d.stderr.max()) == 0
+    assert cs.diagonal(INDEFINITE, N - 1).method == "hutchinson"
+    assert cs.trace(INDEFINITE, N, "hutch++").method == "hutch++"
 
 
 def test_reproducible_and_the_global_rng_is_untouched():
