@@ -73,6 +73,14 @@ def test_saddle_with_zero_gradient():
     assert "saddle-free" in " ".join(d.advice)
 
 
+def test_the_top_of_a_hill_is_a_saddle_that_says_it_is_a_maximum():
+    """No state of its own; the reason said "a direction curves down" where every one does
+    (an outside review): it names the maximum, with λ_max < 0."""
+    d, _ = diag(lambda x: -bowl(x), [1e-7, 1e-7, 1e-7], lr=0.1)
+    assert d.state == "saddle" and d.evidence["sharpness"] == pytest.approx(-0.1, rel=1e-2)
+    assert any("every direction curves down" in r and "local maximum" in r for r in d.reasons)
+
+
 def test_bottom_of_a_convex_bowl_is_a_minimum():
     d, _ = diag(bowl, [1e-7, -1e-7, 1e-7], lr=0.1)
     assert d.state == "minimum"

@@ -572,6 +572,11 @@ def _saddle(f: Facts) -> list[str] | None:
     tau = f.th.negative_curvature
     if not (f.small and f.lmin is not None and f.s is not None and f.lmin < -tau * abs(f.s)):
         return None
+    if f.s < 0:  # no state of its own: said, where "a direction curves down" undersold it
+        return [
+            f.gradient,
+            f"and every direction curves down (λ_max = {f.s:.3g} < 0): a local maximum",
+        ]
     return [
         f.gradient,
         f"but a direction curves down: λ_min = {f.lmin:.3g} < −{tau:g} × |λ_max| ({abs(f.s):.3g})",
