@@ -300,3 +300,26 @@ def test_a_model_step_method_at_an_exact_saddle_says_stationary_not_converged():
         assert torch.equal(x.detach(), torch.zeros(2, dtype=torch.float64))
     point = cs.optim.stationary_point(lambda: x[0] ** 2 - x[1] ** 2, [x])
     assert point.kind == "saddle"
+
+
+@pytest.mark.parametrize(
+    ("make", "size"),
+    [(cs.optim.NewtonCG, "radius"), (cs.optim.CubicNewton, "sigma"), (cs.optim.Newton, "damping")],
+)
+def test_a_learning_rate_scheduler_on_a_model_step_method_names_the_size_to_set(make, size):
+    """torch's schedulers read group["lr"], which a model-step method has not: the KeyError
+    was torch's bare 'lr'. It says why and which value to set between steps — through a state
+    dict's round trip and a deep copy too; the group is a plain dict otherwise."""
+    import copy
+
+    x = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    opt = make([x])
+    opt.step(lambda: (x**4).sum())
+    again = make([x])
+    again.load_state_dict(opt.state_dict())
+    for each in (opt, again, copy.deepcopy(opt)):
+        with pytest.raises(KeyError, match=rf"no learning rate.*param_groups\[0\]\['{size}'\]"):
+            torch.optim.lr_scheduler.StepLR(each, 1)
+        assert isinstance(each.param_groups[0], dict) and size in each.param_groups[0]
+        with pytest.raises(KeyError, match="momentum"):
+            each.param_groups[0]["momentum"]

@@ -147,6 +147,26 @@ def check_pairing(name: str, descent: Descent, search: Search) -> None:
         )
 
 
+class SizedGroup(dict[str, Any]):
+    """A model-step method's parameter group (a plain dict otherwise): it has no learning
+    rate, and asked for one — by torch's learning-rate schedulers — it says so and what to do
+    instead (it was torch's bare ``KeyError: 'lr'``)."""
+
+    method: str = ""
+    size: str = ""
+
+    def __missing__(self, key: Any) -> Any:
+        if key == "lr":
+            raise KeyError(
+                f"'lr': {self.method} has no learning rate: each step is sized by its "
+                f"{self.size}, adapted step by step from how well the model predicted the last "
+                "one, so torch's learning-rate schedulers do not apply; to schedule it, set "
+                f"optimizer.param_groups[0][{self.size!r}] between steps (the search restarts "
+                "from the new value)"
+            )
+        raise KeyError(key)
+
+
 class ModelStepOptimizer(CurvscopeOptimizer):
     """One step: evaluate, propose s by the descent at the search's size, measure the loss at
     θ + s, keep or undo the step by the search's test, update the size from ρ. Non-finite trial
@@ -183,9 +203,21 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         super().__init__(params, {**defaults, "tolerance_grad": tolerance_grad}, group=group)
         descent, search = self.descent, self.search
         check_pairing(type(self).__name__, descent, search)
+        self._sized_groups()
         group = self.param_groups[0]
         asked = self._asked()
         self._set_global({search.key: asked["asked"], **descent.init(group), **asked})
+
+    def _sized_groups(self) -> None:
+        """The group as a :class:`SizedGroup` (at construction, and after a state dict loaded
+        torch's plain one)."""
+        group = SizedGroup(self.param_groups[0])
+        group.method, group.size = type(self).__name__, self.search.size
+        self.param_groups[0] = group
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._sized_groups()
 
     def _asked(self) -> dict[str, Any]:
         """What the group asks for now — the search (Newton's pairing follows its damping), its
