@@ -571,6 +571,19 @@ def test_a_one_group_method_refuses_add_param_group_and_survives_a_frozen_layer(
     loss = float(closure()[0])
     opt.step(closure)  # CG starts cold: its warm start was for 21 entries, now 5
     assert float(closure()[0]) < loss and torch.equal(model[0].weight, frozen)
+    # a checkpoint saved with the layer frozen, resumed with it trainable again: refused as
+    # "a model of another shape" (its warm start is for 5 entries); now it loads, and the warm
+    # start is dropped at the next step as in the run above
+    saved = opt.state_dict()
+    model[0].requires_grad_(True)
+    resumed = cs.optim.HessianFree(model.parameters())
+    resumed.load_state_dict(saved)
+    loss = float(closure()[0])
+    resumed.step(closure)
+    assert float(closure()[0]) < loss
+    other = torch.nn.Linear(3, 2).double()  # another model still is refused
+    with pytest.raises(ValueError, match="build the optimizer on the parameters it was saved"):
+        cs.optim.HessianFree(other.parameters()).load_state_dict(saved)
 
 
 @pytest.mark.parametrize(

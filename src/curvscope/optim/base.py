@@ -367,7 +367,12 @@ def check_loadable(opt: CurvscopeOptimizer, state_dict: Any) -> None:
         )
     state = state_dict["state"]
     n = _check_parameter_state(name, state, groups, opt.param_groups)
-    for key, t in (state.get("global") or {}).items():
+    saved = state.get("global") or {}
+    now = [p.requires_grad for g in opt.param_groups for p in g["params"]]
+    refrozen = saved.get("trainable", now) != now  # a layer frozen or unfrozen since
+    for key, t in saved.items():
+        if key == "previous" and refrozen:
+            continue  # a warm start for other trained parameters: the next step drops it
         if isinstance(t, Tensor) and t.ndim > 0 and t.numel() != n:
             raise ValueError(
                 f"{name}.load_state_dict: the saved {key!r} has {t.numel()} entries, the "
