@@ -450,6 +450,8 @@ def _user(model="model", data="data", *more):
         (["lab", "--problems", ","], "--problems: expected comma-separated names"),
         (["lab", "--optimizers", "gd,,adam"], "an empty name in 'gd,,adam'"),
         (["lab", "--problems", "saddle,rosenbrock,saddle"], "saddle named twice in"),
+        (["lab", "--out", ""], "--out: an empty path ''"),  # it wrote into the working folder
+        (["report", "run.jsonl", "--out", " "], "--out: an empty path"),
         (_user("model", "data", "--checkpoint", "wrapped.pt"), "look to be under 'model'"),
         (_user("model", "data", "--checkpoint", "nothing.pt"), "no checkpoint file at"),
         (_user("model", "two_columns"), "the model fails on the first batch"),

@@ -73,6 +73,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def folder(text: str) -> str:
+    """An output folder's path, not empty (``--out ''`` wrote into the working directory, and
+    ``--report ''`` wrote no report, both without a word)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"an empty path {text!r}; name a folder")
+    return text
+
+
 def name_list(text: str) -> list[str]:
     """Comma-separated names, none of them empty or named twice."""
     names = [a.strip() for a in text.split(",")]
@@ -669,7 +677,9 @@ def parser() -> argparse.ArgumentParser:
     lab = sub.add_parser(
         "lab", parents=[common], help="run optimizers side by side on the built-in problems"
     )
-    lab.add_argument("--out", default="curvscope-lab", help="output folder (default %(default)s)")
+    lab.add_argument(
+        "--out", type=folder, default="curvscope-lab", help="output folder (default %(default)s)"
+    )
     lab.add_argument("--quick", action="store_true", help="small budgets (a smoke test, ~20 s)")
     lab.add_argument(
         "--problems", type=name_list, help="comma-separated problem names (default: built-ins)"
@@ -714,11 +724,13 @@ def parser() -> argparse.ArgumentParser:
         "safely); its learning rates are used unless --lr is given",
     )
     pr.add_argument("--json", action="store_true", help="print one JSON object")
-    pr.add_argument("--report", help="write an HTML report with loss slices into this folder")
+    pr.add_argument(
+        "--report", type=folder, help="write an HTML report with loss slices into this folder"
+    )
     pr.set_defaults(func=_probe)
     rp = sub.add_parser("report", parents=[common], help="render a Monitor run log as HTML")
     rp.add_argument("log", help="the run log written by cs.Monitor(log=...)")
-    rp.add_argument("--out", default="curvscope-report", help="output folder")
+    rp.add_argument("--out", type=folder, default="curvscope-report", help="output folder")
     rp.add_argument(
         "--run",
         type=int,
