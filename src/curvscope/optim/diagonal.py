@@ -184,12 +184,12 @@ class _DiagonalMethod(CurvscopeOptimizer):
                 self._same(key, param_group.get(key, self.defaults[key]))
         super().add_param_group(param_group)
 
-    def _same(self, key: str, own: Any = None) -> Any:
+    def _same(self, key: str, *own: Any) -> Any:
         """The method's ``key`` (one of :attr:`SHARED`): group 0's, refused where another group
         holds (or ``own``, a group being added, would hold) another value — a group edited
         after construction was ignored. Edit every group's to change it."""
         first = self.param_groups[0][key]
-        for value in [own] if own is not None else [g[key] for g in self.param_groups[1:]]:
+        for value in own or [g[key] for g in self.param_groups[1:]]:
             if value != first:
                 raise ValueError(
                     f"{type(self).__name__}: {key}={value!r} in a parameter group differs "
