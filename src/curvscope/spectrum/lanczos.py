@@ -97,7 +97,7 @@ def _polish_weak(
     tiny = math.sqrt(torch.finfo(Xn.dtype).eps) * max(scale, 1e-300)
     weak = (np.abs(np.diag(R)) < tiny) & ~dead
     for j in np.flatnonzero(weak).tolist():
-        others = [i for i in range(Xn.shape[1]) if i != j]
+        others = [i for i in range(Xn.shape[1]) if i != j and not dead[i]]  # dead: replaced
         Xn[:, j : j + 1] = _orthonormal(op, Xn[:, j : j + 1].clone(), Q, Xn[:, others])
 
 
