@@ -171,3 +171,88 @@ def test_torch_optimizers_in_the_registry_are_not_transactions():
     (y * math.nan).sum().backward()
     sgd.step()
     assert torch.isnan(y).all()
+
+
+def _bn_dropout_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 8),
+        torch.nn.BatchNorm1d(8),
+        torch.nn.Tanh(),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(8, 1),
+    ).double()
+
+
+@pytest.mark.parametrize("name", ["adahessian", "sophia", "newton-cg", "hessian-free"])
+def test_a_refused_step_leaves_batchnorm_as_found(name):
+    """A batch holding an inf: the step is refused and writes no parameter — but its own
+    forward had made BatchNorm's running mean NaN and moved its batch count, which a loop that
+    skips the batch then evaluated with (an outside review). The statistics come back too."""
+    model = _bn_dropout_model()
+    X, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+    X[3, 0] = math.inf
+    opt = cs.optim.build(name, model.parameters())
+    buffers = [b.clone() for b in model.buffers()]
+
+    def closure():
+        out = model(X)
+        loss = torch.nn.functional.mse_loss(out, y)
+        return (loss, out) if name == "hessian-free" else loss
+
+    with pytest.raises(FloatingPointError):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
+
+
+@pytest.mark.parametrize("name", ["newton-cg", "hessian-free", "cubic-newton"])
+def test_a_retried_step_is_the_step_that_never_failed_with_batchnorm_and_dropout(name):
+    """A closure failing at its trial point, retried: the parameters came back, but not the
+    BatchNorm statistics (its batch count one further) nor the dropout masks the failed
+    attempt drew, so the retry differed from an uninterrupted step (an outside review)."""
+    X, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+    runs = []
+    for fail in (False, True):
+        model = _bn_dropout_model()
+        opt = cs.optim.build(name, model.parameters())
+
+        def f(model=model):
+            out = model(X)
+            loss = torch.nn.functional.mse_loss(out, y)
+            return (loss, out) if name == "hessian-free" else loss
+
+        torch.manual_seed(1)
+        if fail:
+            with pytest.raises(Fault):
+                opt.step(failing_at(2, f))
+        opt.step(f)
+        runs.append([flat(model), *[b.clone() for b in model.buffers()], torch.rand(1)])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+@pytest.mark.parametrize(
+    "name", ["newton-cg", "hessian-free", "cubic-newton", "saddle-free-newton"]
+)
+def test_steps_taken_inside_an_autocast_region_measure_their_trial_points(name):
+    """Inside a torch.autocast region autocast keeps each parameter's bfloat16 copy until the
+    region exits: every trial point was measured at the old weights (actual reduction 0), every
+    step rejected and the trust region collapsed, silently (an outside review)."""
+    model = _bn_dropout_model().float().eval()
+    X, y = torch.randn(64, 4), torch.randn(64, 1)
+    opt = cs.optim.build(name, model.parameters())
+
+    def f():
+        out = model(X)
+        loss = torch.nn.functional.mse_loss(out.float(), y)
+        return (loss, out) if name == "hessian-free" else loss
+
+    def loss():
+        return float(torch.nn.functional.mse_loss(model(X), y))
+
+    start = loss()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        accepted = 0
+        for _ in range(5):
+            opt.step(f)
+            accepted += bool(opt.info.accepted)
+    assert accepted >= 3 and loss() < 0.9 * start

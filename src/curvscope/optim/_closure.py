@@ -137,15 +137,22 @@ class _ClosureBackward(TorchFunctionMode):
                 p.grad = g if p.grad is None else p.grad + g
 
 
-class _KeptStatistics:
+class KeptStatistics:
     """Around an evaluation that is not the step's own: the running statistics (and batch
     counts) of every normalization layer that runs inside, on this thread, are put back on
     exit — through ``.data``, which leaves the buffers' version counters alone: a graph kept
     for products saved them (a train-mode backward does not read their values), and an
     in-place write it could see would fail its backward. Found by a global forward pre-hook,
-    there only while the evaluation runs; another thread's modules are left alone."""
+    there only while the evaluation runs; another thread's modules are left alone.
 
-    def __enter__(self) -> _KeptStatistics:
+    ``on_error=True``: put back only when the block raises — around a whole step, whose own
+    evaluation updates them once, as a forward does, unless the step fails (a refused step
+    had left BatchNorm's running mean NaN and its batch count moved: an outside review)."""
+
+    def __init__(self, on_error: bool = False) -> None:
+        self.on_error = on_error
+
+    def __enter__(self) -> KeptStatistics:
         self.saved: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {}
         self.thread = threading.get_ident()
         self.handle = nn.modules.module.register_module_forward_pre_hook(self._seen)
@@ -158,8 +165,10 @@ class _KeptStatistics:
             buffers = module.buffers(recurse=False)
             self.saved[module] = [(b, b.detach().clone()) for b in buffers if b is not None]
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, *exc: object) -> None:
         self.handle.remove()
+        if self.on_error and kind is None:
+            return
         for kept in self.saved.values():
             for buffer, value in kept:
                 buffer.data.copy_(value)
@@ -302,7 +311,7 @@ def loss_only(
     """The closure's loss at the current parameters (a trial point; the mean over ``group``),
     the closure run as written (see the module's docstring) and its traces undone:
     ``.grad`` (:func:`_undone`) and the normalization layers' statistics."""
-    with _undone(params), _KeptStatistics():
+    with _undone(params), KeptStatistics():
         return _call(closure, counts, params, "contained", group).mean
 
 
@@ -362,7 +371,7 @@ class Evaluation:
         self.params, self.counts, self.group = list(params), counts, group
         with (
             _undone(self.params) if undone else contextlib.nullcontext(),
-            _KeptStatistics() if undone else contextlib.nullcontext(),
+            KeptStatistics() if undone else contextlib.nullcontext(),
         ):
             called = _call(
                 closure, counts, self.params, "contained" if undone else "keep", group, True
@@ -491,7 +500,17 @@ def flat_params(params: Sequence[Tensor]) -> Tensor:
 
 
 def write_flat(params: Sequence[Tensor], x: Tensor) -> None:
-    """Copy a flat vector into the parameters (in place, under no_grad)."""
+    """Copy a flat vector into the parameters (in place, under no_grad), and drop autocast's
+    cached low-precision copies of them (:func:`parameters_written`)."""
     with torch.no_grad():
         for p, value in zip(params, unflatten(x, [p.shape for p in params]), strict=True):
             p.copy_(value)
+    parameters_written()
+
+
+def parameters_written() -> None:
+    """After parameters were written in place: inside a ``torch.autocast`` region autocast
+    keeps each parameter's low-precision copy until the outermost region exits, and a step
+    taken inside one measured every trial point at the old weights — each step rejected, the
+    trust region collapsing, without a word (an outside review)."""
+    torch.clear_autocast_cache()

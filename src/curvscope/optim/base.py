@@ -33,7 +33,15 @@ from torch.optim import Optimizer
 from curvscope.derivatives import checks
 from curvscope.derivatives.distributed import resolve_group
 from curvscope.derivatives.flat import tensors
-from curvscope.optim._closure import Closure, Counts, check_closure, flat_params, write_flat
+from curvscope.optim._closure import (
+    Closure,
+    Counts,
+    KeptStatistics,
+    check_closure,
+    flat_params,
+    parameters_written,
+    write_flat,
+)
 
 
 @dataclass(frozen=True)
@@ -204,13 +212,19 @@ class CurvscopeOptimizer(Optimizer):
     def step(self, closure: Any = None) -> Tensor | None:  # type: ignore[override]
         """One step, as a transaction: if anything raises inside (the closure at any of its
         evaluations, a curvature product, a refused non-finite update), the parameters, the
-        state (counts included) and ``info`` are restored bit for bit to what they were at the
+        state (counts included), ``info``, the running statistics of the normalization layers
+        the step ran and torch's global RNG are restored bit for bit to what they were at the
         start of the step, then the exception propagates. Returns the loss at the start."""
         snapshot = Snapshot(self)
+        rng = torch.get_rng_state(), _cuda_rng_states()
         try:
-            return self._step(closure, snapshot)
+            with KeptStatistics(on_error=True):
+                return self._step(closure, snapshot)
         except BaseException as error:
             snapshot.restore(self, error)
+            torch.set_rng_state(rng[0])  # a retry draws the failed attempt's dropout masks
+            if rng[1] is not None:
+                torch.cuda.set_rng_state_all(rng[1])
             raise
 
     def _step(self, closure: Any, snapshot: Snapshot) -> Tensor | None:
@@ -249,6 +263,7 @@ class CurvscopeOptimizer(Optimizer):
             if st is not None:
                 self.state[p] = st
             p.copy_(new)
+        parameters_written()
 
     def _non_finite_message(self, updates: Sequence[Update]) -> str:
         name = type(self).__name__
@@ -280,6 +295,11 @@ class CurvscopeOptimizer(Optimizer):
     def _end(self, counts: Counts, info: StepInfo) -> None:
         self._counts = replace(counts)
         self.info = info
+
+
+def _cuda_rng_states() -> list[Tensor] | None:
+    """torch's CUDA generators' states where CUDA is in use (reading them initializes none)."""
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
 
 
 class Snapshot:
@@ -315,6 +335,7 @@ class Snapshot:
             assert self._copies is not None
             for p, c in zip(self.params, self._copies, strict=True):
                 p.copy_(c)
+            parameters_written()
         opt.state.clear()
         opt.state.update(self._state)
         opt._counts, opt.info = self._counts, self._info
