@@ -256,3 +256,37 @@ def test_steps_taken_inside_an_autocast_region_measure_their_trial_points(name):
             opt.step(f)
             accepted += bool(opt.info.accepted)
     assert accepted >= 3 and loss() < 0.9 * start
+
+
+@pytest.mark.parametrize(
+    "name", ["newton-cg", "hessian-free", "cubic-newton", "saddle-free-newton"]
+)
+def test_a_model_step_measures_its_trial_points_under_its_own_dropout_masks(name):
+    """Each trial forward drew fresh dropout masks, so ρ compared f(θ; mask₁) with
+    f(θ + s; mask₂): between −2e5 and 3e5 at a small radius, 11 of 20 steps kept (an outside
+    review). A step's evaluations now share its first forward's draws, and it leaves torch's
+    RNG where one forward would."""
+    X, y = torch.randn(64, 4, dtype=torch.float64), torch.randn(64, 1, dtype=torch.float64)
+    model = _bn_dropout_model().double()
+    small = {"radius": 1e-6}, {"sigma": 1e6}, {"damping": 1e4}  # steps the model predicts
+    sizes = dict(zip(["newton-cg", "cubic-newton", "saddle-free-newton"], small, strict=True))
+    opt = cs.optim.build(name, model.parameters(), **sizes.get(name, {}))
+
+    def f():
+        out = model(X)
+        loss = torch.nn.functional.mse_loss(out, y)
+        return (loss, out) if name == "hessian-free" else loss
+
+    kept = 0
+    for seed in range(6):
+        torch.manual_seed(seed)
+        opt.step(f)
+        after_step = torch.get_rng_state()
+        torch.manual_seed(seed)
+        model.eval(), model.train()
+        with torch.no_grad():
+            torch.nn.functional.dropout(torch.ones(64, 8), 0.2, training=True)  # one forward's
+        assert torch.equal(after_step, torch.get_rng_state())
+        kept += bool(opt.info.accepted)
+        assert opt.info.ratio is None or 0.2 < opt.info.ratio < 5, opt.info
+    assert kept >= 5

@@ -508,6 +508,23 @@ def write_flat(params: Sequence[Tensor], x: Tensor) -> None:
     parameters_written()
 
 
+RngState = tuple[Tensor, "list[Tensor] | None"]
+
+
+def rng_now() -> RngState:
+    """torch's global RNG states: the CPU generator's, and the CUDA ones where CUDA is in use
+    (reading them initializes none)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def rng_back(state: RngState) -> None:
+    """Put torch's global RNG states back to ``state`` (:func:`rng_now`)."""
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
 def parameters_written() -> None:
     """After parameters were written in place: inside a ``torch.autocast`` region autocast
     keeps each parameter's low-precision copy until the outermost region exits, and a step

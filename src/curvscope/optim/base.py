@@ -40,6 +40,8 @@ from curvscope.optim._closure import (
     check_closure,
     flat_params,
     parameters_written,
+    rng_back,
+    rng_now,
     write_flat,
 )
 
@@ -215,16 +217,13 @@ class CurvscopeOptimizer(Optimizer):
         state (counts included), ``info``, the running statistics of the normalization layers
         the step ran and torch's global RNG are restored bit for bit to what they were at the
         start of the step, then the exception propagates. Returns the loss at the start."""
-        snapshot = Snapshot(self)
-        rng = torch.get_rng_state(), _cuda_rng_states()
+        snapshot, rng = Snapshot(self), rng_now()
         try:
             with KeptStatistics(on_error=True):
                 return self._step(closure, snapshot)
         except BaseException as error:
             snapshot.restore(self, error)
-            torch.set_rng_state(rng[0])  # a retry draws the failed attempt's dropout masks
-            if rng[1] is not None:
-                torch.cuda.set_rng_state_all(rng[1])
+            rng_back(rng)  # a retry draws the failed attempt's dropout masks
             raise
 
     def _step(self, closure: Any, snapshot: Snapshot) -> Tensor | None:
@@ -295,11 +294,6 @@ class CurvscopeOptimizer(Optimizer):
     def _end(self, counts: Counts, info: StepInfo) -> None:
         self._counts = replace(counts)
         self.info = info
-
-
-def _cuda_rng_states() -> list[Tensor] | None:
-    """torch's CUDA generators' states where CUDA is in use (reading them initializes none)."""
-    return torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
 
 
 class Snapshot:
