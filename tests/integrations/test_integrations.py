@@ -259,6 +259,24 @@ def test_transformers_callback_refuses_reentrant_checkpointing_before_training(t
     assert len(cb.monitor.history) == 2
 
 
+def test_transformers_callback_refuses_the_models_own_loss_under_label_smoothing(tmp_path):
+    """With label_smoothing_factor the Trainer trains a smoothed loss outside the model, and
+    loss_fn=None measured the model's own, unsmoothed one: sharpness 3.99 where the trained
+    loss had 2.79 against a limit of 4, without a word (an outside review). Refused before the
+    first step."""
+    from transformers import Trainer
+
+    from curvscope.integrations.transformers import CurvscopeTrainerCallback
+
+    ids, labels, train = _hf_data(8)
+    cb = CurvscopeTrainerCallback(None, [{"input_ids": ids, "labels": labels}], every=2)
+    args = _hf_args(tmp_path, label_smoothing_factor=0.1)
+    trainer = Trainer(model=_tiny_bert(), args=args, train_dataset=train, callbacks=[cb])
+    with pytest.raises(ValueError, match=r"label_smoothing_factor=0\.1.*unsmoothed"):
+        trainer.train()
+    assert cb.monitor is None
+
+
 def _tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
