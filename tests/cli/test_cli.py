@@ -285,6 +285,17 @@ def test_probe_on_a_built_in_problem(tmp_path, capsys):
     assert (tmp_path / "slices.png").exists() and (tmp_path / "report.html").exists()
 
 
+def test_probe_momentum_takes_its_beta(capsys):
+    """--optimizer momentum judged every run at β = 0.9, said nowhere (an outside review): the
+    help says so, and --momentum sets it — the limit 2(1 + β)/lr."""
+    for beta, limit in ((None, 38.0), ("0.5", 30.0)):
+        more = [] if beta is None else ["--momentum", beta]
+        argv = ["probe", "--problem", "breast-cancer-logreg", "--optimizer", "momentum"]
+        assert main([*argv, "--lr", "0.1", *more, "--json"]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res["evidence"]["stability_limit"] == pytest.approx(limit)
+
+
 def test_probe_imports_the_users_model_and_checkpoint(tmp_path, capsys, monkeypatch):
     (tmp_path / "usermod.py").write_text(
         "import torch\n"
@@ -451,6 +462,21 @@ def _user(model="model", data="data", *more):
         (["lab", "--optimizers", "gd,,adam"], "an empty name in 'gd,,adam'"),
         (["lab", "--problems", "saddle,rosenbrock,saddle"], "saddle named twice in"),
         (["lab", "--out", ""], "--out: an empty path ''"),  # it wrote into the working folder
+        (["probe", "--problem", "saddle", "--lr", "1", "--momentum", "1"], "must be in [0, 1)"),
+        (
+            [
+                "probe",
+                "--problem",
+                "digits-mlp",
+                "--optimizer",
+                "gd",
+                "--lr",
+                "1",
+                "--momentum",
+                "0.5",
+            ],
+            "--momentum sets the β of --optimizer momentum",
+        ),
         (["report", "run.jsonl", "--out", " "], "--out: an empty path"),
         (_user("model", "data", "--checkpoint", "wrapped.pt"), "look to be under 'model'"),
         (_user("model", "data", "--checkpoint", "nothing.pt"), "no checkpoint file at"),

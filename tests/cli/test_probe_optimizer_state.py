@@ -156,6 +156,11 @@ def test_a_state_of_named_groups_maps_by_name(tmp_path, monkeypatch, capsys):
             ["--optimizer", "adam", "--optimizer-state", "{f}"],
             "2 parameter groups of 2, 2 parameters without their names",
         ),
+        (  # an Adam state for plain gd: a KeyError traceback from the stability rule
+            lambda opt, model: opt.state_dict(),
+            ["--optimizer", "gd", "--optimizer-state", "{f}"],
+            "has parameter groups without 'momentum': it is not the state of --optimizer gd",
+        ),
         (None, ["--optimizer", "adam", "--optimizer-state", "missing.pt"], "no checkpoint file"),
     ],
 )

@@ -62,6 +62,17 @@ def _refusals(where: str = "") -> Iterator[None]:
 
 
 # ------------------------------------------------------------------ argparse type= checks
+def momentum_beta(text: str) -> float:
+    """A momentum coefficient β in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """A finite number > 0 (a learning rate)."""
     try:
@@ -246,6 +257,11 @@ def _check_probe_flags(args: argparse.Namespace) -> None:
         )
     if args.optimizer and args.lr is None and not args.optimizer_state:
         raise UsageError(f"--optimizer {args.optimizer} needs --lr (or --optimizer-state)")
+    if args.momentum is not None and (args.optimizer != "momentum" or args.optimizer_state):
+        raise UsageError(
+            "--momentum sets the β of --optimizer momentum (without --optimizer-state, whose "
+            "saved groups hold their own)"
+        )
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -319,6 +335,8 @@ def _users(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 ADAPTIVE = ("adam", "adamw")
 #: What each optimizer keeps per parameter (a state that lacks it is another optimizer's).
 _STATE_KEY = {"momentum": "momentum_buffer", "adam": "exp_avg_sq", "adamw": "exp_avg_sq"}
+#: What each optimizer's parameter groups hold (an Adam state given to gd failed in a traceback)
+_GROUP_KEY = {"gd": "momentum", "momentum": "momentum", "adam": "betas", "adamw": "betas"}
 _STATE_FIX = "save it with torch.save(optimizer.state_dict(), FILE) from the run being judged"
 
 
@@ -338,6 +356,8 @@ def _build_optimizer(args: argparse.Namespace, model: Any) -> Any:
     lr = 1e-3 if args.lr is None else args.lr  # without --lr, the state's own replace it
     if args.optimizer == "adamw":
         optimizer: Any = torch.optim.AdamW(params, lr=lr)
+    elif args.momentum is not None:
+        optimizer = optim.build(args.optimizer, params, lr=lr, momentum=args.momentum)
     else:
         optimizer = optim.build(args.optimizer, params, lr=lr)
     if state is not None:
@@ -439,6 +459,12 @@ def _check_state_shapes(
                         f"{names[id(p)]!r} has shape {tuple(v.shape)}, the parameter "
                         f"{tuple(p.shape)}; {_STATE_FIX}"
                     )
+    group_key = _GROUP_KEY.get(args.optimizer)
+    if group_key is not None and any(group_key not in g for g in saved):
+        raise UsageError(
+            f"the optimizer state {path!r} has parameter groups without {group_key!r}: it is not "
+            f"the state of --optimizer {args.optimizer}; give the optimizer that saved it"
+        )
 
 
 def _refused_pickle(path: str, e: pickle.UnpicklingError) -> UsageError:
@@ -714,8 +740,15 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--optimizer",
         choices=("gd", "momentum", *ADAPTIVE),
-        help="judge against this optimizer's stability limit: gd or momentum (with --lr), adam "
-        "or adamw (with --optimizer-state)",
+        help="judge against this optimizer's stability limit: gd or momentum (with --lr; "
+        "momentum's β is 0.9 unless --momentum says otherwise), adam or adamw (with "
+        "--optimizer-state)",
+    )
+    pr.add_argument(
+        "--momentum",
+        type=momentum_beta,
+        metavar="BETA",
+        help="β of --optimizer momentum (default 0.9): its stability limit is 2(1 + β)/lr",
     )
     pr.add_argument(
         "--optimizer-state",
