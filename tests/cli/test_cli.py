@@ -226,9 +226,11 @@ def test_an_output_file_that_cannot_be_overwritten_is_one_line(tmp_path, capsys,
     assert "Permission denied" in err and "--out" in err
 
 
-def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
+def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch, tmp_path):
     """Ctrl-C during the lab printed a KeyboardInterrupt traceback (a review)."""
     from curvscope import lab
+
+    monkeypatch.chdir(tmp_path)  # the default --out, curvscope-lab/, is made here
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -245,6 +245,25 @@ def test_a_report_refuses_a_folder_that_holds_another_kinds(tmp_path):
         report.write_log_report({}, lines, tmp_path)
 
 
+def test_a_report_refuses_to_replace_files_no_report_of_curvscope_wrote(tmp_path):
+    """A user's own report.html (or results.json) in --out was replaced by the lab's or a
+    probe's without a word, where another report kind's was refused (an outside review).
+    Without a manifest listing them, those files are the user's: refused, left as they were."""
+    lines = hostile_lines()[1:3]
+    for i, r in enumerate(lines):
+        r["step"] = i + 1
+    for name, write in (
+        ("report.html", lambda: report.write_log_report({}, lines, tmp_path)),
+        ("report.html", lambda: report.write_probe_report({"text": "t", "advice": []}, tmp_path)),
+        ("results.json", lambda: report.write_lab({"problems": []}, tmp_path)),
+    ):
+        (tmp_path / name).write_text("mine", encoding="utf-8")
+        with pytest.raises(FileExistsError, match=f"holds {name}, which curvscope did not"):
+            write()
+        assert (tmp_path / name).read_text(encoding="utf-8") == "mine"
+        (tmp_path / name).unlink()
+
+
 def test_long_layer_names_fit_the_legend_and_stay_apart():
     """A BERT's "model.encoder.layer.10.attention.self.query.weight" was cut at the image's
     edge, query, key and value alike (an outside review): the shared front is said once, as

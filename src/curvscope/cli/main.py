@@ -182,6 +182,8 @@ def _lab(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from e
     out = _writable(Path(args.out))
+    with _writing(out):  # refused before the runs, not after them
+        report.html.claim_folder(out, "lab")
     console = Console(width=None if sys.stdout.isatty() else 110)
     budget = lab.QUICK if args.quick else lab.Budget()
     n_runs = len(problem_names) * len(optimizer_names)
@@ -586,6 +588,11 @@ def _probe_on_rank(args: argparse.Namespace, rank: int, world: int) -> int:
     users = not args.problem
     model, loss_fn, data = _users(args) if users else _built_in(args.problem, rank, world)
     out = _writable(Path(args.report), "--report") if args.report else None
+    if out is not None:
+        from curvscope.report.html import claim_folder
+
+        with _writing(out, "--report"):  # refused before the curvature, not after it
+            claim_folder(out, "probe")
     # the user's model, loss and data: curvscope's refusals of them are one line; with a
     # built-in problem and validated flags, any exception is a bug and keeps its traceback
     with _refusals() if users else contextlib.nullcontext():

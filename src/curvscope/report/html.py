@@ -83,16 +83,50 @@ def _manifest(out: Path) -> tuple[str | None, set[str]]:
     return kind, names
 
 
-def _claim(out: Path, kind: str) -> None:
+#: The files a report of each kind always writes (its plots have names of their own).
+_ALWAYS = {
+    "lab": ("report.html", "results.json"),
+    "log": ("report.html",),
+    "probe": ("report.html",),
+}
+
+
+def _foreign(path: Path) -> bool:
+    """Whether ``path`` exists and is not a file some report of curvscope's wrote (one written
+    before manifests were kept is known by its content: a page titled "curvscope ...", a lab's
+    results with its environment)."""
+    if not path.exists():
+        return False
+    try:
+        if path.name == "report.html":
+            with path.open("rb") as f:
+                return b"<title>curvscope" not in f.read(4096)
+        results = json.loads(path.read_text(encoding="utf-8"))
+        return not (isinstance(results, dict) and {"problems", "environment"} <= set(results))
+    except (OSError, ValueError):
+        return True
+
+
+def claim_folder(out: Path, kind: str) -> None:
     """Refuse to write a report of ``kind`` into a folder that holds another kind's: a run
     log's report written into a lab's folder replaced its report.html and removed its
-    results.json and plots as its own (an outside review)."""
-    found, _ = _manifest(out)
+    results.json and plots as its own (an outside review) — or files of those names that no
+    report of curvscope's wrote (no manifest lists them): a user's own report.html was
+    replaced without a word (a second review)."""
+    found, names = _manifest(out)
     if found is not None and found != kind and found in _KINDS:
         raise FileExistsError(
             errno.EEXIST,
             f"the folder holds {_KINDS[found]}, which {_KINDS[kind].split(' (')[0]} would replace",
             str(out / "report.html"),
+        )
+    theirs = [n for n in _ALWAYS[kind] if n not in names and _foreign(out / n)]
+    if theirs:
+        raise FileExistsError(
+            errno.EEXIST,
+            f"the folder holds {' and '.join(theirs)}, which curvscope did not write there (no "
+            f"report of its lists it), and {_KINDS[kind].split(' (')[0]} would replace it",
+            str(out / theirs[0]),
         )
 
 
@@ -128,7 +162,7 @@ def write_lab(results: dict[str, Any], out: Path) -> Path:
     from curvscope import problems
 
     out.mkdir(parents=True, exist_ok=True)
-    _claim(out, "lab")
+    claim_folder(out, "lab")
     sections = []
     for p in results["problems"]:
         name = p["name"]
@@ -198,7 +232,7 @@ def write_log_report(
     which one it shows (index from 0, as ``curvscope report --run`` counts).
     """
     out.mkdir(parents=True, exist_ok=True)
-    _claim(out, "log")
+    claim_folder(out, "log")
     captions = ["loss, gradient norm, sharpness", "per-layer share of the sharpest direction"]
     images = [
         _image(out, n, c) for n, c in zip(plots.log_plots(records, out), captions, strict=False)
@@ -254,7 +288,7 @@ def _clipping(header: dict[str, Any], records: list[dict[str, Any]]) -> dict[str
 def write_probe_report(result: dict[str, Any], out: Path) -> Path:
     """The HTML of ``curvscope probe --report``: the diagnosis and the loss slices."""
     out.mkdir(parents=True, exist_ok=True)
-    _claim(out, "probe")
+    claim_folder(out, "probe")
     slices = _image(out, plots.slices(result.get("slices", {}), out), "loss slices")
     html = render(
         "probe.html",
