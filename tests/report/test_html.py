@@ -283,3 +283,16 @@ def test_long_layer_names_fit_the_legend_and_stay_apart():
     long_head = ["a" * 40 + ".block.weight", "b" * 40 + ".block.weight"]
     _, labels = _legend_labels(long_head)
     assert max(map(len, labels)) <= LABEL_CHARS  # a long first component: the end alone
+
+
+def test_a_lab_whose_runs_were_all_skipped_draws_no_empty_plots(tmp_path, capsys):
+    """Dense Newton is skipped above 600 parameters: a lab of that alone drew three empty
+    convergence axes with an empty legend box and a "Diagnosis at the end of each run" heading
+    with nothing under it (an outside review)."""
+    from curvscope.cli import main
+
+    out = tmp_path / "lab"
+    argv = ["lab", "--quick", "--problems", "digits-mlp", "--optimizers", "newton", "--out"]
+    assert main([*argv, str(out)]) == 0
+    assert not (out / "curves-digits-mlp.png").exists()
+    assert "Diagnosis at the end" not in (out / "report.html").read_text(encoding="utf-8")

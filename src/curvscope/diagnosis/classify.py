@@ -592,10 +592,13 @@ def _minimum(f: Facts) -> list[str] | None:
         return None
     if f.overshoots(f.s) or f.overshoots(f.bs, f.bs_se):
         return None
+    # said with its threshold: "no direction curves down" read as absolute beside a lab run
+    # whose λ_min was −4.6e-7 of a λ_max 8e-5, "saddle" by stationary_point (a review)
     why = (
-        "no direction curves down"
-        if f.lmin is None or f.lmin >= 0
-        else f"λ_min = {f.lmin:.3g} is within −{f.th.negative_curvature:g}·|λ_max|"
+        "λ_min was not measured"
+        if f.lmin is None
+        else f"λ_min = {f.lmin:.3g}: no direction curves down by more than "
+        f"{f.th.negative_curvature:g}·|λ_max|"
     )
     extra = (
         "" if dec is None else f"; the bottom of the local quadratic is ½δ² = {0.5 * dec:.3g} below"

@@ -22,7 +22,7 @@ COLORS = {
     "saddle-free-newton": "#8c564b",
     "cubic-newton": "#e377c2",
     "adahessian": "#ff7f0e",
-    "sophia": "#7f7f7f",
+    "sophia": "#393b79",  # grey beside gd's and momentum's greys was not told apart
 }
 
 
@@ -54,9 +54,9 @@ def replace_atomically(path: Path, write: Any) -> None:
 def _save(fig: Any, path: Path, right: float = 0.97) -> str:
     # fixed margins: tight_layout measured every tick label again and cost ~0.3 s a figure
     n = len(fig.axes)
-    fig.subplots_adjust(
-        left=0.08 if n < 3 else 0.06, right=right, bottom=0.15, top=0.88, wspace=0.3
-    )
+    # one axes: room for a y label beside log ticks (10⁻⁶; the density's label was cut off)
+    left = 0.12 if n == 1 else 0.08 if n < 3 else 0.06
+    fig.subplots_adjust(left=left, right=right, bottom=0.15, top=0.88, wspace=0.3)
     replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     return path.name
 
@@ -66,9 +66,12 @@ def _gap(losses: list[float], f_best: float) -> np.ndarray:
     return np.where(np.isfinite(y), np.maximum(y, 1e-16), np.nan)
 
 
-def problem_curves(results: dict[str, Any], problem: str, out: Path) -> str:
-    """Loss − best loss against iteration, derivative evaluations and wall time."""
+def problem_curves(results: dict[str, Any], problem: str, out: Path) -> str | None:
+    """Loss − best loss against iteration, derivative evaluations and wall time (None where
+    every run was skipped: three empty axes and an empty legend box before)."""
     runs = [r for r in results["runs"] if r["problem"] == problem and r["outcome"] != "skipped"]
+    if not runs:
+        return None
     finite = [f for r in runs for f in r["losses"] if f is not None and math.isfinite(f)]
     f_best = min(finite) if finite else 0.0
     fig, axes = _figure(3, figsize=(14, 3.6))
@@ -128,7 +131,9 @@ def contour_paths(results: dict[str, Any], problem: str, f: Any, out: Path) -> s
     return _save(fig, out / f"paths-{problem}.png")
 
 
-def performance_profiles(results: dict[str, Any], out: Path) -> str:
+def performance_profiles(results: dict[str, Any], out: Path) -> str | None:
+    if not any(results["profile"][axis]["curves"] for axis in ("cost", "time")):
+        return None  # nothing ran: no curve to draw
     fig, axes = _figure(2, figsize=(10, 3.8))
     for ax, axis in zip(axes, ("cost", "time"), strict=True):
         prof = results["profile"][axis]
@@ -182,8 +187,9 @@ def sharpness_vs_limit(
             ax.plot(steps, lim, "--", color=c, label=f"{opt_name}: stability limit")
     ax.set_yscale("log")
     ax.set_xlabel("step")
+    ax.set_ylabel("λ_max (sharpness)")
     ax.set_title("sharpness against the optimizer's stability limit")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="best", framealpha=0.6)
     return _save(fig, out / f"{name}.png")
 
 
