@@ -464,6 +464,7 @@ def _user(model="model", data="data", *more):
         (["lab", "--optimizers", "gd,,adam"], "an empty name in 'gd,,adam'"),
         (["lab", "--problems", "saddle,rosenbrock,saddle"], "saddle named twice in"),
         (["lab", "--out", ""], "--out: an empty path ''"),  # it wrote into the working folder
+        (["report", "."], "'.' is a folder; give the run log file in it"),
         (["probe", "--problem", "saddle", "--lr", "1", "--momentum", "1"], "must be in [0, 1)"),
         (
             [
@@ -504,6 +505,15 @@ def test_every_user_error_is_one_line_and_exit_2(argv, message, user_code, capsy
     assert err.startswith(f"curvscope {argv[0]}: error: "), err
     assert message in err, err
     assert "Traceback" not in err and captured.out == ""
+
+
+def test_reduction_declares_what_a_users_loss_does(user_code, capsys):
+    """The error for a loss whose reduction cannot be told said "pass reduction= to Curvature,
+    diagnose or Monitor", which the command line had no way to (an outside review)."""
+    argv = _user("model", "data", "--loss", f"{MOD}:root_sum_loss")
+    assert main(argv) == 2 and "--reduction on the command line" in capsys.readouterr().err
+    assert main([*argv, "--reduction", "mean", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] in cs.diagnosis.STATES
 
 
 def test_a_malicious_checkpoint_is_refused_in_one_line(user_code, capsys):

@@ -598,7 +598,15 @@ def _probe_on_rank(args: argparse.Namespace, rank: int, world: int) -> int:
     with _refusals() if users else contextlib.nullcontext():
         optimizer = _build_optimizer(args, model)
         lr = args.lr if optimizer is None else None
-        result = probe(model, loss_fn, data, lr=lr, optimizer=optimizer, slices=out is not None)
+        result = probe(
+            model,
+            loss_fn,
+            data,
+            lr=lr,
+            optimizer=optimizer,
+            slices=out is not None,
+            reduction=args.reduction,
+        )
     result["world_size"] = world
     if rank != 0:  # every rank computed the same numbers; one speaks
         return 0
@@ -634,6 +642,10 @@ def _report(args: argparse.Namespace) -> int:
     from curvscope.report import write_log_report
 
     path = Path(args.log)
+    if path.is_dir():  # "no run log at" a folder that is there read as a typo
+        logs = sorted(p.name for p in path.glob("*.jsonl"))[:3]
+        hint = f" (it holds {', '.join(logs)})" if logs else ""
+        raise UsageError(f"{str(path)!r} is a folder; give the run log file in it{hint}")
     if not path.is_file():
         raise UsageError(f"no run log at {str(path)!r}")
     from curvscope.diagnosis import LogFormatError
@@ -703,12 +715,17 @@ def parser() -> argparse.ArgumentParser:
     debug = "on an error, show the full traceback"
     common = _Parser(add_help=False)  # a subcommand's --debug: unset unless given (SUPPRESS),
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
-    ap = _Parser(prog="curvscope", description=__doc__.splitlines()[0])
+    ap = _Parser(prog="curvscope", description=__doc__.splitlines()[0].replace("``", ""))
     ap.add_argument("--debug", action="store_true", help=debug)  # so it may come first too
     ap.add_argument("--version", action="version", version=_version())
     sub = ap.add_subparsers(dest="command", required=True)
     lab = sub.add_parser(
-        "lab", parents=[common], help="run optimizers side by side on the built-in problems"
+        "lab",
+        parents=[common],
+        help="run optimizers side by side on the built-in problems",
+        description="Run every optimizer (or --optimizers) on the built-in problems (or "
+        "--problems) with the same stated budget, and write results.json, PNG plots and a "
+        "self-contained report.html into --out.",
     )
     lab.add_argument(
         "--out", type=folder, default="curvscope-lab", help="output folder (default %(default)s)"
@@ -752,6 +769,12 @@ def parser() -> argparse.ArgumentParser:
         "--optimizer-state)",
     )
     pr.add_argument(
+        "--reduction",
+        choices=("mean", "sum"),
+        help="whether --loss averages or sums over a batch's samples, where that cannot be read "
+        "from the loss (a function) or told from its values",
+    )
+    pr.add_argument(
         "--momentum",
         type=momentum_beta,
         metavar="BETA",
@@ -768,9 +791,17 @@ def parser() -> argparse.ArgumentParser:
         "--report", type=folder, help="write an HTML report with loss slices into this folder"
     )
     pr.set_defaults(func=_probe)
-    rp = sub.add_parser("report", parents=[common], help="render a Monitor run log as HTML")
+    rp = sub.add_parser(
+        "report",
+        parents=[common],
+        help="render a Monitor run log as HTML",
+        description="Render a run log a Monitor wrote (cs.Monitor(..., log=FILE)) as a "
+        "self-contained report.html with its plots, into --out.",
+    )
     rp.add_argument("log", help="the run log written by cs.Monitor(log=...)")
-    rp.add_argument("--out", type=folder, default="curvscope-report", help="output folder")
+    rp.add_argument(
+        "--out", type=folder, default="curvscope-report", help="output folder (default %(default)s)"
+    )
     rp.add_argument(
         "--run",
         type=int,

@@ -1160,7 +1160,8 @@ class ModelObjective:
         n = batch.targets.shape[0]  # rows: what the halves split (batch.size may count tokens)
         fix = (
             "pass reduction='mean' (the loss averages over the samples of a batch) or "
-            "reduction='sum' (it adds them) to Curvature, diagnose or Monitor"
+            "reduction='sum' (it adds them) to Curvature, diagnose or Monitor (--reduction on "
+            "the command line)"
         )
         t = batch.targets
         if isinstance(t, Tensor) and not t.is_floating_point() and bool((t < 0).any()):

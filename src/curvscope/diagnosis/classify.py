@@ -692,7 +692,8 @@ def _share(value: float, limit: float) -> str:
 
 #: Why a "learning" verdict says nothing of stability: the limit needs the step's rule.
 NOT_JUDGED = (
-    "stability not judged: no optimizer or learning rate was given (pass optimizer= or lr=)"
+    "stability not judged: no optimizer or learning rate was given (pass optimizer= or lr=; "
+    "--optimizer or --lr on the command line)"
 )
 
 

@@ -114,18 +114,20 @@ def probe(
     lr: float | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     slices: bool = False,
+    reduction: str | None = None,
 ) -> dict[str, Any]:
     """The diagnosis, a spectrum summary, the cost next to the dense Hessian's, and (with
     ``slices``) the loss along the gradient and the top and bottom eigenvectors.
 
     ``data`` is anything :class:`~curvscope.Curvature` takes: an (inputs, targets) pair, a list
     of such batches or a loader; inputs a tensor, a tuple or a dict (Hugging Face). The model
-    and the loss are first run once on the first batch (:func:`check_runs`).
+    and the loss are first run once on the first batch (:func:`check_runs`). ``reduction``:
+    as :class:`~curvscope.Curvature`'s, for a loss whose own cannot be read or told.
     """
     start = time.perf_counter()
     check_runs(model, loss_fn, data)
-    d = diagnose(model, loss_fn, data, optimizer=optimizer, lr=lr)
-    C = Curvature(model, loss_fn, data)
+    d = diagnose(model, loss_fn, data, optimizer=optimizer, lr=lr, reduction=reduction)
+    C = Curvature(model, loss_fn, data, reduction=reduction)
     top = eigenvalues(C, k=3, which="both")
     tr = trace(C, matvecs=60)
     n = C.num_params
