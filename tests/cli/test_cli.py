@@ -353,6 +353,16 @@ def not_data():
     return "data.csv"
 
 
+def three_tensors():
+    X, y = data()
+    return X, y, torch.ones(20, dtype=torch.float64)
+
+
+def labels_out_of_range():
+    X, y = data()
+    return X, y + 5
+
+
 def boom():
     raise RuntimeError("the user's factory broke")
 
@@ -458,6 +468,8 @@ def _user(model="model", data="data", *more):
         (_user("boom"), "raised RuntimeError: the user's factory broke"),
         (_user("not_a_model"), "returned an int, not a torch.nn.Module"),
         (_user("model", "not_data"), "not an (inputs, targets) pair"),
+        (_user("model", "three_tensors"), "data is a list of 3 tensors: one batch is a pair"),
+        (_user("model", "labels_out_of_range"), "check that the targets fit the outputs"),
         # the rest
         (["probe", "--problem", "digits-mlp", "--checkpoint", "right.pt"], "--checkpoint would"),
         (["lab", "--problems", ","], "--problems: expected comma-separated names"),

@@ -583,7 +583,7 @@ def _check_checkpoint_keys(state: Mapping[Any, Any], own: Mapping[str, Any], pat
 
 
 def _probe_on_rank(args: argparse.Namespace, rank: int, world: int) -> int:
-    from curvscope.lab.probe import probe
+    from curvscope.lab.probe import probe, summary_lines
 
     users = not args.problem
     model, loss_fn, data = _users(args) if users else _built_in(args.problem, rank, world)
@@ -621,16 +621,8 @@ def _probe_on_rank(args: argparse.Namespace, rank: int, world: int) -> int:
         # valid JSON: a non-finite number (a limit at lr 1e-320) as its string, never Infinity
         print(json.dumps(jsonable(result), default=str, allow_nan=False))
         return 0
-    n, mb = result["num_params"], result["dense_hessian_bytes"] / 2**20
     print(result["text"])
-    print(
-        f"extreme eigenvalues: {', '.join(f'{v:.4g}' for v in result['eigenvalues'])}; "
-        f"trace ≈ {result['trace']:.4g} ± {result['trace_stderr']:.2g}"
-    )
-    print(
-        f"cost: {result['matvecs']} curvature products in {result['seconds']:.2f} s; the dense "
-        f"Hessian of {n:,} parameters would need {mb:,.1f} MiB (8n² bytes)"
-    )
+    print("\n".join(summary_lines(result)))
     if out is not None:
         print(f"wrote {result['report']}")
     return 0

@@ -146,6 +146,26 @@ class Batch:
     labels: Any = None
 
 
+def _what_batch(item: Any) -> str:
+    """A batch that is not one, in words: "a tuple of 3" says more than "tuple"."""
+    if isinstance(item, tuple | list):
+        return f"a {type(item).__name__} of {len(item)}"
+    return type(item).__name__
+
+
+def _one_batch_hint(data: Any) -> str:
+    """Data that is one batch of more than two tensors (inputs, targets, weights) was read as a
+    list of batches, each a tensor ("got Tensor": an outside review)."""
+    tensors = isinstance(data, tuple | list) and all(isinstance(t, Tensor) for t in data)
+    if tensors and len(data) > 2:
+        return (
+            f"; data is a {type(data).__name__} of {len(data)} tensors: one batch is a pair "
+            "(inputs, targets) — put per-sample extras such as weights in the inputs (a tuple "
+            "the model takes) or in the loss"
+        )
+    return ""
+
+
 def _is_pair(data: object) -> bool:
     return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
 
@@ -800,9 +820,9 @@ class ModelObjective:
             else:
                 raise TypeError(
                     f"batch {i} of data is not an (inputs, targets) pair with a tensor of "
-                    f"targets, nor a dict batch with 'labels' (got {type(item).__name__}); a "
+                    f"targets, nor a dict batch with 'labels' (got {_what_batch(item)}); a "
                     "DataLoader over a TensorDataset of (inputs, targets) gives such pairs, a "
-                    "Hugging Face data collator such dicts"
+                    f"Hugging Face data collator such dicts{_one_batch_hint(self._data)}"
                 )
             targets = labels if self.adapter is None else self.adapter.targets(i, labels)
             yield i, inputs, targets, labels

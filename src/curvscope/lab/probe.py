@@ -62,7 +62,8 @@ def check_runs(model: nn.Module, loss_fn: Any, data: Any) -> None:
         except Exception as e:  # the user's loss on the model's outputs
             raise ValueError(
                 f"the loss fails on the model's outputs ({_describe(out)}) and the targets "
-                f"({_describe(batch.targets)}): {type(e).__name__}: {e}; give a loss that "
+                f"({_describe(batch.targets)}): {type(e).__name__}: {e}; check that the "
+                "targets fit the outputs (their rows, dtype, label range) and that the loss "
                 "takes (outputs, targets)"
             ) from e
 
@@ -160,3 +161,15 @@ def probe(
         }
         out["slices"] = {k: _slice(C, v, g, f0, width) for k, v in dirs.items()}
     return out
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """The spectrum and the cost of a :func:`probe` result in words: what the command line
+    prints under the diagnosis, and the HTML report shows (it left them out: a review)."""
+    n, mb = result["num_params"], result["dense_hessian_bytes"] / 2**20
+    return [
+        f"extreme eigenvalues: {', '.join(f'{v:.4g}' for v in result['eigenvalues'])}; "
+        f"trace ≈ {result['trace']:.4g} ± {result['trace_stderr']:.2g}",
+        f"cost: {result['matvecs']} curvature products in {result['seconds']:.2f} s; the dense "
+        f"Hessian of {n:,} parameters would need {mb:,.1f} MiB (8n² bytes)",
+    ]

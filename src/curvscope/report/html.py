@@ -290,11 +290,15 @@ def write_probe_report(result: dict[str, Any], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     claim_folder(out, "probe")
     slices = _image(out, plots.slices(result.get("slices", {}), out), "loss slices")
+    from curvscope.lab.probe import summary_lines
+
     html = render(
         "probe.html",
         title="curvscope probe",
         text=result["text"],
-        advice=result["advice"],
+        # the text ends with the advice already: listed again, it read twice (a review)
+        advice=[a for a in result["advice"] if a not in result["text"]],
+        summary=summary_lines(result) if "eigenvalues" in result else [],
         slices=slices,
     )
     path = out / "report.html"
