@@ -285,6 +285,10 @@ def test_probe_on_a_built_in_problem(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "curvature products" in text and "MiB (8n² bytes)" in text
     assert (tmp_path / "slices.png").exists() and (tmp_path / "report.html").exists()
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")  # what the terminal says
+    assert "extreme eigenvalues" in page and "curvature products in" in page
+    said, listed = page.split("<p>")[1].split("</p>")[0], page.split("<li>")[1:]
+    assert not any(item.split("</li>")[0] in said for item in listed)  # advice said once
 
 
 def test_probe_momentum_takes_its_beta(capsys):
