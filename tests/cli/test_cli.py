@@ -472,7 +472,7 @@ def _user(model="model", data="data", *more):
         (_user("boom"), "raised RuntimeError: the user's factory broke"),
         (_user("not_a_model"), "returned an int, not a torch.nn.Module"),
         (_user("model", "not_data"), "not an (inputs, targets) pair"),
-        (_user("model", "three_tensors"), "data is a list of 3 tensors: one batch is a pair"),
+        (_user("model", "three_tensors"), "data holds 3 tensors: one batch is a pair"),
         (_user("model", "labels_out_of_range"), "check that the targets fit the outputs"),
         # the rest
         (["probe", "--problem", "digits-mlp", "--checkpoint", "right.pt"], "--checkpoint would"),

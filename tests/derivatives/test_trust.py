@@ -3,6 +3,7 @@ reduction — each reproducer of a silently wrong number, now a test."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import numpy as np
@@ -512,6 +513,20 @@ def test_a_reduction_that_cannot_be_told_is_refused_naming_reduction():
     halves = [(case.inputs[:12], targets[:12]), (case.inputs[12:], targets[12:])]
     with pytest.raises(ValueError, match=r"labels hold -100 .* nn\.CrossEntropyLoss\(ignore"):
         cs.Curvature(case.model, lambda o, y: F.cross_entropy(o, y), halves) @ _probe(n)
+    # not refused: ±1 targets (no class 0 beside the −1), and rows of equal loss — a
+    # zero-initialised classifier's log C each, which "does not read its rows" refused at first
+    pm = torch.where(case.targets > 0, 1, -1)
+    margin = cs.Curvature(
+        case.model, lambda o, y: F.softplus(-y * o[:, 0]).mean(), (case.inputs, pm)
+    )
+    assert torch.isfinite(margin @ _probe(n)).all()
+    zero = copy.deepcopy(case.model)
+    for p in zero.parameters():
+        nn.init.zeros_(p)
+    flat = cs.Curvature(zero, lambda o, y: F.cross_entropy(o, y), case.data)
+    torch.testing.assert_close(
+        flat @ _probe(n), cs.Curvature(zero, nn.CrossEntropyLoss(), case.data) @ _probe(n)
+    )
     module = cs.Curvature(case.model, nn.CrossEntropyLoss(), halves)
     whole = cs.Curvature(case.model, nn.CrossEntropyLoss(), (case.inputs, targets))
     v = _probe(n)

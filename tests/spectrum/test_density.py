@@ -90,6 +90,19 @@ def test_finite_difference_errors_raise_the_resolution_of_the_negative_mass():
     assert d.negative_mass_bounds[1] < 0.05
 
 
+def test_products_of_unknown_accuracy_leave_the_mass_unknown_not_zero(monkeypatch):
+    """A finite-difference product of unknown accuracy (an error estimate of inf) raised the
+    resolution to inf, and the negative mass of a half-negative spectrum read 0 (a review):
+    the resolution keeps its other floors, the mass's standard error is inf."""
+    from curvscope.spectrum._operator import Operator
+
+    monkeypatch.setattr(Operator, "errors_since", lambda self, seen: [float("inf")])
+    A = torch.diag(torch.linspace(-1.0, 1.0, 50, dtype=torch.float64))
+    d = cs.density(A, steps=20, probes=4, progress_bar=False)
+    assert d.product_error == float("inf") and d.resolution < 0.1
+    assert d.negative_mass > 0.3 and d.negative_mass_stderr == float("inf")
+
+
 BULK = torch.cat(
     [
         torch.linspace(-1.0, -0.2, 30, dtype=torch.float64),  # 10% clearly negative

@@ -297,6 +297,19 @@ def test_a_run_goes_on_past_an_invariant_subspace(shape, k, which, seed):
     assert (r.values - truth(ev, k, which)).abs().max() <= 1e-3 * ev.abs().max(), r.values
 
 
+def test_a_budget_that_ends_before_the_fresh_direction_is_explored_is_not_converged():
+    """Eigenvalues 5 (four times), 4, 3, 1 and 0: the Krylov space of the default block closes
+    at 8 products, [5, 5, 4] exact there. A budget of 8 returned them "converged", 20% off
+    (a review of the change that goes on past a closed space); now not converged, saying why.
+    Without the cap the run goes on and finds 5 three times."""
+    lam = torch.tensor([5.0] * 4 + [4.0, 3.0, 1.0] + [0.0] * 193, dtype=torch.float64)
+    A = with_spectrum(lam, seed=0)
+    capped = cs.eigenvalues(A, k=3, max_matvecs=8)
+    assert not capped.all_converged and "raise max_matvecs" in capped.message
+    free = cs.eigenvalues(A, k=3)
+    assert free.all_converged and (free.values - 5.0).abs().max() < 1e-8
+
+
 @pytest.mark.parametrize("kind", ["ggn", "empirical_fisher"])
 @pytest.mark.parametrize("which", ["smallest", "both"])
 def test_a_ggn_with_fewer_samples_than_parameters_finds_its_zero_eigenvalues(kind, which):

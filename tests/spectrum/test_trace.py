@@ -100,6 +100,11 @@ def test_a_budget_that_pays_for_the_exact_answer_gets_it():
         assert abs(t.value - float(INDEFINITE.trace())) < 1e-10 and float(d.stderr.max()) == 0
     assert cs.diagonal(INDEFINITE, N - 1).method == "hutchinson"
     assert cs.trace(INDEFINITE, N, "hutch++").method == "hutch++"
+    # products in bfloat16: the exact answer is exact only to their rounding, not "± 0"
+    low = INDEFINITE.to(torch.bfloat16)
+    t, d = cs.trace(low, N), cs.diagonal(low, N)
+    assert t.method == "exact" and t.stderr > 0 and bool((d.stderr > 0).any())
+    assert abs(t.value - float(low.double().trace())) <= 3 * t.stderr
 
 
 def test_reproducible_and_the_global_rng_is_untouched():

@@ -252,7 +252,7 @@ class HuggingFaceLoss:
         value = float(theirs)
         # a masked LM in bfloat16 or float16 takes its cross-entropy in that precision, where
         # curvscope upcasts (every such model was refused as "a loss of its own": a review)
-        low = min(dtype, theirs.dtype, key=lambda t: torch.finfo(t).bits)
+        low = max(dtype, theirs.dtype, key=lambda t: torch.finfo(t).eps)  # bfloat16 > float16
         tol = max(1e-4, 4 * torch.finfo(low).eps)
         if abs(value - ours) <= tol * max(abs(ours), 1.0):
             return

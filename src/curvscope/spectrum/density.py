@@ -53,6 +53,8 @@ class DensityResult:
             (finite-difference products; 0 for exact ones). Each probe's nodes are within
             √steps times it of eigenvalues of the operator's compression, so the default
             ``resolution`` is at least that: a node closer to zero cannot be told from it.
+            Infinite where some product's accuracy is unknown: ``negative_mass_stderr`` is
+            then infinite too.
     """
 
     grid: Tensor
@@ -210,7 +212,8 @@ def density(
         resolution = max(
             RESOLUTION_SHARE * width,
             ROUNDING_FLOOR * torch.finfo(op.dtype).eps * scale,
-            math.sqrt(steps) * product_error,
+            # an unknown accuracy (inf) raises no floor: it is said by the stderr below
+            math.sqrt(steps) * product_error if math.isfinite(product_error) else 0.0,
         )
     grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid_points, dtype=torch.float64)
     kernel = torch.exp(-0.5 * ((grid[:, None] - nodes.reshape(1, -1)) / sigma) ** 2)
@@ -219,6 +222,8 @@ def density(
     # each probe's Gauss weight below −τ, and the bracket the quadrature guarantees for it
     neg = (weights * (nodes < -resolution)).sum(dim=1)
     neg_se = float(neg.std(unbiased=True) / math.sqrt(probes)) if probes > 1 else math.inf
+    if not math.isfinite(product_error):  # products of unknown accuracy: so is the mass
+        neg_se = math.inf
     brackets = torch.tensor([cdf_bracket(T, b, -resolution) for T, b in jacobi])
     lower, upper = brackets.mean(dim=0).tolist()
     return DensityResult(

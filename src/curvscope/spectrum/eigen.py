@@ -424,7 +424,16 @@ def _result(run: _Run, used: int, vectors: bool, fd_error: float = 0.0) -> Eigen
     err = error_bounds(theta, res)[idx]
     if kry.size >= op.dim:  # the full space: exact up to rounding
         ok = np.ones_like(ok)
+    elif used < run.settle:  # the budget ended before the fresh direction past an invariant
+        ok = np.zeros_like(ok)  # subspace was explored: its zero residuals prove nothing
     message = _message(bool(ok.all()), used, run.sizes.max_matvecs, res[idx], scale, tol)
+    if used < run.settle and kry.size < op.dim:
+        message = (
+            f"not converged after {used} products: the Krylov space closed (an invariant "
+            "subspace, whose values are exact) and the budget ended before the fresh direction "
+            "that continues it was explored, so wanted values may lie outside it; raise "
+            "max_matvecs"
+        )
     if fd_error > RESIDUAL_SHARE * tol:
         ok = np.zeros_like(ok)
         fix = (

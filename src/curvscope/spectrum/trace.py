@@ -161,6 +161,15 @@ def _mean_stderr(
     return value, math.hypot(se, floor), float(m - 1)
 
 
+def _narrow_rounding(op: Operator, diag: Tensor) -> Tensor:
+    """Each exact diagonal entry's rounding where the products run narrower than float32
+    (bfloat16, float16: eps of that dtype times the entry; an exact answer read "± 0" there,
+    a review), and zeros otherwise, as before."""
+    if torch.finfo(op.dtype).bits >= 32:
+        return torch.zeros_like(diag)
+    return torch.finfo(op.dtype).eps * diag.abs()
+
+
 def _exact_trace(op: Operator, bar: Any) -> tuple[float, Tensor, Tensor | None]:
     """tr(A) and diag(A) from unit vectors, and over finite-difference products each entry's
     estimated error: ‖e_i‖, e_i the error of the product of the i-th unit vector."""
@@ -244,10 +253,10 @@ def trace(
         method = "exact"  # n unit vectors cost no more than the budget, and are exact
     if method == "exact":
         with progress(op.n, "trace (exact)", progress_bar) as bar, autocast_off(op.device):
-            value, _, errors = _exact_trace(op, bar)
+            value, diag, errors = _exact_trace(op, bar)
         result = TraceResult(
             value,
-            0.0,
+            float(_narrow_rounding(op, diag).sum()),
             op.matvecs - used_before,
             "exact",
             time.perf_counter() - start,
@@ -458,7 +467,7 @@ def diagonal(
             _, diag, errors = _exact_trace(op, bar)
         return DiagonalResult(  # over finite differences: each entry's estimated error
             diag,
-            torch.zeros_like(diag) if errors is None else errors,
+            _narrow_rounding(op, diag) if errors is None else errors,
             op.matvecs - used_before,
             "exact",
             time.perf_counter() - start,
