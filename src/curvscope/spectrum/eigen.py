@@ -363,6 +363,8 @@ class _Run:
     #: the products a run must have taken before it may stop: after an invariant subspace,
     #: as many again as a fresh start needs (:func:`_extend`)
     settle: int = 0
+    #: the products taken when the Krylov space last closed
+    closed_at: int = 0
 
     def limit(self, theta: np.ndarray) -> float:
         """The residual a converged value may have: tol/2·scale."""
@@ -385,14 +387,19 @@ def _extend(run: _Run, used: int, bar: Any) -> bool:
     kry.extend()
     bar.update(op.matvecs - before)
     needed = run.k * (2 if run.which == "both" else 1) + 1
-    if kry.broke and used >= run.settle:
+    step = op.matvecs - before
+    if kry.broke:
         # An invariant subspace: its Ritz pairs are exact, so every residual is 0, but the
         # wanted values may lie outside it, where only the fresh random direction reaches —
         # not yet multiplied. It gets the steps a fresh start needs before the run may stop
         # (it stopped here: [0, 0, 2.74] for a Hessian's three zeros, a value 20% off in a
-        # spectrum of multiplicity 4, both "converged" with errors 1e-15; an outside review).
-        run.settle = used + (op.matvecs - before) + needed
-    used += op.matvecs - before
+        # spectrum of multiplicity 4, both "converged" with errors 1e-15; an outside review) —
+        # and so does each later one whose fresh direction lived past its first product (one
+        # that dies at once lies in a null space: no clock for it, or it never ends there).
+        if used >= run.settle or used - run.closed_at > step:
+            run.settle = used + step + needed
+        run.closed_at = used
+    used += step
     theta, S, res = kry.ritz()
     _, ok = run.converged(theta, res)
     enough = kry.size >= min(op.dim, needed) and used >= run.settle

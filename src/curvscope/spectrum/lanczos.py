@@ -88,7 +88,7 @@ def _orthonormal(op: Operator, r: Tensor, Q: Tensor | None, others: Tensor) -> T
 
 def _polish_weak(
     op: Operator, Xn: Tensor, R: np.ndarray, dead: np.ndarray, Q: Tensor, scale: float
-) -> None:
+) -> np.ndarray:
     """Columns that nearly died — R's diagonal below √eps of the scale but above rounding's
     level — are orthogonalized again after their normalization: dividing by so small a norm
     magnifies what the two passes left of the basis (eps·‖AX‖/r_jj), and the basis lost its
@@ -99,6 +99,7 @@ def _polish_weak(
     for j in np.flatnonzero(weak).tolist():
         others = [i for i in range(Xn.shape[1]) if i != j and not dead[i]]  # dead: replaced
         Xn[:, j : j + 1] = _orthonormal(op, Xn[:, j : j + 1].clone(), Q, Xn[:, others])
+    return weak
 
 
 def _qr(op: Operator, W: Tensor) -> tuple[Tensor, Tensor]:
@@ -163,8 +164,8 @@ class Krylov:
         self.Hh = np.zeros((0, 0))
         self.Rh = np.zeros((0, 0))  # F = X R (last step)
         self.scale = 0.0
-        #: whether the last step found an invariant subspace (a direction of the block died
-        #: and a fresh random one, not yet multiplied, took its place)
+        #: whether the last step found an invariant subspace (a direction of the block died,
+        #: or nearly, and a fresh one, not yet multiplied, took its place)
         self.broke = False
 
     @property
@@ -235,9 +236,11 @@ class Krylov:
         Rh = read[(m + b) * b :].reshape(b, b).copy()
         keep = min(b, op.dim - self._m)
         dead = _dead(Rh, W.dtype, self.scale)
-        _polish_weak(op, Xn, Rh, dead, Bt.T, self.scale)
+        weak = _polish_weak(op, Xn, Rh, dead, Bt.T, self.scale)
         _replace_dead(op, Xn, Rh, dead, Bt.T, self.gen)
-        self.broke = bool(dead[:keep].any())
+        # a column that nearly died closed the space as well: what continues it is rounding's
+        # noise, a fresh direction in effect, whose coupling (R) is at rounding level too
+        self.broke = bool((dead | weak)[:keep].any())
         self.X, self.Rh = Xn[:, :keep], Rh[:keep]
 
     def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
