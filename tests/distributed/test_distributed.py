@@ -335,3 +335,54 @@ def test_ranks_judge_clipped_steps_by_one_clip_factor(tmp_path):
     assert got[0] == got[1] and len(got[0]) == 2
     assert all(c == pytest.approx(0.5, rel=1e-5) for c, _ in got[0])
     assert all(lim == pytest.approx(2 / (0.1 * 0.5), rel=1e-5) for _, lim in got[0])
+
+
+def _one_rank_diverges_worker(rank: int, port: int, out: str) -> None:
+    """Rank 1's probe data overflows (a target of 1e20 in float32, squared): its loss alone is
+    not finite. And rank 1's reported training loss spikes 50x at two steps."""
+    _init(rank, port)
+    case = cases.mlp(n=20)
+    X, y = case.data
+    model = case.model.float()
+    local = (X[SHARDS[rank]].float(), y[SHARDS[rank]])
+    start = time.perf_counter()
+    bad_y = torch.randn(len(local[0]), 3)
+    if rank == 1:
+        bad_y[0, 0] = 1e20
+    d = cs.diagnose(model, torch.nn.MSELoss(), (local[0], bad_y), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = cs.Monitor(model, case.loss_fn, local, optimizer=opt, every=4)
+    states, seen = [], []
+    mon.callback = lambda d, previous: seen.append(d.state.value)
+    for step in range(12):
+        opt.zero_grad()
+        loss = case.loss_fn(model(local[0]), local[1])
+        loss.backward()
+        opt.step()
+        reported = float(loss) * (50.0 if rank == 1 and step in (5, 6) else 1.0)
+        probe = mon.step(reported)
+        if probe is not None:
+            states.append(probe.state.value)
+    torch.save(
+        {
+            "diagnose": d.state.value,
+            "seconds": time.perf_counter() - start,
+            "monitor": states,
+            "callback": seen,
+        },
+        Path(out) / f"rank{rank}.pt",
+    )
+    _end()
+
+
+def test_one_ranks_bad_data_or_loss_gives_every_rank_the_same_verdict(tmp_path):
+    """A probe whose loss was not finite on one rank's data alone: that rank said *diverged*
+    and went on to the verdict's broadcast while the others waited in the loss's sum — a hang
+    until the group's timeout (30 min by default), or gloo aborting the process. And a Monitor
+    whose ranks reported different training losses returned *diverged* on one rank, *learning*
+    on the other, its callback firing on one (an outside review). Now the loss's NaN reaches
+    every rank through the sum, and the training losses are the ranks' mean at each probe."""
+    got = run_ranks(_one_rank_diverges_worker, tmp_path, WORLD)
+    assert got[0]["diagnose"] == got[1]["diagnose"] == "diverged"
+    assert max(g["seconds"] for g in got) < 15
+    assert got[0]["monitor"] == got[1]["monitor"] and got[0]["callback"] == got[1]["callback"]

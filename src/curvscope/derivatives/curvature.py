@@ -7,6 +7,7 @@ samples in ``data``, never stored: ``C @ v`` multiplies by it at the cost of a f
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -317,6 +318,8 @@ class Curvature:
             self.group,
             where,
         )
+        # (the finite-difference backend agrees on a failing rank before its sums: together)
+        objective.defer_nonfinite = self.group is not None and backend != _fd.BACKEND
         check_same_on_ranks(
             self.group,
             num_params=objective.num_params,
@@ -619,6 +622,11 @@ class Curvature:
         for f in flat[1:]:
             grad = grad + f
         both = all_reduce_sum(torch.cat([grad, grad.new_tensor([loss])]), self.group)
+        if self.group is not None and not math.isfinite(float(both[-1])):
+            raise FloatingPointError(  # on every rank at once: the loss of one rank's data
+                f"the loss is {float(both[-1])} summed over the ranks: not finite on some rank's "
+                "data; check its inputs and parameters for NaN/Inf and the model for overflow"
+            )
         return float(both[-1]), both[:-1]
 
     def sharded(self) -> ShardedCurvature:

@@ -677,6 +677,9 @@ class ModelObjective:
         _reshard(self._fsdp)
         #: loss_fn=None: the model's own loss, adapted (decides self.loss_fn with the data)
         self.adapter = HuggingFaceLoss(model) if loss_fn is None else None
+        #: a loss that is not finite is left for a collective to carry to every rank (set by a
+        #: Curvature under a process group), not refused on this rank alone
+        self.defer_nonfinite = False
         self.loss_fn = loss_fn
         self.seed = check_seed(seed)
         self._params = select_parameters(model, params, prefix)
@@ -1153,9 +1156,14 @@ class ModelObjective:
                 )
             if not self._declared:
                 self.reduction = self._infer_reduction(out, batch)
-        loss = check_scalar_loss(
-            self.loss_fn(out, batch.targets), "loss_fn(model(inputs), targets)"
-        )
+        value = self.loss_fn(out, batch.targets)
+        if self.defer_nonfinite and isinstance(value, Tensor) and value.numel() == 1:
+            # under a process group: a loss not finite on this rank's batch alone raised here,
+            # and the other ranks waited in the sum until the group's timeout (an outside
+            # review); its NaN or inf reaches every rank through the sum, which checks it
+            loss = value.reshape(())
+        else:
+            loss = check_scalar_loss(value, "loss_fn(model(inputs), targets)")
         if not self._loss_checked:
             if not loss.requires_grad:
                 raise ValueError(

@@ -24,6 +24,7 @@ from curvscope.derivatives import zero3 as _zero3
 from curvscope.derivatives.checks import callers_level, check_int, check_real
 from curvscope.derivatives.distributed import (
     all_reduce_max,
+    all_reduce_sum,
     collective_device,
     first_device,
     from_first_rank,
@@ -752,6 +753,7 @@ class Monitor:
             d = Diagnosis(state, evidence, reasons, state.advice(evidence), d.confident, d.vectors)
         self._check_loss_scale(d.evidence["loss"])
         self._check_mode()
+        self._agree_window()
         d = self._with_history(d)
         # what later steps decide on (an early probe, a check's alarm) is rank 0's verdict:
         # each rank's history reads its own training losses, and every rank must decide alike
@@ -867,6 +869,28 @@ class Monitor:
         if not new:
             return {}
         return {"updates": [[step, c.curvature, c.top_curvature] for step, c in new]}
+
+    def _agree_window(self) -> None:
+        """Under torch.distributed each rank reports its own shard's losses, and the history's
+        rules (diverged, a spike) read them: a rank whose shard spiked said *diverged* where
+        the others said *learning* — its callback fired alone, and a loop that stops on it
+        leaves the others waiting (an outside review). At a probe the losses since the previous
+        one become their mean over the ranks, the training loss of the whole batch (two small
+        collectives; a NaN on one rank reaches every rank)."""
+        if _world_size() < 2:
+            return
+        window = self.losses[self._loss_mark :]
+        (longest,) = _agreed([float(len(window))], self.model)
+        n, k = int(longest), len(window)
+        if n == 0:
+            return
+        pad = [0.0] * (n - k)
+        summed = _agreed([*window, *pad, *[1.0] * k, *pad], self.model, "sum")
+        pairs = zip(summed[:n], summed[n:], strict=True)
+        means = [total / count for total, count in pairs if count > 0]
+        self.losses[self._loss_mark :] = means
+        if self._loss_mark == 0:  # the first window: its first finite mean is the run's start
+            self.first_loss = next((v for v in means if math.isfinite(v)), None)
 
     def _with_history(self, d: Diagnosis) -> Diagnosis:
         """The probe's diagnosis, refined by what only history shows."""
@@ -1016,14 +1040,14 @@ def _world_size() -> int:
 
 def _agreed(values: list[float], model: nn.Module, op: str = "max") -> list[float]:
     """``values`` as every rank sees them under torch.distributed: their maximum over the
-    ranks (``op="max"``, one all-reduce) or rank 0's (``op="rank0"``, one broadcast); on the
-    model's device for NCCL. As given in a single process."""
+    ranks (``op="max"``, one all-reduce), their sum (``"sum"``) or rank 0's (``op="rank0"``,
+    one broadcast); on the model's device for NCCL. As given in a single process."""
     if _world_size() < 2:
         return values
     world = torch.distributed.group.WORLD
     device = collective_device(world, first_device(model))
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    agree = from_first_rank if op == "rank0" else all_reduce_max
+    agree = {"rank0": from_first_rank, "sum": all_reduce_sum}.get(op, all_reduce_max)
     return [float(v) for v in agree(t, world).tolist()]
 
 
