@@ -1233,9 +1233,10 @@ class ModelObjective:
         except Exception:
             targets, tol = batch.targets, max(64 * torch.finfo(self.dtype).eps, 1e-6)
         with torch.no_grad():  # the whole batch's errors (NaN, not a scalar) are the loss's own
-            whole = float(
-                check_scalar_loss(whole64 if out is out64 else self.loss_fn(out, targets))
-            )
+            value = whole64 if out is out64 else self.loss_fn(out, targets)
+            if self.defer_nonfinite and isinstance(value, Tensor) and not all_finite(value):
+                return "mean"  # nothing to tell from: the sum carries the NaN to every rank
+            whole = float(check_scalar_loss(value))
             try:
                 first, second = (
                     float(check_scalar_loss(self.loss_fn(_rows(out, sl, n), targets[sl])))
