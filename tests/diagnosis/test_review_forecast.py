@@ -105,11 +105,12 @@ def test_a_rate_set_to_zero_then_raised_probes_once_when_it_is_raised():
     assert mon.history[1].evidence["stability_limit"] == 2 / 0.01
 
 
-def _ranks_worker(rank: int, port: int, out: str) -> None:
+def _ranks_worker(rank: int, port: int, out: str, spike: float) -> None:
     """Both ranks sharpen alike (the same data, the curvature summed over them), but rank 1's
-    loop reports a loss that ran away at step 15: its own history calls its probe at step 20
-    *diverged*, rank 0's *learning*. The forecast must still fire on both at the same step (a
-    probe is a collective: a rank probing alone would hang)."""
+    loop reports a loss that ran away at step 15: the ranks' mean loss calls the probe at
+    step 20 *diverged* on both (each rank's own history did before: rank 0 said *learning*).
+    The forecast must fire on both at the same step (a probe is a collective: a rank probing
+    alone would hang)."""
     from tests.distributed.test_distributed import _end, _init
 
     _init(rank, port)
@@ -122,7 +123,7 @@ def _ranks_worker(rank: int, port: int, out: str) -> None:
         loss = _half_mse(model(data[0]), data[1])
         loss.backward()
         opt.step()
-        reported = loss.detach() * 1e6 if rank == 1 and mon.steps + 1 == 15 else loss
+        reported = loss.detach() * spike if rank == 1 and mon.steps + 1 == 15 else loss
         if mon.step(reported) is not None:
             own.append(mon.steps)
         if mon.steps in (10, 20):
@@ -134,18 +135,25 @@ def _ranks_worker(rank: int, port: int, out: str) -> None:
     _end()
 
 
-def test_every_rank_forecasts_at_the_same_step_when_their_verdicts_differ(tmp_path):
+@pytest.mark.parametrize(("spike", "state"), [(1e6, "diverged"), (3.0, "learning")])
+def test_every_rank_forecasts_at_the_same_step_when_their_losses_differ(tmp_path, spike, state):
     import torch.multiprocessing as mp
 
     from tests.distributed.test_distributed import WORLD, _free_port
 
     mp.start_processes(
-        _ranks_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn"
+        _ranks_worker,
+        args=(_free_port(), str(tmp_path), spike),
+        nprocs=WORLD,
+        start_method="spawn",
     )
     got = [torch.load(tmp_path / f"r{rank}.pt") for rank in range(WORLD)]
-    assert got[0]["states"][1] == "learning" and got[1]["states"][1] == "diverged"
-    assert got[0]["own"] == got[1]["own"] == [38]  # the single-process crossing step
-    assert got[0]["steps"] == got[1]["steps"] == [10, 20, 38]
+    # the ranks' mean loss decides, alike on every rank: rank 1's own history called a 1e6
+    # spike diverged where rank 0's said learning before
+    assert got[0]["states"] == got[1]["states"] and got[0]["states"][1] == state
+    own = [] if state == "diverged" else [38]  # the single-process crossing step
+    assert got[0]["own"] == got[1]["own"] == own
+    assert got[0]["steps"] == got[1]["steps"] == [10, 20, *own]
 
 
 class _Holder:
