@@ -62,7 +62,7 @@ SLOW: dict[str, float] = {
     "tests/distributed/test_same_call.py::"
     "test_a_call_that_differs_between_ranks_is_refused_on_every_rank": 9.0,
     "tests/diagnosis/test_review_forecast.py::"
-    "test_every_rank_forecasts_at_the_same_step_when_their_verdicts_differ": 4.7,
+    "test_every_rank_forecasts_at_the_same_step_when_their_losses_differ": 4.7,
     "tests/integrations/test_huggingface_probe.py::"
     "test_probe_on_gpt2_with_its_own_loss_and_a_report": 25.6,
     "tests/integrations/test_huggingface_probe.py::"
