@@ -257,7 +257,9 @@ def test_ctrl_c_mid_lab_keeps_the_finished_runs(tmp_path, capsys, monkeypatch):
     out = tmp_path / "lab"
     argv = ["lab", "--quick", "--out", str(out), "--problems", "quadratic,saddle"]
     assert main([*argv, "--optimizers", "gd,adam"]) == 130
-    assert "interrupted after 2 of 4 runs; wrote the finished ones" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "interrupted after 2 of 4 runs; wrote the finished ones" in said.err
+    assert "results.json" in said.err and "quadratic" in said.out  # their table too (a review)
     res = json.loads((out / "results.json").read_text())
     assert res["interrupted"] == {"runs_done": 2, "runs_planned": 4}
     assert [(r["problem"], r["optimizer"]) for r in res["runs"]] == [

@@ -201,14 +201,21 @@ def _lab(args: argparse.Namespace) -> int:
             results = stop.results
     with _writing(out):
         path = report.write_lab(results, out)
+    console.print(_runs_table(results, Table))  # the finished runs, interrupted or not
     if results["interrupted"]:
         n = results["interrupted"]
         print(
             f"curvscope lab: interrupted after {n['runs_done']} of {n['runs_planned']} runs; "
-            f"wrote the finished ones to {path}",
+            f"wrote the finished ones to {out / 'results.json'} and {path}",
             file=sys.stderr,
         )
         return 130
+    console.print(f"wrote {out / 'results.json'} and {path} in {results['seconds']:.1f} s")
+    return 0
+
+
+def _runs_table(results: dict[str, Any], Table: Any) -> Any:
+    """The terminal's table of the lab's runs (rich's ``Table``, imported by the caller)."""
     table = Table(title="curvscope lab")
     for col in ("problem", "optimizer", "outcome", "steps", "final loss", "grads", "products", "s"):
         table.add_column(
@@ -226,9 +233,7 @@ def _lab(args: argparse.Namespace) -> int:
             str(r["products"]),
             f"{r['wall']:.2f}",
         )
-    console.print(table)
-    console.print(f"wrote {out / 'results.json'} and {path} in {results['seconds']:.1f} s")
-    return 0
+    return table
 
 
 # ---------------------------------------------------------------------------------- probe
