@@ -701,6 +701,20 @@ def test_a_half_precision_masked_lm_is_not_refused_as_a_loss_of_its_own(dtype):
     assert torch.isfinite(C @ torch.ones(C.num_params, dtype=dtype)).all()
 
 
+def test_a_deferred_non_finite_loss_is_not_taken_for_a_loss_of_its_own():
+    """Under a process group a loss that is not finite is left for the product's sum to refuse
+    on every rank; with loss_fn=None it reached the check against the model's own loss first,
+    where NaN matches nothing, and that rank alone raised "a loss of its own" (a review). The
+    flag is what a Curvature sets under a group; here it is set by hand, in one process."""
+    model = model_of("gpt2").eval()
+    C = cs.Curvature(model, None, token_batches(1), params=["lm_head.weight"])
+    C.objective.defer_nonfinite = True
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = math.nan  # the logits, the loss: NaN
+    with pytest.raises(FloatingPointError, match="non-finite entries"):
+        C @ torch.ones(C.num_params, dtype=DT)
+
+
 def test_a_loss_that_does_not_read_its_rows_is_refused():
     """``lambda out, y: out.loss`` on dict batches with labels: the model's own loss, whatever
     rows the mean-or-sum test gave it, so both halves equalled the whole, the test said "mean"

@@ -350,6 +350,11 @@ def _one_rank_diverges_worker(rank: int, port: int, out: str) -> None:
     if rank == 1:
         bad_y[0, 0] = 1e20
     d = cs.diagnose(model, torch.nn.MSELoss(), (local[0], bad_y), lr=0.1)
+    try:  # a loss of inf whose gradient is finite: products alone came out "converged"
+        G = cs.Curvature(model, torch.nn.MSELoss(), (local[0], bad_y), kind="ggn")
+        products = f"converged: {cs.eigenvalues(G).all_converged}"
+    except FloatingPointError as e:
+        products = f"refused: {e}"
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     mon = cs.Monitor(model, case.loss_fn, local, optimizer=opt, every=4)
     states, seen = [], []
@@ -366,9 +371,11 @@ def _one_rank_diverges_worker(rank: int, port: int, out: str) -> None:
     torch.save(
         {
             "diagnose": d.state.value,
+            "products": products,
             "seconds": time.perf_counter() - start,
             "monitor": states,
             "callback": seen,
+            "first_loss": mon.first_loss,
         },
         Path(out) / f"rank{rank}.pt",
     )
@@ -384,5 +391,7 @@ def test_one_ranks_bad_data_or_loss_gives_every_rank_the_same_verdict(tmp_path):
     every rank through the sum, and the training losses are the ranks' mean at each probe."""
     got = run_ranks(_one_rank_diverges_worker, tmp_path, WORLD)
     assert got[0]["diagnose"] == got[1]["diagnose"] == "diverged"
+    assert all(g["products"].startswith("refused: the ggn product has") for g in got)
+    assert got[0]["first_loss"] == got[1]["first_loss"]  # the ranks' mean, on each
     assert max(g["seconds"] for g in got) < 15
     assert got[0]["monitor"] == got[1]["monitor"] and got[0]["callback"] == got[1]["callback"]

@@ -520,6 +520,8 @@ class Curvature:
             else:
                 total.add_(part, alpha=weight)
         assert total is not None  # the data is never empty (checked at construction)
+        if self.objective is not None and self.objective.nonfinite_batches:
+            total.fill_(math.nan)  # a loss not finite on this rank's data: refused on every rank
         out = all_reduce_sum(total, self.group)
         self.matvecs += blocks[0].shape[0]
         self.seconds += time.perf_counter() - start

@@ -678,8 +678,10 @@ class ModelObjective:
         #: loss_fn=None: the model's own loss, adapted (decides self.loss_fn with the data)
         self.adapter = HuggingFaceLoss(model) if loss_fn is None else None
         #: a loss that is not finite is left for a collective to carry to every rank (set by a
-        #: Curvature under a process group), not refused on this rank alone
+        #: Curvature under a process group), not refused on this rank alone: the batches whose
+        #: last loss was not finite
         self.defer_nonfinite = False
+        self.nonfinite_batches: set[int] = set()
         self.loss_fn = loss_fn
         self.seed = check_seed(seed)
         self._params = select_parameters(model, params, prefix)
@@ -1155,15 +1157,23 @@ class ModelObjective:
                     "them would count the batch as one sample. Give targets one row per sample"
                 )
             if not self._declared:
-                self.reduction = self._infer_reduction(out, batch)
+                self.reduction = self._infer_reduction(out, batch)  # again until one is checked
         value = self.loss_fn(out, batch.targets)
-        if self.defer_nonfinite and isinstance(value, Tensor) and value.numel() == 1:
+        deferred = (
+            self.defer_nonfinite
+            and isinstance(value, Tensor)
+            and value.numel() == 1
+            and not all_finite(value)
+        )
+        if deferred:
             # under a process group: a loss not finite on this rank's batch alone raised here,
             # and the other ranks waited in the sum until the group's timeout (an outside
-            # review); its NaN or inf reaches every rank through the sum, which checks it
-            loss = value.reshape(())
-        else:
-            loss = check_scalar_loss(value, "loss_fn(model(inputs), targets)")
+            # review); the batch is marked, and every product's sum carries the mark to every
+            # rank (a loss of inf can leave its gradient finite), which refuse it alike
+            self.nonfinite_batches.add(batch.index)
+            return value.reshape(())  # no first-loss checks on it: the next finite loss's
+        self.nonfinite_batches.discard(batch.index)
+        loss = check_scalar_loss(value, "loss_fn(model(inputs), targets)")
         if not self._loss_checked:
             if not loss.requires_grad:
                 raise ValueError(
@@ -1235,7 +1245,8 @@ class ModelObjective:
         with torch.no_grad():  # the whole batch's errors (NaN, not a scalar) are the loss's own
             value = whole64 if out is out64 else self.loss_fn(out, targets)
             if self.defer_nonfinite and isinstance(value, Tensor) and not all_finite(value):
-                return "mean"  # nothing to tell from: the sum carries the NaN to every rank
+                return "mean"  # for now: the batch is refused on every rank, and the next loss
+                # that is finite infers it again (no first-loss check passes before it)
             whole = float(check_scalar_loss(value))
             try:
                 first, second = (

@@ -417,7 +417,8 @@ class Monitor:
         if loss is not None:
             value = _scalar_loss(loss)
             self.losses.append(value)
-            if self.first_loss is None and math.isfinite(value):
+            # under torch.distributed the ranks' mean decides it, at a probe (_agree_window)
+            if self.first_loss is None and math.isfinite(value) and _world_size() < 2:
                 self.first_loss = value
             if self._probe_loss is not None:  # this loss was computed where the probe measured
                 scale = max(abs(self._probe_loss), 1e-12)
@@ -889,7 +890,7 @@ class Monitor:
         pairs = zip(summed[:n], summed[n:], strict=True)
         means = [total / count for total, count in pairs if count > 0]
         self.losses[self._loss_mark :] = means
-        if self._loss_mark == 0:  # the first window: its first finite mean is the run's start
+        if self.first_loss is None:  # the first finite mean is the run's start, on every rank
             self.first_loss = next((v for v in means if math.isfinite(v)), None)
 
     def _with_history(self, d: Diagnosis) -> Diagnosis:
