@@ -329,7 +329,9 @@ class Curvature:
             seed=objective.seed,
             mc_samples=mc_samples,
             backend=backend,
-            reduction=reduction,  # as declared; an inferred one is compared at the first product
+            reduction=reduction,  # as declared (an inferred one is not compared: the same
+            # function infers the same on every rank, and a rank whose loss is not finite
+            # infers it again at its next finite loss, its products refused meanwhile)
             device=objective.device,
         )
         check_backend(list(objective.params.values()), backend)  # DeepSpeed ZeRO-3
