@@ -104,8 +104,9 @@ def check_vector(
     return v
 
 
-def check_scalar_loss(loss: object, what: str = "the loss") -> Tensor:
-    """Check that a function value is a finite real scalar tensor."""
+def check_scalar_loss(loss: object, what: str = "the loss", *, values: bool = True) -> Tensor:
+    """Check that a function value is a finite real scalar tensor (``values=False``: a scalar
+    tensor, its finiteness checked by the caller — one host read, not two)."""
     if not isinstance(loss, Tensor):
         raise TypeError(f"expected {what} to be a scalar torch.Tensor, got {type(loss).__name__}")
     if loss.numel() != 1:
@@ -113,7 +114,7 @@ def check_scalar_loss(loss: object, what: str = "the loss") -> Tensor:
             f"expected {what} to be a scalar, got shape {tuple(loss.shape)}; "
             "reduce it to its mean (for a torch loss: reduction='mean')"
         )
-    if not all_finite(loss):
+    if values and not all_finite(loss):
         raise FloatingPointError(
             f"{what} is {loss.item()}: not finite; check the inputs and parameters for NaN/Inf "
             "and the model for overflow"

@@ -1156,25 +1156,24 @@ class ModelObjective:
                     "the first dimension of both counts the samples — a loss that broadcasts "
                     "them would count the batch as one sample. Give targets one row per sample"
                 )
-            if not self._declared:
-                self.reduction = self._infer_reduction(out, batch)  # again until one is checked
         value = self.loss_fn(out, batch.targets)
-        deferred = (
-            self.defer_nonfinite
-            and isinstance(value, Tensor)
-            and value.numel() == 1
-            and not all_finite(value)
-        )
-        if deferred:
-            # under a process group: a loss not finite on this rank's batch alone raised here,
-            # and the other ranks waited in the sum until the group's timeout (an outside
-            # review); the batch is marked, and every product's sum carries the mark to every
-            # rank (a loss of inf can leave its gradient finite), which refuse it alike
-            self.nonfinite_batches.add(batch.index)
-            return value.reshape(())  # no first-loss checks on it: the next finite loss's
-        self.nonfinite_batches.discard(batch.index)
-        loss = check_scalar_loss(value, "loss_fn(model(inputs), targets)")
+        what = "loss_fn(model(inputs), targets)"
+        if self.defer_nonfinite and isinstance(value, Tensor) and value.numel() == 1:
+            if not all_finite(value):
+                # under a process group: a loss not finite on this rank's batch alone raised
+                # here, and the other ranks waited in the sum until the group's timeout (an
+                # outside review); the batch is marked, every product's sum carries the mark to
+                # every rank (a loss of inf can leave its gradient finite), which refuse it
+                # alike — and no first-loss check reads it: the next finite loss's do
+                self.nonfinite_batches.add(batch.index)
+                return value.reshape(())
+            self.nonfinite_batches.discard(batch.index)
+            loss = check_scalar_loss(value, what, values=False)  # its values just checked
+        else:
+            loss = check_scalar_loss(value, what)
         if not self._loss_checked:
+            if not self._declared:
+                self.reduction = self._infer_reduction(out, batch)
             if not loss.requires_grad:
                 raise ValueError(
                     "the loss does not depend on the selected parameters (no gradient flows "
@@ -1243,11 +1242,9 @@ class ModelObjective:
         except Exception:
             targets, tol = batch.targets, max(64 * torch.finfo(self.dtype).eps, 1e-6)
         with torch.no_grad():  # the whole batch's errors (NaN, not a scalar) are the loss's own
-            value = whole64 if out is out64 else self.loss_fn(out, targets)
-            if self.defer_nonfinite and isinstance(value, Tensor) and not all_finite(value):
-                return "mean"  # for now: the batch is refused on every rank, and the next loss
-                # that is finite infers it again (no first-loss check passes before it)
-            whole = float(check_scalar_loss(value))
+            whole = float(
+                check_scalar_loss(whole64 if out is out64 else self.loss_fn(out, targets))
+            )
             try:
                 first, second = (
                     float(check_scalar_loss(self.loss_fn(_rows(out, sl, n), targets[sl])))
