@@ -217,13 +217,12 @@ class CurvscopeOptimizer(Optimizer):
         state (counts included), ``info``, the running statistics of the normalization layers
         the step ran and torch's global RNG are restored bit for bit to what they were at the
         start of the step, then the exception propagates. Returns the loss at the start."""
-        snapshot, rng = Snapshot(self), rng_now()
+        snapshot = Snapshot(self)
         try:
             with KeptStatistics(on_error=True):
                 return self._step(closure, snapshot)
         except BaseException as error:
             snapshot.restore(self, error)
-            rng_back(rng)  # a retry draws the failed attempt's dropout masks
             raise
 
     def _step(self, closure: Any, snapshot: Snapshot) -> Tensor | None:
@@ -314,6 +313,9 @@ class Snapshot:
         self._state = {k: _copy_containers(v) for k, v in opt.state.items()}
         self._versions = [(t, t._version) for t in tensors(self._state)]
         self._counts, self._info = opt._counts, opt.info
+        #: torch's RNGs at the start: put back by a failed step (a retry drew other dropout
+        #: masks), and where a model-step method measures its trial points (its own masks)
+        self.rng = rng_now()
 
     def flat(self) -> Tensor:
         """θ at the start of the step, flat (a promoted copy when the dtypes differ)."""
@@ -333,6 +335,7 @@ class Snapshot:
         opt.state.clear()
         opt.state.update(self._state)
         opt._counts, opt.info = self._counts, self._info
+        rng_back(self.rng)
         if any(t._version != v for t, v in self._versions):
             raise RuntimeError(
                 f"{type(opt).__name__} changed a state tensor in place during the failed step, "

@@ -252,7 +252,6 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         memory = self._restarted(self._global())  # committed at the end: replaced, not edited
         params = snapshot.params
         products_before = counts.products
-        draws = rng_now()
         ev = Evaluation(params, closure, counts, group=self.group)
         after = rng_now()  # where the step leaves the RNG: one forward's draws, as torch's
         gnorm = float(ev.flat_grad.norm())
@@ -271,7 +270,7 @@ class ModelStepOptimizer(CurvscopeOptimizer):
             # masks at each trial put ρ between −2e5 and 3e5 at a small radius, 11 of 20 steps
             # kept; 0.5–1.7 and 20 of 20 with one: an outside review)
             write_flat(params, x0 + s)
-            rng_back(draws)
+            rng_back(snapshot.rng)
             return loss_only(closure, params, counts, self.group)
 
         value = memory[search.key]
