@@ -251,8 +251,14 @@ class Operator:
     def errors_since(self, seen: int) -> list[float]:
         """The estimated product errors (per unit of a column's norm) of the calls after the
         first ``seen`` (``len(op.error_norms)`` before them): one host read."""
+        fresh = self.errors_after(seen, torch.empty(0, dtype=torch.float64))
+        return [] if fresh is None else fresh.tolist()
+
+    def errors_after(self, seen: int, like: Tensor) -> Tensor | None:
+        """:meth:`errors_since` as one tensor of ``like``'s dtype and device, no host read (None
+        for exact products: there are none)."""
         fresh = self.error_norms[seen:]
-        return torch.cat([t.double().cpu() for t in fresh]).tolist() if fresh else []
+        return torch.cat([t.to(like) for t in fresh]) if fresh else None
 
     def _keep_errors(self) -> None:
         """Keep each call's error vectors (:attr:`last_errors`), and have a finite-difference

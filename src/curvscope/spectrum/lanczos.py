@@ -86,16 +86,12 @@ def _orthonormal(op: Operator, r: Tensor, Q: Tensor | None, others: Tensor) -> T
     return r / op.dot(r, r).sqrt()
 
 
-def _polish_weak(
-    op: Operator, Xn: Tensor, R: np.ndarray, dead: np.ndarray, Q: Tensor, scale: float
-) -> None:
-    """Columns that nearly died — R's diagonal below √eps of the scale but above rounding's
-    level — are orthogonalized again after their normalization: dividing by so small a norm
-    magnifies what the two passes left of the basis (eps·‖AX‖/r_jj), and the basis lost its
-    orthogonality (a PSD matrix of rank 4 gave Ritz values down to −720 once the run went on
-    past its invariant subspace)."""
-    tiny = math.sqrt(torch.finfo(Xn.dtype).eps) * max(scale, 1e-300)
-    weak = (np.abs(np.diag(R)) < tiny) & ~dead
+def _polish_weak(op: Operator, Xn: Tensor, weak: np.ndarray, dead: np.ndarray, Q: Tensor) -> None:
+    """The ``weak`` columns, which nearly died — R's diagonal below √eps of the scale but above
+    rounding's level — orthogonalized again after their normalization: dividing by so small a
+    norm magnifies what the two passes left of the basis (eps·‖AX‖/r_jj), and the basis lost
+    its orthogonality (a PSD matrix of rank 4 gave Ritz values down to −720 once the run went
+    on past its invariant subspace)."""
     for j in np.flatnonzero(weak).tolist():
         others = [i for i in range(Xn.shape[1]) if i != j and not dead[i]]  # dead: replaced
         Xn[:, j : j + 1] = _orthonormal(op, Xn[:, j : j + 1].clone(), Q, Xn[:, others])
@@ -234,13 +230,14 @@ class Krylov:
             return
         Rh = read[(m + b) * b :].reshape(b, b).copy()
         keep = min(b, op.dim - self._m)
-        dead = _dead(Rh, W.dtype, self.scale)
-        _polish_weak(op, Xn, Rh, dead, Bt.T, self.scale)
+        dead, size = _dead(Rh, W.dtype, self.scale), np.abs(np.diag(Rh))
+        eps = torch.finfo(W.dtype).eps
+        _polish_weak(op, Xn, (size < math.sqrt(eps) * self.scale) & ~dead, dead, Bt.T)
         # a column that nearly died (within eps^¾ of the scale: in float64 a residual of 1e-13
         # was above the dead's 2e-14) closed the space as well — what continues it is
         # rounding's noise, a fresh direction in effect; in float32 the dead's own threshold
         # is the larger, and a Hessian's small bulk (β near √eps of λ_max) is no closing
-        closing = np.abs(np.diag(Rh)) <= torch.finfo(W.dtype).eps ** 0.75 * self.scale
+        closing = size <= eps**0.75 * self.scale
         _replace_dead(op, Xn, Rh, dead, Bt.T, self.gen)
         self.broke = bool((dead | closing)[:keep].any())
         self.X, self.Rh = Xn[:, :keep], Rh[:keep]

@@ -123,9 +123,8 @@ def _products(op: Operator, Z: Tensor, bar: Any) -> _Applied:
         bar.update(outs[-1].shape[1])
     if not outs:
         return _Applied(Z[:, :0])
-    norms = op.error_norms[seen:]
-    errors = torch.cat([t.to(Z) for t in norms]) if norms else None
-    return _Applied(torch.cat(outs, dim=1), errors, torch.cat(vectors, dim=1) if vectors else None)
+    vectors_kept = torch.cat(vectors, dim=1) if vectors else None
+    return _Applied(torch.cat(outs, dim=1), op.errors_after(seen, Z), vectors_kept)
 
 
 def _terms(op: Operator, U: Tensor, AU: _Applied) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -182,9 +181,7 @@ def _exact_trace(op: Operator, bar: Any) -> tuple[float, Tensor, Tensor | None]:
         E[at] = 1
         diag[cols] = op(E)[at]
         bar.update(cols.numel())
-    norms = op.error_norms[seen:]
-    errors = torch.cat([t.to(diag) for t in norms]) if norms else None
-    return float(diag.sum()), diag, errors
+    return float(diag.sum()), diag, op.errors_after(seen, diag)
 
 
 def trace(
