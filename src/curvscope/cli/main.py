@@ -62,12 +62,16 @@ def _refusals(where: str = "") -> Iterator[None]:
 
 
 # ------------------------------------------------------------------ argparse type= checks
-def momentum_beta(text: str) -> float:
-    """A momentum coefficient β in [0, 1)."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def momentum_beta(text: str) -> float:
+    """A momentum coefficient β in [0, 1)."""
+    value = _number(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
     return value
@@ -75,10 +79,7 @@ def momentum_beta(text: str) -> float:
 
 def positive_float(text: str) -> float:
     """A finite number > 0 (a learning rate)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _number(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     return value

@@ -757,7 +757,9 @@ class Monitor:
         self._agree_window()
         d = self._with_history(d)
         # what later steps decide on (an early probe, a check's alarm) is rank 0's verdict:
-        # each rank's history reads its own training losses, and every rank must decide alike
+        # the training losses are the ranks' mean now (_agree_window), but a history rule may
+        # still read a fact of this rank's (whether its loss is the probe's full batch), and
+        # every rank must decide alike
         (code,) = _agreed([float(d.state.code)], self.model, op="rank0")
         self._state = d.state
         if int(code) != d.state.code:
