@@ -61,11 +61,12 @@ def _image(out: Path, name: str | None, caption: str) -> dict[str, str] | None:
 #: The files the last report written into a folder wrote there, one name a line, after a first
 #: line "#<kind>" naming the kind of report (hidden).
 MANIFEST = ".curvscope-report-files"
-#: What each kind of report is, for the refusal of another kind's folder.
+#: Each kind of report: what it is called, and the files it always writes (beside its plots,
+#: which have names of their own) — for the refusal of another kind's folder or a user's files.
 _KINDS = {
-    "lab": "a lab report (report.html, results.json, its plots)",
-    "log": "a run log's report (report.html, its plots)",
-    "probe": "a probe's report (report.html, its plot)",
+    "lab": ("a lab report", ("report.html", "results.json")),
+    "log": ("a run log's report", ("report.html",)),
+    "probe": ("a probe's report", ("report.html",)),
 }
 
 
@@ -81,14 +82,6 @@ def _manifest(out: Path) -> tuple[str | None, set[str]]:
     if kind is None and "results.json" in names:  # a manifest from before kinds: a lab's
         kind = "lab"
     return kind, names
-
-
-#: The files a report of each kind always writes (its plots have names of their own).
-_ALWAYS = {
-    "lab": ("report.html", "results.json"),
-    "log": ("report.html",),
-    "probe": ("report.html",),
-}
 
 
 def _foreign(path: Path) -> bool:
@@ -114,18 +107,21 @@ def claim_folder(out: Path, kind: str) -> None:
     report of curvscope's wrote (no manifest lists them): a user's own report.html was
     replaced without a word (a second review)."""
     found, names = _manifest(out)
+    called, always = _KINDS[kind]
     if found is not None and found != kind and found in _KINDS:
+        other, files = _KINDS[found]
         raise FileExistsError(
             errno.EEXIST,
-            f"the folder holds {_KINDS[found]}, which {_KINDS[kind].split(' (')[0]} would replace",
+            f"the folder holds {other} ({', '.join(files)}, its plots), which {called} would "
+            "replace",
             str(out / "report.html"),
         )
-    theirs = [n for n in _ALWAYS[kind] if n not in names and _foreign(out / n)]
+    theirs = [n for n in always if n not in names and _foreign(out / n)]
     if theirs:
         raise FileExistsError(
             errno.EEXIST,
             f"the folder holds {' and '.join(theirs)}, which curvscope did not write there (no "
-            f"report of its lists it), and {_KINDS[kind].split(' (')[0]} would replace it",
+            f"report of its lists it), and {called} would replace it",
             str(out / theirs[0]),
         )
 
