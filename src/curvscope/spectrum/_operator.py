@@ -251,7 +251,7 @@ class Operator:
     def errors_since(self, seen: int) -> list[float]:
         """The estimated product errors (per unit of a column's norm) of the calls after the
         first ``seen`` (``len(op.error_norms)`` before them): one host read."""
-        fresh = self.errors_after(seen, torch.empty(0, dtype=torch.float64))
+        fresh = self.errors_after(seen, torch.empty(0, dtype=torch.float64, device="cpu"))
         return [] if fresh is None else fresh.tolist()
 
     def errors_after(self, seen: int, like: Tensor) -> Tensor | None:
