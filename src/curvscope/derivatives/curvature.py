@@ -320,6 +320,7 @@ class Curvature:
         )
         # (the finite-difference backend agrees on a failing rank before its sums: together)
         objective.defer_nonfinite = self.group is not None and backend != _fd.BACKEND
+        objective.across_ranks = self.group is not None
         check_same_on_ranks(
             self.group,
             num_params=objective.num_params,

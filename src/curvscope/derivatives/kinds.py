@@ -29,13 +29,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvscope.derivatives.objective import Batch, ModelObjective, counted_labels
+from curvscope.derivatives.objective import Batch, ModelObjective, counted_labels, torch_loss
 from curvscope.derivatives.seeding import FISHER_LABELS, generator
 
 
@@ -62,6 +63,21 @@ def per_batch(prepare: PrepareBatch) -> Preparer:
     return preparer
 
 
+def _no_second_derivative(e: NotImplementedError) -> NotImplementedError:
+    """torch's "the derivative for '_embedding_bag_backward' is not implemented" (nn.EmbeddingBag),
+    with what it means and the ways around it (it said neither: an outside review)."""
+    if "derivative for" not in str(e):
+        return e
+    return NotImplementedError(
+        f"{e} torch has no second derivative for an operation of the model (nn.EmbeddingBag's, "
+        "for one), which curvature products by double backward need. Measure with "
+        "backend='finite_difference' (cs.Curvature, cs.diagnose, cs.Monitor: products from "
+        "gradients alone), or leave that module's parameters out (params=, or "
+        "requires_grad=False); for nn.EmbeddingBag, nn.Embedding followed by a mean or sum "
+        "over the bag is the same model with second derivatives"
+    )
+
+
 def _grad(
     outputs: Sequence[Tensor],
     inputs: Sequence[Tensor],
@@ -79,14 +95,17 @@ def _grad(
     outs, gos = zip(*pairs, strict=True)
 
     def column(j: int) -> list[Tensor]:
-        g = torch.autograd.grad(
-            outs,
-            inputs,
-            [go[j] for go in gos],
-            retain_graph=True,
-            create_graph=create_graph,
-            allow_unused=True,
-        )
+        try:
+            g = torch.autograd.grad(
+                outs,
+                inputs,
+                [go[j] for go in gos],
+                retain_graph=True,
+                create_graph=create_graph,
+                allow_unused=True,
+            )
+        except NotImplementedError as e:
+            raise _no_second_derivative(e) from e
         return [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, inputs, strict=True)]
 
     if k == 1:  # the common case: no stacking copy
@@ -178,7 +197,9 @@ class _ForwardOverReverseProduct:
         theta = {k: p.detach() for k, p in obj.params.items()}
         names = obj.names
 
-        loss_fn = _mse if isinstance(obj.loss_fn, nn.MSELoss) else obj.loss_fn
+        loss_fn = obj.loss_fn
+        if torch_loss(loss_fn, (nn.MSELoss,)) is not None:
+            loss_fn = partial(_mse, reduction=loss_fn.reduction)
 
         def loss_of(th: dict[str, Tensor]) -> Tensor:
             return loss_fn(obj.raw_forward(th, batch), batch.targets)
@@ -195,10 +216,12 @@ class _ForwardOverReverseProduct:
             return list(torch.func.vmap(hvp, randomness="same")(*blocks))
 
 
-def _mse(out: Tensor, target: Tensor) -> Tensor:
-    """nn.MSELoss() written out: torch 2.13's own raises "ZeroTensors are immutable" in
-    forward-over-reverse (its double backward writes into a zero tangent)."""
-    return (out - target).pow(2).mean()
+def _mse(out: Tensor, target: Tensor, reduction: str) -> Tensor:
+    """nn.MSELoss written out: torch 2.13's own raises "ZeroTensors are immutable" in
+    forward-over-reverse (its double backward writes into a zero tangent). Its reduction is the
+    loss's (this took the mean of a summed loss: products 1/N of the Hessian, found in review)."""
+    squares = (out - target).pow(2)
+    return squares.sum() if reduction == "sum" else squares.mean()
 
 
 def prepare_hessian_forward(obj: ModelObjective, batch: Batch) -> _ForwardOverReverseProduct:
@@ -219,19 +242,44 @@ class _GGNProduct:
         return self.jac.vjp(h_jv)
 
 
+def _refuse_linear_loss(loss_grad: Tensor, at: Tensor) -> None:
+    """The Gauss-Newton matrix Jᵀ H_out J of a loss linear in the outputs is 0: nn.NLLLoss after
+    a LogSoftmax layer (the tutorials' pattern) gave λ_max 0 "converged", trace 0, without a
+    word where the Hessian's is 0.70 (an outside review). H_out is applied once to a direction
+    that varies within every row (a constant one is in cross-entropy's null space)."""
+    w = (torch.arange(at.numel(), device=at.device) % 7 + 1).reshape(at.shape).to(at.dtype)
+    (h,) = _grad([loss_grad], [at], [w[None]])
+    if bool(h.any()) or not bool(w.any()):
+        return
+    raise ValueError(
+        "the Gauss-Newton matrix is 0 here: loss_fn's second derivative in the model's outputs "
+        "is 0 (a loss linear in them — nn.NLLLoss after a LogSoftmax layer, nn.L1Loss, a hinge "
+        "loss — or outputs saturated to the precision), so Jᵀ H_out J = 0. Move the last "
+        "nonlinearity into the loss (logits and nn.CrossEntropyLoss for LogSoftmax + "
+        "nn.NLLLoss), or use kind='hessian'"
+    )
+
+
 def ggn_product(
-    outputs: Tensor, leaves: Sequence[Tensor], loss: Tensor, at: Tensor | None = None
+    outputs: Tensor,
+    leaves: Sequence[Tensor],
+    loss: Tensor,
+    at: Tensor | None = None,
+    check: bool = True,
 ) -> PreparedProduct:
     """Jᵀ H_out J for ``outputs`` computed from ``leaves`` and a scalar ``loss`` computed from
     them: J the Jacobian of the outputs, H_out = ∂²loss/∂out² (by autograd, any loss).
 
     ``at`` is the tensor the loss was computed from: the outputs themselves (the default: a
     closure's evaluation), or a detached copy of them (:func:`prepare_ggn`), which keeps the
-    loss's graph apart from the model's.
+    loss's graph apart from the model's. ``check``: refuse a loss linear in the outputs
+    (:func:`_refuse_linear_loss`; one more backward through the loss alone and a host read).
     """
     at = outputs if at is None else at
     jac = _Jacobian(outputs, leaves)
     (loss_grad,) = torch.autograd.grad(loss, at, create_graph=True)
+    if check:
+        _refuse_linear_loss(loss_grad, at)
     return _GGNProduct(jac, at, loss_grad)
 
 
@@ -241,7 +289,11 @@ def prepare_ggn(obj: ModelObjective, batch: Batch) -> PreparedProduct:
         out = obj.forward(theta, batch, tensor=True)
         out_leaf = out.detach().requires_grad_(True)
         loss = obj.loss(out_leaf, batch)
-        return ggn_product(out, list(theta.values()), loss, at=out_leaf)
+        product = ggn_product(
+            out, list(theta.values()), loss, at=out_leaf, check=not obj.ggn_checked
+        )
+    obj.ggn_checked = True  # once an operator
+    return product
 
 
 # ------------------------------------------------------------------------------- Fisher
@@ -314,14 +366,20 @@ LIKELIHOODS: dict[type, Likelihood] = {
 
 def likelihood_of(loss_fn: object) -> Likelihood:
     """The likelihood behind a torch loss, or a ValueError naming the supported ones."""
-    lik = LIKELIHOODS.get(type(loss_fn))
-    if lik is None:
+    cls = torch_loss(loss_fn, LIKELIHOODS)
+    if cls is None:
         names = ", ".join(f"nn.{t.__name__}" for t in LIKELIHOODS)
+        nll = (
+            " (for nn.NLLLoss after log_softmax: nn.CrossEntropyLoss on the logits)"
+            if isinstance(loss_fn, nn.NLLLoss)
+            else ""
+        )
         raise ValueError(
             f"kind='fisher' samples labels from the model's predictive distribution, which is "
-            f"known for {names}; got {type(loss_fn).__name__}. Use one of those losses, or "
+            f"known for {names}; got {type(loss_fn).__name__}. Use one of those losses{nll}, or "
             "kind='ggn' (equal to the Fisher in expectation for them) or kind='empirical_fisher'"
         )
+    lik = LIKELIHOODS[cls]
     for attr, neutral in {"weight": None, "pos_weight": None, "label_smoothing": 0.0}.items():
         value = getattr(loss_fn, attr, neutral)
         if value is not None and not (isinstance(value, float) and value == neutral):
@@ -330,6 +388,15 @@ def likelihood_of(loss_fn: object) -> Likelihood:
                 f"is then not a log-likelihood; drop {attr} or use kind='ggn'"
             )
     return lik
+
+
+def terms_of(loss_fn: object) -> Likelihood | None:
+    """The likelihood whose terms a torch loss sums or averages (:func:`torch_loss`): nn.NLLLoss's
+    are cross-entropy's, over the log-probabilities it is given (through the per-sample path,
+    class weights cancelled in each sample's loss: 0.23x the empirical Fisher of the same
+    nn.CrossEntropyLoss, found by an outside review); None for any other loss."""
+    cls = torch_loss(loss_fn, (*LIKELIHOODS, nn.NLLLoss))
+    return None if cls is None else LIKELIHOODS[nn.CrossEntropyLoss if cls is nn.NLLLoss else cls]
 
 
 def mean_divisor(reduction: str, counted: Tensor | int) -> Tensor | float:
@@ -412,13 +479,14 @@ def per_sample_losses(loss_fn: Callable, out: Tensor, targets: Tensor) -> Tensor
 def prepare_empirical_fisher(obj: ModelObjective, batch: Batch) -> _OuterProduct:
     """E = (1/T) Σ_t ∇ℓ_t ∇ℓ_tᵀ over the loss's likelihood terms, with the true labels.
 
-    For ``nn.CrossEntropyLoss``, ``nn.BCEWithLogitsLoss`` and ``nn.MSELoss`` the terms ℓ_t are
-    the Fisher's (what ``reduction="none"`` returns: a class vector per sample or position for
-    cross-entropy, every output entry for MSE and BCE) and T is what the mean divides their sum
-    by (their number, less the rows at ``ignore_index``; the sum of the class weights under
-    ``weight=``), 1 for a summed loss. So E has the Fisher's structure with each term's sampled
-    gradient replaced by its true-label gradient g_t = ∂ℓ_t/∂out_t, and with labels drawn from
-    the model its expectation is the Fisher, hence the GGN.
+    For ``nn.CrossEntropyLoss`` (and ``nn.NLLLoss``), ``nn.BCEWithLogitsLoss`` and
+    ``nn.MSELoss`` the terms ℓ_t are the Fisher's (what ``reduction="none"`` returns: a class
+    vector per sample or position for cross-entropy, every output entry for MSE and BCE) and T
+    is what the mean divides their sum by (their number, less the rows at ``ignore_index``; the
+    sum of the class weights under ``weight=``), 1 for a summed loss. So E has the Fisher's
+    structure with each term's sampled gradient replaced by its true-label gradient g_t =
+    ∂ℓ_t/∂out_t, and with labels drawn from the model its expectation is the Fisher, hence the
+    GGN.
 
     The g_t come from autograd: ∂L/∂out of the batch loss L = (1/T) Σ_t ℓ_t is g_t/T row by
     row, since each term depends on its own row only. That is the derivative of the loss as
@@ -431,7 +499,7 @@ def prepare_empirical_fisher(obj: ModelObjective, batch: Batch) -> _OuterProduct
     """
     theta = obj.leaves()
     leaves = list(theta.values())
-    lik = LIKELIHOODS.get(type(obj.loss_fn))
+    lik = terms_of(obj.loss_fn)
     with obj.context(batch.index):
         out = obj.forward(theta, batch, tensor=True)
         if lik is None:

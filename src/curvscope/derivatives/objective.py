@@ -179,6 +179,13 @@ def _what_batch(item: Any) -> str:
 def _one_batch_hint(data: Any) -> str:
     """Data that is one batch of more than two tensors (inputs, targets, weights) was read as a
     list of batches, each a tensor ("got Tensor": an outside review)."""
+    pair = isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[0], Tensor)
+    if pair and isinstance(data[1], tuple | list | Mapping):
+        return (
+            f"; data looks like one batch whose targets are a {type(data[1]).__name__}: the "
+            "targets must be one tensor — stack or concatenate them (and split them in the "
+            "loss), or pass them inside the inputs"
+        )
     tensors = isinstance(data, tuple | list) and all(isinstance(t, Tensor) for t in data)
     if tensors and len(data) > 2:
         return (
@@ -495,14 +502,16 @@ def inner_name(name: str, prefix: str, known: Container[str]) -> str:
 
 def unwrapped(model: Any) -> tuple[Any, bool, str]:
     """The module inside ``DistributedDataParallel`` (whose gradient hooks a product must never
-    trigger) and ``torch.compile`` wrappers, in any nesting; whether one was compiled (an
+    trigger), ``nn.DataParallel`` (whose replicas torch's functional_call refuses: "the stateless
+    API can't be used with nn.DataParallel", an outside review) and ``torch.compile`` wrappers,
+    in any nesting; whether one was compiled (an
     ``OptimizedModule``, told without importing torch._dynamo); and the prefix the wrappers add
     to its parameters' names (``module.`` for DDP, ``_orig_mod.`` for torch.compile, nested:
     ``module._orig_mod.``). curvscope names parameters as the module inside does, and takes
     the wrappers' names too (:func:`select_parameters`)."""
     compiled, prefix = False, ""
     while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
             model, prefix = model.module, prefix + "module."
         elif type(model).__name__ == "OptimizedModule" and isinstance(
             getattr(model, "_orig_mod", None), nn.Module
@@ -521,6 +530,19 @@ def _recomputes(model: nn.Module) -> bool:
     return False
 
 
+def torch_loss(loss_fn: object, classes: Iterable[type]) -> type | None:
+    """The torch loss among ``classes`` that ``loss_fn`` computes: its class, or a subclass
+    that keeps that class's ``forward`` (``class MyCE(nn.CrossEntropyLoss): pass`` with
+    ``weight=`` was weighed by rows, 42% off: an outside review); None for any other loss,
+    a subclass overriding ``forward`` included (it may average otherwise)."""
+    for cls in classes:
+        if isinstance(loss_fn, cls) and getattr(type(loss_fn), "forward", None) is getattr(
+            cls, "forward", cls
+        ):
+            return cls
+    return None
+
+
 def counted_labels(loss_fn: Any, labels: Tensor, dtype: torch.dtype) -> Tensor:
     """Each class label's weight in the divisor of a mean cross-entropy (``nn.CrossEntropyLoss``,
     ``nn.NLLLoss``), flattened: 0 at ``ignore_index``, the class weight of the label under
@@ -529,19 +551,25 @@ def counted_labels(loss_fn: Any, labels: Tensor, dtype: torch.dtype) -> Tensor:
     kept = flat != getattr(loss_fn, "ignore_index", -100)
     counted = kept.to(dtype)
     weight = getattr(loss_fn, "weight", None)
-    if weight is not None:
-        counted = counted * weight.to(device=flat.device, dtype=dtype)[torch.where(kept, flat, 0)]
+    if weight is not None:  # indexed as integers: torch reads a uint8 index as a mask
+        index = torch.where(kept, flat, 0).long()
+        counted = counted * weight.to(device=flat.device, dtype=dtype)[index]
     return counted
 
 
-def _divides_by_labels(loss_fn: Any, targets: Tensor) -> bool:
-    """Whether a batch's mean loss divides by its counted class labels (:func:`counted_labels`)
-    rather than by its rows: torch's mean cross-entropy with class-index targets."""
-    return (  # the classes themselves: a subclass may average otherwise
-        type(loss_fn) in (nn.CrossEntropyLoss, nn.NLLLoss)
-        and loss_fn.reduction == "mean"
-        and not targets.is_floating_point()
-    )
+def mean_count(loss_fn: Any, targets: Tensor) -> float | None:
+    """What torch's mean cross-entropy (``nn.CrossEntropyLoss``, ``nn.NLLLoss``) divides a
+    batch's summed terms by: its counted class labels (:func:`counted_labels`), or for targets
+    given as class probabilities its positions (rows × d… of (N, C, d…) targets, whatever
+    ``weight=`` — weighed by rows, sequences of different lengths were 40% off: an outside
+    review); None where a mean is over the rows."""
+    if torch_loss(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) is None:
+        return None
+    if loss_fn.reduction != "mean":
+        return None
+    if not targets.is_floating_point():
+        return float(counted_labels(loss_fn, targets, torch.float64).sum())
+    return float(targets.numel() // targets.shape[1]) if targets.ndim > 2 else None
 
 
 def _reshard(modules: list[nn.Module]) -> None:
@@ -682,6 +710,11 @@ class ModelObjective:
         #: last loss was not finite
         self.defer_nonfinite = False
         self.nonfinite_batches: set[int] = set()
+        #: whether other ranks' batches join this one's in the mean (set by a Curvature under a
+        #: process group): a mean over all the data then weighs batches across ranks too
+        self.across_ranks = False
+        #: whether a Gauss-Newton product checked that the loss is not linear in the outputs
+        self.ggn_checked = False
         self.loss_fn = loss_fn
         self.seed = check_seed(seed)
         self._params = select_parameters(model, params, prefix)
@@ -720,11 +753,17 @@ class ModelObjective:
             self._forward_generators.append(torch.cuda.default_generators[index])
         self._loss_checked = False
         self._first_call = True
+        #: whether forwards pass copies of the parameters (:meth:`_written_in_forward`)
+        self._copy_params = False
         #: the batches whose adapted loss was checked against the model's own (loss_fn=None)
         self._own_checked: set[int] = set()
+        #: the batches whose mean was checked to be over their rows (:meth:`_check_mean_over_rows`)
+        self._rows_checked: set[int] = set()
         #: how loss_fn reduces over the samples of a batch: "mean" or "sum" (the curvature is
         #: then that of the mean over all the data, or of the sum); settled by the first loss
         declared = reduction or getattr(self.loss_fn, "reduction", None)
+        if declared == "batchmean":  # nn.KLDivLoss's: the rows' mean of each row's sum
+            declared = "mean"
         self._declared = declared in REDUCTIONS or declared == "none"
         self.reduction: str = declared if declared in REDUCTIONS else "mean"
 
@@ -865,9 +904,8 @@ class ModelObjective:
         loss_fn=None what the model's own loss averages over (target tokens)."""
         if self.adapter is not None:
             return float(self.adapter.count(targets))
-        if not _divides_by_labels(self.loss_fn, targets):
-            return float(targets.shape[0])
-        return float(counted_labels(self.loss_fn, targets, torch.float64).sum())
+        count = mean_count(self.loss_fn, targets)
+        return float(targets.shape[0]) if count is None else count
 
     def _count(self) -> tuple[int, float]:
         """(batches, samples) of the data; each batch's rows and size kept (:meth:`batches`)."""
@@ -988,11 +1026,12 @@ class ModelObjective:
                     if id(b) not in copies:
                         copies[id(b)] = b.clone()
                     state[prefix + name] = copies[id(b)]
-        tied = {id(p): theta[k] for k, p in params if k in theta}  # every name of a selected one
+        copy = self._copy_params  # a forward that writes its parameters: into copies
+        tied = {id(p): theta[k].clone() if copy else theta[k] for k, p in params if k in theta}
         for k, p in params:
             mine = tied.get(id(p))
             if mine is None:  # not selected: a constant, unless a recomputation must match it
-                mine = p.detach()
+                mine = p.detach().clone() if copy else p.detach()
                 if self._checkpointing and p.requires_grad:  # (never inside torch.func)
                     mine.requires_grad_(True)
             state[k] = mine
@@ -1099,8 +1138,10 @@ class ModelObjective:
         args, kwargs = self.arguments(batch, **extra)
         state = self._state(theta)
         # once per operator: torch's warning of a reentrant checkpoint, heard (a model that
-        # checkpoints only in some batches or modes is judged by its first forward)
+        # checkpoints only in some batches or modes is judged by its first forward), and a
+        # forward that writes into its parameters seen
         if self._first_call:
+            versions = [(k, p, p._version) for k, p in self.model.named_parameters()]
             with warnings.catch_warnings(record=True) as said:
                 warnings.simplefilter("always")
                 out = functional_call(self.model, state, args, kwargs or None, tie_weights=False)
@@ -1109,8 +1150,27 @@ class ModelObjective:
                 raise RuntimeError(REENTRANT_CHECKPOINT)
             for w in said:  # the model's other warnings, as they were
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            self._written_in_forward([k for k, p, v in versions if p._version != v])
             return out
         return functional_call(self.model, state, args, kwargs or None, tie_weights=False)
+
+    def _written_in_forward(self, written: list[str]) -> None:
+        """A forward that writes into its parameters in place (a max-norm clamp, weight clipping
+        in a forward pre-hook) wrote into the user's, which curvscope's forwards pass by their
+        storage: every product wrote again, unseen (an outside review). Its first forward is
+        let be — its write is the one the user's next forward makes — and said; the later ones
+        write into copies (:meth:`_state`)."""
+        if not written:
+            return
+        self._copy_params = True
+        note = (
+            f"the model's forward writes into its parameter(s) {few(written)} in place (a "
+            "max-norm clamp, weight clipping?): curvscope's first forward wrote them as your "
+            "next forward will; its later forwards write into copies. The curvature is at the "
+            "parameters as written"
+        )
+        self.notes.append(note)
+        warnings.warn(note, stacklevel=2)
 
     def raw_forward(self, theta: Mapping[str, Tensor], batch: Batch) -> Any:
         """Model outputs at parameters ``theta``, unchecked (usable inside torch.func
@@ -1197,6 +1257,9 @@ class ModelObjective:
                     "the parameters themselves"
                 )
             self._loss_checked = True
+        if batch.index not in self._rows_checked:  # every batch once, as below
+            self._check_mean_over_rows(out, batch)
+            self._rows_checked.add(batch.index)
         if self.adapter is not None and batch.index not in self._own_checked:
             # every batch once: a model's own loss may agree on one batch and not another (a
             # loss_function averaging per sequence agrees where the sequences are as long)
@@ -1276,6 +1339,68 @@ class ModelObjective:
             f"value {whole:.6g} is {'both' if is_mean else 'neither'} the mean "
             f"{'and' if is_mean else 'nor'} the sum of its values on the two halves "
             f"({first:.6g}, {second:.6g}); {fix}"
+            + (
+                ""
+                if is_mean
+                else ". A mean over something other than the rows (class weights, ignored "
+                "labels, tokens) is neither: pass nn.CrossEntropyLoss(weight=..., "
+                "ignore_index=...) or nn.NLLLoss, whose counted labels curvscope weighs"
+            )
+        )
+
+    def _check_mean_over_rows(self, out: Any, batch: Batch) -> None:
+        """A mean loss whose batches are weighed by their rows (any loss but torch's
+        cross-entropy, whose counted labels weigh them: :func:`mean_count`) must be the mean of
+        its rows' losses, or the batches' means do not add up to the mean over all the data:
+        a function with class weights, ignored or padding labels, or a mean over tokens was
+        41–47% off, without a word (an outside review; equal halves passed the reduction's
+        test). Checked on up to 16 rows of each batch, once, against each of those rows alone —
+        where there is more than one batch to weigh: one batch's mean is the whole mean,
+        whatever it averages over."""
+        if self.reduction != "mean" or self.adapter is not None:
+            return
+        if self.num_batches < 2 and not self.across_ranks:
+            return
+        if mean_count(self.loss_fn, batch.targets) is not None:
+            return
+        n = batch.targets.shape[0]
+        rows = torch.linspace(0, n - 1, min(n, 16), device=batch.targets.device).round().long()
+        if len(rows) < 2:
+            return
+
+        def pick(x: Any, index: Tensor) -> Any:
+            return map_tensors(lambda t: t[index] if t.ndim and t.shape[0] == n else t, x)
+
+        def values(out: Any, targets: Tensor) -> tuple[float, list[float]]:
+            with torch.no_grad(), warnings.catch_warnings():  # the loss's own: said by products
+                warnings.simplefilter("ignore")
+                whole = float(self.loss_fn(pick(out, rows), pick(targets, rows)))
+                alone = [
+                    float(self.loss_fn(pick(out, row), pick(targets, row))) for row in rows[:, None]
+                ]
+            return whole, alone
+
+        try:  # in float64 where the loss accepts it (class weights may not), else as given
+            (whole, alone), tol = values(_float64(out), _float64(batch.targets)), 1e-9
+        except Exception:
+            try:
+                whole, alone = values(out, batch.targets)
+            except Exception:  # a loss that needs more than one row: not decided
+                return
+            tol = max(64 * torch.finfo(self.dtype).eps, 1e-6)
+        mean = math.fsum(alone) / len(alone)
+        scale = max(abs(whole), abs(mean), 1e-30)
+        if not math.isfinite(whole) or abs(whole - mean) <= tol * scale:
+            return
+        raise ValueError(
+            f"loss_fn is a mean, but not over the rows of a batch: on {len(rows)} rows of batch "
+            f"{batch.index} it gives {whole:.6g}, the mean of its values on each row alone "
+            f"{mean:.6g} (class weights, ignored or padding labels, a mean over tokens?). "
+            "curvscope weighs each batch's mean by its rows to make the mean over all the data, "
+            "which such a loss does not add up to. Pass it as nn.CrossEntropyLoss(weight=..., "
+            "ignore_index=...) or nn.NLLLoss, whose counted labels weigh the batches; or give "
+            "all the data as one batch; or a loss that sums (reduction='sum': the curvature of "
+            "the sum)"
         )
 
     def _ignores_its_rows(

@@ -500,10 +500,24 @@ def _message(ok: bool, used: int, cap: int, res: np.ndarray, scale: float, tol: 
     )
 
 
+def module_of(name: str) -> str:
+    """The module that owns a parameter, from its name: the text before its last dot — for a
+    parametrized tensor (``0.parametrizations.weight.original0``: torch.nn.utils.parametrize,
+    weight_norm, orthogonal) the module it parametrizes (``0``), whose weight and bias were two
+    "layers" each with a λ_max of its own (an outside review); a name without a dot is its own."""
+    head, dot, _ = name.rpartition(".")
+    if not dot:
+        return name
+    owner, marker, _ = head.rpartition("parametrizations")
+    if marker and (not owner or owner.endswith(".")):
+        return owner[:-1] or name
+    return head
+
+
 def _layer_groups(names: list[str]) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
     for name in names:
-        groups.setdefault(name.rsplit(".", 1)[0] if "." in name else name, []).append(name)
+        groups.setdefault(module_of(name), []).append(name)
     return groups
 
 

@@ -1,0 +1,199 @@
+"""How a loss's batches make the loss over all the data, and the losses whose meaning a
+product must not get wrong (an outside review of losses and data; each test fails on the code
+before it: the numbers in the docstrings are what that code gave)."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import curvscope as cs
+from tests import cases
+
+DT = torch.float64
+
+
+def _split(case: cases.Case, at: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    X, y = case.data
+    return [(X[:at], y[:at]), (X[at:], y[at:])]
+
+
+def _applied(C: cs.Curvature, H: torch.Tensor) -> float:
+    """The relative difference of C and a dense H on three random vectors."""
+    V = torch.randn(C.num_params, 3, generator=torch.Generator().manual_seed(0), dtype=DT)
+    return float((C @ V - H @ V).norm() / (H @ V).norm())
+
+
+class PlainCE(nn.CrossEntropyLoss):
+    """A subclass that keeps torch's forward: torch's mean, over the counted labels."""
+
+
+@pytest.mark.parametrize(
+    "options", [{"weight": torch.tensor([0.2, 1.0, 3.0], dtype=DT)}, {"ignore_index": 2}]
+)
+def test_a_cross_entropy_subclass_weighs_batches_by_its_counted_labels(options):
+    """Weighed by rows, it was 42% (weight=) and 41% (ignore_index) off over two batches."""
+    case = cases.mlp(n=10)
+    case.loss_fn = nn.CrossEntropyLoss(**options)
+    H = cases.dense_hessian(case)
+    C = cs.Curvature(case.model, PlainCE(**options), _split(case, 4))
+    assert _applied(C, H) < 1e-12
+
+
+def test_probability_targets_of_sequences_weigh_batches_by_their_positions():
+    """(N, C, T) class probabilities average over N·T positions, as class indices do: batches of
+    3 and 6 positions weighed by rows were 40% off."""
+    torch.manual_seed(0)
+    model = nn.Conv1d(2, 3, 1).to(DT)
+    X1, X2 = torch.randn(2, 2, 3, dtype=DT), torch.randn(2, 2, 6, dtype=DT)
+    y1, y2 = torch.randint(0, 3, (2, 3)), torch.randint(0, 3, (2, 6))
+    soft = [
+        (X1, F.one_hot(y1, 3).movedim(-1, 1).to(DT)),
+        (X2, F.one_hot(y2, 3).movedim(-1, 1).to(DT)),
+    ]
+    hard = [(X1, y1), (X2, y2)]
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=DT)
+    by_index = cs.Curvature(model, nn.CrossEntropyLoss(), hard)
+    by_probability = cs.Curvature(model, nn.CrossEntropyLoss(), soft)
+    assert torch.allclose(by_probability @ v, by_index @ v, rtol=1e-12, atol=1e-14)
+    assert by_probability.loss_and_gradient()[0] == pytest.approx(
+        float(by_index.loss_and_gradient()[0]), rel=1e-12
+    )
+
+
+def test_uint8_class_labels_count_their_class_weights():
+    """torch indexes with a uint8 tensor as a mask: the counted weights came out 21% off."""
+    case = cases.mlp(n=6)
+    w = torch.tensor([0.5, 1.0, 2.0], dtype=DT)
+    case.loss_fn = nn.CrossEntropyLoss(weight=w)
+    H = cases.dense_hessian(case)
+    X, y = case.data
+    data = [(X[:3], y[:3].to(torch.uint8)), (X[3:], y[3:].to(torch.uint8))]
+    assert _applied(cs.Curvature(case.model, nn.CrossEntropyLoss(weight=w), data), H) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(
+            lambda w: functools.partial(F.cross_entropy, weight=w), id="weighted-function"
+        ),
+        pytest.param(lambda w: lambda out, y: F.cross_entropy(out, y, weight=w), id="lambda"),
+    ],
+)
+@pytest.mark.parametrize("reduction", [None, "mean"])
+def test_a_function_whose_mean_is_not_over_rows_is_refused(make, reduction):
+    """A weighted mean as a function, over two batches: 47% off, or — with the advice's
+    reduction='mean' — silently row-weighted. Refused, naming the fixes."""
+    case = cases.mlp(n=10)
+    w = torch.tensor([0.2, 1.0, 3.0], dtype=DT)
+    C = cs.Curvature(case.model, make(w), _split(case, 4), reduction=reduction)
+    said = "not over the rows of a batch" if reduction else "neither the mean nor the sum"
+    with pytest.raises(ValueError, match=f"{said}.*nn.CrossEntropyLoss"):
+        C @ torch.ones(C.num_params, dtype=DT)
+
+
+def test_a_token_mean_function_is_refused_where_a_later_batch_shows_it():
+    """Batch 0's sequences hold as many tokens each (its rows agree); batch 1's do not: every
+    batch is checked once, the first product refuses (it was 5.7% off)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4).to(DT)
+
+    def token_mean(out, t):
+        ce = F.cross_entropy(out.reshape(-1, 4), t.reshape(-1), reduction="none")
+        mask = (t.reshape(-1) != 0).to(out.dtype)
+        return (ce * mask).sum() / mask.sum()
+
+    X = torch.randn(6, 5, 4, dtype=DT)
+    Y = torch.tensor([[1, 2, 3, 0, 0], [2, 2, 1, 0, 0], [1, 1, 1, 1, 1], [3, 2, 1, 0, 0]] * 2)[:6]
+    C = cs.Curvature(model, token_mean, [(X[:2], Y[:2]), (X[2:], Y[2:])])
+    with pytest.raises(ValueError, match="on 4 rows of batch 1"):
+        C @ torch.ones(C.num_params, dtype=DT)
+
+
+def test_a_weighted_mean_over_one_batch_is_its_own_mean():
+    """One batch needs no weighing: a weighted function over all the data is measured."""
+    case = cases.mlp(n=10)
+    w = torch.tensor([0.2, 1.0, 3.0], dtype=DT)
+    case.loss_fn = nn.CrossEntropyLoss(weight=w)
+    H = cases.dense_hessian(case)
+    fn = functools.partial(F.cross_entropy, weight=w)
+    assert _applied(cs.Curvature(case.model, fn, case.data, reduction="mean"), H) < 1e-12
+
+
+@pytest.mark.parametrize("loss", [nn.MSELoss(), nn.SmoothL1Loss(), nn.BCEWithLogitsLoss()])
+def test_means_over_rows_pass_the_check_and_match_the_reference(loss):
+    case = cases.mlp_mse(n=10)
+    if isinstance(loss, nn.BCEWithLogitsLoss):
+        case.targets = (case.targets > 0).to(DT)
+    case.loss_fn = loss
+    H = cases.dense_hessian(case)
+    fn = lambda out, y: loss(out, y)  # noqa: E731 (a function: its reduction inferred)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _applied(cs.Curvature(case.model, fn, _split(case, 3)), H) < 1e-12
+
+
+def test_kl_divergence_batchmean_declares_a_mean():
+    """It was read as undeclared, and a batch of one could not tell mean from sum."""
+    case = cases.mlp(n=4)
+    target = torch.softmax(torch.randn(4, 3, dtype=DT, generator=torch.Generator()), -1)
+    model = nn.Sequential(case.model, nn.LogSoftmax(-1))
+    loss = nn.KLDivLoss(reduction="batchmean")
+    X = case.inputs
+    C = cs.Curvature(model, loss, [(X[i : i + 1], target[i : i + 1]) for i in range(4)])
+    whole = cs.Curvature(model, loss, (X, target))
+    v = torch.randn(C.num_params, dtype=DT)
+    assert torch.allclose(C @ v, whole @ v, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"weight": torch.tensor([0.2, 1.0, 3.0], dtype=DT)}, {"ignore_index": 2}]
+)
+def test_the_empirical_fisher_of_nll_is_cross_entropys(options):
+    """Through the per-sample path the class weights cancelled (0.23x) and ignored rows counted
+    (0.6x); nn.NLLLoss after log_softmax is now the same terms as cross-entropy on the logits."""
+    case = cases.mlp(n=10)
+    with_log_softmax = nn.Sequential(case.model, nn.LogSoftmax(-1))
+    ce = cs.Curvature(
+        case.model, nn.CrossEntropyLoss(**options), case.data, kind="empirical_fisher"
+    )
+    nll = cs.Curvature(with_log_softmax, nn.NLLLoss(**options), case.data, kind="empirical_fisher")
+    v = torch.randn(ce.num_params, dtype=DT)
+    assert torch.allclose(nll @ v, ce @ v, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("loss", [nn.NLLLoss(), nn.L1Loss()], ids=["nll-after-log-softmax", "l1"])
+def test_the_gauss_newton_of_a_loss_linear_in_the_outputs_is_refused(loss):
+    """Its GGN is the zero matrix: λ_max 0 "converged", trace 0, without a word before."""
+    case = cases.mlp(n=6)
+    if isinstance(loss, nn.NLLLoss):
+        model, targets = nn.Sequential(case.model, nn.LogSoftmax(-1)), case.targets
+    else:
+        model, targets = case.model, torch.randn(6, 3, dtype=DT)
+    C = cs.Curvature(model, loss, (case.inputs, targets), kind="ggn")
+    with pytest.raises(ValueError, match=r"Gauss-Newton matrix is 0 here.*CrossEntropyLoss"):
+        cs.eigenvalues(C, k=1)
+
+
+def test_forward_over_reverse_keeps_a_summed_mse():
+    """Its written-out MSE took the mean of a summed loss: products 1/N of the Hessian."""
+    case = cases.mlp_mse(n=10)
+    ref = 20.0 * cases.dense_hessian(case)  # the sum over 10 × 2 outputs: 20 × the mean
+    C = cs.Curvature(
+        case.model, nn.MSELoss(reduction="sum"), case.data, backend="forward_over_reverse"
+    )
+    assert _applied(C, ref) < 1e-12
+
+
+def test_targets_in_a_tuple_name_the_fix():
+    case = cases.mlp(n=4)
+    X, y = case.data
+    C_args = (case.model, nn.CrossEntropyLoss(), (X, (y, y)))
+    with pytest.raises(TypeError, match="targets are a tuple: the targets must be one tensor"):
+        cs.Curvature(*C_args)

@@ -1,0 +1,100 @@
+"""Unusual modules as an outside review passed them (each test fails on the code before it)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import curvscope as cs
+from curvscope.spectrum.eigen import module_of
+from tests import cases
+
+DT = torch.float64
+
+
+def test_a_dataparallel_model_is_measured_through_its_module():
+    """torch's functional_call refuses nn.DataParallel ("the stateless API can't be used"): it is
+    unwrapped as DistributedDataParallel is, its parameters named as the wrapper names them."""
+    case = cases.mlp(n=8)
+    wrapped = nn.DataParallel(case.model)
+    before = cases.snapshot(wrapped)
+    C = cs.Curvature(wrapped, case.loss_fn, case.data)
+    H = cases.dense_hessian(case)
+    v = torch.randn(C.num_params, dtype=DT, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(C @ v, H @ v, rtol=1e-12, atol=1e-14)
+    assert cs.diagnose(wrapped, case.loss_fn, case.data, lr=0.1).state is not None
+    cases.assert_unchanged(before, cases.snapshot(wrapped))
+
+
+def test_a_module_without_a_second_derivative_names_the_ways_around_it():
+    """nn.EmbeddingBag's backward has no derivative in torch: the bare NotImplementedError now
+    says what it means and names the finite-difference backend, which measures it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(6, 3, mode="mean"), nn.Linear(3, 2)).to(DT)
+    data = (torch.randint(0, 6, (8, 4)), torch.randint(0, 2, (8,)))
+    C = cs.Curvature(model, nn.CrossEntropyLoss(), data)
+    with pytest.raises(NotImplementedError, match=r"backend='finite_difference'.*nn.Embedding"):
+        C @ torch.ones(C.num_params, dtype=DT)
+    fd = cs.Curvature(model, nn.CrossEntropyLoss(), data, backend="finite_difference")
+    assert torch.isfinite(fd @ torch.ones(C.num_params, dtype=DT)).all()
+
+
+class MaxNorm(nn.Module):
+    """A forward that clamps its own weight in place (a max-norm constraint), and counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.layer.weight.mul_(0.5)  # not idempotent: every forward halves it again
+        return self.head(torch.tanh(self.layer(x)))
+
+
+def test_a_forward_that_writes_its_parameters_writes_them_once_and_is_said():
+    """Every product's forward halved the user's weight again, unseen: after eigenvalues it was
+    2^-k of itself. Now the first forward's write stands (the one the user's next forward
+    makes), is warned of and noted, and later forwards write into copies."""
+    torch.manual_seed(0)
+    model = MaxNorm().to(DT)
+    data = (torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,)))
+    w0 = model.layer.weight.detach().clone()
+    C = cs.Curvature(model, nn.CrossEntropyLoss(), data, cache=False)
+    with pytest.warns(UserWarning, match="writes into its parameter.*layer.weight"):
+        C @ torch.ones(C.num_params, dtype=DT)
+    assert torch.equal(model.layer.weight.detach(), 0.5 * w0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cs.eigenvalues(C, k=1)
+    assert torch.equal(model.layer.weight.detach(), 0.5 * w0)  # no later write reached it
+    assert any("writes into its parameter" in n for n in C.notes)
+
+
+@pytest.mark.parametrize(
+    "parametrize",
+    [
+        lambda m: nn.utils.parametrizations.orthogonal(m),
+        lambda m: nn.utils.parametrizations.weight_norm(m),
+    ],
+    ids=["orthogonal", "weight_norm"],
+)
+def test_by_layer_keeps_a_parametrized_module_whole(parametrize):
+    """Its weight (``0.parametrizations.weight.original…``) was a "layer" of its own, apart from
+    its bias: module 0's λ_max read 0.048 for 0.083 (orthogonal), 0.134 for 0.374."""
+    case = cases.mlp(n=10)
+    parametrize(case.model[0])
+    C = cs.Curvature(case.model, case.loss_fn, case.data)
+    layers = cs.eigenvalues(C, k=1, by_layer=True, tol=1e-8).layers
+    assert set(layers) == {"0", "2"}
+    entries = C.unflatten(torch.arange(C.num_params, dtype=DT))
+    first = torch.cat([entries[n].reshape(-1) for n in C.param_names if module_of(n) == "0"])
+    first = first.long()
+    H = torch.stack([C @ e for e in torch.eye(C.num_params, dtype=DT)], 1)
+    block = H[first][:, first]
+    top = float(torch.linalg.eigvalsh((block + block.T) / 2)[-1])
+    assert layers["0"].lambda_max == pytest.approx(top, rel=1e-6)
+    assert layers["0"].num_params == len(first)
