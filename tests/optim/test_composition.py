@@ -326,3 +326,18 @@ def test_a_learning_rate_scheduler_on_a_model_step_method_names_the_size_to_set(
         assert isinstance(each.param_groups[0], dict) and size in each.param_groups[0]
         with pytest.raises(KeyError, match="momentum"):
             each.param_groups[0]["momentum"]
+
+
+@pytest.mark.parametrize("make", [cs.optim.NewtonCG, cs.optim.CubicNewton, cs.optim.Newton])
+def test_an_lr_in_a_model_step_methods_group_is_refused(make):
+    """With an "lr" in the group a scheduler ran without error and changed nothing: StepLR took
+    lr to 1e-24 and the parameters were bit-identical to a run without it (an outside review).
+    Refused at construction, and at the step where one was set later."""
+    x = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match=r"holds 'lr', which is never read.*no learning rate"):
+        make([{"params": [x], "lr": 0.1}])
+    opt = make([x])
+    opt.param_groups[0]["lr"] = 0.1
+    with pytest.raises(ValueError, match="holds 'lr'"):
+        opt.step(lambda: (x**4).sum())
+    assert torch.equal(x.detach(), torch.ones(3, dtype=torch.float64))

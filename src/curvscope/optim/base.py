@@ -144,10 +144,6 @@ class CurvscopeOptimizer(Optimizer):
                 f"{len(self.param_groups)}; pass model.parameters() (per-group options are not "
                 "supported by second-order methods)"
             )
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.is_complex():
-                    raise TypeError(f"{name} supports real parameters only, got {p.dtype}")
         self._counts = Counts()
         self.info: StepInfo | None = None
 
@@ -166,6 +162,11 @@ class CurvscopeOptimizer(Optimizer):
             super().add_param_group(param_group)
             return
         listed = [params] if isinstance(params, Tensor) else list(params or [])
+        for p in listed:  # at construction (torch adds each group here) and after it alike
+            if isinstance(p, Tensor) and p.is_complex():
+                raise TypeError(
+                    f"{type(self).__name__} supports real parameters only, got {p.dtype}"
+                )
         if len({id(p) for p in listed}) != len(listed):  # torch only warns
             raise ValueError(
                 f"{type(self).__name__}: a parameter appears twice in one parameter group, so "

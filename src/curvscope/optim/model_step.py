@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, cast
 
 from torch import Tensor
 
@@ -157,16 +157,27 @@ class SizedGroup(dict[str, Any]):
     method: str = ""
     size: str = ""
 
+    def _no_lr(self) -> str:
+        return (
+            f"{self.method} has no learning rate: each step is sized by its "
+            f"{self.size}, adapted step by step from how well the model predicted the last "
+            "one, so torch's learning-rate schedulers do not apply; to schedule it, set "
+            f"optimizer.param_groups[0][{self.size!r}] between steps (the search restarts "
+            "from the new value)"
+        )
+
     def __missing__(self, key: Any) -> Any:
         if key == "lr":
-            raise KeyError(
-                f"'lr': {self.method} has no learning rate: each step is sized by its "
-                f"{self.size}, adapted step by step from how well the model predicted the last "
-                "one, so torch's learning-rate schedulers do not apply; to schedule it, set "
-                f"optimizer.param_groups[0][{self.size!r}] between steps (the search restarts "
-                "from the new value)"
-            )
+            raise KeyError(f"'lr': {self._no_lr()}")
         raise KeyError(key)
+
+    def refuse_lr(self) -> None:
+        """An "lr" in the group (passed with the parameters, or set later) is read by nothing:
+        a scheduler on it ran without error and changed nothing (an outside review)."""
+        if "lr" in self:
+            raise ValueError(
+                f"the parameter group holds 'lr', which is never read: {self._no_lr()}"
+            )
 
 
 class ModelStepOptimizer(CurvscopeOptimizer):
@@ -226,6 +237,7 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         starting size (radius, damping or σ, read as torch reads its lr) — and which
         parameters are trained: compared with the last step's, to see an edit."""
         search, group = self.search, self.param_groups[0]
+        cast(SizedGroup, group).refuse_lr()
         return {
             "asked": search.init(group),
             "search": type(search).__name__,
