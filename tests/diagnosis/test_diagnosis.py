@@ -99,6 +99,25 @@ def test_nan_is_diverged():
     assert d.evidence["sharpness"] is None and "Restore" in d.advice[0]
 
 
+def test_an_infinite_loss_is_reported_as_infinite():
+    """An overflowing loss read "the loss (nan)" where torch gave inf (an outside review)."""
+    d, _ = diag(lambda x: (x * 1e300).pow(2).sum(), [1e10, 0.0], lr=0.1)
+    assert d.state == "diverged" and d.evidence["loss"] == math.inf
+    assert "the loss (inf)" in d.reasons[0]
+
+
+def test_a_learning_rate_within_the_margin_past_the_limit_is_not_called_stable():
+    """Gradient descent 5% past 2/λ_max diverges (loss 7 to 1e17 in 200 steps): the verdict
+    stays learning (the margin allows for the estimates' error), but the advice said "Steps are
+    stable" against its own numbers (an outside review)."""
+    d, _ = diag(lambda x: 5 * x[0] ** 2 + 0.5 * x[1] ** 2, [1e-3, 1.0], lr=0.21)
+    assert d.state == "learning" and d.evidence["stable_lr"] == pytest.approx(0.2, rel=1e-3)
+    assert "Steps are stable" not in d.advice[0]
+    assert d.advice[0].startswith("The learning rate is 1.05x the largest stable one")
+    below, _ = diag(lambda x: 5 * x[0] ** 2 + 0.5 * x[1] ** 2, [1e-3, 1.0], lr=0.19)
+    assert below.advice[0].startswith("Steps are stable")
+
+
 def test_adam_sharpness_is_the_preconditioned_one():
     m = FunctionModel(bowl, FAR)
     opt = torch.optim.Adam(m.parameters(), lr=0.01)

@@ -115,11 +115,22 @@ def check_scalar_loss(loss: object, what: str = "the loss", *, values: bool = Tr
             "reduce it to its mean (for a torch loss: reduction='mean')"
         )
     if values and not all_finite(loss):
-        raise FloatingPointError(
-            f"{what} is {loss.item()}: not finite; check the inputs and parameters for NaN/Inf "
-            "and the model for overflow"
+        value = loss.item()
+        raise NonFiniteLoss(
+            f"{what} is {value}: not finite; check the inputs and parameters for NaN/Inf "
+            "and the model for overflow",
+            value,
         )
     return loss.reshape(())
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A loss that is not finite, with its value (inf, -inf or NaN): a diagnosis reports it as it
+    is (an overflowing loss read "loss (nan)": an outside review)."""
+
+    def __init__(self, message: str, value: float) -> None:
+        super().__init__(message)
+        self.value = value
 
 
 def check_finite(t: Tensor, what: str) -> Tensor:

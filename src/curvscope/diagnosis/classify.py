@@ -173,6 +173,13 @@ def unique_codes(vocabulary: _Vocabulary) -> _Vocabulary:
 def _learning_advice(ev: Mapping[str, Any]) -> list[str]:
     s, lr, stable = ev.get("sharpness"), ev.get("lr"), ev.get("stable_lr")
     if stable is not None and s is not None and s > 0 and lr:
+        if lr > stable:  # past the limit within the margin: "stable" contradicted the numbers
+            return [  # (gradient descent 5% past its limit diverged: an outside review)
+                f"The learning rate is {lr / stable:.3g}x the largest stable one here "
+                f"({stable:.3g}, now {lr:.3g}): within the margin the verdict allows for the "
+                "estimates' error, but if the sharpness stays, steps along the sharpest "
+                "direction grow and the run will turn unstable: lower it below that to be sure."
+            ]
         return [
             f"Steps are stable; the largest stable learning rate here is {stable:.3g} "
             f"(now {lr:.3g})."

@@ -430,8 +430,8 @@ def _diagnose(
     objective = _Objective(C, limit, space)
     try:
         loss, g = objective.gradient()
-    except FloatingPointError:
-        loss, g = math.nan, None
+    except FloatingPointError as e:  # a loss that is not finite says which (inf, or NaN)
+        loss, g = getattr(e, "value", math.nan), None
     evidence["loss"] = loss
     evidence["grad_norm"] = math.nan if g is None else objective.norm(g)
     if g is None or not math.isfinite(loss) or not objective.finite(g):
