@@ -64,3 +64,33 @@ def test_steps_of_the_wrong_length_or_order_are_refused_whatever_the_state():
         State.LEARNING, ["own"], near(), past=past, losses=(0.5, 0.4), steps=[60, 80, 80]
     )
     assert ok[0] is State.EDGE_OF_STABILITY  # three probes near the limit over 20 steps
+
+
+def test_full_batch_losses_that_fell_at_every_step_are_not_held_at_the_edge():
+    """At the edge the loss falls non-monotonically (DESIGN). A quadratic at 0.95x its limit
+    read the edge at 26 of 30 probes, its loss falling at every step; a run whose sharpness sank
+    from 0.98x to 0.5x the limit stayed at the edge by rule (b) for 600 steps (an outside
+    review). Mini-batch losses (a batch sharpness measured) are noise: the rules read as before."""
+    falling, swinging = (0.5, 0.45, 0.41, 0.38), (0.5, 0.52, 0.41, 0.43)
+    past = [near(1.9), near(1.9)]
+    state, _ = classify_history(State.LEARNING, ["own"], near(1.9), past=past, losses=falling)
+    assert state is State.LEARNING  # (a) not held
+    state, _ = classify_history(State.LEARNING, ["own"], near(1.9), past=past, losses=swinging)
+    assert state is State.EDGE_OF_STABILITY
+    sank = near(1.2)  # 0.6x the limit, after an edge
+    kw = {"past": past, "previous": State.EDGE_OF_STABILITY}
+    assert classify_history(State.LEARNING, ["own"], sank, losses=falling, **kw)[0] is (
+        State.LEARNING
+    )
+    assert classify_history(State.LEARNING, ["own"], sank, losses=swinging, **kw)[0] is (
+        State.EDGE_OF_STABILITY
+    )
+    batch = {"batch_sharpness": 1.9, "batch_sharpness_stderr": 0.01}
+    noisy = [near(1.9, **batch), near(1.9, **batch)]
+    state, _ = classify_history(
+        State.LEARNING, ["own"], near(1.9, **batch), past=noisy, losses=falling
+    )
+    assert state is State.EDGE_OF_STABILITY
+    # too few losses to tell: a probe every step or two reads as before
+    state, _ = classify_history(State.LEARNING, ["own"], near(1.9), past=past, losses=(0.5, 0.4))
+    assert state is State.EDGE_OF_STABILITY
