@@ -139,6 +139,35 @@ def test_appending_after_a_torn_line_keeps_both_runs(monitor_log, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
 
 
+def test_appending_after_a_line_cut_inside_a_character_keeps_both_runs(monitor_log, tmp_path):
+    """A writer killed inside a multi-byte character, its run resumed with log_mode="a": the
+    resumed run's newline ends the cut line mid-file, and read_log (both runs) and `curvscope
+    report` failed on the whole file as "not UTF-8 text" (an outside review)."""
+    start = monitor_log.rstrip(b"\n").rfind(b"\n") + 1
+    cut = monitor_log.index("‖".encode(), start) + 1  # one byte of three
+    path = tmp_path / "run.jsonl"
+    path.write_bytes(monitor_log[:cut])
+    with RunLogWriter(path, "a", HEADER) as log:
+        log.write(record(7))
+    with no_warnings():
+        header, records = read_log(path)
+    assert header["previous_run_cut"] is True and [r["step"] for r in records] == [7]
+    with pytest.warns(TornLogWarning, match="line 6, the last of run 0"):
+        _, records = read_log(path, run=0)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+
+
+def test_records_into_a_deleted_log_are_counted_lost(tmp_path):
+    """A log deleted mid-run took the records into the unlinked file, records_lost 0, unsaid."""
+    path = tmp_path / "run.jsonl"
+    with RunLogWriter(path, "x", HEADER) as log:
+        assert log.write(record(1))
+        path.unlink()
+        with pytest.warns(LogWriteWarning, match="deleted while the run wrote"):
+            assert not log.write(record(2))
+        assert log.lost == 1
+
+
 def test_appending_after_a_header_cut_short_keeps_the_new_run(monitor_log, tmp_path):
     """A writer killed while writing its header, then resumed with log_mode="a": the new
     header says previous_run_cut, yet read_log (and `curvscope report`) failed on line 1, "not
@@ -221,7 +250,7 @@ def test_bad_fields_are_one_clear_error(tmp_path, lines, message):
 def test_not_utf8_is_a_format_error(tmp_path):
     path = tmp_path / "run.jsonl"
     path.write_bytes(b'{"step": 1}\n\xff\xfe\n')
-    with pytest.raises(LogFormatError, match=r"not UTF-8 text \(byte 12\)"):
+    with pytest.raises(LogFormatError, match=r"line 2, column 1: .*not UTF-8 text at byte 0"):
         read_log(path)
 
 

@@ -380,3 +380,38 @@ def test_a_complex_parameter_added_later_is_refused_as_at_construction(name):
         opt.add_param_group({"params": [torch.ones(2, dtype=torch.complex128, requires_grad=True)]})
     with pytest.raises(TypeError, match="real parameters only"):
         getattr(cs.optim, name)([torch.ones(2, dtype=torch.complex128, requires_grad=True)])
+
+
+@pytest.mark.parametrize(
+    ("name", "at_call"),
+    [
+        *[
+            (name, at)
+            for name in ("NewtonCG", "CubicNewton", "SaddleFreeNewton", "Newton", "HessianFree")
+            for at in (1, 2)  # the step's own evaluation, and its trial point
+        ],
+        ("AdaHessian", 1),  # one evaluation a step
+    ],
+)
+def test_a_closure_that_writes_the_parameters_is_refused_and_undone(name, at_call):
+    """NewtonCG took its step from θ₀ + 0.1 and wrote θ₀ + s (the change dropped), or kept a
+    trial point's change on top of the step while step_norm said 0.50 for a move of 1.04 (an
+    outside review). Refused at whichever call, the parameters as before the step."""
+    case = cases.mlp(n=10)
+    model, loss_fn = case.model, case.loss_fn
+    X, y = case.data
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        if calls[0] == at_call:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.1)
+        return loss_fn(model(X), y)
+
+    opt = getattr(cs.optim, name)(model.parameters())
+    with pytest.raises(ValueError, match="the closure wrote into the parameters it evaluates"):
+        opt.step(closure)
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, model.parameters(), strict=True))

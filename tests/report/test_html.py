@@ -264,6 +264,28 @@ def test_a_report_refuses_to_replace_files_no_report_of_curvscope_wrote(tmp_path
         (tmp_path / name).unlink()
 
 
+def test_a_report_refuses_to_replace_plots_no_report_of_curvscope_wrote(tmp_path):
+    """A user's own log.png and layers.png were replaced by a run log's report, and a lab's
+    profile.png by the lab (an outside review): only report.html and results.json were
+    protected. A file of a plot's name that no manifest lists is refused before anything is
+    written; a user's file of another name stays beside the report."""
+    lines = hostile_lines()[1:3]
+    for i, r in enumerate(lines):
+        r["step"] = i + 1
+    for name in ("log.png", "profile.png", "curves-rosenbrock.png"):
+        (tmp_path / name).write_bytes(b"mine")
+        with pytest.raises(FileExistsError, match=f"holds {name}, which curvscope did not"):
+            report.write_log_report({}, lines, tmp_path)
+        assert (tmp_path / name).read_bytes() == b"mine"
+        assert not (tmp_path / "report.html").exists()
+        (tmp_path / name).unlink()
+    (tmp_path / "photo.png").write_bytes(b"mine")
+    report.write_log_report({}, lines, tmp_path)  # and again: its own plots are its to replace
+    report.write_log_report({}, lines, tmp_path)
+    assert (tmp_path / "photo.png").read_bytes() == b"mine"
+    assert (tmp_path / "log.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_long_layer_names_fit_the_legend_and_stay_apart():
     """A BERT's "model.encoder.layer.10.attention.self.query.weight" was cut at the image's
     edge, query, key and value alike (an outside review): the shared front is said once, as

@@ -28,8 +28,8 @@ Writing (:class:`RunLogWriter`):
 
 from __future__ import annotations
 
-import codecs
 import contextlib
+import errno
 import io
 import json
 import math
@@ -186,7 +186,12 @@ class RunLogWriter:
                 self._text.flush()
                 return True
             assert self._raw is not None
-            start = os.fstat(self._raw.fileno()).st_size
+            stat = os.fstat(self._raw.fileno())
+            if not stat.st_nlink:  # records into a deleted file reach no reader: lost, said
+                raise FileNotFoundError(  # (they went there unsaid, records_lost 0: a review)
+                    errno.ENOENT, "the file was deleted while the run wrote to it", self.name
+                )
+            start = stat.st_size
             view = memoryview(data)
             try:
                 while view:
@@ -437,6 +442,15 @@ class Run:
         )
 
 
+def _utf8(line: bytes) -> str:
+    """A line's text, or a JSONDecodeError saying where it is not UTF-8."""
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        text = line.decode("utf-8", errors="replace")
+        raise json.JSONDecodeError(f"not UTF-8 text at byte {e.start}", text, e.start) from None
+
+
 class _Parser:
     """Splits a log's lines into runs, checking each. A line that is not valid JSON is held
     back until the next line says what it was: the cut-off last line of a run (the next run's
@@ -456,9 +470,11 @@ class _Parser:
             "holds one JSON object a line"
         )
 
-    def feed(self, lineno: int, line: str) -> None:
+    def feed(self, lineno: int, line: bytes) -> None:
         try:
-            obj = json.loads(line)
+            # a line that is not UTF-8 (cut inside a character) is held like one that is not
+            # JSON: torn if the next line says its run was cut, else damage
+            obj = json.loads(_utf8(line))
         except json.JSONDecodeError as e:
             if self.bad is not None:
                 raise self.fail() from None
@@ -577,17 +593,11 @@ def read_runs(path: str | os.PathLike[str]) -> list[Run]:
     :func:`read_log` raises for a file that is not a run log."""
     name = str(path)
     raw = Path(path).read_bytes()
-    try:
-        # final=False: a character cut at the very end (a killed writer, or a log read
-        # mid-write) is left out — the line is torn like any other — where it made the whole
-        # file "not UTF-8 text"; a bad byte anywhere else is still an error
-        text = codecs.getincrementaldecoder("utf-8")().decode(raw, final=False)
-    except UnicodeDecodeError as e:
-        raise LogFormatError(
-            f"{name}: not UTF-8 text (byte {e.start}); a run log is JSON lines"
-        ) from None
-    lines = text.split("\n")
-    complete = text.endswith("\n")  # else the last line lacks its newline
+    # line by line: a line cut inside a character (a killed writer; its run resumed after it,
+    # the cut line ended by the resumed run's newline) is torn like a line cut anywhere else —
+    # decoding the whole file made every run in it "not UTF-8 text" (an outside review)
+    lines = raw.split(b"\n")
+    complete = raw.endswith(b"\n")  # else the last line lacks its newline
     if complete:
         lines.pop()
     parser = _Parser(name)

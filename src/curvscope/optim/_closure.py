@@ -253,6 +253,22 @@ class _Called:
     ran_anywhere: bool
 
 
+def _refuse_written(params: Sequence[Tensor], versions: list[int]) -> None:
+    """A closure that writes into the parameters it is called to evaluate (a projection, a
+    constraint, a noise injection) moves the point the step is computed at: NewtonCG took its
+    step from θ₀ + 0.1 and wrote θ₀ + s, the change dropped — or, at a trial point, kept on top
+    of the step, whose ``step_norm`` then said 0.50 for a move of 1.04 (an outside review). The
+    step restores the parameters on the way out; this says why."""
+    written = [i for i, (p, v) in enumerate(zip(params, versions, strict=True)) if p._version != v]
+    if written:
+        raise ValueError(
+            f"the closure wrote into the parameters it evaluates (parameter(s) {written[:5]} "
+            "changed in place): an optimizer's closure must only compute the loss (zero_grad, "
+            "forward, backward) at the point it is given. Apply a constraint or projection "
+            "after optimizer.step(), or as a parametrization (torch.nn.utils.parametrize)"
+        )
+
+
 def _call(
     closure: Closure,
     counts: Counts,
@@ -272,8 +288,10 @@ def _call(
     error: Exception | None = None
     loss = outputs = None
     try:
+        versions = [p._version for p in params]
         with torch.enable_grad(), _ClosureBackward(mode, counts, params):
             loss, outputs = _split(closure())
+        _refuse_written(params, versions)
         if needs_graph and not loss.requires_grad:
             raise ValueError(
                 "the closure's loss does not depend on the optimized parameters; "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import fnmatch
 import json
 import math
 from functools import cache
@@ -58,9 +59,7 @@ def _image(out: Path, name: str | None, caption: str) -> dict[str, str] | None:
     return {"caption": caption, "data": data, "name": name}
 
 
-#: The files the last report written into a folder wrote there, one name a line, after a first
-#: line "#<kind>" naming the kind of report (hidden).
-MANIFEST = ".curvscope-report-files"
+MANIFEST = plots.MANIFEST
 #: Each kind of report: what it is called, and the files it always writes (beside its plots,
 #: which have names of their own) — for the refusal of another kind's folder or a user's files.
 _KINDS = {
@@ -68,20 +67,6 @@ _KINDS = {
     "log": ("a run log's report", ("report.html",)),
     "probe": ("a probe's report", ("report.html",)),
 }
-
-
-def _manifest(out: Path) -> tuple[str | None, set[str]]:
-    """The kind of report the folder's manifest says was written there last (None: unknown)
-    and the files it wrote."""
-    try:
-        lines = (out / MANIFEST).read_text(encoding="utf-8").split("\n")
-    except (OSError, UnicodeDecodeError):
-        return None, set()
-    names = {n for n in lines if n and not n.startswith("#")}
-    kind = lines[0][1:] if lines and lines[0].startswith("#") else None
-    if kind is None and "results.json" in names:  # a manifest from before kinds: a lab's
-        kind = "lab"
-    return kind, names
 
 
 def _foreign(path: Path) -> bool:
@@ -106,7 +91,7 @@ def claim_folder(out: Path, kind: str) -> None:
     results.json and plots as its own (an outside review) — or files of those names that no
     report of curvscope's wrote (no manifest lists them): a user's own report.html was
     replaced without a word (a second review)."""
-    found, names = _manifest(out)
+    found, names = plots.manifest(out)
     called, always = _KINDS[kind]
     if found is not None and found != kind and found in _KINDS:
         other, files = _KINDS[found]
@@ -117,6 +102,11 @@ def claim_folder(out: Path, kind: str) -> None:
             str(out / "report.html"),
         )
     theirs = [n for n in always if n not in names and _foreign(out / n)]
+    theirs += [  # the plots: any of their names, before a lab spends its minutes
+        f.name
+        for f in (sorted(out.iterdir()) if out.is_dir() and not plots.legacy(out) else [])
+        if f.name not in names and any(fnmatch.fnmatch(f.name, p) for p in plots.PLOTS)
+    ]
     if theirs:
         raise FileExistsError(
             errno.EEXIST,
@@ -133,12 +123,14 @@ def _written(out: Path, images: list[dict[str, str] | None], *files: str, kind: 
     the manifest lists are removed — files curvscope wrote itself — so nothing of the user's in
     the folder is touched; the manifest is replaced once the report is whole."""
     names = {i["name"] for i in images if i} | set(files)
-    _, before = _manifest(out)
+    _, before = plots.manifest(out)
     for name in sorted(before - names):
         if name == Path(name).name and not name.startswith("."):  # a plain file name
             (out / name).unlink(missing_ok=True)
     text = "\n".join([f"#{kind}", *sorted(names)])
-    plots.replace_atomically(out / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    plots.replace_atomically(
+        out / plots.MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8")
+    )
 
 
 def runs_table(runs: list[dict[str, Any]]) -> Markup:

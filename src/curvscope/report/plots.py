@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 from pathlib import Path
@@ -51,7 +52,66 @@ def replace_atomically(path: Path, write: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
+#: The files the last report written into a folder wrote there, one name a line, after a first
+#: line "#<kind>" naming the kind of report (hidden).
+MANIFEST = ".curvscope-report-files"
+#: The names of the plots the reports write (fnmatch patterns): a file of such a name that no
+#: report of curvscope's wrote is the user's — refused before a report is written (a user's own
+#: log.png and profile.png were replaced without a word: an outside review)
+PLOTS = (
+    "curves-*.png",
+    "paths-*.png",
+    "profile.png",
+    "mlp-density.png",
+    "mlp-sharpness.png",
+    "adam-vs-hessian.png",
+    "log.png",
+    "layers.png",
+    "slices.png",
+)
+
+
+def manifest(out: Path) -> tuple[str | None, set[str]]:
+    """The kind of report the folder's manifest says was written there last (None: unknown)
+    and the files it wrote."""
+    try:
+        lines = (out / MANIFEST).read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError):
+        return None, set()
+    names = {n for n in lines if n and not n.startswith("#")}
+    kind = lines[0][1:] if lines and lines[0].startswith("#") else None
+    if kind is None and "results.json" in names:  # a manifest from before kinds: a lab's
+        kind = "lab"
+    return kind, names
+
+
+def legacy(out: Path) -> bool:
+    """Whether ``out`` holds a report curvscope wrote before manifests were kept: no manifest,
+    and a report.html titled "curvscope …" (its plots are curvscope's too)."""
+    if (out / MANIFEST).exists():
+        return False
+    try:
+        with (out / "report.html").open("rb") as f:
+            return b"<title>curvscope" in f.read(4096)
+    except OSError:
+        return False
+
+
+def refuse_foreign(path: Path, what: str) -> None:
+    """A FileExistsError where ``path`` exists and no report of curvscope's wrote it (its
+    folder's manifest does not list it): ``what`` would replace the user's file."""
+    if path.exists() and path.name not in manifest(path.parent)[1] and not legacy(path.parent):
+        raise FileExistsError(
+            errno.EEXIST,
+            f"the folder holds {path.name}, which curvscope did not write there (no report of "
+            f"its lists it), and {what} would replace it; write the report into another folder "
+            "or move the file",
+            str(path),
+        )
+
+
 def _save(fig: Any, path: Path, right: float = 0.97) -> str:
+    refuse_foreign(path, "a report's plot")  # the last guard: claim_folder checked first
     # fixed margins: tight_layout measured every tick label again and cost ~0.3 s a figure
     n = len(fig.axes)
     # one axes: room for a y label beside log ticks (10⁻⁶; the density's label was cut off)
