@@ -795,12 +795,8 @@ def _sharpness_name(evidence: Mapping[str, Any]) -> str:
 
 
 def _ran_away(losses: Sequence[float], first_loss: float | None) -> bool:
-    if any(not math.isfinite(v) for v in losses):
-        return True
-    if first_loss is None:
-        return False
-    top = EXPLOSION * max(abs(first_loss), 1e-12)
-    return any(v > top for v in losses)
+    top = math.inf if first_loss is None else EXPLOSION * max(abs(first_loss), 1e-12)
+    return not all(math.isfinite(v) and v <= top for v in losses)
 
 
 def _band(evidence: Mapping[str, Any], low: float, high: float, z: float) -> bool:
