@@ -106,6 +106,22 @@ def test_an_infinite_loss_is_reported_as_infinite():
     assert "the loss (inf)" in d.reasons[0]
 
 
+def test_an_adaptive_optimizers_stable_learning_rate_comes_with_its_caveat():
+    """After one Adam step at lr 0.01 the advice named 38 as the largest stable learning rate;
+    followed, the loss peaked at 1,296x its start (an outside review): the limit holds for the
+    present preconditioner, which a larger learning rate changes."""
+    x = FunctionModel(lambda x: 5 * x[0] ** 2 + 0.5 * x[1] ** 2, [1.0, 1.0])
+    opt = torch.optim.Adam(x.parameters(), lr=0.01)
+    opt.zero_grad()
+    mean_loss(x(DATA[0]), DATA[1]).backward()
+    opt.step()
+    d = cs.diagnose(x, mean_loss, DATA, optimizer=opt)
+    assert d.state == "learning" and d.evidence["stable_lr"] > 100 * 0.01
+    assert "raise it gradually, not to the limit" in d.advice[0]
+    sgd, _ = diag(lambda x: 5 * x[0] ** 2 + 0.5 * x[1] ** 2, [1e-3, 1.0], lr=0.01)
+    assert "gradually" not in sgd.advice[0]  # a fixed preconditioner: the limit is the limit
+
+
 def test_a_learning_rate_within_the_margin_past_the_limit_is_not_called_stable():
     """Gradient descent 5% past 2/λ_max diverges (loss 7 to 1e17 in 200 steps): the verdict
     stays learning (the margin allows for the estimates' error), but the advice said "Steps are

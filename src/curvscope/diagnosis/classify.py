@@ -180,9 +180,15 @@ def _learning_advice(ev: Mapping[str, Any]) -> list[str]:
                 "estimates' error, but if the sharpness stays, steps along the sharpest "
                 "direction grow and the run will turn unstable: lower it below that to be sure."
             ]
+        adaptive = (
+            " For an adaptive optimizer that limit holds for its present preconditioner, which a "
+            "larger learning rate changes with the steps: raise it gradually, not to the limit."
+            if ev.get("preconditioned") and stable > 2 * lr
+            else ""
+        )  # Adam at 38x its lr, as said, peaked at 1,296x its loss (an outside review)
         return [
             f"Steps are stable; the largest stable learning rate here is {stable:.3g} "
-            f"(now {lr:.3g})."
+            f"(now {lr:.3g}).{adaptive}"
         ]
     return []
 
