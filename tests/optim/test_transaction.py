@@ -2,12 +2,17 @@
 non-finite updates; the guard behind the snapshot. The contract over every registered optimizer
 (faults at each closure call and product, retry bit-identical) is in test_contract.py."""
 
+import copy
 import math
+import sys
 
 import pytest
 import torch
+import torch.overrides
+from torch import nn
 
 import curvscope as cs
+from curvscope.optim import _closure
 
 
 class Fault(RuntimeError):
@@ -290,3 +295,54 @@ def test_a_model_step_measures_its_trial_points_under_its_own_dropout_masks(name
         kept += bool(opt.info.accepted)
         assert opt.info.ratio is None or 0.2 < opt.info.ratio < 5, opt.info
     assert kept >= 5
+
+
+@pytest.mark.parametrize(
+    ("name", "at"),
+    [
+        ("Sophia", "_ClosureBackward"),
+        ("NewtonCG", "_ClosureBackward"),
+        ("AdaHessian", "KeptStatistics"),
+        ("NewtonCG", "KeptStatistics"),
+    ],
+)
+def test_a_ctrl_c_that_skips_an_exit_leaves_nothing_behind(name, at):
+    """A Ctrl-C landing as an ``__exit__`` is entered (what random real SIGINTs hit; here a
+    trace function raises there) skipped it: the closure's function mode stayed on torch's
+    stack for the process (a later plain backward filled no .grad), or the step's forward
+    pre-hook stayed registered and BatchNorm's statistics kept the step's update (an outside
+    review). The step's transaction now undoes what such an exit left."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    X, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    opt = getattr(cs.optim, name)(model.parameters())
+
+    def closure():
+        return nn.functional.cross_entropy(model(X), y)
+
+    before = copy.deepcopy(model.state_dict())
+    hooks = len(nn.modules.module._global_forward_pre_hooks)
+    fired = []
+
+    def tracer(frame, event, arg):
+        me = frame.f_locals.get("self") if event == "call" else None
+        if not fired and frame.f_code.co_name == "__exit__" and type(me).__name__ == at:
+            fired.append(1)
+            raise KeyboardInterrupt
+        return None
+
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            opt.step(closure)
+    finally:
+        sys.settrace(None)
+    assert fired
+    assert torch.overrides._get_current_function_mode_stack() == []
+    assert len(nn.modules.module._global_forward_pre_hooks) == hooks
+    assert not _closure.KeptStatistics._open
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    net = nn.Linear(4, 3)  # an unrelated model's plain backward fills its .grad
+    nn.functional.cross_entropy(net(X), y).backward()
+    assert net.weight.grad is not None

@@ -41,7 +41,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -152,10 +152,14 @@ class KeptStatistics:
     def __init__(self, on_error: bool = False) -> None:
         self.on_error = on_error
 
+    #: those entered and not yet exited, for :func:`undo_interrupted_exits`
+    _open: ClassVar[set[KeptStatistics]] = set()
+
     def __enter__(self) -> KeptStatistics:
         self.saved: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {}
         self.thread = threading.get_ident()
         self.handle = nn.modules.module.register_module_forward_pre_hook(self._seen)
+        KeptStatistics._open.add(self)
         return self
 
     def _seen(self, module: nn.Module, args: Any) -> None:
@@ -167,11 +171,32 @@ class KeptStatistics:
 
     def __exit__(self, kind: object, *exc: object) -> None:
         self.handle.remove()
+        KeptStatistics._open.discard(self)
         if self.on_error and kind is None:
             return
+        self.put_back()
+
+    def put_back(self) -> None:
         for kept in self.saved.values():
             for buffer, value in kept:
                 buffer.data.copy_(value)
+
+
+def undo_interrupted_exits(step: KeptStatistics) -> None:
+    """What an exit cut short left behind, after a step raised: a Ctrl-C (an asynchronous
+    KeyboardInterrupt) that lands as an ``__exit__`` is entered skips it, and left
+    :class:`_ClosureBackward` on torch's function-mode stack for the rest of the process (a
+    later plain ``backward()`` filled no ``.grad``) or this thread's forward pre-hook
+    registered and BatchNorm's running statistics moved (an outside review's random SIGINTs).
+    Pops this module's modes off the top of the stack, removes this thread's open hooks, and
+    puts the statistics ``step`` saw back. Idempotent."""
+    while isinstance(torch.overrides._get_current_function_mode(), _ClosureBackward):
+        torch.overrides._pop_mode()
+    thread = threading.get_ident()
+    for kept in [k for k in KeptStatistics._open if k.thread == thread]:
+        kept.handle.remove()
+        KeptStatistics._open.discard(kept)
+    step.put_back()
 
 
 def _split(out: Any) -> tuple[Tensor, Tensor | None]:

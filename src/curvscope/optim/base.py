@@ -42,6 +42,7 @@ from curvscope.optim._closure import (
     parameters_written,
     rng_back,
     rng_now,
+    undo_interrupted_exits,
     write_flat,
 )
 
@@ -219,10 +220,12 @@ class CurvscopeOptimizer(Optimizer):
         the step ran and torch's global RNG are restored bit for bit to what they were at the
         start of the step, then the exception propagates. Returns the loss at the start."""
         snapshot = Snapshot(self)
+        kept = KeptStatistics(on_error=True)
         try:
-            with KeptStatistics(on_error=True):
+            with kept:
                 return self._step(closure, snapshot)
         except BaseException as error:
+            undo_interrupted_exits(kept)  # a Ctrl-C that skipped an exit (nothing otherwise)
             snapshot.restore(self, error)
             raise
 
