@@ -1217,7 +1217,7 @@ class ModelObjective:
                     "them would count the batch as one sample. Give targets one row per sample"
                 )
         value = self.loss_fn(out, batch.targets)
-        what = "loss_fn(model(inputs), targets)"
+        what = f"loss_fn(model(inputs), targets) on batch {batch.index}"
         if self.defer_nonfinite and isinstance(value, Tensor) and value.numel() == 1:
             if not all_finite(value):
                 # under a process group: a loss not finite on this rank's batch alone raised
