@@ -201,9 +201,9 @@ def test_targets_in_a_tuple_name_the_fix():
 
 def test_a_loss_that_is_not_finite_names_its_batch():
     """The error did not say which batch of a loader held the NaN (an outside review)."""
-    case = cases.mlp(n=8)
+    case = cases.mlp_mse(n=8)
     X, y = case.data
-    model = nn.Linear(4, 3).to(DT)  # outputs that overflow on batch 1's finite inputs
-    C = cs.Curvature(model, case.loss_fn, [(X[:4], y[:4]), (1e308 * X[4:], y[4:])])
-    with pytest.raises(FloatingPointError, match="on batch 1 is nan"):
+    # outputs of 1e200 on batch 1's finite inputs: their squares overflow
+    C = cs.Curvature(nn.Linear(3, 2).to(DT), nn.MSELoss(), [(X[:4], y[:4]), (1e200 * X[4:], y[4:])])
+    with pytest.raises(FloatingPointError, match="on batch 1 is inf"):
         C @ torch.ones(C.num_params, dtype=DT)
