@@ -207,3 +207,68 @@ def test_a_loss_that_is_not_finite_names_its_batch():
     C = cs.Curvature(nn.Linear(3, 2).to(DT), nn.MSELoss(), [(X[:4], y[:4]), (1e200 * X[4:], y[4:])])
     with pytest.raises(FloatingPointError, match="on batch 1 is inf"):
         C @ torch.ones(C.num_params, dtype=DT)
+
+
+def test_the_gauss_newton_of_cross_entropy_over_7x7_positions_is_not_refused():
+    """The check's direction was arange % 7: constant along the classes wherever the positions
+    after them multiply to a multiple of 7, in cross-entropy's null space — a zero-initialised
+    head over 7x7 positions was refused as linear (a review of the check)."""
+    torch.manual_seed(0)
+    model = nn.Conv2d(2, 3, 1).to(DT)
+    nn.init.zeros_(model.weight)
+    nn.init.zeros_(model.bias)  # uniform logits
+    X, y = torch.randn(2, 2, 7, 7, dtype=DT), torch.randint(0, 3, (2, 7, 7))
+    C = cs.Curvature(model, nn.CrossEntropyLoss(), (X, y), kind="ggn")
+    assert float(C @ torch.ones(C.num_params, dtype=DT) @ torch.ones(C.num_params, dtype=DT)) > 0
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda o, y: F.mse_loss(o.float(), y.float()),  # computed in float32 inside
+        lambda o, y: F.cross_entropy(o @ o.T, torch.arange(len(o))),  # over the whole batch
+    ],
+    ids=["float32-inside", "contrastive"],
+)
+def test_means_the_rows_check_cannot_judge_are_not_refused(loss):
+    """A loss computing in float32 was held to 1e-9 and refused (its two values printed alike);
+    a contrastive loss is 0 on a row alone (a review of the check): not refused."""
+    case = cases.mlp_mse(n=8)
+    C = cs.Curvature(case.model, loss, _split(case, 4), reduction="mean")
+    assert torch.isfinite(C @ torch.ones(C.num_params, dtype=DT)).all()
+
+
+def test_a_function_ignoring_labels_with_reduction_mean_is_refused():
+    """Rows whose labels the mean does not count are not finite alone (0/0): refused, where
+    reduction='mean' was taken as a mean over rows."""
+    case = cases.mlp(n=10)
+    X, y = case.data
+    y = y.clone()
+    y[::3] = -100
+
+    def fn(out, t):
+        return F.cross_entropy(out, t, ignore_index=-100)
+
+    C = cs.Curvature(case.model, fn, [(X[:5], y[:5]), (X[5:], y[5:])], reduction="mean")
+    with pytest.raises(ValueError, match="on some of those rows alone a value that is not finite"):
+        C @ torch.ones(C.num_params, dtype=DT)
+
+
+def test_an_entrywise_mean_weighs_sequences_of_different_lengths_by_their_entries():
+    """nn.MSELoss's mean is over every entry: batches of 3 and 6 positions weighed by rows were
+    off; now by their entries, as one batch of all the positions would be."""
+    torch.manual_seed(0)
+    model = nn.Conv1d(2, 1, 1).to(DT)
+    X1, X2 = torch.randn(2, 2, 3, dtype=DT), torch.randn(2, 2, 6, dtype=DT)
+    y1, y2 = torch.randn(2, 1, 3, dtype=DT), torch.randn(2, 1, 6, dtype=DT)
+    C = cs.Curvature(model, nn.MSELoss(), [(X1, y1), (X2, y2)])
+    # the same positions as one batch: every position a sample of its own
+    flat = nn.Linear(2, 1).to(DT)
+    with torch.no_grad():
+        flat.weight.copy_(model.weight[:, :, 0])
+        flat.bias.copy_(model.bias)
+    Xs = torch.cat([X1.movedim(1, -1).reshape(-1, 2), X2.movedim(1, -1).reshape(-1, 2)])
+    ys = torch.cat([y1.reshape(-1, 1), y2.reshape(-1, 1)])
+    whole = cs.Curvature(flat, nn.MSELoss(), (Xs, ys))
+    v = torch.randn(C.num_params, dtype=DT, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(C @ v, whole @ v, rtol=1e-12, atol=1e-14)

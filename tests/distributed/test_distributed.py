@@ -395,3 +395,44 @@ def test_one_ranks_bad_data_or_loss_gives_every_rank_the_same_verdict(tmp_path):
     assert got[0]["first_loss"] == got[1]["first_loss"]  # the ranks' mean, on each
     assert max(g["seconds"] for g in got) < 15
     assert got[0]["monitor"] == got[1]["monitor"] and got[0]["callback"] == got[1]["callback"]
+
+
+def _ignored_on_one_rank_worker(rank: int, port: int, out: str) -> None:
+    _init(rank, port)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    g = torch.Generator().manual_seed(rank + 1)
+    X, y = torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,))
+    if rank == 0:
+        y[::3] = -100  # ignored labels on rank 0's data only
+
+    def loss_fn(out, t):
+        return torch.nn.functional.cross_entropy(out, t, ignore_index=-100)
+
+    start = time.perf_counter()
+    said = {}
+    C = cs.Curvature(model, loss_fn, [(X[:8], y[:8]), (X[8:], y[8:])], reduction="mean")
+    for name, call in (
+        ("product", lambda: C @ torch.ones(C.num_params, dtype=torch.float64)),
+        ("gradient", C.loss_and_gradient),
+    ):
+        try:
+            call()
+            said[name] = "no error"
+        except (ValueError, FloatingPointError) as e:
+            said[name] = f"{type(e).__name__}: {e}"  # (a FloatingPointError's subclass too)
+    said["seconds"] = time.perf_counter() - start
+    torch.save(said, Path(out) / f"rank{rank}.pt")
+    _end()
+
+
+def test_a_mean_refused_on_one_ranks_data_stops_every_rank_at_once(tmp_path):
+    """The check that a mean is over its rows runs inside a product, on each rank's data: a
+    function ignoring labels held only by rank 0's data raised there, and rank 1 waited in the
+    product's sum until the group's timeout (a review). Rank 0 says why; rank 1 is told that
+    a rank's data was refused, at once — at every later product and gradient too."""
+    got = run_ranks(_ignored_on_one_rank_worker, tmp_path, WORLD)
+    for name in ("product", "gradient"):
+        assert got[0][name].startswith("ValueError: loss_fn is a mean, but not over the rows")
+        assert "a rank whose data was refused" in got[1][name]
+    assert max(g["seconds"] for g in got) < 10

@@ -286,6 +286,26 @@ def test_a_report_refuses_to_replace_plots_no_report_of_curvscope_wrote(tmp_path
     assert (tmp_path / "log.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_report_cut_short_after_its_plots_can_be_rerun(tmp_path, monkeypatch):
+    """Plots were listed in the manifest only once the page was written: a report cut short
+    after them (a Ctrl-C, an error) left them unlisted, and its rerun was refused as replacing
+    files curvscope had not written (a review)."""
+    lines = hostile_lines()[1:3]
+    for i, r in enumerate(lines):
+        r["step"] = i + 1
+
+    def cut(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(report, "render", cut)
+        with pytest.raises(KeyboardInterrupt):
+            report.write_log_report({}, lines, tmp_path)
+    assert (tmp_path / "log.png").exists() and not (tmp_path / "report.html").exists()
+    report.write_log_report({}, lines, tmp_path)
+    assert (tmp_path / "report.html").exists()
+
+
 def test_long_layer_names_fit_the_legend_and_stay_apart():
     """A BERT's "model.encoder.layer.10.attention.self.query.weight" was cut at the image's
     edge, query, key and value alike (an outside review): the shared front is said once, as

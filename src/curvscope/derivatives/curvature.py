@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives import kinds as _k
 from curvscope.derivatives.checks import (
+    NonFiniteLoss,
     check_dense_size,
     check_finite,
     check_int,
@@ -523,12 +524,28 @@ class Curvature:
             else:
                 total.add_(part, alpha=weight)
         assert total is not None  # the data is never empty (checked at construction)
-        if self.objective is not None and self.objective.nonfinite_batches:
-            total.fill_(math.nan)  # a loss not finite on this rank's data: refused on every rank
+        refused = self._refused()
+        if refused:  # a loss not finite, or refused, on this rank's data: on every rank
+            total.fill_(math.nan)
         out = all_reduce_sum(total, self.group)
         self.matvecs += blocks[0].shape[0]
         self.seconds += time.perf_counter() - start
-        return check_finite(out, f"the {self.kind} product")
+        if refused and self.objective is not None and self.objective.refusal is not None:
+            raise self.objective.refusal  # this rank's reason; the others see the NaN
+        where = (
+            ""
+            if self.group is None
+            else " summed over the ranks (a rank whose data was refused, or gave a loss that "
+            "is not finite, makes it NaN on every rank, and its error says why)"
+        )
+        return check_finite(out, f"the {self.kind} product{where}")
+
+    def _refused(self) -> bool:
+        """Whether this rank's data made its part of a product void (under a process group,
+        where a check cannot raise on one rank alone): a loss that was not finite, or one that
+        a check refused (:attr:`ModelObjective.refusal`)."""
+        obj = self.objective
+        return obj is not None and (bool(obj.nonfinite_batches) or obj.refusal is not None)
 
     def _backend_for(self, k: int) -> str | None:
         """The backend for a product of k vectors, or None when "auto" has yet to measure."""
@@ -626,13 +643,20 @@ class Curvature:
         grad = flat[0]
         for f in flat[1:]:
             grad = grad + f
+        if self._refused():
+            loss = math.nan
         both = all_reduce_sum(torch.cat([grad, grad.new_tensor([loss])]), self.group)
-        if self.group is not None and not math.isfinite(float(both[-1])):
-            raise FloatingPointError(  # on every rank at once: the loss of one rank's data
-                f"the loss is {float(both[-1])} summed over the ranks: not finite on some rank's "
-                "data; check its inputs and parameters for NaN/Inf and the model for overflow"
+        if self.objective is not None and self.objective.refusal is not None:
+            raise self.objective.refusal  # this rank's reason; the others see the NaN
+        total = float(both[-1])
+        if self.group is not None and not math.isfinite(total):
+            raise NonFiniteLoss(  # on every rank at once: the loss of one rank's data
+                f"the loss is {total} summed over the ranks: not finite (or refused) on some "
+                "rank's data; check its inputs and parameters for NaN/Inf and the model for "
+                "overflow — a rank whose data was refused says why",
+                total,
             )
-        return float(both[-1]), both[:-1]
+        return total, both[:-1]
 
     def sharded(self) -> ShardedCurvature:
         """This rank's part of the flat vectors, for a model sharded by FSDP2 with

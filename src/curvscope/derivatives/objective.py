@@ -61,6 +61,9 @@ logger = logging.getLogger(__name__)
 
 #: Running-statistics buffers of normalisation layers; not passed in train mode (so not updated).
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+#: how many rows of a batch the check that a mean is over them reads (:meth:`ModelObjective.
+#: _check_mean_over_rows`): one loss on them all and one on each
+ROWS_CHECKED = 8
 #: reductions over samples a loss may have; "mean" averages the samples of a batch, "sum" adds
 REDUCTIONS = ("mean", "sum")
 
@@ -557,15 +560,32 @@ def counted_labels(loss_fn: Any, labels: Tensor, dtype: torch.dtype) -> Tensor:
     return counted
 
 
+#: torch's losses whose mean is over every entry of the targets (their numel divides it)
+ENTRYWISE_MEANS = (
+    nn.MSELoss,
+    nn.L1Loss,
+    nn.SmoothL1Loss,
+    nn.HuberLoss,
+    nn.BCEWithLogitsLoss,
+    nn.BCELoss,
+    nn.SoftMarginLoss,
+)
+
+
 def mean_count(loss_fn: Any, targets: Tensor) -> float | None:
-    """What torch's mean cross-entropy (``nn.CrossEntropyLoss``, ``nn.NLLLoss``) divides a
-    batch's summed terms by: its counted class labels (:func:`counted_labels`), or for targets
-    given as class probabilities its positions (rows × d… of (N, C, d…) targets, whatever
-    ``weight=`` — weighed by rows, sequences of different lengths were 40% off: an outside
-    review); None where a mean is over the rows."""
-    if torch_loss(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) is None:
+    """What a torch loss's mean divides a batch's summed terms by, where torch's own loss says
+    (:func:`torch_loss`; a subclass overriding ``forward`` is a loss of its own): for
+    cross-entropy (``nn.CrossEntropyLoss``, ``nn.NLLLoss``) its counted class labels
+    (:func:`counted_labels`), or for targets given as class probabilities its positions (rows ×
+    d… of (N, C, d…) targets, whatever ``weight=`` — weighed by rows, sequences of different
+    lengths were 40% off: an outside review); for an entrywise mean (:data:`ENTRYWISE_MEANS`)
+    the targets' entries, so that sequences of different lengths weigh as their entries do.
+    None where a mean is over the rows (or not known to be over anything else)."""
+    if getattr(loss_fn, "reduction", None) != "mean":
         return None
-    if loss_fn.reduction != "mean":
+    if torch_loss(loss_fn, ENTRYWISE_MEANS) is not None:
+        return float(targets.numel())
+    if torch_loss(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) is None:
         return None
     if not targets.is_floating_point():
         return float(counted_labels(loss_fn, targets, torch.float64).sum())
@@ -713,6 +733,9 @@ class ModelObjective:
         #: whether other ranks' batches join this one's in the mean (set by a Curvature under a
         #: process group): a mean over all the data then weighs batches across ranks too
         self.across_ranks = False
+        #: an error of this rank's data found inside a product under a process group, raised
+        #: after the product's sum (which it makes NaN, so every rank refuses it): for good
+        self.refusal: ValueError | None = None
         #: whether a Gauss-Newton product checked that the loss is not linear in the outputs
         self.ggn_checked = False
         self.loss_fn = loss_fn
@@ -753,8 +776,8 @@ class ModelObjective:
             self._forward_generators.append(torch.cuda.default_generators[index])
         self._loss_checked = False
         self._first_call = True
-        #: whether forwards pass copies of the parameters (:meth:`_written_in_forward`)
-        self._copy_params = False
+        #: the parameters a forward writes into, passed as copies (:meth:`_written_in_forward`)
+        self._written: set[str] = set()
         #: the batches whose adapted loss was checked against the model's own (loss_fn=None)
         self._own_checked: set[int] = set()
         #: the batches whose mean was checked to be over their rows (:meth:`_check_mean_over_rows`)
@@ -1026,12 +1049,15 @@ class ModelObjective:
                     if id(b) not in copies:
                         copies[id(b)] = b.clone()
                     state[prefix + name] = copies[id(b)]
-        copy = self._copy_params  # a forward that writes its parameters: into copies
-        tied = {id(p): theta[k].clone() if copy else theta[k] for k, p in params if k in theta}
+        # those a forward writes into are passed as copies (only they), under every name
+        copy = {id(p) for k, p in params if k in self._written} if self._written else set()
+        tied = {
+            id(p): theta[k].clone() if id(p) in copy else theta[k] for k, p in params if k in theta
+        }
         for k, p in params:
             mine = tied.get(id(p))
             if mine is None:  # not selected: a constant, unless a recomputation must match it
-                mine = p.detach().clone() if copy else p.detach()
+                mine = p.detach().clone() if id(p) in copy else p.detach()
                 if self._checkpointing and p.requires_grad:  # (never inside torch.func)
                     mine.requires_grad_(True)
             state[k] = mine
@@ -1162,7 +1188,7 @@ class ModelObjective:
         write into copies (:meth:`_state`)."""
         if not written:
             return
-        self._copy_params = True
+        self._written = set(written)
         note = (
             f"the model's forward writes into its parameter(s) {few(written)} in place (a "
             "max-norm clamp, weight clipping?): curvscope's first forward wrote them as your "
@@ -1258,7 +1284,14 @@ class ModelObjective:
                 )
             self._loss_checked = True
         if batch.index not in self._rows_checked:  # every batch once, as below
-            self._check_mean_over_rows(out, batch)
+            try:
+                self._check_mean_over_rows(out, batch)
+            except ValueError as e:
+                if not self.across_ranks:
+                    raise
+                # its data's alone: raised after the product's sum, which it makes NaN on every
+                # rank, so that no rank waits in the collective (:attr:`refusal`)
+                self.refusal = e
             self._rows_checked.add(batch.index)
         if self.adapter is not None and batch.index not in self._own_checked:
             # every batch once: a model's own loss may agree on one batch and not another (a
@@ -1349,14 +1382,18 @@ class ModelObjective:
         )
 
     def _check_mean_over_rows(self, out: Any, batch: Batch) -> None:
-        """A mean loss whose batches are weighed by their rows (any loss but torch's
-        cross-entropy, whose counted labels weigh them: :func:`mean_count`) must be the mean of
-        its rows' losses, or the batches' means do not add up to the mean over all the data:
-        a function with class weights, ignored or padding labels, or a mean over tokens was
-        41–47% off, without a word (an outside review; equal halves passed the reduction's
-        test). Checked on up to 16 rows of each batch, once, against each of those rows alone —
-        where there is more than one batch to weigh: one batch's mean is the whole mean,
-        whatever it averages over."""
+        """A mean loss whose batches are weighed by their rows (a function, a loss module of
+        the user's: torch's own are weighed by what their mean divides by, :func:`mean_count`)
+        must be the mean of its rows' losses, or the batches' means do not add up to the mean
+        over all the data: a function with class weights, ignored or padding labels, or a mean
+        over tokens was 41–47% off, without a word (an outside review; equal halves passed the
+        reduction's test). Checked once a batch, where there is more than one batch (or rank)
+        to weigh — one batch's mean is the whole mean, whatever it averages over — on up to
+        :data:`ROWS_CHECKED` of its rows against each of them alone (in float64 where the
+        loss takes it, to 1e-6: the errors it is for are of percents); a row that alone is not
+        finite while the batch is (an ignored label: 0/0) is one the mean does not count.
+        Not decided where no row alone gives a mean of its own: an error, no finite value, or
+        the same value for every row (a loss over the whole batch, contrastive: 0 alone)."""
         if self.reduction != "mean" or self.adapter is not None:
             return
         if self.num_batches < 2 and not self.across_ranks:
@@ -1364,44 +1401,54 @@ class ModelObjective:
         if mean_count(self.loss_fn, batch.targets) is not None:
             return
         n = batch.targets.shape[0]
-        rows = torch.linspace(0, n - 1, min(n, 16), device=batch.targets.device).round().long()
+        rows = torch.linspace(0, n - 1, min(n, ROWS_CHECKED)).round().long().unique()
         if len(rows) < 2:
             return
-
-        def pick(x: Any, index: Tensor) -> Any:
-            return map_tensors(lambda t: t[index] if t.ndim and t.shape[0] == n else t, x)
-
-        def values(out: Any, targets: Tensor) -> tuple[float, list[float]]:
-            with torch.no_grad(), warnings.catch_warnings():  # the loss's own: said by products
-                warnings.simplefilter("ignore")
-                whole = float(self.loss_fn(pick(out, rows), pick(targets, rows)))
-                alone = [
-                    float(self.loss_fn(pick(out, row), pick(targets, row))) for row in rows[:, None]
-                ]
-            return whole, alone
-
-        try:  # in float64 where the loss accepts it (class weights may not), else as given
-            (whole, alone), tol = values(_float64(out), _float64(batch.targets)), 1e-9
+        index = rows.to(batch.targets.device)
+        out = map_tensors(lambda t: t[index] if t.ndim and t.shape[0] == n else t, out)
+        targets, m = batch.targets[index], len(rows)
+        try:  # in float64 where the loss takes it (class weights may not), else as given
+            whole, alone = self._row_values(_float64(out), _float64(targets), m)
         except Exception:
             try:
-                whole, alone = values(out, batch.targets)
+                whole, alone = self._row_values(out, targets, m)
             except Exception:  # a loss that needs more than one row: not decided
                 return
-            tol = max(64 * torch.finfo(self.dtype).eps, 1e-6)
-        mean = math.fsum(alone) / len(alone)
-        scale = max(abs(whole), abs(mean), 1e-30)
-        if not math.isfinite(whole) or abs(whole - mean) <= tol * scale:
+        finite = [v for v in alone if math.isfinite(v)]
+        if not math.isfinite(whole) or not finite or len(set(alone)) == 1:
+            return  # no mean of the rows to compare with (a loss over the whole batch)
+        # a row that alone is not finite while the batch is: one its mean does not count (an
+        # ignored label, 0/0 alone) — weighed by rows, the batch counts it all the same
+        mean = math.fsum(finite) / len(finite) if len(finite) == m else math.nan
+        if abs(whole - mean) <= 1e-6 * max(abs(whole), abs(mean), 1e-30):
             return
         raise ValueError(
-            f"loss_fn is a mean, but not over the rows of a batch: on {len(rows)} rows of batch "
-            f"{batch.index} it gives {whole:.6g}, the mean of its values on each row alone "
-            f"{mean:.6g} (class weights, ignored or padding labels, a mean over tokens?). "
+            f"loss_fn is a mean, but not over the rows of a batch: on {m} rows of batch "
+            f"{batch.index} it gives {whole:.6g}, "
+            + (
+                f"the mean of its values on each row alone {mean:.6g}"
+                if math.isfinite(mean)
+                else "and on some of those rows alone a value that is not finite"
+            )
+            + " (class weights, ignored or padding labels, a mean over tokens?). "
             "curvscope weighs each batch's mean by its rows to make the mean over all the data, "
             "which such a loss does not add up to. Pass it as nn.CrossEntropyLoss(weight=..., "
             "ignore_index=...) or nn.NLLLoss, whose counted labels weigh the batches; or give "
             "all the data as one batch; or a loss that sums (reduction='sum': the curvature of "
             "the sum)"
         )
+
+    def _row_values(self, out: Any, targets: Tensor, m: int) -> tuple[float, list[float]]:
+        """The loss on m rows, and on each of them alone (no gradients; its warnings, which
+        the products say, left out)."""
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            whole = float(self.loss_fn(out, targets))
+            alone = [
+                float(self.loss_fn(_rows(out, slice(i, i + 1), m), targets[i : i + 1]))
+                for i in range(m)
+            ]
+        return whole, alone
 
     def _ignores_its_rows(
         self, out: Any, targets: Tensor, h: int, first: float, tol: float

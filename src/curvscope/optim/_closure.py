@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -278,20 +279,28 @@ class _Called:
     ran_anywhere: bool
 
 
-def _refuse_written(params: Sequence[Tensor], versions: list[int]) -> None:
+def _warn_written(params: Sequence[Tensor], versions: list[int]) -> None:
     """A closure that writes into the parameters it is called to evaluate (a projection, a
-    constraint, a noise injection) moves the point the step is computed at: NewtonCG took its
-    step from θ₀ + 0.1 and wrote θ₀ + s, the change dropped — or, at a trial point, kept on top
-    of the step, whose ``step_norm`` then said 0.50 for a move of 1.04 (an outside review). The
-    step restores the parameters on the way out; this says why."""
+    clamp, ``nn.Embedding(max_norm=...)``'s renormalisation in the forward) moves the point a
+    step is computed at: a model-step method's step comes from the point as written but starts
+    from the point before (NewtonCG dropped a change of 0.1, or kept a trial point's on top of
+    its step, its ``step_norm`` 0.50 for a move of 1.04), unsaid (an outside review). Said;
+    not refused — torch's own max-norm embedding writes so, and torch's optimizers take it."""
     written = [i for i, (p, v) in enumerate(zip(params, versions, strict=True)) if p._version != v]
     if written:
-        raise ValueError(
-            f"the closure wrote into the parameters it evaluates (parameter(s) {written[:5]} "
-            "changed in place): an optimizer's closure must only compute the loss (zero_grad, "
-            "forward, backward) at the point it is given. Apply a constraint or projection "
-            "after optimizer.step(), or as a parametrization (torch.nn.utils.parametrize)"
+        warnings.warn(
+            "the closure wrote into the parameters it evaluates (in place: a projection, a "
+            "clamp, nn.Embedding(max_norm=...)): the step is computed at the point as written, "
+            "and a second-order method's step starts from the point before it. Apply a "
+            "constraint after optimizer.step(), or as a parametrization "
+            "(torch.nn.utils.parametrize)",
+            ClosureWroteWarning,
+            stacklevel=4,
         )
+
+
+class ClosureWroteWarning(UserWarning):
+    """A closure wrote into the parameters it was called to evaluate (:func:`_warn_written`)."""
 
 
 def _call(
@@ -316,7 +325,7 @@ def _call(
         versions = [p._version for p in params]
         with torch.enable_grad(), _ClosureBackward(mode, counts, params):
             loss, outputs = _split(closure())
-        _refuse_written(params, versions)
+        _warn_written(params, versions)
         if needs_graph and not loss.requires_grad:
             raise ValueError(
                 "the closure's loss does not depend on the optimized parameters; "

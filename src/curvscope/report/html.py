@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import errno
-import fnmatch
 import json
 import math
 from functools import cache
@@ -102,11 +101,8 @@ def claim_folder(out: Path, kind: str) -> None:
             str(out / "report.html"),
         )
     theirs = [n for n in always if n not in names and _foreign(out / n)]
-    theirs += [  # the plots: any of their names, before a lab spends its minutes
-        f.name
-        for f in (sorted(out.iterdir()) if out.is_dir() and not plots.legacy(out) else [])
-        if f.name not in names and any(fnmatch.fnmatch(f.name, p) for p in plots.PLOTS)
-    ]
+    if not plots.legacy(out):  # the plots: any of their names, before a lab spends its minutes
+        theirs += sorted(plots.plot_names(out) - names)
     if theirs:
         raise FileExistsError(
             errno.EEXIST,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fnmatch
 import math
 import os
 from pathlib import Path
@@ -110,8 +111,30 @@ def refuse_foreign(path: Path, what: str) -> None:
         )
 
 
+def plot_names(out: Path) -> set[str]:
+    """The files in ``out`` named as the reports' plots (:data:`PLOTS`)."""
+    files = sorted(out.iterdir()) if out.is_dir() else []
+    return {f.name for f in files if any(fnmatch.fnmatch(f.name, p) for p in PLOTS)}
+
+
+def _listed(path: Path) -> None:
+    """Add ``path``'s name to its folder's manifest before the file is written: a report cut
+    short after its plots (a failure, Ctrl-C) left them unlisted, and its own rerun was refused
+    as replacing files curvscope had not written (a review). A folder of a report from before
+    manifests lists that report's plots with it."""
+    out = path.parent
+    kind, names = manifest(out)
+    if path.name in names:
+        return
+    if legacy(out):
+        names |= plot_names(out)
+    lines = ([f"#{kind}"] if kind else []) + sorted(names | {path.name})
+    replace_atomically(out / MANIFEST, lambda tmp: tmp.write_text("\n".join(lines), "utf-8"))
+
+
 def _save(fig: Any, path: Path, right: float = 0.97) -> str:
     refuse_foreign(path, "a report's plot")  # the last guard: claim_folder checked first
+    _listed(path)
     # fixed margins: tight_layout measured every tick label again and cost ~0.3 s a figure
     n = len(fig.axes)
     # one axes: room for a y label beside log ticks (10⁻⁶; the density's label was cut off)
