@@ -391,7 +391,7 @@ def test_one_ranks_bad_data_or_loss_gives_every_rank_the_same_verdict(tmp_path):
     every rank through the sum, and the training losses are the ranks' mean at each probe."""
     got = run_ranks(_one_rank_diverges_worker, tmp_path, WORLD)
     assert got[0]["diagnose"] == got[1]["diagnose"] == "diverged"
-    assert all(g["products"].startswith("refused: the ggn product has") for g in got)
+    assert all(g["products"].startswith("refused: the ggn product summed over") for g in got)
     assert got[0]["first_loss"] == got[1]["first_loss"]  # the ranks' mean, on each
     assert max(g["seconds"] for g in got) < 15
     assert got[0]["monitor"] == got[1]["monitor"] and got[0]["callback"] == got[1]["callback"]

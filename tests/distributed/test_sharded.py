@@ -50,9 +50,9 @@ def _refusals(rank: int, model, plain, loss_fn, local, everything) -> dict:
     calls = []
 
     def nan_on_rank_1(out, target):  # rank 1's loss turns NaN at its third evaluation
-        calls.append(1)
+        calls.append(torch.is_grad_enabled())  # (not the first loss's checks, without grad)
         loss = loss_fn(out, target)
-        return loss * float("nan") if rank == 1 and len(calls) == 3 else loss
+        return loss * float("nan") if rank == 1 and sum(calls) == 3 and calls[-1] else loss
 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module

@@ -1185,15 +1185,15 @@ class ModelObjective:
         in a forward pre-hook) wrote into the user's, which curvscope's forwards pass by their
         storage: every product wrote again, unseen (an outside review). Its first forward is
         let be — its write is the one the user's next forward makes — and said; the later ones
-        write into copies (:meth:`_state`)."""
+        write into copies of those parameters (:meth:`_state`)."""
         if not written:
             return
         self._written = set(written)
         note = (
             f"the model's forward writes into its parameter(s) {few(written)} in place (a "
             "max-norm clamp, weight clipping?): curvscope's first forward wrote them as your "
-            "next forward will; its later forwards write into copies. The curvature is at the "
-            "parameters as written"
+            "next forward will; its later forwards write into copies of them. The curvature is "
+            "at the parameters as written"
         )
         self.notes.append(note)
         warnings.warn(note, stacklevel=2)
@@ -1401,12 +1401,12 @@ class ModelObjective:
         if mean_count(self.loss_fn, batch.targets) is not None:
             return
         n = batch.targets.shape[0]
-        rows = torch.linspace(0, n - 1, min(n, ROWS_CHECKED)).round().long().unique()
+        where = batch.targets.device
+        rows = torch.linspace(0, n - 1, min(n, ROWS_CHECKED), device=where).round().long().unique()
         if len(rows) < 2:
             return
-        index = rows.to(batch.targets.device)
-        out = map_tensors(lambda t: t[index] if t.ndim and t.shape[0] == n else t, out)
-        targets, m = batch.targets[index], len(rows)
+        out = map_tensors(lambda t: t[rows] if t.ndim and t.shape[0] == n else t, out)
+        targets, m = batch.targets[rows], len(rows)
         try:  # in float64 where the loss takes it (class weights may not), else as given
             whole, alone = self._row_values(_float64(out), _float64(targets), m)
         except Exception:
