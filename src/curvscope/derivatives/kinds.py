@@ -243,7 +243,9 @@ class _GGNProduct:
 
 
 def _refuse_linear_loss(loss_grad: Tensor, at: Tensor) -> None:
-    """The Gauss-Newton matrix Jᵀ H_out J of a loss linear in the outputs is 0: nn.NLLLoss after
+    """The Gauss-Newton matrix Jᵀ H_out J of a loss linear in the outputs is 0 — checked on a
+    Curvature's first batch (one more backward through the loss alone and a host read), not at
+    an optimizer's every step: nn.NLLLoss after
     a LogSoftmax layer (the tutorials' pattern) gave λ_max 0 "converged", trace 0, without a
     word where the Hessian's is 0.70 (an outside review). H_out is applied once to a seeded
     random direction (its own generator: the user's RNG is not touched) — a patterned one can
@@ -267,22 +269,17 @@ def ggn_product(
     leaves: Sequence[Tensor],
     loss: Tensor,
     at: Tensor | None = None,
-    check: bool = False,
-) -> PreparedProduct:
+) -> _GGNProduct:
     """Jᵀ H_out J for ``outputs`` computed from ``leaves`` and a scalar ``loss`` computed from
     them: J the Jacobian of the outputs, H_out = ∂²loss/∂out² (by autograd, any loss).
 
     ``at`` is the tensor the loss was computed from: the outputs themselves (the default: a
     closure's evaluation), or a detached copy of them (:func:`prepare_ggn`), which keeps the
-    loss's graph apart from the model's. ``check``: refuse a loss linear in the outputs
-    (:func:`_refuse_linear_loss`; one more backward through the loss alone and a host read: a
-    Curvature's first product does, not an optimizer's every step).
+    loss's graph apart from the model's.
     """
     at = outputs if at is None else at
     jac = _Jacobian(outputs, leaves)
     (loss_grad,) = torch.autograd.grad(loss, at, create_graph=True)
-    if check:
-        _refuse_linear_loss(loss_grad, at)
     return _GGNProduct(jac, at, loss_grad)
 
 
@@ -292,10 +289,15 @@ def prepare_ggn(obj: ModelObjective, batch: Batch) -> PreparedProduct:
         out = obj.forward(theta, batch, tensor=True)
         out_leaf = out.detach().requires_grad_(True)
         loss = obj.loss(out_leaf, batch)
-        product = ggn_product(
-            out, list(theta.values()), loss, at=out_leaf, check=not obj.ggn_checked
-        )
-    obj.ggn_checked = True  # once an operator
+        product = ggn_product(out, list(theta.values()), loss, at=out_leaf)
+        if not obj.ggn_checked:  # once an operator
+            try:
+                _refuse_linear_loss(product.loss_grad, out_leaf)
+            except ValueError as e:
+                if not obj.across_ranks:  # (saturated outputs may be one rank's data alone)
+                    raise
+                obj.refusal = e  # raised after the product's sum, which it makes NaN
+    obj.ggn_checked = True
     return product
 
 
