@@ -290,13 +290,8 @@ def prepare_ggn(obj: ModelObjective, batch: Batch) -> PreparedProduct:
         out_leaf = out.detach().requires_grad_(True)
         loss = obj.loss(out_leaf, batch)
         product = ggn_product(out, list(theta.values()), loss, at=out_leaf)
-        if not obj.ggn_checked:  # once an operator
-            try:
-                _refuse_linear_loss(product.loss_grad, out_leaf)
-            except ValueError as e:
-                if not obj.across_ranks:  # (saturated outputs may be one rank's data alone)
-                    raise
-                obj.refusal = e  # raised after the product's sum, which it makes NaN
+        if not obj.ggn_checked:  # once an operator (saturated outputs: one rank's data alone)
+            obj.refuse(_refuse_linear_loss, product.loss_grad, out_leaf)
     obj.ggn_checked = True
     return product
 

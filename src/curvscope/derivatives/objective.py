@@ -34,7 +34,7 @@ import contextlib
 import logging
 import math
 import warnings
-from collections.abc import Container, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -1049,19 +1049,28 @@ class ModelObjective:
                     if id(b) not in copies:
                         copies[id(b)] = b.clone()
                     state[prefix + name] = copies[id(b)]
-        # those a forward writes into are passed as copies (only they), under every name
+        state.update(self._parameters_passed(params, theta))
+        return state
+
+    def _parameters_passed(
+        self, params: list[tuple[str, Tensor]], theta: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Each name of a parameter (a tied one's every name) -> what a forward is passed for
+        it: ``theta``'s for the selected, detached for the rest — copies of those a forward
+        writes into (:meth:`_written_in_forward`)."""
         copy = {id(p) for k, p in params if k in self._written} if self._written else set()
         tied = {
             id(p): theta[k].clone() if id(p) in copy else theta[k] for k, p in params if k in theta
         }
+        passed = {}
         for k, p in params:
             mine = tied.get(id(p))
             if mine is None:  # not selected: a constant, unless a recomputation must match it
                 mine = p.detach().clone() if id(p) in copy else p.detach()
                 if self._checkpointing and p.requires_grad:  # (never inside torch.func)
                     mine.requires_grad_(True)
-            state[k] = mine
-        return state
+            passed[k] = mine
+        return passed
 
     def _read_modules(self, model: nn.Module) -> None:
         """What the model's modules ask of a product's passes, from one walk over them, and
@@ -1284,14 +1293,7 @@ class ModelObjective:
                 )
             self._loss_checked = True
         if batch.index not in self._rows_checked:  # every batch once, as below
-            try:
-                self._check_mean_over_rows(out, batch)
-            except ValueError as e:
-                if not self.across_ranks:
-                    raise
-                # its data's alone: raised after the product's sum, which it makes NaN on every
-                # rank, so that no rank waits in the collective (:attr:`refusal`)
-                self.refusal = e
+            self.refuse(self._check_mean_over_rows, out, batch)
             self._rows_checked.add(batch.index)
         if self.adapter is not None and batch.index not in self._own_checked:
             # every batch once: a model's own loss may agree on one batch and not another (a
@@ -1380,6 +1382,17 @@ class ModelObjective:
                 "ignore_index=...) or nn.NLLLoss, whose counted labels curvscope weighs"
             )
         )
+
+    def refuse(self, check: Callable[..., None], *args: Any) -> None:
+        """``check(*args)``, whose ValueError is raised here in one process; under a process
+        group its data's alone, so it is kept (:attr:`refusal`) and raised after the product's
+        sum, which it makes NaN on every rank: no rank waits in the collective."""
+        try:
+            check(*args)
+        except ValueError as e:
+            if not self.across_ranks:
+                raise
+            self.refusal = e
 
     def _check_mean_over_rows(self, out: Any, batch: Batch) -> None:
         """A mean loss whose batches are weighed by their rows (a function, a loss module of

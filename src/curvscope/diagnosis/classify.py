@@ -1112,16 +1112,44 @@ def classify_history(
         return state, list(reasons)
     if _rose(losses, best_loss, thresholds.loss_floor):  # a loss that rose: no edge
         return state, list(reasons)
-    z = thresholds.confidence
     # (c) and (d) read the losses' shape: not where mini-batch noise shapes them
     full_batch = (full_batch is None or full_batch) and evidence.get("batch_sharpness") is None
-    # below the limit, steps do not overshoot: full-batch losses that fell at every step since
-    # the previous probe are not held at the edge by (a) or (b) — a quadratic at 0.95x its
-    # limit read the edge at 26 of 30 probes, and a run whose sharpness sank from 0.98x to 0.5x
-    # the limit with its loss falling stayed at the edge for 600 steps (an outside review).
-    # Above the limit a falling loss is the edge's own (self-stabilisation: gd-mse-edge2 of the
-    # verdict suite, at 1.12x with a loss falling at every step)
-    settled = full_batch and s < limit and _fell_every_step(losses)
+    edge = _edge(
+        state,
+        evidence,
+        past,
+        losses,
+        previous,
+        best_loss,
+        previous_low,
+        thresholds,
+        full_batch,
+        steps,
+    )
+    return (State.EDGE_OF_STABILITY, edge) if edge else (state, list(reasons))
+
+
+def _edge(
+    state: StateEnum,
+    evidence: Mapping[str, Any],
+    past: Sequence[Mapping[str, Any]],
+    losses: Sequence[float],
+    previous: StateEnum | str | None,
+    best_loss: float | None,
+    previous_low: float | None,
+    thresholds: Thresholds,
+    full_batch: bool,
+    steps: Sequence[int] | None,
+) -> list[str] | None:
+    """The reasons rules (a)–(d) of :func:`classify_history` find the edge of stability, or
+    None. Below the limit, steps do not overshoot: full-batch losses that fell at every step
+    since the previous probe are not held at the edge by (a) or (b) — a quadratic at 0.95x its
+    limit read the edge at 26 of 30 probes, and a run whose sharpness sank from 0.98x to 0.5x
+    the limit with its loss falling stayed at the edge for 600 steps (an outside review). Above
+    the limit a falling loss is the edge's own (self-stabilisation: gd-mse-edge2 of the verdict
+    suite, at 1.12x with a loss falling at every step)."""
+    z, s, limit = thresholds.confidence, effective_sharpness(evidence), evidence["stability_limit"]
+    settled = full_batch and s is not None and s < limit and _fell_every_step(losses)
     edge = None
     if previous is not None and as_state(previous) == State.EDGE_OF_STABILITY and not settled:
         edge = _stays_at_edge(evidence, losses, best_loss, z)  # (b)
@@ -1131,7 +1159,7 @@ def classify_history(
         )
     if not settled:
         edge = edge or _held_at_edge(evidence, past, losses, z, steps)  # (a)
-    return (State.EDGE_OF_STABILITY, edge) if edge else (state, list(reasons))
+    return edge
 
 
 #: how many losses since the previous probe show that they fell at every step (fewer say
