@@ -160,12 +160,14 @@ def test_appending_after_a_line_cut_inside_a_character_keeps_both_runs(monitor_l
 def test_records_into_a_deleted_log_are_counted_lost(tmp_path):
     """A log deleted mid-run took the records into the unlinked file, records_lost 0, unsaid."""
     path = tmp_path / "run.jsonl"
-    with RunLogWriter(path, "x", HEADER) as log:
-        assert log.write(record(1))
-        path.unlink()
-        with pytest.warns(LogWriteWarning, match="deleted while the run wrote"):
-            assert not log.write(record(2))
-        assert log.lost == 1
+    log = RunLogWriter(path, "x", HEADER)
+    assert log.write(record(1))
+    path.unlink()
+    with pytest.warns(LogWriteWarning, match="deleted while the run wrote"):
+        assert not log.write(record(2))
+    assert log.lost == 1
+    with pytest.warns(LogWriteWarning, match="1 of 2 probe records could not be written"):
+        log.close()
 
 
 def test_appending_after_a_header_cut_short_keeps_the_new_run(monitor_log, tmp_path):
