@@ -177,7 +177,7 @@ def test_the_gauss_newton_of_a_loss_linear_in_the_outputs_is_refused(loss):
     else:
         model, targets = case.model, torch.randn(6, 3, dtype=DT)
     C = cs.Curvature(model, loss, (case.inputs, targets), kind="ggn")
-    with pytest.raises(ValueError, match=r"Gauss-Newton matrix is 0 here.*CrossEntropyLoss"):
+    with pytest.raises(ValueError, match=r"Gauss-Newton matrix is 0: .*every batch.*CrossEntropy"):
         cs.eigenvalues(C, k=1)
 
 
@@ -272,3 +272,78 @@ def test_an_entrywise_mean_weighs_sequences_of_different_lengths_by_their_entrie
     whole = cs.Curvature(flat, nn.MSELoss(), (Xs, ys))
     v = torch.randn(C.num_params, dtype=DT, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(C @ v, whole @ v, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    ("loss", "saturate"),
+    [
+        (nn.HuberLoss(delta=1.0), lambda y: y + 100.0),  # residuals past delta: H_out 0
+        (nn.BCEWithLogitsLoss(), None),  # logits of 1e3: sigmoid saturated, H_out 0
+    ],
+    ids=["huber", "bce"],
+)
+def test_a_first_batch_whose_gauss_newton_is_zero_does_not_refuse_the_data(loss, saturate):
+    """The check judged the data by its first batch: batch 0 of saturated outputs refused a
+    GGN of norm 1.31 (Huber) or 0.33 (BCE), and a shuffled loader refused by its seed (a
+    review). Refused only where no batch curves; the product is the one-batch GGN."""
+    case = cases.mlp_mse(n=8)
+    X, y = case.data
+    if saturate is None:
+        targets = (y > 0).to(DT)
+        X0 = 1e3 * torch.ones_like(X[:4])  # every output of batch 0 huge
+    else:
+        targets, X0 = y.clone(), X[:4]
+        targets[:4] = saturate(y[:4])
+    data = [(X0, targets[:4]), (X[4:], targets[4:])]
+    model = nn.Linear(3, 2).to(DT)
+    C = cs.Curvature(model, loss, data, kind="ggn")
+    v = torch.randn(C.num_params, dtype=DT, generator=torch.Generator().manual_seed(0))
+    whole = cs.Curvature(model, loss, (torch.cat([X0, X[4:]]), targets), kind="ggn")
+    assert float((C @ v).norm()) > 0
+    assert torch.allclose(C @ v, whole @ v, rtol=1e-12, atol=1e-14)
+
+
+def test_a_loss_computed_in_float32_from_float64_outputs_is_judged_at_float32():
+    """F.cross_entropy(logits.float(), y) on a float64 model: its reduction was inferred at
+    1e-9 and refused as "neither the mean nor the sum" (an outside review); the rows check
+    holds it to float32's rounding too."""
+    torch.manual_seed(0)  # the review's case
+    X, y = torch.randn(64, 5), torch.randint(0, 4, (64,))
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4))
+
+    def fn(out, t):
+        return F.cross_entropy(out.float(), t)
+
+    for data in ((X, y), [(X[:16], y[:16]), (X[16:], y[16:])]):
+        C = cs.Curvature(model, fn, data)
+        loss = C.loss_and_gradient()[0]
+        assert loss == pytest.approx(F.cross_entropy(model(X), y).item(), rel=1e-5)
+
+
+def test_a_zero_initialised_segmentation_head_as_a_function_is_not_called_ignoring_its_rows():
+    """The halves test's shift was arange % 7 / 8: over 7x7 positions constant along the
+    classes, which a softmax ignores — `lambda o, y: F.cross_entropy(o, y)` on a zero head was
+    refused as not reading its rows (an outside review); a seeded random shift now."""
+    model = nn.Conv2d(2, 3, 1).to(DT)
+    nn.init.zeros_(model.weight)
+    nn.init.zeros_(model.bias)
+    g = torch.Generator().manual_seed(0)
+    X, y = (
+        torch.randn(4, 2, 7, 7, dtype=DT, generator=g),
+        torch.randint(0, 3, (4, 7, 7), generator=g),
+    )
+    C = cs.Curvature(model, lambda o, t: F.cross_entropy(o, t), (X, y))
+    assert torch.isfinite(C @ torch.ones(C.num_params, dtype=DT)).all()
+
+
+def test_labels_of_minus_one_in_one_batch_are_not_refused_as_ignored():
+    """Labels {-1, 0, 1} shifted inside the loss were refused as an ignore_index even in one
+    batch, where no weighing of batches is needed (an outside review)."""
+    case = cases.mlp(n=9)
+    y = torch.tensor([-1, 0, 1] * 3)
+
+    def shifted(out, t):
+        return F.cross_entropy(out, t + 1)
+
+    C = cs.Curvature(case.model, shifted, (case.inputs, y))
+    assert torch.isfinite(C @ torch.ones(C.num_params, dtype=DT)).all()

@@ -64,7 +64,9 @@ def test_a_forward_that_writes_its_parameters_writes_them_once_and_is_said():
     data = (torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,)))
     w0 = model.layer.weight.detach().clone()
     C = cs.Curvature(model, nn.CrossEntropyLoss(), data, cache=False)
-    with pytest.warns(UserWarning, match="writes into its parameter.*layer.weight"):
+    with pytest.warns(
+        cs.derivatives.ParameterWriteWarning, match="writes into its parameter.*layer.weight"
+    ):
         C @ torch.ones(C.num_params, dtype=DT)
     assert torch.equal(model.layer.weight.detach(), 0.5 * w0)
     with warnings.catch_warnings():

@@ -4,6 +4,7 @@ the :class:`Curvature` operator of a model's mean loss."""
 from curvscope.derivatives.checks import DENSE_LIMIT
 from curvscope.derivatives.curvature import BACKENDS, KINDS, Curvature, KindInfo
 from curvscope.derivatives.functions import grad, hessian, hvp
+from curvscope.derivatives.objective import ParameterWriteWarning
 from curvscope.derivatives.sharded import ShardedCurvature
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "KINDS",
     "Curvature",
     "KindInfo",
+    "ParameterWriteWarning",
     "ShardedCurvature",
     "grad",
     "hessian",

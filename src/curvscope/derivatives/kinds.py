@@ -242,25 +242,30 @@ class _GGNProduct:
         return self.jac.vjp(h_jv)
 
 
-def _refuse_linear_loss(loss_grad: Tensor, at: Tensor) -> None:
-    """The Gauss-Newton matrix Jᵀ H_out J of a loss linear in the outputs is 0 — checked on a
-    Curvature's first batch (one more backward through the loss alone and a host read), not at
-    an optimizer's every step: nn.NLLLoss after
-    a LogSoftmax layer (the tutorials' pattern) gave λ_max 0 "converged", trace 0, without a
-    word where the Hessian's is 0.70 (an outside review). H_out is applied once to a seeded
-    random direction (its own generator: the user's RNG is not touched) — a patterned one can
-    be constant along the classes, in cross-entropy's null space (a review of this check)."""
+def _curves(loss_grad: Tensor, at: Tensor) -> bool:
+    """Whether the loss's second derivative in the outputs is not 0 here: H_out applied to a
+    seeded random direction (its own generator: the user's RNG is not touched; a patterned one
+    can be constant along the classes, in cross-entropy's null space — a review of this
+    check). One more backward through the loss alone, and a host read."""
     gen = torch.Generator(device=at.device).manual_seed(0)
     w = torch.randn(at.shape, generator=gen, device=at.device, dtype=at.dtype)
     (h,) = _grad([loss_grad], [at], [w[None]])
-    if bool(h.any()):
-        return
+    return bool(h.any())
+
+
+def _refuse_linear_loss() -> None:
+    """The Gauss-Newton matrix Jᵀ H_out J of a loss linear in the outputs is 0: nn.NLLLoss after
+    a LogSoftmax layer (the tutorials' pattern) gave λ_max 0 "converged", trace 0, without a
+    word where the Hessian's is 0.70 (an outside review). Refused where H_out is 0 on every
+    batch of a Curvature's data (:func:`prepare_ggn`; one batch of saturated outputs, or of
+    Huber residuals past delta, has a GGN of 0 of its own: the first batch alone judged the
+    data by it, and a shuffled loader refused by its seed — a review)."""
     raise ValueError(
-        "the Gauss-Newton matrix is 0 here: loss_fn's second derivative in the model's outputs "
-        "is 0 (a loss linear in them — nn.NLLLoss after a LogSoftmax layer, nn.L1Loss, a hinge "
-        "loss — or outputs saturated to the precision), so Jᵀ H_out J = 0. Move the last "
-        "nonlinearity into the loss (logits and nn.CrossEntropyLoss for LogSoftmax + "
-        "nn.NLLLoss), or use kind='hessian'"
+        "the Gauss-Newton matrix is 0: loss_fn's second derivative in the model's outputs is 0 "
+        "on every batch (a loss linear in them — nn.NLLLoss after a LogSoftmax layer, "
+        "nn.L1Loss, a hinge loss — or outputs saturated to the precision), so Jᵀ H_out J = 0. "
+        "Move the last nonlinearity into the loss (logits and nn.CrossEntropyLoss for "
+        "LogSoftmax + nn.NLLLoss), or use kind='hessian'"
     )
 
 
@@ -290,9 +295,12 @@ def prepare_ggn(obj: ModelObjective, batch: Batch) -> PreparedProduct:
         out_leaf = out.detach().requires_grad_(True)
         loss = obj.loss(out_leaf, batch)
         product = ggn_product(out, list(theta.values()), loss, at=out_leaf)
-        if not obj.ggn_checked:  # once an operator (saturated outputs: one rank's data alone)
-            obj.refuse(_refuse_linear_loss, product.loss_grad, out_leaf)
-    obj.ggn_checked = True
+        # until a batch whose loss curves in the outputs; refused when none does (each rank's
+        # own data under a process group: refuse() keeps it for after the product's sum)
+        if not obj.ggn_checked and _curves(product.loss_grad, out_leaf):
+            obj.ggn_checked = True
+        elif not obj.ggn_checked and batch.index == obj.num_batches - 1:
+            obj.refuse(_refuse_linear_loss)
     return product
 
 

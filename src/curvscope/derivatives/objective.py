@@ -130,6 +130,12 @@ class _PassRandomness:
             yield item
 
 
+class ParameterWriteWarning(UserWarning):
+    """A model's forward wrote into its parameters in place during a curvature product
+    (:meth:`ModelObjective._written_in_forward`) — a clamp, ``nn.Embedding(max_norm=...)``
+    (whose renormalisation counts as a write even where no row changes)."""
+
+
 @dataclass(frozen=True)
 class Batch:
     """One batch, moved to the parameters' device, and its place in the data.
@@ -170,6 +176,17 @@ def _refuse_ignored_labels(t: Any) -> None:
         "...) or nn.NLLLoss, whose counted labels weigh the batches; if these are not ignored "
         "labels, pass reduction='mean' or 'sum' (--reduction on the command line)"
     )
+
+
+def loss_tolerance(computed: Any) -> float:
+    """The relative difference a loss's rounding allows between two ways of summing the same
+    terms: 1e-9 for a float64 result, else 64 eps of its dtype (at least 1e-6) — of a tensor's,
+    a float's (float64), or a dtype given. A loss computed in float32 inside, from float64
+    outputs, rounds as float32 (it was held to 1e-9, and refused)."""
+    dtype = computed if isinstance(computed, torch.dtype) else getattr(computed, "dtype", None)
+    if dtype is None or dtype == torch.float64:
+        return 1e-9
+    return max(64 * torch.finfo(dtype).eps, 1e-6) if dtype.is_floating_point else 1e-6
 
 
 def _what_batch(item: Any) -> str:
@@ -736,7 +753,8 @@ class ModelObjective:
         #: an error of this rank's data found inside a product under a process group, raised
         #: after the product's sum (which it makes NaN, so every rank refuses it): for good
         self.refusal: ValueError | None = None
-        #: whether a Gauss-Newton product checked that the loss is not linear in the outputs
+        #: whether a batch's loss was seen to curve in the outputs (the Gauss-Newton kind's
+        #: check that its matrix is not 0: :func:`curvscope.derivatives.kinds.prepare_ggn`)
         self.ggn_checked = False
         self.loss_fn = loss_fn
         self.seed = check_seed(seed)
@@ -1205,7 +1223,7 @@ class ModelObjective:
             "at the parameters as written"
         )
         self.notes.append(note)
-        warnings.warn(note, stacklevel=2)
+        warnings.warn(note, ParameterWriteWarning, stacklevel=2)
 
     def raw_forward(self, theta: Mapping[str, Tensor], batch: Batch) -> Any:
         """Model outputs at parameters ``theta``, unchecked (usable inside torch.func
@@ -1321,7 +1339,8 @@ class ModelObjective:
             "reduction='sum' (it adds them) to Curvature, diagnose or Monitor (--reduction on "
             "the command line)"
         )
-        _refuse_ignored_labels(batch.targets)
+        if self.num_batches > 1 or self.across_ranks:  # one batch's mean is the whole mean
+            _refuse_ignored_labels(batch.targets)
         given = out
         if n < 2 and self.num_samples == 1:
             return "mean"  # one sample in all: its mean and its sum are the same loss
@@ -1336,9 +1355,11 @@ class ModelObjective:
         try:
             with torch.no_grad():
                 whole64 = self.loss_fn(out64, targets64)
-            out, targets, tol = out64, targets64, 1e-9
+            # to the precision the loss computed in: one that casts back to float32 inside
+            # (F.cross_entropy(out.float(), y)) was held to 1e-9 and refused (an outside review)
+            out, targets, tol = out64, targets64, loss_tolerance(whole64)
         except Exception:
-            targets, tol = batch.targets, max(64 * torch.finfo(self.dtype).eps, 1e-6)
+            targets, tol = batch.targets, loss_tolerance(self.dtype)
         with torch.no_grad():  # the whole batch's errors (NaN, not a scalar) are the loss's own
             whole = float(
                 check_scalar_loss(whole64 if out is out64 else self.loss_fn(out, targets))
@@ -1421,10 +1442,10 @@ class ModelObjective:
         out = map_tensors(lambda t: t[rows] if t.ndim and t.shape[0] == n else t, out)
         targets, m = batch.targets[rows], len(rows)
         try:  # in float64 where the loss takes it (class weights may not), else as given
-            whole, alone = self._row_values(_float64(out), _float64(targets), m)
+            whole, alone, tol = self._row_values(_float64(out), _float64(targets), m)
         except Exception:
             try:
-                whole, alone = self._row_values(out, targets, m)
+                whole, alone, tol = self._row_values(out, targets, m)
             except Exception:  # a loss that needs more than one row: not decided
                 return
         finite = [v for v in alone if math.isfinite(v)]
@@ -1433,7 +1454,7 @@ class ModelObjective:
         # a row that alone is not finite while the batch is: one its mean does not count (an
         # ignored label, 0/0 alone) — weighed by rows, the batch counts it all the same
         mean = math.fsum(finite) / len(finite) if len(finite) == m else math.nan
-        if abs(whole - mean) <= 1e-6 * max(abs(whole), abs(mean), 1e-30):
+        if abs(whole - mean) <= tol * max(abs(whole), abs(mean), 1e-30):
             return
         raise ValueError(
             f"loss_fn is a mean, but not over the rows of a batch: on {m} rows of batch "
@@ -1443,7 +1464,8 @@ class ModelObjective:
                 if math.isfinite(mean)
                 else "and on some of those rows alone a value that is not finite"
             )
-            + " (class weights, ignored or padding labels, a mean over tokens?). "
+            + " (class weights, ignored or padding labels, a mean over tokens, statistics of "
+            "the whole batch?). "
             "curvscope weighs each batch's mean by its rows to make the mean over all the data, "
             "which such a loss does not add up to. Pass it as nn.CrossEntropyLoss(weight=..., "
             "ignore_index=...) or nn.NLLLoss, whose counted labels weigh the batches; or give "
@@ -1451,17 +1473,18 @@ class ModelObjective:
             "the sum)"
         )
 
-    def _row_values(self, out: Any, targets: Tensor, m: int) -> tuple[float, list[float]]:
-        """The loss on m rows, and on each of them alone (no gradients; its warnings, which
-        the products say, left out)."""
+    def _row_values(self, out: Any, targets: Tensor, m: int) -> tuple[float, list[float], float]:
+        """The loss on m rows, on each of them alone, and the relative tolerance its dtype
+        allows (:func:`loss_tolerance`); no gradients, its warnings (the products say them)
+        left out."""
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            whole = float(self.loss_fn(out, targets))
+            value = self.loss_fn(out, targets)
             alone = [
                 float(self.loss_fn(_rows(out, slice(i, i + 1), m), targets[i : i + 1]))
                 for i in range(m)
             ]
-        return whole, alone
+        return float(value), alone, loss_tolerance(value)
 
     def _ignores_its_rows(
         self, out: Any, targets: Tensor, h: int, first: float, tol: float
@@ -1472,10 +1495,11 @@ class ModelObjective:
         (a constant is left to the parameters' check)."""
         n = targets.shape[0]
 
-        def move(t: Tensor) -> Tensor:  # by different amounts: a softmax ignores one shift
-            if not (t.is_floating_point() and t.ndim and t.shape[0] == h):
-                return t
-            return t.detach() + torch.arange(t.numel(), device=t.device).reshape(t.shape) % 7 / 8
+        def move(t: Tensor) -> Tensor:  # by seeded random amounts: a softmax ignores a shift
+            if not (t.is_floating_point() and t.ndim and t.shape[0] == h):  # constant along
+                return t  # its classes, as arange % 7 was over 7x7 positions (a review)
+            gen = torch.Generator(device=t.device).manual_seed(0)
+            return t.detach() + torch.rand(t.shape, generator=gen, device=t.device, dtype=t.dtype)
 
         moved = map_tensors(move, _rows(out, slice(0, h), n))
         try:
