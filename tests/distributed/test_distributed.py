@@ -409,30 +409,44 @@ def _ignored_on_one_rank_worker(rank: int, port: int, out: str) -> None:
     def loss_fn(out, t):
         return torch.nn.functional.cross_entropy(out, t, ignore_index=-100)
 
+    data = [(X[:8], y[:8]), (X[8:], y[8:])]
     start = time.perf_counter()
     said = {}
-    C = cs.Curvature(model, loss_fn, [(X[:8], y[:8]), (X[8:], y[8:])], reduction="mean")
-    for name, call in (
-        ("product", lambda: C @ torch.ones(C.num_params, dtype=torch.float64)),
-        ("gradient", C.loss_and_gradient),
-    ):
+
+    def attempt(name, call):
         try:
             call()
             said[name] = "no error"
         except (ValueError, FloatingPointError) as e:
-            said[name] = f"{type(e).__name__}: {e}"  # (a FloatingPointError's subclass too)
+            said[name] = f"{type(e).__name__}: {e}"
+
+    C = cs.Curvature(model, loss_fn, data, reduction="mean")
+    attempt("product", lambda: C @ torch.ones(C.num_params, dtype=torch.float64))
+    attempt("gradient", C.loss_and_gradient)
+    attempt("diagnose", lambda: cs.diagnose(model, loss_fn, data, lr=0.1, reduction="mean"))
+    inferred = cs.Curvature(model, loss_fn, data)  # its reduction inferred: refused as well
+    attempt("inferred", lambda: inferred @ torch.ones(C.num_params, dtype=torch.float64))
+    fd = cs.Curvature(model, loss_fn, data, reduction="mean", backend="finite_difference")
+    attempt("finite_difference", lambda: fd @ torch.ones(C.num_params, dtype=torch.float64))
     said["seconds"] = time.perf_counter() - start
     torch.save(said, Path(out) / f"rank{rank}.pt")
     _end()
 
 
 def test_a_mean_refused_on_one_ranks_data_stops_every_rank_at_once(tmp_path):
-    """The check that a mean is over its rows runs inside a product, on each rank's data: a
-    function ignoring labels held only by rank 0's data raised there, and rank 1 waited in the
-    product's sum until the group's timeout (a review). Rank 0 says why; rank 1 is told that
-    a rank's data was refused, at once — at every later product and gradient too."""
+    """The checks of a loss inside a product run on each rank's data: a function ignoring
+    labels held only by rank 0's data raised there, and rank 1 waited in the product's sum
+    until the group's timeout; then rank 1 read the NaN as *diverged* (diagnose, the Monitor,
+    whose next collective hung), and the finite-difference backend accepted it, 25% off (two
+    reviews). Every rank now raises a ValueError at once — rank 0 its reason, rank 1 that a
+    rank's data was refused — at every product, gradient and diagnosis, and when the
+    reduction is inferred."""
     got = run_ranks(_ignored_on_one_rank_worker, tmp_path, WORLD)
-    for name in ("product", "gradient"):
+    for name in ("product", "gradient", "diagnose"):
         assert got[0][name].startswith("ValueError: loss_fn is a mean, but not over the rows")
-        assert "a rank whose data was refused" in got[1][name]
-    assert max(g["seconds"] for g in got) < 10
+        assert got[1][name].startswith("ValueError: the data of 1 other rank(s) was refused")
+    assert got[0]["inferred"].startswith("ValueError: loss_fn does not declare its reduction")
+    assert got[1]["inferred"].startswith("ValueError: the data of 1 other rank(s) was refused")
+    assert got[0]["finite_difference"].startswith("ValueError: loss_fn is a mean, but not")
+    assert got[1]["finite_difference"].startswith("ValueError: rank 0 failed")
+    assert max(g["seconds"] for g in got) < 15

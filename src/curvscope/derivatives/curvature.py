@@ -22,6 +22,7 @@ from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives import kinds as _k
 from curvscope.derivatives.checks import (
     NonFiniteLoss,
+    all_finite,
     check_dense_size,
     check_finite,
     check_int,
@@ -524,21 +525,49 @@ class Curvature:
             else:
                 total.add_(part, alpha=weight)
         assert total is not None  # the data is never empty (checked at construction)
-        refused = self._refused()
-        if refused:  # a loss not finite, or refused, on this rank's data: on every rank
-            total.fill_(math.nan)
-        out = all_reduce_sum(total, self.group)
+        if self.group is None:
+            out, refusals = total, None
+        else:  # a loss not finite, or refused, on this rank's data: NaN on every rank
+            out, refusals = self._summed_over_ranks(total)
         self.matvecs += blocks[0].shape[0]
         self.seconds += time.perf_counter() - start
-        if refused and self.objective is not None and self.objective.refusal is not None:
-            raise self.objective.refusal  # this rank's reason; the others see the NaN
+        if all_finite(out):
+            return out
+        self._raise_refusal(refusals)
         where = (
             ""
             if self.group is None
-            else " summed over the ranks (a rank whose data was refused, or gave a loss that "
-            "is not finite, makes it NaN on every rank, and its error says why)"
+            else " summed over the ranks (a loss not finite on a rank's data: NaN on every rank)"
         )
-        return check_finite(out, f"the {self.kind} product{where}")
+        return check_finite(out, f"the {self.kind} product{where}")  # raises: not finite
+
+    def _summed_over_ranks(self, total: Tensor) -> tuple[Tensor, Tensor]:
+        """Σ over the ranks of each rank's ``total`` — NaN from a rank whose data made it void
+        (:meth:`_refused`) — and how many ranks refused their data, in one all-reduce."""
+        refused = self._refused()
+        if refused:
+            total.fill_(math.nan)
+        flag = total.new_full((1,), float(self._refusal() is not None))
+        both = all_reduce_sum(torch.cat([total.reshape(-1), flag]), self.group)
+        return both[:-1].reshape(total.shape), both[-1]
+
+    def _refusal(self) -> ValueError | None:
+        return None if self.objective is None else self.objective.refusal
+
+    def _raise_refusal(self, refusals: Tensor | None) -> None:
+        """After a sum whose result is not finite: this rank's refusal of its data, or — where
+        another rank refused its own — a ValueError on this one too (the same kind on every
+        rank: a FloatingPointError here read as *diverged* to diagnose and the Monitor, whose
+        next collective then waited for the refusing rank: a review)."""
+        refusal = self._refusal()
+        if refusal is not None:
+            raise refusal
+        if refusals is not None and float(refusals) > 0:
+            raise ValueError(
+                f"the data of {int(float(refusals))} other rank(s) was refused (their error says "
+                "why: a loss that is not a mean over the rows of a batch, one whose reduction "
+                "cannot be told, ...); every rank stops with them"
+            )
 
     def _refused(self) -> bool:
         """Whether this rank's data made its part of a product void (under a process group,
@@ -643,17 +672,16 @@ class Curvature:
         grad = flat[0]
         for f in flat[1:]:
             grad = grad + f
-        if self._refused():
-            loss = math.nan
-        both = all_reduce_sum(torch.cat([grad, grad.new_tensor([loss])]), self.group)
-        if self.objective is not None and self.objective.refusal is not None:
-            raise self.objective.refusal  # this rank's reason; the others see the NaN
+        both = torch.cat([grad, grad.new_tensor([loss])])
+        if self.group is None:
+            return float(both[-1]), both[:-1]
+        both, refusals = self._summed_over_ranks(both)
         total = float(both[-1])
-        if self.group is not None and not math.isfinite(total):
-            raise NonFiniteLoss(  # on every rank at once: the loss of one rank's data
-                f"the loss is {total} summed over the ranks: not finite (or refused) on some "
-                "rank's data; check its inputs and parameters for NaN/Inf and the model for "
-                "overflow — a rank whose data was refused says why",
+        if not math.isfinite(total):  # on every rank at once: the loss of one rank's data
+            self._raise_refusal(refusals)
+            raise NonFiniteLoss(
+                f"the loss is {total} summed over the ranks: not finite on some rank's data; "
+                "check its inputs and parameters for NaN/Inf and the model for overflow",
                 total,
             )
         return total, both[:-1]

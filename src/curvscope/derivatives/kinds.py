@@ -295,12 +295,15 @@ def prepare_ggn(obj: ModelObjective, batch: Batch) -> PreparedProduct:
         out_leaf = out.detach().requires_grad_(True)
         loss = obj.loss(out_leaf, batch)
         product = ggn_product(out, list(theta.values()), loss, at=out_leaf)
-        # until a batch whose loss curves in the outputs; refused when none does (each rank's
-        # own data under a process group: refuse() keeps it for after the product's sum)
+        # until a batch whose loss curves in the outputs; refused when none does — in one
+        # process: under a process group one rank's data is not the data's (its saturated
+        # outputs alone refused a GGN of norm 0.51: a review), and no rank sees the others'
+        if obj.across_ranks:
+            obj.ggn_checked = True
         if not obj.ggn_checked and _curves(product.loss_grad, out_leaf):
             obj.ggn_checked = True
         elif not obj.ggn_checked and batch.index == obj.num_batches - 1:
-            obj.refuse(_refuse_linear_loss)
+            _refuse_linear_loss()
     return product
 
 

@@ -1285,31 +1285,7 @@ class ModelObjective:
         else:
             loss = check_scalar_loss(value, what)
         if not self._loss_checked:
-            if not self._declared:
-                self.reduction = self._infer_reduction(out, batch)
-            if not loss.requires_grad:
-                raise ValueError(
-                    "the loss does not depend on the selected parameters (no gradient flows "
-                    "from it to them); check that loss_fn uses the model's outputs and that "
-                    "params= selects parameters the model uses"
-                )
-            seen = walk_graph(loss) if at_copies else None  # once: at the first loss
-            if seen is not None and seen.reentrant:  # Hugging Face's makes its inputs require
-                raise RuntimeError(REENTRANT_CHECKPOINT)  # grad: no warning, the gradient 0
-            read = None if seen is None else _reads_parameters(seen, self.params)
-            if read is not None:
-                raise ValueError(
-                    f"the loss reads the model's parameter {read!r} itself, not the copy "
-                    "curvature products pass through the forward — an L2 penalty over "
-                    "model.parameters() in loss_fn, or a hook or attribute of the model that "
-                    "holds the Parameter — so that use would count in the loss but not in the "
-                    "gradient or the curvature (an L2 penalty of 0.05 took λ_max 0.72 for 0.82 "
-                    "before this was refused). Leave a penalty to the optimizer (weight_decay: "
-                    "diagnose and the Monitor read it from there), leave that parameter out with "
-                    "params=, or measure with backend='finite_difference', which differentiates "
-                    "the parameters themselves"
-                )
-            self._loss_checked = True
+            self._first_loss(out, loss, batch, at_copies)
         if batch.index not in self._rows_checked:  # every batch once, as below
             self.refuse(self._check_mean_over_rows, out, batch)
             self._rows_checked.add(batch.index)
@@ -1319,6 +1295,36 @@ class ModelObjective:
             self._check_own_loss(batch, float(loss.detach()), loss.dtype)
             self._own_checked.add(batch.index)
         return loss
+
+    def _first_loss(self, out: Any, loss: Tensor, batch: Batch, at_copies: bool) -> None:
+        """The checks of an operator's first loss (:meth:`loss`): its reduction, where not
+        declared; that it depends on the parameters; no reentrant checkpoint; that it does not
+        read the model's own parameters."""
+        if not self._declared:  # (a refusal under a process group: the product's NaN)
+            self.reduction = self.refuse(self._infer_reduction, out, batch) or "mean"
+        if not loss.requires_grad:
+            raise ValueError(
+                "the loss does not depend on the selected parameters (no gradient flows "
+                "from it to them); check that loss_fn uses the model's outputs and that "
+                "params= selects parameters the model uses"
+            )
+        seen = walk_graph(loss) if at_copies else None  # once: at the first loss
+        if seen is not None and seen.reentrant:  # Hugging Face's makes its inputs require
+            raise RuntimeError(REENTRANT_CHECKPOINT)  # grad: no warning, the gradient 0
+        read = None if seen is None else _reads_parameters(seen, self.params)
+        if read is not None:
+            raise ValueError(
+                f"the loss reads the model's parameter {read!r} itself, not the copy "
+                "curvature products pass through the forward — an L2 penalty over "
+                "model.parameters() in loss_fn, or a hook or attribute of the model that "
+                "holds the Parameter — so that use would count in the loss but not in the "
+                "gradient or the curvature (an L2 penalty of 0.05 took λ_max 0.72 for 0.82 "
+                "before this was refused). Leave a penalty to the optimizer (weight_decay: "
+                "diagnose and the Monitor read it from there), leave that parameter out with "
+                "params=, or measure with backend='finite_difference', which differentiates "
+                "the parameters themselves"
+            )
+        self._loss_checked = True
 
     def _check_own_loss(self, batch: Batch, ours: float, dtype: torch.dtype) -> None:
         """With loss_fn=None: the adapted loss must be ``model(**batch).loss`` (one forward
@@ -1404,16 +1410,19 @@ class ModelObjective:
             )
         )
 
-    def refuse(self, check: Callable[..., None], *args: Any) -> None:
-        """``check(*args)``, whose ValueError is raised here in one process; under a process
-        group its data's alone, so it is kept (:attr:`refusal`) and raised after the product's
-        sum, which it makes NaN on every rank: no rank waits in the collective."""
+    def refuse(self, check: Callable[..., Any], *args: Any) -> Any:
+        """``check(*args)``'s result, or its ValueError — raised here in one process, and by the
+        finite-difference backend, whose passes run inside ``together`` (every rank raises);
+        under a process group with the exact backends this rank's data's alone, so it is kept
+        (:attr:`refusal`, the first) and raised after the product's sum, which carries it to
+        every rank (:meth:`Curvature._refused`): no rank waits in the collective. Then None."""
         try:
-            check(*args)
+            return check(*args)
         except ValueError as e:
-            if not self.across_ranks:
+            if not self.defer_nonfinite:
                 raise
-            self.refusal = e
+            self.refusal = self.refusal or e
+            return None
 
     def _check_mean_over_rows(self, out: Any, batch: Batch) -> None:
         """A mean loss whose batches are weighed by their rows (a function, a loss module of
