@@ -95,6 +95,9 @@ def test_unwritable_output_folder(tmp_path, capsys):
     argv = ["probe", "--problem", "digits-mlp", "--report", str(blocker / "sub")]
     assert main(argv) == 2
     assert "choose another with --report" in capsys.readouterr().err
+    # a file as the folder: mkdir's "File exists" said neither what nor why (a review)
+    assert main(["lab", "--quick", "--out", str(blocker), "--problems", "saddle"]) == 2
+    assert f"--out {str(blocker)!r} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_corrupt_run_log(tmp_path, capsys):

@@ -267,23 +267,48 @@ def test_a_report_refuses_to_replace_files_no_report_of_curvscope_wrote(tmp_path
 def test_a_report_refuses_to_replace_plots_no_report_of_curvscope_wrote(tmp_path):
     """A user's own log.png and layers.png were replaced by a run log's report, and a lab's
     profile.png by the lab (an outside review): only report.html and results.json were
-    protected. A file of a plot's name that no manifest lists is refused before anything is
-    written; a user's file of another name stays beside the report."""
+    protected. A file of a name the report's plots take that no manifest lists is refused
+    before anything is written; files of other names — another kind's plot names included (a
+    run log's report refused a user's profile.png: a second review) — stay beside it."""
     lines = hostile_lines()[1:3]
     for i, r in enumerate(lines):
         r["step"] = i + 1
-    for name in ("log.png", "profile.png", "curves-rosenbrock.png"):
+    (tmp_path / "log.png").write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match=r"holds log\.png, which curvscope did not"):
+        report.write_log_report({}, lines, tmp_path)
+    assert (tmp_path / "log.png").read_bytes() == b"mine"
+    assert not (tmp_path / "report.html").exists()
+    (tmp_path / "log.png").unlink()
+    for name in ("profile.png", "curves-rosenbrock.png"):  # a lab's names
         (tmp_path / name).write_bytes(b"mine")
-        with pytest.raises(FileExistsError, match=f"holds {name}, which curvscope did not"):
-            report.write_log_report({}, lines, tmp_path)
-        assert (tmp_path / name).read_bytes() == b"mine"
-        assert not (tmp_path / "report.html").exists()
-        (tmp_path / name).unlink()
+        with pytest.raises(FileExistsError, match=rf"holds .*{name}.*which curvscope did not"):
+            report.claim_folder(tmp_path, "lab")
     (tmp_path / "photo.png").write_bytes(b"mine")
     report.write_log_report({}, lines, tmp_path)  # and again: its own plots are its to replace
     report.write_log_report({}, lines, tmp_path)
-    assert (tmp_path / "photo.png").read_bytes() == b"mine"
+    for name in ("photo.png", "profile.png", "curves-rosenbrock.png"):
+        assert (tmp_path / name).read_bytes() == b"mine"
     assert (tmp_path / "log.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_folder_from_before_manifests_keeps_the_users_files_and_its_kind(tmp_path):
+    """A report folder from before manifests were kept (its page titled "curvscope ..."): the
+    first plot listed every plot-named file, and the end of the report deleted the user's own
+    log.png there; a run log's report replaced an old lab's page, leaving its results.json (a
+    review). Its kind is read from its page's title; the user's files stay."""
+    lines = hostile_lines()[1:3]
+    for i, r in enumerate(lines):
+        r["step"] = i + 1
+    (tmp_path / "report.html").write_text("<title>curvscope run report</title>", "utf-8")
+    (tmp_path / "curves-mine.png").write_bytes(b"mine")
+    report.write_log_report({}, lines, tmp_path)
+    assert (tmp_path / "curves-mine.png").read_bytes() == b"mine"
+    old_lab = tmp_path / "lab"
+    old_lab.mkdir()
+    (old_lab / "report.html").write_text("<title>curvscope lab</title>", "utf-8")
+    (old_lab / "results.json").write_text('{"problems": [], "environment": {}}', "utf-8")
+    with pytest.raises(FileExistsError, match="holds a lab report"):
+        report.write_log_report({}, lines, old_lab)
 
 
 def test_a_report_cut_short_after_its_plots_can_be_rerun(tmp_path, monkeypatch):

@@ -125,6 +125,10 @@ def _writing(out: Path, flag: str = "--out") -> Iterator[None]:
 
 
 def _writable(out: Path, flag: str = "--out") -> Path:
+    if out.exists() and not out.is_dir():  # mkdir's "File exists" said neither (a review)
+        raise UsageError(
+            f"{flag} {str(out)!r} is a file, not a folder; give a folder (a new one is made)"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".curvscope-write-test"

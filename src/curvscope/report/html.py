@@ -87,22 +87,27 @@ def _foreign(path: Path) -> bool:
 def claim_folder(out: Path, kind: str) -> None:
     """Refuse to write a report of ``kind`` into a folder that holds another kind's: a run
     log's report written into a lab's folder replaced its report.html and removed its
-    results.json and plots as its own (an outside review) — or files of those names that no
-    report of curvscope's wrote (no manifest lists them): a user's own report.html was
-    replaced without a word (a second review)."""
+    results.json and plots as its own (an outside review) — or files of the names it writes
+    (its page, its plots: :data:`plots.PLOTS`) that no report of curvscope's wrote (no manifest
+    lists them): a user's own report.html was replaced without a word (a second review). Then
+    records the folder's kind in its manifest, so that a report cut short is still known as
+    this kind's. A folder written before manifests were kept is known by its page's title."""
     found, names = plots.manifest(out)
+    older = plots.legacy(out)
+    found = older or found
     called, always = _KINDS[kind]
-    if found is not None and found != kind and found in _KINDS:
+    if found and found != kind and found in _KINDS:
         other, files = _KINDS[found]
-        raise FileExistsError(
-            errno.EEXIST,
-            f"the folder holds {other} ({', '.join(files)}, its plots), which {called} would "
-            "replace",
-            str(out / "report.html"),
-        )
+        if any((out / f).exists() for f in files):  # (not a manifest left with nothing)
+            raise FileExistsError(
+                errno.EEXIST,
+                f"the folder holds {other} ({', '.join(files)}, its plots), which {called} "
+                "would replace",
+                str(out / "report.html"),
+            )
     theirs = [n for n in always if n not in names and _foreign(out / n)]
-    if not plots.legacy(out):  # the plots: any of their names, before a lab spends its minutes
-        theirs += sorted(plots.plot_names(out) - names)
+    if older is None:  # its plots' names, before a lab spends its minutes
+        theirs += sorted(plots.plot_names(out, kind) - names)
     if theirs:
         raise FileExistsError(
             errno.EEXIST,
@@ -110,6 +115,8 @@ def claim_folder(out: Path, kind: str) -> None:
             f"report of its lists it), and {called} would replace it",
             str(out / theirs[0]),
         )
+    if older is None and out.is_dir():
+        plots.write_manifest(out, kind, names)
 
 
 def _written(out: Path, images: list[dict[str, str] | None], *files: str, kind: str) -> None:
@@ -123,10 +130,7 @@ def _written(out: Path, images: list[dict[str, str] | None], *files: str, kind: 
     for name in sorted(before - names):
         if name == Path(name).name and not name.startswith("."):  # a plain file name
             (out / name).unlink(missing_ok=True)
-    text = "\n".join([f"#{kind}", *sorted(names)])
-    plots.replace_atomically(
-        out / plots.MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8")
-    )
+    plots.write_manifest(out, kind, names)
 
 
 def runs_table(runs: list[dict[str, Any]]) -> Markup:

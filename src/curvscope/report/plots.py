@@ -56,20 +56,25 @@ def replace_atomically(path: Path, write: Any) -> None:
 #: The files the last report written into a folder wrote there, one name a line, after a first
 #: line "#<kind>" naming the kind of report (hidden).
 MANIFEST = ".curvscope-report-files"
-#: The names of the plots the reports write (fnmatch patterns): a file of such a name that no
-#: report of curvscope's wrote is the user's — refused before a report is written (a user's own
-#: log.png and profile.png were replaced without a word: an outside review)
-PLOTS = (
-    "curves-*.png",
-    "paths-*.png",
-    "profile.png",
-    "mlp-density.png",
-    "mlp-sharpness.png",
-    "adam-vs-hessian.png",
-    "log.png",
-    "layers.png",
-    "slices.png",
-)
+#: The names of the plots each kind of report writes (fnmatch patterns): a file of such a name
+#: that no report of curvscope's wrote is the user's — refused before a report of that kind is
+#: written (a user's own log.png and profile.png were replaced without a word: an outside
+#: review); a name the report would not write is not its business (a run log's report refused a
+#: user's profile.png: a second review)
+PLOTS = {
+    "lab": (
+        "curves-*.png",
+        "paths-*.png",
+        "profile.png",
+        "mlp-density.png",
+        "mlp-sharpness.png",
+        "adam-vs-hessian.png",
+    ),
+    "log": ("log.png", "layers.png"),
+    "probe": ("slices.png",),
+}
+#: The title of each kind's page, which tells a report written before manifests were kept
+TITLES = {"lab": "curvscope lab", "log": "curvscope run report", "probe": "curvscope probe"}
 
 
 def manifest(out: Path) -> tuple[str | None, set[str]]:
@@ -86,22 +91,27 @@ def manifest(out: Path) -> tuple[str | None, set[str]]:
     return kind, names
 
 
-def legacy(out: Path) -> bool:
-    """Whether ``out`` holds a report curvscope wrote before manifests were kept: no manifest,
-    and a report.html titled "curvscope …" (its plots are curvscope's too)."""
+def legacy(out: Path) -> str | None:
+    """The kind of report ``out`` holds that curvscope wrote before manifests were kept (no
+    manifest; its report.html's title says which: :data:`TITLES`; "" for a curvscope title of
+    no known kind) — its plots are curvscope's too — or None."""
     if (out / MANIFEST).exists():
-        return False
+        return None
     try:
         with (out / "report.html").open("rb") as f:
-            return b"<title>curvscope" in f.read(4096)
+            head = f.read(4096)
     except OSError:
-        return False
+        return None
+    for kind, title in TITLES.items():
+        if f"<title>{title}</title>".encode() in head:
+            return kind
+    return "" if b"<title>curvscope" in head else None
 
 
 def refuse_foreign(path: Path, what: str) -> None:
     """A FileExistsError where ``path`` exists and no report of curvscope's wrote it (its
     folder's manifest does not list it): ``what`` would replace the user's file."""
-    if path.exists() and path.name not in manifest(path.parent)[1] and not legacy(path.parent):
+    if path.exists() and path.name not in manifest(path.parent)[1] and legacy(path.parent) is None:
         raise FileExistsError(
             errno.EEXIST,
             f"the folder holds {path.name}, which curvscope did not write there (no report of "
@@ -111,25 +121,29 @@ def refuse_foreign(path: Path, what: str) -> None:
         )
 
 
-def plot_names(out: Path) -> set[str]:
-    """The files in ``out`` named as the reports' plots (:data:`PLOTS`)."""
+def plot_names(out: Path, kind: str) -> set[str]:
+    """The files in ``out`` named as a ``kind`` of report's plots (:data:`PLOTS`)."""
     files = sorted(out.iterdir()) if out.is_dir() else []
-    return {f.name for f in files if any(fnmatch.fnmatch(f.name, p) for p in PLOTS)}
+    return {f.name for f in files if any(fnmatch.fnmatch(f.name, p) for p in PLOTS[kind])}
+
+
+def write_manifest(out: Path, kind: str | None, names: set[str]) -> None:
+    lines = ([f"#{kind}"] if kind else []) + sorted(names)
+    replace_atomically(out / MANIFEST, lambda tmp: tmp.write_text("\n".join(lines), "utf-8"))
 
 
 def _listed(path: Path) -> None:
     """Add ``path``'s name to its folder's manifest before the file is written: a report cut
     short after its plots (a failure, Ctrl-C) left them unlisted, and its own rerun was refused
     as replacing files curvscope had not written (a review). A folder of a report from before
-    manifests lists that report's plots with it."""
+    manifests gets its manifest when the report is whole (listing the older report's plots then
+    made the end of the report delete a user's files of plot names: a review)."""
     out = path.parent
-    kind, names = manifest(out)
-    if path.name in names:
-        return
     if legacy(out):
-        names |= plot_names(out)
-    lines = ([f"#{kind}"] if kind else []) + sorted(names | {path.name})
-    replace_atomically(out / MANIFEST, lambda tmp: tmp.write_text("\n".join(lines), "utf-8"))
+        return
+    kind, names = manifest(out)
+    if path.name not in names:
+        write_manifest(out, kind, names | {path.name})
 
 
 def _save(fig: Any, path: Path, right: float = 0.97) -> str:
