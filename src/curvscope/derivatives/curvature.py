@@ -542,39 +542,31 @@ class Curvature:
         return check_finite(out, f"the {self.kind} product{where}")  # raises: not finite
 
     def _summed_over_ranks(self, total: Tensor) -> tuple[Tensor, Tensor]:
-        """Σ over the ranks of each rank's ``total`` — NaN from a rank whose data made it void
-        (:meth:`_refused`) — and how many ranks refused their data, in one all-reduce."""
-        refused = self._refused()
-        if refused:
+        """Σ over the ranks of each rank's ``total``, and how many ranks refused their data, in
+        one all-reduce. A rank whose data made its part void — a loss that was not finite, or
+        one a check refused (:attr:`ModelObjective.refusal`: under a process group a check
+        cannot raise on one rank alone) — sends NaN, so every rank's sum is not finite."""
+        obj = self.objective
+        refused = obj is not None and obj.refusal is not None
+        if refused or (obj is not None and obj.nonfinite_batches):
             total.fill_(math.nan)
-        flag = total.new_full((1,), float(self._refusal() is not None))
+        flag = total.new_full((1,), float(refused))
         both = all_reduce_sum(torch.cat([total.reshape(-1), flag]), self.group)
         return both[:-1].reshape(total.shape), both[-1]
-
-    def _refusal(self) -> ValueError | None:
-        return None if self.objective is None else self.objective.refusal
 
     def _raise_refusal(self, refusals: Tensor | None) -> None:
         """After a sum whose result is not finite: this rank's refusal of its data, or — where
         another rank refused its own — a ValueError on this one too (the same kind on every
         rank: a FloatingPointError here read as *diverged* to diagnose and the Monitor, whose
         next collective then waited for the refusing rank: a review)."""
-        refusal = self._refusal()
-        if refusal is not None:
-            raise refusal
+        if self.objective is not None and self.objective.refusal is not None:
+            raise self.objective.refusal
         if refusals is not None and float(refusals) > 0:
             raise ValueError(
                 f"the data of {int(float(refusals))} other rank(s) was refused (their error says "
                 "why: a loss that is not a mean over the rows of a batch, one whose reduction "
                 "cannot be told, ...); every rank stops with them"
             )
-
-    def _refused(self) -> bool:
-        """Whether this rank's data made its part of a product void (under a process group,
-        where a check cannot raise on one rank alone): a loss that was not finite, or one that
-        a check refused (:attr:`ModelObjective.refusal`)."""
-        obj = self.objective
-        return obj is not None and (bool(obj.nonfinite_batches) or obj.refusal is not None)
 
     def _backend_for(self, k: int) -> str | None:
         """The backend for a product of k vectors, or None when "auto" has yet to measure."""

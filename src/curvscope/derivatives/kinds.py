@@ -253,20 +253,18 @@ def _curves(loss_grad: Tensor, at: Tensor) -> bool:
     return bool(h.any())
 
 
-def _refuse_linear_loss() -> None:
-    """The Gauss-Newton matrix Jᵀ H_out J of a loss linear in the outputs is 0: nn.NLLLoss after
-    a LogSoftmax layer (the tutorials' pattern) gave λ_max 0 "converged", trace 0, without a
-    word where the Hessian's is 0.70 (an outside review). Refused where H_out is 0 on every
-    batch of a Curvature's data (:func:`prepare_ggn`; one batch of saturated outputs, or of
-    Huber residuals past delta, has a GGN of 0 of its own: the first batch alone judged the
-    data by it, and a shuffled loader refused by its seed — a review)."""
-    raise ValueError(
-        "the Gauss-Newton matrix is 0: loss_fn's second derivative in the model's outputs is 0 "
-        "on every batch (a loss linear in them — nn.NLLLoss after a LogSoftmax layer, "
-        "nn.L1Loss, a hinge loss — or outputs saturated to the precision), so Jᵀ H_out J = 0. "
-        "Move the last nonlinearity into the loss (logits and nn.CrossEntropyLoss for "
-        "LogSoftmax + nn.NLLLoss), or use kind='hessian'"
-    )
+#: The Gauss-Newton matrix Jᵀ H_out J of a loss linear in the outputs is 0: nn.NLLLoss after a
+#: LogSoftmax layer (the tutorials' pattern) gave λ_max 0 "converged", trace 0, without a word
+#: where the Hessian's is 0.70 (an outside review). Refused where H_out is 0 on every batch
+#: (:func:`prepare_ggn`; one batch of saturated outputs, or of Huber residuals past delta, has a
+#: GGN of 0 of its own: the first batch alone judged the data by it — a review).
+LINEAR_LOSS = (
+    "the Gauss-Newton matrix is 0: loss_fn's second derivative in the model's outputs is 0 on "
+    "every batch (a loss linear in them — nn.NLLLoss after a LogSoftmax layer, nn.L1Loss, a "
+    "hinge loss — or outputs saturated to the precision), so Jᵀ H_out J = 0. Move the last "
+    "nonlinearity into the loss (logits and nn.CrossEntropyLoss for LogSoftmax + nn.NLLLoss), "
+    "or use kind='hessian'"
+)
 
 
 def ggn_product(
@@ -298,12 +296,11 @@ def prepare_ggn(obj: ModelObjective, batch: Batch) -> PreparedProduct:
         # until a batch whose loss curves in the outputs; refused when none does — in one
         # process: under a process group one rank's data is not the data's (its saturated
         # outputs alone refused a GGN of norm 0.51: a review), and no rank sees the others'
-        if obj.across_ranks:
-            obj.ggn_checked = True
-        if not obj.ggn_checked and _curves(product.loss_grad, out_leaf):
-            obj.ggn_checked = True
-        elif not obj.ggn_checked and batch.index == obj.num_batches - 1:
-            _refuse_linear_loss()
+        if not (obj.ggn_checked or obj.across_ranks):
+            if _curves(product.loss_grad, out_leaf):
+                obj.ggn_checked = True
+            elif batch.index == obj.num_batches - 1:
+                raise ValueError(LINEAR_LOSS)
     return product
 
 

@@ -589,24 +589,36 @@ ENTRYWISE_MEANS = (
 )
 
 
-def mean_count(loss_fn: Any, targets: Tensor) -> float | None:
+def _divisor(loss_fn: Any, targets: Tensor) -> str | None:
     """What a torch loss's mean divides a batch's summed terms by, where torch's own loss says
-    (:func:`torch_loss`; a subclass overriding ``forward`` is a loss of its own): for
-    cross-entropy (``nn.CrossEntropyLoss``, ``nn.NLLLoss``) its counted class labels
-    (:func:`counted_labels`), or for targets given as class probabilities its positions (rows ×
-    d… of (N, C, d…) targets, whatever ``weight=`` — weighed by rows, sequences of different
-    lengths were 40% off: an outside review); for an entrywise mean (:data:`ENTRYWISE_MEANS`)
-    the targets' entries, so that sequences of different lengths weigh as their entries do.
-    None where a mean is over the rows (or not known to be over anything else)."""
+    (:func:`torch_loss`; a subclass overriding ``forward`` is a loss of its own): "labels" for
+    cross-entropy (``nn.CrossEntropyLoss``, ``nn.NLLLoss``) with class labels, "positions" for
+    it with (N, C, d…) class probabilities, "entries" for an entrywise mean
+    (:data:`ENTRYWISE_MEANS`); None where a mean is over the rows (or not known to be over
+    anything else). Told from the loss and the targets' type and shape: no values read."""
     if getattr(loss_fn, "reduction", None) != "mean":
         return None
     if torch_loss(loss_fn, ENTRYWISE_MEANS) is not None:
-        return float(targets.numel())
+        return "entries"
     if torch_loss(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) is None:
         return None
     if not targets.is_floating_point():
+        return "labels"
+    return "positions" if targets.ndim > 2 else None
+
+
+def mean_count(loss_fn: Any, targets: Tensor) -> float | None:
+    """The number :func:`_divisor` names for a batch: its counted class labels
+    (:func:`counted_labels`), its positions (rows × d… of (N, C, d…) targets, whatever
+    ``weight=`` — weighed by rows, sequences of different lengths were 40% off: an outside
+    review), or its targets' entries (sequences of different lengths weigh as their entries
+    do); None where a mean is over the rows."""
+    divisor = _divisor(loss_fn, targets)
+    if divisor == "labels":
         return float(counted_labels(loss_fn, targets, torch.float64).sum())
-    return float(targets.numel() // targets.shape[1]) if targets.ndim > 2 else None
+    if divisor == "positions":
+        return float(targets.numel() // targets.shape[1])
+    return None if divisor is None else float(targets.numel())
 
 
 def _reshard(modules: list[nn.Module]) -> None:
@@ -1301,7 +1313,8 @@ class ModelObjective:
         declared; that it depends on the parameters; no reentrant checkpoint; that it does not
         read the model's own parameters."""
         if not self._declared:  # (a refusal under a process group: the product's NaN)
-            self.reduction = self.refuse(self._infer_reduction, out, batch) or "mean"
+            inferred = self.refuse(self._infer_reduction, out, batch, loss.requires_grad)
+            self.reduction = inferred or "mean"
         if not loss.requires_grad:
             raise ValueError(
                 "the loss does not depend on the selected parameters (no gradient flows "
@@ -1336,7 +1349,7 @@ class ModelObjective:
             out = self._call(theta, batch, labels=batch.labels)
         self.adapter.check(batch.index, ours, out, dtype)
 
-    def _infer_reduction(self, out: Any, batch: Batch) -> str:
+    def _infer_reduction(self, out: Any, batch: Batch, depends: bool) -> str:
         """ "mean" or "sum", from the loss of a batch against the losses of its two halves: a
         mean satisfies L = (n₁L₁ + n₂L₂)/n, a sum L = L₁ + L₂."""
         n = batch.targets.shape[0]  # rows: what the halves split (batch.size may count tokens)
@@ -1345,7 +1358,7 @@ class ModelObjective:
             "reduction='sum' (it adds them) to Curvature, diagnose or Monitor (--reduction on "
             "the command line)"
         )
-        if self.num_batches > 1 or self.across_ranks:  # one batch's mean is the whole mean
+        if self.weighs_batches:
             _refuse_ignored_labels(batch.targets)
         given = out
         if n < 2 and self.num_samples == 1:
@@ -1382,7 +1395,9 @@ class ModelObjective:
                 ) from e
         scale = max(abs(whole), abs(first) + abs(second), 1e-30)
         same = max(abs(first - whole), abs(second - whole)) <= tol * scale
-        if same and self._ignores_its_rows(given, batch.targets, h, first, tol * scale):
+        # (a loss that depends on nothing is left to the first loss's check of the parameters)
+        moved = self._moved_half(given, batch.targets, h) if same and depends else None
+        if moved is not None and abs(moved - first) <= tol * scale:
             # both halves give the whole's value: a mean by the test below, yet a loss that does
             # not read the rows it is given — `lambda out, y: out.loss` — weighed by rows came
             # out 85% off, λ_max 29.1 for 16.7, converged (an outside review)
@@ -1410,12 +1425,19 @@ class ModelObjective:
             )
         )
 
+    @property
+    def weighs_batches(self) -> bool:
+        """Whether a mean over all the data is made of several batches' means — more than one
+        batch, or ranks (one batch's mean is the whole mean, whatever it averages over)."""
+        return self.num_batches > 1 or self.across_ranks
+
     def refuse(self, check: Callable[..., Any], *args: Any) -> Any:
         """``check(*args)``'s result, or its ValueError — raised here in one process, and by the
         finite-difference backend, whose passes run inside ``together`` (every rank raises);
         under a process group with the exact backends this rank's data's alone, so it is kept
         (:attr:`refusal`, the first) and raised after the product's sum, which carries it to
-        every rank (:meth:`Curvature._refused`): no rank waits in the collective. Then None."""
+        every rank (:meth:`Curvature._summed_over_ranks`): no rank waits in the collective.
+        Then None."""
         try:
             return check(*args)
         except ValueError as e:
@@ -1433,15 +1455,13 @@ class ModelObjective:
         reduction's test). Checked once a batch, where there is more than one batch (or rank)
         to weigh — one batch's mean is the whole mean, whatever it averages over — on up to
         :data:`ROWS_CHECKED` of its rows against each of them alone (in float64 where the
-        loss takes it, to 1e-6: the errors it is for are of percents); a row that alone is not
-        finite while the batch is (an ignored label: 0/0) is one the mean does not count.
+        loss takes it, to the rounding of its dtype: :func:`loss_tolerance`); a row that alone
+        is not finite while the batch is (an ignored label: 0/0) is one the mean does not count.
         Not decided where no row alone gives a mean of its own: an error, no finite value, or
         the same value for every row (a loss over the whole batch, contrastive: 0 alone)."""
-        if self.reduction != "mean" or self.adapter is not None:
+        if self.reduction != "mean" or self.adapter is not None or not self.weighs_batches:
             return
-        if self.num_batches < 2 and not self.across_ranks:
-            return
-        if mean_count(self.loss_fn, batch.targets) is not None:
+        if _divisor(self.loss_fn, batch.targets) is not None:  # torch's own: weighed by it
             return
         n = batch.targets.shape[0]
         where = batch.targets.device
@@ -1495,29 +1515,27 @@ class ModelObjective:
             ]
         return float(value), alone, loss_tolerance(value)
 
-    def _ignores_its_rows(
-        self, out: Any, targets: Tensor, h: int, first: float, tol: float
-    ) -> bool:
-        """Whether a loss whose halves equal its whole ignores the rows it is given: its value
-        on the first half does not move when that half's outputs move (rows of equal loss — a
-        zero-initialised classifier's log C each — do move it), yet it depends on something
-        (a constant is left to the parameters' check)."""
+    def _moved_half(self, out: Any, targets: Tensor, h: int) -> float | None:
+        """The loss on a batch's first ``h`` rows with their outputs moved (by seeded random
+        amounts: a shift constant along the classes, as arange % 7 was over 7x7 positions, a
+        softmax ignores — a review), or None where it cannot be evaluated. A loss whose halves
+        equal its whole and whose value this leaves unmoved does not read the rows it is given
+        (rows of equal loss — a zero-initialised classifier's log C each — do move it)."""
         n = targets.shape[0]
 
-        def move(t: Tensor) -> Tensor:  # by seeded random amounts: a softmax ignores a shift
-            if not (t.is_floating_point() and t.ndim and t.shape[0] == h):  # constant along
-                return t  # its classes, as arange % 7 was over 7x7 positions (a review)
+        def move(t: Tensor) -> Tensor:
+            if not (t.is_floating_point() and t.ndim and t.shape[0] == h):
+                return t
             gen = torch.Generator(device=t.device).manual_seed(0)
             return t.detach() + torch.rand(t.shape, generator=gen, device=t.device, dtype=t.dtype)
 
-        moved = map_tensors(move, _rows(out, slice(0, h), n))
         try:
             with torch.no_grad():
-                value = float(self.loss_fn(moved, targets[:h]))
-            depends = self.loss_fn(out, targets)
+                return float(
+                    self.loss_fn(map_tensors(move, _rows(out, slice(0, h), n)), targets[:h])
+                )
         except Exception:  # nothing to conclude: the test that follows decides
-            return False
-        return abs(value - first) <= tol and isinstance(depends, Tensor) and depends.requires_grad
+            return None
 
     def _fallback_notes(self, named: list[tuple[str, nn.Module]]) -> list[str]:
         """The notes on what products do differently; sets :attr:`kernel_notes`, those about
