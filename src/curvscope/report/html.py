@@ -76,8 +76,7 @@ def _foreign(path: Path) -> bool:
         return False
     try:
         if path.name == "report.html":
-            with path.open("rb") as f:
-                return b"<title>curvscope" not in f.read(4096)
+            return plots.page_kind(path) is None
         results = json.loads(path.read_text(encoding="utf-8"))
         return not (isinstance(results, dict) and {"problems", "environment"} <= set(results))
     except (OSError, ValueError):
@@ -189,7 +188,7 @@ def write_lab(results: dict[str, Any], out: Path) -> Path:
     profile = _image(out, plots.performance_profiles(results, out), "Performance profiles")
     html = render(
         "lab.html",
-        title="curvscope lab",
+        title=plots.TITLES["lab"],
         settings=settings,
         runs=results["runs"],
         profile=profile,
@@ -241,7 +240,7 @@ def write_log_report(
     in_eval = [r["step"] for r in records if r.get("train_mode") is False]
     html = render(
         "log.html",
-        title="curvscope run report",
+        title=plots.TITLES["log"],
         header=shown,
         records_lost=lost,
         in_eval=(in_eval, len(records)),
@@ -282,7 +281,7 @@ def write_probe_report(result: dict[str, Any], out: Path) -> Path:
 
     html = render(
         "probe.html",
-        title="curvscope probe",
+        title=plots.TITLES["probe"],
         text=result["text"],
         # the text ends with the advice already: listed again, it read twice (a review)
         advice=[a for a in result["advice"] if a not in result["text"]],

@@ -91,14 +91,11 @@ def manifest(out: Path) -> tuple[str | None, set[str]]:
     return kind, names
 
 
-def legacy(out: Path) -> str | None:
-    """The kind of report ``out`` holds that curvscope wrote before manifests were kept (no
-    manifest; its report.html's title says which: :data:`TITLES`; "" for a curvscope title of
-    no known kind) — its plots are curvscope's too — or None."""
-    if (out / MANIFEST).exists():
-        return None
+def page_kind(page: Path) -> str | None:
+    """The kind of report a page is by its title (:data:`TITLES`; "" for a curvscope title of
+    no known kind), or None: not a page of curvscope's, or no page."""
     try:
-        with (out / "report.html").open("rb") as f:
+        with page.open("rb") as f:
             head = f.read(4096)
     except OSError:
         return None
@@ -106,6 +103,13 @@ def legacy(out: Path) -> str | None:
         if f"<title>{title}</title>".encode() in head:
             return kind
     return "" if b"<title>curvscope" in head else None
+
+
+def legacy(out: Path) -> str | None:
+    """The kind of report ``out`` holds that curvscope wrote before manifests were kept (no
+    manifest; its report.html's title says which: :func:`page_kind`) — its plots are
+    curvscope's too — or None."""
+    return None if (out / MANIFEST).exists() else page_kind(out / "report.html")
 
 
 def refuse_foreign(path: Path, what: str) -> None:
