@@ -63,6 +63,8 @@ SLOW: dict[str, float] = {
     "test_one_ranks_bad_data_or_loss_gives_every_rank_the_same_verdict": 3.5,
     "tests/distributed/test_distributed.py::"
     "test_a_mean_refused_on_one_ranks_data_stops_every_rank_at_once": 6.5,
+    "tests/distributed/test_distributed.py::"
+    "test_a_gauss_newton_of_0_is_refused_only_when_no_ranks_loss_curves": 4.0,
     "tests/distributed/test_same_call.py::"
     "test_a_call_that_differs_between_ranks_is_refused_on_every_rank": 9.0,
     "tests/diagnosis/test_review_forecast.py::"

@@ -433,6 +433,46 @@ def _ignored_on_one_rank_worker(rank: int, port: int, out: str) -> None:
     _end()
 
 
+def _linear_loss_worker(rank: int, port: int, out: str) -> None:
+    _init(rank, port)
+    case = cases.mlp_mse(n=16)
+    X, y = case.data
+    far = y + 100.0  # every residual past Huber's delta: the loss is linear in the outputs there
+    huber = torch.nn.HuberLoss(delta=10.0)
+    shards = [(X[:8], far[:8]), (X[8:], y[8:])]  # rank 0's data: a GGN of 0 of its own
+    said = {}
+    C = cs.Curvature(case.model, huber, shards[rank], kind="ggn")
+    v = torch.randn(C.num_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    said["product"], said["again"] = C @ v, C @ v
+    whole = cs.Curvature(case.model, huber, shards, kind="ggn", group=False)
+    said["reference"] = whole @ v
+    nll = cs.Curvature(
+        torch.nn.Sequential(case.model, torch.nn.Linear(2, 3).double(), torch.nn.LogSoftmax(-1)),
+        torch.nn.NLLLoss(),
+        (X[rank * 8 : rank * 8 + 8], torch.arange(8) % 3),
+        kind="ggn",
+    )
+    try:
+        cs.eigenvalues(nll)
+        said["nll"] = "no error"
+    except ValueError as e:
+        said["nll"] = f"ValueError: {e}"
+    torch.save(said, Path(out) / f"rank{rank}.pt")
+    _end()
+
+
+def test_a_gauss_newton_of_0_is_refused_only_when_no_ranks_loss_curves(tmp_path):
+    """The GGN's check that its loss curves in the outputs was made in one process only: one
+    rank's data alone (residuals past Huber's delta) is no reason to refuse, but NLLLoss after
+    LogSoftmax on every rank gave a GGN of 0 under a process group, λ_max 0 "converged",
+    without a word. The ranks decide together at the first product's sum."""
+    got = run_ranks(_linear_loss_worker, tmp_path, WORLD)
+    for g in got:
+        assert torch.allclose(g["product"], g["reference"], rtol=1e-12, atol=1e-14)
+        assert torch.equal(g["product"], g["again"]) and g["product"].abs().max() > 0
+        assert g["nll"].startswith("ValueError: the Gauss-Newton matrix is 0")
+
+
 def test_a_mean_refused_on_one_ranks_data_stops_every_rank_at_once(tmp_path):
     """The checks of a loss inside a product run on each rank's data: a function ignoring
     labels held only by rank 0's data raised there, and rank 1 waited in the product's sum

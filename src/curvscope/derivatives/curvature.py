@@ -30,6 +30,7 @@ from curvscope.derivatives.checks import (
     check_vector,
 )
 from curvscope.derivatives.distributed import (
+    _world,
     all_reduce_sum,
     check_same_on_ranks,
     first_device,
@@ -545,14 +546,23 @@ class Curvature:
         """Σ over the ranks of each rank's ``total``, and how many ranks refused their data, in
         one all-reduce. A rank whose data made its part void — a loss that was not finite, or
         one a check refused (:attr:`ModelObjective.refusal`: under a process group a check
-        cannot raise on one rank alone) — sends NaN, so every rank's sum is not finite."""
+        cannot raise on one rank alone) — sends NaN, so every rank's sum is not finite. The
+        same all-reduce counts the ranks none of whose batches' losses curve in the outputs
+        (the Gauss-Newton kind's first product): where that is every rank, the matrix is 0 and
+        every rank refuses it (:data:`~curvscope.derivatives.kinds.LINEAR_LOSS`)."""
         obj = self.objective
         refused = obj is not None and obj.refusal is not None
         if refused or (obj is not None and obj.nonfinite_batches):
             total.fill_(math.nan)
-        flag = total.new_full((1,), float(refused))
-        both = all_reduce_sum(torch.cat([total.reshape(-1), flag]), self.group)
-        return both[:-1].reshape(total.shape), both[-1]
+        linear = obj is not None and obj.ggn_linear
+        flags = total.new_tensor([float(refused), float(linear)])
+        both = all_reduce_sum(torch.cat([total.reshape(-1), flags]), self.group)
+        if linear:
+            assert obj is not None
+            obj.ggn_linear, obj.ggn_checked = False, True  # decided, once for all ranks
+            if round(float(both[-1])) == _world(self.group):
+                raise ValueError(_k.LINEAR_LOSS)
+        return both[:-2].reshape(total.shape), both[-2]
 
     def _raise_refusal(self, refusals: Tensor | None) -> None:
         """After a sum whose result is not finite: this rank's refusal of its data, or — where

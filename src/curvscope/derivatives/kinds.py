@@ -293,14 +293,17 @@ def prepare_ggn(obj: ModelObjective, batch: Batch) -> PreparedProduct:
         out_leaf = out.detach().requires_grad_(True)
         loss = obj.loss(out_leaf, batch)
         product = ggn_product(out, list(theta.values()), loss, at=out_leaf)
-        # until a batch whose loss curves in the outputs; refused when none does — in one
-        # process: under a process group one rank's data is not the data's (its saturated
-        # outputs alone refused a GGN of norm 0.51: a review), and no rank sees the others'
-        if not (obj.ggn_checked or obj.across_ranks):
+        # until a batch whose loss curves in the outputs; refused when none does. Under a
+        # process group one rank's data is not the data's (its saturated outputs alone refused
+        # a GGN of norm 0.51: a review): the ranks decide together at the product's sum
+        # (Curvature._summed_over_ranks), refusing only where no rank's batch curves
+        if not obj.ggn_checked:
             if _curves(product.loss_grad, out_leaf):
                 obj.ggn_checked = True
             elif batch.index == obj.num_batches - 1:
-                raise ValueError(LINEAR_LOSS)
+                if not obj.across_ranks:
+                    raise ValueError(LINEAR_LOSS)
+                obj.ggn_linear = True
     return product
 
 

@@ -768,6 +768,9 @@ class ModelObjective:
         #: whether a batch's loss was seen to curve in the outputs (the Gauss-Newton kind's
         #: check that its matrix is not 0: :func:`curvscope.derivatives.kinds.prepare_ggn`)
         self.ggn_checked = False
+        #: under a process group: no batch of this rank's curved in the outputs, to be decided
+        #: with the other ranks' at the product's sum (Curvature._summed_over_ranks)
+        self.ggn_linear = False
         self.loss_fn = loss_fn
         self.seed = check_seed(seed)
         self._params = select_parameters(model, params, prefix)
