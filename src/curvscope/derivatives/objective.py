@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import warnings
 from collections.abc import Callable, Container, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
@@ -64,6 +65,10 @@ _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 #: how many rows of a batch the check that a mean is over them reads (:meth:`ModelObjective.
 #: _check_mean_over_rows`): one loss on them all and one on each
 ROWS_CHECKED = 8
+#: the most batches data without a length may yield before it is refused as endless: a
+#: DataLoader over an IterableDataset that repeats forever made Curvature, diagnose and the
+#: Monitor loop without a word (an outside review); every product passes over all of them
+MAX_UNSIZED_BATCHES = 10_000
 #: reductions over samples a loss may have; "mean" averages the samples of a batch, "sum" adds
 REDUCTIONS = ("mean", "sum")
 
@@ -81,6 +86,33 @@ def _loader_generators(loader: Any) -> list[torch.Generator]:
         if isinstance(g, torch.Generator):
             found[id(g)] = g
     return list(found.values())
+
+
+def _sized(data: Any) -> bool:
+    """Whether ``len(data)`` answers (a DataLoader over an IterableDataset raises TypeError)."""
+    try:
+        len(data)
+    except TypeError:
+        return False
+    return True
+
+
+def check_passes(data: Iterable[Any], name: str, why: str) -> None:
+    """Refuse an iterable that cannot be passed over more than once, naming ``name``, ``why``
+    it is passed over again, and the fix: an iterator (a generator, ``zip``, ``map``), or an
+    object whose ``__iter__`` returns the same iterator every time (its second pass yielded
+    nothing: a bare StopIteration came out of curvscope, which ``map`` and ``list`` read as the
+    end of their own data — an outside review). A DataLoader is not asked (its ``iter`` starts
+    workers and draws their seed from the global RNG)."""
+    one_shot = isinstance(data, Iterator)
+    if not one_shot and not isinstance(data, (Sequence, torch.utils.data.DataLoader)):
+        one_shot = iter(data) is iter(data)
+    if one_shot:
+        raise TypeError(
+            f"{name} is one-shot: it can be read only once (a generator, zip or map, or an "
+            f"object whose __iter__ returns the same iterator each time), but {why}; pass a "
+            "list of (inputs, targets) pairs or a DataLoader"
+        )
 
 
 def fixed_pass(data: Iterable[Any], seed: int) -> Iterator[Any]:
@@ -199,8 +231,13 @@ def _what_batch(item: Any) -> str:
 def _one_batch_hint(data: Any) -> str:
     """Data that is one batch of more than two tensors (inputs, targets, weights) was read as a
     list of batches, each a tensor ("got Tensor": an outside review)."""
-    pair = isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[0], Tensor)
-    if pair and isinstance(data[1], tuple | list | Mapping):
+    pair = isinstance(data, tuple | list) and len(data) == 2
+    # tensor or dict inputs (a review); two dicts, or two tuples, are two batches as often
+    bundled = pair and (
+        (isinstance(data[0], Tensor) and isinstance(data[1], tuple | list | Mapping))
+        or (isinstance(data[0], Mapping) and isinstance(data[1], tuple | list))
+    )
+    if bundled:
         return (
             f"; data looks like one batch whose targets are a {type(data[1]).__name__}: the "
             "targets must be one tensor — stack or concatenate them (and split them in the "
@@ -220,15 +257,16 @@ def _is_pair(data: object) -> bool:
     return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
 
 
-def _split_dict(i: int, item: Mapping[str, Any]) -> tuple[dict[str, Any], Tensor]:
-    """A dict batch as (the model's keyword arguments, its ``labels``)."""
+def _split_dict(i: int, item: Mapping[str, Any], data: Any) -> tuple[dict[str, Any], Tensor]:
+    """A dict batch of ``data`` as (the model's keyword arguments, its ``labels``)."""
     labels = item.get("labels")
     if not isinstance(labels, Tensor):
         raise TypeError(
             f"batch {i} of data is a dict whose 'labels' is "
             f"{'missing' if labels is None else type(labels).__name__} (keys: "
             f"{', '.join(map(str, item))}); a dict batch holds the model's keyword arguments and "
-            "a tensor of 'labels', the targets of loss_fn(outputs, labels)"
+            f"a tensor of 'labels', the targets of loss_fn(outputs, labels)"
+            f"{_one_batch_hint(data)}"
         )
     return {k: v for k, v in item.items() if k != "labels"}, labels
 
@@ -367,11 +405,12 @@ class _DifferentiableKernels:
     a backward through the kept graph 17.0 against 12.6 ms; ``benchmarks/products.py --small``).
     With ``weight_norm``, torch's weight norm is computed written out too (its double
     backward is wrong in torch 2.13: :mod:`curvscope.derivatives.substitutes`). With
-    ``compiled`` (torch.compile'd submodules, or a module compiled in place by
-    ``module.compile()``), the compiler's stance is ``force_eager``: graphs compiled with
-    AOTAutograd have no double backward, so those modules run their own eager code (70 µs to
-    enter and leave: only for such a model). Each switch is restored on exit (only ``enabled``
-    of cuDNN and oneDNN: their other settings are left alone)."""
+    ``compiled`` (torch.compile'd submodules, a module compiled in place by
+    ``module.compile()``, or torch.compile used anywhere in the process), the compiler's stance
+    is ``force_eager``: graphs compiled with AOTAutograd have no double backward, so compiled
+    code runs its own eager code (13–70 µs to enter and leave: only then). Each switch is
+    restored on exit (only ``enabled`` of cuDNN and oneDNN: their other settings are left
+    alone)."""
 
     def __init__(self, rnn: bool, weight_norm: bool, compiled: bool = False) -> None:
         self.rnn, self.weight_norm, self.compiled = rnn, weight_norm, compiled
@@ -891,12 +930,7 @@ class ModelObjective:
         if isinstance(data, Sequence) and not isinstance(data, (str, bytes, Tensor)):
             return list(data)
         if isinstance(data, Iterable):
-            if isinstance(data, Iterator):  # iter(loader) would draw from the global RNG
-                raise TypeError(
-                    "data is a one-shot iterator (a generator?): a curvature operator passes "
-                    "over the data once per product; pass a list of (inputs, targets) pairs or "
-                    "a DataLoader"
-                )
+            check_passes(data, "data", "a curvature operator passes over the data once per product")
             return data
         raise TypeError(
             "expected data to be an (inputs, targets) pair, a dict batch with 'labels', or an "
@@ -937,7 +971,7 @@ class ModelObjective:
             items = rng.iterate(self._data)
         for i, item in enumerate(items):
             if isinstance(item, Mapping):
-                inputs, labels = _split_dict(i, item)
+                inputs, labels = _split_dict(i, item, self._data)
             elif _is_pair(item):
                 inputs, labels = item[0], item[1]
             else:
@@ -994,6 +1028,13 @@ class ModelObjective:
             self._sizes.append((int(targets.shape[0]), size))
             batches += 1
             samples += size
+            if batches > MAX_UNSIZED_BATCHES and not _sized(self._data):
+                raise ValueError(
+                    f"data has yielded {MAX_UNSIZED_BATCHES} batches and not ended, and has no "
+                    "len(): an endless stream (an IterableDataset that repeats)? A curvature "
+                    "operator passes over all the data at every product: pass a finite part "
+                    "of it, e.g. list(itertools.islice(loader, 16))"
+                )
         if batches == 0:
             raise ValueError(
                 "data is empty: the curvature of the mean loss needs at least one "
@@ -1008,7 +1049,10 @@ class ModelObjective:
             return
         batches = self._raw_batches()
         try:
-            i, inputs, targets, _ = next(batches)
+            first = next(batches, None)
+            if first is None:  # no bare StopIteration: map() and list() read it as their end
+                raise self._changed("the data yielded no batch on its second pass")
+            i, inputs, targets, _ = first
             self._check_fingerprint(i, inputs, targets)
         finally:
             batches.close()
@@ -1187,7 +1231,15 @@ class ModelObjective:
         also for the backward passes of a product through a kept graph: a forward recomputed
         there (activation checkpointing) must run on the kernels the forward did, or its
         tensors differ from the forward's."""
-        return _DifferentiableKernels(self._has_rnn, self._weight_norm, bool(self._compiled_inside))
+        return _DifferentiableKernels(self._has_rnn, self._weight_norm, self._any_compiled())
+
+    def _any_compiled(self) -> bool:
+        """Whether compiled code may run in a product: a torch.compile'd module inside the
+        model, or anything once torch.compile has been used in this process (``torch._dynamo``
+        imported: Hugging Face's transformers imports it too) — a compiled function called in
+        the forward, a compiled loss (torch's bare "does not currently support double
+        backward" from both: an outside review). Asked at each use: compiling comes later."""
+        return bool(self._compiled_inside) or "torch._dynamo" in sys.modules
 
     def arguments(self, batch: Batch, **extra: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The model's positional and keyword arguments for a batch: a mapping's items as

@@ -793,15 +793,22 @@ def _batch_sharpness(
     values: list[float] = []
     # the user's RNGs untouched; under a process group each batch is measured by all ranks
     steps = in_step(fixed_pass(batches, seed), group, device, "train_batches")
+    read = 0
     for i, batch in enumerate(steps):
         if i >= max_batches or _precise_enough(values, limit):
             break
+        read += 1
         Cb = _curvature(model, loss_fn, batch, params, seed + i, reduction, products)
         batch_objective = _Objective(Cb, limit, products.space(Cb))
         _, gb = batch_objective.gradient()
         c, _ = batch_objective.directional(gb)
         if c is not None:
             values.append(c)
+    if read == 0:  # an empty source: the verdict would lose the batch sharpness silently
+        raise ValueError(
+            "train_batches yielded no batch: pass (inputs, targets) batches like those the "
+            "optimizer steps on (a DataLoader, or a list of a few of its batches), or leave it out"
+        )
     if not values:
         return None, None, 0
     return statistics.fmean(values), _stderr(values), len(values)

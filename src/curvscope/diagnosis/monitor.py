@@ -29,7 +29,7 @@ from curvscope.derivatives.distributed import (
     first_device,
     from_first_rank,
 )
-from curvscope.derivatives.objective import ModelObjective, inner_name, unwrapped
+from curvscope.derivatives.objective import ModelObjective, check_passes, inner_name, unwrapped
 from curvscope.derivatives.sharded import local_entries
 from curvscope.diagnosis.classify import (
     DEFAULT_THRESHOLDS,
@@ -133,6 +133,15 @@ def _check_finite_difference(
             "vectors fit wherever the model does — drop sharded=True"
         )
     check_readable(optimizer, selected)
+
+
+def _check_data(probe_data: Any, train_batches: Any) -> None:
+    """Refuse now, not at a probe thousands of steps in, data the Monitor cannot read at every
+    probe: a generator as ``probe_data``, or as ``train_batches`` (spent by the first probe,
+    the later verdicts lost the batch sharpness without a word: an outside review)."""
+    ModelObjective.check_data(probe_data)
+    if train_batches is not None:
+        check_passes(train_batches, "train_batches", "the Monitor reads it at every probe")
 
 
 class Monitor:
@@ -307,7 +316,7 @@ class Monitor:
         params = None if params is None else list(params)  # an iterator is read once
         if optimizer is not None:  # an optimizer without a rule, or one that maximizes:
             check_judgeable(optimizer, model)  # refused now, not at the first probe
-        ModelObjective.check_data(probe_data)  # a generator: refused now, not at a probe
+        _check_data(probe_data, train_batches)
         if backend == _fd.BACKEND:
             _check_finite_difference(model, params, self._products, optimizer)
         self.forecast = forecast
