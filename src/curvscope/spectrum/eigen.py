@@ -208,8 +208,11 @@ def eigenvalues(
             whatever its multiplicity), 2 for k>1, the number of columns of ``v0`` for a warm
             start. Lanczos from one vector cannot see a second copy of a repeated eigenvalue,
             and it can converge before it resolves eigenvalues closer than ``tol``·|λ_max|, so
-            a top-k list could skip one; a block of b vectors resolves multiplicities up to b.
-            Raise it where you expect larger clusters. For an operator declared PSD (the GGN,
+            a top-k list could skip one; a block of b vectors resolves multiplicities up to b,
+            and where a cluster fills the block before the last wanted value the run widens
+            the block by a fresh direction until the cluster is smaller than it (values after
+            such a cluster are not converged where ``max_basis`` leaves no room). Raise it
+            where you expect larger clusters. For an operator declared PSD (the GGN,
             the Fisher) with ``which="smallest"`` or ``"both"`` the default is at least k: its
             null space (a GGN of fewer samples than parameters) is a repeated 0 (the three
             smallest of such a GGN came out 0, 0 and 0.0023, converged, with a block of 2).
@@ -404,6 +407,8 @@ def _extend(run: _Run, used: int, bar: Any) -> bool:
     _, ok = run.converged(theta, res)
     enough = kry.size >= min(op.dim, needed) and used >= run.settle
     done = enough and bool(ok.all())
+    if done and _widened(run, theta, needed):
+        run.settle, done = used + kry.X.shape[1] + needed, False
     if done or kry.size >= op.dim or kry.X.shape[1] == 0:
         return False
     if used + kry.X.shape[1] > sizes.max_matvecs:  # the next step would pass the cap
@@ -412,6 +417,22 @@ def _extend(run: _Run, used: int, bar: Any) -> bool:
         keep = _restart_set(theta, run.k, run.which, sizes.max_basis - 2 * kry.X.shape[1])
         kry.restart(S[:, keep], theta[keep])
     return True
+
+
+def _widened(run: _Run, theta: np.ndarray, needed: int) -> bool:
+    """Whether a converged run's wanted values come after a cluster that fills the block
+    (:func:`_past_full_cluster`) and the block was widened by a fresh random direction to look
+    for more copies (it then gets a fresh start's products). Not where the basis has no room
+    for a wider block: :func:`_result` says so then."""
+    kry = run.kry
+    b = kry.X.shape[1]
+    gap = run.tol * max(float(np.abs(theta).max()), 1e-300)
+    if not _past_full_cluster(theta, run.k, run.which, b, gap).any():
+        return False
+    room = run.sizes.max_basis >= needed - 1 + 2 * (b + 1) and kry.size + b + 1 <= kry.op.dim
+    if room:
+        kry.widen()
+    return room
 
 
 def _result(run: _Run, used: int, vectors: bool, fd_error: float = 0.0) -> EigenResult:
@@ -433,13 +454,23 @@ def _result(run: _Run, used: int, vectors: bool, fd_error: float = 0.0) -> Eigen
         ok = np.ones_like(ok)
     elif used < run.settle:  # the budget ended before the fresh direction past an invariant
         ok = np.zeros_like(ok)  # subspace was explored: its zero residuals prove nothing
+    past = _past_full_cluster(theta, run.k, run.which, kry.X.shape[1], tol * scale)[idx]
+    if kry.size < op.dim and past.any():  # the basis had no room to widen the block
+        ok = ok & ~past
     message = _message(bool(ok.all()), used, run.sizes.max_matvecs, res[idx], scale, tol)
+    if kry.size < op.dim and past.any():
+        message += (
+            f"; {int(past.sum())} value(s) come after a cluster of at least block_size="
+            f"{kry.X.shape[1]} equal values, and a block of that many vectors sees no more "
+            "copies of a repeated eigenvalue: more may lie at the cluster, in their place; "
+            "raise block_size to k, or max_basis"
+        )
     if used < run.settle and kry.size < op.dim:
         message = (
             f"not converged after {used} products: the Krylov space closed (an invariant "
-            "subspace, whose values are exact) and the budget ended before the fresh direction "
-            "that continues it was explored, so wanted values may lie outside it; raise "
-            "max_matvecs"
+            "subspace, whose values are exact), or a cluster of repeated values filled the "
+            "block, and the budget ended before the fresh direction that continues it was "
+            "explored, so wanted values may lie outside it; raise max_matvecs"
         )
     if fd_error > RESIDUAL_SHARE * tol:
         ok = np.zeros_like(ok)
@@ -475,6 +506,28 @@ def _result(run: _Run, used: int, vectors: bool, fd_error: float = 0.0) -> Eigen
         scale=scale,
         message=message,
     )
+
+
+def _past_full_cluster(theta: np.ndarray, k: int, which: str, b: int, gap: float) -> np.ndarray:
+    """Which Ritz values (a mask over ``theta``, ascending) are wanted values that come after a
+    cluster — at least max(b, 2) values, each within ``gap`` of the next — at their end of
+    the spectrum. Block Lanczos with b vectors sees at most b copies of a repeated
+    eigenvalue, so more copies may lie at the cluster, and the values after it are not the
+    next eigenvalues: k=3 smallest of a PSD matrix with 250 zeros read [0, 0, 1.00],
+    "converged", with a block of 2 (an outside review)."""
+    m = theta.size
+    past = np.zeros(m, dtype=bool)
+    ends = {"largest": [np.arange(m - 1, -1, -1)], "smallest": [np.arange(m)]}
+    for order in ends.get(which, [np.arange(m - 1, -1, -1), np.arange(m)]):
+        order = order[: min(k, m)]
+        size = 1
+        for i in range(1, order.size):
+            size = size + 1 if abs(theta[order[i]] - theta[order[i - 1]]) <= gap else 1
+            if size >= max(b, 2) and i + 1 < order.size:
+                same = abs(theta[order[i + 1 :]] - theta[order[i]]) <= gap
+                past[order[i + 1 :][~same]] = True
+                break
+    return past
 
 
 def _restart_set(theta: np.ndarray, k: int, which: str, room: int) -> np.ndarray:

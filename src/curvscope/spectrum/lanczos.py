@@ -71,10 +71,15 @@ def _replace_dead(
     to its later live ones: the basis lost orthogonality step by step and a run over a small
     operator returned values off by 13 for 5, "exact" once it filled the space: a review.)"""
     for j in np.flatnonzero(dead).tolist():
-        r = torch.randn(Xn.shape[0], 1, generator=gen, dtype=Xn.dtype, device=Xn.device)
         final = [i for i in range(Xn.shape[1]) if i != j and (i < j or not dead[i])]
-        Xn[:, j : j + 1] = _orthonormal(op, r, Q, Xn[:, final])
+        Xn[:, j : j + 1] = _fresh(op, gen, Q, Xn[:, final])
         R[j, :] = 0
+
+
+def _fresh(op: Operator, gen: torch.Generator, Q: Tensor | None, others: Tensor) -> Tensor:
+    """A random unit direction orthogonal to the basis Q and the block's ``others``."""
+    r = torch.randn(others.shape[0], 1, generator=gen, dtype=others.dtype, device=others.device)
+    return _orthonormal(op, r, Q, others)
 
 
 def _orthonormal(op: Operator, r: Tensor, Q: Tensor | None, others: Tensor) -> Tensor:
@@ -241,6 +246,14 @@ class Krylov:
         _replace_dead(op, Xn, Rh, dead, Bt.T, self.gen)
         self.broke = bool((dead | closing)[:keep].any())
         self.X, self.Rh = Xn[:, :keep], Rh[:keep]
+
+    def widen(self) -> None:
+        """One more column in the next block: a random direction orthogonal to the basis and
+        the block, with no coupling to the last step (a zero row of R: the residuals stay
+        exact). The block keeps its new width. Device work only."""
+        fresh = _fresh(self.op, self.gen, self._buf[: self._m].T, self.X)
+        self.X = torch.cat([self.X, fresh], dim=1)
+        self.Rh = np.vstack([self.Rh, np.zeros((1, self.Rh.shape[1]))])
 
     def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Ritz values (ascending), their coordinates S in Q, and residual norms: host arrays
