@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -777,3 +778,32 @@ def test_report_in_a_real_browser(quick_lab, tmp_path):
         check=True,
     )
     assert shot.stat().st_size > 10_000
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_mid_lab_keeps_the_finished_runs_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
+    """SIGTERM — what timeout, SLURM, docker stop and Kubernetes send — ended the lab at once
+    and lost every finished run (status 143, no message: an outside review). Now it stops as
+    Ctrl-C does, says so, and the status is still the shell's 143; the handler is put back."""
+    from curvscope.lab import lab as lab_module
+
+    calls, real = [], lab_module.run_one
+
+    def run_one(*args, **kwargs):
+        calls.append(args[:2])
+        if len(calls) == 2:  # the second run: SIGTERM to this process, delivered here
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lab_module, "run_one", run_one)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "lab"
+    argv = ["lab", "--quick", "--out", str(out), "--problems", "quadratic"]
+    assert main([*argv, "--optimizers", "gd,adam"]) == 143
+    assert (
+        "terminated (SIGTERM) after 1 of 2 runs; wrote the finished ones" in capsys.readouterr().err
+    )
+    res = json.loads((out / "results.json").read_text())
+    assert res["interrupted"] == {"runs_done": 1, "runs_planned": 2, "signal": "SIGTERM"}
+    assert "Interrupted (SIGTERM) after 1 of the 2 runs" in (out / "report.html").read_text()
+    assert signal.getsignal(signal.SIGTERM) is before

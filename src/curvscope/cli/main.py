@@ -27,7 +27,9 @@ import json
 import math
 import pickle
 import re
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -204,17 +206,19 @@ def _lab(args: argparse.Namespace) -> int:
             if not stop.results["runs"]:
                 raise KeyboardInterrupt from None  # none finished: nothing to write
             results = stop.results
+            if _Stop.signal:  # what stopped it, in the report ("Ctrl-C" otherwise)
+                results["interrupted"]["signal"] = _Stop.signal
     with _writing(out):
         path = report.write_lab(results, out)
     console.print(_runs_table(results, Table))  # the finished runs, interrupted or not
     if results["interrupted"]:
         n = results["interrupted"]
         print(
-            f"curvscope lab: interrupted after {n['runs_done']} of {n['runs_planned']} runs; "
-            f"wrote the finished ones to {out / 'results.json'} and {path}",
+            f"curvscope lab: {_Stop.word()} after {n['runs_done']} of {n['runs_planned']} "
+            f"runs; wrote the finished ones to {out / 'results.json'} and {path}",
             file=sys.stderr,
         )
-        return 130
+        return _Stop.status()
     console.print(f"wrote {out / 'results.json'} and {path} in {results['seconds']:.1f} s")
     return 0
 
@@ -814,24 +818,65 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+class _Stop:
+    """How a command was stopped: Ctrl-C (SIGINT), or SIGTERM — what ``timeout``, SLURM,
+    ``docker stop`` and Kubernetes send, which ended the lab at once and lost every finished
+    run (an outside review) — turned into the same KeyboardInterrupt while a command runs, so
+    that both keep what Ctrl-C keeps. The word and the shell's status for each."""
+
+    signal: str | None = None
+
+    @classmethod
+    def word(cls) -> str:
+        return "terminated (SIGTERM)" if cls.signal == "SIGTERM" else "interrupted"
+
+    @classmethod
+    def status(cls) -> int:
+        return 128 + signal.SIGTERM if cls.signal == "SIGTERM" else 130
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt while the command runs (in the main thread only, where
+    Python delivers signals); the previous handler is put back after."""
+    _Stop.signal = None
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        _Stop.signal = "SIGTERM"
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0, or 2 for a user error)."""
+    """Run the command line; returns the exit status (0, 2 for a user error, 130 after Ctrl-C,
+    143 after SIGTERM)."""
     try:
         args = parser().parse_args(argv)
     except SystemExit as e:  # argparse printed its one line (or --help)
         return e.code if isinstance(e.code, int) else 2
     try:
-        return int(args.func(args))
+        with _sigterm_as_interrupt():
+            return int(args.func(args))
     except UsageError as e:
         if args.debug:
             raise
         print(f"curvscope {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: one line, the shell's status for it
         if args.debug:
             raise
-        print(f"curvscope {args.command}: interrupted; nothing more was written", file=sys.stderr)
-        return 130
+        print(
+            f"curvscope {args.command}: {_Stop.word()}; nothing more was written", file=sys.stderr
+        )
+        return _Stop.status()
 
 
 if __name__ == "__main__":  # pragma: no cover
