@@ -13,7 +13,23 @@ def test_solves_a_positive_definite_system():
     r = cs.spectrum.cg(A, b, tol=1e-10, max_matvecs=100)
     assert r.converged and not r.negative_curvature
     torch.testing.assert_close(r.x, torch.linalg.solve(A, b), rtol=1e-8, atol=1e-10)
-    assert r.matvecs == r.iterations <= 40
+    assert r.iterations <= 40 and r.matvecs == r.iterations + 1  # tol < √eps: b − Ax checked
+
+
+@pytest.mark.parametrize("tol", [1e-5, 1e-6])
+def test_converged_means_the_true_residual_near_the_dtypes_precision(tol):
+    """float32, condition 100: CG said converged at tol 1e-6 from its recurrence's residual,
+    9.8e-7, where ‖b − Ax‖/‖b‖ was 2.1–2.9e-6 (20 of 60 runs, an outside review). Below √eps
+    of the dtype it checks b − Ax before it says so (and restarts from it where not)."""
+    for seed in range(6):
+        lam = torch.logspace(0, 2, 200, dtype=torch.float64)
+        A = with_spectrum(lam, seed).float()
+        b = torch.randn(200, generator=torch.Generator().manual_seed(seed))
+        r = cs.spectrum.cg(A, b, tol=tol, max_matvecs=400)
+        true = float((b.double() - A.double() @ r.x.double()).norm() / b.double().norm())
+        assert not r.converged or true <= tol * 1.01, (seed, r.residual, true)
+        if tol == 1e-5:
+            assert r.converged  # within float32's reach: found
 
 
 def test_stops_at_negative_curvature_with_the_direction():
@@ -60,7 +76,8 @@ def test_warm_start_saved_iterates_and_the_progress_stop():
     cold = cs.spectrum.cg(A, b, tol=1e-10, max_matvecs=200, damping=0.01)
     warm = cs.spectrum.cg(A, b, tol=1e-10, max_matvecs=200, damping=0.01, x0=0.99 * exact)
     torch.testing.assert_close(warm.x, exact, rtol=1e-7, atol=1e-9)  # residual 1e-10, κ ≈ 100
-    assert warm.iterations < cold.iterations and warm.matvecs == warm.iterations + 1
+    assert warm.iterations < cold.iterations
+    assert warm.matvecs == warm.iterations + 2  # x0's residual, and b − Ax checked at the end
     assert cold.saved == ()  # nothing kept unless asked
     r = cs.spectrum.cg(A, b, tol=1e-10, max_matvecs=200, damping=0.01, save={1, 2, 4}.__contains__)
     its = [it for it, _, _ in r.saved]

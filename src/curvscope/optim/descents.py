@@ -210,6 +210,7 @@ class GaussNewtonCG:
             x0=None if prev is None else group["decay"] * prev.to(g),
             progress_tol=group["progress_tol"],
             save=_KEPT.__contains__,
+            check_residual=False,  # its saved iterates are searched, not `converged` read
         )
         counts.cg_iterations += res.iterations
         local.memory["previous"] = res.x
