@@ -3,6 +3,7 @@ closure's own ``backward()`` is intercepted locally — on the closure's thread,
 not by patching ``torch.autograd.backward`` for the whole process."""
 
 import copy
+import io
 import threading
 import warnings
 
@@ -367,8 +368,32 @@ def test_a_state_made_by_another_estimator_is_refused_at_load():
         model.parameters(), estimator=cs.optim.GaussNewtonBartlett(nn.CrossEntropyLoss())
     )
     again.load_state_dict(state)  # the same estimator: loads
-    older = {k: v for k, v in state.items() if k != "estimator"}
+    older = {k: v for k, v in state.items() if not k.startswith("estimator")}
     cs.optim.Sophia(model.parameters()).load_state_dict(older)  # saved before the entry: loads
+
+
+def test_a_state_made_by_the_same_estimator_with_other_settings_is_refused_at_load():
+    """An AdaHessian(Hutchinson(samples=1)) checkpoint loaded into one with samples=4 took the
+    learning rate back from the checkpoint and kept 4 samples: the resumed run left the
+    uninterrupted one, without a word (an outside review)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    X, y = torch.randn(8, 3, dtype=DT), torch.randint(0, 2, (8,))
+
+    def closure():
+        return nn.functional.cross_entropy(model(X), y)
+
+    saved = cs.optim.AdaHessian(model.parameters())
+    saved.step(closure)
+    state = saved.state_dict()
+    assert state["estimator_settings"] == {"samples": 1}
+    four = cs.optim.AdaHessian(model.parameters(), estimator=cs.optim.Hutchinson(samples=4))
+    with pytest.raises(ValueError, match=r"Hutchinson \{'samples': 1\}.*\{'samples': 4\}"):
+        four.load_state_dict(state)
+    cs.optim.AdaHessian(model.parameters(), estimator=cs.optim.Hutchinson()).load_state_dict(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # torch.load's default weights_only=True takes the entry
+    assert torch.load(io.BytesIO(buffer.getvalue()))["estimator_settings"] == {"samples": 1}
 
 
 @pytest.mark.parametrize("name", ["AdaHessian", "Sophia", "NormalizedGD"])

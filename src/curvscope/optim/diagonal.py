@@ -38,6 +38,16 @@ class DiagonalEstimator(Protocol):
         ...
 
 
+def _settings(estimator: Any) -> dict[str, Any]:
+    """An estimator's plain settings — its attributes that are numbers, strings or bools — as
+    a state dict records them (a function of the user's has none)."""
+    fields = getattr(estimator, "__dict__", {})
+    plain = (bool, int, float, str)
+    return {
+        k: v for k, v in sorted(fields.items()) if isinstance(v, plain) and not k.startswith("_")
+    }
+
+
 class Hutchinson:
     """diag(H) ≈ (1/m) Σ_j z_j ⊙ H z_j with Rademacher z_j (Bekas, Kokiopoulou & Saad 2007):
     unbiased; m Hessian-vector products. Used by AdaHessian and Sophia-H."""
@@ -165,9 +175,14 @@ class _DiagonalMethod(CurvscopeOptimizer):
     SHARED = ("update_every", "seed")
 
     def state_dict(self) -> dict[str, Any]:
-        """The base's, with ``"estimator"``: the name of the estimator's type, which
+        """The base's, with ``"estimator"``: the name of the estimator's type, and
+        ``"estimator_settings"``: its plain settings (``Hutchinson``'s ``samples``), which
         ``load_state_dict`` checks."""
-        return {**super().state_dict(), "estimator": type(self.estimator).__name__}
+        return {
+            **super().state_dict(),
+            "estimator": type(self.estimator).__name__,
+            "estimator_settings": _settings(self.estimator),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """The base's, refusing a state whose curvature estimate another type of estimator
@@ -182,6 +197,16 @@ class _DiagonalMethod(CurvscopeOptimizer):
                 f"this {name} has {ours}: the curvature estimate in its state is another "
                 f"matrix's diagonal. Build {name}(..., estimator={saved}(...)) to continue the "
                 "run, or start afresh"
+            )
+        settings, mine = state_dict.get("estimator_settings"), _settings(self.estimator)
+        if settings is not None and settings != mine:  # Hutchinson(samples=1) into samples=4:
+            # the run went on with the other sampling, without a word (an outside review)
+            name = type(self).__name__
+            raise ValueError(
+                f"{name}.load_state_dict: this state dict was saved with the estimator "
+                f"{ours} {settings}, this {name} has {ours} {mine}: the run would go on with "
+                f"another estimate than its state's. Build {name}(..., estimator={ours}(...)) "
+                "with the saved settings to continue the run, or start afresh"
             )
         super().load_state_dict(state_dict)
 
