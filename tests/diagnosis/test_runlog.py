@@ -292,6 +292,8 @@ def test_modes_follow_open(tmp_path):
     for mode in "xaw":  # a folder: "already exists, pass log_mode='a'" was no fix
         with pytest.raises(IsADirectoryError, match=r"is a directory: .*run\.jsonl"):
             RunLogWriter(tmp_path, mode, HEADER)
+    with pytest.raises(ValueError, match=r"an empty path '': .*log='run\.jsonl'"):
+        RunLogWriter("", "x", HEADER)  # Path("") is ".": it said "a directory" (a review)
 
 
 def test_a_second_writer_is_refused_and_destroys_nothing(tmp_path):

@@ -1,5 +1,8 @@
 """The shipped datasets and model problems: shapes, dtypes, no global RNG use."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -42,3 +45,19 @@ def test_logistic_regression_is_convex_and_mlp_is_not():
         assert (lam.min() > -1e-10) == convex
     with pytest.raises(ValueError, match="loss"):
         cs.problems.get("digits-mlp", loss="hinge")
+
+
+def test_the_first_dataset_import_leaves_the_global_rngs_as_found():
+    """sklearn.datasets' first import drew from Python's random: a script's stream depended on
+    whether a problem had been loaded before (an outside review). A fresh interpreter, where the
+    import is the first."""
+    script = (
+        "import random, numpy, torch, curvscope as cs\n"
+        "random.seed(0); numpy.random.seed(0); torch.manual_seed(0)\n"
+        "before = random.getstate(), numpy.random.get_state()[1].tolist(), torch.get_rng_state()\n"
+        "cs.problems.get('digits-mlp')\n"
+        "after = random.getstate(), numpy.random.get_state()[1].tolist(), torch.get_rng_state()\n"
+        "assert before[:2] == after[:2] and torch.equal(before[2], after[2])\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr

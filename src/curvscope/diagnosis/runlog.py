@@ -121,6 +121,11 @@ class RunLogWriter:
         if hasattr(target, "write"):
             self._text = target  # type: ignore[assignment]
         else:
+            if not os.fspath(target).strip():  # Path("") is ".": "is a directory" (a review)
+                raise ValueError(
+                    f"the run log is an empty path {os.fspath(target)!r}: pass the path of a "
+                    "file, e.g. log='run.jsonl', or log=None for no log"
+                )
             self._raw = _open_locked(Path(target), mode)
             if mode == "a" and not _ends_with_newline(self._raw):
                 # a previous writer was killed mid-line: end that line, and say so in the

@@ -5,9 +5,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from curvscope.derivatives.rng import rng_states, set_rng_states
+
+
+def _datasets() -> Any:
+    """``sklearn.datasets``, imported with the global RNGs (torch's, numpy's, Python's) as
+    found: its first import draws from Python's ``random``, so a script's stream depended on
+    whether a problem had been loaded before (an outside review)."""
+    gens = [torch.random.default_generator]
+    state = rng_states(gens)
+    try:
+        import sklearn.datasets
+    finally:
+        set_rng_states(gens, state)
+    return sklearn.datasets
 
 
 def _standardise(x: Tensor) -> Tensor:
@@ -18,9 +34,7 @@ def _standardise(x: Tensor) -> Tensor:
 def load_breast_cancer(dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     """Wisconsin breast cancer (569 samples, 30 features, standardised); targets 0/1 as float
     of shape (569, 1), for ``nn.BCEWithLogitsLoss``."""
-    from sklearn.datasets import load_breast_cancer as _load
-
-    d = _load()
+    d = _datasets().load_breast_cancer()
     x = _standardise(torch.as_tensor(d.data, dtype=dtype))
     y = torch.as_tensor(d.target, dtype=dtype).reshape(-1, 1)
     return x, y
@@ -29,9 +43,7 @@ def load_breast_cancer(dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tens
 def load_diabetes(dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     """Diabetes progression (442 samples, 10 features, standardised); targets standardised,
     shape (442, 1), for ``nn.MSELoss``."""
-    from sklearn.datasets import load_diabetes as _load
-
-    d = _load()
+    d = _datasets().load_diabetes()
     x = _standardise(torch.as_tensor(d.data, dtype=dtype))
     y = _standardise(torch.as_tensor(d.target, dtype=dtype).reshape(-1, 1))
     return x, y
@@ -46,9 +58,7 @@ def load_digits(
         n: keep the first n samples (all by default).
         one_hot: targets as one-hot floats (for ``nn.MSELoss``) instead of class indices.
     """
-    from sklearn.datasets import load_digits as _load
-
-    d = _load()
+    d = _datasets().load_digits()
     x = torch.as_tensor(d.data, dtype=dtype) / 16.0
     y = torch.as_tensor(d.target, dtype=torch.long)
     if n is not None:
