@@ -132,6 +132,15 @@ def test_reproducible_and_the_global_rng_is_untouched():
         (lambda: cs.diagonal(INDEFINITE, 10, "hutch++"), ValueError, "hutchinson"),
         (lambda: cs.diagonal(INDEFINITE, 0), ValueError, "matvecs to be an integer >= 2"),
         (lambda: cs.diagonal(INDEFINITE, 10, seed=None), TypeError, "seed=None"),
+        # where "auto" takes the exact n products it was taken (an outside review)
+        (lambda: cs.trace(INDEFINITE, seed=None), TypeError, "seed=None"),
+        (lambda: cs.diagonal(INDEFINITE, seed=None), TypeError, "seed=None"),
+        (lambda: cs.trace(torch.zeros(0, 0)), ValueError, "at least one row, got shape"),
+        (
+            lambda: cs.spectrum.cg(INDEFINITE, torch.ones(len(INDEFINITE)), progress_tol=-1),
+            ValueError,
+            "expected progress_tol to be a number >= 0, got -1",
+        ),
         (lambda: cs.trace_of_square(INDEFINITE, 0), ValueError, "integer >= 2"),
         (lambda: cs.trace_of_square(INDEFINITE, 5.0), TypeError, "matvecs to be an integer"),
         (lambda: cs.trace_of_square(INDEFINITE, 5, seed=2.5), TypeError, "seed"),

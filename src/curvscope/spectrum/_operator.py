@@ -520,6 +520,8 @@ def _dense_operator(A: Tensor) -> Operator:
     measured once, here (two reductions over A, one host read)."""
     if A.ndim != 2 or A.shape[0] != A.shape[1]:
         raise ValueError(f"expected a square matrix, got shape {tuple(A.shape)}")
+    if A.shape[0] == 0:  # "lower k" was no fix (an outside review)
+        raise ValueError("expected a square matrix with at least one row, got shape (0, 0)")
     if not A.is_floating_point():
         raise TypeError(f"expected a floating-point matrix, got {A.dtype}")
     M, skew = _entries(A)

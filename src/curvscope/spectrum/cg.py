@@ -120,7 +120,8 @@ def cg(
         raise ValueError(f"expected x0 of shape ({op.n},) like b, got {shape}")
     op.require_symmetric("cs.spectrum.cg")
     max_matvecs = check_int(max_matvecs, "max_matvecs", minimum=1)
-    for name, value in (("tol", tol), ("damping", damping)):
+    numbers = [("tol", tol), ("damping", damping)]
+    for name, value in [*numbers, *([("progress_tol", progress_tol)] if progress_tol else [])]:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise ValueError(f"expected {name} to be a number >= 0, got {value!r}")
     dt = torch.promote_types(working_dtype(b.dtype), op.work_dtype)

@@ -244,7 +244,8 @@ def trace(
             "it estimates by Hutchinson's probes: method='hutchinson' (or 'auto', which means "
             "it there), or call it with the Curvature C itself (full-length vectors)"
         )
-    start = time.perf_counter()
+    gen = op.generator(seed)  # seed checked whichever method runs (seed=None was taken
+    start = time.perf_counter()  # where "auto" chose the exact one: an outside review)
     used_before = op.matvecs
     if method == "auto" and op.shards is None and _budget_covers(matvecs, op.n):
         method = "exact"  # n unit vectors cost no more than the budget, and are exact
@@ -261,7 +262,6 @@ def trace(
         )
         return _with_differences(result, None if errors is None else float(errors.sum()))
     check_budget(matvecs, 3 if method == "hutch++" else 2, "trace")
-    gen = op.generator(seed)
     with progress(matvecs, f"trace ({method})", progress_bar) as bar, autocast_off(op.device):
         if method == "hutchinson" or op.shards is not None:
             Z = rademacher(op.n, matvecs, gen, op.work_dtype, op.device)
@@ -457,6 +457,7 @@ def diagonal(
     if method == "auto":  # n unit vectors cost no more than the budget, and are exact
         exact = op.shards is None and _budget_covers(matvecs, op.n)
         method = "exact" if exact else "hutchinson"
+    gen = op.generator(seed)  # seed checked whichever method runs
     start = time.perf_counter()
     used_before = op.matvecs
     if method == "exact":
@@ -470,7 +471,6 @@ def diagonal(
             time.perf_counter() - start,
         )
     check_budget(matvecs, 2, "diagonal")
-    gen = op.generator(seed)
     with (
         progress(matvecs, "diagonal", progress_bar) as bar,
         autocast_off(op.device),
