@@ -807,3 +807,9 @@ def test_sigterm_mid_lab_keeps_the_finished_runs_as_ctrl_c_does(tmp_path, capsys
     assert res["interrupted"] == {"runs_done": 1, "runs_planned": 2, "signal": "SIGTERM"}
     assert "Interrupted (SIGTERM) after 1 of the 2 runs" in (out / "report.html").read_text()
     assert signal.getsignal(signal.SIGTERM) is before
+    calls.clear()  # a SIGTERM the parent set to be ignored stays ignored, as SIGINT would
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        assert main([*argv, "--optimizers", "gd,adam", "--out", str(tmp_path / "on")]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, before)

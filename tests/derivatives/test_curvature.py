@@ -781,11 +781,7 @@ def _mlp_parts():
         (lambda m, lf, d: cs.Curvature(m, lf, []), ValueError, "data is empty"),
         (lambda m, lf, d: cs.Curvature(m, lf, (d[0][:0], d[1][:0])), ValueError, "no samples"),
         (lambda m, lf, d: cs.Curvature(m, lf, (d[0] * float("nan"), d[1])), ValueError, "NaN"),
-        (
-            lambda m, lf, d: cs.Curvature(m, lf, iter([d])),
-            TypeError,
-            "is one-shot: it can be read only once",
-        ),
+        (lambda m, lf, d: cs.Curvature(m, lf, iter([d])), TypeError, "one-shot iterator"),
         (lambda m, lf, d: cs.Curvature(m, lf, 3), TypeError, "pair"),
         (lambda m, lf, d: cs.Curvature(m, lf, [d, (d[0],)]), TypeError, "batch 1"),
         (

@@ -471,7 +471,7 @@ def test_what_a_probe_would_refuse_steps_later_is_refused_when_the_monitor_is_bu
     with pytest.raises(ValueError, match="steps on none of the model's parameters"):
         cs.Monitor(model, p.loss_fn, p.data, optimizer=torch.optim.SGD(other.parameters(), 0.1))
     X, y = p.data
-    with pytest.raises(TypeError, match="is one-shot: it can be read only once"):
+    with pytest.raises(TypeError, match="one-shot iterator"):
         cs.Monitor(model, p.loss_fn, iter([(X, y)]), lr=0.1)
     mon = cs.Monitor(model, p.loss_fn, p.data, lr=0.1)
     with pytest.raises(ValueError, match=r"as one number, got a tensor of shape \(512,\)"):

@@ -489,3 +489,28 @@ def test_a_cluster_filling_the_block_without_room_to_widen_is_not_converged():
     r = cs.eigenvalues(with_spectrum(lam), k=3, which="smallest", max_basis=7)
     assert not r.all_converged and r.converged[:2].all()
     assert "come after a cluster of at least block_size=2 equal values" in r.message
+
+
+def test_a_budget_that_ends_while_the_widened_block_settles_flags_only_what_follows_the_cluster():
+    """100 eigenvalues equal to 1, k=3 largest with a cap: the block widened to look for more
+    copies, then the budget ended — and the two 1.0s found were flagged with the third (a
+    review of the widening). Only the values after the cluster are not converged."""
+    lam = torch.cat([torch.ones(100), 0.5 * torch.rand(300, generator=_gen(0))]).double()
+    A = with_spectrum(lam)
+    full = cs.eigenvalues(A, k=3)
+    assert full.all_converged and (full.values - 1).abs().max() < 1e-3
+    for cap in (44, 46, 48):  # the block widened at 42 products; a new copy is on its way
+        cut = cs.eigenvalues(A, k=3, max_matvecs=cap)
+        assert cut.converged.tolist() == [True, True, False], cap
+
+
+def test_a_block_cut_where_the_space_is_nearly_whole_is_no_cluster_of_one():
+    """k=6 smallest of a 31-parameter GGN (a block of 6): the last block is cut to the one
+    dimension left, and the cluster check read a width of 1 — two close values "filled" it and
+    the sixth value was flagged not converged (a review on real models)."""
+    p = cs.problems.get("breast-cancer-logreg")
+    C = cs.Curvature(p.make_model(0), p.loss_fn, p.data, kind="ggn")
+    r = cs.eigenvalues(C, k=6, which="smallest", seed=0)
+    ev = torch.linalg.eigvalsh(C.to_dense())
+    assert r.all_converged, r.message
+    assert (r.values - ev[:6]).abs().max() <= 1e-3 * ev.abs().max()  # tol·|λ_max|

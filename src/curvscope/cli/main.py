@@ -838,11 +838,13 @@ class _Stop:
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM raises KeyboardInterrupt while the command runs (in the main thread only, where
-    Python delivers signals); the previous handler is put back after."""
-    _Stop.signal = None
-    if threading.current_thread() is not threading.main_thread():
+    Python delivers signals, and not where the parent set it to be ignored, as Python leaves an
+    ignored SIGINT); the previous handler is put back after."""
+    ignored = signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # a parent's choice: kept
+    if ignored or threading.current_thread() is not threading.main_thread():
         yield
         return
+    _Stop.signal = None
 
     def stop(signum: int, frame: Any) -> None:
         _Stop.signal = "SIGTERM"

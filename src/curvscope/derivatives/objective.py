@@ -98,19 +98,14 @@ def _sized(data: Any) -> bool:
 
 
 def check_passes(data: Iterable[Any], name: str, why: str) -> None:
-    """Refuse an iterable that cannot be passed over more than once, naming ``name``, ``why``
-    it is passed over again, and the fix: an iterator (a generator, ``zip``, ``map``), or an
-    object whose ``__iter__`` returns the same iterator every time (its second pass yielded
-    nothing: a bare StopIteration came out of curvscope, which ``map`` and ``list`` read as the
-    end of their own data — an outside review). A DataLoader is not asked (its ``iter`` starts
-    workers and draws their seed from the global RNG)."""
-    one_shot = isinstance(data, Iterator)
-    if not one_shot and not isinstance(data, (Sequence, torch.utils.data.DataLoader)):
-        one_shot = iter(data) is iter(data)
-    if one_shot:
+    """Refuse an iterator (a generator, ``zip``, ``map``) where ``data`` is passed over more
+    than once, naming ``name``, ``why`` and the fix. (An iterable whose ``__iter__`` returns a
+    spent iterator shows itself at its second pass: :meth:`ModelObjective._check_repeatable`
+    — asking ``iter`` here twice opened a wrapped loader's workers twice, outside the passes'
+    RNG protection: a review.)"""
+    if isinstance(data, Iterator):
         raise TypeError(
-            f"{name} is one-shot: it can be read only once (a generator, zip or map, or an "
-            f"object whose __iter__ returns the same iterator each time), but {why}; pass a "
+            f"{name} is a one-shot iterator (a generator, zip or map?), but {why}; pass a "
             "list of (inputs, targets) pairs or a DataLoader"
         )
 
@@ -1003,6 +998,7 @@ class ModelObjective:
         #: once, not on every pass (counting labels reads the targets' values)
         self._sizes: list[tuple[int, float]] = []
         batches, samples = 0, 0.0
+        sized = _sized(self._data)
         for i, inputs, targets, _ in self._raw_batches():
             size = self._size(targets) if targets.ndim else 0.0
             if self.adapter is not None and size == 0:
@@ -1028,7 +1024,7 @@ class ModelObjective:
             self._sizes.append((int(targets.shape[0]), size))
             batches += 1
             samples += size
-            if batches > MAX_UNSIZED_BATCHES and not _sized(self._data):
+            if batches > MAX_UNSIZED_BATCHES and not sized:
                 raise ValueError(
                     f"data has yielded {MAX_UNSIZED_BATCHES} batches and not ended, and has no "
                     "len(): an endless stream (an IterableDataset that repeats)? A curvature "
@@ -1051,7 +1047,10 @@ class ModelObjective:
         try:
             first = next(batches, None)
             if first is None:  # no bare StopIteration: map() and list() read it as their end
-                raise self._changed("the data yielded no batch on its second pass")
+                raise self._changed(
+                    "the data yielded no batch on its second pass (data that can be read only "
+                    "once — an __iter__ that returns the same iterator each time?)"
+                )
             i, inputs, targets, _ = first
             self._check_fingerprint(i, inputs, targets)
         finally:

@@ -39,13 +39,11 @@ class DiagonalEstimator(Protocol):
 
 
 def _settings(estimator: Any) -> dict[str, Any]:
-    """An estimator's plain settings — its attributes that are numbers, strings or bools — as
-    a state dict records them (a function of the user's has none)."""
-    fields = getattr(estimator, "__dict__", {})
-    plain = (bool, int, float, str)
-    return {
-        k: v for k, v in sorted(fields.items()) if isinstance(v, plain) and not k.startswith("_")
-    }
+    """What an estimator's ``settings()`` returns (the built-in ones': the arguments they were
+    built with), or nothing for one without it — guessing from its attributes refused a user's
+    own checkpoint over a counter it kept (a review)."""
+    settings = getattr(estimator, "settings", None)
+    return dict(settings()) if callable(settings) else {}
 
 
 class Hutchinson:
@@ -59,6 +57,10 @@ class Hutchinson:
         g = ev.flat_grad
         Z = rademacher(ev.n, self.samples, generator, g.dtype, g.device)
         return (Z * ev.hvp(Z)).mean(dim=1)
+
+    def settings(self) -> dict[str, Any]:
+        """What a state dict records of it, for ``load_state_dict`` to compare."""
+        return {"samples": self.samples}
 
     def __repr__(self) -> str:
         return f"Hutchinson(samples={self.samples})"
@@ -123,6 +125,10 @@ class GaussNewtonBartlett:
         if read is None:  # outputs of another forward than the loss's: every row counted
             return rows.new_ones(rows.shape[0])
         return self.likelihood.as_terms(read).ne(0).any(-1).to(rows.dtype)
+
+    def settings(self) -> dict[str, Any]:
+        """What a state dict records of it: the likelihood's loss and its reduction."""
+        return {"loss": type(self.loss_fn).__name__, "reduction": self.reduction}
 
     def __repr__(self) -> str:
         return f"GaussNewtonBartlett({self.loss_fn!r})"

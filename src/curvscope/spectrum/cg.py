@@ -33,8 +33,7 @@ class CGResult:
         direction_curvature: its Rayleigh quotient pᵀ(A + damping·I)p/‖p‖² (≤ 0), or None.
         residual: ‖b − Ax‖/‖b‖ at the end: the recurrence's, which is the true one to
             rounding where ``tol`` ≥ √eps of the working dtype; below, convergence is checked
-            on b − Ax itself (``check_residual``), and the residual reported is that one, or
-            the recurrence's where the budget ended first (not converged then).
+            on b − Ax itself (``check_residual``), and the residual reported is that one.
         iterations, matvecs, seconds: the cost (one product per iteration).
         saved: with ``save``, (iteration, x, r) for the iterations it asks for
             (r = b − (A+λI)x), the last one always included — what Hessian-free's CG
@@ -83,8 +82,8 @@ def cg(
             ``matmat``.
         b: the right-hand side (n,), any floating dtype, finite.
         tol: relative residual to reach.
-        max_matvecs: cap on products: one per iteration, and one to check b − Ax
-            (``check_residual``); a nonzero ``x0`` costs one more, outside the cap.
+        max_matvecs: cap on iterations, one product each; a nonzero ``x0`` costs one more,
+            and so does each check of b − Ax (``check_residual``), outside the cap.
         damping: Levenberg-Marquardt shift λ ≥ 0 added to A: the same as passing
             ``as_operator(A).damped(damping)`` (:meth:`~curvscope.spectrum.Operator.damped`).
         x0: a warm start (Hessian-free starts from the previous step, decayed).
@@ -156,6 +155,7 @@ class _Run:
     save: Callable[[int], bool] | None
     it: int = 0
     checks: int = 0  # products spent on b − Ax (:meth:`check`)
+    exact: bool = True  # whether r is b − Ax as computed (no recurrence step since)
     direction: Tensor | None = None  # p with pᵀAp ≤ 0, where met
     direction_curvature: float | None = None
     stalled: bool = False  # the progress test stopped it
@@ -172,9 +172,10 @@ class _Run:
     def iterate(self, cap: int, goal: float) -> None:
         """CG steps until ‖r‖ ≤ goal, ``cap`` products in all, negative curvature or stalled
         progress."""
-        while self.it + self.checks < cap and self.rr**0.5 > goal:
+        while self.it < cap and self.rr**0.5 > goal:
             Ap = self.op(self.p[:, None])[:, 0]
             self.it += 1
+            self.exact = False
             curv = self.dot(self.p, Ap)
             if curv <= 0:
                 self.direction = self.p
@@ -202,12 +203,16 @@ class _Run:
             return False
         return (self.phis[-1] - self.phis[-1 - k]) / self.phis[-1] < k * self.progress_tol
 
-    def check(self, goal: float) -> bool:
-        """Whether b − Ax itself is within ``goal`` (one product); if not, CG restarts from it."""
-        self.r = self.op.residual(self.b[:, None], self.x[:, None])[:, 0]
-        self.checks += 1
-        self.rr = self.dot(self.r, self.r)
-        self.p = self.r
+    def converged(self, goal: float, check: bool) -> bool:
+        """Whether the solve ended converged: the recurrence's residual within ``goal``, and
+        with ``check`` b − Ax itself (one product, unless r is exact already); where it is not,
+        CG restarts from it (p = r) and this says False."""
+        if self.direction is not None or self.rr**0.5 > goal:
+            return False
+        if check and not self.exact:
+            self.r = self.op.residual(self.b[:, None], self.x[:, None])[:, 0]
+            self.checks, self.exact = self.checks + 1, True
+            self.rr, self.p = self.dot(self.r, self.r), self.r
         return self.rr**0.5 <= goal
 
 
@@ -235,22 +240,19 @@ def _cg(
     # near the dtype's precision the recurrence's residual drifts below the true one (float32,
     # tol 1e-6, condition 100: "converged" at 9.8e-7 where ‖b − Ax‖/‖b‖ was 2.1–2.9e-6 in 20
     # of 60 runs; an outside review): there (``check``), convergence is checked on b − Ax
-    # itself, and a budget that ends before the check leaves the run unconverged
+    # itself — a product beyond the cap, as x0's — and CG goes on from it where it is not
     run.iterate(max_matvecs, goal)
-    unchecked = check and run.direction is None and not run.stalled and run.rr**0.5 <= goal
-    while unchecked and run.it + run.checks < max_matvecs:
-        unchecked = False
-        if run.check(goal):
-            break
+    converged = run.converged(goal, check)
+    while not (converged or run.stalled or run.direction is not None) and run.it < max_matvecs:
         run.iterate(max_matvecs, goal)
-        unchecked = run.direction is None and not run.stalled and run.rr**0.5 <= goal
+        converged = run.converged(goal, check)
     if save is not None and (not run.saved or run.saved[-1][0] != run.it):
         run.saved.append((run.it, run.x, run.r))
     res = run.rr**0.5 / (bnorm or 1.0)
     neg = run.direction is not None
     return CGResult(
         run.x,
-        res <= tol and not neg and not unchecked,
+        converged,
         neg,
         run.direction,
         res,

@@ -369,6 +369,17 @@ class _Run:
     settle: int = 0
     #: the products taken when the Krylov space last closed
     closed_at: int = 0
+    #: the block's width before the last widening, while its settling is what ``settle``
+    #: waits for (:func:`_widened`); None when the wait is a closing's
+    widened_from: int | None = None
+    #: how many times the block was widened
+    widenings: int = 0
+
+    @property
+    def block(self) -> int:
+        """The block's width: the step's, not the last block's (cut where the space is nearly
+        all of it: a width of 1 there flagged a 6-value run of a 31-parameter GGN — a review)."""
+        return self.sizes.block_size + self.widenings
 
     def limit(self, theta: np.ndarray) -> float:
         """The residual a converged value may have: tol/2·scale."""
@@ -401,14 +412,14 @@ def _extend(run: _Run, used: int, bar: Any) -> bool:
         # and so does each later one whose fresh direction lived past its first product (one
         # that dies at once lies in a null space: no clock for it, or it never ends there).
         if used >= run.settle or used - run.closed_at > step:
-            run.settle = used + step + needed
+            run.settle, run.widened_from = used + step + needed, None
         run.closed_at = used
     used += step
     theta, S, res = kry.ritz()
     _, ok = run.converged(theta, res)
     enough = kry.size >= min(op.dim, needed) and used >= run.settle
     done = enough and bool(ok.all())
-    if done and _widened(run, theta, needed):
+    if done and _widened(run, theta, needed):  # a block step and a fresh start's products
         run.settle, done = used + kry.X.shape[1] + needed, False
     if done or kry.size >= op.dim or kry.X.shape[1] == 0:
         return False
@@ -426,13 +437,14 @@ def _widened(run: _Run, theta: np.ndarray, needed: int) -> bool:
     for more copies (it then gets a fresh start's products). Not where the basis has no room
     for a wider block: :func:`_result` says so then."""
     kry = run.kry
-    b = kry.X.shape[1]
+    b = run.block
     gap = run.tol * max(float(np.abs(theta).max()), 1e-300)
     if not _past_full_cluster(theta, run.k, run.which, b, gap).any():
         return False
     room = run.sizes.max_basis >= needed - 1 + 2 * (b + 1) and kry.size + b + 1 <= kry.op.dim
     if room:
         kry.widen()
+        run.widened_from, run.widenings = b, run.widenings + 1
     return room
 
 
@@ -451,27 +463,38 @@ def _result(run: _Run, used: int, vectors: bool, fd_error: float = 0.0) -> Eigen
     fd_error = fd_error / scale if scale > 0 else (math.inf if fd_error > 0 else 0.0)
     rounding = PRODUCT_ROUNDING * torch.finfo(op.dtype).eps * scale
     err = error_bounds(theta, res)[idx]
-    if kry.size >= op.dim:  # the full space: exact up to rounding
+    whole = kry.size >= op.dim  # the full space: exact up to rounding
+    settling = used < run.settle and not whole  # the budget ended first (below)
+    widening = settling and run.widened_from is not None
+    b = run.widened_from if widening and run.widened_from else run.block
+    past = _past_full_cluster(theta, run.k, run.which, b, tol * scale)[idx] & (not whole)
+    if whole:
         ok = np.ones_like(ok)
-    elif used < run.settle:  # the budget ended before the fresh direction past an invariant
-        ok = np.zeros_like(ok)  # subspace was explored: its zero residuals prove nothing
-    past = _past_full_cluster(theta, run.k, run.which, kry.X.shape[1], tol * scale)[idx]
-    if kry.size < op.dim and past.any():  # the basis had no room to widen the block
-        ok = ok & ~past
+    elif settling and not widening:  # before the fresh direction past an invariant subspace
+        ok = np.zeros_like(ok)  # was explored: its zero residuals prove nothing
     message = _message(bool(ok.all()), used, run.sizes.max_matvecs, res[idx], scale, tol)
-    if kry.size < op.dim and past.any():
-        message += (
-            f"; {int(past.sum())} value(s) come after a cluster of at least block_size="
-            f"{kry.X.shape[1]} equal values, and a block of that many vectors sees no more "
-            "copies of a repeated eigenvalue: more may lie at the cluster, in their place; "
-            "raise block_size to k, or max_basis"
+    if past.any():
+        why = (
+            "it was widened to look for more, and the budget ended first; raise max_matvecs"
+            if widening
+            else "raise block_size to k, or max_basis"
         )
-    if used < run.settle and kry.size < op.dim:
+        cluster = (
+            f"{int(past.sum())} value(s) come after a cluster of at least block_size={b} "
+            "equal values, and a block of that many vectors sees no more copies of a repeated "
+            f"eigenvalue: more may lie at the cluster, in their place; {why}"
+        )
+        if ok.all():  # every residual met tol: the cluster is the one reason
+            message = f"not converged after {used} products: {cluster}"
+        else:
+            message = f"{message}; {cluster}"
+        ok = ok & ~past
+    elif settling and not widening:
         message = (
             f"not converged after {used} products: the Krylov space closed (an invariant "
-            "subspace, whose values are exact), or a cluster of repeated values filled the "
-            "block, and the budget ended before the fresh direction that continues it was "
-            "explored, so wanted values may lie outside it; raise max_matvecs"
+            "subspace, whose values are exact) and the budget ended before the fresh direction "
+            "that continues it was explored, so wanted values may lie outside it; raise "
+            "max_matvecs"
         )
     if fd_error > RESIDUAL_SHARE * tol:
         ok = np.zeros_like(ok)
