@@ -154,7 +154,6 @@ class _Run:
     progress_tol: float | None
     save: Callable[[int], bool] | None
     it: int = 0
-    checks: int = 0  # products spent on b − Ax (:meth:`check`)
     exact: bool = True  # whether r is b − Ax as computed (no recurrence step since)
     direction: Tensor | None = None  # p with pᵀAp ≤ 0, where met
     direction_curvature: float | None = None
@@ -211,7 +210,7 @@ class _Run:
             return False
         if check and not self.exact:
             self.r = self.op.residual(self.b[:, None], self.x[:, None])[:, 0]
-            self.checks, self.exact = self.checks + 1, True
+            self.exact = True
             self.rr, self.p = self.dot(self.r, self.r), self.r
         return self.rr**0.5 <= goal
 
