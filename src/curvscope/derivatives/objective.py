@@ -49,7 +49,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from curvscope.derivatives.checks import all_finite, check_scalar_loss, check_seed
 from curvscope.derivatives.flat import flatten, map_tensors, tensors, unflatten
 from curvscope.derivatives.huggingface import HuggingFaceLoss
-from curvscope.derivatives.rng import rng_states, seed_rngs, set_rng_states
+from curvscope.derivatives.rng import kept_rngs, rng_states, seed_rngs, set_rng_states
 from curvscope.derivatives.seeding import DATA, FORWARD
 from curvscope.derivatives.substitutes import (
     WEIGHT_NORM_NOTE,
@@ -949,12 +949,8 @@ class ModelObjective:
             and getattr(loader, "num_workers", 0) > 0
             and getattr(loader, "_iterator", None) is None
         ):
-            gens = [*self._generators(), torch.random.default_generator]
-            user = rng_states(gens)
-            try:
+            with kept_rngs([*self._generators(), torch.random.default_generator]):
                 iter(loader)
-            finally:
-                set_rng_states(gens, user)
 
     def _raw_batches(self) -> Generator[tuple[int, Any, Tensor, Tensor], None, None]:
         """(index, inputs, targets, labels) of every batch, in order."""

@@ -22,10 +22,11 @@ calls ``np.random.set_bit_generator``) is put back, the user's own object. As nu
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -123,6 +124,17 @@ def set_rng_states(gens: Sequence[torch.Generator], state: tuple[Any, ...]) -> N
             set_numpy_state(state[1])
         finally:
             random.setstate(state[2])
+
+
+@contextlib.contextmanager
+def kept_rngs(gens: Sequence[torch.Generator]) -> Iterator[None]:
+    """The torch generators ``gens``, numpy's global RNG and Python's as found after the block,
+    whatever it drew (:func:`rng_states`, :func:`set_rng_states`)."""
+    state = rng_states(gens)
+    try:
+        yield
+    finally:
+        set_rng_states(gens, state)
 
 
 def seed_rngs(gens: Sequence[torch.Generator], seed: int) -> None:

@@ -10,19 +10,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvscope.derivatives.rng import rng_states, set_rng_states
+from curvscope.derivatives.rng import kept_rngs
 
 
 def _datasets() -> Any:
     """``sklearn.datasets``, imported with the global RNGs (torch's, numpy's, Python's) as
     found: its first import draws from Python's ``random``, so a script's stream depended on
     whether a problem had been loaded before (an outside review)."""
-    gens = [torch.random.default_generator]
-    state = rng_states(gens)
-    try:
+    with kept_rngs([torch.random.default_generator]):
         import sklearn.datasets
-    finally:
-        set_rng_states(gens, state)
     return sklearn.datasets
 
 
