@@ -30,13 +30,13 @@ from curvscope.derivatives.checks import (
     check_vector,
 )
 from curvscope.derivatives.distributed import (
-    _world,
     all_reduce_sum,
     check_same_on_ranks,
     first_device,
     global_count,
     resolve_group,
     together,
+    world_size,
 )
 from curvscope.derivatives.functions import _grad_with_graph
 from curvscope.derivatives.objective import Batch, ModelObjective
@@ -555,12 +555,13 @@ class Curvature:
         if refused or (obj is not None and obj.nonfinite_batches):
             total.fill_(math.nan)
         linear = obj is not None and obj.ggn_linear
-        flags = total.new_tensor([float(refused), float(linear)])
+        flags = total.new_zeros(2)  # filled on the device: no copy from the host a product
+        flags[0], flags[1] = float(refused), float(linear)
         both = all_reduce_sum(torch.cat([total.reshape(-1), flags]), self.group)
         if linear:
             assert obj is not None
             obj.ggn_linear, obj.ggn_checked = False, True  # decided, once for all ranks
-            if round(float(both[-1])) == _world(self.group):
+            if round(float(both[-1])) == world_size(self.group):
                 raise ValueError(_k.LINEAR_LOSS)
         return both[:-2].reshape(total.shape), both[-2]
 

@@ -76,7 +76,7 @@ def all_reduce_sum(t: Tensor, group: Any) -> Tensor:
 
 def all_reduce_mean(t: Tensor, group: Any) -> Tensor:
     """The mean over the ranks of ``t`` (a contiguous copy); ``t`` itself when local."""
-    return t if group is None else all_reduce_sum(t, group) / _world(group)
+    return t if group is None else all_reduce_sum(t, group) / world_size(group)
 
 
 def all_reduce_max(t: Tensor, group: Any) -> Tensor:
@@ -203,16 +203,17 @@ def in_step(items: Iterable[T], group: Any, device: Any, what: str) -> Iterator[
             count = int(all_reduce_sum(has, group)[0])
             if count == 0:
                 return
-            if count < _world(group):
+            world = world_size(group)
+            if count < world:
                 raise ValueError(
-                    f"{what} ran out on {_world(group) - count} of {_world(group)} ranks before "
+                    f"{what} ran out on {world - count} of {world} ranks before "
                     "the others: every rank must pass the same number of batches (each is "
                     "measured by all ranks together)"
                 )
         yield item  # type: ignore[misc]  # not `done`: checked above
 
 
-def _world(group: Any) -> int:
+def world_size(group: Any) -> int:
     import torch.distributed as dist
 
     return int(dist.get_world_size(group))

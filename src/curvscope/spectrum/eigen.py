@@ -481,7 +481,8 @@ def _result(run: _Run, used: int, vectors: bool, fd_error: float = 0.0) -> Eigen
     whole = kry.size >= op.dim  # the full space: exact up to rounding
     settling = used < run.settle and not whole  # the budget ended first (below)
     widening = settling and run.widened_from is not None
-    b = run.widened_from if widening and run.widened_from else run.block
+    # while a widened block settles, the cluster is judged against the block it filled
+    b = run.widened_from if widening and run.widened_from is not None else run.block
     past = _past_full_cluster(theta, run.k, run.which, b, tol * scale)[idx] & (not whole)
     if whole:
         ok = np.ones_like(ok)
