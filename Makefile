@@ -46,6 +46,7 @@ peers: install
 bench: install
 	$(BIN)/python benchmarks/products.py
 	$(BIN)/python benchmarks/spectrum.py
+	$(BIN)/python benchmarks/clusters.py
 	$(BIN)/python benchmarks/monitor.py
 	$(BIN)/python benchmarks/optim.py
 	$(BIN)/python benchmarks/distributed.py
