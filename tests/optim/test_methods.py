@@ -37,6 +37,87 @@ def test_newton_solves_a_convex_quadratic_in_one_step():
     assert torch.allclose(x.detach(), p.minima[0], atol=1e-8)
 
 
+def _softmax_regression(extra_column: bool = False):
+    """Multinomial logistic regression on noisy labels: its Hessian is singular (every class's
+    weights shifted by one vector changes nothing), the gradient has none of that null space."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(400, 8, generator=g, dtype=DT) * torch.logspace(-1.5, 1, 8, dtype=DT)
+    if extra_column:
+        X = torch.cat([X, torch.zeros(400, 1, dtype=DT)], dim=1)  # a feature zero everywhere
+    y = torch.randint(0, 4, (400,), generator=g)
+    W = torch.zeros(4, X.shape[1], dtype=DT, requires_grad=True)
+    b = torch.zeros(4, dtype=DT, requires_grad=True)
+    return [W, b], lambda: nn.functional.cross_entropy(X @ W.T + b, y)
+
+
+@pytest.mark.parametrize("extra_column", [False, True])
+def test_newton_leaves_out_directions_of_no_curvature_and_no_gradient(extra_column):
+    """Any eigenvalue <= 0 was "indefinite": a Hessian with an exact null space — softmax
+    regression, a feature zero everywhere, an unused parameter — got a shift of 1e-3·max|λ| every
+    step and converged linearly (‖g‖ 2e-3 after 15 steps; an outside review). Directions with
+    no curvature and no gradient are left out of the step: quadratic convergence, as pure
+    Newton's."""
+    params, f = _softmax_regression(extra_column)
+    opt = cs.optim.Newton(params)
+    norms = []
+    for _ in range(6):
+        opt.step(f)
+        norms.append(opt.info.grad_norm)
+    assert norms[4] < 1e-12, norms
+    assert "singular Hessian" in opt.info.note or norms[-1] < 1e-14
+    # a quadratic of condition 1e4 beside an unused parameter: one step, as without it
+    q = cs.problems.get("quadratic", n=6, condition=1e4)
+    x, unused = q.x0.clone().requires_grad_(), torch.zeros(3, dtype=DT, requires_grad=True)
+    cs.optim.Newton([x, unused]).step(lambda: q.f(x))
+    assert torch.allclose(x.detach(), q.minima[0], atol=1e-8) and not unused.any()
+
+
+def test_newton_still_shifts_where_the_gradient_lies_along_no_curvature():
+    """f = (x − 1)² + y: the model is unbounded along y, where H has no curvature but g has a
+    component — the shift of the indefinite case applies, and the step goes downhill in y."""
+    z = torch.tensor([0.0, 0.0], dtype=DT, requires_grad=True)
+    opt = cs.optim.Newton([z])
+    opt.step(lambda: (z[0] - 1) ** 2 + z[1])
+    assert opt.info.accepted and float(z[1]) < 0 and "shifted" in opt.info.note
+
+
+@pytest.mark.parametrize("name", ["newton", "newton-cg", "cubic-newton", "saddle-free-newton"])
+def test_steps_at_a_minimum_within_rounding_leave_the_size_as_it_was(name):
+    """Run past convergence, ρ is rounding over rounding: every step was rejected and the size
+    wrecked (a damping of 2.7e9, a radius of 4.5e-13), so that new data took 17–43 steps where a
+    fresh optimizer took 4–5 (an outside review). Such steps are kept, ρ read as 1."""
+    g = torch.Generator().manual_seed(0)
+
+    def data():
+        X = torch.randn(500, 10, generator=g, dtype=DT)
+        y = (torch.rand(500, generator=g, dtype=DT) < torch.sigmoid(X.sum(1) * 0.5)).to(DT)
+        return X, y
+
+    (XA, yA), (XB, yB) = data(), data()
+    w = torch.zeros(10, dtype=DT, requires_grad=True)
+
+    def loss(X, y):
+        return lambda: nn.functional.binary_cross_entropy_with_logits(X @ w, y) + 5e-4 * w @ w
+
+    def steps_to_converge(opt, X, y):
+        for k in range(60):
+            opt.step(loss(X, y))
+            if opt.info.grad_norm < 1e-10:
+                return k
+        return 60
+
+    opt = cs.optim.build(name, [w])
+    steps_to_converge(opt, XA, yA)
+    for _ in range(20):
+        opt.step(loss(XA, yA))
+        assert opt.info.accepted, opt.info.note  # within rounding: kept
+    at_minimum = w.detach().clone()
+    after = steps_to_converge(opt, XB, yB)
+    with torch.no_grad():
+        w.copy_(at_minimum)
+    assert after <= steps_to_converge(cs.optim.build(name, [w]), XB, yB) + 1
+
+
 def test_newton_cg_needs_no_more_iterations_than_scipy_trust_ncg_on_rosenbrock():
     p = cs.problems.get("rosenbrock")
     x = p.x0.clone().requires_grad_()

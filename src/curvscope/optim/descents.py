@@ -67,20 +67,41 @@ class DenseNewton:
         scale = max(float(lam.abs().max()), torch.finfo(lam.dtype).tiny)
         local.memory["scale"] = scale
         w = V.T @ g
+        eps = torch.finfo(lam.dtype).eps
+        null = lam.abs() <= n * eps * scale  # no curvature, to rounding
+        indefinite = float(lam.min()) < -n * eps * scale
         if self.pure:
-            keep = lam.abs() > n * torch.finfo(lam.dtype).eps * scale
-            inv = torch.where(keep, 1.0 / lam.where(keep, 1.0), torch.zeros_like(lam))
+            inv = torch.where(~null, 1.0 / lam.where(~null, 1.0), torch.zeros_like(lam))
             s = -V @ (inv * w)
-            note = "pure Newton step" + ("" if bool((lam > 0).all()) else " (indefinite Hessian)")
+            note = "pure Newton step" + _shape_note(indefinite, int(null.sum()))
             return Proposal(s, model_decrease(g, s, H @ s), note)
         floor = local.group["damping"] * scale
         note = ""
-        if float(lam.min()) <= 0:
-            mu = max(mu, floor - float(lam.min()))
-            note = "indefinite Hessian: shifted to positive definite"
-        s = -V @ (w / (lam + mu))
-        lowest = float(lam.min())
+        # Directions of no curvature that carry none of the gradient (an unused parameter, a
+        # feature that is zero in every sample, softmax regression's shift of every class by one
+        # vector) are left out of the step: the model is flat there, and the shift the
+        # indefinite case needs made every step damped — linear convergence, "indefinite" (an
+        # outside review). With gradient along them the model is unbounded: shifted, as before.
+        idle = bool(null.any()) and float(w[null].norm()) <= math.sqrt(eps) * float(g.norm())
+        keep = ~null if idle and not indefinite else torch.ones_like(null)
+        if not idle or indefinite:
+            if float(lam.min()) <= 0:
+                mu = max(mu, floor - float(lam.min()))
+                note = "indefinite Hessian: shifted to positive definite"
+        else:
+            note = f"singular Hessian: {int(null.sum())} direction(s) of no curvature and no " + (
+                "gradient left out of the step"
+            )
+        s = -V[:, keep] @ (w[keep] / (lam[keep] + mu))
+        lowest = float(lam[keep].min())
         return Proposal(s, model_decrease(g, s, H @ s), note, used=mu, floor=floor, lowest=lowest)
+
+
+def _shape_note(indefinite: bool, null: int) -> str:
+    """What pure Newton's step met: negative curvature, or directions of none (dropped)."""
+    if indefinite:
+        return " (indefinite Hessian)"
+    return f" ({null} direction(s) of no curvature dropped)" if null else ""
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, cast
 
+import torch
 from torch import Tensor
 
 from curvscope.optim._closure import (
@@ -291,7 +292,10 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         f0, loss_out = ev.loss, ev.loss_tensor.detach()
         del ev, local  # free the graph before the trial forward pass
         actual, ratio, finite = _measure(proposal, f0, trial)
-        accepted = math.isfinite(actual) and search.accepts(ratio, actual, group)
+        noise = _within_rounding(proposal, f0, actual)
+        if noise:  # the model taken as agreeing: ρ = 1, the step kept (below)
+            ratio = 1.0
+        accepted = math.isfinite(actual) and (noise or search.accepts(ratio, actual, group))
         if not accepted:
             write_flat(params, x0)
         elif proposal.loss_at_step is not None:  # the descent's own trials may have moved on
@@ -307,7 +311,7 @@ class ModelStepOptimizer(CurvscopeOptimizer):
             ratio,
             accepted,
             counts.products - products_before,
-            _note(proposal.note, accepted, finite),
+            _note(proposal.note, accepted, finite, noise),
             **{search.size: memory[search.key]},
         )
         self._end(counts, info)
@@ -332,8 +336,29 @@ def _measure(
     return actual, ratio, math.isfinite(f_new)
 
 
-def _note(note: str, accepted: bool, finite: bool) -> str:
-    """The descent's note, and why a step was not taken."""
+#: a predicted and a measured decrease both below this many units of rounding of the loss
+#: (eps of the step's dtype × |f|) are rounding's, not the model's (Conn, Gould & Toint 2000,
+#: §17.4.2)
+ROUNDING_UNITS = 10.0
+
+
+def _within_rounding(proposal: Proposal, f0: float, actual: float) -> bool:
+    """Whether the predicted and the measured decrease are both within the loss's rounding, so
+    that ρ is rounding over rounding: at a minimum, a method run on past convergence had every
+    step rejected on that noise, and its size wrecked — a damping of 2.7e9, a radius of 4.5e-13 —
+    so that new data then took 17–43 steps where a fresh optimizer took 4–5 (an outside review).
+    Such a step is kept and ρ read as 1."""
+    if not math.isfinite(actual):
+        return False
+    rounding = ROUNDING_UNITS * torch.finfo(proposal.step.dtype).eps * abs(f0)
+    return abs(actual) <= rounding and abs(proposal.predicted) <= rounding
+
+
+def _note(note: str, accepted: bool, finite: bool, noise: bool = False) -> str:
+    """The descent's note, and why a step was (not) taken."""
+    if noise:
+        why = "the predicted and the measured decrease are within the loss's rounding: kept"
+        return (note + "; " if note else "") + why
     if accepted:
         return note
     why = "rejected by the ratio test" if finite else "rejected: the loss there is not finite"
