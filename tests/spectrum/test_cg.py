@@ -32,6 +32,42 @@ def test_converged_means_the_true_residual_near_the_dtypes_precision(tol):
             assert r.converged  # within float32's reach: found
 
 
+@pytest.mark.parametrize("tol", [1e-10, 1e-7])
+def test_a_float64_b_against_float32_products_is_not_said_converged_below_their_precision(tol):
+    """A float32 operator under a float64 b iterates in float64, and its recurrence reached 9e-11
+    "converged" where ‖b − Ax‖/‖b‖ was 3.4e-7 (an outside review): b − Ax is checked below √eps
+    of the products' dtype too, and where their rounding is above tol CG stops, not converged."""
+    A = with_spectrum(torch.linspace(1.0, 100.0, 200, dtype=torch.float64)).float()
+    b = torch.randn(200, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    r = cs.spectrum.cg(A, b, tol=tol, max_matvecs=400)
+    true = float((b - A.double() @ r.x).norm() / b.norm())
+    assert not r.converged and r.residual > tol and true > tol
+    assert r.iterations < 100  # stopped at the check: the budget not spent on rounding
+    ok = cs.spectrum.cg(A, b, tol=1e-5, max_matvecs=400)  # within their precision: as before
+    assert ok.converged and float((b - A.double() @ ok.x).norm() / b.norm()) <= 1e-5
+
+
+def test_a_direction_of_no_curvature_to_rounding_stops_as_negative_curvature_does():
+    """The Newton step of f = x₀ + Σxᵢ² + 0.1Σxᵢ⁴ does not exist (the gradient has e₀, the
+    Hessian has not): CG took a step of 7.7e215 (residual 1.9e107) and said nothing of
+    curvature (an outside review). A Rayleigh quotient within rounding of zero is none."""
+
+    def f(x):
+        return x[0] + (x[1:] ** 2).sum() + 0.1 * (x[1:] ** 4).sum()
+
+    x = torch.linspace(0.5, 1.5, 10, dtype=torch.float64)
+    C = cs.Curvature.from_function(f, x)
+    r = cs.spectrum.cg(C, -cs.grad(f, x), max_matvecs=50)
+    assert r.negative_curvature and not r.converged and r.iterations <= 12
+    assert r.direction is not None and abs(r.direction_curvature) < 1e-12
+    assert bool(torch.isfinite(r.x).all()) and float(r.x.abs().max()) < 1e13
+    # an ill-conditioned positive definite system (condition 1e6) is still solved
+    A = with_spectrum(torch.logspace(-6, 0, 40, dtype=torch.float64))
+    b = torch.ones(40, dtype=torch.float64)
+    s = cs.spectrum.cg(A, b, tol=1e-6, max_matvecs=400)
+    assert not s.negative_curvature and s.converged
+
+
 def test_stops_at_negative_curvature_with_the_direction():
     A = torch.diag(torch.tensor([2.0, -1.0, 3.0], dtype=torch.float64))
     r = cs.spectrum.cg(A, torch.ones(3, dtype=torch.float64))

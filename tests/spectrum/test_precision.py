@@ -189,7 +189,11 @@ def test_cg(name, dtype):
     gen = torch.Generator().manual_seed(0)
     b = torch.randn(r.n, generator=gen).to(dtype)  # e.g. a gradient, in the model's dtype
     sol = cs.spectrum.cg(r.C, b, damping=damping, tol=1e-6, max_matvecs=100)
-    assert sol.converged and sol.x.dtype == torch.float32
+    # products in bfloat16 or float16 cannot show ‖b − Ax‖ ≤ 1e-6·‖b‖: not said converged (it
+    # was, on the recurrence's residual), the residual the checked one — yet x is as accurate as
+    # the products allow
+    assert not sol.converged and sol.residual > 1e-6 and sol.x.dtype == torch.float32
+    assert sol.iterations <= 20 and sol.matvecs <= sol.iterations + 1  # stopped at the check
     A = r.H + damping * torch.eye(r.n, dtype=torch.float64)
     x = torch.linalg.solve(A, b.double())
     rel = float((sol.x.double() - x).norm() / x.norm())

@@ -26,11 +26,16 @@ class CGResult:
 
     Attributes:
         x: the last iterate (the solution when ``converged``).
-        converged: ‖b − Ax‖ ≤ tol·‖b‖ was reached.
-        negative_curvature: a direction p with pᵀAp ≤ 0 was met: A is not positive definite on
-            the Krylov space, and ``x`` is the iterate before it (``direction`` holds p).
+        converged: ‖b − Ax‖ ≤ tol·‖b‖ was reached. Where ``tol`` is below what the
+            products' dtype can show (a bfloat16 model's products round at about 4e-3·‖Ax‖),
+            it is False, with ``residual`` the checked one.
+        negative_curvature: a direction p with pᵀAp ≤ 0 was met — or within rounding of 0: a
+            Rayleigh quotient within 10·eps of the products' dtype times the largest met — so A
+            is not (numerically) positive definite on the Krylov space, and ``x`` is the
+            iterate before it (``direction`` holds p).
         direction: the negative-curvature direction, or None.
-        direction_curvature: its Rayleigh quotient pᵀ(A + damping·I)p/‖p‖² (≤ 0), or None.
+        direction_curvature: its Rayleigh quotient pᵀ(A + damping·I)p/‖p‖² (≤ 0, or ≈ 0 at
+            rounding's size), or None.
         residual: ‖b − Ax‖/‖b‖ at the end: the recurrence's, which is the true one to
             rounding where ``tol`` ≥ √eps of the working dtype; below, convergence is checked
             on b − Ax itself (``check_residual``), and the residual reported is that one.
@@ -51,6 +56,14 @@ class CGResult:
     saved: tuple[tuple[int, Tensor, Tensor], ...] = ()
     direction_curvature: float | None = None
 
+
+#: the rounding of a product b − Ax is checked against: this many eps of the products' dtype
+#: times ‖Ax‖ (an estimate: the sums in a product round at about eps·|A||x|)
+PRODUCT_ROUNDING = 4.0
+
+#: a Rayleigh quotient pᵀAp/‖p‖² within this many eps of the products' dtype times the largest
+#: one met is no curvature: CG stops there, as at negative curvature
+NO_CURVATURE_UNITS = 10.0
 
 #: Martens (2010) stops CG when the quadratic φ(x) = ½xᵀAx − bᵀx has improved by less than
 #: this share per iteration over the last max(10, 0.1·i) iterations.
@@ -91,10 +104,11 @@ def cg(
             ``progress_tol``·k per iteration over the last k = max(10, 0.1·i) iterations
             (Martens 2010, §4.4: the residual is a poor guide to the progress on φ).
         save: iteration -> whether to keep that iterate (with its residual) in ``saved``.
-        check_residual: where ``tol`` is below √eps of the working dtype and the products are
-            as precise as it, check b − Ax (one product) before saying ``converged``, and go
-            on from it where it is not within ``tol`` (default True; Hessian-free, which reads
-            its saved iterates and not ``converged``, passes False).
+        check_residual: where ``tol`` is below √eps of the working dtype or of the products'
+            dtype, check b − Ax (one product) before saying ``converged``, and go on from it
+            where it is not within ``tol`` — or stop, not converged, where the products'
+            rounding is above ``tol`` (default True; Hessian-free, which reads its saved
+            iterates and not ``converged``, passes False).
     """
     op = as_operator(A)
     op.same_on_ranks(
@@ -124,13 +138,15 @@ def cg(
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise ValueError(f"expected {name} to be a number >= 0, got {value!r}")
     dt = torch.promote_types(working_dtype(b.dtype), op.work_dtype)
-    # the products as precise as the iteration (not a bfloat16 model's): b − Ax can tell
-    check = check_residual and tol < math.sqrt(torch.finfo(dt).eps)
-    check = check and torch.finfo(op.dtype).eps <= torch.finfo(dt).eps
+    # below √eps of the iteration's dtype or of the products' (a float32 or bfloat16 model's
+    # under a float64 b: "converged" at a recurrence residual of 9e-11 where b − Ax was 3.4e-7,
+    # an outside review), the recurrence's residual is checked on b − Ax
+    coarse = max(torch.finfo(dt).eps, torch.finfo(op.dtype).eps)
+    check = check_residual and tol < math.sqrt(coarse)
     if damping:  # A + λI: the operator's own combinator, in the working dtype
         op = op.damped(damping)
     with autocast_off(op.device):
-        return _cg(op, b.to(dt), tol, max_matvecs, x0, progress_tol, save, check)
+        return _cg(op, b.to(dt), tol, max_matvecs, x0, progress_tol, save, check, coarse)
 
 
 def _finite(value: float, name: str) -> float:
@@ -158,6 +174,9 @@ class _Run:
     direction: Tensor | None = None  # p with pᵀAp ≤ 0, where met
     direction_curvature: float | None = None
     stalled: bool = False  # the progress test stopped it
+    limited: bool = False  # the products' rounding is above the goal (:meth:`converged`)
+    product_eps: float = 0.0  # eps of the products' dtype (the operator's, before any damping)
+    scale: float = 0.0  # the largest Rayleigh quotient pᵀAp/‖p‖² met: a lower bound on ‖A‖
 
     def __post_init__(self) -> None:
         self.p, self.rr = self.r.clone(), self.dot(self.r, self.r)
@@ -176,9 +195,14 @@ class _Run:
             self.it += 1
             self.exact = False
             curv = self.dot(self.p, Ap)
-            if curv <= 0:
+            quotient = curv / self.dot(self.p, self.p)
+            self.scale = max(self.scale, quotient)
+            # no curvature to the products' rounding counts as none: a direction the gradient
+            # has and the Hessian has not (f = x₀ + Σxᵢ²) gave pᵀAp of rounding's size, a step
+            # of 7.7e215 and no word (an outside review)
+            if quotient <= NO_CURVATURE_UNITS * self.product_eps * self.scale:
                 self.direction = self.p
-                self.direction_curvature = curv / self.dot(self.p, self.p)
+                self.direction_curvature = quotient
                 return
             alpha = self.rr / curv
             self.x = self.x + alpha * self.p
@@ -205,13 +229,19 @@ class _Run:
     def converged(self, goal: float, check: bool) -> bool:
         """Whether the solve ended converged: the recurrence's residual within ``goal``, and
         with ``check`` b − Ax itself (one product, unless r is exact already); where it is not,
-        CG restarts from it (p = r) and this says False."""
+        CG restarts from it (p = r) and this says False — and where the products' own rounding,
+        about eps·‖Ax‖ in their dtype, is above ``goal``, it sets ``limited``: no more
+        iterations can show the goal reached."""
         if self.direction is not None or self.rr**0.5 > goal:
             return False
         if check and not self.exact:
             self.r = self.op.residual(self.b[:, None], self.x[:, None])[:, 0]
             self.exact = True
             self.rr, self.p = self.dot(self.r, self.r), self.r
+            if self.rr**0.5 > goal:
+                ax = self.op.norm(self.b - self.r)  # Ax, as the products computed it
+                rounding = PRODUCT_ROUNDING * self.product_eps * float(ax)
+                self.limited = rounding >= goal
         return self.rr**0.5 <= goal
 
 
@@ -224,6 +254,7 @@ def _cg(
     progress_tol: float | None,
     save: Callable[[int], bool] | None,
     check: bool,
+    product_eps: float,
 ) -> CGResult:
     start, used_before = time.perf_counter(), op.matvecs
     # b's and x0's finiteness from the norms read anyway: reduced over the ranks, so every rank
@@ -235,14 +266,16 @@ def _cg(
         x = x0.to(b).clone()
         r = op.residual(b[:, None], x[:, None])[:, 0]  # (b − Ax) − λx for a damped A
     goal = tol * (bnorm or 1.0)
-    run = _Run(op, b, x, r, progress_tol, save)
+    run = _Run(op, b, x, r, progress_tol, save, product_eps=product_eps)
     # near the dtype's precision the recurrence's residual drifts below the true one (float32,
     # tol 1e-6, condition 100: "converged" at 9.8e-7 where ‖b − Ax‖/‖b‖ was 2.1–2.9e-6 in 20
     # of 60 runs; an outside review): there (``check``), convergence is checked on b − Ax
     # itself — a product beyond the cap, as x0's — and CG goes on from it where it is not
     run.iterate(max_matvecs, goal)
     converged = run.converged(goal, check)
-    while not (converged or run.stalled or run.direction is not None) and run.it < max_matvecs:
+    while not (converged or run.stalled or run.limited or run.direction is not None) and (
+        run.it < max_matvecs
+    ):
         run.iterate(max_matvecs, goal)
         converged = run.converged(goal, check)
     if save is not None and (not run.saved or run.saved[-1][0] != run.it):
