@@ -20,6 +20,7 @@ from curvscope.derivatives.checks import (
     check_vector,
 )
 from curvscope.derivatives.kinds import _grad
+from curvscope.derivatives.objective import walk_graph, watch_custom_functions
 
 Function = Callable[[Tensor], Tensor]
 
@@ -36,6 +37,7 @@ def _grad_with_graph(f: Function, x: Tensor) -> tuple[Tensor, Tensor, float]:
     xl = x.detach().requires_grad_(True)
     with torch.enable_grad():
         y = _value(f, xl)
+        watch_custom_functions(walk_graph(y).custom, "second derivatives")
         (g,) = torch.autograd.grad(y, xl, create_graph=True)
     return xl, g, float(y.detach())
 

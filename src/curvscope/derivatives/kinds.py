@@ -166,6 +166,8 @@ def batch_loss_and_grads(
     try:
         with obj.context(batch.index):
             loss = obj.loss(obj.forward(theta, batch), batch)
+            if create_graph:
+                obj.watch(loss)
             raw = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
     except RuntimeError as e:  # checkpointing that recomputes with the left-out parameters
         if not obj.recompute_found(e):
@@ -290,6 +292,7 @@ def prepare_ggn(obj: ModelObjective, batch: Batch) -> PreparedProduct:
     theta = obj.leaves()
     with obj.context(batch.index):
         out = obj.forward(theta, batch, tensor=True)
+        obj.watch(out)
         out_leaf = out.detach().requires_grad_(True)
         loss = obj.loss(out_leaf, batch)
         product = ggn_product(out, list(theta.values()), loss, at=out_leaf)

@@ -37,7 +37,7 @@ import sys
 import warnings
 from collections.abc import Callable, Container, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -677,12 +677,16 @@ class GraphSeen:
     leaves: list[Tensor]
     #: whether it goes through torch's reentrant checkpointing (a CheckpointFunction node)
     reentrant: bool
+    #: the nodes of custom ``torch.autograd.Function`` s on it (:func:`watch_custom_functions`)
+    custom: list[Any] = field(default_factory=list)
 
 
 def walk_graph(loss: Tensor) -> GraphSeen:
-    """One walk over ``loss``'s graph: its leaves and whether a reentrant checkpoint is on it."""
+    """One walk over ``loss``'s graph: its leaves, whether a reentrant checkpoint is on it, and
+    the custom autograd Functions on it."""
     seen: set[Any] = set()
     stack, leaves, reentrant = [loss.grad_fn], [], False
+    custom: list[Any] = []
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -692,8 +696,69 @@ def walk_graph(loss: Tensor) -> GraphSeen:
         if leaf is not None:
             leaves.append(leaf)
         reentrant = reentrant or type(node).__name__ == "CheckpointFunctionBackward"
+        if isinstance(node, torch.autograd.function.BackwardCFunction) and not reentrant:
+            custom.append(node)
         stack.extend(child for child, _ in node.next_functions)
-    return GraphSeen(leaves, reentrant)
+    return GraphSeen(leaves, reentrant, custom)
+
+
+#: what else to do where a custom autograd Function cuts the graph, by who asked
+CUT_FIXES = {
+    "curvature products": "or measure with backend='finite_difference', which runs the "
+    "model's own backward",
+    "second derivatives": "or differentiate a function without it",
+    "a second-order optimizer": "or train with a first-order method (curvscope's NormalizedGD, "
+    "torch's optimizers), which needs only the gradient",
+}
+
+
+def custom_function_cut(what: str, name: str) -> str:
+    """The refusal of a custom autograd Function whose backward leaves autograd's graph."""
+    return (
+        f"{what} cannot go through the custom autograd.Function {name}: its backward "
+        + (
+            "is declared @once_differentiable"
+            if name.endswith("(@once_differentiable)")
+            else "computes its result outside autograd's graph (under torch.no_grad(), from "
+            ".detach()ed tensors, or in a fused kernel)"
+        )
+        + ", which cuts every second derivative that passes through it — the curvature of "
+        "everything before it too, without an error from torch (AdaHessian took a loss from "
+        "1.10 to 88.8 in one step on such a model: an outside review). Write its backward in "
+        "differentiable torch operations (or give it a double backward), use the plain torch "
+        f"operation, {CUT_FIXES[what]}"
+    )
+
+
+def watch_custom_functions(
+    nodes: Sequence[Any], what: str, refused: Callable[[], None] | None = None
+) -> None:
+    """Hooks on custom autograd Functions' nodes that refuse, during a backward taken with
+    ``create_graph=True``, a gradient their backward returned outside autograd's graph (where
+    a gradient flowing into it has one) or through @once_differentiable's error node: the
+    products through such a node are silently missing (an outside review). A first-order
+    backward is not checked (nothing is missing from it). ``what``: a key of
+    :data:`CUT_FIXES`; ``refused`` is called before a refusal (an operator then watches its
+    next backward again)."""
+
+    def check(node: Any, grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]) -> None:
+        if not torch.is_grad_enabled():
+            return
+        upstream = any(isinstance(g, Tensor) and g.requires_grad for g in grad_outputs)
+        for (child, _), g in zip(node.next_functions, grad_inputs, strict=False):
+            if child is None or not isinstance(g, Tensor):
+                continue
+            name = getattr(node, "_forward_cls", type(node)).__name__
+            once = type(g.grad_fn).__name__ == "Error"  # once_differentiable's DelayedError
+            # (a zero gradient is cut too: the GGN's Jᵀu at u = 0)
+            if once or (upstream and not g.requires_grad):
+                if refused is not None:
+                    refused()
+                said = f"{name} (@once_differentiable)" if once else name
+                raise RuntimeError(custom_function_cut(what, said))
+
+    for node in nodes:
+        node.register_hook(lambda gi, go, node=node: check(node, gi, go))
 
 
 def _reads_parameters(seen: GraphSeen, params: Mapping[str, Tensor]) -> str | None:
@@ -842,6 +907,7 @@ class ModelObjective:
             index = torch.cuda.current_device() if self.device.index is None else self.device.index
             self._forward_generators.append(torch.cuda.default_generators[index])
         self._loss_checked = False
+        self._watched = False  # custom autograd Functions checked (:meth:`watch`)
         self._first_call = True
         #: the parameters a forward writes into, passed as copies (:meth:`_written_in_forward`)
         self._written: set[str] = set()
@@ -1357,6 +1423,17 @@ class ModelObjective:
             self._check_own_loss(batch, float(loss.detach()), loss.dtype)
             self._own_checked.add(batch.index)
         return loss
+
+    def watch(self, t: Tensor) -> None:
+        """Before an operator's first backward that keeps its graph: hooks on the custom
+        autograd Functions of ``t``'s graph that refuse one whose backward leaves the graph
+        (:func:`watch_custom_functions`); once an operator."""
+        if not self._watched:
+            watch_custom_functions(walk_graph(t).custom, "curvature products", self._unwatch)
+            self._watched = True
+
+    def _unwatch(self) -> None:
+        self._watched = False
 
     def _first_loss(self, out: Any, loss: Tensor, batch: Batch, at_copies: bool) -> None:
         """The checks of an operator's first loss (:meth:`loss`): its reduction, where not

@@ -1,0 +1,142 @@
+"""Custom autograd Functions: products through one whose backward is written in differentiable
+torch operations are exact; one whose backward leaves autograd's graph (computed under no_grad,
+as a fused kernel's, or declared @once_differentiable) is refused wherever a second derivative
+is taken — torch says nothing, and the curvature through it was silently missing (a GGN of 0,
+a Hessian of 0, AdaHessian taking a loss from 1.10 to 88.8: an outside review)."""
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+import curvscope as cs
+
+DT = torch.float64
+
+
+class Linear(torch.autograd.Function):
+    """x Wᵀ, its backward in differentiable torch operations: twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, W):
+        ctx.save_for_backward(x, W)
+        return x @ W.T
+
+    @staticmethod
+    def backward(ctx, go):
+        x, W = ctx.saved_tensors
+        return go @ W, go.T @ x
+
+
+class FusedLinear(Linear):
+    """The same, its backward computed outside autograd's graph (the shape of a fused kernel)."""
+
+    @staticmethod
+    def backward(ctx, go):
+        with torch.no_grad():
+            return Linear.backward(ctx, go)
+
+
+class OnceLinear(Linear):
+    """The same, declared once differentiable."""
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, go):
+        x, W = ctx.saved_tensors
+        return go @ W, go.T @ x
+
+
+class Model(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.first = nn.Linear(5, 6, dtype=DT)
+        with torch.no_grad():  # the same model whatever the global RNG
+            self.first.weight.copy_(torch.randn(6, 5, generator=g, dtype=DT))
+            self.first.bias.copy_(torch.randn(6, generator=g, dtype=DT))
+        self.W = nn.Parameter(0.5 * torch.randn(3, 6, generator=g, dtype=DT))
+        self.fn = fn
+
+    def forward(self, x):
+        h = torch.tanh(self.first(x))
+        return h @ self.W.T if self.fn is None else self.fn.apply(h, self.W)
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(32, 5, generator=g, dtype=DT), torch.randint(0, 3, (32,), generator=g)
+
+
+def dense(model, kind):
+    C = cs.Curvature(model, nn.CrossEntropyLoss(), data(), kind=kind)
+    return C.to_dense()
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_a_twice_differentiable_custom_function_gives_the_plain_operations_curvature(kind):
+    plain, custom = dense(Model(None), kind), dense(Model(Linear), kind)
+    torch.testing.assert_close(custom, plain, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fn", [FusedLinear, OnceLinear])
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_a_custom_function_that_leaves_the_graph_is_refused_with_the_fixes(fn, kind):
+    C = cs.Curvature(Model(fn), nn.CrossEntropyLoss(), data(), kind=kind)
+    said = "once_differentiable" if fn is OnceLinear else "outside autograd's graph"
+    with pytest.raises(RuntimeError, match=f"custom autograd.Function {fn.__name__}.*{said}"):
+        cs.eigenvalues(C, progress_bar=False)
+    with pytest.raises(RuntimeError, match="backend='finite_difference'"):
+        C.matvec(torch.ones(C.num_params, dtype=DT))
+
+
+def test_the_finite_difference_backend_goes_through_it():
+    """The fix the message names: the model's own backward, differenced — the plain
+    operations' Hessian within its stated error."""
+    reference = dense(Model(None), "hessian")
+    C = cs.Curvature(Model(FusedLinear), nn.CrossEntropyLoss(), data(), backend="finite_difference")
+    v = torch.randn(C.num_params, generator=torch.Generator().manual_seed(2), dtype=DT)
+    assert float((C.matvec(v) - reference @ v).norm()) <= 1e-5 * float((reference @ v).norm())
+
+
+@pytest.mark.parametrize("fn", [FusedLinear, OnceLinear])
+def test_plain_function_second_derivatives_refuse_it_even_at_a_zero_gradient(fn):
+    """cs.hessian through the fused function returned zeros: at x = 0 its gradient is 0 too,
+    which is no reason to let it through."""
+    X = torch.randn(8, 5, generator=torch.Generator().manual_seed(3), dtype=DT)
+
+    def f(w):
+        return fn.apply(X, w.view(3, 5)).square().sum()
+
+    for x in (torch.zeros(15, dtype=DT), torch.ones(15, dtype=DT)):
+        with pytest.raises(RuntimeError, match="second derivatives cannot go through"):
+            cs.hessian(f, x)
+    assert cs.grad(f, torch.ones(15, dtype=DT)).abs().sum() > 0  # a gradient alone is fine
+
+
+@pytest.mark.parametrize("name", ["newton", "adahessian", "hessian-free"])
+def test_second_order_optimizers_refuse_it_and_first_order_ones_train_through_it(name):
+    model = Model(FusedLinear)
+    X, y = data()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = cs.optim.build(name, model.parameters(), **({"lr": 0.1} if name == "adahessian" else {}))
+
+    def closure():
+        opt.zero_grad()
+        out = model(X)
+        loss = nn.functional.cross_entropy(out, y)
+        loss.backward()
+        return (loss, out) if name == "hessian-free" else loss
+
+    with pytest.raises(RuntimeError, match="first-order method"):
+        opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    first = cs.optim.NormalizedGD(model.parameters(), lr=0.01)
+    losses = []
+    for _ in range(3):
+        first.zero_grad()
+        loss = nn.functional.cross_entropy(model(X), y)
+        loss.backward()
+        first.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
