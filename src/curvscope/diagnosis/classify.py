@@ -607,15 +607,25 @@ def _minimum(f: Facts) -> list[str] | None:
         return None
     # said with its threshold: "no direction curves down" read as absolute beside a lab run
     # whose λ_min was −4.6e-7 of a λ_max 8e-5, "saddle" by stationary_point (a review)
+    # with its accuracy (the residual: an eigenvalue lies within it): a −0.077 read +0.008,
+    # printed to three digits as if measured (an outside review)
+    res = f.evidence.get("lambda_min_residual")
+    pm = f" ± {res:.2g}" if _finite(res) and res > 0 else ""
     why = (
         "λ_min was not measured"
         if f.lmin is None
-        else f"λ_min = {f.lmin:.3g}: no direction curves down by more than "
+        else f"λ_min = {f.lmin:.3g}{pm}: no direction curves down by more than "
         f"{f.th.negative_curvature:g}·|λ_max|"
     )
-    extra = (
-        "" if dec is None else f"; the bottom of the local quadratic is ½δ² = {0.5 * dec:.3g} below"
-    )
+    if dec is not None:
+        extra = f"; the bottom of the local quadratic is ½δ² = {0.5 * dec:.3g} below"
+    elif f.lmin is not None and f.lmin < 0:  # CG met its negative curvature: no δ (a review)
+        extra = (
+            "; the local quadratic has no bottom along that slight negative curvature, so how "
+            "far the loss is above a minimum is not known"
+        )
+    else:
+        extra = ""
     return [f.gradient, why + extra]
 
 
