@@ -610,7 +610,7 @@ def _minimum(f: Facts) -> list[str] | None:
     # with its accuracy (the residual: an eigenvalue lies within it): a −0.077 read +0.008,
     # printed to three digits as if measured (an outside review)
     res = f.evidence.get("lambda_min_residual")
-    pm = f" ± {res:.2g}" if _finite(res) and res > 0 else ""
+    pm = f" ± {res:.2g}" if res is not None and math.isfinite(res) and res > 0 else ""
     why = (
         "λ_min was not measured"
         if f.lmin is None
