@@ -31,6 +31,8 @@ SLOW: dict[str, float] = {
     "tests/diagnosis/test_monitor.py::"
     "test_full_batch_gd_reaches_and_holds_the_edge_of_stability": 7.5,
     "tests/diagnosis/test_precision.py::test_a_monitor_in_a_training_loop_under_autocast": 4.0,
+    "tests/diagnosis/test_review_classify.py::"
+    "test_a_warm_up_into_a_blow_up_is_not_called_the_edge_and_a_held_rate_is": 9.0,
     # the verdicts' seven training runs, in a module fixture that the first test pays for (the
     # module's other tests are marked slow in the file: they would pay for it instead)
     "tests/diagnosis/test_verdicts.py::test_the_subset_covers_every_kind_of_outcome": 9.5,

@@ -110,3 +110,32 @@ def test_bad_input_gets_a_clear_error(f, x, v, error, match):
             cs.grad(f, x)
         else:
             cs.hvp(f, x, v)
+
+
+def test_more_bad_input_named_with_the_fix():
+    """Each was torch's bare error, a crash deep inside, or accepted silently (an outside
+    review): an empty x, a complex value, several tensors, a dict, force="no", a seed past
+    torch's range, inference mode inside and an inference tensor outside."""
+
+    def f(t):
+        return (t**4).sum()
+
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="at least one entry"):
+        cs.hessian(f, torch.ones(0, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"to be real.*\.real"):
+        cs.grad(lambda t: (t * (1 + 1j)).sum(), x)
+    for several in ((x, x), {"a": x}):
+        with pytest.raises(TypeError, match=r"one flat vector, torch\.cat"):
+            cs.grad(f, several)
+    with pytest.raises(TypeError, match="force to be True or False"):
+        cs.hessian(f, x, force="no")
+    with pytest.raises(ValueError, match="below 2\\*\\*64"):
+        cs.eigenvalues(torch.eye(3, dtype=torch.float64), seed=2**70)
+    with torch.inference_mode():
+        for call in (lambda: cs.grad(f, x), lambda: cs.hessian(f, x)):
+            with pytest.raises(RuntimeError, match="outside the inference_mode block"):
+                call()
+        inference = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"made under torch.inference_mode\(\).*clone"):
+        cs.hessian(f, inference)

@@ -347,3 +347,26 @@ def test_a_learning_rate_too_small_for_a_finite_limit_is_not_called_zero():
         opt = torch.optim.SGD(model.parameters(), lr=lr)
         d = cs.diagnose(model, p.loss_fn, p.data, optimizer=opt)
         assert d.state == "learning" and said in d.reasons, d.reasons
+
+
+def test_a_fit_at_zero_loss_is_not_sent_to_cross_a_plateau():
+    """Logistic regression on separable data, trained until the loss is ~0: the gradient and the
+    curvature are tiny, *flat* — and the advice was to cross a plateau faster and look for dead
+    units (an outside review). At a loss below the loss floor it says the fit is done."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(100, 2, generator=gen, dtype=torch.float64)
+    y = (X[:, 0] > 0).to(torch.float64)
+    X[:, 0] += torch.where(y > 0, 2.0, -2.0)  # a wide margin: separable
+    model = nn.Linear(2, 1, dtype=torch.float64)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[40.0, 0.0]], dtype=torch.float64))
+        model.bias.zero_()
+
+    def loss_fn(out, t):
+        return nn.functional.binary_cross_entropy_with_logits(out[:, 0], t)
+
+    d = cs.diagnose(model, loss_fn, (X, y), torch.optim.SGD(model.parameters(), lr=0.1))
+    assert d.evidence["loss"] < 1e-12 and d.state == "flat"
+    assert d.advice[0].startswith("The loss is about zero") and "weight decay" in d.advice[0]
+    plateau = cs.diagnose(model, lambda o, t: loss_fn(o, t) + 1.0, (X, y), reduction="mean")
+    assert "plateau faster" in " ".join(plateau.advice)

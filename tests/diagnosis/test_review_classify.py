@@ -94,3 +94,129 @@ def test_full_batch_losses_that_fell_at_every_step_are_not_held_at_the_edge():
     # too few losses to tell: a probe every step or two reads as before
     state, _ = classify_history(State.LEARNING, ["own"], near(1.9), past=past, losses=(0.5, 0.4))
     assert state is State.EDGE_OF_STABILITY
+
+
+# ----------------------------------------------------------- the edge against a moving limit
+def test_a_warm_up_moving_the_limit_a_little_between_close_probes_is_no_edge():
+    """A forecast's probe a few steps after the last saw a warm-up move the limit under 5%:
+    rule (d) entered the edge, and rule (b) held it there ("normal") until the blow-up, the
+    limit halving meanwhile (an outside review). (b)–(d) now need the limit steady over the
+    probes of the last EOS_HOLD steps."""
+    limits = [2.4, 2.2, 2.05, 2.0]  # a warm-up: the limit falls 17% over 20 steps
+    past = [near(1.0 * lim, lim) for lim in limits[:-1]]
+    state, _ = classify_history(
+        State.UNSTABLE,
+        ["own"],
+        near(1.3 * limits[-1], limits[-1]),
+        past=past,
+        losses=(0.5, 0.45, 0.4),
+        first_loss=1.0,
+        best_loss=0.4,
+        previous=State.EDGE_OF_STABILITY,
+        steps=[200, 210, 218, 220],
+    )
+    assert state is State.UNSTABLE
+    # at a steady limit the same probe stays at the edge (b)
+    state, _ = classify_history(
+        State.UNSTABLE,
+        ["own"],
+        near(2.6, 2.0),
+        past=[near(2.0, 2.0)] * 3,
+        losses=(0.5, 0.45, 0.4),
+        first_loss=1.0,
+        best_loss=0.4,
+        previous=State.EDGE_OF_STABILITY,
+        steps=[200, 210, 218, 220],
+    )
+    assert state is State.EDGE_OF_STABILITY
+
+
+def _above(ratios, losses, steps):
+    evs = [near(r * 2.0, 2.0, loss=v) for r, v in zip(ratios, losses, strict=True)]
+    return classify_history(
+        State.UNSTABLE,
+        ["own"],
+        evs[-1],
+        past=evs[:-1],
+        losses=(losses[-1], losses[-1] * 0.98),
+        first_loss=1.0,
+        best_loss=0.1,
+        previous=State.UNSTABLE,
+        steps=steps,
+    )
+
+
+def test_a_sharpness_held_above_the_limit_with_the_loss_level_is_the_edge():
+    """Full-batch GD at a rate held at 1.8 on the digits MLP sat at 1.17–1.38x its limit for
+    500 steps, the loss level: *unstable* at 121 probes in a row (an outside review). Rule (e):
+    held above (up to EOS_SWING) for EOS_ABOVE_HOLD steps at a steady limit, the probes'
+    losses within 15% of their least, is the edge; a loss that climbs, or a shorter hold, is
+    not."""
+    steps = [300, 310, 320, 330, 340, 350]
+    ratios = [1.25, 1.3, 1.2, 1.28, 1.22, 1.24]
+    state, reasons = _above(ratios, [0.15, 0.16, 0.15, 0.155, 0.148, 0.152], steps)
+    assert state is State.EDGE_OF_STABILITY
+    assert "stayed above the stability limit at a steady learning rate for 50 steps" in reasons[0]
+    climbing = [0.15, 0.16, 0.17, 0.18, 0.19, 0.2]
+    assert _above(ratios, climbing, steps)[0] is State.UNSTABLE
+    assert _above(ratios[2:], [0.15] * 4, steps[2:])[0] is State.UNSTABLE  # 30 steps: too short
+    assert _above([*ratios[:-1], 3.5], [0.15] * 6, steps)[0] is State.UNSTABLE  # past EOS_SWING
+
+
+def _warm_up_run(top, steps):
+    """The review's run: full-batch GD on a digits tanh MLP (MSE), the rate raised from 0.05
+    to ``top`` geometrically over 300 steps, then held; a Monitor every 10 steps. (state, step
+    of each probe), and the blow-up step (the loss above 10x its running minimum) or None."""
+    import math
+
+    import torch
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    import curvscope as cs
+
+    d = load_digits()
+    X = torch.tensor((d.data - d.data.mean(0)) / (d.data.std(0) + 1e-8), dtype=torch.float32)
+    X, Y = X[:1000], nn.functional.one_hot(torch.tensor(d.target[:1000]), 10).float()
+
+    def loss_fn(o, t):
+        return 0.5 * ((o - t) ** 2).sum(1).mean()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rise = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: (top / 0.05) ** (min(t, 300) / 300))
+    mon = cs.Monitor(model, loss_fn, (X, Y), optimizer=opt, every=10)
+    probes, low, blow = [], math.inf, None
+    for t in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(model(X), Y)
+        loss.backward()
+        opt.step()
+        rise.step()
+        v = loss.item()
+        if blow is None and (not math.isfinite(v) or v > 10 * low):
+            blow = t
+        low = min(low, v)
+        d = mon.step(loss)
+        if d is not None:
+            probes.append((d.state, mon.probe_steps[-1]))
+        if blow is not None:
+            break
+    mon.close()
+    return probes, blow
+
+
+def test_a_warm_up_into_a_blow_up_is_not_called_the_edge_and_a_held_rate_is():
+    """The review's runs, whole: warmed up to 2.2 the run blows up at step 299 and was called
+    the edge ("normal") at every probe from 236 to 290; held at 1.8 it never blows up and was
+    *unstable* for 121 probes in a row. Now unstable up to the blow-up, and the edge once held."""
+    probes, blow = _warm_up_run(2.2, 320)
+    assert blow == 299
+    assert not [s for s, k in probes if k >= 236 and s == "edge_of_stability"]
+    assert [s for s, k in probes if 250 <= k < blow] and all(
+        s == "unstable" for s, k in probes if 250 <= k < blow
+    )
+    probes, blow = _warm_up_run(1.8, 450)
+    assert blow is None
+    assert all(s == "edge_of_stability" for s, k in probes if k >= 380)

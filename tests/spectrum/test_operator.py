@@ -312,12 +312,38 @@ def test_a_float64_operator_without_dtype_says_to_declare_it():
             r"returned shape \(21, 1\)",
         ),
         (Custom(_spd(20), dtype=DT, out=lambda A, V: (A @ V).tolist()), TypeError, "returned list"),
+        # another dtype than declared: torch's "expected m1 and m2 to have the same dtype"
+        (
+            Custom(_spd(20), dtype=DT, out=lambda A, V: (A @ V).float()),
+            TypeError,
+            "returned float32 for a float64 block.*declared dtype",
+        ),
     ],
 )
 def test_a_custom_operator_that_does_not_match_its_declaration_is_named(op, error, match):
     """These gave raw torch or QR errors (review e4)."""
     with pytest.raises(error, match=match):
         cs.eigenvalues(op)
+
+
+def test_arrays_and_scipy_operators_are_named_with_the_conversion():
+    import numpy as np
+    from scipy.sparse.linalg import aslinearoperator
+
+    A = np.eye(4)
+    with pytest.raises(TypeError, match=r"torch\.from_numpy\(A\)"):
+        cs.eigenvalues(A)
+    with pytest.raises(TypeError, match=r"num_params = L\.shape\[0\]"):
+        cs.eigenvalues(aslinearoperator(A))
+
+
+def test_a_tiny_matrix_is_judged_symmetric_on_its_own_scale():
+    """Entries of 1e-170 have squares that underflow: a random matrix's asymmetry read 0 and
+    was accepted (an outside review)."""
+    N = torch.randn(50, 50, generator=torch.Generator().manual_seed(0), dtype=DT) * 1e-170
+    with pytest.raises(ValueError, match="not symmetric"):
+        cs.eigenvalues(N)
+    cs.eigenvalues((N + N.T) / 2, progress_bar=False)  # its symmetric part is taken
 
 
 @pytest.mark.parametrize("bad", ["no", 0.0, 1, "False"])

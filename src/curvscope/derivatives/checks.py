@@ -43,7 +43,17 @@ def all_finite(t: Tensor) -> bool:
 def check_point(x: object, name: str = "x") -> Tensor:
     """Check that ``x`` is a 1-D floating-point tensor and return it."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"expected {name} to be a 1-D torch.Tensor, got {type(x).__name__}")
+        several = isinstance(x, (tuple, list, dict))
+        raise TypeError(
+            f"expected {name} to be a 1-D torch.Tensor, got {type(x).__name__}"
+            + (
+                "; for several tensors pass one flat vector, torch.cat([t.reshape(-1) for t in "
+                "tensors]), and split it inside f (or wrap them as nn.Parameters of a module "
+                "for cs.Curvature)"
+                if several
+                else ""
+            )
+        )
     if x.ndim != 1:
         raise ValueError(
             f"expected {name} to be a 1-D tensor, got shape {tuple(x.shape)}; "
@@ -58,6 +68,13 @@ def check_point(x: object, name: str = "x") -> Tensor:
     if not x.is_floating_point():
         raise TypeError(
             f"expected {name} to have a floating dtype, got {x.dtype}; use {name}.double()"
+        )
+    if x.numel() == 0:  # (the Hessian said "not enough values to unpack")
+        raise ValueError(f"expected {name} to have at least one entry, got an empty tensor")
+    if x.is_inference():  # (torch: "Setting requires_grad=True on inference tensor ...")
+        raise RuntimeError(
+            f"{name} was made under torch.inference_mode(), and such a tensor cannot be "
+            f"differentiated; pass a copy made outside it: {name}.clone() outside the block"
         )
     return x
 
@@ -109,6 +126,11 @@ def check_scalar_loss(loss: object, what: str = "the loss", *, values: bool = Tr
     tensor, its finiteness checked by the caller — one host read, not two)."""
     if not isinstance(loss, Tensor):
         raise TypeError(f"expected {what} to be a scalar torch.Tensor, got {type(loss).__name__}")
+    if loss.is_complex():  # (torch: "grad can be implicitly created only for real scalar ...")
+        raise TypeError(
+            f"expected {what} to be real, got {loss.dtype}: curvature is that of a real "
+            "function; return its .real, .abs() or squared modulus"
+        )
     if loss.numel() != 1:
         raise ValueError(
             f"expected {what} to be a scalar, got shape {tuple(loss.shape)}; "
@@ -145,6 +167,8 @@ def check_finite(t: Tensor, what: str) -> Tensor:
 
 
 def check_dense_size(n: int, dtype: torch.dtype, force: bool, what: str) -> None:
+    if not isinstance(force, bool):  # force="no" built the matrix (a review)
+        raise TypeError(f"expected force to be True or False, got {force!r}")
     if n > DENSE_LIMIT and not force:
         nbytes = n * n * torch.empty((), dtype=dtype).element_size()
         raise ValueError(
@@ -232,7 +256,10 @@ def check_seed(seed: object, name: str = "seed") -> int:
             f"{name}=None: curvscope's randomized results are reproducible by design; pass a "
             f"fixed integer ({name}=0 is the default) or a torch.Generator where accepted"
         )
-    return check_int(seed, name, minimum=0)
+    seed = check_int(seed, name, minimum=0)
+    if seed >= 2**64:  # torch's "Overflow when unpacking long long" (a review)
+        raise ValueError(f"expected {name} to be below 2**64 (a torch seed), got {seed}")
+    return seed
 
 
 #: curvscope's own directory: what a warning's stack level skips (:func:`callers_level`)

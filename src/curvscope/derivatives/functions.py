@@ -28,6 +28,11 @@ Function = Callable[[Tensor], Tensor]
 def _value(f: Function, xl: Tensor) -> Tensor:
     y = check_scalar_loss(f(xl), "f(x)")
     if not y.requires_grad:
+        if torch.is_inference_mode_enabled():  # it said "does not depend on x" (a review)
+            raise RuntimeError(
+                "derivatives are taken with torch.inference_mode() on, which records no graph; "
+                "call curvscope outside the inference_mode block"
+            )
         raise ValueError("f(x) does not depend on x: check that f uses its argument")
     return y
 

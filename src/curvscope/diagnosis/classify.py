@@ -84,6 +84,10 @@ EOS_HOLD = 20
 #: ... at a steady learning rate: their stability limits within this fraction of each other
 #: (a warm-up that moves the limit down through the sharpness is a crossing, not the edge).
 EOS_LIMIT_DRIFT = 0.05
+#: History, rule (e): a sharpness above the band, up to EOS_SWING times a steady limit, held
+#: for this many steps (and EOS_PROBES probes) while the loss has not risen, is the edge too —
+#: five probes at every=10: an overshoot that is instability blows up within fewer
+EOS_ABOVE_HOLD = 50
 #: History, diverged: a training loss above this multiple of the first loss (or not finite) ...
 EXPLOSION = 1e3
 #: ... or a mean training loss between two probes above this multiple of its running minimum
@@ -234,6 +238,17 @@ def _edge_advice(ev: Mapping[str, Any]) -> list[str]:
 
 
 def _flat_advice(ev: Mapping[str, Any]) -> list[str]:
+    loss, floor = ev.get("loss"), DEFAULT_THRESHOLDS.loss_floor
+    if loss is not None and 0 <= loss <= floor:
+        # a separable logistic regression at 5e-11 was told to cross a plateau faster and to
+        # look for dead units (an outside review): at a loss of zero nothing is left to cross
+        return [
+            f"The loss is about zero ({loss:.3g}, below {floor:g}): where it cannot go below "
+            "zero (cross-entropy, squared error) the model fits this data as well as it can, "
+            "and the gradient and curvature are tiny because nothing is left to learn — not a "
+            "plateau to cross. With separable classes the loss has no finite minimum and "
+            "further steps only grow the weights: stop, or add weight decay to make one."
+        ]
     return [
         "Gradients and curvature are both tiny: a larger learning rate, momentum or "
         "normalized gradient descent crosses a plateau faster; check for saturated or "
@@ -888,7 +903,7 @@ def _sharpened_into(
         return None
     return [
         f"the sharpness rose past the stability limit {limit:.4g} at a steady learning rate "
-        f"(from {s0 / limit:.2f}x at the previous probe to {s / limit:.2f}x) while the loss "
+        f"(from {s0 / limit0:.2f}x at the previous probe to {s / limit:.2f}x) while the loss "
         f"fell ({losses[0]:.4g} to {losses[-1]:.4g}): training's own sharpening meets the "
         "edge of stability, where it holds the sharpness rather than diverging",
         "a loss that rises would be instability",
@@ -1079,7 +1094,16 @@ def classify_history(
       (d) for full-batch training, an *unstable* probe whose sharpness rose past the same
       limit (no schedule moved it) since the previous probe, where it was not past it by the
       margin, to at most :data:`EOS_SWING` times it, while the loss fell: progressive
-      sharpening meeting the edge.
+      sharpening meeting the edge;
+      (e) for full-batch training, an *unstable* probe whose sharpness has stayed within
+      1 − :data:`EOS_BAND` to :data:`EOS_SWING` times a steady limit for
+      :data:`EOS_ABOVE_HOLD` steps (with ``steps``) while the probes' losses over that span
+      are within 1 + :data:`EOS_BAND` of their least: held above the limit.
+
+    Rules (b)–(e) need the limit steady (within :data:`EOS_LIMIT_DRIFT`) over the probes of
+    the last :data:`EOS_HOLD` steps, not since the previous probe alone: a warm-up moving it
+    a few percent between two probes a few steps apart entered the edge, and (b) held it there
+    until the blow-up (an outside review).
 
     Below the limit, full-batch losses that fell at every step since the previous probe (at
     least :data:`MONOTONE_LOSSES` of them) hold no edge by (a) or (b): the steps do not
@@ -1160,21 +1184,83 @@ def _edge(
     suite, at 1.12x with a loss falling at every step)."""
     z, s, limit = thresholds.confidence, effective_sharpness(evidence), evidence["stability_limit"]
     settled = full_batch and s is not None and s < limit and _fell_every_step(losses)
+    # (b)–(d) with the limit steady over EOS_HOLD steps, not just since the previous probe: a
+    # forecast's probe 2–4 steps on saw a warm-up move it less than 5%, entered the edge, and
+    # (b) held it there — "normal" — until the blow-up (an outside review)
+    steady = _steady(evidence, _within_hold(past, steps))
     edge = None
-    if previous is not None and as_state(previous) == State.EDGE_OF_STABILITY and not settled:
+    at_edge = previous is not None and as_state(previous) == State.EDGE_OF_STABILITY
+    if at_edge and not settled and steady:
         edge = _stays_at_edge(evidence, losses, best_loss, z)  # (b)
-    if edge is None and state == State.UNSTABLE and full_batch and _steady(evidence, past[-1:]):
+    if edge is None and state == State.UNSTABLE and full_batch and steady:
         edge = _absorbed(evidence, losses, previous_low) or _sharpened_into(
             evidence, past, losses, thresholds.margin
         )
     if not settled:
         edge = edge or _held_at_edge(evidence, past, losses, z, steps)  # (a)
+    if edge is None and full_batch and state == State.UNSTABLE:
+        edge = _held_above(evidence, past, losses, z, steps)
     return edge
+
+
+def _held_above(
+    evidence: Mapping[str, Any],
+    past: Sequence[Mapping[str, Any]],
+    losses: Sequence[float],
+    z: float,
+    steps: Sequence[int] | None,
+) -> list[str] | None:
+    """The reasons of rule (e) of :func:`classify_history`, or None: for :data:`EOS_ABOVE_HOLD`
+    steps and at least :data:`EOS_PROBES` probes the sharpness has stayed between the band's
+    floor and :data:`EOS_SWING` times a steady limit, and the probes' losses over that span are
+    within :data:`EOS_BAND` of their least — above the limit, and held there without the loss
+    running away: full-batch gradient descent at a learning rate held at 1.8
+    on the digits MLP sat at 1.17–1.38x for 500 steps, its loss falling slowly, and read
+    *unstable* at 121 probes in a row (an outside review)."""
+    if steps is None:
+        return None
+    back = 1
+    while back < len(past) and steps[-1] - steps[-1 - back] < EOS_ABOVE_HOLD:
+        back += 1
+    if steps[-1] - steps[-1 - min(back, len(past))] < EOS_ABOVE_HOLD:
+        return None
+    recent = [evidence, *reversed(past[len(past) - back :])]
+    if len(recent) < EOS_PROBES or not all(_band(ev, 1 - EOS_BAND, EOS_SWING, z) for ev in recent):
+        return None
+    if not _steady(evidence, recent[1:]):
+        return None
+    # the probes' losses over the span: not running away (a learning rate raised to a level
+    # holds the loss above the lower rate's running minimum — 1.25–1.4x there — but level)
+    probed = [ev.get("loss") for ev in recent]
+    if not all(_finite(v) for v in probed) or max(probed) > (1 + EOS_BAND) * min(probed):
+        return None
+    s, limit = effective_sharpness(evidence), evidence["stability_limit"]
+    assert s is not None  # _band holds
+    ratios = [effective_sharpness(ev) / ev["stability_limit"] for ev in recent]
+    return [
+        f"the sharpness has stayed above the stability limit at a steady learning rate for "
+        f"{steps[-1] - steps[-len(recent)]} steps ({min(ratios):.2f}–{max(ratios):.2f}x; now "
+        f"{s:.4g} against {limit:.4g}) while the loss has not risen: gradient descent holds "
+        "the sharpness there, the edge of stability, rather than diverging",
+        _loss_trend(losses),
+    ]
 
 
 #: how many losses since the previous probe show that they fell at every step (fewer say
 #: nothing: a probe every step or two)
 MONOTONE_LOSSES = 4
+
+
+def _within_hold(
+    past: Sequence[Mapping[str, Any]], steps: Sequence[int] | None
+) -> Sequence[Mapping[str, Any]]:
+    """The past probes within :data:`EOS_HOLD` steps of this one, and the one before them (at
+    least the previous probe; without ``steps``, the previous probe alone)."""
+    back = 1
+    if steps is not None:
+        while back < len(past) and steps[-1] - steps[-1 - back] < EOS_HOLD:
+            back += 1
+    return past[max(len(past) - back, 0) :]
 
 
 def _fell_every_step(losses: Sequence[float]) -> bool:

@@ -481,6 +481,14 @@ def as_operator(A: Any) -> Operator:
         raise TypeError(
             "expected a cs.Curvature, a square torch.Tensor, or an object with matmat/@ and "
             f"num_params; got {type(A).__name__}. Build one with cs.Curvature(model, loss_fn, data)"
+            + (
+                ", or convert the array: torch.from_numpy(A)"
+                if type(A).__module__.startswith("numpy")
+                else "; a scipy LinearOperator L: an object with num_params = L.shape[0] and "
+                "matmat(V) = torch.from_numpy(L.matmat(V.numpy()))"
+                if hasattr(A, "matmat") and hasattr(A, "shape")
+                else ""
+            )
         )
     try:
         n = check_int(n, "num_params", minimum=1)
@@ -539,6 +547,12 @@ def _dense_operator(A: Tensor) -> Operator:
                 "no spectrum, trace or solve is defined; check how it was computed"
             )
         scale = float(M.abs().max())  # finite entries whose norm overflows: scale them
+        norms = [
+            float(torch.linalg.vector_norm(skew / scale, dtype=torch.float64)),
+            float(torch.linalg.vector_norm(M / scale, dtype=torch.float64)),
+        ]
+    elif norms[1] < 1e-100 and (scale := float(M.abs().max())) > 0:
+        # entries whose squares underflow: a random 1e-170 matrix read symmetric (a review)
         norms = [
             float(torch.linalg.vector_norm(skew / scale, dtype=torch.float64)),
             float(torch.linalg.vector_norm(M / scale, dtype=torch.float64)),
@@ -627,6 +641,12 @@ class _ObjectProduct:
                 f"{self.name} returned shape {tuple(out.shape)} for a block of shape "
                 f"{tuple(V.shape)}: it must return A @ V, of V's shape (n, k) — the operator "
                 f"declares {self._declared()}; check num_params"
+            )
+        if out.dtype != V.dtype:  # torch's bare "expected m1 and m2 to have the same dtype"
+            raise TypeError(
+                f"{self.name} returned {dtype_name(out.dtype)} for a {dtype_name(V.dtype)} "
+                f"block — the operator declares {self._declared()}: matmat must return its "
+                "declared dtype; set dtype to what it computes in, or cast its result"
             )
         return out
 
