@@ -608,6 +608,24 @@ def test_editing_the_groups_size_between_steps_takes_effect(make, key):
     assert opt.state_dict()["param_groups"][0][key] == opt.param_groups[0][key]
 
 
+def test_setting_the_groups_size_to_its_own_value_restarts_the_search():
+    """A radius collapsed on rejections and set back to the constructor's value (the fix the
+    error and the README name) was compared with the last value asked — the same — and ignored
+    (an outside review): any assignment of the size restarts the search."""
+    _, x, f = quadratic()
+    opt = cs.optim.NewtonCG([x], radius=1.0)
+    opt.step(f)
+    opt._set_global({**opt._global(), "radius": 1e-9})  # as if collapsed on rejections
+    opt.param_groups[0]["radius"] = 1.0  # the value it was built with
+    before = x.detach().clone()
+    opt.step(f)
+    assert float((x.detach() - before).norm()) > 1e-3
+    opt._set_global({**opt._global(), "radius": 1e-9})  # no assignment: no restart
+    before = x.detach().clone()
+    opt.step(f)
+    assert float((x.detach() - before).norm()) <= 1e-9 * (1 + 1e-6)  # (x moves by rounding)
+
+
 @pytest.mark.parametrize("name", ["adahessian", "sophia"])
 def test_a_gradient_clipped_or_masked_in_the_closure_is_the_one_stepped_along(name):
     """torch's habit — clip or mask .grad between backward and step — was ignored: AdaHessian

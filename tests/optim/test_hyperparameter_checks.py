@@ -142,3 +142,16 @@ def test_newton_checks_its_size_at_every_step():
     with pytest.raises(ValueError, match="dense"):
         opt.step(lambda: (small**2).sum() + (big**2).sum())
     assert torch.equal(small, torch.ones(10, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("key", "value"), [("lr", -1.0), ("lr", float("nan")), ("eps", 0.0)])
+def test_normalized_gd_checks_a_groups_own_values(key, value):
+    """A group's own lr=-1 stepped uphill; lr=nan and eps=0 were taken (an outside review),
+    where the constructor's own arguments were checked."""
+    x, y = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match=f"Invalid {'learning rate' if key == 'lr' else key}"):
+        cs.optim.NormalizedGD([{"params": [x], key: value}])
+    opt = cs.optim.NormalizedGD([x], lr=0.1)
+    with pytest.raises(ValueError, match="Invalid"):
+        opt.add_param_group({"params": [y], key: value})
+    assert len(opt.param_groups) == 1

@@ -157,14 +157,29 @@ class SizedGroup(dict[str, Any]):
 
     method: str = ""
     size: str = ""
+    #: the size's entry was set since the last step — to any value, its own too: a radius
+    #: collapsed to 9e-16 and set back to the constructor's 1.0 was not restarted (compared
+    #: with the last value asked, it was no edit: an outside review)
+    edited: bool = False
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        if key == self.size:
+            self.edited = True
 
     def _no_lr(self) -> str:
+        newton = (
+            " (Newton's damping is the least shift, relative to max|λ|, that an indefinite "
+            "Hessian or a rejected step brings in; setting it restarts the shift from 0)"
+            if self.method == "Newton"
+            else ""
+        )
         return (
             f"{self.method} has no learning rate: each step is sized by its "
             f"{self.size}, adapted step by step from how well the model predicted the last "
             "one, so torch's learning-rate schedulers do not apply; to schedule it, set "
             f"optimizer.param_groups[0][{self.size!r}] between steps (the search restarts "
-            "from the new value)"
+            f"from the new value){newton}"
         )
 
     def __missing__(self, key: Any) -> Any:
@@ -255,8 +270,10 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         memory = dict(memory)
         if memory.get("trainable", asked["trainable"]) != asked["trainable"]:
             memory.pop("previous", None)
-        if any(memory.get(k, asked[k]) != asked[k] for k in ("asked", "search")):
+        group = cast(SizedGroup, self.param_groups[0])
+        if group.edited or any(memory.get(k, asked[k]) != asked[k] for k in ("asked", "search")):
             memory[self.search.key] = asked["asked"]
+        group.edited = False
         return {**memory, **asked}
 
     def _step(self, closure: Any, snapshot: Snapshot) -> Tensor:
