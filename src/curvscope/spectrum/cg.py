@@ -27,15 +27,12 @@ class CGResult:
     Attributes:
         x: the last iterate (the solution when ``converged``).
         converged: ‖b − Ax‖ ≤ tol·‖b‖ was reached. Where ``tol`` is below what the
-            products' dtype can show (a bfloat16 model's products round at about 4e-3·‖Ax‖),
-            it is False, with ``residual`` the checked one.
-        negative_curvature: a direction p with pᵀAp ≤ 0 was met — or within rounding of 0: a
-            Rayleigh quotient within 10·eps of the products' dtype times the largest met — so A
-            is not (numerically) positive definite on the Krylov space, and ``x`` is the
-            iterate before it (``direction`` holds p).
+            products' dtype can show (taken as 4·eps·‖Ax‖ in that dtype: 3e-2·‖Ax‖ for a
+            bfloat16 model's), it is False, with ``residual`` the checked one.
+        negative_curvature: a direction p with pᵀAp ≤ 0 was met: A is not positive definite on
+            the Krylov space, and ``x`` is the iterate before it (``direction`` holds p).
         direction: the negative-curvature direction, or None.
-        direction_curvature: its Rayleigh quotient pᵀ(A + damping·I)p/‖p‖² (≤ 0, or ≈ 0 at
-            rounding's size), or None.
+        direction_curvature: its Rayleigh quotient pᵀ(A + damping·I)p/‖p‖² (≤ 0), or None.
         residual: ‖b − Ax‖/‖b‖ at the end: the recurrence's, which is the true one to
             rounding where ``tol`` ≥ √eps of the working dtype; below, convergence is checked
             on b − Ax itself (``check_residual``), and the residual reported is that one.
@@ -60,10 +57,6 @@ class CGResult:
 #: the rounding of a product b − Ax is checked against: this many eps of the products' dtype
 #: times ‖Ax‖ (an estimate: the sums in a product round at about eps·|A||x|)
 PRODUCT_ROUNDING = 4.0
-
-#: a Rayleigh quotient pᵀAp/‖p‖² within this many eps of the products' dtype times the largest
-#: one met is no curvature: CG stops there, as at negative curvature
-NO_CURVATURE_UNITS = 10.0
 
 #: Martens (2010) stops CG when the quadratic φ(x) = ½xᵀAx − bᵀx has improved by less than
 #: this share per iteration over the last max(10, 0.1·i) iterations.
@@ -176,7 +169,6 @@ class _Run:
     stalled: bool = False  # the progress test stopped it
     limited: bool = False  # the products' rounding is above the goal (:meth:`converged`)
     product_eps: float = 0.0  # eps of the products' dtype (the operator's, before any damping)
-    scale: float = 0.0  # the largest Rayleigh quotient pᵀAp/‖p‖² met: a lower bound on ‖A‖
 
     def __post_init__(self) -> None:
         self.p, self.rr = self.r.clone(), self.dot(self.r, self.r)
@@ -195,14 +187,9 @@ class _Run:
             self.it += 1
             self.exact = False
             curv = self.dot(self.p, Ap)
-            quotient = curv / self.dot(self.p, self.p)
-            self.scale = max(self.scale, quotient)
-            # no curvature to the products' rounding counts as none: a direction the gradient
-            # has and the Hessian has not (f = x₀ + Σxᵢ²) gave pᵀAp of rounding's size, a step
-            # of 7.7e215 and no word (an outside review)
-            if quotient <= NO_CURVATURE_UNITS * self.product_eps * self.scale:
+            if curv <= 0:
                 self.direction = self.p
-                self.direction_curvature = quotient
+                self.direction_curvature = curv / self.dot(self.p, self.p)
                 return
             alpha = self.rr / curv
             self.x = self.x + alpha * self.p
