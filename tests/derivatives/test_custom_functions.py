@@ -140,3 +140,47 @@ def test_second_order_optimizers_refuse_it_and_first_order_ones_train_through_it
         first.step()
         losses.append(float(loss))
     assert losses[-1] < losses[0]
+
+
+class FusedSquareSum(torch.autograd.Function):
+    """Σw², its backward a kernel's (outside autograd's graph)."""
+
+    @staticmethod
+    def forward(ctx, w):
+        ctx.save_for_backward(w)
+        return (w * w).sum()
+
+    @staticmethod
+    def backward(ctx, go):
+        (w,) = ctx.saved_tensors
+        with torch.no_grad():
+            return 2 * w * go
+
+
+@pytest.mark.parametrize("weight", [1.0, 10.0])
+def test_a_cut_where_the_incoming_gradient_is_constant_is_refused(weight):
+    """At the top of the loss (or in a term c·f(w)) the gradient flowing into the Function is a
+    constant without a graph, and the cut showed nothing: cs.hessian returned zeros, λ_max read
+    3.03 for 22.98 (the diff review). The watched backward starts from ones that require grad."""
+    X = torch.randn(8, 4, generator=torch.Generator().manual_seed(4), dtype=DT)
+
+    def f(w):
+        return weight * FusedSquareSum.apply(w) + (X @ w).tanh().sum()
+
+    with pytest.raises(RuntimeError, match="FusedSquareSum"):
+        cs.hessian(f, torch.ones(4, dtype=DT))
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(4, dtype=DT))
+
+        def forward(self, x):
+            return x @ self.w
+
+    def loss_fn(out, t):
+        return ((out - t) ** 2).mean() + weight * FusedSquareSum.apply(out) / len(out)
+
+    C = cs.Curvature(Head(), loss_fn, (X, torch.zeros(8, dtype=DT)), reduction="mean")
+    with pytest.raises(RuntimeError, match="FusedSquareSum"):
+        C.matvec(torch.ones(4, dtype=DT))

@@ -166,9 +166,10 @@ def batch_loss_and_grads(
     try:
         with obj.context(batch.index):
             loss = obj.loss(obj.forward(theta, batch), batch)
-            if create_graph:
-                obj.watch(loss)
-            raw = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
+            seed = obj.watch(loss) if create_graph else None
+            raw = torch.autograd.grad(
+                loss, leaves, seed, create_graph=create_graph, allow_unused=True
+            )
     except RuntimeError as e:  # checkpointing that recomputes with the left-out parameters
         if not obj.recompute_found(e):
             raise
@@ -274,17 +275,19 @@ def ggn_product(
     leaves: Sequence[Tensor],
     loss: Tensor,
     at: Tensor | None = None,
+    seed: Tensor | None = None,
 ) -> _GGNProduct:
     """Jᵀ H_out J for ``outputs`` computed from ``leaves`` and a scalar ``loss`` computed from
     them: J the Jacobian of the outputs, H_out = ∂²loss/∂out² (by autograd, any loss).
 
     ``at`` is the tensor the loss was computed from: the outputs themselves (the default: a
     closure's evaluation), or a detached copy of them (:func:`prepare_ggn`), which keeps the
-    loss's graph apart from the model's.
+    loss's graph apart from the model's. ``seed``: the gradient the loss's backward starts
+    from (a watched one: :func:`~curvscope.derivatives.objective.watched_seed`), or None.
     """
     at = outputs if at is None else at
     jac = _Jacobian(outputs, leaves)
-    (loss_grad,) = torch.autograd.grad(loss, at, create_graph=True)
+    (loss_grad,) = torch.autograd.grad(loss, at, seed, create_graph=True)
     return _GGNProduct(jac, at, loss_grad)
 
 
@@ -292,10 +295,11 @@ def prepare_ggn(obj: ModelObjective, batch: Batch) -> PreparedProduct:
     theta = obj.leaves()
     with obj.context(batch.index):
         out = obj.forward(theta, batch, tensor=True)
-        obj.watch(out)
         out_leaf = out.detach().requires_grad_(True)
         loss = obj.loss(out_leaf, batch)
-        product = ggn_product(out, list(theta.values()), loss, at=out_leaf)
+        # the model's backward is seeded by the Jacobian's u, which requires grad; the loss's
+        seed = obj.watch(out, loss)
+        product = ggn_product(out, list(theta.values()), loss, at=out_leaf, seed=seed)
         # until a batch whose loss curves in the outputs; refused when none does. Under a
         # process group one rank's data is not the data's (its saturated outputs alone refused
         # a GGN of norm 0.51: a review): the ranks decide together at the product's sum

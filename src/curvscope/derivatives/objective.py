@@ -730,6 +730,14 @@ def custom_function_cut(what: str, name: str) -> str:
     )
 
 
+def watched_seed(t: Tensor) -> Tensor:
+    """The gradient a watched backward starts from: ones that require grad themselves, so that
+    every gradient flowing into a custom Function has a graph and a cut shows — from a plain
+    ones, a fused loss at the top of the graph, or a term 10·f(w), met constant gradients, and
+    their cut Hessian read 0 or 3.03 for 22.98 unrefused (the diff review)."""
+    return torch.ones_like(t, requires_grad=True)
+
+
 def watch_custom_functions(
     nodes: Sequence[Any], what: str, refused: Callable[[], None] | None = None
 ) -> None:
@@ -737,7 +745,9 @@ def watch_custom_functions(
     ``create_graph=True``, a gradient their backward returned outside autograd's graph (where
     a gradient flowing into it has one) or through @once_differentiable's error node: the
     products through such a node are silently missing (an outside review). A first-order
-    backward is not checked (nothing is missing from it). ``what``: a key of
+    backward is not checked (nothing is missing from it). Seed the backward with
+    :func:`watched_seed`, or a cut where the incoming gradient is constant goes unseen.
+    ``what``: a key of
     :data:`CUT_FIXES`; ``refused`` is called before a refusal (an operator then watches its
     next backward again)."""
 
@@ -1424,13 +1434,17 @@ class ModelObjective:
             self._own_checked.add(batch.index)
         return loss
 
-    def watch(self, t: Tensor) -> None:
-        """Before an operator's first backward that keeps its graph: hooks on the custom
-        autograd Functions of ``t``'s graph that refuse one whose backward leaves the graph
-        (:func:`watch_custom_functions`); once an operator."""
-        if not self._watched:
+    def watch(self, *ts: Tensor) -> Tensor | None:
+        """Before an operator's first backwards that keep their graph: hooks on the custom
+        autograd Functions of the graphs of ``ts`` that refuse one whose backward leaves the
+        graph (:func:`watch_custom_functions`); once an operator. Returns the gradient to seed
+        the last one's backward with (:func:`watched_seed`), or None once watched."""
+        if self._watched:
+            return None
+        for t in ts:
             watch_custom_functions(walk_graph(t).custom, "curvature products", self._unwatch)
-            self._watched = True
+        self._watched = True
+        return watched_seed(ts[-1])
 
     def _unwatch(self) -> None:
         self._watched = False
