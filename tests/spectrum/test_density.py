@@ -274,3 +274,18 @@ def test_an_invariant_subspace_stops_early_without_breaking_the_quadrature():
     assert d.matvecs < 8
     torch.testing.assert_close(d.weights.sum(1), torch.ones(2, dtype=torch.float64))
     assert d.negative_mass < 1e-6
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e30])
+def test_a_float32_operator_whose_squares_overflow_float32(scale):
+    """Products of 1e20 square past float32's 3.4e38: density's three-term recurrence read
+    β = inf (LAPACK's failure at 1e20, NaN nodes and a negative mass of 0 at 1e30), and
+    trace_of_square read inf (an outside review). The norms are taken scaled there."""
+    A = (scale * with_spectrum(torch.linspace(-1.0, 2.0, 300, dtype=torch.float64))).float()
+    d = cs.density(A, steps=20, probes=2, progress_bar=False)
+    assert bool(torch.isfinite(d.nodes).all()) and bool(torch.isfinite(d.values).all())
+    low, high = d.negative_mass_interval
+    assert low <= 100 / 300 <= high
+    t = cs.trace_of_square(A, matvecs=30)
+    truth = float((A.double() ** 2).sum())
+    assert abs(t.value - truth) <= 4 * t.stderr + 1e-3 * truth

@@ -304,6 +304,9 @@ def tridiagonal(op: Operator, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
         w = w - alpha_t * q
         beta_t = op.norm(w)
         alpha, beta = host(torch.stack([alpha_t, beta_t])).tolist()
+        if math.isinf(beta) and math.isfinite(alpha):  # ‖w‖² past the dtype's range
+            beta_t = _scaled_norm(op, w)
+            beta = float(beta_t)
         alphas.append(alpha)
         if beta <= 1e3 * torch.finfo(w.dtype).eps * abs(alpha) + 1e-300:
             betas.append(0.0)  # an invariant subspace: the quadrature is exact
@@ -313,6 +316,15 @@ def tridiagonal(op: Operator, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
             break
         q_prev, q = q, w / beta_t
     return torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas, dtype=torch.float64)
+
+
+def _scaled_norm(op: Operator, v: Tensor) -> Tensor:
+    """‖v‖ where its square overflows the working dtype (a float32 operator's products of
+    1e20 gave β = inf, and density NaN nodes or LAPACK's failure: an outside review): the
+    squares of v over its largest entry, summed in float64, in v's dtype again."""
+    top = v.abs().amax()
+    squares = (v / top).pow(2).sum().to(torch.float64) * top.to(torch.float64) ** 2
+    return op.total(squares).sqrt().to(v.dtype)
 
 
 def error_bounds(theta: np.ndarray, res: np.ndarray) -> np.ndarray:

@@ -401,9 +401,13 @@ def trace_of_square(
     with progress(matvecs, "trace of square", progress_bar) as bar, autocast_off(op.device):
         Z = rademacher(op.n, matvecs, gen, op.work_dtype, op.device)
         AZ = _products(op, Z, bar)
-        rows = [AZ.AU.pow(2).sum(0)]  # positive terms: their size
+        # ‖Az‖² in float64, from the block scaled by its largest entry: squares of a float32
+        # operator's 1e20 products overflowed, and the trace read inf (an outside review)
+        top = AZ.AU.abs().amax()
+        top = torch.where(top > 0, top, torch.ones_like(top))  # (no host read)
+        rows = [(AZ.AU / top).pow(2).sum(0).to(torch.float64) * top.to(torch.float64) ** 2]
         if AZ.errors is not None:
-            rows.append(Z.pow(2).sum(0))
+            rows.append(Z.pow(2).sum(0).to(torch.float64))
         summed = op.total(torch.stack(rows))
         samples = summed[0]
         value, se, dof = _mean_stderr(samples, _rounding(op, samples.mean()))
