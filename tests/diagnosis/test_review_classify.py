@@ -131,14 +131,14 @@ def test_a_warm_up_moving_the_limit_a_little_between_close_probes_is_no_edge():
     assert state is State.EDGE_OF_STABILITY
 
 
-def _above(ratios, losses, steps):
+def _above(ratios, losses, steps, window=None):
     evs = [near(r * 2.0, 2.0, loss=v) for r, v in zip(ratios, losses, strict=True)]
     return classify_history(
         State.UNSTABLE,
         ["own"],
         evs[-1],
         past=evs[:-1],
-        losses=(losses[-1], losses[-1] * 0.98),
+        losses=(losses[-1], losses[-1] * 0.98) if window is None else window,
         first_loss=1.0,
         best_loss=0.1,
         previous=State.UNSTABLE,
@@ -161,6 +161,17 @@ def test_a_sharpness_held_above_the_limit_with_the_loss_level_is_the_edge():
     assert _above(ratios, climbing, steps)[0] is State.UNSTABLE
     assert _above(ratios[2:], [0.15] * 4, steps[2:])[0] is State.UNSTABLE  # 30 steps: too short
     assert _above([*ratios[:-1], 3.5], [0.15] * 6, steps)[0] is State.UNSTABLE  # past EOS_SWING
+    # within 15% but creeping up: the newer half of the probes above the older
+    creeping = [0.150, 0.152, 0.155, 0.160, 0.164, 0.168]
+    assert _above(ratios, creeping, steps)[0] is State.UNSTABLE
+    # level, but a direction growing 1.5-fold a step, its share of the loss 2.25-fold, between
+    # the probes (the diff review's instability hidden in a level loss: called the edge two
+    # probes before its blow-up)
+    level = [0.15, 0.151, 0.149, 0.15, 0.151, 0.15]
+    growing = [0.15 + 1e-7 * 2.25**k for k in range(10)]
+    assert _above(ratios, level, steps, window=growing)[0] is State.UNSTABLE
+    steady = [0.15 + 1e-3 * (-1) ** k for k in range(10)]  # an oscillation that holds
+    assert _above(ratios, level, steps, window=steady)[0] is State.EDGE_OF_STABILITY
 
 
 def _warm_up_run(top, steps):

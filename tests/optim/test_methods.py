@@ -81,7 +81,9 @@ def test_newton_still_shifts_where_the_gradient_lies_along_no_curvature():
     assert opt.info.accepted and float(z[1]) < 0 and "shifted" in opt.info.note
 
 
-@pytest.mark.parametrize("name", ["newton", "newton-cg", "cubic-newton", "saddle-free-newton"])
+@pytest.mark.parametrize(
+    "name", ["newton", "newton-cg", "cubic-newton", "saddle-free-newton", "hessian-free"]
+)
 def test_steps_at_a_minimum_within_rounding_leave_the_size_as_it_was(name):
     """Run past convergence, ρ is rounding over rounding: every step was rejected and the size
     wrecked (a damping of 2.7e9, a radius of 4.5e-13), so that new data took 17–43 steps where a

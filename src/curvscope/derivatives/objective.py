@@ -31,6 +31,7 @@ Face model: :mod:`curvscope.derivatives.huggingface` adapts it to the rest).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import sys
@@ -751,14 +752,15 @@ def watch_custom_functions(
     :data:`CUT_FIXES`; ``refused`` is called before a refusal (an operator then watches its
     next backward again)."""
 
-    def check(node: Any, grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]) -> None:
+    def check(
+        name: str, wired: Sequence[bool], grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]
+    ) -> None:
         if not torch.is_grad_enabled():
             return
         upstream = any(isinstance(g, Tensor) and g.requires_grad for g in grad_outputs)
-        for (child, _), g in zip(node.next_functions, grad_inputs, strict=False):
-            if child is None or not isinstance(g, Tensor):
+        for on_graph, g in zip(wired, grad_inputs, strict=False):
+            if not on_graph or not isinstance(g, Tensor):
                 continue
-            name = getattr(node, "_forward_cls", type(node)).__name__
             once = type(g.grad_fn).__name__ == "Error"  # once_differentiable's DelayedError
             # (a zero gradient is cut too: the GGN's Jᵀu at u = 0)
             if once or (upstream and not g.requires_grad):
@@ -768,7 +770,12 @@ def watch_custom_functions(
                 raise RuntimeError(custom_function_cut(what, said))
 
     for node in nodes:
-        node.register_hook(lambda gi, go, node=node: check(node, gi, go))
+        # the hook holds the Function's name and which inputs are on the graph, not the node:
+        # node -> hook -> node was a cycle that kept each graph, and its saved tensors, alive
+        # until the garbage collector ran (a step's graph per second-order step)
+        name = getattr(node, "_forward_cls", type(node)).__name__
+        wired = [child is not None for child, _ in node.next_functions]
+        node.register_hook(functools.partial(check, name, wired))
 
 
 def _reads_parameters(seen: GraphSeen, params: Mapping[str, Tensor]) -> str | None:

@@ -1203,6 +1203,23 @@ def _edge(
     return edge
 
 
+#: Rule (e): the step-to-step changes of the loss since the previous probe growing more than
+#: this many-fold from its first half to its second: an oscillation that grows, instability
+EOS_SWINGS_GROW = 2.0
+
+
+def _swings_grow(losses: Sequence[float]) -> bool:
+    """Whether the loss's step-to-step changes since the previous probe grow, from the first
+    half of them to the second, more than :data:`EOS_SWINGS_GROW`-fold (at least
+    :data:`MONOTONE_LOSSES` losses; fewer say nothing)."""
+    if len(losses) < MONOTONE_LOSSES or not all(math.isfinite(v) for v in losses):
+        return False
+    changes = [abs(b - a) for a, b in itertools.pairwise(losses)]
+    half = len(changes) // 2
+    first, second = sum(changes[:half]) / half, sum(changes[half:]) / (len(changes) - half)
+    return second > EOS_SWINGS_GROW * first
+
+
 def _held_above(
     evidence: Mapping[str, Any],
     past: Sequence[Mapping[str, Any]],
@@ -1219,10 +1236,8 @@ def _held_above(
     *unstable* at 121 probes in a row (an outside review)."""
     if steps is None:
         return None
-    back = 1
-    while back < len(past) and steps[-1] - steps[-1 - back] < EOS_ABOVE_HOLD:
-        back += 1
-    if steps[-1] - steps[-1 - min(back, len(past))] < EOS_ABOVE_HOLD:
+    back = _probes_back(past, steps, EOS_ABOVE_HOLD)
+    if steps[-1] - steps[-1 - back] < EOS_ABOVE_HOLD:
         return None
     recent = [evidence, *reversed(past[len(past) - back :])]
     if len(recent) < EOS_PROBES or not all(_band(ev, 1 - EOS_BAND, EOS_SWING, z) for ev in recent):
@@ -1233,6 +1248,13 @@ def _held_above(
     # holds the loss above the lower rate's running minimum — 1.25–1.4x there — but level)
     probed = [ev.get("loss") for ev in recent]
     if not all(_finite(v) for v in probed) or max(probed) > (1 + EOS_BAND) * min(probed):
+        return None
+    # nor creeping up (the newer half of the span's probes above the older half), nor an
+    # oscillation growing between the probes (an instability hidden in a level loss was called
+    # the edge two probes before its blow-up: the diff review)
+    half = len(probed) // 2
+    newer, older = probed[:half], probed[len(probed) - half :]
+    if sum(newer) > (1 + EOS_LIMIT_DRIFT) * sum(older) or _swings_grow(losses):
         return None
     s, limit = effective_sharpness(evidence), evidence["stability_limit"]
     assert s is not None  # _band holds
@@ -1251,16 +1273,25 @@ def _held_above(
 MONOTONE_LOSSES = 4
 
 
+def _probes_back(
+    past: Sequence[Mapping[str, Any]], steps: Sequence[int] | None, span: int, least: int = 1
+) -> int:
+    """How many of the past probes, counted back from the previous one, it takes to reach
+    ``span`` steps before this one (at least ``least``; without ``steps``, ``least``; never
+    more than there are)."""
+    back = least
+    if steps is not None:
+        while back < len(past) and steps[-1] - steps[-1 - back] < span:
+            back += 1
+    return min(back, len(past))
+
+
 def _within_hold(
     past: Sequence[Mapping[str, Any]], steps: Sequence[int] | None
 ) -> Sequence[Mapping[str, Any]]:
     """The past probes within :data:`EOS_HOLD` steps of this one, and the one before them (at
     least the previous probe; without ``steps``, the previous probe alone)."""
-    back = 1
-    if steps is not None:
-        while back < len(past) and steps[-1] - steps[-1 - back] < EOS_HOLD:
-            back += 1
-    return past[max(len(past) - back, 0) :]
+    return past[len(past) - _probes_back(past, steps, EOS_HOLD) :]
 
 
 def _fell_every_step(losses: Sequence[float]) -> bool:
@@ -1290,13 +1321,10 @@ def _held_at_edge(
     or None: it and those of the :data:`EOS_PROBES` − 1 probes before it — and, with ``steps``,
     of as many more as it takes to span :data:`EOS_HOLD` steps — are near their limits, which
     a schedule has not moved more than :data:`EOS_LIMIT_DRIFT`."""
-    back = EOS_PROBES - 1
-    if steps is not None:
-        while back < len(past) and steps[-1] - steps[-1 - back] < EOS_HOLD:
-            back += 1
-        if steps[-1] - steps[-1 - min(back, len(past))] < EOS_HOLD:
-            return None  # not held for long enough yet
-    recent = [evidence, *reversed(past[max(len(past) - back, 0) :])]
+    back = _probes_back(past, steps, EOS_HOLD, EOS_PROBES - 1)
+    if steps is not None and steps[-1] - steps[-1 - back] < EOS_HOLD:
+        return None  # not held for long enough yet
+    recent = [evidence, *reversed(past[len(past) - back :])]
     if len(recent) < EOS_PROBES or not all(_near_limit(ev, z) for ev in recent):
         return None
     if not _steady(evidence, recent[1:]):  # a schedule moving the limit

@@ -40,6 +40,10 @@ from curvscope.spectrum import Operator
 from curvscope.spectrum.cg import cg
 from curvscope.spectrum.precision import working_dtype
 
+#: Dense Newton leaves directions of no curvature out of its step while the gradient along them
+#: is at most this share of its norm (the rest of the step is Newton's; more, and it is shifted)
+IDLE_SHARE = 0.1
+
 
 @dataclass(frozen=True)
 class DenseNewton:
@@ -77,21 +81,26 @@ class DenseNewton:
             return Proposal(s, model_decrease(g, s, H @ s), note)
         floor = local.group["damping"] * scale
         note = ""
-        # Directions of no curvature that carry none of the gradient (an unused parameter, a
-        # feature that is zero in every sample, softmax regression's shift of every class by one
-        # vector) are left out of the step: the model is flat there, and the shift the
-        # indefinite case needs made every step damped — linear convergence, "indefinite" (an
-        # outside review). With gradient along them the model is unbounded: shifted, as before.
-        idle = bool(null.any()) and float(w[null].norm()) <= math.sqrt(eps) * float(g.norm())
+        # Directions of no curvature to rounding (an unused parameter, a feature that is zero in
+        # every sample, softmax regression's shift of every class by one vector) are left out of
+        # the step while they carry little of the gradient: the shift the indefinite case needs
+        # made every step damped — linear convergence, "indefinite" (an outside review). Where
+        # they carry more (the model unbounded along them, or float32's rounding taking small
+        # positive curvature for none: the diff review) the step is shifted, as before.
+        idle = bool(null.any()) and float(w[null].norm()) <= IDLE_SHARE * float(g.norm())
         keep = ~null if idle and not indefinite else torch.ones_like(null)
-        if not idle or indefinite:
-            if float(lam.min()) <= 0:
-                mu = max(mu, floor - float(lam.min()))
-                note = "indefinite Hessian: shifted to positive definite"
-        else:
-            note = f"singular Hessian: {int(null.sum())} direction(s) of no curvature and no " + (
-                "gradient left out of the step"
+        count = int(null.sum())
+        if indefinite or (count and not idle):
+            mu = max(mu, floor - min(float(lam.min()), 0.0))
+            note = (
+                "indefinite Hessian: shifted to positive definite"
+                if indefinite
+                else f"{count} direction(s) with no curvature to rounding carry gradient: "
+                "shifted by the damping floor"
             )
+        elif count:
+            note = f"singular Hessian: {count} direction(s) of no curvature, and little gradient, "
+            note += "left out of the step"
         s = -V[:, keep] @ (w[keep] / (lam[keep] + mu))
         lowest = float(lam[keep].min())
         return Proposal(s, model_decrease(g, s, H @ s), note, used=mu, floor=floor, lowest=lowest)

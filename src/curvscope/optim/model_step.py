@@ -167,6 +167,11 @@ class SizedGroup(dict[str, Any]):
         if key == self.size:
             self.edited = True
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Copied and pickled with its entries as they are, not set one by one (which marked
+        every copy's size as edited: a copied optimizer restarted its search)."""
+        return (_sized_group, (dict(self), self.method, self.size, self.edited))
+
     def _no_lr(self) -> str:
         newton = (
             " (Newton's damping is the least shift, relative to max|λ|, that an indefinite "
@@ -194,6 +199,13 @@ class SizedGroup(dict[str, Any]):
             raise ValueError(
                 f"the parameter group holds 'lr', which is never read: {self._no_lr()}"
             )
+
+
+def _sized_group(entries: dict[str, Any], method: str, size: str, edited: bool) -> SizedGroup:
+    """A :class:`SizedGroup` rebuilt from its entries and attributes (its ``__reduce__``)."""
+    group = SizedGroup(entries)
+    group.method, group.size, group.edited = method, size, edited
+    return group
 
 
 class ModelStepOptimizer(CurvscopeOptimizer):
