@@ -696,8 +696,9 @@ def walk_graph(loss: Tensor) -> GraphSeen:
         leaf = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf tensor
         if leaf is not None:
             leaves.append(leaf)
-        reentrant = reentrant or type(node).__name__ == "CheckpointFunctionBackward"
-        if isinstance(node, torch.autograd.function.BackwardCFunction) and not reentrant:
+        checkpoint = type(node).__name__ == "CheckpointFunctionBackward"
+        reentrant = reentrant or checkpoint
+        if isinstance(node, torch.autograd.function.BackwardCFunction) and not checkpoint:
             custom.append(node)
         stack.extend(child for child, _ in node.next_functions)
     return GraphSeen(leaves, reentrant, custom)
