@@ -648,3 +648,26 @@ def test_a_gradient_clipped_or_masked_in_the_closure_is_the_one_stepped_along(na
     opt.step(closure)
     assert torch.equal(model.weight, weight) and not torch.equal(model.bias, bias)
     assert opt.info.grad_norm == pytest.approx(1e-3, rel=1e-6)  # the clipped gradient's
+
+
+@pytest.mark.parametrize("name", ["hessian-free"])
+def test_a_warm_start_loaded_into_parameters_of_other_shapes_in_order_is_refused(name):
+    """Parameters of the same count and total size in another order passed the size checks,
+    and Hessian-free's warm start was applied to the wrong coordinates (an outside review):
+    the state records the parameters' shapes, in order, and a warm start is refused there."""
+    a = [torch.zeros(2, 3, dtype=torch.float64, requires_grad=True), torch.zeros(4)]
+    b = [torch.zeros(4, dtype=torch.float64, requires_grad=True), torch.zeros(2, 3)]
+    a[1] = a[1].double().requires_grad_()
+    b[1] = b[1].double().requires_grad_()
+
+    def closure():
+        out = torch.cat([a[0].reshape(-1), a[1]])
+        loss = ((out - 1) ** 2).sum()
+        return loss, out
+
+    opt = build(name, a)
+    opt.step(closure)
+    saved = opt.state_dict()
+    with pytest.raises(ValueError, match="in another order"):
+        build(name, b).load_state_dict(saved)
+    build(name, [p.detach().clone().requires_grad_() for p in a]).load_state_dict(saved)

@@ -390,6 +390,18 @@ def check_loadable(opt: CurvscopeOptimizer, state_dict: Any) -> None:
     state = state_dict["state"]
     n = _check_parameter_state(name, state, groups, opt.param_groups)
     saved = state.get("global") or {}
+    shapes = [list(p.shape) for g in opt.param_groups for p in g["params"]]
+    # a warm start is a vector over the parameters in order: of the same total size in another
+    # order, Hessian-free's was applied to the wrong coordinates (an outside review); a state of
+    # scalars (a radius, a damping) means the same on any model, and loads (a test holds it)
+    moved = [list(s) for s in saved.get("shapes", shapes)] != shapes  # (saved before: unknown)
+    if moved and "previous" in saved:
+        raise ValueError(
+            f"{name}.load_state_dict: the state dict was saved on parameters of shapes "
+            f"{saved['shapes']}, these are {shapes}: it belongs to a model of another shape, or "
+            "its parameters in another order; build the optimizer on the parameters it was "
+            "saved with, in their order"
+        )
     now = [p.requires_grad for g in opt.param_groups for p in g["params"]]
     refrozen = saved.get("trainable", now) != now  # a layer frozen or unfrozen since
     for key, t in saved.items():

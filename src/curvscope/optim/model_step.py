@@ -270,6 +270,9 @@ class ModelStepOptimizer(CurvscopeOptimizer):
             "asked": search.init(group),
             "search": type(search).__name__,
             "trainable": [p.requires_grad for p in group["params"]],
+            # the parameters' shapes, in order: a state loaded into parameters of the same total
+            # size in another order applied Hessian-free's warm start to the wrong coordinates
+            "shapes": [list(p.shape) for p in group["params"]],
         }
 
     def _restarted(self, memory: dict[str, Any]) -> dict[str, Any]:
