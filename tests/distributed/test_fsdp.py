@@ -370,6 +370,15 @@ def _one_rank_worker(rank: int, port: int, out: str) -> None:
         models.append((case, opt))
     (case, _), (twin, _) = models
     result["unsharded"] = [type(p).__name__ for p in case.model.parameters()]
+    # the exact backends on it, sharded or (after that forward) not: refused with the fix
+    result["exact"] = []
+    for model in (case.model, twin.model):
+        for backend in ("auto", "double_backward"):
+            try:
+                cs.Curvature(model, case.loss_fn, case.data, backend=backend)
+                result["exact"].append("not refused")
+            except ValueError as e:
+                result["exact"].append(str(e))
     C = cs.Curvature(case.model, case.loss_fn, case.data, backend=FD)
     result["eval_hv"] = C @ _vector(C.num_params)
     result["eval_diagnosis"] = cs.diagnose(
@@ -451,6 +460,15 @@ def test_a_model_measured_after_an_evaluation_forward_is_resharded_first(one_ran
     top = float(torch.linalg.eigvalsh(H)[-1])
     assert d.evidence["sharpness"] == pytest.approx(top, rel=1e-6)
     assert one_rank["stepped_alike"]
+
+
+def test_the_exact_backends_are_refused_on_a_sharded_model(one_rank):
+    """FSDP2's products by double backward came out 0 — λ_max 0.0, "converged", where finite
+    differences read 0.733 (an outside review): refused at construction, naming the fix, also
+    after an evaluation forward left the root's parameters plain tensors."""
+    assert len(one_rank["exact"]) == 4
+    for message in one_rank["exact"]:
+        assert "backend='finite_difference'" in message and "fully_shard" in message
 
 
 @pytest.mark.parametrize("setter", SWITCHES)

@@ -338,7 +338,9 @@ class Curvature:
             # infers it again at its next finite loss, its products refused meanwhile)
             device=objective.device,
         )
-        check_backend(list(objective.params.values()), backend)  # DeepSpeed ZeRO-3
+        # DeepSpeed ZeRO-3, FSDP2 (its modules: after an evaluation forward its root holds
+        # plain unsharded parameters), tensor parallelism
+        check_backend(list(objective.params.values()), backend, bool(objective.fsdp_modules))
         if self.group is not None and backend == "auto":
             backend = "double_backward"  # the same choice on every rank, without timing
         replicas = _fd.replicas(objective, self.group) if backend == _fd.BACKEND else 1

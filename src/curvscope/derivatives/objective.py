@@ -737,7 +737,10 @@ def watched_seed(t: Tensor) -> Tensor:
     every gradient flowing into a custom Function has a graph and a cut shows — from a plain
     ones, a fused loss at the top of the graph, or a term 10·f(w), met constant gradients, and
     their cut Hessian read 0 or 3.03 for 22.98 unrefused (the diff review)."""
-    return torch.ones_like(t, requires_grad=True)
+    # not a leaf: a loss Function whose backward scales its incoming gradient in place hit
+    # torch's "a view of a leaf Variable that requires grad is being used in an in-place
+    # operation" (the refusal review)
+    return torch.ones_like(t, requires_grad=True).clone()
 
 
 def watch_custom_functions(
@@ -758,17 +761,28 @@ def watch_custom_functions(
     ) -> None:
         if not torch.is_grad_enabled():
             return
-        upstream = any(isinstance(g, Tensor) and g.requires_grad for g in grad_outputs)
-        for on_graph, g in zip(wired, grad_inputs, strict=False):
-            if not on_graph or not isinstance(g, Tensor):
-                continue
-            once = type(g.grad_fn).__name__ == "Error"  # once_differentiable's DelayedError
-            # (a zero gradient is cut too: the GGN's Jᵀu at u = 0)
-            if once or (upstream and not g.requires_grad):
-                if refused is not None:
-                    refused()
-                said = f"{name} (@once_differentiable)" if once else name
-                raise RuntimeError(custom_function_cut(what, said))
+        given = [
+            g for on, g in zip(wired, grad_inputs, strict=False) if on and isinstance(g, Tensor)
+        ]
+        if any(type(g.grad_fn).__name__ == "Error" for g in given):  # once_differentiable's
+            cut(f"{name} (@once_differentiable)")
+        incoming = [g for g in grad_outputs if isinstance(g, Tensor)]
+        # every gradient it returns without a graph while one flowing in has one: its backward
+        # left the graph. Not where one of them keeps it (a linear two-output Function, one of
+        # whose outputs reaches the loss through round(): the refusal review), nor a gradient
+        # of exact zeros for a gradient flowing in that is not all zeros (a derivative that is
+        # truly 0); zeros for zeros are cut (the GGN's Jᵀu, at u = 0, sees nothing else)
+        if not given or not any(g.requires_grad for g in incoming):
+            return
+        if all(not g.requires_grad for g in given):
+            if any(g.any() for g in incoming) and not any(g.any() for g in given):
+                return
+            cut(name)
+
+    def cut(said: str) -> None:
+        if refused is not None:
+            refused()
+        raise RuntimeError(custom_function_cut(what, said))
 
     for node in nodes:
         # the hook holds the Function's name and which inputs are on the graph, not the node:
@@ -867,8 +881,11 @@ class ModelObjective:
         _check_loss(loss_fn, reduction)
         self.model = model
         #: FSDP2's modules, resharded before the parameters are read (:meth:`params`)
-        self._fsdp = [m for m in model.modules() if callable(getattr(m, "_get_fsdp_state", None))]
-        _reshard(self._fsdp)
+        #: the model's FSDP2 (``fully_shard``) modules, resharded before each pass
+        self.fsdp_modules = [
+            m for m in model.modules() if callable(getattr(m, "_get_fsdp_state", None))
+        ]
+        _reshard(self.fsdp_modules)
         #: loss_fn=None: the model's own loss, adapted (decides self.loss_fn with the data)
         self.adapter = HuggingFaceLoss(model) if loss_fn is None else None
         #: a loss that is not finite is left for a collective to carry to every rank (set by a
@@ -949,7 +966,7 @@ class ModelObjective:
         Looked up on every access, so a parameter that was replaced (``load_state_dict(...,
         assign=True)``, ``module.weight = nn.Parameter(...)``) is followed, not the old object.
         """
-        _reshard(self._fsdp)
+        _reshard(self.fsdp_modules)
         named: dict[str, Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
         current: dict[str, Tensor] = {}
         for name, old in self._params.items():
