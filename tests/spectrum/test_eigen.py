@@ -525,3 +525,28 @@ def test_a_cluster_of_three_behind_a_block_of_two_is_found_before_the_run_stops(
         r = cs.eigenvalues(with_spectrum(lam, seed), k=4, seed=seed)
         assert r.all_converged, r.message
         assert (r.values - torch.tensor([1.0, 1.0, 1.0, 0.9]).double()).abs().max() < 1e-3
+
+
+def test_a_restart_for_one_end_keeps_the_far_ends_outliers(monkeypatch):
+    """At a thick restart for ``which="smallest"`` the top Ritz vectors were dropped: the
+    outliers there, the first to converge, came back through the residual and were found again
+    (a trained network's top eigenvalues, when its smallest are asked for). Kept, the smallest
+    two of a bulk under three outliers cost fewer products in every seed, still right."""
+    import numpy as np
+
+    import curvscope.spectrum.eigen as E
+
+    rng = np.random.default_rng(1)
+    lam = np.sort(np.concatenate([rng.uniform(-0.5, 1, 497), [3, 2.5, 2]]))
+    A = with_spectrum(torch.tensor(lam, dtype=torch.float64))
+    cost = {}
+    for far in (0, E.FAR_END_KEPT):
+        monkeypatch.setattr(E, "FAR_END_KEPT", far)
+        cost[far] = []
+        for seed in range(4):
+            r = cs.eigenvalues(A, k=2, which="smallest", seed=seed, max_matvecs=600)
+            assert r.all_converged
+            assert np.allclose(np.sort(r.values.numpy()), lam[:2], atol=3e-3)
+            cost[far].append(r.matvecs)
+    assert E.FAR_END_KEPT == 4
+    assert all(kept < dropped for kept, dropped in zip(cost[4], cost[0], strict=True)), cost
