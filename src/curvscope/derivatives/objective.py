@@ -31,7 +31,6 @@ Face model: :mod:`curvscope.derivatives.huggingface` adapts it to the rest).
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import sys
@@ -752,9 +751,8 @@ def watch_custom_functions(
     products through such a node are silently missing (an outside review). A first-order
     backward is not checked (nothing is missing from it). Seed the backward with
     :func:`watched_seed`, or a cut where the incoming gradient is constant goes unseen.
-    ``what``: a key of
-    :data:`CUT_FIXES`; ``refused`` is called before a refusal (an operator then watches its
-    next backward again)."""
+    ``what``: a key of :data:`CUT_FIXES`; ``refused`` is called before a refusal (an operator
+    then watches its next backward again)."""
 
     def check(
         name: str, wired: Sequence[bool], grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]
@@ -790,7 +788,7 @@ def watch_custom_functions(
         # until the garbage collector ran (a step's graph per second-order step)
         name = getattr(node, "_forward_cls", type(node)).__name__
         wired = [child is not None for child, _ in node.next_functions]
-        node.register_hook(functools.partial(check, name, wired))
+        node.register_hook(partial(check, name, wired))
 
 
 def _reads_parameters(seen: GraphSeen, params: Mapping[str, Tensor]) -> str | None:
@@ -880,8 +878,8 @@ class ModelObjective:
             raise TypeError(f"expected model to be a torch.nn.Module, got {type(model).__name__}")
         _check_loss(loss_fn, reduction)
         self.model = model
-        #: FSDP2's modules, resharded before the parameters are read (:meth:`params`)
-        #: the model's FSDP2 (``fully_shard``) modules, resharded before each pass
+        #: FSDP2's (``fully_shard``) modules, resharded before the parameters are read
+        #: (:meth:`params`); the exact backends are refused where there are any
         self.fsdp_modules = [
             m for m in model.modules() if callable(getattr(m, "_get_fsdp_state", None))
         ]
