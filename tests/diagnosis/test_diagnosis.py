@@ -110,6 +110,7 @@ def test_saddle_against_minimum_is_decided_on_a_lambda_min_ten_times_finer_than_
         assert abs(d.evidence["lambda_min"] - lowest) <= 1e-3 * 30
         if state == "minimum":
             assert any(f"λ_min = {d.evidence['lambda_min']:.3g} ± " in r for r in d.reasons)
+            assert "λ_min = " in str(d) and "Λ" not in str(d)  # not capitalised to another symbol
 
 
 def test_bottom_of_a_convex_bowl_is_a_minimum():

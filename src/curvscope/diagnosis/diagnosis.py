@@ -70,6 +70,13 @@ MAX_BATCHES = 32
 DIAGNOSIS_BACKENDS = ("double_backward", _fd.BACKEND)
 
 
+def _sentence(reason: str) -> str:
+    """A reason as a sentence: its first letter capitalised — a Latin one only (a reason that
+    starts "λ_min = ..." read "Λ_min", another symbol: a review) — and a full stop."""
+    first = reason[:1]
+    return (first.upper() if first.isascii() else first) + reason[1:] + "."
+
+
 @dataclass(frozen=True)
 class Diagnosis:
     """Which state training is in, why, and what to do.
@@ -111,9 +118,7 @@ class Diagnosis:
         object.__setattr__(self, "evidence", Evidence.from_mapping(self.evidence))
 
     def __str__(self) -> str:
-        text = f"{self.state.headline}. " + " ".join(
-            r[0].upper() + r[1:] + "." for r in self.reasons
-        )
+        text = f"{self.state.headline}. " + " ".join(_sentence(r) for r in self.reasons)
         if self.advice:
             text += " " + " ".join(self.advice)
         if not self.confident:
