@@ -550,3 +550,17 @@ def test_a_restart_for_one_end_keeps_the_far_ends_outliers(monkeypatch):
             cost[far].append(r.matvecs)
     assert E.FAR_END_KEPT == 4
     assert all(kept < dropped for kept, dropped in zip(cost[4], cost[0], strict=True)), cost
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e200])
+def test_a_float64_spectrum_far_from_one_runs_as_at_one(scale):
+    """Residual norms were sums of squares: at 1e-200 they underflowed to 0 and [1.79, −0.56]
+    read converged after 3 products (truth [2, −1]); at 1e200 they overflowed and the right
+    values read "not converged" (an outside review). Scaled, the run is the run at scale 1."""
+    A = with_spectrum(torch.linspace(-1.0, 2.0, 100, dtype=torch.float64))
+    one = cs.eigenvalues(A, k=1, which="both")
+    far = cs.eigenvalues(A * scale, k=1, which="both")
+    assert far.all_converged and far.matvecs == one.matvecs
+    torch.testing.assert_close(far.values / scale, one.values, rtol=1e-12, atol=0)
+    torch.testing.assert_close(far.residuals / scale, one.residuals, rtol=1e-8, atol=0)
+    assert bool((far.errors > 0).all())

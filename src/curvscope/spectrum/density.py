@@ -8,14 +8,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from curvscope.derivatives.checks import check_int, check_real
 from curvscope.derivatives.seeding import rademacher
 from curvscope.spectrum._operator import as_operator, progress
-from curvscope.spectrum.lanczos import Krylov, tridiagonal
+from curvscope.spectrum.lanczos import Krylov, column_norms, tridiagonal
 from curvscope.spectrum.precision import autocast_off
 
 #: Default resolution of ``negative_mass``: eigenvalues within this share of the spectral range
@@ -191,7 +190,7 @@ def density(
                 while kry.size < steps and kry.X.shape[1]:
                     kry.extend()
                 T = torch.from_numpy(kry.Hh.copy())  # kept on the host in float64: no read
-                beta_next = float(np.linalg.norm(kry.Rh)) if kry.X.shape[1] else 0.0
+                beta_next = float(column_norms(kry.Rh.reshape(-1, 1))[0]) if kry.X.shape[1] else 0.0
             else:
                 alpha, beta = tridiagonal(op, z, steps)
                 off = beta[:-1]
