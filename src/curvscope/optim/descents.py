@@ -87,7 +87,8 @@ class DenseNewton:
         # made every step damped — linear convergence, "indefinite" (an outside review). Where
         # they carry more (the model unbounded along them, or float32's rounding taking small
         # positive curvature for none: the diff review) the step is shifted, as before.
-        idle = bool(null.any()) and float(w[null].norm()) <= IDLE_SHARE * float(g.norm())
+        idle = bool(null.any() and not null.all())  # (all of them: no Newton step to keep)
+        idle = idle and float(w[null].norm()) <= IDLE_SHARE * float(g.norm())
         keep = ~null if idle and not indefinite else torch.ones_like(null)
         count = int(null.sum())
         if indefinite or (count and not idle):
