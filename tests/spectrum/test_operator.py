@@ -428,3 +428,26 @@ def test_a_sparse_matrix_is_an_operator_checked_like_a_dense_one(layout):
     bad[3, 3] = float("nan")
     with pytest.raises(FloatingPointError, match="1 NaN"):
         cs.eigenvalues(sparse(bad), k=1)
+
+
+def test_an_objects_matmat_is_probed_for_symmetry_where_it_is_needed():
+    """An object's matmat was trusted: a non-symmetric one read 15.0, converged, for a largest
+    real eigenvalue of 6.18 (an outside review). Where symmetry is needed it is probed — two
+    products on seeded vectors, not counted in the estimator's matvecs, the global RNG untouched
+    — and refused; trace and diagonal need none and take it; a symmetric one runs as before."""
+    N = torch.randn(30, 30, generator=torch.Generator().manual_seed(0), dtype=DT)
+    state = torch.get_rng_state()
+    for call in (
+        lambda op: cs.eigenvalues(op),
+        lambda op: cs.spectrum.cg(op, torch.ones(30, dtype=DT)),
+        lambda op: cs.density(op, steps=5, probes=1),
+        lambda op: cs.trace_of_square(op, matvecs=4),
+    ):
+        with pytest.raises(ValueError, match=r"Custom\.matmat is not symmetric.*\(A \+ Aᵀ\)/2"):
+            call(Custom(N, dtype=DT))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert cs.trace(Custom(N, dtype=DT), matvecs=30).value == pytest.approx(float(N.trace()))
+    S = Custom((N + N.T) / 2, dtype=DT)
+    r = cs.eigenvalues(S, k=1)
+    assert r.values[0] == pytest.approx(float(torch.linalg.eigvalsh((N + N.T) / 2)[-1]), rel=1e-3)
+    assert r.matvecs == cs.eigenvalues((N + N.T) / 2, k=1).matvecs
