@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from curvscope.spectrum._operator import Operator
+from curvscope.spectrum.precision import square_sums
 
 
 def host(t: Tensor) -> np.ndarray:
@@ -319,12 +320,8 @@ def tridiagonal(op: Operator, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
 
 
 def _scaled_norm(op: Operator, v: Tensor) -> Tensor:
-    """‖v‖ where its square overflows the working dtype (a float32 operator's products of
-    1e20 gave β = inf, and density NaN nodes or LAPACK's failure: an outside review): the
-    squares of v over its largest entry, summed in float64, in v's dtype again."""
-    top = v.abs().amax()
-    squares = (v / top).pow(2).sum().to(torch.float64) * top.to(torch.float64) ** 2
-    return op.total(squares).sqrt().to(v.dtype)
+    """‖v‖ where its square overflows the working dtype (:func:`square_sums`), in v's dtype."""
+    return op.total(square_sums(v)).sqrt().to(v.dtype)
 
 
 def error_bounds(theta: np.ndarray, res: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from torch import Tensor
 
 from curvscope.derivatives.curvature import autocast_state
 
@@ -40,3 +41,15 @@ def autocast_off(device: torch.device) -> Iterator[None]:
         return
     with torch.autocast(device.type, enabled=False):
         yield
+
+
+def square_sums(M: Tensor, dim: int | None = None) -> Tensor:
+    """Σ M² — over ``dim``, or every entry — in float64, from M divided by its largest entry
+    (one pass more than the plain sum): the squares of a float32 operator's products of 1e20
+    overflowed, and β read inf (LAPACK's failure, NaN nodes) and ``trace_of_square`` inf (an
+    outside review). No host read."""
+    top = M.abs().amax()
+    top = torch.where(top > 0, top, torch.ones_like(top))
+    squares = (M / top).pow(2)
+    summed = squares.sum() if dim is None else squares.sum(dim)
+    return summed.to(torch.float64) * top.to(torch.float64) ** 2

@@ -17,7 +17,7 @@ from torch import Tensor
 from curvscope.derivatives.checks import check_real
 from curvscope.derivatives.seeding import rademacher
 from curvscope.spectrum._operator import Operator, as_operator, check_budget, progress
-from curvscope.spectrum.precision import autocast_off
+from curvscope.spectrum.precision import autocast_off, square_sums
 
 TRACE_METHODS = ("auto", "hutchinson", "hutch++", "exact")
 #: Probes multiplied per block product (memory: the probes, their products, and one block
@@ -401,11 +401,7 @@ def trace_of_square(
     with progress(matvecs, "trace of square", progress_bar) as bar, autocast_off(op.device):
         Z = rademacher(op.n, matvecs, gen, op.work_dtype, op.device)
         AZ = _products(op, Z, bar)
-        # ‖Az‖² in float64, from the block scaled by its largest entry: squares of a float32
-        # operator's 1e20 products overflowed, and the trace read inf (an outside review)
-        top = AZ.AU.abs().amax()
-        top = torch.where(top > 0, top, torch.ones_like(top))  # (no host read)
-        rows = [(AZ.AU / top).pow(2).sum(0).to(torch.float64) * top.to(torch.float64) ** 2]
+        rows = [square_sums(AZ.AU, 0)]  # ‖Az‖², in float64: float32's squares can overflow
         if AZ.errors is not None:
             rows.append(Z.pow(2).sum(0).to(torch.float64))
         summed = op.total(torch.stack(rows))
