@@ -20,7 +20,7 @@ from curvscope.derivatives.checks import (
     check_vector,
 )
 from curvscope.derivatives.kinds import _grad
-from curvscope.derivatives.objective import walk_graph, watch_custom_functions, watched_seed
+from curvscope.derivatives.objective import watch_custom_functions
 
 Function = Callable[[Tensor], Tensor]
 
@@ -42,8 +42,8 @@ def _grad_with_graph(f: Function, x: Tensor) -> tuple[Tensor, Tensor, float]:
     xl = x.detach().requires_grad_(True)
     with torch.enable_grad():
         y = _value(f, xl)
-        watch_custom_functions(walk_graph(y).custom, "second derivatives")
-        (g,) = torch.autograd.grad(y, xl, watched_seed(y), create_graph=True)
+        seed = watch_custom_functions(y, "second derivatives")
+        (g,) = torch.autograd.grad(y, xl, seed, create_graph=True)
     return xl, g, float(y.detach())
 
 

@@ -283,7 +283,8 @@ def ggn_product(
     ``at`` is the tensor the loss was computed from: the outputs themselves (the default: a
     closure's evaluation), or a detached copy of them (:func:`prepare_ggn`), which keeps the
     loss's graph apart from the model's. ``seed``: the gradient the loss's backward starts
-    from (a watched one: :func:`~curvscope.derivatives.objective.watched_seed`), or None.
+    from (a watched one: :func:`~curvscope.derivatives.objective.watch_custom_functions`), or
+    None.
     """
     at = outputs if at is None else at
     jac = _Jacobian(outputs, leaves)

@@ -731,28 +731,23 @@ def custom_function_cut(what: str, name: str) -> str:
     )
 
 
-def watched_seed(t: Tensor) -> Tensor:
-    """The gradient a watched backward starts from: ones that require grad themselves, so that
-    every gradient flowing into a custom Function has a graph and a cut shows — from a plain
-    ones, a fused loss at the top of the graph, or a term 10·f(w), met constant gradients, and
-    their cut Hessian read 0 or 3.03 for 22.98 unrefused (the diff review)."""
-    # not a leaf: a loss Function whose backward scales its incoming gradient in place hit
-    # torch's "a view of a leaf Variable that requires grad is being used in an in-place
-    # operation" (the refusal review)
-    return torch.ones_like(t, requires_grad=True).clone()
-
-
 def watch_custom_functions(
-    nodes: Sequence[Any], what: str, refused: Callable[[], None] | None = None
-) -> None:
-    """Hooks on custom autograd Functions' nodes that refuse, during a backward taken with
-    ``create_graph=True``, a gradient their backward returned outside autograd's graph (where
-    a gradient flowing into it has one) or through @once_differentiable's error node: the
-    products through such a node are silently missing (an outside review). A first-order
-    backward is not checked (nothing is missing from it). Seed the backward with
-    :func:`watched_seed`, or a cut where the incoming gradient is constant goes unseen.
-    ``what``: a key of :data:`CUT_FIXES`; ``refused`` is called before a refusal (an operator
-    then watches its next backward again)."""
+    t: Tensor, what: str, refused: Callable[[], None] | None = None
+) -> Tensor:
+    """Hooks on the custom autograd Functions of ``t``'s graph that refuse, during a backward
+    taken with ``create_graph=True``, a gradient their backward returned outside autograd's
+    graph (where a gradient flowing into it has one) or through @once_differentiable's error
+    node: the products through such a node are silently missing (an outside review). A
+    first-order backward is not checked (nothing is missing from it). ``what``: a key of
+    :data:`CUT_FIXES`; ``refused`` is called before a refusal (an operator then watches its
+    next backward again).
+
+    Returns the gradient to start that backward from: ones that require grad themselves, so
+    that every gradient flowing into a custom Function has a graph and a cut shows — from plain
+    ones, a fused loss at the top of the graph, or a term 10·f(w), met constant gradients, and
+    their cut Hessian read 0, or 3.03 for 22.98, unrefused (the diff review). Not a leaf: a loss
+    Function scaling its incoming gradient in place hit torch's "a view of a leaf Variable that
+    requires grad is being used in an in-place operation" (the refusal review)."""
 
     def check(
         name: str, wired: Sequence[bool], grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]
@@ -782,13 +777,14 @@ def watch_custom_functions(
             refused()
         raise RuntimeError(custom_function_cut(what, said))
 
-    for node in nodes:
+    for node in walk_graph(t).custom:
         # the hook holds the Function's name and which inputs are on the graph, not the node:
         # node -> hook -> node was a cycle that kept each graph, and its saved tensors, alive
         # until the garbage collector ran (a step's graph per second-order step)
         name = getattr(node, "_forward_cls", type(node)).__name__
         wired = [child is not None for child, _ in node.next_functions]
         node.register_hook(partial(check, name, wired))
+    return torch.ones_like(t, requires_grad=True).clone()
 
 
 def _reads_parameters(seen: GraphSeen, params: Mapping[str, Tensor]) -> str | None:
@@ -1461,13 +1457,12 @@ class ModelObjective:
         """Before an operator's first backwards that keep their graph: hooks on the custom
         autograd Functions of the graphs of ``ts`` that refuse one whose backward leaves the
         graph (:func:`watch_custom_functions`); once an operator. Returns the gradient to seed
-        the last one's backward with (:func:`watched_seed`), or None once watched."""
+        the last one's backward with, or None once watched."""
         if self._watched:
             return None
-        for t in ts:
-            watch_custom_functions(walk_graph(t).custom, "curvature products", self._unwatch)
+        seeds = [watch_custom_functions(t, "curvature products", self._unwatch) for t in ts]
         self._watched = True
-        return watched_seed(ts[-1])
+        return seeds[-1]
 
     def _unwatch(self) -> None:
         self._watched = False

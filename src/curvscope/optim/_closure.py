@@ -51,7 +51,7 @@ from torch.overrides import TorchFunctionMode
 from curvscope.derivatives.distributed import all_reduce_mean, all_reduce_sum, collective_device
 from curvscope.derivatives.flat import flatten, unflatten
 from curvscope.derivatives.kinds import PreparedProduct, ggn_product, hessian_product
-from curvscope.derivatives.objective import walk_graph, watch_custom_functions, watched_seed
+from curvscope.derivatives.objective import watch_custom_functions
 from curvscope.derivatives.substitutes import substitute
 
 Closure = Callable[[], Any]
@@ -452,8 +452,7 @@ class Evaluation:
         self.loss_tensor, self.outputs, self.loss = loss, called.outputs, called.mean
         seed = None
         if curvature:  # refused where a custom Function's backward cuts the graph
-            watch_custom_functions(walk_graph(loss).custom, "a second-order optimizer")
-            seed = watched_seed(loss)
+            seed = watch_custom_functions(loss, "a second-order optimizer")
         with torch.enable_grad(), _compiled_named():
             grads = torch.autograd.grad(
                 loss, self.params, seed, create_graph=curvature, allow_unused=True
