@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import curvscope as cs
+from curvscope.derivatives.flat import flatten
 from curvscope.optim._closure import Counts, Evaluation, loss_only
 from tests import cases
 
@@ -213,17 +214,51 @@ def test_a_model_in_eval_mode_with_attention_gives_the_same_loss_for_trials_and_
         assert loss_only(closure, params, Counts()) == evaluated, seed
 
 
-def test_a_compiled_module_in_the_closure_is_named_with_the_fix():
+def test_a_compiled_module_in_the_closure_steps_as_its_original_module():
     """torch.compile's graphs have no double backward: every second-order step failed with
-    torch's bare error (a review); the message now names the module and model._orig_mod."""
+    torch's bare error (a review), then with the fix named (``model._orig_mod``). The closure's
+    compiled code now runs eagerly during a second-order evaluation, as ``cs.Curvature``'s
+    products do: the step is the one through the original module, bit for bit."""
+    data = torch.randn(8, 3), torch.randn(8, 1)
+    stepped = []
+    for compile_it in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+        run = torch.compile(model, backend="aot_eager") if compile_it else model
+        opt = cs.optim.NewtonCG(model.parameters())
+        for _ in range(2):
+            opt.step(lambda run=run: nn.functional.mse_loss(run(data[0]), data[1]))
+        stepped.append(flatten([p.detach() for p in model.parameters()]))
+    torch.testing.assert_close(stepped[1], stepped[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "name", ["newton-cg", "hessian-free", "cubic-newton", "adahessian", "sophia"]
+)
+def test_a_transformer_layer_on_fused_attention_takes_second_order_steps(name):
+    """``nn.TransformerEncoderLayer`` runs scaled-dot-product attention on torch's fused CPU
+    kernel, which has no double backward: every second-order optimizer's step raised torch's
+    "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented" (an outside review), where ``cs.Curvature`` switches to the math backend
+    itself. The closure's evaluations now run on it too: the step is taken, its loss lower,
+    and the user's switches are as found after it."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
-    compiled = torch.compile(model, backend="aot_eager")
-    X, y = torch.randn(8, 3), torch.randn(8, 1)
-    opt = cs.optim.NewtonCG(model.parameters())
-    with pytest.raises(RuntimeError, match=r"torch.compile'd module.*model._orig_mod"):
-        opt.step(lambda: nn.functional.mse_loss(compiled(X), y))
-    opt.step(lambda: nn.functional.mse_loss(compiled._orig_mod(X), y))  # the fix works
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model = nn.Sequential(layer, nn.Linear(8, 1))
+    X, y = torch.randn(4, 6, 8), torch.randn(4, 6, 1)
+    opt = cs.optim.build(name, model.parameters())
+
+    def closure():
+        return nn.functional.mse_loss(model(X), y)
+
+    flags = [torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()]
+    first = closure().item()
+    for _ in range(3):
+        opt.step(closure)
+    assert closure().item() < first
+    assert [torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()] == (
+        flags
+    )
 
 
 def test_a_trial_points_backward_touches_only_the_optimized_parameters():

@@ -387,10 +387,18 @@ def _attention_switches() -> list[tuple[Any, Any, bool]]:
 
 
 _ATTENTION_SWITCHES = _attention_switches()
+
+
+def compiling_used() -> bool:
+    """Whether torch.compile may have been used in this process (``torch._dynamo`` imported:
+    Hugging Face's transformers imports it too): compiled code may then run anywhere."""
+    return "torch._dynamo" in sys.modules
+
+
 _HAS_CUDNN = torch.backends.cudnn.is_available()  # a CPU-only build has no cuDNN to turn off
 
 
-class _DifferentiableKernels:
+class DifferentiableKernels:
     """Kernels with second derivatives for the forward passes of curvature products:
     scaled-dot-product attention on its math backend (the fused ones have no double backward or
     forward-mode AD), cuDNN off where torch has it (its RNNs have no double backward), and for
@@ -409,6 +417,14 @@ class _DifferentiableKernels:
 
     def __init__(self, rnn: bool, weight_norm: bool, compiled: bool = False) -> None:
         self.rnn, self.weight_norm, self.compiled = rnn, weight_norm, compiled
+
+    @classmethod
+    def for_closures(cls) -> DifferentiableKernels:
+        """The switches for a second-order optimizer's closure, whose model is unknown: no
+        RNN's oneDNN switch (a cost, not a failure: a closure's RNN runs on oneDNN), no
+        weight-norm mode (the closure's own mode substitutes it), the compiler's stance where
+        :func:`compiling_used`."""
+        return cls(rnn=False, weight_norm=False, compiled=compiling_used())
 
     def __enter__(self) -> None:
         self.saved = [get() for get, _, _ in _ATTENTION_SWITCHES]
@@ -1321,7 +1337,7 @@ class ModelObjective:
         also for the backward passes of a product through a kept graph: a forward recomputed
         there (activation checkpointing) must run on the kernels the forward did, or its
         tensors differ from the forward's."""
-        return _DifferentiableKernels(self._has_rnn, self._weight_norm, self._any_compiled())
+        return DifferentiableKernels(self._has_rnn, self._weight_norm, self._any_compiled())
 
     def _any_compiled(self) -> bool:
         """Whether compiled code may run in a product: a torch.compile'd module inside the
@@ -1329,7 +1345,7 @@ class ModelObjective:
         imported: Hugging Face's transformers imports it too) — a compiled function called in
         the forward, a compiled loss (torch's bare "does not currently support double
         backward" from both: an outside review). Asked at each use: compiling comes later."""
-        return bool(self._compiled_inside) or "torch._dynamo" in sys.modules
+        return bool(self._compiled_inside) or compiling_used()
 
     def arguments(self, batch: Batch, **extra: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The model's positional and keyword arguments for a batch: a mapping's items as

@@ -51,7 +51,7 @@ from torch.overrides import TorchFunctionMode
 from curvscope.derivatives.distributed import all_reduce_mean, all_reduce_sum, collective_device
 from curvscope.derivatives.flat import flatten, unflatten
 from curvscope.derivatives.kinds import PreparedProduct, ggn_product, hessian_product
-from curvscope.derivatives.objective import watch_custom_functions
+from curvscope.derivatives.objective import DifferentiableKernels, watch_custom_functions
 from curvscope.derivatives.substitutes import substitute
 
 Closure = Callable[[], Any]
@@ -311,8 +311,10 @@ def _call(
     mode: str,
     group: Any,
     needs_graph: bool = False,
+    kernels: contextlib.AbstractContextManager[Any] | None = None,
 ) -> _Called:
-    """Call the closure (gradients enabled, its backward as ``mode`` says). Under a group the
+    """Call the closure (gradients enabled, its backward as ``mode`` says; under ``kernels``,
+    :meth:`Evaluation.kernels`, where given). Under a group the
     ranks first agree, in the one all-reduce of [loss, failed, ran a backward] that averages
     the loss, on whether every rank's call succeeded: a closure that raises on one rank — an
     out-of-memory error at a trial point, a bad shard — raises there and, naming it, on every
@@ -324,7 +326,11 @@ def _call(
     loss = outputs = None
     try:
         versions = [p._version for p in params]
-        with torch.enable_grad(), _ClosureBackward(mode, counts, params):
+        with (
+            kernels or contextlib.nullcontext(),
+            torch.enable_grad(),
+            _ClosureBackward(mode, counts, params),
+        ):
             loss, outputs = _split(closure())
         _warn_written(params, versions)
         if needs_graph and not loss.requires_grad:
@@ -365,7 +371,8 @@ def loss_only(
     the closure run as written (see the module's docstring) and its traces undone:
     ``.grad`` (:func:`_undone`) and the normalization layers' statistics."""
     with _undone(params), KeptStatistics():
-        return _call(closure, counts, params, "contained", group).mean
+        kernels = DifferentiableKernels.for_closures()  # as the evaluation's: the same loss
+        return _call(closure, counts, params, "contained", group, kernels=kernels).mean
 
 
 #: What torch says of a backward through a compiled graph taken with ``create_graph=True``
@@ -403,6 +410,14 @@ class Evaluation:
     closure's outputs, Gauss-Newton products come from the same forward pass. Both products
     are ``derivatives.kinds``' own (:func:`~curvscope.derivatives.kinds.hessian_product`,
     :func:`~curvscope.derivatives.kinds.ggn_product`), the ones ``cs.Curvature`` uses.
+
+    The closure, the gradient and the products then run on kernels that have second
+    derivatives, as ``cs.Curvature``'s do (:attr:`kernels`): attention on the math backend
+    of scaled-dot-product attention (torch's fused CPU and GPU kernels have no double
+    backward: every second-order step of a model with ``nn.TransformerEncoderLayer`` failed),
+    cuDNN off, compiled code run eagerly once torch.compile has been used. A trial point's
+    loss (:func:`loss_only`) runs on the same kernels, so that the losses a step compares are
+    computed alike.
     """
 
     def __init__(
@@ -422,13 +437,16 @@ class Evaluation:
         and the gradient a closure's own backward left (:attr:`closure_grad`), for the methods
         that step along the gradient (AdaHessian, Sophia)."""
         self.params, self.counts, self.group = list(params), counts, group
+        #: the kernel switches the closure, the gradient and the products run under
+        self.kernels: contextlib.AbstractContextManager[Any] = (
+            DifferentiableKernels.for_closures() if curvature else contextlib.nullcontext()
+        )
         with (
             _undone(self.params) if undone else contextlib.nullcontext(),
             KeptStatistics() if undone else contextlib.nullcontext(),
         ):
-            called = _call(
-                closure, counts, self.params, "contained" if undone else "keep", group, True
-            )
+            mode = "contained" if undone else "keep"
+            called = _call(closure, counts, self.params, mode, group, True, self.kernels)
             left = [p.grad for p in self.params] if first_order and called.ran_here else None
         self._derive(called, left, curvature, undone, first_order)
 
@@ -453,7 +471,7 @@ class Evaluation:
         seed = None
         if curvature:  # refused where a custom Function's backward cuts the graph
             seed = watch_custom_functions(loss, "a second-order optimizer")
-        with torch.enable_grad(), _compiled_named():
+        with self.kernels, torch.enable_grad(), _compiled_named():
             grads = torch.autograd.grad(
                 loss, self.params, seed, create_graph=curvature, allow_unused=True
             )
@@ -530,7 +548,7 @@ class Evaluation:
     def _product(self, product: PreparedProduct, V: Tensor) -> Tensor:
         """A prepared product of V (n, k), through per-parameter blocks (k, *shape)."""
         blocks = unflatten(V.to(self.flat_grad), [p.shape for p in self.params])
-        with _compiled_named():
+        with self.kernels, _compiled_named():
             applied = product.apply(blocks)
         out = all_reduce_mean(flatten(applied, batched=True), self.group)
         self.counts.products += V.shape[1]
