@@ -379,6 +379,16 @@ def _one_rank_worker(rank: int, port: int, out: str) -> None:
                 result["exact"].append("not refused")
             except ValueError as e:
                 result["exact"].append(str(e))
+    # curvscope's optimizers on a sharded model's parameters: refused with the fix
+    fresh = smooth(n=N)
+    fully_shard(fresh.model)
+    result["optimizers"] = {}
+    for name in cs.optim.names():
+        try:
+            built = cs.optim.build(name, fresh.model.parameters())
+            result["optimizers"][name] = type(built).__module__
+        except ValueError as e:
+            result["optimizers"][name] = str(e)
     C = cs.Curvature(case.model, case.loss_fn, case.data, backend=FD)
     result["eval_hv"] = C @ _vector(C.num_params)
     result["eval_diagnosis"] = cs.diagnose(
@@ -469,6 +479,21 @@ def test_the_exact_backends_are_refused_on_a_sharded_model(one_rank):
     assert len(one_rank["exact"]) == 4
     for message in one_rank["exact"]:
         assert "backend='finite_difference'" in message and "fully_shard" in message
+
+
+def test_curvscopes_optimizers_refuse_a_sharded_models_parameters_with_the_fix(one_rank):
+    """NewtonCG and AdaHessian on FSDP2's shards failed with DTensor's "Cannot flatten unevenly
+    sharded tensor" (an outside review), and on even shards their double backward would give
+    products of 0, as the exact backends' did: every curvscope optimizer refuses DTensor
+    parameters at construction, naming torch.optim and the finite-difference backend; torch's
+    own entries of the registry build as ever."""
+    built = one_rank["optimizers"]
+    for name in cs.optim.names():
+        if cs.optim.get(name).source == "torch":
+            assert built[name].startswith("torch.optim"), (name, built[name])
+        else:
+            assert "fully_shard" in built[name] and "torch.optim" in built[name], name
+            assert "backend='finite_difference'" in built[name], name
 
 
 @pytest.mark.parametrize("setter", SWITCHES)

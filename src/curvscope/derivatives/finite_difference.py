@@ -140,7 +140,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeGuard
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -260,10 +260,6 @@ class _Engine:
     zero3: zero3.Zero3 | None = None
 
 
-def _is_dtensor(t: object) -> TypeGuard[DTensor]:
-    return DTensor is not None and isinstance(t, DTensor)
-
-
 def local_shapes(params: Iterable[Tensor]) -> list[torch.Size]:
     """The shapes of this rank's shards of the parameters (a DTensor's local tensor, a ZeRO-3
     parameter's partition without its padding, flat; a plain tensor whole), in order: the
@@ -272,19 +268,19 @@ def local_shapes(params: Iterable[Tensor]) -> list[torch.Size]:
     if params and zero3.is_partitioned(params[0]):
         spans = zero3.Partitions.spans_of(params)
         return [torch.Size([hi - lo]) for lo, hi in spans]
-    return [(p.to_local() if _is_dtensor(p) else p).shape for p in params]
+    return [(p.to_local() if zero3.is_dtensor(p) else p).shape for p in params]
 
 
 def shard_of(full: Tensor, like: Tensor) -> DTensor:
     """This rank's shard of a full block laid out like the DTensor ``like``, as a DTensor; no
     communication (every rank holds the full block)."""
-    assert _is_dtensor(like)
+    assert zero3.is_dtensor(like)
     return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
 
 
 def from_shard(local: Tensor, like: Tensor) -> DTensor:
     """This rank's shard ``local`` as a DTensor laid out like ``like`` (no communication)."""
-    assert _is_dtensor(like)
+    assert zero3.is_dtensor(like)
     return DTensor.from_local(
         local,
         like.device_mesh,
@@ -325,7 +321,7 @@ def replica_group(params: Iterable[Tensor], group: Any) -> Any:
 def _hsdp(params: Iterable[Tensor], group: Any) -> tuple[Any, int, int] | None:
     """(mesh, shard dimension, replicate dimension) of DTensors on HSDP's 2-D mesh (placed
     ``Shard`` on one dimension and ``Replicate()`` on the other); None for any other layout."""
-    first = next((p for p in params if _is_dtensor(p)), None)
+    first = next((p for p in params if zero3.is_dtensor(p)), None)
     if first is None or group is None or first.device_mesh.ndim != 2:
         return None
     dims = [i for i, pl in enumerate(first.placements) if type(pl) is Shard]
@@ -445,16 +441,16 @@ def _engine(model: nn.Module, params: Mapping[str, Tensor], group: Any) -> _Engi
     partitions = zero3.find(model, list(params.values()), group)
     if partitions is not None:  # the engine averages the ranks' gradients
         return _Engine(True, partitions.loss_scale, 1, partitions)
-    sharded = [_is_dtensor(p) for p in params.values()]
+    sharded = [zero3.is_dtensor(p) for p in params.values()]
     fsdp = _data_parallel(model)
-    first = next((p for p in params.values() if _is_dtensor(p)), None)
+    first = next((p for p in params.values() if zero3.is_dtensor(p)), None)
     if first is None and fsdp is None:  # plain parameters of a tensor-parallel model too
-        first = next((p for p in model.parameters() if _is_dtensor(p)), None)
+        first = next((p for p in model.parameters() if zero3.is_dtensor(p)), None)
     if first is None:
         return _Engine(False, 1.0)
     import torch.distributed as dist
 
-    assert _is_dtensor(first)
+    assert zero3.is_dtensor(first)
     ranks = first.device_mesh.size()
     ours = 1 if group is None else dist.get_world_size(group)
     if ranks != ours:
@@ -548,7 +544,7 @@ def _check_aliases(model: nn.Module, params: Mapping[str, Tensor], engine: _Engi
     spans = sorted(
         (p.device.type, p.device.index or 0, *_span(p), name)
         for name, p in model.named_parameters()
-        if not _is_dtensor(p) and p.numel() > 0
+        if not zero3.is_dtensor(p) and p.numel() > 0
     )
     groups: list[list[str]] = []
     end, where = -1, None
@@ -818,11 +814,11 @@ class FiniteDifferenceProducts:
         for p in params.values():
             g = p.grad
             if g is None:
-                like = p.to_local() if local and _is_dtensor(p) else p
+                like = p.to_local() if local and zero3.is_dtensor(p) else p
                 parts.append(torch.zeros(like.shape, dtype=p.dtype, device=self.obj.device))
                 continue
             found = True
-            if _is_dtensor(g):
+            if zero3.is_dtensor(g):
                 g = g.to_local() if local else g.full_tensor()
             parts.append(g)
         if not found:
@@ -839,10 +835,10 @@ class FiniteDifferenceProducts:
         otherwise each DTensor's norm is reduced by DTensor (replicated entries once)."""
         sq = torch.zeros((), dtype=torch.float64, device=self.obj.device)
         for t in values:
-            if local and _is_dtensor(t):
+            if local and zero3.is_dtensor(t):
                 t = t.to_local()
             n = torch.linalg.vector_norm(t, dtype=torch.float64)
-            if _is_dtensor(n):
+            if zero3.is_dtensor(n):
                 n = n.full_tensor()
             sq = sq + n * n
         if local:
@@ -860,7 +856,7 @@ class FiniteDifferenceProducts:
         for p, value, b, row in zip(kept.params, kept.values, blocks, self._rows, strict=True):
             if local:  # the shard as a DTensor laid out like p: adding it is local
                 b = from_shard(b, p)
-            elif _is_dtensor(p):  # this rank's shard of the block, without communication
+            elif zero3.is_dtensor(p):  # this rank's shard of the block, without communication
                 b = shard_of(b, p)
             elif row is not None:  # an embedding's padding row stays: the operator is P·H·P
                 b = b.clone()

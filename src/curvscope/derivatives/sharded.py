@@ -85,7 +85,7 @@ def _layout(p: Any) -> tuple[Any, int]:
 def _check_fsdp(model: Any, params: list[Tensor], named: dict[str, Tensor]) -> None:
     """Refuse, with the fix, parameters that FSDP2 does not shard over one mesh dimension
     (a 1-D mesh, or HSDP's shard dimension), all over one mesh and dimension."""
-    plain = [k for k, p in named.items() if not _fd._is_dtensor(p)]
+    plain = [k for k, p in named.items() if not _zero3.is_dtensor(p)]
     if plain:
         raise ValueError(
             f"C.sharded(): parameters {plain[:3]} are not sharded (not DTensors); {_fix()}. "
@@ -357,7 +357,7 @@ def local_entries(t: Tensor, param: Tensor | None = None) -> Tensor:
     """This rank's entries of a DTensor, of a ZeRO-3 parameter (its partition without the
     padding), or a plain tensor's own (detached) — given the ZeRO-3 ``param`` it is a value of,
     a copy of its padded partition (``p.ds_tensor.clone()``) without the padding."""
-    if _fd._is_dtensor(t):
+    if _zero3.is_dtensor(t):
         return t.to_local().detach()
     if _zero3.is_partitioned(t):
         param, t = t, t.ds_tensor  # type: ignore[attr-defined]

@@ -124,7 +124,7 @@ def _check_finite_difference(
     selected = _selected(model, params)
     for t in selected:
         _fd.check_dtype(t.dtype)
-    plain = [t for t in selected if not _fd._is_dtensor(t) and not _zero3.is_partitioned(t)]
+    plain = [t for t in selected if not _zero3.is_dtensor(t) and not _zero3.is_partitioned(t)]
     if products.sharded and plain:
         names = {id(p): k for k, p in model.named_parameters()}
         raise ValueError(

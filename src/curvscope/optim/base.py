@@ -33,6 +33,7 @@ from torch.optim import Optimizer
 from curvscope.derivatives import checks
 from curvscope.derivatives.distributed import resolve_group
 from curvscope.derivatives.flat import tensors
+from curvscope.derivatives.zero3 import is_dtensor, is_partitioned
 from curvscope.optim._closure import (
     Closure,
     Counts,
@@ -44,6 +45,18 @@ from curvscope.optim._closure import (
     rng_now,
     undo_interrupted_exits,
     write_flat,
+)
+
+#: Why a sharded model's parameters are refused, with the fix: an optimizer on FSDP2's
+#: shards failed with DTensor's "Cannot flatten unevenly sharded tensor", and where the shards
+#: are even its products by double backward would come out 0, as the exact backends' did
+SHARDED = (
+    "a parameter is a shard of a sharded model (FSDP2's fully_shard or tensor parallelism: a "
+    "DTensor; DeepSpeed ZeRO-3: a partition), and curvscope's optimizers step the parameters "
+    "as local tensors with curvature by a double backward through the closure's graph, which "
+    "does not go through the engine (its products would come out 0); train a sharded model "
+    "with a torch.optim optimizer and measure its curvature with backend='finite_difference' "
+    "(README, Models larger than one device)"
 )
 
 
@@ -168,6 +181,8 @@ class CurvscopeOptimizer(Optimizer):
                 raise TypeError(
                     f"{type(self).__name__} supports real parameters only, got {p.dtype}"
                 )
+            if is_dtensor(p) or is_partitioned(p):
+                raise ValueError(f"{type(self).__name__}: {SHARDED}")
         if len({id(p) for p in listed}) != len(listed):  # torch only warns
             raise ValueError(
                 f"{type(self).__name__}: a parameter appears twice in one parameter group, so "
