@@ -488,3 +488,37 @@ def test_a_max_norm_embedding_trains_with_every_optimizer():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", cs.optim.ClosureWroteWarning)
             opt.step(lambda: nn.functional.cross_entropy(model(X), y))
+
+
+@pytest.mark.parametrize("method", ["ggn", "sophia-g"])
+def test_gauss_newton_through_a_checkpointed_attention_layer(method):
+    """A checkpointed forward is recomputed in each backward pass through it, and must run on
+    the kernels its forward ran on: the Gauss-Newton products' and Sophia-G's backward passes ran
+    outside the evaluation's (attention on the fused kernel, the forward on the math one) and
+    raised torch's bare CheckpointError "Recomputed values ... have different metadata" on a
+    gradient-checkpointed GPT-2 (an outside review). The step is now the unchecked one's."""
+    from torch.utils.checkpoint import checkpoint
+
+    X, y = torch.randn(4, 6, 8), torch.randint(0, 5, (4, 6))
+    stepped = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        head = nn.Linear(8, 5)
+        params = [*layer.parameters(), *head.parameters()]
+        if method == "ggn":
+            opt = cs.optim.HessianFree(params, curvature="ggn")
+        else:
+            estimator = cs.optim.GaussNewtonBartlett(nn.CrossEntropyLoss())
+            opt = cs.optim.Sophia(params, estimator=estimator)
+
+        def closure(layer=layer, head=head, checkpointed=checkpointed):
+            hidden = checkpoint(layer, X, use_reentrant=False) if checkpointed else layer(X)
+            out = head(hidden)
+            return nn.functional.cross_entropy(out.reshape(-1, 5), y.reshape(-1)), out
+
+        flags = [torch.backends.cuda.flash_sdp_enabled(), torch.backends.mkldnn.enabled]
+        opt.step(closure)  # (the Gauss-Newton products enter the switches inside their own)
+        assert [torch.backends.cuda.flash_sdp_enabled(), torch.backends.mkldnn.enabled] == flags
+        stepped.append(flatten([p.detach() for p in params]))
+    torch.testing.assert_close(stepped[1], stepped[0])

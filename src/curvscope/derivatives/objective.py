@@ -427,32 +427,36 @@ class DifferentiableKernels:
         return cls(rnn=False, weight_norm=False, compiled=compiling_used())
 
     def __enter__(self) -> None:
-        self.saved = [get() for get, _, _ in _ATTENTION_SWITCHES]
-        self.cudnn = torch.backends.cudnn.enabled if _HAS_CUDNN else None
-        self.mkldnn = torch.backends.mkldnn.enabled if self.rnn else None
+        saved = [get() for get, _, _ in _ATTENTION_SWITCHES]
+        cudnn = torch.backends.cudnn.enabled if _HAS_CUDNN else None
+        mkldnn = torch.backends.mkldnn.enabled if self.rnn else None
         # the modes: sdpa_kernel only where the switches were not found, the weight norm's
-        self.modes = contextlib.ExitStack()
+        modes = contextlib.ExitStack()
         if not _ATTENTION_SWITCHES:
-            self.modes.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            modes.enter_context(sdpa_kernel([SDPBackend.MATH]))
         if self.weight_norm:
-            self.modes.enter_context(WrittenOutWeightNorm())
+            modes.enter_context(WrittenOutWeightNorm())
         if self.compiled and hasattr(torch.compiler, "set_stance"):  # torch >= 2.6
-            self.modes.enter_context(torch.compiler.set_stance("force_eager"))
+            modes.enter_context(torch.compiler.set_stance("force_eager"))
         for _, switch, wanted in _ATTENTION_SWITCHES:
             switch(wanted)
         if _HAS_CUDNN:
             torch.backends.cudnn.enabled = False
         if self.rnn:
             torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a ContextProp
+        # a stack: the same switches entered again inside (an optimizer's product inside its
+        # Gauss-Newton construction) put back what each entry found
+        self._entered = [*getattr(self, "_entered", []), (saved, cudnn, mkldnn, modes)]
 
     def __exit__(self, *exc: Any) -> None:
-        for (_, switch, _), was in zip(_ATTENTION_SWITCHES, self.saved, strict=True):
+        saved, cudnn, mkldnn, modes = self._entered.pop()
+        for (_, switch, _), was in zip(_ATTENTION_SWITCHES, saved, strict=True):
             switch(was)
-        if self.cudnn is not None:
-            torch.backends.cudnn.enabled = self.cudnn
-        if self.mkldnn is not None:
-            torch.backends.mkldnn.enabled = self.mkldnn
-        self.modes.__exit__(*exc)
+        if cudnn is not None:
+            torch.backends.cudnn.enabled = cudnn
+        if mkldnn is not None:
+            torch.backends.mkldnn.enabled = mkldnn
+        modes.__exit__(*exc)
 
 
 def _attention_notes(model: nn.Module, modules: list[nn.Module]) -> list[str]:

@@ -562,7 +562,7 @@ class Evaluation:
     def ggn(self, V: Tensor) -> Tensor:
         """Jᵀ H_out J V: the Gauss-Newton product, from the closure's (loss, outputs)."""
         outputs = model_outputs(self)
-        with torch.enable_grad():
+        with self.kernels, torch.enable_grad():  # its backward passes recompute checkpoints
             if self._ggn is None:
                 self._ggn = ggn_product(outputs, self.params, self.loss_tensor)
             return self._product(self._ggn, V)

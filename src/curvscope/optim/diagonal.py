@@ -94,7 +94,9 @@ class GaussNewtonBartlett:
         self.loss_fn = loss_fn
 
     def __call__(self, ev: Evaluation, generator: torch.Generator, counts: Counts) -> Tensor:
-        with torch.enable_grad():
+        # on the evaluation's kernels: a checkpointed forward recomputed in these backward
+        # passes must run on the kernels the forward did (torch's CheckpointError otherwise)
+        with ev.kernels, torch.enable_grad():
             outputs = model_outputs(ev)
             as_terms, counted = self._terms(ev, outputs)
             rows = as_terms(outputs)
