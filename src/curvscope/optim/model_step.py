@@ -324,7 +324,7 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         f0, loss_out = ev.loss, ev.loss_tensor.detach()
         del ev, local  # free the graph before the trial forward pass
         actual, ratio, finite = _measure(proposal, f0, trial)
-        noise = _within_rounding(proposal, f0, actual)
+        noise = _within_rounding(proposal, f0, actual, loss_out.dtype)
         if noise:  # the model taken as agreeing: ρ = 1, the step kept (below)
             ratio = 1.0
         accepted = math.isfinite(actual) and (noise or search.accepts(ratio, actual, group))
@@ -369,21 +369,25 @@ def _measure(
 
 
 #: a predicted and a measured decrease both below this many units of rounding of the loss
-#: (eps of the step's dtype × |f|) are rounding's, not the model's (Conn, Gould & Toint 2000,
-#: §17.4.2)
+#: (eps × |f|) are rounding's, not the model's (Conn, Gould & Toint 2000, §17.4.2)
 ROUNDING_UNITS = 10.0
 
 
-def _within_rounding(proposal: Proposal, f0: float, actual: float) -> bool:
+def _within_rounding(proposal: Proposal, f0: float, actual: float, loss_dtype: torch.dtype) -> bool:
     """Whether the predicted and the measured decrease are both within the loss's rounding, so
     that ρ is rounding over rounding: at a minimum, a method run on past convergence had every
     step rejected on that noise, and its size wrecked — a damping of 2.7e9, a radius of 4.5e-13 —
     so that new data then took 17–43 steps where a fresh optimizer took 4–5 (an outside review).
-    Such a step is kept and ρ read as 1."""
+    Such a step is kept and ρ read as 1. The rounding is the step's dtype's (the predicted
+    decrease is computed in it; a bfloat16 model's forward rounds its activations as coarsely),
+    but a measured *increase* beyond the loss's own rounding (its dtype's) is the loss's, never
+    noise: a bfloat16 GPT-2, whose loss transformers computes in float32, had a step from 3.141
+    to 3.329 kept at bfloat16's 10·eps·|f| = 0.25 (an outside review)."""
     if not math.isfinite(actual):
         return False
     rounding = ROUNDING_UNITS * torch.finfo(proposal.step.dtype).eps * abs(f0)
-    return abs(actual) <= rounding and abs(proposal.predicted) <= rounding
+    increase = ROUNDING_UNITS * torch.finfo(loss_dtype).eps * abs(f0)
+    return abs(proposal.predicted) <= rounding and -min(rounding, increase) <= actual <= rounding
 
 
 def _note(note: str, accepted: bool, finite: bool, noise: bool = False) -> str:
