@@ -93,6 +93,33 @@ def test_unchanged_model_reuses_the_cached_graphs():
     assert C._cached is not cached
 
 
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("written", ["inputs", "targets"])
+def test_data_written_in_place_since_construction_is_refused(written, cache):
+    """The cache checked the model, not the data: inputs refilled in place (``X.copy_``) gave
+    products of the old data (λ_max 2.160 "converged" for 2.067, the exact trace 9.44 for
+    10.97), targets refilled gave torch's bare "modified by an inplace operation" and a stale
+    loss (an outside review). Refused now, before any product, cached or not, naming the
+    fix; the operator's own products until then are unchanged, and a new one takes the data."""
+    case = cases.mlp(n=24)
+    X, y = case.inputs.clone(), case.targets.clone()
+    data = [(X[:12], y[:12]), (X[12:], y[12:])]
+    C = cs.Curvature(case.model, case.loss_fn, data, cache=cache)
+    v = _probe(C.num_params)
+    before = C @ v
+    torch.testing.assert_close(C @ v, before, rtol=0, atol=0)  # nothing written: as before
+    g = torch.Generator().manual_seed(1)
+    if written == "inputs":
+        X.copy_(torch.randn(X.shape, generator=g, dtype=X.dtype))
+    else:
+        y[:] = y.flip(0)
+    for call in (lambda: C @ v, C.loss_and_gradient):
+        with pytest.raises(ValueError, match=r"data was changed since.*new Curvature"):
+            call()
+    fresh = cs.Curvature(case.model, case.loss_fn, data, cache=cache)
+    assert _rel(fresh @ v, before) > 1e-3
+
+
 class _Scaled(nn.Module):
     """A linear layer whose output is multiplied by a buffer."""
 
@@ -448,6 +475,29 @@ def test_a_summed_loss_has_the_curvature_of_the_sum(kind):
     torch.testing.assert_close(total.to_dense(), 24 * mean)
     loss_mean = cs.Curvature(case.model, nn.CrossEntropyLoss(), batches).loss_and_gradient()[0]
     assert total.loss_and_gradient()[0] == pytest.approx(24 * loss_mean, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "declared", "said"),
+    [
+        (nn.CrossEntropyLoss(), "sum", "its reduction is 'mean'"),
+        (lambda o, y: F.cross_entropy(o, y), "sum", "the mean of its values on each row"),
+        (nn.CrossEntropyLoss(reduction="sum"), "mean", "its reduction is 'sum'"),
+    ],
+    ids=["module-mean", "function-mean", "module-sum"],
+)
+def test_a_declared_reduction_the_loss_contradicts_is_refused(loss_fn, declared, said):
+    """reduction="sum" for a loss that averages added the batches' means: over three batches
+    the products were 3.0 times the mean's, and ``diagnose`` read a loss of 7.13 for 2.38 and a
+    sharpness of 3.58 for 1.19 (an outside review). The reverse was refused as "a mean, but
+    not over the rows". Both are refused now, naming what the loss does."""
+    case = cases.mlp(n=24)
+    batches = [(case.inputs[i : i + 8], case.targets[i : i + 8]) for i in range(0, 24, 8)]
+    C = cs.Curvature(case.model, loss_fn, batches, reduction=declared)
+    with pytest.raises(ValueError, match=f"reduction='{declared}' was given.*{said}"):
+        C @ _probe(C.num_params)
+    with pytest.raises(ValueError, match=f"reduction='{declared}' was given"):
+        cs.diagnose(case.model, loss_fn, batches, lr=0.1, reduction=declared)
 
 
 def test_the_hessian_of_a_summed_loss_against_the_dense_reference():

@@ -127,6 +127,9 @@ class _FunctionSource:
     def kernels(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
+    def check_unchanged_data(self) -> None:
+        """x is the model state here, compared by value (:meth:`model_state`)."""
+
     def weight(self, batch: Any) -> float:
         return 1.0
 
@@ -174,6 +177,7 @@ class _ModelSource:
         self._forward = info.forward
         self.model_state = objective.model_state
         self.kernels = objective.kernels
+        self.check_unchanged_data = objective.check_unchanged_data
 
     def weight(self, batch: Batch) -> float:
         """A batch's weight in the operator: its share of all samples (over all ranks) for a
@@ -465,6 +469,7 @@ class Curvature:
         if not self.cache:
             yield from self._source.prepare()
             return
+        self._source.check_unchanged_data()  # the cached graphs hold the data they were built on
         if self._cached is None or not self._unchanged():
             self._cached = self._snapshot = None
             model_flags, tensors = self._source.model_state()
