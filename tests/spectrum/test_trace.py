@@ -107,6 +107,22 @@ def test_a_budget_that_pays_for_the_exact_answer_gets_it():
     assert abs(t.value - float(low.double().trace())) <= 3 * t.stderr
 
 
+def test_an_exact_float32_trace_carries_its_products_rounding():
+    """An exact trace of a float32 model read "± 0" (0.0326274671 ± 0 for a trained network's
+    0.0326276755 in float64 of the same weights: an outside review). Its standard error is now
+    its products' rounding, 2·eps·‖A e_i‖ an entry, and holds the float64 truth of the same
+    rounded weights; the diagonal's entries hold theirs."""
+    case = cases.cnn()
+    case.model.float()
+    C = cs.Curvature(case.model, case.loss_fn, (case.inputs.float(), case.targets))
+    t, d = cs.trace(C, method="exact"), cs.diagonal(C, method="exact")
+    case.model.double()  # the same float32 weights and inputs, in float64
+    case.inputs = case.inputs.float().double()
+    H = cases.dense_hessian(case)
+    assert t.stderr > 0 and abs(t.value - float(H.trace())) <= 2 * t.stderr
+    assert bool(((d.value.double() - H.diagonal()).abs() <= 2 * d.stderr.double()).all())
+
+
 def test_reproducible_and_the_global_rng_is_untouched():
     state = torch.get_rng_state()
     a = cs.trace(INDEFINITE, 20, seed=5)
