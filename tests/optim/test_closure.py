@@ -522,3 +522,38 @@ def test_gauss_newton_through_a_checkpointed_attention_layer(method):
         assert [torch.backends.cuda.flash_sdp_enabled(), torch.backends.mkldnn.enabled] == flags
         stepped.append(flatten([p.detach() for p in params]))
     torch.testing.assert_close(stepped[1], stepped[0])
+
+
+def test_closures_a_second_order_step_cannot_take_are_named_with_the_fix():
+    """Each gave torch's bare error or a wrong cause (an outside review): a reentrant
+    checkpoint (torch's "incompatible with .grad()"), a step under inference mode ("the loss
+    does not depend on the optimized parameters"), and a model's output object returned whole
+    (1,600 characters of its tensors)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    X, y = torch.randn(8, 3, requires_grad=True), torch.randint(0, 2, (8,))
+    opt = cs.optim.NewtonCG(model.parameters())
+
+    def reentrant():
+        out = checkpoint(model, X, use_reentrant=True)
+        return nn.functional.cross_entropy(out, y)
+
+    with pytest.raises(RuntimeError, match=r"use_reentrant=True.*use_reentrant=False"):
+        opt.step(reentrant)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        opt.step(lambda: nn.functional.cross_entropy(model(X), y))
+
+    class Output:  # what a Hugging Face model returns: an object holding loss and logits
+        def __init__(self, loss, logits):
+            self.loss, self.logits = loss, logits
+
+    def whole():
+        out = model(X)
+        return Output(nn.functional.cross_entropy(out, y), out)
+
+    with pytest.raises(TypeError, match=r"return out\.loss"):
+        opt.step(whole)
+    with pytest.raises(TypeError, match=r"got Output \(.*out\.logits\)\)$"):
+        opt.step(lambda: (whole().loss, whole()))

@@ -770,6 +770,19 @@ def custom_function_cut(what: str, name: str) -> str:
     )
 
 
+def reentrant_refusal(what: str) -> str:
+    """The refusal of torch's reentrant activation checkpointing where ``what`` (a key of
+    :data:`CUT_FIXES`) takes second derivatives."""
+    return (
+        f"{what} cannot go through torch.utils.checkpoint(..., use_reentrant=True): its "
+        "backward runs a backward of its own into .grad, which torch.autograd.grad does not "
+        "see — a second-order optimizer read a gradient of 0 and stopped, 'stationary' (an "
+        "outside review). Checkpoint with use_reentrant=False (torch's recommendation; Hugging "
+        "Face: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+        f"{{'use_reentrant': False}})), {CUT_FIXES[what]}"
+    )
+
+
 def watch_custom_functions(
     t: Tensor, what: str, refused: Callable[[], None] | None = None
 ) -> Tensor:
@@ -816,7 +829,12 @@ def watch_custom_functions(
             refused()
         raise RuntimeError(custom_function_cut(what, said))
 
-    for node in walk_graph(t).custom:
+    seen = walk_graph(t)
+    if seen.reentrant:  # a custom Function too, whose gradients bypass the graph entirely
+        if refused is not None:
+            refused()
+        raise RuntimeError(reentrant_refusal(what))
+    for node in seen.custom:
         # the hook holds the Function's name and which inputs are on the graph, not the node:
         # node -> hook -> node was a cycle that kept each graph, and its saved tensors, alive
         # until the garbage collector ran (a step's graph per second-order step)

@@ -51,7 +51,11 @@ from torch.overrides import TorchFunctionMode
 from curvscope.derivatives.distributed import all_reduce_mean, all_reduce_sum, collective_device
 from curvscope.derivatives.flat import flatten, unflatten
 from curvscope.derivatives.kinds import PreparedProduct, ggn_product, hessian_product
-from curvscope.derivatives.objective import DifferentiableKernels, watch_custom_functions
+from curvscope.derivatives.objective import (
+    DifferentiableKernels,
+    reentrant_refusal,
+    watch_custom_functions,
+)
 from curvscope.derivatives.substitutes import substitute
 
 Closure = Callable[[], Any]
@@ -210,6 +214,7 @@ def _split(out: Any) -> tuple[Tensor, Tensor | None]:
         raise TypeError(
             "the closure must return the loss as a torch.Tensor (or a pair (loss, outputs)), "
             f"got {type(loss).__name__}; end it with `return loss`"
+            + (" (of a model's output object: `return out.loss`)" if hasattr(loss, "loss") else "")
         )
     if loss.numel() != 1:
         raise ValueError(
@@ -217,7 +222,12 @@ def _split(out: Any) -> tuple[Tensor, Tensor | None]:
             "reduce it with .mean() or .sum()"
         )
     if outputs is not None and not isinstance(outputs, Tensor):
-        raise TypeError(f"the closure's second value must be the outputs tensor, got {outputs!r}")
+        # named by type: a Hugging Face ModelOutput's repr printed 1,600 characters of tensors
+        logits = " (a model's output object: return its logits, (out.loss, out.logits))"
+        raise TypeError(
+            "the closure's second value must be the outputs tensor, got "
+            f"{type(outputs).__name__}" + (logits if hasattr(outputs, "logits") else "")
+        )
     return loss.reshape(()), outputs
 
 
@@ -333,6 +343,11 @@ def _call(
         ):
             loss, outputs = _split(closure())
         _warn_written(params, versions)
+        if needs_graph and not loss.requires_grad and torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "the step was called under torch.inference_mode(), in which nothing is "
+                "differentiable: call opt.step outside it"
+            )
         if needs_graph and not loss.requires_grad:
             raise ValueError(
                 "the closure's loss does not depend on the optimized parameters; "
@@ -392,13 +407,17 @@ COMPILED = (
 
 @contextlib.contextmanager
 def _compiled_named() -> Iterator[None]:
-    """torch's error for a backward with ``create_graph=True`` through a compiled graph, as
-    :data:`COMPILED` (the module named, with the fix)."""
+    """torch's errors for a backward with ``create_graph=True`` through a compiled graph, as
+    :data:`COMPILED` (the module named, with the fix), and through a reentrant checkpoint, as
+    :func:`~curvscope.derivatives.objective.reentrant_refusal` (a gradient the walk over the
+    graph did not see: :func:`~curvscope.derivatives.objective.watch_custom_functions`)."""
     try:
         yield
     except RuntimeError as e:
         if any(said in str(e) for said in _COMPILED_SAID):
             raise RuntimeError(COMPILED) from e
+        if "torch.utils.checkpoint is incompatible with .grad()" in str(e):
+            raise RuntimeError(reentrant_refusal("a second-order optimizer")) from e
         raise
 
 
