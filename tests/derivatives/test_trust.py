@@ -120,6 +120,17 @@ def test_data_written_in_place_since_construction_is_refused(written, cache):
     assert _rel(fresh @ v, before) > 1e-3
 
 
+def test_a_model_that_writes_its_inputs_in_place_is_named():
+    """An in-place first layer writes the data each forward; told apart from a change the
+    user made, and named with the fix (the data check said the data had changed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 3)).double()
+    X, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    C = cs.Curvature(model, nn.CrossEntropyLoss(), [(X[:8], y[:8]), (X[8:], y[8:])])
+    with pytest.raises(ValueError, match=r"forward writes the data.*inplace=True"):
+        C @ _probe(C.num_params)
+
+
 class _Scaled(nn.Module):
     """A linear layer whose output is multiplied by a buffer."""
 

@@ -1213,7 +1213,7 @@ class ModelObjective:
             return []
         return [(t, _version(t)) for item in self._data for t in tensors(item)]
 
-    def check_unchanged_data(self) -> None:
+    def check_unchanged_data(self, in_pass: bool = False) -> None:
         """Data in memory (a list of batches, or one batch) must be what the operator was built
         on, as a loader's batches are (their fingerprints; the list is the operator's own copy,
         so a batch replaced in the user's list is not used): a tensor written in place since
@@ -1228,6 +1228,13 @@ class ModelObjective:
             t is t0 and v == v0 for (t, v), (t0, v0) in zip(now, self._data_versions, strict=True)
         ):
             return
+        if in_pass:  # checked at the pass's start: written by the model's own forward
+            raise DataChangedError(
+                "the model's forward writes the data it is given in place (an in-place layer "
+                "first — nn.ReLU(inplace=True), nn.Dropout(inplace=True) — or an in-place op "
+                "on the inputs), so each product would see other data; make that operation "
+                "out of place, or pass the model a copy (a first layer that clones its input)"
+            )
         raise DataChangedError(
             "the data was changed since this operator was built (a tensor of it written in "
             "place): its products would mix the old data, "
@@ -1266,6 +1273,7 @@ class ModelObjective:
             yield Batch(i, move(inputs), targets.to(dev), self._sizes[i][1], move(labels))
         if count != len(self._sizes):
             raise self._changed(f"the data yielded {count} batches")
+        self.check_unchanged_data(in_pass=True)
 
     def _changed(self, now: str) -> DataChangedError:
         """The data differ in size from when the operator was built."""
