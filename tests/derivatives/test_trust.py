@@ -488,27 +488,41 @@ def test_a_summed_loss_has_the_curvature_of_the_sum(kind):
     assert total.loss_and_gradient()[0] == pytest.approx(24 * loss_mean, rel=1e-12)
 
 
+class _SumCE(nn.modules.loss._Loss):
+    """A loss of one's own on torch's base class: it inherits reduction="mean", and sums."""
+
+    def forward(self, out, targets):
+        return F.cross_entropy(out, targets, reduction="sum")
+
+
 @pytest.mark.parametrize(
     ("loss_fn", "declared", "said"),
     [
         (nn.CrossEntropyLoss(), "sum", "its reduction is 'mean'"),
         (lambda o, y: F.cross_entropy(o, y), "sum", "the mean of its values on each row"),
         (nn.CrossEntropyLoss(reduction="sum"), "mean", "its reduction is 'sum'"),
+        (_SumCE(), "mean", "the sum of its values on each row"),
+        (_SumCE(), None, "the sum of its values on each row"),
     ],
-    ids=["module-mean", "function-mean", "module-sum"],
+    ids=["module-mean", "function-mean", "module-sum", "own-module-sum", "own-attribute"],
 )
 def test_a_declared_reduction_the_loss_contradicts_is_refused(loss_fn, declared, said):
     """reduction="sum" for a loss that averages added the batches' means: over three batches
     the products were 3.0 times the mean's, and ``diagnose`` read a loss of 7.13 for 2.38 and a
     sharpness of 3.58 for 1.19 (an outside review). The reverse was refused as "a mean, but
-    not over the rows". Both are refused now, naming what the loss does."""
+    not over the rows". Both are refused now, naming what the loss does; a loss of one's own
+    on torch's base class is judged by its values, not its inherited attribute (the diff
+    review), and declared "sum" it is measured (below)."""
     case = cases.mlp(n=24)
     batches = [(case.inputs[i : i + 8], case.targets[i : i + 8]) for i in range(0, 24, 8)]
     C = cs.Curvature(case.model, loss_fn, batches, reduction=declared)
-    with pytest.raises(ValueError, match=f"reduction='{declared}' was given.*{said}"):
+    with pytest.raises(ValueError, match=rf"reduction='{declared or 'mean'}' was given.*{said}"):
         C @ _probe(C.num_params)
-    with pytest.raises(ValueError, match=f"reduction='{declared}' was given"):
+    with pytest.raises(ValueError, match=rf"reduction='{declared or 'mean'}' was given"):
         cs.diagnose(case.model, loss_fn, batches, lr=0.1, reduction=declared)
+    summing = cs.Curvature(case.model, _SumCE(), batches, reduction="sum")
+    plain = cs.Curvature(case.model, lambda o, y: F.cross_entropy(o, y, reduction="sum"), batches)
+    torch.testing.assert_close(summing @ _probe(C.num_params), plain @ _probe(C.num_params))
 
 
 def test_the_hessian_of_a_summed_loss_against_the_dense_reference():

@@ -125,12 +125,14 @@ def test_a_float32_loss_of_bfloat16_parameters_is_never_stepped_uphill(name):
     """The rounding taken for "rounding over rounding" was the parameters' dtype's: a bfloat16
     GPT-2, whose loss transformers computes in float32, had a step from 3.141 to 3.329 kept,
     ρ read as 1, at 10·eps(bfloat16)·|f| = 0.25 (an outside review). An increase beyond the
-    loss's own rounding is now measured, and no kept step makes one."""
+    loss's own rounding, or one eps of bfloat16 (its activations' rounding: the diff review's
+    7e-4 relative increases, rejected, collapsed the radius), is now measured, and no kept
+    step makes one."""
     w = torch.tensor([0.3, -0.2], dtype=torch.bfloat16, requires_grad=True)
 
     def closure():
         v = w.float()  # a wavy valley, the loss in float32
-        return 10 + 0.01 * (v**2).sum() + 0.005 * torch.cos(30 * v).sum()
+        return 10 + 0.01 * (v**2).sum() + 0.1 * torch.cos(30 * v).sum()
 
     opt = cs.optim.build(name, [w])
     for _ in range(10):
@@ -140,7 +142,7 @@ def test_a_float32_loss_of_bfloat16_parameters_is_never_stepped_uphill(name):
         with torch.no_grad():
             after = float(closure())
         if opt.info.accepted:
-            assert after <= before + 10 * torch.finfo(torch.float32).eps * before, opt.info.note
+            assert after <= before + torch.finfo(torch.bfloat16).eps * before, opt.info.note
 
 
 def test_newton_cg_needs_no_more_iterations_than_scipy_trust_ncg_on_rosenbrock():

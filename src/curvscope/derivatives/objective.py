@@ -205,16 +205,28 @@ def _refuse_ignored_labels(t: Any) -> None:
     )
 
 
-def _declared(reduction: str, why: str) -> str:
-    """The refusal of a declared ``reduction`` that the loss contradicts."""
+def _torch_reduction(loss_fn: object) -> str | None:
+    """A torch loss's own ``reduction``, where its ``forward`` is torch's (one of your own that
+    subclasses ``nn.modules.loss._Loss`` inherits ``reduction="mean"`` whatever it computes:
+    the diff review); None otherwise."""
+    forward = getattr(type(loss_fn), "forward", None)
+    if getattr(forward, "__module__", None) != "torch.nn.modules.loss":
+        return None
+    return getattr(loss_fn, "reduction", None)
+
+
+def _contradicted(reduction: str, why: str) -> str:
+    """The refusal of a declared ``reduction`` (given, or the loss's own attribute) that the
+    loss contradicts."""
+    given = f"reduction={reduction!r} was given (or is the loss's own attribute)"
     if reduction == "sum":
         return (
-            f"reduction='sum' was given, but loss_fn averages over the rows of a batch: {why}. "
+            f"{given}, but loss_fn averages over the rows of a batch: {why}. "
             "Summed, the batches' means make a curvature as many times the mean's as there "
             "are batches; pass reduction='mean' (or leave it out), or a loss that sums"
         )
     return (
-        f"reduction='mean' was given, but loss_fn sums over the rows of a batch: {why}. "
+        f"{given}, but loss_fn sums over the rows of a batch: {why}. "
         "Pass reduction='sum' (or leave it out), or a loss that averages"
     )
 
@@ -436,6 +448,9 @@ class DifferentiableKernels:
 
     def __init__(self, rnn: bool, weight_norm: bool, compiled: bool = False) -> None:
         self.rnn, self.weight_norm, self.compiled = rnn, weight_norm, compiled
+        #: what each entry found, a stack: the same switches entered again inside (an
+        #: optimizer's product inside its Gauss-Newton construction) put back their own
+        self._entered: list[tuple[list[Any], Any, Any, contextlib.ExitStack[Any]]] = []
 
     @classmethod
     def for_closures(cls) -> DifferentiableKernels:
@@ -463,9 +478,7 @@ class DifferentiableKernels:
             torch.backends.cudnn.enabled = False
         if self.rnn:
             torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a ContextProp
-        # a stack: the same switches entered again inside (an optimizer's product inside its
-        # Gauss-Newton construction) put back what each entry found
-        self._entered = [*getattr(self, "_entered", []), (saved, cudnn, mkldnn, modes)]
+        self._entered.append((saved, cudnn, mkldnn, modes))
 
     def __exit__(self, *exc: Any) -> None:
         saved, cudnn, mkldnn, modes = self._entered.pop()
@@ -772,15 +785,26 @@ def custom_function_cut(what: str, name: str) -> str:
 
 def reentrant_refusal(what: str) -> str:
     """The refusal of torch's reentrant activation checkpointing where ``what`` (a key of
-    :data:`CUT_FIXES`) takes second derivatives."""
+    :data:`CUT_FIXES`) takes second derivatives: its backward runs a backward of its own into
+    ``.grad``, which ``torch.autograd.grad`` does not go through (torch's error, or a gradient
+    of 0: a second-order optimizer stopped "stationary", an outside review), and a checkpointed
+    block whose inputs do not require grad gives its parameters no gradient at all."""
     return (
         f"{what} cannot go through torch.utils.checkpoint(..., use_reentrant=True): its "
         "backward runs a backward of its own into .grad, which torch.autograd.grad does not "
-        "see — a second-order optimizer read a gradient of 0 and stopped, 'stationary' (an "
-        "outside review). Checkpoint with use_reentrant=False (torch's recommendation; Hugging "
-        "Face: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+        "go through (its gradient comes out 0, or torch refuses), and a checkpointed block "
+        "whose inputs do not require grad gives its parameters no gradient at all. Checkpoint "
+        "with use_reentrant=False (torch's recommendation; Hugging Face: "
+        "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
         f"{{'use_reentrant': False}})), {CUT_FIXES[what]}"
     )
+
+
+#: torch's reentrant activation checkpointing, refused with the fixes: ``torch.autograd.grad``
+#: cannot go through it, and a checkpointed block whose inputs do not require grad (its first
+#: layer left out by ``params=``) gave its parameters a gradient and curvature of exactly 0,
+#: with only torch's warning (an outside review: λ_max 0.103 for 0.165, a verdict on it).
+REENTRANT_CHECKPOINT = reentrant_refusal("curvature products")
 
 
 def watch_custom_functions(
@@ -851,19 +875,8 @@ def _reads_parameters(seen: GraphSeen, params: Mapping[str, Tensor]) -> str | No
     return next((ids[id(t)] for t in seen.leaves if id(t) in ids), None)
 
 
-#: torch's reentrant activation checkpointing, refused with the fixes: ``torch.autograd.grad``
-#: cannot go through it, and a checkpointed block whose inputs do not require grad (its first
-#: layer left out by ``params=``) gave its parameters a gradient and curvature of exactly 0,
-#: with only torch's warning (an outside review: λ_max 0.103 for 0.165, a verdict on it).
-REENTRANT_CHECKPOINT = (
-    "the model runs torch.utils.checkpoint(..., use_reentrant=True), which curvature products "
-    "cannot differentiate through (torch.autograd.grad is not supported by it, and a "
-    "checkpointed block whose inputs do not require grad gives its parameters no gradient at "
-    "all); checkpoint with use_reentrant=False (torch's recommendation), or measure with "
-    "backend='finite_difference', which runs the model's own backward"
-)
 #: what torch says of the two (its warning for a block whose inputs need no grad, its error)
-_REENTRANT_SAID = (
+REENTRANT_SAID = (
     "None of the inputs have requires_grad=True",
     "torch.utils.checkpoint is incompatible with .grad()",
 )
@@ -873,7 +886,7 @@ def _checkpoint_error(e: BaseException) -> Exception | None:
     """curvscope's error, with the fixes, for torch's own from activation checkpointing (None
     for any other): the reentrant kind's, torch.func's (forward-over-reverse) and the
     recomputation's mismatch (CheckpointError)."""
-    if isinstance(e, RuntimeError) and _REENTRANT_SAID[1] in str(e):
+    if isinstance(e, RuntimeError) and REENTRANT_SAID[1] in str(e):
         return RuntimeError(REENTRANT_CHECKPOINT)
     if "don't yet support saved tensor hooks" in str(e):  # torch.func under checkpointing
         return RuntimeError(
@@ -1454,7 +1467,7 @@ class ModelObjective:
                 warnings.simplefilter("always")
                 out = functional_call(self.model, state, args, kwargs or None, tie_weights=False)
             self._first_call = False
-            if any(_REENTRANT_SAID[0] in str(w.message) for w in said):
+            if any(REENTRANT_SAID[0] in str(w.message) for w in said):
                 raise RuntimeError(REENTRANT_CHECKPOINT)
             for w in said:  # the model's other warnings, as they were
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -1723,9 +1736,9 @@ class ModelObjective:
         three batches, and ``diagnose`` read a loss of 7.13 for 2.38 (an outside review)."""
         if self.adapter is not None or not self.weighs_batches:
             return
-        own = getattr(self.loss_fn, "reduction", None)  # a torch loss's own
+        own = _torch_reduction(self.loss_fn)
         if own in ("mean", "sum") and own != self.reduction:
-            raise ValueError(_declared(self.reduction, f"its reduction is {own!r}"))
+            raise ValueError(_contradicted(self.reduction, f"its reduction is {own!r}"))
         if self.reduction == "mean" and _divisor(self.loss_fn, batch.targets) is not None:
             return  # torch's own mean: weighed by what it divides by
         n = batch.targets.shape[0]
@@ -1749,7 +1762,7 @@ class ModelObjective:
             mean = math.fsum(finite) / len(finite)
             if len(finite) == m and abs(whole - mean) <= tol * max(abs(whole), abs(mean), 1e-30):
                 raise ValueError(
-                    _declared(
+                    _contradicted(
                         "sum",
                         f"on {m} rows of batch {batch.index} it gives {whole:.6g}, the mean of "
                         f"its values on each row alone, not their sum {math.fsum(finite):.6g}",
@@ -1761,6 +1774,15 @@ class ModelObjective:
         mean = math.fsum(finite) / len(finite) if len(finite) == m else math.nan
         if abs(whole - mean) <= tol * max(abs(whole), abs(mean), 1e-30):
             return
+        total = math.fsum(finite)
+        if len(finite) == m and abs(whole - total) <= tol * max(abs(whole), abs(total), 1e-30):
+            raise ValueError(
+                _contradicted(
+                    "mean",
+                    f"on {m} rows of batch {batch.index} it gives {whole:.6g}, the sum of its "
+                    f"values on each row alone, not their mean {mean:.6g}",
+                )
+            )
         raise ValueError(
             f"loss_fn is a mean, but not over the rows of a batch: on {m} rows of batch "
             f"{batch.index} it gives {whole:.6g}, "

@@ -52,6 +52,7 @@ from curvscope.derivatives.distributed import all_reduce_mean, all_reduce_sum, c
 from curvscope.derivatives.flat import flatten, unflatten
 from curvscope.derivatives.kinds import PreparedProduct, ggn_product, hessian_product
 from curvscope.derivatives.objective import (
+    REENTRANT_SAID,
     DifferentiableKernels,
     reentrant_refusal,
     watch_custom_functions,
@@ -416,7 +417,7 @@ def _compiled_named() -> Iterator[None]:
     except RuntimeError as e:
         if any(said in str(e) for said in _COMPILED_SAID):
             raise RuntimeError(COMPILED) from e
-        if "torch.utils.checkpoint is incompatible with .grad()" in str(e):
+        if REENTRANT_SAID[1] in str(e):
             raise RuntimeError(reentrant_refusal("a second-order optimizer")) from e
         raise
 
