@@ -220,6 +220,17 @@ def test_a_copy_due_the_step_before_a_probe_waits_for_the_probe(every, update_ev
     assert all(step % every for step in checked)  # never at a probe's step
 
 
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_cadence_that_leaves_no_room_for_a_check_is_refused(every):
+    """A check takes two steps between probes; every=2 with update_every=1 ran none in 60 steps
+    without a word (an outside review): refused with the fix. update_every=0 is allowed."""
+    p, model = _quadratic()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"no check would ever run.*every=3.*update_every=0"):
+        cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=every, update_every=1)
+    cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=every, update_every=0)
+
+
 def test_the_cheap_tier_runs_with_the_default_cadence_and_a_fixed_one_only_when_asked():
     p, model = _quadratic()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -75,6 +75,19 @@ def test_a_probe_logs_the_mode_it_found_the_model_in(tmp_path):
     assert [r["train_mode"] for r in read_log(tmp_path / "r.jsonl")[1]] == [True, False, False]
 
 
+def test_an_optimizer_replaced_in_the_loop_is_judged_once_assigned():
+    """A loop that builds a new optimizer (lr 3.0 for the Monitor's 0.05) was judged against
+    the old one's limit of 40 until the loss diverged (an outside review): the documented way,
+    ``mon.optimizer = new``, makes the next probe read the new optimizer's limit."""
+    p = cs.problems.get("digits-mlp", hidden=8, n=100)
+    model = p.make_model(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=1000)
+    assert mon.probe().evidence["stability_limit"] == pytest.approx(2 / 0.05)
+    mon.optimizer = torch.optim.SGD(model.parameters(), lr=3.0)
+    assert mon.probe().evidence["stability_limit"] == pytest.approx(2 / 3.0)
+
+
 def small_monitor(log, **kwargs):
     case = cases.mlp()
     return cs.Monitor(case.model, case.loss_fn, case.data, lr=0.1, every=1, log=log, **kwargs)

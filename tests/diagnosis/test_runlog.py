@@ -5,6 +5,7 @@ reading checks the format version and the type of every field."""
 import contextlib
 import dataclasses
 import errno
+import gc
 import io
 import json
 import math
@@ -334,6 +335,30 @@ def test_a_forked_child_does_not_keep_the_lock(tmp_path):
         for fd in (write_end, ready_read, ready_write):
             os.close(fd)
         os.waitpid(pid, 0)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork only")
+def test_a_writer_dropped_without_close_leaves_later_forks_alone(tmp_path):
+    """The locked logs were kept as descriptor numbers, discarded only by close(): a Monitor
+    garbage-collected instead left its number, the next open() reused it, and every later
+    fork pointed that unrelated file at /dev/null — a forked child's writes to it vanished and
+    a fork Pool hung (an outside review). A child now writes to it as to any file."""
+    writer = RunLogWriter(tmp_path / "run.jsonl", "x", HEADER)
+    del writer
+    gc.collect()
+    mine = os.open(tmp_path / "mine.txt", os.O_WRONLY | os.O_CREAT)
+    pid = os.fork()
+    if pid == 0:
+        os.write(mine, b"from the child")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    os.close(mine)
+    assert (tmp_path / "mine.txt").read_bytes() == b"from the child"
+
+
+def test_a_log_in_a_missing_folder_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"cannot be created.*os.makedirs.*log=None"):
+        RunLogWriter(tmp_path / "no" / "run.jsonl", "x", HEADER)
 
 
 CHILD = """

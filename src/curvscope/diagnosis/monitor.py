@@ -1015,6 +1015,15 @@ def _check_cadence(every: object, update_every: object, overhead: object, foreca
         raise ValueError(f"every must be a positive integer (steps) or None, got {every!r}")
     if update_every is not None:
         check_int(update_every, "update_every", minimum=0)
+    if every is not None and every < 3 and update_every:  # (every checked above)
+        # a check copies the parameters at one step and compares at the next: two steps
+        # between probes, which every=2 never leaves (it ran none, silently: an outside review)
+        raise ValueError(
+            f"update_every={update_every} with every={every}: a cheap-tier check takes two "
+            f"steps between probes (a copy, then the comparison), and every={every} leaves at "
+            f"most {every - 1} step between two probes, so no check would ever run; pass "
+            "every=3 or more, or update_every=0 (no cheap tier)"
+        )
     if not isinstance(overhead, (int, float)) or not 0 < overhead < 1:
         raise ValueError(f"overhead must be a fraction in (0, 1), got {overhead!r}")
     if not isinstance(forecast, bool):

@@ -36,6 +36,7 @@ import math
 import os
 import sys
 import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -157,7 +158,7 @@ class RunLogWriter:
         if self.closed:
             return
         if self._raw is not None:
-            _LOCKED.discard(self._raw.fileno())
+            _LOCKED.discard(self._raw)
             self._raw.close()  # closing the descriptor releases the flock
         self._raw = self._text = None
         if self.lost:
@@ -233,9 +234,12 @@ def check_log_mode(mode: object) -> None:
         )
 
 
-#: descriptors of the logs this process holds locked: a forked child (a DataLoader worker)
-#: inherits them, and with them the lock, which would outlive the writer's close()
-_LOCKED: set[int] = set()
+#: the open log files this process holds locked: a forked child (a DataLoader worker) inherits
+#: their descriptors, and with them the lock, which would outlive the writer's close(). Weak:
+#: a writer dropped without close() (a Monitor garbage-collected) leaves with its file — a set
+#: of descriptor numbers kept the number, which the next open() reused, and every later fork
+#: pointed that unrelated file or pipe at /dev/null (a Pool hung: an outside review)
+_LOCKED: weakref.WeakSet[io.FileIO] = weakref.WeakSet()
 
 
 def _release_in_child() -> None:
@@ -243,16 +247,17 @@ def _release_in_child() -> None:
     lock belongs to the open file, so the child's copy would keep it held after the parent
     closes (a new Monitor on the path would be refused while a persistent worker lives). The
     descriptor numbers stay valid, so nothing in the child closes an unrelated file later."""
-    if not _LOCKED:
+    held = [raw.fileno() for raw in list(_LOCKED) if not raw.closed]
+    _LOCKED.clear()
+    if not held:
         return
     null = os.open(os.devnull, os.O_RDWR)
     try:
-        for fd in _LOCKED:
+        for fd in held:
             with contextlib.suppress(OSError):
                 os.dup2(null, fd)
     finally:
         os.close(null)
-    _LOCKED.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -276,6 +281,20 @@ def _open_locked(path: Path, mode: str) -> io.FileIO:
             "overwrites: pass log_mode='a' to append a new run to it (cs.read_log reads the last "
             "run by default), log_mode='w' to overwrite it, or choose another path"
         ) from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        raise type(e)(
+            f"the run log {str(path)!r} cannot be created ({e.strerror}): pass a path in a "
+            "folder that exists and this process may write (log='runs/run.jsonl' after "
+            "os.makedirs('runs', exist_ok=True)), or log=None for no log"
+        ) from None
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            raise
+        raise OSError(
+            e.errno,
+            f"the run log {str(path)!r} is on a read-only file system: pass a path on a "
+            "writable one, or log=None for no log",
+        ) from None
     raw = io.FileIO(fd, "r+", closefd=True)
     if fcntl is not None:
         try:
@@ -287,7 +306,7 @@ def _open_locked(path: Path, mode: str) -> io.FileIO:
                 "another process: it holds the file's lock); two writers would interleave their "
                 "records. Give each Monitor its own log path, or close the other one first"
             ) from None
-        _LOCKED.add(fd)
+        _LOCKED.add(raw)
     if mode == "w":
         os.ftruncate(fd, 0)
     return raw
