@@ -31,7 +31,9 @@ class TraceResult:
 
     Attributes:
         value: the estimate.
-        stderr: its standard error (0 for ``method="exact"``): the sample standard deviation
+        stderr: its standard error (for ``method="exact"`` its products' rounding below
+            float64, summed over the unit vectors — a bound more than an error — and 0 in
+            float64; over finite differences their estimated errors): the sample standard deviation
             of the probes that were averaged over √(their number), combined in quadrature with
             a floor for rounding: eps·⌈log₂ n⌉·Σ|terms| for the estimator's own sums (pairwise
             summation's bound, Higham 2002 §4.2), and for Hutch++'s sketch also
