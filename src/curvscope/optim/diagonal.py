@@ -136,19 +136,41 @@ class GaussNewtonBartlett:
                 "outputs): return the tensor the loss was computed from, e.g. "
                 "(out.loss, out.logits)"
             )
-        layouts = [self.likelihood.as_terms]
+        layouts = {1: self.likelihood.as_terms}  # class dimension → the rows' view
         if outputs.ndim > 2:
-            layouts.append(lambda t: t.reshape(-1, t.shape[-1]))  # classes last
-        for as_terms in layouts:
-            terms = as_terms(read)
-            if _sums_to_zero(terms):
-                return as_terms, terms.ne(0).any(-1).to(outputs.dtype)
+            layouts[outputs.ndim - 1] = lambda t: t.reshape(-1, t.shape[-1])
+        passing = [dim for dim, as_terms in layouts.items() if _sums_to_zero(as_terms(read))]
+        if len(passing) > 1:  # both: decided by the curvature, below
+            passing = self._flat_along(ev, outputs, passing)
+        if len(passing) == 1:
+            terms = layouts[passing[0]](read)
+            return layouts[passing[0]], terms.ne(0).any(-1).to(outputs.dtype)
         raise ValueError(
             f"GaussNewtonBartlett({self.loss_fn!r}): the closure's loss is not a cross-entropy "
             f"of the outputs it returned (shape {tuple(outputs.shape)}) over dimension 1 or the "
-            "last: its gradient in them does not sum to zero over the classes; return the "
-            "logits the cross-entropy was computed from, or use Hutchinson()"
+            "last, or is one over either alike: its gradient in them does not sum to zero over "
+            "one of them alone; return the logits the cross-entropy was computed from, or use "
+            "Hutchinson()"
         )
+
+    @staticmethod
+    def _flat_along(ev: Evaluation, outputs: Tensor, dims: list[int]) -> list[int]:
+        """Of the class dimensions whose gradient rows both sum to zero — a (B, T, V) output
+        with T = V, labels a permutation and near-uniform predictions: dimension 1 was taken,
+        47% off (the diff review) — the one along which the loss is flat to second order too
+        (a cross-entropy is unchanged by a shift of a row of logits: its output Hessian maps
+        such a shift to 0, a shift along another dimension not): a random shift constant along
+        each, one double backward through the loss's head each. Both or neither: none."""
+        (g,) = torch.autograd.grad(ev.loss_tensor, outputs, create_graph=True, retain_graph=True)
+        gen = torch.Generator(device=outputs.device).manual_seed(0)
+        bent = []
+        for dim in dims:
+            shape = [1 if d == dim else n for d, n in enumerate(outputs.shape)]
+            shift = torch.randn(shape, generator=gen, dtype=outputs.dtype, device=outputs.device)
+            (moved,) = torch.autograd.grad(g, outputs, shift.expand_as(outputs), retain_graph=True)
+            bent.append(float(moved.norm()) / float(shift.expand_as(outputs).norm()))
+        flat = [dim for dim, b in zip(dims, bent, strict=True) if b <= FLAT * max(bent)]
+        return flat if len(flat) == 1 else []
 
     def settings(self) -> dict[str, Any]:
         """What a state dict records of it: the likelihood's loss and its reduction."""
@@ -162,6 +184,11 @@ class GaussNewtonBartlett:
 #: the outputs may be when its classes are read where they are: rounding's (half an eps of
 #: bfloat16 at most, 0.004); read along another dimension they are of the entries' order (≈1)
 ZERO_SUM = 0.05
+
+
+#: a shift along the class dimension bends a cross-entropy this much less, at most, than one
+#: along another (rounding's: exactly 0 in exact arithmetic)
+FLAT = 1e-3
 
 
 def _sums_to_zero(terms: Tensor) -> bool:
