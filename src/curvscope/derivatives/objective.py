@@ -1758,31 +1758,26 @@ class ModelObjective:
         finite = [v for v in alone if math.isfinite(v)]
         if not math.isfinite(whole) or not finite or len(set(alone)) == 1:
             return  # no mean of the rows to compare with (a loss over the whole batch)
-        if self.reduction == "sum":
-            mean = math.fsum(finite) / len(finite)
-            if len(finite) == m and abs(whole - mean) <= tol * max(abs(whole), abs(mean), 1e-30):
-                raise ValueError(
-                    _contradicted(
-                        "sum",
-                        f"on {m} rows of batch {batch.index} it gives {whole:.6g}, the mean of "
-                        f"its values on each row alone, not their sum {math.fsum(finite):.6g}",
-                    )
-                )
-            return  # a sum, or neither: not decided
         # a row that alone is not finite while the batch is: one its mean does not count (an
         # ignored label, 0/0 alone) — weighed by rows, the batch counts it all the same
-        mean = math.fsum(finite) / len(finite) if len(finite) == m else math.nan
-        if abs(whole - mean) <= tol * max(abs(whole), abs(mean), 1e-30):
-            return
-        total = math.fsum(finite)
-        if len(finite) == m and abs(whole - total) <= tol * max(abs(whole), abs(total), 1e-30):
+        total = math.fsum(finite) if len(finite) == m else math.nan
+        mean = total / m
+
+        def near(x: float) -> bool:  # (False for NaN)
+            return abs(whole - x) <= tol * max(abs(whole), abs(x), 1e-30)
+
+        said, other = ("sum", mean) if self.reduction == "sum" else ("mean", total)
+        if near(other):  # the other reduction's value: the declared one contradicted
+            did, not_ = ("mean", total) if said == "sum" else ("sum", mean)
             raise ValueError(
                 _contradicted(
-                    "mean",
-                    f"on {m} rows of batch {batch.index} it gives {whole:.6g}, the sum of its "
-                    f"values on each row alone, not their mean {mean:.6g}",
+                    said,
+                    f"on {m} rows of batch {batch.index} it gives {whole:.6g}, the {did} of "
+                    f"its values on each row alone, not their {said} {not_:.6g}",
                 )
             )
+        if said == "sum" or near(mean):
+            return  # a sum (or neither: not decided), or the mean over the rows
         raise ValueError(
             f"loss_fn is a mean, but not over the rows of a batch: on {m} rows of batch "
             f"{batch.index} it gives {whole:.6g}, "
