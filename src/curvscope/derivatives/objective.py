@@ -1741,20 +1741,35 @@ class ModelObjective:
             raise ValueError(_contradicted(self.reduction, f"its reduction is {own!r}"))
         if self.reduction == "mean" and _divisor(self.loss_fn, batch.targets) is not None:
             return  # torch's own mean: weighed by what it divides by
-        n = batch.targets.shape[0]
-        where = batch.targets.device
+        values = self._sampled_rows(out, batch.targets)
+        if values is not None:
+            self._judge_rows(*values, batch.index)
+
+    def _sampled_rows(self, out: Any, targets: Tensor) -> tuple[float, list[float], float] | None:
+        """The loss on up to :data:`ROWS_CHECKED` evenly spread rows of a batch, on each alone,
+        and its tolerance (:meth:`_row_values`): in float64 where the loss takes it (class
+        weights may not), else as given; None where it cannot be told (fewer than two rows, a
+        loss that needs more than one row)."""
+        n = targets.shape[0]
+        where = targets.device
         rows = torch.linspace(0, n - 1, min(n, ROWS_CHECKED), device=where).round().long().unique()
         if len(rows) < 2:
-            return
+            return None
         out = map_tensors(lambda t: t[rows] if t.ndim and t.shape[0] == n else t, out)
-        targets, m = batch.targets[rows], len(rows)
-        try:  # in float64 where the loss takes it (class weights may not), else as given
-            whole, alone, tol = self._row_values(_float64(out), _float64(targets), m)
+        targets, m = targets[rows], len(rows)
+        try:
+            return self._row_values(_float64(out), _float64(targets), m)
         except Exception:
             try:
-                whole, alone, tol = self._row_values(out, targets, m)
+                return self._row_values(out, targets, m)
             except Exception:  # a loss that needs more than one row: not decided
-                return
+                return None
+
+    def _judge_rows(self, whole: float, alone: list[float], tol: float, index: int) -> None:
+        """The batch's value against its rows' mean and sum (:meth:`_check_reduction_over_rows`):
+        the other reduction's value refuses the declared one; a declared mean that is neither is
+        a mean over something else than the rows."""
+        m = len(alone)
         finite = [v for v in alone if math.isfinite(v)]
         if not math.isfinite(whole) or not finite or len(set(alone)) == 1:
             return  # no mean of the rows to compare with (a loss over the whole batch)
@@ -1772,7 +1787,7 @@ class ModelObjective:
             raise ValueError(
                 _contradicted(
                     said,
-                    f"on {m} rows of batch {batch.index} it gives {whole:.6g}, the {did} of "
+                    f"on {m} rows of batch {index} it gives {whole:.6g}, the {did} of "
                     f"its values on each row alone, not their {said} {not_:.6g}",
                 )
             )
@@ -1780,7 +1795,7 @@ class ModelObjective:
             return  # a sum (or neither: not decided), or the mean over the rows
         raise ValueError(
             f"loss_fn is a mean, but not over the rows of a batch: on {m} rows of batch "
-            f"{batch.index} it gives {whole:.6g}, "
+            f"{index} it gives {whole:.6g}, "
             + (
                 f"the mean of its values on each row alone {mean:.6g}"
                 if math.isfinite(mean)
