@@ -102,33 +102,25 @@ def test_a_warm_up_moving_the_limit_a_little_between_close_probes_is_no_edge():
     rule (d) entered the edge, and rule (b) held it there ("normal") until the blow-up, the
     limit halving meanwhile (an outside review). (b)–(d) now need the limit steady over the
     probes of the last EOS_HOLD steps."""
+
+    def at_edge_before(evidence, past):  # the state after a probe that followed the edge
+        return classify_history(
+            State.UNSTABLE,
+            ["own"],
+            evidence,
+            past=past,
+            losses=(0.5, 0.45, 0.4),
+            first_loss=1.0,
+            best_loss=0.4,
+            previous=State.EDGE_OF_STABILITY,
+            steps=[200, 210, 218, 220],
+        )[0]
+
     limits = [2.4, 2.2, 2.05, 2.0]  # a warm-up: the limit falls 17% over 20 steps
     past = [near(1.0 * lim, lim) for lim in limits[:-1]]
-    state, _ = classify_history(
-        State.UNSTABLE,
-        ["own"],
-        near(1.3 * limits[-1], limits[-1]),
-        past=past,
-        losses=(0.5, 0.45, 0.4),
-        first_loss=1.0,
-        best_loss=0.4,
-        previous=State.EDGE_OF_STABILITY,
-        steps=[200, 210, 218, 220],
-    )
-    assert state is State.UNSTABLE
+    assert at_edge_before(near(1.3 * limits[-1], limits[-1]), past) is State.UNSTABLE
     # at a steady limit the same probe stays at the edge (b)
-    state, _ = classify_history(
-        State.UNSTABLE,
-        ["own"],
-        near(2.6, 2.0),
-        past=[near(2.0, 2.0)] * 3,
-        losses=(0.5, 0.45, 0.4),
-        first_loss=1.0,
-        best_loss=0.4,
-        previous=State.EDGE_OF_STABILITY,
-        steps=[200, 210, 218, 220],
-    )
-    assert state is State.EDGE_OF_STABILITY
+    assert at_edge_before(near(2.6, 2.0), [near(2.0, 2.0)] * 3) is State.EDGE_OF_STABILITY
 
 
 def _above(ratios, losses, steps, window=None):
