@@ -167,22 +167,16 @@ def _mean_stderr(
 EXACT_ROUNDING = 2.0
 
 
-def _exact_rounding(op: Operator, columns: Tensor) -> Tensor:
-    """Each exact diagonal entry's rounding where the products run below float64: EXACT_ROUNDING
-    · eps(dtype) · ‖A e_i‖ from its column's norm (an exact answer read "± 0" there: in
-    bfloat16, a review; in float32 the trace of a trained network 0.0326274671 ± 0 for
-    0.0326276755, another); zeros in float64, whose rounding is far below any tolerance."""
-    if torch.finfo(op.dtype).bits >= 64:
-        return torch.zeros_like(columns)
-    return EXACT_ROUNDING * torch.finfo(op.dtype).eps * columns
-
-
 def _exact_trace(op: Operator, bar: Any) -> tuple[float, Tensor, Tensor, Tensor | None]:
-    """tr(A) and diag(A) from unit vectors, each entry's rounding (:func:`_exact_rounding`)
-    and, over finite-difference products, each entry's estimated error: ‖e_i‖, e_i the error
-    of the product of the i-th unit vector."""
+    """tr(A) and diag(A) from unit vectors; each entry's rounding where the products run below
+    float64, EXACT_ROUNDING · eps(dtype) · ‖A e_i‖ from its column's norm (an exact answer read
+    "± 0" there: in bfloat16, a review; in float32 the trace of a trained network 0.0326274671
+    ± 0 for 0.0326276755, another), zeros in float64, whose rounding is far below any
+    tolerance; and, over finite-difference products, each entry's estimated error: ‖e_i‖, e_i
+    the error of the product of the i-th unit vector."""
     diag = torch.empty(op.n, dtype=op.work_dtype, device=op.device)
-    columns = torch.empty_like(diag)
+    rounding = torch.zeros_like(diag)
+    unit = EXACT_ROUNDING * torch.finfo(op.dtype).eps if torch.finfo(op.dtype).bits < 64 else 0
     seen = len(op.error_norms)
     for j in range(0, op.n, CHUNK):
         cols = torch.arange(j, min(j + CHUNK, op.n), device=op.device)
@@ -191,9 +185,10 @@ def _exact_trace(op: Operator, bar: Any) -> tuple[float, Tensor, Tensor, Tensor 
         E[at] = 1
         AE = op(E)
         diag[cols] = AE[at]
-        columns[cols] = AE.norm(dim=0)  # whole vectors: exact never runs sharded
+        if unit:  # whole vectors: exact never runs sharded
+            rounding[cols] = unit * AE.norm(dim=0)
         bar.update(cols.numel())
-    return float(diag.sum()), diag, _exact_rounding(op, columns), op.errors_after(seen, diag)
+    return float(diag.sum()), diag, rounding, op.errors_after(seen, diag)
 
 
 def trace(
