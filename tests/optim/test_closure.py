@@ -518,7 +518,7 @@ def test_gauss_newton_through_a_checkpointed_attention_layer(method):
             return nn.functional.cross_entropy(out.reshape(-1, 5), y.reshape(-1)), out
 
         flags = [torch.backends.cuda.flash_sdp_enabled(), torch.backends.mkldnn.enabled]
-        opt.step(closure)  # (the Gauss-Newton products enter the switches inside their own)
+        opt.step(closure)
         assert [torch.backends.cuda.flash_sdp_enabled(), torch.backends.mkldnn.enabled] == flags
         stepped.append(flatten([p.detach() for p in params]))
     torch.testing.assert_close(stepped[1], stepped[0])

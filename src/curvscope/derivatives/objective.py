@@ -448,8 +448,8 @@ class DifferentiableKernels:
 
     def __init__(self, rnn: bool, weight_norm: bool, compiled: bool = False) -> None:
         self.rnn, self.weight_norm, self.compiled = rnn, weight_norm, compiled
-        #: what each entry found, a stack: the same switches entered again inside (an
-        #: optimizer's product inside its Gauss-Newton construction) put back their own
+        #: what each entry found, a stack: one instance serves an optimizer's evaluation
+        #: throughout, and an entry inside another puts back its own
         self._entered: list[tuple[list[Any], Any, Any, contextlib.ExitStack[Any]]] = []
 
     @classmethod

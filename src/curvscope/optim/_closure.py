@@ -582,10 +582,11 @@ class Evaluation:
     def ggn(self, V: Tensor) -> Tensor:
         """Jᵀ H_out J V: the Gauss-Newton product, from the closure's (loss, outputs)."""
         outputs = model_outputs(self)
-        with self.kernels, torch.enable_grad():  # its backward passes recompute checkpoints
+        with torch.enable_grad():
             if self._ggn is None:
-                self._ggn = ggn_product(outputs, self.params, self.loss_tensor)
-            return self._product(self._ggn, V)
+                with self.kernels:  # its backward passes recompute checkpointed forwards
+                    self._ggn = ggn_product(outputs, self.params, self.loss_tensor)
+            return self._product(self._ggn, V)  # (on the kernels too)
 
 
 def flat_params(params: Sequence[Tensor]) -> Tensor:
