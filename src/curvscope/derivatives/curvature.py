@@ -469,14 +469,15 @@ class Curvature:
         if not self.cache:
             yield from self._source.prepare()
             return
-        self._source.check_unchanged_data()  # the cached graphs hold the data they were built on
         if self._cached is None or not self._unchanged():
             self._cached = self._snapshot = None
             model_flags, tensors = self._source.model_state()
             flags = (*model_flags, autocast_state(self.device))
             snapshot = (flags, _layout(tensors), [t.detach().clone() for _, t in tensors])
-            self._cached = list(self._source.prepare())
+            self._cached = list(self._source.prepare())  # (its pass checks the data)
             self._snapshot = snapshot
+        else:  # the cached graphs hold the data they were built on
+            self._source.check_unchanged_data()
         yield from self._cached
 
     def _unchanged(self) -> bool:
