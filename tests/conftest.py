@@ -34,6 +34,8 @@ SLOW: dict[str, float] = {
     "tests/diagnosis/test_review_classify.py::"
     "test_a_warm_up_into_a_blow_up_is_not_called_the_edge_and_a_held_rate_is": 9.0,
     "tests/spectrum/test_eigen.py::test_a_restart_for_one_end_keeps_the_far_ends_outliers": 6.0,
+    "tests/diagnosis/test_diagnosis.py::"
+    "test_a_network_whose_relus_all_died_is_not_called_converged": 3.7,
     # the verdicts' seven training runs, in a module fixture that the first test pays for (the
     # module's other tests are marked slow in the file: they would pay for it instead)
     "tests/diagnosis/test_verdicts.py::test_the_subset_covers_every_kind_of_outcome": 9.5,

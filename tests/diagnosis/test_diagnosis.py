@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import curvscope as cs
 from curvscope.diagnosis import STATES, classify
@@ -371,3 +372,111 @@ def test_a_fit_at_zero_loss_is_not_sent_to_cross_a_plateau():
     assert d.advice[0].startswith("The loss is about zero") and "weight decay" in d.advice[0]
     plateau = cs.diagnose(model, lambda o, t: loss_fn(o, t) + 1.0, (X, y), reduction="mean")
     assert "plateau faster" in " ".join(plateau.advice)
+
+
+def _digits_mlp(seed=0):
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X, y = torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(y)
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)
+    )
+    return model, (X[:256], y[:256])
+
+
+def _killed(model):
+    """Every ReLU outputs 0 on every input (what a blow-up leaves), and the
+    output bias at its own optimum (the log class frequencies): a minimum of the output bias."""
+    _, (_, y) = _digits_mlp()
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)
+        model[2].bias.fill_(-100.0)
+        freq = torch.bincount(y, minlength=10).double() / len(y)
+        model[4].bias.copy_(freq.log())
+    return model
+
+
+def test_a_network_whose_relus_all_died_is_not_called_converged():
+    """A network a step killed sits at a true minimum of its output bias: the verdict says
+    that most of the parameters get no gradient, and the advice does not say "stop"."""
+    model, data = _digits_mlp()
+    _killed(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    d = cs.diagnose(model, nn.CrossEntropyLoss(), data, optimizer=opt)
+    assert d.state == "minimum"
+    ev = d.evidence
+    n = sum(p.numel() for p in model.parameters())
+    assert ev.zero_gradient_share == pytest.approx((n - 10) / n)
+    assert ev.zero_gradient_blocks == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight"]
+    assert "99.71% of the parameters (0.weight, 0.bias, 2.weight and 2 more)" in str(d)
+    assert d.advice[0].startswith("Most of the parameters get no gradient at all")
+    assert not any("stop" in a for a in d.advice)
+    # trained there by a too-large step instead: *learning*, with the same sentence and advice
+    model, data = _digits_mlp()
+    big = torch.optim.SGD(model.parameters(), lr=5.0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        i = torch.randint(0, 256, (64,), generator=gen)
+        big.zero_grad()
+        nn.functional.cross_entropy(model(data[0][i]), data[1][i]).backward()
+        big.step()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    d = cs.diagnose(model, nn.CrossEntropyLoss(), data, optimizer=opt)
+    assert d.evidence.zero_gradient_share > 0.99
+    assert "get exactly zero gradient on this data" in str(d)
+    assert d.advice[0].startswith("Most of the parameters get no gradient at all")
+
+
+def test_weight_decay_does_not_hide_a_dead_network():
+    """Coupled weight decay adds l2·θ to every block's gradient: the zero-gradient blocks are
+    read from the data loss's gradient."""
+    model, data = _digits_mlp()
+    _killed(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-3)
+    d = cs.diagnose(model, nn.CrossEntropyLoss(), data, optimizer=opt)
+    assert d.evidence.zero_gradient_share > 0.99
+
+
+def test_zero_gradient_blocks_are_judged_whole():
+    """A healthy network, an embedding whose rows the batch leaves unused and a pruned weight
+    (masked entries) have no zero-gradient block; a module the loss does not use is listed,
+    and said only where such blocks hold at least the threshold's share (a LoRA-style adapter
+    at initialisation: B = 0 leaves A exactly none)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(100, 8)
+            self.fc = nn.Linear(8, 3)
+            self.unused = nn.Linear(2, 2)
+            self.A = nn.Parameter(torch.randn(4, 8))
+            self.B = nn.Parameter(torch.zeros(3, 4))
+
+        def forward(self, tokens):
+            h = self.emb(tokens).mean(1)
+            return self.fc(h) + h @ self.A.T @ self.B.T
+
+    torch.manual_seed(0)
+    net = Net()
+    prune.random_unstructured(net.fc, "weight", amount=0.5)
+    tokens = torch.randint(0, 10, (32, 5))  # rows 10..99 of the embedding unused
+    data = (tokens, torch.randint(0, 3, (32,)))
+    d = cs.diagnose(net, nn.CrossEntropyLoss(), data, lr=0.1)
+    assert d.evidence.zero_gradient_blocks == ["A", "unused.weight", "unused.bias"]
+    n = sum(p.numel() for p in net.parameters())  # fc's weight_orig is the measured one
+    assert d.evidence.zero_gradient_share == pytest.approx(38 / n) == pytest.approx(38 / 877)
+    assert "exactly zero gradient" not in str(d)
+    said = cs.diagnose(
+        net,
+        nn.CrossEntropyLoss(),
+        data,
+        lr=0.1,
+        thresholds=cs.diagnosis.Thresholds(zero_gradient=0.04),
+    )
+    assert "4.333% of the parameters (A, unused.weight, unused.bias)" in str(said)
+    assert said.advice[0].startswith("Most of the parameters")
+    healthy, data = _digits_mlp()
+    d = cs.diagnose(healthy, nn.CrossEntropyLoss(), data, lr=0.1)
+    assert d.evidence.zero_gradient_share == 0 and d.evidence.zero_gradient_blocks == []

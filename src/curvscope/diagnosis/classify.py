@@ -54,6 +54,10 @@ class Thresholds:
         confidence: z — an estimate with a standard error (the batch sharpness) exceeds the
             limit's margin only when it does so by more than z standard errors, and sits in
             the edge-of-stability band unless it is z standard errors outside it.
+        zero_gradient: when the parameter blocks whose gradient is exactly zero hold at least
+            this share of the measured parameters, the verdict says so and its advice reads
+            it: the state, sharpness and stable learning rate are then those of the rest (a
+            network whose ReLUs all died reads as a minimum of its output bias).
     """
 
     small_gradient: float = 1e-3
@@ -65,6 +69,7 @@ class Thresholds:
     small_decrement: float = 1e-3
     margin: float = 0.1
     confidence: float = 2.0
+    zero_gradient: float = 0.5
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -174,6 +179,50 @@ def unique_codes(vocabulary: _Vocabulary) -> _Vocabulary:
     return vocabulary
 
 
+def _silent_blocks(ev: Mapping[str, Any], at_least: float | None = None) -> list[str] | None:
+    """The blocks with exactly zero gradient where they hold at least the ``zero_gradient``
+    share of the parameters (the evidence's thresholds, or the default); else None."""
+    share, blocks = ev.get("zero_gradient_share"), ev.get("zero_gradient_blocks")
+    if at_least is None:
+        at_least = (ev.get("thresholds") or {}).get("zero_gradient", Thresholds.zero_gradient)
+    if share is None or not blocks or share < at_least:
+        return None
+    return list(blocks)
+
+
+def _silent_sentence(ev: Mapping[str, Any], at_least: float) -> str | None:
+    """The verdict's sentence on blocks with exactly zero gradient (see :func:`_silent_blocks`)."""
+    blocks = _silent_blocks(ev, at_least)
+    if blocks is None:
+        return None
+    named = ", ".join(blocks[:3]) + (f" and {len(blocks) - 3} more" if len(blocks) > 3 else "")
+    return (
+        f"{100 * ev['zero_gradient_share']:.4g}% of the parameters ({named}) get exactly zero "
+        "gradient on this data: the verdict and its numbers are those of the rest"
+    )
+
+
+def _heed_silent(advise: Advise) -> Advise:
+    """``advise``, with what to do about blocks that get no gradient at all first where they
+    hold most of the parameters: no learning rate moves them."""
+
+    def advice(ev: Mapping[str, Any]) -> list[str]:
+        if _silent_blocks(ev) is None:
+            return advise(ev)
+        return [
+            "Most of the parameters get no gradient at all, so no learning rate moves them. "
+            "After a loss spike this is a network a step killed (ReLUs that output 0 for every "
+            "input: the rest is a minimum of the output bias, not a fit): go back to a "
+            "checkpoint from before the spike and lower the learning rate, or clip. Otherwise "
+            "look for what cuts the gradient off: a factor still at zero (a LoRA adapter's B at "
+            "initialisation leaves A none), a detach, saturated units, parameters the loss "
+            "does not use.",
+            *advise(ev),
+        ]
+
+    return advice
+
+
 def _learning_advice(ev: Mapping[str, Any]) -> list[str]:
     s, lr, stable = ev.get("sharpness"), ev.get("lr"), ev.get("stable_lr")
     if stable is not None and s is not None and s > 0 and lr:
@@ -265,6 +314,8 @@ def _saddle_advice(ev: Mapping[str, Any]) -> list[str]:
 
 
 def _minimum_advice(ev: Mapping[str, Any]) -> list[str]:
+    if _silent_blocks(ev) is not None:  # a minimum of what still moves: not "stop"
+        return []
     return [
         "Converged to a minimum: further steps only fine-tune. Lower the learning rate "
         "to settle, or stop."
@@ -289,12 +340,22 @@ class State(StateEnum):
     :meth:`~StateEnum.advice`.
     """
 
-    LEARNING = "learning", 0, "Learning", _learning_advice
-    UNSTABLE = "unstable", 1, "Unstable: the step overshoots sharp curvature", _unstable_advice
-    EDGE_OF_STABILITY = "edge_of_stability", 2, "At the edge of stability", _edge_advice
-    FLAT = "flat", 3, "Flat: a plateau", _flat_advice
-    SADDLE = "saddle", 4, "At a saddle point", _saddle_advice
-    MINIMUM = "minimum", 5, "At a minimum", _minimum_advice
+    LEARNING = "learning", 0, "Learning", _heed_silent(_learning_advice)
+    UNSTABLE = (
+        "unstable",
+        1,
+        "Unstable: the step overshoots sharp curvature",
+        _heed_silent(_unstable_advice),
+    )
+    EDGE_OF_STABILITY = (
+        "edge_of_stability",
+        2,
+        "At the edge of stability",
+        _heed_silent(_edge_advice),
+    )
+    FLAT = "flat", 3, "Flat: a plateau", _heed_silent(_flat_advice)
+    SADDLE = "saddle", 4, "At a saddle point", _heed_silent(_saddle_advice)
+    MINIMUM = "minimum", 5, "At a minimum", _heed_silent(_minimum_advice)
     DIVERGED = "diverged", 6, "Diverged", _diverged_advice
 
 
@@ -381,6 +442,9 @@ class Evidence(Mapping[str, Any]):
         seconds: the wall time of the diagnosis.
         unscaled_coordinates: coordinates the preconditioner has not scaled yet (Adam's v
             still exactly 0), left out of the preconditioned sharpness.
+        zero_gradient_share, zero_gradient_blocks: the parameter blocks whose gradient of the
+            data loss is exactly zero in every entry (dead units, a factor still at zero,
+            parameters the loss does not use), and the share of the parameters they hold.
         extra: any other keys (not produced by curvscope).
     """
 
@@ -411,6 +475,8 @@ class Evidence(Mapping[str, Any]):
     clip_factor: float | None = None
     seconds: float | None = None
     unscaled_coordinates: int | None = None
+    zero_gradient_share: float | None = None
+    zero_gradient_blocks: list[str] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -536,6 +602,12 @@ class Facts:
             f"gradient clipping gives the optimizer s = {self.clip:.3g} of the gradient: the "
             f"limit is that of the rate s·η, {self.limit:.4g}"
         )
+
+    @property
+    def silent(self) -> str | None:
+        """The sentence on parameter blocks with exactly zero gradient, where they hold at
+        least the ``zero_gradient`` share of the parameters."""
+        return _silent_sentence(self.evidence, self.th.zero_gradient)
 
     @cached_property
     def gradient(self) -> str:
@@ -805,8 +877,8 @@ def classify(
     for rule in rules:
         reasons = rule.test(facts)
         if reasons is not None:
-            clipping = facts.clipping
-            return rule.state, reasons if clipping is None else [*reasons, clipping]
+            said = (facts.silent, facts.clipping)
+            return rule.state, [*reasons, *(r for r in said if r is not None)]
     raise ValueError(
         "no rule decided the state: the last of `rules` must always hold (RULES ends with learning)"
     )

@@ -34,7 +34,7 @@ from curvscope.diagnosis.classify import (
 from curvscope.diagnosis.stability import StabilityLimit, check_clip_factor, gathered, limit_of
 from curvscope.spectrum import Operator, as_operator, eigenvalues
 from curvscope.spectrum.cg import cg
-from curvscope.spectrum.eigen import block_shares
+from curvscope.spectrum.eigen import block_shares, block_sums
 from curvscope.spectrum.precision import autocast_off, working_dtype
 
 #: The default cost of one diagnosis, in curvature products.
@@ -172,11 +172,11 @@ class _Objective:
         """A partial sum over this rank's entries made whole (as it is for whole vectors)."""
         return _total(self.space, t)
 
-    def gradient(self) -> tuple[float, Tensor]:
-        """(the data loss, the gradient of the objective)."""
+    def gradient(self) -> tuple[float, Tensor, Tensor]:
+        """(the data loss, its gradient, the gradient of the objective)."""
         loss, g = self.space.loss_and_gradient()
         g = g.to(self.dtype)
-        return loss, g if self._l2_gradient is None else g + self._l2_gradient
+        return loss, g, g if self._l2_gradient is None else g + self._l2_gradient
 
     def finite(self, g: Tensor) -> bool:
         """Whether every entry of g is finite (on every rank: they decide alike)."""
@@ -245,6 +245,23 @@ def _finite_everywhere(space: _Space, t: Tensor) -> bool:
     sum locally (:func:`all_finite`), the verdicts summed over a sharded view's ranks."""
     bad = 0.0 if all_finite(t) else 1.0
     return _total(space, torch.tensor(bad, dtype=torch.float64, device=t.device)) == 0
+
+
+def zero_gradient(space: _Space, g: Tensor) -> dict[str, Any]:
+    """The parameter blocks whose gradient (of the data loss: weight decay's l2·θ left out) is
+    exactly zero in every entry, and the share of the measured parameters they hold:
+    ``zero_gradient_blocks`` and ``zero_gradient_share``. A block is judged whole, so that an
+    embedding's unused rows (or a pruned weight's masked entries) do not count; a network whose
+    ReLUs all output 0 leaves every block before its output bias at exactly 0 — a minimum of
+    that bias, with a stable learning rate of its own (an outside review read *minimum*, and
+    *learning* at 10x the rate that killed it)."""
+    nonzero, sizes = block_sums(space, (g != 0).to(torch.float64))
+    silent = [i for i, n in enumerate(nonzero) if n == 0]
+    share = sum(sizes[i] for i in silent) / max(sum(sizes), 1)
+    return {
+        "zero_gradient_share": share,
+        "zero_gradient_blocks": [space.param_names[i] for i in silent],
+    }
 
 
 def _zero3_params(C: Curvature) -> bool:
@@ -437,13 +454,15 @@ def _diagnose(
         return _finish(evidence, thresholds, {}, True, start, C)
     objective = _Objective(C, limit, space)
     try:
-        loss, g = objective.gradient()
+        loss, data_g, g = objective.gradient()
     except FloatingPointError as e:  # a loss that is not finite says which (inf, or NaN)
-        loss, g = getattr(e, "value", math.nan), None
+        loss, data_g, g = getattr(e, "value", math.nan), None, None
     evidence["loss"] = loss
     evidence["grad_norm"] = math.nan if g is None else objective.norm(g)
     if g is None or not math.isfinite(loss) or not objective.finite(g):
         return _finish(evidence, thresholds, {}, True, start, C)
+    assert data_g is not None  # g is
+    evidence.update(zero_gradient(space, data_g))
     try:
         vectors, converged = _measure_curvature(
             evidence, objective, C, g, budget, seed, v0, thresholds, adaptive
@@ -815,7 +834,7 @@ def _batch_sharpness(
         read += 1
         Cb = _curvature(model, loss_fn, batch, params, seed + i, reduction, products)
         batch_objective = _Objective(Cb, limit, products.space(Cb))
-        _, gb = batch_objective.gradient()
+        _, _, gb = batch_objective.gradient()
         c, _ = batch_objective.directional(gb)
         if c is not None:
             values.append(c)

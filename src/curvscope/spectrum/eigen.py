@@ -632,6 +632,15 @@ def block_shares(C: Any, v: Tensor) -> dict[str, float]:
     shares are read from the device at once (one host read, not one a block). For a sharded
     view (``C.sharded()``), v holds this rank's entries: each rank sums its own, and one
     all-reduce makes the shares whole (the same on every rank)."""
+    sums, _ = block_sums(C, v.detach().pow(2))
+    return dict(zip(C.param_names, sums, strict=True))
+
+
+def block_sums(C: Any, t: Tensor) -> tuple[list[float], list[int]]:
+    """(each parameter block's sum of the entries of t, each block's size): t a flat vector of
+    a Curvature, or this rank's entries of one for a sharded view (``C.sharded()``), whose
+    sums and sizes one all-reduce makes whole (in float64) — the same on every rank. One host
+    read."""
     from curvscope.derivatives.sharded import ShardedCurvature
 
     sharded = isinstance(C, ShardedCurvature)
@@ -640,10 +649,13 @@ def block_shares(C: Any, v: Tensor) -> dict[str, float]:
     else:
         zeros = torch.zeros(C.num_params, dtype=C.dtype, device=C.device)
         sizes = [b.numel() for b in C.unflatten(zeros).values()]
-    squares = torch.stack([s.sum() for s in torch.split(v.detach().pow(2), sizes)])
-    if sharded:
-        squares = C.reduce_sum(squares)
-    return dict(zip(C.param_names, squares.tolist(), strict=True))
+    sums = torch.stack([s.sum() for s in torch.split(t, sizes)])
+    if not sharded:
+        return sums.tolist(), sizes
+    counts = torch.tensor(sizes, dtype=torch.float64, device=sums.device)
+    whole = C.reduce_sum(torch.cat([sums.double(), counts]))  # exact counts below 2⁵³
+    n = len(sizes)
+    return whole[:n].tolist(), [round(x) for x in whole[n:].tolist()]
 
 
 def _by_layer(
