@@ -410,8 +410,12 @@ def test_a_network_whose_relus_all_died_is_not_called_converged():
     n = sum(p.numel() for p in model.parameters())
     assert ev.zero_gradient_share == pytest.approx((n - 10) / n)
     assert ev.zero_gradient_blocks == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight"]
-    assert "99.71% of the parameters (0.weight, 0.bias, 2.weight and 2 more)" in str(d)
-    assert d.advice[0].startswith("Most of the parameters get no gradient at all")
+    assert ev.zero_gradient_dead is True  # no curvature on them either
+    assert (
+        "99.71% of the parameters (0.weight, 0.bias, 2.weight and 2 more) get exactly zero "
+        "gradient and curvature on this data"
+    ) in str(d)
+    assert d.advice[0].startswith("Most of the parameters get neither gradient nor curvature")
     assert not any("stop" in a for a in d.advice)
     # trained there by a too-large step instead: *learning*, with the same sentence and advice
     model, data = _digits_mlp()
@@ -425,8 +429,8 @@ def test_a_network_whose_relus_all_died_is_not_called_converged():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     d = cs.diagnose(model, nn.CrossEntropyLoss(), data, optimizer=opt)
     assert d.evidence.zero_gradient_share > 0.99
-    assert "get exactly zero gradient on this data" in str(d)
-    assert d.advice[0].startswith("Most of the parameters get no gradient at all")
+    assert "get exactly zero gradient and curvature on this data" in str(d)
+    assert d.advice[0].startswith("Most of the parameters get neither gradient nor curvature")
 
 
 def test_weight_decay_does_not_hide_a_dead_network():
@@ -467,7 +471,7 @@ def test_zero_gradient_blocks_are_judged_whole():
     assert d.evidence.zero_gradient_blocks == ["A", "unused.weight", "unused.bias"]
     n = sum(p.numel() for p in net.parameters())  # fc's weight_orig is the measured one
     assert d.evidence.zero_gradient_share == pytest.approx(38 / n) == pytest.approx(38 / 877)
-    assert "exactly zero gradient" not in str(d)
+    assert "exactly zero" not in str(d) and d.evidence.zero_gradient_dead is None  # not judged
     said = cs.diagnose(
         net,
         nn.CrossEntropyLoss(),
@@ -476,7 +480,33 @@ def test_zero_gradient_blocks_are_judged_whole():
         thresholds=cs.diagnosis.Thresholds(zero_gradient=0.04),
     )
     assert "4.333% of the parameters (A, unused.weight, unused.bias)" in str(said)
-    assert said.advice[0].startswith("Most of the parameters")
+    # A is coupled to B = 0 (and unused is not): not dead, no alarm
+    assert said.evidence.zero_gradient_dead is False
+    assert "but the curvature couples them to the rest" in str(said)
+    assert not said.advice[0].startswith("Most of the parameters")
     healthy, data = _digits_mlp()
     d = cs.diagnose(healthy, nn.CrossEntropyLoss(), data, lr=0.1)
     assert d.evidence.zero_gradient_share == 0 and d.evidence.zero_gradient_blocks == []
+
+
+def test_a_zero_initialized_head_is_a_factor_at_zero_not_dead_units():
+    """A review of the zero-gradient rule: a zero-initialized classifier head (timm's ViT
+    default) leaves every hidden block a gradient of exactly 0 at initialisation — and read as
+    a network a step killed ("go back to a checkpoint"), though it trains normally. The
+    curvature couples those blocks to the head: not dead, and said so."""
+    model, data = _digits_mlp()
+    with torch.no_grad():
+        model[4].weight.zero_()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    d = cs.diagnose(model, nn.CrossEntropyLoss(), data, optimizer=opt)
+    ev = d.evidence
+    assert ev.zero_gradient_blocks == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert ev.zero_gradient_share > 0.5 and ev.zero_gradient_dead is False
+    assert "but the curvature couples them to the rest" in str(d)
+    assert not any("checkpoint" in a for a in d.advice)
+    # and they move after the head's first step
+    nn.functional.cross_entropy(model(data[0]), data[1]).backward()
+    opt.step()
+    opt.zero_grad()
+    d = cs.diagnose(model, nn.CrossEntropyLoss(), data, optimizer=opt)
+    assert d.evidence.zero_gradient_blocks == []

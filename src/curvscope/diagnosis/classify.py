@@ -190,33 +190,45 @@ def _silent_blocks(ev: Mapping[str, Any], at_least: float | None = None) -> list
     return list(blocks)
 
 
+def _dead(ev: Mapping[str, Any]) -> bool:
+    """Whether most of the parameters get neither gradient nor curvature: dead units."""
+    return _silent_blocks(ev) is not None and ev.get("zero_gradient_dead") is True
+
+
 def _silent_sentence(ev: Mapping[str, Any], at_least: float) -> str | None:
     """The verdict's sentence on blocks with exactly zero gradient (see :func:`_silent_blocks`)."""
     blocks = _silent_blocks(ev, at_least)
     if blocks is None:
         return None
     named = ", ".join(blocks[:3]) + (f" and {len(blocks) - 3} more" if len(blocks) > 3 else "")
+    said = f"{100 * ev['zero_gradient_share']:.4g}% of the parameters ({named}) get exactly zero"
+    dead = ev.get("zero_gradient_dead")
+    if dead is False:
+        return (
+            f"{said} gradient on this data, but the curvature couples them to the rest: a "
+            "factor still at zero (a zero-initialized layer, a LoRA adapter's B) that moves "
+            "them once it moves"
+        )
     return (
-        f"{100 * ev['zero_gradient_share']:.4g}% of the parameters ({named}) get exactly zero "
-        "gradient on this data: the verdict and its numbers are those of the rest"
+        f"{said} gradient{' and curvature' if dead else ''} on this data: the verdict and its "
+        "numbers are those of the rest"
     )
 
 
 def _heed_silent(advise: Advise) -> Advise:
-    """``advise``, with what to do about blocks that get no gradient at all first where they
-    hold most of the parameters: no learning rate moves them."""
+    """``advise``, with what to do about dead units first where they hold most of the
+    parameters: no learning rate moves them."""
 
     def advice(ev: Mapping[str, Any]) -> list[str]:
-        if _silent_blocks(ev) is None:
+        if not _dead(ev):
             return advise(ev)
         return [
-            "Most of the parameters get no gradient at all, so no learning rate moves them. "
-            "After a loss spike this is a network a step killed (ReLUs that output 0 for every "
-            "input: the rest is a minimum of the output bias, not a fit): go back to a "
-            "checkpoint from before the spike and lower the learning rate, or clip. Otherwise "
-            "look for what cuts the gradient off: a factor still at zero (a LoRA adapter's B at "
-            "initialisation leaves A none), a detach, saturated units, parameters the loss "
-            "does not use.",
+            "Most of the parameters get neither gradient nor curvature, so no learning rate "
+            "moves them. After a loss spike this is a network a step killed (ReLUs that output "
+            "0 for every input: the rest is a minimum of the output bias, not a fit): go back "
+            "to a checkpoint from before the spike and lower the learning rate, or clip. "
+            "Otherwise look for what cuts the gradient off: a detach, saturated units, "
+            "parameters the loss does not use.",
             *advise(ev),
         ]
 
@@ -314,7 +326,7 @@ def _saddle_advice(ev: Mapping[str, Any]) -> list[str]:
 
 
 def _minimum_advice(ev: Mapping[str, Any]) -> list[str]:
-    if _silent_blocks(ev) is not None:  # a minimum of what still moves: not "stop"
+    if _dead(ev):  # a minimum of what still moves: not "stop"
         return []
     return [
         "Converged to a minimum: further steps only fine-tune. Lower the learning rate "
@@ -445,6 +457,10 @@ class Evidence(Mapping[str, Any]):
         zero_gradient_share, zero_gradient_blocks: the parameter blocks whose gradient of the
             data loss is exactly zero in every entry (dead units, a factor still at zero,
             parameters the loss does not use), and the share of the parameters they hold.
+        zero_gradient_dead: where those blocks hold at least the ``zero_gradient`` threshold's
+            share, whether the curvature is exactly zero on them too (H u = 0 for a random u
+            on them: no step moves them — dead units), or couples them to the rest (False: a
+            factor still at zero, which moves them once it moves).
         extra: any other keys (not produced by curvscope).
     """
 
@@ -477,6 +493,7 @@ class Evidence(Mapping[str, Any]):
     unscaled_coordinates: int | None = None
     zero_gradient_share: float | None = None
     zero_gradient_blocks: list[str] | None = None
+    zero_gradient_dead: bool | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod

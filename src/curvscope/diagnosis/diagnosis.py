@@ -34,7 +34,7 @@ from curvscope.diagnosis.classify import (
 from curvscope.diagnosis.stability import StabilityLimit, check_clip_factor, gathered, limit_of
 from curvscope.spectrum import Operator, as_operator, eigenvalues
 from curvscope.spectrum.cg import cg
-from curvscope.spectrum.eigen import block_shares, block_sums
+from curvscope.spectrum.eigen import block_shares, block_sums, local_block_sizes
 from curvscope.spectrum.precision import autocast_off, working_dtype
 
 #: The default cost of one diagnosis, in curvature products.
@@ -247,21 +247,40 @@ def _finite_everywhere(space: _Space, t: Tensor) -> bool:
     return _total(space, torch.tensor(bad, dtype=torch.float64, device=t.device)) == 0
 
 
-def zero_gradient(space: _Space, g: Tensor) -> dict[str, Any]:
+def zero_gradient(space: _Space, g: Tensor, thresholds: Thresholds, seed: int) -> dict[str, Any]:
     """The parameter blocks whose gradient (of the data loss: weight decay's l2·θ left out) is
     exactly zero in every entry, and the share of the measured parameters they hold:
     ``zero_gradient_blocks`` and ``zero_gradient_share``. A block is judged whole, so that an
     embedding's unused rows (or a pruned weight's masked entries) do not count; a network whose
     ReLUs all output 0 leaves every block before its output bias at exactly 0 — a minimum of
     that bias, with a stable learning rate of its own (an outside review read *minimum*, and
-    *learning* at 10x the rate that killed it)."""
+    *learning* at 10x the rate that killed it).
+
+    Where they hold at least ``thresholds.zero_gradient`` of the parameters, one product with a
+    random vector u on those blocks tells the two cases that leave a gradient of 0 apart
+    (``zero_gradient_dead``): dead units have no curvature there either (H u = 0: no step moves
+    them), while a factor still at zero — a zero-initialized head (timm's ViT), a LoRA adapter's
+    B — couples them to the rest (H u ≠ 0: they move once it does; a review of this rule saw
+    both read as dead)."""
     nonzero, sizes = block_sums(space, (g != 0).to(torch.float64))
     silent = [i for i, n in enumerate(nonzero) if n == 0]
     share = sum(sizes[i] for i in silent) / max(sum(sizes), 1)
-    return {
+    found: dict[str, Any] = {
         "zero_gradient_share": share,
         "zero_gradient_blocks": [space.param_names[i] for i in silent],
     }
+    if silent and share >= thresholds.zero_gradient:
+        op = as_operator(space)  # the data loss's curvature: l2's shift would move every block
+        on = torch.cat(
+            [
+                torch.full((n,), i in silent, device=g.device)
+                for i, n in enumerate(local_block_sizes(space))
+            ]
+        )
+        u = torch.randn(g.shape, generator=op.generator(seed), dtype=g.dtype, device=g.device)
+        Hu = op(torch.where(on, u, 0)[:, None])[:, 0]
+        found["zero_gradient_dead"] = _total(space, (Hu != 0).sum().double()) == 0
+    return found
 
 
 def _zero3_params(C: Curvature) -> bool:
@@ -462,7 +481,7 @@ def _diagnose(
     if g is None or not math.isfinite(loss) or not objective.finite(g):
         return _finish(evidence, thresholds, {}, True, start, C)
     assert data_g is not None  # g is
-    evidence.update(zero_gradient(space, data_g))
+    evidence.update(zero_gradient(space, data_g, thresholds, seed))
     try:
         vectors, converged = _measure_curvature(
             evidence, objective, C, g, budget, seed, v0, thresholds, adaptive

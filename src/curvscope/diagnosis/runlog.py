@@ -388,6 +388,7 @@ RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "preconditioned": (lambda v: isinstance(v, bool), "true or false"),
     "eigen_converged": (_optional(lambda v: isinstance(v, bool)), "true, false or null"),
     "decrement_converged": (_optional(lambda v: isinstance(v, bool)), "true, false or null"),
+    "zero_gradient_dead": (_optional(lambda v: isinstance(v, bool)), "true, false or null"),
     **dict.fromkeys(
         (
             "loss",

@@ -660,21 +660,29 @@ def block_shares(C: Any, v: Tensor) -> dict[str, float]:
     return dict(zip(C.param_names, sums, strict=True))
 
 
+def _is_sharded(C: Any) -> bool:
+    from curvscope.derivatives.sharded import ShardedCurvature
+
+    return isinstance(C, ShardedCurvature)
+
+
+def local_block_sizes(C: Any) -> list[int]:
+    """How many entries of a flat vector of a Curvature each parameter block holds (of this
+    rank's entries, for a sharded view)."""
+    if _is_sharded(C):
+        return list(C.block_sizes)
+    zeros = torch.zeros(C.num_params, dtype=C.dtype, device=C.device)
+    return [b.numel() for b in C.unflatten(zeros).values()]
+
+
 def block_sums(C: Any, t: Tensor) -> tuple[list[float], list[int]]:
     """(each parameter block's sum of the entries of t, each block's size): t a flat vector of
     a Curvature, or this rank's entries of one for a sharded view (``C.sharded()``), whose
     sums and sizes one all-reduce makes whole (in float64) — the same on every rank. One host
     read."""
-    from curvscope.derivatives.sharded import ShardedCurvature
-
-    sharded = isinstance(C, ShardedCurvature)
-    if sharded:
-        sizes = C.block_sizes
-    else:
-        zeros = torch.zeros(C.num_params, dtype=C.dtype, device=C.device)
-        sizes = [b.numel() for b in C.unflatten(zeros).values()]
+    sizes = local_block_sizes(C)
     sums = torch.stack([s.sum() for s in torch.split(t, sizes)])
-    if not sharded:
+    if not _is_sharded(C):
         return sums.tolist(), sizes
     counts = torch.tensor(sizes, dtype=torch.float64, device=sums.device)
     whole = C.reduce_sum(torch.cat([sums.double(), counts]))  # exact counts below 2⁵³
