@@ -510,3 +510,29 @@ def test_a_zero_initialized_head_is_a_factor_at_zero_not_dead_units():
     opt.zero_grad()
     d = cs.diagnose(model, nn.CrossEntropyLoss(), data, optimizer=opt)
     assert d.evidence.zero_gradient_blocks == []
+
+
+def test_a_small_gradient_state_past_the_stability_limit_is_unstable():
+    """A review: a least-squares minimum whose loss dwarfs its curvature read *flat* at 1.5x
+    and 3x the limit, advising a larger learning rate (gradient descent reached 3e31), and a
+    saddle at 2x and 4x read *saddle* (NaN). Flat, saddle and minimum are states the optimizer
+    stays in only where its steps do not overshoot; below the limit they stand, and *flat*
+    bounds its "larger learning rate" by the stable one."""
+    C2 = torch.diag(torch.tensor([2.0, 1.0], dtype=torch.float64))
+
+    def offset_bowl(x):  # a minimum at loss 1000, curvature 2 ≤ 0.01 × loss scale: "flat"
+        return 1000.0 + 0.5 * x @ (C2 @ x)
+
+    for lr, state in [(0.5, "flat"), (1.5, "unstable"), (3.0, "unstable")]:
+        d, _ = diag(offset_bowl, [0.0, 0.0], lr=lr)
+        assert d.state == state, lr
+    d, _ = diag(offset_bowl, [0.0, 0.0], lr=0.5)
+    assert "a larger learning rate (up to 1, the largest stable one here; now 0.5)" in str(d)
+    S = torch.diag(torch.tensor([2.0, -2.0], dtype=torch.float64))
+
+    def saddle(x):
+        return 1.0 + 0.5 * x @ (S @ x)
+
+    for lr, state in [(0.5, "saddle"), (2.0, "unstable"), (4.0, "unstable")]:
+        d, _ = diag(saddle, [0.0, 0.0], lr=lr)
+        assert d.state == state, lr

@@ -310,8 +310,14 @@ def _flat_advice(ev: Mapping[str, Any]) -> list[str]:
             "plateau to cross. With separable classes the loss has no finite minimum and "
             "further steps only grow the weights: stop, or add weight decay to make one."
         ]
+    lr, stable = ev.get("lr"), ev.get("stable_lr")
+    bound = (
+        f" (up to {stable:.3g}, the largest stable one here; now {lr:.3g})"
+        if stable is not None and lr and math.isfinite(stable)
+        else ""
+    )  # "a larger learning rate" was said at 0.9x the limit too (a review)
     return [
-        "Gradients and curvature are both tiny: a larger learning rate, momentum or "
+        f"Gradients and curvature are both tiny: a larger learning rate{bound}, momentum or "
         "normalized gradient descent crosses a plateau faster; check for saturated or "
         "dead units and for a vanishing loss signal."
     ]
@@ -583,6 +589,16 @@ class Facts:
         return value - self.th.confidence * se > (1 + self.th.margin) * self.limit
 
     @cached_property
+    def unstable(self) -> bool:
+        """Whether the steps overshoot: the sharpness, or the batch sharpness, past the limit by
+        the margin. A state of a small gradient (flat, saddle, minimum) is one the optimizer can
+        stay in only where they do not: past the limit its steps blow up along the sharpest
+        direction, and that is instability (a review: a least-squares minimum at 1.5x and 3x
+        the limit read *flat*, "a larger learning rate", and a saddle at 2x and 4x *saddle*,
+        "add noise or momentum"; gradient descent there reached 3e31, or NaN)."""
+        return self.overshoots(self.s) or self.overshoots(self.bs, self.bs_se)
+
+    @cached_property
     def scale(self) -> float:
         """The loss scale max(|L|, loss_floor)."""
         return max(abs(self.loss), self.th.loss_floor)
@@ -674,7 +690,7 @@ def _diverged(f: Facts) -> list[str] | None:
 
 
 def _flat(f: Facts) -> list[str] | None:
-    if not (f.small and f.curv <= f.th.flat_curvature * f.scale):
+    if not (f.small and f.curv <= f.th.flat_curvature * f.scale) or f.unstable:
         return None
     return [
         f.gradient,
@@ -689,6 +705,8 @@ def _saddle(f: Facts) -> list[str] | None:
     tau = f.th.negative_curvature
     if not (f.small and f.lmin is not None and f.s is not None and f.lmin < -tau * abs(f.s)):
         return None
+    if f.unstable:
+        return None
     if f.s < 0:  # no state of its own: said, where "a direction curves down" undersold it
         return [
             f.gradient,
@@ -702,12 +720,11 @@ def _saddle(f: Facts) -> list[str] | None:
 
 def _minimum(f: Facts) -> list[str] | None:
     """A small gradient, no direction curving down, the bottom of the local quadratic near —
-    and the optimizer stable there: where its steps overshoot (the sharpness, or the batch
-    sharpness, past the limit by the margin) it cannot stay, and that is instability."""
+    and the optimizer stable there (:attr:`Facts.unstable`)."""
     dec = f.dec
     if not (f.small and (dec is None or 0.5 * dec <= f.th.small_decrement * f.scale)):
         return None
-    if f.overshoots(f.s) or f.overshoots(f.bs, f.bs_se):
+    if f.unstable:
         return None
     # said with its threshold: "no direction curves down" read as absolute beside a lab run
     # whose λ_min was −4.6e-7 of a λ_max 8e-5, "saddle" by stationary_point (a review)
