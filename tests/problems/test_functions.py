@@ -63,3 +63,25 @@ def test_bad_parameters():
         cs.problems.get("rosenbrock", n=1)
     with pytest.raises(ValueError, match="condition"):
         cs.problems.get("quadratic", condition=0.5)
+
+
+@pytest.mark.parametrize(
+    "lam, f_min, kind",
+    [
+        ([0.0, 1.0, 2.0], 0.0, None),  # singular: 0 at x*, along a line
+        ([-1.0, 0.1, 10.0], -math.inf, "saddle"),
+        ([-2.0, -1.0], -math.inf, "maximum"),
+    ],
+)
+def test_a_quadratic_that_is_not_positive_definite_says_what_it_has(lam, f_min, kind):
+    """An outside review: eigenvalues [0, 1, 2] gave f_min = -inf and no minimizer (f ≥ 0, with
+    0 at x*), and an indefinite spectrum listed no saddle."""
+    p = cs.problems.get("quadratic", eigenvalues=torch.tensor(lam, dtype=torch.float64))
+    assert p.f_min == f_min and not p.well_behaved
+    if kind is None:
+        (x,) = p.minima
+        assert float(p.f(x)) == 0 and p.grad(x).norm() == 0 and "singular" in p.description
+    else:
+        assert p.minima == () and set(p.critical_points) == {kind}
+        x = p.critical_points[kind]
+        assert p.grad(x).norm() == 0 and kind in p.description and "unbounded" in p.description

@@ -102,7 +102,9 @@ def quadratic(
     eigenvalues: Tensor | None = None,
     seed: int = 0,
 ) -> FunctionProblem:
-    """½ (x − x*)ᵀ A (x − x*) with A = Q diag(λ) Qᵀ of a prescribed spectrum; minimum 0 at x*.
+    """½ (x − x*)ᵀ A (x − x*) with A = Q diag(λ) Qᵀ of a prescribed spectrum: minimum 0 at x*
+    where every λ ≥ 0 (not isolated where one is 0); otherwise unbounded below, with a saddle
+    (a maximum, if every λ < 0) at x* in ``critical_points``.
 
     Args:
         n: dimension (ignored when ``eigenvalues`` is given).
@@ -129,17 +131,35 @@ def quadratic(
         return 0.5 * d @ (a.to(x) @ d)
 
     convex = bool((lam > 0).all())
+    bounded = bool((lam >= 0).all())  # a zero eigenvalue: still 0 at x*, along a flat subspace
+    if convex:
+        about = (
+            f"a quadratic with condition number {float(lam.max() / lam.min()):.3g}: Newton "
+            "solves it in one step, gradient descent needs about that many"
+        )
+    elif bounded:
+        about = (
+            f"a singular quadratic ({int((lam == 0).sum())} zero eigenvalue(s)): its minimum 0 "
+            "at x* is not isolated, and Newton's system has no unique solution"
+        )
+    else:
+        kind = "maximum" if bool((lam < 0).all()) else "saddle"
+        about = (
+            f"an indefinite quadratic, unbounded below, with a {kind} at x*: pure Newton jumps "
+            f"to the {kind} in one step"
+        )
     return FunctionProblem(
         "quadratic",
         f,
         lambda x: a.to(x) @ (x - x_star.to(x)),
         lambda x: a.to(x).clone(),
         x0,
-        (x_star,) if convex else (),
-        0.0 if convex else -math.inf,
-        f"a quadratic with condition number {float(lam.abs().max() / lam.abs().min()):.3g}: "
-        "Newton solves it in one step, gradient descent needs about that many",
+        (x_star,) if bounded else (),
+        0.0 if bounded else -math.inf,
+        about,
         well_behaved=convex,
+        # reported by the review of the problems: an indefinite spectrum listed no saddle
+        critical_points={} if bounded else {kind: x_star},
     )
 
 
