@@ -528,6 +528,8 @@ def test_a_small_gradient_state_past_the_stability_limit_is_unstable():
         assert d.state == state, lr
     d, _ = diag(offset_bowl, [0.0, 0.0], lr=0.5)
     assert "a larger learning rate (up to 1, the largest stable one here; now 0.5)" in str(d)
+    d, _ = diag(offset_bowl, [0.0, 0.0], lr=1.05)  # within the margin past the limit: flat
+    assert d.state == "flat" and "(not a larger learning rate: 1.05 is at or past" in str(d)
     S = torch.diag(torch.tensor([2.0, -2.0], dtype=torch.float64))
 
     def saddle(x):
@@ -536,3 +538,27 @@ def test_a_small_gradient_state_past_the_stability_limit_is_unstable():
     for lr, state in [(0.5, "saddle"), (2.0, "unstable"), (4.0, "unstable")]:
         d, _ = diag(saddle, [0.0, 0.0], lr=lr)
         assert d.state == state, lr
+
+
+def test_a_block_at_its_own_stationary_point_is_not_silent():
+    """A review of the zero-gradient rule: one block whose gradient is exactly 0 because it sits
+    at its own optimum (a float16 output bias, its gradient rounded to 0) joined the dead
+    blocks, its own curvature made H u ≠ 0, and the dead network read as a factor at zero,
+    "stop"; at an exact stationary point every block was said to be "coupled to the rest".
+    Blocks with curvature of their own are left out of the silent ones."""
+    model, data = _digits_mlp()
+    model = _killed(model).half()
+    X, y = data[0].half(), data[1]
+    loss = nn.functional.cross_entropy(model(X), y)
+    assert all(not g.any() for g in torch.autograd.grad(loss, list(model.parameters())))
+    d = cs.diagnose(model, nn.CrossEntropyLoss(), (X, y), lr=0.1)
+    ev = d.evidence
+    assert d.state == "minimum" and ev.zero_gradient_dead is True
+    assert ev.zero_gradient_blocks == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight"]
+    assert d.advice[0].startswith("Most of the parameters get neither gradient nor curvature")
+    # an exact stationary point: every gradient 0, every block curved — no silent block
+    S = torch.diag(torch.tensor([10.0, -1.0, 0.1], dtype=torch.float64))
+    for f, state in [(bowl, "minimum"), (lambda x: 0.5 * x @ (S @ x), "saddle")]:
+        d, _ = diag(f, [0.0, 0.0, 0.0], lr=0.05)
+        assert d.state == state and d.evidence.zero_gradient_blocks == []
+        assert d.evidence.zero_gradient_dead is None and "exactly zero" not in str(d)

@@ -311,15 +311,21 @@ def _flat_advice(ev: Mapping[str, Any]) -> list[str]:
             "further steps only grow the weights: stop, or add weight decay to make one."
         ]
     lr, stable = ev.get("lr"), ev.get("stable_lr")
-    bound = (
-        f" (up to {stable:.3g}, the largest stable one here; now {lr:.3g})"
-        if stable is not None and lr and math.isfinite(stable)
-        else ""
-    )  # "a larger learning rate" was said at 0.9x the limit too (a review)
+    faster = (
+        "a larger learning rate, momentum or normalized gradient descent crosses a plateau faster"
+    )
+    if stable is not None and lr and math.isfinite(stable):
+        # "a larger learning rate" was said at 0.9x the limit, and within the margin past it
+        faster = (
+            f"a larger learning rate (up to {stable:.3g}, the largest stable one here; now "
+            f"{lr:.3g}), momentum or normalized gradient descent crosses a plateau faster"
+            if stable > lr
+            else "momentum or normalized gradient descent crosses a plateau faster (not a "
+            f"larger learning rate: {lr:.3g} is at or past the largest stable one, {stable:.3g})"
+        )
     return [
-        f"Gradients and curvature are both tiny: a larger learning rate{bound}, momentum or "
-        "normalized gradient descent crosses a plateau faster; check for saturated or "
-        "dead units and for a vanishing loss signal."
+        f"Gradients and curvature are both tiny: {faster}; check for saturated or dead units "
+        "and for a vanishing loss signal."
     ]
 
 
@@ -462,11 +468,13 @@ class Evidence(Mapping[str, Any]):
             still exactly 0), left out of the preconditioned sharpness.
         zero_gradient_share, zero_gradient_blocks: the parameter blocks whose gradient of the
             data loss is exactly zero in every entry (dead units, a factor still at zero,
-            parameters the loss does not use), and the share of the parameters they hold.
-        zero_gradient_dead: where those blocks hold at least the ``zero_gradient`` threshold's
-            share, whether the curvature is exactly zero on them too (H u = 0 for a random u
-            on them: no step moves them — dead units), or couples them to the rest (False: a
-            factor still at zero, which moves them once it moves).
+            parameters the loss does not use), and the share of the parameters they hold —
+            where they hold at least the ``zero_gradient`` threshold's share, those with
+            curvature of their own left out (a block at its own stationary point).
+        zero_gradient_dead: where those blocks hold that share, whether the curvature is
+            exactly zero on them too (H u = 0 for a random u on them: no step moves them —
+            dead units), or couples them to the rest (False: a factor still at zero, which
+            moves them once it moves).
         extra: any other keys (not produced by curvscope).
     """
 

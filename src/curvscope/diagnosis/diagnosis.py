@@ -248,39 +248,63 @@ def _finite_everywhere(space: _Space, t: Tensor) -> bool:
 
 
 def zero_gradient(space: _Space, g: Tensor, thresholds: Thresholds, seed: int) -> dict[str, Any]:
-    """The parameter blocks whose gradient (of the data loss: weight decay's l2·θ left out) is
-    exactly zero in every entry, and the share of the measured parameters they hold:
-    ``zero_gradient_blocks`` and ``zero_gradient_share``. A block is judged whole, so that an
+    """The parameter blocks that get no gradient, and the share of the measured parameters they
+    hold: ``zero_gradient_blocks`` and ``zero_gradient_share``. A block's gradient (of the data
+    loss: weight decay's l2·θ left out) must be exactly zero in every entry, so that an
     embedding's unused rows (or a pruned weight's masked entries) do not count; a network whose
     ReLUs all output 0 leaves every block before its output bias at exactly 0 — a minimum of
     that bias, with a stable learning rate of its own (an outside review read *minimum*, and
     *learning* at 10x the rate that killed it).
 
-    Where they hold at least ``thresholds.zero_gradient`` of the parameters, one product with a
-    random vector u on those blocks tells the two cases that leave a gradient of 0 apart
-    (``zero_gradient_dead``): dead units have no curvature there either (H u = 0: no step moves
-    them), while a factor still at zero — a zero-initialized head (timm's ViT), a LoRA adapter's
-    B — couples them to the rest (H u ≠ 0: they move once it does; a review of this rule saw
-    both read as dead)."""
+    Where such blocks hold at least ``thresholds.zero_gradient`` of the parameters, products
+    with a random vector u on them judge the curvature (``zero_gradient_dead``):
+
+    - a block whose own row of H u is not 0 has curvature of its own: a gradient of exactly 0
+      there is a stationary point of that block (an exact minimum or saddle; an output bias at
+      its optimum whose float16 gradient rounds to 0), not silence — it is left out, and
+      u drawn again on the rest (a second product) where it was not the whole;
+    - of the rest, dead units have no curvature at all (H u = 0: no step moves them), while a
+      factor still at zero — a zero-initialized head (timm's ViT), a LoRA adapter's B —
+      couples them to the other blocks (H u ≠ 0: they move once it moves).
+
+    Reviews of this rule: its first version read a zero-initialized head as dead ("go back to a
+    checkpoint"); its second let one stationary block (the float16 bias above; every block of an
+    exact stationary point) read a dead network as a factor at zero, "stop"."""
     nonzero, sizes = block_sums(space, (g != 0).to(torch.float64))
     silent = [i for i, n in enumerate(nonzero) if n == 0]
-    share = sum(sizes[i] for i in silent) / max(sum(sizes), 1)
+    judged: bool | None = None
+    if silent and _share(silent, sizes) >= thresholds.zero_gradient:
+        op = as_operator(space)  # the data loss's curvature: l2's shift would move every block
+        gen = op.generator(seed)
+        local = local_block_sizes(space)
+        u = torch.randn(g.shape, generator=gen, dtype=g.dtype, device=g.device)
+        Hu = op(torch.where(_on(silent, local, g.device), u, 0)[:, None])[:, 0]
+        rows, _ = block_sums(space, (Hu != 0).to(torch.float64))
+        idle = [i for i in silent if rows[i] == 0]  # no curvature of their own along u
+        if idle != silent and _share(idle, sizes) >= thresholds.zero_gradient:
+            u = torch.randn(g.shape, generator=gen, dtype=g.dtype, device=g.device)
+            Hu = op(torch.where(_on(idle, local, g.device), u, 0)[:, None])[:, 0]
+            rows, _ = block_sums(space, (Hu != 0).to(torch.float64))
+        silent = idle
+        if _share(silent, sizes) >= thresholds.zero_gradient:
+            judged = sum(rows) == 0
     found: dict[str, Any] = {
-        "zero_gradient_share": share,
+        "zero_gradient_share": _share(silent, sizes),
         "zero_gradient_blocks": [space.param_names[i] for i in silent],
     }
-    if silent and share >= thresholds.zero_gradient:
-        op = as_operator(space)  # the data loss's curvature: l2's shift would move every block
-        on = torch.cat(
-            [
-                torch.full((n,), i in silent, device=g.device)
-                for i, n in enumerate(local_block_sizes(space))
-            ]
-        )
-        u = torch.randn(g.shape, generator=op.generator(seed), dtype=g.dtype, device=g.device)
-        Hu = op(torch.where(on, u, 0)[:, None])[:, 0]
-        found["zero_gradient_dead"] = _total(space, (Hu != 0).sum().double()) == 0
+    if judged is not None:
+        found["zero_gradient_dead"] = judged
     return found
+
+
+def _share(blocks: list[int], sizes: list[int]) -> float:
+    """The share of the parameters the blocks (indices) hold."""
+    return sum(sizes[i] for i in blocks) / max(sum(sizes), 1)
+
+
+def _on(blocks: list[int], sizes: list[int], device: torch.device) -> Tensor:
+    """A mask over a flat vector's entries: True on the blocks (indices)."""
+    return torch.cat([torch.full((n,), i in blocks, device=device) for i, n in enumerate(sizes)])
 
 
 def _zero3_params(C: Curvature) -> bool:
