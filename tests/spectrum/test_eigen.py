@@ -594,3 +594,28 @@ def test_an_eigenvalue_beyond_a_cluster_at_zero_is_not_missed(tol):
             assert r.matvecs >= RANDOM_START_PRODUCTS
     early = cs.eigenvalues(A, k=1, which="smallest", tol=tol, max_matvecs=10)
     assert not early.all_converged and "judged from 20 products on" in early.message
+
+
+def test_min_matvecs_holds_a_warm_start_to_a_random_ones_products():
+    """A warm start (v0) is judged at once by default; ``min_matvecs`` holds it to as many
+    products as a random start, where it may hold little of what it looks for."""
+    gen = torch.Generator().manual_seed(0)
+    lam = torch.cat(
+        [
+            torch.linspace(0.05, 1.0, 30, dtype=torch.float64),
+            1e-5 * torch.randn(369, generator=gen, dtype=torch.float64),
+            torch.tensor([-0.02], dtype=torch.float64),
+        ]
+    )
+    A = with_spectrum(lam)
+    _, V = torch.linalg.eigh(A)
+    v0 = V[:, 200] + 1e-3 * torch.randn(400, generator=gen, dtype=torch.float64)  # in the cluster
+    r = cs.eigenvalues(A, k=1, which="smallest", v0=v0)
+    assert r.all_converged and r.matvecs < 20 and abs(float(r.values[0])) < 1e-3  # missed
+    mixed = v0 / v0.norm() + (z := torch.randn(400, generator=gen, dtype=torch.float64)) / z.norm()
+    r = cs.eigenvalues(A, k=1, which="smallest", v0=mixed, min_matvecs=20)
+    assert (
+        r.all_converged and r.matvecs >= 20 and float(r.values[0]) == pytest.approx(-0.02, abs=1e-3)
+    )
+    with pytest.raises(ValueError, match="min_matvecs"):
+        cs.eigenvalues(A, min_matvecs=-1)

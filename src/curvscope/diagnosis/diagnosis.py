@@ -34,7 +34,12 @@ from curvscope.diagnosis.classify import (
 from curvscope.diagnosis.stability import StabilityLimit, check_clip_factor, gathered, limit_of
 from curvscope.spectrum import Operator, as_operator, eigenvalues
 from curvscope.spectrum.cg import cg
-from curvscope.spectrum.eigen import block_shares, block_sums, local_block_sizes
+from curvscope.spectrum.eigen import (
+    RANDOM_START_PRODUCTS,
+    block_shares,
+    block_sums,
+    local_block_sizes,
+)
 from curvscope.spectrum.precision import autocast_off, working_dtype
 
 #: The default cost of one diagnosis, in curvature products.
@@ -671,6 +676,9 @@ def _measure_curvature(
     decided); CG only when the gradient is small. A warm start of several columns (the
     previous top and bottom eigenvectors) is then summed into one start vector."""
     cap = max(6, int(LANCZOS_SHARE * budget))
+    warm = v0 is not None
+    if not warm:  # a random start is judged from RANDOM_START_PRODUCTS on: room for them
+        cap = max(cap, min(RANDOM_START_PRODUCTS, budget - 2))
     tol = ROUGH_TOL if adaptive else DIAGNOSIS_TOL
     if adaptive and v0 is not None and v0.ndim == 2:
         v0 = v0.sum(1)  # one start vector rich in both ends: a block of one, a product a step
@@ -687,6 +695,14 @@ def _measure_curvature(
         want = DIAGNOSIS_TOL
     if want is not None and want < tol and cap > C.matvecs:
         assert r.vectors is not None
+        start, floor = r.vectors, None
+        if warm and small:
+            # λ_min decides saddle against minimum, and a warm start (the previous probe's
+            # vectors) holds little of a negative direction that appeared since: a review's
+            # Monitor-style start read *minimum*, λ_min ≈ 0, for −0.02 below a near-null
+            # cluster, 5 of 5 seeds. Mixed with a random vector, it is judged as one.
+            start, floor = _mixed(objective.scaled(), r.vectors, seed), RANDOM_START_PRODUCTS
+            cap = max(cap, min(C.matvecs + RANDOM_START_PRODUCTS, budget - 1))
         r = eigenvalues(
             objective.scaled(),
             k=1,
@@ -694,7 +710,8 @@ def _measure_curvature(
             tol=want,
             max_matvecs=max(2, cap - C.matvecs),
             seed=seed,
-            v0=r.vectors,
+            v0=start,
+            min_matvecs=floor,
         )
         _record_spectrum(evidence, r)
         small = Facts(evidence, thresholds).small
@@ -711,6 +728,14 @@ def _measure_curvature(
             evidence["newton_decrement"] = objective.total(g @ sol.x)
             evidence["decrement_converged"] = sol.converged
     return vectors, r.all_converged
+
+
+def _mixed(op: Operator, vectors: Tensor, seed: int) -> Tensor:
+    """One start vector: the warm ``vectors`` summed, plus a random vector of the same length —
+    as rich in every eigenvector as half a random start, and in the warm ones still."""
+    warm = vectors.sum(1)
+    z = torch.randn(warm.shape, generator=op.generator(seed), dtype=warm.dtype, device=warm.device)
+    return warm / op.norm(warm).clamp_min(1e-300) + z / op.norm(z)
 
 
 def _record_spectrum(evidence: dict[str, Any], r: Any) -> None:

@@ -177,6 +177,7 @@ def eigenvalues(
     max_basis: int | None = None,
     block_size: int | None = None,
     v0: Tensor | None = None,
+    min_matvecs: int | None = None,
     return_vectors: bool = True,
     by_layer: bool = False,
     seed: int | torch.Generator | None = 0,
@@ -211,6 +212,11 @@ def eigenvalues(
             before a more extreme value beyond it shows. Products in
             bfloat16 or float16 add their own rounding, about eps(dtype)·|λ_max| (included in
             ``errors``).
+        min_matvecs: products before any value may be judged converged (at most the
+            dimension). Default: :data:`RANDOM_START_PRODUCTS` from a random start, 0 from a
+            warm start — give it for a warm start that may hold little of what it looks for
+            (``diagnose`` does, mixing a random vector into the Monitor's warm start where the
+            smallest eigenvalue decides saddle against minimum).
         max_matvecs: cap on products (default: min(n, 100 + 40k) per requested end, and at
             least enough for one pass over small operators). A block step costs
             ``block_size`` products, so the cap must allow one, and the run stops before a
@@ -259,6 +265,7 @@ def eigenvalues(
         which=which,
         tol=tol,
         max_matvecs=max_matvecs,
+        min_matvecs=min_matvecs,
         max_basis=max_basis,
         block_size=block_size,
         v0=op.alike(v0, values=False),  # its shape: every rank starts from the first's
@@ -279,7 +286,9 @@ def eigenvalues(
         X0 = _start_block(op, sizes.block_size, gen, w)
         used_before = op.matvecs
         capacity = sizes.max_basis if op.device.type == "cpu" else None
-        floor = 0 if w is not None else min(op.dim, RANDOM_START_PRODUCTS)
+        if min_matvecs is None:
+            min_matvecs = 0 if w is not None else RANDOM_START_PRODUCTS
+        floor = min(op.dim, check_int(min_matvecs, "min_matvecs", minimum=0))
         run = _Run(Krylov(op, X0, gen, capacity), k, which, tol, sizes, floor=floor)
         with progress(sizes.max_matvecs, "Lanczos", progress_bar) as bar:
             while _extend(run, op.matvecs - used_before, bar):
@@ -532,9 +541,9 @@ def _result(run: _Run, used: int, vectors: bool, fd_error: float = 0.0) -> Eigen
         )
     elif early:
         message = (
-            f"not converged after {used} products: a random start is judged from "
-            f"{run.floor} products on (a cluster of eigenvalues within tol passes the residual "
-            "test before a more extreme value beyond it shows); raise max_matvecs, or pass v0"
+            f"not converged after {used} products: this start is judged from {run.floor} "
+            "products on (min_matvecs: a cluster of eigenvalues within tol passes the residual "
+            "test before a more extreme value beyond it shows); raise max_matvecs"
         )
     if fd_error > RESIDUAL_SHARE * tol:
         ok = np.zeros_like(ok)
