@@ -504,6 +504,7 @@ def test_a_zero_initialized_head_is_a_factor_at_zero_not_dead_units():
     assert ev.zero_gradient_share > 0.5 and ev.zero_gradient_dead is False
     assert "but the curvature couples them to the rest" in str(d)
     assert not any("checkpoint" in a for a in d.advice)
+    assert "raise the learning rate gradually, not to the limit" in d.advice[-1]
     # and they move after the head's first step
     nn.functional.cross_entropy(model(data[0]), data[1]).backward()
     opt.step()

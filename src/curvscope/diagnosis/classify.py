@@ -245,15 +245,23 @@ def _learning_advice(ev: Mapping[str, Any]) -> list[str]:
                 "estimates' error, but if the sharpness stays, steps along the sharpest "
                 "direction grow and the run will turn unstable: lower it below that to be sure."
             ]
-        adaptive = (
+        caveat = (
             " For an adaptive optimizer that limit holds for its present preconditioner, which a "
             "larger learning rate changes with the steps: raise it gradually, not to the limit."
             if ev.get("preconditioned") and stable > 2 * lr
             else ""
         )  # Adam at 38x its lr, as said, peaked at 1,296x its loss (an outside review)
+        if ev.get("zero_gradient_dead") is False and stable > 2 * lr and not caveat:
+            # a zero-initialized head: 0.5x the rate named at initialisation took the loss to
+            # 78 and left the network at chance (a review)
+            caveat = (
+                " Most of the parameters have no curvature yet (a factor still at zero): that "
+                "limit holds for this point, and falls as they start to move — raise the "
+                "learning rate gradually, not to the limit."
+            )
         return [
             f"Steps are stable; the largest stable learning rate here is {stable:.3g} "
-            f"(now {lr:.3g}).{adaptive}"
+            f"(now {lr:.3g}).{caveat}"
         ]
     return []
 
