@@ -410,7 +410,8 @@ def test_a_network_whose_relus_all_died_is_not_called_converged():
     n = sum(p.numel() for p in model.parameters())
     assert ev.zero_gradient_share == pytest.approx((n - 10) / n)
     assert ev.zero_gradient_blocks == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight"]
-    assert ev.zero_gradient_dead is True  # no curvature on them either
+    assert ev.dead_blocks == ev.zero_gradient_blocks  # no curvature on them either
+    assert ev.dead_share == ev.zero_gradient_share
     assert (
         "99.71% of the parameters (0.weight, 0.bias, 2.weight and 2 more) get exactly zero "
         "gradient and curvature on this data"
@@ -471,7 +472,7 @@ def test_zero_gradient_blocks_are_judged_whole():
     assert d.evidence.zero_gradient_blocks == ["A", "unused.weight", "unused.bias"]
     n = sum(p.numel() for p in net.parameters())  # fc's weight_orig is the measured one
     assert d.evidence.zero_gradient_share == pytest.approx(38 / n) == pytest.approx(38 / 877)
-    assert "exactly zero" not in str(d) and d.evidence.zero_gradient_dead is None  # not judged
+    assert "exactly zero" not in str(d) and d.evidence.dead_share is None  # not judged
     said = cs.diagnose(
         net,
         nn.CrossEntropyLoss(),
@@ -481,7 +482,7 @@ def test_zero_gradient_blocks_are_judged_whole():
     )
     assert "4.333% of the parameters (A, unused.weight, unused.bias)" in str(said)
     # A is coupled to B = 0 (and unused is not): not dead, no alarm
-    assert said.evidence.zero_gradient_dead is False
+    assert said.evidence.dead_blocks == ["unused.weight", "unused.bias"]  # 0.7%: no alarm
     assert "but the curvature couples them to the rest" in str(said)
     assert not said.advice[0].startswith("Most of the parameters")
     healthy, data = _digits_mlp()
@@ -501,7 +502,7 @@ def test_a_zero_initialized_head_is_a_factor_at_zero_not_dead_units():
     d = cs.diagnose(model, nn.CrossEntropyLoss(), data, optimizer=opt)
     ev = d.evidence
     assert ev.zero_gradient_blocks == ["0.weight", "0.bias", "2.weight", "2.bias"]
-    assert ev.zero_gradient_share > 0.5 and ev.zero_gradient_dead is False
+    assert ev.zero_gradient_share > 0.5 and ev.dead_blocks == []
     assert "but the curvature couples them to the rest" in str(d)
     assert not any("checkpoint" in a for a in d.advice)
     assert "raise the learning rate gradually, not to the limit" in d.advice[-1]
@@ -554,7 +555,7 @@ def test_a_block_at_its_own_stationary_point_is_not_silent():
     assert all(not g.any() for g in torch.autograd.grad(loss, list(model.parameters())))
     d = cs.diagnose(model, nn.CrossEntropyLoss(), (X, y), lr=0.1)
     ev = d.evidence
-    assert d.state == "minimum" and ev.zero_gradient_dead is True
+    assert d.state == "minimum" and ev.dead_share == pytest.approx(0.9971, abs=1e-4)
     assert ev.zero_gradient_blocks == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight"]
     assert d.advice[0].startswith("Most of the parameters get neither gradient nor curvature")
     # an exact stationary point: every gradient 0, every block curved — no silent block
@@ -562,7 +563,7 @@ def test_a_block_at_its_own_stationary_point_is_not_silent():
     for f, state in [(bowl, "minimum"), (lambda x: 0.5 * x @ (S @ x), "saddle")]:
         d, _ = diag(f, [0.0, 0.0, 0.0], lr=0.05)
         assert d.state == state and d.evidence.zero_gradient_blocks == []
-        assert d.evidence.zero_gradient_dead is None and "exactly zero" not in str(d)
+        assert d.evidence.dead_share is None and "exactly zero" not in str(d)
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -604,3 +605,39 @@ def test_a_cold_diagnosis_makes_room_for_a_random_starts_products():
     assert d.confident and d.evidence.matvecs <= 24
     d = cs.diagnose(model, p.loss_fn, p.data, lr=0.1, budget=16)
     assert not d.confident and d.evidence.matvecs <= 16
+
+
+def test_a_small_zero_initialized_branch_does_not_hide_a_dead_trunk():
+    """A review: a dead branch holding 88% of the parameters beside a small branch with a
+    zero-initialized head — one product over all the zero-gradient blocks was not 0 (the
+    small branch couples to its head), and the dead 88% read as "a factor still at zero",
+    "raise the learning rate gradually". Each block is judged: the dead ones are named."""
+
+    class TwoBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dead = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 10))
+            self.small = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10))
+            with torch.no_grad():
+                self.dead[0].bias.fill_(-100.0)
+                self.small[2].weight.zero_()
+
+        def forward(self, x):
+            return self.dead(x) + self.small(x)
+
+    torch.manual_seed(0)
+    model = TwoBranches()
+    _, data = _digits_mlp()
+    d = cs.diagnose(model, nn.CrossEntropyLoss(), data, lr=0.1)
+    ev = d.evidence
+    assert ev.zero_gradient_blocks == [
+        "dead.0.weight",
+        "dead.0.bias",
+        "dead.2.weight",
+        "small.0.weight",
+        "small.0.bias",
+    ]
+    assert ev.dead_blocks == ["dead.0.weight", "dead.0.bias", "dead.2.weight"]
+    assert ev.dead_share > 0.5
+    assert "get exactly zero gradient and curvature on this data" in str(d)
+    assert d.advice[0].startswith("Most of the parameters get neither gradient nor curvature")

@@ -619,3 +619,17 @@ def test_min_matvecs_holds_a_warm_start_to_a_random_ones_products():
     )
     with pytest.raises(ValueError, match="min_matvecs"):
         cs.eigenvalues(A, min_matvecs=-1)
+
+
+def test_min_matvecs_above_max_matvecs_is_refused_before_any_product():
+    """A review: accepted, the run spent its budget and then said it had not converged."""
+    A = torch.diag(torch.arange(1.0, 51.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="min_matvecs=30 is more than max_matvecs=25"):
+        cs.eigenvalues(A, min_matvecs=30, max_matvecs=25)
+    r = cs.eigenvalues(A, min_matvecs=30)  # the default cap holds it
+    assert r.all_converged and r.matvecs >= 30
+    p = cs.problems.get("digits-mlp", hidden=8, n=100)
+    C = cs.Curvature(p.make_model(0), p.loss_fn, p.data)
+    quick = cs.eigenvalues(C, by_layer=True, min_matvecs=0)
+    held = cs.eigenvalues(C, by_layer=True)  # each layer's random start held to 20 products
+    assert quick.matvecs < held.matvecs

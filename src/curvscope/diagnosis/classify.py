@@ -179,45 +179,54 @@ def unique_codes(vocabulary: _Vocabulary) -> _Vocabulary:
     return vocabulary
 
 
-def _silent_blocks(ev: Mapping[str, Any], at_least: float | None = None) -> list[str] | None:
-    """The blocks with exactly zero gradient where they hold at least the ``zero_gradient``
-    share of the parameters (the evidence's thresholds, or the default); else None."""
-    share, blocks = ev.get("zero_gradient_share"), ev.get("zero_gradient_blocks")
-    if at_least is None:
-        at_least = (ev.get("thresholds") or {}).get("zero_gradient", Thresholds.zero_gradient)
-    if share is None or not blocks or share < at_least:
-        return None
-    return list(blocks)
+def _threshold(ev: Mapping[str, Any]) -> float:
+    """The ``zero_gradient`` threshold the evidence was judged with (or the default)."""
+    return float((ev.get("thresholds") or {}).get("zero_gradient", Thresholds.zero_gradient))
 
 
-def _dead(ev: Mapping[str, Any]) -> bool:
-    """Whether most of the parameters get neither gradient nor curvature: dead units."""
-    return _silent_blocks(ev) is not None and ev.get("zero_gradient_dead") is True
+def _dead(ev: Mapping[str, Any], at_least: float | None = None) -> bool:
+    """Whether dead units — blocks with neither gradient nor curvature — hold at least the
+    ``zero_gradient`` share of the parameters."""
+    share = ev.get("dead_share")
+    return share is not None and share >= (_threshold(ev) if at_least is None else at_least)
+
+
+def _coupled(ev: Mapping[str, Any], at_least: float | None = None) -> bool:
+    """Whether blocks with no gradient hold at least the ``zero_gradient`` share, but not dead
+    ones: most of them are coupled to the rest (a factor still at zero)."""
+    at_least = _threshold(ev) if at_least is None else at_least
+    share = ev.get("zero_gradient_share")
+    judged = ev.get("dead_share") is not None
+    return judged and share is not None and share >= at_least and not _dead(ev, at_least)
+
+
+def _named(blocks: list[str]) -> str:
+    return ", ".join(blocks[:3]) + (f" and {len(blocks) - 3} more" if len(blocks) > 3 else "")
 
 
 def _silent_sentence(ev: Mapping[str, Any], at_least: float) -> str | None:
-    """The verdict's sentence on blocks with exactly zero gradient (see :func:`_silent_blocks`)."""
-    blocks = _silent_blocks(ev, at_least)
-    if blocks is None:
-        return None
-    named = ", ".join(blocks[:3]) + (f" and {len(blocks) - 3} more" if len(blocks) > 3 else "")
-    said = f"{100 * ev['zero_gradient_share']:.4g}% of the parameters ({named}) get exactly zero"
-    dead = ev.get("zero_gradient_dead")
-    if dead is False:
+    """The verdict's sentence on blocks with exactly zero gradient, where they hold at least the
+    ``zero_gradient`` share of the parameters: dead units, or a factor still at zero."""
+    if _dead(ev, at_least):
         return (
-            f"{said} gradient on this data, but the curvature couples them to the rest: a "
-            "factor still at zero (a zero-initialized layer, a LoRA adapter's B) that moves "
-            "them once it moves"
+            f"{100 * ev['dead_share']:.4g}% of the parameters ({_named(ev['dead_blocks'])}) "
+            "get exactly zero gradient and curvature on this data: the verdict and its numbers "
+            "are those of the rest"
         )
-    return (
-        f"{said} gradient{' and curvature' if dead else ''} on this data: the verdict and its "
-        "numbers are those of the rest"
-    )
+    if _coupled(ev, at_least):
+        return (
+            f"{100 * ev['zero_gradient_share']:.4g}% of the parameters "
+            f"({_named(ev['zero_gradient_blocks'])}) get exactly zero gradient on this data, "
+            "but the curvature couples them to the rest: a factor still at zero (a "
+            "zero-initialized layer, a LoRA adapter's B) that moves them once it moves"
+        )
+    return None
 
 
-def _heed_silent(advise: Advise) -> Advise:
+def _heed_silent(advise: Advise, alone: bool = False) -> Advise:
     """``advise``, with what to do about dead units first where they hold most of the
-    parameters: no learning rate moves them."""
+    parameters: no learning rate moves them. ``alone``: that advice instead of the state's own
+    (a minimum's "stop", a plateau's "a larger learning rate": neither holds for them)."""
 
     def advice(ev: Mapping[str, Any]) -> list[str]:
         if not _dead(ev):
@@ -229,7 +238,7 @@ def _heed_silent(advise: Advise) -> Advise:
             "to a checkpoint from before the spike and lower the learning rate, or clip. "
             "Otherwise look for what cuts the gradient off: a detach, saturated units, "
             "parameters the loss does not use.",
-            *advise(ev),
+            *([] if alone else advise(ev)),
         ]
 
     return advice
@@ -251,7 +260,7 @@ def _learning_advice(ev: Mapping[str, Any]) -> list[str]:
             if ev.get("preconditioned") and stable > 2 * lr
             else ""
         )  # Adam at 38x its lr, as said, peaked at 1,296x its loss (an outside review)
-        if ev.get("zero_gradient_dead") is False and stable > 2 * lr and not caveat:
+        if _coupled(ev) and stable > 2 * lr and not caveat:
             # a zero-initialized head: 0.5x the rate named at initialisation took the loss to
             # 78 and left the network at chance (a review)
             caveat = (
@@ -346,8 +355,6 @@ def _saddle_advice(ev: Mapping[str, Any]) -> list[str]:
 
 
 def _minimum_advice(ev: Mapping[str, Any]) -> list[str]:
-    if _dead(ev):  # a minimum of what still moves: not "stop"
-        return []
     return [
         "Converged to a minimum: further steps only fine-tune. Lower the learning rate "
         "to settle, or stop."
@@ -385,9 +392,9 @@ class State(StateEnum):
         "At the edge of stability",
         _heed_silent(_edge_advice),
     )
-    FLAT = "flat", 3, "Flat: a plateau", _heed_silent(_flat_advice)
+    FLAT = "flat", 3, "Flat: a plateau", _heed_silent(_flat_advice, alone=True)
     SADDLE = "saddle", 4, "At a saddle point", _heed_silent(_saddle_advice)
-    MINIMUM = "minimum", 5, "At a minimum", _heed_silent(_minimum_advice)
+    MINIMUM = "minimum", 5, "At a minimum", _heed_silent(_minimum_advice, alone=True)
     DIVERGED = "diverged", 6, "Diverged", _diverged_advice
 
 
@@ -479,10 +486,10 @@ class Evidence(Mapping[str, Any]):
             parameters the loss does not use), and the share of the parameters they hold —
             where they hold at least the ``zero_gradient`` threshold's share, those with
             curvature of their own left out (a block at its own stationary point).
-        zero_gradient_dead: where those blocks hold that share, whether the curvature is
-            exactly zero on them too (H u = 0 for a random u on them: no step moves them —
-            dead units), or couples them to the rest (False: a factor still at zero, which
-            moves them once it moves).
+        dead_share, dead_blocks: where those blocks still hold that share, the ones with no
+            curvature at all (judged from products with random vectors): dead units, which no
+            step moves; the others are coupled to the rest — a factor still at zero that moves
+            them once it moves. None where not judged.
         extra: any other keys (not produced by curvscope).
     """
 
@@ -515,7 +522,8 @@ class Evidence(Mapping[str, Any]):
     unscaled_coordinates: int | None = None
     zero_gradient_share: float | None = None
     zero_gradient_blocks: list[str] | None = None
-    zero_gradient_dead: bool | None = None
+    dead_share: float | None = None
+    dead_blocks: list[str] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod

@@ -261,44 +261,47 @@ def zero_gradient(space: _Space, g: Tensor, thresholds: Thresholds, seed: int) -
     that bias, with a stable learning rate of its own (an outside review read *minimum*, and
     *learning* at 10x the rate that killed it).
 
-    Where such blocks hold at least ``thresholds.zero_gradient`` of the parameters, products
-    with a random vector u on them judge the curvature (``zero_gradient_dead``):
+    Where such blocks hold at least ``thresholds.zero_gradient`` of the parameters, two products
+    judge their curvature block by block:
 
-    - a block whose own row of H u is not 0 has curvature of its own: a gradient of exactly 0
-      there is a stationary point of that block (an exact minimum or saddle; an output bias at
-      its optimum whose float16 gradient rounds to 0), not silence — it is left out, and
-      u drawn again on the rest (a second product) where it was not the whole;
-    - of the rest, dead units have no curvature at all (H u = 0: no step moves them), while a
-      factor still at zero — a zero-initialized head (timm's ViT), a LoRA adapter's B —
-      couples them to the other blocks (H u ≠ 0: they move once it moves).
+    - H u, u random on them: a block whose own entries of H u are not all 0 has curvature of
+      its own — its gradient of 0 is a stationary point of that block (every block at an exact
+      minimum; an output bias at its optimum whose float16 gradient rounds to 0), not silence:
+      it is left out of ``zero_gradient_blocks``;
+    - H w, w random on every other block: of the rest, a block whose entries of H w are all 0
+      has no curvature at all — dead units, which no step moves (``dead_blocks``,
+      ``dead_share``) — while one whose entries are not is coupled to the others: a factor
+      still at zero (a zero-initialized head as timm's ViT has, a LoRA adapter's B) that moves
+      it once it moves.
 
     Reviews of this rule: its first version read a zero-initialized head as dead ("go back to a
-    checkpoint"); its second let one stationary block (the float16 bias above; every block of an
-    exact stationary point) read a dead network as a factor at zero, "stop"."""
+    checkpoint"); its second judged all the blocks by one product, so that one stationary block
+    (the float16 bias above), or a small zero-initialized branch beside a dead trunk holding 88%
+    of the parameters, made a dead network read as a factor at zero."""
     nonzero, sizes = block_sums(space, (g != 0).to(torch.float64))
     silent = [i for i, n in enumerate(nonzero) if n == 0]
-    judged: bool | None = None
+    found: dict[str, Any] = {}
     if silent and _share(silent, sizes) >= thresholds.zero_gradient:
         op = as_operator(space)  # the data loss's curvature: l2's shift would move every block
-        gen = op.generator(seed)
-        local = local_block_sizes(space)
-        u = torch.randn(g.shape, generator=gen, dtype=g.dtype, device=g.device)
-        Hu = op(torch.where(_on(silent, local, g.device), u, 0)[:, None])[:, 0]
-        rows, _ = block_sums(space, (Hu != 0).to(torch.float64))
-        idle = [i for i in silent if rows[i] == 0]  # no curvature of their own along u
-        if idle != silent and _share(idle, sizes) >= thresholds.zero_gradient:
+        gen, local = op.generator(seed), local_block_sizes(space)
+
+        def rows(on: list[int]) -> list[float]:
+            """Each block's count of nonzero entries of H u, u random on the blocks ``on``."""
+            mask = _on(on, local, g.device)
             u = torch.randn(g.shape, generator=gen, dtype=g.dtype, device=g.device)
-            Hu = op(torch.where(_on(idle, local, g.device), u, 0)[:, None])[:, 0]
-            rows, _ = block_sums(space, (Hu != 0).to(torch.float64))
-        silent = idle
-        if _share(silent, sizes) >= thresholds.zero_gradient:
-            judged = sum(rows) == 0
-    found: dict[str, Any] = {
-        "zero_gradient_share": _share(silent, sizes),
-        "zero_gradient_blocks": [space.param_names[i] for i in silent],
-    }
-    if judged is not None:
-        found["zero_gradient_dead"] = judged
+            Hu = op(torch.where(mask, u, 0)[:, None])[:, 0]
+            return block_sums(space, (Hu != 0).to(torch.float64))[0]
+
+        own = rows(silent)
+        silent = [i for i in silent if own[i] == 0]  # no curvature of their own
+        if silent and _share(silent, sizes) >= thresholds.zero_gradient:
+            rest = [i for i in range(len(sizes)) if i not in silent]
+            coupled = rows(rest) if rest else [0.0] * len(sizes)
+            dead = [i for i in silent if coupled[i] == 0]
+            found["dead_share"] = _share(dead, sizes)
+            found["dead_blocks"] = [space.param_names[i] for i in dead]
+    found["zero_gradient_share"] = _share(silent, sizes)
+    found["zero_gradient_blocks"] = [space.param_names[i] for i in silent]
     return found
 
 
@@ -693,6 +696,8 @@ def _measure_curvature(
     want = SADDLE_SHARE * thresholds.negative_curvature if small else None
     if adaptive and not small and _worth_refining(evidence):
         want = DIAGNOSIS_TOL
+    if small:  # room for the refinement λ_min then needs: up to a random start's products
+        cap = max(cap, min(C.matvecs + RANDOM_START_PRODUCTS, budget - 1))
     if want is not None and want < tol and cap > C.matvecs:
         assert r.vectors is not None
         start, floor = r.vectors, None
@@ -702,7 +707,6 @@ def _measure_curvature(
             # Monitor-style start read *minimum*, λ_min ≈ 0, for −0.02 below a near-null
             # cluster, 5 of 5 seeds. Mixed with a random vector, it is judged as one.
             start, floor = _mixed(objective.scaled(), r.vectors, seed), RANDOM_START_PRODUCTS
-            cap = max(cap, min(C.matvecs + RANDOM_START_PRODUCTS, budget - 1))
         r = eigenvalues(
             objective.scaled(),
             k=1,

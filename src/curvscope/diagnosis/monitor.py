@@ -212,9 +212,11 @@ class Monitor:
             full-batch training (to 1e-4), not on mini-batch training.
         adaptive: probes measure only what the verdict needs (``diagnose(adaptive=True)``:
             the spectrum to 5% where the sharpness is far from the limit and the gradient not
-            small, no Newton decrement then; warm-started from the previous probe): about 30%
-            of a cold diagnosis's products (benchmarks/monitor.py). False: every probe is a
-            full diagnosis.
+            small, no Newton decrement then; warm-started from the previous probe): 20-40% of
+            a cold diagnosis's products (benchmarks/monitor.py) while the gradient is not
+            small; where it is, λ_min's refinement mixes a random vector into the warm start
+            and takes at least 20 products (a negative direction new since the last probe is
+            not in it). False: every probe is a full diagnosis.
         log: a path (or an open text file, which you close) for the JSONL run log, or None.
         log_mode: for a path, as for :func:`open`: ``"x"`` (default) refuses an existing file,
             ``"a"`` appends a new run (with its own header) to it, ``"w"`` overwrites it.

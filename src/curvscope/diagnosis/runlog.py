@@ -375,6 +375,7 @@ RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "advice": (_str_list, "a list of strings"),
     "reasons": (_str_list, "a list of strings"),
     "zero_gradient_blocks": (_str_list, "a list of strings"),
+    "dead_blocks": (_str_list, "a list of strings"),
     "confident": (lambda v: isinstance(v, bool), "true or false"),
     "optimizer": (lambda v: isinstance(v, str), "a string"),
     "thresholds": (lambda v: isinstance(v, dict), "an object"),
@@ -388,7 +389,6 @@ RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "preconditioned": (lambda v: isinstance(v, bool), "true or false"),
     "eigen_converged": (_optional(lambda v: isinstance(v, bool)), "true, false or null"),
     "decrement_converged": (_optional(lambda v: isinstance(v, bool)), "true, false or null"),
-    "zero_gradient_dead": (_optional(lambda v: isinstance(v, bool)), "true, false or null"),
     **dict.fromkeys(
         (
             "loss",
@@ -410,6 +410,7 @@ RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
             "clip_factor",
             "seconds",
             "zero_gradient_share",
+            "dead_share",
         ),
         _NUMBER,
     ),

@@ -280,15 +280,13 @@ def eigenvalues(
     gen = op.generator(seed)
     w = None if v0 is None else _warm_start(v0, op)
     sizes = _sizes(op.dim, k, which, block_size, max_basis, max_matvecs, w, op.psd)
+    floor = _floor(min_matvecs, w, op.dim, sizes.max_matvecs, max_matvecs is not None)
     start = time.perf_counter()
     with autocast_off(op.device):  # the products and the arithmetic in their dtypes
         seen = len(op.error_norms)
         X0 = _start_block(op, sizes.block_size, gen, w)
         used_before = op.matvecs
         capacity = sizes.max_basis if op.device.type == "cpu" else None
-        if min_matvecs is None:
-            min_matvecs = 0 if w is not None else RANDOM_START_PRODUCTS
-        floor = min(op.dim, check_int(min_matvecs, "min_matvecs", minimum=0))
         run = _Run(Krylov(op, X0, gen, capacity), k, which, tol, sizes, floor=floor)
         with progress(sizes.max_matvecs, "Lanczos", progress_bar) as bar:
             while _extend(run, op.matvecs - used_before, bar):
@@ -304,7 +302,7 @@ def eigenvalues(
         extra = 0
         if by_layer:
             top = result.vectors[:, 0] if top_vector and result.vectors is not None else None
-            layers, extra = _by_layer(A, top, tol, seed, progress_bar)
+            layers, extra = _by_layer(A, top, tol, seed, progress_bar, min_matvecs)
     return replace(
         result,
         vectors=result.vectors if return_vectors else None,
@@ -312,6 +310,20 @@ def eigenvalues(
         seconds=time.perf_counter() - start,
         layers=layers,
     )
+
+
+def _floor(min_matvecs: Any, w: Tensor | None, n: int, cap: int, capped: bool) -> int:
+    """The products before any value may be judged converged: ``min_matvecs``, checked, or the
+    default (RANDOM_START_PRODUCTS from a random start, 0 from a warm one), at most n."""
+    if min_matvecs is None:
+        return min(n, 0 if w is not None else RANDOM_START_PRODUCTS)
+    floor = min(n, check_int(min_matvecs, "min_matvecs", minimum=0))
+    if capped and floor > cap:  # a review: accepted, it spent the budget, then said so
+        raise ValueError(
+            f"min_matvecs={min_matvecs} is more than max_matvecs={cap}: no value could be "
+            "judged converged; lower min_matvecs or raise max_matvecs"
+        )
+    return floor
 
 
 @dataclass(frozen=True)
@@ -700,7 +712,12 @@ def block_sums(C: Any, t: Tensor) -> tuple[list[float], list[int]]:
 
 
 def _by_layer(
-    A: Any, top: Tensor | None, tol: float, seed: Any, progress_bar: bool | None
+    A: Any,
+    top: Tensor | None,
+    tol: float,
+    seed: Any,
+    progress_bar: bool | None,
+    min_matvecs: int | None = None,
 ) -> tuple[dict[str, LayerSpectrum], int]:
     """Each module's own top eigenvalue and its share of the global top eigenvector ``top``
     (the largest eigenvalue's; for ``which="smallest"``, None: one more run finds it), and the
@@ -711,7 +728,9 @@ def _by_layer(
         raise TypeError("by_layer=True needs a cs.Curvature built from a model")
     used = 0
     if top is None:
-        r = eigenvalues(A, k=1, tol=tol, seed=seed, progress_bar=progress_bar)
+        r = eigenvalues(
+            A, k=1, tol=tol, seed=seed, progress_bar=progress_bar, min_matvecs=min_matvecs
+        )
         assert r.vectors is not None
         top, used = r.vectors[:, 0], r.matvecs
     shares = block_shares(A, top)
@@ -719,7 +738,13 @@ def _by_layer(
     for layer, names in _layer_groups(A.param_names).items():
         sub = A.restrict(names)
         r = eigenvalues(
-            sub, k=1, tol=tol, seed=seed, return_vectors=False, progress_bar=progress_bar
+            sub,
+            k=1,
+            tol=tol,
+            seed=seed,
+            return_vectors=False,
+            progress_bar=progress_bar,
+            min_matvecs=min_matvecs,
         )
         used += r.matvecs
         share = sum(shares[n] for n in names)
