@@ -416,7 +416,7 @@ def test_a_network_whose_relus_all_died_is_not_called_converged():
         "99.71% of the parameters (0.weight, 0.bias, 2.weight and 2 more) get exactly zero "
         "gradient and curvature on this data"
     ) in str(d)
-    assert d.advice[0].startswith("Most of the parameters get neither gradient nor curvature")
+    assert "of the parameters get neither gradient nor curvature" in d.advice[0]
     assert not any("stop" in a for a in d.advice)
     # trained there by a too-large step instead: *learning*, with the same sentence and advice
     model, data = _digits_mlp()
@@ -431,7 +431,7 @@ def test_a_network_whose_relus_all_died_is_not_called_converged():
     d = cs.diagnose(model, nn.CrossEntropyLoss(), data, optimizer=opt)
     assert d.evidence.zero_gradient_share > 0.99
     assert "get exactly zero gradient and curvature on this data" in str(d)
-    assert d.advice[0].startswith("Most of the parameters get neither gradient nor curvature")
+    assert "of the parameters get neither gradient nor curvature" in d.advice[0]
 
 
 def test_weight_decay_does_not_hide_a_dead_network():
@@ -484,7 +484,7 @@ def test_zero_gradient_blocks_are_judged_whole():
     # A is coupled to B = 0 (and unused is not): not dead, no alarm
     assert said.evidence.dead_blocks == ["unused.weight", "unused.bias"]  # 0.7%: no alarm
     assert "but the curvature couples them to the rest" in str(said)
-    assert not said.advice[0].startswith("Most of the parameters")
+    assert "neither gradient nor curvature" not in said.advice[0]
     healthy, data = _digits_mlp()
     d = cs.diagnose(healthy, nn.CrossEntropyLoss(), data, lr=0.1)
     assert d.evidence.zero_gradient_share == 0 and d.evidence.zero_gradient_blocks == []
@@ -557,7 +557,7 @@ def test_a_block_at_its_own_stationary_point_is_not_silent():
     ev = d.evidence
     assert d.state == "minimum" and ev.dead_share == pytest.approx(0.9971, abs=1e-4)
     assert ev.zero_gradient_blocks == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight"]
-    assert d.advice[0].startswith("Most of the parameters get neither gradient nor curvature")
+    assert "of the parameters get neither gradient nor curvature" in d.advice[0]
     # an exact stationary point: every gradient 0, every block curved — no silent block
     S = torch.diag(torch.tensor([10.0, -1.0, 0.1], dtype=torch.float64))
     for f, state in [(bowl, "minimum"), (lambda x: 0.5 * x @ (S @ x), "saddle")]:
@@ -640,4 +640,4 @@ def test_a_small_zero_initialized_branch_does_not_hide_a_dead_trunk():
     assert ev.dead_blocks == ["dead.0.weight", "dead.0.bias", "dead.2.weight"]
     assert ev.dead_share > 0.5
     assert "get exactly zero gradient and curvature on this data" in str(d)
-    assert d.advice[0].startswith("Most of the parameters get neither gradient nor curvature")
+    assert "of the parameters get neither gradient nor curvature" in d.advice[0]

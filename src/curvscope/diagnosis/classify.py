@@ -232,10 +232,11 @@ def _heed_silent(advise: Advise, alone: bool = False) -> Advise:
         if not _dead(ev):
             return advise(ev)
         return [
-            "Most of the parameters get neither gradient nor curvature, so no learning rate "
-            "moves them. After a loss spike this is a network a step killed (ReLUs that output "
-            "0 for every input: the rest is a minimum of the output bias, not a fit): go back "
-            "to a checkpoint from before the spike and lower the learning rate, or clip. "
+            f"{100 * ev['dead_share']:.4g}% of the parameters get neither gradient nor "
+            "curvature, so no learning rate moves them. After a loss spike this is a network "
+            "a step killed (ReLUs that output 0 for every input: the rest is a minimum of the "
+            "output bias, not a fit): go back to a checkpoint from before the spike and lower "
+            "the learning rate, or clip. "
             "Otherwise look for what cuts the gradient off: a detach, saturated units, "
             "parameters the loss does not use.",
             *([] if alone else advise(ev)),
