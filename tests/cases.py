@@ -382,3 +382,21 @@ def assert_unchanged(before: dict, after: dict) -> None:
     assert before["requires_grad"] == after["requires_grad"]
     assert before["training"] == after["training"]
     assert torch.equal(before["rng"], after["rng"]), "the global RNG state changed"
+
+
+def below_a_null_cluster(n: int = 1200, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(H, Q): a symmetric matrix H = Q diag(λ) Qᵀ with 30 eigenvalues evenly in [0.05, 1]
+    (columns 0-29 of Q), n − 31 within 1e-5 of 0 (a network's near-null Hessian directions)
+    and one at −0.02 beyond them (column n − 1) — the outside reviews' spectrum on which a
+    Ritz value in the cluster passed the residual test before −0.02 showed."""
+    gen = _gen(seed)
+    lam = torch.cat(
+        [
+            torch.linspace(0.05, 1.0, 30, dtype=DT),
+            1e-5 * torch.randn(n - 31, generator=gen, dtype=DT),
+            torch.tensor([-0.02], dtype=DT),
+        ]
+    )
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DT))
+    H = (q * lam) @ q.T
+    return (H + H.T) / 2, q

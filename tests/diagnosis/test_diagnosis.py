@@ -573,18 +573,7 @@ def test_a_warm_start_does_not_hide_a_new_negative_direction(adaptive):
     −0.02 below a near-null cluster (1,169 eigenvalues within 1e-5 of 0), 5 of 5 seeds: the
     start held none of the new direction, and a warm start is not held to the 20 products of a
     random one. The refinement that decides saddle against minimum mixes in a random vector."""
-    gen = torch.Generator().manual_seed(0)
-    n = 1200
-    lam = torch.cat(
-        [
-            torch.linspace(0.05, 1.0, 30, dtype=torch.float64),
-            1e-5 * torch.randn(n - 31, generator=gen, dtype=torch.float64),
-            torch.tensor([-0.02], dtype=torch.float64),
-        ]
-    )
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-    H = (q * lam) @ q.T
-    H = (H + H.T) / 2
+    H, q = cases.below_a_null_cluster()
     x0 = 1e-4 * q[:, 29]  # a small gradient, along the top eigenvector
     warm = torch.stack([q[:, 29], q[:, 100]], 1)  # the top one and one of the cluster
     for seed in range(3):

@@ -577,16 +577,7 @@ def test_an_eigenvalue_beyond_a_cluster_at_zero_is_not_missed(tol):
     why it did not converge."""
     from curvscope.spectrum.eigen import RANDOM_START_PRODUCTS
 
-    gen = torch.Generator().manual_seed(0)
-    n = 1200
-    lam = torch.cat(
-        [
-            torch.linspace(0.05, 1.0, 30, dtype=torch.float64),
-            1e-5 * torch.randn(n - 31, generator=gen, dtype=torch.float64),
-            torch.tensor([-0.02], dtype=torch.float64),
-        ]
-    )
-    A = with_spectrum(lam)
+    A, _ = cases.below_a_null_cluster()
     for seed in range(20):
         for which in ("smallest", "both"):
             r = cs.eigenvalues(A, k=1, which=which, tol=tol, seed=seed)
@@ -599,16 +590,8 @@ def test_an_eigenvalue_beyond_a_cluster_at_zero_is_not_missed(tol):
 def test_min_matvecs_holds_a_warm_start_to_a_random_ones_products():
     """A warm start (v0) is judged at once by default; ``min_matvecs`` holds it to as many
     products as a random start, where it may hold little of what it looks for."""
-    gen = torch.Generator().manual_seed(0)
-    lam = torch.cat(
-        [
-            torch.linspace(0.05, 1.0, 30, dtype=torch.float64),
-            1e-5 * torch.randn(369, generator=gen, dtype=torch.float64),
-            torch.tensor([-0.02], dtype=torch.float64),
-        ]
-    )
-    A = with_spectrum(lam)
-    _, V = torch.linalg.eigh(A)
+    A, V = cases.below_a_null_cluster(400)
+    gen = torch.Generator().manual_seed(1)
     v0 = V[:, 200] + 1e-3 * torch.randn(400, generator=gen, dtype=torch.float64)  # in the cluster
     r = cs.eigenvalues(A, k=1, which="smallest", v0=v0)
     assert r.all_converged and r.matvecs < 20 and abs(float(r.values[0])) < 1e-3  # missed

@@ -678,8 +678,8 @@ def _measure_curvature(
     within :data:`NEAR_LIMIT` of the stability limit (where the margin and the edge band are
     decided); CG only when the gradient is small. A warm start of several columns (the
     previous top and bottom eigenvectors) is then summed into one start vector."""
-    cap = max(6, int(LANCZOS_SHARE * budget))
     warm = v0 is not None
+    cap = max(6, int(LANCZOS_SHARE * budget))
     if not warm:  # a random start is judged from RANDOM_START_PRODUCTS on: room for them
         cap = max(cap, min(RANDOM_START_PRODUCTS, budget - 2))
     tol = ROUGH_TOL if adaptive else DIAGNOSIS_TOL
@@ -691,32 +691,11 @@ def _measure_curvature(
     _record_spectrum(evidence, r)
     evidence["directional_curvature"], evidence["grad_dot_step"] = objective.directional(g)
     small = Facts(evidence, thresholds).small
-    # λ_min to 1% of |λ_max| decided saddle against minimum at 1%: a saddle's −0.6% read +0.02
-    # to +0.08, "minimum", confident (an outside review)
-    want = SADDLE_SHARE * thresholds.negative_curvature if small else None
-    if adaptive and not small and _worth_refining(evidence):
-        want = DIAGNOSIS_TOL
+    want = _refinement(evidence, thresholds, small, adaptive)
     if small:  # room for the refinement λ_min then needs: up to a random start's products
         cap = max(cap, min(C.matvecs + RANDOM_START_PRODUCTS, budget - 1))
     if want is not None and want < tol and cap > C.matvecs:
-        assert r.vectors is not None
-        start, floor = r.vectors, None
-        if warm and small:
-            # λ_min decides saddle against minimum, and a warm start (the previous probe's
-            # vectors) holds little of a negative direction that appeared since: a review's
-            # Monitor-style start read *minimum*, λ_min ≈ 0, for −0.02 below a near-null
-            # cluster, 5 of 5 seeds. Mixed with a random vector, it is judged as one.
-            start, floor = _mixed(objective.scaled(), r.vectors, seed), RANDOM_START_PRODUCTS
-        r = eigenvalues(
-            objective.scaled(),
-            k=1,
-            which="both",
-            tol=want,
-            max_matvecs=max(2, cap - C.matvecs),
-            seed=seed,
-            v0=start,
-            min_matvecs=floor,
-        )
+        r = _refined(objective.scaled(), r, want, max(2, cap - C.matvecs), seed, warm and small)
         _record_spectrum(evidence, r)
         small = Facts(evidence, thresholds).small
     assert r.vectors is not None  # return_vectors defaults to True
@@ -732,6 +711,33 @@ def _measure_curvature(
             evidence["newton_decrement"] = objective.total(g @ sol.x)
             evidence["decrement_converged"] = sol.converged
     return vectors, r.all_converged
+
+
+def _refinement(
+    evidence: Mapping[str, Any], thresholds: Thresholds, small: bool, adaptive: bool
+) -> float | None:
+    """The accuracy Lanczos goes on to, if any: a tenth of τ where the gradient is small (λ_min
+    to 1% of |λ_max| decided saddle against minimum at 1%: a saddle's −0.6% read +0.02 to
+    +0.08, "minimum", confident — an outside review); for an adaptive diagnosis, 1% where the
+    sharpness is near the limit."""
+    if small:
+        return SADDLE_SHARE * thresholds.negative_curvature
+    return DIAGNOSIS_TOL if adaptive and _worth_refining(evidence) else None
+
+
+def _refined(op: Operator, r: Any, tol: float, products: int, seed: int, mix: bool) -> Any:
+    """Lanczos on to ``tol`` within ``products``, from the first run's vectors — mixed with a
+    random vector and held to a random start's products where ``mix``: where the gradient is
+    small λ_min decides saddle against minimum, and a warm start (the previous probe's vectors)
+    holds little of a negative direction that appeared since (a review's Monitor-style start
+    read *minimum*, λ_min ≈ 0, for −0.02 below a near-null cluster, 5 of 5 seeds)."""
+    assert r.vectors is not None
+    start, floor = r.vectors, None
+    if mix:
+        start, floor = _mixed(op, r.vectors, seed), RANDOM_START_PRODUCTS
+    return eigenvalues(
+        op, k=1, which="both", tol=tol, max_matvecs=products, seed=seed, v0=start, min_matvecs=floor
+    )
 
 
 def _mixed(op: Operator, vectors: Tensor, seed: int) -> Tensor:

@@ -517,62 +517,31 @@ def _result(run: _Run, used: int, vectors: bool, fd_error: float = 0.0) -> Eigen
     err = error_bounds(theta, res)[idx]
     whole = kry.size >= op.dim  # the full space: exact up to rounding
     settling = used < run.settle and not whole  # the budget ended first (below)
-    early = used < run.floor and not whole
     widening = settling and run.widened_from is not None
+    unjudged = None if whole else _unjudged(run, used, settling and not widening)
     # while a widened block settles, the cluster is judged against the block it filled
     b = run.widened_from if widening and run.widened_from is not None else run.block
     past = _past_full_cluster(theta, run.k, run.which, b, tol * scale)[idx] & (not whole)
     if whole:
         ok = np.ones_like(ok)
-    elif (settling and not widening) or early:  # before the fresh direction past an invariant
-        ok = np.zeros_like(ok)  # subspace was explored (its zero residuals prove nothing), or
-        # before a random start's values may be judged
+    elif unjudged is not None:  # before the fresh direction past an invariant subspace was
+        ok = np.zeros_like(ok)  # explored (its zero residuals prove nothing), or before a
+        # random start's values may be judged
     message = _message(bool(ok.all()), used, run.sizes.max_matvecs, res[idx], scale, tol)
     if past.any():
-        why = (
-            "it was widened to look for more, and the budget ended first; raise max_matvecs"
-            if widening
-            else "raise block_size to k, or max_basis"
+        cluster = _after_cluster(int(past.sum()), b, widening)
+        # every residual met tol: the cluster is the one reason
+        message = (
+            f"not converged after {used} products: {cluster}"
+            if ok.all()
+            else f"{message}; {cluster}"
         )
-        cluster = (
-            f"{int(past.sum())} value(s) come after a cluster of at least block_size={b} "
-            "equal values, and a block of that many vectors sees no more copies of a repeated "
-            f"eigenvalue: more may lie at the cluster, in their place; {why}"
-        )
-        if ok.all():  # every residual met tol: the cluster is the one reason
-            message = f"not converged after {used} products: {cluster}"
-        else:
-            message = f"{message}; {cluster}"
         ok = ok & ~past
-    elif settling and not widening:
-        message = (
-            f"not converged after {used} products: the Krylov space closed (an invariant "
-            "subspace, whose values are exact) and the budget ended before the fresh direction "
-            "that continues it was explored, so wanted values may lie outside it; raise "
-            "max_matvecs"
-        )
-    elif early:
-        message = (
-            f"not converged after {used} products: this start is judged from {run.floor} "
-            "products on (min_matvecs: a cluster of eigenvalues within tol passes the residual "
-            "test before a more extreme value beyond it shows); raise max_matvecs"
-        )
+    elif unjudged is not None:
+        message = unjudged
     if fd_error > RESIDUAL_SHARE * tol:
         ok = np.zeros_like(ok)
-        fix = (
-            "float64 parameters, or an exact backend"
-            if op.dtype != torch.float64
-            else "an exact backend, or another fd_eps (the step the products start at)"
-        )
-        message = (
-            f"not accurate to tol={tol:g} after {used} products: the finite-difference products "
-            f"are only accurate to about {fd_error:.2g}·|λ_max| (estimated from two steps; "
-            f"included in errors); use {fix}"
-            if math.isfinite(fd_error)
-            else f"of unknown accuracy after {used} products: some finite-difference "
-            "products were exactly zero where the model's forward seems not to see steps that "
-            "small (a narrower dtype than its parameters; C.notes); use an exact backend"
-        )
+        message = _inaccurate(fd_error, tol, used, op.dtype)
     if rounding > RESIDUAL_SHARE * tol * scale:
         message += (
             f"; the products run in {dtype_name(op.dtype)}, so the values "
@@ -590,6 +559,61 @@ def _result(run: _Run, used: int, vectors: bool, fd_error: float = 0.0) -> Eigen
         seconds=0.0,
         scale=scale,
         message=message,
+    )
+
+
+def _after_cluster(values: int, b: int, widening: bool) -> str:
+    """Why ``values`` wanted values after a cluster that fills the block of ``b`` are not
+    converged."""
+    why = (
+        "it was widened to look for more, and the budget ended first; raise max_matvecs"
+        if widening
+        else "raise block_size to k, or max_basis"
+    )
+    return (
+        f"{values} value(s) come after a cluster of at least block_size={b} equal values, and "
+        "a block of that many vectors sees no more copies of a repeated eigenvalue: more may "
+        f"lie at the cluster, in their place; {why}"
+    )
+
+
+def _unjudged(run: _Run, used: int, closed: bool) -> str | None:
+    """Why a run's values are not judged yet, if so: the budget ended before the fresh
+    direction past a closed Krylov space was explored (``closed``), or before the run's first
+    ``min_matvecs`` products."""
+    if closed:
+        return (
+            f"not converged after {used} products: the Krylov space closed (an invariant "
+            "subspace, whose values are exact) and the budget ended before the fresh direction "
+            "that continues it was explored, so wanted values may lie outside it; raise "
+            "max_matvecs"
+        )
+    if used >= run.floor:
+        return None
+    return (
+        f"not converged after {used} products: this start is judged from {run.floor} "
+        "products on (min_matvecs: a cluster of eigenvalues within tol passes the residual "
+        "test before a more extreme value beyond it shows); raise max_matvecs"
+    )
+
+
+def _inaccurate(fd_error: float, tol: float, used: int, dtype: torch.dtype) -> str:
+    """Why a run of finite-difference products less accurate than tol/2 is not converged."""
+    if not math.isfinite(fd_error):
+        return (
+            f"of unknown accuracy after {used} products: some finite-difference "
+            "products were exactly zero where the model's forward seems not to see steps that "
+            "small (a narrower dtype than its parameters; C.notes); use an exact backend"
+        )
+    fix = (
+        "float64 parameters, or an exact backend"
+        if dtype != torch.float64
+        else "an exact backend, or another fd_eps (the step the products start at)"
+    )
+    return (
+        f"not accurate to tol={tol:g} after {used} products: the finite-difference products "
+        f"are only accurate to about {fd_error:.2g}·|λ_max| (estimated from two steps; "
+        f"included in errors); use {fix}"
     )
 
 
