@@ -184,16 +184,23 @@ def _threshold(ev: Mapping[str, Any]) -> float:
     return float((ev.get("thresholds") or {}).get("zero_gradient", Thresholds.zero_gradient))
 
 
-def _dead(ev: Mapping[str, Any], at_least: float | None = None) -> bool:
-    """Whether dead units — blocks with neither gradient nor curvature — hold at least the
-    ``zero_gradient`` share of the parameters."""
+def _without_curvature(ev: Mapping[str, Any], at_least: float | None = None) -> bool:
+    """Whether blocks with neither gradient nor curvature hold at least the ``zero_gradient``
+    share of the parameters (and hold some)."""
     share = ev.get("dead_share")
-    return share is not None and share >= (_threshold(ev) if at_least is None else at_least)
+    at_least = _threshold(ev) if at_least is None else at_least
+    return bool(ev.get("dead_blocks")) and share is not None and share >= at_least
+
+
+def _dead(ev: Mapping[str, Any], at_least: float | None = None) -> bool:
+    """Whether those blocks are dead units: no factor still at zero that they may wait on."""
+    return _without_curvature(ev, at_least) and not ev.get("zero_factor_blocks")
 
 
 def _coupled(ev: Mapping[str, Any], at_least: float | None = None) -> bool:
-    """Whether blocks with no gradient hold at least the ``zero_gradient`` share, but not dead
-    ones: most of them are coupled to the rest (a factor still at zero)."""
+    """Whether blocks with no gradient hold at least the ``zero_gradient`` share and are not dead
+    units: a factor still at zero holds them (the curvature couples them to it, or they wait on
+    it)."""
     at_least = _threshold(ev) if at_least is None else at_least
     share = ev.get("zero_gradient_share")
     judged = ev.get("dead_share") is not None
@@ -207,26 +214,46 @@ def _named(blocks: list[str]) -> str:
 def _silent_sentence(ev: Mapping[str, Any], at_least: float) -> str | None:
     """The verdict's sentence on blocks with exactly zero gradient, where they hold at least the
     ``zero_gradient`` share of the parameters: dead units, or a factor still at zero."""
+    dead = list(ev.get("dead_blocks") or [])
+    coupled = [b for b in ev.get("zero_gradient_blocks") or [] if b not in dead]
+    factors = list(ev.get("zero_factor_blocks") or [])
     if _dead(ev, at_least):
-        return (
-            f"{100 * ev['dead_share']:.4g}% of the parameters ({_named(ev['dead_blocks'])}) "
-            "get exactly zero gradient and curvature on this data: the verdict and its numbers "
-            "are those of the rest"
+        said = (
+            f"{100 * ev['dead_share']:.4g}% of the parameters ({_named(dead)}) get exactly "
+            "zero gradient and curvature on this data: the verdict's curvature and learning "
+            "rates are those of the rest"
         )
-    if _coupled(ev, at_least):
-        return (
-            f"{100 * ev['zero_gradient_share']:.4g}% of the parameters "
-            f"({_named(ev['zero_gradient_blocks'])}) get exactly zero gradient on this data, "
-            "but the curvature couples them to the rest: a factor still at zero (a "
-            "zero-initialized layer, a LoRA adapter's B) that moves them once it moves"
+        return said + (f"; the curvature couples {_named(coupled)} to it" if coupled else "")
+    if not _coupled(ev, at_least):
+        return None
+    said = f"{100 * ev['zero_gradient_share']:.4g}% of the parameters get exactly zero gradient"
+    if coupled:
+        held = (
+            f"a factor still at zero ({_named(factors)})"
+            if factors
+            else ("a factor still at zero (a zero-initialized layer, a LoRA adapter's B)")
         )
-    return None
+        said += (
+            f" on this data, but the curvature couples {_named(coupled)} to the rest: {held} "
+            "that moves them once it moves"
+        )
+    else:
+        said += " on this data"
+    if dead:
+        said += f"; {_named(dead)} get no curvature either: " + (
+            f"dead units, or waiting on {_named(factors)} (two factors at zero in series, as "
+            "in a Fixup network, leave the layers before them none until both move)"
+            if factors
+            else "dead units"
+        )
+    return said
 
 
 def _heed_silent(advise: Advise, alone: bool = False) -> Advise:
     """``advise``, with what to do about dead units first where they hold most of the
     parameters: no learning rate moves them. ``alone``: that advice instead of the state's own
-    (a minimum's "stop", a plateau's "a larger learning rate": neither holds for them)."""
+    (a minimum's "stop", a plateau's "a larger learning rate", learning's stable rate:
+    none holds for them)."""
 
     def advice(ev: Mapping[str, Any]) -> list[str]:
         if not _dead(ev):
@@ -380,7 +407,7 @@ class State(StateEnum):
     :meth:`~StateEnum.advice`.
     """
 
-    LEARNING = "learning", 0, "Learning", _heed_silent(_learning_advice)
+    LEARNING = "learning", 0, "Learning", _heed_silent(_learning_advice, alone=True)
     UNSTABLE = (
         "unstable",
         1,
@@ -491,6 +518,10 @@ class Evidence(Mapping[str, Any]):
             curvature at all (judged from products with random vectors): dead units, which no
             step moves; the others are coupled to the rest — a factor still at zero that moves
             them once it moves. None where not judged.
+        zero_factor_blocks: where judged, the measured weights (two or more dimensions, or one
+            number) whose values are all 0: factors still at zero — with one, blocks without
+            curvature may be waiting on it rather than dead (two zero factors in series, as in
+            a Fixup network, leave the layers before them none until both move).
         extra: any other keys (not produced by curvscope).
     """
 
@@ -525,6 +556,7 @@ class Evidence(Mapping[str, Any]):
     zero_gradient_blocks: list[str] | None = None
     dead_share: float | None = None
     dead_blocks: list[str] | None = None
+    zero_factor_blocks: list[str] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod

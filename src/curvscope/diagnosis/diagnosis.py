@@ -252,7 +252,13 @@ def _finite_everywhere(space: _Space, t: Tensor) -> bool:
     return _total(space, torch.tensor(bad, dtype=torch.float64, device=t.device)) == 0
 
 
-def zero_gradient(space: _Space, g: Tensor, thresholds: Thresholds, seed: int) -> dict[str, Any]:
+def zero_gradient(
+    space: _Space,
+    g: Tensor,
+    thresholds: Thresholds,
+    seed: int,
+    params: Mapping[str, Tensor] | None = None,
+) -> dict[str, Any]:
     """The parameter blocks that get no gradient, and the share of the measured parameters they
     hold: ``zero_gradient_blocks`` and ``zero_gradient_share``. A block's gradient (of the data
     loss: weight decay's l2·θ left out) must be exactly zero in every entry, so that an
@@ -273,6 +279,12 @@ def zero_gradient(space: _Space, g: Tensor, thresholds: Thresholds, seed: int) -
       ``dead_share``) — while one whose entries are not is coupled to the others: a factor
       still at zero (a zero-initialized head as timm's ViT has, a LoRA adapter's B) that moves
       it once it moves.
+
+    Where they are judged, ``zero_factor_blocks`` names the measured weights (two or more
+    dimensions, or a single number) whose values are all exactly 0 (``params``: name → the
+    parameter): a factor still at zero, which can leave the layers before it without gradient
+    or curvature until it moves — two in series (a Fixup network's zero classifier and
+    zero-initialized residual ends) leave them without curvature too, which no product shows.
 
     Reviews of this rule: its first version read a zero-initialized head as dead ("go back to a
     checkpoint"); its second judged all the blocks by one product, so that one stationary block
@@ -300,9 +312,27 @@ def zero_gradient(space: _Space, g: Tensor, thresholds: Thresholds, seed: int) -
             dead = [i for i in silent if coupled[i] == 0]
             found["dead_share"] = _share(dead, sizes)
             found["dead_blocks"] = [space.param_names[i] for i in dead]
+            found["zero_factor_blocks"] = _zero_factors(space, params or {})
     found["zero_gradient_share"] = _share(silent, sizes)
     found["zero_gradient_blocks"] = [space.param_names[i] for i in silent]
     return found
+
+
+def _zero_factors(space: _Space, params: Mapping[str, Tensor]) -> list[str]:
+    """The measured weights — two or more dimensions, or one number (a ReZero gate) — whose
+    values are all exactly 0: factors still at zero. Biases (one dimension) are left out: many
+    initializations set them to 0, and they multiply nothing."""
+    names = space.param_names
+    if not all(n in params for n in names):
+        return []
+    theta = _flatten(space, [params[n] for n in names])
+    nonzero, _ = block_sums(space, (theta != 0).to(torch.float64))
+    shapes = [tuple(getattr(params[n], "ds_shape", params[n].shape)) for n in names]
+    return [
+        n
+        for n, count, shape in zip(names, nonzero, shapes, strict=True)
+        if count == 0 and (len(shape) >= 2 or math.prod(shape) == 1)
+    ]
 
 
 def _share(blocks: list[int], sizes: list[int]) -> float:
@@ -513,7 +543,7 @@ def _diagnose(
     if g is None or not math.isfinite(loss) or not objective.finite(g):
         return _finish(evidence, thresholds, {}, True, start, C)
     assert data_g is not None  # g is
-    evidence.update(zero_gradient(space, data_g, thresholds, seed))
+    evidence.update(zero_gradient(space, data_g, thresholds, seed, measured.params))
     try:
         vectors, converged = _measure_curvature(
             evidence, objective, C, g, budget, seed, v0, thresholds, adaptive
@@ -686,7 +716,13 @@ def _measure_curvature(
     if adaptive and v0 is not None and v0.ndim == 2:
         v0 = v0.sum(1)  # one start vector rich in both ends: a block of one, a product a step
     r = eigenvalues(
-        objective.scaled(), k=1, which="both", tol=tol, max_matvecs=cap, seed=seed, v0=v0
+        objective.scaled(),
+        k=1,
+        which="both",
+        tol=tol,
+        max_matvecs=max(1, cap - C.matvecs),  # the zero-gradient rule's products come first
+        seed=seed,
+        v0=v0,
     )
     _record_spectrum(evidence, r)
     evidence["directional_curvature"], evidence["grad_dot_step"] = objective.directional(g)

@@ -376,6 +376,7 @@ RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "reasons": (_str_list, "a list of strings"),
     "zero_gradient_blocks": (_str_list, "a list of strings"),
     "dead_blocks": (_str_list, "a list of strings"),
+    "zero_factor_blocks": (_str_list, "a list of strings"),
     "confident": (lambda v: isinstance(v, bool), "true or false"),
     "optimizer": (lambda v: isinstance(v, str), "a string"),
     "thresholds": (lambda v: isinstance(v, dict), "an object"),
