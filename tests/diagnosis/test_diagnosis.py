@@ -603,6 +603,12 @@ def test_a_warm_start_does_not_hide_a_new_negative_direction(adaptive):
         )
         assert d.state == "saddle" and d.confident, seed
         assert d.evidence.lambda_min == pytest.approx(-0.02, abs=1e-3)
+    # a budget without room for the mixed start's 20 products: not judged, said (a review:
+    # "min_matvecs=20 is more than max_matvecs=19" raised, and killed a Monitor's loop)
+    d, _ = diag(
+        lambda x: 1.0 + 0.5 * x @ (H @ x), x0, lr=0.5, v0=warm, adaptive=adaptive, budget=20
+    )
+    assert not d.confident and d.evidence.matvecs <= 20
 
 
 def test_a_cold_diagnosis_makes_room_for_a_random_starts_products():
@@ -684,3 +690,12 @@ def test_a_fixup_network_at_initialisation_is_not_called_dead():
     assert ev.dead_share > 0.2 and set(ev.zero_factor_blocks) == {"c2.weight", "head.weight"}
     assert "dead units, or waiting on c2.weight, head.weight" in str(d)
     assert not any("checkpoint" in a for a in d.advice)
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), True, "0.5"])
+def test_a_threshold_that_is_not_a_finite_non_negative_number_is_refused(value):
+    """A review: zero_gradient=-1 put "go back to a checkpoint" on a 0.8% unused module."""
+    with pytest.raises(ValueError, match=r"Thresholds\.margin must be a finite number >= 0"):
+        cs.diagnosis.Thresholds(margin=value)
+    with pytest.raises(ValueError, match="zero_gradient is a share of the parameters"):
+        cs.diagnosis.Thresholds(zero_gradient=2.0)

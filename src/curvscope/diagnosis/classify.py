@@ -71,6 +71,19 @@ class Thresholds:
     confidence: float = 2.0
     zero_gradient: float = 0.5
 
+    def __post_init__(self) -> None:
+        # a review: zero_gradient=-1 put "go back to a checkpoint" on a 0.8% unused module
+        for f in fields(self):
+            value = getattr(self, f.name)
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (ok and math.isfinite(value) and value >= 0):
+                raise ValueError(f"Thresholds.{f.name} must be a finite number >= 0, got {value!r}")
+        if self.zero_gradient > 1:
+            raise ValueError(
+                f"Thresholds.zero_gradient is a share of the parameters, in [0, 1]; got "
+                f"{self.zero_gradient!r}"
+            )
+
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
@@ -215,8 +228,8 @@ def _silent_sentence(ev: Mapping[str, Any], at_least: float) -> str | None:
     """The verdict's sentence on blocks with exactly zero gradient, where they hold at least the
     ``zero_gradient`` share of the parameters: dead units, or a factor still at zero."""
     dead = list(ev.get("dead_blocks") or [])
-    coupled = [b for b in ev.get("zero_gradient_blocks") or [] if b not in dead]
     factors = list(ev.get("zero_factor_blocks") or [])
+    coupled = [b for b in ev.get("zero_gradient_blocks") or [] if b not in dead + factors]
     if _dead(ev, at_least):
         said = (
             f"{100 * ev['dead_share']:.4g}% of the parameters ({_named(dead)}) get exactly "
@@ -231,7 +244,8 @@ def _silent_sentence(ev: Mapping[str, Any], at_least: float) -> str | None:
         held = (
             f"a factor still at zero ({_named(factors)})"
             if factors
-            else ("a factor still at zero (a zero-initialized layer, a LoRA adapter's B)")
+            else "something still at zero (a zero-initialized layer or bias, a LoRA adapter's "
+            "B, an activation that is 0)"
         )
         said += (
             f" on this data, but the curvature couples {_named(coupled)} to the rest: {held} "

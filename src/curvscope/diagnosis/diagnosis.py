@@ -768,12 +768,29 @@ def _refined(op: Operator, r: Any, tol: float, products: int, seed: int, mix: bo
     holds little of a negative direction that appeared since (a review's Monitor-style start
     read *minimum*, λ_min ≈ 0, for −0.02 below a near-null cluster, 5 of 5 seeds)."""
     assert r.vectors is not None
-    start, floor = r.vectors, None
-    if mix:
-        start, floor = _mixed(op, r.vectors, seed), RANDOM_START_PRODUCTS
-    return eigenvalues(
-        op, k=1, which="both", tol=tol, max_matvecs=products, seed=seed, v0=start, min_matvecs=floor
+    if not mix:
+        return eigenvalues(
+            op, k=1, which="both", tol=tol, max_matvecs=products, seed=seed, v0=r.vectors
+        )
+    floor = min(RANDOM_START_PRODUCTS, products)  # a review: above max_matvecs it raised
+    out = eigenvalues(
+        op,
+        k=1,
+        which="both",
+        tol=tol,
+        max_matvecs=products,
+        seed=seed,
+        v0=_mixed(op, r.vectors, seed),
+        min_matvecs=floor,
     )
+    if floor < RANDOM_START_PRODUCTS:  # too few products to judge a mixed start by: not judged
+        out = replace(
+            out,
+            converged=torch.zeros_like(out.converged),
+            message=f"not converged: {products} products left, fewer than the "
+            f"{RANDOM_START_PRODUCTS} a start with a random part is judged from; raise budget",
+        )
+    return out
 
 
 def _mixed(op: Operator, vectors: Tensor, seed: int) -> Tensor:
