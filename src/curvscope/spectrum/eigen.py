@@ -403,8 +403,9 @@ class _Run:
     settle: int = 0
     #: the products taken when the Krylov space last closed
     closed_at: int = 0
-    #: the products a run from a random start takes before any value may converge
-    #: (:data:`RANDOM_START_PRODUCTS`, at most the dimension; 0 from a warm start)
+    #: the products a run takes before any value may converge (``min_matvecs``; by default
+    #: :data:`RANDOM_START_PRODUCTS` from a random start, 0 from a warm one; at most the
+    #: dimension)
     floor: int = 0
     #: the block's width before the last widening, while its settling is what ``settle``
     #: waits for (:func:`_widened`); None when the wait is a closing's
