@@ -197,17 +197,13 @@ def _threshold(ev: Mapping[str, Any]) -> float:
     return float((ev.get("thresholds") or {}).get("zero_gradient", Thresholds.zero_gradient))
 
 
-def _without_curvature(ev: Mapping[str, Any], at_least: float | None = None) -> bool:
-    """Whether blocks with neither gradient nor curvature hold at least the ``zero_gradient``
-    share of the parameters (and hold some)."""
+def _dead(ev: Mapping[str, Any], at_least: float | None = None) -> bool:
+    """Whether dead units — blocks with neither gradient nor curvature, and no factor still at
+    zero they may wait on — hold at least the ``zero_gradient`` share of the parameters."""
     share = ev.get("dead_share")
     at_least = _threshold(ev) if at_least is None else at_least
-    return bool(ev.get("dead_blocks")) and share is not None and share >= at_least
-
-
-def _dead(ev: Mapping[str, Any], at_least: float | None = None) -> bool:
-    """Whether those blocks are dead units: no factor still at zero that they may wait on."""
-    return _without_curvature(ev, at_least) and not ev.get("zero_factor_blocks")
+    dead = bool(ev.get("dead_blocks")) and share is not None and share >= at_least
+    return dead and not ev.get("zero_factor_blocks")
 
 
 def _coupled(ev: Mapping[str, Any], at_least: float | None = None) -> bool:

@@ -714,11 +714,13 @@ def _is_sharded(C: Any) -> bool:
 
 def local_block_sizes(C: Any) -> list[int]:
     """How many entries of a flat vector of a Curvature each parameter block holds (of this
-    rank's entries, for a sharded view)."""
+    rank's entries, for a sharded view): its objective's sizes, or one block for a plain
+    function — read, not found by splitting a vector of zeros the size of the model (as it was,
+    up to four times a diagnosis)."""
     if _is_sharded(C):
         return list(C.block_sizes)
-    zeros = torch.zeros(C.num_params, dtype=C.dtype, device=C.device)
-    return [b.numel() for b in C.unflatten(zeros).values()]
+    objective = getattr(C, "objective", None)
+    return [C.num_params] if objective is None else list(objective.numels)
 
 
 def block_sums(C: Any, t: Tensor) -> tuple[list[float], list[int]]:
