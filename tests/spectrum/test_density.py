@@ -289,3 +289,18 @@ def test_a_float32_operator_whose_squares_overflow_float32(scale):
     t = cs.trace_of_square(A, matvecs=30)
     truth = float((A.double() ** 2).sum())
     assert abs(t.value - truth) <= 4 * t.stderr + 1e-3 * truth
+
+
+@pytest.mark.parametrize("reorthogonalize", [False, True])
+@pytest.mark.parametrize("scale", [1e-200, 1e-170, 1e160, 1e200])
+def test_a_float64_spectrum_far_from_one_has_the_density_it_has_at_one(scale, reorthogonalize):
+    """A review: 25% of a spectrum below 0 read a negative mass of 0, interval (0, 0.067), at
+    1e-170 (β's squares underflowed: "an invariant subspace", one node) and raised LAPACK's
+    error at 1e160 (β's overflowed: NaN nodes; the Gauss–Radau bracket squares β too)."""
+    A = with_spectrum(torch.linspace(-1.0, 3.0, 40, dtype=torch.float64))
+    kw = {"steps": 15, "probes": 3, "reorthogonalize": reorthogonalize, "progress_bar": False}
+    one, far = cs.density(A, **kw), cs.density(A * scale, **kw)
+    assert far.negative_mass == pytest.approx(one.negative_mass, rel=1e-9)
+    assert far.negative_mass_interval == pytest.approx(one.negative_mass_interval, rel=1e-9)
+    assert far.resolution / scale == pytest.approx(one.resolution, rel=1e-9)
+    torch.testing.assert_close(far.nodes / scale, one.nodes, rtol=1e-9, atol=1e-12)

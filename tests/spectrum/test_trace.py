@@ -284,3 +284,15 @@ def test_matvecs_counts_every_product_the_call_caused():
     assert r.matvecs == C.matvecs > 20
     again = cs.trace(C, matvecs=20, method="hutchinson")  # tuned: the budget exactly
     assert again.matvecs == 20
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "auto"])
+@pytest.mark.parametrize("scale", [1e-200, 1e200])
+def test_a_float64_operator_far_from_one_has_the_stderr_it_has_at_one(scale, method):
+    """A review: at 1e-200 the probes' spread underflowed and the estimate read ± 0 ("exact");
+    at 1e200 it overflowed, ± inf."""
+    A = with_spectrum(torch.linspace(-1.0, 3.0, 40, dtype=torch.float64))
+    one, far = cs.trace(A, method=method), cs.trace(A * scale, method=method)
+    assert far.method == one.method
+    assert far.value / scale == pytest.approx(one.value, rel=1e-9)
+    assert far.stderr / scale == pytest.approx(one.stderr, rel=1e-9)

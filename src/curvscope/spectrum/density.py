@@ -282,6 +282,11 @@ def cdf_bracket(T: Tensor, beta_next: float, x: float) -> tuple[float, float]:
     x, the largest mass the moments allow there. When the Krylov space closed (β_m = 0) the
     Gauss rule is the measure itself and the bracket is a point.
     """
+    # on T's own scale (the rule is scale-equivariant): β_m², and R's eigenproblem, overflowed
+    # for a float64 spectrum at 1e160 (LAPACK's error) and underflowed at 1e-170 (a review)
+    c = max(float(T.abs().max()), beta_next, abs(x))
+    if 0 < c < math.inf:
+        T, beta_next, x = T / c, beta_next / c, x / c
     m = T.shape[0]
     theta, S = torch.linalg.eigh(T)
     w = S[0] ** 2

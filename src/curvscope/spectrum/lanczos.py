@@ -295,21 +295,29 @@ def tridiagonal(op: Operator, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
     step (α and β together), besides what the operator's product reads.
     """
     z = z.to(op.work_dtype)
-    q = z[:, 0] / op.norm(z[:, 0])
+    q = z[:, 0] / _scaled_norm(op, z[:, 0])
     q_prev = torch.zeros_like(q)
-    alphas, betas = [], []
+    alphas: list[float] = []
+    betas: list[float] = []
     beta_t = torch.zeros((), dtype=q.dtype, device=q.device)
+    info = torch.finfo(q.dtype)
+    # ‖w‖ from its sum of squares is exact between these: below, the squares underflow (a
+    # float64 spectrum at 1e-170 read β = 0, "an invariant subspace", one node, the negative
+    # mass 0 for 0.25); above, they overflow (at 1e160 β = inf, then NaN nodes: a review)
+    low, high = math.sqrt(info.tiny) / info.eps, math.sqrt(info.max)
+    scale = 0.0  # the largest |α| or β so far
     for _ in range(steps):
         w = op(q[:, None])[:, 0] - beta_t * q_prev
         alpha_t = op.total(q @ w)
         w = w - alpha_t * q
         beta_t = op.norm(w)
         alpha, beta = host(torch.stack([alpha_t, beta_t])).tolist()
-        if math.isinf(beta) and math.isfinite(alpha):  # ‖w‖² past the dtype's range
+        if math.isfinite(alpha) and not low < beta < high:
             beta_t = _scaled_norm(op, w)
             beta = float(beta_t)
         alphas.append(alpha)
-        if beta <= 1e3 * torch.finfo(w.dtype).eps * abs(alpha) + 1e-300:
+        scale = max(scale, abs(alpha), betas[-1] if betas else 0.0)
+        if beta <= 1e3 * info.eps * scale:
             betas.append(0.0)  # an invariant subspace: the quadrature is exact
             break
         betas.append(beta)
@@ -320,8 +328,15 @@ def tridiagonal(op: Operator, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
 
 
 def _scaled_norm(op: Operator, v: Tensor) -> Tensor:
-    """‖v‖ where its square overflows the working dtype (:func:`square_sums`), in v's dtype."""
-    return op.total(square_sums(v)).sqrt().to(v.dtype)
+    """‖v‖ where its sum of squares underflows or overflows the working dtype, in v's dtype:
+    of v divided by its largest entry for whole vectors (a float64 vector at 1e±200 too); for
+    sharded ones each rank's sum of squares in float64 (:func:`square_sums`: a float32
+    operator's range), summed over the ranks. No host read."""
+    if op.shards is not None:
+        return op.total(square_sums(v)).sqrt().to(v.dtype)
+    top = v.abs().amax()
+    top = torch.where(top > 0, top, torch.ones_like(top))
+    return (v / top).norm() * top
 
 
 def error_bounds(theta: np.ndarray, res: np.ndarray) -> np.ndarray:

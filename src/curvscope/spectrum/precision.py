@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,3 +54,13 @@ def square_sums(M: Tensor, dim: int | None = None) -> Tensor:
     squares = (M / top).pow(2)
     summed = squares.sum() if dim is None else squares.sum(dim)
     return summed.to(torch.float64) * top.to(torch.float64) ** 2
+
+
+def scaled_column_norms(op: Any, M: Tensor) -> Tensor:
+    """The 2-norms of M's columns, vectors of ``op`` (an :class:`~curvscope.spectrum.Operator`;
+    sharded ones summed over the ranks), from M divided by a scale common to every rank (the
+    sum of the ranks' largest entries: one collective more): a float64 operator's squares
+    overflowed at 1e200. No host read."""
+    top = op.total(M.abs().amax())
+    top = torch.where(top > 0, top, torch.ones_like(top))
+    return op.total((M / top).pow(2).sum(0)).sqrt() * top

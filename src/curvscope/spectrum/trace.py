@@ -17,7 +17,7 @@ from torch import Tensor
 from curvscope.derivatives.checks import check_real
 from curvscope.derivatives.seeding import rademacher
 from curvscope.spectrum._operator import Operator, as_operator, check_budget, progress
-from curvscope.spectrum.precision import autocast_off, square_sums
+from curvscope.spectrum.precision import autocast_off, scaled_column_norms, square_sums
 
 TRACE_METHODS = ("auto", "hutchinson", "hutch++", "exact")
 #: Probes multiplied per block product (memory: the probes, their products, and one block
@@ -156,7 +156,15 @@ def _mean_stderr(
     """(offset + mean, stderr, dof) of probe samples, the stderr combined in quadrature with
     the ``rounding`` floor; one host read."""
     m = samples.numel()
-    spread = samples.std(unbiased=True) / math.sqrt(m) if m > 1 else samples.new_tensor(math.inf)
+    # the spread of the samples over their largest: a float64 operator's at 1e-200 read a
+    # stderr of 0 (the deviations' squares underflowed: "exact"), at 1e200 inf (a review)
+    top = samples.abs().amax()
+    top = torch.where(top > 0, top, torch.ones_like(top))
+    spread = (
+        (samples / top).std(unbiased=True) * top / math.sqrt(m)
+        if m > 1
+        else samples.new_tensor(math.inf)
+    )
     mean = samples.mean() if offset is None else offset + samples.mean()
     value, se, floor = torch.stack([mean, spread, rounding.to(samples)]).tolist()
     return value, math.hypot(se, floor), float(m - 1)
@@ -343,7 +351,7 @@ def _hutchpp(
     # tr(QᵀAQ) is exact but for rounding: its sums', and each sketch product's own, about
     # eps·⌈log₂ n⌉·‖A‖ (‖A‖ ≈ the largest ‖Aq‖), adding up over the s vectors as √s; measured
     # on rank-1 and rank-5 matrices: at most 4·√s·eps·‖A‖₂, growing with s
-    largest = op.total(AQ.AU.pow(2).sum(0)).max().sqrt()
+    largest = scaled_column_norms(op, AQ.AU).max()
     rounding = _rounding(op, top_sizes.sum() + math.sqrt(s) * largest + rest_sizes.mean())
     mean, se, dof = _mean_stderr(rest, rounding, offset=top.sum())
     why = f"hutch++: {s}-dimensional sketch, {g} probes on the remainder"
@@ -369,6 +377,8 @@ def _deflation_left(Y: Tensor) -> float:
     half = s // 2
     if half < 1:
         return 1.0
+    top = Y.abs().amax()  # φ is a ratio: on Y's own scale no square under- or overflows
+    Y = Y / torch.where(top > 0, top, torch.ones_like(top))
     test = Y[:, half:]
     total = test.pow(2).sum().clamp_min(1e-300)
 
