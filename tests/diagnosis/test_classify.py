@@ -416,13 +416,32 @@ def test_a_loss_stuck_far_above_its_best_is_diverged():
     assert judged([2.3, 2.5], best=0.1)[0] is State.DIVERGED
     # before the first probe there is no running minimum: the first loss is the baseline (a
     # run blown up 100x before its first probe read *learning* at every probe: a review)
-    state, reasons = judged([15.0, 298.0], best=None)
+    state, reasons = judged([15.0, 298.0], best=None)  # 6.6x at its lowest: not most of it
+    assert state is State.LEARNING
+    state, reasons = judged([25.0, 298.0], best=None)
     assert state is State.DIVERGED and reasons[0] == (
-        "the training loss ran away: its mean since the previous probe, 156.5, is above 10 "
+        "the training loss ran away: its mean since the previous probe, 161.5, is above 10 "
         "times its first value 2.28"
     )
-    assert judged([15.0, 298.0], best=40.0)[0] is State.DIVERGED  # the first is lower
+    assert judged([25.0, 298.0], best=40.0)[0] is State.DIVERGED  # the first is lower
     assert judged([2.3, 5.0], best=None)[0] is State.LEARNING  # 1.6x its first: no blow-up
+
+
+def test_a_mean_lifted_by_a_few_batch_losses_is_not_stuck_high():
+    """An outside review: a fine-tuning run's first batch loss was a lucky 0.0095 where its
+    batches of 8 average 0.05, a few holding a noisy label at a loss near 1: windows whose mean
+    passed 10x that first value read *diverged* at 6 of 45 probes. Stuck high means most of
+    the window is high."""
+    window = [0.004] * 18 + [1.5, 0.9]  # mean 0.12: 13x the first value
+    judged = classify_history(
+        State.LEARNING, ["own"], near(0.0), losses=window, first_loss=0.0095, best_loss=0.03
+    )
+    assert judged[0] is State.LEARNING
+    blown = [0.5] * 15 + [0.004] * 5  # three quarters at 53x: blown up and stuck
+    judged = classify_history(
+        State.LEARNING, ["own"], near(0.0), losses=blown, first_loss=0.0095, best_loss=0.03
+    )
+    assert judged[0] is State.DIVERGED
 
 
 def test_a_loss_that_ran_away_is_diverged():

@@ -1173,15 +1173,15 @@ def _stuck_high(
 ) -> list[str] | None:
     """The reasons a run's loss ran away and stayed there, or None: the mean training loss
     since the previous probe is above :data:`RAN_AWAY` times the lower of its running minimum
-    ``best_loss`` and its first value (measured as :func:`_rose` measures a rise), and above
-    the first loss. The first value counts because a run can blow up before its first probe:
-    its windows' means are then all high, and a 100x blow-up read as *learning* at every probe
-    (an outside review)."""
+    ``best_loss`` and its first value (measured as :func:`_rose` measures a rise), as are three
+    quarters of those losses (:func:`_mostly_above`), and above the first loss. The first
+    value counts because a run can blow up before its first probe: its windows' means are then
+    all high, and a 100x blow-up read as *learning* at every probe (an outside review)."""
     if first_loss is None:
         return None
     low = first_loss if best_loss is None else min(best_loss, first_loss)
     mean = _risen_mean(losses, low, RAN_AWAY, floor)
-    if mean is None or mean <= first_loss:
+    if mean is None or mean <= first_loss or not _mostly_above(losses, low, floor):
         return None
     above = (
         f"its first value {first_loss:.4g}"
@@ -1194,6 +1194,21 @@ def _stuck_high(
         "stable-looking curvature there (a network blown into saturation has little) does not "
         "make it learning",
     ]
+
+
+def _mostly_above(losses: Sequence[float], low: float, floor: float) -> bool:
+    """Whether three quarters of the finite ``losses`` are above :data:`RAN_AWAY` times ``low``
+    (measured as :func:`_risen_mean` measures a rise): a run blown up and stuck there has its
+    losses high, the lowest quarter too; a mean lifted by a few large batch losses is noise
+    (√10 in place of 10 still read 1 of those 45 probes *diverged*). A first loss is one batch's:
+    a lucky one (0.0095 for a fine-tuned network whose batches of 8 average 0.05, one in
+    twenty holding a noisy label at a loss of 5) made a healthy fine-tuning read *diverged*,
+    "restore the last good checkpoint", at 6 of 45 probes (an outside review)."""
+    finite = sorted(v for v in losses if math.isfinite(v))
+    if not finite:
+        return False
+    quartile = finite[len(finite) // 4]
+    return quartile - low > (RAN_AWAY - 1) * max(abs(low), floor)
 
 
 def _window_mean(losses: Sequence[float]) -> float | None:
