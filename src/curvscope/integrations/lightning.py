@@ -87,7 +87,13 @@ class CurvscopeCallback(Callback):
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None:  # kept on its device: read once an optimizer step is done
-            self._pending.append(loss.detach() if hasattr(loss, "detach") else loss)
+            loss = loss.detach() if hasattr(loss, "detach") else loss
+            # Lightning hands on the loss it backpropagates: under automatic optimization the
+            # training step's divided by accumulate_grad_batches (the Monitor got 1/4 of the
+            # mean loss at 4, and warned of a diverging step at 128: an outside review)
+            if getattr(pl_module, "automatic_optimization", True):
+                loss = loss * getattr(trainer, "accumulate_grad_batches", 1)
+            self._pending.append(loss)
         if trainer.global_step == self._step:  # accumulating gradients: no optimizer step yet
             return
         self._step = trainer.global_step
