@@ -108,7 +108,10 @@ def test_corrupt_run_log(tmp_path, capsys):
     assert "line 2, column 2: not valid JSON" in capsys.readouterr().err
     log.write_text('{"hello": 1}\n')
     assert main(["report", str(log), "--out", str(tmp_path / "r")]) == 2
-    assert "no probe records" in capsys.readouterr().err
+    assert "not a run log a Monitor wrote" in capsys.readouterr().err
+    log.write_text('{"step": 1, "loss": 0.5, "acc": 0.9}\n')  # another tool's metrics
+    assert main(["report", str(log), "--out", str(tmp_path / "r")]) == 2
+    assert "not a run log a Monitor wrote" in capsys.readouterr().err
 
 
 def test_report_renders_a_monitor_log(tmp_path, capsys):

@@ -210,6 +210,17 @@ def test_a_log_without_header_and_an_empty_file(tmp_path):
     assert read_log(path) == ({}, [])
 
 
+def test_another_tools_metrics_are_not_a_run_log(tmp_path):
+    """An outside review: a JSON-lines file of {"step", "loss", "acc"} records (no header, no
+    state) was read as a run and reported empty, exit 0."""
+    path = tmp_path / "metrics.jsonl"
+    write_lines(path, {"step": 1, "loss": 0.5, "acc": 0.9}, {"step": 2, "loss": 0.4, "acc": 0.9})
+    with pytest.raises(LogFormatError, match=r"line 1: a record with no 'state' .*step, loss, acc"):
+        read_log(path)
+    write_lines(path, HEADER, {"step": 1, "loss": 0.5})  # under a header: a run's record
+    assert read_log(path) == (HEADER, [{"step": 1, "loss": 0.5}])
+
+
 def test_non_finite_numbers_come_back_as_floats(tmp_path):
     path = tmp_path / "run.jsonl"
     with RunLogWriter(path, "x", HEADER) as log:
@@ -252,7 +263,7 @@ def test_bad_fields_are_one_clear_error(tmp_path, lines, message):
 
 def test_not_utf8_is_a_format_error(tmp_path):
     path = tmp_path / "run.jsonl"
-    path.write_bytes(b'{"step": 1}\n\xff\xfe\n')
+    path.write_bytes(b'{"step": 1, "state": "learning"}\n\xff\xfe\n')
     with pytest.raises(LogFormatError, match=r"line 2, column 1: .*not UTF-8 text at byte 0"):
         read_log(path)
 

@@ -538,6 +538,14 @@ class _Parser:
         if self.bad is not None:
             raise self.fail() from None
         _check(obj, RECORD_FIELDS, where)
+        if not self.runs and "state" not in obj:
+            # no header before it and no verdict in it: another tool's metrics (a file of
+            # {"step", "loss", "acc"} lines was read as a run and reported empty: a review)
+            fields = ", ".join(map(str, list(obj)[:6]))
+            raise LogFormatError(
+                f"{where}: a record with no 'state' and no curvscope header before it (its "
+                f"fields: {fields}): not a run log a Monitor wrote"
+            )
         self._current().records.append(_restore_nonfinite(obj))
 
     def _current(self) -> Run:
