@@ -453,3 +453,28 @@ def test_labels_of_minus_one_in_one_batch_are_not_refused_as_ignored():
 
     C = cs.Curvature(case.model, shifted, (case.inputs, y))
     assert torch.isfinite(C @ torch.ones(C.num_params, dtype=DT)).all()
+
+
+def test_a_loss_that_takes_only_tensors_on_a_model_output_names_the_fix():
+    """An outside review: nn.CrossEntropyLoss on a Hugging Face TokenClassifierOutput raised
+    torch's bare "must be Tensor, not TokenClassifierOutput" at the first product."""
+
+    class Output(dict):
+        @property
+        def logits(self):
+            return self["logits"]
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2).to(DT)
+
+        def forward(self, x):
+            return Output(logits=self.lin(x))
+
+    X, y = torch.randn(4, 3, dtype=DT), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(TypeError, match=r"failed on the model's Output: .* \(its \.logits, say\)"):
+        cs.Curvature(Model(), nn.CrossEntropyLoss(), (X, y)) @ torch.ones(8, dtype=DT)
+    wrapped = lambda out, t: F.cross_entropy(out.logits, t)  # noqa: E731 - the fix it names
+    C = cs.Curvature(Model(), wrapped, (X, y))
+    assert torch.isfinite(C @ torch.ones(8, dtype=DT)).all()

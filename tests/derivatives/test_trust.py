@@ -679,3 +679,23 @@ def test_embedding_padding_row_is_projected_out_and_said():
     P[:3] = 0  # the padding row of the embedding comes first in the flat vector
     torch.testing.assert_close(C.to_dense(), P[:, None] * H * P[None, :])
     assert H[:3].abs().sum() > 0  # the row the projection removes is not zero without it
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_loss_computed_above_a_bfloat16_models_precision_is_not_rounded(cache):
+    """An outside review: a bfloat16 model whose loss upcasts its logits (as Hugging Face's
+    own losses do) read a loss of 3.921875 for 3.92080 — the loss rode back with the bfloat16
+    gradient and came out rounded to 8 bits."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).to(torch.bfloat16)
+    X, y = torch.randn(32, 6).to(torch.bfloat16), torch.randint(0, 4, (32,))
+
+    def loss_fn(out, t):
+        return F.cross_entropy(out.float(), t)
+
+    C = cs.Curvature(model, loss_fn, [(X[:16], y[:16]), (X[16:], y[16:])], cache=cache)
+    loss, grad = C.loss_and_gradient()
+    with torch.no_grad():
+        own = (float(loss_fn(model(X[:16]), y[:16])) + float(loss_fn(model(X[16:]), y[16:]))) / 2
+    assert loss == pytest.approx(own, rel=1e-6)
+    assert grad.dtype == torch.bfloat16

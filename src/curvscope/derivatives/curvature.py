@@ -683,9 +683,12 @@ class Curvature:
         grad = flat[0]
         for f in flat[1:]:
             grad = grad + f
-        both = torch.cat([grad, grad.new_tensor([loss])])
-        if self.group is None:
-            return float(both[-1]), both[:-1]
+        if self.group is None:  # the loss as computed (it rode with a bfloat16 gradient,
+            return float(loss), grad  # and came back rounded to 8 bits: a review)
+        # one sum over the ranks for both, in float32 at least: the loss is not rounded to a
+        # half-precision gradient's dtype
+        carried = torch.promote_types(grad.dtype, torch.float32)
+        both = torch.cat([grad.to(carried), grad.new_tensor([loss], dtype=carried)])
         both, refusals = self._summed_over_ranks(both)
         total = float(both[-1])
         if not math.isfinite(total):  # on every rank at once: the loss of one rank's data
@@ -695,7 +698,7 @@ class Curvature:
                 "check its inputs and parameters for NaN/Inf and the model for overflow",
                 total,
             )
-        return total, both[:-1]
+        return total, both[:-1].to(grad.dtype)
 
     def sharded(self) -> ShardedCurvature:
         """This rank's part of the flat vectors, for a model sharded by FSDP2 with

@@ -1549,6 +1549,23 @@ class ModelObjective:
             )
         return out
 
+    def _first_loss_of_output(self, out: Any, batch: Batch) -> Any:
+        """``loss_fn(out, targets)`` for an output that is not a tensor (a Hugging Face
+        ``ModelOutput``), at the first loss: a loss that takes only tensors raised torch's bare
+        "must be Tensor, not TokenClassifierOutput" (an outside review); the error now names
+        the fix."""
+        try:
+            return self.loss_fn(out, batch.targets)
+        except (TypeError, AttributeError) as e:
+            logits = " (its .logits, say)" if hasattr(out, "logits") else ""
+            raise TypeError(
+                f"loss_fn(model(inputs), targets) failed on the model's {type(out).__name__}: "
+                f"{e}. Give loss_fn what it takes: wrap the model so that it returns the tensor "
+                f"the loss is computed from{logits}, or a loss_fn that reads it from the "
+                "output (lambda out, y: F.cross_entropy(out.logits, y)); for a Hugging Face "
+                "model with its own loss, loss_fn=None"
+            ) from e
+
     def loss(self, out: Any, batch: Batch, at_copies: bool = True) -> Tensor:
         """``loss_fn(out, targets)``, checked: a finite scalar; at the first call also that the
         outputs and targets count the same samples, (for a loss that does not declare it)
@@ -1564,7 +1581,10 @@ class ModelObjective:
                     "the first dimension of both counts the samples — a loss that broadcasts "
                     "them would count the batch as one sample. Give targets one row per sample"
                 )
-        value = self.loss_fn(out, batch.targets)
+        if self._loss_checked or isinstance(out, Tensor):
+            value = self.loss_fn(out, batch.targets)
+        else:
+            value = self._first_loss_of_output(out, batch)
         what = f"loss_fn(model(inputs), targets) on batch {batch.index}"
         if self.defer_nonfinite and isinstance(value, Tensor) and value.numel() == 1:
             if not all_finite(value):
