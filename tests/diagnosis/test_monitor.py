@@ -531,3 +531,16 @@ def test_a_resumed_run_continues_its_step_count(tmp_path):
     assert auto.probe_steps == [110]  # the default cadence's first probe: 10 steps in
     with pytest.raises(ValueError, match="start_step"):
         cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, start_step=-1)
+
+
+def test_the_first_loss_can_be_measured_on_the_probe_data_at_the_start():
+    """``measure_first_loss``: the loss over ``probe_data`` at the parameters as they are (for
+    a loop reporting means over logging windows), the model left as found."""
+    case = cases.mlp(n=32)
+    model, loss_fn, data = case.model, case.loss_fn, case.data
+    model(data[0]).sum().backward()  # a .grad of the user's own, to be kept
+    mon = cs.Monitor(model, loss_fn, data, lr=0.1, every=5)
+    before = cases.snapshot(model)
+    assert mon.measure_first_loss() == pytest.approx(float(loss_fn(model(data[0]), data[1])))
+    cases.assert_unchanged(before, cases.snapshot(model))
+    assert mon.first_loss == pytest.approx(float(loss_fn(model(data[0]), data[1])))

@@ -444,6 +444,30 @@ def test_transformers_callback_hands_each_logged_loss_over_once(tmp_path):
     assert all(r["clip_norms"] == 1 and r["clip_factor"] is not None for r in records)
 
 
+def test_transformers_callback_takes_the_first_loss_at_the_start_when_logs_are_means(tmp_path):
+    """An outside review: logging every 5 steps, the Monitor's first loss was the first
+    window's mean — 2,567 for a run that started at 3 and blew up inside that window — and
+    the run never read *diverged*. The first loss is then the probe data's at the start."""
+    import copy
+
+    from transformers import Trainer
+
+    from curvscope.integrations.transformers import CurvscopeTrainerCallback
+
+    ids, labels, train = _hf_data(32)
+    probe = {"input_ids": ids[:8], "labels": labels[:8]}
+    model = _tiny_bert()
+    start = cs.Curvature(copy.deepcopy(model), None, probe).loss_and_gradient()[0]
+    for steps, expected in ((5, start), (1, None)):
+        cb = CurvscopeTrainerCallback(None, probe, every=5)
+        args = _hf_args(tmp_path, max_steps=5, logging_steps=steps)
+        Trainer(model=copy.deepcopy(model), args=args, train_dataset=train, callbacks=[cb]).train()
+        if expected is None:  # logged every step: the first step's own loss
+            assert cb.monitor.first_loss == pytest.approx(cb.monitor.losses[0])
+        else:
+            assert cb.monitor.first_loss == pytest.approx(expected, rel=1e-6)
+
+
 def test_transformers_callback_takes_epoch_logs_at_the_next_step(tmp_path):
     """logging_strategy="epoch" logs at on_epoch_end, after the step was recorded: its loss and
     norm reach the Monitor at the next step (a second review: they were dropped, every probe

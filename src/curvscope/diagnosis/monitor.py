@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from curvscope.derivatives import Curvature
 from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives import zero3 as _zero3
 from curvscope.derivatives.checks import callers_level, check_int, check_real
@@ -660,6 +661,30 @@ class Monitor:
             max((checks + last_check) / (UPDATE_SHARE * budget), (spent + last_check) / budget),
             UPDATE_MIN_EVERY,
         )
+
+    def measure_first_loss(self) -> float | None:
+        """Take the run's first loss from ``probe_data`` now, at the parameters as they are:
+        for a loop whose first reported loss is not its start's — a mean over a logging window
+        (the ``transformers.Trainer`` callback reports those): a run blown up inside its first
+        window reported a first loss of 2,567 where it started at 3, and with that as its start
+        never read *diverged* (an outside review). Costs one gradient over ``probe_data``;
+        leaves the model as found. Under torch.distributed it does nothing (the ranks' mean of
+        their first reported losses is the start there). Returns the first loss."""
+        if _world_size() > 1:
+            return self.first_loss
+        C = Curvature(
+            self.model,
+            self.loss_fn,
+            self.probe_data,
+            params=self.params,
+            seed=self.seed,
+            reduction=self.reduction,
+            cache=False,
+        )
+        loss, _ = C.loss_and_gradient()
+        if math.isfinite(loss):
+            self.first_loss = loss
+        return self.first_loss
 
     def _measuring(self) -> dict[str, Any]:
         """What a probe and a cheap check measure alike: the rate without an optimizer, the

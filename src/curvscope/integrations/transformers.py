@@ -86,6 +86,8 @@ class CurvscopeTrainerCallback(TrainerCallback):
         self.monitor = Monitor(
             model, self.loss_fn, self.probe_data, optimizer=optimizer, **monitor_kwargs
         )
+        if not _logs_every_step(args):  # the first logged loss is a window's mean, not the start
+            self.monitor.measure_first_loss()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is None:
@@ -144,3 +146,11 @@ def _checkpoints_reentrantly(model: Any) -> bool:
         if isinstance(keywords, dict) and keywords.get("use_reentrant", True) is not False:
             return True
     return False
+
+
+def _logs_every_step(args: Any) -> bool:
+    """Whether the Trainer logs the training loss at every step (then the first logged loss is
+    the first step's, as a plain loop reports it)."""
+    strategy = getattr(args, "logging_strategy", "steps")
+    strategy = str(getattr(strategy, "value", strategy))  # an IntervalStrategy, or a string
+    return strategy == "steps" and getattr(args, "logging_steps", 1) == 1
