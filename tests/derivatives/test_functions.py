@@ -94,13 +94,19 @@ def test_hessian_refuses_large_n_with_memory_figure():
         ),
         (lambda t: torch.log(t).sum(), -torch.ones(2), None, FloatingPointError, "not finite"),
         (lambda t: torch.tensor(1.0), torch.ones(2), None, ValueError, "does not depend on x"),
-        (lambda t: (t**2).sum(), torch.ones(3), torch.ones(4), ValueError, r"shape \(3,\)"),
         (
+            lambda t: (t**2).sum(),
+            torch.ones(3),
+            torch.ones(4),
+            ValueError,
+            r"shape \(3,\) or \(3, k\) — one entry per entry of x",
+        ),
+        (  # a plain function has no parameters: its v takes x's dtype (a review)
             lambda t: (t**2).sum(),
             torch.ones(3),
             torch.ones(3, dtype=torch.float64),
             TypeError,
-            "dtype",
+            r"dtype torch.float32 \(x's dtype\)",
         ),
     ],
 )

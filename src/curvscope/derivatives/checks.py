@@ -86,9 +86,10 @@ def check_vector(
     device: torch.device,
     name: str = "v",
     entries: str = "one entry per parameter",
+    whose: str = "the parameters'",
 ) -> Tensor:
     """Check a flat vector (n,) or a block of vectors (n, k) against the operator's size
-    (``entries`` says what its n entries are)."""
+    (``entries`` says what its n entries are, ``whose`` what sets its dtype and device)."""
     if not isinstance(v, Tensor):
         raise TypeError(
             f"expected {name} to be a torch.Tensor of shape ({n},) or ({n}, k), "
@@ -100,12 +101,12 @@ def check_vector(
         )
     if v.dtype != dtype:
         raise TypeError(
-            f"expected {name} with dtype {dtype} (the parameters' dtype), got {v.dtype}; "
+            f"expected {name} with dtype {dtype} ({whose} dtype), got {v.dtype}; "
             f"convert it with {name}.to({dtype})"
         )
     if v.device != device:
         raise ValueError(
-            f"expected {name} on device {device} (where the parameters are), got {v.device}; "
+            f"expected {name} on device {device} ({whose} device), got {v.device}; "
             f"move it with {name}.to('{device}')"
         )
     if v.ndim == 2 and v.shape[1] == 0:

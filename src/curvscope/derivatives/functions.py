@@ -82,7 +82,9 @@ def hvp(f: Function, x: Tensor, v: Tensor) -> Tensor:
         tensor([4., 2.])
     """
     x = check_point(x)
-    v = check_vector(v, x.numel(), x.dtype, x.device)
+    v = check_vector(
+        v, x.numel(), x.dtype, x.device, entries="one entry per entry of x", whose="x's"
+    )
     xl, g, _ = _grad_with_graph(f, x)
     return check_finite(_hvp_from_grad(xl, g, v), "the Hessian-vector product")
 
