@@ -478,3 +478,16 @@ def test_a_loss_that_takes_only_tensors_on_a_model_output_names_the_fix():
     wrapped = lambda out, t: F.cross_entropy(out.logits, t)  # noqa: E731 - the fix it names
     C = cs.Curvature(Model(), wrapped, (X, y))
     assert torch.isfinite(C @ torch.ones(8, dtype=DT)).all()
+
+
+def test_a_loaders_batch_with_no_counted_label_names_how_to_leave_it_out():
+    """A review: from a loader the advice was "drop the batch", which a user cannot do to a
+    batch a loader draws; the fixes a loader has are named (and "drop the batch" for a list)."""
+    X = torch.randn(5, 3, dtype=DT)
+    y = torch.tensor([0, 1, 0, 1, -100])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=2)
+    model = nn.Linear(3, 2).to(DT)
+    with pytest.raises(ValueError, match=r"batch 2 has no label .* drop_last=True .* seed="):
+        cs.Curvature(model, nn.CrossEntropyLoss(), loader)
+    with pytest.raises(ValueError, match=r"0/0; drop the batch$"):
+        cs.Curvature(model, nn.CrossEntropyLoss(), list(loader))

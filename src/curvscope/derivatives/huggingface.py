@@ -200,7 +200,7 @@ class HuggingFaceLoss:
             return int((targets != IGNORE_INDEX).sum())
         return int(targets.shape[0])
 
-    def nothing_counted(self, i: int) -> ValueError:
+    def nothing_counted(self, i: int, drop: str = "drop the batch") -> ValueError:
         what = (
             ("target token" if self.head != "classification" else "labelled sample")
             + " (every label is -100"
@@ -212,7 +212,7 @@ class HuggingFaceLoss:
         )
         return ValueError(
             f"batch {i} has no {what}: the model's loss averages over none, so it is not a "
-            "number; drop the batch or give it labels"
+            f"number; give it labels, or {drop}"
         )
 
     # -------------------------------------------------------------------------- outputs

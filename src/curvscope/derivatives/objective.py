@@ -1192,7 +1192,7 @@ class ModelObjective:
         for i, inputs, targets, _ in self._raw_batches():
             size = self._size(targets) if targets.ndim else 0.0
             if self.adapter is not None and size == 0:
-                raise self.adapter.nothing_counted(i)
+                raise self.adapter.nothing_counted(i, self._drop_advice())
             if targets.ndim == 0 or targets.shape[0] == 0:
                 raise ValueError(
                     f"batch {i} has no samples (targets of shape {tuple(targets.shape)}); "
@@ -1201,7 +1201,7 @@ class ModelObjective:
             if size == 0:
                 raise ValueError(
                     f"batch {i} has no label the loss counts (each is its ignore_index, or "
-                    "of a class whose weight is 0): its mean loss is 0/0; drop the batch"
+                    f"of a class whose weight is 0): its mean loss is 0/0; {self._drop_advice()}"
                 )
             for t in (*tensors(inputs), targets):
                 if not all_finite(t):
@@ -1227,6 +1227,17 @@ class ModelObjective:
                 "(inputs, targets) batch"
             )
         return batches, samples
+
+    def _drop_advice(self) -> str:
+        """How to leave out a batch with nothing to average: from a list, drop it; a loader's
+        batches are drawn (the user cannot drop one: a review)."""
+        if self._data_is_list():
+            return "drop the batch"
+        return (
+            "drop the batch — from a loader: drop_last=True where it is a small last batch, "
+            "or another seed= (the shuffle curvscope fixes draws from it), or the batches "
+            "drawn once as a list without it"
+        )
 
     def _check_repeatable(self) -> None:
         """A loader's first batch, drawn again, must be the same: the cheap check that the
