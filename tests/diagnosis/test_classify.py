@@ -714,3 +714,27 @@ def test_the_edge_rules_keep_their_bounds():
         best_loss=-10.0,
     )[0]
     assert negative is State.EDGE_OF_STABILITY  # falling below its minimum is no rise
+
+
+def test_one_batch_far_above_a_lucky_first_loss_is_not_an_explosion():
+    """Fine-tuning an accurate classifier one sample a step, a first loss of 1e-4 put the
+    explosion's limit at 0.1, under one mislabelled sample's loss: once the first window's mean
+    is known, a single loss is held against the larger of the two."""
+
+    def judged(losses, first_mean):
+        return classify_history(
+            State.LEARNING,
+            ["own"],
+            near(0.0),
+            losses=losses,
+            first_loss=1e-4,
+            best_loss=0.04,
+            first_mean=first_mean,
+        )
+
+    assert judged([0.001, 5.0, 0.002, 0.001], first_mean=0.05)[0] is State.LEARNING
+    state, reasons = judged([0.001, 5.0, 0.002, 0.001], first_mean=None)  # not known yet
+    assert state is State.DIVERGED and "1000 times its first value 0.0001" in reasons[0]
+    state, reasons = judged([0.001, 60.0, 0.002, 0.001], first_mean=0.05)
+    assert state is State.DIVERGED
+    assert "above 1000 times its mean before the first probe 0.05" in reasons[0]

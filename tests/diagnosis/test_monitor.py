@@ -544,3 +544,18 @@ def test_the_first_loss_can_be_measured_on_the_probe_data_at_the_start():
     assert mon.measure_first_loss() == pytest.approx(float(loss_fn(model(data[0]), data[1])))
     cases.assert_unchanged(before, cases.snapshot(model))
     assert mon.first_loss == pytest.approx(float(loss_fn(model(data[0]), data[1])))
+
+
+def test_a_lucky_first_loss_does_not_make_one_large_batch_loss_an_explosion():
+    """A loss probe (cause "loss") is called by a loss above 1000 times the first, or once a
+    window closed, its mean: 5.0 after a first loss of 1e-4 and a window averaging 0.01 is a
+    mislabelled sample, not a blow-up; 100 is (the first window's mean 0.01: the limit 10)."""
+    case = cases.mlp(n=32)
+    mon = cs.Monitor(case.model, case.loss_fn, case.data, lr=0.01, every=5, forecast=False)
+    for loss in (1e-4, 2e-4, 1e-4, 0.05, 1e-4):  # the probe at step 5 closes the first window
+        mon.step(loss)
+    assert mon.probe_causes == ["cadence"] and mon.last.state != "diverged"
+    mon.step(5.0)
+    assert mon.probe_causes == ["cadence"]
+    mon.step(100.0)
+    assert mon.probe_causes == ["cadence", "loss"] and mon.last.state == "diverged"

@@ -1152,18 +1152,35 @@ def _rises_and_falls(losses: Sequence[float]) -> bool:
     return any(d > 0 for d in diffs) and any(d < 0 for d in diffs)
 
 
+def explosion_base(first_loss: float | None, first_mean: float | None) -> float | None:
+    """What a single training loss is held against for :data:`EXPLOSION`: the run's first
+    loss, or once a mean of the training losses between two probes is known, the larger of
+    the first loss and the first such mean. One batch's loss can be far below the run's level:
+    fine-tuning an accurate classifier one sample a step, a first loss of 1e-4 put the limit at
+    0.1, under one mislabelled sample's loss."""
+    if first_loss is None or first_mean is None or not math.isfinite(first_mean):
+        return first_loss
+    return max(first_loss, first_mean)
+
+
 def _loss_diverged(
-    losses: Sequence[float], first_loss: float | None, best_loss: float | None, floor: float
+    losses: Sequence[float],
+    first_loss: float | None,
+    best_loss: float | None,
+    floor: float,
+    first_mean: float | None = None,
 ) -> list[str] | None:
     """The reasons the training losses since the previous probe say *diverged*, or None: one
-    not finite or above :data:`EXPLOSION` times the first, or their mean stuck far above the
-    running minimum (:func:`_stuck_high`)."""
-    if _ran_away(losses, first_loss):
-        if first_loss is None:
+    not finite or above :data:`EXPLOSION` times the first (:func:`explosion_base`), or their
+    mean stuck far above the running minimum (:func:`_stuck_high`)."""
+    base = explosion_base(first_loss, first_mean)
+    if _ran_away(losses, base):
+        if base is None:
             return ["the training loss is not finite"]
+        what = "its first value" if base == first_loss else "its mean before the first probe"
         return [
-            f"the training loss ran away: above {EXPLOSION:g} times its first value "
-            f"{first_loss:.3g}, or not finite"
+            f"the training loss ran away: above {EXPLOSION:g} times {what} {base:.3g}, or not "
+            "finite"
         ]
     return _stuck_high(losses, best_loss, first_loss, floor)
 
@@ -1256,11 +1273,13 @@ def classify_history(
     thresholds: Thresholds = DEFAULT_THRESHOLDS,
     full_batch: bool | None = None,
     steps: Sequence[int] | None = None,
+    first_mean: float | None = None,
 ) -> tuple[StateEnum, list[str]]:
     """Refine one probe's verdict with what only history shows (the Monitor's rules).
 
     - **diverged** when a training loss since the previous probe is not finite or above
-      :data:`EXPLOSION` (1e3) times the first loss of the run, or when their mean is above
+      :data:`EXPLOSION` (1e3) times the first loss of the run (once known, the larger of it
+      and ``first_mean``: :func:`explosion_base`), or when their mean is above
       :data:`RAN_AWAY` (10) times its running minimum ``best_loss`` and above the first loss (a
       blow-up stuck high: a saturated network's collapsed curvature reads as stable steps);
     - otherwise a *learning* or *unstable* probe is **edge_of_stability** — never while the
@@ -1314,6 +1333,8 @@ def classify_history(
         thresholds: the :class:`Thresholds` (``confidence``).
         steps: the steps of the ``past`` probes and of this one (None: rule (a) reads the last
             :data:`EOS_PROBES` probes whatever their steps).
+        first_mean: the mean training loss between the first two probes that had any (the
+            Monitor's first window; None: not known yet).
 
     Returns:
         (state, reasons): the refined verdict; the probe's own when history changes nothing.
@@ -1325,7 +1346,9 @@ def classify_history(
         _check_steps(steps, len(past))
     floor = thresholds.loss_floor
     ran_away = (
-        None if state == State.DIVERGED else _loss_diverged(losses, first_loss, best_loss, floor)
+        None
+        if state == State.DIVERGED
+        else _loss_diverged(losses, first_loss, best_loss, floor, first_mean)
     )
     if ran_away:
         return State.DIVERGED, ran_away

@@ -46,6 +46,7 @@ from curvscope.diagnosis.classify import (
     classify,
     classify_history,
     effective_sharpness,
+    explosion_base,
 )
 from curvscope.diagnosis.diagnosis import (
     DEFAULT_BUDGET,
@@ -554,7 +555,8 @@ class Monitor:
         thousands of steps away); once the Monitor says diverged, not again. In one process
         only: under torch.distributed each rank reports its own loss, and a probe is a
         collective that every rank must call at the same step (the next probe judges it)."""
-        if self._state == State.DIVERGED or not _ran_away(self.losses[-1:], self.first_loss):
+        base = explosion_base(self.first_loss, self._first_mean())
+        if self._state == State.DIVERGED or not _ran_away(self.losses[-1:], base):
             return False  # the common case first: no collective state read every step
         return _world_size() < 2
 
@@ -845,6 +847,10 @@ class Monitor:
         self._loss_mark = len(self.losses)
         return d
 
+    def _first_mean(self) -> float | None:
+        """The mean training loss of the first window between probes that had any."""
+        return self._window_means[0] if self._window_means else None
+
     def _check_loss_scale(self, probed: float) -> None:
         """Warn, once (at the first probe with a training loss to compare), when the losses
         passed to :meth:`step` are on another scale than the probe's own loss: a GradScaler's
@@ -942,6 +948,7 @@ class Monitor:
             first_loss=self.first_loss,
             previous=self.history[-1].state if self.history else None,
             best_loss=min(self._window_means) if self._window_means else None,
+            first_mean=self._first_mean(),
             previous_low=self._low,
             full_batch=self.full_batch if self.full_batch is not None else self._seen_full_batch,
             thresholds=self.thresholds,
