@@ -145,3 +145,13 @@ def test_more_bad_input_named_with_the_fix():
         inference = torch.tensor([1.0, 2.0], dtype=torch.float64)
     with pytest.raises(RuntimeError, match=r"made under torch.inference_mode\(\).*clone"):
         cs.hessian(f, inference)
+
+
+def test_a_functions_operator_names_x_in_its_vector_errors():
+    """A review: ``Curvature.from_function(f, x) @ v`` still said "the parameters' dtype" and
+    "one entry per parameter"."""
+    C = cs.Curvature.from_function(lambda t: (t**3).sum(), torch.ones(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"\(x's dtype\)"):
+        C @ torch.ones(3)
+    with pytest.raises(ValueError, match="one entry per entry of x"):
+        C @ torch.ones(4, dtype=torch.float64)

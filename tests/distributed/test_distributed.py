@@ -4,6 +4,7 @@ left untouched; a rank that dies ends the other's product with a clear error, no
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import time
@@ -105,6 +106,21 @@ def _worker(rank: int, port: int, out: str) -> None:
     mon.close()
     result["monitor_states"] = [d.state for d in mon.history]
     result["checks"] = len(mon.updates)
+    # a collective: the loss over every rank's probe data (it did nothing under a process
+    # group, and the Trainer callback's blown-up run read learning: a review)
+    fresh = cs.Monitor(ddp, case.loss_fn, local, lr=0.1, every=4)
+    result["first_loss"] = fresh.measure_first_loss()
+    result["loss_now"] = cs.Curvature(ddp, case.loss_fn, local).loss_and_gradient()[0]
+    # a bfloat16 model's loss computed in float32 is summed over the ranks unrounded
+    half = copy.deepcopy(case.model).to(torch.bfloat16)
+    halves = [(xb.to(torch.bfloat16), yb) for xb, yb in local]
+
+    def upcast(o, t):
+        return torch.nn.functional.cross_entropy(o.float(), t)
+
+    loss, grad = cs.Curvature(half, upcast, halves).loss_and_gradient()
+    own = [(float(upcast(half(xb), yb)), len(yb)) for xb, yb in halves]
+    result["half"] = (loss, grad.dtype, own)
     torch.save(result, Path(out) / f"rank{rank}.pt")
     _end()
 
@@ -116,6 +132,10 @@ def _end() -> None:
         dist.barrier()
         dist.destroy_process_group()
     os._exit(0)
+
+
+def _load(out: Path, rank: int) -> dict:
+    return torch.load(out / f"rank{rank}.pt", weights_only=False)
 
 
 def test_two_ranks_equal_one_process_on_the_full_data(tmp_path):
@@ -132,6 +152,11 @@ def test_two_ranks_equal_one_process_on_the_full_data(tmp_path):
             torch.testing.assert_close(got[key], reference[key], rtol=1e-10, atol=1e-12)
         assert len(got["monitor_states"]) == 2
         assert got["checks"] >= 1
+        assert got["first_loss"] == pytest.approx(got["loss_now"], rel=1e-12)
+        half_loss, half_dtype, _ = got["half"]
+        batches = [b for r in range(WORLD) for b in _load(tmp_path, r)["half"][2]]
+        mean = sum(value * n for value, n in batches) / sum(n for _, n in batches)
+        assert half_dtype == torch.bfloat16 and half_loss == pytest.approx(mean, rel=1e-6)
         torch.testing.assert_close(got["hv_sampler"], reference["hv"], rtol=1e-10, atol=1e-12)
     _, records = read_log(tmp_path / "run.jsonl")
     assert [r["step"] for r in records] == [4, 8]  # written once, by rank 0

@@ -3,6 +3,7 @@
 TorchFunctionMode while ``eigenvalues`` and the density's plain Lanczos run on a dense operator
 (whose product reads nothing), and the count must grow by exactly one per step."""
 
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -66,9 +67,14 @@ def test_block_steps_read_once_each_too():
     assert b - a == 6  # six more block steps of two vectors
 
 
-def test_plain_lanczos_reads_once_a_step():
-    op = as_operator(_matrix())
-    z = torch.randn(op.n, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+@pytest.mark.parametrize(
+    ("dtype", "scale"), [(torch.float64, 1.0), (torch.float32, 1e-13), (torch.float64, 1e-140)]
+)
+def test_plain_lanczos_reads_once_a_step(dtype, scale):
+    """At any scale: the norm's fallback for a spectrum far from 1 read β again, a second read
+    a step (a review)."""
+    op = as_operator((_matrix() * scale).to(dtype))
+    z = torch.randn(op.n, 1, generator=torch.Generator().manual_seed(1), dtype=dtype)
     a, _ = _reads(lambda: tridiagonal(op, z, 10))
     b, _ = _reads(lambda: tridiagonal(op, z, 30))
     assert b - a == 20

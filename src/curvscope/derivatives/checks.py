@@ -79,6 +79,10 @@ def check_point(x: object, name: str = "x") -> Tensor:
     return x
 
 
+#: :func:`check_vector`'s words for the vectors of a plain function f(x), which has no parameters
+FUNCTION_VECTOR = {"entries": "one entry per entry of x", "whose": "x's"}
+
+
 def check_vector(
     v: object,
     n: int,

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives import kinds as _k
 from curvscope.derivatives.checks import (
+    FUNCTION_VECTOR,
     NonFiniteLoss,
     all_finite,
     check_dense_size,
@@ -120,6 +121,7 @@ class _FunctionSource:
         self.names = ["x"]
         self.notes: list[str] = []
         self.in_memory = True
+        self.vector_words = FUNCTION_VECTOR  # what a vector's entries are, in errors
 
     def model_state(self) -> tuple[tuple[bool, ...], list[tuple[str, Tensor]]]:
         return (), [("x", self.x)]
@@ -503,9 +505,15 @@ class Curvature:
         differs = [torch.ne(t.detach(), t0).any() for (_, t), t0 in zip(now, saved, strict=True)]
         return not bool(torch.stack(differs).any()) if differs else True
 
+    @property
+    def _vector_words(self) -> dict[str, str]:
+        """What a vector's entries are, for :func:`check_vector`'s errors: a plain function's
+        are x's (its errors named "the parameters' dtype": a review)."""
+        return getattr(self._source, "vector_words", {})
+
     def matmat(self, V: Tensor) -> Tensor:
         """C V for a block of vectors V of shape (num_params, k); counts k products."""
-        V = check_vector(V, self.num_params, self.dtype, self.device)
+        V = check_vector(V, self.num_params, self.dtype, self.device, **self._vector_words)
         single = V.ndim == 1
         blocks = self._source.unflatten(V[:, None] if single else V)
         k = blocks[0].shape[0]
@@ -647,7 +655,7 @@ class Curvature:
     # ------------------------------------------------------------------ flat <-> named
     def unflatten(self, v: Tensor) -> dict[str, Tensor]:
         """A flat vector as a dict name → tensor shaped like that parameter."""
-        v = check_vector(v, self.num_params, self.dtype, self.device)
+        v = check_vector(v, self.num_params, self.dtype, self.device, **self._vector_words)
         if v.ndim != 1:
             raise ValueError(f"unflatten takes one flat vector, got shape {tuple(v.shape)}")
         return dict(zip(self.param_names, self._source.unflatten(v), strict=True))
@@ -685,12 +693,13 @@ class Curvature:
             grad = grad + f
         if self.group is None:  # the loss as computed (it rode with a bfloat16 gradient,
             return float(loss), grad  # and came back rounded to 8 bits: a review)
-        # one sum over the ranks for both, in float32 at least: the loss is not rounded to a
-        # half-precision gradient's dtype
-        carried = torch.promote_types(grad.dtype, torch.float32)
-        both = torch.cat([grad.to(carried), grad.new_tensor([loss], dtype=carried)])
-        both, refusals = self._summed_over_ranks(both)
-        total = float(both[-1])
+        if torch.finfo(grad.dtype).bits >= 32:  # one sum over the ranks for both
+            both, refusals = self._summed_over_ranks(torch.cat([grad, grad.new_tensor([loss])]))
+            total, grad = float(both[-1]), both[:-1]
+        else:  # the loss summed apart, in float64: not rounded to a half-precision gradient's
+            grad, refusals = self._summed_over_ranks(grad)  # dtype (nor the gradient copied)
+            summed = all_reduce_sum(grad.new_tensor([loss], dtype=torch.float64), self.group)
+            total = float(summed[0]) if float(refusals) == 0 else math.nan
         if not math.isfinite(total):  # on every rank at once: the loss of one rank's data
             self._raise_refusal(refusals)
             raise NonFiniteLoss(
@@ -698,7 +707,7 @@ class Curvature:
                 "check its inputs and parameters for NaN/Inf and the model for overflow",
                 total,
             )
-        return total, both[:-1].to(grad.dtype)
+        return total, grad
 
     def sharded(self) -> ShardedCurvature:
         """This rank's part of the flat vectors, for a model sharded by FSDP2 with

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from curvscope.derivatives.checks import (
+    FUNCTION_VECTOR,
     check_dense_size,
     check_finite,
     check_point,
@@ -82,9 +83,7 @@ def hvp(f: Function, x: Tensor, v: Tensor) -> Tensor:
         tensor([4., 2.])
     """
     x = check_point(x)
-    v = check_vector(
-        v, x.numel(), x.dtype, x.device, entries="one entry per entry of x", whose="x's"
-    )
+    v = check_vector(v, x.numel(), x.dtype, x.device, **FUNCTION_VECTOR)
     xl, g, _ = _grad_with_graph(f, x)
     return check_finite(_hvp_from_grad(xl, g, v), "the Hessian-vector product")
 

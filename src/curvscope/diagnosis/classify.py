@@ -1160,7 +1160,9 @@ def explosion_base(first_loss: float | None, first_mean: float | None) -> float 
     0.1, under one mislabelled sample's loss."""
     if first_loss is None or first_mean is None or not math.isfinite(first_mean):
         return first_loss
-    return max(first_loss, first_mean)
+    # by magnitude, as the limit reads it: a negative log-likelihood's first loss of -3 and a
+    # mean of 0.002 put the limit at 2 (taken as the larger signed value: a review)
+    return first_mean if abs(first_mean) > abs(first_loss) else first_loss
 
 
 def _loss_diverged(
@@ -1191,14 +1193,17 @@ def _stuck_high(
     """The reasons a run's loss ran away and stayed there, or None: the mean training loss
     since the previous probe is above :data:`RAN_AWAY` times the lower of its running minimum
     ``best_loss`` and its first value (measured as :func:`_rose` measures a rise), as are three
-    quarters of those losses (:func:`_mostly_above`), and above the first loss. The first
+    quarters of the window's recent half (:func:`_mostly_above`: of the whole window, a run
+    climbing from 2.2 to 1500 over its last 7 of 10 losses read *learning*, a review), and
+    above the first loss. The first
     value counts because a run can blow up before its first probe: its windows' means are then
     all high, and a 100x blow-up read as *learning* at every probe (an outside review)."""
     if first_loss is None:
         return None
     low = first_loss if best_loss is None else min(best_loss, first_loss)
     mean = _risen_mean(losses, low, RAN_AWAY, floor)
-    if mean is None or mean <= first_loss or not _mostly_above(losses, low, floor):
+    recent = losses[len(losses) // 2 :]  # a blow-up late in the window: its recent half
+    if mean is None or mean <= first_loss or not _mostly_above(recent, low, floor):
         return None
     above = (
         f"its first value {first_loss:.4g}"
@@ -1280,7 +1285,8 @@ def classify_history(
     - **diverged** when a training loss since the previous probe is not finite or above
       :data:`EXPLOSION` (1e3) times the first loss of the run (once known, the larger of it
       and ``first_mean``: :func:`explosion_base`), or when their mean is above
-      :data:`RAN_AWAY` (10) times its running minimum ``best_loss`` and above the first loss (a
+      :data:`RAN_AWAY` (10) times the lower of its running minimum ``best_loss`` and the first
+      loss, as are three quarters of the recent half of them, and above the first loss (a
       blow-up stuck high: a saturated network's collapsed curvature reads as stable steps);
     - otherwise a *learning* or *unstable* probe is **edge_of_stability** — never while the
       mean training loss since the previous probe is above :data:`EOS_LOSS_RISE` (2) times

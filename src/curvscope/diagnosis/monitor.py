@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from curvscope.derivatives import Curvature
 from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives import zero3 as _zero3
 from curvscope.derivatives.checks import callers_level, check_int, check_real
@@ -52,6 +51,7 @@ from curvscope.diagnosis.diagnosis import (
     DEFAULT_BUDGET,
     Diagnosis,
     UpdateCheck,
+    _curvature,
     _Products,
     diagnose,
     update_curvature,
@@ -155,9 +155,11 @@ class Monitor:
     a few products; history refines its verdict
     (:func:`~curvscope.diagnosis.classify.classify_history`):
 
-    - **diverged** when the loss is not finite or above ``EXPLOSION`` (1e3) times the first,
-      or when its mean since the previous probe is above ``RAN_AWAY`` (10) times its running
-      minimum and above the first loss (a blow-up stuck high);
+    - **diverged** when the loss is not finite or above ``EXPLOSION`` (1e3) times the first
+      (once the first window between probes closed, the larger of the first and that
+      window's mean), or when its mean since the previous probe is above ``RAN_AWAY`` (10)
+      times the lower of its running minimum and the first loss, as are three quarters of
+      the window's recent half, and above the first loss (a blow-up stuck high);
     - **edge_of_stability** when the sharpness has been within ``EOS_BAND`` (±15%) of the
       stability limit at ``EOS_PROBES`` (3) consecutive probes, over at least ``EOS_HOLD``
       (20) steps (Cohen et al. 2021): full-batch
@@ -339,6 +341,7 @@ class Monitor:
         self._last_probe_seconds = 0.0
         self._loss_mark = 0
         self._window_means: list[float] = []  # the mean training loss between two probes
+        self._first_window_diverged = False  # whether the probe closing the first said so
         self._low: float | None = None  # the lowest training loss before the current window
         # the cheap tier: off with update_every=0, or with a fixed `every` and no update_every
         self.update_every = update_every
@@ -665,28 +668,31 @@ class Monitor:
         )
 
     def measure_first_loss(self) -> float | None:
-        """Take the run's first loss from ``probe_data`` now, at the parameters as they are:
-        for a loop whose first reported loss is not its start's — a mean over a logging window
-        (the ``transformers.Trainer`` callback reports those): a run blown up inside its first
-        window reported a first loss of 2,567 where it started at 3, and with that as its start
-        never read *diverged* (an outside review). Costs one gradient over ``probe_data``;
-        leaves the model as found. Under torch.distributed it does nothing (the ranks' mean of
-        their first reported losses is the start there). Returns the first loss."""
-        if _world_size() > 1:
-            return self.first_loss
-        C = Curvature(
+        """Take the run's first loss from ``probe_data`` now, at the parameters as they are
+        (the model's own mode: a model in eval mode is measured without dropout): for a loop
+        whose first reported loss is not its start's — a mean over a logging window (the
+        ``transformers.Trainer`` callback reports those): a run blown up inside its first
+        window reported a first loss of 2,567 where it started at 3, and with that as its
+        start never read *diverged* (an outside review). Costs one gradient over
+        ``probe_data``, with the Monitor's ``backend``; leaves the model as found. Under
+        torch.distributed a collective (every rank calls it; the loss over every rank's
+        data). A loss that is not finite leaves the first loss unknown (the first probe
+        reads it). Returns the first loss."""
+        C = _curvature(
             self.model,
             self.loss_fn,
             self.probe_data,
-            params=self.params,
-            seed=self.seed,
-            reduction=self.reduction,
-            cache=False,
+            self.params,
+            self.seed,
+            self.reduction,
+            self._products,
         )
-        loss, _ = C.loss_and_gradient()
-        if math.isfinite(loss):
-            self.first_loss = loss
-        return self.first_loss
+        try:
+            loss, _ = C.loss_and_gradient()
+        except FloatingPointError:  # not finite: the first probe says diverged
+            return self.first_loss
+        self.first_loss = loss
+        return loss
 
     def _measuring(self) -> dict[str, Any]:
         """What a probe and a cheap check measure alike: the rate without an optimizer, the
@@ -842,14 +848,20 @@ class Monitor:
         self._plan()
         window = [v for v in self.losses[self._loss_mark :] if math.isfinite(v)]
         if window:
+            if not self._window_means:
+                self._first_window_diverged = d.state == State.DIVERGED
             self._window_means.append(sum(window) / len(window))
             self._low = min(window) if self._low is None else min(self._low, *window)
         self._loss_mark = len(self.losses)
         return d
 
     def _first_mean(self) -> float | None:
-        """The mean training loss of the first window between probes that had any."""
-        return self._window_means[0] if self._window_means else None
+        """The mean training loss of the first window between probes that had any, unless the
+        probe that closed it said *diverged* (a blow-up's mean raised the explosion's limit
+        for the rest of the run: a review)."""
+        if not self._window_means or self._first_window_diverged:
+            return None
+        return self._window_means[0]
 
     def _check_loss_scale(self, probed: float) -> None:
         """Warn, once (at the first probe with a training loss to compare), when the losses

@@ -301,20 +301,16 @@ def tridiagonal(op: Operator, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
     betas: list[float] = []
     beta_t = torch.zeros((), dtype=q.dtype, device=q.device)
     info = torch.finfo(q.dtype)
-    # ‖w‖ from its sum of squares is exact between these: below, the squares underflow (a
-    # float64 spectrum at 1e-170 read β = 0, "an invariant subspace", one node, the negative
-    # mass 0 for 0.25); above, they overflow (at 1e160 β = inf, then NaN nodes: a review)
-    low, high = math.sqrt(info.tiny) / info.eps, math.sqrt(info.max)
     scale = 0.0  # the largest |α| or β so far
     for _ in range(steps):
         w = op(q[:, None])[:, 0] - beta_t * q_prev
         alpha_t = op.total(q @ w)
         w = w - alpha_t * q
-        beta_t = op.norm(w)
+        # scaled (an O(n) pass more, beside a product): from its plain sum of squares a float64
+        # spectrum at 1e-170 read β = 0, "an invariant subspace", one node, the negative mass
+        # 0 for 0.25, and at 1e160 β = inf, then NaN nodes (a review); read with α, one read
+        beta_t = _scaled_norm(op, w)
         alpha, beta = host(torch.stack([alpha_t, beta_t])).tolist()
-        if math.isfinite(alpha) and not low < beta < high:
-            beta_t = _scaled_norm(op, w)
-            beta = float(beta_t)
         alphas.append(alpha)
         scale = max(scale, abs(alpha), betas[-1] if betas else 0.0)
         if beta <= 1e3 * info.eps * scale:
