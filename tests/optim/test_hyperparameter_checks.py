@@ -155,3 +155,75 @@ def test_normalized_gd_checks_a_groups_own_values(key, value):
     with pytest.raises(ValueError, match="Invalid"):
         opt.add_param_group({"params": [y], key: value})
     assert len(opt.param_groups) == 1
+
+
+_EDITED = [
+    (cs.optim.CubicNewton, "sigma", -1.0, "Invalid sigma"),  # hung in its subproblem
+    (cs.optim.CubicNewton, "sigma", 0.0, "Invalid sigma"),  # a bare ZeroDivisionError
+    (cs.optim.SaddleFreeNewton, "krylov_dim", 0, "Invalid krylov_dim"),
+    (cs.optim.HessianFree, "damping", -1.0, "Invalid damping"),
+    (cs.optim.Newton, "damping", -1.0, "Invalid damping"),  # the unsafeguarded step, silently
+    (cs.optim.NewtonCG, "radius", 0.0, "Invalid radius"),  # stalled, every step 0
+    (cs.optim.NewtonCG, "radius", -5.0, "Invalid radius"),  # taken as |radius|
+    (cs.optim.NewtonCG, "max_cg", 0, "Invalid max_cg"),
+    (cs.optim.NormalizedGD, "lr", -1.0, "Invalid learning rate"),  # stepped uphill
+    (cs.optim.AdaHessian, "hessian_power", 2.0, "Invalid hessian_power"),
+    (cs.optim.AdaHessian, "eps", 0.0, "Invalid eps"),
+    (cs.optim.Sophia, "betas", (1.5, 0.999), "Invalid beta1"),
+    (cs.optim.Sophia, "rho", -1.0, "Invalid rho"),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "key", "value", "match"),
+    _EDITED,
+    ids=[f"{m.__name__}-{k}={v}" for m, k, v, _ in _EDITED],
+)
+def test_a_value_edited_between_steps_is_checked_at_the_next_step(make, key, value, match):
+    """An outside review: a group's value set between steps (as a scheduler, or the README's
+    way of scheduling a radius, damping or σ, sets it) was taken unchecked — CubicNewton's
+    σ = −1 hung, NewtonCG's radius 0 stalled for good, NormalizedGD's lr = −1 stepped uphill.
+    Now refused at the step, as the constructor refuses it, with nothing written; and in a
+    group passed to the constructor."""
+    torch.manual_seed(0)
+    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def closure():
+        opt.zero_grad()
+        loss = (x**4).sum() + (x**2).sum()
+        loss.backward()
+        return loss
+
+    opt = make([x])
+    opt.step(closure)
+    before = x.detach().clone()
+    opt.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=match):
+        opt.step(closure)
+    assert torch.equal(x.detach(), before)
+    with pytest.raises(ValueError, match=match):
+        make([{"params": [x], key: value}])
+
+
+def test_a_max_radius_lowered_between_steps_bounds_the_next_step():
+    """An outside review: max_radius edited below the radius reached, the next step kept it
+    (a step of norm 2.0 for a max_radius of 0.1)."""
+    x = torch.full((3,), 10.0, dtype=torch.float64, requires_grad=True)
+
+    def closure():
+        opt.zero_grad()
+        loss = ((x - 1) ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt = cs.optim.NewtonCG([x], radius=0.05, max_radius=4.0)
+    while opt.info is None or opt.info.radius <= 0.2:  # full steps to the boundary: it grows
+        opt.step(closure)
+    opt.param_groups[0]["max_radius"] = 0.1  # above the radius asked (0.05), below the reached
+    before = x.detach().clone()
+    opt.step(closure)
+    assert float((x.detach() - before).norm()) <= 0.1 + 1e-12
+    assert opt.info.radius <= 0.1
+    opt.param_groups[0]["max_radius"] = 0.01  # below the radius asked: refused
+    with pytest.raises(ValueError, match="exceeds max_radius"):
+        opt.step(closure)

@@ -22,7 +22,7 @@ The second-order methods compose a descent with a search: :mod:`curvscope.optim.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -175,6 +175,7 @@ class CurvscopeOptimizer(Optimizer):
         if isinstance(params, set):  # torch's own error: parameters need an order
             super().add_param_group(param_group)
             return
+        self._check_group({**self.defaults, **param_group})
         listed = [params] if isinstance(params, Tensor) else list(params or [])
         for p in listed:  # at construction (torch adds each group here) and after it alike
             if isinstance(p, Tensor) and p.is_complex():
@@ -190,6 +191,13 @@ class CurvscopeOptimizer(Optimizer):
                 "pass each parameter once"
             )
         super().add_param_group({**param_group, "params": listed})
+
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        """A group's hyperparameters checked as the constructor's keywords are (a method with
+        some overrides this) — at construction, for a group's own (``add_param_group``) and,
+        before every step, for each group as it is then: a value set between steps (a
+        scheduler's, or the user's, as the README says to schedule a radius, damping or σ) was
+        taken unchecked — σ = −1 hung CubicNewton, lr = −1 stepped uphill (an outside review)."""
 
     #: attributes a copy or a pickle keeps beside torch's own (defaults, state, param_groups)
     _kept: tuple[str, ...] = ("_counts", "info", "_alone")
@@ -234,6 +242,8 @@ class CurvscopeOptimizer(Optimizer):
         state (counts included), ``info``, the running statistics of the normalization layers
         the step ran and torch's global RNG are restored bit for bit to what they were at the
         start of the step, then the exception propagates. Returns the loss at the start."""
+        for group in self.param_groups:  # as they are now: edited since, perhaps
+            self._check_group(group)
         snapshot = Snapshot(self)
         kept = KeptStatistics(on_error=True)
         try:

@@ -285,7 +285,8 @@ class _DiagonalMethod(CurvscopeOptimizer):
     def _check_group(self, group: Mapping[str, Any]) -> None:
         """A group's hyperparameters, checked as the constructor's are — a group's own
         (``add_param_group``, or a dict passed to the constructor) was taken unchecked:
-        ``hessian_power=3``, ``eps=0``, ``lr=-1``, and betas that failed only at the step."""
+        ``hessian_power=3``, ``eps=0``, ``lr=-1``, and betas that failed only at the step; and
+        before each step (:meth:`CurvscopeOptimizer._check_group`)."""
         check_positive("learning rate", group["lr"], allow_zero=True)  # torch's accept 0
         check_betas(group["betas"])
         check_positive("eps", group["eps"])
@@ -296,7 +297,6 @@ class _DiagonalMethod(CurvscopeOptimizer):
         refusing a group whose ``update_every`` or ``seed`` differs from the others': one
         diagonal estimate, drawn from one seed, refreshes every parameter at once (a second
         group's own value was ignored)."""
-        self._check_group({**self.defaults, **param_group})
         if self.param_groups:
             for key in self.SHARED:
                 self._same(key, param_group.get(key, self.defaults[key]))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -36,14 +36,11 @@ class NormalizedGD(CurvscopeOptimizer):
         check_positive("eps", eps)
         super().__init__(params, {"lr": lr, "eps": eps})
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """``torch.optim.Optimizer.add_param_group``, the group's own values checked as the
-        constructor's are (a group's lr=-1 stepped uphill, lr=nan and eps=0 were taken: an
-        outside review) — the constructor's groups pass through here too."""
-        group = {**self.defaults, **param_group}
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        """A group's own values, checked as the constructor's are (a group's lr=-1 stepped
+        uphill, lr=nan and eps=0 were taken: an outside review), and before each step."""
         check_positive("learning rate", group["lr"], allow_zero=True)
         check_positive("eps", group["eps"])
-        super().add_param_group(param_group)
 
     def _step(self, closure: Any, snapshot: Snapshot) -> Tensor | None:
         counts, loss = self.counts, None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -60,12 +60,6 @@ class HessianFree(ModelStepOptimizer):
         *,
         group: Any = None,
     ) -> None:
-        check_positive("damping", damping)
-        check_int("max_cg", max_cg)
-        check_unit("decay", decay)
-        check_positive("progress_tol", progress_tol)
-        if curvature not in CURVATURES:
-            raise ValueError(f"Invalid curvature: {curvature!r} (expected one of {CURVATURES})")
         defaults = dict(
             damping=damping,
             max_cg=max_cg,
@@ -74,6 +68,17 @@ class HessianFree(ModelStepOptimizer):
             curvature=curvature,
         )
         super().__init__(params, defaults, tolerance_grad, group=group)
+
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        super()._check_group(group)
+        check_positive("damping", group["damping"])
+        check_int("max_cg", group["max_cg"])
+        check_unit("decay", group["decay"])
+        check_positive("progress_tol", group["progress_tol"])
+        if group["curvature"] not in CURVATURES:
+            raise ValueError(
+                f"Invalid curvature: {group['curvature']!r} (expected one of {CURVATURES})"
+            )
 
     @torch.no_grad()
     def step(  # type: ignore[override]

@@ -4,7 +4,7 @@ saddle-free Newton and cubic-regularized Newton, each a descent paired with a se
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from curvscope.optim.base import check_int, check_positive
@@ -45,10 +45,13 @@ class SaddleFreeNewton(ModelStepOptimizer):
         *,
         group: Any = None,
     ) -> None:
-        check_int("krylov_dim", krylov_dim)
-        check_positive("damping", damping)
         defaults = {"krylov_dim": krylov_dim, "damping": damping}
         super().__init__(params, defaults, tolerance_grad, group=group)
+
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        super()._check_group(group)
+        check_int("krylov_dim", group["krylov_dim"])
+        check_positive("damping", group["damping"])
 
 
 class CubicNewton(ModelStepOptimizer):
@@ -84,10 +87,14 @@ class CubicNewton(ModelStepOptimizer):
         *,
         group: Any = None,
     ) -> None:
+        defaults = {"sigma": sigma, "krylov_dim": krylov_dim, "min_sigma": min_sigma}
+        super().__init__(params, defaults, tolerance_grad, group=group)
+
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        super()._check_group(group)
+        sigma, min_sigma = group["sigma"], group["min_sigma"]
         check_positive("sigma", sigma)
-        check_int("krylov_dim", krylov_dim)
+        check_int("krylov_dim", group["krylov_dim"])
         check_positive("min_sigma", min_sigma)
         if sigma < min_sigma:
             raise ValueError(f"Invalid sigma: {sigma} is below min_sigma={min_sigma}")
-        defaults = {"sigma": sigma, "krylov_dim": krylov_dim, "min_sigma": min_sigma}
-        super().__init__(params, defaults, tolerance_grad, group=group)

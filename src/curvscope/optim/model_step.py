@@ -240,7 +240,6 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         *,
         group: Any = None,
     ) -> None:
-        check_positive("tolerance_grad", tolerance_grad, allow_zero=True)
         super().__init__(params, {**defaults, "tolerance_grad": tolerance_grad}, group=group)
         descent, search = self.descent, self.search
         check_pairing(type(self).__name__, descent, search)
@@ -248,6 +247,11 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         group = self.param_groups[0]
         asked = self._asked()
         self._set_global({search.key: asked["asked"], **descent.init(group), **asked})
+
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        """The group's ``tolerance_grad``, and (a method's own) its size and settings: read from
+        the group at every step, so checked there too (:meth:`CurvscopeOptimizer._check_group`)."""
+        check_positive("tolerance_grad", group["tolerance_grad"], allow_zero=True)
 
     def _sized_groups(self) -> None:
         """The group as a :class:`SizedGroup` (at construction, and after a state dict loaded
@@ -289,6 +293,9 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         if group.edited or any(memory.get(k, asked[k]) != asked[k] for k in ("asked", "search")):
             memory[self.search.key] = asked["asked"]
         group.edited = False
+        bounded = getattr(self.search, "bounded", None)  # a bound edited since: held to
+        if bounded is not None and self.search.key in memory:
+            memory[self.search.key] = bounded(memory[self.search.key], group)
         return {**memory, **asked}
 
     def _step(self, closure: Any, snapshot: Snapshot) -> Tensor:

@@ -3,7 +3,7 @@ descent paired with a search (:mod:`curvscope.optim.model_step`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import Tensor
@@ -63,9 +63,12 @@ class Newton(ModelStepOptimizer):
         *,
         group: Any = None,
     ) -> None:
-        check_positive("damping", damping, allow_zero=True)
         super().__init__(params, {"damping": damping}, tolerance_grad, group=group)
         self._check_size()
+
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        super()._check_group(group)
+        check_positive("damping", group["damping"], allow_zero=True)
 
     def _check_size(self) -> None:
         """Refuse more than ``DENSE_LIMIT`` trainable entries — at construction and at every
@@ -140,12 +143,16 @@ class NewtonCG(ModelStepOptimizer):
         *,
         group: Any = None,
     ) -> None:
+        defaults = {"radius": radius, "max_radius": max_radius, "eta": eta, "max_cg": max_cg}
+        super().__init__(params, defaults, tolerance_grad, group=group)
+
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        super()._check_group(group)
+        radius, max_radius, eta = group["radius"], group["max_radius"], group["eta"]
         check_positive("radius", radius)
         check_positive("max_radius", max_radius)
         if radius > max_radius:
             raise ValueError(f"Invalid radius: {radius} exceeds max_radius={max_radius}")
-        if not isinstance(eta, int | float) or not 0 <= eta < 0.25:
+        if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0 <= eta < 0.25:
             raise ValueError(f"Invalid eta: {eta!r} (expected a number in [0, 0.25))")
-        check_int("max_cg", max_cg)
-        defaults = {"radius": radius, "max_radius": max_radius, "eta": eta, "max_cg": max_cg}
-        super().__init__(params, defaults, tolerance_grad, group=group)
+        check_int("max_cg", group["max_cg"])

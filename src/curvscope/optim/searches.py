@@ -46,6 +46,11 @@ class TrustRadius:
     def init(self, group: Mapping[str, Any]) -> float:
         return float(group["radius"])
 
+    def bounded(self, value: float, group: Mapping[str, Any]) -> float:
+        """The radius within ``max_radius`` as the group has it now (lowered between steps
+        below the radius reached, the next step kept the radius: an outside review)."""
+        return min(value, float(group["max_radius"]))
+
     def accepts(self, ratio: float, actual: float, group: Mapping[str, Any]) -> bool:
         return ratio > group["eta"]
 
@@ -158,6 +163,10 @@ class AdaptiveCubic:
 
     def init(self, group: Mapping[str, Any]) -> float:
         return float(group["sigma"])
+
+    def bounded(self, value: float, group: Mapping[str, Any]) -> float:
+        """σ at least ``min_sigma`` as the group has it now (raised between steps)."""
+        return max(value, float(group["min_sigma"]))
 
     def accepts(self, ratio: float, actual: float, group: Mapping[str, Any]) -> bool:
         return ratio >= self.good
