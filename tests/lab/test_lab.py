@@ -101,3 +101,12 @@ def test_unknown_names_list_the_valid_ones():
         lab.run_lab(["rosenbrok"], ["gd"], budget=BUDGET)
     with pytest.raises(ValueError, match="valid names: gd"):
         lab.run_lab(["saddle"], ["sgd"], budget=BUDGET)
+
+
+def test_a_start_where_no_direction_curves_up_sizes_gradient_descent_by_the_largest_curvature():
+    """An outside review: Himmelblau starts at (0, 0), eigenvalues −42 and −26; η = 1/λ_max
+    was negative and the lab raised torch's "Invalid learning rate", losing the runs before."""
+    results = lab.run_lab(["himmelblau"], ["gd"], budget=BUDGET)
+    (info,) = results["problems"]
+    assert info["lambda_max0"] == pytest.approx(42.0) and info["gd_lr"] == pytest.approx(1 / 42)
+    assert [r["optimizer"] for r in results["runs"]] == ["gd"]

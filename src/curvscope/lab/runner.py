@@ -136,10 +136,25 @@ def make_setup(name: str) -> tuple[Setup, problems.Problem]:
 
 
 def lambda_max_at_start(setup: Setup, prob: problems.Problem) -> float:
-    """λ_max(H(θ₀)): exact from the closed form for functions, Lanczos for models."""
+    """The curvature's scale at θ₀, which sizes gradient descent's step: λ_max(H(θ₀)), or
+    where no direction curves up, the largest |λ| (Himmelblau starts where both eigenvalues
+    are negative, −42 and −26: η = 1/λ_max was negative, and the lab raised torch's "Invalid
+    learning rate", losing the runs before it: an outside review). Exact from the closed form
+    for functions, Lanczos for models."""
     if isinstance(prob, problems.FunctionProblem):
-        return float(torch.linalg.eigvalsh(prob.hess(prob.x0)).max())
-    return float(eigenvalues(setup.curvature(), k=1, tol=1e-3).values[0])
+        lam = torch.linalg.eigvalsh(prob.hess(prob.x0))
+        top, largest = float(lam.max()), float(lam.abs().max())
+    else:
+        C = setup.curvature()
+        top = float(eigenvalues(C, k=1, tol=1e-3).values[0])
+        largest = top if top > 0 else float(eigenvalues(C, k=1, which="both").values.abs().max())
+    scale = top if top > 0 else largest
+    if not scale > 0:
+        raise ValueError(
+            f"{prob.name}: the Hessian at the start is 0, so gradient descent's step cannot be "
+            "sized by its curvature"
+        )
+    return scale
 
 
 @dataclass
