@@ -341,3 +341,14 @@ def test_an_lr_in_a_model_step_methods_group_is_refused(make):
     with pytest.raises(ValueError, match="holds 'lr'"):
         opt.step(lambda: (x**4).sum())
     assert torch.equal(x.detach(), torch.ones(3, dtype=torch.float64))
+
+
+def test_rounding_level_negative_curvature_is_not_said_to_be_used():
+    """An outside review: on a convex softmax regression (a null direction: the class shift)
+    the Krylov methods said "negative curvature used (λ_min ≈ -8e-18)"; beyond rounding only
+    (n·eps·max|θ|, as the dense Newton step judges it)."""
+    from curvscope.optim.descents import _negative_note
+
+    theta = torch.tensor([-8e-18, 0.5, 2.0], dtype=torch.float64)
+    assert _negative_note(theta, 30) == ""
+    assert "negative curvature used" in _negative_note(torch.tensor([-1e-3, 2.0]), 30)
