@@ -32,14 +32,12 @@ class NormalizedGD(CurvscopeOptimizer):
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, eps: float = 1e-12) -> None:
-        check_positive("learning rate", lr, allow_zero=True)  # torch's optimizers accept 0
-        check_positive("eps", eps)
-        super().__init__(params, {"lr": lr, "eps": eps})
+        super().__init__(params, {"lr": lr, "eps": eps})  # checked by _check_group
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
         """A group's own values, checked as the constructor's are (a group's lr=-1 stepped
         uphill, lr=nan and eps=0 were taken: an outside review), and before each step."""
-        check_positive("learning rate", group["lr"], allow_zero=True)
+        check_positive("learning rate", group["lr"], allow_zero=True)  # torch's accept 0
         check_positive("eps", group["eps"])
 
     def _step(self, closure: Any, snapshot: Snapshot) -> Tensor | None:
