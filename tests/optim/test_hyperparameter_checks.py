@@ -224,6 +224,50 @@ def test_a_max_radius_lowered_between_steps_bounds_the_next_step():
     opt.step(closure)
     assert float((x.detach() - before).norm()) <= 0.1 + 1e-12
     assert opt.info.radius <= 0.1
-    opt.param_groups[0]["max_radius"] = 0.01  # below the radius asked: refused
-    with pytest.raises(ValueError, match="exceeds max_radius"):
+    # below the radius asked too (0.05): bounded, not refused (a review: "Invalid radius:
+    # 0.05 exceeds max_radius", a value the user never touched)
+    opt.param_groups[0]["max_radius"] = 0.01
+    before = x.detach().clone()
+    opt.step(closure)
+    assert float((x.detach() - before).norm()) <= 0.01 + 1e-12
+
+
+def test_a_min_sigma_raised_between_steps_bounds_sigma():
+    x = torch.full((3,), 3.0, dtype=torch.float64, requires_grad=True)
+
+    def closure():
+        opt.zero_grad()
+        loss = ((x - 1) ** 4).sum()
+        loss.backward()
+        return loss
+
+    opt = cs.optim.CubicNewton([x])  # σ = 1 asked
+    opt.step(closure)
+    opt.param_groups[0]["min_sigma"] = 10.0
+    opt.step(closure)
+    assert opt.info.sigma >= 10.0
+
+
+@pytest.mark.parametrize("make", [cs.optim.NormalizedGD, cs.optim.AdaHessian, cs.optim.Sophia])
+def test_a_schedulers_rounding_and_a_tensor_lr_are_taken(make):
+    """A review: torch's LinearLR decaying to 0 ends at -1.85e-19 — refused at the step, it
+    ended the run (torch's own optimizers go on); a LambdaLR returning a tensor writes one."""
+    x = torch.ones(3, requires_grad=True)
+
+    def closure():
+        opt.zero_grad()
+        loss = (x**2).sum()
+        loss.backward()
+        return loss
+
+    opt = make([x], lr=0.1)
+    schedule = torch.optim.lr_scheduler.LinearLR(opt, end_factor=0.0, total_iters=4)
+    for _ in range(6):
+        opt.step(closure)
+        schedule.step()
+    assert -1e-12 <= opt.param_groups[0]["lr"] <= 0
+    opt.param_groups[0]["lr"] = torch.tensor(0.01)
+    opt.step(closure)
+    opt.param_groups[0]["lr"] = -1e-6  # not rounding: refused
+    with pytest.raises(ValueError, match="Invalid learning rate"):
         opt.step(closure)

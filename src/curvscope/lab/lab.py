@@ -24,7 +24,7 @@ from curvscope.lab.runner import (
     Budget,
     Run,
     Setup,
-    lambda_max_at_start,
+    curvature_at_start,
     make_setup,
     run_one,
 )
@@ -240,8 +240,8 @@ def _run_problems(
     (so that what finished before a Ctrl-C is kept)."""
     for pname in pnames:
         setup, prob = make_setup(pname)
-        lam0 = lambda_max_at_start(setup, prob)
-        lr_gd = GD_LR_FACTOR / lam0
+        lam0, scale0 = curvature_at_start(setup, prob)
+        lr_gd = GD_LR_FACTOR / scale0
         prob_info.append(
             {
                 "name": pname,
@@ -295,7 +295,10 @@ def _results(
         "budget": asdict(budget),
         "rules": {
             "learning_rates": LEARNING_RATES,
-            "gd_lr": f"{GD_LR_FACTOR} / lambda_max(theta_0)",
+            "gd_lr": (
+                f"{GD_LR_FACTOR} / lambda_max(theta_0); where it is <= 0, "
+                f"{GD_LR_FACTOR} / max|lambda(theta_0)|"
+            ),
             "grad_tol": GRAD_TOL,
             "blowup": BLOWUP,
             "profile_tol": PROFILE_TOL,

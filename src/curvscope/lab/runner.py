@@ -136,11 +136,16 @@ def make_setup(name: str) -> tuple[Setup, problems.Problem]:
 
 
 def lambda_max_at_start(setup: Setup, prob: problems.Problem) -> float:
-    """The curvature's scale at θ₀, which sizes gradient descent's step: λ_max(H(θ₀)), or
-    where no direction curves up, the largest |λ| (Himmelblau starts where both eigenvalues
-    are negative, −42 and −26: η = 1/λ_max was negative, and the lab raised torch's "Invalid
-    learning rate", losing the runs before it: an outside review). Exact from the closed form
-    for functions, Lanczos for models."""
+    """λ_max(H(θ₀)): exact from the closed form for functions, Lanczos for models."""
+    return curvature_at_start(setup, prob)[0]
+
+
+def curvature_at_start(setup: Setup, prob: problems.Problem) -> tuple[float, float]:
+    """(λ_max(H(θ₀)), the curvature's scale there, which sizes gradient descent's step):
+    the scale is λ_max, or where no direction curves up the largest |λ| (Himmelblau starts
+    where both eigenvalues are negative, −42 and −26: η = 1/λ_max was negative, and the lab
+    raised torch's "Invalid learning rate", losing the runs before it: an outside review).
+    Exact from the closed form for functions, Lanczos for models."""
     if isinstance(prob, problems.FunctionProblem):
         lam = torch.linalg.eigvalsh(prob.hess(prob.x0))
         top, largest = float(lam.max()), float(lam.abs().max())
@@ -154,7 +159,7 @@ def lambda_max_at_start(setup: Setup, prob: problems.Problem) -> float:
             f"{prob.name}: the Hessian at the start is 0, so gradient descent's step cannot be "
             "sized by its curvature"
         )
-    return scale
+    return top, scale
 
 
 @dataclass

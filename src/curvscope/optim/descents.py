@@ -150,12 +150,13 @@ def krylov_model(local: Local) -> tuple[Tensor, Tensor, Tensor]:
     return Q @ S, theta, w
 
 
-def _negative_note(theta: Tensor, n: int) -> str:
-    """The note for a subspace with negative curvature beyond rounding — n·eps·max|θ|, as the
-    dense Newton step judges it: a convex softmax regression's λ_min of −8e-18 read "negative
-    curvature used" (an outside review)."""
+def _negative_note(theta: Tensor) -> str:
+    """The note for a subspace with negative curvature beyond rounding — k·eps·max|θ| for the
+    k Ritz values, as the dense Newton step judges its n: a convex softmax regression's λ_min
+    of −8e-18 read "negative curvature used" (an outside review; with n for k, a float32 model
+    of 8M parameters could never say it: a review)."""
     lo = float(theta.min())
-    rounding = n * torch.finfo(theta.dtype).eps * float(theta.abs().max())
+    rounding = theta.numel() * torch.finfo(theta.dtype).eps * float(theta.abs().max())
     return f"negative curvature used (λ_min ≈ {lo:.3g})" if lo < -rounding else ""
 
 
@@ -175,7 +176,7 @@ class LanczosSaddleFree:
         scale = max(float(theta.abs().max()), torch.finfo(theta.dtype).tiny)
         u = -w / (theta.abs() + mu * scale)
         pred = -float(w @ u + 0.5 * (theta * u * u).sum())
-        return Proposal(QS @ u, pred, _negative_note(theta, QS.shape[0]))
+        return Proposal(QS @ u, pred, _negative_note(theta))
 
 
 @dataclass(frozen=True)
@@ -193,8 +194,7 @@ class LanczosCubic:
         QS, theta, w = krylov_model(local)
         u, _ = cubic_in_eigenbasis(theta, w, sigma)
         u = u.to(w)
-        note = _negative_note(theta, QS.shape[0])
-        return Proposal(QS @ u, -cubic_model(theta, w, u, sigma), note)
+        return Proposal(QS @ u, -cubic_model(theta, w, u, sigma), _negative_note(theta))
 
 
 #: Martens keeps the CG iterates at iterations ⌈γʲ⌉ for backtracking, γ = 1.3.

@@ -24,6 +24,7 @@ from curvscope.optim.base import (
     Update,
     check_betas,
     check_int,
+    check_lr,
     check_positive,
 )
 
@@ -287,7 +288,7 @@ class _DiagonalMethod(CurvscopeOptimizer):
         (``add_param_group``, or a dict passed to the constructor) was taken unchecked:
         ``hessian_power=3``, ``eps=0``, ``lr=-1``, and betas that failed only at the step; and
         before each step (:meth:`CurvscopeOptimizer._check_group`)."""
-        check_positive("learning rate", group["lr"], allow_zero=True)  # torch's accept 0
+        check_lr(group["lr"])
         check_betas(group["betas"])
         check_positive("eps", group["eps"])
         check_positive("weight_decay", group["weight_decay"], allow_zero=True)

@@ -10,7 +10,13 @@ import torch
 from torch import Tensor
 
 from curvscope.optim._closure import _split, check_closure
-from curvscope.optim.base import CurvscopeOptimizer, Snapshot, StepInfo, check_positive
+from curvscope.optim.base import (
+    CurvscopeOptimizer,
+    Snapshot,
+    StepInfo,
+    check_lr,
+    check_positive,
+)
 
 
 class NormalizedGD(CurvscopeOptimizer):
@@ -37,7 +43,7 @@ class NormalizedGD(CurvscopeOptimizer):
     def _check_group(self, group: Mapping[str, Any]) -> None:
         """A group's own values, checked as the constructor's are (a group's lr=-1 stepped
         uphill, lr=nan and eps=0 were taken: an outside review), and before each step."""
-        check_positive("learning rate", group["lr"], allow_zero=True)  # torch's accept 0
+        check_lr(group["lr"])
         check_positive("eps", group["eps"])
 
     def _step(self, closure: Any, snapshot: Snapshot) -> Tensor | None:

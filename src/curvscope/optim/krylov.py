@@ -88,7 +88,9 @@ class CubicNewton(ModelStepOptimizer):
         group: Any = None,
     ) -> None:
         defaults = {"sigma": sigma, "krylov_dim": krylov_dim, "min_sigma": min_sigma}
-        super().__init__(params, defaults, tolerance_grad, group=group)
+        super().__init__(params, defaults, tolerance_grad, group=group)  # each value checked
+        if sigma < min_sigma:  # the keywords (an edit between steps is bounded instead)
+            raise ValueError(f"Invalid sigma: {sigma} is below min_sigma={min_sigma}")
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
         super()._check_group(group)
@@ -96,5 +98,3 @@ class CubicNewton(ModelStepOptimizer):
         check_positive("sigma", sigma)
         check_int("krylov_dim", group["krylov_dim"])
         check_positive("min_sigma", min_sigma)
-        if sigma < min_sigma:
-            raise ValueError(f"Invalid sigma: {sigma} is below min_sigma={min_sigma}")

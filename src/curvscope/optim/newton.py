@@ -144,15 +144,15 @@ class NewtonCG(ModelStepOptimizer):
         group: Any = None,
     ) -> None:
         defaults = {"radius": radius, "max_radius": max_radius, "eta": eta, "max_cg": max_cg}
-        super().__init__(params, defaults, tolerance_grad, group=group)
+        super().__init__(params, defaults, tolerance_grad, group=group)  # each value checked
+        if radius > max_radius:  # the keywords (an edit between steps is bounded instead)
+            raise ValueError(f"Invalid radius: {radius} exceeds max_radius={max_radius}")
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
         super()._check_group(group)
         radius, max_radius, eta = group["radius"], group["max_radius"], group["eta"]
         check_positive("radius", radius)
         check_positive("max_radius", max_radius)
-        if radius > max_radius:
-            raise ValueError(f"Invalid radius: {radius} exceeds max_radius={max_radius}")
         if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0 <= eta < 0.25:
             raise ValueError(f"Invalid eta: {eta!r} (expected a number in [0, 0.25))")
         check_int("max_cg", group["max_cg"])
