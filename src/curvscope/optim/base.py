@@ -120,15 +120,15 @@ def check_unit(name: str, value: Any) -> float:
     return number
 
 
-#: a learning rate this far below 0 is a scheduler's rounding, taken as 0: torch's LinearLR
-#: decaying to 0 ends at -1.85e-19 (refused at the step, it ended the run: a review)
+#: a learning rate this far below 0 is a scheduler's rounding, accepted (its step is nil):
+#: torch's LinearLR decaying to 0 ends at -1.85e-19 (refused at the step, it ended the run)
 LR_ROUNDING = 1e-12
 
 
 def check_lr(value: Any) -> float:
     """A group's learning rate: a finite number >= 0 — a one-element tensor as its number (a
     LambdaLR returning one writes it), and a scheduler's rounding below 0 (within
-    :data:`LR_ROUNDING`) as 0."""
+    :data:`LR_ROUNDING`) accepted, checked as 0."""
     if isinstance(value, Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, float) and -LR_ROUNDING <= value < 0:
