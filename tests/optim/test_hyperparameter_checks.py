@@ -157,6 +157,18 @@ def test_normalized_gd_checks_a_groups_own_values(key, value):
     assert len(opt.param_groups) == 1
 
 
+def _closure(x: torch.Tensor, loss_of):
+    """A closure computing ``loss_of(x)`` and its gradient (``x.grad`` set afresh)."""
+
+    def closure():
+        x.grad = None
+        loss = loss_of(x)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 _EDITED = [
     (cs.optim.CubicNewton, "sigma", -1.0, "Invalid sigma"),  # hung in its subproblem
     (cs.optim.CubicNewton, "sigma", 0.0, "Invalid sigma"),  # a bare ZeroDivisionError
@@ -188,11 +200,7 @@ def test_a_value_edited_between_steps_is_checked_at_the_next_step(make, key, val
     torch.manual_seed(0)
     x = torch.randn(3, dtype=torch.float64, requires_grad=True)
 
-    def closure():
-        opt.zero_grad()
-        loss = (x**4).sum() + (x**2).sum()
-        loss.backward()
-        return loss
+    closure = _closure(x, lambda t: (t**4).sum() + (t**2).sum())
 
     opt = make([x])
     opt.step(closure)
@@ -210,11 +218,7 @@ def test_a_max_radius_lowered_between_steps_bounds_the_next_step():
     (a step of norm 2.0 for a max_radius of 0.1)."""
     x = torch.full((3,), 10.0, dtype=torch.float64, requires_grad=True)
 
-    def closure():
-        opt.zero_grad()
-        loss = ((x - 1) ** 2).sum()
-        loss.backward()
-        return loss
+    closure = _closure(x, lambda t: ((t - 1) ** 2).sum())
 
     opt = cs.optim.NewtonCG([x], radius=0.05, max_radius=4.0)
     while opt.info is None or opt.info.radius <= 0.2:  # full steps to the boundary: it grows
@@ -235,11 +239,7 @@ def test_a_max_radius_lowered_between_steps_bounds_the_next_step():
 def test_a_min_sigma_raised_between_steps_bounds_sigma():
     x = torch.full((3,), 3.0, dtype=torch.float64, requires_grad=True)
 
-    def closure():
-        opt.zero_grad()
-        loss = ((x - 1) ** 4).sum()
-        loss.backward()
-        return loss
+    closure = _closure(x, lambda t: ((t - 1) ** 4).sum())
 
     opt = cs.optim.CubicNewton([x])  # σ = 1 asked
     opt.step(closure)
@@ -254,11 +254,7 @@ def test_a_schedulers_rounding_and_a_tensor_lr_are_taken(make):
     ended the run (torch's own optimizers go on); a LambdaLR returning a tensor writes one."""
     x = torch.ones(3, requires_grad=True)
 
-    def closure():
-        opt.zero_grad()
-        loss = (x**2).sum()
-        loss.backward()
-        return loss
+    closure = _closure(x, lambda t: (t**2).sum())
 
     opt = make([x], lr=0.1)
     schedule = torch.optim.lr_scheduler.LinearLR(opt, end_factor=0.0, total_iters=4)

@@ -1134,7 +1134,14 @@ def _risen_mean(
     mean = _window_mean(losses)
     if mean is None or best_loss is None:
         return None
-    return mean if mean - best_loss > (factor - 1) * max(abs(best_loss), floor) else None
+    return mean if _risen(mean, best_loss, factor, floor) else None
+
+
+def _risen(value: float, low: float, factor: float, floor: float) -> bool:
+    """Whether ``value`` is above ``low`` by more than (``factor`` − 1) times max(|low|,
+    ``floor``): ``factor`` times it, for a positive loss; a loss that can be negative is
+    measured on the same scale."""
+    return value - low > (factor - 1) * max(abs(low), floor)
 
 
 def _loss_trend(losses: Sequence[float]) -> str:
@@ -1195,9 +1202,9 @@ def _stuck_high(
     ``best_loss`` and its first value (measured as :func:`_rose` measures a rise), as are three
     quarters of the window's recent half (:func:`_mostly_above`: of the whole window, a run
     climbing from 2.2 to 1500 over its last 7 of 10 losses read *learning*, a review), and
-    above the first loss. The first
-    value counts because a run can blow up before its first probe: its windows' means are then
-    all high, and a 100x blow-up read as *learning* at every probe (an outside review)."""
+    above the first loss. The first value counts because a run can blow up before its first
+    probe: its windows' means are then all high, and a 100x blow-up read as *learning* at every
+    probe (an outside review)."""
     if first_loss is None:
         return None
     low = first_loss if best_loss is None else min(best_loss, first_loss)
@@ -1220,17 +1227,14 @@ def _stuck_high(
 
 def _mostly_above(losses: Sequence[float], low: float, floor: float) -> bool:
     """Whether three quarters of the finite ``losses`` are above :data:`RAN_AWAY` times ``low``
-    (measured as :func:`_risen_mean` measures a rise): a run blown up and stuck there has its
-    losses high, the lowest quarter too; a mean lifted by a few large batch losses is noise
-    (√10 in place of 10 still read 1 of those 45 probes *diverged*). A first loss is one batch's:
-    a lucky one (0.0095 for a fine-tuned network whose batches of 8 average 0.05, one in
-    twenty holding a noisy label at a loss of 5) made a healthy fine-tuning read *diverged*,
-    "restore the last good checkpoint", at 6 of 45 probes (an outside review)."""
+    (:func:`_risen`): a run blown up and stuck there has its losses high, the lowest quarter
+    too; a mean lifted by a few large batch losses is noise. A first loss is one batch's: a
+    lucky one (0.0095 for a fine-tuned network whose batches of 8 average 0.05, one in twenty
+    holding a noisy label at a loss of 5) made a healthy fine-tuning read *diverged*, "restore
+    the last good checkpoint", at 6 of 45 probes (an outside review; √10 in place of 10 still
+    read 1 of them)."""
     finite = sorted(v for v in losses if math.isfinite(v))
-    if not finite:
-        return False
-    quartile = finite[len(finite) // 4]
-    return quartile - low > (RAN_AWAY - 1) * max(abs(low), floor)
+    return bool(finite) and _risen(finite[len(finite) // 4], low, RAN_AWAY, floor)
 
 
 def _window_mean(losses: Sequence[float]) -> float | None:

@@ -768,11 +768,9 @@ def _refined(op: Operator, r: Any, tol: float, products: int, seed: int, mix: bo
     holds little of a negative direction that appeared since (a review's Monitor-style start
     read *minimum*, λ_min ≈ 0, for −0.02 below a near-null cluster, 5 of 5 seeds)."""
     assert r.vectors is not None
-    if not mix:
-        return eigenvalues(
-            op, k=1, which="both", tol=tol, max_matvecs=products, seed=seed, v0=r.vectors
-        )
-    floor = min(RANDOM_START_PRODUCTS, products)  # a review: above max_matvecs it raised
+    start, floor = r.vectors, None
+    if mix:  # a review: a floor above max_matvecs raised
+        start, floor = _mixed(op, r.vectors, seed), min(RANDOM_START_PRODUCTS, products)
     out = eigenvalues(
         op,
         k=1,
@@ -780,10 +778,10 @@ def _refined(op: Operator, r: Any, tol: float, products: int, seed: int, mix: bo
         tol=tol,
         max_matvecs=products,
         seed=seed,
-        v0=_mixed(op, r.vectors, seed),
+        v0=start,
         min_matvecs=floor,
     )
-    if floor < RANDOM_START_PRODUCTS:  # too few products to judge a mixed start by: not judged
+    if floor is not None and floor < RANDOM_START_PRODUCTS:  # too few to judge a mixed start
         out = replace(
             out,
             converged=torch.zeros_like(out.converged),

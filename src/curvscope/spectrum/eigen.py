@@ -754,25 +754,22 @@ def _by_layer(
     if not isinstance(A, Curvature) or A.objective is None:
         raise TypeError("by_layer=True needs a cs.Curvature built from a model")
     used = 0
+    each = {
+        "k": 1,
+        "tol": tol,
+        "seed": seed,
+        "progress_bar": progress_bar,
+        "min_matvecs": min_matvecs,
+    }  # every run's settings
     if top is None:
-        r = eigenvalues(
-            A, k=1, tol=tol, seed=seed, progress_bar=progress_bar, min_matvecs=min_matvecs
-        )
+        r = eigenvalues(A, **each)
         assert r.vectors is not None
         top, used = r.vectors[:, 0], r.matvecs
     shares = block_shares(A, top)
     out = {}
     for layer, names in _layer_groups(A.param_names).items():
         sub = A.restrict(names)
-        r = eigenvalues(
-            sub,
-            k=1,
-            tol=tol,
-            seed=seed,
-            return_vectors=False,
-            progress_bar=progress_bar,
-            min_matvecs=min_matvecs,
-        )
+        r = eigenvalues(sub, return_vectors=False, **each)
         used += r.matvecs
         share = sum(shares[n] for n in names)
         out[layer] = LayerSpectrum(sub.num_params, float(r.values[0]), share)

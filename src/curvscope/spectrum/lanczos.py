@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from curvscope.spectrum._operator import Operator
-from curvscope.spectrum.precision import square_sums
+from curvscope.spectrum.precision import scaled_column_norms, square_sums
 
 
 def host(t: Tensor) -> np.ndarray:
@@ -328,11 +328,9 @@ def _scaled_norm(op: Operator, v: Tensor) -> Tensor:
     of v divided by its largest entry for whole vectors (a float64 vector at 1e±200 too); for
     sharded ones each rank's sum of squares in float64 (:func:`square_sums`: a float32
     operator's range), summed over the ranks. No host read."""
-    if op.shards is not None:
+    if op.shards is not None:  # one collective: each rank's sum in float64
         return op.total(square_sums(v)).sqrt().to(v.dtype)
-    top = v.abs().amax()
-    top = torch.where(top > 0, top, torch.ones_like(top))
-    return (v / top).norm() * top
+    return scaled_column_norms(op, v[:, None])[0]
 
 
 def error_bounds(theta: np.ndarray, res: np.ndarray) -> np.ndarray:
