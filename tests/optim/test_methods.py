@@ -254,6 +254,73 @@ def test_hessian_free_uses_gauss_newton_from_outputs_and_a_curvature_minibatch()
     assert opt.counts.products == opt.counts.cg_iterations + 14
 
 
+def test_hessian_free_backtracks_past_iterates_whose_loss_is_not_finite():
+    """A quadratic undefined where x₀ ≥ 5 (NaN there), its minimizer at x = 10: CG's iterates
+    1–11 lower the loss from 0 to −1637, iterates 14 and 18 are NaN. Walking back from the
+    last, a NaN kept as the best ended the walk at the second iterate, and the whole step was
+    rejected (24 steps of it, the damping growing: a review); a non-finite loss counts as
+    +inf, so the walk goes on to iterate 11 and the first step takes it."""
+    n = 20
+    A = torch.diag(torch.logspace(-2, 1, n, dtype=DT))
+    b = A @ torch.full((n,), 10.0, dtype=DT)
+
+    def f(x):
+        return 0.5 * x @ A @ x - b @ x + 0.0 * torch.log(5.0 - x[0])
+
+    x = torch.zeros(n, dtype=DT, requires_grad=True)
+    opt = cs.optim.HessianFree([x], damping=1e-6, curvature="hessian", max_cg=50)
+    opt.step(at(f, x))
+    assert opt.info.accepted, opt.info.note
+    assert float(f(x.detach())) < -1637  # iterate 11's loss, −1637.3
+    assert float(x.detach()[0]) < 5
+
+
+def _penalized_closure(model, X, y, how):
+    """(loss, outputs) of a linear classifier whose loss also reads the parameters, or an
+    activation, other than through the outputs it returns."""
+    hidden = model[0]
+
+    def closure():
+        h = hidden(X)
+        out = model[1:](h)
+        loss = nn.functional.cross_entropy(out, y)
+        if how == "l2":
+            return loss + 0.25 * sum((p**2).sum() for p in model.parameters()), out
+        return loss + 0.25 * (h**2).mean(), out  # an activation penalty
+
+    return closure
+
+
+@pytest.mark.parametrize("how", ["l2", "activation"])
+@pytest.mark.parametrize("where", ["closure", "curvature_closure"])
+def test_hessian_free_refuses_gauss_newton_for_a_loss_read_around_the_outputs(how, where):
+    """With (CE(out) + λ/2‖θ‖², out) the Gauss-Newton product was G_CE, not G_CE + λI: the
+    penalty's curvature dropped without a word, the first six steps rejected at damping 1e-4,
+    27 steps to ‖g‖ < 1e-8 where the Hessian's took 4 (a review). Refused, naming the fix,
+    the step undone; curvature="hessian" counts the penalty, every step taken."""
+    gen = torch.Generator().manual_seed(0)
+    X, y = torch.randn(60, 5, generator=gen, dtype=DT), torch.randint(0, 2, (60,), generator=gen)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 2)).double()
+    closure, plain = _penalized_closure(model, X, y, how), _penalized_closure(model, X, y, None)
+    before = [p.detach().clone() for p in model.parameters()]
+    for curvature in ("ggn", "auto"):
+        opt = cs.optim.HessianFree(model.parameters(), damping=1e-4, curvature=curvature)
+        with pytest.raises(ValueError, match=r"other than through the outputs(.|\n)*'hessian'"):
+            if where == "closure":
+                opt.step(closure)
+            else:
+                opt.step(plain, curvature_closure=closure)
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    if how != "l2":
+        return
+    opt = cs.optim.HessianFree(model.parameters(), damping=1e-4, curvature="hessian")
+    for _ in range(6):
+        opt.step(closure)
+        assert opt.info.accepted
+    assert opt.info.grad_norm < 1e-8  # ‖g‖ where the sixth step started
+
+
 # ------------------------------------------------------------------ traps of the anchors
 def test_scipy_newton_cg_declares_success_at_a_maximum_ours_says_maximum():
     f_np = lambda z: np.cos(z[0]) + np.cos(z[1])  # noqa: E731

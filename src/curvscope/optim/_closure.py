@@ -253,6 +253,47 @@ def model_outputs(ev: Any) -> Tensor:
     return outputs
 
 
+def read_around_outputs(loss: Tensor, outputs: Tensor, params: Sequence[Tensor]) -> int | None:
+    """The index in ``params`` of a parameter that ``loss`` reads other than through
+    ``outputs`` (a penalty on the parameters, on an activation before the outputs, a
+    parameter of the loss itself), or None: one walk over the loss's graph that does not
+    enter the outputs' node — only the loss's own operations when it reads the outputs alone.
+    A Gauss-Newton product Jᵀ H_out J has the curvature of the part through the outputs
+    only: with (CE(out) + λ/2‖θ‖², out) it was G_CE, not G_CE + λI, without a word, and
+    Hessian-free took 27 steps where the Hessian's took 4 (a review)."""
+    ids = {id(p): i for i, p in enumerate(params)}
+    stop = outputs.grad_fn
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node is stop or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf tensor
+        if leaf is not None:
+            if leaf is not outputs and id(leaf) in ids:
+                return ids[id(leaf)]
+            continue
+        stack.extend(child for child, _ in node.next_functions)
+    return None
+
+
+def around_outputs_refusal(index: int, param: Tensor) -> str:
+    """The refusal of a Gauss-Newton product for a loss that reads a parameter other than
+    through the outputs (:func:`read_around_outputs`), with the fixes."""
+    return (
+        f"the closure's loss reads the optimized parameter {index} (shape "
+        f"{tuple(param.shape)}) other than through the outputs it returned — an L2 penalty "
+        "on the parameters, a penalty on an activation, a parameter of the loss itself, or "
+        "outputs that are not the tensor the loss was computed from — and a Gauss-Newton "
+        "product Jᵀ H_out J holds the curvature of what goes through the outputs only: that "
+        "term's would be left out (an L2 penalty λ/2‖θ‖² gives G, not G + λI). Use "
+        "curvature='hessian', which counts every term's curvature (the penalty's λI "
+        "included), or return (loss, outputs) with the loss computed from the outputs alone"
+    )
+
+
 def check_closure(closure: Any, name: str) -> Closure:
     if closure is None:
         raise ValueError(
@@ -580,10 +621,19 @@ class Evaluation:
             return self._product(self._hessian, V)
 
     def ggn(self, V: Tensor) -> Tensor:
-        """Jᵀ H_out J V: the Gauss-Newton product, from the closure's (loss, outputs)."""
+        """Jᵀ H_out J V: the Gauss-Newton product, from the closure's (loss, outputs).
+
+        Raises:
+            ValueError: the closure's loss reads the parameters other than through the
+                outputs (:func:`read_around_outputs`): that term's curvature is not in
+                Jᵀ H_out J.
+        """
         outputs = model_outputs(self)
         with torch.enable_grad():
             if self._ggn is None:
+                read = read_around_outputs(self.loss_tensor, outputs, self.params)
+                if read is not None:
+                    raise ValueError(around_outputs_refusal(read, self.params[read]))
                 with self.kernels:  # its backward passes recompute checkpointed forwards
                     self._ggn = ggn_product(outputs, self.params, self.loss_tensor)
             return self._product(self._ggn, V)  # (on the kernels too)

@@ -206,12 +206,15 @@ _KEPT = frozenset(math.ceil(BACKTRACK_SPACING**j) for j in range(80))
 class GaussNewtonCG:
     """CG on the damped curvature system (G + λI) s = −g, as Hessian-free does (Martens 2010).
 
-    From the group: ``curvature`` ("ggn": G = JᵀH_out J from the closure's (loss, outputs);
-    "hessian"; "auto": G when the outputs are there), ``max_cg``, ``decay`` (the warm start
-    ζ·s_prev, the previous solution kept as ``previous``) and ``progress_tol`` (Martens' §4.4
-    stopping rule). Of the iterates kept at iterations ⌈1.3ʲ⌉, the one with the lowest loss
-    found walking back from the last is proposed. Negative curvature (the Hessian only) is
-    reported as the floor λ − pᵀ(H + λI)p/‖p‖² for the damping.
+    From the group: ``curvature`` ("ggn": G = JᵀH_out J from the closure's (loss, outputs),
+    refused for a loss that also reads the parameters other than through the outputs — G
+    would leave that term's curvature out; "hessian"; "auto": G when the outputs are there),
+    ``max_cg``, ``decay`` (the warm start ζ·s_prev, the previous solution kept as
+    ``previous``) and ``progress_tol`` (Martens' §4.4 stopping rule). CG is not
+    preconditioned. Of the iterates kept at iterations ⌈1.3ʲ⌉, the one with the lowest loss
+    found walking back from the last (a non-finite loss counting as +inf) is proposed.
+    Negative curvature (the Hessian only) is reported as the floor λ − pᵀ(H + λI)p/‖p‖² for
+    the damping.
     """
 
     size: ClassVar[str] = "damping"
@@ -269,13 +272,20 @@ def _backtrack(
     saved: Sequence[tuple[int, Tensor, Tensor]], trial: Callable[[Tensor], float]
 ) -> tuple[float, Tensor, Tensor] | None:
     """(f, x, r) of the saved CG iterate with the lowest loss found walking back from the last
-    while the loss keeps improving; None when no iterate moved."""
+    while the loss keeps improving; None when no iterate moved. A loss that is not finite
+    counts as +inf, as the step's ratio test counts it, and the walk goes on past it: with
+    NaN kept as the best, ``f < NaN`` was false, so the walk stopped at the second iterate
+    and the step was rejected though an earlier one lowered the loss (a quadratic undefined
+    past x₀ = 5: iterates 1–11 took it from 0 to −1637, 14 and 18 were NaN, and 24 steps
+    were rejected while the damping grew: a review)."""
     best: tuple[float, Tensor, Tensor] | None = None
     for _, x, r in reversed(saved):
         if not bool(x.any()):
             continue
         f = trial(x)
-        if best is not None and not f < best[0]:
+        f = f if math.isfinite(f) else math.inf
+        if best is not None and math.isfinite(best[0]) and f >= best[0]:
             break
-        best = (f, x, r)
+        if best is None or f < best[0]:
+            best = (f, x, r)
     return best

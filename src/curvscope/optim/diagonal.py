@@ -511,7 +511,10 @@ class Sophia(_DiagonalMethod):
 
     The clip bounds every coordinate's step by lr however flat or negative the estimate is.
     Defaults are the paper's (ρ = 0.04, k = 10, β = (0.965, 0.99), wd = 0.1); the estimator is
-    ``Hutchinson()`` (Sophia-H) or ``GaussNewtonBartlett(loss_fn)`` (Sophia-G).
+    ``Hutchinson()`` (Sophia-H) or ``GaussNewtonBartlett(loss_fn)`` (Sophia-G). Sophia-H's
+    probes are Rademacher where the paper's Algorithm 1 draws u ~ N(0, I): the same mean,
+    diag(H), and a lower variance per probe (Σ_{j≠i} H_ij² for entry i, against that plus
+    2H_ii²).
 
     Args:
         lr, betas, rho, weight_decay (decoupled), update_every, eps: as above.

@@ -25,11 +25,17 @@ class HessianFree(ModelStepOptimizer):
     Martens (2010), "Deep learning via Hessian-free optimization":
 
     - curvature: the Gauss-Newton matrix G = JᵀH_out J (positive semi-definite) when the closure
-      returns ``(loss, outputs)``; the Hessian otherwise (``curvature="auto"``), or as asked;
+      returns ``(loss, outputs)``; the Hessian otherwise (``curvature="auto"``), or as asked.
+      G holds the curvature of the loss's path through the outputs only, so a loss that also
+      reads the parameters otherwise — an L2 penalty on them, where Martens counts the
+      weight cost's λI in the curvature — is refused with G: use ``curvature="hessian"``;
     - CG is warm-started from ``decay`` × the previous solution and stopped by the relative
-      progress of the quadratic (§4.4), at most ``max_cg`` products;
+      progress of the quadratic (§4.4), at most ``max_cg`` products. Unlike §4.7's, it is not
+      preconditioned: the condition number of G + λI is bounded by the damping alone,
+      κ ≤ (λ_max(G) + λ)/λ (§4.7's [diag(Σᵢ gᵢ²) + λI]^0.75 needs per-example gradients gᵢ,
+      and a closure returns the batch's loss);
     - CG backtracking: of the iterates kept at iterations ⌈1.3ʲ⌉, the one with the lowest loss
-      found walking back from the last is taken;
+      found walking back from the last is taken (a non-finite loss counts as +inf);
     - Levenberg-Marquardt damping from the reduction ratio ρ: λ ← 3/2·λ if ρ < ¼, 2/3·λ if ρ > ¾;
       a step that does not reduce the loss is not taken;
     - the curvature may come from a mini-batch: ``step(closure, curvature_closure=...)``.
@@ -43,6 +49,11 @@ class HessianFree(ModelStepOptimizer):
         tolerance_grad: no step (and no products) when ‖g‖ ≤ this (torch LBFGS's option).
         group: the process group to average over (default: the initialized one; ``False``:
             this process alone): :class:`~curvscope.optim.base.CurvscopeOptimizer`.
+
+    Raises:
+        ValueError: at a step with the Gauss-Newton curvature, where the closure's loss (or
+            the curvature closure's) reads a parameter other than through the outputs it
+            returned; the step is undone.
     """
 
     descent = GaussNewtonCG()
