@@ -276,8 +276,8 @@ def test_hessian_free_backtracks_past_iterates_whose_loss_is_not_finite():
 
 
 def _penalized_closure(model, X, y, how):
-    """(loss, outputs) of a linear classifier whose loss also reads the parameters, or an
-    activation, other than through the outputs it returns."""
+    """(loss, outputs) of a linear classifier whose loss also reads the parameters ("l2"), or an
+    activation ("activation"), other than through the outputs it returns; None: it does not."""
     hidden = model[0]
 
     def closure():
@@ -286,7 +286,9 @@ def _penalized_closure(model, X, y, how):
         loss = nn.functional.cross_entropy(out, y)
         if how == "l2":
             return loss + 0.25 * sum((p**2).sum() for p in model.parameters()), out
-        return loss + 0.25 * (h**2).mean(), out  # an activation penalty
+        if how == "activation":
+            return loss + 0.25 * (h**2).mean(), out
+        return loss, out  # the outputs' loss alone
 
     return closure
 
@@ -319,6 +321,24 @@ def test_hessian_free_refuses_gauss_newton_for_a_loss_read_around_the_outputs(ho
         opt.step(closure)
         assert opt.info.accepted
     assert opt.info.grad_norm < 1e-8  # ‖g‖ where the sixth step started
+
+
+@pytest.mark.parametrize("how", ["l2", "activation"])
+def test_sophia_g_refuses_a_loss_read_around_the_outputs(how):
+    """The Gauss-Newton-Bartlett estimate left a penalty's curvature out as Hessian-free's
+    products did: refused, naming Sophia-H and the decoupled weight decay; nothing written."""
+    gen = torch.Generator().manual_seed(0)
+    X, y = torch.randn(60, 5, generator=gen, dtype=DT), torch.randint(0, 2, (60,), generator=gen)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 2)).double()
+    before = [p.detach().clone() for p in model.parameters()]
+    estimator = cs.optim.GaussNewtonBartlett(nn.CrossEntropyLoss())
+    opt = cs.optim.Sophia(model.parameters(), lr=0.1, estimator=estimator)
+    with pytest.raises(ValueError, match=r"other than through the outputs(.|\n)*weight_decay="):
+        opt.step(_penalized_closure(model, X, y, how))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    opt.step(_penalized_closure(model, X, y, None))  # the loss of the outputs alone: taken
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
 # ------------------------------------------------------------------ traps of the anchors

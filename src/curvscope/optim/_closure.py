@@ -279,18 +279,16 @@ def read_around_outputs(loss: Tensor, outputs: Tensor, params: Sequence[Tensor])
     return None
 
 
-def around_outputs_refusal(index: int, param: Tensor) -> str:
-    """The refusal of a Gauss-Newton product for a loss that reads a parameter other than
-    through the outputs (:func:`read_around_outputs`), with the fixes."""
+def around_outputs_refusal(index: int, param: Tensor, fix: str) -> str:
+    """The refusal of a Gauss-Newton product (or estimate) for a loss that reads a parameter
+    other than through the outputs (:func:`read_around_outputs`), with ``fix``."""
     return (
         f"the closure's loss reads the optimized parameter {index} (shape "
         f"{tuple(param.shape)}) other than through the outputs it returned — an L2 penalty "
         "on the parameters, a penalty on an activation, a parameter of the loss itself, or "
-        "outputs that are not the tensor the loss was computed from — and a Gauss-Newton "
-        "product Jᵀ H_out J holds the curvature of what goes through the outputs only: that "
-        "term's would be left out (an L2 penalty λ/2‖θ‖² gives G, not G + λI). Use "
-        "curvature='hessian', which counts every term's curvature (the penalty's λI "
-        "included), or return (loss, outputs) with the loss computed from the outputs alone"
+        "outputs that are not the tensor the loss was computed from — and the Gauss-Newton "
+        "matrix Jᵀ H_out J holds the curvature of what goes through the outputs only: that "
+        f"term's would be left out (an L2 penalty λ/2‖θ‖² gives G, not G + λI). {fix}"
     )
 
 
@@ -620,6 +618,13 @@ class Evaluation:
         with torch.enable_grad():
             return self._product(self._hessian, V)
 
+    def check_outputs_alone(self, outputs: Tensor, fix: str) -> None:
+        """Refuse a loss that reads the parameters other than through ``outputs``
+        (:func:`read_around_outputs`), naming ``fix``."""
+        read = read_around_outputs(self.loss_tensor, outputs, self.params)
+        if read is not None:
+            raise ValueError(around_outputs_refusal(read, self.params[read], fix))
+
     def ggn(self, V: Tensor) -> Tensor:
         """Jᵀ H_out J V: the Gauss-Newton product, from the closure's (loss, outputs).
 
@@ -631,9 +636,12 @@ class Evaluation:
         outputs = model_outputs(self)
         with torch.enable_grad():
             if self._ggn is None:
-                read = read_around_outputs(self.loss_tensor, outputs, self.params)
-                if read is not None:
-                    raise ValueError(around_outputs_refusal(read, self.params[read]))
+                self.check_outputs_alone(
+                    outputs,
+                    "Use curvature='hessian', which counts every term's curvature (the "
+                    "penalty's λI included), or return (loss, outputs) with the loss computed "
+                    "from the outputs alone",
+                )
                 with self.kernels:  # its backward passes recompute checkpointed forwards
                     self._ggn = ggn_product(outputs, self.params, self.loss_tensor)
             return self._product(self._ggn, V)  # (on the kernels too)
