@@ -216,6 +216,30 @@ def _coupled(ev: Mapping[str, Any], at_least: float | None = None) -> bool:
     return judged and share is not None and share >= at_least and not _dead(ev, at_least)
 
 
+#: A loss within this share of the chance loss (``chance_loss``: the best prediction that
+#: ignores the inputs), or above it, is at chance: the model has learnt next to nothing from its
+#: inputs. A 10-layer sigmoid network stuck by vanishing gradients sits 1e-4 below it on digits.
+CHANCE_SHARE = 0.01
+
+
+def at_chance(ev: Mapping[str, Any]) -> bool:
+    """Whether the loss is at chance (:data:`CHANCE_SHARE`), where the chance loss is known and
+    above the loss floor (targets that barely vary leave nothing to learn from the inputs)."""
+    loss, chance = ev.get("loss"), ev.get("chance_loss")
+    if loss is None or chance is None or not (_finite(loss) and _finite(chance)):
+        return False
+    return chance > DEFAULT_THRESHOLDS.loss_floor and loss >= (1 - CHANCE_SHARE) * chance
+
+
+def _chance_sentence(ev: Mapping[str, Any]) -> str:
+    return (
+        f"the loss ({ev['loss']:.4g}) is within 1% of what the best prediction that ignores the "
+        f"inputs gives here, or above it ({ev['chance_loss']:.4g}, the chance loss: the label "
+        "frequencies' entropy, or the targets' variance): the model has learnt next to nothing "
+        "from its inputs"
+    )
+
+
 def _named(blocks: list[str]) -> str:
     return ", ".join(blocks[:3]) + (f" and {len(blocks) - 3} more" if len(blocks) > 3 else "")
 
@@ -378,10 +402,11 @@ def _flat_advice(ev: Mapping[str, Any]) -> list[str]:
             else "momentum or normalized gradient descent crosses a plateau faster (not a "
             f"larger learning rate: {lr:.3g} is at or past the largest stable one, {stable:.3g})"
         )
-    return [
+    said = (
         f"Gradients and curvature are both tiny: {faster}; check for saturated or dead units "
         "and for a vanishing loss signal."
-    ]
+    )
+    return [_at_chance_advice(), said] if at_chance(ev) else [said]
 
 
 def _saddle_advice(ev: Mapping[str, Any]) -> list[str]:
@@ -392,7 +417,19 @@ def _saddle_advice(ev: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _at_chance_advice() -> str:
+    return (
+        "A loss at chance is no fit, however flat: look for what keeps the inputs from the "
+        "loss — vanishing gradients (a deep stack of sigmoid or tanh units without "
+        "normalization or residual connections: compare the first layers' gradient norms with "
+        "the last's), dead units, inputs that do not reach the model, or labels that do not "
+        "depend on them — rather than for a learning rate."
+    )
+
+
 def _minimum_advice(ev: Mapping[str, Any]) -> list[str]:
+    if at_chance(ev):  # a 10-layer sigmoid network stuck at ln 10 read "stop" (a review)
+        return [_at_chance_advice()]
     return [
         "Converged to a minimum: further steps only fine-tune. Lower the learning rate "
         "to settle, or stop."
@@ -532,6 +569,10 @@ class Evidence(Mapping[str, Any]):
             number) whose values are all 0: factors still at zero — with one, blocks without
             curvature may be waiting on it rather than dead (two zero factors in series, as in
             a Fixup network, leave the layers before them none until both move).
+        chance_loss: the loss of the best prediction that ignores the inputs, on the same data
+            (the label frequencies' entropy for cross-entropy, the targets' mean variance for
+            squared error: :mod:`curvscope.diagnosis.chance`), where the loss has such a closed
+            form; a loss within 1% of it (:data:`CHANCE_SHARE`) is at chance.
         extra: any other keys (not produced by curvscope).
     """
 
@@ -567,6 +608,7 @@ class Evidence(Mapping[str, Any]):
     dead_share: float | None = None
     dead_blocks: list[str] | None = None
     zero_factor_blocks: list[str] | None = None
+    chance_loss: float | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -708,6 +750,12 @@ class Facts:
         """The sentence on parameter blocks with exactly zero gradient, where they hold at
         least the ``zero_gradient`` share of the parameters."""
         return _silent_sentence(self.evidence, self.th.zero_gradient)
+
+    @property
+    def chance(self) -> str | None:
+        """The sentence on a loss at chance (:func:`at_chance`) where the gradient is small: a
+        plateau, saddle or minimum of a model that has learnt nothing from its inputs."""
+        return _chance_sentence(self.evidence) if self.small and at_chance(self.evidence) else None
 
     @cached_property
     def gradient(self) -> str:
@@ -978,7 +1026,7 @@ def classify(
     for rule in rules:
         reasons = rule.test(facts)
         if reasons is not None:
-            said = (facts.silent, facts.clipping)
+            said = (facts.silent, facts.chance, facts.clipping)
             return rule.state, [*reasons, *(r for r in said if r is not None)]
     raise ValueError(
         "no rule decided the state: the last of `rules` must always hold (RULES ends with learning)"

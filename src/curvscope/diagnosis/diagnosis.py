@@ -22,6 +22,7 @@ from curvscope.derivatives.curvature import BACKENDS as _PRODUCT_BACKENDS
 from curvscope.derivatives.distributed import in_step, together
 from curvscope.derivatives.objective import fixed_pass, inner_name, unwrapped
 from curvscope.derivatives.sharded import ShardedCurvature
+from curvscope.diagnosis.chance import chance_loss
 from curvscope.diagnosis.classify import (
     DEFAULT_THRESHOLDS,
     Evidence,
@@ -543,6 +544,7 @@ def _diagnose(
     if g is None or not math.isfinite(loss) or not objective.finite(g):
         return _finish(evidence, thresholds, {}, True, start, C)
     assert data_g is not None  # g is
+    evidence["chance_loss"] = chance_loss(measured, C.group)
     evidence.update(zero_gradient(space, data_g, thresholds, seed, measured.params))
     try:
         vectors, converged = _measure_curvature(

@@ -412,6 +412,7 @@ RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
             "seconds",
             "zero_gradient_share",
             "dead_share",
+            "chance_loss",
         ),
         _NUMBER,
     ),

@@ -1,0 +1,166 @@
+"""The chance loss: the loss of the best prediction that ignores the inputs, on the data a
+diagnosis measures — what a model that has learnt nothing from its inputs reaches.
+
+A network stuck at chance by vanishing gradients (a deep sigmoid stack) sits where the gradient
+and the curvature are tiny and no direction curves down: by the curvature alone a *minimum*,
+"stop". Beside the chance loss it is not a fit: its loss is what predicting the label
+frequencies gives. The best input-independent prediction has a closed form for torch's common
+losses, from the targets alone (no forward pass):
+
+- ``nn.CrossEntropyLoss`` / ``nn.NLLLoss`` with class labels (``ignore_index`` and ``weight=``
+  as torch counts them; no ``label_smoothing``): predict the (weighted) label frequencies p;
+  the mean loss is their entropy H(p) = −Σ_c p_c log p_c.
+- ``nn.MSELoss``: predict each target coordinate's mean; the mean loss is the coordinates' mean
+  variance (R² = 0).
+- ``nn.BCEWithLogitsLoss`` / ``nn.BCELoss`` (no ``weight=`` or ``pos_weight=``): predict each
+  coordinate's mean ȳ; the mean loss is the mean over coordinates of −ȳ log ȳ − (1−ȳ) log(1−ȳ).
+
+A summed loss's chance loss is the sum (the mean times what the mean divides by). Anything else
+— another loss, a function, a model that computes its own loss, soft labels, targets whose
+shape beyond the batch varies — has none (None). Under a process group the statistics are
+summed over the ranks (every rank calls it together).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from curvscope.derivatives.distributed import all_reduce_max, all_reduce_sum, collective_device
+from curvscope.derivatives.objective import ModelObjective, counted_labels, torch_loss
+
+_CLASSES = (nn.CrossEntropyLoss, nn.NLLLoss)
+_SQUARED = (nn.MSELoss,)
+_BINARY = (nn.BCEWithLogitsLoss, nn.BCELoss)
+
+
+def _kind(loss_fn: Any) -> str | None:
+    """Which closed form ``loss_fn`` has: "classes", "squared", "binary", or None."""
+    if getattr(loss_fn, "reduction", None) not in ("mean", "sum"):
+        return None
+    if torch_loss(loss_fn, _CLASSES) is not None:
+        return None if getattr(loss_fn, "label_smoothing", 0.0) else "classes"
+    if torch_loss(loss_fn, _SQUARED) is not None:
+        return "squared"
+    if torch_loss(loss_fn, _BINARY) is not None:
+        weighted = getattr(loss_fn, "weight", None) is not None
+        return None if weighted or getattr(loss_fn, "pos_weight", None) is not None else "binary"
+    return None
+
+
+def chance_loss(objective: ModelObjective, group: Any = None) -> float | None:
+    """The loss of the best input-independent prediction over ``objective``'s data (the module's
+    docstring), reduced as the objective's loss is; None where it has no closed form here.
+
+    One pass over the data's targets (no forward pass); under a process group two or three
+    small collectives, which every rank makes whatever its data (a rank whose targets do not
+    fit makes it None on all)."""
+    kind = _kind(objective.loss_fn)
+    if kind is None:
+        return None
+    where = collective_device(group, objective.device) if group is not None else torch.device("cpu")
+    if kind == "classes":
+        value, count = _classes(objective, group, where)
+    else:
+        value, count = _coordinates(objective, group, where, kind)
+    if value is None or not math.isfinite(value):
+        return None
+    return value * count if objective.reduction == "sum" else value
+
+
+def _classes(
+    objective: ModelObjective, group: Any, where: torch.device
+) -> tuple[float | None, float]:
+    """H(p) of the counted label frequencies p, and the total count."""
+    counts = torch.zeros(0, dtype=torch.float64)
+    fits = True
+    for batch in objective.batches():
+        t = batch.targets
+        if t.is_floating_point() or t.is_complex():  # class probabilities: not counted here
+            fits = False
+            continue
+        w = counted_labels(objective.loss_fn, t, torch.float64).cpu()
+        labels = torch.where(w > 0, t.reshape(-1).cpu(), 0).long()
+        if labels.numel() and int(labels.min()) < 0:
+            fits = False
+            continue
+        grown = torch.bincount(labels, weights=w, minlength=counts.numel())
+        grown[: counts.numel()] += counts
+        counts = grown
+    flag = torch.tensor([0.0 if fits else 1.0, float(counts.numel())], dtype=torch.float64)
+    agreed = all_reduce_max(flag.to(where), group).cpu()
+    if agreed[0] > 0:
+        return None, 0.0
+    counts = torch.cat([counts, counts.new_zeros(int(agreed[1]) - counts.numel())])
+    counts = all_reduce_sum(counts.to(where), group).cpu()
+    total = float(counts.sum())
+    if total <= 0:
+        return None, 0.0
+    p = counts[counts > 0] / total
+    return float(-(p * p.log()).sum()), total
+
+
+def _coordinates(
+    objective: ModelObjective, group: Any, where: torch.device, kind: str
+) -> tuple[float | None, float]:
+    """Each target coordinate's mean (and, for squared error, variance, merged stably over
+    batches and ranks), and the loss of predicting the means; with the number of entries."""
+    n, mean, m2 = 0, torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    shape: tuple[int, ...] | None = None
+    fits = True
+    for batch in objective.batches():
+        t = batch.targets
+        if not t.is_floating_point() or t.ndim == 0:  # class labels, or no rows to average
+            fits = False
+            continue
+        if t.shape[0] == 0:
+            continue
+        if shape is not None and tuple(t.shape[1:]) != shape:
+            fits = False  # sequences of different lengths: no coordinate-wise constant
+            continue
+        shape = tuple(t.shape[1:])
+        rows = t.detach().reshape(t.shape[0], -1).to(device="cpu", dtype=torch.float64)
+        k, bmean = rows.shape[0], rows.mean(0)
+        bm2 = ((rows - bmean) ** 2).sum(0)
+        if n == 0:
+            n, mean, m2 = k, bmean, bm2
+        else:  # Chan et al.'s pairwise merge
+            delta = bmean - mean
+            mean = mean + delta * (k / (n + k))
+            m2 = m2 + bm2 + delta**2 * (n * k / (n + k))
+            n += k
+    if kind == "binary" and n and bool(((mean < 0) | (mean > 1)).any()):
+        fits = False  # targets outside [0, 1]: torch's BCE refuses them; no closed form
+    # the ranks' largest and smallest number of coordinates (a rank without rows counts in
+    # neither), and whether any rank's targets did not fit
+    width = None if shape is None else float(math.prod(shape))
+    flag = torch.tensor(
+        [
+            0.0 if fits else 1.0,
+            -1.0 if width is None else width,
+            -1e300 if width is None else -width,
+        ],
+        dtype=torch.float64,
+    )
+    agreed = all_reduce_max(flag.to(where), group).cpu()
+    if agreed[0] > 0 or agreed[1] < 0 or agreed[1] != -agreed[2]:
+        return None, 0.0  # a rank that did not fit, no rows at all, or coordinates that differ
+    d = int(agreed[1])
+    if shape is None:  # this rank had no rows: it adds nothing
+        mean, m2 = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+    weighted = torch.cat([torch.tensor([float(n)], dtype=torch.float64), n * mean])
+    summed = all_reduce_sum(weighted.to(where), group).cpu()
+    total = float(summed[0])
+    if total <= 0:
+        return None, 0.0
+    overall = summed[1:] / total
+    if kind == "binary":
+        p = overall.clamp(0.0, 1.0)
+        entropy = -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p))
+        return float(entropy.mean()), total * d
+    spread = m2 + n * (mean - overall) ** 2
+    variance = all_reduce_sum(spread.to(where), group).cpu() / total
+    return float(variance.mean()), total * d

@@ -1,0 +1,269 @@
+"""The chance loss (the best prediction that ignores the inputs) against that prediction fitted
+by L-BFGS in float64, and a diagnosis that says when a minimum sits at it."""
+
+import math
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import curvscope as cs
+from curvscope.diagnosis.chance import chance_loss
+from curvscope.diagnosis.classify import CHANCE_SHARE, at_chance
+
+DT = torch.float64
+
+
+class Constant(nn.Module):
+    """A prediction that ignores the inputs: one learnt value per output entry."""
+
+    def __init__(self, shape: tuple[int, ...], out: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        self.value = nn.Parameter(torch.zeros(shape, dtype=DT))
+        self.out = shape if out is None else out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value.expand(x.shape[0], *self.out)
+
+
+def fitted(model: nn.Module, loss_fn: nn.Module, data) -> float:
+    """The loss of ``model`` fitted over every batch of ``data`` by L-BFGS (float64)."""
+    batches = list(data) if not isinstance(data, tuple) else [data]
+    opt = torch.optim.LBFGS(
+        model.parameters(),
+        max_iter=200,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        line_search_fn="strong_wolfe",
+    )
+
+    def total() -> torch.Tensor:
+        opt.zero_grad()
+        if loss_fn.reduction == "sum":
+            loss = sum(loss_fn(model(x), t) for x, t in batches)
+        else:  # the mean over all of it: what each batch's mean is over, as curvscope weighs
+            sizes = [float(_size(loss_fn, t)) for _, t in batches]
+            loss = sum(
+                s * loss_fn(model(x), t) for s, (x, t) in zip(sizes, batches, strict=True)
+            ) / sum(sizes)
+        loss.backward()
+        return loss
+
+    opt.step(total)
+    return float(total().detach())
+
+
+def _size(loss_fn: nn.Module, t: torch.Tensor) -> float:
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        kept = t != loss_fn.ignore_index
+        w = loss_fn.weight
+        return float(kept.sum()) if w is None else float(w[t[kept]].sum())
+    return float(t.numel())
+
+
+def chance(model: nn.Module, loss_fn: nn.Module, data) -> float | None:
+    return chance_loss(cs.Curvature(model, loss_fn, data).objective)
+
+
+def _labels(n: int, classes: int, seed: int, *extra: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05][:classes])
+    return torch.multinomial(
+        p / p.sum(), n * math.prod(extra), replacement=True, generator=g
+    ).reshape(n, *extra)
+
+
+class LogSoftmaxConstant(Constant):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(super().forward(x), dim=1)
+
+
+CLASS_CASES = {
+    "cross-entropy": (lambda: nn.CrossEntropyLoss(), (5,), ()),
+    "summed": (lambda: nn.CrossEntropyLoss(reduction="sum"), (5,), ()),
+    "class weights": (
+        lambda: nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3, 0.5, 2, 1], dtype=DT)),
+        (5,),
+        (),
+    ),
+    "ignore_index": (lambda: nn.CrossEntropyLoss(ignore_index=-1), (5,), ()),
+    "sequences": (lambda: nn.CrossEntropyLoss(), (5, 1), (7,)),
+}
+
+
+@pytest.mark.parametrize("name", list(CLASS_CASES))
+def test_class_labels_chance_is_the_fitted_constant_prediction(name):
+    make, shape, extra = CLASS_CASES[name]
+    loss_fn = make()
+    g = torch.Generator().manual_seed(3)
+    batches = [
+        (torch.randn(n, 2, generator=g, dtype=DT), _labels(n, 5, n, *extra)) for n in (40, 17, 9)
+    ]
+    for _, t in batches:  # padding: labels every loss here leaves out (-1 for ignore_index=-1)
+        t.view(-1)[::4] = getattr(loss_fn, "ignore_index", -100)
+    out = (5, *extra)
+    model = Constant(shape, out)
+    value = chance(model, loss_fn, batches)
+    assert value is not None
+    best = fitted(Constant(shape, out), loss_fn, batches)
+    assert value == pytest.approx(best, rel=1e-10)
+    assert not model.value.detach().any()  # the model is not touched
+
+
+def test_nll_of_log_probabilities_is_the_entropy_of_the_label_frequencies():
+    y = _labels(60, 4, 0)
+    x = torch.zeros(60, 1, dtype=DT)
+    value = chance(LogSoftmaxConstant((4,)), nn.NLLLoss(), (x, y))
+    p = torch.bincount(y).to(DT) / 60
+    assert value == pytest.approx(float(-(p * p.log()).sum()), rel=1e-12)
+    assert value == pytest.approx(fitted(LogSoftmaxConstant((4,)), nn.NLLLoss(), (x, y)), rel=1e-9)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_squared_error_chance_is_the_targets_variance_over_a_shuffled_loader(reduction):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(50, 3, dtype=DT, generator=g)
+    # far from zero: a one-pass sum of squares would lose digits here
+    y = 1e6 + torch.randn(50, 2, 3, dtype=DT, generator=g) * torch.tensor([1.0, 5.0, 0.1], dtype=DT)
+    loader = DataLoader(
+        TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    loss_fn = nn.MSELoss(reduction=reduction)
+    value = chance(Constant((2, 3)), loss_fn, loader)
+    expected = float(y.var(0, unbiased=False).mean()) * (y.numel() if reduction == "sum" else 1)
+    assert value == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize(
+    "loss_fn", [nn.BCEWithLogitsLoss(), nn.BCELoss()], ids=["logits", "probabilities"]
+)
+def test_binary_chance_is_the_fitted_constant_prediction(loss_fn):
+    g = torch.Generator().manual_seed(5)
+    y = (torch.rand(80, 3, generator=g, dtype=DT) < torch.tensor([0.1, 0.5, 0.8], dtype=DT)).to(DT)
+    y[:, 0] = 0.0  # a coordinate that is always 0: nothing to learn there, a chance loss of 0
+    x = torch.zeros(80, 1, dtype=DT)
+
+    class Sigmoid(Constant):
+        def forward(self, x):
+            return torch.sigmoid(super().forward(x))
+
+    make = Constant if isinstance(loss_fn, nn.BCEWithLogitsLoss) else Sigmoid
+    value = chance(make((3,)), loss_fn, (x, y))
+    assert value == pytest.approx(fitted(make((3,)), loss_fn, (x, y)), rel=1e-6, abs=1e-9)
+
+
+class Scaled(nn.Module):
+    """A model whose output has the inputs' shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones((), dtype=DT))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w * x
+
+
+def _squared(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return ((out - t) ** 2).mean()
+
+
+G = torch.Generator().manual_seed(6)
+BITS = (torch.rand(6, 3, dtype=DT, generator=G).round(),) * 2
+NO_CLOSED_FORM = {
+    "label smoothing": (
+        nn.CrossEntropyLoss(label_smoothing=0.1),
+        (torch.zeros(6, 3, dtype=DT), torch.arange(6) % 3),
+    ),
+    "pos_weight": (nn.BCEWithLogitsLoss(pos_weight=torch.ones(3, dtype=DT)), BITS),
+    "l1": (nn.L1Loss(), BITS),
+    "a function": (_squared, BITS),
+    "soft labels": (
+        nn.CrossEntropyLoss(),
+        (torch.zeros(6, 3, dtype=DT), torch.softmax(torch.randn(6, 3, dtype=DT, generator=G), 1)),
+    ),
+    "lengths": (
+        nn.MSELoss(),
+        [
+            (torch.zeros(6, 4, dtype=DT), torch.randn(6, 4, dtype=DT, generator=G)),
+            (torch.zeros(3, 5, dtype=DT), torch.randn(3, 5, dtype=DT, generator=G)),
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(NO_CLOSED_FORM))
+def test_no_closed_form_is_none(name):
+    loss_fn, data = NO_CLOSED_FORM[name]
+    assert chance(Scaled(), loss_fn, data) is None
+
+
+def test_at_chance_needs_a_chance_loss_above_the_floor_and_a_loss_within_one_percent():
+    assert at_chance({"loss": 2.30, "chance_loss": 2.30})
+    assert at_chance({"loss": 2.30 * (1 - CHANCE_SHARE) + 1e-9, "chance_loss": 2.30})
+    assert at_chance({"loss": 5.0, "chance_loss": 2.30})  # worse than the prior
+    assert not at_chance({"loss": 2.20, "chance_loss": 2.30})
+    assert not at_chance({"loss": 1e-5, "chance_loss": 1e-5})  # targets that barely vary
+    assert not at_chance({"loss": 2.30})
+    assert not at_chance({"loss": math.nan, "chance_loss": 2.30})
+
+
+def _digits(n: int = 400):
+    X, y = load_digits(return_X_y=True)
+    return torch.tensor(X[:n] / 16.0, dtype=torch.float32), torch.tensor(y[:n])
+
+
+def test_a_deep_sigmoid_network_stuck_at_chance_is_no_fit():
+    """A 10-layer sigmoid MLP on digits, trained 150 steps: its gradients vanish, the loss stays
+    at the label frequencies' entropy, and by the curvature alone it is a minimum ("stop")."""
+    X, y = _digits()
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(10):
+        layers += [nn.Linear(64 if i == 0 else 32, 32), nn.Sigmoid()]
+    net = nn.Sequential(*layers, nn.Linear(32, 10))
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(X), y).backward()
+        opt.step()
+    d = cs.diagnose(net, nn.CrossEntropyLoss(), (X, y), optimizer=opt)
+    p = torch.bincount(y).double() / len(y)
+    assert d.evidence.chance_loss == pytest.approx(float(-(p * p.log()).sum()), rel=1e-9)
+    assert d.state in ("minimum", "flat")
+    assert "learnt next to nothing from its inputs" in str(d)
+    assert "vanishing gradients" in d.advice[0] and "stop" not in " ".join(d.advice)
+
+
+def test_a_trained_network_at_its_minimum_is_not_at_chance():
+    X, y = _digits(100)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)).double()
+    X = X.double()
+    opt = torch.optim.LBFGS(net.parameters(), max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(X), y) + 1e-2 * sum(
+            (p**2).sum() for p in net.parameters()
+        )
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    d = cs.diagnose(net, nn.CrossEntropyLoss(), (X, y), lr=0.1)
+    assert d.evidence.chance_loss > 2.0 > d.evidence.loss
+    assert "from its inputs" not in str(d)
+
+
+def test_a_constant_prediction_at_its_minimum_says_so_and_the_model_is_left_as_found():
+    y = _labels(90, 5, 1)
+    x = torch.zeros(90, 2, dtype=DT)
+    model = Constant((5,))
+    fitted(model, nn.CrossEntropyLoss(), (x, y))
+    model.value.grad = None
+    before = model.value.detach().clone()
+    d = cs.diagnose(model, nn.CrossEntropyLoss(), (x, y), lr=1.0)
+    assert d.state == "minimum" and "learnt next to nothing" in str(d)
+    assert torch.equal(model.value.detach(), before) and model.value.grad is None
