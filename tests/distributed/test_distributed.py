@@ -304,6 +304,14 @@ def test_group_without_a_process_group_is_a_clear_error():
     assert C.group is None
 
 
+def _average_gradients(model: torch.nn.Module) -> None:
+    """What DDP does: every rank steps on the ranks' mean gradient, so the models stay one
+    (the ranks compare the parameters' values when they build an operator)."""
+    for p in model.parameters():
+        dist.all_reduce(p.grad)
+        p.grad /= WORLD
+
+
 def _cadence_worker(rank: int, port: int, out: str) -> None:
     """The default (adaptive) cadence on two ranks whose loops run at different speeds: the
     ranks agree on their timings at each probe and check, so they probe and check at the same
@@ -321,6 +329,7 @@ def _cadence_worker(rank: int, port: int, out: str) -> None:
         opt.zero_grad()
         loss = case.loss_fn(case.model(local[0]), local[1])
         loss.backward()
+        _average_gradients(case.model)
         opt.step()
         if mon.step(loss) is not None:
             probes.append(mon.steps)
@@ -388,6 +397,7 @@ def _one_rank_diverges_worker(rank: int, port: int, out: str) -> None:
         opt.zero_grad()
         loss = case.loss_fn(model(local[0]), local[1])
         loss.backward()
+        _average_gradients(model)
         opt.step()
         reported = float(loss) * (50.0 if rank == 1 and step in (5, 6) else 1.0)
         probe = mon.step(reported)
@@ -471,6 +481,7 @@ def _linear_loss_worker(rank: int, port: int, out: str) -> None:
     said["product"], said["again"] = C @ v, C @ v
     whole = cs.Curvature(case.model, huber, shards, kind="ggn", group=False)
     said["reference"] = whole @ v
+    torch.manual_seed(0)  # the same head on every rank
     nll = cs.Curvature(
         torch.nn.Sequential(case.model, torch.nn.Linear(2, 3).double(), torch.nn.LogSoftmax(-1)),
         torch.nn.NLLLoss(),

@@ -35,8 +35,10 @@ from curvscope.derivatives.distributed import (
     check_same_on_ranks,
     first_device,
     global_count,
+    loss_signature,
     resolve_group,
     together,
+    values_signature,
     world_size,
 )
 from curvscope.derivatives.functions import _grad_with_graph
@@ -315,6 +317,13 @@ class Curvature:
                 "backend='forward_over_reverse' computes Hessian products; the Gauss-Newton "
                 f"kinds use Jacobian products; got kind={kind!r}. Leave backend='auto'"
             )
+        if backend != _fd.BACKEND and _scripted(model):
+            raise TypeError(
+                "the model is (or holds) a TorchScript module (torch.jit.script / trace), which "
+                "cannot be called at other parameters (torch.func.functional_call refuses "
+                "Jitted modules), as exact curvature products must: pass the original nn.Module, "
+                "or use backend='finite_difference' (products from the model's own gradients)"
+            )
         mc_samples = check_int(mc_samples, "mc_samples", minimum=1)
         self.group = resolve_group(group)
         # the data's and the model's checks may fail on one rank only (NaN in its shard): every
@@ -342,6 +351,11 @@ class Curvature:
             reduction=reduction,  # as declared (an inferred one is not compared: the same
             # function infers the same on every rank, and a rank whose loss is not finite
             # infers it again at its next finite loss, its products refused meanwhile)
+            # what the ranks' losses and parameters are: a loss summed on one rank and
+            # averaged on another, other class weights, or a model built from another seed
+            # on each rank gave a "global" λ_max of neither, converged (an outside review)
+            loss=loss_signature(objective.loss_fn),
+            values=values_signature(list(objective.params.values())),
             device=objective.device,
         )
         # DeepSpeed ZeRO-3, FSDP2 (its modules: after an evaluation forward its root holds
@@ -782,3 +796,10 @@ def _check_kind(kind: object) -> str:
             f"unknown kind {kind!r}; expected one of: " + ", ".join(repr(k) for k in KINDS)
         )
     return str(kind)
+
+
+def _scripted(model: Any) -> bool:
+    """Whether ``model`` is, or holds, a TorchScript module."""
+    return isinstance(model, nn.Module) and any(
+        isinstance(m, torch.jit.ScriptModule) for m in model.modules()
+    )

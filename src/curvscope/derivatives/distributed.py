@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 T = TypeVar("T")
 
@@ -266,9 +266,13 @@ def check_same_on_ranks(
         return
     differ = [name for part in differ for name in part.split(", ")]
     verb = "differs" if len(differ) == 1 else "differ"
-    mine = ", ".join(f"{name}={_shown(fields[name])}" for name in differ if name != "params")
+    mine = ", ".join(
+        f"{name}={_shown(fields[name])}" for name in differ if name not in ("params", "values")
+    )
     if "params" in differ:
         mine += (", " if mine else "") + f"{len(fields['params'])} parameter tensors"
+    if "values" in differ:  # build the model from one seed on every rank, or broadcast it
+        mine += (", " if mine else "") + "the parameters' values differ"
     if call is not None:
         raise ValueError(
             f"the ranks called {call} differently: {', '.join(differ)} {verb} between ranks "
@@ -312,6 +316,32 @@ def _code(value: Any) -> float:
         raw = value.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy()
         return float(zlib.crc32(raw.data) ^ zlib.crc32(repr((value.shape, value.dtype)).encode()))
     return float(zlib.crc32(repr(value).encode()))
+
+
+def loss_signature(loss_fn: Any) -> str:
+    """What a loss computes, for the ranks to compare: its type, its settings (a torch loss's
+    reduction, ignore_index, label_smoothing, ...) and its tensors (class weights), by value."""
+    if not isinstance(loss_fn, nn.Module):
+        return getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
+    settings = sorted(
+        (k, v)
+        for k, v in vars(loss_fn).items()
+        if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))
+    )
+    tensors = [(k, _code(t)) for k, t in loss_fn.state_dict().items()]
+    return repr((type(loss_fn).__qualname__, settings, tensors))
+
+
+def values_signature(params: list[Tensor]) -> Tensor | str:
+    """The parameters' values, for the ranks to compare: each tensor's sum and sum of squares
+    in float64 (bitwise the same for the same values on the same kind of device; one pass over
+    them). Sharded parameters (FSDP2's DTensors, a ZeRO-3 partition) hold other entries on each
+    rank by design: not compared."""
+    if any(type(p).__name__ == "DTensor" or hasattr(p, "ds_tensor") for p in params):
+        return "sharded"
+    with torch.no_grad():
+        sums = [torch.stack([(q := p.detach().double()).sum(), (q * q).sum()]) for p in params]
+    return torch.stack(sums)
 
 
 def _shown(value: Any) -> str:

@@ -12,6 +12,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -28,6 +29,7 @@ from curvscope.derivatives.distributed import (
     collective_device,
     first_device,
     from_first_rank,
+    together,
 )
 from curvscope.derivatives.objective import ModelObjective, check_passes, inner_name, unwrapped
 from curvscope.derivatives.sharded import local_entries
@@ -371,7 +373,27 @@ class Monitor:
         self.params = None if params is None else list(params)
         self.seed, self.callback, self.reduction = seed, callback, reduction
         self.train_batches = train_batches
-        self._writer = None
+        self._writer: Any = None
+        self._log: RunLogWriter | None = None
+        self.steps = self._start = check_int(start_step, "start_step", minimum=0)
+        # rank 0 opens the writers; a failure there (a log that exists under log_mode="x")
+        # raises on every rank, or the others waited in their first probe until the process
+        # group's timeout (an outside review)
+        world = torch.distributed.group.WORLD if _world_size() > 1 else None
+        where = collective_device(world, first_device(model)) if world is not None else "cpu"
+        together(
+            partial(self._open_writers, tensorboard, log, log_mode), world, torch.device(where)
+        )
+        self._next_probe += self._start
+        self.history: list[Diagnosis] = []
+        self.losses: list[float] = []
+        self.first_loss: float | None = None
+        self._vectors: Tensor | None = None
+        self._vector_names: tuple[str, ...] = ()  # the parameters the vectors are over
+        self._after_close = 0  # probe records after close(): not written
+
+    def _open_writers(self, tensorboard: Any, log: Any, log_mode: str) -> None:
+        """The TensorBoard writer and the run log, on the rank that writes (rank 0)."""
         if tensorboard is not None and _is_writer():
             if hasattr(tensorboard, "add_scalar"):
                 self._writer = tensorboard
@@ -384,15 +406,6 @@ class Monitor:
                         "pip install tensorboard (or pass a SummaryWriter)"
                     ) from e
                 self._writer = SummaryWriter(log_dir=str(tensorboard))
-        self.steps = self._start = check_int(start_step, "start_step", minimum=0)
-        self._next_probe += self._start
-        self.history: list[Diagnosis] = []
-        self.losses: list[float] = []
-        self.first_loss: float | None = None
-        self._vectors: Tensor | None = None
-        self._vector_names: tuple[str, ...] = ()  # the parameters the vectors are over
-        self._log: RunLogWriter | None = None
-        self._after_close = 0  # probe records after close(): not written
         if log is not None and _is_writer():
             self._log = RunLogWriter(
                 log,
@@ -401,14 +414,16 @@ class Monitor:
                     "curvscope_log": LOG_VERSION,
                     "version": _version(),
                     "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "optimizer": optimizer_name(optimizer)
-                    if optimizer is not None
-                    else (f"gradient descent (lr={lr})" if lr is not None else "none"),
-                    "every": every if every is not None else f"auto ({overhead:.0%} overhead)",
-                    "budget": budget,
+                    "optimizer": optimizer_name(self.optimizer)
+                    if self.optimizer is not None
+                    else (f"gradient descent (lr={self.lr})" if self.lr is not None else "none"),
+                    "every": self.every
+                    if self.every is not None
+                    else f"auto ({self.overhead:.0%} overhead)",
+                    "budget": self.budget,
                     "start_step": self._start,
                     **self._clipping_header(),
-                    "thresholds": thresholds.as_dict(),
+                    "thresholds": self.thresholds.as_dict(),
                 },
             )
 
