@@ -355,7 +355,7 @@ class Curvature:
             # averaged on another, other class weights, or a model built from another seed
             # on each rank gave a "global" λ_max of neither, converged (an outside review)
             loss=loss_signature(objective.loss_fn),
-            values=values_signature(list(objective.params.values())),
+            values=values_signature(list(objective.params.values()), self.group),
             device=objective.device,
         )
         # DeepSpeed ZeRO-3, FSDP2 (its modules: after an evaluation forward its root holds

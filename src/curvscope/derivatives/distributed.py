@@ -332,11 +332,13 @@ def loss_signature(loss_fn: Any) -> str:
     return repr((type(loss_fn).__qualname__, settings, tensors))
 
 
-def values_signature(params: list[Tensor]) -> Tensor | str:
-    """The parameters' values, for the ranks to compare: each tensor's sum and sum of squares
-    in float64 (bitwise the same for the same values on the same kind of device; one pass over
-    them). Sharded parameters (FSDP2's DTensors, a ZeRO-3 partition) hold other entries on each
-    rank by design: not compared."""
+def values_signature(params: list[Tensor], group: Any) -> Tensor | str:
+    """The parameters' values, for the ranks of ``group`` to compare: each tensor's sum and sum
+    of squares in float64 (bitwise the same for the same values on the same kind of device; one
+    pass over them, only under a process group). Sharded parameters (FSDP2's DTensors, a ZeRO-3
+    partition) hold other entries on each rank by design: not compared."""
+    if group is None:
+        return "one process"
     if any(type(p).__name__ == "DTensor" or hasattr(p, "ds_tensor") for p in params):
         return "sharded"
     with torch.no_grad():
