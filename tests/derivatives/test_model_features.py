@@ -119,6 +119,74 @@ def test_a_torchscript_model_is_refused_with_the_backend_that_takes_it():
     _same_products(scripted, (X, Y), backend="finite_difference", exact=_mlp())
 
 
+def test_a_model_holding_a_scripted_submodule_is_measured_as_any():
+    """Only a scripted top level is refused (functional_call's limit): a model that holds a
+    scripted block is called at other parameters as any (a review: it was refused too)."""
+    plain = _mlp()
+    holder = nn.Sequential(torch.jit.script(copy.deepcopy(plain[:2])), plain[2])
+    V = torch.randn(sum(p.numel() for p in plain.parameters()), 2, dtype=DT)
+    expected = cs.Curvature(plain, nn.CrossEntropyLoss(), (X, Y)) @ V
+    got = cs.Curvature(holder, nn.CrossEntropyLoss(), (X, Y)) @ V
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_a_max_norm_table_finite_differences_do_not_perturb_is_taken():
+    """A frozen (or unselected) table is never stepped: finite differences take it (a review:
+    it was refused with the selected ones)."""
+    model = _bag(max_norm=0.5)
+    model.e.weight.requires_grad_(False)
+    _same_products(model, (TOKENS, LABELS), backend="finite_difference")
+    model.e.weight.requires_grad_(True)
+    C = cs.Curvature(
+        model,
+        nn.CrossEntropyLoss(),
+        (TOKENS, LABELS),
+        backend="finite_difference",
+        params=["head.weight", "head.bias"],
+    )
+    E = cs.Curvature(
+        model, nn.CrossEntropyLoss(), (TOKENS, LABELS), params=["head.weight", "head.bias"]
+    )
+    V = torch.randn(C.num_params, 2, dtype=DT, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(C @ V, E @ V, rtol=1e-6, atol=1e-8)
+
+
+def test_the_ranks_signatures_are_exact_and_read_only_what_a_loss_computes():
+    """The values' signature is integer sums of the bits — the same whatever the thread count
+    (float sums differed in the last digit: identical parameters refused, a review); a loss's
+    is its type, torch's settings and class weights — not a logged value of one's own."""
+    from curvscope.derivatives.distributed import loss_signature, values_signature
+
+    big = [torch.randn(4_000_000, generator=torch.Generator().manual_seed(0)), torch.ones(3)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = values_signature(big, "group")
+        torch.set_num_threads(2)
+        two = values_signature(big, "group")
+    finally:
+        torch.set_num_threads(threads)
+    assert isinstance(one, torch.Tensor) and torch.equal(one, two)
+    moved = [big[0].clone(), big[1]]
+    moved[0][123] += 1e-3
+    assert not torch.equal(values_signature(moved, "group"), one)
+    assert values_signature(big, None) == "one process"
+
+    class Logged(nn.CrossEntropyLoss):
+        def forward(self, out, y):
+            loss = super().forward(out, y)
+            self.last = float(loss)
+            return loss
+
+    a, b = Logged(), Logged()
+    a.last, b.last = 1.0, 2.0  # per-rank bookkeeping
+    assert loss_signature(a, "group") == loss_signature(b, "group")
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0]))
+    other = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0]))
+    assert loss_signature(weighted, "group") != loss_signature(other, "group")
+    assert loss_signature(nn.MSELoss(), "g") != loss_signature(nn.MSELoss(reduction="sum"), "g")
+
+
 def test_inside_parametrize_cached_the_users_own_gradient_is_kept():
     class Squared(nn.Module):
         def forward(self, w: torch.Tensor) -> torch.Tensor:

@@ -323,6 +323,21 @@ def test_hessian_free_refuses_gauss_newton_for_a_loss_read_around_the_outputs(ho
     assert opt.info.grad_norm < 1e-8  # ‖g‖ where the sixth step started
 
 
+def test_a_read_around_the_outputs_through_a_shared_split_is_seen():
+    """logits, aux = out.split(...) are two outputs of one node: a penalty on aux reads around
+    the logits (a review: the walk stopped at the shared node and missed it)."""
+    from curvscope.optim._closure import read_around_outputs
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    logits, aux = lin(x).split([3, 1], dim=1)
+    loss = nn.functional.cross_entropy(logits, y) + 10 * aux.pow(2).mean()
+    assert read_around_outputs(loss, logits, list(lin.parameters())) == 0
+    alone = nn.functional.cross_entropy(logits, y)
+    assert read_around_outputs(alone, logits, list(lin.parameters())) is None
+
+
 @pytest.mark.parametrize("how", ["l2", "activation"])
 def test_sophia_g_refuses_a_loss_read_around_the_outputs(how):
     """The Gauss-Newton-Bartlett estimate left a penalty's curvature out as Hessian-free's

@@ -319,7 +319,7 @@ class Curvature:
             )
         if backend != _fd.BACKEND and _scripted(model):
             raise TypeError(
-                "the model is (or holds) a TorchScript module (torch.jit.script / trace), which "
+                "the model is a TorchScript module (torch.jit.script / trace), which "
                 "cannot be called at other parameters (torch.func.functional_call refuses "
                 "Jitted modules), as exact curvature products must: pass the original nn.Module, "
                 "or use backend='finite_difference' (products from the model's own gradients)"
@@ -354,7 +354,7 @@ class Curvature:
             # what the ranks' losses and parameters are: a loss summed on one rank and
             # averaged on another, other class weights, or a model built from another seed
             # on each rank gave a "global" λ_max of neither, converged (an outside review)
-            loss=loss_signature(objective.loss_fn),
+            loss=loss_signature(objective.loss_fn, self.group),
             values=values_signature(list(objective.params.values()), self.group),
             device=objective.device,
         )
@@ -799,7 +799,6 @@ def _check_kind(kind: object) -> str:
 
 
 def _scripted(model: Any) -> bool:
-    """Whether ``model`` is, or holds, a TorchScript module."""
-    return isinstance(model, nn.Module) and any(
-        isinstance(m, torch.jit.ScriptModule) for m in model.modules()
-    )
+    """Whether ``model`` is a TorchScript module (one that only holds a scripted submodule is
+    called at other parameters as any: ``functional_call`` refuses the top level alone)."""
+    return isinstance(model, torch.jit.ScriptModule)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 T = TypeVar("T")
 
@@ -318,31 +318,63 @@ def _code(value: Any) -> float:
     return float(zlib.crc32(repr(value).encode()))
 
 
-def loss_signature(loss_fn: Any) -> str:
-    """What a loss computes, for the ranks to compare: its type, its settings (a torch loss's
-    reduction, ignore_index, label_smoothing, ...) and its tensors (class weights), by value."""
-    if not isinstance(loss_fn, nn.Module):
-        return getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
-    settings = sorted(
-        (k, v)
-        for k, v in vars(loss_fn).items()
-        if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))
-    )
-    tensors = [(k, _code(t)) for k, t in loss_fn.state_dict().items()]
-    return repr((type(loss_fn).__qualname__, settings, tensors))
+#: The settings of torch's losses that change what they compute (the ranks compare them)
+LOSS_SETTINGS = (
+    "reduction",
+    "ignore_index",
+    "label_smoothing",
+    "delta",
+    "beta",
+    "margin",
+    "p",
+    "eps",
+    "log_input",
+    "full",
+    "blank",
+    "zero_infinity",
+    "swap",
+    "log_target",
+)
+
+
+def loss_signature(loss_fn: Any, group: Any) -> str:
+    """What a loss computes, for the ranks of ``group`` to compare: its type, and for torch's
+    own losses their settings (:data:`LOSS_SETTINGS`) and class weights by value. A loss of
+    one's own is compared by its type only: its attributes may be per-rank bookkeeping (a
+    logged value, a counter), which is no difference in what it computes (a review)."""
+    if group is None:
+        return "one process"
+    name = getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
+    if not type(loss_fn).__module__.startswith("torch.nn.modules.loss"):
+        return name
+    settings = [(k, getattr(loss_fn, k)) for k in LOSS_SETTINGS if hasattr(loss_fn, k)]
+    weights = [
+        (k, _code(t))
+        for k in ("weight", "pos_weight")
+        if isinstance(t := getattr(loss_fn, k, None), Tensor)
+    ]
+    return repr((name, settings, weights))
 
 
 def values_signature(params: list[Tensor], group: Any) -> Tensor | str:
-    """The parameters' values, for the ranks of ``group`` to compare: each tensor's sum and sum
-    of squares in float64 (bitwise the same for the same values on the same kind of device; one
-    pass over them, only under a process group). Sharded parameters (FSDP2's DTensors, a ZeRO-3
+    """The parameters' values, for the ranks of ``group`` to compare: each tensor's bits as
+    32-bit words, summed as integers (all of them, and every other one) — exact, so the same on
+    every rank whatever its thread count or device (float sums rounded otherwise: identical
+    parameters refused on ranks with other thread counts, a review), and one pass over them on
+    their device, only under a process group. Sharded parameters (FSDP2's DTensors, a ZeRO-3
     partition) hold other entries on each rank by design: not compared."""
     if group is None:
         return "one process"
     if any(type(p).__name__ == "DTensor" or hasattr(p, "ds_tensor") for p in params):
         return "sharded"
+    sums = []
     with torch.no_grad():
-        sums = [torch.stack([(q := p.detach().double()).sum(), (q * q).sum()]) for p in params]
+        for p in params:
+            raw = p.detach().contiguous().reshape(-1).view(torch.uint8)
+            words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw
+            sums.append(
+                torch.stack([words.sum(dtype=torch.int64), words[::2].sum(dtype=torch.int64)])
+            )
     return torch.stack(sums)
 
 

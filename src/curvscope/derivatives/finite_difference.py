@@ -191,31 +191,41 @@ except ImportError:  # pragma: no cover - a torch built without distributed
     distribute_tensor = None  # type: ignore[assignment]
 
 
-def _moving_parts(model: nn.Module) -> list[str]:
-    """The model's modules whose forward computes from the parameters something that moves with
-    every evaluation: an embedding's ``max_norm`` (torch renormalizes the rows a batch reads in
-    place) and spectral norm in train mode (a power iteration on the weight it is given)."""
+def _moving_parts(model: nn.Module, params: Mapping[str, Tensor]) -> list[str]:
+    """The model's modules whose forward computes from the selected ``params`` something that
+    moves with every evaluation: an embedding's ``max_norm`` (torch renormalizes the rows a batch
+    reads in place) and spectral norm in train mode (a power iteration on the weight it is
+    given). One whose weight is not selected (frozen, or left out by ``params=``) is never
+    perturbed: not one of them (a review: a frozen max_norm table was refused)."""
     from torch.nn.utils.parametrizations import _SpectralNorm
+    from torch.nn.utils.parametrize import ParametrizationList
     from torch.nn.utils.spectral_norm import SpectralNorm
 
+    selected = {id(p) for p in params.values()}
     found = []
     for name, m in model.named_modules():
         where = name or "the model"
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None:
-            found.append(f"{where} (max_norm={m.max_norm:g})")
-        elif isinstance(m, _SpectralNorm) and m.training and m.n_power_iterations > 0:
-            found.append(f"{where.removesuffix('.0')} (spectral norm in train mode)")
+            if id(m.weight) in selected:
+                found.append(f"{where} (max_norm={m.max_norm:g})")
+        elif isinstance(m, ParametrizationList) and id(m.original) in selected:
+            if any(
+                isinstance(f, _SpectralNorm) and f.training and f.n_power_iterations > 0 for f in m
+            ):
+                found.append(f"{where} (spectral norm in train mode)")
         elif m.training and any(isinstance(h, SpectralNorm) for h in m._forward_pre_hooks.values()):
-            found.append(f"{where} (spectral norm in train mode)")
+            hooks = [h for h in m._forward_pre_hooks.values() if isinstance(h, SpectralNorm)]
+            if any(id(getattr(m, h.name + "_orig")) in selected for h in hooks):
+                found.append(f"{where} (spectral norm in train mode)")
     return found
 
 
-def _check_steady_forward(model: nn.Module) -> None:
+def _check_steady_forward(model: nn.Module, params: Mapping[str, Tensor]) -> None:
     """Refuse a model whose forward evaluated at θ ± εv is not the loss at θ ± εv
     (:func:`_moving_parts`): its differences were of another function — an embedding with
     ``max_norm`` 43% off the exact operator and not symmetric, spectral norm 0.3% (an outside
     review), beyond the accuracy promised and not seen by the products' error estimates."""
-    moving = _moving_parts(model)
+    moving = _moving_parts(model, params)
     if moving:
         raise ValueError(
             f"backend='finite_difference' differences gradients at θ ± εv, but {few(moving)} "
@@ -743,7 +753,7 @@ class FiniteDifferenceProducts:
         #: backends' P·H·P (an outside review: 48% off, asymmetric, estimated exact)
         self._rows = [objective.padding.get(k) for k in objective.params]
         _check_aliases(objective.model, objective.params, engine)
-        _check_steady_forward(objective.model)
+        _check_steady_forward(objective.model, objective.params)
         #: whether the model's graph goes through reentrant checkpointing (:func:`_accumulate`)
         self._reentrant: bool | None = None
         #: what these products differ in from the exact backends' (``C.notes``)

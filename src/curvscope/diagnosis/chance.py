@@ -9,11 +9,14 @@ losses, from the targets alone (no forward pass):
 
 - ``nn.CrossEntropyLoss`` / ``nn.NLLLoss`` with class labels (``ignore_index`` and ``weight=``
   as torch counts them; no ``label_smoothing``): predict the (weighted) label frequencies p;
-  the mean loss is their entropy H(p) = −Σ_c p_c log p_c.
+  the mean loss is their entropy H(p) = −Σ_c p_c log p_c — for (N, d₁, …) labels (sequences,
+  pixels) each position's own, the mean weighted by their counts (at most ``MAX_TABLE``
+  positions × classes).
 - ``nn.MSELoss``: predict each target coordinate's mean; the mean loss is the coordinates' mean
   variance (R² = 0).
-- ``nn.BCEWithLogitsLoss`` / ``nn.BCELoss`` (no ``weight=`` or ``pos_weight=``): predict each
-  coordinate's mean ȳ; the mean loss is the mean over coordinates of −ȳ log ȳ − (1−ȳ) log(1−ȳ).
+- ``nn.BCEWithLogitsLoss`` / ``nn.BCELoss`` (no ``weight=`` or ``pos_weight=``; targets 0 or
+  1): predict each coordinate's mean ȳ; the mean loss is the mean over coordinates of
+  −ȳ log ȳ − (1−ȳ) log(1−ȳ).
 
 A summed loss's chance loss is the sum (the mean times what the mean divides by). Anything else
 — another loss, a function, a model that computes its own loss, soft labels, targets whose
@@ -51,13 +54,14 @@ def _kind(loss_fn: Any) -> str | None:
     return None
 
 
-def chance_loss(objective: ModelObjective, group: Any = None) -> float | None:
+def chance_loss(objective: ModelObjective, group: Any = None, replicas: int = 1) -> float | None:
     """The loss of the best input-independent prediction over ``objective``'s data (the module's
     docstring), reduced as the objective's loss is; None where it has no closed form here.
 
     One pass over the data's targets (no forward pass); under a process group two or three
     small collectives, which every rank makes whatever its data (a rank whose targets do not
-    fit makes it None on all)."""
+    fit makes it None on all); ``replicas``: how many ranks hold each sample (tensor
+    parallelism), as for the operator's own count."""
     kind = _kind(objective.loss_fn)
     if kind is None:
         return None
@@ -68,39 +72,78 @@ def chance_loss(objective: ModelObjective, group: Any = None) -> float | None:
         value, count = _coordinates(objective, group, where, kind)
     if value is None or not math.isfinite(value):
         return None
-    return value * count if objective.reduction == "sum" else value
+    # tensor-parallel ranks pass the same batches: their counts are summed ``replicas`` times
+    return value * count / replicas if objective.reduction == "sum" else value
+
+
+#: The most entries a table of label counts per position may have (positions × classes: a
+#: segmentation's pixels, a sequence's places): beyond it, no chance loss (None)
+MAX_TABLE = 1 << 22
+
+
+def _agreed_width(
+    fits: bool, width: int | None, extra: float, group: Any, where: torch.device
+) -> tuple[bool, int, float]:
+    """Whether every rank's targets fit, with one and the same width (entries per row; a rank
+    without rows counts in neither), that width, and the ranks' largest ``extra``: one
+    all-reduce, made by every rank whatever its data."""
+    flag = torch.tensor(
+        [
+            0.0 if fits else 1.0,
+            -1.0 if width is None else float(width),
+            -1e300 if width is None else -float(width),
+            extra,
+        ],
+        dtype=torch.float64,
+    )
+    agreed = all_reduce_max(flag.to(where), group).cpu()
+    ok = bool(agreed[0] == 0 and agreed[1] >= 0 and agreed[1] == -agreed[2])
+    return ok, int(agreed[1]) if ok else 0, float(agreed[3])
 
 
 def _classes(
     objective: ModelObjective, group: Any, where: torch.device
 ) -> tuple[float | None, float]:
-    """H(p) of the counted label frequencies p, and the total count."""
-    counts = torch.zeros(0, dtype=torch.float64)
+    """The mean over positions of the entropy of each position's counted label frequencies
+    (one position for (N,) labels; each of d₁…d_k for (N, d₁, …, d_k) labels: a constant per
+    position ignores the inputs too), and the total count."""
+    counts = torch.zeros(0, 0, dtype=torch.float64)  # positions × classes
+    width: int | None = None
     fits = True
     for batch in objective.batches():
         t = batch.targets
-        if t.is_floating_point() or t.is_complex():  # class probabilities: not counted here
+        if t.is_floating_point() or t.is_complex() or t.ndim == 0:  # class probabilities
             fits = False
             continue
+        if t.shape[0] == 0:
+            continue
+        if width is not None and t[0].numel() != width:
+            fits = False  # sequences of different lengths: no constant per position
+            continue
+        width = t[0].numel()
         w = counted_labels(objective.loss_fn, t, torch.float64).cpu()
         labels = torch.where(w > 0, t.reshape(-1).cpu(), 0).long()
-        if labels.numel() and int(labels.min()) < 0:
+        if int(labels.min()) < 0 or width * (int(labels.max()) + 1) > MAX_TABLE:
             fits = False
             continue
-        grown = torch.bincount(labels, weights=w, minlength=counts.numel())
-        grown[: counts.numel()] += counts
+        grown = torch.zeros(width, max(counts.shape[1], int(labels.max()) + 1), dtype=torch.float64)
+        if counts.numel():
+            grown[:, : counts.shape[1]] += counts
+        positions = torch.arange(width).repeat(t.shape[0])
+        grown.index_put_((positions, labels), w, accumulate=True)
         counts = grown
-    flag = torch.tensor([0.0 if fits else 1.0, float(counts.numel())], dtype=torch.float64)
-    agreed = all_reduce_max(flag.to(where), group).cpu()
-    if agreed[0] > 0:
+    ok, width, classes = _agreed_width(fits, width, float(counts.shape[1]), group, where)
+    if not ok:
         return None, 0.0
-    counts = torch.cat([counts, counts.new_zeros(int(agreed[1]) - counts.numel())])
+    if counts.numel() == 0:  # a rank without rows adds nothing
+        counts = torch.zeros(width, 0, dtype=torch.float64)
+    counts = torch.cat([counts, counts.new_zeros(width, int(classes) - counts.shape[1])], 1)
     counts = all_reduce_sum(counts.to(where), group).cpu()
     total = float(counts.sum())
     if total <= 0:
         return None, 0.0
-    p = counts[counts > 0] / total
-    return float(-(p * p.log()).sum()), total
+    share = torch.where(counts > 0, counts / counts.sum(1, keepdim=True).clamp_min(1e-300), 1.0)
+    return float(-(counts * share.log()).sum()) / total, total
 
 
 def _coordinates(
@@ -118,6 +161,11 @@ def _coordinates(
             continue
         if t.shape[0] == 0:
             continue
+        if kind == "binary" and not bool(((t == 0) | (t == 1)).all()):
+            # soft targets: the best any model does is their own entropy, not 0, and a
+            # model that matches them exactly read "at chance" (a review)
+            fits = False
+            continue
         if shape is not None and tuple(t.shape[1:]) != shape:
             fits = False  # sequences of different lengths: no coordinate-wise constant
             continue
@@ -132,23 +180,9 @@ def _coordinates(
             mean = mean + delta * (k / (n + k))
             m2 = m2 + bm2 + delta**2 * (n * k / (n + k))
             n += k
-    if kind == "binary" and n and bool(((mean < 0) | (mean > 1)).any()):
-        fits = False  # targets outside [0, 1]: torch's BCE refuses them; no closed form
-    # the ranks' largest and smallest number of coordinates (a rank without rows counts in
-    # neither), and whether any rank's targets did not fit
-    width = None if shape is None else float(math.prod(shape))
-    flag = torch.tensor(
-        [
-            0.0 if fits else 1.0,
-            -1.0 if width is None else width,
-            -1e300 if width is None else -width,
-        ],
-        dtype=torch.float64,
-    )
-    agreed = all_reduce_max(flag.to(where), group).cpu()
-    if agreed[0] > 0 or agreed[1] < 0 or agreed[1] != -agreed[2]:
+    ok, d, _ = _agreed_width(fits, None if shape is None else math.prod(shape), 0.0, group, where)
+    if not ok:
         return None, 0.0  # a rank that did not fit, no rows at all, or coordinates that differ
-    d = int(agreed[1])
     if shape is None:  # this rank had no rows: it adds nothing
         mean, m2 = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
     weighted = torch.cat([torch.tensor([float(n)], dtype=torch.float64), n * mean])

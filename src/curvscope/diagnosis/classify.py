@@ -58,6 +58,11 @@ class Thresholds:
             this share of the measured parameters, the verdict says so and its advice reads
             it: the state, sharpness and stable learning rate are then those of the rest (a
             network whose ReLUs all died reads as a minimum of its output bias).
+        chance: a loss within this share of the chance loss (``chance_loss``: the best
+            prediction that ignores the inputs), or above it, is at chance — nothing learnt from
+            the inputs (a 10-layer sigmoid network stuck by vanishing gradients sits 1e-4 below
+            it on digits; logistic regression on a feature that moves the odds by 6% sits 0.9%
+            below).
     """
 
     small_gradient: float = 1e-3
@@ -70,6 +75,7 @@ class Thresholds:
     margin: float = 0.1
     confidence: float = 2.0
     zero_gradient: float = 0.5
+    chance: float = 0.01
 
     def __post_init__(self) -> None:
         # a review: zero_gradient=-1 put "go back to a checkpoint" on a 0.8% unused module
@@ -78,11 +84,11 @@ class Thresholds:
             ok = isinstance(value, int | float) and not isinstance(value, bool)
             if not (ok and math.isfinite(value) and value >= 0):
                 raise ValueError(f"Thresholds.{f.name} must be a finite number >= 0, got {value!r}")
-        if self.zero_gradient > 1:
-            raise ValueError(
-                f"Thresholds.zero_gradient is a share of the parameters, in [0, 1]; got "
-                f"{self.zero_gradient!r}"
-            )
+        for name, of in (("zero_gradient", "the parameters"), ("chance", "the chance loss")):
+            if getattr(self, name) > 1:
+                raise ValueError(
+                    f"Thresholds.{name} is a share of {of}, in [0, 1]; got {getattr(self, name)!r}"
+                )
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -216,28 +222,28 @@ def _coupled(ev: Mapping[str, Any], at_least: float | None = None) -> bool:
     return judged and share is not None and share >= at_least and not _dead(ev, at_least)
 
 
-#: A loss within this share of the chance loss (``chance_loss``: the best prediction that
-#: ignores the inputs), or above it, is at chance: the model has learnt next to nothing from its
-#: inputs. A 10-layer sigmoid network stuck by vanishing gradients sits 1e-4 below it on digits.
-CHANCE_SHARE = 0.01
-
-
 def at_chance(ev: Mapping[str, Any]) -> bool:
-    """Whether the loss is at chance (:data:`CHANCE_SHARE`), where the chance loss is known and
-    above the loss floor (targets that barely vary leave nothing to learn from the inputs)."""
+    """Whether the loss is at chance: within ``Thresholds.chance`` of the chance loss or above
+    it, where there is one and it is above 0 (targets that never vary leave nothing to learn).
+    Relative, so in any units (a floor of 1e-3 missed a regression on daily returns, a
+    variance of 1e-4: a review)."""
     loss, chance = ev.get("loss"), ev.get("chance_loss")
     if loss is None or chance is None or not (_finite(loss) and _finite(chance)):
         return False
-    return chance > DEFAULT_THRESHOLDS.loss_floor and loss >= (1 - CHANCE_SHARE) * chance
+    share = float((ev.get("thresholds") or {}).get("chance", Thresholds.chance))
+    return chance > 0 and loss >= (1 - share) * chance
 
 
-def _chance_sentence(ev: Mapping[str, Any]) -> str:
-    return (
-        f"the loss ({ev['loss']:.4g}) is within 1% of what the best prediction that ignores the "
-        f"inputs gives here, or above it ({ev['chance_loss']:.4g}, the chance loss: the label "
-        "frequencies' entropy, or the targets' variance): the model has learnt next to nothing "
-        "from its inputs"
+def _chance_sentence(ev: Mapping[str, Any], small: bool) -> str:
+    share = float((ev.get("thresholds") or {}).get("chance", Thresholds.chance))
+    said = (
+        f"the loss ({ev['loss']:.4g}) is within {share:.0%} of the chance loss, what the best "
+        f"prediction that ignores the inputs gives here (the label frequencies, or the "
+        f"targets' means: {ev['chance_loss']:.4g}), or above it"
     )
+    if small:
+        return said + ": the model predicts next to nothing from its inputs"
+    return said + ": nothing learnt from the inputs yet (as at initialisation)"
 
 
 def _named(blocks: list[str]) -> str:
@@ -419,11 +425,12 @@ def _saddle_advice(ev: Mapping[str, Any]) -> list[str]:
 
 def _at_chance_advice() -> str:
     return (
-        "A loss at chance is no fit, however flat: look for what keeps the inputs from the "
-        "loss — vanishing gradients (a deep stack of sigmoid or tanh units without "
-        "normalization or residual connections: compare the first layers' gradient norms with "
-        "the last's), dead units, inputs that do not reach the model, or labels that do not "
-        "depend on them — rather than for a learning rate."
+        "A loss at chance: the model predicts next to nothing from its inputs beyond what the "
+        "targets' frequencies (or means) give. Unless the targets barely depend on the inputs "
+        "(then this is the best fit there is), look for what keeps the inputs from the loss — "
+        "vanishing gradients (a deep stack of sigmoid or tanh units without normalization or "
+        "residual connections: compare the first layers' gradient norms with the last's), dead "
+        "units, inputs that do not reach the model — rather than for a learning rate."
     )
 
 
@@ -572,7 +579,7 @@ class Evidence(Mapping[str, Any]):
         chance_loss: the loss of the best prediction that ignores the inputs, on the same data
             (the label frequencies' entropy for cross-entropy, the targets' mean variance for
             squared error: :mod:`curvscope.diagnosis.chance`), where the loss has such a closed
-            form; a loss within 1% of it (:data:`CHANCE_SHARE`) is at chance.
+            form; a loss within ``Thresholds.chance`` (1%) of it, or above, is at chance.
         extra: any other keys (not produced by curvscope).
     """
 
@@ -753,9 +760,11 @@ class Facts:
 
     @property
     def chance(self) -> str | None:
-        """The sentence on a loss at chance (:func:`at_chance`) where the gradient is small: a
-        plateau, saddle or minimum of a model that has learnt nothing from its inputs."""
-        return _chance_sentence(self.evidence) if self.small and at_chance(self.evidence) else None
+        """The sentence on a loss at chance (:func:`at_chance`): with a small gradient a
+        plateau, saddle or minimum of a model that has learnt nothing from its inputs; with a
+        large one, nothing learnt yet (a stuck network on a small probe batch reads *learning*:
+        its output bias can still fit that batch's label frequencies)."""
+        return _chance_sentence(self.evidence, self.small) if at_chance(self.evidence) else None
 
     @cached_property
     def gradient(self) -> str:
@@ -1026,7 +1035,9 @@ def classify(
     for rule in rules:
         reasons = rule.test(facts)
         if reasons is not None:
-            said = (facts.silent, facts.chance, facts.clipping)
+            # (a run that diverged has no "yet": its loss is where its steps threw it)
+            chance = None if rule.test is _diverged else facts.chance
+            said = (facts.silent, chance, facts.clipping)
             return rule.state, [*reasons, *(r for r in said if r is not None)]
     raise ValueError(
         "no rule decided the state: the last of `rules` must always hold (RULES ends with learning)"

@@ -544,7 +544,8 @@ def _diagnose(
     if g is None or not math.isfinite(loss) or not objective.finite(g):
         return _finish(evidence, thresholds, {}, True, start, C)
     assert data_g is not None  # g is
-    evidence["chance_loss"] = chance_loss(measured, C.group)
+    replicas = _fd.replicas(measured, C.group) if products.backend == _fd.BACKEND else 1
+    evidence["chance_loss"] = chance_loss(measured, C.group, replicas)
     evidence.update(zero_gradient(space, data_g, thresholds, seed, measured.params))
     try:
         vectors, converged = _measure_curvature(

@@ -262,12 +262,15 @@ def read_around_outputs(loss: Tensor, outputs: Tensor, params: Sequence[Tensor])
     only: with (CE(out) + λ/2‖θ‖², out) it was G_CE, not G_CE + λI, without a word, and
     Hessian-free took 27 steps where the Hessian's took 4 (a review)."""
     ids = {id(p): i for i, p in enumerate(params)}
-    stop = outputs.grad_fn
+    # the outputs are one output of their node: a node of several (a split into the logits and
+    # an auxiliary head) reached through another is read around them (a review: CE(logits) +
+    # 10·aux² with logits, aux = out.split(...) was not seen)
+    stop = (outputs.grad_fn, outputs.output_nr)
     seen: set[Any] = set()
-    stack = [loss.grad_fn]
+    stack = [(loss.grad_fn, 0)]
     while stack:
-        node = stack.pop()
-        if node is None or node is stop or node in seen:
+        node, nr = stack.pop()
+        if node is None or (node, nr) == stop or node in seen:
             continue
         seen.add(node)
         leaf = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf tensor
@@ -275,7 +278,7 @@ def read_around_outputs(loss: Tensor, outputs: Tensor, params: Sequence[Tensor])
             if leaf is not outputs and id(leaf) in ids:
                 return ids[id(leaf)]
             continue
-        stack.extend(child for child, _ in node.next_functions)
+        stack.extend(node.next_functions)
     return None
 
 
