@@ -99,6 +99,8 @@ class GaussNewtonBartlett:
         # passes must run on the kernels the forward did (torch's CheckpointError otherwise)
         with ev.kernels, torch.enable_grad():
             outputs = model_outputs(ev)
+            # (outputs the loss does not depend on are refused here first, more precisely)
+            as_terms, counted = self._terms(ev, outputs)
             # a penalty on the parameters in the closure's loss was left out of the estimate,
             # unsaid (as of Hessian-free's products: a review)
             ev.check_outputs_alone(
@@ -107,7 +109,6 @@ class GaussNewtonBartlett:
                 "decoupled weight_decay= in place of an L2 penalty, with the loss computed "
                 "from the outputs alone",
             )
-            as_terms, counted = self._terms(ev, outputs)
             rows = as_terms(outputs)
             s = self.likelihood.sample_grad(rows.detach(), generator, 1)[0]
             s = s * counted[:, None]
