@@ -70,6 +70,10 @@ SLOW: dict[str, float] = {
     "test_a_mean_refused_on_one_ranks_data_stops_every_rank_at_once": 6.5,
     "tests/distributed/test_distributed.py::"
     "test_a_gauss_newton_of_0_is_refused_only_when_no_ranks_loss_curves": 4.0,
+    "tests/distributed/test_rank_checks.py::"
+    "test_ranks_refuse_different_values_losses_and_a_log_rank_0_cannot_open": 3.5,
+    "tests/distributed/test_chance_ranks.py::"
+    "test_two_ranks_chance_equals_one_process_on_the_full_data": 3.5,
     "tests/distributed/test_same_call.py::"
     "test_a_call_that_differs_between_ranks_is_refused_on_every_rank": 9.0,
     "tests/diagnosis/test_review_forecast.py::"

@@ -335,6 +335,7 @@ HOST_SIDE = {
     "curvscope/derivatives/checks.py::check_dense_size": "reads a dtype's element size",
     "curvscope/derivatives/curvature.py::Curvature.to_scipy": "scipy's vector, then .to(device)",
     "curvscope/derivatives/distributed.py::check_same_on_ranks": "moved to NCCL's device below",
+    "curvscope/diagnosis/chance.py::": "the targets' counts, on the host (moved for collectives)",
     "curvscope/lab/probe.py::_slice": "the step sizes of a loss slice, read as floats",
     "curvscope/spectrum/density.py::": "Gauss quadrature of the small tridiagonals, on the host",
     "curvscope/spectrum/lanczos.py::tridiagonal": "the coefficients it read, kept on the host",
