@@ -275,6 +275,19 @@ def test_hessian_free_backtracks_past_iterates_whose_loss_is_not_finite():
     assert float(x.detach()[0]) < 5
 
 
+def test_backtracking_walks_past_a_non_finite_iterate_wherever_it_lies():
+    """Losses 1, NaN, 5 walking back: the NaN tells nothing of the iterates before it (it ended
+    the walk at 5: a review of the first fix); all non-finite: +inf, which the step rejects."""
+    from curvscope.optim.descents import _backtrack
+
+    saved = [(i, torch.full((2,), float(i)), torch.zeros(2)) for i in (1, 2, 3)]
+    losses = {1.0: 1.0, 2.0: math.nan, 3.0: 5.0}
+    best = _backtrack(saved, lambda x: losses[float(x[0])])
+    assert best is not None and best[0] == 1.0 and float(best[1][0]) == 1.0
+    nowhere = _backtrack(saved, lambda x: math.inf)
+    assert nowhere is not None and nowhere[0] == math.inf and float(nowhere[1][0]) == 3.0
+
+
 def _penalized_closure(model, X, y, how):
     """(loss, outputs) of a linear classifier whose loss also reads the parameters ("l2"), or an
     activation ("activation"), other than through the outputs it returns; None: it does not."""

@@ -322,7 +322,8 @@ class Curvature:
                 "the model is a TorchScript module (torch.jit.script / trace), which "
                 "cannot be called at other parameters (torch.func.functional_call refuses "
                 "Jitted modules), as exact curvature products must: pass the original nn.Module, "
-                "or use backend='finite_difference' (products from the model's own gradients)"
+                "or use backend='finite_difference' (Hessian products from the model's own "
+                "gradients; the Gauss-Newton and Fisher kinds need the original module)"
             )
         mc_samples = check_int(mc_samples, "mc_samples", minimum=1)
         self.group = resolve_group(group)

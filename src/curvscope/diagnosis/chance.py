@@ -18,10 +18,11 @@ losses, from the targets alone (no forward pass):
   1): predict each coordinate's mean ȳ; the mean loss is the mean over coordinates of
   −ȳ log ȳ − (1−ȳ) log(1−ȳ).
 
-A summed loss's chance loss is the sum (the mean times what the mean divides by). Anything else
-— another loss, a function, a model that computes its own loss, soft labels, targets whose
-shape beyond the batch varies — has none (None). Under a process group the statistics are
-summed over the ranks (every rank calls it together).
+A summed loss's chance loss is the sum (the mean times what the mean divides by). A Hugging
+Face model's own loss (``loss_fn=None``) is the cross-entropy over its flattened target tokens:
+its chance loss is their unigram entropy. Anything else — another loss, a function, soft
+labels, targets whose shape beyond the batch varies — has none (None). Under a process group
+the statistics are summed over the ranks (every rank calls it together).
 """
 
 from __future__ import annotations

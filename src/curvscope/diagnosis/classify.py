@@ -60,9 +60,9 @@ class Thresholds:
             network whose ReLUs all died reads as a minimum of its output bias).
         chance: a loss within this share of the chance loss (``chance_loss``: the best
             prediction that ignores the inputs), or above it, is at chance — nothing learnt from
-            the inputs (a 10-layer sigmoid network stuck by vanishing gradients sits 1e-4 below
-            it on digits; logistic regression on a feature that moves the odds by 6% sits 0.9%
-            below).
+            the inputs (a 10-layer sigmoid network stuck by vanishing gradients sits at it, within
+            1e-6, on digits; logistic regression on a feature that moves P(y = 1) from 0.44 to
+            0.56 sits 0.9% below).
     """
 
     small_gradient: float = 1e-3
@@ -578,7 +578,8 @@ class Evidence(Mapping[str, Any]):
             a Fixup network, leave the layers before them none until both move).
         chance_loss: the loss of the best prediction that ignores the inputs, on the same data
             (the label frequencies' entropy for cross-entropy, the targets' mean variance for
-            squared error: :mod:`curvscope.diagnosis.chance`), where the loss has such a closed
+            squared error, the binary entropy at each coordinate's mean for binary
+            cross-entropy: :mod:`curvscope.diagnosis.chance`), where the loss has such a closed
             form; a loss within ``Thresholds.chance`` (1%) of it, or above, is at chance.
         extra: any other keys (not produced by curvscope).
     """

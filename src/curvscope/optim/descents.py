@@ -212,7 +212,7 @@ class GaussNewtonCG:
     ``max_cg``, ``decay`` (the warm start ζ·s_prev, the previous solution kept as
     ``previous``) and ``progress_tol`` (Martens' §4.4 stopping rule). CG is not
     preconditioned. Of the iterates kept at iterations ⌈1.3ʲ⌉, the one with the lowest loss
-    found walking back from the last (a non-finite loss counting as +inf) is proposed.
+    found walking back from the last (past any whose loss is not finite) is proposed.
     Negative curvature (the Hessian only) is reported as the floor λ − pᵀ(H + λI)p/‖p‖² for
     the damping.
     """
@@ -272,20 +272,23 @@ def _backtrack(
     saved: Sequence[tuple[int, Tensor, Tensor]], trial: Callable[[Tensor], float]
 ) -> tuple[float, Tensor, Tensor] | None:
     """(f, x, r) of the saved CG iterate with the lowest loss found walking back from the last
-    while the loss keeps improving; None when no iterate moved. A loss that is not finite
-    counts as +inf, as the step's ratio test counts it, and the walk goes on past it: with
-    NaN kept as the best, ``f < NaN`` was false, so the walk stopped at the second iterate
-    and the step was rejected though an earlier one lowered the loss (a quadratic undefined
-    past x₀ = 5: iterates 1–11 took it from 0 to −1637, 14 and 18 were NaN, and 24 steps
-    were rejected while the damping grew: a review)."""
+    while the loss keeps improving; None when no iterate moved. An iterate whose loss is not
+    finite is walked past wherever it is (it tells nothing of the iterates before it), and
+    proposed, as +inf — which the step's ratio test rejects — only where no iterate's loss is
+    finite: with NaN kept as the best, ``f < NaN`` was false, so the walk stopped at the second
+    iterate and the step was rejected though an earlier one lowered the loss (a quadratic
+    undefined past x₀ = 5: iterates 1–11 took it from 0 to −1637, 14 and 18 were NaN, and 24
+    steps were rejected while the damping grew: a review)."""
     best: tuple[float, Tensor, Tensor] | None = None
+    undefined: tuple[float, Tensor, Tensor] | None = None
     for _, x, r in reversed(saved):
         if not bool(x.any()):
             continue
         f = trial(x)
-        f = f if math.isfinite(f) else math.inf
-        if best is not None and math.isfinite(best[0]) and f >= best[0]:
+        if not math.isfinite(f):
+            undefined = undefined or (math.inf, x, r)
+            continue
+        if best is not None and f >= best[0]:
             break
-        if best is None or f < best[0]:
-            best = (f, x, r)
-    return best
+        best = (f, x, r)
+    return best if best is not None else undefined

@@ -35,7 +35,7 @@ class HessianFree(ModelStepOptimizer):
       κ ≤ (λ_max(G) + λ)/λ (§4.7's [diag(Σᵢ gᵢ²) + λI]^0.75 needs per-example gradients gᵢ,
       and a closure returns the batch's loss);
     - CG backtracking: of the iterates kept at iterations ⌈1.3ʲ⌉, the one with the lowest loss
-      found walking back from the last is taken (a non-finite loss counts as +inf);
+      found walking back from the last is taken (past any whose loss is not finite);
     - Levenberg-Marquardt damping from the reduction ratio ρ: λ ← 3/2·λ if ρ < ¼, 2/3·λ if ρ > ¾;
       a step that does not reduce the loss is not taken;
     - the curvature may come from a mini-batch: ``step(closure, curvature_closure=...)``.
