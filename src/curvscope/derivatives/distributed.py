@@ -365,7 +365,9 @@ def values_signature(params: list[Tensor], group: Any) -> Tensor | str:
     partition) hold other entries on each rank by design: not compared."""
     if group is None:
         return "one process"
-    if any(type(p).__name__ == "DTensor" or hasattr(p, "ds_tensor") for p in params):
+    from curvscope.derivatives.zero3 import is_dtensor, is_partitioned  # (zero3 imports this)
+
+    if any(is_dtensor(p) or is_partitioned(p) for p in params):
         return "sharded"
     sums = []
     with torch.no_grad():

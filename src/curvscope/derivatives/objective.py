@@ -120,6 +120,10 @@ def fixed_pass(data: Iterable[Any], seed: int) -> Iterator[Any]:
     return _PassRandomness(_loader_generators(data), DATA.seed(seed)).iterate(data)
 
 
+#: an embedding's flags that :meth:`ModelObjective.context` turns off during curvscope's passes
+_EMBEDDING_FLAGS = ("sparse", "scale_grad_by_freq")
+
+
 def _check_distributed_sampler(loader: Any) -> None:
     """Refuse a loader whose ``DistributedSampler`` repeats samples to give every rank as many
     (its default) or drops some (``drop_last=True``): the ranks' shards together would not be the
@@ -1444,11 +1448,11 @@ class ModelObjective:
         self._has_rnn = any(isinstance(m, nn.RNNBase) for m in modules)
         #: torch's weight norm is computed written out during products (derivatives/substitutes)
         self._weight_norm = uses_weight_norm(modules)
-        #: embeddings, whose sparse gradients (``sparse=True``) are dense during curvscope's
-        #: passes (:meth:`context`): the same values, where torch has neither a double backward
-        #: nor a flat view of a sparse gradient (its bare "reshape is not implemented for
-        #: sparse tensors" before)
-        self._sparse = [m for m in modules if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+        #: embeddings, whose :data:`_EMBEDDING_FLAGS` are off during curvscope's passes
+        #: (:meth:`context`): sparse gradients dense (the same values, where torch has neither a
+        #: double backward nor a flat view of a sparse gradient: its bare "reshape is not
+        #: implemented for sparse tensors" before), and the gradient the loss's own
+        self._embeddings = [m for m in modules if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
         #: torch.compile'd modules inside the model (the wrapper around it is taken off)
         self._compiled_inside = [name for name, m in named if _compiled(m)]
         #: a model that recomputes its forward in the backward (Hugging Face's gradient
@@ -1496,15 +1500,14 @@ class ModelObjective:
         # first derivatives (finite differences) are right through the fused kernels
         kernels = self.kernels() if second_order else nullcontext()
         saved = rng_states(gens)  # (numpy's has moved: restored in the finally below)
-        sparse = [m for m in self._sparse if m.sparse]  # as they are now: put back as found
-        for m in sparse:  # the same gradient, dense: sparse ones have no derivatives
-            m.sparse = False
-        # the loss's own gradient: torch scales an embedding's by the inverse frequency of each
-        # index in the batch, which is no derivative of the loss (the operator was neither the
+        # an embedding's flags that change its gradient, off during the pass and put back as
+        # found: ``sparse`` (the same gradient, dense: sparse ones have no derivatives) and
+        # ``scale_grad_by_freq`` (torch scales the gradient by the inverse frequency of each
+        # index in the batch, which is no derivative of the loss: the operator was neither the
         # Hessian nor symmetric, 39% and 59% off, without a word: an outside review)
-        scaled = [m for m in self._sparse if m.scale_grad_by_freq]
-        for m in scaled:
-            m.scale_grad_by_freq = False
+        switched = [(m, f) for m in self._embeddings for f in _EMBEDDING_FLAGS if getattr(m, f)]
+        for m, f in switched:
+            setattr(m, f, False)
         # inside torch's parametrize.cached(), a forward at curvscope's copies filled the cache
         # with a weight the user's own backward then went through (its gradient lost: an outside
         # review), and a forward of the user's before curvscope's was read as a loss reading the
@@ -1522,10 +1525,8 @@ class ModelObjective:
             raise ours from e
         finally:
             set_rng_states(gens, saved)
-            for m in sparse:
-                m.sparse = True
-            for m in scaled:
-                m.scale_grad_by_freq = True
+            for m, f in switched:
+                setattr(m, f, True)
             parametrize._cache_enabled = cache_was
 
     def kernels(self) -> contextlib.AbstractContextManager[None]:

@@ -198,9 +198,9 @@ def unique_codes(vocabulary: _Vocabulary) -> _Vocabulary:
     return vocabulary
 
 
-def _threshold(ev: Mapping[str, Any]) -> float:
-    """The ``zero_gradient`` threshold the evidence was judged with (or the default)."""
-    return float((ev.get("thresholds") or {}).get("zero_gradient", Thresholds.zero_gradient))
+def _threshold(ev: Mapping[str, Any], name: str = "zero_gradient") -> float:
+    """The threshold ``name`` the evidence was judged with (or the default)."""
+    return float((ev.get("thresholds") or {}).get(name, getattr(Thresholds, name)))
 
 
 def _dead(ev: Mapping[str, Any], at_least: float | None = None) -> bool:
@@ -222,20 +222,19 @@ def _coupled(ev: Mapping[str, Any], at_least: float | None = None) -> bool:
     return judged and share is not None and share >= at_least and not _dead(ev, at_least)
 
 
-def at_chance(ev: Mapping[str, Any]) -> bool:
-    """Whether the loss is at chance: within ``Thresholds.chance`` of the chance loss or above
-    it, where there is one and it is above 0 (targets that never vary leave nothing to learn).
-    Relative, so in any units (a floor of 1e-3 missed a regression on daily returns, a
-    variance of 1e-4: a review)."""
+def at_chance(ev: Mapping[str, Any], share: float | None = None) -> bool:
+    """Whether the loss is at chance: within ``share`` (default the evidence's
+    ``Thresholds.chance``) of the chance loss or above it, where there is one and it is above 0
+    (targets that never vary leave nothing to learn). Relative, so in any units (a floor of
+    1e-3 missed a regression on daily returns, a variance of 1e-4: a review)."""
     loss, chance = ev.get("loss"), ev.get("chance_loss")
     if loss is None or chance is None or not (_finite(loss) and _finite(chance)):
         return False
-    share = float((ev.get("thresholds") or {}).get("chance", Thresholds.chance))
+    share = _threshold(ev, "chance") if share is None else share
     return chance > 0 and loss >= (1 - share) * chance
 
 
-def _chance_sentence(ev: Mapping[str, Any], small: bool) -> str:
-    share = float((ev.get("thresholds") or {}).get("chance", Thresholds.chance))
+def _chance_sentence(ev: Mapping[str, Any], small: bool, share: float) -> str:
     said = (
         f"the loss ({ev['loss']:.4g}) is within {share:.0%} of the chance loss, what the best "
         f"prediction that ignores the inputs gives here (the label frequencies, or the "
@@ -765,7 +764,11 @@ class Facts:
         plateau, saddle or minimum of a model that has learnt nothing from its inputs; with a
         large one, nothing learnt yet (a stuck network on a small probe batch reads *learning*:
         its output bias can still fit that batch's label frequencies)."""
-        return _chance_sentence(self.evidence, self.small) if at_chance(self.evidence) else None
+        # judged with the thresholds classify was given, as every other rule is
+        share = self.th.chance
+        if not at_chance(self.evidence, share):
+            return None
+        return _chance_sentence(self.evidence, self.small, share)
 
     @cached_property
     def gradient(self) -> str:
