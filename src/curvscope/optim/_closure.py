@@ -282,19 +282,6 @@ def read_around_outputs(loss: Tensor, outputs: Tensor, params: Sequence[Tensor])
     return None
 
 
-def around_outputs_refusal(index: int, param: Tensor, fix: str) -> str:
-    """The refusal of a Gauss-Newton product (or estimate) for a loss that reads a parameter
-    other than through the outputs (:func:`read_around_outputs`), with ``fix``."""
-    return (
-        f"the closure's loss reads the optimized parameter {index} (shape "
-        f"{tuple(param.shape)}) other than through the outputs it returned — an L2 penalty "
-        "on the parameters, a penalty on an activation, a parameter of the loss itself, or "
-        "outputs that are not the tensor the loss was computed from — and the Gauss-Newton "
-        "matrix Jᵀ H_out J holds the curvature of what goes through the outputs only: that "
-        f"term's would be left out (an L2 penalty λ/2‖θ‖² gives G, not G + λI). {fix}"
-    )
-
-
 def check_closure(closure: Any, name: str) -> Closure:
     if closure is None:
         raise ValueError(
@@ -625,8 +612,17 @@ class Evaluation:
         """Refuse a loss that reads the parameters other than through ``outputs``
         (:func:`read_around_outputs`), naming ``fix``."""
         read = read_around_outputs(self.loss_tensor, outputs, self.params)
-        if read is not None:
-            raise ValueError(around_outputs_refusal(read, self.params[read], fix))
+        if read is None:
+            return
+        raise ValueError(
+            f"the closure's loss reads the optimized parameter {read} (shape "
+            f"{tuple(self.params[read].shape)}) other than through the outputs it returned — an "
+            "L2 penalty on the parameters, a penalty on an activation, a parameter of the loss "
+            "itself, or outputs that are not the tensor the loss was computed from — and the "
+            "Gauss-Newton matrix Jᵀ H_out J holds the curvature of what goes through the outputs "
+            "only: that term's would be left out (an L2 penalty λ/2‖θ‖² gives G, not G + λI). "
+            + fix
+        )
 
     def ggn(self, V: Tensor) -> Tensor:
         """Jᵀ H_out J V: the Gauss-Newton product, from the closure's (loss, outputs).
