@@ -646,6 +646,26 @@ def test_targets_that_count_other_samples_are_refused():
         C @ _probe(C.num_params)
 
 
+def test_outputs_flattened_over_the_targets_name_the_flattening():
+    """(B·T, V) logits beside (B, T) labels that the loss reshapes itself: the refusal names
+    the flattening that makes them one sample a row; done, the product is the loss's own."""
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(7, 4).double(), nn.Linear(4, 7).double()
+    model = nn.Sequential(emb, head, nn.Flatten(0, 1))
+    x, y = torch.randint(7, (4, 5)), torch.randint(7, (4, 5))
+
+    def loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, t.reshape(-1))
+
+    C = cs.Curvature(model, loss, [(x[:2], y[:2]), (x[2:], y[2:])])
+    with pytest.raises(ValueError, match=r"first 2 dimensions flattened.*y\.flatten\(0, 1\)"):
+        C @ _probe(C.num_params)
+    flat = cs.Curvature(model, loss, [(x[:2], y[:2].flatten(0, 1)), (x[2:], y[2:].flatten(0, 1))])
+    whole = cs.Curvature(model, nn.CrossEntropyLoss(), (x, y.flatten(0, 1)))
+    v = _probe(C.num_params)
+    torch.testing.assert_close(flat @ v, whole @ v, rtol=1e-12, atol=1e-12)
+
+
 def test_bad_vectors_are_refused_naming_the_problem():
     C = cs.Curvature(*_mlp())
     v = _probe(C.num_params)

@@ -325,6 +325,22 @@ def _split_dict(i: int, item: Mapping[str, Any], data: Any) -> tuple[dict[str, A
     return {k: v for k, v in item.items() if k != "labels"}, labels
 
 
+def _flattened_hint(out: Tensor, targets: Tensor) -> str:
+    """The fix for outputs flattened over the targets' leading dimensions ((B·T, V) logits
+    beside (B, T) labels, which a loss of the user's reshapes itself): the row check refused
+    them naming no way out (an outside review)."""
+    lead = targets.shape[0] if targets.ndim else 1
+    for d in range(1, targets.ndim):
+        lead *= targets.shape[d]
+        if lead == out.shape[0]:
+            return (
+                f": the outputs' rows are the targets' first {d + 1} dimensions flattened, so "
+                f"flatten the targets the same way in the data (y.flatten(0, {d})), each "
+                "position a sample, or return the outputs unflattened"
+            )
+    return ""
+
+
 def _rows(x: Any, sl: slice, n: int) -> Any:
     """Rows ``sl`` of every tensor in ``x`` whose first dimension counts the n samples."""
     return map_tensors(lambda t: t[sl] if t.ndim > 0 and t.shape[0] == n else t, x)
@@ -1655,6 +1671,7 @@ class ModelObjective:
                     f"{rows} (shapes {tuple(out.shape)} and {tuple(batch.targets.shape)}); "
                     "the first dimension of both counts the samples — a loss that broadcasts "
                     "them would count the batch as one sample. Give targets one row per sample"
+                    + _flattened_hint(out, batch.targets)
                 )
         if self._loss_checked or isinstance(out, Tensor):
             value = self.loss_fn(out, batch.targets)
