@@ -113,6 +113,32 @@ def test_class_labels_chance_is_the_fitted_constant_prediction(name):
     assert not model.value.detach().any()  # the model is not touched
 
 
+def _entropy(y: torch.Tensor) -> float:
+    p = torch.bincount(y.reshape(-1)).double()
+    p = p[p > 0] / p.sum()
+    return float(-(p * p.log()).sum())
+
+
+def test_frequencies_the_probe_cannot_pin_down_fall_back_to_pooled_then_none():
+    """A table of label frequencies per position fitted to 4 sequences has at most ln 4 nats
+    whatever the vocabulary: a trained token model 53% right (5% by chance) read "at chance"
+    beside it, 1.44 against 1.27 (an outside review). Per position only where the labels pin
+    the frequencies down; else pooled over the positions; else none."""
+    g = torch.Generator().manual_seed(0)
+    ce = nn.CrossEntropyLoss()
+
+    def value(y: torch.Tensor, classes: int) -> float | None:
+        n, t = y.shape
+        return chance(Constant((classes, t), (classes, t)), ce, (torch.zeros(n, 1, dtype=DT), y))
+
+    few = torch.randint(20, (4, 64), generator=g)
+    assert value(few, 20) == pytest.approx(_entropy(few), rel=1e-12)  # not the ≤ ln 4
+    many = torch.randint(4, (2000, 2), generator=g)
+    many[:, 0] = 0  # 2000 rows a position pin them down: each position's own frequencies
+    assert value(many, 4) == pytest.approx(_entropy(many[:, 1]) / 2, rel=1e-12)
+    assert value(torch.randint(50, (2, 2), generator=g), 50) is None  # 4 labels, 50 classes
+
+
 def test_tensor_parallel_ranks_count_a_summed_loss_once():
     """Ranks that pass the same batches (tensor parallelism) sum each count ``replicas`` times,
     as the operator's own sample count does: a summed chance loss divides by it (it was 2x)."""

@@ -11,7 +11,9 @@ losses, from the targets alone (no forward pass):
   as torch counts them; no ``label_smoothing``): predict the (weighted) label frequencies p;
   the mean loss is their entropy H(p) = −Σ_c p_c log p_c — for (N, d₁, …) labels (sequences,
   pixels) each position's own, the mean weighted by their counts (at most ``MAX_TABLE``
-  positions × classes).
+  positions × classes). Only where the probe's labels pin the frequencies down: the fit of
+  the frequencies to the probe's own labels (Miller and Madow's (K − 1)/(2n)) at most
+  ``OPTIMISM`` of the entropy — else the frequencies pooled over the positions, else none.
 - ``nn.MSELoss``: predict each target coordinate's mean; the mean loss is the coordinates' mean
   variance (R² = 0).
 - ``nn.BCEWithLogitsLoss`` / ``nn.BCELoss`` (no ``weight=`` or ``pos_weight=``; targets 0 or
@@ -109,6 +111,7 @@ def _classes(
     (one position for (N,) labels; each of d₁…d_k for (N, d₁, …, d_k) labels: a constant per
     position ignores the inputs too), and the total count."""
     counts = torch.zeros(0, 0, dtype=torch.float64)  # positions × classes
+    seen = torch.zeros(0, dtype=torch.float64)  # the labels counted a position, unweighted
     width: int | None = None
     fits = True
     for batch in objective.batches():
@@ -133,18 +136,43 @@ def _classes(
         positions = torch.arange(width).repeat(t.shape[0])
         grown.index_put_((positions, labels), w, accumulate=True)
         counts = grown
+        seen = (seen if seen.numel() else torch.zeros(width, dtype=torch.float64)).index_add(
+            0, positions, (w > 0).to(torch.float64)
+        )
     ok, width, classes = _agreed_width(fits, width, float(counts.shape[1]), group, where)
     if not ok:
         return None, 0.0
     if counts.numel() == 0:  # a rank without rows adds nothing
-        counts = torch.zeros(width, 0, dtype=torch.float64)
-    counts = torch.cat([counts, counts.new_zeros(width, int(classes) - counts.shape[1])], 1)
-    counts = all_reduce_sum(counts.to(where), group).cpu()
+        counts, seen = torch.zeros(width, 0, dtype=torch.float64), torch.zeros(width)
+    pad = counts.new_zeros(width, int(classes) - counts.shape[1])
+    table = torch.cat([counts, pad, seen.to(torch.float64)[:, None]], 1)
+    table = all_reduce_sum(table.to(where), group).cpu()
+    counts, seen = table[:, :-1], table[:, -1]
     total = float(counts.sum())
     if total <= 0:
         return None, 0.0
-    share = torch.where(counts > 0, counts / counts.sum(1, keepdim=True).clamp_min(1e-300), 1.0)
-    return float(-(counts * share.log()).sum()) / total, total
+    return _pinned_entropy(counts, float(seen.sum())), total
+
+
+#: the largest share of the chance loss that the constant prediction's fit to the probe's own
+#: labels may make up: its optimism, Miller and Madow's (K − 1)/(2n) nats for K classes seen
+#: among n labels — a table of label frequencies per position fitted to 4 sequences has at most
+#: ln 4 nats whatever the vocabulary, and a trained model 53% right (5% by chance) read "at
+#: chance" beside it (an outside review)
+OPTIMISM = 0.05
+
+
+def _pinned_entropy(counts: torch.Tensor, seen: float) -> float | None:
+    """The mean entropy of each position's label frequencies (``counts``: positions × classes,
+    weighted; ``seen`` labels counted in all, unweighted) where the probe's labels pin them
+    down (:data:`OPTIMISM`), else of the frequencies pooled over the positions, else None."""
+    for table in (counts, counts.sum(0, keepdim=True)):
+        share = torch.where(table > 0, table / table.sum(1, keepdim=True).clamp_min(1e-300), 1.0)
+        entropy = float(-(table * share.log()).sum()) / float(table.sum())
+        optimism = float(((table > 0).sum(1) - 1).clamp_min(0).sum()) / (2 * seen)
+        if optimism <= OPTIMISM * entropy:
+            return entropy
+    return None
 
 
 def _coordinates(
