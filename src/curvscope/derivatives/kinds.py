@@ -27,6 +27,7 @@ closure built. Adding a kind: its ``prepare_*`` here, its entry in ``curvature.K
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -36,7 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvscope.derivatives.objective import Batch, ModelObjective, counted_labels, torch_loss
+from curvscope.derivatives.objective import (
+    LABEL_MEANS,
+    Batch,
+    ModelObjective,
+    counted_labels,
+    loss_tolerance,
+    torch_loss,
+)
 from curvscope.derivatives.seeding import FISHER_LABELS, generator
 
 
@@ -63,14 +71,18 @@ def per_batch(prepare: PrepareBatch) -> Preparer:
     return preparer
 
 
-def _no_second_derivative(e: NotImplementedError) -> NotImplementedError:
-    """torch's "the derivative for '_embedding_bag_backward' is not implemented" (nn.EmbeddingBag),
-    with what it means and the ways around it (it said neither: an outside review)."""
-    if "derivative for" not in str(e):
+def _no_second_derivative(e: Exception) -> Exception:
+    """torch's "the derivative for '_embedding_bag_backward' is not implemented" (nn.EmbeddingBag;
+    a NotImplementedError) and "derivative for aten::_ctc_loss_backward is not implemented"
+    (nn.CTCLoss, nn.MultiMarginLoss, nn.MultiLabelMarginLoss; a RuntimeError), with what it
+    means and the ways around it (they said neither: outside reviews)."""
+    said = str(e)
+    if "derivative for" not in said or "not implemented" not in said:
         return e
     return NotImplementedError(
-        f"{e} torch has no second derivative for an operation of the model (nn.EmbeddingBag's, "
-        "for one), which curvature products by double backward need. Measure the Hessian with "
+        f"{e} torch has no second derivative for an operation of the model or the loss "
+        "(nn.EmbeddingBag's, nn.CTCLoss's, nn.MultiMarginLoss's, nn.MultiLabelMarginLoss's, "
+        "for some), which curvature products by double backward need. Measure the Hessian with "
         "backend='finite_difference' (cs.Curvature, cs.diagnose, cs.Monitor: products from "
         "gradients alone; the Gauss-Newton and Fisher kinds have no such backend), or leave "
         "that module's parameters out (params=, or requires_grad=False); for nn.EmbeddingBag, "
@@ -105,8 +117,11 @@ def _grad(
                 create_graph=create_graph,
                 allow_unused=True,
             )
-        except NotImplementedError as e:
-            raise _no_second_derivative(e) from e
+        except (NotImplementedError, RuntimeError) as e:
+            said = _no_second_derivative(e)
+            if said is e:
+                raise
+            raise said from e
         return [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, inputs, strict=True)]
 
     if k == 1:  # the common case: no stacking copy
@@ -444,12 +459,15 @@ def likelihood_of(loss_fn: object) -> Likelihood:
 
 
 def terms_of(loss_fn: object) -> Likelihood | None:
-    """The likelihood whose terms a torch loss sums or averages (:func:`torch_loss`): nn.NLLLoss's
-    are cross-entropy's, over the log-probabilities it is given (through the per-sample path,
-    class weights cancelled in each sample's loss: 0.23x the empirical Fisher of the same
-    nn.CrossEntropyLoss, found by an outside review); None for any other loss."""
-    cls = torch_loss(loss_fn, (*LIKELIHOODS, nn.NLLLoss))
-    return None if cls is None else LIKELIHOODS[nn.CrossEntropyLoss if cls is nn.NLLLoss else cls]
+    """The likelihood whose terms a torch loss sums or averages (:func:`torch_loss`): the other
+    cross-entropies' (:data:`~curvscope.derivatives.objective.LABEL_MEANS`) are cross-entropy's
+    — nn.NLLLoss's over the log-probabilities it is given, nn.LinearCrossEntropyLoss's over the
+    features its own linear layer maps to logits, a row a term either way, counted alike
+    (through the per-sample path, class weights cancelled in each sample's loss and ignored
+    labels counted: 0.23x the empirical Fisher of the same nn.CrossEntropyLoss, and 0.32x with
+    the linear one's weight=, found by outside reviews); None for any other loss."""
+    cls = torch_loss(loss_fn, (*LIKELIHOODS, *LABEL_MEANS))
+    return None if cls is None else LIKELIHOODS[cls if cls in LIKELIHOODS else nn.CrossEntropyLoss]
 
 
 def mean_divisor(reduction: str, counted: Tensor | int) -> Tensor | float:
@@ -524,9 +542,30 @@ def per_sample_losses(loss_fn: Callable, out: Tensor, targets: Tensor) -> Tensor
         return loss_fn(o[None], t[None])
 
     try:
-        return torch.vmap(one)(out, targets)
+        with warnings.catch_warnings():  # torch's note on its slower fallback, not the user's
+            warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
+            return torch.vmap(one)(out, targets)
     except Exception:  # a loss without batching rules: loop instead
         return torch.stack([loss_fn(out[i : i + 1], targets[i : i + 1]) for i in range(len(out))])
+
+
+def _check_terms(whole: Tensor, losses: Tensor, reduction: str, index: int) -> None:
+    """Refuse an empirical Fisher by per-sample terms where the batch's loss is not their mean
+    (or sum): a loss over the whole batch (contrastive, InfoNCE: each row alone gives 0) made
+    it the zero matrix, λ_max 0 "converged", without a word (an outside review)."""
+    parts = losses.detach().to(torch.float64)
+    made = parts.mean() if reduction == "mean" else parts.sum()
+    value = float(whole.detach())
+    tol = loss_tolerance(whole) * max(1.0, math.sqrt(parts.numel()))
+    if abs(value - float(made)) <= tol * max(abs(value), abs(float(made)), 1e-30):
+        return
+    raise ValueError(
+        f"kind='empirical_fisher' takes loss_fn's value on each row of a batch alone as that "
+        f"sample's term, but on batch {index} their {reduction} is {float(made):.6g} where the "
+        f"batch's loss is {value:.6g}: a loss over the whole batch (contrastive, InfoNCE, "
+        "batch statistics) has no per-sample terms. Use kind='hessian' or 'ggn', or a loss "
+        "that is a mean or sum over its rows"
+    )
 
 
 def prepare_empirical_fisher(obj: ModelObjective, batch: Batch) -> _OuterProduct:
@@ -556,8 +595,9 @@ def prepare_empirical_fisher(obj: ModelObjective, batch: Batch) -> _OuterProduct
     with obj.context(batch.index):
         out = obj.forward(theta, batch, tensor=True)
         if lik is None:
-            obj.loss(out, batch)  # the checks every kind makes
+            whole = obj.loss(out, batch)  # the checks every kind makes
             losses = per_sample_losses(obj.loss_fn, out, batch.targets).reshape(-1, 1)
+            _check_terms(whole, losses, obj.reduction, batch.index)
             jac = _Jacobian(losses, leaves)
             ones = torch.ones(1, *losses.shape, dtype=out.dtype, device=out.device)
             return _OuterProduct(jac, ones, 1.0 / mean_divisor(obj.reduction, losses.shape[0]))
