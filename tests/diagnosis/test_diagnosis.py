@@ -699,3 +699,46 @@ def test_a_threshold_that_is_not_a_finite_non_negative_number_is_refused(value):
         cs.diagnosis.Thresholds(margin=value)
     with pytest.raises(ValueError, match="zero_gradient is a share of the parameters"):
         cs.diagnosis.Thresholds(zero_gradient=2.0)
+
+
+class _Quadratic(nn.Module):
+    """1 + ½ Σ h_i θ_i², the same for every sample: a known gradient and Hessian."""
+
+    def __init__(self, theta: list[float]) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.tensor(theta, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.theta.expand(x.shape[0], -1)
+
+
+_H = torch.tensor([10.0, 1e-3, -1e-3], dtype=torch.float64)
+
+
+def _quadratic_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 1 + 0.5 * (_H * out**2).sum(1).mean()
+
+
+@pytest.mark.parametrize(
+    ("theta", "state"), [([0.01, 3.0, 1.0], "learning"), ([0.001, 0.1, 1.0], "minimum")]
+)
+def test_a_small_gradient_past_slight_negative_curvature_reads_the_damped_decrement(theta, state):
+    """Where CG meets slight negative curvature the Newton decrement is undefined, and the
+    minimum rule passed without it: healthy runs with most of their loss still to lose read
+    "minimum … or stop", confident (an outside review). The decrement of the curvature damped
+    by σ = 2(|λ_min| + residual) takes its place: a lower bound of Σ g_i²/(h_i + σ)."""
+    model = _Quadratic(theta)
+    data = (torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1))
+    d = cs.diagnose(model, _quadratic_loss, data, lr=0.1)
+    ev = d.evidence
+    assert ev.newton_decrement is None and ev.lambda_min == pytest.approx(-1e-3, rel=1e-6)
+    sigma = ev.decrement_damping
+    assert sigma == pytest.approx(2 * (1e-3 + ev.lambda_min_residual), rel=1e-9)
+    g = _H * torch.tensor(theta, dtype=torch.float64)
+    exact = float((g**2 / (_H + sigma)).sum())
+    assert 0.85 * exact <= ev.damped_decrement <= exact * (1 + 1e-9)  # CG's partial sum
+    assert d.state == state
+    if state == "learning":
+        assert "damped by σ" in str(d) and "not at a minimum yet" in str(d)
+    else:
+        assert d.confident == bool(ev.decrement_converged)

@@ -549,7 +549,12 @@ class Evidence(Mapping[str, Any]):
             preconditioned; thresholds: the :class:`Thresholds` as a dict.
         sharpness_residual, lambda_min_residual, eigen_converged: Lanczos's quality.
         layer_shares: each parameter block's share of the top eigenvector.
-        grad_dot_step: gᵀd; decrement_converged: whether CG converged.
+        grad_dot_step: gᵀd; decrement_converged: whether CG converged (on the damped
+            curvature where it gave ``damped_decrement``).
+        damped_decrement, decrement_damping: where CG met negative curvature (no
+            ``newton_decrement``), δ_σ² = bᵀ(M + σI)⁻¹b with σ the damping, 2(|λ_min| + its
+            residual), in the optimizer's metric (M = S^½HS^½, b = S^½g; H and g without
+            step factors): what a *minimum* reads in the Newton decrement's place.
         batch_sharpness, batch_sharpness_stderr, batches: the mini-batch sharpness, its
             standard error and the batches it was measured on.
         update_curvature: the curvature along the optimizer's last update u, uᵀHu / uᵀS⁻¹u
@@ -616,6 +621,8 @@ class Evidence(Mapping[str, Any]):
     dead_blocks: list[str] | None = None
     zero_factor_blocks: list[str] | None = None
     chance_loss: float | None = None
+    damped_decrement: float | None = None
+    decrement_damping: float | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -695,6 +702,8 @@ class Facts:
         self.c_update = evidence.get("update_curvature")
         self.c_dir = evidence.get("directional_curvature")
         self.dec = evidence.get("newton_decrement")
+        #: where CG met negative curvature, the decrement of the damped curvature in its place
+        self.damped: float | None = evidence.get("damped_decrement")
 
     def overshoots(self, value: float | None, se: float = 0.0) -> bool:
         """Whether ``value`` (a curvature the steps meet) exceeds the stability limit by more
@@ -849,7 +858,7 @@ def _saddle(f: Facts) -> list[str] | None:
 def _minimum(f: Facts) -> list[str] | None:
     """A small gradient, no direction curving down, the bottom of the local quadratic near —
     and the optimizer stable there (:attr:`Facts.unstable`)."""
-    dec = f.dec
+    dec = f.dec if f.dec is not None else f.damped
     if not (f.small and (dec is None or 0.5 * dec <= f.th.small_decrement * f.scale)):
         return None
     if f.unstable:
@@ -866,8 +875,10 @@ def _minimum(f: Facts) -> list[str] | None:
         else f"λ_min = {f.lmin:.3g}{pm}: no direction curves down by more than "
         f"{f.th.negative_curvature:g}·|λ_max|"
     )
-    if dec is not None:
-        extra = f"; the bottom of the local quadratic is ½δ² = {0.5 * dec:.3g} below"
+    if f.dec is not None:
+        extra = f"; the bottom of the local quadratic is ½δ² = {0.5 * f.dec:.3g} below"
+    elif f.damped is not None:  # CG met slight negative curvature: the damped decrement
+        extra = f"; {_damped_sentence(f)}"
     elif f.lmin is not None and f.lmin < 0:  # CG met its negative curvature: no δ (a review)
         extra = (
             "; the local quadratic has no bottom along that slight negative curvature, so how "
@@ -969,6 +980,16 @@ NOT_JUDGED = (
 )
 
 
+def _damped_sentence(f: Facts) -> str:
+    """What the damped decrement says (:attr:`Facts.damped`), with its damping."""
+    sigma, damped = f.evidence.get("decrement_damping"), f.damped or 0.0
+    by = "" if sigma is None else f" by σ = {sigma:.3g}"
+    return (
+        f"the local quadratic has no bottom along slight negative curvature; damped{by} past "
+        f"it, a step would still lower the loss by ½δ_σ² = {0.5 * damped:.3g}"
+    )
+
+
 def _learning(f: Facts) -> list[str] | None:
     if f.small and f.dec is not None:  # no plateau, no saddle, the bottom far: a long valley
         return [
@@ -977,6 +998,12 @@ def _learning(f: Facts) -> list[str] | None:
                 f"but the bottom of the local quadratic is ½δ² = {0.5 * f.dec:.3g} below the "
                 f"loss (> {f.th.small_decrement:g} × loss scale): a long, shallow valley"
             ),
+        ]
+    if f.small and f.damped is not None:  # the same, past slight negative curvature
+        return [
+            f.gradient,
+            f"but {_damped_sentence(f)} (> {f.th.small_decrement:g} × loss scale): not at a "
+            "minimum yet",
         ]
     if not f.small and f.limit is None:  # said, not silently skipped
         return [f.gradient, NOT_JUDGED]

@@ -27,6 +27,7 @@ from curvscope.diagnosis.classify import (
     DEFAULT_THRESHOLDS,
     Evidence,
     Facts,
+    State,
     StateEnum,
     Thresholds,
     as_state,
@@ -749,7 +750,37 @@ def _measure_curvature(
         if not sol.negative_curvature:
             evidence["newton_decrement"] = objective.total(g @ sol.x)
             evidence["decrement_converged"] = sol.converged
+        else:
+            _damped_decrement(objective, g, evidence, budget - C.matvecs)
     return vectors, r.all_converged
+
+
+def _damped_decrement(
+    objective: _Objective, g: Tensor, evidence: dict[str, Any], left: int
+) -> None:
+    """Where CG met negative curvature — slight, or the gradient would not be small here — the
+    Newton decrement is undefined, and *minimum* was said without it: healthy runs with most
+    of their loss still to lose (a momentum MLP 129x above where it went on to, a label-noise
+    run, gradient descent at the edge of stability) read "minimum … or stop", confident (an
+    outside review). The decrement of the curvature shifted to be positive definite takes its
+    place: δ_σ² = bᵀ(M + σI)⁻¹b in the metric the optimizer steps in (M its view of the
+    curvature, b = S^½g; M = H, b = g without step factors), σ = 2(|λ_min| + its residual) —
+    the decrease a step regularised past the negative curvature promises (below gᵀH⁻¹g along
+    the positive curvature, the gradient along a flat direction counted at σ). CG's partial
+    sums only grow towards it, so a run cut short by the budget gives a lower bound."""
+    lmin = evidence.get("lambda_min")
+    if left < 2 or lmin is None or not math.isfinite(lmin):
+        return
+    res = evidence.get("lambda_min_residual") or 0.0
+    shift = 2.0 * (max(-lmin, 0.0) + (res if math.isfinite(res) else 0.0))
+    if not shift > 0:
+        return
+    b = g if objective.scale is None else objective.scale.clamp_min(0).sqrt() * g
+    sol = cg(objective.scaled(), b, tol=1e-2, max_matvecs=left, damping=shift)
+    if not sol.negative_curvature:
+        evidence["damped_decrement"] = objective.total(b @ sol.x)
+        evidence["decrement_damping"] = shift
+        evidence["decrement_converged"] = sol.converged
 
 
 def _refinement(
@@ -1009,6 +1040,8 @@ def _finish(
     ev["seconds"] = time.perf_counter() - start
     evidence = Evidence(**ev)
     state, reasons = classify(evidence, th)  # a non-finite loss or gradient: diverged
+    if state == State.MINIMUM and evidence.get("grad_norm") and not ev.get("decrement_converged"):
+        confident = False  # the decrement it rests on unmeasured, or a lower bound of it
     return Diagnosis(state, evidence, reasons, state.advice(evidence), confident, vectors)
 
 
