@@ -5,6 +5,7 @@ left untouched; a rank that dies ends the other's product with a clear error, no
 from __future__ import annotations
 
 import copy
+import math
 import os
 import socket
 import time
@@ -430,6 +431,41 @@ def test_one_ranks_bad_data_or_loss_gives_every_rank_the_same_verdict(tmp_path):
     assert got[0]["first_loss"] == got[1]["first_loss"]  # the ranks' mean, on each
     assert max(g["seconds"] for g in got) < 15
     assert got[0]["monitor"] == got[1]["monitor"] and got[0]["callback"] == got[1]["callback"]
+
+
+def _one_rank_nan_worker(rank: int, port: int, out: str) -> None:
+    """Rank 1 reports a NaN training loss at its sixth step, under a cadence that plans no
+    probe before step 1000; rank 0's losses stay finite."""
+    _init(rank, port)
+    case = cases.mlp(n=20)
+    local = (case.data[0][SHARDS[rank]], case.data[1][SHARDS[rank]])
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.1)
+    mon = cs.Monitor(case.model, case.loss_fn, local, optimizer=opt, every=1000)
+    seen: list[tuple[int, str]] = []
+    mon.callback = lambda d, previous: seen.append((mon.steps, d.state.value))
+    for step in range(10):
+        opt.zero_grad()
+        loss = case.loss_fn(case.model(local[0]), local[1])
+        loss.backward()
+        _average_gradients(case.model)
+        opt.step()
+        mon.step(math.nan if rank == 1 and step == 5 else loss)
+    mon.close()
+    states = [d.state.value for d in mon.history]
+    history = list(zip(mon.probe_steps, mon.probe_causes, states, strict=True))
+    torch.save({"history": history, "callback": seen}, Path(out) / f"rank{rank}.pt")
+    _end()
+
+
+def test_a_nan_loss_on_one_rank_calls_a_probe_on_every_rank(tmp_path):
+    """Under torch.distributed the loss watch read each rank's loss alone and called no probe
+    (a probe is a collective), so a NaN on one rank waited for the next planned probe —
+    hundreds of steps at the default cadence (an outside review). Each step's verdict of the
+    loss watch now reaches every rank at the next step: both probe there and say *diverged*."""
+    got = run_ranks(_one_rank_nan_worker, tmp_path, WORLD)
+    assert got[0] == got[1]
+    assert got[0]["history"] == [(7, "loss", "diverged")]
+    assert got[0]["callback"] == [(7, "diverged")]
 
 
 def _ignored_on_one_rank_worker(rank: int, port: int, out: str) -> None:

@@ -61,6 +61,7 @@ from curvscope.diagnosis.diagnosis import (
 from curvscope.diagnosis.runlog import LOG_VERSION, RunLogWriter, check_log_mode
 from curvscope.diagnosis.runlog import read_log as read_log  # where it lived before runlog
 from curvscope.diagnosis.stability import (
+    NotSteppedError,
     check_judgeable,
     check_readable,
     limit_factor,
@@ -369,6 +370,11 @@ class Monitor:
         self._growth = 1.0  # sharpness's growth a step from the probe before to it (forecast)
         self._probe_sharpness: tuple[float | None, float | None] = (None, None)  # s, limit
         self._state: StateEnum | None = None  # the last probe's state, as rank 0 decided it
+        #: under torch.distributed, the loss watch's all-reduce of the previous step, in
+        #: flight (:meth:`_watch_ranks`), and whether it said a rank's loss ran away
+        self._watch: tuple[Any, Tensor] | None = None
+        self._ranks_ran_away = False
+        self._put_off_said = False  # whether a probe put off for an unstepped optimizer was said
         self._clock: float | None = None
         self.params = None if params is None else list(params)
         self.seed, self.callback, self.reduction = seed, callback, reduction
@@ -455,6 +461,7 @@ class Monitor:
                 scale = max(abs(self._probe_loss), 1e-12)
                 self._seen_full_batch = abs(value - self._probe_loss) <= 1e-4 * scale
         self._probe_loss = None
+        self._watch_ranks(loss is not None)
         d = self._probe_or_check(reported=loss is not None)
         self._clock = time.perf_counter()  # probes and checks are not training time
         return d
@@ -543,14 +550,18 @@ class Monitor:
 
     def _probe_or_check(self, reported: bool) -> Diagnosis | None:
         cause = self._probe_cause(reported)
-        if cause is not None:
-            self._before = None
-            return self._probe(cause)
-        if not self._updates_on:
+        try:
+            if cause is not None:
+                self._before = None
+                return self._probe(cause)
+            if not self._updates_on:
+                return None
+            self._since_update += 1
+            if self._before is not None:
+                return self._check_update()
+        except NotSteppedError:
+            self._put_off()
             return None
-        self._since_update += 1
-        if self._before is not None:
-            return self._check_update()
         # the copy is checked at the next step: not when that step is a probe's, which drops
         # it (update_every = every - 1 never ran a check); it is taken after the probe instead
         if self._update_due() and not self._due(self.steps + 1):
@@ -558,25 +569,75 @@ class Monitor:
             self._since_update = 0  # update_every counts from the copy
         return None
 
+    def _put_off(self) -> None:
+        """A probe (or check) due while the optimizer has taken no step: put off — a planned
+        one runs at the next step the cadence allows after the optimizer's first — and said
+        once, where it raised from ``mon.step`` and stopped the training loop (an outside
+        review: a ``GradScaler`` skipping its first steps on overflow left Adam without state
+        at the first probe)."""
+        if self._put_off_said:
+            return
+        self._put_off_said = True
+        warnings.warn(
+            f"the Monitor's probe at step {self.steps} is put off: "
+            f"{type(self.optimizer).__name__} has taken no step yet (a GradScaler that "
+            "skipped its steps on overflow?), so its preconditioner does not exist; the "
+            "probes run once it has stepped",
+            stacklevel=_callers_level(),
+        )
+
     def _probe_cause(self, reported: bool) -> str | None:
         """Why a probe is due at this step (``reported``: whether it reported a loss), or
         None: the cadence, then a loss that ran away, then the forecast."""
         if self._due():
             return "cadence"
-        if reported and self._loss_ran_away():
+        if self._loss_ran_away(reported):
             return "loss"
         return "forecast" if self._forecast_due() else None
 
-    def _loss_ran_away(self) -> bool:
+    def _loss_ran_away(self, reported: bool = True) -> bool:
         """Whether the loss just reported is not finite or above EXPLOSION times the first
         (free: the diverged verdict need not wait for the next probe, which the budget may put
-        thousands of steps away); once the Monitor says diverged, not again. In one process
-        only: under torch.distributed each rank reports its own loss, and a probe is a
-        collective that every rank must call at the same step (the next probe judges it)."""
+        thousands of steps away); once the Monitor says diverged, not again. Under
+        torch.distributed, whether any rank's did at the previous step (:meth:`_watch_ranks`):
+        a probe is a collective that every rank must call at the same step."""
+        if _world_size() > 1:
+            return self._ranks_ran_away and self._state != State.DIVERGED
         base = explosion_base(self.first_loss, self._first_mean())
-        if self._state == State.DIVERGED or not _ran_away(self.losses[-1:], base):
-            return False  # the common case first: no collective state read every step
-        return _world_size() < 2
+        return reported and self._state != State.DIVERGED and _ran_away(self.losses[-1:], base)
+
+    def _watch_ranks(self, reported: bool) -> None:
+        """Under torch.distributed, the loss watch over every rank: each rank reported its own
+        shard's loss, and one whose loss was NaN went unseen until the next planned probe —
+        at the default cadence hundreds of steps later (an outside review). Every step, on
+        every rank whether it reported a loss or not, sends whether this rank's ran away in an
+        all-reduce (the maximum) that runs while the next step trains; that step reads it
+        (its wait is the collective's, done by then), so every rank calls the probe at the
+        same step, one step after the loss. Waited for by :meth:`close`."""
+        if _world_size() < 2:
+            return
+        self._ranks_ran_away = self._end_watch()
+        local = False
+        if reported:
+            base = explosion_base(self.first_loss, self._first_mean())
+            local = _ran_away(self.losses[-1:], base)
+        world = torch.distributed.group.WORLD
+        device = collective_device(world, first_device(self.model))
+        flag = torch.tensor([float(local)], dtype=torch.float64, device=device)
+        work = torch.distributed.all_reduce(
+            flag, op=torch.distributed.ReduceOp.MAX, group=world, async_op=True
+        )
+        self._watch = (work, flag)
+
+    def _end_watch(self) -> bool:
+        """Wait for the loss watch's all-reduce in flight (:meth:`_watch_ranks`); whether it
+        said a rank's loss ran away (False when none is in flight)."""
+        watch, self._watch = self._watch, None
+        if watch is None:
+            return False
+        work, flag = watch
+        work.wait()
+        return bool(flag.item() > 0)
 
     def _trainable(self) -> list[tuple[str, Tensor]]:
         """The parameters a probe and a check measure now: those that require grad, of
@@ -1014,6 +1075,7 @@ class Monitor:
         """Close the run log (if the Monitor opened it: this releases its lock; warns if
         records were lost) and flush TensorBoard. Probes after closing are not logged: the
         first such probe warns, and each counts in :attr:`records_lost`."""
+        self._end_watch()
         if self._log is not None:
             self._log.close()
         if self._writer is not None:

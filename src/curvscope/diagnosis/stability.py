@@ -563,6 +563,13 @@ def _unwrapped(optimizer: object) -> tuple[Optimizer, StabilityRule]:
     )
 
 
+class NotSteppedError(ValueError):
+    """An adaptive optimizer that has taken no step yet: its preconditioner does not exist (a
+    ``GradScaler`` that skipped the first steps on overflow leaves Adam so; the Monitor puts
+    its probes off until the first step, where this error crashed the training loop: an
+    outside review)."""
+
+
 def _preconditioners(
     optimizer: Optimizer, preconditioner: InversePreconditioner, layout: StateLayout
 ) -> list[Tensor]:
@@ -572,14 +579,14 @@ def _preconditioners(
     (counted in :attr:`StabilityLimit.unscaled`).
 
     Raises:
-        ValueError: the optimizer has state for none of them: it has taken no step yet.
+        NotSteppedError: the optimizer has state for none of them: it has taken no step yet.
     """
     states = [
         None if g is None else preconditioner(optimizer, layout.state(i), g)
         for i, g in enumerate(layout.groups)
     ]
     if all(q is None for q in states):
-        raise ValueError(
+        raise NotSteppedError(
             f"{type(optimizer).__name__} has taken no step yet, so its preconditioner "
             "√v̂ + ε does not exist; diagnose after the first optimizer.step(), or pass lr= "
             "for plain GD"
