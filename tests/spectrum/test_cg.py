@@ -102,6 +102,7 @@ def test_damping_and_errors():
         ({"max_matvecs": 2.5}, TypeError, "max_matvecs to be an integer"),
         ({"tol": -1.0}, ValueError, "tol to be a number >= 0"),
         ({"damping": float("nan")}, ValueError, "damping to be a number >= 0"),
+        ({"damping": float("inf")}, ValueError, "damping to be a finite number"),
         ({"x0": torch.ones(2, dtype=torch.float64)}, ValueError, r"x0 of shape \(3,\)"),
     ],
 )
@@ -129,3 +130,29 @@ def test_warm_start_saved_iterates_and_the_progress_stop():
         torch.testing.assert_close(res, b - A @ x - 0.01 * x, rtol=1e-8, atol=1e-10)
     early = cs.spectrum.cg(A, b, tol=1e-10, max_matvecs=200, damping=0.01, progress_tol=5e-4)
     assert 10 < early.iterations < cold.iterations and not early.converged
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    [
+        (torch.float32, 1e-14),
+        (torch.float32, 1e-23),
+        (torch.float32, 1e30),
+        (torch.float64, 1e-140),
+        (torch.float64, 1e-200),
+        (torch.float64, 1e150),
+    ],
+)
+def test_a_right_hand_side_at_any_scale_is_solved(dtype, scale):
+    """CG is linear in b, but pᵀAp and ‖r‖² underflowed or overflowed in the working dtype:
+    float32 at ‖b‖ ≈ 1e-14 met "negative curvature" on a positive-definite A, and from 1e-17
+    returned x = 0 (at 1e-23 "converged"); float64 the same from 1e-140; and a b of 1e30 in
+    float32 was refused as too large to square (an outside review)."""
+    B = torch.diag(torch.arange(1.0, 8.0, dtype=torch.float64))
+    b = torch.ones(7, dtype=torch.float64)
+    small = scale < 1
+    A, rhs = ((B * scale), (b * scale)) if small else (B, b * scale)
+    r = cs.spectrum.cg(A.to(dtype), rhs.to(dtype), tol=1e-5)
+    assert r.converged and not r.negative_curvature
+    truth = torch.linalg.solve(B, b) * (1 if small else scale)
+    torch.testing.assert_close(r.x.double(), truth, rtol=1e-4, atol=0)

@@ -1,6 +1,8 @@
 """Trace, trace of the square and diagonal estimators: exactness where promised, unbiasedness,
 honest standard errors, exact budgets, and Hutch++ where it belongs."""
 
+import math
+
 import pytest
 import torch
 
@@ -296,3 +298,14 @@ def test_a_float64_operator_far_from_one_has_the_stderr_it_has_at_one(scale, met
     assert far.method == one.method
     assert far.value / scale == pytest.approx(one.value, rel=1e-9)
     assert far.stderr / scale == pytest.approx(one.stderr, rel=1e-9)
+
+
+@pytest.mark.parametrize("method", ["exact", "hutchinson", "hutch++"])
+def test_a_float32_trace_beyond_float32s_range_is_summed_in_float64(method):
+    """diag(1e37) of 50 entries in float32: its trace 5e38 is beyond float32's largest number
+    but a Python float holds it; the sums ran in float32 and read "inf ± inf", without an
+    error (an outside review)."""
+    A = torch.diag(torch.full((50,), 1e37))
+    t = cs.trace(A, matvecs=12, method=method)
+    assert math.isfinite(t.value) and math.isfinite(t.stderr)
+    assert abs(t.value - 5e38) <= max(4 * t.stderr, 1e-5 * 5e38)

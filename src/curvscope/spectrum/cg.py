@@ -134,6 +134,8 @@ def cg(
     for name, value in [*numbers, *([("progress_tol", progress_tol)] if progress_tol else [])]:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise ValueError(f"expected {name} to be a number >= 0, got {value!r}")
+        if name == "damping" and not math.isfinite(value):  # it named the combinator's "lam"
+            raise ValueError(f"expected damping to be a finite number >= 0, got {value!r}")
     dt = torch.promote_types(working_dtype(b.dtype), op.work_dtype)
     # below √eps of the iteration's dtype or of the products' (a float32 or bfloat16 model's
     # under a float64 b: "converged" at a recurrence residual of 9e-11 where b − Ax was 3.4e-7,
@@ -148,6 +150,26 @@ def cg(
         op = op.damped(damping)
     with autocast_off(op.device):
         return _cg(op, b.to(dt), tol, max_matvecs, x0, progress_tol, save, check, coarse)
+
+
+#: the range of ‖b‖ CG works in as given, in b's dtype: the fourth roots of its smallest
+#: normal and its largest number (room for A's own scale in pᵀAp); outside, b/‖b‖
+_SAFE = (
+    lambda dt: torch.finfo(dt).tiny ** 0.25,
+    lambda dt: torch.finfo(dt).max ** 0.25,
+)
+
+
+def _norm(op: Operator, b: Tensor) -> float:
+    """‖b‖ in float64, over its largest entry where the vectors are whole: the sum of squares
+    underflows below 1e-154 even in float64. (Sharded, the ranks' sums of squares in float64:
+    enough for any float32 b.)"""
+    if op.shards is not None:
+        return float(op.norm(b.to(torch.float64)))
+    top = float(b.abs().max()) if b.numel() else 0.0
+    if not top > 0 or not math.isfinite(top):
+        return top
+    return float((b.to(torch.float64) / top).norm()) * top
 
 
 def _finite(value: float, name: str) -> float:
@@ -254,7 +276,16 @@ def _cg(
     start, used_before = time.perf_counter(), op.matvecs
     # b's and x0's finiteness from the norms read anyway: reduced over the ranks, so every rank
     # refuses together (a rank checking its own shard alone left the others in a collective)
-    bnorm = _finite(float(op.norm(b)), "b")
+    bnorm = _finite(_norm(op, b), "b")
+    # a b so small or large that pᵀAp and ‖r‖² underflow or overflow in the working dtype is
+    # solved as b/‖b‖ and the solution scaled back (CG is linear in b): float32 at ‖b‖ ≈ 1e-14
+    # met "negative curvature" on a positive-definite A, and from 1e-17 returned x = 0, at 1e-23
+    # "converged"; float64 the same from 1e-140; and 1e30 was refused as too large to square
+    # (an outside review)
+    scale = bnorm if bnorm > 0 and not _SAFE[0](b.dtype) <= bnorm <= _SAFE[1](b.dtype) else 1.0
+    if scale != 1.0:
+        b, bnorm = b / scale, bnorm / scale
+        x0 = None if x0 is None else x0 / scale
     if x0 is None or not _finite(float(op.total(x0 @ x0)), "x0") > 0:
         x, r = torch.zeros_like(b), b.clone()
     else:
@@ -277,8 +308,11 @@ def _cg(
         run.saved.append((run.it, run.x, run.r))
     res = run.rr**0.5 / (bnorm or 1.0)
     neg = run.direction is not None
+    saved = tuple(run.saved)
+    if scale != 1.0:
+        saved = tuple((it, x * scale, r * scale) for it, x, r in saved)
     return CGResult(
-        run.x,
+        run.x * scale if scale != 1.0 else run.x,
         converged,
         neg,
         run.direction,
@@ -286,6 +320,6 @@ def _cg(
         run.it,
         op.matvecs - used_before,
         time.perf_counter() - start,
-        tuple(run.saved),
+        saved,
         run.direction_curvature,
     )

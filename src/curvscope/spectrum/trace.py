@@ -137,9 +137,12 @@ def _terms(op: Operator, U: Tensor, AU: _Applied) -> tuple[Tensor, Tensor, Tenso
     the direct uᵀe covered less than half of an exact trace's error). Sums over sharded vectors
     reduced over the ranks, in one reduce."""
     products = U * AU.AU
-    rows = [products.sum(0), products.abs().sum(0)]
+    # summed in float64: float32's sums of terms near its largest number overflowed to inf —
+    # diag(1e37) of 50 entries, trace 5e38, read "inf ± inf", no error (an outside review)
+    f64 = torch.float64
+    rows = [products.sum(0, dtype=f64), products.abs().sum(0, dtype=f64)]
     if AU.errors is not None:
-        rows.append(U.pow(2).sum(0))
+        rows.append(U.pow(2).sum(0, dtype=f64))
     summed = op.total(torch.stack(rows))
     return summed[0], summed[1], (None if AU.errors is None else summed[2] * AU.errors)
 
@@ -183,7 +186,7 @@ def _exact_trace(op: Operator, bar: Any) -> tuple[float, Tensor, Tensor, Tensor 
     tolerance; and, over finite-difference products, each entry's estimated error: ‖e_i‖, e_i
     the error of the product of the i-th unit vector."""
     diag = torch.empty(op.n, dtype=op.work_dtype, device=op.device)
-    rounding = torch.zeros_like(diag)
+    rounding = torch.zeros_like(diag, dtype=torch.float64)  # a column's norm overflows float32
     unit = EXACT_ROUNDING * torch.finfo(op.dtype).eps if torch.finfo(op.dtype).bits < 64 else 0
     seen = len(op.error_norms)
     for j in range(0, op.n, CHUNK):
@@ -194,9 +197,9 @@ def _exact_trace(op: Operator, bar: Any) -> tuple[float, Tensor, Tensor, Tensor 
         AE = op(E)
         diag[cols] = AE[at]
         if unit:  # whole vectors: exact never runs sharded
-            rounding[cols] = unit * AE.norm(dim=0)
+            rounding[cols] = unit * torch.linalg.vector_norm(AE, dim=0, dtype=torch.float64)
         bar.update(cols.numel())
-    return float(diag.sum()), diag, rounding, op.errors_after(seen, diag)
+    return float(diag.sum(dtype=torch.float64)), diag, rounding, op.errors_after(seen, diag)
 
 
 def trace(
