@@ -155,3 +155,36 @@ def test_a_functions_operator_names_x_in_its_vector_errors():
         C @ torch.ones(3)
     with pytest.raises(ValueError, match="one entry per entry of x"):
         C @ torch.ones(4, dtype=torch.float64)
+
+
+def test_a_random_function_leaves_the_global_rngs_as_found_and_its_hessian_repeats():
+    """An f that draws random numbers (a dropout-like mask) moved torch's global generator,
+    and two Hessians of it differed (an outside review): each call draws from the state the
+    user left, which is as found after it."""
+    import random
+
+    import numpy as np
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        mask = (torch.rand(x.shape, dtype=x.dtype) > 0.3).to(x.dtype)
+        return (mask * x**3).sum() + np.random.rand() + random.random()
+
+    x = torch.tensor([0.5, -1.0, 2.0, 0.25], dtype=torch.float64)
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    first, second = cs.hessian(f, x), cs.hessian(f, x)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    cs.grad(f, x), cs.hvp(f, x, torch.ones_like(x))
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert (np.random.get_state()[1] == before[1]).all() and random.getstate() == before[2]
+
+
+def test_a_plain_function_whose_curvature_is_not_finite_names_a_plain_functions_fix():
+    """It advised "lower the learning rate if training diverged", which means nothing for a
+    plain function (an outside review)."""
+    x = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match="twice differentiable at x") as e:
+        cs.hessian(lambda z: z.sqrt().sum(), x)
+    assert "learning rate" not in str(e.value)

@@ -160,13 +160,23 @@ class NonFiniteLoss(FloatingPointError):
         self.value = value
 
 
-def check_finite(t: Tensor, what: str) -> Tensor:
-    """Check that every entry of ``t`` is finite (:func:`all_finite`) and return it."""
+#: what to check where a model's curvature is not finite
+MODEL_FIX = "check the inputs and parameters, or lower the learning rate if training diverged"
+#: and where a plain function's is (a learning rate means nothing there: an outside review)
+FUNCTION_FIX = (
+    "check that f is twice differentiable at x (√x, log x or 1/x at 0 is not) and that its "
+    "values do not overflow"
+)
+
+
+def check_finite(t: Tensor, what: str, fix: str = MODEL_FIX) -> Tensor:
+    """Check that every entry of ``t`` is finite (:func:`all_finite`) and return it; the
+    error names ``fix``."""
     if not all_finite(t):
         bad = (~torch.isfinite(t)).sum().item()
         raise FloatingPointError(
             f"{what} has {bad} non-finite entries (NaN/Inf); the curvature is not defined here — "
-            "check the inputs and parameters, or lower the learning rate if training diverged"
+            f"{fix}"
         )
     return t
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from curvscope.derivatives.checks import (
+    FUNCTION_FIX,
     FUNCTION_VECTOR,
     check_dense_size,
     check_finite,
@@ -22,12 +23,27 @@ from curvscope.derivatives.checks import (
 )
 from curvscope.derivatives.kinds import _grad
 from curvscope.derivatives.objective import watch_custom_functions
+from curvscope.derivatives.rng import kept_rngs
 
 Function = Callable[[Tensor], Tensor]
 
 
+def _generators(x: Tensor) -> list[torch.Generator]:
+    """The global torch generators ``f`` may draw from at ``x``: the CPU's, and x's GPU's."""
+    gens = [torch.random.default_generator]
+    if x.device.type == "cuda":
+        index = torch.cuda.current_device() if x.device.index is None else x.device.index
+        gens.append(torch.cuda.default_generators[index])
+    return gens
+
+
 def _value(f: Function, xl: Tensor) -> Tensor:
-    y = check_scalar_loss(f(xl), "f(x)")
+    """f(x), checked; with the global RNGs (torch's, numpy's, Python's) as found after it: an f
+    that draws random numbers (a dropout-like mask) moved the user's generators, and two
+    Hessians of it differed (an outside review) — each call now draws the same numbers."""
+    with kept_rngs(_generators(xl)):
+        out = f(xl)
+    y = check_scalar_loss(out, "f(x)")
     if not y.requires_grad:
         if torch.is_inference_mode_enabled():  # it said "does not depend on x" (a review)
             raise RuntimeError(
@@ -67,7 +83,7 @@ def grad(f: Function, x: Tensor) -> Tensor:
     xl = x.detach().requires_grad_(True)
     with torch.enable_grad():
         (g,) = torch.autograd.grad(_value(f, xl), xl)
-    return check_finite(g, "the gradient")
+    return check_finite(g, "the gradient", FUNCTION_FIX)
 
 
 def hvp(f: Function, x: Tensor, v: Tensor) -> Tensor:
@@ -85,7 +101,7 @@ def hvp(f: Function, x: Tensor, v: Tensor) -> Tensor:
     x = check_point(x)
     v = check_vector(v, x.numel(), x.dtype, x.device, **FUNCTION_VECTOR)
     xl, g, _ = _grad_with_graph(f, x)
-    return check_finite(_hvp_from_grad(xl, g, v), "the Hessian-vector product")
+    return check_finite(_hvp_from_grad(xl, g, v), "the Hessian-vector product", FUNCTION_FIX)
 
 
 def _hvp_from_grad(xl: Tensor, g: Tensor, v: Tensor) -> Tensor:
@@ -115,4 +131,4 @@ def hessian(f: Function, x: Tensor, *, force: bool = False) -> Tensor:
     check_dense_size(n, x.dtype, force, "the Hessian")
     xl, g, _ = _grad_with_graph(f, x)
     eye = torch.eye(n, dtype=x.dtype, device=x.device)
-    return check_finite(_hvp_from_grad(xl, g, eye), "the Hessian")
+    return check_finite(_hvp_from_grad(xl, g, eye), "the Hessian", FUNCTION_FIX)
