@@ -557,3 +557,12 @@ def test_closures_a_second_order_step_cannot_take_are_named_with_the_fix():
         opt.step(whole)
     with pytest.raises(TypeError, match=r"got Output \(.*out\.logits\)\)$"):
         opt.step(lambda: (whole().loss, whole()))
+
+    def detached():  # PyTorch Lightning's automatic optimization: backward, then loss.detach()
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(X), y)
+        loss.backward()
+        return loss.detach()
+
+    with pytest.raises(ValueError, match=r"returned its loss detached.*manual optimization"):
+        opt.step(detached)

@@ -378,6 +378,17 @@ def _call(
                 "the step was called under torch.inference_mode(), in which nothing is "
                 "differentiable: call opt.step outside it"
             )
+        if needs_graph and not loss.requires_grad and counts.gradients > backwards:
+            # Lightning's automatic optimization: its closure runs the backward and returns
+            # loss.detach(), and the error named a fix the user had made (an outside review)
+            raise ValueError(
+                "the closure ran a backward and then returned its loss detached from the graph "
+                "(PyTorch Lightning's automatic optimization does: its closure returns "
+                "loss.detach()), and this optimizer differentiates the loss again. Return the "
+                "loss itself from the closure; under Lightning use manual optimization "
+                "(self.automatic_optimization = False, then opt.step(closure=...) with a closure "
+                "that computes and returns the loss)"
+            )
         if needs_graph and not loss.requires_grad:
             raise ValueError(
                 "the closure's loss does not depend on the optimized parameters; "
