@@ -601,10 +601,14 @@ class Monitor:
         thousands of steps away); once the Monitor says diverged, not again. Under
         torch.distributed, whether any rank's did at the previous step (:meth:`_watch_ranks`):
         a probe is a collective that every rank must call at the same step."""
-        if _world_size() > 1:
-            return self._ranks_ran_away and self._state != State.DIVERGED
+        if self._state == State.DIVERGED:
+            return False
+        return self._ranks_ran_away if _world_size() > 1 else self._own_ran_away(reported)
+
+    def _own_ran_away(self, reported: bool) -> bool:
+        """Whether this process's loss just reported ran away (:meth:`_loss_ran_away`)."""
         base = explosion_base(self.first_loss, self._first_mean())
-        return reported and self._state != State.DIVERGED and _ran_away(self.losses[-1:], base)
+        return reported and _ran_away(self.losses[-1:], base)
 
     def _watch_ranks(self, reported: bool) -> None:
         """Under torch.distributed, the loss watch over every rank: each rank reported its own
@@ -617,13 +621,11 @@ class Monitor:
         if _world_size() < 2:
             return
         self._ranks_ran_away = self._end_watch()
-        local = False
-        if reported:
-            base = explosion_base(self.first_loss, self._first_mean())
-            local = _ran_away(self.losses[-1:], base)
         world = torch.distributed.group.WORLD
         device = collective_device(world, first_device(self.model))
-        flag = torch.tensor([float(local)], dtype=torch.float64, device=device)
+        flag = torch.tensor(
+            [float(self._own_ran_away(reported))], dtype=torch.float64, device=device
+        )
         work = torch.distributed.all_reduce(
             flag, op=torch.distributed.ReduceOp.MAX, group=world, async_op=True
         )
