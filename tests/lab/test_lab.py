@@ -111,3 +111,22 @@ def test_a_start_where_no_direction_curves_up_sizes_gradient_descent_by_the_larg
     # λ_max reported as it is (a review: it read 42, the scale, as "λ_max at the start")
     assert info["lambda_max0"] == pytest.approx(-26.0) and info["gd_lr"] == pytest.approx(1 / 42)
     assert [r["optimizer"] for r in results["runs"]] == ["gd"]
+
+
+@pytest.mark.parametrize("name", ["normalized-gd", "sophia"])
+def test_a_diagnosis_without_a_known_limit_names_no_fix_the_lab_lacks(name):
+    """The lab's end-of-run diagnosis of normalized GD and Sophia said "pass --optimizer or --lr
+    on the command line", flags `curvscope lab` does not have (an outside review): it says
+    which optimizer no stability limit is known for instead."""
+    from curvscope import optim
+    from curvscope.diagnosis.classify import NOT_JUDGED
+    from curvscope.lab import runner
+
+    setup, _ = runner.make_setup("breast-cancer-logreg")
+    opt = optim.get(name).build(setup.params, lr=runner.LEARNING_RATES[name])
+    record = runner.diagnosis_record(setup, opt)
+    said = f"Stability not judged: curvscope knows no stability limit for {type(opt).__name__}'s"
+    assert said in record["text"]
+    assert "--optimizer" not in record["text"] and "lr=" not in record["text"]
+    assert NOT_JUDGED not in record["advice"]
+    assert record["evidence"]["stability_limit"] is None  # judged by the curvature alone

@@ -63,7 +63,7 @@ def test_values_a_log_scale_cannot_draw_are_drawn_or_counted(tmp_path):
     for values, scale, title in (
         ([1.0, 0.5, 0.1], "log", "loss"),
         ([1.0, -0.5, 0.0], "symlog", "loss"),
-        ([1.0, float("nan"), float("inf")], "log", "loss (2 not finite, not drawn)"),
+        ([1.0, float("nan"), float("inf")], "log", "loss\n(2 not finite, not drawn)"),
     ):
         ax = Figure().add_subplot()
         plots._value_scale(ax, "loss", values)

@@ -208,19 +208,39 @@ def _lab(args: argparse.Namespace) -> int:
             results = stop.results
             if _Stop.signal:  # what stopped it, in the report ("Ctrl-C" otherwise)
                 results["interrupted"]["signal"] = _Stop.signal
-    with _writing(out):
-        path = report.write_lab(results, out)
+    try:
+        with _writing(out):
+            path = report.write_lab(results, out)
+    except KeyboardInterrupt:  # while the plots were drawn: the runs are kept all the same
+        _report_cut(results, n_runs)
+        with _writing(out):
+            path = report.write_lab(results, out, draw=False)
     console.print(_runs_table(results, Table))  # the finished runs, interrupted or not
     if results["interrupted"]:
         n = results["interrupted"]
+        when = " while writing the report (its plots left out)" if n.get("report_cut") else ""
         print(
-            f"curvscope lab: {_Stop.word()} after {n['runs_done']} of {n['runs_planned']} "
-            f"runs; wrote the finished ones to {out / 'results.json'} and {path}",
+            f"curvscope lab: {_Stop.word()}{when} after {n['runs_done']} of "
+            f"{n['runs_planned']} runs; wrote the finished ones to {out / 'results.json'} "
+            f"and {path}",
             file=sys.stderr,
         )
         return _Stop.status()
     console.print(f"wrote {out / 'results.json'} and {path} in {results['seconds']:.1f} s")
     return 0
+
+
+def _report_cut(results: dict[str, Any], planned: int) -> None:
+    """Record in ``results`` an interrupt that came while the lab's report was being written —
+    its plots take seconds, and Ctrl-C or SIGTERM there lost every finished run, results.json
+    included (an outside review) — as one during the runs is recorded (``runs_done``,
+    ``runs_planned``, ``signal``), with ``"report_cut": True``: the report is then written
+    without its plots."""
+    cut = results["interrupted"] or {"runs_done": len(results["runs"]), "runs_planned": planned}
+    cut["report_cut"] = True
+    if _Stop.signal:
+        cut["signal"] = _Stop.signal
+    results["interrupted"] = cut
 
 
 def _runs_table(results: dict[str, Any], Table: Any) -> Any:
@@ -283,11 +303,14 @@ def _check_probe_flags(args: argparse.Namespace) -> None:
 def _probe(args: argparse.Namespace) -> int:
     """Under torchrun (WORLD_SIZE > 1) the process group is started here — gloo on CPU, NCCL
     when CUDA is there — and ended here once every rank is done (a rank that exits with the
-    group alive aborts in gloo's threads)."""
+    group alive aborts in gloo's threads). A built-in ``--problem`` runs on one intra-op thread,
+    as the lab does (:func:`curvscope.lab.lab.one_thread`)."""
     import os
 
     import torch
     import torch.distributed as dist
+
+    from curvscope.lab.lab import one_thread
 
     _check_probe_flags(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -295,7 +318,11 @@ def _probe(args: argparse.Namespace) -> int:
     if started:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
-        return _probe_on_rank(args, dist.get_rank() if world > 1 else 0, world)
+        # a built-in problem is small, as the lab's are: one thread, as the lab runs (166
+        # products took 18-30 s at torch's default two threads on a busy 2-core machine, 2 s at
+        # one: an outside review); a user's model keeps torch's setting (OMP_NUM_THREADS)
+        with one_thread() if args.problem else contextlib.nullcontext():
+            return _probe_on_rank(args, dist.get_rank() if world > 1 else 0, world)
     finally:
         if started:
             dist.barrier()

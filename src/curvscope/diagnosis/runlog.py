@@ -413,6 +413,8 @@ RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
             "zero_gradient_share",
             "dead_share",
             "chance_loss",
+            "damped_decrement",
+            "decrement_damping",
         ),
         _NUMBER,
     ),
@@ -440,13 +442,42 @@ def _check(
             raise LogFormatError(f"{where}: {key!r} must be {expected}, got {value}")
 
 
+#: The fields whose strings are text (a state, a sentence, a block's name), never a number's
+#: marker: a layer named "inf" stays a name.
+TEXT_FIELDS = frozenset(
+    (
+        "state",
+        "cause",
+        "optimizer",
+        "advice",
+        "reasons",
+        "zero_gradient_blocks",
+        "dead_blocks",
+        "zero_factor_blocks",
+        "version",
+        "started",
+        "every",
+    )
+)
+
+
+def _decoded(v: Any) -> Any:
+    """``v`` with every "nan", "inf", "-inf" in it, at any depth, as the float it stands for:
+    :func:`jsonable` writes them so wherever a float is — inside ``updates`` rows and nested
+    ``thresholds`` too, which came back as strings (an outside review). Keys stay as they are."""
+    if isinstance(v, str):
+        return _NONFINITE.get(v, v)
+    if isinstance(v, list):
+        return [_decoded(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _decoded(x) for k, x in v.items()}
+    return v
+
+
 def _restore_nonfinite(obj: dict[str, Any]) -> dict[str, Any]:
-    for k, v in obj.items():
-        if isinstance(v, str) and v in _NONFINITE and k not in ("state", "optimizer"):
-            obj[k] = _NONFINITE[v]
-        elif k == "layer_shares" and isinstance(v, dict):
-            obj[k] = {n: _NONFINITE.get(x, x) if isinstance(x, str) else x for n, x in v.items()}
-    return obj
+    """A header or record with its non-finite numbers as floats (:func:`_decoded`), but for
+    the :data:`TEXT_FIELDS`."""
+    return {k: v if k in TEXT_FIELDS else _decoded(v) for k, v in obj.items()}
 
 
 class Run:
@@ -573,9 +604,11 @@ def read_log(
     A file holds one run per header line (``log_mode="a"`` appends runs); ``run`` picks one
     by index like a list: the last by default, ``0`` the first. Lines written before the first
     header (a log without one) form a run with the header ``{}``. Non-finite numbers come back
-    as floats. The whole file is checked: the format version, and the type of every field a
-    reader relies on (``step`` an integer, ``state`` a known state, ``advice`` a list of
-    strings, the evidence numbers ...); unknown fields are kept as they are.
+    as floats, at any depth (``updates`` rows, nested ``thresholds``); the strings of the text
+    fields (``state``, ``advice``, block names ...: :data:`TEXT_FIELDS`) stay strings. The
+    whole file is checked: the format version, and the type of every field a reader relies on
+    (``step`` an integer, ``state`` a known state, ``advice`` a list of strings, the evidence
+    numbers ...); unknown fields are kept as they are.
 
     A line cut off mid-write (a killed writer leaves the last line without its newline) is
     not an error: the intact records before it are returned and a :class:`TornLogWarning`

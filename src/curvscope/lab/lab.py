@@ -3,10 +3,11 @@ what first-order methods learn about curvature — one JSON-able result."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -196,10 +197,21 @@ def run_lab(
     Raises:
         LabInterrupted: on Ctrl-C, with the results of the runs finished before it.
     """
+    with one_thread():
+        return _run_lab(problem_names, optimizer_names, budget, on_run)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread inside the block, its setting put back after: for the
+    built-in problems (the lab's, ``curvscope probe --problem``), small enough that more
+    threads only wait for each other — on a busy 2-core machine two made a product of the
+    digits MLP 200 times slower (:func:`run_lab`). Not for a user's model, whose products may
+    be large enough for threads to pay (1.4x at 2 threads on 269,322 parameters: README)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run_lab(problem_names, optimizer_names, budget, on_run)
+        yield
     finally:
         torch.set_num_threads(threads)
 

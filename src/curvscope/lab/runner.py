@@ -8,6 +8,7 @@ by more than ``BLOWUP``; with the step it happened and the peak loss), *minimum*
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -21,7 +22,8 @@ from torch import Tensor, nn
 from curvscope import optim, problems
 from curvscope.derivatives import Curvature
 from curvscope.derivatives.flat import flatten
-from curvscope.diagnosis import diagnose, stability_limit
+from curvscope.diagnosis import Diagnosis, diagnose, stability_limit
+from curvscope.diagnosis.classify import NOT_JUDGED
 from curvscope.spectrum import eigenvalues
 
 #: The built-in problems: well-behaved first, then badly-behaved.
@@ -192,14 +194,32 @@ class Run:
 
 def diagnosis_record(setup: Setup, opt: Any) -> dict[str, Any]:
     """The diagnosis of a model setup as plain data; optimizer-aware where the diagnosis knows
-    the optimizer (torch's SGD, Adam, ...), curvature-only otherwise."""
+    the optimizer (torch's SGD, Adam, ...), curvature-only otherwise — and then it says why
+    stability was not judged: the diagnosis' own sentence asks for an optimizer or a learning
+    rate ("pass optimizer= or lr=; --optimizer or --lr on the command line"), which the lab
+    passed and ``curvscope lab`` has no flag for (normalized GD's and Sophia's end-of-run
+    diagnoses said it: an outside review)."""
     try:
         stability_limit(opt)
     except TypeError:  # an optimizer the stability limits do not cover: curvature only
-        opt = None
-    d = diagnose(setup.require_model(), setup.loss_fn, setup.data, optimizer=opt)
+        d = _no_limit_known(
+            diagnose(setup.require_model(), setup.loss_fn, setup.data), type(opt).__name__
+        )
+    else:
+        d = diagnose(setup.require_model(), setup.loss_fn, setup.data, optimizer=opt)
     ev = {k: v for k, v in d.evidence.items() if isinstance(v, int | float | str | type(None))}
     return {"state": d.state, "text": str(d), "evidence": ev, "advice": list(d.advice)}
+
+
+def _no_limit_known(d: Diagnosis, optimizer: str) -> Diagnosis:
+    """``d``, a diagnosis made without an optimizer, saying that stability was not judged
+    because no stability limit is known for ``optimizer``, in place of its advice to pass one."""
+    said = f"stability not judged: curvscope knows no stability limit for {optimizer}'s steps"
+
+    def swap(sentences: list[str]) -> list[str]:
+        return [said if s == NOT_JUDGED else s for s in sentences]
+
+    return dataclasses.replace(d, reasons=swap(d.reasons), advice=swap(d.advice))
 
 
 def run_one(

@@ -144,8 +144,14 @@ def page(title: str, body: Markup | str) -> str:
     return render("base.html", title=title, body=body)
 
 
-def write_lab(results: dict[str, Any], out: Path) -> Path:
-    """results.json, the PNG plots and report.html into ``out``; returns the report's path."""
+def write_lab(results: dict[str, Any], out: Path, *, draw: bool = True) -> Path:
+    """results.json, the PNG plots and report.html into ``out``; returns the report's path.
+
+    ``draw=False``: the page and results.json without the plots, in a moment — what
+    ``curvscope lab`` writes when it is interrupted while drawing them (seconds of matplotlib),
+    so that the finished runs are kept (they were all lost: an outside review); the plots an
+    earlier report left in the folder are removed with the others it wrote, as always.
+    """
     from curvscope import problems
 
     out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +159,10 @@ def write_lab(results: dict[str, Any], out: Path) -> Path:
     sections = []
     for p in results["problems"]:
         name = p["name"]
-        images = []
+        images: list[dict[str, str] | None] = []
+        if not draw:
+            sections.append({**p, "images": images})
+            continue
         if name in problems.names():
             prob = problems.get(name, **p.get("args", {}))
             if isinstance(prob, problems.FunctionProblem) and prob.n == 2:
@@ -167,11 +176,14 @@ def write_lab(results: dict[str, Any], out: Path) -> Path:
     mlp_images: list[dict[str, str] | None] = []
     if mlp:
         mlp_runs = [r for r in results["runs"] if r["problem"] == mlp.get("problem")]
-        mlp_images = [
-            _image(out, plots.mlp_density(mlp, out), "Hessian spectral density"),
-            _image(out, plots.sharpness_vs_limit(mlp_runs, out), "Sharpness vs stability limit"),
-            _image(out, plots.adam_vs_hessian(mlp, out), "Adam's √v̂ vs |diag H|"),
-        ]
+        if draw:
+            mlp_images = [
+                _image(out, plots.mlp_density(mlp, out), "Hessian spectral density"),
+                _image(
+                    out, plots.sharpness_vs_limit(mlp_runs, out), "Sharpness vs stability limit"
+                ),
+                _image(out, plots.adam_vs_hessian(mlp, out), "Adam's √v̂ vs |diag H|"),
+            ]
         mlp_view = {
             "images": mlp_images,
             "adam": mlp.get("adam_vs_hessian") or None,
@@ -185,7 +197,11 @@ def write_lab(results: dict[str, Any], out: Path) -> Path:
         }
     settings = [(f"budget: {k}", v) for k, v in results["budget"].items()]
     settings += list(results["rules"].items())
-    profile = _image(out, plots.performance_profiles(results, out), "Performance profiles")
+    profile = (
+        _image(out, plots.performance_profiles(results, out), "Performance profiles")
+        if draw
+        else None
+    )
     html = render(
         "lab.html",
         title=plots.TITLES["lab"],

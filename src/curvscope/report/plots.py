@@ -150,9 +150,26 @@ def _listed(path: Path) -> None:
         write_manifest(out, kind, names | {path.name})
 
 
+def _literal(fig: Any) -> None:
+    """Every text of the figure that a plot set — titles, axis labels, legends and their
+    titles, free text — drawn as written: matplotlib reads a string with two ``$`` as mathtext
+    (TeX), so a block named ``$$`` or ``$\\frac$`` stopped the report with a ParseException, and
+    ``a_$x^2$`` came out typeset (an outside review). Turned off once here, for every plot, not
+    by escaping each field; the tick labels keep it (a log axis writes 10⁻⁶ in mathtext)."""
+    texts = list(fig.texts)
+    for ax in fig.axes:
+        texts += [ax.title, ax.xaxis.label, ax.yaxis.label, *ax.texts]
+        legend = ax.get_legend()
+        if legend is not None:
+            texts += [legend.get_title(), *legend.get_texts()]
+    for text in texts:
+        text.set_parse_math(False)
+
+
 def _save(fig: Any, path: Path, right: float = 0.97) -> str:
     refuse_foreign(path, "a report's plot")  # the last guard: claim_folder checked first
     _listed(path)
+    _literal(fig)
     # fixed margins: tight_layout measured every tick label again and cost ~0.3 s a figure
     n = len(fig.axes)
     # one axes: room for a y label beside log ticks (10⁻⁶; the density's label was cut off)
@@ -163,8 +180,10 @@ def _save(fig: Any, path: Path, right: float = 0.97) -> str:
 
 
 def _gap(losses: list[float], f_best: float) -> np.ndarray:
+    """Each loss's distance above the best, floored at 1e-16, NaN where a log axis draws none
+    (:func:`_drawn`: a diverged run's loss of 1e280 stopped the report as a run log's did)."""
     y = np.array([f if f is not None else np.nan for f in losses], dtype=float) - f_best
-    return np.where(np.isfinite(y), np.maximum(y, 1e-16), np.nan)
+    return _drawn(np.where(np.isfinite(y), np.maximum(y, 1e-16), np.nan))
 
 
 def problem_curves(results: dict[str, Any], problem: str, out: Path) -> str | None:
@@ -259,7 +278,9 @@ def mlp_density(mlp: dict[str, Any], out: Path) -> str | None:
         if key in mlp:
             d = mlp[key]
             ax.plot(
-                d["grid"], d["values"], label=f"{label} (negative mass {d['negative_mass']:.2f})"
+                d["grid"],
+                _drawn(d["values"]),
+                label=f"{label} (negative mass {d['negative_mass']:.2f})",
             )
     ax.set_yscale("log")
     ax.set_ylim(bottom=1e-6)
@@ -283,9 +304,9 @@ def sharpness_vs_limit(
         s = [p["evidence"].get("sharpness") for p in probes]
         lim = [p["evidence"].get("stability_limit") for p in probes]
         c = COLORS.get(opt_name)
-        ax.plot(steps, s, "o-", color=c, label=f"{opt_name}: sharpness")
+        ax.plot(steps, _drawn(s), "o-", color=c, label=f"{opt_name}: sharpness")
         if any(v is not None for v in lim):
-            ax.plot(steps, lim, "--", color=c, label=f"{opt_name}: stability limit")
+            ax.plot(steps, _drawn(lim), "--", color=c, label=f"{opt_name}: stability limit")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("λ_max (sharpness)")
@@ -299,7 +320,7 @@ def adam_vs_hessian(mlp: dict[str, Any], out: Path) -> str | None:
     if not d:
         return None
     fig, ax = _figure(figsize=(5.5, 4.2))
-    ax.loglog(np.abs(d["hessian_diag"]), d["sqrt_v"], ".", ms=2, alpha=0.5)
+    ax.loglog(_drawn(np.abs(d["hessian_diag"])), _drawn(d["sqrt_v"]), ".", ms=2, alpha=0.5)
     ax.set_xlabel("|Hessian diagonal| (Hutchinson estimate)")
     ax.set_ylabel("Adam's √v̂")
     ax.set_title(f"Adam's preconditioner vs curvature (Spearman {d['spearman']:.2f})")
@@ -307,7 +328,7 @@ def adam_vs_hessian(mlp: dict[str, Any], out: Path) -> str | None:
 
 
 def _sharpness_series(
-    ax: Any, steps: list[Any], sharpness: list[float], records: list[dict[str, Any]]
+    ax: Any, steps: list[Any], sharpness: np.ndarray, records: list[dict[str, Any]]
 ) -> None:
     """The sharpness of each record as the series it belongs to: that of the preconditioned
     curvature P^-½ H P^-½ (Adam's) and that of H are two lines, never one through both (a
@@ -319,31 +340,66 @@ def _sharpness_series(
             ax.plot(steps, series, "o-" if flag else "s-", label=label)
 
 
-def _present(v: float) -> bool:
-    """A value the record has (None came back as NaN from ``col``, which is left out)."""
-    return not (isinstance(v, float) and math.isnan(v))
+#: The largest magnitude a log or symlog axis of these plots draws, and 1/LOG_RANGE the smallest
+#: nonzero one. matplotlib's log ticks run up to two strides past the data, a stride being about
+#: a seventh of the decades shown: a loss of 1e280 beside one of 1 put a tick past 1e308, which is
+#: infinite, and the tick labels raised OverflowError — the report stopped (a diverging float64
+#: run: an outside review). Data within ±150 decades put the ticks at 1e±246 at most (on log and
+#: symlog axes of every size the plots use); a value beyond is treated as one that is not
+#: finite: counted in the panel's title, not drawn.
+LOG_DECADES = 150
+LOG_RANGE = 10.0**LOG_DECADES
+
+
+def _drawable(v: float) -> bool:
+    """Whether a log or symlog axis draws ``v``: finite, and 0 or of a magnitude within
+    [1/LOG_RANGE, LOG_RANGE]."""
+    return math.isfinite(v) and (v == 0 or 1 / LOG_RANGE <= abs(v) <= LOG_RANGE)
+
+
+def _drawn(values: Any) -> np.ndarray:
+    """``values`` as floats, each that :func:`_drawable` refuses (and None) as NaN, which
+    matplotlib leaves out (a -inf was drawn as a line to the axis' edge: a review)."""
+    y = np.array([np.nan if v is None else v for v in values], dtype=float).reshape(-1)
+    return np.where([_drawable(float(v)) for v in y], y, np.nan)
 
 
 def _value_scale(ax: Any, title: str, values: list[float]) -> None:
     """A log scale where every value is positive; symlog where some are zero or negative (a
     maximum's negative sharpness, a loss below 0: a log scale dropped them without a word — a
-    review); the title counts the values that are not finite, which no scale can draw."""
-    finite = [v for v in values if math.isfinite(v)]
-    if finite and min(finite) > 0:
+    review). ``values`` are those the records hold (NaN included: a diverged run's NaN losses
+    vanished unsaid when NaN stood for a missing value, a review); the title counts the ones no
+    scale draws — not finite, or beyond :data:`LOG_RANGE` — which are left out."""
+    drawable = [v for v in values if _drawable(v)]
+    if drawable and min(drawable) > 0:
         ax.set_yscale("log")
-    elif finite:
-        nonzero = [abs(v) for v in finite if v != 0]
-        ax.set_yscale("symlog", linthresh=min(nonzero) if nonzero else 1.0)
-    missing = len(values) - len(finite)
-    ax.set_title(title + (f" ({missing} not finite, not drawn)" if missing else ""))
+    elif drawable:
+        # the linear part reaches to the smallest magnitude, or LOG_RANGE below the largest:
+        # each logarithmic side then spans at most as many decades as a log scale may
+        nonzero = [abs(v) for v in drawable if v != 0]
+        linthresh = max(min(nonzero), max(nonzero) / LOG_RANGE) if nonzero else 1.0
+        ax.set_yscale("symlog", linthresh=float(linthresh))
+    counts = (
+        (sum(not math.isfinite(v) for v in values), "not finite"),
+        (sum(math.isfinite(v) and abs(v) > LOG_RANGE for v in values), f"|v| > 1e{LOG_DECADES}"),
+        (sum(0 < abs(v) < 1 / LOG_RANGE for v in values), f"0 < |v| < 1e-{LOG_DECADES}"),
+    )
+    left_out = [f"{n} {why}" for n, why in counts if n]
+    # the count on a line of its own: beside a long title it ran past the figure's edge
+    ax.set_title(title + (f"\n({', '.join(left_out)}, not drawn)" if left_out else ""), fontsize=10)
 
 
 def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
     """Loss, gradient norm, and sharpness against the stability limit, from a Monitor log."""
     steps = [r["step"] for r in records]
 
-    def col(k: str) -> list[float]:
-        return [np.nan if r.get(k) is None else float(r[k]) for r in records]
+    def held(k: str) -> list[float]:
+        """The values the records hold under ``k`` (a missing one or null is none)."""
+        return [float(r[k]) for r in records if r.get(k) is not None]
+
+    def col(k: str) -> np.ndarray:
+        """One value a step, NaN where there is none or none is drawn (:func:`_drawn`)."""
+        return _drawn([r.get(k) for r in records])
 
     fig, axes = _figure(3, figsize=(13, 3.6))
     axes[0].plot(steps, col("loss"), "o-")
@@ -360,7 +416,7 @@ def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
     )
     for ax, (title, keys) in zip(axes, shown, strict=True):
         ax.set_xlabel("step")
-        _value_scale(ax, title, [v for k in keys for v in col(k) if _present(v)])
+        _value_scale(ax, title, [v for k in keys for v in held(k)])
     names = [_save(fig, out / "log.png")]
     shares = [x if isinstance(x, dict) else {} for x in (r.get("layer_shares") for r in records)]
     if any(shares):

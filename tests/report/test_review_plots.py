@@ -1,0 +1,129 @@
+"""What the plots draw of values a log axis cannot draw, and of text that looks like TeX (an
+outside review of the command line): a report is written, and what is left out is said."""
+
+import math
+
+import numpy as np
+import pytest
+
+from curvscope.report import plots
+
+
+def _capture(monkeypatch):
+    """The figures the plots save, kept (each saved for real, so that drawing is tested)."""
+    figures = []
+    save = plots._save
+
+    def keep(fig, path, right=0.97):
+        figures.append(fig)
+        return save(fig, path, right)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return figures
+
+
+def _records(**series):
+    n = len(next(iter(series.values())))
+    return [
+        {"step": 5 * (i + 1), "state": "learning", **{k: v[i] for k, v in series.items()}}
+        for i in range(n)
+    ]
+
+
+def test_a_loss_beyond_what_a_log_axis_draws_is_counted_not_a_traceback(tmp_path, monkeypatch):
+    """A diverging float64 run's loss of 1e280 beside one of 1 put matplotlib's log ticks past
+    1e308, and `curvscope report` stopped with OverflowError (an outside review). Such a value
+    is treated as one that is not finite: counted in the title, not drawn."""
+    figures = _capture(monkeypatch)
+    records = _records(
+        loss=[1.0, 1e280, 3.0, -1e200],
+        grad_norm=[1.0, 1e-200, 2.0, 1e100],
+        sharpness=[1.0, 2.0, 1e300, 1.0],
+    )
+    assert plots.log_plots(records, tmp_path) == ["log.png"]
+    titles = [ax.get_title() for ax in figures[0].axes]
+    assert titles == [
+        "loss\n(2 |v| > 1e150, not drawn)",
+        "gradient norm\n(1 0 < |v| < 1e-150, not drawn)",
+        "sharpness vs stability limit\n(1 |v| > 1e150, not drawn)",
+    ]
+    loss = figures[0].axes[0].lines[0].get_ydata()
+    assert np.isnan(loss[[1, 3]]).all() and list(loss[[0, 2]]) == [1.0, 3.0]
+    assert figures[0].axes[1].lines[0].get_ydata()[3] == 1e100  # within the range: drawn
+
+
+@pytest.mark.parametrize("low", [1e-300, 1e-16, 1.0, -1.0, 0.0])
+@pytest.mark.parametrize("high", [1e200, 1e250, 1e280, 1e300, 1.7e308])
+def test_no_pair_of_values_stops_a_log_plot(tmp_path, low, high):
+    """Every pair the review's runs could log, on each kind of panel (log, symlog)."""
+    records = _records(loss=[low, high], grad_norm=[high, low], sharpness=[low, -high])
+    assert plots.log_plots(records, tmp_path) == ["log.png"]
+
+
+def test_the_labs_plots_leave_out_what_a_log_axis_cannot_draw(tmp_path):
+    """The lab's convergence curves and sharpness plot are log axes too: a diverged run's last
+    loss of 1e280 stopped the lab's report the same way."""
+    run = {
+        "problem": "sqrt1px2",
+        "optimizer": "pure-newton",
+        "outcome": "diverged",
+        "losses": [1.0, 10.0, 1e280],
+        "cost": [0, 2, 4],
+        "seconds": [0.0, 0.1, 0.2],
+    }
+    assert plots.problem_curves({"runs": [run]}, "sqrt1px2", tmp_path) == "curves-sqrt1px2.png"
+    probes = [
+        {"step": s, "evidence": {"sharpness": v, "stability_limit": 2.0}}
+        for s, v in ((1, 1.0), (2, 1e290), (3, -math.inf))
+    ]
+    runs = [{"optimizer": "gd", "probes": probes}]
+    assert plots.sharpness_vs_limit(runs, tmp_path) == "mlp-sharpness.png"
+    assert np.isnan(plots._gap([1.0, 1e280, math.inf, math.nan, None], 1.0)[1:]).all()
+
+
+def test_every_value_that_is_not_finite_is_counted_and_none_is_drawn(tmp_path, monkeypatch):
+    """A diverged run's NaN losses and gradient norms vanished without a word (NaN stood for a
+    missing value: the title said "1 not finite" for 4, and nothing for 5 NaN norms), and a
+    -inf was drawn as a line to the axis' edge while the title said "not drawn" (a review)."""
+    figures = _capture(monkeypatch)
+    nan, inf = math.nan, math.inf
+    records = _records(
+        loss=[1.0, inf, nan, nan, nan, None],
+        grad_norm=[1.0, nan, nan, -inf, nan, nan],
+        sharpness=[1.0, 2.0, None, None, None, None],
+    )
+    plots.log_plots(records, tmp_path)
+    loss_ax, norm_ax, _ = figures[0].axes
+    assert loss_ax.get_title() == "loss\n(4 not finite, not drawn)"  # None: not held, not counted
+    assert norm_ax.get_title() == "gradient norm\n(5 not finite, not drawn)"
+    for ax in (loss_ax, norm_ax):
+        y = ax.lines[0].get_ydata()
+        assert y[0] == 1.0 and np.isnan(y[1:]).all()
+        assert np.isfinite(ax.get_ylim()).all()
+
+
+def test_names_with_dollar_signs_are_drawn_as_written(tmp_path, monkeypatch):
+    """Layer names went into the legend as mathtext: a block named `$$` or `$\\frac$` stopped
+    the report with a ParseException, `a_$x^2$` came out typeset (an outside review). Every
+    text a plot sets is drawn literally; the tick labels keep their mathtext (10⁻⁶)."""
+    figures = _capture(monkeypatch)
+    names = ["$$", "$\\frac$", "a_$x^2$", "x.$y$.z"]
+    shares = {n: 0.25 for n in names}
+    records = [{**r, "layer_shares": shares} for r in _records(loss=[1.0, 0.5])]
+    assert plots.log_plots(records, tmp_path) == ["log.png", "layers.png"]
+    legend = figures[1].axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == sorted(names)
+    assert not any(t.get_parse_math() for t in legend.get_texts())
+    ticks = figures[0].axes[0].yaxis.get_ticklabels()
+    assert ticks and all(t.get_parse_math() for t in ticks)
+    run = {
+        "problem": "$\\frac$",
+        "optimizer": "$$",
+        "outcome": "stalled",
+        "losses": [2.0, 1.0],
+        "cost": [0, 1],
+        "seconds": [0.0, 0.1],
+    }
+    assert plots.problem_curves({"runs": [run]}, "$\\frac$", tmp_path) == "curves-$\\frac$.png"
+    assert figures[-1]._suptitle.get_text() == "$\\frac$"
+    assert not figures[-1]._suptitle.get_parse_math()
