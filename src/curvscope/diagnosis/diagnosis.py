@@ -750,7 +750,7 @@ def _measure_curvature(
         if not sol.negative_curvature:
             evidence["newton_decrement"] = objective.total(g @ sol.x)
             evidence["decrement_converged"] = sol.converged
-        else:
+        elif small:  # only a small gradient's verdict reads it (minimum, or a long valley)
             _damped_decrement(objective, g, evidence, budget - C.matvecs)
     return vectors, r.all_converged
 
