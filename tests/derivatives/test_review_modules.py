@@ -188,3 +188,46 @@ def test_the_empirical_fisher_of_a_loss_over_the_whole_batch_is_refused():
 
     ok = cs.Curvature(model, rows, (x, y), kind="empirical_fisher", reduction="mean")
     assert torch.isfinite(ok @ torch.ones(ok.num_params, dtype=DT)).all()
+
+
+def test_the_empirical_fisher_check_reads_rounding_against_the_terms_not_their_mean():
+    """A float32 Gaussian NLL (full) whose terms cancel to a mean of about −4e-8 was refused as
+    a loss over the whole batch: its rows' mean and the batch's differed by rounding, and the
+    tolerance was relative to the mean, not to the terms' size (the diff review)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4096, 3), 0.1 * torch.randn(4096, 1)
+    model = nn.Linear(3, 2)
+
+    def gnll(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.gaussian_nll_loss(o[:, :1], t, o[:, 1:].exp(), full=True)
+
+    lo, hi = -3.0, -1.0
+    with torch.no_grad():  # the log-variance where the mean NLL crosses 0
+        model.weight.mul_(0.01)
+        model.bias.zero_()
+        for _ in range(60):
+            model.bias[1] = mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if gnll(model(x).double(), y.double()) < 0 else (lo, mid)
+        model.bias[1] = (lo + hi) / 2
+    assert abs(float(gnll(model(x), y))) < 1e-6
+    E = cs.Curvature(model, gnll, (x, y), kind="empirical_fisher")
+    assert torch.isfinite(E @ torch.ones(E.num_params)).all()
+
+
+def test_the_empirical_fisher_through_the_chunked_functional_is_refused():
+    """F.linear_cross_entropy(..., options=...) in a function of the user's: its per-sample
+    gradients came out 0, λ_max 0 "converged" (the diff review)."""
+    from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(5, 6), nn.Tanh()).to(DT)
+    W = torch.randn(4, 6, dtype=DT)
+
+    def chunked(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        opts = LinearCrossEntropyOptions()
+        return nn.functional.linear_cross_entropy(h, W, y, options=opts)
+
+    data = (torch.randn(12, 5, dtype=DT), torch.randint(0, 4, (12,)))
+    E = cs.Curvature(body, chunked, data, kind="empirical_fisher", reduction="mean")
+    with pytest.raises(RuntimeError, match=r"per-sample gradients cannot go through.*chunked"):
+        E @ torch.ones(E.num_params, dtype=DT)

@@ -585,14 +585,15 @@ def test_a_first_window_that_diverged_does_not_raise_the_explosions_limit():
 def test_a_probe_due_before_adams_first_step_is_put_off_not_raised():
     """A GradScaler that skips its first steps on overflow leaves Adam without state, so its
     preconditioner does not exist: the probe raised from mon.step and stopped the training
-    loop (an outside review). It is put off, said once, and runs once Adam has stepped — the
-    loss watch's too (a loss of inf while Adam had no state raised the same)."""
+    loop (an outside review). It is put off, said once, and runs once Adam has stepped; a
+    loss that runs away meanwhile (a loss of inf while Adam had no state raised the same) is
+    probed at once without the limit, *diverged* (put off, it waited forever: a review)."""
     p = cs.problems.get("least-squares")
     model = p.make_model(0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=opt, every=2, update_every=0)
     got = []
-    with pytest.warns(UserWarning, match=r"probe at step 1 is put off: Adam has taken no step"):
+    with pytest.warns(UserWarning, match=r"probe at step 2 is put off: Adam has taken no step"):
         for k in range(1, 8):
             opt.zero_grad()
             loss = p.loss_fn(model(p.data[0]), p.data[1])
@@ -601,5 +602,6 @@ def test_a_probe_due_before_adams_first_step_is_put_off_not_raised():
                 opt.step()
             if mon.step(float("inf") if k == 1 else loss) is not None:
                 got.append(mon.steps)
-    assert got == [6] and mon.history[0].evidence.preconditioned
-    assert mon.history[0].state == "diverged"  # the inf at step 1 is in its window
+    assert got == [1, 6] and mon.probe_causes == ["loss", "cadence"]
+    assert mon.history[0].state == "diverged" and mon.history[0].evidence.stability_limit is None
+    assert mon.history[1].evidence.preconditioned

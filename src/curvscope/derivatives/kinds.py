@@ -43,6 +43,7 @@ from curvscope.derivatives.objective import (
     ModelObjective,
     counted_labels,
     loss_tolerance,
+    refuse_known_cuts,
     torch_loss,
 )
 from curvscope.derivatives.seeding import FISHER_LABELS, generator
@@ -555,16 +556,19 @@ def _check_terms(whole: Tensor, losses: Tensor, reduction: str, index: int) -> N
     it the zero matrix, λ_max 0 "converged", without a word (an outside review)."""
     parts = losses.detach().to(torch.float64)
     made = parts.mean() if reduction == "mean" else parts.sum()
+    size = parts.abs().mean() if reduction == "mean" else parts.abs().sum()  # rounding's scale
     value = float(whole.detach())
     tol = loss_tolerance(whole) * max(1.0, math.sqrt(parts.numel()))
-    if abs(value - float(made)) <= tol * max(abs(value), abs(float(made)), 1e-30):
+    if abs(value - float(made)) <= tol * max(abs(value), float(size), 1e-30):
         return
     raise ValueError(
         f"kind='empirical_fisher' takes loss_fn's value on each row of a batch alone as that "
         f"sample's term, but on batch {index} their {reduction} is {float(made):.6g} where the "
         f"batch's loss is {value:.6g}: a loss over the whole batch (contrastive, InfoNCE, "
-        "batch statistics) has no per-sample terms. Use kind='hessian' or 'ggn', or a loss "
-        "that is a mean or sum over its rows"
+        "batch statistics) has no per-sample terms, and a function that weighs or leaves out "
+        "labels does not average its rows. Use kind='hessian' or 'ggn'; for class weights or "
+        "ignored labels pass nn.CrossEntropyLoss(weight=..., ignore_index=...) itself, whose "
+        "terms are counted as torch counts them"
     )
 
 
@@ -596,6 +600,7 @@ def prepare_empirical_fisher(obj: ModelObjective, batch: Batch) -> _OuterProduct
         out = obj.forward(theta, batch, tensor=True)
         if lik is None:
             whole = obj.loss(out, batch)  # the checks every kind makes
+            refuse_known_cuts(whole, "the empirical Fisher's per-sample gradients")
             losses = per_sample_losses(obj.loss_fn, out, batch.targets).reshape(-1, 1)
             _check_terms(whole, losses, obj.reduction, batch.index)
             jac = _Jacobian(losses, leaves)

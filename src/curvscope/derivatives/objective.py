@@ -856,6 +856,8 @@ CUT_FIXES = {
     "second derivatives": "or differentiate a function without it",
     "a second-order optimizer": "or train with a first-order method (curvscope's NormalizedGD, "
     "torch's optimizers), which needs only the gradient",
+    "the empirical Fisher's per-sample gradients": "or pass nn.LinearCrossEntropyLoss itself "
+    "as loss_fn, whose empirical Fisher needs only its gradient",
 }
 
 
@@ -952,12 +954,7 @@ def watch_custom_functions(
         if refused is not None:
             refused()
         raise RuntimeError(reentrant_refusal(what))
-    for node in seen.custom:
-        said = _known_cut(type(node).__name__)
-        if said is not None:
-            if refused is not None:
-                refused()
-            raise RuntimeError(f"{what} cannot go through {said}, {CUT_FIXES[what]}")
+    refuse_known_cuts(t, what, refused, seen)
     for node in seen.custom:
         # the hook holds the Function's name and which inputs are on the graph, not the node:
         # node -> hook -> node was a cycle that kept each graph, and its saved tensors, alive
@@ -966,6 +963,24 @@ def watch_custom_functions(
         wired = [child is not None for child, _ in node.next_functions]
         node.register_hook(partial(check, name, wired))
     return torch.ones_like(t, requires_grad=True).clone()
+
+
+def refuse_known_cuts(
+    t: Tensor,
+    what: str,
+    refused: Callable[[], None] | None = None,
+    seen: GraphSeen | None = None,
+) -> None:
+    """Refuse ``t`` whose graph goes through one of torch's operations known to return a
+    gradient computed in the forward (:func:`_known_cut`), naming ``what`` cannot go through
+    it: curvature products, a second-order step — and the empirical Fisher's per-sample
+    gradients, which came out 0 through it (an outside review)."""
+    for node in (walk_graph(t) if seen is None else seen).custom:
+        said = _known_cut(type(node).__name__)
+        if said is not None:
+            if refused is not None:
+                refused()
+            raise RuntimeError(f"{what} cannot go through {said}, {CUT_FIXES[what]}")
 
 
 def _known_cut(node: str) -> str | None:

@@ -1040,8 +1040,9 @@ def _finish(
     ev["seconds"] = time.perf_counter() - start
     evidence = Evidence(**ev)
     state, reasons = classify(evidence, th)  # a non-finite loss or gradient: diverged
-    if state == State.MINIMUM and evidence.get("grad_norm") and not ev.get("decrement_converged"):
-        confident = False  # the decrement it rests on unmeasured, or a lower bound of it
+    unmeasured = ev.get("newton_decrement") is None and ev.get("damped_decrement") is None
+    if state == State.MINIMUM and evidence.get("grad_norm") and unmeasured:
+        confident = False  # the decrement it rests on was not measured (no products left)
     return Diagnosis(state, evidence, reasons, state.advice(evidence), confident, vectors)
 
 

@@ -560,6 +560,8 @@ class Monitor:
             if self._before is not None:
                 return self._check_update()
         except NotSteppedError:
+            if cause == "loss":  # a loss that ran away is said at once, stability unjudged:
+                return self._probe(cause, judged=False)  # (put off, it waited forever: a review)
             self._put_off()
             return None
         # the copy is checked at the next step: not when that step is a probe's, which drops
@@ -581,8 +583,9 @@ class Monitor:
         warnings.warn(
             f"the Monitor's probe at step {self.steps} is put off: "
             f"{type(self.optimizer).__name__} has taken no step yet (a GradScaler that "
-            "skipped its steps on overflow?), so its preconditioner does not exist; the "
-            "probes run once it has stepped",
+            "skipped its steps on overflow? or an optimizer that is not the one training: set "
+            "mon.optimizer), so its preconditioner does not exist; the probes run once it has "
+            "stepped, and a loss that runs away is probed meanwhile without it",
             stacklevel=_callers_level(),
         )
 
@@ -851,22 +854,23 @@ class Monitor:
         from the cheap tier, as evidence). Its log record's ``"cause"`` is ``"manual"``."""
         return self._probe("manual", update)
 
-    def _probe(self, cause: str, update: float | None = None) -> Diagnosis:
+    def _probe(self, cause: str, update: float | None = None, judged: bool = True) -> Diagnosis:
         """A probe, for ``cause`` (one of runlog.PROBE_CAUSES), written to the log record and
-        :attr:`probe_causes`."""
+        :attr:`probe_causes`; without ``judged``, of the curvature alone (no stability limit:
+        an optimizer that has taken no step has none yet)."""
         start = time.perf_counter()
         self._check_clipping()
         d = diagnose(
             self.model,
             self.loss_fn,
             self.probe_data,
-            self.optimizer,
+            self.optimizer if judged else None,
             budget=self.budget,
             thresholds=self.thresholds,
             v0=self._warm_start(),
             train_batches=self.train_batches,
             adaptive=self.adaptive,
-            clip_factor=self._agreed_clip(),
+            clip_factor=self._agreed_clip() if judged else None,
             **self._measuring(),
         )
         norms, self._window = len(self._window), []  # the window's reported norms; a new one
