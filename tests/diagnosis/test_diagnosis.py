@@ -741,4 +741,4 @@ def test_a_small_gradient_past_slight_negative_curvature_reads_the_damped_decrem
     if state == "learning":
         assert "damped by σ" in str(d) and "not at a minimum yet" in str(d)
     else:
-        assert d.confident == bool(ev.decrement_converged)
+        assert d.confident and ev.decrement_converged  # measured: a minimum said with it
