@@ -14,13 +14,14 @@ from tests.distributed.test_distributed import _end, _init, run_ranks
 
 DT = torch.float64
 G = torch.Generator().manual_seed(0)
-X = torch.zeros(23, 3, dtype=DT)
+# 230 samples: enough labels to pin 5 classes' frequencies down (the chance loss's rule)
+X = torch.zeros(230, 3, dtype=DT)
 LABELS = torch.cat(
-    [torch.randint(0, 3, (15,), generator=G), torch.tensor([4, 4, 1, 0, 2, 4, 3, 1])]
+    [torch.randint(0, 3, (150,), generator=G), torch.tensor([4, 4, 1, 0, 2, 4, 3, 1]).repeat(10)]
 )
-VALUES = 1e4 + torch.randn(23, 3, dtype=DT, generator=G)
-BITS = (torch.rand(23, 3, dtype=DT, generator=G) < 0.3).to(DT)
-SHARDS = ([slice(0, 10), slice(10, 15)], [slice(15, 23)])  # rank 1 alone sees classes 3 and 4
+VALUES = 1e4 + torch.randn(230, 3, dtype=DT, generator=G)
+BITS = (torch.rand(230, 3, dtype=DT, generator=G) < 0.3).to(DT)
+SHARDS = ([slice(0, 100), slice(100, 150)], [slice(150, 230)])  # rank 1 alone sees 3 and 4
 LOSSES = {
     "classes": (nn.CrossEntropyLoss(reduction="sum"), LABELS, 5),
     "squared": (nn.MSELoss(), VALUES, 3),
@@ -56,7 +57,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 def test_two_ranks_chance_equals_one_process_on_the_full_data(tmp_path):
     ranks = run_ranks(_worker, tmp_path, 2)
-    whole = _values([slice(0, 23)])
+    whole = _values([slice(0, 230)])
     for found in ranks:
         for name, expected in whole.items():
             assert expected is not None and found[name] is not None
