@@ -39,6 +39,21 @@ RANDOM_START_PRODUCTS = 20
 #: float16 model's products differ from its exact curvature's by about this much (measured at
 #: most 0.55 on the small models of tests/spectrum/test_precision.py).
 PRODUCT_ROUNDING = 1.0
+#: A block widened past a cluster that fills it (:func:`_widened`) goes on for at least this
+#: many times the block steps the start took to bring the cluster's copies past the last wanted
+#: value (:func:`_rise`): a copy the block could not see lies in the fresh direction as the
+#: others lay in the start, but it has to rise past that value from one vector. A quarter of
+#: the run's steps alone — all the run waited before — left a third copy of 1 hidden behind
+#: 0.9, [1, 1, 0.9] "converged" for k = 3, in 10 of 30 seeds (an outside review). Measured
+#: (k = 3 over 3 or 4 copies of 1, then 0.5–0.99, n = 200, 400 runs): the hidden copy rose past
+#: the last wanted value 0.4–2.0 times as many steps after the widening as the start's copies
+#: had taken; waiting twice as long still left 2 of 300 further runs wrong, three times none.
+RISE_FACTOR = 3
+#: ... but only past a cluster whose Ritz values agree to this share of the gap (``tol``·|λ|):
+#: copies a block can hide are exact (or within rounding) repeats; distinct values a few 1e-4
+#: apart, as a dense spectrum has, a single vector sees, and waiting for them ran uniform
+#: spectra's k = 3 out of the default budget (8 of 10 seeds, converged and right before)
+TIGHT_SHARE = 0.01
 
 
 @dataclass(frozen=True)
@@ -416,6 +431,12 @@ class _Run:
     #: direction gets to bring out a copy the block could not see (:func:`_widened`)
     steps: int = 0
     first_widened: int = 0
+    #: the block steps the start took to bring the copies of the cluster that filled the block
+    #: past the last wanted value, at the last widening (:func:`_rise`)
+    rise: int = 0
+    #: per block step, the k most extreme Ritz values: from the top (descending) and from the
+    #: bottom (ascending) — what :func:`_rise` reads; k values a step, on the host
+    extremes: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
     @property
     def block(self) -> int:
@@ -459,6 +480,7 @@ def _extend(run: _Run, used: int, bar: Any) -> bool:
         run.closed_at = used
     used += step
     theta, S, res = kry.ritz()
+    run.extremes.append((theta[::-1][: run.k].copy(), theta[: run.k].copy()))
     _, ok = run.converged(theta, res)
     enough = kry.size >= min(op.dim, needed) and used >= max(run.settle, run.floor)
     done = enough and bool(ok.all())
@@ -466,8 +488,13 @@ def _extend(run: _Run, used: int, bar: Any) -> bool:
         # the fresh directions get a quarter of the steps the run took to first converge (a
         # fresh start's products alone were too few: a third copy of 1 stayed hidden behind
         # 0.9, and [1, 1, 0.9, 0.8] read converged for [1, 1, 1, 0.9] in 10 of 10 seeds — a
-        # review of the widening; an eighth of the steps still missed it in 2 of 10)
-        wait = max(kry.X.shape[1] + needed, run.first_widened * kry.X.shape[1] // 4)
+        # review of the widening; an eighth of the steps still missed it in 2 of 10), and at
+        # least RISE_FACTOR times the steps the start took to bring the cluster's copies past
+        # the last wanted value (:func:`_rise`): where that value lies close under the cluster
+        # the quarter was too short for a hidden copy to rise past it (see RISE_FACTOR)
+        width = kry.X.shape[1]
+        steps = max(run.first_widened / 4, RISE_FACTOR * run.rise)
+        wait = max(width + needed, int(steps * width))
         run.settle, done = used + wait, False
     if done or kry.size >= op.dim or kry.X.shape[1] == 0:
         return False
@@ -482,12 +509,14 @@ def _extend(run: _Run, used: int, bar: Any) -> bool:
 def _widened(run: _Run, theta: np.ndarray, needed: int) -> bool:
     """Whether a converged run's wanted values come after a cluster that fills the block
     (:func:`_past_full_cluster`) and the block was widened by a fresh random direction to look
-    for more copies (it then gets a fresh start's products). Not where the basis has no room
-    for a wider block: :func:`_result` says so then."""
+    for more copies (it then gets the steps :func:`_extend` gives it, from the run's length and
+    :func:`_rise`). Not where the basis has no room for a wider block: :func:`_result` says so
+    then."""
     kry = run.kry
     b = run.block
     gap = run.tol * max(float(np.abs(theta).max()), 1e-300)
-    past = int(_past_full_cluster(theta, run.k, run.which, b, gap).sum())
+    clusters = _full_clusters(theta, run.k, run.which, b, gap)
+    past = int(_mask(theta.size, clusters).sum())
     # as many fresh directions as values come after the cluster (each may be a hidden copy),
     # as far as the basis has room for two blocks beside the wanted vectors
     fits = min((run.sizes.max_basis - (needed - 1)) // 2, kry.op.dim - kry.size) - b
@@ -498,7 +527,29 @@ def _widened(run: _Run, theta: np.ndarray, needed: int) -> bool:
         kry.widen()
     run.widened_from, run.widenings = b, run.widenings + more
     run.first_widened = run.first_widened or run.steps
+    tight = [c for c in clusters if c.spread(theta) <= TIGHT_SHARE * gap]
+    run.rise = _rise(run, theta, tight, gap)
     return True
+
+
+def _rise(run: _Run, theta: np.ndarray, clusters: list[_Cluster], gap: float) -> int:
+    """The block steps the run took before each cluster's last copy first stood more than
+    ``gap`` past the last wanted value at its end, where that value stands now; the most over
+    the ends. A Ritz value at a given rank from an end only moves outwards as the basis grows
+    (interlacing; a thick restart keeps the wanted ones), so this is when the start had
+    brought the cluster's copies past that value — what a fresh direction holding a copy the
+    block could not see has to do."""
+    rise = 0
+    for c in clusters:
+        last = float(theta[c.wanted[-1]])
+        for step, (top, bottom) in enumerate(run.extremes, start=1):
+            ext = top if c.top else bottom
+            if ext.size > c.last and (ext[c.last] - last if c.top else last - ext[c.last]) > gap:
+                rise = max(rise, step)
+                break
+        else:  # not recorded (cannot be: it stands past it now)
+            rise = max(rise, run.steps)
+    return rise
 
 
 def _result(run: _Run, used: int, vectors: bool, fd_error: float = 0.0) -> EigenResult:
@@ -625,18 +676,53 @@ def _past_full_cluster(theta: np.ndarray, k: int, which: str, b: int, gap: float
     eigenvalue, so more copies may lie at the cluster, and the values after it are not the
     next eigenvalues: k=3 smallest of a PSD matrix with 250 zeros read [0, 0, 1.00],
     "converged", with a block of 2 (an outside review)."""
+    return _mask(theta.size, _full_clusters(theta, k, which, b, gap))
+
+
+@dataclass(frozen=True)
+class _Cluster:
+    """A cluster that fills the block at one end of the wanted Ritz values."""
+
+    #: whether it is at the top end (the wanted indices descend) or at the bottom
+    top: bool
+    #: the end's wanted indices into theta (ascending), most extreme first
+    wanted: np.ndarray
+    #: the positions in ``wanted`` of the cluster's first and last values
+    first: int
+    last: int
+    #: the indices of the wanted values after it, beyond the gap
+    beyond: np.ndarray
+
+    def spread(self, theta: np.ndarray) -> float:
+        """How far apart the cluster's Ritz values lie."""
+        return float(abs(theta[self.wanted[self.first]] - theta[self.wanted[self.last]]))
+
+
+def _full_clusters(theta: np.ndarray, k: int, which: str, b: int, gap: float) -> list[_Cluster]:
+    """The clusters of :func:`_past_full_cluster`: at each end, the first run of at least
+    max(b, 2) wanted Ritz values (``theta`` ascending), each within ``gap`` of the next, that
+    has a wanted value beyond ``gap`` of it after."""
     m = theta.size
-    past = np.zeros(m, dtype=bool)
-    ends = {"largest": [np.arange(m - 1, -1, -1)], "smallest": [np.arange(m)]}
-    for order in ends.get(which, [np.arange(m - 1, -1, -1), np.arange(m)]):
-        order = order[: min(k, m)]
+    found: list[_Cluster] = []
+    ends = {"largest": [True], "smallest": [False]}
+    for top in ends.get(which, [True, False]):
+        order = (np.arange(m - 1, -1, -1) if top else np.arange(m))[: min(k, m)]
         size = 1
         for i in range(1, order.size):
             size = size + 1 if abs(theta[order[i]] - theta[order[i - 1]]) <= gap else 1
             if size >= max(b, 2) and i + 1 < order.size:
                 same = abs(theta[order[i + 1 :]] - theta[order[i]]) <= gap
-                past[order[i + 1 :][~same]] = True
+                if not same.all():
+                    found.append(_Cluster(top, order, i - size + 1, i, order[i + 1 :][~same]))
                 break
+    return found
+
+
+def _mask(m: int, clusters: list[_Cluster]) -> np.ndarray:
+    """The wanted values after the clusters, as a mask over m Ritz values."""
+    past = np.zeros(m, dtype=bool)
+    for c in clusters:
+        past[c.beyond] = True
     return past
 
 
