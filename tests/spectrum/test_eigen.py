@@ -202,11 +202,19 @@ def test_by_layer_tops_and_attribution():
         ({"v0": torch.ones(50, 2, 1)}, ValueError, "v0 of shape"),
         ({"v0": torch.ones(50, dtype=torch.long)}, TypeError, "v0 with a floating dtype"),
         ({"v0": [1.0] * 50}, TypeError, "v0 to be a torch.Tensor"),
+        # each named what the user gave (an outside review): v0's columns, not block_size
+        ({"v0": torch.ones(50, 51, dtype=torch.float64)}, ValueError, "v0 has 51 columns"),
+        ({"return_vectors": "no"}, TypeError, "return_vectors must be True or False"),
     ],
 )
 def test_invalid_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         cs.eigenvalues(torch.eye(50, dtype=torch.float64), **kwargs)
+
+
+def test_both_ends_of_a_one_by_one_operator_names_which_not_k():
+    with pytest.raises(ValueError, match=r"2 eigenvalues of a 1 x 1 operator; ask for which="):
+        cs.eigenvalues(torch.ones(1, 1, dtype=torch.float64), which="both")
 
 
 def test_a_seed_given_as_a_generator_or_a_numpy_integer_is_accepted():

@@ -132,7 +132,10 @@ def _validate(k: Any, which: Any, tol: Any, n: int) -> int:
     k = check_int(k, "k", minimum=1)
     need = 2 * k if which == "both" else k
     if need > n:
-        raise ValueError(f"asked for {need} eigenvalues of a {n} x {n} operator; lower k")
+        # at k = 1 only which="both" asks for more than a 1 x 1 operator has ("lower k" named
+        # the k the user had not given: an outside review)
+        fix = "lower k" if k > 1 else "ask for which='largest' (or 'smallest')"
+        raise ValueError(f"asked for {need} eigenvalues of a {n} x {n} operator; {fix}")
     check_real(tol, "tol", minimum=0, maximum=1, exclusive=True)
     return k
 
@@ -289,6 +292,8 @@ def eigenvalues(
         seed=seed,
     )
     k = _validate(k, which, tol, op.dim)
+    if not isinstance(return_vectors, bool):  # "no" was taken as True (an outside review)
+        raise TypeError(f"return_vectors must be True or False, got {return_vectors!r}")
     op.require_symmetric("cs.eigenvalues")
     if by_layer:
         op.require_whole("by_layer=True")
@@ -368,6 +373,8 @@ def _sizes(
             block_size = max(block_size, k)  # a null space: k copies of 0 to see (docstring)
     b = check_int(block_size, "block_size", minimum=1)
     if b > n:
+        if not given:  # the block was v0's columns: it named block_size, never passed
+            raise ValueError(f"v0 has {b} columns, more than n={n}: pass at most n of them")
         raise ValueError(f"block_size must be an integer in [1, n={n}], got {b}")
     if max_basis is None:
         max_basis = min(n, max(60, 4 * k * ends + 20, 3 * b))
