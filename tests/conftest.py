@@ -67,6 +67,10 @@ SLOW: dict[str, float] = {
     "tests/distributed/test_distributed.py::"
     "test_one_ranks_bad_data_or_loss_gives_every_rank_the_same_verdict": 3.5,
     "tests/distributed/test_distributed.py::"
+    "test_a_nan_loss_on_one_rank_calls_a_probe_on_every_rank": 4.5,
+    "tests/derivatives/test_review_modules.py::"
+    "test_the_empirical_fisher_check_reads_rounding_against_the_terms_not_their_mean": 3.8,
+    "tests/distributed/test_distributed.py::"
     "test_a_mean_refused_on_one_ranks_data_stops_every_rank_at_once": 6.5,
     "tests/distributed/test_distributed.py::"
     "test_a_gauss_newton_of_0_is_refused_only_when_no_ranks_loss_curves": 4.0,
