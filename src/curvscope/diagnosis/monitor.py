@@ -854,13 +854,9 @@ class Monitor:
         from the cheap tier, as evidence). Its log record's ``"cause"`` is ``"manual"``."""
         return self._probe("manual", update)
 
-    def _probe(self, cause: str, update: float | None = None, judged: bool = True) -> Diagnosis:
-        """A probe, for ``cause`` (one of runlog.PROBE_CAUSES), written to the log record and
-        :attr:`probe_causes`; without ``judged``, of the curvature alone (no stability limit:
-        an optimizer that has taken no step has none yet)."""
-        start = time.perf_counter()
-        self._check_clipping()
-        d = diagnose(
+    def _diagnose(self, judged: bool) -> Diagnosis:
+        """A probe's diagnosis, warm-started; without ``judged``, of the curvature alone."""
+        return diagnose(
             self.model,
             self.loss_fn,
             self.probe_data,
@@ -873,6 +869,14 @@ class Monitor:
             clip_factor=self._agreed_clip() if judged else None,
             **self._measuring(),
         )
+
+    def _probe(self, cause: str, update: float | None = None, judged: bool = True) -> Diagnosis:
+        """A probe, for ``cause`` (one of runlog.PROBE_CAUSES), written to the log record and
+        :attr:`probe_causes`; without ``judged``, of the curvature alone (no stability limit:
+        an optimizer that has taken no step has none yet)."""
+        start = time.perf_counter()
+        self._check_clipping()
+        d = self._diagnose(judged)
         norms, self._window = len(self._window), []  # the window's reported norms; a new one
         if update is not None:
             evidence = Evidence.from_mapping({**d.evidence, "update_curvature": update})
