@@ -600,9 +600,13 @@ def prepare_empirical_fisher(obj: ModelObjective, batch: Batch) -> _OuterProduct
         out = obj.forward(theta, batch, tensor=True)
         if lik is None:
             whole = obj.loss(out, batch)  # the checks every kind makes
-            refuse_known_cuts(whole, "the empirical Fisher's per-sample gradients")
             losses = per_sample_losses(obj.loss_fn, out, batch.targets).reshape(-1, 1)
-            _check_terms(whole, losses, obj.reduction, batch.index)
+            if batch.index not in obj.terms_checked:  # once a batch, not at every product
+                refuse_known_cuts(whole, "the empirical Fisher's per-sample gradients")
+                # through refuse: a refusal on one rank's data alone reaches every rank
+                obj.refuse(_check_terms, whole, losses, obj.reduction, batch.index)
+                if obj.refusal is None:  # passed: a refused batch is checked again next time
+                    obj.terms_checked.add(batch.index)
             jac = _Jacobian(losses, leaves)
             ones = torch.ones(1, *losses.shape, dtype=out.dtype, device=out.device)
             return _OuterProduct(jac, ones, 1.0 / mean_divisor(obj.reduction, losses.shape[0]))

@@ -1149,6 +1149,9 @@ class ModelObjective:
         self._own_checked: set[int] = set()
         #: the batches whose reduction was checked (:meth:`_check_reduction_over_rows`)
         self._rows_checked: set[int] = set()
+        #: the batches whose empirical-Fisher terms were checked (:mod:`~curvscope.derivatives.
+        #: kinds`: per-sample terms that add up to the batch's loss), once each, as above
+        self.terms_checked: set[int] = set()
         #: how loss_fn reduces over the samples of a batch: "mean" or "sum" (the curvature is
         #: then that of the mean over all the data, or of the sum); settled by the first loss
         declared = reduction or getattr(self.loss_fn, "reduction", None)

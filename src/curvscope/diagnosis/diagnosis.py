@@ -172,8 +172,10 @@ class _Objective:
             theta = _flatten(self.space, list(model.params.values()))
             self._l2_gradient = l2 * theta.to(self.dtype)
         self._seen = self._curvature
-        if self.scale is not None:
-            self._seen = self._curvature.congruence(self.scale.clamp_min(0).sqrt())
+        #: S^½, where the optimizer scales its steps: the congruence's factor
+        self.root = None if self.scale is None else self.scale.clamp_min(0).sqrt()
+        if self.root is not None:
+            self._seen = self._curvature.congruence(self.root)
 
     def total(self, t: Tensor) -> float:
         """A partial sum over this rank's entries made whole (as it is for whole vectors)."""
@@ -775,7 +777,7 @@ def _damped_decrement(
     shift = 2.0 * (max(-lmin, 0.0) + (res if math.isfinite(res) else 0.0))
     if not shift > 0:
         return
-    b = g if objective.scale is None else objective.scale.clamp_min(0).sqrt() * g
+    b = g if objective.root is None else objective.root * g
     sol = cg(objective.scaled(), b, tol=1e-2, max_matvecs=left, damping=shift)
     if not sol.negative_curvature:
         evidence["damped_decrement"] = objective.total(b @ sol.x)

@@ -152,12 +152,11 @@ def cg(
         return _cg(op, b.to(dt), tol, max_matvecs, x0, progress_tol, save, check, coarse)
 
 
-#: the range of ‖b‖ CG works in as given, in b's dtype: the fourth roots of its smallest
-#: normal and its largest number (room for A's own scale in pᵀAp); outside, b/‖b‖
-_SAFE = (
-    lambda dt: torch.finfo(dt).tiny ** 0.25,
-    lambda dt: torch.finfo(dt).max ** 0.25,
-)
+def _in_range(bnorm: float, dtype: torch.dtype) -> bool:
+    """Whether CG works with ‖b‖ as given in b's dtype: within the fourth roots of its smallest
+    normal and its largest number (room for A's own scale in pᵀAp); outside, on b/‖b‖."""
+    info = torch.finfo(dtype)
+    return info.tiny**0.25 <= bnorm <= info.max**0.25
 
 
 def _norm(op: Operator, b: Tensor) -> float:
@@ -282,7 +281,7 @@ def _cg(
     # met "negative curvature" on a positive-definite A, and from 1e-17 returned x = 0, at 1e-23
     # "converged"; float64 the same from 1e-140; and 1e30 was refused as too large to square
     # (an outside review)
-    scale = bnorm if bnorm > 0 and not _SAFE[0](b.dtype) <= bnorm <= _SAFE[1](b.dtype) else 1.0
+    scale = bnorm if bnorm > 0 and not _in_range(bnorm, b.dtype) else 1.0
     if scale != 1.0:
         b, bnorm = b / scale, bnorm / scale
         x0 = None if x0 is None else x0 / scale
