@@ -6,6 +6,7 @@ import itertools
 import logging
 import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -86,6 +87,36 @@ def test_an_optimizer_replaced_in_the_loop_is_judged_once_assigned():
     assert mon.probe().evidence["stability_limit"] == pytest.approx(2 / 0.05)
     mon.optimizer = torch.optim.SGD(model.parameters(), lr=3.0)
     assert mon.probe().evidence["stability_limit"] == pytest.approx(2 / 3.0)
+
+
+def test_an_optimizer_replaced_without_telling_the_monitor_is_said():
+    """The same loop without ``mon.optimizer = new`` was judged against the old optimizer in
+    silence: a probe after steps the watched optimizer did not take, while the parameters
+    moved, warns once, naming the fix; steps skipped with no update (a GradScaler's), or
+    ``mon.optimizer`` assigned, do not."""
+    p = cs.problems.get("digits-mlp", hidden=8, n=100)
+    model = p.make_model(0)
+    old = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=old, every=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(p, model, old, mon, 6)  # two probes of the optimizer stepping
+        _train(p, model, old, mon, 3, step=False)  # skipped: the parameters stay
+    new = torch.optim.SGD(model.parameters(), lr=3.0)
+    with pytest.warns(
+        UserWarning,
+        match=r"SGD, the optimizer this Monitor judges .* took "
+        r"none of the 3 steps .* set mon.optimizer = new_optimizer",
+    ) as caught:
+        _train(p, model, new, mon, 9)
+    assert len(caught) == 1 and caught[0].filename == __file__  # once, at the loop's line
+    mon.optimizer = new  # told: judged by the new one, and watched
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(p, model, new, mon, 6)
+    assert mon.last.evidence["stability_limit"] == pytest.approx(2 / 3.0)
+    with pytest.raises(ValueError, match="maximize"):  # checked as at construction
+        mon.optimizer = torch.optim.SGD(model.parameters(), lr=0.1, maximize=True)
 
 
 def small_monitor(log, **kwargs):
@@ -434,9 +465,10 @@ def _digits_mlp():
     return p, p.make_model(0)
 
 
-def _train(p, model, opt, mon, steps, report=lambda loss: loss, before_step=None):
+def _train(p, model, opt, mon, steps, report=lambda loss: loss, before_step=None, step=True):
     """Full-batch steps on the problem's data, each loss reported as ``report(loss)``;
-    ``before_step(t)`` runs between the backward and the optimizer's step."""
+    ``before_step(t)`` runs between the backward and the optimizer's step; without ``step``
+    the optimizer's step is skipped (as a GradScaler's on overflow)."""
     X, y = p.data
     for t in range(steps):
         opt.zero_grad()
@@ -444,7 +476,8 @@ def _train(p, model, opt, mon, steps, report=lambda loss: loss, before_step=None
         loss.backward()
         if before_step is not None:
             before_step(t)
-        opt.step()
+        if step:
+            opt.step()
         mon.step(report(loss))
 
 

@@ -88,6 +88,43 @@ LIMIT_HALVED = 2.0
 GROWTH_FLOOR = 0.05
 
 
+class _StepWatch:
+    """Whether the optimizer a Monitor reads is still the one training: its steps are counted
+    by a step post-hook and compared, at each probe, with the parameters' version counters. A
+    loop that built a new optimizer (after unfreezing) without telling the Monitor was judged
+    against the old one's rule in silence (an outside review). A wrapper whose steps never
+    reach the hook (one that never ran ``Optimizer.__init__``) is never called stale: only an
+    optimizer seen stepping that then stops while the parameters move is."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer | None) -> None:
+        self.steps = 0
+        self.handle: Any = None
+        self.mark: tuple[int, int | None] = (0, None)  # steps and versions at the last probe
+        register = getattr(optimizer, "register_step_post_hook", None)
+        if register is not None:
+            try:
+                self.handle = register(self._count)
+            except AttributeError:  # its hook registries were never made
+                self.handle = None
+
+    def _count(self, *_: object) -> None:
+        self.steps += 1
+
+    def stale(self, versions: int, window: int) -> bool:
+        """Whether the optimizer, seen stepping before, took none of the ``window`` (≥ 2)
+        steps since the previous call while the parameters' ``versions`` moved (a skipped
+        step, a GradScaler's on overflow, moves none)."""
+        steps, before = self.mark
+        self.mark = (self.steps, versions)
+        moved = before is not None and versions != before
+        return self.steps > 0 and self.steps == steps and moved and window >= 2
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
 def _is_writer() -> bool:
     """Only rank 0 writes under torch.distributed."""
     dist = torch.distributed
@@ -330,7 +367,9 @@ class Monitor:
             _check_finite_difference(model, params, self._products, optimizer)
         self.forecast = forecast
         self.model, self.loss_fn, self.probe_data = model, loss_fn, probe_data
-        self.optimizer, self.lr = optimizer, lr
+        self._optimizer, self.lr = optimizer, lr
+        self._stepping = _StepWatch(optimizer)
+        self._stale_said = False  # whether an optimizer that stopped stepping was said
         self._init_clipping(max_grad_norm)
         self.every, self.budget, self.thresholds = every, budget, thresholds
         self.overhead, self.adaptive = overhead, adaptive
@@ -434,6 +473,20 @@ class Monitor:
             )
 
     # ----------------------------------------------------------------------------- use
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer whose rule and state the probes judge stability by. A loop that
+        replaces its optimizer sets ``mon.optimizer = new`` (checked as at construction)."""
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if optimizer is not None:
+            check_judgeable(optimizer, self.model)
+        self._stepping.remove()
+        self._optimizer, self._stepping = optimizer, _StepWatch(optimizer)
+        self._stale_said = False
+
     @property
     def last(self) -> Diagnosis | None:
         return self.history[-1] if self.history else None
@@ -876,6 +929,7 @@ class Monitor:
         an optimizer that has taken no step has none yet)."""
         start = time.perf_counter()
         self._check_clipping()
+        self._check_stepping()
         d = self._diagnose(judged)
         norms, self._window = len(self._window), []  # the window's reported norms; a new one
         if update is not None:
@@ -940,6 +994,21 @@ class Monitor:
             self._low = min(window) if self._low is None else min(self._low, *window)
         self._loss_mark = len(self.losses)
         return d
+
+    def _check_stepping(self) -> None:
+        """Warn, once, where the optimizer read took no step since the previous probe while
+        the parameters changed (:class:`_StepWatch`): another one is training."""
+        versions = sum(getattr(p, "_version", 0) for _, p in self._trainable())
+        window = self.steps - (self.probe_steps[-1] if self.probe_steps else self._start)
+        if self._stepping.stale(versions, window) and not self._stale_said:
+            self._stale_said = True
+            warnings.warn(
+                f"{type(self.optimizer).__name__}, the optimizer this Monitor judges stability "
+                f"by, took none of the {window} steps since the previous probe while the "
+                "parameters changed: if your loop replaced it, set mon.optimizer = "
+                "new_optimizer (until then the probes read the old one's rule and state)",
+                stacklevel=_callers_level(),
+            )
 
     def _first_mean(self) -> float | None:
         """The mean training loss of the first window between probes that had any, unless the
