@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 import curvscope as cs
+from curvscope.diagnosis import State
 from curvscope.spectrum.eigen import module_of
 from tests import cases
 
@@ -232,3 +234,125 @@ def test_the_empirical_fisher_through_the_chunked_functional_is_refused():
     E = cs.Curvature(body, chunked, data, kind="empirical_fisher", reduction="mean")
     with pytest.raises(RuntimeError, match=r"per-sample gradients cannot go through.*chunked"):
         E @ torch.ones(E.num_params, dtype=DT)
+
+
+def _qat_conv_bn() -> nn.Module:
+    """A quantization-aware CNN whose conv, BatchNorm and ReLU torch fused into one
+    ``ConvBnReLU2d``: its forward reads the BatchNorm's running variance in train mode."""
+    import torch.ao.quantization as quant
+
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        quant.QuantStub(),
+        nn.Conv2d(2, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64, 3),
+        quant.DeQuantStub(),
+    ).train()
+    model.qconfig = quant.get_default_qat_qconfig("fbgemm")
+    quant.fuse_modules_qat(model, [["1", "2", "3"]], inplace=True)
+    return quant.prepare_qat(model, inplace=True)
+
+
+def test_a_fused_qat_conv_bn_is_measured_as_its_own_forward_computes_it():
+    """torch's fused QAT ConvBn modules read ``bn.running_var`` in train mode, and curvscope
+    passed None there: every product, diagnose and a Monitor's first probe (inside the
+    training loop) raised torch's bare "self.bn.running_var must not be None" (an outside
+    review). Every buffer is passed as a copy now: the product is plain torch's double backward
+    through the model's own forward, and the model is left as found."""
+    model = _qat_conv_bn()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 2, 6, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    own = copy.deepcopy(model)  # plain torch, on a copy (its forward updates the buffers)
+    params = [p for p in own.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss_fn(own(x), y), params, create_graph=True)
+    n = sum(p.numel() for p in params)
+    v = torch.randn(n, generator=g)
+    pieces = v.split([p.numel() for p in params])
+    dot = sum((gr * piece.view_as(gr)).sum() for gr, piece in zip(grads, pieces, strict=True))
+    expected = torch.cat([h.reshape(-1) for h in torch.autograd.grad(dot, params)])
+    before = cases.snapshot(model)
+    C = cs.Curvature(model, loss_fn, (x, y))
+    assert torch.allclose(C @ v, expected, rtol=1e-4, atol=1e-5)
+    assert cs.diagnose(model, loss_fn, (x, y), lr=0.05).state is not None
+    cases.assert_unchanged(before, cases.snapshot(model))
+
+
+def test_the_finite_difference_backend_restores_a_buffer_its_forward_resized():
+    """A forward that sizes a buffer at its first call (per-channel observers, a lazily sized
+    statistic) made the finite-difference backend's restore raise ("size of tensor a (6) must
+    match … (0)") and stop half way, the user's buffer left resized and filled (an outside
+    review)."""
+
+    class Lazy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.out = nn.Linear(5, 6), nn.Linear(6, 3)
+            self.register_buffer("seen", torch.empty(0))
+
+        def forward(self, x):
+            h = self.inner(x)
+            with torch.no_grad():
+                if self.seen.numel() == 0:
+                    self.seen.resize_(h.shape[1]).zero_()
+                self.seen.add_(h.abs().mean(0))
+            return self.out(torch.tanh(h))
+
+    torch.manual_seed(0)
+    model = Lazy().to(DT)
+    data = (torch.randn(32, 5, dtype=DT), torch.randint(0, 3, (32,)))
+    before = cases.snapshot(model)
+    fd = cs.Curvature(model, nn.CrossEntropyLoss(), data, backend="finite_difference")
+    exact = cs.Curvature(model, nn.CrossEntropyLoss(), data)
+    v = torch.randn(fd.num_params, dtype=DT, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(fd @ v, exact @ v, rtol=1e-5, atol=1e-7)
+    cases.assert_unchanged(before, cases.snapshot(model))
+    assert model.seen.shape == (0,)
+
+
+@pytest.mark.parametrize("params", [None, ["w"]])
+def test_a_complex_parameter_is_refused_with_the_real_view_as_the_fix(params):
+    """A complex weight selected with ``params=`` gave right products but Lanczos, trace and
+    diagnose read its complex vectors as real: λ 0.840 and −2.745 for 0.643 and −0.775,
+    "converged" (an outside review); the optimizers and cs.hessian already refused it."""
+
+    class Spectral(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(5, 4, dtype=torch.complex128) * 0.4)
+            self.out = nn.Linear(4, 3).to(DT)
+
+        def forward(self, x):
+            return self.out((x.to(torch.complex128) @ self.w).abs())
+
+    data = (torch.randn(16, 5, dtype=DT), torch.randint(0, 3, (16,)))
+    with pytest.raises(TypeError, match=r"'w' is a complex parameter.*torch.view_as_complex"):
+        cs.Curvature(Spectral(), nn.CrossEntropyLoss(), data, params=params)
+
+
+def test_a_curvature_nan_at_a_kink_is_not_a_confident_divergence():
+    """‖h‖ of zero rows has no second derivative: at its initialisation, loss 1.14 and a finite
+    gradient, the model read *diverged*, confident, "restore the last good checkpoint" (an
+    outside review). It is not confident now, and the advice names the other cause and how to
+    find it."""
+
+    class Norm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.out = nn.Linear(5, 6, bias=False), nn.Linear(7, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.inner(x))
+            return self.out(torch.cat([h, h.norm(dim=1, keepdim=True)], 1))
+
+    torch.manual_seed(1)
+    x = torch.randn(64, 5, dtype=DT)
+    x[:8] = 0
+    d = cs.diagnose(Norm().to(DT), nn.CrossEntropyLoss(), (x, torch.randint(0, 3, (64,))), lr=0.5)
+    assert d.state == State.DIVERGED and not d.confident
+    assert d.evidence["loss"] == pytest.approx(1.14, abs=0.01)
+    assert any("detect_anomaly" in a for a in d.advice)
+    assert "no second derivative at these parameters" in str(d)

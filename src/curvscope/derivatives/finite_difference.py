@@ -559,7 +559,10 @@ class _Kept:
             if m._buffers.get(name) is not b:
                 m._buffers[name] = b
             if b is not None and value is not None:
-                b.data.copy_(value)
+                if b.shape == value.shape:
+                    b.data.copy_(value)
+                else:  # resized in place by the forward (an observer's first min/max, a
+                    b.data = value.clone()  # lazily sized buffer): copy_ raised, half restored
 
     def clear_grads(self) -> None:
         if self.zero3 is not None:

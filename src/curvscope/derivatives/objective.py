@@ -6,9 +6,9 @@ own, so the user's parameters, ``.grad`` buffers and ``requires_grad`` flags are
 The rest of the model's state is protected as follows:
 
 - **training flag**: never switched; the curvature is that of the mode the model is in.
-- **BatchNorm in train mode** normalises with batch statistics (that *is* the training loss)
-  but its running statistics are not passed in, so they are not updated; other buffers are
-  passed as copies, so an in-place update lands on the copy.
+- **buffers** are passed as copies, so an in-place update lands on the copy: BatchNorm in
+  train mode normalises with batch statistics (that *is* the training loss) and updates
+  copies of its running statistics, not yours.
 - **randomness** (dropout): each batch is evaluated under a fixed seed derived from the
   operator's seed and the batch index, so every product sees the same mask (the operator is a
   fixed linear map), and the global RNGs are put back as found (:mod:`curvscope.derivatives.rng`).
@@ -61,8 +61,6 @@ from curvscope.derivatives.zero3 import full_shape
 
 logger = logging.getLogger(__name__)
 
-#: Running-statistics buffers of normalisation layers; not passed in train mode (so not updated).
-_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 #: how many rows of a batch the check that a mean is over them reads (:meth:`ModelObjective.
 #: _check_reduction_over_rows`): one loss on them all and one on each
 ROWS_CHECKED = 8
@@ -1114,6 +1112,14 @@ class ModelObjective:
                 "model.to_empty(device='cpu') and load the weights)"
             )
         for name, p in self._params.items():
+            if p.is_complex():  # its products were right, but Lanczos, trace and diagnose
+                raise TypeError(  # read complex vectors as real: λ 0.840 for 0.643, converged
+                    f"{name!r} is a complex parameter ({p.dtype}); curvscope measures real "
+                    "parameters only (a real loss of complex weights curves in their real and "
+                    "imaginary parts): hold it as a real parameter with a last dimension of 2 "
+                    "and rebuild it in the forward with torch.view_as_complex, or leave it out "
+                    "with params="
+                )
             if p.dtype != self.dtype or p.device != self.device:
                 raise TypeError(
                     f"all selected parameters must share one dtype and device; {name!r} is "
@@ -1455,8 +1461,12 @@ class ModelObjective:
         tied between two modules under both names, so that ``functional_call`` need not search
         the model for ties again): ``theta`` for the selected parameters (every name of a tied
         one), detached parameters and copied buffers for the rest (a buffer shared by two
-        modules one copy; None: BatchNorm's running statistics in train mode). One walk over
-        the modules, each module once."""
+        modules one copy). BatchNorm's running statistics are copies too, not None, in train
+        mode: a train-mode BatchNorm normalises by the batch's statistics either way and
+        updates the copies, but torch's fused quantization-aware ``ConvBn`` modules read
+        their ``bn``'s running variance themselves (every product raised torch's bare
+        "running_var must not be None": an outside review). One walk over the modules, each
+        module once."""
         params: list[tuple[str, Tensor]] = []
         state: dict[str, Any] = {}
         copies: dict[int, Tensor] = {}
@@ -1465,13 +1475,8 @@ class ModelObjective:
         for mod_name, mod in self.model.named_modules():
             prefix = f"{mod_name}." if mod_name else ""
             params += [(prefix + k, p) for k, p in mod._parameters.items() if p is not None]
-            is_norm_train = isinstance(mod, nn.modules.batchnorm._NormBase) and mod.training
             for name, b in mod._buffers.items():
-                if b is None:
-                    continue
-                if is_norm_train and name in _RUNNING_STATS:
-                    state[prefix + name] = None  # batch statistics are used, nothing is updated
-                else:
+                if b is not None:
                     if id(b) not in copies:
                         copies[id(b)] = b.clone()
                     state[prefix + name] = copies[id(b)]

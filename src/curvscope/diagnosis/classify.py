@@ -445,10 +445,22 @@ def _minimum_advice(ev: Mapping[str, Any]) -> list[str]:
 def _diverged_advice(ev: Mapping[str, Any]) -> list[str]:
     clipped = ev.get("clip_factor") is not None
     clip = "clip harder: a smaller max_grad_norm" if clipped else "clip gradients"
-    return [
+    advice = [
         f"Restore the last good checkpoint and lower the learning rate (or {clip}); look for "
         "NaN/Inf in the data and for overflow in the model."
     ]
+    curvature = [ev.get(k) for k in ("sharpness", "batch_sharpness")]
+    if (
+        _finite(ev.get("loss"))
+        and _finite(ev.get("grad_norm"))
+        and any(c is not None and not math.isfinite(c) for c in curvature)
+    ):  # the curvature alone was not finite
+        advice.append(  # (a model at its initialisation read "restore the last good checkpoint")
+            "If the loss has not risen, look for an operation without a second derivative "
+            "here instead: torch.autograd.detect_anomaly() around the call names the one whose "
+            "backward returned NaN (x.norm() of a zero vector, sqrt(0)); add an epsilon there."
+        )
+    return advice
 
 
 @unique_codes
@@ -821,7 +833,8 @@ def _diverged(f: Facts) -> list[str] | None:
         return [
             f"the loss ({f.loss:.4g}) and the gradient are finite but the curvature is not: "
             "its products (or a training batch's loss, for the batch sharpness) overflowed, as "
-            "they do once the parameters have run away"
+            "they do once the parameters have run away — or an operation of the model has no "
+            "second derivative at these parameters (a norm, square root or division at 0)"
         ]
     return None
 

@@ -103,7 +103,9 @@ class Diagnosis:
         reasons: the sentences that decided the state.
         advice: actionable sentences.
         confident: False when an estimate the verdict rests on did not converge (within the
-            budget, or to the estimated accuracy of finite-difference products).
+            budget, or to the estimated accuracy of finite-difference products), was not
+            measured, or was not finite beside a finite loss and gradient (an overflow or a
+            kink: the reasons say which it may be).
         vectors: the top and bottom eigenvectors of the curvature the step sees, ``"top"`` and
             ``"bottom"`` (flat, over the measured parameters; this rank's entries of them with
             ``sharded=True``) — a warm start for the next diagnosis; empty where none was
@@ -131,7 +133,8 @@ class Diagnosis:
         if not self.confident:
             text += (
                 " (Some estimates did not converge, within the budget or to the accuracy of "
-                "finite-difference products: treat this as tentative.)"
+                "finite-difference products, or were not measured or not finite: treat this "
+                "as tentative.)"
             )
         return text
 
@@ -554,9 +557,9 @@ def _diagnose(
         vectors, converged = _measure_curvature(
             evidence, objective, C, g, budget, seed, v0, thresholds, adaptive
         )
-    except FloatingPointError:  # a finite gradient, an overflowing curvature: diverged too
-        evidence.update(sharpness=math.nan, lambda_min=math.nan)
-        return _finish(evidence, thresholds, {}, True, start, C)
+    except FloatingPointError:  # a finite gradient, an overflowing curvature: diverged too,
+        evidence.update(sharpness=math.nan, lambda_min=math.nan)  # not confidently: NaN at a
+        return _finish(evidence, thresholds, {}, False, start, C)  # kink (‖x‖ at 0) reads so
     if train_batches is not None:
         try:
             bs, se, used = _batch_sharpness(
