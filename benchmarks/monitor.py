@@ -160,7 +160,7 @@ def probe_cost() -> list[list[str]]:
             [
                 run["name"],
                 str(len(probe)),
-                f"{mp:g}",
+                f"{mp:g} (mean {statistics.mean(probe):.1f})",
                 f"{mc:g}",
                 f"{100 * mp / mc:.0f}%",
                 f"{agree}/{len(probe)}",
@@ -198,7 +198,7 @@ def print_probe_cost() -> None:
             [
                 "run",
                 "probes",
-                "products / probe",
+                "products / probe: median (mean)",
                 "products / cold diagnosis",
                 "ratio",
                 "same verdict",

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import curvscope as cs
 from curvscope.diagnosis import State, classify_history, read_log
@@ -638,3 +639,76 @@ def test_a_probe_due_before_adams_first_step_is_put_off_not_raised():
     assert got == [1, 6] and mon.probe_causes == ["loss", "cadence"]
     assert mon.history[0].state == "diverged" and mon.history[0].evidence.stability_limit is None
     assert mon.history[1].evidence.preconditioned
+
+
+class _TwoTowers(nn.Module):
+    """Two sub-models that share no parameter: the Hessian is block diagonal, and a Lanczos
+    start with nothing of one block never sees it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.b = nn.Linear(3, 1, bias=False)
+
+    def forward(self, x):
+        return torch.cat([self.a(x[:, :4]), self.b(x[:, 4:])], 1)
+
+
+def _towers():
+    torch.manual_seed(0)
+    model = _TwoTowers().double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 7, generator=g, dtype=torch.float64)
+    t = torch.cat([torch.randint(0, 3, (64, 1), generator=g).double(), x[:, 4:5]], 1)
+
+    def loss_fn(out, t):
+        ce = nn.functional.cross_entropy(out[:, :3], t[:, 0].long())
+        return ce + 0.5 * ((out[:, 3] - t[:, 1]) ** 2).mean()
+
+    with torch.no_grad():
+        model.a[2].weight.mul_(8.0)  # tower a the sharper at first
+    sharpness_b = float(torch.linalg.eigvalsh(x[:, 4:].T @ x[:, 4:] / 64)[-1])
+    return model, loss_fn, (x, t), sharpness_b
+
+
+WARMED = 5  # probes before the sharpest block changes
+
+
+def _flatten_tower_a(mon, model):
+    """Tower a made flat, so that b is the sharpest, and the warm vectors left with nothing of
+    tower b — where warm starts take it in the long run (1e-14 of the top vector after 30
+    probes in the review's run; here 1e-7 after 5, which 14 products still draw out)."""
+    with torch.no_grad():
+        model.a[2].weight.mul_(0.05)
+    mon._vectors[-model.b.weight.numel() :] = 0.0
+
+
+def test_a_probe_called_by_a_halved_limit_and_every_tenth_start_cold():
+    """Warm starts refine the directions the previous probe found: in a model of two towers
+    whose sharpest block changed, probes read the other block's 0.248, then 0.154, for 0.3 —
+    *learning* at 1.25x the limit until the loss blew up (an outside review). A probe the
+    schedule called (the limit halved) starts cold, and so does every REFRESH_PROBES-th."""
+    from curvscope.diagnosis.monitor import REFRESH_PROBES
+
+    model, loss_fn, data, sharpness_b = _towers()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = cs.Monitor(model, loss_fn, data, optimizer=opt, every=10_000)
+    for _ in range(WARMED):  # a cold start, then warm ones: tower b fades out of the vectors
+        assert mon.probe().evidence["sharpness"] > 1.5 * sharpness_b  # tower a's
+    _flatten_tower_a(mon, model)
+    warm = mon.probe().evidence["sharpness"]
+    assert warm < 0.5 * sharpness_b  # a warm start holds nothing of tower b
+    for group in opt.param_groups:
+        group["lr"] = 0.04  # the limit quartered: the forecast probes at the next step
+    d = mon.step(loss_fn(model(data[0]), data[1]).item())
+    assert d is not None and mon.probe_causes[-1] == "forecast"
+    assert d.evidence["sharpness"] == pytest.approx(sharpness_b, rel=1e-3)
+
+    model, loss_fn, data, sharpness_b = _towers()
+    mon = cs.Monitor(model, loss_fn, data, lr=0.01, every=10_000)
+    for _ in range(WARMED):
+        mon.probe()
+    _flatten_tower_a(mon, model)
+    seen = [mon.probe().evidence["sharpness"] for _ in range(REFRESH_PROBES - WARMED + 1)]
+    assert max(seen[:-1]) < 0.5 * sharpness_b  # the warm starts, then a cold one
+    assert seen[-1] == pytest.approx(sharpness_b, rel=1e-3)

@@ -306,6 +306,49 @@ def test_a_parameter_masked_by_a_none_grad_is_not_stepped():
     assert torch.equal(model.bias, bias)
 
 
+MODEL_STEPS = ("NewtonCG", "CubicNewton", "SaddleFreeNewton", "Newton", "HessianFree")
+
+
+@pytest.mark.parametrize("name", MODEL_STEPS)
+@pytest.mark.parametrize("edit", ["clipped", "masked", None, "accumulated"])
+def test_a_closure_that_clips_or_masks_grad_is_told_a_model_step_method_does_not_read_it(
+    name, edit
+):
+    """Clipped to 1e-3 inside the closure (the README's advice for AdaHessian and Sophia), five
+    NewtonCG steps were bit for bit the unclipped ones, and a layer whose .grad was zeroed moved
+    by 0.28–0.98, without a word (an outside review): the model-step methods step on their own
+    gradient of the closure's loss. Said once a call site; a closure that leaves .grad as its
+    backward made it — accumulated over calls without zero_grad too — says nothing."""
+    case = cases.mlp(n=10)
+    model, loss_fn = case.model, case.loss_fn
+    X, y = case.data
+
+    def closure():
+        if edit != "accumulated":
+            opt.zero_grad()
+        loss = loss_fn(model(X), y)
+        loss.backward()
+        if edit == "clipped":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        elif edit == "masked":
+            model[0].weight.grad = None
+        return loss
+
+    opt = getattr(cs.optim, name)(model.parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step(closure)
+        opt.step(closure)
+    said = [w for w in caught if issubclass(w.category, cs.optim.ClosureGradIgnoredWarning)]
+    if edit in ("clipped", "masked"):
+        assert said and f"the closure {edit} .grad, which {name} does not read" in str(
+            said[0].message
+        )
+        assert said[0].filename == __file__  # at the step's call, past torch's wrappers
+    else:
+        assert not said
+
+
 def test_newton_switched_to_pure_by_its_damping_reports_no_damping():
     """Editing damping to 0 switches Newton to the pure step; it reported the old μ (1.55)."""
     p = cs.problems.get("rosenbrock")

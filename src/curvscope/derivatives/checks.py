@@ -281,10 +281,11 @@ def check_seed(seed: object, name: str = "seed") -> int:
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def callers_level(inside: str = PACKAGE, start: int = 1) -> int:
+def callers_level(inside: str | tuple[str, ...] = PACKAGE, start: int = 1) -> int:
     """The ``stacklevel`` of the first frame outside the directory ``inside`` (curvscope's, by
-    default), for a warning issued from a function of it that several paths reach: called by
-    that function (``start`` 1), or through ``start - 1`` helpers."""
+    default; or outside each of several), for a warning issued from a function of it that
+    several paths reach: called by that function (``start`` 1), or through ``start - 1``
+    helpers."""
     frame: types.FrameType | None = sys._getframe(start)
     level = 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):

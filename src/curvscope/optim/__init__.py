@@ -20,7 +20,7 @@ The second-order methods are each a *descent* (:mod:`curvscope.optim.descents`) 
 """
 
 from curvscope.optim import descents, searches
-from curvscope.optim._closure import ClosureWroteWarning, Counts
+from curvscope.optim._closure import ClosureGradIgnoredWarning, ClosureWroteWarning, Counts
 from curvscope.optim.base import CurvscopeOptimizer, StepInfo
 from curvscope.optim.diagonal import (
     AdaHessian,
@@ -40,6 +40,7 @@ from curvscope.optim.stationary import PointType, stationary_point
 __all__ = [
     "REGISTRY",
     "AdaHessian",
+    "ClosureGradIgnoredWarning",
     "ClosureWroteWarning",
     "Counts",
     "CubicNewton",

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -48,6 +49,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from curvscope.derivatives.checks import PACKAGE, callers_level
 from curvscope.derivatives.distributed import all_reduce_mean, all_reduce_sum, collective_device
 from curvscope.derivatives.flat import flatten, unflatten
 from curvscope.derivatives.kinds import PreparedProduct, ggn_product, hessian_product
@@ -344,6 +346,60 @@ class ClosureWroteWarning(UserWarning):
     """A closure wrote into the parameters it was called to evaluate (:func:`_warn_written`)."""
 
 
+class ClosureGradIgnoredWarning(UserWarning):
+    """A closure clipped or masked ``.grad``, which a model-step method does not read
+    (:func:`warn_grad_edits`)."""
+
+
+#: how close to a multiple of the loss's gradient ``.grad`` must be to read as clipped
+EDIT_TOLERANCE = 1e-4
+
+
+def grad_edits(params: Sequence[Tensor], own: Sequence[Tensor]) -> str | None:
+    """What a closure that ran its own backward did to ``.grad``, compared with ``own``, the
+    gradient of its loss: "masked" (a parameter's ``.grad`` set to None or zeroed while its
+    gradient is not 0), "clipped" (every ``.grad`` the same fraction of the gradient), or None
+    (anything else: as computed, or accumulated over calls without ``zero_grad``)."""
+    left = [p.grad for p in params]
+    for g, o in zip(left, own, strict=True):
+        if bool(o.detach().ne(0).any()) and (g is None or not bool(g.ne(0).any())):
+            return "masked"
+    pairs = [
+        (g.detach().double(), o.detach().double())
+        for g, o in zip(left, own, strict=True)
+        if g is not None  # (a None beside a zero gradient: an unused parameter)
+    ]
+    dot = sum(float((g * o).sum()) for g, o in pairs)
+    norm2 = sum(float((o * o).sum()) for _, o in pairs)
+    if not norm2 > 0:
+        return None
+    c = dot / norm2
+    off = sum(float(((g - c * o) ** 2).sum()) for g, o in pairs)
+    return (
+        "clipped" if c < 1 - EDIT_TOLERANCE and off <= EDIT_TOLERANCE**2 * c * c * norm2 else None
+    )
+
+
+def warn_grad_edits(name: str, params: Sequence[Tensor], own: Sequence[Tensor]) -> None:
+    """A model-step method (Newton, NewtonCG, HessianFree, SaddleFreeNewton, CubicNewton) steps
+    on the gradient and the curvature of the closure's loss, which it differentiates itself:
+    a closure that clipped or masked ``.grad`` — the README's advice for AdaHessian and Sophia
+    — changed nothing, in silence (clipped to 1e-3, five NewtonCG steps bit for bit the
+    unclipped ones; a layer whose ``.grad`` was zeroed moved by 0.28–0.98: an outside
+    review). Said, with what does reach such a method."""
+    edit = grad_edits(params, own)
+    if edit is None:
+        return
+    warnings.warn(
+        f"the closure {edit} .grad, which {name} does not read: it steps on the gradient and "
+        "curvature of the closure's loss, which it differentiates itself. To leave a parameter "
+        "out, leave it out of the optimizer (or set requires_grad=False); the step's size is "
+        "bounded by the method's own radius, damping or regularisation, not by clipping",
+        ClosureGradIgnoredWarning,  # at the user's step() call, past torch's step wrappers
+        stacklevel=callers_level((PACKAGE, os.path.dirname(torch.__file__))),
+    )
+
+
 def _call(
     closure: Closure,
     counts: Counts,
@@ -508,6 +564,8 @@ class Evaluation:
             mode = "contained" if undone else "keep"
             called = _call(closure, counts, self.params, mode, group, True, self.kernels)
             left = [p.grad for p in self.params] if first_order and called.ran_here else None
+        #: whether the closure ran its own backward (``.grad`` is then as it left it)
+        self.ran_backward = called.ran_here
         self._derive(called, left, curvature, undone, first_order)
 
     def _derive(

@@ -36,6 +36,7 @@ from curvscope.optim._closure import (
     loss_only,
     rng_back,
     rng_now,
+    warn_grad_edits,
     write_flat,
 )
 from curvscope.optim.base import CurvscopeOptimizer, Snapshot, StepInfo, check_positive
@@ -305,6 +306,8 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         params = snapshot.params
         products_before = counts.products
         ev = Evaluation(params, closure, counts, group=self.group)
+        if ev.ran_backward:
+            warn_grad_edits(type(self).__name__, params, ev.grads)
         after = rng_now()  # where the step leaves the RNG: one forward's draws, as torch's
         gnorm = float(ev.flat_grad.norm())
         if gnorm <= group["tolerance_grad"]:
