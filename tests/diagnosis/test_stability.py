@@ -208,6 +208,31 @@ def test_momentum_is_read_from_the_first_group_that_holds_a_parameter():
     assert torch.equal(r.scale[:3], torch.zeros(3, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("name", ["NewtonCG", "HessianFree", "Sophia", "NormalizedGD"])
+def test_curvscopes_own_methods_without_a_rule_are_not_told_to_pass_lr(name):
+    """diagnose(optimizer=NewtonCG) said "Pass lr= to judge against plain gradient descent",
+    and NewtonCG has no learning rate (an outside review): curvscope's own methods without a
+    stability rule are named as such, with the way that works."""
+    with pytest.raises(TypeError, match=rf"{name} is one of curvscope's methods") as info:
+        cs.stability_limit(getattr(cs.optim, name)(params()))
+    assert "Pass lr=" not in str(info.value) and "leave out optimizer= and lr=" in str(info.value)
+
+
+def test_sophia_gs_refusal_names_sophias_own_fix():
+    """Sophia-G refused a weighted or smoothed cross-entropy as "GaussNewtonBartlett needs a
+    loss that is a negative log-likelihood (nn.CrossEntropyLoss, …), got CrossEntropyLoss()",
+    its cause naming kind='ggn', which Sophia has not (an outside review)."""
+    from curvscope.optim.diagonal import GaussNewtonBartlett
+
+    for loss, attr in [
+        (torch.nn.CrossEntropyLoss(weight=torch.ones(3)), "weight"),
+        (torch.nn.CrossEntropyLoss(label_smoothing=0.1), "label_smoothing"),
+    ]:
+        with pytest.raises(ValueError, match=rf"Sophia-G\) does not support .*\({attr}=") as e:
+            GaussNewtonBartlett(loss)
+        assert "Hutchinson()" in str(e.value) and "kind=" not in str(e.value)
+
+
 def test_a_wrapper_that_holds_itself_is_refused_not_looped_over():
     class Loop:
         def __init__(self):

@@ -433,8 +433,15 @@ LIKELIHOODS: dict[type, Likelihood] = {
 }
 
 
-def likelihood_of(loss_fn: object) -> Likelihood:
-    """The likelihood behind a torch loss, or a ValueError naming the supported ones."""
+def likelihood_of(
+    loss_fn: object,
+    who: str = "kind='fisher'",
+    instead: str = "kind='ggn' (equal to the Fisher in expectation for them) or "
+    "kind='empirical_fisher'",
+) -> Likelihood:
+    """The likelihood behind a torch loss, or a ValueError naming the supported ones, for
+    ``who`` (what samples labels from it), with the fix ``instead`` (Sophia-G's estimator's
+    refusal named ``kind='ggn'``, which Sophia has not: an outside review)."""
     cls = torch_loss(loss_fn, LIKELIHOODS)
     if cls is None:
         names = ", ".join(f"nn.{t.__name__}" for t in LIKELIHOODS)
@@ -444,17 +451,17 @@ def likelihood_of(loss_fn: object) -> Likelihood:
             else ""
         )
         raise ValueError(
-            f"kind='fisher' samples labels from the model's predictive distribution, which is "
-            f"known for {names}; got {type(loss_fn).__name__}. Use one of those losses{nll}, or "
-            "kind='ggn' (equal to the Fisher in expectation for them) or kind='empirical_fisher'"
+            f"{who} samples labels from the model's predictive distribution, which is known "
+            f"for {names}; got {type(loss_fn).__name__}. Use one of those losses{nll}, or "
+            f"{instead}"
         )
     lik = LIKELIHOODS[cls]
     for attr, neutral in {"weight": None, "pos_weight": None, "label_smoothing": 0.0}.items():
         value = getattr(loss_fn, attr, neutral)
         if value is not None and not (isinstance(value, float) and value == neutral):
             raise ValueError(
-                f"kind='fisher' does not support {type(loss_fn).__name__}({attr}=...): the loss "
-                f"is then not a log-likelihood; drop {attr} or use kind='ggn'"
+                f"{who} does not support {type(loss_fn).__name__}({attr}=...): the loss is then "
+                f"not a log-likelihood; drop {attr} or use {instead}"
             )
     return lik
 

@@ -551,6 +551,14 @@ def _unwrapped(optimizer: object) -> tuple[Optimizer, StabilityRule]:
         if not isinstance(inner, Optimizer):
             break
         optimizer = inner
+    name = type(optimizer).__name__
+    if type(optimizer).__module__.startswith("curvscope.optim"):  # "pass lr=" fits none of
+        raise TypeError(  # them: a model-step method has no lr (an outside review)
+            f"{name} is one of curvscope's methods whose steps no stability limit describes "
+            "(the model-step methods size theirs by the model's radius, damping or σ; Sophia "
+            "clips its, NormalizedGD normalises its), so no lr= stands for it either: leave "
+            "out optimizer= and lr= to read the curvature alone"
+        )
     raise TypeError(
         "stability_limit knows torch.optim.SGD, Adam, AdamW, RMSprop and the optimizers whose "
         "class declares a stability_rule (cs.optim.AdaHessian); got "

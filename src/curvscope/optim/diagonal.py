@@ -84,14 +84,11 @@ class GaussNewtonBartlett:
                 f"estimate; got reduction={self.reduction!r}: pass the loss the closure "
                 "returns (reduced)"
             )
-        try:
-            self.likelihood = likelihood_of(loss_fn)
-        except ValueError as e:
-            raise ValueError(
-                f"GaussNewtonBartlett needs a loss that is a negative log-likelihood "
-                f"(nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.MSELoss), got {loss_fn!r}; "
-                "use Hutchinson() for any other loss"
-            ) from e
+        self.likelihood = likelihood_of(
+            loss_fn,
+            who="GaussNewtonBartlett (Sophia-G)",
+            instead="Hutchinson() (Sophia-H: the Hessian's diagonal, for any loss)",
+        )
         self.loss_fn = loss_fn
 
     def __call__(self, ev: Evaluation, generator: torch.Generator, counts: Counts) -> Tensor:
