@@ -356,3 +356,44 @@ def test_a_curvature_nan_at_a_kink_is_not_a_confident_divergence():
     assert d.evidence["loss"] == pytest.approx(1.14, abs=0.01)
     assert any("detect_anomaly" in a for a in d.advice)
     assert "no second derivative at these parameters" in str(d)
+
+
+def test_a_forward_that_updates_a_plain_tensor_attribute_is_said_with_the_fix():
+    """A running statistic kept as a plain attribute (no buffer) and updated in place by the
+    forward was moved by every product — curvscope passes copies of buffers only — and two
+    products of one vector came out 24% apart, eigenvalues "converged" (an outside review).
+    Said at the first forward, naming register_buffer; registered, it is left as found."""
+
+    class Running(nn.Module):
+        def __init__(self, as_buffer: bool) -> None:
+            super().__init__()
+            self.inner, self.out = nn.Linear(5, 6), nn.Linear(6, 3)
+            scale = torch.ones(6, dtype=DT)
+            if as_buffer:
+                self.register_buffer("scale", scale)
+            else:
+                self.scale = scale
+
+        def forward(self, x):
+            h = self.inner(x)
+            with torch.no_grad():
+                self.scale.mul_(0.5).add_(0.5 * h.pow(2).mean(0))
+            return self.out(torch.tanh(h / self.scale.sqrt()))
+
+    torch.manual_seed(0)
+    data = (torch.randn(32, 5, dtype=DT), torch.randint(0, 3, (32,)))
+    plain = Running(as_buffer=False).to(DT)
+    with pytest.warns(
+        cs.derivatives.AttributeWriteWarning, match=r"\['scale'\].*register_buffer"
+    ) as said:
+        C = cs.Curvature(plain, nn.CrossEntropyLoss(), data)
+        C @ torch.ones(C.num_params, dtype=DT)
+    assert said[0].filename == __file__ and "register_buffer" in C.notes[-1]
+    held = Running(as_buffer=True).to(DT)
+    before = cases.snapshot(held)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cs.derivatives.AttributeWriteWarning)
+        C = cs.Curvature(held, nn.CrossEntropyLoss(), data)
+        v = torch.randn(C.num_params, dtype=DT, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(C @ v, C @ v)
+    cases.assert_unchanged(before, cases.snapshot(held))

@@ -47,7 +47,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parametrize
 
-from curvscope.derivatives.checks import all_finite, check_scalar_loss, check_seed
+from curvscope.derivatives.checks import all_finite, callers_level, check_scalar_loss, check_seed
 from curvscope.derivatives.flat import flatten, map_tensors, tensors, unflatten
 from curvscope.derivatives.huggingface import HuggingFaceLoss
 from curvscope.derivatives.rng import kept_rngs, rng_states, seed_rngs, set_rng_states
@@ -192,6 +192,23 @@ class ParameterWriteWarning(UserWarning):
     """A model's forward wrote into its parameters in place during a curvature product
     (:meth:`ModelObjective._written_in_forward`) — a clamp, ``nn.Embedding(max_norm=...)``
     (whose renormalisation counts as a write even where no row changes)."""
+
+
+class AttributeWriteWarning(UserWarning):
+    """A model's forward wrote in place into a tensor held as a plain attribute, not a buffer
+    (:meth:`ModelObjective._attributes_written`): curvscope cannot pass a copy of it, so every
+    product moved it."""
+
+
+def _tensor_attributes(model: nn.Module) -> list[tuple[str, Tensor, int]]:
+    """The tensors the model's modules hold as plain attributes (neither parameters nor
+    buffers), with their version counters."""
+    found = []
+    for name, mod in model.named_modules():
+        for key, value in vars(mod).items():
+            if isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
+                found.append((f"{name}.{key}" if name else key, value, value._version))
+    return found
 
 
 @dataclass(frozen=True)
@@ -1628,6 +1645,7 @@ class ModelObjective:
         # forward that writes into its parameters seen
         if self._first_call:
             versions = [(k, p, p._version) for k, p in self.model.named_parameters()]
+            attributes = _tensor_attributes(self.model)
             with warnings.catch_warnings(record=True) as said:
                 warnings.simplefilter("always")
                 out = functional_call(self.model, state, args, kwargs or None, tie_weights=False)
@@ -1637,6 +1655,7 @@ class ModelObjective:
             for w in said:  # the model's other warnings, as they were
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             self._written_in_forward([k for k, p, v in versions if p._version != v])
+            self._attributes_written([k for k, t, v in attributes if t._version != v])
             return out
         return functional_call(self.model, state, args, kwargs or None, tie_weights=False)
 
@@ -1656,7 +1675,25 @@ class ModelObjective:
             "at the parameters as written"
         )
         self.notes.append(note)
-        warnings.warn(note, ParameterWriteWarning, stacklevel=2)
+        warnings.warn(note, ParameterWriteWarning, stacklevel=callers_level())
+
+    def _attributes_written(self, written: list[str]) -> None:
+        """A forward that updates a tensor it holds as a plain attribute in place (a running
+        statistic kept as ``self.scale = torch.ones(...)``) updated the user's at every
+        product — it is no buffer, so curvscope passes no copy — and the operator changed
+        between products: two products of one vector 24% apart through a loader, eigenvalues
+        "converged" (an outside review). Said, with the fix."""
+        if not written:
+            return
+        note = (
+            f"the model's forward writes in place into {few(written)}, held as plain tensor "
+            "attributes rather than buffers: curvscope cannot pass copies of them, so each of "
+            "its forwards moves them, and the curvature changes from one product to the next; "
+            "register them with module.register_buffer(...), whose values curvscope passes as "
+            "copies"
+        )
+        self.notes.append(note)
+        warnings.warn(note, AttributeWriteWarning, stacklevel=callers_level())
 
     def raw_forward(self, theta: Mapping[str, Tensor], batch: Batch) -> Any:
         """Model outputs at parameters ``theta``, unchecked (usable inside torch.func
