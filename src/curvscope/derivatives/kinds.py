@@ -86,7 +86,10 @@ def _no_second_derivative(e: Exception) -> Exception:
         "for some), which curvature products by double backward need. Measure the Hessian with "
         "backend='finite_difference' (cs.Curvature, cs.diagnose, cs.Monitor: products from "
         "gradients alone; the Gauss-Newton and Fisher kinds have no such backend), or leave "
-        "that module's parameters out (params=, or requires_grad=False); for nn.EmbeddingBag, "
+        "out that module's parameters and those of every layer before it — the curvature of "
+        "a layer before the operation passes through its second derivative; select the "
+        "layers after it with params= (a learnable fake-quantize mid-network failed with its "
+        "own parameters frozen: an outside review); for nn.EmbeddingBag, "
         "nn.Embedding followed by a mean or sum over the bag is the same model with second "
         "derivatives"
     )
