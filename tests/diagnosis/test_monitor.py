@@ -118,6 +118,13 @@ def test_an_optimizer_replaced_without_telling_the_monitor_is_said():
     assert mon.last.evidence["stability_limit"] == pytest.approx(2 / 3.0)
     with pytest.raises(ValueError, match="maximize"):  # checked as at construction
         mon.optimizer = torch.optim.SGD(model.parameters(), lr=0.1, maximize=True)
+    assert len(new._optimizer_step_post_hooks) == 1 and not old._optimizer_step_post_hooks
+    mon.close()  # its hook off the optimizer; a probe after it says nothing
+    assert not new._optimizer_step_post_hooks
+    _train(p, model, old, mon, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mon.probe()
 
 
 def small_monitor(log, **kwargs):

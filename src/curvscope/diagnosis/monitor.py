@@ -127,9 +127,12 @@ class _StepWatch:
         return self.steps > 0 and self.steps == steps and moved and window >= 2
 
     def remove(self) -> None:
+        """Stop watching (the hook off the optimizer: a loop building a Monitor per run on
+        one optimizer added a hook each time); never stale after."""
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+        self.steps = 0
 
 
 def _is_writer() -> bool:
@@ -1182,6 +1185,7 @@ class Monitor:
         records were lost) and flush TensorBoard. Probes after closing are not logged: the
         first such probe warns, and each counts in :attr:`records_lost`."""
         self._end_watch()
+        self._stepping.remove()
         if self._log is not None:
             self._log.close()
         if self._writer is not None:
