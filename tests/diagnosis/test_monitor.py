@@ -1,6 +1,7 @@
 """The Monitor in a real training loop: the edge of stability on digits, the run log, state
 changes, and training that is bit-identical with and without probes."""
 
+import gc
 import io
 import itertools
 import logging
@@ -125,6 +126,46 @@ def test_an_optimizer_replaced_without_telling_the_monitor_is_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mon.probe()
+    clipped = cs.Monitor(model, p.loss_fn, p.data, optimizer=new, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="max_grad_norm= says how"):  # its next probe raised
+        clipped.optimizer = None
+    plain = cs.Monitor(model, p.loss_fn, p.data, lr=0.1, every=1000)
+    plain.optimizer = new  # replaces lr= (the next probe raised "give either ... not both")
+    assert plain.lr is None and plain.probe().evidence["stability_limit"] == pytest.approx(2 / 3)
+    del clipped, plain  # a Monitor dropped without close() takes its hook off too
+    gc.collect()
+    assert not new._optimizer_step_post_hooks
+
+
+def test_an_optimizer_that_never_stepped_is_said_too():
+    """A Monitor given an optimizer (lr 0.01) the loop never steps — it trains another, lr 2.1 —
+    read *learning* against a limit of 200 at six probes, the true limit 0.95 (a review): the
+    watch waited for the optimizer's first step. A wrapper that takes no hook is not watched."""
+    p = cs.problems.get("digits-mlp", hidden=8, n=100)
+    model = p.make_model(0)
+    given = torch.optim.SGD(model.parameters(), lr=0.01)
+    stepped = torch.optim.SGD(model.parameters(), lr=0.5)
+    mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=given, every=3)
+    with pytest.warns(UserWarning, match="SGD, the optimizer this Monitor judges"):
+        _train(p, model, stepped, mon, 6)
+
+    class NoHooks(torch.optim.SGD):  # as accelerate's wrapper: Optimizer.__init__ never ran
+        def __init__(self, inner):
+            self.inner, self.param_groups, self.state = inner, inner.param_groups, inner.state
+            self.defaults = inner.defaults
+
+        def step(self, closure=None):
+            return self.inner.step(closure)
+
+    wrapped = NoHooks(torch.optim.SGD(model.parameters(), lr=0.01))
+    mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=wrapped, every=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(p, model, stepped, mon, 6)
+    wrapped.optimizer = wrapped.inner  # as accelerate holds it: watched through it
+    mon = cs.Monitor(model, p.loss_fn, p.data, optimizer=wrapped, every=3)
+    with pytest.warns(UserWarning, match="NoHooks, the optimizer this Monitor judges"):
+        _train(p, model, stepped, mon, 6)
 
 
 def small_monitor(log, **kwargs):
@@ -722,6 +763,19 @@ def test_a_probe_called_by_a_halved_limit_and_every_tenth_start_cold():
         group["lr"] = 0.04  # the limit quartered: the forecast probes at the next step
     d = mon.step(loss_fn(model(data[0]), data[1]).item())
     assert d is not None and mon.probe_causes[-1] == "forecast"
+    assert d.evidence["sharpness"] == pytest.approx(sharpness_b, rel=1e-3)
+
+    # the same where the cadence calls that probe (it started warm: a review), forecast or not
+    model, loss_fn, data, sharpness_b = _towers()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = cs.Monitor(model, loss_fn, data, optimizer=opt, every=1, forecast=False)
+    for _ in range(WARMED):
+        mon.step(1.0)
+    _flatten_tower_a(mon, model)
+    for group in opt.param_groups:
+        group["lr"] = 0.04
+    d = mon.step(1.0)
+    assert mon.probe_causes[-1] == "cadence"
     assert d.evidence["sharpness"] == pytest.approx(sharpness_b, rel=1e-3)
 
     model, loss_fn, data, sharpness_b = _towers()

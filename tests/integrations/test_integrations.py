@@ -32,6 +32,31 @@ def test_tensorboard_scalars(tmp_path):
     assert [e.step for e in acc.Scalars("curvscope/sharpness")] == [2, 4]
 
 
+def test_a_tensorboard_writer_the_monitor_made_is_closed_with_it(tmp_path):
+    """close() only flushed the SummaryWriter a Monitor made from a directory: its thread lived
+    on, one per Monitor — 301 threads after a sweep of 300 (a review). One given is the
+    user's: flushed, left open."""
+    import threading
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    case = cases.mlp()
+    before = threading.active_count()
+    for i in range(3):
+        with cs.Monitor(
+            case.model, case.loss_fn, case.data, lr=0.1, every=2, tensorboard=tmp_path / str(i)
+        ) as mon:
+            mon.step(1.0)
+            mon.step(1.0)
+    assert threading.active_count() == before
+    mine = SummaryWriter(log_dir=str(tmp_path / "mine"))
+    with cs.Monitor(case.model, case.loss_fn, case.data, lr=0.1, every=2, tensorboard=mine) as mon:
+        mon.step(1.0)
+        mon.step(1.0)
+    mine.add_scalar("after", 1.0, 0)  # still open
+    mine.close()
+
+
 def _fit_lightning(
     tmp_path,
     max_steps,
@@ -511,3 +536,81 @@ def test_transformers_callback_follows_a_resumed_run(tmp_path):
     trainer.train(resume_from_checkpoint=True)
     assert cb.monitor.steps == trainer.state.global_step == 10
     assert cb.monitor.probe_steps == [8, 10]
+
+
+def test_a_crashed_run_retried_with_the_same_callback_writes_to_the_same_log(tmp_path):
+    """A training step that raised left each callback's Monitor open — Lightning and the
+    Trainer call no end-of-training hook then — so its log stayed locked and the user's retry
+    with the same callback raised LogInUseError (a review). Lightning's on_exception closes
+    it; both callbacks close a Monitor still open when training starts again."""
+    import lightning
+    from transformers import Trainer, TrainerCallback
+
+    from curvscope.integrations.lightning import CurvscopeCallback
+    from curvscope.integrations.transformers import CurvscopeTrainerCallback
+
+    case = cases.mlp(n=32)
+    crash = [True]
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = case.model
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            if crash[0] and self.global_step >= 2:
+                raise RuntimeError("out of memory (simulated)")
+            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*case.data), batch_size=8)
+    log = tmp_path / "lightning.jsonl"
+    cb = CurvscopeCallback(nn.CrossEntropyLoss(), case.data, every=1, log=log, log_mode="a")
+
+    def fit():
+        lightning.Trainer(
+            max_steps=4,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[cb],
+            default_root_dir=tmp_path,
+        ).fit(Module(), loader)
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        fit()
+    crash[0] = False
+    fit()
+    assert cs.diagnosis.runlog.count_runs(log) == 2
+
+    ids, labels, train = _hf_data(16)
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if crash[0] and state.global_step >= 2:
+                raise RuntimeError("out of memory (simulated)")
+
+    log = tmp_path / "hf.jsonl"
+    hf = CurvscopeTrainerCallback(
+        lambda out, y: nn.functional.cross_entropy(out.logits, y),
+        ({"input_ids": ids}, labels),
+        every=1,
+        log=log,
+        log_mode="a",
+    )
+    trainer = Trainer(
+        model=_tiny_bert(), args=_hf_args(tmp_path), train_dataset=train, callbacks=[hf, Crash()]
+    )
+    crash[0] = True
+    with pytest.raises(RuntimeError, match="simulated"):
+        trainer.train()
+    crash[0] = False
+    trainer.train()
+    assert cs.diagnosis.runlog.count_runs(log) == 2

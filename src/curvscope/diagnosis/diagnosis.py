@@ -552,14 +552,15 @@ def _diagnose(
     assert data_g is not None  # g is
     replicas = _fd.replicas(measured, C.group) if products.backend == _fd.BACKEND else 1
     evidence["chance_loss"] = chance_loss(measured, C.group, replicas)
-    evidence.update(zero_gradient(space, data_g, thresholds, seed, measured.params))
     try:
+        evidence.update(zero_gradient(space, data_g, thresholds, seed, measured.params))
         vectors, converged = _measure_curvature(
             evidence, objective, C, g, budget, seed, v0, thresholds, adaptive
         )
-    except FloatingPointError:  # a finite gradient, an overflowing curvature: diverged too,
-        evidence.update(sharpness=math.nan, lambda_min=math.nan)  # not confidently: NaN at a
-        return _finish(evidence, thresholds, {}, False, start, C)  # kink (‖x‖ at 0) reads so
+    except FloatingPointError:  # a finite gradient, an overflowing curvature: diverged too —
+        evidence.update(sharpness=math.nan, lambda_min=math.nan)  # not confidently where the
+        kink = math.isfinite(evidence["grad_norm"])  # loss and ‖g‖ are finite: NaN at a kink
+        return _finish(evidence, thresholds, {}, not kink, start, C)  # (‖x‖ at 0) reads so
     if train_batches is not None:
         try:
             bs, se, used = _batch_sharpness(

@@ -12,6 +12,7 @@ import os
 import statistics
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
@@ -36,6 +37,7 @@ from curvscope.derivatives.objective import ModelObjective, check_passes, inner_
 from curvscope.derivatives.sharded import local_entries
 from curvscope.diagnosis.classify import (
     DEFAULT_THRESHOLDS,
+    EOS_ABOVE_HOLD,
     EOS_BAND,
     EOS_PROBES,
     EOS_SWING,
@@ -90,6 +92,9 @@ LIMIT_HALVED = 2.0
 #: independent towers read its sharpness 0.248, then 0.154, for 0.3, *learning* at 1.25x the
 #: limit, until the loss blew up (an outside review).
 REFRESH_PROBES = 10
+#: The history rules (classify_history) look back at most this many steps (and EOS_PROBES
+#: probes): the probes before are not handed to them.
+HISTORY_SPAN = EOS_ABOVE_HOLD
 #: ... and the forecast carries a sharpness's growth between two probes forward only when it
 #: grew by more than this (an adaptive probe resolves the spectrum to 5%: less is noise).
 GROWTH_FLOOR = 0.05
@@ -98,33 +103,43 @@ GROWTH_FLOOR = 0.05
 class _StepWatch:
     """Whether the optimizer a Monitor reads is still the one training: its steps are counted
     by a step post-hook and compared, at each probe, with the parameters' version counters. A
-    loop that built a new optimizer (after unfreezing) without telling the Monitor was judged
-    against the old one's rule in silence (an outside review). A wrapper whose steps never
-    reach the hook (one that never ran ``Optimizer.__init__``) is never called stale: only an
-    optimizer seen stepping that then stops while the parameters move is."""
+    loop that built a new optimizer (after unfreezing) without telling the Monitor — or gave
+    it another optimizer than the one it steps — was judged against that one's rule in silence
+    (outside reviews). A wrapper that takes no hook (one that never ran
+    ``Optimizer.__init__``, as accelerate's ``AcceleratedOptimizer``) is watched through the
+    optimizer it holds (``.optimizer``), if any; else not at all."""
 
     def __init__(self, optimizer: torch.optim.Optimizer | None) -> None:
         self.steps = 0
         self.handle: Any = None
         self.mark: tuple[int, int | None] = (0, None)  # steps and versions at the last probe
-        register = getattr(optimizer, "register_step_post_hook", None)
-        if register is not None:
-            try:
-                self.handle = register(self._count)
-            except AttributeError:  # its hook registries were never made
-                self.handle = None
+        me = weakref.ref(self)  # the hook holds no Monitor: dropped without close(), its hook
+        # stayed on the optimizer, each one 0.15 µs on every step (a review: 3,000 of them)
 
-    def _count(self, *_: object) -> None:
-        self.steps += 1
+        def count(*_: object) -> None:
+            watch = me()
+            if watch is not None:
+                watch.steps += 1
+
+        seen: set[int] = set()
+        while optimizer is not None and id(optimizer) not in seen:
+            seen.add(id(optimizer))
+            try:  # a wrapper without hook registries (accelerate's): the optimizer it holds
+                self.handle = optimizer.register_step_post_hook(count)
+                break
+            except AttributeError:
+                optimizer = getattr(optimizer, "optimizer", None)
+        if self.handle is not None:
+            weakref.finalize(self, self.handle.remove)
 
     def stale(self, versions: int, window: int) -> bool:
-        """Whether the optimizer, seen stepping before, took none of the ``window`` (≥ 2)
-        steps since the previous call while the parameters' ``versions`` moved (a skipped
-        step, a GradScaler's on overflow, moves none)."""
+        """Whether the optimizer took none of the ``window`` (≥ 2) steps since the previous
+        call while the parameters' ``versions`` moved (a skipped step, a GradScaler's on
+        overflow, moves none)."""
         steps, before = self.mark
         self.mark = (self.steps, versions)
         moved = before is not None and versions != before
-        return self.steps > 0 and self.steps == steps and moved and window >= 2
+        return self.handle is not None and self.steps == steps and moved and window >= 2
 
     def remove(self) -> None:
         """Stop watching (the hook off the optimizer: a loop building a Monitor per run on
@@ -132,7 +147,6 @@ class _StepWatch:
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
-        self.steps = 0
 
 
 def _is_writer() -> bool:
@@ -393,6 +407,7 @@ class Monitor:
         self._last_probe_seconds = 0.0
         self._loss_mark = 0
         self._window_means: list[float] = []  # the mean training loss between two probes
+        self._best_mean: float | None = None  # the lowest of them
         self._first_window_diverged = False  # whether the probe closing the first said so
         self._low: float | None = None  # the lowest training loss before the current window
         # the cheap tier: off with update_every=0, or with a fixed `every` and no update_every
@@ -424,13 +439,14 @@ class Monitor:
         self._watch: tuple[Any, Tensor] | None = None
         self._ranks_ran_away = False
         self._put_off_said = False  # whether a probe put off for an unstepped optimizer was said
-        self._cold = False  # whether the next probe starts cold (a random start, not warm)
+        self._curvature_alone = False  # whether the last probe's *diverged* rests on that
         self._warm_in_a_row = 0  # probes warm-started since the last cold one
         self._clock: float | None = None
         self.params = None if params is None else list(params)
         self.seed, self.callback, self.reduction = seed, callback, reduction
         self.train_batches = train_batches
         self._writer: Any = None
+        self._own_writer = False  # whether the Monitor made the writer (from a directory)
         self._log: RunLogWriter | None = None
         self.steps = self._start = check_int(start_step, "start_step", minimum=0)
         # rank 0 opens the writers; a failure there (a log that exists under log_mode="x")
@@ -467,6 +483,7 @@ class Monitor:
                         "pip install tensorboard (or pass a SummaryWriter)"
                     ) from e
                 self._writer = SummaryWriter(log_dir=str(tensorboard))
+                self._own_writer = True  # closed at close(): its thread lived on (a review)
         if log is not None and _is_writer():
             self._log = RunLogWriter(
                 log,
@@ -492,16 +509,20 @@ class Monitor:
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
         """The optimizer whose rule and state the probes judge stability by. A loop that
-        replaces its optimizer sets ``mon.optimizer = new`` (checked as at construction)."""
+        replaces its optimizer sets ``mon.optimizer = new`` (checked as at construction; it
+        replaces ``lr=`` too)."""
         return self._optimizer
 
     @optimizer.setter
     def optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
         if optimizer is not None:
             check_judgeable(optimizer, self.model)
+        self._check_clipped_steps(optimizer)  # (the next probe raised, inside the loop)
         self._stepping.remove()
         self._optimizer, self._stepping = optimizer, _StepWatch(optimizer)
         self._stale_said = False
+        if optimizer is not None:  # it replaces a Monitor(lr=...)'s plain gradient descent
+            self.lr = None  # (both raised "give either optimizer= or lr=" at the next probe)
 
     @property
     def last(self) -> Diagnosis | None:
@@ -535,13 +556,17 @@ class Monitor:
         self._clock = time.perf_counter()  # probes and checks are not training time
         return d
 
-    def _init_clipping(self, max_grad_norm: object) -> None:
-        self.max_grad_norm = _checked_max_norm(max_grad_norm)
-        if self.max_grad_norm is not None and self.optimizer is None and self.lr is None:
+    def _check_clipped_steps(self, optimizer: object) -> None:
+        """Refuse ``max_grad_norm`` without steps it could clip: no optimizer, nor ``lr``."""
+        if self.max_grad_norm is not None and optimizer is None and self.lr is None:
             raise ValueError(
                 "max_grad_norm= says how the optimizer's steps are clipped, and this Monitor has "
                 "no optimizer (nor lr=): pass the optimizer, or leave max_grad_norm out"
             )
+
+    def _init_clipping(self, max_grad_norm: object) -> None:
+        self.max_grad_norm = _checked_max_norm(max_grad_norm)
+        self._check_clipped_steps(self.optimizer)
         #: the fraction of the gradient clipping left, min(1, max_norm/‖g‖), of each step
         #: since the previous probe that reported its norm; and the latest of any step
         self._window: list[float] = []
@@ -673,7 +698,7 @@ class Monitor:
         thousands of steps away); once the Monitor says diverged, not again. Under
         torch.distributed, whether any rank's did at the previous step (:meth:`_watch_ranks`):
         a probe is a collective that every rank must call at the same step."""
-        if self._state == State.DIVERGED:
+        if self._state == State.DIVERGED and not self._curvature_alone:
             return False
         return self._ranks_ran_away if _world_size() > 1 else self._own_ran_away(reported)
 
@@ -737,13 +762,23 @@ class Monitor:
             return None
         return self._vectors
 
+    def _limit_halved(self) -> bool:
+        """Whether a schedule has lowered the stability limit by :data:`LIMIT_HALVED` since the
+        last probe (its hyperparameter part c/η)."""
+        factor = self._limit_factor()
+        if self._probe_factor is None or factor is None or not 0 < factor < math.inf:
+            return False  # (η = 0: no step to overshoot)
+        return LIMIT_HALVED * factor <= self._probe_factor
+
     def _start_vectors(self) -> Tensor | None:
         """Where a probe's Lanczos starts: the previous probe's vectors, or a random start
-        (None) where there are none, where a halved limit called the probe, or after
-        :data:`REFRESH_PROBES` − 1 warm starts in a row."""
+        (None) where there are none, where the limit halved since the last probe (the
+        schedule moved the question: the old vectors may hold nothing of the new answer — a
+        probe warm-started from them read 0.248 for 0.3), whether the forecast or the cadence
+        called it, or after :data:`REFRESH_PROBES` − 1 warm starts in a row."""
         v0 = self._warm_start()
-        if v0 is None or self._cold or self._warm_in_a_row >= REFRESH_PROBES - 1:
-            self._cold, self._warm_in_a_row = False, 0
+        if v0 is None or self._limit_halved() or self._warm_in_a_row >= REFRESH_PROBES - 1:
+            self._warm_in_a_row = 0
             return None
         self._warm_in_a_row += 1
         return v0
@@ -773,9 +808,8 @@ class Monitor:
             return False
         if not 0 < factor < math.inf:  # η = 0: no step to overshoot
             return False
-        if LIMIT_HALVED * factor <= self._probe_factor:
-            self._cold = True  # the schedule moved the question: the old vectors may miss
-            return True  # the new answer (a probe warm-started from them read 0.248 for 0.3)
+        if self._limit_halved():
+            return True
         s, limit = self._probe_sharpness
         if s is None or limit is None or not math.isfinite(limit) or s <= 0:
             return False
@@ -972,8 +1006,11 @@ class Monitor:
         # the training losses are the ranks' mean now (_agree_window), but a history rule may
         # still read a fact of this rank's (whether its loss is the probe's full batch), and
         # every rank must decide alike
-        (code,) = _agreed([float(d.state.code)], self.model, op="rank0")
-        self._state = d.state
+        was_curvature_alone = self._curvature_alone
+        code, alone = _agreed(
+            [float(d.state.code), float(self._diverged_by_curvature(d))], self.model, op="rank0"
+        )
+        self._state, self._curvature_alone = d.state, bool(alone)
         if int(code) != d.state.code:
             self._state = next((x for x in State if x.code == int(code)), d.state)
         self._remember_growth(d)
@@ -1009,7 +1046,7 @@ class Monitor:
         if self._writer is not None:
             for key, value in scalars(d).items():
                 self._writer.add_scalar(f"curvscope/{key}", value, self.steps)
-        if d.state != previous:
+        if d.state != previous or (was_curvature_alone and not self._curvature_alone):
             logger.info("step %d: %s -> %s", self.steps, previous, d.state)
             if self.callback is not None:
                 self.callback(d, previous)
@@ -1021,9 +1058,19 @@ class Monitor:
             if not self._window_means:
                 self._first_window_diverged = d.state == State.DIVERGED
             self._window_means.append(sum(window) / len(window))
+            self._best_mean = min(self._best_mean or math.inf, self._window_means[-1])
             self._low = min(window) if self._low is None else min(self._low, *window)
         self._loss_mark = len(self.losses)
         return d
+
+    def _diverged_by_curvature(self, d: Diagnosis) -> bool:
+        """Whether ``d`` says *diverged* on its curvature alone — not confident, its loss finite
+        and not run away since the previous probe: an operation without a second derivative at
+        the parameters (‖x‖ of a zero vector) reads so at every probe. The loss watch then stays
+        on, and a confident *diverged* after it is said again (a model with such a kink read
+        *diverged* from its first probe, and its real blow-up later went unprobed until the
+        next planned probe, the callback silent: a review)."""
+        return d.state == State.DIVERGED and not d.confident  # (see _with_history)
 
     def _check_stepping(self) -> None:
         """Warn, once, where the optimizer read took no step since the previous probe while
@@ -1135,26 +1182,51 @@ class Monitor:
             self.first_loss = next((v for v in means if math.isfinite(v)), None)
 
     def _with_history(self, d: Diagnosis) -> Diagnosis:
-        """The probe's diagnosis, refined by what only history shows."""
-        state, reasons = classify_history(
-            d.state,
-            d.reasons,
-            d.evidence,
-            past=[h.evidence for h in self.history],
-            losses=self.losses[self._loss_mark :],  # the losses since the previous probe
-            first_loss=self.first_loss,
-            previous=self.history[-1].state if self.history else None,
-            best_loss=min(self._window_means) if self._window_means else None,
-            first_mean=self._first_mean(),
-            previous_low=self._low,
-            full_batch=self.full_batch if self.full_batch is not None else self._seen_full_batch,
-            thresholds=self.thresholds,
-            steps=[*self.probe_steps, self.steps],
-        )
+        """The probe's diagnosis, refined by what only history shows. A *diverged* said on the
+        curvature alone (not confident beside a finite loss: a NaN at a kink reads so) is
+        confident where the losses ran away too, for both reasons."""
+        if d.state == State.DIVERGED and not d.confident and math.isfinite(d.evidence["loss"]):
+            state, reasons = self._history(State.LEARNING, d)  # as if the curvature said none
+            if state != State.DIVERGED:
+                return d
+            return Diagnosis(state, d.evidence, [*reasons, *d.reasons], d.advice, True, d.vectors)
+        state, reasons = self._history(d.state, d)
         if state == d.state:
             return d
         advice = state.advice(d.evidence)
         return Diagnosis(state, d.evidence, reasons, advice, d.confident, d.vectors)
+
+    def _history(self, state: StateEnum, d: Diagnosis) -> tuple[StateEnum, list[str]]:
+        """The state history makes of a probe that said ``state`` (``d``'s reasons and
+        evidence)."""
+        start = self._history_start()
+        return classify_history(
+            state,
+            d.reasons,
+            d.evidence,
+            past=[h.evidence for h in self.history[start:]],
+            losses=self.losses[self._loss_mark :],  # the losses since the previous probe
+            first_loss=self.first_loss,
+            previous=self.history[-1].state if self.history else None,
+            best_loss=self._best_mean,
+            first_mean=self._first_mean(),
+            previous_low=self._low,
+            full_batch=self.full_batch if self.full_batch is not None else self._seen_full_batch,
+            thresholds=self.thresholds,
+            steps=[*self.probe_steps[start:], self.steps],
+        )
+
+    def _history_start(self) -> int:
+        """The first past probe the history rules can read: those within HISTORY_SPAN steps of
+        this one, the one before them, and at least EOS_PROBES (every probe's evidence was
+        handed over, a list rebuilt at each probe: 12 ms a probe after 100,000, and the run's
+        cost growing with their square — a review)."""
+        steps, start = self.probe_steps, len(self.probe_steps)
+        while start > 0 and (
+            self.steps - steps[start - 1] < HISTORY_SPAN or len(steps) - start < EOS_PROBES
+        ):
+            start -= 1
+        return max(start - 1, 0)
 
     # ---------------------------------------------------------------------------- log
     def _write(self, record: dict[str, Any]) -> None:
@@ -1182,13 +1254,18 @@ class Monitor:
 
     def close(self) -> None:
         """Close the run log (if the Monitor opened it: this releases its lock; warns if
-        records were lost) and flush TensorBoard. Probes after closing are not logged: the
-        first such probe warns, and each counts in :attr:`records_lost`."""
+        records were lost) and TensorBoard's writer (if the Monitor made it from a directory;
+        yours is flushed), and take the Monitor's hook off the optimizer. Probes after closing
+        are not logged: the first such probe warns, and each counts in
+        :attr:`records_lost`."""
         self._end_watch()
         self._stepping.remove()
         if self._log is not None:
             self._log.close()
-        if self._writer is not None:
+        if self._writer is not None and self._own_writer:
+            self._writer.close()
+            self._writer = None
+        elif self._writer is not None:
             self._writer.flush()
 
     def __enter__(self) -> Monitor:

@@ -304,7 +304,8 @@ def _open_locked(path: Path, mode: str) -> io.FileIO:
             raise LogInUseError(
                 f"the run log {str(path)!r} is being written by another Monitor (in this or "
                 "another process: it holds the file's lock); two writers would interleave their "
-                "records. Give each Monitor its own log path, or close the other one first"
+                "records. Give each Monitor its own log path, or close the other one first "
+                "(mon.close(); a curvscope callback's: callback.monitor.close())"
             ) from None
         _LOCKED.add(raw)
     if mode == "w":

@@ -61,6 +61,8 @@ class CurvscopeCallback(Callback):
         if clip is not None:
             kwargs.setdefault("max_grad_norm", clip)
         kwargs.setdefault("start_step", trainer.global_step)  # a resumed run goes on
+        if self.monitor is not None:  # a run that raised: it never reached on_train_end
+            self.monitor.close()
         self.monitor = Monitor(
             pl_module, self.loss_fn, self.probe_data, optimizer=optimizer, **kwargs
         )
@@ -106,6 +108,12 @@ class CurvscopeCallback(Callback):
         if d is not None:
             for key, value in scalars(d).items():
                 pl_module.log(f"curvscope/{key}", value, on_step=True, on_epoch=False)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """A run that raised closes its Monitor: its log stayed locked, and a retried fit()
+        with the same log raised LogInUseError (a review)."""
+        if self.monitor is not None:
+            self.monitor.close()
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.monitor is not None:

@@ -83,6 +83,8 @@ class CurvscopeTrainerCallback(TrainerCallback):
         if clip is not None and 0 < clip < math.inf:  # the Trainer clips only then
             monitor_kwargs.setdefault("max_grad_norm", float(clip))
         monitor_kwargs.setdefault("start_step", state.global_step)  # a resumed run goes on
+        if self.monitor is not None:  # a run that raised: the Trainer calls no callback then,
+            self.monitor.close()  # and a retried train() with the same log was refused
         self.monitor = Monitor(
             model, self.loss_fn, self.probe_data, optimizer=optimizer, **monitor_kwargs
         )
