@@ -397,3 +397,39 @@ def test_a_forward_that_updates_a_plain_tensor_attribute_is_said_with_the_fix():
         v = torch.randn(C.num_params, dtype=DT, generator=torch.Generator().manual_seed(0))
         assert torch.equal(C @ v, C @ v)
     cases.assert_unchanged(before, cases.snapshot(held))
+
+
+def test_the_finite_difference_backend_restores_a_tensor_attribute_its_forward_updated():
+    """The finite-difference backend runs the model's own forward: a running statistic held as
+    a plain attribute moved at every evaluation, two products of one vector 86% apart, without
+    a word (a review). It is restored with the buffers now — but not a view of a parameter,
+    which the step itself moves."""
+
+    class Running(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.out = nn.Linear(5, 6), nn.Linear(6, 3)
+            self.scale = torch.ones(6, dtype=DT)
+
+        def forward(self, x):
+            h = self.inner(x)
+            with torch.no_grad():
+                self.scale.mul_(0.5).add_(0.5 * h.pow(2).mean(0))
+            return self.out(torch.tanh(h / self.scale.sqrt()))
+
+    torch.manual_seed(0)
+    model = Running().to(DT)
+    data = (torch.randn(32, 5, dtype=DT), torch.randint(0, 3, (32,)))
+    before = cases.snapshot(model)
+    scale = model.scale.clone()
+    C = cs.Curvature(model, nn.CrossEntropyLoss(), data, backend="finite_difference")
+    v = torch.randn(C.num_params, dtype=DT, generator=torch.Generator().manual_seed(0))
+    first, second = C @ v, C @ v
+    assert torch.allclose(first, second, rtol=1e-6, atol=1e-9)
+    assert torch.equal(model.scale, scale)
+    cases.assert_unchanged(before, cases.snapshot(model))
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    model.weight_t = model[0].weight.detach().t()  # restored, it wrote θ₀ into θ₀ + εv
+    fd = cs.Curvature(model, nn.CrossEntropyLoss(), data, backend="finite_difference")
+    exact = cs.Curvature(model, nn.CrossEntropyLoss(), data)
+    assert torch.allclose(fd @ v[: fd.num_params], exact @ v[: fd.num_params], rtol=1e-5)

@@ -310,7 +310,9 @@ MODEL_STEPS = ("NewtonCG", "CubicNewton", "SaddleFreeNewton", "Newton", "Hessian
 
 
 @pytest.mark.parametrize("name", MODEL_STEPS)
-@pytest.mark.parametrize("edit", ["clipped", "masked", None, "accumulated"])
+@pytest.mark.parametrize(
+    "edit", ["clipped", "masked", "by value", "rows", "scaled", None, "accumulated"]
+)
 def test_a_closure_that_clips_or_masks_grad_is_told_a_model_step_method_does_not_read_it(
     name, edit
 ):
@@ -332,6 +334,13 @@ def test_a_closure_that_clips_or_masks_grad_is_told_a_model_step_method_does_not
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
         elif edit == "masked":
             model[0].weight.grad = None
+        elif edit == "by value":
+            torch.nn.utils.clip_grad_value_(model.parameters(), 1e-3)
+        elif edit == "rows":
+            model[0].weight.grad[:2] = 0.0
+        elif edit == "scaled":  # (a closure that backpropagates 0.5 * loss)
+            for q in model.parameters():
+                q.grad.mul_(0.5)
         return loss
 
     opt = getattr(cs.optim, name)(model.parameters())
@@ -340,10 +349,9 @@ def test_a_closure_that_clips_or_masks_grad_is_told_a_model_step_method_does_not
         opt.step(closure)
         opt.step(closure)
     said = [w for w in caught if issubclass(w.category, cs.optim.ClosureGradIgnoredWarning)]
-    if edit in ("clipped", "masked"):
-        assert said and f"the closure {edit} .grad, which {name} does not read" in str(
-            said[0].message
-        )
+    if edit not in (None, "accumulated"):
+        message = f"the closure clipped, scaled or masked .grad, which {name} does not read"
+        assert said and message in str(said[0].message)
         assert said[0].filename == __file__  # at the step's call, past torch's wrappers
     else:
         assert not said

@@ -148,7 +148,13 @@ from torch import Tensor, nn
 from curvscope.derivatives import zero3
 from curvscope.derivatives.checks import callers_level
 from curvscope.derivatives.distributed import all_reduce_sum, check_same_on_ranks, together
-from curvscope.derivatives.objective import Batch, ModelObjective, few, walk_graph
+from curvscope.derivatives.objective import (
+    Batch,
+    ModelObjective,
+    few,
+    tensor_attributes,
+    walk_graph,
+)
 
 #: The estimated error a product aims below, relative to ‖v‖ times the operator's scale (the
 #: largest ‖Hv‖/‖v‖ seen): the step is halved until the two steps' difference says so.
@@ -549,15 +555,24 @@ class _Kept:
         self.all_params = list(model.parameters())
         self.grads = [p.grad for p in self.all_params]
         self.buffers = [
-            (m, name, b, None if b is None else b.detach().clone())
+            (m._buffers, name, b, None if b is None else b.detach().clone())
             for m in model.modules()
             for name, b in m._buffers.items()
         ]
+        # and the tensors held as plain attributes: a forward that updated one (a running
+        # statistic kept as self.scale) moved it at every evaluation, two products of one
+        # vector 86% apart (a review)
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters() if p.numel()}
+        self.buffers += [
+            (vars(m), key, t, t.detach().clone())
+            for _, m, key, t in tensor_attributes(model)
+            if t.numel() == 0 or t.untyped_storage().data_ptr() not in weights  # no view of θ
+        ]
 
     def restore_buffers(self) -> None:
-        for m, name, b, value in self.buffers:
-            if m._buffers.get(name) is not b:
-                m._buffers[name] = b
+        for holder, name, b, value in self.buffers:
+            if holder.get(name) is not b:  # reassigned by the forward
+                holder[name] = b
             if b is not None and value is not None:
                 if b.shape == value.shape:
                     b.data.copy_(value)

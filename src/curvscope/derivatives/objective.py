@@ -200,15 +200,15 @@ class AttributeWriteWarning(UserWarning):
     product moved it."""
 
 
-def _tensor_attributes(model: nn.Module) -> list[tuple[str, Tensor, int]]:
+def tensor_attributes(model: nn.Module) -> list[tuple[str, nn.Module, str, Tensor]]:
     """The tensors the model's modules hold as plain attributes (neither parameters nor
-    buffers), with their version counters."""
-    found = []
-    for name, mod in model.named_modules():
-        for key, value in vars(mod).items():
-            if isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
-                found.append((f"{name}.{key}" if name else key, value, value._version))
-    return found
+    buffers): (name, module, attribute, tensor)."""
+    return [
+        (f"{name}.{key}" if name else key, mod, key, value)
+        for name, mod in model.named_modules()
+        for key, value in vars(mod).items()
+        if isinstance(value, Tensor) and not isinstance(value, nn.Parameter)
+    ]
 
 
 @dataclass(frozen=True)
@@ -1645,7 +1645,7 @@ class ModelObjective:
         # forward that writes into its parameters seen
         if self._first_call:
             versions = [(k, p, p._version) for k, p in self.model.named_parameters()]
-            attributes = _tensor_attributes(self.model)
+            attributes = [(k, t, t._version) for k, _, _, t in tensor_attributes(self.model)]
             with warnings.catch_warnings(record=True) as said:
                 warnings.simplefilter("always")
                 out = functional_call(self.model, state, args, kwargs or None, tie_weights=False)
