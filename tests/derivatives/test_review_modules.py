@@ -331,6 +331,8 @@ def test_a_complex_parameter_is_refused_with_the_real_view_as_the_fix(params):
     data = (torch.randn(16, 5, dtype=DT), torch.randint(0, 3, (16,)))
     with pytest.raises(TypeError, match=r"'w' is a complex parameter.*torch.view_as_complex"):
         cs.Curvature(Spectral(), nn.CrossEntropyLoss(), data, params=params)
+    with pytest.raises(TypeError, match=r"'w' is a complex parameter"):  # built, not stepped
+        cs.Monitor(Spectral(), nn.CrossEntropyLoss(), data, lr=0.1, params=params)
 
 
 def test_a_curvature_nan_at_a_kink_is_not_a_confident_divergence():

@@ -194,6 +194,21 @@ class ParameterWriteWarning(UserWarning):
     (whose renormalisation counts as a write even where no row changes)."""
 
 
+def refuse_complex(named: Iterable[tuple[str, Tensor]]) -> None:
+    """Refuse a complex parameter among ``named``: its products were right, but Lanczos, trace
+    and diagnose read complex vectors as real (λ 0.840 for 0.643, "converged": an outside
+    review)."""
+    for name, p in named:
+        if p.is_complex():
+            raise TypeError(
+                f"{name!r} is a complex parameter ({p.dtype}); curvscope measures real "
+                "parameters only (a real loss of complex weights curves in their real and "
+                "imaginary parts): hold it as a real parameter with a last dimension of 2 and "
+                "rebuild it in the forward with torch.view_as_complex, or leave it out with "
+                "params="
+            )
+
+
 class AttributeWriteWarning(UserWarning):
     """A model's forward wrote in place into a tensor held as a plain attribute, not a buffer
     (:meth:`ModelObjective._attributes_written`): curvscope cannot pass a copy of it, so every
@@ -1128,15 +1143,8 @@ class ModelObjective:
                 "so there is no curvature to measure; materialise them first (e.g. "
                 "model.to_empty(device='cpu') and load the weights)"
             )
+        refuse_complex(self._params.items())
         for name, p in self._params.items():
-            if p.is_complex():  # its products were right, but Lanczos, trace and diagnose
-                raise TypeError(  # read complex vectors as real: λ 0.840 for 0.643, converged
-                    f"{name!r} is a complex parameter ({p.dtype}); curvscope measures real "
-                    "parameters only (a real loss of complex weights curves in their real and "
-                    "imaginary parts): hold it as a real parameter with a last dimension of 2 "
-                    "and rebuild it in the forward with torch.view_as_complex, or leave it out "
-                    "with params="
-                )
             if p.dtype != self.dtype or p.device != self.device:
                 raise TypeError(
                     f"all selected parameters must share one dtype and device; {name!r} is "

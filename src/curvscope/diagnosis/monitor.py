@@ -33,7 +33,13 @@ from curvscope.derivatives.distributed import (
     from_first_rank,
     together,
 )
-from curvscope.derivatives.objective import ModelObjective, check_passes, inner_name, unwrapped
+from curvscope.derivatives.objective import (
+    ModelObjective,
+    check_passes,
+    inner_name,
+    refuse_complex,
+    unwrapped,
+)
 from curvscope.derivatives.sharded import local_entries
 from curvscope.diagnosis.classify import (
     DEFAULT_THRESHOLDS,
@@ -387,6 +393,7 @@ class Monitor:
         if optimizer is not None:  # an optimizer without a rule, or one that maximizes:
             check_judgeable(optimizer, model)  # refused now, not at the first probe
         _check_data(probe_data, train_batches)
+        refuse_complex(_named_selection(model, params))  # now, not from the first probe's step
         if backend == _fd.BACKEND:
             _check_finite_difference(model, params, self._products, optimizer)
         self.forecast = forecast
