@@ -435,3 +435,28 @@ def test_the_finite_difference_backend_restores_a_tensor_attribute_its_forward_u
     fd = cs.Curvature(model, nn.CrossEntropyLoss(), data, backend="finite_difference")
     exact = cs.Curvature(model, nn.CrossEntropyLoss(), data)
     assert torch.allclose(fd @ v[: fd.num_params], exact @ v[: fd.num_params], rtol=1e-5)
+
+
+def test_inference_and_sparse_tensor_attributes_are_left_alone():
+    """The attribute checks read every tensor attribute's version counter and storage: a cache
+    filled under inference_mode (no version counter) and a sparse adjacency (no storage) made
+    every product raise (a review); neither can be updated in place by a training forward."""
+
+    class Graph(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+            self.adj = torch.eye(6, dtype=DT).to_sparse()
+            with torch.inference_mode():
+                self.table = torch.ones(6, 4, dtype=DT)
+
+        def forward(self, x):
+            return self.lin(torch.sparse.mm(self.adj, x * self.table.clone()))
+
+    torch.manual_seed(0)
+    model = Graph().to(DT)
+    data = (torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,)))
+    v = torch.randn(15, dtype=DT, generator=torch.Generator().manual_seed(0))
+    exact = cs.Curvature(model, nn.CrossEntropyLoss(), data) @ v
+    fd = cs.Curvature(model, nn.CrossEntropyLoss(), data, backend="finite_difference") @ v
+    assert torch.allclose(fd, exact, rtol=1e-5, atol=1e-8)

@@ -786,3 +786,43 @@ def test_a_probe_called_by_a_halved_limit_and_every_tenth_start_cold():
     seen = [mon.probe().evidence["sharpness"] for _ in range(REFRESH_PROBES - WARMED + 1)]
     assert max(seen[:-1]) < 0.5 * sharpness_b  # the warm starts, then a cold one
     assert seen[-1] == pytest.approx(sharpness_b, rel=1e-3)
+
+
+def test_a_window_whose_mean_loss_is_zero_is_the_lowest():
+    """The running minimum of the window means took 0.0 for "none yet": means 1, 0.5, 0.0, 0.6,
+    0.7 then 3.0 read *learning*, where 3.0 is far above the lowest, 0 (a review: hinge and
+    margin losses reach 0 exactly)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 5, dtype=torch.float64)
+    model = nn.Linear(5, 1).double()
+    data = (x, x @ torch.randn(5, 1, dtype=torch.float64))
+    mon = cs.Monitor(model, nn.MSELoss(), data, lr=0.01, every=5, update_every=0)
+    for level in [1.0, 0.5, 0.0, 0.6, 0.7, 3.0]:
+        for _ in range(5):
+            d = mon.step(level)
+    assert d.state == State.DIVERGED and "lowest such mean 0" in d.reasons[0]
+
+
+def test_a_kinked_models_first_window_does_not_lower_its_explosion_limit():
+    """A model whose curvature is NaN at a kink reads *diverged*, not confident, at every
+    probe; its first window counted as a diverged one, so the first loss alone (a lucky 0.002)
+    set the explosion limit and one noisy batch of 3.0 read *diverged*, confident, "restore
+    the last good checkpoint" (a review). The first window's mean guards it, as for any."""
+
+    class Norm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.out = nn.Linear(5, 6, bias=False), nn.Linear(7, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.inner(x))
+            return self.out(torch.cat([h, h.norm(dim=1, keepdim=True)], 1))
+
+    torch.manual_seed(1)
+    x = torch.randn(64, 5, dtype=torch.float64)
+    x[:8] = 0
+    data = (x, torch.randint(0, 3, (64,)))
+    mon = cs.Monitor(Norm().double(), nn.CrossEntropyLoss(), data, lr=0.5, every=10, update_every=0)
+    for loss in [0.002] + [0.01] * 24 + [3.0] + [0.01] * 14:
+        mon.step(loss)
+    assert all(d.state == State.DIVERGED and not d.confident for d in mon.history)

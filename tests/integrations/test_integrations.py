@@ -49,6 +49,18 @@ def test_a_tensorboard_writer_the_monitor_made_is_closed_with_it(tmp_path):
             mon.step(1.0)
             mon.step(1.0)
     assert threading.active_count() == before
+    (tmp_path / "taken.jsonl").write_text("")  # a Monitor that fails once its writer is made
+    for i in range(2):
+        with pytest.raises(FileExistsError):
+            cs.Monitor(
+                case.model,
+                case.loss_fn,
+                case.data,
+                lr=0.1,
+                tensorboard=tmp_path / f"failed{i}",
+                log=tmp_path / "taken.jsonl",
+            )
+    assert threading.active_count() == before
     mine = SummaryWriter(log_dir=str(tmp_path / "mine"))
     with cs.Monitor(case.model, case.loss_fn, case.data, lr=0.1, every=2, tensorboard=mine) as mon:
         mon.step(1.0)

@@ -562,7 +562,13 @@ class _Kept:
         # and the tensors held as plain attributes: a forward that updated one (a running
         # statistic kept as self.scale) moved it at every evaluation, two products of one
         # vector 86% apart (a review)
-        weights = {p.untyped_storage().data_ptr() for p in model.parameters() if p.numel()}
+        if engine.sharded or self.zero3 is not None:  # an engine's own attributes: its own
+            return
+        weights = {
+            p.untyped_storage().data_ptr()
+            for p in model.parameters()
+            if p.numel() and p.layout == torch.strided and not zero3.is_dtensor(p)
+        }
         self.buffers += [
             (vars(m), key, t, t.detach().clone())
             for _, m, key, t in tensor_attributes(model)

@@ -217,12 +217,18 @@ class AttributeWriteWarning(UserWarning):
 
 def tensor_attributes(model: nn.Module) -> list[tuple[str, nn.Module, str, Tensor]]:
     """The tensors the model's modules hold as plain attributes (neither parameters nor
-    buffers): (name, module, attribute, tensor)."""
+    buffers) that a forward could update in place: (name, module, attribute, tensor). Dense
+    ones only — not an inference tensor (no version counter; made under inference_mode, as a
+    cache filled by a validation pass is), nor a sparse one (a graph's adjacency: no storage
+    to compare). Both raised from every product where a review held one."""
     return [
         (f"{name}.{key}" if name else key, mod, key, value)
         for name, mod in model.named_modules()
         for key, value in vars(mod).items()
-        if isinstance(value, Tensor) and not isinstance(value, nn.Parameter)
+        if isinstance(value, Tensor)
+        and not isinstance(value, nn.Parameter)
+        and value.layout == torch.strided
+        and not value.is_inference()
     ]
 
 

@@ -492,25 +492,34 @@ class Monitor:
                 self._writer = SummaryWriter(log_dir=str(tensorboard))
                 self._own_writer = True  # closed at close(): its thread lived on (a review)
         if log is not None and _is_writer():
-            self._log = RunLogWriter(
-                log,
-                log_mode,
-                {
-                    "curvscope_log": LOG_VERSION,
-                    "version": _version(),
-                    "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "optimizer": optimizer_name(self.optimizer)
-                    if self.optimizer is not None
-                    else (f"gradient descent (lr={self.lr})" if self.lr is not None else "none"),
-                    "every": self.every
-                    if self.every is not None
-                    else f"auto ({self.overhead:.0%} overhead)",
-                    "budget": self.budget,
-                    "start_step": self._start,
-                    **self._clipping_header(),
-                    "thresholds": self.thresholds.as_dict(),
-                },
-            )
+            try:
+                self._open_log(log, log_mode)
+            except BaseException:  # (a log that exists: the writer's thread lived on)
+                if self._own_writer:
+                    self._writer.close()
+                raise
+
+    def _open_log(self, log: Any, log_mode: str) -> None:
+        """The run log, its header written."""
+        self._log = RunLogWriter(
+            log,
+            log_mode,
+            {
+                "curvscope_log": LOG_VERSION,
+                "version": _version(),
+                "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "optimizer": optimizer_name(self.optimizer)
+                if self.optimizer is not None
+                else (f"gradient descent (lr={self.lr})" if self.lr is not None else "none"),
+                "every": self.every
+                if self.every is not None
+                else f"auto ({self.overhead:.0%} overhead)",
+                "budget": self.budget,
+                "start_step": self._start,
+                **self._clipping_header(),
+                "thresholds": self.thresholds.as_dict(),
+            },
+        )
 
     # ----------------------------------------------------------------------------- use
     @property
@@ -1063,9 +1072,12 @@ class Monitor:
         window = [v for v in self.losses[self._loss_mark :] if math.isfinite(v)]
         if window:
             if not self._window_means:
-                self._first_window_diverged = d.state == State.DIVERGED
+                self._first_window_diverged = (  # not a kink's curvature-only verdict,
+                    d.state == State.DIVERGED and not self._curvature_alone  # which lowered
+                )  # the explosion limit to the lucky first batch's (a review)
             self._window_means.append(sum(window) / len(window))
-            self._best_mean = min(self._best_mean or math.inf, self._window_means[-1])
+            low = math.inf if self._best_mean is None else self._best_mean  # (0.0 is a mean)
+            self._best_mean = min(low, self._window_means[-1])
             self._low = min(window) if self._low is None else min(self._low, *window)
         self._loss_mark = len(self.losses)
         return d
