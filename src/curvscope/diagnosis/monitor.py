@@ -1018,27 +1018,9 @@ class Monitor:
         self._check_mode()
         self._agree_window()
         d = self._with_history(d)
-        # what later steps decide on (an early probe, a check's alarm) is rank 0's verdict:
-        # the training losses are the ranks' mean now (_agree_window), but a history rule may
-        # still read a fact of this rank's (whether its loss is the probe's full batch), and
-        # every rank must decide alike
         was_curvature_alone = self._curvature_alone
-        code, alone = _agreed(
-            [float(d.state.code), float(self._diverged_by_curvature(d))], self.model, op="rank0"
-        )
-        self._state, self._curvature_alone = d.state, bool(alone)
-        if int(code) != d.state.code:
-            self._state = next((x for x in State if x.code == int(code)), d.state)
-        self._remember_growth(d)
-        self._probe_factor = self._limit_factor()  # inf at η = 0: any rate halves it
-        self._probe_sharpness = (
-            effective_sharpness(d.evidence),
-            d.evidence.get("stability_limit"),
-        )
-        self._probe_loss = d.evidence["loss"] if math.isfinite(d.evidence["loss"]) else None
-        if "top" in d.vectors:
-            self._vectors = torch.stack([d.vectors["top"], d.vectors["bottom"]], dim=1)
-            self._vector_names = tuple(d.evidence.get("layer_shares") or ())
+        self._agree_state(d)
+        self._remember(d)
         previous = self.history[-1].state if self.history else None
         if self.history:  # only the last keeps its eigenvectors: every probe's 2n numbers were
             self.history[-1] = dataclasses.replace(self.history[-1], vectors={})  # kept (GPU)
@@ -1069,6 +1051,38 @@ class Monitor:
         self._last_probe_seconds = time.perf_counter() - start
         self.probe_seconds += self._last_probe_seconds
         self._plan()
+        self._close_window(d)
+        return d
+
+    def _agree_state(self, d: Diagnosis) -> None:
+        """What later steps decide on (an early probe, a check's alarm): rank 0's verdict, and
+        whether it is a curvature-only *diverged*. The training losses are the ranks' mean now
+        (_agree_window), but a history rule may still read a fact of this rank's (whether its
+        loss is the probe's full batch), and every rank must decide alike."""
+        code, alone = _agreed(
+            [float(d.state.code), float(self._diverged_by_curvature(d))], self.model, op="rank0"
+        )
+        self._state, self._curvature_alone = d.state, bool(alone)
+        if int(code) != d.state.code:
+            self._state = next((x for x in State if x.code == int(code)), d.state)
+
+    def _remember(self, d: Diagnosis) -> None:
+        """What the steps until the next probe read of this one: the sharpness's growth, the
+        limit's factor, the sharpness and limit, the loss, the warm start."""
+        self._remember_growth(d)
+        self._probe_factor = self._limit_factor()  # inf at η = 0: any rate halves it
+        self._probe_sharpness = (
+            effective_sharpness(d.evidence),
+            d.evidence.get("stability_limit"),
+        )
+        self._probe_loss = d.evidence["loss"] if math.isfinite(d.evidence["loss"]) else None
+        if "top" in d.vectors:
+            self._vectors = torch.stack([d.vectors["top"], d.vectors["bottom"]], dim=1)
+            self._vector_names = tuple(d.evidence.get("layer_shares") or ())
+
+    def _close_window(self, d: Diagnosis) -> None:
+        """The training losses since the previous probe: their mean, the lowest mean and loss
+        so far; a new window starts."""
         window = [v for v in self.losses[self._loss_mark :] if math.isfinite(v)]
         if window:
             if not self._window_means:
@@ -1080,7 +1094,6 @@ class Monitor:
             self._best_mean = min(low, self._window_means[-1])
             self._low = min(window) if self._low is None else min(self._low, *window)
         self._loss_mark = len(self.losses)
-        return d
 
     def _diverged_by_curvature(self, d: Diagnosis) -> bool:
         """Whether ``d`` says *diverged* on its curvature alone — not confident, its loss finite

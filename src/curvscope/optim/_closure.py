@@ -377,8 +377,9 @@ def grad_edited(params: Sequence[Tensor], own: Sequence[Tensor]) -> bool:
         reduced.append((size < o.abs() * (1 - EDIT_TOLERANCE)).any())
     if not reduced:
         return False
-    ok = torch.stack(within).all() if within else torch.ones((), dtype=torch.bool)
-    return bool(ok & torch.stack(reduced).any())
+    if within:
+        return bool(torch.stack(within).all() & torch.stack(reduced).any())
+    return bool(torch.stack(reduced).any())
 
 
 def warn_grad_edits(name: str, params: Sequence[Tensor], own: Sequence[Tensor]) -> None:
