@@ -84,6 +84,39 @@ class Tied(nn.Module):
         return self.dec(torch.tanh(self.mid(self.emb(x))))
 
 
+class KinkNorm(nn.Module):
+    """A tanh layer and its rows' norm ‖h‖ beside it: no second derivative where a row of h is 0
+    (a zero input through the bias-free layer), so products there are NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.out = nn.Linear(5, 6, bias=False), nn.Linear(7, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inner(x))
+        return self.out(torch.cat([h, h.norm(dim=1, keepdim=True)], 1))
+
+
+class RunningScale(nn.Module):
+    """A running statistic the forward updates in place, held as a buffer or as a plain tensor
+    attribute (which curvscope cannot pass a copy of)."""
+
+    def __init__(self, as_buffer: bool = False) -> None:
+        super().__init__()
+        self.inner, self.out = nn.Linear(5, 6), nn.Linear(6, 3)
+        scale = torch.ones(6, dtype=DT)
+        if as_buffer:
+            self.register_buffer("scale", scale)
+        else:
+            self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inner(x)
+        with torch.no_grad():
+            self.scale.mul_(0.5).add_(0.5 * h.pow(2).mean(0))
+        return self.out(torch.tanh(h / self.scale.sqrt()))
+
+
 class LSTMHead(nn.Module):
     def __init__(self) -> None:
         super().__init__()

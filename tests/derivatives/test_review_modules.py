@@ -341,19 +341,12 @@ def test_a_curvature_nan_at_a_kink_is_not_a_confident_divergence():
     outside review). It is not confident now, and the advice names the other cause and how to
     find it."""
 
-    class Norm(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner, self.out = nn.Linear(5, 6, bias=False), nn.Linear(7, 3)
-
-        def forward(self, x):
-            h = torch.tanh(self.inner(x))
-            return self.out(torch.cat([h, h.norm(dim=1, keepdim=True)], 1))
-
     torch.manual_seed(1)
     x = torch.randn(64, 5, dtype=DT)
     x[:8] = 0
-    d = cs.diagnose(Norm().to(DT), nn.CrossEntropyLoss(), (x, torch.randint(0, 3, (64,))), lr=0.5)
+    d = cs.diagnose(
+        cases.KinkNorm().to(DT), nn.CrossEntropyLoss(), (x, torch.randint(0, 3, (64,))), lr=0.5
+    )
     assert d.state == State.DIVERGED and not d.confident
     assert d.evidence["loss"] == pytest.approx(1.14, abs=0.01)
     assert any("detect_anomaly" in a for a in d.advice)
@@ -366,32 +359,16 @@ def test_a_forward_that_updates_a_plain_tensor_attribute_is_said_with_the_fix():
     products of one vector came out 24% apart, eigenvalues "converged" (an outside review).
     Said at the first forward, naming register_buffer; registered, it is left as found."""
 
-    class Running(nn.Module):
-        def __init__(self, as_buffer: bool) -> None:
-            super().__init__()
-            self.inner, self.out = nn.Linear(5, 6), nn.Linear(6, 3)
-            scale = torch.ones(6, dtype=DT)
-            if as_buffer:
-                self.register_buffer("scale", scale)
-            else:
-                self.scale = scale
-
-        def forward(self, x):
-            h = self.inner(x)
-            with torch.no_grad():
-                self.scale.mul_(0.5).add_(0.5 * h.pow(2).mean(0))
-            return self.out(torch.tanh(h / self.scale.sqrt()))
-
     torch.manual_seed(0)
     data = (torch.randn(32, 5, dtype=DT), torch.randint(0, 3, (32,)))
-    plain = Running(as_buffer=False).to(DT)
+    plain = cases.RunningScale(as_buffer=False).to(DT)
     with pytest.warns(
         cs.derivatives.AttributeWriteWarning, match=r"\['scale'\].*register_buffer"
     ) as said:
         C = cs.Curvature(plain, nn.CrossEntropyLoss(), data)
         C @ torch.ones(C.num_params, dtype=DT)
     assert said[0].filename == __file__ and "register_buffer" in C.notes[-1]
-    held = Running(as_buffer=True).to(DT)
+    held = cases.RunningScale(as_buffer=True).to(DT)
     before = cases.snapshot(held)
     with warnings.catch_warnings():
         warnings.simplefilter("error", cs.derivatives.AttributeWriteWarning)
@@ -407,20 +384,8 @@ def test_the_finite_difference_backend_restores_a_tensor_attribute_its_forward_u
     a word (a review). It is restored with the buffers now — but not a view of a parameter,
     which the step itself moves."""
 
-    class Running(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner, self.out = nn.Linear(5, 6), nn.Linear(6, 3)
-            self.scale = torch.ones(6, dtype=DT)
-
-        def forward(self, x):
-            h = self.inner(x)
-            with torch.no_grad():
-                self.scale.mul_(0.5).add_(0.5 * h.pow(2).mean(0))
-            return self.out(torch.tanh(h / self.scale.sqrt()))
-
     torch.manual_seed(0)
-    model = Running().to(DT)
+    model = cases.RunningScale().to(DT)
     data = (torch.randn(32, 5, dtype=DT), torch.randint(0, 3, (32,)))
     before = cases.snapshot(model)
     scale = model.scale.clone()

@@ -809,20 +809,13 @@ def test_a_kinked_models_first_window_does_not_lower_its_explosion_limit():
     set the explosion limit and one noisy batch of 3.0 read *diverged*, confident, "restore
     the last good checkpoint" (a review). The first window's mean guards it, as for any."""
 
-    class Norm(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner, self.out = nn.Linear(5, 6, bias=False), nn.Linear(7, 3)
-
-        def forward(self, x):
-            h = torch.tanh(self.inner(x))
-            return self.out(torch.cat([h, h.norm(dim=1, keepdim=True)], 1))
-
     torch.manual_seed(1)
     x = torch.randn(64, 5, dtype=torch.float64)
     x[:8] = 0
     data = (x, torch.randint(0, 3, (64,)))
-    mon = cs.Monitor(Norm().double(), nn.CrossEntropyLoss(), data, lr=0.5, every=10, update_every=0)
+    mon = cs.Monitor(
+        cases.KinkNorm().double(), nn.CrossEntropyLoss(), data, lr=0.5, every=10, update_every=0
+    )
     for loss in [0.002] + [0.01] * 24 + [3.0] + [0.01] * 14:
         mon.step(loss)
     assert all(d.state == State.DIVERGED and not d.confident for d in mon.history)

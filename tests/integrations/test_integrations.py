@@ -80,6 +80,8 @@ def _fit_lightning(
     algorithm=None,
     ckpt_path=None,
     losses=None,
+    callback=None,
+    crash_at=None,
 ):
     """A LightningModule over the MLP of tests.cases (SGD with momentum) fitted with the
     callback (``clip``: the trainer's gradient_clip_val; ``norms``: a list the module appends
@@ -101,6 +103,8 @@ def _fit_lightning(
             return self.net(x)
 
         def training_step(self, batch, batch_idx):
+            if crash_at is not None and self.global_step >= crash_at:
+                raise RuntimeError("out of memory (simulated)")
             x, y = batch
             loss = nn.functional.cross_entropy(self(x), y)
             if losses is not None:
@@ -118,7 +122,7 @@ def _fit_lightning(
     data = torch.utils.data.TensorDataset(*case.data)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
     log = tmp_path / "run.jsonl"
-    cb = CurvscopeCallback(nn.CrossEntropyLoss(), case.data, every=every, log=log)
+    cb = callback or CurvscopeCallback(nn.CrossEntropyLoss(), case.data, every=every, log=log)
     trainer = lightning.Trainer(
         max_steps=max_steps,
         accumulate_grad_batches=accumulate,
@@ -555,54 +559,21 @@ def test_a_crashed_run_retried_with_the_same_callback_writes_to_the_same_log(tmp
     Trainer call no end-of-training hook then — so its log stayed locked and the user's retry
     with the same callback raised LogInUseError (a review). Lightning's on_exception closes
     it; both callbacks close a Monitor still open when training starts again."""
-    import lightning
     from transformers import Trainer, TrainerCallback
 
     from curvscope.integrations.lightning import CurvscopeCallback
     from curvscope.integrations.transformers import CurvscopeTrainerCallback
 
     case = cases.mlp(n=32)
-    crash = [True]
-
-    class Module(lightning.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = case.model
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            if crash[0] and self.global_step >= 2:
-                raise RuntimeError("out of memory (simulated)")
-            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*case.data), batch_size=8)
     log = tmp_path / "lightning.jsonl"
     cb = CurvscopeCallback(nn.CrossEntropyLoss(), case.data, every=1, log=log, log_mode="a")
-
-    def fit():
-        lightning.Trainer(
-            max_steps=4,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[cb],
-            default_root_dir=tmp_path,
-        ).fit(Module(), loader)
-
     with pytest.raises(RuntimeError, match="simulated"):
-        fit()
-    crash[0] = False
-    fit()
+        _fit_lightning(tmp_path, max_steps=4, every=1, batch_size=8, callback=cb, crash_at=2)
+    _fit_lightning(tmp_path, max_steps=4, every=1, batch_size=8, callback=cb)
     assert cs.diagnosis.runlog.count_runs(log) == 2
 
     ids, labels, train = _hf_data(16)
+    crash = [True]
 
     class Crash(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -620,7 +591,6 @@ def test_a_crashed_run_retried_with_the_same_callback_writes_to_the_same_log(tmp
     trainer = Trainer(
         model=_tiny_bert(), args=_hf_args(tmp_path), train_dataset=train, callbacks=[hf, Crash()]
     )
-    crash[0] = True
     with pytest.raises(RuntimeError, match="simulated"):
         trainer.train()
     crash[0] = False
