@@ -347,7 +347,7 @@ class ClosureWroteWarning(UserWarning):
 
 
 class ClosureGradIgnoredWarning(UserWarning):
-    """A closure clipped or masked ``.grad``, which a model-step method does not read
+    """A closure clipped, scaled or masked ``.grad``, which a model-step method does not read
     (:func:`warn_grad_edits`)."""
 
 
