@@ -221,8 +221,9 @@ class Monitor:
 
     Between probes a step records the loss (and, now and then, the cheap tier below). At each
     probe :func:`~curvscope.diagnose` runs on ``probe_data``, warm-started from the previous
-    probe's eigenvectors and measuring only what the verdict needs (``adaptive``), so it costs
-    a few products; history refines its verdict
+    probe's eigenvectors (every :data:`REFRESH_PROBES`-th probe, and one after the limit
+    halved, from a random start) and measuring only what the verdict needs (``adaptive``), so
+    it costs a few products; history refines its verdict
     (:func:`~curvscope.diagnosis.classify.classify_history`):
 
     - **diverged** when the loss is not finite or above ``EXPLOSION`` (1e3) times the first
