@@ -152,7 +152,7 @@ from curvscope.derivatives.objective import (
     Batch,
     ModelObjective,
     few,
-    tensor_attributes,
+    plain_tensors,
     walk_graph,
 )
 
@@ -554,26 +554,22 @@ class _Kept:
             self.values = self.zero3.zero3.values(self.zero3)
         self.all_params = list(model.parameters())
         self.grads = [p.grad for p in self.all_params]
-        self.buffers = [
-            (m._buffers, name, b, None if b is None else b.detach().clone())
-            for m in model.modules()
-            for name, b in m._buffers.items()
-        ]
         # and the tensors held as plain attributes: a forward that updated one (a running
         # statistic kept as self.scale) moved it at every evaluation, two products of one
-        # vector 86% apart (a review)
-        if engine.sharded or self.zero3 is not None:  # an engine's own attributes: its own
-            return
-        weights = {
-            p.untyped_storage().data_ptr()
-            for p in model.parameters()
-            if p.numel() and p.layout == torch.strided and not zero3.is_dtensor(p)
-        }
-        self.buffers += [
-            (vars(m), key, t, t.detach().clone())
-            for _, m, key, t in tensor_attributes(model)
-            if t.numel() == 0 or t.untyped_storage().data_ptr() not in weights  # no view of θ
-        ]
+        # vector 86% apart (a review) — not an engine's (sharded: its own), nor a view of θ
+        plain = not engine.sharded and self.zero3 is None
+        weights = _storages(model) if plain else set()
+        self.buffers = []  # (where it is held, its name, the tensor, its values)
+        for m in model.modules():
+            self.buffers += [
+                (m._buffers, name, b, None if b is None else b.detach().clone())
+                for name, b in m._buffers.items()
+            ]
+            self.buffers += [
+                (vars(m), key, t, t.detach().clone())
+                for key, t in (plain_tensors(m) if plain else ())
+                if t.numel() == 0 or t.untyped_storage().data_ptr() not in weights
+            ]
 
     def restore_buffers(self) -> None:
         for holder, name, b, value in self.buffers:
@@ -600,6 +596,15 @@ class _Kept:
         for p, g in zip(self.all_params, self.grads, strict=True):
             p.grad = g
         self.restore_buffers()
+
+
+def _storages(model: nn.Module) -> set[int]:
+    """Where the model's plain parameters' memory starts (a tensor that shares it is a view)."""
+    return {
+        p.untyped_storage().data_ptr()
+        for p in model.parameters()
+        if p.numel() and p.layout == torch.strided and not zero3.is_dtensor(p)
+    }
 
 
 def _check_aliases(model: nn.Module, params: Mapping[str, Tensor], engine: _Engine) -> None:

@@ -224,6 +224,14 @@ def tensor_attributes(model: nn.Module) -> list[tuple[str, nn.Module, str, Tenso
     return [
         (f"{name}.{key}" if name else key, mod, key, value)
         for name, mod in model.named_modules()
+        for key, value in plain_tensors(mod)
+    ]
+
+
+def plain_tensors(mod: nn.Module) -> list[tuple[str, Tensor]]:
+    """One module's tensors of :func:`tensor_attributes`: (attribute, tensor)."""
+    return [
+        (key, value)
         for key, value in vars(mod).items()
         if isinstance(value, Tensor)
         and not isinstance(value, nn.Parameter)

@@ -449,12 +449,8 @@ def _diverged_advice(ev: Mapping[str, Any]) -> list[str]:
         f"Restore the last good checkpoint and lower the learning rate (or {clip}); look for "
         "NaN/Inf in the data and for overflow in the model."
     ]
-    curvature = [ev.get(k) for k in ("sharpness", "batch_sharpness")]
-    if (
-        _finite(ev.get("loss"))
-        and _finite(ev.get("grad_norm"))
-        and any(c is not None and not math.isfinite(c) for c in curvature)
-    ):  # the curvature alone was not finite
+    curvature = (ev.get("sharpness"), ev.get("batch_sharpness"))
+    if _finite(ev.get("loss")) and _finite(ev.get("grad_norm")) and _overflowed(*curvature):
         advice.append(  # (a model at its initialisation read "restore the last good checkpoint")
             "If the loss has not risen, look for an operation without a second derivative "
             "here instead: torch.autograd.detect_anomaly() around the call names the one whose "
@@ -820,6 +816,12 @@ def _finite(x: Any) -> bool:
     return x is not None and math.isfinite(x)
 
 
+def _overflowed(*curvature: float | None) -> bool:
+    """Whether a measured curvature (the sharpness, the batch sharpness) is not finite: its
+    products overflowed, or met an operation without a second derivative."""
+    return any(c is not None and not math.isfinite(c) for c in curvature)
+
+
 def _diverged(f: Facts) -> list[str] | None:
     if f.limit is not None and math.isnan(f.limit):  # what diagnose sets it to: see there
         return [
@@ -829,7 +831,7 @@ def _diverged(f: Facts) -> list[str] | None:
         ]
     if not (_finite(f.loss) and _finite(f.g)):
         return [f"the loss ({f.loss}) or the gradient norm ({f.g}) is not finite"]
-    if any(c is not None and not math.isfinite(c) for c in (f.s, f.bs)):  # overflowed
+    if _overflowed(f.s, f.bs):
         return [
             f"the loss ({f.loss:.4g}) and the gradient are finite but the curvature is not: "
             "its products (or a training batch's loss, for the batch sharpness) overflowed, as "

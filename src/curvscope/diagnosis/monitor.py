@@ -779,10 +779,9 @@ class Monitor:
             return None
         return self._vectors
 
-    def _limit_halved(self) -> bool:
+    def _limit_halved(self, factor: float | None) -> bool:
         """Whether a schedule has lowered the stability limit by :data:`LIMIT_HALVED` since the
-        last probe (its hyperparameter part c/η)."""
-        factor = self._limit_factor()
+        last probe: ``factor``, its hyperparameter part c/η now (:meth:`_limit_factor`)."""
         if self._probe_factor is None or factor is None or not 0 < factor < math.inf:
             return False  # (η = 0: no step to overshoot)
         return LIMIT_HALVED * factor <= self._probe_factor
@@ -794,7 +793,8 @@ class Monitor:
         probe warm-started from them read 0.248 for 0.3), whether the forecast or the cadence
         called it, or after :data:`REFRESH_PROBES` − 1 warm starts in a row."""
         v0 = self._warm_start()
-        if v0 is None or self._limit_halved() or self._warm_in_a_row >= REFRESH_PROBES - 1:
+        halved = self._limit_halved(self._limit_factor())
+        if v0 is None or halved or self._warm_in_a_row >= REFRESH_PROBES - 1:
             self._warm_in_a_row = 0
             return None
         self._warm_in_a_row += 1
@@ -825,7 +825,7 @@ class Monitor:
             return False
         if not 0 < factor < math.inf:  # η = 0: no step to overshoot
             return False
-        if self._limit_halved():
+        if self._limit_halved(factor):  # (the factor read once a step: mon.step's hot path)
             return True
         s, limit = self._probe_sharpness
         if s is None or limit is None or not math.isfinite(limit) or s <= 0:

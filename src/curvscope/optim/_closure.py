@@ -372,9 +372,9 @@ def grad_edited(params: Sequence[Tensor], own: Sequence[Tensor]) -> bool:
             reduced.append(o.ne(0).any())
             continue
         g = g.detach()
-        size, bound = g.abs(), o.abs() * (1 + EDIT_TOLERANCE)
-        within.append(((size <= bound) & (g * o >= 0)).all())
-        reduced.append((size < o.abs() * (1 - EDIT_TOLERANCE)).any())
+        size, own_size = g.abs(), o.abs()
+        within.append(((size <= own_size * (1 + EDIT_TOLERANCE)) & (g * o >= 0)).all())
+        reduced.append((size < own_size * (1 - EDIT_TOLERANCE)).any())
     if not reduced:
         return False
     if within:

@@ -226,6 +226,9 @@ class ModelStepOptimizer(CurvscopeOptimizer):
     #: the closure the curvature products come from this step, when not the step's own
     #: (set by Hessian-free's ``step(closure, curvature_closure=...)``)
     _curvature_closure: Closure | None = None
+    #: the steps whose closure's ``.grad`` was compared (:data:`GRAD_CHECKS` at most); the
+    #: class's 0 until the first (and for an optimizer unpickled without it)
+    _grad_checks = 0
 
     @property
     def descent(self) -> Descent:
@@ -252,7 +255,6 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         group = self.param_groups[0]
         asked = self._asked()
         self._set_global({search.key: asked["asked"], **descent.init(group), **asked})
-        self._grad_checks = 0  # steps whose closure's .grad was compared (GRAD_CHECKS at most)
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
         """The group's ``tolerance_grad``, and (a method's own) its size and settings: read from
@@ -311,8 +313,8 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         params = snapshot.params
         products_before = counts.products
         ev = Evaluation(params, closure, counts, group=self.group)
-        if ev.ran_backward and getattr(self, "_grad_checks", 0) < GRAD_CHECKS:
-            self._grad_checks = getattr(self, "_grad_checks", 0) + 1  # (a pickled one: unset)
+        if ev.ran_backward and self._grad_checks < GRAD_CHECKS:
+            self._grad_checks += 1
             warn_grad_edits(type(self).__name__, params, ev.grads)
         after = rng_now()  # where the step leaves the RNG: one forward's draws, as torch's
         gnorm = float(ev.flat_grad.norm())
