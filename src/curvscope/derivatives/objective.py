@@ -209,12 +209,6 @@ def refuse_complex(named: Iterable[tuple[str, Tensor]]) -> None:
             )
 
 
-class AttributeWriteWarning(UserWarning):
-    """A model's forward wrote in place into a tensor held as a plain attribute, not a buffer
-    (:meth:`ModelObjective._attributes_written`): curvscope cannot pass a copy of it, so every
-    product moved it."""
-
-
 def tensor_attributes(model: nn.Module) -> list[tuple[str, nn.Module, str, Tensor]]:
     """The tensors the model's modules hold as plain attributes (neither parameters nor
     buffers) that a forward could update in place: (name, module, attribute, tensor). Dense
@@ -1190,6 +1184,9 @@ class ModelObjective:
         self._first_call = True
         #: the parameters a forward writes into, passed as copies (:meth:`_written_in_forward`)
         self._written: set[str] = set()
+        #: the tensors held as plain attributes that a forward writes into in place, passed
+        #: as copies (:meth:`_attributes_written`): (name, module, attribute)
+        self._attributes: list[tuple[str, nn.Module, str]] = []
         #: the batches whose adapted loss was checked against the model's own (loss_fn=None)
         self._own_checked: set[int] = set()
         #: the batches whose reduction was checked (:meth:`_check_reduction_over_rows`)
@@ -1495,7 +1492,9 @@ class ModelObjective:
         """Fresh differentiable copies (sharing storage) of the selected parameters."""
         return {k: p.detach().requires_grad_(True) for k, p in self.params.items()}
 
-    def _state(self, theta: Mapping[str, Tensor]) -> dict[str, Any]:
+    def _state(
+        self, theta: Mapping[str, Tensor], attributes: Sequence[tuple[str, Tensor]] = ()
+    ) -> dict[str, Any]:
         """Every parameter and buffer a forward reads, in each module that holds it (a weight
         tied between two modules under both names, so that ``functional_call`` need not search
         the model for ties again): ``theta`` for the selected parameters (every name of a tied
@@ -1505,7 +1504,8 @@ class ModelObjective:
         updates the copies, but torch's fused quantization-aware ``ConvBn`` modules read
         their ``bn``'s running variance themselves (every product raised torch's bare
         "running_var must not be None": an outside review). One walk over the modules, each
-        module once."""
+        module once. ``attributes`` (name, tensor): plain tensor attributes passed as copies
+        too, as buffers are (:meth:`_attributes_written`)."""
         params: list[tuple[str, Tensor]] = []
         state: dict[str, Any] = {}
         copies: dict[int, Tensor] = {}
@@ -1519,6 +1519,10 @@ class ModelObjective:
                     if id(b) not in copies:
                         copies[id(b)] = b.clone()
                     state[prefix + name] = copies[id(b)]
+        for name, t in attributes:  # one copy of a tensor two modules hold (or a buffer)
+            if id(t) not in copies:
+                copies[id(t)] = t.clone()
+            state[name] = copies[id(t)]
         state.update(self._parameters_passed(params, theta))
         return state
 
@@ -1661,13 +1665,15 @@ class ModelObjective:
         """The model's own output on the batch at parameters ``theta`` (keyword arguments
         ``extra`` added to the batch's)."""
         args, kwargs = self.arguments(batch, **extra)
-        state = self._state(theta)
         # once per operator: torch's warning of a reentrant checkpoint, heard (a model that
         # checkpoints only in some batches or modes is judged by its first forward), and a
-        # forward that writes into its parameters seen
+        # forward that writes into its parameters or its plain tensor attributes seen (every
+        # one of those passed as a copy this once)
         if self._first_call:
+            held = tensor_attributes(self.model)
+            state = self._state(theta, [(k, t) for k, _, _, t in held])
             versions = [(k, p, p._version) for k, p in self.model.named_parameters()]
-            attributes = [(k, t, t._version) for k, _, _, t in tensor_attributes(self.model)]
+            copies = [(k, mod, key, state[k], state[k]._version) for k, mod, key, _ in held]
             with warnings.catch_warnings(record=True) as said:
                 warnings.simplefilter("always")
                 out = functional_call(self.model, state, args, kwargs or None, tie_weights=False)
@@ -1677,8 +1683,9 @@ class ModelObjective:
             for w in said:  # the model's other warnings, as they were
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             self._written_in_forward([k for k, p, v in versions if p._version != v])
-            self._attributes_written([k for k, t, v in attributes if t._version != v])
+            self._attributes_written([(k, m, a) for k, m, a, t, v in copies if t._version != v])
             return out
+        state = self._state(theta, self._attributes_now() if self._attributes else ())
         return functional_call(self.model, state, args, kwargs or None, tie_weights=False)
 
     def _written_in_forward(self, written: list[str]) -> None:
@@ -1699,23 +1706,29 @@ class ModelObjective:
         self.notes.append(note)
         warnings.warn(note, ParameterWriteWarning, stacklevel=callers_level())
 
-    def _attributes_written(self, written: list[str]) -> None:
+    def _attributes_written(self, written: list[tuple[str, nn.Module, str]]) -> None:
         """A forward that updates a tensor it holds as a plain attribute in place (a running
-        statistic kept as ``self.scale = torch.ones(...)``) updated the user's at every
-        product — it is no buffer, so curvscope passes no copy — and the operator changed
-        between products: two products of one vector 24% apart through a loader, eigenvalues
-        "converged" (an outside review). Said, with the fix."""
+        statistic kept as ``self.scale = torch.ones(...)``, no ``register_buffer``) moved the
+        user's at every product, and the operator changed between products: two products of
+        one vector 24% apart through a loader, eigenvalues "converged" (an outside review).
+        Such attributes are passed as copies, as buffers are: the first forward passes a copy
+        of every plain tensor attribute and sees which were written; the later forwards copy
+        those (``functional_call`` swaps a module's plain attributes as it does its buffers).
+        Said in the notes."""
         if not written:
             return
-        note = (
-            f"the model's forward writes in place into {few(written)}, held as plain tensor "
-            "attributes rather than buffers: curvscope cannot pass copies of them, so each of "
-            "its forwards moves them, and the curvature changes from one product to the next; "
-            "register them with module.register_buffer(...), whose values curvscope passes as "
-            "copies"
+        self._attributes = written
+        self.notes.append(
+            f"the model's forward writes in place into {few([k for k, _, _ in written])}, "
+            "held as plain tensor attributes: curvscope passes copies of them, as it does "
+            "buffers, so each product sees them as found and your model keeps them"
         )
-        self.notes.append(note)
-        warnings.warn(note, AttributeWriteWarning, stacklevel=callers_level())
+
+    def _attributes_now(self) -> list[tuple[str, Tensor]]:
+        """The written plain attributes (:meth:`_attributes_written`) as the model holds them
+        now: a forward may have replaced one, or a later one left it something else."""
+        now = [(k, getattr(mod, key, None)) for k, mod, key in self._attributes]
+        return [(k, t) for k, t in now if isinstance(t, Tensor) and t.layout == torch.strided]
 
     def raw_forward(self, theta: Mapping[str, Tensor], batch: Batch) -> Any:
         """Model outputs at parameters ``theta``, unchecked (usable inside torch.func
