@@ -465,16 +465,18 @@ def test_a_tied_weight_by_either_name():
     assert both.num_params == C.num_params == V * 4
 
 
-def test_a_tied_embedding_has_no_padding_row_note():
+def test_a_tied_embeddings_padding_row_note_says_what_the_operator_is():
     """BERT's word embeddings have a padding row; tied to the MLM decoder, that row's gradient
-    is not zero, so the note would be wrong there (and is right untied)."""
+    is not zero, so the P·H·P note would be wrong there (and is right untied): the note says
+    what the operator is instead (the test of it: tests/derivatives/test_trust.py)."""
     mlm = cs.Curvature(
         model_of("bert-mlm"),
         None,
         token_batches(3, True),
         params=["cls.predictions.decoder.weight"],
     )
-    assert not any("padding row" in n for n in mlm.notes)
+    assert not any("the operator is P·H·P" in n for n in mlm.notes)
+    assert any("tied to another module" in n and "neither H nor P·H·P" in n for n in mlm.notes)
     single = cs.Curvature(
         model_of("bert-single"),
         None,

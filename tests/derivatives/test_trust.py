@@ -701,6 +701,49 @@ def test_embedding_padding_row_is_projected_out_and_said():
     assert H[:3].abs().sum() > 0  # the row the projection removes is not zero without it
 
 
+def test_a_tied_embeddings_padding_row_is_constant_in_the_lookup_only_and_said():
+    """Tied to an output layer, an embedding's padding row gets a gradient through that layer
+    and none through the lookup: the operator (the derivative of torch's gradient) is the
+    Hessian of the loss with the row constant in the lookup only — neither H nor P·H·P, and
+    nothing said so (λ_max 4.690 for H's 4.733: an outside review)."""
+
+    torch.manual_seed(1)
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.mid = nn.Embedding(7, 4, padding_idx=3), nn.Linear(4, 4)
+            self.out = nn.Linear(4, 7, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.tanh(self.mid(self.emb(idx))))
+
+    model = Tied().double()
+    with torch.no_grad():
+        model.emb.weight[3].normal_()
+    x, y = torch.tensor([0, 1, 2, 2, 3, 3, 3, 5, 6, 1]), torch.randint(0, 7, (10,))
+    C = cs.Curvature(model, nn.CrossEntropyLoss(), (x, y))
+    assert C.param_names == ["emb.weight", "mid.weight", "mid.bias"]
+    sizes = [28, 16, 4]
+    keep = torch.ones(7, 1, dtype=DT)
+    keep[3] = 0
+
+    def loss(theta: torch.Tensor, constant_row: bool) -> torch.Tensor:
+        w, a, b = theta.split(sizes)
+        w, a = w.view(7, 4), a.view(4, 4)
+        looked = w * keep + (w * (1 - keep)).detach() if constant_row else w
+        return F.cross_entropy(torch.tanh(looked[x] @ a.T + b) @ w.T, y)
+
+    theta = torch.cat([p.detach().flatten() for p in (model.emb.weight, *model.mid.parameters())])
+    H_row = torch.func.jacfwd(torch.func.grad(lambda t: loss(t, True)))(theta)
+    H = torch.func.jacfwd(torch.func.grad(lambda t: loss(t, False)))(theta)
+    torch.testing.assert_close(C.to_dense(), H_row, rtol=1e-10, atol=1e-12)
+    assert (H_row - H).abs().max() > 0.1  # not H
+    assert not any("the operator is P·H·P" in n for n in C.notes)
+    assert any("row 3" in n and "tied to another module" in n for n in C.notes)
+
+
 @pytest.mark.parametrize("cache", [True, False])
 def test_a_loss_computed_above_a_bfloat16_models_precision_is_not_rounded(cache):
     """An outside review: a bfloat16 model whose loss upcasts its logits (as Hugging Face's

@@ -604,12 +604,12 @@ def _attention_notes(model: nn.Module, modules: list[nn.Module]) -> list[str]:
 
 
 def padding_rows(
-    model: nn.Module, modules: list[nn.Module], selected: Mapping[str, Tensor]
+    model: nn.Module, modules: list[nn.Module], selected: Mapping[str, Tensor], tied: bool = False
 ) -> dict[str, int]:
     """Selected parameter → its padding row: the row of an embedding (``nn.Embedding`` or
     ``nn.EmbeddingBag`` with ``padding_idx``) that torch's gradient never updates, so the
-    operator is P·H·P. Not for a weight tied to another module (an output layer): that one's
-    gradient updates the row."""
+    operator is P·H·P. Not for a weight tied to another module (an output layer), whose
+    gradient updates the row: ``tied=True`` gives those instead (:func:`_padding_notes`)."""
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
@@ -619,7 +619,7 @@ def padding_rows(
         if not isinstance(m, (nn.Embedding, nn.EmbeddingBag)) or m.padding_idx is None:
             continue
         key = chosen.get(id(m.weight))
-        if key is not None and len(names[id(m.weight)]) == 1:
+        if key is not None and (len(names[id(m.weight)]) > 1) == tied:
             rows[key] = m.padding_idx % m.num_embeddings
     return rows
 
@@ -666,12 +666,21 @@ def _frequency_notes(named: list[tuple[str, nn.Module]]) -> list[str]:
     ]
 
 
-def _padding_notes(rows: Mapping[str, int]) -> list[str]:
+def _padding_notes(rows: Mapping[str, int], tied: Mapping[str, int]) -> list[str]:
+    """What an embedding's padding row makes of the operator. Tied to another module (an
+    output layer sharing the weight), the row is a constant of the lookup only: the operator
+    was then neither H nor P·H·P, unsaid (λ_max 4.690 for H's 4.733: an outside review)."""
     return [
         f"{key}: row {row} is the padding row (padding_idx), which torch's gradient never "
         "updates; the operator is P·H·P, P the projection that zeroes that row, so its rows "
         "and columns of the curvature are 0"
         for key, row in rows.items()
+    ] + [
+        f"{key}: row {row} is the padding row (padding_idx) of an embedding whose weight is "
+        "tied to another module: torch's gradient holds the row constant in the lookup only, "
+        "and the operator is the derivative of that gradient (the Hessian of the loss with "
+        "the row constant in the lookup), neither H nor P·H·P"
+        for key, row in tied.items()
     ]
 
 
@@ -2107,7 +2116,8 @@ class ModelObjective:
         """The notes on what products do differently; sets :attr:`kernel_notes`, those about
         the kernels switched for second derivatives (not said of finite differences, which
         keep the model's own)."""
-        self.kernel_notes = _attention_notes(self.model, [m for _, m in named])
+        modules = [m for _, m in named]
+        self.kernel_notes = _attention_notes(self.model, modules)
         if self._has_rnn:
             self.kernel_notes.append(
                 "cuDNN is disabled during curvature products (cuDNN RNNs have no double backward)"
@@ -2129,7 +2139,7 @@ class ModelObjective:
         return (
             self.kernel_notes
             + (compiled if self.compiled else [])
-            + _padding_notes(self.padding)
+            + _padding_notes(self.padding, padding_rows(self.model, modules, self._params, True))
             + _backward_hook_notes(named)
             + _frequency_notes(named)
         )
