@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import curvscope as cs
-from curvscope.diagnosis import STATES, classify
+from curvscope.diagnosis import STATES, State, classify
 from tests import cases
 
 
@@ -742,3 +742,44 @@ def test_a_small_gradient_past_slight_negative_curvature_reads_the_damped_decrem
         assert "damped by σ" in str(d) and "not at a minimum yet" in str(d)
     else:
         assert d.confident and ev.decrement_converged  # measured: a minimum said with it
+
+
+def test_the_parameters_an_optimizer_does_not_step_are_not_measured():
+    """A head trained by its own optimizer, its backbone left trainable but outside it (an
+    unfinished freeze, or two optimizers): the backbone was measured with step factors of 0 —
+    exact zeros in the spectrum and its gradient in ‖g‖ — so a head at its least-squares minimum
+    read ‖g‖ 0.946 and λ_min 2e-16 (its own 1.6e-6) under "the gradient is small", and no
+    Newton decrement (an outside review). What is measured is what the optimizer steps, as if
+    the backbone were frozen; params= still chooses."""
+
+    torch.manual_seed(0)
+    X = torch.randn(200, 3, dtype=torch.float64)
+    Y = torch.sin(X.sum(1, keepdim=True))
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+    with torch.no_grad():  # the head at its exact minimum given the backbone
+        features = torch.cat([torch.tanh(net[0](X)), torch.ones(200, 1, dtype=X.dtype)], 1)
+        solution = torch.linalg.lstsq(features, Y).solution
+        net[2].weight.copy_(solution[:16].T)
+        net[2].bias.copy_(solution[16])
+    opt = torch.optim.SGD(net[2].parameters(), lr=0.05)
+    d = cs.diagnose(net, nn.MSELoss(), (X, Y), optimizer=opt)
+    head = cs.Curvature(net, nn.MSELoss(), (X, Y), params=["2.weight", "2.bias"])
+    eigs = torch.linalg.eigvalsh(head.to_dense())
+    assert d.state == State.MINIMUM and d.confident
+    assert d.evidence["grad_norm"] < 1e-10
+    assert d.evidence["lambda_min"] == pytest.approx(float(eigs[0]), rel=1e-4)
+    assert d.evidence["newton_decrement"] is not None
+    assert d.vectors["top"].numel() == 17 and set(d.evidence["layer_shares"]) <= {
+        "2.weight",
+        "2.bias",
+    }
+    before = {
+        k: p.detach() - 0.01 * (k in ("2.weight", "2.bias")) for k, p in net.named_parameters()
+    }
+    check = cs.diagnosis.update_curvature(
+        net, nn.MSELoss(), (X, Y), before, opt, top=d.vectors["top"]
+    )
+    assert check.top_curvature == pytest.approx(float(eigs[-1]), rel=1e-6)
+    every = cs.diagnose(net, nn.MSELoss(), (X, Y), optimizer=opt, params=list(net.parameters()))
+    assert every.evidence["grad_norm"] > 0.1  # the backbone's gradient, when asked for

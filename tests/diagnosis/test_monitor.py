@@ -819,3 +819,24 @@ def test_a_kinked_models_first_window_does_not_lower_its_explosion_limit():
     for loss in [0.002] + [0.01] * 24 + [3.0] + [0.01] * 14:
         mon.step(loss)
     assert all(d.state == State.DIVERGED and not d.confident for d in mon.history)
+
+
+def test_a_monitor_measures_the_parameters_its_optimizer_steps():
+    """The backbone left trainable outside the head's optimizer: the probes and the checks
+    measure the head (what a diagnosis measures, tests/diagnosis/test_diagnosis.py), and the
+    warm start carries over between probes of the same parameters."""
+    torch.manual_seed(0)
+    X, Y = torch.randn(64, 3, dtype=torch.float64), torch.randn(64, 1, dtype=torch.float64)
+    net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+    opt = torch.optim.SGD(net[2].parameters(), lr=0.05)
+    mon = cs.Monitor(net, nn.MSELoss(), (X, Y), optimizer=opt, every=10, update_every=3)
+    for _ in range(31):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(net(X), Y)
+        loss.backward()
+        opt.step()
+        mon.step(loss)
+    mon.close()
+    assert len(mon.history) == 3 and mon.updates
+    assert mon.last.vectors["top"].numel() == 17
+    assert mon.history[1].evidence["matvecs"] < mon.history[0].evidence["matvecs"]  # warm

@@ -33,7 +33,13 @@ from curvscope.diagnosis.classify import (
     as_state,
     classify,
 )
-from curvscope.diagnosis.stability import StabilityLimit, check_clip_factor, gathered, limit_of
+from curvscope.diagnosis.stability import (
+    StabilityLimit,
+    check_clip_factor,
+    gathered,
+    limit_of,
+    stepped_selection,
+)
 from curvscope.spectrum import Operator, as_operator, eigenvalues
 from curvscope.spectrum.cg import cg
 from curvscope.spectrum.eigen import (
@@ -400,7 +406,9 @@ def diagnose(
             momentum, weight decay and state set the limit.
         lr: instead of an optimizer: plain gradient descent at this learning rate. With neither,
             stability cannot be judged; the other states can.
-        params: restrict to some parameters (default: all that require grad).
+        params: restrict to some parameters (default: all that require grad — of them, those
+            the optimizer steps, where it steps some only: a trainable backbone left out of
+            a head's optimizer is not measured, and ``vectors`` are over the head).
         budget: cap on curvature products (default 80): Lanczos for both ends, then one
             product along the step direction, then CG with what is left.
         thresholds: what "small" and "margin" mean.
@@ -524,6 +532,8 @@ def _diagnose(
     clip: float | None,
 ) -> Diagnosis:
     start = time.perf_counter()
+    if params is None:  # every product over them: the batch sharpness's too
+        params = stepped_selection(model, optimizer)
     C = _curvature(model, loss_fn, data, params, seed, reduction, products)
     measured = C.objective
     assert measured is not None  # C is built from a model
@@ -649,7 +659,10 @@ def _curvature(
 ) -> Curvature:
     """The Hessian of the model's loss on ``data``, as the diagnosis measures it: by double
     backward (its blocks are small: a warm start of 2 vectors at most), or by finite
-    differences of the model's own gradients where asked."""
+    differences of the model's own gradients where asked. ``params`` None: every parameter
+    that requires grad — :func:`diagnose` and :func:`update_curvature` pass those the
+    optimizer steps, where it steps some only (:func:`~curvscope.diagnosis.stability.
+    stepped_selection`)."""
     return Curvature(
         model,
         loss_fn,
@@ -925,6 +938,8 @@ def update_curvature(
     """
     products = _Products.checked(backend, fd_eps, sharded)
     with _autocast_suspended(model):
+        if params is None:
+            params = stepped_selection(model, optimizer)
         C = _curvature(model, loss_fn, data, params, seed, reduction, products)
         measured = C.objective
         assert measured is not None  # C is built from a model

@@ -75,6 +75,7 @@ from curvscope.diagnosis.stability import (
     check_readable,
     limit_factor,
     optimizer_name,
+    stepped_selection,
 )
 
 logger = logging.getLogger(__name__)
@@ -757,8 +758,13 @@ class Monitor:
 
     def _trainable(self) -> list[tuple[str, Tensor]]:
         """The parameters a probe and a check measure now: those that require grad, of
-        ``params`` where given."""
-        return _named_selection(self.model, self.params)
+        ``params`` where given — else of those the optimizer steps, where it steps some only
+        (:func:`~curvscope.diagnosis.stability.stepped_selection`), as a diagnosis does."""
+        return _named_selection(self.model, self._selection())
+
+    def _selection(self) -> list[Any] | None:
+        """``params``, or the parameters the optimizer steps where it steps some only."""
+        return stepped_selection(self.model, self.optimizer) if self.params is None else self.params
 
     def _trainable_names(self) -> list[str]:
         return [name for name, _ in self._trainable()]
@@ -912,7 +918,7 @@ class Monitor:
         parameters, the seed, the loss's reduction and how the products are computed."""
         return {
             "lr": self.lr,
-            "params": self.params,
+            "params": self._selection(),
             "seed": self.seed,
             "reduction": self.reduction,
             "backend": self._products.backend,

@@ -506,6 +506,24 @@ def _l2(rule: StabilityRule, groups: list[Any], layout: StateLayout) -> Tensor |
     return None if decoupled or not any(wd) else layout.flat(list(wd))
 
 
+def stepped_selection(model: Any, optimizer: object) -> list[torch.nn.Parameter] | None:
+    """The model's parameters that require grad and that ``optimizer`` steps, where it steps
+    some of them but not all — what a diagnosis measures by default: the others, never moved,
+    are no part of the landscape training explores, and measured (their step factors 0) they
+    put exact zeros into the spectrum and their gradient into ‖g‖ (an outside review: a head
+    at its minimum read ‖g‖ 0.946 and λ_min 2e-16, its own 1.6e-6, from a backbone left
+    trainable but outside the optimizer). None where it steps every one, none of them (a
+    DeepSpeed engine's optimizer holds flat partitions of its own), or there is no optimizer
+    (``.optimizer`` holders are looked through by their ``param_groups``)."""
+    groups = getattr(optimizer, "param_groups", None)
+    if groups is None:
+        return None
+    stepped = {id(p) for g in groups for p in g["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    chosen = [p for p in trainable if id(p) in stepped]
+    return chosen if 0 < len(chosen) < len(trainable) else None
+
+
 def check_judgeable(optimizer: object, model: Any = None) -> None:
     """Refuse, without reading any state, an optimizer :func:`stability_limit` has no rule for
     (TypeError, naming ``lr=``), one that maximizes (ValueError), and — given the ``model`` —
