@@ -120,6 +120,25 @@ def test_steps_at_a_minimum_within_rounding_leave_the_size_as_it_was(name):
     assert after <= steps_to_converge(cs.optim.build(name, [w]), XB, yB) + 1
 
 
+def test_newton_cg_past_convergence_does_not_drift_along_an_exact_symmetry():
+    """Softmax regression's loss is unchanged by shifting every class's logits: past
+    convergence the gradient's rounding pointed CG along that null space to the trust boundary
+    at every step, each step kept as "rounding over rounding" and the radius doubling — ‖θ‖
+    0.5 → 222 in 200 steps, the loss unchanged (an outside review). A rounding step the radius
+    set is not taken now; the radius still grows (here until the loss resolves the step and
+    the ratio test rejects it: 2, 4, 8, 2, ...), never collapsing."""
+    params, f = _softmax_regression()
+    opt = cs.optim.NewtonCG(params)
+    norms, radii, untaken = [], [], 0
+    for _ in range(60):
+        opt.step(f)
+        norms.append(float(torch.cat([p.detach().flatten() for p in params]).norm()))
+        radii.append(opt.info.radius)
+        untaken += "within the loss's rounding: not taken" in opt.info.note
+    assert max(norms[15:]) == norms[15] and opt.info.grad_norm < 1e-12, norms[15::15]
+    assert untaken >= 20 and min(radii[15:]) >= 1.0
+
+
 @pytest.mark.parametrize("name", ["newton-cg", "hessian-free"])
 def test_a_float32_loss_of_bfloat16_parameters_is_never_stepped_uphill(name):
     """The rounding taken for "rounding over rounding" was the parameters' dtype's: a bfloat16

@@ -343,9 +343,10 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         del ev, local  # free the graph before the trial forward pass
         actual, ratio, finite = _measure(proposal, f0, trial)
         noise = _within_rounding(proposal, f0, actual, loss_out.dtype)
-        if noise:  # the model taken as agreeing: ρ = 1, the step kept (below)
+        if noise:  # the model taken as agreeing: ρ = 1, the step kept unless the radius set it
             ratio = 1.0
-        accepted = math.isfinite(actual) and (noise or search.accepts(ratio, actual, group))
+        kept = not proposal.boundary if noise else search.accepts(ratio, actual, group)
+        accepted = math.isfinite(actual) and kept
         if not accepted:
             write_flat(params, x0)
         elif proposal.loss_at_step is not None:  # the descent's own trials may have moved on
@@ -396,7 +397,13 @@ def _within_rounding(proposal: Proposal, f0: float, actual: float, loss_dtype: t
     that ρ is rounding over rounding: at a minimum, a method run on past convergence had every
     step rejected on that noise, and its size wrecked — a damping of 2.7e9, a radius of 4.5e-13 —
     so that new data then took 17–43 steps where a fresh optimizer took 4–5 (an outside review).
-    Such a step is kept and ρ read as 1. The rounding is the step's dtype's (the predicted
+    Such a step is kept and ρ read as 1 — but not one on the trust region's boundary, whose
+    length the radius set, not the curvature: along an exact symmetry (softmax regression's
+    shift of every class's logits, where H has no curvature) the gradient's rounding pointed
+    NewtonCG to the boundary at every step, each kept, the radius doubling: ‖θ‖ went 0.5 → 222
+    in 200 steps past convergence, the loss unchanged (an outside review). That step is not
+    taken, and ρ = 1 still grows the radius (a radius too small for any decrease the loss can
+    resolve then grows until one can). The rounding is the step's dtype's (the predicted
     decrease is computed in it), but a measured *increase* is noise only within the loss's own
     rounding (10 eps of its dtype) or one eps of the step's (a bfloat16 model's activations
     round its float32 loss by about that much: 7e-4 relative increases, the diff review, whose
@@ -414,7 +421,9 @@ def _within_rounding(proposal: Proposal, f0: float, actual: float, loss_dtype: t
 def _note(note: str, accepted: bool, finite: bool, noise: bool = False) -> str:
     """The descent's note, and why a step was (not) taken."""
     if noise:
-        why = "the predicted and the measured decrease are within the loss's rounding: kept"
+        why = "the predicted and the measured decrease are within the loss's rounding: " + (
+            "kept" if accepted else "not taken, its length the trust radius's (the radius grows)"
+        )
         return (note + "; " if note else "") + why
     if accepted:
         return note
