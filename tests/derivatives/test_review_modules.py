@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import curvscope as cs
@@ -445,3 +446,37 @@ def test_inference_and_sparse_tensor_attributes_are_left_alone():
     exact = cs.Curvature(model, nn.CrossEntropyLoss(), data) @ v
     fd = cs.Curvature(model, nn.CrossEntropyLoss(), data, backend="finite_difference") @ v
     assert torch.allclose(fd, exact, rtol=1e-5, atol=1e-8)
+
+
+def test_an_attribute_the_forward_sets_anew_keeps_the_forwards_value():
+    """An auxiliary loss the forward stores (``self.aux_loss = ...``, a mixture of experts'
+    balance loss) and the loss reads after it: copying the plain attributes for the first
+    forward put the old value back after it, so the first product left the aux term out and
+    two products of one vector came out 0.64 apart (the diff review of that change). The
+    forward's own value stays, as without the copy."""
+
+    class Aux(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+            self.aux_loss = torch.zeros((), dtype=DT)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.lin(x)
+            self.aux_loss = 0.5 * out.pow(2).mean()
+            return out
+
+    torch.manual_seed(0)
+    model = Aux().to(DT)
+    X, y = torch.randn(16, 4, dtype=DT), torch.randint(0, 3, (16,))
+    C = cs.Curvature(model, lambda out, t: F.cross_entropy(out, t) + model.aux_loss, (X, y))
+    v = torch.randn(C.num_params, dtype=DT, generator=torch.Generator().manual_seed(0))
+    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def loss(t: torch.Tensor) -> torch.Tensor:
+        out = X @ t[:12].view(3, 4).T + t[12:]
+        return F.cross_entropy(out, y) + 0.5 * out.pow(2).mean()
+
+    H = torch.func.jacfwd(torch.func.grad(loss))(theta)
+    torch.testing.assert_close(C @ v, H @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(C @ v, H @ v, rtol=1e-10, atol=1e-12)

@@ -222,6 +222,34 @@ def tensor_attributes(model: nn.Module) -> list[tuple[str, nn.Module, str, Tenso
     ]
 
 
+@contextlib.contextmanager
+def _copied(held: Sequence[tuple[str, nn.Module, str]]) -> Iterator[list[tuple[Tensor, int]]]:
+    """The modules' plain tensor attributes ``held`` (name, module, attribute) set to copies
+    (one copy of a tensor two modules hold) for the block, then the originals put back — where
+    the copy is still there: an attribute the forward set anew (``self.aux_loss = ...``, which a
+    loss may read after it) keeps the forward's value, as without the copy (functional_call,
+    which swaps such names too, put the old one back: a first forward's aux loss was the
+    previous one). Yields (copy, its version) for each; an attribute that no longer holds a
+    dense tensor is left alone (its entry: that and version 0)."""
+    copies: dict[int, Tensor] = {}
+    swapped: list[tuple[nn.Module, str, Any, Any]] = []
+    for _, mod, key in held:
+        t = mod.__dict__.get(key)
+        if isinstance(t, Tensor) and t.layout == torch.strided and not t.is_inference():
+            if id(t) not in copies:
+                copies[id(t)] = t.clone()
+            swapped.append((mod, key, t, copies[id(t)]))
+            mod.__dict__[key] = copies[id(t)]
+        else:
+            swapped.append((mod, key, t, t))
+    try:
+        yield [(c, c._version if isinstance(c, Tensor) else 0) for _, _, _, c in swapped]
+    finally:
+        for mod, key, t, c in swapped:
+            if c is not t and mod.__dict__.get(key) is c:
+                mod.__dict__[key] = t
+
+
 def plain_tensors(mod: nn.Module) -> list[tuple[str, Tensor]]:
     """One module's tensors of :func:`tensor_attributes`: (attribute, tensor)."""
     return [
@@ -1193,8 +1221,8 @@ class ModelObjective:
         self._first_call = True
         #: the parameters a forward writes into, passed as copies (:meth:`_written_in_forward`)
         self._written: set[str] = set()
-        #: the tensors held as plain attributes that a forward writes into in place, passed
-        #: as copies (:meth:`_attributes_written`): (name, module, attribute)
+        #: the tensors held as plain attributes that a forward writes into in place, copies
+        #: during its forwards (:meth:`_attributes_written`): (name, module, attribute)
         self._attributes: list[tuple[str, nn.Module, str]] = []
         #: the batches whose adapted loss was checked against the model's own (loss_fn=None)
         self._own_checked: set[int] = set()
@@ -1501,9 +1529,7 @@ class ModelObjective:
         """Fresh differentiable copies (sharing storage) of the selected parameters."""
         return {k: p.detach().requires_grad_(True) for k, p in self.params.items()}
 
-    def _state(
-        self, theta: Mapping[str, Tensor], attributes: Sequence[tuple[str, Tensor]] = ()
-    ) -> dict[str, Any]:
+    def _state(self, theta: Mapping[str, Tensor]) -> dict[str, Any]:
         """Every parameter and buffer a forward reads, in each module that holds it (a weight
         tied between two modules under both names, so that ``functional_call`` need not search
         the model for ties again): ``theta`` for the selected parameters (every name of a tied
@@ -1513,8 +1539,7 @@ class ModelObjective:
         updates the copies, but torch's fused quantization-aware ``ConvBn`` modules read
         their ``bn``'s running variance themselves (every product raised torch's bare
         "running_var must not be None": an outside review). One walk over the modules, each
-        module once. ``attributes`` (name, tensor): plain tensor attributes passed as copies
-        too, as buffers are (:meth:`_attributes_written`)."""
+        module once."""
         params: list[tuple[str, Tensor]] = []
         state: dict[str, Any] = {}
         copies: dict[int, Tensor] = {}
@@ -1528,10 +1553,6 @@ class ModelObjective:
                     if id(b) not in copies:
                         copies[id(b)] = b.clone()
                     state[prefix + name] = copies[id(b)]
-        for name, t in attributes:  # one copy of a tensor two modules hold (or a buffer)
-            if id(t) not in copies:
-                copies[id(t)] = t.clone()
-            state[name] = copies[id(t)]
         state.update(self._parameters_passed(params, theta))
         return state
 
@@ -1677,13 +1698,12 @@ class ModelObjective:
         # once per operator: torch's warning of a reentrant checkpoint, heard (a model that
         # checkpoints only in some batches or modes is judged by its first forward), and a
         # forward that writes into its parameters or its plain tensor attributes seen (every
-        # one of those passed as a copy this once)
+        # one of those a copy this once)
+        state = self._state(theta)
         if self._first_call:
-            held = tensor_attributes(self.model)
-            state = self._state(theta, [(k, t) for k, _, _, t in held])
             versions = [(k, p, p._version) for k, p in self.model.named_parameters()]
-            copies = [(k, mod, key, state[k], state[k]._version) for k, mod, key, _ in held]
-            with warnings.catch_warnings(record=True) as said:
+            held = [(k, mod, key) for k, mod, key, _ in tensor_attributes(self.model)]
+            with warnings.catch_warnings(record=True) as said, _copied(held) as copies:
                 warnings.simplefilter("always")
                 out = functional_call(self.model, state, args, kwargs or None, tie_weights=False)
             self._first_call = False
@@ -1692,10 +1712,11 @@ class ModelObjective:
             for w in said:  # the model's other warnings, as they were
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             self._written_in_forward([k for k, p, v in versions if p._version != v])
-            self._attributes_written([(k, m, a) for k, m, a, t, v in copies if t._version != v])
+            moved = [a for a, (t, v) in zip(held, copies, strict=True) if t._version != v]
+            self._attributes_written(moved)
             return out
-        state = self._state(theta, self._attributes_now() if self._attributes else ())
-        return functional_call(self.model, state, args, kwargs or None, tie_weights=False)
+        with _copied(self._attributes):
+            return functional_call(self.model, state, args, kwargs or None, tie_weights=False)
 
     def _written_in_forward(self, written: list[str]) -> None:
         """A forward that writes into its parameters in place (a max-norm clamp, weight clipping
@@ -1720,24 +1741,17 @@ class ModelObjective:
         statistic kept as ``self.scale = torch.ones(...)``, no ``register_buffer``) moved the
         user's at every product, and the operator changed between products: two products of
         one vector 24% apart through a loader, eigenvalues "converged" (an outside review).
-        Such attributes are passed as copies, as buffers are: the first forward passes a copy
-        of every plain tensor attribute and sees which were written; the later forwards copy
-        those (``functional_call`` swaps a module's plain attributes as it does its buffers).
-        Said in the notes."""
+        Such attributes are copies during a forward, as buffers are (:func:`_copied`): the
+        first forward copies every plain tensor attribute and sees which were written; the
+        later forwards copy those. Said in the notes."""
         if not written:
             return
         self._attributes = written
         self.notes.append(
             f"the model's forward writes in place into {few([k for k, _, _ in written])}, "
-            "held as plain tensor attributes: curvscope passes copies of them, as it does "
-            "buffers, so each product sees them as found and your model keeps them"
+            "held as plain tensor attributes: curvscope's forwards write into copies of them, "
+            "as of buffers, so each product sees them as found and your model keeps them"
         )
-
-    def _attributes_now(self) -> list[tuple[str, Tensor]]:
-        """The written plain attributes (:meth:`_attributes_written`) as the model holds them
-        now: a forward may have replaced one, or a later one left it something else."""
-        now = [(k, getattr(mod, key, None)) for k, mod, key in self._attributes]
-        return [(k, t) for k, t in now if isinstance(t, Tensor) and t.layout == torch.strided]
 
     def raw_forward(self, theta: Mapping[str, Tensor], batch: Batch) -> Any:
         """Model outputs at parameters ``theta``, unchecked (usable inside torch.func
