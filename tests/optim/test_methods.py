@@ -139,6 +139,25 @@ def test_newton_cg_past_convergence_does_not_drift_along_an_exact_symmetry():
     assert untaken >= 20 and min(radii[15:]) >= 1.0
 
 
+def test_newton_cg_at_its_largest_radius_still_takes_rounding_level_steps():
+    """A rounding-level step on the trust boundary is not taken so that the radius grows; at
+    ``max_radius`` it cannot, and every such step was refused: a float32 loss of 1e4 + BCE under
+    ``max_radius=0.05`` stalled 0.3 above its optimum (the diff review). It is kept there."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(400, 20, generator=g)
+    y = (A @ torch.randn(20, generator=g) > 0).float()
+    w = torch.zeros(20, requires_grad=True)
+
+    def loss() -> torch.Tensor:
+        return 1e4 + nn.functional.binary_cross_entropy_with_logits(A @ w, y) + 1e-3 * (w @ w)
+
+    opt = cs.optim.NewtonCG([w], radius=0.05, max_radius=0.05)
+    for _ in range(40):
+        opt.step(loss)
+        assert opt.info.accepted, opt.info.note
+    assert float(w.norm()) > 1.9  # 40 steps of 0.05 along one direction, about
+
+
 @pytest.mark.parametrize("name", ["newton-cg", "hessian-free"])
 def test_a_float32_loss_of_bfloat16_parameters_is_never_stepped_uphill(name):
     """The rounding taken for "rounding over rounding" was the parameters' dtype's: a bfloat16

@@ -345,7 +345,9 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         noise = _within_rounding(proposal, f0, actual, loss_out.dtype)
         if noise:  # the model taken as agreeing: ρ = 1, the step kept unless the radius set it
             ratio = 1.0
-        kept = not proposal.boundary if noise else search.accepts(ratio, actual, group)
+        kept = search.accepts(ratio, actual, group)
+        if noise:  # (a radius that cannot grow any more: kept, or a small max_radius stalls)
+            kept = not proposal.boundary or search.update(value, 1.0, proposal, group) == value
         accepted = math.isfinite(actual) and kept
         if not accepted:
             write_flat(params, x0)
@@ -403,7 +405,9 @@ def _within_rounding(proposal: Proposal, f0: float, actual: float, loss_dtype: t
     NewtonCG to the boundary at every step, each kept, the radius doubling: ‖θ‖ went 0.5 → 222
     in 200 steps past convergence, the loss unchanged (an outside review). That step is not
     taken, and ρ = 1 still grows the radius (a radius too small for any decrease the loss can
-    resolve then grows until one can). The rounding is the step's dtype's (the predicted
+    resolve then grows until one can) — unless it is at ``max_radius`` already, where the step
+    is kept as before (a float32 loss of 1e4 + BCE under ``max_radius=0.05`` stalled 0.3 above
+    its optimum otherwise: the diff review). The rounding is the step's dtype's (the predicted
     decrease is computed in it), but a measured *increase* is noise only within the loss's own
     rounding (10 eps of its dtype) or one eps of the step's (a bfloat16 model's activations
     round its float32 loss by about that much: 7e-4 relative increases, the diff review, whose
