@@ -209,6 +209,13 @@ def refuse_complex(named: Iterable[tuple[str, Tensor]]) -> None:
             )
 
 
+class AttributeWriteWarning(UserWarning):
+    """A model's forward wrote in place into a tensor held as a plain attribute, not a buffer,
+    that curvscope's first forward could not copy (:meth:`ModelObjective._attributes_written`):
+    one over :data:`COPY_LIMIT` (moved once), or one that views another tensor (moved by every
+    product)."""
+
+
 def tensor_attributes(model: nn.Module) -> list[tuple[str, nn.Module, str, Tensor]]:
     """The tensors the model's modules hold as plain attributes (neither parameters nor
     buffers) that a forward could update in place: (name, module, attribute, tensor). Dense
@@ -222,32 +229,98 @@ def tensor_attributes(model: nn.Module) -> list[tuple[str, nn.Module, str, Tenso
     ]
 
 
+#: the largest plain tensor attribute an operator's first forward copies up front (bytes):
+#: a larger one (a feature table, a memory bank) is watched by its version counter instead —
+#: copying every one cloned a 488 MB table for every operator (the diff review)
+COPY_LIMIT = 64 * 2**20
+
+
 @contextlib.contextmanager
-def _copied(held: Sequence[tuple[str, nn.Module, str]]) -> Iterator[list[tuple[Tensor, int]]]:
+def _copied(held: Sequence[tuple[str, nn.Module, str]]) -> Iterator[dict[str, Tensor]]:
     """The modules' plain tensor attributes ``held`` (name, module, attribute) set to copies
-    (one copy of a tensor two modules hold) for the block, then the originals put back — where
-    the copy is still there: an attribute the forward set anew (``self.aux_loss = ...``, which a
-    loss may read after it) keeps the forward's value, as without the copy (functional_call,
-    which swaps such names too, put the old one back: a first forward's aux loss was the
-    previous one). Yields (copy, its version) for each; an attribute that no longer holds a
-    dense tensor is left alone (its entry: that and version 0)."""
-    copies: dict[int, Tensor] = {}
-    swapped: list[tuple[nn.Module, str, Any, Any]] = []
-    for _, mod, key in held:
+    for the block, then the originals put back — where the copy is still there: an attribute
+    the forward set anew (``self.aux_loss = ...``, which a loss may read after it) keeps the
+    forward's value, as without the copy (functional_call, which swaps such names too, put
+    the old one back: the diff review). Yields the copies by name; an attribute that no
+    longer holds a dense tensor is left alone."""
+    swapped, copies = [], {}
+    for name, mod, key in held:
         t = mod.__dict__.get(key)
         if isinstance(t, Tensor) and t.layout == torch.strided and not t.is_inference():
-            if id(t) not in copies:
-                copies[id(t)] = t.clone()
-            swapped.append((mod, key, t, copies[id(t)]))
-            mod.__dict__[key] = copies[id(t)]
-        else:
-            swapped.append((mod, key, t, t))
+            copies[name] = t.clone()
+            swapped.append((mod, key, t, copies[name]))
+            mod.__dict__[key] = copies[name]
     try:
-        yield [(c, c._version if isinstance(c, Tensor) else 0) for _, _, _, c in swapped]
+        yield copies
     finally:
-        for mod, key, t, c in swapped:
-            if c is not t and mod.__dict__.get(key) is c:
+        for mod, key, t, copy in swapped:
+            if mod.__dict__.get(key) is copy:
                 mod.__dict__[key] = t
+
+
+#: the Python values a forward may keep on its modules as state — a lazily initialised
+#: module's flag, a call counter — which curvscope's forwards put back (:func:`_kept_values`)
+_VALUES = (bool, int, float, str, type(None))
+
+
+@contextlib.contextmanager
+def _kept_values(
+    modules: Sequence[nn.Module], keys: Sequence[tuple[int, str]] | None = None
+) -> Iterator[list[tuple[int, str]]]:
+    """The modules' plain Python values (:data:`_VALUES`) as found, put back after the block:
+    an ActNorm-style module initialised from its first batch (``if not self.initialized:``
+    statistics written, the flag set) kept the flag from curvscope's forward and its
+    statistics from none — buffers and plain tensor attributes are copies — and never
+    normalised again (the diff review). ``keys`` (module index, attribute): the values to
+    keep, where known (those an earlier forward changed); None: all of them, and the list
+    yielded is filled with those the block changed."""
+    found: dict[tuple[int, str], object]
+    if keys is None:
+        found = {
+            (i, k): v
+            for i, m in enumerate(modules)
+            for k, v in vars(m).items()
+            if isinstance(v, _VALUES)
+        }
+    else:
+        found = {(i, k): modules[i].__dict__.get(k, _MISSING) for i, k in keys}
+    changed: list[tuple[int, str]] = []
+    try:
+        yield changed
+    finally:
+        if keys is None:  # a value the block set where there was none: taken away again
+            found.update(
+                ((i, k), _MISSING)
+                for i, m in enumerate(modules)
+                for k, v in list(vars(m).items())
+                if isinstance(v, _VALUES) and (i, k) not in found
+            )
+        for (i, k), v in found.items():
+            now = modules[i].__dict__.get(k, _MISSING)
+            if now is not v and now != v:
+                changed.append((i, k))
+                if v is _MISSING:
+                    del modules[i].__dict__[k]
+                else:
+                    modules[i].__dict__[k] = v
+
+
+_MISSING = object()
+
+
+def _storage(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _storages(attributes: list[Tensor], model: nn.Module) -> dict[int, int]:
+    """How many of the model's distinct tensors — plain attributes, parameters, buffers —
+    use each storage."""
+    tensors = {id(t): t for t in [*attributes, *model.parameters(), *model.buffers()]}
+    counts: dict[int, int] = {}
+    for t in tensors.values():
+        if t.layout == torch.strided and t.device.type != "meta":
+            counts[_storage(t)] = counts.get(_storage(t), 0) + 1
+    return counts
 
 
 def plain_tensors(mod: nn.Module) -> list[tuple[str, Tensor]]:
@@ -1224,6 +1297,10 @@ class ModelObjective:
         #: the tensors held as plain attributes that a forward writes into in place, copies
         #: during its forwards (:meth:`_attributes_written`): (name, module, attribute)
         self._attributes: list[tuple[str, nn.Module, str]] = []
+        #: the modules, and the Python values on them a forward changes, put back after each
+        #: forward (:func:`_kept_values`): (module index, attribute)
+        self._value_modules: list[nn.Module] = []
+        self._values: list[tuple[int, str]] = []
         #: the batches whose adapted loss was checked against the model's own (loss_fn=None)
         self._own_checked: set[int] = set()
         #: the batches whose reduction was checked (:meth:`_check_reduction_over_rows`)
@@ -1691,32 +1768,60 @@ class ModelObjective:
             return (), {**inputs, **extra}
         return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), extra
 
-    def _call(self, theta: Mapping[str, Tensor], batch: Batch, **extra: Any) -> Any:
+    def _call(
+        self, theta: Mapping[str, Tensor], batch: Batch, copies: bool = True, **extra: Any
+    ) -> Any:
         """The model's own output on the batch at parameters ``theta`` (keyword arguments
-        ``extra`` added to the batch's)."""
+        ``extra`` added to the batch's); ``copies=False`` inside a torch.func transform
+        (:meth:`raw_forward`)."""
         args, kwargs = self.arguments(batch, **extra)
         # once per operator: torch's warning of a reentrant checkpoint, heard (a model that
         # checkpoints only in some batches or modes is judged by its first forward), and a
-        # forward that writes into its parameters or its plain tensor attributes seen (every
-        # one of those a copy this once)
+        # forward that writes into its parameters or its plain tensor attributes, or changes
+        # its modules' Python values, seen
         state = self._state(theta)
         if self._first_call:
-            versions = [(k, p, p._version) for k, p in self.model.named_parameters()]
-            held = [(k, mod, key) for k, mod, key, _ in tensor_attributes(self.model)]
-            with warnings.catch_warnings(record=True) as said, _copied(held) as copies:
-                warnings.simplefilter("always")
-                out = functional_call(self.model, state, args, kwargs or None, tie_weights=False)
-            self._first_call = False
-            if any(REENTRANT_SAID[0] in str(w.message) for w in said):
-                raise RuntimeError(REENTRANT_CHECKPOINT)
-            for w in said:  # the model's other warnings, as they were
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-            self._written_in_forward([k for k, p, v in versions if p._version != v])
-            moved = [a for a, (t, v) in zip(held, copies, strict=True) if t._version != v]
-            self._attributes_written(moved)
-            return out
-        with _copied(self._attributes):
+            return self._first_forward(state, args, kwargs)
+        if not copies:  # inside a torch.func transform: the user's, which it will not write
             return functional_call(self.model, state, args, kwargs or None, tie_weights=False)
+        with _copied(self._attributes), _kept_values(self._value_modules, self._values):
+            return functional_call(self.model, state, args, kwargs or None, tie_weights=False)
+
+    def _first_forward(self, state: dict[str, Any], args: Any, kwargs: Any) -> Any:
+        """An operator's first forward (:meth:`_call`): torch's warnings heard, the plain
+        tensor attributes up to :data:`COPY_LIMIT` copies (larger ones, views and tensors
+        sharing storage watched by their version counters), the modules' Python values put
+        back, and what the forward wrote or changed kept for the later forwards."""
+        versions = [(k, p, p._version) for k, p in self.model.named_parameters()]
+        held = tensor_attributes(self.model)
+        shared = _storages([t for _, _, _, t in held], self.model) if held else {}
+        small = [
+            (k, mod, key)
+            for k, mod, key, t in held
+            if t._base is None and shared[_storage(t)] == 1 and t.nbytes <= COPY_LIMIT
+        ]
+        names = {k for k, _, _ in small}
+        watched = [(k, mod, key, t, t._version) for k, mod, key, t in held if k not in names]
+        self._value_modules = list(self.model.modules())
+        with (
+            warnings.catch_warnings(record=True) as said,
+            _copied(small) as copies,
+            _kept_values(self._value_modules) as changed,
+        ):
+            warnings.simplefilter("always")
+            taken = [(c, c._version) for c in copies.values()]
+            out = functional_call(self.model, state, args, kwargs or None, tie_weights=False)
+        self._first_call = False
+        if any(REENTRANT_SAID[0] in str(w.message) for w in said):
+            raise RuntimeError(REENTRANT_CHECKPOINT)
+        for w in said:  # the model's other warnings, as they were
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        self._written_in_forward([k for k, p, v in versions if p._version != v])
+        self._values = changed
+        written = [a for a, (c, v) in zip(small, taken, strict=True) if c._version != v]
+        moved = [(k, mod, key, t) for k, mod, key, t, v in watched if t._version != v]
+        self._attributes_written(written, moved, shared)
+        return out
 
     def _written_in_forward(self, written: list[str]) -> None:
         """A forward that writes into its parameters in place (a max-norm clamp, weight clipping
@@ -1736,28 +1841,66 @@ class ModelObjective:
         self.notes.append(note)
         warnings.warn(note, ParameterWriteWarning, stacklevel=callers_level())
 
-    def _attributes_written(self, written: list[tuple[str, nn.Module, str]]) -> None:
+    def _attributes_written(
+        self,
+        copied: list[tuple[str, nn.Module, str]],
+        moved: list[tuple[str, nn.Module, str, Tensor]],
+        shared: Mapping[int, int],
+    ) -> None:
         """A forward that updates a tensor it holds as a plain attribute in place (a running
         statistic kept as ``self.scale = torch.ones(...)``, no ``register_buffer``) moved the
         user's at every product, and the operator changed between products: two products of
         one vector 24% apart through a loader, eigenvalues "converged" (an outside review).
-        Such attributes are copies during a forward, as buffers are (:func:`_copied`): the
-        first forward copies every plain tensor attribute and sees which were written; the
-        later forwards copy those. Said in the notes."""
-        if not written:
-            return
-        self._attributes = written
-        self.notes.append(
-            f"the model's forward writes in place into {few([k for k, _, _ in written])}, "
-            "held as plain tensor attributes: curvscope's forwards write into copies of them, "
-            "as of buffers, so each product sees them as found and your model keeps them"
-        )
+        The later forwards write into copies of every such attribute (:func:`_copied`), and
+        the notes say which. ``copied``: written by the first forward too, as a copy: the
+        user's is as found. ``moved``: the first forward wrote the user's own — one larger
+        than :data:`COPY_LIMIT`, said with a warning (then copied too), or one that views
+        another tensor or shares its storage (a slot of a table, written, then the table
+        read: a copy would part them, the diff review), which is never copied, its products
+        moving it each time, said with the fix (``register_buffer``)."""
+        large = [
+            (k, mod, key)
+            for k, mod, key, t in moved
+            if t._base is None and shared[_storage(t)] == 1
+        ]
+        views = [k for k, _, _, _ in moved if k not in {n for n, _, _ in large}]
+        self._attributes = copied + large
+        if copied:
+            self.notes.append(
+                f"the model's forward writes in place into {few([k for k, _, _ in copied])}, "
+                "held as plain tensor attributes: curvscope's forwards write into copies of "
+                "them, as of buffers, and your model keeps them as found"
+            )
+        warned = []
+        if large:
+            warned.append(
+                f"the model's forward writes in place into {few([k for k, _, _ in large])}, "
+                f"plain tensor attributes over {COPY_LIMIT >> 20} MiB that curvscope's first "
+                "forward did not copy: it wrote into yours once; its later forwards write "
+                "into copies, so that products agree. Register them with "
+                "module.register_buffer(...), whose values curvscope copies from the first "
+                "forward on, to keep them as found"
+            )
+        if views:
+            warned.append(
+                f"the model's forward writes in place into {few(views)}, plain tensor "
+                "attributes that view or share storage with other tensors of the model: "
+                "curvscope cannot pass copies of them, so each of its forwards moves them, and "
+                "the curvature changes from one product to the next; register them with "
+                "module.register_buffer(...), whose values curvscope passes as copies"
+            )
+        for note in warned:
+            self.notes.append(note)
+            warnings.warn(note, AttributeWriteWarning, stacklevel=callers_level())
 
-    def raw_forward(self, theta: Mapping[str, Tensor], batch: Batch) -> Any:
+    def raw_forward(self, theta: Mapping[str, Tensor], batch: Batch, copies: bool = True) -> Any:
         """Model outputs at parameters ``theta``, unchecked (usable inside torch.func
-        transforms); call inside :meth:`context`. With ``loss_fn=None`` the logits as the
-        model's own loss uses them (:meth:`HuggingFaceLoss.outputs`)."""
-        out = self._call(theta, batch)
+        transforms, with ``copies=False``: a plain attribute the forward writes then stays the
+        user's, which torch.func refuses to write — a copy made inside the transform took the
+        tangents of a write under ``torch.no_grad()``, 3.4% off, unsaid: the diff review);
+        call inside :meth:`context`. With ``loss_fn=None`` the logits as the model's own loss
+        uses them (:meth:`HuggingFaceLoss.outputs`)."""
+        out = self._call(theta, batch, copies)
         return out if self.adapter is None else self.adapter.outputs(out)
 
     def forward(self, theta: Mapping[str, Tensor], batch: Batch, tensor: bool = False) -> Any:
