@@ -744,6 +744,33 @@ def test_a_tied_embeddings_padding_row_is_constant_in_the_lookup_only_and_said()
     assert any("row 3" in n and "tied to another module" in n for n in C.notes)
 
 
+def test_a_table_shared_by_lookups_only_keeps_its_padding_row_projected_out():
+    """Shared by two lookups with one padding row (BART's encoder and decoder embeddings, one
+    module under two names) and no output layer, the row gets no gradient at all: P·H·P, as
+    for one lookup — the tied note, counting names, said "neither H nor P·H·P" (the diff
+    review)."""
+    torch.manual_seed(0)
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = nn.Embedding(6, 3, padding_idx=0)
+            self.enc, self.dec = self.shared, nn.Embedding(6, 3, padding_idx=0)
+            self.dec.weight = self.shared.weight
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            both = torch.cat([self.enc(x[:, 0]), torch.tanh(self.dec(x[:, 1]))], 1)
+            return self.head(both)
+
+    model = Shared().double()
+    x = torch.tensor([[0, 1], [2, 0], [3, 4], [5, 0], [0, 0]])
+    C = cs.Curvature(model, nn.CrossEntropyLoss(), (x, torch.tensor([0, 1, 1, 0, 1])))
+    assert any("row 0" in n and "the operator is P·H·P" in n for n in C.notes)
+    assert not any("tied to another module" in n for n in C.notes)
+    assert C.param_names[0] == "shared.weight" and not C.to_dense()[:3].any()
+
+
 @pytest.mark.parametrize("cache", [True, False])
 def test_a_loss_computed_above_a_bfloat16_models_precision_is_not_rounded(cache):
     """An outside review: a bfloat16 model whose loss upcasts its logits (as Hugging Face's

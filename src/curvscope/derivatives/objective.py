@@ -709,20 +709,39 @@ def padding_rows(
 ) -> dict[str, int]:
     """Selected parameter → its padding row: the row of an embedding (``nn.Embedding`` or
     ``nn.EmbeddingBag`` with ``padding_idx``) that torch's gradient never updates, so the
-    operator is P·H·P. Not for a weight tied to another module (an output layer), whose
-    gradient updates the row: ``tied=True`` gives those instead (:func:`_padding_notes`)."""
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
+    operator is P·H·P — where every module holding the weight is a lookup with that padding
+    row (a table shared by two lookups, or one registered under two names, is one). Not for a
+    weight a module of another kind reads too (an output layer tied to it), or a lookup
+    without that padding row, whose gradient updates the row: ``tied=True`` gives those
+    instead (:func:`_padding_notes`; counting names instead said "tied" of a table shared by
+    lookups only, whose operator is P·H·P: the diff review)."""
+    holders: dict[int, list[nn.Module]] = {}
+    for m in model.modules(remove_duplicate=False):
+        for p in m._parameters.values():
+            if p is not None and m not in holders.setdefault(id(p), []):
+                holders[id(p)].append(m)
     chosen = {id(p): k for k, p in selected.items()}
     rows = {}
     for m in modules:
         if not isinstance(m, (nn.Embedding, nn.EmbeddingBag)) or m.padding_idx is None:
             continue
         key = chosen.get(id(m.weight))
-        if key is not None and (len(names[id(m.weight)]) > 1) == tied:
-            rows[key] = m.padding_idx % m.num_embeddings
+        if key is None:
+            continue
+        row = m.padding_idx % m.num_embeddings
+        lookups = all(_pads(h, row) for h in holders[id(m.weight)])
+        if lookups != tied:
+            rows[key] = row
     return rows
+
+
+def _pads(m: nn.Module, row: int) -> bool:
+    """Whether ``m`` is a lookup whose padding row is ``row``."""
+    return (
+        isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+        and m.padding_idx is not None
+        and m.padding_idx % m.num_embeddings == row
+    )
 
 
 def few(names: Sequence[str]) -> str:
