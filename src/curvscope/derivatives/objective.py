@@ -47,6 +47,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parametrize
 
+from curvscope.derivatives import rng
 from curvscope.derivatives.checks import all_finite, callers_level, check_scalar_loss, check_seed
 from curvscope.derivatives.flat import flatten, map_tensors, tensors, unflatten
 from curvscope.derivatives.huggingface import HuggingFaceLoss
@@ -170,16 +171,17 @@ class _PassRandomness:
         self.state: tuple[Any, ...] | None = None  # (torch states, numpy, python) of the pass
 
     def step(self, fn: Any) -> Any:
-        user = rng_states(self.gens)
-        try:
-            if self.state is None:
-                seed_rngs(self.gens, self.seed)
-            else:
-                set_rng_states(self.gens, self.state)
-            return fn()
-        finally:
-            self.state = rng_states(self.gens)
-            set_rng_states(self.gens, user)
+        with rng.LOCK:
+            user = rng_states(self.gens)
+            try:
+                if self.state is None:
+                    seed_rngs(self.gens, self.seed)
+                else:
+                    set_rng_states(self.gens, self.state)
+                return fn()
+            finally:
+                self.state = rng_states(self.gens)
+                set_rng_states(self.gens, user)
 
     def iterate(self, data: Any) -> Iterator[Any]:
         it = self.step(lambda: iter(data))
@@ -1731,7 +1733,6 @@ class ModelObjective:
         gens = self._forward_generators
         # first derivatives (finite differences) are right through the fused kernels
         kernels = self.kernels() if second_order else nullcontext()
-        saved = rng_states(gens)  # (numpy's has moved: restored in the finally below)
         # an embedding's flags that change its gradient, off during the pass and put back as
         # found: ``sparse`` (the same gradient, dense: sparse ones have no derivatives) and
         # ``scale_grad_by_freq`` (torch scales the gradient by the inverse frequency of each
@@ -1746,6 +1747,8 @@ class ModelObjective:
         # parameters: no cache during curvscope's passes
         cache_was = parametrize._cache_enabled
         parametrize._cache_enabled = 0
+        rng.LOCK.acquire()  # (released in the finally below: one thread's RNGs at a time)
+        saved = rng_states(gens)  # (numpy's has moved: restored in the finally below)
         try:
             with kernels, torch.enable_grad():
                 seed_rngs(gens, FORWARD.seed(self.seed, batch_index))
@@ -1756,7 +1759,10 @@ class ModelObjective:
                 raise
             raise ours from e
         finally:
-            set_rng_states(gens, saved)
+            try:
+                set_rng_states(gens, saved)
+            finally:
+                rng.LOCK.release()
             for m, f in switched:
                 setattr(m, f, True)
             parametrize._cache_enabled = cache_was

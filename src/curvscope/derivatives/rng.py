@@ -16,8 +16,17 @@ the bit generator — and written back by ``set_state`` with a constant list for
 list is read fast, an array word by word), which the saved bytes then replace. A global bit
 generator other than MT19937 (``np.random.set_bit_generator``) is saved and restored through
 ``get_state(legacy=False)``; in both cases a bit generator replaced meanwhile (a forward that
-calls ``np.random.set_bit_generator``) is put back, the user's own object. As numpy's own
-``set_state`` was, this is not atomic against another thread drawing at the same moment.
+calls ``np.random.set_bit_generator``) is put back, the user's own object. The words given to
+``set_state`` are a valid state's (numpy's seed 0): all zeros, they left the generator
+degenerate for that instant, and another thread drawing then got zeros or hung for good in
+``standard_normal`` (an outside review).
+
+Threads: curvscope's own save, seed, pass and restore hold :data:`LOCK`, so that two threads
+running curvscope at once do not restore each other's states (the user's RNG left at a seeded
+state, λ_max 1.03 for 1.29 alone: an outside review). Another thread of the user's drawing from
+these global RNGs while curvscope runs draws from curvscope's seeded streams and is then
+rewound: its draws repeat, and its draws move curvscope's operator (README, "Your model is left
+exactly as found").
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import contextlib
 import ctypes
 import functools
 import random
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -36,7 +46,11 @@ _LEGACY = np.random.mtrand._rand  # the RandomState behind np.random.seed, np.ra
 #: an MT19937's state in memory: ``uint32_t key[624]; int pos`` (numpy's mt19937_state)
 _MT_WORDS = 624
 _MT_BYTES = _MT_WORDS * 4 + ctypes.sizeof(ctypes.c_int)
-_ANY_WORDS = [0] * _MT_WORDS  # set_state's words, replaced at once by the saved bytes
+#: set_state's words, replaced at once by the saved bytes: a valid state's (seed 0), as a list
+_ANY_WORDS = np.random.MT19937(0).state["state"]["key"].tolist()
+#: held by every curvscope save, seed, pass and restore of the global RNGs (re-entrant: a pass
+#: inside a pass, a loader's step inside a forward's)
+LOCK = threading.RLock()
 
 
 @functools.cache
@@ -130,11 +144,12 @@ def set_rng_states(gens: Sequence[torch.Generator], state: tuple[Any, ...]) -> N
 def kept_rngs(gens: Sequence[torch.Generator]) -> Iterator[None]:
     """The torch generators ``gens``, numpy's global RNG and Python's as found after the block,
     whatever it drew (:func:`rng_states`, :func:`set_rng_states`)."""
-    state = rng_states(gens)
-    try:
-        yield
-    finally:
-        set_rng_states(gens, state)
+    with LOCK:
+        state = rng_states(gens)
+        try:
+            yield
+        finally:
+            set_rng_states(gens, state)
 
 
 def seed_rngs(gens: Sequence[torch.Generator], seed: int) -> None:
