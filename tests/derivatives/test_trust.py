@@ -358,6 +358,48 @@ def test_persistent_workers_with_shuffling_give_one_fixed_matrix():
     _assert_same_states(states, _rng_states(loader))
 
 
+def test_a_persistent_loader_the_user_is_iterating_is_left_to_the_user():
+    """iter() of a persistent_workers loader resets the one iterator it keeps, the one the
+    user's loop consumes: a Monitor given the training loader as train_batches cut the epochs
+    to 5 and 4 steps of 10, and an operator built on one took the workers' base seed off the
+    user's stream, so the user's epochs came in another order (an outside review). curvscope
+    passes over a copy of its own now."""
+    case = cases.mlp(n=40)
+
+    def train(monitor: bool) -> tuple[list[int], list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = copy.deepcopy(case.model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loader = _loader(case, shuffle=True, num_workers=2, persistent_workers=True)
+        if monitor:  # an operator on the loader first, then probes mid-epoch
+            cs.Curvature(model, case.loss_fn, loader).loss_and_gradient()
+        mon = (
+            cs.Monitor(model, case.loss_fn, case.data, optimizer=opt, every=3, train_batches=loader)
+            if monitor
+            else None
+        )
+        steps = []
+        for _ in range(2):
+            n = 0
+            for xb, yb in loader:
+                opt.zero_grad()
+                loss = case.loss_fn(model(xb), yb)
+                loss.backward()
+                opt.step()
+                n += 1
+                if mon is not None:
+                    mon.step(loss)
+            steps.append(n)
+        if mon is not None:
+            assert len(mon.history) >= 2
+            mon.close()
+        return steps, [p.detach().clone() for p in model.parameters()]
+
+    (plain, theta), (watched, theta_watched) = train(False), train(True)
+    assert plain == watched == [8, 8]
+    assert all(torch.equal(a, b) for a, b in zip(theta, theta_watched, strict=True))
+
+
 def test_train_batches_from_a_loader_leave_the_global_rng_as_found():
     case = cases.dropout_batchnorm(n=23)
     loader = _loader(case, shuffle=True)

@@ -31,6 +31,7 @@ Face model: :mod:`curvscope.derivatives.huggingface` adapts it to the rest).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import sys
@@ -113,10 +114,31 @@ def check_passes(data: Iterable[Any], name: str, why: str) -> None:
 def fixed_pass(data: Iterable[Any], seed: int) -> Iterator[Any]:
     """One pass over ``data`` with a loader's randomness (shuffling, worker seeds, main-process
     augmentation) drawn from ``seed`` and the user's RNG states left as found — the same
-    batches for the same seed. A list or tuple is iterated as it is."""
+    batches for the same seed. A list or tuple is iterated as it is; a loader with persistent
+    workers through a copy of its own (:func:`own_loader`)."""
     if isinstance(data, (list, tuple)):
         return iter(data)
+    data = own_loader(data)
     return _PassRandomness(_loader_generators(data), DATA.seed(seed)).iterate(data)
+
+
+def own_loader(data: Any) -> Any:
+    """A ``persistent_workers`` DataLoader as a shallow copy with no iterator yet, other
+    loaders as they are. ``iter()`` of such a loader resets the one iterator it keeps — the
+    one the user's loop is consuming: a Monitor given the training loader as
+    ``train_batches`` cut the user's epochs to 5 and 4 steps of 10, and an operator built on
+    one took the workers' one-time base seed off the user's stream, so the user's epochs came
+    in another order (an outside review). The copy shares the dataset, the sampler and the
+    generator (switched and put back around each step) and starts workers of its own."""
+    if not (
+        isinstance(data, torch.utils.data.DataLoader)
+        and data.persistent_workers
+        and data.num_workers > 0
+    ):
+        return data
+    mine = copy.copy(data)
+    mine._iterator = None
+    return mine
 
 
 #: an embedding's flags that :meth:`ModelObjective.context` turns off during curvscope's passes
@@ -1407,7 +1429,7 @@ class ModelObjective:
         if isinstance(data, Iterable):
             check_passes(data, "data", "a curvature operator passes over the data once per product")
             _check_distributed_sampler(data)
-            return data
+            return own_loader(data)
         raise TypeError(
             "expected data to be an (inputs, targets) pair, a dict batch with 'labels', or an "
             f"iterable of such batches (a list, a DataLoader), got {type(data).__name__}"
