@@ -1829,9 +1829,14 @@ class ModelObjective:
         state = self._state(theta)
         if self._first_call:
             return self._first_forward(state, args, kwargs)
-        if not copies:  # inside a torch.func transform: the user's, which it will not write
+        if not (self._attributes or self._values):
             return functional_call(self.model, state, args, kwargs or None, tie_weights=False)
-        with _copied(self._attributes), _kept_values(self._value_modules, self._values):
+        # (inside a torch.func transform no copies: the user's attributes, which it will not
+        # write, raising torch's error)
+        with (
+            _copied(self._attributes if copies else ()),
+            _kept_values(self._value_modules, self._values),
+        ):
             return functional_call(self.model, state, args, kwargs or None, tie_weights=False)
 
     def _first_forward(self, state: dict[str, Any], args: Any, kwargs: Any) -> Any:
