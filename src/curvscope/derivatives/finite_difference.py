@@ -153,6 +153,8 @@ from curvscope.derivatives.objective import (
     ModelObjective,
     few,
     plain_tensors,
+    put_back_values,
+    python_values,
     walk_graph,
 )
 
@@ -559,8 +561,12 @@ class _Kept:
         # vector 86% apart (a review) — not an engine's (sharded: its own), nor a view of θ
         plain = not engine.sharded and self.zero3 is None
         weights = _storages(model) if plain else set()
+        # and the modules' Python values: a lazily initialised module's flag (the diff review)
+        # — not an engine's, whose own state they are
+        self.modules = list(model.modules())
+        self.python = python_values(self.modules) if plain else {}
         self.buffers = []  # (where it is held, its name, the tensor, its values)
-        for m in model.modules():
+        for m in self.modules:
             self.buffers += [
                 (m._buffers, name, b, None if b is None else b.detach().clone())
                 for name, b in m._buffers.items()
@@ -572,6 +578,7 @@ class _Kept:
             ]
 
     def restore_buffers(self) -> None:
+        put_back_values(self.modules, self.python)
         for holder, name, b, value in self.buffers:
             if holder.get(name) is not b:  # reassigned by the forward
                 holder[name] = b

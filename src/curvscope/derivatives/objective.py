@@ -298,35 +298,51 @@ def _kept_values(
     normalised again (the diff review). ``keys`` (module index, attribute): the values to
     keep, where known (those an earlier forward changed); None: all of them, and the list
     yielded is filled with those the block changed."""
-    found: dict[tuple[int, str], object]
+    found = python_values(modules, keys)
+    changed: list[tuple[int, str]] = []
+    try:
+        yield changed
+    finally:
+        changed += put_back_values(modules, found, added=keys is None)
+
+
+def python_values(
+    modules: Sequence[nn.Module], keys: Sequence[tuple[int, str]] | None = None
+) -> dict[tuple[int, str], object]:
+    """The modules' plain Python values by (module index, attribute): all of them, or those of
+    ``keys`` (:data:`_MISSING` where there is none)."""
     if keys is None:
-        found = {
+        return {
             (i, k): v
             for i, m in enumerate(modules)
             for k, v in vars(m).items()
             if isinstance(v, _VALUES)
         }
-    else:
-        found = {(i, k): modules[i].__dict__.get(k, _MISSING) for i, k in keys}
-    changed: list[tuple[int, str]] = []
-    try:
-        yield changed
-    finally:
-        if keys is None:  # a value the block set where there was none: taken away again
-            found.update(
-                ((i, k), _MISSING)
-                for i, m in enumerate(modules)
-                for k, v in list(vars(m).items())
-                if isinstance(v, _VALUES) and (i, k) not in found
-            )
-        for (i, k), v in found.items():
-            now = modules[i].__dict__.get(k, _MISSING)
-            if now is not v and now != v:
-                changed.append((i, k))
-                if v is _MISSING:
-                    del modules[i].__dict__[k]
-                else:
-                    modules[i].__dict__[k] = v
+    return {(i, k): modules[i].__dict__.get(k, _MISSING) for i, k in keys}
+
+
+def put_back_values(
+    modules: Sequence[nn.Module], found: dict[tuple[int, str], object], added: bool = True
+) -> list[tuple[int, str]]:
+    """Put back what :func:`python_values` read — and, with ``added``, take away a plain value
+    set where there was none — returning the (module index, attribute) that had changed."""
+    if added:
+        found = found | {
+            (i, k): _MISSING
+            for i, m in enumerate(modules)
+            for k, v in vars(m).items()
+            if isinstance(v, _VALUES) and (i, k) not in found
+        }
+    changed = []
+    for (i, k), v in found.items():
+        now = modules[i].__dict__.get(k, _MISSING)
+        if now is not v and now != v:
+            changed.append((i, k))
+            if v is _MISSING:
+                del modules[i].__dict__[k]
+            else:
+                modules[i].__dict__[k] = v
+    return changed
 
 
 _MISSING = object()
