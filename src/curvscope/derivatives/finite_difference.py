@@ -564,7 +564,7 @@ class _Kept:
         # and the modules' Python values: a lazily initialised module's flag (the diff review)
         # — not an engine's, whose own state they are
         self.modules = list(model.modules())
-        self.python = python_values(self.modules) if plain else {}
+        self.python = python_values(self.modules) if plain else None
         self.buffers = []  # (where it is held, its name, the tensor, its values)
         for m in self.modules:
             self.buffers += [
@@ -578,7 +578,8 @@ class _Kept:
             ]
 
     def restore_buffers(self) -> None:
-        put_back_values(self.modules, self.python)
+        if self.python is not None:
+            put_back_values(self.modules, self.python)
         for holder, name, b, value in self.buffers:
             if holder.get(name) is not b:  # reassigned by the forward
                 holder[name] = b

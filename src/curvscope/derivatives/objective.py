@@ -1866,7 +1866,7 @@ class ModelObjective:
         small = [
             (k, mod, key)
             for k, mod, key, t in held
-            if t._base is None and shared[_storage(t)] == 1 and t.nbytes <= COPY_LIMIT
+            if t._base is None and shared.get(_storage(t), 1) == 1 and t.nbytes <= COPY_LIMIT
         ]
         names = {k for k, _, _ in small}
         watched = [(k, mod, key, t, t._version) for k, mod, key, t in held if k not in names]
@@ -1929,7 +1929,7 @@ class ModelObjective:
         large = [
             (k, mod, key)
             for k, mod, key, t in moved
-            if t._base is None and shared[_storage(t)] == 1
+            if t._base is None and shared.get(_storage(t), 1) == 1
         ]
         views = [k for k, _, _, _ in moved if k not in {n for n, _, _ in large}]
         self._attributes = copied + large
