@@ -153,8 +153,6 @@ from curvscope.derivatives.objective import (
     ModelObjective,
     few,
     plain_tensors,
-    put_back_values,
-    python_values,
     walk_graph,
 )
 
@@ -561,12 +559,8 @@ class _Kept:
         # vector 86% apart (a review) — not an engine's (sharded: its own), nor a view of θ
         plain = not engine.sharded and self.zero3 is None
         weights = _storages(model) if plain else set()
-        # and the modules' Python values: a lazily initialised module's flag (the diff review)
-        # — not an engine's, whose own state they are
-        self.modules = list(model.modules())
-        self.python = python_values(self.modules) if plain else None
         self.buffers = []  # (where it is held, its name, the tensor, its values)
-        for m in self.modules:
+        for m in model.modules():
             self.buffers += [
                 (m._buffers, name, b, None if b is None else b.detach().clone())
                 for name, b in m._buffers.items()
@@ -578,8 +572,6 @@ class _Kept:
             ]
 
     def restore_buffers(self) -> None:
-        if self.python is not None:
-            put_back_values(self.modules, self.python)
         for holder, name, b, value in self.buffers:
             if holder.get(name) is not b:  # reassigned by the forward
                 holder[name] = b

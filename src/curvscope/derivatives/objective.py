@@ -234,10 +234,9 @@ def refuse_complex(named: Iterable[tuple[str, Tensor]]) -> None:
 
 
 class AttributeWriteWarning(UserWarning):
-    """A model's forward wrote in place into a tensor held as a plain attribute, not a buffer,
-    that curvscope's first forward could not copy (:meth:`ModelObjective._attributes_written`):
-    one over :data:`COPY_LIMIT` (moved once), or one that views another tensor (moved by every
-    product)."""
+    """A model's forward wrote in place into a tensor held as a plain attribute, not a buffer
+    (:meth:`ModelObjective._attributes_written`): curvscope's first forward wrote into yours;
+    its later forwards write into copies, where they can."""
 
 
 def tensor_attributes(model: nn.Module) -> list[tuple[str, nn.Module, str, Tensor]]:
@@ -253,99 +252,27 @@ def tensor_attributes(model: nn.Module) -> list[tuple[str, nn.Module, str, Tenso
     ]
 
 
-#: the largest plain tensor attribute an operator's first forward copies up front (bytes):
-#: a larger one (a feature table, a memory bank) is watched by its version counter instead —
-#: copying every one cloned a 488 MB table for every operator (the diff review)
-COPY_LIMIT = 64 * 2**20
-
-
 @contextlib.contextmanager
-def _copied(held: Sequence[tuple[str, nn.Module, str]]) -> Iterator[dict[str, Tensor]]:
+def _copied(held: Sequence[tuple[str, nn.Module, str]]) -> Iterator[None]:
     """The modules' plain tensor attributes ``held`` (name, module, attribute) set to copies
     for the block, then the originals put back — where the copy is still there: an attribute
     the forward set anew (``self.aux_loss = ...``, which a loss may read after it) keeps the
     forward's value, as without the copy (functional_call, which swaps such names too, put
-    the old one back: the diff review). Yields the copies by name; an attribute that no
-    longer holds a dense tensor is left alone."""
-    swapped, copies = [], {}
-    for name, mod, key in held:
+    the old one back: the diff review). An attribute that no longer holds a dense tensor is
+    left alone."""
+    swapped = []
+    for _, mod, key in held:
         t = mod.__dict__.get(key)
         if isinstance(t, Tensor) and t.layout == torch.strided and not t.is_inference():
-            copies[name] = t.clone()
-            swapped.append((mod, key, t, copies[name]))
-            mod.__dict__[key] = copies[name]
+            copy = t.clone()
+            swapped.append((mod, key, t, copy))
+            mod.__dict__[key] = copy
     try:
-        yield copies
+        yield
     finally:
         for mod, key, t, copy in swapped:
             if mod.__dict__.get(key) is copy:
                 mod.__dict__[key] = t
-
-
-#: the Python values a forward may keep on its modules as state — a lazily initialised
-#: module's flag, a call counter — which curvscope's forwards put back (:func:`_kept_values`)
-_VALUES = (bool, int, float, str, type(None))
-
-
-@contextlib.contextmanager
-def _kept_values(
-    modules: Sequence[nn.Module], keys: Sequence[tuple[int, str]] | None = None
-) -> Iterator[list[tuple[int, str]]]:
-    """The modules' plain Python values (:data:`_VALUES`) as found, put back after the block:
-    an ActNorm-style module initialised from its first batch (``if not self.initialized:``
-    statistics written, the flag set) kept the flag from curvscope's forward and its
-    statistics from none — buffers and plain tensor attributes are copies — and never
-    normalised again (the diff review). ``keys`` (module index, attribute): the values to
-    keep, where known (those an earlier forward changed); None: all of them, and the list
-    yielded is filled with those the block changed."""
-    found = python_values(modules, keys)
-    changed: list[tuple[int, str]] = []
-    try:
-        yield changed
-    finally:
-        changed += put_back_values(modules, found, added=keys is None)
-
-
-def python_values(
-    modules: Sequence[nn.Module], keys: Sequence[tuple[int, str]] | None = None
-) -> dict[tuple[int, str], object]:
-    """The modules' plain Python values by (module index, attribute): all of them, or those of
-    ``keys`` (:data:`_MISSING` where there is none)."""
-    if keys is None:
-        return {
-            (i, k): v
-            for i, m in enumerate(modules)
-            for k, v in vars(m).items()
-            if isinstance(v, _VALUES)
-        }
-    return {(i, k): modules[i].__dict__.get(k, _MISSING) for i, k in keys}
-
-
-def put_back_values(
-    modules: Sequence[nn.Module], found: dict[tuple[int, str], object], added: bool = True
-) -> list[tuple[int, str]]:
-    """Put back what :func:`python_values` read — and, with ``added``, take away a plain value
-    set where there was none — returning the (module index, attribute) that had changed."""
-    if added:
-        found = found | {
-            (i, k): _MISSING
-            for i, m in enumerate(modules)
-            for k, v in vars(m).items()
-            if isinstance(v, _VALUES) and (i, k) not in found
-        }
-    changed = []
-    for (i, k), v in found.items():
-        now = modules[i].__dict__.get(k, _MISSING)
-        if now is not v and now != v:
-            changed.append((i, k))
-            if v is _MISSING:
-                del modules[i].__dict__[k]
-            else:
-                modules[i].__dict__[k] = v
-    return changed
-
-
-_MISSING = object()
 
 
 def _storage(t: Tensor) -> int:
@@ -1356,10 +1283,6 @@ class ModelObjective:
         #: the tensors held as plain attributes that a forward writes into in place, copies
         #: during its forwards (:meth:`_attributes_written`): (name, module, attribute)
         self._attributes: list[tuple[str, nn.Module, str]] = []
-        #: the modules, and the Python values on them a forward changes, put back after each
-        #: forward (:func:`_kept_values`): (module index, attribute)
-        self._value_modules: list[nn.Module] = []
-        self._values: list[tuple[int, str]] = []
         #: the batches whose adapted loss was checked against the model's own (loss_fn=None)
         self._own_checked: set[int] = set()
         #: the batches whose reduction was checked (:meth:`_check_reduction_over_rows`)
@@ -1845,39 +1768,21 @@ class ModelObjective:
         state = self._state(theta)
         if self._first_call:
             return self._first_forward(state, args, kwargs)
-        if not (self._attributes or self._values):
+        if not self._attributes or not copies:
+            # (inside a torch.func transform no copies: the user's attributes, which it will
+            # not write, raising torch's error)
             return functional_call(self.model, state, args, kwargs or None, tie_weights=False)
-        # (inside a torch.func transform no copies: the user's attributes, which it will not
-        # write, raising torch's error)
-        with (
-            _copied(self._attributes if copies else ()),
-            _kept_values(self._value_modules, self._values),
-        ):
+        with _copied(self._attributes):
             return functional_call(self.model, state, args, kwargs or None, tie_weights=False)
 
     def _first_forward(self, state: dict[str, Any], args: Any, kwargs: Any) -> Any:
-        """An operator's first forward (:meth:`_call`): torch's warnings heard, the plain
-        tensor attributes up to :data:`COPY_LIMIT` copies (larger ones, views and tensors
-        sharing storage watched by their version counters), the modules' Python values put
-        back, and what the forward wrote or changed kept for the later forwards."""
+        """An operator's first forward (:meth:`_call`): torch's warnings heard, and what it
+        wrote into the parameters and the plain tensor attributes (their version counters)
+        kept for the later forwards."""
         versions = [(k, p, p._version) for k, p in self.model.named_parameters()]
-        held = tensor_attributes(self.model)
-        shared = _storages([t for _, _, _, t in held], self.model) if held else {}
-        small = [
-            (k, mod, key)
-            for k, mod, key, t in held
-            if t._base is None and shared.get(_storage(t), 1) == 1 and t.nbytes <= COPY_LIMIT
-        ]
-        names = {k for k, _, _ in small}
-        watched = [(k, mod, key, t, t._version) for k, mod, key, t in held if k not in names]
-        self._value_modules = list(self.model.modules())
-        with (
-            warnings.catch_warnings(record=True) as said,
-            _copied(small) as copies,
-            _kept_values(self._value_modules) as changed,
-        ):
+        held = [(a, a[3]._version) for a in tensor_attributes(self.model)]
+        with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
-            taken = [(c, c._version) for c in copies.values()]
             out = functional_call(self.model, state, args, kwargs or None, tie_weights=False)
         self._first_call = False
         if any(REENTRANT_SAID[0] in str(w.message) for w in said):
@@ -1885,10 +1790,7 @@ class ModelObjective:
         for w in said:  # the model's other warnings, as they were
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         self._written_in_forward([k for k, p, v in versions if p._version != v])
-        self._values = changed
-        written = [a for a, (c, v) in zip(small, taken, strict=True) if c._version != v]
-        moved = [(k, mod, key, t) for k, mod, key, t, v in watched if t._version != v]
-        self._attributes_written(written, moved, shared)
+        self._attributes_written([a for a, v in held if a[3]._version != v])
         return out
 
     def _written_in_forward(self, written: list[str]) -> None:
@@ -1909,55 +1811,46 @@ class ModelObjective:
         self.notes.append(note)
         warnings.warn(note, ParameterWriteWarning, stacklevel=callers_level())
 
-    def _attributes_written(
-        self,
-        copied: list[tuple[str, nn.Module, str]],
-        moved: list[tuple[str, nn.Module, str, Tensor]],
-        shared: Mapping[int, int],
-    ) -> None:
+    def _attributes_written(self, written: list[tuple[str, nn.Module, str, Tensor]]) -> None:
         """A forward that updates a tensor it holds as a plain attribute in place (a running
         statistic kept as ``self.scale = torch.ones(...)``, no ``register_buffer``) moved the
         user's at every product, and the operator changed between products: two products of
         one vector 24% apart through a loader, eigenvalues "converged" (an outside review).
-        The later forwards write into copies of every such attribute (:func:`_copied`), and
-        the notes say which. ``copied``: written by the first forward too, as a copy: the
-        user's is as found. ``moved``: the first forward wrote the user's own — one larger
-        than :data:`COPY_LIMIT`, said with a warning (then copied too), or one that views
-        another tensor or shares its storage (a slot of a table, written, then the table
-        read: a copy would part them, the diff review), which is never copied, its products
-        moving it each time, said with the fix (``register_buffer``)."""
-        large = [
+        The first forward, which sees it, is let be — its write stands, as does a lazily
+        initialised module's flag beside it (copies up front left such a module flagged and
+        uninitialised, and putting its Python values back broke losses that read them: the
+        diff reviews) — and said; the later forwards write into copies (:func:`_copied`), so
+        that products agree. Not an attribute that views another tensor or shares its storage
+        with another attribute, a parameter or a buffer: a copy would part it from what it
+        views (a slot of a table, written, then the table read: the diff review)."""
+        if not written:
+            return
+        shared = _storages([t for _, _, _, t in tensor_attributes(self.model)], self.model)
+        copied = [
             (k, mod, key)
-            for k, mod, key, t in moved
+            for k, mod, key, t in written
             if t._base is None and shared.get(_storage(t), 1) == 1
         ]
-        views = [k for k, _, _, _ in moved if k not in {n for n, _, _ in large}]
-        self._attributes = copied + large
+        views = [k for k, _, _, _ in written if k not in {n for n, _, _ in copied}]
+        self._attributes = copied
+        notes = []
         if copied:
-            self.notes.append(
+            notes.append(
                 f"the model's forward writes in place into {few([k for k, _, _ in copied])}, "
-                "held as plain tensor attributes: curvscope's forwards write into copies of "
-                "them, as of buffers, and your model keeps them as found"
-            )
-        warned = []
-        if large:
-            warned.append(
-                f"the model's forward writes in place into {few([k for k, _, _ in large])}, "
-                f"plain tensor attributes over {COPY_LIMIT >> 20} MiB that curvscope's first "
-                "forward did not copy: it wrote into yours once; its later forwards write "
-                "into copies, so that products agree. Register them with "
-                "module.register_buffer(...), whose values curvscope copies from the first "
-                "forward on, to keep them as found"
+                "held as plain tensor attributes: curvscope's first forward wrote into yours "
+                "once; its later forwards write into copies, so that products agree. Register "
+                "them with module.register_buffer(...), whose values curvscope passes as "
+                "copies from the first forward on, to keep them as found"
             )
         if views:
-            warned.append(
+            notes.append(
                 f"the model's forward writes in place into {few(views)}, plain tensor "
                 "attributes that view or share storage with other tensors of the model: "
                 "curvscope cannot pass copies of them, so each of its forwards moves them, and "
                 "the curvature changes from one product to the next; register them with "
                 "module.register_buffer(...), whose values curvscope passes as copies"
             )
-        for note in warned:
+        for note in notes:
             self.notes.append(note)
             warnings.warn(note, AttributeWriteWarning, stacklevel=callers_level())
 
