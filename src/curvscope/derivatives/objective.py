@@ -36,6 +36,7 @@ import logging
 import math
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Container, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -123,22 +124,49 @@ def fixed_pass(data: Iterable[Any], seed: int) -> Iterator[Any]:
 
 
 def own_loader(data: Any) -> Any:
-    """A ``persistent_workers`` DataLoader as a shallow copy with no iterator yet, other
+    """A ``persistent_workers`` DataLoader as a shallow copy of curvscope's own, other
     loaders as they are. ``iter()`` of such a loader resets the one iterator it keeps — the
     one the user's loop is consuming: a Monitor given the training loader as
     ``train_batches`` cut the user's epochs to 5 and 4 steps of 10, and an operator built on
     one took the workers' one-time base seed off the user's stream, so the user's epochs came
     in another order (an outside review). The copy shares the dataset, the sampler and the
-    generator (switched and put back around each step) and starts workers of its own."""
+    generator (switched and put back around each step); it is made once a loader (kept while
+    the loader lives: a copy a pass started workers for every Monitor probe, 2.5 s each under
+    ``spawn``: the second diff review), and its workers are started at once under the user's
+    RNG states, put back (:func:`_start_workers`). A wrapper around such a loader is not seen."""
     if not (
         isinstance(data, torch.utils.data.DataLoader)
         and data.persistent_workers
         and data.num_workers > 0
     ):
         return data
-    mine = copy.copy(data)
-    mine._iterator = None
+    try:
+        mine = _OWN_LOADERS.get(data)
+    except TypeError:  # (a loader class that cannot be hashed: a copy each time)
+        mine = None
+    if mine is None:
+        mine = copy.copy(data)
+        mine._iterator = None
+        _start_workers(mine)
+        with contextlib.suppress(TypeError):
+            _OWN_LOADERS[data] = mine
     return mine
+
+
+#: each persistent loader's copy (:func:`own_loader`), for as long as the loader lives
+_OWN_LOADERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _start_workers(loader: Any) -> None:
+    """Create a ``persistent_workers`` loader's iterator once, under the user's RNG states
+    (put back), so that every pass of curvscope's is a reset of it. Otherwise the first pass
+    would draw the workers' base seed and then the sampler's permutation, and the later passes
+    (resets) only the permutation: the first pass's order would differ from all others.
+    Through DataLoader's own ``__iter__``: a subclass whose ``__iter__`` is a generator starts
+    nothing when called (the first pass then drew the base seed, refused as data that changed:
+    the second diff review)."""
+    with kept_rngs([*_loader_generators(loader), torch.random.default_generator]):
+        torch.utils.data.DataLoader.__iter__(loader)
 
 
 #: an embedding's flags that :meth:`ModelObjective.context` turns off during curvscope's passes
@@ -1380,26 +1408,11 @@ class ModelObjective:
     def _data_is_list(self) -> bool:
         return isinstance(self._data, list)
 
-    def _start_persistent_workers(self) -> None:
-        """Create a ``persistent_workers`` loader's iterator once, under the user's RNG states
-        (restored), so that every pass of ours is a reset of it. Otherwise the first pass would
-        draw the workers' base seed and then the sampler's permutation, and the later passes
-        (resets) only the permutation: the first pass's order would differ from all others."""
-        loader = self._data
-        if (
-            getattr(loader, "persistent_workers", False)
-            and getattr(loader, "num_workers", 0) > 0
-            and getattr(loader, "_iterator", None) is None
-        ):
-            with kept_rngs([*self._generators(), torch.random.default_generator]):
-                iter(loader)
-
     def _raw_batches(self) -> Generator[tuple[int, Any, Tensor, Tensor], None, None]:
         """(index, inputs, targets, labels) of every batch, in order."""
         if self._data_is_list():
             items: Iterator[Any] = iter(self._data)
         else:
-            self._start_persistent_workers()
             rng = _PassRandomness(self._generators(), DATA.seed(self.seed))
             items = rng.iterate(self._data)
         for i, item in enumerate(items):
@@ -1700,6 +1713,12 @@ class ModelObjective:
         # index in the batch, which is no derivative of the loss: the operator was neither the
         # Hessian nor symmetric, 39% and 59% off, without a word: an outside review)
         switched = [(m, f) for m in self._embeddings for f in _EMBEDDING_FLAGS if getattr(m, f)]
+        rng.LOCK.acquire()  # (released in the finally below: one thread's RNGs at a time)
+        try:
+            saved = rng_states(gens)  # (numpy's has moved: restored in the finally below)
+        except BaseException:  # (a device's error: nothing switched yet, the lock let go)
+            rng.LOCK.release()
+            raise
         for m, f in switched:
             setattr(m, f, False)
         # inside torch's parametrize.cached(), a forward at curvscope's copies filled the cache
@@ -1708,8 +1727,6 @@ class ModelObjective:
         # parameters: no cache during curvscope's passes
         cache_was = parametrize._cache_enabled
         parametrize._cache_enabled = 0
-        rng.LOCK.acquire()  # (released in the finally below: one thread's RNGs at a time)
-        saved = rng_states(gens)  # (numpy's has moved: restored in the finally below)
         try:
             with kernels, torch.enable_grad():
                 seed_rngs(gens, FORWARD.seed(self.seed, batch_index))
