@@ -4,7 +4,10 @@ reduction — each reproducer of a silently wrong number, now a test."""
 from __future__ import annotations
 
 import copy
+import gc
 import random
+import weakref
+from typing import Any
 
 import numpy as np
 import pytest
@@ -398,6 +401,33 @@ def test_a_persistent_loader_the_user_is_iterating_is_left_to_the_user():
     (plain, theta), (watched, theta_watched) = train(False), train(True)
     assert plain == watched == [8, 8]
     assert all(torch.equal(a, b) for a, b in zip(theta, theta_watched, strict=True))
+
+
+def test_curvscopes_copy_of_a_persistent_loader_goes_with_the_loader():
+    """Kept in a map from loaders to their copies, a copy whose collate_fn is bound to the
+    loader kept the loader, and 2 x num_workers processes, alive for good (the third diff
+    review). It is kept on the loader now, and both are collected together."""
+
+    class Collating(DataLoader):
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            super().__init__(*args, collate_fn=self.collate, **kw)
+
+        def collate(self, items: list) -> Any:
+            return torch.utils.data.default_collate(items)
+
+    case = cases.mlp(n=20)
+    loader = Collating(
+        TensorDataset(case.inputs, case.targets),
+        batch_size=5,
+        num_workers=2,
+        persistent_workers=True,
+    )
+    C = cs.Curvature(case.model, case.loss_fn, loader)
+    C.loss_and_gradient()
+    gone = weakref.ref(loader)
+    del C, loader
+    gc.collect()
+    assert gone() is None
 
 
 def test_train_batches_from_a_loader_leave_the_global_rng_as_found():
