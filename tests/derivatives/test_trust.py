@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import pickle
 import random
 import weakref
 from typing import Any
@@ -424,6 +425,12 @@ def test_curvscopes_copy_of_a_persistent_loader_goes_with_the_loader():
     )
     C = cs.Curvature(case.model, case.loss_fn, loader)
     C.loss_and_gradient()
+    # copied or pickled, a loader leaves curvscope's copy, whose live workers cannot be
+    # pickled, behind (both raised: the fourth diff review)
+    plain = _loader(case, num_workers=1, persistent_workers=True)
+    cs.Curvature(case.model, case.loss_fn, plain).loss_and_gradient()
+    assert copy.deepcopy(plain).batch_size == pickle.loads(pickle.dumps(plain)).batch_size == 5
+    del plain
     gone = weakref.ref(loader)
     del C, loader
     gc.collect()

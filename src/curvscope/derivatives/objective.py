@@ -139,13 +139,14 @@ def own_loader(data: Any) -> Any:
         and data.num_workers > 0
     ):
         return data
-    mine = data.__dict__.get(_OWN)
+    held = data.__dict__.get(_OWN)
+    mine = None if held is None else held.loader
     if mine is None:
         mine = copy.copy(data)
         mine.__dict__.pop(_OWN, None)
         mine._iterator = None
         _start_workers(mine)
-        data.__dict__[_OWN] = mine  # (not a setattr: DataLoader refuses some after init)
+        data.__dict__[_OWN] = _Own(mine)  # (not a setattr: DataLoader refuses some after init)
     return mine
 
 
@@ -154,6 +155,27 @@ def own_loader(data: Any) -> Any:
 #: workers, where the copy refers back to it (a ``collate_fn`` bound to the loader: the third
 #: diff review)
 _OWN = "_curvscope_own_loader"
+
+
+class _Own:
+    """curvscope's copy of a loader, as the loader holds it: left out of a copy or a pickle of
+    the loader (its live workers cannot be pickled: ``copy.deepcopy`` and ``pickle`` of a loader
+    curvscope had used raised, and so did the first pass of a ``spawn`` loader whose
+    ``collate_fn`` is bound to it, which pickles the loader: the fourth diff review)."""
+
+    __slots__ = ("loader",)
+
+    def __init__(self, loader: Any = None) -> None:
+        self.loader = loader
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Own, ())
+
+    def __copy__(self) -> _Own:
+        return _Own()
+
+    def __deepcopy__(self, memo: Any) -> _Own:
+        return _Own()
 
 
 def _start_workers(loader: Any) -> None:
