@@ -301,6 +301,10 @@ def tensor_attributes(model: nn.Module) -> list[tuple[str, nn.Module, str, Tenso
     ]
 
 
+#: plain tensor attributes swapped for copies: (module, attribute, the original, the copy)
+_Swapped = list[tuple[nn.Module, str, Tensor, Tensor]]
+
+
 @contextlib.contextmanager
 def _copied(held: Sequence[tuple[str, nn.Module, str]]) -> Iterator[None]:
     """The modules' plain tensor attributes ``held`` set to copies for the block
@@ -310,9 +314,6 @@ def _copied(held: Sequence[tuple[str, nn.Module, str]]) -> Iterator[None]:
         yield
     finally:
         _swap_back(swapped)
-
-
-_Swapped = list[tuple[nn.Module, str, Tensor, Tensor]]
 
 
 def _swap_in(held: Sequence[tuple[str, nn.Module, str]]) -> _Swapped:
@@ -1826,8 +1827,7 @@ class ModelObjective:
         args, kwargs = self.arguments(batch, **extra)
         # once per operator: torch's warning of a reentrant checkpoint, heard (a model that
         # checkpoints only in some batches or modes is judged by its first forward), and a
-        # forward that writes into its parameters or its plain tensor attributes, or changes
-        # its modules' Python values, seen
+        # forward that writes into its parameters or its plain tensor attributes seen
         state = self._state(theta)
         if self._first_call:
             return self._first_forward(state, args, kwargs)
