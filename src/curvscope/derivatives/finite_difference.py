@@ -153,6 +153,7 @@ from curvscope.derivatives.objective import (
     ModelObjective,
     few,
     plain_tensors,
+    storage_of,
     walk_graph,
 )
 
@@ -568,7 +569,7 @@ class _Kept:
             self.buffers += [
                 (vars(m), key, t, t.detach().clone())
                 for key, t in (plain_tensors(m) if plain else ())
-                if t.numel() == 0 or t.untyped_storage().data_ptr() not in weights
+                if t.numel() == 0 or storage_of(t) not in weights
             ]
 
     def restore_buffers(self) -> None:
@@ -601,7 +602,7 @@ class _Kept:
 def _storages(model: nn.Module) -> set[int]:
     """Where the model's plain parameters' memory starts (a tensor that shares it is a view)."""
     return {
-        p.untyped_storage().data_ptr()
+        storage_of(p)
         for p in model.parameters()
         if p.numel() and p.layout == torch.strided and not zero3.is_dtensor(p)
     }

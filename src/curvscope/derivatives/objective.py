@@ -168,14 +168,8 @@ class _Own:
     def __init__(self, loader: Any = None) -> None:
         self.loader = loader
 
-    def __reduce__(self) -> tuple[Any, ...]:
+    def __reduce__(self) -> tuple[Any, ...]:  # (copy.copy and copy.deepcopy read it too)
         return (_Own, ())
-
-    def __copy__(self) -> _Own:
-        return _Own()
-
-    def __deepcopy__(self, memo: Any) -> _Own:
-        return _Own()
 
 
 def _start_workers(loader: Any) -> None:
@@ -305,17 +299,6 @@ def tensor_attributes(model: nn.Module) -> list[tuple[str, nn.Module, str, Tenso
 _Swapped = list[tuple[nn.Module, str, Tensor, Tensor]]
 
 
-@contextlib.contextmanager
-def _copied(held: Sequence[tuple[str, nn.Module, str]]) -> Iterator[None]:
-    """The modules' plain tensor attributes ``held`` set to copies for the block
-    (:func:`_swap_in`), then the originals put back (:func:`_swap_back`)."""
-    swapped = _swap_in(held)
-    try:
-        yield
-    finally:
-        _swap_back(swapped)
-
-
 def _swap_in(held: Sequence[tuple[str, nn.Module, str]]) -> _Swapped:
     """The modules' plain tensor attributes ``held`` (name, module, attribute) set to copies —
     one copy of a tensor two modules hold (two copies parted what one module wrote from what
@@ -343,7 +326,9 @@ def _swap_back(swapped: _Swapped) -> None:
             mod.__dict__[key] = t
 
 
-def _storage(t: Tensor) -> int:
+def storage_of(t: Tensor) -> int:
+    """Where a tensor's memory starts: a view and what it views, and tensors sharing one
+    storage, have the same."""
     return t.untyped_storage().data_ptr()
 
 
@@ -354,7 +339,7 @@ def _storages(attributes: list[Tensor], model: nn.Module) -> dict[int, int]:
     counts: dict[int, int] = {}
     for t in tensors.values():
         if t.layout == torch.strided and t.device.type != "meta":
-            counts[_storage(t)] = counts.get(_storage(t), 0) + 1
+            counts[storage_of(t)] = counts.get(storage_of(t), 0) + 1
     return counts
 
 
@@ -740,23 +725,24 @@ def _attention_notes(model: nn.Module, modules: list[nn.Module]) -> list[str]:
 
 
 def padding_rows(
-    model: nn.Module, modules: list[nn.Module], selected: Mapping[str, Tensor], tied: bool = False
-) -> dict[str, int]:
-    """Selected parameter → its padding row: the row of an embedding (``nn.Embedding`` or
-    ``nn.EmbeddingBag`` with ``padding_idx``) that torch's gradient never updates, so the
-    operator is P·H·P — where every module holding the weight is a lookup with that padding
-    row (a table shared by two lookups, or one registered under two names, is one). Not for a
-    weight a module of another kind reads too (an output layer tied to it), or a lookup
-    without that padding row, whose gradient updates the row: ``tied=True`` gives those
-    instead (:func:`_padding_notes`; counting names instead said "tied" of a table shared by
-    lookups only, whose operator is P·H·P: the diff review)."""
+    model: nn.Module, modules: list[nn.Module], selected: Mapping[str, Tensor]
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Selected parameter → its padding row, of two kinds. First: the row of an embedding
+    (``nn.Embedding`` or ``nn.EmbeddingBag`` with ``padding_idx``) that torch's gradient never
+    updates, so the operator is P·H·P — where every module holding the weight is a lookup with
+    that padding row (a table shared by two lookups, or one registered under two names, is
+    one). Second: where a module of another kind reads the weight too (an output layer tied to
+    it), or a lookup without that padding row, whose gradient updates the row
+    (:func:`_padding_notes`; counting names instead said "tied" of a table shared by lookups
+    only, whose operator is P·H·P: the diff review)."""
     holders: dict[int, list[nn.Module]] = {}
     for m in model.modules(remove_duplicate=False):
         for p in m._parameters.values():
             if p is not None and m not in holders.setdefault(id(p), []):
                 holders[id(p)].append(m)
     chosen = {id(p): k for k, p in selected.items()}
-    rows = {}
+    rows: dict[str, int] = {}
+    tied: dict[str, int] = {}
     for m in modules:
         if not isinstance(m, (nn.Embedding, nn.EmbeddingBag)) or m.padding_idx is None:
             continue
@@ -765,9 +751,8 @@ def padding_rows(
             continue
         row = m.padding_idx % m.num_embeddings
         lookups = all(_pads(h, row) for h in holders[id(m.weight)])
-        if lookups != tied:
-            rows[key] = row
-    return rows
+        (rows if lookups else tied)[key] = row
+    return rows, tied
 
 
 def _pads(m: nn.Module, row: int) -> bool:
@@ -1714,7 +1699,7 @@ class ModelObjective:
         #: from the forward's (torch's CheckpointError)
         self._checkpointing = _recomputes(model)
         #: selected embeddings' padding rows (their curvature is P·H·P: :func:`padding_rows`)
-        self.padding = padding_rows(model, modules, self._params)
+        self.padding, self._tied_padding = padding_rows(model, modules, self._params)
         self.notes = self._fallback_notes(named)
 
     def recompute_found(self, e: BaseException) -> bool:
@@ -1835,11 +1820,14 @@ class ModelObjective:
             # (inside a torch.func transform no copies: the user's attributes, which it will
             # not write, raising torch's error)
             return functional_call(self.model, state, args, kwargs or None, tie_weights=False)
+        swapped = _swap_in(self._attributes)
         if self._passes:  # the copies stay until the pass ends: its loss may read them
-            self._passes[-1] += _swap_in(self._attributes)
+            self._passes[-1] += swapped
             return functional_call(self.model, state, args, kwargs or None, tie_weights=False)
-        with _copied(self._attributes):
+        try:  # (a forward outside a pass: put back at once)
             return functional_call(self.model, state, args, kwargs or None, tie_weights=False)
+        finally:
+            _swap_back(swapped)
 
     def _first_forward(self, state: dict[str, Any], args: Any, kwargs: Any) -> Any:
         """An operator's first forward (:meth:`_call`): torch's warnings heard, and what it
@@ -1856,7 +1844,7 @@ class ModelObjective:
         for w in said:  # the model's other warnings, as they were
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         self._written_in_forward([k for k, p, v in versions if p._version != v])
-        self._attributes_written([a for a, v in held if a[3]._version != v])
+        self._attributes_written([a for a, v in held if a[3]._version != v], [a for a, _ in held])
         return out
 
     def _written_in_forward(self, written: list[str]) -> None:
@@ -1877,7 +1865,11 @@ class ModelObjective:
         self.notes.append(note)
         warnings.warn(note, ParameterWriteWarning, stacklevel=callers_level())
 
-    def _attributes_written(self, written: list[tuple[str, nn.Module, str, Tensor]]) -> None:
+    def _attributes_written(
+        self,
+        written: list[tuple[str, nn.Module, str, Tensor]],
+        held: list[tuple[str, nn.Module, str, Tensor]],
+    ) -> None:
         """A forward that updates a tensor it holds as a plain attribute in place (a running
         statistic kept as ``self.scale = torch.ones(...)``, no ``register_buffer``) moved the
         user's at every product, and the operator changed between products: two products of
@@ -1885,17 +1877,19 @@ class ModelObjective:
         The first forward, which sees it, is let be — its write stands, as does a lazily
         initialised module's flag beside it (copies up front left such a module flagged and
         uninitialised, and putting its Python values back broke losses that read them: the
-        diff reviews) — and said; the later forwards write into copies (:func:`_copied`), so
+        diff reviews) — and said; the later forwards write into copies (:func:`_swap_in`), so
         that products agree. Not an attribute that views another tensor or shares its storage
         with another attribute, a parameter or a buffer: a copy would part it from what it
-        views (a slot of a table, written, then the table read: the diff review)."""
+        views (a slot of a table, written, then the table read: the diff review). ``held``:
+        every plain tensor attribute (:func:`tensor_attributes`) as the first forward found
+        them."""
         if not written:
             return
-        shared = _storages([t for _, _, _, t in tensor_attributes(self.model)], self.model)
+        shared = _storages([t for _, _, _, t in held], self.model)
         copied = [
             (k, mod, key)
             for k, mod, key, t in written
-            if t._base is None and shared.get(_storage(t), 1) == 1
+            if t._base is None and shared.get(storage_of(t), 1) == 1
         ]
         views = [k for k, _, _, _ in written if k not in {n for n, _, _ in copied}]
         self._attributes = copied
@@ -2323,7 +2317,7 @@ class ModelObjective:
         return (
             self.kernel_notes
             + (compiled if self.compiled else [])
-            + _padding_notes(self.padding, padding_rows(self.model, modules, self._params, True))
+            + _padding_notes(self.padding, self._tied_padding)
             + _backward_hook_notes(named)
             + _frequency_notes(named)
         )

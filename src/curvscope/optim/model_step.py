@@ -344,10 +344,10 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         actual, ratio, finite = _measure(proposal, f0, trial)
         noise = _within_rounding(proposal, f0, actual, loss_out.dtype)
         if noise:  # the model taken as agreeing: ρ = 1, the step kept unless the radius set it
-            ratio = 1.0
-        kept = search.accepts(ratio, actual, group)
-        if noise:  # (a radius that cannot grow any more: kept, or a small max_radius stalls)
-            kept = not proposal.boundary or search.update(value, 1.0, proposal, group) == value
+            ratio = 1.0  # (and can grow: at max_radius it is kept, or a small one stalls)
+            kept = not proposal.boundary or search.update(value, ratio, proposal, group) == value
+        else:
+            kept = search.accepts(ratio, actual, group)
         accepted = math.isfinite(actual) and kept
         if not accepted:
             write_flat(params, x0)
