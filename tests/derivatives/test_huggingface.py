@@ -562,6 +562,43 @@ def test_an_explicit_loss_with_dict_batches_takes_labels_as_targets():
     torch.testing.assert_close(explicit, own, **TIGHT)
 
 
+class _RunningScale(nn.Module):
+    """A layer norm followed by a running scale its forward updates in place, held as a plain
+    tensor attribute (no buffer)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm, self.scale = norm, torch.ones(norm.weight.shape, dtype=DT)
+
+    def forward(self, h: Tensor) -> Tensor:
+        out = self.norm(h)
+        with torch.no_grad():
+            self.scale.mul_(0.5).add_(0.5 * out.pow(2).mean((0, 1)))
+        return out / self.scale.sqrt()
+
+
+@pytest.mark.filterwarnings("ignore::curvscope.derivatives.AttributeWriteWarning")
+def test_a_layer_writing_a_plain_attribute_is_not_taken_for_a_loss_of_its_own():
+    """loss_fn=None checked the products' loss against a second forward, which started from
+    the attribute as the operator's first forward had left it: such a model was refused as
+    "the model computes a loss of its own" (an outside review). The check's two losses now
+    start from one state; the operator is the one of the same loss written out."""
+
+    def scaled() -> nn.Module:
+        model = _seeded(gpt2, 0)
+        model.transformer.ln_f = _RunningScale(model.transformer.ln_f)
+        return model
+
+    def loss_fn(out: Any, labels: Tensor) -> Tensor:  # GPT-2's own: shifted, -100 ignored
+        return F.cross_entropy(out.logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
+
+    data = token_batches(0)[:1]  # one batch: the written-out loss weighs batches by rows
+    params = ["transformer.ln_f.norm.weight", "transformer.ln_f.norm.bias"]
+    own = cs.Curvature(scaled(), None, data, params=params).to_dense()
+    explicit = cs.Curvature(scaled(), loss_fn, data, params=params, reduction="mean")
+    torch.testing.assert_close(own, explicit.to_dense(), **TIGHT)
+
+
 @pytest.mark.filterwarnings("ignore:the model is in eval mode at this probe")  # as built
 def test_diagnose_and_a_monitor_take_loss_fn_none(tmp_path):
     model = model_of("gpt2").eval()

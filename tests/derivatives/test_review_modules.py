@@ -410,6 +410,35 @@ def test_a_plain_tensor_attribute_the_forward_updates_is_moved_once_and_said(hel
     assert torch.allclose(first, H @ v, rtol=1e-10, atol=1e-12)
 
 
+def test_a_cached_graph_is_rebuilt_after_the_users_forward_moves_a_written_attribute():
+    """A cached graph saved the plain attribute its forward wrote; the user's own forward (a
+    training step, a validation pass in train mode) then moved it in place, and the next
+    product failed with torch's bare "modified by an inplace operation" (an outside review).
+    The cache's check reads such attributes with the parameters now: the graph is rebuilt, and
+    the product is a fresh operator's at the model as it now is. Without such a forward the
+    graph is kept (no forward a product)."""
+
+    torch.manual_seed(0)
+    data = (torch.randn(32, 5, dtype=DT), torch.randint(0, 3, (32,)))
+    model = cases.RunningScale().to(DT)
+    forwards = []
+    model.inner.register_forward_hook(lambda *_: forwards.append(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cs.derivatives.AttributeWriteWarning)
+        C = cs.Curvature(model, nn.CrossEntropyLoss(), data)
+        v = torch.randn(C.num_params, dtype=DT, generator=torch.Generator().manual_seed(0))
+        first = C @ v
+        assert torch.equal(C @ v, first) and len(forwards) == 1  # the graph kept
+        model(data[0])  # the user's forward moves model.scale in place
+        fresh = cs.Curvature(copy.deepcopy(model), nn.CrossEntropyLoss(), data) @ v
+        after = C @ v
+    assert (
+        len(forwards) == 4
+    )  # the user's, the fresh operator's (a deepcopy keeps hooks), one rebuild
+    assert torch.allclose(after, fresh, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(after, first, rtol=1e-3)
+
+
 def test_a_written_attribute_that_views_another_is_not_parted_from_it():
     """A slot of a table, both plain attributes, the slot written and the table read: a copy
     of the slot would part it from the table (the diff review: a loss of 1.3133 where the

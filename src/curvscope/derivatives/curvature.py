@@ -488,11 +488,13 @@ class Curvature:
             return
         if self._cached is None or not self._unchanged():
             self._cached = self._snapshot = None
+            self._cached = list(self._source.prepare())  # (its pass checks the data)
+            # the state the graphs were built on, read after their pass: the operator's first
+            # forward writes into a plain tensor attribute in place (and may into a parameter,
+            # :meth:`ModelObjective._written_in_forward`) — the values its graph saved
             model_flags, tensors = self._source.model_state()
             flags = (*model_flags, autocast_state(self.device))
-            snapshot = (flags, _layout(tensors), [t.detach().clone() for _, t in tensors])
-            self._cached = list(self._source.prepare())  # (its pass checks the data)
-            self._snapshot = snapshot
+            self._snapshot = (flags, _layout(tensors), [t.detach().clone() for _, t in tensors])
         else:  # the cached graphs hold the data they were built on
             self._source.check_unchanged_data()
         yield from self._cached

@@ -1336,6 +1336,9 @@ class ModelObjective:
         #: the tensors held as plain attributes that a forward writes into in place, copies
         #: during its forwards (:meth:`_attributes_written`): (name, module, attribute)
         self._attributes: list[tuple[str, nn.Module, str]] = []
+        #: every plain tensor attribute a forward writes in place, copied or not: the cache's
+        #: check reads them (:meth:`model_state`)
+        self._attribute_writes: list[tuple[str, nn.Module, str]] = []
         #: per :meth:`context` entered, the attributes swapped for copies during it, put back
         #: as it ends (a loss that reads an attribute the forward wrote read the user's, the
         #: previous batch's, when they were put back as the forward returned: 3.7% off, the
@@ -1394,7 +1397,10 @@ class ModelObjective:
     def model_state(self) -> tuple[tuple[bool, ...], list[tuple[str, Tensor]]]:
         """What the cache checks before every product, from one walk over the modules: the flags
         (each module's ``training``, each parameter's ``requires_grad``) and every tensor a
-        forward pass reads from the model — all parameters and buffers — by name."""
+        forward pass reads from the model — all parameters and buffers, and the plain tensor
+        attributes a forward writes in place (a cached graph saved them: the user's own forward
+        that moved one made the next product fail with torch's bare "modified by an inplace
+        operation", an outside review) — by name."""
         flags: list[bool] = []
         tensors: list[tuple[str, Tensor]] = []
         for mod_name, mod in self.model.named_modules():
@@ -1405,6 +1411,10 @@ class ModelObjective:
                     flags.append(p.requires_grad)
                     tensors.append((prefix + k, p))
             tensors += [(prefix + k, b) for k, b in mod._buffers.items() if b is not None]
+        for k, mod, key in self._attribute_writes:
+            t = getattr(mod, key, None)
+            if isinstance(t, Tensor):
+                tensors.append((k, t))
         return tuple(flags), tensors
 
     # ----------------------------------------------------------------------------- data
@@ -1885,6 +1895,7 @@ class ModelObjective:
         them."""
         if not written:
             return
+        self._attribute_writes = [(k, mod, key) for k, mod, key, _ in written]
         shared = _storages([t for _, _, _, t in held], self.model)
         copied = [
             (k, mod, key)
@@ -2005,7 +2016,7 @@ class ModelObjective:
         if self.adapter is not None and batch.index not in self._own_checked:
             # every batch once: a model's own loss may agree on one batch and not another (a
             # loss_function averaging per sequence agrees where the sequences are as long)
-            self._check_own_loss(batch, float(loss.detach()), loss.dtype)
+            self._check_own_loss(batch)
             self._own_checked.add(batch.index)
         return loss
 
@@ -2054,15 +2065,20 @@ class ModelObjective:
             )
         self._loss_checked = True
 
-    def _check_own_loss(self, batch: Batch, ours: float, dtype: torch.dtype) -> None:
-        """With loss_fn=None: the adapted loss must be ``model(**batch).loss`` (one forward
-        with the labels, the same randomness, without gradients; the model's config, which its
-        first loss writes to, is left as found)."""
+    def _check_own_loss(self, batch: Batch) -> None:
+        """With loss_fn=None: the adapted loss must be ``model(**batch).loss``, each from a
+        forward of its own without gradients, from the same state and randomness (the model's
+        config, which its first loss writes to, is left as found). Not the products' loss: the
+        operator's first forward writes a plain tensor attribute in place (the first of a
+        running statistic kept as ``self.scale``), so that a forward after it starts elsewhere,
+        and such a model was refused as "a loss of its own" (an outside review)."""
         assert self.adapter is not None
         theta = {k: p.detach() for k, p in self.params.items()}
         with self.context(batch.index), torch.no_grad(), self.adapter.config_kept():
+            ours = self.loss_fn(self.raw_forward(theta, batch), batch.targets)
+        with self.context(batch.index), torch.no_grad(), self.adapter.config_kept():
             out = self._call(theta, batch, labels=batch.labels)
-        self.adapter.check(batch.index, ours, out, dtype)
+        self.adapter.check(batch.index, float(ours), out, ours.dtype)
 
     def _infer_reduction(self, out: Any, batch: Batch, depends: bool) -> str:
         """ "mean" or "sum", from the loss of a batch against the losses of its two halves: a
