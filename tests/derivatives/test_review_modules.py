@@ -432,9 +432,8 @@ def test_a_cached_graph_is_rebuilt_after_the_users_forward_moves_a_written_attri
         model(data[0])  # the user's forward moves model.scale in place
         fresh = cs.Curvature(copy.deepcopy(model), nn.CrossEntropyLoss(), data) @ v
         after = C @ v
-    assert (
-        len(forwards) == 4
-    )  # the user's, the fresh operator's (a deepcopy keeps hooks), one rebuild
+    # the user's forward, the fresh operator's (a deepcopy keeps hooks), and one rebuild
+    assert len(forwards) == 4
     assert torch.allclose(after, fresh, rtol=1e-12, atol=1e-14)
     assert not torch.allclose(after, first, rtol=1e-3)
 
