@@ -727,6 +727,25 @@ def test_probe_slices_leave_the_model_as_found():
     assert torch.equal(torch.random.get_rng_state(), rng)
 
 
+@pytest.mark.parametrize("width", [1, 3])
+def test_probe_of_a_tiny_model_reports_what_its_spectrum_has(width):
+    """The probe asked for three eigenvalues from each end: a model of fewer than six
+    parameters raised (an outside review). It reports what the spectrum has: a 1 x 1
+    operator's one value, a 3 x 3's largest and smallest (of its dense spectrum)."""
+    from curvscope.lab.probe import probe
+
+    model = torch.nn.Linear(width, 1, bias=False).double()
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(32, width, generator=g, dtype=torch.float64)
+    y = torch.randn(32, 1, generator=g, dtype=torch.float64)
+    res = probe(model, torch.nn.MSELoss(), (X, y), lr=0.01)
+    H = 2 * X.T @ X / 32  # the Hessian of the mean squared error of a linear model
+    lam = torch.linalg.eigvalsh(H).flip(0)
+    want = [lam[0], lam[-1]] if width > 1 else [lam[0]]
+    got = torch.tensor(res["eigenvalues"], dtype=torch.float64)
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-8, atol=0)
+
+
 def test_report_escapes_hostile_text():
     run = {
         "problem": "<script>alert(1)</script>",

@@ -57,6 +57,41 @@ def test_quadratic_unstable_above_two_over_lambda_max_and_learning_below():
     assert d.state == "learning"
 
 
+class _Temperature(nn.Module):
+    """Temperature scaling: one trainable scalar dividing fixed logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = nn.Parameter(torch.ones(1, dtype=torch.float64))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.t
+
+
+def test_a_model_of_one_trainable_scalar_is_diagnosed_and_monitored(tmp_path):
+    """Temperature scaling: every diagnose and Monitor probe of a one-parameter model raised
+    "asked for 2 eigenvalues of a 1 x 1 operator" (which="both"; an outside review). Its one
+    eigenvalue is both ends; the evidence is the exact second derivative."""
+    g = torch.Generator().manual_seed(0)
+    z = 3 * torch.randn(200, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (200,), generator=g)
+    model = _Temperature()
+
+    def loss(t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(z / t, y)
+
+    h = float(torch.func.jacfwd(torch.func.grad(loss))(torch.ones(1, dtype=torch.float64))[0, 0])
+    lr = 1.0 / h  # below the limit 2/h: learning
+    d = cs.diagnose(model, nn.CrossEntropyLoss(), (z, y), lr=lr)
+    assert d.state == State.LEARNING
+    assert d.evidence["sharpness"] == pytest.approx(h, rel=1e-10)
+    assert d.evidence["lambda_min"] == pytest.approx(h, rel=1e-10)
+    assert cs.diagnose(model, nn.CrossEntropyLoss(), (z, y), lr=3 / h).state == State.UNSTABLE
+    mon = cs.Monitor(model, nn.CrossEntropyLoss(), (z, y), lr=lr, every=1, log=tmp_path / "r.jsonl")
+    assert mon.step(float(loss(model.t.detach()))).state == State.LEARNING
+    mon.close()
+
+
 def test_momentum_changes_the_limit():
     m = FunctionModel(bowl, FAR)
     plain = cs.diagnose(m, mean_loss, DATA, torch.optim.SGD(m.parameters(), lr=0.25))

@@ -738,10 +738,11 @@ def _measure_curvature(
     tol = ROUGH_TOL if adaptive else DIAGNOSIS_TOL
     if adaptive and v0 is not None and v0.ndim == 2:
         v0 = v0.sum(1)  # one start vector rich in both ends: a block of one, a product a step
+    op = objective.scaled()
     r = eigenvalues(
-        objective.scaled(),
+        op,
         k=1,
-        which="both",
+        which=_ends(op),
         tol=tol,
         max_matvecs=max(1, cap - C.matvecs),  # the zero-gradient rule's products come first
         seed=seed,
@@ -754,7 +755,7 @@ def _measure_curvature(
     if small:  # room for the refinement λ_min then needs: up to a random start's products
         cap = max(cap, min(C.matvecs + RANDOM_START_PRODUCTS, budget - 1))
     if want is not None and want < tol and cap > C.matvecs:
-        r = _refined(objective.scaled(), r, want, max(2, cap - C.matvecs), seed, warm and small)
+        r = _refined(op, r, want, max(2, cap - C.matvecs), seed, warm and small)
         _record_spectrum(evidence, r)
         small = Facts(evidence, thresholds).small
     assert r.vectors is not None  # return_vectors defaults to True
@@ -827,7 +828,7 @@ def _refined(op: Operator, r: Any, tol: float, products: int, seed: int, mix: bo
     out = eigenvalues(
         op,
         k=1,
-        which="both",
+        which=_ends(op),
         tol=tol,
         max_matvecs=products,
         seed=seed,
@@ -850,6 +851,13 @@ def _mixed(op: Operator, vectors: Tensor, seed: int) -> Tensor:
     warm = vectors.sum(1)
     z = torch.randn(warm.shape, generator=op.generator(seed), dtype=warm.dtype, device=warm.device)
     return warm / op.norm(warm).clamp_min(1e-300) + z / op.norm(z)
+
+
+def _ends(op: Operator) -> str:
+    """Both ends of the spectrum; of a 1 x 1 operator (one trainable scalar: temperature
+    scaling), its one value, which is both — ``which="both"`` asks for two, and every such
+    ``diagnose`` and Monitor probe raised "asked for 2 eigenvalues" (an outside review)."""
+    return "both" if op.dim > 1 else "largest"
 
 
 def _record_spectrum(evidence: dict[str, Any], r: Any) -> None:

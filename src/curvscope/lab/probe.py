@@ -129,9 +129,9 @@ def probe(
     check_runs(model, loss_fn, data)
     d = diagnose(model, loss_fn, data, optimizer=optimizer, lr=lr, reduction=reduction)
     C = Curvature(model, loss_fn, data, reduction=reduction)
-    top = eigenvalues(C, k=3, which="both")
+    n = C.num_params  # three from each end, fewer of a tiny model (one: its one value)
+    top = eigenvalues(C, k=min(3, n // 2), which="both") if n > 1 else eigenvalues(C, k=1)
     tr = trace(C, matvecs=60)
-    n = C.num_params
     out: dict[str, Any] = {
         "state": d.state,
         "text": str(d),
