@@ -1,5 +1,6 @@
 """Stability limits read from live torch optimizers."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,6 +32,32 @@ def test_the_label_names_sgds_dampening():
     assert cs.stability_limit(damped).optimizer == "SGD (momentum 0.5, dampening 0.5)"
     plain = torch.optim.SGD(params(), lr=0.1, momentum=0.9)
     assert cs.stability_limit(plain).optimizer == "SGD (momentum 0.9)"
+
+
+@pytest.mark.parametrize(
+    "lr", [np.float32(0.25), np.float64(0.25), torch.tensor(0.25), torch.tensor(0.25).double(), 1]
+)
+def test_a_learning_rate_is_any_real_number_torch_takes(lr, tmp_path):
+    """lr=np.float32(0.1) or torch.tensor(0.1), as torch's optimizers take it, was refused as
+    "not a positive number" by diagnose, and by the Monitor only at its first probe (an
+    outside review)."""
+    assert cs.stability_limit(lr=lr).limit == pytest.approx(2 / float(lr), rel=1e-7)
+    assert isinstance(cs.stability_limit(lr=lr).lr, float)
+    model = torch.nn.Linear(3, 1).double()
+    data = (torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64))
+    mon = cs.Monitor(model, torch.nn.MSELoss(), data, lr=lr, log=tmp_path / "r.jsonl")
+    assert mon.lr == float(lr) and type(mon.lr) is float
+    mon.close()
+
+
+@pytest.mark.parametrize("lr", [True, "0.1", torch.tensor([0.1]), -0.1, float("nan"), 0])
+def test_a_learning_rate_that_is_no_positive_number_is_refused_at_once(lr):
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        cs.stability_limit(lr=lr)
+    model = torch.nn.Linear(3, 1)
+    data = (torch.randn(16, 3), torch.randn(16, 1))
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        cs.Monitor(model, torch.nn.MSELoss(), data, lr=lr)
 
 
 def test_plain_gradient_descent_and_argument_errors():

@@ -227,9 +227,9 @@ def check_real(
     maximum: float | None = None,
     exclusive: bool = False,
 ) -> float:
-    """A finite real number (an int, a float or a numpy scalar; a bool or a string is refused),
-    within ``[minimum, maximum]`` — or ``(minimum, maximum)`` with ``exclusive=True`` — where
-    the bounds are given.
+    """A finite real number (an int, a float, a numpy scalar or a 0-d real tensor, as torch's
+    optimizers take a learning rate; a bool or a string is refused), within ``[minimum,
+    maximum]`` — or ``(minimum, maximum)`` with ``exclusive=True`` — where the bounds are given.
 
     Example:
         >>> check_real(0.5, "tol", minimum=0, maximum=1, exclusive=True)
@@ -239,9 +239,14 @@ def check_real(
         ...
         ValueError: expected tol to be in (0, 1), got 0
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    scalar = (
+        isinstance(value, Tensor)
+        and value.ndim == 0
+        and not (value.dtype == torch.bool or value.is_complex())
+    )
+    if not scalar and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"expected {name} to be a real number, got {type(value).__name__}")
-    number = float(value)
+    number = float(value)  # type: ignore[arg-type]  # a real number or a 0-d tensor
     if not math.isfinite(number):
         raise ValueError(f"expected {name} to be a finite number, got {value!r}")
     low_ok = minimum is None or (number > minimum if exclusive else number >= minimum)

@@ -72,6 +72,7 @@ from curvscope.diagnosis.runlog import read_log as read_log  # where it lived be
 from curvscope.diagnosis.stability import (
     NotSteppedError,
     check_judgeable,
+    check_lr,
     check_readable,
     limit_factor,
     optimizer_name,
@@ -400,7 +401,8 @@ class Monitor:
             _check_finite_difference(model, params, self._products, optimizer)
         self.forecast = forecast
         self.model, self.loss_fn, self.probe_data = model, loss_fn, probe_data
-        self._optimizer, self.lr = optimizer, lr
+        self._optimizer = optimizer
+        self.lr = None if lr is None else check_lr(lr)  # refused now, not at the first probe
         self._stepping = _StepWatch(optimizer)
         self._stale_said = False  # whether an optimizer that stopped stepping was said
         self._init_clipping(max_grad_norm)

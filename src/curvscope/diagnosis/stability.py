@@ -49,6 +49,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from curvscope.derivatives import zero3 as _zero3
+from curvscope.derivatives.checks import check_real
 from curvscope.derivatives.sharded import local_entries
 
 #: (name of the optimizer's type, its first group holding a parameter) -> (c, description, formula)
@@ -451,12 +452,23 @@ def optimizer_name(optimizer: object) -> str:
         return type(optimizer).__name__
 
 
+def check_lr(lr: object) -> float:
+    """``lr=`` for plain gradient descent: a positive finite real number — an int, a float, a
+    numpy scalar or a 0-d tensor, as torch's optimizers take one (``np.float32(0.1)`` and
+    ``torch.tensor(0.1)`` were refused as not positive numbers, and ``True`` taken for 1: an
+    outside review) — as a float."""
+    try:
+        return check_real(lr, "lr", minimum=0, exclusive=True)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"lr must be a positive number (an int, a float, a numpy scalar or a 0-d tensor), "
+            f"got {lr!r}"
+        ) from None
+
+
 def _gradient_descent(lr: object) -> StabilityLimit:
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    return StabilityLimit(
-        2.0 / lr, float(lr), 2.0, "gradient descent", False, None, None, "s* = 2/η"
-    )
+    eta = check_lr(lr)
+    return StabilityLimit(2.0 / eta, eta, 2.0, "gradient descent", False, None, None, "s* = 2/η")
 
 
 def _limit(
