@@ -301,6 +301,35 @@ def test_normalized_gd_step_has_fixed_length():
     assert torch.allclose(x.detach(), torch.tensor([29.94, 39.92]))
 
 
+@pytest.mark.parametrize("backward", ["none", "own", "clipped"])
+def test_normalized_gd_differentiates_a_closures_loss_or_reads_its_backwards_grad(backward):
+    """DESIGN's closure contract, as every curvscope optimizer keeps it: a closure that only
+    returns the loss raised "found no gradient", and with a .grad left from before the step
+    went along that stale gradient (an outside review). Without a backward in the closure the
+    step is along the gradient of the loss it returns; with one, along .grad as it left it
+    (clipped: as SGD reads it). One closure call and one gradient either way."""
+    x = torch.tensor([30.0, 40.0], dtype=torch.float64, requires_grad=True)
+    (7 * x).sum().backward()  # a stale .grad, from before the step
+    opt = cs.optim.NormalizedGD([x], lr=0.1)
+
+    def closure():
+        loss = (x**2).sum()
+        if backward != "none":
+            opt.zero_grad()
+            loss.backward()
+            if backward == "clipped":
+                torch.nn.utils.clip_grad_value_(x, 70.0)  # (60, 80) -> (60, 70)
+        return loss
+
+    loss = opt.step(closure)
+    assert float(loss) == 2500.0
+    g = torch.tensor([60.0, 70.0] if backward == "clipped" else [60.0, 80.0], dtype=torch.float64)
+    torch.testing.assert_close(x.detach(), torch.tensor([30.0, 40.0]).double() - 0.1 * g / g.norm())
+    assert opt.counts.closure_calls == 1 and opt.counts.gradients == 1
+    if backward == "none":  # .grad as the user left it
+        torch.testing.assert_close(x.grad, torch.full((2,), 7.0, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("name", [n for n in CLOSURE_DRIVEN if REGISTRY[n].exact])
 def test_tolerance_grad_skips_the_step_at_a_converged_point(name):
     p = cs.problems.get("quadratic", n=4, condition=10.0)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvscope.optim._closure import _split, check_closure
+from curvscope.optim._closure import Counts, _call, check_closure
 from curvscope.optim.base import (
     CurvscopeOptimizer,
     Snapshot,
@@ -25,8 +25,9 @@ class NormalizedGD(CurvscopeOptimizer):
     The step length does not depend on the gradient's size, so it neither stalls on plateaus
     nor overshoots by the gradient's scale; what it cannot do is settle: near a minimum it
     oscillates at distance ~lr (decay lr to converge). ‖g‖ is the norm over all parameters;
-    each group moves by its own lr. Like ``torch.optim.SGD``, it reads ``p.grad``: call
-    ``loss.backward()`` first, or pass a closure that does.
+    each group moves by its own lr. Without a closure it reads ``p.grad``, like
+    ``torch.optim.SGD``: call ``loss.backward()`` first. With one it differentiates the loss
+    the closure returns, or reads ``.grad`` as a closure that runs its own backward leaves it.
 
     Example:
         >>> import torch, curvscope as cs
@@ -48,34 +49,29 @@ class NormalizedGD(CurvscopeOptimizer):
 
     def _step(self, closure: Any, snapshot: Snapshot) -> Tensor | None:
         counts, loss = self.counts, None
-        if closure is not None:
-            check_closure(closure, type(self).__name__)
-            with torch.enable_grad():
-                loss, _ = _split(closure())
-            counts.closure_calls += 1
-        params = [p for p in self._params() if p.grad is not None]
-        if not params:
+        if closure is not None:  # the gradient of the loss it returns, as every method's
+            grads, loss = self._closure_gradient(closure, counts)
+        else:
+            grads = [(p, p.grad) for p in self._params() if p.grad is not None]
+            counts.gradients += 1
+        if not grads:
             raise ValueError(
                 "NormalizedGD found no gradient: call loss.backward() before step(), or pass "
-                "a closure that does"
+                "a closure that returns the loss"
             )
-        counts.gradients += 1
-        norm = float(
-            torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in params if p.grad is not None])
-            )
-        )
+        norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for _, g in grads])))
         if not math.isfinite(norm):  # as AdaHessian and Sophia: it skipped the step silently
             raise FloatingPointError(
                 "NormalizedGD: the gradient has non-finite entries (its norm is "
                 f"{norm}); nothing was written — check the model for overflow (a smaller step, "
                 "or float64), or skip the step yourself as torch.amp.GradScaler does"
             )
+        of = {p: g for p, g in grads}
         updates = [
-            (p, p.grad * (group["lr"] / (norm + group["eps"])))
+            (p, of[p] * (group["lr"] / (norm + group["eps"])))
             for group in self.param_groups
             for p in group["params"]
-            if p.grad is not None and p.requires_grad
+            if p in of
         ]
         self._commit([(p, p - delta, None) for p, delta in updates])
         # the step taken, each group at its own lr (it was group 0's lr for all: a review)
@@ -93,3 +89,25 @@ class NormalizedGD(CurvscopeOptimizer):
         )
         self._end(counts, info)
         return loss
+
+    def _closure_gradient(
+        self, closure: Any, counts: Counts
+    ) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+        """(parameter, gradient) and the loss: ``.grad`` as a closure that runs its own
+        backward leaves it (clipped, masked: as ``SGD`` reads it), else the gradient of the
+        loss it returns, for the parameters the loss uses (a closure without ``backward()``
+        raised "found no gradient", or was stepped along a ``.grad`` left from before: an
+        outside review)."""
+        params = self._params()
+        called = _call(check_closure(closure, type(self).__name__), counts, params, "keep", None)
+        if called.ran_here:
+            return [(p, p.grad) for p in params if p.grad is not None], called.loss.detach()
+        if not called.loss.requires_grad:
+            raise ValueError(
+                "the closure's loss does not depend on the optimized parameters; compute it "
+                "from the model inside the closure (or call loss.backward() in it)"
+            )
+        found = torch.autograd.grad(called.loss, params, allow_unused=True)
+        counts.gradients += 1
+        pairs = [(p, g) for p, g in zip(params, found, strict=True) if g is not None]
+        return pairs, called.loss.detach()
