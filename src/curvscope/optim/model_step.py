@@ -268,9 +268,18 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         group.method, group.size = type(self).__name__, self.search.size
         self.param_groups[0] = group
 
+    def state_dict(self) -> dict[str, Any]:
+        """As :meth:`CurvscopeOptimizer.state_dict`, with ``"size_edited"``: whether the
+        group's size was set since the last step (:attr:`SizedGroup.edited`), which the next
+        step restarts the search from — a value set, then saved, was lost on resume (an outside
+        review: HessianFree's damping 0.667 uninterrupted, 0.132 resumed)."""
+        edited = cast(SizedGroup, self.param_groups[0]).edited
+        return {**super().state_dict(), "size_edited": edited}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._sized_groups()
+        cast(SizedGroup, self.param_groups[0]).edited = bool(state_dict.get("size_edited"))
 
     def _asked(self) -> dict[str, Any]:
         """What the group asks for now — the search (Newton's pairing follows its damping), its
