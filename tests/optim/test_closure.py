@@ -617,3 +617,22 @@ def test_closures_a_second_order_step_cannot_take_are_named_with_the_fix():
 
     with pytest.raises(ValueError, match=r"returned its loss detached.*manual optimization"):
         opt.step(detached)
+
+
+@pytest.mark.parametrize(
+    "name", ["Newton", "NewtonCG", "HessianFree", "SaddleFreeNewton", "CubicNewton"]
+)
+def test_a_closure_returning_a_loss_computed_before_the_step_is_refused(name):
+    """``loss = f(x); opt.step(lambda: loss)``, the SGD habit: every trial point read the
+    start's loss, every step was rejected and the size collapsed (NewtonCG's radius 9e-13
+    after 20 steps), unsaid (an outside review). Refused at the first trial point, the step
+    undone."""
+    x = torch.tensor([-1.2, 1.0], dtype=DT, requires_grad=True)
+    rosen = cs.problems.get("rosenbrock").f
+    opt = getattr(cs.optim, name)([x])
+    loss = rosen(x)
+    with pytest.raises(ValueError, match="same loss tensor at a trial point"):
+        opt.step(lambda: loss)
+    assert x.detach().tolist() == [-1.2, 1.0] and opt.counts.closure_calls == 0
+    opt.step(lambda: rosen(x))  # a closure that recomputes it steps
+    assert float(rosen(x.detach())) < float(loss.detach())

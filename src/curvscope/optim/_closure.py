@@ -41,6 +41,7 @@ import math
 import os
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -231,7 +232,7 @@ def _split(out: Any) -> tuple[Tensor, Tensor | None]:
             "the closure's second value must be the outputs tensor, got "
             f"{type(outputs).__name__}" + (logits if hasattr(outputs, "logits") else "")
         )
-    return loss.reshape(()), outputs
+    return (loss if loss.ndim == 0 else loss.reshape(())), outputs  # itself: see loss_only
 
 
 def model_outputs(ev: Any) -> Tensor:
@@ -479,14 +480,30 @@ def _call(
 
 
 def loss_only(
-    closure: Closure, params: Sequence[Tensor], counts: Counts, group: Any = None
+    closure: Closure,
+    params: Sequence[Tensor],
+    counts: Counts,
+    group: Any = None,
+    start: weakref.ref[Tensor] | None = None,
 ) -> float:
     """The closure's loss at the current parameters (a trial point; the mean over ``group``),
     the closure run as written (see the module's docstring) and its traces undone:
-    ``.grad`` (:func:`_undone`) and the normalization layers' statistics."""
+    ``.grad`` (:func:`_undone`) and the normalization layers' statistics. ``start``: the
+    step's own loss, which a closure that recomputes nothing returns again (refused)."""
     with _undone(params), KeptStatistics():
         kernels = DifferentiableKernels.for_closures()  # as the evaluation's: the same loss
-        return _call(closure, counts, params, "contained", group, kernels=kernels).mean
+        called = _call(closure, counts, params, "contained", group, kernels=kernels)
+    if start is not None and start() is called.loss:
+        # ``loss = f(x); opt.step(lambda: loss)``: every trial point's loss was the start's, and
+        # NewtonCG rejected 20 steps in a row, its radius down to 9e-13, unsaid (an outside
+        # review)
+        raise ValueError(
+            "the closure returned the same loss tensor at a trial point as at the step's start: "
+            "it must compute the loss from the model at each call (a closure such as "
+            "`lambda: loss` over a loss computed before step() never sees the points the step "
+            "tries); define it to run the forward pass: def closure(): return loss_fn(model(x), y)"
+        )
+    return called.mean
 
 
 #: What torch says of a backward through a compiled graph taken with ``create_graph=True``

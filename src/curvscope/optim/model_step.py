@@ -22,6 +22,7 @@ search pair only when they agree on that meaning (checked when the optimizer is 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, cast
@@ -343,8 +344,9 @@ class ModelStepOptimizer(CurvscopeOptimizer):
             # kept; 0.5–1.7 and 20 of 20 with one: an outside review)
             write_flat(params, x0 + s)
             rng_back(snapshot.rng)
-            return loss_only(closure, params, counts, self.group)
+            return loss_only(closure, params, counts, self.group, start)
 
+        start = weakref.ref(ev.loss_tensor)  # (not kept alive: its graph is freed below)
         value = memory[search.key]
         local = Local(ev, counts, group, memory, trial, self._curvature_closure)
         proposal = descent(local, value)
