@@ -92,6 +92,28 @@ def test_a_model_of_one_trainable_scalar_is_diagnosed_and_monitored(tmp_path):
     mon.close()
 
 
+class _Bowl(nn.Module):
+    """1 + ½θᵀAθ with A = diag(1, 0.5, 0.2), at its minimum θ = 0: the gradient exactly 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        self.register_buffer("A", torch.diag(torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (1 + 0.5 * self.theta @ self.A @ self.theta) * torch.ones(len(x), dtype=x.dtype)
+
+
+def test_the_newton_decrement_at_an_exact_minimum_is_zero():
+    """At g = 0 exactly with H positive definite, δ² = gᵀH⁻¹g = 0 is defined; the evidence said
+    None ("undefined", DESIGN) and no CG ran (an outside review)."""
+    x = torch.zeros(8, 1, dtype=torch.float64)
+    d = cs.diagnose(_Bowl(), lambda o, y: o.mean(), (x, x[:, 0]), reduction="mean", lr=0.1)
+    assert d.state == State.MINIMUM and d.evidence["grad_norm"] == 0.0
+    assert d.evidence["newton_decrement"] == 0.0 and d.evidence["decrement_converged"] is True
+    assert d.evidence["lambda_min"] == pytest.approx(0.2, rel=1e-8)
+
+
 def test_momentum_changes_the_limit():
     m = FunctionModel(bowl, FAR)
     plain = cs.diagnose(m, mean_loss, DATA, torch.optim.SGD(m.parameters(), lr=0.25))

@@ -765,7 +765,10 @@ def _measure_curvature(
     left = budget - C.matvecs
     if adaptive and not small:
         return vectors, r.all_converged
-    if left >= 2 and objective.norm(g) > 0:
+    gnorm = objective.norm(g)
+    if gnorm == 0 and evidence["lambda_min"] > 0:  # δ² = gᵀH⁻¹g = 0, no CG (it was None)
+        evidence["newton_decrement"], evidence["decrement_converged"] = 0.0, True
+    elif left >= 2 and gnorm > 0:
         sol = cg(objective.operator(), g, tol=1e-2, max_matvecs=left)
         if not sol.negative_curvature:
             evidence["newton_decrement"] = objective.total(g @ sol.x)
