@@ -114,6 +114,24 @@ def test_the_newton_decrement_at_an_exact_minimum_is_zero():
     assert d.evidence["lambda_min"] == pytest.approx(0.2, rel=1e-8)
 
 
+def test_the_stable_learning_rate_is_below_both_sharpnesses_the_verdict_judges():
+    """With train_batches the advice named the batch sharpness's stable rate, 5.58, beside
+    *unstable* at lr 3 from the full-batch sharpness (whose rate is 1.77), and mini-batch SGD
+    at 3 blew up (an outside review). It is the rate below both now."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X, y = torch.tensor(X[:320] / 16.0), torch.tensor(y[:320])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)).double()
+    batches = [(X[i : i + 32], y[i : i + 32]) for i in range(0, 320, 32)]
+    d = cs.diagnose(model, nn.CrossEntropyLoss(), (X, y), lr=3.0, train_batches=batches)
+    e = d.evidence
+    assert d.state == State.UNSTABLE and e["batch_sharpness"] < e["sharpness"]
+    assert e["stable_lr"] == pytest.approx(2 / e["sharpness"], rel=1e-12) and e["stable_lr"] < 3
+    assert f"{e['stable_lr']:.3g} (now 3)" in str(d)
+
+
 def test_momentum_changes_the_limit():
     m = FunctionModel(bowl, FAR)
     plain = cs.diagnose(m, mean_loss, DATA, torch.optim.SGD(m.parameters(), lr=0.25))

@@ -568,7 +568,8 @@ class Evidence(Mapping[str, Any]):
         update_curvature: the curvature along the optimizer's last update u, uᵀHu / uᵀS⁻¹u
             (S the optimizer's step factors; ‖u‖² for SGD), measured by the Monitor's cheap
             tier between probes (present when the probe follows one).
-        stable_lr: the largest stable learning rate at this sharpness.
+        stable_lr: the largest stable learning rate at this sharpness (and, where measured,
+            this batch sharpness: below both).
         clip_factor: the fraction s of the gradient the optimizer was given (gradient
             clipping; the Monitor's median since the previous probe), when it was told
             (``diagnose(..., clip_factor=s)``): the stability limit is then c/(s·η).
