@@ -147,6 +147,15 @@ def test_compiled_code_outside_the_model_runs_eagerly_in_products():
     assert cs.diagnose(eager, loss, (X, y), lr=0.1).state is not None
 
 
+def test_numpy_targets_name_the_fix():
+    """(X, y.numpy()) was refused with "(got Tensor)", which did not say the targets were a
+    numpy array (an outside review)."""
+    model = nn.Linear(4, 3).to(DT)
+    X, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+    with pytest.raises(TypeError, match=r"numpy array: .* torch\.as_tensor"):
+        cs.Curvature(model, nn.CrossEntropyLoss(), (X, y.numpy()))
+
+
 def test_tuple_targets_beside_dict_inputs_name_the_fix():
     """({'x': X}, (labels, weights)) was read as two batches, and the error spoke of a dict
     whose 'labels' is missing, not of the tuple of targets."""

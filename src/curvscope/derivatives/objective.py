@@ -445,6 +445,11 @@ def _one_batch_hint(data: Any) -> str:
     """Data that is one batch of more than two tensors (inputs, targets, weights) was read as a
     list of batches, each a tensor ("got Tensor": an outside review)."""
     pair = isinstance(data, tuple | list) and len(data) == 2
+    if pair and any(type(t).__module__ == "numpy" for t in data):  # "(got Tensor)" said nothing
+        return (
+            "; data looks like one batch holding a numpy array: inputs and targets are tensors "
+            "— convert it with torch.as_tensor(...)"
+        )
     # tensor or dict inputs (a review); two dicts, or two tuples, are two batches as often
     bundled = pair and (
         (isinstance(data[0], Tensor) and isinstance(data[1], tuple | list | Mapping))
