@@ -220,7 +220,9 @@ def eigenvalues(
         tol: relative accuracy; the default 1e-3 gives every returned value within
             1e-3·|λ_max| of the truth (values are typically far more accurate: the error of
             an isolated eigenvalue is about r²/gap). Eigenvalues closer together than that
-            are a cluster whose members are not told apart. Like every Krylov method it finds
+            are a cluster whose members are not told apart, and an end dense with eigenvalues
+            a few tol apart can return its second or third, up to about 2·tol inside it
+            (README, *Spectrum*). Like every Krylov method it finds
             what the start holds: an eigenvector the start barely holds (a random start holds
             about 1/√n of each) can be missed, and the next eigenvalue returned in its place —
             measured with two eigenvalues 0.7% apart and a component of 1e-4 or less; from
