@@ -126,9 +126,16 @@ def check_vector(
     return v
 
 
-def check_scalar_loss(loss: object, what: str = "the loss", *, values: bool = True) -> Tensor:
+def check_scalar_loss(
+    loss: object,
+    what: str = "the loss",
+    *,
+    values: bool = True,
+    fix: str = "check the inputs and parameters for NaN/Inf and the model for overflow",
+) -> Tensor:
     """Check that a function value is a finite real scalar tensor (``values=False``: a scalar
-    tensor, its finiteness checked by the caller — one host read, not two)."""
+    tensor, its finiteness checked by the caller — one host read, not two); ``fix``: what a
+    value that is not finite asks the user to check."""
     if not isinstance(loss, Tensor):
         raise TypeError(f"expected {what} to be a scalar torch.Tensor, got {type(loss).__name__}")
     if loss.is_complex():  # (torch: "grad can be implicitly created only for real scalar ...")
@@ -143,11 +150,7 @@ def check_scalar_loss(loss: object, what: str = "the loss", *, values: bool = Tr
         )
     if values and not all_finite(loss):
         value = loss.item()
-        raise NonFiniteLoss(
-            f"{what} is {value}: not finite; check the inputs and parameters for NaN/Inf "
-            "and the model for overflow",
-            value,
-        )
+        raise NonFiniteLoss(f"{what} is {value}: not finite; {fix}", value)
     return loss.reshape(())
 
 

@@ -43,7 +43,10 @@ def _value(f: Function, xl: Tensor) -> Tensor:
     Hessians of it differed (an outside review) — each call now draws the same numbers."""
     with kept_rngs(_generators(xl)):
         out = f(xl)
-    y = check_scalar_loss(out, "f(x)")
+    # (a plain function's: "the inputs and parameters ... the model" named what it has not)
+    y = check_scalar_loss(
+        out, "f(x)", fix="check x for NaN/Inf, and f for overflow or a value outside its domain"
+    )
     if not y.requires_grad:
         if torch.is_inference_mode_enabled():  # it said "does not depend on x" (a review)
             raise RuntimeError(
