@@ -128,6 +128,12 @@ class _FunctionSource:
     def model_state(self) -> tuple[tuple[bool, ...], list[tuple[str, Tensor]]]:
         return (), [("x", self.x)]
 
+    def attribute_state(self) -> list[tuple[str, Tensor]]:
+        return []
+
+    def recomputation_kept(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
     def kernels(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
@@ -179,7 +185,8 @@ class _ModelSource:
         info = KINDS[kind]
         self._prepare = info.prepare(objective, mc_samples)  # may refuse the loss here
         self._forward = info.forward
-        self.model_state = objective.model_state
+        self.model_state, self.attribute_state = objective.model_state, objective.attribute_state
+        self.recomputation_kept = objective.recomputation_kept
         self.kernels = objective.kernels
         self.check_unchanged_data = objective.check_unchanged_data
 
@@ -418,9 +425,9 @@ class Curvature:
         self.cache = source.in_memory if cache is None else bool(cache)
         self._cached: list[tuple[float, _k.PreparedProduct]] | None = None
         self._differences = None  # finite-difference products (set by __init__)
-        #: the model's flags (with the caller's autocast state), tensor layout and values when
-        #: the cached graphs were built
-        self._snapshot: tuple[tuple[Any, ...], list[tuple[Any, ...]], list[Tensor]] | None = None
+        #: the model's flags (with the caller's autocast state), its parameters and buffers
+        #: before the cached graphs' pass and the plain attributes it writes after it
+        self._snapshot: tuple[tuple[Any, ...], _Snapshot, _Snapshot] | None = None
         self.matvecs = 0
         self.seconds = 0.0
 
@@ -488,13 +495,15 @@ class Curvature:
             return
         if self._cached is None or not self._unchanged():
             self._cached = self._snapshot = None
-            self._cached = list(self._source.prepare())  # (its pass checks the data)
-            # the state the graphs were built on, read after their pass: the operator's first
-            # forward writes into a plain tensor attribute in place (and may into a parameter,
-            # :meth:`ModelObjective._written_in_forward`) — the values its graph saved
             model_flags, tensors = self._source.model_state()
             flags = (*model_flags, autocast_state(self.device))
-            self._snapshot = (flags, _layout(tensors), [t.detach().clone() for _, t in tensors])
+            before = _Snapshot(tensors)
+            self._cached = list(self._source.prepare())  # (its pass checks the data)
+            # the parameters and buffers as the pass found them (a forward that writes into a
+            # parameter after reading it: the graph is at the value before, and the next
+            # product rebuilds once), the attributes it writes as it left them (its graph
+            # saved those values: a rebuild would start elsewhere and disagree)
+            self._snapshot = (flags, before, _Snapshot(self._source.attribute_state()))
         else:  # the cached graphs hold the data they were built on
             self._source.check_unchanged_data()
         yield from self._cached
@@ -512,15 +521,11 @@ class Curvature:
         bfloat16's accuracy (an outside review: λ_max 1.3e-3 off, reported converged to 9e-7).
         """
         assert self._snapshot is not None
-        flags, layout, saved = self._snapshot
+        flags, saved, written = self._snapshot
         model_flags, now = self._source.model_state()
-        if (*model_flags, autocast_state(self.device)) != flags or _layout(now) != layout:
+        if (*model_flags, autocast_state(self.device)) != flags:
             return False
-        if self.device.type == "cpu":  # torch.equal stops at the first difference
-            return all(torch.equal(t, t0) for (_, t), t0 in zip(now, saved, strict=True))
-        # on an accelerator, one host synchronisation for all tensors, not one per tensor
-        differs = [torch.ne(t.detach(), t0).any() for (_, t), t0 in zip(now, saved, strict=True)]
-        return not bool(torch.stack(differs).any()) if differs else True
+        return saved.holds(now) and written.holds(self._source.attribute_state())
 
     @property
     def _vector_words(self) -> dict[str, str]:
@@ -551,7 +556,8 @@ class Curvature:
             products = self._source.prepare(forward=True)
         total: Tensor | None = None
         for weight, product in products:  # Σ_b w_b C_b V, summed flat: one op a batch
-            with self._source.kernels():  # as the forward ran: checkpointing recomputes it
+            # as the forward ran: checkpointing recomputes it (and what it writes, put back)
+            with self._source.kernels(), self._source.recomputation_kept():
                 applied = product.apply(blocks)
             part = self._source.flatten(applied, batched=True).detach()
             if total is None:
@@ -786,6 +792,24 @@ def autocast_state(device: torch.device) -> tuple[bool, torch.dtype | None]:
     ):
         return False, None
     return True, torch.get_autocast_dtype(device.type)
+
+
+class _Snapshot:
+    """Named tensors' layout (name, shape, dtype, device) and values, to tell whether they
+    still hold: values compared, not version counters (see :meth:`Curvature._unchanged`)."""
+
+    def __init__(self, tensors: list[tuple[str, Tensor]]) -> None:
+        self.layout = _layout(tensors)
+        self.values = [t.detach().clone() for _, t in tensors]
+
+    def holds(self, now: list[tuple[str, Tensor]]) -> bool:
+        if _layout(now) != self.layout:
+            return False
+        pairs = zip(now, self.values, strict=True)
+        if not self.values or self.values[0].device.type == "cpu":
+            return all(torch.equal(t, t0) for (_, t), t0 in pairs)  # stops at the first change
+        # on an accelerator, one host synchronisation for all tensors, not one per tensor
+        return not bool(torch.stack([torch.ne(t.detach(), t0).any() for (_, t), t0 in pairs]).any())
 
 
 def _layout(tensors: list[tuple[str, Tensor]]) -> list[tuple[Any, ...]]:

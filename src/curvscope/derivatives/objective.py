@@ -326,6 +326,23 @@ def _swap_back(swapped: _Swapped) -> None:
             mod.__dict__[key] = t
 
 
+def _buffer_copies(model: nn.Module) -> _Swapped:
+    """Every buffer of the model set to a copy, one copy of a buffer two modules hold (as
+    :func:`_swap_in` for attributes); returns what to put back: (module, name, the original,
+    the copy)."""
+    copies: dict[int, Tensor] = {}
+    swapped = []
+    for mod in model.modules():
+        for key, t in mod._buffers.items():
+            if t is None or t.layout != torch.strided or t.is_inference():
+                continue
+            if id(t) not in copies:
+                copies[id(t)] = t.detach().clone()
+            swapped.append((mod, key, t, copies[id(t)]))
+            mod._buffers[key] = copies[id(t)]
+    return swapped
+
+
 def storage_of(t: Tensor) -> int:
     """Where a tensor's memory starts: a view and what it views, and tensors sharing one
     storage, have the same."""
@@ -1342,8 +1359,11 @@ class ModelObjective:
         #: during its forwards (:meth:`_attributes_written`): (name, module, attribute)
         self._attributes: list[tuple[str, nn.Module, str]] = []
         #: every plain tensor attribute a forward writes in place, copied or not: the cache's
-        #: check reads them (:meth:`model_state`)
+        #: check reads them (:meth:`attribute_state`)
         self._attribute_writes: list[tuple[str, nn.Module, str]] = []
+        #: whether a product's backward writes into the model (a forward recomputed there:
+        #: :meth:`recomputation_kept`); None until an operator's first product
+        self._recomputation_writes: bool | None = None
         #: per :meth:`context` entered, the attributes swapped for copies during it, put back
         #: as it ends (a loss that reads an attribute the forward wrote read the user's, the
         #: previous batch's, when they were put back as the forward returned: 3.7% off, the
@@ -1402,10 +1422,8 @@ class ModelObjective:
     def model_state(self) -> tuple[tuple[bool, ...], list[tuple[str, Tensor]]]:
         """What the cache checks before every product, from one walk over the modules: the flags
         (each module's ``training``, each parameter's ``requires_grad``) and every tensor a
-        forward pass reads from the model — all parameters and buffers, and the plain tensor
-        attributes a forward writes in place (a cached graph saved them: the user's own forward
-        that moved one made the next product fail with torch's bare "modified by an inplace
-        operation", an outside review) — by name."""
+        forward pass reads from the model — all parameters and buffers — by name (the plain
+        tensor attributes it writes: :meth:`attribute_state`)."""
         flags: list[bool] = []
         tensors: list[tuple[str, Tensor]] = []
         for mod_name, mod in self.model.named_modules():
@@ -1416,11 +1434,15 @@ class ModelObjective:
                     flags.append(p.requires_grad)
                     tensors.append((prefix + k, p))
             tensors += [(prefix + k, b) for k, b in mod._buffers.items() if b is not None]
-        for k, mod, key in self._attribute_writes:
-            t = getattr(mod, key, None)
-            if isinstance(t, Tensor):
-                tensors.append((k, t))
         return tuple(flags), tensors
+
+    def attribute_state(self) -> list[tuple[str, Tensor]]:
+        """The plain tensor attributes a forward writes in place (:meth:`_attributes_written`),
+        by name: a cached graph saved them, and the user's own forward that moved one made the
+        next product fail with torch's bare "modified by an inplace operation", or read the
+        stale graph (an outside review). The cache reads them as the graphs' pass left them."""
+        found = [(k, getattr(mod, key, None)) for k, mod, key in self._attribute_writes]
+        return [(k, t) for k, t in found if isinstance(t, Tensor)]
 
     # ----------------------------------------------------------------------------- data
     @staticmethod
@@ -1774,7 +1796,7 @@ class ModelObjective:
         parametrize._cache_enabled = 0
         self._passes.append([])  # the plain attributes its forwards copy (:meth:`_call`)
         try:
-            with kernels, torch.enable_grad():
+            with kernels, torch.enable_grad(), self.recomputation_kept(learn=False):
                 seed_rngs(gens, FORWARD.seed(self.seed, batch_index))
                 yield
         except RuntimeError as e:
@@ -1791,6 +1813,36 @@ class ModelObjective:
             for m, f in switched:
                 setattr(m, f, True)
             parametrize._cache_enabled = cache_was
+
+    @contextlib.contextmanager
+    def recomputation_kept(self, learn: bool = True) -> Iterator[None]:
+        """Around backward passes: the model's buffers (and, after a pass, the plain attributes
+        its forward writes) are copies, so that a forward recomputed there — activation
+        checkpointing reruns a block with the model's own, not the copies the pass's forward
+        was given — writes into those. A BatchNorm in a checkpointed block moved the user's
+        running statistics at every product (its kernel does so without bumping their version
+        counters), and a plain attribute written there rebuilt a cached graph at every
+        product, products 44–58% apart (an outside review). Copies swapped in, not values
+        written back: a graph the recomputation built saved the tensors it wrote, and a write
+        back bumped the counters it checks. In a pass (:meth:`context`, ``learn=False``) every
+        time; around a cached graph's products, from the first product on only if its
+        backward wrote."""
+        if learn and self._recomputation_writes is False:
+            yield
+            return
+        buffers = _buffer_copies(self.model)
+        attributes = [] if self._passes else _swap_in(self._attribute_writes)
+        try:
+            yield
+        finally:
+            swapped = [*buffers, *attributes]
+            moved = any(not torch.equal(t, mine) for _, _, t, mine in swapped)
+            for mod, key, t, mine in buffers:
+                if mod._buffers.get(key) is mine:
+                    mod._buffers[key] = t
+            _swap_back(attributes[::-1])
+            if learn and self._recomputation_writes is None:
+                self._recomputation_writes = moved
 
     def kernels(self) -> contextlib.AbstractContextManager[None]:
         """The kernel switches a second-order forward runs under (in :meth:`context`), alone
@@ -1860,6 +1912,10 @@ class ModelObjective:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         self._written_in_forward([k for k, p, v in versions if p._version != v])
         self._attributes_written([a for a, v in held if a[3]._version != v], [a for a, _ in held])
+        if self._attributes and self._passes:  # the rest of its pass writes copies, as later
+            # passes do: a block checkpointed in it recomputed in the backward and wrote the
+            # user's once more (:meth:`recomputation_kept`)
+            self._passes[-1] += _swap_in(self._attributes)
         return out
 
     def _written_in_forward(self, written: list[str]) -> None:
