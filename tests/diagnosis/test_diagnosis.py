@@ -87,9 +87,30 @@ def test_a_model_of_one_trainable_scalar_is_diagnosed_and_monitored(tmp_path):
     assert d.evidence["sharpness"] == pytest.approx(h, rel=1e-10)
     assert d.evidence["lambda_min"] == pytest.approx(h, rel=1e-10)
     assert cs.diagnose(model, nn.CrossEntropyLoss(), (z, y), lr=3 / h).state == State.UNSTABLE
-    mon = cs.Monitor(model, nn.CrossEntropyLoss(), (z, y), lr=lr, every=1, log=tmp_path / "r.jsonl")
-    assert mon.step(float(loss(model.t.detach()))).state == State.LEARNING
-    mon.close()
+    # later probes warm-start from the last one's vectors: its top and bottom, the same vector
+    # (two columns of one dimension were refused), mixed with a random one (±1 and ∓1 made 0)
+    warm = d.vectors["top"][:, None].repeat(1, 2)
+    assert cs.diagnose(model, nn.CrossEntropyLoss(), (z, y), lr=lr, v0=warm).state == d.state
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for adaptive, seed in [(True, 4), (False, 5)]:
+        log = tmp_path / f"{adaptive}.jsonl"
+        mon = cs.Monitor(
+            model,
+            nn.CrossEntropyLoss(),
+            (z, y),
+            optimizer=opt,
+            every=1,
+            log=log,
+            adaptive=adaptive,
+            seed=seed,
+        )
+        for _ in range(6):  # on to the minimum, where the gradient is small
+            opt.zero_grad()
+            value = loss(model.t)
+            value.backward()
+            opt.step()
+            assert mon.step(float(value.detach())).state in (State.LEARNING, State.MINIMUM)
+        mon.close()
 
 
 class _Bowl(nn.Module):

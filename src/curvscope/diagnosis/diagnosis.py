@@ -734,6 +734,9 @@ def _measure_curvature(
     within :data:`NEAR_LIMIT` of the stability limit (where the margin and the edge band are
     decided); CG only when the gradient is small. A warm start of several columns (the
     previous top and bottom eigenvectors) is then summed into one start vector."""
+    op = objective.scaled()
+    if op.dim == 1:  # any start is the eigenvector; the previous top and bottom (the same
+        v0 = None  # vector: two columns of one dimension) were refused, ±1 mixed with ∓1 was 0
     warm = v0 is not None
     cap = max(6, int(LANCZOS_SHARE * budget))
     if not warm:  # a random start is judged from RANDOM_START_PRODUCTS on: room for them
@@ -741,7 +744,6 @@ def _measure_curvature(
     tol = ROUGH_TOL if adaptive else DIAGNOSIS_TOL
     if adaptive and v0 is not None and v0.ndim == 2:
         v0 = v0.sum(1)  # one start vector rich in both ends: a block of one, a product a step
-    op = objective.scaled()
     r = eigenvalues(
         op,
         k=1,
