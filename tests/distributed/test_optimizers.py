@@ -34,6 +34,9 @@ def _optimizers(params, group):
             estimator=cs.optim.GaussNewtonBartlett(nn.CrossEntropyLoss()),
             group=group,
         ),
+        # its closure runs no backward: NormalizedGD's own is torch's, which DDP averages (it
+        # took the rank's own gradient, and the replicas drifted apart: an outside review)
+        "normalized-gd": cs.optim.NormalizedGD(params(), lr=0.1),
     }
 
 

@@ -619,10 +619,11 @@ def test_closures_a_second_order_step_cannot_take_are_named_with_the_fix():
         opt.step(detached)
 
 
+@pytest.mark.parametrize("shape", [(), (1,)])
 @pytest.mark.parametrize(
     "name", ["Newton", "NewtonCG", "HessianFree", "SaddleFreeNewton", "CubicNewton"]
 )
-def test_a_closure_returning_a_loss_computed_before_the_step_is_refused(name):
+def test_a_closure_returning_a_loss_computed_before_the_step_is_refused(name, shape):
     """``loss = f(x); opt.step(lambda: loss)``, the SGD habit: every trial point read the
     start's loss, every step was rejected and the size collapsed (NewtonCG's radius 9e-13
     after 20 steps), unsaid (an outside review). Refused at the first trial point, the step
@@ -630,7 +631,7 @@ def test_a_closure_returning_a_loss_computed_before_the_step_is_refused(name):
     x = torch.tensor([-1.2, 1.0], dtype=DT, requires_grad=True)
     rosen = cs.problems.get("rosenbrock").f
     opt = getattr(cs.optim, name)([x])
-    loss = rosen(x)
+    loss = rosen(x).reshape(shape)  # (a shape-(1,) loss was reshaped anew at each call)
     with pytest.raises(ValueError, match="same loss tensor at a trial point"):
         opt.step(lambda: loss)
     assert x.detach().tolist() == [-1.2, 1.0] and opt.counts.closure_calls == 0

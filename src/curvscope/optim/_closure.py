@@ -95,7 +95,8 @@ _BACKWARDS = (torch.Tensor.backward, torch.autograd.backward)
 class _ClosureBackward(TorchFunctionMode):
     """Around a closure call, on this thread: a backward the closure calls is counted as a
     gradient in ``counts`` and run, the graph retained for our own derivatives, as ``mode``
-    says. ``keep`` (the evaluation where a step starts): torch's own backward, so ``.grad`` is
+    says. ``as_written``: counted only (a first-order method that reads ``.grad``). ``keep``
+    (the evaluation where a step starts): torch's own backward, so ``.grad`` is
     filled as the closure expects — every leaf's, DDP's hooks included. ``contained`` (trial
     points, a curvature mini-batch): the closure's backward differentiates into the optimized
     ``params`` only, as fresh ``.grad`` tensors (accumulated, as backward accumulates), and
@@ -115,6 +116,8 @@ class _ClosureBackward(TorchFunctionMode):
             # torch's weight norm has a wrong double backward: the formula written out instead
             return (substitute(func) or func)(*args, **kwargs)
         self.counts.gradients += 1
+        if self.mode == "as_written":
+            return func(*args, **kwargs)
         if self.mode == "keep":
             kwargs["retain_graph"] = True  # inside the handler the mode is off: the real one
             return func(*args, **kwargs)
@@ -232,7 +235,13 @@ def _split(out: Any) -> tuple[Tensor, Tensor | None]:
             "the closure's second value must be the outputs tensor, got "
             f"{type(outputs).__name__}" + (logits if hasattr(outputs, "logits") else "")
         )
-    return (loss if loss.ndim == 0 else loss.reshape(())), outputs  # itself: see loss_only
+    return loss.reshape(()), outputs
+
+
+def origin(loss: Tensor) -> Tensor:
+    """The tensor a closure returned, before :func:`_split` reshaped it (a view of it then):
+    the same object at every call of a closure that recomputes nothing (:func:`loss_only`)."""
+    return loss if loss._base is None else loss._base
 
 
 def model_outputs(ev: Any) -> Tensor:
@@ -493,7 +502,7 @@ def loss_only(
     with _undone(params), KeptStatistics():
         kernels = DifferentiableKernels.for_closures()  # as the evaluation's: the same loss
         called = _call(closure, counts, params, "contained", group, kernels=kernels)
-    if start is not None and start() is called.loss:
+    if start is not None and start() is origin(called.loss):
         # ``loss = f(x); opt.step(lambda: loss)``: every trial point's loss was the start's, and
         # NewtonCG rejected 20 steps in a row, its radius down to 9e-13, unsaid (an outside
         # review)

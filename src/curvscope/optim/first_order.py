@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvscope.optim._closure import Counts, _call, check_closure
+from curvscope.optim._closure import Counts, _call, _undone, check_closure
 from curvscope.optim.base import (
     CurvscopeOptimizer,
     Snapshot,
@@ -94,20 +94,27 @@ class NormalizedGD(CurvscopeOptimizer):
         self, closure: Any, counts: Counts
     ) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
         """(parameter, gradient) and the loss: ``.grad`` as a closure that runs its own
-        backward leaves it (clipped, masked: as ``SGD`` reads it), else the gradient of the
-        loss it returns, for the parameters the loss uses (a closure without ``backward()``
-        raised "found no gradient", or was stepped along a ``.grad`` left from before: an
-        outside review)."""
+        backward, or sets ``.grad`` itself, leaves it (clipped, masked: as ``SGD`` reads it);
+        else the gradient of the loss it returns, by torch's own backward, as the user's
+        would run (DDP averages it over the ranks), into ``.grad`` taken out of its way and
+        put back as found. A closure without ``backward()`` raised "found no gradient", or was
+        stepped along a ``.grad`` left from before (an outside review)."""
         params = self._params()
-        called = _call(check_closure(closure, type(self).__name__), counts, params, "keep", None)
-        if called.ran_here:
+        before = [p.grad for p in params]
+        called = _call(
+            check_closure(closure, type(self).__name__), counts, params, "as_written", None
+        )
+        pairs = zip(params, before, strict=True)
+        assigned = any(p.grad is not None and p.grad is not g for p, g in pairs)
+        if called.ran_here or assigned:
             return [(p, p.grad) for p in params if p.grad is not None], called.loss.detach()
         if not called.loss.requires_grad:
             raise ValueError(
                 "the closure's loss does not depend on the optimized parameters; compute it "
                 "from the model inside the closure (or call loss.backward() in it)"
             )
-        found = torch.autograd.grad(called.loss, params, allow_unused=True)
-        counts.gradients += 1
-        pairs = [(p, g) for p, g in zip(params, found, strict=True) if g is not None]
-        return pairs, called.loss.detach()
+        with _undone(params):
+            called.loss.backward()
+            counts.gradients += 1
+            found = [(p, p.grad) for p in params if p.grad is not None]
+        return found, called.loss.detach()

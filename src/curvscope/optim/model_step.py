@@ -35,6 +35,7 @@ from curvscope.optim._closure import (
     Counts,
     Evaluation,
     loss_only,
+    origin,
     rng_back,
     rng_now,
     warn_grad_edits,
@@ -346,7 +347,7 @@ class ModelStepOptimizer(CurvscopeOptimizer):
             rng_back(snapshot.rng)
             return loss_only(closure, params, counts, self.group, start)
 
-        start = weakref.ref(ev.loss_tensor)  # (not kept alive: its graph is freed below)
+        start = weakref.ref(origin(ev.loss_tensor))  # (not kept alive: its graph is freed)
         value = memory[search.key]
         local = Local(ev, counts, group, memory, trial, self._curvature_closure)
         proposal = descent(local, value)
