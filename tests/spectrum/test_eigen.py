@@ -217,6 +217,15 @@ def test_both_ends_of_a_one_by_one_operator_names_which_not_k():
         cs.eigenvalues(torch.ones(1, 1, dtype=torch.float64), which="both")
 
 
+def test_a_tol_given_as_a_numpy_scalar_or_a_0d_tensor_is_its_value():
+    """As lr=, tol= takes what torch takes for a number: a 0-d tensor failed inside the run
+    ("'<=' not supported between numpy.ndarray and Tensor": the diff review)."""
+    A = with_spectrum(SPECTRA["decaying"])
+    want = cs.eigenvalues(A, k=2, tol=1e-4)
+    for tol in (np.float32(1e-4), torch.tensor(1e-4, dtype=torch.float64)):
+        assert torch.equal(cs.eigenvalues(A, k=2, tol=tol).values, want.values)
+
+
 def test_a_seed_given_as_a_generator_or_a_numpy_integer_is_accepted():
     A = with_spectrum(SPECTRA["decaying"])
     a = cs.eigenvalues(A, k=2, seed=np.int64(3))

@@ -126,7 +126,8 @@ def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
     return np.unique(np.concatenate([top, bottom]))[::-1].copy()
 
 
-def _validate(k: Any, which: Any, tol: Any, n: int) -> int:
+def _validate(k: Any, which: Any, tol: Any, n: int) -> tuple[int, float]:
+    """k and tol, checked (tol as a float: a 0-d tensor failed inside the run)."""
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
     k = check_int(k, "k", minimum=1)
@@ -136,8 +137,7 @@ def _validate(k: Any, which: Any, tol: Any, n: int) -> int:
         # the k the user had not given: an outside review)
         fix = "lower k" if k > 1 else "ask for which='largest' (or 'smallest')"
         raise ValueError(f"asked for {need} eigenvalues of a {n} x {n} operator; {fix}")
-    check_real(tol, "tol", minimum=0, maximum=1, exclusive=True)
-    return k
+    return k, check_real(tol, "tol", minimum=0, maximum=1, exclusive=True)
 
 
 def _warm_start(v0: Any, op: Operator) -> Tensor:
@@ -293,7 +293,7 @@ def eigenvalues(
         by_layer=by_layer,
         seed=seed,
     )
-    k = _validate(k, which, tol, op.dim)
+    k, tol = _validate(k, which, tol, op.dim)
     if not isinstance(return_vectors, bool):  # "no" was taken as True (an outside review)
         raise TypeError(f"return_vectors must be True or False, got {return_vectors!r}")
     op.require_symmetric("cs.eigenvalues")
