@@ -247,6 +247,22 @@ def test_state_changes_go_to_logging_and_the_callback(caplog):
     assert any("edge_of_stability" in r.getMessage() for r in caplog.records)
 
 
+def test_an_unstable_run_is_logged_as_a_warning_with_why(caplog):
+    """State changes were INFO with the bare states: under Python's default logging a run
+    that diverged showed nothing (an outside review). *unstable* and *diverged* are WARNING,
+    with the reason that decided."""
+    with caplog.at_level(logging.INFO, logger="curvscope.diagnosis.monitor"):
+        with pytest.warns(UserWarning, match="the loss rose that much"):
+            mon = gd_on_digits(lr=5.0, steps=20, every=10)
+        calm = gd_on_digits(lr=0.5, steps=20, every=10)
+    assert mon.history[0].state == State.DIVERGED
+    assert calm.history[0].state != State.DIVERGED
+    records = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert records[0][0] == logging.WARNING
+    assert records[0][1].startswith("step 4: None -> diverged: the training loss ran away")
+    assert records[1][0] == logging.INFO and "None -> " in records[1][1]  # the calm run's
+
+
 @pytest.mark.filterwarnings("ignore:the training loss passed to mon.step")  # made-up losses
 def test_a_runaway_loss_is_diverged():
     case = cases.mlp()

@@ -210,8 +210,19 @@ def test_plot_linear_and_log_without_pyplot_state(tmp_path):
     d = cs.density(A, steps=20, probes=2, progress_bar=False)
     ax = d.plot(log=True)
     assert ax.get_yscale() == "log"
+    top = float(d.values.max())  # one decade above the peak (three empty ones before)
+    assert ax.get_ylim() == pytest.approx((top * 1e-8, top * 10))
     ax.figure.savefig(tmp_path / "density.png")
     assert (tmp_path / "density.png").stat().st_size > 1000
+    # every label inside the figure as saved (the x label fell 5 px below its edge)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(ax.figure).get_renderer()
+    box = ax.figure.bbox
+    for text in (ax.xaxis.label, ax.yaxis.label, ax.title):
+        inside = text.get_window_extent(renderer)
+        assert box.x0 <= inside.x0 and inside.x1 <= box.x1
+        assert box.y0 <= inside.y0 and inside.y1 <= box.y1
     assert d.plot().get_yscale() == "linear"
     # the figures are objects of their own: no backend switched, no pyplot figure left open
     assert matplotlib.get_backend() == backend and plt.get_fignums() == figures

@@ -90,11 +90,13 @@ class DensityResult:
         if ax is None:
             from matplotlib.figure import Figure
 
-            ax = Figure(figsize=(6, 3.5)).subplots()
+            # laid out when drawn: the x label fell below the figure's edge (an outside review)
+            ax = Figure(figsize=(6, 3.5), layout="constrained").subplots()
         ax.plot(self.grid.cpu().numpy(), self.values.cpu().numpy(), **kwargs)
-        if log:
+        if log:  # eight decades below the peak, one above (it ran three empty decades above)
+            top = float(self.values.max())
             ax.set_yscale("log")
-            ax.set_ylim(bottom=max(float(self.values.max()) * 1e-8, 1e-12))
+            ax.set_ylim(max(top * 1e-8, 1e-12), max(top, 1e-12) * 10)
         ax.axvline(0.0, color="0.6", lw=0.8, ls=":")
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("density" + (" (log)" if log else ""))
