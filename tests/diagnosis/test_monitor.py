@@ -6,6 +6,7 @@ import io
 import itertools
 import logging
 import os
+import sys
 import time
 import warnings
 
@@ -245,6 +246,28 @@ def test_state_changes_go_to_logging_and_the_callback(caplog):
     changes = [(a, b) for a, b in itertools.pairwise(mon.history) if a.state != b.state]
     assert seen[0][0] is None and len(seen) == len(changes) + 1
     assert any("edge_of_stability" in r.getMessage() for r in caplog.records)
+
+
+def test_probes_draw_no_progress_bar_in_the_users_loop(capsys, monkeypatch):
+    """On a terminal a probe longer than a second drew tqdm's Lanczos bar under the user's own
+    training bar, and diagnose had no switch (an outside review). diagnose takes
+    progress_bar= as the estimators do; the Monitor's probes draw none."""
+    import curvscope.spectrum._operator as operator
+
+    monkeypatch.setattr(operator, "AUTO_AFTER", 0.0)  # every run "long", on a "terminal"
+    monkeypatch.setattr(operator, "AUTO_LONGER", 0.0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    p = cs.problems.get("digits-mlp", hidden=8, n=100)
+    model = p.make_model(0)
+    cs.diagnose(model, p.loss_fn, p.data, lr=0.1)
+    assert "Lanczos" in capsys.readouterr().err
+    cs.diagnose(model, p.loss_fn, p.data, lr=0.1, progress_bar=False)
+    mon = cs.Monitor(model, p.loss_fn, p.data, lr=0.1, every=1)
+    mon.step(1.0)
+    mon.close()
+    assert "Lanczos" not in capsys.readouterr().err
+    with pytest.raises(TypeError, match="progress_bar to be True"):
+        cs.diagnose(model, p.loss_fn, p.data, lr=0.1, progress_bar="no")
 
 
 def test_an_unstable_run_is_logged_as_a_warning_with_why(caplog):

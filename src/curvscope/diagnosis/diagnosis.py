@@ -41,6 +41,7 @@ from curvscope.diagnosis.stability import (
     stepped_selection,
 )
 from curvscope.spectrum import Operator, as_operator, eigenvalues
+from curvscope.spectrum._operator import bars
 from curvscope.spectrum.cg import cg
 from curvscope.spectrum.eigen import (
     RANDOM_START_PRODUCTS,
@@ -384,6 +385,7 @@ def diagnose(
     fd_eps: float | None = None,
     sharded: bool = False,
     clip_factor: float | None = None,
+    progress_bar: bool | None = None,
 ) -> Diagnosis:
     """Say which state training is in, why, and what to do — from a few dozen curvature
     products, judged against the optimizer's own stability limit.
@@ -460,6 +462,9 @@ def diagnose(
             c/(s·η) (:meth:`~curvscope.diagnosis.stability.StabilityLimit.clipped`); in the
             evidence as ``clip_factor``. The Monitor passes the median over the steps since its
             previous probe when given ``max_grad_norm``. Default None: unclipped steps.
+        progress_bar: the products' progress bars (Lanczos, CG), as the estimators' —
+            ``True`` always, ``False`` never (the Monitor's probes, inside a training loop),
+            ``None`` (default) on a terminal once a run is seen to take seconds.
 
     Raises:
         ValueError: a budget under 8, a backend a diagnosis does not take, ``fd_eps`` without
@@ -492,7 +497,7 @@ def diagnose(
             "neither: pass the optimizer that takes the clipped steps"
         )
     products = _Products.checked(backend, fd_eps, sharded)
-    with _autocast_suspended(model):
+    with _autocast_suspended(model), bars(progress_bar):
         return _diagnose(
             model,
             loss_fn,

@@ -1007,6 +1007,7 @@ class Monitor:
             train_batches=self.train_batches,
             adaptive=self.adaptive,
             clip_factor=self._agreed_clip() if judged else None,
+            progress_bar=False,  # inside the user's loop, under its own bar
             **self._measuring(),
         )
 

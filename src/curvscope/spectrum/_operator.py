@@ -11,6 +11,7 @@ result back.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import sys
 import time
@@ -745,6 +746,23 @@ def check_budget(matvecs: object, minimum: int, what: str) -> int:
 AUTO_AFTER, AUTO_LONGER = 1.0, 2.0
 
 
+#: an override of ``progress_bar=None`` for the estimators a caller runs (:func:`bars`)
+_BARS: contextvars.ContextVar[bool | None] = contextvars.ContextVar("curvscope_bars", default=None)
+
+
+@contextmanager
+def bars(enabled: bool | None) -> Iterator[None]:
+    """The progress bars of the estimators run inside, where they are left at None: shown
+    (True), never (False), or as each decides (None) — a ``diagnose`` inside a training loop
+    drew its Lanczos bar under the loop's own (an outside review)."""
+    check_progress_bar(enabled)
+    token = _BARS.set(enabled)
+    try:
+        yield
+    finally:
+        _BARS.reset(token)
+
+
 class _Progress:
     """A tqdm bar over products: shown at once (``enabled=True``), never (False), or — auto,
     on a terminal — from the moment the job is seen to be long (an estimate from the products
@@ -752,6 +770,7 @@ class _Progress:
 
     def __init__(self, total: int, desc: str, enabled: bool | None) -> None:
         check_progress_bar(enabled)
+        enabled = _BARS.get() if enabled is None else enabled
         self.total, self.desc, self.done = total, desc, 0
         self.auto = enabled is None and sys.stderr.isatty()
         self.start = time.perf_counter()
