@@ -285,6 +285,24 @@ def test_ctrl_c_mid_lab_keeps_the_finished_runs(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "none" / "results.json").exists()
 
 
+def test_the_labs_progress_goes_to_stderr_naming_the_runs_done(tmp_path, monkeypatch):
+    """The bar was on stdout, so `curvscope lab > table.txt` showed none, and its label named
+    the run just finished as if it were running (an outside review)."""
+    import rich.progress
+
+    seen = []
+
+    class Seen(rich.progress.Progress):
+        def update(self, task, **kwargs):
+            seen.append((self.console.stderr, kwargs.get("description")))
+            return super().update(task, **kwargs)
+
+    monkeypatch.setattr(rich.progress, "Progress", Seen)
+    argv = ["lab", "--quick", "--out", str(tmp_path / "lab"), "--problems", "quadratic"]
+    assert main([*argv, "--optimizers", "gd,adam"]) == 0
+    assert seen == [(True, "done: quadratic: gd"), (True, "done: quadratic: adam")]
+
+
 def test_probe_on_a_built_in_problem(tmp_path, capsys):
     assert main(["probe", "--problem", "breast-cancer-logreg", "--lr", "0.5", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -292,7 +310,7 @@ def test_probe_on_a_built_in_problem(tmp_path, capsys):
     assert res["state"] in {"learning", "unstable", "minimum", "flat"}
     assert main(["probe", "--problem", "breast-cancer-logreg", "--report", str(tmp_path)]) == 0
     text = capsys.readouterr().out
-    assert "curvature products" in text and "MiB (8n² bytes)" in text
+    assert "curvature products" in text and "7.5 KiB (8n² bytes)" in text  # 8·31² bytes
     assert (tmp_path / "slices.png").exists() and (tmp_path / "report.html").exists()
     page = (tmp_path / "report.html").read_text(encoding="utf-8")  # what the terminal says
     assert "extreme eigenvalues" in page and "curvature products in" in page

@@ -127,3 +127,32 @@ def test_names_with_dollar_signs_are_drawn_as_written(tmp_path, monkeypatch):
     assert plots.problem_curves({"runs": [run]}, "$\\frac$", tmp_path) == "curves-$\\frac$.png"
     assert figures[-1]._suptitle.get_text() == "$\\frac$"
     assert not figures[-1]._suptitle.get_parse_math()
+
+
+def test_a_lone_probe_and_a_probe_without_layer_shares_are_drawn_as_they_are(tmp_path, monkeypatch):
+    """A report of one probe drew its stability limit as a dashed line through one point
+    (nothing) and its layer shares as a stack over one step (nothing, beside a full legend);
+    a diverged probe's missing shares were drawn as 0, every band ramping down to nothing (an
+    outside review). A lone point gets a mark and a lone probe a stacked bar; a probe without
+    shares is a gap."""
+    figures = _capture(monkeypatch)
+    one = _records(loss=[1.0], sharpness=[3.0], stability_limit=[20.0])
+    one[0]["layer_shares"] = {"0.weight": 0.75, "2.weight": 0.25}
+    assert plots.log_plots(one, tmp_path) == ["log.png", "layers.png"]
+    limit = figures[0].axes[2].get_lines()[-1]
+    assert limit.get_marker() not in ("None", "", None) and limit.get_ydata()[0] == 20.0
+    bars = figures[1].axes[0].patches
+    assert [b.get_height() for b in bars] == [0.75, 0.25] and bars[1].get_y() == 0.75
+    shares = [{"0": 0.5, "2": 0.5}, {}, {"0": 0.25, "2": 0.75}]
+    _, ys = plots._top_layers(shares)
+    assert all(math.isnan(y[1]) for y in ys) and [y[2] for y in ys] == [0.25, 0.75]
+    runs = [
+        {
+            "optimizer": "adam",
+            "probes": [{"step": 1, "evidence": {"sharpness": 238.7, "preconditioned": True}}],
+        },
+        {"optimizer": "gd", "probes": [{"step": 1, "evidence": {"sharpness": 1.5}}]},
+    ]
+    plots.sharpness_vs_limit(runs, tmp_path)
+    labels = [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()]
+    assert labels == ["adam: sharpness of P^-½ H P^-½ (preconditioned)", "gd: sharpness (λ_max)"]

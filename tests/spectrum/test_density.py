@@ -233,6 +233,15 @@ def test_plot_linear_and_log_without_pyplot_state(tmp_path):
         plt.close(fig)
 
 
+def test_the_results_repr_leaves_the_curve_and_the_vectors_out():
+    """repr(density(...)) was 13,576 characters, negative_mass after 165 lines of grid."""
+    A = with_spectrum(torch.linspace(-1.0, 3.0, 100, dtype=torch.float64))
+    text = repr(cs.density(A, steps=20, probes=2, progress_bar=False))
+    assert len(text) < 600 and text.startswith("DensityResult(negative_mass=")
+    text = repr(cs.eigenvalues(A, k=2))
+    assert "vectors" not in text and len(text) < 1000
+
+
 def test_progress_bar_can_be_shown_and_silenced(capsys):
     A = torch.diag(torch.linspace(0.0, 1.0, 50, dtype=torch.float64))
     cs.density(A, steps=10, probes=2, progress_bar=True)

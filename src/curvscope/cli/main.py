@@ -194,11 +194,14 @@ def _lab(args: argparse.Namespace) -> int:
     console = Console(width=None if sys.stdout.isatty() else 110)
     budget = lab.QUICK if args.quick else lab.Budget()
     n_runs = len(problem_names) * len(optimizer_names)
-    with Progress(console=console, transient=True) as bar:
+    # the bar on stderr, the table on stdout: `curvscope lab > table.txt` showed no progress
+    # (and the label names the run just done, as it says: an outside review)
+    with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("lab", total=n_runs)
 
         def on_run(run: lab.Run) -> None:
-            bar.update(task, advance=1, description=f"{run.problem}: {run.optimizer}")
+            done = f"done: {run.problem}: {run.optimizer}"
+            bar.update(task, advance=1, description=done)
 
         try:
             results = lab.run_lab(problem_names, optimizer_names, budget=budget, on_run=on_run)

@@ -166,10 +166,18 @@ def probe(
 def summary_lines(result: dict[str, Any]) -> list[str]:
     """The spectrum and the cost of a :func:`probe` result in words: what the command line
     prints under the diagnosis, and the HTML report shows (it left them out: a review)."""
-    n, mb = result["num_params"], result["dense_hessian_bytes"] / 2**20
+    n, size = result["num_params"], _bytes(result["dense_hessian_bytes"])
     return [
         f"extreme eigenvalues: {', '.join(f'{v:.4g}' for v in result['eigenvalues'])}; "
         f"trace ≈ {result['trace']:.4g} ± {result['trace_stderr']:.2g}",
         f"cost: {result['matvecs']} curvature products in {result['seconds']:.2f} s; the dense "
-        f"Hessian of {n:,} parameters would need {mb:,.1f} MiB (8n² bytes)",
+        f"Hessian of {n:,} parameters would need {size} (8n² bytes)",
     ]
+
+
+def _bytes(n: int) -> str:
+    """A size in KiB, MiB or GiB, whichever reads best ("0.0 MiB" for 17 KB: a review)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n / 2**10:,.1f} KiB"

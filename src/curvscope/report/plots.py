@@ -304,12 +304,16 @@ def sharpness_vs_limit(
         s = [p["evidence"].get("sharpness") for p in probes]
         lim = [p["evidence"].get("stability_limit") for p in probes]
         c = COLORS.get(opt_name)
-        ax.plot(steps, _drawn(s), "o-", color=c, label=f"{opt_name}: sharpness")
+        # Adam's is the sharpness of P^-½ H P^-½, not λ_max of H: said (it read "adam:
+        # sharpness" 238.7 on the axis of GD's λ_max 1.5, an outside review)
+        pre = any(p["evidence"].get("preconditioned") for p in probes)
+        what = "sharpness of P^-½ H P^-½ (preconditioned)" if pre else "sharpness (λ_max)"
+        ax.plot(steps, _drawn(s), "o-", color=c, label=f"{opt_name}: {what}")
         if any(v is not None for v in lim):
-            ax.plot(steps, _drawn(lim), "--", color=c, label=f"{opt_name}: stability limit")
+            ax.plot(steps, _drawn(lim), "x--", color=c, label=f"{opt_name}: stability limit")
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("λ_max (sharpness)")
+    ax.set_ylabel("sharpness (each in its optimizer's metric)")
     ax.set_title("sharpness against the optimizer's stability limit")
     ax.legend(fontsize=7, loc="best", framealpha=0.6)
     return _save(fig, out / f"{name}.png")
@@ -407,7 +411,7 @@ def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
     _sharpness_series(axes[2], steps, col("sharpness"), records)
     clipped = any(r.get("clip_factor") is not None for r in records)  # c/(s·η): see README
     label = "stability limit of the clipped rate s·η" if clipped else "stability limit"
-    axes[2].plot(steps, col("stability_limit"), "--", label=label)
+    axes[2].plot(steps, col("stability_limit"), "x--", label=label)  # (a lone probe: a mark)
     axes[2].legend(fontsize=8)
     shown = (
         ("loss", ["loss"]),
@@ -423,7 +427,14 @@ def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
         layers, ys = _top_layers(shares)
         prefix, labels = _legend_labels(layers)
         fig, ax = _figure(figsize=(8, 3.6))
-        ax.stackplot(steps, ys, labels=labels)
+        if len(steps) > 1:
+            ax.stackplot(steps, ys, labels=labels)
+        else:  # one probe: a stacked bar (a stack over one step has no width, and drew nothing)
+            bottom = 0.0
+            for y, label in zip(ys, labels, strict=True):
+                ax.bar(steps, y, bottom=bottom, width=1.0, label=label)
+                bottom += float(np.nan_to_num(y[0]))
+            ax.set_xticks(steps)
         ax.set_ylim(0, 1)
         ax.set_xlabel("step")
         ax.set_ylabel("share of the top eigenvector")
@@ -450,17 +461,21 @@ def _top_layers(shares: list[dict[str, Any]]) -> tuple[list[str], list[list[floa
     apart: a review)."""
 
     def share(x: dict[str, Any], k: str) -> float:
+        """A layer's share at a probe; NaN at a probe that measured none (a diverged one):
+        a gap, where 0 drew every band ramping down to nothing (an outside review)."""
+        if not x:
+            return math.nan
         v = x.get(k)
         return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else 0.0
 
     names = sorted({k for x in shares for k in x})
-    peak = {k: max(share(x, k) for x in shares) for k in names}
+    peak = {k: max(share(x, k) for x in shares if x) for k in names}
     top = sorted(sorted(names, key=lambda k: -peak[k])[:SHOWN_LAYERS])
     ys = [[share(x, k) for x in shares] for k in top]
     rest = sorted(set(names) - set(top))
     if rest:
         top.append(f"other ({len(rest)} blocks)")
-        ys.append([sum(share(x, k) for k in rest) for x in shares])
+        ys.append([sum(share(x, k) for k in rest) if x else math.nan for x in shares])
     return top, ys
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,10 +63,12 @@ class DensityResult:
             (0, 1) where the products' accuracy is unknown.
     """
 
-    grid: Tensor
-    values: Tensor
-    nodes: Tensor
-    weights: Tensor
+    # the curve and the nodes out of the repr (165 lines of numbers before negative_mass
+    # came: an outside review); d.plot() shows them
+    grid: Tensor = field(repr=False)
+    values: Tensor = field(repr=False)
+    nodes: Tensor = field(repr=False)
+    weights: Tensor = field(repr=False)
     negative_mass: float
     negative_mass_stderr: float
     sigma: float

@@ -99,7 +99,7 @@ class EigenResult:
     """
 
     values: Tensor
-    vectors: Tensor | None
+    vectors: Tensor | None = field(repr=False)  # (n, k): its repr was pages long
     residuals: Tensor
     errors: Tensor
     converged: Tensor
