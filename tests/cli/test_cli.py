@@ -55,6 +55,9 @@ def test_lab_writes_results_plots_and_report(quick_lab, capsys):
     assert (quick_lab / "mlp-density.png").exists() and (quick_lab / "profile.png").exists()
     html = (quick_lab / "report.html").read_text()
     assert "data:image/png;base64," in html and "diverged at step" in html
+    # the effective-step table says whose limit 2/λ_max is (momentum's own is 2(1+β)/λ_max:
+    # its ratio above 1 read as a contradiction of its stable diagnosis, an outside review)
+    assert "<th>effective step</th>" in html and "stable up to η = 2(1+β)/λ_max" in html
 
 
 def test_a_lab_rerun_on_fewer_problems_leaves_none_of_the_old_plots(quick_lab, tmp_path):
