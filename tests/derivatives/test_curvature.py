@@ -787,6 +787,29 @@ def test_a_checkpointed_block_that_writes_into_the_model_leaves_it_as_found(attr
     assert torch.equal(model.scale, plain.scale)  # (moved by the first forward alone, said)
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_an_operator_kept_while_the_model_turns_to_train_mode_leaves_its_statistics(cache):
+    """Whether a product's backward writes into the model was learned once, at an operator's
+    first product: one made in eval mode (no write), then model.train(), moved the user's
+    running statistics at every later product (the diff review). It is learned anew for each
+    new graph."""
+    g = torch.Generator().manual_seed(1)
+    data = (
+        torch.randn(16, 4, generator=g, dtype=cases.DT),
+        torch.randint(0, 2, (16,), generator=g),
+    )
+    torch.manual_seed(0)
+    model = _CheckpointedState(True, False).double().eval()
+    C = cs.Curvature(model, nn.CrossEntropyLoss(), data, backend="double_backward", cache=cache)
+    v = torch.randn(C.num_params, generator=g, dtype=cases.DT)
+    C @ v
+    model.train()
+    before = {k: b.clone() for k, b in model.named_buffers()}
+    products = [C @ v for _ in range(2)]
+    assert all(torch.equal(b, before[k]) for k, b in model.named_buffers())
+    assert torch.equal(products[0], products[1])
+
+
 @pytest.mark.parametrize("backend", ["auto", "finite_difference"])
 def test_a_sparse_embedding_is_measured_with_dense_gradients(backend):
     """``nn.Embedding(sparse=True)``: torch's bare "reshape is not implemented for sparse

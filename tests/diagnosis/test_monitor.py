@@ -273,7 +273,7 @@ def test_probes_draw_no_progress_bar_in_the_users_loop(capsys, monkeypatch):
 def test_an_unstable_run_is_logged_as_a_warning_with_why(caplog):
     """State changes were INFO with the bare states: under Python's default logging a run
     that diverged showed nothing (an outside review). *unstable* and *diverged* are WARNING,
-    with the reason that decided."""
+    with the reasons (the last alone was often a caveat, not what decided: the diff review)."""
     with caplog.at_level(logging.INFO, logger="curvscope.diagnosis.monitor"):
         with pytest.warns(UserWarning, match="the loss rose that much"):
             mon = gd_on_digits(lr=5.0, steps=20, every=10)
@@ -282,7 +282,8 @@ def test_an_unstable_run_is_logged_as_a_warning_with_why(caplog):
     assert calm.history[0].state != State.DIVERGED
     records = [(r.levelno, r.getMessage()) for r in caplog.records]
     assert records[0][0] == logging.WARNING
-    assert records[0][1].startswith("step 4: None -> diverged: the training loss ran away")
+    assert records[0][1].startswith("step 4: None -> diverged: The training loss ran away")
+    assert records[0][1].endswith(mon.history[0].reasons_text)  # every reason, not the last
     assert records[1][0] == logging.INFO and "None -> " in records[1][1]  # the calm run's
 
 

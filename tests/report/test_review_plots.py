@@ -146,6 +146,15 @@ def test_a_lone_probe_and_a_probe_without_layer_shares_are_drawn_as_they_are(tmp
     shares = [{"0": 0.5, "2": 0.5}, {}, {"0": 0.25, "2": 0.75}]
     _, ys = plots._top_layers(shares)
     assert all(math.isnan(y[1]) for y in ys) and [y[2] for y in ys] == [0.25, 0.75]
+    # a run that diverged after its first probe: shares there alone — a bar, over the whole run
+    # (a stack beside gaps drew nothing, and the axis stopped at the last share: the diff review)
+    run = _records(loss=[1.0, math.nan, math.nan])
+    run[0]["layer_shares"] = {"0": 0.5, "2": 0.5}
+    figures.clear()
+    assert plots.log_plots(run, tmp_path) == ["log.png", "layers.png"]
+    layers = figures[1].axes[0]
+    assert [b.get_height() for b in layers.patches] == [0.5, 0.5]
+    assert layers.get_xlim() == (5.0, 15.0)
     runs = [
         {
             "optimizer": "adam",

@@ -197,6 +197,7 @@ class _ModelSource:
 
     def prepare(self, forward: bool = False) -> Iterator[tuple[float, _k.PreparedProduct]]:
         prepare = self._forward if forward and self._forward is not None else self._prepare
+        self.obj.graphs_built()
         for batch in self.obj.batches():
             product = prepare(self.obj, batch)
             yield self.weight(batch), product

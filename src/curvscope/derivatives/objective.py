@@ -1835,14 +1835,21 @@ class ModelObjective:
         try:
             yield
         finally:
-            swapped = [*buffers, *attributes]
-            moved = any(not torch.equal(t, mine) for _, _, t, mine in swapped)
-            for mod, key, t, mine in buffers:
-                if mod._buffers.get(key) is mine:
-                    mod._buffers[key] = t
+            if learn and self._recomputation_writes is None:  # (a host read a tensor on a GPU)
+                self._recomputation_writes = any(
+                    mod._buffers.get(key) is not mine or not torch.equal(t, mine)
+                    for mod, key, t, mine in buffers
+                ) or any(not torch.equal(t, mine) for _, _, t, mine in attributes)
+            for mod, key, t, _ in buffers:  # the user's, whatever a recomputation assigned
+                mod._buffers[key] = t  # (every forward of curvscope's gets copies of them)
             _swap_back(attributes[::-1])
-            if learn and self._recomputation_writes is None:
-                self._recomputation_writes = moved
+
+    def graphs_built(self) -> None:
+        """New graphs (a pass): whether their backward writes into the model is learned anew
+        at their first product (:meth:`recomputation_kept`) — a model switched to train mode,
+        or to checkpointing, after an operator's first product moved the user's running
+        statistics at every later one (the diff review)."""
+        self._recomputation_writes = None
 
     def kernels(self) -> contextlib.AbstractContextManager[None]:
         """The kernel switches a second-order forward runs under (in :meth:`context`), alone

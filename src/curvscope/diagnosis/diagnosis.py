@@ -133,8 +133,14 @@ class Diagnosis:
         object.__setattr__(self, "state", as_state(self.state))
         object.__setattr__(self, "evidence", Evidence.from_mapping(self.evidence))
 
+    @property
+    def reasons_text(self) -> str:
+        """The reasons as sentences: what ``str(d)`` says after its headline, before the
+        advice (the Monitor's log lines carry it)."""
+        return " ".join(_sentence(r) for r in self.reasons)
+
     def __str__(self) -> str:
-        text = f"{self.state.headline}. " + " ".join(_sentence(r) for r in self.reasons)
+        text = f"{self.state.headline}. {self.reasons_text}"
         if self.advice:
             text += " " + " ".join(self.advice)
         if not self.confident:

@@ -1055,12 +1055,14 @@ class Monitor:
             for key, value in scalars(d).items():
                 self._writer.add_scalar(f"curvscope/{key}", value, self.steps)
         if d.state != previous or (was_curvature_alone and not self._curvature_alone):
-            # a run that went wrong is a warning, with why (it was INFO and the bare states:
-            # Python's default logging showed a diverged run nothing: an outside review)
+            # a run that went wrong is a warning, with why: every reason, the one that decided
+            # among them (it was INFO and the bare states — Python's default logging showed a
+            # diverged run nothing — and then the last reason alone, often a caveat: reviews)
             bad = d.state in (State.UNSTABLE, State.DIVERGED)
-            why = f": {d.reasons[-1]}" if d.reasons else ""
             level = logging.WARNING if bad else logging.INFO
-            logger.log(level, "step %d: %s -> %s%s", self.steps, previous, d.state, why)
+            logger.log(
+                level, "step %d: %s -> %s: %s", self.steps, previous, d.state, d.reasons_text
+            )
             if self.callback is not None:
                 self.callback(d, previous)
         self._last_probe_seconds = time.perf_counter() - start

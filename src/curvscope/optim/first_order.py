@@ -100,12 +100,16 @@ class NormalizedGD(CurvscopeOptimizer):
         put back as found. A closure without ``backward()`` raised "found no gradient", or was
         stepped along a ``.grad`` left from before (an outside review)."""
         params = self._params()
-        before = [p.grad for p in params]
+        before = [(p.grad, None if p.grad is None else p.grad._version) for p in params]
         called = _call(
             check_closure(closure, type(self).__name__), counts, params, "as_written", None
         )
-        pairs = zip(params, before, strict=True)
-        assigned = any(p.grad is not None and p.grad is not g for p, g in pairs)
+        # set by hand: a new .grad, or one written in place (`p.grad.copy_(g)`) that is not
+        # all zeros (`zero_grad(set_to_none=False)` with no backward wrote nothing to step on)
+        assigned = any(
+            p.grad is not None and (p.grad is not g or p.grad._version != v) and bool(p.grad.any())
+            for p, (g, v) in zip(params, before, strict=True)
+        )
         if called.ran_here or assigned:
             return [(p, p.grad) for p in params if p.grad is not None], called.loss.detach()
         if not called.loss.requires_grad:

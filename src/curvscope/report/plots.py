@@ -427,14 +427,7 @@ def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
         layers, ys = _top_layers(shares)
         prefix, labels = _legend_labels(layers)
         fig, ax = _figure(figsize=(8, 3.6))
-        if len(steps) > 1:
-            ax.stackplot(steps, ys, labels=labels)
-        else:  # one probe: a stacked bar (a stack over one step has no width, and drew nothing)
-            bottom = 0.0
-            for y, label in zip(ys, labels, strict=True):
-                ax.bar(steps, y, bottom=bottom, width=1.0, label=label)
-                bottom += float(np.nan_to_num(y[0]))
-            ax.set_xticks(steps)
+        _stacked(ax, steps, ys, labels)
         ax.set_ylim(0, 1)
         ax.set_xlabel("step")
         ax.set_ylabel("share of the top eigenvector")
@@ -448,6 +441,38 @@ def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
         )
         names.append(_save(fig, out / "layers.png", right=0.72))
     return names
+
+
+def _stacked(ax: Any, steps: list[Any], ys: list[list[float]], labels: list[str]) -> None:
+    """The layers' shares stacked over the probes, a gap where a probe measured none (NaN), a
+    stacked bar at a probe with none measured beside it — a stack over one step has no width:
+    a lone probe, or one between gaps, drew nothing (reviews) — over the run's whole span."""
+    try:
+        x = np.asarray(steps, dtype=float)
+    except (TypeError, ValueError):  # steps a log holds that are not numbers: drawn in order
+        x = np.arange(len(steps), dtype=float)
+    measured = ~np.isnan(np.asarray(ys[0], dtype=float))
+    lone = [
+        i
+        for i in range(len(x))
+        if measured[i]
+        and not (i > 0 and measured[i - 1])
+        and not (i + 1 < len(x) and measured[i + 1])
+    ]
+    colors = [f"C{j % 10}" for j in range(len(ys))]
+    if len(lone) < measured.sum():
+        ax.stackplot(x, ys, labels=labels, colors=colors)
+    width = 0.8 * (float(np.diff(x).min()) if len(x) > 1 else 1.0)
+    bottom = np.zeros(len(lone))
+    for j, (y, label) in enumerate(zip(ys, labels, strict=True)):
+        heights = np.asarray(y, dtype=float)[lone]
+        drawn = label if len(lone) == measured.sum() else None  # (one legend entry a layer)
+        ax.bar(x[lone], heights, bottom=bottom, width=width, color=colors[j], label=drawn)
+        bottom += heights
+    if len(x) > 1:
+        ax.set_xlim(x[0], x[-1])
+    else:
+        ax.set_xticks(x)
 
 
 #: The per-layer plot names this many layers; the rest are one band, "other".
