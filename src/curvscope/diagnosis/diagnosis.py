@@ -600,13 +600,18 @@ def _diagnose(
         except FloatingPointError:  # a training batch's loss or curvature overflowed
             bs, se, used = math.nan, math.inf, 1
         evidence.update(batch_sharpness=bs, batch_sharpness_stderr=se, batches=used)
-    if limit is not None:  # below both curvatures the verdict judges (Facts.unstable): the
-        # batch sharpness's alone named 5.58 beside "unstable" at lr 3, where the full-batch
-        # sharpness gives 1.77 and training at 3 blew up (an outside review)
-        met = [evidence["sharpness"], evidence.get("batch_sharpness")]
-        met = [v for v in met if v is not None and math.isfinite(v)]
-        evidence["stable_lr"] = limit.stable_lr(max(met)) if met else math.nan
+    if limit is not None:
+        evidence["stable_lr"] = _stable_lr(limit, evidence)
     return _finish(evidence, thresholds, vectors, converged, start, C)
+
+
+def _stable_lr(limit: StabilityLimit, evidence: Mapping[str, Any]) -> float:
+    """The largest stable learning rate below both curvatures the verdict judges
+    (:attr:`Facts.unstable`): the batch sharpness's alone named 5.58 beside *unstable* at lr 3,
+    where the full-batch sharpness gives 1.77 and training at 3 blew up (an outside review)."""
+    met = [evidence["sharpness"], evidence.get("batch_sharpness")]
+    met = [v for v in met if v is not None and math.isfinite(v)]
+    return limit.stable_lr(max(met)) if met else math.nan
 
 
 def _state_not_finite(limit: StabilityLimit | None, space: _Space) -> bool:
@@ -778,11 +783,18 @@ def _measure_curvature(
     vectors = {"top": r.vectors[:, 0], "bottom": r.vectors[:, -1]}
     # which parameter blocks carry the sharpest direction (free: the eigenvector is at hand)
     evidence["layer_shares"] = block_shares(objective.space, vectors["top"])
-    left = budget - C.matvecs
-    if adaptive and not small:
-        return vectors, r.all_converged
+    if not adaptive or small:
+        _decrement(objective, g, evidence, budget - C.matvecs, small)
+    return vectors, r.all_converged
+
+
+def _decrement(
+    objective: _Objective, g: Tensor, evidence: dict[str, Any], left: int, small: bool
+) -> None:
+    """The Newton decrement δ² = gᵀH⁻¹g by CG within ``left`` products (where CG meets
+    negative curvature and the gradient is small, the damped one: :func:`_damped_decrement`)."""
     gnorm = objective.norm(g)
-    if gnorm == 0 and evidence["lambda_min"] > 0:  # δ² = gᵀH⁻¹g = 0, no CG (it was None)
+    if gnorm == 0 and evidence["lambda_min"] > 0:  # δ² = 0, no CG (it was None: a review)
         evidence["newton_decrement"], evidence["decrement_converged"] = 0.0, True
     elif left >= 2 and gnorm > 0:
         sol = cg(objective.operator(), g, tol=1e-2, max_matvecs=left)
@@ -790,8 +802,7 @@ def _measure_curvature(
             evidence["newton_decrement"] = objective.total(g @ sol.x)
             evidence["decrement_converged"] = sol.converged
         elif small:  # only a small gradient's verdict reads it (minimum, or a long valley)
-            _damped_decrement(objective, g, evidence, budget - C.matvecs)
-    return vectors, r.all_converged
+            _damped_decrement(objective, g, evidence, left - sol.matvecs)
 
 
 def _damped_decrement(
