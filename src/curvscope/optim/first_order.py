@@ -104,13 +104,7 @@ class NormalizedGD(CurvscopeOptimizer):
         called = _call(
             check_closure(closure, type(self).__name__), counts, params, "as_written", None
         )
-        # set by hand: a new .grad, or one written in place (`p.grad.copy_(g)`) that is not
-        # all zeros (`zero_grad(set_to_none=False)` with no backward wrote nothing to step on)
-        assigned = any(
-            p.grad is not None and (p.grad is not g or p.grad._version != v) and bool(p.grad.any())
-            for p, (g, v) in zip(params, before, strict=True)
-        )
-        if called.ran_here or assigned:
+        if called.ran_here or _set_by_hand(params, before):
             return [(p, p.grad) for p in params if p.grad is not None], called.loss.detach()
         if not called.loss.requires_grad:
             raise ValueError(
@@ -122,3 +116,14 @@ class NormalizedGD(CurvscopeOptimizer):
             counts.gradients += 1
             found = [(p, p.grad) for p in params if p.grad is not None]
         return found, called.loss.detach()
+
+
+def _set_by_hand(params: list[Tensor], before: list[tuple[Tensor | None, int | None]]) -> bool:
+    """Whether a closure that ran no backward set ``.grad`` itself: a new one, or one written in
+    place (``p.grad.copy_(g)``) that is not all zeros (``zero_grad(set_to_none=False)`` wrote
+    nothing to step along). ``before``: each ``.grad`` and its version counter before the call.
+    (A host read a parameter whose ``.grad`` changed: asked only where no backward ran.)"""
+    return any(
+        p.grad is not None and (p.grad is not g or p.grad._version != v) and bool(p.grad.any())
+        for p, (g, v) in zip(params, before, strict=True)
+    )
