@@ -581,8 +581,8 @@ class _RunningScale(nn.Module):
 def test_a_layer_writing_a_plain_attribute_is_not_taken_for_a_loss_of_its_own():
     """loss_fn=None checked the products' loss against a second forward, which started from
     the attribute as the operator's first forward had left it: such a model was refused as
-    "the model computes a loss of its own" (an outside review). The check's two losses now
-    start from one state; the operator is the one of the same loss written out."""
+    "the model computes a loss of its own" (an outside review). The check.s two losses come
+    from one forward now; the operator is the one of the same loss written out."""
 
     def scaled() -> nn.Module:
         model = _seeded(gpt2, 0)

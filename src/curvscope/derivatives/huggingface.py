@@ -216,10 +216,11 @@ class HuggingFaceLoss:
         )
 
     # -------------------------------------------------------------------------- outputs
-    def outputs(self, out: Any) -> Tensor:
+    def outputs(self, out: Any, labelled: bool = False) -> Tensor:
         """The logits of a model output as the loss uses them: (tokens, vocabulary) for the
-        language models, (samples, labels) for classification."""
-        logits = _logits(out, self.model_name)
+        language models, (samples, labels) for classification; ``labelled``: of an output the
+        model was called for with its labels (its loss first in a tuple)."""
+        logits = _logits(out, self.model_name, labelled)
         if self.head == "classification":  # (samples, labels), as the losses view them
             return logits.reshape(-1, getattr(self.config, "num_labels", logits.shape[-1]))
         if logits.dtype in (torch.float16, torch.bfloat16):  # as the models' losses upcast
@@ -270,10 +271,11 @@ class HuggingFaceLoss:
         )
 
 
-def _logits(out: Any, model_name: str) -> Tensor:
+def _logits(out: Any, model_name: str, labelled: bool = False) -> Tensor:
     logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, (tuple, list)) and out:
-        logits = out[0]  # return_dict=False: the logits come first when no labels are given
+    if logits is None and isinstance(out, (tuple, list)) and len(out) > labelled:
+        # return_dict=False: the logits come first, after the loss where labels were given
+        logits = out[int(labelled)]
     if not isinstance(logits, Tensor):
         raise TypeError(
             f"loss_fn=None: {model_name} returned {type(out).__name__} without logits; {_EXPLICIT}"

@@ -295,52 +295,53 @@ def tensor_attributes(model: nn.Module) -> list[tuple[str, nn.Module, str, Tenso
     ]
 
 
-#: plain tensor attributes swapped for copies: (module, attribute, the original, the copy)
-_Swapped = list[tuple[nn.Module, str, Tensor, Tensor]]
+#: tensors swapped for copies: (the dict holding it — a module's ``__dict__`` for a plain
+#: attribute, its ``_buffers`` for a buffer —, the key, the original, the copy)
+_Swapped = list[tuple[dict[str, Any], str, Tensor, Tensor]]
 
 
-def _swap_in(held: Sequence[tuple[str, nn.Module, str]]) -> _Swapped:
-    """The modules' plain tensor attributes ``held`` (name, module, attribute) set to copies —
-    one copy of a tensor two modules hold (two copies parted what one module wrote from what
-    the other read: 21% off, the third diff review). An attribute that no longer holds a dense
-    tensor is left alone. Returns what :func:`_swap_back` puts back."""
+def _swap(slots: Iterable[tuple[dict[str, Any], str]]) -> _Swapped:
+    """The tensors in ``slots`` (a dict and a key each) set to copies — one copy of a tensor two
+    slots hold (two copies parted what one module wrote from what the other read: 21% off, the
+    third diff review). A slot that holds no dense tensor is left alone. Returns what
+    :func:`_swap_back` puts back."""
     copies: dict[int, Tensor] = {}
     swapped = []
-    for _, mod, key in held:
-        t = mod.__dict__.get(key)
+    for where, key in slots:
+        t = _at(where, key)
         if isinstance(t, Tensor) and t.layout == torch.strided and not t.is_inference():
             if id(t) not in copies:
                 copies[id(t)] = t.clone()
-            swapped.append((mod, key, t, copies[id(t)]))
-            mod.__dict__[key] = copies[id(t)]
+            swapped.append((where, key, t, copies[id(t)]))
+            where[key] = copies[id(t)]
     return swapped
 
 
-def _swap_back(swapped: _Swapped) -> None:
-    """The originals :func:`_swap_in` replaced, put back where the copy is still there: an
-    attribute the forward set anew (``self.aux_loss = ...``, which a loss may read after it)
-    keeps the forward's value, as without the copy (functional_call, which swaps such names
-    too, put the old one back: the diff review)."""
-    for mod, key, t, mine in swapped:
-        if mod.__dict__.get(key) is mine:
-            mod.__dict__[key] = t
+def _swap_in(held: Sequence[tuple[str, nn.Module, str]]) -> _Swapped:
+    """The modules' plain tensor attributes ``held`` (name, module, attribute) set to copies
+    (:func:`_swap`)."""
+    return _swap((mod.__dict__, key) for _, mod, key in held)
 
 
 def _buffer_copies(model: nn.Module) -> _Swapped:
-    """Every buffer of the model set to a copy, one copy of a buffer two modules hold (as
-    :func:`_swap_in` for attributes); returns what to put back: (module, name, the original,
-    the copy)."""
-    copies: dict[int, Tensor] = {}
-    swapped = []
-    for mod in model.modules():
-        for key, t in mod._buffers.items():
-            if t is None or t.layout != torch.strided or t.is_inference():
-                continue
-            if id(t) not in copies:
-                copies[id(t)] = t.detach().clone()
-            swapped.append((mod, key, t, copies[id(t)]))
-            mod._buffers[key] = copies[id(t)]
-    return swapped
+    """Every buffer of the model set to a copy (:func:`_swap`)."""
+    return _swap((mod._buffers, key) for mod in model.modules() for key, _ in mod._buffers.items())
+
+
+def _swap_back(swapped: _Swapped, kept: bool = True) -> None:
+    """The originals :func:`_swap` replaced, put back — with ``kept``, only where the copy is
+    still there: an attribute the forward set anew (``self.aux_loss = ...``, which a loss may
+    read after it) keeps the forward's value, as without the copy (functional_call, which swaps
+    such names too, put the old one back: the diff review)."""
+    for where, key, t, mine in swapped:
+        if not kept or _at(where, key) is mine:
+            where[key] = t
+
+
+def _at(where: Any, key: str) -> Any:
+    """``where[key]``, None where there is none (a TorchScript module's ``_buffers`` has no
+    ``get``, and is iterated by its items only)."""
+    return where[key] if key in where else None  # noqa: SIM401  (no get: above)
 
 
 def storage_of(t: Tensor) -> int:
@@ -1814,22 +1815,28 @@ class ModelObjective:
                 setattr(m, f, True)
             parametrize._cache_enabled = cache_was
 
-    @contextlib.contextmanager
-    def recomputation_kept(self, learn: bool = True) -> Iterator[None]:
+    def recomputation_kept(self, learn: bool = True) -> contextlib.AbstractContextManager[None]:
         """Around backward passes: the model's buffers (and, after a pass, the plain attributes
         its forward writes) are copies, so that a forward recomputed there — activation
         checkpointing reruns a block with the model's own, not the copies the pass's forward
         was given — writes into those. A BatchNorm in a checkpointed block moved the user's
         running statistics at every product (its kernel does so without bumping their version
         counters), and a plain attribute written there rebuilt a cached graph at every
-        product, products 44–58% apart (an outside review). Copies swapped in, not values
+        product, products 44–58% apart (an outside review). In a pass these are copies beside
+        the forward's own (:meth:`_state`), not the same: a recomputed block then starts from
+        what the forward started from, and reads what it read. Copies swapped in, not values
         written back: a graph the recomputation built saved the tensors it wrote, and a write
         back bumped the counters it checks. In a pass (:meth:`context`, ``learn=False``) every
         time; around a cached graph's products, from the first product on only if its
-        backward wrote."""
+        backward wrote (otherwise nothing: a cached product's hot path)."""
         if learn and self._recomputation_writes is False:
-            yield
-            return
+            return nullcontext()
+        return self._recomputation_copies(learn)
+
+    @contextlib.contextmanager
+    def _recomputation_copies(self, learn: bool) -> Iterator[None]:
+        """:meth:`recomputation_kept`'s copies, swapped in and put back (learning, with
+        ``learn``, whether the block wrote)."""
         buffers = _buffer_copies(self.model)
         attributes = [] if self._passes else _swap_in(self._attribute_writes)
         try:
@@ -1837,11 +1844,12 @@ class ModelObjective:
         finally:
             if learn and self._recomputation_writes is None:  # (a host read a tensor on a GPU)
                 self._recomputation_writes = any(
-                    mod._buffers.get(key) is not mine or not torch.equal(t, mine)
-                    for mod, key, t, mine in buffers
-                ) or any(not torch.equal(t, mine) for _, _, t, mine in attributes)
-            for mod, key, t, _ in buffers:  # the user's, whatever a recomputation assigned
-                mod._buffers[key] = t  # (every forward of curvscope's gets copies of them)
+                    _at(where, key) is not mine or not torch.equal(t, mine)
+                    for where, key, t, mine in [*buffers, *attributes]
+                )
+            # the user's buffers, whatever a recomputation assigned (every forward of
+            # curvscope's gets copies of them)
+            _swap_back(buffers, kept=False)
             _swap_back(attributes[::-1])
 
     def graphs_built(self) -> None:
@@ -2134,18 +2142,17 @@ class ModelObjective:
         self._loss_checked = True
 
     def _check_own_loss(self, batch: Batch) -> None:
-        """With loss_fn=None: the adapted loss must be ``model(**batch).loss``, each from a
-        forward of its own without gradients, from the same state and randomness (the model's
-        config, which its first loss writes to, is left as found). Not the products' loss: the
-        operator's first forward writes a plain tensor attribute in place (the first of a
-        running statistic kept as ``self.scale``), so that a forward after it starts elsewhere,
-        and such a model was refused as "a loss of its own" (an outside review)."""
+        """With loss_fn=None: the adapted loss must be ``model(**batch).loss`` — both from one
+        forward with the labels, without gradients (the model's config, which its first loss
+        writes to, left as found). Not the products' loss: the operator's first forward writes
+        a plain tensor attribute in place (the first of a running statistic kept as
+        ``self.scale``), so that a forward after it starts elsewhere, and such a model was
+        refused as "a loss of its own" (an outside review)."""
         assert self.adapter is not None
         theta = {k: p.detach() for k, p in self.params.items()}
         with self.context(batch.index), torch.no_grad(), self.adapter.config_kept():
-            ours = self.loss_fn(self.raw_forward(theta, batch), batch.targets)
-        with self.context(batch.index), torch.no_grad(), self.adapter.config_kept():
             out = self._call(theta, batch, labels=batch.labels)
+            ours = self.loss_fn(self.adapter.outputs(out, labelled=True), batch.targets)
         self.adapter.check(batch.index, float(ours), out, ours.dtype)
 
     def _infer_reduction(self, out: Any, batch: Batch, depends: bool) -> str:
