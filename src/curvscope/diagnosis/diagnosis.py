@@ -47,6 +47,7 @@ from curvscope.spectrum.eigen import (
     RANDOM_START_PRODUCTS,
     block_shares,
     block_sums,
+    both_ends,
     local_block_sizes,
 )
 from curvscope.spectrum.precision import autocast_off, working_dtype
@@ -763,7 +764,7 @@ def _measure_curvature(
     r = eigenvalues(
         op,
         k=1,
-        which=_ends(op),
+        which=both_ends(op.dim, 1)[1],
         tol=tol,
         max_matvecs=max(1, cap - C.matvecs),  # the zero-gradient rule's products come first
         seed=seed,
@@ -858,7 +859,7 @@ def _refined(op: Operator, r: Any, tol: float, products: int, seed: int, mix: bo
     out = eigenvalues(
         op,
         k=1,
-        which=_ends(op),
+        which=both_ends(op.dim, 1)[1],
         tol=tol,
         max_matvecs=products,
         seed=seed,
@@ -881,13 +882,6 @@ def _mixed(op: Operator, vectors: Tensor, seed: int) -> Tensor:
     warm = vectors.sum(1)
     z = torch.randn(warm.shape, generator=op.generator(seed), dtype=warm.dtype, device=warm.device)
     return warm / op.norm(warm).clamp_min(1e-300) + z / op.norm(z)
-
-
-def _ends(op: Operator) -> str:
-    """Both ends of the spectrum; of a 1 x 1 operator (one trainable scalar: temperature
-    scaling), its one value, which is both — ``which="both"`` asks for two, and every such
-    ``diagnose`` and Monitor probe raised "asked for 2 eigenvalues" (an outside review)."""
-    return "both" if op.dim > 1 else "largest"
 
 
 def _record_spectrum(evidence: dict[str, Any], r: Any) -> None:

@@ -16,6 +16,7 @@ from curvscope.derivatives.flat import flatten
 from curvscope.derivatives.objective import ModelObjective
 from curvscope.diagnosis import diagnose
 from curvscope.spectrum import eigenvalues, trace
+from curvscope.spectrum.eigen import both_ends
 
 #: Slice points t (the step along a unit direction runs over ±2/sqrt(max |λ|)).
 SLICE_POINTS = 41
@@ -129,9 +130,10 @@ def probe(
     check_runs(model, loss_fn, data)
     d = diagnose(model, loss_fn, data, optimizer=optimizer, lr=lr, reduction=reduction)
     C = Curvature(model, loss_fn, data, reduction=reduction)
-    n = C.num_params  # three from each end, fewer of a tiny model (one: its one value)
-    top = eigenvalues(C, k=min(3, n // 2), which="both") if n > 1 else eigenvalues(C, k=1)
+    k, which = both_ends(C.num_params, 3)
+    top = eigenvalues(C, k=k, which=which)
     tr = trace(C, matvecs=60)
+    n = C.num_params
     out: dict[str, Any] = {
         "state": d.state,
         "text": str(d),

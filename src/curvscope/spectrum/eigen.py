@@ -126,6 +126,14 @@ def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
     return np.unique(np.concatenate([top, bottom]))[::-1].copy()
 
 
+def both_ends(n: int, k: int) -> tuple[int, str]:
+    """(k, which) for up to ``k`` eigenvalues from each end of an n x n operator, as many as it
+    has: ``which="both"`` asks for 2k, and a 1 x 1 operator's one value is both ends (one
+    trainable scalar, temperature scaling: every ``diagnose``, Monitor probe and
+    ``curvscope probe`` raised "asked for 2 eigenvalues": an outside review)."""
+    return (min(k, n // 2), "both") if n > 1 else (1, "largest")
+
+
 def _validate(k: Any, which: Any, tol: Any, n: int) -> tuple[int, float]:
     """k and tol, checked (tol as a float: a 0-d tensor failed inside the run)."""
     if which not in WHICH:
