@@ -71,8 +71,8 @@ from curvscope.diagnosis.runlog import LOG_VERSION, RunLogWriter, check_log_mode
 from curvscope.diagnosis.runlog import read_log as read_log  # where it lived before runlog
 from curvscope.diagnosis.stability import (
     NotSteppedError,
+    check_descent_lr,
     check_judgeable,
-    check_lr,
     check_readable,
     limit_factor,
     optimizer_name,
@@ -402,7 +402,9 @@ class Monitor:
         self.forecast = forecast
         self.model, self.loss_fn, self.probe_data = model, loss_fn, probe_data
         self._optimizer = optimizer
-        self.lr = None if lr is None else check_lr(lr)  # refused now, not at the first probe
+        self.lr = (
+            None if lr is None else check_descent_lr(lr)
+        )  # refused now, not at the first probe
         self._stepping = _StepWatch(optimizer)
         self._stale_said = False  # whether an optimizer that stopped stepping was said
         self._init_clipping(max_grad_norm)

@@ -452,8 +452,9 @@ def optimizer_name(optimizer: object) -> str:
         return type(optimizer).__name__
 
 
-def check_lr(lr: object) -> float:
-    """``lr=`` for plain gradient descent: a positive finite real number — an int, a float, a
+def check_descent_lr(lr: object) -> float:
+    """``lr=`` for plain gradient descent (not an optimizer group's learning rate, which may be
+    0: :func:`curvscope.optim.base.check_lr`): a positive finite real number — an int, a float, a
     numpy scalar or a 0-d tensor, as torch's optimizers take one (``np.float32(0.1)`` and
     ``torch.tensor(0.1)`` were refused as not positive numbers, and ``True`` taken for 1: an
     outside review) — as a float."""
@@ -467,7 +468,7 @@ def check_lr(lr: object) -> float:
 
 
 def _gradient_descent(lr: object) -> StabilityLimit:
-    eta = check_lr(lr)
+    eta = check_descent_lr(lr)
     return StabilityLimit(2.0 / eta, eta, 2.0, "gradient descent", False, None, None, "s* = 2/η")
 
 
