@@ -402,9 +402,7 @@ class Monitor:
         self.forecast = forecast
         self.model, self.loss_fn, self.probe_data = model, loss_fn, probe_data
         self._optimizer = optimizer
-        self.lr = (
-            None if lr is None else check_descent_lr(lr)
-        )  # refused now, not at the first probe
+        self.lr = None if lr is None else check_descent_lr(lr)  # now, not at a probe
         self._stepping = _StepWatch(optimizer)
         self._stale_said = False  # whether an optimizer that stopped stepping was said
         self._init_clipping(max_grad_norm)
