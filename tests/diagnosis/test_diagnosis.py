@@ -153,6 +153,71 @@ def test_the_stable_learning_rate_is_below_both_sharpnesses_the_verdict_judges()
     assert f"{e['stable_lr']:.3g} (now 3)" in str(d)
 
 
+def _digits_batches(n=320, size=32):
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X, y = torch.tensor(X[:n] / 16.0), torch.tensor(y[:n])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)).double()
+    return model, (X, y), [(X[i : i + size], y[i : i + size]) for i in range(0, n, size)]
+
+
+@pytest.mark.parametrize("lr, state", [(0.5, State.LEARNING), (3.0, State.UNSTABLE)])
+def test_a_summed_loss_with_training_batches_is_judged_at_a_steps_share(lr, state):
+    """Mini-batch SGD on a summed loss at lr/B takes the same steps as on the mean loss at lr.
+    The full-batch sharpness of the sum over N samples is N/B times what a step of B meets,
+    and such a run read *unstable* at every probe where the mean read *learning* (an outside
+    review). With train_batches B is known: the stability rules judge the sum's full-batch
+    curvature times B/N (``step_share``), and the verdict and stable rate are the mean's."""
+    model, data, batches = _digits_batches()
+    mean = cs.diagnose(model, nn.CrossEntropyLoss(), data, lr=lr, train_batches=batches)
+    summed = nn.CrossEntropyLoss(reduction="sum")
+    d = cs.diagnose(model, summed, data, lr=lr / 32, train_batches=batches)
+    e, m = d.evidence, mean.evidence
+    assert mean.state == state and d.state == state
+    assert e["step_share"] == pytest.approx(0.1, rel=1e-12) and "step_share" not in m
+    assert e["sharpness"] == pytest.approx(320 * m["sharpness"], rel=1e-6)  # as measured
+    assert e["batch_sharpness"] == pytest.approx(32 * m["batch_sharpness"], rel=1e-6)
+    assert e["stable_lr"] == pytest.approx(m["stable_lr"] / 32, rel=1e-6)
+    said = " ".join(d.reasons)
+    assert f"B/N = 0.1 of the summed loss's {e['sharpness']:.4g}" in said
+    if state == State.UNSTABLE:  # the step's share past the limit: its rate is the mean's / B
+        assert f"{e['stable_lr']:.3g} (now {lr / 32:.3g})" in str(d)
+    # without training batches a summed loss's steps are taken to be full-batch: judged on it
+    full = cs.diagnose(model, summed, data, lr=lr / 32)
+    assert full.state == State.UNSTABLE and "step_share" not in full.evidence
+
+
+def test_a_summed_loss_in_a_monitored_mini_batch_run_reads_as_the_mean_does():
+    """The review's run: 80 steps of SGD at batch 32 on the mean at 0.5 and on the sum at
+    0.5/32, the same steps; the Monitor with train_batches read *unstable* at every probe of
+    the sum, and its cheap checks compared the sum's full-batch curvature along the update
+    with the limit as well."""
+    import copy
+
+    base, data, batches = _digits_batches()
+    runs = {}
+    for name, loss, lr in (
+        ("mean", nn.CrossEntropyLoss(), 0.5),
+        ("sum", nn.CrossEntropyLoss(reduction="sum"), 0.5 / 32),
+    ):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        mon = cs.Monitor(model, loss, data, optimizer=opt, every=20, train_batches=batches)
+        for _ in range(8):
+            for xb, yb in batches:
+                opt.zero_grad()
+                value = loss(model(xb), yb)
+                value.backward()
+                opt.step()
+                mon.step(value)
+        mon.close()
+        runs[name] = ([d.state for d in mon.history], list(mon.probe_causes))
+    assert runs["sum"] == runs["mean"]
+    assert set(runs["sum"][0]) == {State.LEARNING}
+
+
 def test_momentum_changes_the_limit():
     m = FunctionModel(bowl, FAR)
     plain = cs.diagnose(m, mean_loss, DATA, torch.optim.SGD(m.parameters(), lr=0.25))

@@ -60,6 +60,30 @@ def test_no_pair_of_values_stops_a_log_plot(tmp_path, low, high):
     assert plots.log_plots(records, tmp_path) == ["log.png"]
 
 
+def test_the_curvatures_the_verdict_judges_are_drawn_beside_the_limit(tmp_path, monkeypatch):
+    """A mini-batch run's plot drew the full-batch sharpness alone: a summed loss's, N/B times
+    what a step meets, stood far above the limit beside *learning*. The batch sharpness and a
+    summed loss's sharpness times B/N (``step_share``) are drawn too."""
+    figures = _capture(monkeypatch)
+    records = _records(
+        loss=[2.0, 1.0],
+        sharpness=[300.0, 500.0],
+        stability_limit=[128.0, 128.0],
+        batch_sharpness=[40.0, 45.0],
+        step_share=[0.1, 0.1],
+    )
+    assert plots.log_plots(records, tmp_path) == ["log.png"]
+    ax = figures[0].axes[2]
+    lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert lines["batch sharpness"] == [40.0, 45.0]
+    assert lines["sharpness × B/N (a step's share of the summed loss)"] == [30.0, 50.0]
+    assert ax.get_ylim()[0] < 30.0
+    figures.clear()
+    plots.log_plots(_records(loss=[1.0], sharpness=[3.0], stability_limit=[20.0]), tmp_path)
+    drawn = [line.get_label() for line in figures[0].axes[2].get_lines()]
+    assert drawn == ["sharpness", "stability limit"]  # only what the records hold
+
+
 def test_the_labs_plots_leave_out_what_a_log_axis_cannot_draw(tmp_path):
     """The lab's convergence curves and sharpness plot are log axes too: a diverged run's last
     loss of 1e280 stopped the lab's report the same way."""

@@ -443,6 +443,13 @@ class Curvature:
         return KINDS[self.kind].psd
 
     @property
+    def num_samples(self) -> float | None:
+        """The samples the operator is over (across the ranks of its process group, each
+        counted once; for a mean cross-entropy, what its mean divides by); None for a plain
+        function."""
+        return self._source.total if isinstance(self._source, _ModelSource) else None
+
+    @property
     def param_names(self) -> list[str]:
         """Names of the parameter blocks, in the order of the flat vectors."""
         return list(self._source.names)

@@ -357,7 +357,11 @@ def _unstable_advice(ev: Mapping[str, Any]) -> list[str]:
         # a clipped run: clip harder — by the largest curvature the steps meet (the sharpness,
         # or along the last update or the step direction) against the limit, where the norm
         # clipped (at s = 1 the present max_norm is above the gradient's: no multiple of it)
-        met = (effective_sharpness(ev), ev.get("update_curvature"), ev.get("directional_curvature"))
+        met = (
+            effective_sharpness(ev),
+            step_scaled(ev, ev.get("update_curvature")),
+            step_scaled(ev, ev.get("directional_curvature")),
+        )
         worst = max((c for c in met if c is not None and math.isfinite(c)), default=0.0)
         by = f" (about {limit / worst:.2g}x the present one)" if clip < 1 and worst > limit else ""
         return [
@@ -570,6 +574,11 @@ class Evidence(Mapping[str, Any]):
             tier between probes (present when the probe follows one).
         stable_lr: the largest stable learning rate at this sharpness (and, where measured,
             this batch sharpness: below both).
+        step_share: for a summed loss with ``train_batches``, B/N: the training batches'
+            mean sample count B over the N samples of ``data``. A step of B samples on a
+            summed loss meets B/N of the sum's curvature over N, so the stability rules judge
+            the full-batch curvatures (the sharpness, along the step and along the last
+            update) times it (:func:`step_scaled`); the fields keep the values measured.
         clip_factor: the fraction s of the gradient the optimizer was given (gradient
             clipping; the Monitor's median since the previous probe), when it was told
             (``diagnose(..., clip_factor=s)``): the stability limit is then c/(s·η).
@@ -621,6 +630,7 @@ class Evidence(Mapping[str, Any]):
     batches: int | None = None
     update_curvature: float | None = None
     stable_lr: float | None = None
+    step_share: float | None = None
     clip_factor: float | None = None
     seconds: float | None = None
     unscaled_coordinates: int | None = None
@@ -706,6 +716,8 @@ class Facts:
         clip = evidence.get("clip_factor")
         self.clip: float = 1.0 if clip is None else clip
         self.bs = evidence.get("batch_sharpness")
+        #: the full-batch sharpness as a training step meets it (:func:`step_scaled`)
+        self.step_s = step_scaled(evidence, self.s)
         se = evidence.get("batch_sharpness_stderr")
         self.bs_se: float = _stderr_of(se)
         self.c_update = evidence.get("update_curvature")
@@ -730,7 +742,7 @@ class Facts:
         direction, and that is instability (a review: a least-squares minimum at 1.5x and 3x
         the limit read *flat*, "a larger learning rate", and a saddle at 2x and 4x *saddle*,
         "add noise or momentum"; gradient descent there reached 3e31, or NaN)."""
-        return self.overshoots(self.s) or self.overshoots(self.bs, self.bs_se)
+        return self.overshoots(self.step_s) or self.overshoots(self.bs, self.bs_se)
 
     @cached_property
     def scale(self) -> float:
@@ -937,30 +949,51 @@ def _stderr_of(se: Any) -> float:
 
 
 def _too_sharp(f: Facts) -> list[str] | None:
-    limit, s, margin = f.limit, f.s, f.th.margin
-    if limit is None or s is None or not f.overshoots(s):
+    limit, s, margin = f.limit, f.step_s, f.th.margin
+    if limit is None or s is None or f.s is None or not f.overshoots(s):
         return None
     return [
         f.gradient,
         (
-            f"the sharpness {s:.4g} exceeds the stability limit {limit:.4g} by "
+            f"the sharpness {_stepped(f, f.s)} exceeds the stability limit {limit:.4g} by "
             f"{100 * (s / limit - 1):.0f}% (> {100 * margin:.0f}%): steps overshoot"
         ),
     ]
+
+
+def step_scaled(evidence: Mapping[str, Any], value: float | None) -> float | None:
+    """A full-batch curvature as one training step meets it: times ``step_share`` (B/N) for a
+    summed loss with training batches, as it is otherwise. A mini-batch run on a summed loss
+    read *unstable* at every probe, where the same steps written as a mean loss read
+    *learning* (an outside review)."""
+    share = evidence.get("step_share")
+    return value if value is None or share is None else value * share
+
+
+def _stepped(f: Facts, value: float) -> str:
+    """A full-batch curvature in words, with what a step meets of it where that differs."""
+    share = f.evidence.get("step_share")
+    if share is None:
+        return f"{value:.4g}"
+    return (
+        f"{value * share:.4g} (a training step's share B/N = {share:.3g} of the summed "
+        f"loss's {value:.4g})"
+    )
 
 
 def _step_overshoots(f: Facts) -> list[str] | None:
     c, lr, const = f.c_dir, f.lr, f.const
     if f.small or f.limit is None or f.s is None or c is None or lr is None or const is None:
         return None
-    rate, eta = lr * f.clip, "η" if f.clip == 1.0 else "s·η"
-    if not rate * c > const:
+    rate, eta, met = lr * f.clip, "η" if f.clip == 1.0 else "s·η", step_scaled(f.evidence, c)
+    assert met is not None  # c is not None
+    if not rate * met > const:
         return None
     return [
         f.gradient,
         (
-            f"along the step direction the curvature is {c:.4g}: "
-            f"{eta}·c = {rate * c:.3g} > {const:.3g}, so the quadratic model predicts "
+            f"along the step direction the curvature is {_stepped(f, c)}: "
+            f"{eta}·c = {rate * met:.3g} > {const:.3g}, so the quadratic model predicts "
             "the loss goes up"
         ),
     ]
@@ -969,13 +1002,13 @@ def _step_overshoots(f: Facts) -> list[str] | None:
 def _update_overshoots(f: Facts) -> list[str] | None:
     """The step the optimizer actually took overshoots: unstable whatever the gradient's size
     (a small gradient is no settling when the steps along it overshoot)."""
-    c, limit = f.c_update, f.limit
-    if limit is None or c is None or not f.overshoots(c):
+    c, limit = step_scaled(f.evidence, f.c_update), f.limit
+    if limit is None or c is None or f.c_update is None or not f.overshoots(c):
         return None
     return [
         f.gradient,
         (
-            f"along the optimizer's last update the curvature is {c:.4g}, "
+            f"along the optimizer's last update the curvature is {_stepped(f, f.c_update)}, "
             f"{100 * (c / limit - 1):.0f}% above the stability limit {limit:.4g} "
             f"(> {100 * f.th.margin:.0f}%): the next step overshoots along it"
         ),
@@ -1023,18 +1056,19 @@ def _learning(f: Facts) -> list[str] | None:
         ]
     if not f.small and f.limit is None:  # said, not silently skipped
         return [f.gradient, NOT_JUDGED]
-    if f.small or f.limit is None or f.s is None:
+    if f.small or f.limit is None or f.s is None or f.step_s is None:
         return [f.gradient]
     if math.isinf(f.limit):  # a learning rate scheduled to 0: no step to overshoot
         if f.lr:  # one so small that c/η overflows (it read "learning rate 0" for 1e-320)
             return [f.gradient, f"learning rate {f.lr:.3g}: no finite stability limit"]
         return [f.gradient, "learning rate 0: no stability limit"]
-    full = f"the sharpness {f.s:.4g} is {_share(f.s, f.limit)} of the limit {f.limit:.4g}"
+    stepped, share = _stepped(f, f.s), _share(f.step_s, f.limit)
+    full = f"the sharpness {stepped} is {share} of the limit {f.limit:.4g}"
     if f.bs is None:
         return [f.gradient, full]
     batch = (
         f"the batch sharpness {_pm(f.bs, f.bs_se)} is {_share(f.bs, f.limit)} of the limit "
-        f"{f.limit:.4g} (the full-batch sharpness {f.s:.4g} is {_share(f.s, f.limit)})"
+        f"{f.limit:.4g} (the full-batch sharpness {stepped} is {share})"
     )
     return [f.gradient, batch]
 
@@ -1097,7 +1131,7 @@ def classify(
 def effective_sharpness(evidence: Mapping[str, Any]) -> float | None:
     """The sharpness that meets the limit: the batch sharpness in mini-batch training."""
     bs = evidence.get("batch_sharpness")
-    return bs if bs is not None else evidence.get("sharpness")
+    return bs if bs is not None else step_scaled(evidence, evidence.get("sharpness"))
 
 
 def _sharpness_name(evidence: Mapping[str, Any]) -> str:

@@ -32,6 +32,7 @@ from curvscope.diagnosis.classify import (
     Thresholds,
     as_state,
     classify,
+    step_scaled,
 )
 from curvscope.diagnosis.stability import (
     StabilityLimit,
@@ -584,34 +585,60 @@ def _diagnose(
         kink = math.isfinite(evidence["grad_norm"])  # loss and ‖g‖ are finite: NaN at a kink
         return _finish(evidence, thresholds, {}, not kink, start, C)  # (‖x‖ at 0) reads so
     if train_batches is not None:
-        try:
-            bs, se, used = _batch_sharpness(
-                model,
-                loss_fn,
-                train_batches,
-                max_batches,
-                limit,
-                params,
-                seed,
-                measured.reduction,
-                products,
-                C.group,
-                C.device,
+        evidence.update(
+            _batch_evidence(
+                C, model, loss_fn, train_batches, max_batches, limit, params, seed, products
             )
-        except FloatingPointError:  # a training batch's loss or curvature overflowed
-            bs, se, used = math.nan, math.inf, 1
-        evidence.update(batch_sharpness=bs, batch_sharpness_stderr=se, batches=used)
+        )
     if limit is not None:
         evidence["stable_lr"] = _stable_lr(limit, evidence)
     return _finish(evidence, thresholds, vectors, converged, start, C)
+
+
+def _batch_evidence(
+    C: Curvature,
+    model: nn.Module,
+    loss_fn: Callable[[Any, Tensor], Tensor],
+    train_batches: Iterable[Any],
+    max_batches: int,
+    limit: StabilityLimit | None,
+    params: Iterable[nn.Parameter | str] | None,
+    seed: int,
+    products: _Products,
+) -> dict[str, Any]:
+    """The batch sharpness's evidence (:func:`_batch_sharpness`), and for a summed loss the
+    share of it a training step sums over, ``step_share``: a step of B samples on a summed loss
+    meets B/N of the sum's curvature over N."""
+    assert C.objective is not None  # C is built from a model
+    reduction = C.objective.reduction
+    try:
+        bs, se, used, size = _batch_sharpness(
+            model,
+            loss_fn,
+            train_batches,
+            max_batches,
+            limit,
+            params,
+            seed,
+            reduction,
+            products,
+            C.group,
+            C.device,
+        )
+    except FloatingPointError:  # a training batch's loss or curvature overflowed
+        bs, se, used, size = math.nan, math.inf, 1, None
+    ev: dict[str, Any] = {"batch_sharpness": bs, "batch_sharpness_stderr": se, "batches": used}
+    if reduction == "sum" and size is not None and C.num_samples:
+        ev["step_share"] = size / C.num_samples
+    return ev
 
 
 def _stable_lr(limit: StabilityLimit, evidence: Mapping[str, Any]) -> float:
     """The largest stable learning rate below both curvatures the verdict judges
     (:attr:`Facts.unstable`): the batch sharpness's alone named 5.58 beside *unstable* at lr 3,
     where the full-batch sharpness gives 1.77 and training at 3 blew up (an outside review)."""
-    met = [evidence["sharpness"], evidence.get("batch_sharpness")]
-    met = [v for v in met if v is not None and math.isfinite(v)]
+    both = (step_scaled(evidence, evidence["sharpness"]), evidence.get("batch_sharpness"))
+    met: list[float] = [v for v in both if v is not None and math.isfinite(v)]
     return limit.stable_lr(max(met)) if met else math.nan
 
 
@@ -1034,13 +1061,15 @@ def _batch_sharpness(
     products: _Products,
     group: Any = None,
     device: torch.device | None = None,
-) -> tuple[float | None, float | None, int]:
-    """(the batch sharpness, its standard error, the batches it was measured on).
+) -> tuple[float | None, float | None, int, float | None]:
+    """(the batch sharpness, its standard error, the batches it was measured on, their mean
+    sample count: what a summed loss's step sums over).
 
     The sample is sized from its own standard error: at least :data:`MIN_BATCHES` batches,
     then more until the standard error is at most :data:`BATCH_SHARPNESS_SE` of the stability
     limit (of the mean itself without one), or ``max_batches`` are used."""
     values: list[float] = []
+    sizes: list[float] = []
     # the user's RNGs untouched; under a process group each batch is measured by all ranks
     steps = in_step(fixed_pass(batches, seed), group, device, "train_batches")
     read = 0
@@ -1049,6 +1078,7 @@ def _batch_sharpness(
             break
         read += 1
         Cb = _curvature(model, loss_fn, batch, params, seed + i, reduction, products)
+        sizes.append(Cb.num_samples or 0.0)
         batch_objective = _Objective(Cb, limit, products.space(Cb))
         _, _, gb = batch_objective.gradient()
         c, _ = batch_objective.directional(gb)
@@ -1059,9 +1089,10 @@ def _batch_sharpness(
             "train_batches yielded no batch: pass (inputs, targets) batches like those the "
             "optimizer steps on (a DataLoader, or a list of a few of its batches), or leave it out"
         )
+    size = statistics.fmean(sizes)
     if not values:
-        return None, None, 0
-    return statistics.fmean(values), _stderr(values), len(values)
+        return None, None, 0, size
+    return statistics.fmean(values), _stderr(values), len(values), size
 
 
 def _stderr(values: list[float]) -> float:

@@ -57,6 +57,7 @@ from curvscope.diagnosis.classify import (
     classify_history,
     effective_sharpness,
     explosion_base,
+    step_scaled,
 )
 from curvscope.diagnosis.diagnosis import (
     DEFAULT_BUDGET,
@@ -979,8 +980,10 @@ class Monitor:
         if self._state in (State.UNSTABLE, State.DIVERGED):
             return False
         bound = self._alarm_bound()
-        seen = [c for c in (check.curvature, check.top_curvature) if c is not None]
-        return any(c > bound * limit for c in seen)
+        # as a step meets them: a summed loss's B/N of the probe's (the previous probe's share)
+        last = self.history[-1].evidence if self.history else {}
+        met = (step_scaled(last, check.curvature), step_scaled(last, check.top_curvature))
+        return any(c > bound * limit for c in met if c is not None)
 
     def _due(self, step: int | None = None) -> bool:
         """Whether the cadence puts a probe at ``step`` (default: this step)."""

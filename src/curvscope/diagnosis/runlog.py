@@ -409,6 +409,7 @@ RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
             "batch_sharpness_stderr",
             "update_curvature",
             "stable_lr",
+            "step_share",
             "clip_factor",
             "seconds",
             "zero_gradient_share",

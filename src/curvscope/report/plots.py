@@ -393,6 +393,28 @@ def _value_scale(ax: Any, title: str, values: list[float]) -> None:
     ax.set_title(title + (f"\n({', '.join(left_out)}, not drawn)" if left_out else ""), fontsize=10)
 
 
+def _judged_series(ax: Any, steps: list[Any], records: list[dict[str, Any]]) -> list[float]:
+    """The curvatures the verdict compares with the limit, where they are not the sharpness
+    drawn: the batch sharpness (``train_batches``), and a summed loss's sharpness as a step of
+    B samples meets it (times ``step_share``, B/N). A mini-batch run on a summed loss drew
+    its full-batch sum alone, far above the limit, beside *learning*. Returns the scaled
+    sharpnesses (the records hold the others)."""
+    batch = _drawn([r.get("batch_sharpness") for r in records])
+    if not np.isnan(batch).all():
+        ax.plot(steps, batch, "d-", label="batch sharpness")
+    stepped = _drawn(
+        [
+            None
+            if r.get("step_share") is None or r.get("sharpness") is None
+            else r["sharpness"] * r["step_share"]
+            for r in records
+        ]
+    )
+    if not np.isnan(stepped).all():
+        ax.plot(steps, stepped, "v-", label="sharpness × B/N (a step's share of the summed loss)")
+    return [float(v) for v in stepped if np.isfinite(v)]
+
+
 def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
     """Loss, gradient norm, and sharpness against the stability limit, from a Monitor log."""
     steps = [r["step"] for r in records]
@@ -409,6 +431,7 @@ def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
     axes[0].plot(steps, col("loss"), "o-")
     axes[1].plot(steps, col("grad_norm"), "o-")
     _sharpness_series(axes[2], steps, col("sharpness"), records)
+    judged = _judged_series(axes[2], steps, records)
     clipped = any(r.get("clip_factor") is not None for r in records)  # c/(s·η): see README
     label = "stability limit of the clipped rate s·η" if clipped else "stability limit"
     axes[2].plot(steps, col("stability_limit"), "x--", label=label)  # (a lone probe: a mark)
@@ -416,11 +439,12 @@ def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
     shown = (
         ("loss", ["loss"]),
         ("gradient norm", ["grad_norm"]),
-        ("sharpness vs stability limit", ["sharpness", "stability_limit"]),
+        ("sharpness vs stability limit", ["sharpness", "stability_limit", "batch_sharpness"]),
     )
     for ax, (title, keys) in zip(axes, shown, strict=True):
         ax.set_xlabel("step")
-        _value_scale(ax, title, [v for k in keys for v in held(k)])
+        more = judged if keys[0] == "sharpness" else []
+        _value_scale(ax, title, [v for k in keys for v in held(k)] + more)
     names = [_save(fig, out / "log.png")]
     shares = [x if isinstance(x, dict) else {} for x in (r.get("layer_shares") for r in records)]
     if any(shares):
