@@ -189,6 +189,32 @@ def test_a_summed_loss_with_training_batches_is_judged_at_a_steps_share(lr, stat
     assert full.state == State.UNSTABLE and "step_share" not in full.evidence
 
 
+def test_a_summed_losss_step_share_counts_the_terms_it_adds():
+    """B and N counted rows: a probe whose labels were 60% ignored beside training batches
+    with none gave a share of 0.1 for the 0.25 the summed labels make, and the sum read
+    *learning* where the mean read *unstable*; (B, T) targets counted B (the diff review). They
+    count what the loss adds: its counted labels, as the mean divides by."""
+    torch.manual_seed(0)
+    X, y = torch.randn(400, 4, dtype=torch.float64), torch.randint(0, 3, (400,))
+    probe = y.clone()
+    probe[torch.arange(400) % 5 < 3] = -100
+    batches = [(X[i : i + 40], y[i : i + 40]) for i in range(0, 400, 40)]
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    mean = cs.diagnose(model, nn.CrossEntropyLoss(), (X, probe), lr=3.3, train_batches=batches)
+    summed = nn.CrossEntropyLoss(reduction="sum")
+    d = cs.diagnose(model, summed, (X, probe), lr=3.3 / 40, train_batches=batches)
+    assert mean.state == d.state == State.UNSTABLE
+    assert d.evidence["step_share"] == pytest.approx(40 / 160, rel=1e-12)
+    assert d.evidence["stable_lr"] == pytest.approx(mean.evidence["stable_lr"] / 40, rel=1e-6)
+    tokens = (torch.randn(2, 5, 4, dtype=torch.float64), torch.randint(0, 3, (2, 5)))
+    seq = nn.Linear(4, 3).double()
+    C = cs.Curvature(seq, lambda o, t: summed(o.transpose(1, 2), t), tokens, reduction="sum")
+    assert C.num_samples == 2  # a function's: rows (what it adds is not known)
+    probe[:] = -100
+    d = cs.diagnose(model, summed, (X[:10], probe[:10]), lr=0.1)  # nothing counted: a sum of 0
+    assert d.evidence["loss"] == 0.0
+
+
 def test_a_summed_loss_in_a_monitored_mini_batch_run_reads_as_the_mean_does():
     """The review's run: 80 steps of SGD at batch 32 on the mean at 0.5 and on the sum at
     0.5/32, the same steps; the Monitor with train_batches read *unstable* at every probe of

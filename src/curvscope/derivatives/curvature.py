@@ -444,9 +444,10 @@ class Curvature:
 
     @property
     def num_samples(self) -> float | None:
-        """The samples the operator is over (across the ranks of its process group, each
-        counted once; for a mean cross-entropy, what its mean divides by); None for a plain
-        function."""
+        """The samples the operator is over, across the ranks of its process group (each
+        counted once), as its loss counts them: for torch's losses the terms a mean divides by
+        and a sum adds (a cross-entropy's counted labels, a squared error's entries), else the
+        targets' rows; None for a plain function."""
         return self._source.total if isinstance(self._source, _ModelSource) else None
 
     @property

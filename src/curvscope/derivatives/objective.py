@@ -296,8 +296,36 @@ def tensor_attributes(model: nn.Module) -> list[tuple[str, nn.Module, str, Tenso
 
 
 #: tensors swapped for copies: (the dict holding it — a module's ``__dict__`` for a plain
-#: attribute, its ``_buffers`` for a buffer —, the key, the original, the copy)
-_Swapped = list[tuple[dict[str, Any], str, Tensor, Tensor]]
+#: attribute, its ``_buffers`` for a buffer —, the key, the original, the copy); or slots held
+#: (:func:`_hold`): the copy None, the original :data:`_ABSENT` where there was none
+_Swapped = list[tuple[dict[str, Any], str, Any, "Tensor | None"]]
+
+#: a slot that held nothing (:func:`_hold`)
+_ABSENT = object()
+
+
+def _hold(slots: Sequence[tuple[str, nn.Module, str]], held: _Swapped) -> _Swapped:
+    """The modules' attributes ``slots`` (name, module, attribute) as they are, for
+    :func:`_swap_back` to put back whatever a forward assigns them; a slot already in ``held``
+    (a second forward in one pass) set back to what it held there, so that each forward starts
+    from the same value."""
+    before = {(id(where), key): t for where, key, t, mine in held if mine is None}
+    fresh: _Swapped = []
+    for _, mod, key in slots:
+        where = mod.__dict__
+        if (id(where), key) in before:
+            _put(where, key, before[id(where), key])
+        else:
+            fresh.append((where, key, where.get(key, _ABSENT), None))
+    return fresh
+
+
+def _put(where: dict[str, Any], key: str, value: Any) -> None:
+    """``where[key] = value``, or no ``key`` for :data:`_ABSENT`."""
+    if value is _ABSENT:
+        where.pop(key, None)
+    else:
+        where[key] = value
 
 
 def _swap(slots: Iterable[tuple[dict[str, Any], str]]) -> _Swapped:
@@ -306,7 +334,7 @@ def _swap(slots: Iterable[tuple[dict[str, Any], str]]) -> _Swapped:
     third diff review). A slot that holds no dense tensor is left alone. Returns what
     :func:`_swap_back` puts back."""
     copies: dict[int, Tensor] = {}
-    swapped = []
+    swapped: _Swapped = []
     for where, key in slots:
         t = _at(where, key)
         if isinstance(t, Tensor) and t.layout == torch.strided and not t.is_inference():
@@ -334,8 +362,8 @@ def _swap_back(swapped: _Swapped, kept: bool = True) -> None:
     read after it) keeps the forward's value, as without the copy (functional_call, which swaps
     such names too, put the old one back: the diff review)."""
     for where, key, t, mine in swapped:
-        if not kept or _at(where, key) is mine:
-            where[key] = t
+        if not kept or mine is None or _at(where, key) is mine:
+            _put(where, key, t)
 
 
 def _at(where: Any, key: str) -> Any:
@@ -985,8 +1013,11 @@ def _divisor(loss_fn: Any, targets: Tensor) -> str | None:
     cross-entropy (:data:`LABEL_MEANS`) with class labels, "positions" for
     it with (N, C, d…) class probabilities, "entries" for an entrywise mean
     (:data:`ENTRYWISE_MEANS`); None where a mean is over the rows (or not known to be over
-    anything else). Told from the loss and the targets' type and shape: no values read."""
-    if getattr(loss_fn, "reduction", None) != "mean":
+    anything else). Told from the loss and the targets' type and shape: no values read. The
+    same loss summed adds those terms (the share of them a training step adds, ``step_share``:
+    counted by rows, a probe of 16-token sequences beside training batches of 64-token ones
+    read *learning* where the loss ran to 1e19, an outside review)."""
+    if getattr(loss_fn, "reduction", None) not in ("mean", "sum"):
         return None
     if torch_loss(loss_fn, ENTRYWISE_MEANS) is not None:
         return "entries"
@@ -1362,6 +1393,13 @@ class ModelObjective:
         #: every plain tensor attribute a forward writes in place, copied or not: the cache's
         #: check reads them (:meth:`attribute_state`)
         self._attribute_writes: list[tuple[str, nn.Module, str]] = []
+        #: the plain tensor attributes the first forward assigned (created, or set to another
+        #: tensor), put back after each later forward's pass (:meth:`_attributes_assigned`)
+        self._assigned: list[tuple[str, nn.Module, str]] = []
+        #: per such slot (its dict's id, its key): what it held before the first forward, and
+        #: the tensor that forward left there with its version — a later forward starts from
+        #: the former while the latter is still there (:meth:`_from_before_first`)
+        self._first_left: dict[tuple[int, str], tuple[Any, Tensor, int]] = {}
         #: whether a product's backward writes into the model (a forward recomputed there:
         #: :meth:`recomputation_kept`); None until an operator's first product
         self._recomputation_writes: bool | None = None
@@ -1442,7 +1480,8 @@ class ModelObjective:
         by name: a cached graph saved them, and the user's own forward that moved one made the
         next product fail with torch's bare "modified by an inplace operation", or read the
         stale graph (an outside review). The cache reads them as the graphs' pass left them."""
-        found = [(k, getattr(mod, key, None)) for k, mod, key in self._attribute_writes]
+        slots = [*self._attribute_writes, *self._assigned]
+        found = [(k, mod.__dict__.get(key)) for k, mod, key in slots]
         return [(k, t) for k, t in found if isinstance(t, Tensor)]
 
     # ----------------------------------------------------------------------------- data
@@ -1527,7 +1566,7 @@ class ModelObjective:
                     f"batch {i} has no samples (targets of shape {tuple(targets.shape)}); "
                     "the first dimension of the targets counts the samples"
                 )
-            if size == 0:
+            if size == 0 and getattr(self.loss_fn, "reduction", None) != "sum":
                 raise ValueError(
                     f"batch {i} has no label the loss counts (each is its ignore_index, or "
                     f"of a class whose weight is 0): its mean loss is 0/0; {self._drop_advice()}"
@@ -1839,12 +1878,14 @@ class ModelObjective:
         ``learn``, whether the block wrote)."""
         buffers = _buffer_copies(self.model)
         attributes = [] if self._passes else _swap_in(self._attribute_writes)
+        attributes += [] if self._passes else _hold(self._assigned, [])
         try:
             yield
         finally:
             if learn and self._recomputation_writes is None:  # (a host read a tensor on a GPU)
                 self._recomputation_writes = any(
-                    _at(where, key) is not mine or not torch.equal(t, mine)
+                    _at(where, key) is not (t if mine is None else mine)
+                    or (mine is not None and not torch.equal(t, mine))
                     for where, key, t, mine in [*buffers, *attributes]
                 )
             # the user's buffers, whatever a recomputation assigned (every forward of
@@ -1898,6 +1939,30 @@ class ModelObjective:
         state = self._state(theta)
         if self._first_call:
             return self._first_forward(state, args, kwargs)
+        if self._assigned:  # what a later forward assigns is put back as its pass ends
+            held = _hold(self._assigned, self._passes[-1] if self._passes else [])
+            self._from_before_first(held)
+            if not self._passes:  # (a forward outside a pass: put back at once)
+                try:
+                    return self._call_copying(state, args, kwargs, copies)
+                finally:
+                    _swap_back(held)
+            self._passes[-1] += held
+        return self._call_copying(state, args, kwargs, copies)
+
+    def _from_before_first(self, held: _Swapped) -> None:
+        """The slots just held set to what they held before the first forward, where they still
+        hold what it left (neither assigned nor written since): every forward of the operator
+        then starts where its first did. A three-batch pass of ``self.scale = 0.5 * self.scale
+        + s`` started its first batch from 1.5 and the others from the first forward's 0.868,
+        14% off the later products (the diff review)."""
+        for where, key, now, _ in held:
+            before = self._first_left.get((id(where), key))
+            if before is not None and now is before[1] and now._version == before[2]:
+                _put(where, key, before[0])
+
+    def _call_copying(self, state: dict[str, Any], args: Any, kwargs: Any, copies: bool) -> Any:
+        """A later forward (:meth:`_call`), with copies of the plain attributes it writes."""
         if not self._attributes or not copies:
             # (inside a torch.func transform no copies: the user's attributes, which it will
             # not write, raising torch's error)
@@ -1917,6 +1982,8 @@ class ModelObjective:
         kept for the later forwards."""
         versions = [(k, p, p._version) for k, p in self.model.named_parameters()]
         held = [(a, a[3]._version) for a in tensor_attributes(self.model)]
+        # what every module held before (a statistic created where None was: None put back)
+        found = {id(mod): dict(vars(mod)) for mod in self.model.modules()}
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
             out = functional_call(self.model, state, args, kwargs or None, tie_weights=False)
@@ -1927,6 +1994,16 @@ class ModelObjective:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         self._written_in_forward([k for k, p, v in versions if p._version != v])
         self._attributes_written([a for a, v in held if a[3]._version != v], [a for a, _ in held])
+        assigned = [
+            (k, mod, key, t)
+            for k, mod, key, t in tensor_attributes(self.model)
+            if found.get(id(mod), {}).get(key) is not t
+        ]
+        self._first_left = {
+            (id(mod.__dict__), key): (found.get(id(mod), {}).get(key, _ABSENT), t, t._version)
+            for _, mod, key, t in assigned
+        }
+        self._attributes_assigned([(k, mod, key) for k, mod, key, _ in assigned])
         if self._attributes and self._passes:  # the rest of its pass writes copies, as later
             # passes do: a block checkpointed in it recomputed in the backward and wrote the
             # user's once more (:meth:`recomputation_kept`)
@@ -2000,6 +2077,32 @@ class ModelObjective:
         for note in notes:
             self.notes.append(note)
             warnings.warn(note, AttributeWriteWarning, stacklevel=callers_level())
+
+    def _attributes_assigned(self, assigned: list[tuple[str, nn.Module, str]]) -> None:
+        """A forward that assigns a plain tensor attribute (``self.scale = 0.5 * self.scale +
+        1``, ``self.last = out.detach()``, a statistic created at the first call) moved the
+        user's at every product, each product at another value (2% apart), and the cache did
+        not see the user's own forward move it (products 24–30% off a new operator's: an
+        outside review). The first forward's assignment stands, as a write does
+        (:meth:`_attributes_written`); what the later ones assign is put back as their pass
+        ends (after the loss, which may read it); and the cache's check reads them."""
+        if not assigned:
+            return
+        self._assigned = assigned
+        # written in place by a later forward (a statistic created at the first call, updated
+        # after): into a copy, as an attribute the first forward wrote (not one that views
+        # another tensor: a copy would part them)
+        known = {(id(mod), key) for _, mod, key in self._attributes}
+        self._attributes += [
+            (k, mod, key)
+            for k, mod, key in assigned
+            if (id(mod), key) not in known and mod.__dict__[key]._base is None
+        ]
+        self.notes.append(
+            f"the model's forward assigns the plain tensor attribute(s) "
+            f"{few([k for k, _, _ in assigned])}: curvscope's first forward's assignment "
+            "stands, as your next forward's would; what its later forwards assign is put back"
+        )
 
     def raw_forward(self, theta: Mapping[str, Tensor], batch: Batch, copies: bool = True) -> Any:
         """Model outputs at parameters ``theta``, unchecked (usable inside torch.func

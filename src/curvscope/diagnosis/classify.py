@@ -359,6 +359,7 @@ def _unstable_advice(ev: Mapping[str, Any]) -> list[str]:
         # clipped (at s = 1 the present max_norm is above the gradient's: no multiple of it)
         met = (
             effective_sharpness(ev),
+            step_scaled(ev, ev.get("sharpness")),  # (what _too_sharp judges beside the batch's)
             step_scaled(ev, ev.get("update_curvature")),
             step_scaled(ev, ev.get("directional_curvature")),
         )

@@ -1062,8 +1062,9 @@ def _batch_sharpness(
     group: Any = None,
     device: torch.device | None = None,
 ) -> tuple[float | None, float | None, int, float | None]:
-    """(the batch sharpness, its standard error, the batches it was measured on, their mean
-    sample count: what a summed loss's step sums over).
+    """(the batch sharpness, its standard error, the batches it was measured on, the largest
+    one's samples: what a summed loss's step adds — the largest, not their mean: an uneven last
+    batch moved a mean with the batches read, 6% between two learning rates, a review).
 
     The sample is sized from its own standard error: at least :data:`MIN_BATCHES` batches,
     then more until the standard error is at most :data:`BATCH_SHARPNESS_SE` of the stability
@@ -1089,7 +1090,7 @@ def _batch_sharpness(
             "train_batches yielded no batch: pass (inputs, targets) batches like those the "
             "optimizer steps on (a DataLoader, or a list of a few of its batches), or leave it out"
         )
-    size = statistics.fmean(sizes)
+    size = max(sizes)
     if not values:
         return None, None, 0, size
     return statistics.fmean(values), _stderr(values), len(values), size

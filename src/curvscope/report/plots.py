@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from curvscope.diagnosis.classify import step_scaled
+
 COLORS = {
     "gd": "#999999",
     "momentum": "#666666",
@@ -404,9 +406,7 @@ def _judged_series(ax: Any, steps: list[Any], records: list[dict[str, Any]]) -> 
         ax.plot(steps, batch, "d-", label="batch sharpness")
     stepped = _drawn(
         [
-            None
-            if r.get("step_share") is None or r.get("sharpness") is None
-            else r["sharpness"] * r["step_share"]
+            step_scaled(r, r.get("sharpness")) if r.get("step_share") is not None else None
             for r in records
         ]
     )
