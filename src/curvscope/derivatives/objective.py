@@ -36,6 +36,7 @@ import logging
 import math
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Container, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -1397,9 +1398,10 @@ class ModelObjective:
         #: tensor), put back after each later forward's pass (:meth:`_attributes_assigned`)
         self._assigned: list[tuple[str, nn.Module, str]] = []
         #: per such slot (its dict's id, its key): what it held before the first forward, and
-        #: the tensor that forward left there with its version — a later forward starts from
+        #: the tensor that forward left there (weakly: an aux loss's graph is not kept alive
+        #: once the user's forward replaces it) with its version — a later forward starts from
         #: the former while the latter is still there (:meth:`_from_before_first`)
-        self._first_left: dict[tuple[int, str], tuple[Any, Tensor, int]] = {}
+        self._first_left: dict[tuple[int, str], tuple[Any, weakref.ref[Tensor], int]] = {}
         #: whether a product's backward writes into the model (a forward recomputed there:
         #: :meth:`recomputation_kept`); None until an operator's first product
         self._recomputation_writes: bool | None = None
@@ -1957,9 +1959,12 @@ class ModelObjective:
         + s`` started its first batch from 1.5 and the others from the first forward's 0.868,
         14% off the later products (the diff review)."""
         for where, key, now, _ in held:
-            before = self._first_left.get((id(where), key))
-            if before is not None and now is before[1] and now._version == before[2]:
-                _put(where, key, before[0])
+            if (id(where), key) not in self._first_left:
+                continue
+            start, left, version = self._first_left[id(where), key]
+            still = left()  # (gone: the user's own forward replaced it)
+            if still is not None and now is still and still._version == version:
+                _put(where, key, start)
 
     def _call_copying(self, state: dict[str, Any], args: Any, kwargs: Any, copies: bool) -> Any:
         """A later forward (:meth:`_call`), with copies of the plain attributes it writes."""
@@ -2000,7 +2005,11 @@ class ModelObjective:
             if found.get(id(mod), {}).get(key) is not t
         ]
         self._first_left = {
-            (id(mod.__dict__), key): (found.get(id(mod), {}).get(key, _ABSENT), t, t._version)
+            (id(mod.__dict__), key): (
+                found.get(id(mod), {}).get(key, _ABSENT),
+                weakref.ref(t),
+                t._version,
+            )
             for _, mod, key, t in assigned
         }
         self._attributes_assigned([(k, mod, key) for k, mod, key, _ in assigned])
