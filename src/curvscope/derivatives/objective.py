@@ -321,6 +321,34 @@ def _hold(slots: Sequence[tuple[str, nn.Module, str]], held: _Swapped) -> _Swapp
     return fresh
 
 
+def _starts(
+    changed: list[tuple[str, nn.Module, str, Tensor]],
+    found: dict[int, dict[str, Any]],
+    values: dict[int, Tensor],
+    written: set[int],
+) -> dict[tuple[int, str], tuple[Any, weakref.ref[Tensor], int]]:
+    """Where later forwards start (:meth:`ModelObjective._from_before_first`), per slot the
+    first forward ``changed``: what it held before that forward (``found``: each module's
+    attributes then; a copy from ``values`` where the forward wrote it in place), the tensor it
+    left (weakly) and its version. Not a module whose other attributes that forward changed (a
+    flag, a count): an initialisation (ActNorm's statistics, then ``initialized = True``) is
+    kept from then on, or its later forwards would read the statistics as never set."""
+    starts = {}
+    slots = {(id(mod), key) for _, mod, key, _ in changed}
+    for _, mod, key, t in changed:
+        before, now = found.get(id(mod), {}), vars(mod)
+        others = [(k, v) for k, v in before.items() if (id(mod), k) not in slots]
+        new = [v for k, v in now.items() if k not in before and (id(mod), k) not in slots]
+        if any(now.get(k, _ABSENT) is not v for k, v in others if not isinstance(v, Tensor)):
+            continue
+        if any(not isinstance(v, Tensor) for v in new):  # (a flag set where none was)
+            continue
+        was = before.get(key, _ABSENT)
+        start = values[id(was)] if id(was) in written else was
+        starts[id(mod.__dict__), key] = (start, weakref.ref(t), t._version)
+    return starts
+
+
 def _put(where: dict[str, Any], key: str, value: Any) -> None:
     """``where[key] = value``, or no ``key`` for :data:`_ABSENT`."""
     if value is _ABSENT:
@@ -1395,12 +1423,16 @@ class ModelObjective:
         #: check reads them (:meth:`attribute_state`)
         self._attribute_writes: list[tuple[str, nn.Module, str]] = []
         #: the plain tensor attributes the first forward assigned (created, or set to another
-        #: tensor), put back after each later forward's pass (:meth:`_attributes_assigned`)
+        #: tensor): the cache's check reads them (:meth:`_attributes_assigned`)
         self._assigned: list[tuple[str, nn.Module, str]] = []
-        #: per such slot (its dict's id, its key): what it held before the first forward, and
-        #: the tensor that forward left there (weakly: an aux loss's graph is not kept alive
-        #: once the user's forward replaces it) with its version — a later forward starts from
-        #: the former while the latter is still there (:meth:`_from_before_first`)
+        #: those, and the ones it wrote in place that later forwards copy: held by each later
+        #: forward and put back as its pass ends (:func:`_hold`)
+        self._held: list[tuple[str, nn.Module, str]] = []
+        #: per such slot (its dict's id, its key): what it held before the first forward (a
+        #: copy, where that forward wrote it), and the tensor that forward left there (weakly:
+        #: an aux loss's graph is not kept alive once the user's forward replaces it) with its
+        #: version — a later forward starts from the former while the latter is still there
+        #: (:meth:`_from_before_first`)
         self._first_left: dict[tuple[int, str], tuple[Any, weakref.ref[Tensor], int]] = {}
         #: whether a product's backward writes into the model (a forward recomputed there:
         #: :meth:`recomputation_kept`); None until an operator's first product
@@ -1879,16 +1911,22 @@ class ModelObjective:
         """:meth:`recomputation_kept`'s copies, swapped in and put back (learning, with
         ``learn``, whether the block wrote)."""
         buffers = _buffer_copies(self.model)
-        attributes = [] if self._passes else _swap_in(self._attribute_writes)
-        attributes += [] if self._passes else _hold(self._assigned, [])
+        attributes: _Swapped = []
+        if not self._passes:  # a recomputed block starts where the forward it repeats did
+            attributes = _hold(self._held, [])
+            self._from_before_first(attributes)
+            attributes += _swap_in(self._attribute_writes)
+        put = [(where, key, _at(where, key)) for where, key, _, _ in [*buffers, *attributes]]
         try:
             yield
         finally:
             if learn and self._recomputation_writes is None:  # (a host read a tensor on a GPU)
                 self._recomputation_writes = any(
-                    _at(where, key) is not (t if mine is None else mine)
-                    or (mine is not None and not torch.equal(t, mine))
-                    for where, key, t, mine in [*buffers, *attributes]
+                    _at(where, key) is not there for where, key, there in put
+                ) or any(
+                    not torch.equal(t, mine)
+                    for _, _, t, mine in [*buffers, *attributes]
+                    if mine is not None
                 )
             # the user's buffers, whatever a recomputation assigned (every forward of
             # curvscope's gets copies of them)
@@ -1941,8 +1979,8 @@ class ModelObjective:
         state = self._state(theta)
         if self._first_call:
             return self._first_forward(state, args, kwargs)
-        if self._assigned:  # what a later forward assigns is put back as its pass ends
-            held = _hold(self._assigned, self._passes[-1] if self._passes else [])
+        if self._held:  # what a later forward assigns or writes is put back as its pass ends
+            held = _hold(self._held, self._passes[-1] if self._passes else [])
             self._from_before_first(held)
             if not self._passes:  # (a forward outside a pass: put back at once)
                 try:
@@ -1957,7 +1995,8 @@ class ModelObjective:
         hold what it left (neither assigned nor written since): every forward of the operator
         then starts where its first did. A three-batch pass of ``self.scale = 0.5 * self.scale
         + s`` started its first batch from 1.5 and the others from the first forward's 0.868,
-        14% off the later products (the diff review)."""
+        14% off the later products, and an uncached operator's first product was 3–5% off its
+        later ones for an attribute written in place (the diff review)."""
         for where, key, now, _ in held:
             if (id(where), key) not in self._first_left:
                 continue
@@ -1987,8 +2026,10 @@ class ModelObjective:
         kept for the later forwards."""
         versions = [(k, p, p._version) for k, p in self.model.named_parameters()]
         held = [(a, a[3]._version) for a in tensor_attributes(self.model)]
-        # what every module held before (a statistic created where None was: None put back)
+        # what every module held before (a statistic created where None was: None put back),
+        # and the plain tensors' values (those the forward writes are where later ones start)
         found = {id(mod): dict(vars(mod)) for mod in self.model.modules()}
+        values = {id(t): t.clone() for (_, _, _, t), _ in held}
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
             out = functional_call(self.model, state, args, kwargs or None, tie_weights=False)
@@ -1998,21 +2039,18 @@ class ModelObjective:
         for w in said:  # the model's other warnings, as they were
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         self._written_in_forward([k for k, p, v in versions if p._version != v])
-        self._attributes_written([a for a, v in held if a[3]._version != v], [a for a, _ in held])
+        written = [a for a, v in held if a[3]._version != v]
+        self._attributes_written(written, [a for a, _ in held])
+        copied = {(id(mod), key) for _, mod, key in self._attributes}
         assigned = [
             (k, mod, key, t)
             for k, mod, key, t in tensor_attributes(self.model)
             if found.get(id(mod), {}).get(key) is not t
         ]
-        self._first_left = {
-            (id(mod.__dict__), key): (
-                found.get(id(mod), {}).get(key, _ABSENT),
-                weakref.ref(t),
-                t._version,
-            )
-            for _, mod, key, t in assigned
-        }
         self._attributes_assigned([(k, mod, key) for k, mod, key, _ in assigned])
+        changed = [a for a in written if (id(a[1]), a[2]) in copied] + assigned
+        self._held = [(k, mod, key) for k, mod, key, _ in changed]
+        self._first_left = _starts(changed, found, values, {id(t) for *_, t in written})
         if self._attributes and self._passes:  # the rest of its pass writes copies, as later
             # passes do: a block checkpointed in it recomputed in the backward and wrote the
             # user's once more (:meth:`recomputation_kept`)
