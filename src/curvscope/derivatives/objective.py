@@ -2039,6 +2039,22 @@ class ModelObjective:
         for w in said:  # the model's other warnings, as they were
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         self._written_in_forward([k for k, p, v in versions if p._version != v])
+        self._attributes_changed(held, found, values)
+        if self._attributes and self._passes:  # the rest of its pass writes copies, as later
+            # passes do: a block checkpointed in it recomputed in the backward and wrote the
+            # user's once more (:meth:`recomputation_kept`)
+            self._passes[-1] += _swap_in(self._attributes)
+        return out
+
+    def _attributes_changed(
+        self,
+        held: list[tuple[tuple[str, nn.Module, str, Tensor], int]],
+        found: dict[int, dict[str, Any]],
+        values: dict[int, Tensor],
+    ) -> None:
+        """What the first forward wrote into the plain tensor attributes ``held`` (each with its
+        version before) or assigned (each module's attributes before: ``found``; the tensors'
+        values: ``values``), kept for the later forwards and the cache."""
         written = [a for a, v in held if a[3]._version != v]
         self._attributes_written(written, [a for a, _ in held])
         copied = {(id(mod), key) for _, mod, key in self._attributes}
@@ -2051,11 +2067,6 @@ class ModelObjective:
         changed = [a for a in written if (id(a[1]), a[2]) in copied] + assigned
         self._held = [(k, mod, key) for k, mod, key, _ in changed]
         self._first_left = _starts(changed, found, values, {id(t) for *_, t in written})
-        if self._attributes and self._passes:  # the rest of its pass writes copies, as later
-            # passes do: a block checkpointed in it recomputed in the backward and wrote the
-            # user's once more (:meth:`recomputation_kept`)
-            self._passes[-1] += _swap_in(self._attributes)
-        return out
 
     def _written_in_forward(self, written: list[str]) -> None:
         """A forward that writes into its parameters in place (a max-norm clamp, weight clipping
