@@ -752,3 +752,31 @@ def test_one_batch_far_above_a_lucky_first_loss_is_not_an_explosion():
         State.LEARNING, ["own"], near(0.0), losses=[2.5], first_loss=-3.0, first_mean=0.002
     )
     assert negative[0] is State.LEARNING
+
+
+def test_unstable_advice_names_the_rate_of_the_curvature_that_decided():
+    """Heavy-ball momentum's step direction can meet more curvature than λ_max; where it
+    decided *unstable*, the advice named the sharpness's stable rate, 0.2, above the present
+    0.1, and said "lower it below that" (a review). It names the rate the step allows."""
+    ev = {
+        "loss": 1.0,
+        "grad_norm": 1.0,
+        "sharpness": 10.0,
+        "lambda_min": 0.0,
+        "stability_limit": 20.0,
+        "directional_curvature": 30.0,
+        "lr": 0.1,
+        "limit_constant": 2.0,
+        "stable_lr": 0.2,
+    }
+    state, reasons = classify(ev)
+    assert state == State.UNSTABLE and "along the step direction" in reasons[1]
+    said = state.advice(ev)[0]
+    assert said.startswith("The largest stable learning rate along the steps taken here is 0.0667")
+    assert "(now 0.1; the sharpness alone allows 0.2)" in said
+    ev.update(directional_curvature=5.0, sharpness=30.0, stable_lr=2 / 30)  # the sharpness's
+    assert (
+        classify(ev)[0]
+        .advice(ev)[0]
+        .startswith("The largest stable learning rate here is 0.0667 (now 0.1)")
+    )

@@ -344,26 +344,34 @@ def _learning_advice(ev: Mapping[str, Any]) -> list[str]:
 
 def _unstable_advice(ev: Mapping[str, Any]) -> list[str]:
     lr, stable = ev.get("lr"), ev.get("stable_lr")
-    tips = (
-        [
-            f"The largest stable learning rate here is {stable:.3g} (now {lr:.3g}): lower it "
-            "below that, or warm it up."
-        ]
-        if stable is not None and lr
-        else []
-    )
     clip, limit = ev.get("clip_factor"), ev.get("stability_limit")
+    # the largest curvature the steps meet (the sharpness, or along the last update or the step
+    # direction), each as a step meets it
+    met = (
+        effective_sharpness(ev),
+        step_scaled(ev, ev.get("sharpness")),  # (what _too_sharp judges beside the batch's)
+        step_scaled(ev, ev.get("update_curvature")),
+        step_scaled(ev, ev.get("directional_curvature")),
+    )
+    worst = max((c for c in met if c is not None and math.isfinite(c)), default=0.0)
+    tips = []
+    if stable is not None and lr:
+        along = lr * limit / worst if limit and math.isfinite(limit) and worst > 0 else stable
+        if along < stable:  # the step decided, not the sharpness: its rate, or "lower it below
+            # 0.9" was said at 0.5 (a review)
+            tips.append(
+                f"The largest stable learning rate along the steps taken here is {along:.3g} "
+                f"(now {lr:.3g}; the sharpness alone allows {stable:.3g}): lower it below "
+                "that, or warm it up."
+            )
+        else:
+            tips.append(
+                f"The largest stable learning rate here is {stable:.3g} (now {lr:.3g}): lower "
+                "it below that, or warm it up."
+            )
     if clip is not None and limit is not None:
-        # a clipped run: clip harder — by the largest curvature the steps meet (the sharpness,
-        # or along the last update or the step direction) against the limit, where the norm
+        # a clipped run: clip harder — by that curvature against the limit, where the norm
         # clipped (at s = 1 the present max_norm is above the gradient's: no multiple of it)
-        met = (
-            effective_sharpness(ev),
-            step_scaled(ev, ev.get("sharpness")),  # (what _too_sharp judges beside the batch's)
-            step_scaled(ev, ev.get("update_curvature")),
-            step_scaled(ev, ev.get("directional_curvature")),
-        )
-        worst = max((c for c in met if c is not None and math.isfinite(c)), default=0.0)
         by = f" (about {limit / worst:.2g}x the present one)" if clip < 1 and worst > limit else ""
         return [
             *tips,
