@@ -357,15 +357,15 @@ def test_a_curvature_nan_at_a_kink_is_not_a_confident_divergence():
 
 @pytest.mark.parametrize("cache", [True, False])
 @pytest.mark.parametrize("held", ["plain", "buffer"])
-def test_a_plain_tensor_attribute_the_forward_updates_is_moved_once_and_said(held, cache):
+def test_a_plain_tensor_attribute_the_forward_updates_is_left_as_found_and_said(held, cache):
     """A running statistic kept as a plain attribute (no buffer) and updated in place by the
     forward was moved by every product, and two products of one vector came out 24% apart,
-    eigenvalues "converged" (an outside review). The first forward's write stands and is said,
-    naming register_buffer; the later forwards write into copies, so the products agree with
-    each other and with the dense Hessian at the attribute as the first forward found it: each
-    later forward starts from there too (an uncached operator's first product was 3–5% off
-    its later ones, which started from what the first forward left: the diff review).
-    Registered as a buffer, it is left as found."""
+    eigenvalues "converged" (an outside review). Then the first forward's write stood: every
+    operator, every Monitor probe, moved a training run's statistic once more, and an uncached
+    operator's first product was 3–5% off its later ones (the diff reviews). Every forward
+    writes into copies now, the first too: the products agree with each other and with the
+    dense Hessian at the attribute as found, which is left as found — as a buffer is; a plain
+    one is said, naming register_buffer."""
 
     torch.manual_seed(0)
     data = (torch.randn(32, 5, dtype=DT), torch.randint(0, 3, (32,)))
@@ -378,17 +378,16 @@ def test_a_plain_tensor_attribute_the_forward_updates_is_moved_once_and_said(hel
         v = torch.randn(C.num_params, dtype=DT, generator=torch.Generator().manual_seed(0))
         first, second = C @ v, C @ v
     warned = [w for w in said if issubclass(w.category, cs.derivatives.AttributeWriteWarning)]
-    scale = model.scale.clone()  # as the first forward left it
     assert torch.equal(first, second) and torch.equal(C @ v, first)
-    assert torch.equal(model.scale, scale)  # moved by no later forward
+    assert torch.equal(model.scale, found)  # moved by no forward
+    cases.assert_unchanged(before, cases.snapshot(model))
     start = found
     if held == "plain":
         assert len(warned) == 1 and warned[0].filename == __file__
-        assert "['scale']" in str(warned[0].message) and "register_buffer" in C.notes[-1]
-        assert not torch.equal(scale, found)
+        assert "['scale']" in str(warned[0].message)
+        assert any("register_buffer" in note for note in C.notes)
     else:
-        assert not warned and torch.equal(scale, found)
-        cases.assert_unchanged(before, cases.snapshot(model))
+        assert not warned
 
     # the dense reference: RunningScale's forward written out, from the attribute as the
     # products' forwards found it
@@ -474,35 +473,34 @@ def test_an_attribute_the_forward_assigns_is_put_back_and_read_by_the_cache(cls)
     creates at its first call and writes in place after, was not seen: every product moved the
     user's (1.5 → 1.75 → 1.875 …, two uncached products 2% apart), and after the user's own
     forward moved it, cached products were 24–30% off a new operator's (an outside review).
-    The first forward's assignment stands, as a write does; what the later forwards assign or
-    write is put back, so uncached products agree; and the cache's check
-    reads the attribute: after the user's forward the product is a new operator's. Every
-    forward of an operator starts from what the attribute held before its first."""
+    Every forward starts from it as found and it is put back as found after each pass, so
+    products agree — uncached, over three batches, cached — ``diagnose`` leaves it too, and the
+    cache's check reads it: after the user's forward the product is a new operator's."""
     torch.manual_seed(0)
     data = (torch.randn(32, 5, dtype=DT), torch.randint(0, 3, (32,)))
     model = cls().to(DT)
     model.scale = model.scale if model.scale is None else model.scale.to(DT)
-    v = None
+    found = None if model.scale is None else model.scale.clone()
+
+    def as_found() -> bool:
+        return model.scale is None if found is None else torch.equal(model.scale, found)
+
+    batches = [(data[0][i : i + 11], data[1][i : i + 11]) for i in (0, 11, 22)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cs.derivatives.AttributeWriteWarning)
-        uncached = cs.Curvature(model, nn.CrossEntropyLoss(), data, cache=False)
-        v = torch.randn(uncached.num_params, dtype=DT, generator=torch.Generator().manual_seed(0))
-        once = uncached @ v
-        left = model.scale.clone()  # as the first forward left it: it stands
-        assert torch.equal(uncached @ v, once) and torch.equal(model.scale, left)
-        # three batches: each forward starts where the first did (the second and third batch
-        # of the first pass started from what the first forward left, 14% off: the diff review)
-        batches = [(data[0][i : i + 11], data[1][i : i + 11]) for i in (0, 11, 22)]
-        model.scale = model.scale if cls is _Reassigned else None
-        three = cs.Curvature(model, nn.CrossEntropyLoss(), batches, cache=False)
-        products = [three @ v for _ in range(3)]
-        assert all(torch.equal(p, products[0]) for p in products)
-        assert any("put back" in note for note in uncached.notes)
+        for source in (data, batches):
+            uncached = cs.Curvature(model, nn.CrossEntropyLoss(), source, cache=False)
+            g = torch.Generator().manual_seed(0)
+            v = torch.randn(uncached.num_params, dtype=DT, generator=g)
+            products = [uncached @ v for _ in range(3)]
+            assert all(torch.equal(p, products[0]) for p in products) and as_found()
+        assert any("puts them back" in note for note in uncached.notes)
         C = cs.Curvature(model, nn.CrossEntropyLoss(), data)
         first = C @ v
-        moved = model.scale.clone()
-        assert torch.equal(C @ v, first) and torch.equal(model.scale, moved)
+        assert torch.equal(first, products[0]) or source is batches
+        assert torch.equal(C @ v, first) and as_found()
         cs.diagnose(model, nn.CrossEntropyLoss(), data, lr=0.1)
+        assert as_found()
         model(data[0])  # the user's forward moves it
         users = model.scale.clone()
         fresh = cs.Curvature(copy.deepcopy(model), nn.CrossEntropyLoss(), data) @ v
@@ -625,13 +623,15 @@ def test_an_attribute_the_forward_sets_anew_keeps_the_forwards_value():
     torch.testing.assert_close(C @ v, H @ v, rtol=1e-10, atol=1e-12)
 
 
-def test_a_lazily_initialised_module_is_initialised_whole_by_the_first_forward():
+def test_a_lazily_initialised_module_is_left_uninitialised_as_found():
     """ActNorm-style: statistics from the first batch, held as plain tensors, then a Python
-    flag set. Copies of the statistics for the first forward left the user's module flagged
-    and uninitialised (mean 0, std 1: it never normalised), and putting the modules' Python
-    values back after each forward broke losses that read a value the forward set (the diff
-    reviews). The first forward writes the user's statistics, as the user's own first forward
-    would, and says so; the products agree."""
+    flag set. Copies of the statistics alone left the user's module flagged and uninitialised
+    (mean 0, std 1: it never normalised), and putting the modules' Python values back right
+    after each forward broke losses that read a value the forward set (the diff reviews); then
+    the first forward's writes stood, and every operator moved a running statistic once more.
+    The statistics go to copies and the flag is put back with them as the pass ends: the module
+    is left as found, uninitialised, and every forward initialises from its batch, as the
+    user's next forward will; the products agree."""
 
     class ActNorm(nn.Module):
         def __init__(self) -> None:
@@ -657,9 +657,15 @@ def test_a_lazily_initialised_module_is_initialised_whole_by_the_first_forward()
         v = torch.randn(C.num_params, dtype=DT, generator=torch.Generator().manual_seed(0))
         first = C @ v
     assert torch.equal(C @ v, first) and torch.equal(C @ v, first)
-    with torch.no_grad():
-        h = model.lin(data[0])
-    assert model.initialized and torch.allclose(model.std, h.std(0))
+    assert not model.initialized
+    assert torch.equal(model.mean, torch.zeros(3, dtype=DT))
+    assert torch.equal(model.std, torch.ones(3, dtype=DT))
+    cached = cs.Curvature(model, nn.CrossEntropyLoss(), data)
+    torch.testing.assert_close(cached @ v, first, rtol=1e-12, atol=1e-14)
+    model(data[0])  # the user's first forward initialises it: a product of the model as it is
+    now = cs.Curvature(model, nn.CrossEntropyLoss(), data, cache=False) @ v
+    torch.testing.assert_close(now, first, rtol=1e-12, atol=1e-14)  # (the same batch: same)
+    assert model.initialized
 
 
 class _Counted(nn.Module):

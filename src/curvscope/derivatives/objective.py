@@ -36,7 +36,6 @@ import logging
 import math
 import sys
 import warnings
-import weakref
 from collections.abc import Callable, Container, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -278,9 +277,9 @@ def refuse_complex(named: Iterable[tuple[str, Tensor]]) -> None:
 
 
 class AttributeWriteWarning(UserWarning):
-    """A model's forward wrote in place into a tensor held as a plain attribute, not a buffer
-    (:meth:`ModelObjective._attributes_written`): curvscope's first forward wrote into yours;
-    its later forwards write into copies, where they can."""
+    """A model's forward writes in place into a tensor held as a plain attribute, not a buffer
+    (:meth:`ModelObjective._attributes_written`): curvscope's forwards write into copies, where
+    they can (not a view of another tensor: then into yours, said)."""
 
 
 def tensor_attributes(model: nn.Module) -> list[tuple[str, nn.Module, str, Tensor]]:
@@ -321,32 +320,58 @@ def _hold(slots: Sequence[tuple[str, nn.Module, str]], held: _Swapped) -> _Swapp
     return fresh
 
 
-def _starts(
-    changed: list[tuple[str, nn.Module, str, Tensor]],
-    found: dict[int, dict[str, Any]],
-    values: dict[int, Tensor],
-    written: set[int],
-) -> dict[tuple[int, str], tuple[Any, weakref.ref[Tensor], int]]:
-    """Where later forwards start (:meth:`ModelObjective._from_before_first`), per slot the
-    first forward ``changed``: what it held before that forward (``found``: each module's
-    attributes then; a copy from ``values`` where the forward wrote it in place), the tensor it
-    left (weakly) and its version. Not a module whose other attributes that forward changed (a
-    flag, a count): an initialisation (ActNorm's statistics, then ``initialized = True``) is
-    kept from then on, or its later forwards would read the statistics as never set."""
-    starts = {}
-    slots = {(id(mod), key) for _, mod, key, _ in changed}
-    for _, mod, key, t in changed:
-        before, now = found.get(id(mod), {}), vars(mod)
-        others = [(k, v) for k, v in before.items() if (id(mod), k) not in slots]
-        new = [v for k, v in now.items() if k not in before and (id(mod), k) not in slots]
-        if any(now.get(k, _ABSENT) is not v for k, v in others if not isinstance(v, Tensor)):
-            continue
-        if any(not isinstance(v, Tensor) for v in new):  # (a flag set where none was)
-            continue
-        was = before.get(key, _ABSENT)
-        start = values[id(was)] if id(was) in written else was
-        starts[id(mod.__dict__), key] = (start, weakref.ref(t), t._version)
-    return starts
+def _copyable(
+    attributes: list[tuple[str, nn.Module, str, Tensor]], model: nn.Module
+) -> list[tuple[str, nn.Module, str]]:
+    """The plain tensor attributes a forward can be given copies of: not one that views another
+    tensor or shares its storage with another attribute, a parameter or a buffer (a copy would
+    part it from what it views: a slot of a table, written, then the table read)."""
+    shared = _storages([t for *_, t in attributes], model)
+    return [
+        (k, mod, key)
+        for k, mod, key, t in attributes
+        if t._base is None and shared.get(storage_of(t), 1) == 1
+    ]
+
+
+def _by_slot(
+    swapped: _Swapped, attributes: list[tuple[tuple[str, nn.Module, str, Tensor], int]]
+) -> list[tuple[dict[str, Any], str, Any, Tensor | None, tuple[str, nn.Module, str, Tensor]]]:
+    """Each entry of ``swapped`` with the attribute (of ``attributes``, with versions) whose
+    slot it is."""
+    named = {(id(a[1].__dict__), a[2]): a for a, _ in attributes}
+    return [(*e, named[id(e[0]), e[1]]) for e in swapped if (id(e[0]), e[1]) in named]
+
+
+def _written(
+    held: list[tuple[tuple[str, nn.Module, str, Tensor], int]],
+    copies: _Swapped,
+    fresh: dict[int, int],
+) -> list[tuple[str, nn.Module, str, Tensor]]:
+    """The plain tensor attributes (of ``held``, with their versions before) a forward wrote in
+    place: into the user's (one it could not copy) or into its copy (``copies``, whose versions
+    before are ``fresh``, by id)."""
+    return [a for a, v in held if a[3]._version != v] + [
+        a
+        for *_, mine, a in _by_slot(copies, held)
+        if mine is not None and mine._version != fresh[id(mine)]
+    ]
+
+
+def _changed_keys(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The keys of a module's attributes that hold another object ``now`` than ``before``
+    (created or deleted ones too)."""
+    return [k for k in {*before, *now} if now.get(k, _ABSENT) is not before.get(k, _ABSENT)]
+
+
+def _restore(found: dict[int, dict[str, Any]], model: nn.Module) -> _Swapped:
+    """What :func:`_swap_back` puts back to leave every module's attributes as ``found`` (by
+    the module's id; a key created since removed)."""
+    return [
+        (vars(mod), key, found.get(id(mod), {}).get(key, _ABSENT), None)
+        for mod in model.modules()
+        for key in _changed_keys(found.get(id(mod), {}), vars(mod))
+    ]
 
 
 def _put(where: dict[str, Any], key: str, value: Any) -> None:
@@ -1423,17 +1448,12 @@ class ModelObjective:
         #: check reads them (:meth:`attribute_state`)
         self._attribute_writes: list[tuple[str, nn.Module, str]] = []
         #: the plain tensor attributes the first forward assigned (created, or set to another
-        #: tensor): the cache's check reads them (:meth:`_attributes_assigned`)
+        #: tensor): the cache's check reads them (:meth:`_attributes_changed`)
         self._assigned: list[tuple[str, nn.Module, str]] = []
-        #: those, and the ones it wrote in place that later forwards copy: held by each later
-        #: forward and put back as its pass ends (:func:`_hold`)
+        #: every attribute the first forward wrote in place (into a copy), assigned, created or
+        #: deleted, tensor or not: held by each forward and put back as its pass ends
+        #: (:func:`_hold`), so that the model is left as found
         self._held: list[tuple[str, nn.Module, str]] = []
-        #: per such slot (its dict's id, its key): what it held before the first forward (a
-        #: copy, where that forward wrote it), and the tensor that forward left there (weakly:
-        #: an aux loss's graph is not kept alive once the user's forward replaces it) with its
-        #: version — a later forward starts from the former while the latter is still there
-        #: (:meth:`_from_before_first`)
-        self._first_left: dict[tuple[int, str], tuple[Any, weakref.ref[Tensor], int]] = {}
         #: whether a product's backward writes into the model (a forward recomputed there:
         #: :meth:`recomputation_kept`); None until an operator's first product
         self._recomputation_writes: bool | None = None
@@ -1913,9 +1933,7 @@ class ModelObjective:
         buffers = _buffer_copies(self.model)
         attributes: _Swapped = []
         if not self._passes:  # a recomputed block starts where the forward it repeats did
-            attributes = _hold(self._held, [])
-            self._from_before_first(attributes)
-            attributes += _swap_in(self._attribute_writes)
+            attributes = _hold(self._held, []) + _swap_in(self._attribute_writes)
         put = [(where, key, _at(where, key)) for where, key, _, _ in [*buffers, *attributes]]
         try:
             yield
@@ -1981,7 +1999,6 @@ class ModelObjective:
             return self._first_forward(state, args, kwargs)
         if self._held:  # what a later forward assigns or writes is put back as its pass ends
             held = _hold(self._held, self._passes[-1] if self._passes else [])
-            self._from_before_first(held)
             if not self._passes:  # (a forward outside a pass: put back at once)
                 try:
                     return self._call_copying(state, args, kwargs, copies)
@@ -1989,21 +2006,6 @@ class ModelObjective:
                     _swap_back(held)
             self._passes[-1] += held
         return self._call_copying(state, args, kwargs, copies)
-
-    def _from_before_first(self, held: _Swapped) -> None:
-        """The slots just held set to what they held before the first forward, where they still
-        hold what it left (neither assigned nor written since): every forward of the operator
-        then starts where its first did. A three-batch pass of ``self.scale = 0.5 * self.scale
-        + s`` started its first batch from 1.5 and the others from the first forward's 0.868,
-        14% off the later products, and an uncached operator's first product was 3–5% off its
-        later ones for an attribute written in place (the diff review)."""
-        for where, key, now, _ in held:
-            if (id(where), key) not in self._first_left:
-                continue
-            start, left, version = self._first_left[id(where), key]
-            still = left()  # (gone: the user's own forward replaced it)
-            if still is not None and now is still and still._version == version:
-                _put(where, key, start)
 
     def _call_copying(self, state: dict[str, Any], args: Any, kwargs: Any, copies: bool) -> Any:
         """A later forward (:meth:`_call`), with copies of the plain attributes it writes."""
@@ -2022,51 +2024,39 @@ class ModelObjective:
 
     def _first_forward(self, state: dict[str, Any], args: Any, kwargs: Any) -> Any:
         """An operator's first forward (:meth:`_call`): torch's warnings heard, and what it
-        wrote into the parameters and the plain tensor attributes (their version counters)
-        kept for the later forwards."""
+        wrote into the parameters and changed of the modules' attributes (tensors written in
+        place, into copies, seen by their version counters; anything assigned, created or
+        deleted) kept for the later forwards, and put back as its pass ends
+        (:meth:`_attributes_changed`)."""
         versions = [(k, p, p._version) for k, p in self.model.named_parameters()]
         held = [(a, a[3]._version) for a in tensor_attributes(self.model)]
-        # what every module held before (a statistic created where None was: None put back),
-        # and the plain tensors' values (those the forward writes are where later ones start)
+        # what every module's attributes held before, and copies of its plain tensors: the
+        # first forward writes into those too (its writes stood before, and each operator's,
+        # each Monitor probe's, moved a training run's statistics once more: a review)
         found = {id(mod): dict(vars(mod)) for mod in self.model.modules()}
-        values = {id(t): t.clone() for (_, _, _, t), _ in held}
-        with warnings.catch_warnings(record=True) as said:
-            warnings.simplefilter("always")
-            out = functional_call(self.model, state, args, kwargs or None, tie_weights=False)
+        copies = _swap_in(_copyable([a for a, _ in held], self.model))
+        fresh = {id(mine): mine._version for *_, mine in copies if mine is not None}
+        given = {id(mod): dict(vars(mod)) for mod in self.model.modules()}  # (the copies in)
+        try:
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                out = functional_call(self.model, state, args, kwargs or None, tie_weights=False)
+            if any(REENTRANT_SAID[0] in str(w.message) for w in said):
+                raise RuntimeError(REENTRANT_CHECKPOINT)
+        except BaseException:
+            _swap_back([*copies, *_restore(found, self.model)][::-1])
+            raise
         self._first_call = False
-        if any(REENTRANT_SAID[0] in str(w.message) for w in said):
-            raise RuntimeError(REENTRANT_CHECKPOINT)
         for w in said:  # the model's other warnings, as they were
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         self._written_in_forward([k for k, p, v in versions if p._version != v])
-        self._attributes_changed(held, found, values)
-        if self._attributes and self._passes:  # the rest of its pass writes copies, as later
-            # passes do: a block checkpointed in it recomputed in the backward and wrote the
-            # user's once more (:meth:`recomputation_kept`)
-            self._passes[-1] += _swap_in(self._attributes)
+        self._attributes_changed(_written(held, copies, fresh), [a for a, _ in held], given)
+        put_back = [*copies, *_restore(found, self.model)]
+        if self._passes:  # the loss may read them: put back as the pass ends (the rest of the
+            self._passes[-1] += put_back  # pass, a block recomputed in it, writes the copies)
+        else:
+            _swap_back(put_back[::-1])
         return out
-
-    def _attributes_changed(
-        self,
-        held: list[tuple[tuple[str, nn.Module, str, Tensor], int]],
-        found: dict[int, dict[str, Any]],
-        values: dict[int, Tensor],
-    ) -> None:
-        """What the first forward wrote into the plain tensor attributes ``held`` (each with its
-        version before) or assigned (each module's attributes before: ``found``; the tensors'
-        values: ``values``), kept for the later forwards and the cache."""
-        written = [a for a, v in held if a[3]._version != v]
-        self._attributes_written(written, [a for a, _ in held])
-        copied = {(id(mod), key) for _, mod, key in self._attributes}
-        assigned = [
-            (k, mod, key, t)
-            for k, mod, key, t in tensor_attributes(self.model)
-            if found.get(id(mod), {}).get(key) is not t
-        ]
-        self._attributes_assigned([(k, mod, key) for k, mod, key, _ in assigned])
-        changed = [a for a in written if (id(a[1]), a[2]) in copied] + assigned
-        self._held = [(k, mod, key) for k, mod, key, _ in changed]
-        self._first_left = _starts(changed, found, values, {id(t) for *_, t in written})
 
     def _written_in_forward(self, written: list[str]) -> None:
         """A forward that writes into its parameters in place (a max-norm clamp, weight clipping
@@ -2095,34 +2085,26 @@ class ModelObjective:
         statistic kept as ``self.scale = torch.ones(...)``, no ``register_buffer``) moved the
         user's at every product, and the operator changed between products: two products of
         one vector 24% apart through a loader, eigenvalues "converged" (an outside review).
-        The first forward, which sees it, is let be — its write stands, as does a lazily
-        initialised module's flag beside it (copies up front left such a module flagged and
-        uninitialised, and putting its Python values back broke losses that read them: the
-        diff reviews) — and said; the later forwards write into copies (:func:`_swap_in`), so
-        that products agree. Not an attribute that views another tensor or shares its storage
-        with another attribute, a parameter or a buffer: a copy would part it from what it
-        views (a slot of a table, written, then the table read: the diff review). ``held``:
-        every plain tensor attribute (:func:`tensor_attributes`) as the first forward found
-        them."""
+        Every forward, the first too, writes into copies (:func:`_swap_in`), so that products
+        agree and the user's are left as found (a lazily initialised module's flag beside them
+        is put back with them: :meth:`_attributes_changed`). Not an attribute that views
+        another tensor or shares its storage with another attribute, a parameter or a buffer
+        (:func:`_copyable`): such a one is written, and said. ``held``: every plain tensor
+        attribute (:func:`tensor_attributes`) as the first forward found them."""
         if not written:
             return
         self._attribute_writes = [(k, mod, key) for k, mod, key, _ in written]
-        shared = _storages([t for _, _, _, t in held], self.model)
-        copied = [
-            (k, mod, key)
-            for k, mod, key, t in written
-            if t._base is None and shared.get(storage_of(t), 1) == 1
-        ]
+        copyable = {(id(mod), key) for _, mod, key in _copyable(held, self.model)}
+        copied = [(k, mod, key) for k, mod, key, _ in written if (id(mod), key) in copyable]
         views = [k for k, _, _, _ in written if k not in {n for n, _, _ in copied}]
         self._attributes = copied
         notes = []
         if copied:
             notes.append(
                 f"the model's forward writes in place into {few([k for k, _, _ in copied])}, "
-                "held as plain tensor attributes: curvscope's first forward wrote into yours "
-                "once; its later forwards write into copies, so that products agree. Register "
-                "them with module.register_buffer(...), whose values curvscope passes as "
-                "copies from the first forward on, to keep them as found"
+                "held as plain tensor attributes: curvscope's forwards write into copies, and "
+                "yours are left as found, but its cache sees your own forward move them only "
+                "by their values; register them with module.register_buffer(...)"
             )
         if views:
             notes.append(
@@ -2136,31 +2118,46 @@ class ModelObjective:
             self.notes.append(note)
             warnings.warn(note, AttributeWriteWarning, stacklevel=callers_level())
 
-    def _attributes_assigned(self, assigned: list[tuple[str, nn.Module, str]]) -> None:
-        """A forward that assigns a plain tensor attribute (``self.scale = 0.5 * self.scale +
-        1``, ``self.last = out.detach()``, a statistic created at the first call) moved the
-        user's at every product, each product at another value (2% apart), and the cache did
-        not see the user's own forward move it (products 24–30% off a new operator's: an
-        outside review). The first forward's assignment stands, as a write does
-        (:meth:`_attributes_written`); what the later ones assign is put back as their pass
-        ends (after the loss, which may read it); and the cache's check reads them."""
-        if not assigned:
-            return
-        self._assigned = assigned
-        # written in place by a later forward (a statistic created at the first call, updated
-        # after): into a copy, as an attribute the first forward wrote (not one that views
-        # another tensor: a copy would part them)
-        known = {(id(mod), key) for _, mod, key in self._attributes}
-        self._attributes += [
-            (k, mod, key)
-            for k, mod, key in assigned
-            if (id(mod), key) not in known and mod.__dict__[key]._base is None
+    def _attributes_changed(
+        self,
+        written: list[tuple[str, nn.Module, str, Tensor]],
+        held: list[tuple[str, nn.Module, str, Tensor]],
+        given: dict[int, dict[str, Any]],
+    ) -> None:
+        """What the first forward changed of the modules' attributes, kept: ``written`` in place
+        (:meth:`_attributes_written`), and anything assigned, created or deleted — tensors
+        (``self.scale = 0.5 * self.scale + s``, ``self.last = out.detach()``, a statistic
+        created at the first call) or not (a flag, a count) — against each module's attributes
+        as the forward was given them (``given``, by the module's id). Assigned ones moved the
+        user's at every product, 2% apart, and the cache did not see the user's own forward
+        move them, products 24–30% off a new operator's; the first forward's write stood, so
+        every operator, every Monitor probe, moved a training run's statistics once more (the
+        outside and diff reviews). Each
+        forward now starts from the attributes as found, and every change is put back as its
+        pass ends (after the loss, which may read it); the cache's check reads the tensors."""
+        self._attributes_written(written, held)
+        changed = [
+            (f"{name}.{key}" if name else key, mod, key)
+            for name, mod in self.model.named_modules()
+            for key in _changed_keys(given.get(id(mod), {}), vars(mod))
         ]
-        self.notes.append(
-            f"the model's forward assigns the plain tensor attribute(s) "
-            f"{few([k for k, _, _ in assigned])}: curvscope's first forward's assignment "
-            "stands, as your next forward's would; what its later forwards assign is put back"
-        )
+        tensors = [(k, m, key) for k, m, key in changed if isinstance(vars(m).get(key), Tensor)]
+        self._assigned = tensors
+        self._held = [*changed, *[a for a in self._attributes if a not in changed]]
+        # written in place by a later forward (a statistic created at the first call, updated
+        # after): into a copy (not one that views another tensor: a copy would part them)
+        copied = {(id(m), key) for _, m, key in self._attributes}
+        self._attributes += [
+            (k, m, key)
+            for k, m, key in tensors
+            if (id(m), key) not in copied and vars(m)[key]._base is None
+        ]
+        if changed:
+            self.notes.append(
+                f"the model's forward sets {few([k for k, _, _ in changed])}: curvscope puts "
+                "them back as found after each of its passes (each of its forwards starts "
+                "from them as found)"
+            )
 
     def raw_forward(self, theta: Mapping[str, Tensor], batch: Batch, copies: bool = True) -> Any:
         """Model outputs at parameters ``theta``, unchecked (usable inside torch.func
