@@ -789,3 +789,30 @@ def test_dropout_in_train_mode_is_one_fixed_mask_per_batch():
     v = torch.randn(C.num_params, generator=_gen(2), dtype=DT)
     torch.testing.assert_close(C @ v, C @ v, rtol=0, atol=0)
     cases.assert_unchanged(before, cases.snapshot(model))
+
+
+def test_hooks_a_forward_installs_are_removed_and_the_model_left_as_found():
+    """A Hugging Face model asked for its hidden states installs output-capturing hooks at a
+    forward, beside a flag saying so. curvscope put the flag back (every attribute a forward
+    sets is) but not the hooks, so each of its forwards installed them again: 8 more a product,
+    and the user's next forward returned 23 hidden states for 3 (the diff review). The hooks a
+    forward registers are removed after it: none are left, the user's forward returns its
+    own, and the products agree."""
+    torch.manual_seed(0)
+    model = llama().double().eval()
+    model.config.output_hidden_states = True
+    batches = token_batches(0)
+
+    def hooks() -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    found = hooks()
+    C = cs.Curvature(model, None, batches, cache=False)
+    v = torch.randn(C.num_params, dtype=torch.float64, generator=_gen(1))
+    first = C @ v
+    assert all(torch.equal(C @ v, first) for _ in range(2))
+    cs.diagnose(model, None, batches, lr=1e-2)
+    assert hooks() == found and "_output_capturing_hooks_installed" not in vars(model)
+    with torch.no_grad():
+        out = model(**batches[0])
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
