@@ -2165,9 +2165,9 @@ class ModelObjective:
         user's at every product, 2% apart, and the cache did not see the user's own forward
         move them, products 24–30% off a new operator's; the first forward's write stood, so
         every operator, every Monitor probe, moved a training run's statistics once more (the
-        outside and diff reviews). Each
-        forward now starts from the attributes as found, and every change is put back as its
-        pass ends (after the loss, which may read it); the cache's check reads the tensors."""
+        outside and diff reviews). Each forward now starts from the attributes as found, and
+        every change is put back as its pass ends (after the loss, which may read it); the
+        cache's check reads the tensors."""
         self._attributes_written(written, held)
         changed = [
             (f"{name}.{key}" if name else key, mod, key)
