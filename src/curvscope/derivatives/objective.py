@@ -358,15 +358,32 @@ def _written(
     ]
 
 
+#: a module's dicts of the hooks a forward or its backward runs
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
 def _hook_dicts(mod: nn.Module) -> list[dict[Any, Any]]:
-    """A module's dicts of hooks (``_forward_hooks``, ``_forward_pre_hooks`` and the others)."""
-    return [d for k, d in vars(mod).items() if "hook" in k and isinstance(d, dict)]
+    """A module's dicts of hooks (:data:`_HOOK_DICTS`)."""
+    found = (vars(mod).get(name) for name in _HOOK_DICTS)
+    return [d for d in found if isinstance(d, dict)]
 
 
 def _changed_keys(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """The keys of a module's attributes that hold another object ``now`` than ``before``
     (created or deleted ones too)."""
-    return [k for k in {*before, *now} if now.get(k, _ABSENT) is not before.get(k, _ABSENT)]
+    changed = [k for k, v in now.items() if before.get(k, _ABSENT) is not v]
+    added = sum(1 for k in changed if k not in before)
+    if len(now) - added != len(before):  # some were deleted
+        changed += [k for k in before if k not in now]
+    return changed
 
 
 def _restore(found: dict[int, dict[str, Any]], model: nn.Module) -> _Swapped:
@@ -2069,7 +2086,9 @@ class ModelObjective:
         found = {id(mod): dict(vars(mod)) for mod in self.model.modules()}
         copies = _swap_in(_copyable([a for a, _ in held], self.model))
         fresh = {id(mine): mine._version for *_, mine in copies if mine is not None}
-        given = {id(mod): dict(vars(mod)) for mod in self.model.modules()}  # (the copies in)
+        given = dict(found)  # (with the copies in)
+        for mod in {id(a[1]): a[1] for a, _ in held}.values():
+            given[id(mod)] = dict(vars(mod))
         try:
             with warnings.catch_warnings(record=True) as said:
                 warnings.simplefilter("always")
