@@ -334,28 +334,16 @@ def _copyable(
     ]
 
 
-def _by_slot(
-    swapped: _Swapped, attributes: list[tuple[tuple[str, nn.Module, str, Tensor], int]]
-) -> list[tuple[dict[str, Any], str, Any, Tensor | None, tuple[str, nn.Module, str, Tensor]]]:
-    """Each entry of ``swapped`` with the attribute (of ``attributes``, with versions) whose
-    slot it is."""
-    named = {(id(a[1].__dict__), a[2]): a for a, _ in attributes}
-    return [(*e, named[id(e[0]), e[1]]) for e in swapped if (id(e[0]), e[1]) in named]
-
-
 def _written(
-    held: list[tuple[tuple[str, nn.Module, str, Tensor], int]],
-    copies: _Swapped,
-    fresh: dict[int, int],
+    held: list[tuple[tuple[str, nn.Module, str, Tensor], int]], copies: _Swapped
 ) -> list[tuple[str, nn.Module, str, Tensor]]:
     """The plain tensor attributes (of ``held``, with their versions before) a forward wrote in
-    place: into the user's (one it could not copy) or into its copy (``copies``, whose versions
-    before are ``fresh``, by id)."""
-    return [a for a, v in held if a[3]._version != v] + [
-        a
-        for *_, mine, a in _by_slot(copies, held)
-        if mine is not None and mine._version != fresh[id(mine)]
-    ]
+    place: into the user's (one it could not copy), or into its copy (of ``copies``: a fresh
+    clone's version is 0)."""
+    into = {
+        (id(where), key) for where, key, _, mine in copies if mine is not None and mine._version
+    }
+    return [a for a, v in held if a[3]._version != v or (id(vars(a[1])), a[2]) in into]
 
 
 #: a module's dicts of the hooks a forward or its backward runs
@@ -1466,12 +1454,10 @@ class ModelObjective:
         #: the tensors held as plain attributes that a forward writes into in place, copies
         #: during its forwards (:meth:`_attributes_written`): (name, module, attribute)
         self._attributes: list[tuple[str, nn.Module, str]] = []
-        #: every plain tensor attribute a forward writes in place, copied or not: the cache's
-        #: check reads them (:meth:`attribute_state`)
+        #: every plain tensor attribute a forward writes in place, copied or not, or assigns
+        #: (:meth:`_attributes_changed`): the cache's check reads them (:meth:`attribute_state`),
+        #: and a block recomputed in a backward gets copies of them
         self._attribute_writes: list[tuple[str, nn.Module, str]] = []
-        #: the plain tensor attributes the first forward assigned (created, or set to another
-        #: tensor): the cache's check reads them (:meth:`_attributes_changed`)
-        self._assigned: list[tuple[str, nn.Module, str]] = []
         #: every attribute the first forward wrote in place (into a copy), assigned, created or
         #: deleted, tensor or not: held by each forward and put back as its pass ends
         #: (:func:`_hold`), so that the model is left as found
@@ -1554,12 +1540,12 @@ class ModelObjective:
         return tuple(flags), tensors
 
     def attribute_state(self) -> list[tuple[str, Tensor]]:
-        """The plain tensor attributes a forward writes in place (:meth:`_attributes_written`),
-        by name: a cached graph saved them, and the user's own forward that moved one made the
-        next product fail with torch's bare "modified by an inplace operation", or read the
-        stale graph (an outside review). The cache reads them as the graphs' pass left them."""
-        slots = [*self._attribute_writes, *self._assigned]
-        found = [(k, mod.__dict__.get(key)) for k, mod, key in slots]
+        """The plain tensor attributes a forward writes in place or assigns
+        (:attr:`_attribute_writes`), by name: a cached graph saved them, and the user's own
+        forward that moved one made the next product fail with torch's bare "modified by an
+        inplace operation", or read the stale graph (an outside review). The cache reads them as
+        the graphs' pass left them."""
+        found = [(k, mod.__dict__.get(key)) for k, mod, key in self._attribute_writes]
         return [(k, t) for k, t in found if isinstance(t, Tensor)]
 
     # ----------------------------------------------------------------------------- data
@@ -2085,7 +2071,6 @@ class ModelObjective:
         # each Monitor probe's, moved a training run's statistics once more: a review)
         found = {id(mod): dict(vars(mod)) for mod in self.model.modules()}
         copies = _swap_in(_copyable([a for a, _ in held], self.model))
-        fresh = {id(mine): mine._version for *_, mine in copies if mine is not None}
         given = dict(found)  # (with the copies in)
         for mod in {id(a[1]): a[1] for a, _ in held}.values():
             given[id(mod)] = dict(vars(mod))
@@ -2102,7 +2087,7 @@ class ModelObjective:
         for w in said:  # the model's other warnings, as they were
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         self._written_in_forward([k for k, p, v in versions if p._version != v])
-        self._attributes_changed(_written(held, copies, fresh), [a for a, _ in held], given)
+        self._attributes_changed(_written(held, copies), [a for a, _ in held], given)
         put_back = [*copies, *_restore(found, self.model)]
         if self._passes:  # the loss may read them: put back as the pass ends (the rest of the
             self._passes[-1] += put_back  # pass, a block recomputed in it, writes the copies)
@@ -2193,17 +2178,18 @@ class ModelObjective:
             for name, mod in self.model.named_modules()
             for key in _changed_keys(given.get(id(mod), {}), vars(mod))
         ]
-        tensors = [(k, m, key) for k, m, key in changed if isinstance(vars(m).get(key), Tensor)]
-        self._assigned = tensors
         self._held = [*changed, *[a for a in self._attributes if a not in changed]]
-        # written in place by a later forward (a statistic created at the first call, updated
-        # after): into a copy (not one that views another tensor: a copy would part them)
-        copied = {(id(m), key) for _, m, key in self._attributes}
-        self._attributes += [
+        # an assigned tensor, read by the cache; written in place by a later forward (a
+        # statistic created at the first call, updated after): into a copy (not one that views
+        # another tensor: a copy would part them)
+        known = {(id(m), key) for _, m, key in self._attribute_writes}
+        assigned = [
             (k, m, key)
-            for k, m, key in tensors
-            if (id(m), key) not in copied and vars(m)[key]._base is None
+            for k, m, key in changed
+            if isinstance(vars(m).get(key), Tensor) and (id(m), key) not in known
         ]
+        self._attribute_writes += assigned
+        self._attributes += [(k, m, key) for k, m, key in assigned if vars(m)[key]._base is None]
         if changed:
             self.notes.append(
                 f"the model's forward sets {few([k for k, _, _ in changed])}: curvscope puts "
@@ -2354,10 +2340,9 @@ class ModelObjective:
     def _check_own_loss(self, batch: Batch) -> None:
         """With loss_fn=None: the adapted loss must be ``model(**batch).loss`` — both from one
         forward with the labels, without gradients (the model's config, which its first loss
-        writes to, left as found). Not the products' loss: the operator's first forward writes
-        a plain tensor attribute in place (the first of a running statistic kept as
-        ``self.scale``), so that a forward after it starts elsewhere, and such a model was
-        refused as "a loss of its own" (an outside review)."""
+        writes to, left as found): one forward, not a second one beside the products' (a model
+        whose forward moved a plain tensor attribute was refused as "a loss of its own" when the
+        two started from different values: an outside review)."""
         assert self.adapter is not None
         theta = {k: p.detach() for k, p in self.params.items()}
         with self.context(batch.index), torch.no_grad(), self.adapter.config_kept():

@@ -586,51 +586,13 @@ def _diagnose(
         return _finish(evidence, thresholds, {}, not kink, start, C)  # (‖x‖ at 0) reads so
     if train_batches is not None:
         evidence.update(
-            _batch_evidence(
+            _batch_sharpness(
                 C, model, loss_fn, train_batches, max_batches, limit, params, seed, products
             )
         )
     if limit is not None:
         evidence["stable_lr"] = _stable_lr(limit, evidence)
     return _finish(evidence, thresholds, vectors, converged, start, C)
-
-
-def _batch_evidence(
-    C: Curvature,
-    model: nn.Module,
-    loss_fn: Callable[[Any, Tensor], Tensor],
-    train_batches: Iterable[Any],
-    max_batches: int,
-    limit: StabilityLimit | None,
-    params: Iterable[nn.Parameter | str] | None,
-    seed: int,
-    products: _Products,
-) -> dict[str, Any]:
-    """The batch sharpness's evidence (:func:`_batch_sharpness`), and for a summed loss the
-    share of it a training step sums over, ``step_share``: a step of B samples on a summed loss
-    meets B/N of the sum's curvature over N."""
-    assert C.objective is not None  # C is built from a model
-    reduction = C.objective.reduction
-    try:
-        bs, se, used, size = _batch_sharpness(
-            model,
-            loss_fn,
-            train_batches,
-            max_batches,
-            limit,
-            params,
-            seed,
-            reduction,
-            products,
-            C.group,
-            C.device,
-        )
-    except FloatingPointError:  # a training batch's loss or curvature overflowed
-        bs, se, used, size = math.nan, math.inf, 1, None
-    ev: dict[str, Any] = {"batch_sharpness": bs, "batch_sharpness_stderr": se, "batches": used}
-    if reduction == "sum" and size is not None and C.num_samples:
-        ev["step_share"] = size / C.num_samples
-    return ev
 
 
 def _stable_lr(limit: StabilityLimit, evidence: Mapping[str, Any]) -> float:
@@ -1050,6 +1012,7 @@ def _autocast_suspended(model: nn.Module) -> contextlib.AbstractContextManager[N
 
 
 def _batch_sharpness(
+    C: Curvature,
     model: nn.Module,
     loss_fn: Callable[[Any, Tensor], Tensor],
     batches: Iterable[Any],
@@ -1057,43 +1020,49 @@ def _batch_sharpness(
     limit: StabilityLimit | None,
     params: Iterable[nn.Parameter | str] | None,
     seed: int,
-    reduction: str,
     products: _Products,
-    group: Any = None,
-    device: torch.device | None = None,
-) -> tuple[float | None, float | None, int, float | None]:
-    """(the batch sharpness, its standard error, the batches it was measured on, the largest
-    one's samples: what a summed loss's step adds — the largest, not their mean: an uneven last
-    batch moved a mean with the batches read, 6% between two learning rates, a review).
+) -> dict[str, Any]:
+    """The evidence of the batch sharpness on the training ``batches`` (beside ``C``, the
+    operator on the probe data): its value, its standard error and the batches it was measured
+    on — and for a summed loss ``step_share``, B/N: a step of B samples meets B/N of the sum's
+    curvature over N, B the largest batch (not their mean: an uneven last batch moved a mean
+    with the batches read, 6% between two learning rates, a review).
 
     The sample is sized from its own standard error: at least :data:`MIN_BATCHES` batches,
     then more until the standard error is at most :data:`BATCH_SHARPNESS_SE` of the stability
     limit (of the mean itself without one), or ``max_batches`` are used."""
+    assert C.objective is not None  # C is built from a model
+    reduction = C.objective.reduction
     values: list[float] = []
     sizes: list[float] = []
     # the user's RNGs untouched; under a process group each batch is measured by all ranks
-    steps = in_step(fixed_pass(batches, seed), group, device, "train_batches")
-    read = 0
-    for i, batch in enumerate(steps):
-        if i >= max_batches or _precise_enough(values, limit):
-            break
-        read += 1
-        Cb = _curvature(model, loss_fn, batch, params, seed + i, reduction, products)
-        sizes.append(Cb.num_samples or 0.0)
-        batch_objective = _Objective(Cb, limit, products.space(Cb))
-        _, _, gb = batch_objective.gradient()
-        c, _ = batch_objective.directional(gb)
-        if c is not None:
-            values.append(c)
-    if read == 0:  # an empty source: the verdict would lose the batch sharpness silently
+    steps = in_step(fixed_pass(batches, seed), C.group, C.device, "train_batches")
+    try:
+        for i, batch in enumerate(steps):
+            if i >= max_batches or _precise_enough(values, limit):
+                break
+            Cb = _curvature(model, loss_fn, batch, params, seed + i, reduction, products)
+            sizes.append(Cb.num_samples or 0.0)
+            batch_objective = _Objective(Cb, limit, products.space(Cb))
+            _, _, gb = batch_objective.gradient()
+            c, _ = batch_objective.directional(gb)
+            if c is not None:
+                values.append(c)
+    except FloatingPointError:  # a training batch's loss or curvature overflowed
+        return {"batch_sharpness": math.nan, "batch_sharpness_stderr": math.inf, "batches": 1}
+    if not sizes:  # an empty source: the verdict would lose the batch sharpness silently
         raise ValueError(
             "train_batches yielded no batch: pass (inputs, targets) batches like those the "
             "optimizer steps on (a DataLoader, or a list of a few of its batches), or leave it out"
         )
-    size = max(sizes)
-    if not values:
-        return None, None, 0, size
-    return statistics.fmean(values), _stderr(values), len(values), size
+    ev: dict[str, Any] = {
+        "batch_sharpness": statistics.fmean(values) if values else None,
+        "batch_sharpness_stderr": _stderr(values) if values else None,
+        "batches": len(values),
+    }
+    if reduction == "sum" and C.num_samples:
+        ev["step_share"] = max(sizes) / C.num_samples
+    return ev
 
 
 def _stderr(values: list[float]) -> float:
