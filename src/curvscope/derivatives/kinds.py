@@ -187,9 +187,10 @@ def batch_loss_and_grads(
         with obj.context(batch.index):
             loss = obj.loss(obj.forward(theta, batch), batch)
             seed = obj.watch(loss) if create_graph else None
-            raw = torch.autograd.grad(
-                loss, leaves, seed, create_graph=create_graph, allow_unused=True
-            )
+            with obj.backward_in_pass():
+                raw = torch.autograd.grad(
+                    loss, leaves, seed, create_graph=create_graph, allow_unused=True
+                )
     except RuntimeError as e:  # checkpointing that recomputes with the left-out parameters
         if not obj.recompute_found(e):
             raise
@@ -353,7 +354,8 @@ def prepare_ggn(obj: ModelObjective, batch: Batch) -> PreparedProduct:
         loss = obj.loss(out_leaf, batch)
         # the model's backward is seeded by the Jacobian's u, which requires grad; the loss's
         seed = obj.watch(out, loss)
-        product = ggn_product(out, list(theta.values()), loss, at=out_leaf, seed=seed)
+        with obj.backward_in_pass():
+            product = ggn_product(out, list(theta.values()), loss, at=out_leaf, seed=seed)
         # until a batch whose loss curves in the outputs; refused when none does. Under a
         # process group one rank's data is not the data's (its saturated outputs alone refused
         # a GGN of norm 0.51: a review): the ranks decide together at the product's sum
@@ -524,7 +526,8 @@ def prepare_fisher(
         out = obj.forward(theta, batch, tensor=True)
         obj.loss(out.detach().requires_grad_(True), batch)  # the checks every kind makes
         rows = likelihood.as_terms(out)
-        jac = _Jacobian(rows, list(theta.values()))
+        with obj.backward_in_pass():
+            jac = _Jacobian(rows, list(theta.values()))
     counted = likelihood.counted(obj.loss_fn, rows, batch.targets)
     gen = generator(seed, out.device, FISHER_LABELS, batch.index)
     with torch.no_grad():
@@ -617,13 +620,15 @@ def prepare_empirical_fisher(obj: ModelObjective, batch: Batch) -> _OuterProduct
                 obj.refuse(_check_terms, whole, losses, obj.reduction, batch.index)
                 if obj.refusal is None:  # passed: a refused batch is checked again next time
                     obj.terms_checked.add(batch.index)
-            jac = _Jacobian(losses, leaves)
+            with obj.backward_in_pass():
+                jac = _Jacobian(losses, leaves)
             ones = torch.ones(1, *losses.shape, dtype=out.dtype, device=out.device)
             return _OuterProduct(jac, ones, 1.0 / mean_divisor(obj.reduction, losses.shape[0]))
         out_leaf = out.detach().requires_grad_(True)
         (d_out,) = torch.autograd.grad(obj.loss(out_leaf, batch), out_leaf)
         rows = lik.as_terms(out)
-        jac = _Jacobian(rows, leaves)
+        with obj.backward_in_pass():
+            jac = _Jacobian(rows, leaves)
     counted = lik.counted(obj.loss_fn, rows, batch.targets)
     # ∂L/∂row_t = g_t / T: the outer products of these, times T, are (1/T) Σ_t g_t g_tᵀ
     return _OuterProduct(jac, lik.as_terms(d_out)[None], mean_divisor(obj.reduction, counted))

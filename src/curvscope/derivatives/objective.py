@@ -49,7 +49,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parametrize
 
 from curvscope.derivatives import rng
-from curvscope.derivatives.checks import all_finite, callers_level, check_scalar_loss, check_seed
+from curvscope.derivatives.checks import (
+    PACKAGE,
+    all_finite,
+    callers_level,
+    check_scalar_loss,
+    check_seed,
+)
 from curvscope.derivatives.flat import flatten, map_tensors, tensors, unflatten
 from curvscope.derivatives.huggingface import HuggingFaceLoss
 from curvscope.derivatives.rng import kept_rngs, rng_states, seed_rngs, set_rng_states
@@ -297,27 +303,47 @@ def tensor_attributes(model: nn.Module) -> list[tuple[str, nn.Module, str, Tenso
 
 #: tensors swapped for copies: (the dict holding it — a module's ``__dict__`` for a plain
 #: attribute, its ``_buffers`` for a buffer —, the key, the original, the copy); or slots held
-#: (:func:`_hold`): the copy None, the original :data:`_ABSENT` where there was none
+#: (:func:`_as_found`): the copy None, the original :data:`_ABSENT` where there was none
 _Swapped = list[tuple[dict[str, Any], str, Any, "Tensor | None"]]
 
-#: a slot that held nothing (:func:`_hold`)
+#: a slot that held nothing (:func:`_as_found`)
 _ABSENT = object()
 
 
-def _hold(slots: Sequence[tuple[str, nn.Module, str]], held: _Swapped) -> _Swapped:
-    """The modules' attributes ``slots`` (name, module, attribute) as they are, for
-    :func:`_swap_back` to put back whatever a forward assigns them; a slot already in ``held``
-    (a second forward in one pass) set back to what it held there, so that each forward starts
-    from the same value."""
-    before = {(id(where), key): t for where, key, t, mine in held if mine is None}
-    fresh: _Swapped = []
+def _as_found(slots: Sequence[tuple[str, nn.Module, str]], swapped: _Swapped) -> _Swapped:
+    """The modules' attributes ``slots`` (name, module, attribute) set back to what they held
+    before the first of ``swapped`` (a pass's: :meth:`ModelObjective._call`) that replaced
+    them — the user's, which its forwards never write — and left as they are where none did.
+    Returns what :func:`_swap_back` puts back: each as it is now."""
+    first: dict[tuple[int, str], Any] = {}
+    for where, key, t, _ in swapped:
+        first.setdefault((id(where), key), t)
+    back: _Swapped = []
     for _, mod, key in slots:
         where = mod.__dict__
-        if (id(where), key) in before:
-            _put(where, key, before[id(where), key])
-        else:
-            fresh.append((where, key, where.get(key, _ABSENT), None))
-    return fresh
+        back.append((where, key, where.get(key, _ABSENT), None))
+        if (id(where), key) in first:
+            _put(where, key, first.pop((id(where), key)))
+    return back
+
+
+def _placed(swapped: _Swapped) -> list[tuple[dict[str, Any], str, Any]]:
+    """What the slots of ``swapped`` hold now, for :func:`_moved`."""
+    return [(where, key, _at(where, key)) for where, key, _, _ in swapped]
+
+
+def _moved(
+    placed: list[tuple[dict[str, Any], str, Any]], swapped: _Swapped
+) -> set[tuple[int, str]]:
+    """The slots (their dict's id, the key) something was assigned into since ``placed``
+    (:func:`_placed`), or whose copy in ``swapped`` was written (compared by value: a
+    BatchNorm's kernel writes its statistics without bumping their version counters)."""
+    moved = {(id(where), key) for where, key, there in placed if _at(where, key) is not there}
+    return moved | {
+        (id(where), key)
+        for where, key, t, mine in swapped
+        if mine is not None and not torch.equal(t, mine)
+    }
 
 
 def _copyable(
@@ -1460,13 +1486,16 @@ class ModelObjective:
         self._attribute_writes: list[tuple[str, nn.Module, str]] = []
         #: every attribute the first forward wrote in place (into a copy), assigned, created or
         #: deleted, tensor or not: held by each forward and put back as its pass ends
-        #: (:func:`_hold`), so that the model is left as found
+        #: (:func:`_as_found`), so that the model is left as found
         self._held: list[tuple[str, nn.Module, str]] = []
         #: the modules' hook dicts the first forward registered hooks in (:meth:`_forward`)
         self._hooks_changed: list[dict[Any, Any]] = []
         #: whether a product's backward writes into the model (a forward recomputed there:
         #: :meth:`recomputation_kept`); None until an operator's first product
         self._recomputation_writes: bool | None = None
+        #: whether a block recomputed in a pass's backward set the attributes again, said
+        #: (:meth:`backward_in_pass`)
+        self._recomputation_said = False
         #: per :meth:`context` entered, the attributes swapped for copies during it, put back
         #: as it ends (a loss that reads an attribute the forward wrote read the user's, the
         #: previous batch's, when they were put back as the forward returned: 3.7% off, the
@@ -1941,25 +1970,68 @@ class ModelObjective:
         """:meth:`recomputation_kept`'s copies, swapped in and put back (learning, with
         ``learn``, whether the block wrote)."""
         buffers = _buffer_copies(self.model)
-        attributes: _Swapped = []
-        if not self._passes:  # a recomputed block starts where the forward it repeats did
-            attributes = _hold(self._held, []) + _swap_in(self._attribute_writes)
-        put = [(where, key, _at(where, key)) for where, key, _, _ in [*buffers, *attributes]]
+        # (in a pass, its forwards' attributes: :meth:`backward_in_pass`, after its loss)
+        attributes = [] if self._passes else self._as_the_forward_began()
+        placed = _placed([*buffers, *attributes])
         try:
             yield
         finally:
             if learn and self._recomputation_writes is None:  # (a host read a tensor on a GPU)
-                self._recomputation_writes = any(
-                    _at(where, key) is not there for where, key, there in put
-                ) or any(
-                    not torch.equal(t, mine)
-                    for _, _, t, mine in [*buffers, *attributes]
-                    if mine is not None
-                )
+                self._recomputation_writes = bool(_moved(placed, [*buffers, *attributes]))
             # the user's buffers, whatever a recomputation assigned (every forward of
             # curvscope's gets copies of them)
             _swap_back(buffers, kept=False)
             _swap_back(attributes[::-1])
+
+    def backward_in_pass(self) -> contextlib.AbstractContextManager[None]:
+        """Around a backward through the model inside a pass, after its loss: the attributes its
+        forward changed set back as the forward began, and as the forward left them after. A
+        block that activation checkpointing recomputes there reads the model's own attributes,
+        and read what the forward had written or assigned (a running scale written, then read):
+        its gradients and products were 20–27% off the uncheckpointed model's, which the cached
+        products' backward passes outside a pass (:meth:`recomputation_kept`) already were not.
+        Nothing for a model whose forward changes none."""
+        if not self._passes or not (self._held or self._attribute_writes):
+            return nullcontext()
+        return self._began()
+
+    @contextlib.contextmanager
+    def _began(self) -> Iterator[None]:
+        """:meth:`backward_in_pass`'s swap, and once an operator what the recomputation did."""
+        swapped = self._as_the_forward_began()
+        placed = None if self._recomputation_said else _placed(swapped)
+        try:
+            yield
+        finally:
+            if placed is not None and (moved := _moved(placed, swapped)):
+                self._recomputation_said = True
+                self._say_recomputed(moved)
+            _swap_back(swapped[::-1])
+
+    def _say_recomputed(self, moved: set[tuple[int, str]]) -> None:
+        """The note that a checkpointed block sets the attributes ``moved`` (:func:`_moved`)
+        when it is recomputed: torch's own backward recomputes it from what the forward left."""
+        slots = [*self._held, *self._attribute_writes]
+        names = list(dict.fromkeys(k for k, m, key in slots if (id(vars(m)), key) in moved))
+        note = (
+            f"a block that activation checkpointing recomputes in the backward sets "
+            f"{few(names)} again: curvscope recomputes it from the values its forward started "
+            "from, so its numbers are the uncheckpointed model's; torch's own backward (your "
+            "training's) recomputes it from the values the forward left, so if the block reads "
+            "them after setting them its gradients are not the loss's. Keep such state out of "
+            "the checkpointed block"
+        )
+        self.notes.append(note)
+        # (said as a context manager is left: contextlib's frame is not the caller's)
+        level = callers_level((PACKAGE, contextlib.__file__))
+        warnings.warn(note, AttributeWriteWarning, stacklevel=level)
+
+    def _as_the_forward_began(self) -> _Swapped:
+        """The attributes a forward changes (:meth:`_attributes_changed`) as it began: the
+        user's, and copies of those it writes in place, for a recomputed block to write;
+        returns what :func:`_swap_back` puts back."""
+        began = _as_found(self._held, self._passes[-1] if self._passes else [])
+        return began + _swap_in(self._attribute_writes)
 
     def graphs_built(self) -> None:
         """New graphs (a pass): whether their backward writes into the model is learned anew
@@ -2008,7 +2080,7 @@ class ModelObjective:
         if self._first_call:
             return self._first_forward(state, args, kwargs)
         if self._held:  # what a later forward assigns or writes is put back as its pass ends
-            held = _hold(self._held, self._passes[-1] if self._passes else [])
+            held = _as_found(self._held, self._passes[-1] if self._passes else [])
             if not self._passes:  # (a forward outside a pass: put back at once)
                 try:
                     return self._call_copying(state, args, kwargs, copies)
