@@ -136,15 +136,17 @@ def test_a_model_that_writes_its_inputs_in_place_is_named():
 
 
 class _Scaled(nn.Module):
-    """A linear layer whose output is multiplied by a buffer."""
+    """A linear layer whose output is multiplied by a buffer and divided by a temperature held
+    as a plain float."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(4, 3).double()
         self.register_buffer("scale", torch.ones(3, dtype=DT))
+        self.temperature = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x) * self.scale
+        return self.lin(x) * self.scale / self.temperature
 
 
 class _SharedTwice(nn.Module):
@@ -173,13 +175,26 @@ def _shared_scale(model: nn.Module) -> None:  # a buffer changed through a secon
         (lambda m: m.first.lin.register_parameter("bias", None), True),
         (_shared_scale, True),
         (lambda m: setattr(m.first.lin, "weight", nn.Parameter(m.first.lin.weight * 1)), False),
+        (lambda m: setattr(m.again, "temperature", 0.5), True),
+        (lambda m: setattr(m.first, "temperature", float("1.0")), False),
     ],
-    ids=["nothing", "requires_grad", "train_flag", "new_buffer", "removed_bias", "shared", "same"],
+    ids=[
+        "nothing",
+        "requires_grad",
+        "train_flag",
+        "new_buffer",
+        "removed_bias",
+        "shared",
+        "same",
+        "temperature",
+        "same_temperature",
+    ],
 )
 def test_the_cache_check_sees_every_change_of_the_models_state(change, rebuilt):
     """The check walks every module under every name (a shared module is two names) and
     compares flags, names, layouts and values: a change anywhere rebuilds, an equal
-    replacement does not."""
+    replacement does not. A plain value too: a temperature lowered between two products of
+    a kept operator gave the first's product, 73% off (a review)."""
     model = _SharedTwice()
     g = torch.Generator().manual_seed(0)
     data = (torch.randn(8, 4, generator=g, dtype=DT), torch.randn(8, 3, generator=g, dtype=DT))

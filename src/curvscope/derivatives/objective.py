@@ -346,6 +346,21 @@ def _moved(
     }
 
 
+#: the types of the plain values a module's forward may read, whose change the cache sees
+_PLAIN = frozenset({bool, int, float, complex, str, type(None), torch.dtype, torch.device})
+
+
+def _plain_values(mod: nn.Module) -> list[Any]:
+    """A module's attributes that hold plain values (:data:`_PLAIN`, and tuples of them: a
+    kernel size), in order: what :meth:`ModelObjective.model_state` compares. Not what an
+    object an attribute holds keeps (a Hugging Face config's fields)."""
+    return [
+        v
+        for v in vars(mod).values()
+        if type(v) in _PLAIN or (type(v) is tuple and all(type(x) in _PLAIN for x in v))
+    ]
+
+
 def _copyable(
     attributes: list[tuple[str, nn.Module, str, Tensor]], model: nn.Module
 ) -> list[tuple[str, nn.Module, str]]:
@@ -1551,16 +1566,19 @@ class ModelObjective:
             current[name] = p
         return current
 
-    def model_state(self) -> tuple[tuple[bool, ...], list[tuple[str, Tensor]]]:
+    def model_state(self) -> tuple[tuple[Any, ...], list[tuple[str, Tensor]]]:
         """What the cache checks before every product, from one walk over the modules: the flags
-        (each module's ``training``, each parameter's ``requires_grad``) and every tensor a
+        (each module's plain values — ``training``, a temperature, a flag, a stride: what
+        :func:`_plain_values` reads —, each parameter's ``requires_grad``) and every tensor a
         forward pass reads from the model — all parameters and buffers — by name (the plain
-        tensor attributes it writes: :meth:`attribute_state`)."""
-        flags: list[bool] = []
+        tensor attributes it writes: :meth:`attribute_state`). A temperature the user lowered
+        between two products of a kept operator was not seen: the second product was the
+        first's, 73% off a new operator's (a review)."""
+        flags: list[Any] = []
         tensors: list[tuple[str, Tensor]] = []
         for mod_name, mod in self.model.named_modules():
             prefix = f"{mod_name}." if mod_name else ""
-            flags.append(mod.training)
+            flags += _plain_values(mod)
             for k, p in mod._parameters.items():
                 if p is not None:
                     flags.append(p.requires_grad)
