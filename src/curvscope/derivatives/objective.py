@@ -1570,13 +1570,14 @@ class ModelObjective:
         """What the cache checks before every product, from one walk over the modules: the flags
         (each module's plain values — ``training``, a temperature, a flag, a stride: what
         :func:`_plain_values` reads —, each parameter's ``requires_grad``) and every tensor a
-        forward pass reads from the model — all parameters and buffers — by name (the plain
+        forward pass reads from the model and a loss module (:meth:`_modules_read`) — all
+        parameters and buffers — by name (the plain
         tensor attributes it writes: :meth:`attribute_state`). A temperature the user lowered
         between two products of a kept operator was not seen: the second product was the
         first's, 73% off a new operator's (a review)."""
         flags: list[Any] = []
         tensors: list[tuple[str, Tensor]] = []
-        for mod_name, mod in self.model.named_modules():
+        for mod_name, mod in self._modules_read():
             prefix = f"{mod_name}." if mod_name else ""
             flags += _plain_values(mod)
             for k, p in mod._parameters.items():
@@ -1585,6 +1586,15 @@ class ModelObjective:
                     tensors.append((prefix + k, p))
             tensors += [(prefix + k, b) for k, b in mod._buffers.items() if b is not None]
         return tuple(flags), tensors
+
+    def _modules_read(self) -> Iterator[tuple[str, nn.Module]]:
+        """The model's modules by name, and a loss that is a module's (``loss_fn.…``): its
+        class weights, assigned anew between two products of a kept operator, were not seen
+        (the first product again, 35% off), and written in place failed with torch's bare
+        "modified by an inplace operation" (a review)."""
+        yield from self.model.named_modules()
+        if isinstance(self.loss_fn, nn.Module):
+            yield from self.loss_fn.named_modules(prefix="loss_fn")
 
     def attribute_state(self) -> list[tuple[str, Tensor]]:
         """The plain tensor attributes a forward writes in place or assigns
