@@ -199,7 +199,7 @@ class _ModelSource:
         prepare = self._forward if forward and self._forward is not None else self._prepare
         self.obj.graphs_built()
         for batch in self.obj.batches():
-            product = prepare(self.obj, batch)
+            product = self.obj.rerun_on_recompute(prepare, self.obj, batch)
             yield self.weight(batch), product
 
 

@@ -29,7 +29,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
 
@@ -95,15 +96,22 @@ def _no_second_derivative(e: Exception) -> Exception:
     )
 
 
+#: what each backward pass through a forward's graph runs inside (the model's attributes as
+#: that forward left them: :meth:`ModelObjective.backward_state`)
+Backward = Callable[[], AbstractContextManager[object]]
+
+
 def _grad(
     outputs: Sequence[Tensor],
     inputs: Sequence[Tensor],
     grad_outputs: Sequence[Tensor],
     create_graph: bool = False,
+    each: Backward = nullcontext,
 ) -> list[Tensor]:
     """Σ_i (∂outputs_i/∂inputs)ᵀ grad_outputs_i, with zeros for inputs that take no part.
 
-    ``grad_outputs`` carry a leading batch dimension k; the k backward passes reuse the graph.
+    ``grad_outputs`` carry a leading batch dimension k; the k backward passes reuse the graph,
+    each inside ``each()``.
     """
     pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if o.requires_grad]
     k = grad_outputs[0].shape[0]
@@ -113,14 +121,15 @@ def _grad(
 
     def column(j: int) -> list[Tensor]:
         try:
-            g = torch.autograd.grad(
-                outs,
-                inputs,
-                [go[j] for go in gos],
-                retain_graph=True,
-                create_graph=create_graph,
-                allow_unused=True,
-            )
+            with each():
+                g = torch.autograd.grad(
+                    outs,
+                    inputs,
+                    [go[j] for go in gos],
+                    retain_graph=True,
+                    create_graph=create_graph,
+                    allow_unused=True,
+                )
         except (NotImplementedError, RuntimeError) as e:
             said = _no_second_derivative(e)
             if said is e:
@@ -139,20 +148,20 @@ class _Jacobian:
     Jᵀu is linear in u, so Jv = ∂(Jᵀu)ᵀv/∂u: one backward through a graph kept once.
     """
 
-    def __init__(self, y: Tensor, leaves: Sequence[Tensor]) -> None:
-        self.y, self.leaves = y, list(leaves)
+    def __init__(self, y: Tensor, leaves: Sequence[Tensor], each: Backward = nullcontext) -> None:
+        self.y, self.leaves, self.each = y, list(leaves), each
         self.u = torch.zeros_like(y, requires_grad=True)
-        self.jt_u = _grad([y], self.leaves, [self.u[None]], create_graph=True)
+        self.jt_u = _grad([y], self.leaves, [self.u[None]], create_graph=True, each=each)
         self.jt_u = [t[0] for t in self.jt_u]
 
     def jvp(self, blocks: Sequence[Tensor]) -> Tensor:
         """(k, *y.shape)."""
-        (out,) = _grad(self.jt_u, [self.u], blocks)
+        (out,) = _grad(self.jt_u, [self.u], blocks, each=self.each)
         return out
 
     def vjp(self, w: Tensor) -> list[Tensor]:
         """w of shape (k, *y.shape) -> blocks (k, *param.shape)."""
-        return _grad([self.y], self.leaves, [w])
+        return _grad([self.y], self.leaves, [w], each=self.each)
 
 
 @dataclass
@@ -164,9 +173,10 @@ class HessianProduct:
     leaves: list[Tensor]
     grads: list[Tensor]  # ∇L of this batch, with its graph
     loss: float = float("nan")  # L of this batch
+    each: Backward = field(default=nullcontext)  # (a model's batch: its forward's attributes)
 
     def apply(self, blocks: Sequence[Tensor]) -> list[Tensor]:
-        return _grad(self.grads, self.leaves, blocks)
+        return _grad(self.grads, self.leaves, blocks, each=self.each)
 
 
 def hessian_product(leaves: Sequence[Tensor], grads: Sequence[Tensor]) -> HessianProduct:
@@ -177,31 +187,33 @@ def hessian_product(leaves: Sequence[Tensor], grads: Sequence[Tensor]) -> Hessia
 
 
 def batch_loss_and_grads(
-    obj: ModelObjective, batch: Batch, create_graph: bool = False
+    obj: ModelObjective, batch: Batch
 ) -> tuple[list[Tensor], list[Tensor], float]:
-    """(leaves, ∇L per parameter, L) of one batch, zeros for parameters the loss ignores;
-    ``create_graph`` keeps the gradient's graph for second derivatives."""
+    """(leaves, ∇L per parameter, L) of one batch, zeros for parameters the loss ignores."""
+    g = obj.rerun_on_recompute(_gradient, obj, batch, create_graph=False)
+    return g.leaves, g.grads, g.loss
+
+
+def _gradient(obj: ModelObjective, batch: Batch, create_graph: bool) -> HessianProduct:
+    """One batch's gradient (zeros for parameters the loss ignores) and loss; with
+    ``create_graph``, its graph kept for second derivatives."""
     theta = obj.leaves()
     leaves = list(theta.values())
-    try:
-        with obj.context(batch.index):
-            loss = obj.loss(obj.forward(theta, batch), batch)
-            seed = obj.watch(loss) if create_graph else None
-            with obj.backward_in_pass():
-                raw = torch.autograd.grad(
-                    loss, leaves, seed, create_graph=create_graph, allow_unused=True
-                )
-    except RuntimeError as e:  # checkpointing that recomputes with the left-out parameters
-        if not obj.recompute_found(e):
-            raise
-        return batch_loss_and_grads(obj, batch, create_graph)
+    with obj.context(batch.index):
+        loss = obj.loss(obj.forward(theta, batch), batch)
+        seed = obj.watch(loss) if create_graph else None
+        each = obj.backward_state()
+        with each():
+            raw = torch.autograd.grad(
+                loss, leaves, seed, create_graph=create_graph, allow_unused=True
+            )
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(raw, leaves, strict=True)]
-    return leaves, grads, float(loss.detach())
+    return HessianProduct(leaves, grads, float(loss.detach()), each)
 
 
 def prepare_hessian(obj: ModelObjective, batch: Batch) -> HessianProduct:
     """Pearlmutter's product by double backward: H v = ∂(∇Lᵀv)/∂θ, the gradient graph kept."""
-    return HessianProduct(*batch_loss_and_grads(obj, batch, create_graph=True))
+    return _gradient(obj, batch, create_graph=True)
 
 
 @dataclass
@@ -330,6 +342,7 @@ def ggn_product(
     loss: Tensor,
     at: Tensor | None = None,
     seed: Tensor | None = None,
+    each: Backward = nullcontext,
 ) -> _GGNProduct:
     """Jᵀ H_out J for ``outputs`` computed from ``leaves`` and a scalar ``loss`` computed from
     them: J the Jacobian of the outputs, H_out = ∂²loss/∂out² (by autograd, any loss).
@@ -338,10 +351,10 @@ def ggn_product(
     closure's evaluation), or a detached copy of them (:func:`prepare_ggn`), which keeps the
     loss's graph apart from the model's. ``seed``: the gradient the loss's backward starts
     from (a watched one: :func:`~curvscope.derivatives.objective.watch_custom_functions`), or
-    None.
+    None. ``each``: what each backward through the model's graph runs inside.
     """
     at = outputs if at is None else at
-    jac = _Jacobian(outputs, leaves)
+    jac = _Jacobian(outputs, leaves, each)
     (loss_grad,) = torch.autograd.grad(loss, at, seed, create_graph=True)
     return _GGNProduct(jac, at, loss_grad)
 
@@ -354,8 +367,8 @@ def prepare_ggn(obj: ModelObjective, batch: Batch) -> PreparedProduct:
         loss = obj.loss(out_leaf, batch)
         # the model's backward is seeded by the Jacobian's u, which requires grad; the loss's
         seed = obj.watch(out, loss)
-        with obj.backward_in_pass():
-            product = ggn_product(out, list(theta.values()), loss, at=out_leaf, seed=seed)
+        each = obj.backward_state()
+        product = ggn_product(out, list(theta.values()), loss, out_leaf, seed, each)
         # until a batch whose loss curves in the outputs; refused when none does. Under a
         # process group one rank's data is not the data's (its saturated outputs alone refused
         # a GGN of norm 0.51: a review): the ranks decide together at the product's sum
@@ -526,8 +539,7 @@ def prepare_fisher(
         out = obj.forward(theta, batch, tensor=True)
         obj.loss(out.detach().requires_grad_(True), batch)  # the checks every kind makes
         rows = likelihood.as_terms(out)
-        with obj.backward_in_pass():
-            jac = _Jacobian(rows, list(theta.values()))
+        jac = _Jacobian(rows, list(theta.values()), obj.backward_state())
     counted = likelihood.counted(obj.loss_fn, rows, batch.targets)
     gen = generator(seed, out.device, FISHER_LABELS, batch.index)
     with torch.no_grad():
@@ -620,15 +632,13 @@ def prepare_empirical_fisher(obj: ModelObjective, batch: Batch) -> _OuterProduct
                 obj.refuse(_check_terms, whole, losses, obj.reduction, batch.index)
                 if obj.refusal is None:  # passed: a refused batch is checked again next time
                     obj.terms_checked.add(batch.index)
-            with obj.backward_in_pass():
-                jac = _Jacobian(losses, leaves)
+            jac = _Jacobian(losses, leaves, obj.backward_state())
             ones = torch.ones(1, *losses.shape, dtype=out.dtype, device=out.device)
             return _OuterProduct(jac, ones, 1.0 / mean_divisor(obj.reduction, losses.shape[0]))
         out_leaf = out.detach().requires_grad_(True)
         (d_out,) = torch.autograd.grad(obj.loss(out_leaf, batch), out_leaf)
         rows = lik.as_terms(out)
-        with obj.backward_in_pass():
-            jac = _Jacobian(rows, leaves)
+        jac = _Jacobian(rows, leaves, obj.backward_state())
     counted = lik.counted(obj.loss_fn, rows, batch.targets)
     # ∂L/∂row_t = g_t / T: the outer products of these, times T, are (1/T) Σ_t g_t g_tᵀ
     return _OuterProduct(jac, lik.as_terms(d_out)[None], mean_divisor(obj.reduction, counted))

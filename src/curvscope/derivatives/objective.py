@@ -40,12 +40,13 @@ from collections.abc import Callable, Container, Generator, Iterable, Iterator, 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.nn.utils import parametrize
 
 from curvscope.derivatives import rng
@@ -309,6 +310,8 @@ _Swapped = list[tuple[dict[str, Any], str, Any, "Tensor | None"]]
 #: a slot that held nothing (:func:`_as_found`)
 _ABSENT = object()
 
+_T = TypeVar("_T")
+
 
 def _as_found(slots: Sequence[tuple[str, nn.Module, str]], swapped: _Swapped) -> _Swapped:
     """The modules' attributes ``slots`` (name, module, attribute) set back to what they held
@@ -359,6 +362,48 @@ def _plain_values(mod: nn.Module) -> list[Any]:
         for v in vars(mod).values()
         if type(v) in _PLAIN or (type(v) is tuple and all(type(x) in _PLAIN for x in v))
     ]
+
+
+class _Recomputation:
+    """Watches a backward pass for a block recomputed in it (a module's forward running there:
+    activation checkpointing) that sets the attributes of ``swapped`` to other values than
+    they hold as it starts (:meth:`ModelObjective.backward_state`). A backward hook that sets
+    one is no recomputation (its note named checkpointing on a model without any: the diff
+    review)."""
+
+    def __init__(self, swapped: _Swapped) -> None:
+        # each slot's value as the backward starts: a copy's original (what the forward left),
+        # or what was put there
+        self.start = {(id(where), key): (where, key, _at(where, key)) for where, key, *_ in swapped}
+        for where, key, t, mine in swapped:
+            if mine is not None:
+                self.start[id(where), key] = (where, key, t)
+        self.forwards = 0
+
+    def __enter__(self) -> None:
+        self.handle = register_module_forward_pre_hook(self._counted)
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+    def _counted(self, *_: object) -> None:
+        self.forwards += 1
+
+    def moved(self) -> set[tuple[int, str]]:
+        """The slots (their dict's id, the key) set otherwise, if a forward ran."""
+        if not self.forwards:
+            return set()
+        return {s for s, (where, key, t) in self.start.items() if _differs(_at(where, key), t)}
+
+
+def _differs(a: Any, b: Any) -> bool:
+    """Whether two attribute values differ: tensors by value, plain values by equality,
+    anything else by identity."""
+    if a is b:
+        return False
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b)
+    return not (type(a) is type(b) and type(a) in _PLAIN and a == b)
 
 
 def _copyable(
@@ -1509,7 +1554,7 @@ class ModelObjective:
         #: :meth:`recomputation_kept`); None until an operator's first product
         self._recomputation_writes: bool | None = None
         #: whether a block recomputed in a pass's backward set the attributes again, said
-        #: (:meth:`backward_in_pass`)
+        #: (:meth:`backward_state`)
         self._recomputation_said = False
         #: per :meth:`context` entered, the attributes swapped for copies during it, put back
         #: as it ends (a loss that reads an attribute the forward wrote read the user's, the
@@ -1900,16 +1945,20 @@ class ModelObjective:
         self.padding, self._tied_padding = padding_rows(model, modules, self._params)
         self.notes = self._fallback_notes(named)
 
-    def recompute_found(self, e: BaseException) -> bool:
-        """Whether ``e`` is activation checkpointing's recomputation failing to match a forward
-        that passed the parameters left out by ``params=`` as constants (torch's
-        CheckpointError, as :meth:`context` raised it) for the first time: from now on they are
-        passed requiring grad, as for Hugging Face's gradient checkpointing, and the pass can be
-        run again."""
-        if self._checkpointing or type(e.__cause__).__name__ != "CheckpointError":
-            return False
-        self._checkpointing = True
-        return True
+    def rerun_on_recompute(self, run: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """``run(*args, **kwargs)`` (a batch's pass), run again once if activation
+        checkpointing's recomputation failed to match a forward that passed the parameters
+        left out by ``params=`` as constants (torch's CheckpointError, as :meth:`context`
+        raised it): from then on they are passed requiring grad, as for Hugging Face's gradient
+        checkpointing. Every kind's pass (the Gauss-Newton's, the Fishers' failed with torch's
+        error: the diff review)."""
+        try:
+            return run(*args, **kwargs)
+        except RuntimeError as e:
+            if self._checkpointing or type(e.__cause__).__name__ != "CheckpointError":
+                raise
+            self._checkpointing = True
+        return run(*args, **kwargs)
 
     @contextlib.contextmanager
     def context(self, batch_index: int, second_order: bool = True) -> Iterator[None]:
@@ -1976,19 +2025,18 @@ class ModelObjective:
             parametrize._cache_enabled = cache_was
 
     def recomputation_kept(self, learn: bool = True) -> contextlib.AbstractContextManager[None]:
-        """Around backward passes: the model's buffers (and, after a pass, the plain attributes
-        its forward writes) are copies, so that a forward recomputed there — activation
-        checkpointing reruns a block with the model's own, not the copies the pass's forward
-        was given — writes into those. A BatchNorm in a checkpointed block moved the user's
-        running statistics at every product (its kernel does so without bumping their version
-        counters), and a plain attribute written there rebuilt a cached graph at every
-        product, products 44–58% apart (an outside review). In a pass these are copies beside
-        the forward's own (:meth:`_state`), not the same: a recomputed block then starts from
-        what the forward started from, and reads what it read. Copies swapped in, not values
-        written back: a graph the recomputation built saved the tensors it wrote, and a write
-        back bumped the counters it checks. In a pass (:meth:`context`, ``learn=False``) every
-        time; around a cached graph's products, from the first product on only if its
-        backward wrote (otherwise nothing: a cached product's hot path)."""
+        """Around backward passes: the model's buffers are copies, so that a forward recomputed
+        there — activation checkpointing reruns a block with the model's own, not the copies
+        the pass's forward was given — writes into those. A BatchNorm in a checkpointed block
+        moved the user's running statistics at every product (its kernel does so without
+        bumping their version counters), and every product rebuilt the cached graph (an
+        outside review). In a pass these are copies beside the forward's own (:meth:`_state`),
+        not the same: a recomputed block then starts from what the forward started from.
+        Copies swapped in, not values written back: a graph the recomputation built saved the
+        tensors it wrote, and a write back bumped the counters it checks. In a pass
+        (:meth:`context`, ``learn=False``) every time; around a cached graph's products, from
+        the first product on only if its backward wrote (otherwise nothing: a cached product's
+        hot path). The plain attributes a forward changes: :meth:`backward_state`."""
         if learn and self._recomputation_writes is False:
             return nullcontext()
         return self._recomputation_copies(learn)
@@ -1998,68 +2046,68 @@ class ModelObjective:
         """:meth:`recomputation_kept`'s copies, swapped in and put back (learning, with
         ``learn``, whether the block wrote)."""
         buffers = _buffer_copies(self.model)
-        # (in a pass, its forwards' attributes: :meth:`backward_in_pass`, after its loss)
-        attributes = [] if self._passes else self._as_the_forward_began()
-        placed = _placed([*buffers, *attributes])
+        placed = _placed(buffers)
         try:
             yield
         finally:
             if learn and self._recomputation_writes is None:  # (a host read a tensor on a GPU)
-                self._recomputation_writes = bool(_moved(placed, [*buffers, *attributes]))
+                self._recomputation_writes = bool(_moved(placed, buffers))
             # the user's buffers, whatever a recomputation assigned (every forward of
             # curvscope's gets copies of them)
             _swap_back(buffers, kept=False)
-            _swap_back(attributes[::-1])
 
-    def backward_in_pass(self) -> contextlib.AbstractContextManager[None]:
-        """Around a backward through the model inside a pass, after its loss: the attributes its
-        forward changed set back as the forward began, and as the forward left them after. A
-        block that activation checkpointing recomputes there reads the model's own attributes,
-        and read what the forward had written or assigned (a running scale written, then read):
-        its gradients and products were 20–27% off the uncheckpointed model's, which the cached
-        products' backward passes outside a pass (:meth:`recomputation_kept`) already were not.
-        Nothing for a model whose forward changes none."""
+    def backward_state(self) -> Callable[[], contextlib.AbstractContextManager[None]]:
+        """In a pass, after its loss and before any backward: what each backward pass through
+        this forward's graph runs inside (:data:`curvscope.derivatives.kinds.Backward`), in the
+        pass or through a cached graph after it — the plain attributes the forward changed as
+        it left them, as in torch's own backward, with fresh copies of those it writes in place
+        (for a block that activation checkpointing recomputes there to write), and as found
+        again after. A full backward hook that reads what a forward hook stored (``mod.a =
+        input``, as K-FAC does) found the attribute put back, absent, once the pass had ended
+        (``AttributeError``); resetting the attributes to as the forward began, for a block
+        that reads what it writes, gave a block that reads what the forward set before it a
+        gradient 134% off, and the columns of a block of vectors drifted apart (one copy
+        written by each column's recomputation): the diff review. Nothing for a model whose
+        forward changes none."""
         if not self._passes or not (self._held or self._attribute_writes):
-            return nullcontext()
-        return self._began()
+            return nullcontext
+        left: _Swapped = [
+            (vars(m), key, vars(m).get(key, _ABSENT), None) for _, m, key in self._held
+        ]
+        return partial(self._as_left, left)
 
     @contextlib.contextmanager
-    def _began(self) -> Iterator[None]:
-        """:meth:`backward_in_pass`'s swap, and once an operator what the recomputation did."""
-        swapped = self._as_the_forward_began()
-        placed = None if self._recomputation_said else _placed(swapped)
+    def _as_left(self, left: _Swapped) -> Iterator[None]:
+        """:meth:`backward_state`'s context: the attributes as ``left``, copies of the written
+        ones, and — until said — whether a block recomputed there set them otherwise."""
+        swapped = _as_found(self._held, left) + _swap_in(self._attribute_writes)
+        watch = None if self._recomputation_said else _Recomputation(swapped)
         try:
-            yield
+            with watch or nullcontext():
+                yield
         finally:
-            if placed is not None and (moved := _moved(placed, swapped)):
+            if watch is not None and (moved := watch.moved()):
                 self._recomputation_said = True
                 self._say_recomputed(moved)
             _swap_back(swapped[::-1])
 
     def _say_recomputed(self, moved: set[tuple[int, str]]) -> None:
-        """The note that a checkpointed block sets the attributes ``moved`` (:func:`_moved`)
-        when it is recomputed: torch's own backward recomputes it from what the forward left."""
+        """The note that a block recomputed in a backward set the attributes ``moved``
+        (:class:`_Recomputation`) to other values than its forward left."""
         slots = [*self._held, *self._attribute_writes]
         names = list(dict.fromkeys(k for k, m, key in slots if (id(vars(m)), key) in moved))
         note = (
-            f"a block that activation checkpointing recomputes in the backward sets "
-            f"{few(names)} again: curvscope recomputes it from the values its forward started "
-            "from, so its numbers are the uncheckpointed model's; torch's own backward (your "
-            "training's) recomputes it from the values the forward left, so if the block reads "
-            "them after setting them its gradients are not the loss's. Keep such state out of "
-            "the checkpointed block"
+            "a block that activation checkpointing recomputes in the backward sets "
+            f"{few(names)} to other values than its forward did: it starts from the values the "
+            "forward left, not from those the forward started from. If the block reads what it "
+            "sets (a running statistic updated, then used), your training's gradients and "
+            "curvscope's numbers, which follow torch's backward, are not the loss's "
+            "derivatives; keep such state out of the checkpointed block"
         )
         self.notes.append(note)
         # (said as a context manager is left: contextlib's frame is not the caller's)
         level = callers_level((PACKAGE, contextlib.__file__))
         warnings.warn(note, AttributeWriteWarning, stacklevel=level)
-
-    def _as_the_forward_began(self) -> _Swapped:
-        """The attributes a forward changes (:meth:`_attributes_changed`) as it began: the
-        user's, and copies of those it writes in place, for a recomputed block to write;
-        returns what :func:`_swap_back` puts back."""
-        began = _as_found(self._held, self._passes[-1] if self._passes else [])
-        return began + _swap_in(self._attribute_writes)
 
     def graphs_built(self) -> None:
         """New graphs (a pass): whether their backward writes into the model is learned anew
