@@ -189,6 +189,37 @@ def test_a_summed_loss_with_training_batches_is_judged_at_a_steps_share(lr, stat
     assert full.state == State.UNSTABLE and "step_share" not in full.evidence
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gradient_accumulation_is_judged_on_the_batch_a_step_takes(reduction):
+    """k micro-batches of B accumulated into one step: ``train_batches`` of the micro-batches
+    were judged at B's batch sharpness — a review's run read *unstable* at every probe while
+    its loss fell, and for a summed loss *learning* (stable rate 1.6x the lr) while it diverged.
+    ``accumulation=k`` takes every k consecutive batches as one step's: the same evidence as
+    ``train_batches`` of the k·B batches themselves, and the same verdict."""
+    model, data, micro = _digits_batches(size=8)  # 40 micro-batches of 8
+    merged = [
+        (torch.cat([x for x, _ in micro[i : i + 4]]), torch.cat([y for _, y in micro[i : i + 4]]))
+        for i in range(0, 40, 4)
+    ]
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    lr = 2.0 if reduction == "mean" else 2.0 / 32
+    want = cs.diagnose(model, loss_fn, data, lr=lr, train_batches=merged)
+    got = cs.diagnose(model, loss_fn, data, lr=lr, train_batches=micro, accumulation=4)
+    alone = cs.diagnose(model, loss_fn, data, lr=lr, train_batches=micro)
+    w, e = want.evidence, got.evidence
+    assert got.state == want.state and e["batches"] == w["batches"] == 10
+    for key in ("batch_sharpness", "batch_sharpness_stderr", "stable_lr"):
+        assert e[key] == pytest.approx(w[key], rel=1e-9)
+    if reduction == "sum":  # a step of 8 of the sum's 320: its rate 4x too high, "learning"
+        assert e["step_share"] == pytest.approx(32 / 320, rel=1e-12)
+        assert got.state == State.UNSTABLE and alone.state == State.LEARNING
+        assert alone.evidence["stable_lr"] == pytest.approx(4 * e["stable_lr"], rel=1e-6)
+    else:  # B's batch sharpness, not k·B's (the full-batch sharpness decides here)
+        assert alone.evidence["batch_sharpness"] > 1.3 * e["batch_sharpness"]
+    with pytest.raises(ValueError, match="accumulation"):
+        cs.diagnose(model, loss_fn, data, lr=lr, train_batches=micro, accumulation=0)
+
+
 def test_a_summed_losss_step_share_counts_the_terms_it_adds():
     """B and N counted rows: a probe whose labels were 60% ignored beside training batches
     with none gave a share of 0.1 for the 0.25 the summed labels make, and the sum read

@@ -157,6 +157,7 @@ def test_lightning_callback_counts_optimizer_steps_under_gradient_accumulation(t
         tmp_path, max_steps=4, every=2, batch_size=4, accumulate=2, losses=losses
     )
     assert trainer.global_step == cb.monitor.steps == 4  # before: 8, one per micro-batch
+    assert cb.monitor.accumulation == 2  # train_batches are micro-batches, two a step
     _, records = read_log(tmp_path / "run.jsonl")
     assert [r["step"] for r in records] == [2, 4]
     # the mean of the micro-batches' losses, not Lightning's backpropagated 1/2 of it (an
@@ -421,6 +422,23 @@ def test_transformers_trainer_with_the_models_own_loss_and_a_schedule_to_zero(
     assert tokens == 26
     expected = sum(v * n for v, n in own) / tokens
     assert last.evidence["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_transformers_callback_tells_the_monitor_of_gradient_accumulation(tmp_path):
+    """Under gradient_accumulation_steps a step's batch is that many micro-batches: the
+    Monitor is told, so that ``train_batches`` of the loader's batches are judged as the steps
+    take them (judged one by one before: a review); a value the user gives is kept."""
+    from transformers import Trainer
+
+    from curvscope.integrations.transformers import CurvscopeTrainerCallback
+
+    ids, labels, train = _hf_data(16)
+    probe = {"input_ids": ids[:8], "labels": labels[:8]}
+    for given, want in (({}, 2), ({"accumulation": 1}, 1)):
+        cb = CurvscopeTrainerCallback(None, probe, every=2, **given)
+        args = _hf_args(tmp_path, max_steps=2, gradient_accumulation_steps=2)
+        Trainer(model=_tiny_bert(), args=args, train_dataset=train, callbacks=[cb]).train()
+        assert cb.monitor.accumulation == want and cb.monitor.steps == 2
 
 
 def test_transformers_callback_tells_the_monitor_of_the_trainers_clipping(tmp_path):

@@ -7,7 +7,7 @@ import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -388,6 +388,7 @@ def diagnose(
     v0: Tensor | None = None,
     train_batches: Iterable[Any] | None = None,
     max_batches: int = MAX_BATCHES,
+    accumulation: int = 1,
     adaptive: bool = False,
     backend: str = "double_backward",
     fd_eps: float | None = None,
@@ -435,7 +436,14 @@ def diagnose(
             about it (the full-batch sharpness beside it). The sample is sized from its own
             standard error: at least 8 batches, more until the standard error is at most 5%
             of the limit. Costs one gradient and one product per batch.
-        max_batches: the most of ``train_batches`` to use (default 32).
+        max_batches: the most of ``train_batches`` to use (default 32; steps, under
+            ``accumulation``).
+        accumulation: the micro-batches each optimizer step accumulates (gradient
+            accumulation: k backward passes, one ``opt.step()``): every ``accumulation``
+            consecutive ``train_batches`` are taken as one step's batch, as the optimizer
+            steps on them. Judged on the micro-batches, a step of k·B samples was read at B's
+            batch sharpness — *unstable* at every probe while the loss fell, and for a summed
+            loss *learning* while the run diverged (a review). Default 1.
         adaptive: measure only what the verdict needs (the Monitor's probes): the Newton
             decrement (CG, most of a diagnosis's products after Lanczos) only when the gradient
             is small — where it tells a minimum from a long valley; otherwise
@@ -519,7 +527,7 @@ def diagnose(
             reduction,
             v0,
             train_batches,
-            max_batches,
+            (max_batches, check_int(accumulation, "accumulation", minimum=1)),
             adaptive,
             products,
             clip,
@@ -539,7 +547,7 @@ def _diagnose(
     reduction: str | None,
     v0: Tensor | None,
     train_batches: Iterable[Any] | None,
-    max_batches: int,
+    steps: tuple[int, int],
     adaptive: bool,
     products: _Products,
     clip: float | None,
@@ -586,9 +594,7 @@ def _diagnose(
         return _finish(evidence, thresholds, {}, not kink, start, C)  # (‖x‖ at 0) reads so
     if train_batches is not None:
         evidence.update(
-            _batch_sharpness(
-                C, model, loss_fn, train_batches, max_batches, limit, params, seed, products
-            )
+            _batch_sharpness(C, model, loss_fn, train_batches, steps, limit, params, seed, products)
         )
     if limit is not None:
         evidence["stable_lr"] = _stable_lr(limit, evidence)
@@ -1016,17 +1022,18 @@ def _batch_sharpness(
     model: nn.Module,
     loss_fn: Callable[[Any, Tensor], Tensor],
     batches: Iterable[Any],
-    max_batches: int,
+    steps: tuple[int, int],
     limit: StabilityLimit | None,
     params: Iterable[nn.Parameter | str] | None,
     seed: int,
     products: _Products,
 ) -> dict[str, Any]:
     """The evidence of the batch sharpness on the training ``batches`` (beside ``C``, the
-    operator on the probe data): its value, its standard error and the batches it was measured
-    on — and for a summed loss ``step_share``, B/N: a step of B samples meets B/N of the sum's
-    curvature over N, B the largest batch (not their mean: an uneven last batch moved a mean
-    with the batches read, 6% between two learning rates, a review).
+    operator on the probe data), ``steps`` = (the most steps to read, the micro-batches a step
+    accumulates): its value, its standard error and the steps it was measured on — and for a
+    summed loss ``step_share``, B/N: a step of B samples meets B/N of the sum's curvature over
+    N, B the largest step's (not their mean: an uneven last batch moved a mean with the
+    batches read, 6% between two learning rates, a review).
 
     The sample is sized from its own standard error: at least :data:`MIN_BATCHES` batches,
     then more until the standard error is at most :data:`BATCH_SHARPNESS_SE` of the stability
@@ -1036,10 +1043,11 @@ def _batch_sharpness(
     values: list[float] = []
     sizes: list[float] = []
     # the user's RNGs untouched; under a process group each batch is measured by all ranks
-    steps = in_step(fixed_pass(batches, seed), C.group, C.device, "train_batches")
+    max_steps, accumulated = steps
+    grouped = _grouped(fixed_pass(batches, seed), accumulated)
     try:
-        for i, batch in enumerate(steps):
-            if i >= max_batches or _precise_enough(values, limit):
+        for i, batch in enumerate(in_step(grouped, C.group, C.device, "train_batches")):
+            if i >= max_steps or _precise_enough(values, limit):
                 break
             Cb = _curvature(model, loss_fn, batch, params, seed + i, reduction, products)
             sizes.append(Cb.num_samples or 0.0)
@@ -1063,6 +1071,23 @@ def _batch_sharpness(
     if reduction == "sum" and C.num_samples:
         ev["step_share"] = max(sizes) / C.num_samples
     return ev
+
+
+def _grouped(batches: Iterable[Any], k: int) -> Iterator[Any]:
+    """``batches`` as one step's each: one at a time, or lists of ``k`` consecutive ones (the
+    last may be shorter: its step is taken too) — a list of batches is one step's data to a
+    :class:`~curvscope.Curvature`, summed or weighed by their sizes as the loss reduces."""
+    if k == 1:
+        yield from batches
+        return
+    group: list[Any] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == k:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def _stderr(values: list[float]) -> float:

@@ -310,6 +310,11 @@ class Monitor:
         train_batches: for mini-batch training, batches like those the optimizer steps on:
             the batch sharpness is measured at each probe and is what the edge of stability
             and the unstable verdict are judged on (see :func:`~curvscope.diagnose`).
+        accumulation: under gradient accumulation, the micro-batches each optimizer step
+            accumulates: every ``accumulation`` consecutive ``train_batches`` are one step's
+            batch (see :func:`~curvscope.diagnose`; the Lightning and Hugging Face callbacks
+            pass the trainer's own). Call :meth:`step` once per optimizer step, with the
+            step's loss (the mean of its micro-batches' losses, not the last one's).
         backend, fd_eps: how the probes and the cheap tier compute their products, as for
             :func:`~curvscope.diagnose`: ``"finite_difference"`` for a model only its engine
             can differentiate (FSDP2).
@@ -375,6 +380,7 @@ class Monitor:
         reduction: str | None = None,
         callback: Callable[[Diagnosis, str | None], None] | None = None,
         train_batches: Iterable[Any] | None = None,
+        accumulation: int = 1,
         tensorboard: Any = None,
         backend: str = "double_backward",
         fd_eps: float | None = None,
@@ -457,6 +463,7 @@ class Monitor:
         self.params = None if params is None else list(params)
         self.seed, self.callback, self.reduction = seed, callback, reduction
         self.train_batches = train_batches
+        self.accumulation = check_int(accumulation, "accumulation", minimum=1)
         self._writer: Any = None
         self._own_writer = False  # whether the Monitor made the writer (from a directory)
         self._log: RunLogWriter | None = None
@@ -1008,6 +1015,7 @@ class Monitor:
             thresholds=self.thresholds,
             v0=self._start_vectors(),
             train_batches=self.train_batches,
+            accumulation=self.accumulation,
             adaptive=self.adaptive,
             clip_factor=self._agreed_clip() if judged else None,
             progress_bar=False,  # inside the user's loop, under its own bar

@@ -61,6 +61,10 @@ class CurvscopeCallback(Callback):
         if clip is not None:
             kwargs.setdefault("max_grad_norm", clip)
         kwargs.setdefault("start_step", trainer.global_step)  # a resumed run goes on
+        # a step's batch is the micro-batches it accumulates (judged at one before: a review)
+        k = getattr(trainer, "accumulate_grad_batches", 1)
+        if isinstance(k, int) and k > 1:
+            kwargs.setdefault("accumulation", k)
         if self.monitor is not None:  # a run that raised: it never reached on_train_end
             self.monitor.close()
         self.monitor = Monitor(

@@ -83,6 +83,10 @@ class CurvscopeTrainerCallback(TrainerCallback):
         if clip is not None and 0 < clip < math.inf:  # the Trainer clips only then
             monitor_kwargs.setdefault("max_grad_norm", float(clip))
         monitor_kwargs.setdefault("start_step", state.global_step)  # a resumed run goes on
+        # a step's batch is the micro-batches it accumulates (judged at one before: a review)
+        k = getattr(args, "gradient_accumulation_steps", 1)
+        if isinstance(k, int) and k > 1:
+            monitor_kwargs.setdefault("accumulation", k)
         if self.monitor is not None:  # a run that raised: the Trainer calls no callback then,
             self.monitor.close()  # and a retried train() with the same log was refused
         self.monitor = Monitor(
