@@ -330,25 +330,6 @@ def _as_found(slots: Sequence[tuple[str, nn.Module, str]], swapped: _Swapped) ->
     return back
 
 
-def _placed(swapped: _Swapped) -> list[tuple[dict[str, Any], str, Any]]:
-    """What the slots of ``swapped`` hold now, for :func:`_moved`."""
-    return [(where, key, _at(where, key)) for where, key, _, _ in swapped]
-
-
-def _moved(
-    placed: list[tuple[dict[str, Any], str, Any]], swapped: _Swapped
-) -> set[tuple[int, str]]:
-    """The slots (their dict's id, the key) something was assigned into since ``placed``
-    (:func:`_placed`), or whose copy in ``swapped`` was written (compared by value: a
-    BatchNorm's kernel writes its statistics without bumping their version counters)."""
-    moved = {(id(where), key) for where, key, there in placed if _at(where, key) is not there}
-    return moved | {
-        (id(where), key)
-        for where, key, t, mine in swapped
-        if mine is not None and not torch.equal(t, mine)
-    }
-
-
 #: the types of the plain values a module's forward may read, whose change the cache sees
 _PLAIN = frozenset({bool, int, float, complex, str, type(None), torch.dtype, torch.device})
 
@@ -1616,10 +1597,10 @@ class ModelObjective:
         (each module's plain values — ``training``, a temperature, a flag, a stride: what
         :func:`_plain_values` reads —, each parameter's ``requires_grad``) and every tensor a
         forward pass reads from the model and a loss module (:meth:`_modules_read`) — all
-        parameters and buffers — by name (the plain
-        tensor attributes it writes: :meth:`attribute_state`). A temperature the user lowered
-        between two products of a kept operator was not seen: the second product was the
-        first's, 73% off a new operator's (a review)."""
+        parameters and buffers — by name (the plain tensor attributes it writes:
+        :meth:`attribute_state`). A temperature the user lowered between two products of a
+        kept operator was not seen: the second product was the first's, 73% off a new
+        operator's (a review)."""
         flags: list[Any] = []
         tensors: list[tuple[str, Tensor]] = []
         for mod_name, mod in self._modules_read():
@@ -2046,12 +2027,14 @@ class ModelObjective:
         """:meth:`recomputation_kept`'s copies, swapped in and put back (learning, with
         ``learn``, whether the block wrote)."""
         buffers = _buffer_copies(self.model)
-        placed = _placed(buffers)
+        put = [(where, key, _at(where, key)) for where, key, _, _ in buffers]
         try:
             yield
         finally:
             if learn and self._recomputation_writes is None:  # (a host read a tensor on a GPU)
-                self._recomputation_writes = bool(_moved(placed, buffers))
+                self._recomputation_writes = any(
+                    _at(where, key) is not there for where, key, there in put
+                ) or any(not torch.equal(t, mine) for _, _, t, mine in buffers if mine is not None)
             # the user's buffers, whatever a recomputation assigned (every forward of
             # curvscope's gets copies of them)
             _swap_back(buffers, kept=False)
