@@ -176,7 +176,8 @@ def _shared_scale(model: nn.Module) -> None:  # a buffer changed through a secon
         (_shared_scale, True),
         (lambda m: setattr(m.first.lin, "weight", nn.Parameter(m.first.lin.weight * 1)), False),
         (lambda m: setattr(m.again, "temperature", 0.5), True),
-        (lambda m: setattr(m.first, "temperature", float("1.0")), False),
+        (lambda m: setattr(m.again, "temperature", np.float64(0.5)), True),
+        (lambda m: setattr(m.again, "temperature", torch.tensor(0.5, dtype=DT)), True),
     ],
     ids=[
         "nothing",
@@ -187,14 +188,16 @@ def _shared_scale(model: nn.Module) -> None:  # a buffer changed through a secon
         "shared",
         "same",
         "temperature",
-        "same_temperature",
+        "numpy_temperature",
+        "tensor_temperature",
     ],
 )
 def test_the_cache_check_sees_every_change_of_the_models_state(change, rebuilt):
     """The check walks every module under every name (a shared module is two names) and
     compares flags, names, layouts and values: a change anywhere rebuilds, an equal
-    replacement does not. A plain value too: a temperature lowered between two products of
-    a kept operator gave the first's product, 73% off (a review)."""
+    replacement does not. What a module's attributes are bound to too: a temperature lowered
+    between two products of a kept operator (a float, numpy's, a plain tensor) gave the
+    first's product, 73–80% off (the reviews)."""
     model = _SharedTwice()
     g = torch.Generator().manual_seed(0)
     data = (torch.randn(8, 4, generator=g, dtype=DT), torch.randn(8, 3, generator=g, dtype=DT))
@@ -231,6 +234,41 @@ def test_the_cache_check_sees_a_loss_modules_class_weights_change(how):
     after = C @ v
     assert _rel(before, after) > 1e-2
     torch.testing.assert_close(after, cs.Curvature(model, loss_fn, data) @ v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("where", ["backward_hook", "loss_module"])
+def test_a_value_set_by_every_product_does_not_rebuild_the_graphs(where):
+    """A backward hook that stores a value (``mod.gnorm = g.norm().item()``) or a loss module
+    that counts its calls changes the model's attributes at every product: with the cache's
+    check reading them, every product rebuilt the graphs (26 builds for 26 products, the diff
+    review). A change made by the products themselves is taken into the check after each
+    product; one made between products still rebuilds."""
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randn(32, 4, generator=g, dtype=DT), torch.randint(0, 3, (32,), generator=g))
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    loss_fn: nn.Module = nn.CrossEntropyLoss()
+    if where == "backward_hook":
+        model[0].register_full_backward_hook(
+            lambda m, gi, go: setattr(m, "gnorm", float(go[0].norm()))
+        )
+    else:
+
+        class Counting(nn.CrossEntropyLoss):
+            calls = 0
+
+            def forward(self, out, y):
+                self.calls += 1
+                return super().forward(out, y)
+
+        loss_fn = Counting()
+    C = cs.Curvature(model, loss_fn, data)
+    v = _probe(C.num_params)
+    first = C @ v
+    cached = C._cached
+    assert all(torch.equal(C @ v, first) for _ in range(3)) and C._cached is cached
+    model[2].temperature = 2.0  # the user's change between products: rebuilt
+    C @ v
+    assert C._cached is not cached
 
 
 def test_a_product_inside_autocast_does_not_leave_its_graph_to_the_next():

@@ -42,7 +42,7 @@ from curvscope.derivatives.distributed import (
     world_size,
 )
 from curvscope.derivatives.functions import _grad_with_graph
-from curvscope.derivatives.objective import Batch, ModelObjective
+from curvscope.derivatives.objective import Batch, ModelObjective, bindings_unchanged
 from curvscope.derivatives.sharded import ShardedCurvature
 from curvscope.derivatives.zero3 import check_backend
 
@@ -125,8 +125,10 @@ class _FunctionSource:
         self.in_memory = True
         self.vector_words = FUNCTION_VECTOR  # what a vector's entries are, in errors
 
-    def model_state(self) -> tuple[tuple[bool, ...], list[tuple[str, Tensor]]]:
-        return (), [("x", self.x)]
+    def model_state(
+        self,
+    ) -> tuple[tuple[bool, ...], list[tuple[Any, ...]], list[tuple[str, Tensor]]]:
+        return (), [], [("x", self.x)]
 
     def attribute_state(self) -> list[tuple[str, Tensor]]:
         return []
@@ -428,7 +430,12 @@ class Curvature:
         self._differences = None  # finite-difference products (set by __init__)
         #: the model's flags (with the caller's autocast state), its parameters and buffers
         #: before the cached graphs' pass and the plain attributes it writes after it
-        self._snapshot: tuple[tuple[Any, ...], _Snapshot, _Snapshot] | None = None
+        #: the cached graphs' model state: (flags, bindings, parameters and buffers, the
+        #: attributes a forward writes) — :meth:`_unchanged`
+        self._snapshot: tuple[tuple[Any, ...], list[Any], _Snapshot, _Snapshot] | None = None
+        #: whether the graphs' first product has shown whether a product changes the flags
+        #: (:meth:`_settle`), and whether it does
+        self._settled = self._volatile = False
         self.matvecs = 0
         self.seconds = 0.0
 
@@ -504,18 +511,42 @@ class Curvature:
             return
         if self._cached is None or not self._unchanged():
             self._cached = self._snapshot = None
-            model_flags, tensors = self._source.model_state()
-            flags = (*model_flags, autocast_state(self.device))
+            flags, bindings, tensors = self._state_now()
             before = _Snapshot(tensors)
             self._cached = list(self._source.prepare())  # (its pass checks the data)
             # the parameters and buffers as the pass found them (a forward that writes into a
             # parameter after reading it: the graph is at the value before, and the next
             # product rebuilds once), the attributes it writes as it left them (its graph
             # saved those values: a rebuild would start elsewhere and disagree)
-            self._snapshot = (flags, before, _Snapshot(self._source.attribute_state()))
+            self._snapshot = (flags, bindings, before, _Snapshot(self._source.attribute_state()))
+            self._settled = False  # (whether a product changes the flags: :meth:`_settle`)
         else:  # the cached graphs hold the data they were built on
             self._source.check_unchanged_data()
         yield from self._cached
+
+    def _settle(self) -> None:
+        """After a product through the cached graphs: the flags' snapshot taken anew where a
+        product itself changes them — a backward hook that stores a value (``mod.gnorm =
+        g.norm().item()``), a loss module that counts its calls — so that only a change made
+        between products rebuilds the graphs (each product rebuilt them: 26 builds for 26
+        products, the diff review). Learned at the graphs' first product: one more read of
+        the flags then, and none after for a model whose products change nothing."""
+        assert self._snapshot is not None
+        if self._settled and not self._volatile:
+            return
+        flags, bindings, _ = self._state_now()
+        if not self._settled:
+            was, bound = self._snapshot[:2]
+            self._settled = True
+            self._volatile = flags != was or not bindings_unchanged(bound, bindings)
+        if self._volatile:
+            self._snapshot = (flags, bindings, *self._snapshot[2:])
+
+    def _state_now(self) -> tuple[tuple[Any, ...], list[Any], list[tuple[str, Tensor]]]:
+        """The model's state (:meth:`ModelObjective.model_state`), the caller's autocast state
+        among its flags."""
+        flags, bindings, tensors = self._source.model_state()
+        return (*flags, autocast_state(self.device)), bindings, tensors
 
     def _unchanged(self) -> bool:
         """Whether the model is exactly as when the cached graphs were built: the same flags
@@ -530,9 +561,9 @@ class Curvature:
         bfloat16's accuracy (an outside review: λ_max 1.3e-3 off, reported converged to 9e-7).
         """
         assert self._snapshot is not None
-        flags, saved, written = self._snapshot
-        model_flags, now = self._source.model_state()
-        if (*model_flags, autocast_state(self.device)) != flags:
+        flags, bound, saved, written = self._snapshot
+        flags_now, bindings, now = self._state_now()
+        if flags_now != flags or not bindings_unchanged(bound, bindings):
             return False
         return saved.holds(now) and written.holds(self._source.attribute_state())
 
@@ -580,6 +611,8 @@ class Curvature:
             out, refusals = self._summed_over_ranks(total)
         self.matvecs += blocks[0].shape[0]
         self.seconds += time.perf_counter() - start
+        if self._snapshot is not None and impl == "double_backward":
+            self._settle()
         if all_finite(out):
             return out
         self._raise_refusal(refusals)

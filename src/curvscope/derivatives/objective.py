@@ -34,6 +34,7 @@ import contextlib
 import copy
 import logging
 import math
+import operator
 import sys
 import warnings
 from collections.abc import Callable, Container, Generator, Iterable, Iterator, Mapping, Sequence
@@ -330,19 +331,13 @@ def _as_found(slots: Sequence[tuple[str, nn.Module, str]], swapped: _Swapped) ->
     return back
 
 
-#: the types of the plain values a module's forward may read, whose change the cache sees
-_PLAIN = frozenset({bool, int, float, complex, str, type(None), torch.dtype, torch.device})
-
-
-def _plain_values(mod: nn.Module) -> list[Any]:
-    """A module's attributes that hold plain values (:data:`_PLAIN`, and tuples of them: a
-    kernel size), in order: what :meth:`ModelObjective.model_state` compares. Not what an
-    object an attribute holds keeps (a Hugging Face config's fields)."""
-    return [
-        v
-        for v in vars(mod).values()
-        if type(v) in _PLAIN or (type(v) is tuple and all(type(x) in _PLAIN for x in v))
-    ]
+def bindings_unchanged(before: list[tuple[Any, ...]], now: list[tuple[Any, ...]]) -> bool:
+    """Whether each module's attributes (:meth:`ModelObjective.model_state`'s bindings) are
+    bound to the same objects as ``before``: by identity, in C (a value compared by equality
+    would be a tensor's elementwise ``==``)."""
+    return len(before) == len(now) and all(
+        len(a) == len(b) and all(map(operator.is_, a, b)) for a, b in zip(before, now, strict=True)
+    )
 
 
 class _Recomputation:
@@ -371,10 +366,16 @@ class _Recomputation:
         self.forwards += 1
 
     def moved(self) -> set[tuple[int, str]]:
-        """The slots (their dict's id, the key) set otherwise, if a forward ran."""
+        """The slots (their dict's id, the key) set otherwise, if a forward ran — not one
+        deleted (a backward hook that frees what a forward hook stored, outside the recomputed
+        block, was named: the diff review)."""
         if not self.forwards:
             return set()
-        return {s for s, (where, key, t) in self.start.items() if _differs(_at(where, key), t)}
+        return {
+            s
+            for s, (where, key, t) in self.start.items()
+            if key in where and _differs(where[key], t)
+        }
 
 
 def _differs(a: Any, b: Any) -> bool:
@@ -384,7 +385,7 @@ def _differs(a: Any, b: Any) -> bool:
         return False
     if isinstance(a, Tensor) and isinstance(b, Tensor):
         return a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b)
-    return not (type(a) is type(b) and type(a) in _PLAIN and a == b)
+    return not (type(a) is type(b) and type(a) in (bool, int, float, str) and a == b)
 
 
 def _copyable(
@@ -1537,6 +1538,9 @@ class ModelObjective:
         #: whether a block recomputed in a pass's backward set the attributes again, said
         #: (:meth:`backward_state`)
         self._recomputation_said = False
+        #: whether the graphs' backward passes recompute a block (a module's forward runs in
+        #: them: :meth:`_as_left`); None until their first backward
+        self._recomputes: bool | None = None
         #: per :meth:`context` entered, the attributes swapped for copies during it, put back
         #: as it ends (a loss that reads an attribute the forward wrote read the user's, the
         #: previous batch's, when they were put back as the forward returned: 3.7% off, the
@@ -1592,26 +1596,30 @@ class ModelObjective:
             current[name] = p
         return current
 
-    def model_state(self) -> tuple[tuple[Any, ...], list[tuple[str, Tensor]]]:
-        """What the cache checks before every product, from one walk over the modules: the flags
-        (each module's plain values — ``training``, a temperature, a flag, a stride: what
-        :func:`_plain_values` reads —, each parameter's ``requires_grad``) and every tensor a
-        forward pass reads from the model and a loss module (:meth:`_modules_read`) — all
-        parameters and buffers — by name (the plain tensor attributes it writes:
+    def model_state(
+        self,
+    ) -> tuple[tuple[bool, ...], list[tuple[Any, ...]], list[tuple[str, Tensor]]]:
+        """What the cache checks before every product, from one walk over the modules of the
+        model and of a loss module (:meth:`_modules_read`): each parameter's
+        ``requires_grad``; what each module's attributes are bound to (its ``training``, a
+        temperature, a flag, a stride, a plain tensor: compared by identity,
+        :func:`bindings_unchanged`); and every tensor a forward pass reads from them — all
+        parameters and buffers — by name (the plain tensor attributes it writes, by value:
         :meth:`attribute_state`). A temperature the user lowered between two products of a
         kept operator was not seen: the second product was the first's, 73% off a new
         operator's (a review)."""
-        flags: list[Any] = []
+        flags: list[bool] = []
+        bindings: list[tuple[Any, ...]] = []
         tensors: list[tuple[str, Tensor]] = []
         for mod_name, mod in self._modules_read():
             prefix = f"{mod_name}." if mod_name else ""
-            flags += _plain_values(mod)
+            bindings.append(tuple(vars(mod).values()))
             for k, p in mod._parameters.items():
                 if p is not None:
                     flags.append(p.requires_grad)
                     tensors.append((prefix + k, p))
             tensors += [(prefix + k, b) for k, b in mod._buffers.items() if b is not None]
-        return tuple(flags), tensors
+        return tuple(flags), bindings, tensors
 
     def _modules_read(self) -> Iterator[tuple[str, nn.Module]]:
         """The model's modules by name, and a loss that is a module's (``loss_fn.…``): its
@@ -2061,17 +2069,26 @@ class ModelObjective:
 
     @contextlib.contextmanager
     def _as_left(self, left: _Swapped) -> Iterator[None]:
-        """:meth:`backward_state`'s context: the attributes as ``left``, copies of the written
-        ones, and — until said — whether a block recomputed there set them otherwise."""
-        swapped = _as_found(self._held, left) + _swap_in(self._attribute_writes)
-        watch = None if self._recomputation_said else _Recomputation(swapped)
+        """:meth:`backward_state`'s context: the attributes as ``left``; while a backward may
+        recompute a block (learned at the graphs' first backward: :meth:`graphs_built`),
+        copies of the written ones for it to write, and — until said — whether it set them
+        otherwise. (Copies at every backward cost a block of 8 vectors 1.75–6.2x on a model
+        whose forward stores a 128 MB tensor and recomputes nothing: the diff review.)"""
+        swapped = _as_found(self._held, left)
+        watch = None
+        if self._recomputes is not False:
+            swapped += _swap_in(self._attribute_writes)
+            watch = _Recomputation(swapped)
         try:
             with watch or nullcontext():
                 yield
         finally:
-            if watch is not None and (moved := watch.moved()):
-                self._recomputation_said = True
-                self._say_recomputed(moved)
+            if watch is not None:
+                self._recomputes = self._recomputes or bool(watch.forwards)
+                moved = watch.moved()
+                if moved and not self._recomputation_said:
+                    self._recomputation_said = True
+                    self._say_recomputed(moved)
             _swap_back(swapped[::-1])
 
     def _say_recomputed(self, moved: set[tuple[int, str]]) -> None:
@@ -2098,6 +2115,7 @@ class ModelObjective:
         or to checkpointing, after an operator's first product moved the user's running
         statistics at every later one (the diff review)."""
         self._recomputation_writes = None
+        self._recomputes = None
 
     def kernels(self) -> contextlib.AbstractContextManager[None]:
         """The kernel switches a second-order forward runs under (in :meth:`context`), alone
