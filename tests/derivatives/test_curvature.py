@@ -728,11 +728,7 @@ def test_every_kind_measures_a_checkpointed_model_with_parameters_left_out(kind)
     constants the forward had not (torch's CheckpointError), which the Hessian's pass ran again
     past; the other kinds failed with torch's error (the diff review). Every kind's pass runs
     again once, the parameters passed requiring grad."""
-    g = torch.Generator().manual_seed(1)
-    data = (
-        torch.randn(16, 4, generator=g, dtype=cases.DT),
-        torch.randint(0, 2, (16,), generator=g),
-    )
+    _, data = _two_class_data()
     measured = []
     for checkpointed in (False, True):
         torch.manual_seed(0)
@@ -740,6 +736,16 @@ def test_every_kind_measures_a_checkpointed_model_with_parameters_left_out(kind)
         C = cs.Curvature(model, nn.CrossEntropyLoss(), data, kind=kind, params=["bn.weight"])
         measured.append(C.to_dense())
     torch.testing.assert_close(measured[1], measured[0], rtol=1e-12, atol=1e-14)
+
+
+def _two_class_data() -> tuple[torch.Generator, tuple[torch.Tensor, torch.Tensor]]:
+    """16 float64 inputs of 4 with labels of 2 classes, and the generator that drew them (for
+    the test's vectors)."""
+    g = torch.Generator().manual_seed(1)
+    return g, (
+        torch.randn(16, 4, generator=g, dtype=cases.DT),
+        torch.randint(0, 2, (16,), generator=g),
+    )
 
 
 class _CheckpointedState(nn.Module):
@@ -777,11 +783,7 @@ def test_a_checkpointed_block_that_writes_into_the_model_leaves_it_as_found(attr
     a running scale held as a plain attribute did too, products 44–58% apart (an outside
     review). The recomputations write into copies now: the products are the uncheckpointed
     model's, one graph serves them all, and the statistics are as found."""
-    g = torch.Generator().manual_seed(1)
-    data = (
-        torch.randn(16, 4, generator=g, dtype=cases.DT),
-        torch.randint(0, 2, (16,), generator=g),
-    )
+    g, data = _two_class_data()
     v = torch.randn(47, generator=g, dtype=cases.DT)
 
     def products(checkpointed: bool) -> tuple[nn.Module, list[torch.Tensor], int]:
@@ -861,11 +863,7 @@ def test_a_checkpointed_block_that_reads_what_it_sets_is_differentiated_as_torch
     forward's and its derivatives the recomputation's, so not even the training gradient's
     central differences match the products (11% here); the note says so, and the model is left
     as found."""
-    g = torch.Generator().manual_seed(1)
-    data = (
-        torch.randn(16, 4, generator=g, dtype=cases.DT),
-        torch.randint(0, 2, (16,), generator=g),
-    )
+    g, data = _two_class_data()
     torch.manual_seed(0)
     model = _StateAroundACheckpoint(True, how).double()
     backend = {"backend": "double_backward"} if kind == "hessian" else {}
@@ -892,11 +890,7 @@ def test_an_attribute_set_before_a_checkpointed_block_and_read_in_it_is_as_the_b
     are the uncheckpointed model's, with no note (resetting the attributes as the forward
     began, as an intermediate version of this change did, put the gradient 134% off: the diff
     review)."""
-    g = torch.Generator().manual_seed(1)
-    data = (
-        torch.randn(16, 4, generator=g, dtype=cases.DT),
-        torch.randint(0, 2, (16,), generator=g),
-    )
+    g, data = _two_class_data()
     v = torch.randn(37, generator=g, dtype=cases.DT)
     measured = []
     for checkpointed in (False, True):
@@ -956,11 +950,7 @@ def test_an_operator_kept_while_the_model_turns_to_train_mode_leaves_its_statist
     first product: one made in eval mode (no write), then model.train(), moved the user's
     running statistics at every later product (the diff review). It is learned anew for each
     new graph."""
-    g = torch.Generator().manual_seed(1)
-    data = (
-        torch.randn(16, 4, generator=g, dtype=cases.DT),
-        torch.randint(0, 2, (16,), generator=g),
-    )
+    g, data = _two_class_data()
     torch.manual_seed(0)
     model = _CheckpointedState(True, False).double().eval()
     C = cs.Curvature(model, nn.CrossEntropyLoss(), data, backend="double_backward", cache=cache)
