@@ -906,6 +906,52 @@ def test_an_attribute_set_before_a_checkpointed_block_and_read_in_it_is_as_the_b
     assert not any("activation checkpointing" in n for n in notes)
 
 
+class _CheckpointedLargeBatches(nn.Module):
+    """A block that updates a plain tensor attribute in place and reads it, checkpointed only
+    in batches of more than 4 rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.out = nn.Linear(4, 6), nn.Linear(6, 2)
+        self.stat = torch.ones(6, dtype=cases.DT)
+
+    def block(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.stat.mul_(0.5).add_(0.1)
+        return torch.tanh(self.lin(x) + 3 * self.stat)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 4:
+            return self.out(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False))
+        return self.out(self.block(x))
+
+
+@pytest.mark.filterwarnings("ignore::curvscope.derivatives.AttributeWriteWarning")
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_model_that_checkpoints_some_batches_only_gives_one_operator(cache):
+    """Whether a backward recomputes a block is learned per graph: learned once for all, at a
+    batch that does not checkpoint, a later batch's recomputations wrote into the forward's
+    own tensor — products drifting 8–15% apart, or torch's bare "modified by an inplace
+    operation" (the diff review)."""
+    g = torch.Generator().manual_seed(0)
+    data = [
+        (
+            torch.randn(n, 4, generator=g, dtype=cases.DT),
+            torch.randn(n, 2, generator=g, dtype=cases.DT),
+        )
+        for n in (4, 8)
+    ]
+    torch.manual_seed(0)
+    model = _CheckpointedLargeBatches().double()
+    C = cs.Curvature(model, nn.MSELoss(), data, backend="double_backward", cache=cache)
+    V = torch.randn(C.num_params, 3, generator=g, dtype=cases.DT)
+    first = C @ V[:, 0]
+    assert all(torch.equal(C @ V[:, 0], first) for _ in range(3))
+    columns = torch.stack([C @ V[:, j] for j in range(3)], 1)
+    torch.testing.assert_close(C.matmat(V), columns, rtol=1e-12, atol=1e-14)
+    assert torch.equal(model.stat, torch.ones(6, dtype=cases.DT))
+
+
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 @pytest.mark.parametrize("cache", [True, False])
 @pytest.mark.parametrize("kind", ["hessian", "ggn", "fisher", "empirical_fisher"])

@@ -340,6 +340,14 @@ def bindings_unchanged(before: list[tuple[Any, ...]], now: list[tuple[Any, ...]]
     )
 
 
+@dataclass
+class _Recomputes:
+    """Whether a graph's backward passes recompute a block (a module's forward runs in them:
+    :meth:`ModelObjective._as_left`); None until its first backward."""
+
+    recomputes: bool | None = None
+
+
 class _Recomputation:
     """Watches a backward pass for a block recomputed in it (a module's forward running there:
     activation checkpointing) that sets the attributes of ``swapped`` to other values than
@@ -424,6 +432,10 @@ _HOOK_DICTS = (
     "_backward_hooks",
     "_backward_pre_hooks",
 )
+
+
+#: the hook dicts whose sizes the cache's check reads (:meth:`ModelObjective.model_state`)
+_HOOKS_READ = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
 
 
 def _hook_dicts(mod: nn.Module) -> list[dict[Any, Any]]:
@@ -1538,9 +1550,6 @@ class ModelObjective:
         #: whether a block recomputed in a pass's backward set the attributes again, said
         #: (:meth:`backward_state`)
         self._recomputation_said = False
-        #: whether the graphs' backward passes recompute a block (a module's forward runs in
-        #: them: :meth:`_as_left`); None until their first backward
-        self._recomputes: bool | None = None
         #: per :meth:`context` entered, the attributes swapped for copies during it, put back
         #: as it ends (a loss that reads an attribute the forward wrote read the user's, the
         #: previous batch's, when they were put back as the forward returned: 3.7% off, the
@@ -1613,7 +1622,10 @@ class ModelObjective:
         tensors: list[tuple[str, Tensor]] = []
         for mod_name, mod in self._modules_read():
             prefix = f"{mod_name}." if mod_name else ""
-            bindings.append(tuple(vars(mod).values()))
+            found = vars(mod)  # (and how many hooks each of its forward and backward runs:
+            # one registered between two products was not seen, 56–145% off: the diff review)
+            hooks = [len(found.get(d, ())) for d in _HOOKS_READ]
+            bindings.append((*found.values(), *hooks))
             for k, p in mod._parameters.items():
                 if p is not None:
                     flags.append(p.requires_grad)
@@ -2065,18 +2077,19 @@ class ModelObjective:
         left: _Swapped = [
             (vars(m), key, vars(m).get(key, _ABSENT), None) for _, m, key in self._held
         ]
-        return partial(self._as_left, left)
+        return partial(self._as_left, left, _Recomputes())
 
     @contextlib.contextmanager
-    def _as_left(self, left: _Swapped) -> Iterator[None]:
+    def _as_left(self, left: _Swapped, graph: _Recomputes) -> Iterator[None]:
         """:meth:`backward_state`'s context: the attributes as ``left``; while a backward may
-        recompute a block (learned at the graphs' first backward: :meth:`graphs_built`),
-        copies of the written ones for it to write, and — until said — whether it set them
-        otherwise. (Copies at every backward cost a block of 8 vectors 1.75–6.2x on a model
-        whose forward stores a 128 MB tensor and recomputes nothing: the diff review.)"""
+        recompute a block (learned at this graph's first backward: a model that checkpoints
+        some batches only drifted 8–15% a product when it was learned once for all, the diff
+        review), copies of the written ones for it to write, and — until said — whether it
+        set them otherwise. (Copies at every backward cost a block of 8 vectors 1.75–6.2x on a
+        model whose forward stores a 128 MB tensor and recomputes nothing: the diff review.)"""
         swapped = _as_found(self._held, left)
         watch = None
-        if self._recomputes is not False:
+        if graph.recomputes is not False:
             swapped += _swap_in(self._attribute_writes)
             watch = _Recomputation(swapped)
         try:
@@ -2084,7 +2097,7 @@ class ModelObjective:
                 yield
         finally:
             if watch is not None:
-                self._recomputes = self._recomputes or bool(watch.forwards)
+                graph.recomputes = graph.recomputes or bool(watch.forwards)
                 moved = watch.moved()
                 if moved and not self._recomputation_said:
                     self._recomputation_said = True
@@ -2115,7 +2128,6 @@ class ModelObjective:
         or to checkpointing, after an operator's first product moved the user's running
         statistics at every later one (the diff review)."""
         self._recomputation_writes = None
-        self._recomputes = None
 
     def kernels(self) -> contextlib.AbstractContextManager[None]:
         """The kernel switches a second-order forward runs under (in :meth:`context`), alone
