@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -46,15 +45,6 @@ from curvscope.derivatives.functions import _grad_with_graph
 from curvscope.derivatives.objective import Batch, ModelObjective, bindings_unchanged
 from curvscope.derivatives.sharded import ShardedCurvature
 from curvscope.derivatives.zero3 import check_backend
-
-#: per model (its source's ``key()``), the last moves of its attributes' bindings that a cached
-#: operator's passes and products made — (before, after): what curvscope set, which another
-#: operator on the model then takes as its own (:meth:`Curvature._unchanged`)
-_MOVED: weakref.WeakKeyDictionary[Any, list[tuple[list[Any], list[Any]]]] = (
-    weakref.WeakKeyDictionary()
-)
-#: how many of a model's moves are kept (two operators alternating make two a round)
-MOVES_KEPT = 8
 
 
 @dataclass(frozen=True)
@@ -143,13 +133,6 @@ class _FunctionSource:
     def attribute_state(self) -> list[tuple[str, Tensor]]:
         return []
 
-    def key(self) -> object:
-        """What :data:`_MOVED` is keyed by (nothing is bound here: never read)."""
-        return self
-
-    def model_modules(self) -> int:
-        return 0
-
     def recomputation_kept(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
@@ -208,15 +191,6 @@ class _ModelSource:
         self.recomputation_kept = objective.recomputation_kept
         self.kernels = objective.kernels
         self.check_unchanged_data = objective.check_unchanged_data
-
-    def key(self) -> object:
-        """What :data:`_MOVED` is keyed by: the model, whichever operator measures it."""
-        return self.obj.model
-
-    def model_modules(self) -> int:
-        """How many of :meth:`model_state`'s bindings are the model's modules' (a loss
-        module's come after)."""
-        return sum(1 for _ in self.obj.model.named_modules())
 
     def weight(self, batch: Batch) -> float:
         """A batch's weight in the operator: its share of all samples (over all ranks) for a
@@ -537,8 +511,7 @@ class Curvature:
             return
         if self._cached is None or not self._unchanged():
             self._cached = self._snapshot = None
-            _, found, tensors = self._state_now()
-            before = _Snapshot(tensors)
+            before = _Snapshot(self._state_now()[2])
             self._cached = list(self._source.prepare())  # (its pass checks the data)
             # the parameters and buffers as the pass found them (a forward that writes into a
             # parameter after reading it: the graph is at the value before, and the next
@@ -548,7 +521,6 @@ class Curvature:
             # that stores a value rebuilt the graphs at the product after loss_and_gradient,
             # the diff review)
             flags, bindings, _ = self._state_now()
-            self._moved(found, bindings)
             self._snapshot = (flags, bindings, before, _Snapshot(self._source.attribute_state()))
             self._settled = False  # (whether a product changes the flags: :meth:`_settle`)
         else:  # the cached graphs hold the data they were built on
@@ -571,17 +543,7 @@ class Curvature:
             self._settled = True
             self._volatile = flags != was or not bindings_unchanged(bound, bindings)
         if self._volatile:
-            self._moved(self._snapshot[1], bindings)
             self._snapshot = (flags, bindings, *self._snapshot[2:])
-
-    def _moved(self, before: list[Any], after: list[Any]) -> None:
-        """A pass or product of this operator moved the model's bindings from ``before`` to
-        ``after``: kept (the last :data:`MOVES_KEPT` of the model's) for its other operators
-        (the model's modules only: each operator may have a loss module of its own)."""
-        n = self._source.model_modules()
-        if not bindings_unchanged(before[:n], after[:n]):
-            moves = _MOVED.setdefault(self._source.key(), [])
-            moves[:] = [*moves[1 - MOVES_KEPT :], (before[:n], after[:n])]
 
     def _state_now(self) -> tuple[tuple[Any, ...], list[Any], list[tuple[str, Tensor]]]:
         """The model's state (:meth:`ModelObjective.model_state`), the caller's autocast state
@@ -604,23 +566,8 @@ class Curvature:
         assert self._snapshot is not None
         flags, bound, saved, written = self._snapshot
         flags_now, bindings, now = self._state_now()
-        if flags_now != flags:
+        if flags_now != flags or not bindings_unchanged(bound, bindings):
             return False
-        if not bindings_unchanged(bound, bindings):
-            # moved by another operator's product on the same model (a value its backward
-            # hooks set), not by the user: two operators rebuilt each other at every product
-            # (the diff review)
-            n = self._source.model_modules()
-            reached = bound[:n]
-            for was, became in _MOVED.get(self._source.key(), []):
-                if bindings_unchanged(was, reached):
-                    reached = became
-            if not (
-                bindings_unchanged(reached, bindings[:n])
-                and bindings_unchanged(bound[n:], bindings[n:])
-            ):
-                return False
-            self._snapshot = (flags, bindings, saved, written)
         return saved.holds(now) and written.holds(self._source.attribute_state())
 
     @property

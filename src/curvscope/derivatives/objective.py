@@ -434,8 +434,21 @@ _HOOK_DICTS = (
 )
 
 
-#: the hook dicts whose sizes the cache's check reads (:meth:`ModelObjective.model_state`)
-_HOOKS_READ = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
+#: a module's hook dicts whose handles the cache's check reads (:meth:`ModelObjective.
+#: model_state`): a hook registered, or swapped for another, between two products was not
+#: seen, 37–287% off (the diff reviews); each handle has a number of its own
+_HOOKS_READ = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _global_hooks() -> list[int]:
+    """The handles of the hooks registered for every module (``register_module_forward_hook``
+    and its kin), for the cache's check: each dict's size, then its handles."""
+    found: list[int] = []
+    for name in ("forward", "forward_pre", "backward", "backward_pre"):
+        hooks = getattr(torch.nn.modules.module, f"_global_{name}_hooks", {})
+        found.append(len(hooks))
+        found += hooks
+    return found
 
 
 def _hook_dicts(mod: nn.Module) -> list[dict[Any, Any]]:
@@ -1607,31 +1620,34 @@ class ModelObjective:
 
     def model_state(
         self,
-    ) -> tuple[tuple[bool, ...], list[tuple[Any, ...]], list[tuple[str, Tensor]]]:
+    ) -> tuple[tuple[int, ...], list[tuple[Any, ...]], list[tuple[str, Tensor]]]:
         """What the cache checks before every product, from one walk over the modules of the
         model and of a loss module (:meth:`_modules_read`): each parameter's
-        ``requires_grad``; what each module's attributes are bound to (its ``training``, a
+        ``requires_grad`` and the handles of each module's hooks (and the global ones:
+        :data:`_HOOKS_READ`); what each module's attributes are bound to (its ``training``, a
         temperature, a flag, a stride, a plain tensor: compared by identity,
         :func:`bindings_unchanged`); and every tensor a forward pass reads from them — all
         parameters and buffers — by name (the plain tensor attributes it writes, by value:
         :meth:`attribute_state`). A temperature the user lowered between two products of a
         kept operator was not seen: the second product was the first's, 73% off a new
         operator's (a review)."""
-        flags: list[bool] = []
+        flags: list[int] = []  # (bools among them)
         bindings: list[tuple[Any, ...]] = []
         tensors: list[tuple[str, Tensor]] = []
         for mod_name, mod in self._modules_read():
             prefix = f"{mod_name}." if mod_name else ""
-            found = vars(mod)  # (and how many hooks each of its forward and backward runs:
-            # one registered between two products was not seen, 56–145% off: the diff review)
-            hooks = [len(found.get(d, ())) for d in _HOOKS_READ]
-            bindings.append((*found.values(), *hooks))
+            found = vars(mod)
+            bindings.append(tuple(found.values()))
+            for name in _HOOKS_READ:  # (the handles of its hooks: _hooks_registered)
+                hooks = found.get(name, ())
+                flags.append(len(hooks))
+                flags += hooks
             for k, p in mod._parameters.items():
                 if p is not None:
                     flags.append(p.requires_grad)
                     tensors.append((prefix + k, p))
             tensors += [(prefix + k, b) for k, b in mod._buffers.items() if b is not None]
-        return tuple(flags), bindings, tensors
+        return (*flags, *_global_hooks()), bindings, tensors
 
     def _modules_read(self) -> Iterator[tuple[str, nn.Module]]:
         """The model's modules by name, and a loss that is a module's (``loss_fn.…``): its
