@@ -428,10 +428,10 @@ class Curvature:
         self.cache = source.in_memory if cache is None else bool(cache)
         self._cached: list[tuple[float, _k.PreparedProduct]] | None = None
         self._differences = None  # finite-difference products (set by __init__)
-        #: the model's flags (with the caller's autocast state), its parameters and buffers
-        #: before the cached graphs' pass and the plain attributes it writes after it
-        #: the cached graphs' model state: (flags, bindings, parameters and buffers, the
-        #: attributes a forward writes) — :meth:`_unchanged`
+        #: the cached graphs' model state (:meth:`_unchanged`): the flags (with the caller's
+        #: autocast state) and the attributes' bindings as the graphs' pass left them, the
+        #: parameters and buffers as it found them, the plain attributes it writes as it left
+        #: them
         self._snapshot: tuple[tuple[Any, ...], list[Any], _Snapshot, _Snapshot] | None = None
         #: whether the graphs' first product has shown whether a product changes the flags
         #: (:meth:`_settle`), and whether it does
@@ -552,8 +552,9 @@ class Curvature:
         return (*flags, autocast_state(self.device)), bindings, tensors
 
     def _unchanged(self) -> bool:
-        """Whether the model is exactly as when the cached graphs were built: the same flags
-        and, for every parameter and buffer, the same name, shape, dtype, device and values.
+        """Whether the model is exactly as when the cached graphs were built: the same flags,
+        its modules' attributes bound to the same objects, and, for every parameter and
+        buffer, the same name, shape, dtype, device and values.
 
         Values are compared, not trusted to in-place version counters: ``p.data.add_()``,
         ``vector_to_parameters`` and ``load_state_dict(..., assign=True)`` change parameters
