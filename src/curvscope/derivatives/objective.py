@@ -444,8 +444,8 @@ def _global_hooks() -> list[int]:
     """The handles of the hooks registered for every module (``register_module_forward_hook``
     and its kin), for the cache's check: each dict's size, then its handles."""
     found: list[int] = []
-    for name in ("forward", "forward_pre", "backward", "backward_pre"):
-        hooks = getattr(torch.nn.modules.module, f"_global_{name}_hooks", {})
+    for name in _HOOKS_READ:  # (``_global_forward_hooks`` beside a module's ``_forward_hooks``)
+        hooks = getattr(torch.nn.modules.module, f"_global{name}", {})
         found.append(len(hooks))
         found += hooks
     return found
@@ -1638,10 +1638,12 @@ class ModelObjective:
             prefix = f"{mod_name}." if mod_name else ""
             found = vars(mod)
             bindings.append(tuple(found.values()))
-            for name in _HOOKS_READ:  # (the handles of its hooks: _hooks_registered)
-                hooks = found.get(name, ())
-                flags.append(len(hooks))
-                flags += hooks
+            # the handles of its hooks (:data:`_HOOKS_READ`; spelt out: the check runs before
+            # every product, and most modules have none)
+            a, b = found.get("_forward_hooks", ()), found.get("_forward_pre_hooks", ())
+            c, d = found.get("_backward_hooks", ()), found.get("_backward_pre_hooks", ())
+            if a or b or c or d:
+                flags += (len(a), *a, len(b), *b, len(c), *c, len(d), *d)
             for k, p in mod._parameters.items():
                 if p is not None:
                     flags.append(p.requires_grad)
