@@ -907,18 +907,18 @@ def test_an_attribute_set_before_a_checkpointed_block_and_read_in_it_is_as_the_b
 
 
 class _CheckpointedLargeBatches(nn.Module):
-    """A block that updates a plain tensor attribute in place and reads it, checkpointed only
-    in batches of more than 4 rows."""
+    """A block that updates a plain tensor attribute in place and reads it, beside a
+    BatchNorm in train mode, checkpointed only in batches of more than 4 rows."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.lin, self.out = nn.Linear(4, 6), nn.Linear(6, 2)
+        self.lin, self.bn, self.out = nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)
         self.stat = torch.ones(6, dtype=cases.DT)
 
     def block(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             self.stat.mul_(0.5).add_(0.1)
-        return torch.tanh(self.lin(x) + 3 * self.stat)
+        return torch.tanh(self.bn(self.lin(x)) + 3 * self.stat)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > 4:
@@ -932,7 +932,8 @@ def test_a_model_that_checkpoints_some_batches_only_gives_one_operator(cache):
     """Whether a backward recomputes a block is learned per graph: learned once for all, at a
     batch that does not checkpoint, a later batch's recomputations wrote into the forward's
     own tensor — products drifting 8–15% apart, or torch's bare "modified by an inplace
-    operation" (the diff review)."""
+    operation" (the diff review) — and into the user's running statistics, at every product
+    (the reread)."""
     g = torch.Generator().manual_seed(0)
     data = [
         (
@@ -950,6 +951,9 @@ def test_a_model_that_checkpoints_some_batches_only_gives_one_operator(cache):
     columns = torch.stack([C @ V[:, j] for j in range(3)], 1)
     torch.testing.assert_close(C.matmat(V), columns, rtol=1e-12, atol=1e-14)
     assert torch.equal(model.stat, torch.ones(6, dtype=cases.DT))
+    fresh = nn.BatchNorm1d(6).double()
+    for name, b in model.bn.named_buffers():
+        assert torch.equal(b, getattr(fresh, name)), name
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")

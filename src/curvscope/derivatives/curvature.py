@@ -133,7 +133,9 @@ class _FunctionSource:
     def attribute_state(self) -> list[tuple[str, Tensor]]:
         return []
 
-    def recomputation_kept(self) -> contextlib.AbstractContextManager[None]:
+    def recomputation_kept(
+        self, graph: int | None = None
+    ) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
     def kernels(self) -> contextlib.AbstractContextManager[None]:
@@ -599,9 +601,9 @@ class Curvature:
         else:
             products = self._source.prepare(forward=True)
         total: Tensor | None = None
-        for weight, product in products:  # Σ_b w_b C_b V, summed flat: one op a batch
+        for graph, (weight, product) in enumerate(products):  # Σ_b w_b C_b V, summed flat
             # as the forward ran: checkpointing recomputes it (and what it writes, put back)
-            with self._source.kernels(), self._source.recomputation_kept():
+            with self._source.kernels(), self._source.recomputation_kept(graph):
                 applied = product.apply(blocks)
             part = self._source.flatten(applied, batched=True).detach()
             if total is None:

@@ -357,11 +357,11 @@ class _Recomputation:
 
     def __init__(self, swapped: _Swapped) -> None:
         # each slot's value as the backward starts: a copy's original (what the forward left),
-        # or what was put there
-        self.start = {(id(where), key): (where, key, _at(where, key)) for where, key, *_ in swapped}
-        for where, key, t, mine in swapped:
-            if mine is not None:
-                self.start[id(where), key] = (where, key, t)
+        # or what was put there (a copy comes after what was put in its slot: it wins)
+        self.start = {
+            (id(where), key): (where, key, _at(where, key) if mine is None else t)
+            for where, key, t, mine in swapped
+        }
         self.forwards = 0
 
     def __enter__(self) -> None:
@@ -1557,9 +1557,10 @@ class ModelObjective:
         self._held: list[tuple[str, nn.Module, str]] = []
         #: the modules' hook dicts the first forward registered hooks in (:meth:`_forward`)
         self._hooks_changed: list[dict[Any, Any]] = []
-        #: whether a product's backward writes into the model (a forward recomputed there:
-        #: :meth:`recomputation_kept`); None until an operator's first product
-        self._recomputation_writes: bool | None = None
+        #: per graph (its batch's place in a pass over the data), whether a product's backward
+        #: writes into the model's buffers (a forward recomputed there: :meth:`recomputation_
+        #: kept`); a graph not in it has not been through a product yet
+        self._recomputation_writes: dict[int, bool] = {}
         #: whether a block recomputed in a pass's backward set the attributes again, said
         #: (:meth:`backward_state`)
         self._recomputation_said = False
@@ -2025,7 +2026,7 @@ class ModelObjective:
         parametrize._cache_enabled = 0
         self._passes.append([])  # the plain attributes its forwards copy (:meth:`_call`)
         try:
-            with kernels, torch.enable_grad(), self.recomputation_kept(learn=False):
+            with kernels, torch.enable_grad(), self.recomputation_kept():
                 seed_rngs(gens, FORWARD.seed(self.seed, batch_index))
                 yield
         except RuntimeError as e:
@@ -2043,7 +2044,9 @@ class ModelObjective:
                 setattr(m, f, True)
             parametrize._cache_enabled = cache_was
 
-    def recomputation_kept(self, learn: bool = True) -> contextlib.AbstractContextManager[None]:
+    def recomputation_kept(
+        self, graph: int | None = None
+    ) -> contextlib.AbstractContextManager[None]:
         """Around backward passes: the model's buffers are copies, so that a forward recomputed
         there — activation checkpointing reruns a block with the model's own, not the copies
         the pass's forward was given — writes into those. A BatchNorm in a checkpointed block
@@ -2053,24 +2056,28 @@ class ModelObjective:
         not the same: a recomputed block then starts from what the forward started from.
         Copies swapped in, not values written back: a graph the recomputation built saved the
         tensors it wrote, and a write back bumped the counters it checks. In a pass
-        (:meth:`context`, ``learn=False``) every time; around a cached graph's products, from
-        the first product on only if its backward wrote (otherwise nothing: a cached product's
-        hot path). The plain attributes a forward changes: :meth:`backward_state`."""
-        if learn and self._recomputation_writes is False:
+        (:meth:`context`, no ``graph``) every time; around the products of a batch's graph
+        (``graph``: the batch's place in the pass), from its first product on only if its
+        backward wrote — learned per graph, as :meth:`backward_state` learns it: learned once
+        for all, a model that checkpoints its larger batches only moved the user's running
+        statistics at every product (the reread) — otherwise nothing (a cached product's hot
+        path). The plain attributes a forward changes: :meth:`backward_state`."""
+        if graph is not None and self._recomputation_writes.get(graph) is False:
             return nullcontext()
-        return self._recomputation_copies(learn)
+        return self._recomputation_copies(graph)
 
     @contextlib.contextmanager
-    def _recomputation_copies(self, learn: bool) -> Iterator[None]:
-        """:meth:`recomputation_kept`'s copies, swapped in and put back (learning, with
-        ``learn``, whether the block wrote)."""
+    def _recomputation_copies(self, graph: int | None) -> Iterator[None]:
+        """:meth:`recomputation_kept`'s copies, swapped in and put back (learning, for a
+        ``graph``, whether its backward wrote)."""
         buffers = _buffer_copies(self.model)
         put = [(where, key, _at(where, key)) for where, key, _, _ in buffers]
         try:
             yield
         finally:
-            if learn and self._recomputation_writes is None:  # (a host read a tensor on a GPU)
-                self._recomputation_writes = any(
+            if graph is not None and graph not in self._recomputation_writes:
+                # (a host read a tensor on a GPU, once a graph)
+                self._recomputation_writes[graph] = any(
                     _at(where, key) is not there for where, key, there in put
                 ) or any(not torch.equal(t, mine) for _, _, t, mine in buffers if mine is not None)
             # the user's buffers, whatever a recomputation assigned (every forward of
@@ -2145,7 +2152,7 @@ class ModelObjective:
         at their first product (:meth:`recomputation_kept`) — a model switched to train mode,
         or to checkpointing, after an operator's first product moved the user's running
         statistics at every later one (the diff review)."""
-        self._recomputation_writes = None
+        self._recomputation_writes.clear()
 
     def kernels(self) -> contextlib.AbstractContextManager[None]:
         """The kernel switches a second-order forward runs under (in :meth:`context`), alone
