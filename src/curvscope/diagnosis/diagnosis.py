@@ -506,6 +506,7 @@ def diagnose(
     if not isinstance(thresholds, Thresholds):
         raise TypeError(f"thresholds must be a cs.Thresholds, got {type(thresholds).__name__}")
     check_int(max_batches, "max_batches", minimum=1)
+    check_int(accumulation, "accumulation", minimum=1)
     clip = None if clip_factor is None else check_clip_factor(clip_factor)
     if clip is not None and optimizer is None and lr is None:
         raise ValueError(
@@ -527,7 +528,8 @@ def diagnose(
             reduction,
             v0,
             train_batches,
-            (max_batches, check_int(accumulation, "accumulation", minimum=1)),
+            max_batches,
+            accumulation,
             adaptive,
             products,
             clip,
@@ -547,7 +549,8 @@ def _diagnose(
     reduction: str | None,
     v0: Tensor | None,
     train_batches: Iterable[Any] | None,
-    steps: tuple[int, int],
+    max_batches: int,
+    accumulation: int,
     adaptive: bool,
     products: _Products,
     clip: float | None,
@@ -594,7 +597,18 @@ def _diagnose(
         return _finish(evidence, thresholds, {}, not kink, start, C)  # (‖x‖ at 0) reads so
     if train_batches is not None:
         evidence.update(
-            _batch_sharpness(C, model, loss_fn, train_batches, steps, limit, params, seed, products)
+            _batch_sharpness(
+                C,
+                model,
+                loss_fn,
+                train_batches,
+                max_batches,
+                accumulation,
+                limit,
+                params,
+                seed,
+                products,
+            )
         )
     if limit is not None:
         evidence["stable_lr"] = _stable_lr(limit, evidence)
@@ -1022,18 +1036,19 @@ def _batch_sharpness(
     model: nn.Module,
     loss_fn: Callable[[Any, Tensor], Tensor],
     batches: Iterable[Any],
-    steps: tuple[int, int],
+    max_batches: int,
+    accumulation: int,
     limit: StabilityLimit | None,
     params: Iterable[nn.Parameter | str] | None,
     seed: int,
     products: _Products,
 ) -> dict[str, Any]:
     """The evidence of the batch sharpness on the training ``batches`` (beside ``C``, the
-    operator on the probe data), ``steps`` = (the most steps to read, the micro-batches a step
-    accumulates): its value, its standard error and the steps it was measured on — and for a
-    summed loss ``step_share``, B/N: a step of B samples meets B/N of the sum's curvature over
-    N, B the largest step's (not their mean: an uneven last batch moved a mean with the
-    batches read, 6% between two learning rates, a review).
+    operator on the probe data), each step's batch ``accumulation`` of them, at most
+    ``max_batches`` steps: its value, its standard error and the steps it was measured on —
+    and for a summed loss ``step_share``, B/N: a step of B samples meets B/N of the sum's
+    curvature over N, B the largest step's (not their mean: an uneven last batch moved a mean
+    with the batches read, 6% between two learning rates, a review).
 
     The sample is sized from its own standard error: at least :data:`MIN_BATCHES` batches,
     then more until the standard error is at most :data:`BATCH_SHARPNESS_SE` of the stability
@@ -1043,11 +1058,10 @@ def _batch_sharpness(
     values: list[float] = []
     sizes: list[float] = []
     # the user's RNGs untouched; under a process group each batch is measured by all ranks
-    max_steps, accumulated = steps
-    grouped = _grouped(fixed_pass(batches, seed), accumulated)
+    grouped = _grouped(fixed_pass(batches, seed), accumulation)
     try:
         for i, batch in enumerate(in_step(grouped, C.group, C.device, "train_batches")):
-            if i >= max_steps or _precise_enough(values, limit):
+            if i >= max_batches or _precise_enough(values, limit):
                 break
             Cb = _curvature(model, loss_fn, batch, params, seed + i, reduction, products)
             sizes.append(Cb.num_samples or 0.0)
