@@ -422,22 +422,19 @@ def _written(
     return [a for a, v in held if a[3]._version != v or (id(vars(a[1])), a[2]) in into]
 
 
-#: a module's dicts of the hooks a forward or its backward runs
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
-
-
 #: a module's hook dicts whose handles the cache's check reads (:meth:`ModelObjective.
 #: model_state`): a hook registered, or swapped for another, between two products was not
 #: seen, 37–287% off (the diff reviews); each handle has a number of its own
 _HOOKS_READ = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+#: a module's dicts of the hooks a forward or its backward runs: those, and the forward
+#: hooks' options (keyed by the same handles)
+_HOOK_DICTS = (
+    *_HOOKS_READ,
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
 
 
 def _global_hooks() -> list[int]:
