@@ -816,3 +816,76 @@ def test_hooks_a_forward_installs_are_removed_and_the_model_left_as_found():
     with torch.no_grad():
         out = model(**batches[0])
     assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+
+
+def test_a_dynamic_rotary_embedding_grown_by_a_later_batch_is_put_back():
+    """A Llama with dynamic RoPE grows its rotary cache (``max_seq_len_cached``, its inverse
+    frequencies) for a sequence longer than any before. With a short first batch, the operator
+    learned what a forward sets from that batch alone: the long batch's growth was left on the
+    model after every product, and a new operator was 1.3e-4 off (stop 40's diff review). Each
+    batch's first forward learns now: the model is left as found, and the operator is the
+    same whichever batch comes first."""
+    cfg = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=8,
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+    )
+    model = _seeded(lambda: transformers.LlamaForCausalLM(cfg), 0)
+    g = _gen(0)
+    short, long = (torch.randint(0, V, (3, n), generator=g) for n in (6, 12))
+    batches = [{"input_ids": b, "labels": b} for b in (short, long)]
+    rotary = model.model.rotary_emb
+    found = dict(vars(rotary))
+    C = cs.Curvature(model, None, batches)
+    v = torch.randn(C.num_params, dtype=DT, generator=_gen(1))
+    first = C @ v
+    assert dict(vars(rotary)).keys() == found.keys()
+    assert all(vars(rotary)[k] is found[k] for k in found)  # max_seq_len_cached: 8, an int
+    assert torch.equal(C @ v, first)
+    reordered = cs.Curvature(model, None, batches[::-1])
+    torch.testing.assert_close(reordered @ v, first, **TIGHT)
+    torch.testing.assert_close(cs.Curvature(model, None, batches) @ v, first, rtol=0, atol=0)
+
+
+def test_a_mixture_of_experts_router_loss_is_named_and_output_router_logits_off_measures():
+    """A Mixtral with ``output_router_logits=True`` failed every product with transformers'
+    bare IndexError: the own loss's check runs a forward inside the product's pass, which found
+    the flag that the output-capturing hooks were installed, set by the pass's forward, with
+    the hooks removed — no router logits captured (stop 40's review). It now runs as found, and
+    the model's own loss, which adds the routers' load-balancing term, is refused naming that
+    term and the switch; with ``output_router_logits=False`` in the batches the operator is
+    the language model's loss, the same as with the switch off in the config."""
+
+    def mixtral(router_logits: bool) -> nn.Module:
+        cfg = transformers.MixtralConfig(
+            vocab_size=V,
+            hidden_size=8,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_local_experts=3,
+            num_experts_per_tok=2,
+            max_position_embeddings=16,
+            output_router_logits=router_logits,
+            experts_implementation="eager",  # (the grouped kernel takes no float64)
+        )
+        return _seeded(lambda: transformers.MixtralForCausalLM(cfg), 0)
+
+    ids = torch.randint(0, V, (3, 6), generator=_gen(0))
+    model = mixtral(True)
+    before = cases.snapshot(model)
+    with pytest.raises(ValueError, match=r"(?s)load-balancing loss.*output_router_logits=False"):
+        cs.Curvature(model, None, {"input_ids": ids, "labels": ids}).loss_and_gradient()
+    batch = {"input_ids": ids, "labels": ids, "output_router_logits": False}
+    C = cs.Curvature(model, None, batch)
+    v = torch.randn(C.num_params, dtype=DT, generator=_gen(1))
+    switched_off = cs.Curvature(mixtral(False), None, {"input_ids": ids, "labels": ids})
+    torch.testing.assert_close(C @ v, switched_off @ v, rtol=0, atol=0)
+    cases.assert_unchanged(before, cases.snapshot(model))
+    assert not any(len(m._forward_hooks) for m in model.modules())

@@ -263,6 +263,17 @@ class HuggingFaceLoss:
             "masked_lm": "the mean cross-entropy of the logits against the labels, over the "
             "labels ≠ -100",
         }.get(self.head, f"the {self.problem_type} loss of the logits against the labels")
+        aux = getattr(out, "aux_loss", None)
+        if isinstance(aux, Tensor) and aux.numel() == 1:  # a mixture of experts' router term
+            raise ValueError(
+                f"loss_fn=None: on batch {i}, {self.model_name}(**batch).loss is {value:.6g}: "
+                f"the loss curvscope takes from its logits ({what}: {ours:.6g}) plus the "
+                f"routers' auxiliary load-balancing loss (its output's aux_loss, {float(aux):.6g})"
+                " times the config's router_aux_loss_coef, which output_router_logits=True "
+                "adds. To measure the language model's loss, pass "
+                "output_router_logits=False in the batches (or set it in model.config); to "
+                f"measure the sum, {_EXPLICIT}"
+            )
         raise ValueError(
             f"loss_fn=None: on batch {i}, {self.model_name}(**batch).loss is {value:.6g}, but "
             f"the loss curvscope takes from its logits ({what}, as transformers computes it) is "

@@ -386,6 +386,12 @@ class _Recomputation:
         }
 
 
+def _among(slot: Sequence[Any], slots: Iterable[tuple[str, nn.Module, str]]) -> bool:
+    """Whether a module's attribute ``slot`` (name, module, attribute, …) is one of ``slots``:
+    the same module's same attribute."""
+    return any(m is slot[1] and key == slot[2] for _, m, key in slots)
+
+
 def _differs(a: Any, b: Any) -> bool:
     """Whether two attribute values differ: tensors by value, plain values by equality,
     anything else by identity."""
@@ -1538,7 +1544,9 @@ class ModelObjective:
             self._forward_generators.append(torch.cuda.default_generators[index])
         self._loss_checked = False
         self._watched = False  # custom autograd Functions checked (:meth:`watch`)
-        self._first_call = True
+        #: the batches (their place in a pass) whose first forward in this operator has run
+        #: (:meth:`_learning_forward`): what a forward writes and sets is learned from each
+        self._learned: set[int] = set()
         #: the parameters a forward writes into, passed as copies (:meth:`_written_in_forward`)
         self._written: set[str] = set()
         #: the tensors held as plain attributes that a forward writes into in place, copies
@@ -1548,11 +1556,11 @@ class ModelObjective:
         #: (:meth:`_attributes_changed`): the cache's check reads them (:meth:`attribute_state`),
         #: and a block recomputed in a backward gets copies of them
         self._attribute_writes: list[tuple[str, nn.Module, str]] = []
-        #: every attribute the first forward wrote in place (into a copy), assigned, created or
-        #: deleted, tensor or not: held by each forward and put back as its pass ends
+        #: every attribute a batch's first forward wrote in place (into a copy), assigned,
+        #: created or deleted, tensor or not: held by each forward and put back as its pass ends
         #: (:func:`_as_found`), so that the model is left as found
         self._held: list[tuple[str, nn.Module, str]] = []
-        #: the modules' hook dicts the first forward registered hooks in (:meth:`_forward`)
+        #: the modules' hook dicts a batch's first forward registered hooks in (:meth:`_forward`)
         self._hooks_changed: list[dict[Any, Any]] = []
         #: per graph (its batch's place in a pass over the data), whether a product's backward
         #: writes into the model's buffers (a forward recomputed there: :meth:`recomputation_
@@ -2184,21 +2192,29 @@ class ModelObjective:
         ``extra`` added to the batch's); ``copies=False`` inside a torch.func transform
         (:meth:`raw_forward`)."""
         args, kwargs = self.arguments(batch, **extra)
-        # once per operator: torch's warning of a reentrant checkpoint, heard (a model that
-        # checkpoints only in some batches or modes is judged by its first forward), and a
-        # forward that writes into its parameters or its plain tensor attributes seen
         state = self._state(theta)
-        if self._first_call:
-            return self._first_forward(state, args, kwargs)
-        if self._held:  # what a later forward assigns or writes is put back as its pass ends
-            held = _as_found(self._held, self._passes[-1] if self._passes else [])
+        # once per batch (a torch.func transform's forward learns nothing, unless it is the
+        # operator's first): torch's warning of a reentrant checkpoint heard, and what the
+        # forward writes into its parameters or sets of its modules' attributes seen
+        learn = batch.index not in self._learned and (copies or not self._learned)
+        held = []  # what a forward assigns or writes, put back as its pass ends
+        if self._held:  # (each forward starts from the attributes as found: the user's, put
+            # aside by the outermost pass that replaced them — a pass inside a pass, the own
+            # loss's check, found a Hugging Face model's flag that its output-capturing hooks
+            # were installed, set by the outer pass's forward, and with the hooks removed
+            # captured nothing: a Mixtral's router logits, torch's bare IndexError)
+            held = _as_found(self._held, [s for swapped in self._passes for s in swapped])
+            if self._passes:
+                self._passes[-1] += held
+        try:
+            if learn:
+                out = self._learning_forward(state, args, kwargs)
+                self._learned.add(batch.index)
+                return out
+            return self._call_copying(state, args, kwargs, copies)
+        finally:
             if not self._passes:  # (a forward outside a pass: put back at once)
-                try:
-                    return self._call_copying(state, args, kwargs, copies)
-                finally:
-                    _swap_back(held)
-            self._passes[-1] += held
-        return self._call_copying(state, args, kwargs, copies)
+                _swap_back(held)
 
     def _call_copying(self, state: dict[str, Any], args: Any, kwargs: Any, copies: bool) -> Any:
         """A later forward (:meth:`_call`), with copies of the plain attributes it writes."""
@@ -2233,19 +2249,23 @@ class ModelObjective:
             return functional_call(self.model, state, args, kwargs or None, tie_weights=False)
         finally:
             changed = [d for d, was in before if d.keys() != was.keys()]
-            if hooks is not None:
-                self._hooks_changed = changed
+            if hooks is not None:  # (a batch's first forward: what it changed, added)
+                known = {id(d) for d in self._hooks_changed}
+                self._hooks_changed += [d for d in changed if id(d) not in known]
             for d, was in before:
                 if d.keys() != was.keys():
                     d.clear()
                     d.update(was)
 
-    def _first_forward(self, state: dict[str, Any], args: Any, kwargs: Any) -> Any:
-        """An operator's first forward (:meth:`_call`): torch's warnings heard, and what it
-        wrote into the parameters and changed of the modules' attributes (tensors written in
-        place, into copies, seen by their version counters; anything assigned, created or
-        deleted) kept for the later forwards, and put back as its pass ends
-        (:meth:`_attributes_changed`)."""
+    def _learning_forward(self, state: dict[str, Any], args: Any, kwargs: Any) -> Any:
+        """A batch's first forward in an operator (:meth:`_call`): torch's warnings heard, and
+        what it wrote into the parameters and changed of the modules' attributes (tensors
+        written in place, into copies, seen by their version counters; anything assigned,
+        created or deleted) added to what the later forwards copy and put back as their pass
+        ends (:meth:`_attributes_changed`). Each batch's, not the operator's first only: a
+        forward that sets an attribute for some batches only (a dynamic rotary embedding
+        that grows its cache for a longer sequence) left the model moved after every
+        product, and a new operator 1.3e-4 off (stop 40's diff review)."""
         versions = [(k, p, p._version) for k, p in self.model.named_parameters()]
         held = [(a, a[3]._version) for a in tensor_attributes(self.model)]
         hooks = [d for mod in self.model.modules() for d in _hook_dicts(mod)]
@@ -2266,7 +2286,6 @@ class ModelObjective:
         except BaseException:
             _swap_back([*copies, *_restore(found, self.model)][::-1])
             raise
-        self._first_call = False
         for w in said:  # the model's other warnings, as they were
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         self._written_in_forward([k for k, p, v in versions if p._version != v])
@@ -2284,9 +2303,10 @@ class ModelObjective:
         storage: every product wrote again, unseen (an outside review). Its first forward is
         let be — its write is the one the user's next forward makes — and said; the later ones
         write into copies of those parameters (:meth:`_state`)."""
+        written = [k for k in written if k not in self._written]
         if not written:
             return
-        self._written = set(written)
+        self._written |= set(written)
         note = (
             f"the model's forward writes into its parameter(s) {few(written)} in place (a "
             "max-norm clamp, weight clipping?): curvscope's first forward wrote them as your "
@@ -2311,13 +2331,14 @@ class ModelObjective:
         another tensor or shares its storage with another attribute, a parameter or a buffer
         (:func:`_copyable`): such a one is written, and said. ``held``: every plain tensor
         attribute (:func:`tensor_attributes`) as the first forward found them."""
+        written = [a for a in written if not _among(a[:3], self._attribute_writes)]
         if not written:
             return
-        self._attribute_writes = [(k, mod, key) for k, mod, key, _ in written]
+        self._attribute_writes += [(k, mod, key) for k, mod, key, _ in written]
         copyable = {(id(mod), key) for _, mod, key in _copyable(held, self.model)}
         copied = [(k, mod, key) for k, mod, key, _ in written if (id(mod), key) in copyable]
         views = [k for k, _, _, _ in written if k not in {n for n, _, _ in copied}]
-        self._attributes = copied
+        self._attributes += copied
         notes = []
         if copied:
             notes.append(
@@ -2344,7 +2365,8 @@ class ModelObjective:
         held: list[tuple[str, nn.Module, str, Tensor]],
         given: dict[int, dict[str, Any]],
     ) -> None:
-        """What the first forward changed of the modules' attributes, kept: ``written`` in place
+        """What a batch's first forward changed of the modules' attributes, added to what is
+        kept (:meth:`_learning_forward`): ``written`` in place
         (:meth:`_attributes_written`), and anything assigned, created or deleted — tensors
         (``self.scale = 0.5 * self.scale + s``, ``self.last = out.detach()``, a statistic
         created at the first call) or not (a flag, a count) — against each module's attributes
@@ -2360,8 +2382,10 @@ class ModelObjective:
             (f"{name}.{key}" if name else key, mod, key)
             for name, mod in self.model.named_modules()
             for key in _changed_keys(given.get(id(mod), {}), vars(mod))
+            if not _among((name, mod, key), self._held)
         ]
-        self._held = [*changed, *[a for a in self._attributes if a not in changed]]
+        self._held += changed
+        self._held += [a for a in self._attributes if not _among(a, self._held)]
         # an assigned tensor, read by the cache; written in place by a later forward (a
         # statistic created at the first call, updated after): into a copy (not one that views
         # another tensor: a copy would part them)
