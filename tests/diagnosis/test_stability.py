@@ -125,6 +125,34 @@ def test_per_group_learning_rates_scale_the_curvature():
     torch.testing.assert_close(r.scale, torch.tensor([1.0, 1.0, 0.5, 0.5, 0.5]))
 
 
+def test_the_advice_says_which_groups_rate_it_names():
+    """With parameter groups at several rates, "the largest stable learning rate here is 0.507
+    (now 0.8)" held for the largest group with the others scaled alike, and did not say so
+    (the training-loop review). The limit and the evidence carry the groups' rates, and the
+    advice names them and the common factor; scaled by it, every group is at the limit."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    data = (torch.randn(64, 4), torch.randint(0, 3, (64,)))
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def sgd(head: float, body: float) -> torch.optim.SGD:
+        groups = [{"params": model[2].parameters(), "lr": head}]
+        return torch.optim.SGD([*groups, {"params": model[0].parameters(), "lr": body}])
+
+    assert cs.stability_limit(sgd(2.0, 0.5)).group_lrs == (2.0, 0.5)
+    assert cs.stability_limit(sgd(2.0, 2.0)).group_lrs is None
+    d = cs.diagnose(model, loss_fn, data, optimizer=sgd(2.0, 0.5))
+    assert d.evidence.group_lrs == [2.0, 0.5]
+    said = [a for a in d.advice if "largest parameter group's" in a]
+    factor = d.evidence.stable_lr / 2.0
+    assert len(said) == 1 and "2, 0.5" in said[0] and f"{factor:.3g}x each" in said[0]
+    at = cs.diagnose(model, loss_fn, data, optimizer=sgd(2.0 * factor, 0.5 * factor))
+    assert at.evidence.sharpness == pytest.approx(at.evidence.stability_limit, rel=1e-3)
+    alone = cs.diagnose(model, loss_fn, data, optimizer=sgd(2.0, 2.0))
+    assert alone.evidence.group_lrs is None
+    assert not any("parameter group" in a for a in alone.advice)
+
+
 def test_a_zero_learning_rate_has_no_limit_and_foreign_parameters_are_refused():
     p = params()
     r = cs.stability_limit(torch.optim.SGD(p, lr=0.0))

@@ -166,8 +166,15 @@ class StateEnum(str, Enum):
         return member
 
     def advice(self, evidence: Mapping[str, Any]) -> list[str]:
-        """What to do in this state, with the numbers of ``evidence``."""
-        return self._advise(evidence)
+        """What to do in this state, with the numbers of ``evidence`` — where it names a
+        learning rate and the optimizer's groups step at several, which one that is."""
+        said = self._advise(evidence)
+        rates, lr = evidence.get("group_lrs"), evidence.get("lr")
+        if rates and lr and any("learning rate" in a for a in said):
+            # the advice "the largest stable learning rate here is 0.507 (now 0.8)" was right
+            # for the largest group with the others scaled alike, and did not say so (a review)
+            said = [*said, _groups_said(lr, rates, evidence.get("stable_lr"))]
+        return said
 
     def __str__(self) -> str:  # the name, as in logs (Python 3.12 would print "State.X")
         return str.__str__(self)
@@ -177,6 +184,16 @@ class StateEnum(str, Enum):
 
 
 _Vocabulary = TypeVar("_Vocabulary", bound=type[StateEnum])
+
+
+def _groups_said(lr: float, rates: list[float], stable: float | None) -> str:
+    """Which learning rate the advice names where the parameter groups step at several."""
+    factor = f" ({stable / lr:.3g}x each)" if stable and math.isfinite(stable) else ""
+    return (
+        f"The learning rates named are the largest parameter group's ({lr:.3g}; the groups "
+        f"step at {', '.join(f'{r:.3g}' for r in rates)}): scale every group's rate by the "
+        f"same factor{factor}. Raising one group's alone moves the limit another way."
+    )
 
 
 def unique_codes(vocabulary: _Vocabulary) -> _Vocabulary:
@@ -566,6 +583,9 @@ class Evidence(Mapping[str, Any]):
         newton_decrement: δ² = gᵀH⁻¹g (None where CG meets negative curvature).
         matvecs: curvature products spent (and one per train batch).
         lr: the reference learning rate η; limit_constant: c in s* = c/η.
+        group_lrs: the optimizer's parameter groups' learning rates, largest first, where they
+            differ (η is the largest): ``stable_lr`` is then η's, with every group's rate
+            scaled by the same factor.
         optimizer: the optimizer in words; preconditioned: whether the sharpness is
             preconditioned; thresholds: the :class:`Thresholds` as a dict.
         sharpness_residual, lambda_min_residual, eigen_converged: Lanczos's quality.
@@ -625,6 +645,7 @@ class Evidence(Mapping[str, Any]):
     matvecs: int | None = _always(default=None)
     lr: float | None = _always(default=None)
     limit_constant: float | None = _always(default=None)
+    group_lrs: list[float] | None = None
     optimizer: str | None = None
     preconditioned: bool | None = None
     thresholds: dict[str, float] | None = None

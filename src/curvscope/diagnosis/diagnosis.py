@@ -730,6 +730,7 @@ def _first_evidence(limit: StabilityLimit | None, thresholds: Thresholds) -> dic
         "grad_norm": math.nan,
         "stability_limit": None if limit is None else limit.limit,
         "lr": None if limit is None else limit.lr,
+        "group_lrs": None if limit is None or not limit.group_lrs else list(limit.group_lrs),
         "limit_constant": None if limit is None else limit.constant,
         "optimizer": "none" if limit is None else limit.optimizer,
         "preconditioned": bool(limit and limit.preconditioned),

@@ -382,6 +382,10 @@ RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer": (lambda v: isinstance(v, str), "a string"),
     "thresholds": (lambda v: isinstance(v, dict), "an object"),
     "layer_shares": (_number_map, "an object of numbers"),
+    "group_lrs": (
+        _optional(lambda v: isinstance(v, list) and all(map(_is_number, v))),
+        "a list of numbers or null",
+    ),
     "updates": (_update_rows, "a list of [step, curvature, top curvature] lists"),
     "matvecs": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "batches": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),

@@ -194,6 +194,9 @@ class StabilityLimit:
             (their step factor is 0 in ``scale``).
         clip: the fraction s of the gradient the optimizer is given (gradient clipping,
             :meth:`clipped`; 1: all of it): the limit is then c/(s·η).
+        group_lrs: the stepping parameter groups' learning rates, largest first, where they
+            differ (None for one rate): a rate read at η holds for the largest group with the
+            others scaled in proportion.
     """
 
     limit: float
@@ -206,6 +209,7 @@ class StabilityLimit:
     formula: str
     unscaled: int = 0
     clip: float = 1.0
+    group_lrs: tuple[float, ...] | None = None
 
     def stable_lr(self, sharpness: float) -> float:
         """The largest learning rate that is stable at this (preconditioned) sharpness (for
@@ -485,13 +489,15 @@ def _limit(
     if own:
         what += ", each group's constant by its own hyperparameters"
     l2 = _l2(rule, groups, layout)
+    rates = sorted({float(g["lr"]) for g in groups if g is not None and g["lr"] > 0}, reverse=True)
+    spread = tuple(rates) if len(rates) > 1 else None
     if rule.preconditioner is None:
         scale = None if all(r == 1.0 for r in ratio) else layout.flat(list(ratio))
-        return StabilityLimit(c / eta, eta, c, what, False, scale, l2, formula)
+        return StabilityLimit(c / eta, eta, c, what, False, scale, l2, formula, group_lrs=spread)
     inverse = [layout.entries(q) for q in _preconditioners(optimizer, rule.preconditioner, layout)]
     scale = layout.flat([r * q for r, q in zip(ratio, inverse, strict=True)])
     unscaled = layout.unscaled(inverse)
-    return StabilityLimit(c / eta, eta, c, what, True, scale, l2, formula, unscaled)
+    return StabilityLimit(c / eta, eta, c, what, True, scale, l2, formula, unscaled, 1.0, spread)
 
 
 def _group_ratios(
