@@ -579,6 +579,44 @@ def test_what_a_later_batchs_forward_sets_is_learned_and_put_back(cache):
     torch.testing.assert_close(products[0], H @ v, rtol=1e-10, atol=1e-12)
 
 
+class _GrowsByAssigning(nn.Module):
+    """A rotary-cache-like module that assigns what it grows (no in-place write, which
+    forward-mode AD cannot take into a copy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 2)
+        self.longest = 3
+        self.factor = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] > self.longest:
+            self.longest = x.shape[1]
+            self.factor = x.shape[1] / 3.0
+        return torch.tanh(self.inner(x) * self.factor).mean(1)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_later_batch_is_learned_before_forward_over_reverse_runs_it(cache):
+    """With ``backend="forward_over_reverse"`` pinned, the batches after the first ran only
+    inside torch.func, where nothing is copied, and were never learned: the model was left
+    moved, repeated products up to 1.49 apart, a new operator 70% off (the diff review). Each
+    batch is learned by a plain forward before its first transform now."""
+    torch.manual_seed(0)
+    model = _GrowsByAssigning().to(DT)
+    data = [(torch.randn(5, n, 4, dtype=DT), torch.randn(5, 2, dtype=DT)) for n in (3, 6, 3, 8)]
+    C = cs.Curvature(model, nn.MSELoss(), data, backend="forward_over_reverse", cache=cache)
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(C.num_params, 8, dtype=DT, generator=g)
+    products = [C @ V[:, 0] for _ in range(3)]
+    block = C @ V
+    assert model.longest == 3 and model.factor == 1.0
+    assert all(torch.equal(p, products[0]) for p in products)
+    exact = cs.Curvature(model, nn.MSELoss(), data, backend="double_backward") @ V
+    torch.testing.assert_close(block, exact, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(products[0], exact[:, 0], rtol=1e-10, atol=1e-12)
+
+
 def test_parameters_written_by_a_later_batchs_forward_are_written_once():
     """A forward that shrinks a weight in place for longer batches only wrote into the user's
     at every product, 0.9 times more each time (learned from the operator's first

@@ -250,6 +250,7 @@ class _ForwardOverReverseProduct:
         # gradient, but forward-mode reads the row's tangent — P·H without this (an outside
         # review: 13% off, not symmetric)
         blocks = [_without_row(b, obj.padding.get(n)) for b, n in zip(blocks, names, strict=True)]
+        obj.learn(theta, batch)
         try:
             with obj.context(batch.index):
                 if blocks[0].shape[0] == 1:

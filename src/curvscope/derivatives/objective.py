@@ -2193,10 +2193,9 @@ class ModelObjective:
         (:meth:`raw_forward`)."""
         args, kwargs = self.arguments(batch, **extra)
         state = self._state(theta)
-        # once per batch (a torch.func transform's forward learns nothing, unless it is the
-        # operator's first): torch's warning of a reentrant checkpoint heard, and what the
+        # once per batch: torch's warning of a reentrant checkpoint heard, and what the
         # forward writes into its parameters or sets of its modules' attributes seen
-        learn = batch.index not in self._learned and (copies or not self._learned)
+        learn = batch.index not in self._learned  # (:meth:`learn` before a transform)
         held = []  # what a forward assigns or writes, put back as its pass ends
         if self._held:  # (each forward starts from the attributes as found: the user's, put
             # aside by the outermost pass that replaced them — a pass inside a pass, the own
@@ -2403,6 +2402,17 @@ class ModelObjective:
                 "them back as found after each of its passes (each of its forwards starts "
                 "from them as found)"
             )
+
+    def learn(self, theta: Mapping[str, Tensor], batch: Batch) -> None:
+        """A batch's first forward (:meth:`_learning_forward`), run here if it has not run yet:
+        before a torch.func transform, inside which nothing is copied. With
+        ``backend="forward_over_reverse"`` pinned, the batches after the first ran only there,
+        and what their forwards set was never learned: a model that grows a cache for a
+        longer batch was left moved, repeated products up to 1.49 apart, a new operator 70%
+        off, and a dynamic-RoPE Llama failed inside forward-mode AD (the diff review)."""
+        if batch.index not in self._learned:
+            with self.context(batch.index):
+                self._call(theta, batch)
 
     def raw_forward(self, theta: Mapping[str, Tensor], batch: Batch, copies: bool = True) -> Any:
         """Model outputs at parameters ``theta``, unchecked (usable inside torch.func
