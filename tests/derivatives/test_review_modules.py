@@ -617,38 +617,6 @@ def test_a_later_batch_is_learned_before_forward_over_reverse_runs_it(cache):
     torch.testing.assert_close(products[0], exact[:, 0], rtol=1e-10, atol=1e-12)
 
 
-def test_a_large_plain_tensor_a_later_batch_writes_is_said_to_have_moved_once():
-    """Copying every plain tensor at every batch's first forward cost a new operator's first
-    pass 72 ms a batch with a 128 MB table nothing writes (the diff review); after the first
-    batch, tensors over ``LATER_COPIES`` are not copied again. One that a later batch's forward
-    writes in place is then moved by that one forward: said, and copied from then on, so the
-    products after the first agree and the table moves no further."""
-    from curvscope.derivatives.objective import LATER_COPIES
-
-    class Table(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = nn.Linear(5, 3)
-            self.table = torch.zeros(LATER_COPIES // 8 + 1, dtype=DT)  # just over the size
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if x.shape[0] > 16:
-                with torch.no_grad():
-                    self.table[:3] += 1.0
-            return torch.tanh(self.inner(x) + self.table[:3])
-
-    torch.manual_seed(0)
-    model = Table().to(DT)
-    short = (torch.randn(12, 5, dtype=DT), torch.randint(0, 3, (12,)))
-    long = (torch.randn(24, 5, dtype=DT), torch.randint(0, 3, (24,)))
-    with pytest.warns(cs.derivatives.AttributeWriteWarning, match=r"(?s)\['table'\].*moved"):
-        C = cs.Curvature(model, nn.CrossEntropyLoss(), [short, long], cache=False)
-        v = torch.randn(C.num_params, dtype=DT, generator=torch.Generator().manual_seed(0))
-        products = [C @ v for _ in range(4)]
-    assert all(torch.equal(p, products[1]) for p in products[2:])  # (the first: before it)
-    assert model.table[:3].tolist() == [1.0, 1.0, 1.0] and not model.table[3:].any()
-
-
 def test_parameters_written_by_a_later_batchs_forward_are_written_once():
     """A forward that shrinks a weight in place for longer batches only wrote into the user's
     at every product, 0.9 times more each time (learned from the operator's first

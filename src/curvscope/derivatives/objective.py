@@ -386,16 +386,6 @@ class _Recomputation:
         }
 
 
-#: the plain tensor attributes a later batch's first forward copies: those up to this size
-#: (all of a usual model's), besides those an earlier batch's forward wrote; a larger one
-#: (a feature table) is copied at the operator's first forward only
-LATER_COPIES = 16 << 20
-
-
-def _nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def _among(slot: Sequence[Any], slots: Iterable[tuple[str, nn.Module, str]]) -> bool:
     """Whether a module's attribute ``slot`` (name, module, attribute, …) is one of ``slots``:
     the same module's same attribute."""
@@ -2282,16 +2272,7 @@ class ModelObjective:
         # first forward writes into those too (its writes stood before, and each operator's,
         # each Monitor probe's, moved a training run's statistics once more: a review)
         found = {id(mod): dict(vars(mod)) for mod in self.model.modules()}
-        copyable = _copyable([a for a, _ in held], self.model)
-        large = []  # a later batch's: the large ones not copied again (:data:`LATER_COPIES`)
-        if self._learned:
-            large = [
-                a
-                for a in copyable
-                if _nbytes(vars(a[1])[a[2]]) > LATER_COPIES and not _among(a, self._attributes)
-            ]
-            copyable = [a for a in copyable if not _among(a, large)]
-        copies = _swap_in(copyable)
+        copies = _swap_in(_copyable([a for a, _ in held], self.model))
         given = dict(found)  # (with the copies in)
         for mod in {id(a[1]): a[1] for a, _ in held}.values():
             given[id(mod)] = dict(vars(mod))
@@ -2307,7 +2288,7 @@ class ModelObjective:
         for w in said:  # the model's other warnings, as they were
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         self._written_in_forward([k for k, p, v in versions if p._version != v])
-        self._attributes_changed(_written(held, copies), [a for a, _ in held], given, large)
+        self._attributes_changed(_written(held, copies), [a for a, _ in held], given)
         put_back = [*copies, *_restore(found, self.model)]
         if self._passes:  # the loss may read them: put back as the pass ends (the rest of the
             self._passes[-1] += put_back  # pass, a block recomputed in it, writes the copies)
@@ -2338,7 +2319,6 @@ class ModelObjective:
         self,
         written: list[tuple[str, nn.Module, str, Tensor]],
         held: list[tuple[str, nn.Module, str, Tensor]],
-        large: Sequence[tuple[str, nn.Module, str]] = (),
     ) -> None:
         """A forward that updates a tensor it holds as a plain attribute in place (a running
         statistic kept as ``self.scale = torch.ones(...)``, no ``register_buffer``) moved the
@@ -2349,11 +2329,7 @@ class ModelObjective:
         is put back with them: :meth:`_attributes_changed`). Not an attribute that views
         another tensor or shares its storage with another attribute, a parameter or a buffer
         (:func:`_copyable`): such a one is written, and said. ``held``: every plain tensor
-        attribute (:func:`tensor_attributes`) as the first forward found them. ``large``: those
-        a later batch's first forward did not copy (over :data:`LATER_COPIES`: copied at every
-        batch's first forward, a 128 MB table nothing writes cost a new operator's first pass
-        72 ms a batch, the diff review): one it wrote, it wrote into the user's, and that is
-        said."""
+        attribute (:func:`tensor_attributes`) as the first forward found them."""
         written = [a for a in written if not _among(a[:3], self._attribute_writes)]
         if not written:
             return
@@ -2362,17 +2338,7 @@ class ModelObjective:
         copied = [(k, mod, key) for k, mod, key, _ in written if (id(mod), key) in copyable]
         views = [k for k, _, _, _ in written if k not in {n for n, _, _ in copied}]
         self._attributes += copied
-        moved = [a for a in copied if _among(a, large)]  # (into the user's: said so)
-        copied = [a for a in copied if not _among(a, moved)]
         notes = []
-        if moved:
-            notes.append(
-                f"the forward of a later batch wrote in place into {few([k for k, _, _ in moved])}"
-                ", plain tensor "
-                f"attributes over {LATER_COPIES >> 20} MiB, which curvscope copies for an "
-                "operator's first batch only: that one forward moved yours (its later forwards "
-                "write into copies); register them with module.register_buffer(...)"
-            )
         if copied:
             notes.append(
                 f"the model's forward writes in place into {few([k for k, _, _ in copied])}, "
@@ -2397,7 +2363,6 @@ class ModelObjective:
         written: list[tuple[str, nn.Module, str, Tensor]],
         held: list[tuple[str, nn.Module, str, Tensor]],
         given: dict[int, dict[str, Any]],
-        large: Sequence[tuple[str, nn.Module, str]] = (),
     ) -> None:
         """What a batch's first forward changed of the modules' attributes, added to what is
         kept (:meth:`_learning_forward`): ``written`` in place
@@ -2411,7 +2376,7 @@ class ModelObjective:
         outside and diff reviews). Each forward now starts from the attributes as found, and
         every change is put back as its pass ends (after the loss, which may read it); the
         cache's check reads the tensors."""
-        self._attributes_written(written, held, large)
+        self._attributes_written(written, held)
         changed = [
             (f"{name}.{key}" if name else key, mod, key)
             for name, mod in self.model.named_modules()
