@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import curvscope as cs
+from curvscope.diagnosis import State
 
 
 def params(n=3):
@@ -151,6 +152,16 @@ def test_the_advice_says_which_groups_rate_it_names():
     alone = cs.diagnose(model, loss_fn, data, optimizer=sgd(2.0, 2.0))
     assert alone.evidence.group_lrs is None
     assert not any("parameter group" in a for a in alone.advice)
+    # said only where a rate is named, with that rate's factor (the second diff review: said
+    # in every state whose advice held the words "learning rate", and under *unstable* with
+    # the sharpness's factor where the advice named the lower rate along the steps)
+    groups = {"lr": 0.1, "group_lrs": [0.1, 0.01], "stable_lr": 0.2}
+    for state in (State.EDGE_OF_STABILITY, State.MINIMUM, State.DIVERGED):
+        assert not any("parameter group" in a for a in state.advice(groups))
+    ev = {**groups, "stability_limit": 20.0, "sharpness": 10.0, "update_curvature": 80.0}
+    said = State.UNSTABLE.advice(ev)
+    assert any("lower it below that" in a and "0.025" in a for a in said)
+    assert any("(0.25x each)" in a for a in said)
 
 
 def test_a_zero_learning_rate_has_no_limit_and_foreign_parameters_are_refused():

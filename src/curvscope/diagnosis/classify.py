@@ -166,15 +166,8 @@ class StateEnum(str, Enum):
         return member
 
     def advice(self, evidence: Mapping[str, Any]) -> list[str]:
-        """What to do in this state, with the numbers of ``evidence`` — where it names a
-        learning rate and the optimizer's groups step at several, which one that is."""
-        said = self._advise(evidence)
-        rates, lr = evidence.get("group_lrs"), evidence.get("lr")
-        if rates and lr and any("learning rate" in a for a in said):
-            # the advice "the largest stable learning rate here is 0.507 (now 0.8)" was right
-            # for the largest group with the others scaled alike, and did not say so (a review)
-            said = [*said, _groups_said(lr, rates, evidence.get("stable_lr"))]
-        return said
+        """What to do in this state, with the numbers of ``evidence``."""
+        return self._advise(evidence)
 
     def __str__(self) -> str:  # the name, as in logs (Python 3.12 would print "State.X")
         return str.__str__(self)
@@ -186,14 +179,20 @@ class StateEnum(str, Enum):
 _Vocabulary = TypeVar("_Vocabulary", bound=type[StateEnum])
 
 
-def _groups_said(lr: float, rates: list[float], stable: float | None) -> str:
-    """Which learning rate the advice names where the parameter groups step at several."""
-    factor = f" ({stable / lr:.3g}x each)" if stable and math.isfinite(stable) else ""
-    return (
+def _groups(ev: Mapping[str, Any], named: float) -> list[str]:
+    """Where the advice names the learning rate ``named`` and the optimizer's parameter groups
+    step at several rates, which group's it is and how the others go with it: "the largest
+    stable learning rate here is 0.507 (now 0.8)" held for the largest group with the others
+    scaled alike, and did not say so (the training-loop review)."""
+    rates, lr = ev.get("group_lrs"), ev.get("lr")
+    if not rates or not lr or not math.isfinite(named):
+        return []
+    return [
         f"The learning rates named are the largest parameter group's ({lr:.3g}; the groups "
         f"step at {', '.join(f'{r:.3g}' for r in rates)}): scale every group's rate by the "
-        f"same factor{factor}. Raising one group's alone moves the limit another way."
-    )
+        f"same factor ({named / lr:.3g}x each). Raising one group's alone moves the limit "
+        "another way."
+    ]
 
 
 def unique_codes(vocabulary: _Vocabulary) -> _Vocabulary:
@@ -336,7 +335,8 @@ def _learning_advice(ev: Mapping[str, Any]) -> list[str]:
                 f"The learning rate is {lr / stable:.3g}x the largest stable one here "
                 f"({stable:.3g}, now {lr:.3g}): within the margin the verdict allows for the "
                 "estimates' error, but if the sharpness stays, steps along the sharpest "
-                "direction grow and the run will turn unstable: lower it below that to be sure."
+                "direction grow and the run will turn unstable: lower it below that to be sure.",
+                *_groups(ev, stable),
             ]
         caveat = (
             " For an adaptive optimizer that limit holds for its present preconditioner, which a "
@@ -354,7 +354,8 @@ def _learning_advice(ev: Mapping[str, Any]) -> list[str]:
             )
         return [
             f"Steps are stable; the largest stable learning rate here is {stable:.3g} "
-            f"(now {lr:.3g}).{caveat}"
+            f"(now {lr:.3g}).{caveat}",
+            *_groups(ev, stable),
         ]
     return []
 
@@ -386,6 +387,7 @@ def _unstable_advice(ev: Mapping[str, Any]) -> list[str]:
                 f"The largest stable learning rate here is {stable:.3g} (now {lr:.3g}): lower "
                 "it below that, or warm it up."
             )
+        tips += _groups(ev, min(along, stable))
     if clip is not None and limit is not None:
         # a clipped run: clip harder — by that curvature against the limit, where the norm
         # clipped (at s = 1 the present max_norm is above the gradient's: no multiple of it)
@@ -437,11 +439,12 @@ def _flat_advice(ev: Mapping[str, Any]) -> list[str]:
             else "momentum or normalized gradient descent crosses a plateau faster (not a "
             f"larger learning rate: {lr:.3g} is at or past the largest stable one, {stable:.3g})"
         )
-    said = (
+    said = [
         f"Gradients and curvature are both tiny: {faster}; check for saturated or dead units "
-        "and for a vanishing loss signal."
-    )
-    return [_at_chance_advice(), said] if at_chance(ev) else [said]
+        "and for a vanishing loss signal.",
+        *(_groups(ev, stable) if stable is not None and lr and stable > lr else []),
+    ]
+    return [_at_chance_advice(), *said] if at_chance(ev) else said
 
 
 def _saddle_advice(ev: Mapping[str, Any]) -> list[str]:
