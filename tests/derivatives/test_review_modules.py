@@ -617,6 +617,49 @@ def test_a_later_batch_is_learned_before_forward_over_reverse_runs_it(cache):
     torch.testing.assert_close(products[0], exact[:, 0], rtol=1e-10, atol=1e-12)
 
 
+class _Peak(nn.Module):
+    """Keeps the largest activation it has seen, set only when exceeded (a float), and counts
+    its calls in train mode only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 2)
+        self.peak = 10.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inner(x)
+        top = float(h.detach().abs().max())
+        if top > self.peak:
+            self.peak = top
+        if self.training:
+            self.train_calls = getattr(self, "train_calls", 0) + 1
+        return torch.tanh(h / self.peak**0.5)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_what_a_forward_sets_once_the_model_changed_is_learned_anew(cache):
+    """A forward that sets an attribute only past a threshold its parameters reach, or only
+    in train mode, was learned before that: after a training step (or ``model.train()``) a
+    kept operator left the model moved and was 17% off a new operator (the diff review). A
+    pass after the parameters or the modes changed learns anew (a rebuilt kept graph, or an
+    uncached operator's next pass)."""
+    torch.manual_seed(0)
+    model = _Peak().to(DT).eval()
+    data = [(torch.randn(8, 4, dtype=DT), torch.randn(8, 2, dtype=DT)) for _ in range(3)]
+    C = cs.Curvature(model, nn.MSELoss(), data, cache=cache)
+    v = torch.randn(C.num_params, dtype=DT, generator=torch.Generator().manual_seed(0))
+    C @ v
+    with torch.no_grad():
+        model.inner.weight.mul_(20.0)  # a step that takes the activations past the peak
+    after = C @ v
+    assert model.peak == 10.0 and torch.equal(C @ v, after)
+    fresh = cs.Curvature(model, nn.MSELoss(), data, cache=cache) @ v
+    torch.testing.assert_close(after, fresh, rtol=1e-13, atol=1e-15)
+    model.train()
+    C @ v
+    assert model.peak == 10.0 and not hasattr(model, "train_calls")
+
+
 def test_parameters_written_by_a_later_batchs_forward_are_written_once():
     """A forward that shrinks a weight in place for longer batches only wrote into the user's
     at every product, 0.9 times more each time (learned from the operator's first

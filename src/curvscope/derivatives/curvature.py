@@ -147,7 +147,9 @@ class _FunctionSource:
     def weight(self, batch: Any) -> float:
         return 1.0
 
-    def prepare(self, forward: bool = False) -> Iterator[tuple[float, _k.PreparedProduct]]:
+    def prepare(
+        self, forward: bool = False, rebuilt: bool = False
+    ) -> Iterator[tuple[float, _k.PreparedProduct]]:
         xl, g, y = _grad_with_graph(self.f, self.x)
         yield 1.0, _k.HessianProduct([xl], [g], y)
 
@@ -199,9 +201,13 @@ class _ModelSource:
         mean-reduced loss, 1 for a summed one. Known once the batch's loss has been taken."""
         return batch.size / self.total if self.obj.reduction == "mean" else 1.0
 
-    def prepare(self, forward: bool = False) -> Iterator[tuple[float, _k.PreparedProduct]]:
+    def prepare(
+        self, forward: bool = False, rebuilt: bool = False
+    ) -> Iterator[tuple[float, _k.PreparedProduct]]:
+        """Each batch's weight and prepared product, in a pass over the data; ``rebuilt``: the
+        pass rebuilds a kept operator's graphs after the model changed."""
         prepare = self._forward if forward and self._forward is not None else self._prepare
-        self.obj.graphs_built()
+        self.obj.graphs_built(rebuilt)
         for batch in self.obj.batches():
             product = self.obj.rerun_on_recompute(prepare, self.obj, batch)
             yield self.weight(batch), product
@@ -512,9 +518,10 @@ class Curvature:
             yield from self._source.prepare()
             return
         if self._cached is None or not self._unchanged():
+            rebuilt = self._cached is not None
             self._cached = self._snapshot = None
             before = _Snapshot(self._state_now()[2])
-            self._cached = list(self._source.prepare())  # (its pass checks the data)
+            self._cached = list(self._source.prepare(rebuilt=rebuilt))  # (checks the data)
             # the parameters and buffers as the pass found them (a forward that writes into a
             # parameter after reading it: the graph is at the value before, and the next
             # product rebuilds once), the attributes it writes as it left them (its graph

@@ -1547,6 +1547,8 @@ class ModelObjective:
         #: the batches (their place in a pass) whose first forward in this operator has run
         #: (:meth:`_learning_forward`): what a forward writes and sets is learned from each
         self._learned: set[int] = set()
+        #: the parameters' versions and the modules' modes at the last pass (:meth:`graphs_built`)
+        self._passed_at: list[Any] = []
         #: the parameters a forward writes into, passed as copies (:meth:`_written_in_forward`)
         self._written: set[str] = set()
         #: the tensors held as plain attributes that a forward writes into in place, copies
@@ -2152,12 +2154,26 @@ class ModelObjective:
         level = callers_level((PACKAGE, contextlib.__file__))
         warnings.warn(note, AttributeWriteWarning, stacklevel=level)
 
-    def graphs_built(self) -> None:
+    def graphs_built(self, rebuilt: bool = False) -> None:
         """New graphs (a pass): whether their backward writes into the model is learned anew
         at their first product (:meth:`recomputation_kept`) — a model switched to train mode,
         or to checkpointing, after an operator's first product moved the user's running
-        statistics at every later one (the diff review)."""
+        statistics at every later one (the diff review). Graphs ``rebuilt`` because the model
+        changed, or a pass after a parameter or a module's mode changed: what each batch's
+        forward sets is learned anew too — a forward that sets an attribute only past a
+        threshold its parameters reached, or in train mode, left a kept operator's model moved
+        after the change, 17% off a new operator (the diff review)."""
         self._recomputation_writes.clear()
+        # an uncached operator's passes: the parameters' versions and the modules' modes (a
+        # step or model.train() since the last pass), a few µs
+        modules = list(self.model.modules())
+        moved: list[Any] = [m.training for m in modules]
+        moved += [
+            (id(p), p._version) for m in modules for p in m._parameters.values() if p is not None
+        ]
+        if rebuilt or moved != self._passed_at:
+            self._learned.clear()
+        self._passed_at = moved
 
     def kernels(self) -> contextlib.AbstractContextManager[None]:
         """The kernel switches a second-order forward runs under (in :meth:`context`), alone
