@@ -745,6 +745,44 @@ def test_the_finite_difference_backend_restores_a_tensor_attribute_its_forward_u
     assert torch.allclose(fd @ v[: fd.num_params], exact @ v[: fd.num_params], rtol=1e-5)
 
 
+class _GrowsTable(nn.Module):
+    """Grows a table and the length beside it for a longer input (a rotary cache)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 2)
+        self.longest = 3
+        self.table = torch.ones(3, dtype=DT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] > self.longest:
+            self.longest = x.shape[1]
+            self.table = torch.linspace(1, 2, x.shape[1], dtype=DT)
+        return torch.tanh(self.inner(x) * self.table[: x.shape[1], None]).mean(1)
+
+
+@pytest.mark.parametrize("lengths", [(3, 6), (6, 3), (3, 6, 3)])
+def test_the_finite_difference_backend_starts_each_forward_from_the_model_as_found(lengths):
+    """The finite-difference backend put back buffers and plain tensors once a pass, and no
+    other attribute: a table grown for a longer batch was put back without the length beside
+    it, the next pass failed on the two and left the user's model so; and a batch read what
+    the one before it set, 21% off the exact operator with the longer batch first (the diff
+    review). Every attribute is put back before each batch's forward now, and the hooks a
+    forward registers removed: the products are the exact backends'."""
+    torch.manual_seed(0)
+    model = _GrowsTable().to(DT)
+    data = [(torch.randn(5, n, 4, dtype=DT), torch.randn(5, 2, dtype=DT)) for n in lengths]
+    before = cases.snapshot(model)
+    C = cs.Curvature(model, nn.MSELoss(), data, backend="finite_difference")
+    v = torch.randn(C.num_params, dtype=DT, generator=torch.Generator().manual_seed(0))
+    first, second = C @ v, C @ v
+    assert model.longest == 3 and torch.equal(model.table, torch.ones(3, dtype=DT))
+    cases.assert_unchanged(before, cases.snapshot(model))
+    exact = cs.Curvature(model, nn.MSELoss(), data) @ v
+    torch.testing.assert_close(first, exact, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(second, first, rtol=1e-12, atol=1e-14)
+
+
 def test_inference_and_sparse_tensor_attributes_are_left_alone():
     """The attribute checks read every tensor attribute's version counter and storage: a cache
     filled under inference_mode (no version counter) and a sparse adjacency (no storage) made

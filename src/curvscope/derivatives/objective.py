@@ -480,6 +480,24 @@ def _restore(found: dict[int, dict[str, Any]], model: nn.Module) -> _Swapped:
     ]
 
 
+def attributes_as_found(model: nn.Module) -> Callable[[], None]:
+    """A function that puts every module's attributes back as they are now (a key created
+    since removed, one deleted put back) and removes the hooks registered since: for a backend
+    that runs the model's own forward (finite differences), as :meth:`ModelObjective._call`
+    does for curvscope's own forwards."""
+    found = {id(mod): dict(vars(mod)) for mod in model.modules()}
+    hooks = [(d, dict(d)) for mod in model.modules() for d in _hook_dicts(mod)]
+
+    def put_back() -> None:
+        _swap_back(_restore(found, model), kept=False)
+        for d, was in hooks:
+            if d.keys() != was.keys():
+                d.clear()
+                d.update(was)
+
+    return put_back
+
+
 def _put(where: dict[str, Any], key: str, value: Any) -> None:
     """``where[key] = value``, or no ``key`` for :data:`_ABSENT`."""
     if value is _ABSENT:
