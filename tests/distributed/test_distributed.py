@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import curvscope as cs
+from curvscope.diagnosis.classify import effective_sharpness
 from curvscope.diagnosis.monitor import read_log
 from tests import cases
 
@@ -161,6 +162,74 @@ def test_two_ranks_equal_one_process_on_the_full_data(tmp_path):
         torch.testing.assert_close(got["hv_sampler"], reference["hv"], rtol=1e-10, atol=1e-12)
     _, records = read_log(tmp_path / "run.jsonl")
     assert [r["step"] for r in records] == [4, 8]  # written once, by rank 0
+
+
+def _summed_steps(rank: int) -> list:
+    """Rank ``rank``'s training batches (two uneven ones of its shard)."""
+    X, y = cases.mlp(n=20).data
+    s = SHARDS[rank]
+    return [(X[s][:4], y[s][:4]), (X[s][4:], y[s][4:])]
+
+
+def _summed_worker(rank: int, port: int, out: str) -> None:
+    """A summed loss under DDP: the gradient a step takes, and the diagnosis."""
+    _init(rank, port)
+    case = cases.mlp(n=20)
+    ddp = torch.nn.parallel.DistributedDataParallel(case.model)
+    summed = torch.nn.CrossEntropyLoss(reduction="sum")
+    local = _summed_steps(rank)
+    X, y = case.data
+    summed(ddp(X[SHARDS[rank]]), y[SHARDS[rank]]).backward()  # what DDP's step takes
+    step = torch.cat([p.grad.flatten() for p in ddp.parameters()])
+    ddp.zero_grad(set_to_none=True)
+    full = cs.diagnose(ddp, summed, local, lr=0.05)
+    batches = cs.diagnose(ddp, summed, local, lr=0.05, train_batches=local)
+    torch.save({"step": step, "full": full, "batches": batches}, Path(out) / f"sum{rank}.pt")
+    _end()
+
+
+def test_a_summed_loss_under_ddp_is_judged_by_the_averaged_step(tmp_path):
+    """DDP averages the ranks' gradients, so a step on a summed loss is 1/R of the gradient of
+    the sum over every rank's samples, which is what the operator is: the diagnosis judged the
+    sum's curvature as the step's, R times too sharp, with and without training batches (stop
+    39's review). It scales by 1/R now: each rank's verdict, stable rate and effective
+    sharpness are a single process's on the full data with the sum halved — the loss whose
+    gradient DDP's step takes (checked here too)."""
+    mp.start_processes(
+        _summed_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn"
+    )
+    case = cases.mlp(n=20)
+
+    def halved(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(out, t, reduction="sum") / WORLD
+
+    model, (X, y) = case.model, case.data
+    halved(model(X), y).backward()
+    step = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    steps = [
+        (
+            torch.cat([_summed_steps(r)[i][0] for r in range(WORLD)]),
+            torch.cat([_summed_steps(r)[i][1] for r in range(WORLD)]),
+        )
+        for i in range(2)
+    ]
+    full = cs.diagnose(model, halved, case.data, lr=0.05, reduction="sum")
+    batches = cs.diagnose(model, halved, case.data, lr=0.05, reduction="sum", train_batches=steps)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"sum{rank}.pt", weights_only=False)
+        torch.testing.assert_close(got["step"], step, rtol=1e-12, atol=1e-14)
+        for mine, ref in ((got["full"], full), (got["batches"], batches)):
+            assert mine.state == ref.state
+            assert mine.evidence.step_share * WORLD == pytest.approx(ref.evidence.step_share or 1)
+            for key in ("stable_lr", "batch_sharpness"):
+                if ref.evidence.get(key) is None:
+                    assert mine.evidence.get(key) is None
+                else:
+                    assert mine.evidence[key] == pytest.approx(ref.evidence[key], rel=1e-6)
+            assert effective_sharpness(mine.evidence) == pytest.approx(
+                effective_sharpness(ref.evidence), rel=1e-6
+            )
 
 
 def _dying_worker(rank: int, port: int, out: str) -> None:

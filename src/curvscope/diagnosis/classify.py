@@ -611,6 +611,8 @@ class Evidence(Mapping[str, Any]):
             summed loss meets B/N of the sum's curvature over N, so the stability rules judge
             the full-batch curvatures (the sharpness, along the step and along the last
             update) times it (:func:`step_scaled`); the fields keep the values measured.
+            Under a process group divided by the R data-parallel ranks whose gradients a step
+            averages (DDP, FSDP): 1/R without training batches.
         clip_factor: the fraction s of the gradient the optimizer was given (gradient
             clipping; the Monitor's median since the previous probe), when it was told
             (``diagnose(..., clip_factor=s)``): the stability limit is then c/(s·η).

@@ -19,7 +19,7 @@ from curvscope.derivatives import finite_difference as _fd
 from curvscope.derivatives import zero3 as _zero3
 from curvscope.derivatives.checks import all_finite, check_int
 from curvscope.derivatives.curvature import BACKENDS as _PRODUCT_BACKENDS
-from curvscope.derivatives.distributed import in_step, together
+from curvscope.derivatives.distributed import in_step, together, world_size
 from curvscope.derivatives.objective import fixed_pass, inner_name, unwrapped
 from curvscope.derivatives.sharded import ShardedCurvature
 from curvscope.diagnosis.chance import chance_loss
@@ -586,6 +586,9 @@ def _diagnose(
     assert data_g is not None  # g is
     replicas = _fd.replicas(measured, C.group) if products.backend == _fd.BACKEND else 1
     evidence["chance_loss"] = chance_loss(measured, C.group, replicas)
+    averaged = _averaged_over(C, replicas)
+    if averaged > 1:
+        evidence["step_share"] = 1 / averaged
     try:
         evidence.update(zero_gradient(space, data_g, thresholds, seed, measured.params))
         vectors, converged = _measure_curvature(
@@ -608,11 +611,24 @@ def _diagnose(
                 params,
                 seed,
                 products,
+                averaged,
             )
         )
     if limit is not None:
         evidence["stable_lr"] = _stable_lr(limit, evidence)
     return _finish(evidence, thresholds, vectors, converged, start, C)
+
+
+def _averaged_over(C: Curvature, replicas: int) -> float:
+    """For a summed loss under a process group, the data-parallel ranks whose gradients a
+    training step averages (DDP and FSDP divide the ranks' sum by their number; ``replicas``
+    ranks share each sample under tensor parallelism): the operator is the sum over every
+    rank's samples, and a step meets 1/R of it. It read the sum's curvature as the step's,
+    R times too sharp (stop 39's review). 1 for a mean, or one process."""
+    assert C.objective is not None  # C is built from a model
+    if C.group is None or C.objective.reduction != "sum":
+        return 1.0
+    return world_size(C.group) / replicas
 
 
 def _stable_lr(limit: StabilityLimit, evidence: Mapping[str, Any]) -> float:
@@ -1043,13 +1059,16 @@ def _batch_sharpness(
     params: Iterable[nn.Parameter | str] | None,
     seed: int,
     products: _Products,
+    averaged: float = 1.0,
 ) -> dict[str, Any]:
     """The evidence of the batch sharpness on the training ``batches`` (beside ``C``, the
     operator on the probe data), each step's batch ``accumulation`` of them, at most
     ``max_batches`` steps: its value, its standard error and the steps it was measured on —
     and for a summed loss ``step_share``, B/N: a step of B samples meets B/N of the sum's
     curvature over N, B the largest step's (not their mean: an uneven last batch moved a mean
-    with the batches read, 6% between two learning rates, a review).
+    with the batches read, 6% between two learning rates, a review). ``averaged``: the ranks
+    a step averages a summed loss's gradients over (:func:`_averaged_over`), which divides
+    both.
 
     The sample is sized from its own standard error: at least :data:`MIN_BATCHES` batches,
     then more until the standard error is at most :data:`BATCH_SHARPNESS_SE` of the stability
@@ -1070,7 +1089,7 @@ def _batch_sharpness(
             _, _, gb = batch_objective.gradient()
             c, _ = batch_objective.directional(gb)
             if c is not None:
-                values.append(c)
+                values.append(c / averaged)
     except FloatingPointError:  # a training batch's loss or curvature overflowed
         return {"batch_sharpness": math.nan, "batch_sharpness_stderr": math.inf, "batches": 1}
     if not sizes:  # an empty source: the verdict would lose the batch sharpness silently
@@ -1084,7 +1103,7 @@ def _batch_sharpness(
         "batches": len(values),
     }
     if reduction == "sum" and C.num_samples:
-        ev["step_share"] = max(sizes) / C.num_samples
+        ev["step_share"] = max(sizes) / C.num_samples / averaged
     return ev
 
 
