@@ -57,18 +57,21 @@ def gpt2() -> nn.Module:
     return transformers.GPT2LMHeadModel(cfg)
 
 
-def llama() -> nn.Module:
+def llama(**config: Any) -> nn.Module:
     cfg = transformers.LlamaConfig(
-        vocab_size=V,
-        hidden_size=4,
-        intermediate_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=16,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
+        **{
+            "vocab_size": V,
+            "hidden_size": 4,
+            "intermediate_size": 8,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 16,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+            "pad_token_id": 0,
+            **config,
+        }
     )
     return transformers.LlamaForCausalLM(cfg)
 
@@ -830,17 +833,10 @@ def test_a_dynamic_rotary_embedding_grown_by_a_later_batch_is_put_back():
     model after every product, and a new operator was 1.3e-4 off (stop 40's diff review). Each
     batch's first forward learns now: the model is left as found, and the operator is the
     same whichever batch comes first."""
-    cfg = transformers.LlamaConfig(
-        vocab_size=V,
-        hidden_size=8,
-        intermediate_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=8,
-        rope_scaling={"rope_type": "dynamic", "factor": 2.0},
-    )
-    model = _seeded(lambda: transformers.LlamaForCausalLM(cfg), 0)
+    # (head size 4: dynamic RoPE divides by head size − 2)
+    config = {"hidden_size": 8, "max_position_embeddings": 8}
+    dynamic = {"rope_type": "dynamic", "factor": 2.0}
+    model = _seeded(lambda: llama(**config, rope_scaling=dynamic), 0)
     g = _gen(0)
     short, long = (torch.randint(0, V, (3, n), generator=g) for n in (6, 12))
     batches = [{"input_ids": b, "labels": b} for b in (short, long)]
