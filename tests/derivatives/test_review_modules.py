@@ -783,6 +783,42 @@ def test_the_finite_difference_backend_starts_each_forward_from_the_model_as_fou
     torch.testing.assert_close(second, first, rtol=1e-12, atol=1e-14)
 
 
+class _MakesItsActivation(nn.Module):
+    """Creates a submodule at its first call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "act"):
+            self.act = nn.Tanh()
+        return self.l2(self.act(self.l1(x)))
+
+
+@pytest.mark.parametrize("backend", ["double_backward", "finite_difference"])
+def test_a_submodule_the_forward_creates_is_taken_out_again(backend):
+    """A forward that creates a submodule at its first call (``self.act = nn.Tanh()``): putting
+    the model's attributes back as found went through the new module too and stripped it of
+    its own, and the user's model failed after (``'Tanh' object has no attribute
+    '_parameters'``: the third diff review; the finite-difference backend since it puts every
+    attribute back). The submodules a forward registers are taken out after it, as its hooks
+    are: the model is as found and runs, and the products are the model's."""
+    torch.manual_seed(0)
+    model = _MakesItsActivation().to(DT)
+    x = torch.randn(16, 4, dtype=DT)
+    data = [(x[:10], torch.randint(0, 3, (10,))), (x[10:], torch.randint(0, 3, (6,)))]
+    C = cs.Curvature(model, nn.CrossEntropyLoss(), data, backend=backend)
+    v = torch.randn(C.num_params, dtype=DT, generator=torch.Generator().manual_seed(0))
+    product = C @ v
+    assert "act" not in model._modules
+    reference = nn.Sequential(model.l1, nn.Tanh(), model.l2)
+    exact = cs.Curvature(reference, nn.CrossEntropyLoss(), data) @ v
+    torch.testing.assert_close(product, exact, rtol=1e-7, atol=1e-9)
+    model(x)  # runs, and makes its activation as at its first call
+    assert isinstance(model.act, nn.Tanh)
+
+
 def test_inference_and_sparse_tensor_attributes_are_left_alone():
     """The attribute checks read every tensor attribute's version counter and storage: a cache
     filled under inference_mode (no version counter) and a sparse adjacency (no storage) made

@@ -433,13 +433,16 @@ def _written(
 #: seen, 37–287% off (the diff reviews); each handle has a number of its own
 _HOOKS_READ = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
-#: a module's dicts of the hooks a forward or its backward runs: those, and the forward
-#: hooks' options (keyed by the same handles)
+#: a module's dicts a forward may register things in, each put back as found after it: the
+#: hooks a forward or its backward runs, the forward hooks' options (keyed by the same
+#: handles), and its submodules (one a forward creates at its first call: put back as its
+#: parent's attribute, it was stripped and the model broken, the third diff review)
 _HOOK_DICTS = (
     *_HOOKS_READ,
     "_forward_hooks_with_kwargs",
     "_forward_pre_hooks_with_kwargs",
     "_forward_hooks_always_called",
+    "_modules",
 )
 
 
@@ -455,7 +458,7 @@ def _global_hooks() -> list[int]:
 
 
 def _hook_dicts(mod: nn.Module) -> list[dict[Any, Any]]:
-    """A module's dicts of hooks (:data:`_HOOK_DICTS`)."""
+    """A module's dicts of hooks and submodules (:data:`_HOOK_DICTS`)."""
     found = (vars(mod).get(name) for name in _HOOK_DICTS)
     return [d for d in found if isinstance(d, dict)]
 
@@ -473,10 +476,11 @@ def _changed_keys(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
 def _restore(found: dict[int, dict[str, Any]], model: nn.Module) -> _Swapped:
     """What :func:`_swap_back` puts back to leave every module's attributes as ``found`` (by
     the module's id; a key created since removed)."""
-    return [
-        (vars(mod), key, found.get(id(mod), {}).get(key, _ABSENT), None)
+    return [  # (a module created since: no attributes of its own to put back)
+        (vars(mod), key, found[id(mod)].get(key, _ABSENT), None)
         for mod in model.modules()
-        for key in _changed_keys(found.get(id(mod), {}), vars(mod))
+        if id(mod) in found
+        for key in _changed_keys(found[id(mod)], vars(mod))
     ]
 
 
