@@ -494,12 +494,21 @@ def attributes_as_found(model: nn.Module) -> Callable[[], None]:
 
     def put_back() -> None:
         _swap_back(_restore(found, model), kept=False)
-        for d, was in hooks:
-            if d.keys() != was.keys():
-                d.clear()
-                d.update(was)
+        _dicts_back(hooks)
 
     return put_back
+
+
+def _dicts_back(saved: Iterable[tuple[dict[Any, Any], dict[Any, Any]]]) -> list[dict[Any, Any]]:
+    """Each of a module's hook and submodule dicts (:func:`_hook_dicts`) whose keys changed
+    since it was ``saved`` (the dict, a copy) put back as it was; returns those."""
+    changed = []
+    for d, was in saved:
+        if d.keys() != was.keys():
+            changed.append(d)
+            d.clear()
+            d.update(was)
+    return changed
 
 
 def _put(where: dict[str, Any], key: str, value: Any) -> None:
@@ -2285,14 +2294,10 @@ class ModelObjective:
         try:
             return functional_call(self.model, state, args, kwargs or None, tie_weights=False)
         finally:
-            changed = [d for d, was in before if d.keys() != was.keys()]
+            changed = _dicts_back(before)
             if hooks is not None:  # (a batch's first forward: what it changed, added)
                 known = {id(d) for d in self._hooks_changed}
                 self._hooks_changed += [d for d in changed if id(d) not in known]
-            for d, was in before:
-                if d.keys() != was.keys():
-                    d.clear()
-                    d.update(was)
 
     def _learning_forward(self, state: dict[str, Any], args: Any, kwargs: Any) -> Any:
         """A batch's first forward in an operator (:meth:`_call`): torch's warnings heard, and

@@ -489,7 +489,8 @@ def _limit(
     if own:
         what += ", each group's constant by its own hyperparameters"
     l2 = _l2(rule, groups, layout)
-    rates = sorted({float(g["lr"]) for g in groups if g is not None and g["lr"] > 0}, reverse=True)
+    # (a tensor learning rate read as a number, as everywhere)
+    rates = sorted({float(g["lr"]) for g in groups if g is not None} - {0.0}, reverse=True)
     spread = tuple(rates) if len(rates) > 1 else None
     if rule.preconditioner is None:
         scale = None if all(r == 1.0 for r in ratio) else layout.flat(list(ratio))
@@ -497,7 +498,9 @@ def _limit(
     inverse = [layout.entries(q) for q in _preconditioners(optimizer, rule.preconditioner, layout)]
     scale = layout.flat([r * q for r, q in zip(ratio, inverse, strict=True)])
     unscaled = layout.unscaled(inverse)
-    return StabilityLimit(c / eta, eta, c, what, True, scale, l2, formula, unscaled, 1.0, spread)
+    return StabilityLimit(
+        c / eta, eta, c, what, True, scale, l2, formula, unscaled=unscaled, group_lrs=spread
+    )
 
 
 def _group_ratios(
