@@ -330,6 +330,56 @@ def test_transformers_callback_refuses_the_models_own_loss_under_label_smoothing
     assert cb.monitor is None
 
 
+def test_transformers_callback_refuses_a_routers_loss_and_takes_it_explicitly(tmp_path):
+    """A mixture of experts with ``output_router_logits=True`` trains its cross-entropy plus
+    ``router_aux_loss_coef`` times the routers' load-balancing loss; ``loss_fn=None`` takes the
+    loss from the logits alone, and was refused only at the first probe, steps into training.
+    Refused before the first step now, and the loss the message gives works: the run is
+    probed, on the loss the Trainer trains."""
+    from transformers import MixtralConfig, MixtralForCausalLM, Trainer
+
+    from curvscope.integrations.transformers import CurvscopeTrainerCallback
+
+    config = MixtralConfig(
+        vocab_size=13,
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=3,
+        num_experts_per_tok=2,
+        max_position_embeddings=16,
+        output_router_logits=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = MixtralForCausalLM(config)
+    ids = torch.randint(0, 13, (8, 6), generator=torch.Generator().manual_seed(0))
+    train = [{"input_ids": ids[i], "labels": ids[i]} for i in range(8)]
+    probe = [{"input_ids": ids, "labels": ids}]
+    refused = CurvscopeTrainerCallback(None, probe, every=2)
+    trainer = Trainer(model=model, args=_hf_args(tmp_path), train_dataset=train)
+    trainer.add_callback(refused)
+    with pytest.raises(ValueError, match=r"(?s)load-balancing loss.*out\.aux_loss"):
+        trainer.train()
+    assert refused.monitor is None
+
+    def trained(out, labels):  # the message's loss
+        logits, targets = out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+        shifted = torch.nn.functional.cross_entropy(logits, targets)
+        return shifted + model.config.router_aux_loss_coef * out.aux_loss
+
+    with torch.no_grad():
+        assert float(trained(model(input_ids=ids), ids)) == pytest.approx(
+            float(model(input_ids=ids, labels=ids).loss), rel=1e-5
+        )
+    taken = CurvscopeTrainerCallback(trained, probe, every=2)
+    trainer = Trainer(model=model, args=_hf_args(tmp_path), train_dataset=train, callbacks=[taken])
+    trainer.train()
+    assert taken.monitor is not None and len(taken.monitor.history) == 2
+
+
 def _tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 

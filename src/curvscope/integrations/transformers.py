@@ -69,15 +69,8 @@ class CurvscopeTrainerCallback(TrainerCallback):
     ) -> None:
         if _checkpoints_reentrantly(model):  # refused now, not at the first probe, steps later
             raise RuntimeError(REENTRANT_CHECKPOINT)
-        smoothing = getattr(args, "label_smoothing_factor", 0) or 0
-        if self.loss_fn is None and smoothing > 0:
-            raise ValueError(
-                f"the Trainer trains a label-smoothed loss (label_smoothing_factor={smoothing:g}), "
-                "computed outside the model, and loss_fn=None measures the model's own loss, "
-                "unsmoothed: another loss's curvature (a tiny GPT-2 read sharpness 3.99 where "
-                "the trained loss had 2.79, against a limit of 4: an outside review). Pass the "
-                "loss the Trainer trains as loss_fn(output, labels), or train without smoothing"
-            )
+        if self.loss_fn is None:  # refused now, not at the first probe, steps later
+            _refuse_another_trained_loss(args, model)
         monitor_kwargs = dict(self.kwargs)
         clip = getattr(args, "max_grad_norm", None)
         if clip is not None and 0 < clip < math.inf:  # the Trainer clips only then
@@ -138,6 +131,30 @@ class CurvscopeTrainerCallback(TrainerCallback):
         if self.monitor is not None:
             self._flush(state)
             self.monitor.close()
+
+
+def _refuse_another_trained_loss(args: Any, model: Any) -> None:
+    """Refuse ``loss_fn=None`` (the model's own loss, taken from the logits) where the Trainer
+    trains another: a label-smoothed one, or a mixture of experts' with its routers' term."""
+    smoothing = getattr(args, "label_smoothing_factor", 0) or 0
+    if smoothing > 0:
+        raise ValueError(
+            f"the Trainer trains a label-smoothed loss (label_smoothing_factor={smoothing:g}), "
+            "computed outside the model, and loss_fn=None measures the model's own loss, "
+            "unsmoothed: another loss's curvature (a tiny GPT-2 read sharpness 3.99 where "
+            "the trained loss had 2.79, against a limit of 4: an outside review). Pass the "
+            "loss the Trainer trains as loss_fn(output, labels), or train without smoothing"
+        )
+    if getattr(getattr(model, "config", None), "output_router_logits", False):
+        raise ValueError(
+            "the Trainer trains the model's own loss, which with output_router_logits=True "
+            "adds router_aux_loss_coef times the routers' load-balancing loss (a mixture of "
+            "experts: Mixtral, Qwen-MoE), and loss_fn=None takes the loss from the logits "
+            "alone. Pass the loss the Trainer trains: loss_fn=lambda out, labels: "
+            "F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()) + "
+            "model.config.router_aux_loss_coef * out.aux_loss for a causal LM; or train "
+            "with output_router_logits=False"
+        )
 
 
 def _checkpoints_reentrantly(model: Any) -> bool:
