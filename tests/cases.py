@@ -433,3 +433,29 @@ def below_a_null_cluster(n: int = 1200, seed: int = 0) -> tuple[Tensor, Tensor]:
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DT))
     H = (q * lam) @ q.T
     return (H + H.T) / 2, q
+
+
+def tiny_mixtral(vocab_size: int, seed: int = 0, **config: object) -> nn.Module:
+    """A one-layer float64 Mixtral of three experts, two a token, built from a config (nothing
+    downloaded), its experts eager (the grouped kernel takes no float64); ``config`` overrides
+    (``output_router_logits``)."""
+    import transformers
+
+    settings = {
+        "vocab_size": vocab_size,
+        "hidden_size": 8,
+        "intermediate_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "num_local_experts": 3,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 16,
+        "experts_implementation": "eager",
+    }
+    return _seeded(
+        seed,
+        lambda: transformers.MixtralForCausalLM(
+            transformers.MixtralConfig(**{**settings, **config})
+        ),
+    )

@@ -863,20 +863,7 @@ def test_a_mixture_of_experts_router_loss_is_named_and_output_router_logits_off_
     the language model's loss, the same as with the switch off in the config."""
 
     def mixtral(router_logits: bool) -> nn.Module:
-        cfg = transformers.MixtralConfig(
-            vocab_size=V,
-            hidden_size=8,
-            intermediate_size=8,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            num_local_experts=3,
-            num_experts_per_tok=2,
-            max_position_embeddings=16,
-            output_router_logits=router_logits,
-            experts_implementation="eager",  # (the grouped kernel takes no float64)
-        )
-        return _seeded(lambda: transformers.MixtralForCausalLM(cfg), 0)
+        return cases.tiny_mixtral(V, output_router_logits=router_logits)
 
     ids = torch.randint(0, V, (3, 6), generator=_gen(0))
     model = mixtral(True)

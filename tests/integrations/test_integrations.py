@@ -336,25 +336,11 @@ def test_transformers_callback_refuses_a_routers_loss_and_takes_it_explicitly(tm
     loss from the logits alone, and was refused only at the first probe, steps into training.
     Refused before the first step now, and the loss the message gives works: the run is
     probed, on the loss the Trainer trains."""
-    from transformers import MixtralConfig, MixtralForCausalLM, Trainer
+    from transformers import Trainer
 
     from curvscope.integrations.transformers import CurvscopeTrainerCallback
 
-    config = MixtralConfig(
-        vocab_size=13,
-        hidden_size=8,
-        intermediate_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_local_experts=3,
-        num_experts_per_tok=2,
-        max_position_embeddings=16,
-        output_router_logits=True,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = MixtralForCausalLM(config)
+    model = cases.tiny_mixtral(13, output_router_logits=True)
     ids = torch.randint(0, 13, (8, 6), generator=torch.Generator().manual_seed(0))
     train = [{"input_ids": ids[i], "labels": ids[i]} for i in range(8)]
     probe = [{"input_ids": ids, "labels": ids}]
