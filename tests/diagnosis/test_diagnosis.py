@@ -1001,3 +1001,17 @@ def test_the_parameters_an_optimizer_does_not_step_are_not_measured():
     assert check.top_curvature == pytest.approx(float(eigs[-1]), rel=1e-6)
     every = cs.diagnose(net, nn.MSELoss(), (X, Y), optimizer=opt, params=list(net.parameters()))
     assert every.evidence["grad_norm"] > 0.1  # the backbone's gradient, when asked for
+
+
+def test_an_adaptive_diagnosis_refines_near_the_limit_as_a_step_meets_it():
+    """An adaptive diagnosis (a Monitor's probe) refines the sharpness where it is near the
+    stability limit. It compared the sharpness as measured: for a summed loss under DDP, whose
+    step meets 1/R of it (``step_share``), a probe right at the limit read R times past it and
+    was left rough, and one far below it was refined (the reread)."""
+    from curvscope.diagnosis.diagnosis import _worth_refining
+
+    at_limit = {"stability_limit": 10.0, "sharpness": 19.0, "step_share": 0.5}
+    assert _worth_refining(at_limit)
+    assert not _worth_refining({**at_limit, "sharpness": 30.0})  # 1.5x the limit, as met
+    assert not _worth_refining({"stability_limit": 10.0, "sharpness": 19.0})  # one process
+    assert _worth_refining({"stability_limit": 10.0, "sharpness": 9.5})

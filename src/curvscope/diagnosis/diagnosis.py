@@ -587,7 +587,8 @@ def _diagnose(
     replicas = _fd.replicas(measured, C.group) if products.backend == _fd.BACKEND else 1
     evidence["chance_loss"] = chance_loss(measured, C.group, replicas)
     averaged = _averaged_over(C, replicas)
-    if averaged > 1:
+    if averaged > 1:  # (before the curvature: an adaptive diagnosis refines near the limit
+        # as a step meets it; train_batches' share replaces this one after)
         evidence["step_share"] = 1 / averaged
     try:
         evidence.update(zero_gradient(space, data_g, thresholds, seed, measured.params))
@@ -921,12 +922,14 @@ def _record_spectrum(evidence: dict[str, Any], r: Any) -> None:
 
 
 def _worth_refining(evidence: Mapping[str, Any]) -> bool:
-    """Whether the rough sharpness is within :data:`NEAR_LIMIT` of the stability limit, where
-    the verdict's margin and edge band are decided (an adaptive diagnosis refines it there)."""
+    """Whether the rough sharpness, as a step meets it (:func:`step_scaled`), is within
+    :data:`NEAR_LIMIT` of the stability limit, where the verdict's margin and edge band are
+    decided (an adaptive diagnosis refines it there; a summed loss under DDP was compared
+    unscaled, R times too sharp, and a probe at the limit was left rough: the reread)."""
     limit = evidence.get("stability_limit")
     if limit is None or not math.isfinite(limit) or limit <= 0:
         return False
-    return abs(evidence["sharpness"] / limit - 1) <= NEAR_LIMIT
+    return abs(step_scaled(evidence, evidence["sharpness"]) / limit - 1) <= NEAR_LIMIT
 
 
 class UpdateCheck(NamedTuple):
