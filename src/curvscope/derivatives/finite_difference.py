@@ -577,7 +577,9 @@ class _Kept:
                 if t.numel() == 0 or storage_of(t) not in weights
             ]
 
-    def restore_buffers(self) -> None:
+    def restore_modules(self) -> None:
+        """Every module as found: its attributes and hooks (a plain model's), its buffers and
+        plain tensors."""
         if self.attributes is not None:
             self.attributes()
         for holder, name, b, value in self.buffers:
@@ -603,7 +605,7 @@ class _Kept:
                 p.data.copy_(value)  # .data: no version-counter bump, bit for bit
         for p, g in zip(self.all_params, self.grads, strict=True):
             p.grad = g
-        self.restore_buffers()
+        self.restore_modules()
 
 
 def _storages(model: nn.Module) -> set[int]:
@@ -868,7 +870,7 @@ class FiniteDifferenceProducts:
             # each forward from the model as found, as in the exact backends (put back once a
             # pass, a batch read what the one before it set: 21% off the exact operator with
             # a longer batch first, the diff review)
-            kept.restore_buffers()
+            kept.restore_modules()
             # the exact backends' seeds; fused kernels kept: first derivatives are all it needs
             with self.obj.context(batch.index, second_order=False), no_autocast:
                 out = self._outputs(batch)

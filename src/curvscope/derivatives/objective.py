@@ -2431,11 +2431,10 @@ class ModelObjective:
         # an assigned tensor, read by the cache; written in place by a later forward (a
         # statistic created at the first call, updated after): into a copy (not one that views
         # another tensor: a copy would part them)
-        known = {(id(m), key) for _, m, key in self._attribute_writes}
         assigned = [
-            (k, m, key)
-            for k, m, key in changed
-            if isinstance(vars(m).get(key), Tensor) and (id(m), key) not in known
+            a
+            for a in changed
+            if isinstance(vars(a[1]).get(a[2]), Tensor) and not _among(a, self._attribute_writes)
         ]
         self._attribute_writes += assigned
         self._attributes += [(k, m, key) for k, m, key in assigned if vars(m)[key]._base is None]
