@@ -579,21 +579,21 @@ def test_what_a_later_batchs_forward_sets_is_learned_and_put_back(cache):
     torch.testing.assert_close(products[0], H @ v, rtol=1e-10, atol=1e-12)
 
 
-class _GrowsByAssigning(nn.Module):
-    """A rotary-cache-like module that assigns what it grows (no in-place write, which
-    forward-mode AD cannot take into a copy)."""
+class _GrowsTable(nn.Module):
+    """Grows a table and the length beside it for a longer input (a rotary cache), by
+    assigning them (no in-place write, which forward-mode AD cannot take into a copy)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.inner = nn.Linear(4, 2)
         self.longest = 3
-        self.factor = 1.0
+        self.table = torch.ones(3, dtype=DT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] > self.longest:
             self.longest = x.shape[1]
-            self.factor = x.shape[1] / 3.0
-        return torch.tanh(self.inner(x) * self.factor).mean(1)
+            self.table = torch.linspace(1, 2, x.shape[1], dtype=DT)
+        return torch.tanh(self.inner(x) * self.table[: x.shape[1], None]).mean(1)
 
 
 @pytest.mark.parametrize("cache", [True, False])
@@ -603,14 +603,14 @@ def test_a_later_batch_is_learned_before_forward_over_reverse_runs_it(cache):
     moved, repeated products up to 1.49 apart, a new operator 70% off (the diff review). Each
     batch is learned by a plain forward before its first transform now."""
     torch.manual_seed(0)
-    model = _GrowsByAssigning().to(DT)
+    model = _GrowsTable().to(DT)
     data = [(torch.randn(5, n, 4, dtype=DT), torch.randn(5, 2, dtype=DT)) for n in (3, 6, 3, 8)]
     C = cs.Curvature(model, nn.MSELoss(), data, backend="forward_over_reverse", cache=cache)
     g = torch.Generator().manual_seed(0)
     V = torch.randn(C.num_params, 8, dtype=DT, generator=g)
     products = [C @ V[:, 0] for _ in range(3)]
     block = C @ V
-    assert model.longest == 3 and model.factor == 1.0
+    assert model.longest == 3 and torch.equal(model.table, torch.ones(3, dtype=DT))
     assert all(torch.equal(p, products[0]) for p in products)
     exact = cs.Curvature(model, nn.MSELoss(), data, backend="double_backward") @ V
     torch.testing.assert_close(block, exact, rtol=1e-10, atol=1e-12)
@@ -743,22 +743,6 @@ def test_the_finite_difference_backend_restores_a_tensor_attribute_its_forward_u
     fd = cs.Curvature(model, nn.CrossEntropyLoss(), data, backend="finite_difference")
     exact = cs.Curvature(model, nn.CrossEntropyLoss(), data)
     assert torch.allclose(fd @ v[: fd.num_params], exact @ v[: fd.num_params], rtol=1e-5)
-
-
-class _GrowsTable(nn.Module):
-    """Grows a table and the length beside it for a longer input (a rotary cache)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = nn.Linear(4, 2)
-        self.longest = 3
-        self.table = torch.ones(3, dtype=DT)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] > self.longest:
-            self.longest = x.shape[1]
-            self.table = torch.linspace(1, 2, x.shape[1], dtype=DT)
-        return torch.tanh(self.inner(x) * self.table[: x.shape[1], None]).mean(1)
 
 
 @pytest.mark.parametrize("lengths", [(3, 6), (6, 3), (3, 6, 3)])
