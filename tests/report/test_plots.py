@@ -119,14 +119,7 @@ def test_a_clipped_runs_limit_is_labelled_as_that_of_the_clipped_rate(tmp_path, 
     legends = []
 
     def keep(fig, path, right=0.97):
-        legends.append(
-            [
-                t.get_text()
-                for ax in fig.axes
-                if ax.get_legend()
-                for t in ax.get_legend().get_texts()
-            ]
-        )
+        legends.append([t.get_text() for legend in fig.legends for t in legend.get_texts()])
         return path.name
 
     monkeypatch.setattr(plots, "_save", keep)

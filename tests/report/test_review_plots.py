@@ -187,5 +187,53 @@ def test_a_lone_probe_and_a_probe_without_layer_shares_are_drawn_as_they_are(tmp
         {"optimizer": "gd", "probes": [{"step": 1, "evidence": {"sharpness": 1.5}}]},
     ]
     plots.sharpness_vs_limit(runs, tmp_path)
-    labels = [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()]
+    labels = [t.get_text() for t in figures[-1].legends[0].get_texts()]
     assert labels == ["adam: sharpness of P^-½ H P^-½ (preconditioned)", "gd: sharpness (λ_max)"]
+
+
+def test_no_legend_covers_what_a_plot_draws(tmp_path, monkeypatch):
+    """Every legend was drawn inside an axes: on the lab's Rosenbrock the thirteen optimizers'
+    legend covered the Newton methods' last iterations, and the sharpness plot's legend covered
+    Adam's stability limit (a look at the lab's report). A legend now stands beside the axes,
+    the figure widened for it, inside the figure; the gradient-only methods are dashed."""
+    import curvscope as cs
+    from curvscope import lab
+
+    figures = _capture(monkeypatch)
+    results = lab.run_lab(["rosenbrock"], budget=lab.Budget(function_steps=8, seconds=1.0))
+    width = 14.0
+    assert plots.problem_curves(results, "rosenbrock", tmp_path) == "curves-rosenbrock.png"
+    assert figures[-1].get_figwidth() > width  # widened, the three axes as wide as they were
+    assert plots.contour_paths(results, "rosenbrock", cs.problems.get("rosenbrock").f, tmp_path)
+    assert plots.performance_profiles(results, tmp_path) == "profile.png"
+    dashed = {line.get_label(): line.get_linestyle() for line in figures[-1].axes[0].lines}
+    assert dashed["gd"] == "--" and dashed["newton"] == "-"
+    grid = np.linspace(-1.0, 1.0, 50)
+    density = {"grid": grid, "values": np.exp(-(grid**2)), "negative_mass": 0.5}
+    assert plots.mlp_density({"density_start": density, "density_end": density}, tmp_path)
+    probes = [{"step": s, "evidence": {"sharpness": 2.0, "stability_limit": 2.0}} for s in (1, 2)]
+    runs = [{"optimizer": name, "probes": probes} for name in ("gd", "momentum", "adam")]
+    assert plots.sharpness_vs_limit(runs, tmp_path) == "mlp-sharpness.png"
+    records = _records(
+        loss=[1.0, 0.5],
+        sharpness=[3.0, 3.0],
+        stability_limit=[2.0, 2.0],
+        batch_sharpness=[1.0, 1.0],
+        step_share=[0.5, 0.5],
+    )
+    for r in records:
+        r["layer_shares"] = {"0.weight": 0.75, "2.weight": 0.25}
+    assert plots.log_plots(records, tmp_path) == ["log.png", "layers.png"]
+    slope = {"t": [-1.0, 0.0, 1.0], "loss": [1.0, 0.0, 1.0], "quadratic": [1.0, 0.0, 1.0]}
+    slices = {"gradient": {**slope, "slope": 0.0, "curvature": 2.0}}
+    assert plots.slices({**slices, "top eigenvector": slices["gradient"]}, tmp_path)
+    assert len(figures) == 8
+    for fig in figures:
+        legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes)]
+        legends = [legend for legend in legends if legend is not None]
+        assert legends, fig.axes[0].get_title()
+        for legend in legends:
+            box = legend.get_window_extent()
+            assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 + 1, "cut off"
+            for ax in fig.axes:
+                assert not box.overlaps(ax.get_window_extent()), ax.get_title()

@@ -38,8 +38,57 @@ def _figure(ncols: int = 1, figsize: tuple[float, float] = (6.5, 3.6)) -> tuple[
         from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - matplotlib is a dependency of the lab
         raise ImportError("plots need matplotlib: pip install 'curvscope[plot]'") from e
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)  # a renderer to measure a legend by (:func:`_legend_beside`)
     return fig, fig.subplots(1, ncols)
+
+
+def _legend_beside(fig: Any, title: str | None = None) -> float:
+    """One legend of the figure's labelled lines (a label once), outside its axes on the right:
+    the figure is widened by the legend's width, the axes keep theirs. Inside an axes it
+    covered what it labels: the lab's thirteen optimizers hid the Newton methods' last
+    iterations, and the sharpness plot's legend Adam's stability limit. Returns the axes'
+    right edge that leaves the legend its room (``_save(..., right=)``)."""
+    named: dict[str, Any] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            named.setdefault(label, handle)
+    legend = fig.legend(
+        list(named.values()),
+        list(named),
+        loc="center right",
+        bbox_to_anchor=(0.995, 0.5),
+        fontsize=7,
+        title=title,
+        title_fontsize=7,
+        ncol=1 if len(named) <= 14 else 2,
+    )
+    _literal(fig)  # (measured as drawn: `$$` as mathtext would stop the measure)
+    inches = legend.get_window_extent(fig.canvas.get_renderer()).width / fig.dpi
+    axes_width = fig.get_figwidth() * 0.97  # (the right edge _save gives without a legend)
+    fig.set_figwidth(axes_width + inches + 0.3)
+    return axes_width / fig.get_figwidth()
+
+
+def _style(results: dict[str, Any], name: str) -> dict[str, Any]:
+    """An optimizer's line: its colour, dashed where it uses gradients only (order 1) — told
+    apart from the curvature methods at a glance, and gd's, momentum's and Sophia's dark
+    lines apart from each other."""
+    orders = {o.get("name"): o.get("order") for o in results.get("optimizers", [])}
+    return {"color": COLORS.get(name), "linestyle": "--" if orders.get(name) == 1 else "-"}
+
+
+def _listed_at(results: dict[str, Any], name: str) -> int:
+    """Where the lab lists an optimizer (first order first, as its tables), for a legend in
+    that order; one it does not list goes last."""
+    names = [o.get("name") for o in results.get("optimizers", [])]
+    return names.index(name) if name in names else len(names)
+
+
+#: The title of a legend of optimizers drawn by :func:`_style`.
+ORDERS = "dashed: gradients only"
 
 
 def replace_atomically(path: Path, write: Any) -> None:
@@ -159,9 +208,11 @@ def _literal(fig: Any) -> None:
     ``a_$x^2$`` came out typeset (an outside review). Turned off once here, for every plot, not
     by escaping each field; the tick labels keep it (a log axis writes 10⁻⁶ in mathtext)."""
     texts = list(fig.texts)
+    legends = list(fig.legends)
     for ax in fig.axes:
         texts += [ax.title, ax.xaxis.label, ax.yaxis.label, *ax.texts]
-        legend = ax.get_legend()
+        legends.append(ax.get_legend())
+    for legend in legends:
         if legend is not None:
             texts += [legend.get_title(), *legend.get_texts()]
     for text in texts:
@@ -199,10 +250,10 @@ def problem_curves(results: dict[str, Any], problem: str, out: Path) -> str | No
     fig, axes = _figure(3, figsize=(14, 3.6))
     for r in runs:
         y = _gap(r["losses"], f_best)
-        c = COLORS.get(r["optimizer"])
-        axes[0].plot(np.arange(len(y)), y, label=r["optimizer"], color=c)
-        axes[1].plot(r["cost"], y, color=c)
-        axes[2].plot(r["seconds"], y, color=c)
+        style = _style(results, r["optimizer"])
+        axes[0].plot(np.arange(len(y)), y, label=r["optimizer"], **style)
+        axes[1].plot(r["cost"], y, **style)
+        axes[2].plot(r["seconds"], y, **style)
     labels = ("iteration", "gradients + curvature products", "seconds")
     for ax, xl in zip(axes, labels, strict=True):
         ax.set_yscale("log")
@@ -210,9 +261,9 @@ def problem_curves(results: dict[str, Any], problem: str, out: Path) -> str | No
         ax.set_ylabel("loss − best loss")
     axes[1].set_xscale("symlog", linthresh=1)
     axes[1].set_xlim(left=0)
-    axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle(problem)
-    return _save(fig, out / f"curves-{problem}.png")
+    right = _legend_beside(fig, ORDERS)
+    return _save(fig, out / f"curves-{problem}.png", right)
 
 
 def contour_paths(results: dict[str, Any], problem: str, f: Any, out: Path) -> str | None:
@@ -242,15 +293,15 @@ def contour_paths(results: dict[str, Any], problem: str, f: Any, out: Path) -> s
             ax.plot(
                 p[:, 0],
                 p[:, 1],
-                ".-",
+                marker=".",
                 ms=2.5,
                 lw=1,
                 label=r["optimizer"],
-                color=COLORS.get(r["optimizer"]),
+                **_style(results, r["optimizer"]),
             )
     ax.set_title(f"{problem}: paths (contours of log(1 + f − min))")
-    ax.legend(fontsize=7, loc="best")
-    return _save(fig, out / f"paths-{problem}.png")
+    right = _legend_beside(fig, ORDERS)
+    return _save(fig, out / f"paths-{problem}.png", right)
 
 
 def performance_profiles(results: dict[str, Any], out: Path) -> str | None:
@@ -259,8 +310,8 @@ def performance_profiles(results: dict[str, Any], out: Path) -> str | None:
     fig, axes = _figure(2, figsize=(10, 3.8))
     for ax, axis in zip(axes, ("cost", "time"), strict=True):
         prof = results["profile"][axis]
-        for name, curve in prof["curves"].items():
-            ax.step(prof["taus"], curve, where="post", label=name, color=COLORS.get(name))
+        for name, curve in sorted(prof["curves"].items(), key=lambda c: _listed_at(results, c[0])):
+            ax.step(prof["taus"], curve, where="post", label=name, **_style(results, name))
         ax.set_xscale("log")
         ax.set_ylim(0, 1.02)
         ax.set_xlabel(
@@ -268,8 +319,8 @@ def performance_profiles(results: dict[str, Any], out: Path) -> str | None:
         )
         ax.set_ylabel("share of problems solved")
         ax.set_title(f"performance profile ({axis})")
-    axes[0].legend(fontsize=7, ncol=2)
-    return _save(fig, out / "profile.png")
+    right = _legend_beside(fig, ORDERS)
+    return _save(fig, out / "profile.png", right)
 
 
 def mlp_density(mlp: dict[str, Any], out: Path) -> str | None:
@@ -289,8 +340,7 @@ def mlp_density(mlp: dict[str, Any], out: Path) -> str | None:
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
     ax.set_title("Hessian spectrum of the MLP")
-    ax.legend(fontsize=8)
-    return _save(fig, out / "mlp-density.png")
+    return _save(fig, out / "mlp-density.png", _legend_beside(fig))
 
 
 def sharpness_vs_limit(
@@ -317,8 +367,7 @@ def sharpness_vs_limit(
     ax.set_xlabel("step")
     ax.set_ylabel("sharpness (each in its optimizer's metric)")
     ax.set_title("sharpness against the optimizer's stability limit")
-    ax.legend(fontsize=7, loc="best", framealpha=0.6)
-    return _save(fig, out / f"{name}.png")
+    return _save(fig, out / f"{name}.png", _legend_beside(fig))
 
 
 def adam_vs_hessian(mlp: dict[str, Any], out: Path) -> str | None:
@@ -435,7 +484,6 @@ def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
     clipped = any(r.get("clip_factor") is not None for r in records)  # c/(s·η): see README
     label = "stability limit of the clipped rate s·η" if clipped else "stability limit"
     axes[2].plot(steps, col("stability_limit"), "x--", label=label)  # (a lone probe: a mark)
-    axes[2].legend(fontsize=8)
     shown = (
         ("loss", ["loss"]),
         ("gradient norm", ["grad_norm"]),
@@ -445,7 +493,7 @@ def log_plots(records: list[dict[str, Any]], out: Path) -> list[str]:
         ax.set_xlabel("step")
         more = judged if keys[0] == "sharpness" else []
         _value_scale(ax, title, [v for k in keys for v in held(k)] + more)
-    names = [_save(fig, out / "log.png")]
+    names = [_save(fig, out / "log.png", _legend_beside(fig))]
     shares = [x if isinstance(x, dict) else {} for x in (r.get("layer_shares") for r in records)]
     if any(shares):
         layers, ys = _top_layers(shares)
@@ -572,5 +620,4 @@ def slices(data: dict[str, Any], out: Path) -> str | None:
         ax.plot(d["t"], d["quadratic"], "--", label="quadratic model")
         ax.set_title(f"along the {name}\nslope {d['slope']:.3g}, curvature {d['curvature']:.3g}")
         ax.set_xlabel("t")
-    np.atleast_1d(axes)[0].legend(fontsize=8)
-    return _save(fig, out / "slices.png")
+    return _save(fig, out / "slices.png", _legend_beside(fig))
