@@ -237,3 +237,35 @@ def test_no_legend_covers_what_a_plot_draws(tmp_path, monkeypatch):
             assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 + 1, "cut off"
             for ax in fig.axes:
                 assert not box.overlaps(ax.get_window_extent()), ax.get_title()
+
+
+def test_a_log_axis_under_two_decades_is_labelled_in_plain_numbers(tmp_path, monkeypatch):
+    """A sharpness from 0.59 to 1.6 beside its limit of 1.33 had one labelled tick, "10⁰"
+    (and "6×10⁻¹" as a minor label): no value could be read off the plot. Under two decades
+    the ticks are plain numbers, several in view; wider axes keep their powers of ten."""
+    figures = _capture(monkeypatch)
+    sharpness = [1.77, 1.47, 1.13, 1.0, 0.89, 0.81, 0.74, 0.67, 0.62, 0.59]
+    records = _records(
+        loss=[10.0**-k for k in range(10)], sharpness=sharpness, stability_limit=[1.33] * 10
+    )
+    plots.log_plots(records, tmp_path)
+    loss_ax, _, sharp_ax = figures[0].axes
+
+    def labelled(ax):
+        low, high = ax.get_ylim()
+        return [
+            t.get_text()
+            for t in ax.yaxis.get_ticklabels()
+            if t.get_text() and low <= t.get_position()[1] <= high
+        ]
+
+    labels = labelled(sharp_ax)
+    assert len(labels) >= 4, labels
+    assert all(0.5 <= float(t) <= 2 for t in labels)  # plain numbers, not 10^k in mathtext
+    assert all("10^" in t for t in labelled(loss_ax))  # nine decades: powers of ten
+    probes = [
+        {"step": k, "evidence": {"sharpness": v, "stability_limit": 1.33}}
+        for k, v in enumerate(sharpness)
+    ]
+    plots.sharpness_vs_limit([{"optimizer": "gd", "probes": probes}], tmp_path)  # the lab's
+    assert len(labelled(figures[-1].axes[0])) >= 4

@@ -364,6 +364,9 @@ def sharpness_vs_limit(
         if any(v is not None for v in lim):
             ax.plot(steps, _drawn(lim), "x--", color=c, label=f"{opt_name}: stability limit")
     ax.set_yscale("log")
+    drawn = [y for line in ax.lines for y in line.get_ydata() if np.isfinite(y) and y > 0]
+    if drawn:
+        _readable_ticks(ax.yaxis, max(drawn) / min(drawn))
     ax.set_xlabel("step")
     ax.set_ylabel("sharpness (each in its optimizer's metric)")
     ax.set_title("sharpness against the optimizer's stability limit")
@@ -428,6 +431,7 @@ def _value_scale(ax: Any, title: str, values: list[float]) -> None:
     drawable = [v for v in values if _drawable(v)]
     if drawable and min(drawable) > 0:
         ax.set_yscale("log")
+        _readable_ticks(ax.yaxis, max(drawable) / min(drawable))
     elif drawable:
         # the linear part reaches to the smallest magnitude, or LOG_RANGE below the largest:
         # each logarithmic side then spans at most as many decades as a log scale may
@@ -442,6 +446,23 @@ def _value_scale(ax: Any, title: str, values: list[float]) -> None:
     left_out = [f"{n} {why}" for n, why in counts if n]
     # the count on a line of its own: beside a long title it ran past the figure's edge
     ax.set_title(title + (f"\n({', '.join(left_out)}, not drawn)" if left_out else ""), fontsize=10)
+
+
+def _readable_ticks(axis: Any, ratio: float) -> None:
+    """Ticks labelled as plain numbers on a log axis that spans less than two decades: there a
+    log axis labels one power of ten or none (a sharpness from 0.59 to 1.6 beside its limit
+    of 1.33 read "10⁰" alone, with "6×10⁻¹" as a minor label). Under a decade, evenly spaced
+    values (0.6, 0.8, …, 1.6); under two, 1, 2 and 5 times the powers of ten."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    if ratio >= 100:
+        return
+    if ratio < 10:
+        axis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    else:
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _judged_series(ax: Any, steps: list[Any], records: list[dict[str, Any]]) -> list[float]:
