@@ -691,6 +691,85 @@ def test_parameters_written_by_a_later_batchs_forward_are_written_once():
     torch.testing.assert_close(model.inner.weight.detach(), 0.9 * found, rtol=1e-15, atol=0)
 
 
+class _TiedMaxNorm(nn.Module):
+    """A language model's table with ``max_norm``, tied to its output layer, which reads
+    every row: a lookup renorms the rows it reads, in place."""
+
+    def __init__(self, max_norm: float) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(9, 6, max_norm=max_norm)
+        self.out = nn.Linear(6, 9)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.emb(x)).mean(1))
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_tied_max_norm_table_is_measured_at_one_point_however_the_data_is_batched(cache):
+    """Each batch's lookup renorms its own rows. Only the first batch's write reached the
+    user's table; each later batch renormed its rows in a copy, so the output layer of the
+    first batch read rows the others had renormed: the operator was at no one point, and
+    the same data batched differently gave another one (λ_max 6.20 for 9.48 on a fuzzed
+    transformer; here the gradient 2.8% and products 5.9% apart: an outside review's
+    fuzzing). Each batch's first forward now writes as the user's own pass over the batches
+    does; a kept operator's graphs are built again at once where the pass wrote, so its first
+    product is at the values written too (an uncached operator's first product still mixes)."""
+    torch.manual_seed(0)
+    model = _TiedMaxNorm(1.0).to(DT)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 9, (13, 3), generator=g), torch.randint(0, 9, (13,), generator=g)
+    batches = [(x[:5], y[:5]), (x[5:10], y[5:10]), (x[10:], y[10:])]
+    epoch = copy.deepcopy(model)
+    with torch.no_grad():
+        for xb, _ in batches:
+            epoch(xb)  # the user's own pass: every row the data reads renormed
+    assert not torch.equal(epoch.emb.weight, model.emb.weight)
+    reference = copy.deepcopy(epoch)
+    reference.emb.max_norm = None  # (renorming a renormed table changes nothing)
+    theta, names, shapes = cases.flat_params(reference)
+
+    def loss(t: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(reference, cases.as_dict(t, names, shapes), (x,))
+        return F.cross_entropy(out, y)
+
+    H = torch.func.jacfwd(torch.func.grad(loss))(theta)
+    V = torch.randn(len(theta), 3, dtype=DT, generator=g)
+    with pytest.warns(cs.derivatives.ParameterWriteWarning):
+        C = cs.Curvature(model, nn.CrossEntropyLoss(), batches, cache=cache)
+        if not cache:
+            C @ V  # the first pass: the first batch ran before the later ones' writes
+        value, gradient = C.loss_and_gradient()
+        products = C @ V
+    assert value == pytest.approx(float(loss(theta)), rel=1e-12)
+    torch.testing.assert_close(gradient, torch.func.grad(loss)(theta), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(products, H @ V, rtol=1e-10, atol=1e-12)
+    assert torch.equal(model.emb.weight, epoch.emb.weight)  # written as the user's pass writes
+
+
+def test_a_kept_operator_outlives_a_forward_that_writes_without_changing_anything():
+    """A tied ``max_norm`` table whose rows are all under the norm: torch's renorm bumps the
+    table's version without changing it. The kept graphs held the user's table, passed by its
+    storage to the forward that first wrote it, and any later forward of the user's (a
+    validation step, a second operator's product) broke them with torch's bare "modified by
+    an inplace operation" (an outside review's fuzzing). They are built again at once, where
+    the table is a copy."""
+    torch.manual_seed(0)
+    model = _TiedMaxNorm(100.0).to(DT)
+    x, y = torch.randint(0, 9, (13, 3)), torch.randint(0, 9, (13,))
+    with pytest.warns(cs.derivatives.ParameterWriteWarning):
+        C = cs.Curvature(model, nn.CrossEntropyLoss(), (x, y), cache=True)
+        v = torch.randn(C.num_params, dtype=DT)
+        first = C @ v
+    found = model.emb.weight.detach().clone()
+    model(x)  # the user's own forward
+    with pytest.warns(cs.derivatives.ParameterWriteWarning):
+        cs.Curvature(model, nn.CrossEntropyLoss(), (x, y)) @ v  # another operator's
+    assert torch.equal(model.emb.weight, found)
+    torch.testing.assert_close(C @ v, first, rtol=0, atol=0)
+    assert cs.eigenvalues(C, k=1).converged.all()
+
+
 def test_a_written_attribute_that_views_another_is_not_parted_from_it():
     """A slot of a table, both plain attributes, the slot written and the table read: a copy
     of the slot would part it from the table (the diff review: a loss of 1.3133 where the

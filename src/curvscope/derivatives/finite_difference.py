@@ -974,6 +974,10 @@ class FiniteDifferenceProducts:
                     continue
                 start = min(self.step, STEP_GROWTH * self.accepted) * theta / norm
                 hv, eps = self._column(kept, engine, params, v, norm, start, local, theta)
+                if not local:  # P·H·P: a row tied to another module has a gradient there
+                    for block, row in zip(self.obj.unflatten(hv), self._rows, strict=True):
+                        if row is not None:
+                            block[row] = 0  # (a view of hv)
                 self.accepted = eps * norm / theta
                 columns.append(hv)
         finally:

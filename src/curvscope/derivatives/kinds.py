@@ -248,16 +248,20 @@ class _ForwardOverReverseProduct:
 
         # P·H·P, as double backward gives it: torch's embedding keeps its padding row out of the
         # gradient, but forward-mode reads the row's tangent — P·H without this (an outside
-        # review: 13% off, not symmetric)
-        blocks = [_without_row(b, obj.padding.get(n)) for b, n in zip(blocks, names, strict=True)]
+        # review: 13% off, not symmetric). The result's rows too: a row tied to another module
+        # has a gradient there (ModelObjective.leave_out_tied_padding); an untied one's is 0
+        rows = [obj.padding.get(n) for n in names]
+        blocks = [_without_row(b, row) for b, row in zip(blocks, rows, strict=True)]
         obj.learn(theta, batch)
         try:
             with obj.context(batch.index):
                 if blocks[0].shape[0] == 1:
-                    return [h[None] for h in hvp(*(b[0] for b in blocks))]
-                return list(torch.func.vmap(hvp, randomness="same")(*blocks))
+                    out = [h[None] for h in hvp(*(b[0] for b in blocks))]
+                else:
+                    out = list(torch.func.vmap(hvp, randomness="same")(*blocks))
         except (RuntimeError, NotImplementedError) as e:
             raise _forward_mode_failed(e) from e
+        return [_without_row(h, row) for h, row in zip(out, rows, strict=True)]
 
 
 def _forward_mode_failed(e: BaseException) -> BaseException:
