@@ -530,9 +530,9 @@ class Curvature:
             for _ in range(2):
                 self._cached = self._snapshot = None
                 before = _Snapshot(self._state_now()[2])
-                written = self._written_parameters()
+                writes = self._writes()
                 self._cached = list(self._source.prepare(rebuilt=rebuilt))  # (checks the data)
-                if written == self._written_parameters() and before.holds(self._state_now()[2]):
+                if self._writes() == writes:
                     break
                 # built once more, at once: a forward wrote into the parameters during the
                 # pass — its batches before the write ran at the values before (a tied
@@ -555,9 +555,29 @@ class Curvature:
         assert self._cached is not None  # (built above)
         yield from self._cached
 
-    def _written_parameters(self) -> frozenset[str]:
-        """The parameters the model's forward was seen writing (none for a plain function)."""
-        return self.objective.written if self.objective is not None else frozenset()
+    def _summed(self, blocks: list[Tensor], impl: str) -> Tensor:
+        """Σ_b w_b C_b V over this rank's batches, summed flat, by ``impl``."""
+        if impl == "double_backward":
+            products = self._products()
+        else:
+            products = self._source.prepare(forward=True)
+        total: Tensor | None = None
+        for graph, (weight, product) in enumerate(products):
+            # as the forward ran: checkpointing recomputes it (and what it writes, put back)
+            with self._source.kernels(), self._source.recomputation_kept(graph):
+                applied = product.apply(blocks)
+            part = self._source.flatten(applied, batched=True).detach()
+            if total is None:
+                total = part if weight == 1.0 else part.mul_(weight)
+            else:
+                total.add_(part, alpha=weight)
+        assert total is not None  # the data is never empty (checked at construction)
+        return total
+
+    def _writes(self) -> int:
+        """How many times the model's forward wrote into its parameters
+        (:attr:`ModelObjective.writes`; 0 for a plain function)."""
+        return self.objective.writes if self.objective is not None else 0
 
     def _settle(self) -> None:
         """After a product through the cached graphs: the flags' snapshot taken anew where a
@@ -626,21 +646,13 @@ class Curvature:
             self.matvecs += blocks[0].shape[0]
             self.seconds += time.perf_counter() - start
             return check_finite(out, "the finite-difference Hessian product")
-        if impl == "double_backward":
-            products = self._products()
-        else:
-            products = self._source.prepare(forward=True)
-        total: Tensor | None = None
-        for graph, (weight, product) in enumerate(products):  # Σ_b w_b C_b V, summed flat
-            # as the forward ran: checkpointing recomputes it (and what it writes, put back)
-            with self._source.kernels(), self._source.recomputation_kept(graph):
-                applied = product.apply(blocks)
-            part = self._source.flatten(applied, batched=True).detach()
-            if total is None:
-                total = part if weight == 1.0 else part.mul_(weight)
-            else:
-                total.add_(part, alpha=weight)
-        assert total is not None  # the data is never empty (checked at construction)
+        writes = self._writes()
+        total = self._summed(blocks, impl)
+        if self._writes() != writes and not (impl == "double_backward" and self.cache):
+            # a pass that wrote into the parameters (its batches before the write ran at the
+            # values before: the first product a mix, 36% off): once more, at the values
+            # written — a kept operator's graphs are built again in _products already
+            total = self._summed(blocks, impl)
         if self.group is None:
             out, refusals = total, None
         else:  # a loss not finite, or refused, on this rank's data: NaN on every rank
@@ -787,9 +799,13 @@ class Curvature:
         else:
             obj = self.objective
             assert obj is not None  # a plain function's operator is always cached
-            for b in obj.batches():
-                _, grads, value = _k.batch_loss_and_grads(obj, b)
-                parts.append((self._source.weight(b), grads, value))
+            for _ in range(2):  # once more where the pass wrote into the parameters (_apply)
+                writes, parts = obj.writes, []
+                for b in obj.batches():
+                    _, grads, value = _k.batch_loss_and_grads(obj, b)
+                    parts.append((self._source.weight(b), grads, value))
+                if obj.writes == writes:
+                    break
         loss = sum(w * value for w, _, value in parts)
         flat = [w * self._source.flatten([g.detach() for g in grads]) for w, grads, _ in parts]
         grad = flat[0]

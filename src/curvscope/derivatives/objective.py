@@ -416,14 +416,16 @@ def _copyable(
     ]
 
 
-def _written_back(state: Mapping[str, Any], params: list[tuple[str, Tensor]]) -> None:
+def _written_back(state: Mapping[str, Any], params: list[tuple[str, Tensor]]) -> bool:
     """What a batch's first forward wrote into the copies of parameters an earlier batch was
     seen writing (:meth:`ModelObjective._written_in_forward`), written into the user's, as
     the user's own pass over the batches writes them: an ``nn.Embedding(max_norm=...)`` tied
     to the output layer renormed the first batch's rows alone, each later batch its own in a
     copy, and the operator was at no one point (λ_max 6.20 for one batch's 9.48 on the same
     data: an outside review's fuzzing). Only where the values differ: a write-back bumps the
-    version, and the next pass learns anew (:meth:`ModelObjective.graphs_built`)."""
+    version, and the next pass learns anew (:meth:`ModelObjective.graphs_built`). Returns
+    whether it wrote."""
+    wrote = False
     with torch.no_grad():
         for k, p in params:
             passed = state.get(k)
@@ -431,6 +433,8 @@ def _written_back(state: Mapping[str, Any], params: list[tuple[str, Tensor]]) ->
                 continue
             if not torch.equal(passed, p):
                 p.copy_(passed)
+                wrote = True
+    return wrote
 
 
 def _written(
@@ -1598,6 +1602,10 @@ class ModelObjective:
         #: those learned at least once, never cleared: only there is a write into a copy of a
         #: parameter written back (:func:`_written_back`), once per batch, not at each relearning
         self._ever_learned: set[int] = set()
+        #: how many times a forward wrote into the user's parameters — a write first seen (by
+        #: their storage) or a copy's written back: a pass that wrote is run again at once
+        #: (``Curvature._products`` and ``_apply``), its earlier batches having run before
+        self.writes = 0
         #: the parameters' versions and the modules' modes at the last pass (:meth:`graphs_built`)
         self._passed_at: list[Any] = []
         #: the parameters a forward writes into, passed as copies (:meth:`_written_in_forward`)
@@ -2357,8 +2365,8 @@ class ModelObjective:
         for w in said:  # the model's other warnings, as they were
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         self._written_in_forward([k for k, p, v in versions if p._version != v])
-        if earlier:
-            _written_back(state, [(k, p) for k, p, _ in versions if k in earlier])
+        if earlier and _written_back(state, [(k, p) for k, p, _ in versions if k in earlier]):
+            self.writes += 1
         self._attributes_changed(_written(held, copies), [a for a, _ in held], given)
         put_back = [*copies, *_restore(found, self.model)]
         if self._passes:  # the loss may read them: put back as the pass ends (the rest of the
@@ -2366,11 +2374,6 @@ class ModelObjective:
         else:
             _swap_back(put_back[::-1])
         return out
-
-    @property
-    def written(self) -> frozenset[str]:
-        """The parameters a forward was seen writing into (:meth:`_written_in_forward`)."""
-        return frozenset(self._written)
 
     def _written_in_forward(self, written: list[str]) -> None:
         """A forward that writes into its parameters in place (a max-norm clamp, weight clipping
@@ -2382,6 +2385,7 @@ class ModelObjective:
         if not written:
             return
         self._written |= set(written)
+        self.writes += 1
         note = (
             f"the model's forward writes into its parameter(s) {few(written)} in place (a "
             "max-norm clamp, weight clipping?): curvscope's first forward wrote them as your "
