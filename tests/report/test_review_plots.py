@@ -227,7 +227,15 @@ def test_no_legend_covers_what_a_plot_draws(tmp_path, monkeypatch):
     slope = {"t": [-1.0, 0.0, 1.0], "loss": [1.0, 0.0, 1.0], "quadratic": [1.0, 0.0, 1.0]}
     slices = {"gradient": {**slope, "slope": 0.0, "curvature": 2.0}}
     assert plots.slices({**slices, "top eigenvector": slices["gradient"]}, tmp_path)
-    assert len(figures) == 8
+    # forty-four lines (a legend of one column ran off the figure's top and bottom), and curvature
+    # methods alone: no "dashed" title over solid lines (the diff review)
+    runs = results["runs"] * 4
+    many = [{**run, "problem": "p", "optimizer": f"opt-{i}"} for i, run in enumerate(runs)]
+    assert plots.problem_curves({"runs": many[:44]}, "p", tmp_path)
+    solid = {**results, "runs": [r for r in results["runs"] if r["optimizer"] == "newton"]}
+    assert plots.problem_curves(solid, "rosenbrock", tmp_path)
+    assert figures[-1].legends[0].get_title().get_text() == ""
+    assert len(figures) == 10
     for fig in figures:
         legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes)]
         legends = [legend for legend in legends if legend is not None]
@@ -235,6 +243,7 @@ def test_no_legend_covers_what_a_plot_draws(tmp_path, monkeypatch):
         for legend in legends:
             box = legend.get_window_extent()
             assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 + 1, "cut off"
+            assert fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1 + 1, "cut off"
             for ax in fig.axes:
                 assert not box.overlaps(ax.get_window_extent()), ax.get_title()
 
@@ -269,3 +278,14 @@ def test_a_log_axis_under_two_decades_is_labelled_in_plain_numbers(tmp_path, mon
     ]
     plots.sharpness_vs_limit([{"optimizer": "gd", "probes": probes}], tmp_path)  # the lab's
     assert len(labelled(figures[-1].axes[0])) >= 4
+    # a lone probe: matplotlib widens each log axis around its value to up to two decades;
+    # the labels span the axis (evenly spaced ticks over a gradient norm's axis from 0.008 to
+    # 1.26 were labelled 0.25 to 1.25, piled up at its top, and none near the value: the diff
+    # review)
+    figures.clear()
+    plots.log_plots(_records(loss=[0.5], grad_norm=[0.1], sharpness=[1.2]), tmp_path)
+    for ax in figures[0].axes:
+        low, high = ax.get_ylim()
+        shown = [t for t in ax.yaxis.get_ticklabels() if t.get_text()]
+        heights = [t.get_window_extent().y0 for t in shown if low <= t.get_position()[1] <= high]
+        assert max(heights) - min(heights) >= 0.5 * ax.get_window_extent().height, ax.get_title()

@@ -63,7 +63,7 @@ def _legend_beside(fig: Any, title: str | None = None) -> float:
         fontsize=7,
         title=title,
         title_fontsize=7,
-        ncol=1 if len(named) <= 14 else 2,
+        ncol=math.ceil(len(named) / LEGEND_ROWS),  # (44 in one column ran off the figure)
     )
     _literal(fig)  # (measured as drawn: `$$` as mathtext would stop the measure)
     inches = legend.get_window_extent(fig.canvas.get_renderer()).width / fig.dpi
@@ -87,8 +87,14 @@ def _listed_at(results: dict[str, Any], name: str) -> int:
     return names.index(name) if name in names else len(names)
 
 
-#: The title of a legend of optimizers drawn by :func:`_style`.
-ORDERS = "dashed: gradients only"
+#: The most entries a column of a legend beside the axes holds (7-point type, 3.6 in tall).
+LEGEND_ROWS = 18
+
+
+def _orders(fig: Any) -> str | None:
+    """The title of a legend of optimizers drawn by :func:`_style`, where a line is dashed."""
+    dashed = any(line.get_linestyle() == "--" for ax in fig.axes for line in ax.lines)
+    return "dashed: gradients only" if dashed else None
 
 
 def replace_atomically(path: Path, write: Any) -> None:
@@ -262,7 +268,7 @@ def problem_curves(results: dict[str, Any], problem: str, out: Path) -> str | No
     axes[1].set_xscale("symlog", linthresh=1)
     axes[1].set_xlim(left=0)
     fig.suptitle(problem)
-    right = _legend_beside(fig, ORDERS)
+    right = _legend_beside(fig, _orders(fig))
     return _save(fig, out / f"curves-{problem}.png", right)
 
 
@@ -300,7 +306,7 @@ def contour_paths(results: dict[str, Any], problem: str, f: Any, out: Path) -> s
                 **_style(results, r["optimizer"]),
             )
     ax.set_title(f"{problem}: paths (contours of log(1 + f − min))")
-    right = _legend_beside(fig, ORDERS)
+    right = _legend_beside(fig, _orders(fig))
     return _save(fig, out / f"paths-{problem}.png", right)
 
 
@@ -319,7 +325,7 @@ def performance_profiles(results: dict[str, Any], out: Path) -> str | None:
         )
         ax.set_ylabel("share of problems solved")
         ax.set_title(f"performance profile ({axis})")
-    right = _legend_beside(fig, ORDERS)
+    right = _legend_beside(fig, _orders(fig))
     return _save(fig, out / "profile.png", right)
 
 
@@ -364,9 +370,7 @@ def sharpness_vs_limit(
         if any(v is not None for v in lim):
             ax.plot(steps, _drawn(lim), "x--", color=c, label=f"{opt_name}: stability limit")
     ax.set_yscale("log")
-    drawn = [y for line in ax.lines for y in line.get_ydata() if np.isfinite(y) and y > 0]
-    if drawn:
-        _readable_ticks(ax.yaxis, max(drawn) / min(drawn))
+    _readable_ticks(ax.yaxis)
     ax.set_xlabel("step")
     ax.set_ylabel("sharpness (each in its optimizer's metric)")
     ax.set_title("sharpness against the optimizer's stability limit")
@@ -431,7 +435,7 @@ def _value_scale(ax: Any, title: str, values: list[float]) -> None:
     drawable = [v for v in values if _drawable(v)]
     if drawable and min(drawable) > 0:
         ax.set_yscale("log")
-        _readable_ticks(ax.yaxis, max(drawable) / min(drawable))
+        _readable_ticks(ax.yaxis)
     elif drawable:
         # the linear part reaches to the smallest magnitude, or LOG_RANGE below the largest:
         # each logarithmic side then spans at most as many decades as a log scale may
@@ -448,13 +452,17 @@ def _value_scale(ax: Any, title: str, values: list[float]) -> None:
     ax.set_title(title + (f"\n({', '.join(left_out)}, not drawn)" if left_out else ""), fontsize=10)
 
 
-def _readable_ticks(axis: Any, ratio: float) -> None:
-    """Ticks labelled as plain numbers on a log axis that spans less than two decades: there a
-    log axis labels one power of ten or none (a sharpness from 0.59 to 1.6 beside its limit
-    of 1.33 read "10⁰" alone, with "6×10⁻¹" as a minor label). Under a decade, evenly spaced
-    values (0.6, 0.8, …, 1.6); under two, 1, 2 and 5 times the powers of ten."""
+def _readable_ticks(axis: Any) -> None:
+    """Ticks labelled as plain numbers on a log axis whose view spans less than two decades:
+    there a log axis labels one power of ten or none (a sharpness from 0.59 to 1.6 beside its
+    limit of 1.33 read "10⁰" alone, with "6×10⁻¹" as a minor label). Under a decade, evenly
+    spaced values (0.6, 0.8, …, 1.6); under two, 1, 2 and 5 times the powers of ten. (The
+    view, not the data: matplotlib widens a lone value's log axis to two decades, where even
+    spacing piled its labels up at the top: the diff review.)"""
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
+    low, high = axis.get_view_interval()
+    ratio = high / low if low > 0 else math.inf
     if ratio >= 100:
         return
     if ratio < 10:
