@@ -58,6 +58,7 @@ from curvscope.derivatives.checks import (
     check_scalar_loss,
     check_seed,
 )
+from curvscope.derivatives.distributed import loss_settings
 from curvscope.derivatives.flat import flatten, map_tensors, tensors, unflatten
 from curvscope.derivatives.huggingface import HuggingFaceLoss
 from curvscope.derivatives.rng import kept_rngs, rng_states, seed_rngs, set_rng_states
@@ -414,6 +415,21 @@ def _copyable(
         for k, mod, key, t in attributes
         if t._base is None and shared.get(storage_of(t), 1) == 1
     ]
+
+
+def _names_of(
+    model: nn.Module,
+    selected: Mapping[str, Tensor],
+    named: Mapping[str, Tensor] | None = None,
+) -> list[list[str]]:
+    """Each selected parameter's names in ``model`` (all that hold that object: a tied weight's
+    every name), in order: where a tie is undone or made the lists change."""
+    if named is None:
+        named = dict(model.named_parameters(remove_duplicate=False))
+    names: dict[int, list[str]] = {}
+    for k, p in named.items():
+        names.setdefault(id(p), []).append(k)
+    return [names.get(id(p), [k]) for k, p in selected.items()]
 
 
 def _written_back(state: Mapping[str, Any], params: list[tuple[str, Tensor]]) -> bool:
@@ -1577,6 +1593,9 @@ class ModelObjective:
         self.names = list(self._params)
         # a ZeRO-3 parameter's own shape, not its empty .data's (derivatives/zero3.py)
         self.shapes = [full_shape(p) for p in self._params.values()]
+        #: each selected parameter's names (a tied weight's every name), to tell a tie undone or
+        #: made since (:attr:`params`)
+        self._tied = _names_of(model, self._params)
         self.numels = [math.prod(s) for s in self.shapes]
         self.num_params = sum(self.numels)
         self._selected = set(self.names)
@@ -1584,6 +1603,9 @@ class ModelObjective:
         self.in_memory = isinstance(self._data, list)
         self._fingerprints: list[tuple[Any, ...]] = []
         self.num_batches, self.num_samples = self._count()
+        #: the loss's settings at the first pass, its batches' weights counted with them
+        #: (:meth:`_check_loss_settings`; a model's own loss is settled only then)
+        self._loss_settings: str | None = None
         #: data in memory: each tensor and its version counter when the operator was built
         self._data_versions = self._versions_now()
         if self.adapter is not None:  # settled by the first batch's labels
@@ -1648,6 +1670,7 @@ class ModelObjective:
         if declared == "batchmean":  # nn.KLDivLoss's: the rows' mean of each row's sum
             declared = "mean"
         self._declared = declared in REDUCTIONS or declared == "none"
+        self._reduction_read: Any = None  # (the loss's reduction at the first pass)
         self.reduction: str = declared if declared in REDUCTIONS else "mean"
 
     # ----------------------------------------------------------------------- parameters
@@ -1661,12 +1684,18 @@ class ModelObjective:
         _reshard(self.fsdp_modules)
         named: dict[str, Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
         current: dict[str, Tensor] = {}
-        for name, old in self._params.items():
+        for (name, old), shape in zip(self._params.items(), self.shapes, strict=True):
             p = named.get(name)
             if p is None:
                 raise RuntimeError(
                     f"the model no longer has a parameter named {name!r}; build a new Curvature "
                     "for the changed model"
+                )
+            if not is_dtensor(p) and p.shape != shape:  # (resized in place: the same object)
+                raise RuntimeError(
+                    f"parameter {name!r} is now of shape {tuple(p.shape)}, but the operator was "
+                    f"built for {tuple(shape)} (resized: `.data = ...` or `.set_()`); build a "
+                    "new Curvature for the changed model"
                 )
             if p.dtype != self.dtype or p.device != self.device:
                 raise ValueError(
@@ -1683,6 +1712,15 @@ class ModelObjective:
                     )
                 self._params[name] = p
             current[name] = p
+        if _names_of(self.model, current, named) != self._tied:
+            raise RuntimeError(
+                "the model's weights are tied differently from when the operator was built "
+                f"(its parameters' names, a tied weight's together: then {self._tied}, now "
+                f"{_names_of(self.model, current, named)}; a tie undone by "
+                "load_state_dict(..., assign=True) or a parameter assigned anew, or made since): "
+                "the operator measured the old parameters (a kept one gave its tied products, "
+                "44–135% off); build a new Curvature for the changed model"
+            )
         return current
 
     def model_state(
@@ -1701,6 +1739,7 @@ class ModelObjective:
         flags: list[int] = []  # (bools among them)
         bindings: list[tuple[Any, ...]] = []
         tensors: list[tuple[str, Tensor]] = []
+        seen: dict[int, int] = {}  # a parameter's id -> its place among them
         for mod_name, mod in self._modules_read():
             prefix = f"{mod_name}." if mod_name else ""
             found = vars(mod)
@@ -1712,8 +1751,10 @@ class ModelObjective:
             if a or b or c or d:
                 flags += (len(a), *a, len(b), *b, len(c), *c, len(d), *d)
             for k, p in mod._parameters.items():
-                if p is not None:
-                    flags.append(p.requires_grad)
+                if p is not None:  # which earlier one it is, if any: a tie undone or made
+                    # with equal values was not seen (44–135% off: a sequence fuzzing); one
+                    # object replaced by an equal one is no change
+                    flags += (p.requires_grad, seen.setdefault(id(p), len(seen)))
                     tensors.append((prefix + k, p))
             tensors += [(prefix + k, b) for k, b in mod._buffers.items() if b is not None]
         return (*flags, *_global_hooks()), bindings, tensors
@@ -2228,6 +2269,7 @@ class ModelObjective:
         # write of curvscope's forwards: :meth:`_wrote`), each batch's next forward writes
         # again as the user's own next pass would (a kept operator after a step that moved a
         # tied max-norm table's rows over the norm was 6.8% off: the diff review)
+        self._check_loss_settings()
         moved = self._moved()
         if rebuilt or moved != self._passed_at:
             self._learned.clear()
@@ -2235,13 +2277,42 @@ class ModelObjective:
             self._ever_learned.clear()
         self._passed_at = moved
 
+    def _check_loss_settings(self) -> None:
+        """Refuse a torch loss whose reduction, ``ignore_index``, class weights or other
+        settings changed since the operator was built, over several batches: each batch's
+        weight in the mean (the labels it counts, under ``weight=`` and ``ignore_index``) and
+        the reduction were read at construction, and the products came out 18–67% off a new
+        operator, the loss 1.175 for 1.161 (an outside review's sequence fuzzing). One batch
+        weighs 1 whatever the settings: only a changed reduction is refused there."""
+        now = loss_settings(self.loss_fn)
+        reduction = getattr(self.loss_fn, "reduction", None)
+        if self._loss_settings is None:
+            self._loss_settings, self._reduction_read = now, reduction
+        if now == self._loss_settings:
+            return
+        if self.num_batches > 1 or (self._declared and reduction != self._reduction_read):
+            raise RuntimeError(
+                "the loss's settings changed since the operator was built (its reduction, "
+                "ignore_index, class weights, ...: now "
+                f"{now}, then {self._loss_settings}), and the batches' weights in the loss were "
+                "counted with the old ones; build a new Curvature for the changed loss"
+            )
+        self._loss_settings = now
+
     def _moved(self) -> list[Any]:
-        """The modules' modes and the parameters' versions (:meth:`graphs_built`)."""
+        """The modules (which, their modes, the handles of their hooks), the hooks of every
+        module's, and the parameters' versions (:meth:`graphs_built`): a hook registered or a
+        stateful submodule swapped in after an uncached operator's first pass was never
+        learned — what it set stayed on the user's model, and two products of one vector
+        were 42–51% apart (an outside review's sequence fuzzing)."""
         modules = list(self.model.modules())
-        moved: list[Any] = [m.training for m in modules]
+        moved: list[Any] = [
+            (id(m), m.training, *(tuple(vars(m).get(d, ())) for d in _HOOKS_READ)) for m in modules
+        ]
         moved += [
             (id(p), p._version) for m in modules for p in m._parameters.values() if p is not None
         ]
+        moved.append(tuple(_global_hooks()))
         return moved
 
     def _wrote(self) -> None:
