@@ -417,6 +417,24 @@ def _copyable(
     ]
 
 
+def _loss_key(loss_fn: Any) -> Any:
+    """What a loss module's attributes are bound to, and its buffers' (class weights') versions:
+    where this is unchanged its settings are (:meth:`ModelObjective._check_loss_settings`)."""
+    if not isinstance(loss_fn, nn.Module):
+        return id(loss_fn)
+    buffers = [(id(b), b._version) for b in loss_fn._buffers.values() if b is not None]
+    return [id(v) for v in vars(loss_fn).values()], buffers
+
+
+def _loss_changed(now: str, then: str) -> str:
+    """The error for a loss whose settings changed since the operator was built."""
+    return (
+        f"the loss's settings changed since the operator was built (its reduction, ignore_index, "
+        f"class weights, ...: now {now}, then {then}), and the batches' weights in the loss "
+        "were counted with the old ones; build a new Curvature for the changed loss"
+    )
+
+
 def _names_of(
     model: nn.Module,
     selected: Mapping[str, Tensor],
@@ -1606,6 +1624,7 @@ class ModelObjective:
         #: the loss's settings at the first pass, its batches' weights counted with them
         #: (:meth:`_check_loss_settings`; a model's own loss is settled only then)
         self._loss_settings: str | None = None
+        self._loss_key: Any = None  # (:func:`_loss_key`)
         #: data in memory: each tensor and its version counter when the operator was built
         self._data_versions = self._versions_now()
         if self.adapter is not None:  # settled by the first batch's labels
@@ -2284,20 +2303,19 @@ class ModelObjective:
         the reduction were read at construction, and the products came out 18–67% off a new
         operator, the loss 1.175 for 1.161 (an outside review's sequence fuzzing). One batch
         weighs 1 whatever the settings: only a changed reduction is refused there."""
-        now = loss_settings(self.loss_fn)
         reduction = getattr(self.loss_fn, "reduction", None)
+        if self._loss_settings is not None and self.num_batches == 1:
+            if self._declared and reduction != self._reduction_read:
+                raise RuntimeError(_loss_changed(loss_settings(self.loss_fn), self._loss_settings))
+            return
+        key = _loss_key(self.loss_fn)  # (a few µs; the settings themselves only where it moved)
+        if self._loss_settings is not None and key == self._loss_key:
+            return
+        now, self._loss_key = loss_settings(self.loss_fn), key
         if self._loss_settings is None:
             self._loss_settings, self._reduction_read = now, reduction
-        if now == self._loss_settings:
-            return
-        if self.num_batches > 1 or (self._declared and reduction != self._reduction_read):
-            raise RuntimeError(
-                "the loss's settings changed since the operator was built (its reduction, "
-                "ignore_index, class weights, ...: now "
-                f"{now}, then {self._loss_settings}), and the batches' weights in the loss were "
-                "counted with the old ones; build a new Curvature for the changed loss"
-            )
-        self._loss_settings = now
+        if now != self._loss_settings:
+            raise RuntimeError(_loss_changed(now, self._loss_settings))
 
     def _moved(self) -> list[Any]:
         """The modules (which, their modes, the handles of their hooks), the hooks of every
@@ -2306,9 +2324,13 @@ class ModelObjective:
         learned — what it set stayed on the user's model, and two products of one vector
         were 42–51% apart (an outside review's sequence fuzzing)."""
         modules = list(self.model.modules())
-        moved: list[Any] = [
-            (id(m), m.training, *(tuple(vars(m).get(d, ())) for d in _HOOKS_READ)) for m in modules
-        ]
+        moved: list[Any] = []
+        for m in modules:
+            found = vars(m)  # (spelt out, as in model_state: most modules have no hooks)
+            a, b = found.get("_forward_hooks", ()), found.get("_forward_pre_hooks", ())
+            c, d = found.get("_backward_hooks", ()), found.get("_backward_pre_hooks", ())
+            hooks = (*a, -1, *b, -1, *c, -1, *d) if a or b or c or d else ()
+            moved.append((id(m), m.training, hooks))
         moved += [
             (id(p), p._version) for m in modules for p in m._parameters.values() if p is not None
         ]
