@@ -1159,8 +1159,49 @@ def test_a_model_or_loss_changed_out_of_the_operators_reach_is_refused():
     three = cs.Curvature(mlp, loss, [(data[0][i : i + 4], data[1][i : i + 4]) for i in (0, 4, 8)])
     w = torch.randn(mlp[0].weight.numel() + 8 + 24 + 3, dtype=DT)
     one @ w, three @ w
+    loss.label_smoothing = 0.1  # weighs no batch: followed (the diff review)
+    fresh = cs.Curvature(mlp, loss, [(data[0][i : i + 4], data[1][i : i + 4]) for i in (0, 4, 8)])
+    torch.testing.assert_close(three @ w, fresh @ w, rtol=1e-12, atol=1e-14)
     loss.weight = torch.tensor([1.0, 2.0, 0.5], dtype=DT)
     fresh = cs.Curvature(mlp, loss, data) @ w
     torch.testing.assert_close(one @ w, fresh, rtol=1e-12, atol=1e-14)  # one batch: followed
-    with pytest.raises(RuntimeError, match=r"loss's settings changed.*build a new Curvature"):
+    with pytest.raises(RuntimeError, match=r"class weights changed.*build a new Curvature"):
         three @ w
+    again = cs.Curvature(mlp, loss, [(data[0][i : i + 4], data[1][i : i + 4]) for i in (0, 4, 8)])
+    again @ w
+    loss.weight.data.mul_(2.0)  # (no version moved: compared by value)
+    with pytest.raises(RuntimeError, match="class weights changed"):
+        again @ w
+
+
+def test_a_submodule_the_forward_assigns_anew_is_put_back():
+    """A forward that builds a submodule under an old name at each call (``self.act =
+    nn.Tanh()``) left its new one in the user's model in place of theirs (the keys of the
+    module's submodules were compared, not what they hold), and with the pass's check of the
+    modules each product learned anew (the diff review)."""
+
+    class SwapEach(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.act, self.l2 = nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.act = nn.Tanh()
+            return self.l2(self.act(self.l1(x)))
+
+    torch.manual_seed(0)
+    model = SwapEach().to(DT)
+    act = model.act
+    x, y = torch.randn(24, 6, dtype=DT), torch.randint(0, 3, (24,))
+    C = cs.Curvature(
+        model, nn.CrossEntropyLoss(), [(x[:12], y[:12]), (x[12:], y[12:])], cache=False
+    )
+    v = torch.randn(C.num_params, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        C @ v
+        learned = C.objective._learning_forward
+        calls = []
+        C.objective._learning_forward = lambda *a, **k: calls.append(1) or learned(*a, **k)
+        C @ v, C @ v
+    assert model.act is act and not calls

@@ -344,12 +344,6 @@ def loss_signature(loss_fn: Any, group: Any) -> str:
     logged value, a counter), which is no difference in what it computes (a review)."""
     if group is None:
         return "one process"
-    return loss_settings(loss_fn)
-
-
-def loss_settings(loss_fn: Any) -> str:
-    """What a loss computes (:func:`loss_signature`): its type, and for torch's own losses
-    their settings and class weights by value."""
     name = getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
     if not type(loss_fn).__module__.startswith("torch.nn.modules.loss"):
         return name

@@ -58,7 +58,6 @@ from curvscope.derivatives.checks import (
     check_scalar_loss,
     check_seed,
 )
-from curvscope.derivatives.distributed import loss_settings
 from curvscope.derivatives.flat import flatten, map_tensors, tensors, unflatten
 from curvscope.derivatives.huggingface import HuggingFaceLoss
 from curvscope.derivatives.rng import kept_rngs, rng_states, seed_rngs, set_rng_states
@@ -417,22 +416,22 @@ def _copyable(
     ]
 
 
-def _loss_key(loss_fn: Any) -> Any:
-    """What a loss module's attributes are bound to, and its buffers' (class weights') versions:
-    where this is unchanged its settings are (:meth:`ModelObjective._check_loss_settings`)."""
-    if not isinstance(loss_fn, nn.Module):
-        return id(loss_fn)
-    buffers = [(id(b), b._version) for b in loss_fn._buffers.values() if b is not None]
-    return [id(v) for v in vars(loss_fn).values()], buffers
-
-
-def _loss_changed(now: str, then: str) -> str:
-    """The error for a loss whose settings changed since the operator was built."""
+def _counting(loss_fn: Any) -> tuple[Any, Any, Tensor | None]:
+    """What a loss's batches are weighed by (:meth:`ModelObjective._check_loss_settings`): its
+    reduction, ``ignore_index`` and class weights (a copy)."""
+    weight = getattr(loss_fn, "weight", None)
     return (
-        f"the loss's settings changed since the operator was built (its reduction, ignore_index, "
-        f"class weights, ...: now {now}, then {then}), and the batches' weights in the loss "
-        "were counted with the old ones; build a new Curvature for the changed loss"
+        getattr(loss_fn, "reduction", None),
+        getattr(loss_fn, "ignore_index", None),
+        weight.detach().clone() if isinstance(weight, Tensor) else None,
     )
+
+
+def _same_weights(a: Tensor | None, b: Tensor | None) -> bool:
+    """Whether two class weights (or their absence) are the same values."""
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and bool(torch.equal(a, b))
 
 
 def _names_of(
@@ -555,11 +554,14 @@ def attributes_as_found(model: nn.Module) -> Callable[[], None]:
 
 
 def _dicts_back(saved: Iterable[tuple[dict[Any, Any], dict[Any, Any]]]) -> list[dict[Any, Any]]:
-    """Each of a module's hook and submodule dicts (:func:`_hook_dicts`) whose keys changed
-    since it was ``saved`` (the dict, a copy) put back as it was; returns those."""
+    """Each of a module's hook and submodule dicts (:func:`_hook_dicts`) whose keys or what
+    they hold changed since it was ``saved`` (the dict, a copy) put back as it was; returns
+    those. (A forward that assigns a new submodule under an old name, ``self.act =
+    nn.Tanh()``, left it in the user's model in place of theirs, and each pass learned anew:
+    the diff review.)"""
     changed = []
     for d, was in saved:
-        if d.keys() != was.keys():
+        if d.keys() != was.keys() or any(d[k] is not v for k, v in was.items()):
             changed.append(d)
             d.clear()
             d.update(was)
@@ -1623,8 +1625,7 @@ class ModelObjective:
         self.num_batches, self.num_samples = self._count()
         #: the loss's settings at the first pass, its batches' weights counted with them
         #: (:meth:`_check_loss_settings`; a model's own loss is settled only then)
-        self._loss_settings: str | None = None
-        self._loss_key: Any = None  # (:func:`_loss_key`)
+        self._loss_settings: tuple[Any, Any, Tensor | None] | None = None
         #: data in memory: each tensor and its version counter when the operator was built
         self._data_versions = self._versions_now()
         if self.adapter is not None:  # settled by the first batch's labels
@@ -1689,7 +1690,6 @@ class ModelObjective:
         if declared == "batchmean":  # nn.KLDivLoss's: the rows' mean of each row's sum
             declared = "mean"
         self._declared = declared in REDUCTIONS or declared == "none"
-        self._reduction_read: Any = None  # (the loss's reduction at the first pass)
         self.reduction: str = declared if declared in REDUCTIONS else "mean"
 
     # ----------------------------------------------------------------------- parameters
@@ -1710,11 +1710,12 @@ class ModelObjective:
                     f"the model no longer has a parameter named {name!r}; build a new Curvature "
                     "for the changed model"
                 )
-            if not is_dtensor(p) and p.shape != shape:  # (resized in place: the same object)
+            if not is_dtensor(p) and full_shape(p) != shape:  # (resized, or replaced)
                 raise RuntimeError(
-                    f"parameter {name!r} is now of shape {tuple(p.shape)}, but the operator was "
-                    f"built for {tuple(shape)} (resized: `.data = ...` or `.set_()`); build a "
-                    "new Curvature for the changed model"
+                    f"parameter {name!r} is now of shape {tuple(full_shape(p))}, but the "
+                    f"operator was built for {tuple(shape)} (resized in place, `.data = ...`, or "
+                    "replaced, `resize_token_embeddings`); build a new Curvature for the changed "
+                    "model"
                 )
             if p.dtype != self.dtype or p.device != self.device:
                 raise ValueError(
@@ -1731,14 +1732,17 @@ class ModelObjective:
                     )
                 self._params[name] = p
             current[name] = p
-        if _names_of(self.model, current, named) != self._tied:
+        tied = _names_of(self.model, current, named)
+        if tied != self._tied:
+            moved = [(a, b) for a, b in zip(self._tied, tied, strict=True) if a != b][:3]
+            then = "; ".join(" = ".join(a) for a, _ in moved)
+            now = "; ".join(" = ".join(b) for _, b in moved)
             raise RuntimeError(
                 "the model's weights are tied differently from when the operator was built "
-                f"(its parameters' names, a tied weight's together: then {self._tied}, now "
-                f"{_names_of(self.model, current, named)}; a tie undone by "
-                "load_state_dict(..., assign=True) or a parameter assigned anew, or made since): "
-                "the operator measured the old parameters (a kept one gave its tied products, "
-                "44–135% off); build a new Curvature for the changed model"
+                f"(the names that hold one weight: then {then}, now {now}; a tie "
+                "undone by load_state_dict(..., assign=True) or a parameter assigned anew, or "
+                "made since): the operator measured the old parameters (a kept one gave its "
+                "tied products, 44–135% off); build a new Curvature for the changed model"
             )
         return current
 
@@ -2297,25 +2301,28 @@ class ModelObjective:
         self._passed_at = moved
 
     def _check_loss_settings(self) -> None:
-        """Refuse a torch loss whose reduction, ``ignore_index``, class weights or other
-        settings changed since the operator was built, over several batches: each batch's
-        weight in the mean (the labels it counts, under ``weight=`` and ``ignore_index``) and
-        the reduction were read at construction, and the products came out 18–67% off a new
-        operator, the loss 1.175 for 1.161 (an outside review's sequence fuzzing). One batch
-        weighs 1 whatever the settings: only a changed reduction is refused there."""
-        reduction = getattr(self.loss_fn, "reduction", None)
-        if self._loss_settings is not None and self.num_batches == 1:
-            if self._declared and reduction != self._reduction_read:
-                raise RuntimeError(_loss_changed(loss_settings(self.loss_fn), self._loss_settings))
-            return
-        key = _loss_key(self.loss_fn)  # (a few µs; the settings themselves only where it moved)
-        if self._loss_settings is not None and key == self._loss_key:
-            return
-        now, self._loss_key = loss_settings(self.loss_fn), key
+        """Refuse a loss whose reduction, ``ignore_index`` or class weights (``weight=``)
+        changed since the first pass, over several batches: each batch's weight in the mean
+        (the labels it counts under them) was read at construction, and the products came out
+        18–67% off a new operator, the loss 1.175 for 1.161 (an outside review's sequence
+        fuzzing). Settings that weigh no batch (``label_smoothing``, ``pos_weight``, a Huber
+        ``delta``) are followed; one batch weighs 1 whatever they are: only a changed reduction
+        is refused there. Compared by value, a few µs a pass (class weights written through
+        ``.data`` too: the diff review)."""
+        now = _counting(self.loss_fn)
         if self._loss_settings is None:
-            self._loss_settings, self._reduction_read = now, reduction
-        if now != self._loss_settings:
-            raise RuntimeError(_loss_changed(now, self._loss_settings))
+            self._loss_settings = now
+            return
+        then = self._loss_settings
+        weights = "as they were" if _same_weights(now[2], then[2]) else "changed"
+        several = self.num_batches > 1
+        if now[0] != then[0] or (several and (now[1] != then[1] or weights == "changed")):
+            raise RuntimeError(
+                "the loss's reduction, ignore_index or class weights changed since the operator "
+                f"was built (reduction {then[0]!r} -> {now[0]!r}, ignore_index {then[1]!r} -> "
+                f"{now[1]!r}, class weights {weights}), and the batches' weights in the loss "
+                "were counted with the old ones; build a new Curvature for the changed loss"
+            )
 
     def _moved(self) -> list[Any]:
         """The modules (which, their modes, the handles of their hooks), the hooks of every
