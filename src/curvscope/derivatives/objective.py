@@ -2458,8 +2458,7 @@ class ModelObjective:
         that grows its cache for a longer sequence) left the model moved after every
         product, and a new operator 1.3e-4 off (stop 40's diff review)."""
         versions = [(k, p, p._version) for k, p in self.model.named_parameters()]
-        # passed as copies; written back at the batch's first forward in this operator only
-        earlier = set(self._written) if first else set()
+        earlier = set(self._written)  # (passed as copies: :meth:`_parameters_written`)
         held = [(a, a[3]._version) for a in tensor_attributes(self.model)]
         hooks = [d for mod in self.model.modules() for d in _hook_dicts(mod)]
         # what every module's attributes held before, and copies of its plain tensors: the
@@ -2481,9 +2480,7 @@ class ModelObjective:
             raise
         for w in said:  # the model's other warnings, as they were
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        self._written_in_forward([k for k, p, v in versions if p._version != v])
-        if earlier and _written_back(state, [(k, p) for k, p, _ in versions if k in earlier]):
-            self._wrote()
+        self._parameters_written(state, versions, earlier if first else set())
         self._attributes_changed(_written(held, copies), [a for a, _ in held], given)
         put_back = [*copies, *_restore(found, self.model)]
         if self._passes:  # the loss may read them: put back as the pass ends (the rest of the
@@ -2491,6 +2488,20 @@ class ModelObjective:
         else:
             _swap_back(put_back[::-1])
         return out
+
+    def _parameters_written(
+        self,
+        state: Mapping[str, Any],
+        versions: Sequence[tuple[str, Tensor, int]],
+        copied: set[str],
+    ) -> None:
+        """After a batch's first forward: the parameters it wrote by their storage (their
+        versions moved: :meth:`_written_in_forward`), and, at its first forward in this
+        operator, what it wrote into the copies of those in ``copied`` written back
+        (:func:`_written_back`)."""
+        self._written_in_forward([k for k, p, v in versions if p._version != v])
+        if copied and _written_back(state, [(k, p) for k, p, _ in versions if k in copied]):
+            self._wrote()
 
     def _written_in_forward(self, written: list[str]) -> None:
         """A forward that writes into its parameters in place (a max-norm clamp, weight clipping
