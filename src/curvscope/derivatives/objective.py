@@ -1117,7 +1117,7 @@ def _padding_notes(rows: Mapping[str, int], tied: Mapping[str, int]) -> list[str
     ] + [
         f"{key}: row {row} is the padding row (padding_idx) of an embedding whose weight is "
         "tied to another module: torch's gradient holds the row constant in the lookup only, "
-        "and the operator is the derivative of that gradient (the Hessian of the loss with "
+        "and the operator is the derivative of that gradient (the curvature of the loss with "
         "the row constant in the lookup), neither H nor P·H·P"
         for key, row in tied.items()
     ]
@@ -1780,6 +1780,10 @@ class ModelObjective:
                     flags += (p.requires_grad, seen.setdefault(id(p), len(seen)))
                     tensors.append((prefix + k, p))
             tensors += [(prefix + k, b) for k, b in mod._buffers.items() if b is not None]
+            if mod_name.startswith("loss_fn"):  # the graphs hold a loss's own buffers (class
+                # weights): written in place, even to equal values, they failed with torch's
+                # bare "modified by an inplace operation" (the diff review): rebuilt
+                flags += [b._version for b in mod._buffers.values() if b is not None]
         return (*flags, *_global_hooks()), bindings, tensors
 
     def _modules_read(self) -> Iterator[tuple[str, nn.Module]]:
