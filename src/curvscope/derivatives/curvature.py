@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -84,6 +84,8 @@ BACKENDS = ("auto", "double_backward", "forward_over_reverse", _fd.BACKEND)
 #: later eager training steps run about 10% slower in torch 2.13 (measured on the digits MLP),
 #: a cost that a Monitor's small warm-start blocks must not impose on the user's loop.
 MIN_TUNED_BLOCK = 8
+
+_T = TypeVar("_T")
 
 #: Why "auto" takes double backward, untimed, for a model with a tied padding row.
 TIED_PADDING_CHOICE = (
@@ -527,21 +529,18 @@ class Curvature:
             return
         if self._cached is None or not self._unchanged():
             rebuilt = self._cached is not None
-            for _ in range(2):
+
+            def build(again: bool) -> tuple[_Snapshot, list[tuple[float, _k.PreparedProduct]]]:
                 self._cached = self._snapshot = None
                 before = _Snapshot(self._state_now()[2])
-                writes = self._writes()
-                self._cached = list(self._source.prepare(rebuilt=rebuilt))  # (checks the data)
-                if self._writes() == writes:
-                    break
-                # built once more, at once: a forward wrote into the parameters during the
-                # pass — its batches before the write ran at the values before (a tied
-                # max-norm embedding's loss 0.2% off and its gradient 2%, the first product
-                # a mix), and a parameter first seen written was passed by its storage, which
-                # the graphs then held: a forward of the user's that writes it without changing
-                # it (a max-norm renorm under the norm bumps the version) broke them with
-                # torch's bare in-place error (an outside review's fuzzing). Now it is a copy
-                rebuilt = True
+                return before, list(self._source.prepare(rebuilt=rebuilt or again))
+
+            # (checks the data) — built once more where the pass wrote: a parameter first
+            # seen written was passed by its storage, which the graphs then held, and a
+            # forward of the user's that writes it without changing it (a max-norm renorm
+            # under the norm bumps the version) broke them with torch's bare in-place error
+            # (an outside review's fuzzing); the second pass passes a copy
+            before, self._cached = self._at_values_written(build)
             # the parameters and buffers as the pass found them, the attributes it writes as
             # it left them (its graph saved those values: a rebuild would start elsewhere and
             # disagree), and the flags and bindings as the pass left them (what it set is
@@ -573,6 +572,18 @@ class Curvature:
                 total.add_(part, alpha=weight)
         assert total is not None  # the data is never empty (checked at construction)
         return total
+
+    def _at_values_written(self, compute: Callable[[bool], _T]) -> _T:
+        """``compute(False)``, a pass over the data, and ``compute(True)`` once more at once
+        where the model's forward wrote into its parameters during it
+        (:attr:`ModelObjective.writes`): the pass's batches before the write ran at the values
+        before, and the first product (and ``loss_and_gradient``) mixed the two — 36% off with
+        a later batch's clamp, a tied max-norm embedding's loss 0.2% off and its gradient 2%
+        (an outside review's fuzzing). The one place a pass is run again for this: the kept
+        graphs' build, an uncached product, an uncached gradient."""
+        writes = self._writes()
+        out = compute(False)
+        return compute(True) if self._writes() != writes else out
 
     def _writes(self) -> int:
         """How many times the model's forward wrote into its parameters
@@ -646,13 +657,10 @@ class Curvature:
             self.matvecs += blocks[0].shape[0]
             self.seconds += time.perf_counter() - start
             return check_finite(out, "the finite-difference Hessian product")
-        writes = self._writes()
-        total = self._summed(blocks, impl)
-        if self._writes() != writes and not (impl == "double_backward" and self.cache):
-            # a pass that wrote into the parameters (its batches before the write ran at the
-            # values before: the first product a mix, 36% off): once more, at the values
-            # written — a kept operator's graphs are built again in _products already
+        if impl == "double_backward" and self.cache:  # (_products builds again itself)
             total = self._summed(blocks, impl)
+        else:
+            total = self._at_values_written(lambda _: self._summed(blocks, impl))
         if self.group is None:
             out, refusals = total, None
         else:  # a loss not finite, or refused, on this rank's data: NaN on every rank
@@ -799,13 +807,15 @@ class Curvature:
         else:
             obj = self.objective
             assert obj is not None  # a plain function's operator is always cached
-            for _ in range(2):  # once more where the pass wrote into the parameters (_apply)
-                writes, parts = obj.writes, []
-                for b in obj.batches():
+
+            def gradients(again: bool) -> list[tuple[float, list[Tensor], float]]:
+                found = []
+                for b in obj.batches():  # (a batch's weight is known once its loss is taken)
                     _, grads, value = _k.batch_loss_and_grads(obj, b)
-                    parts.append((self._source.weight(b), grads, value))
-                if obj.writes == writes:
-                    break
+                    found.append((self._source.weight(b), grads, value))
+                return found
+
+            parts = self._at_values_written(gradients)
         loss = sum(w * value for w, _, value in parts)
         flat = [w * self._source.flatten([g.detach() for g in grads]) for w, grads, _ in parts]
         grad = flat[0]

@@ -261,7 +261,10 @@ class _ForwardOverReverseProduct:
                     out = list(torch.func.vmap(hvp, randomness="same")(*blocks))
         except (RuntimeError, NotImplementedError) as e:
             raise _forward_mode_failed(e) from e
-        return [_without_row(h, row) for h, row in zip(out, rows, strict=True)]
+        for h, row in zip(out, rows, strict=True):
+            if row is not None:  # (the product's own tensors: zeroed in place, not copied)
+                h[:, row] = 0
+        return out
 
 
 def _forward_mode_failed(e: BaseException) -> BaseException:

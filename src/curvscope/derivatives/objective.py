@@ -418,12 +418,12 @@ def _copyable(
 
 def _counting(loss_fn: Any) -> tuple[Any, Any, Tensor | None]:
     """What a loss's batches are weighed by (:meth:`ModelObjective._check_loss_settings`): its
-    reduction, ``ignore_index`` and class weights (a copy)."""
+    reduction, ``ignore_index`` and class weights (the loss's own tensor)."""
     weight = getattr(loss_fn, "weight", None)
     return (
         getattr(loss_fn, "reduction", None),
         getattr(loss_fn, "ignore_index", None),
-        weight.detach().clone() if isinstance(weight, Tensor) else None,
+        weight.detach() if isinstance(weight, Tensor) else None,
     )
 
 
@@ -498,6 +498,17 @@ _HOOK_DICTS = (
     "_forward_hooks_always_called",
     "_modules",
 )
+
+
+def _hook_handles(found: Mapping[str, Any]) -> tuple[int, ...]:
+    """The handles of a module's hooks (:data:`_HOOKS_READ`), each dict's size first, from its
+    attributes ``found``; spelt out: the cache's check and each pass read it, and most modules
+    have none."""
+    a, b = found.get("_forward_hooks", ()), found.get("_forward_pre_hooks", ())
+    c, d = found.get("_backward_hooks", ()), found.get("_backward_pre_hooks", ())
+    if a or b or c or d:
+        return (len(a), *a, len(b), *b, len(c), *c, len(d), *d)
+    return ()
 
 
 def _global_hooks() -> list[int]:
@@ -1767,12 +1778,7 @@ class ModelObjective:
             prefix = f"{mod_name}." if mod_name else ""
             found = vars(mod)
             bindings.append(tuple(found.values()))
-            # the handles of its hooks (:data:`_HOOKS_READ`; spelt out: the check runs before
-            # every product, and most modules have none)
-            a, b = found.get("_forward_hooks", ()), found.get("_forward_pre_hooks", ())
-            c, d = found.get("_backward_hooks", ()), found.get("_backward_pre_hooks", ())
-            if a or b or c or d:
-                flags += (len(a), *a, len(b), *b, len(c), *c, len(d), *d)
+            flags += _hook_handles(found)  # (:data:`_HOOKS_READ`)
             for k, p in mod._parameters.items():
                 if p is not None:  # which earlier one it is, if any: a tie undone or made
                     # with equal values was not seen (44–135% off: a sequence fuzzing); one
@@ -2314,8 +2320,9 @@ class ModelObjective:
         is refused there. Compared by value, a few µs a pass (class weights written through
         ``.data`` too: the diff review)."""
         now = _counting(self.loss_fn)
-        if self._loss_settings is None:
-            self._loss_settings = now
+        if self._loss_settings is None:  # (a copy of the weights: compared by value after)
+            weight = now[2]
+            self._loss_settings = (*now[:2], None if weight is None else weight.clone())
             return
         then = self._loss_settings
         weights = "as they were" if _same_weights(now[2], then[2]) else "changed"
@@ -2337,11 +2344,7 @@ class ModelObjective:
         modules = list(self.model.modules())
         moved: list[Any] = []
         for m in modules:
-            found = vars(m)  # (spelt out, as in model_state: most modules have no hooks)
-            a, b = found.get("_forward_hooks", ()), found.get("_forward_pre_hooks", ())
-            c, d = found.get("_backward_hooks", ()), found.get("_backward_pre_hooks", ())
-            hooks = (*a, -1, *b, -1, *c, -1, *d) if a or b or c or d else ()
-            moved.append((id(m), m.training, hooks))
+            moved.append((id(m), m.training, _hook_handles(vars(m))))
         moved += [
             (id(p), p._version) for m in modules for p in m._parameters.values() if p is not None
         ]
