@@ -1174,6 +1174,47 @@ def test_a_model_or_loss_changed_out_of_the_operators_reach_is_refused():
         again @ w
 
 
+@pytest.mark.parametrize("backend", ["auto", "finite_difference"])
+def test_every_pass_over_the_data_checks_what_changed_not_only_a_products(backend):
+    """An uncached ``loss_and_gradient()`` and every finite-difference pass skipped the checks
+    a product's pass begins with: class weights changed over several batches gave a gradient
+    14% off, unrefused, and the products that followed took the new weights for the ones the
+    batches were counted with; a hook registered, or an LSTM swapped in, since the last pass
+    was never learned — the hook's counter stayed on the user's model, the new LSTM's
+    ``_flat_weights`` held curvscope's tensors (outside sequence fuzzing)."""
+
+    def counter(mod: nn.Module, args: Any, out: Any) -> None:
+        mod.calls = getattr(mod, "calls", 0) + 1
+
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Recurrent().to(DT)
+    x, y = torch.randn(12, 5, 3, dtype=DT), torch.randint(0, 3, (12,))
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in (0, 4, 8)]
+    loss = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=DT))
+    options = {"cache": False} if backend == "auto" else {"backend": backend}
+    C = cs.Curvature(model, loss, batches, **options)
+    C.loss_and_gradient()  # each batch's forward learned
+    model.head.register_forward_hook(counter)
+    model.rnn = nn.LSTM(3, 4, batch_first=True).to(DT)
+    C.loss_and_gradient()
+    assert "calls" not in vars(model.head)
+    held = dict(zip(model.rnn._flat_weights_names, model.rnn._flat_weights, strict=True))
+    assert all(w is getattr(model.rnn, k) for k, w in held.items())
+    loss.weight.data.mul_(torch.tensor([3.0, 1.0, 1.0], dtype=DT))
+    with pytest.raises(RuntimeError, match=r"class weights changed.*build a new Curvature"):
+        C.loss_and_gradient()
+    with pytest.raises(RuntimeError, match="class weights changed"):
+        C @ torch.randn(C.num_params, dtype=DT)
+
+
 def test_a_submodule_the_forward_assigns_anew_is_put_back():
     """A forward that builds a submodule under an old name at each call (``self.act =
     nn.Tanh()``) left its new one in the user's model in place of theirs (the keys of the

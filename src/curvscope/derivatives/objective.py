@@ -1634,13 +1634,14 @@ class ModelObjective:
         self.in_memory = isinstance(self._data, list)
         self._fingerprints: list[tuple[Any, ...]] = []
         self.num_batches, self.num_samples = self._count()
-        #: the loss's settings at the first pass, its batches' weights counted with them
-        #: (:meth:`_check_loss_settings`; a model's own loss is settled only then)
-        self._loss_settings: tuple[Any, Any, Tensor | None] | None = None
         #: data in memory: each tensor and its version counter when the operator was built
         self._data_versions = self._versions_now()
         if self.adapter is not None:  # settled by the first batch's labels
             self.loss_fn = self.adapter.loss_fn
+        #: the loss's settings its batches' weights were counted with (:meth:`_count`), a copy
+        #: of the class weights (:meth:`_check_loss_settings`: compared by value at each pass)
+        counted = _counting(self.loss_fn)
+        self._loss_settings = (*counted[:2], None if counted[2] is None else counted[2].clone())
         self._check_repeatable()
         self._read_modules(model)
         self._forward_generators = [torch.random.default_generator]
@@ -2003,8 +2004,10 @@ class ModelObjective:
 
     def batches(self) -> Iterator[Batch]:
         """The batches on the parameters' device, the same on every pass; raises if the data
-        changed since construction."""
+        or the loss's settings changed since construction. A pass begins here
+        (:meth:`_pass_begins`), whatever it is for."""
         self.check_unchanged_data()
+        self._pass_begins()
         dev = self.device
         move = partial(map_tensors, lambda t: t.to(dev))
         count = 0
@@ -2292,39 +2295,43 @@ class ModelObjective:
         at their first product (:meth:`recomputation_kept`) — a model switched to train mode,
         or to checkpointing, after an operator's first product moved the user's running
         statistics at every later one (the diff review). Graphs ``rebuilt`` because the model
-        changed, or a pass after a parameter or a module's mode changed: what each batch's
-        forward sets is learned anew too — a forward that sets an attribute only past a
-        threshold its parameters reached, or in train mode, left a kept operator's model moved
-        after the change, 17% off a new operator (the diff review)."""
+        changed: what each batch's forward sets is learned anew too (as after any change the
+        pass sees: :meth:`_pass_begins`)."""
         self._recomputation_writes.clear()
-        # an uncached operator's passes: the parameters' versions and the modules' modes (a
-        # step or model.train() since the last pass), a few µs. Moved by the user (not by a
-        # write of curvscope's forwards: :meth:`_wrote`), each batch's next forward writes
-        # again as the user's own next pass would (a kept operator after a step that moved a
-        # tied max-norm table's rows over the norm was 6.8% off: the diff review)
+        if rebuilt:
+            self._learned.clear()
+
+    def _pass_begins(self) -> None:
+        """At each pass over the data (:meth:`batches`: a product's, a gradient's, a
+        diagnosis's): the loss's settings checked, and after a parameter, a module's mode or
+        a hook changed, what each batch's forward sets is learned anew — a forward that sets
+        an attribute only past a threshold its parameters reached, or in train mode, left a
+        kept operator's model moved after the change, 17% off a new operator (the diff
+        review). Here, not only at a product's pass: an uncached ``loss_and_gradient()``
+        skipped both, and gave a changed loss's gradient 14% off, then let the products take
+        the changed settings as the ones counted; a hook registered since left what it set on
+        the user's model (outside sequence fuzzing). The parameters' versions and the modules'
+        modes, a few µs. Moved by the user (not by a write of curvscope's forwards:
+        :meth:`_wrote`), each batch's next forward writes again as the user's own next pass
+        would (a kept operator after a step that moved a tied max-norm table's rows over the
+        norm was 6.8% off: the diff review)."""
         self._check_loss_settings()
         moved = self._moved()
-        if rebuilt or moved != self._passed_at:
-            self._learned.clear()
         if moved != self._passed_at:
+            self._learned.clear()
             self._ever_learned.clear()
         self._passed_at = moved
 
     def _check_loss_settings(self) -> None:
         """Refuse a loss whose reduction, ``ignore_index`` or class weights (``weight=``)
-        changed since the first pass, over several batches: each batch's weight in the mean
+        changed since the operator was built, over several batches: each batch's weight in the mean
         (the labels it counts under them) was read at construction, and the products came out
         18–67% off a new operator, the loss 1.175 for 1.161 (an outside review's sequence
         fuzzing). Settings that weigh no batch (``label_smoothing``, ``pos_weight``, a Huber
         ``delta``) are followed; one batch weighs 1 whatever they are: only a changed reduction
         is refused there. Compared by value, a few µs a pass (class weights written through
         ``.data`` too: the diff review)."""
-        now = _counting(self.loss_fn)
-        if self._loss_settings is None:  # (a copy of the weights: compared by value after)
-            weight = now[2]
-            self._loss_settings = (*now[:2], None if weight is None else weight.clone())
-            return
-        then = self._loss_settings
+        now, then = _counting(self.loss_fn), self._loss_settings
         weights = "as they were" if _same_weights(now[2], then[2]) else "changed"
         several = self.num_batches > 1
         if now[0] != then[0] or (several and (now[1] != then[1] or weights == "changed")):
