@@ -331,6 +331,15 @@ class _Called:
     ran_here: bool
     ran_anywhere: bool
 
+    def check_finite(self) -> None:
+        """Refuse a non-finite loss at the current parameters (every rank sees the same mean:
+        a non-finite one too), before anything is written."""
+        if not math.isfinite(self.mean):
+            raise FloatingPointError(
+                f"the closure returned a non-finite loss ({self.mean}) at the current "
+                "parameters: nothing to optimize from; check the data and the initialisation"
+            )
+
 
 def _warn_written(params: Sequence[Tensor], versions: list[int]) -> None:
     """A closure that writes into the parameters it is called to evaluate (a projection, a
@@ -607,11 +616,7 @@ class Evaluation:
         """The loss, the gradient (kept for products with ``curvature``) and, ``first_order``,
         which parameters are stepped along and the gradient the closure left."""
         group, counts = self.group, self.counts
-        if not math.isfinite(called.mean):  # every rank sees the same: a non-finite one too
-            raise FloatingPointError(
-                f"the closure returned a non-finite loss ({called.mean}) at the current "
-                "parameters: nothing to optimize from; check the data and the initialisation"
-            )
+        called.check_finite()
         loss = called.loss
         self.loss_tensor, self.outputs, self.loss = loss, called.outputs, called.mean
         seed = None

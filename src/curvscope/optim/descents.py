@@ -38,7 +38,7 @@ from curvscope.optim.subproblems import (
 )
 from curvscope.spectrum import Operator
 from curvscope.spectrum.cg import cg
-from curvscope.spectrum.precision import working_dtype
+from curvscope.spectrum.precision import eigh, working_dtype
 
 #: Dense Newton leaves directions of no curvature out of its step while the gradient along them
 #: is at most this share of its norm (the rest of the step is Newton's; more, and it is shifted)
@@ -67,7 +67,7 @@ class DenseNewton:
         H = ev.hvp(torch.eye(n, dtype=ev.flat_grad.dtype, device=ev.flat_grad.device))
         g, H = ev.flat_grad.to(working_dtype(H.dtype)), H.to(working_dtype(H.dtype))  # no bf16 eigh
         local.counts.hessians += 1
-        lam, V = torch.linalg.eigh((H + H.T) / 2)
+        lam, V = eigh((H + H.T) / 2)
         scale = max(float(lam.abs().max()), torch.finfo(lam.dtype).tiny)
         local.memory["scale"] = scale
         w = V.T @ g
@@ -145,7 +145,7 @@ def krylov_model(local: Local) -> tuple[Tensor, Tensor, Tensor]:
         ev.hvp, ev.flat_grad, local.group["krylov_dim"], seed=local.counts.gradients
     )
     local.counts.lanczos_iterations += Q.shape[1]
-    theta, S = torch.linalg.eigh(T)
+    theta, S = eigh(T)
     w = S.T @ (Q.T @ ev.flat_grad.to(Q.dtype))  # Lanczos works in float32 for a 16-bit model
     return Q @ S, theta, w
 

@@ -495,7 +495,10 @@ class AdaHessian(_DiagonalMethod):
         if d is not None:
             if group["spatial_average"] and p.ndim in (4, 5):
                 d = d.abs().mean(dim=tuple(range(2, p.ndim)), keepdim=True).expand_as(p)
-            D = d.clone()
+            # kept in the parameter's dtype, as load_state_dict casts it: a float32 layer of a
+            # model with float64 ones kept a float64 estimate, and a resumed run drifted 6e-8
+            # from the one not interrupted (an outside review's fuzzing)
+            D = d.to(p.dtype, copy=True)
         else:  # an estimate of its own, made at an earlier step (_needs_estimate)
             D = st["hessian_diag"]
         b1, b2 = group["betas"]

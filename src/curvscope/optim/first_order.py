@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvscope.derivatives.objective import walk_graph
 from curvscope.optim._closure import Counts, _call, _undone, check_closure
 from curvscope.optim.base import (
     CurvscopeOptimizer,
@@ -104,6 +105,7 @@ class NormalizedGD(CurvscopeOptimizer):
         called = _call(
             check_closure(closure, type(self).__name__), counts, params, "as_written", None
         )
+        called.check_finite()  # as every method's (it stepped on an inf loss: the fuzzing)
         if called.ran_here or _set_by_hand(params, before):
             return [(p, p.grad) for p in params if p.grad is not None], called.loss.detach()
         if not called.loss.requires_grad:
@@ -111,7 +113,13 @@ class NormalizedGD(CurvscopeOptimizer):
                 "the closure's loss does not depend on the optimized parameters; compute it "
                 "from the model inside the closure (or call loss.backward() in it)"
             )
-        with _undone(params):
+        # every leaf's .grad put back as found, not the optimized parameters' alone: torch's
+        # backward fills the other optimizer's parameters of a shared graph too (a model's head
+        # under another optimizer: its .grad summed over steps, NaN after a refused one: an
+        # outside review's fuzzing). Whole, not inputs=: under DDP each bucket waits for all.
+        mine = {id(p) for p in params}
+        others = [t for t in walk_graph(called.loss).leaves if id(t) not in mine]
+        with _undone([*params, *others]):
             called.loss.backward()
             counts.gradients += 1
             found = [(p, p.grad) for p in params if p.grad is not None]

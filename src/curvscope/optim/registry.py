@@ -163,6 +163,9 @@ REGISTRY: dict[str, OptimizerInfo] = {e.name: e for e in _ENTRIES}
 
 def names(source: str | None = None) -> list[str]:
     """Registered names, optionally only those from ``source`` ("curvscope" or "torch")."""
+    sources = sorted({e.source for e in REGISTRY.values()})
+    if source is not None and source not in sources:  # ([] before: an outside review)
+        raise ValueError(f"unknown source {source!r}; valid sources: {', '.join(sources)}")
     return [n for n, e in REGISTRY.items() if source is None or e.source == source]
 
 

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from curvscope.optim._closure import Counts, Evaluation
 from curvscope.spectrum import Operator, eigenvalues
+from curvscope.spectrum.precision import eigh
 
 #: Above this many parameters the extreme eigenvalues come from Lanczos instead of eigvalsh.
 DENSE_EIGEN_LIMIT = 300
@@ -67,7 +68,7 @@ def stationary_point(
     g = ev.flat_grad
     if ev.n <= DENSE_EIGEN_LIMIT:
         H = ev.hvp(torch.eye(ev.n, dtype=g.dtype, device=g.device))
-        lam = torch.linalg.eigvalsh((H + H.T) / 2)
+        lam = eigh((H + H.T) / 2)[0]
         lo, hi = float(lam[0]), float(lam[-1])
     else:
         op = Operator(ev.hvp, ev.n, g.dtype, g.device)

@@ -15,7 +15,7 @@ from curvscope.derivatives.checks import check_int, check_real
 from curvscope.derivatives.seeding import rademacher
 from curvscope.spectrum._operator import as_operator, progress
 from curvscope.spectrum.lanczos import Krylov, column_norms, tridiagonal
-from curvscope.spectrum.precision import autocast_off
+from curvscope.spectrum.precision import autocast_off, eigh
 
 #: Default resolution of ``negative_mass``: eigenvalues within this share of the spectral range
 #: of zero count as zero (the default smoothing width is the same 1%).
@@ -204,7 +204,7 @@ def density(
             jacobi.append(((T + T.T) / 2, beta_next))
     all_nodes, all_weights = [], []
     for T, _ in jacobi:
-        theta, S = torch.linalg.eigh(T)
+        theta, S = eigh(T)
         # an early stop (invariant subspace) gives fewer nodes: pad with zero weight
         pad = steps - theta.numel()
         all_nodes.append(torch.cat([theta, theta[-1:].expand(pad)]))
@@ -292,7 +292,7 @@ def cdf_bracket(T: Tensor, beta_next: float, x: float) -> tuple[float, float]:
     if 0 < c < math.inf:
         T, beta_next, x = T / c, beta_next / c, x / c
     m = T.shape[0]
-    theta, S = torch.linalg.eigh(T)
+    theta, S = eigh(T)
     w = S[0] ** 2
     w = w / w.sum()
     tiny = 1e-12 * max(float(theta.abs().max()), abs(x), 1e-300)
@@ -310,7 +310,7 @@ def cdf_bracket(T: Tensor, beta_next: float, x: float) -> tuple[float, float]:
     R[:m, :m] = T
     R[m, m - 1] = R[m - 1, m] = beta_next
     R[m, m] = x + delta[-1]
-    xi, V = torch.linalg.eigh(R)
+    xi, V = eigh(R)
     wr = V[0] ** 2
     wr = wr / wr.sum()
     at = int((xi - x).abs().argmin())

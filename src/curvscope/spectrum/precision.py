@@ -18,6 +18,20 @@ from torch import Tensor
 from curvscope.derivatives.curvature import autocast_state
 
 
+def eigh(A: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh`` of a symmetric matrix, computed again in float64 where LAPACK's
+    solver in a lower precision does not converge, and returned in ``A``'s dtype: a finite
+    105×105 float32 Hessian with 97 eigenvalues near zero failed Newton's step with torch's
+    bare ``LinAlgError``, and decomposes in float64 (an outside review's fuzzing)."""
+    try:
+        return torch.linalg.eigh(A)
+    except torch.linalg.LinAlgError:
+        if A.dtype == torch.float64 or not bool(torch.isfinite(A).all()):
+            raise
+        lam, V = torch.linalg.eigh(A.double())
+        return lam.to(A.dtype), V.to(A.dtype)
+
+
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype an estimator computes in: float32 at least, float64 for a float64 operator.
 
