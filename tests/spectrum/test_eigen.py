@@ -621,6 +621,28 @@ def test_min_matvecs_holds_a_warm_start_to_a_random_ones_products():
         cs.eigenvalues(A, min_matvecs=-1)
 
 
+@pytest.mark.parametrize(("n", "k"), [(30, 4), (300, 3)])
+def test_a_warm_start_of_fewer_vectors_than_values_asked_is_judged_as_a_random_one(n, k):
+    """Outliers 50, 30, 20 over U(0, 1), the k smallest at tol 1e-2 from one warm vector:
+    judged at once, the run returned the outliers among the smallest — [0.28, 0.84, 20.0, 30.0]
+    for values under 0.1, converged after 5 products, in 7 of 20 seeds at n = 30, 20 of 20 at
+    n = 300 (an outside review's fuzzing). The values past the warm vectors come from their
+    Krylov space as a random start's do, and wait for its products; k warm vectors are still
+    judged at once."""
+    for seed in range(6):
+        lam = torch.rand(n, generator=_gen(seed), dtype=torch.float64)
+        lam[:3] = torch.tensor([50.0, 30.0, 20.0], dtype=torch.float64)
+        A = with_spectrum(lam, seed)
+        truth = torch.linalg.eigvalsh(A)[:k]
+        v0 = torch.randn(n, generator=_gen(seed + 100), dtype=torch.float64)
+        r = cs.eigenvalues(A, k=k, which="smallest", tol=1e-2, v0=v0)
+        assert r.matvecs >= 20
+        off = ((r.values - truth).abs() * r.converged).max()
+        assert float(off) <= 1e-2 * 50, (seed, r.values, truth)
+    warm = cs.eigenvalues(A, k=k, which="smallest", tol=1e-2, v0=r.vectors)
+    assert warm.all_converged and warm.matvecs < 20
+
+
 def test_min_matvecs_above_max_matvecs_is_refused_before_any_product():
     """A review: accepted, the run spent its budget and then said it had not converged."""
     A = torch.diag(torch.arange(1.0, 51.0, dtype=torch.float64))
