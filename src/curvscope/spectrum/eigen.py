@@ -77,6 +77,8 @@ class EigenResult:
     Attributes:
         values: (k,) or (2k,) eigenvalues; ``values[0]`` is the most extreme asked for (the
             largest, or the smallest for ``which="smallest"``); ``"both"`` is in descending order.
+            A ``max_matvecs`` below the number of values asked finds fewer (m products span m
+            Ritz values at most): as many as it found, none converged.
         vectors: (n, len(values)) unit eigenvectors (columns), or None.
         residuals: r = ‖A v − λ v‖ of each pair — the rigorous bound: some eigenvalue of A lies
             within r of each value (of the operator the products compute: see ``errors`` for
