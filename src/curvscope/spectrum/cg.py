@@ -258,7 +258,7 @@ class _Run:
         iterations can show the goal reached."""
         if self.direction is not None or self.rr**0.5 > goal:
             return False
-        if (check or self._drifted(goal)) and not self.exact:
+        if not self.exact and (check or self._drifted(goal)):
             self.r = self.op.residual(self.b[:, None], self.x[:, None])[:, 0]
             self.exact = True
             self.rr, self.p = self.dot(self.r, self.r), self.r
