@@ -66,6 +66,52 @@ def test_nothing_is_written_to_x():
     assert torch.equal(x.detach(), torch.tensor([1.0, 2.0], dtype=torch.float64))
 
 
+def test_an_f_that_writes_its_argument_in_place_leaves_x_as_found():
+    """A projection inside f (``z.clamp_`` under no_grad) wrote into the caller's x through a
+    detached view of it: [0.3, −0.7, 1.1] became [0.3, −0.7, 1.0], its version moved (an
+    outside review's fuzzing). Every entry point now hands f a copy."""
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z.clamp_(-1, 1)
+        return (z**3).sum()
+
+    calls = [
+        lambda x: cs.grad(f, x),
+        lambda x: cs.hessian(f, x),
+        lambda x: cs.hvp(f, x, torch.ones(3, dtype=torch.float64)),
+        lambda x: cs.Curvature.from_function(f, x) @ torch.ones(3, dtype=torch.float64),
+    ]
+    for call in calls:
+        x = torch.tensor([0.3, -0.7, 1.1], dtype=torch.float64)
+        call(x)
+        assert x._version == 0 and x.tolist() == [0.3, -0.7, 1.1]
+
+
+def test_an_f_whose_value_has_a_gradient_through_other_tensors_only_is_named():
+    """A parameter f closes over, with x detached or only an index: torch's bare "appears to
+    not have been used in the graph. Set allow_unused=True", a fix the user cannot apply (an
+    outside review's fuzzing); it is the same refusal as an f with no graph at all."""
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    x = torch.tensor([0.3, -0.7, 1.1], dtype=torch.float64)
+    for f in (lambda z: (w**2).sum(), lambda z: w[z.argmax()] ** 2, lambda z: w @ z.detach()):
+        for call in (cs.grad, cs.hessian, lambda f, x: cs.hvp(f, x, torch.ones_like(x))):
+            with pytest.raises(ValueError, match=r"f\(x\) does not depend on x.*other tensors"):
+                call(f, x)
+
+
+def test_the_quadratic_problem_refuses_what_makes_no_quadratic():
+    """n = 0 and no eigenvalues raised torch's bare max() error, n = 3.7 logspace's, and a NaN
+    eigenvalue was described as a saddle (an outside review's fuzzing)."""
+    with pytest.raises(ValueError, match="n to be an integer >= 1"):
+        cs.problems.get("quadratic", n=0)
+    with pytest.raises(TypeError, match="n to be an integer"):
+        cs.problems.get("quadratic", n=3.7)
+    for bad in ([], [1.0, float("nan")], [float("inf")]):
+        with pytest.raises(ValueError, match="eigenvalues must be one or more finite numbers"):
+            cs.problems.get("quadratic", eigenvalues=torch.tensor(bad))
+
+
 def test_affine_function_has_zero_hessian():
     x = torch.ones(3, dtype=torch.float64)
     assert torch.equal(cs.hessian(lambda t: t.sum() * 2, x), torch.zeros(3, 3, dtype=torch.float64))
@@ -180,6 +226,10 @@ def test_a_random_function_leaves_the_global_rngs_as_found_and_its_hessian_repea
     np.random.seed(3)
     random.seed(3)
     before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    drawn = []  # numpy's draws inside f are the caller's next ones (its state was read by a
+    cs.grad(lambda z: drawn.append(np.random.rand()) or (z**2).sum(), x)  # draw: 0.603 for
+    assert drawn == [np.random.rand()]  # 0.549, an outside review's fuzzing)
+    np.random.seed(3)
     first, second = cs.hessian(f, x), cs.hessian(f, x)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     cs.grad(f, x), cs.hvp(f, x, torch.ones_like(x))

@@ -53,17 +53,39 @@ def _value(f: Function, xl: Tensor) -> Tensor:
                 "derivatives are taken with torch.inference_mode() on, which records no graph; "
                 "call curvscope outside the inference_mode block"
             )
-        raise ValueError("f(x) does not depend on x: check that f uses its argument")
+        raise ValueError(NOT_OF_X)
     return y
+
+
+#: f(x) computed without its argument (where no graph at all, or one through other tensors)
+NOT_OF_X = "f(x) does not depend on x: check that f uses its argument"
+
+
+def _gradient(y: Tensor, xl: Tensor, seed: Tensor | None = None, graph: bool = False) -> Tensor:
+    """∇f(x) from ``y = f(xl)``; refused by name where ``y`` has a graph through other tensors
+    only (a parameter ``f`` closes over, ``x`` detached or used as an index): torch's bare
+    "appears to not have been used in the graph. Set allow_unused=True" before (an outside
+    review's fuzzing)."""
+    (g,) = torch.autograd.grad(y, xl, seed, create_graph=graph, allow_unused=True)
+    if g is None:
+        raise ValueError(f"{NOT_OF_X} (its value has a gradient only through other tensors)")
+    return g
+
+
+def _leaf(x: Tensor) -> Tensor:
+    """A differentiable copy of ``x``, its own memory: an ``f`` that writes its argument in
+    place (a projection, ``z.clamp_(-1, 1)`` under no_grad) wrote into the caller's ``x``
+    through a detached view (an outside review's fuzzing)."""
+    return x.detach().clone().requires_grad_(True)
 
 
 def _grad_with_graph(f: Function, x: Tensor) -> tuple[Tensor, Tensor, float]:
     """Return (leaf copy of x, ∇f(x) with its graph kept for a second derivative, f(x))."""
-    xl = x.detach().requires_grad_(True)
+    xl = _leaf(x)
     with torch.enable_grad():
         y = _value(f, xl)
         seed = watch_custom_functions(y, "second derivatives")
-        (g,) = torch.autograd.grad(y, xl, seed, create_graph=True)
+        g = _gradient(y, xl, seed, graph=True)
     return xl, g, float(y.detach())
 
 
@@ -83,9 +105,9 @@ def grad(f: Function, x: Tensor) -> Tensor:
         tensor([2., 4.])
     """
     x = check_point(x)
-    xl = x.detach().requires_grad_(True)
+    xl = _leaf(x)
     with torch.enable_grad():
-        (g,) = torch.autograd.grad(_value(f, xl), xl)
+        g = _gradient(_value(f, xl), xl)
     return check_finite(g, "the gradient", FUNCTION_FIX)
 
 

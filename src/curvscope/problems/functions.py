@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from curvscope.derivatives.checks import check_int
 from curvscope.derivatives.seeding import generator
 
 Fn = Callable[[Tensor], Tensor]
@@ -113,13 +114,16 @@ def quadratic(
         seed: fixes the eigenvectors Q, x* and x0.
     """
     gen = generator(seed)
-    if eigenvalues is None:
+    if eigenvalues is None:  # (n = 0 or 3.7, NaN eigenvalues: torch's bare errors, or a NaN
+        n = check_int(n, "n", minimum=1)  # spectrum described as a saddle: an outside review)
         if condition < 1:
             raise ValueError(f"condition must be >= 1, got {condition}")
         lam = torch.logspace(-math.log10(condition), 0, n, dtype=torch.float64)
     else:
         lam = torch.as_tensor(eigenvalues, dtype=torch.float64).reshape(-1)
         n = lam.numel()
+        if n == 0 or not bool(torch.isfinite(lam).all()):
+            raise ValueError(f"eigenvalues must be one or more finite numbers, got {lam.tolist()}")
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     a = (q * lam) @ q.T
     a = (a + a.T) / 2
