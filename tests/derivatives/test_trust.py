@@ -98,7 +98,20 @@ def test_unchanged_model_reuses_the_cached_graphs():
     assert C._cached is not cached
 
 
-@pytest.mark.parametrize("form", ["list", "loader"])
+class _Pairs(torch.utils.data.Dataset):
+    """A dataset of one's own, holding its tensors as attributes."""
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        self.X, self.y = X, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.X[i], self.y[i]
+
+
+@pytest.mark.parametrize("form", ["list", "loader", "dataset of one's own"])
 @pytest.mark.parametrize("cache", [True, False])
 @pytest.mark.parametrize("written", ["inputs", "targets"])
 def test_data_written_in_place_since_construction_is_refused(written, cache, form):
@@ -115,6 +128,8 @@ def test_data_written_in_place_since_construction_is_refused(written, cache, for
     if form == "loader":
         dataset = torch.utils.data.Subset(torch.utils.data.TensorDataset(X, y), range(24))
         data = torch.utils.data.DataLoader(dataset, batch_size=12)
+    elif form == "dataset of one's own":
+        data = torch.utils.data.DataLoader(_Pairs(X, y), batch_size=12)
     C = cs.Curvature(case.model, case.loss_fn, data, cache=cache)
     v = _probe(C.num_params)
     before = C @ v
@@ -129,6 +144,28 @@ def test_data_written_in_place_since_construction_is_refused(written, cache, for
             call()
     fresh = cs.Curvature(case.model, case.loss_fn, data, cache=cache)
     assert _rel(fresh @ v, before) > 1e-3
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_loader_over_one_split_is_not_refused_for_a_write_to_another(cache):
+    """The versions of a loader's dataset tell when to read its batches again, not that they
+    changed: a loader over the validation split of ``random_split`` was refused when the
+    training rows of the shared tensor were written (the diff review); its batches' own
+    fingerprints decide, and the products are as before."""
+    case = cases.mlp(n=24)
+    X, y = case.inputs.clone(), case.targets.clone()
+    train, val = torch.utils.data.random_split(
+        torch.utils.data.TensorDataset(X, y), [12, 12], torch.Generator().manual_seed(0)
+    )
+    loader = torch.utils.data.DataLoader(val, batch_size=6)
+    C = cs.Curvature(case.model, case.loss_fn, loader, cache=cache)
+    v = _probe(C.num_params)
+    before = C @ v
+    X[torch.tensor(train.indices)] *= 2.0  # the training rows, refilled
+    torch.testing.assert_close(C @ v, before, rtol=0, atol=0)
+    X[torch.tensor(val.indices)] *= 2.0  # now its own rows
+    with pytest.raises(ValueError, match=r"data was changed since.*new Curvature"):
+        C @ v
 
 
 def test_a_model_that_writes_its_inputs_in_place_is_named():

@@ -417,22 +417,27 @@ def _copyable(
 
 
 def _dataset_tensors(loader: Any) -> list[Tensor]:
-    """The tensors a loader's dataset holds, where it says so: a ``TensorDataset``'s, through
-    ``Subset`` and ``ConcatDataset`` — their versions read like a list's (a kept operator over
-    a loader did not read it again, and a dataset written in place gave the old data's
-    products, 32% off: an outside review's sequence fuzzing). Other datasets are read only
-    through their batches' fingerprints, at each pass."""
-    found: list[Tensor] = []
-    stack = [getattr(loader, "dataset", None)]
+    """The tensors a loader's dataset holds as attributes — a ``TensorDataset``'s, a dataset of
+    your own's ``self.X``, through ``Subset``, ``ConcatDataset``, ``StackDataset`` and any
+    dataset held by another — whose versions tell when its batches are read again
+    (:meth:`ModelObjective.check_unchanged_data`: a kept operator over a loader did not read it
+    again, and a dataset written in place gave the old data's products, 32% off: an outside
+    review's sequence fuzzing)."""
+    found: dict[int, Tensor] = {}
+    seen: set[int] = set()
+    stack: list[Any] = [getattr(loader, "dataset", None)]
     while stack:
-        dataset = stack.pop()
-        if isinstance(dataset, torch.utils.data.TensorDataset):
-            found += [t for t in dataset.tensors if isinstance(t, Tensor)]
-        elif isinstance(dataset, torch.utils.data.Subset):
-            stack.append(dataset.dataset)
-        elif isinstance(dataset, torch.utils.data.ConcatDataset):
-            stack += reversed(dataset.datasets)
-    return found
+        item = stack.pop()
+        if isinstance(item, Tensor):
+            found.setdefault(id(item), item)
+        elif isinstance(item, (list, tuple)):
+            stack += item
+        elif isinstance(item, Mapping):
+            stack += item.values()
+        elif isinstance(item, torch.utils.data.Dataset) and id(item) not in seen:
+            seen.add(id(item))
+            stack += vars(item).values()
+    return list(found.values())
 
 
 def _counting(loss_fn: Any) -> tuple[Any, Any, Tensor | None]:
@@ -1994,6 +1999,9 @@ class ModelObjective:
             t is t0 and v == v0 for (t, v), (t0, v0) in zip(now, self._data_versions, strict=True)
         ):
             return
+        if not self._data_is_list() and self._batches_as_built():
+            self._data_versions = now  # (written where its batches do not read: another split)
+            return
         if in_pass:  # checked at the pass's start: written by the model's own forward
             raise DataChangedError(
                 "the model's forward writes the data it is given in place (an in-place layer "
@@ -2008,6 +2016,21 @@ class ModelObjective:
             "operator is one fixed matrix: build a new Curvature on the new data (or pass "
             "copies, e.g. [(X.clone(), y.clone())], to keep measuring the old)"
         )
+
+    def _batches_as_built(self) -> bool:
+        """Whether a loader's batches are those of the first pass, by their fingerprints: one
+        pass over the loader, without the model, where its dataset's tensors were written since
+        (:meth:`check_unchanged_data`) — a loader over one split of a dataset was refused for a
+        write to another's rows (the diff review)."""
+        count = 0
+        for i, inputs, targets, _ in self._raw_batches():
+            if (
+                i >= len(self._fingerprints)
+                or _fingerprint(inputs, targets) != self._fingerprints[i]
+            ):
+                return False
+            count += 1
+        return count == len(self._fingerprints)
 
     def _check_fingerprint(self, i: int, inputs: Any, targets: Tensor) -> None:
         if i < len(self._fingerprints) and _fingerprint(inputs, targets) != self._fingerprints[i]:
