@@ -107,6 +107,9 @@ def test_the_quadratic_problem_refuses_what_makes_no_quadratic():
         cs.problems.get("quadratic", n=0)
     with pytest.raises(TypeError, match="n to be an integer"):
         cs.problems.get("quadratic", n=3.7)
+    for condition in (float("nan"), float("inf"), 0.5):
+        with pytest.raises(ValueError, match="condition must be a finite number >= 1"):
+            cs.problems.get("quadratic", condition=condition)
     for bad in ([], [1.0, float("nan")], [float("inf")]):
         with pytest.raises(ValueError, match="eigenvalues must be one or more finite numbers"):
             cs.problems.get("quadratic", eigenvalues=torch.tensor(bad))

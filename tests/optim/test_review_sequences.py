@@ -102,6 +102,26 @@ def test_a_size_edit_is_read_by_the_next_step_that_completes(edit):
     assert torch.equal(x, x0)
 
 
+def test_a_size_edit_made_inside_the_closure_is_the_next_steps():
+    """An edit taken as read at the step's end dropped one the closure made during the step
+    (a radius reset on a plateau): the next step went on at 0.00098 (the diff review)."""
+    x0, reference = _collapsed()
+    reference.param_groups[0]["radius"] = 1.0
+    reference.step(lambda: rosenbrock(x0))
+    x, opt = _collapsed()
+    calls = []
+
+    def resetting() -> torch.Tensor:
+        if not calls:
+            opt.param_groups[0]["radius"] = 1.0
+        calls.append(1)
+        return rosenbrock(x)
+
+    opt.step(resetting)  # (began at the collapsed radius)
+    opt.step(lambda: rosenbrock(x))
+    assert opt.info.step_norm == pytest.approx(reference.info.step_norm, rel=1e-2)
+
+
 def test_newton_decomposes_in_float64_where_lapacks_float32_solver_fails():
     """A finite float32 Hessian (a small CNN's, entries from 1e-42 to 8, most of its 47
     eigenvalues near 0) on which LAPACK's float32 eigensolver does not converge: Newton's step

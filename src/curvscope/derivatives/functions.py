@@ -27,6 +27,9 @@ from curvscope.derivatives.rng import kept_rngs
 
 Function = Callable[[Tensor], Tensor]
 
+#: f(x) computed without its argument (where no graph at all, or one through other tensors)
+NOT_OF_X = "f(x) does not depend on x: check that f uses its argument"
+
 
 def _generators(x: Tensor) -> list[torch.Generator]:
     """The global torch generators ``f`` may draw from at ``x``: the CPU's, and x's GPU's."""
@@ -55,10 +58,6 @@ def _value(f: Function, xl: Tensor) -> Tensor:
             )
         raise ValueError(NOT_OF_X)
     return y
-
-
-#: f(x) computed without its argument (where no graph at all, or one through other tensors)
-NOT_OF_X = "f(x) does not depend on x: check that f uses its argument"
 
 
 def _gradient(y: Tensor, xl: Tensor, seed: Tensor | None = None, graph: bool = False) -> Tensor:

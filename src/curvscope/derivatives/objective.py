@@ -480,7 +480,7 @@ def _written_back(state: Mapping[str, Any], params: list[tuple[str, Tensor]]) ->
     to the output layer renormed the first batch's rows alone, each later batch its own in a
     copy, and the operator was at no one point (λ_max 6.20 for one batch's 9.48 on the same
     data: an outside review's fuzzing). Only where the values differ: a write-back bumps the
-    version, and the next pass learns anew (:meth:`ModelObjective.graphs_built`). Returns
+    version, and the next pass learns anew (:meth:`ModelObjective._pass_begins`). Returns
     whether it wrote."""
     wrote = False
     with torch.no_grad():
@@ -1684,7 +1684,7 @@ class ModelObjective:
         #: their storage) or a copy's written back: a pass that wrote is run again at once
         #: (``Curvature._products`` and ``_apply``), its earlier batches having run before
         self.writes = 0
-        #: the parameters' versions and the modules' modes at the last pass (:meth:`graphs_built`)
+        #: the parameters' versions and the modules' modes at the last pass (:meth:`_pass_begins`)
         self._passed_at: list[Any] = []
         #: the parameters a forward writes into, passed as copies (:meth:`_written_in_forward`)
         self._written: set[str] = set()
@@ -2345,19 +2345,18 @@ class ModelObjective:
             self._learned.clear()
 
     def _pass_begins(self) -> None:
-        """At each pass over the data (:meth:`batches`: a product's, a gradient's, a
-        diagnosis's): the loss's settings checked, and after a parameter, a module's mode or
-        a hook changed, what each batch's forward sets is learned anew — a forward that sets
-        an attribute only past a threshold its parameters reached, or in train mode, left a
-        kept operator's model moved after the change, 17% off a new operator (the diff
-        review). Here, not only at a product's pass: an uncached ``loss_and_gradient()``
-        skipped both, and gave a changed loss's gradient 14% off, then let the products take
-        the changed settings as the ones counted; a hook registered since left what it set on
-        the user's model (outside sequence fuzzing). The parameters' versions and the modules'
-        modes, a few µs. Moved by the user (not by a write of curvscope's forwards:
-        :meth:`_wrote`), each batch's next forward writes again as the user's own next pass
-        would (a kept operator after a step that moved a tied max-norm table's rows over the
-        norm was 6.8% off: the diff review)."""
+        """What every pass over the data (:meth:`batches`: a product's, a gradient's, a
+        diagnosis's) begins with: the loss's settings checked (:meth:`_check_loss_settings`),
+        and, where a parameter, a module's mode, the modules or their hooks changed since the
+        last pass (:meth:`_moved`, a few µs), what each batch's forward sets learned anew and
+        written again as the user's own next pass would — not where curvscope's forwards
+        themselves wrote the parameters (:meth:`_wrote`).
+
+        Without it a forward that sets an attribute past a threshold, or in train mode, left a
+        kept operator's model moved (17% off a new operator), a tied max-norm table moved back
+        over the norm was 6.8% off (diff reviews); and done at a product's pass alone, an
+        uncached ``loss_and_gradient()`` gave a changed loss's gradient 14% off and left a new
+        hook's state on the model (outside sequence fuzzing)."""
         self._check_loss_settings()
         moved = self._moved()
         if moved != self._passed_at:
@@ -2387,7 +2386,7 @@ class ModelObjective:
 
     def _moved(self) -> list[Any]:
         """The modules (which, their modes, the handles of their hooks), the hooks of every
-        module's, and the parameters' versions (:meth:`graphs_built`): a hook registered or a
+        module's, and the parameters' versions (:meth:`_pass_begins`): a hook registered or a
         stateful submodule swapped in after an uncached operator's first pass was never
         learned — what it set stayed on the user's model, and two products of one vector
         were 42–51% apart (an outside review's sequence fuzzing)."""
@@ -2404,7 +2403,7 @@ class ModelObjective:
     def _wrote(self) -> None:
         """A forward of curvscope's wrote into the user's parameters: counted (a pass that
         wrote is run again, :attr:`writes`), and the versions it moved taken as the last
-        pass's, so that it is not read as the user's change (:meth:`graphs_built`)."""
+        pass's, so that it is not read as the user's change (:meth:`_pass_begins`)."""
         self.writes += 1
         self._passed_at = self._moved()
 

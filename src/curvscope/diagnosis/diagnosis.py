@@ -796,6 +796,9 @@ def _measure_curvature(
         max_matvecs=max(1, cap - C.matvecs),  # the zero-gradient rule's products come first
         seed=seed,
         v0=v0,
+        # the last probe's ends, summed into one vector where adaptive, judged at once (one
+        # warm vector for two values waits for a random start's products by default)
+        min_matvecs=0 if warm else None,
     )
     _record_spectrum(evidence, r)
     evidence["directional_curvature"], evidence["grad_dot_step"] = objective.directional(g)

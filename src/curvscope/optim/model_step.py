@@ -164,15 +164,26 @@ class SizedGroup(dict[str, Any]):
 
     method: str = ""
     size: str = ""
-    #: the size's entry was set since the last step — to any value, its own too: a radius
+    #: how many times the size's entry was set — to any value, its own too: a radius
     #: collapsed to 9e-16 and set back to the constructor's 1.0 was not restarted (compared
-    #: with the last value asked, it was no edit: an outside review)
-    edited: bool = False
+    #: with the last value asked, it was no edit: an outside review) — and how many of those a
+    #: step that completed has read (:meth:`ModelStepOptimizer._keep_search`)
+    edits: int = 0
+    read: int = 0
+
+    @property
+    def edited(self) -> bool:
+        """The size's entry was set since the last step that completed read it."""
+        return self.edits != self.read
+
+    @edited.setter
+    def edited(self, value: bool) -> None:
+        self.read = self.edits - int(value)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         super().__setitem__(key, value)
         if key == self.size:
-            self.edited = True
+            self.edits += 1
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         """As ``dict.update``, each entry set as by ``group[key] = value`` (dict's own skips
@@ -320,6 +331,7 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         if memory.get("trainable", asked["trainable"]) != asked["trainable"]:
             memory.pop("previous", None)
         group = cast(SizedGroup, self.param_groups[0])
+        self._edits_seen = group.edits  # (read once the step completes: _keep_search)
         if group.edited or any(memory.get(k, asked[k]) != asked[k] for k in ("asked", "search")):
             memory[self.search.key] = asked["asked"]
         bounded = getattr(self.search, "bounded", None)  # a bound edited since: held to
@@ -328,12 +340,13 @@ class ModelStepOptimizer(CurvscopeOptimizer):
         return {**memory, **asked}
 
     def _keep_search(self, memory: dict[str, Any]) -> None:
-        """The step's search state kept, and the group's size edit with it taken as read: only
-        here, at the step's end — cleared where the step began, an edit was lost with a step
-        that failed at its trial point and was put back, and the retry went on from the
-        collapsed radius (an outside review's fuzzing)."""
+        """The step's search state kept, and the size edits it began with taken as read: only
+        here, at the step's end — taken as read where the step began, an edit was lost with a
+        step that failed at its trial point and was put back, and the retry went on from the
+        collapsed radius (an outside review's fuzzing); and only those it began with — one
+        made inside the closure, during the step, is the next step's (the diff review)."""
         self._set_global(memory)
-        cast(SizedGroup, self.param_groups[0]).edited = False
+        cast(SizedGroup, self.param_groups[0]).read = self._edits_seen
 
     def _step(self, closure: Any, snapshot: Snapshot) -> Tensor:
         closure, counts = self._begin(closure)

@@ -116,8 +116,8 @@ def quadratic(
     gen = generator(seed)
     if eigenvalues is None:  # (n = 0 or 3.7, NaN eigenvalues: torch's bare errors, or a NaN
         n = check_int(n, "n", minimum=1)  # spectrum described as a saddle: an outside review)
-        if condition < 1:
-            raise ValueError(f"condition must be >= 1, got {condition}")
+        if not 1 <= condition < math.inf:  # (NaN, inf: a NaN function, called a saddle)
+            raise ValueError(f"condition must be a finite number >= 1, got {condition}")
         lam = torch.logspace(-math.log10(condition), 0, n, dtype=torch.float64)
     else:
         lam = torch.as_tensor(eigenvalues, dtype=torch.float64).reshape(-1)

@@ -105,8 +105,9 @@ def cg(
             (Martens 2010, §4.4: the residual is a poor guide to the progress on φ).
         save: iteration -> whether to keep that iterate (with its residual) in ``saved``.
         check_residual: where ``tol`` is below √eps of the working dtype or of the products'
-            dtype, or either is coarser than float64, check b − Ax (one product) before saying
-            ``converged``, and go on from it
+            dtype, or either is coarser than float64, or the recurrence's estimated drift from
+            b − Ax reaches ``tol`` (:meth:`_Run._drifted`), check b − Ax (one product) before
+            saying ``converged``, and go on from it
             where it is not within ``tol`` — or stop, not converged, where the products'
             rounding is above ``tol`` (default True; Hessian-free, which reads its saved
             iterates and not ``converged``, passes False).
@@ -153,7 +154,8 @@ def cg(
     if damping:  # A + λI: the operator's own combinator, in the working dtype
         op = op.damped(damping)
     with autocast_off(op.device):
-        return _cg(op, b.to(dt), tol, max_matvecs, x0, progress_tol, save, check, coarse)
+        checks = (check, check_residual)
+        return _cg(op, b.to(dt), tol, max_matvecs, x0, progress_tol, save, checks, coarse)
 
 
 def _in_range(bnorm: float, dtype: torch.dtype) -> bool:
@@ -202,9 +204,9 @@ class _Run:
     stalled: bool = False  # the progress test stopped it
     limited: bool = False  # the products' rounding is above the goal (:meth:`converged`)
     product_eps: float = 0.0  # eps of the products' dtype (the operator's, before any damping)
-    #: the largest 1/α = pᵀAp/rᵀr met: each is at most λ_max (a diagonal entry of the Lanczos
-    #: matrix CG builds, less a non-negative term), so an estimate of ‖A‖ from below, for free
-    top: float = 0.0
+    #: ‖A‖ from below, for free: the largest 1/α = pᵀAp/rᵀr met (each is at most λ_max: a
+    #: diagonal entry of the Lanczos matrix CG builds, less a non-negative term)
+    norm_below: float = 0.0
 
     def __post_init__(self) -> None:
         self.p, self.rr = self.r.clone(), self.dot(self.r, self.r)
@@ -227,7 +229,7 @@ class _Run:
                 self.direction = self.p
                 self.direction_curvature = curv / self.dot(self.p, self.p)
                 return
-            self.top = max(self.top, curv / self.rr)
+            self.norm_below = max(self.norm_below, curv / self.rr)
             alpha = self.rr / curv
             self.x = self.x + alpha * self.p
             self.r = self.r - alpha * Ap
@@ -250,15 +252,17 @@ class _Run:
             return False
         return (self.phis[-1] - self.phis[-1 - k]) / self.phis[-1] < k * self.progress_tol
 
-    def converged(self, goal: float, check: bool) -> bool:
+    def converged(self, goal: float, checks: tuple[bool, bool]) -> bool:
         """Whether the solve ended converged: the recurrence's residual within ``goal``, and
-        with ``check`` b − Ax itself (one product, unless r is exact already); where it is not,
+        with ``checks`` — (always, where the drift may reach the goal) — b − Ax itself (one
+        product, unless r is exact already); where it is not,
         CG restarts from it (p = r) and this says False — and where the products' own rounding,
         about eps·‖Ax‖ in their dtype, is above ``goal``, it sets ``limited``: no more
         iterations can show the goal reached."""
         if self.direction is not None or self.rr**0.5 > goal:
             return False
-        if not self.exact and (check or self._drifted(goal)):
+        check, drift = checks  # always; where the recurrence may have drifted by the goal
+        if not self.exact and (check or (drift and self._drifted(goal))):
             self.r = self.op.residual(self.b[:, None], self.x[:, None])[:, 0]
             self.exact = True
             self.rr, self.p = self.dot(self.r, self.r), self.r
@@ -275,7 +279,8 @@ class _Run:
         0.1…1, tol 1e-6: "converged" at a residual of 7e-14 where b − Ax was 2.2, ‖x‖ 6e16,
         in 13 of 20 runs at n = 5: an outside review's fuzzing). One dot product, at the end."""
         eps = torch.finfo(self.x.dtype).eps
-        bound = DRIFT_SAFETY * eps * self.it * self.top * self.dot(self.x, self.x) ** 0.5
+        x_norm = self.dot(self.x, self.x) ** 0.5
+        bound = DRIFT_SAFETY * eps * self.it * self.norm_below * x_norm
         return bound > goal
 
 
@@ -287,7 +292,7 @@ def _cg(
     x0: Tensor | None,
     progress_tol: float | None,
     save: Callable[[int], bool] | None,
-    check: bool,
+    checks: tuple[bool, bool],
     product_eps: float,
 ) -> CGResult:
     start, used_before = time.perf_counter(), op.matvecs
@@ -315,12 +320,12 @@ def _cg(
     # of 60 runs; an outside review): there (``check``), convergence is checked on b − Ax
     # itself — a product beyond the cap, as x0's — and CG goes on from it where it is not
     run.iterate(max_matvecs, goal)
-    converged = run.converged(goal, check)
+    converged = run.converged(goal, checks)
     while not (converged or run.stalled or run.limited or run.direction is not None) and (
         run.it < max_matvecs
     ):
         run.iterate(max_matvecs, goal)
-        converged = run.converged(goal, check)
+        converged = run.converged(goal, checks)
     if save is not None and (not run.saved or run.saved[-1][0] != run.it):
         run.saved.append((run.it, run.x, run.r))
     res = run.rr**0.5 / (bnorm or 1.0)
