@@ -248,6 +248,56 @@ def test_state_changes_go_to_logging_and_the_callback(caplog):
     assert any("edge_of_stability" in r.getMessage() for r in caplog.records)
 
 
+class _Clock:
+    """A monotonic clock for the Monitor's time accounting: a microsecond a reading, and
+    jumps where a test says."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1e-6
+        return self.now
+
+
+def test_a_manual_probe_is_probe_time_not_training_time(monkeypatch):
+    """``mon.probe()`` between steps was counted as training time too: by its own counters the
+    Monitor's share read 49.5% where it was 92% (an outside review's fuzzing)."""
+    import curvscope.diagnosis.monitor as monitor
+
+    clock = _Clock()
+    monkeypatch.setattr(monitor, "time", clock)
+    case = cases.mlp()
+    jump = lambda d, prev: setattr(clock, "now", 100.0)  # noqa: E731 (the probe "takes" 100 s)
+    mon = cs.Monitor(case.model, case.loss_fn, case.data, lr=0.1, every=1000, callback=jump)
+    mon.step(1.0)
+    mon.probe()  # 100 s, by the callback's jump
+    mon.step(1.0)
+    assert mon.probe_seconds >= 99.0 and mon.train_seconds < 1e-3
+
+
+def test_a_callback_that_raises_leaves_the_probes_bookkeeping_done():
+    """A callback raising once (the loop caught it and went on) skipped what follows it in a
+    probe: its time was not counted and the cadence not planned, so the next step probed again
+    (an outside review's fuzzing)."""
+    calls = []
+
+    def fails_once(d, previous):
+        calls.append(d.state)
+        if len(calls) == 1:
+            raise RuntimeError("the user's callback failed")
+
+    case = cases.mlp()
+    mon = cs.Monitor(case.model, case.loss_fn, case.data, lr=0.1, callback=fails_once)
+    raised = 0
+    for _ in range(12):
+        try:
+            mon.step(1.0)
+        except RuntimeError:
+            raised += 1
+    assert raised == 1 and len(mon.probe_steps) == 1 and mon.probe_seconds > 0
+
+
 def test_probes_draw_no_progress_bar_in_the_users_loop(capsys, monkeypatch):
     """On a terminal a probe longer than a second drew tqdm's Lanczos bar under the user's own
     training bar, and diagnose had no switch (an outside review). diagnose takes
