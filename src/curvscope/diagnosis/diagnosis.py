@@ -62,6 +62,8 @@ DIAGNOSIS_TOL = 1e-2
 #: An adaptive diagnosis (the Monitor's) first runs Lanczos to this accuracy (5% of |λ_max|:
 #: a Ritz value only underestimates λ_max) ...
 ROUGH_TOL = 5e-2
+#: the gradient's share in an adaptive probe's warm start (:func:`_warm_vector`)
+GRADIENT_SHARE = 0.3
 #: ... and refines it to DIAGNOSIS_TOL when the gradient is small or the sharpness is within this
 #: share of the stability limit (the 10% margin and the 15% edge band, plus the rough error).
 NEAR_LIMIT = 0.35
@@ -787,7 +789,7 @@ def _measure_curvature(
         cap = max(cap, min(RANDOM_START_PRODUCTS, budget - 2))
     tol = ROUGH_TOL if adaptive else DIAGNOSIS_TOL
     if adaptive and v0 is not None and v0.ndim == 2:
-        v0 = v0.sum(1)  # one start vector rich in both ends: a block of one, a product a step
+        v0 = _warm_vector(objective, v0, g)
     r = eigenvalues(
         op,
         k=1,
@@ -912,6 +914,23 @@ def _mixed(op: Operator, vectors: Tensor, seed: int) -> Tensor:
     warm = vectors.sum(1)
     z = torch.randn(warm.shape, generator=op.generator(seed), dtype=warm.dtype, device=warm.device)
     return warm / op.norm(warm).clamp_min(1e-300) + z / op.norm(z)
+
+
+def _warm_vector(objective: _Objective, v0: Tensor, g: Tensor) -> Tensor:
+    """An adaptive probe's one start vector (a block of one: a product a step): the last
+    probe's eigenvectors summed, rich in both ends, and :data:`GRADIENT_SHARE` of the gradient
+    as the step sees it, S^½g — where the top of the spectrum moved to a direction the last
+    probe's vectors hold little of, they alone converged on a lower eigenvalue, "converged"
+    and confident: 8 of 204 probes of an outside review's fuzzing read the sharpness 5–15% low
+    (2.46 for 2.60 under SGD on digits); the gradient, which training concentrates in the top
+    eigenspace, holds it (3 of those 8 still above 5%, each under a |λ_min| several times
+    λ_max, within 2.2·tol; the probes' products as before, `benchmarks/monitor.py`)."""
+    start = v0.sum(1)
+    seen = g.to(start.dtype) if objective.root is None else objective.root * g.to(start.dtype)
+    size, g_size = objective.total(start @ start) ** 0.5, objective.total(seen @ seen) ** 0.5
+    if not (size > 0 and g_size > 0 and math.isfinite(g_size)):
+        return start
+    return start / size + GRADIENT_SHARE * seen / g_size
 
 
 def _record_spectrum(evidence: dict[str, Any], r: Any) -> None:
