@@ -113,28 +113,17 @@ class NormalizedGD(CurvscopeOptimizer):
                 "the closure's loss does not depend on the optimized parameters; compute it "
                 "from the model inside the closure (or call loss.backward() in it)"
             )
-        # into the optimized parameters alone: torch's backward fills every leaf of the graph,
-        # another optimizer's parameters too (a model's head under another optimizer: its .grad
-        # summed over steps, NaN after a refused one: an outside review's fuzzing). Under
-        # torch.distributed the whole backward (DDP's buckets wait for every parameter), and
-        # the other leaves' .grad put back as found (a walk over the graph: 2 ms a step on a
-        # 12-layer transformer, which one process is spared: the diff review)
-        whole, others = _distributed(), []
-        if whole:
-            mine = {id(p) for p in params}
-            others = [t for t in walk_graph(called.loss).leaves if id(t) not in mine]
-        trained = [p for p in params if p.requires_grad]
+        # every leaf's .grad put back as found, not the optimized parameters' alone: torch's
+        # backward fills the other optimizer's parameters of a shared graph too (a model's head
+        # under another optimizer: its .grad summed over steps, NaN after a refused one: an
+        # outside review's fuzzing). Whole, not inputs=: under DDP each bucket waits for all.
+        mine = {id(p) for p in params}
+        others = [t for t in walk_graph(called.loss).leaves if id(t) not in mine]
         with _undone([*params, *others]):
-            if whole or trained:  # (inputs= takes no empty list: then no gradient to find)
-                called.loss.backward(inputs=None if whole else trained)
+            called.loss.backward()
             counts.gradients += 1
             found = [(p, p.grad) for p in params if p.grad is not None]
         return found, called.loss.detach()
-
-
-def _distributed() -> bool:
-    """Whether torch.distributed is initialized (a DDP model may be in the graph)."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _set_by_hand(params: list[Tensor], before: list[tuple[Tensor | None, int | None]]) -> bool:
