@@ -116,7 +116,10 @@ class NormalizedGD(CurvscopeOptimizer):
         # every leaf's .grad put back as found, not the optimized parameters' alone: torch's
         # backward fills the other optimizer's parameters of a shared graph too (a model's head
         # under another optimizer: its .grad summed over steps, NaN after a refused one: an
-        # outside review's fuzzing). Whole, not inputs=: under DDP each bucket waits for all.
+        # outside review's fuzzing). Whole, not inputs=: under DDP each bucket waits for all,
+        # reentrant checkpointing refuses inputs=, and the hooks fire as the user's own
+        # backward fires them (the second diff review; the walk costs 2 ms a step on a
+        # 12-layer transformer)
         mine = {id(p) for p in params}
         others = [t for t in walk_graph(called.loss).leaves if id(t) not in mine]
         with _undone([*params, *others]):
