@@ -168,6 +168,40 @@ def test_a_loader_over_one_split_is_not_refused_for_a_write_to_another(cache):
         C @ v
 
 
+class _Caching(_Pairs):
+    """A dataset that writes a tensor of its own at each read (a hit counter), and holds a
+    dict that holds itself."""
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        super().__init__(X, y)
+        self.hits, self.reads = torch.zeros(len(y)), 0
+        self.meta: dict[str, Any] = {}
+        self.meta["self"] = self.meta
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.hits[i] += 1
+        self.reads += 1
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_dataset_that_writes_itself_as_it_is_read_is_read_once_a_pass(cache):
+    """The dataset's versions moved at its own reads, so each product read the loader twice
+    more to check it (192 reads of 64 samples a product), and a dict that holds itself hung the
+    walk over the dataset's tensors (the second diff review)."""
+    case = cases.mlp(n=24)
+    dataset = _Caching(case.inputs.clone(), case.targets.clone())
+    C = cs.Curvature(
+        case.model, case.loss_fn, torch.utils.data.DataLoader(dataset, batch_size=12), cache=cache
+    )
+    v = _probe(C.num_params)
+    C @ v
+    before = dataset.reads
+    C @ v
+    C @ v
+    assert dataset.reads - before == (0 if cache else 2 * 24)
+
+
 def test_a_model_that_writes_its_inputs_in_place_is_named():
     """An in-place first layer writes the data each forward; told apart from a change the
     user made, and named with the fix (the data check said the data had changed)."""

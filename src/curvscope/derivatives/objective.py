@@ -416,13 +416,28 @@ def _copyable(
     ]
 
 
+def _written_error() -> DataChangedError:
+    """The data written in place since the operator was built (:meth:`ModelObjective.
+    check_unchanged_data`)."""
+    return DataChangedError(
+        "the data was changed since this operator was built (a tensor of it written in "
+        "place): its products would mix the old data, "
+        "which the cached graphs and the first pass hold, with the new. A curvature "
+        "operator is one fixed matrix: build a new Curvature on the new data (or pass "
+        "copies, e.g. [(X.clone(), y.clone())], to keep measuring the old)"
+    )
+
+
 def _dataset_tensors(loader: Any) -> list[Tensor]:
     """The tensors a loader's dataset holds as attributes — a ``TensorDataset``'s, a dataset of
     your own's ``self.X``, through ``Subset``, ``ConcatDataset``, ``StackDataset`` and any
     dataset held by another — whose versions tell when its batches are read again
     (:meth:`ModelObjective.check_unchanged_data`: a kept operator over a loader did not read it
     again, and a dataset written in place gave the old data's products, 32% off: an outside
-    review's sequence fuzzing)."""
+    review's sequence fuzzing). Plain lists, tuples and dicts of up to
+    :data:`DATASET_WALK_LIMIT` items are looked into, each once (a dict holding itself hung the
+    walk; a lazy mapping read every value at each product, and a list of 20,000 samples cost a
+    walk over them: the second diff review): beyond, a dataset is read through its batches."""
     found: dict[int, Tensor] = {}
     seen: set[int] = set()
     stack: list[Any] = [getattr(loader, "dataset", None)]
@@ -430,14 +445,19 @@ def _dataset_tensors(loader: Any) -> list[Tensor]:
         item = stack.pop()
         if isinstance(item, Tensor):
             found.setdefault(id(item), item)
-        elif isinstance(item, (list, tuple)):
-            stack += item
-        elif isinstance(item, Mapping):
-            stack += item.values()
-        elif isinstance(item, torch.utils.data.Dataset) and id(item) not in seen:
+        elif id(item) in seen:
+            continue
+        elif type(item) in (list, tuple, dict) and len(item) <= DATASET_WALK_LIMIT:
+            seen.add(id(item))
+            stack += item.values() if isinstance(item, dict) else item
+        elif isinstance(item, torch.utils.data.Dataset):
             seen.add(id(item))
             stack += vars(item).values()
     return list(found.values())
+
+
+#: the longest list, tuple or dict of a dataset's attributes whose tensors are read
+DATASET_WALK_LIMIT = 64
 
 
 def _counting(loss_fn: Any) -> tuple[Any, Any, Tensor | None]:
@@ -1994,13 +2014,14 @@ class ModelObjective:
         every pass and every cached product (a version counter a tensor: under a microsecond);
         a write that bypasses the version counter (``X.data`` assigned, numpy memory shared
         with ``torch.from_numpy`` written through numpy) is not seen."""
-        now = self._versions_now()
-        if len(now) == len(self._data_versions) and all(
-            t is t0 and v == v0 for (t, v), (t0, v0) in zip(now, self._data_versions, strict=True)
-        ):
+        loader = not self._data_is_list()
+        if loader and in_pass:  # its batches were fingerprinted as the pass read them: what the
+            self._data_versions = self._versions_now()  # dataset wrote itself then, taken in
             return
-        if not self._data_is_list() and self._batches_as_built():
-            self._data_versions = now  # (written where its batches do not read: another split)
+        if not self._written_since():
+            return
+        if loader and self._batches_as_built():  # (written where its batches do not read:
+            self._data_versions = self._versions_now()  # another split; or by its own reads)
             return
         if in_pass:  # checked at the pass's start: written by the model's own forward
             raise DataChangedError(
@@ -2009,12 +2030,14 @@ class ModelObjective:
                 "on the inputs), so each product would see other data; make that operation "
                 "out of place, or pass the model a copy (a first layer that clones its input)"
             )
-        raise DataChangedError(
-            "the data was changed since this operator was built (a tensor of it written in "
-            "place): its products would mix the old data, "
-            "which the cached graphs and the first pass hold, with the new. A curvature "
-            "operator is one fixed matrix: build a new Curvature on the new data (or pass "
-            "copies, e.g. [(X.clone(), y.clone())], to keep measuring the old)"
+        raise _written_error()
+
+    def _written_since(self) -> bool:
+        """Whether a tensor of the data (:meth:`_versions_now`) was written, or replaced, since
+        the operator was built or last took the data in."""
+        now, then = self._versions_now(), self._data_versions
+        return len(now) != len(then) or any(
+            t is not t0 or v != v0 for (t, v), (t0, v0) in zip(now, then, strict=True)
         )
 
     def _batches_as_built(self) -> bool:
@@ -2034,6 +2057,8 @@ class ModelObjective:
 
     def _check_fingerprint(self, i: int, inputs: Any, targets: Tensor) -> None:
         if i < len(self._fingerprints) and _fingerprint(inputs, targets) != self._fingerprints[i]:
+            if self._written_since():  # (the dataset's tensors written in place: said so)
+                raise _written_error()
             raise DataChangedError(
                 f"batch {i} of the data differs from the same batch on the first pass, although "
                 "curvscope fixes the loader's shuffling, worker seeds and the global RNGs for "
@@ -2049,7 +2074,8 @@ class ModelObjective:
         """The batches on the parameters' device, the same on every pass; raises if the data
         or the loss's settings changed since construction. A pass begins here
         (:meth:`_pass_begins`), whatever it is for."""
-        self.check_unchanged_data()
+        if self._data_is_list():  # (a loader's batches are fingerprinted as they are read)
+            self.check_unchanged_data()
         self._pass_begins()
         dev = self.device
         move = partial(map_tensors, lambda t: t.to(dev))

@@ -460,6 +460,7 @@ class Monitor:
         self._curvature_alone = False  # whether the last probe's *diverged* rests on that
         self._warm_in_a_row = 0  # probes warm-started since the last cold one
         self._clock: float | None = None
+        self._in_manual_probe = False  # (:meth:`probe`)
         self.params = None if params is None else list(params)
         self.seed, self.callback, self.reduction = seed, callback, reduction
         self.train_batches = train_batches
@@ -1004,12 +1005,15 @@ class Monitor:
         from the cheap tier, as evidence). Its log record's ``"cause"`` is ``"manual"``; its
         time is not training time (it was counted as both, and the overhead read 49.5% for
         92%: an outside review's fuzzing)."""
-        start = time.perf_counter()
+        start, outer = time.perf_counter(), not self._in_manual_probe
+        self._in_manual_probe = True
         try:
             return self._probe("manual", update)
         finally:
-            if self._clock is not None:  # the step clock moved past the probe
-                self._clock += time.perf_counter() - start
+            if outer:  # the step clock moved past the probe, once (a callback's probe inside
+                self._in_manual_probe = False  # it moved it twice: the second diff review)
+                if self._clock is not None:
+                    self._clock += time.perf_counter() - start
 
     def _diagnose(self, judged: bool) -> Diagnosis:
         """A probe's diagnosis, warm-started; without ``judged``, of the curvature alone."""
