@@ -2013,7 +2013,10 @@ class ModelObjective:
         torch's bare "modified by an inplace operation" (an outside review). Checked before
         every pass and every cached product (a version counter a tensor: under a microsecond);
         a write that bypasses the version counter (``X.data`` assigned, numpy memory shared
-        with ``torch.from_numpy`` written through numpy) is not seen."""
+        with ``torch.from_numpy`` written through numpy) is not seen. A loader's dataset's
+        tensors (:func:`_dataset_tensors`) before a cached product only — a pass fingerprints
+        each batch it reads — and where they moved, its batches decide
+        (:meth:`_batches_as_built`)."""
         loader = not self._data_is_list()
         if loader and in_pass:  # its batches were fingerprinted as the pass read them: what the
             self._data_versions = self._versions_now()  # dataset wrote itself then, taken in
