@@ -962,13 +962,16 @@ def test_a_small_gradient_past_slight_negative_curvature_reads_the_damped_decrem
         assert d.confident and ev.decrement_converged  # measured: a minimum said with it
 
 
-def test_the_parameters_an_optimizer_does_not_step_are_not_measured():
+@pytest.mark.parametrize("held", ["outside the optimizer", "in a group at lr 0"])
+def test_the_parameters_an_optimizer_does_not_step_are_not_measured(held):
     """A head trained by its own optimizer, its backbone left trainable but outside it (an
     unfinished freeze, or two optimizers): the backbone was measured with step factors of 0 —
     exact zeros in the spectrum and its gradient in ‖g‖ — so a head at its least-squares minimum
     read ‖g‖ 0.946 and λ_min 2e-16 (its own 1.6e-6) under "the gradient is small", and no
     Newton decrement (an outside review). What is measured is what the optimizer steps, as if
-    the backbone were frozen; params= still chooses."""
+    the backbone were frozen; params= still chooses. A backbone in the optimizer whose group's
+    learning rate is 0 (held still by its schedule) is not stepped either: it read the same
+    wrong numbers (‖g‖ 0.169 for a head's 9e-13, no decrement; an outside review)."""
 
     torch.manual_seed(0)
     X = torch.randn(200, 3, dtype=torch.float64)
@@ -980,7 +983,11 @@ def test_the_parameters_an_optimizer_does_not_step_are_not_measured():
         solution = torch.linalg.lstsq(features, Y).solution
         net[2].weight.copy_(solution[:16].T)
         net[2].bias.copy_(solution[16])
-    opt = torch.optim.SGD(net[2].parameters(), lr=0.05)
+    if held == "outside the optimizer":
+        opt = torch.optim.SGD(net[2].parameters(), lr=0.05)
+    else:
+        groups = [{"params": net[0].parameters(), "lr": 0.0}, {"params": net[2].parameters()}]
+        opt = torch.optim.SGD(groups, lr=0.05)
     d = cs.diagnose(net, nn.MSELoss(), (X, Y), optimizer=opt)
     head = cs.Curvature(net, nn.MSELoss(), (X, Y), params=["2.weight", "2.bias"])
     eigs = torch.linalg.eigvalsh(head.to_dense())

@@ -1,5 +1,7 @@
 """Stability limits read from live torch optimizers."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -33,6 +35,51 @@ def test_the_label_names_sgds_dampening():
     assert cs.stability_limit(damped).optimizer == "SGD (momentum 0.5, dampening 0.5)"
     plain = torch.optim.SGD(params(), lr=0.1, momentum=0.9)
     assert cs.stability_limit(plain).optimizer == "SGD (momentum 0.9)"
+
+
+def test_hyperparameters_given_as_tensors_are_read_as_numbers(tmp_path):
+    """torch takes tensors for β, momentum and ε too: the limit, its constant and a diagnosis's
+    stable learning rate came out as tensors, which a Monitor's logged scalars dropped and
+    json.dumps refused (an outside review)."""
+    t = torch.tensor
+    for make in (
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=t(0.9), dampening=t(0.5)),
+        lambda p: torch.optim.Adam(p, lr=0.1, betas=(t(0.9), t(0.999)), eps=t(1e-8)),
+        lambda p: torch.optim.RMSprop(p, lr=0.1, momentum=t(0.5), eps=t(1e-8)),
+    ):
+        p = params()
+        opt = _stepped(make(p), p, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+        r = cs.stability_limit(opt)
+        assert type(r.limit) is float and type(r.constant) is float, opt
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    X, Y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(t(0.9), t(0.999)))
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(X), Y).backward()
+        opt.step()
+    d = cs.diagnose(model, torch.nn.MSELoss(), (X, Y), optimizer=opt)
+    assert type(d.evidence["stability_limit"]) is float
+    assert type(d.evidence["stable_lr"]) is float
+    assert "stability_limit" in cs.diagnosis.monitor.scalars(d)
+    json.dumps({k: v for k, v in d.evidence.items() if k != "thresholds"})
+
+
+@pytest.mark.parametrize("dampening", [1.0, 1.5])
+def test_a_dampening_with_no_limit_is_refused_with_the_reason(dampening):
+    """SGD's dampening of 1 (torch takes it) lets the gradient into the momentum at the first
+    step only, and above 1 each later step climbs it: (2 + 2β)/(1 − dampening) raised a bare
+    ZeroDivisionError at 1 and gave a negative limit above (an outside review). Both are
+    refused, by the Monitor at its construction."""
+    opt = torch.optim.SGD(params(), lr=0.1, momentum=0.9, dampening=dampening)
+    with pytest.raises(ValueError, match=r"dampening in \[0, 1\)"):
+        cs.stability_limit(opt)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=dampening)
+    data = (torch.randn(8, 3), torch.randn(8, 1))
+    with pytest.raises(ValueError, match="no stability limit to judge it against"):
+        cs.Monitor(model, torch.nn.MSELoss(), data, optimizer=opt)
 
 
 @pytest.mark.parametrize(

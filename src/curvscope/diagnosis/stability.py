@@ -89,28 +89,45 @@ class StabilityRule:
 
 
 def sgd_constant(name: str, group: Mapping[str, Any]) -> tuple[float, str, str]:
-    """Gradient descent 2, heavy ball (2 + 2β)/(1 − dampening), Nesterov (2 + 2β)/(1 + 2β)."""
-    beta, damp, nesterov = group["momentum"], group["dampening"], group["nesterov"]
-    if nesterov:
+    """Gradient descent 2, heavy ball (2 + 2β)/(1 − dampening), Nesterov (2 + 2β)/(1 + 2β).
+
+    Hyperparameters are read as numbers (torch takes tensors for them too).
+
+    Raises:
+        ValueError: momentum with ``dampening`` 1 or more, which torch accepts: at 1 the
+            gradient enters the momentum at the first step only (no curvature feeds back: it
+            raised a bare ZeroDivisionError), above 1 every later step climbs the gradient (a
+            negative limit); neither has a limit to judge against.
+    """
+    beta, damp = float(group["momentum"]), float(group["dampening"])
+    if group["nesterov"]:
         formula = "s* = (2 + 2β)/((1 + 2β)·η)"
         return (2 + 2 * beta) / (1 + 2 * beta), f"SGD (Nesterov, momentum {beta:g})", formula
     if beta > 0:
         formula = "s* = (2 + 2β)/η" + (" / (1 − dampening)" if damp else "")
         label = f"SGD (momentum {beta:g}" + (f", dampening {damp:g})" if damp else ")")
+        if damp >= 1:
+            raise ValueError(
+                f"SGD with momentum and dampening {damp:g} adds (1 − dampening) = "
+                f"{1 - damp:g} times the gradient to its momentum after the first step: "
+                + ("no gradient enters it again" if damp == 1 else "it climbs the loss")
+                + ", so there is no stability limit to judge it against. Use a dampening in "
+                "[0, 1), or pass lr= to judge plain gradient descent"
+            )
         return (2 + 2 * beta) / (1 - damp), label, formula
     return 2.0, "SGD", "s* = 2/η"
 
 
 def adam_constant(name: str, group: Mapping[str, Any]) -> tuple[float, str, str]:
     """Adam's (2 + 2β₁)/(1 − β₁) on the preconditioned sharpness (about 38 at β₁ = 0.9)."""
-    b1 = group["betas"][0]
+    b1 = float(group["betas"][0])
     formula = "s* = (2 + 2β₁)/((1 − β₁)·η) on the sharpness of P^-½ H P^-½, P = √v̂ + ε"
     return (2 + 2 * b1) / (1 - b1), f"{name} (β₁ = {b1:g})", formula
 
 
 def rmsprop_constant(name: str, group: Mapping[str, Any]) -> tuple[float, str, str]:
     """RMSprop's 2 + 2β (heavy-ball momentum β) on the preconditioned sharpness."""
-    beta = group["momentum"]
+    beta = float(group["momentum"])
     formula = "s* = (2 + 2β)/η on the sharpness of P^-½ H P^-½, P = √v + ε"
     return 2 + 2 * beta, f"RMSprop (momentum {beta:g})" if beta else "RMSprop", formula
 
@@ -122,12 +139,12 @@ def adam_preconditioner(
     v is exactly 0 (no gradient has reached the coordinate yet: see the module's docstring)."""
     if "exp_avg_sq" not in state:
         return None
-    b2 = group["betas"][1]
+    b2 = float(group["betas"][1])
     step = float(state["step"])
     v = state["exp_avg_sq"]
     if group.get("amsgrad") and "max_exp_avg_sq" in state:
         v = state["max_exp_avg_sq"]
-    return unscaled_left_out(v, 1.0 / ((v / (1 - b2**step)).sqrt() + group["eps"]))
+    return unscaled_left_out(v, 1.0 / ((v / (1 - b2**step)).sqrt() + float(group["eps"])))
 
 
 def rmsprop_preconditioner(
@@ -140,7 +157,7 @@ def rmsprop_preconditioner(
     square = v = state["square_avg"]
     if group.get("centered"):
         v = v - state["grad_avg"] ** 2
-    return unscaled_left_out(square, 1.0 / (v.sqrt() + group["eps"]))
+    return unscaled_left_out(square, 1.0 / (v.sqrt() + float(group["eps"])))
 
 
 def unscaled_left_out(second_moment: Tensor, inverse: Tensor) -> Tensor:
@@ -534,13 +551,16 @@ def stepped_selection(model: Any, optimizer: object) -> list[torch.nn.Parameter]
     are no part of the landscape training explores, and measured (their step factors 0) they
     put exact zeros into the spectrum and their gradient into ‖g‖ (an outside review: a head
     at its minimum read ‖g‖ 0.946 and λ_min 2e-16, its own 1.6e-6, from a backbone left
-    trainable but outside the optimizer). None where it steps every one, none of them (a
-    DeepSpeed engine's optimizer holds flat partitions of its own), or there is no optimizer
-    (``.optimizer`` holders are looked through by their ``param_groups``)."""
+    trainable but outside the optimizer). A group whose learning rate is 0 does not step its
+    parameters (a backbone its schedule holds still: measured, it read as the head's numbers
+    did beside an unfinished freeze, an outside review). None where it steps every one, none of
+    them (a DeepSpeed engine's optimizer holds flat partitions of its own; every group at 0, a
+    warm-up's first step), or there is no optimizer (``.optimizer`` holders are looked through
+    by their ``param_groups``)."""
     groups = getattr(optimizer, "param_groups", None)
     if groups is None:
         return None
-    stepped = {id(p) for g in groups for p in g["params"]}
+    stepped = {id(p) for g in groups if float(g.get("lr", 1.0)) != 0 for p in g["params"]}
     trainable = [p for p in model.parameters() if p.requires_grad]
     chosen = [p for p in trainable if id(p) in stepped]
     return chosen if 0 < len(chosen) < len(trainable) else None
@@ -548,13 +568,17 @@ def stepped_selection(model: Any, optimizer: object) -> list[torch.nn.Parameter]
 
 def check_judgeable(optimizer: object, model: Any = None) -> None:
     """Refuse, without reading any state, an optimizer :func:`stability_limit` has no rule for
-    (TypeError, naming ``lr=``), one that maximizes (ValueError), and — given the ``model`` —
+    (TypeError, naming ``lr=``), one that maximizes or whose rule refuses its hyperparameters
+    (ValueError), and — given the ``model`` —
     one that steps on none of its parameters (ValueError: built for another model, or a copy
     of this one; its limit and state would be read for parameters the probes do not measure):
     what a Monitor's first probe would refuse, at its construction."""
-    inner, _ = _unwrapped(optimizer)
+    inner, rule = _unwrapped(optimizer)
     groups = list(inner.param_groups)
     _check_descends(type(inner).__name__, groups)
+    for g in groups:  # a rule refuses hyperparameters it has no limit for (SGD's dampening > 1)
+        if g["params"]:
+            rule.constant(type(inner).__name__, g)
     if model is not None:
         own = {id(p) for p in model.parameters()}
         stepped = [p for g in groups for p in g["params"]]

@@ -404,13 +404,13 @@ def _adahessian_preconditioner(
     will use it (None before its first step); 0 where v̂ is still exactly 0, as for Adam."""
     if "exp_hessian_diag_sq" not in state:
         return None
-    b2 = group["betas"][1]
+    b2 = float(group["betas"][1])
     method_state: dict[Any, Any] = opt.state  # "global": the step counter, a str key
     step = float(method_state["global"]["step"])
     if "step" in state:  # this parameter's own count (a state from before: the method's)
         step = float(state["step"])
     v_hat = state["exp_hessian_diag_sq"] / (1 - b2**step)
-    inverse = 1.0 / (v_hat.sqrt().pow(group["hessian_power"]) + group["eps"])
+    inverse = 1.0 / (v_hat.sqrt().pow(float(group["hessian_power"])) + float(group["eps"]))
     return unscaled_left_out(v_hat, inverse)  # a zero average: not scaled yet, not 1/ε
 
 
