@@ -751,15 +751,18 @@ class _SumCE(nn.modules.loss._Loss):
     ],
     ids=["module-mean", "function-mean", "module-sum", "own-module-sum", "own-attribute"],
 )
-def test_a_declared_reduction_the_loss_contradicts_is_refused(loss_fn, declared, said):
+@pytest.mark.parametrize("size", [8, 24], ids=["three-batches", "one-batch"])
+def test_a_declared_reduction_the_loss_contradicts_is_refused(loss_fn, declared, said, size):
     """reduction="sum" for a loss that averages added the batches' means: over three batches
     the products were 3.0 times the mean's, and ``diagnose`` read a loss of 7.13 for 2.38 and a
     sharpness of 3.58 for 1.19 (an outside review). The reverse was refused as "a mean, but
     not over the rows". Both are refused now, naming what the loss does; a loss of one's own
     on torch's base class is judged by its values, not its inherited attribute (the diff
-    review), and declared "sum" it is measured (below)."""
+    review), and declared "sum" it is measured (below). Data of one batch was let through:
+    its operator is the same either way, but the reduction sets a training batch's share of
+    it, and digits read *learning* for *unstable* (an outside review: the test below)."""
     case = cases.mlp(n=24)
-    batches = [(case.inputs[i : i + 8], case.targets[i : i + 8]) for i in range(0, 24, 8)]
+    batches = [(case.inputs[i : i + size], case.targets[i : i + size]) for i in range(0, 24, size)]
     C = cs.Curvature(case.model, loss_fn, batches, reduction=declared)
     with pytest.raises(ValueError, match=rf"reduction='{declared or 'mean'}' was given.*{said}"):
         C @ _probe(C.num_params)
@@ -768,6 +771,32 @@ def test_a_declared_reduction_the_loss_contradicts_is_refused(loss_fn, declared,
     summing = cs.Curvature(case.model, _SumCE(), batches, reduction="sum")
     plain = cs.Curvature(case.model, lambda o, y: F.cross_entropy(o, y, reduction="sum"), batches)
     torch.testing.assert_close(summing @ _probe(C.num_params), plain @ _probe(C.num_params))
+
+
+def test_one_batch_whose_mean_is_declared_a_sum_does_not_shrink_a_training_steps_share():
+    """The probe data as one batch of a mean loss declared "sum": a training batch of 50 of the
+    500 samples read as a tenth of the curvature (a summed loss's share), and gradient descent
+    at three times its stable rate read *learning* (an outside review). Refused, as over
+    several batches; not declared, it is *unstable*."""
+    p = cs.problems.get("digits-mlp", n=500)
+    model, (X, y) = p.make_model(0), p.data
+    train = [(X[i : i + 50], y[i : i + 50]) for i in range(0, 500, 50)]
+    d = cs.diagnose(model, nn.CrossEntropyLoss(), (X, y), lr=3.0, train_batches=train)
+    assert d.state == "unstable"
+    with pytest.raises(ValueError, match="reduction='sum' was given.*its reduction is 'mean'"):
+        cs.diagnose(
+            model, nn.CrossEntropyLoss(), (X, y), lr=3.0, reduction="sum", train_batches=train
+        )
+    # a mean over something else than the rows (class weights) is no contradiction in one
+    # batch, whose mean is the whole mean: declared, it is measured; over batches, refused
+    w = torch.linspace(0.5, 2.0, 10, dtype=X.dtype)
+
+    def weighted(o, t):
+        return (F.cross_entropy(o, t, reduction="none") * w[t]).sum() / w[t].sum()
+
+    assert cs.diagnose(model, weighted, (X, y), lr=3.0, reduction="mean").state == "unstable"
+    with pytest.raises(ValueError, match="a mean, but not over the rows"):
+        cs.diagnose(model, weighted, train, lr=3.0, reduction="mean")
 
 
 def test_the_hessian_of_a_summed_loss_against_the_dense_reference():

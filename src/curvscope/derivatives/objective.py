@@ -2973,17 +2973,22 @@ class ModelObjective:
         ``reduction="sum"`` declared for a loss that averages (a torch loss with
         ``reduction="mean"``, or a function whose batch value is its rows' mean, not their sum)
         is refused the same way: the batches' means were added, λ_max 3.0 times the mean's for
-        three batches, and ``diagnose`` read a loss of 7.13 for 2.38 (an outside review)."""
-        if self.adapter is not None or not self.weighs_batches:
+        three batches, and ``diagnose`` read a loss of 7.13 for 2.38 (an outside review) — on
+        one batch too, whose operator it leaves alone but whose share of a training step it
+        sets: a mean read as a sum took a tenth of the curvature as the step's (a mini-batch
+        of 50 among 500) and read *learning* for *unstable* (an outside review)."""
+        if self.adapter is not None:
             return
         own = _torch_reduction(self.loss_fn)
         if own in ("mean", "sum") and own != self.reduction:
             raise ValueError(_contradicted(self.reduction, f"its reduction is {own!r}"))
+        if not (self.weighs_batches or self._declared):
+            return  # one batch's mean is the whole mean, whatever it averages over
         if self.reduction == "mean" and _divisor(self.loss_fn, batch.targets) is not None:
             return  # torch's own mean: weighed by what it divides by
         values = self._sampled_rows(out, batch.targets)
-        if values is not None:
-            self._judge_rows(*values, batch.index)
+        if values is not None:  # (one batch: only a contradicted reduction is refused)
+            self._judge_rows(*values, batch.index, over_rows=self.weighs_batches)
 
     def _sampled_rows(self, out: Any, targets: Tensor) -> tuple[float, list[float], float] | None:
         """The loss on up to :data:`ROWS_CHECKED` evenly spread rows of a batch, on each alone,
@@ -3005,10 +3010,13 @@ class ModelObjective:
             except Exception:  # a loss that needs more than one row: not decided
                 return None
 
-    def _judge_rows(self, whole: float, alone: list[float], tol: float, index: int) -> None:
+    def _judge_rows(
+        self, whole: float, alone: list[float], tol: float, index: int, over_rows: bool = True
+    ) -> None:
         """The batch's value against its rows' mean and sum (:meth:`_check_reduction_over_rows`):
         the other reduction's value refuses the declared one; a declared mean that is neither is
-        a mean over something else than the rows."""
+        a mean over something else than the rows (refused ``over_rows``: where the batches'
+        means are weighed by their rows)."""
         m = len(alone)
         finite = [v for v in alone if math.isfinite(v)]
         if not math.isfinite(whole) or not finite or len(set(alone)) == 1:
@@ -3031,7 +3039,7 @@ class ModelObjective:
                     f"its values on each row alone, not their {said} {not_:.6g}",
                 )
             )
-        if said == "sum" or near(mean):
+        if said == "sum" or near(mean) or not over_rows:
             return  # a sum (or neither: not decided), or the mean over the rows
         raise ValueError(
             f"loss_fn is a mean, but not over the rows of a batch: on {m} rows of batch "
