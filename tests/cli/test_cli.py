@@ -2,6 +2,7 @@
 escaping hostile text, and one real-browser test of the lab's HTML report."""
 
 import dataclasses
+import errno
 import json
 import os
 import pickle
@@ -95,6 +96,52 @@ def test_bad_input_is_a_clear_error(argv, message, capsys, tmp_path, monkeypatch
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.startswith(f"curvscope {argv[0]}: error:")
+
+
+def test_paths_and_scripts_the_user_can_fix_are_one_line_too(tmp_path, capsys, monkeypatch):
+    """Found by an outside review: a 300-character --out or log path gave a traceback and exit 1
+    (ENAMETOOLONG from Path.exists); a --model module that runs its training on import and
+    calls sys.exit(0) made probe print nothing and exit 0; a log piped in as /dev/stdin was
+    "no run log at"; a full disk named the output folder, not the file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.jsonl").write_text('{"curvscope_log": 1}\n{"step": 5, "state": "flat"}\n')
+    long = "x" * 300
+    for argv in (["report", "run.jsonl", "--out", long], ["report", f"{long}.jsonl"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error: File name too long" in err, err
+    (tmp_path / "exits_on_import.py").write_text("import sys\nsys.exit(0)\n")
+    (tmp_path / "exits_when_called.py").write_text(
+        "import sys\ndef model():\n    sys.exit(3)\ndef data():\n    sys.exit(3)\n"
+    )
+    for mod, code in (("exits_on_import", "0"), ("exits_when_called", "3")):
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+        assert main(["probe", "--model", f"{mod}:model", "--data", f"{mod}:data"]) == 2
+        err = capsys.readouterr().err
+        assert f"called sys.exit({code})" in err and "__main__" in err, err
+    from curvscope.report import plots
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as info:
+        plots.replace_atomically(tmp_path / "report.html", full)
+    assert info.value.filename == str(tmp_path / "report.html")
+
+
+def test_a_run_log_is_read_from_a_pipe(tmp_path):
+    """`cat run.jsonl | curvscope report /dev/stdin` said "no run log at '/dev/stdin'" (it
+    checked for a regular file), though read_log reads it (an outside review)."""
+    log = tmp_path / "run.jsonl"
+    header = {"curvscope_log": 1}
+    probe = {"step": 5, "state": "learning", "loss": 0.5, "sharpness": 2.0}
+    log.write_text(json.dumps(header) + "\n" + json.dumps(probe) + "\n")
+    out = tmp_path / "r"
+    argv = [sys.executable, "-m", "curvscope.cli.main", "report", "/dev/stdin", "--out", str(out)]
+    piped = log.read_text()  # through a pipe (a file as stdin is a regular file)
+    done = subprocess.run(argv, input=piped, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (out / "report.html").exists()
 
 
 def test_unwritable_output_folder(tmp_path, capsys):
@@ -293,6 +340,42 @@ def test_ctrl_c_mid_lab_keeps_the_finished_runs(tmp_path, capsys, monkeypatch):
     assert main(["lab", "--quick", "--out", str(tmp_path / "none"), "--problems", "saddle"]) == 130
     assert "nothing more was written" in capsys.readouterr().err
     assert not (tmp_path / "none" / "results.json").exists()
+
+
+def test_an_interrupted_labs_profile_is_over_the_problems_every_method_ran(
+    tmp_path, capsys, monkeypatch
+):
+    """Stopped after gd's run of the second problem, the profile counted Newton-CG's run there,
+    which never happened, as a failure: it solved every problem it ran and topped out at 0.5
+    (an outside review). The profile is over the problems every method ran, and names them;
+    results.json is strict JSON, its profile's non-finite ratios as strings (a bare Infinity,
+    which JavaScript's JSON.parse refuses, was in almost every lab's: the same review)."""
+    from curvscope.lab import lab as lab_module
+
+    calls, real = [], lab_module.run_one
+
+    def run_one(*args, **kwargs):
+        calls.append(args[:2])
+        if len(calls) == 4:  # Newton-CG's run of the second problem
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lab_module, "run_one", run_one)
+    monkeypatch.setattr(lab, "QUICK", dataclasses.replace(lab.QUICK, seconds=600.0))
+    out = tmp_path / "lab"
+    argv = ["lab", "--quick", "--out", str(out), "--problems", "quadratic,least-squares"]
+    assert main([*argv, "--optimizers", "gd,newton-cg"]) == 130
+
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    res = json.loads((out / "results.json").read_text(), parse_constant=refuse)
+    assert [(r["problem"], r["optimizer"]) for r in res["runs"]] == calls[:3]
+    for axis in ("cost", "time"):
+        prof = res["profile"][axis]
+        assert prof["problems"] == ["quadratic"]
+        assert prof["ratios"]["newton-cg"] == [1.0] and prof["curves"]["newton-cg"][-1] == 1.0
+        assert prof["ratios"]["gd"] == ["inf"]  # stalled: never solved it
 
 
 def test_the_labs_progress_goes_to_stderr_naming_the_runs_done(tmp_path, monkeypatch):

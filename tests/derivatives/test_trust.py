@@ -783,7 +783,7 @@ def test_one_batch_whose_mean_is_declared_a_sum_does_not_shrink_a_training_steps
     train = [(X[i : i + 50], y[i : i + 50]) for i in range(0, 500, 50)]
     d = cs.diagnose(model, nn.CrossEntropyLoss(), (X, y), lr=3.0, train_batches=train)
     assert d.state == "unstable"
-    with pytest.raises(ValueError, match="reduction='sum' was given.*its reduction is 'mean'"):
+    with pytest.raises(ValueError, match=r"reduction='sum' was given.*its reduction is 'mean'"):
         cs.diagnose(
             model, nn.CrossEntropyLoss(), (X, y), lr=3.0, reduction="sum", train_batches=train
         )

@@ -210,6 +210,40 @@ def test_a_log_without_header_and_an_empty_file(tmp_path):
     assert read_log(path) == ({}, [])
 
 
+def test_a_run_is_not_appended_to_a_file_that_is_not_a_run_log(tmp_path):
+    """log_mode='a' appended a header and probes to another tool's metrics file without a word,
+    and then neither read_log nor the report could read that run: the whole file is refused at
+    its first line (an outside review). Refused, the file untouched; a log whose header was
+    cut short mid-write still takes a run, and so does /dev/null
+    with log_mode='w' (it raised a bare "Invalid argument" from truncating it)."""
+    path = tmp_path / "metrics.jsonl"
+    write_lines(path, {"step": 1, "loss": 0.5, "acc": 0.9})
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"not a curvscope run log .* log_mode='w'"):
+        RunLogWriter(path, "a", HEADER)
+    assert path.read_bytes() == before
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(b'{"curvscope_l')  # a header cut short mid-write
+    with RunLogWriter(cut, "a", HEADER) as log:
+        log.write(record(1))
+    assert read_log(cut)[1] == [record(1)]
+    with RunLogWriter(os.devnull, "w", HEADER) as log:
+        assert log.write(record(1))
+
+
+def test_a_line_of_text_is_not_a_torn_run_log(tmp_path):
+    """A one-line text file without a final newline was read as a Monitor's log killed
+    mid-write: no records and a TornLogWarning, and the report said "no probe records yet"
+    (an outside review). A first line that is not the start of a header is not a run log."""
+    path = tmp_path / "hello.txt"
+    path.write_text("hello world")
+    with pytest.raises(LogFormatError, match=r"line 1: not valid JSON, and not the start of a"):
+        read_log(path)
+    path.write_text('{"curvscope_log": 1, "ver')  # a header cut short: torn, its run empty
+    with pytest.warns(TornLogWarning):
+        assert read_log(path) == ({}, [])
+
+
 def test_another_tools_metrics_are_not_a_run_log(tmp_path):
     """An outside review: a JSON-lines file of {"step", "loss", "acc"} records (no header, no
     state) was read as a run and reported empty, exit 0."""

@@ -152,6 +152,8 @@ def _import(spec: str, what: str) -> Any:
     sys.path.insert(0, str(Path.cwd()))
     try:
         mod = importlib.import_module(mod_name)
+    except SystemExit as e:  # a script run on import (printed nothing, exit 0: a review)
+        raise UsageError(_exited(f"importing {mod_name!r} for {what}", e)) from e
     except Exception as e:  # the user's module: any import failure is a usage error
         raise UsageError(f"cannot import {mod_name!r} for {what}: {type(e).__name__}: {e}") from e
     finally:
@@ -172,8 +174,19 @@ def _call(spec: str, what: str) -> Any:
         )
     try:
         return factory()
+    except SystemExit as e:
+        raise UsageError(_exited(f"{what} {spec}", e)) from e
     except Exception as e:
         raise UsageError(f"{what} {spec} raised {type(e).__name__}: {e}") from e
+
+
+def _exited(doing: str, e: SystemExit) -> str:
+    """The user's code called ``sys.exit``: a script whose training runs on import."""
+    return (
+        f"{doing} called sys.exit({e.code!r}), so there is nothing to probe; a training "
+        'script run on import? Put its training under `if __name__ == "__main__":`, or '
+        "point at a module that only defines the model and data"
+    )
 
 
 # ------------------------------------------------------------------------------------ lab
@@ -682,7 +695,7 @@ def _report(args: argparse.Namespace) -> int:
         logs = sorted(p.name for p in path.glob("*.jsonl"))[:3]
         hint = f" (it holds {', '.join(logs)})" if logs else ""
         raise UsageError(f"{str(path)!r} is a folder; give the run log file in it{hint}")
-    if not path.is_file():
+    if not path.exists():  # (not is_file: a log piped in as /dev/stdin is read too)
         raise UsageError(f"no run log at {str(path)!r}")
     from curvscope.diagnosis import LogFormatError
 
@@ -901,6 +914,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"curvscope {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path or a disk the user can fix: a name too long gave a traceback
+        if args.debug:
+            raise
+        where = f" ({e.filename!r})" if e.filename else ""
+        print(f"curvscope {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: one line, the shell's status for it
         if args.debug:

@@ -34,6 +34,7 @@ import io
 import json
 import math
 import os
+import stat
 import sys
 import warnings
 import weakref
@@ -128,6 +129,14 @@ class RunLogWriter:
                     "file, e.g. log='run.jsonl', or log=None for no log"
                 )
             self._raw = _open_locked(Path(target), mode)
+            if mode == "a" and not _first_line_is_a_header(self._raw):
+                self._raw.close()
+                raise ValueError(
+                    f"log_mode='a' appends a run to {self.name!r}, which is not a curvscope run "
+                    "log (its first line is not a run's header): the run would be written where "
+                    "no reader reaches it (cs.read_log refuses the whole file). Pass another "
+                    "path, or log_mode='w' to overwrite it"
+                )
             if mode == "a" and not _ends_with_newline(self._raw):
                 # a previous writer was killed mid-line: end that line, and say so in the
                 # header, so that read_log knows the line before it was cut, not corrupt
@@ -192,12 +201,12 @@ class RunLogWriter:
                 self._text.flush()
                 return True
             assert self._raw is not None
-            stat = os.fstat(self._raw.fileno())
-            if not stat.st_nlink:  # records into a deleted file reach no reader: lost, said
+            info = os.fstat(self._raw.fileno())
+            if not info.st_nlink:  # records into a deleted file reach no reader: lost, said
                 raise FileNotFoundError(  # (they went there unsaid, records_lost 0: a review)
                     errno.ENOENT, "the file was deleted while the run wrote to it", self.name
                 )
-            start = stat.st_size
+            start = info.st_size
             view = memoryview(data)
             try:
                 while view:
@@ -308,9 +317,31 @@ def _open_locked(path: Path, mode: str) -> io.FileIO:
                 "(mon.close(); a curvscope callback's: callback.monitor.close())"
             ) from None
         _LOCKED.add(raw)
-    if mode == "w":
+    if mode == "w" and stat.S_ISREG(os.fstat(fd).st_mode):  # (/dev/null cannot be truncated)
         os.ftruncate(fd, 0)
     return raw
+
+
+#: How every header a Monitor writes begins (its first key: the format's version).
+HEADER_START = '{"curvscope_log":'
+
+
+def starts_as_header(text: str) -> bool:
+    """Whether a log's first line is a run's header, or the start of one cut off mid-write."""
+    return text.startswith(HEADER_START) or HEADER_START.startswith(text)
+
+
+def _first_line_is_a_header(raw: io.FileIO) -> bool:
+    """Whether a file to append a run to is empty or begins as a run log does (a metrics file of
+    another tool took a run that no reader could reach then: a review)."""
+    if os.fstat(raw.fileno()).st_size == 0:
+        return True
+    try:
+        raw.seek(0)
+        start = raw.read(len(HEADER_START)) or b""
+    except OSError:  # pragma: no cover - not a seekable file (a pipe): nothing to read back
+        return True
+    return starts_as_header(start.decode("utf-8", errors="replace"))
 
 
 def _ends_with_newline(raw: io.FileIO) -> bool:
@@ -597,7 +628,14 @@ class _Parser:
         if self.bad is not None:
             if complete or self.bad[0] != last:
                 raise self.fail() from None
-            self._current().cut_line = self.bad[0]  # the writer was killed before the newline
+            lineno, e = self.bad
+            if lineno == 1 and not starts_as_header(e.doc):  # a file of one line of text
+                raise LogFormatError(
+                    f"{self.name}, line 1: not valid JSON, and not the start of a run's header "
+                    '(a run log begins with {"curvscope_log": ...}): not a run log a Monitor '
+                    "wrote"
+                )
+            self._current().cut_line = lineno  # the writer was killed before the newline
         self._current()
         return self.runs
 

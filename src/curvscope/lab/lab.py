@@ -85,11 +85,17 @@ def _profile_target(runs: list[Run]) -> float | None:
 
 
 def performance_profile(runs: Sequence[Run], axis: str) -> dict[str, Any]:
-    """Dolan & Moré (2002): ρ_s(τ) = share of problems solver s solves within τ × the best cost."""
+    """Dolan & Moré (2002): ρ_s(τ) = share of problems solver s solves within τ × the best cost,
+    over the problems every solver ran (``problems``): an interrupted lab's unfinished problem
+    counted the runs it never got to as failures, and a method that solved all it ran topped out
+    at half (an outside review)."""
     by_problem: dict[str, list[Run]] = {}
     for r in runs:
         by_problem.setdefault(r.problem, []).append(r)
     solvers = sorted({r.optimizer for r in runs})
+    by_problem = {
+        p: rs for p, rs in by_problem.items() if {r.optimizer for r in rs} == set(solvers)
+    }
     ratios: dict[str, list[float]] = {s: [] for s in solvers}
     for rs in by_problem.values():
         target = _profile_target(rs)
@@ -104,7 +110,7 @@ def performance_profile(runs: Sequence[Run], axis: str) -> dict[str, Any]:
             ratios[s].append(c / best if math.isfinite(c) and best > 0 else math.inf)
     n = max(len(by_problem), 1)
     curves = {s: [sum(r <= t for r in ratios[s]) / n for t in TAUS] for s in solvers}
-    return {"taus": TAUS.tolist(), "curves": curves, "ratios": ratios}
+    return {"taus": TAUS.tolist(), "curves": curves, "ratios": ratios, "problems": list(by_problem)}
 
 
 def _curvature_learned(setups: dict[str, tuple[Setup, Any]], budget: Budget) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
+from curvscope.diagnosis.runlog import jsonable
 from curvscope.report import plots
 
 
@@ -214,8 +215,10 @@ def write_lab(results: dict[str, Any], out: Path, *, draw: bool = True) -> Path:
     )
     path = out / "report.html"
     plots.replace_atomically(path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
-    # the data last: a results.json beside a report says the report was written in full
-    text = json.dumps(results, indent=1, default=str)
+    # the data last: a results.json beside a report says the report was written in full; strict
+    # JSON, its non-finite numbers as "inf"/"nan" as in the run log (a bare Infinity, which
+    # JavaScript's JSON.parse refuses, was in almost every lab's profile ratios: a review)
+    text = json.dumps(jsonable(results), indent=1, default=str, allow_nan=False)
     plots.replace_atomically(out / "results.json", lambda tmp: tmp.write_text(text))
     images = [profile, *(i for p in sections for i in p["images"]), *mlp_images]
     _written(out, images, path.name, "results.json", kind="lab")

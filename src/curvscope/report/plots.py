@@ -101,11 +101,16 @@ def replace_atomically(path: Path, write: Any) -> None:
     """``write(tmp)`` into a hidden file beside ``path``, then rename it over ``path`` (one
     step on POSIX): a write that fails half-way — a full disk, a killed process — leaves the
     old file or none, never a truncated one (a report.html cut mid-image was left before: a
-    review); the hidden file is removed on failure."""
+    review); the hidden file is removed on failure, and an error that names no file (a full
+    disk's) names ``path`` (the message named the folder: a review)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None or e.filename == str(tmp):
+            e.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -323,7 +328,8 @@ def performance_profiles(results: dict[str, Any], out: Path) -> str | None:
         ax.set_xlabel(
             "τ (times the best " + ("derivative count" if axis == "cost" else "time") + ")"
         )
-        ax.set_ylabel("share of problems solved")
+        n = len(prof.get("problems", ())) or None  # (a results.json from before: not named)
+        ax.set_ylabel("share of problems solved" + (f" (of {n})" if n else ""))
         ax.set_title(f"performance profile ({axis})")
     right = _legend_beside(fig, _orders(fig))
     return _save(fig, out / "profile.png", right)
