@@ -924,7 +924,9 @@ def _warm_vector(objective: _Objective, v0: Tensor, g: Tensor) -> Tensor:
     and confident: 8 of 204 probes of an outside review's fuzzing read the sharpness 5–15% low
     (2.46 for 2.60 under SGD on digits); the gradient, which training concentrates in the top
     eigenspace, holds it (3 of those 8 still above 5%, each under a |λ_min| several times
-    λ_max, within 2.2·tol; the probes' products as before, `benchmarks/monitor.py`)."""
+    λ_max, within 2.2·tol; the probes' products as before, `benchmarks/monitor.py`). A later
+    review found one 14% low beside a small λ_min (the README says what a floor of products
+    on the warm start would cost)."""
     start = v0.sum(1)
     seen = g.to(start.dtype) if objective.root is None else objective.root * g.to(start.dtype)
     size, g_size = objective.total(start @ start) ** 0.5, objective.total(seen @ seen) ** 0.5
