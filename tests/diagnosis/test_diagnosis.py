@@ -1010,6 +1010,46 @@ def test_the_parameters_an_optimizer_does_not_step_are_not_measured(held):
     assert every.evidence["grad_norm"] > 0.1  # the backbone's gradient, when asked for
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.5, weight_decay=0.01),
+        lambda ps: torch.optim.Adam(ps, lr=0.05, weight_decay=0.01),
+    ],
+    ids=["sgd-momentum", "adam"],
+)
+def test_a_parameter_no_gradient_has_reached_is_not_measured(make):
+    """An auxiliary head in the optimizer but unused in this phase: torch skips a parameter
+    without a gradient, weight decay included, so it never moves — measured with its decay,
+    a run at its minimum read *learning* (‖g‖ 0.07 for 8e-16; an outside review). An optimizer
+    that keeps state holds none for it: it is left out as an unstepped one is."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.aux = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    X = torch.randn(40, 3, dtype=torch.float64)
+    Y = X @ torch.randn(3, 2, dtype=torch.float64)
+    net = Net().double()
+    opt = make(net.parameters())
+    for _ in range(300):
+        opt.zero_grad()
+        nn.functional.mse_loss(net(X), Y).backward()
+        opt.step()
+    d = cs.diagnose(net, nn.MSELoss(), (X, Y), optimizer=opt)
+    body = cs.diagnose(
+        net, nn.MSELoss(), (X, Y), optimizer=opt, params=["body.weight", "body.bias"]
+    )
+    for key in ("grad_norm", "sharpness", "lambda_min"):
+        assert d.evidence[key] == pytest.approx(body.evidence[key], rel=1e-9), key
+    assert d.state == body.state and set(d.evidence["layer_shares"]) <= {"body.weight", "body.bias"}
+
+
 def test_an_adaptive_diagnosis_refines_near_the_limit_as_a_step_meets_it():
     """An adaptive diagnosis (a Monitor's probe) refines the sharpness where it is near the
     stability limit. It compared the sharpness as measured: for a summed loss under DDP, whose

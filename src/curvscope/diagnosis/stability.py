@@ -553,14 +553,22 @@ def stepped_selection(model: Any, optimizer: object) -> list[torch.nn.Parameter]
     at its minimum read ‖g‖ 0.946 and λ_min 2e-16, its own 1.6e-6, from a backbone left
     trainable but outside the optimizer). A group whose learning rate is 0 does not step its
     parameters (a backbone its schedule holds still: measured, it read as the head's numbers
-    did beside an unfinished freeze, an outside review). None where it steps every one, none of
-    them (a DeepSpeed engine's optimizer holds flat partitions of its own; every group at 0, a
-    warm-up's first step), or there is no optimizer (``.optimizer`` holders are looked through
-    by their ``param_groups``)."""
+    did beside an unfinished freeze, an outside review). Nor has an optimizer that keeps state
+    a parameter (momentum, Adam's moments) stepped one it holds no state for while it holds some
+    for others: no gradient has reached it (an auxiliary head unused in this phase: torch skips
+    it, weight decay included, and measured with its decay it read a run at its minimum as
+    *learning*, an outside review). None where it steps every one, none of them (a DeepSpeed
+    engine's optimizer holds flat partitions of its own; every group at 0, a warm-up's first
+    step), or there is no optimizer (``.optimizer`` holders are looked through by their
+    ``param_groups``)."""
     groups = getattr(optimizer, "param_groups", None)
     if groups is None:
         return None
-    stepped = {id(p) for g in groups if float(g.get("lr", 1.0)) != 0 for p in g["params"]}
+    held = [p for g in groups if float(g.get("lr", 1.0)) != 0 for p in g["params"]]
+    state = getattr(optimizer, "state", None)
+    if isinstance(state, Mapping) and any(state.get(p) for p in held):
+        held = [p for p in held if state.get(p)]  # (no gradient has reached the others)
+    stepped = {id(p) for p in held}
     trainable = [p for p in model.parameters() if p.requires_grad]
     chosen = [p for p in trainable if id(p) in stepped]
     return chosen if 0 < len(chosen) < len(trainable) else None
