@@ -3,6 +3,7 @@ escaping hostile text, and one real-browser test of the lab's HTML report."""
 
 import dataclasses
 import errno
+import io
 import json
 import os
 import pickle
@@ -119,6 +120,20 @@ def test_paths_and_scripts_the_user_can_fix_are_one_line_too(tmp_path, capsys, m
         assert main(["probe", "--model", f"{mod}:model", "--data", f"{mod}:data"]) == 2
         err = capsys.readouterr().err
         assert f"called sys.exit({code})" in err and "__main__" in err, err
+    cli = sys.modules["curvscope.cli.main"]  # (the package's `main` is the function)
+
+    def gone(args):  # the reader of the output went away (`| head`): no error line, 141
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_report", gone)
+    assert main(["report", "run.jsonl"]) == 141 and capsys.readouterr().err == ""
+
+    def unsupported(args):  # no errno: not the system's word on a path, so not a user error
+        raise io.UnsupportedOperation("not readable")
+
+    monkeypatch.setattr(cli, "_report", unsupported)
+    with pytest.raises(io.UnsupportedOperation):
+        main(["report", "run.jsonl"])
     from curvscope.report import plots
 
     def full(tmp):

@@ -1008,6 +1008,16 @@ def test_the_parameters_an_optimizer_does_not_step_are_not_measured(held):
     assert check.top_curvature == pytest.approx(float(eigs[-1]), rel=1e-6)
     every = cs.diagnose(net, nn.MSELoss(), (X, Y), optimizer=opt, params=list(net.parameters()))
     assert every.evidence["grad_norm"] > 0.1  # the backbone's gradient, when asked for
+    # every group held at 0 (a warm-up's first step): what the optimizer holds is measured, not
+    # the backbone outside it (a diff review: it was measured again there)
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    still = cs.diagnose(net, nn.MSELoss(), (X, Y), optimizer=opt)
+    head_only = held == "outside the optimizer"
+    assert (still.vectors["top"].numel() == 17) == head_only
+    # a warm start from vectors over other parameters than are measured now is named as such
+    with pytest.raises(ValueError, match="v0's vectors have 17 entries, but this diagnosis"):
+        cs.diagnose(net, nn.MSELoss(), (X, Y), lr=0.1, v0=d.vectors["top"])
 
 
 @pytest.mark.parametrize(

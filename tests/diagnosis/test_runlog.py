@@ -224,9 +224,19 @@ def test_a_run_is_not_appended_to_a_file_that_is_not_a_run_log(tmp_path):
     assert path.read_bytes() == before
     cut = tmp_path / "cut.jsonl"
     cut.write_bytes(b'{"curvscope_l')  # a header cut short mid-write
-    with RunLogWriter(cut, "a", HEADER) as log:
-        log.write(record(1))
-    assert read_log(cut)[1] == [record(1)]
+    for step in (1, 2):  # (the second append was refused: the first bytes were checked)
+        with RunLogWriter(cut, "a", HEADER) as log:
+            log.write(record(step))
+        assert read_log(cut)[1] == [record(step)]
+    # what read_log reads takes a run: a blank first line, a header's keys in another order,
+    # records before any header
+    reordered = dict(reversed(list(HEADER.items())))  # "curvscope_log" last
+    for start in ("\n" + json.dumps(HEADER), json.dumps(reordered), json.dumps(record(0))):
+        kept = tmp_path / "kept.jsonl"
+        kept.write_text(start + "\n")
+        with RunLogWriter(kept, "a", HEADER) as log:
+            log.write(record(3))
+        assert read_log(kept)[1] == [record(3)]
     with RunLogWriter(os.devnull, "w", HEADER) as log:
         assert log.write(record(1))
 
@@ -236,9 +246,10 @@ def test_a_line_of_text_is_not_a_torn_run_log(tmp_path):
     mid-write: no records and a TornLogWarning, and the report said "no probe records yet"
     (an outside review). A first line that is not the start of a header is not a run log."""
     path = tmp_path / "hello.txt"
-    path.write_text("hello world")
-    with pytest.raises(LogFormatError, match=r"line 1: not valid JSON, and not the start of a"):
-        read_log(path)
+    for text, line in (("hello world", 1), ("\nhello world", 2)):
+        path.write_text(text)
+        with pytest.raises(LogFormatError, match=rf"line {line}: not valid JSON, and not the"):
+            read_log(path)
     path.write_text('{"curvscope_log": 1, "ver')  # a header cut short: torn, its run empty
     with pytest.warns(TornLogWarning):
         assert read_log(path) == ({}, [])

@@ -66,6 +66,17 @@ def test_hyperparameters_given_as_tensors_are_read_as_numbers(tmp_path):
     json.dumps({k: v for k, v in d.evidence.items() if k != "thresholds"})
 
 
+def test_a_group_whose_lr_is_no_number_is_not_read_as_held_still():
+    """transformers' Adafactor keeps lr=None (relative steps): the selection's lr-0 rule raised
+    float()'s TypeError where the refusal naming the fix was due (a diff review)."""
+    from curvscope.diagnosis.stability import stepped_selection
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.param_groups[0]["lr"] = None
+    assert stepped_selection(model, opt) is None
+
+
 @pytest.mark.parametrize("dampening", [1.0, 1.5])
 def test_a_dampening_with_no_limit_is_refused_with_the_reason(dampening):
     """SGD's dampening of 1 (torch takes it) lets the gradient into the momentum at the first

@@ -25,6 +25,7 @@ import contextlib
 import importlib
 import json
 import math
+import os
 import pickle
 import re
 import signal
@@ -915,8 +916,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"curvscope {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a path or a disk the user can fix: a name too long gave a traceback
-        if args.debug:
+    except BrokenPipeError:  # the reader of the output went away (`| head`): nothing to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE: the shell's status for it
+    except OSError as e:
+        # a system call's error about a path or a disk, which the user can fix (a name too long
+        # gave a traceback); one without an errno is no such thing: raised
+        if args.debug or e.errno is None:
             raise
         where = f" ({e.filename!r})" if e.filename else ""
         print(f"curvscope {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)

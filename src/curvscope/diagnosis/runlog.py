@@ -326,22 +326,42 @@ def _open_locked(path: Path, mode: str) -> io.FileIO:
 HEADER_START = '{"curvscope_log":'
 
 
-def starts_as_header(text: str) -> bool:
-    """Whether a log's first line is a run's header, or the start of one cut off mid-write."""
-    return text.startswith(HEADER_START) or HEADER_START.startswith(text)
+def starts_as_header(line: str) -> bool:
+    """Whether a log's first line that is not blank is a run's header (its keys in any order),
+    or the start of one cut off mid-write."""
+    text = line.strip()
+    if text.startswith(HEADER_START) or HEADER_START.startswith(text):
+        return True
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and "curvscope_log" in obj
+
+
+#: How much of a file's start is read for its first line (a header is well under 1 KiB).
+FIRST_LINE_BYTES = 1 << 16
 
 
 def _first_line_is_a_header(raw: io.FileIO) -> bool:
-    """Whether a file to append a run to is empty or begins as a run log does (a metrics file of
-    another tool took a run that no reader could reach then: a review)."""
+    """Whether a file to append a run to has no line but blank ones, or a first line as a run
+    log's (a metrics file of another tool took a run that no reader could reach then: a review)."""
     if os.fstat(raw.fileno()).st_size == 0:
         return True
     try:
         raw.seek(0)
-        start = raw.read(len(HEADER_START)) or b""
+        start = raw.read(FIRST_LINE_BYTES) or b""
     except OSError:  # pragma: no cover - not a seekable file (a pipe): nothing to read back
         return True
-    return starts_as_header(start.decode("utf-8", errors="replace"))
+    lines = [line for line in start.split(b"\n") if line.strip()]
+    if not lines:
+        return True
+    first = lines[0].decode("utf-8", errors="replace")
+    with contextlib.suppress(ValueError):  # a run's records before any header: read_log's too
+        obj = json.loads(first)
+        if isinstance(obj, dict) and "state" in obj:
+            return True
+    return starts_as_header(first)
 
 
 def _ends_with_newline(raw: io.FileIO) -> bool:
@@ -629,9 +649,10 @@ class _Parser:
             if complete or self.bad[0] != last:
                 raise self.fail() from None
             lineno, e = self.bad
-            if lineno == 1 and not starts_as_header(e.doc):  # a file of one line of text
+            if not self.runs and not starts_as_header(e.doc):  # a file of one line of text
                 raise LogFormatError(
-                    f"{self.name}, line 1: not valid JSON, and not the start of a run's header "
+                    f"{self.name}, line {lineno}: not valid JSON, and not the start of a run's "
+                    "header "
                     '(a run log begins with {"curvscope_log": ...}): not a run log a Monitor '
                     "wrote"
                 )

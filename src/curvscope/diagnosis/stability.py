@@ -557,21 +557,29 @@ def stepped_selection(model: Any, optimizer: object) -> list[torch.nn.Parameter]
     a parameter (momentum, Adam's moments) stepped one it holds no state for while it holds some
     for others: no gradient has reached it (an auxiliary head unused in this phase: torch skips
     it, weight decay included, and measured with its decay it read a run at its minimum as
-    *learning*, an outside review). None where it steps every one, none of them (a DeepSpeed
-    engine's optimizer holds flat partitions of its own; every group at 0, a warm-up's first
-    step), or there is no optimizer (``.optimizer`` holders are looked through by their
-    ``param_groups``)."""
+    *learning*, an outside review). Where every group is at 0 (a warm-up's first step), or it
+    holds state for none, those rules leave out nothing. None where it steps every one, none of
+    them (a DeepSpeed engine's optimizer holds flat partitions of its own), or there is no
+    optimizer (``.optimizer`` holders are looked through by their ``param_groups``)."""
     groups = getattr(optimizer, "param_groups", None)
     if groups is None:
         return None
-    held = [p for g in groups if float(g.get("lr", 1.0)) != 0 for p in g["params"]]
+    held = [p for g in groups for p in g["params"]]
+    held = [p for g in groups if not _held_still(g) for p in g["params"]] or held
     state = getattr(optimizer, "state", None)
-    if isinstance(state, Mapping) and any(state.get(p) for p in held):
-        held = [p for p in held if state.get(p)]  # (no gradient has reached the others)
+    if isinstance(state, Mapping):  # (no gradient has reached those it holds no state for)
+        held = [p for p in held if state.get(p)] or held
     stepped = {id(p) for p in held}
     trainable = [p for p in model.parameters() if p.requires_grad]
     chosen = [p for p in trainable if id(p) in stepped]
     return chosen if 0 < len(chosen) < len(trainable) else None
+
+
+def _held_still(group: Mapping[str, Any]) -> bool:
+    """Whether a parameter group's learning rate is 0 (a number or tensor; another kind of
+    ``lr``, transformers' Adafactor's None, is not read here)."""
+    lr = group.get("lr")
+    return isinstance(lr, numbers.Real | Tensor) and float(lr) == 0
 
 
 def check_judgeable(optimizer: object, model: Any = None) -> None:
