@@ -177,6 +177,51 @@ def test_empirical_fisher_of_mse_is_not_c_times_smaller_than_the_per_term_one():
     torch.testing.assert_close(E.trace(), per_entry.pow(2).sum() / (N * C), **TOL)
 
 
+ELEMENTWISE = {
+    "bce-after-sigmoid": (nn.BCELoss, nn.Sigmoid(), "probs"),
+    "poisson": (nn.PoissonNLLLoss, nn.Identity(), "counts"),
+    "l1": (nn.L1Loss, nn.Identity(), "real"),
+    "huber": (lambda **kw: nn.HuberLoss(delta=0.3, **kw), nn.Identity(), "real"),
+    "smooth-l1": (nn.SmoothL1Loss, nn.Identity(), "real"),
+    "soft-margin": (nn.SoftMarginLoss, nn.Identity(), "signs"),
+    "kl": (nn.KLDivLoss, nn.LogSoftmax(-1), "dist"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides the total loss")  # (KLDivLoss's)
+@pytest.mark.parametrize(
+    ("name", "reduction"),
+    [(n, r) for n in ELEMENTWISE for r in ("mean", "sum")] + [("kl", "batchmean")],
+)
+def test_empirical_fisher_of_an_elementwise_torch_loss_has_a_term_per_entry(name, reduction):
+    """torch's elementwise losses other than MSE and BCE-with-logits went through the per-sample
+    path, a sample's C entries one term: nn.BCELoss after a sigmoid had 0.33x the empirical
+    Fisher of nn.BCEWithLogitsLoss on the same model (and nn.PoissonNLLLoss of 3 outputs 0.33x
+    the GGN in expectation: an outside review). Each entry is a term, as ``reduction="none"``
+    returns them, T their number (the rows for KLDivLoss's "batchmean"), 1 when summed."""
+    make_loss, head, targets = ELEMENTWISE[name]
+    g = _gen(7)
+    model = _model(lambda: nn.Sequential(_mlp(), head), seed=3)
+    x = torch.randn(N, 2, generator=g, dtype=DT)
+    y = {
+        "probs": torch.rand(N, C, generator=g, dtype=DT),
+        "counts": torch.poisson(torch.full((N, C), 2.0, dtype=DT), generator=g),
+        "real": torch.randn(N, C, generator=g, dtype=DT),
+        "signs": torch.randint(0, 2, (N, C), generator=g).to(DT) * 2 - 1,
+        "dist": torch.softmax(torch.randn(N, C, generator=g, dtype=DT), -1),
+    }[targets]
+    loss_fn = make_loss(reduction=reduction)
+    outputs, theta0 = _flat(model)
+    none = _with_reduction(loss_fn, "none")
+    J = jacrev(lambda t: none(outputs(t, x), y).reshape(-1))(theta0)
+    T = {"mean": N * C, "batchmean": N, "sum": 1}[reduction]
+    E = dense(model, loss_fn, (x, y), "empirical_fisher")
+    torch.testing.assert_close(E, J.T @ J / T, **TOL)
+    two = [(x[:3], y[:3]), (x[3:], y[3:])]  # over batches, weighed as the loss averages
+    if reduction != "batchmean":  # (KLDivLoss's batchmean is a mean over rows: alike)
+        torch.testing.assert_close(dense(model, loss_fn, two, "empirical_fisher"), E, **TOL)
+
+
 def test_empirical_fisher_of_a_custom_loss_is_per_sample():
     """A loss whose likelihood is unknown keeps (1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ, ℓ_i the loss of sample i
     alone; Σ_i when the loss sums."""

@@ -504,6 +504,32 @@ def terms_of(loss_fn: object) -> Likelihood | None:
     return None if cls is None else LIKELIHOODS[cls if cls in LIKELIHOODS else nn.CrossEntropyLoss]
 
 
+#: torch's losses whose ``reduction="none"`` returns one term per output entry, each a function
+#: of its own entry alone, that no likelihood of :data:`LIKELIHOODS` covers: the empirical
+#: Fisher takes each entry as a term, as it does MSE's and BCE-with-logits' (through the
+#: per-sample path, a sample's k entries made one term: 0.33x for nn.BCELoss and
+#: nn.PoissonNLLLoss of 3 outputs against BCE-with-logits on the same model, an outside review).
+ELEMENTWISE: tuple[type, ...] = (
+    nn.BCELoss,
+    nn.PoissonNLLLoss,
+    nn.L1Loss,
+    nn.HuberLoss,
+    nn.SmoothL1Loss,
+    nn.SoftMarginLoss,
+    nn.KLDivLoss,
+)
+
+
+def _entry_divisor(loss_fn: object, reduction: str, out: Tensor) -> float:
+    """What an elementwise loss's batch value divides its entries' sum by: their number for
+    "mean", the rows for KLDivLoss's "batchmean", 1 for "sum"."""
+    if reduction == "sum":
+        return 1.0
+    if getattr(loss_fn, "reduction", None) == "batchmean":
+        return float(out.shape[0]) if out.ndim else 1.0
+    return float(out.numel())
+
+
 def mean_divisor(reduction: str, counted: Tensor | int) -> Tensor | float:
     """What a batch loss of ``reduction`` divides its sum of terms by: Σ counted for "mean",
     1 for "sum" (also Sophia-G's estimator's scale: ``optim.diagonal``)."""
@@ -623,6 +649,10 @@ def prepare_empirical_fisher(obj: ModelObjective, batch: Batch) -> _OuterProduct
     ``ignore_index``) with no formula to keep in step with torch's, for one backward pass
     through the loss alone.
 
+    torch's other elementwise losses (:data:`ELEMENTWISE`: ``nn.BCELoss``, ``nn.PoissonNLLLoss``,
+    ``nn.L1Loss``, ``nn.HuberLoss``, ``nn.SmoothL1Loss``, ``nn.SoftMarginLoss``,
+    ``nn.KLDivLoss``): each output entry a term, T their number (the rows for ``"batchmean"``).
+
     Any other loss (a custom function): the per-sample decomposition
     E = (1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ, ℓ_i = loss_fn(out[i:i+1], targets[i:i+1]) (N → 1 when summed).
     """
@@ -631,6 +661,13 @@ def prepare_empirical_fisher(obj: ModelObjective, batch: Batch) -> _OuterProduct
     lik = terms_of(obj.loss_fn)
     with obj.context(batch.index):
         out = obj.forward(theta, batch, tensor=True)
+        if lik is None and torch_loss(obj.loss_fn, ELEMENTWISE) is not None:
+            # each entry a term: ∂L/∂out_t = g_t / T, so T Σ_t (g_t/T)(g_t/T)ᵀ = (1/T) Σ_t g_t g_tᵀ
+            out_leaf = out.detach().requires_grad_(True)
+            (d_out,) = torch.autograd.grad(obj.loss(out_leaf, batch), out_leaf)
+            jac = _Jacobian(out.reshape(-1, 1), leaves, obj.backward_state())
+            divisor = _entry_divisor(obj.loss_fn, obj.reduction, out)
+            return _OuterProduct(jac, d_out.reshape(1, -1, 1), divisor)
         if lik is None:
             whole = obj.loss(out, batch)  # the checks every kind makes
             losses = per_sample_losses(obj.loss_fn, out, batch.targets).reshape(-1, 1)
