@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvscope.derivatives.objective import (
+    ENTRYWISE_MEANS,
     LABEL_MEANS,
     Batch,
     ModelObjective,
@@ -504,22 +505,6 @@ def terms_of(loss_fn: object) -> Likelihood | None:
     return None if cls is None else LIKELIHOODS[cls if cls in LIKELIHOODS else nn.CrossEntropyLoss]
 
 
-#: torch's losses whose ``reduction="none"`` returns one term per output entry, each a function
-#: of its own entry alone, that no likelihood of :data:`LIKELIHOODS` covers: the empirical
-#: Fisher takes each entry as a term, as it does MSE's and BCE-with-logits' (through the
-#: per-sample path, a sample's k entries made one term: 0.33x for nn.BCELoss and
-#: nn.PoissonNLLLoss of 3 outputs against BCE-with-logits on the same model, an outside review).
-ELEMENTWISE: tuple[type, ...] = (
-    nn.BCELoss,
-    nn.PoissonNLLLoss,
-    nn.L1Loss,
-    nn.HuberLoss,
-    nn.SmoothL1Loss,
-    nn.SoftMarginLoss,
-    nn.KLDivLoss,
-)
-
-
 def _entry_divisor(loss_fn: object, reduction: str, out: Tensor) -> float:
     """What an elementwise loss's batch value divides its entries' sum by: their number for
     "mean", the rows for KLDivLoss's "batchmean", 1 for "sum"."""
@@ -649,9 +634,10 @@ def prepare_empirical_fisher(obj: ModelObjective, batch: Batch) -> _OuterProduct
     ``ignore_index``) with no formula to keep in step with torch's, for one backward pass
     through the loss alone.
 
-    torch's other elementwise losses (:data:`ELEMENTWISE`: ``nn.BCELoss``, ``nn.PoissonNLLLoss``,
-    ``nn.L1Loss``, ``nn.HuberLoss``, ``nn.SmoothL1Loss``, ``nn.SoftMarginLoss``,
-    ``nn.KLDivLoss``): each output entry a term, T their number (the rows for ``"batchmean"``).
+    torch's other elementwise losses (those of
+    :data:`~curvscope.derivatives.objective.ENTRYWISE_MEANS`: ``nn.BCELoss``,
+    ``nn.PoissonNLLLoss``, ``nn.L1Loss``, ``nn.HuberLoss``, ``nn.KLDivLoss``, …): each output
+    entry a term, T their number (the rows for ``"batchmean"``).
 
     Any other loss (a custom function): the per-sample decomposition
     E = (1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ, ℓ_i = loss_fn(out[i:i+1], targets[i:i+1]) (N → 1 when summed).
@@ -661,8 +647,11 @@ def prepare_empirical_fisher(obj: ModelObjective, batch: Batch) -> _OuterProduct
     lik = terms_of(obj.loss_fn)
     with obj.context(batch.index):
         out = obj.forward(theta, batch, tensor=True)
-        if lik is None and torch_loss(obj.loss_fn, ELEMENTWISE) is not None:
-            # each entry a term: ∂L/∂out_t = g_t / T, so T Σ_t (g_t/T)(g_t/T)ᵀ = (1/T) Σ_t g_t g_tᵀ
+        if lik is None and torch_loss(obj.loss_fn, ENTRYWISE_MEANS) is not None:
+            # torch's other elementwise losses, each entry a term as `reduction="none"` returns
+            # them (a sample's k entries made one term: nn.BCELoss had 0.33x the empirical
+            # Fisher of nn.BCEWithLogitsLoss on the same model, an outside review); each term a
+            # function of its own entry: ∂L/∂out_t = g_t / T, and T Σ (g_t/T)(g_t/T)ᵀ is E
             out_leaf = out.detach().requires_grad_(True)
             (d_out,) = torch.autograd.grad(obj.loss(out_leaf, batch), out_leaf)
             jac = _Jacobian(out.reshape(-1, 1), leaves, obj.backward_state())

@@ -1188,6 +1188,14 @@ def _check_loss(loss_fn: Any, reduction: str | None) -> None:
         raise ValueError(
             f"reduction must be 'mean', 'sum' or None (read from the loss), got {reduction!r}"
         )
+    if isinstance(loss_fn, nn.GaussianNLLLoss):  # (torch's bare "missing 'var'" at a product)
+        raise TypeError(
+            "nn.GaussianNLLLoss takes the variance as a third argument, and curvscope calls "
+            "loss_fn(outputs, targets): wrap it in a function that splits the outputs, e.g. "
+            "loss_fn=lambda out, y: gaussian_nll(out[:, :1], y, out[:, 1:].exp()) with "
+            "gaussian_nll = nn.GaussianNLLLoss() for a model whose outputs are the mean and the "
+            "log-variance"
+        )
     if loss_fn is None and reduction == "sum":
         raise ValueError(
             "reduction='sum' does not apply with loss_fn=None: the model's own loss averages "
