@@ -13,7 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 import curvscope as cs
@@ -60,6 +62,16 @@ def test_lab_writes_results_plots_and_report(quick_lab, capsys):
     assert by["sqrt1px2", "pure-newton"]["outcome"] == "diverged"
     assert by["rosenbrock", "newton-cg"]["outcome"] == "minimum"
     assert set(res["profile"]) == {"cost", "time"}
+    # Adam's √v̂ against the Hessian diagonal over the parameters the data reach: the weights of
+    # digits' always-blank pixels (both exactly 0) counted as perfect agreement (an outside
+    # review); Spearman's ties ranked by their mean rank, as scipy does
+    adam = res["mlp"]["adam_vs_hessian"]
+    v, h = np.array(adam["sqrt_v"]), np.array(adam["hessian_diag"])
+    reached = (v != 0) | (h != 0)
+    assert adam["unreached"] == int((~reached).sum()) > 0
+    a, b = np.log(np.maximum(v[reached], 1e-12)), np.log(np.maximum(np.abs(h[reached]), 1e-12))
+    assert adam["spearman"] == pytest.approx(scipy.stats.spearmanr(a, b).statistic, abs=1e-12)
+    assert adam["pearson_log"] == pytest.approx(np.corrcoef(a, b)[0, 1], abs=1e-9)
     assert (quick_lab / "paths-rosenbrock.png").stat().st_size > 1000
     assert (quick_lab / "mlp-density.png").exists() and (quick_lab / "profile.png").exists()
     html = (quick_lab / "report.html").read_text()

@@ -439,6 +439,24 @@ def test_lbfgsb_stops_at_a_saddle_of_wood_ours_reach_the_minimum_and_say_so():
         assert point.kind == "minimum" and point.loss < 1e-12, name
 
 
+def test_a_badly_scaled_minimum_is_a_minimum_and_vanishing_curvature_stays_degenerate():
+    """Brown's badly scaled function at its exact minimizer (f = 0, g = 0, eigenvalues 2 and
+    2·10¹²) read *degenerate*: 2 is below 10⁻⁶·max|λ|, though eigh resolves it to 4·10⁻⁴ (an
+    outside review; the lab recorded Newton's, Hessian-free's and the cubic method's ends
+    so). A resolved positive curvature with the Newton decrement within the gradient's
+    tolerance is a minimum; logistic regression on separable data, whose curvature vanishes
+    with the loss, stays *degenerate*: its decrement is far above that tolerance."""
+    p = cs.problems.get("brown-badly-scaled")
+    x = p.minima[0].clone().to(DT).requires_grad_(True)
+    point = cs.optim.stationary_point(lambda: p.f(x), [x])
+    assert point.kind == "minimum" and point.lambda_min == pytest.approx(2.0)
+    from curvscope import lab
+
+    budget = lab.Budget(seconds=600.0)
+    assert lab.run_one("brown-badly-scaled", "newton", budget)[0].outcome == "minimum"
+    assert lab.run_one("breast-cancer-logreg", "newton", budget)[0].outcome == "degenerate"
+
+
 def test_torch_lbfgs_writes_nan_ours_never_do():
     def f(x):
         return (x * torch.log(x)).sum()  # NaN for x < 0; minimum at 1/e
