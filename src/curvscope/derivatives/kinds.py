@@ -340,8 +340,9 @@ LINEAR_LOSS = (
     "the Gauss-Newton matrix is 0: loss_fn's second derivative in the model's outputs is 0 on "
     "every batch (a loss linear in them — nn.NLLLoss after a LogSoftmax layer, nn.L1Loss, a "
     "hinge loss — or outputs saturated to the precision), so Jᵀ H_out J = 0. Move the last "
-    "nonlinearity into the loss (logits and nn.CrossEntropyLoss for LogSoftmax + nn.NLLLoss), "
-    "or use kind='hessian'"
+    "nonlinearity into the loss (logits and nn.CrossEntropyLoss for LogSoftmax + nn.NLLLoss, "
+    "or for LogSoftmax + nn.KLDivLoss with its target distributions as CrossEntropyLoss's "
+    "probability targets), or use kind='hessian'"
 )
 
 
@@ -472,9 +473,11 @@ def likelihood_of(
     cls = torch_loss(loss_fn, LIKELIHOODS)
     if cls is None:
         names = ", ".join(f"nn.{t.__name__}" for t in LIKELIHOODS)
-        nll = (
+        nll = (  # the losses of a nonlinearity the model applies: the same loss on logits
             " (for nn.NLLLoss after log_softmax: nn.CrossEntropyLoss on the logits)"
             if isinstance(loss_fn, nn.NLLLoss)
+            else " (for nn.BCELoss after a sigmoid: nn.BCEWithLogitsLoss on the logits)"
+            if isinstance(loss_fn, nn.BCELoss)
             else ""
         )
         raise ValueError(
