@@ -781,13 +781,15 @@ def _measure_curvature(
     decided); CG only when the gradient is small. A warm start of several columns (the
     previous top and bottom eigenvectors) is then summed into one start vector."""
     op = objective.scaled()
-    if v0 is not None and isinstance(v0, Tensor) and v0.ndim in (1, 2) and len(v0) != op.n:
+    # (sharded: the start vectors' own check names the shards)
+    if isinstance(v0, Tensor) and v0.ndim in (1, 2) and len(v0) != op.n and op.shards is None:
         raise ValueError(
             f"v0's vectors have {len(v0)} entries, but this diagnosis measures {op.n}: what it "
             "measures is what the optimizer steps, which changes when a group's learning rate "
             "moves from or to 0, a parameter gets its first gradient, or one is frozen. Pass "
             "v0=None after such a change (the Monitor drops its warm start there), or params= "
-            "to fix what is measured"
+            "to fix what is measured (this rank's entries of a sharded vector? "
+            "C.sharded().gather(v) makes it whole)"
         )
     if op.dim == 1:  # any start is the eigenvector; the previous top and bottom (the same
         v0 = None  # vector: two columns of one dimension) were refused, ±1 mixed with ∓1 was 0
