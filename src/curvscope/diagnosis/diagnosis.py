@@ -577,6 +577,7 @@ def _diagnose(
         evidence["stability_limit"] = math.nan
         return _finish(evidence, thresholds, {}, True, start, C)
     objective = _Objective(C, limit, space)
+    _check_start(v0, objective.scaled())  # before any pass over the data
     try:
         loss, data_g, g = objective.gradient()
     except FloatingPointError as e:  # a loss that is not finite says which (inf, or NaN)
@@ -781,16 +782,6 @@ def _measure_curvature(
     decided); CG only when the gradient is small. A warm start of several columns (the
     previous top and bottom eigenvectors) is then summed into one start vector."""
     op = objective.scaled()
-    # (sharded: the start vectors' own check names the shards)
-    if isinstance(v0, Tensor) and v0.ndim in (1, 2) and len(v0) != op.n and op.shards is None:
-        raise ValueError(
-            f"v0's vectors have {len(v0)} entries, but this diagnosis measures {op.n}: what it "
-            "measures is what the optimizer steps, which changes when a group's learning rate "
-            "moves from or to 0, a parameter gets its first gradient, or one is frozen. Pass "
-            "v0=None after such a change (the Monitor drops its warm start there), or params= "
-            "to fix what is measured (this rank's entries of a sharded vector? "
-            "C.sharded().gather(v) makes it whole)"
-        )
     if op.dim == 1:  # any start is the eigenvector; the previous top and bottom (the same
         v0 = None  # vector: two columns of one dimension) were refused, ±1 mixed with ∓1 was 0
     warm = v0 is not None
@@ -924,6 +915,20 @@ def _mixed(op: Operator, vectors: Tensor, seed: int) -> Tensor:
     warm = vectors.sum(1)
     z = torch.randn(warm.shape, generator=op.generator(seed), dtype=warm.dtype, device=warm.device)
     return warm / op.norm(warm).clamp_min(1e-300) + z / op.norm(z)
+
+
+def _check_start(v0: Tensor | None, op: Operator) -> None:
+    """Refuse a warm start over other parameters than those measured now, naming why they
+    change (a sharded one is left to the start vectors' own check, which names the shards)."""
+    if isinstance(v0, Tensor) and v0.ndim in (1, 2) and len(v0) != op.n and op.shards is None:
+        raise ValueError(
+            f"v0's vectors have {len(v0)} entries, but this diagnosis measures {op.n}: what it "
+            "measures is what the optimizer steps, which changes when a group's learning rate "
+            "moves from or to 0, a parameter gets its first gradient, or one is frozen. Pass "
+            "v0=None after such a change (the Monitor drops its warm start there), or params= "
+            "to fix what is measured (this rank's entries of a sharded vector? "
+            "C.sharded().gather(v) makes it whole)"
+        )
 
 
 def _warm_vector(objective: _Objective, v0: Tensor, g: Tensor) -> Tensor:
