@@ -508,17 +508,7 @@ def terms_of(loss_fn: object) -> Likelihood | None:
     return None if cls is None else LIKELIHOODS[cls if cls in LIKELIHOODS else nn.CrossEntropyLoss]
 
 
-def _entry_divisor(loss_fn: object, reduction: str, out: Tensor) -> float:
-    """What an elementwise loss's batch value divides its entries' sum by: their number for
-    "mean", the rows for KLDivLoss's "batchmean", 1 for "sum"."""
-    if reduction == "sum":
-        return 1.0
-    if getattr(loss_fn, "reduction", None) == "batchmean":
-        return float(out.shape[0]) if out.ndim else 1.0
-    return float(out.numel())
-
-
-def mean_divisor(reduction: str, counted: Tensor | int) -> Tensor | float:
+def mean_divisor(reduction: str, counted: Tensor | float) -> Tensor | float:
     """What a batch loss of ``reduction`` divides its sum of terms by: Σ counted for "mean",
     1 for "sum" (also Sophia-G's estimator's scale: ``optim.diagonal``)."""
     if reduction == "sum":
@@ -658,8 +648,11 @@ def prepare_empirical_fisher(obj: ModelObjective, batch: Batch) -> _OuterProduct
             out_leaf = out.detach().requires_grad_(True)
             (d_out,) = torch.autograd.grad(obj.loss(out_leaf, batch), out_leaf)
             jac = _Jacobian(out.reshape(-1, 1), leaves, obj.backward_state())
-            divisor = _entry_divisor(obj.loss_fn, obj.reduction, out)
-            return _OuterProduct(jac, d_out.reshape(1, -1, 1), divisor)
+            # T: the batch's size, which counts the entries of such a mean (the rows of
+            # KLDivLoss's "batchmean": :meth:`ModelObjective._size`)
+            return _OuterProduct(
+                jac, d_out.reshape(1, -1, 1), mean_divisor(obj.reduction, batch.size)
+            )
         if lik is None:
             whole = obj.loss(out, batch)  # the checks every kind makes
             losses = per_sample_losses(obj.loss_fn, out, batch.targets).reshape(-1, 1)
