@@ -327,16 +327,10 @@ HEADER_START = '{"curvscope_log":'
 
 
 def starts_as_header(line: str) -> bool:
-    """Whether a log's first line that is not blank is a run's header (its keys in any order),
-    or the start of one cut off mid-write."""
+    """Whether a line that is not valid JSON is the start of a run's header, cut off
+    mid-write."""
     text = line.strip()
-    if text.startswith(HEADER_START) or HEADER_START.startswith(text):
-        return True
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        return False
-    return isinstance(obj, dict) and "curvscope_log" in obj
+    return text.startswith(HEADER_START) or HEADER_START.startswith(text)
 
 
 #: How much of a file's start is read for its first line (a header is well under 1 KiB).
@@ -357,11 +351,12 @@ def _first_line_is_a_header(raw: io.FileIO) -> bool:
     if not lines:
         return True
     first = lines[0].decode("utf-8", errors="replace")
-    with contextlib.suppress(ValueError):  # a run's records before any header: read_log's too
+    try:
         obj = json.loads(first)
-        if isinstance(obj, dict) and "state" in obj:
-            return True
-    return starts_as_header(first)
+    except ValueError:
+        return starts_as_header(first)  # a header cut short
+    # a header (its keys in any order), or a run's records before any header: read_log's too
+    return isinstance(obj, dict) and ("curvscope_log" in obj or "state" in obj)
 
 
 def _ends_with_newline(raw: io.FileIO) -> bool:
