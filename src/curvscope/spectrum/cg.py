@@ -154,8 +154,9 @@ def cg(
     if damping:  # A + λI: the operator's own combinator, in the working dtype
         op = op.damped(damping)
     with autocast_off(op.device):
-        checks = (check, check_residual)
-        return _cg(op, b.to(dt), tol, max_matvecs, x0, progress_tol, save, checks, coarse)
+        return _cg(
+            op, b.to(dt), tol, max_matvecs, x0, progress_tol, save, check, check_residual, coarse
+        )
 
 
 def _in_range(bnorm: float, dtype: torch.dtype) -> bool:
@@ -252,16 +253,16 @@ class _Run:
             return False
         return (self.phis[-1] - self.phis[-1 - k]) / self.phis[-1] < k * self.progress_tol
 
-    def converged(self, goal: float, checks: tuple[bool, bool]) -> bool:
+    def converged(self, goal: float, check: bool, drift: bool) -> bool:
         """Whether the solve ended converged: the recurrence's residual within ``goal``, and
-        with ``checks`` — (always, where the drift may reach the goal) — b − Ax itself (one
-        product, unless r is exact already); where it is not,
+        with ``check`` — or with ``drift``, where the recurrence may have drifted by the goal
+        (:meth:`_drifted`) — b − Ax itself (one product, unless r is exact already); where it
+        is not,
         CG restarts from it (p = r) and this says False — and where the products' own rounding,
         about eps·‖Ax‖ in their dtype, is above ``goal``, it sets ``limited``: no more
         iterations can show the goal reached."""
         if self.direction is not None or self.rr**0.5 > goal:
             return False
-        check, drift = checks  # always; where the recurrence may have drifted by the goal
         if not self.exact and (check or (drift and self._drifted(goal))):
             self.r = self.op.residual(self.b[:, None], self.x[:, None])[:, 0]
             self.exact = True
@@ -292,7 +293,8 @@ def _cg(
     x0: Tensor | None,
     progress_tol: float | None,
     save: Callable[[int], bool] | None,
-    checks: tuple[bool, bool],
+    check: bool,
+    drift: bool,
     product_eps: float,
 ) -> CGResult:
     start, used_before = time.perf_counter(), op.matvecs
@@ -320,12 +322,12 @@ def _cg(
     # of 60 runs; an outside review): there (``check``), convergence is checked on b − Ax
     # itself — a product beyond the cap, as x0's — and CG goes on from it where it is not
     run.iterate(max_matvecs, goal)
-    converged = run.converged(goal, checks)
+    converged = run.converged(goal, check, drift)
     while not (converged or run.stalled or run.limited or run.direction is not None) and (
         run.it < max_matvecs
     ):
         run.iterate(max_matvecs, goal)
-        converged = run.converged(goal, checks)
+        converged = run.converged(goal, check, drift)
     if save is not None and (not run.saved or run.saved[-1][0] != run.it):
         run.saved.append((run.it, run.x, run.r))
     res = run.rr**0.5 / (bnorm or 1.0)
