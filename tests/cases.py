@@ -127,6 +127,18 @@ class LSTMHead(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
+class OneUnused(nn.Module):
+    """Two linear layers of the same shape, the second unused by the forward (an auxiliary head
+    out of this phase): parameters no loss reaches beside ones it does."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.used, self.unused = nn.Linear(n_in, n_out), nn.Linear(n_in, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.used(x)
+
+
 @dataclass
 class Case:
     """A model, a batch-mean loss and a full batch of data; ``train`` sets the mode."""

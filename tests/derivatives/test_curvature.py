@@ -1143,15 +1143,7 @@ def test_non_finite_parameters_raise_at_the_first_product():
 
 
 def test_outputs_that_ignore_the_selected_parameters():
-    class Unused(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.used, self.unused = nn.Linear(2, 1), nn.Linear(2, 1)
-
-        def forward(self, x):
-            return self.used(x)
-
-    model = Unused().double()
+    model = cases.OneUnused(2, 1).double()
     data = (torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64))
     C = cs.Curvature(model, nn.MSELoss(), data, params=["unused.weight"])
     with pytest.raises(ValueError, match="do not depend on the selected parameters"):

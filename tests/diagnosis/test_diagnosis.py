@@ -1033,19 +1033,10 @@ def test_a_parameter_no_gradient_has_reached_is_not_measured(make):
     without a gradient, weight decay included, so it never moves — measured with its decay,
     a run at its minimum read *learning* (‖g‖ 0.07 for 8e-16; an outside review). An optimizer
     that keeps state holds none for it: it is left out as an unstepped one is."""
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body, self.aux = nn.Linear(3, 2), nn.Linear(3, 2)
-
-        def forward(self, x):
-            return self.body(x)
-
     torch.manual_seed(0)
     X = torch.randn(40, 3, dtype=torch.float64)
     Y = X @ torch.randn(3, 2, dtype=torch.float64)
-    net = Net().double()
+    net = cases.OneUnused(3, 2).double()
     opt = make(net.parameters())
     for _ in range(300):
         opt.zero_grad()
@@ -1053,11 +1044,11 @@ def test_a_parameter_no_gradient_has_reached_is_not_measured(make):
         opt.step()
     d = cs.diagnose(net, nn.MSELoss(), (X, Y), optimizer=opt)
     body = cs.diagnose(
-        net, nn.MSELoss(), (X, Y), optimizer=opt, params=["body.weight", "body.bias"]
+        net, nn.MSELoss(), (X, Y), optimizer=opt, params=["used.weight", "used.bias"]
     )
     for key in ("grad_norm", "sharpness", "lambda_min"):
         assert d.evidence[key] == pytest.approx(body.evidence[key], rel=1e-9), key
-    assert d.state == body.state and set(d.evidence["layer_shares"]) <= {"body.weight", "body.bias"}
+    assert d.state == body.state and set(d.evidence["layer_shares"]) <= {"used.weight", "used.bias"}
 
 
 def test_an_adaptive_diagnosis_refines_near_the_limit_as_a_step_meets_it():
