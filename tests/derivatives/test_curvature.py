@@ -216,6 +216,41 @@ def test_params_subset_is_the_block_of_the_full_matrix():
     torch.testing.assert_close(swapped.to_dense(), block[order][:, order], **TOL)
 
 
+class _SharedTwice(nn.Module):
+    """One layer applied twice, registered under two names (``self.b = self.a``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = self.a
+        self.o = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_a_module_registered_twice_is_measured_by_either_name(kind):
+    """An outside review: a module registered under two names is walked under its first only,
+    and its weight selected by the second name (``b.weight``, as
+    ``named_parameters(remove_duplicate=False)`` lists it) was passed to the forward detached —
+    a block of zeros, λ_max 0.36 for 0.50 and a zero gradient, unrefused; alone it was refused
+    as a parameter the outputs do not depend on."""
+    torch.manual_seed(0)
+    case = cases.mlp()
+    case.model = _SharedTwice().double()
+    dense = cases.dense_hessian(case) if kind == "hessian" else cases.dense_ggn(case)
+    full = cs.Curvature(case.model, case.loss_fn, case.data, kind=kind)
+    assert full.param_names == ["a.weight", "a.bias", "o.weight", "o.bias"]
+    block = torch.cat([torch.arange(16), torch.arange(20, 32)])  # a.weight and o.weight
+    for names in (["a.weight", "o.weight"], ["b.weight", "o.weight"]):
+        C = cs.Curvature(case.model, case.loss_fn, case.data, kind=kind, params=names)
+        assert C.param_names == names
+        torch.testing.assert_close(C.to_dense(), dense[block][:, block], **TOL)
+        _, g = C.loss_and_gradient()
+        torch.testing.assert_close(g, full.loss_and_gradient()[1][block], **TOL)
+
+
 def test_frozen_parameters_are_left_out():
     case = cases.mlp()
     case.model[0].weight.requires_grad_(False)
