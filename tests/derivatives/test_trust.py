@@ -940,6 +940,27 @@ def test_outputs_flattened_over_the_targets_name_the_flattening():
     torch.testing.assert_close(flat @ v, whole @ v, rtol=1e-12, atol=1e-12)
 
 
+def test_an_error_of_the_models_forward_names_the_batch_and_a_known_fix():
+    """An outside review: a loader's last batch of one sample through a train-mode BatchNorm
+    raised torch's bare "Expected more than 1 value per channel" at every product. The error
+    is torch's, as raised, with a note naming the batch (and here the fix); the model is as
+    found after it."""
+    case = cases.batchnorm(n=21)
+    loader = DataLoader(TensorDataset(case.inputs, case.targets), batch_size=5)
+    before = cases.snapshot(case.model)
+    C = cs.Curvature(case.model, case.loss_fn, loader)
+    with pytest.raises(ValueError, match="more than 1 value per channel") as raised:
+        C @ torch.ones(C.num_params, dtype=torch.float64)
+    (note,) = raised.value.__notes__
+    assert "batch 5 of 5, 1 row;" in note and "drop_last=True" in note
+    cases.assert_unchanged(before, cases.snapshot(case.model))
+    wide = [case.data, (torch.ones(3, 7, dtype=torch.float64), case.targets[:3])]
+    C = cs.Curvature(case.model, case.loss_fn, wide)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as raised:
+        C @ torch.ones(C.num_params, dtype=torch.float64)
+    assert raised.value.__notes__ == ["(raised by the model's forward on batch 2 of 2, 3 rows)"]
+
+
 def test_bad_vectors_are_refused_naming_the_problem():
     C = cs.Curvature(*_mlp())
     v = _probe(C.num_params)

@@ -35,6 +35,7 @@ import copy
 import logging
 import math
 import operator
+import os
 import sys
 import warnings
 from collections.abc import Callable, Container, Generator, Iterable, Iterator, Mapping, Sequence
@@ -943,6 +944,10 @@ def select_parameters(
     if not chosen:
         raise ValueError("params is empty: select at least one parameter, or pass params=None")
     return chosen
+
+
+#: curvscope's own source folder: an error raised there says what it is itself
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 _TORCH_ATTENTION = (
@@ -2504,9 +2509,35 @@ class ModelObjective:
                 self._ever_learned.add(batch.index)
                 return out
             return self._call_copying(state, args, kwargs, copies)
+        except Exception as e:
+            self._name_the_batch(e, batch)
+            raise
         finally:
             if not self._passes:  # (a forward outside a pass: put back at once)
                 _swap_back(held)
+
+    def _name_the_batch(self, e: Exception, batch: Batch) -> None:
+        """A note on an error the model's forward raised, naming the batch it raised on: a
+        loader's last batch of one sample through a train-mode BatchNorm raised torch's bare
+        "Expected more than 1 value per channel" at every product, which batch unsaid (an
+        outside review). Once, at the innermost forward."""
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        ours = tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE)
+        if ours or getattr(e, "_curvscope_batch", False):  # (curvscope's own errors say it)
+            return
+        e._curvscope_batch = True  # type: ignore[attr-defined]
+        rows = self._sizes[batch.index][0] if batch.index < len(self._sizes) else None
+        note = f"(raised by the model's forward on batch {batch.index + 1}"
+        if rows is not None:
+            note += f" of {len(self._sizes)}, {rows} row{'s' if rows != 1 else ''}"
+        if "more than 1 value per channel" in str(e):
+            note += (
+                "; a train-mode BatchNorm cannot normalise one sample: drop the short last "
+                "batch (DataLoader(..., drop_last=True)) or measure in eval mode"
+            )
+        e.add_note(note + ")")
 
     def _call_copying(self, state: dict[str, Any], args: Any, kwargs: Any, copies: bool) -> Any:
         """A later forward (:meth:`_call`), with copies of the plain attributes it writes."""
