@@ -1519,7 +1519,8 @@ def watch_custom_functions(
         name = getattr(node, "_forward_cls", type(node)).__name__
         wired = [child is not None for child, _ in node.next_functions]
         node.register_hook(partial(check, name, wired))
-    return torch.ones_like(t, requires_grad=True).clone()
+    with torch.enable_grad():  # (under a step's no_grad the seed lost its graph: no check fired)
+        return torch.ones_like(t, requires_grad=True).clone()
 
 
 def refuse_known_cuts(

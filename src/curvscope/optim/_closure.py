@@ -582,8 +582,11 @@ class Evaluation:
         group: Any = None,
         undone: bool = False,
         first_order: bool = False,
+        watched: bool = True,
     ) -> None:
-        """``undone``: an evaluation that is not the step's own (Hessian-free's curvature
+        """``watched``: with ``curvature``, the custom autograd Functions whose backward leaves
+        the graph are refused at the products through it (an estimator that takes first
+        derivatives only, Sophia-G's, is not: it is right through them). ``undone``: an evaluation that is not the step's own (Hessian-free's curvature
         mini-batch): the closure's backward is contained and its traces undone, as at a trial
         point (:func:`_undone`), and only its products serve (its gradient stays this rank's,
         unchecked). ``first_order``: also which parameters are stepped along (:attr:`used`)
@@ -603,7 +606,7 @@ class Evaluation:
             left = [p.grad for p in self.params] if first_order and called.ran_here else None
         #: whether the closure ran its own backward (``.grad`` is then as it left it)
         self.ran_backward = called.ran_here
-        self._derive(called, left, curvature, undone, first_order)
+        self._derive(called, left, curvature, undone, first_order, watched)
 
     def _derive(
         self,
@@ -612,6 +615,7 @@ class Evaluation:
         curvature: bool,
         undone: bool,
         first_order: bool,
+        watched: bool = True,
     ) -> None:
         """The loss, the gradient (kept for products with ``curvature``) and, ``first_order``,
         which parameters are stepped along and the gradient the closure left."""
@@ -620,7 +624,7 @@ class Evaluation:
         loss = called.loss
         self.loss_tensor, self.outputs, self.loss = loss, called.outputs, called.mean
         seed = None
-        if curvature:  # refused where a custom Function's backward cuts the graph
+        if curvature and watched:  # refused where a custom Function's backward cuts the graph
             seed = watch_custom_functions(loss, "a second-order optimizer")
         with self.kernels, torch.enable_grad(), _compiled_named():
             grads = torch.autograd.grad(

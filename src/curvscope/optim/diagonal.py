@@ -35,7 +35,10 @@ class DiagonalEstimator(Protocol):
     def __call__(self, ev: Evaluation, generator: torch.Generator, counts: Counts) -> Tensor:
         """The estimate, the same on every rank of ``ev.group``: products through ``ev`` are the
         ranks' mean already; derivatives an estimator takes itself must be averaged by it
-        (:func:`~curvscope.derivatives.distributed.all_reduce_mean`)."""
+        (:func:`~curvscope.derivatives.distributed.all_reduce_mean`). An estimator whose
+        ``products`` attribute is False takes no products through ``ev``'s graph (first
+        derivatives only): a custom autograd Function whose backward leaves the graph is then
+        not refused (it is where products are taken: absent, True)."""
         ...
 
 
@@ -50,6 +53,9 @@ def _settings(estimator: Any) -> dict[str, Any]:
 class Hutchinson:
     """diag(H) ≈ (1/m) Σ_j z_j ⊙ H z_j with Rademacher z_j (Bekas, Kokiopoulou & Saad 2007):
     unbiased; m Hessian-vector products. Used by AdaHessian and Sophia-H."""
+
+    #: Hessian products through the step's graph
+    products = True
 
     def __init__(self, samples: int = 1) -> None:
         self.samples = check_int("samples", samples)
@@ -75,6 +81,9 @@ class GaussNewtonBartlett:
     was computed from (its rows at ``ignore_index`` are then told, and skipped); ``loss_fn``
     names the likelihood (``nn.CrossEntropyLoss``, ``nn.BCEWithLogitsLoss``, ``nn.MSELoss``)
     and the reduction ("mean": divided by the counted terms; "sum": not)."""
+
+    #: first derivatives only: right through a custom Function whose backward leaves the graph
+    products = False
 
     def __init__(self, loss_fn: Any) -> None:
         self.reduction = getattr(loss_fn, "reduction", "mean")
@@ -351,8 +360,16 @@ class _DiagonalMethod(CurvscopeOptimizer):
         refresh = (t - 1) % self._same("update_every") == 0 or bool(method.get("refresh", False))
         params = snapshot.params
         products_before = counts.products
+        # products through the step's graph (a custom estimator is taken to take them)
+        products = getattr(self.estimator, "products", True)
         ev = Evaluation(
-            params, closure, counts, curvature=refresh, group=self.group, first_order=True
+            params,
+            closure,
+            counts,
+            curvature=refresh,
+            group=self.group,
+            first_order=True,
+            watched=products,
         )
         diag = None
         if refresh:
