@@ -124,10 +124,21 @@ def test_a_groups_own_values_are_checked_as_the_constructors(make, group, match)
 
 
 def test_a_parameter_listed_twice_is_refused():
-    """torch only warns; AdaHessian stepped it twice and diverged to 1e8 on a quadratic."""
+    """torch only warns; AdaHessian stepped it twice and diverged to 1e8 on a quadratic. As
+    torch's named parameters, (name, tensor) pairs, it passed (an outside review), and a
+    complex one failed only at the step, with torch's bare message."""
     x = torch.ones(2, requires_grad=True)
     with pytest.raises(ValueError, match="appears twice"):
         cs.optim.AdaHessian([x, x])
+    with pytest.raises(ValueError, match="appears twice"):
+        cs.optim.AdaHessian([("a", x), ("b", x)])
+    with pytest.raises(ValueError, match="appears twice"):
+        cs.optim.Newton([("a", x), ("b", x)])
+    z = torch.ones(2, dtype=torch.complex64, requires_grad=True)
+    with pytest.raises(TypeError, match="real parameters only"):
+        cs.optim.AdaHessian([("z", z)])
+    opt = cs.optim.AdaHessian([("a", x)], lr=0.1)  # named, once: as torch's
+    assert opt.param_groups[0]["param_names"] == ["a"]
 
 
 def test_newton_checks_its_size_at_every_step():

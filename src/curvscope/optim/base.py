@@ -193,14 +193,17 @@ class CurvscopeOptimizer(Optimizer):
             return
         self._check_group({**self.defaults, **param_group})
         listed = [params] if isinstance(params, Tensor) else list(params or [])
-        for p in listed:  # at construction (torch adds each group here) and after it alike
+        # torch takes named parameters too, (name, tensor) pairs: each checked as its tensor
+        # (a pair listed twice passed, and AdaHessian stepped it twice: an outside review)
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in listed]
+        for p in tensors:  # at construction (torch adds each group here) and after it alike
             if isinstance(p, Tensor) and p.is_complex():
                 raise TypeError(
                     f"{type(self).__name__} supports real parameters only, got {p.dtype}"
                 )
             if is_dtensor(p) or is_partitioned(p):
                 raise ValueError(f"{type(self).__name__}: {SHARDED}")
-        if len({id(p) for p in listed}) != len(listed):  # torch only warns
+        if len({id(p) for p in tensors}) != len(tensors):  # torch only warns
             raise ValueError(
                 f"{type(self).__name__}: a parameter appears twice in one parameter group, so "
                 "its step would be applied twice (AdaHessian diverged to 1e8 on a quadratic); "
