@@ -151,9 +151,12 @@ class _ClosureBackward(TorchFunctionMode):
 
 
 class KeptStatistics:
-    """Around an evaluation that is not the step's own: the running statistics (and batch
-    counts) of every normalization layer that runs inside, on this thread, are put back on
-    exit — through ``.data``, which leaves the buffers' version counters alone: a graph kept
+    """Around an evaluation that is not the step's own: the buffers a forward writes in place
+    — the running statistics (and batch counts) of every normalization layer, spectral norm's
+    power-iteration vectors, an average of your own — of every module that runs inside, on
+    this thread, are put back on exit (spectral norm's moved at every trial point, and a
+    rolled-back step's retry ended 3e-3 from a run that never faulted: an outside review) —
+    through ``.data``, which leaves the buffers' version counters alone: a graph kept
     for products saved them (a train-mode backward does not read their values), and an
     in-place write it could see would fail its backward. Found by a global forward pre-hook,
     there only while the evaluation runs; another thread's modules are left alone.
@@ -178,9 +181,9 @@ class KeptStatistics:
     def _seen(self, module: nn.Module, args: Any) -> None:
         if threading.get_ident() != self.thread or module in self.saved:
             return
-        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
-            buffers = module.buffers(recurse=False)
-            self.saved[module] = [(b, b.detach().clone()) for b in buffers if b is not None]
+        buffers = [b for b in module.buffers(recurse=False) if not b.is_inference()]
+        self.saved[module] = [(b, b.detach().clone()) for b in buffers]  # (one written in
+        # inference mode, which outside it can be neither written nor put back, is left)
 
     def __exit__(self, kind: object, *exc: object) -> None:
         self.handle.remove()
@@ -191,8 +194,8 @@ class KeptStatistics:
 
     def put_back(self) -> None:
         for kept in self.saved.values():
-            for buffer, value in kept:
-                buffer.data.copy_(value)
+            for buffer, value in kept:  # (every one: BatchNorm's kernel writes its statistics
+                buffer.data.copy_(value)  # without moving their version counters)
 
 
 def undo_interrupted_exits(step: KeptStatistics) -> None:
