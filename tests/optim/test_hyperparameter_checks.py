@@ -141,6 +141,21 @@ def test_a_parameter_listed_twice_is_refused():
     assert opt.param_groups[0]["param_names"] == ["a"]
 
 
+@pytest.mark.parametrize("make", [cs.optim.NormalizedGD, cs.optim.NewtonCG, cs.optim.AdaHessian])
+def test_a_torch_hyperparameter_the_method_does_not_read_is_refused_in_a_group(make):
+    """An outside review: a group's weight_decay=10 was taken and ignored by NormalizedGD and
+    the model-step methods (torch's SGD applies it). Where it asks for nothing (0, False: a
+    group built for any optimizer, as Hugging Face's Trainer builds them), it is taken."""
+    w = torch.ones(2, requires_grad=True)
+    asks = {"momentum": 0.9} if make is cs.optim.AdaHessian else {"weight_decay": 10.0}
+    (key,) = asks
+    with pytest.raises(ValueError, match=f"reads no '{key}'"):
+        make([{"params": [w], **asks}])
+    make([{"params": [w], key: 0.0, "maximize": False}])
+    with pytest.raises(ValueError, match="reads no 'nesterov'"):
+        make([{"params": [w], "nesterov": True}])
+
+
 def test_newton_checks_its_size_at_every_step():
     """Newton refused more than DENSE_LIMIT parameters when built only: a layer unfrozen
     later asked for a 10,201 x 10,201 Hessian."""

@@ -589,7 +589,9 @@ class Evaluation:
     ) -> None:
         """``watched``: with ``curvature``, the custom autograd Functions whose backward leaves
         the graph are refused at the products through it (an estimator that takes first
-        derivatives only, Sophia-G's, is not: it is right through them). ``undone``: an evaluation that is not the step's own (Hessian-free's curvature
+        derivatives only, Sophia-G's, is not: it is right through them).
+
+        ``undone``: an evaluation that is not the step's own (Hessian-free's curvature
         mini-batch): the closure's backward is contained and its traces undone, as at a trial
         point (:func:`_undone`), and only its products serve (its gradient stays this rank's,
         unchecked). ``first_order``: also which parameters are stepped along (:attr:`used`)

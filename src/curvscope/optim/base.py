@@ -146,6 +146,31 @@ def check_betas(betas: Any) -> tuple[float, float]:
 Update = tuple[Tensor, Tensor, dict[str, Tensor] | None]
 
 
+#: hyperparameters torch's optimizers read from a group: one a curvscope method does not read
+#: is refused in a group, not taken and ignored
+TORCH_HYPERPARAMETERS = (
+    "weight_decay",
+    "momentum",
+    "dampening",
+    "nesterov",
+    "betas",
+    "amsgrad",
+    "maximize",
+)
+
+
+def _asks(value: Any) -> bool:
+    """Whether a group's value of a hyperparameter asks for something: not absent, off or 0
+    (a group built for any optimizer, as Hugging Face's Trainer builds them, holds
+    ``weight_decay=0.0`` for the parameters it leaves undecayed)."""
+    if value is None or value is False:
+        return False
+    try:
+        return bool(value != 0)
+    except (RuntimeError, TypeError, ValueError):  # (a tensor of several values)
+        return True
+
+
 class CurvscopeOptimizer(Optimizer):
     """Base: keeps :class:`Counts` (``counts``; at the top level of ``state_dict()``) and the last
     :class:`StepInfo` (``info``); each ``step()`` is a transaction.
@@ -192,6 +217,15 @@ class CurvscopeOptimizer(Optimizer):
             super().add_param_group(param_group)
             return
         self._check_group({**self.defaults, **param_group})
+        unread = [
+            k for k in TORCH_HYPERPARAMETERS if k not in self.defaults and _asks(param_group.get(k))
+        ]
+        if unread:  # (torch's optimizers read them: a group's weight_decay was silently not)
+            raise ValueError(
+                f"{type(self).__name__} reads no {unread[0]!r}: a parameter group's "
+                f"{unread[0]}={param_group[unread[0]]!r} would change nothing (an outside "
+                f"review); its hyperparameters are {', '.join(sorted(self.defaults))}"
+            )
         listed = [params] if isinstance(params, Tensor) else list(params or [])
         # torch takes named parameters too, (name, tensor) pairs: each checked as its tensor
         # (a pair listed twice passed, and AdaHessian stepped it twice: an outside review)
