@@ -418,6 +418,10 @@ class Monitor:
         self.full_batch = full_batch
         self._seen_full_batch: bool | None = None
         self._probe_loss: float | None = None  # to compare with the next step's loss
+        #: the lower precision the training loss was computed in (autocast), read off the
+        #: first reported loss's graph: the probe's loss is compared as computed in it
+        self._trained_in: torch.dtype | None = None
+        self._trained_read = False
         self._scale_checked = False  # whether the reported losses' scale was compared
         self._eval_warned = False  # whether a probe in eval mode was warned about
         self.train_seconds = 0.0  # wall time between step() calls, probes excluded
@@ -573,6 +577,9 @@ class Monitor:
         if loss is not None:
             value = _scalar_loss(loss)
             self.losses.append(value)
+            if not self._trained_read and isinstance(loss, Tensor) and loss.grad_fn is not None:
+                self._trained_read = True
+                self._trained_in = _lower_precision(loss, self.model)
             # under torch.distributed the ranks' mean decides it, at a probe (_agree_window)
             if self.first_loss is None and math.isfinite(value) and _world_size() < 2:
                 self.first_loss = value
@@ -924,6 +931,30 @@ class Monitor:
         self.first_loss = loss
         return loss
 
+    def _loss_as_trained(self, dtype: torch.dtype) -> float | None:
+        """The loss on ``probe_data`` at the parameters as they are, its forward under
+        ``torch.autocast`` in ``dtype``, as the training loop computes its own: whether the
+        loop trains on the full batch is seen by comparing the two (:meth:`step`). The probe's
+        float32 loss differs from a bfloat16 forward's by up to 1.2%, as much as a mini-batch's
+        from the full batch's, and a healthy full-batch run under autocast read *unstable* at
+        13 of 31 probes, its edge-of-stability rules off (an outside review). One gradient
+        over ``probe_data`` a probe; None if it is not finite."""
+        C = _curvature(
+            self.model,
+            self.loss_fn,
+            self.probe_data,
+            self.params,
+            self.seed,
+            self.reduction,
+            self._products,
+        )
+        try:
+            with torch.autocast(C.device.type, dtype=dtype):
+                loss, _ = C.loss_and_gradient()
+        except FloatingPointError:
+            return None
+        return loss if math.isfinite(loss) else None
+
     def _measuring(self) -> dict[str, Any]:
         """What a probe and a cheap check measure alike: the rate without an optimizer, the
         parameters, the seed, the loss's reduction and how the products are computed."""
@@ -1120,6 +1151,8 @@ class Monitor:
             d.evidence.get("stability_limit"),
         )
         self._probe_loss = d.evidence["loss"] if math.isfinite(d.evidence["loss"]) else None
+        if self._trained_in is not None and self.full_batch is None:
+            self._probe_loss = self._loss_as_trained(self._trained_in)
         if "top" in d.vectors:
             self._vectors = torch.stack([d.vectors["top"], d.vectors["bottom"]], dim=1)
             self._vector_names = tuple(d.evidence.get("layer_shares") or ())
@@ -1359,6 +1392,27 @@ def _callers_level() -> int:
 
 #: A training loss this many times the probe's own (or its inverse) is on another scale.
 LOSS_SCALE_MISMATCH = 100.0
+
+
+def _lower_precision(loss: Tensor, model: nn.Module, nodes: int = 64) -> torch.dtype | None:
+    """The lowest-precision floating dtype among the tensors of the loss's graph near its top
+    (its first ``nodes`` nodes, read off their input metadata), where it is lower than the
+    model's parameters': the forward ran under ``torch.autocast``. None otherwise, or where this
+    torch does not say."""
+    own = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if own is None:
+        return None
+    lowest, queue, seen = own, [loss.grad_fn], 0
+    while queue and seen < nodes:
+        node = queue.pop(0)
+        seen += 1
+        for meta in getattr(node, "_input_metadata", ()):
+            dtype = getattr(meta, "dtype", None)
+            floating = dtype is not None and dtype.is_floating_point and not dtype.is_complex
+            if floating and torch.finfo(dtype).eps > torch.finfo(lowest).eps:
+                lowest = dtype
+        queue += [child for child, _ in node.next_functions if child is not None]
+    return lowest if lowest != own else None
 
 
 def _scalar_loss(
