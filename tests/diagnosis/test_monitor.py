@@ -979,3 +979,36 @@ def test_a_monitor_measures_the_parameters_its_optimizer_steps():
     assert len(mon.history) == 3 and mon.updates
     assert mon.last.vectors["top"].numel() == 17
     assert mon.history[1].evidence["matvecs"] < mon.history[0].evidence["matvecs"]  # warm
+
+
+@pytest.mark.parametrize("per_micro_batch", [True, False])
+def test_mon_step_called_for_every_micro_batch_is_said(per_micro_batch):
+    """An outside review: a loop that called mon.step once per micro-batch (4 per optimizer
+    step) ran on in silence, its step axis 4x too long; the Monitor counts the optimizer's
+    steps, and says so once."""
+    case = cases.mlp(n=32)
+    model, loss_fn = case.model, case.loss_fn
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    micro = [(case.inputs[i : i + 8], case.targets[i : i + 8]) for i in range(0, 32, 8)]
+    mon = cs.Monitor(model, loss_fn, case.data, optimizer=opt, every=8, accumulation=4)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for _ in range(12):
+            opt.zero_grad()
+            losses = []
+            for x, y in micro:
+                loss = loss_fn(model(x), y)
+                (loss / 4).backward()
+                losses.append(loss.detach())
+                if per_micro_batch:
+                    mon.step(loss)
+            opt.step()
+            if not per_micro_batch:
+                mon.step(torch.stack(losses).mean())
+    mon.close()
+    calls = [w for w in said if "once per optimizer step" in str(w.message)]
+    assert len(calls) == (1 if per_micro_batch else 0)
+    if per_micro_batch:
+        assert "called 8 times since the previous probe, over 2 steps of SGD" in str(
+            calls[0].message
+        )

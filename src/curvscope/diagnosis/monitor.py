@@ -412,6 +412,7 @@ class Monitor:
         self.lr = None if lr is None else check_descent_lr(lr)  # now, not at a probe
         self._stepping = _StepWatch(optimizer)
         self._stale_said = False  # whether an optimizer that stopped stepping was said
+        self._calls_said = False  # whether mon.step called more often than it steps was said
         self._init_clipping(max_grad_norm)
         self.every, self.budget, self.thresholds = every, budget, thresholds
         self.overhead, self.adaptive = overhead, adaptive
@@ -1186,6 +1187,18 @@ class Monitor:
         the parameters changed (:class:`_StepWatch`): another one is training."""
         versions = sum(getattr(p, "_version", 0) for _, p in self._trainable())
         window = self.steps - (self.probe_steps[-1] if self.probe_steps else self._start)
+        taken = self._stepping.steps - self._stepping.mark[0]
+        watched = self._stepping.handle is not None and self._stepping.mark[1] is not None
+        if watched and 1 <= taken and window >= max(4, 2 * taken) and not self._calls_said:
+            self._calls_said = True  # (mon.step a micro-batch: an outside review)
+            warnings.warn(
+                f"mon.step was called {window} times since the previous probe, over {taken} "
+                f"steps of {type(self.optimizer).__name__}: call it once per optimizer step, "
+                "after optimizer.step(), with the step's loss (the mean of its micro-batches' "
+                "losses; accumulation= says how many): the Monitor's steps, cadence and loss "
+                "windows count its calls",
+                stacklevel=_callers_level(),
+            )
         if self._stepping.stale(versions, window) and not self._stale_said:
             self._stale_said = True
             warnings.warn(

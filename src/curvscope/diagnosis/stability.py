@@ -675,9 +675,9 @@ def _preconditioners(
     ]
     if all(q is None for q in states):
         raise NotSteppedError(
-            f"{type(optimizer).__name__} has taken no step yet, so its preconditioner "
-            "√v̂ + ε does not exist; diagnose after the first optimizer.step(), or pass lr= "
-            "for plain GD"
+            f"{type(optimizer).__name__} has taken no step yet, so its preconditioner (built "
+            "from the squared gradients it has seen) does not exist; diagnose after the first "
+            "optimizer.step() (a Monitor waits for it by itself)"
         )
     # a sharded parameter's state is sharded like it (the layout gathers it or takes its shard)
     return [layout.zeros(i) if q is None else q for i, q in enumerate(states)]
