@@ -1,6 +1,7 @@
 """The framework integrations, each with the real library: a Lightning Callback, a Hugging Face
 TrainerCallback on a tiny model built here (nothing downloaded), and TensorBoard scalars."""
 
+import math
 import statistics
 
 import numpy as np
@@ -82,6 +83,8 @@ def _fit_lightning(
     losses=None,
     callback=None,
     crash_at=None,
+    precision=None,
+    optimizer=None,
 ):
     """A LightningModule over the MLP of tests.cases (SGD with momentum) fitted with the
     callback (``clip``: the trainer's gradient_clip_val; ``norms``: a list the module appends
@@ -112,6 +115,8 @@ def _fit_lightning(
             return loss
 
         def configure_optimizers(self):
+            if optimizer is not None:
+                return optimizer(self.parameters())
             return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
         def on_before_optimizer_step(self, optimizer):
@@ -135,6 +140,7 @@ def _fit_lightning(
         enable_model_summary=False,
         callbacks=[cb],
         default_root_dir=tmp_path,
+        **({} if precision is None else {"precision": precision}),
     )
     trainer.fit(Module(), loader, ckpt_path=ckpt_path)
     return trainer, cb
@@ -175,6 +181,38 @@ def test_lightning_callback_follows_a_resumed_run(tmp_path):
     trainer, cb = _fit_lightning(tmp_path / "resumed", 8, 2, 8, ckpt_path=ckpt)
     assert trainer.global_step == cb.monitor.steps == 8
     assert cb.monitor.probe_steps == [6, 8]
+
+
+def test_lightning_callback_measures_in_the_modules_true_precision(tmp_path):
+    """An outside review: under precision="bf16-true" Lightning converts the module and
+    every batch it feeds, not the callback's probe data, and the first probe ended fit() with
+    torch's bare "mat1 and mat2 must have the same dtype". The probe data is converted as
+    Lightning converts a batch."""
+    trainer, cb = _fit_lightning(
+        tmp_path, max_steps=4, every=2, batch_size=8, precision="bf16-true"
+    )
+    assert next(trainer.lightning_module.parameters()).dtype == torch.bfloat16
+    assert cb.monitor.probe_steps == [2, 4]
+    assert all(math.isfinite(d.evidence["sharpness"]) for d in cb.monitor.history)
+
+
+@pytest.mark.parametrize("own", [{"optimizer": None}, {"lr": 0.05}])
+def test_a_callback_reads_an_optimizer_no_rule_covers_as_its_refusal_says(tmp_path, own):
+    """An outside review: NAdam (or the Trainer's Adafactor) is refused, naming two fixes —
+    lr= or no optimizer — and through a callback both failed, the callback passing the
+    trainer's optimizer as well. Either is the callback's own keyword now."""
+    from curvscope.integrations.lightning import CurvscopeCallback
+
+    def nadam(params):
+        return torch.optim.NAdam(params, lr=0.01)
+
+    case = cases.mlp(n=32)
+    with pytest.raises(TypeError, match="NAdam"):
+        _fit_lightning(tmp_path, max_steps=2, every=2, batch_size=8, optimizer=nadam, clip=1.0)
+    cb = CurvscopeCallback(nn.CrossEntropyLoss(), case.data, every=2, **own)
+    _fit_lightning(tmp_path, 4, 2, 8, optimizer=nadam, clip=1.0, callback=cb)
+    assert cb.monitor.optimizer is None and cb.monitor.lr == own.get("lr")
+    assert cb.monitor.probe_steps == [2, 4]
 
 
 def _medians_of_clip_factors(norms, max_norm, windows):
@@ -608,11 +646,14 @@ def test_transformers_callback_follows_a_resumed_run(tmp_path):
     assert cb.monitor.probe_steps == [8, 10]
 
 
-def test_a_crashed_run_retried_with_the_same_callback_writes_to_the_same_log(tmp_path):
+@pytest.mark.parametrize("mode", [{"log_mode": "a"}, {}])
+def test_a_crashed_run_retried_with_the_same_callback_writes_to_the_same_log(tmp_path, mode):
     """A training step that raised left each callback's Monitor open — Lightning and the
     Trainer call no end-of-training hook then — so its log stayed locked and the user's retry
     with the same callback raised LogInUseError (a review). Lightning's on_exception closes
-    it; both callbacks close a Monitor still open when training starts again."""
+    it; both callbacks close a Monitor still open when training starts again. With the
+    default log_mode="x" the retry was refused the file its first attempt made (an outside
+    review): a retry appends to its own log."""
     from transformers import Trainer, TrainerCallback
 
     from curvscope.integrations.lightning import CurvscopeCallback
@@ -620,7 +661,7 @@ def test_a_crashed_run_retried_with_the_same_callback_writes_to_the_same_log(tmp
 
     case = cases.mlp(n=32)
     log = tmp_path / "lightning.jsonl"
-    cb = CurvscopeCallback(nn.CrossEntropyLoss(), case.data, every=1, log=log, log_mode="a")
+    cb = CurvscopeCallback(nn.CrossEntropyLoss(), case.data, every=1, log=log, **mode)
     with pytest.raises(RuntimeError, match="simulated"):
         _fit_lightning(tmp_path, max_steps=4, every=1, batch_size=8, callback=cb, crash_at=2)
     _fit_lightning(tmp_path, max_steps=4, every=1, batch_size=8, callback=cb)
@@ -640,7 +681,7 @@ def test_a_crashed_run_retried_with_the_same_callback_writes_to_the_same_log(tmp
         ({"input_ids": ids}, labels),
         every=1,
         log=log,
-        log_mode="a",
+        **mode,
     )
     trainer = Trainer(
         model=_tiny_bert(), args=_hf_args(tmp_path), train_dataset=train, callbacks=[hf, Crash()]

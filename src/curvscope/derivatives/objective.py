@@ -2538,7 +2538,9 @@ class ModelObjective:
                 "; a train-mode BatchNorm cannot normalise one sample: drop the short last "
                 "batch (DataLoader(..., drop_last=True)) or measure in eval mode"
             )
-        e.add_note(note + ")")
+        add_note = getattr(e, "add_note", None)  # (Python 3.11+; 3.10 shows no notes)
+        if add_note is not None:
+            add_note(note + ")")
 
     def _call_copying(self, state: dict[str, Any], args: Any, kwargs: Any, copies: bool) -> Any:
         """A later forward (:meth:`_call`), with copies of the plain attributes it writes."""

@@ -473,6 +473,7 @@ class Monitor:
         self._writer: Any = None
         self._own_writer = False  # whether the Monitor made the writer (from a directory)
         self._log: RunLogWriter | None = None
+        self._log_path: str | None = None  # the run log's path, where this Monitor opened one
         self.steps = self._start = check_int(start_step, "start_step", minimum=0)
         # rank 0 opens the writers; a failure there (a log that exists under log_mode="x")
         # raises on every rank, or the others waited in their first probe until the process
@@ -519,6 +520,8 @@ class Monitor:
 
     def _open_log(self, log: Any, log_mode: str) -> None:
         """The run log, its header written."""
+        if isinstance(log, (str, os.PathLike)):
+            self._log_path = os.path.abspath(log)
         self._log = RunLogWriter(
             log,
             log_mode,
@@ -1189,7 +1192,7 @@ class Monitor:
         window = self.steps - (self.probe_steps[-1] if self.probe_steps else self._start)
         taken = self._stepping.steps - self._stepping.mark[0]
         watched = self._stepping.handle is not None and self._stepping.mark[1] is not None
-        if watched and 1 <= taken and window >= max(4, 2 * taken) and not self._calls_said:
+        if watched and taken >= 1 and window >= max(4, 2 * taken) and not self._calls_said:
             self._calls_said = True  # (mon.step a micro-batch: an outside review)
             warnings.warn(
                 f"mon.step was called {window} times since the previous probe, over {taken} "
@@ -1415,14 +1418,17 @@ def _lower_precision(loss: Tensor, model: nn.Module, nodes: int = 64) -> torch.d
     own = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     if own is None:
         return None
-    lowest, queue, seen = own, [loss.grad_fn], 0
+    lowest: torch.dtype = own
+    queue: list[Any] = [loss.grad_fn]
+    seen = 0
     while queue and seen < nodes:
         node = queue.pop(0)
         seen += 1
         for meta in getattr(node, "_input_metadata", ()):
             dtype = getattr(meta, "dtype", None)
-            floating = dtype is not None and dtype.is_floating_point and not dtype.is_complex
-            if floating and torch.finfo(dtype).eps > torch.finfo(lowest).eps:
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                continue
+            if not dtype.is_complex and torch.finfo(dtype).eps > torch.finfo(lowest).eps:
                 lowest = dtype
         queue += [child for child, _ in node.next_functions if child is not None]
     return lowest if lowest != own else None

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from curvscope.diagnosis.monitor import Monitor, scalars
+from curvscope.integrations._monitor import start_monitor
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -57,18 +58,19 @@ class CurvscopeCallback(Callback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         kwargs = dict(self.kwargs)
-        clip = _norm_clipping(trainer)
-        if clip is not None:
-            kwargs.setdefault("max_grad_norm", clip)
         kwargs.setdefault("start_step", trainer.global_step)  # a resumed run goes on
         # a step's batch is the micro-batches it accumulates (judged at one before: a review)
         k = getattr(trainer, "accumulate_grad_batches", 1)
         if isinstance(k, int) and k > 1:
             kwargs.setdefault("accumulation", k)
-        if self.monitor is not None:  # a run that raised: it never reached on_train_end
-            self.monitor.close()
-        self.monitor = Monitor(
-            pl_module, self.loss_fn, self.probe_data, optimizer=optimizer, **kwargs
+        # the probe data in the module's precision, as Lightning converts each batch it feeds
+        # ("bf16-true", "64-true": the first probe raised torch's bare dtype error, ending
+        # fit(): an outside review); "-mixed" precisions convert nothing
+        convert = getattr(getattr(trainer, "precision_plugin", None), "convert_input", None)
+        probe = convert(self.probe_data) if callable(convert) else self.probe_data
+        # (a run that raised never reached on_train_end: its Monitor is closed there)
+        self.monitor = start_monitor(
+            pl_module, self.loss_fn, probe, optimizer, kwargs, self.monitor, _norm_clipping(trainer)
         )
         self._step, self._pending, self._norm = trainer.global_step, [], None
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from curvscope.derivatives.objective import REENTRANT_CHECKPOINT
 from curvscope.diagnosis.monitor import Monitor, scalars
+from curvscope.integrations._monitor import start_monitor
 
 try:
     from transformers import TrainerCallback
@@ -72,18 +73,24 @@ class CurvscopeTrainerCallback(TrainerCallback):
         if self.loss_fn is None:  # refused now, not at the first probe, steps later
             _refuse_another_trained_loss(args, model)
         monitor_kwargs = dict(self.kwargs)
-        clip = getattr(args, "max_grad_norm", None)
-        if clip is not None and 0 < clip < math.inf:  # the Trainer clips only then
-            monitor_kwargs.setdefault("max_grad_norm", float(clip))
+        clip: float | None = getattr(args, "max_grad_norm", None)
+        if clip is not None and not 0 < clip < math.inf:  # the Trainer clips only then
+            clip = None
         monitor_kwargs.setdefault("start_step", state.global_step)  # a resumed run goes on
         # a step's batch is the micro-batches it accumulates (judged at one before: a review)
         k = getattr(args, "gradient_accumulation_steps", 1)
         if isinstance(k, int) and k > 1:
             monitor_kwargs.setdefault("accumulation", k)
-        if self.monitor is not None:  # a run that raised: the Trainer calls no callback then,
-            self.monitor.close()  # and a retried train() with the same log was refused
-        self.monitor = Monitor(
-            model, self.loss_fn, self.probe_data, optimizer=optimizer, **monitor_kwargs
+        # (a run that raised: the Trainer calls no callback then, and a retried train() with
+        # the same log was refused: its Monitor is closed there)
+        self.monitor = start_monitor(
+            model,
+            self.loss_fn,
+            self.probe_data,
+            optimizer,
+            monitor_kwargs,
+            self.monitor,
+            None if clip is None else float(clip),
         )
         if not _logs_every_step(args):  # the first logged loss is a window's mean, not the start
             self.monitor.measure_first_loss()

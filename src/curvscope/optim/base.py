@@ -229,7 +229,7 @@ class CurvscopeOptimizer(Optimizer):
         listed = [params] if isinstance(params, Tensor) else list(params or [])
         # torch takes named parameters too, (name, tensor) pairs: each checked as its tensor
         # (a pair listed twice passed, and AdaHessian stepped it twice: an outside review)
-        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in listed]
+        tensors: list[Any] = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in listed]
         for p in tensors:  # at construction (torch adds each group here) and after it alike
             if isinstance(p, Tensor) and p.is_complex():
                 raise TypeError(
