@@ -283,7 +283,8 @@ def test_a_preconditioner_multiplies_the_products_errors_it_is_judged_by():
     d = cs.diagnose(model, loss_fn, data, opt, backend=FD)
     exact = cs.diagnose(model, loss_fn, data, opt)
     off = abs(d.evidence.sharpness - exact.evidence.sharpness) / exact.evidence.sharpness
-    assert off > 0.1 and not d.confident
+    # (9–30% off, by the thread count's rounding: the products are float32 differences)
+    assert off > 0.05 and not d.confident
     model, loss_fn, data, opt = _relu_batchnorm(torch.float64)
     d = cs.diagnose(model, loss_fn, data, opt, backend=FD)
     exact = cs.diagnose(model, loss_fn, data, opt)
