@@ -181,3 +181,20 @@ def test_a_right_hand_side_at_any_scale_is_solved(dtype, scale):
     assert r.converged and not r.negative_curvature
     truth = torch.linalg.solve(B, b) * (1 if small else scale)
     torch.testing.assert_close(r.x.double(), truth, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_products_that_overflow_are_refused_not_looped_on(dtype):
+    """An outside review: a congruence by 1e200 made every product NaN, every convergence
+    test False, and CG looped for ever without a product; a float32 matrix of 1e38 entries
+    returned x = 0, unconverged, past its cap. Both raise FloatingPointError now."""
+    from curvscope.spectrum import as_operator
+
+    A = torch.diag(torch.linspace(-1.0, 3.0, 20, dtype=dtype))
+    big = 1e200 if dtype == torch.float64 else 1e30
+    op = as_operator(A).congruence(torch.full((20,), big, dtype=dtype))
+    with pytest.raises(FloatingPointError, match="not finite"):
+        cs.spectrum.cg(op, torch.ones(20, dtype=dtype), max_matvecs=50)
+    if dtype == torch.float32:
+        with pytest.raises(FloatingPointError, match="not finite"):
+            cs.spectrum.cg(torch.full((4, 4), 1e38), torch.ones(4), max_matvecs=20)

@@ -226,6 +226,7 @@ class _Run:
             self.it += 1
             self.exact = False
             curv = self.dot(self.p, Ap)
+            _finite_step(curv, "pᵀAp")
             if curv <= 0:
                 self.direction = self.p
                 self.direction_curvature = curv / self.dot(self.p, self.p)
@@ -234,7 +235,7 @@ class _Run:
             alpha = self.rr / curv
             self.x = self.x + alpha * self.p
             self.r = self.r - alpha * Ap
-            rr_new = self.dot(self.r, self.r)
+            rr_new = _finite_step(self.dot(self.r, self.r), "the residual's ‖r‖²")
             self.p = self.r + (rr_new / self.rr) * self.p
             self.rr = rr_new
             if self.save is not None and self.save(self.it):
@@ -266,7 +267,7 @@ class _Run:
         if not self.exact and (check or (drift and self._drifted(goal))):
             self.r = self.op.residual(self.b[:, None], self.x[:, None])[:, 0]
             self.exact = True
-            self.rr, self.p = self.dot(self.r, self.r), self.r
+            self.rr, self.p = _finite_step(self.dot(self.r, self.r), "b − Ax's ‖r‖²"), self.r
             if self.rr**0.5 > goal:
                 ax = self.op.norm(self.b - self.r)  # Ax, as the products computed it
                 rounding = PRODUCT_ROUNDING * self.product_eps * float(ax)
@@ -283,6 +284,18 @@ class _Run:
         x_norm = self.dot(self.x, self.x) ** 0.5
         bound = DRIFT_SAFETY * eps * self.it * self.norm_below * x_norm
         return bound > goal
+
+
+def _finite_step(value: float, what: str) -> float:
+    """``value``, refused where it is not finite: a product that overflowed (NaN or Inf in
+    pᵀAp or ‖r‖²) left every convergence test False, and CG looped for ever without a
+    product (an outside review: a congruence scaled by 1e200)."""
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"CG: {what} is {value} — the operator's products overflowed or are not finite "
+            "here; rescale the problem (or run it in float64)"
+        )
+    return value
 
 
 def _cg(
@@ -321,6 +334,7 @@ def _cg(
     # tol 1e-6, condition 100: "converged" at 9.8e-7 where ‖b − Ax‖/‖b‖ was 2.1–2.9e-6 in 20
     # of 60 runs; an outside review): there (``check``), convergence is checked on b − Ax
     # itself — a product beyond the cap, as x0's — and CG goes on from it where it is not
+    _finite_step(run.rr, "the starting residual's ‖r‖²")
     run.iterate(max_matvecs, goal)
     converged = run.converged(goal, check, drift)
     while not (converged or run.stalled or run.limited or run.direction is not None) and (
