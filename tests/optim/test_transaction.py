@@ -371,3 +371,69 @@ def test_a_ctrl_c_that_skips_an_exit_leaves_nothing_behind(name, at):
     net = nn.Linear(4, 3)  # an unrelated model's plain backward fills its .grad
     nn.functional.cross_entropy(net(X), y).backward()
     assert net.weight.grad is not None
+
+
+class _Averaging(torch.nn.Module):
+    """A running average of its inputs, a buffer it may share with another module."""
+
+    def __init__(self, buffer, update):
+        super().__init__()
+        self.lin, self.update = torch.nn.Linear(4, 4), update
+        self.register_buffer("avg", buffer)
+
+    def forward(self, x):
+        if self.update and self.training:
+            with torch.no_grad():
+                self.avg.mul_(0.9).add_(0.1 * x.detach().mean(0))
+        return torch.tanh(self.lin(x - self.avg))
+
+
+def test_a_buffer_two_modules_share_moves_once_a_step():
+    """The diff review: saved per module, the second module's copy of a shared buffer was
+    taken after the first had written it, and trial points moved it."""
+    X, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+
+    def make():
+        torch.manual_seed(0)
+        buffer = torch.zeros(4, dtype=torch.float64)
+        return torch.nn.Sequential(
+            _Averaging(buffer, True), _Averaging(buffer, False), torch.nn.Linear(4, 1)
+        ).double()
+
+    for name in ("newton-cg", "cubic-newton"):
+        model, once = make(), make()
+        once(X)
+        opt = cs.optim.build(name, model.parameters())
+        opt.step(lambda model=model: torch.nn.functional.mse_loss(model(X), y))
+        assert opt.counts.closure_calls > 1
+        assert torch.equal(model[0].avg, once[0].avg) and model[1].avg is model[0].avg
+
+
+@pytest.mark.parametrize("name", ["normalized-gd", "adahessian", "newton-cg"])
+def test_a_failed_step_raises_the_users_error_when_a_buffer_was_resized(name):
+    """The diff review: torch's per-channel observer resizes its buffers at its first forward
+    ([0] -> [3]); putting back the saved [0] copy raised torch's size error over the user's."""
+    from torch.ao.quantization import PerChannelMinMaxObserver
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.out = torch.nn.Linear(4, 3), torch.nn.Linear(3, 1)
+            self.obs = PerChannelMinMaxObserver(ch_axis=1)
+
+        def forward(self, x):
+            h = torch.tanh(self.lin(x))
+            self.obs(h.detach())
+            return self.out(h)
+
+    torch.manual_seed(0)
+    model, X, y = Net(), torch.randn(16, 4), torch.randn(16, 1)
+    opt = cs.optim.build(name, model.parameters(), **({} if name == "newton-cg" else {"lr": 0.1}))
+
+    def closure():
+        torch.nn.functional.mse_loss(model(X), y)
+        raise KeyError("the user's own error")
+
+    with pytest.raises(KeyError, match="the user's own error"):
+        opt.step(closure)
+    assert model.obs.min_val.shape == (0,)  # as found
