@@ -1012,3 +1012,30 @@ def test_mon_step_called_for_every_micro_batch_is_said(per_micro_batch):
         assert "called 8 times since the previous probe, over 2 steps of SGD" in str(
             calls[0].message
         )
+
+
+def test_a_model_that_casts_to_bfloat16_itself_is_still_seen_full_batch():
+    """The diff review: a lower precision in the loss's graph is not always autocast — logits
+    cast to bfloat16 and back, no autocast, made the probe compare its loss under autocast
+    only, and a full-batch run was taken for mini-batch training."""
+    p = cs.problems.get("breast-cancer-logreg")
+    X, Y = (t.float() for t in p.data)
+
+    class Cast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = p.make_model(0).float()
+
+        def forward(self, x):
+            return self.inner(x).to(torch.bfloat16).float()
+
+    model = Cast()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = cs.Monitor(model, p.loss_fn, (X, Y), optimizer=opt, every=5, update_every=0)
+    for _ in range(12):
+        opt.zero_grad()
+        loss = p.loss_fn(model(X), Y)
+        loss.backward()
+        opt.step()
+        mon.step(loss)
+    assert mon._trained_in == torch.bfloat16 and mon._seen_full_batch is True

@@ -196,6 +196,18 @@ def test_lightning_callback_measures_in_the_modules_true_precision(tmp_path):
     assert all(math.isfinite(d.evidence["sharpness"]) for d in cb.monitor.history)
 
 
+def test_lightning_callback_tells_the_monitor_of_mixed_precision(tmp_path):
+    """The diff review: a callback hands the Monitor floats, so the autocast the full-batch
+    test must compare under was never read off a loss's graph: it comes from the precision."""
+    _, cb = _fit_lightning(
+        tmp_path, max_steps=2, every=2, batch_size=8, precision="bf16-mixed"
+    )
+    assert cb.monitor._trained_in == torch.bfloat16
+    (tmp_path / "plain").mkdir()
+    _, plain = _fit_lightning(tmp_path / "plain", max_steps=2, every=2, batch_size=8)
+    assert plain.monitor._trained_in is None
+
+
 @pytest.mark.parametrize("own", [{"optimizer": None}, {"lr": 0.05}])
 def test_a_callback_reads_an_optimizer_no_rule_covers_as_its_refusal_says(tmp_path, own):
     """An outside review: NAdam (or the Trainer's Adafactor) is refused, naming two fixes —

@@ -419,6 +419,7 @@ class Monitor:
         self.full_batch = full_batch
         self._seen_full_batch: bool | None = None
         self._probe_loss: float | None = None  # to compare with the next step's loss
+        self._probe_loss_as_trained: float | None = None  # the same, in the loop's precision
         #: the lower precision the training loss was computed in (autocast), read off the
         #: first reported loss's graph: the probe's loss is compared as computed in it
         self._trained_in: torch.dtype | None = None
@@ -588,9 +589,12 @@ class Monitor:
             if self.first_loss is None and math.isfinite(value) and _world_size() < 2:
                 self.first_loss = value
             if self._probe_loss is not None:  # this loss was computed where the probe measured
-                scale = max(abs(self._probe_loss), 1e-12)
-                self._seen_full_batch = abs(value - self._probe_loss) <= 1e-4 * scale
-        self._probe_loss = None
+                self._seen_full_batch = any(
+                    abs(value - probed) <= 1e-4 * max(abs(probed), 1e-12)
+                    for probed in (self._probe_loss, self._probe_loss_as_trained)
+                    if probed is not None
+                )
+        self._probe_loss = self._probe_loss_as_trained = None
         self._watch_ranks(loss is not None)
         d = self._probe_or_check(reported=loss is not None)
         self._clock = time.perf_counter()  # probes and checks are not training time
@@ -1155,8 +1159,15 @@ class Monitor:
             d.evidence.get("stability_limit"),
         )
         self._probe_loss = d.evidence["loss"] if math.isfinite(d.evidence["loss"]) else None
-        if self._trained_in is not None and self.full_batch is None:
-            self._probe_loss = self._loss_as_trained(self._trained_in)
+        if (
+            self._trained_in is not None
+            and self.full_batch is None
+            and self._probe_loss is not None
+        ):
+            # either may match: a lower precision in the loss's graph is not always autocast
+            # (a model that casts its logits to bfloat16 and back was taken for mini-batch
+            # training: the diff review)
+            self._probe_loss_as_trained = self._loss_as_trained(self._trained_in)
         if "top" in d.vectors:
             self._vectors = torch.stack([d.vectors["top"], d.vectors["bottom"]], dim=1)
             self._vector_names = tuple(d.evidence.get("layer_shares") or ())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
+
 from curvscope.diagnosis.monitor import Monitor
 
 
@@ -16,11 +18,14 @@ def start_monitor(
     kwargs: dict[str, Any],
     previous: Monitor | None,
     clip: float | None = None,
+    mixed: torch.dtype | None = None,
 ) -> Monitor:
     """The Monitor of a run starting, on the trainer's ``optimizer`` and the callback's
     ``kwargs`` (the trainer's other settings already defaulted into them); ``clip``: the norm
     the trainer clips the gradient to, the Monitor's ``max_grad_norm`` unless given — where
-    there are steps it clips (an optimizer, or ``lr=``).
+    there are steps it clips (an optimizer, or ``lr=``). ``mixed``: the autocast dtype the
+    trainer's precision runs the forward in — the Monitor reads it off the loss's graph, and a
+    callback hands it floats (:meth:`Monitor.step`'s full-batch test).
 
     - ``optimizer=`` among the callback's own keywords is yours: ``None`` reads the curvature
       alone (the refusal of an optimizer no stability rule covers — Adafactor, NAdam — names
@@ -46,4 +51,8 @@ def start_monitor(
         optimizer = kwargs.pop("optimizer", None)
     if clip is not None and (optimizer is not None or kwargs.get("lr") is not None):
         kwargs.setdefault("max_grad_norm", clip)
-    return Monitor(model, loss_fn, probe_data, optimizer=optimizer, **kwargs)
+    monitor = Monitor(model, loss_fn, probe_data, optimizer=optimizer, **kwargs)
+    own = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if mixed is not None and own is not None and mixed != own:
+        monitor._trained_in, monitor._trained_read = mixed, True
+    return monitor

@@ -70,7 +70,14 @@ class CurvscopeCallback(Callback):
         probe = convert(self.probe_data) if callable(convert) else self.probe_data
         # (a run that raised never reached on_train_end: its Monitor is closed there)
         self.monitor = start_monitor(
-            pl_module, self.loss_fn, probe, optimizer, kwargs, self.monitor, _norm_clipping(trainer)
+            pl_module,
+            self.loss_fn,
+            probe,
+            optimizer,
+            kwargs,
+            self.monitor,
+            _norm_clipping(trainer),
+            _MIXED.get(str(getattr(trainer, "precision", ""))),
         )
         self._step, self._pending, self._norm = trainer.global_step, [], None
 
@@ -124,6 +131,10 @@ class CurvscopeCallback(Callback):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.monitor is not None:
             self.monitor.close()
+
+
+#: Lightning's mixed precisions: the autocast dtype of the forward
+_MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:

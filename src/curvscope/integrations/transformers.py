@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from curvscope.derivatives.objective import REENTRANT_CHECKPOINT
 from curvscope.diagnosis.monitor import Monitor, scalars
 from curvscope.integrations._monitor import start_monitor
@@ -91,6 +93,9 @@ class CurvscopeTrainerCallback(TrainerCallback):
             monitor_kwargs,
             self.monitor,
             None if clip is None else float(clip),
+            torch.bfloat16
+            if getattr(args, "bf16", False)
+            else (torch.float16 if getattr(args, "fp16", False) else None),
         )
         if not _logs_every_step(args):  # the first logged loss is a window's mean, not the start
             self.monitor.measure_first_loss()
