@@ -223,3 +223,19 @@ def test_a_warm_up_into_a_blow_up_is_not_called_the_edge_and_a_held_rate_is():
     probes, blow = _warm_up_run(1.8, 450)
     assert blow is None
     assert all(s == "edge_of_stability" for s, k in probes if k >= 380)
+
+
+def test_a_loss_that_turns_up_at_its_last_step_is_not_an_overshoot_absorbed():
+    """An outside review: least squares at 1.25x its limit, started with little of the top
+    eigenvector, fell for 9 steps and rose at the 10th — rule (c) read one final rise as the
+    oscillation and the low before it as a new low: *edge of stability*, "this is normal", its
+    last probe before the blow-up. Rule (c) needs a rise followed by a fall."""
+    ev = near(2.5, 2.0)  # 1.25x the limit
+
+    def state(losses):
+        return classify_history(
+            State.UNSTABLE, ["own"], ev, losses=losses, first_loss=3.0, full_batch=True
+        )[0]
+
+    assert state((0.04, 0.035, 0.03, 0.029, 0.0259, 0.0265)) is State.UNSTABLE
+    assert state((0.04, 0.045, 0.03, 0.032, 0.0259, 0.0265)) is State.EDGE_OF_STABILITY

@@ -199,9 +199,7 @@ def test_lightning_callback_measures_in_the_modules_true_precision(tmp_path):
 def test_lightning_callback_tells_the_monitor_of_mixed_precision(tmp_path):
     """The diff review: a callback hands the Monitor floats, so the autocast the full-batch
     test must compare under was never read off a loss's graph: it comes from the precision."""
-    _, cb = _fit_lightning(
-        tmp_path, max_steps=2, every=2, batch_size=8, precision="bf16-mixed"
-    )
+    _, cb = _fit_lightning(tmp_path, max_steps=2, every=2, batch_size=8, precision="bf16-mixed")
     assert cb.monitor._trained_in == torch.bfloat16
     (tmp_path / "plain").mkdir()
     _, plain = _fit_lightning(tmp_path / "plain", max_steps=2, every=2, batch_size=8)

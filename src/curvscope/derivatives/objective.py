@@ -2525,7 +2525,14 @@ class ModelObjective:
         tb = e.__traceback__
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
-        ours = tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE)
+        code = None if tb is None else tb.tb_frame.f_code
+        # (curvscope's torch-function modes pass the model's operations through: not its own;
+        # with a weight norm the note was lost — the diff review)
+        ours = (
+            code is not None
+            and code.co_filename.startswith(_PACKAGE)
+            and code.co_name != "__torch_function__"
+        )
         if ours or getattr(e, "_curvscope_batch", False):  # (curvscope's own errors say it)
             return
         e._curvscope_batch = True  # type: ignore[attr-defined]

@@ -1210,7 +1210,8 @@ class Monitor:
                 f"steps of {type(self.optimizer).__name__}: call it once per optimizer step, "
                 "after optimizer.step(), with the step's loss (the mean of its micro-batches' "
                 "losses; accumulation= says how many): the Monitor's steps, cadence and loss "
-                "windows count its calls",
+                "windows count its calls. (Steps a GradScaler skipped on overflow count as "
+                "not taken: if that is all it is, ignore this.)",
                 stacklevel=_callers_level(),
             )
         if self._stepping.stale(versions, window) and not self._stale_said:
