@@ -309,3 +309,13 @@ def test_a_float32_trace_beyond_float32s_range_is_summed_in_float64(method):
     t = cs.trace(A, matvecs=12, method=method)
     assert math.isfinite(t.value) and math.isfinite(t.stderr)
     assert abs(t.value - 5e38) <= max(4 * t.stderr, 1e-5 * 5e38)
+
+
+@pytest.mark.parametrize("matvecs", [2, 3])
+def test_auto_on_a_budget_too_small_for_hutchpp_takes_hutchinson(matvecs):
+    """The spectrum review: auto on 2 or 3 products ran a Hutch++ with fewer than 2 remainder
+    probes: 1.16 ± inf for a trace of 40 (Hutchinson on the same budget: 40 ± 5e-14)."""
+    A = torch.diag(torch.linspace(1.0, 3.0, 20, dtype=torch.float64))
+    r = cs.trace(A, matvecs=matvecs)
+    assert r.method == "hutchinson" and "auto chose Hutchinson" in r.message
+    assert math.isfinite(r.stderr) and r.value == pytest.approx(40.0)

@@ -281,11 +281,16 @@ def trace(
         return _with_differences(result, None if errors is None else float(errors.sum()))
     check_budget(matvecs, 3 if method == "hutch++" else 2, "trace")
     with progress(matvecs, f"trace ({method})", progress_bar) as bar, autocast_off(op.device):
-        if method == "hutchinson" or op.shards is not None:
+        # auto on under 4 products: Hutch++ would keep fewer than 2 probes for its remainder,
+        # no standard error (2 products read 1.16 ± inf for a trace of 40: the spectrum review)
+        tiny = method == "auto" and matvecs < 4
+        if method == "hutchinson" or op.shards is not None or tiny:
             Z = rademacher(op.n, matvecs, gen, op.work_dtype, op.device)
             samples, sizes, errs = _terms(op, Z, _products(op, Z, bar))
             value, se, dof = _mean_stderr(samples, _rounding(op, sizes.mean()))
             chosen, why = "hutchinson", f"{matvecs} Rademacher probes"
+            if tiny:
+                why = f"auto chose Hutchinson: {why} leave Hutch++ no remainder to estimate on"
             bias = None if errs is None else float(errs.mean())
         else:
             value, se, dof, chosen, why, bias = _hutchpp(
