@@ -3,6 +3,7 @@ history shows (edge of stability, a loss that ran away), and a JSONL run log."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import logging
@@ -923,30 +924,16 @@ class Monitor:
         torch.distributed a collective (every rank calls it; the loss over every rank's
         data). A loss that is not finite leaves the first loss unknown (the first probe
         reads it). Returns the first loss."""
-        C = _curvature(
-            self.model,
-            self.loss_fn,
-            self.probe_data,
-            self.params,
-            self.seed,
-            self.reduction,
-            self._products,
-        )
-        try:
-            loss, _ = C.loss_and_gradient()
-        except FloatingPointError:  # not finite: the first probe says diverged
+        loss = self._probe_data_loss()
+        if loss is None:  # not finite: the first probe says diverged
             return self.first_loss
         self.first_loss = loss
         return loss
 
-    def _loss_as_trained(self, dtype: torch.dtype) -> float | None:
-        """The loss on ``probe_data`` at the parameters as they are, its forward under
-        ``torch.autocast`` in ``dtype``, as the training loop computes its own: whether the
-        loop trains on the full batch is seen by comparing the two (:meth:`step`). The probe's
-        float32 loss differs from a bfloat16 forward's by up to 1.2%, as much as a mini-batch's
-        from the full batch's, and a healthy full-batch run under autocast read *unstable* at
-        13 of 31 probes, its edge-of-stability rules off (an outside review). One gradient
-        over ``probe_data`` a probe; None if it is not finite."""
+    def _probe_data_loss(self, autocast: torch.dtype | None = None) -> float | None:
+        """The loss on ``probe_data`` at the parameters as they are (one gradient, with the
+        Monitor's backend; under ``torch.autocast`` in ``autocast`` where given), or None
+        where it is not finite."""
         C = _curvature(
             self.model,
             self.loss_fn,
@@ -956,8 +943,13 @@ class Monitor:
             self.reduction,
             self._products,
         )
+        region = (
+            contextlib.nullcontext()
+            if autocast is None
+            else torch.autocast(C.device.type, dtype=autocast)
+        )
         try:
-            with torch.autocast(C.device.type, dtype=dtype):
+            with region:
                 loss, _ = C.loss_and_gradient()
         except FloatingPointError:
             return None
@@ -1167,7 +1159,11 @@ class Monitor:
             # either may match: a lower precision in the loss's graph is not always autocast
             # (a model that casts its logits to bfloat16 and back was taken for mini-batch
             # training: the diff review)
-            self._probe_loss_as_trained = self._loss_as_trained(self._trained_in)
+            # the probe data's loss as the loop computes its own, under autocast: the probe's
+            # float32 loss differs from a bfloat16 forward's by up to 1.2%, as much as a
+            # mini-batch's from the full batch's, and a healthy full-batch run under autocast
+            # read *unstable* at 13 of 31 probes, its edge rules off (an outside review)
+            self._probe_loss_as_trained = self._probe_data_loss(self._trained_in)
         if "top" in d.vectors:
             self._vectors = torch.stack([d.vectors["top"], d.vectors["bottom"]], dim=1)
             self._vector_names = tuple(d.evidence.get("layer_shares") or ())
