@@ -22,8 +22,8 @@ from curvscope.diagnosis.stability import stability_limit
 
 LR, MAX_NORM, EVERY, STEPS = 10.0, 0.05, 25, 100
 
-# one torch thread: float32 runs whose verdicts turn on the last digits read differently with
-# the reduction order of a second thread, which MKL sizes by the load (a busy machine)
+# one torch thread: float32 runs whose verdicts turn on their last digits; run alone at two
+# threads on this stop's machine one failed on the commit before this stop as after it
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -8,8 +8,8 @@ import pytest
 from curvscope.diagnosis.classify import State, classify_history
 from tests.diagnosis.test_classify import near
 
-# one torch thread: float32 runs whose verdicts turn on the last digits read differently with
-# the reduction order of a second thread, which MKL sizes by the load (a busy machine)
+# one torch thread: float32 runs whose verdicts turn on their last digits; run alone at two
+# threads on this stop's machine one failed on the commit before this stop as after it
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
