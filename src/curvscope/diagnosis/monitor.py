@@ -584,8 +584,7 @@ class Monitor:
             value = _scalar_loss(loss)
             self.losses.append(value)
             if not self._trained_read and isinstance(loss, Tensor) and loss.grad_fn is not None:
-                self._trained_read = True
-                self._trained_in = _lower_precision(loss, self.model)
+                self.trained_in(_lowest_precision(loss))
             # under torch.distributed the ranks' mean decides it, at a probe (_agree_window)
             if self.first_loss is None and math.isfinite(value) and _world_size() < 2:
                 self.first_loss = value
@@ -929,6 +928,17 @@ class Monitor:
             return self.first_loss
         self.first_loss = loss
         return loss
+
+    def trained_in(self, dtype: torch.dtype | None) -> None:
+        """Say the precision the training loop's forward runs in (its autocast dtype): where
+        it is below the model's parameters', the full-batch test also compares the probe
+        data's loss computed under that autocast. Read off the first loss :meth:`step` gets
+        as a tensor; the callbacks, which pass floats, say it from the trainer's precision."""
+        own = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        lower = (  # (the same or a higher precision is no autocast)
+            dtype is not None and own is not None and torch.finfo(dtype).eps > torch.finfo(own).eps
+        )
+        self._trained_in, self._trained_read = (dtype if lower else None), True
 
     def _probe_data_loss(self, autocast: torch.dtype | None = None) -> float | None:
         """The loss on ``probe_data`` at the parameters as they are (one gradient, with the
@@ -1418,15 +1428,11 @@ def _callers_level() -> int:
 LOSS_SCALE_MISMATCH = 100.0
 
 
-def _lower_precision(loss: Tensor, model: nn.Module, nodes: int = 64) -> torch.dtype | None:
-    """The lowest-precision floating dtype among the tensors of the loss's graph near its top
-    (its first ``nodes`` nodes, read off their input metadata), where it is lower than the
-    model's parameters': the forward ran under ``torch.autocast``. None otherwise, or where this
-    torch does not say."""
-    own = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    if own is None:
-        return None
-    lowest: torch.dtype = own
+def _lowest_precision(loss: Tensor, nodes: int = 64) -> torch.dtype | None:
+    """The lowest-precision real floating dtype among the tensors of the loss's graph near its
+    top (its first ``nodes`` nodes, read off their input metadata), or None where this torch
+    does not say."""
+    lowest: torch.dtype | None = None
     queue: list[Any] = [loss.grad_fn]
     seen = 0
     while queue and seen < nodes:
@@ -1436,10 +1442,12 @@ def _lower_precision(loss: Tensor, model: nn.Module, nodes: int = 64) -> torch.d
             dtype = getattr(meta, "dtype", None)
             if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
                 continue
-            if not dtype.is_complex and torch.finfo(dtype).eps > torch.finfo(lowest).eps:
+            if dtype.is_complex:
+                continue
+            if lowest is None or torch.finfo(dtype).eps > torch.finfo(lowest).eps:
                 lowest = dtype
         queue += [child for child, _ in node.next_functions if child is not None]
-    return lowest if lowest != own else None
+    return lowest
 
 
 def _scalar_loss(

@@ -52,7 +52,6 @@ def start_monitor(
     if clip is not None and (optimizer is not None or kwargs.get("lr") is not None):
         kwargs.setdefault("max_grad_norm", clip)
     monitor = Monitor(model, loss_fn, probe_data, optimizer=optimizer, **kwargs)
-    own = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    if mixed is not None and own is not None and mixed != own:
-        monitor._trained_in, monitor._trained_read = mixed, True
+    if mixed is not None:
+        monitor.trained_in(mixed)
     return monitor
